@@ -1,0 +1,570 @@
+//! The addresses one shard owns: queues, subscribers, credit, acknowledgement, redelivery.
+//!
+//! Routing rule (docs/PROTOCOL.md, "Addresses"): a published message goes to every multicast
+//! subscription of its address, and to the address's anycast queue when the address has an
+//! anycast subscriber or has no multicast subscriber at all. So a message nobody consumes yet
+//! waits (bounded by `max_queued_messages`), and a pure publish/subscribe address never fills.
+//!
+//! Invariants, checked in debug builds:
+//! - a subscriber never has more deliveries outstanding than its credit allows (`in_flight`
+//!   grows only while `in_flight < credit`);
+//! - an anycast message is in exactly one place: the queue, or one subscriber's `unacked`;
+//! - every queue and backlog is bounded by `max_queued_messages`.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use super::{
+    AddressCommand, ConnCommand, ConnRef, MessageId, Refusal, SharedMessage, ShardId,
+    SubscriptionId,
+};
+use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
+
+/// A command for the shard that holds a connection, with that shard's id.
+pub type Outgoing = (ShardId, ConnCommand);
+
+#[derive(Debug, Clone, Copy)]
+pub struct AddressLimits {
+    pub max_queued_messages: u32,
+    pub max_credit: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Queued {
+    id: MessageId,
+    message: SharedMessage,
+    redelivered: bool,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    consumer: ConnRef,
+    subscription: SubscriptionId,
+    ack_mode: AckMode,
+    credit: u32,
+    /// Deliveries not yet acknowledged (client ack) or not yet written (auto ack).
+    in_flight: u32,
+    /// Client-ack deliveries not yet acknowledged, kept for NACK and (anycast) for requeueing
+    /// when the subscription ends. At most `credit` entries.
+    unacked: HashMap<MessageId, Queued>,
+    /// Multicast only: messages for this subscriber waiting for credit.
+    backlog: VecDeque<Queued>,
+}
+
+impl Subscriber {
+    fn has_credit(&self) -> bool {
+        self.in_flight < self.credit
+    }
+}
+
+#[derive(Debug, Default)]
+struct Address {
+    queue: VecDeque<Queued>,
+    anycast: Vec<Subscriber>,
+    multicast: Vec<Subscriber>,
+    /// Round-robin position among anycast subscribers.
+    next_anycast: usize,
+    last_message_id: u64,
+}
+
+impl Address {
+    fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.anycast.is_empty() && self.multicast.is_empty()
+    }
+
+    fn subscriber_mut(&mut self, key: (ConnRef, SubscriptionId)) -> Option<(&mut Subscriber, DeliveryMode)> {
+        if let Some(found) = self.anycast.iter_mut().find(|s| (s.consumer, s.subscription) == key) {
+            return Some((found, DeliveryMode::Anycast));
+        }
+        self.multicast
+            .iter_mut()
+            .find(|s| (s.consumer, s.subscription) == key)
+            .map(|found| (found, DeliveryMode::Multicast))
+    }
+}
+
+/// Observable counters, for tests and (later) metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AddressStats {
+    pub queued: usize,
+    pub anycast_subscribers: usize,
+    pub multicast_subscribers: usize,
+    pub unacked: usize,
+}
+
+/// The state of every address owned by one shard.
+pub struct AddressTable {
+    shard: ShardId,
+    limits: AddressLimits,
+    addresses: HashMap<Bytes, Address>,
+    /// Which address each subscription is on.
+    subscriptions: HashMap<(ConnRef, SubscriptionId), Bytes>,
+    /// Subscriptions per consumer connection, for `ConsumerGone`.
+    by_consumer: HashMap<ConnRef, SmallVec<[SubscriptionId; 4]>>,
+}
+
+impl AddressTable {
+    pub fn new(shard: ShardId, limits: AddressLimits) -> AddressTable {
+        AddressTable {
+            shard,
+            limits,
+            addresses: HashMap::new(),
+            subscriptions: HashMap::new(),
+            by_consumer: HashMap::new(),
+        }
+    }
+
+    pub fn stats(&self, address: &[u8]) -> AddressStats {
+        match self.addresses.get(address) {
+            None => AddressStats::default(),
+            Some(state) => AddressStats {
+                queued: state.queue.len(),
+                anycast_subscribers: state.anycast.len(),
+                multicast_subscribers: state.multicast.len(),
+                unacked: state.anycast.iter().map(|s| s.unacked.len()).sum(),
+            },
+        }
+    }
+
+    /// Applies one command; answers and deliveries are pushed to `out`.
+    pub fn handle(&mut self, command: AddressCommand, now_ms: u64, out: &mut Vec<Outgoing>) {
+        match command {
+            AddressCommand::Publish { publisher, seq, message } => {
+                // Always answered, also for seq 0: the publisher counts its publishes in flight
+                // and stops reading at max_inflight_sends, which bounds every inbox.
+                let outcome = self.publish(message, now_ms, out);
+                out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome }));
+            }
+            AddressCommand::Subscribe { consumer, subscription, address, mode, ack_mode, credit } => {
+                let outcome = self.subscribe(consumer, subscription, address.clone(), mode, ack_mode, credit);
+                let accepted = outcome.is_ok();
+                out.push((
+                    consumer.shard,
+                    ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome },
+                ));
+                if accepted {
+                    self.dispatch(&address, now_ms, out);
+                }
+            }
+            AddressCommand::Unsubscribe { consumer, subscription } => {
+                self.remove_subscription(consumer, subscription, now_ms, out);
+                if let Some(list) = self.by_consumer.get_mut(&consumer) {
+                    list.retain(|id| *id != subscription);
+                    if list.is_empty() {
+                        self.by_consumer.remove(&consumer);
+                    }
+                }
+            }
+            AddressCommand::Ack { consumer, subscription, messages } => {
+                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber, _, _| {
+                    for id in messages {
+                        // An unknown id (already acknowledged, or requeued) changes nothing.
+                        if subscriber.unacked.remove(&id).is_some() {
+                            subscriber.in_flight -= 1;
+                        }
+                    }
+                });
+            }
+            AddressCommand::Nack { consumer, subscription, message, requeue } => {
+                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber, mode, queue| {
+                    let Some(mut queued) = subscriber.unacked.remove(&message) else { return };
+                    subscriber.in_flight -= 1;
+                    if requeue {
+                        queued.redelivered = true;
+                        match mode {
+                            DeliveryMode::Anycast => queue.push_front(queued),
+                            DeliveryMode::Multicast => subscriber.backlog.push_front(queued),
+                        }
+                    }
+                });
+            }
+            AddressCommand::SetCredit { consumer, subscription, credit } => {
+                let credit = credit.min(self.limits.max_credit);
+                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber, _, _| {
+                    subscriber.credit = credit;
+                });
+            }
+            AddressCommand::ReturnCredit { consumer, subscription, count } => {
+                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber, _, _| {
+                    subscriber.in_flight = subscriber.in_flight.saturating_sub(count);
+                });
+            }
+            AddressCommand::ConsumerGone { consumer } => {
+                for subscription in self.by_consumer.remove(&consumer).unwrap_or_default() {
+                    self.remove_subscription(consumer, subscription, now_ms, out);
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, message: SharedMessage, now_ms: u64, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
+        let max_queued = self.limits.max_queued_messages as usize;
+        let address_name = message.address.clone();
+        let state = self.addresses.entry(address_name.clone()).or_default();
+        let to_anycast_queue = !state.anycast.is_empty() || state.multicast.is_empty();
+        if to_anycast_queue && state.queue.len() >= max_queued {
+            return Err(Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "address \"{}\" already holds {} queued messages (max_queued_messages); \
+                     consume from it or retry later",
+                    String::from_utf8_lossy(&address_name),
+                    state.queue.len()
+                ),
+            ));
+        }
+        state.last_message_id += 1;
+        let queued = Queued { id: MessageId(state.last_message_id), message, redelivered: false };
+
+        let mut slow = SmallVec::<[usize; 2]>::new();
+        for (index, subscriber) in state.multicast.iter_mut().enumerate() {
+            if subscriber.backlog.len() >= max_queued {
+                slow.push(index);
+            } else {
+                subscriber.backlog.push_back(queued.clone());
+            }
+        }
+        // Policy: a multicast subscriber that falls max_queued_messages behind is ended on its
+        // own; the publisher and the other subscribers are not slowed by it.
+        for index in slow.into_iter().rev() {
+            let subscriber = state.multicast.remove(index);
+            let refusal = Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "subscription {} to \"{}\" fell {} messages behind (max_queued_messages) and was \
+                     ended; acknowledge faster or raise its credit, then subscribe again",
+                    subscriber.subscription.0,
+                    String::from_utf8_lossy(&address_name),
+                    subscriber.backlog.len()
+                ),
+            );
+            self.subscriptions.remove(&(subscriber.consumer, subscriber.subscription));
+            out.push((
+                subscriber.consumer.shard,
+                ConnCommand::SubscriptionEnded {
+                    consumer: subscriber.consumer.conn,
+                    subscription: subscriber.subscription,
+                    refusal,
+                },
+            ));
+        }
+        let state = self.addresses.get_mut(&address_name).expect("address was just inserted");
+        if to_anycast_queue {
+            state.queue.push_back(queued);
+        }
+        self.dispatch(&address_name, now_ms, out);
+        Ok(())
+    }
+
+    fn subscribe(
+        &mut self,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        address: Bytes,
+        mode: DeliveryMode,
+        ack_mode: AckMode,
+        credit: u32,
+    ) -> Result<(), Refusal> {
+        let key = (consumer, subscription);
+        if self.subscriptions.contains_key(&key) {
+            return Err(Refusal::new(
+                ErrorCode::Conflict,
+                format!("subscription id {} is already in use on this session; pick another id", subscription.0),
+            ));
+        }
+        let subscriber = Subscriber {
+            consumer,
+            subscription,
+            ack_mode,
+            credit: credit.min(self.limits.max_credit),
+            in_flight: 0,
+            unacked: HashMap::new(),
+            backlog: VecDeque::new(),
+        };
+        let state = self.addresses.entry(address.clone()).or_default();
+        match mode {
+            DeliveryMode::Anycast => state.anycast.push(subscriber),
+            DeliveryMode::Multicast => state.multicast.push(subscriber),
+        }
+        self.subscriptions.insert(key, address);
+        self.by_consumer.entry(consumer).or_default().push(subscription);
+        Ok(())
+    }
+
+    /// Runs `change` on one subscriber (if it still exists), then delivers what its address can.
+    fn with_subscriber(
+        &mut self,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+        change: impl FnOnce(&mut Subscriber, DeliveryMode, &mut VecDeque<Queued>),
+    ) {
+        let Some(address) = self.subscriptions.get(&(consumer, subscription)).cloned() else {
+            return; // Already gone (unsubscribed, or ended): nothing to do.
+        };
+        let Some(state) = self.addresses.get_mut(&address) else { return };
+        let mut queue = std::mem::take(&mut state.queue);
+        if let Some((subscriber, mode)) = state.subscriber_mut((consumer, subscription)) {
+            change(subscriber, mode, &mut queue);
+        }
+        state.queue = queue;
+        self.dispatch(&address, now_ms, out);
+    }
+
+    fn remove_subscription(
+        &mut self,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let Some(address) = self.subscriptions.remove(&(consumer, subscription)) else { return };
+        let Some(state) = self.addresses.get_mut(&address) else { return };
+        let key = (consumer, subscription);
+        if let Some(index) = state.anycast.iter().position(|s| (s.consumer, s.subscription) == key) {
+            let subscriber = state.anycast.remove(index);
+            // Unacknowledged anycast messages go back to the front of the queue, oldest first,
+            // marked redelivered.
+            let mut returned: Vec<Queued> = subscriber.unacked.into_values().collect();
+            returned.sort_by_key(|queued| std::cmp::Reverse(queued.id));
+            for mut queued in returned {
+                queued.redelivered = true;
+                state.queue.push_front(queued);
+            }
+            if state.next_anycast >= state.anycast.len() {
+                state.next_anycast = 0;
+            }
+        } else if let Some(index) = state.multicast.iter().position(|s| (s.consumer, s.subscription) == key) {
+            state.multicast.remove(index);
+        }
+        self.dispatch(&address, now_ms, out);
+        if self.addresses.get(&address).is_some_and(Address::is_idle) {
+            self.addresses.remove(&address);
+        }
+    }
+
+    /// Delivers whatever the address's queue and backlogs hold to subscribers with credit.
+    fn dispatch(&mut self, address: &Bytes, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let Some(state) = self.addresses.get_mut(address) else { return };
+        for subscriber in state.multicast.iter_mut() {
+            while subscriber.has_credit() {
+                let Some(queued) = subscriber.backlog.pop_front() else { break };
+                if is_expired(&queued, now_ms) {
+                    continue;
+                }
+                deliver(subscriber, queued, out);
+            }
+        }
+        let subscriber_count = state.anycast.len();
+        if subscriber_count == 0 {
+            return;
+        }
+        while !state.queue.is_empty() {
+            // Next subscriber with credit, round robin from where the last delivery left off.
+            let Some(offset) = (0..subscriber_count)
+                .find(|offset| state.anycast[(state.next_anycast + offset) % subscriber_count].has_credit())
+            else {
+                break;
+            };
+            let index = (state.next_anycast + offset) % subscriber_count;
+            let queued = state.queue.pop_front().expect("queue is not empty");
+            if is_expired(&queued, now_ms) {
+                continue;
+            }
+            state.next_anycast = (index + 1) % subscriber_count;
+            deliver(&mut state.anycast[index], queued, out);
+        }
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+}
+
+fn is_expired(queued: &Queued, now_ms: u64) -> bool {
+    queued.message.expires_at_ms != 0 && queued.message.expires_at_ms <= now_ms
+}
+
+fn deliver(subscriber: &mut Subscriber, queued: Queued, out: &mut Vec<Outgoing>) {
+    debug_assert!(subscriber.has_credit(), "delivery without credit");
+    subscriber.in_flight += 1;
+    if subscriber.ack_mode == AckMode::Client {
+        subscriber.unacked.insert(queued.id, queued.clone());
+    }
+    out.push((
+        subscriber.consumer.shard,
+        ConnCommand::Deliver {
+            consumer: subscriber.consumer.conn,
+            subscription: subscriber.subscription,
+            message_id: queued.id,
+            message: queued.message,
+            redelivered: queued.redelivered,
+        },
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::broker::{ConnId, StoredMessage};
+    use crate::mbws::Properties;
+
+    const LIMITS: AddressLimits = AddressLimits { max_queued_messages: 3, max_credit: 100 };
+
+    fn conn(index: u32) -> ConnRef {
+        ConnRef { shard: ShardId(0), conn: ConnId { index, generation: 0 } }
+    }
+
+    fn message(address: &str, body: &str) -> SharedMessage {
+        Arc::new(StoredMessage {
+            address: Bytes::copy_from_slice(address.as_bytes()),
+            durable: false,
+            expires_at_ms: 0,
+            properties: Properties::default(),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            body_is_text: true,
+        })
+    }
+
+    fn publish(table: &mut AddressTable, address: &str, body: &str, out: &mut Vec<Outgoing>) {
+        table.handle(AddressCommand::Publish { publisher: conn(99), seq: 1, message: message(address, body) }, 0, out);
+    }
+
+    fn subscribe(table: &mut AddressTable, consumer: u32, mode: DeliveryMode, credit: u32, out: &mut Vec<Outgoing>) {
+        table.handle(
+            AddressCommand::Subscribe {
+                consumer: conn(consumer),
+                subscription: SubscriptionId(1),
+                address: Bytes::from_static(b"a"),
+                mode,
+                ack_mode: AckMode::Client,
+                credit,
+            },
+            0,
+            out,
+        );
+    }
+
+    /// (consumer index, body) of every delivery in `out`.
+    fn deliveries(out: &[Outgoing]) -> Vec<(u32, String)> {
+        out.iter()
+            .filter_map(|(_, command)| match command {
+                ConnCommand::Deliver { consumer, message, .. } => {
+                    Some((consumer.index, String::from_utf8_lossy(&message.body).into_owned()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn messages_wait_for_a_consumer_then_respect_its_credit() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        publish(&mut table, "a", "m1", &mut out);
+        publish(&mut table, "a", "m2", &mut out);
+        assert_eq!(table.stats(b"a").queued, 2);
+        out.clear();
+        subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+        assert_eq!(deliveries(&out), vec![(1, "m1".to_string())]);
+        out.clear();
+        table.handle(
+            AddressCommand::Ack {
+                consumer: conn(1),
+                subscription: SubscriptionId(1),
+                messages: SmallVec::from_slice(&[MessageId(1)]),
+            },
+            0,
+            &mut out,
+        );
+        assert_eq!(deliveries(&out), vec![(1, "m2".to_string())]);
+    }
+
+    #[test]
+    fn anycast_round_robins_and_requeues_unacked_on_consumer_gone() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Anycast, 10, &mut out);
+        subscribe(&mut table, 2, DeliveryMode::Anycast, 10, &mut out);
+        out.clear();
+        publish(&mut table, "a", "m1", &mut out);
+        publish(&mut table, "a", "m2", &mut out);
+        assert_eq!(deliveries(&out), vec![(1, "m1".into()), (2, "m2".into())]);
+        out.clear();
+        table.handle(AddressCommand::ConsumerGone { consumer: conn(1) }, 0, &mut out);
+        // m1 goes to the remaining consumer, marked redelivered.
+        let redelivered: Vec<_> = out
+            .iter()
+            .filter_map(|(_, c)| match c {
+                ConnCommand::Deliver { consumer, redelivered, .. } => Some((consumer.index, *redelivered)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(redelivered, vec![(2, true)]);
+    }
+
+    #[test]
+    fn full_queue_refuses_the_send_and_keeps_what_it_had() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        for index in 0..4 {
+            publish(&mut table, "a", &format!("m{index}"), &mut out);
+        }
+        let refused: Vec<_> = out
+            .iter()
+            .filter_map(|(_, c)| match c {
+                ConnCommand::PublishDone { outcome: Err(refusal), .. } => Some(refusal.code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refused, vec![ErrorCode::Overloaded]);
+        assert_eq!(table.stats(b"a").queued, 3);
+    }
+
+    #[test]
+    fn multicast_gives_every_subscriber_every_message_and_ends_slow_ones() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Multicast, 100, &mut out);
+        subscribe(&mut table, 2, DeliveryMode::Multicast, 0, &mut out); // paused: never keeps up
+        out.clear();
+        for index in 0..4 {
+            publish(&mut table, "a", &format!("m{index}"), &mut out);
+        }
+        let to_first: Vec<_> = deliveries(&out).into_iter().filter(|(c, _)| *c == 1).collect();
+        assert_eq!(to_first.len(), 4);
+        assert!(out.iter().any(|(_, c)| matches!(c, ConnCommand::SubscriptionEnded { consumer, .. } if consumer.index == 2)));
+        // Pure multicast address: nothing piles up in the anycast queue.
+        assert_eq!(table.stats(b"a").queued, 0);
+        assert_eq!(table.stats(b"a").multicast_subscribers, 1);
+    }
+
+    #[test]
+    fn expired_messages_are_dropped_not_delivered() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        let mut expiring = message("a", "old");
+        Arc::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
+        table.handle(AddressCommand::Publish { publisher: conn(9), seq: 0, message: expiring }, 0, &mut out);
+        publish(&mut table, "a", "fresh", &mut out);
+        out.clear();
+        table.handle(
+            AddressCommand::Subscribe {
+                consumer: conn(1),
+                subscription: SubscriptionId(1),
+                address: Bytes::from_static(b"a"),
+                mode: DeliveryMode::Anycast,
+                ack_mode: AckMode::Client,
+                credit: 10,
+            },
+            10,
+            &mut out,
+        );
+        assert_eq!(deliveries(&out), vec![(1, "fresh".to_string())]);
+    }
+}

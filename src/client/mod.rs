@@ -1,0 +1,424 @@
+//! A blocking MBWS client over `std::net::TcpStream`, built on this crate's own codecs.
+//!
+//! Used by the `mbws` command-line tool and by the integration tests (which also talk to the
+//! broker through independent WebSocket implementations). It frames and masks as RFC 6455
+//! requires of a client, batches outgoing frames in a write buffer (`flush` sends them), and
+//! keeps frames that arrive while it waits for something else (a RECEIPT, SUBSCRIBED) so no
+//! MESSAGE is lost.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::mbws::{
+    self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorFrame, Frame, Opened, Subprotocol, PROTOCOL_VERSION,
+};
+use crate::ws::frame::encode_header;
+use crate::ws::handshake;
+use crate::ws::message::{close_payload, Decoder, WsEvent};
+use crate::ws::{OpCode, Role};
+
+/// How a client connects.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub subprotocol: Subprotocol,
+    /// Binding of the frames this client sends (and so of the broker's deferred answers).
+    pub binding: Binding,
+    pub heartbeat_ms: u32,
+    /// Bound on every wait (connect, handshake, OPENED, receipts).
+    pub timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            subprotocol: Subprotocol::Reliable,
+            binding: Binding::Binary,
+            heartbeat_ms: 0,
+            timeout: Duration::from_secs(10),
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ClientError {
+    Io(io::Error),
+    /// The URL, the upgrade or a frame from the broker was not what the protocol says.
+    Protocol(String),
+    /// The broker answered with ERROR.
+    Broker(ErrorFrame),
+    /// The broker closed the WebSocket.
+    Closed { code: u16, reason: String },
+    /// Nothing arrived in time.
+    Timeout(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Io(error) => write!(f, "connection error: {error}"),
+            ClientError::Protocol(problem) => write!(f, "protocol error: {problem}"),
+            ClientError::Broker(error) => write!(
+                f,
+                "broker error {}{}: {}",
+                error.code,
+                if error.fatal { " (fatal)" } else { "" },
+                String::from_utf8_lossy(&error.reason)
+            ),
+            ClientError::Closed { code, reason } => write!(f, "connection closed by the broker ({code}): {reason}"),
+            ClientError::Timeout(what) => write!(f, "timed out waiting for {what}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<io::Error> for ClientError {
+    fn from(error: io::Error) -> Self {
+        if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            ClientError::Timeout("data from the broker".into())
+        } else {
+            ClientError::Io(error)
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Splits `ws://host:port/path` (or `host:port`) into a socket address, host header and path.
+pub fn parse_url(url: &str) -> Result<(SocketAddr, String, String)> {
+    let rest = if let Some(rest) = url.strip_prefix("ws://") {
+        rest
+    } else if url.starts_with("wss://") {
+        return Err(ClientError::Protocol(format!("{url}: wss:// (TLS) is not supported; use ws://")));
+    } else {
+        url
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => (&rest[..slash], rest[slash..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|error| ClientError::Protocol(format!("{url}: cannot resolve \"{authority}\": {error}")))?
+        .next()
+        .ok_or_else(|| ClientError::Protocol(format!("{url}: \"{authority}\" resolves to no address")))?;
+    Ok((addr, authority.to_string(), path))
+}
+
+pub struct Client {
+    stream: TcpStream,
+    options: ClientOptions,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    decoder: Decoder,
+    opened: Opened,
+    last_seq: u64,
+    receipted_seq: u64,
+    /// Frames received while waiting for something else, in arrival order.
+    pending: VecDeque<Frame>,
+    mask_state: u64,
+}
+
+impl Client {
+    /// Connects, upgrades, sends OPEN and waits for OPENED.
+    pub fn connect(url: &str, options: ClientOptions) -> Result<Client> {
+        let (addr, host, path) = parse_url(url)?;
+        let stream = TcpStream::connect_timeout(&addr, options.timeout)?;
+        stream.set_nodelay(true)?;
+        Client::handshake(stream, &host, &path, options)
+    }
+
+    fn handshake(mut stream: TcpStream, host: &str, path: &str, options: ClientOptions) -> Result<Client> {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
+            ^ (stream.local_addr()?.port() as u64) << 48;
+        let key = handshake::new_client_key(seed);
+        let request = handshake::client_request(host, path, &key, &[options.subprotocol.name()]);
+        stream.set_write_timeout(Some(options.timeout))?;
+        stream.write_all(request.as_bytes())?;
+        let deadline = Instant::now() + options.timeout;
+        let mut read_buf = BytesMut::with_capacity(64 * 1024);
+        let response = loop {
+            if let Some((response, consumed)) = handshake::parse_response(&read_buf, 16 * 1024)
+                .map_err(|error| ClientError::Protocol(format!("bad upgrade response: {error}")))?
+            {
+                let _ = read_buf.split_to(consumed);
+                break response;
+            }
+            read_some(&mut stream, &mut read_buf, deadline, "the upgrade response")?;
+        };
+        if response.status != 101 {
+            return Err(ClientError::Protocol(format!(
+                "the broker refused the upgrade: {} {}",
+                response.status, response.reason
+            )));
+        }
+        let protocol = handshake::verify_accept(&response, &key).map_err(ClientError::Protocol)?;
+        if protocol != Some(options.subprotocol) {
+            return Err(ClientError::Protocol(format!(
+                "the broker did not agree to {} (it answered {:?})",
+                options.subprotocol.name(),
+                protocol.map(Subprotocol::name)
+            )));
+        }
+        let mut client = Client {
+            stream,
+            decoder: Decoder::new(Role::Client, options.max_message_bytes, options.max_message_bytes),
+            options,
+            read_buf,
+            write_buf: BytesMut::with_capacity(64 * 1024),
+            opened: Opened {
+                version: PROTOCOL_VERSION,
+                session_id: Bytes::new(),
+                resumed: false,
+                last_received_seq: 0,
+                heartbeat_ms: 0,
+                session_expiry_ms: 0,
+                limits: crate::config::Config::default().limits(),
+                server: Bytes::new(),
+            },
+            last_seq: 0,
+            receipted_seq: 0,
+            pending: VecDeque::new(),
+            mask_state: seed | 1,
+        };
+        let open = mbws::Open {
+            version: PROTOCOL_VERSION,
+            heartbeat_ms: client.options.heartbeat_ms,
+            ..Default::default()
+        };
+        client.write_frame(&Frame::Open(open))?;
+        client.flush()?;
+        let deadline = Instant::now() + client.options.timeout;
+        match client.read_frame(deadline, "OPENED")? {
+            Frame::Opened(opened) => client.opened = opened,
+            Frame::Error(error) => return Err(ClientError::Broker(error)),
+            other => return Err(ClientError::Protocol(format!("expected OPENED, got {}", other.kind().name()))),
+        }
+        Ok(client)
+    }
+
+    pub fn opened(&self) -> &Opened {
+        &self.opened
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+
+    pub fn binding(&self) -> Binding {
+        self.options.binding
+    }
+
+    /// Highest SEND sequence the broker has receipted.
+    pub fn receipted_seq(&self) -> u64 {
+        self.receipted_seq
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        // xorshift64: masks need to be unpredictable to intermediaries, not cryptographic.
+        self.mask_state ^= self.mask_state << 13;
+        self.mask_state ^= self.mask_state >> 7;
+        self.mask_state ^= self.mask_state << 17;
+        (self.mask_state as u32).to_ne_bytes()
+    }
+
+    /// Queues one frame in the client's binding (masked, as a client must).
+    pub fn write_frame(&mut self, frame: &Frame) -> Result<()> {
+        let binding = self.options.binding;
+        self.write_frame_in(binding, frame)
+    }
+
+    pub fn write_frame_in(&mut self, binding: Binding, frame: &Frame) -> Result<()> {
+        let payload = mbws::encode(binding, frame);
+        let opcode = match binding {
+            Binding::Binary => OpCode::Binary,
+            Binding::Text => OpCode::Text,
+        };
+        self.write_ws(opcode, &payload)
+    }
+
+    /// Queues one raw WebSocket frame (tests use it to send arbitrary payloads).
+    pub fn write_ws(&mut self, opcode: OpCode, payload: &[u8]) -> Result<()> {
+        let mask = self.next_mask();
+        encode_header(&mut self.write_buf, true, opcode, payload.len(), Some(mask));
+        let start = self.write_buf.len();
+        self.write_buf.extend_from_slice(payload);
+        crate::ws::frame::apply_mask(&mut self.write_buf[start..], mask);
+        if self.write_buf.len() >= 256 * 1024 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.write_buf.is_empty() {
+            self.stream.write_all(&self.write_buf)?;
+            self.write_buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Queues a SEND with the next sequence number; returns that sequence.
+    pub fn send(&mut self, address: &str, body: impl Into<Bytes>) -> Result<u64> {
+        self.send_message(mbws::Send {
+            address: Bytes::copy_from_slice(address.as_bytes()),
+            body: body.into(),
+            ..Default::default()
+        })
+    }
+
+    /// Queues `send` with the next sequence number filled in; returns that sequence.
+    pub fn send_message(&mut self, mut send: mbws::Send) -> Result<u64> {
+        self.last_seq += 1;
+        send.seq = self.last_seq;
+        self.write_frame(&Frame::Send(send))?;
+        Ok(self.last_seq)
+    }
+
+    /// Flushes and waits until the broker has receipted `seq` (and everything before it).
+    pub fn wait_receipt(&mut self, seq: u64) -> Result<()> {
+        self.flush()?;
+        let deadline = Instant::now() + self.options.timeout;
+        while self.receipted_seq < seq {
+            let frame = self.read_frame(deadline, "RECEIPT")?;
+            if let Frame::Error(error) = &frame {
+                if error.seq != 0 && error.seq <= seq {
+                    return Err(ClientError::Broker(error.clone()));
+                }
+            }
+            self.pending.push_back(frame);
+        }
+        Ok(())
+    }
+
+    /// Subscribes and waits for SUBSCRIBED.
+    pub fn subscribe(&mut self, id: u32, address: &str, mode: DeliveryMode, ack_mode: AckMode, credit: u32) -> Result<()> {
+        let frame = Frame::Subscribe(mbws::Subscribe {
+            subscription_id: id,
+            address: Bytes::copy_from_slice(address.as_bytes()),
+            mode,
+            ack_mode,
+            credit,
+        });
+        self.write_frame(&frame)?;
+        self.flush()?;
+        let deadline = Instant::now() + self.options.timeout;
+        loop {
+            match self.read_frame(deadline, "SUBSCRIBED")? {
+                Frame::Subscribed(subscribed) if subscribed.subscription_id == id => return Ok(()),
+                Frame::Error(error) if error.subscription_id == id => return Err(ClientError::Broker(error)),
+                other => self.pending.push_back(other),
+            }
+        }
+    }
+
+    pub fn ack(&mut self, delivery_seq: u64, cumulative: bool) -> Result<()> {
+        self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq, cumulative }))
+    }
+
+    /// Next MESSAGE, waiting at most `timeout`; `Ok(None)` if none came. RECEIPTs and PONGs
+    /// are absorbed; a broker ERROR is returned as an error.
+    pub fn next_message(&mut self, timeout: Duration) -> Result<Option<mbws::Message>> {
+        self.flush()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.next_frame_until(deadline) {
+                Ok(Frame::Message(message)) => return Ok(Some(message)),
+                Ok(Frame::Error(error)) => return Err(ClientError::Broker(error)),
+                Ok(_) => continue,
+                Err(ClientError::Timeout(_)) => return Ok(None),
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Next frame of any kind (pending ones first), waiting at most `timeout`.
+    pub fn next_frame(&mut self, timeout: Duration) -> Result<Frame> {
+        self.flush()?;
+        self.next_frame_until(Instant::now() + timeout)
+    }
+
+    fn next_frame_until(&mut self, deadline: Instant) -> Result<Frame> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(frame);
+        }
+        self.read_frame(deadline, "a frame")
+    }
+
+    /// Reads the next MBWS frame from the socket (not from `pending`), tracking receipts.
+    fn read_frame(&mut self, deadline: Instant, what: &str) -> Result<Frame> {
+        loop {
+            while let Some(event) = self.decoder.next_event(&mut self.read_buf).map_err(|error| {
+                ClientError::Protocol(format!("invalid WebSocket data from the broker: {error}"))
+            })? {
+                let (binding, payload) = match event {
+                    WsEvent::Binary(payload) => (Binding::Binary, payload),
+                    WsEvent::Text(payload) => (Binding::Text, payload),
+                    WsEvent::Ping(payload) => {
+                        self.write_ws(OpCode::Pong, &payload.clone())?;
+                        continue;
+                    }
+                    WsEvent::Pong(_) => continue,
+                    WsEvent::Close(frame) => {
+                        let (code, reason) = frame
+                            .map(|f| (f.code, String::from_utf8_lossy(&f.reason).into_owned()))
+                            .unwrap_or((1005, String::new()));
+                        let _ = self.write_ws(OpCode::Close, &close_payload(code, ""));
+                        let _ = self.flush();
+                        return Err(ClientError::Closed { code, reason });
+                    }
+                };
+                let frame = mbws::decode(binding, payload, &CodecLimits { max_headers: 1024, ..Default::default() })
+                    .map_err(|error| ClientError::Protocol(format!("invalid MBWS frame from the broker: {error}")))?;
+                if let Frame::Receipt(receipt) = &frame {
+                    self.receipted_seq = self.receipted_seq.max(receipt.seq);
+                }
+                return Ok(frame);
+            }
+            read_some(&mut self.stream, &mut self.read_buf, deadline, what)?;
+        }
+    }
+
+    /// Ends the session for good: CLOSE, then the WebSocket close handshake.
+    pub fn close(mut self) -> Result<()> {
+        self.write_frame(&Frame::Close(mbws::Close))?;
+        self.flush()?;
+        let deadline = Instant::now() + self.options.timeout;
+        loop {
+            match self.read_frame(deadline, "the close handshake") {
+                Err(ClientError::Closed { .. }) => return Ok(()),
+                Err(ClientError::Io(_)) => return Ok(()),
+                Err(error) => return Err(error),
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+/// One read into `buf`, bounded by `deadline`.
+fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, deadline: Instant, what: &str) -> Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ClientError::Timeout(what.to_string()));
+    }
+    stream.set_read_timeout(Some(left))?;
+    let mut chunk = [0u8; 64 * 1024];
+    match stream.read(&mut chunk) {
+        Ok(0) => Err(ClientError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, format!("the broker closed the connection while we waited for {what}")))),
+        Ok(read) => {
+            buf.extend_from_slice(&chunk[..read]);
+            Ok(())
+        }
+        Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(ClientError::Timeout(what.to_string()))
+        }
+        Err(error) => Err(ClientError::Io(error)),
+    }
+}

@@ -1,0 +1,284 @@
+//! The write queue of one connection: frame headers in an arena, bodies as shared `Bytes`.
+//!
+//! Every outgoing WebSocket frame is queued as (header bytes, body): the WebSocket header and
+//! the MBWS header are encoded into `arena`, the body is referenced, never copied. Adjacent
+//! header-only frames (RECEIPT, PONG, ...) merge into one segment. [`Outbound::take_batch`]
+//! hands everything queued so far to the writer as one [`WriteBatch`]: a list of iovecs for a
+//! single vectored write (`writev` through io_uring), which keeps the memory it points at alive
+//! until the write completes.
+//!
+//! Bound: `queued_bytes()` is what the connection owes its peer; the connection stops reading
+//! and stops returning auto-ack credit while it is over `max_outbound_bytes`.
+
+use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
+
+use crate::broker::{ShardId, SubscriptionId};
+use crate::mbws::{self, Binding, Frame};
+use crate::ws::frame::encode_header;
+use crate::ws::OpCode;
+
+/// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
+pub const MAX_IOVECS_PER_WRITE: usize = 1024;
+
+#[derive(Debug)]
+enum Segment {
+    /// `arena[start..end]`.
+    Header { start: usize, end: usize },
+    Body(Bytes),
+}
+
+/// Auto-ack deliveries queued for writing, per owner shard and subscription.
+pub type CreditReturns = SmallVec<[(ShardId, SubscriptionId, u32); 4]>;
+
+#[derive(Debug, Default)]
+pub struct Outbound {
+    arena: BytesMut,
+    segments: Vec<Segment>,
+    queued_bytes: usize,
+    credits: CreditReturns,
+    /// Set once a close frame is queued: nothing may follow it.
+    close_queued: bool,
+    /// Reused buffer for the MBWS header, encoded before the WebSocket header that needs its length.
+    scratch: BytesMut,
+}
+
+impl Outbound {
+    pub fn new() -> Outbound {
+        Outbound { arena: BytesMut::with_capacity(4096), ..Outbound::default() }
+    }
+
+    /// Bytes queued and not yet handed to a write.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    pub fn close_queued(&self) -> bool {
+        self.close_queued
+    }
+
+    /// Queues one MBWS frame as one WebSocket message in `binding` (text or binary opcode).
+    pub fn push_frame(&mut self, binding: Binding, frame: &Frame) {
+        let mut header = std::mem::take(&mut self.scratch);
+        header.clear();
+        mbws::encode_header(binding, frame, &mut header);
+        let body = frame.body().filter(|body| !body.is_empty());
+        let opcode = match binding {
+            Binding::Binary => OpCode::Binary,
+            Binding::Text => OpCode::Text,
+        };
+        let payload_len = header.len() + body.map_or(0, Bytes::len);
+        self.push_header(|arena| {
+            encode_header(arena, true, opcode, payload_len, None);
+            arena.extend_from_slice(&header);
+        });
+        self.scratch = header;
+        if let Some(body) = body {
+            self.queued_bytes += body.len();
+            self.segments.push(Segment::Body(body.clone()));
+        }
+    }
+
+    /// Queues a control frame (ping, pong, close) with a small payload (<= 125 bytes).
+    pub fn push_control(&mut self, opcode: OpCode, payload: &[u8]) {
+        debug_assert!(opcode.is_control() && payload.len() <= 125);
+        if opcode == OpCode::Close {
+            if self.close_queued {
+                return;
+            }
+            self.close_queued = true;
+        }
+        self.push_header(|arena| {
+            encode_header(arena, true, opcode, payload.len(), None);
+            arena.extend_from_slice(payload);
+        });
+    }
+
+    /// Raw bytes (an HTTP response) that must precede any frame.
+    pub fn push_raw(&mut self, bytes: &[u8]) {
+        self.push_header(|arena| arena.extend_from_slice(bytes));
+    }
+
+    /// Records that an auto-ack delivery of `subscription` (owned by `owner`) is queued, so its
+    /// credit goes back to the owner once the batch holding it is written.
+    pub fn note_auto_delivery(&mut self, owner: ShardId, subscription: SubscriptionId) {
+        match self.credits.iter_mut().find(|(shard, id, _)| *shard == owner && *id == subscription) {
+            Some((_, _, count)) => *count += 1,
+            None => self.credits.push((owner, subscription, 1)),
+        }
+    }
+
+    fn push_header(&mut self, write: impl FnOnce(&mut BytesMut)) {
+        let start = self.arena.len();
+        write(&mut self.arena);
+        let end = self.arena.len();
+        self.queued_bytes += end - start;
+        match self.segments.last_mut() {
+            Some(Segment::Header { end: last_end, .. }) if *last_end == start => *last_end = end,
+            _ => self.segments.push(Segment::Header { start, end }),
+        }
+    }
+
+    /// Takes everything queued so far as one batch for a vectored write; `None` when empty.
+    pub fn take_batch(&mut self, mut reuse: WriteBatch) -> Option<WriteBatch> {
+        if self.segments.is_empty() {
+            return None;
+        }
+        let arena = self.arena.split().freeze();
+        if self.arena.capacity() < 1024 {
+            // Reclaims the old allocation once the previous batch's arena has been dropped.
+            self.arena.reserve(4096);
+        }
+        reuse.clear();
+        for segment in self.segments.drain(..) {
+            let (base, len) = match &segment {
+                Segment::Header { start, end } => (arena[*start..*end].as_ptr(), end - start),
+                Segment::Body(body) => (body.as_ptr(), body.len()),
+            };
+            reuse.iovecs.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len });
+            reuse.remaining_bytes += len;
+            if let Segment::Body(body) = segment {
+                reuse.bodies.push(body);
+            }
+        }
+        reuse.arena = arena;
+        reuse.credits = std::mem::take(&mut self.credits);
+        self.queued_bytes = 0;
+        Some(reuse)
+    }
+}
+
+/// One vectored write in progress: iovecs plus the buffers they point into.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    iovecs: Vec<libc::iovec>,
+    /// Index of the first iovec not completely written.
+    first: usize,
+    remaining_bytes: usize,
+    arena: Bytes,
+    bodies: Vec<Bytes>,
+    /// Auto-ack credit to return once this batch is written.
+    pub credits: CreditReturns,
+}
+
+impl WriteBatch {
+    fn clear(&mut self) {
+        self.iovecs.clear();
+        self.bodies.clear();
+        self.first = 0;
+        self.remaining_bytes = 0;
+        self.arena = Bytes::new();
+        self.credits.clear();
+    }
+
+    pub fn remaining_bytes(&self) -> usize {
+        self.remaining_bytes
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.remaining_bytes == 0
+    }
+
+    /// Base pointers of the queued bodies (tests use them to prove bodies are not copied).
+    pub fn body_pointers(&self) -> Vec<*const u8> {
+        self.bodies.iter().map(|body| body.as_ptr()).collect()
+    }
+
+    /// All bytes of the batch, concatenated (for tests).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut all = Vec::with_capacity(self.remaining_bytes);
+        for iovec in &self.iovecs[self.first..] {
+            // SAFETY: each iovec points into `arena` or one of `bodies`, which this batch owns
+            // and which are immutable `Bytes`; `iov_len` never exceeds the buffer it points into.
+            all.extend_from_slice(unsafe { std::slice::from_raw_parts(iovec.iov_base as *const u8, iovec.iov_len) });
+        }
+        all
+    }
+
+    /// Marks `written` bytes as sent: drops whole iovecs, trims a partially written one.
+    pub fn advance(&mut self, mut written: usize) {
+        assert!(written <= self.remaining_bytes, "wrote more than was queued");
+        self.remaining_bytes -= written;
+        while written > 0 {
+            let iovec = &mut self.iovecs[self.first];
+            if written >= iovec.iov_len {
+                written -= iovec.iov_len;
+                self.first += 1;
+            } else {
+                // SAFETY: `written < iov_len`, so the new base stays inside the same buffer.
+                iovec.iov_base = unsafe { (iovec.iov_base as *mut u8).add(written) } as *mut libc::c_void;
+                iovec.iov_len -= written;
+                written = 0;
+            }
+        }
+        if self.remaining_bytes == 0 {
+            // Release the buffers now rather than when the batch is reused.
+            let credits = std::mem::take(&mut self.credits);
+            self.clear();
+            self.credits = credits;
+        }
+    }
+}
+
+// SAFETY: the iovecs point into `arena` and `bodies`, heap buffers owned by this struct whose
+// addresses do not change when the struct moves; they are not modified while the runtime owns
+// the batch (only `advance`, called after the write completes, changes them).
+unsafe impl monoio::buf::IoVecBuf for WriteBatch {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iovecs[self.first..].as_ptr()
+    }
+
+    fn read_iovec_len(&self) -> usize {
+        (self.iovecs.len() - self.first).min(MAX_IOVECS_PER_WRITE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mbws::{Ping, Receipt};
+
+    #[test]
+    fn header_only_frames_merge_and_partial_writes_advance() {
+        let mut outbound = Outbound::new();
+        outbound.push_frame(Binding::Binary, &Frame::Receipt(Receipt { seq: 1 }));
+        outbound.push_frame(Binding::Binary, &Frame::Ping(Ping { token: 7 }));
+        let mut batch = outbound.take_batch(WriteBatch::default()).unwrap();
+        assert_eq!(batch.iovecs.len(), 1, "adjacent headers share one iovec");
+        let all = batch.to_vec();
+        batch.advance(3);
+        assert_eq!(batch.to_vec(), all[3..]);
+        batch.advance(all.len() - 3);
+        assert!(batch.is_done());
+        assert!(outbound.take_batch(WriteBatch::default()).is_none());
+    }
+
+    #[test]
+    fn bodies_are_referenced_not_copied() {
+        let body = Bytes::from(vec![b'x'; 1000]);
+        let mut outbound = Outbound::new();
+        let frame = Frame::Send(mbws::Send {
+            seq: 1,
+            address: Bytes::from_static(b"a"),
+            body: body.clone(),
+            ..Default::default()
+        });
+        outbound.push_frame(Binding::Binary, &frame);
+        outbound.push_frame(Binding::Text, &frame);
+        let batch = outbound.take_batch(WriteBatch::default()).unwrap();
+        assert_eq!(batch.body_pointers(), vec![body.as_ptr(), body.as_ptr()]);
+    }
+
+    #[test]
+    fn only_one_close_frame_is_queued() {
+        let mut outbound = Outbound::new();
+        outbound.push_control(OpCode::Close, &[0x03, 0xE8]);
+        outbound.push_control(OpCode::Close, &[0x03, 0xE9]);
+        let batch = outbound.take_batch(WriteBatch::default()).unwrap();
+        assert_eq!(batch.to_vec(), vec![0x88, 0x02, 0x03, 0xE8]);
+    }
+}

@@ -1,0 +1,709 @@
+//! One client's MBWS session, as a state machine: frames in, frames and commands out.
+//!
+//! The session owns the client-facing rules of docs/PROTOCOL.md: OPEN first, SEND sequencing
+//! and cumulative RECEIPTs, subscription ids, delivery sequence numbers, ACK/NACK routing to
+//! the shards that own the addresses, and which binding each answer goes out in. It never
+//! touches a socket: answers go into an [`Outbound`], requests for address owners into a
+//! `Vec<(ShardId, AddressCommand)>`, and the connection task moves them.
+//!
+//! Bounds: SENDs awaiting their owner's answer <= `max_inflight_sends` (the connection stops
+//! reading beyond it), subscriptions <= `max_subscriptions`, unacknowledged deliveries <= the
+//! sum of the subscriptions' credit (enforced by the owners).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use super::outbound::Outbound;
+use crate::broker::{
+    owner_of, AddressCommand, ConnCommand, ConnRef, MessageId, Refusal, SharedMessage, ShardId, StoredMessage,
+    SubscriptionId,
+};
+use crate::mbws::{
+    self, AckMode, Binding, CodecLimits, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
+    PROTOCOL_VERSION,
+};
+
+/// Settings every session on a shard shares.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub limits: Limits,
+    pub codec_limits: CodecLimits,
+    pub max_heartbeat_ms: u32,
+    pub session_expiry_ms: u32,
+    pub shard_count: usize,
+    /// Credit a SUBSCRIBE with credit 0 gets.
+    pub default_credit: u32,
+}
+
+/// Why the session must end: the connection sends the (already queued) ERROR and closes the
+/// WebSocket with `close_code`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub close_code: u16,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitingOpen,
+    Open,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Subscription {
+    owner: ShardId,
+    ack_mode: AckMode,
+    confirmed: bool,
+}
+
+/// A delivery the client has not acknowledged yet (client ack mode).
+#[derive(Debug, Clone, Copy)]
+struct Unacked {
+    subscription: SubscriptionId,
+    message: MessageId,
+}
+
+pub struct Session {
+    me: ConnRef,
+    subprotocol: Subprotocol,
+    config: Arc<SessionConfig>,
+    state: State,
+    /// Binding of the OPEN frame: deferred answers (RECEIPT, SUBSCRIBED, MESSAGE) use it.
+    binding: Binding,
+    session_id: Bytes,
+    /// Agreed heartbeat interval; 0 for none.
+    heartbeat_ms: u32,
+    /// Highest SEND sequence accepted.
+    last_send_seq: u64,
+    /// SENDs routed to their owners and not answered yet, in sequence order: (seq, answered).
+    /// Sequence 0 (MBLWS, no receipt wanted) is counted here too, for the in-flight bound.
+    inflight_sends: VecDeque<(u64, bool)>,
+    receipted_seq: u64,
+    receipt_due: bool,
+    subscriptions: HashMap<SubscriptionId, Subscription>,
+    last_delivery_seq: u64,
+    unacked: BTreeMap<u64, Unacked>,
+}
+
+/// Where a session's effects go.
+pub struct Effects<'a> {
+    pub outbound: &'a mut Outbound,
+    pub commands: &'a mut Vec<(ShardId, AddressCommand)>,
+}
+
+impl Session {
+    pub fn new(me: ConnRef, subprotocol: Subprotocol, config: Arc<SessionConfig>) -> Session {
+        Session {
+            me,
+            subprotocol,
+            config,
+            state: State::AwaitingOpen,
+            binding: Binding::Binary,
+            session_id: Bytes::new(),
+            heartbeat_ms: 0,
+            last_send_seq: 0,
+            inflight_sends: VecDeque::new(),
+            receipted_seq: 0,
+            receipt_due: false,
+            subscriptions: HashMap::new(),
+            last_delivery_seq: 0,
+            unacked: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    pub fn session_id(&self) -> &Bytes {
+        &self.session_id
+    }
+
+    /// The heartbeat interval agreed in OPENED: the client must send something (any frame,
+    /// PING if idle) at least this often; silence for twice as long ends the session (4408).
+    pub fn heartbeat_ms(&self) -> u32 {
+        self.heartbeat_ms
+    }
+
+    /// False while the session holds `max_inflight_sends` unanswered SENDs: stop reading.
+    pub fn can_accept_sends(&self) -> bool {
+        self.inflight_sends.len() < self.config.limits.max_inflight_sends as usize
+    }
+
+    pub fn unacked_deliveries(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Decodes and handles one complete WebSocket data message.
+    pub fn on_message(&mut self, binding: Binding, payload: Bytes, now_ms: u64, fx: &mut Effects<'_>) -> Result<(), SessionEnd> {
+        match mbws::decode(binding, payload, &self.config.codec_limits) {
+            Ok(frame) => self.on_frame(binding, frame, now_ms, fx),
+            Err(error) => Err(self.fatal(binding, error.code, 0, 0, error.reason, fx)),
+        }
+    }
+
+    pub fn on_frame(&mut self, binding: Binding, frame: Frame, now_ms: u64, fx: &mut Effects<'_>) -> Result<(), SessionEnd> {
+        if self.state == State::Closed {
+            return Ok(());
+        }
+        if self.state == State::AwaitingOpen {
+            return match frame {
+                Frame::Open(open) => self.on_open(binding, open, fx),
+                other => Err(self.fatal(
+                    binding,
+                    ErrorCode::InvalidState,
+                    0,
+                    0,
+                    format!("{} before OPEN: the first frame of a session must be OPEN", other.kind().name()),
+                    fx,
+                )),
+            };
+        }
+        match frame {
+            Frame::Open(_) => Err(self.fatal(
+                binding,
+                ErrorCode::InvalidState,
+                0,
+                0,
+                "a second OPEN on an open session: one OPEN per connection".into(),
+                fx,
+            )),
+            Frame::Send(send) => self.on_send(binding, send, now_ms, fx),
+            Frame::Subscribe(subscribe) => {
+                self.on_subscribe(binding, subscribe, fx);
+                Ok(())
+            }
+            Frame::Unsubscribe(unsubscribe) => {
+                self.on_unsubscribe(binding, SubscriptionId(unsubscribe.subscription_id), fx);
+                Ok(())
+            }
+            Frame::Ack(ack) => {
+                self.on_ack(ack.delivery_seq, ack.cumulative, fx);
+                Ok(())
+            }
+            Frame::Nack(nack) => {
+                if let Some(entry) = self.unacked.remove(&nack.delivery_seq) {
+                    if let Some(subscription) = self.subscriptions.get(&entry.subscription) {
+                        fx.commands.push((
+                            subscription.owner,
+                            AddressCommand::Nack {
+                                consumer: self.me,
+                                subscription: entry.subscription,
+                                message: entry.message,
+                                requeue: nack.requeue,
+                            },
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Frame::Flow(flow) => {
+                self.on_flow(binding, SubscriptionId(flow.subscription_id), flow.credit, fx);
+                Ok(())
+            }
+            Frame::Ping(ping) => {
+                fx.outbound.push_frame(binding, &Frame::Pong(mbws::Pong { token: ping.token }));
+                Ok(())
+            }
+            Frame::Pong(_) | Frame::Error(_) => Ok(()),
+            Frame::Close(_) => {
+                fx.outbound.push_frame(binding, &Frame::Close(mbws::Close));
+                self.state = State::Closed;
+                Err(SessionEnd { close_code: crate::ws::close_code::NORMAL, reason: "session closed".into() })
+            }
+            Frame::Opened(_) | Frame::Receipt(_) | Frame::Subscribed(_) | Frame::Message(_) => {
+                let kind = frame.kind().name();
+                Err(self.fatal(
+                    binding,
+                    ErrorCode::InvalidState,
+                    0,
+                    0,
+                    format!("{kind} is sent by brokers only; a client must not send it"),
+                    fx,
+                ))
+            }
+        }
+    }
+
+    fn on_open(&mut self, binding: Binding, open: mbws::Open, fx: &mut Effects<'_>) -> Result<(), SessionEnd> {
+        if open.version != PROTOCOL_VERSION {
+            return Err(self.fatal(
+                binding,
+                ErrorCode::MalformedFrame,
+                0,
+                0,
+                format!("OPEN: protocol version {} is not supported; this broker speaks version {PROTOCOL_VERSION}", open.version),
+                fx,
+            ));
+        }
+        if !open.session_id.is_empty() {
+            let reason = match self.subprotocol {
+                Subprotocol::Light => format!(
+                    "OPEN: session \"{}\" cannot be resumed: {} sessions are never resumable; open a new session \
+                     with an empty session-id",
+                    String::from_utf8_lossy(&open.session_id),
+                    Subprotocol::LIGHT_NAME
+                ),
+                Subprotocol::Reliable => format!(
+                    "OPEN: session \"{}\" is not known to this broker (expired, or the broker restarted); open a new \
+                     session with an empty session-id",
+                    String::from_utf8_lossy(&open.session_id)
+                ),
+            };
+            return Err(self.fatal(binding, ErrorCode::UnknownSession, 0, 0, reason, fx));
+        }
+        let heartbeat_ms = match open.heartbeat_ms {
+            0 => 0,
+            asked => asked.clamp(1000, self.config.max_heartbeat_ms.max(1000)),
+        };
+        self.binding = binding;
+        self.heartbeat_ms = heartbeat_ms;
+        self.state = State::Open;
+        self.session_id = Bytes::from(format!(
+            "{}-{}-{}",
+            self.me.shard.0,
+            self.me.conn.index,
+            self.me.conn.generation
+        ));
+        let session_expiry_ms = match self.subprotocol {
+            Subprotocol::Reliable => self.config.session_expiry_ms,
+            Subprotocol::Light => 0,
+        };
+        fx.outbound.push_frame(
+            binding,
+            &Frame::Opened(Opened {
+                version: PROTOCOL_VERSION,
+                session_id: self.session_id.clone(),
+                resumed: false,
+                last_received_seq: 0,
+                heartbeat_ms,
+                session_expiry_ms,
+                limits: self.config.limits,
+                server: Bytes::from_static(concat!("mbws-broker/", env!("CARGO_PKG_VERSION")).as_bytes()),
+            }),
+        );
+        Ok(())
+    }
+
+    fn on_send(&mut self, binding: Binding, send: mbws::Send, now_ms: u64, fx: &mut Effects<'_>) -> Result<(), SessionEnd> {
+        let seq = send.seq;
+        match (self.subprotocol, seq) {
+            (Subprotocol::Reliable, 0) => {
+                return Err(self.fatal(
+                    binding,
+                    ErrorCode::MalformedFrame,
+                    0,
+                    0,
+                    format!("SEND: seq 0 is only allowed on {}; number SENDs 1, 2, 3...", Subprotocol::LIGHT_NAME),
+                    fx,
+                ))
+            }
+            (_, 0) => {}
+            (_, seq) if seq <= self.last_send_seq && self.subprotocol == Subprotocol::Reliable => {
+                // A duplicate (a client resending after a doubt): already taken, drop it. Its
+                // receipt comes (or came) with the cumulative RECEIPT.
+                self.receipt_due = true;
+                return Ok(());
+            }
+            (_, seq) if seq != self.last_send_seq + 1 => {
+                return Err(self.fatal(
+                    binding,
+                    ErrorCode::Conflict,
+                    seq,
+                    0,
+                    format!(
+                        "SEND: seq {seq} does not follow {}; SEND sequences must increase by exactly one",
+                        self.last_send_seq
+                    ),
+                    fx,
+                ));
+            }
+            _ => self.last_send_seq = seq,
+        }
+        debug_assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
+        let expires_at_ms = if send.ttl_ms == 0 { 0 } else { now_ms + u64::from(send.ttl_ms) };
+        let owner = owner_of(&send.address, self.config.shard_count);
+        let message = Arc::new(StoredMessage {
+            address: send.address,
+            durable: send.durable,
+            expires_at_ms,
+            properties: send.properties,
+            body: send.body,
+            body_is_text: binding == Binding::Text,
+        });
+        self.inflight_sends.push_back((seq, false));
+        fx.commands.push((owner, AddressCommand::Publish { publisher: self.me, seq, message }));
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, binding: Binding, subscribe: mbws::Subscribe, fx: &mut Effects<'_>) {
+        let id = SubscriptionId(subscribe.subscription_id);
+        let limits = self.config.limits;
+        let refusal = if self.subscriptions.contains_key(&id) {
+            Some((ErrorCode::Conflict, format!("SUBSCRIBE: subscription id {} is already in use on this session; pick another id", id.0)))
+        } else if self.subscriptions.len() >= limits.max_subscriptions as usize {
+            Some((
+                ErrorCode::TooLarge,
+                format!(
+                    "SUBSCRIBE: this session already has {} subscriptions (max_subscriptions); unsubscribe first",
+                    self.subscriptions.len()
+                ),
+            ))
+        } else if subscribe.credit > limits.max_credit {
+            Some((
+                ErrorCode::TooLarge,
+                format!("SUBSCRIBE: credit {} is over max_credit {}; ask for less", subscribe.credit, limits.max_credit),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, reason)) = refusal {
+            self.send_error(binding, code, 0, id.0, reason, fx.outbound);
+            return;
+        }
+        let credit = if subscribe.credit == 0 { self.config.default_credit.min(limits.max_credit) } else { subscribe.credit };
+        let owner = owner_of(&subscribe.address, self.config.shard_count);
+        self.subscriptions.insert(id, Subscription { owner, ack_mode: subscribe.ack_mode, confirmed: false });
+        fx.commands.push((
+            owner,
+            AddressCommand::Subscribe {
+                consumer: self.me,
+                subscription: id,
+                address: subscribe.address,
+                mode: subscribe.mode,
+                ack_mode: subscribe.ack_mode,
+                credit,
+            },
+        ));
+    }
+
+    fn on_unsubscribe(&mut self, binding: Binding, id: SubscriptionId, fx: &mut Effects<'_>) {
+        let Some(subscription) = self.subscriptions.remove(&id) else {
+            let reason = format!("UNSUBSCRIBE: no subscription {} on this session", id.0);
+            self.send_error(binding, ErrorCode::InvalidState, 0, id.0, reason, fx.outbound);
+            return;
+        };
+        // The owner requeues what this subscription had not acknowledged.
+        self.unacked.retain(|_, entry| entry.subscription != id);
+        fx.commands.push((subscription.owner, AddressCommand::Unsubscribe { consumer: self.me, subscription: id }));
+    }
+
+    fn on_ack(&mut self, delivery_seq: u64, cumulative: bool, fx: &mut Effects<'_>) {
+        let acked: SmallVec<[Unacked; 8]> = if cumulative {
+            let rest = self.unacked.split_off(&(delivery_seq.saturating_add(1)));
+            let done = std::mem::replace(&mut self.unacked, rest);
+            done.into_values().collect()
+        } else {
+            self.unacked.remove(&delivery_seq).into_iter().collect()
+        };
+        // One command per subscription, carrying all of its acknowledged messages.
+        let mut grouped: SmallVec<[(SubscriptionId, SmallVec<[MessageId; 4]>); 2]> = SmallVec::new();
+        for entry in acked {
+            match grouped.iter_mut().find(|(id, _)| *id == entry.subscription) {
+                Some((_, messages)) => messages.push(entry.message),
+                None => grouped.push((entry.subscription, SmallVec::from_elem(entry.message, 1))),
+            }
+        }
+        for (subscription, messages) in grouped {
+            if let Some(state) = self.subscriptions.get(&subscription) {
+                fx.commands.push((state.owner, AddressCommand::Ack { consumer: self.me, subscription, messages }));
+            }
+        }
+    }
+
+    fn on_flow(&mut self, binding: Binding, id: SubscriptionId, credit: u32, fx: &mut Effects<'_>) {
+        let max_credit = self.config.limits.max_credit;
+        let Some(subscription) = self.subscriptions.get(&id) else {
+            let reason = format!("FLOW: no subscription {} on this session", id.0);
+            self.send_error(binding, ErrorCode::InvalidState, 0, id.0, reason, fx.outbound);
+            return;
+        };
+        if credit > max_credit {
+            let reason = format!("FLOW: credit {credit} is over max_credit {max_credit}; ask for less");
+            self.send_error(binding, ErrorCode::TooLarge, 0, id.0, reason, fx.outbound);
+            return;
+        }
+        fx.commands.push((subscription.owner, AddressCommand::SetCredit { consumer: self.me, subscription: id, credit }));
+    }
+
+    /// Handles an answer or a delivery from an address owner.
+    pub fn on_command(&mut self, command: ConnCommand, fx: &mut Effects<'_>) {
+        match command {
+            ConnCommand::PublishDone { seq, outcome, .. } => self.on_publish_done(seq, outcome, fx.outbound),
+            ConnCommand::SubscribeDone { subscription, outcome, .. } => match outcome {
+                Ok(()) => {
+                    if let Some(state) = self.subscriptions.get_mut(&subscription) {
+                        state.confirmed = true;
+                        let frame = Frame::Subscribed(mbws::Subscribed { subscription_id: subscription.0 });
+                        fx.outbound.push_frame(self.binding, &frame);
+                    }
+                }
+                Err(refusal) => {
+                    self.subscriptions.remove(&subscription);
+                    self.send_error(self.binding, refusal.code, 0, subscription.0, refusal.reason, fx.outbound);
+                }
+            },
+            ConnCommand::Deliver { subscription, message_id, message, redelivered, .. } => {
+                self.on_deliver(subscription, message_id, message, redelivered, fx.outbound)
+            }
+            ConnCommand::SubscriptionEnded { subscription, refusal, .. } => {
+                if self.subscriptions.remove(&subscription).is_some() {
+                    self.unacked.retain(|_, entry| entry.subscription != subscription);
+                    self.send_error(self.binding, refusal.code, 0, subscription.0, refusal.reason, fx.outbound);
+                }
+            }
+        }
+    }
+
+    fn on_publish_done(&mut self, seq: u64, outcome: Result<(), Refusal>, outbound: &mut Outbound) {
+        // Answers for one owner come in order; answers from different owners may interleave,
+        // so find this SEND's entry (the deque is sorted by seq; seq 0 entries answer in order).
+        let position = if seq == 0 {
+            self.inflight_sends.iter().position(|&(entry_seq, answered)| entry_seq == 0 && !answered)
+        } else {
+            self.inflight_sends.binary_search_by_key(&seq, |&(entry_seq, _)| entry_seq).ok()
+        };
+        let Some(position) = position else {
+            debug_assert!(false, "answer for a SEND that is not in flight: seq {seq}");
+            return;
+        };
+        self.inflight_sends[position].1 = true;
+        if let Err(refusal) = outcome {
+            self.send_error(self.binding, refusal.code, seq, 0, refusal.reason, outbound);
+        }
+        while let Some(&(entry_seq, true)) = self.inflight_sends.front() {
+            self.inflight_sends.pop_front();
+            if entry_seq != 0 {
+                self.receipted_seq = entry_seq;
+                self.receipt_due = true;
+            }
+        }
+    }
+
+    fn on_deliver(
+        &mut self,
+        subscription: SubscriptionId,
+        message_id: MessageId,
+        message: SharedMessage,
+        redelivered: bool,
+        outbound: &mut Outbound,
+    ) {
+        let Some(state) = self.subscriptions.get(&subscription) else {
+            return; // Unsubscribed meanwhile: the owner requeues it (client ack) or it is dropped.
+        };
+        self.last_delivery_seq += 1;
+        let delivery_seq = self.last_delivery_seq;
+        match state.ack_mode {
+            AckMode::Client => {
+                self.unacked.insert(delivery_seq, Unacked { subscription, message: message_id });
+            }
+            AckMode::Auto => outbound.note_auto_delivery(state.owner, subscription),
+        }
+        // A text session gets text frames, unless the body is not UTF-8 (then binary).
+        let binding = match self.binding {
+            Binding::Text if message.body_is_text || std::str::from_utf8(&message.body).is_ok() => Binding::Text,
+            _ => Binding::Binary,
+        };
+        let frame = Frame::Message(mbws::Message {
+            subscription_id: subscription.0,
+            delivery_seq,
+            message_id: message_id.0,
+            address: message.address.clone(),
+            redelivered,
+            durable: message.durable,
+            properties: message.properties.clone(),
+            body: message.body.clone(),
+        });
+        outbound.push_frame(binding, &frame);
+    }
+
+    /// End of a batch of events: sends one cumulative RECEIPT if any SEND became safe.
+    pub fn flush(&mut self, outbound: &mut Outbound) {
+        if self.receipt_due && self.state == State::Open {
+            self.receipt_due = false;
+            outbound.push_frame(self.binding, &Frame::Receipt(mbws::Receipt { seq: self.receipted_seq }));
+        }
+    }
+
+    /// The connection is gone: owners drop its subscriptions and requeue what it had not acked.
+    pub fn on_disconnect(&mut self, commands: &mut Vec<(ShardId, AddressCommand)>) {
+        self.state = State::Closed;
+        let mut owners: SmallVec<[ShardId; 8]> = self.subscriptions.values().map(|s| s.owner).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        for owner in owners {
+            commands.push((owner, AddressCommand::ConsumerGone { consumer: self.me }));
+        }
+        self.subscriptions.clear();
+        self.unacked.clear();
+    }
+
+    fn send_error(&self, binding: Binding, code: ErrorCode, seq: u64, subscription_id: u32, reason: String, outbound: &mut Outbound) {
+        let frame = Frame::Error(ErrorFrame {
+            code: code.as_u16(),
+            fatal: false,
+            seq,
+            subscription_id,
+            reason: Bytes::from(reason),
+        });
+        outbound.push_frame(binding, &frame);
+    }
+
+    /// Queues a fatal ERROR and returns how the connection must close.
+    fn fatal(&mut self, binding: Binding, code: ErrorCode, seq: u64, subscription_id: u32, reason: String, fx: &mut Effects<'_>) -> SessionEnd {
+        let frame = Frame::Error(ErrorFrame {
+            code: code.as_u16(),
+            fatal: true,
+            seq,
+            subscription_id,
+            reason: Bytes::from(reason.clone()),
+        });
+        fx.outbound.push_frame(binding, &frame);
+        self.state = State::Closed;
+        SessionEnd { close_code: code.as_u16(), reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::ConnId;
+    use crate::conn::outbound::WriteBatch;
+
+    fn config() -> Arc<SessionConfig> {
+        let broker = crate::config::Config { shards: 1, ..Default::default() };
+        Arc::new(SessionConfig {
+            limits: broker.limits(),
+            codec_limits: broker.codec_limits(),
+            max_heartbeat_ms: 60_000,
+            session_expiry_ms: 0,
+            shard_count: 1,
+            default_credit: 100,
+        })
+    }
+
+    fn session(subprotocol: Subprotocol) -> Session {
+        let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 1, generation: 1 } };
+        Session::new(me, subprotocol, config())
+    }
+
+    /// Feeds `frames` in order, returns the frames the session answered and the commands.
+    fn drive(session: &mut Session, frames: Vec<Frame>) -> (Vec<Frame>, Vec<(ShardId, AddressCommand)>, Option<SessionEnd>) {
+        let mut outbound = Outbound::new();
+        let mut commands = Vec::new();
+        let mut end = None;
+        for frame in frames {
+            let mut fx = Effects { outbound: &mut outbound, commands: &mut commands };
+            if let Err(e) = session.on_frame(Binding::Binary, frame, 0, &mut fx) {
+                end = Some(e);
+                break;
+            }
+        }
+        session.flush(&mut outbound);
+        (decode_all(&mut outbound), commands, end)
+    }
+
+    fn decode_all(outbound: &mut Outbound) -> Vec<Frame> {
+        let Some(batch) = outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
+        let mut bytes = bytes::BytesMut::from(&batch.to_vec()[..]);
+        let mut decoder = crate::ws::message::Decoder::new(crate::ws::Role::Client, 1 << 20, 1 << 20);
+        let mut frames = Vec::new();
+        while let Some(event) = decoder.next_event(&mut bytes).unwrap() {
+            let (binding, payload) = match event {
+                crate::ws::message::WsEvent::Binary(p) => (Binding::Binary, p),
+                crate::ws::message::WsEvent::Text(p) => (Binding::Text, p),
+                _ => continue,
+            };
+            frames.push(mbws::decode(binding, payload, &CodecLimits::default()).unwrap());
+        }
+        frames
+    }
+
+    fn open() -> Frame {
+        Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() })
+    }
+
+    fn send(seq: u64) -> Frame {
+        Frame::Send(mbws::Send { seq, address: Bytes::from_static(b"a"), ..Default::default() })
+    }
+
+    #[test]
+    fn frames_before_open_are_fatal() {
+        let mut s = session(Subprotocol::Reliable);
+        let (frames, _, end) = drive(&mut s, vec![send(1)]);
+        assert_eq!(end.unwrap().close_code, 4405);
+        assert!(matches!(&frames[0], Frame::Error(e) if e.fatal && e.code == 4405));
+    }
+
+    #[test]
+    fn receipts_are_cumulative_and_wait_for_every_owner_answer() {
+        let mut s = session(Subprotocol::Reliable);
+        let (_, commands, end) = drive(&mut s, vec![open(), send(1), send(2), send(3)]);
+        assert!(end.is_none());
+        assert_eq!(commands.len(), 3);
+        let mut outbound = Outbound::new();
+        let mut fx_commands = Vec::new();
+        let mut fx = Effects { outbound: &mut outbound, commands: &mut fx_commands };
+        let me = s.me.conn;
+        // Owner answers 2 before 1: no receipt for 2 alone.
+        s.on_command(ConnCommand::PublishDone { publisher: me, seq: 2, outcome: Ok(()) }, &mut fx);
+        s.flush(fx.outbound);
+        assert!(decode_all(&mut outbound).is_empty());
+        let mut fx = Effects { outbound: &mut outbound, commands: &mut fx_commands };
+        s.on_command(ConnCommand::PublishDone { publisher: me, seq: 1, outcome: Ok(()) }, &mut fx);
+        let refusal = Refusal::new(ErrorCode::Overloaded, "full");
+        s.on_command(ConnCommand::PublishDone { publisher: me, seq: 3, outcome: Err(refusal) }, &mut fx);
+        s.flush(&mut outbound);
+        let frames = decode_all(&mut outbound);
+        assert!(matches!(&frames[0], Frame::Error(e) if !e.fatal && e.seq == 3 && e.code == 4429));
+        assert_eq!(frames[1], Frame::Receipt(mbws::Receipt { seq: 3 }));
+    }
+
+    #[test]
+    fn sequence_gaps_are_fatal_and_duplicates_dropped() {
+        let mut s = session(Subprotocol::Reliable);
+        let (_, commands, end) = drive(&mut s, vec![open(), send(1), send(1)]);
+        assert!(end.is_none());
+        assert_eq!(commands.len(), 1, "the duplicate is not routed again");
+        let (frames, _, end) = drive(&mut s, vec![send(5)]);
+        assert_eq!(end.unwrap().close_code, 4409);
+        assert!(matches!(&frames[0], Frame::Error(e) if e.seq == 5));
+    }
+
+    #[test]
+    fn light_sessions_may_send_without_sequence_and_cannot_resume() {
+        let mut s = session(Subprotocol::Light);
+        let (_, commands, end) = drive(&mut s, vec![open(), send(0), send(0)]);
+        assert!(end.is_none());
+        assert_eq!(commands.len(), 2);
+        let mut s = session(Subprotocol::Light);
+        let resume = Frame::Open(mbws::Open {
+            version: PROTOCOL_VERSION,
+            session_id: Bytes::from_static(b"old"),
+            ..Default::default()
+        });
+        let (_, _, end) = drive(&mut s, vec![resume]);
+        assert_eq!(end.unwrap().close_code, 4404);
+    }
+
+    #[test]
+    fn duplicate_subscription_ids_are_refused_without_ending_the_session() {
+        let mut s = session(Subprotocol::Reliable);
+        let subscribe = Frame::Subscribe(mbws::Subscribe {
+            subscription_id: 7,
+            address: Bytes::from_static(b"a"),
+            mode: mbws::DeliveryMode::Anycast,
+            ack_mode: AckMode::Client,
+            credit: 0,
+        });
+        let (frames, commands, end) = drive(&mut s, vec![open(), subscribe.clone(), subscribe]);
+        assert!(end.is_none());
+        assert_eq!(commands.len(), 1);
+        assert!(matches!(&commands[0].1, AddressCommand::Subscribe { credit: 100, .. }), "credit 0 means the default");
+        assert!(matches!(&frames[1], Frame::Error(e) if !e.fatal && e.code == 4409 && e.subscription_id == 7));
+    }
+}

@@ -1,0 +1,138 @@
+//! `mbws-broker`: flags, start-up, signals.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use mbws::config::{Config, DEFAULT_LISTEN};
+use mbws::log;
+use mbws::logging::{self, Level};
+
+/// A thread-per-core io_uring message broker for the MessageBroker WebSocket Subprotocol
+/// (subprotocols MBWS.huawei.com and MBLWS.huawei.com). WebSocket upgrades are accepted at `/`.
+#[derive(Parser, Debug)]
+#[command(name = "mbws-broker", version)]
+struct Args {
+    /// Address to listen on (every shard listens on it with SO_REUSEPORT).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
+    /// Number of shard threads [default: cores available to the process].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Do not pin shard threads to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Largest WebSocket frame accepted (close 1009 beyond).
+    #[arg(long, default_value_t = Config::default().max_frame_bytes)]
+    max_frame_bytes: usize,
+    /// Largest WebSocket message (one MBWS frame) accepted (close 1009 beyond).
+    #[arg(long, default_value_t = Config::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Most messages waiting in one address queue; a SEND beyond gets ERROR 4429.
+    #[arg(long, default_value_t = Config::default().max_queued_messages)]
+    max_queued_messages: u32,
+    /// Most unanswered SENDs per session before the broker stops reading from it.
+    #[arg(long, default_value_t = Config::default().max_inflight_sends)]
+    max_inflight_sends: u32,
+    /// Bytes queued for one connection beyond which the broker stops reading from it.
+    #[arg(long, default_value_t = Config::default().max_outbound_bytes)]
+    max_outbound_bytes: usize,
+    /// Most subscriptions per session.
+    #[arg(long, default_value_t = Config::default().max_subscriptions)]
+    max_subscriptions: u32,
+    /// Largest credit (unacknowledged deliveries) per subscription.
+    #[arg(long, default_value_t = Config::default().max_credit)]
+    max_credit: u32,
+    /// Milliseconds a connection may take to complete its WebSocket upgrade.
+    #[arg(long, default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// Milliseconds a connection may take to send OPEN after the upgrade.
+    #[arg(long, default_value_t = 10_000)]
+    open_timeout_ms: u64,
+    /// Log level: error, warn, info or debug.
+    #[arg(long, default_value = "info", value_parser = parse_level)]
+    log_level: Level,
+}
+
+fn parse_level(text: &str) -> Result<Level, String> {
+    Level::parse(text).ok_or_else(|| format!("unknown log level \"{text}\": use error, warn, info or debug"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::set_level(args.log_level);
+    let config = Config {
+        listen: args.listen,
+        shards: args.shards.unwrap_or_else(mbws::config::available_cores),
+        pin_threads: !args.no_pin,
+        max_frame_bytes: args.max_frame_bytes,
+        max_message_bytes: args.max_message_bytes,
+        max_queued_messages: args.max_queued_messages,
+        max_inflight_sends: args.max_inflight_sends,
+        max_outbound_bytes: args.max_outbound_bytes,
+        max_subscriptions: args.max_subscriptions,
+        max_credit: args.max_credit,
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        open_timeout: Duration::from_millis(args.open_timeout_ms),
+        ..Config::default()
+    };
+    if let Err(problem) = config.validate() {
+        eprintln!("mbws-broker: {problem}");
+        return ExitCode::from(2);
+    }
+    // Block the stop signals in every thread (shard threads inherit the mask); the main thread
+    // waits for them with sigwait and then shuts the shards down in order.
+    let signals = match block_stop_signals() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("mbws-broker: cannot set up signal handling: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shards = config.shards;
+    let running = match mbws::shard::start(config) {
+        Ok(running) => running,
+        Err(error) => {
+            eprintln!("mbws-broker: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    log!(
+        Level::Info,
+        "mbws-broker {} listening on {} (ws://{}/) shards={} io={}",
+        env!("CARGO_PKG_VERSION"),
+        running.local_addr,
+        running.local_addr,
+        shards,
+        running.io_driver
+    );
+    let signal = wait_for_signal(&signals);
+    log!(Level::Info, "received signal {signal}; closing connections (1001) and stopping");
+    running.shutdown();
+    log!(Level::Info, "stopped");
+    ExitCode::SUCCESS
+}
+
+fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data initialized by sigemptyset before use; pthread_sigmask
+    // gets valid pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: `set` holds blocked signals; `signal` is a live c_int.
+    unsafe { libc::sigwait(set, &mut signal) };
+    signal
+}

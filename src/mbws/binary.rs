@@ -1,0 +1,614 @@
+//! The binary binding: one MBWS frame per WebSocket binary message (docs/PROTOCOL.md,
+//! "Binary binding", which has a byte table per kind).
+//!
+//! Layout: a 3-byte prefix, then the kind's fixed-size integers in a fixed order, then its
+//! strings, then (SEND and MESSAGE only) the body, which is every remaining byte.
+//!
+//! ```text
+//! byte 0   version   u8  PROTOCOL_VERSION (1)
+//! byte 1   kind      u8  FrameKind::code (0x01 OPEN .. 0x0F CLOSE)
+//! byte 2   flags     u8  booleans and enums of the kind (see `flags`); other bits must be 0
+//! byte 3.. fields    integers big-endian (network order), unaligned
+//!          strings   str8 = u8 length + UTF-8 bytes, str16 = u16 BE length + UTF-8 bytes
+//!          headers   (SEND, MESSAGE) u8 count, then per header: str8 name, str16 value
+//!          body      (SEND, MESSAGE) the rest of the message
+//! ```
+//!
+//! Per kind (flags; integers in order; strings in order):
+//!
+//! ```text
+//! OPEN        -                      last-received-seq u64, heartbeat-ms u32;
+//!                                    session-id str8, login str8, passcode str16
+//! OPENED      bit0 resumed           last-received-seq u64, heartbeat-ms u32,
+//!                                    session-expiry-ms u32, max-frame-bytes u32,
+//!                                    max-address-bytes u16, max-headers u16,
+//!                                    max-header-bytes u32, max-credit u32,
+//!                                    max-subscriptions u32, max-inflight-sends u32,
+//!                                    max-queued-messages u32; session-id str8, server str8
+//! SEND        bit0 durable           seq u64, ttl-ms u32; address str8, PROPERTIES; body
+//! RECEIPT     -                      seq u64
+//! SUBSCRIBE   bit0 multicast,        subscription-id u32, credit u32; address str8
+//!             bit1 auto-ack
+//! SUBSCRIBED  -                      subscription-id u32
+//! UNSUBSCRIBE -                      subscription-id u32
+//! MESSAGE     bit0 redelivered,      subscription-id u32, delivery-seq u64, message-id u64;
+//!             bit1 durable           address str8, PROPERTIES; body
+//! ACK         bit0 cumulative        delivery-seq u64
+//! NACK        bit0 requeue           delivery-seq u64
+//! FLOW        -                      subscription-id u32, credit u32
+//! PING, PONG  -                      token u64
+//! ERROR       bit0 fatal             code u16, seq u64, subscription-id u32; reason str16
+//! CLOSE       -                      (nothing)
+//!
+//! PROPERTIES = content-type str8, correlation-id str8, reply-to str8,
+//!              header-count u8, header-count x (name str8, value str16)
+//! ```
+//!
+//! OPEN and OPENED carry no separate version field: their `version` is byte 0. Decoding never
+//! copies: strings and body are `Bytes` slices of the payload. After the layout is taken apart,
+//! the shared field rules of [`super::validate`] run, so both bindings accept the same frames.
+
+use bytes::{BufMut, Bytes};
+
+use super::frame::*;
+use super::validate::{excerpt, validate_frame};
+use super::{CodecLimits, DecodeError};
+
+/// Bytes before the kind's fields: version, kind, flags.
+pub const PREFIX_BYTES: usize = 3;
+/// Longest str8 string (address, session id, content type, header name...).
+pub const MAX_STR8_BYTES: usize = u8::MAX as usize;
+/// Longest str16 string (passcode, reason, header value).
+pub const MAX_STR16_BYTES: usize = u16::MAX as usize;
+/// Most application headers one message can carry (the count is a u8).
+pub const MAX_HEADER_COUNT: usize = u8::MAX as usize;
+
+/// Flag bits (byte 2). A bit not listed for a kind is reserved and must be 0.
+pub mod flags {
+    pub const OPENED_RESUMED: u8 = 0x01;
+    pub const SEND_DURABLE: u8 = 0x01;
+    pub const SUBSCRIBE_MULTICAST: u8 = 0x01;
+    pub const SUBSCRIBE_AUTO_ACK: u8 = 0x02;
+    pub const MESSAGE_REDELIVERED: u8 = 0x01;
+    pub const MESSAGE_DURABLE: u8 = 0x02;
+    pub const ACK_CUMULATIVE: u8 = 0x01;
+    pub const NACK_REQUEUE: u8 = 0x01;
+    pub const ERROR_FATAL: u8 = 0x01;
+}
+
+/// The flag bits a kind defines; every other bit of byte 2 must be zero.
+fn defined_flags(kind: FrameKind) -> u8 {
+    match kind {
+        FrameKind::Opened => flags::OPENED_RESUMED,
+        FrameKind::Send => flags::SEND_DURABLE,
+        FrameKind::Subscribe => flags::SUBSCRIBE_MULTICAST | flags::SUBSCRIBE_AUTO_ACK,
+        FrameKind::Message => flags::MESSAGE_REDELIVERED | flags::MESSAGE_DURABLE,
+        FrameKind::Ack => flags::ACK_CUMULATIVE,
+        FrameKind::Nack => flags::NACK_REQUEUE,
+        FrameKind::Error => flags::ERROR_FATAL,
+        _ => 0,
+    }
+}
+
+/// Decodes one binary-binding frame. String fields and the body are slices of `payload`.
+pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError> {
+    if payload.len() < PREFIX_BYTES {
+        return Err(DecodeError::malformed(format!(
+            "binary frame is {} bytes, shorter than the {PREFIX_BYTES}-byte prefix \
+             (version, kind, flags)",
+            payload.len()
+        )));
+    }
+    let version = payload[0];
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::malformed(format!(
+            "binary frame has version {version} in byte 0; this implementation speaks only MBWS \
+             version {PROTOCOL_VERSION}"
+        )));
+    }
+    let Some(kind) = FrameKind::from_code(payload[1]) else {
+        return Err(DecodeError::malformed(format!(
+            "binary frame has unknown kind code 0x{:02x} in byte 1; kinds are 0x01 (OPEN) to \
+             0x0f (CLOSE)",
+            payload[1]
+        )));
+    };
+    let flag_bits = payload[2];
+    let reserved = flag_bits & !defined_flags(kind);
+    if reserved != 0 {
+        return Err(DecodeError::malformed(format!(
+            "{}: reserved flag bits 0x{reserved:02x} are set in byte 2 (flags 0x{flag_bits:02x}); \
+             reserved bits must be 0",
+            kind.name()
+        )));
+    }
+    let has = |bit: u8| flag_bits & bit != 0;
+    let mut reader = Reader { payload, position: PREFIX_BYTES, kind };
+
+    let frame = match kind {
+        FrameKind::Open => Frame::Open(Open {
+            version,
+            last_received_seq: reader.u64("last-received-seq")?,
+            heartbeat_ms: reader.u32("heartbeat-ms")?,
+            session_id: reader.str8("session-id")?,
+            login: reader.str8("login")?,
+            passcode: reader.str16("passcode")?,
+        }),
+        FrameKind::Opened => Frame::Opened(Opened {
+            version,
+            resumed: has(flags::OPENED_RESUMED),
+            last_received_seq: reader.u64("last-received-seq")?,
+            heartbeat_ms: reader.u32("heartbeat-ms")?,
+            session_expiry_ms: reader.u32("session-expiry-ms")?,
+            limits: Limits {
+                max_frame_bytes: reader.u32("max-frame-bytes")?,
+                max_address_bytes: reader.u16("max-address-bytes")?,
+                max_headers: reader.u16("max-headers")?,
+                max_header_bytes: reader.u32("max-header-bytes")?,
+                max_credit: reader.u32("max-credit")?,
+                max_subscriptions: reader.u32("max-subscriptions")?,
+                max_inflight_sends: reader.u32("max-inflight-sends")?,
+                max_queued_messages: reader.u32("max-queued-messages")?,
+            },
+            session_id: reader.str8("session-id")?,
+            server: reader.str8("server")?,
+        }),
+        FrameKind::Send => Frame::Send(Send {
+            durable: has(flags::SEND_DURABLE),
+            seq: reader.u64("seq")?,
+            ttl_ms: reader.u32("ttl-ms")?,
+            address: reader.str8("address")?,
+            properties: reader.properties()?,
+            body: reader.rest(),
+        }),
+        FrameKind::Receipt => Frame::Receipt(Receipt { seq: reader.u64("seq")? }),
+        FrameKind::Subscribe => Frame::Subscribe(Subscribe {
+            mode: if has(flags::SUBSCRIBE_MULTICAST) {
+                DeliveryMode::Multicast
+            } else {
+                DeliveryMode::Anycast
+            },
+            ack_mode: if has(flags::SUBSCRIBE_AUTO_ACK) { AckMode::Auto } else { AckMode::Client },
+            subscription_id: reader.u32("subscription-id")?,
+            credit: reader.u32("credit")?,
+            address: reader.str8("address")?,
+        }),
+        FrameKind::Subscribed => {
+            Frame::Subscribed(Subscribed { subscription_id: reader.u32("subscription-id")? })
+        }
+        FrameKind::Unsubscribe => {
+            Frame::Unsubscribe(Unsubscribe { subscription_id: reader.u32("subscription-id")? })
+        }
+        FrameKind::Message => Frame::Message(Message {
+            redelivered: has(flags::MESSAGE_REDELIVERED),
+            durable: has(flags::MESSAGE_DURABLE),
+            subscription_id: reader.u32("subscription-id")?,
+            delivery_seq: reader.u64("delivery-seq")?,
+            message_id: reader.u64("message-id")?,
+            address: reader.str8("address")?,
+            properties: reader.properties()?,
+            body: reader.rest(),
+        }),
+        FrameKind::Ack => Frame::Ack(Ack {
+            cumulative: has(flags::ACK_CUMULATIVE),
+            delivery_seq: reader.u64("delivery-seq")?,
+        }),
+        FrameKind::Nack => Frame::Nack(Nack {
+            requeue: has(flags::NACK_REQUEUE),
+            delivery_seq: reader.u64("delivery-seq")?,
+        }),
+        FrameKind::Flow => Frame::Flow(Flow {
+            subscription_id: reader.u32("subscription-id")?,
+            credit: reader.u32("credit")?,
+        }),
+        FrameKind::Ping => Frame::Ping(Ping { token: reader.u64("token")? }),
+        FrameKind::Pong => Frame::Pong(Pong { token: reader.u64("token")? }),
+        FrameKind::Error => Frame::Error(ErrorFrame {
+            fatal: has(flags::ERROR_FATAL),
+            code: reader.u16("code")?,
+            seq: reader.u64("seq")?,
+            subscription_id: reader.u32("subscription-id")?,
+            reason: reader.str16("reason")?,
+        }),
+        FrameKind::Close => Frame::Close(Close),
+    };
+    reader.finish()?;
+    validate_frame(&frame, limits)?;
+    Ok(frame)
+}
+
+/// Reads fields front to back, naming the field in every truncation error.
+struct Reader {
+    payload: Bytes,
+    position: usize,
+    kind: FrameKind,
+}
+
+impl Reader {
+    fn take(&mut self, field: &str, length: usize) -> Result<&[u8], DecodeError> {
+        let remaining = self.payload.len() - self.position;
+        if length > remaining {
+            return Err(DecodeError::malformed(format!(
+                "{}: frame is truncated in field `{field}`: it needs {length} bytes at offset {} \
+                 but only {remaining} remain",
+                self.kind.name(),
+                self.position
+            )));
+        }
+        let start = self.position;
+        self.position += length;
+        Ok(&self.payload[start..self.position])
+    }
+
+    fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], DecodeError> {
+        let bytes = self.take(field, N)?;
+        let mut array = [0; N];
+        array.copy_from_slice(bytes);
+        Ok(array)
+    }
+
+    fn u8(&mut self, field: &str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &str) -> Result<u16, DecodeError> {
+        self.array(field).map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self, field: &str) -> Result<u32, DecodeError> {
+        self.array(field).map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self, field: &str) -> Result<u64, DecodeError> {
+        self.array(field).map(u64::from_be_bytes)
+    }
+
+    fn slice(&mut self, field: &str, length: usize) -> Result<Bytes, DecodeError> {
+        let start = self.position;
+        self.take(field, length)?;
+        Ok(self.payload.slice(start..self.position))
+    }
+
+    fn str8(&mut self, field: &str) -> Result<Bytes, DecodeError> {
+        let length = self.u8(field)?;
+        self.slice(field, usize::from(length))
+    }
+
+    fn str16(&mut self, field: &str) -> Result<Bytes, DecodeError> {
+        let length = self.u16(field)?;
+        self.slice(field, usize::from(length))
+    }
+
+    fn properties(&mut self) -> Result<Properties, DecodeError> {
+        let content_type = self.str8("content-type")?;
+        let correlation_id = self.str8("correlation-id")?;
+        let reply_to = self.str8("reply-to")?;
+        let count = self.u8("header-count")?;
+        let mut headers = Headers::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let name = self.str8("header name")?;
+            let value = self.str16("header value")?;
+            headers.push((name, value));
+        }
+        Ok(Properties { content_type, correlation_id, reply_to, headers })
+    }
+
+    /// The body: every byte after the last field.
+    fn rest(&mut self) -> Bytes {
+        let body = self.payload.slice(self.position..);
+        self.position = self.payload.len();
+        body
+    }
+
+    /// Kinds without a body must end right after their last field.
+    fn finish(&self) -> Result<(), DecodeError> {
+        let trailing = self.payload.len() - self.position;
+        if trailing == 0 {
+            return Ok(());
+        }
+        Err(DecodeError::malformed(format!(
+            "{}: {trailing} trailing bytes after the last field (frame is {} bytes, fields end at \
+             {}; starting \"{}\"); only SEND and MESSAGE have a body",
+            self.kind.name(),
+            self.payload.len(),
+            self.position,
+            excerpt(&self.payload[self.position..])
+        )))
+    }
+}
+
+/// Writes everything of `frame` but its body (SEND, MESSAGE), which follows directly.
+///
+/// Panics if a string is longer than its length prefix can carry or a message has more than
+/// [`MAX_HEADER_COUNT`] headers: the frame would be corrupt. Decoded and validated frames
+/// always fit ([`super::validate::validate_frame`]).
+pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
+    let kind = frame.kind();
+    let version = match frame {
+        Frame::Open(open) => open.version,
+        Frame::Opened(opened) => opened.version,
+        _ => PROTOCOL_VERSION,
+    };
+    let flag_bits = match frame {
+        Frame::Opened(opened) => bit(opened.resumed, flags::OPENED_RESUMED),
+        Frame::Send(send) => bit(send.durable, flags::SEND_DURABLE),
+        Frame::Subscribe(subscribe) => {
+            bit(subscribe.mode == DeliveryMode::Multicast, flags::SUBSCRIBE_MULTICAST)
+                | bit(subscribe.ack_mode == AckMode::Auto, flags::SUBSCRIBE_AUTO_ACK)
+        }
+        Frame::Message(message) => {
+            bit(message.redelivered, flags::MESSAGE_REDELIVERED)
+                | bit(message.durable, flags::MESSAGE_DURABLE)
+        }
+        Frame::Ack(ack) => bit(ack.cumulative, flags::ACK_CUMULATIVE),
+        Frame::Nack(nack) => bit(nack.requeue, flags::NACK_REQUEUE),
+        Frame::Error(error) => bit(error.fatal, flags::ERROR_FATAL),
+        _ => 0,
+    };
+    out.put_slice(&[version, kind.code(), flag_bits]);
+
+    match frame {
+        Frame::Open(open) => {
+            out.put_u64(open.last_received_seq);
+            out.put_u32(open.heartbeat_ms);
+            put_str8(out, "session-id", &open.session_id);
+            put_str8(out, "login", &open.login);
+            put_str16(out, "passcode", &open.passcode);
+        }
+        Frame::Opened(opened) => {
+            out.put_u64(opened.last_received_seq);
+            out.put_u32(opened.heartbeat_ms);
+            out.put_u32(opened.session_expiry_ms);
+            let limits = &opened.limits;
+            out.put_u32(limits.max_frame_bytes);
+            out.put_u16(limits.max_address_bytes);
+            out.put_u16(limits.max_headers);
+            out.put_u32(limits.max_header_bytes);
+            out.put_u32(limits.max_credit);
+            out.put_u32(limits.max_subscriptions);
+            out.put_u32(limits.max_inflight_sends);
+            out.put_u32(limits.max_queued_messages);
+            put_str8(out, "session-id", &opened.session_id);
+            put_str8(out, "server", &opened.server);
+        }
+        Frame::Send(send) => {
+            out.put_u64(send.seq);
+            out.put_u32(send.ttl_ms);
+            put_str8(out, "address", &send.address);
+            put_properties(out, &send.properties);
+        }
+        Frame::Receipt(receipt) => out.put_u64(receipt.seq),
+        Frame::Subscribe(subscribe) => {
+            out.put_u32(subscribe.subscription_id);
+            out.put_u32(subscribe.credit);
+            put_str8(out, "address", &subscribe.address);
+        }
+        Frame::Subscribed(subscribed) => out.put_u32(subscribed.subscription_id),
+        Frame::Unsubscribe(unsubscribe) => out.put_u32(unsubscribe.subscription_id),
+        Frame::Message(message) => {
+            out.put_u32(message.subscription_id);
+            out.put_u64(message.delivery_seq);
+            out.put_u64(message.message_id);
+            put_str8(out, "address", &message.address);
+            put_properties(out, &message.properties);
+        }
+        Frame::Ack(ack) => out.put_u64(ack.delivery_seq),
+        Frame::Nack(nack) => out.put_u64(nack.delivery_seq),
+        Frame::Flow(flow) => {
+            out.put_u32(flow.subscription_id);
+            out.put_u32(flow.credit);
+        }
+        Frame::Ping(ping) => out.put_u64(ping.token),
+        Frame::Pong(pong) => out.put_u64(pong.token),
+        Frame::Error(error) => {
+            out.put_u16(error.code);
+            out.put_u64(error.seq);
+            out.put_u32(error.subscription_id);
+            put_str16(out, "reason", &error.reason);
+        }
+        Frame::Close(_) => {}
+    }
+}
+
+fn bit(set: bool, mask: u8) -> u8 {
+    if set {
+        mask
+    } else {
+        0
+    }
+}
+
+fn put_str8<B: BufMut>(out: &mut B, field: &str, value: &[u8]) {
+    let Ok(length) = u8::try_from(value.len()) else {
+        panic!("MBWS binary encode: field `{field}` is {} bytes, over 255 (str8)", value.len());
+    };
+    out.put_u8(length);
+    out.put_slice(value);
+}
+
+fn put_str16<B: BufMut>(out: &mut B, field: &str, value: &[u8]) {
+    let Ok(length) = u16::try_from(value.len()) else {
+        panic!("MBWS binary encode: field `{field}` is {} bytes, over 65535 (str16)", value.len());
+    };
+    out.put_u16(length);
+    out.put_slice(value);
+}
+
+fn put_properties<B: BufMut>(out: &mut B, properties: &Properties) {
+    put_str8(out, "content-type", &properties.content_type);
+    put_str8(out, "correlation-id", &properties.correlation_id);
+    put_str8(out, "reply-to", &properties.reply_to);
+    let Ok(count) = u8::try_from(properties.headers.len()) else {
+        panic!(
+            "MBWS binary encode: {} application headers, over {MAX_HEADER_COUNT}",
+            properties.headers.len()
+        );
+    };
+    out.put_u8(count);
+    for (name, value) in &properties.headers {
+        put_str8(out, "header name", name);
+        put_str16(out, "header value", value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Layout errors of the binary binding; the field rules are tested in `validate`.
+
+    use bytes::Bytes;
+
+    use super::super::codec_tests::{assert_error, sample};
+    use super::super::{Binding, ErrorCode};
+    use super::*;
+
+    const MALFORMED: ErrorCode = ErrorCode::MalformedFrame;
+
+    fn encoded(frame: &Frame) -> Vec<u8> {
+        super::super::encode(Binding::Binary, frame).to_vec()
+    }
+
+    fn decoded(bytes: &[u8]) -> Result<Frame, DecodeError> {
+        decode(Bytes::copy_from_slice(bytes), &CodecLimits::default())
+    }
+
+    #[test]
+    fn prefix_must_be_complete() {
+        for short in [&[][..], &[1], &[1, 0x0c]] {
+            assert_error(decoded(short), MALFORMED, &["shorter than the 3-byte prefix (version, kind, flags)"]);
+        }
+    }
+
+    #[test]
+    fn version_byte_must_be_1() {
+        for version in [0u8, 2, 0xff] {
+            let mut bytes = encoded(&sample(FrameKind::Ping));
+            bytes[0] = version;
+            assert_error(decoded(&bytes), MALFORMED, &[&format!("version {version} in byte 0"), "only MBWS version 1"]);
+        }
+    }
+
+    #[test]
+    fn kind_byte_must_name_a_kind() {
+        for code in [0x00u8, 0x10, 0xff] {
+            assert_error(decoded(&[1, code, 0]), MALFORMED, &[&format!("unknown kind code 0x{code:02x} in byte 1")]);
+        }
+        for kind in FrameKind::ALL {
+            assert_eq!(encoded(&sample(kind))[1], kind.code());
+        }
+    }
+
+    #[test]
+    fn reserved_flag_bits_must_be_zero() {
+        for kind in FrameKind::ALL {
+            let defined = defined_flags(kind);
+            for bit in (0..8).map(|shift| 1u8 << shift) {
+                let mut bytes = encoded(&sample(kind));
+                bytes[2] |= bit;
+                let result = decoded(&bytes);
+                if defined & bit == 0 {
+                    assert_error(result, MALFORMED, &[kind.name(), &format!("reserved flag bits 0x{bit:02x} are set in byte 2")]);
+                } else {
+                    assert!(result.is_ok(), "{}: flag 0x{bit:02x} is defined: {result:?}", kind.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flags_carry_the_booleans_and_enums() {
+        let subscribe = Frame::Subscribe(Subscribe {
+            subscription_id: 1,
+            address: Bytes::from_static(b"a"),
+            mode: DeliveryMode::Multicast,
+            ack_mode: AckMode::Auto,
+            credit: 0,
+        });
+        assert_eq!(encoded(&subscribe)[2], flags::SUBSCRIBE_MULTICAST | flags::SUBSCRIBE_AUTO_ACK);
+        let message = Frame::Message(Message {
+            subscription_id: 1,
+            delivery_seq: 1,
+            address: Bytes::from_static(b"a"),
+            redelivered: true,
+            durable: true,
+            ..Message::default()
+        });
+        assert_eq!(encoded(&message)[2], flags::MESSAGE_REDELIVERED | flags::MESSAGE_DURABLE);
+        let error = Frame::Error(ErrorFrame { code: 4400, fatal: true, ..ErrorFrame::default() });
+        assert_eq!(encoded(&error)[2], flags::ERROR_FATAL);
+    }
+
+    /// Every cut before the end of the last field is reported, naming the kind and a field.
+    #[test]
+    fn truncated_frames_name_the_field() {
+        for kind in FrameKind::ALL {
+            let frame = sample(kind);
+            let bytes = encoded(&frame);
+            let header_length = bytes.len() - frame.body().map_or(0, Bytes::len);
+            for cut in PREFIX_BYTES..header_length {
+                assert_error(decoded(&bytes[..cut]), MALFORMED, &[kind.name(), "frame is truncated in field `"]);
+            }
+        }
+        let send = encoded(&sample(FrameKind::Send));
+        assert_error(decoded(&send[..5]), MALFORMED, &["SEND: frame is truncated in field `seq`: it needs 8 bytes at offset 3 but only 2 remain"]);
+    }
+
+    #[test]
+    fn header_count_larger_than_the_headers_present_is_truncation() {
+        let frame = Frame::Send(Send { seq: 1, address: Bytes::from_static(b"a"), ..Send::default() });
+        let mut bytes = encoded(&frame);
+        *bytes.last_mut().unwrap() = 2; // header-count, the last header byte
+        assert_error(decoded(&bytes), MALFORMED, &["SEND: frame is truncated in field `header name`"]);
+    }
+
+    #[test]
+    fn kinds_without_body_refuse_trailing_bytes() {
+        for kind in FrameKind::ALL {
+            let frame = sample(kind);
+            let mut bytes = encoded(&frame);
+            bytes.push(b'!');
+            if frame.body().is_some() {
+                assert!(decoded(&bytes).is_ok());
+            } else {
+                assert_error(decoded(&bytes), MALFORMED, &[kind.name(), "1 trailing bytes after the last field", "only SEND and MESSAGE have a body"]);
+            }
+        }
+    }
+
+    #[test]
+    fn body_is_every_byte_after_the_header() {
+        let frame = Frame::Send(Send { seq: 1, address: Bytes::from_static(b"a"), ..Send::default() });
+        let mut bytes = encoded(&frame);
+        bytes.extend_from_slice(b"\x00\xff binary body");
+        let Ok(Frame::Send(send)) = decoded(&bytes) else { panic!("SEND with a binary body must decode") };
+        assert_eq!(&send.body[..], b"\x00\xff binary body");
+    }
+
+    #[test]
+    fn layout_matches_the_documented_sizes() {
+        // Prefix + integers + one length byte per empty str8 / two per empty str16.
+        let sizes = [
+            (Frame::Open(Open::default()), 3 + 8 + 4 + 1 + 1 + 2),
+            (Frame::Receipt(Receipt { seq: 1 }), 3 + 8),
+            (Frame::Subscribed(Subscribed { subscription_id: 1 }), 3 + 4),
+            (Frame::Flow(Flow { subscription_id: 1, credit: 1 }), 3 + 4 + 4),
+            (Frame::Ping(Ping { token: 1 }), 3 + 8),
+            (Frame::Error(ErrorFrame { code: 4400, ..ErrorFrame::default() }), 3 + 2 + 8 + 4 + 2),
+            (Frame::Close(Close), 3),
+        ];
+        for (frame, size) in sizes {
+            assert_eq!(encoded(&frame).len(), size, "{}", frame.kind().name());
+        }
+        let Frame::Opened(opened) = sample(FrameKind::Opened) else { unreachable!() };
+        let fixed = 3 + 8 + 4 + 4 + (4 + 2 + 2 + 4 * 5);
+        let strings = 1 + opened.session_id.len() + 1 + opened.server.len();
+        assert_eq!(encoded(&Frame::Opened(opened)).len(), fixed + strings);
+    }
+
+    #[test]
+    #[should_panic(expected = "field `address` is 256 bytes, over 255 (str8)")]
+    fn encoding_an_overlong_str8_panics_instead_of_corrupting_the_frame() {
+        let frame = Frame::Send(Send { address: Bytes::from(vec![b'a'; 256]), ..Send::default() });
+        let mut out = Vec::new();
+        encode_header(&frame, &mut out);
+    }
+}

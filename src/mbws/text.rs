@@ -1,0 +1,854 @@
+//! The text binding: one MBWS frame per WebSocket text message (docs/PROTOCOL.md,
+//! "Text binding").
+//!
+//! ```text
+//! SEND                    first line: the frame kind name (FrameKind::name), exactly
+//! seq:1                   header lines: `name:value`
+//! address:orders
+//! x-trace:abc             application headers (SEND, MESSAGE): names start with `x-`
+//!                         a blank line ends the header (required, even without a body)
+//! {"order":42}            the body (SEND, MESSAGE only): every byte after the blank line
+//! ```
+//!
+//! Rules, decided here and normative in docs/PROTOCOL.md:
+//! - Lines end with LF; one CR before the LF is accepted and dropped on decode. The encoder
+//!   always writes a bare LF.
+//! - A field's value is every byte after the first `:` of its line, exactly: a space after the
+//!   colon is part of the value (`address: orders` names the address " orders").
+//! - Field names are lowercase and case-sensitive. A name the kind does not define and that does
+//!   not start with `x-` is refused (typos are caught, never ignored), so is a field given twice.
+//!   `x-` lines are application headers, in SEND and MESSAGE only; their order is kept and a
+//!   name may repeat.
+//! - Integers are decimal digits only (no sign, no `+`, no spaces); booleans are `true` or
+//!   `false`; `mode` is `anycast` or `multicast`; `ack` is `client` or `auto`.
+//! - An absent optional field takes its default (0, false, empty, anycast, client). Required
+//!   fields (see [`field_table`]) must be present. The encoder writes required fields always and
+//!   optional fields only when they differ from their default, in the order of the kind's field
+//!   table, so decode(encode(frame)) == frame.
+//!
+//! Decoding never copies: values and body are `Bytes` slices of the payload. After the lines are
+//! taken apart, the shared field rules of [`super::validate`] run, so both bindings accept the
+//! same frames (including the binary binding's length maxima, so any frame can be re-sent in
+//! either binding).
+
+use bytes::{BufMut, Bytes};
+
+use super::frame::*;
+use super::validate::{excerpt, max_header_count, too_many_headers, validate_frame};
+use super::{CodecLimits, DecodeError};
+
+/// Whether a text field must be present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Required,
+    Optional,
+}
+
+use Presence::{Optional, Required};
+
+/// The fields a kind defines, in the order the encoder writes them, and whether each is
+/// required. Application headers (`x-*`) come after them, in SEND and MESSAGE only.
+pub fn field_table(kind: FrameKind) -> &'static [(&'static str, Presence)] {
+    match kind {
+        FrameKind::Open => &[
+            ("version", Required),
+            ("session-id", Optional),
+            ("last-received-seq", Optional),
+            ("heartbeat-ms", Optional),
+            ("login", Optional),
+            ("passcode", Optional),
+        ],
+        FrameKind::Opened => &[
+            ("version", Required),
+            ("session-id", Required),
+            ("resumed", Optional),
+            ("last-received-seq", Optional),
+            ("heartbeat-ms", Optional),
+            ("session-expiry-ms", Optional),
+            ("max-frame-bytes", Required),
+            ("max-address-bytes", Required),
+            ("max-headers", Required),
+            ("max-header-bytes", Required),
+            ("max-credit", Required),
+            ("max-subscriptions", Required),
+            ("max-inflight-sends", Required),
+            ("max-queued-messages", Required),
+            ("server", Optional),
+        ],
+        FrameKind::Send => &[
+            ("seq", Optional),
+            ("address", Required),
+            ("durable", Optional),
+            ("ttl-ms", Optional),
+            ("content-type", Optional),
+            ("correlation-id", Optional),
+            ("reply-to", Optional),
+        ],
+        FrameKind::Receipt => &[("seq", Required)],
+        FrameKind::Subscribe => &[
+            ("subscription-id", Required),
+            ("address", Required),
+            ("mode", Optional),
+            ("ack", Optional),
+            ("credit", Optional),
+        ],
+        FrameKind::Subscribed | FrameKind::Unsubscribe => &[("subscription-id", Required)],
+        FrameKind::Message => &[
+            ("subscription-id", Required),
+            ("delivery-seq", Required),
+            ("message-id", Required),
+            ("address", Required),
+            ("redelivered", Optional),
+            ("durable", Optional),
+            ("content-type", Optional),
+            ("correlation-id", Optional),
+            ("reply-to", Optional),
+        ],
+        FrameKind::Ack => &[("delivery-seq", Required), ("cumulative", Optional)],
+        // `requeue` is required: a NACK that forgot it must not silently drop the message.
+        FrameKind::Nack => &[("delivery-seq", Required), ("requeue", Required)],
+        FrameKind::Flow => &[("subscription-id", Required), ("credit", Required)],
+        FrameKind::Ping | FrameKind::Pong => &[("token", Optional)],
+        FrameKind::Error => &[
+            ("code", Required),
+            ("fatal", Optional),
+            ("seq", Optional),
+            ("subscription-id", Optional),
+            ("reason", Optional),
+        ],
+        FrameKind::Close => &[],
+    }
+}
+
+/// Most fields any kind defines (OPENED).
+const MAX_FIELDS: usize = 15;
+
+fn has_body(kind: FrameKind) -> bool {
+    matches!(kind, FrameKind::Send | FrameKind::Message)
+}
+
+/// Decodes one text-binding frame. Values and the body are slices of `payload`.
+pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError> {
+    let mut lines = Lines { payload: &payload, position: 0, number: 0 };
+    let Some((start, end)) = lines.next() else {
+        return Err(DecodeError::malformed(format!(
+            "text frame has no line feed after its first line (\"{}\"); a text frame is the \
+             frame kind (e.g. `SEND`), `name:value` lines, a blank line, then the body",
+            excerpt(&payload)
+        )));
+    };
+    let Some(kind) = FrameKind::from_name(&payload[start..end]) else {
+        return Err(DecodeError::malformed(format!(
+            "text frame starts with unknown frame kind \"{}\"; the first line is one of {}",
+            excerpt(&payload[start..end]),
+            FrameKind::ALL.map(FrameKind::name).join(", ")
+        )));
+    };
+
+    let table = field_table(kind);
+    debug_assert!(table.len() <= MAX_FIELDS);
+    let mut fields = Fields { kind, payload: &payload, table, values: [None; MAX_FIELDS] };
+    let mut headers = Headers::new();
+    let max_headers = max_header_count(limits);
+    loop {
+        let Some((start, end)) = lines.next() else {
+            return Err(DecodeError::malformed(format!(
+                "{}: the header does not end with a blank line; end the `name:value` lines \
+                 with an empty line, even when there is no body",
+                kind.name()
+            )));
+        };
+        if start == end {
+            break;
+        }
+        let line = &payload[start..end];
+        let Some(colon) = line.iter().position(|&byte| byte == b':') else {
+            return Err(DecodeError::malformed(format!(
+                "{}: line {} (\"{}\") has no `:`; header lines are `name:value`",
+                kind.name(),
+                lines.number,
+                excerpt(line)
+            )));
+        };
+        let name = &line[..colon];
+        let value = (start + colon + 1, end);
+        if name.starts_with(b"x-") {
+            if !has_body(kind) {
+                return Err(DecodeError::malformed(format!(
+                    "{}: application header \"{}\" is not allowed; only SEND and MESSAGE carry \
+                     `x-` headers",
+                    kind.name(),
+                    excerpt(name)
+                )));
+            }
+            if headers.len() == max_headers {
+                return Err(too_many_headers(kind, limits));
+            }
+            headers.push((payload.slice(start..start + colon), payload.slice(value.0..value.1)));
+        } else {
+            fields.set(name, value)?;
+        }
+    }
+    let body_start = lines.position;
+    if !has_body(kind) && body_start != payload.len() {
+        return Err(DecodeError::malformed(format!(
+            "{}: {} bytes after the blank line (\"{}\"); only SEND and MESSAGE have a body",
+            kind.name(),
+            payload.len() - body_start,
+            excerpt(&payload[body_start..])
+        )));
+    }
+
+    let frame = fields.frame(headers, payload.slice(body_start..))?;
+    validate_frame(&frame, limits)?;
+    Ok(frame)
+}
+
+/// Splits lines ending in LF (an optional CR before it is dropped) off the front of a payload.
+struct Lines<'a> {
+    payload: &'a [u8],
+    /// Where the next line starts.
+    position: usize,
+    /// 1-based number of the line last returned, for error reasons.
+    number: usize,
+}
+
+impl Lines<'_> {
+    /// The next line as `(start, end)` offsets without its terminator; `None` when no LF is left.
+    fn next(&mut self) -> Option<(usize, usize)> {
+        let start = self.position;
+        let length = self.payload[start..].iter().position(|&byte| byte == b'\n')?;
+        let mut end = start + length;
+        self.position = end + 1;
+        self.number += 1;
+        if end > start && self.payload[end - 1] == b'\r' {
+            end -= 1;
+        }
+        Some((start, end))
+    }
+}
+
+/// The values of a kind's defined fields, as offsets into the payload.
+struct Fields<'a> {
+    kind: FrameKind,
+    payload: &'a Bytes,
+    table: &'static [(&'static str, Presence)],
+    values: [Option<(usize, usize)>; MAX_FIELDS],
+}
+
+impl Fields<'_> {
+    fn set(&mut self, name: &[u8], value: (usize, usize)) -> Result<(), DecodeError> {
+        let Some(index) = self.table.iter().position(|(known, _)| known.as_bytes() == name) else {
+            let known: Vec<&str> = self.table.iter().map(|(known, _)| *known).collect();
+            return Err(DecodeError::malformed(format!(
+                "{}: unknown field \"{}\"; {} fields are: {} (application headers start with \
+                 `x-`{})",
+                self.kind.name(),
+                excerpt(name),
+                self.kind.name(),
+                if known.is_empty() { "none".to_string() } else { known.join(", ") },
+                if has_body(self.kind) { "" } else { " and are only allowed in SEND and MESSAGE" }
+            )));
+        };
+        if self.values[index].is_some() {
+            return Err(DecodeError::malformed(format!(
+                "{}: field `{}` is given twice; give each field once",
+                self.kind.name(),
+                self.table[index].0
+            )));
+        }
+        self.values[index] = Some(value);
+        Ok(())
+    }
+
+    /// Where a field's value is, `None` if absent; an error if absent and required.
+    fn range(&self, name: &str) -> Result<Option<(usize, usize)>, DecodeError> {
+        let index = self
+            .table
+            .iter()
+            .position(|(known, _)| *known == name)
+            .unwrap_or_else(|| panic!("field `{name}` is not in the {} table", self.kind.name()));
+        match (self.values[index], self.table[index].1) {
+            (Some(range), _) => Ok(Some(range)),
+            (None, Optional) => Ok(None),
+            (None, Required) => Err(DecodeError::malformed(format!(
+                "{}: required field `{name}` is missing",
+                self.kind.name()
+            ))),
+        }
+    }
+
+    fn raw(&self, name: &str) -> Result<Option<&[u8]>, DecodeError> {
+        Ok(self.range(name)?.map(|(start, end)| &self.payload[start..end]))
+    }
+
+    /// A string value as a slice of the payload; empty if absent.
+    fn string(&self, name: &str) -> Result<Bytes, DecodeError> {
+        Ok(match self.range(name)? {
+            Some((start, end)) => self.payload.slice(start..end),
+            None => Bytes::new(),
+        })
+    }
+
+    /// A decimal integer no larger than `max` (the field's binary width); 0 if absent.
+    fn integer(&self, name: &str, max: u64) -> Result<u64, DecodeError> {
+        let Some(text) = self.raw(name)? else {
+            return Ok(0);
+        };
+        let mut value: u64 = 0;
+        for &byte in text {
+            if !byte.is_ascii_digit() {
+                return Err(DecodeError::malformed(format!(
+                    "{}: field `{name}` is \"{}\", not a decimal integer; write digits only, \
+                     without sign or spaces",
+                    self.kind.name(),
+                    excerpt(text)
+                )));
+            }
+            value = match value.checked_mul(10).and_then(|value| value.checked_add(u64::from(byte - b'0'))) {
+                Some(value) if value <= max => value,
+                _ => {
+                    return Err(DecodeError::malformed(format!(
+                        "{}: field `{name}` is \"{}\", over {max}, its largest value",
+                        self.kind.name(),
+                        excerpt(text)
+                    )))
+                }
+            };
+        }
+        if text.is_empty() {
+            return Err(DecodeError::malformed(format!(
+                "{}: field `{name}` is empty; write a decimal integer",
+                self.kind.name()
+            )));
+        }
+        Ok(value)
+    }
+
+    fn u64(&self, name: &str) -> Result<u64, DecodeError> {
+        self.integer(name, u64::MAX)
+    }
+
+    fn u32(&self, name: &str) -> Result<u32, DecodeError> {
+        // In range by construction: `integer` refuses values over the maximum.
+        self.integer(name, u64::from(u32::MAX)).map(|value| value as u32)
+    }
+
+    fn u16(&self, name: &str) -> Result<u16, DecodeError> {
+        self.integer(name, u64::from(u16::MAX)).map(|value| value as u16)
+    }
+
+    fn u8(&self, name: &str) -> Result<u8, DecodeError> {
+        self.integer(name, u64::from(u8::MAX)).map(|value| value as u8)
+    }
+
+    /// One of `choices` by its exact spelling; `choices[0]` (the default) if absent.
+    fn choice<T: Copy>(&self, name: &str, choices: &[(&str, T)]) -> Result<T, DecodeError> {
+        let Some(text) = self.raw(name)? else {
+            return Ok(choices[0].1);
+        };
+        match choices.iter().find(|(spelling, _)| spelling.as_bytes() == text) {
+            Some((_, value)) => Ok(*value),
+            None => {
+                let spellings: Vec<&str> = choices.iter().map(|(spelling, _)| *spelling).collect();
+                Err(DecodeError::malformed(format!(
+                    "{}: field `{name}` is \"{}\"; write one of: {}",
+                    self.kind.name(),
+                    excerpt(text),
+                    spellings.join(", ")
+                )))
+            }
+        }
+    }
+
+    fn boolean(&self, name: &str) -> Result<bool, DecodeError> {
+        self.choice(name, &[("false", false), ("true", true)])
+    }
+
+    /// Builds the frame from the collected fields, application headers and body.
+    fn frame(&self, headers: Headers, body: Bytes) -> Result<Frame, DecodeError> {
+        let properties = |headers: Headers| -> Result<Properties, DecodeError> {
+            Ok(Properties {
+                content_type: self.string("content-type")?,
+                correlation_id: self.string("correlation-id")?,
+                reply_to: self.string("reply-to")?,
+                headers,
+            })
+        };
+        Ok(match self.kind {
+            FrameKind::Open => Frame::Open(Open {
+                version: self.u8("version")?,
+                session_id: self.string("session-id")?,
+                last_received_seq: self.u64("last-received-seq")?,
+                heartbeat_ms: self.u32("heartbeat-ms")?,
+                login: self.string("login")?,
+                passcode: self.string("passcode")?,
+            }),
+            FrameKind::Opened => Frame::Opened(Opened {
+                version: self.u8("version")?,
+                session_id: self.string("session-id")?,
+                resumed: self.boolean("resumed")?,
+                last_received_seq: self.u64("last-received-seq")?,
+                heartbeat_ms: self.u32("heartbeat-ms")?,
+                session_expiry_ms: self.u32("session-expiry-ms")?,
+                limits: Limits {
+                    max_frame_bytes: self.u32("max-frame-bytes")?,
+                    max_address_bytes: self.u16("max-address-bytes")?,
+                    max_headers: self.u16("max-headers")?,
+                    max_header_bytes: self.u32("max-header-bytes")?,
+                    max_credit: self.u32("max-credit")?,
+                    max_subscriptions: self.u32("max-subscriptions")?,
+                    max_inflight_sends: self.u32("max-inflight-sends")?,
+                    max_queued_messages: self.u32("max-queued-messages")?,
+                },
+                server: self.string("server")?,
+            }),
+            FrameKind::Send => Frame::Send(Send {
+                seq: self.u64("seq")?,
+                address: self.string("address")?,
+                durable: self.boolean("durable")?,
+                ttl_ms: self.u32("ttl-ms")?,
+                properties: properties(headers)?,
+                body,
+            }),
+            FrameKind::Receipt => Frame::Receipt(Receipt { seq: self.u64("seq")? }),
+            FrameKind::Subscribe => Frame::Subscribe(Subscribe {
+                subscription_id: self.u32("subscription-id")?,
+                address: self.string("address")?,
+                mode: self.choice(
+                    "mode",
+                    &[("anycast", DeliveryMode::Anycast), ("multicast", DeliveryMode::Multicast)],
+                )?,
+                ack_mode: self.choice("ack", &[("client", AckMode::Client), ("auto", AckMode::Auto)])?,
+                credit: self.u32("credit")?,
+            }),
+            FrameKind::Subscribed => {
+                Frame::Subscribed(Subscribed { subscription_id: self.u32("subscription-id")? })
+            }
+            FrameKind::Unsubscribe => {
+                Frame::Unsubscribe(Unsubscribe { subscription_id: self.u32("subscription-id")? })
+            }
+            FrameKind::Message => Frame::Message(Message {
+                subscription_id: self.u32("subscription-id")?,
+                delivery_seq: self.u64("delivery-seq")?,
+                message_id: self.u64("message-id")?,
+                address: self.string("address")?,
+                redelivered: self.boolean("redelivered")?,
+                durable: self.boolean("durable")?,
+                properties: properties(headers)?,
+                body,
+            }),
+            FrameKind::Ack => Frame::Ack(Ack {
+                delivery_seq: self.u64("delivery-seq")?,
+                cumulative: self.boolean("cumulative")?,
+            }),
+            FrameKind::Nack => Frame::Nack(Nack {
+                delivery_seq: self.u64("delivery-seq")?,
+                requeue: self.boolean("requeue")?,
+            }),
+            FrameKind::Flow => Frame::Flow(Flow {
+                subscription_id: self.u32("subscription-id")?,
+                credit: self.u32("credit")?,
+            }),
+            FrameKind::Ping => Frame::Ping(Ping { token: self.u64("token")? }),
+            FrameKind::Pong => Frame::Pong(Pong { token: self.u64("token")? }),
+            FrameKind::Error => Frame::Error(ErrorFrame {
+                code: self.u16("code")?,
+                fatal: self.boolean("fatal")?,
+                seq: self.u64("seq")?,
+                subscription_id: self.u32("subscription-id")?,
+                reason: self.string("reason")?,
+            }),
+            FrameKind::Close => Frame::Close(Close),
+        })
+    }
+}
+
+/// Writes everything of `frame` but its body (SEND, MESSAGE), which follows the blank line
+/// directly.
+///
+/// Panics if a value contains CR or LF, or a header name contains `:`: the line structure
+/// would break and a peer could be fed fields it was never sent (header injection). Decoded
+/// and validated frames never do ([`super::validate::validate_frame`]).
+pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
+    out.put_slice(frame.kind().name().as_bytes());
+    out.put_u8(b'\n');
+    let mut writer = Writer { out };
+    match frame {
+        Frame::Open(open) => {
+            writer.number("version", u64::from(open.version));
+            writer.optional_string("session-id", &open.session_id);
+            writer.optional_number("last-received-seq", open.last_received_seq);
+            writer.optional_number("heartbeat-ms", u64::from(open.heartbeat_ms));
+            writer.optional_string("login", &open.login);
+            writer.optional_string("passcode", &open.passcode);
+        }
+        Frame::Opened(opened) => {
+            writer.number("version", u64::from(opened.version));
+            writer.field("session-id", &opened.session_id);
+            writer.optional_boolean("resumed", opened.resumed);
+            writer.optional_number("last-received-seq", opened.last_received_seq);
+            writer.optional_number("heartbeat-ms", u64::from(opened.heartbeat_ms));
+            writer.optional_number("session-expiry-ms", u64::from(opened.session_expiry_ms));
+            let limits = &opened.limits;
+            writer.number("max-frame-bytes", u64::from(limits.max_frame_bytes));
+            writer.number("max-address-bytes", u64::from(limits.max_address_bytes));
+            writer.number("max-headers", u64::from(limits.max_headers));
+            writer.number("max-header-bytes", u64::from(limits.max_header_bytes));
+            writer.number("max-credit", u64::from(limits.max_credit));
+            writer.number("max-subscriptions", u64::from(limits.max_subscriptions));
+            writer.number("max-inflight-sends", u64::from(limits.max_inflight_sends));
+            writer.number("max-queued-messages", u64::from(limits.max_queued_messages));
+            writer.optional_string("server", &opened.server);
+        }
+        Frame::Send(send) => {
+            writer.optional_number("seq", send.seq);
+            writer.field("address", &send.address);
+            writer.optional_boolean("durable", send.durable);
+            writer.optional_number("ttl-ms", u64::from(send.ttl_ms));
+            writer.properties(&send.properties);
+        }
+        Frame::Receipt(receipt) => writer.number("seq", receipt.seq),
+        Frame::Subscribe(subscribe) => {
+            writer.number("subscription-id", u64::from(subscribe.subscription_id));
+            writer.field("address", &subscribe.address);
+            if subscribe.mode == DeliveryMode::Multicast {
+                writer.field("mode", b"multicast");
+            }
+            if subscribe.ack_mode == AckMode::Auto {
+                writer.field("ack", b"auto");
+            }
+            writer.optional_number("credit", u64::from(subscribe.credit));
+        }
+        Frame::Subscribed(subscribed) => {
+            writer.number("subscription-id", u64::from(subscribed.subscription_id));
+        }
+        Frame::Unsubscribe(unsubscribe) => {
+            writer.number("subscription-id", u64::from(unsubscribe.subscription_id));
+        }
+        Frame::Message(message) => {
+            writer.number("subscription-id", u64::from(message.subscription_id));
+            writer.number("delivery-seq", message.delivery_seq);
+            writer.number("message-id", message.message_id);
+            writer.field("address", &message.address);
+            writer.optional_boolean("redelivered", message.redelivered);
+            writer.optional_boolean("durable", message.durable);
+            writer.properties(&message.properties);
+        }
+        Frame::Ack(ack) => {
+            writer.number("delivery-seq", ack.delivery_seq);
+            writer.optional_boolean("cumulative", ack.cumulative);
+        }
+        Frame::Nack(nack) => {
+            writer.number("delivery-seq", nack.delivery_seq);
+            writer.field("requeue", if nack.requeue { b"true" } else { b"false" });
+        }
+        Frame::Flow(flow) => {
+            writer.number("subscription-id", u64::from(flow.subscription_id));
+            writer.number("credit", u64::from(flow.credit));
+        }
+        Frame::Ping(ping) => writer.optional_number("token", ping.token),
+        Frame::Pong(pong) => writer.optional_number("token", pong.token),
+        Frame::Error(error) => {
+            writer.number("code", u64::from(error.code));
+            writer.optional_boolean("fatal", error.fatal);
+            writer.optional_number("seq", error.seq);
+            writer.optional_number("subscription-id", u64::from(error.subscription_id));
+            writer.optional_string("reason", &error.reason);
+        }
+        Frame::Close(_) => {}
+    }
+    writer.out.put_u8(b'\n');
+}
+
+/// Writes `name:value` lines.
+struct Writer<'a, B> {
+    out: &'a mut B,
+}
+
+impl<B: BufMut> Writer<'_, B> {
+    fn field(&mut self, name: impl AsRef<[u8]>, value: &[u8]) {
+        let name = name.as_ref();
+        assert!(
+            !name.iter().any(|&byte| matches!(byte, b':' | b'\r' | b'\n')),
+            "MBWS text encode: field name \"{}\" contains `:`, CR or LF",
+            excerpt(name)
+        );
+        assert!(
+            !value.iter().any(|&byte| matches!(byte, b'\r' | b'\n')),
+            "MBWS text encode: field `{}` value contains CR or LF",
+            excerpt(name)
+        );
+        self.out.put_slice(name);
+        self.out.put_u8(b':');
+        self.out.put_slice(value);
+        self.out.put_u8(b'\n');
+    }
+
+    fn optional_string(&mut self, name: &str, value: &[u8]) {
+        if !value.is_empty() {
+            self.field(name, value);
+        }
+    }
+
+    fn number(&mut self, name: &str, value: u64) {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        let mut rest = value;
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        self.field(name, &digits[start..]);
+    }
+
+    fn optional_number(&mut self, name: &str, value: u64) {
+        if value != 0 {
+            self.number(name, value);
+        }
+    }
+
+    fn optional_boolean(&mut self, name: &str, value: bool) {
+        if value {
+            self.field(name, b"true");
+        }
+    }
+
+    fn properties(&mut self, properties: &Properties) {
+        self.optional_string("content-type", &properties.content_type);
+        self.optional_string("correlation-id", &properties.correlation_id);
+        self.optional_string("reply-to", &properties.reply_to);
+        for (name, value) in &properties.headers {
+            self.field(name, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Syntax errors of the text binding; the field rules are tested in `validate`.
+
+    use bytes::Bytes;
+
+    use super::super::codec_tests::{assert_error, sample};
+    use super::super::{Binding, ErrorCode};
+    use super::*;
+
+    const MALFORMED: ErrorCode = ErrorCode::MalformedFrame;
+
+    fn decoded(text: &str) -> Result<Frame, DecodeError> {
+        decode(Bytes::copy_from_slice(text.as_bytes()), &CodecLimits::default())
+    }
+
+    fn encoded(frame: &Frame) -> String {
+        String::from_utf8(super::super::encode(Binding::Text, frame).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn first_line_is_a_frame_kind_name() {
+        assert_error(decoded(""), MALFORMED, &["no line feed after its first line"]);
+        assert_error(decoded("PING"), MALFORMED, &["no line feed after its first line (\"PING\")"]);
+        for unknown in ["ping", "PING ", "FOO", ""] {
+            assert_error(decoded(&format!("{unknown}\n\n")), MALFORMED, &["unknown frame kind", "OPEN, OPENED, SEND"]);
+        }
+        assert_eq!(decoded("PING\r\n\r\n"), Ok(Frame::Ping(Ping { token: 0 })));
+    }
+
+    #[test]
+    fn header_ends_with_a_blank_line() {
+        for text in ["PING\n", "PING\ntoken:1\n", "PING\ntoken:1", "SEND\naddress:a\nbody"] {
+            assert_error(decoded(text), MALFORMED, &["does not end with a blank line"]);
+        }
+    }
+
+    #[test]
+    fn header_lines_are_name_colon_value() {
+        assert_error(decoded("PING\ntoken 1\n\n"), MALFORMED, &["PING: line 2 (\"token 1\") has no `:`"]);
+        assert_error(decoded("PING\n:1\n\n"), MALFORMED, &["PING: unknown field \"\""]);
+    }
+
+    #[test]
+    fn value_is_everything_after_the_first_colon() {
+        let Ok(Frame::Send(send)) = decoded("SEND\naddress: a:b \ncontent-type:text/plain; x=1\nx-h::\n\n") else {
+            panic!("SEND must decode")
+        };
+        assert_eq!(&send.address[..], b" a:b ");
+        assert_eq!(&send.properties.content_type[..], b"text/plain; x=1");
+        assert_eq!(&send.properties.headers[0].1[..], b":");
+    }
+
+    #[test]
+    fn carriage_return_only_ends_a_line_right_before_line_feed() {
+        assert_eq!(decoded("PING\r\ntoken:5\r\n\r\n"), Ok(Frame::Ping(Ping { token: 5 })));
+        assert_error(decoded("SEND\naddress:a\rb\n\n"), MALFORMED, &["`address` contains the control character a carriage return (CR)"]);
+        assert_error(decoded("SEND\naddress:a\ncontent-type:t\r\r\n\n"), MALFORMED, &["`content-type` contains a carriage return (CR)"]);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_and_named() {
+        assert_error(
+            decoded("SEND\nadress:orders\n\n"),
+            MALFORMED,
+            &["SEND: unknown field \"adress\"; SEND fields are: seq, address, durable"],
+        );
+        assert_error(decoded("SEND\naddress:a\nX-Trace:1\n\n"), MALFORMED, &["unknown field \"X-Trace\""]);
+        assert_error(decoded("RECEIPT\nseq:1\ncredit:5\n\n"), MALFORMED, &["RECEIPT: unknown field \"credit\"; RECEIPT fields are: seq"]);
+        assert_error(decoded("CLOSE\nseq:1\n\n"), MALFORMED, &["CLOSE fields are: none"]);
+    }
+
+    #[test]
+    fn application_headers_only_in_send_and_message() {
+        for kind in FrameKind::ALL.into_iter().filter(|kind| !has_body(*kind)) {
+            let text = encoded(&sample(kind)).replacen('\n', "\nx-trace:1\n", 1);
+            assert_error(decoded(&text), MALFORMED, &[kind.name(), "application header \"x-trace\" is not allowed"]);
+        }
+    }
+
+    #[test]
+    fn application_headers_keep_their_order_and_may_repeat() {
+        let Ok(Frame::Message(message)) =
+            decoded("MESSAGE\nx-b:2\nsubscription-id:1\nx-a:1\ndelivery-seq:1\nmessage-id:0\naddress:q\nx-b:3\n\n")
+        else {
+            panic!("MESSAGE must decode")
+        };
+        let names: Vec<&[u8]> = message.properties.headers.iter().map(|(name, _)| &name[..]).collect();
+        assert_eq!(names, [&b"x-b"[..], b"x-a", b"x-b"]);
+    }
+
+    #[test]
+    fn header_count_stops_at_max_headers() {
+        let lines: String = (0..65).map(|i| format!("x-h{i}:v\n")).collect();
+        assert_error(
+            decoded(&format!("SEND\naddress:a\n{lines}\n")),
+            ErrorCode::TooLarge,
+            &["SEND: too many application headers, over max_headers 64"],
+        );
+    }
+
+    #[test]
+    fn duplicate_fields_are_refused() {
+        assert_error(decoded("ACK\ndelivery-seq:1\ndelivery-seq:2\n\n"), MALFORMED, &["ACK: field `delivery-seq` is given twice"]);
+        assert_error(decoded("SEND\naddress:a\naddress:a\n\n"), MALFORMED, &["SEND: field `address` is given twice"]);
+    }
+
+    #[test]
+    fn required_fields_must_be_present() {
+        let cases = [
+            ("OPEN\n\n", "OPEN: required field `version` is missing"),
+            ("SEND\nseq:1\n\n", "SEND: required field `address` is missing"),
+            ("RECEIPT\n\n", "RECEIPT: required field `seq` is missing"),
+            ("SUBSCRIBE\naddress:a\n\n", "SUBSCRIBE: required field `subscription-id` is missing"),
+            ("SUBSCRIBE\nsubscription-id:1\n\n", "SUBSCRIBE: required field `address` is missing"),
+            ("SUBSCRIBED\n\n", "SUBSCRIBED: required field `subscription-id` is missing"),
+            ("UNSUBSCRIBE\n\n", "UNSUBSCRIBE: required field `subscription-id` is missing"),
+            ("MESSAGE\nsubscription-id:1\ndelivery-seq:1\naddress:a\n\n", "MESSAGE: required field `message-id` is missing"),
+            ("ACK\ncumulative:true\n\n", "ACK: required field `delivery-seq` is missing"),
+            ("NACK\ndelivery-seq:1\n\n", "NACK: required field `requeue` is missing"),
+            ("FLOW\nsubscription-id:1\n\n", "FLOW: required field `credit` is missing"),
+            ("ERROR\nreason:x\n\n", "ERROR: required field `code` is missing"),
+        ];
+        for (text, reason) in cases {
+            assert_error(decoded(text), MALFORMED, &[reason]);
+        }
+        let opened = encoded(&sample(FrameKind::Opened));
+        for (name, presence) in field_table(FrameKind::Opened) {
+            let without: String = opened.lines().filter(|line| !line.starts_with(&format!("{name}:"))).map(|line| format!("{line}\n")).collect();
+            if *presence == Required {
+                assert_error(decoded(&without), MALFORMED, &[&format!("OPENED: required field `{name}` is missing")]);
+            }
+        }
+    }
+
+    #[test]
+    fn absent_optional_fields_take_their_defaults() {
+        assert_eq!(
+            decoded("SUBSCRIBE\nsubscription-id:3\naddress:a\n\n"),
+            Ok(Frame::Subscribe(Subscribe {
+                subscription_id: 3,
+                address: Bytes::from_static(b"a"),
+                mode: DeliveryMode::Anycast,
+                ack_mode: AckMode::Client,
+                credit: 0,
+            }))
+        );
+        assert_eq!(
+            decoded("SEND\naddress:a\n\n"),
+            Ok(Frame::Send(Send { address: Bytes::from_static(b"a"), ..Send::default() }))
+        );
+        assert_eq!(decoded("OPEN\nversion:1\n\n"), Ok(Frame::Open(Open::default())));
+    }
+
+    #[test]
+    fn integers_are_plain_decimal() {
+        for bad in ["-1", "+1", " 1", "1 ", "0x10", "1e3", "１"] {
+            assert_error(decoded(&format!("PING\ntoken:{bad}\n\n")), MALFORMED, &["PING: field `token` is", "not a decimal integer"]);
+        }
+        assert_error(decoded("PING\ntoken:\n\n"), MALFORMED, &["PING: field `token` is empty"]);
+        assert_error(decoded("PING\ntoken:18446744073709551616\n\n"), MALFORMED, &["over 18446744073709551615"]);
+        assert_eq!(decoded("PING\ntoken:18446744073709551615\n\n"), Ok(Frame::Ping(Ping { token: u64::MAX })));
+        assert_error(decoded("FLOW\nsubscription-id:1\ncredit:4294967296\n\n"), MALFORMED, &["FLOW: field `credit` is \"4294967296\", over 4294967295"]);
+        assert_error(decoded("ERROR\ncode:65536\n\n"), MALFORMED, &["ERROR: field `code`", "over 65535"]);
+        assert_eq!(decoded("PING\ntoken:007\n\n"), Ok(Frame::Ping(Ping { token: 7 })));
+    }
+
+    #[test]
+    fn booleans_and_enums_are_exact_words() {
+        assert_error(decoded("ACK\ndelivery-seq:1\ncumulative:yes\n\n"), MALFORMED, &["ACK: field `cumulative` is \"yes\"; write one of: false, true"]);
+        assert_error(decoded("ACK\ndelivery-seq:1\ncumulative:TRUE\n\n"), MALFORMED, &["`cumulative`"]);
+        assert_error(decoded("SUBSCRIBE\nsubscription-id:1\naddress:a\nmode:broadcast\n\n"), MALFORMED, &["SUBSCRIBE: field `mode` is \"broadcast\"; write one of: anycast, multicast"]);
+        assert_error(decoded("SUBSCRIBE\nsubscription-id:1\naddress:a\nack:none\n\n"), MALFORMED, &["SUBSCRIBE: field `ack` is \"none\"; write one of: client, auto"]);
+    }
+
+    #[test]
+    fn kinds_without_body_refuse_bytes_after_the_blank_line() {
+        assert_error(decoded("PING\ntoken:1\n\nhello"), MALFORMED, &["PING: 5 bytes after the blank line", "only SEND and MESSAGE have a body"]);
+        assert_error(decoded("CLOSE\n\n\n"), MALFORMED, &["CLOSE: 1 bytes after the blank line"]);
+    }
+
+    #[test]
+    fn body_is_opaque() {
+        let Ok(Frame::Send(send)) = decoded("SEND\naddress:a\n\nline\r\nx-not-a-header:1\n\n\u{0}") else {
+            panic!("SEND must decode")
+        };
+        assert_eq!(&send.body[..], b"line\r\nx-not-a-header:1\n\n\0");
+        assert!(send.properties.headers.is_empty());
+    }
+
+    #[test]
+    fn encoder_omits_defaults_and_keeps_required_fields() {
+        assert_eq!(encoded(&Frame::Ping(Ping { token: 0 })), "PING\n\n");
+        assert_eq!(encoded(&Frame::Close(Close)), "CLOSE\n\n");
+        assert_eq!(encoded(&Frame::Nack(Nack { delivery_seq: 3, requeue: false })), "NACK\ndelivery-seq:3\nrequeue:false\n\n");
+        assert_eq!(
+            encoded(&Frame::Send(Send { address: Bytes::from_static(b"a"), ..Send::default() })),
+            "SEND\naddress:a\n\n"
+        );
+        assert_eq!(encoded(&Frame::Open(Open::default())), "OPEN\nversion:1\n\n");
+    }
+
+    #[test]
+    fn every_field_in_a_table_is_written_by_the_encoder() {
+        // A frame with every field away from its default writes every name of its table.
+        for kind in FrameKind::ALL {
+            let text = encoded(&sample(kind));
+            for (name, presence) in field_table(kind) {
+                if *presence == Required {
+                    assert!(text.contains(&format!("\n{name}:")), "{}: `{name}` missing in {text:?}", kind.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "field `x-h` value contains CR or LF")]
+    fn encoding_a_line_feed_panics_instead_of_injecting_a_field() {
+        let mut send = Send { address: Bytes::from_static(b"a"), ..Send::default() };
+        send.properties.headers.push((Bytes::from_static(b"x-h"), Bytes::from_static(b"1\nrequeue:true")));
+        let mut out = Vec::new();
+        encode_header(&Frame::Send(send), &mut out);
+    }
+}

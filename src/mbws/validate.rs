@@ -1,0 +1,504 @@
+//! Field rules shared by both bindings (docs/PROTOCOL.md, "Field rules").
+//!
+//! Each decoder first takes a payload apart into a [`Frame`] (layout errors: truncation, unknown
+//! kind, bad flags, unknown or duplicate text fields) and then calls [`validate_frame`], so a
+//! frame is held to exactly the same rules whichever binding it came in. The rules also keep
+//! every valid frame representable in *both* bindings: a text frame may not carry a field the
+//! binary length prefixes cannot hold, and no string may contain a character that would break a
+//! text header line. That is what lets the broker forward a message to a consumer in the other
+//! binding without re-checking it.
+//!
+//! Error reasons name the frame kind, the field (by its text name, which the binary tables of
+//! docs/PROTOCOL.md use too), the limit, and what to do. They never echo raw input: excerpts go
+//! through [`excerpt`], so a reason is always safe to send back in an ERROR frame.
+
+use super::binary::{MAX_HEADER_COUNT, MAX_STR16_BYTES, MAX_STR8_BYTES};
+use super::frame::{Frame, FrameKind, Properties, PROTOCOL_VERSION};
+use super::{CodecLimits, DecodeError};
+
+/// Lowest and highest ERROR code: the WebSocket private-use close-code range (RFC 6455 7.4.2).
+pub const ERROR_CODE_RANGE: std::ops::RangeInclusive<u16> = 4000..=4999;
+
+/// Checks every field rule of `frame` against `limits`. Both decoders call this last.
+pub fn validate_frame(frame: &Frame, limits: &CodecLimits) -> Result<(), DecodeError> {
+    let kind = frame.kind();
+    match frame {
+        Frame::Open(open) => {
+            check_version(kind, open.version)?;
+            check_value(kind, "session-id", &open.session_id, MAX_STR8_BYTES)?;
+            check_value(kind, "login", &open.login, MAX_STR8_BYTES)?;
+            check_value(kind, "passcode", &open.passcode, MAX_STR16_BYTES)
+        }
+        Frame::Opened(opened) => {
+            check_version(kind, opened.version)?;
+            if opened.session_id.is_empty() {
+                return Err(DecodeError::malformed(
+                    "OPENED: field `session-id` is empty; the broker must name the session it opened",
+                ));
+            }
+            check_value(kind, "session-id", &opened.session_id, MAX_STR8_BYTES)?;
+            check_value(kind, "server", &opened.server, MAX_STR8_BYTES)
+        }
+        Frame::Send(send) => {
+            check_address(kind, "address", &send.address, limits)?;
+            check_properties(kind, &send.properties, limits)
+        }
+        Frame::Receipt(receipt) => check_not_zero(kind, "seq", receipt.seq, "SEND sequences start at 1"),
+        Frame::Subscribe(subscribe) => {
+            check_subscription_id(kind, subscribe.subscription_id)?;
+            check_address(kind, "address", &subscribe.address, limits)
+        }
+        Frame::Subscribed(subscribed) => check_subscription_id(kind, subscribed.subscription_id),
+        Frame::Unsubscribe(unsubscribe) => check_subscription_id(kind, unsubscribe.subscription_id),
+        Frame::Message(message) => {
+            check_subscription_id(kind, message.subscription_id)?;
+            check_delivery_seq(kind, message.delivery_seq)?;
+            check_address(kind, "address", &message.address, limits)?;
+            check_properties(kind, &message.properties, limits)
+        }
+        Frame::Ack(ack) => check_delivery_seq(kind, ack.delivery_seq),
+        Frame::Nack(nack) => check_delivery_seq(kind, nack.delivery_seq),
+        Frame::Flow(flow) => check_subscription_id(kind, flow.subscription_id),
+        Frame::Error(error) => {
+            if !ERROR_CODE_RANGE.contains(&error.code) {
+                return Err(DecodeError::malformed(format!(
+                    "ERROR: field `code` is {}, outside {}..={}; MBWS error codes are WebSocket \
+                     private-use close codes (see the error table of docs/PROTOCOL.md)",
+                    error.code,
+                    ERROR_CODE_RANGE.start(),
+                    ERROR_CODE_RANGE.end()
+                )));
+            }
+            check_value(kind, "reason", &error.reason, MAX_STR16_BYTES)
+        }
+        Frame::Ping(_) | Frame::Pong(_) | Frame::Close(_) => Ok(()),
+    }
+}
+
+fn check_version(kind: FrameKind, version: u8) -> Result<(), DecodeError> {
+    if version == PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(DecodeError::malformed(format!(
+        "{}: field `version` is {version}; this implementation speaks only MBWS version \
+         {PROTOCOL_VERSION}",
+        kind.name()
+    )))
+}
+
+fn check_not_zero(kind: FrameKind, field: &str, value: u64, why: &str) -> Result<(), DecodeError> {
+    if value != 0 {
+        return Ok(());
+    }
+    Err(DecodeError::malformed(format!("{}: field `{field}` is 0; {why}", kind.name())))
+}
+
+fn check_subscription_id(kind: FrameKind, subscription_id: u32) -> Result<(), DecodeError> {
+    check_not_zero(
+        kind,
+        "subscription-id",
+        u64::from(subscription_id),
+        "subscription ids start at 1 (0 means \"no subscription\" in ERROR)",
+    )
+}
+
+fn check_delivery_seq(kind: FrameKind, delivery_seq: u64) -> Result<(), DecodeError> {
+    check_not_zero(kind, "delivery-seq", delivery_seq, "delivery sequences start at 1")
+}
+
+/// A string field: at most `max_bytes` (the binary length prefix), UTF-8, no CR, LF or NUL.
+pub fn check_value(
+    kind: FrameKind,
+    field: &str,
+    value: &[u8],
+    max_bytes: usize,
+) -> Result<(), DecodeError> {
+    check_length(kind, field, value.len(), max_bytes, None)?;
+    check_utf8(kind, field, value)?;
+    if let Some(position) = value.iter().position(|&byte| matches!(byte, b'\r' | b'\n' | 0)) {
+        return Err(DecodeError::malformed(format!(
+            "{}: field `{field}` contains {} at byte {position}; string fields may not contain \
+             CR, LF or NUL",
+            kind.name(),
+            byte_name(value[position])
+        )));
+    }
+    Ok(())
+}
+
+/// An address (`address`, `reply-to`): at most `max_address_bytes` (and 255, the str8 prefix),
+/// UTF-8, no control characters. Empty is refused where the field is required (`address`) and
+/// means "absent" for `reply-to` (the caller skips the check then).
+fn check_address(
+    kind: FrameKind,
+    field: &str,
+    address: &[u8],
+    limits: &CodecLimits,
+) -> Result<(), DecodeError> {
+    if address.is_empty() {
+        return Err(DecodeError::malformed(format!(
+            "{}: field `{field}` is empty; name the address, e.g. `orders`",
+            kind.name()
+        )));
+    }
+    check_length(kind, field, address.len(), MAX_STR8_BYTES, Some(("max_address_bytes", limits.max_address_bytes)))?;
+    check_utf8(kind, field, address)?;
+    if let Some(position) = address.iter().position(|&byte| byte < 0x20 || byte == 0x7f) {
+        return Err(DecodeError::malformed(format!(
+            "{}: field `{field}` contains the control character {} at byte {position}; \
+             addresses may not contain control characters",
+            kind.name(),
+            byte_name(address[position])
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a field longer than the protocol maximum for it (`max_bytes`, set by its binary
+/// length prefix) or than a configured limit (`limit`: its name and value), naming the lower
+/// (the configured limit when they are equal: that is the one an operator can change).
+fn check_length(
+    kind: FrameKind,
+    field: &str,
+    length: usize,
+    max_bytes: usize,
+    limit: Option<(&str, usize)>,
+) -> Result<(), DecodeError> {
+    let configured = limit.filter(|&(_, value)| value <= max_bytes);
+    if length <= configured.map_or(max_bytes, |(_, value)| value) {
+        return Ok(());
+    }
+    let over = match configured {
+        Some((name, value)) => format!("{name} {value}"),
+        None => format!("{max_bytes}, the protocol maximum for this field"),
+    };
+    Err(DecodeError::too_large(format!(
+        "{}: field `{field}` is {length} bytes, over {over}; use a shorter `{field}`",
+        kind.name()
+    )))
+}
+
+fn check_utf8(kind: FrameKind, field: &str, value: &[u8]) -> Result<(), DecodeError> {
+    match std::str::from_utf8(value) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(DecodeError::malformed(format!(
+            "{}: field `{field}` is not valid UTF-8 (invalid byte at offset {})",
+            kind.name(),
+            error.valid_up_to()
+        ))),
+    }
+}
+
+/// Message properties and application headers (SEND and MESSAGE).
+fn check_properties(
+    kind: FrameKind,
+    properties: &Properties,
+    limits: &CodecLimits,
+) -> Result<(), DecodeError> {
+    check_value(kind, "content-type", &properties.content_type, MAX_STR8_BYTES)?;
+    check_value(kind, "correlation-id", &properties.correlation_id, MAX_STR8_BYTES)?;
+    if !properties.reply_to.is_empty() {
+        check_address(kind, "reply-to", &properties.reply_to, limits)?;
+    }
+    if properties.headers.len() > max_header_count(limits) {
+        return Err(too_many_headers(kind, limits));
+    }
+    let mut total_bytes = properties.content_type.len()
+        + properties.correlation_id.len()
+        + properties.reply_to.len();
+    for (name, value) in &properties.headers {
+        check_header_name(kind, name)?;
+        // A valid header name is ascii, so it names its own value in error reasons.
+        let field = std::str::from_utf8(name).unwrap_or("application header");
+        check_value(kind, field, value, MAX_STR16_BYTES)?;
+        total_bytes += name.len() + value.len();
+    }
+    if total_bytes > limits.max_header_bytes {
+        return Err(DecodeError::too_large(format!(
+            "{}: properties and application headers are {total_bytes} bytes, over \
+             max_header_bytes {}; send shorter headers or move the data into the body",
+            kind.name(),
+            limits.max_header_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Most application headers one message may carry: `max_headers`, and never more than the
+/// binary header count can hold.
+pub fn max_header_count(limits: &CodecLimits) -> usize {
+    limits.max_headers.min(MAX_HEADER_COUNT)
+}
+
+/// The error for a message with more than [`max_header_count`] application headers.
+pub fn too_many_headers(kind: FrameKind, limits: &CodecLimits) -> DecodeError {
+    let limit = if limits.max_headers <= MAX_HEADER_COUNT {
+        format!("max_headers {}", limits.max_headers)
+    } else {
+        format!("{MAX_HEADER_COUNT}, the most the binary header count can carry")
+    };
+    DecodeError::too_large(format!(
+        "{}: too many application headers, over {limit}; send fewer headers or move the data \
+         into the body",
+        kind.name()
+    ))
+}
+
+/// `x-` followed by at least one of: lowercase ascii letter, digit, `-`, `_`, `.`.
+pub fn check_header_name(kind: FrameKind, name: &[u8]) -> Result<(), DecodeError> {
+    const RULE: &str = "names are `x-` followed by lowercase ascii letters, digits, '-', '_' or '.'";
+    check_length(kind, "application header name", name.len(), MAX_STR8_BYTES, None)?;
+    if !name.starts_with(b"x-") || name.len() == 2 {
+        return Err(DecodeError::malformed(format!(
+            "{}: application header name \"{}\" is not allowed; {RULE}",
+            kind.name(),
+            excerpt(name)
+        )));
+    }
+    let allowed = |byte: u8| matches!(byte, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.');
+    if let Some(position) = name.iter().position(|&byte| !allowed(byte)) {
+        return Err(DecodeError::malformed(format!(
+            "{}: application header name \"{}\" has {} at byte {position}; {RULE}",
+            kind.name(),
+            excerpt(name),
+            byte_name(name[position])
+        )));
+    }
+    Ok(())
+}
+
+/// A short, escaped rendering of untrusted bytes for an error reason: at most 40 characters,
+/// invalid UTF-8 replaced, control characters escaped. Safe to put in an ERROR frame.
+pub fn excerpt(bytes: &[u8]) -> String {
+    const MAX_CHARS: usize = 40;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4 * MAX_CHARS)]);
+    let mut shown: String = text.chars().take(MAX_CHARS).flat_map(char::escape_debug).collect();
+    if text.chars().count() > MAX_CHARS || bytes.len() > 4 * MAX_CHARS {
+        shown.push_str("...");
+    }
+    shown
+}
+
+/// How a single byte is named in an error reason.
+fn byte_name(byte: u8) -> String {
+    match byte {
+        b'\r' => "a carriage return (CR)".to_string(),
+        b'\n' => "a line feed (LF)".to_string(),
+        0 => "a NUL byte".to_string(),
+        0x20..=0x7e => format!("'{}'", byte as char),
+        _ => format!("byte 0x{byte:02x}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every field rule, through both decoders where the bad frame can be encoded in them.
+
+    use bytes::Bytes;
+
+    use super::super::codec_tests::{assert_error, sample};
+    use super::super::*;
+    use super::{excerpt, validate_frame};
+
+    const BOTH: &[Binding] = &[Binding::Binary, Binding::Text];
+    /// A string the binary length prefix cannot carry, or a CR/LF the text lines cannot.
+    const BINARY_ONLY: &[Binding] = &[Binding::Binary];
+    const TEXT_ONLY: &[Binding] = &[Binding::Text];
+
+    #[track_caller]
+    fn rejected(frame: Frame, limits: CodecLimits, bindings: &[Binding], code: ErrorCode, needles: &[&str]) {
+        assert_error(validate_frame(&frame, &limits).map(|()| frame.clone()), code, needles);
+        for &binding in bindings {
+            let payload = encode(binding, &frame).freeze();
+            assert_error(decode(binding, payload, &limits), code, needles);
+        }
+    }
+
+    fn send_to(address: &[u8]) -> Frame {
+        Frame::Send(Send { seq: 1, address: Bytes::copy_from_slice(address), ..Send::default() })
+    }
+
+    fn send_with(change: impl FnOnce(&mut Properties)) -> Frame {
+        let Frame::Send(mut send) = sample(FrameKind::Send) else { unreachable!() };
+        change(&mut send.properties);
+        Frame::Send(send)
+    }
+
+    fn header(name: &[u8], value: &[u8]) -> (Bytes, Bytes) {
+        (Bytes::copy_from_slice(name), Bytes::copy_from_slice(value))
+    }
+
+    const LIMITS: CodecLimits = CodecLimits { max_address_bytes: 255, max_headers: 64, max_header_bytes: 16 * 1024 };
+    const MALFORMED: ErrorCode = ErrorCode::MalformedFrame;
+    const TOO_LARGE: ErrorCode = ErrorCode::TooLarge;
+
+    #[test]
+    fn address_must_not_be_empty() {
+        rejected(send_to(b""), LIMITS, BOTH, MALFORMED, &["SEND", "field `address` is empty"]);
+        let subscribe = Frame::Subscribe(Subscribe { subscription_id: 1, ..Subscribe::default() });
+        rejected(subscribe, LIMITS, BOTH, MALFORMED, &["SUBSCRIBE", "field `address` is empty"]);
+        let Frame::Message(mut message) = sample(FrameKind::Message) else { unreachable!() };
+        message.address = Bytes::new();
+        rejected(Frame::Message(message), LIMITS, BOTH, MALFORMED, &["MESSAGE", "`address` is empty"]);
+    }
+
+    #[test]
+    fn address_length_is_bounded_by_max_address_bytes_and_by_255() {
+        let at_limit = send_to(&[b'a'; 255]);
+        assert_eq!(validate_frame(&at_limit, &LIMITS), Ok(()));
+        rejected(
+            send_to(&[b'a'; 256]),
+            LIMITS,
+            TEXT_ONLY,
+            TOO_LARGE,
+            &["SEND: field `address` is 256 bytes, over max_address_bytes 255; use a shorter"],
+        );
+        let small = CodecLimits { max_address_bytes: 100, ..LIMITS };
+        rejected(send_to(&[b'a'; 101]), small, BOTH, TOO_LARGE, &["`address` is 101 bytes", "max_address_bytes 100"]);
+        let large = CodecLimits { max_address_bytes: 1000, ..LIMITS };
+        rejected(send_to(&[b'a'; 256]), large, TEXT_ONLY, TOO_LARGE, &["`address` is 256 bytes", "over 255"]);
+    }
+
+    #[test]
+    fn address_must_be_utf8_without_control_characters() {
+        for control in [0x00, 0x01, b'\t', 0x1f, 0x7f] {
+            let bindings = if control == 0x7f || control == b'\t' { BOTH } else { BINARY_ONLY };
+            rejected(send_to(&[b'a', control]), LIMITS, bindings, MALFORMED, &["SEND", "`address`", "control character", "at byte 1"]);
+        }
+        rejected(send_to(b"a\xff"), LIMITS, BOTH, MALFORMED, &["SEND: field `address` is not valid UTF-8"]);
+        assert_eq!(validate_frame(&send_to("caf\u{e9}/\u{1f600}".as_bytes()), &LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn reply_to_follows_the_address_rules_when_present() {
+        rejected(send_with(|p| p.reply_to = Bytes::from_static(b"re\x7fply")), LIMITS, BOTH, MALFORMED, &["`reply-to`", "control character"]);
+        let small = CodecLimits { max_address_bytes: 6, ..LIMITS };
+        rejected(send_with(|p| p.reply_to = Bytes::from_static(b"replies")), small, BOTH, TOO_LARGE, &["`reply-to` is 7 bytes", "max_address_bytes 6"]);
+    }
+
+    #[test]
+    fn string_fields_are_utf8_without_cr_lf_nul() {
+        rejected(send_with(|p| p.content_type = Bytes::from_static(b"text/\0")), LIMITS, BOTH, MALFORMED, &["`content-type` contains a NUL byte"]);
+        rejected(send_with(|p| p.correlation_id = Bytes::from_static(b"\xc3")), LIMITS, BOTH, MALFORMED, &["`correlation-id` is not valid UTF-8"]);
+        rejected(send_with(|p| p.content_type = Bytes::from(vec![b'a'; 256])), LIMITS, TEXT_ONLY, TOO_LARGE, &["`content-type` is 256 bytes, over 255"]);
+        let open = Frame::Open(Open { login: Bytes::from_static(b"al\rice"), ..Open::default() });
+        rejected(open, LIMITS, BINARY_ONLY, MALFORMED, &["OPEN: field `login` contains a carriage return (CR) at byte 2"]);
+        let open = Frame::Open(Open { passcode: Bytes::from(vec![b'p'; 65_536]), ..Open::default() });
+        rejected(open, LIMITS, TEXT_ONLY, TOO_LARGE, &["OPEN: field `passcode` is 65536 bytes"]);
+        let error = Frame::Error(ErrorFrame { code: 4400, reason: Bytes::from_static(b"a\nb"), ..ErrorFrame::default() });
+        rejected(error, LIMITS, BINARY_ONLY, MALFORMED, &["ERROR: field `reason` contains a line feed (LF)"]);
+    }
+
+    #[test]
+    fn application_header_names_are_x_dash_lowercase() {
+        for (name, bindings) in [(&b"trace"[..], BINARY_ONLY), (b"x-", BOTH), (b"X-trace", BINARY_ONLY)] {
+            let frame = send_with(|p| p.headers.push(header(name, b"v")));
+            rejected(frame, LIMITS, bindings, MALFORMED, &["SEND: application header name", "names are `x-` followed by"]);
+        }
+        for (name, bad) in [(&b"x-Trace"[..], "'T' at byte 2"), (b"x-tr ace", "' ' at byte 4"), (b"x-a/b", "'/' at byte 3")] {
+            let frame = send_with(|p| p.headers.push(header(name, b"v")));
+            rejected(frame, LIMITS, BOTH, MALFORMED, &["application header name", bad]);
+        }
+        let ok = send_with(|p| p.headers.push(header(b"x-a.b_c-9", b"")));
+        assert_eq!(validate_frame(&ok, &LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn application_header_values_are_utf8_without_cr_lf_nul() {
+        rejected(send_with(|p| p.headers.push(header(b"x-v", b"a\nb"))), LIMITS, BINARY_ONLY, MALFORMED, &["field `x-v` contains a line feed (LF)"]);
+        rejected(send_with(|p| p.headers.push(header(b"x-v", b"a\rb"))), LIMITS, BINARY_ONLY, MALFORMED, &["field `x-v` contains a carriage return"]);
+        rejected(send_with(|p| p.headers.push(header(b"x-v", b"a\0b"))), LIMITS, BOTH, MALFORMED, &["field `x-v` contains a NUL byte"]);
+        rejected(send_with(|p| p.headers.push(header(b"x-v", b"\xff"))), LIMITS, BOTH, MALFORMED, &["field `x-v` is not valid UTF-8"]);
+    }
+
+    #[test]
+    fn header_count_is_bounded_by_max_headers() {
+        let many = |count: usize| send_with(|p| p.headers = (0..count).map(|i| header(format!("x-h{i}").as_bytes(), b"v")).collect());
+        assert_eq!(validate_frame(&many(64), &LIMITS), Ok(()));
+        rejected(many(65), LIMITS, BOTH, TOO_LARGE, &["SEND: too many application headers, over max_headers 64"]);
+        let huge = CodecLimits { max_headers: 1000, max_header_bytes: usize::MAX, ..LIMITS };
+        assert_eq!(validate_frame(&many(255), &huge), Ok(()));
+        rejected(many(256), huge, TEXT_ONLY, TOO_LARGE, &["SEND: too many application headers, over 255"]);
+    }
+
+    #[test]
+    fn header_bytes_are_bounded_by_max_header_bytes() {
+        // The sample carries content-type (16) + x-trace (7) + abc123 (6) = 29 bytes.
+        let limits = CodecLimits { max_header_bytes: 29, ..LIMITS };
+        assert_eq!(validate_frame(&sample(FrameKind::Send), &limits), Ok(()));
+        let limits = CodecLimits { max_header_bytes: 28, ..LIMITS };
+        rejected(sample(FrameKind::Send), limits, BOTH, TOO_LARGE, &["SEND: properties and application headers are 29 bytes, over max_header_bytes 28"]);
+        rejected(sample(FrameKind::Message), limits, BOTH, TOO_LARGE, &["MESSAGE", "max_header_bytes 28"]);
+    }
+
+    #[test]
+    fn subscription_ids_start_at_one() {
+        let frames = [
+            Frame::Subscribe(Subscribe { subscription_id: 0, address: Bytes::from_static(b"a"), ..Subscribe::default() }),
+            Frame::Subscribed(Subscribed { subscription_id: 0 }),
+            Frame::Unsubscribe(Unsubscribe { subscription_id: 0 }),
+            Frame::Flow(Flow { subscription_id: 0, credit: 1 }),
+            Frame::Message(Message { subscription_id: 0, delivery_seq: 1, address: Bytes::from_static(b"a"), ..Message::default() }),
+        ];
+        for frame in frames {
+            let kind = frame.kind().name();
+            rejected(frame, LIMITS, BOTH, MALFORMED, &[kind, "field `subscription-id` is 0"]);
+        }
+        let error = Frame::Error(ErrorFrame { code: 4400, subscription_id: 0, ..ErrorFrame::default() });
+        assert_eq!(validate_frame(&error, &LIMITS), Ok(()), "0 means none in ERROR");
+    }
+
+    #[test]
+    fn sequences_start_at_one() {
+        let frames = [
+            Frame::Message(Message { subscription_id: 1, delivery_seq: 0, address: Bytes::from_static(b"a"), ..Message::default() }),
+            Frame::Ack(Ack { delivery_seq: 0, cumulative: true }),
+            Frame::Nack(Nack { delivery_seq: 0, requeue: true }),
+        ];
+        for frame in frames {
+            let kind = frame.kind().name();
+            rejected(frame, LIMITS, BOTH, MALFORMED, &[kind, "field `delivery-seq` is 0"]);
+        }
+        rejected(Frame::Receipt(Receipt { seq: 0 }), LIMITS, BOTH, MALFORMED, &["RECEIPT: field `seq` is 0"]);
+        assert_eq!(validate_frame(&send_to(b"a"), &LIMITS), Ok(()));
+        assert_eq!(validate_frame(&Frame::Send(Send { seq: 0, address: Bytes::from_static(b"a"), ..Send::default() }), &LIMITS), Ok(()), "SEND seq 0: no receipt wanted");
+    }
+
+    #[test]
+    fn opened_names_its_session() {
+        let Frame::Opened(mut opened) = sample(FrameKind::Opened) else { unreachable!() };
+        opened.session_id = Bytes::new();
+        rejected(Frame::Opened(opened), LIMITS, BINARY_ONLY, MALFORMED, &["OPENED: field `session-id` is empty"]);
+    }
+
+    #[test]
+    fn version_must_be_the_protocol_version() {
+        for version in [0, 2] {
+            let open = Frame::Open(Open { version, ..Open::default() });
+            assert_error(validate_frame(&open, &LIMITS).map(|()| open.clone()), MALFORMED, &["OPEN: field `version`"]);
+            let payload = encode(Binding::Text, &open).freeze();
+            assert_error(decode(Binding::Text, payload, &LIMITS), MALFORMED, &[&format!("OPEN: field `version` is {version}; this implementation speaks only MBWS version 1")]);
+            let payload = encode(Binding::Binary, &open).freeze();
+            assert_error(decode(Binding::Binary, payload, &LIMITS), MALFORMED, &[&format!("version {version} in byte 0")]);
+        }
+    }
+
+    #[test]
+    fn error_codes_are_private_use_close_codes() {
+        for code in [0, 1000, 3999, 5000] {
+            let error = Frame::Error(ErrorFrame { code, ..ErrorFrame::default() });
+            rejected(error, LIMITS, BOTH, MALFORMED, &[&format!("ERROR: field `code` is {code}, outside 4000..=4999")]);
+        }
+        for code in ErrorCode::ALL {
+            let error = Frame::Error(ErrorFrame { code: code.as_u16(), ..ErrorFrame::default() });
+            assert_eq!(validate_frame(&error, &LIMITS), Ok(()), "{code}");
+        }
+    }
+
+    #[test]
+    fn excerpts_are_short_and_escaped() {
+        assert_eq!(excerpt(b"a\nb\r\0"), "a\\nb\\r\\0");
+        assert_eq!(excerpt(&[b'x'; 100]), format!("{}...", "x".repeat(40)));
+        assert_eq!(excerpt(b"\xff"), "\u{fffd}");
+    }
+}

@@ -1,0 +1,717 @@
+//! Message assembly on top of the frame codec (RFC 6455 sections 5.4 to 5.6 and 7.4).
+//!
+//! [`Decoder`] turns the read buffer into [`WsEvent`]s. An unfragmented data frame becomes an
+//! event carrying the very `Bytes` split off the read buffer (no copy); a fragmented message is
+//! assembled into one buffer whose size is bounded by `max_message_bytes`, checked from each frame
+//! header before its payload has arrived. Control frames may arrive between fragments and are
+//! returned at once; the partial message waits for them.
+//!
+//! Text is validated as UTF-8 incrementally: each fragment is checked as it arrives, only a
+//! sequence cut by the fragment boundary (at most 3 bytes) is re-examined with the next one, so an
+//! invalid message fails at the fragment where the error becomes certain.
+//!
+//! Errors carry the close code to send. After an error or a Close event the decoder is finished
+//! and ignores any further input.
+
+use std::str;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::frame::{decode_header, take_frame, RawFrame};
+use super::{close_code, OpCode, Role, WsError};
+
+/// A close reason is at most this long so that it fits a control frame after the 2-byte code.
+pub const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+/// One complete thing received from the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsEvent {
+    /// A whole text message; the bytes are valid UTF-8.
+    Text(Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong(Bytes),
+    /// The peer started the closing handshake; `None` when the close frame had no payload.
+    Close(Option<CloseFrame>),
+}
+
+/// The payload of a received close frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseFrame {
+    /// A code allowed on the wire (see [`is_valid_close_code`]).
+    pub code: u16,
+    /// Valid UTF-8.
+    pub reason: Bytes,
+}
+
+/// Whether `code` may appear in a close frame: 1000-1003, 1007-1014 (IANA registered) and
+/// 3000-4999 (libraries, applications). 1004-1006 and 1015 are reserved or for local use only;
+/// everything else is unassigned.
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// The payload of a close frame to send: `code` big-endian, then `reason` cut at a character
+/// boundary to at most [`MAX_CLOSE_REASON_BYTES`].
+pub fn close_payload(code: u16, reason: &str) -> BytesMut {
+    debug_assert!(is_valid_close_code(code), "close code {code} must not be sent");
+    let reason = truncate_at_char_boundary(reason, MAX_CLOSE_REASON_BYTES);
+    let mut payload = BytesMut::with_capacity(2 + reason.len());
+    payload.put_u16(code);
+    payload.put_slice(reason.as_bytes());
+    payload
+}
+
+fn truncate_at_char_boundary(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Which kind of data message a fragmented message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataKind {
+    Text,
+    Binary,
+}
+
+/// A fragmented data message still waiting for its final frame.
+#[derive(Debug)]
+struct PartialMessage {
+    kind: DataKind,
+    payload: BytesMut,
+    /// Prefix of `payload` known to be valid UTF-8 (text only). What follows it is at most an
+    /// incomplete sequence cut by a fragment boundary.
+    utf8_valid_bytes: usize,
+}
+
+/// Decodes frames from the read buffer into events; one per connection.
+#[derive(Debug)]
+pub struct Decoder {
+    role: Role,
+    max_frame_bytes: usize,
+    max_message_bytes: usize,
+    partial: Option<PartialMessage>,
+    finished: bool,
+}
+
+impl Decoder {
+    /// `role` is this endpoint's side (a server requires masked frames). `max_frame_bytes`
+    /// bounds one frame's payload, `max_message_bytes` a whole (possibly fragmented) message.
+    pub fn new(role: Role, max_frame_bytes: usize, max_message_bytes: usize) -> Decoder {
+        Decoder { role, max_frame_bytes, max_message_bytes, partial: None, finished: false }
+    }
+
+    /// Decodes frames from the front of `buf` until one event is complete.
+    ///
+    /// `Ok(None)` means more bytes are needed (an incomplete frame stays in `buf`), or that the
+    /// decoder is finished. An error names the close code to send; after it, or after a
+    /// [`WsEvent::Close`], the decoder is finished.
+    pub fn next_event(&mut self, buf: &mut BytesMut) -> Result<Option<WsEvent>, WsError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let result = self.decode_until_event(buf);
+        if matches!(result, Err(_) | Ok(Some(WsEvent::Close(_)))) {
+            self.finished = true;
+            self.partial = None;
+        }
+        result
+    }
+
+    /// Whether a Close event or an error has been returned; further input is ignored.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    fn decode_until_event(&mut self, buf: &mut BytesMut) -> Result<Option<WsEvent>, WsError> {
+        loop {
+            let Some(header) = decode_header(buf, self.role, self.max_frame_bytes)? else {
+                return Ok(None);
+            };
+            self.check_sequence_and_size(header.opcode, header.payload_bytes)?;
+            let Some(frame) = take_frame(buf, &header) else {
+                return Ok(None);
+            };
+            if let Some(event) = self.accept_frame(frame)? {
+                return Ok(Some(event));
+            }
+        }
+    }
+
+    /// Checks, from the header alone, that the frame fits the message sequence and that the
+    /// message stays within `max_message_bytes`.
+    fn check_sequence_and_size(&self, opcode: OpCode, payload_bytes: usize) -> Result<(), WsError> {
+        let message_bytes = match (opcode, &self.partial) {
+            (OpCode::Continuation, None) => return Err(continuation_without_start()),
+            (OpCode::Continuation, Some(partial)) => {
+                partial.payload.len().saturating_add(payload_bytes)
+            }
+            (OpCode::Text | OpCode::Binary, Some(partial)) => {
+                return Err(WsError::protocol(format!(
+                    "new {opcode:?} message started while a fragmented {:?} message is \
+                     unfinished; finish it with continuation frames first",
+                    partial.kind
+                )))
+            }
+            (OpCode::Text | OpCode::Binary, None) => payload_bytes,
+            (OpCode::Close | OpCode::Ping | OpCode::Pong, _) => return Ok(()),
+        };
+        if message_bytes > self.max_message_bytes {
+            return Err(WsError::new(
+                close_code::MESSAGE_TOO_BIG,
+                format!(
+                    "message of at least {message_bytes} bytes exceeds max_message_bytes \
+                     ({} bytes); send smaller messages",
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn accept_frame(&mut self, frame: RawFrame) -> Result<Option<WsEvent>, WsError> {
+        let RawFrame { fin, opcode, payload } = frame;
+        match opcode {
+            OpCode::Text | OpCode::Binary => {
+                let kind = if opcode == OpCode::Text { DataKind::Text } else { DataKind::Binary };
+                if fin {
+                    if kind == DataKind::Text {
+                        validate_utf8(&payload, 0, true)?;
+                        return Ok(Some(WsEvent::Text(payload)));
+                    }
+                    return Ok(Some(WsEvent::Binary(payload)));
+                }
+                let mut partial = PartialMessage {
+                    kind,
+                    payload: BytesMut::with_capacity(payload.len()),
+                    utf8_valid_bytes: 0,
+                };
+                partial.append(&payload, false)?;
+                self.partial = Some(partial);
+                Ok(None)
+            }
+            OpCode::Continuation => {
+                // check_sequence_and_size has already refused a continuation without a start.
+                let Some(mut partial) = self.partial.take() else {
+                    return Err(continuation_without_start());
+                };
+                partial.append(&payload, fin)?;
+                if !fin {
+                    self.partial = Some(partial);
+                    return Ok(None);
+                }
+                let payload = partial.payload.freeze();
+                Ok(Some(match partial.kind {
+                    DataKind::Text => WsEvent::Text(payload),
+                    DataKind::Binary => WsEvent::Binary(payload),
+                }))
+            }
+            OpCode::Ping => Ok(Some(WsEvent::Ping(payload))),
+            OpCode::Pong => Ok(Some(WsEvent::Pong(payload))),
+            OpCode::Close => parse_close(payload).map(|close| Some(WsEvent::Close(close))),
+        }
+    }
+}
+
+fn continuation_without_start() -> WsError {
+    WsError::protocol("continuation frame received but no fragmented message was started")
+}
+
+impl PartialMessage {
+    /// Appends one fragment; text is validated up to the last complete character, and
+    /// completely when `fin` ends the message.
+    fn append(&mut self, fragment: &[u8], fin: bool) -> Result<(), WsError> {
+        self.payload.extend_from_slice(fragment);
+        if self.kind == DataKind::Text {
+            self.utf8_valid_bytes = validate_utf8(&self.payload, self.utf8_valid_bytes, fin)?;
+        }
+        Ok(())
+    }
+}
+
+/// Validates `bytes[valid_bytes..]` (the prefix is already known valid) and returns the length of
+/// the valid prefix afterwards. With `complete` false, an unfinished sequence at the very end is
+/// left for the next fragment; anything certainly invalid is close 1007.
+fn validate_utf8(bytes: &[u8], valid_bytes: usize, complete: bool) -> Result<usize, WsError> {
+    let unchecked = &bytes[valid_bytes..];
+    match str::from_utf8(unchecked) {
+        Ok(_) => Ok(bytes.len()),
+        // `error_len() == None`: the input ended inside a sequence that may still complete.
+        Err(error) if error.error_len().is_none() && !complete => {
+            Ok(valid_bytes + error.valid_up_to())
+        }
+        Err(error) if error.error_len().is_none() => Err(WsError::new(
+            close_code::INVALID_PAYLOAD,
+            format!(
+                "text message ends inside a UTF-8 sequence at byte {}",
+                valid_bytes + error.valid_up_to()
+            ),
+        )),
+        Err(error) => Err(WsError::new(
+            close_code::INVALID_PAYLOAD,
+            format!(
+                "text message is not valid UTF-8 at byte {}",
+                valid_bytes + error.valid_up_to()
+            ),
+        )),
+    }
+}
+
+/// Reads a close frame payload: empty, or a valid code followed by a UTF-8 reason.
+fn parse_close(payload: Bytes) -> Result<Option<CloseFrame>, WsError> {
+    let [high, low, ..] = payload[..] else {
+        if payload.is_empty() {
+            return Ok(None);
+        }
+        return Err(WsError::protocol(
+            "close frame payload is 1 byte; it must be empty or start with a 2-byte close code",
+        ));
+    };
+    let code = u16::from_be_bytes([high, low]);
+    if !is_valid_close_code(code) {
+        return Err(WsError::protocol(format!(
+            "close code {code} is not allowed in a close frame \
+             (valid: 1000-1003, 1007-1014, 3000-4999)"
+        )));
+    }
+    let reason = payload.slice(2..);
+    if let Err(error) = str::from_utf8(&reason) {
+        return Err(WsError::new(
+            close_code::INVALID_PAYLOAD,
+            format!("close reason is not valid UTF-8 at byte {}", error.valid_up_to()),
+        ));
+    }
+    Ok(Some(CloseFrame { code, reason }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::encode_frame;
+    use proptest::prelude::*;
+
+    const FRAME_LIMIT: usize = 1 << 16;
+    const MESSAGE_LIMIT: usize = 1 << 18;
+    const MASK: [u8; 4] = [1, 2, 3, 4];
+
+    fn server() -> Decoder {
+        Decoder::new(Role::Server, FRAME_LIMIT, MESSAGE_LIMIT)
+    }
+
+    /// Client-to-server wire bytes for the given frames.
+    fn wire(frames: &[(bool, OpCode, &[u8])]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for &(fin, opcode, payload) in frames {
+            out.extend_from_slice(&encode_frame(fin, opcode, payload, Some(MASK)));
+        }
+        out
+    }
+
+    fn events(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Vec<WsEvent>, WsError> {
+        let mut out = Vec::new();
+        while let Some(event) = decoder.next_event(buf)? {
+            out.push(event);
+        }
+        Ok(out)
+    }
+
+    fn expect_error(frames: &[(bool, OpCode, &[u8])], code: u16) -> String {
+        let mut decoder = server();
+        match events(&mut decoder, &mut wire(frames)) {
+            Err(error) => {
+                assert_eq!(error.close_code, code, "unexpected error: {error}");
+                assert!(decoder.is_finished());
+                error.reason
+            }
+            Ok(events) => panic!("expected close {code}, got {events:?}"),
+        }
+    }
+
+    fn close_with(code: u16, reason: &[u8]) -> Vec<u8> {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason);
+        payload
+    }
+
+    #[test]
+    fn unfragmented_payload_is_zero_copy() {
+        let mut buf = wire(&[(true, OpCode::Binary, &[5u8; 100])]);
+        let payload_address = buf.as_ptr() as usize + 6;
+        let mut decoder = server();
+        let Some(WsEvent::Binary(payload)) = decoder.next_event(&mut buf).unwrap() else {
+            panic!("expected a binary event");
+        };
+        assert_eq!(payload.as_ptr() as usize, payload_address);
+        assert_eq!(&payload[..], &[5u8; 100][..]);
+    }
+
+    #[test]
+    fn text_and_binary_messages() {
+        let mut buf = wire(&[
+            (true, OpCode::Text, "héllo".as_bytes()),
+            (true, OpCode::Binary, &[0xff, 0x00]),
+        ]);
+        let got = events(&mut server(), &mut buf).unwrap();
+        assert_eq!(
+            got,
+            [
+                WsEvent::Text(Bytes::from("héllo")),
+                WsEvent::Binary(Bytes::from_static(&[0xff, 0x00]))
+            ]
+        );
+    }
+
+    #[test]
+    fn incomplete_input_waits_for_more() {
+        let full = wire(&[(false, OpCode::Text, b"ab"), (true, OpCode::Continuation, b"cd")]);
+        let mut decoder = server();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for &byte in full.iter() {
+            buf.put_u8(byte);
+            got.extend(events(&mut decoder, &mut buf).unwrap());
+        }
+        assert_eq!(got, [WsEvent::Text(Bytes::from("abcd"))]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn fragments_are_assembled_with_interleaved_control_frames() {
+        let mut buf = wire(&[
+            (false, OpCode::Binary, b"one "),
+            (true, OpCode::Ping, b"p1"),
+            (false, OpCode::Continuation, b"two "),
+            (true, OpCode::Pong, b"p2"),
+            (false, OpCode::Continuation, b""),
+            (true, OpCode::Continuation, b"three"),
+        ]);
+        let got = events(&mut server(), &mut buf).unwrap();
+        assert_eq!(
+            got,
+            [
+                WsEvent::Ping(Bytes::from("p1")),
+                WsEvent::Pong(Bytes::from("p2")),
+                WsEvent::Binary(Bytes::from("one two three")),
+            ]
+        );
+    }
+
+    #[test]
+    fn continuation_without_start_is_protocol_error() {
+        let reason = expect_error(&[(true, OpCode::Continuation, b"x")], 1002);
+        assert!(reason.contains("no fragmented message"), "{reason}");
+        // Also after a completed fragmented message.
+        expect_error(
+            &[
+                (false, OpCode::Text, b"a"),
+                (true, OpCode::Continuation, b"b"),
+                (true, OpCode::Continuation, b"c"),
+            ],
+            1002,
+        );
+    }
+
+    #[test]
+    fn new_message_during_fragmented_message_is_protocol_error() {
+        let reason =
+            expect_error(&[(false, OpCode::Text, b"a"), (true, OpCode::Binary, b"b")], 1002);
+        assert!(reason.contains("unfinished"), "{reason}");
+        expect_error(&[(false, OpCode::Binary, b"a"), (false, OpCode::Text, b"b")], 1002);
+    }
+
+    #[test]
+    fn frame_layer_errors_pass_through() {
+        // Unmasked client frame.
+        let mut buf = BytesMut::from(&encode_frame(true, OpCode::Text, b"x", None)[..]);
+        let error = server().next_event(&mut buf).unwrap_err();
+        assert_eq!(error.close_code, 1002);
+        // Frame over max_frame_bytes.
+        let mut decoder = Decoder::new(Role::Server, 10, 100);
+        let mut buf = wire(&[(true, OpCode::Binary, &[0u8; 11])]);
+        assert_eq!(decoder.next_event(&mut buf).unwrap_err().close_code, 1009);
+    }
+
+    #[test]
+    fn single_frame_over_message_limit_is_too_big() {
+        let mut decoder = Decoder::new(Role::Server, 100, 10);
+        let mut buf = wire(&[(true, OpCode::Binary, &[0u8; 11])]);
+        let error = decoder.next_event(&mut buf).unwrap_err();
+        assert_eq!(error.close_code, 1009);
+        assert!(error.reason.contains("max_message_bytes (10 bytes)"), "{error}");
+    }
+
+    #[test]
+    fn fragmented_message_over_limit_fails_before_payload_arrives() {
+        let mut decoder = Decoder::new(Role::Server, 100, 10);
+        let mut buf =
+            wire(&[(false, OpCode::Text, b"12345"), (false, OpCode::Continuation, b"12345")]);
+        assert_eq!(decoder.next_event(&mut buf), Ok(None));
+        // Only the header of a frame that would bring the total to 11 bytes.
+        let third = encode_frame(true, OpCode::Continuation, b"x", Some(MASK));
+        buf.extend_from_slice(&third[..6]);
+        let error = decoder.next_event(&mut buf).unwrap_err();
+        assert_eq!(error.close_code, 1009);
+        assert!(error.reason.contains("at least 11 bytes"), "{error}");
+    }
+
+    #[test]
+    fn fragmented_message_exactly_at_limit_is_accepted() {
+        let mut decoder = Decoder::new(Role::Server, 100, 10);
+        let mut buf =
+            wire(&[(false, OpCode::Binary, b"12345"), (true, OpCode::Continuation, b"67890")]);
+        assert_eq!(
+            decoder.next_event(&mut buf),
+            Ok(Some(WsEvent::Binary(Bytes::from("1234567890"))))
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_single_frame_is_1007() {
+        let reason = expect_error(&[(true, OpCode::Text, &[b'a', 0xff])], 1007);
+        assert!(reason.contains("byte 1"), "{reason}");
+        // Surrogates and overlong encodings are invalid too.
+        expect_error(&[(true, OpCode::Text, &[0xed, 0xa0, 0x80])], 1007);
+        expect_error(&[(true, OpCode::Text, &[0xc0, 0xaf])], 1007);
+        // Truncated at the end of an unfragmented message.
+        expect_error(&[(true, OpCode::Text, &[b'a', 0xe2, 0x82])], 1007);
+    }
+
+    #[test]
+    fn utf8_sequence_split_across_fragments_is_accepted() {
+        let euro = "€".as_bytes(); // e2 82 ac
+        let mut buf = wire(&[
+            (false, OpCode::Text, &euro[..1]),
+            (false, OpCode::Continuation, &euro[1..2]),
+            (true, OpCode::Continuation, &euro[2..]),
+        ]);
+        let got = events(&mut server(), &mut buf).unwrap();
+        assert_eq!(got, [WsEvent::Text(Bytes::from("€"))]);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_at_the_fragment_where_it_is_certain() {
+        // The first fragment ends with a valid lead byte; the second makes it invalid. The third
+        // fragment is never sent: the error must come from the second.
+        let mut decoder = server();
+        let mut buf = wire(&[(false, OpCode::Text, &[b'o', b'k', 0xe2])]);
+        assert_eq!(decoder.next_event(&mut buf), Ok(None));
+        buf.extend_from_slice(&encode_frame(false, OpCode::Continuation, &[0x28], Some(MASK)));
+        let error = decoder.next_event(&mut buf).unwrap_err();
+        assert_eq!(error.close_code, 1007);
+        assert!(error.reason.contains("byte 2"), "{error}");
+
+        // An invalid byte in the middle of a non-final fragment fails at once.
+        let mut decoder = server();
+        let mut buf = wire(&[(false, OpCode::Text, &[b'a', 0xff, b'b'])]);
+        assert_eq!(decoder.next_event(&mut buf).unwrap_err().close_code, 1007);
+    }
+
+    #[test]
+    fn message_ending_inside_a_sequence_is_1007() {
+        let reason = expect_error(
+            &[(false, OpCode::Text, b"abc"), (true, OpCode::Continuation, &[0xf0, 0x9f])],
+            1007,
+        );
+        assert!(reason.contains("ends inside"), "{reason}");
+    }
+
+    #[test]
+    fn binary_messages_are_not_utf8_checked() {
+        let mut buf =
+            wire(&[(false, OpCode::Binary, &[0xff]), (true, OpCode::Continuation, &[0xfe])]);
+        let got = events(&mut server(), &mut buf).unwrap();
+        assert_eq!(got, [WsEvent::Binary(Bytes::from_static(&[0xff, 0xfe]))]);
+    }
+
+    #[test]
+    fn empty_close_frame() {
+        let mut buf = wire(&[(true, OpCode::Close, b"")]);
+        assert_eq!(server().next_event(&mut buf), Ok(Some(WsEvent::Close(None))));
+    }
+
+    #[test]
+    fn close_frame_with_code_and_reason() {
+        let mut buf = wire(&[(true, OpCode::Close, &close_with(1000, "bye ✓".as_bytes()))]);
+        assert_eq!(
+            server().next_event(&mut buf),
+            Ok(Some(WsEvent::Close(Some(CloseFrame {
+                code: 1000, reason: Bytes::from("bye ✓")
+            }))))
+        );
+    }
+
+    #[test]
+    fn one_byte_close_payload_is_protocol_error() {
+        let reason = expect_error(&[(true, OpCode::Close, &[0x03])], 1002);
+        assert!(reason.contains("1 byte"), "{reason}");
+    }
+
+    #[test]
+    fn valid_close_codes_are_accepted() {
+        for code in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014]
+            .into_iter()
+            .chain([3000, 3999, 4000, 4999])
+        {
+            let mut buf = wire(&[(true, OpCode::Close, &close_with(code, b""))]);
+            let event = server().next_event(&mut buf);
+            assert_eq!(
+                event,
+                Ok(Some(WsEvent::Close(Some(CloseFrame { code, reason: Bytes::new() })))),
+                "code {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_close_codes_are_protocol_errors() {
+        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+            let reason = expect_error(&[(true, OpCode::Close, &close_with(code, b""))], 1002);
+            assert!(reason.contains(&code.to_string()), "{reason}");
+        }
+    }
+
+    #[test]
+    fn close_reason_must_be_utf8() {
+        let reason = expect_error(&[(true, OpCode::Close, &close_with(1000, &[b'o', 0xff]))], 1007);
+        assert!(reason.contains("close reason"), "{reason}");
+    }
+
+    #[test]
+    fn input_after_close_is_ignored() {
+        let mut buf = wire(&[
+            (true, OpCode::Close, &close_with(1001, b"")),
+            (true, OpCode::Text, b"late"),
+            (true, OpCode::Continuation, b"garbage"),
+        ]);
+        let mut decoder = server();
+        assert!(matches!(decoder.next_event(&mut buf), Ok(Some(WsEvent::Close(Some(_))))));
+        assert_eq!(decoder.next_event(&mut buf), Ok(None));
+        assert_eq!(decoder.next_event(&mut buf), Ok(None));
+        assert!(decoder.is_finished());
+    }
+
+    #[test]
+    fn client_decoder_reads_unmasked_frames() {
+        let mut buf = BytesMut::from(&encode_frame(true, OpCode::Text, b"hi", None)[..]);
+        let mut decoder = Decoder::new(Role::Client, FRAME_LIMIT, MESSAGE_LIMIT);
+        assert_eq!(decoder.next_event(&mut buf), Ok(Some(WsEvent::Text(Bytes::from("hi")))));
+    }
+
+    #[test]
+    fn close_payload_encodes_code_and_reason() {
+        assert_eq!(&close_payload(1000, "")[..], &[0x03, 0xe8]);
+        assert_eq!(&close_payload(4001, "ok")[..], &[0x0f, 0xa1, b'o', b'k']);
+    }
+
+    #[test]
+    fn close_payload_truncates_at_char_boundary() {
+        let long = "é".repeat(100); // 200 bytes of 2-byte characters.
+        let payload = close_payload(1008, &long);
+        assert_eq!(payload.len(), 2 + 122);
+        assert!(str::from_utf8(&payload[2..]).is_ok());
+        let ascii = "x".repeat(200);
+        assert_eq!(close_payload(1008, &ascii).len(), 2 + MAX_CLOSE_REASON_BYTES);
+        // The result always fits a control frame and decodes.
+        let mut buf = wire(&[(true, OpCode::Close, &close_payload(1008, &long))]);
+        assert!(matches!(
+            server().next_event(&mut buf),
+            Ok(Some(WsEvent::Close(Some(CloseFrame { code: 1008, .. }))))
+        ));
+    }
+
+    #[test]
+    fn decodes_tungstenite_client_messages() {
+        use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode as TOpCode};
+        use tungstenite::protocol::frame::{CloseFrame as TCloseFrame, Frame};
+
+        let text = "fragmented ✓ text ".repeat(50);
+        let (first, rest) = text.as_bytes().split_at(101); // inside a multi-byte character
+        let frames = [
+            Frame::message(first.to_vec(), TOpCode::Data(Data::Text), false),
+            Frame::ping(b"mid".to_vec()),
+            Frame::message(rest.to_vec(), TOpCode::Data(Data::Continue), true),
+            Frame::close(Some(TCloseFrame { code: CloseCode::Away, reason: "leaving".into() })),
+        ];
+        let mut wire = Vec::new();
+        for (index, mut frame) in frames.into_iter().enumerate() {
+            frame.header_mut().mask = Some([index as u8, 0x11, 0x22, 0x33]);
+            frame.format(&mut wire).expect("tungstenite formats into a Vec");
+        }
+        let got = events(&mut server(), &mut BytesMut::from(&wire[..])).unwrap();
+        assert_eq!(
+            got,
+            [
+                WsEvent::Ping(Bytes::from("mid")),
+                WsEvent::Text(Bytes::from(text)),
+                WsEvent::Close(Some(CloseFrame { code: 1001, reason: Bytes::from("leaving") })),
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics_on_arbitrary_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+            frame_limit in 0usize..200,
+            message_limit in 0usize..400,
+        ) {
+            for role in [Role::Server, Role::Client] {
+                let mut decoder = Decoder::new(role, frame_limit, message_limit);
+                let mut buf = BytesMut::from(&bytes[..]);
+                while let Ok(Some(_)) = decoder.next_event(&mut buf) {}
+            }
+        }
+
+        #[test]
+        fn decoder_never_panics_on_arbitrary_frame_sequences(
+            frames in proptest::collection::vec(
+                (any::<bool>(), 0usize..6, proptest::collection::vec(any::<u8>(), 0..40)),
+                0..8,
+            ),
+        ) {
+            const OPCODES: [OpCode; 6] = [
+                OpCode::Continuation, OpCode::Text, OpCode::Binary,
+                OpCode::Close, OpCode::Ping, OpCode::Pong,
+            ];
+            let mut buf = BytesMut::new();
+            for (fin, opcode, payload) in &frames {
+                let opcode = OPCODES[*opcode];
+                let fin = *fin || opcode.is_control();
+                buf.extend_from_slice(&encode_frame(fin, opcode, payload, Some(MASK)));
+            }
+            let mut decoder = Decoder::new(Role::Server, 64, 100);
+            while let Ok(Some(_)) = decoder.next_event(&mut buf) {}
+        }
+
+        #[test]
+        fn fragmented_text_reassembles(
+            text in "\\PC{0,60}",
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let bytes = text.as_bytes();
+            let mut points: Vec<usize> = cuts.iter().map(|cut| cut.index(bytes.len() + 1)).collect();
+            points.push(0);
+            points.push(bytes.len());
+            points.sort_unstable();
+            points.dedup();
+            if points.len() == 1 {
+                points.push(0); // an empty text is one empty frame
+            }
+            let mut buf = BytesMut::new();
+            let pieces = points.len() - 1;
+            for index in 0..pieces {
+                let opcode = if index == 0 { OpCode::Text } else { OpCode::Continuation };
+                let piece = &bytes[points[index]..points[index + 1]];
+                buf.extend_from_slice(&encode_frame(index + 1 == pieces, opcode, piece, Some(MASK)));
+            }
+            let got = events(&mut server(), &mut buf).unwrap();
+            prop_assert_eq!(got, vec![WsEvent::Text(Bytes::from(text))]);
+        }
+    }
+}

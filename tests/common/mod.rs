@@ -1,0 +1,116 @@
+//! Test harness: starts the real `mbws-broker` binary on an ephemeral loopback port, collects
+//! its log lines, and stops it (by PID, through `Child`) when dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Broker {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Broker {
+    /// Starts a broker with `--listen 127.0.0.1:0 --log-level debug` plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Broker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mbws-broker"))
+            .args(["--listen", "127.0.0.1:0", "--log-level", "debug", "--no-pin"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mbws-broker");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut port_tx = Some(port_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split(" listening on ").nth(1) {
+                    if let Some(tx) = port_tx.take() {
+                        let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                        let _ = tx.send(addr);
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match port_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("mbws-broker did not report its listen address; log: {:?}", log.lock().unwrap());
+            }
+        };
+        Broker { child, addr, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|line| line.contains(needle)) {
+                return Some(line.clone());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The shard that accepted the connection from local `port`, from the broker's debug log.
+    pub fn shard_of_connection(&self, port: u16) -> u16 {
+        let needle = format!("from 127.0.0.1:{port} upgraded");
+        let line = self
+            .wait_for_log(&needle, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no log line for the connection from port {port}"));
+        let shard = line.split("shard ").nth(1).and_then(|rest| rest.split(':').next()).unwrap();
+        shard.parse().unwrap()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("mbws-broker did not stop within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the broker process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
