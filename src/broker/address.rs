@@ -215,6 +215,11 @@ impl AddressTable {
                 ),
             ));
         }
+        // A message that will wait somewhere (no subscriber with credit, or others already
+        // waiting ahead of it) is compacted first; see StoredMessage::compacted.
+        let will_wait = (to_anycast_queue && (!state.queue.is_empty() || !state.anycast.iter().any(Subscriber::has_credit)))
+            || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
+        let message = if will_wait { std::sync::Arc::new(message.compacted()) } else { message };
         state.last_message_id += 1;
         let queued = Queued { id: MessageId(state.last_message_id), message, redelivered: false };
 
@@ -542,6 +547,47 @@ mod tests {
         // Pure multicast address: nothing piles up in the anycast queue.
         assert_eq!(table.stats(b"a").queued, 0);
         assert_eq!(table.stats(b"a").multicast_subscribers, 1);
+    }
+
+    #[test]
+    fn only_messages_that_wait_are_compacted() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+        out.clear();
+        let first = message("a", "delivered at once");
+        let second = message("a", "has to wait");
+        let (first_body, second_body) = (first.body.as_ptr(), second.body.as_ptr());
+        table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message: first }, 0, &mut out);
+        table.handle(AddressCommand::Publish { publisher: conn(9), seq: 2, message: second }, 0, &mut out);
+        let delivered: Vec<_> = out
+            .iter()
+            .filter_map(|(_, c)| match c {
+                ConnCommand::Deliver { message, .. } => Some(message.body.as_ptr()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(delivered, vec![first_body], "the first goes out zero-copy");
+        out.clear();
+        table.handle(
+            AddressCommand::Ack {
+                consumer: conn(1),
+                subscription: SubscriptionId(1),
+                messages: SmallVec::from_slice(&[MessageId(1)]),
+            },
+            0,
+            &mut out,
+        );
+        let waited = deliveries(&out);
+        assert_eq!(waited, vec![(1, "has to wait".to_string())]);
+        let pointer = out
+            .iter()
+            .find_map(|(_, c)| match c {
+                ConnCommand::Deliver { message, .. } => Some(message.body.as_ptr()),
+                _ => None,
+            })
+            .unwrap();
+        assert_ne!(pointer, second_body, "the waiting one no longer pins the publisher's buffer");
     }
 
     #[test]

@@ -74,6 +74,29 @@ pub struct StoredMessage {
     pub body_is_text: bool,
 }
 
+impl StoredMessage {
+    /// A copy whose fields own compact allocations of their own. A message that has to wait in
+    /// a queue is compacted once, so that it does not keep the publisher's whole read buffer
+    /// (64 KiB or more) alive for as long as it waits; messages delivered as they arrive are
+    /// never copied.
+    pub fn compacted(&self) -> StoredMessage {
+        let own = |bytes: &Bytes| Bytes::copy_from_slice(bytes);
+        StoredMessage {
+            address: own(&self.address),
+            durable: self.durable,
+            expires_at_ms: self.expires_at_ms,
+            properties: Properties {
+                content_type: own(&self.properties.content_type),
+                correlation_id: own(&self.properties.correlation_id),
+                reply_to: own(&self.properties.reply_to),
+                headers: self.properties.headers.iter().map(|(name, value)| (own(name), own(value))).collect(),
+            },
+            body: own(&self.body),
+            body_is_text: self.body_is_text,
+        }
+    }
+}
+
 pub type SharedMessage = Arc<StoredMessage>;
 
 /// Why the broker refused a command: an MBWS error code and a reason a person can act on.

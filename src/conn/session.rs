@@ -304,9 +304,11 @@ impl Session {
             }
             (_, 0) => {}
             (_, seq) if seq <= self.last_send_seq && self.subprotocol == Subprotocol::Reliable => {
-                // A duplicate (a client resending after a doubt): already taken, drop it. Its
-                // receipt comes (or came) with the cumulative RECEIPT.
-                self.receipt_due = true;
+                // A duplicate (a client resending after a doubt): already taken, drop it. If it
+                // was already receipted, say so again; otherwise its receipt is still to come.
+                if seq <= self.receipted_seq {
+                    self.receipt_due = true;
+                }
                 return Ok(());
             }
             (_, seq) if seq != self.last_send_seq + 1 => {
@@ -524,6 +526,7 @@ impl Session {
     /// End of a batch of events: sends one cumulative RECEIPT if any SEND became safe.
     pub fn flush(&mut self, outbound: &mut Outbound) {
         if self.receipt_due && self.state == State::Open {
+            debug_assert!(self.receipted_seq > 0, "a receipt is due only once something was receipted");
             self.receipt_due = false;
             outbound.push_frame(self.binding, &Frame::Receipt(mbws::Receipt { seq: self.receipted_seq }));
         }

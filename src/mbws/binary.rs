@@ -51,7 +51,7 @@
 use bytes::{BufMut, Bytes};
 
 use super::frame::*;
-use super::validate::{excerpt, validate_frame};
+use super::validate::{excerpt, trailing_bytes, validate_frame};
 use super::{CodecLimits, DecodeError};
 
 /// Bytes before the kind's fields: version, kind, flags.
@@ -163,22 +163,14 @@ pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError
         }),
         FrameKind::Receipt => Frame::Receipt(Receipt { seq: reader.u64("seq")? }),
         FrameKind::Subscribe => Frame::Subscribe(Subscribe {
-            mode: if has(flags::SUBSCRIBE_MULTICAST) {
-                DeliveryMode::Multicast
-            } else {
-                DeliveryMode::Anycast
-            },
+            mode: if has(flags::SUBSCRIBE_MULTICAST) { DeliveryMode::Multicast } else { DeliveryMode::Anycast },
             ack_mode: if has(flags::SUBSCRIBE_AUTO_ACK) { AckMode::Auto } else { AckMode::Client },
             subscription_id: reader.u32("subscription-id")?,
             credit: reader.u32("credit")?,
             address: reader.str8("address")?,
         }),
-        FrameKind::Subscribed => {
-            Frame::Subscribed(Subscribed { subscription_id: reader.u32("subscription-id")? })
-        }
-        FrameKind::Unsubscribe => {
-            Frame::Unsubscribe(Unsubscribe { subscription_id: reader.u32("subscription-id")? })
-        }
+        FrameKind::Subscribed => Frame::Subscribed(Subscribed { subscription_id: reader.u32("subscription-id")? }),
+        FrameKind::Unsubscribe => Frame::Unsubscribe(Unsubscribe { subscription_id: reader.u32("subscription-id")? }),
         FrameKind::Message => Frame::Message(Message {
             redelivered: has(flags::MESSAGE_REDELIVERED),
             durable: has(flags::MESSAGE_DURABLE),
@@ -189,18 +181,15 @@ pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError
             properties: reader.properties()?,
             body: reader.rest(),
         }),
-        FrameKind::Ack => Frame::Ack(Ack {
-            cumulative: has(flags::ACK_CUMULATIVE),
-            delivery_seq: reader.u64("delivery-seq")?,
-        }),
-        FrameKind::Nack => Frame::Nack(Nack {
-            requeue: has(flags::NACK_REQUEUE),
-            delivery_seq: reader.u64("delivery-seq")?,
-        }),
-        FrameKind::Flow => Frame::Flow(Flow {
-            subscription_id: reader.u32("subscription-id")?,
-            credit: reader.u32("credit")?,
-        }),
+        FrameKind::Ack => {
+            Frame::Ack(Ack { cumulative: has(flags::ACK_CUMULATIVE), delivery_seq: reader.u64("delivery-seq")? })
+        }
+        FrameKind::Nack => {
+            Frame::Nack(Nack { requeue: has(flags::NACK_REQUEUE), delivery_seq: reader.u64("delivery-seq")? })
+        }
+        FrameKind::Flow => {
+            Frame::Flow(Flow { subscription_id: reader.u32("subscription-id")?, credit: reader.u32("credit")? })
+        }
         FrameKind::Ping => Frame::Ping(Ping { token: reader.u64("token")? }),
         FrameKind::Pong => Frame::Pong(Pong { token: reader.u64("token")? }),
         FrameKind::Error => Frame::Error(ErrorFrame {
@@ -307,9 +296,10 @@ impl Reader {
             return Ok(());
         }
         Err(DecodeError::malformed(format!(
-            "{}: {trailing} trailing bytes after the last field (frame is {} bytes, fields end at \
-             {}; starting \"{}\"); only SEND and MESSAGE have a body",
+            "{}: {} after the last field (frame is {} bytes, fields end at {}; starting \"{}\"); \
+             only SEND and MESSAGE have a body",
             self.kind.name(),
+            trailing_bytes(trailing),
             self.payload.len(),
             self.position,
             excerpt(&self.payload[self.position..])
@@ -337,8 +327,7 @@ pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
                 | bit(subscribe.ack_mode == AckMode::Auto, flags::SUBSCRIBE_AUTO_ACK)
         }
         Frame::Message(message) => {
-            bit(message.redelivered, flags::MESSAGE_REDELIVERED)
-                | bit(message.durable, flags::MESSAGE_DURABLE)
+            bit(message.redelivered, flags::MESSAGE_REDELIVERED) | bit(message.durable, flags::MESSAGE_DURABLE)
         }
         Frame::Ack(ack) => bit(ack.cumulative, flags::ACK_CUMULATIVE),
         Frame::Nack(nack) => bit(nack.requeue, flags::NACK_REQUEUE),
@@ -439,10 +428,7 @@ fn put_properties<B: BufMut>(out: &mut B, properties: &Properties) {
     put_str8(out, "correlation-id", &properties.correlation_id);
     put_str8(out, "reply-to", &properties.reply_to);
     let Ok(count) = u8::try_from(properties.headers.len()) else {
-        panic!(
-            "MBWS binary encode: {} application headers, over {MAX_HEADER_COUNT}",
-            properties.headers.len()
-        );
+        panic!("MBWS binary encode: {} application headers, over {MAX_HEADER_COUNT}", properties.headers.len());
     };
     out.put_u8(count);
     for (name, value) in &properties.headers {
@@ -506,7 +492,11 @@ mod tests {
                 bytes[2] |= bit;
                 let result = decoded(&bytes);
                 if defined & bit == 0 {
-                    assert_error(result, MALFORMED, &[kind.name(), &format!("reserved flag bits 0x{bit:02x} are set in byte 2")]);
+                    assert_error(
+                        result,
+                        MALFORMED,
+                        &[kind.name(), &format!("reserved flag bits 0x{bit:02x} are set in byte 2")],
+                    );
                 } else {
                     assert!(result.is_ok(), "{}: flag 0x{bit:02x} is defined: {result:?}", kind.name());
                 }
@@ -549,7 +539,11 @@ mod tests {
             }
         }
         let send = encoded(&sample(FrameKind::Send));
-        assert_error(decoded(&send[..5]), MALFORMED, &["SEND: frame is truncated in field `seq`: it needs 8 bytes at offset 3 but only 2 remain"]);
+        assert_error(
+            decoded(&send[..5]),
+            MALFORMED,
+            &["SEND: frame is truncated in field `seq`: it needs 8 bytes at offset 3 but only 2 remain"],
+        );
     }
 
     #[test]
@@ -569,7 +563,11 @@ mod tests {
             if frame.body().is_some() {
                 assert!(decoded(&bytes).is_ok());
             } else {
-                assert_error(decoded(&bytes), MALFORMED, &[kind.name(), "1 trailing bytes after the last field", "only SEND and MESSAGE have a body"]);
+                assert_error(
+                    decoded(&bytes),
+                    MALFORMED,
+                    &[kind.name(), "1 trailing byte after the last field", "only SEND and MESSAGE have a body"],
+                );
             }
         }
     }

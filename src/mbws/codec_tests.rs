@@ -30,8 +30,7 @@ fn value(max_chars: usize) -> impl Strategy<Value = Bytes> {
 }
 
 fn headers() -> impl Strategy<Value = Headers> {
-    vec(("x-[a-z0-9._-]{1,20}".prop_map(bytes_of), value(40)), 0..6)
-        .prop_map(|pairs| pairs.into_iter().collect())
+    vec(("x-[a-z0-9._-]{1,20}".prop_map(bytes_of), value(40)), 0..6).prop_map(|pairs| pairs.into_iter().collect())
 }
 
 fn properties() -> impl Strategy<Value = Properties> {
@@ -96,20 +95,18 @@ fn frame_of(kind: FrameKind) -> BoxedStrategy<Frame> {
             limits(),
             value(40),
         )
-            .prop_map(
-                |(session_id, resumed, last_received_seq, heartbeat_ms, session_expiry_ms, limits, server)| {
-                    Frame::Opened(Opened {
-                        version: PROTOCOL_VERSION,
-                        session_id,
-                        resumed,
-                        last_received_seq,
-                        heartbeat_ms,
-                        session_expiry_ms,
-                        limits,
-                        server,
-                    })
-                },
-            )
+            .prop_map(|(session_id, resumed, last_received_seq, heartbeat_ms, session_expiry_ms, limits, server)| {
+                Frame::Opened(Opened {
+                    version: PROTOCOL_VERSION,
+                    session_id,
+                    resumed,
+                    last_received_seq,
+                    heartbeat_ms,
+                    session_expiry_ms,
+                    limits,
+                    server,
+                })
+            })
             .boxed(),
         FrameKind::Send => (any::<u64>(), address(), any::<bool>(), any::<u32>(), properties(), body())
             .prop_map(|(seq, address, durable, ttl_ms, properties, body)| {
@@ -128,12 +125,12 @@ fn frame_of(kind: FrameKind) -> BoxedStrategy<Frame> {
                 })
             })
             .boxed(),
-        FrameKind::Subscribed => subscription_id()
-            .prop_map(|subscription_id| Frame::Subscribed(Subscribed { subscription_id }))
-            .boxed(),
-        FrameKind::Unsubscribe => subscription_id()
-            .prop_map(|subscription_id| Frame::Unsubscribe(Unsubscribe { subscription_id }))
-            .boxed(),
+        FrameKind::Subscribed => {
+            subscription_id().prop_map(|subscription_id| Frame::Subscribed(Subscribed { subscription_id })).boxed()
+        }
+        FrameKind::Unsubscribe => {
+            subscription_id().prop_map(|subscription_id| Frame::Unsubscribe(Unsubscribe { subscription_id })).boxed()
+        }
         FrameKind::Message => (
             subscription_id(),
             nonzero_seq(),
@@ -144,20 +141,18 @@ fn frame_of(kind: FrameKind) -> BoxedStrategy<Frame> {
             properties(),
             body(),
         )
-            .prop_map(
-                |(subscription_id, delivery_seq, message_id, address, redelivered, durable, properties, body)| {
-                    Frame::Message(Message {
-                        subscription_id,
-                        delivery_seq,
-                        message_id,
-                        address,
-                        redelivered,
-                        durable,
-                        properties,
-                        body,
-                    })
-                },
-            )
+            .prop_map(|(subscription_id, delivery_seq, message_id, address, redelivered, durable, properties, body)| {
+                Frame::Message(Message {
+                    subscription_id,
+                    delivery_seq,
+                    message_id,
+                    address,
+                    redelivered,
+                    durable,
+                    properties,
+                    body,
+                })
+            })
             .boxed(),
         FrameKind::Ack => (nonzero_seq(), any::<bool>())
             .prop_map(|(delivery_seq, cumulative)| Frame::Ack(Ack { delivery_seq, cumulative }))
@@ -382,9 +377,7 @@ pub(crate) fn sample(kind: FrameKind) -> Frame {
         content_type: Bytes::from_static(b"application/json"),
         correlation_id: Bytes::new(),
         reply_to: Bytes::new(),
-        headers: [(Bytes::from_static(b"x-trace"), Bytes::from_static(b"abc123"))]
-            .into_iter()
-            .collect(),
+        headers: [(Bytes::from_static(b"x-trace"), Bytes::from_static(b"abc123"))].into_iter().collect(),
     };
     let body = Bytes::from_static(b"{\"order\":42}\n");
     match kind {
@@ -451,9 +444,7 @@ pub(crate) fn sample(kind: FrameKind) -> Frame {
             fatal: false,
             seq: 7,
             subscription_id: 0,
-            reason: Bytes::from_static(
-                b"SEND 7: address `orders` holds 100000 messages (max_queued_messages); retry later",
-            ),
+            reason: Bytes::from_static(b"address `orders` is full (max_queued_messages 100000)"),
         }),
         FrameKind::Close => Frame::Close(Close),
     }

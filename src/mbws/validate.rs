@@ -107,12 +107,7 @@ fn check_delivery_seq(kind: FrameKind, delivery_seq: u64) -> Result<(), DecodeEr
 }
 
 /// A string field: at most `max_bytes` (the binary length prefix), UTF-8, no CR, LF or NUL.
-pub fn check_value(
-    kind: FrameKind,
-    field: &str,
-    value: &[u8],
-    max_bytes: usize,
-) -> Result<(), DecodeError> {
+pub fn check_value(kind: FrameKind, field: &str, value: &[u8], max_bytes: usize) -> Result<(), DecodeError> {
     check_length(kind, field, value.len(), max_bytes, None)?;
     check_utf8(kind, field, value)?;
     if let Some(position) = value.iter().position(|&byte| matches!(byte, b'\r' | b'\n' | 0)) {
@@ -129,12 +124,7 @@ pub fn check_value(
 /// An address (`address`, `reply-to`): at most `max_address_bytes` (and 255, the str8 prefix),
 /// UTF-8, no control characters. Empty is refused where the field is required (`address`) and
 /// means "absent" for `reply-to` (the caller skips the check then).
-fn check_address(
-    kind: FrameKind,
-    field: &str,
-    address: &[u8],
-    limits: &CodecLimits,
-) -> Result<(), DecodeError> {
+fn check_address(kind: FrameKind, field: &str, address: &[u8], limits: &CodecLimits) -> Result<(), DecodeError> {
     if address.is_empty() {
         return Err(DecodeError::malformed(format!(
             "{}: field `{field}` is empty; name the address, e.g. `orders`",
@@ -145,8 +135,8 @@ fn check_address(
     check_utf8(kind, field, address)?;
     if let Some(position) = address.iter().position(|&byte| byte < 0x20 || byte == 0x7f) {
         return Err(DecodeError::malformed(format!(
-            "{}: field `{field}` contains the control character {} at byte {position}; \
-             addresses may not contain control characters",
+            "{}: field `{field}` contains {} at byte {position}; addresses may not contain \
+             control characters (bytes below 0x20, or 0x7f)",
             kind.name(),
             byte_name(address[position])
         )));
@@ -190,11 +180,7 @@ fn check_utf8(kind: FrameKind, field: &str, value: &[u8]) -> Result<(), DecodeEr
 }
 
 /// Message properties and application headers (SEND and MESSAGE).
-fn check_properties(
-    kind: FrameKind,
-    properties: &Properties,
-    limits: &CodecLimits,
-) -> Result<(), DecodeError> {
+fn check_properties(kind: FrameKind, properties: &Properties, limits: &CodecLimits) -> Result<(), DecodeError> {
     check_value(kind, "content-type", &properties.content_type, MAX_STR8_BYTES)?;
     check_value(kind, "correlation-id", &properties.correlation_id, MAX_STR8_BYTES)?;
     if !properties.reply_to.is_empty() {
@@ -203,9 +189,7 @@ fn check_properties(
     if properties.headers.len() > max_header_count(limits) {
         return Err(too_many_headers(kind, limits));
     }
-    let mut total_bytes = properties.content_type.len()
-        + properties.correlation_id.len()
-        + properties.reply_to.len();
+    let mut total_bytes = properties.content_type.len() + properties.correlation_id.len() + properties.reply_to.len();
     for (name, value) in &properties.headers {
         check_header_name(kind, name)?;
         // A valid header name is ascii, so it names its own value in error reasons.
@@ -277,6 +261,15 @@ pub fn excerpt(bytes: &[u8]) -> String {
         shown.push_str("...");
     }
     shown
+}
+
+/// "1 trailing byte", "5 trailing bytes": unexpected bytes at the end of a frame, for a reason.
+pub fn trailing_bytes(count: usize) -> String {
+    if count == 1 {
+        "1 trailing byte".to_string()
+    } else {
+        format!("{count} trailing bytes")
+    }
 }
 
 /// How a single byte is named in an error reason.
@@ -363,7 +356,13 @@ mod tests {
     fn address_must_be_utf8_without_control_characters() {
         for control in [0x00, 0x01, b'\t', 0x1f, 0x7f] {
             let bindings = if control == 0x7f || control == b'\t' { BOTH } else { BINARY_ONLY };
-            rejected(send_to(&[b'a', control]), LIMITS, bindings, MALFORMED, &["SEND", "`address`", "control character", "at byte 1"]);
+            rejected(
+                send_to(&[b'a', control]),
+                LIMITS,
+                bindings,
+                MALFORMED,
+                &["SEND", "`address`", "control character", "at byte 1"],
+            );
         }
         rejected(send_to(b"a\xff"), LIMITS, BOTH, MALFORMED, &["SEND: field `address` is not valid UTF-8"]);
         assert_eq!(validate_frame(&send_to("caf\u{e9}/\u{1f600}".as_bytes()), &LIMITS), Ok(()));
@@ -371,21 +370,58 @@ mod tests {
 
     #[test]
     fn reply_to_follows_the_address_rules_when_present() {
-        rejected(send_with(|p| p.reply_to = Bytes::from_static(b"re\x7fply")), LIMITS, BOTH, MALFORMED, &["`reply-to`", "control character"]);
+        rejected(
+            send_with(|p| p.reply_to = Bytes::from_static(b"re\x7fply")),
+            LIMITS,
+            BOTH,
+            MALFORMED,
+            &["`reply-to`", "control character"],
+        );
         let small = CodecLimits { max_address_bytes: 6, ..LIMITS };
-        rejected(send_with(|p| p.reply_to = Bytes::from_static(b"replies")), small, BOTH, TOO_LARGE, &["`reply-to` is 7 bytes", "max_address_bytes 6"]);
+        rejected(
+            send_with(|p| p.reply_to = Bytes::from_static(b"replies")),
+            small,
+            BOTH,
+            TOO_LARGE,
+            &["`reply-to` is 7 bytes", "max_address_bytes 6"],
+        );
     }
 
     #[test]
     fn string_fields_are_utf8_without_cr_lf_nul() {
-        rejected(send_with(|p| p.content_type = Bytes::from_static(b"text/\0")), LIMITS, BOTH, MALFORMED, &["`content-type` contains a NUL byte"]);
-        rejected(send_with(|p| p.correlation_id = Bytes::from_static(b"\xc3")), LIMITS, BOTH, MALFORMED, &["`correlation-id` is not valid UTF-8"]);
-        rejected(send_with(|p| p.content_type = Bytes::from(vec![b'a'; 256])), LIMITS, TEXT_ONLY, TOO_LARGE, &["`content-type` is 256 bytes, over 255"]);
+        rejected(
+            send_with(|p| p.content_type = Bytes::from_static(b"text/\0")),
+            LIMITS,
+            BOTH,
+            MALFORMED,
+            &["`content-type` contains a NUL byte"],
+        );
+        rejected(
+            send_with(|p| p.correlation_id = Bytes::from_static(b"\xc3")),
+            LIMITS,
+            BOTH,
+            MALFORMED,
+            &["`correlation-id` is not valid UTF-8"],
+        );
+        rejected(
+            send_with(|p| p.content_type = Bytes::from(vec![b'a'; 256])),
+            LIMITS,
+            TEXT_ONLY,
+            TOO_LARGE,
+            &["`content-type` is 256 bytes, over 255"],
+        );
         let open = Frame::Open(Open { login: Bytes::from_static(b"al\rice"), ..Open::default() });
-        rejected(open, LIMITS, BINARY_ONLY, MALFORMED, &["OPEN: field `login` contains a carriage return (CR) at byte 2"]);
+        rejected(
+            open,
+            LIMITS,
+            BINARY_ONLY,
+            MALFORMED,
+            &["OPEN: field `login` contains a carriage return (CR) at byte 2"],
+        );
         let open = Frame::Open(Open { passcode: Bytes::from(vec![b'p'; 65_536]), ..Open::default() });
         rejected(open, LIMITS, TEXT_ONLY, TOO_LARGE, &["OPEN: field `passcode` is 65536 bytes"]);
-        let error = Frame::Error(ErrorFrame { code: 4400, reason: Bytes::from_static(b"a\nb"), ..ErrorFrame::default() });
+        let error =
+            Frame::Error(ErrorFrame { code: 4400, reason: Bytes::from_static(b"a\nb"), ..ErrorFrame::default() });
         rejected(error, LIMITS, BINARY_ONLY, MALFORMED, &["ERROR: field `reason` contains a line feed (LF)"]);
     }
 
@@ -393,9 +429,17 @@ mod tests {
     fn application_header_names_are_x_dash_lowercase() {
         for (name, bindings) in [(&b"trace"[..], BINARY_ONLY), (b"x-", BOTH), (b"X-trace", BINARY_ONLY)] {
             let frame = send_with(|p| p.headers.push(header(name, b"v")));
-            rejected(frame, LIMITS, bindings, MALFORMED, &["SEND: application header name", "names are `x-` followed by"]);
+            rejected(
+                frame,
+                LIMITS,
+                bindings,
+                MALFORMED,
+                &["SEND: application header name", "names are `x-` followed by"],
+            );
         }
-        for (name, bad) in [(&b"x-Trace"[..], "'T' at byte 2"), (b"x-tr ace", "' ' at byte 4"), (b"x-a/b", "'/' at byte 3")] {
+        for (name, bad) in
+            [(&b"x-Trace"[..], "'T' at byte 2"), (b"x-tr ace", "' ' at byte 4"), (b"x-a/b", "'/' at byte 3")]
+        {
             let frame = send_with(|p| p.headers.push(header(name, b"v")));
             rejected(frame, LIMITS, BOTH, MALFORMED, &["application header name", bad]);
         }
@@ -405,15 +449,41 @@ mod tests {
 
     #[test]
     fn application_header_values_are_utf8_without_cr_lf_nul() {
-        rejected(send_with(|p| p.headers.push(header(b"x-v", b"a\nb"))), LIMITS, BINARY_ONLY, MALFORMED, &["field `x-v` contains a line feed (LF)"]);
-        rejected(send_with(|p| p.headers.push(header(b"x-v", b"a\rb"))), LIMITS, BINARY_ONLY, MALFORMED, &["field `x-v` contains a carriage return"]);
-        rejected(send_with(|p| p.headers.push(header(b"x-v", b"a\0b"))), LIMITS, BOTH, MALFORMED, &["field `x-v` contains a NUL byte"]);
-        rejected(send_with(|p| p.headers.push(header(b"x-v", b"\xff"))), LIMITS, BOTH, MALFORMED, &["field `x-v` is not valid UTF-8"]);
+        rejected(
+            send_with(|p| p.headers.push(header(b"x-v", b"a\nb"))),
+            LIMITS,
+            BINARY_ONLY,
+            MALFORMED,
+            &["field `x-v` contains a line feed (LF)"],
+        );
+        rejected(
+            send_with(|p| p.headers.push(header(b"x-v", b"a\rb"))),
+            LIMITS,
+            BINARY_ONLY,
+            MALFORMED,
+            &["field `x-v` contains a carriage return"],
+        );
+        rejected(
+            send_with(|p| p.headers.push(header(b"x-v", b"a\0b"))),
+            LIMITS,
+            BOTH,
+            MALFORMED,
+            &["field `x-v` contains a NUL byte"],
+        );
+        rejected(
+            send_with(|p| p.headers.push(header(b"x-v", b"\xff"))),
+            LIMITS,
+            BOTH,
+            MALFORMED,
+            &["field `x-v` is not valid UTF-8"],
+        );
     }
 
     #[test]
     fn header_count_is_bounded_by_max_headers() {
-        let many = |count: usize| send_with(|p| p.headers = (0..count).map(|i| header(format!("x-h{i}").as_bytes(), b"v")).collect());
+        let many = |count: usize| {
+            send_with(|p| p.headers = (0..count).map(|i| header(format!("x-h{i}").as_bytes(), b"v")).collect())
+        };
         assert_eq!(validate_frame(&many(64), &LIMITS), Ok(()));
         rejected(many(65), LIMITS, BOTH, TOO_LARGE, &["SEND: too many application headers, over max_headers 64"]);
         let huge = CodecLimits { max_headers: 1000, max_header_bytes: usize::MAX, ..LIMITS };
@@ -427,18 +497,33 @@ mod tests {
         let limits = CodecLimits { max_header_bytes: 29, ..LIMITS };
         assert_eq!(validate_frame(&sample(FrameKind::Send), &limits), Ok(()));
         let limits = CodecLimits { max_header_bytes: 28, ..LIMITS };
-        rejected(sample(FrameKind::Send), limits, BOTH, TOO_LARGE, &["SEND: properties and application headers are 29 bytes, over max_header_bytes 28"]);
+        rejected(
+            sample(FrameKind::Send),
+            limits,
+            BOTH,
+            TOO_LARGE,
+            &["SEND: properties and application headers are 29 bytes, over max_header_bytes 28"],
+        );
         rejected(sample(FrameKind::Message), limits, BOTH, TOO_LARGE, &["MESSAGE", "max_header_bytes 28"]);
     }
 
     #[test]
     fn subscription_ids_start_at_one() {
         let frames = [
-            Frame::Subscribe(Subscribe { subscription_id: 0, address: Bytes::from_static(b"a"), ..Subscribe::default() }),
+            Frame::Subscribe(Subscribe {
+                subscription_id: 0,
+                address: Bytes::from_static(b"a"),
+                ..Subscribe::default()
+            }),
             Frame::Subscribed(Subscribed { subscription_id: 0 }),
             Frame::Unsubscribe(Unsubscribe { subscription_id: 0 }),
             Frame::Flow(Flow { subscription_id: 0, credit: 1 }),
-            Frame::Message(Message { subscription_id: 0, delivery_seq: 1, address: Bytes::from_static(b"a"), ..Message::default() }),
+            Frame::Message(Message {
+                subscription_id: 0,
+                delivery_seq: 1,
+                address: Bytes::from_static(b"a"),
+                ..Message::default()
+            }),
         ];
         for frame in frames {
             let kind = frame.kind().name();
@@ -451,7 +536,12 @@ mod tests {
     #[test]
     fn sequences_start_at_one() {
         let frames = [
-            Frame::Message(Message { subscription_id: 1, delivery_seq: 0, address: Bytes::from_static(b"a"), ..Message::default() }),
+            Frame::Message(Message {
+                subscription_id: 1,
+                delivery_seq: 0,
+                address: Bytes::from_static(b"a"),
+                ..Message::default()
+            }),
             Frame::Ack(Ack { delivery_seq: 0, cumulative: true }),
             Frame::Nack(Nack { delivery_seq: 0, requeue: true }),
         ];
@@ -461,7 +551,14 @@ mod tests {
         }
         rejected(Frame::Receipt(Receipt { seq: 0 }), LIMITS, BOTH, MALFORMED, &["RECEIPT: field `seq` is 0"]);
         assert_eq!(validate_frame(&send_to(b"a"), &LIMITS), Ok(()));
-        assert_eq!(validate_frame(&Frame::Send(Send { seq: 0, address: Bytes::from_static(b"a"), ..Send::default() }), &LIMITS), Ok(()), "SEND seq 0: no receipt wanted");
+        assert_eq!(
+            validate_frame(
+                &Frame::Send(Send { seq: 0, address: Bytes::from_static(b"a"), ..Send::default() }),
+                &LIMITS
+            ),
+            Ok(()),
+            "SEND seq 0: no receipt wanted"
+        );
     }
 
     #[test]
@@ -477,9 +574,17 @@ mod tests {
             let open = Frame::Open(Open { version, ..Open::default() });
             assert_error(validate_frame(&open, &LIMITS).map(|()| open.clone()), MALFORMED, &["OPEN: field `version`"]);
             let payload = encode(Binding::Text, &open).freeze();
-            assert_error(decode(Binding::Text, payload, &LIMITS), MALFORMED, &[&format!("OPEN: field `version` is {version}; this implementation speaks only MBWS version 1")]);
+            assert_error(
+                decode(Binding::Text, payload, &LIMITS),
+                MALFORMED,
+                &[&format!("OPEN: field `version` is {version}; this implementation speaks only MBWS version 1")],
+            );
             let payload = encode(Binding::Binary, &open).freeze();
-            assert_error(decode(Binding::Binary, payload, &LIMITS), MALFORMED, &[&format!("version {version} in byte 0")]);
+            assert_error(
+                decode(Binding::Binary, payload, &LIMITS),
+                MALFORMED,
+                &[&format!("version {version} in byte 0")],
+            );
         }
     }
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit, property and integration tests (the real broker binary over
+# real sockets), including the interop tests with Python's `websockets`, whose virtualenv this
+# script creates in .venv on first use. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! .venv/bin/python -c 'import websockets' >/dev/null 2>&1; then
+    echo "test.sh: setting up .venv with Python websockets (interop peer)" >&2
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check 'websockets>=12,<16'
+fi
+export MBWS_PYTHON="$PWD/.venv/bin/python"
+
+cargo test "$@"
