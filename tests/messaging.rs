@@ -290,3 +290,51 @@ fn shutdown_closes_sessions_with_going_away() {
         other => panic!("expected close 1001, got {other:?}"),
     }
 }
+
+#[test]
+fn auto_ack_subscriptions_flow_without_acknowledgements() {
+    let broker = Broker::start(&["--shards", "2"]);
+    let mut consumer = connect(&broker, Subprotocol::Light, Binding::Binary);
+    // Credit 4 on auto-ack bounds what is handed to the connection but not yet written.
+    consumer.subscribe(1, "auto", DeliveryMode::Anycast, AckMode::Auto, 4).unwrap();
+    let mut producer = connect(&broker, Subprotocol::Light, Binding::Binary);
+    for index in 0..2000 {
+        producer.send("auto", index.to_string()).unwrap();
+    }
+    producer.wait_receipt(2000).unwrap();
+    for expected in 0..2000 {
+        let message = consumer.next_message(WAIT).unwrap().unwrap_or_else(|| panic!("message {expected} missing"));
+        assert_eq!(message.body, Bytes::from(expected.to_string()));
+    }
+    assert!(consumer.next_message(Duration::from_millis(200)).unwrap().is_none());
+}
+
+#[test]
+fn a_fast_publisher_is_slowed_down_instead_of_refused_while_a_consumer_drains() {
+    // Queue bound 200: a publisher far ahead of its consumer gets held receipts (backpressure)
+    // rather than ERROR 4429, because the address has a consumer. Past half the bound answers
+    // are held, and at most 50 more SENDs are read before the broker stops reading.
+    let broker = Broker::start(&["--shards", "1", "--max-queued-messages", "200", "--max-inflight-sends", "50"]);
+    let mut consumer = connect(&broker, Subprotocol::Reliable, Binding::Binary);
+    consumer.subscribe(1, "drain", DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+    let mut producer = connect(&broker, Subprotocol::Reliable, Binding::Binary);
+    const TOTAL: u64 = 5000;
+    let sender = std::thread::spawn(move || {
+        for index in 0..TOTAL {
+            producer.send("drain", index.to_string()).unwrap();
+            if index % 500 == 499 {
+                producer.flush().unwrap();
+            }
+        }
+        producer.wait_receipt(TOTAL).map_err(|error| error.to_string())
+    });
+    for expected in 0..TOTAL {
+        let message = consumer.next_message(WAIT).unwrap().unwrap_or_else(|| panic!("message {expected} missing"));
+        assert_eq!(message.body, Bytes::from(expected.to_string()));
+        consumer.ack(message.delivery_seq, false).unwrap();
+        if expected % 50 == 0 {
+            consumer.flush().unwrap();
+        }
+    }
+    assert_eq!(sender.join().unwrap(), Ok(()), "every SEND receipted, none refused");
+}

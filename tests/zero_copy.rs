@@ -35,7 +35,12 @@ fn conn(index: u32) -> ConnRef {
 }
 
 /// Feeds one client frame to a session and runs the resulting address commands.
-fn feed(session: &mut Session, outbound: &mut Outbound, table: &mut AddressTable, frame: Frame) -> Vec<mbws::broker::ConnCommand> {
+fn feed(
+    session: &mut Session,
+    outbound: &mut Outbound,
+    table: &mut AddressTable,
+    frame: Frame,
+) -> Vec<mbws::broker::ConnCommand> {
     let mut commands = Vec::new();
     let mut fx = Effects { outbound, commands: &mut commands };
     session.on_frame(Binding::Binary, frame, 0, &mut fx).expect("frame accepted");

@@ -93,7 +93,18 @@ fn main() -> ExitCode {
         ..ClientOptions::default()
     };
     let result = match args.command {
-        Command::Send { address, body, count, lines, durable, content_type, correlation_id, reply_to, ttl_ms, headers } => {
+        Command::Send {
+            address,
+            body,
+            count,
+            lines,
+            durable,
+            content_type,
+            correlation_id,
+            reply_to,
+            ttl_ms,
+            headers,
+        } => {
             let properties = match properties(content_type, correlation_id, reply_to, headers) {
                 Ok(properties) => properties,
                 Err(problem) => {
@@ -142,7 +153,14 @@ fn properties(
     Ok(properties)
 }
 
-fn send(url: &str, options: ClientOptions, template: Send, body: Option<String>, count: u64, lines: bool) -> Result<ExitCode, ClientError> {
+fn send(
+    url: &str,
+    options: ClientOptions,
+    template: Send,
+    body: Option<String>,
+    count: u64,
+    lines: bool,
+) -> Result<ExitCode, ClientError> {
     let bodies: Vec<Bytes> = match body {
         Some(body) => vec![Bytes::from(body)],
         None => {
@@ -239,7 +257,10 @@ fn consume(
     if let Some(started) = started {
         let elapsed = started.elapsed().as_secs_f64();
         if quiet || received > 1 {
-            eprintln!("received {received} messages in {elapsed:.3} s ({:.0} msg/s)", received as f64 / elapsed.max(1e-9));
+            eprintln!(
+                "received {received} messages in {elapsed:.3} s ({:.0} msg/s)",
+                received as f64 / elapsed.max(1e-9)
+            );
         }
     }
     client.close()?;

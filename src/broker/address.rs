@@ -16,10 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use super::{
-    AddressCommand, ConnCommand, ConnRef, MessageId, Refusal, SharedMessage, ShardId,
-    SubscriptionId,
-};
+use super::{AddressCommand, ConnCommand, ConnRef, MessageId, Refusal, ShardId, SharedMessage, SubscriptionId};
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 
 /// A command for the shard that holds a connection, with that shard's id.
@@ -67,11 +64,14 @@ struct Address {
     /// Round-robin position among anycast subscribers.
     next_anycast: usize,
     last_message_id: u64,
+    /// Publishes accepted while the queue was above its high watermark, whose answers are held
+    /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
+    held_answers: VecDeque<(ConnRef, u64)>,
 }
 
 impl Address {
     fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.anycast.is_empty() && self.multicast.is_empty()
+        self.queue.is_empty() && self.anycast.is_empty() && self.multicast.is_empty() && self.held_answers.is_empty()
     }
 
     fn subscriber_mut(&mut self, key: (ConnRef, SubscriptionId)) -> Option<(&mut Subscriber, DeliveryMode)> {
@@ -134,8 +134,14 @@ impl AddressTable {
             AddressCommand::Publish { publisher, seq, message } => {
                 // Always answered, also for seq 0: the publisher counts its publishes in flight
                 // and stops reading at max_inflight_sends, which bounds every inbox.
-                let outcome = self.publish(message, now_ms, out);
-                out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome }));
+                let address = message.address.clone();
+                match self.publish(message, now_ms, out) {
+                    Ok(()) => self.publish_answer(&address, publisher, seq, out),
+                    Err(refusal) => out.push((
+                        publisher.shard,
+                        ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+                    )),
+                }
             }
             AddressCommand::Subscribe { consumer, subscription, address, mode, ack_mode, credit } => {
                 let outcome = self.subscribe(consumer, subscription, address.clone(), mode, ack_mode, credit);
@@ -217,7 +223,8 @@ impl AddressTable {
         }
         // A message that will wait somewhere (no subscriber with credit, or others already
         // waiting ahead of it) is compacted first; see StoredMessage::compacted.
-        let will_wait = (to_anycast_queue && (!state.queue.is_empty() || !state.anycast.iter().any(Subscriber::has_credit)))
+        let will_wait = (to_anycast_queue
+            && (!state.queue.is_empty() || !state.anycast.iter().any(Subscriber::has_credit)))
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
         let message = if will_wait { std::sync::Arc::new(message.compacted()) } else { message };
         state.last_message_id += 1;
@@ -261,6 +268,35 @@ impl AddressTable {
         }
         self.dispatch(&address_name, now_ms, out);
         Ok(())
+    }
+
+    /// Backpressure before refusal: while an address with anycast consumers holds more than
+    /// half of `max_queued_messages`, the answers to its publishers are held back, so their
+    /// sessions reach `max_inflight_sends` and the broker stops reading from them. The answers
+    /// go out once consumers bring the queue down to a quarter (or all of them leave). Only
+    /// when publishers outrun that (many publishers, or no consumer at all) does a SEND meet the
+    /// hard bound and ERROR 4429. Multicast backlogs never hold publishers back: a slow
+    /// multicast subscriber is ended at the bound instead (see `publish`).
+    fn publish_answer(&mut self, address: &Bytes, publisher: ConnRef, seq: u64, out: &mut Vec<Outgoing>) {
+        let high_watermark = (self.limits.max_queued_messages as usize / 2).max(1);
+        if let Some(state) = self.addresses.get_mut(address) {
+            let hold =
+                !state.held_answers.is_empty() || (state.queue.len() >= high_watermark && !state.anycast.is_empty());
+            if hold {
+                state.held_answers.push_back((publisher, seq));
+                return;
+            }
+        }
+        out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+    }
+
+    fn release_held_answers(state: &mut Address, low_watermark: usize, out: &mut Vec<Outgoing>) {
+        if state.held_answers.is_empty() || (state.queue.len() > low_watermark && !state.anycast.is_empty()) {
+            return;
+        }
+        for (publisher, seq) in state.held_answers.drain(..) {
+            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+        }
     }
 
     fn subscribe(
@@ -353,7 +389,13 @@ impl AddressTable {
 
     /// Delivers whatever the address's queue and backlogs hold to subscribers with credit.
     fn dispatch(&mut self, address: &Bytes, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let low_watermark = self.limits.max_queued_messages as usize / 4;
         let Some(state) = self.addresses.get_mut(address) else { return };
+        Self::deliver_what_credit_allows(state, now_ms, out);
+        Self::release_held_answers(state, low_watermark, out);
+    }
+
+    fn deliver_what_credit_allows(state: &mut Address, now_ms: u64, out: &mut Vec<Outgoing>) {
         for subscriber in state.multicast.iter_mut() {
             while subscriber.has_credit() {
                 let Some(queued) = subscriber.backlog.pop_front() else { break };
@@ -543,10 +585,56 @@ mod tests {
         }
         let to_first: Vec<_> = deliveries(&out).into_iter().filter(|(c, _)| *c == 1).collect();
         assert_eq!(to_first.len(), 4);
-        assert!(out.iter().any(|(_, c)| matches!(c, ConnCommand::SubscriptionEnded { consumer, .. } if consumer.index == 2)));
+        assert!(out
+            .iter()
+            .any(|(_, c)| matches!(c, ConnCommand::SubscriptionEnded { consumer, .. } if consumer.index == 2)));
         // Pure multicast address: nothing piles up in the anycast queue.
         assert_eq!(table.stats(b"a").queued, 0);
         assert_eq!(table.stats(b"a").multicast_subscribers, 1);
+    }
+
+    fn answered(out: &[Outgoing]) -> usize {
+        out.iter().filter(|(_, c)| matches!(c, ConnCommand::PublishDone { outcome: Ok(()), .. })).count()
+    }
+
+    #[test]
+    fn publishers_are_held_back_while_consumers_drain_a_long_queue() {
+        let limits = AddressLimits { max_queued_messages: 8, max_credit: 100 };
+        let mut table = AddressTable::new(ShardId(0), limits);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+        out.clear();
+        // 1 delivered at once, then the queue grows; from 4 queued (half of 8) answers wait.
+        for index in 0..7 {
+            publish(&mut table, "a", &format!("m{index}"), &mut out);
+        }
+        assert_eq!(table.stats(b"a").queued, 6);
+        assert_eq!(answered(&out), 4, "answers for the publishes past the high watermark are held");
+        out.clear();
+        // The consumer acknowledges until the queue is down to 2 (a quarter of 8).
+        for id in 1..=4 {
+            table.handle(
+                AddressCommand::Ack {
+                    consumer: conn(1),
+                    subscription: SubscriptionId(1),
+                    messages: SmallVec::from_slice(&[MessageId(id)]),
+                },
+                0,
+                &mut out,
+            );
+        }
+        assert_eq!(table.stats(b"a").queued, 2);
+        assert_eq!(answered(&out), 3, "held answers go out at the low watermark");
+    }
+
+    #[test]
+    fn without_consumers_nothing_is_held_and_the_bound_refuses() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        for index in 0..3 {
+            publish(&mut table, "a", &format!("m{index}"), &mut out);
+        }
+        assert_eq!(answered(&out), 3);
     }
 
     #[test]

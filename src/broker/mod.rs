@@ -116,7 +116,11 @@ impl Refusal {
 #[derive(Debug)]
 pub enum AddressCommand {
     /// Queue or deliver a message; the owner always answers [`ConnCommand::PublishDone`].
-    Publish { publisher: ConnRef, seq: u64, message: SharedMessage },
+    Publish {
+        publisher: ConnRef,
+        seq: u64,
+        message: SharedMessage,
+    },
     Subscribe {
         consumer: ConnRef,
         subscription: SubscriptionId,
@@ -125,24 +129,54 @@ pub enum AddressCommand {
         ack_mode: AckMode,
         credit: u32,
     },
-    Unsubscribe { consumer: ConnRef, subscription: SubscriptionId },
+    Unsubscribe {
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+    },
     /// The consumer acknowledged these deliveries (client ack mode).
-    Ack { consumer: ConnRef, subscription: SubscriptionId, messages: smallvec::SmallVec<[MessageId; 4]> },
+    Ack {
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        messages: smallvec::SmallVec<[MessageId; 4]>,
+    },
     /// The consumer refused a delivery: back to the queue (`requeue`) or dropped.
-    Nack { consumer: ConnRef, subscription: SubscriptionId, message: MessageId, requeue: bool },
+    Nack {
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        message: MessageId,
+        requeue: bool,
+    },
     /// FLOW: the subscription's new credit (most unacknowledged deliveries).
-    SetCredit { consumer: ConnRef, subscription: SubscriptionId, credit: u32 },
+    SetCredit {
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        credit: u32,
+    },
     /// Auto-ack deliveries that have been written to the consumer's socket.
-    ReturnCredit { consumer: ConnRef, subscription: SubscriptionId, count: u32 },
+    ReturnCredit {
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        count: u32,
+    },
     /// The connection is gone: drop its subscriptions here, requeue what it had not acknowledged.
-    ConsumerGone { consumer: ConnRef },
+    ConsumerGone {
+        consumer: ConnRef,
+    },
 }
 
 /// Commands for the shard that holds a connection.
 #[derive(Debug)]
 pub enum ConnCommand {
-    PublishDone { publisher: ConnId, seq: u64, outcome: Result<(), Refusal> },
-    SubscribeDone { consumer: ConnId, subscription: SubscriptionId, outcome: Result<(), Refusal> },
+    PublishDone {
+        publisher: ConnId,
+        seq: u64,
+        outcome: Result<(), Refusal>,
+    },
+    SubscribeDone {
+        consumer: ConnId,
+        subscription: SubscriptionId,
+        outcome: Result<(), Refusal>,
+    },
     Deliver {
         consumer: ConnId,
         subscription: SubscriptionId,
@@ -151,7 +185,11 @@ pub enum ConnCommand {
         redelivered: bool,
     },
     /// The owner ended a subscription on its own (e.g. a slow multicast consumer).
-    SubscriptionEnded { consumer: ConnId, subscription: SubscriptionId, refusal: Refusal },
+    SubscriptionEnded {
+        consumer: ConnId,
+        subscription: SubscriptionId,
+        refusal: Refusal,
+    },
 }
 
 impl ConnCommand {

@@ -54,7 +54,10 @@ pub enum ClientError {
     /// The broker answered with ERROR.
     Broker(ErrorFrame),
     /// The broker closed the WebSocket.
-    Closed { code: u16, reason: String },
+    Closed {
+        code: u16,
+        reason: String,
+    },
     /// Nothing arrived in time.
     Timeout(String),
 }
@@ -136,7 +139,8 @@ impl Client {
     }
 
     fn handshake(mut stream: TcpStream, host: &str, path: &str, options: ClientOptions) -> Result<Client> {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+            as u64
             ^ (stream.local_addr()?.port() as u64) << 48;
         let key = handshake::new_client_key(seed);
         let request = handshake::client_request(host, path, &key, &[options.subprotocol.name()]);
@@ -188,11 +192,8 @@ impl Client {
             pending: VecDeque::new(),
             mask_state: seed | 1,
         };
-        let open = mbws::Open {
-            version: PROTOCOL_VERSION,
-            heartbeat_ms: client.options.heartbeat_ms,
-            ..Default::default()
-        };
+        let open =
+            mbws::Open { version: PROTOCOL_VERSION, heartbeat_ms: client.options.heartbeat_ms, ..Default::default() };
         client.write_frame(&Frame::Open(open))?;
         client.flush()?;
         let deadline = Instant::now() + client.options.timeout;
@@ -299,7 +300,14 @@ impl Client {
     }
 
     /// Subscribes and waits for SUBSCRIBED.
-    pub fn subscribe(&mut self, id: u32, address: &str, mode: DeliveryMode, ack_mode: AckMode, credit: u32) -> Result<()> {
+    pub fn subscribe(
+        &mut self,
+        id: u32,
+        address: &str,
+        mode: DeliveryMode,
+        ack_mode: AckMode,
+        credit: u32,
+    ) -> Result<()> {
         let frame = Frame::Subscribe(mbws::Subscribe {
             subscription_id: id,
             address: Bytes::copy_from_slice(address.as_bytes()),
@@ -355,9 +363,11 @@ impl Client {
     /// Reads the next MBWS frame from the socket (not from `pending`), tracking receipts.
     fn read_frame(&mut self, deadline: Instant, what: &str) -> Result<Frame> {
         loop {
-            while let Some(event) = self.decoder.next_event(&mut self.read_buf).map_err(|error| {
-                ClientError::Protocol(format!("invalid WebSocket data from the broker: {error}"))
-            })? {
+            while let Some(event) = self
+                .decoder
+                .next_event(&mut self.read_buf)
+                .map_err(|error| ClientError::Protocol(format!("invalid WebSocket data from the broker: {error}")))?
+            {
                 let (binding, payload) = match event {
                     WsEvent::Binary(payload) => (Binding::Binary, payload),
                     WsEvent::Text(payload) => (Binding::Text, payload),
@@ -411,7 +421,10 @@ fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, deadline: Instant, what
     stream.set_read_timeout(Some(left))?;
     let mut chunk = [0u8; 64 * 1024];
     match stream.read(&mut chunk) {
-        Ok(0) => Err(ClientError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, format!("the broker closed the connection while we waited for {what}")))),
+        Ok(0) => Err(ClientError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the broker closed the connection while we waited for {what}"),
+        ))),
         Ok(read) => {
             buf.extend_from_slice(&chunk[..read]);
             Ok(())

@@ -129,7 +129,11 @@ unsafe impl IoBufMut for ReadTail {
 }
 
 /// Reads once into the spare capacity of `buf` (grown first if nearly full). Ok(0) is EOF.
-async fn read_more(reader: &mut OwnedReadHalf<TcpStream>, buf: BytesMut, grow_bytes: usize) -> (std::io::Result<usize>, BytesMut) {
+async fn read_more(
+    reader: &mut OwnedReadHalf<TcpStream>,
+    buf: BytesMut,
+    grow_bytes: usize,
+) -> (std::io::Result<usize>, BytesMut) {
     let mut buf = buf;
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(grow_bytes.max(4096));
@@ -152,7 +156,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     {
         Ok(Ok(upgrade)) => upgrade,
         Ok(Err(Some(refusal))) => {
-            log!(Level::Debug, "shard {}: refused upgrade from {peer}: {} {}", shard.id.0, refusal.status, refusal.reason);
+            log!(
+                Level::Debug,
+                "shard {}: refused upgrade from {peer}: {} {}",
+                shard.id.0,
+                refusal.status,
+                refusal.reason
+            );
             let (_, _) = stream.write_all(refusal.response()).await;
             let _ = stream.shutdown().await;
             return;
@@ -172,9 +182,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     };
 
     let session_config = shard.session_config.clone();
-    let (me, cell) = shard.register(|me| {
-        Connection::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes)
-    });
+    let (me, cell) = shard
+        .register(|me| Connection::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes));
     log!(
         Level::Debug,
         "shard {}: connection {}.{} from {peer} upgraded with {}",
@@ -206,7 +215,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
 
 /// Reads until a complete upgrade request is parsed and accepted. `Err(Some)` is a refusal to
 /// send back; `Err(None)` means the peer went away.
-async fn read_upgrade(stream: &mut TcpStream, buf: &mut BytesMut, max_bytes: usize) -> Result<handshake::Upgrade, Option<HandshakeError>> {
+async fn read_upgrade(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_bytes: usize,
+) -> Result<handshake::Upgrade, Option<HandshakeError>> {
     loop {
         match handshake::parse_request(buf, max_bytes) {
             Ok(Some((request, consumed))) => {
@@ -353,7 +366,12 @@ fn process_buffered(
             Ok(Some(event)) => event,
             Ok(None) => return Step::NeedMore,
             Err(WsError { close_code, reason }) => {
-                log!(Level::Debug, "shard {}: conn {}: websocket error {close_code}: {reason}", shard.id.0, me.conn.index);
+                log!(
+                    Level::Debug,
+                    "shard {}: conn {}: websocket error {close_code}: {reason}",
+                    shard.id.0,
+                    me.conn.index
+                );
                 connection.begin_close(close_code, &reason);
                 return Step::Closing;
             }
@@ -380,7 +398,14 @@ fn process_buffered(
         };
         let mut fx = Effects { outbound: &mut connection.outbound, commands };
         if let Err(end) = connection.session.on_message(binding, payload, now, &mut fx) {
-            log!(Level::Debug, "shard {}: conn {}: session ended: {} {}", shard.id.0, me.conn.index, end.close_code, end.reason);
+            log!(
+                Level::Debug,
+                "shard {}: conn {}: session ended: {} {}",
+                shard.id.0,
+                me.conn.index,
+                end.close_code,
+                end.reason
+            );
             connection.begin_close(end.close_code, &end.reason);
             return Step::Closing;
         }
@@ -389,7 +414,12 @@ fn process_buffered(
 
 /// After we queued a close frame: discard input until the peer's close frame or EOF, bounded
 /// by `CLOSE_GRACE`.
-async fn wait_for_peer_close(reader: &mut OwnedReadHalf<TcpStream>, decoder: &mut Decoder, mut buf: BytesMut, grow: usize) {
+async fn wait_for_peer_close(
+    reader: &mut OwnedReadHalf<TcpStream>,
+    decoder: &mut Decoder,
+    mut buf: BytesMut,
+    grow: usize,
+) {
     let _ = monoio::time::timeout(CLOSE_GRACE, async {
         loop {
             loop {
@@ -463,7 +493,10 @@ async fn write_loop(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, mut wri
 }
 
 /// Writes a whole batch, resuming after partial writes.
-async fn write_batch(writer: &mut OwnedWriteHalf<TcpStream>, mut batch: WriteBatch) -> (std::io::Result<()>, WriteBatch) {
+async fn write_batch(
+    writer: &mut OwnedWriteHalf<TcpStream>,
+    mut batch: WriteBatch,
+) -> (std::io::Result<()>, WriteBatch) {
     while !batch.is_done() {
         let (result, returned) = writer.writev(batch).await;
         batch = returned;

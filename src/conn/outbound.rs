@@ -24,7 +24,10 @@ pub const MAX_IOVECS_PER_WRITE: usize = 1024;
 #[derive(Debug)]
 enum Segment {
     /// `arena[start..end]`.
-    Header { start: usize, end: usize },
+    Header {
+        start: usize,
+        end: usize,
+    },
     Body(Bytes),
 }
 

@@ -18,12 +18,11 @@ use smallvec::SmallVec;
 
 use super::outbound::Outbound;
 use crate::broker::{
-    owner_of, AddressCommand, ConnCommand, ConnRef, MessageId, Refusal, SharedMessage, ShardId, StoredMessage,
+    owner_of, AddressCommand, ConnCommand, ConnRef, MessageId, Refusal, ShardId, SharedMessage, StoredMessage,
     SubscriptionId,
 };
 use crate::mbws::{
-    self, AckMode, Binding, CodecLimits, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
-    PROTOCOL_VERSION,
+    self, AckMode, Binding, CodecLimits, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol, PROTOCOL_VERSION,
 };
 
 /// Settings every session on a shard shares.
@@ -139,14 +138,26 @@ impl Session {
     }
 
     /// Decodes and handles one complete WebSocket data message.
-    pub fn on_message(&mut self, binding: Binding, payload: Bytes, now_ms: u64, fx: &mut Effects<'_>) -> Result<(), SessionEnd> {
+    pub fn on_message(
+        &mut self,
+        binding: Binding,
+        payload: Bytes,
+        now_ms: u64,
+        fx: &mut Effects<'_>,
+    ) -> Result<(), SessionEnd> {
         match mbws::decode(binding, payload, &self.config.codec_limits) {
             Ok(frame) => self.on_frame(binding, frame, now_ms, fx),
             Err(error) => Err(self.fatal(binding, error.code, 0, 0, error.reason, fx)),
         }
     }
 
-    pub fn on_frame(&mut self, binding: Binding, frame: Frame, now_ms: u64, fx: &mut Effects<'_>) -> Result<(), SessionEnd> {
+    pub fn on_frame(
+        &mut self,
+        binding: Binding,
+        frame: Frame,
+        now_ms: u64,
+        fx: &mut Effects<'_>,
+    ) -> Result<(), SessionEnd> {
         if self.state == State::Closed {
             return Ok(());
         }
@@ -236,7 +247,10 @@ impl Session {
                 ErrorCode::MalformedFrame,
                 0,
                 0,
-                format!("OPEN: protocol version {} is not supported; this broker speaks version {PROTOCOL_VERSION}", open.version),
+                format!(
+                    "OPEN: protocol version {} is not supported; this broker speaks version {PROTOCOL_VERSION}",
+                    open.version
+                ),
                 fx,
             ));
         }
@@ -263,12 +277,8 @@ impl Session {
         self.binding = binding;
         self.heartbeat_ms = heartbeat_ms;
         self.state = State::Open;
-        self.session_id = Bytes::from(format!(
-            "{}-{}-{}",
-            self.me.shard.0,
-            self.me.conn.index,
-            self.me.conn.generation
-        ));
+        self.session_id =
+            Bytes::from(format!("{}-{}-{}", self.me.shard.0, self.me.conn.index, self.me.conn.generation));
         let session_expiry_ms = match self.subprotocol {
             Subprotocol::Reliable => self.config.session_expiry_ms,
             Subprotocol::Light => 0,
@@ -289,7 +299,13 @@ impl Session {
         Ok(())
     }
 
-    fn on_send(&mut self, binding: Binding, send: mbws::Send, now_ms: u64, fx: &mut Effects<'_>) -> Result<(), SessionEnd> {
+    fn on_send(
+        &mut self,
+        binding: Binding,
+        send: mbws::Send,
+        now_ms: u64,
+        fx: &mut Effects<'_>,
+    ) -> Result<(), SessionEnd> {
         let seq = send.seq;
         match (self.subprotocol, seq) {
             (Subprotocol::Reliable, 0) => {
@@ -346,7 +362,10 @@ impl Session {
         let id = SubscriptionId(subscribe.subscription_id);
         let limits = self.config.limits;
         let refusal = if self.subscriptions.contains_key(&id) {
-            Some((ErrorCode::Conflict, format!("SUBSCRIBE: subscription id {} is already in use on this session; pick another id", id.0)))
+            Some((
+                ErrorCode::Conflict,
+                format!("SUBSCRIBE: subscription id {} is already in use on this session; pick another id", id.0),
+            ))
         } else if self.subscriptions.len() >= limits.max_subscriptions as usize {
             Some((
                 ErrorCode::TooLarge,
@@ -358,7 +377,10 @@ impl Session {
         } else if subscribe.credit > limits.max_credit {
             Some((
                 ErrorCode::TooLarge,
-                format!("SUBSCRIBE: credit {} is over max_credit {}; ask for less", subscribe.credit, limits.max_credit),
+                format!(
+                    "SUBSCRIBE: credit {} is over max_credit {}; ask for less",
+                    subscribe.credit, limits.max_credit
+                ),
             ))
         } else {
             None
@@ -367,7 +389,8 @@ impl Session {
             self.send_error(binding, code, 0, id.0, reason, fx.outbound);
             return;
         }
-        let credit = if subscribe.credit == 0 { self.config.default_credit.min(limits.max_credit) } else { subscribe.credit };
+        let credit =
+            if subscribe.credit == 0 { self.config.default_credit.min(limits.max_credit) } else { subscribe.credit };
         let owner = owner_of(&subscribe.address, self.config.shard_count);
         self.subscriptions.insert(id, Subscription { owner, ack_mode: subscribe.ack_mode, confirmed: false });
         fx.commands.push((
@@ -429,7 +452,8 @@ impl Session {
             self.send_error(binding, ErrorCode::TooLarge, 0, id.0, reason, fx.outbound);
             return;
         }
-        fx.commands.push((subscription.owner, AddressCommand::SetCredit { consumer: self.me, subscription: id, credit }));
+        fx.commands
+            .push((subscription.owner, AddressCommand::SetCredit { consumer: self.me, subscription: id, credit }));
     }
 
     /// Handles an answer or a delivery from an address owner.
@@ -545,7 +569,15 @@ impl Session {
         self.unacked.clear();
     }
 
-    fn send_error(&self, binding: Binding, code: ErrorCode, seq: u64, subscription_id: u32, reason: String, outbound: &mut Outbound) {
+    fn send_error(
+        &self,
+        binding: Binding,
+        code: ErrorCode,
+        seq: u64,
+        subscription_id: u32,
+        reason: String,
+        outbound: &mut Outbound,
+    ) {
         let frame = Frame::Error(ErrorFrame {
             code: code.as_u16(),
             fatal: false,
@@ -557,7 +589,15 @@ impl Session {
     }
 
     /// Queues a fatal ERROR and returns how the connection must close.
-    fn fatal(&mut self, binding: Binding, code: ErrorCode, seq: u64, subscription_id: u32, reason: String, fx: &mut Effects<'_>) -> SessionEnd {
+    fn fatal(
+        &mut self,
+        binding: Binding,
+        code: ErrorCode,
+        seq: u64,
+        subscription_id: u32,
+        reason: String,
+        fx: &mut Effects<'_>,
+    ) -> SessionEnd {
         let frame = Frame::Error(ErrorFrame {
             code: code.as_u16(),
             fatal: true,
@@ -595,7 +635,10 @@ mod tests {
     }
 
     /// Feeds `frames` in order, returns the frames the session answered and the commands.
-    fn drive(session: &mut Session, frames: Vec<Frame>) -> (Vec<Frame>, Vec<(ShardId, AddressCommand)>, Option<SessionEnd>) {
+    fn drive(
+        session: &mut Session,
+        frames: Vec<Frame>,
+    ) -> (Vec<Frame>, Vec<(ShardId, AddressCommand)>, Option<SessionEnd>) {
         let mut outbound = Outbound::new();
         let mut commands = Vec::new();
         let mut end = None;

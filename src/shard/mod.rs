@@ -347,17 +347,14 @@ fn run_shard(
             log!(Level::Warn, "shard {}: could not pin to CPU {core}: {error}; running unpinned", id.0);
         }
     }
-    let mut runtime = match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .with_entries(4096)
-        .enable_timer()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            log!(Level::Error, "shard {}: cannot start an io_uring event loop: {error}", id.0);
-            std::process::exit(1);
-        }
-    };
+    let mut runtime =
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(4096).enable_timer().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                log!(Level::Error, "shard {}: cannot start an io_uring event loop: {error}", id.0);
+                std::process::exit(1);
+            }
+        };
     runtime.block_on(async move {
         let listener = match monoio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,

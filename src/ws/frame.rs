@@ -77,11 +77,7 @@ fn opcode_from_bits(bits: u8) -> Option<OpCode> {
 /// Returns `Ok(None)` while the header is incomplete. Protocol violations are close 1002; a
 /// payload longer than `max_frame_bytes` is close 1009, reported as soon as the length field is
 /// readable so a peer cannot make us buffer an oversized frame.
-pub fn decode_header(
-    buf: &[u8],
-    role: Role,
-    max_frame_bytes: usize,
-) -> Result<Option<FrameHeader>, WsError> {
+pub fn decode_header(buf: &[u8], role: Role, max_frame_bytes: usize) -> Result<Option<FrameHeader>, WsError> {
     let [first, second, ..] = *buf else {
         return Ok(None);
     };
@@ -98,9 +94,11 @@ pub fn decode_header(
     };
     let masked = second & MASK_BIT != 0;
     match (role, masked) {
-        (Role::Server, false) => return Err(WsError::protocol(
-            "client frame is not masked; RFC 6455 section 5.1 requires clients to mask every frame",
-        )),
+        (Role::Server, false) => {
+            return Err(WsError::protocol(
+                "client frame is not masked; RFC 6455 section 5.1 requires clients to mask every frame",
+            ))
+        }
         (Role::Client, true) => {
             return Err(WsError::protocol(
                 "server frame is masked; RFC 6455 section 5.1 forbids servers to mask frames",
@@ -192,11 +190,7 @@ pub fn take_frame(buf: &mut BytesMut, header: &FrameHeader) -> Option<RawFrame> 
 /// Decodes one frame from the front of `buf`: [`decode_header`] then [`take_frame`].
 ///
 /// `Ok(None)` means `buf` does not hold a whole frame yet; it is left untouched.
-pub fn decode_frame(
-    buf: &mut BytesMut,
-    role: Role,
-    max_frame_bytes: usize,
-) -> Result<Option<RawFrame>, WsError> {
+pub fn decode_frame(buf: &mut BytesMut, role: Role, max_frame_bytes: usize) -> Result<Option<RawFrame>, WsError> {
     match decode_header(buf, role, max_frame_bytes)? {
         Some(header) => Ok(take_frame(buf, &header)),
         None => Ok(None),
@@ -216,8 +210,7 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     // The words start `head.len()` bytes into the data, so the mask is rotated to that phase.
     // Each word is exactly two mask periods long, so the tail starts at the same phase.
     let phase = head.len() % 4;
-    let rotated =
-        [mask[phase], mask[(phase + 1) % 4], mask[(phase + 2) % 4], mask[(phase + 3) % 4]];
+    let rotated = [mask[phase], mask[(phase + 1) % 4], mask[(phase + 2) % 4], mask[(phase + 3) % 4]];
     let [a, b, c, d] = rotated;
     // Native byte order: the word's bytes in memory meet the mask bytes in memory order.
     let word_mask = u64::from_ne_bytes([a, b, c, d, a, b, c, d]);
@@ -235,13 +228,7 @@ fn apply_mask_bytewise(data: &mut [u8], mask: [u8; 4]) {
 
 /// Writes a frame header with the minimal length encoding: 7-bit up to 125, 16-bit up to
 /// 65535, 64-bit above. The caller writes (and, if `mask` is set, masks) the payload.
-pub fn encode_header(
-    out: &mut impl BufMut,
-    fin: bool,
-    opcode: OpCode,
-    payload_len: usize,
-    mask: Option<[u8; 4]>,
-) {
+pub fn encode_header(out: &mut impl BufMut, fin: bool, opcode: OpCode, payload_len: usize, mask: Option<[u8; 4]>) {
     debug_assert!(
         !opcode.is_control() || (fin && payload_len <= MAX_CONTROL_PAYLOAD_BYTES),
         "control frames must have FIN set and at most {MAX_CONTROL_PAYLOAD_BYTES} payload bytes"
@@ -308,9 +295,7 @@ mod tests {
         let bytes = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
         let mut buf = BytesMut::from(&bytes[..]);
         buf.extend_from_slice(b"rest");
-        let frame = decode_frame(&mut buf, Role::Server, LIMIT)
-            .expect("valid frame")
-            .expect("complete frame");
+        let frame = decode_frame(&mut buf, Role::Server, LIMIT).expect("valid frame").expect("complete frame");
         assert!(frame.fin);
         assert_eq!(frame.opcode, OpCode::Text);
         assert_eq!(&frame.payload[..], b"Hello");
@@ -455,8 +440,7 @@ mod tests {
     #[test]
     fn frame_exactly_at_limit_is_accepted() {
         let bytes = encode_frame(true, OpCode::Binary, &[3u8; 200], Some(MASK));
-        let frame =
-            decode_frame(&mut BytesMut::from(&bytes[..]), Role::Server, 200).unwrap().unwrap();
+        let frame = decode_frame(&mut BytesMut::from(&bytes[..]), Role::Server, 200).unwrap().unwrap();
         assert_eq!(frame.payload.len(), 200);
         let result = decode_frame(&mut BytesMut::from(&bytes[..]), Role::Server, 199);
         expect_close(result, close_code::MESSAGE_TOO_BIG);
@@ -464,8 +448,7 @@ mod tests {
 
     #[test]
     fn encode_header_uses_minimal_lengths() {
-        let cases: [(usize, usize); 6] =
-            [(0, 2), (125, 2), (126, 4), (65_535, 4), (65_536, 10), (1 << 40, 10)];
+        let cases: [(usize, usize); 6] = [(0, 2), (125, 2), (126, 4), (65_535, 4), (65_536, 10), (1 << 40, 10)];
         for (len, header_len) in cases {
             let mut out = Vec::new();
             encode_header(&mut out, true, OpCode::Binary, len, None);

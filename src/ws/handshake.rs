@@ -76,21 +76,12 @@ impl HttpResponse {
     }
 }
 
-fn header_values<'a>(
-    headers: &'a [(String, String)],
-    name: &'a str,
-) -> impl Iterator<Item = &'a str> {
-    headers
-        .iter()
-        .filter(move |(field, _)| field.eq_ignore_ascii_case(name))
-        .map(|(_, value)| value.as_str())
+fn header_values<'a>(headers: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a str> {
+    headers.iter().filter(move |(field, _)| field.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
 }
 
 fn first_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(field, _)| field.eq_ignore_ascii_case(name))
-        .map(|(_, value)| value.as_str())
+    headers.iter().find(|(field, _)| field.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
 }
 
 /// A refused handshake: the HTTP status to answer with and a reason for the peer.
@@ -136,13 +127,7 @@ impl HandshakeError {
 
 impl fmt::Display for HandshakeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "handshake refused with {} {}: {}",
-            self.status,
-            status_text(self.status),
-            self.reason
-        )
+        write!(f, "handshake refused with {} {}: {}", self.status, status_text(self.status), self.reason)
     }
 }
 
@@ -181,13 +166,8 @@ fn echo(input: &str) -> String {
 /// `Ok(None)`: the header block is not complete yet; read more and call again with all bytes.
 /// `Ok(Some((request, consumed)))`: `consumed` counts the bytes up to and including the blank
 /// line; anything after it (such as the first frame) belongs to the WebSocket stream.
-pub fn parse_request(
-    buf: &[u8],
-    max_request_bytes: usize,
-) -> Result<Option<(HttpRequest, usize)>, HandshakeError> {
-    let Some((block, consumed)) =
-        find_header_block(buf, max_request_bytes, "request", "max_request_bytes")?
-    else {
+pub fn parse_request(buf: &[u8], max_request_bytes: usize) -> Result<Option<(HttpRequest, usize)>, HandshakeError> {
+    let Some((block, consumed)) = find_header_block(buf, max_request_bytes, "request", "max_request_bytes")? else {
         return Ok(None);
     };
     let (start_line, headers) = parse_head(block, "request")?;
@@ -198,12 +178,8 @@ pub fn parse_request(
 
 /// Parses the server's handshake response from the bytes read so far; same contract as
 /// [`parse_request`] (bytes after the blank line are the first frames).
-pub fn parse_response(
-    buf: &[u8],
-    max_bytes: usize,
-) -> Result<Option<(HttpResponse, usize)>, HandshakeError> {
-    let Some((block, consumed)) = find_header_block(buf, max_bytes, "response", "max_bytes")?
-    else {
+pub fn parse_response(buf: &[u8], max_bytes: usize) -> Result<Option<(HttpResponse, usize)>, HandshakeError> {
+    let Some((block, consumed)) = find_header_block(buf, max_bytes, "response", "max_bytes")? else {
         return Ok(None);
     };
     let (start_line, headers) = parse_head(block, "response")?;
@@ -255,10 +231,7 @@ type HeaderFields = Vec<(String, String)>;
 /// Splits a header block into its start line and header fields.
 fn parse_head<'a>(block: &'a [u8], what: &str) -> Result<(&'a str, HeaderFields), HandshakeError> {
     let text = std::str::from_utf8(block).map_err(|error| {
-        HandshakeError::bad_request(format!(
-            "HTTP {what} head is not valid UTF-8 at byte {}",
-            error.valid_up_to()
-        ))
+        HandshakeError::bad_request(format!("HTTP {what} head is not valid UTF-8 at byte {}", error.valid_up_to()))
     })?;
     // The block ends with a line feed, so the last piece of the split is empty.
     let mut lines = text.split('\n').map(|line| line.strip_suffix('\r').unwrap_or(line));
@@ -314,10 +287,7 @@ fn parse_header_line(line: &str, what: &str) -> Result<(String, String), Handsha
     }
     check_line_characters(line, what)?;
     let Some((name, value)) = line.split_once(':') else {
-        return Err(HandshakeError::bad_request(format!(
-            "HTTP {what} header line {} has no colon",
-            echo(line)
-        )));
+        return Err(HandshakeError::bad_request(format!("HTTP {what} header line {} has no colon", echo(line))));
     };
     if !is_token(name) {
         return Err(HandshakeError::bad_request(format!(
@@ -332,8 +302,7 @@ fn parse_header_line(line: &str, what: &str) -> Result<(String, String), Handsha
 /// `GET /path HTTP/1.1` into method and request target.
 fn parse_request_line(line: &str) -> Result<(&str, &str), HandshakeError> {
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(HandshakeError::bad_request(format!(
             "request line {} is not \"METHOD TARGET HTTP/1.1\"",
@@ -341,10 +310,7 @@ fn parse_request_line(line: &str) -> Result<(&str, &str), HandshakeError> {
         )));
     };
     if !is_token(method) {
-        return Err(HandshakeError::bad_request(format!(
-            "request method {} is not a valid token",
-            echo(method)
-        )));
+        return Err(HandshakeError::bad_request(format!("request method {} is not a valid token", echo(method))));
     }
     if target.is_empty() {
         return Err(HandshakeError::bad_request("request target is empty"));
@@ -362,35 +328,22 @@ fn parse_request_line(line: &str) -> Result<(&str, &str), HandshakeError> {
 fn parse_status_line(line: &str) -> Result<(u16, &str), HandshakeError> {
     let mut parts = line.splitn(3, ' ');
     let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
-        return Err(HandshakeError::bad_request(format!(
-            "status line {} is not \"HTTP/1.1 CODE REASON\"",
-            echo(line)
-        )));
+        return Err(HandshakeError::bad_request(format!("status line {} is not \"HTTP/1.1 CODE REASON\"", echo(line))));
     };
     let reason = parts.next().unwrap_or("");
     if version != "HTTP/1.1" {
-        return Err(HandshakeError::bad_request(format!(
-            "response uses {}; expected HTTP/1.1",
-            echo(version)
-        )));
+        return Err(HandshakeError::bad_request(format!("response uses {}; expected HTTP/1.1", echo(version))));
     }
     let status = match code.parse::<u16>() {
         Ok(status) if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) => status,
-        _ => {
-            return Err(HandshakeError::bad_request(format!(
-                "response status {} is not a 3-digit code",
-                echo(code)
-            )))
-        }
+        _ => return Err(HandshakeError::bad_request(format!("response status {} is not a 3-digit code", echo(code)))),
     };
     Ok((status, reason))
 }
 
 /// Whether any comma-separated token in any of the header `values` equals `token`, ignoring case.
 fn has_token<'a>(mut values: impl Iterator<Item = &'a str>, token: &str) -> bool {
-    values.any(|value| {
-        value.split(',').any(|item| item.trim_matches([' ', '\t']).eq_ignore_ascii_case(token))
-    })
+    values.any(|value| value.split(',').any(|item| item.trim_matches([' ', '\t']).eq_ignore_ascii_case(token)))
 }
 
 /// An accepted upgrade: what [`accept_response`] needs, and the negotiated subprotocol.
@@ -423,24 +376,17 @@ pub fn validate_upgrade(req: &HttpRequest) -> Result<Upgrade, HandshakeError> {
         return Err(HandshakeError::bad_request("missing Host header (required by HTTP/1.1)"));
     }
     if !has_token(req.header_values("Upgrade"), "websocket") {
-        return Err(HandshakeError::bad_request(
-            "not a WebSocket upgrade: send Upgrade: websocket",
-        ));
+        return Err(HandshakeError::bad_request("not a WebSocket upgrade: send Upgrade: websocket"));
     }
     if !has_token(req.header_values("Connection"), "upgrade") {
-        return Err(HandshakeError::bad_request(
-            "not a WebSocket upgrade: send Connection: Upgrade",
-        ));
+        return Err(HandshakeError::bad_request("not a WebSocket upgrade: send Connection: Upgrade"));
     }
     match req.header("Sec-WebSocket-Version") {
         Some(WEBSOCKET_VERSION) => {}
         Some(other) => {
             return Err(HandshakeError::new(
                 426,
-                format!(
-                    "unsupported Sec-WebSocket-Version {}; this server speaks version 13",
-                    echo(other)
-                ),
+                format!("unsupported Sec-WebSocket-Version {}; this server speaks version 13", echo(other)),
             ))
         }
         None => {
@@ -488,8 +434,7 @@ fn negotiate_subprotocol(req: &HttpRequest) -> Result<Subprotocol, HandshakeErro
         return Ok(protocol);
     }
     let offered_list = offered().collect::<Vec<_>>().join(", ");
-    let offered_list =
-        if offered_list.is_empty() { "none".to_owned() } else { echo(&offered_list) };
+    let offered_list = if offered_list.is_empty() { "none".to_owned() } else { echo(&offered_list) };
     Err(HandshakeError::bad_request(format!(
         "no supported subprotocol offered: send Sec-WebSocket-Protocol: {} or {} \
          (offered: {offered_list})",
@@ -571,10 +516,7 @@ pub fn new_client_key(seed: u64) -> String {
 /// subprotocol the server chose, `None` if it chose none; the caller checks it was offered.
 pub fn verify_accept(resp: &HttpResponse, key: &str) -> Result<Option<Subprotocol>, String> {
     if resp.status != 101 {
-        return Err(format!(
-            "server refused the WebSocket upgrade: {} {}",
-            resp.status, resp.reason
-        ));
+        return Err(format!("server refused the WebSocket upgrade: {} {}", resp.status, resp.reason));
     }
     if !has_token(resp.header_values("Upgrade"), "websocket") {
         return Err("server response lacks Upgrade: websocket".to_owned());
@@ -586,18 +528,12 @@ pub fn verify_accept(resp: &HttpResponse, key: &str) -> Result<Option<Subprotoco
     match resp.header("Sec-WebSocket-Accept") {
         Some(accept) if accept == expected => {}
         Some(accept) => {
-            return Err(format!(
-                "server sent Sec-WebSocket-Accept {}, expected {expected:?} for our key",
-                echo(accept)
-            ))
+            return Err(format!("server sent Sec-WebSocket-Accept {}, expected {expected:?} for our key", echo(accept)))
         }
         None => return Err("server response lacks Sec-WebSocket-Accept".to_owned()),
     }
     if let Some(extensions) = resp.header("Sec-WebSocket-Extensions") {
-        return Err(format!(
-            "server enabled extensions {} that were not requested",
-            echo(extensions)
-        ));
+        return Err(format!("server enabled extensions {} that were not requested", echo(extensions)));
     }
     let mut protocols = resp.header_values("Sec-WebSocket-Protocol");
     let chosen = protocols.next();
@@ -608,16 +544,12 @@ pub fn verify_accept(resp: &HttpResponse, key: &str) -> Result<Option<Subprotoco
         None => Ok(None),
         Some(name) => match Subprotocol::from_name(name) {
             Some(protocol) => Ok(Some(protocol)),
-            None => Err(format!(
-                "server chose subprotocol {}, which this client does not speak",
-                echo(name)
-            )),
+            None => Err(format!("server chose subprotocol {}, which this client does not speak", echo(name))),
         },
     }
 }
 
-const BASE64_ALPHABET: &[u8; 64] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const BASE64_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Standard base64 with padding (RFC 4648 section 4).
 fn base64_encode(input: &[u8]) -> String {
@@ -698,9 +630,8 @@ mod tests {
     }
 
     fn parse(text: &str) -> HttpRequest {
-        let (request, consumed) = parse_request(text.as_bytes(), LIMIT)
-            .expect("request parses")
-            .expect("request is complete");
+        let (request, consumed) =
+            parse_request(text.as_bytes(), LIMIT).expect("request parses").expect("request is complete");
         assert_eq!(consumed, text.len());
         request
     }
@@ -930,19 +861,16 @@ mod tests {
         let error = refusal(&edit_header(&valid_request(), "Connection", None));
         assert_eq!(error.status, 400);
         assert!(error.reason.contains("Connection: Upgrade"), "{error}");
-        let error =
-            refusal(&edit_header(&valid_request(), "Connection", Some("Connection: close")));
+        let error = refusal(&edit_header(&valid_request(), "Connection", Some("Connection: close")));
         assert_eq!(error.status, 400);
-        let text =
-            edit_header(&valid_request(), "Connection", Some("Connection: keep-alive, upgrade"));
+        let text = edit_header(&valid_request(), "Connection", Some("Connection: keep-alive, upgrade"));
         assert!(validate_upgrade(&parse(&text)).is_ok());
     }
 
     #[test]
     fn wrong_or_missing_version_is_426_with_version_header() {
         for replacement in [Some("Sec-WebSocket-Version: 8"), None] {
-            let error =
-                refusal(&edit_header(&valid_request(), "Sec-WebSocket-Version", replacement));
+            let error = refusal(&edit_header(&valid_request(), "Sec-WebSocket-Version", replacement));
             assert_eq!(error.status, 426);
             let response = String::from_utf8(error.response()).unwrap();
             assert!(response.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
@@ -1004,10 +932,7 @@ mod tests {
     fn negotiation_picks_first_supported_in_client_order() {
         let cases = [
             ("Sec-WebSocket-Protocol: MBLWS.huawei.com, MBWS.huawei.com\r\n", Subprotocol::Light),
-            (
-                "Sec-WebSocket-Protocol: chat,MBWS.huawei.com ,MBLWS.huawei.com\r\n",
-                Subprotocol::Reliable,
-            ),
+            ("Sec-WebSocket-Protocol: chat,MBWS.huawei.com ,MBLWS.huawei.com\r\n", Subprotocol::Reliable),
             (
                 "Sec-WebSocket-Protocol: chat\r\nsec-websocket-protocol:  MBLWS.huawei.com\r\n\
                  Sec-WebSocket-Protocol: MBWS.huawei.com\r\n",
@@ -1048,10 +973,7 @@ mod tests {
         assert!(String::from_utf8(error.response())
             .unwrap()
             .starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
-        assert_eq!(
-            error.to_string(),
-            "handshake refused with 431 Request Header Fields Too Large: too big"
-        );
+        assert_eq!(error.to_string(), "handshake refused with 431 Request Header Fields Too Large: too big");
     }
 
     #[test]
@@ -1065,12 +987,8 @@ mod tests {
     #[test]
     fn client_request_is_accepted_by_server_side() {
         let key = new_client_key(42);
-        let text = client_request(
-            "broker.example:8080",
-            "/",
-            &key,
-            &[Subprotocol::LIGHT_NAME, Subprotocol::RELIABLE_NAME],
-        );
+        let text =
+            client_request("broker.example:8080", "/", &key, &[Subprotocol::LIGHT_NAME, Subprotocol::RELIABLE_NAME]);
         let upgrade = validate_upgrade(&parse(&text)).unwrap();
         assert_eq!(upgrade.key, key);
         assert_eq!(upgrade.protocol, Subprotocol::Light);
@@ -1127,8 +1045,7 @@ mod tests {
         assert_eq!(response.status, 101);
         assert_eq!(response.reason, "Switching Protocols");
         assert_eq!(parse_response(&bytes, 20).unwrap_err().status, 431);
-        for bad in ["HTTP/1.1 1O1 Switching\r\n\r\n", "HTTP/1.0 101 x\r\n\r\n", "HTTP/1.1\r\n\r\n"]
-        {
+        for bad in ["HTTP/1.1 1O1 Switching\r\n\r\n", "HTTP/1.0 101 x\r\n\r\n", "HTTP/1.1\r\n\r\n"] {
             assert_eq!(parse_response(bad.as_bytes(), LIMIT).unwrap_err().status, 400, "{bad}");
         }
         let (no_reason, _) = parse_response(b"HTTP/1.1 204\r\n\r\n", LIMIT).unwrap().unwrap();
@@ -1140,23 +1057,13 @@ mod tests {
         let response = |status: u16, headers: &[(&str, &str)]| HttpResponse {
             status,
             reason: "Whatever".to_owned(),
-            headers: headers
-                .iter()
-                .map(|(name, value)| (name.to_string(), value.to_string()))
-                .collect(),
+            headers: headers.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect(),
         };
         let accept = accept_key(RFC_KEY);
-        let good = [
-            ("upgrade", "WebSocket"),
-            ("connection", "upgrade"),
-            ("sec-websocket-accept", accept.as_str()),
-        ];
+        let good = [("upgrade", "WebSocket"), ("connection", "upgrade"), ("sec-websocket-accept", accept.as_str())];
         assert_eq!(verify_accept(&response(101, &good), RFC_KEY), Ok(None));
         let with_protocol = [&good[..], &[("Sec-WebSocket-Protocol", "MBLWS.huawei.com")]].concat();
-        assert_eq!(
-            verify_accept(&response(101, &with_protocol), RFC_KEY),
-            Ok(Some(Subprotocol::Light))
-        );
+        assert_eq!(verify_accept(&response(101, &with_protocol), RFC_KEY), Ok(Some(Subprotocol::Light)));
 
         let refused = verify_accept(&response(400, &good), RFC_KEY).unwrap_err();
         assert!(refused.contains("400 Whatever"), "{refused}");

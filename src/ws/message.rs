@@ -149,9 +149,7 @@ impl Decoder {
     fn check_sequence_and_size(&self, opcode: OpCode, payload_bytes: usize) -> Result<(), WsError> {
         let message_bytes = match (opcode, &self.partial) {
             (OpCode::Continuation, None) => return Err(continuation_without_start()),
-            (OpCode::Continuation, Some(partial)) => {
-                partial.payload.len().saturating_add(payload_bytes)
-            }
+            (OpCode::Continuation, Some(partial)) => partial.payload.len().saturating_add(payload_bytes),
             (OpCode::Text | OpCode::Binary, Some(partial)) => {
                 return Err(WsError::protocol(format!(
                     "new {opcode:?} message started while a fragmented {:?} message is \
@@ -187,11 +185,8 @@ impl Decoder {
                     }
                     return Ok(Some(WsEvent::Binary(payload)));
                 }
-                let mut partial = PartialMessage {
-                    kind,
-                    payload: BytesMut::with_capacity(payload.len()),
-                    utf8_valid_bytes: 0,
-                };
+                let mut partial =
+                    PartialMessage { kind, payload: BytesMut::with_capacity(payload.len()), utf8_valid_bytes: 0 };
                 partial.append(&payload, false)?;
                 self.partial = Some(partial);
                 Ok(None)
@@ -243,22 +238,14 @@ fn validate_utf8(bytes: &[u8], valid_bytes: usize, complete: bool) -> Result<usi
     match str::from_utf8(unchecked) {
         Ok(_) => Ok(bytes.len()),
         // `error_len() == None`: the input ended inside a sequence that may still complete.
-        Err(error) if error.error_len().is_none() && !complete => {
-            Ok(valid_bytes + error.valid_up_to())
-        }
+        Err(error) if error.error_len().is_none() && !complete => Ok(valid_bytes + error.valid_up_to()),
         Err(error) if error.error_len().is_none() => Err(WsError::new(
             close_code::INVALID_PAYLOAD,
-            format!(
-                "text message ends inside a UTF-8 sequence at byte {}",
-                valid_bytes + error.valid_up_to()
-            ),
+            format!("text message ends inside a UTF-8 sequence at byte {}", valid_bytes + error.valid_up_to()),
         )),
         Err(error) => Err(WsError::new(
             close_code::INVALID_PAYLOAD,
-            format!(
-                "text message is not valid UTF-8 at byte {}",
-                valid_bytes + error.valid_up_to()
-            ),
+            format!("text message is not valid UTF-8 at byte {}", valid_bytes + error.valid_up_to()),
         )),
     }
 }
@@ -353,18 +340,9 @@ mod tests {
 
     #[test]
     fn text_and_binary_messages() {
-        let mut buf = wire(&[
-            (true, OpCode::Text, "héllo".as_bytes()),
-            (true, OpCode::Binary, &[0xff, 0x00]),
-        ]);
+        let mut buf = wire(&[(true, OpCode::Text, "héllo".as_bytes()), (true, OpCode::Binary, &[0xff, 0x00])]);
         let got = events(&mut server(), &mut buf).unwrap();
-        assert_eq!(
-            got,
-            [
-                WsEvent::Text(Bytes::from("héllo")),
-                WsEvent::Binary(Bytes::from_static(&[0xff, 0x00]))
-            ]
-        );
+        assert_eq!(got, [WsEvent::Text(Bytes::from("héllo")), WsEvent::Binary(Bytes::from_static(&[0xff, 0x00]))]);
     }
 
     #[test]
@@ -408,19 +386,14 @@ mod tests {
         assert!(reason.contains("no fragmented message"), "{reason}");
         // Also after a completed fragmented message.
         expect_error(
-            &[
-                (false, OpCode::Text, b"a"),
-                (true, OpCode::Continuation, b"b"),
-                (true, OpCode::Continuation, b"c"),
-            ],
+            &[(false, OpCode::Text, b"a"), (true, OpCode::Continuation, b"b"), (true, OpCode::Continuation, b"c")],
             1002,
         );
     }
 
     #[test]
     fn new_message_during_fragmented_message_is_protocol_error() {
-        let reason =
-            expect_error(&[(false, OpCode::Text, b"a"), (true, OpCode::Binary, b"b")], 1002);
+        let reason = expect_error(&[(false, OpCode::Text, b"a"), (true, OpCode::Binary, b"b")], 1002);
         assert!(reason.contains("unfinished"), "{reason}");
         expect_error(&[(false, OpCode::Binary, b"a"), (false, OpCode::Text, b"b")], 1002);
     }
@@ -449,8 +422,7 @@ mod tests {
     #[test]
     fn fragmented_message_over_limit_fails_before_payload_arrives() {
         let mut decoder = Decoder::new(Role::Server, 100, 10);
-        let mut buf =
-            wire(&[(false, OpCode::Text, b"12345"), (false, OpCode::Continuation, b"12345")]);
+        let mut buf = wire(&[(false, OpCode::Text, b"12345"), (false, OpCode::Continuation, b"12345")]);
         assert_eq!(decoder.next_event(&mut buf), Ok(None));
         // Only the header of a frame that would bring the total to 11 bytes.
         let third = encode_frame(true, OpCode::Continuation, b"x", Some(MASK));
@@ -463,12 +435,8 @@ mod tests {
     #[test]
     fn fragmented_message_exactly_at_limit_is_accepted() {
         let mut decoder = Decoder::new(Role::Server, 100, 10);
-        let mut buf =
-            wire(&[(false, OpCode::Binary, b"12345"), (true, OpCode::Continuation, b"67890")]);
-        assert_eq!(
-            decoder.next_event(&mut buf),
-            Ok(Some(WsEvent::Binary(Bytes::from("1234567890"))))
-        );
+        let mut buf = wire(&[(false, OpCode::Binary, b"12345"), (true, OpCode::Continuation, b"67890")]);
+        assert_eq!(decoder.next_event(&mut buf), Ok(Some(WsEvent::Binary(Bytes::from("1234567890")))));
     }
 
     #[test]
@@ -514,17 +482,13 @@ mod tests {
 
     #[test]
     fn message_ending_inside_a_sequence_is_1007() {
-        let reason = expect_error(
-            &[(false, OpCode::Text, b"abc"), (true, OpCode::Continuation, &[0xf0, 0x9f])],
-            1007,
-        );
+        let reason = expect_error(&[(false, OpCode::Text, b"abc"), (true, OpCode::Continuation, &[0xf0, 0x9f])], 1007);
         assert!(reason.contains("ends inside"), "{reason}");
     }
 
     #[test]
     fn binary_messages_are_not_utf8_checked() {
-        let mut buf =
-            wire(&[(false, OpCode::Binary, &[0xff]), (true, OpCode::Continuation, &[0xfe])]);
+        let mut buf = wire(&[(false, OpCode::Binary, &[0xff]), (true, OpCode::Continuation, &[0xfe])]);
         let got = events(&mut server(), &mut buf).unwrap();
         assert_eq!(got, [WsEvent::Binary(Bytes::from_static(&[0xff, 0xfe]))]);
     }
@@ -540,9 +504,7 @@ mod tests {
         let mut buf = wire(&[(true, OpCode::Close, &close_with(1000, "bye ✓".as_bytes()))]);
         assert_eq!(
             server().next_event(&mut buf),
-            Ok(Some(WsEvent::Close(Some(CloseFrame {
-                code: 1000, reason: Bytes::from("bye ✓")
-            }))))
+            Ok(Some(WsEvent::Close(Some(CloseFrame { code: 1000, reason: Bytes::from("bye ✓") }))))
         );
     }
 
@@ -560,11 +522,7 @@ mod tests {
         {
             let mut buf = wire(&[(true, OpCode::Close, &close_with(code, b""))]);
             let event = server().next_event(&mut buf);
-            assert_eq!(
-                event,
-                Ok(Some(WsEvent::Close(Some(CloseFrame { code, reason: Bytes::new() })))),
-                "code {code}"
-            );
+            assert_eq!(event, Ok(Some(WsEvent::Close(Some(CloseFrame { code, reason: Bytes::new() })))), "code {code}");
         }
     }
 
@@ -619,10 +577,7 @@ mod tests {
         assert_eq!(close_payload(1008, &ascii).len(), 2 + MAX_CLOSE_REASON_BYTES);
         // The result always fits a control frame and decodes.
         let mut buf = wire(&[(true, OpCode::Close, &close_payload(1008, &long))]);
-        assert!(matches!(
-            server().next_event(&mut buf),
-            Ok(Some(WsEvent::Close(Some(CloseFrame { code: 1008, .. }))))
-        ));
+        assert!(matches!(server().next_event(&mut buf), Ok(Some(WsEvent::Close(Some(CloseFrame { code: 1008, .. }))))));
     }
 
     #[test]
