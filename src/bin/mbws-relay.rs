@@ -1,0 +1,2 @@
+//! Raw io_uring TCP relay baseline (being written).
+fn main() {}
