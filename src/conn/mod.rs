@@ -177,6 +177,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
                 ),
             };
             let (_, _) = stream.write_all(refusal.response()).await;
+            let _ = stream.shutdown().await;
             return;
         }
     };
