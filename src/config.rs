@@ -68,7 +68,7 @@ impl Default for Config {
             max_inflight_sends: 4096,
             max_queued_messages: 100_000,
             max_heartbeat_ms: 60_000,
-            session_expiry_ms: 0,
+            session_expiry_ms: 30_000,
             mailbox_capacity: 65_536,
         }
     }

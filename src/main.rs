@@ -44,6 +44,9 @@ struct Args {
     /// Largest credit (unacknowledged deliveries) per subscription.
     #[arg(long, default_value_t = Config::default().max_credit)]
     max_credit: u32,
+    /// Milliseconds an MBWS session is kept after its connection is lost, for resume (0: never).
+    #[arg(long, default_value_t = Config::default().session_expiry_ms)]
+    session_expiry_ms: u32,
     /// Milliseconds a connection may take to complete its WebSocket upgrade.
     #[arg(long, default_value_t = 10_000)]
     handshake_timeout_ms: u64,
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         max_credit: args.max_credit,
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
         open_timeout: Duration::from_millis(args.open_timeout_ms),
+        session_expiry_ms: args.session_expiry_ms,
         ..Config::default()
     };
     if let Err(problem) = config.validate() {

@@ -1,27 +1,38 @@
 //! Connections: the IO shell around the sans-IO WebSocket codec and MBWS session.
 //!
-//! Each accepted socket gets two monoio tasks on its shard:
-//! - the reader ([`serve`]): HTTP upgrade (bounded by `handshake_timeout` and
-//!   `max_handshake_bytes`), then reads into a `BytesMut`, decodes WebSocket messages in place
-//!   and feeds them to the [`Session`]; it stops reading while the session holds
-//!   `max_inflight_sends` unanswered SENDs or the write queue is over `max_outbound_bytes`;
-//! - the writer ([`write_loop`]): takes everything queued in the [`Outbound`] as one batch and
-//!   writes it with one vectored write, returning auto-ack credit once the batch is on the wire.
+//! A connection goes through three phases on its shard:
+//! 1. upgrade ([`serve`]): the HTTP request, bounded by `handshake_timeout` and
+//!    `max_handshake_bytes`, answered 101 or refused with a plain-text reason;
+//! 2. opening: the first MBWS frame, bounded by `open_timeout`. A new session is registered in
+//!    a connection slot of this shard. A *resume* (MBWS OPEN naming a session) is served by the
+//!    shard that holds the session: if that is another shard, the socket itself is handed over
+//!    to it ([`Adoption`]), since SO_REUSEPORT lands a reconnect on any shard;
+//! 3. running: a reader task decodes WebSocket messages in place and feeds the [`Session`]; it
+//!    stops reading while the session holds `max_inflight_sends` unanswered SENDs or the write
+//!    queue is over `max_outbound_bytes`. A writer task takes everything queued in the
+//!    [`Outbound`] as one batch and writes it with one vectored write, returning auto-ack credit
+//!    once the batch is on the wire.
+//!
+//! A connection slot outlives its socket when its session is resumable (MBWS): the session is
+//! detached and waits `session_expiry_ms` for its client; a timer ends it otherwise. Every
+//! attachment of a socket to a slot has an `epoch`; tasks of an older epoch (a connection
+//! superseded by a resume) stop touching the slot.
 //!
 //! State the shard's dispatcher also touches (session, write queue, wakers) sits in one
-//! `RefCell` per connection. Nobody holds that borrow across an `.await` or while calling back
-//! into the shard, so borrows never overlap.
+//! `RefCell` per slot. Nobody holds that borrow across an `.await` or while calling back into
+//! the shard, so borrows never overlap.
 
 pub mod outbound;
 pub mod session;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
@@ -29,13 +40,13 @@ use monoio::net::TcpStream;
 use crate::broker::{AddressCommand, ConnRef, ShardId};
 use crate::log;
 use crate::logging::Level;
-use crate::mbws::{Binding, ErrorCode};
+use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
 use crate::shard::{now_ms, Shard};
 use crate::ws::handshake::{self, HandshakeError};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
 use crate::ws::{OpCode, Role, WsError};
 use outbound::{Outbound, WriteBatch};
-use session::{Effects, Session};
+use session::{parse_session_id, Effects, Session};
 
 pub type ConnectionCell = Rc<RefCell<Connection>>;
 
@@ -53,6 +64,10 @@ pub struct Connection {
     closing: bool,
     /// The reader has finished: the writer exits once the queue is written.
     reader_done: bool,
+    /// Which attachment of a socket to this slot is current; older tasks stop.
+    epoch: u32,
+    /// The attached socket, so that a resume on a new connection can shut a stale one down.
+    socket: RawFd,
 }
 
 impl Connection {
@@ -65,6 +80,8 @@ impl Connection {
             reader_waker: None,
             closing: false,
             reader_done: false,
+            epoch: 0,
+            socket: -1,
         }
     }
 
@@ -104,6 +121,28 @@ impl Connection {
             waker.wake();
         }
     }
+
+    /// Starts a new attachment: a fresh write queue and flags for the socket `socket`.
+    fn attach(&mut self, socket: RawFd) -> u32 {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.outbound = Outbound::new();
+        self.closing = false;
+        self.reader_done = false;
+        self.socket = socket;
+        self.wake_all(); // Tasks of the previous epoch notice and stop.
+        self.epoch
+    }
+}
+
+/// A socket handed to the shard that holds the session its first frame resumes.
+#[derive(Debug)]
+pub struct Adoption {
+    pub socket: OwnedFd,
+    pub peer: SocketAddr,
+    /// Bytes read after the OPEN, not yet decoded.
+    pub buffered: BytesMut,
+    pub binding: Binding,
+    pub open: mbws::Open,
 }
 
 /// A `BytesMut` that io_uring reads into after its current contents.
@@ -129,8 +168,8 @@ unsafe impl IoBufMut for ReadTail {
 }
 
 /// Reads once into the spare capacity of `buf` (grown first if nearly full). Ok(0) is EOF.
-async fn read_more(
-    reader: &mut OwnedReadHalf<TcpStream>,
+async fn read_more<R: AsyncReadRent>(
+    reader: &mut R,
     buf: BytesMut,
     grow_bytes: usize,
 ) -> (std::io::Result<usize>, BytesMut) {
@@ -142,7 +181,7 @@ async fn read_more(
     (result, tail.0)
 }
 
-/// Serves one accepted TCP connection until it closes.
+/// Serves one accepted TCP connection until it closes (or is handed to another shard).
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let config = shard.config.clone();
@@ -181,37 +220,306 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    log!(Level::Debug, "shard {}: connection from {peer} upgraded with {}", shard.id.0, upgrade.protocol.name());
+    let (written, _) = stream.write_all(handshake::accept_response(&upgrade)).await;
+    if written.is_err() {
+        return;
+    }
 
+    let mut decoder = Decoder::new(Role::Server, config.max_frame_bytes, config.max_message_bytes);
+    let first =
+        match monoio::time::timeout(config.open_timeout, first_message(&mut stream, &mut buf, &mut decoder)).await {
+            Ok(Some(first)) => first,
+            Ok(None) => return,
+            Err(_) => {
+                let reason =
+                    format!("no OPEN within {} ms of the upgrade; send OPEN first", config.open_timeout.as_millis());
+                refuse_session(&mut stream, Binding::Binary, ErrorCode::Timeout, reason).await;
+                return;
+            }
+        };
+    let (binding, payload) = first;
+
+    // A resume goes to the shard that holds the session.
+    if upgrade.protocol == Subprotocol::Reliable {
+        if let Ok(Frame::Open(open)) = mbws::decode(binding, payload.clone(), &shard.session_config.codec_limits) {
+            if let Some((home, _, _)) = parse_session_id(&open.session_id) {
+                if home == shard.id {
+                    resume(shard, stream, peer, buf, binding, open).await;
+                } else if usize::from(home.0) < shard.shard_count() {
+                    hand_over(&shard, stream, peer, buf, binding, open, home);
+                } else {
+                    refuse_unknown_session(&mut stream, binding, &open.session_id).await;
+                }
+                return;
+            }
+        }
+    }
+
+    // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
     let session_config = shard.session_config.clone();
     let (me, cell) = shard
         .register(|me| Connection::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes));
+    let epoch = cell.borrow_mut().attach(stream.as_raw_fd());
+    {
+        let mut connection = cell.borrow_mut();
+        let connection = &mut *connection;
+        let mut commands = Vec::new();
+        let mut fx = Effects { outbound: &mut connection.outbound, commands: &mut commands };
+        if let Err(end) = connection.session.on_message(binding, payload, now_ms(), &mut fx) {
+            connection.begin_close(end.close_code, &end.reason);
+        }
+        debug_assert!(commands.is_empty(), "the first frame routes nothing");
+    }
+    log!(Level::Debug, "shard {}: connection {}.{} from {peer} opened", shard.id.0, me.conn.index, me.conn.generation);
+    run(shard, me, cell, epoch, stream, buf, decoder, peer).await;
+}
+
+/// Reads until the first complete WebSocket data message, answering pings on the way.
+/// `None`: the peer closed, failed or broke the WebSocket protocol (already answered).
+async fn first_message(stream: &mut TcpStream, buf: &mut BytesMut, decoder: &mut Decoder) -> Option<(Binding, Bytes)> {
+    loop {
+        loop {
+            match decoder.next_event(buf) {
+                Ok(Some(WsEvent::Binary(payload))) => return Some((Binding::Binary, payload)),
+                Ok(Some(WsEvent::Text(payload))) => return Some((Binding::Text, payload)),
+                Ok(Some(WsEvent::Ping(payload))) => {
+                    write_frames(stream, |out| out.push_control(OpCode::Pong, &payload)).await;
+                }
+                Ok(Some(WsEvent::Pong(_))) => {}
+                Ok(Some(WsEvent::Close(frame))) => {
+                    let payload = frame.map(|frame| close_payload(frame.code, "")).unwrap_or_default();
+                    write_frames(stream, |out| out.push_control(OpCode::Close, &payload)).await;
+                    let _ = stream.shutdown().await;
+                    return None;
+                }
+                Ok(None) => break,
+                Err(WsError { close_code, reason }) => {
+                    write_frames(stream, |out| out.push_control(OpCode::Close, &close_payload(close_code, &reason)))
+                        .await;
+                    let _ = stream.shutdown().await;
+                    return None;
+                }
+            }
+        }
+        let (result, returned) = read_more(stream, std::mem::take(buf), 16 * 1024).await;
+        *buf = returned;
+        match result {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Writes frames built into a throw-away write queue (the rare paths before a session exists).
+async fn write_frames(stream: &mut TcpStream, build: impl FnOnce(&mut Outbound)) {
+    let mut outbound = Outbound::new();
+    build(&mut outbound);
+    if let Some(batch) = outbound.take_batch(WriteBatch::default()) {
+        let (_, _) = stream.write_all(batch.to_vec()).await;
+    }
+}
+
+/// Sends a fatal ERROR and the matching close before any session exists, then shuts down.
+async fn refuse_session(stream: &mut TcpStream, binding: Binding, code: ErrorCode, reason: String) {
+    write_frames(stream, |out| {
+        let error = ErrorFrame {
+            code: code.as_u16(),
+            fatal: true,
+            seq: 0,
+            subscription_id: 0,
+            reason: Bytes::from(reason.clone()),
+        };
+        out.push_frame(binding, &Frame::Error(error));
+        out.push_control(OpCode::Close, &close_payload(code.as_u16(), &reason));
+    })
+    .await;
+    let _ = stream.shutdown().await;
+}
+
+async fn refuse_unknown_session(stream: &mut TcpStream, binding: Binding, session_id: &[u8]) {
+    let reason = format!(
+        "OPEN: session \"{}\" is not known to this broker (expired, or the broker restarted); open a new session with \
+         an empty session-id",
+        String::from_utf8_lossy(&session_id[..session_id.len().min(64)])
+    );
+    refuse_session(stream, binding, ErrorCode::UnknownSession, reason).await;
+}
+
+/// Passes the socket to the shard that holds the session being resumed.
+fn hand_over(
+    shard: &Shard,
+    stream: TcpStream,
+    peer: SocketAddr,
+    buffered: BytesMut,
+    binding: Binding,
+    open: mbws::Open,
+    home: ShardId,
+) {
+    // SAFETY: dup(2) of a descriptor we own; the result is checked and owned below.
+    let duplicate = unsafe { libc::dup(stream.as_raw_fd()) };
+    if duplicate < 0 {
+        log!(
+            Level::Warn,
+            "shard {}: cannot hand the connection from {peer} to shard {}: dup failed",
+            shard.id.0,
+            home.0
+        );
+        return;
+    }
+    // Dropping our stream closes our descriptor only; the socket lives on in the duplicate.
+    drop(stream);
+    // SAFETY: `duplicate` is a fresh descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(duplicate) };
+    log!(Level::Debug, "shard {}: handing the resume from {peer} to shard {}", shard.id.0, home.0);
+    shard.hand_over(home, Box::new(Adoption { socket, peer, buffered, binding, open }));
+}
+
+/// Takes a socket handed over by another shard and resumes its session here.
+pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
+    let Adoption { socket, peer, buffered, binding, open } = adoption;
+    let std_stream = std::net::TcpStream::from(socket);
+    let stream = match TcpStream::from_std(std_stream) {
+        Ok(stream) => stream,
+        Err(error) => {
+            log!(Level::Warn, "shard {}: cannot adopt the connection from {peer}: {error}", shard.id.0);
+            return;
+        }
+    };
+    resume(shard, stream, peer, buffered, binding, open).await;
+}
+
+/// Resumes the session `open` names, on this shard, over `stream`.
+async fn resume(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    buf: BytesMut,
+    binding: Binding,
+    open: mbws::Open,
+) {
+    let found = parse_session_id(&open.session_id).and_then(|(_, conn, token)| {
+        let cell = shard.connection(conn)?;
+        let resumable = {
+            let connection = cell.borrow();
+            connection.session.token_matches(token) && connection.session.is_resumable()
+        };
+        resumable.then_some((ConnRef { shard: shard.id, conn }, cell))
+    });
+    let Some((me, cell)) = found else {
+        refuse_unknown_session(&mut stream, binding, &open.session_id).await;
+        return;
+    };
+    let mut commands = Vec::new();
+    let epoch = {
+        let mut connection = cell.borrow_mut();
+        for (owner, subscription, count) in connection.outbound.take_credits() {
+            commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
+        }
+        if connection.session.is_attached() && connection.socket >= 0 {
+            // The old connection has not noticed it is dead (or the client raced it): it is
+            // superseded. Shutting its socket down ends its reader; its tasks see the new epoch.
+            // SAFETY: shutdown(2) on the descriptor the old connection's stream still owns.
+            unsafe { libc::shutdown(connection.socket, libc::SHUT_RDWR) };
+        }
+        let epoch = connection.attach(stream.as_raw_fd());
+        let connection = &mut *connection;
+        connection.session.resume(binding, &open, &mut connection.outbound);
+        epoch
+    };
+    shard.submit_address_commands(&mut commands);
+    shard.mark_dirty(me.conn);
+    shard.run_work();
     log!(
         Level::Debug,
-        "shard {}: connection {}.{} from {peer} upgraded with {}",
+        "shard {}: connection {}.{} from {peer} resumed its session",
         shard.id.0,
         me.conn.index,
-        me.conn.generation,
-        upgrade.protocol.name()
+        me.conn.generation
     );
-    cell.borrow_mut().outbound.push_raw(&handshake::accept_response(&upgrade));
+    let decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
+    run(shard, me, cell, epoch, stream, buf, decoder, peer).await;
+}
 
+/// The running phase: a writer task and this reader, until the socket ends; then the session
+/// is detached (resumable) or ended.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    shard: Rc<Shard>,
+    me: ConnRef,
+    cell: ConnectionCell,
+    epoch: u32,
+    stream: TcpStream,
+    buf: BytesMut,
+    mut decoder: Decoder,
+    peer: SocketAddr,
+) {
     let (mut reader, writer) = stream.into_split();
-    monoio::spawn(write_loop(shard.clone(), me, cell.clone(), writer));
-    read_loop(&shard, me, &cell, &mut reader, buf).await;
+    monoio::spawn(write_loop(shard.clone(), me, cell.clone(), epoch, writer));
+    read_loop(&shard, me, &cell, epoch, &mut reader, buf, &mut decoder).await;
 
-    // Teardown: owners drop this connection's subscriptions and requeue its deliveries.
+    let mut commands = Vec::new();
+    let detached = {
+        let mut connection = cell.borrow_mut();
+        if connection.epoch != epoch {
+            return; // Superseded: the session belongs to a newer connection now.
+        }
+        connection.reader_done = true;
+        connection.socket = -1;
+        connection.wake_all();
+        if connection.session.is_resumable() {
+            connection.session.detach();
+            // Frames queued for the dead socket are dropped; auto-ack credit they held goes
+            // back to the owners (those deliveries are lost: auto ack is at most once).
+            for (owner, subscription, count) in connection.outbound.take_credits() {
+                commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
+            }
+            true
+        } else {
+            connection.session.on_disconnect(&mut commands);
+            false
+        }
+    };
+    if detached {
+        let expiry = Duration::from_millis(u64::from(shard.config.session_expiry_ms));
+        log!(
+            Level::Debug,
+            "shard {}: connection {}.{} from {peer} lost; session kept for {} ms",
+            shard.id.0,
+            me.conn.index,
+            me.conn.generation,
+            expiry.as_millis()
+        );
+        monoio::spawn(expire_later(shard.clone(), me, cell.clone(), epoch, expiry));
+    } else {
+        shard.unregister(me.conn);
+        log!(
+            Level::Debug,
+            "shard {}: connection {}.{} from {peer} closed",
+            shard.id.0,
+            me.conn.index,
+            me.conn.generation
+        );
+    }
+    shard.submit_address_commands(&mut commands);
+    shard.run_work();
+}
+
+/// Ends a detached session that nobody resumed within its expiry.
+async fn expire_later(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, epoch: u32, expiry: Duration) {
+    monoio::time::sleep(expiry).await;
     let mut commands = Vec::new();
     {
         let mut connection = cell.borrow_mut();
+        if connection.epoch != epoch || connection.session.is_attached() {
+            return; // Resumed meanwhile.
+        }
         connection.session.on_disconnect(&mut commands);
-        connection.reader_done = true;
-        connection.closing = true;
-        connection.wake_all();
     }
     shard.unregister(me.conn);
+    log!(Level::Debug, "shard {}: session of connection {}.{} expired", shard.id.0, me.conn.index, me.conn.generation);
     shard.submit_address_commands(&mut commands);
     shard.run_work();
-    log!(Level::Debug, "shard {}: connection {}.{} from {peer} closed", shard.id.0, me.conn.index, me.conn.generation);
 }
 
 /// Reads until a complete upgrade request is parsed and accepted. `Err(Some)` is a refusal to
@@ -253,7 +561,7 @@ enum Step {
     NeedMore,
     /// Stop until the session can take more SENDs or the write queue drains.
     Paused,
-    /// The connection is closing.
+    /// The connection is closing (or was superseded).
     Closing,
 }
 
@@ -261,15 +569,16 @@ async fn read_loop(
     shard: &Rc<Shard>,
     me: ConnRef,
     cell: &ConnectionCell,
+    epoch: u32,
     reader: &mut OwnedReadHalf<TcpStream>,
     mut buf: BytesMut,
+    decoder: &mut Decoder,
 ) {
     let config = shard.config.clone();
-    let mut decoder = Decoder::new(Role::Server, config.max_frame_bytes, config.max_message_bytes);
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     loop {
         wait_until_reader_may_continue(cell).await;
-        let step = process_buffered(shard, me, cell, &mut decoder, &mut buf, &mut commands);
+        let step = process_buffered(shard, me, cell, epoch, decoder, &mut buf, &mut commands);
         shard.submit_address_commands(&mut commands);
         shard.mark_dirty(me.conn);
         shard.run_work();
@@ -278,35 +587,25 @@ async fn read_loop(
             Step::Paused => continue,
             Step::NeedMore => {}
         }
-        // Silence is bounded: before OPEN by open_timeout, after it by twice the heartbeat.
-        let (open, heartbeat_ms) = {
-            let connection = cell.borrow();
-            (connection.session.is_open(), connection.session.heartbeat_ms())
-        };
-        let deadline = match (open, heartbeat_ms) {
-            (false, _) => Some(config.open_timeout),
-            (true, 0) => None,
-            (true, heartbeat_ms) => Some(Duration::from_millis(2 * u64::from(heartbeat_ms))),
-        };
+        // Silence is bounded by twice the heartbeat, when one was agreed.
+        let heartbeat_ms = cell.borrow().session.heartbeat_ms();
         let grow = config.read_buffer_bytes;
-        let read = match deadline {
-            None => read_more(reader, buf, grow).await,
-            Some(deadline) => match monoio::time::timeout(deadline, read_more(reader, buf, grow)).await {
+        let read = if heartbeat_ms == 0 {
+            read_more(reader, buf, grow).await
+        } else {
+            let deadline = Duration::from_millis(2 * u64::from(heartbeat_ms));
+            match monoio::time::timeout(deadline, read_more(reader, buf, grow)).await {
                 Ok(read) => read,
                 Err(_) => {
-                    let reason = if open {
-                        format!(
-                            "nothing received for {} ms, twice the heartbeat interval; send PING when idle",
-                            deadline.as_millis()
-                        )
-                    } else {
-                        format!("no OPEN within {} ms of the upgrade; send OPEN first", deadline.as_millis())
-                    };
-                    close_with_error(cell, ErrorCode::Timeout, reason);
+                    let reason = format!(
+                        "nothing received for {} ms, twice the heartbeat interval; send PING when idle",
+                        deadline.as_millis()
+                    );
+                    close_with_error(cell, epoch, ErrorCode::Timeout, reason);
                     shard.run_work();
                     return;
                 }
-            },
+            }
         };
         let (result, returned) = read;
         buf = returned;
@@ -315,17 +614,22 @@ async fn read_loop(
             Ok(_) => {}
         }
     }
-    wait_for_peer_close(reader, &mut decoder, buf, config.read_buffer_bytes).await;
+    if cell.borrow().epoch == epoch {
+        wait_for_peer_close(reader, decoder, buf, config.read_buffer_bytes).await;
+    }
 }
 
-fn close_with_error(cell: &ConnectionCell, code: ErrorCode, reason: String) {
+fn close_with_error(cell: &ConnectionCell, epoch: u32, code: ErrorCode, reason: String) {
     let mut connection = cell.borrow_mut();
-    let frame = crate::mbws::Frame::Error(crate::mbws::ErrorFrame {
+    if connection.epoch != epoch {
+        return;
+    }
+    let frame = Frame::Error(ErrorFrame {
         code: code.as_u16(),
         fatal: true,
         seq: 0,
         subscription_id: 0,
-        reason: bytes::Bytes::from(reason.clone()),
+        reason: Bytes::from(reason.clone()),
     });
     connection.outbound.push_frame(Binding::Binary, &frame);
     connection.begin_close(code.as_u16(), &reason);
@@ -349,6 +653,7 @@ fn process_buffered(
     shard: &Shard,
     me: ConnRef,
     cell: &ConnectionCell,
+    epoch: u32,
     decoder: &mut Decoder,
     buf: &mut BytesMut,
     commands: &mut Vec<(ShardId, AddressCommand)>,
@@ -357,7 +662,7 @@ fn process_buffered(
     let connection = &mut *connection;
     let now = now_ms();
     loop {
-        if connection.closing {
+        if connection.closing || connection.epoch != epoch {
             return Step::Closing;
         }
         if !connection.reader_may_continue() {
@@ -441,14 +746,25 @@ async fn wait_for_peer_close(
     .await;
 }
 
-/// Writes whatever the connection queues, one vectored write per batch.
-async fn write_loop(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, mut writer: OwnedWriteHalf<TcpStream>) {
+/// Writes whatever the connection queues, one vectored write per batch, until the reader is
+/// done (or a newer connection took the slot over).
+async fn write_loop(
+    shard: Rc<Shard>,
+    me: ConnRef,
+    cell: ConnectionCell,
+    epoch: u32,
+    mut writer: OwnedWriteHalf<TcpStream>,
+) {
     let mut batch = WriteBatch::default();
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
+    let mut superseded = false;
     loop {
         let mut spare = Some(std::mem::take(&mut batch));
         let next = std::future::poll_fn(|cx| {
             let mut connection = cell.borrow_mut();
+            if connection.epoch != epoch {
+                return Poll::Ready(None);
+            }
             if let Some(taken) = connection.outbound.take_batch(spare.take().unwrap_or_default()) {
                 return Poll::Ready(Some(taken));
             }
@@ -459,7 +775,10 @@ async fn write_loop(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, mut wri
             Poll::Pending
         })
         .await;
-        let Some(taken) = next else { break };
+        let Some(taken) = next else {
+            superseded = cell.borrow().epoch != epoch;
+            break;
+        };
         batch = taken;
         let closing = cell.borrow().closing;
         let written = if closing {
@@ -469,13 +788,7 @@ async fn write_loop(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, mut wri
         };
         let Some((result, returned)) = written else { break };
         batch = returned;
-        if result.is_err() {
-            // The peer is gone; the reader sees it too and tears the connection down.
-            let mut connection = cell.borrow_mut();
-            connection.closing = true;
-            connection.wake_all();
-            break;
-        }
+        // Auto-ack credit goes back once written, or once lost with a failed write.
         for (owner, subscription, count) in batch.credits.drain(..) {
             commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
         }
@@ -484,13 +797,25 @@ async fn write_loop(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, mut wri
             shard.run_work();
         }
         let mut connection = cell.borrow_mut();
+        if connection.epoch != epoch {
+            superseded = true;
+            break;
+        }
+        if result.is_err() {
+            // The peer is gone; the reader sees it too and detaches or ends the session.
+            connection.closing = true;
+            connection.wake_all();
+            break;
+        }
         if connection.reader_may_continue() {
             if let Some(waker) = connection.reader_waker.take() {
                 waker.wake();
             }
         }
     }
-    let _ = writer.shutdown().await;
+    if !superseded {
+        let _ = writer.shutdown().await;
+    }
 }
 
 /// Writes a whole batch, resuming after partial writes.

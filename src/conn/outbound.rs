@@ -126,6 +126,11 @@ impl Outbound {
         }
     }
 
+    /// Takes the auto-ack credit of frames that will never be written (their socket is gone).
+    pub fn take_credits(&mut self) -> CreditReturns {
+        std::mem::take(&mut self.credits)
+    }
+
     /// Takes everything queued so far as one batch for a vectored write; `None` when empty.
     pub fn take_batch(&mut self, mut reuse: WriteBatch) -> Option<WriteBatch> {
         if self.segments.is_empty() {

@@ -9,6 +9,14 @@
 //! Bounds: SENDs awaiting their owner's answer <= `max_inflight_sends` (the connection stops
 //! reading beyond it), subscriptions <= `max_subscriptions`, unacknowledged deliveries <= the
 //! sum of the subscriptions' credit (enforced by the owners).
+//!
+//! Resume (MBWS): when its connection is lost, a session is *detached* rather than ended. It
+//! keeps its subscriptions, SEND numbering and unacknowledged deliveries (with their messages),
+//! encodes nothing, keeps the errors it would have sent, and holds auto-ack deliveries. A new
+//! connection that presents the session id and token [`resume`](Session::resume)s it: OPENED
+//! with the last SEND sequence taken, the kept errors, SUBSCRIBED for every live subscription,
+//! every delivery above the client's last received sequence (same delivery sequence), the held
+//! auto-ack deliveries, and the cumulative RECEIPT.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -18,11 +26,12 @@ use smallvec::SmallVec;
 
 use super::outbound::Outbound;
 use crate::broker::{
-    owner_of, AddressCommand, ConnCommand, ConnRef, MessageId, Refusal, ShardId, SharedMessage, StoredMessage,
+    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, MessageId, Refusal, ShardId, SharedMessage, StoredMessage,
     SubscriptionId,
 };
 use crate::mbws::{
-    self, AckMode, Binding, CodecLimits, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol, PROTOCOL_VERSION,
+    self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
+    PROTOCOL_VERSION,
 };
 
 /// Settings every session on a shard shares.
@@ -55,15 +64,47 @@ enum State {
 #[derive(Debug)]
 struct Subscription {
     owner: ShardId,
+    address: Bytes,
+    mode: DeliveryMode,
     ack_mode: AckMode,
     confirmed: bool,
 }
 
-/// A delivery the client has not acknowledged yet (client ack mode).
-#[derive(Debug, Clone, Copy)]
-struct Unacked {
+/// A delivery: kept until acknowledged (client ack), or while detached (auto ack), so that a
+/// resumed session can send it again.
+#[derive(Debug, Clone)]
+struct Delivery {
     subscription: SubscriptionId,
-    message: MessageId,
+    message_id: MessageId,
+    message: SharedMessage,
+    redelivered: bool,
+}
+
+/// Parses a session id made by this broker, `<shard>-<slot>-<generation>-<token>`: where the
+/// session lives, and the 64 random bits (hex) that make the id unguessable.
+pub fn parse_session_id(id: &[u8]) -> Option<(ShardId, ConnId, u64)> {
+    let text = std::str::from_utf8(id).ok()?;
+    let mut parts = text.split('-');
+    let shard = parts.next()?.parse().ok()?;
+    let index = parts.next()?.parse().ok()?;
+    let generation = parts.next()?.parse().ok()?;
+    let token = u64::from_str_radix(parts.next()?, 16).ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((ShardId(shard), ConnId { index, generation }, token))
+}
+
+fn random_token() -> u64 {
+    let mut token = 0u64;
+    // SAFETY: getrandom writes at most 8 bytes into the live u64.
+    let filled = unsafe { libc::getrandom((&mut token as *mut u64).cast(), 8, 0) };
+    if filled != 8 {
+        // No entropy source: the clock keeps ids unique, only less unguessable.
+        token =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+    }
+    token
 }
 
 pub struct Session {
@@ -74,6 +115,14 @@ pub struct Session {
     /// Binding of the OPEN frame: deferred answers (RECEIPT, SUBSCRIBED, MESSAGE) use it.
     binding: Binding,
     session_id: Bytes,
+    token: u64,
+    /// False while a detached MBWS session waits for its client to come back.
+    attached: bool,
+    /// Non-fatal errors produced while detached, sent on resume (bounded by the in-flight
+    /// SENDs plus the subscriptions).
+    pending_errors: Vec<ErrorFrame>,
+    /// Auto-ack deliveries that arrived while detached (bounded by their credit).
+    held: VecDeque<Delivery>,
     /// Agreed heartbeat interval; 0 for none.
     heartbeat_ms: u32,
     /// Highest SEND sequence accepted.
@@ -85,7 +134,7 @@ pub struct Session {
     receipt_due: bool,
     subscriptions: HashMap<SubscriptionId, Subscription>,
     last_delivery_seq: u64,
-    unacked: BTreeMap<u64, Unacked>,
+    unacked: BTreeMap<u64, Delivery>,
 }
 
 /// Where a session's effects go.
@@ -103,6 +152,10 @@ impl Session {
             state: State::AwaitingOpen,
             binding: Binding::Binary,
             session_id: Bytes::new(),
+            token: random_token(),
+            attached: true,
+            pending_errors: Vec::new(),
+            held: VecDeque::new(),
             heartbeat_ms: 0,
             last_send_seq: 0,
             inflight_sends: VecDeque::new(),
@@ -135,6 +188,74 @@ impl Session {
 
     pub fn unacked_deliveries(&self) -> usize {
         self.unacked.len()
+    }
+
+    pub fn me(&self) -> ConnRef {
+        self.me
+    }
+
+    /// An open MBWS session outlives its connection (for `session_expiry_ms`); others end with it.
+    pub fn is_resumable(&self) -> bool {
+        self.state == State::Open && self.subprotocol == Subprotocol::Reliable && self.config.session_expiry_ms > 0
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.attached
+    }
+
+    pub fn token_matches(&self, token: u64) -> bool {
+        self.token == token
+    }
+
+    /// The connection was lost: keep everything, encode nothing until [`Session::resume`].
+    pub fn detach(&mut self) {
+        debug_assert!(self.is_resumable());
+        self.attached = false;
+    }
+
+    /// Re-attaches a detached (or superseded) session to a new connection, in answer to
+    /// `open`, writing the resume frames into `outbound` (see the module docs).
+    pub fn resume(&mut self, binding: Binding, open: &mbws::Open, outbound: &mut Outbound) {
+        debug_assert!(self.state == State::Open);
+        self.attached = true;
+        self.binding = binding;
+        let session_expiry_ms = self.config.session_expiry_ms;
+        outbound.push_frame(
+            binding,
+            &Frame::Opened(Opened {
+                version: PROTOCOL_VERSION,
+                session_id: self.session_id.clone(),
+                resumed: true,
+                last_received_seq: self.last_send_seq,
+                heartbeat_ms: self.heartbeat_ms,
+                session_expiry_ms,
+                limits: self.config.limits,
+                server: server_name(),
+            }),
+        );
+        for error in std::mem::take(&mut self.pending_errors) {
+            outbound.push_frame(binding, &Frame::Error(error));
+        }
+        let mut confirmed: SmallVec<[u32; 8]> =
+            self.subscriptions.iter().filter(|(_, s)| s.confirmed).map(|(id, _)| id.0).collect();
+        confirmed.sort_unstable();
+        for subscription_id in confirmed {
+            outbound.push_frame(binding, &Frame::Subscribed(mbws::Subscribed { subscription_id }));
+        }
+        let resend: Vec<(u64, Delivery)> = self
+            .unacked
+            .range(open.last_received_seq.saturating_add(1)..)
+            .map(|(seq, delivery)| (*seq, delivery.clone()))
+            .collect();
+        for (delivery_seq, delivery) in resend {
+            self.encode_delivery(delivery_seq, &delivery, outbound);
+        }
+        for delivery in std::mem::take(&mut self.held) {
+            self.deliver_now(delivery, outbound);
+        }
+        if self.receipted_seq > 0 {
+            self.receipt_due = true;
+        }
     }
 
     /// Decodes and handles one complete WebSocket data message.
@@ -204,7 +325,7 @@ impl Session {
                             AddressCommand::Nack {
                                 consumer: self.me,
                                 subscription: entry.subscription,
-                                message: entry.message,
+                                message: entry.message_id,
                                 requeue: nack.requeue,
                             },
                         ));
@@ -270,6 +391,7 @@ impl Session {
             };
             return Err(self.fatal(binding, ErrorCode::UnknownSession, 0, 0, reason, fx));
         }
+        self.token = random_token();
         let heartbeat_ms = match open.heartbeat_ms {
             0 => 0,
             asked => asked.clamp(1000, self.config.max_heartbeat_ms.max(1000)),
@@ -277,8 +399,10 @@ impl Session {
         self.binding = binding;
         self.heartbeat_ms = heartbeat_ms;
         self.state = State::Open;
-        self.session_id =
-            Bytes::from(format!("{}-{}-{}", self.me.shard.0, self.me.conn.index, self.me.conn.generation));
+        self.session_id = Bytes::from(format!(
+            "{}-{}-{}-{:016x}",
+            self.me.shard.0, self.me.conn.index, self.me.conn.generation, self.token
+        ));
         let session_expiry_ms = match self.subprotocol {
             Subprotocol::Reliable => self.config.session_expiry_ms,
             Subprotocol::Light => 0,
@@ -293,7 +417,7 @@ impl Session {
                 heartbeat_ms,
                 session_expiry_ms,
                 limits: self.config.limits,
-                server: Bytes::from_static(concat!("mbws-broker/", env!("CARGO_PKG_VERSION")).as_bytes()),
+                server: server_name(),
             }),
         );
         Ok(())
@@ -361,6 +485,17 @@ impl Session {
     fn on_subscribe(&mut self, binding: Binding, subscribe: mbws::Subscribe, fx: &mut Effects<'_>) {
         let id = SubscriptionId(subscribe.subscription_id);
         let limits = self.config.limits;
+        if let Some(existing) = self.subscriptions.get(&id) {
+            if existing.address == subscribe.address && existing.mode == subscribe.mode {
+                // The same SUBSCRIBE again (a client that is unsure it arrived, e.g. across a
+                // resume): idempotent. SUBSCRIBED follows when the owner has confirmed it.
+                if existing.confirmed {
+                    let frame = Frame::Subscribed(mbws::Subscribed { subscription_id: id.0 });
+                    fx.outbound.push_frame(binding, &frame);
+                }
+                return;
+            }
+        }
         let refusal = if self.subscriptions.contains_key(&id) {
             Some((
                 ErrorCode::Conflict,
@@ -392,7 +527,16 @@ impl Session {
         let credit =
             if subscribe.credit == 0 { self.config.default_credit.min(limits.max_credit) } else { subscribe.credit };
         let owner = owner_of(&subscribe.address, self.config.shard_count);
-        self.subscriptions.insert(id, Subscription { owner, ack_mode: subscribe.ack_mode, confirmed: false });
+        self.subscriptions.insert(
+            id,
+            Subscription {
+                owner,
+                address: subscribe.address.clone(),
+                mode: subscribe.mode,
+                ack_mode: subscribe.ack_mode,
+                confirmed: false,
+            },
+        );
         fx.commands.push((
             owner,
             AddressCommand::Subscribe {
@@ -418,7 +562,7 @@ impl Session {
     }
 
     fn on_ack(&mut self, delivery_seq: u64, cumulative: bool, fx: &mut Effects<'_>) {
-        let acked: SmallVec<[Unacked; 8]> = if cumulative {
+        let acked: SmallVec<[Delivery; 8]> = if cumulative {
             let rest = self.unacked.split_off(&(delivery_seq.saturating_add(1)));
             let done = std::mem::replace(&mut self.unacked, rest);
             done.into_values().collect()
@@ -429,8 +573,8 @@ impl Session {
         let mut grouped: SmallVec<[(SubscriptionId, SmallVec<[MessageId; 4]>); 2]> = SmallVec::new();
         for entry in acked {
             match grouped.iter_mut().find(|(id, _)| *id == entry.subscription) {
-                Some((_, messages)) => messages.push(entry.message),
-                None => grouped.push((entry.subscription, SmallVec::from_elem(entry.message, 1))),
+                Some((_, messages)) => messages.push(entry.message_id),
+                None => grouped.push((entry.subscription, SmallVec::from_elem(entry.message_id, 1))),
             }
         }
         for (subscription, messages) in grouped {
@@ -464,8 +608,11 @@ impl Session {
                 Ok(()) => {
                     if let Some(state) = self.subscriptions.get_mut(&subscription) {
                         state.confirmed = true;
-                        let frame = Frame::Subscribed(mbws::Subscribed { subscription_id: subscription.0 });
-                        fx.outbound.push_frame(self.binding, &frame);
+                        // While detached, SUBSCRIBED is sent on resume (for every confirmed one).
+                        if self.attached {
+                            let frame = Frame::Subscribed(mbws::Subscribed { subscription_id: subscription.0 });
+                            fx.outbound.push_frame(self.binding, &frame);
+                        }
                     }
                 }
                 Err(refusal) => {
@@ -518,28 +665,51 @@ impl Session {
         redelivered: bool,
         outbound: &mut Outbound,
     ) {
-        let Some(state) = self.subscriptions.get(&subscription) else {
+        if !self.subscriptions.contains_key(&subscription) {
             return; // Unsubscribed meanwhile: the owner requeues it (client ack) or it is dropped.
-        };
+        }
+        let delivery = Delivery { subscription, message_id, message, redelivered };
+        if self.attached {
+            self.deliver_now(delivery, outbound);
+            return;
+        }
+        match self.subscriptions[&subscription].ack_mode {
+            // Sent on resume, from `unacked`, with the sequence it gets now.
+            AckMode::Client => {
+                self.last_delivery_seq += 1;
+                self.unacked.insert(self.last_delivery_seq, delivery);
+            }
+            AckMode::Auto => self.held.push_back(delivery),
+        }
+    }
+
+    /// Numbers a delivery, records it (client ack) or notes its credit (auto ack), encodes it.
+    fn deliver_now(&mut self, delivery: Delivery, outbound: &mut Outbound) {
+        let Some(state) = self.subscriptions.get(&delivery.subscription) else { return };
         self.last_delivery_seq += 1;
         let delivery_seq = self.last_delivery_seq;
         match state.ack_mode {
             AckMode::Client => {
-                self.unacked.insert(delivery_seq, Unacked { subscription, message: message_id });
+                self.unacked.insert(delivery_seq, delivery.clone());
             }
-            AckMode::Auto => outbound.note_auto_delivery(state.owner, subscription),
+            AckMode::Auto => outbound.note_auto_delivery(state.owner, delivery.subscription),
         }
+        self.encode_delivery(delivery_seq, &delivery, outbound);
+    }
+
+    fn encode_delivery(&self, delivery_seq: u64, delivery: &Delivery, outbound: &mut Outbound) {
+        let message = &delivery.message;
         // A text session gets text frames, unless the body is not UTF-8 (then binary).
         let binding = match self.binding {
             Binding::Text if message.body_is_text || std::str::from_utf8(&message.body).is_ok() => Binding::Text,
             _ => Binding::Binary,
         };
         let frame = Frame::Message(mbws::Message {
-            subscription_id: subscription.0,
+            subscription_id: delivery.subscription.0,
             delivery_seq,
-            message_id: message_id.0,
+            message_id: delivery.message_id.0,
             address: message.address.clone(),
-            redelivered,
+            redelivered: delivery.redelivered,
             durable: message.durable,
             properties: message.properties.clone(),
             body: message.body.clone(),
@@ -549,7 +719,7 @@ impl Session {
 
     /// End of a batch of events: sends one cumulative RECEIPT if any SEND became safe.
     pub fn flush(&mut self, outbound: &mut Outbound) {
-        if self.receipt_due && self.state == State::Open {
+        if self.receipt_due && self.state == State::Open && self.attached {
             debug_assert!(self.receipted_seq > 0, "a receipt is due only once something was receipted");
             self.receipt_due = false;
             outbound.push_frame(self.binding, &Frame::Receipt(mbws::Receipt { seq: self.receipted_seq }));
@@ -567,10 +737,11 @@ impl Session {
         }
         self.subscriptions.clear();
         self.unacked.clear();
+        self.held.clear();
     }
 
     fn send_error(
-        &self,
+        &mut self,
         binding: Binding,
         code: ErrorCode,
         seq: u64,
@@ -578,14 +749,12 @@ impl Session {
         reason: String,
         outbound: &mut Outbound,
     ) {
-        let frame = Frame::Error(ErrorFrame {
-            code: code.as_u16(),
-            fatal: false,
-            seq,
-            subscription_id,
-            reason: Bytes::from(reason),
-        });
-        outbound.push_frame(binding, &frame);
+        let error = ErrorFrame { code: code.as_u16(), fatal: false, seq, subscription_id, reason: Bytes::from(reason) };
+        if self.attached {
+            outbound.push_frame(binding, &Frame::Error(error));
+        } else {
+            self.pending_errors.push(error);
+        }
     }
 
     /// Queues a fatal ERROR and returns how the connection must close.
@@ -611,6 +780,10 @@ impl Session {
     }
 }
 
+fn server_name() -> Bytes {
+    Bytes::from_static(concat!("mbws-broker/", env!("CARGO_PKG_VERSION")).as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,7 +796,7 @@ mod tests {
             limits: broker.limits(),
             codec_limits: broker.codec_limits(),
             max_heartbeat_ms: 60_000,
-            session_expiry_ms: 0,
+            session_expiry_ms: 30_000,
             shard_count: 1,
             default_credit: 100,
         })
@@ -739,17 +912,96 @@ mod tests {
     #[test]
     fn duplicate_subscription_ids_are_refused_without_ending_the_session() {
         let mut s = session(Subprotocol::Reliable);
-        let subscribe = Frame::Subscribe(mbws::Subscribe {
-            subscription_id: 7,
-            address: Bytes::from_static(b"a"),
-            mode: mbws::DeliveryMode::Anycast,
-            ack_mode: AckMode::Client,
-            credit: 0,
-        });
-        let (frames, commands, end) = drive(&mut s, vec![open(), subscribe.clone(), subscribe]);
+        let subscribe = |address: &'static [u8]| {
+            Frame::Subscribe(mbws::Subscribe {
+                subscription_id: 7,
+                address: Bytes::from_static(address),
+                mode: mbws::DeliveryMode::Anycast,
+                ack_mode: AckMode::Client,
+                credit: 0,
+            })
+        };
+        // The same SUBSCRIBE twice is idempotent; the same id for another address is a conflict.
+        let (frames, commands, end) = drive(&mut s, vec![open(), subscribe(b"a"), subscribe(b"a"), subscribe(b"b")]);
         assert!(end.is_none());
         assert_eq!(commands.len(), 1);
         assert!(matches!(&commands[0].1, AddressCommand::Subscribe { credit: 100, .. }), "credit 0 means the default");
+        assert_eq!(frames.len(), 2, "OPENED and one ERROR: {frames:?}");
         assert!(matches!(&frames[1], Frame::Error(e) if !e.fatal && e.code == 4409 && e.subscription_id == 7));
+    }
+
+    #[test]
+    fn a_detached_session_resends_unacknowledged_deliveries_on_resume() {
+        let mut s = session(Subprotocol::Reliable);
+        let subscribe = Frame::Subscribe(mbws::Subscribe {
+            subscription_id: 1,
+            address: Bytes::from_static(b"a"),
+            mode: mbws::DeliveryMode::Anycast,
+            ack_mode: AckMode::Client,
+            credit: 10,
+        });
+        drive(&mut s, vec![open(), subscribe, send(1)]);
+        let me = s.me.conn;
+        let mut outbound = Outbound::new();
+        let mut commands = Vec::new();
+        let mut fx = Effects { outbound: &mut outbound, commands: &mut commands };
+        s.on_command(
+            ConnCommand::SubscribeDone { consumer: me, subscription: SubscriptionId(1), outcome: Ok(()) },
+            &mut fx,
+        );
+        let message = Arc::new(StoredMessage {
+            address: Bytes::from_static(b"a"),
+            durable: false,
+            expires_at_ms: 0,
+            properties: Default::default(),
+            body: Bytes::from_static(b"body"),
+            body_is_text: false,
+        });
+        let deliver = |id: u64| ConnCommand::Deliver {
+            consumer: me,
+            subscription: SubscriptionId(1),
+            message_id: MessageId(id),
+            message: message.clone(),
+            redelivered: false,
+        };
+        // Deliveries 1 and 2 go out; the client will say it saw 1. Then the connection drops,
+        // delivery 3 and the answer to SEND 1 arrive while detached.
+        s.on_command(deliver(1), &mut fx);
+        s.on_command(deliver(2), &mut fx);
+        s.detach();
+        let mut lost = Outbound::new();
+        let mut fx = Effects { outbound: &mut lost, commands: &mut commands };
+        s.on_command(deliver(3), &mut fx);
+        s.on_command(ConnCommand::PublishDone { publisher: me, seq: 1, outcome: Ok(()) }, &mut fx);
+        s.flush(&mut lost);
+        assert!(lost.is_empty(), "a detached session encodes nothing");
+        let mut resumed = Outbound::new();
+        let open = mbws::Open { session_id: s.session_id().clone(), last_received_seq: 1, ..Default::default() };
+        s.resume(Binding::Binary, &open, &mut resumed);
+        s.flush(&mut resumed);
+        let frames = decode_all(&mut resumed);
+        assert!(matches!(&frames[0], Frame::Opened(o) if o.resumed && o.last_received_seq == 1));
+        assert_eq!(frames[1], Frame::Subscribed(mbws::Subscribed { subscription_id: 1 }));
+        let resent: Vec<u64> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Message(m) => Some(m.delivery_seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(resent, vec![2, 3], "everything above the client's last received sequence, same numbers");
+        assert_eq!(frames.last(), Some(&Frame::Receipt(mbws::Receipt { seq: 1 })));
+    }
+
+    #[test]
+    fn session_ids_carry_their_home_and_an_unguessable_token() {
+        let mut s = session(Subprotocol::Reliable);
+        drive(&mut s, vec![open()]);
+        let (shard, conn, token) = parse_session_id(s.session_id()).expect("a broker-made id parses");
+        assert_eq!((shard, conn), (s.me.shard, s.me.conn));
+        assert!(s.token_matches(token));
+        assert!(!s.token_matches(token ^ 1));
+        assert_eq!(parse_session_id(b"0-1-2"), None);
+        assert_eq!(parse_session_id(b"not-a-session-id-at-all"), None);
     }
 }

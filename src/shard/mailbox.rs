@@ -25,6 +25,8 @@ use crate::broker::{Command, ShardId};
 #[derive(Debug)]
 pub enum Envelope {
     Commands(Vec<Command>),
+    /// A socket whose first frame resumes a session this shard holds.
+    Adopt(Box<crate::conn::Adoption>),
     /// Stop accepting, close every connection with 1001, and exit.
     Shutdown,
 }

@@ -153,7 +153,7 @@ impl Shard {
         }
     }
 
-    fn connection(&self, id: ConnId) -> Option<ConnectionCell> {
+    pub fn connection(&self, id: ConnId) -> Option<ConnectionCell> {
         let slots = self.slots.borrow();
         let slot = slots.get(id.index as usize)?;
         if slot.generation != id.generation {
@@ -179,6 +179,11 @@ impl Shard {
         } else {
             self.outboxes.borrow_mut()[shard.0 as usize].push(command);
         }
+    }
+
+    /// Passes a connection to the shard `home` (see `conn::Adoption`).
+    pub fn hand_over(&self, home: ShardId, adoption: Box<crate::conn::Adoption>) {
+        self.post_office.post(home, Envelope::Adopt(adoption));
     }
 
     pub fn mark_dirty(&self, id: ConnId) {
@@ -254,6 +259,9 @@ impl Shard {
                 received = true;
                 match envelope {
                     Envelope::Commands(commands) => self.work.borrow_mut().extend(commands),
+                    Envelope::Adopt(adoption) => {
+                        monoio::spawn(crate::conn::adopt(self.clone(), *adoption));
+                    }
                     Envelope::Shutdown => self.shutdown.fire(),
                 }
             }
