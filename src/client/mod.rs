@@ -5,6 +5,14 @@
 //! requires of a client, batches outgoing frames in a write buffer (`flush` sends them), and
 //! keeps frames that arrive while it waits for something else (a RECEIPT, SUBSCRIBED) so no
 //! MESSAGE is lost.
+//!
+//! With [`ClientOptions::reconnect`] (MBWS only) the client resumes its session transparently
+//! when the connection is lost: it reconnects with backoff, sends OPEN with its session id and
+//! the highest delivery sequence it has seen, resends every SEND the broker has not taken
+//! (from OPENED's `last-received-seq`), repeats its acknowledgements, and drops MESSAGEs whose
+//! delivery sequence it has already seen. The application sees each SEND published once and
+//! each delivery once. Kept for resending: the unreceipted SENDs (bounded by the broker's
+//! `max_inflight_sends`, which `send` respects by waiting for receipts).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -32,6 +40,9 @@ pub struct ClientOptions {
     /// Bound on every wait (connect, handshake, OPENED, receipts).
     pub timeout: Duration,
     pub max_message_bytes: usize,
+    /// Resume the session after a lost connection (MBWS only), retrying for at most this long
+    /// (capped by the session expiry the broker announced). `None`: a lost connection is an error.
+    pub reconnect: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -42,6 +53,7 @@ impl Default for ClientOptions {
             heartbeat_ms: 0,
             timeout: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
+            reconnect: None,
         }
     }
 }
@@ -118,6 +130,9 @@ pub fn parse_url(url: &str) -> Result<(SocketAddr, String, String)> {
 pub struct Client {
     stream: TcpStream,
     options: ClientOptions,
+    addr: SocketAddr,
+    host: String,
+    path: String,
     read_buf: BytesMut,
     write_buf: BytesMut,
     decoder: Decoder,
@@ -127,52 +142,45 @@ pub struct Client {
     /// Frames received while waiting for something else, in arrival order.
     pending: VecDeque<Frame>,
     mask_state: u64,
+    /// SENDs not yet receipted, as encoded, for resending after a resume.
+    unreceipted: VecDeque<(u64, Binding, BytesMut)>,
+    /// Highest MESSAGE delivery sequence received: duplicates at or below it are dropped.
+    last_delivery_seq: u64,
+    /// Highest cumulative ACK sent, and single ACKs above it, repeated after a resume.
+    acked_through: u64,
+    acked_single: std::collections::BTreeSet<u64>,
+    reconnects: u64,
 }
 
 impl Client {
     /// Connects, upgrades, sends OPEN and waits for OPENED.
+    /// With `options.reconnect`, a connection lost before OPENED is retried with backoff within
+    /// the reconnect window (no session exists yet, so nothing can be lost or repeated).
     pub fn connect(url: &str, options: ClientOptions) -> Result<Client> {
-        let (addr, host, path) = parse_url(url)?;
-        let stream = TcpStream::connect_timeout(&addr, options.timeout)?;
-        stream.set_nodelay(true)?;
-        Client::handshake(stream, &host, &path, options)
+        let Some(window) = options.reconnect else { return Client::connect_once(url, options) };
+        let deadline = Instant::now() + window;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match Client::connect_once(url, options.clone()) {
+                Err(ClientError::Io(_) | ClientError::Closed { .. } | ClientError::Timeout(_))
+                    if Instant::now() + backoff < deadline =>
+                {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
     }
 
-    fn handshake(mut stream: TcpStream, host: &str, path: &str, options: ClientOptions) -> Result<Client> {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
-            as u64
-            ^ (stream.local_addr()?.port() as u64) << 48;
-        let key = handshake::new_client_key(seed);
-        let request = handshake::client_request(host, path, &key, &[options.subprotocol.name()]);
-        stream.set_write_timeout(Some(options.timeout))?;
-        stream.write_all(request.as_bytes())?;
-        let deadline = Instant::now() + options.timeout;
-        let mut read_buf = BytesMut::with_capacity(64 * 1024);
-        let response = loop {
-            if let Some((response, consumed)) = handshake::parse_response(&read_buf, 16 * 1024)
-                .map_err(|error| ClientError::Protocol(format!("bad upgrade response: {error}")))?
-            {
-                let _ = read_buf.split_to(consumed);
-                break response;
-            }
-            read_some(&mut stream, &mut read_buf, deadline, "the upgrade response")?;
-        };
-        if response.status != 101 {
-            return Err(ClientError::Protocol(format!(
-                "the broker refused the upgrade: {} {}",
-                response.status, response.reason
-            )));
-        }
-        let protocol = handshake::verify_accept(&response, &key).map_err(ClientError::Protocol)?;
-        if protocol != Some(options.subprotocol) {
-            return Err(ClientError::Protocol(format!(
-                "the broker did not agree to {} (it answered {:?})",
-                options.subprotocol.name(),
-                protocol.map(Subprotocol::name)
-            )));
-        }
+    fn connect_once(url: &str, options: ClientOptions) -> Result<Client> {
+        let (addr, host, path) = parse_url(url)?;
+        let (stream, read_buf, seed) = dial(addr, &host, &path, &options)?;
         let mut client = Client {
             stream,
+            addr,
+            host,
+            path,
             decoder: Decoder::new(Role::Client, options.max_message_bytes, options.max_message_bytes),
             options,
             read_buf,
@@ -191,13 +199,18 @@ impl Client {
             receipted_seq: 0,
             pending: VecDeque::new(),
             mask_state: seed | 1,
+            unreceipted: VecDeque::new(),
+            last_delivery_seq: 0,
+            acked_through: 0,
+            acked_single: Default::default(),
+            reconnects: 0,
         };
         let open =
             mbws::Open { version: PROTOCOL_VERSION, heartbeat_ms: client.options.heartbeat_ms, ..Default::default() };
         client.write_frame(&Frame::Open(open))?;
         client.flush()?;
         let deadline = Instant::now() + client.options.timeout;
-        match client.read_frame(deadline, "OPENED")? {
+        match client.read_frame_once(deadline, "OPENED")? {
             Frame::Opened(opened) => client.opened = opened,
             Frame::Error(error) => return Err(ClientError::Broker(error)),
             other => return Err(ClientError::Protocol(format!("expected OPENED, got {}", other.kind().name()))),
@@ -207,6 +220,94 @@ impl Client {
 
     pub fn opened(&self) -> &Opened {
         &self.opened
+    }
+
+    /// How many times the session was resumed over a new connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    fn may_reconnect(&self) -> bool {
+        self.options.reconnect.is_some() && self.options.subprotocol == Subprotocol::Reliable
+    }
+
+    /// Reconnects and resumes the session (see the module docs), with backoff, within the
+    /// reconnect window. Frames queued but not written are dropped: SENDs and ACKs are resent
+    /// from the client's own records; other frames (FLOW, UNSUBSCRIBE, PING) are not.
+    fn resume(&mut self) -> Result<()> {
+        let window = self
+            .options
+            .reconnect
+            .unwrap_or_default()
+            .min(Duration::from_millis(u64::from(self.opened.session_expiry_ms.max(1))));
+        let deadline = Instant::now() + window;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.try_resume() {
+                Ok(()) => {
+                    self.reconnects += 1;
+                    return Ok(());
+                }
+                Err(ClientError::Broker(error)) => return Err(ClientError::Broker(error)),
+                Err(error) => {
+                    if Instant::now() + backoff >= deadline {
+                        return Err(error);
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+            }
+        }
+    }
+
+    /// One attempt: connect, OPEN with the session id, then resend SENDs and ACKs.
+    fn try_resume(&mut self) -> Result<()> {
+        let opened = self.reopen()?;
+        // Everything the broker has not taken is sent again, in order, with its original seq.
+        let resend: Vec<(Binding, BytesMut)> = self
+            .unreceipted
+            .iter()
+            .filter(|(seq, _, _)| *seq > opened.last_received_seq)
+            .map(|(_, binding, payload)| (*binding, payload.clone()))
+            .collect();
+        self.opened = opened;
+        for (binding, payload) in resend {
+            self.write_ws(opcode_of(binding), &payload)?;
+        }
+        if self.acked_through > 0 {
+            self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq: self.acked_through, cumulative: true }))?;
+        }
+        let singles: Vec<u64> = self.acked_single.iter().copied().collect();
+        for delivery_seq in singles {
+            self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq, cumulative: false }))?;
+        }
+        self.write_now()
+    }
+
+    fn reopen(&mut self) -> Result<Opened> {
+        let (stream, read_buf, _) = dial(self.addr, &self.host, &self.path, &self.options)?;
+        self.stream = stream;
+        self.read_buf = read_buf;
+        self.write_buf.clear();
+        self.decoder = Decoder::new(Role::Client, self.options.max_message_bytes, self.options.max_message_bytes);
+        let open = mbws::Open {
+            version: PROTOCOL_VERSION,
+            session_id: self.opened.session_id.clone(),
+            last_received_seq: self.last_delivery_seq,
+            heartbeat_ms: self.options.heartbeat_ms,
+            ..Default::default()
+        };
+        self.write_frame(&Frame::Open(open))?;
+        self.write_now()?;
+        let deadline = Instant::now() + self.options.timeout;
+        match self.read_frame_once(deadline, "OPENED")? {
+            Frame::Opened(opened) if opened.resumed => Ok(opened),
+            Frame::Opened(_) => {
+                Err(ClientError::Protocol("the broker opened a new session instead of resuming".into()))
+            }
+            Frame::Error(error) => Err(ClientError::Broker(error)),
+            other => Err(ClientError::Protocol(format!("expected OPENED, got {}", other.kind().name()))),
+        }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -253,15 +354,23 @@ impl Client {
         self.write_buf.extend_from_slice(payload);
         crate::ws::frame::apply_mask(&mut self.write_buf[start..], mask);
         if self.write_buf.len() >= 256 * 1024 {
-            self.flush()?;
+            self.write_now()?;
         }
         Ok(())
     }
 
     pub fn flush(&mut self) -> Result<()> {
+        match self.write_now() {
+            Err(ClientError::Io(_)) if self.may_reconnect() => self.resume(),
+            other => other,
+        }
+    }
+
+    fn write_now(&mut self) -> Result<()> {
         if !self.write_buf.is_empty() {
-            self.stream.write_all(&self.write_buf)?;
+            let result = self.stream.write_all(&self.write_buf);
             self.write_buf.clear();
+            result?;
         }
         Ok(())
     }
@@ -279,7 +388,21 @@ impl Client {
     pub fn send_message(&mut self, mut send: mbws::Send) -> Result<u64> {
         self.last_seq += 1;
         send.seq = self.last_seq;
-        self.write_frame(&Frame::Send(send))?;
+        let binding = self.options.binding;
+        let payload = mbws::encode(binding, &Frame::Send(send));
+        if self.may_reconnect() {
+            // Stay within the broker's window, so that what we keep for resending is bounded.
+            let window = u64::from(self.opened.limits.max_inflight_sends.max(2));
+            if self.last_seq > self.receipted_seq + window {
+                self.wait_receipt(self.last_seq - window)?;
+            }
+            self.unreceipted.push_back((self.last_seq, binding, payload.clone()));
+        }
+        match self.write_ws(opcode_of(binding), &payload) {
+            // The SEND is in `unreceipted`: the resume sends it again.
+            Err(ClientError::Io(_)) if self.may_reconnect() => self.resume()?,
+            other => other?,
+        }
         Ok(self.last_seq)
     }
 
@@ -318,7 +441,14 @@ impl Client {
         self.write_frame(&frame)?;
         self.flush()?;
         let deadline = Instant::now() + self.options.timeout;
+        let mut reconnects = self.reconnects;
         loop {
+            if self.reconnects != reconnects {
+                // The SUBSCRIBE may have been lost with the connection; it is idempotent.
+                reconnects = self.reconnects;
+                self.write_frame(&frame)?;
+                self.flush()?;
+            }
             match self.read_frame(deadline, "SUBSCRIBED")? {
                 Frame::Subscribed(subscribed) if subscribed.subscription_id == id => return Ok(()),
                 Frame::Error(error) if error.subscription_id == id => return Err(ClientError::Broker(error)),
@@ -328,6 +458,15 @@ impl Client {
     }
 
     pub fn ack(&mut self, delivery_seq: u64, cumulative: bool) -> Result<()> {
+        if self.may_reconnect() {
+            if cumulative {
+                self.acked_through = self.acked_through.max(delivery_seq);
+                let through = self.acked_through;
+                self.acked_single.retain(|&seq| seq > through);
+            } else if delivery_seq > self.acked_through {
+                self.acked_single.insert(delivery_seq);
+            }
+        }
         self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq, cumulative }))
     }
 
@@ -360,8 +499,40 @@ impl Client {
         self.read_frame(deadline, "a frame")
     }
 
-    /// Reads the next MBWS frame from the socket (not from `pending`), tracking receipts.
+    /// Reads the next MBWS frame from the socket (not from `pending`), tracking receipts,
+    /// dropping duplicate deliveries, and resuming the session after a lost connection.
     fn read_frame(&mut self, deadline: Instant, what: &str) -> Result<Frame> {
+        loop {
+            let frame = match self.read_frame_once(deadline, what) {
+                Ok(frame) => frame,
+                Err(ClientError::Io(_)) | Err(ClientError::Closed { code: 1001 | 1006, .. })
+                    if self.may_reconnect() =>
+                {
+                    self.resume()?;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            match &frame {
+                Frame::Message(message) if self.may_reconnect() => {
+                    if message.delivery_seq <= self.last_delivery_seq {
+                        continue; // Seen before the connection was lost.
+                    }
+                    self.last_delivery_seq = message.delivery_seq;
+                }
+                Frame::Message(message) => self.last_delivery_seq = self.last_delivery_seq.max(message.delivery_seq),
+                Frame::Receipt(receipt) => {
+                    while self.unreceipted.front().is_some_and(|(seq, _, _)| *seq <= receipt.seq) {
+                        self.unreceipted.pop_front();
+                    }
+                }
+                _ => {}
+            }
+            return Ok(frame);
+        }
+    }
+
+    fn read_frame_once(&mut self, deadline: Instant, what: &str) -> Result<Frame> {
         loop {
             while let Some(event) = self
                 .decoder
@@ -381,7 +552,7 @@ impl Client {
                             .map(|f| (f.code, String::from_utf8_lossy(&f.reason).into_owned()))
                             .unwrap_or((1005, String::new()));
                         let _ = self.write_ws(OpCode::Close, &close_payload(code, ""));
-                        let _ = self.flush();
+                        let _ = self.write_now();
                         return Err(ClientError::Closed { code, reason });
                     }
                 };
@@ -410,6 +581,52 @@ impl Client {
             }
         }
     }
+}
+
+fn opcode_of(binding: Binding) -> OpCode {
+    match binding {
+        Binding::Binary => OpCode::Binary,
+        Binding::Text => OpCode::Text,
+    }
+}
+
+/// TCP connect and WebSocket upgrade; returns the stream, any bytes read past the response,
+/// and the seed used for the key (reused for masks).
+fn dial(addr: SocketAddr, host: &str, path: &str, options: &ClientOptions) -> Result<(TcpStream, BytesMut, u64)> {
+    let mut stream = TcpStream::connect_timeout(&addr, options.timeout)?;
+    stream.set_nodelay(true)?;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
+        ^ (stream.local_addr()?.port() as u64) << 48;
+    let key = handshake::new_client_key(seed);
+    let request = handshake::client_request(host, path, &key, &[options.subprotocol.name()]);
+    stream.set_write_timeout(Some(options.timeout))?;
+    stream.write_all(request.as_bytes())?;
+    let deadline = Instant::now() + options.timeout;
+    let mut read_buf = BytesMut::with_capacity(64 * 1024);
+    let response = loop {
+        if let Some((response, consumed)) = handshake::parse_response(&read_buf, 16 * 1024)
+            .map_err(|error| ClientError::Protocol(format!("bad upgrade response: {error}")))?
+        {
+            let _ = read_buf.split_to(consumed);
+            break response;
+        }
+        read_some(&mut stream, &mut read_buf, deadline, "the upgrade response")?;
+    };
+    if response.status != 101 {
+        return Err(ClientError::Protocol(format!(
+            "the broker refused the upgrade: {} {}",
+            response.status, response.reason
+        )));
+    }
+    let protocol = handshake::verify_accept(&response, &key).map_err(ClientError::Protocol)?;
+    if protocol != Some(options.subprotocol) {
+        return Err(ClientError::Protocol(format!(
+            "the broker did not agree to {} (it answered {:?})",
+            options.subprotocol.name(),
+            protocol.map(Subprotocol::name)
+        )));
+    }
+    Ok((stream, read_buf, seed))
 }
 
 /// One read into `buf`, bounded by `deadline`.
