@@ -43,6 +43,10 @@ pub struct Config {
     pub max_heartbeat_ms: u32,
     /// How long a disconnected MBWS session is kept for resume (announced in OPENED).
     pub session_expiry_ms: u32,
+    /// A client-ack delivery not acknowledged within this time is redelivered; 0 for never.
+    pub ack_timeout_ms: u64,
+    /// Deliveries of one message before it goes to `DLQ.<address>`; 0 for no limit.
+    pub max_deliveries: u32,
     /// Commands one shard may have waiting in another shard's inbox (channel bound).
     pub mailbox_capacity: usize,
 }
@@ -69,6 +73,8 @@ impl Default for Config {
             max_queued_messages: 100_000,
             max_heartbeat_ms: 60_000,
             session_expiry_ms: 30_000,
+            ack_timeout_ms: 0,
+            max_deliveries: 0,
             mailbox_capacity: 65_536,
         }
     }

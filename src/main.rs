@@ -47,6 +47,12 @@ struct Args {
     /// Milliseconds an MBWS session is kept after its connection is lost, for resume (0: never).
     #[arg(long, default_value_t = Config::default().session_expiry_ms)]
     session_expiry_ms: u32,
+    /// Milliseconds a client-ack delivery may stay unacknowledged before it is redelivered (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    ack_timeout_ms: u64,
+    /// Deliveries of one message before it moves to the dead-letter address DLQ.<address> (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_deliveries: u32,
     /// Milliseconds a connection may take to complete its WebSocket upgrade.
     #[arg(long, default_value_t = 10_000)]
     handshake_timeout_ms: u64,
@@ -79,6 +85,8 @@ fn main() -> ExitCode {
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
         open_timeout: Duration::from_millis(args.open_timeout_ms),
         session_expiry_ms: args.session_expiry_ms,
+        ack_timeout_ms: args.ack_timeout_ms,
+        max_deliveries: args.max_deliveries,
         ..Config::default()
     };
     if let Err(problem) = config.validate() {

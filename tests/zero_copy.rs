@@ -58,7 +58,10 @@ fn run(table: &mut AddressTable, commands: Vec<(ShardId, AddressCommand)>) -> Ve
 #[test]
 fn multicast_fan_out_writes_the_publishers_buffer_without_copying_the_body() {
     let config = session_config();
-    let mut table = AddressTable::new(ShardId(0), AddressLimits { max_queued_messages: 100, max_credit: 100 });
+    let mut table = AddressTable::new(
+        ShardId(0),
+        AddressLimits { max_queued_messages: 100, max_credit: 100, ..AddressLimits::default() },
+    );
     let open = Frame::Open(protocol::Open::default());
 
     // Subscribers 1..=3, each with its own session and write queue.

@@ -5,6 +5,12 @@
 //! anycast subscriber or has no multicast subscriber at all. So a message nobody consumes yet
 //! waits (bounded by `max_queued_messages`), and a pure publish/subscribe address never fills.
 //!
+//! Redelivery: a client-ack delivery that ends without acknowledgement (NACK with requeue, its
+//! subscription or session ends, or `ack_timeout_ms` passes) goes back to the front of its
+//! queue (anycast) or backlog (multicast), marked redelivered. A message delivered
+//! `max_deliveries` times, or rejected (NACK without requeue), moves to the dead-letter address
+//! `DLQ.<address>` instead, with headers `x-original-address` and `x-dead-letter-reason`.
+//!
 //! Invariants, checked in debug builds:
 //! - a subscriber never has more deliveries outstanding than its credit allows (`in_flight`
 //!   grows only while `in_flight < credit`);
@@ -16,7 +22,10 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use super::{AddressCommand, ConnCommand, ConnRef, MessageId, Refusal, ShardId, SharedMessage, SubscriptionId};
+use super::{
+    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, MessageId, Refusal, ShardId, SharedMessage, StoredMessage,
+    SubscriptionId,
+};
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 
 /// A command for the shard that holds a connection, with that shard's id.
@@ -26,13 +35,42 @@ pub type Outgoing = (ShardId, ConnCommand);
 pub struct AddressLimits {
     pub max_queued_messages: u32,
     pub max_credit: u32,
+    /// Deliveries of one message after which an unacknowledged end sends it to the dead-letter
+    /// address instead of back to its queue; 0 for no limit.
+    pub max_deliveries: u32,
+    /// A client-ack delivery not acknowledged within this many milliseconds is taken back and
+    /// redelivered; 0 for never.
+    pub ack_timeout_ms: u64,
+    /// For the owner of dead-letter addresses.
+    pub shard_count: usize,
 }
+
+impl Default for AddressLimits {
+    fn default() -> Self {
+        AddressLimits {
+            max_queued_messages: 100_000,
+            max_credit: 65_535,
+            max_deliveries: 0,
+            ack_timeout_ms: 0,
+            shard_count: 1,
+        }
+    }
+}
+
+/// Dead-letter addresses are named `DLQ.<address>`.
+pub const DEAD_LETTER_PREFIX: &[u8] = b"DLQ.";
+
+/// The publisher of dead-lettered messages: answers to it are dropped on arrival (no
+/// connection has this slot).
+const SYSTEM: ConnId = ConnId { index: u32::MAX, generation: u32::MAX };
 
 #[derive(Debug, Clone)]
 struct Queued {
     id: MessageId,
     message: SharedMessage,
     redelivered: bool,
+    /// Times this message has been handed to a consumer.
+    deliveries: u32,
 }
 
 #[derive(Debug)]
@@ -46,6 +84,9 @@ struct Subscriber {
     /// Client-ack deliveries not yet acknowledged, kept for NACK and (anycast) for requeueing
     /// when the subscription ends. At most `credit` entries.
     unacked: HashMap<MessageId, Queued>,
+    /// Ack deadlines of client-ack deliveries, in delivery order (so in deadline order).
+    /// Entries already acknowledged are dropped lazily; kept under 2 x `unacked` + 16.
+    deadlines: VecDeque<(u64, MessageId)>,
     /// Multicast only: messages for this subscriber waiting for credit.
     backlog: VecDeque<Queued>,
 }
@@ -53,6 +94,18 @@ struct Subscriber {
 impl Subscriber {
     fn has_credit(&self) -> bool {
         self.in_flight < self.credit
+    }
+
+    /// Drops deadlines of settled deliveries: from the front, and all of them when the list has
+    /// grown to twice what is unacknowledged (a stuck delivery at the front).
+    fn trim_deadlines(&mut self) {
+        while self.deadlines.front().is_some_and(|(_, id)| !self.unacked.contains_key(id)) {
+            self.deadlines.pop_front();
+        }
+        if self.deadlines.len() > 2 * self.unacked.len() + 16 {
+            let unacked = &self.unacked;
+            self.deadlines.retain(|(_, id)| unacked.contains_key(id));
+        }
     }
 }
 
@@ -103,6 +156,10 @@ pub struct AddressTable {
     subscriptions: HashMap<(ConnRef, SubscriptionId), Bytes>,
     /// Subscriptions per consumer connection, for `ConsumerGone`.
     by_consumer: HashMap<ConnRef, SmallVec<[SubscriptionId; 4]>>,
+    /// Commands for other address owners (dead-lettered messages), drained by the shard.
+    forwards: Vec<(ShardId, AddressCommand)>,
+    /// Set when a delivery with an ack deadline was made (the shard arms its ack timer).
+    deadline_added: bool,
 }
 
 impl AddressTable {
@@ -113,7 +170,115 @@ impl AddressTable {
             addresses: HashMap::new(),
             subscriptions: HashMap::new(),
             by_consumer: HashMap::new(),
+            forwards: Vec::new(),
+            deadline_added: false,
         }
+    }
+
+    /// True once after deliveries with ack deadlines were made.
+    pub fn take_deadline_added(&mut self) -> bool {
+        std::mem::take(&mut self.deadline_added)
+    }
+
+    /// Commands this table produced for other address owners since the last call.
+    pub fn take_forwards(&mut self) -> Vec<(ShardId, AddressCommand)> {
+        std::mem::take(&mut self.forwards)
+    }
+
+    /// The earliest ack deadline of any delivery on this shard, if any (ms, broker clock).
+    pub fn next_ack_deadline(&self) -> Option<u64> {
+        self.addresses
+            .values()
+            .flat_map(|state| state.anycast.iter().chain(state.multicast.iter()))
+            .filter_map(|subscriber| subscriber.deadlines.front().map(|(deadline, _)| *deadline))
+            .min()
+    }
+
+    /// Takes back every client-ack delivery whose ack deadline has passed: the consumer is told
+    /// (so a late ACK changes nothing) and the message is redelivered (or dead-lettered).
+    pub fn expire_acks(&mut self, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let mut expired: Vec<(Bytes, ConnRef, SubscriptionId, DeliveryMode, Queued)> = Vec::new();
+        for (address, state) in self.addresses.iter_mut() {
+            for (mode, subscribers) in
+                [(DeliveryMode::Anycast, &mut state.anycast), (DeliveryMode::Multicast, &mut state.multicast)]
+            {
+                for subscriber in subscribers.iter_mut() {
+                    while let Some(&(deadline, id)) = subscriber.deadlines.front() {
+                        if deadline > now_ms {
+                            break;
+                        }
+                        subscriber.deadlines.pop_front();
+                        if let Some(queued) = subscriber.unacked.remove(&id) {
+                            subscriber.in_flight -= 1;
+                            expired.push((address.clone(), subscriber.consumer, subscriber.subscription, mode, queued));
+                        }
+                    }
+                }
+            }
+        }
+        let mut touched: SmallVec<[Bytes; 4]> = SmallVec::new();
+        for (address, consumer, subscription, mode, queued) in expired {
+            out.push((
+                consumer.shard,
+                ConnCommand::DeliveryExpired { consumer: consumer.conn, subscription, message_id: queued.id },
+            ));
+            self.give_back(&address, (consumer, subscription), mode, queued);
+            if !touched.contains(&address) {
+                touched.push(address);
+            }
+        }
+        for address in touched {
+            self.dispatch(&address, now_ms, out);
+        }
+    }
+
+    /// A delivery ended without acknowledgement: back to the front of the queue (anycast) or
+    /// the subscriber's backlog (multicast), or to the dead-letter address after
+    /// `max_deliveries`.
+    fn give_back(&mut self, address: &Bytes, key: (ConnRef, SubscriptionId), mode: DeliveryMode, mut queued: Queued) {
+        let max_deliveries = self.limits.max_deliveries;
+        if max_deliveries > 0 && queued.deliveries >= max_deliveries {
+            let reason = format!("delivered {} times without acknowledgement (max_deliveries)", queued.deliveries);
+            self.dead_letter(queued, &reason);
+            return;
+        }
+        queued.redelivered = true;
+        let Some(state) = self.addresses.get_mut(address) else { return };
+        match mode {
+            DeliveryMode::Anycast => state.queue.push_front(queued),
+            DeliveryMode::Multicast => {
+                if let Some((subscriber, _)) = state.subscriber_mut(key) {
+                    subscriber.backlog.push_front(queued);
+                }
+            }
+        }
+    }
+
+    /// Publishes a copy of the message (same body, no copy) to `DLQ.<address>`. A message that
+    /// is already on a dead-letter address is dropped instead, so nothing loops.
+    fn dead_letter(&mut self, queued: Queued, reason: &str) {
+        let original = &queued.message.address;
+        if original.starts_with(DEAD_LETTER_PREFIX) || original.len() + DEAD_LETTER_PREFIX.len() > 255 {
+            return;
+        }
+        let mut address = Vec::with_capacity(DEAD_LETTER_PREFIX.len() + original.len());
+        address.extend_from_slice(DEAD_LETTER_PREFIX);
+        address.extend_from_slice(original);
+        let address = Bytes::from(address);
+        let mut properties = queued.message.properties.clone();
+        properties.headers.push((Bytes::from_static(b"x-original-address"), original.clone()));
+        properties.headers.push((Bytes::from_static(b"x-dead-letter-reason"), Bytes::from(reason.to_string())));
+        let message = std::sync::Arc::new(StoredMessage {
+            address: address.clone(),
+            durable: queued.message.durable,
+            expires_at_ms: 0,
+            properties,
+            body: queued.message.body.clone(),
+            body_is_text: queued.message.body_is_text,
+        });
+        let owner = owner_of(&address, self.limits.shard_count);
+        let publisher = ConnRef { shard: self.shard, conn: SYSTEM };
+        self.forwards.push((owner, AddressCommand::Publish { publisher, seq: 0, message }));
     }
 
     pub fn stats(&self, address: &[u8]) -> AddressStats {
@@ -164,36 +329,41 @@ impl AddressTable {
                 }
             }
             AddressCommand::Ack { consumer, subscription, messages } => {
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber, _, _| {
+                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber| {
                     for id in messages {
-                        // An unknown id (already acknowledged, or requeued) changes nothing.
+                        // An unknown id (already acknowledged, requeued or expired) changes nothing.
                         if subscriber.unacked.remove(&id).is_some() {
                             subscriber.in_flight -= 1;
                         }
                     }
+                    subscriber.trim_deadlines();
                 });
             }
             AddressCommand::Nack { consumer, subscription, message, requeue } => {
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber, mode, queue| {
-                    let Some(mut queued) = subscriber.unacked.remove(&message) else { return };
+                // Given back before anything is dispatched, so a requeued message keeps its place.
+                let taken = self.change_subscriber(consumer, subscription, |subscriber, mode| {
+                    let queued = subscriber.unacked.remove(&message)?;
                     subscriber.in_flight -= 1;
-                    if requeue {
-                        queued.redelivered = true;
-                        match mode {
-                            DeliveryMode::Anycast => queue.push_front(queued),
-                            DeliveryMode::Multicast => subscriber.backlog.push_front(queued),
-                        }
-                    }
+                    subscriber.trim_deadlines();
+                    Some((mode, queued))
                 });
+                if let Some((address, Some((mode, queued)))) = taken {
+                    if requeue {
+                        self.give_back(&address, (consumer, subscription), mode, queued);
+                    } else {
+                        self.dead_letter(queued, "rejected by a consumer (NACK without requeue)");
+                    }
+                    self.dispatch(&address, now_ms, out);
+                }
             }
             AddressCommand::SetCredit { consumer, subscription, credit } => {
                 let credit = credit.min(self.limits.max_credit);
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber, _, _| {
+                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber| {
                     subscriber.credit = credit;
                 });
             }
             AddressCommand::ReturnCredit { consumer, subscription, count } => {
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber, _, _| {
+                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber| {
                     subscriber.in_flight = subscriber.in_flight.saturating_sub(count);
                 });
             }
@@ -228,7 +398,7 @@ impl AddressTable {
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
         let message = if will_wait { std::sync::Arc::new(message.compacted()) } else { message };
         state.last_message_id += 1;
-        let queued = Queued { id: MessageId(state.last_message_id), message, redelivered: false };
+        let queued = Queued { id: MessageId(state.last_message_id), message, redelivered: false, deliveries: 0 };
 
         let mut slow = SmallVec::<[usize; 2]>::new();
         for (index, subscriber) in state.multicast.iter_mut().enumerate() {
@@ -322,6 +492,7 @@ impl AddressTable {
             credit: credit.min(self.limits.max_credit),
             in_flight: 0,
             unacked: HashMap::new(),
+            deadlines: VecDeque::new(),
             backlog: VecDeque::new(),
         };
         let state = self.addresses.entry(address.clone()).or_default();
@@ -334,25 +505,34 @@ impl AddressTable {
         Ok(())
     }
 
-    /// Runs `change` on one subscriber (if it still exists), then delivers what its address can.
+    /// Runs `change` on one subscriber (if it still exists), then delivers what its address
+    /// can.
     fn with_subscriber(
         &mut self,
         consumer: ConnRef,
         subscription: SubscriptionId,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
-        change: impl FnOnce(&mut Subscriber, DeliveryMode, &mut VecDeque<Queued>),
+        change: impl FnOnce(&mut Subscriber),
     ) {
-        let Some(address) = self.subscriptions.get(&(consumer, subscription)).cloned() else {
-            return; // Already gone (unsubscribed, or ended): nothing to do.
-        };
-        let Some(state) = self.addresses.get_mut(&address) else { return };
-        let mut queue = std::mem::take(&mut state.queue);
-        if let Some((subscriber, mode)) = state.subscriber_mut((consumer, subscription)) {
-            change(subscriber, mode, &mut queue);
+        if let Some((address, ())) = self.change_subscriber(consumer, subscription, |subscriber, _| change(subscriber))
+        {
+            self.dispatch(&address, now_ms, out);
         }
-        state.queue = queue;
-        self.dispatch(&address, now_ms, out);
+    }
+
+    /// Runs `change` on one subscriber (if it still exists) and returns its address and what
+    /// `change` returned; `None` if the subscription is gone (unsubscribed, or ended).
+    fn change_subscriber<R>(
+        &mut self,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        change: impl FnOnce(&mut Subscriber, DeliveryMode) -> R,
+    ) -> Option<(Bytes, R)> {
+        let address = self.subscriptions.get(&(consumer, subscription)).cloned()?;
+        let state = self.addresses.get_mut(&address)?;
+        let (subscriber, mode) = state.subscriber_mut((consumer, subscription))?;
+        Some((address, change(subscriber, mode)))
     }
 
     fn remove_subscription(
@@ -367,16 +547,15 @@ impl AddressTable {
         let key = (consumer, subscription);
         if let Some(index) = state.anycast.iter().position(|s| (s.consumer, s.subscription) == key) {
             let subscriber = state.anycast.remove(index);
-            // Unacknowledged anycast messages go back to the front of the queue, oldest first,
-            // marked redelivered.
-            let mut returned: Vec<Queued> = subscriber.unacked.into_values().collect();
-            returned.sort_by_key(|queued| std::cmp::Reverse(queued.id));
-            for mut queued in returned {
-                queued.redelivered = true;
-                state.queue.push_front(queued);
-            }
             if state.next_anycast >= state.anycast.len() {
                 state.next_anycast = 0;
+            }
+            // Unacknowledged anycast messages go back to the front of the queue, oldest first,
+            // marked redelivered (or to the dead-letter address after max_deliveries).
+            let mut returned: Vec<Queued> = subscriber.unacked.into_values().collect();
+            returned.sort_by_key(|queued| std::cmp::Reverse(queued.id));
+            for queued in returned {
+                self.give_back(&address, key, DeliveryMode::Anycast, queued);
             }
         } else if let Some(index) = state.multicast.iter().position(|s| (s.consumer, s.subscription) == key) {
             state.multicast.remove(index);
@@ -391,18 +570,26 @@ impl AddressTable {
     fn dispatch(&mut self, address: &Bytes, now_ms: u64, out: &mut Vec<Outgoing>) {
         let low_watermark = self.limits.max_queued_messages as usize / 4;
         let Some(state) = self.addresses.get_mut(address) else { return };
-        Self::deliver_what_credit_allows(state, now_ms, out);
+        let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        let delivered = out.len();
+        Self::deliver_what_credit_allows(state, ack_deadline, now_ms, out);
+        self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
         Self::release_held_answers(state, low_watermark, out);
     }
 
-    fn deliver_what_credit_allows(state: &mut Address, now_ms: u64, out: &mut Vec<Outgoing>) {
+    fn deliver_what_credit_allows(
+        state: &mut Address,
+        ack_deadline: Option<u64>,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
         for subscriber in state.multicast.iter_mut() {
             while subscriber.has_credit() {
                 let Some(queued) = subscriber.backlog.pop_front() else { break };
                 if is_expired(&queued, now_ms) {
                     continue;
                 }
-                deliver(subscriber, queued, out);
+                deliver(subscriber, queued, ack_deadline, out);
             }
         }
         let subscriber_count = state.anycast.len();
@@ -422,7 +609,7 @@ impl AddressTable {
                 continue;
             }
             state.next_anycast = (index + 1) % subscriber_count;
-            deliver(&mut state.anycast[index], queued, out);
+            deliver(&mut state.anycast[index], queued, ack_deadline, out);
         }
     }
 
@@ -435,10 +622,14 @@ fn is_expired(queued: &Queued, now_ms: u64) -> bool {
     queued.message.expires_at_ms != 0 && queued.message.expires_at_ms <= now_ms
 }
 
-fn deliver(subscriber: &mut Subscriber, queued: Queued, out: &mut Vec<Outgoing>) {
+fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadline: Option<u64>, out: &mut Vec<Outgoing>) {
     debug_assert!(subscriber.has_credit(), "delivery without credit");
     subscriber.in_flight += 1;
+    queued.deliveries += 1;
     if subscriber.ack_mode == AckMode::Client {
+        if let Some(deadline) = ack_deadline {
+            subscriber.deadlines.push_back((deadline, queued.id));
+        }
         subscriber.unacked.insert(queued.id, queued.clone());
     }
     out.push((
@@ -461,7 +652,8 @@ mod tests {
     use crate::broker::{ConnId, StoredMessage};
     use crate::mbws::Properties;
 
-    const LIMITS: AddressLimits = AddressLimits { max_queued_messages: 3, max_credit: 100 };
+    const LIMITS: AddressLimits =
+        AddressLimits { max_queued_messages: 3, max_credit: 100, max_deliveries: 0, ack_timeout_ms: 0, shard_count: 1 };
 
     fn conn(index: u32) -> ConnRef {
         ConnRef { shard: ShardId(0), conn: ConnId { index, generation: 0 } }
@@ -599,7 +791,7 @@ mod tests {
 
     #[test]
     fn publishers_are_held_back_while_consumers_drain_a_long_queue() {
-        let limits = AddressLimits { max_queued_messages: 8, max_credit: 100 };
+        let limits = AddressLimits { max_queued_messages: 8, ..LIMITS };
         let mut table = AddressTable::new(ShardId(0), limits);
         let mut out = Vec::new();
         subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);

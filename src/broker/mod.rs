@@ -190,6 +190,12 @@ pub enum ConnCommand {
         subscription: SubscriptionId,
         refusal: Refusal,
     },
+    /// The ack timeout took a delivery back: the consumer forgets it (a late ACK changes nothing).
+    DeliveryExpired {
+        consumer: ConnId,
+        subscription: SubscriptionId,
+        message_id: MessageId,
+    },
 }
 
 impl ConnCommand {
@@ -198,7 +204,8 @@ impl ConnCommand {
             ConnCommand::PublishDone { publisher, .. } => *publisher,
             ConnCommand::SubscribeDone { consumer, .. }
             | ConnCommand::Deliver { consumer, .. }
-            | ConnCommand::SubscriptionEnded { consumer, .. } => *consumer,
+            | ConnCommand::SubscriptionEnded { consumer, .. }
+            | ConnCommand::DeliveryExpired { consumer, .. } => *consumer,
         }
     }
 }

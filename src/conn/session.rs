@@ -623,6 +623,11 @@ impl Session {
             ConnCommand::Deliver { subscription, message_id, message, redelivered, .. } => {
                 self.on_deliver(subscription, message_id, message, redelivered, fx.outbound)
             }
+            ConnCommand::DeliveryExpired { subscription, message_id, .. } => {
+                self.unacked.retain(|_, delivery| {
+                    !(delivery.subscription == subscription && delivery.message_id == message_id)
+                });
+            }
             ConnCommand::SubscriptionEnded { subscription, refusal, .. } => {
                 if self.subscriptions.remove(&subscription).is_some() {
                     self.unacked.retain(|_, entry| entry.subscription != subscription);

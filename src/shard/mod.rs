@@ -60,6 +60,11 @@ impl LocalEvent {
         self.fired.get()
     }
 
+    /// Makes the event waitable again.
+    pub fn reset(&self) {
+        self.fired.set(false);
+    }
+
     pub async fn wait(&self) {
         std::future::poll_fn(|cx| {
             if self.fired.get() {
@@ -92,6 +97,9 @@ pub struct Shard {
     /// Connections whose session or write queue changed during this round of work.
     dirty: RefCell<Vec<ConnId>>,
     pub shutdown: LocalEvent,
+    /// Wakes the ack timer when deliveries with an ack deadline may exist again.
+    ack_deadline_added: LocalEvent,
+    ack_deadlines_armed: Cell<bool>,
 }
 
 impl Shard {
@@ -105,8 +113,13 @@ impl Shard {
             shard_count,
             default_credit: 1000,
         });
-        let address_limits =
-            AddressLimits { max_queued_messages: config.max_queued_messages, max_credit: config.max_credit };
+        let address_limits = AddressLimits {
+            max_queued_messages: config.max_queued_messages,
+            max_credit: config.max_credit,
+            max_deliveries: config.max_deliveries,
+            ack_timeout_ms: config.ack_timeout_ms,
+            shard_count,
+        };
         Shard {
             id,
             config,
@@ -119,6 +132,8 @@ impl Shard {
             outboxes: RefCell::new((0..shard_count).map(|_| Vec::new()).collect()),
             dirty: RefCell::new(Vec::new()),
             shutdown: LocalEvent::default(),
+            ack_deadline_added: LocalEvent::default(),
+            ack_deadlines_armed: Cell::new(false),
         }
     }
 
@@ -200,10 +215,12 @@ impl Shard {
             let Some(command) = next else { break };
             match command {
                 Command::Address(command) => {
-                    self.addresses.borrow_mut().handle(command, now_ms(), &mut scratch);
-                    for (shard, command) in scratch.drain(..) {
-                        self.submit(shard, Command::Conn(command));
-                    }
+                    let forwards = {
+                        let mut addresses = self.addresses.borrow_mut();
+                        addresses.handle(command, now_ms(), &mut scratch);
+                        (addresses.take_forwards(), addresses.take_deadline_added())
+                    };
+                    self.route_address_output(&mut scratch, forwards);
                 }
                 Command::Conn(command) => {
                     let id = command.conn();
@@ -221,6 +238,53 @@ impl Shard {
         }
         self.flush_dirty();
         self.flush_outboxes();
+    }
+
+    fn route_address_output(
+        &self,
+        answers: &mut Vec<(ShardId, crate::broker::ConnCommand)>,
+        (forwards, deadline_added): (Vec<(ShardId, AddressCommand)>, bool),
+    ) {
+        for (shard, command) in answers.drain(..) {
+            self.submit(shard, Command::Conn(command));
+        }
+        for (shard, command) in forwards {
+            self.submit(shard, Command::Address(command));
+        }
+        if deadline_added && !self.ack_deadlines_armed.get() {
+            self.ack_deadlines_armed.set(true);
+            self.ack_deadline_added.fire();
+        }
+    }
+
+    /// Redelivers client-ack deliveries whose ack timeout passed. Sleeps until the earliest
+    /// deadline (deadlines only grow, so no later delivery can need an earlier wake-up), or,
+    /// with none pending, until the next round of address work arms it again.
+    async fn ack_timer_loop(self: Rc<Self>) {
+        loop {
+            let next = self.addresses.borrow().next_ack_deadline();
+            match next {
+                None => {
+                    self.ack_deadlines_armed.set(false);
+                    self.ack_deadline_added.wait().await;
+                    self.ack_deadline_added.reset();
+                }
+                Some(deadline) => {
+                    let now = now_ms();
+                    if deadline > now {
+                        monoio::time::sleep(Duration::from_millis(deadline - now)).await;
+                    }
+                    let mut answers = Vec::new();
+                    let forwards = {
+                        let mut addresses = self.addresses.borrow_mut();
+                        addresses.expire_acks(now_ms(), &mut answers);
+                        (addresses.take_forwards(), addresses.take_deadline_added())
+                    };
+                    self.route_address_output(&mut answers, forwards);
+                    self.run_work();
+                }
+            }
+        }
     }
 
     fn flush_dirty(&self) {
@@ -373,6 +437,9 @@ fn run_shard(
         };
         let shard = Rc::new(Shard::new(id, config, post_office));
         monoio::spawn(shard.clone().inbox_loop(inbox));
+        if shard.config.ack_timeout_ms > 0 {
+            monoio::spawn(shard.clone().ack_timer_loop());
+        }
         let accepting = monoio::spawn(accept_loop(shard.clone(), listener));
         shard.shutdown.wait().await;
         drop(accepting);
