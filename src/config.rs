@@ -47,6 +47,10 @@ pub struct Config {
     pub ack_timeout_ms: u64,
     /// Deliveries of one message before it goes to `DLQ.<address>`; 0 for no limit.
     pub max_deliveries: u32,
+    /// Body bytes waiting in one address queue.
+    pub max_queued_bytes: usize,
+    /// Body bytes waiting in all queues of the broker (split evenly over the shards).
+    pub memory_budget_bytes: usize,
     /// Commands one shard may have waiting in another shard's inbox (channel bound).
     pub mailbox_capacity: usize,
 }
@@ -75,6 +79,8 @@ impl Default for Config {
             session_expiry_ms: 30_000,
             ack_timeout_ms: 0,
             max_deliveries: 0,
+            max_queued_bytes: 256 * 1024 * 1024,
+            memory_budget_bytes: 2 * 1024 * 1024 * 1024,
             mailbox_capacity: 65_536,
         }
     }

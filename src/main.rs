@@ -32,6 +32,12 @@ struct Args {
     /// Most messages waiting in one address queue; a SEND beyond gets ERROR 4429.
     #[arg(long, default_value_t = Config::default().max_queued_messages)]
     max_queued_messages: u32,
+    /// Body bytes waiting in one address queue; a SEND beyond gets ERROR 4429.
+    #[arg(long, default_value_t = Config::default().max_queued_bytes)]
+    max_queued_bytes: usize,
+    /// Body bytes waiting in all queues (split over the shards); a SEND beyond gets ERROR 4429.
+    #[arg(long, default_value_t = Config::default().memory_budget_bytes)]
+    memory_budget_bytes: usize,
     /// Most unanswered SENDs per session before the broker stops reading from it.
     #[arg(long, default_value_t = Config::default().max_inflight_sends)]
     max_inflight_sends: u32,
@@ -87,6 +93,8 @@ fn main() -> ExitCode {
         session_expiry_ms: args.session_expiry_ms,
         ack_timeout_ms: args.ack_timeout_ms,
         max_deliveries: args.max_deliveries,
+        max_queued_bytes: args.max_queued_bytes,
+        memory_budget_bytes: args.memory_budget_bytes,
         ..Config::default()
     };
     if let Err(problem) = config.validate() {

@@ -43,6 +43,11 @@ pub struct AddressLimits {
     pub ack_timeout_ms: u64,
     /// For the owner of dead-letter addresses.
     pub shard_count: usize,
+    /// Body bytes waiting in one address queue; a SEND past it gets ERROR 4429.
+    pub max_queued_bytes: usize,
+    /// Body bytes waiting in all the queues of this shard (its share of the broker's memory
+    /// budget); a SEND past it gets ERROR 4429.
+    pub memory_budget_bytes: usize,
 }
 
 impl Default for AddressLimits {
@@ -53,6 +58,8 @@ impl Default for AddressLimits {
             max_deliveries: 0,
             ack_timeout_ms: 0,
             shard_count: 1,
+            max_queued_bytes: 256 * 1024 * 1024,
+            memory_budget_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -116,6 +123,8 @@ struct Address {
     multicast: Vec<Subscriber>,
     /// Round-robin position among anycast subscribers.
     next_anycast: usize,
+    /// Body bytes in `queue`.
+    queued_bytes: usize,
     last_message_id: u64,
     /// Publishes accepted while the queue was above its high watermark, whose answers are held
     /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
@@ -160,6 +169,8 @@ pub struct AddressTable {
     forwards: Vec<(ShardId, AddressCommand)>,
     /// Set when a delivery with an ack deadline was made (the shard arms its ack timer).
     deadline_added: bool,
+    /// Body bytes in all anycast queues of this shard.
+    queued_bytes: usize,
 }
 
 impl AddressTable {
@@ -172,7 +183,13 @@ impl AddressTable {
             by_consumer: HashMap::new(),
             forwards: Vec::new(),
             deadline_added: false,
+            queued_bytes: 0,
         }
+    }
+
+    /// Body bytes waiting in this shard's queues (for tests and metrics).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
     }
 
     /// True once after deliveries with ack deadlines were made.
@@ -245,7 +262,11 @@ impl AddressTable {
         queued.redelivered = true;
         let Some(state) = self.addresses.get_mut(address) else { return };
         match mode {
-            DeliveryMode::Anycast => state.queue.push_front(queued),
+            DeliveryMode::Anycast => {
+                state.queued_bytes += queued.message.body.len();
+                self.queued_bytes += queued.message.body.len();
+                state.queue.push_front(queued);
+            }
             DeliveryMode::Multicast => {
                 if let Some((subscriber, _)) = state.subscriber_mut(key) {
                     subscriber.backlog.push_front(queued);
@@ -391,6 +412,29 @@ impl AddressTable {
                 ),
             ));
         }
+        let body_bytes = message.body.len();
+        if to_anycast_queue && state.queued_bytes + body_bytes > self.limits.max_queued_bytes {
+            return Err(Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "address \"{}\" already holds {} bytes of queued messages and this one has {body_bytes} \
+                     (max_queued_bytes {}); consume from it or retry later",
+                    String::from_utf8_lossy(&address_name),
+                    state.queued_bytes,
+                    self.limits.max_queued_bytes
+                ),
+            ));
+        }
+        if self.queued_bytes + body_bytes > self.limits.memory_budget_bytes {
+            return Err(Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "the broker's memory budget for queued messages is used up ({} of {} bytes on this shard; \
+                     --memory-budget-bytes); consume messages or retry later",
+                    self.queued_bytes, self.limits.memory_budget_bytes
+                ),
+            ));
+        }
         // A message that will wait somewhere (no subscriber with credit, or others already
         // waiting ahead of it) is compacted first; see StoredMessage::compacted.
         let will_wait = (to_anycast_queue
@@ -434,6 +478,8 @@ impl AddressTable {
         }
         let state = self.addresses.get_mut(&address_name).expect("address was just inserted");
         if to_anycast_queue {
+            state.queued_bytes += queued.message.body.len();
+            self.queued_bytes += queued.message.body.len();
             state.queue.push_back(queued);
         }
         self.dispatch(&address_name, now_ms, out);
@@ -572,7 +618,9 @@ impl AddressTable {
         let Some(state) = self.addresses.get_mut(address) else { return };
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
+        let queued_before = state.queued_bytes;
         Self::deliver_what_credit_allows(state, ack_deadline, now_ms, out);
+        self.queued_bytes -= queued_before - state.queued_bytes;
         self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
         Self::release_held_answers(state, low_watermark, out);
     }
@@ -605,6 +653,7 @@ impl AddressTable {
             };
             let index = (state.next_anycast + offset) % subscriber_count;
             let queued = state.queue.pop_front().expect("queue is not empty");
+            state.queued_bytes -= queued.message.body.len();
             if is_expired(&queued, now_ms) {
                 continue;
             }
@@ -652,8 +701,15 @@ mod tests {
     use crate::broker::{ConnId, StoredMessage};
     use crate::mbws::Properties;
 
-    const LIMITS: AddressLimits =
-        AddressLimits { max_queued_messages: 3, max_credit: 100, max_deliveries: 0, ack_timeout_ms: 0, shard_count: 1 };
+    const LIMITS: AddressLimits = AddressLimits {
+        max_queued_messages: 3,
+        max_credit: 100,
+        max_deliveries: 0,
+        ack_timeout_ms: 0,
+        shard_count: 1,
+        max_queued_bytes: 1 << 20,
+        memory_budget_bytes: 1 << 30,
+    };
 
     fn conn(index: u32) -> ConnRef {
         ConnRef { shard: ShardId(0), conn: ConnId { index, generation: 0 } }
@@ -817,6 +873,36 @@ mod tests {
         }
         assert_eq!(table.stats(b"a").queued, 2);
         assert_eq!(answered(&out), 3, "held answers go out at the low watermark");
+    }
+
+    fn refusal_reason(out: &[Outgoing]) -> Option<String> {
+        out.iter().find_map(|(_, c)| match c {
+            ConnCommand::PublishDone { outcome: Err(refusal), .. } => Some(refusal.reason.clone()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn queued_bytes_are_bounded_per_address_and_per_shard() {
+        let limits = AddressLimits { max_queued_bytes: 10, memory_budget_bytes: 16, ..LIMITS };
+        let mut table = AddressTable::new(ShardId(0), limits);
+        let mut out = Vec::new();
+        publish(&mut table, "a", "12345678", &mut out);
+        publish(&mut table, "a", "123", &mut out);
+        let reason = refusal_reason(&out).expect("the second body passes max_queued_bytes");
+        assert!(reason.contains("max_queued_bytes"), "{reason}");
+        out.clear();
+        publish(&mut table, "b", "123456789", &mut out);
+        let reason = refusal_reason(&out).expect("8 + 9 bytes pass the shard's budget of 16");
+        assert!(reason.contains("memory budget"), "{reason}");
+        assert_eq!(table.queued_bytes(), 8);
+        // Consuming frees the budget.
+        out.clear();
+        subscribe(&mut table, 1, DeliveryMode::Anycast, 10, &mut out);
+        assert_eq!(table.queued_bytes(), 0);
+        out.clear();
+        publish(&mut table, "b", "123456789", &mut out);
+        assert!(refusal_reason(&out).is_none());
     }
 
     #[test]

@@ -119,6 +119,8 @@ impl Shard {
             max_deliveries: config.max_deliveries,
             ack_timeout_ms: config.ack_timeout_ms,
             shard_count,
+            max_queued_bytes: config.max_queued_bytes,
+            memory_budget_bytes: config.memory_budget_bytes / shard_count.max(1),
         };
         Shard {
             id,
