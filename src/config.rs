@@ -3,6 +3,7 @@
 //! `Config` is built once by `main` (from flags) and shared read-only by every shard.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::mbws::{CodecLimits, Limits};
@@ -51,6 +52,15 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// Body bytes waiting in all queues of the broker (split evenly over the shards).
     pub memory_budget_bytes: usize,
+    /// Where each shard keeps its durable log (`<data_dir>/shard-<N>/`).
+    pub data_dir: PathBuf,
+    /// Durable log segment size, group-commit batch bound and window, recovery mode.
+    pub log_segment_bytes: u64,
+    pub log_batch_bytes: usize,
+    pub log_batch_delay: Duration,
+    pub log_recovery: crate::store::RecoveryMode,
+    /// Addresses whose every message is durable: exact names, or prefixes ending in `*`.
+    pub durable_addresses: Vec<String>,
     /// Commands one shard may have waiting in another shard's inbox (channel bound).
     pub mailbox_capacity: usize,
 }
@@ -81,12 +91,29 @@ impl Default for Config {
             max_deliveries: 0,
             max_queued_bytes: 256 * 1024 * 1024,
             memory_budget_bytes: 2 * 1024 * 1024 * 1024,
+            data_dir: PathBuf::from("mbws-data"),
+            log_segment_bytes: crate::store::DEFAULT_SEGMENT_BYTES,
+            log_batch_bytes: crate::store::DEFAULT_MAX_BATCH_BYTES,
+            log_batch_delay: Duration::ZERO,
+            log_recovery: crate::store::RecoveryMode::Strict,
+            durable_addresses: Vec::new(),
             mailbox_capacity: 65_536,
         }
     }
 }
 
 impl Config {
+    /// The durable log settings.
+    pub fn log_config(&self) -> crate::store::LogConfig {
+        crate::store::LogConfig {
+            dir: self.data_dir.clone(),
+            segment_bytes: self.log_segment_bytes,
+            max_batch_bytes: self.log_batch_bytes,
+            max_batch_delay: self.log_batch_delay,
+            recovery: self.log_recovery,
+        }
+    }
+
     /// The limits announced to clients in OPENED.
     pub fn limits(&self) -> Limits {
         Limits {
@@ -126,6 +153,7 @@ impl Config {
         if self.max_address_bytes == 0 || self.max_address_bytes > 255 {
             return Err(format!("--max-address-bytes {} is out of range: use 1..=255", self.max_address_bytes));
         }
+        self.log_config().validate().map_err(|error| error.to_string())?;
         if self.max_queued_messages == 0 || self.max_credit == 0 || self.max_inflight_sends == 0 {
             return Err("--max-queued-messages, --max-credit and --max-inflight-sends must be at least 1".into());
         }

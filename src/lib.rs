@@ -16,4 +16,5 @@ pub mod conn;
 pub mod logging;
 pub mod mbws;
 pub mod shard;
+pub mod store;
 pub mod ws;

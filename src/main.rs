@@ -65,9 +65,36 @@ struct Args {
     /// Milliseconds a connection may take to send OPEN after the upgrade.
     #[arg(long, default_value_t = 10_000)]
     open_timeout_ms: u64,
+    /// Directory for the durable message log (one subdirectory per shard).
+    #[arg(long, default_value = "mbws-data")]
+    data_dir: std::path::PathBuf,
+    /// Address whose every message is durable (exact name, or a prefix ending in *); repeatable.
+    #[arg(long = "durable-address", value_name = "ADDRESS")]
+    durable_addresses: Vec<String>,
+    /// Group-commit window in microseconds: how long a durable write waits for company (0: none).
+    #[arg(long, default_value_t = 0)]
+    log_batch_delay_us: u64,
+    /// Most bytes written (and fsynced) by one group commit.
+    #[arg(long, default_value_t = Config::default().log_batch_bytes)]
+    log_batch_bytes: usize,
+    /// Durable log segment size in bytes.
+    #[arg(long, default_value_t = Config::default().log_segment_bytes)]
+    log_segment_bytes: u64,
+    /// What to do with a damaged record that valid records follow: strict (refuse to start) or
+    /// skip-corrupt (skip it, keep the rest, keep the original file aside).
+    #[arg(long, default_value = "strict", value_parser = parse_recovery)]
+    log_recovery: mbws::store::RecoveryMode,
     /// Log level: error, warn, info or debug.
     #[arg(long, default_value = "info", value_parser = parse_level)]
     log_level: Level,
+}
+
+fn parse_recovery(text: &str) -> Result<mbws::store::RecoveryMode, String> {
+    match text {
+        "strict" => Ok(mbws::store::RecoveryMode::Strict),
+        "skip-corrupt" => Ok(mbws::store::RecoveryMode::SkipCorrupt),
+        _ => Err(format!("unknown recovery mode \"{text}\": use strict or skip-corrupt")),
+    }
 }
 
 fn parse_level(text: &str) -> Result<Level, String> {
@@ -95,6 +122,12 @@ fn main() -> ExitCode {
         max_deliveries: args.max_deliveries,
         max_queued_bytes: args.max_queued_bytes,
         memory_budget_bytes: args.memory_budget_bytes,
+        data_dir: args.data_dir,
+        durable_addresses: args.durable_addresses,
+        log_batch_delay: Duration::from_micros(args.log_batch_delay_us),
+        log_batch_bytes: args.log_batch_bytes,
+        log_segment_bytes: args.log_segment_bytes,
+        log_recovery: args.log_recovery,
         ..Config::default()
     };
     if let Err(problem) = config.validate() {

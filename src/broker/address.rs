@@ -11,13 +11,22 @@
 //! `max_deliveries` times, or rejected (NACK without requeue), moves to the dead-letter address
 //! `DLQ.<address>` instead, with headers `x-original-address` and `x-dead-letter-reason`.
 //!
+//! Durability: a durable message that goes to an anycast queue is recorded in the shard's
+//! [`DurableLog`] before its publisher is answered (the answer waits for the group commit:
+//! [`AddressTable::durable_committed`]); when it is settled (acknowledged, auto-ack delivered,
+//! expired, dead-lettered) a SETTLED record follows. At start-up [`AddressTable::restore`]
+//! puts every unsettled message back in its queue, marked redelivered. Messages that only
+//! reach multicast subscriptions are not logged: nobody would consume them after a restart.
+//!
 //! Invariants, checked in debug builds:
 //! - a subscriber never has more deliveries outstanding than its credit allows (`in_flight`
 //!   grows only while `in_flight < credit`);
 //! - an anycast message is in exactly one place: the queue, or one subscriber's `unacked`;
 //! - every queue and backlog is bounded by `max_queued_messages`.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 
 use bytes::Bytes;
 use smallvec::SmallVec;
@@ -27,6 +36,7 @@ use super::{
     SubscriptionId,
 };
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
+use crate::store::{DurableLog, Lsn, Recovery};
 
 /// A command for the shard that holds a connection, with that shard's id.
 pub type Outgoing = (ShardId, ConnCommand);
@@ -125,7 +135,6 @@ struct Address {
     next_anycast: usize,
     /// Body bytes in `queue`.
     queued_bytes: usize,
-    last_message_id: u64,
     /// Publishes accepted while the queue was above its high watermark, whose answers are held
     /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
     held_answers: VecDeque<(ConnRef, u64)>,
@@ -171,6 +180,15 @@ pub struct AddressTable {
     deadline_added: bool,
     /// Body bytes in all anycast queues of this shard.
     queued_bytes: usize,
+    /// Message ids are unique per shard (so per address too), never reused: ids continue after
+    /// an idle address is dropped, and after a restart (from the log).
+    last_message_id: u64,
+    /// The shard's durable log, if the broker keeps one.
+    log: Option<Rc<RefCell<DurableLog>>>,
+    /// Answers to durable publishes, waiting for their record to be committed (Lsn order).
+    durable_answers: VecDeque<(Lsn, ConnRef, u64)>,
+    /// Addresses whose every message is durable: exact names, or prefixes ending in `*`.
+    durable_addresses: Vec<Bytes>,
 }
 
 impl AddressTable {
@@ -184,6 +202,82 @@ impl AddressTable {
             forwards: Vec::new(),
             deadline_added: false,
             queued_bytes: 0,
+            last_message_id: 0,
+            log: None,
+            durable_answers: VecDeque::new(),
+            durable_addresses: Vec::new(),
+        }
+    }
+
+    /// Gives the table the shard's durable log and the addresses configured durable.
+    pub fn set_durable_log(&mut self, log: Rc<RefCell<DurableLog>>, durable_addresses: Vec<Bytes>) {
+        self.log = Some(log);
+        self.durable_addresses = durable_addresses;
+    }
+
+    /// Puts recovered messages back in their queues (marked redelivered: they may have been
+    /// delivered before the restart) and continues message ids above every logged one.
+    pub fn restore(&mut self, recovery: Recovery, now_ms: u64, now_unix_ms: u64) {
+        let highest = recovery.last_message_id.values().copied().max().unwrap_or(0);
+        self.last_message_id = self.last_message_id.max(highest);
+        for recovered in recovery.messages {
+            let expires_at_ms = match recovered.expires_at_unix_ms {
+                0 => 0,
+                at => now_ms + at.saturating_sub(now_unix_ms).max(1),
+            };
+            let message = std::sync::Arc::new(StoredMessage {
+                address: recovered.address.clone(),
+                durable: true,
+                expires_at_ms,
+                properties: recovered.properties,
+                body: recovered.body,
+                body_is_text: false,
+            });
+            let state = self.addresses.entry(recovered.address).or_default();
+            state.queued_bytes += message.body.len();
+            self.queued_bytes += message.body.len();
+            let queued = Queued { id: MessageId(recovered.message_id), message, redelivered: true, deliveries: 0 };
+            state.queue.push_back(queued);
+        }
+    }
+
+    fn is_durable(&self, message: &StoredMessage) -> bool {
+        message.durable
+            || self.durable_addresses.iter().any(|pattern| match pattern.strip_suffix(b"*") {
+                Some(prefix) => message.address.starts_with(prefix),
+                None => message.address == *pattern,
+            })
+    }
+
+    /// Records that a message is done with; a no-op for messages that were never logged.
+    fn settle(&self, address: &[u8], message: &StoredMessage, id: MessageId) {
+        if let Some(log) = &self.log {
+            if message.durable || !self.durable_addresses.is_empty() {
+                log.borrow_mut().append_settled(address, id.0);
+            }
+        }
+    }
+
+    /// The log made everything up to `lsn` durable: answer the publishes that waited for it.
+    pub fn durable_committed(&mut self, lsn: Lsn, out: &mut Vec<Outgoing>) {
+        while self.durable_answers.front().is_some_and(|(waiting, _, _)| *waiting <= lsn) {
+            let (_, publisher, seq) = self.durable_answers.pop_front().expect("checked above");
+            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+        }
+    }
+
+    /// The log failed: every publish still waiting for it is answered with an error (its
+    /// message may or may not survive a restart), and later durable publishes are refused.
+    pub fn durable_failed(&mut self, reason: &str, out: &mut Vec<Outgoing>) {
+        for (_, publisher, seq) in self.durable_answers.drain(..) {
+            let refusal = Refusal::new(
+                ErrorCode::Internal,
+                format!("the durable log failed before this message was made safe: {reason}"),
+            );
+            out.push((
+                publisher.shard,
+                ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+            ));
         }
     }
 
@@ -278,6 +372,7 @@ impl AddressTable {
     /// Publishes a copy of the message (same body, no copy) to `DLQ.<address>`. A message that
     /// is already on a dead-letter address is dropped instead, so nothing loops.
     fn dead_letter(&mut self, queued: Queued, reason: &str) {
+        self.settle(&queued.message.address, &queued.message, queued.id);
         let original = &queued.message.address;
         if original.starts_with(DEAD_LETTER_PREFIX) || original.len() + DEAD_LETTER_PREFIX.len() > 255 {
             return;
@@ -322,7 +417,8 @@ impl AddressTable {
                 // and stops reading at max_inflight_sends, which bounds every inbox.
                 let address = message.address.clone();
                 match self.publish(message, now_ms, out) {
-                    Ok(()) => self.publish_answer(&address, publisher, seq, out),
+                    Ok(Some(lsn)) => self.durable_answers.push_back((lsn, publisher, seq)),
+                    Ok(None) => self.publish_answer(&address, publisher, seq, out),
                     Err(refusal) => out.push((
                         publisher.shard,
                         ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
@@ -350,15 +446,24 @@ impl AddressTable {
                 }
             }
             AddressCommand::Ack { consumer, subscription, messages } => {
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber| {
+                let acked = self.change_subscriber(consumer, subscription, |subscriber, _| {
+                    let mut acked: SmallVec<[Queued; 4]> = SmallVec::new();
                     for id in messages {
                         // An unknown id (already acknowledged, requeued or expired) changes nothing.
-                        if subscriber.unacked.remove(&id).is_some() {
+                        if let Some(queued) = subscriber.unacked.remove(&id) {
                             subscriber.in_flight -= 1;
+                            acked.push(queued);
                         }
                     }
                     subscriber.trim_deadlines();
+                    acked
                 });
+                if let Some((address, acked)) = acked {
+                    for queued in acked {
+                        self.settle(&address, &queued.message, queued.id);
+                    }
+                    self.dispatch(&address, now_ms, out);
+                }
             }
             AddressCommand::Nack { consumer, subscription, message, requeue } => {
                 // Given back before anything is dispatched, so a requeued message keeps its place.
@@ -396,9 +501,24 @@ impl AddressTable {
         }
     }
 
-    fn publish(&mut self, message: SharedMessage, now_ms: u64, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
+    /// Queues and delivers a message; `Ok(Some(lsn))` when its answer must wait for the log.
+    fn publish(
+        &mut self,
+        message: SharedMessage,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Option<Lsn>, Refusal> {
         let max_queued = self.limits.max_queued_messages as usize;
         let address_name = message.address.clone();
+        let durable = self.log.is_some() && self.is_durable(&message);
+        if durable {
+            if let Some(failure) = self.log.as_ref().and_then(|log| log.borrow().failure().map(str::to_string)) {
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("the durable log failed ({failure}); durable messages cannot be accepted until the broker restarts"),
+                ));
+            }
+        }
         let state = self.addresses.entry(address_name.clone()).or_default();
         let to_anycast_queue = !state.anycast.is_empty() || state.multicast.is_empty();
         if to_anycast_queue && state.queue.len() >= max_queued {
@@ -441,8 +561,30 @@ impl AddressTable {
             && (!state.queue.is_empty() || !state.anycast.iter().any(Subscriber::has_credit)))
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
         let message = if will_wait { std::sync::Arc::new(message.compacted()) } else { message };
-        state.last_message_id += 1;
-        let queued = Queued { id: MessageId(state.last_message_id), message, redelivered: false, deliveries: 0 };
+        self.last_message_id += 1;
+        let id = MessageId(self.last_message_id);
+        // Logged before it can be delivered (and so settled), when it goes to the anycast queue.
+        let mut lsn = None;
+        if durable && to_anycast_queue {
+            let log = self.log.as_ref().expect("durable implies a log");
+            let expires_at_unix_ms = match message.expires_at_ms {
+                0 => 0,
+                at => crate::shard::now_unix_ms() + at.saturating_sub(now_ms),
+            };
+            let appended = log.borrow_mut().append_message(
+                &message.address,
+                id.0,
+                expires_at_unix_ms,
+                &message.properties,
+                &message.body,
+            );
+            match appended {
+                Ok(appended) => lsn = Some(appended),
+                Err(error) => return Err(Refusal::new(ErrorCode::TooLarge, error.to_string())),
+            }
+        }
+        let state = self.addresses.get_mut(&address_name).expect("address was just inserted");
+        let queued = Queued { id, message, redelivered: false, deliveries: 0 };
 
         let mut slow = SmallVec::<[usize; 2]>::new();
         for (index, subscriber) in state.multicast.iter_mut().enumerate() {
@@ -483,7 +625,7 @@ impl AddressTable {
             state.queue.push_back(queued);
         }
         self.dispatch(&address_name, now_ms, out);
-        Ok(())
+        Ok(lsn)
     }
 
     /// Backpressure before refusal: while an address with anycast consumers holds more than
@@ -619,17 +761,25 @@ impl AddressTable {
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
         let queued_before = state.queued_bytes;
-        Self::deliver_what_credit_allows(state, ack_deadline, now_ms, out);
+        let mut settled = Vec::new();
+        Self::deliver_what_credit_allows(state, ack_deadline, now_ms, out, &mut settled);
         self.queued_bytes -= queued_before - state.queued_bytes;
+        for queued in settled {
+            self.settle(address, &queued.message, queued.id);
+        }
+        let Some(state) = self.addresses.get_mut(address) else { return };
         self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
         Self::release_held_answers(state, low_watermark, out);
     }
 
+    /// Delivers what credit allows; auto-ack anycast deliveries and expired messages are done
+    /// with and go to `settled` (for the log).
     fn deliver_what_credit_allows(
         state: &mut Address,
         ack_deadline: Option<u64>,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
+        settled: &mut Vec<Queued>,
     ) {
         for subscriber in state.multicast.iter_mut() {
             while subscriber.has_credit() {
@@ -655,10 +805,15 @@ impl AddressTable {
             let queued = state.queue.pop_front().expect("queue is not empty");
             state.queued_bytes -= queued.message.body.len();
             if is_expired(&queued, now_ms) {
+                settled.push(queued);
                 continue;
             }
             state.next_anycast = (index + 1) % subscriber_count;
-            deliver(&mut state.anycast[index], queued, ack_deadline, out);
+            let subscriber = &mut state.anycast[index];
+            if subscriber.ack_mode == AckMode::Auto {
+                settled.push(queued.clone());
+            }
+            deliver(subscriber, queued, ack_deadline, out);
         }
     }
 

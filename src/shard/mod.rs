@@ -31,6 +31,7 @@ use crate::conn::session::{Effects, SessionConfig};
 use crate::conn::{Connection, ConnectionCell};
 use crate::log;
 use crate::logging::Level;
+use crate::store::{DurableLog, GroupCommitter, Recovery};
 use mailbox::{Envelope, PostOffice};
 pub use net::bind_reuseport;
 
@@ -39,6 +40,11 @@ pub use net::bind_reuseport;
 pub fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Wall-clock milliseconds since the Unix epoch (for what outlives the process: the log).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
 }
 
 /// A one-shot, single-threaded event a task can wait for.
@@ -97,6 +103,8 @@ pub struct Shard {
     /// Connections whose session or write queue changed during this round of work.
     dirty: RefCell<Vec<ConnId>>,
     pub shutdown: LocalEvent,
+    /// The durable log's commit task (set once at start-up).
+    committer: RefCell<Option<Rc<GroupCommitter>>>,
     /// Wakes the ack timer when deliveries with an ack deadline may exist again.
     ack_deadline_added: LocalEvent,
     ack_deadlines_armed: Cell<bool>,
@@ -134,6 +142,7 @@ impl Shard {
             outboxes: RefCell::new((0..shard_count).map(|_| Vec::new()).collect()),
             dirty: RefCell::new(Vec::new()),
             shutdown: LocalEvent::default(),
+            committer: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
             ack_deadlines_armed: Cell::new(false),
         }
@@ -240,6 +249,52 @@ impl Shard {
         }
         self.flush_dirty();
         self.flush_outboxes();
+        if let Some(committer) = self.committer.borrow().as_ref() {
+            if committer.log().borrow().has_pending() {
+                committer.notify();
+            }
+        }
+    }
+
+    /// Attaches the shard's durable log: recovered messages go back to their queues, and a
+    /// group-commit task answers durable publishes as their records become durable.
+    fn start_durable_log(self: &Rc<Self>, log: DurableLog, recovery: Recovery) {
+        for line in &recovery.report {
+            log!(Level::Warn, "shard {}: log recovery: {line}", self.id.0);
+        }
+        if !recovery.messages.is_empty() {
+            log!(Level::Info, "shard {}: recovered {} unsettled durable messages", self.id.0, recovery.messages.len());
+        }
+        let log = Rc::new(RefCell::new(log));
+        let durable_addresses =
+            self.config.durable_addresses.iter().map(|name| bytes::Bytes::from(name.clone())).collect();
+        {
+            let mut addresses = self.addresses.borrow_mut();
+            addresses.set_durable_log(log.clone(), durable_addresses);
+            addresses.restore(recovery, now_ms(), now_unix_ms());
+        }
+        let committer = Rc::new(GroupCommitter::new(log));
+        *self.committer.borrow_mut() = Some(committer.clone());
+        let shard = self.clone();
+        monoio::spawn(async move {
+            let on_committed = |lsn| {
+                let mut answers = Vec::new();
+                shard.addresses.borrow_mut().durable_committed(lsn, &mut answers);
+                shard.route_address_output(&mut answers, (Vec::new(), false));
+                shard.run_work();
+            };
+            if let Err(error) = committer.run(on_committed).await {
+                log!(
+                    Level::Error,
+                    "shard {}: the durable log failed: {error}; durable publishes are refused until a restart",
+                    shard.id.0
+                );
+                let mut answers = Vec::new();
+                shard.addresses.borrow_mut().durable_failed(&error.to_string(), &mut answers);
+                shard.route_address_output(&mut answers, (Vec::new(), false));
+                shard.run_work();
+            }
+        });
     }
 
     fn route_address_output(
@@ -391,23 +446,32 @@ pub fn start(config: Config) -> io::Result<Running> {
         ));
     }
     let config = Arc::new(config);
+    // Every shard's log is opened and recovered before anything listens, so a broken or
+    // unwritable data directory stops the start with a clear message.
+    let mut logs = Vec::with_capacity(config.shards);
+    for index in 0..config.shards {
+        let opened = crate::store::open(config.log_config(), ShardId(index as u16))
+            .map_err(|error| io::Error::other(error.to_string()))?;
+        logs.push(opened);
+    }
     let listeners = net::bind_all(config.listen, config.shards)?;
     let local_addr = listeners[0].local_addr()?;
     let (post_office, receivers) = PostOffice::new(config.shards)?;
     let cores = net::allowed_cpus();
     let mut threads = Vec::with_capacity(config.shards);
-    for (index, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
+    for (index, ((listener, inbox), (log, recovery))) in listeners.into_iter().zip(receivers).zip(logs).enumerate() {
         let config = config.clone();
         let post_office = post_office.clone();
         let core = if config.pin_threads && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };
-        let thread = std::thread::Builder::new()
-            .name(format!("mbws-shard-{index}"))
-            .spawn(move || run_shard(ShardId(index as u16), config, post_office, listener, inbox, core))?;
+        let thread = std::thread::Builder::new().name(format!("mbws-shard-{index}")).spawn(move || {
+            run_shard(ShardId(index as u16), config, post_office, listener, inbox, core, log, recovery)
+        })?;
         threads.push(thread);
     }
     Ok(Running { local_addr, io_driver: "io_uring", threads, post_office })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_shard(
     id: ShardId,
     config: Arc<Config>,
@@ -415,6 +479,8 @@ fn run_shard(
     listener: std::net::TcpListener,
     inbox: Receiver<Envelope>,
     core: Option<usize>,
+    log: DurableLog,
+    recovery: Recovery,
 ) {
     if let Some(core) = core {
         if let Err(error) = net::pin_to_cpu(core) {
@@ -438,6 +504,7 @@ fn run_shard(
             }
         };
         let shard = Rc::new(Shard::new(id, config, post_office));
+        shard.start_durable_log(log, recovery);
         monoio::spawn(shard.clone().inbox_loop(inbox));
         if shard.config.ack_timeout_ms > 0 {
             monoio::spawn(shard.clone().ack_timer_loop());

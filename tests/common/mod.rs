@@ -5,7 +5,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,13 +15,44 @@ pub struct Broker {
     child: Child,
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    /// A data directory this broker made for itself, removed on drop.
+    own_data_dir: Option<PathBuf>,
+}
+
+/// A fresh, unique directory under the system temp dir (the caller removes it).
+pub fn temp_dir(label: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("mbws-{label}-{}-{unique}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 impl Broker {
-    /// Starts a broker with `--listen 127.0.0.1:0 --log-level debug` plus `extra` flags.
+    /// Starts a broker with `--listen 127.0.0.1:0 --log-level debug` and a data directory of
+    /// its own (removed on drop), plus `extra` flags.
     pub fn start(extra: &[&str]) -> Broker {
+        let dir = temp_dir("broker");
+        let mut broker = Broker::start_in(&dir, extra);
+        broker.own_data_dir = Some(dir);
+        broker
+    }
+
+    /// Starts a broker on the data directory `data_dir` (kept on drop: restarts reuse it).
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Broker {
+        match Broker::try_start_in(data_dir, extra) {
+            Ok(broker) => broker,
+            Err((status, log)) => panic!("mbws-broker exited at start ({status}): {log:#?}"),
+        }
+    }
+
+    /// Like `start_in`, but a broker that refuses to start gives its exit status and log.
+    pub fn try_start_in(data_dir: &Path, extra: &[&str]) -> Result<Broker, (std::process::ExitStatus, Vec<String>)> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mbws-broker"))
             .args(["--listen", "127.0.0.1:0", "--log-level", "debug", "--no-pin"])
+            .arg("--data-dir")
+            .arg(data_dir)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -43,14 +76,27 @@ impl Broker {
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = match port_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(addr) => addr,
-            Err(_) => {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(addr) = port_rx.recv_timeout(Duration::from_millis(20)) {
+                return Ok(Broker { child, addr, log, own_data_dir: None });
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50)); // Let the log reader catch up.
+                let lines = log.lock().unwrap().clone();
+                return Err((status, lines));
+            }
+            if Instant::now() >= deadline {
                 let _ = child.kill();
                 panic!("mbws-broker did not report its listen address; log: {:?}", log.lock().unwrap());
             }
-        };
-        Broker { child, addr, log }
+        }
+    }
+
+    /// Kills the broker with SIGKILL (a crash) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn url(&self) -> String {
@@ -112,5 +158,8 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = self.own_data_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
