@@ -138,7 +138,9 @@ fn receipted_durable_messages_survive_sigkill_exactly_once() {
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
-        .flat_map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap())
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_dir())
+        .flat_map(|shard| std::fs::read_dir(shard).unwrap())
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
         .collect();
@@ -215,5 +217,23 @@ fn an_unwritable_data_dir_is_a_clear_start_up_error() {
     assert!(!status.success());
     let text = log.join("\n");
     assert!(text.contains("data") && text.contains("directory"), "names the path and what to do: {text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_data_dir_written_with_another_shard_count_is_refused() {
+    let dir = temp_dir("shards");
+    let mut broker = Broker::start_in(&dir, &["--shards", "2"]);
+    publish_durable(&broker, "kept", 3);
+    broker.kill();
+    let (status, log) = match Broker::try_start_in(&dir, &["--shards", "1"]) {
+        Ok(_) => panic!("a log written by 2 shards cannot be served by 1"),
+        Err(refused) => refused,
+    };
+    assert!(!status.success());
+    assert!(log.join("\n").contains("--shards 2"), "says which count to use: {log:?}");
+    let broker = Broker::start_in(&dir, &["--shards", "2"]);
+    assert_eq!(drain(&broker, "kept"), vec!["m0", "m1", "m2"]);
+    drop(broker);
     let _ = std::fs::remove_dir_all(dir);
 }

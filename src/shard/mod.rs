@@ -448,6 +448,7 @@ pub fn start(config: Config) -> io::Result<Running> {
     let config = Arc::new(config);
     // Every shard's log is opened and recovered before anything listens, so a broken or
     // unwritable data directory stops the start with a clear message.
+    check_shard_count(&config)?;
     let mut logs = Vec::with_capacity(config.shards);
     for index in 0..config.shards {
         let opened = crate::store::open(config.log_config(), ShardId(index as u16))
@@ -469,6 +470,37 @@ pub fn start(config: Config) -> io::Result<Running> {
         threads.push(thread);
     }
     Ok(Running { local_addr, io_driver: "io_uring", threads, post_office })
+}
+
+/// Addresses are owned by `hash % shards`, so a log written with one shard count cannot be
+/// read with another (its messages would sit on shards that no longer own their addresses).
+/// The count is recorded in `<data_dir>/SHARDS` the first time and checked on every start.
+fn check_shard_count(config: &Config) -> io::Result<()> {
+    let path = config.data_dir.join("SHARDS");
+    match std::fs::read_to_string(&path) {
+        Ok(recorded) => match recorded.trim().parse::<usize>() {
+            Ok(count) if count == config.shards => Ok(()),
+            Ok(count) => Err(io::Error::other(format!(
+                "the data directory {} was written by a broker with --shards {count}; start with --shards {count}, \
+                 or give this broker another --data-dir (a durable address must stay on the shard that logged it)",
+                config.data_dir.display()
+            ))),
+            Err(_) => Err(io::Error::other(format!(
+                "{} does not hold a shard count; restore it or remove it if the data directory is new",
+                path.display()
+            ))),
+        },
+        Err(error) if error.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(&config.data_dir)
+            .and_then(|()| std::fs::write(&path, format!("{}\n", config.shards)))
+            .map_err(|error| {
+                io::Error::other(format!(
+                    "cannot use {} as the data directory: {error}; point --data-dir at a directory this user \
+                         can create and write to",
+                    config.data_dir.display()
+                ))
+            }),
+        Err(error) => Err(io::Error::other(format!("cannot read {}: {error}", path.display()))),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

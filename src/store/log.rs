@@ -5,7 +5,7 @@
 //! back with [`DurableLog::batch_committed`], which advances the durable [`Lsn`] and says which
 //! segment files may now be deleted.
 //!
-//! Invariants (asserted):
+//! Invariants (the first two asserted, the others kept by construction and tested):
 //! - at most one batch is in flight, and batches come back in the order they were taken, so
 //!   "durable up to Lsn n" means every record with Lsn <= n is on disk;
 //! - a batch never spans two segments, and a segment never grows past `segment_bytes` unless
@@ -18,7 +18,7 @@
 //!   never the active one, and never before the ids it carries are durable elsewhere),
 //!   (2) every MESSAGE record in it has a durable SETTLED record, and (3) every older segment
 //!   whose messages it settles was deleted before this commit (see
-//!   [`SegmentState::settles_into`]): deleting a SETTLED record while the message it settles
+//!   `SegmentState::settles_into`): deleting a SETTLED record while the message it settles
 //!   is still on disk would bring that message back at the next start.
 
 use std::collections::hash_map::RandomState;
@@ -26,11 +26,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+
 use super::record::{self, MessageFields, Record, SegmentHeader, SEGMENT_HEADER_BYTES};
 use super::{segment_path, LogConfig, StoreError};
 use crate::broker::ShardId;
 use crate::mbws::Properties;
-use bytes::Bytes;
 
 /// Log sequence number: the position of a record in the order this process appended it,
 /// 1, 2, 3... (0 = nothing yet). Not stored on disk; it only matches appends to commits.

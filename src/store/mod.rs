@@ -253,7 +253,7 @@ impl fmt::Display for StoreError {
             StoreError::Unusable { path, action, source } => write!(
                 f,
                 "cannot use {} for the message log: {action} failed: {source}. Point the data directory \
-                 at a directory this user can create and write to (on a local filesystem with free space)",
+                 (--data-dir) at a directory this user can create and write to (on a local filesystem with free space)",
                 path.display()
             ),
             StoreError::Locked { path } => write!(
@@ -275,7 +275,7 @@ impl fmt::Display for StoreError {
                      follow the damage, so it is not a write cut short by a crash: records that may have \
                      been acknowledged are affected. To start anyway, either (1) move {file} out of {dir} \
                      (every message in that segment is lost), or (2) restart with the log recovery mode \
-                     set to skip-corrupt, which skips only the damaged bytes, keeps every valid record, \
+                     set to skip-corrupt (--log-recovery skip-corrupt), which skips only the damaged bytes, keeps every valid record, \
                      and keeps the original file beside the repaired one as {file}.corrupt-<unix ms>",
                     path.display()
                 )

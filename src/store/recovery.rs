@@ -2,7 +2,7 @@
 //! its segments.
 //!
 //! Two sans-IO pieces do the thinking, so both are testable on byte slices:
-//! - [`scan_segment`] splits one segment's bytes into valid records, damaged regions that a
+//! - `scan_segment` splits one segment's bytes into valid records, damaged regions that a
 //!   valid record follows (corruption), and damage with nothing valid after it (a tail);
 //! - `RecoveryFold` replays the records in log order into the unsettled messages, the last id
 //!   per address and the per-segment accounting of [`DurableLog`].

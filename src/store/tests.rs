@@ -355,38 +355,44 @@ fn group_commit_puts_records_appended_during_a_sync_into_one_batch() {
     let log = Rc::new(RefCell::new(log));
     let committer = Rc::new(GroupCommitter::new(log.clone()));
     let committed = Rc::new(RefCell::new(Vec::<Lsn>::new()));
-    let mut id = 0;
-    let mut next = |log: &RefCell<DurableLog>| {
-        id += 1;
-        append(&mut log.borrow_mut(), "a", id)
-    };
     runtime().block_on(async {
-        let task = monoio::spawn({
+        let commit_task = monoio::spawn({
             let committer = committer.clone();
             let committed = committed.clone();
             async move { committer.run(move |lsn| committed.borrow_mut().push(lsn)).await }
         });
-        for _ in 0..10 {
-            next(&log);
-            committer.notify();
-            // Wait until that record's batch is in flight, or already durable (a fast disk
-            // can finish before this task runs again): never spin on a state that has passed.
-            while !log.borrow().has_batch_in_flight() && log.borrow().durable_lsn() < log.borrow().last_appended_lsn() {
-                yield_now().await;
+        // After `notify`, the committer is queued; `let_queued_tasks_run` returns once it has
+        // been polled: it has taken the batch and submitted its write, and it cannot run again
+        // (to finish the commit) before this task does.
+        let append_task = monoio::spawn({
+            let (log, committer) = (log.clone(), committer.clone());
+            async move {
+                let mut id = 0;
+                let mut next = || {
+                    id += 1;
+                    append(&mut log.borrow_mut(), "a", id);
+                };
+                for _ in 0..10 {
+                    next();
+                    committer.notify();
+                    let_queued_tasks_run().await;
+                    assert!(log.borrow().has_batch_in_flight(), "the committer took the batch");
+                    // The write and fdatasync of that batch are in flight: these 25 wait together.
+                    for _ in 0..25 {
+                        next();
+                    }
+                    committer.notify();
+                    let_queued_tasks_run().await;
+                    for _ in 0..5 {
+                        next();
+                    }
+                    committer.notify();
+                }
+                committer.stop();
             }
-            // The write and fdatasync of that record are in flight: these 25 wait together.
-            for _ in 0..25 {
-                next(&log);
-            }
-            committer.notify();
-            yield_now().await;
-            for _ in 0..5 {
-                next(&log);
-            }
-            committer.notify();
-        }
-        committer.stop();
-        task.await.expect("commit loop");
+        });
+        append_task.await;
+        commit_task.await.expect("commit loop");
     });
     let committed = committed.borrow();
     let stats = log.borrow().stats();
@@ -429,10 +435,16 @@ fn the_batch_window_gathers_records_until_it_closes() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
-/// Lets the other tasks and the io_uring completions run. (A future that wakes itself is not
-/// enough on monoio: the runtime keeps polling a self-woken main future before anything else.)
-async fn yield_now() {
-    monoio::time::sleep(Duration::from_micros(50)).await;
+/// Returns after every task already queued has been polled once: a new task (queued behind
+/// them) wakes this one. (Waking oneself is not enough: monoio re-runs a self-woken task
+/// before the others.)
+async fn let_queued_tasks_run() {
+    let baton = Rc::new(commit::Signal::default());
+    monoio::spawn({
+        let baton = baton.clone();
+        async move { baton.raise() }
+    });
+    baton.wait().await;
 }
 
 // ---- start-up checks ----
