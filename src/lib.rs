@@ -9,6 +9,7 @@
 //! - [`conn`]: the connection tasks (IO): read loop, write queue, vectored writes.
 //! - [`client`]: a blocking Rust client used by the `mbws` CLI and the tests.
 
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod config;

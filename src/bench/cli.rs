@@ -245,8 +245,8 @@ impl Plan {
     }
 
     fn with_common(common: CommonArgs, scenario: Scenario) -> Result<Plan, BenchError> {
-        let (addr, host, path) = crate::client::parse_url(&common.url)
-            .map_err(|error| usage(format!("--url {}: {error}", common.url)))?;
+        let (addr, host, path) =
+            crate::client::parse_url(&common.url).map_err(|error| usage(format!("--url {}: {error}", common.url)))?;
         if common.size < STAMP_BYTES || common.size > MAX_SIZE_BYTES {
             return Err(usage(format!(
                 "--size {}: give {STAMP_BYTES} to {MAX_SIZE_BYTES} bytes (the first {STAMP_BYTES} carry the send time)",
@@ -329,9 +329,9 @@ pub fn parse_rates(text: &str) -> Result<Vec<f64>, BenchError> {
     let mut rates = Vec::new();
     for part in text.split(',') {
         let part = part.trim();
-        let rate: f64 = part
-            .parse()
-            .map_err(|_| usage(format!("--rates \"{text}\": \"{part}\" is not a number (give percents like 10,50,90)")))?;
+        let rate: f64 = part.parse().map_err(|_| {
+            usage(format!("--rates \"{text}\": \"{part}\" is not a number (give percents like 10,50,90)"))
+        })?;
         if !(rate.is_finite() && rate > 0.0 && rate <= 1000.0) {
             return Err(usage(format!("--rates \"{text}\": {rate} is not a percentage above 0 and at most 1000")));
         }

@@ -2,9 +2,10 @@
 //!
 //! Publisher and consumer live in the same process, so a message's timestamp and its arrival
 //! are read from the same clock, `CLOCK_MONOTONIC` in nanoseconds ([`now_ns`]). The pacing timer
-//! is a timerfd armed at an absolute `CLOCK_MONOTONIC` deadline and read through io_uring, so a
-//! paced publisher wakes within microseconds of a message's intended time (monoio's own timer
-//! wheel has millisecond granularity, which would show up as a millisecond of false latency).
+//! is a timerfd armed at an absolute `CLOCK_MONOTONIC` deadline and read through io_uring
+//! (monoio's own timer wheel has millisecond granularity, which would show up as a millisecond
+//! of false latency). The timerfd is non-blocking so that io_uring waits on it with its internal
+//! poll; a blocking one is read by an io-wq worker thread, one more wake-up per tick.
 
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
@@ -29,7 +30,7 @@ pub struct PaceTimer {
 impl PaceTimer {
     pub fn new() -> io::Result<PaceTimer> {
         // SAFETY: plain timerfd_create(2) call; the result is checked.
-        let raw_fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+        let raw_fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK) };
         if raw_fd < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -13,9 +13,8 @@ use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::FromRawFd;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 
 use bytes::BytesMut;
 use monoio::buf::IoBufMut;
@@ -57,23 +56,6 @@ impl Notify {
             }
         })
     }
-}
-
-/// Lets the other tasks of the runtime run once.
-pub fn yield_now() -> impl Future<Output = ()> {
-    struct YieldNow(bool);
-    impl Future for YieldNow {
-        type Output = ();
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            if self.0 {
-                return Poll::Ready(());
-            }
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
-    YieldNow(false)
 }
 
 /// Connects to `addr`, from `source` (port chosen by the kernel at connect time) when given.
@@ -136,7 +118,13 @@ async fn connect_from(addr: SocketAddr, source: Ipv4Addr) -> io::Result<TcpStrea
     let mut length = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: the stream owns `fd` and is alive; we pass a live c_int and its size.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut socket_error as *mut libc::c_int).cast(), &mut length)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut socket_error as *mut libc::c_int).cast(),
+            &mut length,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -217,8 +205,8 @@ pub struct Link {
     pub outbox: RefCell<BytesMut>,
     /// Wakes the writer: the outbox has bytes, or the link is closing.
     pub writer: Notify,
-    /// Notified after every completed write (a publisher waits on it for outbox room).
-    pub drained: Rc<Notify>,
+    /// Called whenever the writer has taken the outbox's contents (a publisher waits for room).
+    on_drained: Box<dyn Fn()>,
     /// The writer exits once the outbox is empty.
     pub closing: Cell<bool>,
     /// The writer has exited.
@@ -226,12 +214,12 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn new(framing: Framing, drained: Rc<Notify>) -> Rc<Link> {
+    pub fn new(framing: Framing, on_drained: Box<dyn Fn()>) -> Rc<Link> {
         Rc::new(Link {
             framing,
             outbox: RefCell::new(BytesMut::with_capacity(OUTBOX_HIGH_WATER_BYTES)),
             writer: Notify::default(),
-            drained,
+            on_drained,
             closing: Cell::new(false),
             finished: Cell::new(false),
         })
@@ -261,15 +249,16 @@ pub async fn write_loop(link: Rc<Link>, mut writer: OwnedWriteHalf<TcpStream>) -
             continue;
         }
         mem::swap(&mut *link.outbox.borrow_mut(), &mut batch);
+        // The outbox is empty again: producers may refill it while this batch is written.
+        (link.on_drained)();
         let (result, written) = writer.write_all(batch).await;
         batch = written;
         batch.clear();
-        link.drained.notify();
         if let Err(error) = result {
             break Err(error);
         }
     };
     link.finished.set(true);
-    link.drained.notify();
+    (link.on_drained)();
     result
 }

@@ -15,6 +15,8 @@
 //! no such intermediary, and the broker still unmasks every byte, so the work it measures is
 //! the same as with a browser.
 
+use std::ops::Range;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::ws::frame::{apply_mask, encode_header};
@@ -127,35 +129,45 @@ impl Deframer {
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Unit>, String> {
         match self {
             Deframer::WebSocket(decoder) => {
-                let event =
-                    decoder.next_event(buf).map_err(|error| format!("invalid WebSocket data from the target: {error}"))?;
+                let event = decoder
+                    .next_event(buf)
+                    .map_err(|error| format!("invalid WebSocket data from the target: {error}"))?;
                 Ok(event.map(|event| match event {
                     WsEvent::Binary(payload) => Unit::Data { payload, text: false },
                     WsEvent::Text(payload) => Unit::Data { payload, text: true },
                     WsEvent::Ping(payload) => Unit::Ping(payload),
                     WsEvent::Pong(_) => Unit::Pong,
                     WsEvent::Close(frame) => match frame {
-                        Some(frame) => {
-                            Unit::Close { code: frame.code, reason: String::from_utf8_lossy(&frame.reason).into_owned() }
-                        }
+                        Some(frame) => Unit::Close {
+                            code: frame.code,
+                            reason: String::from_utf8_lossy(&frame.reason).into_owned(),
+                        },
                         None => Unit::Close { code: 1005, reason: String::new() },
                     },
                 }))
             }
             Deframer::LengthPrefixed { max_payload_bytes } => {
-                let Some(prefix) = buf.get(..LENGTH_PREFIX_BYTES) else { return Ok(None) };
-                let length = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
-                if length > *max_payload_bytes {
-                    return Err(format!("the relay sent a {length}-byte frame, over the {max_payload_bytes}-byte limit"));
-                }
-                if buf.len() < LENGTH_PREFIX_BYTES + length {
-                    return Ok(None);
-                }
-                buf.advance(LENGTH_PREFIX_BYTES);
-                Ok(Some(Unit::Data { payload: buf.split_to(length).freeze(), text: false }))
+                let Some(payload) = length_prefixed_frame(buf, *max_payload_bytes)? else { return Ok(None) };
+                buf.advance(payload.start);
+                Ok(Some(Unit::Data { payload: buf.split_to(payload.len()).freeze(), text: false }))
             }
         }
     }
+}
+
+/// Where the payload of the first length-prefixed frame of `buf` lies, once the frame is
+/// complete. Lets a reader handle payloads in place instead of splitting each one off.
+pub fn length_prefixed_frame(buf: &[u8], max_payload_bytes: usize) -> Result<Option<Range<usize>>, String> {
+    let Some(prefix) = buf.get(..LENGTH_PREFIX_BYTES) else { return Ok(None) };
+    let length = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
+    if length > max_payload_bytes {
+        return Err(format!(
+            "received a frame announcing {length} bytes, over the {max_payload_bytes}-byte limit \
+             (is --url an mbws-relay?)"
+        ));
+    }
+    let end = LENGTH_PREFIX_BYTES + length;
+    Ok((buf.len() >= end).then_some(LENGTH_PREFIX_BYTES..end))
 }
 
 /// A big-endian integer field of a payload that changes per message (MBWS seq, MQTT packet id).
@@ -282,7 +294,10 @@ mod tests {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 3, b'a', b'b'][..]);
         assert_eq!(deframer.next(&mut buf).unwrap(), None);
         buf.extend_from_slice(b"c");
-        assert_eq!(deframer.next(&mut buf).unwrap(), Some(Unit::Data { payload: Bytes::from_static(b"abc"), text: false }));
+        assert_eq!(
+            deframer.next(&mut buf).unwrap(),
+            Some(Unit::Data { payload: Bytes::from_static(b"abc"), text: false })
+        );
         let mut too_big = BytesMut::from(&[0u8, 0, 0, 9][..]);
         assert!(deframer.next(&mut too_big).is_err());
     }

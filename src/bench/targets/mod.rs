@@ -208,6 +208,16 @@ impl Codec {
         }
     }
 
+    /// Handles one payload lent in place (length-prefixed framing, no `Bytes` per message).
+    pub fn on_slice(&mut self, payload: &[u8], cx: &mut Inbound<'_>) -> Result<(), Failure> {
+        match self {
+            Codec::Mbws(codec) => codec.on_unit(Bytes::copy_from_slice(payload), false, cx),
+            Codec::Nats(codec) => codec.on_unit(payload, cx),
+            Codec::Mqtt(codec) => codec.on_unit(payload, cx),
+            Codec::Relay(codec) => codec.on_unit(payload, cx),
+        }
+    }
+
     /// Publishes the target has acknowledged so far (MBWS RECEIPT seq, MQTT PUBACKs).
     pub fn publishes_acknowledged(&self) -> u64 {
         match self {
@@ -268,11 +278,8 @@ pub async fn open(
     let client_id = format!("mbws-bench-{}-{}{index}", config.run_id, role.letter());
     let (codec, publish) = match config.kind {
         TargetKind::Mbws => {
-            let subprotocol = if config.light {
-                crate::mbws::Subprotocol::Light
-            } else {
-                crate::mbws::Subprotocol::Reliable
-            };
+            let subprotocol =
+                if config.light { crate::mbws::Subprotocol::Light } else { crate::mbws::Subprotocol::Reliable };
             conn.upgrade(config, Some(subprotocol.name()), seed).await?;
             mbws::setup(&mut conn, config, role).await?
         }
@@ -356,7 +363,9 @@ impl Conn {
                 match result {
                     Ok(0) => Err(format!("the target closed the connection while we waited for {waiting_for}")),
                     Ok(_) => Ok(()),
-                    Err(error) => Err(format!("reading from the target failed while we waited for {waiting_for}: {error}")),
+                    Err(error) => {
+                        Err(format!("reading from the target failed while we waited for {waiting_for}: {error}"))
+                    }
                 }
             }
         }
@@ -373,7 +382,9 @@ impl Conn {
                 }
                 Some(Unit::Pong) => {}
                 Some(Unit::Close { code, reason }) => {
-                    return Err(format!("the target closed the WebSocket ({code}: {reason}) while we waited for {waiting_for}"))
+                    return Err(format!(
+                        "the target closed the WebSocket ({code}: {reason}) while we waited for {waiting_for}"
+                    ))
                 }
                 None => self.read_some(waiting_for).await?,
             }

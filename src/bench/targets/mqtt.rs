@@ -36,13 +36,26 @@ const DISCONNECT: u8 = 14;
 /// One control packet from the broker, reduced to what the generator uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
-    ConnAck { return_code: u8 },
+    ConnAck {
+        return_code: u8,
+    },
     /// The first return code of the SUBACK (0x80: refused).
-    SubAck { packet_id: u16, return_code: u8 },
-    Publish { qos: u8, packet_id: u16, stamp: Option<u64> },
-    PubAck { packet_id: u16 },
+    SubAck {
+        packet_id: u16,
+        return_code: u8,
+    },
+    Publish {
+        qos: u8,
+        packet_id: u16,
+        stamp: Option<u64>,
+    },
+    PubAck {
+        packet_id: u16,
+    },
     PingResp,
-    Other { packet_type: u8 },
+    Other {
+        packet_type: u8,
+    },
 }
 
 /// Parses the first packet of `buf`: `Ok(None)` until it is complete.
@@ -257,7 +270,8 @@ pub async fn setup(
             let templates = addresses
                 .iter()
                 .map(|&address| {
-                    let (packet, body_at, id_at) = publish_packet(&config.address_name(address), config.qos, config.size);
+                    let (packet, body_at, id_at) =
+                        publish_packet(&config.address_name(address), config.qos, config.size);
                     let counter = id_at.map(|offset| Counter { offset, width: 2 });
                     Template::new(conn.framing(), &packet, body_at, counter)
                 })
@@ -310,7 +324,10 @@ mod tests {
     #[test]
     fn acknowledgements_and_refusals() {
         assert_eq!(parse(&[0x20, 2, 0, 0]).unwrap(), Some((Packet::ConnAck { return_code: 0 }, 4)));
-        assert_eq!(parse(&[0x90, 3, 0, 1, 0x80]).unwrap(), Some((Packet::SubAck { packet_id: 1, return_code: 0x80 }, 5)));
+        assert_eq!(
+            parse(&[0x90, 3, 0, 1, 0x80]).unwrap(),
+            Some((Packet::SubAck { packet_id: 1, return_code: 0x80 }, 5))
+        );
         assert_eq!(parse(&[0x40, 2, 1, 2]).unwrap(), Some((Packet::PubAck { packet_id: 258 }, 4)));
         assert!(parse(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 1]).is_err());
         assert!(parse(&[0x40, 1, 0]).is_err());

@@ -21,9 +21,13 @@ const MAX_PAYLOAD_BYTES: usize = crate::bench::targets::MAX_INBOUND_MESSAGE_BYTE
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// `max_payload` from the INFO JSON, if present.
-    Info { max_payload: Option<u64> },
+    Info {
+        max_payload: Option<u64>,
+    },
     /// A delivered message; only its timestamp is kept.
-    Msg { stamp: Option<u64> },
+    Msg {
+        stamp: Option<u64>,
+    },
     Ping,
     Pong,
     Ok,
@@ -127,7 +131,9 @@ impl NatsCodec {
                         conn.flush().await?;
                     }
                     Op::Ok => {}
-                    Op::Err(error) => return Err(format!("nats-server error while we waited for {waiting_for}: {error}")),
+                    Op::Err(error) => {
+                        return Err(format!("nats-server error while we waited for {waiting_for}: {error}"))
+                    }
                     op => return Ok(op),
                 }
                 continue;
@@ -232,7 +238,10 @@ mod tests {
         assert_eq!(parse(&msg[..msg.len() - 1]).unwrap(), None);
         assert_eq!(parse(&msg).unwrap(), Some((Op::Msg { stamp: Some(42) }, msg.len())));
         assert_eq!(parse(b"PING\r\nPONG\r\n").unwrap(), Some((Op::Ping, 6)));
-        assert_eq!(parse(b"-ERR 'Authorization Violation'\r\n").unwrap().unwrap().0, Op::Err("'Authorization Violation'".into()));
+        assert_eq!(
+            parse(b"-ERR 'Authorization Violation'\r\n").unwrap().unwrap().0,
+            Op::Err("'Authorization Violation'".into())
+        );
         let info = b"INFO {\"server_id\":\"x\",\"max_payload\": 1048576,\"proto\":1}\r\n";
         assert_eq!(parse(info).unwrap().unwrap().0, Op::Info { max_payload: Some(1_048_576) });
     }

@@ -1,0 +1,464 @@
+#!/usr/bin/env bash
+# Benchmark suite: mbws-broker against nats-server, mosquitto and the raw relay baseline, all
+# driven by the same load generator (mbws-bench) in one run, so the ratios compare like with like.
+#
+#   scripts/bench.sh --quick      about 3 minutes: short runs, for a check of the ratios
+#   scripts/bench.sh              full run, under 20 minutes: longer runs, 3 throughput repeats
+#   scripts/bench.sh --publish    also copy summary.md and the plots to docs/bench/
+#
+# Other flags: --targets LIST (default mbws,mbws-light,nats,mqtt,relay; mbws-light is our broker
+# driven with MBLWS, at most once like core NATS, for throughput and latency only), --no-build,
+# --out DIR.
+# Environment: MBWS_BENCH=PATH runs another generator binary (what it must accept and write:
+# docs/PERFORMANCE.md, "What the script expects of the generator"); MBWS_BROKER and MBWS_RELAY
+# likewise for the broker and relay binaries.
+#
+# Every broker runs pinned to CPU 0 (`taskset -c 0`, ours with --shards 1), the generator pinned
+# to CPU 1, and each scenario gets a freshly started broker. The script stops only the processes
+# it started, by PID. Results: bench-results/<UTC timestamp>/ with one JSON file and one log per
+# run, run.json (what ran, where) and summary.md plus SVG plots written by scripts/plot.py.
+set -euo pipefail
+
+usage() {
+    # The comment block at the top of this file, without its '# '.
+    sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+
+mode=full
+publish=0
+build=1
+targets_arg="mbws,mbws-light,nats,mqtt,relay"
+out_dir=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) mode=quick ;;
+        --full) mode=full ;;
+        --publish) publish=1 ;;
+        --no-build) build=0 ;;
+        --targets) targets_arg="${2:?--targets needs a list such as mbws,nats}"; shift ;;
+        --out) out_dir="${2:?--out needs a directory}"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# ---------------------------------------------------------------------------------------------
+# Parameters of the two modes. Sizes are bytes, durations seconds.
+size=64
+if [[ $mode == quick ]]; then
+    duration=2; warmup=0.5; step=1.5; repeats=1
+    rates="10,25,50,75,90"
+    # M = 1000 costs minutes on mosquitto (1000 WebSocket sessions, then the drain): full only.
+    fanout_subscribers="10 100"
+    connections=10000; source_ips=1; hold=1
+    # No single generator run may take longer than this (set-up, measurement and drain).
+    run_timeout=60
+else
+    duration=5; warmup=1; step=4; repeats=3
+    rates="10,25,50,75,90"
+    fanout_subscribers="10 100 1000"
+    connections=50000; source_ips=4; hold=3
+    run_timeout=300
+fi
+# mosquitto's WebSocket listener stops delivering larger messages (see src/bench/cli.rs).
+mqtt_max_size=4000
+# Broker CPU and generator CPU.
+broker_cpu=0
+generator_cpu=1
+
+note() { printf '\n*** %s\n\n' "$*" >&2; }
+log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# Results directory.
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+out="${out_dir:-$root/bench-results/$stamp}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+: >"$out/failures.tsv"
+log "mode $mode, results in $out"
+started_at=$(date +%s)
+
+# ---------------------------------------------------------------------------------------------
+# The one broker this script has running (empty when none); the EXIT trap stops it and nothing
+# else. A PID is forgotten as soon as its process has been reaped, so a recycled PID is never hit.
+broker_pid=""
+stop_pid() {
+    local pid=$1
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "PID $pid ignored SIGTERM for 5 s; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    if [[ -n $broker_pid ]]; then
+        stop_pid "$broker_pid"
+        broker_pid=""
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# Pinning: broker on CPU 0, generator on CPU 1, when the machine has both.
+if command -v taskset >/dev/null && [[ $(nproc) -ge 2 ]]; then
+    pin_broker=(taskset -c "$broker_cpu")
+    pin_generator=(taskset -c "$generator_cpu")
+else
+    note "fewer than 2 CPUs or no taskset: broker and generator run unpinned and share the CPU; \
+ratios are less meaningful"
+    pin_broker=()
+    pin_generator=()
+fi
+
+# Many idle connections need many descriptors, in the brokers and in the generator.
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# The generator holds every idle connection open, and so does the broker: both need K
+# descriptors and a few more. Where the hard limit is lower (a container without
+# CAP_SYS_RESOURCE), the connections scenario opens as many as fit and says so.
+connections_note=""
+max_connections=$(( $(ulimit -n) - 1000 ))
+if [[ $connections -gt $max_connections ]]; then
+    connections_note="$connections idle connections requested, $max_connections opened: the open-file limit is $(ulimit -n)"
+    note "$connections_note"
+    connections=$max_connections
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Build and locate the binaries.
+if [[ $build == 1 ]]; then
+    log "cargo build --release --bins"
+    cargo build --release --bins
+fi
+bench_bin="${MBWS_BENCH:-$root/target/release/mbws-bench}"
+broker_bin="${MBWS_BROKER:-$root/target/release/mbws-broker}"
+relay_bin="${MBWS_RELAY:-$root/target/release/mbws-relay}"
+for binary in "$bench_bin" "$broker_bin"; do
+    [[ -x $binary ]] || { echo "bench.sh: $binary is missing; build with cargo build --release --bins" >&2; exit 1; }
+done
+broker_has_data_dir=0
+if "$broker_bin" --help 2>/dev/null | grep -q -- '--data-dir'; then
+    broker_has_data_dir=1
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Peers: install what is missing (Debian/Ubuntu package names); skip a peer that cannot be had.
+find_program() {
+    command -v "$1" 2>/dev/null || { [[ -x /usr/sbin/$1 ]] && echo "/usr/sbin/$1"; } || true
+}
+nats_bin="$(find_program nats-server)"
+mosquitto_bin="$(find_program mosquitto)"
+if [[ -z $nats_bin || -z $mosquitto_bin ]]; then
+    log "installing nats-server and mosquitto (apt-get)"
+    if apt-get update >"$out/apt.log" 2>&1 && apt-get install -y nats-server mosquitto >>"$out/apt.log" 2>&1; then
+        nats_bin="$(find_program nats-server)"
+        mosquitto_bin="$(find_program mosquitto)"
+    else
+        note "apt-get could not install nats-server/mosquitto (see $out/apt.log); the missing peers are skipped"
+    fi
+fi
+
+declare -a targets=()
+declare -A skipped=()
+IFS=',' read -r -a requested <<<"$targets_arg"
+for target in "${requested[@]}"; do
+    case "$target" in
+        mbws|mbws-light) targets+=("$target") ;;
+        nats) if [[ -n $nats_bin ]]; then targets+=(nats); else skipped[nats]="nats-server is not installed"; fi ;;
+        mqtt) if [[ -n $mosquitto_bin ]]; then targets+=(mqtt); else skipped[mqtt]="mosquitto is not installed"; fi ;;
+        relay) if [[ -x $relay_bin ]]; then targets+=(relay); else skipped[relay]="$relay_bin is missing"; fi ;;
+        *) echo "bench.sh: unknown target '$target' (mbws, mbws-light, nats, mqtt, relay)" >&2; exit 2 ;;
+    esac
+done
+if [[ $size -gt $mqtt_max_size ]]; then
+    declare -a kept=()
+    for target in "${targets[@]}"; do
+        if [[ $target == mqtt ]]; then
+            skipped[mqtt]="messages of $size B exceed the $mqtt_max_size B mosquitto handles over WebSocket"
+        else
+            kept+=("$target")
+        fi
+    done
+    targets=("${kept[@]}")
+fi
+for target in "${!skipped[@]}"; do
+    note "SKIPPING $target: ${skipped[$target]}"
+done
+
+# ---------------------------------------------------------------------------------------------
+# Ports and broker configurations (written into the results directory).
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+mbws_port=$(free_port)
+relay_port=$(free_port)
+nats_port=$(free_port)
+nats_ws_port=$(free_port)
+mqtt_port=$(free_port)
+mqtt_ws_port=$(free_port)
+
+cat >"$out/nats.conf" <<EOF
+# nats-server for scripts/bench.sh: core NATS over WebSocket, no TLS, loopback only.
+host: 127.0.0.1
+port: $nats_port
+websocket {
+    host: 127.0.0.1
+    port: $nats_ws_port
+    no_tls: true
+}
+EOF
+cat >"$out/mosquitto.conf" <<EOF
+# mosquitto for scripts/bench.sh: MQTT and MQTT over WebSocket, loopback only, no persistence.
+listener $mqtt_port 127.0.0.1
+listener $mqtt_ws_port 127.0.0.1
+protocol websockets
+socket_domain ipv4
+allow_anonymous true
+persistence false
+# Logging every connection would cost mosquitto time in the connections scenario; ours does
+# not log connections at its default level either.
+connection_messages false
+log_type error
+log_type warning
+log_dest stderr
+EOF
+
+# ---------------------------------------------------------------------------------------------
+# Starting and stopping one broker.
+wait_for_port() {
+    local port=$1 pid=$2 name=$3
+    for _ in $(seq 100); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "bench.sh: $name exited during start-up; its log: $out/logs/$name.log" >&2
+            return 1
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "bench.sh: $name did not listen on 127.0.0.1:$port within 10 s" >&2
+    return 1
+}
+
+# start_broker TARGET RUN_NAME: starts the target's server pinned to the broker CPU, sets
+# broker_pid, and waits until it accepts connections.
+start_broker() {
+    local target=$1 run=$2 port
+    local -a command
+    case "$target" in
+        mbws|mbws-light)
+            command=("$broker_bin" --listen "127.0.0.1:$mbws_port" --shards 1 --log-level warn)
+            # The durable log goes into the results directory, never into the working tree.
+            if [[ $broker_has_data_dir == 1 ]]; then
+                command+=(--data-dir "$out/data/$run")
+            fi
+            port=$mbws_port
+            ;;
+        nats) command=("$nats_bin" -c "$out/nats.conf"); port=$nats_ws_port ;;
+        mqtt) command=("$mosquitto_bin" -c "$out/mosquitto.conf"); port=$mqtt_ws_port ;;
+        relay) command=("$relay_bin" --listen "127.0.0.1:$relay_port"); port=$relay_port ;;
+    esac
+    mkdir -p "$out/logs"
+    "${pin_broker[@]}" "${command[@]}" >"$out/logs/$run.broker.log" 2>&1 &
+    broker_pid=$!
+    wait_for_port "$port" "$broker_pid" "$run.broker"
+}
+
+stop_broker() {
+    [[ -n $broker_pid ]] && stop_pid "$broker_pid"
+    broker_pid=""
+}
+
+url_of() {
+    case "$1" in
+        mbws|mbws-light) echo "ws://127.0.0.1:$mbws_port/" ;;
+        nats) echo "ws://127.0.0.1:$nats_ws_port/" ;;
+        mqtt) echo "ws://127.0.0.1:$mqtt_ws_port/" ;;
+        relay) echo "127.0.0.1:$relay_port" ;;
+    esac
+}
+
+# run TARGET NAME SCENARIO [FLAGS...]: one generator run against a fresh broker; the result goes
+# to NAME.json, the generator's output to logs/NAME.log. A failed run is recorded in
+# failures.tsv and does not stop the suite.
+run() {
+    local target=$1 name=$2 scenario=$3
+    shift 3
+    local json="$out/$name.json" status=0
+    log "$name: $scenario ${*}"
+    if ! start_broker "$target" "$name"; then
+        printf '%s\t%s\t%s\n' "$name" "broker did not start" "logs/$name.broker.log" >>"$out/failures.tsv"
+        stop_broker
+        return 0
+    fi
+    local -a variant=()
+    [[ $target == mbws-light ]] && variant=(--light)
+    timeout --kill-after=10 "$run_timeout" "${pin_generator[@]}" "$bench_bin" "$scenario" \
+        --target "${target%-light}" "${variant[@]}" --url "$(url_of "$target")" --size "$size" \
+        --warmup-s "$warmup" --broker-pid "$broker_pid" --json "$json" "$@" \
+        >"$out/logs/$name.log" 2>&1 || status=$?
+    if ! kill -0 "$broker_pid" 2>/dev/null; then
+        printf '%s\t%s\t%s\n' "$name" "broker died during the run" "logs/$name.broker.log" >>"$out/failures.tsv"
+        rm -f "$json"
+    fi
+    stop_broker
+    rm -rf "$out/data/$name"
+    if [[ $status -eq 124 || $status -eq 137 ]]; then
+        printf '%s\t%s\t%s\n' "$name" "stopped after the ${run_timeout} s limit of one run" "logs/$name.log" >>"$out/failures.tsv"
+        rm -f "$json"
+        log "$name TIMED OUT after $run_timeout s"
+    elif [[ $status -ne 0 ]]; then
+        printf '%s\t%s\t%s\n' "$name" "mbws-bench exited with $status" "logs/$name.log" >>"$out/failures.tsv"
+        rm -f "$json"
+        log "$name FAILED (exit $status): $(tail -n 3 "$out/logs/$name.log" | tr '\n' ' ')"
+    elif [[ ! -s $json ]]; then
+        printf '%s\t%s\t%s\n' "$name" "no JSON written" "logs/$name.log" >>"$out/failures.tsv"
+    fi
+}
+
+# json_value FILE EXPRESSION: a number out of a result file (empty if absent or null).
+json_value() {
+    [[ -s $1 ]] || return 0
+    python3 - "$1" "$2" <<'EOF'
+import json, sys
+value = json.load(open(sys.argv[1]))
+for key in sys.argv[2].split("."):
+    value = value.get(key) if isinstance(value, dict) else None
+print("" if value is None else value)
+EOF
+}
+
+# median_throughput TARGET: the median msgs_per_sec of the target's throughput repeats.
+median_throughput() {
+    python3 - "$out" "$1" <<'EOF'
+import glob, json, statistics, sys
+rates = []
+for path in glob.glob(f"{sys.argv[1]}/{sys.argv[2]}-throughput-r*.json"):
+    rate = json.load(open(path))["results"].get("msgs_per_sec")
+    if rate:
+        rates.append(rate)
+print(statistics.median(rates) if rates else "")
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: saturated throughput, 1 publisher -> 1 consumer, for every target.
+for target in "${targets[@]}"; do
+    for repeat in $(seq "$repeats"); do
+        run "$target" "$target-throughput-r$repeat" throughput --duration-s "$duration" \
+            --publishers 1 --consumers 1 --addresses 1
+    done
+done
+
+# The common rate: half the lower of our and NATS's maximum (ours alone without NATS), so both
+# sustain it comfortably and their latencies compare at the same load.
+declare -A max_rate=()
+for target in "${targets[@]}"; do
+    max_rate[$target]="$(median_throughput "$target")"
+done
+common_rate="$(python3 -c 'import sys
+rates = [float(r) for r in sys.argv[1:] if r]
+print(int(0.5 * min(rates)) if rates else "")' "${max_rate[mbws]:-}" "${max_rate[nats]:-}")"
+if [[ -z $common_rate ]]; then
+    note "no throughput result for mbws or nats: the common-rate latency runs are skipped"
+else
+    log "common rate: $common_rate msgs/s (half the lower of mbws ${max_rate[mbws]:-?} and nats ${max_rate[nats]:-?})"
+fi
+
+# Phase 2: every other scenario, per target (mbws-light: the common-rate latency only).
+for target in "${targets[@]}"; do
+    if [[ $target == mbws-light ]]; then
+        if [[ -n $common_rate ]]; then
+            run "$target" "$target-latency-common" latency --rates 100 --max-rate "$common_rate" \
+                --step-s "$((${step%.*} + 1))" --duration-s "$duration"
+        fi
+        continue
+    fi
+    max_flag=()
+    [[ -n ${max_rate[$target]} ]] && max_flag=(--max-rate "${max_rate[$target]}")
+    run "$target" "$target-latency-sweep" latency --rates "$rates" --step-s "$step" \
+        --duration-s "$duration" "${max_flag[@]}"
+    if [[ -n $common_rate ]]; then
+        run "$target" "$target-latency-common" latency --rates 100 --max-rate "$common_rate" \
+            --step-s "$((${step%.*} + 1))" --duration-s "$duration"
+    fi
+    for subscribers in $fanout_subscribers; do
+        run "$target" "$target-fanout-$subscribers" fanout --subscribers "$subscribers" --duration-s "$duration"
+    done
+    run "$target" "$target-connections" connections --connections "$connections" \
+        --source-ips "$source_ips" --duration-s "$hold"
+    if [[ $target == mbws ]]; then
+        run "$target" "$target-durable" durable --duration-s "$duration"
+    fi
+done
+
+# ---------------------------------------------------------------------------------------------
+# What ran, where; then the summary and the plots.
+finished_at=$(date +%s)
+skipped_list=""
+for target in "${!skipped[@]}"; do
+    skipped_list+="$target: ${skipped[$target]};"
+done
+python3 - "$out/run.json" <<EOF
+import json, platform, subprocess, sys
+def command(*argv):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return ""
+cpu = ""
+for line in open("/proc/cpuinfo"):
+    if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+run = {
+    "mode": "$mode",
+    "started_utc": "$stamp",
+    "elapsed_s": $((finished_at - started_at)),
+    "commit": command("git", "-C", "$root", "describe", "--always", "--dirty"),
+    "kernel": platform.release(),
+    "cpu": cpu,
+    "cpus": $(nproc),
+    "pinned": ${#pin_broker[@]} > 0,
+    "targets": "${targets[*]}".split(),
+    "skipped": dict(item.split(": ", 1) for item in "$skipped_list".split(";") if item),
+    "versions": {
+        "nats-server": command("${nats_bin:-true}", "--version"),
+        "mosquitto": (command("${mosquitto_bin:-true}", "-h").splitlines() or [""])[0],
+    },
+    "params": {
+        "size_bytes": $size, "duration_s": $duration, "warmup_s": $warmup, "step_s": $step,
+        "throughput_repeats": $repeats, "rates_percent": "$rates",
+        "fanout_subscribers": "$fanout_subscribers".split(),
+        "connections": $connections, "source_ips": $source_ips, "hold_s": $hold,
+    },
+    "common_rate": float("$common_rate") if "$common_rate" else None,
+    "notes": [note for note in ["$connections_note"] if note],
+}
+json.dump(run, open(sys.argv[1], "w"), indent=2)
+EOF
+rmdir "$out/data" 2>/dev/null || true
+python3 "$root/scripts/plot.py" "$out"
+log "summary: $out/summary.md ($(( $(date +%s) - started_at )) s)"
+
+if [[ $publish == 1 ]]; then
+    mkdir -p "$root/docs/bench"
+    cp "$out/summary.md" "$out"/*.svg "$root/docs/bench/"
+    log "published summary.md and plots to docs/bench/"
+fi
+if [[ -s $out/failures.tsv ]]; then
+    note "some runs failed (listed in $out/failures.tsv and in summary.md)"
+fi
