@@ -32,7 +32,10 @@ use monoio::net::TcpStream;
 use super::cli::Plan;
 use super::clock::{now_ns, PaceTimer};
 use super::flow::{Flow, Semantics};
-use super::net::{read_more, write_loop, Link, Notify, OUTBOX_HIGH_WATER_BYTES, READ_BUFFER_BYTES};
+use super::net::{
+    read_more, write_loop, Link, Notify, MAX_READ_BUFFER_BYTES, MIN_READ_BUFFER_BYTES, OUTBOX_HIGH_WATER_BYTES,
+    READ_BUFFERS_TOTAL_BYTES,
+};
 use super::procfs;
 use super::report::Progress;
 use super::targets::{self, Codec, Failure, Inbound, PublishWire, Role, Session, TargetConfig};
@@ -50,9 +53,9 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_BATCH_MESSAGES: u64 = 4096;
 /// A paced producer sleeps on the timer until this long before a message is due, then polls
 /// until it is: waking from a timer took 50 to 80 microseconds on the development VM, which
-/// would otherwise show up as latency of the target. It polls through the timer (armed in the
-/// past, so the io_uring read completes at once) rather than by yielding: a task that only
-/// yields keeps monoio from waiting on io_uring, and the readers' completions then stall.
+/// would otherwise show up as latency of the target. It polls through io_uring
+/// ([`PaceTimer::poll_once`]) rather than by yielding: a task that only yields keeps monoio
+/// from waiting on io_uring, and the readers' completions then stall.
 /// At rates above 10,000 messages per second the producer therefore keeps its core busy.
 const SPIN_BEFORE_DUE_NS: u64 = 100_000;
 /// How often the scenario checks for failures, stalls and its stop condition.
@@ -79,6 +82,8 @@ pub struct Run {
     pub last_delivery_ns: Cell<u64>,
     /// Set once the scenario is done: closed connections are expected from here on.
     pub stopping: Cell<bool>,
+    /// Read buffer of each connection: `READ_BUFFERS_TOTAL_BYTES` shared out, within bounds.
+    read_buffer_bytes: usize,
     failure: RefCell<Option<String>>,
 }
 
@@ -92,6 +97,10 @@ impl Run {
 
     pub fn failure(&self) -> Option<String> {
         self.failure.borrow().clone()
+    }
+
+    pub fn has_failed(&self) -> bool {
+        self.failure.borrow().is_some()
     }
 
     fn on_delivered(&self, consumer: usize, count: u64, now: u64) {
@@ -133,17 +142,17 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Messages that may be appended now: the least of the outbox's room (at least one frame
+    /// while below its high water), the protocol window and the end-to-end window.
     fn room(&self, flow: &Flow, frame_bytes: usize) -> u64 {
         let queued = self.link.outbox.borrow().len();
         if queued >= OUTBOX_HIGH_WATER_BYTES {
             return 0;
         }
         let outbox_room = ((OUTBOX_HIGH_WATER_BYTES - queued) / frame_bytes).max(1) as u64;
-        let protocol_room = match self.window {
-            Some(window) => window.saturating_sub(self.sent.get() - self.acknowledged.get().min(self.sent.get())),
-            None => u64::MAX,
-        };
-        if outbox_room == 0 || protocol_room == 0 {
+        let unacknowledged = self.sent.get().saturating_sub(self.acknowledged.get());
+        let protocol_room = self.window.map_or(u64::MAX, |window| window.saturating_sub(unacknowledged));
+        if protocol_room == 0 {
             return 0;
         }
         outbox_room.min(protocol_room).min(flow.room())
@@ -213,6 +222,8 @@ impl Bench {
             delivered: Cell::new(0),
             last_delivery_ns: Cell::new(now_ns()),
             stopping: Cell::new(false),
+            read_buffer_bytes: (READ_BUFFERS_TOTAL_BYTES / (shape.publishers + shape.consumers))
+                .clamp(MIN_READ_BUFFER_BYTES, MAX_READ_BUFFER_BYTES),
             failure: RefCell::new(None),
         });
         let mut consumers = Vec::with_capacity(shape.consumers);
@@ -419,8 +430,9 @@ struct Reader {
 
 impl Reader {
     async fn run(mut self, mut reader: OwnedReadHalf<TcpStream>, mut buf: BytesMut) {
-        if buf.capacity() < READ_BUFFER_BYTES {
-            buf.reserve(READ_BUFFER_BYTES - buf.len());
+        let read_buffer_bytes = self.run.read_buffer_bytes;
+        if buf.capacity() < read_buffer_bytes {
+            buf.reserve(read_buffer_bytes - buf.len());
         }
         loop {
             if let Err(failure) = self.process(&mut buf) {
@@ -560,7 +572,7 @@ async fn produce(run: Rc<Run>, publisher: Rc<Publisher>, wire: PublishWire) {
     let address_count = wire.templates.len();
     let mut next_address = publisher.index % address_count;
     loop {
-        if run.stopping.get() || run.failure().is_some() {
+        if run.stopping.get() || run.has_failed() {
             return;
         }
         let mode = publisher.mode.get();
@@ -579,14 +591,20 @@ async fn produce(run: Rc<Run>, publisher: Rc<Publisher>, wire: PublishWire) {
                 let now = now_ns();
                 let next_due_ns = start_ns + (sent as f64 * interval_ns) as u64;
                 if next_due_ns > now {
-                    if let Err(error) = timer.sleep_until(next_due_ns.saturating_sub(SPIN_BEFORE_DUE_NS)).await {
+                    let waited = if next_due_ns - now > SPIN_BEFORE_DUE_NS {
+                        timer.sleep_until(next_due_ns - SPIN_BEFORE_DUE_NS).await
+                    } else {
+                        timer.poll_once().await
+                    };
+                    if let Err(error) = waited {
                         run.fail(format!("waiting on the pacing timer failed: {error}"));
                         return;
                     }
                     continue;
                 }
+                // Message `sent` is due (checked above), so at least one is, whatever the rounding.
                 let due_by_now = ((now - start_ns) as f64 / interval_ns) as u64 + 1;
-                due_by_now.min(count) - sent
+                due_by_now.min(count).saturating_sub(sent).max(1)
             }
         };
         let room = publisher.room(&run.flow, frame_bytes);

@@ -59,10 +59,6 @@ impl Flow {
         }
     }
 
-    pub fn window(&self) -> u64 {
-        self.window
-    }
-
     #[inline]
     pub fn on_published(&self, address: usize) {
         let cell = &self.published[address];

@@ -20,7 +20,7 @@
 //! - [`report`]: the JSON result, the table on stdout and the progress line on stderr.
 //! - [`cli`], [`clock`], [`procfs`]: flags, the monotonic clock and pacing timer, /proc reads.
 //!
-//! Bounds: every buffer has a named limit (`OUTBOX_HIGH_WATER_BYTES`, `READ_BUFFER_BYTES`, the
+//! Bounds: every buffer has a named limit (`OUTBOX_HIGH_WATER_BYTES`, `READ_BUFFERS_TOTAL_BYTES`, the
 //! flow window, the protocol windows announced by the target); every wait on the target has a
 //! timeout (`SETUP_TIMEOUT`, `STALL_TIMEOUT`, `DRAIN_TIMEOUT`).
 

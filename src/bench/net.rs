@@ -25,8 +25,12 @@ use super::wire::Framing;
 
 /// A publisher stops appending once its outbox holds this much; the writer drains it.
 pub const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
+/// Read buffers of all connections of a run together (each between the two bounds below), so
+/// that a fan-out to thousands of subscribers stays within a few MiB.
+pub const READ_BUFFERS_TOTAL_BYTES: usize = 4 * 1024 * 1024;
 /// Read buffer of a busy connection; grown only for a message larger than this.
-pub const READ_BUFFER_BYTES: usize = 256 * 1024;
+pub const MAX_READ_BUFFER_BYTES: usize = 256 * 1024;
+pub const MIN_READ_BUFFER_BYTES: usize = 16 * 1024;
 /// A read is issued with at least this much spare capacity.
 const MIN_READ_SPARE_BYTES: usize = 16 * 1024;
 
@@ -217,7 +221,8 @@ impl Link {
     pub fn new(framing: Framing, on_drained: Box<dyn Fn()>) -> Rc<Link> {
         Rc::new(Link {
             framing,
-            outbox: RefCell::new(BytesMut::with_capacity(OUTBOX_HIGH_WATER_BYTES)),
+            // Grown on demand: a consumer's outbox only ever holds a few acknowledgements.
+            outbox: RefCell::new(BytesMut::new()),
             writer: Notify::default(),
             on_drained,
             closing: Cell::new(false),
@@ -239,7 +244,7 @@ impl Link {
 
 /// Writes everything queued on `link` until it closes; returns the first write error.
 pub async fn write_loop(link: Rc<Link>, mut writer: OwnedWriteHalf<TcpStream>) -> io::Result<()> {
-    let mut batch = BytesMut::with_capacity(OUTBOX_HIGH_WATER_BYTES);
+    let mut batch = BytesMut::new();
     let result = loop {
         if link.outbox.borrow().is_empty() {
             if link.closing.get() {

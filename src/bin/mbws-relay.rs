@@ -169,7 +169,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        eprintln!("mbws-relay: listening on {} (io_uring, one thread)", args.listen);
+        let local = listener.local_addr().unwrap_or(args.listen);
+        eprintln!("mbws-relay: listening on {local} (io_uring, one thread)");
         let hub = Rc::new(Hub {
             anycast: RefCell::new(Vec::new()),
             broadcast: RefCell::new(Vec::new()),
