@@ -25,15 +25,15 @@
 //! - every queue and backlog is bounded by `max_queued_messages`.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::{
-    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, MessageId, Refusal, ShardId, SharedMessage, StoredMessage,
-    SubscriptionId,
+    owner_of, AddressCommand, CompactionArena, ConnCommand, ConnId, ConnRef, FastMap, MessageId, Refusal, ShardId,
+    SharedMessage, StoredMessage, SubscriptionId,
 };
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 use crate::store::{DurableLog, Lsn, Recovery};
@@ -100,7 +100,7 @@ struct Subscriber {
     in_flight: u32,
     /// Client-ack deliveries not yet acknowledged, kept for NACK and (anycast) for requeueing
     /// when the subscription ends. At most `credit` entries.
-    unacked: HashMap<MessageId, Queued>,
+    unacked: FastMap<MessageId, Queued>,
     /// Ack deadlines of client-ack deliveries, in delivery order (so in deadline order).
     /// Entries already acknowledged are dropped lazily; kept under 2 x `unacked` + 16.
     deadlines: VecDeque<(u64, MessageId)>,
@@ -169,11 +169,11 @@ pub struct AddressStats {
 pub struct AddressTable {
     shard: ShardId,
     limits: AddressLimits,
-    addresses: HashMap<Bytes, Address>,
+    addresses: FastMap<Bytes, Address>,
     /// Which address each subscription is on.
-    subscriptions: HashMap<(ConnRef, SubscriptionId), Bytes>,
+    subscriptions: FastMap<(ConnRef, SubscriptionId), Bytes>,
     /// Subscriptions per consumer connection, for `ConsumerGone`.
-    by_consumer: HashMap<ConnRef, SmallVec<[SubscriptionId; 4]>>,
+    by_consumer: FastMap<ConnRef, SmallVec<[SubscriptionId; 4]>>,
     /// Commands for other address owners (dead-lettered messages), drained by the shard.
     forwards: Vec<(ShardId, AddressCommand)>,
     /// Set when a delivery with an ack deadline was made (the shard arms its ack timer).
@@ -189,6 +189,8 @@ pub struct AddressTable {
     durable_answers: VecDeque<(Lsn, ConnRef, u64)>,
     /// Addresses whose every message is durable: exact names, or prefixes ending in `*`.
     durable_addresses: Vec<Bytes>,
+    /// Where messages that wait are copied to (see `StoredMessage::compact`).
+    arena: CompactionArena,
 }
 
 impl AddressTable {
@@ -196,9 +198,9 @@ impl AddressTable {
         AddressTable {
             shard,
             limits,
-            addresses: HashMap::new(),
-            subscriptions: HashMap::new(),
-            by_consumer: HashMap::new(),
+            addresses: FastMap::default(),
+            subscriptions: FastMap::default(),
+            by_consumer: FastMap::default(),
             forwards: Vec::new(),
             deadline_added: false,
             queued_bytes: 0,
@@ -206,6 +208,7 @@ impl AddressTable {
             log: None,
             durable_answers: VecDeque::new(),
             durable_addresses: Vec::new(),
+            arena: CompactionArena::default(),
         }
     }
 
@@ -556,11 +559,21 @@ impl AddressTable {
             ));
         }
         // A message that will wait somewhere (no subscriber with credit, or others already
-        // waiting ahead of it) is compacted first; see StoredMessage::compacted.
+        // waiting ahead of it) is compacted first; see StoredMessage::compact.
         let will_wait = (to_anycast_queue
             && (!state.queue.is_empty() || !state.anycast.iter().any(Subscriber::has_credit)))
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
-        let message = if will_wait { std::sync::Arc::new(message.compacted()) } else { message };
+        let mut message = message;
+        if will_wait {
+            match std::sync::Arc::get_mut(&mut message) {
+                Some(only_reference) => only_reference.compact(&mut self.arena),
+                None => {
+                    let mut copy = StoredMessage::clone(&message);
+                    copy.compact(&mut self.arena);
+                    message = std::sync::Arc::new(copy);
+                }
+            }
+        }
         self.last_message_id += 1;
         let id = MessageId(self.last_message_id);
         // Logged before it can be delivered (and so settled), when it goes to the anycast queue.
@@ -679,7 +692,7 @@ impl AddressTable {
             ack_mode,
             credit: credit.min(self.limits.max_credit),
             in_flight: 0,
-            unacked: HashMap::new(),
+            unacked: FastMap::default(),
             deadlines: VecDeque::new(),
             backlog: VecDeque::new(),
         };

@@ -14,7 +14,7 @@ pub mod address;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode, Properties};
 
@@ -61,7 +61,7 @@ pub fn owner_of(address: &[u8], shard_count: usize) -> ShardId {
 
 /// A message as the broker keeps it: every field is a slice of the publisher's WebSocket
 /// payload, so sharing it (an `Arc` clone per delivery) never copies the body.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StoredMessage {
     pub address: Bytes,
     pub durable: bool,
@@ -75,29 +75,87 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
-    /// A copy whose fields own compact allocations of their own. A message that has to wait in
-    /// a queue is compacted once, so that it does not keep the publisher's whole read buffer
-    /// (64 KiB or more) alive for as long as it waits; messages delivered as they arrive are
-    /// never copied.
-    pub fn compacted(&self) -> StoredMessage {
-        let own = |bytes: &Bytes| Bytes::copy_from_slice(bytes);
-        StoredMessage {
-            address: own(&self.address),
-            durable: self.durable,
-            expires_at_ms: self.expires_at_ms,
-            properties: Properties {
-                content_type: own(&self.properties.content_type),
-                correlation_id: own(&self.properties.correlation_id),
-                reply_to: own(&self.properties.reply_to),
-                headers: self.properties.headers.iter().map(|(name, value)| (own(name), own(value))).collect(),
-            },
-            body: own(&self.body),
-            body_is_text: self.body_is_text,
+    /// Bytes of every field together (what [`StoredMessage::compact`] copies).
+    fn field_bytes(&self) -> usize {
+        let properties = &self.properties;
+        self.address.len()
+            + properties.content_type.len()
+            + properties.correlation_id.len()
+            + properties.reply_to.len()
+            + properties.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
+            + self.body.len()
+    }
+
+    /// Moves every field into `arena`. A message that has to wait in a queue is compacted
+    /// once, so that it does not keep the publisher's whole read buffer (16 KiB or more) alive
+    /// for as long as it waits; messages delivered as they arrive are never copied.
+    pub fn compact(&mut self, arena: &mut CompactionArena) {
+        let mut chunk = arena.room_for(self.field_bytes());
+        let mut move_field = |field: &mut Bytes| {
+            // Empty fields stay static: nothing to copy, no reference to count.
+            if !field.is_empty() {
+                chunk.extend_from_slice(field);
+                *field = chunk.split().freeze();
+            }
+        };
+        move_field(&mut self.address);
+        move_field(&mut self.properties.content_type);
+        move_field(&mut self.properties.correlation_id);
+        move_field(&mut self.properties.reply_to);
+        for (name, value) in self.properties.headers.iter_mut() {
+            move_field(name);
+            move_field(value);
+        }
+        move_field(&mut self.body);
+        arena.give_back(chunk);
+    }
+}
+
+/// Where a shard packs the messages that wait in its queues (see [`StoredMessage::compact`]):
+/// chunks of `ARENA_CHUNK_BYTES` filled front to back, each field a slice of its chunk, so a
+/// compaction is a copy and a reference-count increment instead of allocations. A chunk is
+/// freed when the last message in it is gone; queues are consumed roughly in order, so chunks
+/// empty roughly in order too, and the memory held stays close to the bytes queued (which
+/// `max_queued_bytes` and the memory budget bound) plus one chunk being filled.
+#[derive(Debug, Default)]
+pub struct CompactionArena {
+    /// The chunk being filled: its spare capacity is where the next message goes.
+    chunk: BytesMut,
+}
+
+/// Size of an arena chunk.
+const ARENA_CHUNK_BYTES: usize = 64 * 1024;
+/// Messages larger than this get an allocation of their own (exactly their size) instead of
+/// a place in a chunk.
+const MAX_ARENA_MESSAGE_BYTES: usize = ARENA_CHUNK_BYTES / 8;
+
+impl CompactionArena {
+    /// A buffer with at least `bytes` of spare capacity, to be handed back with
+    /// [`CompactionArena::give_back`] once the message is copied.
+    fn room_for(&mut self, bytes: usize) -> BytesMut {
+        if bytes > MAX_ARENA_MESSAGE_BYTES {
+            return BytesMut::with_capacity(bytes);
+        }
+        if self.chunk.capacity() - self.chunk.len() < bytes {
+            self.chunk = BytesMut::with_capacity(ARENA_CHUNK_BYTES);
+        }
+        std::mem::take(&mut self.chunk)
+    }
+
+    fn give_back(&mut self, chunk: BytesMut) {
+        debug_assert!(chunk.is_empty(), "every copied field was split off");
+        if chunk.capacity() > 0 && chunk.capacity() >= self.chunk.capacity() {
+            self.chunk = chunk;
         }
     }
 }
 
 pub type SharedMessage = Arc<StoredMessage>;
+
+/// The hash map of the broker's per-message paths: foldhash instead of std's SipHash (several
+/// times cheaper for short keys), still seeded per process, since keys such as address names
+/// come from clients.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Why the broker refused a command: an MBWS error code and a reason a person can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +278,53 @@ pub enum Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(address: &str, body: &[u8]) -> StoredMessage {
+        let mut properties = Properties { content_type: Bytes::from_static(b"text/plain"), ..Properties::default() };
+        properties.headers.push((Bytes::from_static(b"x-a"), Bytes::from_static(b"1")));
+        StoredMessage {
+            address: Bytes::copy_from_slice(address.as_bytes()),
+            durable: false,
+            expires_at_ms: 0,
+            properties,
+            body: Bytes::copy_from_slice(body),
+            body_is_text: false,
+        }
+    }
+
+    #[test]
+    fn compaction_copies_every_field_next_to_the_previous_message() {
+        let mut arena = CompactionArena::default();
+        let mut first = message("orders", b"first body");
+        let original_body = first.body.clone();
+        first.compact(&mut arena);
+        let mut second = message("orders", b"second");
+        second.compact(&mut arena);
+        for compacted in [&first, &second] {
+            assert_eq!(compacted.address, "orders");
+            assert_eq!(compacted.properties.content_type, "text/plain");
+            assert_eq!(compacted.properties.headers[0], (Bytes::from_static(b"x-a"), Bytes::from_static(b"1")));
+            assert!(compacted.properties.correlation_id.is_empty());
+        }
+        assert_eq!(first.body, original_body);
+        assert_ne!(first.body.as_ptr(), original_body.as_ptr(), "the copy no longer points at the original");
+        // Packed: the second message starts where the first one's body ends.
+        assert_eq!(second.address.as_ptr(), first.body.as_ptr().wrapping_add(first.body.len()));
+    }
+
+    #[test]
+    fn large_messages_get_their_own_allocation_and_leave_the_chunk_alone() {
+        let mut arena = CompactionArena::default();
+        let mut small = message("a", b"small");
+        small.compact(&mut arena);
+        let mut large = message("a", &vec![7u8; MAX_ARENA_MESSAGE_BYTES + 1]);
+        large.compact(&mut arena);
+        assert_eq!(large.body.len(), MAX_ARENA_MESSAGE_BYTES + 1);
+        assert!(large.body.iter().all(|&byte| byte == 7));
+        let mut next = message("a", b"next");
+        next.compact(&mut arena);
+        assert_eq!(next.address.as_ptr(), small.body.as_ptr().wrapping_add(small.body.len()));
+    }
 
     #[test]
     fn owner_is_stable_and_spread() {

@@ -24,6 +24,7 @@
 
 pub mod outbound;
 pub mod session;
+mod unacked;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;

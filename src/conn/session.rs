@@ -18,16 +18,17 @@
 //! every delivery above the client's last received sequence (same delivery sequence), the held
 //! auto-ack deliveries, and the cumulative RECEIPT.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::outbound::Outbound;
+use super::unacked::Unacked;
 use crate::broker::{
-    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, MessageId, Refusal, ShardId, SharedMessage, StoredMessage,
-    SubscriptionId,
+    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, FastMap, MessageId, Refusal, ShardId, SharedMessage,
+    StoredMessage, SubscriptionId,
 };
 use crate::mbws::{
     self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
@@ -132,9 +133,9 @@ pub struct Session {
     inflight_sends: VecDeque<(u64, bool)>,
     receipted_seq: u64,
     receipt_due: bool,
-    subscriptions: HashMap<SubscriptionId, Subscription>,
+    subscriptions: FastMap<SubscriptionId, Subscription>,
     last_delivery_seq: u64,
-    unacked: BTreeMap<u64, Delivery>,
+    unacked: Unacked<Delivery>,
 }
 
 /// Where a session's effects go.
@@ -161,9 +162,9 @@ impl Session {
             inflight_sends: VecDeque::new(),
             receipted_seq: 0,
             receipt_due: false,
-            subscriptions: HashMap::new(),
+            subscriptions: FastMap::default(),
             last_delivery_seq: 0,
-            unacked: BTreeMap::new(),
+            unacked: Unacked::default(),
         }
     }
 
@@ -242,11 +243,8 @@ impl Session {
         for subscription_id in confirmed {
             outbound.push_frame(binding, &Frame::Subscribed(mbws::Subscribed { subscription_id }));
         }
-        let resend: Vec<(u64, Delivery)> = self
-            .unacked
-            .range(open.last_received_seq.saturating_add(1)..)
-            .map(|(seq, delivery)| (*seq, delivery.clone()))
-            .collect();
+        let resend: Vec<(u64, Delivery)> =
+            self.unacked.after(open.last_received_seq).map(|(seq, delivery)| (seq, delivery.clone())).collect();
         for (delivery_seq, delivery) in resend {
             self.encode_delivery(delivery_seq, &delivery, outbound);
         }
@@ -318,7 +316,7 @@ impl Session {
                 Ok(())
             }
             Frame::Nack(nack) => {
-                if let Some(entry) = self.unacked.remove(&nack.delivery_seq) {
+                if let Some(entry) = self.unacked.remove(nack.delivery_seq) {
                     if let Some(subscription) = self.subscriptions.get(&entry.subscription) {
                         fx.commands.push((
                             subscription.owner,
@@ -557,25 +555,21 @@ impl Session {
             return;
         };
         // The owner requeues what this subscription had not acknowledged.
-        self.unacked.retain(|_, entry| entry.subscription != id);
+        self.unacked.retain(|entry| entry.subscription != id);
         fx.commands.push((subscription.owner, AddressCommand::Unsubscribe { consumer: self.me, subscription: id }));
     }
 
     fn on_ack(&mut self, delivery_seq: u64, cumulative: bool, fx: &mut Effects<'_>) {
-        let acked: SmallVec<[Delivery; 8]> = if cumulative {
-            let rest = self.unacked.split_off(&(delivery_seq.saturating_add(1)));
-            let done = std::mem::replace(&mut self.unacked, rest);
-            done.into_values().collect()
-        } else {
-            self.unacked.remove(&delivery_seq).into_iter().collect()
-        };
         // One command per subscription, carrying all of its acknowledged messages.
         let mut grouped: SmallVec<[(SubscriptionId, SmallVec<[MessageId; 4]>); 2]> = SmallVec::new();
-        for entry in acked {
-            match grouped.iter_mut().find(|(id, _)| *id == entry.subscription) {
-                Some((_, messages)) => messages.push(entry.message_id),
-                None => grouped.push((entry.subscription, SmallVec::from_elem(entry.message_id, 1))),
-            }
+        let mut group = |entry: Delivery| match grouped.iter_mut().find(|(id, _)| *id == entry.subscription) {
+            Some((_, messages)) => messages.push(entry.message_id),
+            None => grouped.push((entry.subscription, SmallVec::from_elem(entry.message_id, 1))),
+        };
+        if cumulative {
+            self.unacked.remove_through(delivery_seq, group);
+        } else if let Some(entry) = self.unacked.remove(delivery_seq) {
+            group(entry);
         }
         for (subscription, messages) in grouped {
             if let Some(state) = self.subscriptions.get(&subscription) {
@@ -624,13 +618,12 @@ impl Session {
                 self.on_deliver(subscription, message_id, message, redelivered, fx.outbound)
             }
             ConnCommand::DeliveryExpired { subscription, message_id, .. } => {
-                self.unacked.retain(|_, delivery| {
-                    !(delivery.subscription == subscription && delivery.message_id == message_id)
-                });
+                self.unacked
+                    .retain(|delivery| !(delivery.subscription == subscription && delivery.message_id == message_id));
             }
             ConnCommand::SubscriptionEnded { subscription, refusal, .. } => {
                 if self.subscriptions.remove(&subscription).is_some() {
-                    self.unacked.retain(|_, entry| entry.subscription != subscription);
+                    self.unacked.retain(|entry| entry.subscription != subscription);
                     self.send_error(self.binding, refusal.code, 0, subscription.0, refusal.reason, fx.outbound);
                 }
             }
@@ -682,7 +675,7 @@ impl Session {
             // Sent on resume, from `unacked`, with the sequence it gets now.
             AckMode::Client => {
                 self.last_delivery_seq += 1;
-                self.unacked.insert(self.last_delivery_seq, delivery);
+                self.unacked.push(self.last_delivery_seq, delivery);
             }
             AckMode::Auto => self.held.push_back(delivery),
         }
@@ -695,7 +688,7 @@ impl Session {
         let delivery_seq = self.last_delivery_seq;
         match state.ack_mode {
             AckMode::Client => {
-                self.unacked.insert(delivery_seq, delivery.clone());
+                self.unacked.push(delivery_seq, delivery.clone());
             }
             AckMode::Auto => outbound.note_auto_delivery(state.owner, delivery.subscription),
         }

@@ -87,6 +87,8 @@ impl LocalEvent {
 struct Slot {
     generation: u32,
     connection: Option<ConnectionCell>,
+    /// Listed in `Shard::dirty` (so listed at most once per round of work).
+    dirty: bool,
 }
 
 /// One shard's state; lives on its thread behind an `Rc`.
@@ -102,6 +104,8 @@ pub struct Shard {
     outboxes: RefCell<Vec<Vec<Command>>>,
     /// Connections whose session or write queue changed during this round of work.
     dirty: RefCell<Vec<ConnId>>,
+    /// The other half of `dirty`'s double buffer (empty between rounds).
+    dirty_spare: std::cell::Cell<Vec<ConnId>>,
     pub shutdown: LocalEvent,
     /// The durable log's commit task (set once at start-up).
     committer: RefCell<Option<Rc<GroupCommitter>>>,
@@ -141,6 +145,7 @@ impl Shard {
             work: RefCell::new(VecDeque::new()),
             outboxes: RefCell::new((0..shard_count).map(|_| Vec::new()).collect()),
             dirty: RefCell::new(Vec::new()),
+            dirty_spare: std::cell::Cell::new(Vec::new()),
             shutdown: LocalEvent::default(),
             committer: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
@@ -158,7 +163,7 @@ impl Shard {
         let index = match self.free_slots.borrow_mut().pop() {
             Some(index) => index,
             None => {
-                slots.push(Slot { generation: 0, connection: None });
+                slots.push(Slot { generation: 0, connection: None, dirty: false });
                 (slots.len() - 1) as u32
             }
         };
@@ -175,6 +180,8 @@ impl Shard {
         let slot = &mut slots[id.index as usize];
         if slot.generation == id.generation && slot.connection.take().is_some() {
             slot.generation = slot.generation.wrapping_add(1);
+            // A listing in `dirty` under the old generation is skipped; the next user starts clean.
+            slot.dirty = false;
             self.free_slots.borrow_mut().push(id.index);
         }
     }
@@ -212,8 +219,16 @@ impl Shard {
         self.post_office.post(home, Envelope::Adopt(adoption));
     }
 
+    /// Lists a connection for `flush` at the end of this round of work (once, however many
+    /// commands it got).
     pub fn mark_dirty(&self, id: ConnId) {
-        self.dirty.borrow_mut().push(id);
+        let mut slots = self.slots.borrow_mut();
+        if let Some(slot) = slots.get_mut(id.index as usize) {
+            if slot.generation == id.generation && !slot.dirty {
+                slot.dirty = true;
+                self.dirty.borrow_mut().push(id);
+            }
+        }
     }
 
     /// Runs the local work queue dry, lets touched connections flush (cumulative receipts,
@@ -345,12 +360,26 @@ impl Shard {
     }
 
     fn flush_dirty(&self) {
-        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
-        for id in dirty {
-            if let Some(cell) = self.connection(id) {
+        // Swapped with a spare list (not taken) so that neither list loses its capacity.
+        let mut dirty = self.dirty_spare.take();
+        std::mem::swap(&mut dirty, &mut *self.dirty.borrow_mut());
+        for &id in &dirty {
+            let cell = {
+                let mut slots = self.slots.borrow_mut();
+                match slots.get_mut(id.index as usize) {
+                    Some(slot) if slot.generation == id.generation => {
+                        slot.dirty = false;
+                        slot.connection.clone()
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(cell) = cell {
                 cell.borrow_mut().flush();
             }
         }
+        dirty.clear();
+        self.dirty_spare.replace(dirty);
     }
 
     fn flush_outboxes(&self) {
