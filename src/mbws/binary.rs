@@ -214,25 +214,36 @@ struct Reader {
 }
 
 impl Reader {
-    fn take(&mut self, field: &str, length: usize) -> Result<&[u8], DecodeError> {
-        let remaining = self.payload.len() - self.position;
-        if length > remaining {
-            return Err(DecodeError::malformed(format!(
-                "{}: frame is truncated in field `{field}`: it needs {length} bytes at offset {} \
-                 but only {remaining} remain",
-                self.kind.name(),
-                self.position
-            )));
-        }
+    /// The next `length` bytes as offsets `(start, end)` into the payload.
+    #[inline]
+    fn take_range(&mut self, field: &str, length: usize) -> Result<(usize, usize), DecodeError> {
         let start = self.position;
-        self.position += length;
-        Ok(&self.payload[start..self.position])
+        let remaining = self.payload.len() - start;
+        if length > remaining {
+            return Err(self.truncated(field, length));
+        }
+        self.position = start + length;
+        Ok((start, self.position))
     }
 
+    /// The error for a field that needs `length` bytes where fewer remain.
+    #[cold]
+    #[inline(never)]
+    fn truncated(&self, field: &str, length: usize) -> DecodeError {
+        DecodeError::malformed(format!(
+            "{}: frame is truncated in field `{field}`: it needs {length} bytes at offset {} \
+             but only {} remain",
+            self.kind.name(),
+            self.position,
+            self.payload.len() - self.position
+        ))
+    }
+
+    #[inline]
     fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], DecodeError> {
-        let bytes = self.take(field, N)?;
+        let (start, end) = self.take_range(field, N)?;
         let mut array = [0; N];
-        array.copy_from_slice(bytes);
+        array.copy_from_slice(&self.payload[start..end]);
         Ok(array)
     }
 
@@ -252,10 +263,12 @@ impl Reader {
         self.array(field).map(u64::from_be_bytes)
     }
 
+    /// The next `length` bytes as a slice of the payload. An empty field is `Bytes::new()`
+    /// (`Bytes::slice` returns it without touching the reference count).
+    #[inline]
     fn slice(&mut self, field: &str, length: usize) -> Result<Bytes, DecodeError> {
-        let start = self.position;
-        self.take(field, length)?;
-        Ok(self.payload.slice(start..self.position))
+        let (start, end) = self.take_range(field, length)?;
+        Ok(self.payload.slice(start..end))
     }
 
     fn str8(&mut self, field: &str) -> Result<Bytes, DecodeError> {
@@ -290,12 +303,19 @@ impl Reader {
     }
 
     /// Kinds without a body must end right after their last field.
+    #[inline]
     fn finish(&self) -> Result<(), DecodeError> {
-        let trailing = self.payload.len() - self.position;
-        if trailing == 0 {
+        if self.position == self.payload.len() {
             return Ok(());
         }
-        Err(DecodeError::malformed(format!(
+        Err(self.trailing())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn trailing(&self) -> DecodeError {
+        let trailing = self.payload.len() - self.position;
+        DecodeError::malformed(format!(
             "{}: {} after the last field (frame is {} bytes, fields end at {}; starting \"{}\"); \
              only SEND and MESSAGE have a body",
             self.kind.name(),
@@ -303,7 +323,7 @@ impl Reader {
             self.payload.len(),
             self.position,
             excerpt(&self.payload[self.position..])
-        )))
+        ))
     }
 }
 

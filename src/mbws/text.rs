@@ -217,7 +217,7 @@ impl Lines<'_> {
     /// The next line as `(start, end)` offsets without its terminator; `None` when no LF is left.
     fn next(&mut self) -> Option<(usize, usize)> {
         let start = self.position;
-        let length = self.payload[start..].iter().position(|&byte| byte == b'\n')?;
+        let length = find_line_feed(&self.payload[start..])?;
         let mut end = start + length;
         self.position = end + 1;
         self.number += 1;
@@ -226,6 +226,32 @@ impl Lines<'_> {
         }
         Some((start, end))
     }
+}
+
+/// Bytes [`find_line_feed`] looks at in one step.
+const WORD_BYTES: usize = 8;
+
+/// The index of the first LF in `bytes`, judging a word of 8 bytes per step (header lines are
+/// tens of bytes long; a byte loop was most of the cost of splitting them).
+fn find_line_feed(bytes: &[u8]) -> Option<usize> {
+    const EVERY_BYTE_ONE: u64 = u64::from_ne_bytes([0x01; WORD_BYTES]);
+    const EVERY_BYTE_HIGH_BIT: u64 = EVERY_BYTE_ONE * 0x80;
+    const LINE_FEEDS: u64 = EVERY_BYTE_ONE * b'\n' as u64;
+    let mut words = bytes.chunks_exact(WORD_BYTES);
+    let mut start = 0;
+    for word in &mut words {
+        let word = u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"));
+        // A byte of `word` is LF exactly where a byte of `zeros` is zero. The classic test below
+        // sets the high bit of the first such byte (and maybe of later ones, never of an earlier
+        // one): in little-endian order the lowest set bit marks the first LF.
+        let zeros = word ^ LINE_FEEDS;
+        let found = zeros.wrapping_sub(EVERY_BYTE_ONE) & !zeros & EVERY_BYTE_HIGH_BIT;
+        if found != 0 {
+            return Some(start + found.trailing_zeros() as usize / 8);
+        }
+        start += WORD_BYTES;
+    }
+    words.remainder().iter().position(|&byte| byte == b'\n').map(|index| start + index)
 }
 
 /// The values of a kind's defined fields, as offsets into the payload.
@@ -629,6 +655,26 @@ mod tests {
     use super::*;
 
     const MALFORMED: ErrorCode = ErrorCode::MalformedFrame;
+
+    #[test]
+    fn line_feeds_are_found_at_every_position() {
+        for length in 0..=40 {
+            let mut bytes = vec![b'a'; length];
+            assert_eq!(find_line_feed(&bytes), None, "{length} bytes without LF");
+            for position in 0..length {
+                for filler in [b'a', 0x0b, 0x09, 0x8a, 0xff, 0x00] {
+                    bytes.fill(filler);
+                    bytes[position] = b'\n';
+                    assert_eq!(find_line_feed(&bytes), Some(position), "LF at {position} of {length}");
+                    // A second LF later never hides the first.
+                    if position + 1 < length {
+                        bytes[length - 1] = b'\n';
+                        assert_eq!(find_line_feed(&bytes), Some(position));
+                    }
+                }
+            }
+        }
+    }
 
     fn decoded(text: &str) -> Result<Frame, DecodeError> {
         decode(Bytes::copy_from_slice(text.as_bytes()), &CodecLimits::default())

@@ -107,7 +107,32 @@ fn check_delivery_seq(kind: FrameKind, delivery_seq: u64) -> Result<(), DecodeEr
 }
 
 /// A string field: at most `max_bytes` (the binary length prefix), UTF-8, no CR, LF or NUL.
+#[inline]
 pub fn check_value(kind: FrameKind, field: &str, value: &[u8], max_bytes: usize) -> Result<(), DecodeError> {
+    check_value_named(kind, || field, value, max_bytes)
+}
+
+/// [`check_value`] with the field's name made only when a reason needs it (an application
+/// header's value is named after its header).
+#[inline]
+fn check_value_named<'a>(
+    kind: FrameKind,
+    field: impl FnOnce() -> &'a str,
+    value: &[u8],
+    max_bytes: usize,
+) -> Result<(), DecodeError> {
+    if value.len() <= max_bytes && is_plain_value(value) {
+        return Ok(());
+    }
+    check_value_fully(kind, field(), value, max_bytes)
+}
+
+/// Every rule of [`check_value`], one at a time, for a value the one-pass check did not accept:
+/// it either holds non-ASCII UTF-8 (accepted here) or breaks a rule (named here, the first in
+/// the order length, UTF-8, characters).
+#[cold]
+#[inline(never)]
+fn check_value_fully(kind: FrameKind, field: &str, value: &[u8], max_bytes: usize) -> Result<(), DecodeError> {
     check_length(kind, field, value.len(), max_bytes, None)?;
     check_utf8(kind, field, value)?;
     if let Some(position) = value.iter().position(|&byte| matches!(byte, b'\r' | b'\n' | 0)) {
@@ -124,7 +149,19 @@ pub fn check_value(kind: FrameKind, field: &str, value: &[u8], max_bytes: usize)
 /// An address (`address`, `reply-to`): at most `max_address_bytes` (and 255, the str8 prefix),
 /// UTF-8, no control characters. Empty is refused where the field is required (`address`) and
 /// means "absent" for `reply-to` (the caller skips the check then).
+#[inline]
 fn check_address(kind: FrameKind, field: &str, address: &[u8], limits: &CodecLimits) -> Result<(), DecodeError> {
+    let max_bytes = limits.max_address_bytes.min(MAX_STR8_BYTES);
+    if !address.is_empty() && address.len() <= max_bytes && is_plain_address(address) {
+        return Ok(());
+    }
+    check_address_fully(kind, field, address, limits)
+}
+
+/// Every rule of [`check_address`], one at a time (see [`check_value_fully`]).
+#[cold]
+#[inline(never)]
+fn check_address_fully(kind: FrameKind, field: &str, address: &[u8], limits: &CodecLimits) -> Result<(), DecodeError> {
     if address.is_empty() {
         return Err(DecodeError::malformed(format!(
             "{}: field `{field}` is empty; name the address, e.g. `orders`",
@@ -179,6 +216,78 @@ fn check_utf8(kind: FrameKind, field: &str, value: &[u8]) -> Result<(), DecodeEr
     }
 }
 
+/// The fast checks read string fields a machine word at a time.
+const WORD_BYTES: usize = 8;
+/// 0x01 in every byte of a word.
+const EVERY_BYTE_ONE: u64 = u64::from_ne_bytes([0x01; WORD_BYTES]);
+/// The high bit of every byte of a word: a byte with it set is not ASCII.
+const EVERY_BYTE_HIGH_BIT: u64 = EVERY_BYTE_ONE * 0x80;
+
+/// Whether any byte of `word` is less than `bound` (at most 0x80). Exact as a yes/no answer
+/// when no byte of `word` has its high bit set, which the callers check first: a byte below
+/// `bound` borrows into its high bit, and a borrow only propagates past a byte that already
+/// answered yes.
+const fn any_byte_below(word: u64, bound: u8) -> bool {
+    word.wrapping_sub(EVERY_BYTE_ONE * bound as u64) & !word & EVERY_BYTE_HIGH_BIT != 0
+}
+
+/// Whether any byte of `word` equals `byte` (same precondition as [`any_byte_below`]).
+const fn any_byte_is(word: u64, byte: u8) -> bool {
+    any_byte_below(word ^ (EVERY_BYTE_ONE * byte as u64), 1)
+}
+
+/// Whether every byte of `bytes` passes `word_passes`, which judges 8 bytes at once. Bytes may
+/// be judged twice (short inputs and the last word are read as overlapping loads, so there is
+/// never a byte-by-byte tail), which suits a per-byte rule.
+#[inline(always)]
+fn every_word_passes(bytes: &[u8], word_passes: impl Fn(u64) -> bool) -> bool {
+    let length = bytes.len();
+    let load = |start: usize| {
+        let word: [u8; WORD_BYTES] = bytes[start..start + WORD_BYTES].try_into().expect("8 bytes");
+        u64::from_le_bytes(word)
+    };
+    match length {
+        0 => true,
+        1..=3 => {
+            let (first, middle, last) = (bytes[0], bytes[length / 2], bytes[length - 1]);
+            word_passes(u64::from_le_bytes([first, middle, last, first, first, first, first, first]))
+        }
+        4..=7 => {
+            let low = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+            let high = u32::from_le_bytes(bytes[length - 4..].try_into().expect("4 bytes"));
+            word_passes(u64::from(low) | u64::from(high) << 32)
+        }
+        _ => {
+            let mut start = 0;
+            while start + WORD_BYTES <= length {
+                if !word_passes(load(start)) {
+                    return false;
+                }
+                start += WORD_BYTES;
+            }
+            start == length || word_passes(load(length - WORD_BYTES))
+        }
+    }
+}
+
+/// The common case of a string field, decided in one pass: ASCII without CR, LF or NUL. A
+/// `false` is not an error: the field may hold other UTF-8, and the full checks decide.
+fn is_plain_value(value: &[u8]) -> bool {
+    every_word_passes(value, |word| {
+        word & EVERY_BYTE_HIGH_BIT == 0
+            && !any_byte_is(word, b'\r')
+            && !any_byte_is(word, b'\n')
+            && !any_byte_is(word, 0)
+    })
+}
+
+/// The common case of an address, in one pass: printable ASCII (0x20 to 0x7e).
+fn is_plain_address(address: &[u8]) -> bool {
+    every_word_passes(address, |word| {
+        word & EVERY_BYTE_HIGH_BIT == 0 && !any_byte_below(word, 0x20) && !any_byte_is(word, 0x7f)
+    })
+}
+
 /// Message properties and application headers (SEND and MESSAGE).
 fn check_properties(kind: FrameKind, properties: &Properties, limits: &CodecLimits) -> Result<(), DecodeError> {
     check_value(kind, "content-type", &properties.content_type, MAX_STR8_BYTES)?;
@@ -193,8 +302,8 @@ fn check_properties(kind: FrameKind, properties: &Properties, limits: &CodecLimi
     for (name, value) in &properties.headers {
         check_header_name(kind, name)?;
         // A valid header name is ascii, so it names its own value in error reasons.
-        let field = std::str::from_utf8(name).unwrap_or("application header");
-        check_value(kind, field, value, MAX_STR16_BYTES)?;
+        let field = || std::str::from_utf8(name).unwrap_or("application header");
+        check_value_named(kind, field, value, MAX_STR16_BYTES)?;
         total_bytes += name.len() + value.len();
     }
     if total_bytes > limits.max_header_bytes {
@@ -229,18 +338,53 @@ pub fn too_many_headers(kind: FrameKind, limits: &CodecLimits) -> DecodeError {
 }
 
 /// `x-` followed by at least one of: lowercase ascii letter, digit, `-`, `_`, `.`.
+#[inline]
 pub fn check_header_name(kind: FrameKind, name: &[u8]) -> Result<(), DecodeError> {
+    let plain = name.len() > HEADER_NAME_PREFIX.len()
+        && name.len() <= MAX_STR8_BYTES
+        && name.starts_with(HEADER_NAME_PREFIX)
+        && name.iter().all(|&byte| HEADER_NAME_BYTES[usize::from(byte)]);
+    if plain {
+        return Ok(());
+    }
+    check_header_name_fully(kind, name)
+}
+
+/// Every application header name starts with this.
+const HEADER_NAME_PREFIX: &[u8] = b"x-";
+
+/// For each byte value: whether it may appear in an application header name (the prefix `x-`
+/// included). One lookup per byte on the hot path.
+const HEADER_NAME_BYTES: [bool; 256] = header_name_bytes();
+
+const fn header_name_bytes() -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < table.len() {
+        table[byte] = is_header_name_byte(byte as u8);
+        byte += 1;
+    }
+    table
+}
+
+const fn is_header_name_byte(byte: u8) -> bool {
+    matches!(byte, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.')
+}
+
+/// Every rule of [`check_header_name`], one at a time (see [`check_value_fully`]).
+#[cold]
+#[inline(never)]
+fn check_header_name_fully(kind: FrameKind, name: &[u8]) -> Result<(), DecodeError> {
     const RULE: &str = "names are `x-` followed by lowercase ascii letters, digits, '-', '_' or '.'";
     check_length(kind, "application header name", name.len(), MAX_STR8_BYTES, None)?;
-    if !name.starts_with(b"x-") || name.len() == 2 {
+    if !name.starts_with(HEADER_NAME_PREFIX) || name.len() == HEADER_NAME_PREFIX.len() {
         return Err(DecodeError::malformed(format!(
             "{}: application header name \"{}\" is not allowed; {RULE}",
             kind.name(),
             excerpt(name)
         )));
     }
-    let allowed = |byte: u8| matches!(byte, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.');
-    if let Some(position) = name.iter().position(|&byte| !allowed(byte)) {
+    if let Some(position) = name.iter().position(|&byte| !is_header_name_byte(byte)) {
         return Err(DecodeError::malformed(format!(
             "{}: application header name \"{}\" has {} at byte {position}; {RULE}",
             kind.name(),
@@ -289,9 +433,14 @@ mod tests {
 
     use bytes::Bytes;
 
+    use proptest::prelude::*;
+
     use super::super::codec_tests::{assert_error, sample};
     use super::super::*;
-    use super::{excerpt, validate_frame};
+    use super::{
+        check_address, check_address_fully, check_header_name, check_header_name_fully, check_value, check_value_fully,
+        excerpt, validate_frame,
+    };
 
     const BOTH: &[Binding] = &[Binding::Binary, Binding::Text];
     /// A string the binary length prefix cannot carry, or a CR/LF the text lines cannot.
@@ -605,5 +754,149 @@ mod tests {
         assert_eq!(excerpt(b"a\nb\r\0"), "a\\nb\\r\\0");
         assert_eq!(excerpt(&[b'x'; 100]), format!("{}...", "x".repeat(40)));
         assert_eq!(excerpt(b"\xff"), "\u{fffd}");
+    }
+
+    /// Lengths around every word boundary of the one-pass checks (3 and 4, 7 to 9, 15 to 17...).
+    const FAST_PATH_LENGTHS: std::ops::RangeInclusive<usize> = 1..=33;
+
+    /// `length` bytes of `filler` with `insert` written over them from `position` on.
+    fn with_bytes_at(length: usize, filler: u8, position: usize, insert: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![filler; length.max(position + insert.len())];
+        bytes[position..position + insert.len()].copy_from_slice(insert);
+        bytes
+    }
+
+    #[test]
+    fn a_forbidden_byte_is_found_at_every_position_of_a_value() {
+        for length in FAST_PATH_LENGTHS {
+            for position in 0..length {
+                for (byte, name) in [(b'\r', "a carriage return (CR)"), (b'\n', "a line feed (LF)"), (0, "a NUL byte")]
+                {
+                    let value = with_bytes_at(length, b'v', position, &[byte]);
+                    assert_error(
+                        check_value(FrameKind::Send, "content-type", &value, 255).map(|()| sample(FrameKind::Send)),
+                        MALFORMED,
+                        &[&format!("SEND: field `content-type` contains {name} at byte {position}")],
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_control_byte_is_found_at_every_position_of_an_address() {
+        for length in FAST_PATH_LENGTHS {
+            for position in 0..length {
+                for byte in [0x00, 0x09, 0x1f, 0x7f] {
+                    let address = with_bytes_at(length, b'a', position, &[byte]);
+                    assert_error(
+                        check_address(FrameKind::Send, "address", &address, &LIMITS).map(|()| sample(FrameKind::Send)),
+                        MALFORMED,
+                        &["SEND: field `address` contains", &format!("at byte {position}; addresses may not")],
+                    );
+                }
+                // The bytes next to the forbidden ranges are allowed.
+                for byte in [0x20, 0x7e] {
+                    let address = with_bytes_at(length, b'a', position, &[byte]);
+                    assert_eq!(check_address(FrameKind::Send, "address", &address, &LIMITS), Ok(()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_ascii_at_every_position_falls_back_to_full_utf8_validation() {
+        let text_field = |bytes: &[u8]| check_value(FrameKind::Send, "correlation-id", bytes, 255);
+        let address_field = |bytes: &[u8]| check_address(FrameKind::Send, "address", bytes, &LIMITS);
+        for length in FAST_PATH_LENGTHS {
+            for position in 0..length {
+                // Valid UTF-8 of 2, 3 and 4 bytes is accepted wherever it starts.
+                for character in ["\u{e9}", "\u{20ac}", "\u{1f600}"] {
+                    let bytes = with_bytes_at(length, b'a', position, character.as_bytes());
+                    assert_eq!(text_field(&bytes), Ok(()), "{character} at {position} of {length}");
+                    assert_eq!(address_field(&bytes), Ok(()), "{character} at {position} of {length}");
+                }
+                // Invalid: a stray continuation byte, a byte never in UTF-8, a cut sequence.
+                for invalid in [&b"\x80"[..], b"\xff", b"\xe2\x82"] {
+                    let bytes = with_bytes_at(length, b'a', position, invalid);
+                    let reason = format!("is not valid UTF-8 (invalid byte at offset {position})");
+                    assert_error(text_field(&bytes).map(|()| sample(FrameKind::Send)), MALFORMED, &[&reason]);
+                    assert_error(address_field(&bytes).map(|()| sample(FrameKind::Send)), MALFORMED, &[&reason]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_after_an_ascii_run_is_refused_at_word_boundaries() {
+        for ascii_run in [6, 7, 8, 9, 15, 16, 17] {
+            for tail in [&b"\xc3"[..], b"\xc3\x28", b"\xf0\x9f\x98"] {
+                let mut value = vec![b'a'; ascii_run];
+                value.extend_from_slice(tail);
+                assert_error(
+                    check_value(FrameKind::Send, "x-v", &value, MAX_STR16).map(|()| sample(FrameKind::Send)),
+                    MALFORMED,
+                    &[&format!("field `x-v` is not valid UTF-8 (invalid byte at offset {ascii_run})")],
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn header_names_are_checked_at_every_position() {
+        for length in 3..=33 {
+            let name = with_bytes_at(length, b'a', 0, b"x-");
+            assert_eq!(check_header_name(FrameKind::Send, &name), Ok(()));
+            for position in 2..length {
+                for byte in [b'A', b'/', b':', 0x80, 0xff] {
+                    let name = with_bytes_at(length, b'a', position, &[byte]);
+                    let name = [&b"x-"[..], &name[2..]].concat();
+                    assert_error(
+                        check_header_name(FrameKind::Send, &name).map(|()| sample(FrameKind::Send)),
+                        MALFORMED,
+                        &[&format!("at byte {position}; names are `x-`")],
+                    );
+                }
+            }
+        }
+    }
+
+    const MAX_STR16: usize = 65_535;
+
+    /// Inputs rich in the bytes the rules care about, at lengths around the word boundaries.
+    fn field_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            4 => b'a'..=b'z',
+            1 => Just(b'\r'),
+            1 => Just(b'\n'),
+            1 => Just(0u8),
+            1 => Just(0x1f_u8),
+            1 => Just(0x7f_u8),
+            1 => Just(b'-'),
+            2 => 0x80_u8..=0xff,
+            2 => any::<u8>(),
+        ];
+        prop_oneof![proptest::collection::vec(byte, 0..40), "\\PC{0,12}".prop_map(String::into_bytes),]
+    }
+
+    proptest! {
+        /// The one-pass checks only ever decide what the full rules would: same answer, same
+        /// error, for every input.
+        #[test]
+        fn one_pass_checks_agree_with_the_full_rules(bytes in field_bytes(), max_bytes in 0usize..40) {
+            let kind = FrameKind::Message;
+            prop_assert_eq!(
+                check_value(kind, "reason", &bytes, max_bytes),
+                check_value_fully(kind, "reason", &bytes, max_bytes)
+            );
+            let limits = CodecLimits { max_address_bytes: max_bytes, ..LIMITS };
+            prop_assert_eq!(
+                check_address(kind, "reply-to", &bytes, &limits),
+                check_address_fully(kind, "reply-to", &bytes, &limits)
+            );
+            let name = [&b"x-"[..], &bytes].concat();
+            prop_assert_eq!(check_header_name(kind, &name), check_header_name_fully(kind, &name));
+            prop_assert_eq!(check_header_name(kind, &bytes), check_header_name_fully(kind, &bytes));
+        }
     }
 }
