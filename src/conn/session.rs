@@ -702,17 +702,16 @@ impl Session {
             Binding::Text if message.body_is_text || std::str::from_utf8(&message.body).is_ok() => Binding::Text,
             _ => Binding::Binary,
         };
-        let frame = Frame::Message(mbws::Message {
+        let header = mbws::MessageHeader {
             subscription_id: delivery.subscription.0,
             delivery_seq,
             message_id: delivery.message_id.0,
-            address: message.address.clone(),
+            address: &message.address,
             redelivered: delivery.redelivered,
             durable: message.durable,
-            properties: message.properties.clone(),
-            body: message.body.clone(),
-        });
-        outbound.push_frame(binding, &frame);
+            properties: &message.properties,
+        };
+        outbound.push_message(binding, &header, &message.body);
     }
 
     /// End of a batch of events: sends one cumulative RECEIPT if any SEND became safe.

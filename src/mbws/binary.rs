@@ -333,6 +333,9 @@ impl Reader {
 /// [`MAX_HEADER_COUNT`] headers: the frame would be corrupt. Decoded and validated frames
 /// always fit ([`super::validate::validate_frame`]).
 pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
+    if let Frame::Message(message) = frame {
+        return encode_message_header(&message.header(), out);
+    }
     let kind = frame.kind();
     let version = match frame {
         Frame::Open(open) => open.version,
@@ -345,9 +348,6 @@ pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
         Frame::Subscribe(subscribe) => {
             bit(subscribe.mode == DeliveryMode::Multicast, flags::SUBSCRIBE_MULTICAST)
                 | bit(subscribe.ack_mode == AckMode::Auto, flags::SUBSCRIBE_AUTO_ACK)
-        }
-        Frame::Message(message) => {
-            bit(message.redelivered, flags::MESSAGE_REDELIVERED) | bit(message.durable, flags::MESSAGE_DURABLE)
         }
         Frame::Ack(ack) => bit(ack.cumulative, flags::ACK_CUMULATIVE),
         Frame::Nack(nack) => bit(nack.requeue, flags::NACK_REQUEUE),
@@ -394,13 +394,7 @@ pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
         }
         Frame::Subscribed(subscribed) => out.put_u32(subscribed.subscription_id),
         Frame::Unsubscribe(unsubscribe) => out.put_u32(unsubscribe.subscription_id),
-        Frame::Message(message) => {
-            out.put_u32(message.subscription_id);
-            out.put_u64(message.delivery_seq);
-            out.put_u64(message.message_id);
-            put_str8(out, "address", &message.address);
-            put_properties(out, &message.properties);
-        }
+        Frame::Message(_) => unreachable!("encoded by encode_message_header"),
         Frame::Ack(ack) => out.put_u64(ack.delivery_seq),
         Frame::Nack(nack) => out.put_u64(nack.delivery_seq),
         Frame::Flow(flow) => {
@@ -425,6 +419,17 @@ fn bit(set: bool, mask: u8) -> u8 {
     } else {
         0
     }
+}
+
+/// Writes a MESSAGE up to its body; [`encode_header`] of a `Frame::Message` comes here too.
+pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B) {
+    let flag_bits = bit(message.redelivered, flags::MESSAGE_REDELIVERED) | bit(message.durable, flags::MESSAGE_DURABLE);
+    out.put_slice(&[PROTOCOL_VERSION, FrameKind::Message.code(), flag_bits]);
+    out.put_u32(message.subscription_id);
+    out.put_u64(message.delivery_seq);
+    out.put_u64(message.message_id);
+    put_str8(out, "address", message.address);
+    put_properties(out, message.properties);
 }
 
 fn put_str8<B: BufMut>(out: &mut B, field: &str, value: &[u8]) {

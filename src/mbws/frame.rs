@@ -199,6 +199,35 @@ pub struct Message {
     pub body: Bytes,
 }
 
+impl Message {
+    /// Everything of this MESSAGE but its body, borrowed.
+    pub fn header(&self) -> MessageHeader<'_> {
+        MessageHeader {
+            subscription_id: self.subscription_id,
+            delivery_seq: self.delivery_seq,
+            message_id: self.message_id,
+            address: &self.address,
+            redelivered: self.redelivered,
+            durable: self.durable,
+            properties: &self.properties,
+        }
+    }
+}
+
+/// The fields of a MESSAGE before its body, borrowed from wherever they live: the broker
+/// encodes each delivery from the stored message through this, without building a
+/// [`Message`] (which would clone every field for one encode).
+#[derive(Debug, Clone, Copy)]
+pub struct MessageHeader<'a> {
+    pub subscription_id: u32,
+    pub delivery_seq: u64,
+    pub message_id: u64,
+    pub address: &'a [u8],
+    pub redelivered: bool,
+    pub durable: bool,
+    pub properties: &'a Properties,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ack {
     pub delivery_seq: u64,

@@ -60,6 +60,14 @@ pub fn encode_header<B: BufMut>(binding: Binding, frame: &Frame, out: &mut B) {
     }
 }
 
+/// Writes a MESSAGE up to its body, from borrowed fields (the broker's per-delivery path).
+pub fn encode_message_header<B: BufMut>(binding: Binding, message: &MessageHeader<'_>, out: &mut B) {
+    match binding {
+        Binding::Binary => binary::encode_message_header(message, out),
+        Binding::Text => text::encode_message_header(message, out),
+    }
+}
+
 /// Encodes a whole frame (header and a copy of the body) into one buffer. For clients and
 /// tests; the broker sends header and body as separate buffers instead.
 pub fn encode(binding: Binding, frame: &Frame) -> BytesMut {

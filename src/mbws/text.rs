@@ -487,6 +487,9 @@ impl Fields<'_> {
 /// would break and a peer could be fed fields it was never sent (header injection). Decoded
 /// and validated frames never do ([`super::validate::validate_frame`]).
 pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
+    if let Frame::Message(message) = frame {
+        return encode_message_header(&message.header(), out);
+    }
     out.put_slice(frame.kind().name().as_bytes());
     out.put_u8(b'\n');
     let mut writer = Writer { out };
@@ -542,15 +545,7 @@ pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
         Frame::Unsubscribe(unsubscribe) => {
             writer.number("subscription-id", u64::from(unsubscribe.subscription_id));
         }
-        Frame::Message(message) => {
-            writer.number("subscription-id", u64::from(message.subscription_id));
-            writer.number("delivery-seq", message.delivery_seq);
-            writer.number("message-id", message.message_id);
-            writer.field("address", &message.address);
-            writer.optional_boolean("redelivered", message.redelivered);
-            writer.optional_boolean("durable", message.durable);
-            writer.properties(&message.properties);
-        }
+        Frame::Message(_) => unreachable!("encoded by encode_message_header"),
         Frame::Ack(ack) => {
             writer.number("delivery-seq", ack.delivery_seq);
             writer.optional_boolean("cumulative", ack.cumulative);
@@ -574,6 +569,22 @@ pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
         }
         Frame::Close(_) => {}
     }
+    writer.out.put_u8(b'\n');
+}
+
+/// Writes a MESSAGE up to the blank line before its body; [`encode_header`] of a
+/// `Frame::Message` comes here too. Panics as [`encode_header`] does.
+pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B) {
+    out.put_slice(FrameKind::Message.name().as_bytes());
+    out.put_u8(b'\n');
+    let mut writer = Writer { out };
+    writer.number("subscription-id", u64::from(message.subscription_id));
+    writer.number("delivery-seq", message.delivery_seq);
+    writer.number("message-id", message.message_id);
+    writer.field("address", message.address);
+    writer.optional_boolean("redelivered", message.redelivered);
+    writer.optional_boolean("durable", message.durable);
+    writer.properties(message.properties);
     writer.out.put_u8(b'\n');
 }
 
