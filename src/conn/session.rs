@@ -635,6 +635,8 @@ impl Session {
         // so find this SEND's entry (the deque is sorted by seq; seq 0 entries answer in order).
         let position = if seq == 0 {
             self.inflight_sends.iter().position(|&(entry_seq, answered)| entry_seq == 0 && !answered)
+        } else if self.inflight_sends.front().is_some_and(|&(entry_seq, _)| entry_seq == seq) {
+            Some(0) // The usual case: one owner, answering in order.
         } else {
             self.inflight_sends.binary_search_by_key(&seq, |&(entry_seq, _)| entry_seq).ok()
         };

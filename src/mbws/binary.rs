@@ -282,6 +282,11 @@ impl Reader {
     }
 
     fn properties(&mut self) -> Result<Properties, DecodeError> {
+        // Most messages carry no properties: four zero bytes (three empty strings, no headers).
+        if self.payload.get(self.position..self.position + NO_PROPERTIES.len()) == Some(&NO_PROPERTIES[..]) {
+            self.position += NO_PROPERTIES.len();
+            return Ok(Properties::default());
+        }
         let content_type = self.str8("content-type")?;
         let correlation_id = self.str8("correlation-id")?;
         let reply_to = self.str8("reply-to")?;
@@ -326,6 +331,10 @@ impl Reader {
         ))
     }
 }
+
+/// The properties block of a message without properties: empty content type, correlation id
+/// and reply-to, and a header count of zero.
+const NO_PROPERTIES: [u8; 4] = [0; 4];
 
 /// Writes everything of `frame` but its body (SEND, MESSAGE), which follows directly.
 ///
@@ -449,6 +458,10 @@ fn put_str16<B: BufMut>(out: &mut B, field: &str, value: &[u8]) {
 }
 
 fn put_properties<B: BufMut>(out: &mut B, properties: &Properties) {
+    if properties.is_empty() {
+        out.put_slice(&NO_PROPERTIES);
+        return;
+    }
     put_str8(out, "content-type", &properties.content_type);
     put_str8(out, "correlation-id", &properties.correlation_id);
     put_str8(out, "reply-to", &properties.reply_to);

@@ -80,6 +80,16 @@ pub struct Properties {
     pub headers: Headers,
 }
 
+impl Properties {
+    /// No content type, correlation id, reply-to or application header.
+    pub fn is_empty(&self) -> bool {
+        self.content_type.is_empty()
+            && self.correlation_id.is_empty()
+            && self.reply_to.is_empty()
+            && self.headers.is_empty()
+    }
+}
+
 /// Limits the broker announces in OPENED and enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
