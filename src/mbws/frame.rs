@@ -6,7 +6,6 @@
 //! and hand the body `Bytes` to a vectored write untouched.
 
 use bytes::Bytes;
-use smallvec::SmallVec;
 
 /// Protocol version carried in every binary frame (byte 0) and in OPEN/OPENED.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -68,8 +67,10 @@ pub enum AckMode {
     Auto,
 }
 
-/// Application headers: names start with `x-`, values are UTF-8 without CR, LF or NUL.
-pub type Headers = SmallVec<[(Bytes, Bytes); 2]>;
+/// Application headers: names start with `x-`, values are UTF-8 without CR, LF or NUL. A `Vec`
+/// (24 bytes, allocated only when there are headers) rather than inline storage: most messages
+/// have none, and every `Frame` and stored message moves this field around.
+pub type Headers = Vec<(Bytes, Bytes)>;
 
 /// Message properties carried identically by SEND and MESSAGE.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use smallvec::smallvec;
 
 use super::*;
 use crate::broker::ShardId;
@@ -61,7 +60,7 @@ fn properties(index: u64) -> Properties {
         content_type: Bytes::from_static(b"text/plain"),
         correlation_id: Bytes::from(format!("corr-{index}")),
         reply_to: if index % 2 == 0 { Bytes::new() } else { Bytes::from_static(b"replies") },
-        headers: smallvec![(Bytes::from_static(b"x-index"), Bytes::from(index.to_string()))],
+        headers: vec![(Bytes::from_static(b"x-index"), Bytes::from(index.to_string()))],
     }
 }
 
