@@ -21,9 +21,15 @@
 //! State the shard's dispatcher also touches (session, write queue, wakers) sits in one
 //! `RefCell` per slot. Nobody holds that borrow across an `.await` or while calling back into
 //! the shard, so borrows never overlap.
+//!
+//! Memory per idle connection is kept small (docs/PERFORMANCE.md, "Idle sessions"). The read
+//! buffer shrinks once the connection has caught up with its peer ([`read_buffer`]), and the
+//! write queue gives its buffers back when the writer parks. The two tasks are sized by their
+//! largest state, so timers, writes and rare paths (handshake, resume, refusals) are boxed
+//! rather than held inline.
 
 pub mod outbound;
-mod read_buffer;
+pub mod read_buffer;
 pub mod session;
 
 use std::cell::RefCell;

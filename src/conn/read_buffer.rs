@@ -2,7 +2,7 @@
 //!
 //! An io_uring read owns its buffer until data arrives, which for an idle connection is for
 //! ever: whatever room an idle connection's pending read has is memory held per session. So the
-//! room follows the traffic, decided before every read by [`ReadBuffer::prepare`]:
+//! room follows the traffic, decided before every read by `ReadBuffer::prepare`:
 //! - *busy*: the last read filled all the room it was given, so more is probably waiting in the
 //!   socket. The next read gets at least `busy_bytes` (`read_buffer_bytes`) of room, for big
 //!   batches;
