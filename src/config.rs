@@ -30,7 +30,10 @@ pub struct Config {
     /// Bytes queued for writing to one connection beyond which the broker stops reading from it
     /// and stops handing it auto-ack deliveries.
     pub max_outbound_bytes: usize,
-    /// Read buffer size per connection (grows up to `max_message_bytes` plus a header).
+    /// Room of one read on a busy connection (a read that fills its room is followed by one
+    /// with this much room). A caught-up connection's buffer shrinks to what its last read
+    /// needed, at least `conn::read_buffer::IDLE_READ_BUFFER_BYTES`; a partly received frame
+    /// grows it up to `max_message_bytes` plus a header.
     pub read_buffer_bytes: usize,
     pub max_address_bytes: usize,
     pub max_headers: usize,

@@ -338,3 +338,25 @@ fn a_fast_publisher_is_slowed_down_instead_of_refused_while_a_consumer_drains() 
     }
     assert_eq!(sender.join().unwrap(), Ok(()), "every SEND receipted, none refused");
 }
+
+#[test]
+fn large_messages_arrive_whole_after_the_connections_went_idle() {
+    // The broker shrinks an idle connection's read buffer to a few hundred bytes and gives its
+    // write buffers back; a message far larger than both (and than the 64 KiB read batch) must
+    // still be read, routed and written whole, at any size, in either direction.
+    let broker = Broker::start(&["--shards", "1"]);
+    let mut consumer = connect(&broker, Subprotocol::Reliable, Binding::Binary);
+    consumer.subscribe(1, "after-idle", DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+    let mut producer = connect(&broker, Subprotocol::Reliable, Binding::Binary);
+    for (index, size) in [10usize, 3000, 300_000, 10, 70_000, 511, 513, 1_000_000 - 1024].into_iter().enumerate() {
+        let body: Vec<u8> = (0..size).map(|at| (at * 31 + index) as u8).collect();
+        let seq = producer.send("after-idle", body.clone()).unwrap();
+        producer.wait_receipt(seq).unwrap();
+        let message = consumer.next_message(WAIT).unwrap().unwrap_or_else(|| panic!("message of {size} bytes missing"));
+        assert!(message.body == body, "message {index} of {size} bytes arrived changed ({} bytes)", message.body.len());
+        consumer.ack(message.delivery_seq, false).unwrap();
+        consumer.flush().unwrap();
+        // Both connections go idle before the next message.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

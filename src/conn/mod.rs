@@ -21,8 +21,15 @@
 //! State the shard's dispatcher also touches (session, write queue, wakers) sits in one
 //! `RefCell` per slot. Nobody holds that borrow across an `.await` or while calling back into
 //! the shard, so borrows never overlap.
+//!
+//! Memory per idle connection is kept small (docs/PERFORMANCE.md, "Idle sessions"). The read
+//! buffer shrinks once the connection has caught up with its peer ([`read_buffer`]), and the
+//! write queue gives its buffers back when the writer parks. The two tasks are sized by their
+//! largest state, so timers, writes and rare paths (handshake, resume, refusals) are boxed
+//! rather than held inline.
 
 pub mod outbound;
+pub mod read_buffer;
 pub mod session;
 mod unacked;
 
@@ -47,6 +54,7 @@ use crate::ws::handshake::{self, HandshakeError};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
 use crate::ws::{OpCode, Role, WsError};
 use outbound::{Outbound, WriteBatch};
+use read_buffer::ReadBuffer;
 use session::{parse_session_id, Effects, Session};
 
 pub type ConnectionCell = Rc<RefCell<Connection>>;
@@ -168,30 +176,73 @@ unsafe impl IoBufMut for ReadTail {
     }
 }
 
-/// Reads once into the spare capacity of `buf` (grown first if nearly full). Ok(0) is EOF.
-async fn read_more<R: AsyncReadRent>(
-    reader: &mut R,
-    buf: BytesMut,
-    grow_bytes: usize,
-) -> (std::io::Result<usize>, BytesMut) {
-    let mut buf = buf;
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(grow_bytes.max(4096));
-    }
-    let (result, tail) = reader.read(ReadTail(buf)).await;
-    (result, tail.0)
+/// Reads once into `buf`, with the room its traffic calls for ([`ReadBuffer`]). Ok(0) is EOF.
+async fn read_more<R: AsyncReadRent>(reader: &mut R, buf: &mut ReadBuffer) -> std::io::Result<usize> {
+    let (result, tail) = reader.read(ReadTail(buf.take_for_read())).await;
+    buf.put_back(tail.0, *result.as_ref().unwrap_or(&0));
+    result
 }
 
 /// Serves one accepted TCP connection until it closes (or is handed to another shard).
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
+///
+/// This future is the connection's reader task for the connection's whole life, so its size
+/// is memory held per idle session: the opening phase (handshake, timers, refusals) runs in a
+/// box that is freed once the session runs, and only the running phase is held inline.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
+    let attached = match Box::pin(open_connection(&shard, stream, peer)).await {
+        Opening::Opened(attached) => attached,
+        Opening::Resume(resumption) => {
+            let Resumption { stream, buf, binding, open } = *resumption;
+            // Boxed: a resume is rare, and its own state would size every new session's task.
+            return Box::pin(resume(shard, stream, peer, buf, binding, open)).await;
+        }
+        Opening::Ended => return,
+    };
+    let Attached { me, cell, epoch, stream, mut buf, mut decoder } = *attached;
+    run(&shard, me, &cell, epoch, stream, &mut buf, &mut decoder, &peer).await
+}
+
+/// How the opening phase of a connection ended. The payloads are boxed: an `Opening` lives in
+/// `serve` beside the resume path, and a large one would size every connection's task.
+enum Opening {
+    /// A new session is registered and attached; it runs next.
+    Opened(Box<Attached>),
+    /// The first frame resumes a session of this shard.
+    Resume(Box<Resumption>),
+    /// Refused, handed to another shard, or gone.
+    Ended,
+}
+
+/// A new session, registered and attached to its socket.
+struct Attached {
+    me: ConnRef,
+    cell: ConnectionCell,
+    epoch: u32,
+    stream: TcpStream,
+    buf: ReadBuffer,
+    decoder: Decoder,
+}
+
+/// A first frame that resumes a session of this shard.
+struct Resumption {
+    stream: TcpStream,
+    buf: ReadBuffer,
+    binding: Binding,
+    open: mbws::Open,
+}
+
+/// The upgrade and the first MBWS frame, each bounded by its timeout.
+async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opening {
     let _ = stream.set_nodelay(true);
     let config = shard.config.clone();
-    let mut buf = BytesMut::with_capacity(config.read_buffer_bytes.min(16 * 1024));
+    let mut buf = BytesMut::with_capacity(config.max_handshake_bytes);
 
-    let upgrade = match monoio::time::timeout(
+    // Timeouts are boxed: a monoio timer is large and cache-line aligned, and held inline it
+    // would size (and align) the future that holds it.
+    let upgrade = match Box::pin(monoio::time::timeout(
         config.handshake_timeout,
         read_upgrade(&mut stream, &mut buf, config.max_handshake_bytes),
-    )
+    ))
     .await
     {
         Ok(Ok(upgrade)) => upgrade,
@@ -205,9 +256,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
             );
             let (_, _) = stream.write_all(refusal.response()).await;
             let _ = stream.shutdown().await;
-            return;
+            return Opening::Ended;
         }
-        Ok(Err(None)) => return, // The peer went away mid-request.
+        Ok(Err(None)) => return Opening::Ended, // The peer went away mid-request.
         Err(_) => {
             let refusal = HandshakeError {
                 status: 408,
@@ -218,25 +269,28 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
             };
             let (_, _) = stream.write_all(refusal.response()).await;
             let _ = stream.shutdown().await;
-            return;
+            return Opening::Ended;
         }
     };
     log!(Level::Debug, "shard {}: connection from {peer} upgraded with {}", shard.id.0, upgrade.protocol.name());
     let (written, _) = stream.write_all(handshake::accept_response(&upgrade)).await;
     if written.is_err() {
-        return;
+        return Opening::Ended;
     }
 
+    let mut buf = ReadBuffer::new(buf, config.read_buffer_bytes);
     let mut decoder = Decoder::new(Role::Server, config.max_frame_bytes, config.max_message_bytes);
     let first =
-        match monoio::time::timeout(config.open_timeout, first_message(&mut stream, &mut buf, &mut decoder)).await {
+        match Box::pin(monoio::time::timeout(config.open_timeout, first_message(&mut stream, &mut buf, &mut decoder)))
+            .await
+        {
             Ok(Some(first)) => first,
-            Ok(None) => return,
+            Ok(None) => return Opening::Ended,
             Err(_) => {
                 let reason =
                     format!("no OPEN within {} ms of the upgrade; send OPEN first", config.open_timeout.as_millis());
                 refuse_session(&mut stream, Binding::Binary, ErrorCode::Timeout, reason).await;
-                return;
+                return Opening::Ended;
             }
         };
     let (binding, payload) = first;
@@ -246,13 +300,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
         if let Ok(Frame::Open(open)) = mbws::decode(binding, payload.clone(), &shard.session_config.codec_limits) {
             if let Some((home, _, _)) = parse_session_id(&open.session_id) {
                 if home == shard.id {
-                    resume(shard, stream, peer, buf, binding, open).await;
+                    return Opening::Resume(Box::new(Resumption { stream, buf, binding, open }));
                 } else if usize::from(home.0) < shard.shard_count() {
-                    hand_over(&shard, stream, peer, buf, binding, open, home);
+                    hand_over(shard, stream, peer, buf, binding, open, home);
                 } else {
                     refuse_unknown_session(&mut stream, binding, &open.session_id).await;
                 }
-                return;
+                return Opening::Ended;
             }
         }
     }
@@ -273,15 +327,19 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
         debug_assert!(commands.is_empty(), "the first frame routes nothing");
     }
     log!(Level::Debug, "shard {}: connection {}.{} from {peer} opened", shard.id.0, me.conn.index, me.conn.generation);
-    run(shard, me, cell, epoch, stream, buf, decoder, peer).await;
+    Opening::Opened(Box::new(Attached { me, cell, epoch, stream, buf, decoder }))
 }
 
 /// Reads until the first complete WebSocket data message, answering pings on the way.
 /// `None`: the peer closed, failed or broke the WebSocket protocol (already answered).
-async fn first_message(stream: &mut TcpStream, buf: &mut BytesMut, decoder: &mut Decoder) -> Option<(Binding, Bytes)> {
+async fn first_message(
+    stream: &mut TcpStream,
+    buf: &mut ReadBuffer,
+    decoder: &mut Decoder,
+) -> Option<(Binding, Bytes)> {
     loop {
         loop {
-            match decoder.next_event(buf) {
+            match decoder.next_event(buf.bytes_mut()) {
                 Ok(Some(WsEvent::Binary(payload))) => return Some((Binding::Binary, payload)),
                 Ok(Some(WsEvent::Text(payload))) => return Some((Binding::Text, payload)),
                 Ok(Some(WsEvent::Ping(payload))) => {
@@ -303,9 +361,7 @@ async fn first_message(stream: &mut TcpStream, buf: &mut BytesMut, decoder: &mut
                 }
             }
         }
-        let (result, returned) = read_more(stream, std::mem::take(buf), 16 * 1024).await;
-        *buf = returned;
-        match result {
+        match read_more(stream, buf).await {
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
@@ -352,11 +408,12 @@ fn hand_over(
     shard: &Shard,
     stream: TcpStream,
     peer: SocketAddr,
-    buffered: BytesMut,
+    buf: ReadBuffer,
     binding: Binding,
     open: mbws::Open,
     home: ShardId,
 ) {
+    let buffered = buf.into_bytes();
     // SAFETY: dup(2) of a descriptor we own; the result is checked and owned below.
     let duplicate = unsafe { libc::dup(stream.as_raw_fd()) };
     if duplicate < 0 {
@@ -387,7 +444,8 @@ pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
             return;
         }
     };
-    resume(shard, stream, peer, buffered, binding, open).await;
+    let buf = ReadBuffer::new(buffered, shard.config.read_buffer_bytes);
+    resume(shard, stream, peer, buf, binding, open).await;
 }
 
 /// Resumes the session `open` names, on this shard, over `stream`.
@@ -395,7 +453,7 @@ async fn resume(
     shard: Rc<Shard>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    buf: BytesMut,
+    mut buf: ReadBuffer,
     binding: Binding,
     open: mbws::Open,
 ) {
@@ -408,7 +466,8 @@ async fn resume(
         resumable.then_some((ConnRef { shard: shard.id, conn }, cell))
     });
     let Some((me, cell)) = found else {
-        refuse_unknown_session(&mut stream, binding, &open.session_id).await;
+        // Boxed: a rare path that should not size the task of a resumed session.
+        Box::pin(refuse_unknown_session(&mut stream, binding, &open.session_id)).await;
         return;
     };
     let mut commands = Vec::new();
@@ -438,26 +497,29 @@ async fn resume(
         me.conn.index,
         me.conn.generation
     );
-    let decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
-    run(shard, me, cell, epoch, stream, buf, decoder, peer).await;
+    let mut decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
+    run(&shard, me, &cell, epoch, stream, &mut buf, &mut decoder, &peer).await;
 }
 
 /// The running phase: a writer task and this reader, until the socket ends; then the session
 /// is detached (resumable) or ended.
+///
+/// The caller's state is borrowed, not moved in: an async fn keeps its arguments for its whole
+/// life, so moved-in values would be held twice in every connection's task.
 #[allow(clippy::too_many_arguments)]
 async fn run(
-    shard: Rc<Shard>,
+    shard: &Rc<Shard>,
     me: ConnRef,
-    cell: ConnectionCell,
+    cell: &ConnectionCell,
     epoch: u32,
     stream: TcpStream,
-    buf: BytesMut,
-    mut decoder: Decoder,
-    peer: SocketAddr,
+    buf: &mut ReadBuffer,
+    decoder: &mut Decoder,
+    peer: &SocketAddr,
 ) {
     let (mut reader, writer) = stream.into_split();
     monoio::spawn(write_loop(shard.clone(), me, cell.clone(), epoch, writer));
-    read_loop(&shard, me, &cell, epoch, &mut reader, buf, &mut decoder).await;
+    read_loop(shard, me, cell, epoch, &mut reader, buf, decoder).await;
 
     let mut commands = Vec::new();
     let detached = {
@@ -572,14 +634,13 @@ async fn read_loop(
     cell: &ConnectionCell,
     epoch: u32,
     reader: &mut OwnedReadHalf<TcpStream>,
-    mut buf: BytesMut,
+    buf: &mut ReadBuffer,
     decoder: &mut Decoder,
 ) {
-    let config = shard.config.clone();
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     loop {
         wait_until_reader_may_continue(cell).await;
-        let step = process_buffered(shard, me, cell, epoch, decoder, &mut buf, &mut commands);
+        let step = process_buffered(shard, me, cell, epoch, decoder, buf.bytes_mut(), &mut commands);
         shard.submit_address_commands(&mut commands);
         shard.mark_dirty(me.conn);
         shard.run_work();
@@ -590,13 +651,13 @@ async fn read_loop(
         }
         // Silence is bounded by twice the heartbeat, when one was agreed.
         let heartbeat_ms = cell.borrow().session.heartbeat_ms();
-        let grow = config.read_buffer_bytes;
-        let read = if heartbeat_ms == 0 {
-            read_more(reader, buf, grow).await
+        let result = if heartbeat_ms == 0 {
+            read_more(reader, buf).await
         } else {
+            // Boxed, as in `serve`: the timer stays out of the task's own allocation.
             let deadline = Duration::from_millis(2 * u64::from(heartbeat_ms));
-            match monoio::time::timeout(deadline, read_more(reader, buf, grow)).await {
-                Ok(read) => read,
+            match Box::pin(monoio::time::timeout(deadline, read_more(reader, buf))).await {
+                Ok(result) => result,
                 Err(_) => {
                     let reason = format!(
                         "nothing received for {} ms, twice the heartbeat interval; send PING when idle",
@@ -608,15 +669,13 @@ async fn read_loop(
                 }
             }
         };
-        let (result, returned) = read;
-        buf = returned;
         match result {
             Ok(0) | Err(_) => return, // EOF or reset: nothing more to say to this peer.
             Ok(_) => {}
         }
     }
     if cell.borrow().epoch == epoch {
-        wait_for_peer_close(reader, decoder, buf, config.read_buffer_bytes).await;
+        Box::pin(wait_for_peer_close(reader, decoder, buf)).await;
     }
 }
 
@@ -721,24 +780,17 @@ fn process_buffered(
 
 /// After we queued a close frame: discard input until the peer's close frame or EOF, bounded
 /// by `CLOSE_GRACE`.
-async fn wait_for_peer_close(
-    reader: &mut OwnedReadHalf<TcpStream>,
-    decoder: &mut Decoder,
-    mut buf: BytesMut,
-    grow: usize,
-) {
+async fn wait_for_peer_close(reader: &mut OwnedReadHalf<TcpStream>, decoder: &mut Decoder, buf: &mut ReadBuffer) {
     let _ = monoio::time::timeout(CLOSE_GRACE, async {
         loop {
             loop {
-                match decoder.next_event(&mut buf) {
+                match decoder.next_event(buf.bytes_mut()) {
                     Ok(Some(WsEvent::Close(_))) | Err(_) => return,
                     Ok(Some(_)) => continue,
                     Ok(None) => break,
                 }
             }
-            let (result, returned) = read_more(reader, buf, grow).await;
-            buf = returned;
-            match result {
+            match read_more(reader, buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -772,6 +824,8 @@ async fn write_loop(
             if connection.reader_done || (connection.closing && connection.outbound.close_queued()) {
                 return Poll::Ready(None);
             }
+            // Caught up: wait holding no write buffers (the batch's went with `spare` above).
+            connection.outbound.release_buffers();
             connection.writer_waker = Some(cx.waker().clone());
             Poll::Pending
         })
@@ -782,10 +836,12 @@ async fn write_loop(
         };
         batch = taken;
         let closing = cell.borrow().closing;
+        // Both boxed: the write (and its timer) is much larger than this loop's other state, and
+        // held inline it would size the task of every idle connection.
         let written = if closing {
-            monoio::time::timeout(CLOSE_GRACE, write_batch(&mut writer, batch)).await.ok()
+            Box::pin(monoio::time::timeout(CLOSE_GRACE, write_batch(&mut writer, batch))).await.ok()
         } else {
-            Some(write_batch(&mut writer, batch).await)
+            Some(Box::pin(write_batch(&mut writer, batch)).await)
         };
         let Some((result, returned)) = written else { break };
         batch = returned;

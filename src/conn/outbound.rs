@@ -10,6 +10,11 @@
 //!
 //! Bound: `queued_bytes()` is what the connection owes its peer; the connection stops reading
 //! and stops returning auto-ack credit while it is over `max_outbound_bytes`.
+//!
+//! Memory: nothing is allocated until a frame is queued. The arena is allocated in chunks of
+//! [`ARENA_CHUNK_BYTES`] and reused while frames keep coming; once the writer has caught up,
+//! [`Outbound::release_buffers`] gives the arena and the segment list back, so an idle
+//! connection holds no write buffers.
 
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -27,6 +32,13 @@ pub const INLINE_BODY_BYTES: usize = 1024;
 
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 pub const MAX_IOVECS_PER_WRITE: usize = 1024;
+
+/// Arena allocated at a time for frame headers (a header that does not fit grows it).
+pub const ARENA_CHUNK_BYTES: usize = 4096;
+
+/// Room below which the arena takes a new chunk before a header is written: more than a
+/// control frame or a typical MBWS header needs.
+const ARENA_MIN_ROOM_BYTES: usize = 256;
 
 #[derive(Debug)]
 enum Segment {
@@ -54,8 +66,20 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// An empty queue; allocates nothing until a frame is queued.
     pub fn new() -> Outbound {
-        Outbound { arena: BytesMut::with_capacity(4096), ..Outbound::default() }
+        Outbound::default()
+    }
+
+    /// Gives the buffers back to the allocator when nothing is queued (the writer has caught
+    /// up): an idle connection then holds no write buffers. Batches being written keep what
+    /// they point into alive themselves.
+    pub fn release_buffers(&mut self) {
+        if self.segments.is_empty() {
+            self.arena = BytesMut::new();
+            self.segments = Vec::new();
+            self.scratch = BytesMut::new();
+        }
     }
 
     /// Bytes queued and not yet handed to a write.
@@ -139,6 +163,10 @@ impl Outbound {
     }
 
     fn push_header(&mut self, write: impl FnOnce(&mut BytesMut)) {
+        if self.arena.capacity() - self.arena.len() < ARENA_MIN_ROOM_BYTES {
+            // Keeps what is queued; the previous chunk stays alive while batches point into it.
+            self.arena.reserve(ARENA_CHUNK_BYTES);
+        }
         let start = self.arena.len();
         write(&mut self.arena);
         let end = self.arena.len();
@@ -159,11 +187,8 @@ impl Outbound {
         if self.segments.is_empty() {
             return None;
         }
+        // The rest of the chunk stays for the next frames (until `release_buffers`).
         let arena = self.arena.split().freeze();
-        if self.arena.capacity() < 1024 {
-            // Reclaims the old allocation once the previous batch's arena has been dropped.
-            self.arena.reserve(4096);
-        }
         reuse.clear();
         for segment in self.segments.drain(..) {
             let (base, len) = match &segment {
@@ -339,6 +364,24 @@ mod tests {
             assert_eq!(message.body, small);
         }
         assert!(bytes.is_empty());
+    }
+
+    #[test]
+    fn an_idle_queue_holds_no_buffers_and_release_keeps_what_is_queued() {
+        let mut outbound = Outbound::new();
+        assert_eq!((outbound.arena.capacity(), outbound.segments.capacity()), (0, 0), "nothing before a frame");
+        outbound.push_frame(Binding::Binary, &Frame::Ping(Ping { token: 1 }));
+        let queued = outbound.queued_bytes();
+        outbound.release_buffers(); // Not caught up: a frame is queued.
+        assert_eq!(outbound.queued_bytes(), queued);
+        let batch = outbound.take_batch(WriteBatch::default()).unwrap();
+        assert_eq!(batch.remaining_bytes(), queued, "the queued frame survived");
+        outbound.release_buffers();
+        assert_eq!(outbound.arena.capacity() + outbound.segments.capacity() + outbound.scratch.capacity(), 0);
+        // The batch being written still owns its bytes, and the queue works again.
+        assert_eq!(batch.to_vec().len(), queued);
+        outbound.push_control(OpCode::Pong, b"x");
+        assert_eq!(outbound.take_batch(WriteBatch::default()).unwrap().to_vec(), vec![0x8A, 0x01, b'x']);
     }
 
     #[test]

@@ -295,9 +295,10 @@ mod tests {
 
     #[test]
     fn peek_finds_delivery_seq_and_body_past_properties_and_headers() {
-        let mut headers = crate::mbws::Headers::new();
-        headers.push((Bytes::from_static(b"x-trace"), Bytes::from_static(b"abc123")));
-        headers.push((Bytes::from_static(b"x-empty"), Bytes::new()));
+        let headers = vec![
+            (Bytes::from_static(b"x-trace"), Bytes::from_static(b"abc123")),
+            (Bytes::from_static(b"x-empty"), Bytes::new()),
+        ];
         let message = Message {
             subscription_id: 3,
             delivery_seq: 0x0102_0304_0506_0708,

@@ -1,0 +1,195 @@
+//! The read buffer of one connection, sized by the traffic the connection receives.
+//!
+//! An io_uring read owns its buffer until data arrives, which for an idle connection is for
+//! ever: whatever room an idle connection's pending read has is memory held per session. So the
+//! room follows the traffic, decided before every read by `ReadBuffer::prepare`:
+//! - *busy*: the last read filled all the room it was given, so more is probably waiting in the
+//!   socket. The next read gets at least `busy_bytes` (`read_buffer_bytes`) of room, for big
+//!   batches;
+//! - *caught up*: everything read has been decoded (the buffer is empty) and the last read came
+//!   back short. The buffer is swapped for one sized to that last read, at least
+//!   [`IDLE_READ_BUFFER_BYTES`]: an idle session holds a few hundred bytes, not tens of KiB;
+//! - *mid-frame*: a frame is partly buffered; it gets `busy_bytes` more room when fewer than
+//!   [`MIN_READ_ROOM_BYTES`] are left behind it (a frame is decoded from one contiguous buffer,
+//!   so the buffer grows to the frame's size, bounded by the decoder's limits).
+//!
+//! Zero copy is kept: decoded frames are `Bytes` views into the allocation they were read into
+//! and keep it alive themselves; swapping the buffer only drops this reference to it.
+//!
+//! Sans-IO: the IO shell takes the buffer for a read with [`ReadBuffer::take_for_read`] and
+//! gives it back with what the read returned ([`ReadBuffer::put_back`]).
+
+use bytes::BytesMut;
+
+/// Size of the buffer a caught-up connection reads into: its least room for a read. Holds a
+/// heartbeat PING, an ACK or a small SEND whole.
+pub const IDLE_READ_BUFFER_BYTES: usize = 512;
+
+/// A partly buffered frame with less room than this behind it gets `busy_bytes` more.
+pub const MIN_READ_ROOM_BYTES: usize = 128;
+
+/// A shrunken buffer is swapped again only when it is more than this many times what the
+/// traffic needs (hysteresis, so that reads of varying size do not reallocate every time).
+const SHRINK_FACTOR: usize = 2;
+
+#[derive(Debug)]
+pub struct ReadBuffer {
+    bytes: BytesMut,
+    /// Room a read gets while reads fill their room (`read_buffer_bytes`).
+    busy_bytes: usize,
+    /// Size of the allocation `bytes` views, as far as is known (an upper bound after growth).
+    allocated_bytes: usize,
+    /// Room the last read was given and bytes it returned.
+    last_room_bytes: usize,
+    last_read_bytes: usize,
+}
+
+impl ReadBuffer {
+    /// Wraps bytes already read (the upgrade request's buffer, or a handed-over connection's).
+    pub fn new(bytes: BytesMut, busy_bytes: usize) -> ReadBuffer {
+        ReadBuffer {
+            allocated_bytes: bytes.capacity(),
+            bytes,
+            busy_bytes: busy_bytes.max(IDLE_READ_BUFFER_BYTES),
+            last_room_bytes: 0,
+            last_read_bytes: 0,
+        }
+    }
+
+    /// Bytes read and not yet decoded; the decoder takes whole frames from the front.
+    pub fn bytes_mut(&mut self) -> &mut BytesMut {
+        &mut self.bytes
+    }
+
+    pub fn into_bytes(self) -> BytesMut {
+        self.bytes
+    }
+
+    /// Room in the buffer for the next read (capacity after the bytes held).
+    pub fn room_bytes(&self) -> usize {
+        self.bytes.capacity() - self.bytes.len()
+    }
+
+    /// Sizes the room for the next read (see the module doc) and takes the buffer out for it.
+    /// Until [`ReadBuffer::put_back`], this buffer is empty (a read cancelled by a timeout
+    /// loses what was buffered, and its connection ends).
+    pub fn take_for_read(&mut self) -> BytesMut {
+        self.prepare();
+        self.last_room_bytes = self.room_bytes();
+        debug_assert!(self.last_room_bytes > 0, "a read is always given room");
+        std::mem::take(&mut self.bytes)
+    }
+
+    /// Puts the buffer back after a read that appended `read_bytes` to it.
+    pub fn put_back(&mut self, bytes: BytesMut, read_bytes: usize) {
+        debug_assert!(read_bytes <= self.last_room_bytes, "a read returns at most its room");
+        self.bytes = bytes;
+        self.last_read_bytes = read_bytes;
+    }
+
+    fn last_read_filled_its_room(&self) -> bool {
+        self.last_room_bytes > 0 && self.last_read_bytes == self.last_room_bytes
+    }
+
+    fn prepare(&mut self) {
+        let room = self.room_bytes();
+        if self.last_read_filled_its_room() {
+            if room < self.busy_bytes {
+                self.grow(self.busy_bytes);
+            }
+        } else if self.bytes.is_empty() {
+            let idle_bytes = self.last_read_bytes.next_power_of_two().clamp(IDLE_READ_BUFFER_BYTES, self.busy_bytes);
+            if self.allocated_bytes > SHRINK_FACTOR * idle_bytes
+                || (room < idle_bytes && !self.bytes.try_reclaim(idle_bytes))
+            {
+                // Frames decoded from the old buffer keep it alive as long as they need it.
+                self.bytes = BytesMut::with_capacity(idle_bytes);
+                self.allocated_bytes = self.bytes.capacity();
+            }
+        } else if room < MIN_READ_ROOM_BYTES {
+            self.grow(self.busy_bytes);
+        }
+    }
+
+    fn grow(&mut self, room_bytes: usize) {
+        self.bytes.reserve(room_bytes);
+        self.allocated_bytes = self.allocated_bytes.max(self.bytes.capacity());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUSY: usize = 64 * 1024;
+
+    /// One read of `arrived` bytes (capped at the room given); returns the room it was given.
+    fn read(buffer: &mut ReadBuffer, arrived: usize) -> usize {
+        let mut bytes = buffer.take_for_read();
+        let room = bytes.capacity() - bytes.len();
+        let read = arrived.min(room);
+        bytes.extend_from_slice(&vec![7u8; read]);
+        buffer.put_back(bytes, read);
+        room
+    }
+
+    /// Takes every buffered byte, as the decoder does with whole frames.
+    fn decode_all(buffer: &mut ReadBuffer) -> bytes::Bytes {
+        let len = buffer.bytes_mut().len();
+        buffer.bytes_mut().split_to(len).freeze()
+    }
+
+    #[test]
+    fn a_caught_up_connection_holds_a_small_buffer() {
+        let mut buffer = ReadBuffer::new(BytesMut::with_capacity(8 * 1024), BUSY);
+        read(&mut buffer, 200); // the upgrade request
+        decode_all(&mut buffer);
+        assert_eq!(read(&mut buffer, 40), IDLE_READ_BUFFER_BYTES, "shrunk before the next read");
+        decode_all(&mut buffer);
+        let _ = buffer.take_for_read();
+        assert!(buffer.allocated_bytes <= IDLE_READ_BUFFER_BYTES);
+    }
+
+    #[test]
+    fn reads_that_fill_their_room_get_busy_bytes_and_shrink_once_caught_up() {
+        let mut buffer = ReadBuffer::new(BytesMut::new(), BUSY);
+        assert_eq!(read(&mut buffer, 100_000), IDLE_READ_BUFFER_BYTES);
+        let frame = decode_all(&mut buffer);
+        assert!(read(&mut buffer, 100_000) >= BUSY, "a full read means more is waiting");
+        decode_all(&mut buffer);
+        assert!(read(&mut buffer, 100) >= BUSY);
+        decode_all(&mut buffer);
+        // Caught up after a 100-byte read: back to the idle size, while a frame decoded
+        // earlier still holds its own bytes.
+        assert_eq!(read(&mut buffer, 10), IDLE_READ_BUFFER_BYTES);
+        assert_eq!(frame, vec![7u8; IDLE_READ_BUFFER_BYTES]);
+    }
+
+    #[test]
+    fn the_idle_size_follows_the_size_of_recent_reads() {
+        let mut buffer = ReadBuffer::new(BytesMut::new(), BUSY);
+        read(&mut buffer, 100_000);
+        decode_all(&mut buffer);
+        read(&mut buffer, 100_000);
+        decode_all(&mut buffer);
+        read(&mut buffer, 3000); // a 3000-byte message alone
+        decode_all(&mut buffer);
+        assert_eq!(read(&mut buffer, 3000), 4096, "the next one fits in one read");
+    }
+
+    #[test]
+    fn a_partly_buffered_frame_gets_room_to_complete() {
+        let mut buffer = ReadBuffer::new(BytesMut::new(), BUSY);
+        read(&mut buffer, 100); // a partial frame, the read came back short
+        assert_eq!(read(&mut buffer, 300), IDLE_READ_BUFFER_BYTES - 100, "enough room behind it");
+        let room = read(&mut buffer, 100_000);
+        assert!(room >= BUSY, "little room left behind the frame: grown");
+        assert_eq!(buffer.bytes_mut().len(), 400 + room.min(100_000), "nothing buffered was lost");
+    }
+
+    #[test]
+    fn a_tiny_busy_size_is_raised_to_the_idle_size() {
+        let mut buffer = ReadBuffer::new(BytesMut::new(), 16);
+        assert_eq!(read(&mut buffer, 10), IDLE_READ_BUFFER_BYTES);
+    }
+}
