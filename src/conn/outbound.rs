@@ -30,15 +30,19 @@ use crate::ws::OpCode;
 /// kernel to walk.
 pub const INLINE_BODY_BYTES: usize = 1024;
 
+/// Longest WebSocket frame header (2 bytes, 8 of extended length, 4 of mask).
+const MAX_WS_HEADER_BYTES: usize = 14;
+
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 pub const MAX_IOVECS_PER_WRITE: usize = 1024;
 
-/// Arena allocated at a time for frame headers (a header that does not fit grows it).
+/// The first arena chunk after the queue was idle. A chunk that fills up is sealed (what is
+/// queued in it stays where it is) and the next one is twice as large, up to
+/// `MAX_ARENA_CHUNK_BYTES`: a burst never copies what it has queued, and an occasional frame
+/// costs only a small chunk.
 pub const ARENA_CHUNK_BYTES: usize = 4096;
-
-/// Room below which the arena takes a new chunk before a header is written: more than a
-/// control frame or a typical MBWS header needs.
-const ARENA_MIN_ROOM_BYTES: usize = 256;
+/// The largest arena chunk (a frame larger than this gets a chunk of its own size).
+pub const MAX_ARENA_CHUNK_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
 enum Segment {
@@ -48,6 +52,8 @@ enum Segment {
         end: usize,
     },
     Body(Bytes),
+    /// Part of an arena chunk that filled up and was sealed before this batch was taken.
+    Sealed(Bytes),
 }
 
 /// Auto-ack deliveries queued for writing, per owner shard and subscription.
@@ -63,6 +69,10 @@ pub struct Outbound {
     close_queued: bool,
     /// Reused buffer for the MBWS header, encoded before the WebSocket header that needs its length.
     scratch: BytesMut,
+    /// Segments from this index on may point into `arena` (earlier ones are bodies or sealed).
+    unsealed_from: usize,
+    /// Size of the next arena chunk (0 until the first: `ARENA_CHUNK_BYTES`).
+    next_chunk_bytes: usize,
 }
 
 impl Outbound {
@@ -79,6 +89,8 @@ impl Outbound {
             self.arena = BytesMut::new();
             self.segments = Vec::new();
             self.scratch = BytesMut::new();
+            self.unsealed_from = 0;
+            self.next_chunk_bytes = 0;
         }
     }
 
@@ -119,7 +131,8 @@ impl Outbound {
         };
         let payload_len = header.len() + body.map_or(0, Bytes::len);
         let inline = body.filter(|body| body.len() <= INLINE_BODY_BYTES);
-        self.push_header(|arena| {
+        let needed = MAX_WS_HEADER_BYTES + header.len() + inline.map_or(0, Bytes::len);
+        self.push_header(needed, |arena| {
             encode_header(arena, true, opcode, payload_len, None);
             arena.extend_from_slice(&header);
             if let Some(body) = inline {
@@ -142,7 +155,7 @@ impl Outbound {
             }
             self.close_queued = true;
         }
-        self.push_header(|arena| {
+        self.push_header(MAX_WS_HEADER_BYTES + payload.len(), |arena| {
             encode_header(arena, true, opcode, payload.len(), None);
             arena.extend_from_slice(payload);
         });
@@ -150,7 +163,7 @@ impl Outbound {
 
     /// Raw bytes (an HTTP response) that must precede any frame.
     pub fn push_raw(&mut self, bytes: &[u8]) {
-        self.push_header(|arena| arena.extend_from_slice(bytes));
+        self.push_header(bytes.len(), |arena| arena.extend_from_slice(bytes));
     }
 
     /// Records that an auto-ack delivery of `subscription` (owned by `owner`) is queued, so its
@@ -162,11 +175,9 @@ impl Outbound {
         }
     }
 
-    fn push_header(&mut self, write: impl FnOnce(&mut BytesMut)) {
-        if self.arena.capacity() - self.arena.len() < ARENA_MIN_ROOM_BYTES {
-            // Keeps what is queued; the previous chunk stays alive while batches point into it.
-            self.arena.reserve(ARENA_CHUNK_BYTES);
-        }
+    /// Appends at most `needed` bytes, written by `write`, to the arena as (part of) a segment.
+    fn push_header(&mut self, needed: usize, write: impl FnOnce(&mut BytesMut)) {
+        self.make_room(needed);
         let start = self.arena.len();
         write(&mut self.arena);
         let end = self.arena.len();
@@ -175,6 +186,28 @@ impl Outbound {
             Some(Segment::Header { end: last_end, .. }) if *last_end == start => *last_end = end,
             _ => self.segments.push(Segment::Header { start, end }),
         }
+    }
+
+    /// Makes sure `needed` bytes fit in the arena without moving anything queued in it. When
+    /// they do not, the filled part is sealed: frozen, with the segments that point into it
+    /// turned into references to it, and a new chunk is started. Queued bytes are never copied.
+    fn make_room(&mut self, needed: usize) {
+        if self.arena.capacity() - self.arena.len() >= needed {
+            return;
+        }
+        if !self.arena.is_empty() {
+            let sealed = self.arena.split().freeze();
+            for segment in &mut self.segments[self.unsealed_from..] {
+                if let Segment::Header { start, end } = *segment {
+                    *segment = Segment::Sealed(sealed.slice(start..end));
+                }
+            }
+        }
+        self.unsealed_from = self.segments.len();
+        let chunk_bytes = self.next_chunk_bytes.max(ARENA_CHUNK_BYTES);
+        self.next_chunk_bytes = (chunk_bytes * 2).min(MAX_ARENA_CHUNK_BYTES);
+        // The old chunk (if any) is shared with the sealed segments: this allocates, never copies.
+        self.arena.reserve(needed.max(chunk_bytes));
     }
 
     /// Takes the auto-ack credit of frames that will never be written (their socket is gone).
@@ -193,14 +226,17 @@ impl Outbound {
         for segment in self.segments.drain(..) {
             let (base, len) = match &segment {
                 Segment::Header { start, end } => (arena[*start..*end].as_ptr(), end - start),
-                Segment::Body(body) => (body.as_ptr(), body.len()),
+                Segment::Body(bytes) | Segment::Sealed(bytes) => (bytes.as_ptr(), bytes.len()),
             };
             reuse.iovecs.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len });
             reuse.remaining_bytes += len;
-            if let Segment::Body(body) = segment {
-                reuse.bodies.push(body);
+            match segment {
+                Segment::Body(body) => reuse.bodies.push(body),
+                Segment::Sealed(chunk) => reuse.sealed.push(chunk),
+                Segment::Header { .. } => {}
             }
         }
+        self.unsealed_from = 0;
         reuse.arena = arena;
         reuse.credits = std::mem::take(&mut self.credits);
         self.queued_bytes = 0;
@@ -216,6 +252,8 @@ pub struct WriteBatch {
     first: usize,
     remaining_bytes: usize,
     arena: Bytes,
+    /// Arena chunks sealed while this batch was queued.
+    sealed: Vec<Bytes>,
     bodies: Vec<Bytes>,
     /// Auto-ack credit to return once this batch is written.
     pub credits: CreditReturns,
@@ -224,6 +262,7 @@ pub struct WriteBatch {
 impl WriteBatch {
     fn clear(&mut self) {
         self.iovecs.clear();
+        self.sealed.clear();
         self.bodies.clear();
         self.first = 0;
         self.remaining_bytes = 0;
@@ -248,7 +287,7 @@ impl WriteBatch {
     pub fn to_vec(&self) -> Vec<u8> {
         let mut all = Vec::with_capacity(self.remaining_bytes);
         for iovec in &self.iovecs[self.first..] {
-            // SAFETY: each iovec points into `arena` or one of `bodies`, which this batch owns
+            // SAFETY: each iovec points into `arena`, one of `sealed` or one of `bodies`, which this batch owns
             // and which are immutable `Bytes`; `iov_len` never exceeds the buffer it points into.
             all.extend_from_slice(unsafe { std::slice::from_raw_parts(iovec.iov_base as *const u8, iovec.iov_len) });
         }
@@ -280,7 +319,7 @@ impl WriteBatch {
     }
 }
 
-// SAFETY: the iovecs point into `arena` and `bodies`, heap buffers owned by this struct whose
+// SAFETY: the iovecs point into `arena`, `sealed` and `bodies`, heap buffers owned by this struct whose
 // addresses do not change when the struct moves; they are not modified while the runtime owns
 // the batch (only `advance`, called after the write completes, changes them).
 unsafe impl monoio::buf::IoVecBuf for WriteBatch {
@@ -382,6 +421,31 @@ mod tests {
         assert_eq!(batch.to_vec().len(), queued);
         outbound.push_control(OpCode::Pong, b"x");
         assert_eq!(outbound.take_batch(WriteBatch::default()).unwrap().to_vec(), vec![0x8A, 0x01, b'x']);
+    }
+
+    #[test]
+    fn a_burst_fills_sealed_chunks_without_moving_what_is_queued() {
+        let mut outbound = Outbound::new();
+        let mut expected = Vec::new();
+        let mut first_frame_address = None;
+        for index in 0..2_000u64 {
+            let payload = index.to_be_bytes();
+            outbound.push_control(OpCode::Ping, &payload);
+            expected.extend_from_slice(&[0x89, 8]);
+            expected.extend_from_slice(&payload);
+            // The first frame stays where it was written, however much follows it.
+            let first = match &outbound.segments[0] {
+                Segment::Header { start, .. } => outbound.arena[*start..].as_ptr(),
+                Segment::Sealed(chunk) => chunk.as_ptr(),
+                Segment::Body(_) => unreachable!("no bodies queued"),
+            };
+            assert_eq!(*first_frame_address.get_or_insert(first), first, "queued bytes moved at frame {index}");
+        }
+        assert_eq!(outbound.queued_bytes(), expected.len());
+        let batch = outbound.take_batch(WriteBatch::default()).unwrap();
+        assert_eq!(batch.sealed.len(), 2, "20 KB of frames: chunks of 4 and 8 KiB sealed, the rest in a 16 KiB one");
+        assert_eq!(batch.to_vec(), expected);
+        assert!(batch.body_pointers().is_empty(), "sealed chunks are not bodies");
     }
 
     #[test]
