@@ -234,6 +234,8 @@ impl Shard {
     /// Runs the local work queue dry, lets touched connections flush (cumulative receipts,
     /// writer wake-ups), then posts every outbox as one batch per destination shard.
     pub fn run_work(&self) {
+        // One reading of the clock per round: a round lasts far less than a millisecond.
+        let now = now_ms();
         let mut scratch = Vec::new();
         let mut address_commands = Vec::new();
         loop {
@@ -243,7 +245,7 @@ impl Shard {
                 Command::Address(command) => {
                     let forwards = {
                         let mut addresses = self.addresses.borrow_mut();
-                        addresses.handle(command, now_ms(), &mut scratch);
+                        addresses.handle(command, now, &mut scratch);
                         (addresses.take_forwards(), addresses.take_deadline_added())
                     };
                     self.route_address_output(&mut scratch, forwards);
