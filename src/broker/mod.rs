@@ -49,6 +49,9 @@ pub struct MessageId(pub u64);
 /// relies on it).
 pub fn owner_of(address: &[u8], shard_count: usize) -> ShardId {
     debug_assert!(shard_count > 0 && shard_count <= u16::MAX as usize);
+    if shard_count == 1 {
+        return ShardId(0);
+    }
     const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash = FNV_OFFSET;
