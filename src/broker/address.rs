@@ -61,7 +61,7 @@ pub const MAX_PUBLISH_BATCH: usize = 256;
 enum Deliverable {
     /// Every backlog and the anycast queue (subscriptions come and go, messages are given back).
     Everything,
-    /// The anycast queue (an anycast subscriber got credit back).
+    /// The anycast queue (a subscriber came, or an anycast subscriber got credit back).
     AnycastQueue,
     /// One multicast subscriber's backlog.
     Backlog((ConnRef, SubscriptionId)),
@@ -126,6 +126,53 @@ struct Queued {
     deliveries: u32,
 }
 
+/// A subscriber's unacknowledged deliveries, sorted by message id. Ids are handed out in
+/// increasing order and a subscriber gets its messages in that order, so an insert is nearly
+/// always at the back and a (cumulative) ACK takes from the front: a ring buffer without
+/// hashing or per-entry allocation. Redeliveries (older ids) are put in place by binary
+/// search. At most `credit` entries.
+#[derive(Debug, Default)]
+struct UnackedMessages {
+    entries: VecDeque<Queued>,
+}
+
+impl UnackedMessages {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn insert(&mut self, queued: Queued) {
+        if self.entries.back().is_none_or(|last| last.id < queued.id) {
+            self.entries.push_back(queued);
+            return;
+        }
+        match self.entries.binary_search_by_key(&queued.id, |entry| entry.id) {
+            Err(position) => self.entries.insert(position, queued),
+            Ok(_) => debug_assert!(false, "message {} is already unacknowledged here", queued.id.0),
+        }
+    }
+
+    fn position(&self, id: MessageId) -> Option<usize> {
+        if self.entries.front().is_some_and(|first| first.id == id) {
+            return Some(0);
+        }
+        self.entries.binary_search_by_key(&id, |entry| entry.id).ok()
+    }
+
+    fn contains(&self, id: MessageId) -> bool {
+        self.position(id).is_some()
+    }
+
+    fn remove(&mut self, id: MessageId) -> Option<Queued> {
+        let position = self.position(id)?;
+        self.entries.remove(position)
+    }
+
+    fn into_oldest_first(self) -> VecDeque<Queued> {
+        self.entries
+    }
+}
+
 #[derive(Debug)]
 struct Subscriber {
     consumer: ConnRef,
@@ -136,7 +183,7 @@ struct Subscriber {
     in_flight: u32,
     /// Client-ack deliveries not yet acknowledged, kept for NACK and (anycast) for requeueing
     /// when the subscription ends. At most `credit` entries.
-    unacked: FastMap<MessageId, Queued>,
+    unacked: UnackedMessages,
     /// Ack deadlines of client-ack deliveries, in delivery order (so in deadline order).
     /// Entries already acknowledged are dropped lazily; kept under 2 x `unacked` + 16.
     deadlines: VecDeque<(u64, MessageId)>,
@@ -145,6 +192,10 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    fn key(&self) -> (ConnRef, SubscriptionId) {
+        (self.consumer, self.subscription)
+    }
+
     fn has_credit(&self) -> bool {
         self.in_flight < self.credit
     }
@@ -152,12 +203,12 @@ impl Subscriber {
     /// Drops deadlines of settled deliveries: from the front, and all of them when the list has
     /// grown to twice what is unacknowledged (a stuck delivery at the front).
     fn trim_deadlines(&mut self) {
-        while self.deadlines.front().is_some_and(|(_, id)| !self.unacked.contains_key(id)) {
+        while self.deadlines.front().is_some_and(|(_, id)| !self.unacked.contains(*id)) {
             self.deadlines.pop_front();
         }
         if self.deadlines.len() > 2 * self.unacked.len() + 16 {
             let unacked = &self.unacked;
-            self.deadlines.retain(|(_, id)| unacked.contains_key(id));
+            self.deadlines.retain(|(_, id)| unacked.contains(*id));
         }
     }
 }
@@ -187,15 +238,53 @@ impl Address {
         self.anycast.is_empty() && !self.multicast.is_empty() && self.queue.is_empty() && self.held_answers.is_empty()
     }
 
-    fn subscriber_mut(&mut self, key: (ConnRef, SubscriptionId)) -> Option<(&mut Subscriber, DeliveryMode)> {
-        if let Some(found) = self.anycast.iter_mut().find(|s| (s.consumer, s.subscription) == key) {
-            return Some((found, DeliveryMode::Anycast));
+    fn subscribers_mut(&mut self, mode: DeliveryMode) -> &mut Vec<Subscriber> {
+        match mode {
+            DeliveryMode::Anycast => &mut self.anycast,
+            DeliveryMode::Multicast => &mut self.multicast,
         }
-        self.multicast
-            .iter_mut()
-            .find(|s| (s.consumer, s.subscription) == key)
-            .map(|found| (found, DeliveryMode::Multicast))
     }
+
+    /// The subscriber at `place` (found in O(1), whatever the number of subscribers).
+    fn subscriber_at(&mut self, place: &Place, key: (ConnRef, SubscriptionId)) -> Option<&mut Subscriber> {
+        let found = self.subscribers_mut(place.mode).get_mut(place.index);
+        let found = found.filter(|subscriber| subscriber.key() == key);
+        debug_assert!(found.is_some(), "the place of a subscription points at its subscriber");
+        found
+    }
+}
+
+/// Where a subscription is: its address, and its index in that address's subscribers of its
+/// mode. Invariant: `addresses[address]`'s anycast or multicast list holds the subscription
+/// at `index` (kept by `subscribe` and `remove_subscriber`), so an ACK finds its subscriber
+/// without walking the others.
+#[derive(Debug, Clone)]
+struct Place {
+    address: Bytes,
+    mode: DeliveryMode,
+    index: usize,
+}
+
+type Places = FastMap<(ConnRef, SubscriptionId), Place>;
+
+/// Takes the subscriber at `index` of `mode` out of `state`, keeping the places of the others
+/// right (the caller forgets the removed one's place). Anycast keeps its order (round robin);
+/// multicast order means nothing, so the last subscriber takes the free index.
+fn remove_subscriber(state: &mut Address, places: &mut Places, mode: DeliveryMode, index: usize) -> Subscriber {
+    let removed = match mode {
+        DeliveryMode::Anycast => state.anycast.remove(index),
+        DeliveryMode::Multicast => state.multicast.swap_remove(index),
+    };
+    let moved = match mode {
+        DeliveryMode::Anycast => &state.anycast[index..],
+        DeliveryMode::Multicast => state.multicast.get(index..index + 1).unwrap_or_default(),
+    };
+    for (offset, subscriber) in moved.iter().enumerate() {
+        if let Some(place) = places.get_mut(&subscriber.key()) {
+            place.index = index + offset;
+        }
+    }
+    removed
 }
 
 /// Observable counters, for tests and (later) metrics.
@@ -212,8 +301,8 @@ pub struct AddressTable {
     shard: ShardId,
     limits: AddressLimits,
     addresses: FastMap<Bytes, Address>,
-    /// Which address each subscription is on.
-    subscriptions: FastMap<(ConnRef, SubscriptionId), Bytes>,
+    /// Where each subscription is.
+    subscriptions: Places,
     /// Subscriptions per consumer connection, for `ConsumerGone`.
     by_consumer: FastMap<ConnRef, SmallVec<[SubscriptionId; 4]>>,
     /// Commands for other address owners (dead-lettered messages), drained by the shard.
@@ -364,7 +453,7 @@ impl AddressTable {
                             break;
                         }
                         subscriber.deadlines.pop_front();
-                        if let Some(queued) = subscriber.unacked.remove(&id) {
+                        if let Some(queued) = subscriber.unacked.remove(id) {
                             subscriber.in_flight -= 1;
                             expired.push((address.clone(), subscriber.consumer, subscriber.subscription, mode, queued));
                         }
@@ -407,7 +496,8 @@ impl AddressTable {
                 state.queue.push_front(queued);
             }
             DeliveryMode::Multicast => {
-                if let Some((subscriber, _)) = state.subscriber_mut(key) {
+                let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
+                if let Some(subscriber) = found {
                     subscriber.backlog.push_front(queued);
                 }
             }
@@ -478,7 +568,8 @@ impl AddressTable {
                     ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome },
                 ));
                 if accepted {
-                    self.dispatch(&address, Deliverable::Everything, now_ms, out);
+                    // A new subscriber's backlog is empty: only the queue can have work for it.
+                    self.dispatch(&address, Deliverable::AnycastQueue, now_ms, out);
                 }
             }
             AddressCommand::Unsubscribe { consumer, subscription } => {
@@ -491,30 +582,33 @@ impl AddressTable {
                 }
             }
             AddressCommand::Ack { consumer, subscription, messages } => {
-                let acked = self.change_subscriber(consumer, subscription, |subscriber, mode| {
-                    let mut acked: SmallVec<[Queued; 4]> = SmallVec::new();
+                // Only what may have been logged is kept for its SETTLED record.
+                let has_log = self.log.is_some();
+                let has_durable_addresses = !self.durable_addresses.is_empty();
+                let logged = |queued: &Queued| has_log && (queued.message.durable || has_durable_addresses);
+                let mut to_settle: SmallVec<[Queued; 4]> = SmallVec::new();
+                let acknowledge = |subscriber: &mut Subscriber| {
                     for id in messages {
                         // An unknown id (already acknowledged, requeued or expired) changes nothing.
-                        if let Some(queued) = subscriber.unacked.remove(&id) {
+                        if let Some(queued) = subscriber.unacked.remove(id) {
                             subscriber.in_flight -= 1;
-                            acked.push(queued);
+                            if logged(&queued) {
+                                to_settle.push(queued);
+                            }
                         }
                     }
                     subscriber.trim_deadlines();
-                    (acked, mode)
-                });
-                if let Some((address, (acked, mode))) = acked {
-                    for queued in acked {
+                };
+                if let Some((address, ())) = self.change_credit(consumer, subscription, now_ms, out, acknowledge) {
+                    for queued in to_settle {
                         self.settle(&address, &queued.message, queued.id);
                     }
-                    let deliverable = Deliverable::after_credit_of((consumer, subscription), mode);
-                    self.dispatch(&address, deliverable, now_ms, out);
                 }
             }
             AddressCommand::Nack { consumer, subscription, message, requeue } => {
                 // Given back before anything is dispatched, so a requeued message keeps its place.
                 let taken = self.change_subscriber(consumer, subscription, |subscriber, mode| {
-                    let queued = subscriber.unacked.remove(&message)?;
+                    let queued = subscriber.unacked.remove(message)?;
                     subscriber.in_flight -= 1;
                     subscriber.trim_deadlines();
                     Some((mode, queued))
@@ -535,12 +629,10 @@ impl AddressTable {
             }
             AddressCommand::SetCredit { consumer, subscription, credit } => {
                 let credit = credit.min(self.limits.max_credit);
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber| {
-                    subscriber.credit = credit;
-                });
+                self.change_credit(consumer, subscription, now_ms, out, |subscriber| subscriber.credit = credit);
             }
             AddressCommand::ReturnCredit { consumer, subscription, count } => {
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber| {
+                self.change_credit(consumer, subscription, now_ms, out, |subscriber| {
                     subscriber.in_flight = subscriber.in_flight.saturating_sub(count);
                 });
             }
@@ -800,37 +892,47 @@ impl AddressTable {
             ack_mode,
             credit: credit.min(self.limits.max_credit),
             in_flight: 0,
-            unacked: FastMap::default(),
+            unacked: UnackedMessages::default(),
             deadlines: VecDeque::new(),
             backlog: VecDeque::new(),
         };
         let state = self.addresses.entry(address.clone()).or_default();
-        match mode {
-            DeliveryMode::Anycast => state.anycast.push(subscriber),
-            DeliveryMode::Multicast => state.multicast.push(subscriber),
-        }
-        self.subscriptions.insert(key, address);
+        let subscribers = state.subscribers_mut(mode);
+        subscribers.push(subscriber);
+        let index = subscribers.len() - 1;
+        self.subscriptions.insert(key, Place { address, mode, index });
         self.by_consumer.entry(consumer).or_default().push(subscription);
         Ok(())
     }
 
-    /// Runs `change` on one subscriber (if it still exists), then delivers what its address
-    /// can.
-    fn with_subscriber(
+    /// Runs `change` on one subscriber's credit (if the subscription still exists), then
+    /// delivers what that releases: the subscriber's own backlog (multicast), right here, or
+    /// the anycast queue. No other multicast subscriber is looked at. Returns the address and
+    /// what `change` returned.
+    fn change_credit<R>(
         &mut self,
         consumer: ConnRef,
         subscription: SubscriptionId,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
-        change: impl FnOnce(&mut Subscriber),
-    ) {
-        let changed = self.change_subscriber(consumer, subscription, |subscriber, mode| {
-            change(subscriber);
-            mode
-        });
-        if let Some((address, mode)) = changed {
-            self.dispatch(&address, Deliverable::after_credit_of((consumer, subscription), mode), now_ms, out);
+        change: impl FnOnce(&mut Subscriber) -> R,
+    ) -> Option<(Bytes, R)> {
+        let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        let delivered = out.len();
+        let (address, mode, changed) = self
+            .change_subscriber(consumer, subscription, |subscriber, mode| {
+                let changed = change(subscriber);
+                if mode == DeliveryMode::Multicast {
+                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                }
+                (mode, changed)
+            })
+            .map(|(address, (mode, changed))| (address, mode, changed))?;
+        self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
+        if mode == DeliveryMode::Anycast {
+            self.dispatch(&address, Deliverable::AnycastQueue, now_ms, out);
         }
+        Some((address, changed))
     }
 
     /// Runs `change` on one subscriber (if it still exists) and returns its address and what
@@ -841,10 +943,11 @@ impl AddressTable {
         subscription: SubscriptionId,
         change: impl FnOnce(&mut Subscriber, DeliveryMode) -> R,
     ) -> Option<(Bytes, R)> {
-        let address = self.subscriptions.get(&(consumer, subscription)).cloned()?;
-        let state = self.addresses.get_mut(&address)?;
-        let (subscriber, mode) = state.subscriber_mut((consumer, subscription))?;
-        Some((address, change(subscriber, mode)))
+        let key = (consumer, subscription);
+        let place = self.subscriptions.get(&key)?;
+        let state = self.addresses.get_mut(&place.address)?;
+        let subscriber = state.subscriber_at(place, key)?;
+        Some((place.address.clone(), change(subscriber, place.mode)))
     }
 
     fn remove_subscription(
@@ -854,23 +957,20 @@ impl AddressTable {
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) {
-        let Some(address) = self.subscriptions.remove(&(consumer, subscription)) else { return };
-        let Some(state) = self.addresses.get_mut(&address) else { return };
         let key = (consumer, subscription);
-        if let Some(index) = state.anycast.iter().position(|s| (s.consumer, s.subscription) == key) {
-            let subscriber = state.anycast.remove(index);
+        let Some(Place { address, mode, index }) = self.subscriptions.remove(&key) else { return };
+        let Some(state) = self.addresses.get_mut(&address) else { return };
+        debug_assert!(state.subscribers_mut(mode).get(index).is_some_and(|s| s.key() == key));
+        let subscriber = remove_subscriber(state, &mut self.subscriptions, mode, index);
+        if mode == DeliveryMode::Anycast {
             if state.next_anycast >= state.anycast.len() {
                 state.next_anycast = 0;
             }
             // Unacknowledged anycast messages go back to the front of the queue, oldest first,
             // marked redelivered (or to the dead-letter address after max_deliveries).
-            let mut returned: Vec<Queued> = subscriber.unacked.into_values().collect();
-            returned.sort_by_key(|queued| std::cmp::Reverse(queued.id));
-            for queued in returned {
+            for queued in subscriber.unacked.into_oldest_first().into_iter().rev() {
                 self.give_back(&address, key, DeliveryMode::Anycast, queued);
             }
-        } else if let Some(index) = state.multicast.iter().position(|s| (s.consumer, s.subscription) == key) {
-            state.multicast.remove(index);
         }
         self.dispatch(&address, Deliverable::Everything, now_ms, out);
         if self.addresses.get(&address).is_some_and(Address::is_idle) {
@@ -893,7 +993,8 @@ impl AddressTable {
             }
             Deliverable::AnycastQueue => {}
             Deliverable::Backlog(key) => {
-                if let Some(subscriber) = state.multicast.iter_mut().find(|s| (s.consumer, s.subscription) == key) {
+                let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
+                if let Some(subscriber) = found {
                     drain_backlog(subscriber, ack_deadline, now_ms, out);
                 }
                 self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
@@ -983,13 +1084,14 @@ fn end_slow_subscribers(
     state: &mut Address,
     address: &[u8],
     slow: &[usize],
-    subscriptions: &mut FastMap<(ConnRef, SubscriptionId), Bytes>,
+    subscriptions: &mut Places,
     out: &mut Vec<Outgoing>,
 ) {
+    // Descending, so that the subscriber moved into a freed index is never one still to end.
     debug_assert!(slow.windows(2).all(|pair| pair[0] < pair[1]));
     for &index in slow.iter().rev() {
-        let subscriber = state.multicast.remove(index);
-        subscriptions.remove(&(subscriber.consumer, subscriber.subscription));
+        let subscriber = remove_subscriber(state, subscriptions, DeliveryMode::Multicast, index);
+        subscriptions.remove(&subscriber.key());
         let refusal = Refusal::new(
             ErrorCode::Overloaded,
             format!(
@@ -1037,7 +1139,7 @@ fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadline: Option
         if let Some(deadline) = ack_deadline {
             subscriber.deadlines.push_back((deadline, queued.id));
         }
-        subscriber.unacked.insert(queued.id, queued);
+        subscriber.unacked.insert(queued);
     }
     delivered
 }
@@ -1460,6 +1562,97 @@ mod tests {
         table.publish_batch(&mut batch, 10, &mut out);
         assert_eq!(deliveries(&out), [(1, "fresh".to_string())]);
         assert_eq!(answered(&out), 2);
+    }
+
+    #[test]
+    fn acks_find_their_subscriber_after_others_leave() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        for consumer in 1..=4 {
+            subscribe(&mut table, consumer, DeliveryMode::Multicast, 1, &mut out);
+        }
+        subscribe(&mut table, 5, DeliveryMode::Anycast, 1, &mut out);
+        subscribe(&mut table, 6, DeliveryMode::Anycast, 1, &mut out);
+        subscribe(&mut table, 7, DeliveryMode::Anycast, 1, &mut out);
+        publish(&mut table, "a", "m1", &mut out);
+        publish(&mut table, "a", "m2", &mut out);
+        // The first of each kind leaves: the others' positions change.
+        let unsubscribe = |table: &mut AddressTable, consumer: u32, out: &mut Vec<Outgoing>| {
+            table.handle(
+                AddressCommand::Unsubscribe { consumer: conn(consumer), subscription: SubscriptionId(1) },
+                0,
+                out,
+            )
+        };
+        unsubscribe(&mut table, 1, &mut out);
+        unsubscribe(&mut table, 5, &mut out);
+        out.clear();
+        for consumer in [4, 2, 3] {
+            ack(&mut table, consumer, &[1], &mut out);
+            assert_eq!(deliveries(&out), [(consumer, "m2".to_string())], "consumer {consumer}");
+            out.clear();
+        }
+        // Anycast: m1 went to 5 and m2 to 6; 5 left, so m1 went again, to 7. Their ACKs find them.
+        let stats = table.stats(b"a");
+        assert_eq!((stats.multicast_subscribers, stats.anycast_subscribers, stats.unacked), (3, 2, 2));
+        ack(&mut table, 6, &[2], &mut out);
+        ack(&mut table, 7, &[1], &mut out);
+        assert_eq!(table.stats(b"a").unacked, 0);
+        table.handle(AddressCommand::ConsumerGone { consumer: conn(3) }, 0, &mut out);
+        ack(&mut table, 2, &[2], &mut out);
+        ack(&mut table, 4, &[2], &mut out);
+        assert_eq!(table.stats(b"a").multicast_subscribers, 2);
+    }
+
+    #[test]
+    fn ending_several_slow_subscribers_keeps_the_others_reachable() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        for (consumer, credit) in [(1, 0), (2, 10), (3, 0), (4, 10), (5, 0)] {
+            subscribe(&mut table, consumer, DeliveryMode::Multicast, credit, &mut out);
+        }
+        out.clear();
+        publish_batch(&mut table, &["m0", "m1", "m2", "m3"], 0, &mut out);
+        let ended: Vec<u32> = out
+            .iter()
+            .filter_map(|(_, c)| match c {
+                ConnCommand::SubscriptionEnded { consumer, .. } => Some(consumer.index),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ended, [5, 3, 1]);
+        for consumer in [2, 4] {
+            out.clear();
+            table.handle(
+                AddressCommand::SetCredit { consumer: conn(consumer), subscription: SubscriptionId(1), credit: 20 },
+                0,
+                &mut out,
+            );
+            ack(&mut table, consumer, &[1, 2, 3, 4], &mut out);
+            assert!(out.is_empty(), "nothing was waiting for consumer {consumer}");
+        }
+        out.clear();
+        publish_batch(&mut table, &["m4"], 0, &mut out);
+        let mut reached = deliveries(&out);
+        reached.sort();
+        assert_eq!(reached, [(2, "m4".to_string()), (4, "m4".to_string())]);
+    }
+
+    #[test]
+    fn unacked_messages_stay_sorted_when_redeliveries_arrive_late() {
+        let queued =
+            |id: u64| Queued { id: MessageId(id), message: message("a", "m"), redelivered: false, deliveries: 1 };
+        let mut unacked = UnackedMessages::default();
+        for id in [3, 5, 1, 4] {
+            unacked.insert(queued(id));
+        }
+        assert!(unacked.contains(MessageId(4)) && !unacked.contains(MessageId(2)));
+        assert_eq!(unacked.remove(MessageId(4)).map(|q| q.id), Some(MessageId(4)));
+        assert_eq!(unacked.remove(MessageId(4)).map(|q| q.id), None, "an id is removed once");
+        assert_eq!(unacked.remove(MessageId(1)).map(|q| q.id), Some(MessageId(1)));
+        assert_eq!(unacked.len(), 2);
+        let left: Vec<u64> = unacked.into_oldest_first().into_iter().map(|q| q.id.0).collect();
+        assert_eq!(left, [3, 5]);
     }
 
     #[test]
