@@ -164,8 +164,10 @@ impl UnackedMessages {
     }
 
     fn remove(&mut self, id: MessageId) -> Option<Queued> {
-        let position = self.position(id)?;
-        self.entries.remove(position)
+        match self.position(id)? {
+            0 => self.entries.pop_front(),
+            position => self.entries.remove(position),
+        }
     }
 
     fn into_oldest_first(self) -> VecDeque<Queued> {
