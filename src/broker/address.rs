@@ -32,14 +32,50 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::{
-    owner_of, AddressCommand, CompactionArena, ConnCommand, ConnId, ConnRef, FastMap, MessageId, Refusal, ShardId,
-    SharedMessage, StoredMessage, SubscriptionId,
+    owner_of, AddressCommand, CompactionArena, ConnCommand, ConnId, ConnRef, Delivered, Deliveries, FastMap, MessageId,
+    Refusal, ShardId, SharedMessage, StoredMessage, SubscriptionId,
 };
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 use crate::store::{DurableLog, Lsn, Recovery};
 
 /// A command for the shard that holds a connection, with that shard's id.
 pub type Outgoing = (ShardId, ConnCommand);
+
+/// One SEND for [`AddressTable::publish_batch`]: what [`AddressCommand::Publish`] carries.
+#[derive(Debug)]
+pub struct Publication {
+    pub publisher: ConnRef,
+    pub seq: u64,
+    pub message: SharedMessage,
+}
+
+/// Most publications [`AddressTable::publish_batch`] takes at once (the shard gathers at most
+/// this many consecutive publishes to one address), so one batch's deliveries to a subscriber
+/// stay a bounded list.
+pub const MAX_PUBLISH_BATCH: usize = 256;
+
+/// What a change to an address can have made deliverable, so that `dispatch` looks only there:
+/// an ACK or new credit of one multicast subscriber concerns its backlog alone, never the
+/// other subscribers (an ACK costs the same with 10 subscribers as with 10,000).
+#[derive(Debug, Clone, Copy)]
+enum Deliverable {
+    /// Every backlog and the anycast queue (subscriptions come and go, messages are given back).
+    Everything,
+    /// The anycast queue (a subscriber came, or an anycast subscriber got credit back).
+    AnycastQueue,
+    /// One multicast subscriber's backlog.
+    Backlog((ConnRef, SubscriptionId)),
+}
+
+impl Deliverable {
+    /// What a change of credit of subscription `key` (delivered in `mode`) can release.
+    fn after_credit_of(key: (ConnRef, SubscriptionId), mode: DeliveryMode) -> Deliverable {
+        match mode {
+            DeliveryMode::Anycast => Deliverable::AnycastQueue,
+            DeliveryMode::Multicast => Deliverable::Backlog(key),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct AddressLimits {
@@ -90,6 +126,55 @@ struct Queued {
     deliveries: u32,
 }
 
+/// A subscriber's unacknowledged deliveries, sorted by message id. Ids are handed out in
+/// increasing order and a subscriber gets its messages in that order, so an insert is nearly
+/// always at the back and a (cumulative) ACK takes from the front: a ring buffer without
+/// hashing or per-entry allocation. Redeliveries (older ids) are put in place by binary
+/// search. At most `credit` entries.
+#[derive(Debug, Default)]
+struct UnackedMessages {
+    entries: VecDeque<Queued>,
+}
+
+impl UnackedMessages {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn insert(&mut self, queued: Queued) {
+        if self.entries.back().is_none_or(|last| last.id < queued.id) {
+            self.entries.push_back(queued);
+            return;
+        }
+        match self.entries.binary_search_by_key(&queued.id, |entry| entry.id) {
+            Err(position) => self.entries.insert(position, queued),
+            Ok(_) => debug_assert!(false, "message {} is already unacknowledged here", queued.id.0),
+        }
+    }
+
+    fn position(&self, id: MessageId) -> Option<usize> {
+        if self.entries.front().is_some_and(|first| first.id == id) {
+            return Some(0);
+        }
+        self.entries.binary_search_by_key(&id, |entry| entry.id).ok()
+    }
+
+    fn contains(&self, id: MessageId) -> bool {
+        self.position(id).is_some()
+    }
+
+    fn remove(&mut self, id: MessageId) -> Option<Queued> {
+        match self.position(id)? {
+            0 => self.entries.pop_front(),
+            position => self.entries.remove(position),
+        }
+    }
+
+    fn into_oldest_first(self) -> VecDeque<Queued> {
+        self.entries
+    }
+}
+
 #[derive(Debug)]
 struct Subscriber {
     consumer: ConnRef,
@@ -100,7 +185,7 @@ struct Subscriber {
     in_flight: u32,
     /// Client-ack deliveries not yet acknowledged, kept for NACK and (anycast) for requeueing
     /// when the subscription ends. At most `credit` entries.
-    unacked: FastMap<MessageId, Queued>,
+    unacked: UnackedMessages,
     /// Ack deadlines of client-ack deliveries, in delivery order (so in deadline order).
     /// Entries already acknowledged are dropped lazily; kept under 2 x `unacked` + 16.
     deadlines: VecDeque<(u64, MessageId)>,
@@ -109,6 +194,10 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    fn key(&self) -> (ConnRef, SubscriptionId) {
+        (self.consumer, self.subscription)
+    }
+
     fn has_credit(&self) -> bool {
         self.in_flight < self.credit
     }
@@ -116,12 +205,12 @@ impl Subscriber {
     /// Drops deadlines of settled deliveries: from the front, and all of them when the list has
     /// grown to twice what is unacknowledged (a stuck delivery at the front).
     fn trim_deadlines(&mut self) {
-        while self.deadlines.front().is_some_and(|(_, id)| !self.unacked.contains_key(id)) {
+        while self.deadlines.front().is_some_and(|(_, id)| !self.unacked.contains(*id)) {
             self.deadlines.pop_front();
         }
         if self.deadlines.len() > 2 * self.unacked.len() + 16 {
             let unacked = &self.unacked;
-            self.deadlines.retain(|(_, id)| unacked.contains_key(id));
+            self.deadlines.retain(|(_, id)| unacked.contains(*id));
         }
     }
 }
@@ -145,15 +234,59 @@ impl Address {
         self.queue.is_empty() && self.anycast.is_empty() && self.multicast.is_empty() && self.held_answers.is_empty()
     }
 
-    fn subscriber_mut(&mut self, key: (ConnRef, SubscriptionId)) -> Option<(&mut Subscriber, DeliveryMode)> {
-        if let Some(found) = self.anycast.iter_mut().find(|s| (s.consumer, s.subscription) == key) {
-            return Some((found, DeliveryMode::Anycast));
-        }
-        self.multicast
-            .iter_mut()
-            .find(|s| (s.consumer, s.subscription) == key)
-            .map(|found| (found, DeliveryMode::Multicast))
+    /// Only multicast subscribers, and nothing queued or held: a publish goes to the
+    /// subscribers' backlogs (or straight out) and nowhere else.
+    fn is_pure_multicast(&self) -> bool {
+        self.anycast.is_empty() && !self.multicast.is_empty() && self.queue.is_empty() && self.held_answers.is_empty()
     }
+
+    fn subscribers_mut(&mut self, mode: DeliveryMode) -> &mut Vec<Subscriber> {
+        match mode {
+            DeliveryMode::Anycast => &mut self.anycast,
+            DeliveryMode::Multicast => &mut self.multicast,
+        }
+    }
+
+    /// The subscriber at `place` (found in O(1), whatever the number of subscribers).
+    fn subscriber_at(&mut self, place: &Place, key: (ConnRef, SubscriptionId)) -> Option<&mut Subscriber> {
+        let found = self.subscribers_mut(place.mode).get_mut(place.index);
+        let found = found.filter(|subscriber| subscriber.key() == key);
+        debug_assert!(found.is_some(), "the place of a subscription points at its subscriber");
+        found
+    }
+}
+
+/// Where a subscription is: its address, and its index in that address's subscribers of its
+/// mode. Invariant: `addresses[address]`'s anycast or multicast list holds the subscription
+/// at `index` (kept by `subscribe` and `remove_subscriber`), so an ACK finds its subscriber
+/// without walking the others.
+#[derive(Debug, Clone)]
+struct Place {
+    address: Bytes,
+    mode: DeliveryMode,
+    index: usize,
+}
+
+type Places = FastMap<(ConnRef, SubscriptionId), Place>;
+
+/// Takes the subscriber at `index` of `mode` out of `state`, keeping the places of the others
+/// right (the caller forgets the removed one's place). Anycast keeps its order (round robin);
+/// multicast order means nothing, so the last subscriber takes the free index.
+fn remove_subscriber(state: &mut Address, places: &mut Places, mode: DeliveryMode, index: usize) -> Subscriber {
+    let removed = match mode {
+        DeliveryMode::Anycast => state.anycast.remove(index),
+        DeliveryMode::Multicast => state.multicast.swap_remove(index),
+    };
+    let moved = match mode {
+        DeliveryMode::Anycast => &state.anycast[index..],
+        DeliveryMode::Multicast => state.multicast.get(index..index + 1).unwrap_or_default(),
+    };
+    for (offset, subscriber) in moved.iter().enumerate() {
+        if let Some(place) = places.get_mut(&subscriber.key()) {
+            place.index = index + offset;
+        }
+    }
+    removed
 }
 
 /// Observable counters, for tests and (later) metrics.
@@ -170,8 +303,8 @@ pub struct AddressTable {
     shard: ShardId,
     limits: AddressLimits,
     addresses: FastMap<Bytes, Address>,
-    /// Which address each subscription is on.
-    subscriptions: FastMap<(ConnRef, SubscriptionId), Bytes>,
+    /// Where each subscription is.
+    subscriptions: Places,
     /// Subscriptions per consumer connection, for `ConsumerGone`.
     by_consumer: FastMap<ConnRef, SmallVec<[SubscriptionId; 4]>>,
     /// Commands for other address owners (dead-lettered messages), drained by the shard.
@@ -322,7 +455,7 @@ impl AddressTable {
                             break;
                         }
                         subscriber.deadlines.pop_front();
-                        if let Some(queued) = subscriber.unacked.remove(&id) {
+                        if let Some(queued) = subscriber.unacked.remove(id) {
                             subscriber.in_flight -= 1;
                             expired.push((address.clone(), subscriber.consumer, subscriber.subscription, mode, queued));
                         }
@@ -342,7 +475,7 @@ impl AddressTable {
             }
         }
         for address in touched {
-            self.dispatch(&address, now_ms, out);
+            self.dispatch(&address, Deliverable::Everything, now_ms, out);
         }
     }
 
@@ -365,7 +498,8 @@ impl AddressTable {
                 state.queue.push_front(queued);
             }
             DeliveryMode::Multicast => {
-                if let Some((subscriber, _)) = state.subscriber_mut(key) {
+                let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
+                if let Some(subscriber) = found {
                     subscriber.backlog.push_front(queued);
                 }
             }
@@ -436,7 +570,8 @@ impl AddressTable {
                     ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome },
                 ));
                 if accepted {
-                    self.dispatch(&address, now_ms, out);
+                    // A new subscriber's backlog is empty: only the queue can have work for it.
+                    self.dispatch(&address, Deliverable::AnycastQueue, now_ms, out);
                 }
             }
             AddressCommand::Unsubscribe { consumer, subscription } => {
@@ -449,29 +584,33 @@ impl AddressTable {
                 }
             }
             AddressCommand::Ack { consumer, subscription, messages } => {
-                let acked = self.change_subscriber(consumer, subscription, |subscriber, _| {
-                    let mut acked: SmallVec<[Queued; 4]> = SmallVec::new();
+                // Only what may have been logged is kept for its SETTLED record.
+                let has_log = self.log.is_some();
+                let has_durable_addresses = !self.durable_addresses.is_empty();
+                let logged = |queued: &Queued| has_log && (queued.message.durable || has_durable_addresses);
+                let mut to_settle: SmallVec<[Queued; 4]> = SmallVec::new();
+                let acknowledge = |subscriber: &mut Subscriber| {
                     for id in messages {
                         // An unknown id (already acknowledged, requeued or expired) changes nothing.
-                        if let Some(queued) = subscriber.unacked.remove(&id) {
+                        if let Some(queued) = subscriber.unacked.remove(id) {
                             subscriber.in_flight -= 1;
-                            acked.push(queued);
+                            if logged(&queued) {
+                                to_settle.push(queued);
+                            }
                         }
                     }
                     subscriber.trim_deadlines();
-                    acked
-                });
-                if let Some((address, acked)) = acked {
-                    for queued in acked {
+                };
+                if let Some((address, ())) = self.change_credit(consumer, subscription, now_ms, out, acknowledge) {
+                    for queued in to_settle {
                         self.settle(&address, &queued.message, queued.id);
                     }
-                    self.dispatch(&address, now_ms, out);
                 }
             }
             AddressCommand::Nack { consumer, subscription, message, requeue } => {
                 // Given back before anything is dispatched, so a requeued message keeps its place.
                 let taken = self.change_subscriber(consumer, subscription, |subscriber, mode| {
-                    let queued = subscriber.unacked.remove(&message)?;
+                    let queued = subscriber.unacked.remove(message)?;
                     subscriber.in_flight -= 1;
                     subscriber.trim_deadlines();
                     Some((mode, queued))
@@ -482,17 +621,20 @@ impl AddressTable {
                     } else {
                         self.dead_letter(queued, "rejected by a consumer (NACK without requeue)");
                     }
-                    self.dispatch(&address, now_ms, out);
+                    let deliverable = match (requeue, mode) {
+                        // A requeued anycast message may go to any subscriber with credit.
+                        (true, DeliveryMode::Anycast) => Deliverable::Everything,
+                        _ => Deliverable::after_credit_of((consumer, subscription), mode),
+                    };
+                    self.dispatch(&address, deliverable, now_ms, out);
                 }
             }
             AddressCommand::SetCredit { consumer, subscription, credit } => {
                 let credit = credit.min(self.limits.max_credit);
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber| {
-                    subscriber.credit = credit;
-                });
+                self.change_credit(consumer, subscription, now_ms, out, |subscriber| subscriber.credit = credit);
             }
             AddressCommand::ReturnCredit { consumer, subscription, count } => {
-                self.with_subscriber(consumer, subscription, now_ms, out, |subscriber| {
+                self.change_credit(consumer, subscription, now_ms, out, |subscriber| {
                     subscriber.in_flight = subscriber.in_flight.saturating_sub(count);
                 });
             }
@@ -504,6 +646,111 @@ impl AddressTable {
         }
     }
 
+    /// Publishes consecutive SENDs to one address (all of `batch`, which is left empty) and
+    /// answers each. On a pure multicast address (multicast subscribers only, nothing queued
+    /// or held) every subscriber gets its share of the whole batch at once: one `Deliver`
+    /// command per subscriber instead of one per message and subscriber, no detour through the
+    /// backlog for a subscriber with credit, and one lookup of the address for the batch. Any
+    /// other address takes the publishes one at a time, as [`AddressCommand::Publish`].
+    pub fn publish_batch(&mut self, batch: &mut Vec<Publication>, now_ms: u64, out: &mut Vec<Outgoing>) {
+        debug_assert!(batch.len() <= MAX_PUBLISH_BATCH, "batches are bounded by MAX_PUBLISH_BATCH");
+        let Some(first) = batch.first() else { return };
+        debug_assert!(batch.iter().all(|publication| publication.message.address == first.message.address));
+        let address_name = first.message.address.clone();
+        if !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
+            for Publication { publisher, seq, message } in batch.drain(..) {
+                self.handle(AddressCommand::Publish { publisher, seq, message }, now_ms, out);
+            }
+            return;
+        }
+        // Admission: a message for multicast subscribers only waits in no queue, so only the
+        // durable log's health and the shard's memory budget can refuse it.
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut accepted = Vec::with_capacity(batch.len());
+        for Publication { publisher, seq, message } in batch.drain(..) {
+            let admitted =
+                self.refuse_if_log_failed(&message).and_then(|_| self.check_memory_budget(message.body.len()));
+            if admitted.is_ok() && !is_expired_at(message.expires_at_ms, now_ms) {
+                self.last_message_id += 1;
+                accepted.push(Queued {
+                    id: MessageId(self.last_message_id),
+                    message,
+                    redelivered: false,
+                    deliveries: 0,
+                });
+            }
+            answers.push((publisher, seq, admitted));
+        }
+        let state = self.addresses.get_mut(&address_name).expect("checked above");
+        // Message i (0-based) waits in some backlog, so it is compacted, unless every
+        // subscriber has an empty backlog and more than i deliveries of credit left.
+        let (any_backlog, least_credit_left) =
+            state.multicast.iter().fold((false, u32::MAX), |(any_backlog, least), subscriber| {
+                (
+                    any_backlog || !subscriber.backlog.is_empty(),
+                    least.min(subscriber.credit.saturating_sub(subscriber.in_flight)),
+                )
+            });
+        let delivered_at_once = if any_backlog { 0 } else { least_credit_left as usize };
+        for queued in accepted.iter_mut().skip(delivered_at_once) {
+            compact_to_wait(&mut self.arena, &mut queued.message);
+        }
+        let max_queued = self.limits.max_queued_messages as usize;
+        let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        let mut slow = SmallVec::<[usize; 2]>::new();
+        let mut delivered_any = false;
+        for (index, subscriber) in state.multicast.iter_mut().enumerate() {
+            let credit_left = subscriber.credit.saturating_sub(subscriber.in_flight) as usize;
+            let mut deliveries = Deliveries::with_capacity(accepted.len().min(credit_left));
+            for queued in &accepted {
+                if subscriber.backlog.is_empty() && subscriber.has_credit() {
+                    deliveries.push(deliver(subscriber, queued.clone(), ack_deadline));
+                } else if subscriber.backlog.len() >= max_queued {
+                    slow.push(index);
+                    break;
+                } else {
+                    subscriber.backlog.push_back(queued.clone());
+                }
+            }
+            delivered_any |= !deliveries.is_empty();
+            send_deliveries(out, subscriber, deliveries);
+        }
+        end_slow_subscribers(state, &address_name, &slow, &mut self.subscriptions, out);
+        self.deadline_added |= ack_deadline.is_some() && delivered_any;
+        for (publisher, seq, outcome) in answers {
+            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome }));
+        }
+    }
+
+    /// Whether `message` must be logged; refused while the durable log is failed.
+    fn refuse_if_log_failed(&self, message: &StoredMessage) -> Result<bool, Refusal> {
+        let durable = self.log.is_some() && self.is_durable(message);
+        if durable {
+            if let Some(failure) = self.log.as_ref().and_then(|log| log.borrow().failure().map(str::to_string)) {
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("the durable log failed ({failure}); durable messages cannot be accepted until the broker restarts"),
+                ));
+            }
+        }
+        Ok(durable)
+    }
+
+    /// Refuses a body that would take the shard's queued bytes past its memory budget.
+    fn check_memory_budget(&self, body_bytes: usize) -> Result<(), Refusal> {
+        if self.queued_bytes + body_bytes > self.limits.memory_budget_bytes {
+            return Err(Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "the broker's memory budget for queued messages is used up ({} of {} bytes on this shard; \
+                     --memory-budget-bytes); consume messages or retry later",
+                    self.queued_bytes, self.limits.memory_budget_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Queues and delivers a message; `Ok(Some(lsn))` when its answer must wait for the log.
     fn publish(
         &mut self,
@@ -513,15 +760,10 @@ impl AddressTable {
     ) -> Result<Option<Lsn>, Refusal> {
         let max_queued = self.limits.max_queued_messages as usize;
         let address_name = message.address.clone();
-        let durable = self.log.is_some() && self.is_durable(&message);
-        if durable {
-            if let Some(failure) = self.log.as_ref().and_then(|log| log.borrow().failure().map(str::to_string)) {
-                return Err(Refusal::new(
-                    ErrorCode::Internal,
-                    format!("the durable log failed ({failure}); durable messages cannot be accepted until the broker restarts"),
-                ));
-            }
-        }
+        let durable = self.refuse_if_log_failed(&message)?;
+        // Checked after the address's own bounds (whose refusal says more), computed here
+        // while `self` is free.
+        let within_budget = self.check_memory_budget(message.body.len());
         let state = self.addresses.entry(address_name.clone()).or_default();
         let to_anycast_queue = !state.anycast.is_empty() || state.multicast.is_empty();
         if to_anycast_queue && state.queue.len() >= max_queued {
@@ -548,16 +790,7 @@ impl AddressTable {
                 ),
             ));
         }
-        if self.queued_bytes + body_bytes > self.limits.memory_budget_bytes {
-            return Err(Refusal::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "the broker's memory budget for queued messages is used up ({} of {} bytes on this shard; \
-                     --memory-budget-bytes); consume messages or retry later",
-                    self.queued_bytes, self.limits.memory_budget_bytes
-                ),
-            ));
-        }
+        within_budget?;
         // A message that will wait somewhere (no subscriber with credit, or others already
         // waiting ahead of it) is compacted first; see StoredMessage::compact.
         let will_wait = (to_anycast_queue
@@ -565,14 +798,7 @@ impl AddressTable {
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
         let mut message = message;
         if will_wait {
-            match std::sync::Arc::get_mut(&mut message) {
-                Some(only_reference) => only_reference.compact(&mut self.arena),
-                None => {
-                    let mut copy = StoredMessage::clone(&message);
-                    copy.compact(&mut self.arena);
-                    message = std::sync::Arc::new(copy);
-                }
-            }
+            compact_to_wait(&mut self.arena, &mut message);
         }
         self.last_message_id += 1;
         let id = MessageId(self.last_message_id);
@@ -607,37 +833,13 @@ impl AddressTable {
                 subscriber.backlog.push_back(queued.clone());
             }
         }
-        // Policy: a multicast subscriber that falls max_queued_messages behind is ended on its
-        // own; the publisher and the other subscribers are not slowed by it.
-        for index in slow.into_iter().rev() {
-            let subscriber = state.multicast.remove(index);
-            let refusal = Refusal::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "subscription {} to \"{}\" fell {} messages behind (max_queued_messages) and was \
-                     ended; acknowledge faster or raise its credit, then subscribe again",
-                    subscriber.subscription.0,
-                    String::from_utf8_lossy(&address_name),
-                    subscriber.backlog.len()
-                ),
-            );
-            self.subscriptions.remove(&(subscriber.consumer, subscriber.subscription));
-            out.push((
-                subscriber.consumer.shard,
-                ConnCommand::SubscriptionEnded {
-                    consumer: subscriber.consumer.conn,
-                    subscription: subscriber.subscription,
-                    refusal,
-                },
-            ));
-        }
-        let state = self.addresses.get_mut(&address_name).expect("address was just inserted");
+        end_slow_subscribers(state, &address_name, &slow, &mut self.subscriptions, out);
         if to_anycast_queue {
             state.queued_bytes += queued.message.body.len();
             self.queued_bytes += queued.message.body.len();
             state.queue.push_back(queued);
         }
-        self.dispatch(&address_name, now_ms, out);
+        self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
         Ok(lsn)
     }
 
@@ -692,34 +894,47 @@ impl AddressTable {
             ack_mode,
             credit: credit.min(self.limits.max_credit),
             in_flight: 0,
-            unacked: FastMap::default(),
+            unacked: UnackedMessages::default(),
             deadlines: VecDeque::new(),
             backlog: VecDeque::new(),
         };
         let state = self.addresses.entry(address.clone()).or_default();
-        match mode {
-            DeliveryMode::Anycast => state.anycast.push(subscriber),
-            DeliveryMode::Multicast => state.multicast.push(subscriber),
-        }
-        self.subscriptions.insert(key, address);
+        let subscribers = state.subscribers_mut(mode);
+        subscribers.push(subscriber);
+        let index = subscribers.len() - 1;
+        self.subscriptions.insert(key, Place { address, mode, index });
         self.by_consumer.entry(consumer).or_default().push(subscription);
         Ok(())
     }
 
-    /// Runs `change` on one subscriber (if it still exists), then delivers what its address
-    /// can.
-    fn with_subscriber(
+    /// Runs `change` on one subscriber's credit (if the subscription still exists), then
+    /// delivers what that releases: the subscriber's own backlog (multicast), right here, or
+    /// the anycast queue. No other multicast subscriber is looked at. Returns the address and
+    /// what `change` returned.
+    fn change_credit<R>(
         &mut self,
         consumer: ConnRef,
         subscription: SubscriptionId,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
-        change: impl FnOnce(&mut Subscriber),
-    ) {
-        if let Some((address, ())) = self.change_subscriber(consumer, subscription, |subscriber, _| change(subscriber))
-        {
-            self.dispatch(&address, now_ms, out);
+        change: impl FnOnce(&mut Subscriber) -> R,
+    ) -> Option<(Bytes, R)> {
+        let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        let delivered = out.len();
+        let (address, mode, changed) = self
+            .change_subscriber(consumer, subscription, |subscriber, mode| {
+                let changed = change(subscriber);
+                if mode == DeliveryMode::Multicast {
+                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                }
+                (mode, changed)
+            })
+            .map(|(address, (mode, changed))| (address, mode, changed))?;
+        self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
+        if mode == DeliveryMode::Anycast {
+            self.dispatch(&address, Deliverable::AnycastQueue, now_ms, out);
         }
+        Some((address, changed))
     }
 
     /// Runs `change` on one subscriber (if it still exists) and returns its address and what
@@ -730,10 +945,11 @@ impl AddressTable {
         subscription: SubscriptionId,
         change: impl FnOnce(&mut Subscriber, DeliveryMode) -> R,
     ) -> Option<(Bytes, R)> {
-        let address = self.subscriptions.get(&(consumer, subscription)).cloned()?;
-        let state = self.addresses.get_mut(&address)?;
-        let (subscriber, mode) = state.subscriber_mut((consumer, subscription))?;
-        Some((address, change(subscriber, mode)))
+        let key = (consumer, subscription);
+        let place = self.subscriptions.get(&key)?;
+        let state = self.addresses.get_mut(&place.address)?;
+        let subscriber = state.subscriber_at(place, key)?;
+        Some((place.address.clone(), change(subscriber, place.mode)))
     }
 
     fn remove_subscription(
@@ -743,39 +959,54 @@ impl AddressTable {
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) {
-        let Some(address) = self.subscriptions.remove(&(consumer, subscription)) else { return };
-        let Some(state) = self.addresses.get_mut(&address) else { return };
         let key = (consumer, subscription);
-        if let Some(index) = state.anycast.iter().position(|s| (s.consumer, s.subscription) == key) {
-            let subscriber = state.anycast.remove(index);
+        let Some(Place { address, mode, index }) = self.subscriptions.remove(&key) else { return };
+        let Some(state) = self.addresses.get_mut(&address) else { return };
+        debug_assert!(state.subscribers_mut(mode).get(index).is_some_and(|s| s.key() == key));
+        let subscriber = remove_subscriber(state, &mut self.subscriptions, mode, index);
+        if mode == DeliveryMode::Anycast {
             if state.next_anycast >= state.anycast.len() {
                 state.next_anycast = 0;
             }
             // Unacknowledged anycast messages go back to the front of the queue, oldest first,
             // marked redelivered (or to the dead-letter address after max_deliveries).
-            let mut returned: Vec<Queued> = subscriber.unacked.into_values().collect();
-            returned.sort_by_key(|queued| std::cmp::Reverse(queued.id));
-            for queued in returned {
+            for queued in subscriber.unacked.into_oldest_first().into_iter().rev() {
                 self.give_back(&address, key, DeliveryMode::Anycast, queued);
             }
-        } else if let Some(index) = state.multicast.iter().position(|s| (s.consumer, s.subscription) == key) {
-            state.multicast.remove(index);
         }
-        self.dispatch(&address, now_ms, out);
+        self.dispatch(&address, Deliverable::Everything, now_ms, out);
         if self.addresses.get(&address).is_some_and(Address::is_idle) {
             self.addresses.remove(&address);
         }
     }
 
-    /// Delivers whatever the address's queue and backlogs hold to subscribers with credit.
-    fn dispatch(&mut self, address: &Bytes, now_ms: u64, out: &mut Vec<Outgoing>) {
+    /// Delivers to subscribers with credit what `deliverable` says may have become
+    /// deliverable: backlogs, the anycast queue, or both.
+    fn dispatch(&mut self, address: &Bytes, deliverable: Deliverable, now_ms: u64, out: &mut Vec<Outgoing>) {
         let low_watermark = self.limits.max_queued_messages as usize / 4;
         let Some(state) = self.addresses.get_mut(address) else { return };
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
+        match deliverable {
+            Deliverable::Everything => {
+                for subscriber in state.multicast.iter_mut() {
+                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                }
+            }
+            Deliverable::AnycastQueue => {}
+            Deliverable::Backlog(key) => {
+                let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
+                if let Some(subscriber) = found {
+                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                }
+                self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
+                // Nothing else changed: the queue and the held answers are as they were.
+                return;
+            }
+        }
         let queued_before = state.queued_bytes;
         let mut settled = Vec::new();
-        Self::deliver_what_credit_allows(state, ack_deadline, now_ms, out, &mut settled);
+        Self::deliver_queue(state, ack_deadline, now_ms, out, &mut settled);
         self.queued_bytes -= queued_before - state.queued_bytes;
         for queued in settled {
             self.settle(address, &queued.message, queued.id);
@@ -785,24 +1016,15 @@ impl AddressTable {
         Self::release_held_answers(state, low_watermark, out);
     }
 
-    /// Delivers what credit allows; auto-ack anycast deliveries and expired messages are done
-    /// with and go to `settled` (for the log).
-    fn deliver_what_credit_allows(
+    /// Delivers the anycast queue, round robin, as far as credit allows; auto-ack deliveries
+    /// and expired messages are done with and go to `settled` (for the log).
+    fn deliver_queue(
         state: &mut Address,
         ack_deadline: Option<u64>,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
         settled: &mut Vec<Queued>,
     ) {
-        for subscriber in state.multicast.iter_mut() {
-            while subscriber.has_credit() {
-                let Some(queued) = subscriber.backlog.pop_front() else { break };
-                if is_expired(&queued, now_ms) {
-                    continue;
-                }
-                deliver(subscriber, queued, ack_deadline, out);
-            }
-        }
         let subscriber_count = state.anycast.len();
         if subscriber_count == 0 {
             return;
@@ -826,7 +1048,8 @@ impl AddressTable {
             if subscriber.ack_mode == AckMode::Auto {
                 settled.push(queued.clone());
             }
-            deliver(subscriber, queued, ack_deadline, out);
+            let delivered = deliver(subscriber, queued, ack_deadline);
+            push_delivery(out, subscriber, delivered);
         }
     }
 
@@ -836,28 +1059,115 @@ impl AddressTable {
 }
 
 fn is_expired(queued: &Queued, now_ms: u64) -> bool {
-    queued.message.expires_at_ms != 0 && queued.message.expires_at_ms <= now_ms
+    is_expired_at(queued.message.expires_at_ms, now_ms)
 }
 
-fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadline: Option<u64>, out: &mut Vec<Outgoing>) {
+fn is_expired_at(expires_at_ms: u64, now_ms: u64) -> bool {
+    expires_at_ms != 0 && expires_at_ms <= now_ms
+}
+
+/// Compacts a message that is going to wait (see [`StoredMessage::compact`]): in place when
+/// nothing else shares it, as a compacted copy otherwise.
+fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage) {
+    match std::sync::Arc::get_mut(message) {
+        Some(only_reference) => only_reference.compact(arena),
+        None => {
+            let mut copy = StoredMessage::clone(message);
+            copy.compact(arena);
+            *message = std::sync::Arc::new(copy);
+        }
+    }
+}
+
+/// Policy: a multicast subscriber that falls `max_queued_messages` behind is ended on its own
+/// (`slow` holds indexes into `state.multicast`, ascending); the publisher and the other
+/// subscribers are not slowed by it.
+fn end_slow_subscribers(
+    state: &mut Address,
+    address: &[u8],
+    slow: &[usize],
+    subscriptions: &mut Places,
+    out: &mut Vec<Outgoing>,
+) {
+    // Descending, so that the subscriber moved into a freed index is never one still to end.
+    debug_assert!(slow.windows(2).all(|pair| pair[0] < pair[1]));
+    for &index in slow.iter().rev() {
+        let subscriber = remove_subscriber(state, subscriptions, DeliveryMode::Multicast, index);
+        subscriptions.remove(&subscriber.key());
+        let refusal = Refusal::new(
+            ErrorCode::Overloaded,
+            format!(
+                "subscription {} to \"{}\" fell {} messages behind (max_queued_messages) and was \
+                 ended; acknowledge faster or raise its credit, then subscribe again",
+                subscriber.subscription.0,
+                String::from_utf8_lossy(address),
+                subscriber.backlog.len()
+            ),
+        );
+        out.push((
+            subscriber.consumer.shard,
+            ConnCommand::SubscriptionEnded {
+                consumer: subscriber.consumer.conn,
+                subscription: subscriber.subscription,
+                refusal,
+            },
+        ));
+    }
+}
+
+/// Delivers what a multicast subscriber's backlog holds, as far as its credit allows, in one
+/// command; expired messages are dropped on the way.
+fn drain_backlog(subscriber: &mut Subscriber, ack_deadline: Option<u64>, now_ms: u64, out: &mut Vec<Outgoing>) {
+    let mut deliveries = Deliveries::new();
+    while subscriber.has_credit() {
+        let Some(queued) = subscriber.backlog.pop_front() else { break };
+        if is_expired(&queued, now_ms) {
+            continue;
+        }
+        deliveries.push(deliver(subscriber, queued, ack_deadline));
+    }
+    send_deliveries(out, subscriber, deliveries);
+}
+
+/// Counts a delivery against the subscriber's credit and, in client ack mode, keeps it until
+/// it is acknowledged (with its ack deadline, if there is an ack timeout).
+fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadline: Option<u64>) -> Delivered {
     debug_assert!(subscriber.has_credit(), "delivery without credit");
     subscriber.in_flight += 1;
     queued.deliveries += 1;
+    let delivered =
+        Delivered { message_id: queued.id, message: queued.message.clone(), redelivered: queued.redelivered };
     if subscriber.ack_mode == AckMode::Client {
         if let Some(deadline) = ack_deadline {
             subscriber.deadlines.push_back((deadline, queued.id));
         }
-        subscriber.unacked.insert(queued.id, queued.clone());
+        subscriber.unacked.insert(queued);
+    }
+    delivered
+}
+
+/// Sends one delivery to `subscriber`, joining the command before it when that one is for the
+/// same subscription (so consecutive deliveries to one subscriber travel together).
+fn push_delivery(out: &mut Vec<Outgoing>, subscriber: &Subscriber, delivered: Delivered) {
+    if let Some((shard, ConnCommand::Deliver { consumer, subscription, deliveries })) = out.last_mut() {
+        if (*shard, *consumer, *subscription)
+            == (subscriber.consumer.shard, subscriber.consumer.conn, subscriber.subscription)
+        {
+            deliveries.push(delivered);
+            return;
+        }
+    }
+    send_deliveries(out, subscriber, smallvec::smallvec![delivered]);
+}
+
+/// Sends `deliveries` (oldest first) to `subscriber` as one command; nothing if empty.
+fn send_deliveries(out: &mut Vec<Outgoing>, subscriber: &Subscriber, deliveries: Deliveries) {
+    if deliveries.is_empty() {
+        return;
     }
     out.push((
         subscriber.consumer.shard,
-        ConnCommand::Deliver {
-            consumer: subscriber.consumer.conn,
-            subscription: subscriber.subscription,
-            message_id: queued.id,
-            message: queued.message,
-            redelivered: queued.redelivered,
-        },
+        ConnCommand::Deliver { consumer: subscriber.consumer.conn, subscription: subscriber.subscription, deliveries },
     ));
 }
 
@@ -913,15 +1223,22 @@ mod tests {
         );
     }
 
-    /// (consumer index, body) of every delivery in `out`.
-    fn deliveries(out: &[Outgoing]) -> Vec<(u32, String)> {
+    /// (consumer index, delivery) of every delivery in `out`, in order.
+    fn delivered(out: &[Outgoing]) -> Vec<(u32, &Delivered)> {
         out.iter()
             .filter_map(|(_, command)| match command {
-                ConnCommand::Deliver { consumer, message, .. } => {
-                    Some((consumer.index, String::from_utf8_lossy(&message.body).into_owned()))
-                }
+                ConnCommand::Deliver { consumer, deliveries, .. } => Some((consumer.index, deliveries)),
                 _ => None,
             })
+            .flat_map(|(consumer, deliveries)| deliveries.iter().map(move |delivery| (consumer, delivery)))
+            .collect()
+    }
+
+    /// (consumer index, body) of every delivery in `out`.
+    fn deliveries(out: &[Outgoing]) -> Vec<(u32, String)> {
+        delivered(out)
+            .into_iter()
+            .map(|(consumer, delivery)| (consumer, String::from_utf8_lossy(&delivery.message.body).into_owned()))
             .collect()
     }
 
@@ -961,13 +1278,8 @@ mod tests {
         out.clear();
         table.handle(AddressCommand::ConsumerGone { consumer: conn(1) }, 0, &mut out);
         // m1 goes to the remaining consumer, marked redelivered.
-        let redelivered: Vec<_> = out
-            .iter()
-            .filter_map(|(_, c)| match c {
-                ConnCommand::Deliver { consumer, redelivered, .. } => Some((consumer.index, *redelivered)),
-                _ => None,
-            })
-            .collect();
+        let redelivered: Vec<_> =
+            delivered(&out).into_iter().map(|(consumer, delivery)| (consumer, delivery.redelivered)).collect();
         assert_eq!(redelivered, vec![(2, true)]);
     }
 
@@ -1094,14 +1406,8 @@ mod tests {
         let (first_body, second_body) = (first.body.as_ptr(), second.body.as_ptr());
         table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message: first }, 0, &mut out);
         table.handle(AddressCommand::Publish { publisher: conn(9), seq: 2, message: second }, 0, &mut out);
-        let delivered: Vec<_> = out
-            .iter()
-            .filter_map(|(_, c)| match c {
-                ConnCommand::Deliver { message, .. } => Some(message.body.as_ptr()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(delivered, vec![first_body], "the first goes out zero-copy");
+        let bodies: Vec<_> = delivered(&out).into_iter().map(|(_, delivery)| delivery.message.body.as_ptr()).collect();
+        assert_eq!(bodies, vec![first_body], "the first goes out zero-copy");
         out.clear();
         table.handle(
             AddressCommand::Ack {
@@ -1114,14 +1420,241 @@ mod tests {
         );
         let waited = deliveries(&out);
         assert_eq!(waited, vec![(1, "has to wait".to_string())]);
-        let pointer = out
+        let pointer = delivered(&out)[0].1.message.body.as_ptr();
+        assert_ne!(pointer, second_body, "the waiting one no longer pins the publisher's buffer");
+    }
+
+    fn publish_batch(table: &mut AddressTable, bodies: &[&str], now_ms: u64, out: &mut Vec<Outgoing>) {
+        let mut batch: Vec<Publication> = bodies
             .iter()
-            .find_map(|(_, c)| match c {
-                ConnCommand::Deliver { message, .. } => Some(message.body.as_ptr()),
+            .enumerate()
+            .map(|(index, body)| Publication {
+                publisher: conn(99),
+                seq: index as u64 + 1,
+                message: message("a", body),
+            })
+            .collect();
+        table.publish_batch(&mut batch, now_ms, out);
+        assert!(batch.is_empty(), "the batch is consumed");
+    }
+
+    fn ack(table: &mut AddressTable, consumer: u32, ids: &[u64], out: &mut Vec<Outgoing>) {
+        let messages = ids.iter().map(|&id| MessageId(id)).collect();
+        table.handle(
+            AddressCommand::Ack { consumer: conn(consumer), subscription: SubscriptionId(1), messages },
+            0,
+            out,
+        );
+    }
+
+    /// Consumer index and number of deliveries of each `Deliver` command in `out`, in order.
+    fn deliver_commands(out: &[Outgoing]) -> Vec<(u32, usize)> {
+        out.iter()
+            .filter_map(|(_, command)| match command {
+                ConnCommand::Deliver { consumer, deliveries, .. } => Some((consumer.index, deliveries.len())),
                 _ => None,
             })
-            .unwrap();
-        assert_ne!(pointer, second_body, "the waiting one no longer pins the publisher's buffer");
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_reaches_each_multicast_subscriber_in_one_command_in_order() {
+        let limits = AddressLimits { max_queued_messages: 10, ..LIMITS };
+        let mut table = AddressTable::new(ShardId(0), limits);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Multicast, 100, &mut out);
+        subscribe(&mut table, 2, DeliveryMode::Multicast, 2, &mut out);
+        out.clear();
+        publish_batch(&mut table, &["m0", "m1", "m2", "m3", "m4"], 0, &mut out);
+        assert_eq!(deliver_commands(&out), vec![(1, 5), (2, 2)], "one command per subscriber, credit respected");
+        let to = |consumer: u32, out: &[Outgoing]| -> Vec<String> {
+            deliveries(out).into_iter().filter(|(c, _)| *c == consumer).map(|(_, body)| body).collect()
+        };
+        assert_eq!(to(1, &out), ["m0", "m1", "m2", "m3", "m4"]);
+        assert_eq!(to(2, &out), ["m0", "m1"]);
+        // Every SEND is answered, in order, after the deliveries it caused.
+        let answers: Vec<u64> = out
+            .iter()
+            .filter_map(|(_, c)| match c {
+                ConnCommand::PublishDone { seq, outcome: Ok(()), .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(answers, [1, 2, 3, 4, 5]);
+        assert!(matches!(out.last(), Some((_, ConnCommand::PublishDone { seq: 5, .. }))));
+        // The rest waits in the slow subscriber's backlog and follows, in order, as it acknowledges.
+        out.clear();
+        ack(&mut table, 2, &[1, 2], &mut out);
+        assert_eq!(deliveries(&out), [(2, "m2".to_string()), (2, "m3".to_string())]);
+        assert_eq!(deliver_commands(&out), vec![(2, 2)]);
+        out.clear();
+        ack(&mut table, 2, &[3, 4], &mut out);
+        assert_eq!(deliveries(&out), [(2, "m4".to_string())]);
+    }
+
+    #[test]
+    fn an_ack_delivers_only_to_the_subscriber_that_sent_it() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Multicast, 1, &mut out);
+        subscribe(&mut table, 2, DeliveryMode::Multicast, 1, &mut out);
+        publish(&mut table, "a", "m1", &mut out);
+        publish(&mut table, "a", "m2", &mut out);
+        out.clear();
+        // Subscriber 2 also has credit back only if it acknowledged; subscriber 1 acknowledges.
+        ack(&mut table, 1, &[1], &mut out);
+        assert_eq!(deliveries(&out), [(1, "m2".to_string())], "subscriber 2 is not touched");
+        out.clear();
+        ack(&mut table, 2, &[1], &mut out);
+        assert_eq!(deliveries(&out), [(2, "m2".to_string())]);
+    }
+
+    #[test]
+    fn a_batch_ends_a_slow_multicast_subscriber_and_not_the_others() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Multicast, 100, &mut out);
+        subscribe(&mut table, 2, DeliveryMode::Multicast, 0, &mut out); // paused: never keeps up
+        out.clear();
+        publish_batch(&mut table, &["m0", "m1", "m2", "m3"], 0, &mut out);
+        assert_eq!(deliver_commands(&out), vec![(1, 4)]);
+        let ended: Vec<u32> = out
+            .iter()
+            .filter_map(|(_, c)| match c {
+                ConnCommand::SubscriptionEnded { consumer, refusal, .. } => {
+                    assert!(refusal.reason.contains("max_queued_messages"), "{}", refusal.reason);
+                    Some(consumer.index)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ended, [2]);
+        assert_eq!(table.stats(b"a").multicast_subscribers, 1);
+        // Its subscription is gone: a late ACK changes nothing.
+        out.clear();
+        ack(&mut table, 2, &[1], &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_batch_for_an_address_with_anycast_subscribers_is_queued_as_single_publishes() {
+        let limits = AddressLimits { max_queued_messages: 10, ..LIMITS };
+        let mut table = AddressTable::new(ShardId(0), limits);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+        out.clear();
+        publish_batch(&mut table, &["m0", "m1", "m2"], 0, &mut out);
+        assert_eq!(deliveries(&out), [(1, "m0".to_string())]);
+        assert_eq!(table.stats(b"a").queued, 2);
+        assert_eq!(answered(&out), 3);
+    }
+
+    #[test]
+    fn an_expired_message_in_a_batch_is_answered_but_not_delivered() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Multicast, 10, &mut out);
+        out.clear();
+        let mut expiring = message("a", "old");
+        Arc::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
+        let mut batch = vec![
+            Publication { publisher: conn(9), seq: 1, message: expiring },
+            Publication { publisher: conn(9), seq: 2, message: message("a", "fresh") },
+        ];
+        table.publish_batch(&mut batch, 10, &mut out);
+        assert_eq!(deliveries(&out), [(1, "fresh".to_string())]);
+        assert_eq!(answered(&out), 2);
+    }
+
+    #[test]
+    fn acks_find_their_subscriber_after_others_leave() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        for consumer in 1..=4 {
+            subscribe(&mut table, consumer, DeliveryMode::Multicast, 1, &mut out);
+        }
+        subscribe(&mut table, 5, DeliveryMode::Anycast, 1, &mut out);
+        subscribe(&mut table, 6, DeliveryMode::Anycast, 1, &mut out);
+        subscribe(&mut table, 7, DeliveryMode::Anycast, 1, &mut out);
+        publish(&mut table, "a", "m1", &mut out);
+        publish(&mut table, "a", "m2", &mut out);
+        // The first of each kind leaves: the others' positions change.
+        let unsubscribe = |table: &mut AddressTable, consumer: u32, out: &mut Vec<Outgoing>| {
+            table.handle(
+                AddressCommand::Unsubscribe { consumer: conn(consumer), subscription: SubscriptionId(1) },
+                0,
+                out,
+            )
+        };
+        unsubscribe(&mut table, 1, &mut out);
+        unsubscribe(&mut table, 5, &mut out);
+        out.clear();
+        for consumer in [4, 2, 3] {
+            ack(&mut table, consumer, &[1], &mut out);
+            assert_eq!(deliveries(&out), [(consumer, "m2".to_string())], "consumer {consumer}");
+            out.clear();
+        }
+        // Anycast: m1 went to 5 and m2 to 6; 5 left, so m1 went again, to 7. Their ACKs find them.
+        let stats = table.stats(b"a");
+        assert_eq!((stats.multicast_subscribers, stats.anycast_subscribers, stats.unacked), (3, 2, 2));
+        ack(&mut table, 6, &[2], &mut out);
+        ack(&mut table, 7, &[1], &mut out);
+        assert_eq!(table.stats(b"a").unacked, 0);
+        table.handle(AddressCommand::ConsumerGone { consumer: conn(3) }, 0, &mut out);
+        ack(&mut table, 2, &[2], &mut out);
+        ack(&mut table, 4, &[2], &mut out);
+        assert_eq!(table.stats(b"a").multicast_subscribers, 2);
+    }
+
+    #[test]
+    fn ending_several_slow_subscribers_keeps_the_others_reachable() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        for (consumer, credit) in [(1, 0), (2, 10), (3, 0), (4, 10), (5, 0)] {
+            subscribe(&mut table, consumer, DeliveryMode::Multicast, credit, &mut out);
+        }
+        out.clear();
+        publish_batch(&mut table, &["m0", "m1", "m2", "m3"], 0, &mut out);
+        let ended: Vec<u32> = out
+            .iter()
+            .filter_map(|(_, c)| match c {
+                ConnCommand::SubscriptionEnded { consumer, .. } => Some(consumer.index),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ended, [5, 3, 1]);
+        for consumer in [2, 4] {
+            out.clear();
+            table.handle(
+                AddressCommand::SetCredit { consumer: conn(consumer), subscription: SubscriptionId(1), credit: 20 },
+                0,
+                &mut out,
+            );
+            ack(&mut table, consumer, &[1, 2, 3, 4], &mut out);
+            assert!(out.is_empty(), "nothing was waiting for consumer {consumer}");
+        }
+        out.clear();
+        publish_batch(&mut table, &["m4"], 0, &mut out);
+        let mut reached = deliveries(&out);
+        reached.sort();
+        assert_eq!(reached, [(2, "m4".to_string()), (4, "m4".to_string())]);
+    }
+
+    #[test]
+    fn unacked_messages_stay_sorted_when_redeliveries_arrive_late() {
+        let queued =
+            |id: u64| Queued { id: MessageId(id), message: message("a", "m"), redelivered: false, deliveries: 1 };
+        let mut unacked = UnackedMessages::default();
+        for id in [3, 5, 1, 4] {
+            unacked.insert(queued(id));
+        }
+        assert!(unacked.contains(MessageId(4)) && !unacked.contains(MessageId(2)));
+        assert_eq!(unacked.remove(MessageId(4)).map(|q| q.id), Some(MessageId(4)));
+        assert_eq!(unacked.remove(MessageId(4)).map(|q| q.id), None, "an id is removed once");
+        assert_eq!(unacked.remove(MessageId(1)).map(|q| q.id), Some(MessageId(1)));
+        assert_eq!(unacked.len(), 2);
+        let left: Vec<u64> = unacked.into_oldest_first().into_iter().map(|q| q.id.0).collect();
+        assert_eq!(left, [3, 5]);
     }
 
     #[test]

@@ -225,6 +225,17 @@ pub enum AddressCommand {
     },
 }
 
+/// One message handed to one subscription.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub message_id: MessageId,
+    pub message: SharedMessage,
+    pub redelivered: bool,
+}
+
+/// The deliveries of one [`ConnCommand::Deliver`], oldest first; one inline, more on the heap.
+pub type Deliveries = smallvec::SmallVec<[Delivered; 1]>;
+
 /// Commands for the shard that holds a connection.
 #[derive(Debug)]
 pub enum ConnCommand {
@@ -238,12 +249,13 @@ pub enum ConnCommand {
         subscription: SubscriptionId,
         outcome: Result<(), Refusal>,
     },
+    /// Deliveries for one subscription, in the order the consumer must see them: usually one,
+    /// several when a batch of publishes to a multicast address reached the subscriber at once
+    /// (one command, one trip through the work queue and one session lookup for all of them).
     Deliver {
         consumer: ConnId,
         subscription: SubscriptionId,
-        message_id: MessageId,
-        message: SharedMessage,
-        redelivered: bool,
+        deliveries: Deliveries,
     },
     /// The owner ended a subscription on its own (e.g. a slow multicast consumer).
     SubscriptionEnded {

@@ -27,8 +27,8 @@ use smallvec::SmallVec;
 use super::outbound::Outbound;
 use super::unacked::Unacked;
 use crate::broker::{
-    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, FastMap, MessageId, Refusal, ShardId, SharedMessage,
-    StoredMessage, SubscriptionId,
+    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, Delivered, Deliveries, FastMap, MessageId, Refusal,
+    ShardId, SharedMessage, StoredMessage, SubscriptionId,
 };
 use crate::mbws::{
     self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
@@ -614,8 +614,8 @@ impl Session {
                     self.send_error(self.binding, refusal.code, 0, subscription.0, refusal.reason, fx.outbound);
                 }
             },
-            ConnCommand::Deliver { subscription, message_id, message, redelivered, .. } => {
-                self.on_deliver(subscription, message_id, message, redelivered, fx.outbound)
+            ConnCommand::Deliver { subscription, deliveries, .. } => {
+                self.on_deliver(subscription, deliveries, fx.outbound)
             }
             ConnCommand::DeliveryExpired { subscription, message_id, .. } => {
                 self.unacked
@@ -657,44 +657,48 @@ impl Session {
         }
     }
 
-    fn on_deliver(
-        &mut self,
-        subscription: SubscriptionId,
-        message_id: MessageId,
-        message: SharedMessage,
-        redelivered: bool,
-        outbound: &mut Outbound,
-    ) {
-        if !self.subscriptions.contains_key(&subscription) {
-            return; // Unsubscribed meanwhile: the owner requeues it (client ack) or it is dropped.
-        }
-        let delivery = Delivery { subscription, message_id, message, redelivered };
-        if self.attached {
-            self.deliver_now(delivery, outbound);
-            return;
-        }
-        match self.subscriptions[&subscription].ack_mode {
-            // Sent on resume, from `unacked`, with the sequence it gets now.
-            AckMode::Client => {
-                self.last_delivery_seq += 1;
-                self.unacked.push(self.last_delivery_seq, delivery);
+    /// Takes a subscription's deliveries, oldest first: numbered and sent now, or (detached)
+    /// kept for the resume.
+    fn on_deliver(&mut self, subscription: SubscriptionId, deliveries: Deliveries, outbound: &mut Outbound) {
+        let Some(state) = self.subscriptions.get(&subscription) else {
+            return; // Unsubscribed meanwhile: the owner requeues them (client ack) or they are dropped.
+        };
+        let (owner, ack_mode) = (state.owner, state.ack_mode);
+        for Delivered { message_id, message, redelivered } in deliveries {
+            let delivery = Delivery { subscription, message_id, message, redelivered };
+            if self.attached {
+                self.number_and_encode(owner, ack_mode, delivery, outbound);
+                continue;
             }
-            AckMode::Auto => self.held.push_back(delivery),
+            match ack_mode {
+                // Sent on resume, from `unacked`, with the sequence it gets now.
+                AckMode::Client => {
+                    self.last_delivery_seq += 1;
+                    self.unacked.push(self.last_delivery_seq, delivery);
+                }
+                AckMode::Auto => self.held.push_back(delivery),
+            }
         }
     }
 
-    /// Numbers a delivery, records it (client ack) or notes its credit (auto ack), encodes it.
+    /// Sends a delivery held while detached, if its subscription is still there.
     fn deliver_now(&mut self, delivery: Delivery, outbound: &mut Outbound) {
         let Some(state) = self.subscriptions.get(&delivery.subscription) else { return };
+        let (owner, ack_mode) = (state.owner, state.ack_mode);
+        self.number_and_encode(owner, ack_mode, delivery, outbound);
+    }
+
+    /// Numbers a delivery, encodes it, and records it (client ack) or notes its credit (auto
+    /// ack).
+    fn number_and_encode(&mut self, owner: ShardId, ack_mode: AckMode, delivery: Delivery, outbound: &mut Outbound) {
         self.last_delivery_seq += 1;
         let delivery_seq = self.last_delivery_seq;
-        match state.ack_mode {
-            AckMode::Client => {
-                self.unacked.push(delivery_seq, delivery.clone());
-            }
-            AckMode::Auto => outbound.note_auto_delivery(state.owner, delivery.subscription),
-        }
         self.encode_delivery(delivery_seq, &delivery, outbound);
+        match ack_mode {
+            // Kept (not cloned) until acknowledged.
+            AckMode::Client => self.unacked.push(delivery_seq, delivery),
+            AckMode::Auto => outbound.note_auto_delivery(owner, delivery.subscription),
+        }
     }
 
     fn encode_delivery(&self, delivery_seq: u64, delivery: &Delivery, outbound: &mut Outbound) {
@@ -959,9 +963,11 @@ mod tests {
         let deliver = |id: u64| ConnCommand::Deliver {
             consumer: me,
             subscription: SubscriptionId(1),
-            message_id: MessageId(id),
-            message: message.clone(),
-            redelivered: false,
+            deliveries: smallvec::smallvec![Delivered {
+                message_id: MessageId(id),
+                message: message.clone(),
+                redelivered: false
+            }],
         };
         // Deliveries 1 and 2 go out; the client will say it saw 1. Then the connection drops,
         // delivery 3 and the answer to SEND 1 arrive while detached.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use crate::broker::address::{AddressLimits, AddressTable};
+use crate::broker::address::{AddressLimits, AddressTable, Publication, MAX_PUBLISH_BATCH};
 use crate::broker::{AddressCommand, Command, ConnId, ConnRef, ShardId};
 use crate::config::Config;
 use crate::conn::session::{Effects, SessionConfig};
@@ -233,15 +233,31 @@ impl Shard {
 
     /// Runs the local work queue dry, lets touched connections flush (cumulative receipts,
     /// writer wake-ups), then posts every outbox as one batch per destination shard.
+    ///
+    /// Consecutive publishes to one address (what one read of a publisher's socket yields) are
+    /// handed to the address table together ([`AddressTable::publish_batch`]), so a multicast
+    /// subscriber gets them in one command; nothing is reordered, since only commands that
+    /// are next to each other in the queue are joined.
     pub fn run_work(&self) {
         // One reading of the clock per round: a round lasts far less than a millisecond.
         let now = now_ms();
         let mut scratch = Vec::new();
         let mut address_commands = Vec::new();
+        let mut publications = Vec::new();
         loop {
             let next = self.work.borrow_mut().pop_front();
             let Some(command) = next else { break };
             match command {
+                Command::Address(AddressCommand::Publish { publisher, seq, message }) => {
+                    publications.push(Publication { publisher, seq, message });
+                    self.take_publishes_to_same_address(&mut publications);
+                    let forwards = {
+                        let mut addresses = self.addresses.borrow_mut();
+                        addresses.publish_batch(&mut publications, now_ms(), &mut scratch);
+                        (addresses.take_forwards(), addresses.take_deadline_added())
+                    };
+                    self.route_address_output(&mut scratch, forwards);
+                }
                 Command::Address(command) => {
                     let forwards = {
                         let mut addresses = self.addresses.borrow_mut();
@@ -270,6 +286,26 @@ impl Shard {
             if committer.log().borrow().has_pending() {
                 committer.notify();
             }
+        }
+    }
+
+    /// Moves the publishes at the front of the work queue that go to the same address as
+    /// `publications[0]` into `publications`, up to `MAX_PUBLISH_BATCH` in all.
+    fn take_publishes_to_same_address(&self, publications: &mut Vec<Publication>) {
+        let mut work = self.work.borrow_mut();
+        while publications.len() < MAX_PUBLISH_BATCH {
+            let same_address = matches!(
+                work.front(),
+                Some(Command::Address(AddressCommand::Publish { message, .. }))
+                    if message.address == publications[0].message.address
+            );
+            if !same_address {
+                break;
+            }
+            let Some(Command::Address(AddressCommand::Publish { publisher, seq, message })) = work.pop_front() else {
+                unreachable!("the front was just checked to be a publish");
+            };
+            publications.push(Publication { publisher, seq, message });
         }
     }
 
