@@ -54,7 +54,7 @@ body=$(head -c 64 /dev/zero | tr '\0' x)
 "$client" consume perf --url "$url" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
 consumer_pid=$!
 sleep 0.5
-"$client" send perf "$body" --url "$url" --count "$count" --wait 60 "$@" >/dev/null
+"$client" send perf "$body" --url "$url" --count "$count" --wait 60 "$@" >/dev/null 2>"$work/send.log"
 wait "$consumer_pid"
 consumer_pid=""
 # valgrind's broker does not see SIGTERM through sigwait: dump the counts, then stop it.

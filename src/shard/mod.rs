@@ -253,7 +253,7 @@ impl Shard {
                     self.take_publishes_to_same_address(&mut publications);
                     let forwards = {
                         let mut addresses = self.addresses.borrow_mut();
-                        addresses.publish_batch(&mut publications, now_ms(), &mut scratch);
+                        addresses.publish_batch(&mut publications, now, &mut scratch);
                         (addresses.take_forwards(), addresses.take_deadline_added())
                     };
                     self.route_address_output(&mut scratch, forwards);
