@@ -11,7 +11,7 @@ use mbws::logging::{self, Level};
 
 /// mimalloc instead of glibc's malloc: the broker allocates and frees a few small objects per
 /// message (the shared message, a queued message's compact copy), and glibc's allocator spent
-/// about 15% of the broker's instructions on them (docs/PERFORMANCE.md, "Broker hot path").
+/// about 15% of the broker's instructions on them (docs/PERFORMANCE.md, "Optimisation pass").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -17,11 +17,11 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use bytes::BytesMut;
-use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
 use super::wire::Framing;
+use crate::conn::ReadTail;
 
 /// A publisher stops appending once its outbox holds this much; the writer drains it.
 pub const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
@@ -167,28 +167,6 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
             }
         }
         Ok(limit.rlim_cur)
-    }
-}
-
-/// A `BytesMut` that io_uring reads into after its current contents.
-struct ReadTail(BytesMut);
-
-// SAFETY: the pointer is the start of the spare capacity and `bytes_total` its exact length; the
-// heap allocation does not move while the runtime holds this value; `set_init(n)` marks the `n`
-// bytes the kernel wrote as initialized.
-unsafe impl IoBufMut for ReadTail {
-    fn write_ptr(&mut self) -> *mut u8 {
-        // SAFETY: `len <= capacity`, so the result is inside (or one past) the allocation.
-        unsafe { self.0.as_mut_ptr().add(self.0.len()) }
-    }
-
-    fn bytes_total(&mut self) -> usize {
-        self.0.capacity() - self.0.len()
-    }
-
-    unsafe fn set_init(&mut self, written: usize) {
-        // SAFETY: the kernel initialized `written` bytes of spare capacity (caller contract).
-        unsafe { self.0.set_len(self.0.len() + written) }
     }
 }
 

@@ -1253,15 +1253,7 @@ mod tests {
         subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
         assert_eq!(deliveries(&out), vec![(1, "m1".to_string())]);
         out.clear();
-        table.handle(
-            AddressCommand::Ack {
-                consumer: conn(1),
-                subscription: SubscriptionId(1),
-                messages: SmallVec::from_slice(&[MessageId(1)]),
-            },
-            0,
-            &mut out,
-        );
+        ack(&mut table, 1, &[1], &mut out);
         assert_eq!(deliveries(&out), vec![(1, "m2".to_string())]);
     }
 
@@ -1341,15 +1333,7 @@ mod tests {
         out.clear();
         // The consumer acknowledges until the queue is down to 2 (a quarter of 8).
         for id in 1..=4 {
-            table.handle(
-                AddressCommand::Ack {
-                    consumer: conn(1),
-                    subscription: SubscriptionId(1),
-                    messages: SmallVec::from_slice(&[MessageId(id)]),
-                },
-                0,
-                &mut out,
-            );
+            ack(&mut table, 1, &[id], &mut out);
         }
         assert_eq!(table.stats(b"a").queued, 2);
         assert_eq!(answered(&out), 3, "held answers go out at the low watermark");
@@ -1409,15 +1393,7 @@ mod tests {
         let bodies: Vec<_> = delivered(&out).into_iter().map(|(_, delivery)| delivery.message.body.as_ptr()).collect();
         assert_eq!(bodies, vec![first_body], "the first goes out zero-copy");
         out.clear();
-        table.handle(
-            AddressCommand::Ack {
-                consumer: conn(1),
-                subscription: SubscriptionId(1),
-                messages: SmallVec::from_slice(&[MessageId(1)]),
-            },
-            0,
-            &mut out,
-        );
+        ack(&mut table, 1, &[1], &mut out);
         let waited = deliveries(&out);
         assert_eq!(waited, vec![(1, "has to wait".to_string())]);
         let pointer = delivered(&out)[0].1.message.body.as_ptr();

@@ -154,8 +154,9 @@ pub struct Adoption {
     pub open: mbws::Open,
 }
 
-/// A `BytesMut` that io_uring reads into after its current contents.
-struct ReadTail(BytesMut);
+/// A `BytesMut` that io_uring reads into after its current contents (also used by the load
+/// generator, `crate::bench::net`).
+pub struct ReadTail(pub BytesMut);
 
 // SAFETY: the pointer is the start of the spare capacity and `bytes_total` its exact length;
 // the buffer is owned by this value (heap memory that does not move with it) while the runtime
@@ -380,14 +381,7 @@ async fn write_frames(stream: &mut TcpStream, build: impl FnOnce(&mut Outbound))
 /// Sends a fatal ERROR and the matching close before any session exists, then shuts down.
 async fn refuse_session(stream: &mut TcpStream, binding: Binding, code: ErrorCode, reason: String) {
     write_frames(stream, |out| {
-        let error = ErrorFrame {
-            code: code.as_u16(),
-            fatal: true,
-            seq: 0,
-            subscription_id: 0,
-            reason: Bytes::from(reason.clone()),
-        };
-        out.push_frame(binding, &Frame::Error(error));
+        out.push_frame(binding, &Frame::Error(ErrorFrame::fatal(code, 0, 0, &reason)));
         out.push_control(OpCode::Close, &close_payload(code.as_u16(), &reason));
     })
     .await;
@@ -684,14 +678,7 @@ fn close_with_error(cell: &ConnectionCell, epoch: u32, code: ErrorCode, reason: 
     if connection.epoch != epoch {
         return;
     }
-    let frame = Frame::Error(ErrorFrame {
-        code: code.as_u16(),
-        fatal: true,
-        seq: 0,
-        subscription_id: 0,
-        reason: Bytes::from(reason.clone()),
-    });
-    connection.outbound.push_frame(Binding::Binary, &frame);
+    connection.outbound.push_frame(Binding::Binary, &Frame::Error(ErrorFrame::fatal(code, 0, 0, &reason)));
     connection.begin_close(code.as_u16(), &reason);
 }
 

@@ -770,14 +770,7 @@ impl Session {
         reason: String,
         fx: &mut Effects<'_>,
     ) -> SessionEnd {
-        let frame = Frame::Error(ErrorFrame {
-            code: code.as_u16(),
-            fatal: true,
-            seq,
-            subscription_id,
-            reason: Bytes::from(reason.clone()),
-        });
-        fx.outbound.push_frame(binding, &frame);
+        fx.outbound.push_frame(binding, &Frame::Error(ErrorFrame::fatal(code, seq, subscription_id, &reason)));
         self.state = State::Closed;
         SessionEnd { close_code: code.as_u16(), reason }
     }

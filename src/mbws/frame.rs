@@ -284,6 +284,19 @@ pub struct ErrorFrame {
     pub reason: Bytes,
 }
 
+impl ErrorFrame {
+    /// A fatal ERROR: the session ends, and the WebSocket closes with the same code.
+    pub fn fatal(code: super::ErrorCode, seq: u64, subscription_id: u32, reason: &str) -> ErrorFrame {
+        ErrorFrame {
+            code: code.as_u16(),
+            fatal: true,
+            seq,
+            subscription_id,
+            reason: Bytes::copy_from_slice(reason.as_bytes()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Close;
 
