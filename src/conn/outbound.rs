@@ -112,9 +112,31 @@ impl Outbound {
         self.push_message_with(binding, |header| mbws::encode_header(binding, frame, header), frame.body());
     }
 
-    /// Queues one MESSAGE delivery, encoded straight from the stored message's fields.
+    /// Queues one MESSAGE delivery, encoded straight from the stored message's fields. In the
+    /// binary binding the MESSAGE header's length is known up front, so the WebSocket header,
+    /// the MESSAGE header and a small body are written into the arena in one pass.
     pub fn push_message(&mut self, binding: Binding, message: &MessageHeader<'_>, body: &Bytes) {
-        self.push_message_with(binding, |header| mbws::encode_message_header(binding, message, header), Some(body));
+        if binding == Binding::Text {
+            let encode = |header: &mut BytesMut| mbws::encode_message_header(binding, message, header);
+            return self.push_message_with(binding, encode, Some(body));
+        }
+        let header_len = mbws::binary::message_header_len(message);
+        let payload_len = header_len + body.len();
+        let inline = (body.len() <= INLINE_BODY_BYTES).then_some(body);
+        let needed = MAX_WS_HEADER_BYTES + header_len + inline.map_or(0, Bytes::len);
+        self.push_header(needed, |arena| {
+            encode_header(arena, true, OpCode::Binary, payload_len, None);
+            let start = arena.len();
+            mbws::binary::encode_message_header(message, arena);
+            debug_assert_eq!(arena.len() - start, header_len, "message_header_len disagrees with the encoder");
+            if let Some(body) = inline {
+                arena.extend_from_slice(body);
+            }
+        });
+        if inline.is_none() {
+            self.queued_bytes += body.len();
+            self.segments.push(Segment::Body(body.clone()));
+        }
     }
 
     /// Queues a WebSocket message whose MBWS header `encode` writes, followed by `body`: copied

@@ -430,14 +430,39 @@ fn bit(set: bool, mask: u8) -> u8 {
     }
 }
 
+/// Bytes [`encode_message_header`] writes for `message`: known before encoding, so the
+/// WebSocket header (which carries the payload length) can be written first, and the MESSAGE
+/// straight behind it.
+pub fn message_header_len(message: &MessageHeader<'_>) -> usize {
+    const FIXED: usize = 3 + 4 + 8 + 8; // version, kind, flags; subscription id; delivery seq; message id
+    let properties = message.properties;
+    let properties_len = if properties.is_empty() {
+        NO_PROPERTIES.len()
+    } else {
+        3 + properties.content_type.len()
+            + properties.correlation_id.len()
+            + properties.reply_to.len()
+            + 1
+            + properties.headers.iter().map(|(name, value)| 1 + name.len() + 2 + value.len()).sum::<usize>()
+    };
+    FIXED + 1 + message.address.len() + properties_len
+}
+
 /// Writes a MESSAGE up to its body; [`encode_header`] of a `Frame::Message` comes here too.
 pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B) {
     let flag_bits = bit(message.redelivered, flags::MESSAGE_REDELIVERED) | bit(message.durable, flags::MESSAGE_DURABLE);
-    out.put_slice(&[PROTOCOL_VERSION, FrameKind::Message.code(), flag_bits]);
-    out.put_u32(message.subscription_id);
-    out.put_u64(message.delivery_seq);
-    out.put_u64(message.message_id);
-    put_str8(out, "address", message.address);
+    let Ok(address_len) = u8::try_from(message.address.len()) else {
+        panic!("MBWS binary encode: field `address` is {} bytes, over 255 (str8)", message.address.len());
+    };
+    // The fixed fields and the address length in one write (this runs once per delivery).
+    let mut fixed = [0u8; 24];
+    fixed[..3].copy_from_slice(&[PROTOCOL_VERSION, FrameKind::Message.code(), flag_bits]);
+    fixed[3..7].copy_from_slice(&message.subscription_id.to_be_bytes());
+    fixed[7..15].copy_from_slice(&message.delivery_seq.to_be_bytes());
+    fixed[15..23].copy_from_slice(&message.message_id.to_be_bytes());
+    fixed[23] = address_len;
+    out.put_slice(&fixed);
+    out.put_slice(message.address);
     put_properties(out, message.properties);
 }
 
@@ -646,5 +671,33 @@ mod tests {
         let frame = Frame::Send(Send { address: Bytes::from(vec![b'a'; 256]), ..Send::default() });
         let mut out = Vec::new();
         encode_header(&frame, &mut out);
+    }
+
+    #[test]
+    fn message_header_len_is_what_the_encoder_writes() {
+        let bytes = |text: &str| Bytes::copy_from_slice(text.as_bytes());
+        let with_everything = Properties {
+            content_type: bytes("text/plain"),
+            correlation_id: bytes("c-1"),
+            reply_to: bytes("replies"),
+            headers: vec![(bytes("x-a"), bytes("1")), (bytes("x-empty"), Bytes::new())],
+        };
+        let only_a_header = Properties { headers: vec![(bytes("x-b"), bytes("two"))], ..Properties::default() };
+        for properties in [Properties::default(), with_everything, only_a_header] {
+            for address in ["", "a", "orders.eu"] {
+                let header = MessageHeader {
+                    subscription_id: 7,
+                    delivery_seq: u64::MAX,
+                    message_id: 3,
+                    address: address.as_bytes(),
+                    redelivered: true,
+                    durable: false,
+                    properties: &properties,
+                };
+                let mut out = Vec::new();
+                encode_message_header(&header, &mut out);
+                assert_eq!(message_header_len(&header), out.len(), "{properties:?} at {address:?}");
+            }
+        }
     }
 }
