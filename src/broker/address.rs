@@ -553,14 +553,8 @@ impl AddressTable {
                 // Always answered, also for seq 0: the publisher counts its publishes in flight
                 // and stops reading at max_inflight_sends, which bounds every inbox.
                 let address = message.address.clone();
-                match self.publish(message, now_ms, out) {
-                    Ok(Some(lsn)) => self.durable_answers.push_back((lsn, publisher, seq)),
-                    Ok(None) => self.publish_answer(&address, publisher, seq, out),
-                    Err(refusal) => out.push((
-                        publisher.shard,
-                        ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
-                    )),
-                }
+                let outcome = self.publish(message, now_ms, out);
+                self.answer_publish(&address, publisher, seq, outcome, out);
             }
             AddressCommand::Subscribe { consumer, subscription, address, mode, ack_mode, credit } => {
                 let outcome = self.subscribe(consumer, subscription, address.clone(), mode, ack_mode, credit);
@@ -658,8 +652,16 @@ impl AddressTable {
         debug_assert!(batch.iter().all(|publication| publication.message.address == first.message.address));
         let address_name = first.message.address.clone();
         if !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
+            // Queued one by one (each admitted or refused against the bounds as they stand),
+            // delivered in one dispatch, answered in order: what publishing them one at a time
+            // does, without a dispatch and an answer lookup per message.
+            let mut outcomes = Vec::with_capacity(batch.len());
             for Publication { publisher, seq, message } in batch.drain(..) {
-                self.handle(AddressCommand::Publish { publisher, seq, message }, now_ms, out);
+                outcomes.push((publisher, seq, self.enqueue(message, now_ms, out)));
+            }
+            self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
+            for (publisher, seq, outcome) in outcomes {
+                self.answer_publish(&address_name, publisher, seq, outcome, out);
             }
             return;
         }
@@ -758,6 +760,21 @@ impl AddressTable {
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) -> Result<Option<Lsn>, Refusal> {
+        let address = message.address.clone();
+        let outcome = self.enqueue(message, now_ms, out)?;
+        self.dispatch(&address, Deliverable::Everything, now_ms, out);
+        Ok(outcome)
+    }
+
+    /// Admits a message and puts it in the address's queue and multicast backlogs, without
+    /// delivering anything yet (the caller dispatches, once per message or once per batch);
+    /// `Ok(Some(lsn))` when its answer must wait for the log.
+    fn enqueue(
+        &mut self,
+        message: SharedMessage,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Option<Lsn>, Refusal> {
         let max_queued = self.limits.max_queued_messages as usize;
         let address_name = message.address.clone();
         let durable = self.refuse_if_log_failed(&message)?;
@@ -766,14 +783,20 @@ impl AddressTable {
         let within_budget = self.check_memory_budget(message.body.len());
         let state = self.addresses.entry(address_name.clone()).or_default();
         let to_anycast_queue = !state.anycast.is_empty() || state.multicast.is_empty();
-        if to_anycast_queue && state.queue.len() >= max_queued {
+        // What the subscribers' credit takes at once from the queue, counting the messages of
+        // this batch queued ahead of this one and not dispatched yet (none outside a batch: a
+        // queue that outlives a dispatch has no credit left to meet it).
+        let anycast_credit_left: usize =
+            state.anycast.iter().map(|s| s.credit.saturating_sub(s.in_flight) as usize).sum();
+        let waiting_ahead = state.queue.len().saturating_sub(anycast_credit_left);
+        if to_anycast_queue && waiting_ahead >= max_queued {
             return Err(Refusal::new(
                 ErrorCode::Overloaded,
                 format!(
                     "address \"{}\" already holds {} queued messages (max_queued_messages); \
                      consume from it or retry later",
                     String::from_utf8_lossy(&address_name),
-                    state.queue.len()
+                    waiting_ahead
                 ),
             ));
         }
@@ -791,10 +814,10 @@ impl AddressTable {
             ));
         }
         within_budget?;
-        // A message that will wait somewhere (no subscriber with credit, or others already
-        // waiting ahead of it) is compacted first; see StoredMessage::compact.
-        let will_wait = (to_anycast_queue
-            && (!state.queue.is_empty() || !state.anycast.iter().any(Subscriber::has_credit)))
+        // A message that will wait somewhere is compacted first (see StoredMessage::compact):
+        // in the anycast queue, one that the credit left cannot take at once with the messages
+        // ahead of it; in a multicast backlog, one behind others or past a subscriber's credit.
+        let will_wait = (to_anycast_queue && state.queue.len() >= anycast_credit_left)
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
         let mut message = message;
         if will_wait {
@@ -839,8 +862,26 @@ impl AddressTable {
             self.queued_bytes += queued.message.body.len();
             state.queue.push_back(queued);
         }
-        self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
         Ok(lsn)
+    }
+
+    /// Answers a publish: now, held back (`publish_answer`), or once the log has it.
+    fn answer_publish(
+        &mut self,
+        address: &Bytes,
+        publisher: ConnRef,
+        seq: u64,
+        outcome: Result<Option<Lsn>, Refusal>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        match outcome {
+            Ok(Some(lsn)) => self.durable_answers.push_back((lsn, publisher, seq)),
+            Ok(None) => self.publish_answer(address, publisher, seq, out),
+            Err(refusal) => out.push((
+                publisher.shard,
+                ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+            )),
+        }
     }
 
     /// Backpressure before refusal: while an address with anycast consumers holds more than
@@ -1412,6 +1453,52 @@ mod tests {
             .collect();
         table.publish_batch(&mut batch, now_ms, out);
         assert!(batch.is_empty(), "the batch is consumed");
+    }
+
+    #[test]
+    fn an_anycast_batch_is_bounded_like_single_publishes_and_answered_after_its_dispatch() {
+        // Credit 2 and room for 3 queued: of 6 publishes, 2 go out at once, 3 wait, 1 is refused.
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, DeliveryMode::Anycast, 2, &mut out);
+        out.clear();
+        let bodies = ["m1", "m2", "m3", "m4", "m5", "m6"];
+        let mut batch: Vec<Publication> = bodies
+            .iter()
+            .enumerate()
+            .map(|(index, body)| Publication {
+                publisher: conn(99),
+                seq: index as u64 + 1,
+                message: message("a", body),
+            })
+            .collect();
+        let originals: Vec<*const u8> = batch.iter().map(|publication| publication.message.body.as_ptr()).collect();
+        table.publish_batch(&mut batch, 0, &mut out);
+        assert_eq!(deliveries(&out), vec![(1, "m1".to_string()), (1, "m2".to_string())]);
+        let sent: Vec<*const u8> = delivered(&out).iter().map(|(_, delivery)| delivery.message.body.as_ptr()).collect();
+        assert_eq!(sent, originals[..2], "messages delivered at once are not compacted");
+        assert_eq!(table.stats(b"a").queued, 3);
+        // The answers are decided after the batch's dispatch: the queue is above half of
+        // max_queued_messages, so the accepted ones are held back; the refused one is not.
+        let answers = |out: &[Outgoing]| -> Vec<(u64, bool)> {
+            out.iter()
+                .filter_map(|(_, command)| match command {
+                    ConnCommand::PublishDone { seq, outcome, .. } => Some((*seq, outcome.is_ok())),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(answers(&out), vec![(6, false)]);
+        assert!(refusal_reason(&out).unwrap().contains("max_queued_messages"));
+        out.clear();
+        ack(&mut table, 1, &[1, 2], &mut out);
+        assert_eq!(deliveries(&out), vec![(1, "m3".to_string()), (1, "m4".to_string())]);
+        let waited = delivered(&out)[0].1.message.body.as_ptr();
+        assert!(!originals.contains(&waited), "messages that waited were compacted");
+        out.clear();
+        ack(&mut table, 1, &[3, 4], &mut out);
+        assert_eq!(deliveries(&out), vec![(1, "m5".to_string())]);
+        assert_eq!(answers(&out), vec![(1, true), (2, true), (3, true), (4, true), (5, true)], "released in order");
     }
 
     fn ack(table: &mut AddressTable, consumer: u32, ids: &[u64], out: &mut Vec<Outgoing>) {
