@@ -369,7 +369,10 @@ impl AddressTable {
                 body: recovered.body,
                 body_is_text: false,
             });
-            let state = self.addresses.entry(recovered.address).or_default();
+            let state = match self.addresses.get_mut(&recovered.address) {
+                Some(state) => state,
+                None => new_address(&mut self.addresses, &recovered.address),
+            };
             state.queued_bytes += message.body.len();
             self.queued_bytes += message.body.len();
             let queued = Queued { id: MessageId(recovered.message_id), message, redelivered: true, deliveries: 0 };
@@ -781,7 +784,10 @@ impl AddressTable {
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
         let within_budget = self.check_memory_budget(message.body.len());
-        let state = self.addresses.entry(address_name.clone()).or_default();
+        let state = match self.addresses.get_mut(&address_name) {
+            Some(state) => state,
+            None => new_address(&mut self.addresses, &address_name),
+        };
         let to_anycast_queue = !state.anycast.is_empty() || state.multicast.is_empty();
         // What the subscribers' credit takes at once from the queue, counting the messages of
         // this batch queued ahead of this one and not dispatched yet (none outside a batch: a
@@ -939,7 +945,10 @@ impl AddressTable {
             deadlines: VecDeque::new(),
             backlog: VecDeque::new(),
         };
-        let state = self.addresses.entry(address.clone()).or_default();
+        let state = match self.addresses.get_mut(&address) {
+            Some(state) => state,
+            None => new_address(&mut self.addresses, &address),
+        };
         let subscribers = state.subscribers_mut(mode);
         subscribers.push(subscriber);
         let index = subscribers.len() - 1;
@@ -1109,6 +1118,13 @@ fn is_expired_at(expires_at_ms: u64, now_ms: u64) -> bool {
 
 /// Compacts a message that is going to wait (see [`StoredMessage::compact`]): in place when
 /// nothing else shares it, as a compacted copy otherwise.
+/// Creates the state of a new address. Its key is a copy of `name`: a name usually is a slice
+/// of a client's read buffer (up to 64 KiB), which the key must not keep alive for as long as
+/// the address lives.
+fn new_address<'a>(addresses: &'a mut FastMap<Bytes, Address>, name: &Bytes) -> &'a mut Address {
+    addresses.entry(Bytes::copy_from_slice(name)).or_default()
+}
+
 fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage) {
     match std::sync::Arc::get_mut(message) {
         Some(only_reference) => only_reference.compact(arena),
@@ -1499,6 +1515,30 @@ mod tests {
         ack(&mut table, 1, &[3, 4], &mut out);
         assert_eq!(deliveries(&out), vec![(1, "m5".to_string())]);
         assert_eq!(answers(&out), vec![(1, true), (2, true), (3, true), (4, true), (5, true)], "released in order");
+    }
+
+    #[test]
+    fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
+        let mut table = AddressTable::new(ShardId(0), LIMITS);
+        let mut out = Vec::new();
+        // The name and body are slices of one large "read buffer", as decoded frames are.
+        let read_buffer = Bytes::from(vec![b'a'; 64 * 1024]);
+        let message = Arc::new(StoredMessage {
+            address: read_buffer.slice(0..1),
+            durable: false,
+            expires_at_ms: 0,
+            properties: Properties::default(),
+            body: read_buffer.slice(1..9),
+            body_is_text: false,
+        });
+        table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message }, 0, &mut out);
+        assert_eq!(table.stats(b"a").queued, 1);
+        let buffer = read_buffer.as_ptr_range();
+        let key = table.addresses.keys().next().expect("the address exists").as_ptr();
+        assert!(!buffer.contains(&key), "the address's key is a copy of its name");
+        let queued = table.addresses[&Bytes::from_static(b"a")].queue[0].message.clone();
+        assert!(!buffer.contains(&queued.body.as_ptr()), "the waiting message was compacted");
+        assert!(!buffer.contains(&queued.address.as_ptr()));
     }
 
     fn ack(table: &mut AddressTable, consumer: u32, ids: &[u64], out: &mut Vec<Outgoing>) {

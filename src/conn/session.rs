@@ -525,11 +525,14 @@ impl Session {
         let credit =
             if subscribe.credit == 0 { self.config.default_credit.min(limits.max_credit) } else { subscribe.credit };
         let owner = owner_of(&subscribe.address, self.config.shard_count);
+        // A copy: the decoded name is a slice of the read buffer (up to 64 KiB), which a
+        // subscription, living as long as it does, must not keep alive.
+        let address = Bytes::copy_from_slice(&subscribe.address);
         self.subscriptions.insert(
             id,
             Subscription {
                 owner,
-                address: subscribe.address.clone(),
+                address: address.clone(),
                 mode: subscribe.mode,
                 ack_mode: subscribe.ack_mode,
                 confirmed: false,
@@ -540,7 +543,7 @@ impl Session {
             AddressCommand::Subscribe {
                 consumer: self.me,
                 subscription: id,
-                address: subscribe.address,
+                address,
                 mode: subscribe.mode,
                 ack_mode: subscribe.ack_mode,
                 credit,
