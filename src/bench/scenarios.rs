@@ -213,6 +213,14 @@ fn per_million(cpu_seconds: Option<f64>, count: u64) -> Option<f64> {
 }
 
 /// Warm-up, then a measured phase of `--duration-s`, both unpaced; then drain.
+/// Sets up `shape`, measures it unpaced, and closes it (also when the measurement failed).
+async fn run_unpaced(plan: &Plan, config: &TargetConfig, shape: &Shape) -> Result<Measured, BenchError> {
+    let bench = Bench::setup(plan, config, shape).await?;
+    let measured = measure_unpaced(&bench, plan).await;
+    bench.finish().await;
+    measured
+}
+
 async fn measure_unpaced(bench: &Bench, plan: &Plan) -> Result<Measured, BenchError> {
     let mut progress = Progress::rate(label(plan), "msg/s", now_ns(), bench.run.delivered.get());
     bench.set_mode(Mode::Unpaced);
@@ -266,10 +274,7 @@ async fn throughput(
     };
     let semantics = if plan.target == TargetKind::Mqtt { Semantics::EveryConsumer } else { Semantics::Competing };
     let shape = Shape { publishers, consumers, addresses, semantics, multicast: false, durable: false };
-    let bench = Bench::setup(plan, config, &shape).await?;
-    let measured = measure_unpaced(&bench, plan).await;
-    bench.finish().await;
-    let measured = measured?;
+    let measured = run_unpaced(plan, config, &shape).await?;
     let seconds = measured.seconds();
     let messages = measured.delivered();
     let rate = messages as f64 / seconds;
@@ -316,10 +321,7 @@ async fn fanout(plan: &Plan, config: &TargetConfig, subscribers: usize) -> Resul
         multicast: true,
         durable: false,
     };
-    let bench = Bench::setup(plan, config, &shape).await?;
-    let measured = measure_unpaced(&bench, plan).await;
-    bench.finish().await;
-    let measured = measured?;
+    let measured = run_unpaced(plan, config, &shape).await?;
     let seconds = measured.seconds();
     let deliveries = measured.delivered();
     let rate = deliveries as f64 / seconds;
@@ -371,10 +373,7 @@ async fn durable(plan: &Plan, config: &TargetConfig) -> Result<Outcome, BenchErr
         multicast: false,
         durable: true,
     };
-    let bench = Bench::setup(plan, config, &shape).await?;
-    let measured = measure_unpaced(&bench, plan).await;
-    bench.finish().await;
-    let measured = measured?;
+    let measured = run_unpaced(plan, config, &shape).await?;
     let seconds = measured.seconds();
     let messages = measured.acknowledged();
     let rate = messages as f64 / seconds;

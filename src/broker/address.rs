@@ -31,6 +31,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
+use super::sorted_ring::SortedRing;
 use super::{
     owner_of, AddressCommand, CompactionArena, ConnCommand, ConnId, ConnRef, Delivered, Deliveries, FastMap, MessageId,
     Refusal, ShardId, SharedMessage, StoredMessage, SubscriptionId,
@@ -126,14 +127,13 @@ struct Queued {
     deliveries: u32,
 }
 
-/// A subscriber's unacknowledged deliveries, sorted by message id. Ids are handed out in
-/// increasing order and a subscriber gets its messages in that order, so an insert is nearly
-/// always at the back and a (cumulative) ACK takes from the front: a ring buffer without
-/// hashing or per-entry allocation. Redeliveries (older ids) are put in place by binary
-/// search. At most `credit` entries.
+/// A subscriber's unacknowledged deliveries, sorted by message id (a [`SortedRing`] with typed
+/// keys): ids are handed out in increasing order, so an insert is nearly always at the back
+/// and a (cumulative) ACK takes from the front; a redelivery (an older id) goes in its place.
+/// At most `credit` entries.
 #[derive(Debug, Default)]
 struct UnackedMessages {
-    entries: VecDeque<Queued>,
+    entries: SortedRing<Queued>,
 }
 
 impl UnackedMessages {
@@ -142,36 +142,19 @@ impl UnackedMessages {
     }
 
     fn insert(&mut self, queued: Queued) {
-        if self.entries.back().is_none_or(|last| last.id < queued.id) {
-            self.entries.push_back(queued);
-            return;
-        }
-        match self.entries.binary_search_by_key(&queued.id, |entry| entry.id) {
-            Err(position) => self.entries.insert(position, queued),
-            Ok(_) => debug_assert!(false, "message {} is already unacknowledged here", queued.id.0),
-        }
-    }
-
-    fn position(&self, id: MessageId) -> Option<usize> {
-        if self.entries.front().is_some_and(|first| first.id == id) {
-            return Some(0);
-        }
-        self.entries.binary_search_by_key(&id, |entry| entry.id).ok()
+        self.entries.insert(queued.id.0, queued);
     }
 
     fn contains(&self, id: MessageId) -> bool {
-        self.position(id).is_some()
+        self.entries.contains(id.0)
     }
 
     fn remove(&mut self, id: MessageId) -> Option<Queued> {
-        match self.position(id)? {
-            0 => self.entries.pop_front(),
-            position => self.entries.remove(position),
-        }
+        self.entries.remove(id.0)
     }
 
-    fn into_oldest_first(self) -> VecDeque<Queued> {
-        self.entries
+    fn into_oldest_first(self) -> impl DoubleEndedIterator<Item = Queued> {
+        self.entries.into_values()
     }
 }
 
@@ -556,7 +539,7 @@ impl AddressTable {
                 // Always answered, also for seq 0: the publisher counts its publishes in flight
                 // and stops reading at max_inflight_sends, which bounds every inbox.
                 let address = message.address.clone();
-                let outcome = self.publish(message, now_ms, out);
+                let outcome = self.publish(&address, message, now_ms, out);
                 self.answer_publish(&address, publisher, seq, outcome, out);
             }
             AddressCommand::Subscribe { consumer, subscription, address, mode, ack_mode, credit } => {
@@ -660,7 +643,7 @@ impl AddressTable {
             // does, without a dispatch and an answer lookup per message.
             let mut outcomes = Vec::with_capacity(batch.len());
             for Publication { publisher, seq, message } in batch.drain(..) {
-                outcomes.push((publisher, seq, self.enqueue(message, now_ms, out)));
+                outcomes.push((publisher, seq, self.enqueue(&address_name, message, now_ms, out)));
             }
             self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
             for (publisher, seq, outcome) in outcomes {
@@ -759,34 +742,36 @@ impl AddressTable {
     /// Queues and delivers a message; `Ok(Some(lsn))` when its answer must wait for the log.
     fn publish(
         &mut self,
+        address: &Bytes,
         message: SharedMessage,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) -> Result<Option<Lsn>, Refusal> {
-        let address = message.address.clone();
-        let outcome = self.enqueue(message, now_ms, out)?;
-        self.dispatch(&address, Deliverable::Everything, now_ms, out);
+        let outcome = self.enqueue(address, message, now_ms, out)?;
+        self.dispatch(address, Deliverable::Everything, now_ms, out);
         Ok(outcome)
     }
 
     /// Admits a message and puts it in the address's queue and multicast backlogs, without
     /// delivering anything yet (the caller dispatches, once per message or once per batch);
-    /// `Ok(Some(lsn))` when its answer must wait for the log.
+    /// `Ok(Some(lsn))` when its answer must wait for the log. `address_name` is the message's
+    /// address (passed in so that it is not cloned again per message).
     fn enqueue(
         &mut self,
+        address_name: &Bytes,
         message: SharedMessage,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) -> Result<Option<Lsn>, Refusal> {
+        debug_assert_eq!(*address_name, message.address);
         let max_queued = self.limits.max_queued_messages as usize;
-        let address_name = message.address.clone();
         let durable = self.refuse_if_log_failed(&message)?;
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
         let within_budget = self.check_memory_budget(message.body.len());
-        let state = match self.addresses.get_mut(&address_name) {
+        let state = match self.addresses.get_mut(address_name) {
             Some(state) => state,
-            None => new_address(&mut self.addresses, &address_name),
+            None => new_address(&mut self.addresses, address_name),
         };
         let to_anycast_queue = !state.anycast.is_empty() || state.multicast.is_empty();
         // What the subscribers' credit takes at once from the queue, counting the messages of
@@ -801,7 +786,7 @@ impl AddressTable {
                 format!(
                     "address \"{}\" already holds {} queued messages (max_queued_messages); \
                      consume from it or retry later",
-                    String::from_utf8_lossy(&address_name),
+                    String::from_utf8_lossy(address_name),
                     waiting_ahead
                 ),
             ));
@@ -813,7 +798,7 @@ impl AddressTable {
                 format!(
                     "address \"{}\" already holds {} bytes of queued messages and this one has {body_bytes} \
                      (max_queued_bytes {}); consume from it or retry later",
-                    String::from_utf8_lossy(&address_name),
+                    String::from_utf8_lossy(address_name),
                     state.queued_bytes,
                     self.limits.max_queued_bytes
                 ),
@@ -851,7 +836,7 @@ impl AddressTable {
                 Err(error) => return Err(Refusal::new(ErrorCode::TooLarge, error.to_string())),
             }
         }
-        let state = self.addresses.get_mut(&address_name).expect("address was just inserted");
+        let state = self.addresses.get_mut(address_name).expect("address was just inserted");
         let queued = Queued { id, message, redelivered: false, deliveries: 0 };
 
         let mut slow = SmallVec::<[usize; 2]>::new();
@@ -862,7 +847,7 @@ impl AddressTable {
                 subscriber.backlog.push_back(queued.clone());
             }
         }
-        end_slow_subscribers(state, &address_name, &slow, &mut self.subscriptions, out);
+        end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
         if to_anycast_queue {
             state.queued_bytes += queued.message.body.len();
             self.queued_bytes += queued.message.body.len();
@@ -1020,7 +1005,7 @@ impl AddressTable {
             }
             // Unacknowledged anycast messages go back to the front of the queue, oldest first,
             // marked redelivered (or to the dead-letter address after max_deliveries).
-            for queued in subscriber.unacked.into_oldest_first().into_iter().rev() {
+            for queued in subscriber.unacked.into_oldest_first().rev() {
                 self.give_back(&address, key, DeliveryMode::Anycast, queued);
             }
         }
@@ -1457,8 +1442,9 @@ mod tests {
         assert_ne!(pointer, second_body, "the waiting one no longer pins the publisher's buffer");
     }
 
-    fn publish_batch(table: &mut AddressTable, bodies: &[&str], now_ms: u64, out: &mut Vec<Outgoing>) {
-        let mut batch: Vec<Publication> = bodies
+    /// Publishes of `bodies` to "a" by one publisher, numbered 1, 2, 3...
+    fn batch_of(bodies: &[&str]) -> Vec<Publication> {
+        bodies
             .iter()
             .enumerate()
             .map(|(index, body)| Publication {
@@ -1466,7 +1452,11 @@ mod tests {
                 seq: index as u64 + 1,
                 message: message("a", body),
             })
-            .collect();
+            .collect()
+    }
+
+    fn publish_batch(table: &mut AddressTable, bodies: &[&str], now_ms: u64, out: &mut Vec<Outgoing>) {
+        let mut batch = batch_of(bodies);
         table.publish_batch(&mut batch, now_ms, out);
         assert!(batch.is_empty(), "the batch is consumed");
     }
@@ -1478,16 +1468,7 @@ mod tests {
         let mut out = Vec::new();
         subscribe(&mut table, 1, DeliveryMode::Anycast, 2, &mut out);
         out.clear();
-        let bodies = ["m1", "m2", "m3", "m4", "m5", "m6"];
-        let mut batch: Vec<Publication> = bodies
-            .iter()
-            .enumerate()
-            .map(|(index, body)| Publication {
-                publisher: conn(99),
-                seq: index as u64 + 1,
-                message: message("a", body),
-            })
-            .collect();
+        let mut batch = batch_of(&["m1", "m2", "m3", "m4", "m5", "m6"]);
         let originals: Vec<*const u8> = batch.iter().map(|publication| publication.message.body.as_ptr()).collect();
         table.publish_batch(&mut batch, 0, &mut out);
         assert_eq!(deliveries(&out), vec![(1, "m1".to_string()), (1, "m2".to_string())]);
@@ -1756,7 +1737,7 @@ mod tests {
         assert_eq!(unacked.remove(MessageId(4)).map(|q| q.id), None, "an id is removed once");
         assert_eq!(unacked.remove(MessageId(1)).map(|q| q.id), Some(MessageId(1)));
         assert_eq!(unacked.len(), 2);
-        let left: Vec<u64> = unacked.into_oldest_first().into_iter().map(|q| q.id.0).collect();
+        let left: Vec<u64> = unacked.into_oldest_first().map(|q| q.id.0).collect();
         assert_eq!(left, [3, 5]);
     }
 

@@ -11,6 +11,7 @@
 //! `now_ms`), so every rule is testable without a socket.
 
 pub mod address;
+pub mod sorted_ring;
 
 use std::sync::Arc;
 

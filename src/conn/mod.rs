@@ -31,7 +31,6 @@
 pub mod outbound;
 pub mod read_buffer;
 pub mod session;
-mod unacked;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;

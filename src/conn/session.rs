@@ -25,7 +25,7 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::outbound::Outbound;
-use super::unacked::Unacked;
+use crate::broker::sorted_ring::SortedRing;
 use crate::broker::{
     owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, Delivered, Deliveries, FastMap, MessageId, Refusal,
     ShardId, SharedMessage, StoredMessage, SubscriptionId,
@@ -135,7 +135,7 @@ pub struct Session {
     receipt_due: bool,
     subscriptions: FastMap<SubscriptionId, Subscription>,
     last_delivery_seq: u64,
-    unacked: Unacked<Delivery>,
+    unacked: SortedRing<Delivery>,
 }
 
 /// Where a session's effects go.
@@ -164,7 +164,7 @@ impl Session {
             receipt_due: false,
             subscriptions: FastMap::default(),
             last_delivery_seq: 0,
-            unacked: Unacked::default(),
+            unacked: SortedRing::default(),
         }
     }
 

@@ -84,6 +84,16 @@ pub(crate) struct LogState {
     pub active: Option<ActiveSegment>,
 }
 
+impl LogState {
+    /// Every address that has had a message, with the highest message id it was given.
+    pub fn last_message_ids(&self) -> impl Iterator<Item = (Bytes, u64)> + '_ {
+        self.addresses
+            .iter()
+            .filter(|(_, entry)| entry.last_message_id > 0)
+            .map(|(address, entry)| (address.clone(), entry.last_message_id))
+    }
+}
+
 /// A batch of records being filled, or taken and in flight.
 #[derive(Debug)]
 struct PendingBatch {
@@ -519,13 +529,7 @@ impl DurableLog {
         });
         self.stats.segments_created += 1;
 
-        let mut known: Vec<(Bytes, u64)> = self
-            .state
-            .addresses
-            .iter()
-            .filter(|(_, entry)| entry.last_message_id > 0)
-            .map(|(address, entry)| (address.clone(), entry.last_message_id))
-            .collect();
+        let mut known: Vec<(Bytes, u64)> = self.state.last_message_ids().collect();
         known.sort(); // deterministic segment contents
         let mut chunk: Vec<(&[u8], u64)> = Vec::new();
         let mut chunk_bytes = 0;

@@ -262,13 +262,7 @@ impl RecoveryFold {
     pub fn finish_messages(&mut self) -> (Vec<RecoveredMessage>, HashMap<Bytes, u64>) {
         let messages = std::mem::take(&mut self.messages).into_iter().flatten().collect();
         self.slots = HashMap::new();
-        let last_ids = self
-            .state
-            .addresses
-            .iter()
-            .filter(|(_, entry)| entry.last_message_id > 0)
-            .map(|(address, entry)| (address.clone(), entry.last_message_id))
-            .collect();
+        let last_ids = self.state.last_message_ids().collect();
         (messages, last_ids)
     }
 }

@@ -1,0 +1,165 @@
+//! Entries kept in the order of an increasing `u64` key: a session's unacknowledged
+//! deliveries (keyed by delivery sequence) and a subscriber's unacknowledged messages in an
+//! address table (keyed by message id).
+//!
+//! Keys are handed out in increasing order and entries arrive in that order (a session's
+//! always: [`SortedRing::push`]; an address's almost always, a redelivery being the exception:
+//! [`SortedRing::insert`]). Consumers almost always acknowledge in that order too (cumulative
+//! ACKs, or single ACKs of the oldest), so the common operations touch only the front: a
+//! `VecDeque` sorted by key, searched by binary search, does every operation without hashing,
+//! tree rebalancing or per-entry allocation. Out-of-order operations shift at most half the
+//! entries; the number of entries is bounded by the subscriptions' credit.
+
+use std::collections::VecDeque;
+
+/// Entries sorted by a `u64` key, each key at most once.
+#[derive(Debug)]
+pub struct SortedRing<T> {
+    entries: VecDeque<(u64, T)>,
+}
+
+impl<T> Default for SortedRing<T> {
+    fn default() -> Self {
+        SortedRing { entries: VecDeque::new() }
+    }
+}
+
+impl<T> SortedRing<T> {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Records `value` under `seq`, which must be above every key recorded so far.
+    pub fn push(&mut self, seq: u64, value: T) {
+        assert!(
+            self.entries.back().is_none_or(|(last, _)| *last < seq),
+            "delivery sequences must increase: {seq} after {:?}",
+            self.entries.back().map(|(last, _)| *last)
+        );
+        self.entries.push_back((seq, value));
+    }
+
+    /// Records `value` under `key`, in its place among the keys recorded so far (at the back,
+    /// as [`SortedRing::push`], when it is the highest). A key already present is a bug.
+    pub fn insert(&mut self, key: u64, value: T) {
+        if self.entries.back().is_none_or(|(last, _)| *last < key) {
+            self.entries.push_back((key, value));
+            return;
+        }
+        match self.entries.binary_search_by_key(&key, |(entry, _)| *entry) {
+            Err(position) => self.entries.insert(position, (key, value)),
+            Ok(_) => debug_assert!(false, "key {key} is already in the ring"),
+        }
+    }
+
+    fn position(&self, key: u64) -> Option<usize> {
+        if self.entries.front().is_some_and(|(first, _)| *first == key) {
+            return Some(0);
+        }
+        self.entries.binary_search_by_key(&key, |(entry, _)| *entry).ok()
+    }
+
+    pub fn contains(&self, key: u64) -> bool {
+        self.position(key).is_some()
+    }
+
+    /// Takes the entry of `key`, if there is one.
+    pub fn remove(&mut self, key: u64) -> Option<T> {
+        match self.position(key)? {
+            0 => self.entries.pop_front(),
+            position => self.entries.remove(position),
+        }
+        .map(|(_, value)| value)
+    }
+
+    /// Takes every entry up to and including `seq`, oldest first.
+    pub fn remove_through(&mut self, seq: u64, mut each: impl FnMut(T)) {
+        while self.entries.front().is_some_and(|(first, _)| *first <= seq) {
+            let (_, value) = self.entries.pop_front().expect("checked above");
+            each(value);
+        }
+    }
+
+    /// Entries with a sequence above `seq`, oldest first.
+    pub fn after(&self, seq: u64) -> impl Iterator<Item = (u64, &T)> {
+        let start = self.entries.partition_point(|(entry, _)| *entry <= seq);
+        self.entries.range(start..).map(|(seq, value)| (*seq, value))
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.entries.retain(|(_, value)| keep(value));
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Every value, lowest key first.
+    pub fn into_values(self) -> impl DoubleEndedIterator<Item = T> {
+        self.entries.into_iter().map(|(_, value)| value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SortedRing;
+
+    fn filled(seqs: &[u64]) -> SortedRing<u64> {
+        let mut unacked = SortedRing::default();
+        for &seq in seqs {
+            unacked.push(seq, seq * 10);
+        }
+        unacked
+    }
+
+    #[test]
+    fn removes_from_the_front_the_middle_and_not_twice() {
+        let mut unacked = filled(&[1, 2, 3, 5, 8]);
+        assert_eq!(unacked.remove(1), Some(10));
+        assert_eq!(unacked.remove(5), Some(50));
+        assert_eq!(unacked.remove(5), None);
+        assert_eq!(unacked.remove(4), None);
+        assert_eq!(unacked.remove(9), None);
+        assert_eq!(unacked.after(0).map(|(seq, _)| seq).collect::<Vec<_>>(), vec![2, 3, 8]);
+    }
+
+    #[test]
+    fn cumulative_removal_stops_after_the_sequence() {
+        let mut unacked = filled(&[3, 4, 6, 7]);
+        let mut taken = Vec::new();
+        unacked.remove_through(6, |value| taken.push(value));
+        assert_eq!(taken, vec![30, 40, 60]);
+        assert_eq!(unacked.len(), 1);
+        unacked.remove_through(2, |_| panic!("nothing at or below 2"));
+        assert_eq!(unacked.after(6).map(|(seq, value)| (seq, *value)).collect::<Vec<_>>(), vec![(7, 70)]);
+    }
+
+    #[test]
+    fn after_skips_everything_up_to_the_sequence() {
+        let unacked = filled(&[2, 4, 6]);
+        assert_eq!(unacked.after(3).map(|(seq, _)| seq).collect::<Vec<_>>(), vec![4, 6]);
+        assert_eq!(unacked.after(6).count(), 0);
+        assert_eq!(unacked.after(0).count(), 3);
+    }
+
+    #[test]
+    fn insert_puts_an_older_key_in_its_place() {
+        let mut ring = filled(&[2, 5, 9]);
+        ring.insert(4, 40);
+        ring.insert(12, 120);
+        ring.insert(1, 10);
+        assert!(ring.contains(4) && !ring.contains(3));
+        assert_eq!(ring.into_values().collect::<Vec<_>>(), vec![10, 20, 40, 50, 90, 120]);
+    }
+
+    #[test]
+    #[should_panic(expected = "delivery sequences must increase")]
+    fn out_of_order_insertion_is_a_bug() {
+        let mut unacked = filled(&[5]);
+        unacked.push(5, 0);
+    }
+}
