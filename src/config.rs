@@ -139,32 +139,350 @@ impl Config {
         }
     }
 
-    /// Checks relations between settings; the message says which flag to change.
+    /// Checks every flag against its range ([`FLAG_RANGES`]) and the relations between them;
+    /// the message names the flag, the value, the range and what to do.
     pub fn validate(&self) -> Result<(), String> {
-        if self.shards == 0 || self.shards > 1024 {
-            return Err(format!("--shards {} is out of range: use 1..=1024", self.shards));
+        for range in FLAG_RANGES {
+            let value = (range.value)(self);
+            if !(range.min..=range.max).contains(&value) {
+                return Err(format!(
+                    "{} {value} is out of range: use {} ({})",
+                    range.flag,
+                    range.range_text(),
+                    range.meaning
+                ));
+            }
         }
         if self.max_frame_bytes > self.max_message_bytes {
             return Err(format!(
-                "--max-frame-bytes {} exceeds --max-message-bytes {}: a frame cannot be larger than a message",
+                "--max-frame-bytes {} exceeds --max-message-bytes {}: a frame cannot be larger than a message; \
+                 lower --max-frame-bytes or raise --max-message-bytes",
                 self.max_frame_bytes, self.max_message_bytes
             ));
         }
-        if self.max_message_bytes < 1024 {
-            return Err(format!("--max-message-bytes {} is below the minimum of 1024", self.max_message_bytes));
+        if self.max_queued_bytes < self.max_message_bytes {
+            return Err(format!(
+                "--max-queued-bytes {} is below --max-message-bytes {}: a message of the largest size could \
+                 never be queued; raise --max-queued-bytes or lower --max-message-bytes",
+                self.max_queued_bytes, self.max_message_bytes
+            ));
         }
-        if self.max_address_bytes == 0 || self.max_address_bytes > 255 {
-            return Err(format!("--max-address-bytes {} is out of range: use 1..=255", self.max_address_bytes));
+        let budget_per_shard = self.memory_budget_bytes / self.shards;
+        if budget_per_shard < self.max_message_bytes {
+            return Err(format!(
+                "--memory-budget-bytes {} split over {} shards leaves {budget_per_shard} bytes per shard, below \
+                 --max-message-bytes {}: a message of the largest size could never be queued; raise \
+                 --memory-budget-bytes, or lower --shards or --max-message-bytes",
+                self.memory_budget_bytes, self.shards, self.max_message_bytes
+            ));
         }
-        self.log_config().validate().map_err(|error| error.to_string())?;
-        if self.max_queued_messages == 0 || self.max_credit == 0 || self.max_inflight_sends == 0 {
-            return Err("--max-queued-messages, --max-credit and --max-inflight-sends must be at least 1".into());
+        for pattern in &self.durable_addresses {
+            let name = pattern.strip_suffix('*').unwrap_or(pattern);
+            if name.contains('*') || pattern.is_empty() || pattern.len() > self.max_address_bytes {
+                return Err(format!(
+                    "--durable-address \"{pattern}\" is not an address name: use an exact name of 1 to {} bytes, \
+                     or a prefix followed by one * at the end (orders.*)",
+                    self.max_address_bytes
+                ));
+            }
+        }
+        // Settings that are not flags (yet): named as the configuration keys they will become.
+        if self.max_address_bytes == 0 || self.max_address_bytes > crate::mbws::binary::MAX_STR8_BYTES {
+            return Err(format!(
+                "max-address-bytes {} is out of range: use 1..={}",
+                self.max_address_bytes,
+                crate::mbws::binary::MAX_STR8_BYTES
+            ));
+        }
+        if self.max_headers > MAX_HEADERS {
+            return Err(format!(
+                "max-headers {} is out of range: use 0..={MAX_HEADERS} (the binary binding carries at most {} \
+                 headers, and dead-lettering adds {})",
+                self.max_headers,
+                crate::mbws::binary::MAX_HEADER_COUNT,
+                crate::broker::address::DEAD_LETTER_HEADER_COUNT
+            ));
         }
         Ok(())
     }
 }
 
+/// Most application headers a client may put on one message: what the binary binding can
+/// carry ([`MAX_HEADER_COUNT`](crate::mbws::binary::MAX_HEADER_COUNT)) less the headers
+/// dead-lettering adds, so a dead-lettered message can always be encoded.
+pub const MAX_HEADERS: usize = crate::mbws::binary::MAX_HEADER_COUNT - crate::broker::address::DEAD_LETTER_HEADER_COUNT;
+
+/// One flag's valid values: the one source for the check at start ([`Config::validate`]), the
+/// range in the flag's `--help` text and the README's flag table (a test compares them).
+pub struct FlagRange {
+    /// The flag as typed, `--max-frame-bytes`.
+    pub flag: &'static str,
+    pub min: u64,
+    pub max: u64,
+    /// What the value counts (bytes, ms, ...), for the error message.
+    pub meaning: &'static str,
+    /// The flag's value in a `Config`, in the flag's unit.
+    pub value: fn(&Config) -> u64,
+}
+
+impl FlagRange {
+    /// `1024..=67108864`.
+    pub fn range_text(&self) -> String {
+        format!("{}..={}", self.min, self.max)
+    }
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+const TIB: u64 = 1024 * GIB;
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Largest `--max-message-bytes`: a durable message of this size still fits one log record
+/// ([`MAX_RECORD_BYTES`](crate::store::MAX_RECORD_BYTES)) with its address and headers.
+pub const MAX_MESSAGE_BYTES: u64 = 64 * MIB;
+
+/// Every numeric flag of `mbws-broker` with its valid range, checked in this order: a flag
+/// whose default follows another's value (`--max-frame-bytes` follows `--max-message-bytes`)
+/// comes after it, so an error names the flag the user gave.
+pub const FLAG_RANGES: &[FlagRange] = &[
+    FlagRange { flag: "--shards", min: 1, max: 1024, meaning: "shard threads", value: |c| c.shards as u64 },
+    FlagRange {
+        flag: "--max-message-bytes",
+        min: KIB,
+        max: MAX_MESSAGE_BYTES,
+        meaning: "bytes",
+        value: |c| c.max_message_bytes as u64,
+    },
+    FlagRange {
+        flag: "--max-frame-bytes",
+        min: KIB,
+        max: MAX_MESSAGE_BYTES,
+        meaning: "bytes, at most --max-message-bytes",
+        value: |c| c.max_frame_bytes as u64,
+    },
+    FlagRange {
+        flag: "--max-queued-messages",
+        min: 1,
+        max: 100_000_000,
+        meaning: "messages per address",
+        value: |c| u64::from(c.max_queued_messages),
+    },
+    FlagRange {
+        flag: "--max-queued-bytes",
+        min: KIB,
+        max: TIB,
+        meaning: "bytes per address, at least --max-message-bytes",
+        value: |c| c.max_queued_bytes as u64,
+    },
+    FlagRange {
+        flag: "--memory-budget-bytes",
+        min: KIB,
+        max: TIB,
+        meaning: "bytes, at least --max-message-bytes per shard",
+        value: |c| c.memory_budget_bytes as u64,
+    },
+    FlagRange {
+        flag: "--max-inflight-sends",
+        min: 1,
+        max: 1_000_000,
+        meaning: "unanswered SENDs per session",
+        value: |c| u64::from(c.max_inflight_sends),
+    },
+    FlagRange {
+        flag: "--max-outbound-bytes",
+        min: 4 * KIB,
+        max: GIB,
+        meaning: "bytes per connection",
+        value: |c| c.max_outbound_bytes as u64,
+    },
+    FlagRange {
+        flag: "--max-subscriptions",
+        min: 1,
+        max: 1_000_000,
+        meaning: "subscriptions per session",
+        value: |c| u64::from(c.max_subscriptions),
+    },
+    FlagRange {
+        flag: "--max-credit",
+        min: 1,
+        max: 1_000_000,
+        meaning: "deliveries per subscription",
+        value: |c| u64::from(c.max_credit),
+    },
+    FlagRange {
+        flag: "--session-expiry-ms",
+        min: 0,
+        max: DAY_MS,
+        meaning: "milliseconds, 0 for no resume",
+        value: |c| u64::from(c.session_expiry_ms),
+    },
+    FlagRange {
+        flag: "--ack-timeout-ms",
+        min: 0,
+        max: DAY_MS,
+        meaning: "milliseconds, 0 for no limit",
+        value: |c| c.ack_timeout_ms,
+    },
+    FlagRange {
+        flag: "--max-deliveries",
+        min: 0,
+        max: 1_000_000,
+        meaning: "deliveries, 0 for no limit",
+        value: |c| u64::from(c.max_deliveries),
+    },
+    FlagRange {
+        flag: "--handshake-timeout-ms",
+        min: 100,
+        max: 600_000,
+        meaning: "milliseconds",
+        value: |c| c.handshake_timeout.as_millis() as u64,
+    },
+    FlagRange {
+        flag: "--open-timeout-ms",
+        min: 100,
+        max: 600_000,
+        meaning: "milliseconds",
+        value: |c| c.open_timeout.as_millis() as u64,
+    },
+    FlagRange {
+        flag: "--log-batch-delay-us",
+        min: 0,
+        max: crate::store::MAX_BATCH_DELAY.as_micros() as u64,
+        meaning: "microseconds",
+        value: |c| c.log_batch_delay.as_micros() as u64,
+    },
+    FlagRange {
+        flag: "--log-batch-bytes",
+        min: 1,
+        max: crate::store::MAX_BATCH_BYTES as u64,
+        meaning: "bytes",
+        value: |c| c.log_batch_bytes as u64,
+    },
+    FlagRange {
+        flag: "--log-segment-bytes",
+        min: crate::store::MIN_SEGMENT_BYTES,
+        max: crate::store::MAX_SEGMENT_BYTES,
+        meaning: "bytes",
+        value: |c| c.log_segment_bytes,
+    },
+];
+
+/// The range of `flag` (`--shards`), for its `--help` text.
+pub fn flag_range(flag: &str) -> Option<&'static FlagRange> {
+    FLAG_RANGES.iter().find(|range| range.flag == flag)
+}
+
+/// Reads `--listen`: `HOST:PORT` (a host name is resolved, its first address used),
+/// `IP:PORT`, `[IPv6]:PORT`, or a bare `PORT` (on 127.0.0.1).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
+        let port: u16 =
+            text.parse().map_err(|_| format!("port {text} is out of range: use 0..=65535 (0: any free port)"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| format!("\"{text}\" resolves to no address")),
+        Err(error) => Err(format!("cannot use \"{text}\" ({error}): use HOST:PORT, IP:PORT or PORT")),
+    }
+}
+
+/// Checks that `--data-dir` is a directory or can become one, before anything is written.
+pub fn check_data_dir(dir: &std::path::Path) -> Result<(), String> {
+    let mut existing = Some(dir);
+    // The nearest part of the path that exists must be a directory.
+    while let Some(path) = existing {
+        match std::fs::metadata(path) {
+            Ok(metadata) if metadata.is_dir() => return Ok(()),
+            Ok(_) => {
+                return Err(format!(
+                    "--data-dir {}: {} is a file, not a directory; point --data-dir at a directory (it is \
+                     created if missing), or move the file away",
+                    dir.display(),
+                    path.display()
+                ))
+            }
+            Err(error)
+                if error.kind() == std::io::ErrorKind::NotFound || error.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                existing = path.parent().filter(|parent| !parent.as_os_str().is_empty())
+            }
+            Err(error) => {
+                return Err(format!(
+                    "--data-dir {}: cannot read {}: {error}; point --data-dir at a directory this user can use",
+                    dir.display(),
+                    path.display()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Cores this process may run on (its CPU affinity mask), at least 1.
 pub fn available_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mbws::{Binding, Frame, Message, Properties};
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn max_headers_leaves_room_for_the_dead_letter_headers() {
+        let at_limit = Config { max_headers: MAX_HEADERS, ..Config::default() };
+        assert_eq!(at_limit.validate(), Ok(()));
+        let over = Config { max_headers: MAX_HEADERS + 1, ..Config::default() };
+        let error = over.validate().unwrap_err();
+        assert!(error.contains(&format!("max-headers {} is out of range: use 0..={MAX_HEADERS}", MAX_HEADERS + 1)));
+        // A message with as many headers as a client may send, plus what dead-lettering adds,
+        // still encodes in the binary binding (the encoder panics beyond its u8 count).
+        let header = (bytes::Bytes::from_static(b"h"), bytes::Bytes::from_static(b"v"));
+        let headers = vec![header; MAX_HEADERS + crate::broker::address::DEAD_LETTER_HEADER_COUNT];
+        let message = Frame::Message(Message {
+            subscription_id: 1,
+            delivery_seq: 1,
+            message_id: 1,
+            address: bytes::Bytes::from_static(b"DLQ.a"),
+            redelivered: false,
+            durable: false,
+            properties: Properties { headers, ..Properties::default() },
+            body: bytes::Bytes::new(),
+        });
+        assert!(!crate::mbws::encode(Binding::Binary, &message).is_empty());
+    }
+
+    #[test]
+    fn relations_between_flags_name_both_flags() {
+        let small_queue =
+            Config { max_queued_bytes: 4096, max_message_bytes: 8192, max_frame_bytes: 8192, ..Config::default() };
+        assert!(small_queue
+            .validate()
+            .unwrap_err()
+            .starts_with("--max-queued-bytes 4096 is below --max-message-bytes 8192"));
+        let small_budget = Config { memory_budget_bytes: 1024 * 1024, shards: 2, ..Config::default() };
+        assert!(small_budget.validate().unwrap_err().starts_with("--memory-budget-bytes 1048576 split over 2 shards"));
+        let bad_pattern = Config { durable_addresses: vec!["a*b".into()], ..Config::default() };
+        assert!(bad_pattern.validate().unwrap_err().starts_with("--durable-address \"a*b\" is not an address name"));
+    }
+
+    #[test]
+    fn listen_takes_ip_ports_host_names_and_bare_ports() {
+        assert_eq!(parse_listen("7447"), Ok("127.0.0.1:7447".parse().unwrap()));
+        assert_eq!(parse_listen("0.0.0.0:80"), Ok("0.0.0.0:80".parse().unwrap()));
+        assert_eq!(parse_listen("[::1]:80"), Ok("[::1]:80".parse().unwrap()));
+        assert!(parse_listen("localhost:7447").unwrap().ip().is_loopback());
+        assert!(parse_listen("70000").unwrap_err().contains("out of range"));
+        assert!(parse_listen("no port").unwrap_err().contains("use HOST:PORT, IP:PORT or PORT"));
+    }
 }

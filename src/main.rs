@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
-use mbws::config::{Config, DEFAULT_LISTEN};
+use mbws::config::{Config, DEFAULT_LISTEN, FLAG_RANGES};
 use mbws::log;
 use mbws::logging::{self, Level};
 
@@ -20,16 +21,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(name = "mbws-broker", version)]
 struct Args {
-    /// Address to listen on (every shard listens on it with SO_REUSEPORT).
-    #[arg(long, default_value = DEFAULT_LISTEN)]
+    /// Address to listen on: HOST:PORT (a host name is resolved, its first address used),
+    /// IP:PORT, [IPv6]:PORT, or a bare PORT (on 127.0.0.1). Every shard listens on it with
+    /// SO_REUSEPORT; a port another process listens on is refused.
+    #[arg(long, default_value = DEFAULT_LISTEN, value_parser = mbws::config::parse_listen)]
     listen: std::net::SocketAddr,
-    /// Number of shard threads [default: cores available to the process].
+    /// Number of shard threads [default: cores available to the process]; more than the cores
+    /// available is allowed with a warning.
     #[arg(long)]
     shards: Option<usize>,
     /// Do not pin shard threads to cores.
     #[arg(long)]
     no_pin: bool,
-    /// Largest WebSocket frame accepted (close 1009 beyond).
+    /// Largest WebSocket frame accepted (close 1009 beyond); when not given, the default or
+    /// --max-message-bytes, whichever is lower.
     #[arg(long, default_value_t = Config::default().max_frame_bytes)]
     max_frame_bytes: usize,
     /// Largest WebSocket message (one MBWS frame) accepted (close 1009 beyond).
@@ -71,7 +76,8 @@ struct Args {
     /// Milliseconds a connection may take to send OPEN after the upgrade.
     #[arg(long, default_value_t = 10_000)]
     open_timeout_ms: u64,
-    /// Directory for the durable message log (one subdirectory per shard).
+    /// Directory for the durable message log (one subdirectory per shard); created if missing,
+    /// and only once the broker can run.
     #[arg(long, default_value = "mbws-data")]
     data_dir: std::path::PathBuf,
     /// Address whose every message is durable (exact name, or a prefix ending in *); repeatable.
@@ -107,14 +113,37 @@ fn parse_level(text: &str) -> Result<Level, String> {
     Level::parse(text).ok_or_else(|| format!("unknown log level \"{text}\": use error, warn, info or debug"))
 }
 
+/// Builds the command line with each numeric flag's valid range ([`FLAG_RANGES`]) appended
+/// to its help text, so `--help`, the start-up check and the README share one source.
+fn command() -> clap::Command {
+    let mut command = Args::command();
+    for range in FLAG_RANGES {
+        let id = range.flag.trim_start_matches("--").replace('-', "_");
+        command = command.mut_arg(id, |arg| {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            arg.help(format!("{help} [range: {}]", range.range_text()))
+        });
+    }
+    command.after_help("Exit status: 0 after SIGINT or SIGTERM, 1 when the broker cannot start, 2 on bad usage.")
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    install_panic_hook();
+    let matches = command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     logging::set_level(args.log_level);
+    let given = |id: &str| matches.value_source(id) != Some(ValueSource::DefaultValue);
+    let defaults = Config::default();
     let config = Config {
         listen: args.listen,
         shards: args.shards.unwrap_or_else(mbws::config::available_cores),
         pin_threads: !args.no_pin,
-        max_frame_bytes: args.max_frame_bytes,
+        // A default the user did not set follows the setting it must agree with.
+        max_frame_bytes: if given("max_frame_bytes") {
+            args.max_frame_bytes
+        } else {
+            defaults.max_frame_bytes.min(args.max_message_bytes)
+        },
         max_message_bytes: args.max_message_bytes,
         max_queued_messages: args.max_queued_messages,
         max_inflight_sends: args.max_inflight_sends,
@@ -134,15 +163,27 @@ fn main() -> ExitCode {
         log_batch_bytes: args.log_batch_bytes,
         log_segment_bytes: args.log_segment_bytes,
         log_recovery: args.log_recovery,
-        ..Config::default()
+        ..defaults
     };
-    if let Err(problem) = config.validate() {
+    if let Err(problem) = config.validate().and_then(|()| mbws::config::check_data_dir(&config.data_dir)) {
         eprintln!("mbws-broker: {problem}");
         return ExitCode::from(2);
     }
-    // Block the stop signals in every thread (shard threads inherit the mask); the main thread
-    // waits for them with sigwait and then shuts the shards down in order.
-    let signals = match block_stop_signals() {
+    let cores = mbws::config::available_cores();
+    if config.shards > cores {
+        // Allowed (a container's CPU quota or a test may call for it), but every shard is a
+        // thread with its own io_uring and buffers that then share cores: say what it costs.
+        log!(
+            Level::Warn,
+            "--shards {} is more than the {cores} cores this process may use: shards will share cores, \
+             which costs memory and latency; use --shards {cores} or fewer",
+            config.shards
+        );
+    }
+    raise_open_file_limit();
+    // Block the signals the main thread handles in every thread (shard threads inherit the
+    // mask); the main thread waits for them with sigwait.
+    let signals = match block_handled_signals() {
         Ok(signals) => signals,
         Err(error) => {
             eprintln!("mbws-broker: cannot set up signal handling: {error}");
@@ -166,14 +207,79 @@ fn main() -> ExitCode {
         shards,
         running.io_driver
     );
-    let signal = wait_for_signal(&signals);
+    let signal = loop {
+        match wait_for_signal(&signals) {
+            libc::SIGHUP => {
+                log!(Level::Info, "received SIGHUP: there are no settings to reload; still running");
+            }
+            signal => break signal,
+        }
+    };
     log!(Level::Info, "received signal {signal}; closing connections (1001) and stopping");
     running.shutdown();
     log!(Level::Info, "stopped");
     ExitCode::SUCCESS
 }
 
-fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
+/// A panic anywhere (a shard thread included) is a broken invariant: log it with its thread
+/// and location, then abort the whole process. A broker with a dead shard would drop every
+/// message for the addresses and connections that shard owns while looking alive.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let location = info.location().map_or_else(|| "unknown".to_string(), ToString::to_string);
+        log!(
+            Level::Error,
+            "thread {} panicked at {location}: {message}; aborting the whole broker (a bug: please report it \
+             with this line)",
+            thread.name().unwrap_or("unnamed")
+        );
+        std::process::abort();
+    }));
+}
+
+/// Raises the soft open-file limit to the hard limit (each connection is a descriptor) and
+/// logs the figure.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the live struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        log!(Level::Warn, "cannot read the open-file limit: {}", std::io::Error::last_os_error());
+        return;
+    }
+    let before = limit.rlim_cur;
+    // An unlimited hard limit is not a valid soft limit for descriptors: the kernel caps it.
+    let target = if limit.rlim_max == libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|text| text.trim().parse().ok()).unwrap_or(before)
+    } else {
+        limit.rlim_max
+    };
+    if target > before {
+        let raised = libc::rlimit { rlim_cur: target, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads the live struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            log!(Level::Info, "open-file limit {target} (raised from {before}, the hard limit)");
+            return;
+        }
+        log!(
+            Level::Warn,
+            "open-file limit {before}: raising it to {target} failed: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    log!(Level::Info, "open-file limit {before} (the hard limit; each connection takes one)");
+}
+
+/// SIGINT and SIGTERM stop the broker; SIGHUP (what a service manager or a closed terminal
+/// sends) is logged and ignored.
+fn block_handled_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data initialized by sigemptyset before use; pthread_sigmask
     // gets valid pointers.
     unsafe {
@@ -181,6 +287,7 @@ fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if rc != 0 {
             return Err(std::io::Error::from_raw_os_error(rc));

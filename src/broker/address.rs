@@ -113,6 +113,9 @@ impl Default for AddressLimits {
 
 /// Dead-letter addresses are named `DLQ.<address>`.
 pub const DEAD_LETTER_PREFIX: &[u8] = b"DLQ.";
+/// Headers dead-lettering adds to a message (`x-original-address`, `x-dead-letter-reason`):
+/// `max_headers` leaves room for them (see `config::MAX_HEADERS`).
+pub const DEAD_LETTER_HEADER_COUNT: usize = 2;
 
 /// The publisher of dead-lettered messages: answers to it are dropped on arrival (no
 /// connection has this slot).
@@ -361,6 +364,12 @@ impl AddressTable {
             let queued = Queued { id: MessageId(recovered.message_id), message, redelivered: true, deliveries: 0 };
             state.queue.push_back(queued);
         }
+    }
+
+    /// Continues message ids above `floor` (the highest id a log written with another shard
+    /// count used), so ids stay unique per address when the shard count changes.
+    pub fn continue_ids_above(&mut self, floor: u64) {
+        self.last_message_id = self.last_message_id.max(floor);
     }
 
     fn is_durable(&self, message: &StoredMessage) -> bool {

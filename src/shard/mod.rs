@@ -311,7 +311,7 @@ impl Shard {
 
     /// Attaches the shard's durable log: recovered messages go back to their queues, and a
     /// group-commit task answers durable publishes as their records become durable.
-    fn start_durable_log(self: &Rc<Self>, log: DurableLog, recovery: Recovery) {
+    fn start_durable_log(self: &Rc<Self>, DurableStart { log, recovery, message_id_floor }: DurableStart) {
         for line in &recovery.report {
             log!(Level::Warn, "shard {}: log recovery: {line}", self.id.0);
         }
@@ -325,6 +325,7 @@ impl Shard {
             let mut addresses = self.addresses.borrow_mut();
             addresses.set_durable_log(log.clone(), durable_addresses);
             addresses.restore(recovery, now_ms(), now_unix_ms());
+            addresses.continue_ids_above(message_id_floor);
         }
         let committer = Rc::new(GroupCommitter::new(log));
         *self.committer.borrow_mut() = Some(committer.clone());
@@ -504,6 +505,11 @@ impl Running {
 }
 
 /// Binds the listeners and starts `config.shards` shard threads.
+///
+/// Order matters: the listeners are bound first, so a start that cannot run (the port is in
+/// use) leaves the data directory as it found it; then the data directory is checked and every
+/// shard's log opened and recovered before any shard accepts, so a broken or unwritable data
+/// directory stops the start with a clear message.
 pub fn start(config: Config) -> io::Result<Running> {
     if !monoio::utils::detect_uring() {
         return Err(io::Error::new(
@@ -513,17 +519,31 @@ pub fn start(config: Config) -> io::Result<Running> {
         ));
     }
     let config = Arc::new(config);
-    // Every shard's log is opened and recovered before anything listens, so a broken or
-    // unwritable data directory stops the start with a clear message.
-    check_shard_count(&config)?;
+    let listeners = net::bind_all(config.listen, config.shards)?;
+    let local_addr = listeners[0].local_addr()?;
+    let recorded_shards = recorded_shard_count(&config)?;
+    let mut message_id_floor = read_message_id_floor(&config)?;
+    if let Some(recorded) = recorded_shards.filter(|&recorded| recorded != config.shards) {
+        message_id_floor = message_id_floor.max(check_logs_are_settled(&config, recorded)?);
+    }
     let mut logs = Vec::with_capacity(config.shards);
     for index in 0..config.shards {
         let opened = crate::store::open(config.log_config(), ShardId(index as u16))
             .map_err(|error| io::Error::other(error.to_string()))?;
         logs.push(opened);
     }
-    let listeners = net::bind_all(config.listen, config.shards)?;
-    let local_addr = listeners[0].local_addr()?;
+    if recorded_shards != Some(config.shards) {
+        record_shard_count(&config, message_id_floor)?;
+        if let Some(recorded) = recorded_shards {
+            log!(
+                Level::Info,
+                "the data directory {} was written with --shards {recorded} and holds no unsettled message: \
+                 now used with --shards {}",
+                config.data_dir.display(),
+                config.shards
+            );
+        }
+    }
     let (post_office, receivers) = PostOffice::new(config.shards)?;
     let cores = net::allowed_cpus();
     let mut threads = Vec::with_capacity(config.shards);
@@ -531,43 +551,114 @@ pub fn start(config: Config) -> io::Result<Running> {
         let config = config.clone();
         let post_office = post_office.clone();
         let core = if config.pin_threads && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };
-        let thread = std::thread::Builder::new().name(format!("mbws-shard-{index}")).spawn(move || {
-            run_shard(ShardId(index as u16), config, post_office, listener, inbox, core, log, recovery)
-        })?;
+        let durable = DurableStart { log, recovery, message_id_floor };
+        let thread = std::thread::Builder::new()
+            .name(format!("mbws-shard-{index}"))
+            .spawn(move || run_shard(ShardId(index as u16), config, post_office, listener, inbox, core, durable))?;
         threads.push(thread);
     }
     Ok(Running { local_addr, io_driver: "io_uring", threads, post_office })
 }
 
-/// Addresses are owned by `hash % shards`, so a log written with one shard count cannot be
-/// read with another (its messages would sit on shards that no longer own their addresses).
-/// The count is recorded in `<data_dir>/SHARDS` the first time and checked on every start.
-fn check_shard_count(config: &Config) -> io::Result<()> {
-    let path = config.data_dir.join("SHARDS");
+/// A shard's opened log, what it recovered, and the id its message ids continue above.
+struct DurableStart {
+    log: DurableLog,
+    recovery: Recovery,
+    message_id_floor: u64,
+}
+
+/// Addresses are owned by `hash % shards`, so a message logged with one shard count would sit
+/// on a shard that no longer owns its address under another. The count is recorded in
+/// `<data_dir>/SHARDS`; a start with another count is allowed only when no log holds an
+/// unsettled message ([`check_logs_are_settled`]). Reads only: nothing is written here.
+fn recorded_shard_count(config: &Config) -> io::Result<Option<usize>> {
+    let path = config.data_dir.join(SHARDS_FILE);
     match std::fs::read_to_string(&path) {
         Ok(recorded) => match recorded.trim().parse::<usize>() {
-            Ok(count) if count == config.shards => Ok(()),
-            Ok(count) => Err(io::Error::other(format!(
-                "the data directory {} was written by a broker with --shards {count}; start with --shards {count}, \
-                 or give this broker another --data-dir (a durable address must stay on the shard that logged it)",
-                config.data_dir.display()
-            ))),
-            Err(_) => Err(io::Error::other(format!(
-                "{} does not hold a shard count; restore it or remove it if the data directory is new",
+            Ok(count) if count > 0 => Ok(Some(count)),
+            _ => Err(io::Error::other(format!(
+                "{} does not hold a shard count; restore it, or remove it if the data directory holds no \
+                 durable message",
                 path.display()
             ))),
         },
-        Err(error) if error.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(&config.data_dir)
-            .and_then(|()| std::fs::write(&path, format!("{}\n", config.shards)))
-            .map_err(|error| {
-                io::Error::other(format!(
-                    "cannot use {} as the data directory: {error}; point --data-dir at a directory this user \
-                         can create and write to",
-                    config.data_dir.display()
-                ))
-            }),
+        Err(error) if error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(libc::ENOTDIR) => {
+            Ok(None)
+        }
+        Err(error) => Err(io::Error::other(format!(
+            "cannot read {}: {error}; point --data-dir at a directory this user can read and write",
+            path.display()
+        ))),
+    }
+}
+
+/// The shard count's file in the data directory.
+const SHARDS_FILE: &str = "SHARDS";
+/// The highest message id used under an earlier shard count (written when the count changes):
+/// every shard continues above it, so message ids stay unique per address.
+const MESSAGE_ID_FLOOR_FILE: &str = "MESSAGE-ID-FLOOR";
+
+fn read_message_id_floor(config: &Config) -> io::Result<u64> {
+    let path = config.data_dir.join(MESSAGE_ID_FLOOR_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            io::Error::other(format!(
+                "{} does not hold a message id; restore it (message ids would repeat without it)",
+                path.display()
+            ))
+        }),
+        Err(error) if error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(libc::ENOTDIR) => Ok(0),
         Err(error) => Err(io::Error::other(format!("cannot read {}: {error}", path.display()))),
     }
+}
+
+/// Opens the logs written with `recorded` shards: refuses if any holds an unsettled message,
+/// and returns the highest message id they used.
+fn check_logs_are_settled(config: &Config, recorded: usize) -> io::Result<u64> {
+    let mut highest_id = 0;
+    let mut unsettled = 0;
+    for index in 0..recorded {
+        let (log, recovery) = crate::store::open(config.log_config(), ShardId(index as u16))
+            .map_err(|error| io::Error::other(error.to_string()))?;
+        unsettled += recovery.messages.len();
+        highest_id = highest_id.max(recovery.last_message_id.values().copied().max().unwrap_or(0));
+        drop(log); // Releases the shard's lock; it is opened again below if still in use.
+    }
+    if unsettled > 0 {
+        return Err(io::Error::other(format!(
+            "--shards {}: the data directory {} was written with --shards {recorded} and holds {unsettled} \
+             unsettled durable messages, which must stay on the shard that logged them. Start with --shards \
+             {recorded} until they are consumed (then any --shards works), or give this broker another --data-dir",
+            config.shards,
+            config.data_dir.display()
+        )));
+    }
+    Ok(highest_id)
+}
+
+/// Writes `SHARDS` (and `MESSAGE-ID-FLOOR` when ids must continue above one), each replaced
+/// atomically (temporary file, fsync, rename, fsync of the directory).
+fn record_shard_count(config: &Config, message_id_floor: u64) -> io::Result<()> {
+    let write = |name: &str, text: String| -> io::Result<()> {
+        use std::io::Write;
+        let path = config.data_dir.join(name);
+        let temporary = config.data_dir.join(format!("{name}.new"));
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)
+    };
+    let mut result = write(SHARDS_FILE, format!("{}\n", config.shards));
+    if message_id_floor > 0 {
+        result = result.and_then(|()| write(MESSAGE_ID_FLOOR_FILE, format!("{message_id_floor}\n")));
+    }
+    result.and_then(|()| std::fs::File::open(&config.data_dir)?.sync_all()).map_err(|error| {
+        io::Error::other(format!(
+            "cannot record the shard count in {}: {error}; point --data-dir at a directory this user can \
+             write to",
+            config.data_dir.display()
+        ))
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -578,8 +669,7 @@ fn run_shard(
     listener: std::net::TcpListener,
     inbox: Receiver<Envelope>,
     core: Option<usize>,
-    log: DurableLog,
-    recovery: Recovery,
+    durable: DurableStart,
 ) {
     if let Some(core) = core {
         if let Err(error) = net::pin_to_cpu(core) {
@@ -603,7 +693,7 @@ fn run_shard(
             }
         };
         let shard = Rc::new(Shard::new(id, config, post_office));
-        shard.start_durable_log(log, recovery);
+        shard.start_durable_log(durable);
         monoio::spawn(shard.clone().inbox_loop(inbox));
         if shard.config.ack_timeout_ms > 0 {
             monoio::spawn(shard.clone().ack_timer_loop());
@@ -621,8 +711,13 @@ fn run_shard(
     });
 }
 
+/// Accept failures are logged at most once per this interval, with a count of those since.
+const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
     let mut consecutive_errors = 0u32;
+    let mut unreported_failures = 0u64;
+    let mut last_report: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -630,15 +725,54 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 if shard.shutdown.has_fired() {
                     return;
                 }
+                #[cfg(debug_assertions)]
+                debug_panic_on_accept(shard.id);
                 monoio::spawn(crate::conn::serve(shard.clone(), stream, peer));
             }
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning; the listener stays open.
+                // Each attempt fails while the condition lasts, so log once per interval.
                 consecutive_errors += 1;
-                log!(Level::Warn, "shard {}: accept failed: {error}", shard.id.0);
+                unreported_failures += 1;
+                let now = Instant::now();
+                if last_report.is_none_or(|at| now.duration_since(at) >= ACCEPT_FAILURE_LOG_INTERVAL) {
+                    let hint = match error.raw_os_error() {
+                        Some(libc::EMFILE) => format!(
+                            "; the open-file limit ({}) is reached: raise it (ulimit -n, LimitNOFILE=)",
+                            open_file_limit().map_or_else(|| "unknown".to_string(), |limit| limit.to_string())
+                        ),
+                        Some(libc::ENFILE) => "; the system-wide open-file limit is reached (fs.file-max)".to_string(),
+                        _ => String::new(),
+                    };
+                    log!(
+                        Level::Warn,
+                        "shard {}: accept failed: {error} ({unreported_failures} failures since the last report){hint}; \
+                         new connections wait in the backlog",
+                        shard.id.0
+                    );
+                    unreported_failures = 0;
+                    last_report = Some(now);
+                }
                 let backoff = Duration::from_millis(10 * u64::from(consecutive_errors.min(100)));
                 monoio::time::sleep(backoff).await;
             }
         }
+    }
+}
+
+/// The process's soft open-file limit (RLIMIT_NOFILE), if it can be read.
+pub fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the live struct it is given.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_cur)
+}
+
+/// Debug builds only (tests): `MBWS_DEBUG_PANIC_ON_ACCEPT=<shard>` makes that shard panic on
+/// its first accepted connection, to test that a panicking shard stops the whole process.
+/// Compiled out of release builds, so no setting can reach it there.
+#[cfg(debug_assertions)]
+fn debug_panic_on_accept(shard: ShardId) {
+    if std::env::var("MBWS_DEBUG_PANIC_ON_ACCEPT").is_ok_and(|value| value == shard.0.to_string()) {
+        panic!("MBWS_DEBUG_PANIC_ON_ACCEPT: shard {} panics on purpose", shard.0);
     }
 }

@@ -3,25 +3,59 @@
 use std::io;
 use std::mem;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 /// Binds `count` listeners on the same address with SO_REUSEPORT, so the kernel spreads
 /// incoming connections over the shards. With port 0, the first bind picks the port and the
 /// others join it.
+///
+/// SO_REUSEPORT would also let a second broker of the same user join our group (and take part
+/// of our traffic) or us join its group. So a fixed port is first bound by a probe socket
+/// *without* SO_REUSEPORT, which fails with "address already in use" if any socket holds the
+/// address; the probe is closed and the group bound straight after. Another SO_REUSEPORT
+/// socket could only slip in during those few system calls, which would take two brokers
+/// started within microseconds of each other on the same port; anything else that binds there
+/// in between makes our own bind fail with the same clear error. Port 0 needs no probe: the
+/// kernel picks a port no socket holds.
 pub fn bind_all(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
-    let first = bind_reuseport(addr).map_err(|error| {
-        io::Error::new(error.kind(), format!("cannot listen on {addr}: {error}; pick another --listen address"))
-    })?;
+    let in_use = |error: io::Error| {
+        if error.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                error.kind(),
+                format!(
+                    "cannot listen on {addr}: address already in use (another process listens there, perhaps \
+                     another mbws-broker); stop it, or give this broker another --listen address"
+                ),
+            )
+        } else {
+            io::Error::new(error.kind(), format!("cannot listen on {addr}: {error}; pick another --listen address"))
+        }
+    };
+    if addr.port() != 0 {
+        drop(bind_socket(addr, false).map_err(in_use)?);
+    }
+    let first = bind_reuseport(addr).map_err(in_use)?;
     let actual = first.local_addr()?;
     let mut listeners = vec![first];
     for _ in 1..count {
-        listeners.push(bind_reuseport(actual)?);
+        listeners.push(bind_reuseport(actual).map_err(in_use)?);
     }
     Ok(listeners)
 }
 
 /// One listening socket with SO_REUSEADDR and SO_REUSEPORT set before bind.
 pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = bind_socket(addr, true)?;
+    // SAFETY: listen(2) on a socket the listener owns.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
+/// One bound (not yet listening) socket with SO_REUSEADDR, and SO_REUSEPORT if `reuse_port`,
+/// set before bind. The probe never listens, so no connection can reach it.
+fn bind_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -31,7 +65,9 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
     // SAFETY: `fd` is a fresh socket nothing else owns; the listener closes it on every path.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     let one: libc::c_int = 1;
-    for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+    let options: &[libc::c_int] =
+        if reuse_port { &[libc::SO_REUSEADDR, libc::SO_REUSEPORT] } else { &[libc::SO_REUSEADDR] };
+    for &option in options {
         // SAFETY: passes a pointer to a live c_int and its size.
         let rc = unsafe {
             libc::setsockopt(
@@ -74,10 +110,6 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
         }
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen(2) on the socket we own.
-    if unsafe { libc::listen(fd, 4096) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(listener)

@@ -49,16 +49,30 @@ impl Broker {
 
     /// Like `start_in`, but a broker that refuses to start gives its exit status and log.
     pub fn try_start_in(data_dir: &Path, extra: &[&str]) -> Result<Broker, (std::process::ExitStatus, Vec<String>)> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mbws-broker"))
-            .args(["--listen", "127.0.0.1:0", "--log-level", "debug", "--no-pin"])
+        Broker::try_spawn(Broker::command(data_dir, extra))
+    }
+
+    /// The command `try_start_in` runs (with `--listen 127.0.0.1:0` unless `extra` has a
+    /// `--listen`), for a caller that adjusts it (environment, resource limits).
+    pub fn command(data_dir: &Path, extra: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mbws-broker"));
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        command
+            .args(["--log-level", "debug", "--no-pin"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mbws-broker");
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// Starts `command` (see [`Broker::command`]) and waits for its listen address.
+    pub fn try_spawn(mut command: Command) -> Result<Broker, (std::process::ExitStatus, Vec<String>)> {
+        let mut child = command.spawn().expect("start mbws-broker");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (port_tx, port_rx) = std::sync::mpsc::channel();
@@ -145,6 +159,25 @@ impl Broker {
                 panic!("mbws-broker did not stop within 10 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for the process to exit by itself; None if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
