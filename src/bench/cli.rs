@@ -5,7 +5,7 @@
 //! is made, so a bad combination exits 2 with a sentence saying what to change.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -32,14 +32,17 @@ pub const WINDOW_BYTES: u64 = 32 * 1024 * 1024;
 /// How long the latency scenario measures the maximum rate when `--max-rate` is absent.
 pub const MAX_RATE_PROBE: Duration = Duration::from_secs(3);
 
+/// The exit codes, shown at the end of every `--help`.
+const EXIT_CODES: &str = "Exit codes: 0 success (also `durable` on a target without durable sends); 1 connection, \
+                          protocol or target error (also the target closing held connections, or the JSON \
+                          result not written); 2 bad usage (flags, URL, a --json path that cannot be written).";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mbws-bench",
     version,
     about = "Load generator for MBWS brokers and the NATS, MQTT and relay baselines",
-    long_about = "Load generator for MBWS brokers and the NATS, MQTT and relay baselines.\n\n\
-                  Exit codes: 0 success (also `durable` on a target without durable sends), \
-                  1 connection, protocol or target error, 2 bad usage."
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -49,9 +52,11 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum ScenarioArgs {
     /// Unpaced publishers -> competing consumers; messages per second at the consumers.
+    #[command(after_help = EXIT_CODES)]
     Throughput {
         #[command(flatten)]
         common: CommonArgs,
+        /// Publishing connections, each sending as fast as the window allows.
         #[arg(long, default_value_t = 1)]
         publishers: usize,
         /// Competing consumers (mqtt: every consumer of an address gets all of its messages).
@@ -62,6 +67,7 @@ pub enum ScenarioArgs {
         addresses: usize,
     },
     /// 1 publisher -> 1 consumer at fixed rates; coordinated-omission corrected percentiles.
+    #[command(after_help = EXIT_CODES)]
     Latency {
         #[command(flatten)]
         common: CommonArgs,
@@ -76,16 +82,20 @@ pub enum ScenarioArgs {
         step_s: f64,
     },
     /// 1 publisher -> M multicast subscribers; deliveries per second.
+    #[command(after_help = EXIT_CODES)]
     Fanout {
         #[command(flatten)]
         common: CommonArgs,
+        /// Multicast subscribers, each receiving every message.
         #[arg(long, default_value_t = 10)]
         subscribers: usize,
     },
     /// Open K idle sessions, hold them for --duration-s, measure the broker's memory per session.
+    #[command(after_help = EXIT_CODES)]
     Connections {
         #[command(flatten)]
         common: CommonArgs,
+        /// Idle sessions to open and hold.
         #[arg(long, default_value_t = 1000)]
         connections: usize,
         /// Spread connections over source addresses 127.0.0.1 .. 127.0.0.N.
@@ -93,6 +103,7 @@ pub enum ScenarioArgs {
         source_ips: u8,
     },
     /// Like throughput 1 -> 1 with durable SENDs; records each SEND's receipt latency (mbws).
+    #[command(after_help = EXIT_CODES)]
     Durable {
         #[command(flatten)]
         common: CommonArgs,
@@ -246,7 +257,7 @@ impl Plan {
 
     fn with_common(common: CommonArgs, scenario: Scenario) -> Result<Plan, BenchError> {
         let (addr, host, path) =
-            crate::client::parse_url(&common.url).map_err(|error| usage(format!("--url {}: {error}", common.url)))?;
+            crate::client::parse_url(&common.url).map_err(|error| usage(format!("--url: {error}")))?;
         if common.size < STAMP_BYTES || common.size > MAX_SIZE_BYTES {
             return Err(usage(format!(
                 "--size {}: give {STAMP_BYTES} to {MAX_SIZE_BYTES} bytes (the first {STAMP_BYTES} carry the send time)",
@@ -268,6 +279,9 @@ impl Plan {
         }
         if common.credit == 0 || common.credit > u32::from(u16::MAX) {
             return Err(usage(format!("--credit {}: give 1 to 65535 (the broker's max-credit)", common.credit)));
+        }
+        if let Some(path) = &common.json {
+            check_writable(path)?;
         }
         let duration = seconds("--duration-s", common.duration_s, false)?;
         let warmup = seconds("--warmup-s", common.warmup_s, true)?;
@@ -301,6 +315,24 @@ impl Plan {
             auto_ack: common.ack == AckArg::Auto,
             common,
         })
+    }
+}
+
+/// Fails early (usage) when `--json PATH` cannot be written, rather than after the whole run.
+/// A file that did not exist is created to try, and removed again.
+fn check_writable(path: &Path) -> Result<(), BenchError> {
+    let existed = path.exists();
+    match std::fs::OpenOptions::new().append(true).create(true).open(path) {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+        Err(error) => Err(usage(format!(
+            "--json {}: cannot write there ({error}); give a path in a writable directory",
+            path.display()
+        ))),
     }
 }
 
