@@ -29,6 +29,8 @@ pub const DEFAULT_WINDOW_MESSAGES: u64 = 10_000;
 /// the rest, so MQTT QoS 1 runs keep far fewer in flight by default.
 pub const DEFAULT_MQTT_QOS1_WINDOW_MESSAGES: u64 = 500;
 pub const WINDOW_BYTES: u64 = 32 * 1024 * 1024;
+/// Shortest measurement (or hold) a run may ask for: rates over a few milliseconds are noise.
+pub const MIN_DURATION: Duration = Duration::from_millis(100);
 /// How long the latency scenario measures the maximum rate when `--max-rate` is absent.
 pub const MAX_RATE_PROBE: Duration = Duration::from_secs(3);
 
@@ -121,7 +123,7 @@ pub struct CommonArgs {
     /// Message body bytes (at least 8: the first 8 carry the send timestamp).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// Seconds of measurement (connections: seconds to hold the sessions).
+    /// Seconds of measurement, at least 0.1 (connections: seconds to hold the sessions).
     #[arg(long, default_value_t = 5.0)]
     pub duration_s: f64,
     /// Seconds of load before measuring.
@@ -284,6 +286,13 @@ impl Plan {
             check_writable(path)?;
         }
         let duration = seconds("--duration-s", common.duration_s, false)?;
+        if duration < MIN_DURATION {
+            return Err(usage(format!(
+                "--duration-s {}: give at least {} s (a rate over a shorter run is noise)",
+                common.duration_s,
+                MIN_DURATION.as_secs_f64()
+            )));
+        }
         let warmup = seconds("--warmup-s", common.warmup_s, true)?;
         let default_window = if common.target == TargetKind::Mqtt && common.qos == 1 {
             DEFAULT_MQTT_QOS1_WINDOW_MESSAGES
@@ -421,6 +430,14 @@ mod tests {
         assert!(matches!(mqtt, Err(BenchError::Usage(message)) if message.contains("4 KB")));
         let tiny = plan(&["durable", "--target", "mbws", "--url", "ws://127.0.0.1:1/", "--size", "4"]);
         assert!(matches!(tiny, Err(BenchError::Usage(_))));
+    }
+
+    #[test]
+    fn runs_too_short_to_measure_are_refused() {
+        let short = plan(&["throughput", "--target", "mbws", "--url", "ws://127.0.0.1:1/", "--duration-s", "0.01"]);
+        assert!(matches!(short, Err(BenchError::Usage(message)) if message.contains("at least 0.1 s")));
+        let enough = plan(&["throughput", "--target", "mbws", "--url", "ws://127.0.0.1:1/", "--duration-s", "0.1"]);
+        assert!(enough.is_ok());
     }
 
     #[test]
