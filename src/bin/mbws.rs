@@ -182,6 +182,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
+            // A stop signal during connect or subscribe: no session to close, exit as for one.
+            if let (ClientError::Interrupted, Some(signal)) = (&error, stop_signal()) {
+                return ExitCode::from(128 + signal as u8);
+            }
             eprintln!("mbws: {error}");
             ExitCode::from(match error {
                 ClientError::Url(_) => 2,
