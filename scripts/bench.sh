@@ -237,24 +237,74 @@ EOF
 
 # ---------------------------------------------------------------------------------------------
 # Starting and stopping one broker.
-wait_for_port() {
-    local port=$1 pid=$2 name=$3
+
+# port_in_use PORT: true while something accepts TCP connections on 127.0.0.1:PORT.
+port_in_use() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# ws_upgrade PORT [SUBPROTOCOL]: true when a WebSocket upgrade on 127.0.0.1:PORT is answered
+# with 101 (the server really serves, not only has its port bound).
+ws_upgrade() {
+    python3 - "$1" "${2:-}" <<'EOF'
+import base64, os, socket, sys
+port, protocol = int(sys.argv[1]), sys.argv[2]
+request = (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n")
+if protocol:
+    request += f"Sec-WebSocket-Protocol: {protocol}\r\n"
+try:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
+        connection.sendall((request + "\r\n").encode())
+        response = b""
+        while b"\r\n\r\n" not in response and len(response) < 16384:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            response += chunk
+except OSError:
+    sys.exit(1)
+sys.exit(0 if response.startswith(b"HTTP/1.1 101") else 1)
+EOF
+}
+
+# wait_until_serving TARGET PORT PID NAME: waits (at most 10 s) until the target's server answers
+# a WebSocket upgrade on PORT (the relay, which speaks no WebSocket: until it accepts a
+# connection); fails at once if the process exits.
+wait_until_serving() {
+    local target=$1 port=$2 pid=$3 name=$4
     for _ in $(seq 100); do
         if ! kill -0 "$pid" 2>/dev/null; then
             echo "bench.sh: $name exited during start-up; its log: $out/logs/$name.log" >&2
             return 1
         fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return 0
-        fi
+        case "$target" in
+            mbws|mbws-light) ws_upgrade "$port" MBWS.huawei.com && return 0 ;;
+            nats) ws_upgrade "$port" && return 0 ;;
+            mqtt) ws_upgrade "$port" mqtt && return 0 ;;
+            relay) port_in_use "$port" && return 0 ;;
+        esac
         sleep 0.1
     done
-    echo "bench.sh: $name did not listen on 127.0.0.1:$port within 10 s" >&2
+    echo "bench.sh: $name did not serve on 127.0.0.1:$port within 10 s" >&2
+    return 1
+}
+
+# wait_port_free PORT: waits (at most 10 s) until nothing listens on 127.0.0.1:PORT, so that a
+# new broker never shares the port (SO_REUSEPORT) with one still going away, nor a readiness
+# check reaches the old one.
+wait_port_free() {
+    local port=$1
+    for _ in $(seq 100); do
+        port_in_use "$port" || return 0
+        sleep 0.1
+    done
+    echo "bench.sh: 127.0.0.1:$port is still in use 10 s after its last broker stopped" >&2
     return 1
 }
 
 # start_broker TARGET RUN_NAME: starts the target's server pinned to the broker CPU, sets
-# broker_pid, and waits until it accepts connections.
+# broker_pid, and waits until it serves.
 start_broker() {
     local target=$1 run=$2 port
     local -a command
@@ -271,12 +321,15 @@ start_broker() {
         mqtt) command=("$mosquitto_bin" -c "$out/mosquitto.conf"); port=$mqtt_ws_port ;;
         relay) command=("$relay_bin" --listen "127.0.0.1:$relay_port"); port=$relay_port ;;
     esac
+    # The previous broker (stopped and waited for by PID) must also have let go of the port.
+    wait_port_free "$port" || return 1
     mkdir -p "$out/logs"
     "${pin_broker[@]}" "${command[@]}" >"$out/logs/$run.broker.log" 2>&1 &
     broker_pid=$!
-    wait_for_port "$port" "$broker_pid" "$run.broker"
+    wait_until_serving "$target" "$port" "$broker_pid" "$run.broker"
 }
 
+# stop_broker: stops the running broker and waits for its PID to exit (stop_pid).
 stop_broker() {
     [[ -n $broker_pid ]] && stop_pid "$broker_pid"
     broker_pid=""

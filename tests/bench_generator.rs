@@ -177,3 +177,84 @@ fn assert_fanout(json: &str, subscribers: f64) {
     assert!(published > 0.0, "{json}");
     assert!((deliveries - subscribers * published).abs() <= subscribers * window, "{json}");
 }
+
+#[test]
+fn an_unwritable_json_path_is_refused_before_the_run() {
+    let broker = Server::broker();
+    let url = format!("ws://{}/", broker.addr);
+    let started = Instant::now();
+    let output = bench(&[
+        "throughput",
+        "--target",
+        "mbws",
+        "--url",
+        &url,
+        "--duration-s",
+        "30",
+        "--json",
+        "/nonexistent-mbws-dir/result.json",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--json /nonexistent-mbws-dir/result.json"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "refused only after the run: {:?}", started.elapsed());
+}
+
+#[test]
+fn connections_notices_that_the_broker_has_gone() {
+    use std::io::Read;
+    use std::sync::mpsc;
+    let mut broker = Server::broker();
+    let url = format!("ws://{}/", broker.addr);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mbws-bench"))
+        .args(["connections", "--target", "mbws", "--url", &url, "--connections", "20", "--duration-s", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The progress line says "holding" once every session is open; collect stderr meanwhile.
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(read @ 1..) = stderr.read(&mut chunk) {
+            seen.extend_from_slice(&chunk[..read]);
+            let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = String::new();
+    while !text.contains("holding") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(seen) => text = seen,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("mbws-bench never reported holding its sessions: {text}");
+            }
+        }
+    }
+    let _ = broker.child.kill();
+    let _ = broker.child.wait();
+    let gone = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if gone.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mbws-bench kept holding sessions 10 s after the broker was killed");
+        }
+        // Collect what it printed while we wait for it to exit.
+        if let Ok(seen) = rx.recv_timeout(Duration::from_millis(50)) {
+            text = seen;
+        }
+    };
+    if let Some(seen) = rx.try_iter().last() {
+        text = seen;
+    }
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("of the 20 idle sessions held"), "{text}");
+}

@@ -5,7 +5,7 @@
 //! is made, so a bad combination exits 2 with a sentence saying what to change.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -29,17 +29,22 @@ pub const DEFAULT_WINDOW_MESSAGES: u64 = 10_000;
 /// the rest, so MQTT QoS 1 runs keep far fewer in flight by default.
 pub const DEFAULT_MQTT_QOS1_WINDOW_MESSAGES: u64 = 500;
 pub const WINDOW_BYTES: u64 = 32 * 1024 * 1024;
+/// Shortest measurement (or hold) a run may ask for: rates over a few milliseconds are noise.
+pub const MIN_DURATION: Duration = Duration::from_millis(100);
 /// How long the latency scenario measures the maximum rate when `--max-rate` is absent.
 pub const MAX_RATE_PROBE: Duration = Duration::from_secs(3);
+
+/// The exit codes, shown at the end of every `--help`.
+const EXIT_CODES: &str = "Exit codes: 0 success (also `durable` on a target without durable sends); 1 connection, \
+                          protocol or target error (also the target closing held connections, or the JSON \
+                          result not written); 2 bad usage (flags, URL, a --json path that cannot be written).";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "mbws-bench",
     version,
     about = "Load generator for MBWS brokers and the NATS, MQTT and relay baselines",
-    long_about = "Load generator for MBWS brokers and the NATS, MQTT and relay baselines.\n\n\
-                  Exit codes: 0 success (also `durable` on a target without durable sends), \
-                  1 connection, protocol or target error, 2 bad usage."
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -49,9 +54,11 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum ScenarioArgs {
     /// Unpaced publishers -> competing consumers; messages per second at the consumers.
+    #[command(after_help = EXIT_CODES)]
     Throughput {
         #[command(flatten)]
         common: CommonArgs,
+        /// Publishing connections, each sending as fast as the window allows.
         #[arg(long, default_value_t = 1)]
         publishers: usize,
         /// Competing consumers (mqtt: every consumer of an address gets all of its messages).
@@ -62,6 +69,7 @@ pub enum ScenarioArgs {
         addresses: usize,
     },
     /// 1 publisher -> 1 consumer at fixed rates; coordinated-omission corrected percentiles.
+    #[command(after_help = EXIT_CODES)]
     Latency {
         #[command(flatten)]
         common: CommonArgs,
@@ -76,16 +84,20 @@ pub enum ScenarioArgs {
         step_s: f64,
     },
     /// 1 publisher -> M multicast subscribers; deliveries per second.
+    #[command(after_help = EXIT_CODES)]
     Fanout {
         #[command(flatten)]
         common: CommonArgs,
+        /// Multicast subscribers, each receiving every message.
         #[arg(long, default_value_t = 10)]
         subscribers: usize,
     },
     /// Open K idle sessions, hold them for --duration-s, measure the broker's memory per session.
+    #[command(after_help = EXIT_CODES)]
     Connections {
         #[command(flatten)]
         common: CommonArgs,
+        /// Idle sessions to open and hold.
         #[arg(long, default_value_t = 1000)]
         connections: usize,
         /// Spread connections over source addresses 127.0.0.1 .. 127.0.0.N.
@@ -93,6 +105,7 @@ pub enum ScenarioArgs {
         source_ips: u8,
     },
     /// Like throughput 1 -> 1 with durable SENDs; records each SEND's receipt latency (mbws).
+    #[command(after_help = EXIT_CODES)]
     Durable {
         #[command(flatten)]
         common: CommonArgs,
@@ -110,7 +123,7 @@ pub struct CommonArgs {
     /// Message body bytes (at least 8: the first 8 carry the send timestamp).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// Seconds of measurement (connections: seconds to hold the sessions).
+    /// Seconds of measurement, at least 0.1 (connections: seconds to hold the sessions).
     #[arg(long, default_value_t = 5.0)]
     pub duration_s: f64,
     /// Seconds of load before measuring.
@@ -246,7 +259,7 @@ impl Plan {
 
     fn with_common(common: CommonArgs, scenario: Scenario) -> Result<Plan, BenchError> {
         let (addr, host, path) =
-            crate::client::parse_url(&common.url).map_err(|error| usage(format!("--url {}: {error}", common.url)))?;
+            crate::client::parse_url(&common.url).map_err(|error| usage(format!("--url: {error}")))?;
         if common.size < STAMP_BYTES || common.size > MAX_SIZE_BYTES {
             return Err(usage(format!(
                 "--size {}: give {STAMP_BYTES} to {MAX_SIZE_BYTES} bytes (the first {STAMP_BYTES} carry the send time)",
@@ -269,7 +282,17 @@ impl Plan {
         if common.credit == 0 || common.credit > u32::from(u16::MAX) {
             return Err(usage(format!("--credit {}: give 1 to 65535 (the broker's max-credit)", common.credit)));
         }
+        if let Some(path) = &common.json {
+            check_writable(path)?;
+        }
         let duration = seconds("--duration-s", common.duration_s, false)?;
+        if duration < MIN_DURATION {
+            return Err(usage(format!(
+                "--duration-s {}: give at least {} s (a rate over a shorter run is noise)",
+                common.duration_s,
+                MIN_DURATION.as_secs_f64()
+            )));
+        }
         let warmup = seconds("--warmup-s", common.warmup_s, true)?;
         let default_window = if common.target == TargetKind::Mqtt && common.qos == 1 {
             DEFAULT_MQTT_QOS1_WINDOW_MESSAGES
@@ -301,6 +324,24 @@ impl Plan {
             auto_ack: common.ack == AckArg::Auto,
             common,
         })
+    }
+}
+
+/// Fails early (usage) when `--json PATH` cannot be written, rather than after the whole run.
+/// A file that did not exist is created to try, and removed again.
+fn check_writable(path: &Path) -> Result<(), BenchError> {
+    let existed = path.exists();
+    match std::fs::OpenOptions::new().append(true).create(true).open(path) {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+        Err(error) => Err(usage(format!(
+            "--json {}: cannot write there ({error}); give a path in a writable directory",
+            path.display()
+        ))),
     }
 }
 
@@ -389,6 +430,14 @@ mod tests {
         assert!(matches!(mqtt, Err(BenchError::Usage(message)) if message.contains("4 KB")));
         let tiny = plan(&["durable", "--target", "mbws", "--url", "ws://127.0.0.1:1/", "--size", "4"]);
         assert!(matches!(tiny, Err(BenchError::Usage(_))));
+    }
+
+    #[test]
+    fn runs_too_short_to_measure_are_refused() {
+        let short = plan(&["throughput", "--target", "mbws", "--url", "ws://127.0.0.1:1/", "--duration-s", "0.01"]);
+        assert!(matches!(short, Err(BenchError::Usage(message)) if message.contains("at least 0.1 s")));
+        let enough = plan(&["throughput", "--target", "mbws", "--url", "ws://127.0.0.1:1/", "--duration-s", "0.1"]);
+        assert!(enough.is_ok());
     }
 
     #[test]

@@ -659,6 +659,25 @@ pub struct IdleSession {
     goodbye: BytesMut,
 }
 
+/// How many of `sessions` the target has closed or reset (FIN, RST or a socket error), from one
+/// non-blocking poll(2) over their sockets. Data waiting to be read (a server's PING) is not a
+/// close.
+pub fn closed_idle_sessions(sessions: &[IdleSession]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut polls: Vec<libc::pollfd> = sessions
+        .iter()
+        .map(|session| libc::pollfd { fd: session.stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 })
+        .collect();
+    // SAFETY: `polls` is an array of `polls.len()` initialised pollfd entries that outlives the
+    // call; a timeout of 0 makes poll(2) return at once.
+    let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 0) };
+    if ready < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let closed = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+    Ok(polls.iter().filter(|poll| poll.revents & closed != 0).count())
+}
+
 /// Opens `count` idle sessions with at most `concurrency` set-ups in flight, spreading them over
 /// `source_ips` loopback source addresses when more than one.
 pub async fn open_idle_sessions(

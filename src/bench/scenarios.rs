@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 
 use super::cli::{Plan, Scenario, TargetKind, MAX_RATE_PROBE};
 use super::clock::now_ns;
-use super::engine::{close_idle_sessions, open_idle_sessions, Bench, Mode, Shape, Snapshot};
+use super::engine::{close_idle_sessions, closed_idle_sessions, open_idle_sessions, Bench, Mode, Shape, Snapshot};
 use super::flow::Semantics;
 use super::net::raise_open_files_limit;
 use super::procfs;
@@ -28,6 +28,8 @@ use super::BenchError;
 const CONNECT_CONCURRENCY: usize = 256;
 /// File descriptors the generator needs besides the idle sessions.
 const SPARE_FILES: u64 = 256;
+/// How often the connections scenario checks that the target still holds its sessions.
+const HELD_SESSIONS_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 /// Above this share of one core the generator may be what limits a result.
 const GENERATOR_BUSY_WARNING: f64 = 0.95;
 /// A paced step that has not sent everything after this multiple of its length has failed.
@@ -552,8 +554,23 @@ async fn connections_scenario(
     let seconds_to_open = (now_ns() - started) as f64 / 1e9;
     progress.restart(format!("{} holding", label(plan)), now_ns(), sessions.len() as u64);
     let hold_until = now_ns() + plan.duration.as_nanos() as u64;
+    let mut next_check = now_ns();
     while now_ns() < hold_until {
         progress.tick(now_ns(), sessions.len() as u64);
+        if now_ns() >= next_check {
+            next_check = now_ns() + HELD_SESSIONS_CHECK_INTERVAL.as_nanos() as u64;
+            let closed = closed_idle_sessions(&sessions)
+                .map_err(|error| BenchError::Failed(format!("cannot poll the held sessions: {error}")))?;
+            if closed > 0 {
+                progress.finish();
+                let held = sessions.len();
+                close_idle_sessions(sessions, CONNECT_CONCURRENCY).await;
+                return Err(BenchError::Failed(format!(
+                    "the target closed {closed} of the {held} idle sessions held (has it stopped or crashed?); \
+                     no memory figure is reported"
+                )));
+            }
+        }
         monoio::time::sleep(Duration::from_millis(50)).await;
     }
     progress.finish();

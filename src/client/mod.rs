@@ -61,6 +61,18 @@ impl Default for ClientOptions {
 #[derive(Debug)]
 pub enum ClientError {
     Io(io::Error),
+    /// The URL is malformed or names something this client cannot speak (`wss://`).
+    Url(String),
+    /// The URL's host did not resolve.
+    Resolve(String),
+    /// TCP connect to the broker failed (refused, unreachable, timed out).
+    Connect {
+        url: String,
+        addr: SocketAddr,
+        error: io::Error,
+    },
+    /// A signal interrupted a wait (the caller decides whether to stop).
+    Interrupted,
     /// The URL, the upgrade or a frame from the broker was not what the protocol says.
     Protocol(String),
     /// The broker answered with ERROR.
@@ -78,6 +90,14 @@ impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientError::Io(error) => write!(f, "connection error: {error}"),
+            ClientError::Url(problem) => write!(f, "bad broker URL {problem}"),
+            ClientError::Resolve(problem) => write!(f, "{problem}"),
+            ClientError::Connect { url, addr, error } => write!(
+                f,
+                "cannot connect to {url} ({addr}): {error}; is mbws-broker running there? \
+                 (set the address with --url or MBWS_URL)"
+            ),
+            ClientError::Interrupted => write!(f, "interrupted by a signal"),
             ClientError::Protocol(problem) => write!(f, "protocol error: {problem}"),
             ClientError::Broker(error) => write!(
                 f,
@@ -106,25 +126,92 @@ impl From<io::Error> for ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
-/// Splits `ws://host:port/path` (or `host:port`) into a socket address, host header and path.
-pub fn parse_url(url: &str) -> Result<(SocketAddr, String, String)> {
-    let rest = if let Some(rest) = url.strip_prefix("ws://") {
-        rest
-    } else if url.starts_with("wss://") {
-        return Err(ClientError::Protocol(format!("{url}: wss:// (TLS) is not supported; use ws://")));
-    } else {
-        url
+/// The parts of a broker URL: what to dial, the `Host` header and the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// `host:port` to resolve and dial (the port is 80 when the URL gives none).
+    pub authority: String,
+    /// `Host` header of the upgrade: the authority as the URL wrote it.
+    pub host: String,
+    pub path: String,
+}
+
+/// The port of a `ws://` URL that names none (RFC 6455, section 3).
+pub const DEFAULT_WS_PORT: u16 = 80;
+
+/// Checks the syntax of `ws://host[:port][/path]` (or `host:port[/path]`) without resolving it.
+/// The scheme is case-insensitive. Errors name the URL and say what to give instead.
+pub fn parse_url_syntax(url: &str) -> Result<BrokerUrl> {
+    let bad = |problem: String| ClientError::Url(format!("\"{url}\": {problem}"));
+    let (scheme, rest) = match url.find("://") {
+        Some(end) => (Some(url[..end].to_ascii_lowercase()), &url[end + 3..]),
+        None => (None, url),
     };
+    match scheme.as_deref() {
+        None | Some("ws") => {}
+        Some("wss") => {
+            return Err(bad("TLS is not supported yet; use ws:// (put a TLS-terminating proxy in front of the broker \
+                 for wss://)"
+                .into()))
+        }
+        Some("http") | Some("https") => {
+            return Err(bad(format!(
+                "the scheme is {}://, a WebSocket broker URL is ws://HOST:PORT/",
+                scheme.unwrap_or_default()
+            )))
+        }
+        Some(other) => return Err(bad(format!("unknown scheme \"{other}://\"; give ws://HOST:PORT/"))),
+    }
     let (authority, path) = match rest.find('/') {
         Some(slash) => (&rest[..slash], rest[slash..].to_string()),
         None => (rest, "/".to_string()),
     };
+    if authority.is_empty() {
+        return Err(bad("no host; give ws://HOST:PORT/".into()));
+    }
+    if authority.contains('@') {
+        return Err(bad("user information in the URL is not supported; give ws://HOST:PORT/".into()));
+    }
+    // `[v6]:port`, `[v6]`, `host:port` or `host`: split off the port if there is one.
+    let (host_part, port) = if let Some(end) = authority.strip_prefix('[').and_then(|inner| inner.find(']')) {
+        let after = &authority[end + 2..];
+        match after.strip_prefix(':') {
+            Some(port) => (&authority[..end + 2], Some(port)),
+            None if after.is_empty() => (authority, None),
+            None => return Err(bad(format!("\"{after}\" after the IPv6 address is not :PORT"))),
+        }
+    } else if scheme.is_none() && !authority.contains(':') {
+        return Err(bad("give ws://HOST:PORT/ or HOST:PORT".into()));
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host_part.is_empty() {
+        return Err(bad("no host; give ws://HOST:PORT/".into()));
+    }
+    let port = match port {
+        None => DEFAULT_WS_PORT,
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or_else(|| bad(format!("port \"{port}\" is not a number from 1 to 65535")))?,
+    };
+    Ok(BrokerUrl { authority: format!("{host_part}:{port}"), host: authority.to_string(), path })
+}
+
+/// Splits `ws://host:port/path` (or `host:port`) into a socket address, host header and path,
+/// resolving the host.
+pub fn parse_url(url: &str) -> Result<(SocketAddr, String, String)> {
+    let BrokerUrl { authority, host, path } = parse_url_syntax(url)?;
     let addr = authority
         .to_socket_addrs()
-        .map_err(|error| ClientError::Protocol(format!("{url}: cannot resolve \"{authority}\": {error}")))?
+        .map_err(|error| ClientError::Resolve(format!("{url}: cannot resolve \"{authority}\": {error}")))?
         .next()
-        .ok_or_else(|| ClientError::Protocol(format!("{url}: \"{authority}\" resolves to no address")))?;
-    Ok((addr, authority.to_string(), path))
+        .ok_or_else(|| ClientError::Resolve(format!("{url}: \"{authority}\" resolves to no address")))?;
+    Ok((addr, host, path))
 }
 
 pub struct Client {
@@ -162,9 +249,12 @@ impl Client {
         let mut backoff = Duration::from_millis(5);
         loop {
             match Client::connect_once(url, options.clone()) {
-                Err(ClientError::Io(_) | ClientError::Closed { .. } | ClientError::Timeout(_))
-                    if Instant::now() + backoff < deadline =>
-                {
+                Err(
+                    ClientError::Io(_)
+                    | ClientError::Connect { .. }
+                    | ClientError::Closed { .. }
+                    | ClientError::Timeout(_),
+                ) if Instant::now() + backoff < deadline => {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
@@ -593,7 +683,11 @@ fn opcode_of(binding: Binding) -> OpCode {
 /// TCP connect and WebSocket upgrade; returns the stream, any bytes read past the response,
 /// and the seed used for the key (reused for masks).
 fn dial(addr: SocketAddr, host: &str, path: &str, options: &ClientOptions) -> Result<(TcpStream, BytesMut, u64)> {
-    let mut stream = TcpStream::connect_timeout(&addr, options.timeout)?;
+    let mut stream = TcpStream::connect_timeout(&addr, options.timeout).map_err(|error| ClientError::Connect {
+        url: format!("ws://{host}{path}"),
+        addr,
+        error,
+    })?;
     stream.set_nodelay(true)?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
         ^ (stream.local_addr()?.port() as u64) << 48;
@@ -649,6 +743,50 @@ fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, deadline: Instant, what
         Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
             Err(ClientError::Timeout(what.to_string()))
         }
+        Err(error) if error.kind() == io::ErrorKind::Interrupted => Err(ClientError::Interrupted),
         Err(error) => Err(ClientError::Io(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(url: &str) -> (String, String, String) {
+        let BrokerUrl { authority, host, path } = parse_url_syntax(url).unwrap();
+        (authority, host, path)
+    }
+
+    #[test]
+    fn urls_take_the_forms_users_write() {
+        let owned = |a: &str, h: &str, p: &str| (a.to_string(), h.to_string(), p.to_string());
+        assert_eq!(parts("ws://127.0.0.1:7447/"), owned("127.0.0.1:7447", "127.0.0.1:7447", "/"));
+        assert_eq!(parts("WS://Host:1/x"), owned("Host:1", "Host:1", "/x"));
+        assert_eq!(parts("ws://example.com"), owned("example.com:80", "example.com", "/"));
+        assert_eq!(parts("ws://[::1]/"), owned("[::1]:80", "[::1]", "/"));
+        assert_eq!(parts("ws://[::1]:9/"), owned("[::1]:9", "[::1]:9", "/"));
+        assert_eq!(parts("localhost:7447"), owned("localhost:7447", "localhost:7447", "/"));
+    }
+
+    #[test]
+    fn bad_urls_are_named_with_what_to_give() {
+        for (url, says) in [
+            ("wss://h/", "TLS is not supported yet"),
+            ("http://h/", "ws://HOST:PORT/"),
+            ("ftp://h/", "unknown scheme"),
+            ("h", "HOST:PORT"),
+            ("ws://h:0/", "1 to 65535"),
+            ("ws://h:x/", "1 to 65535"),
+            ("ws://:80/", "no host"),
+            ("ws://u@h/", "user information"),
+            ("ws://[::1]x/", "IPv6"),
+        ] {
+            match parse_url_syntax(url) {
+                Err(ClientError::Url(problem)) => {
+                    assert!(problem.contains(url) && problem.contains(says), "{url}: {problem}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
     }
 }
