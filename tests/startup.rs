@@ -322,3 +322,26 @@ fn a_panicking_shard_aborts_the_whole_broker_with_a_clear_message() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A stopped broker no longer listens: once its process has exited, a connection to its port is
+/// refused at once, so a restart (or a benchmark's next broker) on the same port is never
+/// joined by a dead broker's listening socket that still accepts connections.
+#[test]
+fn a_stopped_broker_no_longer_accepts_connections() {
+    for round in 0..10 {
+        let mut broker = Broker::start(&["--shards", "2"]);
+        let addr = broker.addr;
+        // An idle client keeps the shards busy closing it; the listeners must go regardless.
+        let _idle = connect(&broker);
+        let status = broker.terminate();
+        assert_eq!(status.code(), Some(0), "round {round}: SIGTERM exits 0");
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Err(error) => assert_eq!(
+                error.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "round {round}: connecting to {addr} after the broker exited: {error}"
+            ),
+            Ok(_) => panic!("round {round}: {addr} still accepts connections after the broker exited"),
+        }
+    }
+}

@@ -107,8 +107,9 @@ pub struct Shard {
     /// The other half of `dirty`'s double buffer (empty between rounds).
     dirty_spare: std::cell::Cell<Vec<ConnId>>,
     pub shutdown: LocalEvent,
-    /// The durable log's commit task (set once at start-up).
+    /// The durable log's commit task (set once at start-up) and its handle, awaited at shutdown.
     committer: RefCell<Option<Rc<GroupCommitter>>>,
+    committing: RefCell<Option<monoio::task::JoinHandle<()>>>,
     /// Wakes the ack timer when deliveries with an ack deadline may exist again.
     ack_deadline_added: LocalEvent,
     ack_deadlines_armed: Cell<bool>,
@@ -148,6 +149,7 @@ impl Shard {
             dirty_spare: std::cell::Cell::new(Vec::new()),
             shutdown: LocalEvent::default(),
             committer: RefCell::new(None),
+            committing: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
             ack_deadlines_armed: Cell::new(false),
         }
@@ -330,7 +332,7 @@ impl Shard {
         let committer = Rc::new(GroupCommitter::new(log));
         *self.committer.borrow_mut() = Some(committer.clone());
         let shard = self.clone();
-        monoio::spawn(async move {
+        let committing = monoio::spawn(async move {
             let on_committed = |lsn| {
                 let mut answers = Vec::new();
                 shard.addresses.borrow_mut().durable_committed(lsn, &mut answers);
@@ -349,6 +351,25 @@ impl Shard {
                 shard.run_work();
             }
         });
+        *self.committing.borrow_mut() = Some(committing);
+    }
+
+    /// Writes and syncs what the durable log still holds in memory (acknowledgements become
+    /// SETTLED records), then stops its commit task: a clean stop leaves nothing settled to be
+    /// redelivered after a restart. Bounded by `timeout` (a stuck disk must not hold the exit).
+    async fn stop_durable_log(&self, timeout: Duration) {
+        let Some(committer) = self.committer.borrow().clone() else { return };
+        let Some(committing) = self.committing.borrow_mut().take() else { return };
+        committer.stop();
+        if monoio::time::timeout(timeout, committing).await.is_err() {
+            log!(
+                Level::Warn,
+                "shard {}: the durable log did not finish its last commit within {} ms; what it did not write \
+                 (acknowledgements) is redelivered after a restart",
+                self.id.0,
+                timeout.as_millis()
+            );
+        }
     }
 
     fn route_address_output(
@@ -684,6 +705,7 @@ fn run_shard(
                 std::process::exit(1);
             }
         };
+    let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     runtime.block_on(async move {
         let listener = match monoio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
@@ -700,6 +722,7 @@ fn run_shard(
         }
         let accepting = monoio::spawn(accept_loop(shard.clone(), listener));
         shard.shutdown.wait().await;
+        stop_listening(id, listener_fd);
         drop(accepting);
         shard.close_all_connections();
         // Give writers a moment to deliver the close frames.
@@ -707,9 +730,26 @@ fn run_shard(
         while shard.connection_count() > 0 && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
+        shard.stop_durable_log(SHUTDOWN_LOG_COMMIT_TIMEOUT).await;
         log!(Level::Debug, "shard {}: stopped", id.0);
     });
 }
+
+/// Takes the shard's listener out of the kernel's SO_REUSEPORT group at once. Closing it is not
+/// enough: the accept that io_uring holds in flight keeps the socket alive (and accepting into
+/// the backlog) until the ring is torn down, which the kernel finishes after the process has
+/// exited; a broker restarted on the same port would share it with that dead socket meanwhile.
+/// `shutdown(2)` stops the socket listening whoever holds it, and fails the pending accept.
+fn stop_listening(id: ShardId, listener_fd: std::os::fd::RawFd) {
+    // SAFETY: the listener (owned by the accept task, which has not been dropped) keeps
+    // `listener_fd` open; shutdown(2) changes the socket's state, not the descriptor's.
+    if unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) } != 0 {
+        log!(Level::Warn, "shard {}: stopping the listener failed: {}", id.0, io::Error::last_os_error());
+    }
+}
+
+/// How long a stopping shard waits for its durable log's last commit.
+const SHUTDOWN_LOG_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accept failures are logged at most once per this interval, with a count of those since.
 const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -729,6 +769,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 debug_panic_on_accept(shard.id);
                 monoio::spawn(crate::conn::serve(shard.clone(), stream, peer));
             }
+            Err(_) if shard.shutdown.has_fired() => return,
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning; the listener stays open.
                 // Each attempt fails while the condition lasts, so log once per interval.
