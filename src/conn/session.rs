@@ -176,6 +176,11 @@ impl Session {
         &self.session_id
     }
 
+    /// The binding of the OPEN (or resuming OPEN) of the current connection.
+    pub fn binding(&self) -> Binding {
+        self.binding
+    }
+
     /// The heartbeat interval agreed in OPENED: the client must send something (any frame,
     /// PING if idle) at least this often; silence for twice as long ends the session (4408).
     pub fn heartbeat_ms(&self) -> u32 {
