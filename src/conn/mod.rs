@@ -488,6 +488,18 @@ async fn resume(
         Box::pin(refuse_unknown_session(&mut stream, binding, &open.session_id)).await;
         return;
     };
+    let last_delivery_seq = cell.borrow().session.last_delivery_seq();
+    if open.last_received_seq > last_delivery_seq {
+        // The client claims deliveries that were never made: a client bug, or another session's
+        // number. The session stays as it was, for a correct resume.
+        let reason = format!(
+            "OPEN: last-received-seq {} is beyond the last delivery-seq {last_delivery_seq} of this session; \
+             resume with the highest delivery-seq received",
+            open.last_received_seq
+        );
+        Box::pin(refuse_session(&mut stream, binding, ErrorCode::Conflict, reason)).await;
+        return;
+    }
     let mut commands = Vec::new();
     let epoch = {
         let mut connection = cell.borrow_mut();

@@ -184,6 +184,7 @@ impl Shard {
             shard_count,
             max_queued_bytes: config.max_queued_bytes,
             memory_budget_bytes: config.memory_budget_bytes / shard_count.max(1),
+            max_frame_bytes: config.limits().max_frame_bytes as usize,
         };
         Shard {
             id,
