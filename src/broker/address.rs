@@ -95,6 +95,9 @@ pub struct AddressLimits {
     /// Body bytes waiting in all the queues of this shard (its share of the broker's memory
     /// budget); a SEND past it gets ERROR 4429.
     pub memory_budget_bytes: usize,
+    /// The `max-frame-bytes` announced to clients: a dead-lettered message whose MESSAGE would
+    /// exceed it with its two added headers is dropped.
+    pub max_frame_bytes: usize,
 }
 
 impl Default for AddressLimits {
@@ -107,6 +110,7 @@ impl Default for AddressLimits {
             shard_count: 1,
             max_queued_bytes: 256 * 1024 * 1024,
             memory_budget_bytes: 1024 * 1024 * 1024,
+            max_frame_bytes: 1024 * 1024,
         }
     }
 }
@@ -502,7 +506,8 @@ impl AddressTable {
     }
 
     /// Publishes a copy of the message (same body, no copy) to `DLQ.<address>`. A message that
-    /// is already on a dead-letter address is dropped instead, so nothing loops.
+    /// is already on a dead-letter address is dropped instead, so nothing loops; so is one whose
+    /// MESSAGE would exceed `max_frame_bytes` with the two added headers.
     fn dead_letter(&mut self, queued: Queued, reason: &str) {
         self.settle(&queued.message.address, &queued.message, queued.id);
         let original = &queued.message.address;
@@ -516,6 +521,10 @@ impl AddressTable {
         let mut properties = queued.message.properties.clone();
         properties.headers.push((Bytes::from_static(b"x-original-address"), original.clone()));
         properties.headers.push((Bytes::from_static(b"x-dead-letter-reason"), Bytes::from(reason.to_string())));
+        let body = &queued.message.body;
+        if crate::mbws::largest_message_bytes(&address, &properties, body.len()) > self.limits.max_frame_bytes {
+            return; // Its MESSAGE would exceed max-frame-bytes: dropped, as when DLQ.<address> is full.
+        }
         let message = std::sync::Arc::new(StoredMessage {
             address: address.clone(),
             durable: queued.message.durable,
@@ -1238,6 +1247,7 @@ mod tests {
         shard_count: 1,
         max_queued_bytes: 1 << 20,
         memory_budget_bytes: 1 << 30,
+        max_frame_bytes: 1 << 20,
     };
 
     fn conn(index: u32) -> ConnRef {

@@ -235,16 +235,22 @@ struct Resumption {
 async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opening {
     let _ = stream.set_nodelay(true);
     let config = shard.config.clone();
+    let _opening = shard.opening();
     let mut buf = BytesMut::with_capacity(config.max_handshake_bytes);
 
     // Timeouts are boxed: a monoio timer is large and cache-line aligned, and held inline it
     // would size (and align) the future that holds it.
-    let upgrade = match Box::pin(monoio::time::timeout(
+    let upgrade = Box::pin(shard.unless_shutdown(monoio::time::timeout(
         config.handshake_timeout,
         read_upgrade(&mut stream, &mut buf, config.max_handshake_bytes),
-    ))
-    .await
-    {
+    )))
+    .await;
+    let Some(upgrade) = upgrade else {
+        // Shutting down before the upgrade completed: no WebSocket yet, so nothing to say.
+        let _ = stream.shutdown().await;
+        return Opening::Ended;
+    };
+    let upgrade = match upgrade {
         Ok(Ok(upgrade)) => upgrade,
         Ok(Err(Some(refusal))) => {
             log!(
@@ -280,19 +286,26 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
 
     let mut buf = ReadBuffer::new(buf, config.read_buffer_bytes);
     let mut decoder = Decoder::new(Role::Server, config.max_frame_bytes, config.max_message_bytes);
-    let first =
-        match Box::pin(monoio::time::timeout(config.open_timeout, first_message(&mut stream, &mut buf, &mut decoder)))
-            .await
-        {
-            Ok(Some(first)) => first,
-            Ok(None) => return Opening::Ended,
-            Err(_) => {
-                let reason =
-                    format!("no OPEN within {} ms of the upgrade; send OPEN first", config.open_timeout.as_millis());
-                refuse_session(&mut stream, Binding::Binary, ErrorCode::Timeout, reason).await;
-                return Opening::Ended;
-            }
-        };
+    let first = Box::pin(shard.unless_shutdown(monoio::time::timeout(
+        config.open_timeout,
+        first_message(&mut stream, &mut buf, &mut decoder),
+    )))
+    .await;
+    let Some(first) = first else {
+        // Shutting down before OPEN: every WebSocket connection gets close 1001.
+        say_going_away(&mut stream).await;
+        return Opening::Ended;
+    };
+    let first = match first {
+        Ok(Some(first)) => first,
+        Ok(None) => return Opening::Ended,
+        Err(_) => {
+            let reason =
+                format!("no OPEN within {} ms of the upgrade; send OPEN first", config.open_timeout.as_millis());
+            refuse_session(&mut stream, Binding::Binary, ErrorCode::Timeout, reason).await;
+            return Opening::Ended;
+        }
+    };
     let (binding, payload) = first;
 
     // A resume goes to the shard that holds the session.
@@ -377,6 +390,13 @@ async fn write_frames(stream: &mut TcpStream, build: impl FnOnce(&mut Outbound))
     }
 }
 
+/// Closes a WebSocket that has no session on this shard with 1001 (the broker is shutting down).
+async fn say_going_away(stream: &mut TcpStream) {
+    let payload = close_payload(crate::ws::close_code::GOING_AWAY, "broker shutting down");
+    write_frames(stream, |out| out.push_control(OpCode::Close, &payload)).await;
+    let _ = stream.shutdown().await;
+}
+
 /// Sends a fatal ERROR and the matching close before any session exists, then shuts down.
 async fn refuse_session(stream: &mut TcpStream, binding: Binding, code: ErrorCode, reason: String) {
     write_frames(stream, |out| {
@@ -450,6 +470,11 @@ async fn resume(
     binding: Binding,
     open: mbws::Open,
 ) {
+    if shard.shutdown.has_fired() {
+        // Handed over (or resumed) after this shard closed its connections.
+        Box::pin(say_going_away(&mut stream)).await;
+        return;
+    }
     let found = parse_session_id(&open.session_id).and_then(|(_, conn, token)| {
         let cell = shard.connection(conn)?;
         let resumable = {
@@ -463,6 +488,18 @@ async fn resume(
         Box::pin(refuse_unknown_session(&mut stream, binding, &open.session_id)).await;
         return;
     };
+    let last_delivery_seq = cell.borrow().session.last_delivery_seq();
+    if open.last_received_seq > last_delivery_seq {
+        // The client claims deliveries that were never made: a client bug, or another session's
+        // number. The session stays as it was, for a correct resume.
+        let reason = format!(
+            "OPEN: last-received-seq {} is beyond the last delivery-seq {last_delivery_seq} of this session; \
+             resume with the highest delivery-seq received",
+            open.last_received_seq
+        );
+        Box::pin(refuse_session(&mut stream, binding, ErrorCode::Conflict, reason)).await;
+        return;
+    }
     let mut commands = Vec::new();
     let epoch = {
         let mut connection = cell.borrow_mut();
@@ -471,9 +508,8 @@ async fn resume(
         }
         if connection.session.is_attached() && connection.socket >= 0 {
             // The old connection has not noticed it is dead (or the client raced it): it is
-            // superseded. Shutting its socket down ends its reader; its tasks see the new epoch.
-            // SAFETY: shutdown(2) on the descriptor the old connection's stream still owns.
-            unsafe { libc::shutdown(connection.socket, libc::SHUT_RDWR) };
+            // superseded. Its tasks see the new epoch; its writer says why it ends.
+            supersede(connection.socket);
         }
         let epoch = connection.attach(stream.as_raw_fd());
         let connection = &mut *connection;
@@ -494,6 +530,31 @@ async fn resume(
     run(&shard, me, &cell, epoch, stream, &mut buf, &mut decoder, &peer).await;
 }
 
+/// Why a superseded connection ends (fatal ERROR 4409 and close 4409, docs/PROTOCOL.md 11).
+pub const SUPERSEDED_REASON: &str = "session resumed on another connection";
+
+/// Ends a superseded connection's reading side at once (its reader stops), and gives its writer
+/// `CLOSE_GRACE` to finish what it is writing and send the ERROR and close of
+/// [`SUPERSEDED_REASON`] before the socket is shut down for good, however stuck its writes are.
+fn supersede(socket: RawFd) {
+    // SAFETY: shutdown(2) and dup(2) on the descriptor the old connection's stream still owns;
+    // the duplicate is checked and owned below, so the timer never touches a reused number.
+    unsafe { libc::shutdown(socket, libc::SHUT_RD) };
+    let duplicate = unsafe { libc::dup(socket) };
+    if duplicate < 0 {
+        // SAFETY: as above.
+        unsafe { libc::shutdown(socket, libc::SHUT_RDWR) };
+        return;
+    }
+    // SAFETY: `duplicate` is a fresh descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(duplicate) };
+    monoio::spawn(async move {
+        monoio::time::sleep(CLOSE_GRACE).await;
+        // SAFETY: shutdown(2) on the descriptor this task owns.
+        unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+    });
+}
+
 /// The running phase: a writer task and this reader, until the socket ends; then the session
 /// is detached (resumable) or ended.
 ///
@@ -511,7 +572,8 @@ async fn run(
     peer: &SocketAddr,
 ) {
     let (mut reader, writer) = stream.into_split();
-    monoio::spawn(write_loop(shard.clone(), me, cell.clone(), epoch, writer));
+    let binding = cell.borrow().session.binding();
+    monoio::spawn(write_loop(shard.clone(), me, cell.clone(), epoch, binding, writer));
     read_loop(shard, me, cell, epoch, &mut reader, buf, decoder).await;
 
     let mut commands = Vec::new();
@@ -786,17 +848,23 @@ async fn wait_for_peer_close(reader: &mut OwnedReadHalf<TcpStream>, decoder: &mu
 }
 
 /// Writes whatever the connection queues, one vectored write per batch, until the reader is
-/// done (or a newer connection took the slot over).
+/// done, or a newer connection took the slot over: then it ends this connection with the ERROR
+/// and close of [`SUPERSEDED_REASON`] in `binding` (the binding of this connection's OPEN),
+/// unless a close frame was already written.
 async fn write_loop(
     shard: Rc<Shard>,
     me: ConnRef,
     cell: ConnectionCell,
     epoch: u32,
+    binding: Binding,
     mut writer: OwnedWriteHalf<TcpStream>,
 ) {
     let mut batch = WriteBatch::default();
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     let mut superseded = false;
+    // A batch taken while closing holds the close frame (it is queued as `closing` is set).
+    let mut close_taken = false;
+    let mut failed = false;
     loop {
         let mut spare = Some(std::mem::take(&mut batch));
         let next = std::future::poll_fn(|cx| {
@@ -805,7 +873,7 @@ async fn write_loop(
                 return Poll::Ready(None);
             }
             if let Some(taken) = connection.outbound.take_batch(spare.take().unwrap_or_default()) {
-                return Poll::Ready(Some(taken));
+                return Poll::Ready(Some((taken, connection.closing)));
             }
             if connection.reader_done || (connection.closing && connection.outbound.close_queued()) {
                 return Poll::Ready(None);
@@ -816,12 +884,12 @@ async fn write_loop(
             Poll::Pending
         })
         .await;
-        let Some(taken) = next else {
+        let Some((taken, closing)) = next else {
             superseded = cell.borrow().epoch != epoch;
             break;
         };
         batch = taken;
-        let closing = cell.borrow().closing;
+        close_taken |= closing;
         // Both boxed: the write (and its timer) is much larger than this loop's other state, and
         // held inline it would size the task of every idle connection.
         let written = if closing {
@@ -846,6 +914,7 @@ async fn write_loop(
         }
         if result.is_err() {
             // The peer is gone; the reader sees it too and detaches or ends the session.
+            failed = true;
             connection.closing = true;
             connection.wake_all();
             break;
@@ -856,9 +925,16 @@ async fn write_loop(
             }
         }
     }
-    if !superseded {
-        let _ = writer.shutdown().await;
+    if superseded && !close_taken && !failed {
+        let mut farewell = Outbound::new();
+        let error = ErrorFrame::fatal(ErrorCode::Conflict, 0, 0, SUPERSEDED_REASON);
+        farewell.push_frame(binding, &Frame::Error(error));
+        farewell.push_control(OpCode::Close, &close_payload(ErrorCode::Conflict.as_u16(), SUPERSEDED_REASON));
+        if let Some(farewell) = farewell.take_batch(WriteBatch::default()) {
+            let _ = Box::pin(monoio::time::timeout(CLOSE_GRACE, write_batch(&mut writer, farewell))).await;
+        }
     }
+    let _ = writer.shutdown().await;
 }
 
 /// Writes a whole batch, resuming after partial writes.

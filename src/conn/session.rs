@@ -176,6 +176,16 @@ impl Session {
         &self.session_id
     }
 
+    /// The highest delivery sequence this session has given out (0 before the first).
+    pub fn last_delivery_seq(&self) -> u64 {
+        self.last_delivery_seq
+    }
+
+    /// The binding of the OPEN (or resuming OPEN) of the current connection.
+    pub fn binding(&self) -> Binding {
+        self.binding
+    }
+
     /// The heartbeat interval agreed in OPENED: the client must send something (any frame,
     /// PING if idle) at least this often; silence for twice as long ends the session (4408).
     pub fn heartbeat_ms(&self) -> u32 {
@@ -465,6 +475,20 @@ impl Session {
             _ => self.last_send_seq = seq,
         }
         debug_assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
+        // No frame the broker sends may exceed the max-frame-bytes it announced, MESSAGE included.
+        let largest = mbws::largest_message_bytes(&send.address, &send.properties, send.body.len());
+        let max_frame_bytes = self.config.limits.max_frame_bytes as usize;
+        if largest > max_frame_bytes {
+            let reason = format!(
+                "SEND: as a MESSAGE this would be up to {largest} bytes, over max-frame-bytes {max_frame_bytes}; \
+                 send a body at least {} bytes smaller",
+                largest - max_frame_bytes
+            );
+            self.send_error(binding, ErrorCode::TooLarge, seq, 0, reason, fx.outbound);
+            self.inflight_sends.push_back((seq, true));
+            self.receipt_answered_sends();
+            return Ok(());
+        }
         let expires_at_ms = if send.ttl_ms == 0 { 0 } else { now_ms + u64::from(send.ttl_ms) };
         let owner = owner_of(&send.address, self.config.shard_count);
         let message = Arc::new(StoredMessage {
@@ -484,9 +508,13 @@ impl Session {
         let id = SubscriptionId(subscribe.subscription_id);
         let limits = self.config.limits;
         if let Some(existing) = self.subscriptions.get(&id) {
-            if existing.address == subscribe.address && existing.mode == subscribe.mode {
+            let same = existing.address == subscribe.address
+                && existing.mode == subscribe.mode
+                && existing.ack_mode == subscribe.ack_mode;
+            if same {
                 // The same SUBSCRIBE again (a client that is unsure it arrived, e.g. across a
-                // resume): idempotent. SUBSCRIBED follows when the owner has confirmed it.
+                // resume): idempotent, its credit ignored (FLOW changes credit). SUBSCRIBED
+                // follows when the owner has confirmed it.
                 if existing.confirmed {
                     let frame = Frame::Subscribed(mbws::Subscribed { subscription_id: id.0 });
                     fx.outbound.push_frame(binding, &frame);
@@ -651,6 +679,12 @@ impl Session {
         if let Err(refusal) = outcome {
             self.send_error(self.binding, refusal.code, seq, 0, refusal.reason, outbound);
         }
+        self.receipt_answered_sends();
+    }
+
+    /// Receipts every answered SEND at the front of the in-flight list (the cumulative
+    /// RECEIPT covers them; refused ones had their ERROR already).
+    fn receipt_answered_sends(&mut self) {
         while let Some(&(entry_seq, true)) = self.inflight_sends.front() {
             self.inflight_sends.pop_front();
             if entry_seq != 0 {

@@ -221,6 +221,31 @@ fn both_bindings_decode_to_the_same_frame() {
 }
 
 #[test]
+fn no_message_is_larger_than_largest_message_bytes_and_the_widest_one_is_exactly_that() {
+    let mut runner = TestRunner::new(Config { cases: 256, ..Config::default() });
+    let checked = runner.run(&frame_of(FrameKind::Message), |frame| {
+        let Frame::Message(message) = frame else { unreachable!("frame_of(MESSAGE) gives MESSAGEs") };
+        let largest = largest_message_bytes(&message.address, &message.properties, message.body.len());
+        let encoded = |message: &Message| {
+            let frame = Frame::Message(message.clone());
+            encode(Binding::Binary, &frame).len().max(encode(Binding::Text, &frame).len())
+        };
+        prop_assert!(encoded(&message) <= largest);
+        let widest = Message {
+            subscription_id: u32::MAX,
+            delivery_seq: u64::MAX,
+            message_id: u64::MAX,
+            redelivered: true,
+            durable: true,
+            ..message
+        };
+        prop_assert_eq!(encoded(&widest), largest);
+        Ok(())
+    });
+    checked.unwrap();
+}
+
+#[test]
 fn text_header_lines_may_end_with_crlf() {
     for_every_kind(64, |frame| {
         let encoded = encode(Binding::Text, &frame).freeze();

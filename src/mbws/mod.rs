@@ -68,6 +68,24 @@ pub fn encode_message_header<B: BufMut>(binding: Binding, message: &MessageHeade
     }
 }
 
+/// The largest MESSAGE (whole frame, body included) that a message with this address,
+/// properties and body length can become on any session: in the larger of the two bindings,
+/// with the widest subscription id, delivery seq and message id, and every flag set. The broker
+/// refuses a SEND when this is over `max-frame-bytes` (docs/PROTOCOL.md 9), so that no frame it
+/// sends exceeds the bound it announced.
+pub fn largest_message_bytes(address: &[u8], properties: &Properties, body_len: usize) -> usize {
+    let widest = MessageHeader {
+        subscription_id: u32::MAX,
+        delivery_seq: u64::MAX,
+        message_id: u64::MAX,
+        address,
+        redelivered: true,
+        durable: true,
+        properties,
+    };
+    binary::message_header_len(&widest).max(text::message_header_len(&widest)) + body_len
+}
+
 /// Encodes a whole frame (header and a copy of the body) into one buffer. For clients and
 /// tests; the broker sends header and body as separate buffers instead.
 pub fn encode(binding: Binding, frame: &Frame) -> BytesMut {

@@ -588,6 +588,42 @@ pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B
     writer.out.put_u8(b'\n');
 }
 
+/// Bytes [`encode_message_header`] writes for `message` (as `binary::message_header_len`).
+pub fn message_header_len(message: &MessageHeader<'_>) -> usize {
+    fn line(name: &str, value_len: usize) -> usize {
+        name.len() + 1 + value_len + 1
+    }
+    fn optional(name: &str, value: &[u8]) -> usize {
+        if value.is_empty() {
+            0
+        } else {
+            line(name, value.len())
+        }
+    }
+    fn digits(mut value: u64) -> usize {
+        let mut count = 1;
+        while value >= 10 {
+            value /= 10;
+            count += 1;
+        }
+        count
+    }
+    let properties = message.properties;
+    FrameKind::Message.name().len()
+        + 1
+        + line("subscription-id", digits(u64::from(message.subscription_id)))
+        + line("delivery-seq", digits(message.delivery_seq))
+        + line("message-id", digits(message.message_id))
+        + line("address", message.address.len())
+        + if message.redelivered { line("redelivered", 4) } else { 0 }
+        + if message.durable { line("durable", 4) } else { 0 }
+        + optional("content-type", &properties.content_type)
+        + optional("correlation-id", &properties.correlation_id)
+        + optional("reply-to", &properties.reply_to)
+        + properties.headers.iter().map(|(name, value)| name.len() + 1 + value.len() + 1).sum::<usize>()
+        + 1
+}
+
 /// Writes `name:value` lines.
 struct Writer<'a, B> {
     out: &'a mut B,

@@ -15,6 +15,7 @@ mod net;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -47,17 +48,23 @@ pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
 }
 
-/// A one-shot, single-threaded event a task can wait for.
+/// A one-shot, single-threaded event that any number of tasks can wait for.
+///
+/// Each waiting task holds one entry of `waiters` while it is pending, and gives it back when
+/// it completes or is dropped, so the list is bounded by the tasks waiting at once (the
+/// connections in their opening phase, for the shutdown event).
 #[derive(Default)]
 pub struct LocalEvent {
     fired: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
+    waiters: RefCell<Vec<Option<Waker>>>,
+    free_waiters: RefCell<Vec<usize>>,
 }
 
 impl LocalEvent {
     pub fn fire(&self) {
         self.fired.set(true);
-        if let Some(waker) = self.waker.borrow_mut().take() {
+        let wakers: Vec<Waker> = self.waiters.borrow_mut().iter_mut().filter_map(Option::take).collect();
+        for waker in wakers {
             waker.wake();
         }
     }
@@ -71,16 +78,57 @@ impl LocalEvent {
         self.fired.set(false);
     }
 
-    pub async fn wait(&self) {
-        std::future::poll_fn(|cx| {
-            if self.fired.get() {
-                Poll::Ready(())
-            } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
+    /// Completes once the event has fired (at once if it already has).
+    pub fn wait(&self) -> EventWait<'_> {
+        EventWait { event: self, entry: None }
+    }
+}
+
+/// The future of [`LocalEvent::wait`].
+pub struct EventWait<'a> {
+    event: &'a LocalEvent,
+    /// This task's entry in `event.waiters`, while it is registered.
+    entry: Option<usize>,
+}
+
+impl Future for EventWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.event.has_fired() {
+            self.release();
+            return Poll::Ready(());
+        }
+        let mut waiters = self.event.waiters.borrow_mut();
+        let entry = match self.entry {
+            Some(entry) => entry,
+            None => match self.event.free_waiters.borrow_mut().pop() {
+                Some(entry) => entry,
+                None => {
+                    waiters.push(None);
+                    waiters.len() - 1
+                }
+            },
+        };
+        waiters[entry] = Some(cx.waker().clone());
+        drop(waiters);
+        self.entry = Some(entry);
+        Poll::Pending
+    }
+}
+
+impl EventWait<'_> {
+    fn release(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            self.event.waiters.borrow_mut()[entry] = None;
+            self.event.free_waiters.borrow_mut().push(entry);
+        }
+    }
+}
+
+impl Drop for EventWait<'_> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -107,6 +155,9 @@ pub struct Shard {
     /// The other half of `dirty`'s double buffer (empty between rounds).
     dirty_spare: std::cell::Cell<Vec<ConnId>>,
     pub shutdown: LocalEvent,
+    /// Connections in their opening phase (upgrade, or upgraded and waiting for OPEN): not in
+    /// `slots` yet, but shutdown waits for their close frames too.
+    opening_connections: Cell<usize>,
     /// The durable log's commit task (set once at start-up) and its handle, awaited at shutdown.
     committer: RefCell<Option<Rc<GroupCommitter>>>,
     committing: RefCell<Option<monoio::task::JoinHandle<()>>>,
@@ -134,6 +185,7 @@ impl Shard {
             shard_count,
             max_queued_bytes: config.max_queued_bytes,
             memory_budget_bytes: config.memory_budget_bytes / shard_count.max(1),
+            max_frame_bytes: config.limits().max_frame_bytes as usize,
         };
         Shard {
             id,
@@ -148,6 +200,7 @@ impl Shard {
             dirty: RefCell::new(Vec::new()),
             dirty_spare: std::cell::Cell::new(Vec::new()),
             shutdown: LocalEvent::default(),
+            opening_connections: Cell::new(0),
             committer: RefCell::new(None),
             committing: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
@@ -199,6 +252,26 @@ impl Shard {
 
     pub fn connection_count(&self) -> usize {
         self.slots.borrow().iter().filter(|slot| slot.connection.is_some()).count()
+    }
+
+    /// Counts a connection in its opening phase until the returned guard is dropped.
+    pub fn opening(&self) -> OpeningConnection<'_> {
+        self.opening_connections.set(self.opening_connections.get() + 1);
+        OpeningConnection { shard: self }
+    }
+
+    /// Runs `work` unless the shard starts shutting down first; then `None` (and `work` is
+    /// dropped).
+    pub async fn unless_shutdown<F: Future>(&self, work: F) -> Option<F::Output> {
+        let mut work = std::pin::pin!(work);
+        let mut shutdown = std::pin::pin!(self.shutdown.wait());
+        std::future::poll_fn(|cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            work.as_mut().poll(cx).map(Some)
+        })
+        .await
     }
 
     /// Queues commands for address owners (this shard or others).
@@ -505,6 +578,19 @@ impl Shard {
     }
 }
 
+/// A connection counted in [`Shard::opening`]; uncounted when dropped.
+pub struct OpeningConnection<'a> {
+    shard: &'a Shard,
+}
+
+impl Drop for OpeningConnection<'_> {
+    fn drop(&mut self) {
+        let count = &self.shard.opening_connections;
+        debug_assert!(count.get() > 0, "every opening connection was counted once");
+        count.set(count.get() - 1);
+    }
+}
+
 /// What `start` returns: the shard threads and how to stop them.
 pub struct Running {
     pub local_addr: SocketAddr,
@@ -724,10 +810,12 @@ fn run_shard(
         shard.shutdown.wait().await;
         stop_listening(id, listener_fd);
         drop(accepting);
+        // Sessions get close 1001 here; connections still opening see the event and send their
+        // own close 1001 (or, before the upgrade, just close).
         shard.close_all_connections();
         // Give writers a moment to deliver the close frames.
         let deadline = Instant::now() + Duration::from_millis(500);
-        while shard.connection_count() > 0 && Instant::now() < deadline {
+        while (shard.connection_count() > 0 || shard.opening_connections.get() > 0) && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
         shard.stop_durable_log(SHUTDOWN_LOG_COMMIT_TIMEOUT).await;

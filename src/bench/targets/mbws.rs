@@ -210,15 +210,16 @@ fn publish_wire(
             body: body.clone(),
             ..Default::default()
         };
-        let payload = encode(&Frame::Send(send));
-        if payload.len() > opened.limits.max_frame_bytes as usize {
+        // The broker refuses a SEND whose MESSAGE could exceed max-frame-bytes (PROTOCOL.md 9).
+        let largest = crate::mbws::largest_message_bytes(&send.address, &send.properties, send.body.len());
+        if largest > opened.limits.max_frame_bytes as usize {
             return Err(format!(
-                "--size {} makes a {}-byte SEND, over the broker's max-frame-bytes {}",
-                config.size,
-                payload.len(),
-                opened.limits.max_frame_bytes
+                "--size {} makes MESSAGEs of up to {largest} bytes, over the broker's max-frame-bytes {}; \
+                 use a smaller --size",
+                config.size, opened.limits.max_frame_bytes
             ));
         }
+        let payload = encode(&Frame::Send(send));
         let counter = numbered.then_some(Counter { offset: SEND_SEQ_OFFSET, width: 8 });
         templates.push(Template::new(framing, &payload, payload.len() - config.size, counter));
     }
