@@ -526,6 +526,9 @@ impl Client {
                         self.unreceipted.pop_front();
                     }
                 }
+                // A resume replays the ERRORs of refused SENDs (docs/PROTOCOL.md section 11);
+                // one at or below a RECEIPT already seen was seen before it.
+                Frame::Error(error) if !error.fatal && error.seq != 0 && error.seq <= self.receipted_seq => continue,
                 _ => {}
             }
             return Ok(frame);
