@@ -114,9 +114,9 @@ impl Peer {
         }
     }
 
-    fn subscribe(&mut self, address: &str, ack_mode: AckMode, credit: u32) {
+    fn subscribe(&mut self, subscription_id: u32, address: &str, ack_mode: AckMode, credit: u32) {
         self.send(&Frame::Subscribe(proto::Subscribe {
-            subscription_id: 1,
+            subscription_id,
             address: Bytes::copy_from_slice(address.as_bytes()),
             mode: DeliveryMode::Anycast,
             ack_mode,
@@ -262,25 +262,23 @@ fn deliveries_dropped_by_the_close_grace(ack_mode: AckMode) {
     ]);
     let mut consumer = Peer::connect_small_window(&broker, Binding::Binary, 16 * 1024);
     let opened = consumer.open(&Bytes::new(), 0, 0);
-    // Credit 1: one delivery at a time.
-    consumer.subscribe("big", ack_mode, 1);
+    // Subscription 1 only holds the write up; subscription 2 (credit 1: one delivery at a
+    // time) is the one under test.
+    consumer.subscribe(1, "blocker", AckMode::Client, 1);
+    consumer.subscribe(2, "big", ack_mode, 1);
     let mut publisher = publisher(&broker);
     // Delivery 1 fills the socket buffers: the broker's write of it blocks.
-    let seq = publisher.send("big", Bytes::from(vec![b'1'; BIG])).unwrap();
+    let seq = publisher.send("blocker", Bytes::from(vec![b'1'; BIG])).unwrap();
     publisher.wait_receipt(seq).unwrap();
-    // Delivery 2 waits at the address for the credit of 1 (client ack: for its ACK, sent now
-    // although delivery 1 is still on its way).
+    // Delivery 2 is queued behind it.
     let seq = publisher.send("big", Bytes::from(vec![b'2'; BIG])).unwrap();
     publisher.wait_receipt(seq).unwrap();
-    if ack_mode == AckMode::Client {
-        consumer.send(&Frame::Ack(proto::Ack { delivery_seq: 1, cumulative: false }));
-    }
     // The peer closes the WebSocket (no MBWS CLOSE: the session stays resumable), takes
-    // delivery 1, and stalls: delivery 2 (queued behind the close) cannot be written, and the
-    // close grace drops it.
+    // delivery 1, and stalls: delivery 2 and the close frame behind it cannot be written, and
+    // the close grace drops them.
     consumer.socket.close(None).expect("send the close frame");
     let first = consumer.next_delivery();
-    assert_eq!((first.delivery_seq, first.body.len()), (1, BIG));
+    assert_eq!((first.subscription_id, first.delivery_seq, first.body.len()), (1, 1, BIG));
     broker
         .wait_for_log("close grace ran out", Duration::from_secs(10))
         .expect("the broker's write to the stalled peer timed out");
@@ -291,14 +289,15 @@ fn deliveries_dropped_by_the_close_grace(ack_mode: AckMode) {
     assert!(reopened.resumed);
     if ack_mode == AckMode::Client {
         let again = resumed.next_delivery();
-        assert_eq!((again.delivery_seq, again.body.len()), (2, BIG), "delivery 2 is resent");
+        assert_eq!((again.subscription_id, again.delivery_seq, again.body.len()), (2, 2, BIG), "resent");
         assert!(again.redelivered, "a delivery queued for the lost connection is marked redelivered");
         resumed.send(&Frame::Ack(proto::Ack { delivery_seq: 2, cumulative: false }));
     }
-    // The subscription still has its credit: the next message is delivered.
+    // Subscription 2 still has its credit: the next message is delivered.
     let seq = publisher.send("big", "after").unwrap();
     publisher.wait_receipt(seq).unwrap();
     let after = resumed.next_delivery();
+    assert_eq!(after.subscription_id, 2);
     assert_eq!(after.body, Bytes::from_static(b"after"), "credit was lost with the dropped writes");
 }
 
