@@ -10,7 +10,8 @@
 //! when the connection is lost: it reconnects with backoff, sends OPEN with its session id and
 //! the highest delivery sequence it has seen, resends every SEND the broker has not taken
 //! (from OPENED's `last-received-seq`), repeats its acknowledgements, and drops MESSAGEs whose
-//! delivery sequence it has already seen. The application sees each SEND published once and
+//! delivery sequence it has already seen, and the ERRORs of refused SENDs that a resume replays
+//! for seqs it has already seen receipted. The application sees each SEND published once and
 //! each delivery once. Kept for resending: the unreceipted SENDs (bounded by the broker's
 //! `max_inflight_sends`, which `send` respects by waiting for receipts).
 

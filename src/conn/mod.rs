@@ -11,7 +11,7 @@
 //!    stops reading while the session holds `max_inflight_sends` unanswered SENDs or the write
 //!    queue is over `max_outbound_bytes`. A writer task takes everything queued in the
 //!    [`Outbound`] as one batch and writes it with one vectored write, returning auto-ack credit
-//!    once the batch is on the wire.
+//!    once the batch is on the wire (or lost: a failed write, or one the close grace cut short).
 //!
 //! A connection slot outlives its socket when its session is resumable (MBWS): the session is
 //! detached and waits `session_expiry_ms` for its client; a timer ends it otherwise. Every
