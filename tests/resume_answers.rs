@@ -6,6 +6,8 @@
 //! The peer is `tungstenite`, so that the test controls exactly what is read and when the
 //! connection is dropped; MBWS frames are encoded and decoded with the crate's codec.
 
+#[path = "support/chaos_proxy.rs"]
+mod chaos_proxy;
 mod common;
 
 use std::net::TcpStream;
@@ -13,8 +15,9 @@ use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chaos_proxy::{ChaosProxy, Schedule};
 use common::Broker;
-use mbws::client::{Client, ClientOptions};
+use mbws::client::{Client, ClientError, ClientOptions};
 use mbws::mbws::{self as proto, AckMode, Binding, CodecLimits, DeliveryMode, Frame, PROTOCOL_VERSION};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
@@ -220,6 +223,34 @@ fn a_refused_send_whose_error_was_lost_gets_it_again_on_resume_before_any_receip
             Received::Closed(code) => panic!("closed with {code}"),
         }
     }
+}
+
+/// Item 9 of issue 8, the client's side: the crate's client passes a refusal on once, and
+/// drops the replay a resume brings.
+#[test]
+fn the_client_reports_a_refusal_once_although_the_resume_replays_it() {
+    let broker = Broker::start(&["--max-queued-messages", "2", "--session-expiry-ms", "30000"]);
+    // One cut, a second after the start: after the refusal below has been seen.
+    let schedule = Schedule { seed: 9, gap_ms: (1000, 1001), cut_percent: 100, stall_ms: (1, 2), max_cuts: 1 };
+    let proxy = ChaosProxy::start(broker.addr, schedule);
+    let options = ClientOptions { reconnect: Some(Duration::from_secs(10)), ..ClientOptions::default() };
+    let mut client = Client::connect(&proxy.url(), options).expect("connect through the proxy");
+    for body in ["1", "2", "3"] {
+        client.send("full", body).unwrap();
+    }
+    match client.wait_receipt(3) {
+        Err(ClientError::Broker(error)) => assert_eq!((error.code, error.seq), (4429, 3), "{error:?}"),
+        other => panic!("SEND 3 to a full queue must be refused, got {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.cuts() < 1 {
+        assert!(Instant::now() < deadline, "the proxy did not cut the connection");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The client resumes; the broker replays ERROR 3, which the client has already reported.
+    let seq = client.send("free", "4").unwrap();
+    client.wait_receipt(seq).expect("SEND 4 is receipted; the replayed refusal of 3 is not reported again");
+    assert!(client.reconnects() >= 1, "the session was resumed");
 }
 
 /// Item 10 of issue 8: an ERROR that answers no frame (here the heartbeat timeout) goes in the

@@ -145,6 +145,9 @@ pub struct Client {
     mask_state: u64,
     /// SENDs not yet receipted, as encoded, for resending after a resume.
     unreceipted: VecDeque<(u64, Binding, BytesMut)>,
+    /// Seqs above `receipted_seq` whose refusal (ERROR) was already passed on: a resume
+    /// replays it, and the replay is dropped. At most the unreceipted SENDs.
+    refusals_seen: Vec<u64>,
     /// Highest MESSAGE delivery sequence received: duplicates at or below it are dropped.
     last_delivery_seq: u64,
     /// Highest cumulative ACK sent, and single ACKs above it, repeated after a resume.
@@ -201,6 +204,7 @@ impl Client {
             pending: VecDeque::new(),
             mask_state: seed | 1,
             unreceipted: VecDeque::new(),
+            refusals_seen: Vec::new(),
             last_delivery_seq: 0,
             acked_through: 0,
             acked_single: Default::default(),
@@ -526,10 +530,17 @@ impl Client {
                     while self.unreceipted.front().is_some_and(|(seq, _, _)| *seq <= receipt.seq) {
                         self.unreceipted.pop_front();
                     }
+                    self.refusals_seen.retain(|seq| *seq > receipt.seq);
                 }
-                // A resume replays the ERRORs of refused SENDs (docs/PROTOCOL.md section 11);
-                // one at or below a RECEIPT already seen was seen before it.
-                Frame::Error(error) if !error.fatal && error.seq != 0 && error.seq <= self.receipted_seq => continue,
+                // A resume replays the ERRORs of refused SENDs (docs/PROTOCOL.md section 11):
+                // one seen already, or at or below a RECEIPT already seen (which it preceded),
+                // is dropped.
+                Frame::Error(error) if !error.fatal && error.seq != 0 => {
+                    if error.seq <= self.receipted_seq || self.refusals_seen.contains(&error.seq) {
+                        continue;
+                    }
+                    self.refusals_seen.push(error.seq);
+                }
                 _ => {}
             }
             return Ok(frame);
