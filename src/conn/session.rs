@@ -254,8 +254,8 @@ impl Session {
             }),
         );
         // Before the RECEIPT that covers their seqs: a client that lost them with the old
-        // connection must not take those SENDs as safe. A client that has seen them already
-        // (it has seen a RECEIPT at or above their seq) ignores them.
+        // connection must not take those SENDs as safe. A client that has seen one already
+        // (or a RECEIPT at or above its seq, which it preceded) drops the replay.
         for error in &self.refused_sends {
             outbound.push_frame(binding, &Frame::Error(error.clone()));
         }
@@ -823,8 +823,8 @@ impl Session {
     }
 
     /// Drops the ERRORs of refused SENDs that are `max_inflight_sends` or more seqs below the
-    /// last SEND taken: a client that keeps at most `max_inflight_sends` SENDs unreceipted has
-    /// seen a RECEIPT above them, and with it their ERRORs.
+    /// last SEND taken: a client whose unreceipted SENDs lie within its last
+    /// `max_inflight_sends` seqs no longer holds those SENDs (docs/PROTOCOL.md section 11).
     fn forget_old_refusals(&mut self) {
         let window = u64::from(self.config.limits.max_inflight_sends);
         let oldest_kept = self.last_send_seq.saturating_sub(window) + 1;
