@@ -380,7 +380,7 @@ fn a_cumulative_ack_frees_one_credit_per_delivery_it_settles() {
 }
 
 /// Section 7.7: any traffic from the client counts for the heartbeat, WebSocket pings
-/// included; silence over twice the interval ends the session with 4408.
+/// included; silence over twice the interval closes the connection with 4408.
 #[test]
 fn websocket_pings_count_as_heartbeat_traffic() {
     let broker = Broker::start(&["--shards", "1"]);

@@ -10,7 +10,8 @@
 //! when the connection is lost: it reconnects with backoff, sends OPEN with its session id and
 //! the highest delivery sequence it has seen, resends every SEND the broker has not taken
 //! (from OPENED's `last-received-seq`), repeats its acknowledgements, and drops MESSAGEs whose
-//! delivery sequence it has already seen. The application sees each SEND published once and
+//! delivery sequence it has already seen, and the ERRORs of refused SENDs that a resume replays
+//! for seqs it has already seen receipted. The application sees each SEND published once and
 //! each delivery once. Kept for resending: the unreceipted SENDs (bounded by the broker's
 //! `max_inflight_sends`, which `send` respects by waiting for receipts).
 
@@ -231,6 +232,9 @@ pub struct Client {
     mask_state: u64,
     /// SENDs not yet receipted, as encoded, for resending after a resume.
     unreceipted: VecDeque<(u64, Binding, BytesMut)>,
+    /// Seqs above `receipted_seq` whose refusal (ERROR) was already passed on: a resume
+    /// replays it, and the replay is dropped. At most the unreceipted SENDs.
+    refusals_seen: Vec<u64>,
     /// Highest MESSAGE delivery sequence received: duplicates at or below it are dropped.
     last_delivery_seq: u64,
     /// Highest cumulative ACK sent, and single ACKs above it, repeated after a resume.
@@ -290,6 +294,7 @@ impl Client {
             pending: VecDeque::new(),
             mask_state: seed | 1,
             unreceipted: VecDeque::new(),
+            refusals_seen: Vec::new(),
             last_delivery_seq: 0,
             acked_through: 0,
             acked_single: Default::default(),
@@ -615,6 +620,16 @@ impl Client {
                     while self.unreceipted.front().is_some_and(|(seq, _, _)| *seq <= receipt.seq) {
                         self.unreceipted.pop_front();
                     }
+                    self.refusals_seen.retain(|seq| *seq > receipt.seq);
+                }
+                // A resume replays the ERRORs of refused SENDs (docs/PROTOCOL.md section 11):
+                // one seen already, or at or below a RECEIPT already seen (which it preceded),
+                // is dropped.
+                Frame::Error(error) if !error.fatal && error.seq != 0 => {
+                    if error.seq <= self.receipted_seq || self.refusals_seen.contains(&error.seq) {
+                        continue;
+                    }
+                    self.refusals_seen.push(error.seq);
                 }
                 _ => {}
             }

@@ -11,7 +11,7 @@
 //!    stops reading while the session holds `max_inflight_sends` unanswered SENDs or the write
 //!    queue is over `max_outbound_bytes`. A writer task takes everything queued in the
 //!    [`Outbound`] as one batch and writes it with one vectored write, returning auto-ack credit
-//!    once the batch is on the wire.
+//!    once the batch is on the wire (or lost: a failed write, or one the close grace cut short).
 //!
 //! A connection slot outlives its socket when its session is resumable (MBWS): the session is
 //! detached and waits `session_expiry_ms` for its client; a timer ends it otherwise. Every
@@ -739,8 +739,9 @@ fn close_with_error(cell: &ConnectionCell, epoch: u32, code: ErrorCode, reason: 
     if connection.epoch != epoch {
         return;
     }
-    connection.outbound.push_frame(Binding::Binary, &Frame::Error(ErrorFrame::fatal(code, 0, 0, &reason)));
-    connection.begin_close(code.as_u16(), &reason);
+    let connection = &mut *connection;
+    let end = connection.session.unprompted_fatal_error(code, reason, &mut connection.outbound);
+    connection.begin_close(end.close_code, &end.reason);
 }
 
 async fn wait_until_reader_may_continue(cell: &ConnectionCell) {
@@ -890,6 +891,10 @@ async fn write_loop(
         };
         batch = taken;
         close_taken |= closing;
+        // Auto-ack credit goes back once the batch is written, or once it is lost: with a failed
+        // write, or with a write the close grace cut short (which drops the batch). Taken out
+        // first so that it survives the batch.
+        let credits = std::mem::take(&mut batch.credits);
         // Both boxed: the write (and its timer) is much larger than this loop's other state, and
         // held inline it would size the task of every idle connection.
         let written = if closing {
@@ -897,16 +902,23 @@ async fn write_loop(
         } else {
             Some(Box::pin(write_batch(&mut writer, batch)).await)
         };
-        let Some((result, returned)) = written else { break };
-        batch = returned;
-        // Auto-ack credit goes back once written, or once lost with a failed write.
-        for (owner, subscription, count) in batch.credits.drain(..) {
+        for (owner, subscription, count) in credits {
             commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
         }
         if !commands.is_empty() {
             shard.submit_address_commands(&mut commands);
             shard.run_work();
         }
+        let Some((result, returned)) = written else {
+            log!(
+                Level::Debug,
+                "shard {}: conn {}: close grace ran out before the last writes; dropping them",
+                shard.id.0,
+                me.conn.index
+            );
+            break;
+        };
+        batch = returned;
         let mut connection = cell.borrow_mut();
         if connection.epoch != epoch {
             superseded = true;

@@ -108,14 +108,26 @@ impl Outbound {
     }
 
     /// Queues one MBWS frame as one WebSocket message in `binding` (text or binary opcode).
+    /// Ignored once a close frame is queued, like every frame after it.
     pub fn push_frame(&mut self, binding: Binding, frame: &Frame) {
+        if self.close_queued {
+            return;
+        }
         self.push_message_with(binding, |header| mbws::encode_header(binding, frame, header), frame.body());
     }
 
     /// Queues one MESSAGE delivery, encoded straight from the stored message's fields. In the
     /// binary binding the MESSAGE header's length is known up front, so the WebSocket header,
     /// the MESSAGE header and a small body are written into the arena in one pass.
+    ///
+    /// Ignored once a close frame is queued (RFC 6455 section 5.5.1: no data frame follows a
+    /// close). A client-ack delivery stays with the session, which resends it on resume; an
+    /// auto-ack one is lost with the connection (at most once), and its credit, noted by the
+    /// caller, goes back with the queue's other credit.
     pub fn push_message(&mut self, binding: Binding, message: &MessageHeader<'_>, body: &Bytes) {
+        if self.close_queued {
+            return;
+        }
         if binding == Binding::Text {
             let encode = |header: &mut BytesMut| mbws::encode_message_header(binding, message, header);
             return self.push_message_with(binding, encode, Some(body));
@@ -171,10 +183,10 @@ impl Outbound {
     /// Queues a control frame (ping, pong, close) with a small payload (<= 125 bytes).
     pub fn push_control(&mut self, opcode: OpCode, payload: &[u8]) {
         debug_assert!(opcode.is_control() && payload.len() <= 125);
+        if self.close_queued {
+            return; // Nothing follows a close frame, not even a second one.
+        }
         if opcode == OpCode::Close {
-            if self.close_queued {
-                return;
-            }
             self.close_queued = true;
         }
         self.push_header(MAX_WS_HEADER_BYTES + payload.len(), |arena| {
@@ -471,11 +483,23 @@ mod tests {
     }
 
     #[test]
-    fn only_one_close_frame_is_queued() {
+    fn nothing_follows_the_close_frame() {
         let mut outbound = Outbound::new();
         outbound.push_control(OpCode::Close, &[0x03, 0xE8]);
         outbound.push_control(OpCode::Close, &[0x03, 0xE9]);
+        outbound.push_control(OpCode::Pong, b"x");
+        outbound.push_frame(Binding::Binary, &Frame::Receipt(Receipt { seq: 1 }));
+        let header = MessageHeader {
+            subscription_id: 1,
+            delivery_seq: 1,
+            message_id: 1,
+            address: b"a",
+            redelivered: false,
+            durable: false,
+            properties: &Default::default(),
+        };
+        outbound.push_message(Binding::Binary, &header, &Bytes::from_static(b"late"));
         let batch = outbound.take_batch(WriteBatch::default()).unwrap();
-        assert_eq!(batch.to_vec(), vec![0x88, 0x02, 0x03, 0xE8]);
+        assert_eq!(batch.to_vec(), vec![0x88, 0x02, 0x03, 0xE8], "only the first close frame");
     }
 }

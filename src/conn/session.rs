@@ -14,9 +14,15 @@
 //! keeps its subscriptions, SEND numbering and unacknowledged deliveries (with their messages),
 //! encodes nothing, keeps the errors it would have sent, and holds auto-ack deliveries. A new
 //! connection that presents the session id and token [`resume`](Session::resume)s it: OPENED
-//! with the last SEND sequence taken, the kept errors, SUBSCRIBED for every live subscription,
-//! every delivery above the client's last received sequence (same delivery sequence), the held
-//! auto-ack deliveries, and the cumulative RECEIPT.
+//! with the last SEND sequence taken, the ERRORs of refused SENDs, the kept errors, SUBSCRIBED
+//! for every live subscription, every delivery above the client's last received sequence (same
+//! delivery sequence), the held auto-ack deliveries, and the cumulative RECEIPT.
+//!
+//! Refused SENDs: a cumulative RECEIPT covers the refused SENDs below it, so a client must see a
+//! refused SEND's ERROR before any RECEIPT covering its seq, even when the ERROR was lost with a
+//! connection. The session keeps the ERROR of every refused SEND among the last
+//! `max_inflight_sends` seqs it took (`refused_sends`) and replays them, before the RECEIPT, on
+//! every resume (docs/PROTOCOL.md section 11).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -119,9 +125,12 @@ pub struct Session {
     token: u64,
     /// False while a detached MBWS session waits for its client to come back.
     attached: bool,
-    /// Non-fatal errors produced while detached, sent on resume (bounded by the in-flight
-    /// SENDs plus the subscriptions).
+    /// Non-fatal errors about subscriptions produced while detached, sent on resume (bounded by
+    /// the subscriptions).
     pending_errors: Vec<ErrorFrame>,
+    /// ERRORs of refused SENDs, in seq order, replayed on every resume: those whose seq is among
+    /// the last `max_inflight_sends` seqs taken (so at most `max_inflight_sends` of them).
+    refused_sends: VecDeque<ErrorFrame>,
     /// Auto-ack deliveries that arrived while detached (bounded by their credit).
     held: VecDeque<Delivery>,
     /// Agreed heartbeat interval; 0 for none.
@@ -156,6 +165,7 @@ impl Session {
             token: random_token(),
             attached: true,
             pending_errors: Vec::new(),
+            refused_sends: VecDeque::new(),
             held: VecDeque::new(),
             heartbeat_ms: 0,
             last_send_seq: 0,
@@ -244,6 +254,12 @@ impl Session {
                 server: server_name(),
             }),
         );
+        // Before the RECEIPT that covers their seqs: a client that lost them with the old
+        // connection must not take those SENDs as safe. A client that has seen one already
+        // (or a RECEIPT at or above its seq, which it preceded) drops the replay.
+        for error in &self.refused_sends {
+            outbound.push_frame(binding, &Frame::Error(error.clone()));
+        }
         for error in std::mem::take(&mut self.pending_errors) {
             outbound.push_frame(binding, &Frame::Error(error));
         }
@@ -253,6 +269,9 @@ impl Session {
         for subscription_id in confirmed {
             outbound.push_frame(binding, &Frame::Subscribed(mbws::Subscribed { subscription_id }));
         }
+        // Each goes again as it was first sent: same delivery sequence, same `redelivered` flag.
+        // The client said it received nothing above `last_received_seq`, so a resend is the
+        // same delivery reaching it for the first time, not a redelivery (PROTOCOL.md 7.4).
         let resend: Vec<(u64, Delivery)> =
             self.unacked.after(open.last_received_seq).map(|(seq, delivery)| (seq, delivery.clone())).collect();
         for (delivery_seq, delivery) in resend {
@@ -472,7 +491,10 @@ impl Session {
                     fx,
                 ));
             }
-            _ => self.last_send_seq = seq,
+            _ => {
+                self.last_send_seq = seq;
+                self.forget_old_refusals();
+            }
         }
         debug_assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
         // No frame the broker sends may exceed the max-frame-bytes it announced, MESSAGE included.
@@ -677,7 +699,7 @@ impl Session {
         };
         self.inflight_sends[position].1 = true;
         if let Err(refusal) = outcome {
-            self.send_error(self.binding, refusal.code, seq, 0, refusal.reason, outbound);
+            self.refuse_send(seq, refusal, outbound);
         }
         self.receipt_answered_sends();
     }
@@ -797,6 +819,49 @@ impl Session {
         }
     }
 
+    /// Answers a SEND its owner refused with a non-fatal ERROR, and keeps that ERROR for the
+    /// resumes to come (module docs). Seq 0 (MBLWS, no answer wanted) is answered but not kept.
+    fn refuse_send(&mut self, seq: u64, refusal: Refusal, outbound: &mut Outbound) {
+        // A burst of refusals usually repeats one reason: the kept copies share it.
+        let reason = match self.refused_sends.back() {
+            Some(last) if last.reason == refusal.reason.as_bytes() => last.reason.clone(),
+            _ => Bytes::from(refusal.reason),
+        };
+        let error = ErrorFrame { code: refusal.code.as_u16(), fatal: false, seq, subscription_id: 0, reason };
+        if self.attached {
+            outbound.push_frame(self.binding, &Frame::Error(error.clone()));
+        }
+        if seq == 0 || !self.is_resumable() {
+            return;
+        }
+        // Answers from different owners interleave: keep the list sorted by seq.
+        let position = self.refused_sends.partition_point(|kept| kept.seq < seq);
+        self.refused_sends.insert(position, error);
+        self.forget_old_refusals();
+    }
+
+    /// Drops the ERRORs of refused SENDs that are `max_inflight_sends` or more seqs below the
+    /// last SEND taken: a client whose unreceipted SENDs lie within its last
+    /// `max_inflight_sends` seqs no longer holds those SENDs (docs/PROTOCOL.md section 11).
+    fn forget_old_refusals(&mut self) {
+        let window = u64::from(self.config.limits.max_inflight_sends);
+        let oldest_kept = self.last_send_seq.saturating_sub(window) + 1;
+        while self.refused_sends.front().is_some_and(|kept| kept.seq < oldest_kept) {
+            self.refused_sends.pop_front();
+        }
+        debug_assert!(self.refused_sends.len() <= window as usize);
+    }
+
+    /// Queues a fatal ERROR that answers no frame (a heartbeat timeout, a broker failure) and
+    /// returns how the connection must close. It goes in the binding of the session's OPEN
+    /// (binary before OPEN), like every answer that does not follow a frame (docs/PROTOCOL.md
+    /// section 6.1). The session's state is the connection's business: a resumable session
+    /// whose connection is closed this way is detached, as after any lost connection.
+    pub fn unprompted_fatal_error(&self, code: ErrorCode, reason: String, outbound: &mut Outbound) -> SessionEnd {
+        outbound.push_frame(self.binding, &Frame::Error(ErrorFrame::fatal(code, 0, 0, &reason)));
+        SessionEnd { close_code: code.as_u16(), reason }
+    }
+
     /// Queues a fatal ERROR and returns how the connection must close.
     fn fatal(
         &mut self,
@@ -860,6 +925,11 @@ mod tests {
     }
 
     fn decode_all(outbound: &mut Outbound) -> Vec<Frame> {
+        decode_with_bindings(outbound).into_iter().map(|(_, frame)| frame).collect()
+    }
+
+    /// Every frame queued in `outbound`, with the binding it went out in.
+    fn decode_with_bindings(outbound: &mut Outbound) -> Vec<(Binding, Frame)> {
         let Some(batch) = outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
         let mut bytes = bytes::BytesMut::from(&batch.to_vec()[..]);
         let mut decoder = crate::ws::message::Decoder::new(crate::ws::Role::Client, 1 << 20, 1 << 20);
@@ -870,7 +940,7 @@ mod tests {
                 crate::ws::message::WsEvent::Text(p) => (Binding::Text, p),
                 _ => continue,
             };
-            frames.push(mbws::decode(binding, payload, &CodecLimits::default()).unwrap());
+            frames.push((binding, mbws::decode(binding, payload, &CodecLimits::default()).unwrap()));
         }
         frames
     }
@@ -1017,15 +1087,116 @@ mod tests {
         let frames = decode_all(&mut resumed);
         assert!(matches!(&frames[0], Frame::Opened(o) if o.resumed && o.last_received_seq == 1));
         assert_eq!(frames[1], Frame::Subscribed(mbws::Subscribed { subscription_id: 1 }));
-        let resent: Vec<u64> = frames
+        let resent: Vec<(u64, bool)> = frames
             .iter()
             .filter_map(|f| match f {
-                Frame::Message(m) => Some(m.delivery_seq),
+                Frame::Message(m) => Some((m.delivery_seq, m.redelivered)),
                 _ => None,
             })
             .collect();
-        assert_eq!(resent, vec![2, 3], "everything above the client's last received sequence, same numbers");
+        // 2 was queued for the lost connection, 3 numbered while detached: the client received
+        // neither (it said so), so both keep their flag.
+        assert_eq!(
+            resent,
+            vec![(2, false), (3, false)],
+            "everything above the client's last received sequence, same numbers"
+        );
         assert_eq!(frames.last(), Some(&Frame::Receipt(mbws::Receipt { seq: 1 })));
+    }
+
+    /// A session with `max_inflight_sends` of `window`.
+    fn session_with_window(window: u32) -> Session {
+        let mut config = (*config()).clone();
+        config.limits.max_inflight_sends = window;
+        let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 1, generation: 1 } };
+        Session::new(me, Subprotocol::Reliable, Arc::new(config))
+    }
+
+    /// Answers SEND `seq` as its owner would: accepted, or refused with 4429.
+    fn answer(s: &mut Session, seq: u64, accepted: bool, outbound: &mut Outbound) {
+        let mut commands = Vec::new();
+        let mut fx = Effects { outbound, commands: &mut commands };
+        let outcome = if accepted { Ok(()) } else { Err(Refusal::new(ErrorCode::Overloaded, "queue full")) };
+        s.on_command(ConnCommand::PublishDone { publisher: s.me.conn, seq, outcome }, &mut fx);
+        s.flush(fx.outbound);
+    }
+
+    /// Loses the connection and resumes; returns what the resume sends.
+    fn lose_and_resume(s: &mut Session) -> Vec<Frame> {
+        s.detach();
+        let mut resumed = Outbound::new();
+        let open = mbws::Open { session_id: s.session_id().clone(), ..Default::default() };
+        s.resume(Binding::Binary, &open, &mut resumed);
+        s.flush(&mut resumed);
+        decode_all(&mut resumed)
+    }
+
+    #[test]
+    fn a_refused_send_whose_error_was_lost_is_answered_again_before_the_resume_receipt() {
+        let mut s = session(Subprotocol::Reliable);
+        drive(&mut s, vec![open(), send(1), send(2), send(3)]);
+        // The answers go out on the connection, which is then lost with them.
+        let mut lost = Outbound::new();
+        answer(&mut s, 1, true, &mut lost);
+        answer(&mut s, 2, false, &mut lost);
+        answer(&mut s, 3, true, &mut lost);
+        let frames = lose_and_resume(&mut s);
+        assert!(matches!(&frames[0], Frame::Opened(o) if o.resumed && o.last_received_seq == 3), "{frames:?}");
+        let error =
+            frames.iter().position(|f| matches!(f, Frame::Error(e) if !e.fatal && e.seq == 2 && e.code == 4429));
+        let receipt = frames.iter().position(|f| matches!(f, Frame::Receipt(r) if r.seq >= 2));
+        let (Some(error), Some(receipt)) = (error, receipt) else {
+            panic!("ERROR for 2 and RECEIPT 3 expected: {frames:?}")
+        };
+        assert!(error < receipt, "the ERROR comes before the RECEIPT that covers its seq: {frames:?}");
+        // Refused while detached: answered on resume, once.
+        drive(&mut s, vec![send(4)]);
+        s.detach();
+        answer(&mut s, 4, false, &mut Outbound::new());
+        let frames = lose_and_resume(&mut s);
+        let errors: Vec<u64> =
+            frames.iter().filter_map(|f| if let Frame::Error(e) = f { Some(e.seq) } else { None }).collect();
+        assert_eq!(errors, vec![2, 4], "every kept refusal, in seq order, each once: {frames:?}");
+    }
+
+    #[test]
+    fn refusals_are_kept_for_max_inflight_sends_seqs_then_forgotten() {
+        let mut s = session_with_window(2);
+        let mut wire = Outbound::new();
+        drive(&mut s, vec![open(), send(1)]);
+        answer(&mut s, 1, false, &mut wire);
+        drive(&mut s, vec![send(2)]);
+        answer(&mut s, 2, true, &mut wire);
+        let kept = |frames: &[Frame]| frames.iter().filter(|f| matches!(f, Frame::Error(_))).count();
+        assert_eq!(kept(&lose_and_resume(&mut s)), 1, "seq 1 is within the last 2 seqs taken");
+        drive(&mut s, vec![send(3)]);
+        answer(&mut s, 3, true, &mut wire);
+        assert_eq!(kept(&lose_and_resume(&mut s)), 0, "seq 1 is 2 seqs behind 3: forgotten");
+    }
+
+    #[test]
+    fn an_error_that_answers_no_frame_goes_in_the_binding_of_the_open() {
+        for binding in [Binding::Text, Binding::Binary] {
+            let mut s = session(Subprotocol::Reliable);
+            let mut outbound = Outbound::new();
+            let mut commands = Vec::new();
+            let mut fx = Effects { outbound: &mut outbound, commands: &mut commands };
+            s.on_frame(binding, open(), 0, &mut fx).unwrap();
+            let end = s.unprompted_fatal_error(ErrorCode::Timeout, "silent".into(), &mut outbound);
+            assert_eq!(end.close_code, 4408);
+            let frames = decode_with_bindings(&mut outbound);
+            assert!(
+                matches!(&frames[1], (b, Frame::Error(e)) if *b == binding && e.fatal && e.code == 4408),
+                "{frames:?}"
+            );
+        }
+        // Before OPEN there is no session binding: binary.
+        let s = session(Subprotocol::Reliable);
+        let mut outbound = Outbound::new();
+        s.unprompted_fatal_error(ErrorCode::Unavailable, "draining".into(), &mut outbound);
+        assert!(
+            matches!(&decode_with_bindings(&mut outbound)[0], (Binding::Binary, Frame::Error(e)) if e.code == 4503)
+        );
     }
 
     #[test]
