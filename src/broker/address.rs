@@ -12,11 +12,23 @@
 //! `DLQ.<address>` instead, with headers `x-original-address` and `x-dead-letter-reason`.
 //!
 //! Durability: a durable message that goes to an anycast queue is recorded in the shard's
-//! [`DurableLog`] before its publisher is answered (the answer waits for the group commit:
-//! [`AddressTable::durable_committed`]); when it is settled (acknowledged, auto-ack delivered,
-//! expired, dead-lettered) a SETTLED record follows. At start-up [`AddressTable::restore`]
-//! puts every unsettled message back in its queue, marked redelivered. Messages that only
-//! reach multicast subscriptions are not logged: nobody would consume them after a restart.
+//! [`DurableLog`] before its publisher is answered, and it is neither answered nor delivered
+//! to anyone before its record is durable (both wait for the group commit:
+//! [`AddressTable::durable_committed`]): a consumer never sees a message that a crash can take
+//! back. It waits in its queue (and backlogs) meanwhile, and what was queued after it waits
+//! behind it, so order is kept. When it is settled (acknowledged, auto-ack delivered, expired,
+//! dead-lettered) a SETTLED record follows. At start-up [`AddressTable::restore`] puts every
+//! unsettled message back in its queue, marked redelivered. Messages that only reach
+//! multicast subscribers are not logged: nobody would consume them after a restart.
+//!
+//! Message ids: one counter per shard (so ids are unique and increasing per address too),
+//! never reused, also across restarts and crashes, for durable and in-memory messages alike.
+//! Only a delivery shows an id, and an id is delivered only once the log durably holds an
+//! ID_RESERVATION at or above it: the table reserves ids in blocks of
+//! [`ID_RESERVATION_BLOCK`], appending the next reservation when half of the current one is
+//! used, so it is durable long before it is needed (one 17-byte record per half block; a
+//! message whose id is past the durable reservation waits like an unsynced durable message).
+//! After a restart ids continue above the highest reservation or logged id.
 //!
 //! Invariants, checked in debug builds:
 //! - a subscriber never has more deliveries outstanding than its credit allows (`in_flight`
@@ -111,6 +123,10 @@ impl Default for AddressLimits {
     }
 }
 
+/// Message ids are reserved in the log this many at a time (see the module docs). A restart
+/// skips at most this many ids; 2^44 restarts fit in the id space.
+pub const ID_RESERVATION_BLOCK: u64 = 1 << 20;
+
 /// Dead-letter addresses are named `DLQ.<address>`.
 pub const DEAD_LETTER_PREFIX: &[u8] = b"DLQ.";
 
@@ -125,6 +141,9 @@ struct Queued {
     redelivered: bool,
     /// Times this message has been handed to a consumer.
     deliveries: u32,
+    /// Not delivered before the log is durable up to this Lsn (its own record, or the
+    /// reservation of its id); `Lsn(0)` for at once.
+    visible_after: Lsn,
 }
 
 /// A subscriber's unacknowledged deliveries, sorted by message id (a [`SortedRing`] with typed
@@ -297,8 +316,19 @@ pub struct AddressTable {
     /// Body bytes in all anycast queues of this shard.
     queued_bytes: usize,
     /// Message ids are unique per shard (so per address too), never reused: ids continue after
-    /// an idle address is dropped, and after a restart (from the log).
+    /// an idle address is dropped, and after a restart (from the log; see the module docs).
     last_message_id: u64,
+    /// Ids at or below this are covered by a durable ID_RESERVATION (`u64::MAX` without a
+    /// log): they may be delivered at once.
+    ids_durably_reserved: u64,
+    /// The highest ID_RESERVATION appended (durable or not), and its Lsn.
+    ids_reserved: u64,
+    id_reservation_lsn: Lsn,
+    /// The log is durable up to here (as `durable_committed` last said).
+    durable_lsn: Lsn,
+    /// Addresses holding messages that wait for the log to be durable up to the given Lsn
+    /// (Lsn order): `durable_committed` delivers them.
+    waiting_for_log: VecDeque<(Lsn, Bytes)>,
     /// The shard's durable log, if the broker keeps one.
     log: Option<Rc<RefCell<DurableLog>>>,
     /// Answers to durable publishes, waiting for their record to be committed (Lsn order).
@@ -321,6 +351,11 @@ impl AddressTable {
             deadline_added: false,
             queued_bytes: 0,
             last_message_id: 0,
+            ids_durably_reserved: u64::MAX,
+            ids_reserved: u64::MAX,
+            id_reservation_lsn: Lsn(0),
+            durable_lsn: Lsn(0),
+            waiting_for_log: VecDeque::new(),
             log: None,
             durable_answers: VecDeque::new(),
             durable_addresses: Vec::new(),
@@ -329,7 +364,14 @@ impl AddressTable {
     }
 
     /// Gives the table the shard's durable log and the addresses configured durable.
+    /// Ids continue above every id the log says may have been handed out; the first new one
+    /// appends a reservation.
     pub fn set_durable_log(&mut self, log: Rc<RefCell<DurableLog>>, durable_addresses: Vec<Bytes>) {
+        let high_water = log.borrow().message_id_high_water();
+        self.last_message_id = self.last_message_id.max(high_water);
+        self.ids_durably_reserved = self.last_message_id;
+        self.ids_reserved = self.last_message_id;
+        self.durable_lsn = log.borrow().durable_lsn();
         self.log = Some(log);
         self.durable_addresses = durable_addresses;
     }
@@ -337,8 +379,11 @@ impl AddressTable {
     /// Puts recovered messages back in their queues (marked redelivered: they may have been
     /// delivered before the restart) and continues message ids above every logged one.
     pub fn restore(&mut self, recovery: Recovery, now_ms: u64, now_unix_ms: u64) {
-        let highest = recovery.last_message_id.values().copied().max().unwrap_or(0);
-        self.last_message_id = self.last_message_id.max(highest);
+        debug_assert!(
+            self.log.is_none() || self.last_message_id >= recovery.message_id_high_water,
+            "set_durable_log continued ids above the log's high water"
+        );
+        self.last_message_id = self.last_message_id.max(recovery.message_id_high_water);
         for recovered in recovery.messages {
             let expires_at_ms = match recovered.expires_at_unix_ms {
                 0 => 0,
@@ -358,7 +403,13 @@ impl AddressTable {
             };
             state.queued_bytes += message.body.len();
             self.queued_bytes += message.body.len();
-            let queued = Queued { id: MessageId(recovered.message_id), message, redelivered: true, deliveries: 0 };
+            let queued = Queued {
+                id: MessageId(recovered.message_id),
+                message,
+                redelivered: true,
+                deliveries: 0,
+                visible_after: Lsn(0),
+            };
             state.queue.push_back(queued);
         }
     }
@@ -380,11 +431,67 @@ impl AddressTable {
         }
     }
 
-    /// The log made everything up to `lsn` durable: answer the publishes that waited for it.
-    pub fn durable_committed(&mut self, lsn: Lsn, out: &mut Vec<Outgoing>) {
+    /// The log made everything up to `lsn` durable: answer the publishes that waited for it
+    /// and deliver the messages that did.
+    pub fn durable_committed(&mut self, lsn: Lsn, now_ms: u64, out: &mut Vec<Outgoing>) {
+        debug_assert!(lsn >= self.durable_lsn, "the durable Lsn only grows");
+        self.durable_lsn = lsn;
+        if lsn >= self.id_reservation_lsn {
+            self.ids_durably_reserved = self.ids_reserved;
+        }
         while self.durable_answers.front().is_some_and(|(waiting, _, _)| *waiting <= lsn) {
             let (_, publisher, seq) = self.durable_answers.pop_front().expect("checked above");
             out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+        }
+        let mut previous: Option<Bytes> = None;
+        while self.waiting_for_log.front().is_some_and(|(waiting, _)| *waiting <= lsn) {
+            let (_, address) = self.waiting_for_log.pop_front().expect("checked above");
+            // Consecutive entries are mostly one address; dispatching one twice is harmless.
+            if previous.as_ref() != Some(&address) {
+                self.dispatch(&address, Deliverable::Everything, now_ms, out);
+                previous = Some(address);
+            }
+        }
+    }
+
+    /// The next message id, and the Lsn the log must be durable up to before a consumer may
+    /// see it (`Lsn(0)`: at once). Appends the next ID_RESERVATION when half of the current
+    /// one is used (see the module docs).
+    fn next_message_id(&mut self) -> (MessageId, Lsn) {
+        let id = self.last_message_id + 1;
+        self.last_message_id = id;
+        if id.saturating_add(ID_RESERVATION_BLOCK / 2) > self.ids_reserved {
+            self.reserve_ids(id);
+        }
+        let visible_after = if id <= self.ids_durably_reserved { Lsn(0) } else { self.id_reservation_lsn };
+        (MessageId(id), visible_after)
+    }
+
+    #[cold]
+    fn reserve_ids(&mut self, id: u64) {
+        let Some(log) = &self.log else { return };
+        let reserved_up_to = id.saturating_add(ID_RESERVATION_BLOCK);
+        if let Some(lsn) = log.borrow_mut().append_id_reservation(reserved_up_to) {
+            self.id_reservation_lsn = lsn;
+        }
+        self.ids_reserved = reserved_up_to;
+    }
+
+    /// Refuses a publish whose id could never be shown: past the durable reservation while
+    /// the log is failed (no reservation can become durable any more).
+    fn refuse_if_ids_cannot_be_reserved(&self) -> Result<(), Refusal> {
+        if self.last_message_id < self.ids_durably_reserved {
+            return Ok(());
+        }
+        match self.log.as_ref().and_then(|log| log.borrow().failure().map(str::to_string)) {
+            None => Ok(()),
+            Some(failure) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!(
+                    "the durable log failed ({failure}); it cannot reserve message ids any more, so no \
+                     message is accepted until the broker restarts"
+                ),
+            )),
         }
     }
 
@@ -400,6 +507,20 @@ impl AddressTable {
                 publisher.shard,
                 ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
             ));
+        }
+        // What waits for the log would wait forever, and hold back what is queued behind it:
+        // it is dropped (its publisher got the error above; a durable one may or may not come
+        // back after the restart, as that error says).
+        let durable_lsn = self.durable_lsn;
+        for (_, address) in std::mem::take(&mut self.waiting_for_log) {
+            let Some(state) = self.addresses.get_mut(&address) else { continue };
+            let before = state.queued_bytes;
+            state.queue.retain(|queued| queued.visible_after <= durable_lsn);
+            state.queued_bytes = state.queue.iter().map(|queued| queued.message.body.len()).sum();
+            self.queued_bytes -= before - state.queued_bytes;
+            for subscriber in &mut state.multicast {
+                subscriber.backlog.retain(|queued| queued.visible_after <= durable_lsn);
+            }
         }
     }
 
@@ -637,7 +758,9 @@ impl AddressTable {
         let Some(first) = batch.first() else { return };
         debug_assert!(batch.iter().all(|publication| publication.message.address == first.message.address));
         let address_name = first.message.address.clone();
-        if !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
+        // The fast path delivers at once: only for ids already durably reserved.
+        let ids_reserved = self.last_message_id.saturating_add(batch.len() as u64) <= self.ids_durably_reserved;
+        if !ids_reserved || !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
             // Queued one by one (each admitted or refused against the bounds as they stand),
             // delivered in one dispatch, answered in order: what publishing them one at a time
             // does, without a dispatch and an answer lookup per message.
@@ -659,13 +782,9 @@ impl AddressTable {
             let admitted =
                 self.refuse_if_log_failed(&message).and_then(|_| self.check_memory_budget(message.body.len()));
             if admitted.is_ok() && !is_expired_at(message.expires_at_ms, now_ms) {
-                self.last_message_id += 1;
-                accepted.push(Queued {
-                    id: MessageId(self.last_message_id),
-                    message,
-                    redelivered: false,
-                    deliveries: 0,
-                });
+                let (id, visible_after) = self.next_message_id();
+                debug_assert_eq!(visible_after, Lsn(0), "ids of this path are durably reserved (checked above)");
+                accepted.push(Queued { id, message, redelivered: false, deliveries: 0, visible_after });
             }
             answers.push((publisher, seq, admitted));
         }
@@ -766,6 +885,7 @@ impl AddressTable {
         debug_assert_eq!(*address_name, message.address);
         let max_queued = self.limits.max_queued_messages as usize;
         let durable = self.refuse_if_log_failed(&message)?;
+        self.refuse_if_ids_cannot_be_reserved()?;
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
         let within_budget = self.check_memory_budget(message.body.len());
@@ -814,9 +934,9 @@ impl AddressTable {
         if will_wait {
             compact_to_wait(&mut self.arena, &mut message);
         }
-        self.last_message_id += 1;
-        let id = MessageId(self.last_message_id);
-        // Logged before it can be delivered (and so settled), when it goes to the anycast queue.
+        let (id, mut visible_after) = self.next_message_id();
+        // Logged before it can be delivered (and so settled), when it goes to the anycast queue;
+        // delivered only once its record is durable.
         let mut lsn = None;
         if durable && to_anycast_queue {
             let log = self.log.as_ref().expect("durable implies a log");
@@ -832,12 +952,18 @@ impl AddressTable {
                 &message.body,
             );
             match appended {
-                Ok(appended) => lsn = Some(appended),
+                Ok(appended) => {
+                    lsn = Some(appended);
+                    visible_after = appended;
+                }
                 Err(error) => return Err(Refusal::new(ErrorCode::TooLarge, error.to_string())),
             }
         }
+        if visible_after > self.durable_lsn {
+            self.waiting_for_log.push_back((visible_after, address_name.clone()));
+        }
         let state = self.addresses.get_mut(address_name).expect("address was just inserted");
-        let queued = Queued { id, message, redelivered: false, deliveries: 0 };
+        let queued = Queued { id, message, redelivered: false, deliveries: 0, visible_after };
 
         let mut slow = SmallVec::<[usize; 2]>::new();
         for (index, subscriber) in state.multicast.iter_mut().enumerate() {
@@ -955,12 +1081,13 @@ impl AddressTable {
         change: impl FnOnce(&mut Subscriber) -> R,
     ) -> Option<(Bytes, R)> {
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        let durable_lsn = self.durable_lsn;
         let delivered = out.len();
         let (address, mode, changed) = self
             .change_subscriber(consumer, subscription, |subscriber, mode| {
                 let changed = change(subscriber);
                 if mode == DeliveryMode::Multicast {
-                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, durable_lsn, now_ms, out);
                 }
                 (mode, changed)
             })
@@ -1019,20 +1146,21 @@ impl AddressTable {
     /// deliverable: backlogs, the anycast queue, or both.
     fn dispatch(&mut self, address: &Bytes, deliverable: Deliverable, now_ms: u64, out: &mut Vec<Outgoing>) {
         let low_watermark = self.limits.max_queued_messages as usize / 4;
+        let durable_lsn = self.durable_lsn;
         let Some(state) = self.addresses.get_mut(address) else { return };
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
         match deliverable {
             Deliverable::Everything => {
                 for subscriber in state.multicast.iter_mut() {
-                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, durable_lsn, now_ms, out);
                 }
             }
             Deliverable::AnycastQueue => {}
             Deliverable::Backlog(key) => {
                 let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
                 if let Some(subscriber) = found {
-                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, durable_lsn, now_ms, out);
                 }
                 self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
                 // Nothing else changed: the queue and the held answers are as they were.
@@ -1041,7 +1169,7 @@ impl AddressTable {
         }
         let queued_before = state.queued_bytes;
         let mut settled = Vec::new();
-        Self::deliver_queue(state, ack_deadline, now_ms, out, &mut settled);
+        Self::deliver_queue(state, ack_deadline, durable_lsn, now_ms, out, &mut settled);
         self.queued_bytes -= queued_before - state.queued_bytes;
         for queued in settled {
             self.settle(address, &queued.message, queued.id);
@@ -1051,11 +1179,13 @@ impl AddressTable {
         Self::release_held_answers(state, low_watermark, out);
     }
 
-    /// Delivers the anycast queue, round robin, as far as credit allows; auto-ack deliveries
-    /// and expired messages are done with and go to `settled` (for the log).
+    /// Delivers the anycast queue, round robin, as far as credit allows and up to the first
+    /// message that waits for the log (durable up to `durable_lsn`); auto-ack deliveries and
+    /// expired messages are done with and go to `settled` (for the log).
     fn deliver_queue(
         state: &mut Address,
         ack_deadline: Option<u64>,
+        durable_lsn: Lsn,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
         settled: &mut Vec<Queued>,
@@ -1064,7 +1194,10 @@ impl AddressTable {
         if subscriber_count == 0 {
             return;
         }
-        while !state.queue.is_empty() {
+        while let Some(front) = state.queue.front() {
+            if front.visible_after > durable_lsn {
+                break;
+            }
             // Next subscriber with credit, round robin from where the last delivery left off.
             let Some(offset) = (0..subscriber_count)
                 .find(|offset| state.anycast[(state.next_anycast + offset) % subscriber_count].has_credit())
@@ -1157,11 +1290,21 @@ fn end_slow_subscribers(
     }
 }
 
-/// Delivers what a multicast subscriber's backlog holds, as far as its credit allows, in one
-/// command; expired messages are dropped on the way.
-fn drain_backlog(subscriber: &mut Subscriber, ack_deadline: Option<u64>, now_ms: u64, out: &mut Vec<Outgoing>) {
+/// Delivers what a multicast subscriber's backlog holds, as far as its credit allows and up to
+/// the first message that waits for the log (durable up to `durable_lsn`), in one command;
+/// expired messages are dropped on the way.
+fn drain_backlog(
+    subscriber: &mut Subscriber,
+    ack_deadline: Option<u64>,
+    durable_lsn: Lsn,
+    now_ms: u64,
+    out: &mut Vec<Outgoing>,
+) {
     let mut deliveries = Deliveries::new();
     while subscriber.has_credit() {
+        if subscriber.backlog.front().is_some_and(|queued| queued.visible_after > durable_lsn) {
+            break;
+        }
         let Some(queued) = subscriber.backlog.pop_front() else { break };
         if is_expired(&queued, now_ms) {
             continue;
@@ -1726,8 +1869,13 @@ mod tests {
 
     #[test]
     fn unacked_messages_stay_sorted_when_redeliveries_arrive_late() {
-        let queued =
-            |id: u64| Queued { id: MessageId(id), message: message("a", "m"), redelivered: false, deliveries: 1 };
+        let queued = |id: u64| Queued {
+            id: MessageId(id),
+            message: message("a", "m"),
+            redelivered: false,
+            deliveries: 1,
+            visible_after: Lsn(0),
+        };
         let mut unacked = UnackedMessages::default();
         for id in [3, 5, 1, 4] {
             unacked.insert(queued(id));
@@ -1763,5 +1911,158 @@ mod tests {
             &mut out,
         );
         assert_eq!(deliveries(&out), vec![(1, "fresh".to_string())]);
+    }
+
+    // ---- durable delivery and message ids (issue 8 item 14) ----
+
+    /// A table with a file-less durable log on which every address is durable.
+    fn durable_table() -> (AddressTable, Rc<RefCell<DurableLog>>) {
+        let config = crate::store::LogConfig::new(std::env::temp_dir().join("mbws-address-tests-never-written"));
+        let log = Rc::new(RefCell::new(DurableLog::new(config, ShardId(0)).unwrap()));
+        let mut table = AddressTable::new(ShardId(0), AddressLimits { max_queued_messages: 100, ..LIMITS });
+        table.set_durable_log(log.clone(), vec![Bytes::from_static(b"dur.*")]);
+        (table, log)
+    }
+
+    /// Plays the commit shell: every pending batch is "synced", then the table is told.
+    fn commit(table: &mut AddressTable, log: &Rc<RefCell<DurableLog>>, out: &mut Vec<Outgoing>) {
+        let mut durable = None;
+        loop {
+            let Some(batch) = log.borrow_mut().take_batch() else { break };
+            durable = Some(log.borrow_mut().batch_committed(batch).durable_lsn);
+        }
+        if let Some(lsn) = durable {
+            table.durable_committed(lsn, 0, out);
+        }
+    }
+
+    fn subscribe_to(table: &mut AddressTable, address: &'static str, mode: DeliveryMode, out: &mut Vec<Outgoing>) {
+        table.handle(
+            AddressCommand::Subscribe {
+                consumer: conn(1),
+                subscription: SubscriptionId(1),
+                address: Bytes::from_static(address.as_bytes()),
+                mode,
+                ack_mode: AckMode::Client,
+                credit: 10,
+            },
+            0,
+            out,
+        );
+    }
+
+    fn ids_delivered(out: &[Outgoing]) -> Vec<u64> {
+        delivered(out).iter().map(|(_, delivery)| delivery.message_id.0).collect()
+    }
+
+    #[test]
+    fn a_durable_message_is_delivered_and_answered_only_once_its_record_is_durable() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        subscribe_to(&mut table, "dur.x", DeliveryMode::Anycast, &mut out);
+        out.clear();
+        publish(&mut table, "dur.x", "A", &mut out);
+        publish(&mut table, "dur.x", "B", &mut out);
+        assert!(deliveries(&out).is_empty(), "nothing is delivered before the sync: {out:?}");
+        assert_eq!(answered(&out), 0, "nor answered");
+        commit(&mut table, &log, &mut out);
+        assert_eq!(deliveries(&out), [(1, "A".to_string()), (1, "B".to_string())]);
+        assert_eq!(answered(&out), 2);
+    }
+
+    #[test]
+    fn an_in_memory_message_queued_behind_an_unsynced_durable_one_waits_for_it() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        commit_reservation(&mut table, &log, &mut out);
+        subscribe_to(&mut table, "mixed", DeliveryMode::Anycast, &mut out);
+        out.clear();
+        let mut durable = message("mixed", "durable");
+        Arc::get_mut(&mut durable).unwrap().durable = true;
+        table.handle(AddressCommand::Publish { publisher: conn(99), seq: 1, message: durable }, 0, &mut out);
+        publish(&mut table, "mixed", "in memory", &mut out);
+        assert!(deliveries(&out).is_empty(), "order is kept: the in-memory one waits behind: {out:?}");
+        commit(&mut table, &log, &mut out);
+        assert_eq!(deliveries(&out), [(1, "durable".to_string()), (1, "in memory".to_string())]);
+    }
+
+    /// Publishes one in-memory message and commits, so that ids are durably reserved.
+    fn commit_reservation(table: &mut AddressTable, log: &Rc<RefCell<DurableLog>>, out: &mut Vec<Outgoing>) {
+        publish(table, "warm-up", "x", out);
+        commit(table, log, out);
+    }
+
+    #[test]
+    fn in_memory_messages_wait_only_for_the_first_reservation_of_their_ids() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        subscribe_to(&mut table, "plain", DeliveryMode::Multicast, &mut out);
+        out.clear();
+        publish(&mut table, "plain", "first", &mut out);
+        assert!(deliveries(&out).is_empty(), "no id is shown before a durable reservation covers it");
+        assert_eq!(answered(&out), 1, "an in-memory publish is answered at once");
+        commit(&mut table, &log, &mut out);
+        assert_eq!(deliveries(&out), [(1, "first".to_string())]);
+        out.clear();
+        // From now on, for half a block, in-memory messages go out at once, batched or not.
+        publish(&mut table, "plain", "second", &mut out);
+        publish_batch_to(&mut table, "plain", &["third", "fourth"], &mut out);
+        assert_eq!(deliveries(&out), [(1, "second".to_string()), (1, "third".to_string()), (1, "fourth".to_string())]);
+        assert!(!log.borrow().has_pending(), "no record per in-memory message");
+    }
+
+    fn publish_batch_to(table: &mut AddressTable, address: &str, bodies: &[&str], out: &mut Vec<Outgoing>) {
+        let mut batch: Vec<Publication> = bodies
+            .iter()
+            .map(|body| Publication { publisher: conn(99), seq: 1, message: message(address, body) })
+            .collect();
+        table.publish_batch(&mut batch, 0, out);
+    }
+
+    #[test]
+    fn ids_are_reserved_a_block_ahead_and_continue_above_the_reservation_after_a_restart() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        subscribe_to(&mut table, "plain", DeliveryMode::Multicast, &mut out);
+        publish(&mut table, "plain", "m", &mut out);
+        commit(&mut table, &log, &mut out);
+        assert_eq!(log.borrow().message_id_high_water(), 1 + ID_RESERVATION_BLOCK);
+        // Half a block later the next reservation is appended, before its ids are needed.
+        let renewing_id = 1 + ID_RESERVATION_BLOCK / 2 + 1;
+        table.last_message_id = renewing_id - 1;
+        out.clear();
+        publish(&mut table, "plain", "renews", &mut out);
+        assert_eq!(ids_delivered(&out), [renewing_id]);
+        assert_eq!(deliveries(&out), [(1, "renews".to_string())], "still inside the durable reservation");
+        assert!(log.borrow().has_pending(), "the next reservation is on its way");
+        assert_eq!(log.borrow().message_id_high_water(), renewing_id + ID_RESERVATION_BLOCK);
+        // A restart (a new table on the same log) continues above everything reserved.
+        let mut restarted = AddressTable::new(ShardId(0), LIMITS);
+        restarted.set_durable_log(log.clone(), Vec::new());
+        subscribe_to(&mut restarted, "plain", DeliveryMode::Multicast, &mut out);
+        out.clear();
+        publish(&mut restarted, "plain", "after", &mut out);
+        commit(&mut restarted, &log, &mut out);
+        assert_eq!(ids_delivered(&out), [renewing_id + ID_RESERVATION_BLOCK + 1]);
+    }
+
+    #[test]
+    fn a_failed_log_drops_what_waits_for_it_and_refuses_ids_it_cannot_reserve() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        subscribe_to(&mut table, "dur.x", DeliveryMode::Anycast, &mut out);
+        publish(&mut table, "dur.x", "lost", &mut out);
+        let batch = log.borrow_mut().take_batch().unwrap();
+        drop(batch);
+        log.borrow_mut().set_failure("disk on fire".to_string());
+        out.clear();
+        table.durable_failed("disk on fire", &mut out);
+        assert_eq!(table.stats(b"dur.x").queued, 0, "the unsynced message no longer blocks the queue");
+        assert_eq!(table.queued_bytes(), 0);
+        assert!(refusal_reason(&out).is_some_and(|reason| reason.contains("disk on fire")));
+        out.clear();
+        publish(&mut table, "plain", "in memory", &mut out);
+        let reason = refusal_reason(&out).expect("no id can be reserved");
+        assert!(reason.contains("restarts"), "{reason}");
     }
 }

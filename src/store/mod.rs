@@ -195,8 +195,11 @@ pub struct Recovery {
     /// Unsettled messages, in log order (so per address in publish order). Each owns compact
     /// allocations of its own (no segment buffer is kept alive).
     pub messages: Vec<RecoveredMessage>,
-    /// Highest message id ever used per address, settled or not, so ids never repeat.
+    /// Highest message id ever logged per address, settled or not.
     pub last_message_id: HashMap<Bytes, u64>,
+    /// Every message id of the shard at or below this may have been handed out before the
+    /// restart (logged, or covered by an ID_RESERVATION): new ids continue above it.
+    pub message_id_high_water: u64,
     /// Bytes cut from the end of the log: a write a crash interrupted.
     pub truncated_bytes: u64,
     /// Bytes of damaged records skipped in [`RecoveryMode::SkipCorrupt`].
