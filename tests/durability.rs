@@ -324,3 +324,39 @@ fn message_ids_of_mixed_durable_and_in_memory_messages_stay_unique_across_a_cras
     drop(broker);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Measurement, not a test (docs/PERFORMANCE.md, "Durable delivery"): send-to-deliver latency
+/// of messages sent one at a time to a durable address, and to an in-memory one for
+/// comparison, through the real broker and client (loopback, one shard).
+/// `cargo test --release --test durability measure_send_to_deliver_latency -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement, not a test: run it explicitly in release mode"]
+fn measure_send_to_deliver_latency() {
+    const MESSAGES: usize = 3000;
+    let broker = Broker::start(&["--shards", "1", "--durable-address", "dur.*"]);
+    for (address, durable) in [("mem.x", false), ("dur.x", true)] {
+        let mut consumer = subscribed_consumer(&broker, address);
+        let mut publisher = connect(&broker);
+        let mut latencies_us = Vec::with_capacity(MESSAGES);
+        for index in 0..MESSAGES + 200 {
+            let sent = Instant::now();
+            publisher.send(address, format!("m{index}")).unwrap();
+            publisher.flush().unwrap();
+            let message = consumer.next_message(Duration::from_secs(5)).unwrap().expect("delivered");
+            let latency = sent.elapsed();
+            consumer.ack(message.delivery_seq, false).unwrap();
+            if index >= 200 {
+                latencies_us.push(latency.as_secs_f64() * 1e6); // after 200 of warm-up
+            }
+        }
+        latencies_us.sort_by(f64::total_cmp);
+        let at = |quantile: f64| latencies_us[((latencies_us.len() as f64 * quantile) as usize).min(MESSAGES - 1)];
+        eprintln!(
+            "{address} (durable: {durable}): {MESSAGES} messages one at a time, send-to-deliver p50 {:.0} us, \
+             p90 {:.0} us, p99 {:.0} us",
+            at(0.50),
+            at(0.90),
+            at(0.99)
+        );
+    }
+}

@@ -141,9 +141,6 @@ struct Queued {
     redelivered: bool,
     /// Times this message has been handed to a consumer.
     deliveries: u32,
-    /// Not delivered before the log is durable up to this Lsn (its own record, or the
-    /// reservation of its id); `Lsn(0)` for at once.
-    visible_after: Lsn,
 }
 
 /// A subscriber's unacknowledged deliveries, sorted by message id (a [`SortedRing`] with typed
@@ -229,6 +226,11 @@ struct Address {
     /// Publishes accepted while the queue was above its high watermark, whose answers are held
     /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
     held_answers: VecDeque<(ConnRef, u64)>,
+    /// Messages waiting for the log: an entry (id, lsn) holds back every message of the
+    /// address with that id or a higher one (so later ones keep their place behind it) until
+    /// the log is durable up to `lsn` (the message's record, or the reservation of its id).
+    /// Ids increase along the list. Empty on an address that never met the log.
+    held_for_log: VecDeque<(MessageId, Lsn)>,
 }
 
 impl Address {
@@ -239,7 +241,19 @@ impl Address {
     /// Only multicast subscribers, and nothing queued or held: a publish goes to the
     /// subscribers' backlogs (or straight out) and nowhere else.
     fn is_pure_multicast(&self) -> bool {
-        self.anycast.is_empty() && !self.multicast.is_empty() && self.queue.is_empty() && self.held_answers.is_empty()
+        self.anycast.is_empty()
+            && !self.multicast.is_empty()
+            && self.queue.is_empty()
+            && self.held_answers.is_empty()
+            && self.held_for_log.is_empty()
+    }
+
+    /// The lowest id that may not be delivered yet, with the log durable up to `durable_lsn`.
+    fn held_from(&self, durable_lsn: Lsn) -> Option<MessageId> {
+        if self.held_for_log.is_empty() {
+            return None; // the common case, kept cheap
+        }
+        self.held_for_log.iter().find(|(_, lsn)| *lsn > durable_lsn).map(|(id, _)| *id)
     }
 
     fn subscribers_mut(&mut self, mode: DeliveryMode) -> &mut Vec<Subscriber> {
@@ -403,13 +417,7 @@ impl AddressTable {
             };
             state.queued_bytes += message.body.len();
             self.queued_bytes += message.body.len();
-            let queued = Queued {
-                id: MessageId(recovered.message_id),
-                message,
-                redelivered: true,
-                deliveries: 0,
-                visible_after: Lsn(0),
-            };
+            let queued = Queued { id: MessageId(recovered.message_id), message, redelivered: true, deliveries: 0 };
             state.queue.push_back(queued);
         }
     }
@@ -448,6 +456,11 @@ impl AddressTable {
             let (_, address) = self.waiting_for_log.pop_front().expect("checked above");
             // Consecutive entries are mostly one address; dispatching one twice is harmless.
             if previous.as_ref() != Some(&address) {
+                if let Some(state) = self.addresses.get_mut(&address) {
+                    while state.held_for_log.front().is_some_and(|(_, waiting)| *waiting <= lsn) {
+                        state.held_for_log.pop_front();
+                    }
+                }
                 self.dispatch(&address, Deliverable::Everything, now_ms, out);
                 previous = Some(address);
             }
@@ -511,15 +524,16 @@ impl AddressTable {
         // What waits for the log would wait forever, and hold back what is queued behind it:
         // it is dropped (its publisher got the error above; a durable one may or may not come
         // back after the restart, as that error says).
-        let durable_lsn = self.durable_lsn;
         for (_, address) in std::mem::take(&mut self.waiting_for_log) {
             let Some(state) = self.addresses.get_mut(&address) else { continue };
+            let Some(held_from) = state.held_from(self.durable_lsn) else { continue };
+            state.held_for_log.clear();
             let before = state.queued_bytes;
-            state.queue.retain(|queued| queued.visible_after <= durable_lsn);
+            state.queue.retain(|queued| queued.id < held_from);
             state.queued_bytes = state.queue.iter().map(|queued| queued.message.body.len()).sum();
             self.queued_bytes -= before - state.queued_bytes;
             for subscriber in &mut state.multicast {
-                subscriber.backlog.retain(|queued| queued.visible_after <= durable_lsn);
+                subscriber.backlog.retain(|queued| queued.id < held_from);
             }
         }
     }
@@ -710,7 +724,7 @@ impl AddressTable {
             }
             AddressCommand::Nack { consumer, subscription, message, requeue } => {
                 // Given back before anything is dispatched, so a requeued message keeps its place.
-                let taken = self.change_subscriber(consumer, subscription, |subscriber, mode| {
+                let taken = self.change_subscriber(consumer, subscription, |subscriber, mode, _| {
                     let queued = subscriber.unacked.remove(message)?;
                     subscriber.in_flight -= 1;
                     subscriber.trim_deadlines();
@@ -784,7 +798,7 @@ impl AddressTable {
             if admitted.is_ok() && !is_expired_at(message.expires_at_ms, now_ms) {
                 let (id, visible_after) = self.next_message_id();
                 debug_assert_eq!(visible_after, Lsn(0), "ids of this path are durably reserved (checked above)");
-                accepted.push(Queued { id, message, redelivered: false, deliveries: 0, visible_after });
+                accepted.push(Queued { id, message, redelivered: false, deliveries: 0 });
             }
             answers.push((publisher, seq, admitted));
         }
@@ -959,11 +973,15 @@ impl AddressTable {
                 Err(error) => return Err(Refusal::new(ErrorCode::TooLarge, error.to_string())),
             }
         }
+        let state = self.addresses.get_mut(address_name).expect("address was just inserted");
         if visible_after > self.durable_lsn {
+            // Held back from here on, unless an entry that holds it back longer is there.
+            if state.held_for_log.back().is_none_or(|(_, lsn)| *lsn < visible_after) {
+                state.held_for_log.push_back((id, visible_after));
+            }
             self.waiting_for_log.push_back((visible_after, address_name.clone()));
         }
-        let state = self.addresses.get_mut(address_name).expect("address was just inserted");
-        let queued = Queued { id, message, redelivered: false, deliveries: 0, visible_after };
+        let queued = Queued { id, message, redelivered: false, deliveries: 0 };
 
         let mut slow = SmallVec::<[usize; 2]>::new();
         for (index, subscriber) in state.multicast.iter_mut().enumerate() {
@@ -1081,13 +1099,12 @@ impl AddressTable {
         change: impl FnOnce(&mut Subscriber) -> R,
     ) -> Option<(Bytes, R)> {
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
-        let durable_lsn = self.durable_lsn;
         let delivered = out.len();
         let (address, mode, changed) = self
-            .change_subscriber(consumer, subscription, |subscriber, mode| {
+            .change_subscriber(consumer, subscription, |subscriber, mode, held_from| {
                 let changed = change(subscriber);
                 if mode == DeliveryMode::Multicast {
-                    drain_backlog(subscriber, ack_deadline, durable_lsn, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
                 }
                 (mode, changed)
             })
@@ -1099,19 +1116,21 @@ impl AddressTable {
         Some((address, changed))
     }
 
-    /// Runs `change` on one subscriber (if it still exists) and returns its address and what
-    /// `change` returned; `None` if the subscription is gone (unsubscribed, or ended).
+    /// Runs `change` on one subscriber (if it still exists), with its mode and the lowest id
+    /// of its address held for the log (see `Address::held_from`), and returns its address and what `change`
+    /// returned; `None` if the subscription is gone (unsubscribed, or ended).
     fn change_subscriber<R>(
         &mut self,
         consumer: ConnRef,
         subscription: SubscriptionId,
-        change: impl FnOnce(&mut Subscriber, DeliveryMode) -> R,
+        change: impl FnOnce(&mut Subscriber, DeliveryMode, Option<MessageId>) -> R,
     ) -> Option<(Bytes, R)> {
         let key = (consumer, subscription);
         let place = self.subscriptions.get(&key)?;
         let state = self.addresses.get_mut(&place.address)?;
+        let held_from = state.held_from(self.durable_lsn);
         let subscriber = state.subscriber_at(place, key)?;
-        Some((place.address.clone(), change(subscriber, place.mode)))
+        Some((place.address.clone(), change(subscriber, place.mode, held_from)))
     }
 
     fn remove_subscription(
@@ -1146,21 +1165,21 @@ impl AddressTable {
     /// deliverable: backlogs, the anycast queue, or both.
     fn dispatch(&mut self, address: &Bytes, deliverable: Deliverable, now_ms: u64, out: &mut Vec<Outgoing>) {
         let low_watermark = self.limits.max_queued_messages as usize / 4;
-        let durable_lsn = self.durable_lsn;
         let Some(state) = self.addresses.get_mut(address) else { return };
+        let held_from = state.held_from(self.durable_lsn);
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
         match deliverable {
             Deliverable::Everything => {
                 for subscriber in state.multicast.iter_mut() {
-                    drain_backlog(subscriber, ack_deadline, durable_lsn, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
                 }
             }
             Deliverable::AnycastQueue => {}
             Deliverable::Backlog(key) => {
                 let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
                 if let Some(subscriber) = found {
-                    drain_backlog(subscriber, ack_deadline, durable_lsn, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
                 }
                 self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
                 // Nothing else changed: the queue and the held answers are as they were.
@@ -1169,7 +1188,7 @@ impl AddressTable {
         }
         let queued_before = state.queued_bytes;
         let mut settled = Vec::new();
-        Self::deliver_queue(state, ack_deadline, durable_lsn, now_ms, out, &mut settled);
+        Self::deliver_queue(state, ack_deadline, held_from, now_ms, out, &mut settled);
         self.queued_bytes -= queued_before - state.queued_bytes;
         for queued in settled {
             self.settle(address, &queued.message, queued.id);
@@ -1180,12 +1199,12 @@ impl AddressTable {
     }
 
     /// Delivers the anycast queue, round robin, as far as credit allows and up to the first
-    /// message that waits for the log (durable up to `durable_lsn`); auto-ack deliveries and
-    /// expired messages are done with and go to `settled` (for the log).
+    /// message held for the log (`held_from`: see `Address::held_from`); auto-ack deliveries
+    /// and expired messages are done with and go to `settled` (for the log).
     fn deliver_queue(
         state: &mut Address,
         ack_deadline: Option<u64>,
-        durable_lsn: Lsn,
+        held_from: Option<MessageId>,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
         settled: &mut Vec<Queued>,
@@ -1195,7 +1214,7 @@ impl AddressTable {
             return;
         }
         while let Some(front) = state.queue.front() {
-            if front.visible_after > durable_lsn {
+            if held_from.is_some_and(|held| front.id >= held) {
                 break;
             }
             // Next subscriber with credit, round robin from where the last delivery left off.
@@ -1291,18 +1310,18 @@ fn end_slow_subscribers(
 }
 
 /// Delivers what a multicast subscriber's backlog holds, as far as its credit allows and up to
-/// the first message that waits for the log (durable up to `durable_lsn`), in one command;
+/// the first message held for the log (`held_from`: see `Address::held_from`), in one command;
 /// expired messages are dropped on the way.
 fn drain_backlog(
     subscriber: &mut Subscriber,
     ack_deadline: Option<u64>,
-    durable_lsn: Lsn,
+    held_from: Option<MessageId>,
     now_ms: u64,
     out: &mut Vec<Outgoing>,
 ) {
     let mut deliveries = Deliveries::new();
     while subscriber.has_credit() {
-        if subscriber.backlog.front().is_some_and(|queued| queued.visible_after > durable_lsn) {
+        if held_from.is_some_and(|held| subscriber.backlog.front().is_some_and(|queued| queued.id >= held)) {
             break;
         }
         let Some(queued) = subscriber.backlog.pop_front() else { break };
@@ -1869,13 +1888,8 @@ mod tests {
 
     #[test]
     fn unacked_messages_stay_sorted_when_redeliveries_arrive_late() {
-        let queued = |id: u64| Queued {
-            id: MessageId(id),
-            message: message("a", "m"),
-            redelivered: false,
-            deliveries: 1,
-            visible_after: Lsn(0),
-        };
+        let queued =
+            |id: u64| Queued { id: MessageId(id), message: message("a", "m"), redelivered: false, deliveries: 1 };
         let mut unacked = UnackedMessages::default();
         for id in [3, 5, 1, 4] {
             unacked.insert(queued(id));
