@@ -237,3 +237,126 @@ fn a_data_dir_written_with_another_shard_count_is_refused() {
     drop(broker);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn subscribed_consumer(broker: &Broker, address: &str) -> Client {
+    let mut consumer = connect(broker);
+    consumer.subscribe(1, address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    consumer
+}
+
+/// Issue 8 item 14, as reported: with a wide group-commit window, a consumer of a durable
+/// address got "A" (message id 1) before its record was synced; after a SIGKILL the restarted
+/// broker gave "B" the same id 1, so a consumer deduplicating by (address, id) dropped "B".
+/// Now a durable message is delivered only once it is synced, and ids never repeat.
+#[test]
+fn a_durable_message_is_delivered_only_once_synced_and_its_id_is_never_reused_after_a_crash() {
+    let dir = temp_dir("unsynced");
+    let flags = ["--shards", "1", "--durable-address", "dur.*", "--log-batch-delay-us", "1000000"];
+    let mut broker = Broker::start_in(&dir, &flags);
+    let mut consumer = subscribed_consumer(&broker, "dur.x");
+    let mut publisher = connect(&broker);
+    publisher.send("dur.x", "A").unwrap();
+    publisher.flush().unwrap();
+    // The group commit is a second away: nothing may reach the consumer before it.
+    let mut seen_ids = Vec::new();
+    let early = consumer.next_message(Duration::from_millis(500)).unwrap();
+    if let Some(message) = &early {
+        seen_ids.push(message.message_id);
+    }
+    assert!(early.is_none(), "a consumer got {early:?} before its record was synced (a crash can take it back)");
+    broker.kill();
+
+    let broker = Broker::start_in(&dir, &flags);
+    let mut consumer = subscribed_consumer(&broker, "dur.x");
+    let mut publisher = connect(&broker);
+    let seq = publisher.send("dur.x", "B").unwrap();
+    publisher.wait_receipt(seq).unwrap();
+    let message = consumer.next_message(Duration::from_secs(5)).unwrap().expect("B is delivered once synced");
+    assert_eq!(&message.body[..], b"B", "A was never receipted nor synced: it is gone");
+    assert!(!message.redelivered);
+    assert!(!seen_ids.contains(&message.message_id), "B reuses message id {} that A had", message.message_id);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// One address, durable and non-durable messages mixed (durable per SEND): after a SIGKILL,
+/// new messages get ids that no consumer saw before the crash, above all of them.
+#[test]
+fn message_ids_of_mixed_durable_and_in_memory_messages_stay_unique_across_a_crash() {
+    let dir = temp_dir("mixed-ids");
+    let flags = ["--shards", "1"];
+    let mut broker = Broker::start_in(&dir, &flags);
+    let mut consumer = subscribed_consumer(&broker, "mixed");
+    let mut publisher = connect(&broker);
+    let mut last = publisher.send_message(durable("mixed", "d1".to_string())).unwrap();
+    for index in 1..=3 {
+        last = publisher.send("mixed", format!("n{index}")).unwrap();
+    }
+    publisher.wait_receipt(last).unwrap();
+    let mut seen: HashMap<u64, String> = HashMap::new();
+    for _ in 0..4 {
+        let message = consumer.next_message(Duration::from_secs(5)).unwrap().expect("all four are delivered");
+        let body = String::from_utf8(message.body.to_vec()).unwrap();
+        assert!(seen.insert(message.message_id, body).is_none(), "ids are unique before the crash");
+    }
+    broker.kill();
+
+    let broker = Broker::start_in(&dir, &flags);
+    let mut consumer = subscribed_consumer(&broker, "mixed");
+    let recovered = consumer.next_message(Duration::from_secs(5)).unwrap().expect("the durable message is back");
+    assert_eq!(&recovered.body[..], b"d1");
+    assert!(recovered.redelivered);
+    assert_eq!(seen.get(&recovered.message_id).map(String::as_str), Some("d1"), "a recovered message keeps its id");
+    let mut publisher = connect(&broker);
+    let mut last = publisher.send("mixed", "n4").unwrap();
+    last = last.max(publisher.send_message(durable("mixed", "d2".to_string())).unwrap());
+    publisher.wait_receipt(last).unwrap();
+    let highest_seen = seen.keys().copied().max().unwrap();
+    for _ in 0..2 {
+        let message = consumer.next_message(Duration::from_secs(5)).unwrap().expect("new messages are delivered");
+        let body = String::from_utf8(message.body.to_vec()).unwrap();
+        assert!(
+            message.message_id > highest_seen,
+            "{body} got message id {}, which does not follow the ids seen before the crash: {seen:?}",
+            message.message_id
+        );
+    }
+    drop(broker);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Measurement, not a test (docs/PERFORMANCE.md, "Durable delivery"): send-to-deliver latency
+/// of messages sent one at a time to a durable address, and to an in-memory one for
+/// comparison, through the real broker and client (loopback, one shard).
+/// `cargo test --release --test durability measure_send_to_deliver_latency -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement, not a test: run it explicitly in release mode"]
+fn measure_send_to_deliver_latency() {
+    const MESSAGES: usize = 3000;
+    let broker = Broker::start(&["--shards", "1", "--durable-address", "dur.*"]);
+    for (address, durable) in [("mem.x", false), ("dur.x", true)] {
+        let mut consumer = subscribed_consumer(&broker, address);
+        let mut publisher = connect(&broker);
+        let mut latencies_us = Vec::with_capacity(MESSAGES);
+        for index in 0..MESSAGES + 200 {
+            let sent = Instant::now();
+            publisher.send(address, format!("m{index}")).unwrap();
+            publisher.flush().unwrap();
+            let message = consumer.next_message(Duration::from_secs(5)).unwrap().expect("delivered");
+            let latency = sent.elapsed();
+            consumer.ack(message.delivery_seq, false).unwrap();
+            if index >= 200 {
+                latencies_us.push(latency.as_secs_f64() * 1e6); // after 200 of warm-up
+            }
+        }
+        latencies_us.sort_by(f64::total_cmp);
+        let at = |quantile: f64| latencies_us[((latencies_us.len() as f64 * quantile) as usize).min(MESSAGES - 1)];
+        eprintln!(
+            "{address} (durable: {durable}): {MESSAGES} messages one at a time, send-to-deliver p50 {:.0} us, \
+             p90 {:.0} us, p99 {:.0} us",
+            at(0.50),
+            at(0.90),
+            at(0.99)
+        );
+    }
+}

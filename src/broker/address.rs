@@ -12,11 +12,23 @@
 //! `DLQ.<address>` instead, with headers `x-original-address` and `x-dead-letter-reason`.
 //!
 //! Durability: a durable message that goes to an anycast queue is recorded in the shard's
-//! [`DurableLog`] before its publisher is answered (the answer waits for the group commit:
-//! [`AddressTable::durable_committed`]); when it is settled (acknowledged, auto-ack delivered,
-//! expired, dead-lettered) a SETTLED record follows. At start-up [`AddressTable::restore`]
-//! puts every unsettled message back in its queue, marked redelivered. Messages that only
-//! reach multicast subscriptions are not logged: nobody would consume them after a restart.
+//! [`DurableLog`] before its publisher is answered, and it is neither answered nor delivered
+//! to anyone before its record is durable (both wait for the group commit:
+//! [`AddressTable::durable_committed`]): a consumer never sees a message that a crash can take
+//! back. It waits in its queue (and backlogs) meanwhile, and what was queued after it waits
+//! behind it, so order is kept. When it is settled (acknowledged, auto-ack delivered, expired,
+//! dead-lettered) a SETTLED record follows. At start-up [`AddressTable::restore`] puts every
+//! unsettled message back in its queue, marked redelivered. Messages that only reach
+//! multicast subscribers are not logged: nobody would consume them after a restart.
+//!
+//! Message ids: one counter per shard (so ids are unique and increasing per address too),
+//! never reused, also across restarts and crashes, for durable and in-memory messages alike.
+//! Only a delivery shows an id, and an id is delivered only once the log durably holds an
+//! ID_RESERVATION at or above it: the table reserves ids in blocks of
+//! [`ID_RESERVATION_BLOCK`], appending the next reservation when half of the current one is
+//! used, so it is durable long before it is needed (one 17-byte record per half block; a
+//! message whose id is past the durable reservation waits like an unsynced durable message).
+//! After a restart ids continue above the highest reservation or logged id.
 //!
 //! Invariants, checked in debug builds:
 //! - a subscriber never has more deliveries outstanding than its credit allows (`in_flight`
@@ -114,6 +126,10 @@ impl Default for AddressLimits {
         }
     }
 }
+
+/// Message ids are reserved in the log this many at a time (see the module docs). A restart
+/// skips at most this many ids; 2^44 restarts fit in the id space.
+pub const ID_RESERVATION_BLOCK: u64 = 1 << 20;
 
 /// Dead-letter addresses are named `DLQ.<address>`.
 pub const DEAD_LETTER_PREFIX: &[u8] = b"DLQ.";
@@ -217,6 +233,11 @@ struct Address {
     /// Publishes accepted while the queue was above its high watermark, whose answers are held
     /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
     held_answers: VecDeque<(ConnRef, u64)>,
+    /// Messages waiting for the log: an entry (id, lsn) holds back every message of the
+    /// address with that id or a higher one (so later ones keep their place behind it) until
+    /// the log is durable up to `lsn` (the message's record, or the reservation of its id).
+    /// Ids increase along the list. Empty on an address that never met the log.
+    held_for_log: VecDeque<(MessageId, Lsn)>,
 }
 
 impl Address {
@@ -227,7 +248,19 @@ impl Address {
     /// Only multicast subscribers, and nothing queued or held: a publish goes to the
     /// subscribers' backlogs (or straight out) and nowhere else.
     fn is_pure_multicast(&self) -> bool {
-        self.anycast.is_empty() && !self.multicast.is_empty() && self.queue.is_empty() && self.held_answers.is_empty()
+        self.anycast.is_empty()
+            && !self.multicast.is_empty()
+            && self.queue.is_empty()
+            && self.held_answers.is_empty()
+            && self.held_for_log.is_empty()
+    }
+
+    /// The lowest id that may not be delivered yet, with the log durable up to `durable_lsn`.
+    fn held_from(&self, durable_lsn: Lsn) -> Option<MessageId> {
+        if self.held_for_log.is_empty() {
+            return None; // the common case, kept cheap
+        }
+        self.held_for_log.iter().find(|(_, lsn)| *lsn > durable_lsn).map(|(id, _)| *id)
     }
 
     fn subscribers_mut(&mut self, mode: DeliveryMode) -> &mut Vec<Subscriber> {
@@ -304,8 +337,19 @@ pub struct AddressTable {
     /// Body bytes in all anycast queues of this shard.
     queued_bytes: usize,
     /// Message ids are unique per shard (so per address too), never reused: ids continue after
-    /// an idle address is dropped, and after a restart (from the log).
+    /// an idle address is dropped, and after a restart (from the log; see the module docs).
     last_message_id: u64,
+    /// Ids at or below this are covered by a durable ID_RESERVATION (`u64::MAX` without a
+    /// log): they may be delivered at once.
+    ids_durably_reserved: u64,
+    /// The highest ID_RESERVATION appended (durable or not), and its Lsn.
+    ids_reserved: u64,
+    id_reservation_lsn: Lsn,
+    /// The log is durable up to here (as `durable_committed` last said).
+    durable_lsn: Lsn,
+    /// Addresses holding messages that wait for the log to be durable up to the given Lsn
+    /// (Lsn order): `durable_committed` delivers them.
+    waiting_for_log: VecDeque<(Lsn, Bytes)>,
     /// The shard's durable log, if the broker keeps one.
     log: Option<Rc<RefCell<DurableLog>>>,
     /// Answers to durable publishes, waiting for their record to be committed (Lsn order).
@@ -328,6 +372,11 @@ impl AddressTable {
             deadline_added: false,
             queued_bytes: 0,
             last_message_id: 0,
+            ids_durably_reserved: u64::MAX,
+            ids_reserved: u64::MAX,
+            id_reservation_lsn: Lsn(0),
+            durable_lsn: Lsn(0),
+            waiting_for_log: VecDeque::new(),
             log: None,
             durable_answers: VecDeque::new(),
             durable_addresses: Vec::new(),
@@ -336,7 +385,14 @@ impl AddressTable {
     }
 
     /// Gives the table the shard's durable log and the addresses configured durable.
+    /// Ids continue above every id the log says may have been handed out; the first new one
+    /// appends a reservation.
     pub fn set_durable_log(&mut self, log: Rc<RefCell<DurableLog>>, durable_addresses: Vec<Bytes>) {
+        let high_water = log.borrow().message_id_high_water();
+        self.last_message_id = self.last_message_id.max(high_water);
+        self.ids_durably_reserved = self.last_message_id;
+        self.ids_reserved = self.last_message_id;
+        self.durable_lsn = log.borrow().durable_lsn();
         self.log = Some(log);
         self.durable_addresses = durable_addresses;
     }
@@ -344,8 +400,11 @@ impl AddressTable {
     /// Puts recovered messages back in their queues (marked redelivered: they may have been
     /// delivered before the restart) and continues message ids above every logged one.
     pub fn restore(&mut self, recovery: Recovery, now_ms: u64, now_unix_ms: u64) {
-        let highest = recovery.last_message_id.values().copied().max().unwrap_or(0);
-        self.last_message_id = self.last_message_id.max(highest);
+        debug_assert!(
+            self.log.is_none() || self.last_message_id >= recovery.message_id_high_water,
+            "set_durable_log continued ids above the log's high water"
+        );
+        self.last_message_id = self.last_message_id.max(recovery.message_id_high_water);
         for recovered in recovery.messages {
             let expires_at_ms = match recovered.expires_at_unix_ms {
                 0 => 0,
@@ -393,11 +452,72 @@ impl AddressTable {
         }
     }
 
-    /// The log made everything up to `lsn` durable: answer the publishes that waited for it.
-    pub fn durable_committed(&mut self, lsn: Lsn, out: &mut Vec<Outgoing>) {
+    /// The log made everything up to `lsn` durable: answer the publishes that waited for it
+    /// and deliver the messages that did.
+    pub fn durable_committed(&mut self, lsn: Lsn, now_ms: u64, out: &mut Vec<Outgoing>) {
+        debug_assert!(lsn >= self.durable_lsn, "the durable Lsn only grows");
+        self.durable_lsn = lsn;
+        if lsn >= self.id_reservation_lsn {
+            self.ids_durably_reserved = self.ids_reserved;
+        }
         while self.durable_answers.front().is_some_and(|(waiting, _, _)| *waiting <= lsn) {
             let (_, publisher, seq) = self.durable_answers.pop_front().expect("checked above");
             out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+        }
+        let mut previous: Option<Bytes> = None;
+        while self.waiting_for_log.front().is_some_and(|(waiting, _)| *waiting <= lsn) {
+            let (_, address) = self.waiting_for_log.pop_front().expect("checked above");
+            // Consecutive entries are mostly one address; dispatching one twice is harmless.
+            if previous.as_ref() != Some(&address) {
+                if let Some(state) = self.addresses.get_mut(&address) {
+                    while state.held_for_log.front().is_some_and(|(_, waiting)| *waiting <= lsn) {
+                        state.held_for_log.pop_front();
+                    }
+                }
+                self.dispatch(&address, Deliverable::Everything, now_ms, out);
+                previous = Some(address);
+            }
+        }
+    }
+
+    /// The next message id, and the Lsn the log must be durable up to before a consumer may
+    /// see it (`Lsn(0)`: at once). Appends the next ID_RESERVATION when half of the current
+    /// one is used (see the module docs).
+    fn next_message_id(&mut self) -> (MessageId, Lsn) {
+        let id = self.last_message_id + 1;
+        self.last_message_id = id;
+        if id.saturating_add(ID_RESERVATION_BLOCK / 2) > self.ids_reserved {
+            self.reserve_ids(id);
+        }
+        let visible_after = if id <= self.ids_durably_reserved { Lsn(0) } else { self.id_reservation_lsn };
+        (MessageId(id), visible_after)
+    }
+
+    #[cold]
+    fn reserve_ids(&mut self, id: u64) {
+        let Some(log) = &self.log else { return };
+        let reserved_up_to = id.saturating_add(ID_RESERVATION_BLOCK);
+        if let Some(lsn) = log.borrow_mut().append_id_reservation(reserved_up_to) {
+            self.id_reservation_lsn = lsn;
+        }
+        self.ids_reserved = reserved_up_to;
+    }
+
+    /// Refuses a publish whose id could never be shown: past the durable reservation while
+    /// the log is failed (no reservation can become durable any more).
+    fn refuse_if_ids_cannot_be_reserved(&self) -> Result<(), Refusal> {
+        if self.last_message_id < self.ids_durably_reserved {
+            return Ok(());
+        }
+        match self.log.as_ref().and_then(|log| log.borrow().failure().map(str::to_string)) {
+            None => Ok(()),
+            Some(failure) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!(
+                    "the durable log failed ({failure}); it cannot reserve message ids any more, so no \
+                     message is accepted until the broker restarts"
+                ),
+            )),
         }
     }
 
@@ -413,6 +533,21 @@ impl AddressTable {
                 publisher.shard,
                 ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
             ));
+        }
+        // What waits for the log would wait forever, and hold back what is queued behind it:
+        // it is dropped (its publisher got the error above; a durable one may or may not come
+        // back after the restart, as that error says).
+        for (_, address) in std::mem::take(&mut self.waiting_for_log) {
+            let Some(state) = self.addresses.get_mut(&address) else { continue };
+            let Some(held_from) = state.held_from(self.durable_lsn) else { continue };
+            state.held_for_log.clear();
+            let before = state.queued_bytes;
+            state.queue.retain(|queued| queued.id < held_from);
+            state.queued_bytes = state.queue.iter().map(|queued| queued.message.body.len()).sum();
+            self.queued_bytes -= before - state.queued_bytes;
+            for subscriber in &mut state.multicast {
+                subscriber.backlog.retain(|queued| queued.id < held_from);
+            }
         }
     }
 
@@ -607,7 +742,7 @@ impl AddressTable {
             }
             AddressCommand::Nack { consumer, subscription, message, requeue } => {
                 // Given back before anything is dispatched, so a requeued message keeps its place.
-                let taken = self.change_subscriber(consumer, subscription, |subscriber, mode| {
+                let taken = self.change_subscriber(consumer, subscription, |subscriber, mode, _| {
                     let queued = subscriber.unacked.remove(message)?;
                     subscriber.in_flight -= 1;
                     subscriber.trim_deadlines();
@@ -655,7 +790,9 @@ impl AddressTable {
         let Some(first) = batch.first() else { return };
         debug_assert!(batch.iter().all(|publication| publication.message.address == first.message.address));
         let address_name = first.message.address.clone();
-        if !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
+        // The fast path delivers at once: only for ids already durably reserved.
+        let ids_reserved = self.last_message_id.saturating_add(batch.len() as u64) <= self.ids_durably_reserved;
+        if !ids_reserved || !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
             // Queued one by one (each admitted or refused against the bounds as they stand),
             // delivered in one dispatch, answered in order: what publishing them one at a time
             // does, without a dispatch and an answer lookup per message.
@@ -677,13 +814,9 @@ impl AddressTable {
             let admitted =
                 self.refuse_if_log_failed(&message).and_then(|_| self.check_memory_budget(message.body.len()));
             if admitted.is_ok() && !is_expired_at(message.expires_at_ms, now_ms) {
-                self.last_message_id += 1;
-                accepted.push(Queued {
-                    id: MessageId(self.last_message_id),
-                    message,
-                    redelivered: false,
-                    deliveries: 0,
-                });
+                let (id, visible_after) = self.next_message_id();
+                debug_assert_eq!(visible_after, Lsn(0), "ids of this path are durably reserved (checked above)");
+                accepted.push(Queued { id, message, redelivered: false, deliveries: 0 });
             }
             answers.push((publisher, seq, admitted));
         }
@@ -784,6 +917,7 @@ impl AddressTable {
         debug_assert_eq!(*address_name, message.address);
         let max_queued = self.limits.max_queued_messages as usize;
         let durable = self.refuse_if_log_failed(&message)?;
+        self.refuse_if_ids_cannot_be_reserved()?;
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
         let within_budget = self.check_memory_budget(message.body.len());
@@ -832,9 +966,9 @@ impl AddressTable {
         if will_wait {
             compact_to_wait(&mut self.arena, &mut message);
         }
-        self.last_message_id += 1;
-        let id = MessageId(self.last_message_id);
-        // Logged before it can be delivered (and so settled), when it goes to the anycast queue.
+        let (id, mut visible_after) = self.next_message_id();
+        // Logged before it can be delivered (and so settled), when it goes to the anycast queue;
+        // delivered only once its record is durable.
         let mut lsn = None;
         if durable && to_anycast_queue {
             let log = self.log.as_ref().expect("durable implies a log");
@@ -850,11 +984,21 @@ impl AddressTable {
                 &message.body,
             );
             match appended {
-                Ok(appended) => lsn = Some(appended),
+                Ok(appended) => {
+                    lsn = Some(appended);
+                    visible_after = appended;
+                }
                 Err(error) => return Err(Refusal::new(ErrorCode::TooLarge, error.to_string())),
             }
         }
         let state = self.addresses.get_mut(address_name).expect("address was just inserted");
+        if visible_after > self.durable_lsn {
+            // Held back from here on, unless an entry that holds it back longer is there.
+            if state.held_for_log.back().is_none_or(|(_, lsn)| *lsn < visible_after) {
+                state.held_for_log.push_back((id, visible_after));
+            }
+            self.waiting_for_log.push_back((visible_after, address_name.clone()));
+        }
         let queued = Queued { id, message, redelivered: false, deliveries: 0 };
 
         let mut slow = SmallVec::<[usize; 2]>::new();
@@ -975,10 +1119,10 @@ impl AddressTable {
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
         let (address, mode, changed) = self
-            .change_subscriber(consumer, subscription, |subscriber, mode| {
+            .change_subscriber(consumer, subscription, |subscriber, mode, held_from| {
                 let changed = change(subscriber);
                 if mode == DeliveryMode::Multicast {
-                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
                 }
                 (mode, changed)
             })
@@ -990,19 +1134,21 @@ impl AddressTable {
         Some((address, changed))
     }
 
-    /// Runs `change` on one subscriber (if it still exists) and returns its address and what
-    /// `change` returned; `None` if the subscription is gone (unsubscribed, or ended).
+    /// Runs `change` on one subscriber (if it still exists), with its mode and the lowest id
+    /// of its address held for the log (see `Address::held_from`), and returns its address and what `change`
+    /// returned; `None` if the subscription is gone (unsubscribed, or ended).
     fn change_subscriber<R>(
         &mut self,
         consumer: ConnRef,
         subscription: SubscriptionId,
-        change: impl FnOnce(&mut Subscriber, DeliveryMode) -> R,
+        change: impl FnOnce(&mut Subscriber, DeliveryMode, Option<MessageId>) -> R,
     ) -> Option<(Bytes, R)> {
         let key = (consumer, subscription);
         let place = self.subscriptions.get(&key)?;
         let state = self.addresses.get_mut(&place.address)?;
+        let held_from = state.held_from(self.durable_lsn);
         let subscriber = state.subscriber_at(place, key)?;
-        Some((place.address.clone(), change(subscriber, place.mode)))
+        Some((place.address.clone(), change(subscriber, place.mode, held_from)))
     }
 
     fn remove_subscription(
@@ -1038,19 +1184,20 @@ impl AddressTable {
     fn dispatch(&mut self, address: &Bytes, deliverable: Deliverable, now_ms: u64, out: &mut Vec<Outgoing>) {
         let low_watermark = self.limits.max_queued_messages as usize / 4;
         let Some(state) = self.addresses.get_mut(address) else { return };
+        let held_from = state.held_from(self.durable_lsn);
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
         match deliverable {
             Deliverable::Everything => {
                 for subscriber in state.multicast.iter_mut() {
-                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
                 }
             }
             Deliverable::AnycastQueue => {}
             Deliverable::Backlog(key) => {
                 let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
                 if let Some(subscriber) = found {
-                    drain_backlog(subscriber, ack_deadline, now_ms, out);
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
                 }
                 self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
                 // Nothing else changed: the queue and the held answers are as they were.
@@ -1059,7 +1206,7 @@ impl AddressTable {
         }
         let queued_before = state.queued_bytes;
         let mut settled = Vec::new();
-        Self::deliver_queue(state, ack_deadline, now_ms, out, &mut settled);
+        Self::deliver_queue(state, ack_deadline, held_from, now_ms, out, &mut settled);
         self.queued_bytes -= queued_before - state.queued_bytes;
         for queued in settled {
             self.settle(address, &queued.message, queued.id);
@@ -1069,11 +1216,13 @@ impl AddressTable {
         Self::release_held_answers(state, low_watermark, out);
     }
 
-    /// Delivers the anycast queue, round robin, as far as credit allows; auto-ack deliveries
+    /// Delivers the anycast queue, round robin, as far as credit allows and up to the first
+    /// message held for the log (`held_from`: see `Address::held_from`); auto-ack deliveries
     /// and expired messages are done with and go to `settled` (for the log).
     fn deliver_queue(
         state: &mut Address,
         ack_deadline: Option<u64>,
+        held_from: Option<MessageId>,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
         settled: &mut Vec<Queued>,
@@ -1082,7 +1231,10 @@ impl AddressTable {
         if subscriber_count == 0 {
             return;
         }
-        while !state.queue.is_empty() {
+        while let Some(front) = state.queue.front() {
+            if held_from.is_some_and(|held| front.id >= held) {
+                break;
+            }
             // Next subscriber with credit, round robin from where the last delivery left off.
             let Some(offset) = (0..subscriber_count)
                 .find(|offset| state.anycast[(state.next_anycast + offset) % subscriber_count].has_credit())
@@ -1175,11 +1327,21 @@ fn end_slow_subscribers(
     }
 }
 
-/// Delivers what a multicast subscriber's backlog holds, as far as its credit allows, in one
-/// command; expired messages are dropped on the way.
-fn drain_backlog(subscriber: &mut Subscriber, ack_deadline: Option<u64>, now_ms: u64, out: &mut Vec<Outgoing>) {
+/// Delivers what a multicast subscriber's backlog holds, as far as its credit allows and up to
+/// the first message held for the log (`held_from`: see `Address::held_from`), in one command;
+/// expired messages are dropped on the way.
+fn drain_backlog(
+    subscriber: &mut Subscriber,
+    ack_deadline: Option<u64>,
+    held_from: Option<MessageId>,
+    now_ms: u64,
+    out: &mut Vec<Outgoing>,
+) {
     let mut deliveries = Deliveries::new();
     while subscriber.has_credit() {
+        if held_from.is_some_and(|held| subscriber.backlog.front().is_some_and(|queued| queued.id >= held)) {
+            break;
+        }
         let Some(queued) = subscriber.backlog.pop_front() else { break };
         if is_expired(&queued, now_ms) {
             continue;
@@ -1782,5 +1944,158 @@ mod tests {
             &mut out,
         );
         assert_eq!(deliveries(&out), vec![(1, "fresh".to_string())]);
+    }
+
+    // ---- durable delivery and message ids (issue 8 item 14) ----
+
+    /// A table with a file-less durable log on which every address is durable.
+    fn durable_table() -> (AddressTable, Rc<RefCell<DurableLog>>) {
+        let config = crate::store::LogConfig::new(std::env::temp_dir().join("mbws-address-tests-never-written"));
+        let log = Rc::new(RefCell::new(DurableLog::new(config, ShardId(0)).unwrap()));
+        let mut table = AddressTable::new(ShardId(0), AddressLimits { max_queued_messages: 100, ..LIMITS });
+        table.set_durable_log(log.clone(), vec![Bytes::from_static(b"dur.*")]);
+        (table, log)
+    }
+
+    /// Plays the commit shell: every pending batch is "synced", then the table is told.
+    fn commit(table: &mut AddressTable, log: &Rc<RefCell<DurableLog>>, out: &mut Vec<Outgoing>) {
+        let mut durable = None;
+        loop {
+            let Some(batch) = log.borrow_mut().take_batch() else { break };
+            durable = Some(log.borrow_mut().batch_committed(batch).durable_lsn);
+        }
+        if let Some(lsn) = durable {
+            table.durable_committed(lsn, 0, out);
+        }
+    }
+
+    fn subscribe_to(table: &mut AddressTable, address: &'static str, mode: DeliveryMode, out: &mut Vec<Outgoing>) {
+        table.handle(
+            AddressCommand::Subscribe {
+                consumer: conn(1),
+                subscription: SubscriptionId(1),
+                address: Bytes::from_static(address.as_bytes()),
+                mode,
+                ack_mode: AckMode::Client,
+                credit: 10,
+            },
+            0,
+            out,
+        );
+    }
+
+    fn ids_delivered(out: &[Outgoing]) -> Vec<u64> {
+        delivered(out).iter().map(|(_, delivery)| delivery.message_id.0).collect()
+    }
+
+    #[test]
+    fn a_durable_message_is_delivered_and_answered_only_once_its_record_is_durable() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        subscribe_to(&mut table, "dur.x", DeliveryMode::Anycast, &mut out);
+        out.clear();
+        publish(&mut table, "dur.x", "A", &mut out);
+        publish(&mut table, "dur.x", "B", &mut out);
+        assert!(deliveries(&out).is_empty(), "nothing is delivered before the sync: {out:?}");
+        assert_eq!(answered(&out), 0, "nor answered");
+        commit(&mut table, &log, &mut out);
+        assert_eq!(deliveries(&out), [(1, "A".to_string()), (1, "B".to_string())]);
+        assert_eq!(answered(&out), 2);
+    }
+
+    #[test]
+    fn an_in_memory_message_queued_behind_an_unsynced_durable_one_waits_for_it() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        commit_reservation(&mut table, &log, &mut out);
+        subscribe_to(&mut table, "mixed", DeliveryMode::Anycast, &mut out);
+        out.clear();
+        let mut durable = message("mixed", "durable");
+        Arc::get_mut(&mut durable).unwrap().durable = true;
+        table.handle(AddressCommand::Publish { publisher: conn(99), seq: 1, message: durable }, 0, &mut out);
+        publish(&mut table, "mixed", "in memory", &mut out);
+        assert!(deliveries(&out).is_empty(), "order is kept: the in-memory one waits behind: {out:?}");
+        commit(&mut table, &log, &mut out);
+        assert_eq!(deliveries(&out), [(1, "durable".to_string()), (1, "in memory".to_string())]);
+    }
+
+    /// Publishes one in-memory message and commits, so that ids are durably reserved.
+    fn commit_reservation(table: &mut AddressTable, log: &Rc<RefCell<DurableLog>>, out: &mut Vec<Outgoing>) {
+        publish(table, "warm-up", "x", out);
+        commit(table, log, out);
+    }
+
+    #[test]
+    fn in_memory_messages_wait_only_for_the_first_reservation_of_their_ids() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        subscribe_to(&mut table, "plain", DeliveryMode::Multicast, &mut out);
+        out.clear();
+        publish(&mut table, "plain", "first", &mut out);
+        assert!(deliveries(&out).is_empty(), "no id is shown before a durable reservation covers it");
+        assert_eq!(answered(&out), 1, "an in-memory publish is answered at once");
+        commit(&mut table, &log, &mut out);
+        assert_eq!(deliveries(&out), [(1, "first".to_string())]);
+        out.clear();
+        // From now on, for half a block, in-memory messages go out at once, batched or not.
+        publish(&mut table, "plain", "second", &mut out);
+        publish_batch_to(&mut table, "plain", &["third", "fourth"], &mut out);
+        assert_eq!(deliveries(&out), [(1, "second".to_string()), (1, "third".to_string()), (1, "fourth".to_string())]);
+        assert!(!log.borrow().has_pending(), "no record per in-memory message");
+    }
+
+    fn publish_batch_to(table: &mut AddressTable, address: &str, bodies: &[&str], out: &mut Vec<Outgoing>) {
+        let mut batch: Vec<Publication> = bodies
+            .iter()
+            .map(|body| Publication { publisher: conn(99), seq: 1, message: message(address, body) })
+            .collect();
+        table.publish_batch(&mut batch, 0, out);
+    }
+
+    #[test]
+    fn ids_are_reserved_a_block_ahead_and_continue_above_the_reservation_after_a_restart() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        subscribe_to(&mut table, "plain", DeliveryMode::Multicast, &mut out);
+        publish(&mut table, "plain", "m", &mut out);
+        commit(&mut table, &log, &mut out);
+        assert_eq!(log.borrow().message_id_high_water(), 1 + ID_RESERVATION_BLOCK);
+        // Half a block later the next reservation is appended, before its ids are needed.
+        let renewing_id = 1 + ID_RESERVATION_BLOCK / 2 + 1;
+        table.last_message_id = renewing_id - 1;
+        out.clear();
+        publish(&mut table, "plain", "renews", &mut out);
+        assert_eq!(ids_delivered(&out), [renewing_id]);
+        assert_eq!(deliveries(&out), [(1, "renews".to_string())], "still inside the durable reservation");
+        assert!(log.borrow().has_pending(), "the next reservation is on its way");
+        assert_eq!(log.borrow().message_id_high_water(), renewing_id + ID_RESERVATION_BLOCK);
+        // A restart (a new table on the same log) continues above everything reserved.
+        let mut restarted = AddressTable::new(ShardId(0), LIMITS);
+        restarted.set_durable_log(log.clone(), Vec::new());
+        subscribe_to(&mut restarted, "plain", DeliveryMode::Multicast, &mut out);
+        out.clear();
+        publish(&mut restarted, "plain", "after", &mut out);
+        commit(&mut restarted, &log, &mut out);
+        assert_eq!(ids_delivered(&out), [renewing_id + ID_RESERVATION_BLOCK + 1]);
+    }
+
+    #[test]
+    fn a_failed_log_drops_what_waits_for_it_and_refuses_ids_it_cannot_reserve() {
+        let (mut table, log) = durable_table();
+        let mut out = Vec::new();
+        subscribe_to(&mut table, "dur.x", DeliveryMode::Anycast, &mut out);
+        publish(&mut table, "dur.x", "lost", &mut out);
+        let batch = log.borrow_mut().take_batch().unwrap();
+        drop(batch);
+        log.borrow_mut().set_failure("disk on fire".to_string());
+        out.clear();
+        table.durable_failed("disk on fire", &mut out);
+        assert_eq!(table.stats(b"dur.x").queued, 0, "the unsynced message no longer blocks the queue");
+        assert_eq!(table.queued_bytes(), 0);
+        assert!(refusal_reason(&out).is_some_and(|reason| reason.contains("disk on fire")));
+        out.clear();
+        publish(&mut table, "plain", "in memory", &mut out);
+        let reason = refusal_reason(&out).expect("no id can be reserved");
+        assert!(reason.contains("restarts"), "{reason}");
     }
 }

@@ -408,8 +408,12 @@ impl Shard {
         let committing = monoio::spawn(async move {
             let on_committed = |lsn| {
                 let mut answers = Vec::new();
-                shard.addresses.borrow_mut().durable_committed(lsn, &mut answers);
-                shard.route_address_output(&mut answers, (Vec::new(), false));
+                let forwards = {
+                    let mut addresses = shard.addresses.borrow_mut();
+                    addresses.durable_committed(lsn, now_ms(), &mut answers);
+                    (addresses.take_forwards(), addresses.take_deadline_added())
+                };
+                shard.route_address_output(&mut answers, forwards);
                 shard.run_work();
             };
             if let Err(error) = committer.run(on_committed).await {

@@ -11,9 +11,13 @@
 //! - a batch never spans two segments, and a segment never grows past `segment_bytes` unless
 //!   a single record is larger than that (it then sits alone in its segment);
 //! - the first records of every segment are LAST_IDS records naming the highest message id of
-//!   every address the log knows, so the newest segment alone is enough to keep ids from
+//!   every address the log knows, then (format version 2) an ID_RESERVATION record with the
+//!   highest id reservation so far, so the newest segment alone is enough to keep ids from
 //!   repeating after older segments are deleted. A segment is *established* once the record
-//!   that follows its LAST_IDS records is durable (then all of them are);
+//!   that follows its LAST_IDS records is durable (then all of them are); since version 2 that
+//!   record is the ID_RESERVATION that ends them;
+//! - records go only into a segment of the current format version: a version 1 segment found
+//!   at start-up is read, and the first append starts a new segment;
 //! - a segment is deleted only when (1) it is older than the newest established segment (so
 //!   never the active one, and never before the ids it carries are durable elsewhere),
 //!   (2) every MESSAGE record in it has a durable SETTLED record, and (3) every older segment
@@ -28,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::record::{self, MessageFields, Record, SegmentHeader, SEGMENT_HEADER_BYTES};
+use super::record::{self, MessageFields, Record, SegmentHeader, FORMAT_VERSION, SEGMENT_HEADER_BYTES};
 use super::{segment_path, LogConfig, StoreError};
 use crate::broker::ShardId;
 use crate::mbws::Properties;
@@ -71,6 +75,8 @@ pub(crate) struct AddressLog {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ActiveSegment {
     pub id: SegmentId,
+    /// Its format version; records are appended only to a segment of [`FORMAT_VERSION`].
+    pub version: u16,
     pub salt: u64,
     /// File size once every pending record is written.
     pub end: u64,
@@ -82,6 +88,9 @@ pub(crate) struct LogState {
     pub segments: BTreeMap<SegmentId, SegmentState>,
     pub addresses: HashMap<Bytes, AddressLog>,
     pub active: Option<ActiveSegment>,
+    /// The highest ID_RESERVATION recorded (0 for none): message ids of the shard up to it
+    /// may have been handed out.
+    pub reserved_message_ids: u64,
 }
 
 impl LogState {
@@ -91,6 +100,13 @@ impl LogState {
             .iter()
             .filter(|(_, entry)| entry.last_message_id > 0)
             .map(|(address, entry)| (address.clone(), entry.last_message_id))
+    }
+
+    /// Every message id of the shard at or below this may have been handed out: the highest
+    /// id reservation or logged id.
+    pub fn message_id_high_water(&self) -> u64 {
+        let logged = self.addresses.values().map(|entry| entry.last_message_id).max().unwrap_or(0);
+        logged.max(self.reserved_message_ids)
     }
 }
 
@@ -338,6 +354,26 @@ impl DurableLog {
         Some(lsn)
     }
 
+    /// Records that message ids of this shard up to `reserved_up_to` may be handed out (see
+    /// `broker::address` for when to call it). Once the returned Lsn is durable, a restart
+    /// continues ids above it. Returns `None`, writing nothing, when an equal or higher
+    /// reservation is already recorded.
+    pub fn append_id_reservation(&mut self, reserved_up_to: u64) -> Option<Lsn> {
+        if reserved_up_to <= self.state.reserved_message_ids {
+            return None;
+        }
+        // Set first, so that a segment this record starts carries it in its own start.
+        self.state.reserved_message_ids = reserved_up_to;
+        let (lsn, _) = self.push_record(&Record::IdReservation { reserved_up_to });
+        Some(lsn)
+    }
+
+    /// Every message id of this shard at or below this may have been handed out (recovered
+    /// plus appended since): the highest id reservation or logged id.
+    pub fn message_id_high_water(&self) -> u64 {
+        self.state.message_id_high_water()
+    }
+
     /// Highest message id ever logged for `address` (settled or not; 0 for none). The address
     /// table continues from it when it recreates an address it had dropped while idle.
     pub fn last_message_id(&self, address: &[u8]) -> u64 {
@@ -384,7 +420,7 @@ impl DurableLog {
         self.failure.as_deref()
     }
 
-    pub(super) fn set_failure(&mut self, reason: String) {
+    pub(crate) fn set_failure(&mut self, reason: String) {
         self.failure.get_or_insert(reason);
     }
 
@@ -493,20 +529,17 @@ impl DurableLog {
         let length = record::encoded_len(record) as u64;
         let must_roll = match self.state.active {
             None => true,
+            Some(active) if active.version != FORMAT_VERSION => true,
             Some(active) => active.end > SEGMENT_HEADER_BYTES as u64 && active.end + length > self.config.segment_bytes,
         };
         if must_roll {
             self.start_segment();
         }
-        let (lsn, segment) = self.encode_into_pending(record, length);
-        if must_roll {
-            self.establishing = Some((segment, lsn));
-        }
-        (lsn, segment)
+        self.encode_into_pending(record, length)
     }
 
     /// Makes a new segment the active one: its header goes with its first batch, followed
-    /// by LAST_IDS records for every known address.
+    /// by LAST_IDS records for every known address and the ID_RESERVATION that ends them.
     fn start_segment(&mut self) {
         let id = SegmentId(match (self.state.active, self.state.segments.last_key_value()) {
             (Some(active), _) => active.id.0 + 1,
@@ -514,9 +547,9 @@ impl DurableLog {
             (None, None) => 1,
         });
         let salt = splitmix64(self.salt_seed ^ id.0);
-        let header = SegmentHeader { shard: self.shard.0, segment: id.0, salt }.encode();
+        let header = SegmentHeader { version: FORMAT_VERSION, shard: self.shard.0, segment: id.0, salt }.encode();
         self.state.segments.insert(id, SegmentState::default());
-        self.state.active = Some(ActiveSegment { id, salt, end: SEGMENT_HEADER_BYTES as u64 });
+        self.state.active = Some(ActiveSegment { id, version: FORMAT_VERSION, salt, end: SEGMENT_HEADER_BYTES as u64 });
         let bytes = self.spare_buffers.pop().unwrap_or_default();
         self.pending.push_back(PendingBatch {
             segment: id,
@@ -549,6 +582,10 @@ impl DurableLog {
             let length = record::encoded_len(&record) as u64;
             self.encode_into_pending(&record, length);
         }
+        let end_of_last_ids = Record::IdReservation { reserved_up_to: self.state.reserved_message_ids };
+        let length = record::encoded_len(&end_of_last_ids) as u64;
+        let (lsn, _) = self.encode_into_pending(&end_of_last_ids, length);
+        self.establishing = Some((id, lsn));
     }
 
     fn encode_into_pending(&mut self, record: &Record<'_>, length: u64) -> (Lsn, SegmentId) {

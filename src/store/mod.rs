@@ -31,7 +31,7 @@
 //! ```text
 //! segment header, 32 bytes at offset 0
 //!   0  magic            8  "MBWS-LOG"
-//!   8  format version   u16  1
+//!   8  format version   u16  2 (1 is still read; see "Format versions")
 //!  10  shard            u16  the shard that owns the log
 //!  12  segment number   u64  equal to the file name
 //!  20  salt             u64  random per segment, mixed into every record checksum
@@ -54,7 +54,35 @@
 //!                   (acknowledged, rejected, expired or dead-lettered: done with)
 //! kind 3 LAST_IDS   count u32, count x (last message id u64, address str16)
 //!                   (written first in every new segment: the highest id of every address)
+//! kind 4 ID_RESERVATION  reserved up to u64   (since version 2)
+//!                   (message ids of the shard up to this may be handed out; also written
+//!                   right after the LAST_IDS records of every segment, with the highest
+//!                   reservation so far, which marks the end of those records)
 //! ```
+//!
+//! # Message ids across restarts
+//!
+//! Ids are one counter per shard, and consumers may deduplicate by (address, id), so an id
+//! must never be shown twice, also after a crash that lost records that were not synced, and
+//! also for in-memory messages, which the log never records. The address table therefore
+//! shows (delivers) only ids covered by a *durable* ID_RESERVATION: it reserves ids in blocks
+//! (`broker::address::ID_RESERVATION_BLOCK`, 2^20) and appends the next reservation when half
+//! of the current block is used, so the reservation is synced long before its ids are needed
+//! and costs one 17-byte record per half block. A message whose id is past the durable
+//! reservation (the first ones after a start, or when half a block goes by within one sync)
+//! waits for it exactly like a durable message waits for its own record. After a restart,
+//! [`Recovery::message_id_high_water`] (the highest reservation or logged id) is where ids
+//! continue; a crash skips at most one block of ids. Every segment start carries the highest
+//! reservation on, so deleting old segments never forgets it. (A per-start epoch in the high
+//! bits of the id would cost no record at all, but it needs a fixed split of the 64 bits
+//! between restarts and messages per start, and either can run out.)
+//!
+//! # Format versions
+//!
+//! Version 2 added ID_RESERVATION. A version 1 segment (written before) is read as it is and
+//! never appended to: the first record after the start opens a version 2 segment, and the
+//! version 1 one is deleted once its messages are settled, as usual. A segment of a version
+//! newer than this build reads is refused at start-up, naming the version and what to do.
 //!
 //! Why the checksum covers more than the record: the length field, so a damaged length is
 //! caught by the checksum rather than by luck; the offset and the per-segment salt, so that a
@@ -195,8 +223,11 @@ pub struct Recovery {
     /// Unsettled messages, in log order (so per address in publish order). Each owns compact
     /// allocations of its own (no segment buffer is kept alive).
     pub messages: Vec<RecoveredMessage>,
-    /// Highest message id ever used per address, settled or not, so ids never repeat.
+    /// Highest message id ever logged per address, settled or not.
     pub last_message_id: HashMap<Bytes, u64>,
+    /// Every message id of the shard at or below this may have been handed out before the
+    /// restart (logged, or covered by an ID_RESERVATION): new ids continue above it.
+    pub message_id_high_water: u64,
     /// Bytes cut from the end of the log: a write a crash interrupted.
     pub truncated_bytes: u64,
     /// Bytes of damaged records skipped in [`RecoveryMode::SkipCorrupt`].

@@ -23,8 +23,14 @@ pub const SEGMENT_HEADER_BYTES: usize = 32;
 /// First 8 bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"MBWS-LOG";
 
-/// The format version this code writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this code writes. Version 2 added ID_RESERVATION records (and ends
+/// every segment's LAST_IDS records with one).
+pub const FORMAT_VERSION: u16 = 2;
+
+/// The oldest format version this code reads. A version 1 segment is read as it is (it holds
+/// no ID_RESERVATION record), and nothing more is written to it: the log starts a version 2
+/// segment for its next record.
+pub const OLDEST_READABLE_VERSION: u16 = 1;
 
 /// Longest address, property, header name or header value a record can hold (u16 lengths).
 pub const MAX_FIELD_BYTES: usize = u16::MAX as usize;
@@ -37,6 +43,8 @@ pub mod kind {
     pub const MESSAGE: u8 = 1;
     pub const SETTLED: u8 = 2;
     pub const LAST_IDS: u8 = 3;
+    /// Since format version 2.
+    pub const ID_RESERVATION: u8 = 4;
 }
 
 /// The fields of a MESSAGE record, borrowed from the caller (encode) or from the segment
@@ -63,6 +71,11 @@ pub enum Record<'a> {
     /// The highest message id used so far on each listed address (written at the start of
     /// every new segment, so that ids survive the deletion of the segments that used them).
     LastIds(Vec<(&'a [u8], u64)>),
+    /// Message ids of the shard up to `reserved_up_to` may be handed out (and seen by
+    /// consumers) before any record names them; after a restart the shard continues above it.
+    /// Also written after the LAST_IDS records at the start of every segment, with the highest
+    /// reservation so far, which marks the end of those records.
+    IdReservation { reserved_up_to: u64 },
 }
 
 /// Why the bytes at some offset are not a valid record.
@@ -123,6 +136,7 @@ fn payload_len(record: &Record<'_>) -> usize {
         }
         Record::Settled { address, .. } => 8 + 2 + address.len(),
         Record::LastIds(entries) => 4 + entries.iter().map(|(address, _)| 8 + 2 + address.len()).sum::<usize>(),
+        Record::IdReservation { .. } => 8,
     }
 }
 
@@ -163,6 +177,7 @@ pub fn check_fits(record: &Record<'_>) -> Result<(), TooLarge> {
                 field("address", address.len())?;
             }
         }
+        Record::IdReservation { .. } => {}
     }
     let length = 1 + payload_len(record);
     if length > MAX_RECORD_BYTES {
@@ -220,6 +235,10 @@ pub fn encode(out: &mut Vec<u8>, record: &Record<'_>, salt: u64, file_offset: u6
                 out.extend_from_slice(&last_id.to_be_bytes());
                 put_str16(out, address);
             }
+        }
+        Record::IdReservation { reserved_up_to } => {
+            out.push(kind::ID_RESERVATION);
+            out.extend_from_slice(&reserved_up_to.to_be_bytes());
         }
     }
     debug_assert_eq!(out.len() - start, RECORD_HEADER_BYTES + length);
@@ -302,6 +321,11 @@ pub fn decode(bytes: &[u8], salt: u64, file_offset: u64) -> Result<(Record<'_>, 
             reader.finish()?;
             Record::LastIds(entries)
         }
+        kind::ID_RESERVATION => {
+            let reserved_up_to = reader.u64()?;
+            reader.finish()?;
+            Record::IdReservation { reserved_up_to }
+        }
         other => return Err(RecordError::UnknownKind(other)),
     };
     Ok((record, total))
@@ -354,6 +378,8 @@ impl<'a> Reader<'a> {
 /// What the header of a segment file says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// The format version the segment is written in (see [`FORMAT_VERSION`]).
+    pub version: u16,
     pub shard: u16,
     pub segment: u64,
     /// Mixed into every record checksum of the segment (see the module docs of `store`).
@@ -379,8 +405,9 @@ impl std::fmt::Display for HeaderError {
             HeaderError::BadChecksum => write!(f, "the segment header fails its checksum"),
             HeaderError::UnsupportedVersion(version) => write!(
                 f,
-                "segment format version {version} is not supported (this build reads version {FORMAT_VERSION}; \
-                 was it written by a newer mbws?)"
+                "segment format version {version} is not supported (this build reads versions \
+                 {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}); it was written by a newer mbws: run that version, \
+                 or move the data directory (--data-dir) aside to start with an empty log"
             ),
         }
     }
@@ -390,7 +417,7 @@ impl SegmentHeader {
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
         let mut out = [0u8; SEGMENT_HEADER_BYTES];
         out[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        out[8..10].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+        out[8..10].copy_from_slice(&self.version.to_be_bytes());
         out[10..12].copy_from_slice(&self.shard.to_be_bytes());
         out[12..20].copy_from_slice(&self.segment.to_be_bytes());
         out[20..28].copy_from_slice(&self.salt.to_be_bytes());
@@ -411,10 +438,11 @@ impl SegmentHeader {
             return Err(HeaderError::BadChecksum);
         }
         let version = u16::from_be_bytes(bytes[8..10].try_into().expect("2 bytes"));
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(HeaderError::UnsupportedVersion(version));
         }
         Ok(SegmentHeader {
+            version,
             shard: u16::from_be_bytes(bytes[10..12].try_into().expect("2 bytes")),
             segment: u64::from_be_bytes(bytes[12..20].try_into().expect("8 bytes")),
             salt: u64::from_be_bytes(bytes[20..28].try_into().expect("8 bytes")),
@@ -437,6 +465,7 @@ mod tests {
         Message { fields: [Vec<u8>; 4], headers: Vec<(Vec<u8>, Vec<u8>)>, id: u64, expires: u64, body: Vec<u8> },
         Settled { address: Vec<u8>, id: u64 },
         LastIds(Vec<(Vec<u8>, u64)>),
+        IdReservation(u64),
     }
 
     impl Owned {
@@ -454,6 +483,7 @@ mod tests {
                 }),
                 Owned::Settled { address, id } => Record::Settled { address, message_id: *id },
                 Owned::LastIds(entries) => Record::LastIds(entries.iter().map(|(a, id)| (&a[..], *id)).collect()),
+                Owned::IdReservation(reserved_up_to) => Record::IdReservation { reserved_up_to: *reserved_up_to },
             }
         }
     }
@@ -476,6 +506,7 @@ mod tests {
                 }),
             (field(), any::<u64>()).prop_map(|(address, id)| Owned::Settled { address, id }),
             proptest::collection::vec((field(), any::<u64>()), 0..5).prop_map(Owned::LastIds),
+            any::<u64>().prop_map(Owned::IdReservation),
         ]
     }
 
@@ -562,7 +593,7 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_rejects_damage() {
-        let header = SegmentHeader { shard: 3, segment: 17, salt: 0x0123_4567_89ab_cdef };
+        let header = SegmentHeader { version: FORMAT_VERSION, shard: 3, segment: 17, salt: 0x0123_4567_89ab_cdef };
         let bytes = header.encode();
         assert_eq!(SegmentHeader::decode(&bytes), Ok(header));
         assert_eq!(SegmentHeader::decode(&bytes[..20]), Err(HeaderError::Incomplete { available: 20 }));
@@ -572,5 +603,26 @@ mod tests {
         damaged = bytes;
         damaged[0] = b'X';
         assert_eq!(SegmentHeader::decode(&damaged), Err(HeaderError::BadMagic));
+    }
+
+    #[test]
+    fn version_1_segments_are_read_and_newer_ones_refused_with_what_to_do() {
+        let old = SegmentHeader { version: 1, shard: 0, segment: 1, salt: 5 };
+        assert_eq!(SegmentHeader::decode(&old.encode()), Ok(old));
+        let newer = SegmentHeader { version: FORMAT_VERSION + 1, ..old };
+        let error = SegmentHeader::decode(&newer.encode()).unwrap_err();
+        assert_eq!(error, HeaderError::UnsupportedVersion(FORMAT_VERSION + 1));
+        let text = error.to_string();
+        assert!(text.contains("newer mbws") && text.contains("--data-dir"), "{text}");
+    }
+
+    #[test]
+    fn an_id_reservation_is_eight_bytes_of_payload_and_nothing_else() {
+        let mut out = Vec::new();
+        let record = Record::IdReservation { reserved_up_to: 1 << 40 };
+        encode(&mut out, &record, 7, 32);
+        assert_eq!(out.len(), RECORD_HEADER_BYTES + 1 + 8);
+        assert_eq!(out[RECORD_HEADER_BYTES], kind::ID_RESERVATION);
+        assert_eq!(decode(&out, 7, 32), Ok((record, out.len())));
     }
 }

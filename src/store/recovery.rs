@@ -161,7 +161,10 @@ fn next_valid_record(bytes: &[u8], from: usize, salt: u64) -> Option<usize> {
         let length = u32::from_be_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
         let plausible = (1..=MAX_RECORD_BYTES).contains(&length)
             && offset + RECORD_HEADER_BYTES + length <= bytes.len()
-            && matches!(bytes[offset + RECORD_HEADER_BYTES], kind::MESSAGE | kind::SETTLED | kind::LAST_IDS);
+            && matches!(
+                bytes[offset + RECORD_HEADER_BYTES],
+                kind::MESSAGE | kind::SETTLED | kind::LAST_IDS | kind::ID_RESERVATION
+            );
         plausible && record::decode(&bytes[offset..], salt, offset as u64).is_ok()
     })
 }
@@ -250,6 +253,9 @@ impl RecoveryFold {
                     let entry = self.state.addresses.get_mut(&address).expect("interned");
                     entry.last_message_id = entry.last_message_id.max(*last_id);
                 }
+            }
+            Record::IdReservation { reserved_up_to } => {
+                self.state.reserved_message_ids = self.state.reserved_message_ids.max(*reserved_up_to);
             }
         }
     }
@@ -375,7 +381,7 @@ fn recover_files(config: &LogConfig, shard: ShardId, dir: &Path) -> Result<(LogS
             fold.apply(id, record);
         }
         let established = scan.records.iter().any(|(_, record)| !matches!(record, Record::LastIds(_)));
-        kept.push(KeptSegment { id, salt: header.salt, length, established, repaired });
+        kept.push(KeptSegment { id, version: header.version, salt: header.salt, length, established, repaired });
     }
 
     // A newest segment holding nothing but (some of) its LAST_IDS records was started just
@@ -397,8 +403,8 @@ fn recover_files(config: &LogConfig, shard: ShardId, dir: &Path) -> Result<(LogS
         }
     }
 
-    if let Some(&KeptSegment { id, salt, length: end, .. }) = kept.last() {
-        fold.state.active = Some(ActiveSegment { id, salt, end });
+    if let Some(&KeptSegment { id, version, salt, length: end, .. }) = kept.last() {
+        fold.state.active = Some(ActiveSegment { id, version, salt, end });
         // The newest segment stays (new records go there); older settled ones go now, as the
         // running log would have deleted them. One directory sync per round, so a segment is
         // removed only after the removals it depends on are durable.
@@ -426,6 +432,7 @@ fn recover_files(config: &LogConfig, shard: ShardId, dir: &Path) -> Result<(LogS
     let (messages, last_message_id) = fold.finish_messages();
     recovery.messages = messages;
     recovery.last_message_id = last_message_id;
+    recovery.message_id_high_water = fold.state.message_id_high_water();
     recovery.report.append(&mut fold.report);
     Ok((fold.state, recovery))
 }
@@ -433,6 +440,8 @@ fn recover_files(config: &LogConfig, shard: ShardId, dir: &Path) -> Result<(LogS
 /// A segment that recovery kept.
 struct KeptSegment {
     id: SegmentId,
+    /// Format version (a segment of an older version is read, never appended to).
+    version: u16,
     salt: u64,
     /// File length after any truncation or repair.
     length: u64,
@@ -563,7 +572,7 @@ mod tests {
     }
 
     fn segment(records: &[Record<'_>]) -> Vec<u8> {
-        let header = SegmentHeader { shard: 0, segment: 1, salt: 99 };
+        let header = SegmentHeader { version: record::FORMAT_VERSION, shard: 0, segment: 1, salt: 99 };
         let mut bytes = header.encode().to_vec();
         for record in records {
             let offset = bytes.len() as u64;

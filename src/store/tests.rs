@@ -162,8 +162,10 @@ fn batches_respect_max_batch_bytes_and_segment_boundaries() {
     assert_eq!(bytes, pending);
     assert!(!log.has_pending());
     assert_eq!(log.pending_bytes(), 0);
-    // 40 messages plus the LAST_IDS record that opens every segment after the first.
-    assert_eq!(records, 40 + log.stats().segments_created - 1);
+    // 40 messages plus the LAST_IDS record that opens every segment after the first, and the
+    // ID_RESERVATION that ends the LAST_IDS records of every segment.
+    let segments = log.stats().segments_created;
+    assert_eq!(records, 40 + (segments - 1) + segments);
     assert!(log.stats().segments_created > 3);
 }
 
@@ -203,15 +205,17 @@ fn old_segments_stay_until_the_next_segment_is_established() {
     let none = Properties::default();
     log.append_message(b"a", 1, 0, &none, &body).unwrap();
     log.append_settled(b"a", 1).unwrap();
-    log.append_message(b"a", 2, 0, &none, &body).unwrap(); // rolls: LAST_IDS, then message 2
+    // Rolls: LAST_IDS, the ID_RESERVATION that ends them, then message 2.
+    log.append_message(b"a", 2, 0, &none, &body).unwrap();
     let mut outcomes = Vec::new();
     while let Some(batch) = log.take_batch() {
         let opens_segment_two = batch.segment() == SegmentId(2) && batch.new_segment_header().is_some();
         let outcome = log.batch_committed(batch);
         outcomes.push((opens_segment_two, outcome.delete_segments.len()));
     }
-    // Batches: message 1, settle 1, LAST_IDS (opens segment 2), message 2.
-    assert_eq!(outcomes, vec![(false, 0), (false, 0), (true, 0), (false, 1)]);
+    // Batches: segment 1's ID_RESERVATION, message 1, settle 1, LAST_IDS (opens segment 2),
+    // its ID_RESERVATION (segment 2 is established: segment 1 goes), message 2.
+    assert_eq!(outcomes, vec![(false, 0), (false, 0), (false, 0), (true, 0), (false, 1), (false, 0)]);
 }
 
 #[test]
@@ -340,7 +344,7 @@ fn records_about(dir: &Path, address: &[u8]) -> usize {
             count += usize::from(match record {
                 record::Record::Message(message) => message.address == address,
                 record::Record::Settled { address: settled, .. } => settled == address,
-                record::Record::LastIds(_) => false,
+                record::Record::LastIds(_) | record::Record::IdReservation { .. } => false,
             });
         }
     }
@@ -397,7 +401,7 @@ fn group_commit_puts_records_appended_during_a_sync_into_one_batch() {
     let stats = log.borrow().stats();
     assert!(committed.windows(2).all(|pair| pair[0] < pair[1]), "durable Lsns go up: {committed:?}");
     assert_eq!(committed.last(), Some(&log.borrow().last_appended_lsn()), "everything became durable");
-    assert_eq!(stats.records, 310);
+    assert_eq!(stats.records, 310 + 1, "310 messages and the ID_RESERVATION that opens the segment");
     assert!(stats.largest_batch_records >= 25, "{stats:?}");
     assert!(stats.records_per_batch() > 1.5, "{stats:?}");
     assert_eq!(stats.batches as usize, committed.len());
@@ -605,12 +609,13 @@ fn a_new_segment_holding_only_last_ids_is_removed_at_start_up() {
     log.append_message(b"a", 2, 0, &none, &body).unwrap();
     drop(commit_everything(log));
     assert!(!first.exists(), "segment 1 was fully settled and is deleted once segment 2 is established");
-    // A crash between the LAST_IDS record of segment 2 and the message after it: segment 1
-    // would still be there, and segment 2 would end after its LAST_IDS record.
+    // A crash between the LAST_IDS record of segment 2 and the ID_RESERVATION that ends them:
+    // segment 1 would still be there, and segment 2 would end after its LAST_IDS record.
     std::fs::write(&first, &first_bytes).unwrap();
     let second = segment_path(&shard_dir(dir.path(), SHARD), SegmentId(2));
-    let message_at = *record_offsets(&second).last().unwrap();
-    std::fs::OpenOptions::new().write(true).open(&second).unwrap().set_len(message_at).unwrap();
+    let offsets = record_offsets(&second);
+    let reservation_at = offsets[offsets.len() - 2];
+    std::fs::OpenOptions::new().write(true).open(&second).unwrap().set_len(reservation_at).unwrap();
 
     let (log, recovery) = open(config.clone(), SHARD).unwrap();
     assert!(!second.exists(), "the unestablished segment goes");
@@ -649,8 +654,8 @@ fn a_flipped_byte_mid_log_is_refused_in_strict_mode_and_skipped_in_skip_corrupt_
     log_with_messages(&config, 9);
     let segment = segment_files(dir.path()).pop().unwrap();
     let offsets = record_offsets(&segment);
-    assert_eq!(offsets.len(), 9);
-    let damaged = offsets[4]; // message 5
+    assert_eq!(offsets.len(), 1 + 9, "the ID_RESERVATION that opens the segment, then 9 messages");
+    let damaged = offsets[5]; // message 5
     flip_byte(&segment, damaged);
 
     let error = open(config.clone(), SHARD).unwrap_err();
@@ -667,7 +672,7 @@ fn a_flipped_byte_mid_log_is_refused_in_strict_mode_and_skipped_in_skip_corrupt_
     for (message, id) in recovery.messages.iter().zip(recovered) {
         assert_eq!(message, &expected("a", id));
     }
-    assert_eq!(recovery.skipped_corrupt_bytes, offsets[5] - offsets[4]);
+    assert_eq!(recovery.skipped_corrupt_bytes, offsets[6] - offsets[5]);
     assert!(recovery
         .report
         .iter()
@@ -699,7 +704,7 @@ fn a_settle_lost_to_corruption_brings_its_message_back_and_says_so() {
     let segment = segment_files(dir.path()).pop().unwrap();
     let offsets = record_offsets(&segment);
     let mut bytes = std::fs::read(&segment).unwrap();
-    bytes[offsets[2] as usize + 10] ^= 1; // inside the SETTLED record
+    bytes[offsets[3] as usize + 10] ^= 1; // inside the SETTLED record (after the ID_RESERVATION)
     std::fs::write(&segment, bytes).unwrap();
     let (_, recovery) = open(skip, SHARD).unwrap();
     assert_eq!(ids(&recovery).into_iter().map(|(_, id)| id).collect::<Vec<_>>(), vec![1, 2, 3]);
@@ -776,4 +781,117 @@ fn measure_durable_appends() {
             );
         }
     }
+}
+
+// ---- message id reservations (issue 8 item 14) ----
+
+#[test]
+fn an_id_reservation_outlives_the_segment_it_was_written_in() {
+    let dir = TempDir::new("reservation");
+    let (mut log, recovery) = open(small_segments(&dir), SHARD).unwrap();
+    assert_eq!(recovery.message_id_high_water, 0);
+    let first = log.append_id_reservation(1000).expect("a higher reservation is written");
+    assert_eq!(log.append_id_reservation(1000), None, "an equal one is not");
+    assert_eq!(log.append_id_reservation(10), None, "nor a lower one");
+    assert_eq!(log.message_id_high_water(), 1000);
+    let (log, committed) = commit_everything(log);
+    assert!(committed.last().is_some_and(|lsn| *lsn >= first));
+    drop(log);
+    let (mut log, recovery) = open(small_segments(&dir), SHARD).unwrap();
+    assert_eq!(recovery.message_id_high_water, 1000);
+    assert!(recovery.last_message_id.is_empty(), "a reservation names no address");
+    // Settled traffic rolls the log on until segment 1, which held the reservation, is gone:
+    // every segment start carries the reservation on.
+    for id in 1..=40 {
+        append(&mut log, "c", id);
+        log.append_settled(b"c", id).unwrap();
+        if id % 10 == 0 {
+            log = commit_everything(log).0;
+        }
+    }
+    let first_segment = segment_path(&shard_dir(dir.path(), SHARD), SegmentId(1));
+    assert!(!first_segment.exists(), "the test needs the segment of the reservation deleted");
+    drop(log);
+    let (_, recovery) = open(small_segments(&dir), SHARD).unwrap();
+    assert_eq!(recovery.message_id_high_water, 1000, "the reservation survived its segment");
+}
+
+#[test]
+fn the_high_water_is_the_highest_of_reservations_and_logged_ids() {
+    let dir = TempDir::new("high-water");
+    let (mut log, _) = open(config(&dir), SHARD).unwrap();
+    log.append_id_reservation(50).unwrap();
+    append(&mut log, "a", 70);
+    assert_eq!(log.message_id_high_water(), 70);
+    drop(commit_everything(log));
+    let (_, recovery) = open(config(&dir), SHARD).unwrap();
+    assert_eq!(recovery.message_id_high_water, 70);
+}
+
+#[test]
+fn a_reservation_lost_with_an_unsynced_tail_was_never_relied_on() {
+    // The reservation is appended but the "crash" comes before its batch is written: the
+    // restarted log knows only what was durable. (The address table shows no id above the
+    // durable reservation, so nothing it showed is reused.)
+    let dir = TempDir::new("unsynced-reservation");
+    let (mut log, _) = open(config(&dir), SHARD).unwrap();
+    log.append_id_reservation(100).unwrap();
+    drop(commit_everything(log));
+    let (mut log, _) = open(config(&dir), SHARD).unwrap();
+    log.append_id_reservation(200).unwrap();
+    assert!(log.has_pending());
+    drop(log); // never committed
+    let (_, recovery) = open(config(&dir), SHARD).unwrap();
+    assert_eq!(recovery.message_id_high_water, 100);
+}
+
+/// Writes a format version 1 segment (what mbws wrote before ID_RESERVATION existed) by hand.
+fn write_version_1_segment(dir: &TempDir, records: &[record::Record<'_>]) -> PathBuf {
+    let shard_dir = shard_dir(dir.path(), SHARD);
+    std::fs::create_dir_all(&shard_dir).unwrap();
+    let header = record::SegmentHeader { version: 1, shard: SHARD.0, segment: 1, salt: 77 };
+    let mut bytes = header.encode().to_vec();
+    for record in records {
+        let offset = bytes.len() as u64;
+        record::encode(&mut bytes, record, header.salt, offset);
+    }
+    let path = segment_path(&shard_dir, SegmentId(1));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_version_1_log_is_read_and_continued_in_a_new_segment() {
+    let dir = TempDir::new("version-1");
+    let message = |id: u64, body: &'static [u8]| {
+        record::Record::Message(record::MessageFields {
+            address: b"old",
+            message_id: id,
+            expires_at_unix_ms: 0,
+            content_type: b"",
+            correlation_id: b"",
+            reply_to: b"",
+            headers: Default::default(),
+            body,
+        })
+    };
+    let old = write_version_1_segment(&dir, &[message(1, b"one"), message(2, b"two")]);
+    let old_bytes = std::fs::read(&old).unwrap();
+    let (mut log, recovery) = open(config(&dir), SHARD).unwrap();
+    assert!(recovery.report.is_empty(), "{:?}", recovery.report);
+    let bodies: Vec<&[u8]> = recovery.messages.iter().map(|message| &message.body[..]).collect();
+    assert_eq!(bodies, [&b"one"[..], &b"two"[..]]);
+    assert_eq!(recovery.message_id_high_water, 2);
+    // New records (an ID_RESERVATION is new in version 2) go to a new segment.
+    log.append_id_reservation(2 + 1024).unwrap();
+    log.append_settled(b"old", 1).unwrap();
+    drop(commit_everything(log));
+    assert_eq!(std::fs::read(&old).unwrap(), old_bytes, "nothing is appended to a version 1 segment");
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 2);
+    let header = record::SegmentHeader::decode(&std::fs::read(&files[1]).unwrap()).unwrap();
+    assert_eq!(header.version, record::FORMAT_VERSION);
+    let (_, recovery) = open(config(&dir), SHARD).unwrap();
+    assert_eq!(ids(&recovery), [("old".to_string(), 2)]);
+    assert_eq!(recovery.message_id_high_water, 2 + 1024);
 }
