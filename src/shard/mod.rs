@@ -724,7 +724,7 @@ fn read_message_id_floor(config: &Config) -> io::Result<u64> {
 }
 
 /// Opens the logs written with `recorded` shards: refuses if any holds an unsettled message,
-/// and returns the highest message id they used.
+/// and returns the highest message id they may have handed out.
 fn check_logs_are_settled(config: &Config, recorded: usize) -> io::Result<u64> {
     let mut highest_id = 0;
     let mut unsettled = 0;
@@ -732,7 +732,9 @@ fn check_logs_are_settled(config: &Config, recorded: usize) -> io::Result<u64> {
         let (log, recovery) = crate::store::open(config.log_config(), ShardId(index as u16))
             .map_err(|error| io::Error::other(error.to_string()))?;
         unsettled += recovery.messages.len();
-        highest_id = highest_id.max(recovery.last_message_id.values().copied().max().unwrap_or(0));
+        // The high water covers logged ids and ID_RESERVATIONs: ids of in-memory messages
+        // were handed out up to it without being logged one by one.
+        highest_id = highest_id.max(recovery.message_id_high_water);
         drop(log); // Releases the shard's lock; it is opened again below if still in use.
     }
     if unsettled > 0 {
