@@ -19,9 +19,9 @@ use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::ws::frame::{apply_mask, encode_header};
-use crate::ws::message::{Decoder, WsEvent};
-use crate::ws::{OpCode, Role};
+use mbws_proto::ws::frame::{apply_mask, encode_header};
+use mbws_proto::ws::message::{Decoder, WsEvent};
+use mbws_proto::ws::{OpCode, Role};
 
 /// Bytes at the start of every message body that carry its (intended) send time.
 pub const STAMP_BYTES: usize = 8;
@@ -246,7 +246,7 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::message::Decoder;
+    use mbws_proto::ws::message::Decoder;
 
     fn unmasked_payload(wire: &mut BytesMut) -> Bytes {
         let mut decoder = Decoder::new(Role::Server, 1 << 20, 1 << 20);

@@ -2,6 +2,9 @@
 //! (and the relay), exits 0 and writes the result fields `scripts/bench.sh` and
 //! `scripts/plot.py` read; bad usage exits 2, an unreachable target exits 1 naming it.
 
+#[path = "../../../tests/common/binaries.rs"]
+mod binaries;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,8 +19,9 @@ struct Server {
 
 impl Server {
     /// Starts `binary` with `args` and waits for its "listening on ADDR" line.
-    fn start(binary: &str, args: &[&str], data_dir: Option<PathBuf>) -> Server {
+    fn start(binary: &Path, args: &[&str], data_dir: Option<PathBuf>) -> Server {
         let mut command = Command::new(binary);
+        let binary = binary.display();
         command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         if let Some(dir) = &data_dir {
             command.arg("--data-dir").arg(dir);
@@ -42,11 +46,11 @@ impl Server {
     fn broker() -> Server {
         let dir = std::env::temp_dir().join(format!("mbws-bench-test-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).unwrap();
-        Server::start(env!("CARGO_BIN_EXE_mbws-broker"), &["--listen", "127.0.0.1:0", "--no-pin"], Some(dir))
+        Server::start(&binaries::broker_binary(), &["--listen", "127.0.0.1:0", "--no-pin"], Some(dir))
     }
 
     fn relay() -> Server {
-        Server::start(env!("CARGO_BIN_EXE_mbws-relay"), &["--listen", "127.0.0.1:0"], None)
+        Server::start(Path::new(env!("CARGO_BIN_EXE_mbws-relay")), &["--listen", "127.0.0.1:0"], None)
     }
 
     fn pid(&self) -> u32 {

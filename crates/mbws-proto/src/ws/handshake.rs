@@ -3,8 +3,9 @@
 //! Server side: [`parse_request`] finds a complete header block in the bytes read so far (a
 //! request may arrive split across reads, and the first WebSocket frame may follow it in the
 //! same read: only the header block is consumed). [`validate_upgrade`] checks it and negotiates
-//! the MBWS subprotocol; the result goes into [`accept_response`], or a refusal into
-//! [`HandshakeError::response`].
+//! the subprotocol; the result goes into [`accept_response`], or a refusal into
+//! [`HandshakeError::response`]. This layer knows no subprotocol of its own: the protocol built
+//! on it (MBWS) names the ones it speaks by implementing [`Subprotocol`].
 //!
 //! Client side: [`client_request`], [`parse_response`], [`verify_accept`].
 //!
@@ -19,7 +20,21 @@
 
 use std::fmt;
 
-use crate::mbws::Subprotocol;
+/// A subprotocol this side speaks, named by its `Sec-WebSocket-Protocol` token. The handshake
+/// negotiates among [`Subprotocol::ALL`] and hands the chosen value back, so the WebSocket layer
+/// depends on no subprotocol's types (MBWS implements this for its own enum).
+pub trait Subprotocol: Copy + fmt::Debug + Eq + 'static {
+    /// Every subprotocol spoken, in the order a refusal lists them.
+    const ALL: &'static [Self];
+
+    /// The token exchanged in `Sec-WebSocket-Protocol`.
+    fn token(self) -> &'static str;
+
+    /// The subprotocol `token` names exactly (subprotocol tokens are case-sensitive).
+    fn from_token(token: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|protocol| protocol.token() == token)
+    }
+}
 
 /// Most header fields accepted in a request or response (431 beyond it).
 pub const MAX_HEADER_COUNT: usize = 100;
@@ -349,17 +364,17 @@ fn has_token<'a>(mut values: impl Iterator<Item = &'a str>, token: &str) -> bool
 
 /// An accepted upgrade: what [`accept_response`] needs, and the negotiated subprotocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upgrade {
+pub struct Upgrade<P> {
     /// `Sec-WebSocket-Key` as sent (already checked to be 16 base64-encoded bytes).
     pub key: String,
-    pub protocol: Subprotocol,
+    pub protocol: P,
     pub origin: Option<String>,
 }
 
 /// Checks an upgrade request (RFC 6455 section 4.2.1) and negotiates the subprotocol: the first
 /// token, in the client's order, that names a supported one (case-sensitive).
 /// `Sec-WebSocket-Extensions` is ignored: no extension is ever negotiated.
-pub fn validate_upgrade(req: &HttpRequest) -> Result<Upgrade, HandshakeError> {
+pub fn validate_upgrade<P: Subprotocol>(req: &HttpRequest) -> Result<Upgrade<P>, HandshakeError> {
     if req.method != "GET" {
         return Err(HandshakeError::new(
             405,
@@ -424,23 +439,22 @@ fn validate_key(req: &HttpRequest) -> Result<&str, HandshakeError> {
     }
 }
 
-fn negotiate_subprotocol(req: &HttpRequest) -> Result<Subprotocol, HandshakeError> {
+fn negotiate_subprotocol<P: Subprotocol>(req: &HttpRequest) -> Result<P, HandshakeError> {
     let offered = || {
         req.header_values("Sec-WebSocket-Protocol")
             .flat_map(|value| value.split(','))
             .map(|token| token.trim_matches([' ', '\t']))
             .filter(|token| !token.is_empty())
     };
-    if let Some(protocol) = offered().find_map(Subprotocol::from_name) {
+    if let Some(protocol) = offered().find_map(P::from_token) {
         return Ok(protocol);
     }
     let offered_list = offered().collect::<Vec<_>>().join(", ");
     let offered_list = if offered_list.is_empty() { "none".to_owned() } else { echo(&offered_list) };
+    let supported = P::ALL.iter().map(|protocol| protocol.token()).collect::<Vec<_>>().join(" or ");
     Err(HandshakeError::bad_request(format!(
-        "no supported subprotocol offered: send Sec-WebSocket-Protocol: {} or {} \
+        "no supported subprotocol offered: send Sec-WebSocket-Protocol: {supported} \
          (offered: {offered_list})",
-        Subprotocol::RELIABLE_NAME,
-        Subprotocol::LIGHT_NAME,
     )))
 }
 
@@ -453,12 +467,12 @@ pub fn accept_key(key: &str) -> String {
 }
 
 /// The `101 Switching Protocols` response completing an accepted upgrade.
-pub fn accept_response(upgrade: &Upgrade) -> Vec<u8> {
+pub fn accept_response<P: Subprotocol>(upgrade: &Upgrade<P>) -> Vec<u8> {
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
         accept_key(&upgrade.key),
-        upgrade.protocol.name()
+        upgrade.protocol.token()
     )
     .into_bytes()
 }
@@ -515,7 +529,7 @@ pub fn new_client_key(seed: u64) -> String {
 /// Checks the server's answer to [`client_request`] made with `key` (RFC 6455 section 4.1):
 /// status 101, `Upgrade`/`Connection` tokens, `Sec-WebSocket-Accept`, no extension. Returns the
 /// subprotocol the server chose, `None` if it chose none; the caller checks it was offered.
-pub fn verify_accept(resp: &HttpResponse, key: &str) -> Result<Option<Subprotocol>, String> {
+pub fn verify_accept<P: Subprotocol>(resp: &HttpResponse, key: &str) -> Result<Option<P>, String> {
     if resp.status != 101 {
         return Err(format!("server refused the WebSocket upgrade: {} {}", resp.status, resp.reason));
     }
@@ -543,7 +557,7 @@ pub fn verify_accept(resp: &HttpResponse, key: &str) -> Result<Option<Subprotoco
     }
     match chosen {
         None => Ok(None),
-        Some(name) => match Subprotocol::from_name(name) {
+        Some(name) => match P::from_token(name) {
             Some(protocol) => Ok(Some(protocol)),
             None => Err(format!("server chose subprotocol {}, which this client does not speak", echo(name))),
         },
@@ -614,6 +628,38 @@ fn base64_decode(input: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The MBWS tokens as a stand-in subprotocol: the WebSocket layer's tests negotiate the
+    /// tokens the broker speaks without depending on the MBWS types.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Subprotocol {
+        Reliable,
+        Light,
+    }
+
+    impl Subprotocol {
+        const RELIABLE_NAME: &'static str = "MBWS.huawei.com";
+        const LIGHT_NAME: &'static str = "MBLWS.huawei.com";
+    }
+
+    impl super::Subprotocol for Subprotocol {
+        const ALL: &'static [Self] = &[Subprotocol::Reliable, Subprotocol::Light];
+
+        fn token(self) -> &'static str {
+            match self {
+                Subprotocol::Reliable => Self::RELIABLE_NAME,
+                Subprotocol::Light => Self::LIGHT_NAME,
+            }
+        }
+    }
+
+    fn validate_upgrade(req: &HttpRequest) -> Result<Upgrade<Subprotocol>, HandshakeError> {
+        super::validate_upgrade(req)
+    }
+
+    fn verify_accept(resp: &HttpResponse, key: &str) -> Result<Option<Subprotocol>, String> {
+        super::verify_accept(resp, key)
+    }
 
     const LIMIT: usize = 8192;
     const RFC_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";

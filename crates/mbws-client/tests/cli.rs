@@ -4,6 +4,7 @@
 //! `mbws-bench`), the README's quick throughput check, and its credit against the broker's
 //! max-credit.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
@@ -12,8 +13,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::Broker;
-use mbws::client::{Client, ClientOptions};
-use mbws::mbws::{AckMode, DeliveryMode};
+use mbws_client::{Client, ClientOptions};
+use mbws_proto::mbws::{AckMode, DeliveryMode};
 
 /// Every run of a binary here is bounded by this; past it the process is killed and the test fails.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -316,10 +317,12 @@ fn subcommands(help: &str) -> Vec<String> {
 fn every_argument_of_mbws_and_mbws_bench_has_help_and_the_help_gives_exit_codes() {
     assert!(arguments_without_help("Options:\n      --credit <CREDIT>  [default: 1]\n").len() == 1);
     assert!(arguments_without_help("Options:\n      --credit <CREDIT>\n          Credit\n").is_empty());
-    for binary in [env!("CARGO_BIN_EXE_mbws"), env!("CARGO_BIN_EXE_mbws-bench")] {
+    for path in [std::path::PathBuf::from(env!("CARGO_BIN_EXE_mbws")), common::binaries::workspace_binary("mbws-bench")]
+    {
+        let binary = path.display();
         let top = run(
             {
-                let mut command = Command::new(binary);
+                let mut command = Command::new(&path);
                 command.arg("--help").stdout(Stdio::piped()).stderr(Stdio::piped());
                 command
             },
@@ -331,7 +334,7 @@ fn every_argument_of_mbws_and_mbws_bench_has_help_and_the_help_gives_exit_codes(
         assert!(top_help.contains("Exit codes"), "{binary} --help gives no exit codes:\n{top_help}");
         for long_or_short in ["--help", "-h"] {
             for name in &names {
-                let mut command = Command::new(binary);
+                let mut command = Command::new(&path);
                 command.args([name.as_str(), long_or_short]).stdout(Stdio::piped()).stderr(Stdio::piped());
                 let help = text(&run(command, None).stdout);
                 let missing = arguments_without_help(&help);
@@ -360,7 +363,7 @@ fn runs_too_short_to_measure_print_no_rate() {
 
 /// The shell block that follows the README line mentioning the quick throughput check.
 fn readme_throughput_check() -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     let from = readme.find("quick throughput check").expect("the README has a quick throughput check");
     let block = &readme[from..];
     let start = block.find("```sh\n").expect("followed by a sh block") + "```sh\n".len();

@@ -8,7 +8,7 @@
 //! There are no addresses and no acknowledgements.
 
 use super::{Codec, Conn, CounterRule, Failure, Inbound, PublishWire, Role, TargetConfig};
-use crate::bench::wire::{read_stamp, Template};
+use crate::wire::{read_stamp, Template};
 
 pub const HELLO_PUBLISHER: &[u8] = b"PUB";
 pub const HELLO_ANYCAST: &[u8] = b"SUB";

@@ -23,13 +23,25 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::mbws::{
-    self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorFrame, Frame, Opened, Subprotocol, PROTOCOL_VERSION,
+use mbws_proto::mbws::{
+    self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorFrame, Frame, Limits, Opened, Subprotocol, PROTOCOL_VERSION,
 };
-use crate::ws::frame::encode_header;
-use crate::ws::handshake;
-use crate::ws::message::{close_payload, Decoder, WsEvent};
-use crate::ws::{OpCode, Role};
+use mbws_proto::ws::frame::encode_header;
+use mbws_proto::ws::handshake;
+use mbws_proto::ws::message::{close_payload, Decoder, WsEvent};
+use mbws_proto::ws::{OpCode, Role};
+
+/// Stands in for the broker's limits until its OPENED, which `connect` waits for, replaces it.
+const NOT_YET_OPENED: Limits = Limits {
+    max_frame_bytes: 0,
+    max_address_bytes: 0,
+    max_headers: 0,
+    max_header_bytes: 0,
+    max_credit: 0,
+    max_subscriptions: 0,
+    max_inflight_sends: 0,
+    max_queued_messages: 0,
+};
 
 /// How a client connects.
 #[derive(Debug, Clone)]
@@ -286,7 +298,7 @@ impl Client {
                 last_received_seq: 0,
                 heartbeat_ms: 0,
                 session_expiry_ms: 0,
-                limits: crate::config::Config::default().limits(),
+                limits: NOT_YET_OPENED,
                 server: Bytes::new(),
             },
             last_seq: 0,
@@ -447,7 +459,7 @@ impl Client {
         encode_header(&mut self.write_buf, true, opcode, payload.len(), Some(mask));
         let start = self.write_buf.len();
         self.write_buf.extend_from_slice(payload);
-        crate::ws::frame::apply_mask(&mut self.write_buf[start..], mask);
+        mbws_proto::ws::frame::apply_mask(&mut self.write_buf[start..], mask);
         if self.write_buf.len() >= 256 * 1024 {
             self.write_now()?;
         }
@@ -727,7 +739,7 @@ fn dial(addr: SocketAddr, host: &str, path: &str, options: &ClientOptions) -> Re
             response.status, response.reason
         )));
     }
-    let protocol = handshake::verify_accept(&response, &key).map_err(ClientError::Protocol)?;
+    let protocol = handshake::verify_accept::<Subprotocol>(&response, &key).map_err(ClientError::Protocol)?;
     if protocol != Some(options.subprotocol) {
         return Err(ClientError::Protocol(format!(
             "the broker did not agree to {} (it answered {:?})",

@@ -2,7 +2,7 @@
 //! forwards length-prefixed frames from publishers to subscribers and does nothing else: no
 //! WebSocket, no masking, no protocol, no queue, no per-message syscall.
 //!
-//! Wire format (`mbws::bench::targets::relay`): every frame is a u32 big-endian length and a
+//! Wire format (`mbws_bench::targets::relay`): every frame is a u32 big-endian length and a
 //! payload. A connection's first frame is its hello: `PUB`, `SUB` (anycast: each chunk of frames
 //! goes to one such subscriber, round-robin) or `SUBALL` (broadcast: every such subscriber gets
 //! every frame). The relay answers `OK` once the connection is registered.
@@ -29,9 +29,9 @@ use clap::Parser;
 use monoio::io::{OwnedReadHalf, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 
-use mbws::bench::net::{read_more, write_loop, Link};
-use mbws::bench::targets::relay::{HELLO_ANYCAST, HELLO_BROADCAST, HELLO_PUBLISHER, READY};
-use mbws::bench::wire::{Framing, LENGTH_PREFIX_BYTES};
+use mbws_bench::net::{read_more, write_loop, Link};
+use mbws_bench::targets::relay::{HELLO_ANYCAST, HELLO_BROADCAST, HELLO_PUBLISHER, READY};
+use mbws_bench::wire::{Framing, LENGTH_PREFIX_BYTES};
 
 /// Read buffer of a publisher connection.
 const READ_BUFFER_BYTES: usize = 256 * 1024;

@@ -17,9 +17,9 @@
 use bytes::{Bytes, BytesMut};
 
 use super::{Codec, Conn, Failure, Inbound, PublishWire, Role, TargetConfig};
-use crate::bench::targets::CounterRule;
-use crate::bench::wire::{read_stamp, Counter, Framing, Template};
-use crate::mbws::{
+use crate::targets::CounterRule;
+use crate::wire::{read_stamp, Counter, Framing, Template};
+use mbws_proto::mbws::{
     self, Ack, AckMode, Binding, CodecLimits, DeliveryMode, ErrorFrame, Frame, FrameKind, Open, Opened, Pong, Send,
     Subscribe, PROTOCOL_VERSION,
 };
@@ -211,7 +211,7 @@ fn publish_wire(
             ..Default::default()
         };
         // The broker refuses a SEND whose MESSAGE could exceed max-frame-bytes (PROTOCOL.md 9).
-        let largest = crate::mbws::largest_message_bytes(&send.address, &send.properties, send.body.len());
+        let largest = mbws_proto::mbws::largest_message_bytes(&send.address, &send.properties, send.body.len());
         if largest > opened.limits.max_frame_bytes as usize {
             return Err(format!(
                 "--size {} makes MESSAGEs of up to {largest} bytes, over the broker's max-frame-bytes {}; \
@@ -292,7 +292,7 @@ fn unexpected(frame: Frame, waiting_for: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mbws::{Message, Properties};
+    use mbws_proto::mbws::{Message, Properties};
 
     #[test]
     fn peek_finds_delivery_seq_and_body_past_properties_and_headers() {
@@ -318,7 +318,7 @@ mod tests {
         let payload = encode(&Frame::Message(message));
         assert_eq!(peek_message(&payload), Some((0x0102_0304_0506_0708, &b"the body"[..])));
         assert_eq!(peek_message(&payload[..30]), None, "a cut frame is left to the decoder");
-        let receipt = encode(&Frame::Receipt(crate::mbws::Receipt { seq: 5 }));
+        let receipt = encode(&Frame::Receipt(mbws_proto::mbws::Receipt { seq: 5 }));
         assert_eq!(peek_message(&receipt), None);
     }
 }

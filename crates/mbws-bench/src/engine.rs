@@ -41,7 +41,7 @@ use super::report::Progress;
 use super::targets::{self, Codec, Failure, Inbound, PublishWire, Role, Session, TargetConfig};
 use super::wire::{length_prefixed_frame, Deframer, Unit};
 use super::BenchError;
-use crate::ws::OpCode;
+use mbws_proto::ws::OpCode;
 
 /// A run fails if nothing is delivered for this long while messages are outstanding.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);

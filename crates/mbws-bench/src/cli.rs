@@ -259,7 +259,7 @@ impl Plan {
 
     fn with_common(common: CommonArgs, scenario: Scenario) -> Result<Plan, BenchError> {
         let (addr, host, path) =
-            crate::client::parse_url(&common.url).map_err(|error| usage(format!("--url: {error}")))?;
+            mbws_client::parse_url(&common.url).map_err(|error| usage(format!("--url: {error}")))?;
         if common.size < STAMP_BYTES || common.size > MAX_SIZE_BYTES {
             return Err(usage(format!(
                 "--size {}: give {STAMP_BYTES} to {MAX_SIZE_BYTES} bytes (the first {STAMP_BYTES} carry the send time)",

@@ -10,12 +10,12 @@
 use bytes::{Buf, BytesMut};
 
 use super::{Codec, Conn, CounterRule, Failure, Inbound, PublishWire, Role, TargetConfig};
-use crate::bench::wire::{read_stamp, Template};
+use crate::wire::{read_stamp, Template};
 
 /// Longest protocol line accepted (INFO can be long with cluster URLs).
 const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Largest MSG payload accepted.
-const MAX_PAYLOAD_BYTES: usize = crate::bench::targets::MAX_INBOUND_MESSAGE_BYTES;
+const MAX_PAYLOAD_BYTES: usize = crate::targets::MAX_INBOUND_MESSAGE_BYTES;
 
 /// One server operation.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,11 +17,11 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use bytes::BytesMut;
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
 use super::wire::Framing;
-use crate::conn::ReadTail;
 
 /// A publisher stops appending once its outbox holds this much; the writer drains it.
 pub const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
@@ -177,8 +177,10 @@ pub async fn read_more<R: AsyncReadRent>(reader: &mut R, buf: BytesMut) -> (io::
     if buf.capacity() - buf.len() < MIN_READ_SPARE_BYTES {
         buf.reserve(MIN_READ_SPARE_BYTES.max(buf.capacity() / 2));
     }
-    let (result, tail) = reader.read(ReadTail(buf)).await;
-    (result, tail.0)
+    // The slice starts at the end of what `buf` holds: the kernel writes into the spare capacity.
+    let start = buf.len();
+    let (result, tail) = reader.read(buf.slice_mut(start..)).await;
+    (result, tail.into_inner())
 }
 
 /// The write side of one connection, shared by its tasks.

@@ -15,12 +15,12 @@
 use bytes::{Buf, BufMut, BytesMut};
 
 use super::{Codec, Conn, CounterRule, Failure, Inbound, PublishWire, Role, TargetConfig};
-use crate::bench::wire::{read_stamp, Counter, Framing, Template};
+use crate::wire::{read_stamp, Counter, Framing, Template};
 
 /// The WebSocket subprotocol of MQTT.
 pub const SUBPROTOCOL: &str = "mqtt";
 /// Largest packet accepted from the broker.
-const MAX_PACKET_BYTES: usize = crate::bench::targets::MAX_INBOUND_MESSAGE_BYTES;
+const MAX_PACKET_BYTES: usize = crate::targets::MAX_INBOUND_MESSAGE_BYTES;
 /// Packet identifiers in flight never reach the point where one is reused.
 const MAX_QOS1_WINDOW: u64 = 32_768;
 

@@ -34,8 +34,8 @@ use monoio::net::TcpStream;
 use super::cli::{Plan, TargetKind};
 use super::net::{self, read_more};
 use super::wire::{Deframer, Framing, Template, Unit};
-use crate::ws::handshake::{client_request, new_client_key, parse_response, verify_accept};
-use crate::ws::OpCode;
+use mbws_proto::ws::handshake::{client_request, new_client_key, parse_response, verify_accept};
+use mbws_proto::ws::OpCode;
 
 /// Longest wait for any answer during set-up (upgrade, open, subscribe).
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -272,14 +272,17 @@ pub async fn open(
     let seed = ((index as u64) << 8) | u64::from(role.letter() as u8);
     let framing = match config.kind {
         TargetKind::Relay => Framing::LengthPrefixed,
-        _ => Framing::websocket(seed ^ crate::bench::clock::now_ns()),
+        _ => Framing::websocket(seed ^ crate::clock::now_ns()),
     };
     let mut conn = Conn::new(stream, framing);
     let client_id = format!("mbws-bench-{}-{}{index}", config.run_id, role.letter());
     let (codec, publish) = match config.kind {
         TargetKind::Mbws => {
-            let subprotocol =
-                if config.light { crate::mbws::Subprotocol::Light } else { crate::mbws::Subprotocol::Reliable };
+            let subprotocol = if config.light {
+                mbws_proto::mbws::Subprotocol::Light
+            } else {
+                mbws_proto::mbws::Subprotocol::Reliable
+            };
             conn.upgrade(config, Some(subprotocol.name()), seed).await?;
             mbws::setup(&mut conn, config, role).await?
         }
@@ -394,7 +397,7 @@ impl Conn {
     /// Runs the client side of the WebSocket upgrade, offering `subprotocol` if given, and
     /// checks that the target agreed to exactly that.
     async fn upgrade(&mut self, config: &TargetConfig, subprotocol: Option<&str>, seed: u64) -> Result<(), String> {
-        let key = new_client_key(seed ^ crate::bench::clock::now_ns());
+        let key = new_client_key(seed ^ crate::clock::now_ns());
         let offered: Vec<&str> = subprotocol.into_iter().collect();
         let request = client_request(&config.host, &config.path, &key, &offered);
         self.out.extend_from_slice(request.as_bytes());
@@ -416,7 +419,7 @@ impl Conn {
         let (chosen, others): (Vec<_>, Vec<_>) =
             response.headers.into_iter().partition(|(name, _)| name.eq_ignore_ascii_case("Sec-WebSocket-Protocol"));
         response.headers = others;
-        verify_accept(&response, &key)?;
+        verify_accept::<mbws_proto::mbws::Subprotocol>(&response, &key)?;
         let chosen: Vec<String> = chosen.into_iter().map(|(_, value)| value.trim().to_string()).collect();
         match (subprotocol, chosen.as_slice()) {
             (None, []) => Ok(()),

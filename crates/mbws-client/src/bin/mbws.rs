@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
-use mbws::client::{parse_url_syntax, Client, ClientError, ClientOptions};
-use mbws::mbws::{AckMode, Binding, DeliveryMode, Properties, Send, Subprotocol};
+use mbws_client::{parse_url_syntax, Client, ClientError, ClientOptions};
+use mbws_proto::mbws::{AckMode, Binding, DeliveryMode, Properties, Send, Subprotocol};
 
 const EXIT_CODES: &str = "Exit codes: 0 done; 1 connection, protocol or broker error; 2 bad usage (flags, \
                           URL, --credit above the broker's max-credit); 3 consume: --timeout passed before \

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use mbws::bench::cli::{Cli, Plan};
-use mbws::bench::{scenarios, BenchError};
+use mbws_bench::cli::{Cli, Plan};
+use mbws_bench::{scenarios, BenchError};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -50,6 +50,19 @@ impl Subprotocol {
     }
 }
 
+/// The WebSocket handshake negotiates these two.
+impl crate::ws::handshake::Subprotocol for Subprotocol {
+    const ALL: &'static [Self] = &[Subprotocol::Reliable, Subprotocol::Light];
+
+    fn token(self) -> &'static str {
+        self.name()
+    }
+
+    fn from_token(token: &str) -> Option<Self> {
+        Subprotocol::from_name(token)
+    }
+}
+
 /// Competing consumers (each message to one subscriber) or publish/subscribe (to every one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DeliveryMode {
