@@ -8,5 +8,9 @@
 //! - [`mbws`]: the MBWS frame model and its binary and text bindings (docs/PROTOCOL.md). It
 //!   builds on `ws` (its subprotocol tokens), never the other way round.
 
+// Module docs also describe the private pieces (the text binding, the shared field rules): their
+// links are for readers of the source and of `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod mbws;
 pub mod ws;

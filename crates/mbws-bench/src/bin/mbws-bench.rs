@@ -3,7 +3,7 @@
 //! `mbws-bench <throughput|latency|fanout|connections|durable> --target T --url U [flags]`.
 //! Progress goes to stderr, the result table to stdout, and with `--json FILE` the result
 //! object to FILE. Exit codes: 0 success, 1 connection/protocol/target error, 2 bad usage.
-//! The engine lives in `mbws::bench`.
+//! The engine lives in the `mbws_bench` library (this crate's src/lib.rs).
 
 use std::process::ExitCode;
 

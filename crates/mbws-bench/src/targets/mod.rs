@@ -17,9 +17,9 @@
 //! several operations per frame; one per frame gives every broker the same WebSocket work per
 //! message, as with MBWS, where a frame is a message by definition).
 
-pub mod mbws;
-pub mod mqtt;
-pub mod nats;
+pub(crate) mod mbws;
+pub(crate) mod mqtt;
+pub(crate) mod nats;
 pub mod relay;
 
 use std::mem;

@@ -14,8 +14,8 @@
 pub mod binary;
 pub mod error;
 pub mod frame;
-pub mod text;
-pub mod validate;
+pub(crate) mod text;
+pub(crate) mod validate;
 
 #[cfg(test)]
 mod codec_tests;

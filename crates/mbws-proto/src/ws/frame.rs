@@ -132,7 +132,7 @@ fn first_bytes_error(first: u8, second: u8, role: Role) -> WsError {
 /// Returns `Ok(None)` while the header is incomplete. Protocol violations are close 1002; a
 /// payload longer than `max_frame_bytes` is close 1009, reported as soon as the length field is
 /// readable so a peer cannot make us buffer an oversized frame.
-pub fn decode_header(buf: &[u8], role: Role, max_frame_bytes: usize) -> Result<Option<FrameHeader>, WsError> {
+pub(crate) fn decode_header(buf: &[u8], role: Role, max_frame_bytes: usize) -> Result<Option<FrameHeader>, WsError> {
     let [first, second, ..] = *buf else {
         return Ok(None);
     };
@@ -206,7 +206,7 @@ pub fn decode_header(buf: &[u8], role: Role, max_frame_bytes: usize) -> Result<O
 /// `header` must be what [`decode_header`] just returned for this same buffer. Returns `None`
 /// (and leaves `buf` untouched) while the payload is incomplete. The payload is unmasked in
 /// place and frozen: no copy.
-pub fn take_frame(buf: &mut BytesMut, header: &FrameHeader) -> Option<RawFrame> {
+pub(crate) fn take_frame(buf: &mut BytesMut, header: &FrameHeader) -> Option<RawFrame> {
     if buf.len() < header.frame_bytes() {
         return None;
     }
