@@ -10,7 +10,7 @@
 //!   payload `Bytes`. Buffers are prepared outside the timing (`iter_batched`, 64 or fewer per
 //!   batch so they are cache-hot), already in the shared mode a connection's read buffer is in,
 //!   so the timed part is header parse + checks + split + unmask. `ours` is
-//!   `mbws::ws::frame::decode_frame`. `tungstenite` is `tungstenite::protocol::frame::
+//!   `mbws_proto::ws::frame::decode_frame`. `tungstenite` is `tungstenite::protocol::frame::
 //!   FrameHeader::parse` followed by what its private `FrameCodec::read_frame` does next: the
 //!   size check, the split and the unmask. tungstenite's masking routine is private
 //!   (`protocol::frame::mask`), so that row unmasks with ours: the comparison is header parsing
@@ -35,10 +35,10 @@ use std::io::{self, Cursor, Read, Write};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
-use mbws::mbws::{self as codec, Binding, CodecLimits, Frame, Properties, Send};
-use mbws::ws::frame::{apply_mask, decode_frame, encode_frame, encode_header};
-use mbws::ws::message::{Decoder, WsEvent};
-use mbws::ws::{OpCode, Role};
+use mbws_proto::mbws::{self as codec, Binding, CodecLimits, Frame, Properties, Send};
+use mbws_proto::ws::frame::{apply_mask, decode_frame, encode_frame, encode_header};
+use mbws_proto::ws::message::{Decoder, WsEvent};
+use mbws_proto::ws::{OpCode, Role};
 
 use tungstenite::protocol::frame::coding::{Data, OpCode as TungsteniteOpCode};
 use tungstenite::protocol::frame::FrameHeader as TungsteniteHeader;

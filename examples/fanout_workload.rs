@@ -2,8 +2,8 @@
 //! usage: fanout_workload URL M ROUNDS BATCH client|auto
 use std::time::Duration;
 
-use mbws::client::{Client, ClientOptions};
-use mbws::mbws::{AckMode, DeliveryMode};
+use mbws_client::{Client, ClientOptions};
+use mbws_proto::mbws::{AckMode, DeliveryMode};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -64,7 +64,7 @@ else
     connections=50000; source_ips=4; hold=3
     run_timeout=300
 fi
-# mosquitto's WebSocket listener stops delivering larger messages (see src/bench/cli.rs).
+# mosquitto's WebSocket listener stops delivering larger messages (see crates/mbws-bench/src/cli.rs).
 mqtt_max_size=4000
 # Broker CPU and generator CPU.
 broker_cpu=0

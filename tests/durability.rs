@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chaos_proxy::Rng;
 use common::{temp_dir, Broker};
-use mbws::client::{Client, ClientOptions};
 use mbws::mbws::{AckMode, Binding, DeliveryMode, Send, Subprotocol};
+use mbws_client::{Client, ClientOptions};
 
 fn connect(broker: &Broker) -> Client {
     let options = ClientOptions {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::Broker;
 use mbws::broker::owner_of;
-use mbws::client::{Client, ClientError, ClientOptions};
 use mbws::mbws::{AckMode, Binding, DeliveryMode, Frame, Subprotocol};
+use mbws_client::{Client, ClientError, ClientOptions};
 
 const WAIT: Duration = Duration::from_secs(5);
 

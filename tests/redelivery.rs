@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::Broker;
-use mbws::client::{Client, ClientOptions};
 use mbws::mbws::{AckMode, Binding, DeliveryMode, Frame, Message, Nack, Subprotocol};
+use mbws_client::{Client, ClientOptions};
 
 const WAIT: Duration = Duration::from_secs(5);
 

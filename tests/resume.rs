@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chaos_proxy::{ChaosProxy, Schedule};
 use common::Broker;
-use mbws::client::{Client, ClientOptions};
 use mbws::mbws::{AckMode, Binding, DeliveryMode, Frame, Subprotocol};
+use mbws_client::{Client, ClientOptions};
 
 fn reliable(url: &str) -> Client {
     let options = ClientOptions {

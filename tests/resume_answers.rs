@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chaos_proxy::{ChaosProxy, Schedule};
 use common::Broker;
-use mbws::client::{Client, ClientError, ClientOptions};
 use mbws::mbws::{self as proto, AckMode, Binding, CodecLimits, DeliveryMode, Frame, PROTOCOL_VERSION};
+use mbws_client::{Client, ClientError, ClientOptions};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{temp_dir, Broker};
-use mbws::client::{Client, ClientError, ClientOptions};
 use mbws::config::FLAG_RANGES;
 use mbws::mbws::{AckMode, Binding, DeliveryMode, Send, Subprotocol};
+use mbws_client::{Client, ClientError, ClientOptions};
 
 const WAIT: Duration = Duration::from_secs(5);
 

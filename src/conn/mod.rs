@@ -153,8 +153,7 @@ pub struct Adoption {
     pub open: mbws::Open,
 }
 
-/// A `BytesMut` that io_uring reads into after its current contents (also used by the load
-/// generator, `crate::bench::net`).
+/// A `BytesMut` that io_uring reads into after its current contents.
 pub struct ReadTail(pub BytesMut);
 
 // SAFETY: the pointer is the start of the spare capacity and `bytes_total` its exact length;
@@ -646,7 +645,7 @@ async fn read_upgrade(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     max_bytes: usize,
-) -> Result<handshake::Upgrade, Option<HandshakeError>> {
+) -> Result<handshake::Upgrade<Subprotocol>, Option<HandshakeError>> {
     loop {
         match handshake::parse_request(buf, max_bytes) {
             Ok(Some((request, consumed))) => {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod binaries;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,7 +57,7 @@ impl Broker {
     /// The command `try_start_in` runs (with `--listen 127.0.0.1:0` unless `extra` has a
     /// `--listen`), for a caller that adjusts it (environment, resource limits).
     pub fn command(data_dir: &Path, extra: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mbws-broker"));
+        let mut command = Command::new(binaries::broker_binary());
         if !extra.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
         }

@@ -6,8 +6,8 @@ For each subprotocol (MBWS.huawei.com, MBLWS.huawei.com) and each binding (binar
 opens a consumer session and a producer session on their own address, subscribes (anycast,
 client ack), sends COUNT messages with sequence numbers 1..COUNT, waits for the cumulative
 RECEIPT of the last, then receives the COUNT messages, acknowledging each, and checks bodies
-and order. The frames follow docs/PROTOCOL.md (src/mbws/binary.rs, src/mbws/text.rs): binary
-frames are built with struct.pack, text frames with string formatting.
+and order. The frames follow docs/PROTOCOL.md (crates/mbws-proto/src/mbws/binary.rs and
+text.rs): binary frames are built with struct.pack, text frames with string formatting.
 
 Prints one summary line per run and `OK ...` at the end; exits 1 on any mismatch.
 """

@@ -1,6 +1,6 @@
 //! MBWS frames built and parsed by hand, independently of the crate's codec, for the interop and
 //! conformance tests. It follows the documented layouts (docs/PROTOCOL.md; the module docs of
-//! src/mbws/binary.rs and src/mbws/text.rs) byte by byte, so that a mistake shared by the broker
+//! crates/mbws-proto/src/mbws/binary.rs and text.rs) byte by byte, so that a mistake shared by the broker
 //! and the crate's own codec cannot hide behind a round trip through the same code.
 //!
 //! Binary binding: byte 0 version (1), byte 1 kind code, byte 2 flags, then big-endian integers,

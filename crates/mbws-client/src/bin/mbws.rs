@@ -1,0 +1,459 @@
+//! `mbws`: a command-line MBWS client, in the spirit of `nats pub` / `nats sub`.
+//!
+//! Exit codes ([`EXIT_CODES`], also in `--help`): 0 done; 1 connection, protocol or broker
+//! error; 2 bad usage (flags, URL, a `--credit` above the broker's max-credit); 3 `consume` timed
+//! out before `--count` messages arrived; 130 / 143 `consume` stopped by SIGINT / SIGTERM.
+//!
+//! `consume` writes each message as it arrives: per line on a terminal, and into a pipe or file
+//! whenever no further message is already waiting, so output never sits unprinted while the
+//! consumer waits. It acknowledges only what it has written. On SIGINT or SIGTERM it writes out
+//! what it printed, acknowledges it, and ends the session with CLOSE, so the broker releases
+//! what was delivered but not printed at once (not after the session expiry).
+
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+
+use mbws_client::{parse_url_syntax, Client, ClientError, ClientOptions};
+use mbws_proto::mbws::{AckMode, Binding, DeliveryMode, Properties, Send, Subprotocol};
+
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 connection, protocol or broker error; 2 bad usage (flags, \
+                          URL, --credit above the broker's max-credit); 3 consume: --timeout passed before \
+                          --count messages; 130 / 143 consume: stopped by SIGINT / SIGTERM (after writing out \
+                          and acknowledging what it printed and closing the session).";
+
+/// Credit of `consume` when `--credit` is not given (lowered to the broker's max-credit).
+const DEFAULT_CREDIT: u32 = 1000;
+/// Runs shorter than this print their count and time, not a rate (which would be noise).
+const MIN_SECONDS_FOR_A_RATE: f64 = 0.1;
+/// Longest single wait of `consume` for the socket: bounds how late a stop signal that
+/// arrives just before a blocking read is noticed.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Parser, Debug)]
+#[command(name = "mbws", version, about = "Send to and consume from an MBWS broker", after_help = EXIT_CODES)]
+struct Args {
+    /// Broker URL: ws://HOST[:PORT][/PATH] (port 80 when absent; the scheme is case-insensitive)
+    /// or HOST:PORT. wss:// (TLS) is not supported yet.
+    #[arg(long, global = true, env = "MBWS_URL", default_value = "ws://127.0.0.1:7447/")]
+    url: String,
+    /// Use MBLWS.huawei.com (light, at most once) instead of MBWS.huawei.com.
+    #[arg(long, global = true)]
+    light: bool,
+    /// Send frames in the text binding instead of the binary one.
+    #[arg(long, global = true)]
+    text: bool,
+    /// Seconds to wait for the broker (connect, receipts, the close handshake).
+    #[arg(long, global = true, default_value_t = 10.0, value_parser = positive_seconds)]
+    wait: f64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send messages to an address and wait until the broker has receipted them.
+    #[command(after_help = EXIT_CODES)]
+    Send {
+        /// Address to send to (a queue or topic name, e.g. orders).
+        address: String,
+        /// Message body; read from standard input when absent (one trailing newline, \n or
+        /// \r\n, is removed from it unless --raw).
+        body: Option<String>,
+        /// Send the body this many times.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// With the body from standard input: one message per line.
+        #[arg(long)]
+        lines: bool,
+        /// With the body from standard input: send it byte for byte, trailing newline included.
+        #[arg(long, conflicts_with = "lines")]
+        raw: bool,
+        /// Ask for a durable message: its RECEIPT comes only after the broker has synced it.
+        #[arg(long)]
+        durable: bool,
+        /// Content type property of the message (e.g. application/json).
+        #[arg(long)]
+        content_type: Option<String>,
+        /// Correlation id property, for matching a reply to its request.
+        #[arg(long)]
+        correlation_id: Option<String>,
+        /// Reply-to property: the address the receiver should answer to.
+        #[arg(long)]
+        reply_to: Option<String>,
+        /// Time to live in milliseconds (0: never expires).
+        #[arg(long, default_value_t = 0)]
+        ttl_ms: u32,
+        /// Application header `x-name=value` (repeatable).
+        #[arg(long = "header", value_name = "x-name=value")]
+        headers: Vec<String>,
+    },
+    /// Consume messages from an address and print their bodies, one per line, as they arrive.
+    #[command(after_help = EXIT_CODES)]
+    Consume {
+        /// Address to consume from.
+        address: String,
+        /// Stop after this many messages (0: run until interrupted or --timeout).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Receive every message (publish/subscribe) instead of competing for them.
+        #[arg(long)]
+        multicast: bool,
+        /// Most unacknowledged messages at a time [default: 1000, or the broker's max-credit if
+        /// lower]; a value above the broker's max-credit is refused.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        credit: Option<u32>,
+        /// Seconds to wait for the next message before giving up (exit 3); 0 waits forever.
+        #[arg(long, default_value_t = 0.0, value_parser = seconds)]
+        timeout: f64,
+        /// Print `address delivery-seq message-id [redelivered]` before each body.
+        #[arg(long)]
+        verbose: bool,
+        /// Print only a summary (with the rate) on standard error.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+/// What `consume` does, from its flags.
+struct ConsumePlan {
+    address: String,
+    mode: DeliveryMode,
+    credit: Option<u32>,
+    count: u64,
+    timeout: Option<Duration>,
+    verbose: bool,
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(error) = parse_url_syntax(&args.url) {
+        eprintln!("mbws: {error} (set it with --url or MBWS_URL)");
+        return ExitCode::from(2);
+    }
+    let options = ClientOptions {
+        subprotocol: if args.light { Subprotocol::Light } else { Subprotocol::Reliable },
+        binding: if args.text { Binding::Text } else { Binding::Binary },
+        timeout: Duration::from_secs_f64(args.wait),
+        ..ClientOptions::default()
+    };
+    let result = match args.command {
+        Command::Send {
+            address,
+            body,
+            count,
+            lines,
+            raw,
+            durable,
+            content_type,
+            correlation_id,
+            reply_to,
+            ttl_ms,
+            headers,
+        } => {
+            let properties = match properties(content_type, correlation_id, reply_to, headers) {
+                Ok(properties) => properties,
+                Err(problem) => {
+                    eprintln!("mbws send: {problem}");
+                    return ExitCode::from(2);
+                }
+            };
+            let template = Send { address: Bytes::from(address), durable, ttl_ms, properties, ..Default::default() };
+            send(&args.url, options, template, body, count, lines, raw)
+        }
+        Command::Consume { address, count, multicast, credit, timeout, verbose, quiet } => {
+            let plan = ConsumePlan {
+                address,
+                mode: if multicast { DeliveryMode::Multicast } else { DeliveryMode::Anycast },
+                credit,
+                count,
+                timeout: (timeout > 0.0).then(|| Duration::from_secs_f64(timeout)),
+                verbose,
+                quiet,
+            };
+            consume(&args.url, options, &plan)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            // A stop signal during connect or subscribe: no session to close, exit as for one.
+            if let (ClientError::Interrupted, Some(signal)) = (&error, stop_signal()) {
+                return ExitCode::from(128 + signal as u8);
+            }
+            eprintln!("mbws: {error}");
+            ExitCode::from(match error {
+                ClientError::Url(_) => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+/// `--timeout`: finite seconds, 0 or more.
+fn seconds(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("\"{text}\" is not a number of seconds"))?;
+    if !(value.is_finite() && (0.0..=86_400.0 * 365.0).contains(&value)) {
+        return Err(format!("{text}: give 0 or more seconds (at most a year)"));
+    }
+    Ok(value)
+}
+
+/// `--wait`: finite seconds, more than 0.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    let value = seconds(text)?;
+    if value < 0.001 {
+        return Err(format!("{text}: give at least 0.001 seconds"));
+    }
+    Ok(value)
+}
+
+fn properties(
+    content_type: Option<String>,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    headers: Vec<String>,
+) -> Result<Properties, String> {
+    let mut properties = Properties {
+        content_type: content_type.map(Bytes::from).unwrap_or_default(),
+        correlation_id: correlation_id.map(Bytes::from).unwrap_or_default(),
+        reply_to: reply_to.map(Bytes::from).unwrap_or_default(),
+        ..Default::default()
+    };
+    for header in headers {
+        let Some((name, value)) = header.split_once('=') else {
+            return Err(format!("--header \"{header}\" is not name=value"));
+        };
+        if !name.starts_with("x-") {
+            return Err(format!("--header name \"{name}\" must start with x- (application headers are x-*)"));
+        }
+        properties.headers.push((Bytes::from(name.to_string()), Bytes::from(value.to_string())));
+    }
+    Ok(properties)
+}
+
+/// The bodies to send: the argument, or standard input whole (one trailing newline removed
+/// unless `raw`), or standard input split into lines.
+fn bodies(body: Option<String>, lines: bool, raw: bool) -> std::io::Result<Vec<Bytes>> {
+    if let Some(body) = body {
+        return Ok(vec![Bytes::from(body)]);
+    }
+    let mut input = Vec::new();
+    std::io::stdin().read_to_end(&mut input)?;
+    if lines {
+        return Ok(input
+            .split(|&byte| byte == b'\n')
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+            .filter(|line| !line.is_empty())
+            .map(Bytes::copy_from_slice)
+            .collect());
+    }
+    if !raw {
+        let end = input.strip_suffix(b"\r\n").or_else(|| input.strip_suffix(b"\n")).map_or(input.len(), <[u8]>::len);
+        input.truncate(end);
+    }
+    Ok(vec![Bytes::from(input)])
+}
+
+/// "in T s (R msg/s)" for `count` messages, without the rate when the run was too short to
+/// measure one.
+fn time_and_rate(count: u64, elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs_f64();
+    if seconds < MIN_SECONDS_FOR_A_RATE {
+        format!("in {seconds:.3} s")
+    } else {
+        format!("in {seconds:.3} s ({:.0} msg/s)", count as f64 / seconds)
+    }
+}
+
+fn send(
+    url: &str,
+    options: ClientOptions,
+    template: Send,
+    body: Option<String>,
+    count: u64,
+    lines: bool,
+    raw: bool,
+) -> Result<ExitCode, ClientError> {
+    let bodies = bodies(body, lines, raw)?;
+    let mut client = Client::connect(url, options)?;
+    let started = Instant::now();
+    let mut last_seq = 0;
+    let mut sent = 0u64;
+    for _ in 0..count {
+        for body in &bodies {
+            let send = Send { body: body.clone(), ..template.clone() };
+            last_seq = client.send_message(send)?;
+            sent += 1;
+            // Stay inside the broker's in-flight window: wait for receipts every half window.
+            let window = u64::from(client.opened().limits.max_inflight_sends / 2).max(1);
+            if last_seq > client.receipted_seq() + window {
+                client.wait_receipt(last_seq - window)?;
+            }
+        }
+    }
+    client.wait_receipt(last_seq)?;
+    if sent > 1 {
+        eprintln!(
+            "sent {sent} messages to \"{}\" {}, all receipted",
+            String::from_utf8_lossy(&template.address),
+            time_and_rate(sent, started.elapsed())
+        );
+    }
+    client.close()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The stop signal received (SIGINT or SIGTERM), 0 while none.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::Relaxed);
+}
+
+/// Catches SIGINT and SIGTERM without SA_RESTART, so a blocking read returns EINTR and the
+/// consume loop sees the signal at once.
+fn catch_stop_signals() -> std::io::Result<()> {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler only stores
+        // to an atomic, which is async-signal-safe.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stop_signal() -> Option<i32> {
+    Some(STOP_SIGNAL.load(Ordering::Relaxed)).filter(|&signal| signal != 0)
+}
+
+/// The credit to subscribe with: the one asked for (refused above the broker's max-credit) or
+/// the default, lowered to the broker's max-credit.
+fn credit_for(requested: Option<u32>, max_credit: u32) -> Result<u32, String> {
+    let max_credit = max_credit.max(1);
+    match requested {
+        Some(credit) if credit > max_credit => Err(format!(
+            "--credit {credit} is above the broker's max-credit {max_credit} (announced in OPENED); \
+             give --credit {max_credit} or less, or leave it out"
+        )),
+        Some(credit) => Ok(credit),
+        None => Ok(DEFAULT_CREDIT.min(max_credit)),
+    }
+}
+
+fn consume(url: &str, options: ClientOptions, plan: &ConsumePlan) -> Result<ExitCode, ClientError> {
+    catch_stop_signals()?;
+    let mut client = Client::connect(url, options)?;
+    let credit = match credit_for(plan.credit, client.opened().limits.max_credit) {
+        Ok(credit) => credit,
+        Err(problem) => {
+            eprintln!("mbws consume: {problem}");
+            let _ = client.close();
+            return Ok(ExitCode::from(2));
+        }
+    };
+    client.subscribe(1, &plan.address, plan.mode, AckMode::Client, credit)?;
+    let line_by_line = std::io::stdout().is_terminal();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let ack_every = u64::from((credit / 4).max(1));
+    let mut received = 0u64;
+    let mut printed_seq = 0u64;
+    let mut acked_seq = 0u64;
+    let mut started: Option<Instant> = None;
+    let mut last_arrival = Instant::now();
+    let mut timed_out = false;
+    while plan.count == 0 || received < plan.count {
+        if stop_signal().is_some() {
+            break;
+        }
+        // Take what has already arrived without waiting; before waiting for more, write out
+        // what was printed and acknowledge it, so nothing sits unprinted while we wait.
+        let message = match client.next_message(Duration::ZERO)? {
+            Some(message) => message,
+            None => {
+                out.flush()?;
+                if printed_seq > acked_seq {
+                    client.ack(printed_seq, true)?;
+                    acked_seq = printed_seq;
+                }
+                let wait = match plan.timeout {
+                    Some(timeout) => {
+                        let left = timeout.saturating_sub(last_arrival.elapsed());
+                        if left.is_zero() {
+                            timed_out = true;
+                            break;
+                        }
+                        left.min(SIGNAL_CHECK_INTERVAL)
+                    }
+                    None => SIGNAL_CHECK_INTERVAL,
+                };
+                match client.next_message(wait) {
+                    Ok(Some(message)) => message,
+                    Ok(None) | Err(ClientError::Interrupted) => continue,
+                    Err(error) => return Err(error),
+                }
+            }
+        };
+        if stop_signal().is_some() {
+            break; // Not printed, so not acknowledged: CLOSE releases it.
+        }
+        last_arrival = Instant::now();
+        started.get_or_insert(last_arrival);
+        received += 1;
+        if !plan.quiet {
+            if plan.verbose {
+                write!(
+                    out,
+                    "{} {} {}{} ",
+                    String::from_utf8_lossy(&message.address),
+                    message.delivery_seq,
+                    message.message_id,
+                    if message.redelivered { " redelivered" } else { "" }
+                )?;
+            }
+            out.write_all(&message.body)?;
+            out.write_all(b"\n")?;
+            if line_by_line {
+                out.flush()?;
+            }
+        }
+        printed_seq = message.delivery_seq;
+        // Acknowledge cumulatively every quarter window (what is printed is written out first).
+        if received % ack_every == 0 {
+            out.flush()?;
+            client.ack(printed_seq, true)?;
+            acked_seq = printed_seq;
+        }
+    }
+    out.flush()?;
+    if printed_seq > acked_seq {
+        client.ack(printed_seq, true)?;
+    }
+    if let Some(started) = started {
+        if plan.quiet || received > 1 {
+            eprintln!("received {received} messages {}", time_and_rate(received, started.elapsed()));
+        }
+    }
+    let signal = stop_signal();
+    client.close()?;
+    if let Some(signal) = signal {
+        return Ok(ExitCode::from(128 + signal as u8));
+    }
+    if timed_out {
+        let timeout = plan.timeout.unwrap_or_default().as_secs_f64();
+        eprintln!("mbws consume: no message for {timeout} s after {received} messages; giving up");
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,819 @@
+//! A blocking MBWS client over `std::net::TcpStream`, built on this crate's own codecs.
+//!
+//! Used by the `mbws` command-line tool and by the integration tests (which also talk to the
+//! broker through independent WebSocket implementations). It frames and masks as RFC 6455
+//! requires of a client, batches outgoing frames in a write buffer (`flush` sends them), and
+//! keeps frames that arrive while it waits for something else (a RECEIPT, SUBSCRIBED) so no
+//! MESSAGE is lost.
+//!
+//! With [`ClientOptions::reconnect`] (MBWS only) the client resumes its session transparently
+//! when the connection is lost: it reconnects with backoff, sends OPEN with its session id and
+//! the highest delivery sequence it has seen, resends every SEND the broker has not taken
+//! (from OPENED's `last-received-seq`), repeats its acknowledgements, and drops MESSAGEs whose
+//! delivery sequence it has already seen, and the ERRORs of refused SENDs that a resume replays
+//! for seqs it has already seen receipted. The application sees each SEND published once and
+//! each delivery once. Kept for resending: the unreceipted SENDs (bounded by the broker's
+//! `max_inflight_sends`, which `send` respects by waiting for receipts).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use mbws_proto::mbws::{
+    self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorFrame, Frame, Limits, Opened, Subprotocol, PROTOCOL_VERSION,
+};
+use mbws_proto::ws::frame::encode_header;
+use mbws_proto::ws::handshake;
+use mbws_proto::ws::message::{close_payload, Decoder, WsEvent};
+use mbws_proto::ws::{OpCode, Role};
+
+/// Stands in for the broker's limits until its OPENED, which `connect` waits for, replaces it.
+const NOT_YET_OPENED: Limits = Limits {
+    max_frame_bytes: 0,
+    max_address_bytes: 0,
+    max_headers: 0,
+    max_header_bytes: 0,
+    max_credit: 0,
+    max_subscriptions: 0,
+    max_inflight_sends: 0,
+    max_queued_messages: 0,
+};
+
+/// How a client connects.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub subprotocol: Subprotocol,
+    /// Binding of the frames this client sends (and so of the broker's deferred answers).
+    pub binding: Binding,
+    pub heartbeat_ms: u32,
+    /// Bound on every wait (connect, handshake, OPENED, receipts).
+    pub timeout: Duration,
+    pub max_message_bytes: usize,
+    /// Resume the session after a lost connection (MBWS only), retrying for at most this long
+    /// (capped by the session expiry the broker announced). `None`: a lost connection is an error.
+    pub reconnect: Option<Duration>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            subprotocol: Subprotocol::Reliable,
+            binding: Binding::Binary,
+            heartbeat_ms: 0,
+            timeout: Duration::from_secs(10),
+            max_message_bytes: 16 * 1024 * 1024,
+            reconnect: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ClientError {
+    Io(io::Error),
+    /// The URL is malformed or names something this client cannot speak (`wss://`).
+    Url(String),
+    /// The URL's host did not resolve.
+    Resolve(String),
+    /// TCP connect to the broker failed (refused, unreachable, timed out).
+    Connect {
+        url: String,
+        addr: SocketAddr,
+        error: io::Error,
+    },
+    /// A signal interrupted a wait (the caller decides whether to stop).
+    Interrupted,
+    /// The URL, the upgrade or a frame from the broker was not what the protocol says.
+    Protocol(String),
+    /// The broker answered with ERROR.
+    Broker(ErrorFrame),
+    /// The broker closed the WebSocket.
+    Closed {
+        code: u16,
+        reason: String,
+    },
+    /// Nothing arrived in time.
+    Timeout(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Io(error) => write!(f, "connection error: {error}"),
+            ClientError::Url(problem) => write!(f, "bad broker URL {problem}"),
+            ClientError::Resolve(problem) => write!(f, "{problem}"),
+            ClientError::Connect { url, addr, error } => write!(
+                f,
+                "cannot connect to {url} ({addr}): {error}; is mbws-broker running there? \
+                 (set the address with --url or MBWS_URL)"
+            ),
+            ClientError::Interrupted => write!(f, "interrupted by a signal"),
+            ClientError::Protocol(problem) => write!(f, "protocol error: {problem}"),
+            ClientError::Broker(error) => write!(
+                f,
+                "broker error {}{}: {}",
+                error.code,
+                if error.fatal { " (fatal)" } else { "" },
+                String::from_utf8_lossy(&error.reason)
+            ),
+            ClientError::Closed { code, reason } => write!(f, "connection closed by the broker ({code}): {reason}"),
+            ClientError::Timeout(what) => write!(f, "timed out waiting for {what}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<io::Error> for ClientError {
+    fn from(error: io::Error) -> Self {
+        if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            ClientError::Timeout("data from the broker".into())
+        } else {
+            ClientError::Io(error)
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// The parts of a broker URL: what to dial, the `Host` header and the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// `host:port` to resolve and dial (the port is 80 when the URL gives none).
+    pub authority: String,
+    /// `Host` header of the upgrade: the authority as the URL wrote it.
+    pub host: String,
+    pub path: String,
+}
+
+/// The port of a `ws://` URL that names none (RFC 6455, section 3).
+pub const DEFAULT_WS_PORT: u16 = 80;
+
+/// Checks the syntax of `ws://host[:port][/path]` (or `host:port[/path]`) without resolving it.
+/// The scheme is case-insensitive. Errors name the URL and say what to give instead.
+pub fn parse_url_syntax(url: &str) -> Result<BrokerUrl> {
+    let bad = |problem: String| ClientError::Url(format!("\"{url}\": {problem}"));
+    let (scheme, rest) = match url.find("://") {
+        Some(end) => (Some(url[..end].to_ascii_lowercase()), &url[end + 3..]),
+        None => (None, url),
+    };
+    match scheme.as_deref() {
+        None | Some("ws") => {}
+        Some("wss") => {
+            return Err(bad("TLS is not supported yet; use ws:// (put a TLS-terminating proxy in front of the broker \
+                 for wss://)"
+                .into()))
+        }
+        Some("http") | Some("https") => {
+            return Err(bad(format!(
+                "the scheme is {}://, a WebSocket broker URL is ws://HOST:PORT/",
+                scheme.unwrap_or_default()
+            )))
+        }
+        Some(other) => return Err(bad(format!("unknown scheme \"{other}://\"; give ws://HOST:PORT/"))),
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => (&rest[..slash], rest[slash..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    if authority.is_empty() {
+        return Err(bad("no host; give ws://HOST:PORT/".into()));
+    }
+    if authority.contains('@') {
+        return Err(bad("user information in the URL is not supported; give ws://HOST:PORT/".into()));
+    }
+    // `[v6]:port`, `[v6]`, `host:port` or `host`: split off the port if there is one.
+    let (host_part, port) = if let Some(end) = authority.strip_prefix('[').and_then(|inner| inner.find(']')) {
+        let after = &authority[end + 2..];
+        match after.strip_prefix(':') {
+            Some(port) => (&authority[..end + 2], Some(port)),
+            None if after.is_empty() => (authority, None),
+            None => return Err(bad(format!("\"{after}\" after the IPv6 address is not :PORT"))),
+        }
+    } else if scheme.is_none() && !authority.contains(':') {
+        return Err(bad("give ws://HOST:PORT/ or HOST:PORT".into()));
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host_part.is_empty() {
+        return Err(bad("no host; give ws://HOST:PORT/".into()));
+    }
+    let port = match port {
+        None => DEFAULT_WS_PORT,
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or_else(|| bad(format!("port \"{port}\" is not a number from 1 to 65535")))?,
+    };
+    Ok(BrokerUrl { authority: format!("{host_part}:{port}"), host: authority.to_string(), path })
+}
+
+/// Splits `ws://host:port/path` (or `host:port`) into a socket address, host header and path,
+/// resolving the host.
+pub fn parse_url(url: &str) -> Result<(SocketAddr, String, String)> {
+    let BrokerUrl { authority, host, path } = parse_url_syntax(url)?;
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|error| ClientError::Resolve(format!("{url}: cannot resolve \"{authority}\": {error}")))?
+        .next()
+        .ok_or_else(|| ClientError::Resolve(format!("{url}: \"{authority}\" resolves to no address")))?;
+    Ok((addr, host, path))
+}
+
+pub struct Client {
+    stream: TcpStream,
+    options: ClientOptions,
+    addr: SocketAddr,
+    host: String,
+    path: String,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    decoder: Decoder,
+    opened: Opened,
+    last_seq: u64,
+    receipted_seq: u64,
+    /// Frames received while waiting for something else, in arrival order.
+    pending: VecDeque<Frame>,
+    mask_state: u64,
+    /// SENDs not yet receipted, as encoded, for resending after a resume.
+    unreceipted: VecDeque<(u64, Binding, BytesMut)>,
+    /// Seqs above `receipted_seq` whose refusal (ERROR) was already passed on: a resume
+    /// replays it, and the replay is dropped. At most the unreceipted SENDs.
+    refusals_seen: Vec<u64>,
+    /// Highest MESSAGE delivery sequence received: duplicates at or below it are dropped.
+    last_delivery_seq: u64,
+    /// Highest cumulative ACK sent, and single ACKs above it, repeated after a resume.
+    acked_through: u64,
+    acked_single: std::collections::BTreeSet<u64>,
+    reconnects: u64,
+}
+
+impl Client {
+    /// Connects, upgrades, sends OPEN and waits for OPENED.
+    /// With `options.reconnect`, a connection lost before OPENED is retried with backoff within
+    /// the reconnect window (no session exists yet, so nothing can be lost or repeated).
+    pub fn connect(url: &str, options: ClientOptions) -> Result<Client> {
+        let Some(window) = options.reconnect else { return Client::connect_once(url, options) };
+        let deadline = Instant::now() + window;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match Client::connect_once(url, options.clone()) {
+                Err(
+                    ClientError::Io(_)
+                    | ClientError::Connect { .. }
+                    | ClientError::Closed { .. }
+                    | ClientError::Timeout(_),
+                ) if Instant::now() + backoff < deadline => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn connect_once(url: &str, options: ClientOptions) -> Result<Client> {
+        let (addr, host, path) = parse_url(url)?;
+        let (stream, read_buf, seed) = dial(addr, &host, &path, &options)?;
+        let mut client = Client {
+            stream,
+            addr,
+            host,
+            path,
+            decoder: Decoder::new(Role::Client, options.max_message_bytes, options.max_message_bytes),
+            options,
+            read_buf,
+            write_buf: BytesMut::with_capacity(64 * 1024),
+            opened: Opened {
+                version: PROTOCOL_VERSION,
+                session_id: Bytes::new(),
+                resumed: false,
+                last_received_seq: 0,
+                heartbeat_ms: 0,
+                session_expiry_ms: 0,
+                limits: NOT_YET_OPENED,
+                server: Bytes::new(),
+            },
+            last_seq: 0,
+            receipted_seq: 0,
+            pending: VecDeque::new(),
+            mask_state: seed | 1,
+            unreceipted: VecDeque::new(),
+            refusals_seen: Vec::new(),
+            last_delivery_seq: 0,
+            acked_through: 0,
+            acked_single: Default::default(),
+            reconnects: 0,
+        };
+        let open =
+            mbws::Open { version: PROTOCOL_VERSION, heartbeat_ms: client.options.heartbeat_ms, ..Default::default() };
+        client.write_frame(&Frame::Open(open))?;
+        client.flush()?;
+        let deadline = Instant::now() + client.options.timeout;
+        match client.read_frame_once(deadline, "OPENED")? {
+            Frame::Opened(opened) => client.opened = opened,
+            Frame::Error(error) => return Err(ClientError::Broker(error)),
+            other => return Err(ClientError::Protocol(format!("expected OPENED, got {}", other.kind().name()))),
+        }
+        Ok(client)
+    }
+
+    pub fn opened(&self) -> &Opened {
+        &self.opened
+    }
+
+    /// How many times the session was resumed over a new connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    fn may_reconnect(&self) -> bool {
+        self.options.reconnect.is_some() && self.options.subprotocol == Subprotocol::Reliable
+    }
+
+    /// Reconnects and resumes the session (see the module docs), with backoff, within the
+    /// reconnect window. Frames queued but not written are dropped: SENDs and ACKs are resent
+    /// from the client's own records; other frames (FLOW, UNSUBSCRIBE, PING) are not.
+    fn resume(&mut self) -> Result<()> {
+        let window = self
+            .options
+            .reconnect
+            .unwrap_or_default()
+            .min(Duration::from_millis(u64::from(self.opened.session_expiry_ms.max(1))));
+        let deadline = Instant::now() + window;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.try_resume() {
+                Ok(()) => {
+                    self.reconnects += 1;
+                    return Ok(());
+                }
+                Err(ClientError::Broker(error)) => return Err(ClientError::Broker(error)),
+                Err(error) => {
+                    if Instant::now() + backoff >= deadline {
+                        return Err(error);
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+            }
+        }
+    }
+
+    /// One attempt: connect, OPEN with the session id, then resend SENDs and ACKs.
+    fn try_resume(&mut self) -> Result<()> {
+        let opened = self.reopen()?;
+        // Everything the broker has not taken is sent again, in order, with its original seq.
+        let resend: Vec<(Binding, BytesMut)> = self
+            .unreceipted
+            .iter()
+            .filter(|(seq, _, _)| *seq > opened.last_received_seq)
+            .map(|(_, binding, payload)| (*binding, payload.clone()))
+            .collect();
+        self.opened = opened;
+        for (binding, payload) in resend {
+            self.write_ws(opcode_of(binding), &payload)?;
+        }
+        if self.acked_through > 0 {
+            self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq: self.acked_through, cumulative: true }))?;
+        }
+        let singles: Vec<u64> = self.acked_single.iter().copied().collect();
+        for delivery_seq in singles {
+            self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq, cumulative: false }))?;
+        }
+        self.write_now()
+    }
+
+    fn reopen(&mut self) -> Result<Opened> {
+        let (stream, read_buf, _) = dial(self.addr, &self.host, &self.path, &self.options)?;
+        self.stream = stream;
+        self.read_buf = read_buf;
+        self.write_buf.clear();
+        self.decoder = Decoder::new(Role::Client, self.options.max_message_bytes, self.options.max_message_bytes);
+        let open = mbws::Open {
+            version: PROTOCOL_VERSION,
+            session_id: self.opened.session_id.clone(),
+            last_received_seq: self.last_delivery_seq,
+            heartbeat_ms: self.options.heartbeat_ms,
+            ..Default::default()
+        };
+        self.write_frame(&Frame::Open(open))?;
+        self.write_now()?;
+        let deadline = Instant::now() + self.options.timeout;
+        match self.read_frame_once(deadline, "OPENED")? {
+            Frame::Opened(opened) if opened.resumed => Ok(opened),
+            Frame::Opened(_) => {
+                Err(ClientError::Protocol("the broker opened a new session instead of resuming".into()))
+            }
+            Frame::Error(error) => Err(ClientError::Broker(error)),
+            other => Err(ClientError::Protocol(format!("expected OPENED, got {}", other.kind().name()))),
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+
+    pub fn binding(&self) -> Binding {
+        self.options.binding
+    }
+
+    /// Highest SEND sequence the broker has receipted.
+    pub fn receipted_seq(&self) -> u64 {
+        self.receipted_seq
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        // xorshift64: masks need to be unpredictable to intermediaries, not cryptographic.
+        self.mask_state ^= self.mask_state << 13;
+        self.mask_state ^= self.mask_state >> 7;
+        self.mask_state ^= self.mask_state << 17;
+        (self.mask_state as u32).to_ne_bytes()
+    }
+
+    /// Queues one frame in the client's binding (masked, as a client must).
+    pub fn write_frame(&mut self, frame: &Frame) -> Result<()> {
+        let binding = self.options.binding;
+        self.write_frame_in(binding, frame)
+    }
+
+    pub fn write_frame_in(&mut self, binding: Binding, frame: &Frame) -> Result<()> {
+        let payload = mbws::encode(binding, frame);
+        let opcode = match binding {
+            Binding::Binary => OpCode::Binary,
+            Binding::Text => OpCode::Text,
+        };
+        self.write_ws(opcode, &payload)
+    }
+
+    /// Queues one raw WebSocket frame (tests use it to send arbitrary payloads).
+    pub fn write_ws(&mut self, opcode: OpCode, payload: &[u8]) -> Result<()> {
+        let mask = self.next_mask();
+        encode_header(&mut self.write_buf, true, opcode, payload.len(), Some(mask));
+        let start = self.write_buf.len();
+        self.write_buf.extend_from_slice(payload);
+        mbws_proto::ws::frame::apply_mask(&mut self.write_buf[start..], mask);
+        if self.write_buf.len() >= 256 * 1024 {
+            self.write_now()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        match self.write_now() {
+            Err(ClientError::Io(_)) if self.may_reconnect() => self.resume(),
+            other => other,
+        }
+    }
+
+    fn write_now(&mut self) -> Result<()> {
+        if !self.write_buf.is_empty() {
+            let result = self.stream.write_all(&self.write_buf);
+            self.write_buf.clear();
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Queues a SEND with the next sequence number; returns that sequence.
+    pub fn send(&mut self, address: &str, body: impl Into<Bytes>) -> Result<u64> {
+        self.send_message(mbws::Send {
+            address: Bytes::copy_from_slice(address.as_bytes()),
+            body: body.into(),
+            ..Default::default()
+        })
+    }
+
+    /// Queues `send` with the next sequence number filled in; returns that sequence.
+    pub fn send_message(&mut self, mut send: mbws::Send) -> Result<u64> {
+        self.last_seq += 1;
+        send.seq = self.last_seq;
+        let binding = self.options.binding;
+        let payload = mbws::encode(binding, &Frame::Send(send));
+        if self.may_reconnect() {
+            // Stay within the broker's window, so that what we keep for resending is bounded.
+            let window = u64::from(self.opened.limits.max_inflight_sends.max(2));
+            if self.last_seq > self.receipted_seq + window {
+                self.wait_receipt(self.last_seq - window)?;
+            }
+            self.unreceipted.push_back((self.last_seq, binding, payload.clone()));
+        }
+        match self.write_ws(opcode_of(binding), &payload) {
+            // The SEND is in `unreceipted`: the resume sends it again.
+            Err(ClientError::Io(_)) if self.may_reconnect() => self.resume()?,
+            other => other?,
+        }
+        Ok(self.last_seq)
+    }
+
+    /// Flushes and waits until the broker has receipted `seq` (and everything before it).
+    pub fn wait_receipt(&mut self, seq: u64) -> Result<()> {
+        self.flush()?;
+        let deadline = Instant::now() + self.options.timeout;
+        while self.receipted_seq < seq {
+            let frame = self.read_frame(deadline, "RECEIPT")?;
+            if let Frame::Error(error) = &frame {
+                if error.seq != 0 && error.seq <= seq {
+                    return Err(ClientError::Broker(error.clone()));
+                }
+            }
+            self.pending.push_back(frame);
+        }
+        Ok(())
+    }
+
+    /// Subscribes and waits for SUBSCRIBED.
+    pub fn subscribe(
+        &mut self,
+        id: u32,
+        address: &str,
+        mode: DeliveryMode,
+        ack_mode: AckMode,
+        credit: u32,
+    ) -> Result<()> {
+        let frame = Frame::Subscribe(mbws::Subscribe {
+            subscription_id: id,
+            address: Bytes::copy_from_slice(address.as_bytes()),
+            mode,
+            ack_mode,
+            credit,
+        });
+        self.write_frame(&frame)?;
+        self.flush()?;
+        let deadline = Instant::now() + self.options.timeout;
+        let mut reconnects = self.reconnects;
+        loop {
+            if self.reconnects != reconnects {
+                // The SUBSCRIBE may have been lost with the connection; it is idempotent.
+                reconnects = self.reconnects;
+                self.write_frame(&frame)?;
+                self.flush()?;
+            }
+            match self.read_frame(deadline, "SUBSCRIBED")? {
+                Frame::Subscribed(subscribed) if subscribed.subscription_id == id => return Ok(()),
+                Frame::Error(error) if error.subscription_id == id => return Err(ClientError::Broker(error)),
+                other => self.pending.push_back(other),
+            }
+        }
+    }
+
+    pub fn ack(&mut self, delivery_seq: u64, cumulative: bool) -> Result<()> {
+        if self.may_reconnect() {
+            if cumulative {
+                self.acked_through = self.acked_through.max(delivery_seq);
+                let through = self.acked_through;
+                self.acked_single.retain(|&seq| seq > through);
+            } else if delivery_seq > self.acked_through {
+                self.acked_single.insert(delivery_seq);
+            }
+        }
+        self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq, cumulative }))
+    }
+
+    /// Next MESSAGE, waiting at most `timeout`; `Ok(None)` if none came. RECEIPTs and PONGs
+    /// are absorbed; a broker ERROR is returned as an error.
+    pub fn next_message(&mut self, timeout: Duration) -> Result<Option<mbws::Message>> {
+        self.flush()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.next_frame_until(deadline) {
+                Ok(Frame::Message(message)) => return Ok(Some(message)),
+                Ok(Frame::Error(error)) => return Err(ClientError::Broker(error)),
+                Ok(_) => continue,
+                Err(ClientError::Timeout(_)) => return Ok(None),
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Next frame of any kind (pending ones first), waiting at most `timeout`.
+    pub fn next_frame(&mut self, timeout: Duration) -> Result<Frame> {
+        self.flush()?;
+        self.next_frame_until(Instant::now() + timeout)
+    }
+
+    fn next_frame_until(&mut self, deadline: Instant) -> Result<Frame> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(frame);
+        }
+        self.read_frame(deadline, "a frame")
+    }
+
+    /// Reads the next MBWS frame from the socket (not from `pending`), tracking receipts,
+    /// dropping duplicate deliveries, and resuming the session after a lost connection.
+    fn read_frame(&mut self, deadline: Instant, what: &str) -> Result<Frame> {
+        loop {
+            let frame = match self.read_frame_once(deadline, what) {
+                Ok(frame) => frame,
+                Err(ClientError::Io(_)) | Err(ClientError::Closed { code: 1001 | 1006, .. })
+                    if self.may_reconnect() =>
+                {
+                    self.resume()?;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            match &frame {
+                Frame::Message(message) if self.may_reconnect() => {
+                    if message.delivery_seq <= self.last_delivery_seq {
+                        continue; // Seen before the connection was lost.
+                    }
+                    self.last_delivery_seq = message.delivery_seq;
+                }
+                Frame::Message(message) => self.last_delivery_seq = self.last_delivery_seq.max(message.delivery_seq),
+                Frame::Receipt(receipt) => {
+                    while self.unreceipted.front().is_some_and(|(seq, _, _)| *seq <= receipt.seq) {
+                        self.unreceipted.pop_front();
+                    }
+                    self.refusals_seen.retain(|seq| *seq > receipt.seq);
+                }
+                // A resume replays the ERRORs of refused SENDs (docs/PROTOCOL.md section 11):
+                // one seen already, or at or below a RECEIPT already seen (which it preceded),
+                // is dropped.
+                Frame::Error(error) if !error.fatal && error.seq != 0 => {
+                    if error.seq <= self.receipted_seq || self.refusals_seen.contains(&error.seq) {
+                        continue;
+                    }
+                    self.refusals_seen.push(error.seq);
+                }
+                _ => {}
+            }
+            return Ok(frame);
+        }
+    }
+
+    fn read_frame_once(&mut self, deadline: Instant, what: &str) -> Result<Frame> {
+        loop {
+            while let Some(event) = self
+                .decoder
+                .next_event(&mut self.read_buf)
+                .map_err(|error| ClientError::Protocol(format!("invalid WebSocket data from the broker: {error}")))?
+            {
+                let (binding, payload) = match event {
+                    WsEvent::Binary(payload) => (Binding::Binary, payload),
+                    WsEvent::Text(payload) => (Binding::Text, payload),
+                    WsEvent::Ping(payload) => {
+                        self.write_ws(OpCode::Pong, &payload.clone())?;
+                        continue;
+                    }
+                    WsEvent::Pong(_) => continue,
+                    WsEvent::Close(frame) => {
+                        let (code, reason) = frame
+                            .map(|f| (f.code, String::from_utf8_lossy(&f.reason).into_owned()))
+                            .unwrap_or((1005, String::new()));
+                        let _ = self.write_ws(OpCode::Close, &close_payload(code, ""));
+                        let _ = self.write_now();
+                        return Err(ClientError::Closed { code, reason });
+                    }
+                };
+                let frame = mbws::decode(binding, payload, &CodecLimits { max_headers: 1024, ..Default::default() })
+                    .map_err(|error| ClientError::Protocol(format!("invalid MBWS frame from the broker: {error}")))?;
+                if let Frame::Receipt(receipt) = &frame {
+                    self.receipted_seq = self.receipted_seq.max(receipt.seq);
+                }
+                return Ok(frame);
+            }
+            read_some(&mut self.stream, &mut self.read_buf, deadline, what)?;
+        }
+    }
+
+    /// Ends the session for good: CLOSE, then the WebSocket close handshake.
+    pub fn close(mut self) -> Result<()> {
+        self.write_frame(&Frame::Close(mbws::Close))?;
+        self.flush()?;
+        let deadline = Instant::now() + self.options.timeout;
+        loop {
+            match self.read_frame(deadline, "the close handshake") {
+                Err(ClientError::Closed { .. }) => return Ok(()),
+                Err(ClientError::Io(_)) => return Ok(()),
+                Err(error) => return Err(error),
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+fn opcode_of(binding: Binding) -> OpCode {
+    match binding {
+        Binding::Binary => OpCode::Binary,
+        Binding::Text => OpCode::Text,
+    }
+}
+
+/// TCP connect and WebSocket upgrade; returns the stream, any bytes read past the response,
+/// and the seed used for the key (reused for masks).
+fn dial(addr: SocketAddr, host: &str, path: &str, options: &ClientOptions) -> Result<(TcpStream, BytesMut, u64)> {
+    let mut stream = TcpStream::connect_timeout(&addr, options.timeout).map_err(|error| ClientError::Connect {
+        url: format!("ws://{host}{path}"),
+        addr,
+        error,
+    })?;
+    stream.set_nodelay(true)?;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
+        ^ (stream.local_addr()?.port() as u64) << 48;
+    let key = handshake::new_client_key(seed);
+    let request = handshake::client_request(host, path, &key, &[options.subprotocol.name()]);
+    stream.set_write_timeout(Some(options.timeout))?;
+    stream.write_all(request.as_bytes())?;
+    let deadline = Instant::now() + options.timeout;
+    let mut read_buf = BytesMut::with_capacity(64 * 1024);
+    let response = loop {
+        if let Some((response, consumed)) = handshake::parse_response(&read_buf, 16 * 1024)
+            .map_err(|error| ClientError::Protocol(format!("bad upgrade response: {error}")))?
+        {
+            let _ = read_buf.split_to(consumed);
+            break response;
+        }
+        read_some(&mut stream, &mut read_buf, deadline, "the upgrade response")?;
+    };
+    if response.status != 101 {
+        return Err(ClientError::Protocol(format!(
+            "the broker refused the upgrade: {} {}",
+            response.status, response.reason
+        )));
+    }
+    let protocol = handshake::verify_accept::<Subprotocol>(&response, &key).map_err(ClientError::Protocol)?;
+    if protocol != Some(options.subprotocol) {
+        return Err(ClientError::Protocol(format!(
+            "the broker did not agree to {} (it answered {:?})",
+            options.subprotocol.name(),
+            protocol.map(Subprotocol::name)
+        )));
+    }
+    Ok((stream, read_buf, seed))
+}
+
+/// One read into `buf`, bounded by `deadline`.
+fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, deadline: Instant, what: &str) -> Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ClientError::Timeout(what.to_string()));
+    }
+    stream.set_read_timeout(Some(left))?;
+    let mut chunk = [0u8; 64 * 1024];
+    match stream.read(&mut chunk) {
+        Ok(0) => Err(ClientError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the broker closed the connection while we waited for {what}"),
+        ))),
+        Ok(read) => {
+            buf.extend_from_slice(&chunk[..read]);
+            Ok(())
+        }
+        Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(ClientError::Timeout(what.to_string()))
+        }
+        Err(error) if error.kind() == io::ErrorKind::Interrupted => Err(ClientError::Interrupted),
+        Err(error) => Err(ClientError::Io(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(url: &str) -> (String, String, String) {
+        let BrokerUrl { authority, host, path } = parse_url_syntax(url).unwrap();
+        (authority, host, path)
+    }
+
+    #[test]
+    fn urls_take_the_forms_users_write() {
+        let owned = |a: &str, h: &str, p: &str| (a.to_string(), h.to_string(), p.to_string());
+        assert_eq!(parts("ws://127.0.0.1:7447/"), owned("127.0.0.1:7447", "127.0.0.1:7447", "/"));
+        assert_eq!(parts("WS://Host:1/x"), owned("Host:1", "Host:1", "/x"));
+        assert_eq!(parts("ws://example.com"), owned("example.com:80", "example.com", "/"));
+        assert_eq!(parts("ws://[::1]/"), owned("[::1]:80", "[::1]", "/"));
+        assert_eq!(parts("ws://[::1]:9/"), owned("[::1]:9", "[::1]:9", "/"));
+        assert_eq!(parts("localhost:7447"), owned("localhost:7447", "localhost:7447", "/"));
+    }
+
+    #[test]
+    fn bad_urls_are_named_with_what_to_give() {
+        for (url, says) in [
+            ("wss://h/", "TLS is not supported yet"),
+            ("http://h/", "ws://HOST:PORT/"),
+            ("ftp://h/", "unknown scheme"),
+            ("h", "HOST:PORT"),
+            ("ws://h:0/", "1 to 65535"),
+            ("ws://h:x/", "1 to 65535"),
+            ("ws://:80/", "no host"),
+            ("ws://u@h/", "user information"),
+            ("ws://[::1]x/", "IPv6"),
+        ] {
+            match parse_url_syntax(url) {
+                Err(ClientError::Url(problem)) => {
+                    assert!(problem.contains(url) && problem.contains(says), "{url}: {problem}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
+}
