@@ -382,7 +382,7 @@ impl FrameKind {
     }
 
     /// The text binding's first line.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             FrameKind::Open => "OPEN",
             FrameKind::Opened => "OPENED",

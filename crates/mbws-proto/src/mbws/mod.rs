@@ -83,7 +83,7 @@ pub fn largest_message_bytes(address: &[u8], properties: &Properties, body_len: 
         durable: true,
         properties,
     };
-    binary::message_header_len(&widest).max(text::message_header_len(&widest)) + body_len
+    binary::message_header_len(&widest).max(text::widest_message_header_len(address, properties)) + body_len
 }
 
 /// Encodes a whole frame (header and a copy of the body) into one buffer. For clients and

@@ -588,9 +588,14 @@ pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B
     writer.out.put_u8(b'\n');
 }
 
-/// Bytes [`encode_message_header`] writes for `message` (as `binary::message_header_len`).
-pub fn message_header_len(message: &MessageHeader<'_>) -> usize {
-    fn line(name: &str, value_len: usize) -> usize {
+/// The longest MESSAGE header [`encode_message_header`] can write for a message with
+/// `address` and `properties`: every number at its widest, both flags set. It runs for every
+/// SEND (the max-frame-bytes bound of `largest_message_bytes`), so all but the address and
+/// properties is a constant.
+pub fn widest_message_header_len(address: &[u8], properties: &Properties) -> usize {
+    const U32_MAX_DIGITS: usize = 10;
+    const U64_MAX_DIGITS: usize = 20;
+    const fn line(name: &str, value_len: usize) -> usize {
         name.len() + 1 + value_len + 1
     }
     fn optional(name: &str, value: &[u8]) -> usize {
@@ -600,25 +605,21 @@ pub fn message_header_len(message: &MessageHeader<'_>) -> usize {
             line(name, value.len())
         }
     }
-    // A few comparisons, not a division per digit: this runs for every SEND (the bound of
-    // `largest_message_bytes`, with 20-digit values) and every text-binding delivery.
-    fn digits(value: u64) -> usize {
-        value.checked_ilog10().map_or(1, |log| log as usize + 1)
-    }
-    let properties = message.properties;
-    FrameKind::Message.name().len()
+    const FIXED: usize = FrameKind::Message.name().len()
         + 1
-        + line("subscription-id", digits(u64::from(message.subscription_id)))
-        + line("delivery-seq", digits(message.delivery_seq))
-        + line("message-id", digits(message.message_id))
-        + line("address", message.address.len())
-        + if message.redelivered { line("redelivered", 4) } else { 0 }
-        + if message.durable { line("durable", 4) } else { 0 }
+        + line("subscription-id", U32_MAX_DIGITS)
+        + line("delivery-seq", U64_MAX_DIGITS)
+        + line("message-id", U64_MAX_DIGITS)
+        + line("address", 0)
+        + line("redelivered", "true".len())
+        + line("durable", "true".len())
+        + 1;
+    FIXED
+        + address.len()
         + optional("content-type", &properties.content_type)
         + optional("correlation-id", &properties.correlation_id)
         + optional("reply-to", &properties.reply_to)
         + properties.headers.iter().map(|(name, value)| name.len() + 1 + value.len() + 1).sum::<usize>()
-        + 1
 }
 
 /// Writes `name:value` lines.
