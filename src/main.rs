@@ -280,20 +280,21 @@ fn raise_open_file_limit() {
 /// SIGINT and SIGTERM stop the broker; SIGHUP (what a service manager or a closed terminal
 /// sends) is logged and ignored.
 fn block_handled_signals() -> std::io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data initialized by sigemptyset before use; pthread_sigmask
-    // gets valid pointers.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(set)
+    // SAFETY: sigset_t is an array of integers, for which all-zero bytes are valid; sigemptyset
+    // below makes it the empty set whatever its representation.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset writes the live `set` it is given.
+    unsafe { libc::sigemptyset(&mut set) };
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: sigaddset writes the live, initialized `set`; each signal number is valid.
+        unsafe { libc::sigaddset(&mut set, signal) };
     }
+    // SAFETY: `set` is a live, initialized sigset_t; a null old-mask pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(set)
 }
 
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {

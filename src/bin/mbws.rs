@@ -320,15 +320,16 @@ extern "C" fn on_stop_signal(signal: libc::c_int) {
 /// consume loop sees the signal at once.
 fn catch_stop_signals() -> std::io::Result<()> {
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler only stores
-        // to an atomic, which is async-signal-safe.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        // SAFETY: sigaction is integers, a sigset_t and a handler address, for which all-zero
+        // bytes are valid (SIG_DFL, empty mask, no flags).
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: sigemptyset writes the live `sa_mask` it is given.
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        // SAFETY: `action` is a valid sigaction whose handler only stores to an atomic, which
+        // is async-signal-safe; a null old-action pointer is allowed.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())

@@ -528,8 +528,10 @@ impl Shard {
     /// Drains the inbox whenever other shards post to it; sleeps on the eventfd otherwise.
     async fn inbox_loop(self: Rc<Self>, inbox: Receiver<Envelope>) {
         let wake = self.post_office.wake(self.id).clone();
-        // SAFETY (of from_raw_fd below): we duplicate the eventfd so that the monoio File owns
-        // its own descriptor and closing it cannot close the one senders write to.
+        // We duplicate the eventfd so that the monoio File owns its own descriptor and closing
+        // it cannot close the one senders write to.
+        // SAFETY: `wake` (an `Arc` held for this whole function) owns the eventfd, so the
+        // number is open; dup(2) touches no memory of ours and its result is checked below.
         let duplicate = unsafe { libc::dup(wake.eventfd()) };
         assert!(duplicate >= 0, "dup(eventfd) failed: {}", io::Error::last_os_error());
         // SAFETY: `duplicate` is a fresh descriptor that nothing else owns.
