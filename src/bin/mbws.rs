@@ -19,6 +19,9 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
 use mbws::client::{parse_url_syntax, Client, ClientError, ClientOptions};
+// Credit of `consume` when `--credit` is not given (lowered to the broker's max-credit): the
+// credit the broker itself gives a SUBSCRIBE without one.
+use mbws::mbws::DEFAULT_CREDIT;
 use mbws::mbws::{AckMode, Binding, DeliveryMode, Properties, Send, Subprotocol};
 
 const EXIT_CODES: &str = "Exit codes: 0 done; 1 connection, protocol or broker error; 2 bad usage (flags, \
@@ -26,8 +29,6 @@ const EXIT_CODES: &str = "Exit codes: 0 done; 1 connection, protocol or broker e
                           --count messages; 130 / 143 consume: stopped by SIGINT / SIGTERM (after writing out \
                           and acknowledging what it printed and closing the session).";
 
-/// Credit of `consume` when `--credit` is not given (lowered to the broker's max-credit).
-const DEFAULT_CREDIT: u32 = 1000;
 /// Runs shorter than this print their count and time, not a rate (which would be noise).
 const MIN_SECONDS_FOR_A_RATE: f64 = 0.1;
 /// Longest single wait of `consume` for the socket: bounds how late a stop signal that

@@ -100,18 +100,27 @@ pub struct AddressLimits {
     pub max_frame_bytes: usize,
 }
 
+impl AddressLimits {
+    /// The limits of one of `shard_count` shards: its share of the memory budget, the rest as
+    /// configured.
+    pub fn from_config(config: &crate::config::Config, shard_count: usize) -> AddressLimits {
+        AddressLimits {
+            max_queued_messages: config.max_queued_messages,
+            max_credit: config.max_credit,
+            max_deliveries: config.max_deliveries,
+            ack_timeout_ms: config.ack_timeout_ms,
+            shard_count,
+            max_queued_bytes: config.max_queued_bytes,
+            memory_budget_bytes: config.memory_budget_bytes / shard_count.max(1),
+            max_frame_bytes: config.limits().max_frame_bytes as usize,
+        }
+    }
+}
+
+/// The limits of a one-shard broker with the default configuration ([`Config::default`](crate::config::Config)).
 impl Default for AddressLimits {
     fn default() -> Self {
-        AddressLimits {
-            max_queued_messages: 100_000,
-            max_credit: 65_535,
-            max_deliveries: 0,
-            ack_timeout_ms: 0,
-            shard_count: 1,
-            max_queued_bytes: 256 * 1024 * 1024,
-            memory_budget_bytes: 1024 * 1024 * 1024,
-            max_frame_bytes: 1024 * 1024,
-        }
+        AddressLimits::from_config(&crate::config::Config::default(), 1)
     }
 }
 

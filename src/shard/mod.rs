@@ -175,18 +175,9 @@ impl Shard {
             max_heartbeat_ms: config.max_heartbeat_ms,
             session_expiry_ms: config.session_expiry_ms,
             shard_count,
-            default_credit: 1000,
+            default_credit: config.default_credit,
         });
-        let address_limits = AddressLimits {
-            max_queued_messages: config.max_queued_messages,
-            max_credit: config.max_credit,
-            max_deliveries: config.max_deliveries,
-            ack_timeout_ms: config.ack_timeout_ms,
-            shard_count,
-            max_queued_bytes: config.max_queued_bytes,
-            memory_budget_bytes: config.memory_budget_bytes / shard_count.max(1),
-            max_frame_bytes: config.limits().max_frame_bytes as usize,
-        };
+        let address_limits = AddressLimits::from_config(&config, shard_count);
         Shard {
             id,
             config,
