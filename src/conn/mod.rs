@@ -171,7 +171,12 @@ unsafe impl IoBufMut for ReadTail {
     }
 
     unsafe fn set_init(&mut self, written: usize) {
-        // SAFETY: the kernel initialized `written` bytes of spare capacity (caller contract).
+        // A count past the spare capacity would make `set_len` expose memory the buffer does
+        // not own: the runtime's contract says it cannot happen; check it, it costs one compare
+        // per read.
+        assert!(written <= self.0.capacity() - self.0.len(), "a read reported more bytes than its room");
+        // SAFETY: the kernel initialized `written` bytes of spare capacity (caller contract),
+        // and they fit in it (asserted above).
         unsafe { self.0.set_len(self.0.len() + written) }
     }
 }

@@ -496,7 +496,9 @@ impl Session {
                 self.forget_old_refusals();
             }
         }
-        debug_assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
+        // The connection stops reading at `max_inflight_sends`; a SEND past it would break the
+        // memory bound the limit promises (and the refused-SEND window that relies on it).
+        assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
         // No frame the broker sends may exceed the max-frame-bytes it announced, MESSAGE included.
         let largest = mbws::largest_message_bytes(&send.address, &send.properties, send.body.len());
         let max_frame_bytes = self.config.limits.max_frame_bytes as usize;

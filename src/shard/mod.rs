@@ -282,6 +282,7 @@ impl Shard {
 
     /// Passes a connection to the shard `home` (see `conn::Adoption`).
     pub fn hand_over(&self, home: ShardId, adoption: Box<crate::conn::Adoption>) {
+        assert_ne!(home, self.id, "a resume of this shard's own session is served here, not handed over");
         self.post_office.post(home, Envelope::Adopt(adoption));
     }
 
@@ -508,6 +509,9 @@ impl Shard {
 
     fn flush_outboxes(&self) {
         let mut outboxes = self.outboxes.borrow_mut();
+        // Commands for this shard go on the local work queue (`submit`), never through its own
+        // inbox, where they would run a round later and out of order with local work.
+        assert!(outboxes[usize::from(self.id.0)].is_empty(), "shard {} posted commands to itself", self.id.0);
         for (index, outbox) in outboxes.iter_mut().enumerate() {
             if !outbox.is_empty() {
                 let batch = std::mem::take(outbox);
