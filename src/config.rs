@@ -64,12 +64,19 @@ pub struct Config {
     pub log_recovery: crate::store::RecoveryMode,
     /// Addresses whose every message is durable: exact names, or prefixes ending in `*`.
     pub durable_addresses: Vec<String>,
-    /// Commands one shard may have waiting in another shard's inbox (channel bound).
-    pub mailbox_capacity: usize,
+    /// Credit a SUBSCRIBE with credit 0 gets (capped at `max_credit`).
+    pub default_credit: u32,
+    // No bound on the cross-shard mailboxes: they are unbounded on purpose, and what may wait
+    // in them is bounded at its sources (see the module docs of `shard::mailbox`).
 }
 
+/// The one source of every default limit: `mbws-broker`'s flags take their defaults from here
+/// (`Config::default()`), and so do the shard's session and address settings
+/// ([`AddressLimits::default`](crate::broker::address::AddressLimits)) and the tests.
 impl Default for Config {
     fn default() -> Self {
+        let codec = CodecLimits::default();
+        let log = crate::store::LogConfig::new("mbws-data");
         Config {
             listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
             shards: available_cores(),
@@ -81,9 +88,9 @@ impl Default for Config {
             max_message_bytes: 1024 * 1024,
             max_outbound_bytes: 4 * 1024 * 1024,
             read_buffer_bytes: 64 * 1024,
-            max_address_bytes: 255,
-            max_headers: 64,
-            max_header_bytes: 16 * 1024,
+            max_address_bytes: codec.max_address_bytes,
+            max_headers: codec.max_headers,
+            max_header_bytes: codec.max_header_bytes,
             max_credit: 65_535,
             max_subscriptions: 1024,
             max_inflight_sends: 4096,
@@ -94,13 +101,13 @@ impl Default for Config {
             max_deliveries: 0,
             max_queued_bytes: 256 * 1024 * 1024,
             memory_budget_bytes: 2 * 1024 * 1024 * 1024,
-            data_dir: PathBuf::from("mbws-data"),
-            log_segment_bytes: crate::store::DEFAULT_SEGMENT_BYTES,
-            log_batch_bytes: crate::store::DEFAULT_MAX_BATCH_BYTES,
-            log_batch_delay: Duration::ZERO,
-            log_recovery: crate::store::RecoveryMode::Strict,
+            data_dir: log.dir,
+            log_segment_bytes: log.segment_bytes,
+            log_batch_bytes: log.max_batch_bytes,
+            log_batch_delay: log.max_batch_delay,
+            log_recovery: log.recovery,
             durable_addresses: Vec::new(),
-            mailbox_capacity: 65_536,
+            default_credit: crate::mbws::DEFAULT_CREDIT,
         }
     }
 }
@@ -436,6 +443,23 @@ mod tests {
     #[test]
     fn the_defaults_are_valid() {
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_shard_limits_follow_the_config_defaults() {
+        let config = Config::default();
+        let codec = CodecLimits::default();
+        assert_eq!(config.codec_limits(), codec, "the codec limits' defaults are the broker's");
+        let address = crate::broker::address::AddressLimits::default();
+        assert_eq!(address.memory_budget_bytes, config.memory_budget_bytes, "one shard has the whole budget");
+        assert_eq!(address.max_queued_bytes, config.max_queued_bytes);
+        assert_eq!(address.max_queued_messages, config.max_queued_messages);
+        assert_eq!(address.max_credit, config.max_credit);
+        assert_eq!(address.max_frame_bytes, config.max_message_bytes);
+        let halves = crate::broker::address::AddressLimits::from_config(&config, 2);
+        assert_eq!(halves.memory_budget_bytes, config.memory_budget_bytes / 2, "each of two shards has half");
+        let log = crate::store::LogConfig::new(&config.data_dir);
+        assert_eq!(config.log_config(), log, "the log's defaults are the broker's");
     }
 
     #[test]

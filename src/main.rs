@@ -65,26 +65,26 @@ struct Args {
     #[arg(long, default_value_t = Config::default().session_expiry_ms)]
     session_expiry_ms: u32,
     /// Milliseconds a client-ack delivery may stay unacknowledged before it is redelivered (0: no limit).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = Config::default().ack_timeout_ms)]
     ack_timeout_ms: u64,
     /// Deliveries of one message before it moves to the dead-letter address DLQ.<address> (0: no limit).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = Config::default().max_deliveries)]
     max_deliveries: u32,
     /// Milliseconds a connection may take to complete its WebSocket upgrade.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = Config::default().handshake_timeout.as_millis() as u64)]
     handshake_timeout_ms: u64,
     /// Milliseconds a connection may take to send OPEN after the upgrade.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = Config::default().open_timeout.as_millis() as u64)]
     open_timeout_ms: u64,
     /// Directory for the durable message log (one subdirectory per shard); created if missing,
     /// and only once the broker can run.
-    #[arg(long, default_value = "mbws-data")]
+    #[arg(long, default_value_os_t = Config::default().data_dir)]
     data_dir: std::path::PathBuf,
     /// Address whose every message is durable (exact name, or a prefix ending in *); repeatable.
     #[arg(long = "durable-address", value_name = "ADDRESS")]
     durable_addresses: Vec<String>,
     /// Group-commit window in microseconds: how long a durable write waits for company (0: none).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = Config::default().log_batch_delay.as_micros() as u64)]
     log_batch_delay_us: u64,
     /// Most bytes written (and fsynced) by one group commit.
     #[arg(long, default_value_t = Config::default().log_batch_bytes)]
@@ -94,7 +94,7 @@ struct Args {
     log_segment_bytes: u64,
     /// What to do with a damaged record that valid records follow: strict (refuse to start) or
     /// skip-corrupt (skip it, keep the rest, keep the original file aside).
-    #[arg(long, default_value = "strict", value_parser = parse_recovery)]
+    #[arg(long, default_value = recovery_name(Config::default().log_recovery), value_parser = parse_recovery)]
     log_recovery: mbws::store::RecoveryMode,
     /// Log level: error, warn, info or debug.
     #[arg(long, default_value = "info", value_parser = parse_level)]
@@ -106,6 +106,13 @@ fn parse_recovery(text: &str) -> Result<mbws::store::RecoveryMode, String> {
         "strict" => Ok(mbws::store::RecoveryMode::Strict),
         "skip-corrupt" => Ok(mbws::store::RecoveryMode::SkipCorrupt),
         _ => Err(format!("unknown recovery mode \"{text}\": use strict or skip-corrupt")),
+    }
+}
+
+fn recovery_name(mode: mbws::store::RecoveryMode) -> &'static str {
+    match mode {
+        mbws::store::RecoveryMode::Strict => "strict",
+        mbws::store::RecoveryMode::SkipCorrupt => "skip-corrupt",
     }
 }
 
@@ -132,39 +139,7 @@ fn main() -> ExitCode {
     let matches = command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     logging::set_level(args.log_level);
-    let given = |id: &str| matches.value_source(id) != Some(ValueSource::DefaultValue);
-    let defaults = Config::default();
-    let config = Config {
-        listen: args.listen,
-        shards: args.shards.unwrap_or_else(mbws::config::available_cores),
-        pin_threads: !args.no_pin,
-        // A default the user did not set follows the setting it must agree with.
-        max_frame_bytes: if given("max_frame_bytes") {
-            args.max_frame_bytes
-        } else {
-            defaults.max_frame_bytes.min(args.max_message_bytes)
-        },
-        max_message_bytes: args.max_message_bytes,
-        max_queued_messages: args.max_queued_messages,
-        max_inflight_sends: args.max_inflight_sends,
-        max_outbound_bytes: args.max_outbound_bytes,
-        max_subscriptions: args.max_subscriptions,
-        max_credit: args.max_credit,
-        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
-        open_timeout: Duration::from_millis(args.open_timeout_ms),
-        session_expiry_ms: args.session_expiry_ms,
-        ack_timeout_ms: args.ack_timeout_ms,
-        max_deliveries: args.max_deliveries,
-        max_queued_bytes: args.max_queued_bytes,
-        memory_budget_bytes: args.memory_budget_bytes,
-        data_dir: args.data_dir,
-        durable_addresses: args.durable_addresses,
-        log_batch_delay: Duration::from_micros(args.log_batch_delay_us),
-        log_batch_bytes: args.log_batch_bytes,
-        log_segment_bytes: args.log_segment_bytes,
-        log_recovery: args.log_recovery,
-        ..defaults
-    };
+    let config = config_from(args, &matches);
     if let Err(problem) = config.validate().and_then(|()| mbws::config::check_data_dir(&config.data_dir)) {
         eprintln!("mbws-broker: {problem}");
         return ExitCode::from(2);
@@ -219,6 +194,44 @@ fn main() -> ExitCode {
     running.shutdown();
     log!(Level::Info, "stopped");
     ExitCode::SUCCESS
+}
+
+/// The broker's settings: the flags given, and [`Config::default`] for the rest (every flag's
+/// default is read from it too, so a flag left out and a setting without a flag agree).
+fn config_from(args: Args, matches: &clap::ArgMatches) -> Config {
+    let given = |id: &str| matches.value_source(id) != Some(ValueSource::DefaultValue);
+    let defaults = Config::default();
+    Config {
+        listen: args.listen,
+        shards: args.shards.unwrap_or_else(mbws::config::available_cores),
+        pin_threads: !args.no_pin,
+        // A default the user did not set follows the setting it must agree with.
+        max_frame_bytes: if given("max_frame_bytes") {
+            args.max_frame_bytes
+        } else {
+            defaults.max_frame_bytes.min(args.max_message_bytes)
+        },
+        max_message_bytes: args.max_message_bytes,
+        max_queued_messages: args.max_queued_messages,
+        max_inflight_sends: args.max_inflight_sends,
+        max_outbound_bytes: args.max_outbound_bytes,
+        max_subscriptions: args.max_subscriptions,
+        max_credit: args.max_credit,
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        open_timeout: Duration::from_millis(args.open_timeout_ms),
+        session_expiry_ms: args.session_expiry_ms,
+        ack_timeout_ms: args.ack_timeout_ms,
+        max_deliveries: args.max_deliveries,
+        max_queued_bytes: args.max_queued_bytes,
+        memory_budget_bytes: args.memory_budget_bytes,
+        data_dir: args.data_dir,
+        durable_addresses: args.durable_addresses,
+        log_batch_delay: Duration::from_micros(args.log_batch_delay_us),
+        log_batch_bytes: args.log_batch_bytes,
+        log_segment_bytes: args.log_segment_bytes,
+        log_recovery: args.log_recovery,
+        ..defaults
+    }
 }
 
 /// A panic anywhere (a shard thread included) is a broken invariant: log it with its thread
@@ -280,20 +293,21 @@ fn raise_open_file_limit() {
 /// SIGINT and SIGTERM stop the broker; SIGHUP (what a service manager or a closed terminal
 /// sends) is logged and ignored.
 fn block_handled_signals() -> std::io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data initialized by sigemptyset before use; pthread_sigmask
-    // gets valid pointers.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(set)
+    // SAFETY: sigset_t is an array of integers, for which all-zero bytes are valid; sigemptyset
+    // below makes it the empty set whatever its representation.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset writes the live `set` it is given.
+    unsafe { libc::sigemptyset(&mut set) };
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: sigaddset writes the live, initialized `set`; each signal number is valid.
+        unsafe { libc::sigaddset(&mut set, signal) };
     }
+    // SAFETY: `set` is a live, initialized sigset_t; a null old-mask pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(set)
 }
 
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {
@@ -301,4 +315,18 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     // SAFETY: `set` holds blocked signals; `signal` is a live c_int.
     unsafe { libc::sigwait(set, &mut signal) };
     signal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One source for every default: a broker started without flags runs with exactly
+    /// `Config::default()`, so no flag carries a default of its own that could drift from it.
+    #[test]
+    fn every_flag_defaults_to_config_default() {
+        let matches = command().try_get_matches_from(["mbws-broker"]).unwrap();
+        let args = Args::from_arg_matches(&matches).unwrap();
+        assert_eq!(format!("{:?}", config_from(args, &matches)), format!("{:?}", Config::default()));
+    }
 }

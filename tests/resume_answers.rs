@@ -49,37 +49,41 @@ impl Peer {
     /// that the window stays that small: the broker's writes to this peer block soon.
     fn connect_small_window(broker: &Broker, binding: Binding, receive_buffer_bytes: i32) -> Peer {
         let std::net::SocketAddr::V4(addr) = broker.addr else { panic!("the test broker listens on IPv4") };
-        // SAFETY: plain socket calls on a descriptor created here; it is owned by the TcpStream
-        // below (or closed on failure) and the option and address structs outlive each call.
-        let stream = unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            assert!(fd >= 0, "socket() failed");
-            let size = receive_buffer_bytes;
-            let set = libc::setsockopt(
+        // SAFETY: socket(2) touches no memory of ours; the result is checked below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0, "socket() failed");
+        // SAFETY: `fd` is a fresh descriptor nothing else owns; the stream closes it on every
+        // path from here on, a failed assertion included.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        let size = receive_buffer_bytes;
+        // SAFETY: `fd` is open (owned by `stream`); the option points at the live `size` and
+        // its exact length is passed.
+        let set = unsafe {
+            libc::setsockopt(
                 fd,
                 libc::SOL_SOCKET,
                 libc::SO_RCVBUF,
                 (&size as *const i32).cast(),
                 std::mem::size_of::<i32>() as libc::socklen_t,
-            );
-            assert_eq!(set, 0, "setsockopt(SO_RCVBUF) failed");
-            let sockaddr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: addr.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
-                sin_zero: [0; 8],
-            };
-            let connected = libc::connect(
+            )
+        };
+        assert_eq!(set, 0, "setsockopt(SO_RCVBUF) failed");
+        let sockaddr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: `fd` is open (owned by `stream`); the address points at the live `sockaddr`
+        // and its exact length is passed.
+        let connected = unsafe {
+            libc::connect(
                 fd,
                 (&sockaddr as *const libc::sockaddr_in).cast(),
                 std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            );
-            if connected != 0 {
-                libc::close(fd);
-                panic!("connect() to {addr} failed");
-            }
-            TcpStream::from_raw_fd(fd)
+            )
         };
+        assert_eq!(connected, 0, "connect() to {addr} failed");
         Peer::connect_stream(broker, stream, binding)
     }
 

@@ -245,17 +245,17 @@ fn listen_takes_host_names_and_bare_ports_and_a_file_data_dir_is_named() {
 /// The broker command with RLIMIT_NOFILE set to `soft`/`hard` in the child before exec.
 fn with_open_file_limit(data_dir: &std::path::Path, extra: &[&str], soft: u64, hard: u64) -> Command {
     let mut command = Broker::command(data_dir, extra);
+    let set_limit = move || {
+        let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+        // SAFETY: setrlimit reads one rlimit through the pointer, which points at the live `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
     // SAFETY: the closure runs in the forked child before exec and only calls setrlimit,
-    // which is async-signal-safe.
-    unsafe {
-        command.pre_exec(move || {
-            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // which is async-signal-safe, and allocates nothing.
+    unsafe { command.pre_exec(set_limit) };
     command
 }
 

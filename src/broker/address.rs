@@ -30,11 +30,19 @@
 //! message whose id is past the durable reservation waits like an unsynced durable message).
 //! After a restart ids continue above the highest reservation or logged id.
 //!
-//! Invariants, checked in debug builds:
+//! Invariants:
 //! - a subscriber never has more deliveries outstanding than its credit allows (`in_flight`
-//!   grows only while `in_flight < credit`);
-//! - an anycast message is in exactly one place: the queue, or one subscriber's `unacked`;
-//! - every queue and backlog is bounded by `max_queued_messages`.
+//!   grows only while `in_flight < credit`): asserted at every delivery, in release builds too;
+//! - an anycast message is in exactly one place: the queue, or one subscriber's `unacked`
+//!   (asserted in debug builds where a message goes back to the queue, and always where it
+//!   enters an `unacked` ring, which refuses a key twice);
+//! - the shard's `queued_bytes` is the sum of its addresses' (the memory budget is checked
+//!   against it): asserted not to go below zero where deliveries take bytes out;
+//! - a publish is refused once `max_queued_messages` wait in the address queue beyond what its
+//!   subscribers' credit takes at once, and a multicast subscriber whose backlog reaches
+//!   `max_queued_messages` is ended. Messages taken back from consumers (redelivery) and
+//!   recovered at start-up go back to their queue regardless, so a queue can exceed the bound
+//!   by what was in flight.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -112,18 +120,27 @@ pub struct AddressLimits {
     pub max_frame_bytes: usize,
 }
 
+impl AddressLimits {
+    /// The limits of one of `shard_count` shards: its share of the memory budget, the rest as
+    /// configured.
+    pub fn from_config(config: &crate::config::Config, shard_count: usize) -> AddressLimits {
+        AddressLimits {
+            max_queued_messages: config.max_queued_messages,
+            max_credit: config.max_credit,
+            max_deliveries: config.max_deliveries,
+            ack_timeout_ms: config.ack_timeout_ms,
+            shard_count,
+            max_queued_bytes: config.max_queued_bytes,
+            memory_budget_bytes: config.memory_budget_bytes / shard_count.max(1),
+            max_frame_bytes: config.limits().max_frame_bytes as usize,
+        }
+    }
+}
+
+/// The limits of a one-shard broker with the default configuration ([`Config::default`](crate::config::Config)).
 impl Default for AddressLimits {
     fn default() -> Self {
-        AddressLimits {
-            max_queued_messages: 100_000,
-            max_credit: 65_535,
-            max_deliveries: 0,
-            ack_timeout_ms: 0,
-            shard_count: 1,
-            max_queued_bytes: 256 * 1024 * 1024,
-            memory_budget_bytes: 1024 * 1024 * 1024,
-            max_frame_bytes: 1024 * 1024,
-        }
+        AddressLimits::from_config(&crate::config::Config::default(), 1)
     }
 }
 
@@ -627,6 +644,12 @@ impl AddressTable {
         let Some(state) = self.addresses.get_mut(address) else { return };
         match mode {
             DeliveryMode::Anycast => {
+                // O(queue) and so debug only: this path runs once per redelivery, not per message.
+                debug_assert!(
+                    state.queue.iter().all(|waiting| waiting.id != queued.id),
+                    "message {} given back to a queue that already holds it",
+                    queued.id.0
+                );
                 state.queued_bytes += queued.message.body.len();
                 self.queued_bytes += queued.message.body.len();
                 state.queue.push_front(queued);
@@ -1207,7 +1230,12 @@ impl AddressTable {
         let queued_before = state.queued_bytes;
         let mut settled = Vec::new();
         Self::deliver_queue(state, ack_deadline, held_from, now_ms, out, &mut settled);
-        self.queued_bytes -= queued_before - state.queued_bytes;
+        // Wrapping below zero would leave the memory budget refusing (or admitting) every
+        // publish for good: stop loudly instead.
+        self.queued_bytes = self
+            .queued_bytes
+            .checked_sub(queued_before - state.queued_bytes)
+            .expect("the shard's queued bytes include every address's");
         for queued in settled {
             self.settle(address, &queued.message, queued.id);
         }
@@ -1354,7 +1382,12 @@ fn drain_backlog(
 /// Counts a delivery against the subscriber's credit and, in client ack mode, keeps it until
 /// it is acknowledged (with its ack deadline, if there is an ack timeout).
 fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadline: Option<u64>) -> Delivered {
-    debug_assert!(subscriber.has_credit(), "delivery without credit");
+    assert!(
+        subscriber.has_credit(),
+        "delivery without credit: {} in flight, credit {}",
+        subscriber.in_flight,
+        subscriber.credit
+    );
     subscriber.in_flight += 1;
     queued.deliveries += 1;
     let delivered =

@@ -170,7 +170,12 @@ unsafe impl IoBufMut for ReadTail {
     }
 
     unsafe fn set_init(&mut self, written: usize) {
-        // SAFETY: the kernel initialized `written` bytes of spare capacity (caller contract).
+        // A count past the spare capacity would make `set_len` expose memory the buffer does
+        // not own: the runtime's contract says it cannot happen; check it, it costs one compare
+        // per read.
+        assert!(written <= self.0.capacity() - self.0.len(), "a read reported more bytes than its room");
+        // SAFETY: the kernel initialized `written` bytes of spare capacity (caller contract),
+        // and they fit in it (asserted above).
         unsafe { self.0.set_len(self.0.len() + written) }
     }
 }
@@ -426,7 +431,8 @@ fn hand_over(
     home: ShardId,
 ) {
     let buffered = buf.into_bytes();
-    // SAFETY: dup(2) of a descriptor we own; the result is checked and owned below.
+    // SAFETY: `stream` (alive until the drop below) owns the descriptor, so the number is
+    // open; dup(2) touches no memory of ours, and its result is checked and owned below.
     let duplicate = unsafe { libc::dup(stream.as_raw_fd()) };
     if duplicate < 0 {
         log!(
@@ -536,12 +542,15 @@ pub const SUPERSEDED_REASON: &str = "session resumed on another connection";
 /// `CLOSE_GRACE` to finish what it is writing and send the ERROR and close of
 /// [`SUPERSEDED_REASON`] before the socket is shut down for good, however stuck its writes are.
 fn supersede(socket: RawFd) {
-    // SAFETY: shutdown(2) and dup(2) on the descriptor the old connection's stream still owns;
-    // the duplicate is checked and owned below, so the timer never touches a reused number.
+    // SAFETY: the old connection's stream still owns `socket` (the caller holds that connection's
+    // slot, whose stream closes the descriptor only when its tasks end), so the number names
+    // that socket and no other; shutdown(2) changes the socket's state, not the descriptor.
     unsafe { libc::shutdown(socket, libc::SHUT_RD) };
+    // SAFETY: `socket` is open (as above); dup(2) touches no memory of ours, and its result is
+    // checked and then owned below, so the timer never touches a number reused by then.
     let duplicate = unsafe { libc::dup(socket) };
     if duplicate < 0 {
-        // SAFETY: as above.
+        // SAFETY: `socket` is still open and owned by the old stream (as above).
         unsafe { libc::shutdown(socket, libc::SHUT_RDWR) };
         return;
     }

@@ -273,6 +273,9 @@ impl Outbound {
         self.unsealed_from = 0;
         reuse.arena = arena;
         reuse.credits = std::mem::take(&mut self.credits);
+        // The bound (`max_outbound_bytes`) is checked against `queued_bytes`: it must be what
+        // the batch will write. One compare per batch.
+        assert_eq!(reuse.remaining_bytes, self.queued_bytes, "queued_bytes disagrees with the frames queued");
         self.queued_bytes = 0;
         Some(reuse)
     }

@@ -41,6 +41,10 @@ use crate::mbws::{
     PROTOCOL_VERSION,
 };
 
+/// Shortest heartbeat interval the broker agrees to (a shorter non-zero request is raised to
+/// it; docs/PROTOCOL.md, OPENED `heartbeat-ms`). `max_heartbeat_ms` is the other end.
+pub const MIN_HEARTBEAT_MS: u32 = 1000;
+
 /// Settings every session on a shard shares.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -421,7 +425,7 @@ impl Session {
         self.token = random_token();
         let heartbeat_ms = match open.heartbeat_ms {
             0 => 0,
-            asked => asked.clamp(1000, self.config.max_heartbeat_ms.max(1000)),
+            asked => asked.clamp(MIN_HEARTBEAT_MS, self.config.max_heartbeat_ms.max(MIN_HEARTBEAT_MS)),
         };
         self.binding = binding;
         self.heartbeat_ms = heartbeat_ms;
@@ -496,7 +500,9 @@ impl Session {
                 self.forget_old_refusals();
             }
         }
-        debug_assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
+        // The connection stops reading at `max_inflight_sends`; a SEND past it would break the
+        // memory bound the limit promises (and the refused-SEND window that relies on it).
+        assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
         // No frame the broker sends may exceed the max-frame-bytes it announced, MESSAGE included.
         let largest = mbws::largest_message_bytes(&send.address, &send.properties, send.body.len());
         let max_frame_bytes = self.config.limits.max_frame_bytes as usize;

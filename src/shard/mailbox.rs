@@ -7,10 +7,16 @@
 //! the receiver sees the batch on its re-check or the sender sees the flag and writes the
 //! eventfd: a batch is never left unnoticed, and a busy shard costs its senders no syscall.
 //!
-//! Bound: the channel itself is unbounded, because a shard thread must never block on a full
-//! channel (two shards blocked on each other would deadlock). What may be in flight is bounded
-//! at the sources instead: publishes by `max_inflight_sends` per connection, deliveries by
-//! credit, acknowledgements by deliveries, subscriptions by `max_subscriptions`.
+//! Bound: the channel itself is unbounded, on purpose, and there is no capacity setting. A
+//! bounded channel would leave a sender facing a full inbox three choices, all worse: block
+//! (shard A, full of B's commands, blocks posting to B while B, full of A's, blocks posting to
+//! A: both stop for ever, since a shard drains its inbox only from its own event loop), drop
+//! the batch (a lost delivery, ACK or RECEIPT breaks a promise made to a client), or keep the
+//! batch in a local overflow queue (which is the unbounded queue again, one hop earlier). What
+//! may be in flight is bounded at the sources instead: publishes by `max_inflight_sends` per
+//! connection (the connection stops reading beyond it), deliveries by credit, acknowledgements
+//! and settlements by deliveries, subscriptions by `max_subscriptions`; and a shard posts at
+//! most one envelope per destination per round of work.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -175,18 +175,9 @@ impl Shard {
             max_heartbeat_ms: config.max_heartbeat_ms,
             session_expiry_ms: config.session_expiry_ms,
             shard_count,
-            default_credit: 1000,
+            default_credit: config.default_credit,
         });
-        let address_limits = AddressLimits {
-            max_queued_messages: config.max_queued_messages,
-            max_credit: config.max_credit,
-            max_deliveries: config.max_deliveries,
-            ack_timeout_ms: config.ack_timeout_ms,
-            shard_count,
-            max_queued_bytes: config.max_queued_bytes,
-            memory_budget_bytes: config.memory_budget_bytes / shard_count.max(1),
-            max_frame_bytes: config.limits().max_frame_bytes as usize,
-        };
+        let address_limits = AddressLimits::from_config(&config, shard_count);
         Shard {
             id,
             config,
@@ -291,6 +282,7 @@ impl Shard {
 
     /// Passes a connection to the shard `home` (see `conn::Adoption`).
     pub fn hand_over(&self, home: ShardId, adoption: Box<crate::conn::Adoption>) {
+        assert_ne!(home, self.id, "a resume of this shard's own session is served here, not handed over");
         self.post_office.post(home, Envelope::Adopt(adoption));
     }
 
@@ -521,6 +513,9 @@ impl Shard {
 
     fn flush_outboxes(&self) {
         let mut outboxes = self.outboxes.borrow_mut();
+        // Commands for this shard go on the local work queue (`submit`), never through its own
+        // inbox, where they would run a round later and out of order with local work.
+        assert!(outboxes[usize::from(self.id.0)].is_empty(), "shard {} posted commands to itself", self.id.0);
         for (index, outbox) in outboxes.iter_mut().enumerate() {
             if !outbox.is_empty() {
                 let batch = std::mem::take(outbox);
@@ -532,8 +527,10 @@ impl Shard {
     /// Drains the inbox whenever other shards post to it; sleeps on the eventfd otherwise.
     async fn inbox_loop(self: Rc<Self>, inbox: Receiver<Envelope>) {
         let wake = self.post_office.wake(self.id).clone();
-        // SAFETY (of from_raw_fd below): we duplicate the eventfd so that the monoio File owns
-        // its own descriptor and closing it cannot close the one senders write to.
+        // We duplicate the eventfd so that the monoio File owns its own descriptor and closing
+        // it cannot close the one senders write to.
+        // SAFETY: `wake` (an `Arc` held for this whole function) owns the eventfd, so the
+        // number is open; dup(2) touches no memory of ours and its result is checked below.
         let duplicate = unsafe { libc::dup(wake.eventfd()) };
         assert!(duplicate >= 0, "dup(eventfd) failed: {}", io::Error::last_os_error());
         // SAFETY: `duplicate` is a fresh descriptor that nothing else owns.

@@ -117,25 +117,32 @@ fn bind_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
 
 /// The CPUs this process may run on (its affinity mask), in ascending order.
 pub fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set; the size passed is exact.
-    unsafe {
-        let mut set: libc::cpu_set_t = mem::zeroed();
-        if libc::sched_getaffinity(0, mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
+    let mut set = empty_cpu_set();
+    // SAFETY: `set` is a live cpu_set_t and its exact size is passed, so the kernel writes
+    // inside it.
+    if unsafe { libc::sched_getaffinity(0, mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
     }
+    // SAFETY: CPU_ISSET reads one bit of the live `set`; every index is below CPU_SETSIZE,
+    // the number of bits the set holds.
+    (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect()
+}
+
+fn empty_cpu_set() -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is an array of integers, for which all-zero bytes are a valid value
+    // (the empty set).
+    unsafe { mem::zeroed() }
 }
 
 /// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
-    // SAFETY: as above; CPU_SET is given an index below CPU_SETSIZE by the caller's source.
-    unsafe {
-        let mut set: libc::cpu_set_t = mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    assert!(cpu < libc::CPU_SETSIZE as usize, "CPU {cpu} is beyond CPU_SETSIZE: it comes from allowed_cpus");
+    let mut set = empty_cpu_set();
+    // SAFETY: CPU_SET writes one bit of the live `set`; `cpu` is below CPU_SETSIZE (asserted).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t and its exact size is passed; the kernel only reads it.
+    if unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -608,7 +608,9 @@ impl DurableLog {
             });
         }
         let batch = self.pending.back_mut().expect("a pending batch exists");
-        debug_assert_eq!(batch.file_offset + batch.bytes.len() as u64, offset, "pending batch is not contiguous");
+        // Each record's checksum covers its file offset: a record encoded for another offset than
+        // the one it is written at would read back as damage. One compare per durable record.
+        assert_eq!(batch.file_offset + batch.bytes.len() as u64, offset, "pending batch is not contiguous");
         record::encode(&mut batch.bytes, record, active.salt, offset);
         active.end += length;
         self.pending_bytes += length as usize;

@@ -108,7 +108,8 @@ async fn connect_from(addr: SocketAddr, source: Ipv4Addr) -> io::Result<TcpStrea
         return Err(io::Error::new(error.kind(), format!("cannot bind to source address {source}: {error}")));
     }
     let remote = sockaddr_in(*target.ip(), target.port());
-    // SAFETY: as above.
+    // SAFETY: `fd` is open (owned by `std_stream`); `remote` is a valid sockaddr_in and its
+    // exact size is passed.
     let rc = unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), sockaddr_in_len()) };
     if rc != 0 {
         let error = io::Error::last_os_error();
@@ -154,20 +155,19 @@ fn sockaddr_in_len() -> libc::socklen_t {
 
 /// Raises the open-files soft limit to the hard limit; returns the soft limit now in force.
 pub fn raise_open_files_limit() -> io::Result<u64> {
-    // SAFETY: rlimit is plain data; getrlimit/setrlimit read and write the struct we pass.
-    unsafe {
-        let mut limit: libc::rlimit = mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return Ok(raised.rlim_cur);
-            }
-        }
-        Ok(limit.rlim_cur)
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit through the pointer, which points at the live `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads one rlimit through the pointer, which points at the live `raised`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(raised.rlim_cur);
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// Reads once into the spare capacity of `buf`, growing it first if it has less than

@@ -25,12 +25,10 @@ pub fn rss_kib(pid: u32) -> Result<u64, BenchError> {
 
 /// This process's user plus system CPU seconds.
 pub fn own_cpu_seconds() -> f64 {
-    // SAFETY: rusage is plain data (zeroed is valid) and getrusage fills the struct we pass.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
+    // SAFETY: rusage is made of integers and timevals, for which all-zero bytes are valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage through the pointer, which points at the live `usage`.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }

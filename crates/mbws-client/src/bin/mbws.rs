@@ -19,6 +19,9 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
 use mbws_client::{parse_url_syntax, Client, ClientError, ClientOptions};
+// Credit of `consume` when `--credit` is not given (lowered to the broker's max-credit): the
+// credit the broker itself gives a SUBSCRIBE without one.
+use mbws_proto::mbws::DEFAULT_CREDIT;
 use mbws_proto::mbws::{AckMode, Binding, DeliveryMode, Properties, Send, Subprotocol};
 
 const EXIT_CODES: &str = "Exit codes: 0 done; 1 connection, protocol or broker error; 2 bad usage (flags, \
@@ -26,8 +29,6 @@ const EXIT_CODES: &str = "Exit codes: 0 done; 1 connection, protocol or broker e
                           --count messages; 130 / 143 consume: stopped by SIGINT / SIGTERM (after writing out \
                           and acknowledging what it printed and closing the session).";
 
-/// Credit of `consume` when `--credit` is not given (lowered to the broker's max-credit).
-const DEFAULT_CREDIT: u32 = 1000;
 /// Runs shorter than this print their count and time, not a rate (which would be noise).
 const MIN_SECONDS_FOR_A_RATE: f64 = 0.1;
 /// Longest single wait of `consume` for the socket: bounds how late a stop signal that
@@ -320,15 +321,16 @@ extern "C" fn on_stop_signal(signal: libc::c_int) {
 /// consume loop sees the signal at once.
 fn catch_stop_signals() -> std::io::Result<()> {
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler only stores
-        // to an atomic, which is async-signal-safe.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        // SAFETY: sigaction is integers, a sigset_t and a handler address, for which all-zero
+        // bytes are valid (SIG_DFL, empty mask, no flags).
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: sigemptyset writes the live `sa_mask` it is given.
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        // SAFETY: `action` is a valid sigaction whose handler only stores to an atomic, which
+        // is async-signal-safe; a null old-action pointer is allowed.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())

@@ -34,11 +34,18 @@ pub struct CodecLimits {
     pub max_header_bytes: usize,
 }
 
+/// The defaults of the broker's `max-address-bytes`, `max-headers` and `max-header-bytes` (the
+/// broker's `Config::default` takes them from here), and what clients and tests decode with.
 impl Default for CodecLimits {
     fn default() -> Self {
         CodecLimits { max_address_bytes: 255, max_headers: 64, max_header_bytes: 16 * 1024 }
     }
 }
+
+/// The credit this project's broker gives a SUBSCRIBE whose credit is 0 (capped at its
+/// `max-credit`; docs/PROTOCOL.md 7.1), and the credit the `mbws` CLI subscribes with when not
+/// told otherwise: one constant, so the two never drift apart.
+pub const DEFAULT_CREDIT: u32 = 1000;
 
 /// Decodes one MBWS frame from one complete WebSocket message payload.
 pub fn decode(binding: Binding, payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError> {
