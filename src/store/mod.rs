@@ -321,8 +321,8 @@ impl fmt::Display for StoreError {
             StoreError::RecordTooLarge { address, field, bytes, max_bytes } => write!(
                 f,
                 "durable message for address \"{address}\": its {field} is {bytes} bytes, over the \
-                 log's limit of {max_bytes}; lower max_message_bytes / max_header_bytes, or send it \
-                 without durable"
+                 durable log's limit of {max_bytes} for one record; send it without durable (or start \
+                 the broker with a lower --max-message-bytes, so such messages are refused at once)"
             ),
         }
     }
