@@ -192,6 +192,31 @@ fn sigterm_closes_the_session_so_the_next_consumer_gets_the_rest_at_once() {
     assert!(!lines[1].contains("redelivered"), "{lines:?}");
 }
 
+/// A reader that goes away (`mbws consume jobs | head -1`) ends the consumer like --count: it
+/// closes the session, so what it had not written out goes back to the address at once rather
+/// than after the session expiry.
+#[test]
+fn a_closed_output_pipe_closes_the_session_so_the_rest_is_released_at_once() {
+    let broker = Broker::start(&["--session-expiry-ms", "120000"]);
+    let url = broker.url();
+    let mut child = mbws(&url, &["consume", "jobs"]).spawn().expect("start mbws consume");
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    send(&url, "jobs", "one");
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "one\n");
+    drop(reader); // The pipe's only reader is gone: the next write fails with EPIPE.
+    send(&url, "jobs", "two");
+    let output = wait_output(child, Duration::from_secs(10));
+    assert_eq!(output.status.code(), Some(0), "a closed output ends consume: {}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("standard output was closed"), "{}", text(&output.stderr));
+
+    // "two" reached the consumer but never its reader: released by the CLOSE, not 120 s later.
+    let output = run(mbws(&url, &["consume", "jobs", "--count", "1", "--timeout", "5"]), None);
+    assert!(output.status.success(), "{:?}: {}", output.status, text(&output.stderr));
+    assert_eq!(text(&output.stdout), "two\n");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Item 17: one trailing newline of a standard-input body is removed, unless --raw.
 

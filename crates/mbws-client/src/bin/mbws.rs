@@ -1,6 +1,6 @@
 //! `mbws`: a command-line MBWS client, in the spirit of `nats pub` / `nats sub`.
 //!
-//! Exit codes ([`EXIT_CODES`], also in `--help`): 0 done; 1 connection, protocol or broker
+//! Exit codes ([`EXIT_CODES`], also in `--help`): 0 done (or, for `consume`, its output closed); 1 connection, protocol or broker
 //! error; 2 bad usage (flags, URL, a `--credit` above the broker's max-credit); 3 `consume` timed
 //! out before `--count` messages arrived; 130 / 143 `consume` stopped by SIGINT / SIGTERM.
 //!
@@ -8,7 +8,9 @@
 //! whenever no further message is already waiting, so output never sits unprinted while the
 //! consumer waits. It acknowledges only what it has written. On SIGINT or SIGTERM it writes out
 //! what it printed, acknowledges it, and ends the session with CLOSE, so the broker releases
-//! what was delivered but not printed at once (not after the session expiry).
+//! what was delivered but not printed at once (not after the session expiry). A closed standard
+//! output (`mbws consume x | head -1`) ends it the same way, with exit 0: what it wrote out is
+//! acknowledged, the rest is released.
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
@@ -24,7 +26,7 @@ use mbws_client::{parse_url_syntax, Client, ClientError, ClientOptions};
 use mbws_proto::mbws::DEFAULT_CREDIT;
 use mbws_proto::mbws::{AckMode, Binding, DeliveryMode, Properties, Send, Subprotocol};
 
-const EXIT_CODES: &str = "Exit codes: 0 done; 1 connection, protocol or broker error; 2 bad usage (flags, \
+const EXIT_CODES: &str = "Exit codes: 0 done (for consume also: its standard output was closed, as by `| head`); 1 connection, protocol or broker error; 2 bad usage (flags, \
                           URL, --credit above the broker's max-credit); 3 consume: --timeout passed before \
                           --count messages; 130 / 143 consume: stopped by SIGINT / SIGTERM (after writing out \
                           and acknowledging what it printed and closing the session).";
@@ -371,10 +373,27 @@ fn consume(url: &str, options: ClientOptions, plan: &ConsumePlan) -> Result<Exit
     let ack_every = u64::from((credit / 4).max(1));
     let mut received = 0u64;
     let mut printed_seq = 0u64;
+    // Printed and written out: what may be acknowledged.
+    let mut written_seq = 0u64;
     let mut acked_seq = 0u64;
     let mut started: Option<Instant> = None;
     let mut last_arrival = Instant::now();
     let mut timed_out = false;
+    // The reader of our output went away (`mbws consume x | head -1`): stop like after
+    // --count, acknowledging only what was written out, so CLOSE releases the rest at once.
+    let mut output_closed = false;
+    macro_rules! output {
+        ($result:expr) => {
+            match $result {
+                Ok(value) => value,
+                Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+                    output_closed = true;
+                    break;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
+    }
     while plan.count == 0 || received < plan.count {
         if stop_signal().is_some() {
             break;
@@ -384,10 +403,11 @@ fn consume(url: &str, options: ClientOptions, plan: &ConsumePlan) -> Result<Exit
         let message = match client.next_message(Duration::ZERO)? {
             Some(message) => message,
             None => {
-                out.flush()?;
-                if printed_seq > acked_seq {
-                    client.ack(printed_seq, true)?;
-                    acked_seq = printed_seq;
+                output!(out.flush());
+                written_seq = printed_seq;
+                if written_seq > acked_seq {
+                    client.ack(written_seq, true)?;
+                    acked_seq = written_seq;
                 }
                 let wait = match plan.timeout {
                     Some(timeout) => {
@@ -415,37 +435,50 @@ fn consume(url: &str, options: ClientOptions, plan: &ConsumePlan) -> Result<Exit
         received += 1;
         if !plan.quiet {
             if plan.verbose {
-                write!(
+                output!(write!(
                     out,
                     "{} {} {}{} ",
                     String::from_utf8_lossy(&message.address),
                     message.delivery_seq,
                     message.message_id,
                     if message.redelivered { " redelivered" } else { "" }
-                )?;
+                ));
             }
-            out.write_all(&message.body)?;
-            out.write_all(b"\n")?;
+            output!(out.write_all(&message.body));
+            output!(out.write_all(b"\n"));
             if line_by_line {
-                out.flush()?;
+                output!(out.flush());
+                written_seq = message.delivery_seq;
             }
         }
         printed_seq = message.delivery_seq;
         // Acknowledge cumulatively every quarter window (what is printed is written out first).
         if received % ack_every == 0 {
-            out.flush()?;
-            client.ack(printed_seq, true)?;
-            acked_seq = printed_seq;
+            output!(out.flush());
+            written_seq = printed_seq;
+            client.ack(written_seq, true)?;
+            acked_seq = written_seq;
         }
     }
-    out.flush()?;
-    if printed_seq > acked_seq {
-        client.ack(printed_seq, true)?;
+    if !output_closed {
+        match out.flush() {
+            Ok(()) => written_seq = printed_seq,
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => output_closed = true,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    if written_seq > acked_seq {
+        client.ack(written_seq, true)?;
     }
     if let Some(started) = started {
         if plan.quiet || received > 1 {
             eprintln!("received {received} messages {}", time_and_rate(received, started.elapsed()));
         }
+    }
+    if output_closed {
+        // What was printed but not written out goes back to the address with the CLOSE.
+        eprintln!("mbws consume: standard output was closed; closing the session");
+        drop(out.into_parts());
     }
     let signal = stop_signal();
     client.close()?;
