@@ -318,6 +318,7 @@ impl ShardCore {
             "shard {} posted commands to itself",
             self.id.0
         );
+        debug_assert!(self.queues.work.is_empty() && self.dirty.is_empty(), "a round leaves no work behind");
         let log_has_pending = self.durable_log.as_ref().is_some_and(|log| log.borrow().has_pending());
         Effects {
             posts: Posts { outboxes: self.queues.outboxes.iter_mut().enumerate() },
