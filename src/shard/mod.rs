@@ -3,7 +3,7 @@
 //!
 //! A shard owns, and only it touches: the connections it accepted (SO_REUSEPORT spreads them),
 //! the addresses hashed to it ([`owner_of`](crate::broker::owner_of)), and its outboxes.
-//! Work moves as [`Command`]s: a command for this shard goes on the local work queue (no
+//! Work moves as [`Command`](crate::broker::Command)s: a command for this shard goes on the local work queue (no
 //! channel), a command for another shard into that shard's outbox, and outboxes are posted as
 //! one batch per destination at the end of each round of work ([`Shard::run_work`]).
 //!
