@@ -3,18 +3,24 @@
 //!
 //! A shard owns, and only it touches: the connections it accepted (SO_REUSEPORT spreads them),
 //! the addresses hashed to it ([`owner_of`](crate::broker::owner_of)), and its outboxes.
-//! Work moves as [`Command`]s: a command for this shard goes on the local work queue (no
+//! Work moves as [`Command`](crate::broker::Command)s: a command for this shard goes on the local work queue (no
 //! channel), a command for another shard into that shard's outbox, and outboxes are posted as
 //! one batch per destination at the end of each round of work ([`Shard::run_work`]).
+//!
+//! What the shard decides lives in its sans-IO [`ShardCore`] (`core.rs`): the address table,
+//! the work queue, the outboxes, the connections to flush, the ack timer's state. [`Shard`] is
+//! the IO shell around it: it reads the clock, runs the monoio tasks (inbox, ack timer,
+//! accept, the durable log's commit task), keeps the connection slots, and turns the core's
+//! [`Effects`](core::Effects) into posts and wake-ups.
 //!
 //! Threads share nothing but the read-only [`Config`] and the [`PostOffice`] (channels and
 //! eventfds): no locks on the message path.
 
+pub mod core;
 pub mod mailbox;
 mod net;
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -25,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use crate::broker::address::{AddressLimits, AddressTable, Publication, MAX_PUBLISH_BATCH};
-use crate::broker::{AddressCommand, Command, ConnId, ConnRef, ShardId};
+use self::core::{ConnTable, ShardCore};
+use crate::broker::address::AddressLimits;
+use crate::broker::{AddressCommand, ConnCommand, ConnId, ConnRef, ShardId};
 use crate::config::Config;
 use crate::conn::session::{Effects, SessionConfig};
 use crate::conn::{Connection, ConnectionCell};
@@ -135,25 +142,52 @@ impl Drop for EventWait<'_> {
 struct Slot {
     generation: u32,
     connection: Option<ConnectionCell>,
-    /// Listed in `Shard::dirty` (so listed at most once per round of work).
-    dirty: bool,
 }
 
-/// One shard's state; lives on its thread behind an `Rc`.
+/// The shard's connection slots: what the core reaches connections through
+/// ([`ConnTable`]) until it owns them (`core.rs`, "Next steps").
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    fn get(&self, id: ConnId) -> Option<&ConnectionCell> {
+        let slot = self.slots.get(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.connection.as_ref()
+    }
+}
+
+impl ConnTable for Slots {
+    fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool {
+        let Some(cell) = self.get(command.conn()) else { return false };
+        let mut connection = cell.borrow_mut();
+        let Connection { session, outbound, .. } = &mut *connection;
+        let mut fx = Effects { outbound, commands: address_commands };
+        session.on_command(command, &mut fx);
+        true
+    }
+
+    fn flush(&mut self, id: ConnId) {
+        if let Some(cell) = self.get(id) {
+            cell.borrow_mut().flush();
+        }
+    }
+}
+
+/// One shard's IO shell (see the module doc); lives on its thread behind an `Rc`.
 pub struct Shard {
     pub id: ShardId,
     pub config: Arc<Config>,
     pub session_config: Arc<SessionConfig>,
     post_office: Arc<PostOffice>,
-    addresses: RefCell<AddressTable>,
-    slots: RefCell<Vec<Slot>>,
-    free_slots: RefCell<Vec<u32>>,
-    work: RefCell<VecDeque<Command>>,
-    outboxes: RefCell<Vec<Vec<Command>>>,
-    /// Connections whose session or write queue changed during this round of work.
-    dirty: RefCell<Vec<ConnId>>,
-    /// The other half of `dirty`'s double buffer (empty between rounds).
-    dirty_spare: std::cell::Cell<Vec<ConnId>>,
+    /// Everything the shard decides; borrowed once per event, never across an `.await`.
+    core: RefCell<ShardCore>,
+    slots: RefCell<Slots>,
     pub shutdown: LocalEvent,
     /// Connections in their opening phase (upgrade, or upgraded and waiting for OPEN): not in
     /// `slots` yet, but shutdown waits for their close frames too.
@@ -161,9 +195,8 @@ pub struct Shard {
     /// The durable log's commit task (set once at start-up) and its handle, awaited at shutdown.
     committer: RefCell<Option<Rc<GroupCommitter>>>,
     committing: RefCell<Option<monoio::task::JoinHandle<()>>>,
-    /// Wakes the ack timer when deliveries with an ack deadline may exist again.
+    /// Wakes the ack timer when the core reports deliveries with an ack deadline again.
     ack_deadline_added: LocalEvent,
-    ack_deadlines_armed: Cell<bool>,
 }
 
 impl Shard {
@@ -183,19 +216,13 @@ impl Shard {
             config,
             session_config,
             post_office,
-            addresses: RefCell::new(AddressTable::new(id, address_limits)),
-            slots: RefCell::new(Vec::new()),
-            free_slots: RefCell::new(Vec::new()),
-            work: RefCell::new(VecDeque::new()),
-            outboxes: RefCell::new((0..shard_count).map(|_| Vec::new()).collect()),
-            dirty: RefCell::new(Vec::new()),
-            dirty_spare: std::cell::Cell::new(Vec::new()),
+            core: RefCell::new(ShardCore::new(id, shard_count, address_limits)),
+            slots: RefCell::new(Slots::default()),
             shutdown: LocalEvent::default(),
             opening_connections: Cell::new(0),
             committer: RefCell::new(None),
             committing: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
-            ack_deadlines_armed: Cell::new(false),
         }
     }
 
@@ -206,10 +233,11 @@ impl Shard {
     /// Registers a new connection; `make` builds it once its id is known.
     pub fn register(&self, make: impl FnOnce(ConnRef) -> Connection) -> (ConnRef, ConnectionCell) {
         let mut slots = self.slots.borrow_mut();
-        let index = match self.free_slots.borrow_mut().pop() {
+        let Slots { slots, free } = &mut *slots;
+        let index = match free.pop() {
             Some(index) => index,
             None => {
-                slots.push(Slot { generation: 0, connection: None, dirty: false });
+                slots.push(Slot { generation: 0, connection: None });
                 (slots.len() - 1) as u32
             }
         };
@@ -223,26 +251,21 @@ impl Shard {
     /// Removes a connection; commands still addressed to it are dropped on arrival.
     pub fn unregister(&self, id: ConnId) {
         let mut slots = self.slots.borrow_mut();
+        let Slots { slots, free } = &mut *slots;
         let slot = &mut slots[id.index as usize];
         if slot.generation == id.generation && slot.connection.take().is_some() {
+            // A listing for a flush under the old generation finds no connection.
             slot.generation = slot.generation.wrapping_add(1);
-            // A listing in `dirty` under the old generation is skipped; the next user starts clean.
-            slot.dirty = false;
-            self.free_slots.borrow_mut().push(id.index);
+            free.push(id.index);
         }
     }
 
     pub fn connection(&self, id: ConnId) -> Option<ConnectionCell> {
-        let slots = self.slots.borrow();
-        let slot = slots.get(id.index as usize)?;
-        if slot.generation != id.generation {
-            return None;
-        }
-        slot.connection.clone()
+        self.slots.borrow().get(id).cloned()
     }
 
     pub fn connection_count(&self) -> usize {
-        self.slots.borrow().iter().filter(|slot| slot.connection.is_some()).count()
+        self.slots.borrow().slots.iter().filter(|slot| slot.connection.is_some()).count()
     }
 
     /// Counts a connection in its opening phase until the returned guard is dropped.
@@ -267,17 +290,7 @@ impl Shard {
 
     /// Queues commands for address owners (this shard or others).
     pub fn submit_address_commands(&self, commands: &mut Vec<(ShardId, AddressCommand)>) {
-        for (shard, command) in commands.drain(..) {
-            self.submit(shard, Command::Address(command));
-        }
-    }
-
-    fn submit(&self, shard: ShardId, command: Command) {
-        if shard == self.id {
-            self.work.borrow_mut().push_back(command);
-        } else {
-            self.outboxes.borrow_mut()[shard.0 as usize].push(command);
-        }
+        self.core.borrow_mut().submit_address_commands(commands);
     }
 
     /// Passes a connection to the shard `home` (see `conn::Adoption`).
@@ -289,90 +302,27 @@ impl Shard {
     /// Lists a connection for `flush` at the end of this round of work (once, however many
     /// commands it got).
     pub fn mark_dirty(&self, id: ConnId) {
-        let mut slots = self.slots.borrow_mut();
-        if let Some(slot) = slots.get_mut(id.index as usize) {
-            if slot.generation == id.generation && !slot.dirty {
-                slot.dirty = true;
-                self.dirty.borrow_mut().push(id);
-            }
-        }
+        self.core.borrow_mut().mark_dirty(id);
     }
 
-    /// Runs the local work queue dry, lets touched connections flush (cumulative receipts,
-    /// writer wake-ups), then posts every outbox as one batch per destination shard.
-    ///
-    /// Consecutive publishes to one address (what one read of a publisher's socket yields) are
-    /// handed to the address table together ([`AddressTable::publish_batch`]), so a multicast
-    /// subscriber gets them in one command; nothing is reordered, since only commands that
-    /// are next to each other in the queue are joined.
+    /// Runs a round of work in the core ([`ShardCore::run_work`]) with the time read once (a
+    /// round lasts far less than a millisecond), then does what it asks: posts each outbox as
+    /// one batch per destination shard, lets the log's commit task run, wakes the ack timer.
     pub fn run_work(&self) {
-        // One reading of the clock per round: a round lasts far less than a millisecond.
         let now = now_ms();
-        let mut scratch = Vec::new();
-        let mut address_commands = Vec::new();
-        let mut publications = Vec::new();
-        loop {
-            let next = self.work.borrow_mut().pop_front();
-            let Some(command) = next else { break };
-            match command {
-                Command::Address(AddressCommand::Publish { publisher, seq, message }) => {
-                    publications.push(Publication { publisher, seq, message });
-                    self.take_publishes_to_same_address(&mut publications);
-                    let forwards = {
-                        let mut addresses = self.addresses.borrow_mut();
-                        addresses.publish_batch(&mut publications, now, &mut scratch);
-                        (addresses.take_forwards(), addresses.take_deadline_added())
-                    };
-                    self.route_address_output(&mut scratch, forwards);
-                }
-                Command::Address(command) => {
-                    let forwards = {
-                        let mut addresses = self.addresses.borrow_mut();
-                        addresses.handle(command, now, &mut scratch);
-                        (addresses.take_forwards(), addresses.take_deadline_added())
-                    };
-                    self.route_address_output(&mut scratch, forwards);
-                }
-                Command::Conn(command) => {
-                    let id = command.conn();
-                    let Some(cell) = self.connection(id) else { continue };
-                    {
-                        let mut connection = cell.borrow_mut();
-                        let Connection { session, outbound, .. } = &mut *connection;
-                        let mut fx = Effects { outbound, commands: &mut address_commands };
-                        session.on_command(command, &mut fx);
-                    }
-                    self.mark_dirty(id);
-                    self.submit_address_commands(&mut address_commands);
-                }
-            }
+        let mut core = self.core.borrow_mut();
+        let mut slots = self.slots.borrow_mut();
+        let effects = core.run_work(now, &mut *slots);
+        for (shard, commands) in effects.posts {
+            self.post_office.post(shard, Envelope::Commands(commands));
         }
-        self.flush_dirty();
-        self.flush_outboxes();
-        if let Some(committer) = self.committer.borrow().as_ref() {
-            if committer.log().borrow().has_pending() {
+        if effects.log_has_pending {
+            if let Some(committer) = self.committer.borrow().as_ref() {
                 committer.notify();
             }
         }
-    }
-
-    /// Moves the publishes at the front of the work queue that go to the same address as
-    /// `publications[0]` into `publications`, up to `MAX_PUBLISH_BATCH` in all.
-    fn take_publishes_to_same_address(&self, publications: &mut Vec<Publication>) {
-        let mut work = self.work.borrow_mut();
-        while publications.len() < MAX_PUBLISH_BATCH {
-            let same_address = matches!(
-                work.front(),
-                Some(Command::Address(AddressCommand::Publish { message, .. }))
-                    if message.address == publications[0].message.address
-            );
-            if !same_address {
-                break;
-            }
-            let Some(Command::Address(AddressCommand::Publish { publisher, seq, message })) = work.pop_front() else {
-                unreachable!("the front was just checked to be a publish");
-            };
-            publications.push(Publication { publisher, seq, message });
+        if effects.wake_ack_timer {
+            self.ack_deadline_added.fire();
         }
     }
 
@@ -388,24 +338,20 @@ impl Shard {
         let log = Rc::new(RefCell::new(log));
         let durable_addresses =
             self.config.durable_addresses.iter().map(|name| bytes::Bytes::from(name.clone())).collect();
-        {
-            let mut addresses = self.addresses.borrow_mut();
-            addresses.set_durable_log(log.clone(), durable_addresses);
-            addresses.restore(recovery, now_ms(), now_unix_ms());
-            addresses.continue_ids_above(message_id_floor);
-        }
+        self.core.borrow_mut().attach_durable_log(
+            log.clone(),
+            durable_addresses,
+            recovery,
+            message_id_floor,
+            now_ms(),
+            now_unix_ms(),
+        );
         let committer = Rc::new(GroupCommitter::new(log));
         *self.committer.borrow_mut() = Some(committer.clone());
         let shard = self.clone();
         let committing = monoio::spawn(async move {
             let on_committed = |lsn| {
-                let mut answers = Vec::new();
-                let forwards = {
-                    let mut addresses = shard.addresses.borrow_mut();
-                    addresses.durable_committed(lsn, now_ms(), &mut answers);
-                    (addresses.take_forwards(), addresses.take_deadline_added())
-                };
-                shard.route_address_output(&mut answers, forwards);
+                shard.core.borrow_mut().durable_committed(lsn, now_ms());
                 shard.run_work();
             };
             if let Err(error) = committer.run(on_committed).await {
@@ -414,9 +360,7 @@ impl Shard {
                     "shard {}: the durable log failed: {error}; durable publishes are refused until a restart",
                     shard.id.0
                 );
-                let mut answers = Vec::new();
-                shard.addresses.borrow_mut().durable_failed(&error.to_string(), &mut answers);
-                shard.route_address_output(&mut answers, (Vec::new(), false));
+                shard.core.borrow_mut().durable_failed(&error.to_string());
                 shard.run_work();
             }
         });
@@ -441,32 +385,13 @@ impl Shard {
         }
     }
 
-    fn route_address_output(
-        &self,
-        answers: &mut Vec<(ShardId, crate::broker::ConnCommand)>,
-        (forwards, deadline_added): (Vec<(ShardId, AddressCommand)>, bool),
-    ) {
-        for (shard, command) in answers.drain(..) {
-            self.submit(shard, Command::Conn(command));
-        }
-        for (shard, command) in forwards {
-            self.submit(shard, Command::Address(command));
-        }
-        if deadline_added && !self.ack_deadlines_armed.get() {
-            self.ack_deadlines_armed.set(true);
-            self.ack_deadline_added.fire();
-        }
-    }
-
     /// Redelivers client-ack deliveries whose ack timeout passed. Sleeps until the earliest
-    /// deadline (deadlines only grow, so no later delivery can need an earlier wake-up), or,
-    /// with none pending, until the next round of address work arms it again.
+    /// deadline the core reports, or, with none pending, until a round of work wakes it.
     async fn ack_timer_loop(self: Rc<Self>) {
         loop {
-            let next = self.addresses.borrow().next_ack_deadline();
+            let next = self.core.borrow_mut().poll_ack_deadline();
             match next {
                 None => {
-                    self.ack_deadlines_armed.set(false);
                     self.ack_deadline_added.wait().await;
                     self.ack_deadline_added.reset();
                 }
@@ -475,51 +400,9 @@ impl Shard {
                     if deadline > now {
                         monoio::time::sleep(Duration::from_millis(deadline - now)).await;
                     }
-                    let mut answers = Vec::new();
-                    let forwards = {
-                        let mut addresses = self.addresses.borrow_mut();
-                        addresses.expire_acks(now_ms(), &mut answers);
-                        (addresses.take_forwards(), addresses.take_deadline_added())
-                    };
-                    self.route_address_output(&mut answers, forwards);
+                    self.core.borrow_mut().expire_acks(now_ms());
                     self.run_work();
                 }
-            }
-        }
-    }
-
-    fn flush_dirty(&self) {
-        // Swapped with a spare list (not taken) so that neither list loses its capacity.
-        let mut dirty = self.dirty_spare.take();
-        std::mem::swap(&mut dirty, &mut *self.dirty.borrow_mut());
-        for &id in &dirty {
-            let cell = {
-                let mut slots = self.slots.borrow_mut();
-                match slots.get_mut(id.index as usize) {
-                    Some(slot) if slot.generation == id.generation => {
-                        slot.dirty = false;
-                        slot.connection.clone()
-                    }
-                    _ => None,
-                }
-            };
-            if let Some(cell) = cell {
-                cell.borrow_mut().flush();
-            }
-        }
-        dirty.clear();
-        self.dirty_spare.replace(dirty);
-    }
-
-    fn flush_outboxes(&self) {
-        let mut outboxes = self.outboxes.borrow_mut();
-        // Commands for this shard go on the local work queue (`submit`), never through its own
-        // inbox, where they would run a round later and out of order with local work.
-        assert!(outboxes[usize::from(self.id.0)].is_empty(), "shard {} posted commands to itself", self.id.0);
-        for (index, outbox) in outboxes.iter_mut().enumerate() {
-            if !outbox.is_empty() {
-                let batch = std::mem::take(outbox);
-                self.post_office.post(ShardId(index as u16), Envelope::Commands(batch));
             }
         }
     }
@@ -542,7 +425,7 @@ impl Shard {
             while let Ok(envelope) = inbox.try_recv() {
                 received = true;
                 match envelope {
-                    Envelope::Commands(commands) => self.work.borrow_mut().extend(commands),
+                    Envelope::Commands(commands) => self.core.borrow_mut().accept_envelope(commands),
                     Envelope::Adopt(adoption) => {
                         monoio::spawn(crate::conn::adopt(self.clone(), *adoption));
                     }
@@ -572,7 +455,7 @@ impl Shard {
     /// Closes every connection with 1001 (going away).
     fn close_all_connections(&self) {
         let cells: Vec<ConnectionCell> =
-            self.slots.borrow().iter().filter_map(|slot| slot.connection.clone()).collect();
+            self.slots.borrow().slots.iter().filter_map(|slot| slot.connection.clone()).collect();
         for cell in cells {
             cell.borrow_mut().begin_close(crate::ws::close_code::GOING_AWAY, "broker shutting down");
         }

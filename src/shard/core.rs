@@ -1,0 +1,618 @@
+//! The sans-IO core of a shard: everything the shard decides, with no socket, task or clock.
+//!
+//! [`ShardCore`] owns the shard's [`AddressTable`], its local work queue, one outbox per other
+//! shard, the list of connections touched during the current round of work, and whether the
+//! ack timer is armed. It is a plain struct: the IO shell (`super::Shard`) holds it in one
+//! `RefCell` and borrows it once per event. Time comes in as `now_ms` (milliseconds on the
+//! broker's monotonic clock); nothing in here reads a clock.
+//!
+//! Events in:
+//! - commands from this shard's connections ([`ShardCore::submit_address_commands`], with
+//!   [`ShardCore::mark_dirty`] for the connection that produced them);
+//! - an envelope of commands from another shard ([`ShardCore::accept_envelope`]);
+//! - a durable log commit finished, or failed ([`ShardCore::durable_committed`],
+//!   [`ShardCore::durable_failed`]);
+//! - the time is `now_ms` and ack deadlines may have passed ([`ShardCore::expire_acks`]).
+//!
+//! Each event only queues work; [`ShardCore::run_work`] then runs the round: the work queue is
+//! drained (publishes to one address that sit next to each other reach the address table as
+//! one batch), every connection touched is flushed once, and the [`Effects`] say what the shell
+//! must do: post these command batches (one per destination shard), let the log's commit task
+//! run, wake the ack timer (which then asks [`ShardCore::poll_ack_deadline`] when to call
+//! [`ShardCore::expire_acks`]).
+//!
+//! Connections are not owned here yet: the core reaches their sessions through the
+//! [`ConnTable`] it is handed for a round (the shell's slot table; a fake one in tests), so it
+//! depends on no runtime.
+//!
+//! Invariants: a command for this shard goes on the work queue, never into its own outbox (an
+//! outbox to itself would run the command a round late and out of order, asserted at the end of
+//! each round); a connection is listed for its flush at most once per round; nothing is left in
+//! the work queue or the dirty list when `run_work` returns.
+//!
+//! # Next steps (issue 9, item 1)
+//!
+//! This is the first step: the address side and the round of work are sans-IO; connections
+//! are still `Rc<RefCell<Connection>>` shared by their reader, writer and slot. In order:
+//!
+//! 1. **Connections owned by the core.** Move the slot table (`super::Slots`) into `ShardCore`
+//!    as `Vec<Slot>` of plain `ConnState { session, outbound, decoder, read_buffer, lifecycle }`
+//!    with one `enum Lifecycle { Opening, Running, Closing, Detached { expires_at_ms },
+//!    Superseded }` replacing the `closing`/`reader_done`/`epoch` flags of `conn::Connection`.
+//!    The reader task becomes: read into a buffer, call `core.bytes_read(conn, bytes, now_ms)`;
+//!    the core decodes (the WebSocket `Decoder` and `Session::on_message` are sans-IO already)
+//!    and answers with effects `Write(conn)`, `Close(conn)`, `PauseReading(conn)`,
+//!    `ResumeReading(conn)`. Wakers stay in the shell, in a side table indexed like the slots;
+//!    `ConnTable` disappears.
+//! 2. **Write completion as an event.** The writer task asks the core for the next batch
+//!    (`core.take_write_batch(conn)`, which is `Outbound::take_batch`) and reports
+//!    `core.write_completed(conn, result, now_ms)`; the core returns the batch's auto-ack credit
+//!    as `ReturnCredit` commands and decides whether reading may resume. The superseded farewell
+//!    (ERROR 4409 + close) becomes a core decision too.
+//! 3. **Session expiry, heartbeat and resume as events.** `expire_later` and the read timeout
+//!    become deadlines the core reports (`Effects::wake_at_ms`, the minimum of ack, expiry and
+//!    heartbeat deadlines); the shell keeps one timer per shard and calls
+//!    `core.on_timer(now_ms)`. A resume is `core.resume(conn, socket_token, open, buffered)`
+//!    and a hand-over is an effect `HandOver { home, .. }` the shell turns into an `Adopt`
+//!    envelope; `supersede` is an effect `ShutdownSocket(token)`.
+//! 4. **The durable log commit as events.** The core already learns of commits through
+//!    `durable_committed`; next it should also own the pending batch: `Effects::log_batch`
+//!    (records to write) and `core.log_written(lsn)` / `core.log_synced(lsn)`, so a simulated
+//!    disk can sit under it. `AddressTable` still reads `now_unix_ms()` itself when it logs a
+//!    message's expiry (`broker/address.rs`); pass the wall clock in with `now_ms` then.
+//! 5. **The simulator.** N `ShardCore`s, a seeded scheduler that carries `Effects::posts`
+//!    between them (in any order across shards, in order per pair), simulated clients built on
+//!    the same codecs, virtual time: the tests at the bottom of this file are its seed.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::broker::address::{AddressLimits, AddressTable, Outgoing, Publication, MAX_PUBLISH_BATCH};
+use crate::broker::{AddressCommand, Command, ConnCommand, ConnId, ShardId};
+use crate::store::{DurableLog, Lsn, Recovery};
+
+/// The connections of a shard, as the core reaches them during a round of work.
+pub trait ConnTable {
+    /// Hands `command` to the session of the connection it names; commands for address owners
+    /// that it produces go into `address_commands`. False, with nothing done, when that
+    /// connection is gone (a command for a closed connection is dropped).
+    fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool;
+
+    /// Ends the round for connection `id`: cumulative receipt, writer and reader wake-ups.
+    /// Nothing when the connection is gone.
+    fn flush(&mut self, id: ConnId);
+}
+
+/// Everything a shard knows but its connections (see the module doc).
+pub struct ShardCore {
+    id: ShardId,
+    addresses: AddressTable,
+    queues: Queues,
+    /// Connections whose session or write queue changed during this round of work.
+    dirty: Vec<ConnId>,
+    /// The generation listed in `dirty` per connection slot index, so a connection is listed
+    /// once per round however many commands it gets (a reused slot's new generation is not
+    /// mistaken for the old one).
+    dirty_generation: Vec<Option<u32>>,
+    /// The ack timer knows of a deadline (or is about to look): no need to wake it.
+    ack_timer_armed: bool,
+    /// A deadline was added while the timer was not armed: the shell must wake it.
+    wake_ack_timer: bool,
+    /// The durable log, shared with the address table that appends to it and with the shell's
+    /// commit task that writes it (its `RefCell` is the log's, as today).
+    durable_log: Option<Rc<RefCell<DurableLog>>>,
+    // Scratch lists reused from round to round (their capacity stays).
+    answers: Vec<Outgoing>,
+    address_commands: Vec<(ShardId, AddressCommand)>,
+    publications: Vec<Publication>,
+}
+
+/// Where commands go: this shard's work queue, or the outbox of the shard they are for.
+struct Queues {
+    id: ShardId,
+    work: VecDeque<Command>,
+    /// One per shard, indexed by shard; this shard's own stays empty.
+    outboxes: Vec<Vec<Command>>,
+}
+
+impl Queues {
+    fn submit(&mut self, shard: ShardId, command: Command) {
+        if shard == self.id {
+            self.work.push_back(command);
+        } else {
+            self.outboxes[usize::from(shard.0)].push(command);
+        }
+    }
+
+    fn submit_address_commands(&mut self, commands: &mut Vec<(ShardId, AddressCommand)>) {
+        for (shard, command) in commands.drain(..) {
+            self.submit(shard, Command::Address(command));
+        }
+    }
+
+    /// Moves the publishes at the front of the work queue that go to the same address as
+    /// `publications[0]` into `publications`, up to `MAX_PUBLISH_BATCH` in all.
+    fn take_publishes_to_same_address(&mut self, publications: &mut Vec<Publication>) {
+        while publications.len() < MAX_PUBLISH_BATCH {
+            let same_address = matches!(
+                self.work.front(),
+                Some(Command::Address(AddressCommand::Publish { message, .. }))
+                    if message.address == publications[0].message.address
+            );
+            if !same_address {
+                break;
+            }
+            let Some(Command::Address(AddressCommand::Publish { publisher, seq, message })) = self.work.pop_front()
+            else {
+                unreachable!("the front was just checked to be a publish");
+            };
+            publications.push(Publication { publisher, seq, message });
+        }
+    }
+}
+
+/// What the shell must do after a round of work ([`ShardCore::run_work`]).
+pub struct Effects<'a> {
+    /// Command batches for other shards, at most one per destination: post every one (they
+    /// are taken from the outboxes as the iterator runs).
+    pub posts: Posts<'a>,
+    /// The durable log holds records not yet written: let its commit task run.
+    pub log_has_pending: bool,
+    /// Deliveries with an ack deadline were made while the ack timer was idle: wake it.
+    pub wake_ack_timer: bool,
+}
+
+/// The non-empty outboxes of a round, each taken as one batch for its shard.
+pub struct Posts<'a> {
+    outboxes: std::iter::Enumerate<std::slice::IterMut<'a, Vec<Command>>>,
+}
+
+impl Iterator for Posts<'_> {
+    type Item = (ShardId, Vec<Command>);
+
+    fn next(&mut self) -> Option<(ShardId, Vec<Command>)> {
+        self.outboxes
+            .find(|(_, outbox)| !outbox.is_empty())
+            .map(|(index, outbox)| (ShardId(index as u16), std::mem::take(outbox)))
+    }
+}
+
+impl ShardCore {
+    pub fn new(id: ShardId, shard_count: usize, limits: AddressLimits) -> ShardCore {
+        assert!(usize::from(id.0) < shard_count, "shard {} of {shard_count}", id.0);
+        ShardCore {
+            id,
+            addresses: AddressTable::new(id, limits),
+            queues: Queues { id, work: VecDeque::new(), outboxes: (0..shard_count).map(|_| Vec::new()).collect() },
+            dirty: Vec::new(),
+            dirty_generation: Vec::new(),
+            ack_timer_armed: false,
+            wake_ack_timer: false,
+            durable_log: None,
+            answers: Vec::new(),
+            address_commands: Vec::new(),
+            publications: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    /// The shard's addresses (for statistics and tests).
+    pub fn addresses(&self) -> &AddressTable {
+        &self.addresses
+    }
+
+    /// Attaches the shard's durable log: recovered messages go back to their queues, and
+    /// message ids continue above `message_id_floor` and every id the log handed out.
+    pub fn attach_durable_log(
+        &mut self,
+        log: Rc<RefCell<DurableLog>>,
+        durable_addresses: Vec<Bytes>,
+        recovery: Recovery,
+        message_id_floor: u64,
+        now_ms: u64,
+        now_unix_ms: u64,
+    ) {
+        self.addresses.set_durable_log(log.clone(), durable_addresses);
+        self.addresses.restore(recovery, now_ms, now_unix_ms);
+        self.addresses.continue_ids_above(message_id_floor);
+        self.durable_log = Some(log);
+    }
+
+    /// Queues commands for address owners (this shard or others), as a connection's session
+    /// produced them.
+    pub fn submit_address_commands(&mut self, commands: &mut Vec<(ShardId, AddressCommand)>) {
+        self.queues.submit_address_commands(commands);
+    }
+
+    /// An envelope of commands from another shard: they run in the next round, in order.
+    pub fn accept_envelope(&mut self, commands: Vec<Command>) {
+        self.queues.work.extend(commands);
+    }
+
+    /// Lists a connection for its flush at the end of this round of work (once, however many
+    /// commands it got).
+    pub fn mark_dirty(&mut self, id: ConnId) {
+        let index = id.index as usize;
+        if index >= self.dirty_generation.len() {
+            self.dirty_generation.resize(index + 1, None);
+        }
+        if self.dirty_generation[index] != Some(id.generation) {
+            self.dirty_generation[index] = Some(id.generation);
+            self.dirty.push(id);
+        }
+    }
+
+    /// The durable log made every record up to `lsn` durable: the publishes waiting for it are
+    /// answered and their messages delivered.
+    pub fn durable_committed(&mut self, lsn: Lsn, now_ms: u64) {
+        self.addresses.durable_committed(lsn, now_ms, &mut self.answers);
+        self.route_address_output();
+    }
+
+    /// The durable log failed for good: durable publishes are refused from now on.
+    pub fn durable_failed(&mut self, reason: &str) {
+        self.addresses.durable_failed(reason, &mut self.answers);
+        self.route_address_output();
+    }
+
+    /// When the ack timer should next call [`ShardCore::expire_acks`]: the earliest ack
+    /// deadline on this shard. `None` disarms the timer until a round of work reports
+    /// [`Effects::wake_ack_timer`]. Deadlines only grow, so no later delivery can need an
+    /// earlier wake-up than the one returned.
+    pub fn poll_ack_deadline(&mut self) -> Option<u64> {
+        let next = self.addresses.next_ack_deadline();
+        self.ack_timer_armed = next.is_some();
+        next
+    }
+
+    /// Takes back every client-ack delivery whose ack deadline is at or before `now_ms`
+    /// (the consumer is told, the message redelivered or dead-lettered).
+    pub fn expire_acks(&mut self, now_ms: u64) {
+        self.addresses.expire_acks(now_ms, &mut self.answers);
+        self.route_address_output();
+    }
+
+    /// Runs the local work queue dry, flushes every connection touched (cumulative receipts,
+    /// writer wake-ups), and returns what the shell must do (see [`Effects`]).
+    ///
+    /// Consecutive publishes to one address (what one read of a publisher's socket yields) are
+    /// handed to the address table together ([`AddressTable::publish_batch`]), so a multicast
+    /// subscriber gets them in one command; nothing is reordered, since only commands that
+    /// are next to each other in the queue are joined.
+    pub fn run_work(&mut self, now_ms: u64, conns: &mut impl ConnTable) -> Effects<'_> {
+        while let Some(command) = self.queues.work.pop_front() {
+            match command {
+                Command::Address(AddressCommand::Publish { publisher, seq, message }) => {
+                    self.publications.push(Publication { publisher, seq, message });
+                    self.queues.take_publishes_to_same_address(&mut self.publications);
+                    self.addresses.publish_batch(&mut self.publications, now_ms, &mut self.answers);
+                    self.route_address_output();
+                }
+                Command::Address(command) => {
+                    self.addresses.handle(command, now_ms, &mut self.answers);
+                    self.route_address_output();
+                }
+                Command::Conn(command) => {
+                    let id = command.conn();
+                    if conns.on_command(command, &mut self.address_commands) {
+                        self.mark_dirty(id);
+                        self.queues.submit_address_commands(&mut self.address_commands);
+                    }
+                }
+            }
+        }
+        for id in self.dirty.drain(..) {
+            self.dirty_generation[id.index as usize] = None;
+            conns.flush(id);
+        }
+        // Commands for this shard go on the local work queue (`Queues::submit`), never through
+        // its own inbox, where they would run a round later and out of order with local work.
+        assert!(
+            self.queues.outboxes[usize::from(self.id.0)].is_empty(),
+            "shard {} posted commands to itself",
+            self.id.0
+        );
+        debug_assert!(self.queues.work.is_empty() && self.dirty.is_empty(), "a round leaves no work behind");
+        let log_has_pending = self.durable_log.as_ref().is_some_and(|log| log.borrow().has_pending());
+        Effects {
+            posts: Posts { outboxes: self.queues.outboxes.iter_mut().enumerate() },
+            log_has_pending,
+            wake_ack_timer: std::mem::take(&mut self.wake_ack_timer),
+        }
+    }
+
+    /// Routes what the address table produced: answers to connections, forwards to other
+    /// address owners; notes a new ack deadline for the timer.
+    fn route_address_output(&mut self) {
+        for (shard, command) in self.answers.drain(..) {
+            self.queues.submit(shard, Command::Conn(command));
+        }
+        for (shard, command) in self.addresses.take_forwards() {
+            self.queues.submit(shard, Command::Address(command));
+        }
+        if self.addresses.take_deadline_added() && !self.ack_timer_armed {
+            self.ack_timer_armed = true;
+            self.wake_ack_timer = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Two shard cores in one thread, their connections' sessions in a fake table, the
+    //! envelopes carried between them by the test, and time passed in by hand: no runtime, no
+    //! socket, no clock.
+
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::broker::{owner_of, ConnRef};
+    use crate::config::Config;
+    use crate::conn::outbound::{Outbound, WriteBatch};
+    use crate::conn::session::{Effects as SessionEffects, Session, SessionConfig};
+    use crate::mbws::{self, AckMode, Binding, CodecLimits, DeliveryMode, Frame, Subprotocol, PROTOCOL_VERSION};
+
+    const SHARDS: usize = 2;
+
+    /// A connection as the tests keep it: a session and its write queue.
+    struct FakeConn {
+        session: Session,
+        outbound: Outbound,
+        flushes: usize,
+    }
+
+    /// One shard's connections, by slot index.
+    #[derive(Default)]
+    struct FakeConns {
+        conns: Vec<FakeConn>,
+    }
+
+    impl FakeConns {
+        fn get(&mut self, id: ConnId) -> Option<&mut FakeConn> {
+            self.conns.get_mut(id.index as usize).filter(|conn| conn.session.me().conn == id)
+        }
+    }
+
+    impl ConnTable for FakeConns {
+        fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool {
+            let Some(conn) = self.get(command.conn()) else { return false };
+            let mut fx = SessionEffects { outbound: &mut conn.outbound, commands: address_commands };
+            conn.session.on_command(command, &mut fx);
+            true
+        }
+
+        fn flush(&mut self, id: ConnId) {
+            if let Some(conn) = self.get(id) {
+                conn.session.flush(&mut conn.outbound);
+                conn.flushes += 1;
+            }
+        }
+    }
+
+    fn config(ack_timeout_ms: u64) -> Config {
+        Config { shards: SHARDS, ack_timeout_ms, ..Default::default() }
+    }
+
+    /// Shard `index` of a `SHARDS`-shard broker.
+    struct TestShard {
+        core: ShardCore,
+        conns: FakeConns,
+    }
+
+    struct Broker {
+        shards: Vec<TestShard>,
+        session_config: Arc<SessionConfig>,
+    }
+
+    impl Broker {
+        fn new(ack_timeout_ms: u64) -> Broker {
+            let config = config(ack_timeout_ms);
+            let session_config = Arc::new(SessionConfig {
+                limits: config.limits(),
+                codec_limits: config.codec_limits(),
+                max_heartbeat_ms: config.max_heartbeat_ms,
+                session_expiry_ms: config.session_expiry_ms,
+                shard_count: SHARDS,
+                default_credit: config.default_credit,
+            });
+            let shards = (0..SHARDS)
+                .map(|index| TestShard {
+                    core: ShardCore::new(ShardId(index as u16), SHARDS, AddressLimits::from_config(&config, SHARDS)),
+                    conns: FakeConns::default(),
+                })
+                .collect();
+            Broker { shards, session_config }
+        }
+
+        /// Opens a new session on `shard`; returns its id.
+        fn open(&mut self, shard: usize, now_ms: u64) -> ConnRef {
+            let conns = &mut self.shards[shard].conns;
+            let me = ConnRef {
+                shard: ShardId(shard as u16),
+                conn: ConnId { index: conns.conns.len() as u32, generation: 1 },
+            };
+            let session = Session::new(me, Subprotocol::Reliable, self.session_config.clone());
+            conns.conns.push(FakeConn { session, outbound: Outbound::new(), flushes: 0 });
+            let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
+            self.frame(me, open, now_ms);
+            assert!(matches!(self.written(me)[..], [Frame::Opened(_)]));
+            me
+        }
+
+        /// A frame from the client of `conn`, read by its shard: what the reader task does.
+        fn frame(&mut self, conn: ConnRef, frame: Frame, now_ms: u64) {
+            let shard = &mut self.shards[usize::from(conn.shard.0)];
+            let fake = shard.conns.get(conn.conn).expect("an open connection");
+            let mut commands = Vec::new();
+            let mut fx = SessionEffects { outbound: &mut fake.outbound, commands: &mut commands };
+            fake.session.on_frame(Binding::Binary, frame, now_ms, &mut fx).expect("the session goes on");
+            shard.core.submit_address_commands(&mut commands);
+            shard.core.mark_dirty(conn.conn);
+        }
+
+        /// One round of work on `shard`: its posts, and whether it asked for an ack-timer wake-up.
+        fn round(&mut self, shard: usize, now_ms: u64) -> (Vec<(ShardId, Vec<Command>)>, bool) {
+            let TestShard { core, conns } = &mut self.shards[shard];
+            let effects = core.run_work(now_ms, conns);
+            assert!(!effects.log_has_pending, "no durable log in these tests");
+            let wake_ack_timer = effects.wake_ack_timer;
+            (effects.posts.collect(), wake_ack_timer)
+        }
+
+        /// Runs a round of work on every shard, carrying each shard's posts into the others'
+        /// work queues, until no shard has anything left to do. Returns the ack-timer wake-ups.
+        fn settle(&mut self, now_ms: u64) -> Vec<ShardId> {
+            let mut wake_ups = Vec::new();
+            loop {
+                let mut carried = Vec::new();
+                for shard in 0..SHARDS {
+                    let (posts, wake_ack_timer) = self.round(shard, now_ms);
+                    if wake_ack_timer {
+                        wake_ups.push(self.shards[shard].core.id());
+                    }
+                    carried.extend(posts);
+                }
+                if carried.is_empty() {
+                    return wake_ups;
+                }
+                for (destination, commands) in carried {
+                    self.shards[usize::from(destination.0)].core.accept_envelope(commands);
+                }
+            }
+        }
+
+        /// Every frame queued for `conn`'s client since the last call.
+        fn written(&mut self, conn: ConnRef) -> Vec<Frame> {
+            let fake = self.shards[usize::from(conn.shard.0)].conns.get(conn.conn).expect("an open connection");
+            let Some(batch) = fake.outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
+            let mut bytes = bytes::BytesMut::from(&batch.to_vec()[..]);
+            let mut decoder = crate::ws::message::Decoder::new(crate::ws::Role::Client, 1 << 20, 1 << 20);
+            let mut frames = Vec::new();
+            while let Some(event) = decoder.next_event(&mut bytes).expect("valid WebSocket frames") {
+                if let crate::ws::message::WsEvent::Binary(payload) = event {
+                    frames.push(mbws::decode(Binding::Binary, payload, &CodecLimits::default()).expect("MBWS"));
+                }
+            }
+            frames
+        }
+    }
+
+    /// An address that shard `owner` owns.
+    fn address_owned_by(owner: usize) -> Bytes {
+        (0..)
+            .map(|index| Bytes::from(format!("orders-{index}")))
+            .find(|name| owner_of(name, SHARDS) == ShardId(owner as u16))
+            .expect("some name hashes to every shard")
+    }
+
+    fn subscribe(address: &Bytes) -> Frame {
+        Frame::Subscribe(mbws::Subscribe {
+            subscription_id: 1,
+            address: address.clone(),
+            mode: DeliveryMode::Anycast,
+            ack_mode: AckMode::Client,
+            credit: 10,
+        })
+    }
+
+    fn send(seq: u64, address: &Bytes, body: &'static [u8]) -> Frame {
+        Frame::Send(mbws::Send { seq, address: address.clone(), body: Bytes::from_static(body), ..Default::default() })
+    }
+
+    /// A publisher and a consumer on shard 0, the address on shard 1: SUBSCRIBE, SEND and ACK
+    /// each cross to shard 1 and their answers come back, all in envelopes the test carries.
+    #[test]
+    fn a_publish_crosses_to_the_owner_and_comes_back_as_delivery_and_receipt() {
+        let mut broker = Broker::new(30_000);
+        let address = address_owned_by(1);
+        let publisher = broker.open(0, 0);
+        let consumer = broker.open(0, 0);
+
+        broker.frame(consumer, subscribe(&address), 0);
+        assert_eq!(broker.settle(0), Vec::<ShardId>::new());
+        assert!(matches!(broker.written(consumer)[..], [Frame::Subscribed(_)]));
+
+        broker.frame(publisher, send(1, &address, b"hello"), 5);
+        // Before any envelope is carried, shard 0 only posts the publish to shard 1.
+        let (posts, _) = broker.round(0, 5);
+        assert_eq!(posts.len(), 1);
+        assert_eq!(posts[0].0, ShardId(1));
+        assert!(matches!(posts[0].1[..], [Command::Address(AddressCommand::Publish { seq: 1, .. })]));
+        broker.shards[1].core.accept_envelope(posts.into_iter().next().unwrap().1);
+        // The owner delivers with an ack deadline: its timer must be woken.
+        assert_eq!(broker.settle(5), vec![ShardId(1)]);
+        assert_eq!(broker.shards[1].core.poll_ack_deadline(), Some(5 + 30_000));
+
+        let delivered = broker.written(consumer);
+        let [Frame::Message(message)] = &delivered[..] else { panic!("one MESSAGE: {delivered:?}") };
+        assert_eq!((message.delivery_seq, message.body.as_ref(), message.redelivered), (1, &b"hello"[..], false));
+        assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: 1 })]);
+
+        broker.frame(consumer, Frame::Ack(mbws::Ack { delivery_seq: 1, cumulative: false }), 6);
+        broker.settle(6);
+        assert_eq!(broker.shards[1].core.poll_ack_deadline(), None, "the ACK reached the owner");
+        assert!(broker.written(consumer).is_empty());
+        // Nothing is left anywhere, and the same events give the same result at any later time.
+        broker.shards[1].core.expire_acks(1_000_000);
+        broker.settle(1_000_000);
+        assert!(broker.written(consumer).is_empty());
+    }
+
+    /// An unacknowledged delivery is taken back exactly when `now_ms` reaches its deadline,
+    /// and redelivered to the consumer on the other shard.
+    #[test]
+    fn an_ack_timeout_redelivers_when_time_passes_the_deadline() {
+        let mut broker = Broker::new(1_000);
+        let address = address_owned_by(1);
+        let publisher = broker.open(0, 0);
+        let consumer = broker.open(0, 0);
+        broker.frame(consumer, subscribe(&address), 0);
+        broker.frame(publisher, send(1, &address, b"once"), 0);
+        broker.settle(100);
+        assert!(matches!(broker.written(consumer)[..], [Frame::Subscribed(_), Frame::Message(_)]));
+        let deadline = broker.shards[1].core.poll_ack_deadline().expect("a deadline");
+        assert_eq!(deadline, 1_100);
+
+        // One millisecond early: nothing happens.
+        broker.shards[1].core.expire_acks(deadline - 1);
+        broker.settle(deadline - 1);
+        assert!(broker.written(consumer).is_empty());
+
+        broker.shards[1].core.expire_acks(deadline);
+        let wake_ups = broker.settle(deadline);
+        let redelivered = broker.written(consumer);
+        let [Frame::Message(message)] = &redelivered[..] else { panic!("one MESSAGE: {redelivered:?}") };
+        assert_eq!((message.delivery_seq, message.body.as_ref(), message.redelivered), (2, &b"once"[..], true));
+        // The redelivery has its own deadline; the timer was armed, so no extra wake-up.
+        assert!(wake_ups.is_empty());
+        assert_eq!(broker.shards[1].core.poll_ack_deadline(), Some(deadline + 1_000));
+    }
+
+    /// Many commands for one connection in a round flush it once; a publish batch to one
+    /// address reaches the owner as one envelope.
+    #[test]
+    fn a_round_flushes_each_connection_once_and_posts_once_per_shard() {
+        let mut broker = Broker::new(0);
+        let address = address_owned_by(1);
+        let publisher = broker.open(0, 0);
+        for seq in 1..=3 {
+            broker.frame(publisher, send(seq, &address, b"x"), 0);
+        }
+        let flushes_before = broker.shards[0].conns.conns[0].flushes;
+        let (posts, _) = broker.round(0, 0);
+        assert_eq!(posts.len(), 1, "one envelope for shard 1");
+        assert_eq!(posts[0].1.len(), 3);
+        assert_eq!(broker.shards[0].conns.conns[0].flushes, flushes_before + 1);
+        for (_, commands) in posts {
+            broker.shards[1].core.accept_envelope(commands);
+        }
+        broker.settle(0);
+        assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: 3 })], "one cumulative RECEIPT");
+    }
+}
