@@ -93,6 +93,11 @@ impl Connection {
         }
     }
 
+    /// A socket is attached (a detached session, kept for resume, has none).
+    pub fn has_socket(&self) -> bool {
+        self.socket >= 0
+    }
+
     /// End of a round of work: cumulative receipt, then wake whoever can make progress.
     pub fn flush(&mut self) {
         self.session.flush(&mut self.outbound);

@@ -264,8 +264,11 @@ impl Shard {
         self.slots.borrow().get(id).cloned()
     }
 
-    pub fn connection_count(&self) -> usize {
-        self.slots.borrow().slots.iter().filter(|slot| slot.connection.is_some()).count()
+    /// Connections with a socket attached: what a stopping shard waits for (its close
+    /// frames). Detached sessions, kept for resume, have nothing to write.
+    pub fn attached_connection_count(&self) -> usize {
+        let slots = self.slots.borrow();
+        slots.slots.iter().filter_map(|slot| slot.connection.as_ref()).filter(|cell| cell.borrow().has_socket()).count()
     }
 
     /// Counts a connection in its opening phase until the returned guard is dropped.
@@ -701,7 +704,9 @@ fn run_shard(
         shard.close_all_connections();
         // Give writers a moment to deliver the close frames.
         let deadline = Instant::now() + Duration::from_millis(500);
-        while (shard.connection_count() > 0 || shard.opening_connections.get() > 0) && Instant::now() < deadline {
+        while (shard.attached_connection_count() > 0 || shard.opening_connections.get() > 0)
+            && Instant::now() < deadline
+        {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
         shard.stop_durable_log(SHUTDOWN_LOG_COMMIT_TIMEOUT).await;
