@@ -512,7 +512,9 @@ impl Session {
                  send a body at least {} bytes smaller",
                 largest - max_frame_bytes
             );
-            self.send_error(binding, ErrorCode::TooLarge, seq, 0, reason, fx.outbound);
+            // Kept for the resumes to come like every refused SEND (module docs): a RECEIPT
+            // will cover this seq.
+            self.refuse_send(seq, Refusal::new(ErrorCode::TooLarge, reason), fx.outbound);
             self.inflight_sends.push_back((seq, true));
             self.receipt_answered_sends();
             return Ok(());
@@ -1163,6 +1165,31 @@ mod tests {
         let errors: Vec<u64> =
             frames.iter().filter_map(|f| if let Frame::Error(e) = f { Some(e.seq) } else { None }).collect();
         assert_eq!(errors, vec![2, 4], "every kept refusal, in seq order, each once: {frames:?}");
+    }
+
+    /// A SEND the session refuses itself (its MESSAGE could exceed max-frame-bytes) is kept
+    /// and replayed on resume like one its owner refused: RECEIPT 2 covers its seq.
+    #[test]
+    fn a_send_refused_as_too_large_is_replayed_on_resume_before_the_receipt() {
+        let mut s = session(Subprotocol::Reliable);
+        let too_large = s.config.limits.max_frame_bytes as usize;
+        let big = Frame::Send(mbws::Send {
+            seq: 1,
+            address: Bytes::from_static(b"a"),
+            body: Bytes::from(vec![b'x'; too_large]),
+            ..Default::default()
+        });
+        let (frames, _, end) = drive(&mut s, vec![open(), big, send(2)]);
+        assert!(end.is_none());
+        assert!(frames.iter().any(|f| matches!(f, Frame::Error(e) if !e.fatal && e.seq == 1 && e.code == 4413)));
+        answer(&mut s, 2, true, &mut Outbound::new());
+        let frames = lose_and_resume(&mut s);
+        let error = frames.iter().position(|f| matches!(f, Frame::Error(e) if e.seq == 1 && e.code == 4413));
+        let receipt = frames.iter().position(|f| matches!(f, Frame::Receipt(r) if r.seq >= 1));
+        let (Some(error), Some(receipt)) = (error, receipt) else {
+            panic!("ERROR 4413 for 1 and a RECEIPT expected: {frames:?}")
+        };
+        assert!(error < receipt, "the ERROR comes before the RECEIPT that covers its seq: {frames:?}");
     }
 
     #[test]
