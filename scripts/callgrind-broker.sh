@@ -43,14 +43,16 @@ trap cleanup EXIT
 valgrind --tool=callgrind --callgrind-out-file="$work/profile" \
     "$broker" --shards 1 --listen "127.0.0.1:0" --data-dir "$work/data" 2>"$work/broker.log" &
 broker_pid=$!
-for _ in $(seq 600); do
-    grep -q "listening on" "$work/broker.log" && break
+# Port 0: the kernel picks a free port (two runs at once, or a broker on 7447, never clash).
+# The whole log line must be there, with the address and the space after it, before we read it.
+listen=""
+for _ in $(seq 1200); do
+    listen=$(sed -n 's/.* listening on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/broker.log" | head -1)
+    [[ -n $listen ]] && break
     kill -0 "$broker_pid" 2>/dev/null || { cat "$work/broker.log" >&2; exit 1; }
     sleep 0.1
 done
-# Port 0: the kernel picks a free port (two runs at once, or a broker on 7447, never clash).
-listen=$(sed -n 's/.* listening on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/broker.log" | head -1)
-[[ -n $listen ]] || { echo "callgrind-broker.sh: the broker did not say where it listens" >&2; cat "$work/broker.log" >&2; exit 1; }
+[[ -n $listen ]] || { echo "callgrind-broker.sh: the broker did not say where it listens within 120 s" >&2; cat "$work/broker.log" >&2; exit 1; }
 url="ws://$listen/"
 body=$(head -c 64 /dev/zero | tr '\0' x)
 "$client" consume perf --url "$url" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
