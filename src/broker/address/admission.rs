@@ -22,7 +22,7 @@ impl AddressTable {
     /// or held) every subscriber gets its share of the whole batch at once: one `Deliver`
     /// command per subscriber instead of one per message and subscriber, no detour through the
     /// backlog for a subscriber with credit, and one lookup of the address for the batch. Any
-    /// other address takes the publishes one at a time, as [`AddressCommand::Publish`].
+    /// other address takes the publishes one at a time, as [`AddressCommand::Publish`](crate::broker::AddressCommand::Publish).
     pub fn publish_batch(&mut self, batch: &mut Vec<Publication>, now_ms: u64, out: &mut Vec<Outgoing>) {
         debug_assert!(batch.len() <= MAX_PUBLISH_BATCH, "batches are bounded by MAX_PUBLISH_BATCH");
         let Some(first) = batch.first() else { return };
