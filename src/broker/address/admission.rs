@@ -1,0 +1,305 @@
+//! Admission: how a published message enters the table. A SEND is checked against the
+//! address's bounds (`max_queued_messages`, `max_queued_bytes`), the shard's memory budget and
+//! the durable log's health, refused with a [`Refusal`] or given an id and put in the anycast
+//! queue and the multicast backlogs (compacted first if it will wait there). Its answer goes
+//! out at once, is held back while the queue is long (backpressure), or waits for the log.
+//! [`AddressTable::publish_batch`] takes a run of SENDs to one address, with a fast path that
+//! hands a pure multicast address's batch straight to its subscribers.
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use super::dispatch::{deliver, is_expired_at, send_deliveries, Deliverable};
+use super::subscribers::end_slow_subscribers;
+use super::{new_address, Address, AddressTable, Outgoing, Publication, Queued, MAX_PUBLISH_BATCH};
+use crate::broker::{CompactionArena, ConnCommand, ConnRef, Deliveries, Refusal, SharedMessage, StoredMessage};
+use crate::mbws::ErrorCode;
+use crate::store::Lsn;
+
+impl AddressTable {
+    /// Publishes consecutive SENDs to one address (all of `batch`, which is left empty) and
+    /// answers each. On a pure multicast address (multicast subscribers only, nothing queued
+    /// or held) every subscriber gets its share of the whole batch at once: one `Deliver`
+    /// command per subscriber instead of one per message and subscriber, no detour through the
+    /// backlog for a subscriber with credit, and one lookup of the address for the batch. Any
+    /// other address takes the publishes one at a time, as [`AddressCommand::Publish`](crate::broker::AddressCommand::Publish).
+    pub fn publish_batch(&mut self, batch: &mut Vec<Publication>, now_ms: u64, out: &mut Vec<Outgoing>) {
+        debug_assert!(batch.len() <= MAX_PUBLISH_BATCH, "batches are bounded by MAX_PUBLISH_BATCH");
+        let Some(first) = batch.first() else { return };
+        debug_assert!(batch.iter().all(|publication| publication.message.address == first.message.address));
+        let address_name = first.message.address.clone();
+        // The fast path delivers at once: only for ids already durably reserved.
+        let ids_reserved = self.last_message_id.saturating_add(batch.len() as u64) <= self.ids_durably_reserved;
+        if !ids_reserved || !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
+            // Queued one by one (each admitted or refused against the bounds as they stand),
+            // delivered in one dispatch, answered in order: what publishing them one at a time
+            // does, without a dispatch and an answer lookup per message.
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for Publication { publisher, seq, message } in batch.drain(..) {
+                outcomes.push((publisher, seq, self.enqueue(&address_name, message, now_ms, out)));
+            }
+            self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
+            for (publisher, seq, outcome) in outcomes {
+                self.answer_publish(&address_name, publisher, seq, outcome, out);
+            }
+            return;
+        }
+        // Admission: a message for multicast subscribers only waits in no queue, so only the
+        // durable log's health and the shard's memory budget can refuse it.
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut accepted = Vec::with_capacity(batch.len());
+        for Publication { publisher, seq, message } in batch.drain(..) {
+            let admitted =
+                self.refuse_if_log_failed(&message).and_then(|_| self.check_memory_budget(message.body.len()));
+            if admitted.is_ok() && !is_expired_at(message.expires_at_ms, now_ms) {
+                let (id, visible_after) = self.next_message_id();
+                debug_assert_eq!(visible_after, Lsn(0), "ids of this path are durably reserved (checked above)");
+                accepted.push(Queued { id, message, redelivered: false, deliveries: 0 });
+            }
+            answers.push((publisher, seq, admitted));
+        }
+        let state = self.addresses.get_mut(&address_name).expect("checked above");
+        // Message i (0-based) waits in some backlog, so it is compacted, unless every
+        // subscriber has an empty backlog and more than i deliveries of credit left.
+        let (any_backlog, least_credit_left) =
+            state.multicast.iter().fold((false, u32::MAX), |(any_backlog, least), subscriber| {
+                (
+                    any_backlog || !subscriber.backlog.is_empty(),
+                    least.min(subscriber.credit.saturating_sub(subscriber.in_flight)),
+                )
+            });
+        let delivered_at_once = if any_backlog { 0 } else { least_credit_left as usize };
+        for queued in accepted.iter_mut().skip(delivered_at_once) {
+            compact_to_wait(&mut self.arena, &mut queued.message);
+        }
+        let max_queued = self.limits.max_queued_messages as usize;
+        let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        let mut slow = SmallVec::<[usize; 2]>::new();
+        let mut delivered_any = false;
+        for (index, subscriber) in state.multicast.iter_mut().enumerate() {
+            let credit_left = subscriber.credit.saturating_sub(subscriber.in_flight) as usize;
+            let mut deliveries = Deliveries::with_capacity(accepted.len().min(credit_left));
+            for queued in &accepted {
+                if subscriber.backlog.is_empty() && subscriber.has_credit() {
+                    deliveries.push(deliver(subscriber, queued.clone(), ack_deadline));
+                } else if subscriber.backlog.len() >= max_queued {
+                    slow.push(index);
+                    break;
+                } else {
+                    subscriber.backlog.push_back(queued.clone());
+                }
+            }
+            delivered_any |= !deliveries.is_empty();
+            send_deliveries(out, subscriber, deliveries);
+        }
+        end_slow_subscribers(state, &address_name, &slow, &mut self.subscriptions, out);
+        self.deadline_added |= ack_deadline.is_some() && delivered_any;
+        for (publisher, seq, outcome) in answers {
+            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome }));
+        }
+    }
+
+    /// Refuses a body that would take the shard's queued bytes past its memory budget.
+    fn check_memory_budget(&self, body_bytes: usize) -> Result<(), Refusal> {
+        if self.queued_bytes + body_bytes > self.limits.memory_budget_bytes {
+            return Err(Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "the broker's memory budget for queued messages is used up ({} of {} bytes on this shard; \
+                     --memory-budget-bytes); consume messages or retry later",
+                    self.queued_bytes, self.limits.memory_budget_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues and delivers a message; `Ok(Some(lsn))` when its answer must wait for the log.
+    pub(super) fn publish(
+        &mut self,
+        address: &Bytes,
+        message: SharedMessage,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Option<Lsn>, Refusal> {
+        let outcome = self.enqueue(address, message, now_ms, out)?;
+        self.dispatch(address, Deliverable::Everything, now_ms, out);
+        Ok(outcome)
+    }
+
+    /// Admits a message and puts it in the address's queue and multicast backlogs, without
+    /// delivering anything yet (the caller dispatches, once per message or once per batch);
+    /// `Ok(Some(lsn))` when its answer must wait for the log. `address_name` is the message's
+    /// address (passed in so that it is not cloned again per message).
+    fn enqueue(
+        &mut self,
+        address_name: &Bytes,
+        message: SharedMessage,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Option<Lsn>, Refusal> {
+        debug_assert_eq!(*address_name, message.address);
+        let max_queued = self.limits.max_queued_messages as usize;
+        let durable = self.refuse_if_log_failed(&message)?;
+        self.refuse_if_ids_cannot_be_reserved()?;
+        // Checked after the address's own bounds (whose refusal says more), computed here
+        // while `self` is free.
+        let within_budget = self.check_memory_budget(message.body.len());
+        let state = match self.addresses.get_mut(address_name) {
+            Some(state) => state,
+            None => new_address(&mut self.addresses, address_name),
+        };
+        let to_anycast_queue = !state.anycast.is_empty() || state.multicast.is_empty();
+        // What the subscribers' credit takes at once from the queue, counting the messages of
+        // this batch queued ahead of this one and not dispatched yet (none outside a batch: a
+        // queue that outlives a dispatch has no credit left to meet it).
+        let anycast_credit_left: usize =
+            state.anycast.iter().map(|s| s.credit.saturating_sub(s.in_flight) as usize).sum();
+        let waiting_ahead = state.queue.len().saturating_sub(anycast_credit_left);
+        if to_anycast_queue && waiting_ahead >= max_queued {
+            return Err(Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "address \"{}\" already holds {} queued messages (max_queued_messages); \
+                     consume from it or retry later",
+                    String::from_utf8_lossy(address_name),
+                    waiting_ahead
+                ),
+            ));
+        }
+        let body_bytes = message.body.len();
+        if to_anycast_queue && state.queued_bytes + body_bytes > self.limits.max_queued_bytes {
+            return Err(Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "address \"{}\" already holds {} bytes of queued messages and this one has {body_bytes} \
+                     (max_queued_bytes {}); consume from it or retry later",
+                    String::from_utf8_lossy(address_name),
+                    state.queued_bytes,
+                    self.limits.max_queued_bytes
+                ),
+            ));
+        }
+        within_budget?;
+        // A message that will wait somewhere is compacted first (see StoredMessage::compact):
+        // in the anycast queue, one that the credit left cannot take at once with the messages
+        // ahead of it; in a multicast backlog, one behind others or past a subscriber's credit.
+        let will_wait = (to_anycast_queue && state.queue.len() >= anycast_credit_left)
+            || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
+        let mut message = message;
+        if will_wait {
+            compact_to_wait(&mut self.arena, &mut message);
+        }
+        let (id, mut visible_after) = self.next_message_id();
+        // Logged before it can be delivered (and so settled), when it goes to the anycast queue;
+        // delivered only once its record is durable.
+        let mut lsn = None;
+        if durable && to_anycast_queue {
+            let log = self.log.as_ref().expect("durable implies a log");
+            let expires_at_unix_ms = match message.expires_at_ms {
+                0 => 0,
+                at => crate::shard::now_unix_ms() + at.saturating_sub(now_ms),
+            };
+            let appended = log.borrow_mut().append_message(
+                &message.address,
+                id.0,
+                expires_at_unix_ms,
+                &message.properties,
+                &message.body,
+            );
+            match appended {
+                Ok(appended) => {
+                    lsn = Some(appended);
+                    visible_after = appended;
+                }
+                Err(error) => return Err(Refusal::new(ErrorCode::TooLarge, error.to_string())),
+            }
+        }
+        let state = self.addresses.get_mut(address_name).expect("address was just inserted");
+        if visible_after > self.durable_lsn {
+            // Held back from here on, unless an entry that holds it back longer is there.
+            if state.held_for_log.back().is_none_or(|(_, lsn)| *lsn < visible_after) {
+                state.held_for_log.push_back((id, visible_after));
+            }
+            self.waiting_for_log.push_back((visible_after, address_name.clone()));
+        }
+        let queued = Queued { id, message, redelivered: false, deliveries: 0 };
+
+        let mut slow = SmallVec::<[usize; 2]>::new();
+        for (index, subscriber) in state.multicast.iter_mut().enumerate() {
+            if subscriber.backlog.len() >= max_queued {
+                slow.push(index);
+            } else {
+                subscriber.backlog.push_back(queued.clone());
+            }
+        }
+        end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
+        if to_anycast_queue {
+            state.queued_bytes += queued.message.body.len();
+            self.queued_bytes += queued.message.body.len();
+            state.queue.push_back(queued);
+        }
+        Ok(lsn)
+    }
+
+    /// Answers a publish: now, held back (`publish_answer`), or once the log has it.
+    pub(super) fn answer_publish(
+        &mut self,
+        address: &Bytes,
+        publisher: ConnRef,
+        seq: u64,
+        outcome: Result<Option<Lsn>, Refusal>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        match outcome {
+            Ok(Some(lsn)) => self.durable_answers.push_back((lsn, publisher, seq)),
+            Ok(None) => self.publish_answer(address, publisher, seq, out),
+            Err(refusal) => out.push((
+                publisher.shard,
+                ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+            )),
+        }
+    }
+
+    /// Backpressure before refusal: while an address with anycast consumers holds more than
+    /// half of `max_queued_messages`, the answers to its publishers are held back, so their
+    /// sessions reach `max_inflight_sends` and the broker stops reading from them. The answers
+    /// go out once consumers bring the queue down to a quarter (or all of them leave). Only
+    /// when publishers outrun that (many publishers, or no consumer at all) does a SEND meet the
+    /// hard bound and ERROR 4429. Multicast backlogs never hold publishers back: a slow
+    /// multicast subscriber is ended at the bound instead (see `publish`).
+    fn publish_answer(&mut self, address: &Bytes, publisher: ConnRef, seq: u64, out: &mut Vec<Outgoing>) {
+        let high_watermark = (self.limits.max_queued_messages as usize / 2).max(1);
+        if let Some(state) = self.addresses.get_mut(address) {
+            let hold =
+                !state.held_answers.is_empty() || (state.queue.len() >= high_watermark && !state.anycast.is_empty());
+            if hold {
+                state.held_answers.push_back((publisher, seq));
+                return;
+            }
+        }
+        out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+    }
+
+    pub(super) fn release_held_answers(state: &mut Address, low_watermark: usize, out: &mut Vec<Outgoing>) {
+        if state.held_answers.is_empty() || (state.queue.len() > low_watermark && !state.anycast.is_empty()) {
+            return;
+        }
+        for (publisher, seq) in state.held_answers.drain(..) {
+            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+        }
+    }
+}
+
+/// Compacts a message that is going to wait (see [`StoredMessage::compact`]): in place when
+/// nothing else shares it, as a compacted copy otherwise.
+fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage) {
+    match std::sync::Arc::get_mut(message) {
+        Some(only_reference) => only_reference.compact(arena),
+        None => {
+            let mut copy = StoredMessage::clone(message);
+            copy.compact(arena);
+            *message = std::sync::Arc::new(copy);
+        }
+    }
+}

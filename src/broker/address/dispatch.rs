@@ -1,0 +1,202 @@
+//! Dispatch: delivery to subscribers with credit. Messages enter through the anycast queue
+//! (round robin among its subscribers) or a multicast subscriber's backlog, and leave as
+//! [`ConnCommand::Deliver`] commands in `out`, consecutive deliveries to one subscription joined
+//! in one command. [`Deliverable`] says where a change can have made something deliverable, so
+//! that an ACK looks at one backlog only. Every delivery is counted against its subscriber's
+//! credit (asserted, in release builds too), stops at the first message held for the log, and
+//! drops expired messages; client-ack deliveries are kept in the subscriber's `unacked`.
+
+use bytes::Bytes;
+
+use super::subscribers::Subscriber;
+use super::{Address, AddressTable, Outgoing, Queued};
+use crate::broker::{ConnCommand, ConnRef, Delivered, Deliveries, MessageId, SubscriptionId};
+use crate::mbws::{AckMode, DeliveryMode};
+
+/// What a change to an address can have made deliverable, so that `dispatch` looks only there:
+/// an ACK or new credit of one multicast subscriber concerns its backlog alone, never the
+/// other subscribers (an ACK costs the same with 10 subscribers as with 10,000).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Deliverable {
+    /// Every backlog and the anycast queue (subscriptions come and go, messages are given back).
+    Everything,
+    /// The anycast queue (a subscriber came, or an anycast subscriber got credit back).
+    AnycastQueue,
+    /// One multicast subscriber's backlog.
+    Backlog((ConnRef, SubscriptionId)),
+}
+
+impl Deliverable {
+    /// What a change of credit of subscription `key` (delivered in `mode`) can release.
+    pub(super) fn after_credit_of(key: (ConnRef, SubscriptionId), mode: DeliveryMode) -> Deliverable {
+        match mode {
+            DeliveryMode::Anycast => Deliverable::AnycastQueue,
+            DeliveryMode::Multicast => Deliverable::Backlog(key),
+        }
+    }
+}
+
+impl AddressTable {
+    /// Delivers to subscribers with credit what `deliverable` says may have become
+    /// deliverable: backlogs, the anycast queue, or both.
+    pub(super) fn dispatch(&mut self, address: &Bytes, deliverable: Deliverable, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let low_watermark = self.limits.max_queued_messages as usize / 4;
+        let Some(state) = self.addresses.get_mut(address) else { return };
+        let held_from = state.held_from(self.durable_lsn);
+        let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        let delivered = out.len();
+        match deliverable {
+            Deliverable::Everything => {
+                for subscriber in state.multicast.iter_mut() {
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
+                }
+            }
+            Deliverable::AnycastQueue => {}
+            Deliverable::Backlog(key) => {
+                let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
+                if let Some(subscriber) = found {
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
+                }
+                self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
+                // Nothing else changed: the queue and the held answers are as they were.
+                return;
+            }
+        }
+        let queued_before = state.queued_bytes;
+        let mut settled = Vec::new();
+        Self::deliver_queue(state, ack_deadline, held_from, now_ms, out, &mut settled);
+        // Wrapping below zero would leave the memory budget refusing (or admitting) every
+        // publish for good: stop loudly instead.
+        self.queued_bytes = self
+            .queued_bytes
+            .checked_sub(queued_before - state.queued_bytes)
+            .expect("the shard's queued bytes include every address's");
+        for queued in settled {
+            self.settle(address, &queued.message, queued.id);
+        }
+        let Some(state) = self.addresses.get_mut(address) else { return };
+        self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
+        Self::release_held_answers(state, low_watermark, out);
+    }
+
+    /// Delivers the anycast queue, round robin, as far as credit allows and up to the first
+    /// message held for the log (`held_from`: see `Address::held_from`); auto-ack deliveries
+    /// and expired messages are done with and go to `settled` (for the log).
+    fn deliver_queue(
+        state: &mut Address,
+        ack_deadline: Option<u64>,
+        held_from: Option<MessageId>,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+        settled: &mut Vec<Queued>,
+    ) {
+        let subscriber_count = state.anycast.len();
+        if subscriber_count == 0 {
+            return;
+        }
+        while let Some(front) = state.queue.front() {
+            if held_from.is_some_and(|held| front.id >= held) {
+                break;
+            }
+            // Next subscriber with credit, round robin from where the last delivery left off.
+            let Some(offset) = (0..subscriber_count)
+                .find(|offset| state.anycast[(state.next_anycast + offset) % subscriber_count].has_credit())
+            else {
+                break;
+            };
+            let index = (state.next_anycast + offset) % subscriber_count;
+            let queued = state.queue.pop_front().expect("queue is not empty");
+            state.queued_bytes -= queued.message.body.len();
+            if is_expired(&queued, now_ms) {
+                settled.push(queued);
+                continue;
+            }
+            state.next_anycast = (index + 1) % subscriber_count;
+            let subscriber = &mut state.anycast[index];
+            if subscriber.ack_mode == AckMode::Auto {
+                settled.push(queued.clone());
+            }
+            let delivered = deliver(subscriber, queued, ack_deadline);
+            push_delivery(out, subscriber, delivered);
+        }
+    }
+}
+
+fn is_expired(queued: &Queued, now_ms: u64) -> bool {
+    is_expired_at(queued.message.expires_at_ms, now_ms)
+}
+
+pub(super) fn is_expired_at(expires_at_ms: u64, now_ms: u64) -> bool {
+    expires_at_ms != 0 && expires_at_ms <= now_ms
+}
+
+/// Delivers what a multicast subscriber's backlog holds, as far as its credit allows and up to
+/// the first message held for the log (`held_from`: see `Address::held_from`), in one command;
+/// expired messages are dropped on the way.
+pub(super) fn drain_backlog(
+    subscriber: &mut Subscriber,
+    ack_deadline: Option<u64>,
+    held_from: Option<MessageId>,
+    now_ms: u64,
+    out: &mut Vec<Outgoing>,
+) {
+    let mut deliveries = Deliveries::new();
+    while subscriber.has_credit() {
+        if held_from.is_some_and(|held| subscriber.backlog.front().is_some_and(|queued| queued.id >= held)) {
+            break;
+        }
+        let Some(queued) = subscriber.backlog.pop_front() else { break };
+        if is_expired(&queued, now_ms) {
+            continue;
+        }
+        deliveries.push(deliver(subscriber, queued, ack_deadline));
+    }
+    send_deliveries(out, subscriber, deliveries);
+}
+
+/// Counts a delivery against the subscriber's credit and, in client ack mode, keeps it until
+/// it is acknowledged (with its ack deadline, if there is an ack timeout).
+pub(super) fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadline: Option<u64>) -> Delivered {
+    assert!(
+        subscriber.has_credit(),
+        "delivery without credit: {} in flight, credit {}",
+        subscriber.in_flight,
+        subscriber.credit
+    );
+    subscriber.in_flight += 1;
+    queued.deliveries += 1;
+    let delivered =
+        Delivered { message_id: queued.id, message: queued.message.clone(), redelivered: queued.redelivered };
+    if subscriber.ack_mode == AckMode::Client {
+        if let Some(deadline) = ack_deadline {
+            subscriber.deadlines.push_back((deadline, queued.id));
+        }
+        subscriber.unacked.insert(queued);
+    }
+    delivered
+}
+
+/// Sends one delivery to `subscriber`, joining the command before it when that one is for the
+/// same subscription (so consecutive deliveries to one subscriber travel together).
+fn push_delivery(out: &mut Vec<Outgoing>, subscriber: &Subscriber, delivered: Delivered) {
+    if let Some((shard, ConnCommand::Deliver { consumer, subscription, deliveries })) = out.last_mut() {
+        if (*shard, *consumer, *subscription)
+            == (subscriber.consumer.shard, subscriber.consumer.conn, subscriber.subscription)
+        {
+            deliveries.push(delivered);
+            return;
+        }
+    }
+    send_deliveries(out, subscriber, smallvec::smallvec![delivered]);
+}
+
+/// Sends `deliveries` (oldest first) to `subscriber` as one command; nothing if empty.
+pub(super) fn send_deliveries(out: &mut Vec<Outgoing>, subscriber: &Subscriber, deliveries: Deliveries) {
+    if deliveries.is_empty() {
+        return;
+    }
+    out.push((
+        subscriber.consumer.shard,
+        ConnCommand::Deliver { consumer: subscriber.consumer.conn, subscription: subscriber.subscription, deliveries },
+    ));
+}

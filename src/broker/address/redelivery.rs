@@ -1,0 +1,144 @@
+//! Redelivery and dead-lettering: what becomes of a client-ack delivery that ends without
+//! acknowledgement (its ack deadline passes, a NACK, its subscription ends). It goes back to
+//! the front of its queue (anycast) or backlog (multicast), marked redelivered, or, after
+//! `max_deliveries` or when rejected, leaves the table as a copy published to `DLQ.<address>`
+//! (a forward to the shard that owns that address, drained by the shard with `take_forwards`).
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use super::dispatch::Deliverable;
+use super::{AddressTable, Outgoing, Queued};
+use crate::broker::{owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, StoredMessage, SubscriptionId};
+use crate::mbws::DeliveryMode;
+
+/// Dead-letter addresses are named `DLQ.<address>`.
+pub const DEAD_LETTER_PREFIX: &[u8] = b"DLQ.";
+/// Headers dead-lettering adds to a message (`x-original-address`, `x-dead-letter-reason`):
+/// `max_headers` leaves room for them (see `config::MAX_HEADERS`).
+pub const DEAD_LETTER_HEADER_COUNT: usize = 2;
+
+/// The publisher of dead-lettered messages: answers to it are dropped on arrival (no
+/// connection has this slot).
+const SYSTEM: ConnId = ConnId { index: u32::MAX, generation: u32::MAX };
+
+impl AddressTable {
+    /// The earliest ack deadline of any delivery on this shard, if any (ms, broker clock).
+    pub fn next_ack_deadline(&self) -> Option<u64> {
+        self.addresses
+            .values()
+            .flat_map(|state| state.anycast.iter().chain(state.multicast.iter()))
+            .filter_map(|subscriber| subscriber.deadlines.front().map(|(deadline, _)| *deadline))
+            .min()
+    }
+
+    /// Takes back every client-ack delivery whose ack deadline has passed: the consumer is told
+    /// (so a late ACK changes nothing) and the message is redelivered (or dead-lettered).
+    pub fn expire_acks(&mut self, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let mut expired: Vec<(Bytes, ConnRef, SubscriptionId, DeliveryMode, Queued)> = Vec::new();
+        for (address, state) in self.addresses.iter_mut() {
+            for (mode, subscribers) in
+                [(DeliveryMode::Anycast, &mut state.anycast), (DeliveryMode::Multicast, &mut state.multicast)]
+            {
+                for subscriber in subscribers.iter_mut() {
+                    while let Some(&(deadline, id)) = subscriber.deadlines.front() {
+                        if deadline > now_ms {
+                            break;
+                        }
+                        subscriber.deadlines.pop_front();
+                        if let Some(queued) = subscriber.unacked.remove(id) {
+                            subscriber.in_flight -= 1;
+                            expired.push((address.clone(), subscriber.consumer, subscriber.subscription, mode, queued));
+                        }
+                    }
+                }
+            }
+        }
+        let mut touched: SmallVec<[Bytes; 4]> = SmallVec::new();
+        for (address, consumer, subscription, mode, queued) in expired {
+            out.push((
+                consumer.shard,
+                ConnCommand::DeliveryExpired { consumer: consumer.conn, subscription, message_id: queued.id },
+            ));
+            self.give_back(&address, (consumer, subscription), mode, queued);
+            if !touched.contains(&address) {
+                touched.push(address);
+            }
+        }
+        for address in touched {
+            self.dispatch(&address, Deliverable::Everything, now_ms, out);
+        }
+    }
+
+    /// A delivery ended without acknowledgement: back to the front of the queue (anycast) or
+    /// the subscriber's backlog (multicast), or to the dead-letter address after
+    /// `max_deliveries`.
+    pub(super) fn give_back(
+        &mut self,
+        address: &Bytes,
+        key: (ConnRef, SubscriptionId),
+        mode: DeliveryMode,
+        mut queued: Queued,
+    ) {
+        let max_deliveries = self.limits.max_deliveries;
+        if max_deliveries > 0 && queued.deliveries >= max_deliveries {
+            let reason = format!("delivered {} times without acknowledgement (max_deliveries)", queued.deliveries);
+            self.dead_letter(queued, &reason);
+            return;
+        }
+        queued.redelivered = true;
+        let Some(state) = self.addresses.get_mut(address) else { return };
+        match mode {
+            DeliveryMode::Anycast => {
+                // O(queue) and so debug only: this path runs once per redelivery, not per message.
+                debug_assert!(
+                    state.queue.iter().all(|waiting| waiting.id != queued.id),
+                    "message {} given back to a queue that already holds it",
+                    queued.id.0
+                );
+                state.queued_bytes += queued.message.body.len();
+                self.queued_bytes += queued.message.body.len();
+                state.queue.push_front(queued);
+            }
+            DeliveryMode::Multicast => {
+                let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
+                if let Some(subscriber) = found {
+                    subscriber.backlog.push_front(queued);
+                }
+            }
+        }
+    }
+
+    /// Publishes a copy of the message (same body, no copy) to `DLQ.<address>`. A message that
+    /// is already on a dead-letter address is dropped instead, so nothing loops; so is one whose
+    /// MESSAGE would exceed `max_frame_bytes` with the two added headers.
+    pub(super) fn dead_letter(&mut self, queued: Queued, reason: &str) {
+        self.settle(&queued.message.address, &queued.message, queued.id);
+        let original = &queued.message.address;
+        if original.starts_with(DEAD_LETTER_PREFIX) || original.len() + DEAD_LETTER_PREFIX.len() > 255 {
+            return;
+        }
+        let mut address = Vec::with_capacity(DEAD_LETTER_PREFIX.len() + original.len());
+        address.extend_from_slice(DEAD_LETTER_PREFIX);
+        address.extend_from_slice(original);
+        let address = Bytes::from(address);
+        let mut properties = queued.message.properties.clone();
+        properties.headers.push((Bytes::from_static(b"x-original-address"), original.clone()));
+        properties.headers.push((Bytes::from_static(b"x-dead-letter-reason"), Bytes::from(reason.to_string())));
+        let body = &queued.message.body;
+        if crate::mbws::largest_message_bytes(&address, &properties, body.len()) > self.limits.max_frame_bytes {
+            return; // Its MESSAGE would exceed max-frame-bytes: dropped, as when DLQ.<address> is full.
+        }
+        let message = std::sync::Arc::new(StoredMessage {
+            address: address.clone(),
+            durable: queued.message.durable,
+            expires_at_ms: 0,
+            properties,
+            body: queued.message.body.clone(),
+            body_is_text: queued.message.body_is_text,
+        });
+        let owner = owner_of(&address, self.limits.shard_count);
+        let publisher = ConnRef { shard: self.shard, conn: SYSTEM };
+        self.forwards.push((owner, AddressCommand::Publish { publisher, seq: 0, message }));
+    }
+}

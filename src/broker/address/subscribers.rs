@@ -1,0 +1,272 @@
+//! Subscribers and the subscription index. A SUBSCRIBE adds a [`Subscriber`] to its address's
+//! anycast or multicast list and records its `Place` (address, mode, index) so that an ACK,
+//! NACK or credit change finds it in O(1); the index stays right as subscribers leave
+//! (unsubscribe, consumer gone, or ended for falling `max_queued_messages` behind). A
+//! subscriber holds its credit, its unacknowledged deliveries (sorted by id) with their ack
+//! deadlines, and (multicast) its backlog. Leaving, an anycast subscriber gives its
+//! unacknowledged messages back to the queue.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::dispatch::{drain_backlog, Deliverable};
+use super::{new_address, Address, AddressTable, Outgoing, Queued};
+use crate::broker::sorted_ring::SortedRing;
+use crate::broker::{ConnCommand, ConnRef, FastMap, MessageId, Refusal, SubscriptionId};
+use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
+
+/// A subscriber's unacknowledged deliveries, sorted by message id (a [`SortedRing`] with typed
+/// keys): ids are handed out in increasing order, so an insert is nearly always at the back
+/// and a (cumulative) ACK takes from the front; a redelivery (an older id) goes in its place.
+/// At most `credit` entries.
+#[derive(Debug, Default)]
+pub(super) struct UnackedMessages {
+    entries: SortedRing<Queued>,
+}
+
+impl UnackedMessages {
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(super) fn insert(&mut self, queued: Queued) {
+        self.entries.insert(queued.id.0, queued);
+    }
+
+    pub(super) fn contains(&self, id: MessageId) -> bool {
+        self.entries.contains(id.0)
+    }
+
+    pub(super) fn remove(&mut self, id: MessageId) -> Option<Queued> {
+        self.entries.remove(id.0)
+    }
+
+    pub(super) fn into_oldest_first(self) -> impl DoubleEndedIterator<Item = Queued> {
+        self.entries.into_values()
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Subscriber {
+    pub(super) consumer: ConnRef,
+    pub(super) subscription: SubscriptionId,
+    pub(super) ack_mode: AckMode,
+    pub(super) credit: u32,
+    /// Deliveries not yet acknowledged (client ack) or not yet written (auto ack).
+    pub(super) in_flight: u32,
+    /// Client-ack deliveries not yet acknowledged, kept for NACK and (anycast) for requeueing
+    /// when the subscription ends. At most `credit` entries.
+    pub(super) unacked: UnackedMessages,
+    /// Ack deadlines of client-ack deliveries, in delivery order (so in deadline order).
+    /// Entries already acknowledged are dropped lazily; kept under 2 x `unacked` + 16.
+    pub(super) deadlines: VecDeque<(u64, MessageId)>,
+    /// Multicast only: messages for this subscriber waiting for credit.
+    pub(super) backlog: VecDeque<Queued>,
+}
+
+impl Subscriber {
+    pub(super) fn key(&self) -> (ConnRef, SubscriptionId) {
+        (self.consumer, self.subscription)
+    }
+
+    pub(super) fn has_credit(&self) -> bool {
+        self.in_flight < self.credit
+    }
+
+    /// Drops deadlines of settled deliveries: from the front, and all of them when the list has
+    /// grown to twice what is unacknowledged (a stuck delivery at the front).
+    pub(super) fn trim_deadlines(&mut self) {
+        while self.deadlines.front().is_some_and(|(_, id)| !self.unacked.contains(*id)) {
+            self.deadlines.pop_front();
+        }
+        if self.deadlines.len() > 2 * self.unacked.len() + 16 {
+            let unacked = &self.unacked;
+            self.deadlines.retain(|(_, id)| unacked.contains(*id));
+        }
+    }
+}
+
+/// Where a subscription is: its address, and its index in that address's subscribers of its
+/// mode. Invariant: `addresses[address]`'s anycast or multicast list holds the subscription
+/// at `index` (kept by `subscribe` and `remove_subscriber`), so an ACK finds its subscriber
+/// without walking the others.
+#[derive(Debug, Clone)]
+pub(super) struct Place {
+    pub(super) address: Bytes,
+    pub(super) mode: DeliveryMode,
+    pub(super) index: usize,
+}
+
+pub(super) type Places = FastMap<(ConnRef, SubscriptionId), Place>;
+
+/// Takes the subscriber at `index` of `mode` out of `state`, keeping the places of the others
+/// right (the caller forgets the removed one's place). Anycast keeps its order (round robin);
+/// multicast order means nothing, so the last subscriber takes the free index.
+fn remove_subscriber(state: &mut Address, places: &mut Places, mode: DeliveryMode, index: usize) -> Subscriber {
+    let removed = match mode {
+        DeliveryMode::Anycast => state.anycast.remove(index),
+        DeliveryMode::Multicast => state.multicast.swap_remove(index),
+    };
+    let moved = match mode {
+        DeliveryMode::Anycast => &state.anycast[index..],
+        DeliveryMode::Multicast => state.multicast.get(index..index + 1).unwrap_or_default(),
+    };
+    for (offset, subscriber) in moved.iter().enumerate() {
+        if let Some(place) = places.get_mut(&subscriber.key()) {
+            place.index = index + offset;
+        }
+    }
+    removed
+}
+
+impl AddressTable {
+    pub(super) fn subscribe(
+        &mut self,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        address: Bytes,
+        mode: DeliveryMode,
+        ack_mode: AckMode,
+        credit: u32,
+    ) -> Result<(), Refusal> {
+        let key = (consumer, subscription);
+        if self.subscriptions.contains_key(&key) {
+            return Err(Refusal::new(
+                ErrorCode::Conflict,
+                format!("subscription id {} is already in use on this session; pick another id", subscription.0),
+            ));
+        }
+        let subscriber = Subscriber {
+            consumer,
+            subscription,
+            ack_mode,
+            credit: credit.min(self.limits.max_credit),
+            in_flight: 0,
+            unacked: UnackedMessages::default(),
+            deadlines: VecDeque::new(),
+            backlog: VecDeque::new(),
+        };
+        let state = match self.addresses.get_mut(&address) {
+            Some(state) => state,
+            None => new_address(&mut self.addresses, &address),
+        };
+        let subscribers = state.subscribers_mut(mode);
+        subscribers.push(subscriber);
+        let index = subscribers.len() - 1;
+        self.subscriptions.insert(key, Place { address, mode, index });
+        self.by_consumer.entry(consumer).or_default().push(subscription);
+        Ok(())
+    }
+
+    /// Runs `change` on one subscriber's credit (if the subscription still exists), then
+    /// delivers what that releases: the subscriber's own backlog (multicast), right here, or
+    /// the anycast queue. No other multicast subscriber is looked at. Returns the address and
+    /// what `change` returned.
+    pub(super) fn change_credit<R>(
+        &mut self,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+        change: impl FnOnce(&mut Subscriber) -> R,
+    ) -> Option<(Bytes, R)> {
+        let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        let delivered = out.len();
+        let (address, mode, changed) = self
+            .change_subscriber(consumer, subscription, |subscriber, mode, held_from| {
+                let changed = change(subscriber);
+                if mode == DeliveryMode::Multicast {
+                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
+                }
+                (mode, changed)
+            })
+            .map(|(address, (mode, changed))| (address, mode, changed))?;
+        self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
+        if mode == DeliveryMode::Anycast {
+            self.dispatch(&address, Deliverable::AnycastQueue, now_ms, out);
+        }
+        Some((address, changed))
+    }
+
+    /// Runs `change` on one subscriber (if it still exists), with its mode and the lowest id
+    /// of its address held for the log (see `Address::held_from`), and returns its address and what `change`
+    /// returned; `None` if the subscription is gone (unsubscribed, or ended).
+    pub(super) fn change_subscriber<R>(
+        &mut self,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        change: impl FnOnce(&mut Subscriber, DeliveryMode, Option<MessageId>) -> R,
+    ) -> Option<(Bytes, R)> {
+        let key = (consumer, subscription);
+        let place = self.subscriptions.get(&key)?;
+        let state = self.addresses.get_mut(&place.address)?;
+        let held_from = state.held_from(self.durable_lsn);
+        let subscriber = state.subscriber_at(place, key)?;
+        Some((place.address.clone(), change(subscriber, place.mode, held_from)))
+    }
+
+    pub(super) fn remove_subscription(
+        &mut self,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let key = (consumer, subscription);
+        let Some(Place { address, mode, index }) = self.subscriptions.remove(&key) else { return };
+        let Some(state) = self.addresses.get_mut(&address) else { return };
+        debug_assert!(state.subscribers_mut(mode).get(index).is_some_and(|s| s.key() == key));
+        let subscriber = remove_subscriber(state, &mut self.subscriptions, mode, index);
+        if mode == DeliveryMode::Anycast {
+            if state.next_anycast >= state.anycast.len() {
+                state.next_anycast = 0;
+            }
+            // Unacknowledged anycast messages go back to the front of the queue, oldest first,
+            // marked redelivered (or to the dead-letter address after max_deliveries).
+            for queued in subscriber.unacked.into_oldest_first().rev() {
+                self.give_back(&address, key, DeliveryMode::Anycast, queued);
+            }
+        }
+        self.dispatch(&address, Deliverable::Everything, now_ms, out);
+        if self.addresses.get(&address).is_some_and(Address::is_idle) {
+            self.addresses.remove(&address);
+        }
+    }
+}
+
+/// Policy: a multicast subscriber that falls `max_queued_messages` behind is ended on its own
+/// (`slow` holds indexes into `state.multicast`, ascending); the publisher and the other
+/// subscribers are not slowed by it.
+pub(super) fn end_slow_subscribers(
+    state: &mut Address,
+    address: &[u8],
+    slow: &[usize],
+    subscriptions: &mut Places,
+    out: &mut Vec<Outgoing>,
+) {
+    // Descending, so that the subscriber moved into a freed index is never one still to end.
+    debug_assert!(slow.windows(2).all(|pair| pair[0] < pair[1]));
+    for &index in slow.iter().rev() {
+        let subscriber = remove_subscriber(state, subscriptions, DeliveryMode::Multicast, index);
+        subscriptions.remove(&subscriber.key());
+        let refusal = Refusal::new(
+            ErrorCode::Overloaded,
+            format!(
+                "subscription {} to \"{}\" fell {} messages behind (max_queued_messages) and was \
+                 ended; acknowledge faster or raise its credit, then subscribe again",
+                subscriber.subscription.0,
+                String::from_utf8_lossy(address),
+                subscriber.backlog.len()
+            ),
+        );
+        out.push((
+            subscriber.consumer.shard,
+            ConnCommand::SubscriptionEnded {
+                consumer: subscriber.consumer.conn,
+                subscription: subscriber.subscription,
+                refusal,
+            },
+        ));
+    }
+}

@@ -1,0 +1,693 @@
+//! Unit tests of the address table, through its commands (and `UnackedMessages` directly).
+
+use std::sync::Arc;
+
+use super::subscribers::UnackedMessages;
+use super::*;
+use crate::broker::{ConnId, Delivered, StoredMessage};
+use crate::mbws::{AckMode, ErrorCode, Properties};
+
+const LIMITS: AddressLimits = AddressLimits {
+    max_queued_messages: 3,
+    max_credit: 100,
+    max_deliveries: 0,
+    ack_timeout_ms: 0,
+    shard_count: 1,
+    max_queued_bytes: 1 << 20,
+    memory_budget_bytes: 1 << 30,
+    max_frame_bytes: 1 << 20,
+};
+
+fn conn(index: u32) -> ConnRef {
+    ConnRef { shard: ShardId(0), conn: ConnId { index, generation: 0 } }
+}
+
+fn message(address: &str, body: &str) -> SharedMessage {
+    Arc::new(StoredMessage {
+        address: Bytes::copy_from_slice(address.as_bytes()),
+        durable: false,
+        expires_at_ms: 0,
+        properties: Properties::default(),
+        body: Bytes::copy_from_slice(body.as_bytes()),
+        body_is_text: true,
+    })
+}
+
+fn publish(table: &mut AddressTable, address: &str, body: &str, out: &mut Vec<Outgoing>) {
+    table.handle(AddressCommand::Publish { publisher: conn(99), seq: 1, message: message(address, body) }, 0, out);
+}
+
+fn subscribe(table: &mut AddressTable, consumer: u32, mode: DeliveryMode, credit: u32, out: &mut Vec<Outgoing>) {
+    table.handle(
+        AddressCommand::Subscribe {
+            consumer: conn(consumer),
+            subscription: SubscriptionId(1),
+            address: Bytes::from_static(b"a"),
+            mode,
+            ack_mode: AckMode::Client,
+            credit,
+        },
+        0,
+        out,
+    );
+}
+
+/// (consumer index, delivery) of every delivery in `out`, in order.
+fn delivered(out: &[Outgoing]) -> Vec<(u32, &Delivered)> {
+    out.iter()
+        .filter_map(|(_, command)| match command {
+            ConnCommand::Deliver { consumer, deliveries, .. } => Some((consumer.index, deliveries)),
+            _ => None,
+        })
+        .flat_map(|(consumer, deliveries)| deliveries.iter().map(move |delivery| (consumer, delivery)))
+        .collect()
+}
+
+/// (consumer index, body) of every delivery in `out`.
+fn deliveries(out: &[Outgoing]) -> Vec<(u32, String)> {
+    delivered(out)
+        .into_iter()
+        .map(|(consumer, delivery)| (consumer, String::from_utf8_lossy(&delivery.message.body).into_owned()))
+        .collect()
+}
+
+#[test]
+fn messages_wait_for_a_consumer_then_respect_its_credit() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    publish(&mut table, "a", "m1", &mut out);
+    publish(&mut table, "a", "m2", &mut out);
+    assert_eq!(table.stats(b"a").queued, 2);
+    out.clear();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+    assert_eq!(deliveries(&out), vec![(1, "m1".to_string())]);
+    out.clear();
+    ack(&mut table, 1, &[1], &mut out);
+    assert_eq!(deliveries(&out), vec![(1, "m2".to_string())]);
+}
+
+#[test]
+fn anycast_round_robins_and_requeues_unacked_on_consumer_gone() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 10, &mut out);
+    subscribe(&mut table, 2, DeliveryMode::Anycast, 10, &mut out);
+    out.clear();
+    publish(&mut table, "a", "m1", &mut out);
+    publish(&mut table, "a", "m2", &mut out);
+    assert_eq!(deliveries(&out), vec![(1, "m1".into()), (2, "m2".into())]);
+    out.clear();
+    table.handle(AddressCommand::ConsumerGone { consumer: conn(1) }, 0, &mut out);
+    // m1 goes to the remaining consumer, marked redelivered.
+    let redelivered: Vec<_> =
+        delivered(&out).into_iter().map(|(consumer, delivery)| (consumer, delivery.redelivered)).collect();
+    assert_eq!(redelivered, vec![(2, true)]);
+}
+
+#[test]
+fn full_queue_refuses_the_send_and_keeps_what_it_had() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    for index in 0..4 {
+        publish(&mut table, "a", &format!("m{index}"), &mut out);
+    }
+    let refused: Vec<_> = out
+        .iter()
+        .filter_map(|(_, c)| match c {
+            ConnCommand::PublishDone { outcome: Err(refusal), .. } => Some(refusal.code),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused, vec![ErrorCode::Overloaded]);
+    assert_eq!(table.stats(b"a").queued, 3);
+}
+
+#[test]
+fn multicast_gives_every_subscriber_every_message_and_ends_slow_ones() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Multicast, 100, &mut out);
+    subscribe(&mut table, 2, DeliveryMode::Multicast, 0, &mut out); // paused: never keeps up
+    out.clear();
+    for index in 0..4 {
+        publish(&mut table, "a", &format!("m{index}"), &mut out);
+    }
+    let to_first: Vec<_> = deliveries(&out).into_iter().filter(|(c, _)| *c == 1).collect();
+    assert_eq!(to_first.len(), 4);
+    assert!(out
+        .iter()
+        .any(|(_, c)| matches!(c, ConnCommand::SubscriptionEnded { consumer, .. } if consumer.index == 2)));
+    // Pure multicast address: nothing piles up in the anycast queue.
+    assert_eq!(table.stats(b"a").queued, 0);
+    assert_eq!(table.stats(b"a").multicast_subscribers, 1);
+}
+
+fn answered(out: &[Outgoing]) -> usize {
+    out.iter().filter(|(_, c)| matches!(c, ConnCommand::PublishDone { outcome: Ok(()), .. })).count()
+}
+
+#[test]
+fn publishers_are_held_back_while_consumers_drain_a_long_queue() {
+    let limits = AddressLimits { max_queued_messages: 8, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+    out.clear();
+    // 1 delivered at once, then the queue grows; from 4 queued (half of 8) answers wait.
+    for index in 0..7 {
+        publish(&mut table, "a", &format!("m{index}"), &mut out);
+    }
+    assert_eq!(table.stats(b"a").queued, 6);
+    assert_eq!(answered(&out), 4, "answers for the publishes past the high watermark are held");
+    out.clear();
+    // The consumer acknowledges until the queue is down to 2 (a quarter of 8).
+    for id in 1..=4 {
+        ack(&mut table, 1, &[id], &mut out);
+    }
+    assert_eq!(table.stats(b"a").queued, 2);
+    assert_eq!(answered(&out), 3, "held answers go out at the low watermark");
+}
+
+fn refusal_reason(out: &[Outgoing]) -> Option<String> {
+    out.iter().find_map(|(_, c)| match c {
+        ConnCommand::PublishDone { outcome: Err(refusal), .. } => Some(refusal.reason.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn queued_bytes_are_bounded_per_address_and_per_shard() {
+    let limits = AddressLimits { max_queued_bytes: 10, memory_budget_bytes: 16, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    publish(&mut table, "a", "12345678", &mut out);
+    publish(&mut table, "a", "123", &mut out);
+    let reason = refusal_reason(&out).expect("the second body passes max_queued_bytes");
+    assert!(reason.contains("max_queued_bytes"), "{reason}");
+    out.clear();
+    publish(&mut table, "b", "123456789", &mut out);
+    let reason = refusal_reason(&out).expect("8 + 9 bytes pass the shard's budget of 16");
+    assert!(reason.contains("memory budget"), "{reason}");
+    assert_eq!(table.queued_bytes(), 8);
+    // Consuming frees the budget.
+    out.clear();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 10, &mut out);
+    assert_eq!(table.queued_bytes(), 0);
+    out.clear();
+    publish(&mut table, "b", "123456789", &mut out);
+    assert!(refusal_reason(&out).is_none());
+}
+
+#[test]
+fn without_consumers_nothing_is_held_and_the_bound_refuses() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    for index in 0..3 {
+        publish(&mut table, "a", &format!("m{index}"), &mut out);
+    }
+    assert_eq!(answered(&out), 3);
+}
+
+#[test]
+fn only_messages_that_wait_are_compacted() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+    out.clear();
+    let first = message("a", "delivered at once");
+    let second = message("a", "has to wait");
+    let (first_body, second_body) = (first.body.as_ptr(), second.body.as_ptr());
+    table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message: first }, 0, &mut out);
+    table.handle(AddressCommand::Publish { publisher: conn(9), seq: 2, message: second }, 0, &mut out);
+    let bodies: Vec<_> = delivered(&out).into_iter().map(|(_, delivery)| delivery.message.body.as_ptr()).collect();
+    assert_eq!(bodies, vec![first_body], "the first goes out zero-copy");
+    out.clear();
+    ack(&mut table, 1, &[1], &mut out);
+    let waited = deliveries(&out);
+    assert_eq!(waited, vec![(1, "has to wait".to_string())]);
+    let pointer = delivered(&out)[0].1.message.body.as_ptr();
+    assert_ne!(pointer, second_body, "the waiting one no longer pins the publisher's buffer");
+}
+
+/// Publishes of `bodies` to "a" by one publisher, numbered 1, 2, 3...
+fn batch_of(bodies: &[&str]) -> Vec<Publication> {
+    bodies
+        .iter()
+        .enumerate()
+        .map(|(index, body)| Publication { publisher: conn(99), seq: index as u64 + 1, message: message("a", body) })
+        .collect()
+}
+
+fn publish_batch(table: &mut AddressTable, bodies: &[&str], now_ms: u64, out: &mut Vec<Outgoing>) {
+    let mut batch = batch_of(bodies);
+    table.publish_batch(&mut batch, now_ms, out);
+    assert!(batch.is_empty(), "the batch is consumed");
+}
+
+#[test]
+fn an_anycast_batch_is_bounded_like_single_publishes_and_answered_after_its_dispatch() {
+    // Credit 2 and room for 3 queued: of 6 publishes, 2 go out at once, 3 wait, 1 is refused.
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 2, &mut out);
+    out.clear();
+    let mut batch = batch_of(&["m1", "m2", "m3", "m4", "m5", "m6"]);
+    let originals: Vec<*const u8> = batch.iter().map(|publication| publication.message.body.as_ptr()).collect();
+    table.publish_batch(&mut batch, 0, &mut out);
+    assert_eq!(deliveries(&out), vec![(1, "m1".to_string()), (1, "m2".to_string())]);
+    let sent: Vec<*const u8> = delivered(&out).iter().map(|(_, delivery)| delivery.message.body.as_ptr()).collect();
+    assert_eq!(sent, originals[..2], "messages delivered at once are not compacted");
+    assert_eq!(table.stats(b"a").queued, 3);
+    // The answers are decided after the batch's dispatch: the queue is above half of
+    // max_queued_messages, so the accepted ones are held back; the refused one is not.
+    let answers = |out: &[Outgoing]| -> Vec<(u64, bool)> {
+        out.iter()
+            .filter_map(|(_, command)| match command {
+                ConnCommand::PublishDone { seq, outcome, .. } => Some((*seq, outcome.is_ok())),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(answers(&out), vec![(6, false)]);
+    assert!(refusal_reason(&out).unwrap().contains("max_queued_messages"));
+    out.clear();
+    ack(&mut table, 1, &[1, 2], &mut out);
+    assert_eq!(deliveries(&out), vec![(1, "m3".to_string()), (1, "m4".to_string())]);
+    let waited = delivered(&out)[0].1.message.body.as_ptr();
+    assert!(!originals.contains(&waited), "messages that waited were compacted");
+    out.clear();
+    ack(&mut table, 1, &[3, 4], &mut out);
+    assert_eq!(deliveries(&out), vec![(1, "m5".to_string())]);
+    assert_eq!(answers(&out), vec![(1, true), (2, true), (3, true), (4, true), (5, true)], "released in order");
+}
+
+#[test]
+fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    // The name and body are slices of one large "read buffer", as decoded frames are.
+    let read_buffer = Bytes::from(vec![b'a'; 64 * 1024]);
+    let message = Arc::new(StoredMessage {
+        address: read_buffer.slice(0..1),
+        durable: false,
+        expires_at_ms: 0,
+        properties: Properties::default(),
+        body: read_buffer.slice(1..9),
+        body_is_text: false,
+    });
+    table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message }, 0, &mut out);
+    assert_eq!(table.stats(b"a").queued, 1);
+    let buffer = read_buffer.as_ptr_range();
+    let key = table.addresses.keys().next().expect("the address exists").as_ptr();
+    assert!(!buffer.contains(&key), "the address's key is a copy of its name");
+    let queued = table.addresses[&Bytes::from_static(b"a")].queue[0].message.clone();
+    assert!(!buffer.contains(&queued.body.as_ptr()), "the waiting message was compacted");
+    assert!(!buffer.contains(&queued.address.as_ptr()));
+}
+
+fn ack(table: &mut AddressTable, consumer: u32, ids: &[u64], out: &mut Vec<Outgoing>) {
+    let messages = ids.iter().map(|&id| MessageId(id)).collect();
+    table.handle(AddressCommand::Ack { consumer: conn(consumer), subscription: SubscriptionId(1), messages }, 0, out);
+}
+
+/// Consumer index and number of deliveries of each `Deliver` command in `out`, in order.
+fn deliver_commands(out: &[Outgoing]) -> Vec<(u32, usize)> {
+    out.iter()
+        .filter_map(|(_, command)| match command {
+            ConnCommand::Deliver { consumer, deliveries, .. } => Some((consumer.index, deliveries.len())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_reaches_each_multicast_subscriber_in_one_command_in_order() {
+    let limits = AddressLimits { max_queued_messages: 10, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Multicast, 100, &mut out);
+    subscribe(&mut table, 2, DeliveryMode::Multicast, 2, &mut out);
+    out.clear();
+    publish_batch(&mut table, &["m0", "m1", "m2", "m3", "m4"], 0, &mut out);
+    assert_eq!(deliver_commands(&out), vec![(1, 5), (2, 2)], "one command per subscriber, credit respected");
+    let to = |consumer: u32, out: &[Outgoing]| -> Vec<String> {
+        deliveries(out).into_iter().filter(|(c, _)| *c == consumer).map(|(_, body)| body).collect()
+    };
+    assert_eq!(to(1, &out), ["m0", "m1", "m2", "m3", "m4"]);
+    assert_eq!(to(2, &out), ["m0", "m1"]);
+    // Every SEND is answered, in order, after the deliveries it caused.
+    let answers: Vec<u64> = out
+        .iter()
+        .filter_map(|(_, c)| match c {
+            ConnCommand::PublishDone { seq, outcome: Ok(()), .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, [1, 2, 3, 4, 5]);
+    assert!(matches!(out.last(), Some((_, ConnCommand::PublishDone { seq: 5, .. }))));
+    // The rest waits in the slow subscriber's backlog and follows, in order, as it acknowledges.
+    out.clear();
+    ack(&mut table, 2, &[1, 2], &mut out);
+    assert_eq!(deliveries(&out), [(2, "m2".to_string()), (2, "m3".to_string())]);
+    assert_eq!(deliver_commands(&out), vec![(2, 2)]);
+    out.clear();
+    ack(&mut table, 2, &[3, 4], &mut out);
+    assert_eq!(deliveries(&out), [(2, "m4".to_string())]);
+}
+
+#[test]
+fn an_ack_delivers_only_to_the_subscriber_that_sent_it() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Multicast, 1, &mut out);
+    subscribe(&mut table, 2, DeliveryMode::Multicast, 1, &mut out);
+    publish(&mut table, "a", "m1", &mut out);
+    publish(&mut table, "a", "m2", &mut out);
+    out.clear();
+    // Subscriber 2 also has credit back only if it acknowledged; subscriber 1 acknowledges.
+    ack(&mut table, 1, &[1], &mut out);
+    assert_eq!(deliveries(&out), [(1, "m2".to_string())], "subscriber 2 is not touched");
+    out.clear();
+    ack(&mut table, 2, &[1], &mut out);
+    assert_eq!(deliveries(&out), [(2, "m2".to_string())]);
+}
+
+#[test]
+fn a_batch_ends_a_slow_multicast_subscriber_and_not_the_others() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Multicast, 100, &mut out);
+    subscribe(&mut table, 2, DeliveryMode::Multicast, 0, &mut out); // paused: never keeps up
+    out.clear();
+    publish_batch(&mut table, &["m0", "m1", "m2", "m3"], 0, &mut out);
+    assert_eq!(deliver_commands(&out), vec![(1, 4)]);
+    let ended: Vec<u32> = out
+        .iter()
+        .filter_map(|(_, c)| match c {
+            ConnCommand::SubscriptionEnded { consumer, refusal, .. } => {
+                assert!(refusal.reason.contains("max_queued_messages"), "{}", refusal.reason);
+                Some(consumer.index)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, [2]);
+    assert_eq!(table.stats(b"a").multicast_subscribers, 1);
+    // Its subscription is gone: a late ACK changes nothing.
+    out.clear();
+    ack(&mut table, 2, &[1], &mut out);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn a_batch_for_an_address_with_anycast_subscribers_is_queued_as_single_publishes() {
+    let limits = AddressLimits { max_queued_messages: 10, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+    out.clear();
+    publish_batch(&mut table, &["m0", "m1", "m2"], 0, &mut out);
+    assert_eq!(deliveries(&out), [(1, "m0".to_string())]);
+    assert_eq!(table.stats(b"a").queued, 2);
+    assert_eq!(answered(&out), 3);
+}
+
+#[test]
+fn an_expired_message_in_a_batch_is_answered_but_not_delivered() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Multicast, 10, &mut out);
+    out.clear();
+    let mut expiring = message("a", "old");
+    Arc::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
+    let mut batch = vec![
+        Publication { publisher: conn(9), seq: 1, message: expiring },
+        Publication { publisher: conn(9), seq: 2, message: message("a", "fresh") },
+    ];
+    table.publish_batch(&mut batch, 10, &mut out);
+    assert_eq!(deliveries(&out), [(1, "fresh".to_string())]);
+    assert_eq!(answered(&out), 2);
+}
+
+#[test]
+fn acks_find_their_subscriber_after_others_leave() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    for consumer in 1..=4 {
+        subscribe(&mut table, consumer, DeliveryMode::Multicast, 1, &mut out);
+    }
+    subscribe(&mut table, 5, DeliveryMode::Anycast, 1, &mut out);
+    subscribe(&mut table, 6, DeliveryMode::Anycast, 1, &mut out);
+    subscribe(&mut table, 7, DeliveryMode::Anycast, 1, &mut out);
+    publish(&mut table, "a", "m1", &mut out);
+    publish(&mut table, "a", "m2", &mut out);
+    // The first of each kind leaves: the others' positions change.
+    let unsubscribe = |table: &mut AddressTable, consumer: u32, out: &mut Vec<Outgoing>| {
+        table.handle(AddressCommand::Unsubscribe { consumer: conn(consumer), subscription: SubscriptionId(1) }, 0, out)
+    };
+    unsubscribe(&mut table, 1, &mut out);
+    unsubscribe(&mut table, 5, &mut out);
+    out.clear();
+    for consumer in [4, 2, 3] {
+        ack(&mut table, consumer, &[1], &mut out);
+        assert_eq!(deliveries(&out), [(consumer, "m2".to_string())], "consumer {consumer}");
+        out.clear();
+    }
+    // Anycast: m1 went to 5 and m2 to 6; 5 left, so m1 went again, to 7. Their ACKs find them.
+    let stats = table.stats(b"a");
+    assert_eq!((stats.multicast_subscribers, stats.anycast_subscribers, stats.unacked), (3, 2, 2));
+    ack(&mut table, 6, &[2], &mut out);
+    ack(&mut table, 7, &[1], &mut out);
+    assert_eq!(table.stats(b"a").unacked, 0);
+    table.handle(AddressCommand::ConsumerGone { consumer: conn(3) }, 0, &mut out);
+    ack(&mut table, 2, &[2], &mut out);
+    ack(&mut table, 4, &[2], &mut out);
+    assert_eq!(table.stats(b"a").multicast_subscribers, 2);
+}
+
+#[test]
+fn ending_several_slow_subscribers_keeps_the_others_reachable() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    for (consumer, credit) in [(1, 0), (2, 10), (3, 0), (4, 10), (5, 0)] {
+        subscribe(&mut table, consumer, DeliveryMode::Multicast, credit, &mut out);
+    }
+    out.clear();
+    publish_batch(&mut table, &["m0", "m1", "m2", "m3"], 0, &mut out);
+    let ended: Vec<u32> = out
+        .iter()
+        .filter_map(|(_, c)| match c {
+            ConnCommand::SubscriptionEnded { consumer, .. } => Some(consumer.index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, [5, 3, 1]);
+    for consumer in [2, 4] {
+        out.clear();
+        table.handle(
+            AddressCommand::SetCredit { consumer: conn(consumer), subscription: SubscriptionId(1), credit: 20 },
+            0,
+            &mut out,
+        );
+        ack(&mut table, consumer, &[1, 2, 3, 4], &mut out);
+        assert!(out.is_empty(), "nothing was waiting for consumer {consumer}");
+    }
+    out.clear();
+    publish_batch(&mut table, &["m4"], 0, &mut out);
+    let mut reached = deliveries(&out);
+    reached.sort();
+    assert_eq!(reached, [(2, "m4".to_string()), (4, "m4".to_string())]);
+}
+
+#[test]
+fn unacked_messages_stay_sorted_when_redeliveries_arrive_late() {
+    let queued = |id: u64| Queued { id: MessageId(id), message: message("a", "m"), redelivered: false, deliveries: 1 };
+    let mut unacked = UnackedMessages::default();
+    for id in [3, 5, 1, 4] {
+        unacked.insert(queued(id));
+    }
+    assert!(unacked.contains(MessageId(4)) && !unacked.contains(MessageId(2)));
+    assert_eq!(unacked.remove(MessageId(4)).map(|q| q.id), Some(MessageId(4)));
+    assert_eq!(unacked.remove(MessageId(4)).map(|q| q.id), None, "an id is removed once");
+    assert_eq!(unacked.remove(MessageId(1)).map(|q| q.id), Some(MessageId(1)));
+    assert_eq!(unacked.len(), 2);
+    let left: Vec<u64> = unacked.into_oldest_first().map(|q| q.id.0).collect();
+    assert_eq!(left, [3, 5]);
+}
+
+#[test]
+fn expired_messages_are_dropped_not_delivered() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    let mut expiring = message("a", "old");
+    Arc::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
+    table.handle(AddressCommand::Publish { publisher: conn(9), seq: 0, message: expiring }, 0, &mut out);
+    publish(&mut table, "a", "fresh", &mut out);
+    out.clear();
+    table.handle(
+        AddressCommand::Subscribe {
+            consumer: conn(1),
+            subscription: SubscriptionId(1),
+            address: Bytes::from_static(b"a"),
+            mode: DeliveryMode::Anycast,
+            ack_mode: AckMode::Client,
+            credit: 10,
+        },
+        10,
+        &mut out,
+    );
+    assert_eq!(deliveries(&out), vec![(1, "fresh".to_string())]);
+}
+
+// ---- durable delivery and message ids (issue 8 item 14) ----
+
+/// A table with a file-less durable log on which every address is durable.
+fn durable_table() -> (AddressTable, Rc<RefCell<DurableLog>>) {
+    let config = crate::store::LogConfig::new(std::env::temp_dir().join("mbws-address-tests-never-written"));
+    let log = Rc::new(RefCell::new(DurableLog::new(config, ShardId(0)).unwrap()));
+    let mut table = AddressTable::new(ShardId(0), AddressLimits { max_queued_messages: 100, ..LIMITS });
+    table.set_durable_log(log.clone(), vec![Bytes::from_static(b"dur.*")]);
+    (table, log)
+}
+
+/// Plays the commit shell: every pending batch is "synced", then the table is told.
+fn commit(table: &mut AddressTable, log: &Rc<RefCell<DurableLog>>, out: &mut Vec<Outgoing>) {
+    let mut durable = None;
+    loop {
+        let Some(batch) = log.borrow_mut().take_batch() else { break };
+        durable = Some(log.borrow_mut().batch_committed(batch).durable_lsn);
+    }
+    if let Some(lsn) = durable {
+        table.durable_committed(lsn, 0, out);
+    }
+}
+
+fn subscribe_to(table: &mut AddressTable, address: &'static str, mode: DeliveryMode, out: &mut Vec<Outgoing>) {
+    table.handle(
+        AddressCommand::Subscribe {
+            consumer: conn(1),
+            subscription: SubscriptionId(1),
+            address: Bytes::from_static(address.as_bytes()),
+            mode,
+            ack_mode: AckMode::Client,
+            credit: 10,
+        },
+        0,
+        out,
+    );
+}
+
+fn ids_delivered(out: &[Outgoing]) -> Vec<u64> {
+    delivered(out).iter().map(|(_, delivery)| delivery.message_id.0).collect()
+}
+
+#[test]
+fn a_durable_message_is_delivered_and_answered_only_once_its_record_is_durable() {
+    let (mut table, log) = durable_table();
+    let mut out = Vec::new();
+    subscribe_to(&mut table, "dur.x", DeliveryMode::Anycast, &mut out);
+    out.clear();
+    publish(&mut table, "dur.x", "A", &mut out);
+    publish(&mut table, "dur.x", "B", &mut out);
+    assert!(deliveries(&out).is_empty(), "nothing is delivered before the sync: {out:?}");
+    assert_eq!(answered(&out), 0, "nor answered");
+    commit(&mut table, &log, &mut out);
+    assert_eq!(deliveries(&out), [(1, "A".to_string()), (1, "B".to_string())]);
+    assert_eq!(answered(&out), 2);
+}
+
+#[test]
+fn an_in_memory_message_queued_behind_an_unsynced_durable_one_waits_for_it() {
+    let (mut table, log) = durable_table();
+    let mut out = Vec::new();
+    commit_reservation(&mut table, &log, &mut out);
+    subscribe_to(&mut table, "mixed", DeliveryMode::Anycast, &mut out);
+    out.clear();
+    let mut durable = message("mixed", "durable");
+    Arc::get_mut(&mut durable).unwrap().durable = true;
+    table.handle(AddressCommand::Publish { publisher: conn(99), seq: 1, message: durable }, 0, &mut out);
+    publish(&mut table, "mixed", "in memory", &mut out);
+    assert!(deliveries(&out).is_empty(), "order is kept: the in-memory one waits behind: {out:?}");
+    commit(&mut table, &log, &mut out);
+    assert_eq!(deliveries(&out), [(1, "durable".to_string()), (1, "in memory".to_string())]);
+}
+
+/// Publishes one in-memory message and commits, so that ids are durably reserved.
+fn commit_reservation(table: &mut AddressTable, log: &Rc<RefCell<DurableLog>>, out: &mut Vec<Outgoing>) {
+    publish(table, "warm-up", "x", out);
+    commit(table, log, out);
+}
+
+#[test]
+fn in_memory_messages_wait_only_for_the_first_reservation_of_their_ids() {
+    let (mut table, log) = durable_table();
+    let mut out = Vec::new();
+    subscribe_to(&mut table, "plain", DeliveryMode::Multicast, &mut out);
+    out.clear();
+    publish(&mut table, "plain", "first", &mut out);
+    assert!(deliveries(&out).is_empty(), "no id is shown before a durable reservation covers it");
+    assert_eq!(answered(&out), 1, "an in-memory publish is answered at once");
+    commit(&mut table, &log, &mut out);
+    assert_eq!(deliveries(&out), [(1, "first".to_string())]);
+    out.clear();
+    // From now on, for half a block, in-memory messages go out at once, batched or not.
+    publish(&mut table, "plain", "second", &mut out);
+    publish_batch_to(&mut table, "plain", &["third", "fourth"], &mut out);
+    assert_eq!(deliveries(&out), [(1, "second".to_string()), (1, "third".to_string()), (1, "fourth".to_string())]);
+    assert!(!log.borrow().has_pending(), "no record per in-memory message");
+}
+
+fn publish_batch_to(table: &mut AddressTable, address: &str, bodies: &[&str], out: &mut Vec<Outgoing>) {
+    let mut batch: Vec<Publication> = bodies
+        .iter()
+        .map(|body| Publication { publisher: conn(99), seq: 1, message: message(address, body) })
+        .collect();
+    table.publish_batch(&mut batch, 0, out);
+}
+
+#[test]
+fn ids_are_reserved_a_block_ahead_and_continue_above_the_reservation_after_a_restart() {
+    let (mut table, log) = durable_table();
+    let mut out = Vec::new();
+    subscribe_to(&mut table, "plain", DeliveryMode::Multicast, &mut out);
+    publish(&mut table, "plain", "m", &mut out);
+    commit(&mut table, &log, &mut out);
+    assert_eq!(log.borrow().message_id_high_water(), 1 + ID_RESERVATION_BLOCK);
+    // Half a block later the next reservation is appended, before its ids are needed.
+    let renewing_id = 1 + ID_RESERVATION_BLOCK / 2 + 1;
+    table.last_message_id = renewing_id - 1;
+    out.clear();
+    publish(&mut table, "plain", "renews", &mut out);
+    assert_eq!(ids_delivered(&out), [renewing_id]);
+    assert_eq!(deliveries(&out), [(1, "renews".to_string())], "still inside the durable reservation");
+    assert!(log.borrow().has_pending(), "the next reservation is on its way");
+    assert_eq!(log.borrow().message_id_high_water(), renewing_id + ID_RESERVATION_BLOCK);
+    // A restart (a new table on the same log) continues above everything reserved.
+    let mut restarted = AddressTable::new(ShardId(0), LIMITS);
+    restarted.set_durable_log(log.clone(), Vec::new());
+    subscribe_to(&mut restarted, "plain", DeliveryMode::Multicast, &mut out);
+    out.clear();
+    publish(&mut restarted, "plain", "after", &mut out);
+    commit(&mut restarted, &log, &mut out);
+    assert_eq!(ids_delivered(&out), [renewing_id + ID_RESERVATION_BLOCK + 1]);
+}
+
+#[test]
+fn a_failed_log_drops_what_waits_for_it_and_refuses_ids_it_cannot_reserve() {
+    let (mut table, log) = durable_table();
+    let mut out = Vec::new();
+    subscribe_to(&mut table, "dur.x", DeliveryMode::Anycast, &mut out);
+    publish(&mut table, "dur.x", "lost", &mut out);
+    let batch = log.borrow_mut().take_batch().unwrap();
+    drop(batch);
+    log.borrow_mut().set_failure("disk on fire".to_string());
+    out.clear();
+    table.durable_failed("disk on fire", &mut out);
+    assert_eq!(table.stats(b"dur.x").queued, 0, "the unsynced message no longer blocks the queue");
+    assert_eq!(table.queued_bytes(), 0);
+    assert!(refusal_reason(&out).is_some_and(|reason| reason.contains("disk on fire")));
+    out.clear();
+    publish(&mut table, "plain", "in memory", &mut out);
+    let reason = refusal_reason(&out).expect("no id can be reserved");
+    assert!(reason.contains("restarts"), "{reason}");
+}
