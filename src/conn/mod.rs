@@ -15,7 +15,7 @@
 //!
 //! A connection slot outlives its socket when its session is resumable (MBWS): the session is
 //! detached and waits `session_expiry_ms` for its client; a timer ends it otherwise. Every
-//! attachment of a socket to a slot has an `epoch`; tasks of an older epoch (a connection
+//! attachment of a socket to a slot has a number ([`lifecycle`]); tasks of an older attachment (a connection
 //! superseded by a resume) stop touching the slot.
 //!
 //! State the shard's dispatcher also touches (session, write queue, wakers) sits in one
@@ -28,6 +28,7 @@
 //! largest state, so timers, writes and rare paths (handshake, resume, refusals) are boxed
 //! rather than held inline.
 
+pub mod lifecycle;
 pub mod outbound;
 pub mod read_buffer;
 pub mod session;
@@ -52,6 +53,7 @@ use crate::shard::{now_ms, Shard};
 use crate::ws::handshake::{self, HandshakeError};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
 use crate::ws::{OpCode, Role, WsError};
+use lifecycle::{Attachment, Lifecycle};
 use outbound::{Outbound, WriteBatch};
 use read_buffer::ReadBuffer;
 use session::{parse_session_id, Effects, Session};
@@ -68,14 +70,9 @@ pub struct Connection {
     max_outbound_bytes: usize,
     writer_waker: Option<Waker>,
     reader_waker: Option<Waker>,
-    /// A close frame is queued (or the socket failed): no more input is processed.
-    closing: bool,
-    /// The reader has finished: the writer exits once the queue is written.
-    reader_done: bool,
-    /// Which attachment of a socket to this slot is current; older tasks stop.
-    epoch: u32,
-    /// The attached socket, so that a resume on a new connection can shut a stale one down.
-    socket: RawFd,
+    /// Opening, running, closing, detached or ended, and which attachment of a socket is
+    /// current (tasks of an older one are superseded and stop).
+    lifecycle: Lifecycle,
 }
 
 impl Connection {
@@ -86,16 +83,17 @@ impl Connection {
             max_outbound_bytes,
             writer_waker: None,
             reader_waker: None,
-            closing: false,
-            reader_done: false,
-            epoch: 0,
-            socket: -1,
+            lifecycle: Lifecycle::default(),
         }
     }
 
     /// A socket is attached (a detached session, kept for resume, has none).
     pub fn has_socket(&self) -> bool {
-        self.socket >= 0
+        self.lifecycle.socket().is_some()
+    }
+
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 
     /// End of a round of work: cumulative receipt, then wake whoever can make progress.
@@ -114,13 +112,13 @@ impl Connection {
     }
 
     fn reader_may_continue(&self) -> bool {
-        self.closing || (self.session.can_accept_sends() && self.outbound.queued_bytes() < self.max_outbound_bytes)
+        self.lifecycle.is_stopping()
+            || (self.session.can_accept_sends() && self.outbound.queued_bytes() < self.max_outbound_bytes)
     }
 
     /// Queues a close frame and stops processing input.
     pub fn begin_close(&mut self, code: u16, reason: &str) {
-        if !self.closing {
-            self.closing = true;
+        if self.lifecycle.begin_close() {
             self.outbound.push_control(OpCode::Close, &close_payload(code, reason));
         }
         self.wake_all();
@@ -135,15 +133,12 @@ impl Connection {
         }
     }
 
-    /// Starts a new attachment: a fresh write queue and flags for the socket `socket`.
-    fn attach(&mut self, socket: RawFd) -> u32 {
-        self.epoch = self.epoch.wrapping_add(1);
+    /// Starts a new attachment of the socket `socket`, with a fresh write queue.
+    fn attach(&mut self, socket: RawFd) -> Attachment {
         self.outbound = Outbound::new();
-        self.closing = false;
-        self.reader_done = false;
-        self.socket = socket;
-        self.wake_all(); // Tasks of the previous epoch notice and stop.
-        self.epoch
+        let attachment = self.lifecycle.attach(socket);
+        self.wake_all(); // Tasks of the previous attachment notice and stop.
+        attachment
     }
 }
 
@@ -207,8 +202,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
         }
         Opening::Ended => return,
     };
-    let Attached { me, cell, epoch, stream, mut buf, mut decoder } = *attached;
-    run(&shard, me, &cell, epoch, stream, &mut buf, &mut decoder, &peer).await
+    let Attached { me, cell, attachment, stream, mut buf, mut decoder } = *attached;
+    run(&shard, me, &cell, attachment, stream, &mut buf, &mut decoder, &peer).await
 }
 
 /// How the opening phase of a connection ended. The payloads are boxed: an `Opening` lives in
@@ -226,7 +221,7 @@ enum Opening {
 struct Attached {
     me: ConnRef,
     cell: ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     stream: TcpStream,
     buf: ReadBuffer,
     decoder: Decoder,
@@ -337,7 +332,7 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
     let session_config = shard.session_config.clone();
     let (me, cell) = shard
         .register(|me| Connection::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes));
-    let epoch = cell.borrow_mut().attach(stream.as_raw_fd());
+    let attachment = cell.borrow_mut().attach(stream.as_raw_fd());
     {
         let mut connection = cell.borrow_mut();
         let connection = &mut *connection;
@@ -349,7 +344,7 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
         debug_assert!(commands.is_empty(), "the first frame routes nothing");
     }
     log!(Level::Debug, "shard {}: connection {}.{} from {peer} opened", shard.id.0, me.conn.index, me.conn.generation);
-    Opening::Opened(Box::new(Attached { me, cell, epoch, stream, buf, decoder }))
+    Opening::Opened(Box::new(Attached { me, cell, attachment, stream, buf, decoder }))
 }
 
 /// Reads until the first complete WebSocket data message, answering pings on the way.
@@ -511,20 +506,20 @@ async fn resume(
         return;
     }
     let mut commands = Vec::new();
-    let epoch = {
+    let attachment = {
         let mut connection = cell.borrow_mut();
         for (owner, subscription, count) in connection.outbound.take_credits() {
             commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
         }
-        if connection.session.is_attached() && connection.socket >= 0 {
+        if let Some(socket) = connection.lifecycle.socket() {
             // The old connection has not noticed it is dead (or the client raced it): it is
-            // superseded. Its tasks see the new epoch; its writer says why it ends.
-            supersede(connection.socket);
+            // superseded. Its tasks see the new attachment; its writer says why it ends.
+            supersede(socket);
         }
-        let epoch = connection.attach(stream.as_raw_fd());
+        let attachment = connection.attach(stream.as_raw_fd());
         let connection = &mut *connection;
         connection.session.resume(binding, &open, &mut connection.outbound);
-        epoch
+        attachment
     };
     shard.submit_address_commands(&mut commands);
     shard.mark_dirty(me.conn);
@@ -537,7 +532,7 @@ async fn resume(
         me.conn.generation
     );
     let mut decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
-    run(&shard, me, &cell, epoch, stream, &mut buf, &mut decoder, &peer).await;
+    run(&shard, me, &cell, attachment, stream, &mut buf, &mut decoder, &peer).await;
 }
 
 /// Why a superseded connection ends (fatal ERROR 4409 and close 4409, docs/PROTOCOL.md 11).
@@ -578,7 +573,7 @@ async fn run(
     shard: &Rc<Shard>,
     me: ConnRef,
     cell: &ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     stream: TcpStream,
     buf: &mut ReadBuffer,
     decoder: &mut Decoder,
@@ -586,19 +581,20 @@ async fn run(
 ) {
     let (mut reader, writer) = stream.into_split();
     let binding = cell.borrow().session.binding();
-    monoio::spawn(write_loop(shard.clone(), me, cell.clone(), epoch, binding, writer));
-    read_loop(shard, me, cell, epoch, &mut reader, buf, decoder).await;
+    monoio::spawn(write_loop(shard.clone(), me, cell.clone(), attachment, binding, writer));
+    read_loop(shard, me, cell, attachment, &mut reader, buf, decoder).await;
 
     let mut commands = Vec::new();
     let detached = {
         let mut connection = cell.borrow_mut();
-        if connection.epoch != epoch {
+        if !connection.lifecycle.is_current(attachment) {
             return; // Superseded: the session belongs to a newer connection now.
         }
-        connection.reader_done = true;
-        connection.socket = -1;
+        let resumable = connection.session.is_resumable();
+        let expiry = u64::from(shard.config.session_expiry_ms);
+        connection.lifecycle.reader_finished(resumable.then(|| now_ms() + expiry));
         connection.wake_all();
-        if connection.session.is_resumable() {
+        if resumable {
             connection.session.detach();
             // Frames queued for the dead socket are dropped; auto-ack credit they held goes
             // back to the owners (those deliveries are lost: auto ack is at most once).
@@ -621,7 +617,7 @@ async fn run(
             me.conn.generation,
             expiry.as_millis()
         );
-        monoio::spawn(expire_later(shard.clone(), me, cell.clone(), epoch, expiry));
+        monoio::spawn(expire_later(shard.clone(), me, cell.clone(), attachment, expiry));
     } else {
         shard.unregister(me.conn);
         log!(
@@ -636,16 +632,22 @@ async fn run(
     shard.run_work();
 }
 
-/// Ends a detached session that nobody resumed within its expiry.
-async fn expire_later(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, epoch: u32, expiry: Duration) {
-    monoio::time::sleep(expiry).await;
+/// Ends a detached session that nobody resumed by its expiry (`Lifecycle::expire`).
+async fn expire_later(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, attachment: Attachment, expiry: Duration) {
+    let mut wait = expiry;
     let mut commands = Vec::new();
-    {
+    loop {
+        monoio::time::sleep(wait).await;
         let mut connection = cell.borrow_mut();
-        if connection.epoch != epoch || connection.session.is_attached() {
+        let Some(expires_at_ms) = connection.lifecycle.expires_at_ms(attachment) else {
             return; // Resumed meanwhile.
+        };
+        let now = now_ms();
+        if connection.lifecycle.expire(attachment, now) {
+            connection.session.on_disconnect(&mut commands);
+            break;
         }
-        connection.session.on_disconnect(&mut commands);
+        wait = Duration::from_millis(expires_at_ms - now); // Woken a little early.
     }
     shard.unregister(me.conn);
     log!(Level::Debug, "shard {}: session of connection {}.{} expired", shard.id.0, me.conn.index, me.conn.generation);
@@ -700,7 +702,7 @@ async fn read_loop(
     shard: &Rc<Shard>,
     me: ConnRef,
     cell: &ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     reader: &mut OwnedReadHalf<TcpStream>,
     buf: &mut ReadBuffer,
     decoder: &mut Decoder,
@@ -708,7 +710,7 @@ async fn read_loop(
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     loop {
         wait_until_reader_may_continue(cell).await;
-        let step = process_buffered(shard, me, cell, epoch, decoder, buf.bytes_mut(), &mut commands);
+        let step = process_buffered(shard, me, cell, attachment, decoder, buf.bytes_mut(), &mut commands);
         shard.submit_address_commands(&mut commands);
         shard.mark_dirty(me.conn);
         shard.run_work();
@@ -731,7 +733,7 @@ async fn read_loop(
                         "nothing received for {} ms, twice the heartbeat interval; send PING when idle",
                         deadline.as_millis()
                     );
-                    close_with_error(cell, epoch, ErrorCode::Timeout, reason);
+                    close_with_error(cell, attachment, ErrorCode::Timeout, reason);
                     shard.run_work();
                     return;
                 }
@@ -742,14 +744,14 @@ async fn read_loop(
             Ok(_) => {}
         }
     }
-    if cell.borrow().epoch == epoch {
+    if cell.borrow().lifecycle.is_current(attachment) {
         Box::pin(wait_for_peer_close(reader, decoder, buf)).await;
     }
 }
 
-fn close_with_error(cell: &ConnectionCell, epoch: u32, code: ErrorCode, reason: String) {
+fn close_with_error(cell: &ConnectionCell, attachment: Attachment, code: ErrorCode, reason: String) {
     let mut connection = cell.borrow_mut();
-    if connection.epoch != epoch {
+    if !connection.lifecycle.is_current(attachment) {
         return;
     }
     let connection = &mut *connection;
@@ -775,7 +777,7 @@ fn process_buffered(
     shard: &Shard,
     me: ConnRef,
     cell: &ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     decoder: &mut Decoder,
     buf: &mut BytesMut,
     commands: &mut Vec<(ShardId, AddressCommand)>,
@@ -784,7 +786,7 @@ fn process_buffered(
     let connection = &mut *connection;
     let now = now_ms();
     loop {
-        if connection.closing || connection.epoch != epoch {
+        if !connection.lifecycle.accepts_input(attachment) {
             return Step::Closing;
         }
         if !connection.reader_may_continue() {
@@ -818,7 +820,8 @@ fn process_buffered(
                     Some(frame) => close_payload(frame.code, ""),
                     None => BytesMut::new(),
                 };
-                connection.closing = true;
+                // Closing now: the echo is the close frame (the lifecycle's own is not queued).
+                connection.lifecycle.begin_close();
                 connection.outbound.push_control(OpCode::Close, &payload);
                 connection.wake_all();
                 return Step::Closing;
@@ -869,27 +872,29 @@ async fn write_loop(
     shard: Rc<Shard>,
     me: ConnRef,
     cell: ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     binding: Binding,
     mut writer: OwnedWriteHalf<TcpStream>,
 ) {
     let mut batch = WriteBatch::default();
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     let mut superseded = false;
-    // A batch taken while closing holds the close frame (it is queued as `closing` is set).
+    // A batch taken while closing holds the close frame (it is queued as closing begins).
     let mut close_taken = false;
     let mut failed = false;
     loop {
         let mut spare = Some(std::mem::take(&mut batch));
         let next = std::future::poll_fn(|cx| {
             let mut connection = cell.borrow_mut();
-            if connection.epoch != epoch {
+            if !connection.lifecycle.is_current(attachment) {
                 return Poll::Ready(None);
             }
             if let Some(taken) = connection.outbound.take_batch(spare.take().unwrap_or_default()) {
-                return Poll::Ready(Some((taken, connection.closing)));
+                // The close frame is queued as the connection starts closing: a batch taken
+                // from then on may wait for a peer that no longer reads.
+                return Poll::Ready(Some((taken, connection.outbound.close_queued())));
             }
-            if connection.reader_done || (connection.closing && connection.outbound.close_queued()) {
+            if connection.lifecycle.reader_finished_already() || connection.outbound.close_queued() {
                 return Poll::Ready(None);
             }
             // Caught up: wait holding no write buffers (the batch's went with `spare` above).
@@ -899,7 +904,7 @@ async fn write_loop(
         })
         .await;
         let Some((taken, closing)) = next else {
-            superseded = cell.borrow().epoch != epoch;
+            superseded = !cell.borrow().lifecycle.is_current(attachment);
             break;
         };
         batch = taken;
@@ -933,14 +938,14 @@ async fn write_loop(
         };
         batch = returned;
         let mut connection = cell.borrow_mut();
-        if connection.epoch != epoch {
+        if !connection.lifecycle.is_current(attachment) {
             superseded = true;
             break;
         }
         if result.is_err() {
             // The peer is gone; the reader sees it too and detaches or ends the session.
             failed = true;
-            connection.closing = true;
+            connection.lifecycle.write_failed();
             connection.wake_all();
             break;
         }
