@@ -32,6 +32,7 @@ pub mod lifecycle;
 pub mod outbound;
 pub mod read_buffer;
 pub mod session;
+pub mod state;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -53,91 +54,64 @@ use crate::shard::{now_ms, Shard};
 use crate::ws::handshake::{self, HandshakeError};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
 use crate::ws::{OpCode, Role, WsError};
-use lifecycle::{Attachment, Lifecycle};
+use lifecycle::Attachment;
 use outbound::{Outbound, WriteBatch};
 use read_buffer::ReadBuffer;
 use session::{parse_session_id, Effects, Session};
+use state::{return_credits, ConnState, Expiry, NextWrite, ReadStep, Wake, Written};
 
 pub type ConnectionCell = Rc<RefCell<Connection>>;
 
 /// How long a closing connection waits for the peer's close frame, and for its last writes.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// The part of a connection shared by its reader, its writer and the shard's dispatcher.
+/// A connection as its reader, its writer and the shard's dispatcher share it: its sans-IO
+/// state ([`ConnState`]) and the wakers of its two tasks.
 pub struct Connection {
-    pub session: Session,
-    pub outbound: Outbound,
-    max_outbound_bytes: usize,
+    pub state: ConnState,
     writer_waker: Option<Waker>,
     reader_waker: Option<Waker>,
-    /// Opening, running, closing, detached or ended, and which attachment of a socket is
-    /// current (tasks of an older one are superseded and stop).
-    lifecycle: Lifecycle,
 }
 
 impl Connection {
     fn new(session: Session, max_outbound_bytes: usize) -> Connection {
-        Connection {
-            session,
-            outbound: Outbound::new(),
-            max_outbound_bytes,
-            writer_waker: None,
-            reader_waker: None,
-            lifecycle: Lifecycle::default(),
-        }
+        Connection { state: ConnState::new(session, max_outbound_bytes), writer_waker: None, reader_waker: None }
     }
 
     /// A socket is attached (a detached session, kept for resume, has none).
     pub fn has_socket(&self) -> bool {
-        self.lifecycle.socket().is_some()
-    }
-
-    pub fn lifecycle(&self) -> &Lifecycle {
-        &self.lifecycle
+        self.state.lifecycle().socket().is_some()
     }
 
     /// End of a round of work: cumulative receipt, then wake whoever can make progress.
     pub fn flush(&mut self) {
-        self.session.flush(&mut self.outbound);
-        if !self.outbound.is_empty() {
+        let wake = self.state.flush();
+        self.wake(wake);
+    }
+
+    /// Queues a close frame and stops processing input.
+    pub fn begin_close(&mut self, code: u16, reason: &str) {
+        self.state.begin_close(code, reason);
+        self.wake(Wake::ALL);
+    }
+
+    fn wake(&mut self, wake: Wake) {
+        if wake.writer {
             if let Some(waker) = self.writer_waker.take() {
                 waker.wake();
             }
         }
-        if self.reader_may_continue() {
+        if wake.reader {
             if let Some(waker) = self.reader_waker.take() {
                 waker.wake();
             }
         }
     }
 
-    fn reader_may_continue(&self) -> bool {
-        self.lifecycle.is_stopping()
-            || (self.session.can_accept_sends() && self.outbound.queued_bytes() < self.max_outbound_bytes)
-    }
-
-    /// Queues a close frame and stops processing input.
-    pub fn begin_close(&mut self, code: u16, reason: &str) {
-        if self.lifecycle.begin_close() {
-            self.outbound.push_control(OpCode::Close, &close_payload(code, reason));
-        }
-        self.wake_all();
-    }
-
-    fn wake_all(&mut self) {
-        if let Some(waker) = self.writer_waker.take() {
-            waker.wake();
-        }
-        if let Some(waker) = self.reader_waker.take() {
-            waker.wake();
-        }
-    }
-
     /// Starts a new attachment of the socket `socket`, with a fresh write queue.
     fn attach(&mut self, socket: RawFd) -> Attachment {
-        self.outbound = Outbound::new();
-        let attachment = self.lifecycle.attach(socket);
-        self.wake_all(); // Tasks of the previous attachment notice and stop.
+        let attachment = self.state.attach(socket);
+        self.wake(Wake::ALL); // Tasks of the previous attachment notice and stop.
         attachment
     }
 }
@@ -335,10 +309,10 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
     let attachment = cell.borrow_mut().attach(stream.as_raw_fd());
     {
         let mut connection = cell.borrow_mut();
-        let connection = &mut *connection;
+        let ConnState { session, outbound, .. } = &mut connection.state;
         let mut commands = Vec::new();
-        let mut fx = Effects { outbound: &mut connection.outbound, commands: &mut commands };
-        if let Err(end) = connection.session.on_message(binding, payload, now_ms(), &mut fx) {
+        let mut fx = Effects { outbound, commands: &mut commands };
+        if let Err(end) = session.on_message(binding, payload, now_ms(), &mut fx) {
             connection.begin_close(end.close_code, &end.reason);
         }
         debug_assert!(commands.is_empty(), "the first frame routes nothing");
@@ -483,8 +457,8 @@ async fn resume(
     let found = parse_session_id(&open.session_id).and_then(|(_, conn, token)| {
         let cell = shard.connection(conn)?;
         let resumable = {
-            let connection = cell.borrow();
-            connection.session.token_matches(token) && connection.session.is_resumable()
+            let session = &cell.borrow().state.session;
+            session.token_matches(token) && session.is_resumable()
         };
         resumable.then_some((ConnRef { shard: shard.id, conn }, cell))
     });
@@ -493,7 +467,7 @@ async fn resume(
         Box::pin(refuse_unknown_session(&mut stream, binding, &open.session_id)).await;
         return;
     };
-    let last_delivery_seq = cell.borrow().session.last_delivery_seq();
+    let last_delivery_seq = cell.borrow().state.session.last_delivery_seq();
     if open.last_received_seq > last_delivery_seq {
         // The client claims deliveries that were never made: a client bug, or another session's
         // number. The session stays as it was, for a correct resume.
@@ -508,17 +482,13 @@ async fn resume(
     let mut commands = Vec::new();
     let attachment = {
         let mut connection = cell.borrow_mut();
-        for (owner, subscription, count) in connection.outbound.take_credits() {
-            commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
-        }
-        if let Some(socket) = connection.lifecycle.socket() {
+        let (attachment, stale) = connection.state.resume(stream.as_raw_fd(), binding, &open, &mut commands);
+        if let Some(socket) = stale {
             // The old connection has not noticed it is dead (or the client raced it): it is
             // superseded. Its tasks see the new attachment; its writer says why it ends.
             supersede(socket);
         }
-        let attachment = connection.attach(stream.as_raw_fd());
-        let connection = &mut *connection;
-        connection.session.resume(binding, &open, &mut connection.outbound);
+        connection.wake(Wake::ALL);
         attachment
     };
     shard.submit_address_commands(&mut commands);
@@ -580,32 +550,19 @@ async fn run(
     peer: &SocketAddr,
 ) {
     let (mut reader, writer) = stream.into_split();
-    let binding = cell.borrow().session.binding();
+    let binding = cell.borrow().state.session.binding();
     monoio::spawn(write_loop(shard.clone(), me, cell.clone(), attachment, binding, writer));
     read_loop(shard, me, cell, attachment, &mut reader, buf, decoder).await;
 
     let mut commands = Vec::new();
     let detached = {
         let mut connection = cell.borrow_mut();
-        if !connection.lifecycle.is_current(attachment) {
+        let expiry_ms = u64::from(shard.config.session_expiry_ms);
+        let Some(detached) = connection.state.reader_finished(attachment, now_ms(), expiry_ms, &mut commands) else {
             return; // Superseded: the session belongs to a newer connection now.
-        }
-        let resumable = connection.session.is_resumable();
-        let expiry = u64::from(shard.config.session_expiry_ms);
-        connection.lifecycle.reader_finished(resumable.then(|| now_ms() + expiry));
-        connection.wake_all();
-        if resumable {
-            connection.session.detach();
-            // Frames queued for the dead socket are dropped; auto-ack credit they held goes
-            // back to the owners (those deliveries are lost: auto ack is at most once).
-            for (owner, subscription, count) in connection.outbound.take_credits() {
-                commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
-            }
-            true
-        } else {
-            connection.session.on_disconnect(&mut commands);
-            false
-        }
+        };
+        connection.wake(Wake::ALL);
+        detached
     };
     if detached {
         let expiry = Duration::from_millis(u64::from(shard.config.session_expiry_ms));
@@ -638,16 +595,11 @@ async fn expire_later(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, attac
     let mut commands = Vec::new();
     loop {
         monoio::time::sleep(wait).await;
-        let mut connection = cell.borrow_mut();
-        let Some(expires_at_ms) = connection.lifecycle.expires_at_ms(attachment) else {
-            return; // Resumed meanwhile.
-        };
-        let now = now_ms();
-        if connection.lifecycle.expire(attachment, now) {
-            connection.session.on_disconnect(&mut commands);
-            break;
+        match cell.borrow_mut().state.expire(attachment, now_ms(), &mut commands) {
+            Expiry::Expired => break,
+            Expiry::Resumed => return,
+            Expiry::NotBefore(at) => wait = Duration::from_millis(at.saturating_sub(now_ms())), // Woken early.
         }
-        wait = Duration::from_millis(expires_at_ms - now); // Woken a little early.
     }
     shard.unregister(me.conn);
     log!(Level::Debug, "shard {}: session of connection {}.{} expired", shard.id.0, me.conn.index, me.conn.generation);
@@ -689,15 +641,6 @@ async fn read_upgrade(
     }
 }
 
-enum Step {
-    /// Everything buffered is handled; read more.
-    NeedMore,
-    /// Stop until the session can take more SENDs or the write queue drains.
-    Paused,
-    /// The connection is closing (or was superseded).
-    Closing,
-}
-
 async fn read_loop(
     shard: &Rc<Shard>,
     me: ConnRef,
@@ -710,17 +653,24 @@ async fn read_loop(
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     loop {
         wait_until_reader_may_continue(cell).await;
-        let step = process_buffered(shard, me, cell, attachment, decoder, buf.bytes_mut(), &mut commands);
+        let step = {
+            let mut connection = cell.borrow_mut();
+            let step = connection.state.bytes_read(attachment, decoder, buf.bytes_mut(), now_ms(), &mut commands);
+            if step == ReadStep::Closing {
+                connection.wake(Wake::ALL);
+            }
+            step
+        };
         shard.submit_address_commands(&mut commands);
         shard.mark_dirty(me.conn);
         shard.run_work();
         match step {
-            Step::Closing => break,
-            Step::Paused => continue,
-            Step::NeedMore => {}
+            ReadStep::Closing => break,
+            ReadStep::Paused => continue,
+            ReadStep::NeedMore => {}
         }
         // Silence is bounded by twice the heartbeat, when one was agreed.
-        let heartbeat_ms = cell.borrow().session.heartbeat_ms();
+        let heartbeat_ms = cell.borrow().state.session.heartbeat_ms();
         let result = if heartbeat_ms == 0 {
             read_more(reader, buf).await
         } else {
@@ -733,7 +683,10 @@ async fn read_loop(
                         "nothing received for {} ms, twice the heartbeat interval; send PING when idle",
                         deadline.as_millis()
                     );
-                    close_with_error(cell, attachment, ErrorCode::Timeout, reason);
+                    let mut connection = cell.borrow_mut();
+                    connection.state.close_with_error(attachment, ErrorCode::Timeout, reason);
+                    connection.wake(Wake::ALL);
+                    drop(connection);
                     shard.run_work();
                     return;
                 }
@@ -744,25 +697,15 @@ async fn read_loop(
             Ok(_) => {}
         }
     }
-    if cell.borrow().lifecycle.is_current(attachment) {
+    if cell.borrow().state.lifecycle().is_current(attachment) {
         Box::pin(wait_for_peer_close(reader, decoder, buf)).await;
     }
-}
-
-fn close_with_error(cell: &ConnectionCell, attachment: Attachment, code: ErrorCode, reason: String) {
-    let mut connection = cell.borrow_mut();
-    if !connection.lifecycle.is_current(attachment) {
-        return;
-    }
-    let connection = &mut *connection;
-    let end = connection.session.unprompted_fatal_error(code, reason, &mut connection.outbound);
-    connection.begin_close(end.close_code, &end.reason);
 }
 
 async fn wait_until_reader_may_continue(cell: &ConnectionCell) {
     std::future::poll_fn(|cx| {
         let mut connection = cell.borrow_mut();
-        if connection.reader_may_continue() {
+        if connection.state.reader_may_continue() {
             Poll::Ready(())
         } else {
             connection.reader_waker = Some(cx.waker().clone());
@@ -770,77 +713,6 @@ async fn wait_until_reader_may_continue(cell: &ConnectionCell) {
         }
     })
     .await
-}
-
-/// Decodes and handles every complete WebSocket message in `buf`.
-fn process_buffered(
-    shard: &Shard,
-    me: ConnRef,
-    cell: &ConnectionCell,
-    attachment: Attachment,
-    decoder: &mut Decoder,
-    buf: &mut BytesMut,
-    commands: &mut Vec<(ShardId, AddressCommand)>,
-) -> Step {
-    let mut connection = cell.borrow_mut();
-    let connection = &mut *connection;
-    let now = now_ms();
-    loop {
-        if !connection.lifecycle.accepts_input(attachment) {
-            return Step::Closing;
-        }
-        if !connection.reader_may_continue() {
-            return Step::Paused;
-        }
-        let event = match decoder.next_event(buf) {
-            Ok(Some(event)) => event,
-            Ok(None) => return Step::NeedMore,
-            Err(WsError { close_code, reason }) => {
-                log!(
-                    Level::Debug,
-                    "shard {}: conn {}: websocket error {close_code}: {reason}",
-                    shard.id.0,
-                    me.conn.index
-                );
-                connection.begin_close(close_code, &reason);
-                return Step::Closing;
-            }
-        };
-        let (binding, payload) = match event {
-            WsEvent::Binary(payload) => (Binding::Binary, payload),
-            WsEvent::Text(payload) => (Binding::Text, payload),
-            WsEvent::Ping(payload) => {
-                connection.outbound.push_control(OpCode::Pong, &payload);
-                continue;
-            }
-            WsEvent::Pong(_) => continue,
-            WsEvent::Close(frame) => {
-                // Echo the peer's code (RFC 6455 section 5.5.1); no code means none is echoed.
-                let payload = match &frame {
-                    Some(frame) => close_payload(frame.code, ""),
-                    None => BytesMut::new(),
-                };
-                // Closing now: the echo is the close frame (the lifecycle's own is not queued).
-                connection.lifecycle.begin_close();
-                connection.outbound.push_control(OpCode::Close, &payload);
-                connection.wake_all();
-                return Step::Closing;
-            }
-        };
-        let mut fx = Effects { outbound: &mut connection.outbound, commands };
-        if let Err(end) = connection.session.on_message(binding, payload, now, &mut fx) {
-            log!(
-                Level::Debug,
-                "shard {}: conn {}: session ended: {} {}",
-                shard.id.0,
-                me.conn.index,
-                end.close_code,
-                end.reason
-            );
-            connection.begin_close(end.close_code, &end.reason);
-            return Step::Closing;
-        }
-    }
 }
 
 /// After we queued a close frame: discard input until the peer's close frame or EOF, bounded
@@ -886,26 +758,22 @@ async fn write_loop(
         let mut spare = Some(std::mem::take(&mut batch));
         let next = std::future::poll_fn(|cx| {
             let mut connection = cell.borrow_mut();
-            if !connection.lifecycle.is_current(attachment) {
-                return Poll::Ready(None);
+            match connection.state.take_write_batch(attachment, spare.take().unwrap_or_default()) {
+                NextWrite::Wait => {
+                    connection.writer_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                next => Poll::Ready(next),
             }
-            if let Some(taken) = connection.outbound.take_batch(spare.take().unwrap_or_default()) {
-                // The close frame is queued as the connection starts closing: a batch taken
-                // from then on may wait for a peer that no longer reads.
-                return Poll::Ready(Some((taken, connection.outbound.close_queued())));
-            }
-            if connection.lifecycle.reader_finished_already() || connection.outbound.close_queued() {
-                return Poll::Ready(None);
-            }
-            // Caught up: wait holding no write buffers (the batch's went with `spare` above).
-            connection.outbound.release_buffers();
-            connection.writer_waker = Some(cx.waker().clone());
-            Poll::Pending
         })
         .await;
-        let Some((taken, closing)) = next else {
-            superseded = !cell.borrow().lifecycle.is_current(attachment);
-            break;
+        let (taken, closing) = match next {
+            NextWrite::Batch { batch, closing } => (batch, closing),
+            NextWrite::Superseded => {
+                superseded = true;
+                break;
+            }
+            NextWrite::Done | NextWrite::Wait => break,
         };
         batch = taken;
         close_taken |= closing;
@@ -920,9 +788,7 @@ async fn write_loop(
         } else {
             Some(Box::pin(write_batch(&mut writer, batch)).await)
         };
-        for (owner, subscription, count) in credits {
-            commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
-        }
+        return_credits(me, credits, &mut commands);
         if !commands.is_empty() {
             shard.submit_address_commands(&mut commands);
             shard.run_work();
@@ -938,20 +804,16 @@ async fn write_loop(
         };
         batch = returned;
         let mut connection = cell.borrow_mut();
-        if !connection.lifecycle.is_current(attachment) {
-            superseded = true;
-            break;
-        }
-        if result.is_err() {
-            // The peer is gone; the reader sees it too and detaches or ends the session.
-            failed = true;
-            connection.lifecycle.write_failed();
-            connection.wake_all();
-            break;
-        }
-        if connection.reader_may_continue() {
-            if let Some(waker) = connection.reader_waker.take() {
-                waker.wake();
+        match connection.state.write_completed(attachment, result.is_ok()) {
+            Written::Continue { wake_reader } => connection.wake(Wake { writer: false, reader: wake_reader }),
+            Written::Failed => {
+                failed = true;
+                connection.wake(Wake::ALL);
+                break;
+            }
+            Written::Superseded => {
+                superseded = true;
+                break;
             }
         }
     }

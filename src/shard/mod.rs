@@ -36,6 +36,7 @@ use crate::broker::address::AddressLimits;
 use crate::broker::{AddressCommand, ConnCommand, ConnId, ConnRef, ShardId};
 use crate::config::Config;
 use crate::conn::session::{Effects, SessionConfig};
+use crate::conn::state::ConnState;
 use crate::conn::{Connection, ConnectionCell};
 use crate::log;
 use crate::logging::Level;
@@ -166,7 +167,7 @@ impl ConnTable for Slots {
     fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool {
         let Some(cell) = self.get(command.conn()) else { return false };
         let mut connection = cell.borrow_mut();
-        let Connection { session, outbound, .. } = &mut *connection;
+        let ConnState { session, outbound, .. } = &mut connection.state;
         let mut fx = Effects { outbound, commands: address_commands };
         session.on_command(command, &mut fx);
         true
