@@ -58,7 +58,7 @@ use lifecycle::Attachment;
 use outbound::{Outbound, WriteBatch};
 use read_buffer::ReadBuffer;
 use session::{parse_session_id, Effects, Session};
-use state::{return_credits, ConnState, Expiry, NextWrite, ReadStep, Wake, Written};
+use state::{ConnState, Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
 
 pub type ConnectionCell = Rc<RefCell<Connection>>;
 
@@ -788,27 +788,39 @@ async fn write_loop(
         } else {
             Some(Box::pin(write_batch(&mut writer, batch)).await)
         };
-        return_credits(me, credits, &mut commands);
+        let outcome = match written {
+            Some((result, returned)) => {
+                batch = returned;
+                if result.is_ok() {
+                    WriteOutcome::Written
+                } else {
+                    WriteOutcome::Failed
+                }
+            }
+            None => {
+                batch = WriteBatch::default(); // The timeout dropped the batch; the writer ends.
+                WriteOutcome::CutShort
+            }
+        };
+        let next = cell.borrow_mut().state.write_completed(attachment, outcome, credits, &mut commands);
         if !commands.is_empty() {
             shard.submit_address_commands(&mut commands);
             shard.run_work();
         }
-        let Some((result, returned)) = written else {
-            log!(
-                Level::Debug,
-                "shard {}: conn {}: close grace ran out before the last writes; dropping them",
-                shard.id.0,
-                me.conn.index
-            );
-            break;
-        };
-        batch = returned;
-        let mut connection = cell.borrow_mut();
-        match connection.state.write_completed(attachment, result.is_ok()) {
-            Written::Continue { wake_reader } => connection.wake(Wake { writer: false, reader: wake_reader }),
+        match next {
+            Written::Continue { wake_reader } => cell.borrow_mut().wake(Wake { writer: false, reader: wake_reader }),
             Written::Failed => {
                 failed = true;
-                connection.wake(Wake::ALL);
+                cell.borrow_mut().wake(Wake::ALL);
+                break;
+            }
+            Written::CutShort => {
+                log!(
+                    Level::Debug,
+                    "shard {}: conn {}: close grace ran out before the last writes; dropping them",
+                    shard.id.0,
+                    me.conn.index
+                );
                 break;
             }
             Written::Superseded => {

@@ -64,6 +64,17 @@ pub enum NextWrite {
     Superseded,
 }
 
+/// How the write of a batch went (the event [`ConnState::write_completed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// All of it is on the wire.
+    Written,
+    /// The socket failed: the peer is gone.
+    Failed,
+    /// The close grace ran out first: the rest of the batch is dropped.
+    CutShort,
+}
+
 /// What the writer does after a batch was written ([`ConnState::write_completed`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Written {
@@ -71,6 +82,9 @@ pub enum Written {
     Continue { wake_reader: bool },
     /// The write failed: the peer is gone; input stops. Wake both tasks.
     Failed,
+    /// The close grace ran out: the writer ends (the farewell of a superseded connection is
+    /// not written either).
+    CutShort,
     /// A newer attachment took the slot over meanwhile.
     Superseded,
 }
@@ -221,12 +235,24 @@ impl ConnState {
         NextWrite::Wait
     }
 
-    /// The writer of `attachment` wrote a batch (`ok`), or failed to.
-    pub fn write_completed(&mut self, attachment: Attachment, ok: bool) -> Written {
+    /// The writer of `attachment` wrote a batch, or failed to, or ran out of time. The batch's
+    /// auto-ack `credits` go back to the owners in every case (into `commands`): a delivery
+    /// written is done with, and one lost is lost (auto ack is at most once).
+    pub fn write_completed(
+        &mut self,
+        attachment: Attachment,
+        outcome: WriteOutcome,
+        credits: CreditReturns,
+        commands: &mut Vec<(ShardId, AddressCommand)>,
+    ) -> Written {
+        return_credits(self.session.me(), credits, commands);
+        if outcome == WriteOutcome::CutShort {
+            return Written::CutShort;
+        }
         if !self.lifecycle.is_current(attachment) {
             return Written::Superseded;
         }
-        if !ok {
+        if outcome == WriteOutcome::Failed {
             // The peer is gone; the reader sees it too and detaches or ends the session.
             self.lifecycle.write_failed();
             return Written::Failed;
@@ -427,7 +453,10 @@ mod tests {
         else {
             panic!("a batch");
         };
-        assert_eq!(state.write_completed(attachment, true), Written::Continue { wake_reader: true });
+        assert_eq!(
+            state.write_completed(attachment, WriteOutcome::Written, batch.credits.clone(), &mut commands),
+            Written::Continue { wake_reader: true }
+        );
         assert_eq!(
             state.bytes_read(attachment, &mut decoder, &mut buf, 0, &mut commands),
             ReadStep::Paused,
@@ -442,7 +471,10 @@ mod tests {
     fn a_failed_write_stops_input() {
         let (mut state, attachment, mut decoder) = connection(Subprotocol::Reliable, 1 << 20);
         let mut commands = Vec::new();
-        assert_eq!(state.write_completed(attachment, false), Written::Failed);
+        assert_eq!(
+            state.write_completed(attachment, WriteOutcome::Failed, CreditReturns::new(), &mut commands),
+            Written::Failed
+        );
         let mut buf = open();
         assert_eq!(state.bytes_read(attachment, &mut decoder, &mut buf, 0, &mut commands), ReadStep::Closing);
         assert_eq!(state.lifecycle().socket(), Some(10), "the reader still has to finish");
@@ -482,7 +514,10 @@ mod tests {
         // The old tasks find out and stop, touching nothing.
         assert_eq!(state.bytes_read(old, &mut decoder, &mut open(), 0, &mut commands), ReadStep::Closing);
         assert!(matches!(state.take_write_batch(old, WriteBatch::default()), NextWrite::Superseded));
-        assert_eq!(state.write_completed(old, true), Written::Superseded);
+        assert_eq!(
+            state.write_completed(old, WriteOutcome::Written, CreditReturns::new(), &mut commands),
+            Written::Superseded
+        );
         assert_eq!(state.reader_finished(old, 0, EXPIRY_MS, &mut commands), None);
         assert_eq!(state.expire(old, u64::MAX, &mut commands), Expiry::Resumed);
         // The new one gets the resume's answer.
