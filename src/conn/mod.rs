@@ -15,12 +15,16 @@
 //!
 //! A connection slot outlives its socket when its session is resumable (MBWS): the session is
 //! detached and waits `session_expiry_ms` for its client; a timer ends it otherwise. Every
-//! attachment of a socket to a slot has a number ([`lifecycle`]); tasks of an older attachment (a connection
-//! superseded by a resume) stop touching the slot.
+//! attachment of a socket to a slot has a number ([`lifecycle`]); tasks of an older attachment
+//! (a connection superseded by a resume) stop touching the slot.
 //!
-//! State the shard's dispatcher also touches (session, write queue, wakers) sits in one
-//! `RefCell` per slot. Nobody holds that borrow across an `.await` or while calling back into
-//! the shard, so borrows never overlap.
+//! What a connection decides is sans-IO, in [`state::ConnState`] (session, write queue,
+//! lifecycle): the tasks here read and write the socket, report what happened as events
+//! (`bytes_read`, `take_write_batch`, `write_completed`, `reader_finished`, `expire`,
+//! `resume`) and apply the answers (wake a task, stop reading, end). The state and the two
+//! tasks' wakers sit in one `RefCell` per slot ([`Connection`]), shared with the shard's
+//! dispatcher. Nobody holds that borrow across an `.await` or while calling back into the
+//! shard, so borrows never overlap.
 //!
 //! Memory per idle connection is kept small (docs/PERFORMANCE.md, "Idle sessions"). The read
 //! buffer shrinks once the connection has caught up with its peer ([`read_buffer`]), and the

@@ -32,29 +32,39 @@
 //!
 //! # Next steps (issue 9, item 1)
 //!
-//! This is the first step: the address side and the round of work are sans-IO; connections
-//! are still `Rc<RefCell<Connection>>` shared by their reader, writer and slot. In order:
+//! Done so far: the address side and the round of work are sans-IO (this file), and so is each
+//! connection's state: `conn::state::ConnState` (session, write queue, and one
+//! `conn::lifecycle::Lifecycle` enum, `Opening`/`Running`/`Closing`/`Detached { expires_at_ms
+//! }`/`Ended` plus an attachment number, which replaced the `closing`/`reader_done`/`epoch`/
+//! `socket` flags). The reader and writer tasks report events to it (`bytes_read`,
+//! `take_write_batch`, `write_completed` with the batch's auto-ack credit, `reader_finished`,
+//! `expire`, `resume`) and apply its answers (`Wake`, `ReadStep`, `NextWrite`, `Written`,
+//! `Expiry`). What remains, in order:
 //!
-//! 1. **Connections owned by the core.** Move the slot table (`super::Slots`) into `ShardCore`
-//!    as `Vec<Slot>` of plain `ConnState { session, outbound, decoder, read_buffer, lifecycle }`
-//!    with one `enum Lifecycle { Opening, Running, Closing, Detached { expires_at_ms },
-//!    Superseded }` replacing the `closing`/`reader_done`/`epoch` flags of `conn::Connection`.
-//!    The reader task becomes: read into a buffer, call `core.bytes_read(conn, bytes, now_ms)`;
-//!    the core decodes (the WebSocket `Decoder` and `Session::on_message` are sans-IO already)
-//!    and answers with effects `Write(conn)`, `Close(conn)`, `PauseReading(conn)`,
-//!    `ResumeReading(conn)`. Wakers stay in the shell, in a side table indexed like the slots;
-//!    `ConnTable` disappears.
-//! 2. **Write completion as an event.** The writer task asks the core for the next batch
-//!    (`core.take_write_batch(conn)`, which is `Outbound::take_batch`) and reports
-//!    `core.write_completed(conn, result, now_ms)`; the core returns the batch's auto-ack credit
-//!    as `ReturnCredit` commands and decides whether reading may resume. The superseded farewell
-//!    (ERROR 4409 + close) becomes a core decision too.
-//! 3. **Session expiry, heartbeat and resume as events.** `expire_later` and the read timeout
-//!    become deadlines the core reports (`Effects::wake_at_ms`, the minimum of ack, expiry and
-//!    heartbeat deadlines); the shell keeps one timer per shard and calls
-//!    `core.on_timer(now_ms)`. A resume is `core.resume(conn, socket_token, open, buffered)`
-//!    and a hand-over is an effect `HandOver { home, .. }` the shell turns into an `Adopt`
-//!    envelope; `supersede` is an effect `ShutdownSocket(token)`.
+//! 1. **Connections owned by the core.** `ConnState` still sits in an `Rc<RefCell<Connection>>`
+//!    (state + the two wakers) shared by its reader, writer and the shell's slot table
+//!    (`super::Slots`, reached through [`ConnTable`]). Move the slots into `ShardCore` as
+//!    `Vec<Slot { generation, state: Option<ConnState> }>`, the wakers into a shell side table
+//!    indexed like the slots, and have the tasks hold `(ConnId, Attachment)` and call
+//!    `core.conn_mut(id)` (or core methods `bytes_read(conn, ..)` etc. that forward to it);
+//!    `run_work` then calls `on_command`/`flush` itself and returns the `Wake`s as effects, and
+//!    `ConnTable` disappears. The one real change of shape: today an `Ended` connection's writer
+//!    still holds its `Rc` while it writes the close frame after the slot is freed; with the
+//!    core owning the state the slot must stay (lifecycle `Ended`, commands for it dropped)
+//!    until the writer reports it is done (`NextWrite::Done`/`Written::CutShort`/`Failed`),
+//!    then the generation moves on. Move the read buffer and decoder in with the state if
+//!    `bytes_read` should take plain `&[u8]`.
+//! 2. **The superseded farewell** (ERROR 4409 + close, `conn::write_loop`) as a core decision:
+//!    `NextWrite::Superseded` could carry the farewell batch.
+//! 3. **Session expiry, heartbeat and resume as events.** `expire_later` (one task per
+//!    detached session; the deadline is already `Lifecycle::Detached { expires_at_ms }` and
+//!    `ConnState::expire` decides) and the read timeout become deadlines the core reports
+//!    (`Effects::wake_at_ms`, the minimum of ack, expiry and heartbeat deadlines); the shell
+//!    keeps one timer per shard and calls `core.on_timer(now_ms)`. A resume is
+//!    `core.resume(conn, socket_token, open, buffered)` (the token and sequence checks of
+//!    `conn::resume` move in; `ConnState::resume` already names the stale socket) and a
+//!    hand-over is an effect `HandOver { home, .. }` the shell turns into an `Adopt` envelope;
+//!    `supersede` is an effect `ShutdownSocket(token)`.
 //! 4. **The durable log commit as events.** The core already learns of commits through
 //!    `durable_committed`; next it should also own the pending batch: `Effects::log_batch`
 //!    (records to write) and `core.log_written(lsn)` / `core.log_synced(lsn)`, so a simulated
