@@ -87,19 +87,14 @@ impl Connection {
         self.state.lifecycle().socket().is_some()
     }
 
-    /// End of a round of work: cumulative receipt, then wake whoever can make progress.
-    pub fn flush(&mut self) {
-        let wake = self.state.flush();
-        self.wake(wake);
-    }
-
     /// Queues a close frame and stops processing input.
     pub fn begin_close(&mut self, code: u16, reason: &str) {
         self.state.begin_close(code, reason);
         self.wake(Wake::ALL);
     }
 
-    fn wake(&mut self, wake: Wake) {
+    /// Wakes the tasks `wake` names (those waiting).
+    pub fn wake(&mut self, wake: Wake) {
         if wake.writer {
             if let Some(waker) = self.writer_waker.take() {
                 waker.wake();

@@ -21,9 +21,10 @@
 //! run, wake the ack timer (which then asks [`ShardCore::poll_ack_deadline`] when to call
 //! [`ShardCore::expire_acks`]).
 //!
-//! Connections are not owned here yet: the core reaches their sessions through the
-//! [`ConnTable`] it is handed for a round (the shell's slot table; a fake one in tests), so it
-//! depends on no runtime.
+//! Connections are not owned here yet: the core reaches their states (`conn::state::ConnState`)
+//! through the [`ConnTable`] it is handed for a round (the shell's slot table; a fake one in
+//! tests), which only gives access and wakes the tasks as the core says ([`Wake`]); handing a
+//! command to the session and the flush are decided here. So the core depends on no runtime.
 //!
 //! Invariants: a command for this shard goes on the work queue, never into its own outbox (an
 //! outbox to itself would run the command a round late and out of order, asserted at the end of
@@ -47,8 +48,8 @@
 //!    `Vec<Slot { generation, state: Option<ConnState> }>`, the wakers into a shell side table
 //!    indexed like the slots, and have the tasks hold `(ConnId, Attachment)` and call
 //!    `core.conn_mut(id)` (or core methods `bytes_read(conn, ..)` etc. that forward to it);
-//!    `run_work` then calls `on_command`/`flush` itself and returns the `Wake`s as effects, and
-//!    `ConnTable` disappears. The one real change of shape: today an `Ended` connection's writer
+//!    `run_work` then returns the `Wake`s it now hands to `ConnTable::with_conn` as effects,
+//!    and `ConnTable` disappears. The one real change of shape: today an `Ended` connection's writer
 //!    still holds its `Rc` while it writes the close frame after the slot is freed; with the
 //!    core owning the state the slot must stay (lifecycle `Ended`, commands for it dropped)
 //!    until the writer reports it is done (`NextWrite::Done`/`Written::CutShort`/`Failed`),
@@ -81,19 +82,17 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::broker::address::{AddressLimits, AddressTable, Outgoing, Publication, MAX_PUBLISH_BATCH};
-use crate::broker::{AddressCommand, Command, ConnCommand, ConnId, ShardId};
+use crate::broker::{AddressCommand, Command, ConnId, ShardId};
+use crate::conn::session::Effects as SessionEffects;
+use crate::conn::state::{ConnState, Wake};
 use crate::store::{DurableLog, Lsn, Recovery};
 
-/// The connections of a shard, as the core reaches them during a round of work.
+/// The connections of a shard, as the core reaches them during a round of work: where their
+/// states are, and how to wake their tasks (the core decides the rest).
 pub trait ConnTable {
-    /// Hands `command` to the session of the connection it names; commands for address owners
-    /// that it produces go into `address_commands`. False, with nothing done, when that
-    /// connection is gone (a command for a closed connection is dropped).
-    fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool;
-
-    /// Ends the round for connection `id`: cumulative receipt, writer and reader wake-ups.
-    /// Nothing when the connection is gone.
-    fn flush(&mut self, id: ConnId);
+    /// Runs `f` on the state of connection `id` and wakes that connection's tasks as the
+    /// returned [`Wake`] says. `None`, with nothing done, when the connection is gone.
+    fn with_conn<R>(&mut self, id: ConnId, f: impl FnOnce(&mut ConnState) -> (R, Wake)) -> Option<R>;
 }
 
 /// Everything a shard knows but its connections (see the module doc).
@@ -310,7 +309,14 @@ impl ShardCore {
                 }
                 Command::Conn(command) => {
                     let id = command.conn();
-                    if conns.on_command(command, &mut self.address_commands) {
+                    let address_commands = &mut self.address_commands;
+                    // A command for a connection that is gone is dropped.
+                    let handled = conns.with_conn(id, |state| {
+                        let ConnState { session, outbound, .. } = state;
+                        session.on_command(command, &mut SessionEffects { outbound, commands: address_commands });
+                        ((), Wake::default())
+                    });
+                    if handled.is_some() {
                         self.mark_dirty(id);
                         self.queues.submit_address_commands(&mut self.address_commands);
                     }
@@ -319,7 +325,8 @@ impl ShardCore {
         }
         for id in self.dirty.drain(..) {
             self.dirty_generation[id.index as usize] = None;
-            conns.flush(id);
+            // Cumulative receipt, then wake whichever task can make progress.
+            let _ = conns.with_conn(id, |state| ((), state.flush()));
         }
         // Commands for this shard go on the local work queue (`Queues::submit`), never through
         // its own inbox, where they would run a round later and out of order with local work.
@@ -364,16 +371,15 @@ mod tests {
     use super::*;
     use crate::broker::{owner_of, ConnRef};
     use crate::config::Config;
-    use crate::conn::outbound::{Outbound, WriteBatch};
-    use crate::conn::session::{Effects as SessionEffects, Session, SessionConfig};
+    use crate::conn::outbound::WriteBatch;
+    use crate::conn::session::{Session, SessionConfig};
     use crate::mbws::{self, AckMode, Binding, CodecLimits, DeliveryMode, Frame, Subprotocol, PROTOCOL_VERSION};
 
     const SHARDS: usize = 2;
 
-    /// A connection as the tests keep it: a session and its write queue.
+    /// A connection as the tests keep it: its state, and how often it was flushed.
     struct FakeConn {
-        session: Session,
-        outbound: Outbound,
+        state: ConnState,
         flushes: usize,
     }
 
@@ -385,23 +391,17 @@ mod tests {
 
     impl FakeConns {
         fn get(&mut self, id: ConnId) -> Option<&mut FakeConn> {
-            self.conns.get_mut(id.index as usize).filter(|conn| conn.session.me().conn == id)
+            self.conns.get_mut(id.index as usize).filter(|conn| conn.state.session.me().conn == id)
         }
     }
 
     impl ConnTable for FakeConns {
-        fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool {
-            let Some(conn) = self.get(command.conn()) else { return false };
-            let mut fx = SessionEffects { outbound: &mut conn.outbound, commands: address_commands };
-            conn.session.on_command(command, &mut fx);
-            true
-        }
-
-        fn flush(&mut self, id: ConnId) {
-            if let Some(conn) = self.get(id) {
-                conn.session.flush(&mut conn.outbound);
-                conn.flushes += 1;
-            }
+        fn with_conn<R>(&mut self, id: ConnId, f: impl FnOnce(&mut ConnState) -> (R, Wake)) -> Option<R> {
+            let conn = self.get(id)?;
+            let (result, wake) = f(&mut conn.state);
+            // Commands ask for no wake-up; a flush always does here (the write queue is unbounded).
+            conn.flushes += usize::from(wake != Wake::default());
+            Some(result)
         }
     }
 
@@ -448,7 +448,9 @@ mod tests {
                 conn: ConnId { index: conns.conns.len() as u32, generation: 1 },
             };
             let session = Session::new(me, Subprotocol::Reliable, self.session_config.clone());
-            conns.conns.push(FakeConn { session, outbound: Outbound::new(), flushes: 0 });
+            let mut state = ConnState::new(session, usize::MAX);
+            let _ = state.attach(me.conn.index as i32); // A socket number, never used.
+            conns.conns.push(FakeConn { state, flushes: 0 });
             let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
             self.frame(me, open, now_ms);
             assert!(matches!(self.written(me)[..], [Frame::Opened(_)]));
@@ -460,8 +462,9 @@ mod tests {
             let shard = &mut self.shards[usize::from(conn.shard.0)];
             let fake = shard.conns.get(conn.conn).expect("an open connection");
             let mut commands = Vec::new();
-            let mut fx = SessionEffects { outbound: &mut fake.outbound, commands: &mut commands };
-            fake.session.on_frame(Binding::Binary, frame, now_ms, &mut fx).expect("the session goes on");
+            let ConnState { session, outbound, .. } = &mut fake.state;
+            let mut fx = SessionEffects { outbound, commands: &mut commands };
+            session.on_frame(Binding::Binary, frame, now_ms, &mut fx).expect("the session goes on");
             shard.core.submit_address_commands(&mut commands);
             shard.core.mark_dirty(conn.conn);
         }
@@ -500,7 +503,7 @@ mod tests {
         /// Every frame queued for `conn`'s client since the last call.
         fn written(&mut self, conn: ConnRef) -> Vec<Frame> {
             let fake = self.shards[usize::from(conn.shard.0)].conns.get(conn.conn).expect("an open connection");
-            let Some(batch) = fake.outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
+            let Some(batch) = fake.state.outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
             let mut bytes = bytes::BytesMut::from(&batch.to_vec()[..]);
             let mut decoder = crate::ws::message::Decoder::new(crate::ws::Role::Client, 1 << 20, 1 << 20);
             let mut frames = Vec::new();

@@ -33,10 +33,10 @@ use crossbeam_channel::Receiver;
 
 use self::core::{ConnTable, ShardCore};
 use crate::broker::address::AddressLimits;
-use crate::broker::{AddressCommand, ConnCommand, ConnId, ConnRef, ShardId};
+use crate::broker::{AddressCommand, ConnId, ConnRef, ShardId};
 use crate::config::Config;
-use crate::conn::session::{Effects, SessionConfig};
-use crate::conn::state::ConnState;
+use crate::conn::session::SessionConfig;
+use crate::conn::state::{ConnState, Wake};
 use crate::conn::{Connection, ConnectionCell};
 use crate::log;
 use crate::logging::Level;
@@ -164,19 +164,11 @@ impl Slots {
 }
 
 impl ConnTable for Slots {
-    fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool {
-        let Some(cell) = self.get(command.conn()) else { return false };
-        let mut connection = cell.borrow_mut();
-        let ConnState { session, outbound, .. } = &mut connection.state;
-        let mut fx = Effects { outbound, commands: address_commands };
-        session.on_command(command, &mut fx);
-        true
-    }
-
-    fn flush(&mut self, id: ConnId) {
-        if let Some(cell) = self.get(id) {
-            cell.borrow_mut().flush();
-        }
+    fn with_conn<R>(&mut self, id: ConnId, f: impl FnOnce(&mut ConnState) -> (R, Wake)) -> Option<R> {
+        let mut connection = self.get(id)?.borrow_mut();
+        let (result, wake) = f(&mut connection.state);
+        connection.wake(wake);
+        Some(result)
     }
 }
 
