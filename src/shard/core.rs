@@ -362,17 +362,19 @@ impl ShardCore {
 
 #[cfg(test)]
 mod tests {
-    //! Two shard cores in one thread, their connections' sessions in a fake table, the
-    //! envelopes carried between them by the test, and time passed in by hand: no runtime, no
-    //! socket, no clock.
+    //! Two shard cores in one thread, their connections' states in a fake table (fed the
+    //! clients' WebSocket bytes), the envelopes carried between them by the test, and time
+    //! passed in by hand: no runtime, no socket, no clock.
 
     use std::sync::Arc;
 
     use super::*;
     use crate::broker::{owner_of, ConnRef};
     use crate::config::Config;
+    use crate::conn::lifecycle::Attachment;
     use crate::conn::outbound::WriteBatch;
     use crate::conn::session::{Session, SessionConfig};
+    use crate::conn::state::ReadStep;
     use crate::mbws::{self, AckMode, Binding, CodecLimits, DeliveryMode, Frame, Subprotocol, PROTOCOL_VERSION};
 
     const SHARDS: usize = 2;
@@ -380,6 +382,8 @@ mod tests {
     /// A connection as the tests keep it: its state, and how often it was flushed.
     struct FakeConn {
         state: ConnState,
+        attachment: Attachment,
+        decoder: crate::ws::message::Decoder,
         flushes: usize,
     }
 
@@ -449,22 +453,27 @@ mod tests {
             };
             let session = Session::new(me, Subprotocol::Reliable, self.session_config.clone());
             let mut state = ConnState::new(session, usize::MAX);
-            let _ = state.attach(me.conn.index as i32); // A socket number, never used.
-            conns.conns.push(FakeConn { state, flushes: 0 });
+            let attachment = state.attach(me.conn.index as i32); // A socket number, never used.
+            let decoder = crate::ws::message::Decoder::new(crate::ws::Role::Server, 1 << 20, 1 << 20);
+            conns.conns.push(FakeConn { state, attachment, decoder, flushes: 0 });
             let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
             self.frame(me, open, now_ms);
             assert!(matches!(self.written(me)[..], [Frame::Opened(_)]));
             me
         }
 
-        /// A frame from the client of `conn`, read by its shard: what the reader task does.
+        /// A frame from the client of `conn`, read by its shard as WebSocket bytes: what the
+        /// reader task does.
         fn frame(&mut self, conn: ConnRef, frame: Frame, now_ms: u64) {
             let shard = &mut self.shards[usize::from(conn.shard.0)];
             let fake = shard.conns.get(conn.conn).expect("an open connection");
+            let payload = mbws::encode(Binding::Binary, &frame);
+            let mut bytes =
+                crate::ws::frame::encode_frame(true, crate::ws::OpCode::Binary, &payload, Some([1, 2, 3, 4]));
             let mut commands = Vec::new();
-            let ConnState { session, outbound, .. } = &mut fake.state;
-            let mut fx = SessionEffects { outbound, commands: &mut commands };
-            session.on_frame(Binding::Binary, frame, now_ms, &mut fx).expect("the session goes on");
+            let step = fake.state.bytes_read(fake.attachment, &mut fake.decoder, &mut bytes, now_ms, &mut commands);
+            assert_eq!(step, ReadStep::NeedMore, "the session goes on");
+            assert!(bytes.is_empty());
             shard.core.submit_address_commands(&mut commands);
             shard.core.mark_dirty(conn.conn);
         }
