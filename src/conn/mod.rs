@@ -38,11 +38,10 @@ pub mod read_buffer;
 pub mod session;
 pub mod state;
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -64,56 +63,8 @@ use read_buffer::ReadBuffer;
 use session::{parse_session_id, Effects, Session};
 use state::{ConnState, Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
 
-pub type ConnectionCell = Rc<RefCell<Connection>>;
-
 /// How long a closing connection waits for the peer's close frame, and for its last writes.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// A connection as its reader, its writer and the shard's dispatcher share it: its sans-IO
-/// state ([`ConnState`]) and the wakers of its two tasks.
-pub struct Connection {
-    pub state: ConnState,
-    writer_waker: Option<Waker>,
-    reader_waker: Option<Waker>,
-}
-
-impl Connection {
-    fn new(session: Session, max_outbound_bytes: usize) -> Connection {
-        Connection { state: ConnState::new(session, max_outbound_bytes), writer_waker: None, reader_waker: None }
-    }
-
-    /// A socket is attached (a detached session, kept for resume, has none).
-    pub fn has_socket(&self) -> bool {
-        self.state.lifecycle().socket().is_some()
-    }
-
-    /// Queues a close frame and stops processing input.
-    pub fn begin_close(&mut self, code: u16, reason: &str) {
-        self.state.begin_close(code, reason);
-        self.wake(Wake::ALL);
-    }
-
-    /// Wakes the tasks `wake` names (those waiting).
-    pub fn wake(&mut self, wake: Wake) {
-        if wake.writer {
-            if let Some(waker) = self.writer_waker.take() {
-                waker.wake();
-            }
-        }
-        if wake.reader {
-            if let Some(waker) = self.reader_waker.take() {
-                waker.wake();
-            }
-        }
-    }
-
-    /// Starts a new attachment of the socket `socket`, with a fresh write queue.
-    fn attach(&mut self, socket: RawFd) -> Attachment {
-        let attachment = self.state.attach(socket);
-        self.wake(Wake::ALL); // Tasks of the previous attachment notice and stop.
-        attachment
-    }
-}
 
 /// A socket handed to the shard that holds the session its first frame resumes.
 #[derive(Debug)]
@@ -175,8 +126,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
         }
         Opening::Ended => return,
     };
-    let Attached { me, cell, attachment, stream, mut buf, mut decoder } = *attached;
-    run(&shard, me, &cell, attachment, stream, &mut buf, &mut decoder, &peer).await
+    let Attached { me, attachment, stream, mut buf, mut decoder } = *attached;
+    run(&shard, me, attachment, stream, &mut buf, &mut decoder, &peer).await
 }
 
 /// How the opening phase of a connection ended. The payloads are boxed: an `Opening` lives in
@@ -193,7 +144,6 @@ enum Opening {
 /// A new session, registered and attached to its socket.
 struct Attached {
     me: ConnRef,
-    cell: ConnectionCell,
     attachment: Attachment,
     stream: TcpStream,
     buf: ReadBuffer,
@@ -303,21 +253,24 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
     let session_config = shard.session_config.clone();
-    let (me, cell) = shard
-        .register(|me| Connection::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes));
-    let attachment = cell.borrow_mut().attach(stream.as_raw_fd());
-    {
-        let mut connection = cell.borrow_mut();
-        let ConnState { session, outbound, .. } = &mut connection.state;
-        let mut commands = Vec::new();
-        let mut fx = Effects { outbound, commands: &mut commands };
-        if let Err(end) = session.on_message(binding, payload, now_ms(), &mut fx) {
-            connection.begin_close(end.close_code, &end.reason);
-        }
-        debug_assert!(commands.is_empty(), "the first frame routes nothing");
-    }
+    let me = shard
+        .register(|me| ConnState::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes));
+    let socket = stream.as_raw_fd();
+    let attachment = shard
+        .with_conn(me.conn, |state| {
+            let attachment = state.attach(socket);
+            let mut commands = Vec::new();
+            let ConnState { session, outbound, .. } = &mut *state;
+            let mut fx = Effects { outbound, commands: &mut commands };
+            if let Err(end) = session.on_message(binding, payload, now_ms(), &mut fx) {
+                state.begin_close(end.close_code, &end.reason);
+            }
+            debug_assert!(commands.is_empty(), "the first frame routes nothing");
+            (attachment, Wake::ALL)
+        })
+        .expect("a connection just registered");
     log!(Level::Debug, "shard {}: connection {}.{} from {peer} opened", shard.id.0, me.conn.index, me.conn.generation);
-    Opening::Opened(Box::new(Attached { me, cell, attachment, stream, buf, decoder }))
+    Opening::Opened(Box::new(Attached { me, attachment, stream, buf, decoder }))
 }
 
 /// Reads until the first complete WebSocket data message, answering pings on the way.
@@ -454,19 +407,19 @@ async fn resume(
         return;
     }
     let found = parse_session_id(&open.session_id).and_then(|(_, conn, token)| {
-        let cell = shard.connection(conn)?;
-        let resumable = {
-            let session = &cell.borrow().state.session;
-            session.token_matches(token) && session.is_resumable()
-        };
-        resumable.then_some((ConnRef { shard: shard.id, conn }, cell))
+        let resumable = shard.with_conn(conn, |state| {
+            let ended = state.lifecycle().state() == lifecycle::State::Ended;
+            (!ended && state.session.token_matches(token) && state.session.is_resumable(), Wake::default())
+        })?;
+        resumable.then_some(ConnRef { shard: shard.id, conn })
     });
-    let Some((me, cell)) = found else {
+    let Some(me) = found else {
         // Boxed: a rare path that should not size the task of a resumed session.
         Box::pin(refuse_unknown_session(&mut stream, binding, &open.session_id)).await;
         return;
     };
-    let last_delivery_seq = cell.borrow().state.session.last_delivery_seq();
+    let last_delivery_seq =
+        shard.with_conn(me.conn, |state| (state.session.last_delivery_seq(), Wake::default())).unwrap_or(0);
     if open.last_received_seq > last_delivery_seq {
         // The client claims deliveries that were never made: a client bug, or another session's
         // number. The session stays as it was, for a correct resume.
@@ -479,17 +432,14 @@ async fn resume(
         return;
     }
     let mut commands = Vec::new();
-    let attachment = {
-        let mut connection = cell.borrow_mut();
-        let (attachment, stale) = connection.state.resume(stream.as_raw_fd(), binding, &open, &mut commands);
-        if let Some(socket) = stale {
-            // The old connection has not noticed it is dead (or the client raced it): it is
-            // superseded. Its tasks see the new attachment; its writer says why it ends.
-            supersede(socket);
-        }
-        connection.wake(Wake::ALL);
-        attachment
-    };
+    let socket = stream.as_raw_fd();
+    let resumed = shard.with_conn(me.conn, |state| (state.resume(socket, binding, &open, &mut commands), Wake::ALL));
+    let Some((attachment, stale)) = resumed else { return }; // Checked just above: cannot happen.
+    if let Some(socket) = stale {
+        // The old connection has not noticed it is dead (or the client raced it): it is
+        // superseded. Its tasks see the new attachment; its writer says why it ends.
+        supersede(socket);
+    }
     shard.submit_address_commands(&mut commands);
     shard.mark_dirty(me.conn);
     shard.run_work();
@@ -501,7 +451,7 @@ async fn resume(
         me.conn.generation
     );
     let mut decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
-    run(&shard, me, &cell, attachment, stream, &mut buf, &mut decoder, &peer).await;
+    run(&shard, me, attachment, stream, &mut buf, &mut decoder, &peer).await;
 }
 
 /// Why a superseded connection ends (fatal ERROR 4409 and close 4409, docs/PROTOCOL.md 11).
@@ -541,7 +491,6 @@ fn supersede(socket: RawFd) {
 async fn run(
     shard: &Rc<Shard>,
     me: ConnRef,
-    cell: &ConnectionCell,
     attachment: Attachment,
     stream: TcpStream,
     buf: &mut ReadBuffer,
@@ -549,19 +498,19 @@ async fn run(
     peer: &SocketAddr,
 ) {
     let (mut reader, writer) = stream.into_split();
-    let binding = cell.borrow().state.session.binding();
-    monoio::spawn(write_loop(shard.clone(), me, cell.clone(), attachment, binding, writer));
-    read_loop(shard, me, cell, attachment, &mut reader, buf, decoder).await;
+    let binding = shard.with_conn(me.conn, |state| (state.session.binding(), Wake::default()));
+    let binding = binding.expect("a running connection has a slot");
+    shard.set_writer_running(me.conn, true);
+    monoio::spawn(write_loop(shard.clone(), me, attachment, binding, writer));
+    read_loop(shard, me, attachment, &mut reader, buf, decoder).await;
 
     let mut commands = Vec::new();
-    let detached = {
-        let mut connection = cell.borrow_mut();
-        let expiry_ms = u64::from(shard.config.session_expiry_ms);
-        let Some(detached) = connection.state.reader_finished(attachment, now_ms(), expiry_ms, &mut commands) else {
-            return; // Superseded: the session belongs to a newer connection now.
-        };
-        connection.wake(Wake::ALL);
-        detached
+    let expiry_ms = u64::from(shard.config.session_expiry_ms);
+    let detached = shard
+        .with_conn(me.conn, |state| (state.reader_finished(attachment, now_ms(), expiry_ms, &mut commands), Wake::ALL))
+        .flatten();
+    let Some(detached) = detached else {
+        return; // Superseded: the session belongs to a newer connection now.
     };
     if detached {
         let expiry = Duration::from_millis(u64::from(shard.config.session_expiry_ms));
@@ -573,7 +522,7 @@ async fn run(
             me.conn.generation,
             expiry.as_millis()
         );
-        monoio::spawn(expire_later(shard.clone(), me, cell.clone(), attachment, expiry));
+        monoio::spawn(expire_later(shard.clone(), me, attachment, expiry));
     } else {
         shard.unregister(me.conn);
         log!(
@@ -589,15 +538,17 @@ async fn run(
 }
 
 /// Ends a detached session that nobody resumed by its expiry (`Lifecycle::expire`).
-async fn expire_later(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, attachment: Attachment, expiry: Duration) {
+async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, expiry: Duration) {
     let mut wait = expiry;
     let mut commands = Vec::new();
     loop {
         monoio::time::sleep(wait).await;
-        match cell.borrow_mut().state.expire(attachment, now_ms(), &mut commands) {
-            Expiry::Expired => break,
-            Expiry::Resumed => return,
-            Expiry::NotBefore(at) => wait = Duration::from_millis(at.saturating_sub(now_ms())), // Woken early.
+        let expiry =
+            shard.with_conn(me.conn, |state| (state.expire(attachment, now_ms(), &mut commands), Wake::default()));
+        match expiry {
+            Some(Expiry::Expired) => break,
+            Some(Expiry::Resumed) | None => return,
+            Some(Expiry::NotBefore(at)) => wait = Duration::from_millis(at.saturating_sub(now_ms())), // Woken early.
         }
     }
     shard.unregister(me.conn);
@@ -643,7 +594,6 @@ async fn read_upgrade(
 async fn read_loop(
     shard: &Rc<Shard>,
     me: ConnRef,
-    cell: &ConnectionCell,
     attachment: Attachment,
     reader: &mut OwnedReadHalf<TcpStream>,
     buf: &mut ReadBuffer,
@@ -651,15 +601,12 @@ async fn read_loop(
 ) {
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     loop {
-        wait_until_reader_may_continue(cell).await;
-        let step = {
-            let mut connection = cell.borrow_mut();
-            let step = connection.state.bytes_read(attachment, decoder, buf.bytes_mut(), now_ms(), &mut commands);
-            if step == ReadStep::Closing {
-                connection.wake(Wake::ALL);
-            }
-            step
-        };
+        wait_until_reader_may_continue(shard, me).await;
+        let step = shard.with_conn(me.conn, |state| {
+            let step = state.bytes_read(attachment, decoder, buf.bytes_mut(), now_ms(), &mut commands);
+            (step, if step == ReadStep::Closing { Wake::ALL } else { Wake::default() })
+        });
+        let step = step.unwrap_or(ReadStep::Closing);
         shard.submit_address_commands(&mut commands);
         shard.mark_dirty(me.conn);
         shard.run_work();
@@ -669,7 +616,8 @@ async fn read_loop(
             ReadStep::NeedMore => {}
         }
         // Silence is bounded by twice the heartbeat, when one was agreed.
-        let heartbeat_ms = cell.borrow().state.session.heartbeat_ms();
+        let heartbeat_ms = shard.with_conn(me.conn, |state| (state.session.heartbeat_ms(), Wake::default()));
+        let heartbeat_ms = heartbeat_ms.unwrap_or(0);
         let result = if heartbeat_ms == 0 {
             read_more(reader, buf).await
         } else {
@@ -682,10 +630,10 @@ async fn read_loop(
                         "nothing received for {} ms, twice the heartbeat interval; send PING when idle",
                         deadline.as_millis()
                     );
-                    let mut connection = cell.borrow_mut();
-                    connection.state.close_with_error(attachment, ErrorCode::Timeout, reason);
-                    connection.wake(Wake::ALL);
-                    drop(connection);
+                    shard.with_conn(me.conn, |state| {
+                        state.close_with_error(attachment, ErrorCode::Timeout, reason);
+                        ((), Wake::ALL)
+                    });
                     shard.run_work();
                     return;
                 }
@@ -696,18 +644,19 @@ async fn read_loop(
             Ok(_) => {}
         }
     }
-    if cell.borrow().state.lifecycle().is_current(attachment) {
+    let current = shard.with_conn(me.conn, |state| (state.lifecycle().is_current(attachment), Wake::default()));
+    if current == Some(true) {
         Box::pin(wait_for_peer_close(reader, decoder, buf)).await;
     }
 }
 
-async fn wait_until_reader_may_continue(cell: &ConnectionCell) {
+async fn wait_until_reader_may_continue(shard: &Shard, me: ConnRef) {
     std::future::poll_fn(|cx| {
-        let mut connection = cell.borrow_mut();
-        if connection.state.reader_may_continue() {
+        let may = shard.with_conn(me.conn, |state| (state.reader_may_continue(), Wake::default()));
+        if may.unwrap_or(true) {
             Poll::Ready(())
         } else {
-            connection.reader_waker = Some(cx.waker().clone());
+            shard.park(me.conn, false, cx.waker());
             Poll::Pending
         }
     })
@@ -742,7 +691,6 @@ async fn wait_for_peer_close(reader: &mut OwnedReadHalf<TcpStream>, decoder: &mu
 async fn write_loop(
     shard: Rc<Shard>,
     me: ConnRef,
-    cell: ConnectionCell,
     attachment: Attachment,
     binding: Binding,
     mut writer: OwnedWriteHalf<TcpStream>,
@@ -756,10 +704,12 @@ async fn write_loop(
     loop {
         let mut spare = Some(std::mem::take(&mut batch));
         let next = std::future::poll_fn(|cx| {
-            let mut connection = cell.borrow_mut();
-            match connection.state.take_write_batch(attachment, spare.take().unwrap_or_default()) {
+            let spare = spare.take().unwrap_or_default();
+            let next = shard.with_conn(me.conn, |state| (state.take_write_batch(attachment, spare), Wake::default()));
+            // No slot: the session ended under a newer attachment, which superseded this one.
+            match next.unwrap_or(NextWrite::Superseded) {
                 NextWrite::Wait => {
-                    connection.writer_waker = Some(cx.waker().clone());
+                    shard.park(me.conn, true, cx.waker());
                     Poll::Pending
                 }
                 next => Poll::Ready(next),
@@ -801,16 +751,23 @@ async fn write_loop(
                 WriteOutcome::CutShort
             }
         };
-        let next = cell.borrow_mut().state.write_completed(attachment, outcome, credits, &mut commands);
+        let next = shard.with_conn(me.conn, |state| {
+            let next = state.write_completed(attachment, outcome, credits, &mut commands);
+            let wake = match next {
+                Written::Continue { wake_reader } => Wake { writer: false, reader: wake_reader },
+                Written::Failed => Wake::ALL,
+                Written::CutShort | Written::Superseded => Wake::default(),
+            };
+            (next, wake)
+        });
         if !commands.is_empty() {
             shard.submit_address_commands(&mut commands);
             shard.run_work();
         }
-        match next {
-            Written::Continue { wake_reader } => cell.borrow_mut().wake(Wake { writer: false, reader: wake_reader }),
+        match next.unwrap_or(Written::Superseded) {
+            Written::Continue { .. } => {}
             Written::Failed => {
                 failed = true;
-                cell.borrow_mut().wake(Wake::ALL);
                 break;
             }
             Written::CutShort => {
@@ -827,6 +784,12 @@ async fn write_loop(
                 break;
             }
         }
+    }
+    // Done with the slot: an ended connection's is freed now (unless a newer attachment, with
+    // its own writer, holds it).
+    let current = shard.with_conn(me.conn, |state| (state.lifecycle().is_current(attachment), Wake::default()));
+    if current == Some(true) {
+        shard.set_writer_running(me.conn, false);
     }
     if superseded && !close_taken && !failed {
         let mut farewell = Outbound::new();

@@ -82,23 +82,35 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::broker::address::{AddressLimits, AddressTable, Outgoing, Publication, MAX_PUBLISH_BATCH};
-use crate::broker::{AddressCommand, Command, ConnId, ShardId};
+use crate::broker::{AddressCommand, Command, ConnId, ConnRef, ShardId};
+use crate::conn::lifecycle::State as LifecycleState;
 use crate::conn::session::Effects as SessionEffects;
 use crate::conn::state::{ConnState, Wake};
 use crate::store::{DurableLog, Lsn, Recovery};
 
-/// The connections of a shard, as the core reaches them during a round of work: where their
-/// states are, and how to wake their tasks (the core decides the rest).
-pub trait ConnTable {
-    /// Runs `f` on the state of connection `id` and wakes that connection's tasks as the
-    /// returned [`Wake`] says. `None`, with nothing done, when the connection is gone.
-    fn with_conn<R>(&mut self, id: ConnId, f: impl FnOnce(&mut ConnState) -> (R, Wake)) -> Option<R>;
+/// How the core wakes a connection's tasks (the shell keeps their wakers).
+pub trait ConnWakers {
+    /// Wakes the tasks of connection `id` that `wake` names.
+    fn wake(&mut self, id: ConnId, wake: Wake);
+}
+
+/// A connection slot: its state while the connection (or its detached session) lives.
+struct ConnSlot {
+    generation: u32,
+    state: Option<ConnState>,
+    /// The writer task of the current attachment has not finished: an ended connection's slot
+    /// stays until it has written what is queued (the close frame last).
+    writer_running: bool,
 }
 
 /// Everything a shard knows but its connections (see the module doc).
 pub struct ShardCore {
     id: ShardId,
     addresses: AddressTable,
+    /// This shard's connections, by `ConnId::index`; a slot's generation moves on when it is
+    /// freed, so ids of the old connection find nothing.
+    conns: Vec<ConnSlot>,
+    free_conns: Vec<u32>,
     queues: Queues,
     /// Connections whose session or write queue changed during this round of work.
     dirty: Vec<ConnId>,
@@ -195,6 +207,8 @@ impl ShardCore {
         ShardCore {
             id,
             addresses: AddressTable::new(id, limits),
+            conns: Vec::new(),
+            free_conns: Vec::new(),
             queues: Queues { id, work: VecDeque::new(), outboxes: (0..shard_count).map(|_| Vec::new()).collect() },
             dirty: Vec::new(),
             dirty_generation: Vec::new(),
@@ -209,6 +223,84 @@ impl ShardCore {
 
     pub fn id(&self) -> ShardId {
         self.id
+    }
+
+    /// Registers a new connection; `make` builds its state once its id is known.
+    pub fn register_conn(&mut self, make: impl FnOnce(ConnRef) -> ConnState) -> ConnRef {
+        let index = match self.free_conns.pop() {
+            Some(index) => index,
+            None => {
+                self.conns.push(ConnSlot { generation: 0, state: None, writer_running: false });
+                (self.conns.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.conns[index as usize];
+        let me = ConnRef { shard: self.id, conn: ConnId { index, generation: slot.generation } };
+        slot.state = Some(make(me));
+        slot.writer_running = false;
+        me
+    }
+
+    /// The state of connection `id`, while its slot holds it (an ended connection's until its
+    /// writer is done).
+    pub fn conn_mut(&mut self, id: ConnId) -> Option<&mut ConnState> {
+        let slot = self.conns.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.state.as_mut()
+    }
+
+    pub fn conn(&self, id: ConnId) -> Option<&ConnState> {
+        let slot = self.conns.get(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.state.as_ref()
+    }
+
+    /// The writer task of connection `id` starts (true) or has finished (false). A finished
+    /// writer of an ended connection frees its slot.
+    pub fn set_writer_running(&mut self, id: ConnId, running: bool) {
+        if let Some(slot) = self.conns.get_mut(id.index as usize).filter(|slot| slot.generation == id.generation) {
+            slot.writer_running = running;
+        }
+        self.free_if_done(id);
+    }
+
+    /// Frees the slot of connection `id` once its session ended and its writer is done;
+    /// commands still addressed to it are dropped on arrival.
+    pub fn free_if_done(&mut self, id: ConnId) {
+        let Some(slot) = self.conns.get_mut(id.index as usize) else { return };
+        let ended = slot.state.as_ref().is_some_and(|state| state.lifecycle().state() == LifecycleState::Ended);
+        if slot.generation == id.generation && ended && !slot.writer_running {
+            slot.state = None;
+            // A listing for a flush under the old generation finds no connection.
+            slot.generation = slot.generation.wrapping_add(1);
+            self.free_conns.push(id.index);
+        }
+    }
+
+    /// Connections with a socket attached: what a stopping shard waits for (its close
+    /// frames). Detached sessions, kept for resume, have nothing to write.
+    pub fn attached_conn_count(&self) -> usize {
+        self.conns
+            .iter()
+            .filter_map(|slot| slot.state.as_ref())
+            .filter(|state| state.lifecycle().socket().is_some())
+            .count()
+    }
+
+    /// Every live connection's id (to close them all; an ended one is closing already).
+    pub fn conn_ids(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| {
+                slot.state.as_ref().is_some_and(|state| state.lifecycle().state() != LifecycleState::Ended)
+            })
+            .map(|(index, slot)| ConnId { index: index as u32, generation: slot.generation })
+            .collect()
     }
 
     /// The shard's addresses (for statistics and tests).
@@ -294,7 +386,7 @@ impl ShardCore {
     /// handed to the address table together ([`AddressTable::publish_batch`]), so a multicast
     /// subscriber gets them in one command; nothing is reordered, since only commands that
     /// are next to each other in the queue are joined.
-    pub fn run_work(&mut self, now_ms: u64, conns: &mut impl ConnTable) -> Effects<'_> {
+    pub fn run_work(&mut self, now_ms: u64, wakers: &mut impl ConnWakers) -> Effects<'_> {
         while let Some(command) = self.queues.work.pop_front() {
             match command {
                 Command::Address(AddressCommand::Publish { publisher, seq, message }) => {
@@ -310,13 +402,12 @@ impl ShardCore {
                 Command::Conn(command) => {
                     let id = command.conn();
                     let address_commands = &mut self.address_commands;
-                    // A command for a connection that is gone is dropped.
-                    let handled = conns.with_conn(id, |state| {
-                        let ConnState { session, outbound, .. } = state;
+                    // A command for a connection that is gone (or ended) is dropped.
+                    let state = self.conns.get_mut(id.index as usize).filter(|slot| slot.generation == id.generation);
+                    let state = state.and_then(|slot| slot.state.as_mut());
+                    let state = state.filter(|state| state.lifecycle().state() != LifecycleState::Ended);
+                    if let Some(ConnState { session, outbound, .. }) = state {
                         session.on_command(command, &mut SessionEffects { outbound, commands: address_commands });
-                        ((), Wake::default())
-                    });
-                    if handled.is_some() {
                         self.mark_dirty(id);
                         self.queues.submit_address_commands(&mut self.address_commands);
                     }
@@ -326,7 +417,10 @@ impl ShardCore {
         for id in self.dirty.drain(..) {
             self.dirty_generation[id.index as usize] = None;
             // Cumulative receipt, then wake whichever task can make progress.
-            let _ = conns.with_conn(id, |state| ((), state.flush()));
+            let slot = &mut self.conns[id.index as usize];
+            if let Some(state) = slot.state.as_mut().filter(|_| slot.generation == id.generation) {
+                wakers.wake(id, state.flush());
+            }
         }
         // Commands for this shard go on the local work queue (`Queues::submit`), never through
         // its own inbox, where they would run a round later and out of order with local work.
@@ -379,33 +473,23 @@ mod tests {
 
     const SHARDS: usize = 2;
 
-    /// A connection as the tests keep it: its state, and how often it was flushed.
+    /// What a connection's reader task keeps (its state is the core's), and how often the
+    /// core woke its tasks (once per flush).
     struct FakeConn {
-        state: ConnState,
         attachment: Attachment,
         decoder: crate::ws::message::Decoder,
         flushes: usize,
     }
 
-    /// One shard's connections, by slot index.
+    /// One shard's connection tasks, by slot index.
     #[derive(Default)]
     struct FakeConns {
         conns: Vec<FakeConn>,
     }
 
-    impl FakeConns {
-        fn get(&mut self, id: ConnId) -> Option<&mut FakeConn> {
-            self.conns.get_mut(id.index as usize).filter(|conn| conn.state.session.me().conn == id)
-        }
-    }
-
-    impl ConnTable for FakeConns {
-        fn with_conn<R>(&mut self, id: ConnId, f: impl FnOnce(&mut ConnState) -> (R, Wake)) -> Option<R> {
-            let conn = self.get(id)?;
-            let (result, wake) = f(&mut conn.state);
-            // Commands ask for no wake-up; a flush always does here (the write queue is unbounded).
-            conn.flushes += usize::from(wake != Wake::default());
-            Some(result)
+    impl ConnWakers for FakeConns {
+        fn wake(&mut self, id: ConnId, _wake: Wake) {
+            self.conns[id.index as usize].flushes += 1;
         }
     }
 
@@ -446,16 +530,15 @@ mod tests {
 
         /// Opens a new session on `shard`; returns its id.
         fn open(&mut self, shard: usize, now_ms: u64) -> ConnRef {
-            let conns = &mut self.shards[shard].conns;
-            let me = ConnRef {
-                shard: ShardId(shard as u16),
-                conn: ConnId { index: conns.conns.len() as u32, generation: 1 },
-            };
-            let session = Session::new(me, Subprotocol::Reliable, self.session_config.clone());
-            let mut state = ConnState::new(session, usize::MAX);
-            let attachment = state.attach(me.conn.index as i32); // A socket number, never used.
+            let TestShard { core, conns } = &mut self.shards[shard];
+            let session_config = self.session_config.clone();
+            let me = core.register_conn(|me| {
+                ConnState::new(Session::new(me, Subprotocol::Reliable, session_config), usize::MAX)
+            });
+            assert_eq!(me.conn.index as usize, conns.conns.len());
+            let attachment = core.conn_mut(me.conn).unwrap().attach(me.conn.index as i32); // A socket number, never used.
             let decoder = crate::ws::message::Decoder::new(crate::ws::Role::Server, 1 << 20, 1 << 20);
-            conns.conns.push(FakeConn { state, attachment, decoder, flushes: 0 });
+            conns.conns.push(FakeConn { attachment, decoder, flushes: 0 });
             let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
             self.frame(me, open, now_ms);
             assert!(matches!(self.written(me)[..], [Frame::Opened(_)]));
@@ -466,12 +549,13 @@ mod tests {
         /// reader task does.
         fn frame(&mut self, conn: ConnRef, frame: Frame, now_ms: u64) {
             let shard = &mut self.shards[usize::from(conn.shard.0)];
-            let fake = shard.conns.get(conn.conn).expect("an open connection");
+            let fake = &mut shard.conns.conns[conn.conn.index as usize];
+            let state = shard.core.conn_mut(conn.conn).expect("an open connection");
             let payload = mbws::encode(Binding::Binary, &frame);
             let mut bytes =
                 crate::ws::frame::encode_frame(true, crate::ws::OpCode::Binary, &payload, Some([1, 2, 3, 4]));
             let mut commands = Vec::new();
-            let step = fake.state.bytes_read(fake.attachment, &mut fake.decoder, &mut bytes, now_ms, &mut commands);
+            let step = state.bytes_read(fake.attachment, &mut fake.decoder, &mut bytes, now_ms, &mut commands);
             assert_eq!(step, ReadStep::NeedMore, "the session goes on");
             assert!(bytes.is_empty());
             shard.core.submit_address_commands(&mut commands);
@@ -511,8 +595,8 @@ mod tests {
 
         /// Every frame queued for `conn`'s client since the last call.
         fn written(&mut self, conn: ConnRef) -> Vec<Frame> {
-            let fake = self.shards[usize::from(conn.shard.0)].conns.get(conn.conn).expect("an open connection");
-            let Some(batch) = fake.state.outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
+            let state = self.shards[usize::from(conn.shard.0)].core.conn_mut(conn.conn).expect("an open connection");
+            let Some(batch) = state.outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
             let mut bytes = bytes::BytesMut::from(&batch.to_vec()[..]);
             let mut decoder = crate::ws::message::Decoder::new(crate::ws::Role::Client, 1 << 20, 1 << 20);
             let mut frames = Vec::new();
