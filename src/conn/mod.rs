@@ -21,10 +21,10 @@
 //! What a connection decides is sans-IO, in [`state::ConnState`] (session, write queue,
 //! lifecycle): the tasks here read and write the socket, report what happened as events
 //! (`bytes_read`, `take_write_batch`, `write_completed`, `reader_finished`, `expire`,
-//! `resume`) and apply the answers (wake a task, stop reading, end). The state and the two
-//! tasks' wakers sit in one `RefCell` per slot ([`Connection`]), shared with the shard's
-//! dispatcher. Nobody holds that borrow across an `.await` or while calling back into the
-//! shard, so borrows never overlap.
+//! `resume`) and apply the answers (wake a task, stop reading, end). The state is owned by the
+//! shard's core (its connection slots); the tasks hold the connection's id and attachment and
+//! reach it through `Shard::with_conn`, which borrows the core for that call only, never
+//! across an `.await`. Their wakers stay in the shell (`Shard::park`, `Shard::wake`).
 //!
 //! Memory per idle connection is kept small (docs/PERFORMANCE.md, "Idle sessions"). The read
 //! buffer shrinks once the connection has caught up with its peer ([`read_buffer`]), and the

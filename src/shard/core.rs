@@ -1,6 +1,7 @@
 //! The sans-IO core of a shard: everything the shard decides, with no socket, task or clock.
 //!
-//! [`ShardCore`] owns the shard's [`AddressTable`], its local work queue, one outbox per other
+//! [`ShardCore`] owns the shard's [`AddressTable`], its connection slots (each a plain
+//! [`ConnState`]: session, write queue, lifecycle), its local work queue, one outbox per other
 //! shard, the list of connections touched during the current round of work, and whether the
 //! ack timer is armed. It is a plain struct: the IO shell (`super::Shard`) holds it in one
 //! `RefCell` and borrows it once per event. Time comes in as `now_ms` (milliseconds on the
@@ -21,40 +22,37 @@
 //! run, wake the ack timer (which then asks [`ShardCore::poll_ack_deadline`] when to call
 //! [`ShardCore::expire_acks`]).
 //!
-//! Connections are not owned here yet: the core reaches their states (`conn::state::ConnState`)
-//! through the [`ConnTable`] it is handed for a round (the shell's slot table; a fake one in
-//! tests), which only gives access and wakes the tasks as the core says ([`Wake`]); handing a
-//! command to the session and the flush are decided here. So the core depends on no runtime.
+//! A connection's own events (bytes read, a batch written, the reader finished, the expiry)
+//! are methods of its [`ConnState`], reached with [`ShardCore::conn_mut`]; the shell's tasks
+//! hold `(ConnId, Attachment)`, never the state. The tasks' wakers stay in the shell: a round
+//! tells it which to wake through [`ConnWakers`] (a fake in tests). A slot is freed when its
+//! session has ended *and* its writer is done ([`ShardCore::set_writer_running`],
+//! [`ShardCore::free_if_done`]): an ended connection's writer still writes its close frame.
+//! Commands for an ended connection are dropped, as for a freed one.
 //!
 //! Invariants: a command for this shard goes on the work queue, never into its own outbox (an
 //! outbox to itself would run the command a round late and out of order, asserted at the end of
 //! each round); a connection is listed for its flush at most once per round; nothing is left in
-//! the work queue or the dirty list when `run_work` returns.
+//! the work queue or the dirty list when `run_work` returns; a freed slot's generation moves
+//! on, so no id of its old connection finds the next one.
 //!
 //! # Next steps (issue 9, item 1)
 //!
-//! Done so far: the address side and the round of work are sans-IO (this file), and so is each
-//! connection's state: `conn::state::ConnState` (session, write queue, and one
-//! `conn::lifecycle::Lifecycle` enum, `Opening`/`Running`/`Closing`/`Detached { expires_at_ms
-//! }`/`Ended` plus an attachment number, which replaced the `closing`/`reader_done`/`epoch`/
-//! `socket` flags). The reader and writer tasks report events to it (`bytes_read`,
-//! `take_write_batch`, `write_completed` with the batch's auto-ack credit, `reader_finished`,
-//! `expire`, `resume`) and apply its answers (`Wake`, `ReadStep`, `NextWrite`, `Written`,
-//! `Expiry`). What remains, in order:
+//! Done: the address side and the round of work are sans-IO (this file), and the core owns its
+//! connections (plain `ConnState`s in its slots, no `Rc<RefCell>` per connection). A
+//! connection's lifecycle is one enum (`conn::lifecycle`: `Opening`/`Running`/`Closing`/
+//! `Detached { expires_at_ms }`/`Ended` plus an attachment number; it replaced the
+//! `closing`/`reader_done`/`epoch`/`socket` flags). The reader and writer tasks report events
+//! (`ConnState::bytes_read`, `take_write_batch`, `write_completed` with the batch's auto-ack
+//! credit, `reader_finished`, `expire`, `resume`) and apply the answers (`Wake`, `ReadStep`,
+//! `NextWrite`, `Written`, `Expiry`). What remains, in order:
 //!
-//! 1. **Connections owned by the core.** `ConnState` still sits in an `Rc<RefCell<Connection>>`
-//!    (state + the two wakers) shared by its reader, writer and the shell's slot table
-//!    (`super::Slots`, reached through [`ConnTable`]). Move the slots into `ShardCore` as
-//!    `Vec<Slot { generation, state: Option<ConnState> }>`, the wakers into a shell side table
-//!    indexed like the slots, and have the tasks hold `(ConnId, Attachment)` and call
-//!    `core.conn_mut(id)` (or core methods `bytes_read(conn, ..)` etc. that forward to it);
-//!    `run_work` then returns the `Wake`s it now hands to `ConnTable::with_conn` as effects,
-//!    and `ConnTable` disappears. The one real change of shape: today an `Ended` connection's writer
-//!    still holds its `Rc` while it writes the close frame after the slot is freed; with the
-//!    core owning the state the slot must stay (lifecycle `Ended`, commands for it dropped)
-//!    until the writer reports it is done (`NextWrite::Done`/`Written::CutShort`/`Failed`),
-//!    then the generation moves on. Move the read buffer and decoder in with the state if
-//!    `bytes_read` should take plain `&[u8]`.
+//! 1. **Core methods per connection event.** The shell reaches a connection through
+//!    `Shard::with_conn(id, |state| ..)` and applies the `Wake` itself; core methods
+//!    (`core.bytes_read(conn, ..)` etc.) that also `mark_dirty` and queue the commands would
+//!    leave the shell nothing but IO. Move the read buffer and decoder in with the state if
+//!    `bytes_read` should take plain `&[u8]`; return `Wake`s as `Effects` rather than through
+//!    [`ConnWakers`] if the simulator wants them as data.
 //! 2. **The superseded farewell** (ERROR 4409 + close, `conn::write_loop`) as a core decision:
 //!    `NextWrite::Superseded` could carry the farewell batch.
 //! 3. **Session expiry, heartbeat and resume as events.** `expire_later` (one task per
@@ -535,10 +533,13 @@ mod tests {
             let me = core.register_conn(|me| {
                 ConnState::new(Session::new(me, Subprotocol::Reliable, session_config), usize::MAX)
             });
-            assert_eq!(me.conn.index as usize, conns.conns.len());
             let attachment = core.conn_mut(me.conn).unwrap().attach(me.conn.index as i32); // A socket number, never used.
             let decoder = crate::ws::message::Decoder::new(crate::ws::Role::Server, 1 << 20, 1 << 20);
-            conns.conns.push(FakeConn { attachment, decoder, flushes: 0 });
+            let fake = FakeConn { attachment, decoder, flushes: 0 };
+            match conns.conns.get_mut(me.conn.index as usize) {
+                Some(reused) => *reused = fake,
+                None => conns.conns.push(fake),
+            }
             let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
             self.frame(me, open, now_ms);
             assert!(matches!(self.written(me)[..], [Frame::Opened(_)]));
@@ -720,5 +721,37 @@ mod tests {
         }
         broker.settle(0);
         assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: 3 })], "one cumulative RECEIPT");
+    }
+
+    /// An ended connection keeps its slot while its writer writes the close frame; then the
+    /// slot is freed, and its next connection has another generation (old ids find nothing).
+    #[test]
+    fn a_slot_is_freed_once_its_session_ended_and_its_writer_is_done() {
+        let mut broker = Broker::new(0);
+        let conn = broker.open(0, 0);
+        let attachment = broker.shards[0].conns.conns[0].attachment;
+        let core = &mut broker.shards[0].core;
+        core.set_writer_running(conn.conn, true);
+        let mut commands = Vec::new();
+        let state = core.conn_mut(conn.conn).expect("open");
+        assert_eq!(state.reader_finished(attachment, 0, 1_000, &mut commands), Some(true), "detached");
+        core.free_if_done(conn.conn);
+        assert!(core.conn(conn.conn).is_some(), "a detached session keeps its slot");
+        let state = core.conn_mut(conn.conn).expect("detached");
+        assert_eq!(state.expire(attachment, 1_000, &mut commands), crate::conn::state::Expiry::Expired);
+        core.free_if_done(conn.conn);
+        assert!(core.conn(conn.conn).is_some(), "its writer is still writing");
+        assert!(core.conn_ids().is_empty(), "an ended connection is not closed again at shutdown");
+        core.set_writer_running(conn.conn, false);
+        assert!(core.conn(conn.conn).is_none(), "freed once the writer is done");
+
+        let next = broker.open(0, 5);
+        assert_eq!(next.conn.index, conn.conn.index, "the slot is reused");
+        assert_ne!(next.conn.generation, conn.conn.generation);
+        let core = &mut broker.shards[0].core;
+        assert!(core.conn(conn.conn).is_none(), "the old id finds nothing");
+        core.set_writer_running(conn.conn, true);
+        core.free_if_done(conn.conn);
+        assert!(core.conn(next.conn).is_some(), "the old id frees nothing either");
     }
 }
