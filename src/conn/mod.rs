@@ -15,12 +15,16 @@
 //!
 //! A connection slot outlives its socket when its session is resumable (MBWS): the session is
 //! detached and waits `session_expiry_ms` for its client; a timer ends it otherwise. Every
-//! attachment of a socket to a slot has an `epoch`; tasks of an older epoch (a connection
-//! superseded by a resume) stop touching the slot.
+//! attachment of a socket to a slot has a number ([`lifecycle`]); tasks of an older attachment
+//! (a connection superseded by a resume) stop touching the slot.
 //!
-//! State the shard's dispatcher also touches (session, write queue, wakers) sits in one
-//! `RefCell` per slot. Nobody holds that borrow across an `.await` or while calling back into
-//! the shard, so borrows never overlap.
+//! What a connection decides is sans-IO, in [`state::ConnState`] (session, write queue,
+//! lifecycle): the tasks here read and write the socket, report what happened as events
+//! (`bytes_read`, `take_write_batch`, `write_completed`, `reader_finished`, `expire`,
+//! `resume`) and apply the answers (wake a task, stop reading, end). The state is owned by the
+//! shard's core (its connection slots); the tasks hold the connection's id and attachment and
+//! reach it through `Shard::with_conn`, which borrows the core for that call only, never
+//! across an `.await`. Their wakers stay in the shell (`Shard::park`, `Shard::wake`).
 //!
 //! Memory per idle connection is kept small (docs/PERFORMANCE.md, "Idle sessions"). The read
 //! buffer shrinks once the connection has caught up with its peer ([`read_buffer`]), and the
@@ -28,15 +32,16 @@
 //! largest state, so timers, writes and rare paths (handshake, resume, refusals) are boxed
 //! rather than held inline.
 
+pub mod lifecycle;
 pub mod outbound;
 pub mod read_buffer;
 pub mod session;
+pub mod state;
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -52,100 +57,14 @@ use crate::shard::{now_ms, Shard};
 use crate::ws::handshake::{self, HandshakeError};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
 use crate::ws::{OpCode, Role, WsError};
+use lifecycle::Attachment;
 use outbound::{Outbound, WriteBatch};
 use read_buffer::ReadBuffer;
 use session::{parse_session_id, Effects, Session};
-
-pub type ConnectionCell = Rc<RefCell<Connection>>;
+use state::{ConnState, Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
 
 /// How long a closing connection waits for the peer's close frame, and for its last writes.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// The part of a connection shared by its reader, its writer and the shard's dispatcher.
-pub struct Connection {
-    pub session: Session,
-    pub outbound: Outbound,
-    max_outbound_bytes: usize,
-    writer_waker: Option<Waker>,
-    reader_waker: Option<Waker>,
-    /// A close frame is queued (or the socket failed): no more input is processed.
-    closing: bool,
-    /// The reader has finished: the writer exits once the queue is written.
-    reader_done: bool,
-    /// Which attachment of a socket to this slot is current; older tasks stop.
-    epoch: u32,
-    /// The attached socket, so that a resume on a new connection can shut a stale one down.
-    socket: RawFd,
-}
-
-impl Connection {
-    fn new(session: Session, max_outbound_bytes: usize) -> Connection {
-        Connection {
-            session,
-            outbound: Outbound::new(),
-            max_outbound_bytes,
-            writer_waker: None,
-            reader_waker: None,
-            closing: false,
-            reader_done: false,
-            epoch: 0,
-            socket: -1,
-        }
-    }
-
-    /// A socket is attached (a detached session, kept for resume, has none).
-    pub fn has_socket(&self) -> bool {
-        self.socket >= 0
-    }
-
-    /// End of a round of work: cumulative receipt, then wake whoever can make progress.
-    pub fn flush(&mut self) {
-        self.session.flush(&mut self.outbound);
-        if !self.outbound.is_empty() {
-            if let Some(waker) = self.writer_waker.take() {
-                waker.wake();
-            }
-        }
-        if self.reader_may_continue() {
-            if let Some(waker) = self.reader_waker.take() {
-                waker.wake();
-            }
-        }
-    }
-
-    fn reader_may_continue(&self) -> bool {
-        self.closing || (self.session.can_accept_sends() && self.outbound.queued_bytes() < self.max_outbound_bytes)
-    }
-
-    /// Queues a close frame and stops processing input.
-    pub fn begin_close(&mut self, code: u16, reason: &str) {
-        if !self.closing {
-            self.closing = true;
-            self.outbound.push_control(OpCode::Close, &close_payload(code, reason));
-        }
-        self.wake_all();
-    }
-
-    fn wake_all(&mut self) {
-        if let Some(waker) = self.writer_waker.take() {
-            waker.wake();
-        }
-        if let Some(waker) = self.reader_waker.take() {
-            waker.wake();
-        }
-    }
-
-    /// Starts a new attachment: a fresh write queue and flags for the socket `socket`.
-    fn attach(&mut self, socket: RawFd) -> u32 {
-        self.epoch = self.epoch.wrapping_add(1);
-        self.outbound = Outbound::new();
-        self.closing = false;
-        self.reader_done = false;
-        self.socket = socket;
-        self.wake_all(); // Tasks of the previous epoch notice and stop.
-        self.epoch
-    }
-}
 
 /// A socket handed to the shard that holds the session its first frame resumes.
 #[derive(Debug)]
@@ -207,8 +126,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
         }
         Opening::Ended => return,
     };
-    let Attached { me, cell, epoch, stream, mut buf, mut decoder } = *attached;
-    run(&shard, me, &cell, epoch, stream, &mut buf, &mut decoder, &peer).await
+    let Attached { me, attachment, stream, mut buf, mut decoder } = *attached;
+    run(&shard, me, attachment, stream, &mut buf, &mut decoder, &peer).await
 }
 
 /// How the opening phase of a connection ended. The payloads are boxed: an `Opening` lives in
@@ -225,8 +144,7 @@ enum Opening {
 /// A new session, registered and attached to its socket.
 struct Attached {
     me: ConnRef,
-    cell: ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     stream: TcpStream,
     buf: ReadBuffer,
     decoder: Decoder,
@@ -335,21 +253,24 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
     let session_config = shard.session_config.clone();
-    let (me, cell) = shard
-        .register(|me| Connection::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes));
-    let epoch = cell.borrow_mut().attach(stream.as_raw_fd());
-    {
-        let mut connection = cell.borrow_mut();
-        let connection = &mut *connection;
-        let mut commands = Vec::new();
-        let mut fx = Effects { outbound: &mut connection.outbound, commands: &mut commands };
-        if let Err(end) = connection.session.on_message(binding, payload, now_ms(), &mut fx) {
-            connection.begin_close(end.close_code, &end.reason);
-        }
-        debug_assert!(commands.is_empty(), "the first frame routes nothing");
-    }
+    let me = shard
+        .register(|me| ConnState::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes));
+    let socket = stream.as_raw_fd();
+    let attachment = shard
+        .with_conn(me.conn, |state| {
+            let attachment = state.attach(socket);
+            let mut commands = Vec::new();
+            let ConnState { session, outbound, .. } = &mut *state;
+            let mut fx = Effects { outbound, commands: &mut commands };
+            if let Err(end) = session.on_message(binding, payload, now_ms(), &mut fx) {
+                state.begin_close(end.close_code, &end.reason);
+            }
+            debug_assert!(commands.is_empty(), "the first frame routes nothing");
+            (attachment, Wake::ALL)
+        })
+        .expect("a connection just registered");
     log!(Level::Debug, "shard {}: connection {}.{} from {peer} opened", shard.id.0, me.conn.index, me.conn.generation);
-    Opening::Opened(Box::new(Attached { me, cell, epoch, stream, buf, decoder }))
+    Opening::Opened(Box::new(Attached { me, attachment, stream, buf, decoder }))
 }
 
 /// Reads until the first complete WebSocket data message, answering pings on the way.
@@ -486,19 +407,19 @@ async fn resume(
         return;
     }
     let found = parse_session_id(&open.session_id).and_then(|(_, conn, token)| {
-        let cell = shard.connection(conn)?;
-        let resumable = {
-            let connection = cell.borrow();
-            connection.session.token_matches(token) && connection.session.is_resumable()
-        };
-        resumable.then_some((ConnRef { shard: shard.id, conn }, cell))
+        let resumable = shard.with_conn(conn, |state| {
+            let ended = state.lifecycle().state() == lifecycle::State::Ended;
+            (!ended && state.session.token_matches(token) && state.session.is_resumable(), Wake::default())
+        })?;
+        resumable.then_some(ConnRef { shard: shard.id, conn })
     });
-    let Some((me, cell)) = found else {
+    let Some(me) = found else {
         // Boxed: a rare path that should not size the task of a resumed session.
         Box::pin(refuse_unknown_session(&mut stream, binding, &open.session_id)).await;
         return;
     };
-    let last_delivery_seq = cell.borrow().session.last_delivery_seq();
+    let last_delivery_seq =
+        shard.with_conn(me.conn, |state| (state.session.last_delivery_seq(), Wake::default())).unwrap_or(0);
     if open.last_received_seq > last_delivery_seq {
         // The client claims deliveries that were never made: a client bug, or another session's
         // number. The session stays as it was, for a correct resume.
@@ -511,21 +432,14 @@ async fn resume(
         return;
     }
     let mut commands = Vec::new();
-    let epoch = {
-        let mut connection = cell.borrow_mut();
-        for (owner, subscription, count) in connection.outbound.take_credits() {
-            commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
-        }
-        if connection.session.is_attached() && connection.socket >= 0 {
-            // The old connection has not noticed it is dead (or the client raced it): it is
-            // superseded. Its tasks see the new epoch; its writer says why it ends.
-            supersede(connection.socket);
-        }
-        let epoch = connection.attach(stream.as_raw_fd());
-        let connection = &mut *connection;
-        connection.session.resume(binding, &open, &mut connection.outbound);
-        epoch
-    };
+    let socket = stream.as_raw_fd();
+    let resumed = shard.with_conn(me.conn, |state| (state.resume(socket, binding, &open, &mut commands), Wake::ALL));
+    let Some((attachment, stale)) = resumed else { return }; // Checked just above: cannot happen.
+    if let Some(socket) = stale {
+        // The old connection has not noticed it is dead (or the client raced it): it is
+        // superseded. Its tasks see the new attachment; its writer says why it ends.
+        supersede(socket);
+    }
     shard.submit_address_commands(&mut commands);
     shard.mark_dirty(me.conn);
     shard.run_work();
@@ -537,7 +451,7 @@ async fn resume(
         me.conn.generation
     );
     let mut decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
-    run(&shard, me, &cell, epoch, stream, &mut buf, &mut decoder, &peer).await;
+    run(&shard, me, attachment, stream, &mut buf, &mut decoder, &peer).await;
 }
 
 /// Why a superseded connection ends (fatal ERROR 4409 and close 4409, docs/PROTOCOL.md 11).
@@ -577,39 +491,26 @@ fn supersede(socket: RawFd) {
 async fn run(
     shard: &Rc<Shard>,
     me: ConnRef,
-    cell: &ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     stream: TcpStream,
     buf: &mut ReadBuffer,
     decoder: &mut Decoder,
     peer: &SocketAddr,
 ) {
     let (mut reader, writer) = stream.into_split();
-    let binding = cell.borrow().session.binding();
-    monoio::spawn(write_loop(shard.clone(), me, cell.clone(), epoch, binding, writer));
-    read_loop(shard, me, cell, epoch, &mut reader, buf, decoder).await;
+    let binding = shard.with_conn(me.conn, |state| (state.session.binding(), Wake::default()));
+    let binding = binding.expect("a running connection has a slot");
+    shard.set_writer_running(me.conn, true);
+    monoio::spawn(write_loop(shard.clone(), me, attachment, binding, writer));
+    read_loop(shard, me, attachment, &mut reader, buf, decoder).await;
 
     let mut commands = Vec::new();
-    let detached = {
-        let mut connection = cell.borrow_mut();
-        if connection.epoch != epoch {
-            return; // Superseded: the session belongs to a newer connection now.
-        }
-        connection.reader_done = true;
-        connection.socket = -1;
-        connection.wake_all();
-        if connection.session.is_resumable() {
-            connection.session.detach();
-            // Frames queued for the dead socket are dropped; auto-ack credit they held goes
-            // back to the owners (those deliveries are lost: auto ack is at most once).
-            for (owner, subscription, count) in connection.outbound.take_credits() {
-                commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
-            }
-            true
-        } else {
-            connection.session.on_disconnect(&mut commands);
-            false
-        }
+    let expiry_ms = u64::from(shard.config.session_expiry_ms);
+    let detached = shard
+        .with_conn(me.conn, |state| (state.reader_finished(attachment, now_ms(), expiry_ms, &mut commands), Wake::ALL))
+        .flatten();
+    let Some(detached) = detached else {
+        return; // Superseded: the session belongs to a newer connection now.
     };
     if detached {
         let expiry = Duration::from_millis(u64::from(shard.config.session_expiry_ms));
@@ -621,7 +522,7 @@ async fn run(
             me.conn.generation,
             expiry.as_millis()
         );
-        monoio::spawn(expire_later(shard.clone(), me, cell.clone(), epoch, expiry));
+        monoio::spawn(expire_later(shard.clone(), me, attachment, expiry));
     } else {
         shard.unregister(me.conn);
         log!(
@@ -636,16 +537,19 @@ async fn run(
     shard.run_work();
 }
 
-/// Ends a detached session that nobody resumed within its expiry.
-async fn expire_later(shard: Rc<Shard>, me: ConnRef, cell: ConnectionCell, epoch: u32, expiry: Duration) {
-    monoio::time::sleep(expiry).await;
+/// Ends a detached session that nobody resumed by its expiry (`Lifecycle::expire`).
+async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, expiry: Duration) {
+    let mut wait = expiry;
     let mut commands = Vec::new();
-    {
-        let mut connection = cell.borrow_mut();
-        if connection.epoch != epoch || connection.session.is_attached() {
-            return; // Resumed meanwhile.
+    loop {
+        monoio::time::sleep(wait).await;
+        let expiry =
+            shard.with_conn(me.conn, |state| (state.expire(attachment, now_ms(), &mut commands), Wake::default()));
+        match expiry {
+            Some(Expiry::Expired) => break,
+            Some(Expiry::Resumed) | None => return,
+            Some(Expiry::NotBefore(at)) => wait = Duration::from_millis(at.saturating_sub(now_ms())), // Woken early.
         }
-        connection.session.on_disconnect(&mut commands);
     }
     shard.unregister(me.conn);
     log!(Level::Debug, "shard {}: session of connection {}.{} expired", shard.id.0, me.conn.index, me.conn.generation);
@@ -687,38 +591,33 @@ async fn read_upgrade(
     }
 }
 
-enum Step {
-    /// Everything buffered is handled; read more.
-    NeedMore,
-    /// Stop until the session can take more SENDs or the write queue drains.
-    Paused,
-    /// The connection is closing (or was superseded).
-    Closing,
-}
-
 async fn read_loop(
     shard: &Rc<Shard>,
     me: ConnRef,
-    cell: &ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     reader: &mut OwnedReadHalf<TcpStream>,
     buf: &mut ReadBuffer,
     decoder: &mut Decoder,
 ) {
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     loop {
-        wait_until_reader_may_continue(cell).await;
-        let step = process_buffered(shard, me, cell, epoch, decoder, buf.bytes_mut(), &mut commands);
+        wait_until_reader_may_continue(shard, me).await;
+        let step = shard.with_conn(me.conn, |state| {
+            let step = state.bytes_read(attachment, decoder, buf.bytes_mut(), now_ms(), &mut commands);
+            (step, if step == ReadStep::Closing { Wake::ALL } else { Wake::default() })
+        });
+        let step = step.unwrap_or(ReadStep::Closing);
         shard.submit_address_commands(&mut commands);
         shard.mark_dirty(me.conn);
         shard.run_work();
         match step {
-            Step::Closing => break,
-            Step::Paused => continue,
-            Step::NeedMore => {}
+            ReadStep::Closing => break,
+            ReadStep::Paused => continue,
+            ReadStep::NeedMore => {}
         }
         // Silence is bounded by twice the heartbeat, when one was agreed.
-        let heartbeat_ms = cell.borrow().session.heartbeat_ms();
+        let heartbeat_ms = shard.with_conn(me.conn, |state| (state.session.heartbeat_ms(), Wake::default()));
+        let heartbeat_ms = heartbeat_ms.unwrap_or(0);
         let result = if heartbeat_ms == 0 {
             read_more(reader, buf).await
         } else {
@@ -731,7 +630,10 @@ async fn read_loop(
                         "nothing received for {} ms, twice the heartbeat interval; send PING when idle",
                         deadline.as_millis()
                     );
-                    close_with_error(cell, epoch, ErrorCode::Timeout, reason);
+                    shard.with_conn(me.conn, |state| {
+                        state.close_with_error(attachment, ErrorCode::Timeout, reason);
+                        ((), Wake::ALL)
+                    });
                     shard.run_work();
                     return;
                 }
@@ -742,102 +644,23 @@ async fn read_loop(
             Ok(_) => {}
         }
     }
-    if cell.borrow().epoch == epoch {
+    let current = shard.with_conn(me.conn, |state| (state.lifecycle().is_current(attachment), Wake::default()));
+    if current == Some(true) {
         Box::pin(wait_for_peer_close(reader, decoder, buf)).await;
     }
 }
 
-fn close_with_error(cell: &ConnectionCell, epoch: u32, code: ErrorCode, reason: String) {
-    let mut connection = cell.borrow_mut();
-    if connection.epoch != epoch {
-        return;
-    }
-    let connection = &mut *connection;
-    let end = connection.session.unprompted_fatal_error(code, reason, &mut connection.outbound);
-    connection.begin_close(end.close_code, &end.reason);
-}
-
-async fn wait_until_reader_may_continue(cell: &ConnectionCell) {
+async fn wait_until_reader_may_continue(shard: &Shard, me: ConnRef) {
     std::future::poll_fn(|cx| {
-        let mut connection = cell.borrow_mut();
-        if connection.reader_may_continue() {
+        let may = shard.with_conn(me.conn, |state| (state.reader_may_continue(), Wake::default()));
+        if may.unwrap_or(true) {
             Poll::Ready(())
         } else {
-            connection.reader_waker = Some(cx.waker().clone());
+            shard.park(me.conn, false, cx.waker());
             Poll::Pending
         }
     })
     .await
-}
-
-/// Decodes and handles every complete WebSocket message in `buf`.
-fn process_buffered(
-    shard: &Shard,
-    me: ConnRef,
-    cell: &ConnectionCell,
-    epoch: u32,
-    decoder: &mut Decoder,
-    buf: &mut BytesMut,
-    commands: &mut Vec<(ShardId, AddressCommand)>,
-) -> Step {
-    let mut connection = cell.borrow_mut();
-    let connection = &mut *connection;
-    let now = now_ms();
-    loop {
-        if connection.closing || connection.epoch != epoch {
-            return Step::Closing;
-        }
-        if !connection.reader_may_continue() {
-            return Step::Paused;
-        }
-        let event = match decoder.next_event(buf) {
-            Ok(Some(event)) => event,
-            Ok(None) => return Step::NeedMore,
-            Err(WsError { close_code, reason }) => {
-                log!(
-                    Level::Debug,
-                    "shard {}: conn {}: websocket error {close_code}: {reason}",
-                    shard.id.0,
-                    me.conn.index
-                );
-                connection.begin_close(close_code, &reason);
-                return Step::Closing;
-            }
-        };
-        let (binding, payload) = match event {
-            WsEvent::Binary(payload) => (Binding::Binary, payload),
-            WsEvent::Text(payload) => (Binding::Text, payload),
-            WsEvent::Ping(payload) => {
-                connection.outbound.push_control(OpCode::Pong, &payload);
-                continue;
-            }
-            WsEvent::Pong(_) => continue,
-            WsEvent::Close(frame) => {
-                // Echo the peer's code (RFC 6455 section 5.5.1); no code means none is echoed.
-                let payload = match &frame {
-                    Some(frame) => close_payload(frame.code, ""),
-                    None => BytesMut::new(),
-                };
-                connection.closing = true;
-                connection.outbound.push_control(OpCode::Close, &payload);
-                connection.wake_all();
-                return Step::Closing;
-            }
-        };
-        let mut fx = Effects { outbound: &mut connection.outbound, commands };
-        if let Err(end) = connection.session.on_message(binding, payload, now, &mut fx) {
-            log!(
-                Level::Debug,
-                "shard {}: conn {}: session ended: {} {}",
-                shard.id.0,
-                me.conn.index,
-                end.close_code,
-                end.reason
-            );
-            connection.begin_close(end.close_code, &end.reason);
-            return Step::Closing;
-        }
-    }
 }
 
 /// After we queued a close frame: discard input until the peer's close frame or EOF, bounded
@@ -868,39 +691,38 @@ async fn wait_for_peer_close(reader: &mut OwnedReadHalf<TcpStream>, decoder: &mu
 async fn write_loop(
     shard: Rc<Shard>,
     me: ConnRef,
-    cell: ConnectionCell,
-    epoch: u32,
+    attachment: Attachment,
     binding: Binding,
     mut writer: OwnedWriteHalf<TcpStream>,
 ) {
     let mut batch = WriteBatch::default();
     let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     let mut superseded = false;
-    // A batch taken while closing holds the close frame (it is queued as `closing` is set).
+    // A batch taken while closing holds the close frame (it is queued as closing begins).
     let mut close_taken = false;
     let mut failed = false;
     loop {
         let mut spare = Some(std::mem::take(&mut batch));
         let next = std::future::poll_fn(|cx| {
-            let mut connection = cell.borrow_mut();
-            if connection.epoch != epoch {
-                return Poll::Ready(None);
+            let spare = spare.take().unwrap_or_default();
+            let next = shard.with_conn(me.conn, |state| (state.take_write_batch(attachment, spare), Wake::default()));
+            // No slot: the session ended under a newer attachment, which superseded this one.
+            match next.unwrap_or(NextWrite::Superseded) {
+                NextWrite::Wait => {
+                    shard.park(me.conn, true, cx.waker());
+                    Poll::Pending
+                }
+                next => Poll::Ready(next),
             }
-            if let Some(taken) = connection.outbound.take_batch(spare.take().unwrap_or_default()) {
-                return Poll::Ready(Some((taken, connection.closing)));
-            }
-            if connection.reader_done || (connection.closing && connection.outbound.close_queued()) {
-                return Poll::Ready(None);
-            }
-            // Caught up: wait holding no write buffers (the batch's went with `spare` above).
-            connection.outbound.release_buffers();
-            connection.writer_waker = Some(cx.waker().clone());
-            Poll::Pending
         })
         .await;
-        let Some((taken, closing)) = next else {
-            superseded = cell.borrow().epoch != epoch;
-            break;
+        let (taken, closing) = match next {
+            NextWrite::Batch { batch, closing } => (batch, closing),
+            NextWrite::Superseded => {
+                superseded = true;
+                break;
+            }
+            NextWrite::Done | NextWrite::Wait => break,
         };
         batch = taken;
         close_taken |= closing;
@@ -915,40 +737,59 @@ async fn write_loop(
         } else {
             Some(Box::pin(write_batch(&mut writer, batch)).await)
         };
-        for (owner, subscription, count) in credits {
-            commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
-        }
+        let outcome = match written {
+            Some((result, returned)) => {
+                batch = returned;
+                if result.is_ok() {
+                    WriteOutcome::Written
+                } else {
+                    WriteOutcome::Failed
+                }
+            }
+            None => {
+                batch = WriteBatch::default(); // The timeout dropped the batch; the writer ends.
+                WriteOutcome::CutShort
+            }
+        };
+        let next = shard.with_conn(me.conn, |state| {
+            let next = state.write_completed(attachment, outcome, credits, &mut commands);
+            let wake = match next {
+                Written::Continue { wake_reader } => Wake { writer: false, reader: wake_reader },
+                Written::Failed => Wake::ALL,
+                Written::CutShort | Written::Superseded => Wake::default(),
+            };
+            (next, wake)
+        });
         if !commands.is_empty() {
             shard.submit_address_commands(&mut commands);
             shard.run_work();
         }
-        let Some((result, returned)) = written else {
-            log!(
-                Level::Debug,
-                "shard {}: conn {}: close grace ran out before the last writes; dropping them",
-                shard.id.0,
-                me.conn.index
-            );
-            break;
-        };
-        batch = returned;
-        let mut connection = cell.borrow_mut();
-        if connection.epoch != epoch {
-            superseded = true;
-            break;
-        }
-        if result.is_err() {
-            // The peer is gone; the reader sees it too and detaches or ends the session.
-            failed = true;
-            connection.closing = true;
-            connection.wake_all();
-            break;
-        }
-        if connection.reader_may_continue() {
-            if let Some(waker) = connection.reader_waker.take() {
-                waker.wake();
+        match next.unwrap_or(Written::Superseded) {
+            Written::Continue { .. } => {}
+            Written::Failed => {
+                failed = true;
+                break;
+            }
+            Written::CutShort => {
+                log!(
+                    Level::Debug,
+                    "shard {}: conn {}: close grace ran out before the last writes; dropping them",
+                    shard.id.0,
+                    me.conn.index
+                );
+                break;
+            }
+            Written::Superseded => {
+                superseded = true;
+                break;
             }
         }
+    }
+    // Done with the slot: an ended connection's is freed now (unless a newer attachment, with
+    // its own writer, holds it).
+    let current = shard.with_conn(me.conn, |state| (state.lifecycle().is_current(attachment), Wake::default()));
+    if current == Some(true) {
+        shard.set_writer_running(me.conn, false);
     }
     if superseded && !close_taken && !failed {
         let mut farewell = Outbound::new();

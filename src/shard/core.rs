@@ -1,6 +1,7 @@
 //! The sans-IO core of a shard: everything the shard decides, with no socket, task or clock.
 //!
-//! [`ShardCore`] owns the shard's [`AddressTable`], its local work queue, one outbox per other
+//! [`ShardCore`] owns the shard's [`AddressTable`], its connection slots (each a plain
+//! [`ConnState`]: session, write queue, lifecycle), its local work queue, one outbox per other
 //! shard, the list of connections touched during the current round of work, and whether the
 //! ack timer is armed. It is a plain struct: the IO shell (`super::Shard`) holds it in one
 //! `RefCell` and borrows it once per event. Time comes in as `now_ms` (milliseconds on the
@@ -21,40 +22,48 @@
 //! run, wake the ack timer (which then asks [`ShardCore::poll_ack_deadline`] when to call
 //! [`ShardCore::expire_acks`]).
 //!
-//! Connections are not owned here yet: the core reaches their sessions through the
-//! [`ConnTable`] it is handed for a round (the shell's slot table; a fake one in tests), so it
-//! depends on no runtime.
+//! A connection's own events (bytes read, a batch written, the reader finished, the expiry)
+//! are methods of its [`ConnState`], reached with [`ShardCore::conn_mut`]; the shell's tasks
+//! hold `(ConnId, Attachment)`, never the state. The tasks' wakers stay in the shell: a round
+//! tells it which to wake through [`ConnWakers`] (a fake in tests). A slot is freed when its
+//! session has ended *and* its writer is done ([`ShardCore::set_writer_running`],
+//! [`ShardCore::free_if_done`]): an ended connection's writer still writes its close frame.
+//! Commands for an ended connection are dropped, as for a freed one.
 //!
 //! Invariants: a command for this shard goes on the work queue, never into its own outbox (an
 //! outbox to itself would run the command a round late and out of order, asserted at the end of
 //! each round); a connection is listed for its flush at most once per round; nothing is left in
-//! the work queue or the dirty list when `run_work` returns.
+//! the work queue or the dirty list when `run_work` returns; a freed slot's generation moves
+//! on, so no id of its old connection finds the next one.
 //!
 //! # Next steps (issue 9, item 1)
 //!
-//! This is the first step: the address side and the round of work are sans-IO; connections
-//! are still `Rc<RefCell<Connection>>` shared by their reader, writer and slot. In order:
+//! Done: the address side and the round of work are sans-IO (this file), and the core owns its
+//! connections (plain `ConnState`s in its slots, no `Rc<RefCell>` per connection). A
+//! connection's lifecycle is one enum (`conn::lifecycle`: `Opening`/`Running`/`Closing`/
+//! `Detached { expires_at_ms }`/`Ended` plus an attachment number; it replaced the
+//! `closing`/`reader_done`/`epoch`/`socket` flags). The reader and writer tasks report events
+//! (`ConnState::bytes_read`, `take_write_batch`, `write_completed` with the batch's auto-ack
+//! credit, `reader_finished`, `expire`, `resume`) and apply the answers (`Wake`, `ReadStep`,
+//! `NextWrite`, `Written`, `Expiry`). What remains, in order:
 //!
-//! 1. **Connections owned by the core.** Move the slot table (`super::Slots`) into `ShardCore`
-//!    as `Vec<Slot>` of plain `ConnState { session, outbound, decoder, read_buffer, lifecycle }`
-//!    with one `enum Lifecycle { Opening, Running, Closing, Detached { expires_at_ms },
-//!    Superseded }` replacing the `closing`/`reader_done`/`epoch` flags of `conn::Connection`.
-//!    The reader task becomes: read into a buffer, call `core.bytes_read(conn, bytes, now_ms)`;
-//!    the core decodes (the WebSocket `Decoder` and `Session::on_message` are sans-IO already)
-//!    and answers with effects `Write(conn)`, `Close(conn)`, `PauseReading(conn)`,
-//!    `ResumeReading(conn)`. Wakers stay in the shell, in a side table indexed like the slots;
-//!    `ConnTable` disappears.
-//! 2. **Write completion as an event.** The writer task asks the core for the next batch
-//!    (`core.take_write_batch(conn)`, which is `Outbound::take_batch`) and reports
-//!    `core.write_completed(conn, result, now_ms)`; the core returns the batch's auto-ack credit
-//!    as `ReturnCredit` commands and decides whether reading may resume. The superseded farewell
-//!    (ERROR 4409 + close) becomes a core decision too.
-//! 3. **Session expiry, heartbeat and resume as events.** `expire_later` and the read timeout
-//!    become deadlines the core reports (`Effects::wake_at_ms`, the minimum of ack, expiry and
-//!    heartbeat deadlines); the shell keeps one timer per shard and calls
-//!    `core.on_timer(now_ms)`. A resume is `core.resume(conn, socket_token, open, buffered)`
-//!    and a hand-over is an effect `HandOver { home, .. }` the shell turns into an `Adopt`
-//!    envelope; `supersede` is an effect `ShutdownSocket(token)`.
+//! 1. **Core methods per connection event.** The shell reaches a connection through
+//!    `Shard::with_conn(id, |state| ..)` and applies the `Wake` itself; core methods
+//!    (`core.bytes_read(conn, ..)` etc.) that also `mark_dirty` and queue the commands would
+//!    leave the shell nothing but IO. Move the read buffer and decoder in with the state if
+//!    `bytes_read` should take plain `&[u8]`; return `Wake`s as `Effects` rather than through
+//!    [`ConnWakers`] if the simulator wants them as data.
+//! 2. **The superseded farewell** (ERROR 4409 + close, `conn::write_loop`) as a core decision:
+//!    `NextWrite::Superseded` could carry the farewell batch.
+//! 3. **Session expiry, heartbeat and resume as events.** `expire_later` (one task per
+//!    detached session; the deadline is already `Lifecycle::Detached { expires_at_ms }` and
+//!    `ConnState::expire` decides) and the read timeout become deadlines the core reports
+//!    (`Effects::wake_at_ms`, the minimum of ack, expiry and heartbeat deadlines); the shell
+//!    keeps one timer per shard and calls `core.on_timer(now_ms)`. A resume is
+//!    `core.resume(conn, socket_token, open, buffered)` (the token and sequence checks of
+//!    `conn::resume` move in; `ConnState::resume` already names the stale socket) and a
+//!    hand-over is an effect `HandOver { home, .. }` the shell turns into an `Adopt` envelope;
+//!    `supersede` is an effect `ShutdownSocket(token)`.
 //! 4. **The durable log commit as events.** The core already learns of commits through
 //!    `durable_committed`; next it should also own the pending batch: `Effects::log_batch`
 //!    (records to write) and `core.log_written(lsn)` / `core.log_synced(lsn)`, so a simulated
@@ -71,25 +80,35 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::broker::address::{AddressLimits, AddressTable, Outgoing, Publication, MAX_PUBLISH_BATCH};
-use crate::broker::{AddressCommand, Command, ConnCommand, ConnId, ShardId};
+use crate::broker::{AddressCommand, Command, ConnId, ConnRef, ShardId};
+use crate::conn::lifecycle::State as LifecycleState;
+use crate::conn::session::Effects as SessionEffects;
+use crate::conn::state::{ConnState, Wake};
 use crate::store::{DurableLog, Lsn, Recovery};
 
-/// The connections of a shard, as the core reaches them during a round of work.
-pub trait ConnTable {
-    /// Hands `command` to the session of the connection it names; commands for address owners
-    /// that it produces go into `address_commands`. False, with nothing done, when that
-    /// connection is gone (a command for a closed connection is dropped).
-    fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool;
+/// How the core wakes a connection's tasks (the shell keeps their wakers).
+pub trait ConnWakers {
+    /// Wakes the tasks of connection `id` that `wake` names.
+    fn wake(&mut self, id: ConnId, wake: Wake);
+}
 
-    /// Ends the round for connection `id`: cumulative receipt, writer and reader wake-ups.
-    /// Nothing when the connection is gone.
-    fn flush(&mut self, id: ConnId);
+/// A connection slot: its state while the connection (or its detached session) lives.
+struct ConnSlot {
+    generation: u32,
+    state: Option<ConnState>,
+    /// The writer task of the current attachment has not finished: an ended connection's slot
+    /// stays until it has written what is queued (the close frame last).
+    writer_running: bool,
 }
 
 /// Everything a shard knows but its connections (see the module doc).
 pub struct ShardCore {
     id: ShardId,
     addresses: AddressTable,
+    /// This shard's connections, by `ConnId::index`; a slot's generation moves on when it is
+    /// freed, so ids of the old connection find nothing.
+    conns: Vec<ConnSlot>,
+    free_conns: Vec<u32>,
     queues: Queues,
     /// Connections whose session or write queue changed during this round of work.
     dirty: Vec<ConnId>,
@@ -186,6 +205,8 @@ impl ShardCore {
         ShardCore {
             id,
             addresses: AddressTable::new(id, limits),
+            conns: Vec::new(),
+            free_conns: Vec::new(),
             queues: Queues { id, work: VecDeque::new(), outboxes: (0..shard_count).map(|_| Vec::new()).collect() },
             dirty: Vec::new(),
             dirty_generation: Vec::new(),
@@ -200,6 +221,84 @@ impl ShardCore {
 
     pub fn id(&self) -> ShardId {
         self.id
+    }
+
+    /// Registers a new connection; `make` builds its state once its id is known.
+    pub fn register_conn(&mut self, make: impl FnOnce(ConnRef) -> ConnState) -> ConnRef {
+        let index = match self.free_conns.pop() {
+            Some(index) => index,
+            None => {
+                self.conns.push(ConnSlot { generation: 0, state: None, writer_running: false });
+                (self.conns.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.conns[index as usize];
+        let me = ConnRef { shard: self.id, conn: ConnId { index, generation: slot.generation } };
+        slot.state = Some(make(me));
+        slot.writer_running = false;
+        me
+    }
+
+    /// The state of connection `id`, while its slot holds it (an ended connection's until its
+    /// writer is done).
+    pub fn conn_mut(&mut self, id: ConnId) -> Option<&mut ConnState> {
+        let slot = self.conns.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.state.as_mut()
+    }
+
+    pub fn conn(&self, id: ConnId) -> Option<&ConnState> {
+        let slot = self.conns.get(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.state.as_ref()
+    }
+
+    /// The writer task of connection `id` starts (true) or has finished (false). A finished
+    /// writer of an ended connection frees its slot.
+    pub fn set_writer_running(&mut self, id: ConnId, running: bool) {
+        if let Some(slot) = self.conns.get_mut(id.index as usize).filter(|slot| slot.generation == id.generation) {
+            slot.writer_running = running;
+        }
+        self.free_if_done(id);
+    }
+
+    /// Frees the slot of connection `id` once its session ended and its writer is done;
+    /// commands still addressed to it are dropped on arrival.
+    pub fn free_if_done(&mut self, id: ConnId) {
+        let Some(slot) = self.conns.get_mut(id.index as usize) else { return };
+        let ended = slot.state.as_ref().is_some_and(|state| state.lifecycle().state() == LifecycleState::Ended);
+        if slot.generation == id.generation && ended && !slot.writer_running {
+            slot.state = None;
+            // A listing for a flush under the old generation finds no connection.
+            slot.generation = slot.generation.wrapping_add(1);
+            self.free_conns.push(id.index);
+        }
+    }
+
+    /// Connections with a socket attached: what a stopping shard waits for (its close
+    /// frames). Detached sessions, kept for resume, have nothing to write.
+    pub fn attached_conn_count(&self) -> usize {
+        self.conns
+            .iter()
+            .filter_map(|slot| slot.state.as_ref())
+            .filter(|state| state.lifecycle().socket().is_some())
+            .count()
+    }
+
+    /// Every live connection's id (to close them all; an ended one is closing already).
+    pub fn conn_ids(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| {
+                slot.state.as_ref().is_some_and(|state| state.lifecycle().state() != LifecycleState::Ended)
+            })
+            .map(|(index, slot)| ConnId { index: index as u32, generation: slot.generation })
+            .collect()
     }
 
     /// The shard's addresses (for statistics and tests).
@@ -285,7 +384,7 @@ impl ShardCore {
     /// handed to the address table together ([`AddressTable::publish_batch`]), so a multicast
     /// subscriber gets them in one command; nothing is reordered, since only commands that
     /// are next to each other in the queue are joined.
-    pub fn run_work(&mut self, now_ms: u64, conns: &mut impl ConnTable) -> Effects<'_> {
+    pub fn run_work(&mut self, now_ms: u64, wakers: &mut impl ConnWakers) -> Effects<'_> {
         while let Some(command) = self.queues.work.pop_front() {
             match command {
                 Command::Address(AddressCommand::Publish { publisher, seq, message }) => {
@@ -300,7 +399,13 @@ impl ShardCore {
                 }
                 Command::Conn(command) => {
                     let id = command.conn();
-                    if conns.on_command(command, &mut self.address_commands) {
+                    let address_commands = &mut self.address_commands;
+                    // A command for a connection that is gone (or ended) is dropped.
+                    let state = self.conns.get_mut(id.index as usize).filter(|slot| slot.generation == id.generation);
+                    let state = state.and_then(|slot| slot.state.as_mut());
+                    let state = state.filter(|state| state.lifecycle().state() != LifecycleState::Ended);
+                    if let Some(ConnState { session, outbound, .. }) = state {
+                        session.on_command(command, &mut SessionEffects { outbound, commands: address_commands });
                         self.mark_dirty(id);
                         self.queues.submit_address_commands(&mut self.address_commands);
                     }
@@ -309,7 +414,11 @@ impl ShardCore {
         }
         for id in self.dirty.drain(..) {
             self.dirty_generation[id.index as usize] = None;
-            conns.flush(id);
+            // Cumulative receipt, then wake whichever task can make progress.
+            let slot = &mut self.conns[id.index as usize];
+            if let Some(state) = slot.state.as_mut().filter(|_| slot.generation == id.generation) {
+                wakers.wake(id, state.flush());
+            }
         }
         // Commands for this shard go on the local work queue (`Queues::submit`), never through
         // its own inbox, where they would run a round later and out of order with local work.
@@ -345,53 +454,40 @@ impl ShardCore {
 
 #[cfg(test)]
 mod tests {
-    //! Two shard cores in one thread, their connections' sessions in a fake table, the
-    //! envelopes carried between them by the test, and time passed in by hand: no runtime, no
-    //! socket, no clock.
+    //! Two shard cores in one thread, their connections' states in a fake table (fed the
+    //! clients' WebSocket bytes), the envelopes carried between them by the test, and time
+    //! passed in by hand: no runtime, no socket, no clock.
 
     use std::sync::Arc;
 
     use super::*;
     use crate::broker::{owner_of, ConnRef};
     use crate::config::Config;
-    use crate::conn::outbound::{Outbound, WriteBatch};
-    use crate::conn::session::{Effects as SessionEffects, Session, SessionConfig};
+    use crate::conn::lifecycle::Attachment;
+    use crate::conn::outbound::WriteBatch;
+    use crate::conn::session::{Session, SessionConfig};
+    use crate::conn::state::ReadStep;
     use crate::mbws::{self, AckMode, Binding, CodecLimits, DeliveryMode, Frame, Subprotocol, PROTOCOL_VERSION};
 
     const SHARDS: usize = 2;
 
-    /// A connection as the tests keep it: a session and its write queue.
+    /// What a connection's reader task keeps (its state is the core's), and how often the
+    /// core woke its tasks (once per flush).
     struct FakeConn {
-        session: Session,
-        outbound: Outbound,
+        attachment: Attachment,
+        decoder: crate::ws::message::Decoder,
         flushes: usize,
     }
 
-    /// One shard's connections, by slot index.
+    /// One shard's connection tasks, by slot index.
     #[derive(Default)]
     struct FakeConns {
         conns: Vec<FakeConn>,
     }
 
-    impl FakeConns {
-        fn get(&mut self, id: ConnId) -> Option<&mut FakeConn> {
-            self.conns.get_mut(id.index as usize).filter(|conn| conn.session.me().conn == id)
-        }
-    }
-
-    impl ConnTable for FakeConns {
-        fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool {
-            let Some(conn) = self.get(command.conn()) else { return false };
-            let mut fx = SessionEffects { outbound: &mut conn.outbound, commands: address_commands };
-            conn.session.on_command(command, &mut fx);
-            true
-        }
-
-        fn flush(&mut self, id: ConnId) {
-            if let Some(conn) = self.get(id) {
-                conn.session.flush(&mut conn.outbound);
-                conn.flushes += 1;
-            }
+    impl ConnWakers for FakeConns {
+        fn wake(&mut self, id: ConnId, _wake: Wake) {
+            self.conns[id.index as usize].flushes += 1;
         }
     }
 
@@ -432,26 +528,37 @@ mod tests {
 
         /// Opens a new session on `shard`; returns its id.
         fn open(&mut self, shard: usize, now_ms: u64) -> ConnRef {
-            let conns = &mut self.shards[shard].conns;
-            let me = ConnRef {
-                shard: ShardId(shard as u16),
-                conn: ConnId { index: conns.conns.len() as u32, generation: 1 },
-            };
-            let session = Session::new(me, Subprotocol::Reliable, self.session_config.clone());
-            conns.conns.push(FakeConn { session, outbound: Outbound::new(), flushes: 0 });
+            let TestShard { core, conns } = &mut self.shards[shard];
+            let session_config = self.session_config.clone();
+            let me = core.register_conn(|me| {
+                ConnState::new(Session::new(me, Subprotocol::Reliable, session_config), usize::MAX)
+            });
+            let attachment = core.conn_mut(me.conn).unwrap().attach(me.conn.index as i32); // A socket number, never used.
+            let decoder = crate::ws::message::Decoder::new(crate::ws::Role::Server, 1 << 20, 1 << 20);
+            let fake = FakeConn { attachment, decoder, flushes: 0 };
+            match conns.conns.get_mut(me.conn.index as usize) {
+                Some(reused) => *reused = fake,
+                None => conns.conns.push(fake),
+            }
             let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
             self.frame(me, open, now_ms);
             assert!(matches!(self.written(me)[..], [Frame::Opened(_)]));
             me
         }
 
-        /// A frame from the client of `conn`, read by its shard: what the reader task does.
+        /// A frame from the client of `conn`, read by its shard as WebSocket bytes: what the
+        /// reader task does.
         fn frame(&mut self, conn: ConnRef, frame: Frame, now_ms: u64) {
             let shard = &mut self.shards[usize::from(conn.shard.0)];
-            let fake = shard.conns.get(conn.conn).expect("an open connection");
+            let fake = &mut shard.conns.conns[conn.conn.index as usize];
+            let state = shard.core.conn_mut(conn.conn).expect("an open connection");
+            let payload = mbws::encode(Binding::Binary, &frame);
+            let mut bytes =
+                crate::ws::frame::encode_frame(true, crate::ws::OpCode::Binary, &payload, Some([1, 2, 3, 4]));
             let mut commands = Vec::new();
-            let mut fx = SessionEffects { outbound: &mut fake.outbound, commands: &mut commands };
-            fake.session.on_frame(Binding::Binary, frame, now_ms, &mut fx).expect("the session goes on");
+            let step = state.bytes_read(fake.attachment, &mut fake.decoder, &mut bytes, now_ms, &mut commands);
+            assert_eq!(step, ReadStep::NeedMore, "the session goes on");
+            assert!(bytes.is_empty());
             shard.core.submit_address_commands(&mut commands);
             shard.core.mark_dirty(conn.conn);
         }
@@ -489,8 +596,8 @@ mod tests {
 
         /// Every frame queued for `conn`'s client since the last call.
         fn written(&mut self, conn: ConnRef) -> Vec<Frame> {
-            let fake = self.shards[usize::from(conn.shard.0)].conns.get(conn.conn).expect("an open connection");
-            let Some(batch) = fake.outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
+            let state = self.shards[usize::from(conn.shard.0)].core.conn_mut(conn.conn).expect("an open connection");
+            let Some(batch) = state.outbound.take_batch(WriteBatch::default()) else { return Vec::new() };
             let mut bytes = bytes::BytesMut::from(&batch.to_vec()[..]);
             let mut decoder = crate::ws::message::Decoder::new(crate::ws::Role::Client, 1 << 20, 1 << 20);
             let mut frames = Vec::new();
@@ -614,5 +721,37 @@ mod tests {
         }
         broker.settle(0);
         assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: 3 })], "one cumulative RECEIPT");
+    }
+
+    /// An ended connection keeps its slot while its writer writes the close frame; then the
+    /// slot is freed, and its next connection has another generation (old ids find nothing).
+    #[test]
+    fn a_slot_is_freed_once_its_session_ended_and_its_writer_is_done() {
+        let mut broker = Broker::new(0);
+        let conn = broker.open(0, 0);
+        let attachment = broker.shards[0].conns.conns[0].attachment;
+        let core = &mut broker.shards[0].core;
+        core.set_writer_running(conn.conn, true);
+        let mut commands = Vec::new();
+        let state = core.conn_mut(conn.conn).expect("open");
+        assert_eq!(state.reader_finished(attachment, 0, 1_000, &mut commands), Some(true), "detached");
+        core.free_if_done(conn.conn);
+        assert!(core.conn(conn.conn).is_some(), "a detached session keeps its slot");
+        let state = core.conn_mut(conn.conn).expect("detached");
+        assert_eq!(state.expire(attachment, 1_000, &mut commands), crate::conn::state::Expiry::Expired);
+        core.free_if_done(conn.conn);
+        assert!(core.conn(conn.conn).is_some(), "its writer is still writing");
+        assert!(core.conn_ids().is_empty(), "an ended connection is not closed again at shutdown");
+        core.set_writer_running(conn.conn, false);
+        assert!(core.conn(conn.conn).is_none(), "freed once the writer is done");
+
+        let next = broker.open(0, 5);
+        assert_eq!(next.conn.index, conn.conn.index, "the slot is reused");
+        assert_ne!(next.conn.generation, conn.conn.generation);
+        let core = &mut broker.shards[0].core;
+        assert!(core.conn(conn.conn).is_none(), "the old id finds nothing");
+        core.set_writer_running(conn.conn, true);
+        core.free_if_done(conn.conn);
+        assert!(core.conn(next.conn).is_some(), "the old id frees nothing either");
     }
 }

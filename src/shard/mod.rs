@@ -31,12 +31,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use self::core::{ConnTable, ShardCore};
+use self::core::{ConnWakers, ShardCore};
 use crate::broker::address::AddressLimits;
-use crate::broker::{AddressCommand, ConnCommand, ConnId, ConnRef, ShardId};
+use crate::broker::{AddressCommand, ConnId, ConnRef, ShardId};
 use crate::config::Config;
-use crate::conn::session::{Effects, SessionConfig};
-use crate::conn::{Connection, ConnectionCell};
+use crate::conn::session::SessionConfig;
+use crate::conn::state::{ConnState, Wake};
 use crate::log;
 use crate::logging::Level;
 use crate::store::{DurableLog, GroupCommitter, Recovery};
@@ -139,42 +139,29 @@ impl Drop for EventWait<'_> {
     }
 }
 
-struct Slot {
-    generation: u32,
-    connection: Option<ConnectionCell>,
-}
-
-/// The shard's connection slots: what the core reaches connections through
-/// ([`ConnTable`]) until it owns them (`core.rs`, "Next steps").
+/// The wakers of one connection's two tasks.
 #[derive(Default)]
-struct Slots {
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+pub struct TaskWakers {
+    pub writer: Option<Waker>,
+    pub reader: Option<Waker>,
 }
 
-impl Slots {
-    fn get(&self, id: ConnId) -> Option<&ConnectionCell> {
-        let slot = self.slots.get(id.index as usize)?;
-        if slot.generation != id.generation {
-            return None;
+/// The wakers of the shard's connection tasks, indexed like the core's connection slots.
+#[derive(Default)]
+struct Wakers(Vec<TaskWakers>);
+
+impl ConnWakers for Wakers {
+    fn wake(&mut self, id: ConnId, wake: Wake) {
+        let Some(wakers) = self.0.get_mut(id.index as usize) else { return };
+        if wake.writer {
+            if let Some(waker) = wakers.writer.take() {
+                waker.wake();
+            }
         }
-        slot.connection.as_ref()
-    }
-}
-
-impl ConnTable for Slots {
-    fn on_command(&mut self, command: ConnCommand, address_commands: &mut Vec<(ShardId, AddressCommand)>) -> bool {
-        let Some(cell) = self.get(command.conn()) else { return false };
-        let mut connection = cell.borrow_mut();
-        let Connection { session, outbound, .. } = &mut *connection;
-        let mut fx = Effects { outbound, commands: address_commands };
-        session.on_command(command, &mut fx);
-        true
-    }
-
-    fn flush(&mut self, id: ConnId) {
-        if let Some(cell) = self.get(id) {
-            cell.borrow_mut().flush();
+        if wake.reader {
+            if let Some(waker) = wakers.reader.take() {
+                waker.wake();
+            }
         }
     }
 }
@@ -187,7 +174,8 @@ pub struct Shard {
     post_office: Arc<PostOffice>,
     /// Everything the shard decides; borrowed once per event, never across an `.await`.
     core: RefCell<ShardCore>,
-    slots: RefCell<Slots>,
+    /// The wakers of the connections' tasks (the connections themselves are the core's).
+    wakers: RefCell<Wakers>,
     pub shutdown: LocalEvent,
     /// Connections in their opening phase (upgrade, or upgraded and waiting for OPEN): not in
     /// `slots` yet, but shutdown waits for their close frames too.
@@ -217,7 +205,7 @@ impl Shard {
             session_config,
             post_office,
             core: RefCell::new(ShardCore::new(id, shard_count, address_limits)),
-            slots: RefCell::new(Slots::default()),
+            wakers: RefCell::new(Wakers::default()),
             shutdown: LocalEvent::default(),
             opening_connections: Cell::new(0),
             committer: RefCell::new(None),
@@ -230,45 +218,56 @@ impl Shard {
         self.post_office.shard_count()
     }
 
-    /// Registers a new connection; `make` builds it once its id is known.
-    pub fn register(&self, make: impl FnOnce(ConnRef) -> Connection) -> (ConnRef, ConnectionCell) {
-        let mut slots = self.slots.borrow_mut();
-        let Slots { slots, free } = &mut *slots;
-        let index = match free.pop() {
-            Some(index) => index,
-            None => {
-                slots.push(Slot { generation: 0, connection: None });
-                (slots.len() - 1) as u32
-            }
-        };
-        let slot = &mut slots[index as usize];
-        let me = ConnRef { shard: self.id, conn: ConnId { index, generation: slot.generation } };
-        let cell: ConnectionCell = Rc::new(RefCell::new(make(me)));
-        slot.connection = Some(cell.clone());
-        (me, cell)
+    /// Registers a new connection; `make` builds its state once its id is known.
+    pub fn register(&self, make: impl FnOnce(ConnRef) -> ConnState) -> ConnRef {
+        let me = self.core.borrow_mut().register_conn(make);
+        let mut wakers = self.wakers.borrow_mut();
+        let index = me.conn.index as usize;
+        if index >= wakers.0.len() {
+            wakers.0.resize_with(index + 1, TaskWakers::default);
+        }
+        me
     }
 
-    /// Removes a connection; commands still addressed to it are dropped on arrival.
-    pub fn unregister(&self, id: ConnId) {
-        let mut slots = self.slots.borrow_mut();
-        let Slots { slots, free } = &mut *slots;
-        let slot = &mut slots[id.index as usize];
-        if slot.generation == id.generation && slot.connection.take().is_some() {
-            // A listing for a flush under the old generation finds no connection.
-            slot.generation = slot.generation.wrapping_add(1);
-            free.push(id.index);
+    /// Runs `f` on the state of connection `id` (`None` when it is gone), then wakes its tasks
+    /// as the returned [`Wake`] says. The core is borrowed for `f` only.
+    pub fn with_conn<R>(&self, id: ConnId, f: impl FnOnce(&mut ConnState) -> (R, Wake)) -> Option<R> {
+        let (result, wake) = f(self.core.borrow_mut().conn_mut(id)?);
+        self.wake(id, wake);
+        Some(result)
+    }
+
+    /// Wakes the tasks of connection `id` that `wake` names.
+    pub fn wake(&self, id: ConnId, wake: Wake) {
+        if wake != Wake::default() {
+            self.wakers.borrow_mut().wake(id, wake);
         }
     }
 
-    pub fn connection(&self, id: ConnId) -> Option<ConnectionCell> {
-        self.slots.borrow().get(id).cloned()
+    /// Parks a task of connection `id` until [`Shard::wake`] names it.
+    pub fn park(&self, id: ConnId, writer: bool, waker: &Waker) {
+        let mut wakers = self.wakers.borrow_mut();
+        let wakers = &mut wakers.0[id.index as usize];
+        let slot = if writer { &mut wakers.writer } else { &mut wakers.reader };
+        *slot = Some(waker.clone());
+    }
+
+    /// The writer task of connection `id` starts or ends (an ended connection's slot is freed
+    /// once its writer is done).
+    pub fn set_writer_running(&self, id: ConnId, running: bool) {
+        self.core.borrow_mut().set_writer_running(id, running);
+    }
+
+    /// Frees the slot of an ended connection (once its writer is done); commands still
+    /// addressed to it are dropped on arrival.
+    pub fn unregister(&self, id: ConnId) {
+        self.core.borrow_mut().free_if_done(id);
     }
 
     /// Connections with a socket attached: what a stopping shard waits for (its close
     /// frames). Detached sessions, kept for resume, have nothing to write.
     pub fn attached_connection_count(&self) -> usize {
-        let slots = self.slots.borrow();
-        slots.slots.iter().filter_map(|slot| slot.connection.as_ref()).filter(|cell| cell.borrow().has_socket()).count()
+        self.core.borrow().attached_conn_count()
     }
 
     /// Counts a connection in its opening phase until the returned guard is dropped.
@@ -314,8 +313,8 @@ impl Shard {
     pub fn run_work(&self) {
         let now = now_ms();
         let mut core = self.core.borrow_mut();
-        let mut slots = self.slots.borrow_mut();
-        let effects = core.run_work(now, &mut *slots);
+        let mut wakers = self.wakers.borrow_mut();
+        let effects = core.run_work(now, &mut *wakers);
         for (shard, commands) in effects.posts {
             self.post_office.post(shard, Envelope::Commands(commands));
         }
@@ -457,10 +456,12 @@ impl Shard {
 
     /// Closes every connection with 1001 (going away).
     fn close_all_connections(&self) {
-        let cells: Vec<ConnectionCell> =
-            self.slots.borrow().slots.iter().filter_map(|slot| slot.connection.clone()).collect();
-        for cell in cells {
-            cell.borrow_mut().begin_close(crate::ws::close_code::GOING_AWAY, "broker shutting down");
+        let ids = self.core.borrow().conn_ids();
+        for id in ids {
+            self.with_conn(id, |state| {
+                state.begin_close(crate::ws::close_code::GOING_AWAY, "broker shutting down");
+                ((), Wake::ALL)
+            });
         }
     }
 }
