@@ -68,7 +68,7 @@
 //!    `durable_committed`; next it should also own the pending batch: `Effects::log_batch`
 //!    (records to write) and `core.log_written(lsn)` / `core.log_synced(lsn)`, so a simulated
 //!    disk can sit under it. `AddressTable` still reads `now_unix_ms()` itself when it logs a
-//!    message's expiry (`broker/address.rs`); pass the wall clock in with `now_ms` then.
+//!    message's expiry (`broker/address/`); pass the wall clock in with `now_ms` then.
 //! 5. **The simulator.** N `ShardCore`s, a seeded scheduler that carries `Effects::posts`
 //!    between them (in any order across shards, in order per pair), simulated clients built on
 //!    the same codecs, virtual time: the tests at the bottom of this file are its seed.
