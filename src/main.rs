@@ -1,5 +1,9 @@
 //! `mbws-broker`: flags, start-up, signals.
 
+// The `///` comments on the argument structs are clap's help texts, shown verbatim by `--help`
+// (`[IPv6]:PORT`, `DLQ.<address>`), not rustdoc markdown.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 use std::process::ExitCode;
 use std::time::Duration;
 

@@ -12,6 +12,10 @@
 //! output (`mbws consume x | head -1`) ends it the same way, with exit 0: what it wrote out is
 //! acknowledged, the rest is released.
 
+// The `///` comments on the argument structs are clap's help texts, shown verbatim by `--help`
+// (`[IPv6]:PORT`, `DLQ.<address>`), not rustdoc markdown.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
