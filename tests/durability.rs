@@ -14,18 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chaos_proxy::Rng;
 use common::{temp_dir, Broker};
-use mbws::mbws::{AckMode, Binding, DeliveryMode, Send, Subprotocol};
+use mbws::mbws::{AckMode, DeliveryMode, Send};
 use mbws_client::{Client, ClientOptions};
-
-fn connect(broker: &Broker) -> Client {
-    let options = ClientOptions {
-        subprotocol: Subprotocol::Reliable,
-        binding: Binding::Binary,
-        timeout: Duration::from_secs(5),
-        ..Default::default()
-    };
-    Client::connect(&broker.url(), options).unwrap()
-}
 
 fn durable(address: &str, body: String) -> Send {
     Send {
@@ -38,7 +28,7 @@ fn durable(address: &str, body: String) -> Send {
 
 /// Consumes everything on `address` until it stays quiet, acknowledging it all; returns the bodies.
 fn drain(broker: &Broker, address: &str) -> Vec<String> {
-    let mut consumer = connect(broker);
+    let mut consumer = broker.client();
     consumer.subscribe(1, address, DeliveryMode::Anycast, AckMode::Client, 1000).unwrap();
     let mut bodies = Vec::new();
     let mut last = 0;
@@ -59,7 +49,7 @@ fn drain(broker: &Broker, address: &str) -> Vec<String> {
 }
 
 fn publish_durable(broker: &Broker, address: &str, count: u64) {
-    let mut publisher = connect(broker);
+    let mut publisher = broker.client();
     let mut last = 0;
     for index in 0..count {
         last = publisher.send_message(durable(address, format!("m{index}"))).unwrap();
@@ -239,7 +229,7 @@ fn a_data_dir_written_with_another_shard_count_is_refused() {
 }
 
 fn subscribed_consumer(broker: &Broker, address: &str) -> Client {
-    let mut consumer = connect(broker);
+    let mut consumer = broker.client();
     consumer.subscribe(1, address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
     consumer
 }
@@ -254,7 +244,7 @@ fn a_durable_message_is_delivered_only_once_synced_and_its_id_is_never_reused_af
     let flags = ["--shards", "1", "--durable-address", "dur.*", "--log-batch-delay-us", "1000000"];
     let mut broker = Broker::start_in(&dir, &flags);
     let mut consumer = subscribed_consumer(&broker, "dur.x");
-    let mut publisher = connect(&broker);
+    let mut publisher = broker.client();
     publisher.send("dur.x", "A").unwrap();
     publisher.flush().unwrap();
     // The group commit is a second away: nothing may reach the consumer before it.
@@ -268,7 +258,7 @@ fn a_durable_message_is_delivered_only_once_synced_and_its_id_is_never_reused_af
 
     let broker = Broker::start_in(&dir, &flags);
     let mut consumer = subscribed_consumer(&broker, "dur.x");
-    let mut publisher = connect(&broker);
+    let mut publisher = broker.client();
     let seq = publisher.send("dur.x", "B").unwrap();
     publisher.wait_receipt(seq).unwrap();
     let message = consumer.next_message(Duration::from_secs(5)).unwrap().expect("B is delivered once synced");
@@ -287,7 +277,7 @@ fn message_ids_of_mixed_durable_and_in_memory_messages_stay_unique_across_a_cras
     let flags = ["--shards", "1"];
     let mut broker = Broker::start_in(&dir, &flags);
     let mut consumer = subscribed_consumer(&broker, "mixed");
-    let mut publisher = connect(&broker);
+    let mut publisher = broker.client();
     let mut last = publisher.send_message(durable("mixed", "d1".to_string())).unwrap();
     for index in 1..=3 {
         last = publisher.send("mixed", format!("n{index}")).unwrap();
@@ -307,7 +297,7 @@ fn message_ids_of_mixed_durable_and_in_memory_messages_stay_unique_across_a_cras
     assert_eq!(&recovered.body[..], b"d1");
     assert!(recovered.redelivered);
     assert_eq!(seen.get(&recovered.message_id).map(String::as_str), Some("d1"), "a recovered message keeps its id");
-    let mut publisher = connect(&broker);
+    let mut publisher = broker.client();
     let mut last = publisher.send("mixed", "n4").unwrap();
     last = last.max(publisher.send_message(durable("mixed", "d2".to_string())).unwrap());
     publisher.wait_receipt(last).unwrap();
@@ -336,7 +326,7 @@ fn measure_send_to_deliver_latency() {
     let broker = Broker::start(&["--shards", "1", "--durable-address", "dur.*"]);
     for (address, durable) in [("mem.x", false), ("dur.x", true)] {
         let mut consumer = subscribed_consumer(&broker, address);
-        let mut publisher = connect(&broker);
+        let mut publisher = broker.client();
         let mut latencies_us = Vec::with_capacity(MESSAGES);
         for index in 0..MESSAGES + 200 {
             let sent = Instant::now();

@@ -7,23 +7,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::Broker;
-use mbws::mbws::{AckMode, Binding, DeliveryMode, Frame, Message, Nack, Subprotocol};
-use mbws_client::{Client, ClientOptions};
+use mbws::mbws::{AckMode, DeliveryMode, Frame, Message, Nack};
+use mbws_client::Client;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn connect(broker: &Broker) -> Client {
-    let options = ClientOptions {
-        subprotocol: Subprotocol::Reliable,
-        binding: Binding::Binary,
-        timeout: WAIT,
-        ..Default::default()
-    };
-    Client::connect(&broker.url(), options).unwrap()
-}
-
 fn publish(broker: &Broker, address: &str, bodies: &[&str]) {
-    let mut producer = connect(broker);
+    let mut producer = broker.client();
     let mut last = 0;
     for body in bodies {
         last = producer.send(address, body.to_string()).unwrap();
@@ -43,7 +33,7 @@ fn header<'a>(message: &'a Message, name: &str) -> Option<&'a Bytes> {
 fn an_unacknowledged_delivery_is_redelivered_to_another_consumer_after_the_ack_timeout() {
     let broker = Broker::start(&["--shards", "2", "--ack-timeout-ms", "300"]);
     publish(&broker, "slow-work", &["job"]);
-    let mut sleepy = connect(&broker);
+    let mut sleepy = broker.client();
     sleepy.subscribe(1, "slow-work", DeliveryMode::Anycast, AckMode::Client, 1).unwrap();
     let first = next(&mut sleepy);
     assert!(!first.redelivered);
@@ -51,7 +41,7 @@ fn an_unacknowledged_delivery_is_redelivered_to_another_consumer_after_the_ack_t
     sleepy.write_frame(&Frame::Flow(mbws::mbws::Flow { subscription_id: 1, credit: 0 })).unwrap();
     sleepy.flush().unwrap();
     let started = Instant::now();
-    let mut helper = connect(&broker);
+    let mut helper = broker.client();
     helper.subscribe(1, "slow-work", DeliveryMode::Anycast, AckMode::Client, 1).unwrap();
     let again = next(&mut helper);
     let waited = started.elapsed();
@@ -73,7 +63,7 @@ fn an_unacknowledged_delivery_is_redelivered_to_another_consumer_after_the_ack_t
 fn nack_with_requeue_redelivers_and_nack_without_requeue_dead_letters() {
     let broker = Broker::start(&["--shards", "2"]);
     publish(&broker, "orders", &["first", "second"]);
-    let mut consumer = connect(&broker);
+    let mut consumer = broker.client();
     consumer.subscribe(1, "orders", DeliveryMode::Anycast, AckMode::Client, 1).unwrap();
     let first = next(&mut consumer);
     consumer.write_frame(&Frame::Nack(Nack { delivery_seq: first.delivery_seq, requeue: true })).unwrap();
@@ -85,7 +75,7 @@ fn nack_with_requeue_redelivers_and_nack_without_requeue_dead_letters() {
     assert_eq!(second.body, Bytes::from_static(b"second"));
     consumer.ack(second.delivery_seq, false).unwrap();
 
-    let mut dead = connect(&broker);
+    let mut dead = broker.client();
     dead.subscribe(1, "DLQ.orders", DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
     let letter = next(&mut dead);
     assert_eq!(letter.body, Bytes::from_static(b"first"));
@@ -100,7 +90,7 @@ fn nack_with_requeue_redelivers_and_nack_without_requeue_dead_letters() {
 fn a_message_delivered_max_deliveries_times_moves_to_the_dead_letter_address() {
     let broker = Broker::start(&["--shards", "1", "--max-deliveries", "3"]);
     publish(&broker, "poison", &["bad"]);
-    let mut consumer = connect(&broker);
+    let mut consumer = broker.client();
     consumer.subscribe(1, "poison", DeliveryMode::Anycast, AckMode::Client, 1).unwrap();
     for attempt in 1..=3 {
         let message = next(&mut consumer);
@@ -108,7 +98,7 @@ fn a_message_delivered_max_deliveries_times_moves_to_the_dead_letter_address() {
         consumer.write_frame(&Frame::Nack(Nack { delivery_seq: message.delivery_seq, requeue: true })).unwrap();
     }
     assert!(consumer.next_message(Duration::from_millis(300)).unwrap().is_none(), "not a fourth time");
-    let mut dead = connect(&broker);
+    let mut dead = broker.client();
     dead.subscribe(1, "DLQ.poison", DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
     let letter = next(&mut dead);
     assert_eq!(letter.body, Bytes::from_static(b"bad"));

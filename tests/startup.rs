@@ -11,20 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{temp_dir, Broker};
 use mbws::config::FLAG_RANGES;
-use mbws::mbws::{AckMode, Binding, DeliveryMode, Send, Subprotocol};
-use mbws_client::{Client, ClientError, ClientOptions};
+use mbws::mbws::{AckMode, DeliveryMode, Send};
+use mbws_client::ClientError;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-fn connect(broker: &Broker) -> Client {
-    let options = ClientOptions {
-        subprotocol: Subprotocol::Reliable,
-        binding: Binding::Binary,
-        timeout: WAIT,
-        ..ClientOptions::default()
-    };
-    Client::connect(&broker.url(), options).expect("connect to the broker")
-}
 
 /// Runs the broker binary with `args` and returns its exit code and standard error, for starts
 /// that must be refused before the broker listens (bounded: a broker that starts is killed).
@@ -67,10 +57,10 @@ fn a_second_broker_on_a_busy_port_is_refused_and_writes_nothing() {
     assert!(!data_dir.exists(), "a start that failed wrote its data directory");
 
     // Every connection reaches the first broker: 40 fresh publishers, one consumer sees all.
-    let mut consumer = connect(&first);
+    let mut consumer = first.client();
     consumer.subscribe(1, "busy", DeliveryMode::Anycast, AckMode::Auto, 1000).unwrap();
     for index in 0..40 {
-        let mut publisher = connect(&first);
+        let mut publisher = first.client();
         let seq = publisher.send("busy", format!("m{index}")).unwrap();
         publisher.wait_receipt(seq).unwrap();
     }
@@ -85,13 +75,13 @@ fn a_second_broker_on_a_busy_port_is_refused_and_writes_nothing() {
 #[test]
 fn sighup_is_logged_and_the_broker_keeps_serving() {
     let mut broker = Broker::start(&["--shards", "2"]);
-    let mut consumer = connect(&broker);
+    let mut consumer = broker.client();
     consumer.subscribe(1, "hup", DeliveryMode::Anycast, AckMode::Auto, 10).unwrap();
     // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
     unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGHUP) };
     broker.wait_for_log("SIGHUP", WAIT).expect("the broker says it received SIGHUP");
     assert!(broker.is_running(), "SIGHUP stopped the broker");
-    let mut publisher = connect(&broker);
+    let mut publisher = broker.client();
     let seq = publisher.send("hup", "after the hang-up").unwrap();
     publisher.wait_receipt(seq).unwrap();
     let message = consumer.next_message(WAIT).unwrap().expect("delivered after SIGHUP");
@@ -122,14 +112,14 @@ fn a_settled_log_may_change_its_shard_count_and_ids_stay_unique() {
     let mut highest_id = 0;
     {
         let broker = Broker::start_in(&dir, &["--shards", "2"]);
-        let mut publisher = connect(&broker);
+        let mut publisher = broker.client();
         for address in addresses {
             for index in 0..3 {
                 let seq = publisher.send_message(durable(address, &format!("{address}{index}"))).unwrap();
                 publisher.wait_receipt(seq).unwrap();
             }
         }
-        let mut consumer = connect(&broker);
+        let mut consumer = broker.client();
         for (id, address) in addresses.iter().enumerate() {
             consumer.subscribe(id as u32 + 1, address, DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
         }
@@ -146,8 +136,8 @@ fn a_settled_log_may_change_its_shard_count_and_ids_stay_unique() {
     let broker = Broker::start_in(&dir, &["--shards", "1"]);
     broker.wait_for_log("now used with --shards 1", WAIT).expect("says the shard count changed");
     assert_eq!(std::fs::read_to_string(dir.join("SHARDS")).unwrap().trim(), "1");
-    let mut publisher = connect(&broker);
-    let mut consumer = connect(&broker);
+    let mut publisher = broker.client();
+    let mut consumer = broker.client();
     for (id, address) in addresses.iter().enumerate() {
         let seq = publisher.send_message(durable(address, "after")).unwrap();
         publisher.wait_receipt(seq).unwrap();
@@ -214,7 +204,7 @@ fn the_readme_flag_table_gives_every_range() {
 #[test]
 fn defaults_follow_the_flags_they_depend_on() {
     let broker = Broker::start(&["--shards", "1", "--max-message-bytes", "65536"]);
-    let client = connect(&broker);
+    let client = broker.client();
     assert_eq!(client.opened().limits.max_frame_bytes, 65536);
     drop(broker);
     let (code, stderr) = refused_start(&["--max-message-bytes", "65536", "--max-frame-bytes", "131072"]);
@@ -228,10 +218,10 @@ fn defaults_follow_the_flags_they_depend_on() {
 fn listen_takes_host_names_and_bare_ports_and_a_file_data_dir_is_named() {
     let by_name = Broker::start(&["--shards", "1", "--listen", "localhost:0"]);
     assert!(by_name.addr.ip().is_loopback(), "localhost resolves to a loopback address: {}", by_name.addr);
-    let _ = connect(&by_name);
+    let _ = by_name.client();
     let by_port = Broker::start(&["--shards", "1", "--listen", "0"]);
     assert_eq!(by_port.addr.ip().to_string(), "127.0.0.1", "a bare port listens on 127.0.0.1");
-    let _ = connect(&by_port);
+    let _ = by_port.client();
 
     let dir = temp_dir("file-data-dir");
     let file = dir.join("a-file");
@@ -332,7 +322,7 @@ fn a_stopped_broker_no_longer_accepts_connections() {
         let mut broker = Broker::start(&["--shards", "2"]);
         let addr = broker.addr;
         // An idle client keeps the shards busy closing it; the listeners must go regardless.
-        let _idle = connect(&broker);
+        let _idle = broker.client();
         let status = broker.terminate();
         assert_eq!(status.code(), Some(0), "round {round}: SIGTERM exits 0");
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {

@@ -119,6 +119,17 @@ impl Broker {
         format!("ws://{}/", self.addr)
     }
 
+    /// A client session on this broker: MBWS, binary binding, 5 s timeouts.
+    pub fn client(&self) -> mbws_client::Client {
+        let options = mbws_client::ClientOptions {
+            subprotocol: mbws_proto::mbws::Subprotocol::Reliable,
+            binding: mbws_proto::mbws::Binding::Binary,
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        mbws_client::Client::connect(&self.url(), options).expect("connect to the broker")
+    }
+
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
     }
