@@ -57,6 +57,20 @@ pub struct SessionConfig {
     pub default_credit: u32,
 }
 
+impl SessionConfig {
+    /// The session settings of a broker with `config` and `shard_count` shards.
+    pub fn from_config(config: &crate::config::Config, shard_count: usize) -> SessionConfig {
+        SessionConfig {
+            limits: config.limits(),
+            codec_limits: config.codec_limits(),
+            max_heartbeat_ms: config.max_heartbeat_ms,
+            session_expiry_ms: config.session_expiry_ms,
+            shard_count,
+            default_credit: config.default_credit,
+        }
+    }
+}
+
 /// Why the session must end: the connection sends the (already queued) ERROR and closes the
 /// WebSocket with `close_code`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +120,18 @@ pub fn parse_session_id(id: &[u8]) -> Option<(ShardId, ConnId, u64)> {
     Some((ShardId(shard), ConnId { index, generation }, token))
 }
 
-fn random_token() -> u64 {
+/// Why an OPEN naming `session_id` is refused with 4404 (the id is quoted, cut to 64 bytes).
+pub fn unknown_session_reason(session_id: &[u8]) -> String {
+    format!(
+        "OPEN: session \"{}\" is not known to this broker (expired, or the broker restarted); open a new session with \
+         an empty session-id",
+        String::from_utf8_lossy(&session_id[..session_id.len().min(64)])
+    )
+}
+
+/// 64 random bits from the kernel for a new session's token (the shell draws it; the sans-IO
+/// core takes it as an input, so a simulation can draw it from its seed).
+pub fn random_token() -> u64 {
     let mut token = 0u64;
     // SAFETY: getrandom writes at most 8 bytes into the live u64.
     let filled = unsafe { libc::getrandom((&mut token as *mut u64).cast(), 8, 0) };
@@ -158,7 +183,9 @@ pub struct Effects<'a> {
 }
 
 impl Session {
-    pub fn new(me: ConnRef, subprotocol: Subprotocol, config: Arc<SessionConfig>) -> Session {
+    /// A session of connection `me`; `token` (random, see [`random_token`]) makes its id
+    /// unguessable once it opens.
+    pub fn new(me: ConnRef, subprotocol: Subprotocol, config: Arc<SessionConfig>, token: u64) -> Session {
         Session {
             me,
             subprotocol,
@@ -166,7 +193,7 @@ impl Session {
             state: State::AwaitingOpen,
             binding: Binding::Binary,
             session_id: Bytes::new(),
-            token: random_token(),
+            token,
             attached: true,
             pending_errors: Vec::new(),
             refused_sends: VecDeque::new(),
@@ -414,15 +441,10 @@ impl Session {
                     String::from_utf8_lossy(&open.session_id),
                     Subprotocol::LIGHT_NAME
                 ),
-                Subprotocol::Reliable => format!(
-                    "OPEN: session \"{}\" is not known to this broker (expired, or the broker restarted); open a new \
-                     session with an empty session-id",
-                    String::from_utf8_lossy(&open.session_id)
-                ),
+                Subprotocol::Reliable => unknown_session_reason(&open.session_id),
             };
             return Err(self.fatal(binding, ErrorCode::UnknownSession, 0, 0, reason, fx));
         }
-        self.token = random_token();
         let heartbeat_ms = match open.heartbeat_ms {
             0 => 0,
             asked => asked.clamp(MIN_HEARTBEAT_MS, self.config.max_heartbeat_ms.max(MIN_HEARTBEAT_MS)),
@@ -910,7 +932,7 @@ mod tests {
 
     fn session(subprotocol: Subprotocol) -> Session {
         let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 1, generation: 1 } };
-        Session::new(me, subprotocol, config())
+        Session::new(me, subprotocol, config(), 7)
     }
 
     /// Feeds `frames` in order, returns the frames the session answered and the commands.
@@ -1117,7 +1139,7 @@ mod tests {
         let mut config = (*config()).clone();
         config.limits.max_inflight_sends = window;
         let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 1, generation: 1 } };
-        Session::new(me, Subprotocol::Reliable, Arc::new(config))
+        Session::new(me, Subprotocol::Reliable, Arc::new(config), 7)
     }
 
     /// Answers SEND `seq` as its owner would: accepted, or refused with 4429.
