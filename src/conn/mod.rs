@@ -7,7 +7,7 @@
 //!    a connection slot of this shard. A *resume* (MBWS OPEN naming a session) is served by the
 //!    shard that holds the session: if that is another shard, the socket itself is handed over
 //!    to it ([`Adoption`]), since SO_REUSEPORT lands a reconnect on any shard;
-//! 3. running: a reader task decodes WebSocket messages in place and feeds the [`Session`]; it
+//! 3. running: a reader task decodes WebSocket messages in place and feeds the [`Session`](session::Session); it
 //!    stops reading while the session holds `max_inflight_sends` unanswered SENDs or the write
 //!    queue is over `max_outbound_bytes`. A writer task takes everything queued in the
 //!    [`Outbound`] as one batch and writes it with one vectored write, returning auto-ack credit

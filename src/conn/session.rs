@@ -40,6 +40,7 @@ use crate::mbws::{
     self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
     PROTOCOL_VERSION,
 };
+use crate::sim::{planted, Bug};
 
 /// Shortest heartbeat interval the broker agrees to (a shorter non-zero request is raised to
 /// it; docs/PROTOCOL.md, OPENED `heartbeat-ms`). `max_heartbeat_ms` is the other end.
@@ -303,8 +304,9 @@ impl Session {
         // Each goes again as it was first sent: same delivery sequence, same `redelivered` flag.
         // The client said it received nothing above `last_received_seq`, so a resend is the
         // same delivery reaching it for the first time, not a redelivery (PROTOCOL.md 7.4).
+        let after = if planted(Bug::ResendAllOnResume) { 0 } else { open.last_received_seq };
         let resend: Vec<(u64, Delivery)> =
-            self.unacked.after(open.last_received_seq).map(|(seq, delivery)| (seq, delivery.clone())).collect();
+            self.unacked.after(after).map(|(seq, delivery)| (seq, delivery.clone())).collect();
         for (delivery_seq, delivery) in resend {
             self.encode_delivery(delivery_seq, &delivery, outbound);
         }
@@ -496,7 +498,11 @@ impl Session {
                 ))
             }
             (_, 0) => {}
-            (_, seq) if seq <= self.last_send_seq && self.subprotocol == Subprotocol::Reliable => {
+            (_, seq)
+                if seq <= self.last_send_seq
+                    && self.subprotocol == Subprotocol::Reliable
+                    && !planted(Bug::RepublishResentSends) =>
+            {
                 // A duplicate (a client resending after a doubt): already taken, drop it. If it
                 // was already receipted, say so again; otherwise its receipt is still to come.
                 if seq <= self.receipted_seq {
@@ -504,7 +510,7 @@ impl Session {
                 }
                 return Ok(());
             }
-            (_, seq) if seq != self.last_send_seq + 1 => {
+            (_, seq) if seq != self.last_send_seq + 1 && !planted(Bug::RepublishResentSends) => {
                 return Err(self.fatal(
                     binding,
                     ErrorCode::Conflict,
@@ -761,6 +767,7 @@ impl Session {
             }
             match ack_mode {
                 // Sent on resume, from `unacked`, with the sequence it gets now.
+                AckMode::Client if planted(Bug::DropWhileDetached) => {}
                 AckMode::Client => {
                     self.last_delivery_seq += 1;
                     self.unacked.push(self.last_delivery_seq, delivery);

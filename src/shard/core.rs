@@ -8,8 +8,11 @@
 //! broker's monotonic clock); nothing in here reads a clock.
 //!
 //! Events in:
-//! - commands from this shard's connections ([`ShardCore::submit_address_commands`], with
-//!   [`ShardCore::mark_dirty`] for the connection that produced them);
+//! - a connection's own: [`ShardCore::open_session`] (its first message; the session's random
+//!   token is an input), [`ShardCore::resume_session`] (the token and `last-received-seq`
+//!   checks, the re-attachment, the stale socket to supersede), [`ShardCore::bytes_read`],
+//!   [`ShardCore::write_completed`], [`ShardCore::reader_finished`] (detach or end),
+//!   [`ShardCore::expire_session`];
 //! - an envelope of commands from another shard ([`ShardCore::accept_envelope`]);
 //! - a durable log commit finished, or failed ([`ShardCore::durable_committed`],
 //!   [`ShardCore::durable_failed`]);
@@ -36,42 +39,22 @@
 //! the work queue or the dirty list when `run_work` returns; a freed slot's generation moves
 //! on, so no id of its old connection finds the next one.
 //!
-//! # Next steps (issue 9, item 1)
+//! The simulator (`crate::sim`, test builds) drives these same methods with simulated
+//! clients, network and time; see docs/ARCHITECTURE.md, "The simulator".
 //!
-//! Done: the address side and the round of work are sans-IO (this file), and the core owns its
-//! connections (plain `ConnState`s in its slots, no `Rc<RefCell>` per connection). A
-//! connection's lifecycle is one enum (`conn::lifecycle`: `Opening`/`Running`/`Closing`/
-//! `Detached { expires_at_ms }`/`Ended` plus an attachment number; it replaced the
-//! `closing`/`reader_done`/`epoch`/`socket` flags). The reader and writer tasks report events
-//! (`ConnState::bytes_read`, `take_write_batch`, `write_completed` with the batch's auto-ack
-//! credit, `reader_finished`, `expire`, `resume`) and apply the answers (`Wake`, `ReadStep`,
-//! `NextWrite`, `Written`, `Expiry`). What remains, in order:
+//! # Next steps
 //!
-//! 1. **Core methods per connection event.** The shell reaches a connection through
-//!    `Shard::with_conn(id, |state| ..)` and applies the `Wake` itself; core methods
-//!    (`core.bytes_read(conn, ..)` etc.) that also `mark_dirty` and queue the commands would
-//!    leave the shell nothing but IO. Move the read buffer and decoder in with the state if
-//!    `bytes_read` should take plain `&[u8]`; return `Wake`s as `Effects` rather than through
-//!    [`ConnWakers`] if the simulator wants them as data.
-//! 2. **The superseded farewell** (ERROR 4409 + close, `conn::write_loop`) as a core decision:
+//! 1. **The superseded farewell** (ERROR 4409 + close, `conn::write_loop`) as a core decision:
 //!    `NextWrite::Superseded` could carry the farewell batch.
-//! 3. **Session expiry, heartbeat and resume as events.** `expire_later` (one task per
-//!    detached session; the deadline is already `Lifecycle::Detached { expires_at_ms }` and
-//!    `ConnState::expire` decides) and the read timeout become deadlines the core reports
-//!    (`Effects::wake_at_ms`, the minimum of ack, expiry and heartbeat deadlines); the shell
-//!    keeps one timer per shard and calls `core.on_timer(now_ms)`. A resume is
-//!    `core.resume(conn, socket_token, open, buffered)` (the token and sequence checks of
-//!    `conn::resume` move in; `ConnState::resume` already names the stale socket) and a
-//!    hand-over is an effect `HandOver { home, .. }` the shell turns into an `Adopt` envelope;
-//!    `supersede` is an effect `ShutdownSocket(token)`.
-//! 4. **The durable log commit as events.** The core already learns of commits through
-//!    `durable_committed`; next it should also own the pending batch: `Effects::log_batch`
-//!    (records to write) and `core.log_written(lsn)` / `core.log_synced(lsn)`, so a simulated
-//!    disk can sit under it. `AddressTable` still reads `now_unix_ms()` itself when it logs a
-//!    message's expiry (`broker/address/`); pass the wall clock in with `now_ms` then.
-//! 5. **The simulator.** N `ShardCore`s, a seeded scheduler that carries `Effects::posts`
-//!    between them (in any order across shards, in order per pair), simulated clients built on
-//!    the same codecs, virtual time: the tests at the bottom of this file are its seed.
+//! 2. **One timer per shard.** The ack timer, the session expiries (one task per detached
+//!    session today, `conn::expire_later`) and the heartbeat read timeouts become deadlines
+//!    the core reports (`Effects::wake_at_ms`, the earliest of them); the shell keeps one
+//!    timer and calls `core.on_timer(now_ms)`.
+//! 3. **The durable log commit as events**, so a simulated disk can sit under it: the core
+//!    owns the pending batch (`Effects::log_batch`, `core.log_written(lsn)`,
+//!    `core.log_synced(lsn)`); `AddressTable` still reads `now_unix_ms()` itself when it logs
+//!    a message's expiry (pass the wall clock in with `now_ms`). Then the simulator gets a
+//!    disk that loses unsynced writes and tears the last one, and whole-broker crashes.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

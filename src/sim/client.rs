@@ -55,6 +55,9 @@ pub enum Kind {
         unreceipted: VecDeque<Pending>,
         window: usize,
         addresses: Vec<Bytes>,
+        /// Resends every unreceipted SEND right behind a resuming OPEN, without waiting for
+        /// OPENED to say which the broker took (legal: the broker drops what it has, 7.2).
+        eager_resend: bool,
     },
     Consumer {
         address: Bytes,
@@ -89,6 +92,8 @@ pub struct Client {
     /// Faults stopped: acknowledge everything at once.
     pub settling: bool,
     pub ack_timeout_ms: u64,
+    /// Per mille of settlements sent as NACK with requeue (the message comes back, redelivered).
+    pub nack_per_mille: u32,
     /// Print every frame (`MBWS_SIM_TRACE=1`, for a replay).
     pub trace: bool,
 }
@@ -102,6 +107,7 @@ impl Client {
             unreceipted: VecDeque::new(),
             window,
             addresses,
+            eager_resend: rng.chance(500),
         };
         Client::new(id, kind, rng)
     }
@@ -133,6 +139,7 @@ impl Client {
             answered_seq: 0,
             settling: false,
             ack_timeout_ms: 0,
+            nack_per_mille: 0,
             trace: false,
         }
     }
@@ -160,7 +167,16 @@ impl Client {
             last_received_seq: if self.session_id.is_empty() { 0 } else { self.max_delivery_seq },
             ..Default::default()
         };
+        let resuming = !open.session_id.is_empty();
         self.write(Frame::Open(open), out);
+        if let Kind::Publisher { unreceipted, eager_resend: true, .. } = &self.kind {
+            if resuming {
+                let resend: Vec<Frame> = unreceipted.iter().map(send_frame).collect();
+                for send in resend {
+                    self.write(send, out);
+                }
+            }
+        }
     }
 
     /// The connection is gone (cut, closed, or abandoned): reconnect after a backoff.
@@ -179,7 +195,7 @@ impl Client {
             Phase::Opening => {}
             Phase::Open => {
                 self.send_more(now, rng, out);
-                self.send_due_acks(now, out);
+                self.send_due_acks(now, rng, out);
             }
         }
     }
@@ -295,9 +311,15 @@ impl Client {
         self.phase = Phase::Open;
         let last_taken = opened.last_received_seq;
         match &mut self.kind {
-            Kind::Publisher { unreceipted, .. } => {
-                // Resend every SEND above what the broker took, in order, with its seq.
-                let resend: Vec<Pending> = unreceipted.iter().filter(|p| p.seq > last_taken).cloned().collect();
+            Kind::Publisher { unreceipted, eager_resend, window, .. } => {
+                // Unreceipted SENDs stay within the last `max-inflight-sends` seqs, so the ERROR
+                // of a refused one is never forgotten (PROTOCOL.md 11, "Refused SENDs").
+                *window = (*window).min(opened.limits.max_inflight_sends as usize).max(1);
+                // Resend every SEND above what the broker took, in order, with its seq (an eager
+                // client sent them all behind its OPEN already).
+                let already_sent = *eager_resend && resumed;
+                let resend: Vec<Pending> =
+                    unreceipted.iter().filter(|p| p.seq > last_taken && !already_sent).cloned().collect();
                 for pending in resend {
                     let send = send_frame(&pending);
                     self.write(send, out);
@@ -326,7 +348,7 @@ impl Client {
             }
         }
         // ACKs that fell due while there was no connection.
-        self.send_due_acks(now, out);
+        self.send_due_acks(now, rng, out);
         self.send_more(now, rng, out);
     }
 
@@ -402,7 +424,7 @@ impl Client {
         out.push(Out::WakeAt(now + delay));
     }
 
-    fn send_due_acks(&mut self, now: u64, out: &mut Vec<Out>) {
+    fn send_due_acks(&mut self, now: u64, rng: &mut Rng, out: &mut Vec<Out>) {
         let settling = self.settling;
         let Kind::Consumer { unacked, acks_due, acks_unconfirmed, .. } = &mut self.kind else { return };
         let mut acks = Vec::new();
@@ -418,7 +440,12 @@ impl Client {
         });
         acks_unconfirmed.extend_from_slice(&acks);
         for delivery_seq in acks {
-            self.write(Frame::Ack(mbws::Ack { delivery_seq, cumulative: false }), out);
+            let frame = if !self.settling && rng.chance(self.nack_per_mille) {
+                Frame::Nack(mbws::Nack { delivery_seq, requeue: true })
+            } else {
+                Frame::Ack(mbws::Ack { delivery_seq, cumulative: false })
+            };
+            self.write(frame, out);
         }
     }
 
@@ -430,7 +457,9 @@ impl Client {
         let id = self.id;
         let session_number = self.session_number;
         let mut sends = Vec::new();
-        if let Kind::Publisher { remaining, next_message, next_seq, unreceipted, window, addresses } = &mut self.kind {
+        if let Kind::Publisher { remaining, next_message, next_seq, unreceipted, window, addresses, .. } =
+            &mut self.kind
+        {
             while *remaining > 0 && unreceipted.len() < *window {
                 let key = MsgKey { publisher: id as u32, message: *next_message };
                 let address = addresses[rng.index(addresses.len())].clone();

@@ -1,7 +1,7 @@
 //! Seeds run in the test suite, the regression seeds, and the planted bugs.
 
 use super::world::World;
-use super::plant;
+use super::{plant, Bug};
 
 /// Steps a run may take before it is cut off (a run that needs more is a liveness failure).
 const MAX_STEPS: u64 = 2_000_000;
@@ -59,4 +59,29 @@ fn one_seed() {
     let report = World::new(seed).run(MAX_STEPS);
     println!("{report:#?}");
     assert!(report.violation.is_none());
+}
+
+/// How many seeds (from 0) the simulator needs to catch `bug`, up to `limit`; the violation.
+fn seeds_to_catch(bug: Bug, limit: u64) -> Option<(u64, String)> {
+    plant(Some(bug));
+    let caught = (0..limit).find_map(|seed| {
+        let report = World::new(seed).run(MAX_STEPS);
+        report.violation.map(|violation| (seed + 1, violation))
+    });
+    plant(None);
+    caught
+}
+
+/// Each planted bug is caught within a few seeds (the counts are in docs/ARCHITECTURE.md,
+/// "The simulator"): the invariants check what they claim to.
+#[test]
+fn planted_bugs_are_caught() {
+    for (bug, within) in
+        [(Bug::ResendAllOnResume, 200), (Bug::RepublishResentSends, 200), (Bug::DropWhileDetached, 200)]
+    {
+        match seeds_to_catch(bug, within) {
+            Some((seeds, violation)) => println!("{bug:?}: caught by seed {} ({seeds} seeds): {violation}", seeds - 1),
+            None => panic!("{bug:?} planted, and {within} seeds found nothing"),
+        }
+    }
 }

@@ -7,8 +7,8 @@
 //! batch at a time and parks when there is none; both are woken only by the wakes the core
 //! reports. So a wake-up the core forgets shows up here as a connection that never drains.
 
-use std::collections::{BTreeMap, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 
 use bytes::{Bytes, BytesMut};
 
@@ -131,7 +131,8 @@ impl Ledger {
                 state.first_deliveries
             ));
         }
-        let last = self.order.entry((consumer, session, address.clone(), key.publisher, publisher_session)).or_default();
+        let last =
+            self.order.entry((consumer, session, address.clone(), key.publisher, publisher_session)).or_default();
         if seq <= *last {
             self.violations.push(format!(
                 "consumer {consumer} session {session}: {key:?} (seq {seq}) after seq {} of the same publisher session \
@@ -178,6 +179,11 @@ pub struct Options {
     pub ack_timeout_ms: u64,
     pub session_expiry_ms: u32,
     pub max_outbound_bytes: usize,
+    /// Small queues refuse SENDs (ERROR 4429); a small in-flight bound pauses publishers' reads.
+    pub max_queued_messages: u32,
+    pub max_inflight_sends: u32,
+    /// Per mille of settlements that are a NACK with requeue instead of an ACK.
+    pub nack_per_mille: u32,
 }
 
 impl Options {
@@ -197,6 +203,9 @@ impl Options {
             ack_timeout_ms: [0, 200, 1_000, 5_000][rng.index(4)],
             session_expiry_ms: [300, 2_000, 30_000][rng.index(3)],
             max_outbound_bytes: [512, 64 * 1024][rng.index(2)],
+            max_queued_messages: [8, 100_000][rng.index(2)],
+            max_inflight_sends: [2, 1_000][rng.index(2)],
+            nack_per_mille: [0, 0, 50][rng.index(3)],
         }
     }
 }
@@ -229,11 +238,23 @@ enum Event {
     Write(SocketId),
     /// A batch write finished.
     WriteDone(SocketId),
-    Envelope { to: usize, commands: Vec<Command> },
+    Envelope {
+        to: usize,
+        commands: Vec<Command>,
+    },
     AckTimer(usize),
-    Expire { shard: usize, conn: ConnId, attachment: Attachment },
+    Expire {
+        shard: usize,
+        conn: ConnId,
+        attachment: Attachment,
+    },
     /// A resume handed to the session's home shard arrives there.
-    Adopt { home: usize, socket: SocketId, open: mbws::Open, binding: Binding },
+    Adopt {
+        home: usize,
+        socket: SocketId,
+        open: mbws::Open,
+        binding: Binding,
+    },
     /// A random fault may strike.
     Chaos,
 }
@@ -347,19 +368,29 @@ impl World {
             ack_timeout_ms: options.ack_timeout_ms,
             session_expiry_ms: options.session_expiry_ms,
             max_outbound_bytes: options.max_outbound_bytes,
+            max_queued_messages: options.max_queued_messages,
+            max_inflight_sends: options.max_inflight_sends,
             ..Default::default()
         };
-        let cores = (0..options.shards).map(|index| ShardCore::new(ShardId(index as u16), options.shards, &config)).collect();
+        let cores =
+            (0..options.shards).map(|index| ShardCore::new(ShardId(index as u16), options.shards, &config)).collect();
         let addresses: Vec<Bytes> = (0..options.addresses).map(|index| Bytes::from(format!("queue-{index}"))).collect();
         let mut clients = Vec::new();
         for _ in 0..options.publishers {
             let id = clients.len();
-            clients.push(Client::publisher(id, options.messages_per_publisher, options.window, addresses.clone(), &mut rng));
+            clients.push(Client::publisher(
+                id,
+                options.messages_per_publisher,
+                options.window,
+                addresses.clone(),
+                &mut rng,
+            ));
         }
         for index in 0..options.consumers.max(options.addresses) {
             let id = clients.len();
             let address = addresses[index % addresses.len()].clone();
             let mut consumer = Client::consumer(id, address, options.credit, options.late_ack_per_mille, &mut rng);
+            consumer.nack_per_mille = options.nack_per_mille;
             consumer.ack_timeout_ms = options.ack_timeout_ms;
             clients.push(consumer);
         }
@@ -463,13 +494,13 @@ impl World {
 
     fn check_end(&mut self) {
         if !self.is_settled() {
-            let stuck: Vec<usize> =
-                self.clients.iter().filter(|client| !client.is_done() || !client.is_connected()).map(|c| c.id).collect();
-            let held: Vec<(usize, usize)> = self
-                .cores
+            let stuck: Vec<usize> = self
+                .clients
                 .iter()
-                .map(|core| core.addresses().held_total())
+                .filter(|client| !client.is_done() || !client.is_connected())
+                .map(|c| c.id)
                 .collect();
+            let held: Vec<(usize, usize)> = self.cores.iter().map(|core| core.addresses().held_total()).collect();
             self.ledger.violation(format!(
                 "did not settle by {} ms: clients not done or not connected {stuck:?}; (queued, unacked) per \
                  shard {held:?}",
@@ -484,7 +515,9 @@ impl World {
             let Some(state) = self.cores[shard].conn(conn) else { continue };
             let socket = &self.sockets[socket];
             let parked = socket.writer == WriterState::Parked;
-            if matches!(state.lifecycle().state(), LifecycleState::Running { .. }) && parked && !state.outbound.is_empty()
+            if matches!(state.lifecycle().state(), LifecycleState::Running { .. })
+                && parked
+                && !state.outbound.is_empty()
             {
                 self.ledger.violation(format!(
                     "shard {shard} conn {conn:?}: {} bytes queued but never written (writer {:?})",
@@ -502,8 +535,8 @@ impl World {
                 self.clients[client].wake(self.now, &mut self.rng, &mut out);
                 self.client_out(client, out);
             }
-            Event::ToServer(socket) => self.to_server(socket),
-            Event::ToClient(socket) => self.to_client(socket),
+            Event::ToServer(socket) => self.arrive_at_server(socket),
+            Event::ToClient(socket) => self.arrive_at_client(socket),
             Event::Read(socket) => self.read(socket),
             Event::ReaderEnd(socket) => self.reader_end(socket),
             Event::Write(socket) => self.write(socket),
@@ -561,7 +594,7 @@ impl World {
         self.schedule(at, Event::ToClient(socket));
     }
 
-    fn to_server(&mut self, socket: SocketId) {
+    fn arrive_at_server(&mut self, socket: SocketId) {
         let now = self.now;
         let s = &mut self.sockets[socket];
         let arrived = s.to_server.iter().take_while(|(at, _)| *at <= now).count();
@@ -579,7 +612,7 @@ impl World {
         }
     }
 
-    fn to_client(&mut self, socket: SocketId) {
+    fn arrive_at_client(&mut self, socket: SocketId) {
         let now = self.now;
         let s = &mut self.sockets[socket];
         let arrived = s.to_client.iter().take_while(|(at, _)| *at <= now).count();
@@ -801,7 +834,8 @@ impl World {
             ReadStep::Closing => {
                 s.reader = ReaderState::Closing;
                 // The peer's close or EOF, within the close grace.
-                let current = self.cores[shard].conn(me.conn).is_some_and(|state| state.lifecycle().is_current(attachment));
+                let current =
+                    self.cores[shard].conn(me.conn).is_some_and(|state| state.lifecycle().is_current(attachment));
                 let wait = if current && !s.client_gone { self.rng.range(0, 50).min(CLOSE_GRACE_MS) } else { 0 };
                 self.schedule(self.now + wait, Event::ReaderEnd(socket));
             }
