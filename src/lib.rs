@@ -18,4 +18,5 @@ pub mod config;
 pub mod conn;
 pub mod logging;
 pub mod shard;
+pub mod sim;
 pub mod store;

@@ -7,7 +7,7 @@
 //!    a connection slot of this shard. A *resume* (MBWS OPEN naming a session) is served by the
 //!    shard that holds the session: if that is another shard, the socket itself is handed over
 //!    to it ([`Adoption`]), since SO_REUSEPORT lands a reconnect on any shard;
-//! 3. running: a reader task decodes WebSocket messages in place and feeds the [`Session`]; it
+//! 3. running: a reader task decodes WebSocket messages in place and feeds the [`Session`](session::Session); it
 //!    stops reading while the session holds `max_inflight_sends` unanswered SENDs or the write
 //!    queue is over `max_outbound_bytes`. A writer task takes everything queued in the
 //!    [`Outbound`] as one batch and writes it with one vectored write, returning auto-ack credit
@@ -49,10 +49,11 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
-use crate::broker::{AddressCommand, ConnRef, ShardId};
+use crate::broker::{ConnRef, ShardId};
 use crate::log;
 use crate::logging::Level;
 use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
+use crate::shard::core::{ReaderFinished, Resumed};
 use crate::shard::{now_ms, Shard};
 use crate::ws::handshake::{self, HandshakeError};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
@@ -60,8 +61,8 @@ use crate::ws::{OpCode, Role, WsError};
 use lifecycle::Attachment;
 use outbound::{Outbound, WriteBatch};
 use read_buffer::ReadBuffer;
-use session::{parse_session_id, Effects, Session};
-use state::{ConnState, Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
+use session::{parse_session_id, unknown_session_reason};
+use state::{Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
 
 /// How long a closing connection waits for the peer's close frame, and for its last writes.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -252,23 +253,7 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
     }
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
-    let session_config = shard.session_config.clone();
-    let me = shard
-        .register(|me| ConnState::new(Session::new(me, upgrade.protocol, session_config), config.max_outbound_bytes));
-    let socket = stream.as_raw_fd();
-    let attachment = shard
-        .with_conn(me.conn, |state| {
-            let attachment = state.attach(socket);
-            let mut commands = Vec::new();
-            let ConnState { session, outbound, .. } = &mut *state;
-            let mut fx = Effects { outbound, commands: &mut commands };
-            if let Err(end) = session.on_message(binding, payload, now_ms(), &mut fx) {
-                state.begin_close(end.close_code, &end.reason);
-            }
-            debug_assert!(commands.is_empty(), "the first frame routes nothing");
-            (attachment, Wake::ALL)
-        })
-        .expect("a connection just registered");
+    let (me, attachment) = shard.open_session(upgrade.protocol, stream.as_raw_fd(), binding, payload);
     log!(Level::Debug, "shard {}: connection {}.{} from {peer} opened", shard.id.0, me.conn.index, me.conn.generation);
     Opening::Opened(Box::new(Attached { me, attachment, stream, buf, decoder }))
 }
@@ -338,11 +323,7 @@ async fn refuse_session(stream: &mut TcpStream, binding: Binding, code: ErrorCod
 }
 
 async fn refuse_unknown_session(stream: &mut TcpStream, binding: Binding, session_id: &[u8]) {
-    let reason = format!(
-        "OPEN: session \"{}\" is not known to this broker (expired, or the broker restarted); open a new session with \
-         an empty session-id",
-        String::from_utf8_lossy(&session_id[..session_id.len().min(64)])
-    );
+    let reason = unknown_session_reason(session_id);
     refuse_session(stream, binding, ErrorCode::UnknownSession, reason).await;
 }
 
@@ -406,42 +387,21 @@ async fn resume(
         Box::pin(say_going_away(&mut stream)).await;
         return;
     }
-    let found = parse_session_id(&open.session_id).and_then(|(_, conn, token)| {
-        let resumable = shard.with_conn(conn, |state| {
-            let ended = state.lifecycle().state() == lifecycle::State::Ended;
-            (!ended && state.session.token_matches(token) && state.session.is_resumable(), Wake::default())
-        })?;
-        resumable.then_some(ConnRef { shard: shard.id, conn })
-    });
-    let Some(me) = found else {
-        // Boxed: a rare path that should not size the task of a resumed session.
-        Box::pin(refuse_unknown_session(&mut stream, binding, &open.session_id)).await;
-        return;
+    let resumed = shard.resume_session(&open, binding, stream.as_raw_fd());
+    let Resumed { me, attachment, stale_socket } = match resumed {
+        Ok(resumed) => resumed,
+        Err(refusal) => {
+            let (code, reason) = refusal.error(&open);
+            // Boxed: a rare path that should not size the task of a resumed session.
+            Box::pin(refuse_session(&mut stream, binding, code, reason)).await;
+            return;
+        }
     };
-    let last_delivery_seq =
-        shard.with_conn(me.conn, |state| (state.session.last_delivery_seq(), Wake::default())).unwrap_or(0);
-    if open.last_received_seq > last_delivery_seq {
-        // The client claims deliveries that were never made: a client bug, or another session's
-        // number. The session stays as it was, for a correct resume.
-        let reason = format!(
-            "OPEN: last-received-seq {} is beyond the last delivery-seq {last_delivery_seq} of this session; \
-             resume with the highest delivery-seq received",
-            open.last_received_seq
-        );
-        Box::pin(refuse_session(&mut stream, binding, ErrorCode::Conflict, reason)).await;
-        return;
-    }
-    let mut commands = Vec::new();
-    let socket = stream.as_raw_fd();
-    let resumed = shard.with_conn(me.conn, |state| (state.resume(socket, binding, &open, &mut commands), Wake::ALL));
-    let Some((attachment, stale)) = resumed else { return }; // Checked just above: cannot happen.
-    if let Some(socket) = stale {
+    if let Some(socket) = stale_socket {
         // The old connection has not noticed it is dead (or the client raced it): it is
         // superseded. Its tasks see the new attachment; its writer says why it ends.
         supersede(socket);
     }
-    shard.submit_address_commands(&mut commands);
-    shard.mark_dirty(me.conn);
     shard.run_work();
     log!(
         Level::Debug,
@@ -504,56 +464,46 @@ async fn run(
     monoio::spawn(write_loop(shard.clone(), me, attachment, binding, writer));
     read_loop(shard, me, attachment, &mut reader, buf, decoder).await;
 
-    let mut commands = Vec::new();
-    let expiry_ms = u64::from(shard.config.session_expiry_ms);
-    let detached = shard
-        .with_conn(me.conn, |state| (state.reader_finished(attachment, now_ms(), expiry_ms, &mut commands), Wake::ALL))
-        .flatten();
-    let Some(detached) = detached else {
-        return; // Superseded: the session belongs to a newer connection now.
-    };
-    if detached {
-        let expiry = Duration::from_millis(u64::from(shard.config.session_expiry_ms));
-        log!(
-            Level::Debug,
-            "shard {}: connection {}.{} from {peer} lost; session kept for {} ms",
-            shard.id.0,
-            me.conn.index,
-            me.conn.generation,
-            expiry.as_millis()
-        );
-        monoio::spawn(expire_later(shard.clone(), me, attachment, expiry));
-    } else {
-        shard.unregister(me.conn);
-        log!(
-            Level::Debug,
-            "shard {}: connection {}.{} from {peer} closed",
-            shard.id.0,
-            me.conn.index,
-            me.conn.generation
-        );
+    let finished = shard.reader_finished(me.conn, attachment);
+    match finished {
+        None => return, // Superseded: the session belongs to a newer connection now.
+        Some(ReaderFinished::Detached { expires_at_ms }) => {
+            let expiry = Duration::from_millis(expires_at_ms.saturating_sub(now_ms()));
+            log!(
+                Level::Debug,
+                "shard {}: connection {}.{} from {peer} lost; session kept for {} ms",
+                shard.id.0,
+                me.conn.index,
+                me.conn.generation,
+                expiry.as_millis()
+            );
+            monoio::spawn(expire_later(shard.clone(), me, attachment, expiry));
+        }
+        Some(ReaderFinished::Ended) => {
+            log!(
+                Level::Debug,
+                "shard {}: connection {}.{} from {peer} closed",
+                shard.id.0,
+                me.conn.index,
+                me.conn.generation
+            );
+        }
     }
-    shard.submit_address_commands(&mut commands);
     shard.run_work();
 }
 
 /// Ends a detached session that nobody resumed by its expiry (`Lifecycle::expire`).
 async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, expiry: Duration) {
     let mut wait = expiry;
-    let mut commands = Vec::new();
     loop {
         monoio::time::sleep(wait).await;
-        let expiry =
-            shard.with_conn(me.conn, |state| (state.expire(attachment, now_ms(), &mut commands), Wake::default()));
-        match expiry {
+        match shard.expire_session(me.conn, attachment) {
             Some(Expiry::Expired) => break,
             Some(Expiry::Resumed) | None => return,
             Some(Expiry::NotBefore(at)) => wait = Duration::from_millis(at.saturating_sub(now_ms())), // Woken early.
         }
     }
-    shard.unregister(me.conn);
     log!(Level::Debug, "shard {}: session of connection {}.{} expired", shard.id.0, me.conn.index, me.conn.generation);
-    shard.submit_address_commands(&mut commands);
     shard.run_work();
 }
 
@@ -599,16 +549,9 @@ async fn read_loop(
     buf: &mut ReadBuffer,
     decoder: &mut Decoder,
 ) {
-    let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     loop {
         wait_until_reader_may_continue(shard, me).await;
-        let step = shard.with_conn(me.conn, |state| {
-            let step = state.bytes_read(attachment, decoder, buf.bytes_mut(), now_ms(), &mut commands);
-            (step, if step == ReadStep::Closing { Wake::ALL } else { Wake::default() })
-        });
-        let step = step.unwrap_or(ReadStep::Closing);
-        shard.submit_address_commands(&mut commands);
-        shard.mark_dirty(me.conn);
+        let step = shard.bytes_read(me.conn, attachment, decoder, buf.bytes_mut());
         shard.run_work();
         match step {
             ReadStep::Closing => break,
@@ -696,7 +639,6 @@ async fn write_loop(
     mut writer: OwnedWriteHalf<TcpStream>,
 ) {
     let mut batch = WriteBatch::default();
-    let mut commands: Vec<(ShardId, AddressCommand)> = Vec::new();
     let mut superseded = false;
     // A batch taken while closing holds the close frame (it is queued as closing begins).
     let mut close_taken = false;
@@ -751,19 +693,7 @@ async fn write_loop(
                 WriteOutcome::CutShort
             }
         };
-        let next = shard.with_conn(me.conn, |state| {
-            let next = state.write_completed(attachment, outcome, credits, &mut commands);
-            let wake = match next {
-                Written::Continue { wake_reader } => Wake { writer: false, reader: wake_reader },
-                Written::Failed => Wake::ALL,
-                Written::CutShort | Written::Superseded => Wake::default(),
-            };
-            (next, wake)
-        });
-        if !commands.is_empty() {
-            shard.submit_address_commands(&mut commands);
-            shard.run_work();
-        }
+        let next = shard.write_completed(me.conn, attachment, outcome, credits);
         match next.unwrap_or(Written::Superseded) {
             Written::Continue { .. } => {}
             Written::Failed => {

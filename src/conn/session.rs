@@ -40,6 +40,7 @@ use crate::mbws::{
     self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
     PROTOCOL_VERSION,
 };
+use crate::sim::{planted, Bug};
 
 /// Shortest heartbeat interval the broker agrees to (a shorter non-zero request is raised to
 /// it; docs/PROTOCOL.md, OPENED `heartbeat-ms`). `max_heartbeat_ms` is the other end.
@@ -55,6 +56,20 @@ pub struct SessionConfig {
     pub shard_count: usize,
     /// Credit a SUBSCRIBE with credit 0 gets.
     pub default_credit: u32,
+}
+
+impl SessionConfig {
+    /// The session settings of a broker with `config` and `shard_count` shards.
+    pub fn from_config(config: &crate::config::Config, shard_count: usize) -> SessionConfig {
+        SessionConfig {
+            limits: config.limits(),
+            codec_limits: config.codec_limits(),
+            max_heartbeat_ms: config.max_heartbeat_ms,
+            session_expiry_ms: config.session_expiry_ms,
+            shard_count,
+            default_credit: config.default_credit,
+        }
+    }
 }
 
 /// Why the session must end: the connection sends the (already queued) ERROR and closes the
@@ -106,7 +121,18 @@ pub fn parse_session_id(id: &[u8]) -> Option<(ShardId, ConnId, u64)> {
     Some((ShardId(shard), ConnId { index, generation }, token))
 }
 
-fn random_token() -> u64 {
+/// Why an OPEN naming `session_id` is refused with 4404 (the id is quoted, cut to 64 bytes).
+pub fn unknown_session_reason(session_id: &[u8]) -> String {
+    format!(
+        "OPEN: session \"{}\" is not known to this broker (expired, or the broker restarted); open a new session with \
+         an empty session-id",
+        String::from_utf8_lossy(&session_id[..session_id.len().min(64)])
+    )
+}
+
+/// 64 random bits from the kernel for a new session's token (the shell draws it; the sans-IO
+/// core takes it as an input, so a simulation can draw it from its seed).
+pub fn random_token() -> u64 {
     let mut token = 0u64;
     // SAFETY: getrandom writes at most 8 bytes into the live u64.
     let filled = unsafe { libc::getrandom((&mut token as *mut u64).cast(), 8, 0) };
@@ -158,7 +184,9 @@ pub struct Effects<'a> {
 }
 
 impl Session {
-    pub fn new(me: ConnRef, subprotocol: Subprotocol, config: Arc<SessionConfig>) -> Session {
+    /// A session of connection `me`; `token` (random, see [`random_token`]) makes its id
+    /// unguessable once it opens.
+    pub fn new(me: ConnRef, subprotocol: Subprotocol, config: Arc<SessionConfig>, token: u64) -> Session {
         Session {
             me,
             subprotocol,
@@ -166,7 +194,7 @@ impl Session {
             state: State::AwaitingOpen,
             binding: Binding::Binary,
             session_id: Bytes::new(),
-            token: random_token(),
+            token,
             attached: true,
             pending_errors: Vec::new(),
             refused_sends: VecDeque::new(),
@@ -276,8 +304,9 @@ impl Session {
         // Each goes again as it was first sent: same delivery sequence, same `redelivered` flag.
         // The client said it received nothing above `last_received_seq`, so a resend is the
         // same delivery reaching it for the first time, not a redelivery (PROTOCOL.md 7.4).
+        let after = if planted(Bug::ResendAllOnResume) { 0 } else { open.last_received_seq };
         let resend: Vec<(u64, Delivery)> =
-            self.unacked.after(open.last_received_seq).map(|(seq, delivery)| (seq, delivery.clone())).collect();
+            self.unacked.after(after).map(|(seq, delivery)| (seq, delivery.clone())).collect();
         for (delivery_seq, delivery) in resend {
             self.encode_delivery(delivery_seq, &delivery, outbound);
         }
@@ -414,15 +443,10 @@ impl Session {
                     String::from_utf8_lossy(&open.session_id),
                     Subprotocol::LIGHT_NAME
                 ),
-                Subprotocol::Reliable => format!(
-                    "OPEN: session \"{}\" is not known to this broker (expired, or the broker restarted); open a new \
-                     session with an empty session-id",
-                    String::from_utf8_lossy(&open.session_id)
-                ),
+                Subprotocol::Reliable => unknown_session_reason(&open.session_id),
             };
             return Err(self.fatal(binding, ErrorCode::UnknownSession, 0, 0, reason, fx));
         }
-        self.token = random_token();
         let heartbeat_ms = match open.heartbeat_ms {
             0 => 0,
             asked => asked.clamp(MIN_HEARTBEAT_MS, self.config.max_heartbeat_ms.max(MIN_HEARTBEAT_MS)),
@@ -474,7 +498,11 @@ impl Session {
                 ))
             }
             (_, 0) => {}
-            (_, seq) if seq <= self.last_send_seq && self.subprotocol == Subprotocol::Reliable => {
+            (_, seq)
+                if seq <= self.last_send_seq
+                    && self.subprotocol == Subprotocol::Reliable
+                    && !planted(Bug::RepublishResentSends) =>
+            {
                 // A duplicate (a client resending after a doubt): already taken, drop it. If it
                 // was already receipted, say so again; otherwise its receipt is still to come.
                 if seq <= self.receipted_seq {
@@ -482,7 +510,7 @@ impl Session {
                 }
                 return Ok(());
             }
-            (_, seq) if seq != self.last_send_seq + 1 => {
+            (_, seq) if seq != self.last_send_seq + 1 && !planted(Bug::RepublishResentSends) => {
                 return Err(self.fatal(
                     binding,
                     ErrorCode::Conflict,
@@ -739,6 +767,7 @@ impl Session {
             }
             match ack_mode {
                 // Sent on resume, from `unacked`, with the sequence it gets now.
+                AckMode::Client if planted(Bug::DropWhileDetached) => {}
                 AckMode::Client => {
                     self.last_delivery_seq += 1;
                     self.unacked.push(self.last_delivery_seq, delivery);
@@ -910,7 +939,7 @@ mod tests {
 
     fn session(subprotocol: Subprotocol) -> Session {
         let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 1, generation: 1 } };
-        Session::new(me, subprotocol, config())
+        Session::new(me, subprotocol, config(), 7)
     }
 
     /// Feeds `frames` in order, returns the frames the session answered and the commands.
@@ -1117,7 +1146,7 @@ mod tests {
         let mut config = (*config()).clone();
         config.limits.max_inflight_sends = window;
         let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 1, generation: 1 } };
-        Session::new(me, Subprotocol::Reliable, Arc::new(config))
+        Session::new(me, Subprotocol::Reliable, Arc::new(config), 7)
     }
 
     /// Answers SEND `seq` as its owner would: accepted, or refused with 4429.

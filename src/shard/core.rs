@@ -8,8 +8,11 @@
 //! broker's monotonic clock); nothing in here reads a clock.
 //!
 //! Events in:
-//! - commands from this shard's connections ([`ShardCore::submit_address_commands`], with
-//!   [`ShardCore::mark_dirty`] for the connection that produced them);
+//! - a connection's own: [`ShardCore::open_session`] (its first message; the session's random
+//!   token is an input), [`ShardCore::resume_session`] (the token and `last-received-seq`
+//!   checks, the re-attachment, the stale socket to supersede), [`ShardCore::bytes_read`],
+//!   [`ShardCore::write_completed`], [`ShardCore::reader_finished`] (detach or end),
+//!   [`ShardCore::expire_session`];
 //! - an envelope of commands from another shard ([`ShardCore::accept_envelope`]);
 //! - a durable log commit finished, or failed ([`ShardCore::durable_committed`],
 //!   [`ShardCore::durable_failed`]);
@@ -36,55 +39,99 @@
 //! the work queue or the dirty list when `run_work` returns; a freed slot's generation moves
 //! on, so no id of its old connection finds the next one.
 //!
-//! # Next steps (issue 9, item 1)
+//! The simulator (`crate::sim`, test builds) drives these same methods with simulated
+//! clients, network and time; see docs/ARCHITECTURE.md, "The simulator".
 //!
-//! Done: the address side and the round of work are sans-IO (this file), and the core owns its
-//! connections (plain `ConnState`s in its slots, no `Rc<RefCell>` per connection). A
-//! connection's lifecycle is one enum (`conn::lifecycle`: `Opening`/`Running`/`Closing`/
-//! `Detached { expires_at_ms }`/`Ended` plus an attachment number; it replaced the
-//! `closing`/`reader_done`/`epoch`/`socket` flags). The reader and writer tasks report events
-//! (`ConnState::bytes_read`, `take_write_batch`, `write_completed` with the batch's auto-ack
-//! credit, `reader_finished`, `expire`, `resume`) and apply the answers (`Wake`, `ReadStep`,
-//! `NextWrite`, `Written`, `Expiry`). What remains, in order:
+//! # Next steps
 //!
-//! 1. **Core methods per connection event.** The shell reaches a connection through
-//!    `Shard::with_conn(id, |state| ..)` and applies the `Wake` itself; core methods
-//!    (`core.bytes_read(conn, ..)` etc.) that also `mark_dirty` and queue the commands would
-//!    leave the shell nothing but IO. Move the read buffer and decoder in with the state if
-//!    `bytes_read` should take plain `&[u8]`; return `Wake`s as `Effects` rather than through
-//!    [`ConnWakers`] if the simulator wants them as data.
-//! 2. **The superseded farewell** (ERROR 4409 + close, `conn::write_loop`) as a core decision:
+//! 1. **The superseded farewell** (ERROR 4409 + close, `conn::write_loop`) as a core decision:
 //!    `NextWrite::Superseded` could carry the farewell batch.
-//! 3. **Session expiry, heartbeat and resume as events.** `expire_later` (one task per
-//!    detached session; the deadline is already `Lifecycle::Detached { expires_at_ms }` and
-//!    `ConnState::expire` decides) and the read timeout become deadlines the core reports
-//!    (`Effects::wake_at_ms`, the minimum of ack, expiry and heartbeat deadlines); the shell
-//!    keeps one timer per shard and calls `core.on_timer(now_ms)`. A resume is
-//!    `core.resume(conn, socket_token, open, buffered)` (the token and sequence checks of
-//!    `conn::resume` move in; `ConnState::resume` already names the stale socket) and a
-//!    hand-over is an effect `HandOver { home, .. }` the shell turns into an `Adopt` envelope;
-//!    `supersede` is an effect `ShutdownSocket(token)`.
-//! 4. **The durable log commit as events.** The core already learns of commits through
-//!    `durable_committed`; next it should also own the pending batch: `Effects::log_batch`
-//!    (records to write) and `core.log_written(lsn)` / `core.log_synced(lsn)`, so a simulated
-//!    disk can sit under it. `AddressTable` still reads `now_unix_ms()` itself when it logs a
-//!    message's expiry (`broker/address/`); pass the wall clock in with `now_ms` then.
-//! 5. **The simulator.** N `ShardCore`s, a seeded scheduler that carries `Effects::posts`
-//!    between them (in any order across shards, in order per pair), simulated clients built on
-//!    the same codecs, virtual time: the tests at the bottom of this file are its seed.
+//! 2. **One timer per shard.** The ack timer, the session expiries (one task per detached
+//!    session today, `conn::expire_later`) and the heartbeat read timeouts become deadlines
+//!    the core reports (`Effects::wake_at_ms`, the earliest of them); the shell keeps one
+//!    timer and calls `core.on_timer(now_ms)`.
+//! 3. **The durable log commit as events**, so a simulated disk can sit under it: the core
+//!    owns the pending batch (`Effects::log_batch`, `core.log_written(lsn)`,
+//!    `core.log_synced(lsn)`); `AddressTable` still reads `now_unix_ms()` itself when it logs
+//!    a message's expiry (pass the wall clock in with `now_ms`). Then the simulator gets a
+//!    disk that loses unsynced writes and tears the last one, and whole-broker crashes.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::broker::address::{AddressLimits, AddressTable, Outgoing, Publication, MAX_PUBLISH_BATCH};
 use crate::broker::{AddressCommand, Command, ConnId, ConnRef, ShardId};
-use crate::conn::lifecycle::State as LifecycleState;
-use crate::conn::session::Effects as SessionEffects;
-use crate::conn::state::{ConnState, Wake};
+use crate::config::Config;
+use crate::conn::lifecycle::{Attachment, State as LifecycleState};
+use crate::conn::outbound::CreditReturns;
+use crate::conn::session::{parse_session_id, Effects as SessionEffects, Session, SessionConfig};
+use crate::conn::state::{ConnState, Expiry, ReadStep, Wake, WriteOutcome, Written};
+use crate::mbws::{self, Binding, ErrorCode, Subprotocol};
 use crate::store::{DurableLog, Lsn, Recovery};
+use crate::ws::message::Decoder;
+
+/// A resume the core accepted ([`ShardCore::resume_session`]).
+#[derive(Debug)]
+pub struct Resumed {
+    pub me: ConnRef,
+    /// The new attachment: the shell starts its tasks.
+    pub attachment: Attachment,
+    /// The socket of an older connection of the session that had not noticed it is dead: the
+    /// shell supersedes it (its writer says why it ends).
+    pub stale_socket: Option<RawFd>,
+}
+
+/// Why a resume was refused ([`ShardCore::resume_session`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeRefusal {
+    /// No such session here: expired, ended, never made, or the token does not match.
+    UnknownSession,
+    /// The OPEN's `last-received-seq` is above every `delivery-seq` the session gave out.
+    BeyondLastDelivery { last_delivery_seq: u64 },
+}
+
+impl ResumeRefusal {
+    /// The fatal ERROR's code and reason for the refusal of `open`.
+    pub fn error(&self, open: &mbws::Open) -> (ErrorCode, String) {
+        match *self {
+            ResumeRefusal::UnknownSession => {
+                (ErrorCode::UnknownSession, crate::conn::session::unknown_session_reason(&open.session_id))
+            }
+            ResumeRefusal::BeyondLastDelivery { last_delivery_seq } => (
+                ErrorCode::Conflict,
+                format!(
+                    "OPEN: last-received-seq {} is beyond the last delivery-seq {last_delivery_seq} of this session; \
+                     resume with the highest delivery-seq received",
+                    open.last_received_seq
+                ),
+            ),
+        }
+    }
+}
+
+/// What became of a connection whose reader finished ([`ShardCore::reader_finished`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReaderFinished {
+    /// The session is resumable: kept, detached, until `expires_at_ms`.
+    Detached { expires_at_ms: u64 },
+    /// The session ended.
+    Ended,
+}
+
+/// The live state in `conns` of connection `id` (a field-level borrow, so the core's scratch
+/// lists stay usable beside it).
+fn slot_state(conns: &mut [ConnSlot], id: ConnId) -> Option<&mut ConnState> {
+    let slot = conns.get_mut(id.index as usize)?;
+    if slot.generation != id.generation {
+        return None;
+    }
+    slot.state.as_mut()
+}
 
 /// How the core wakes a connection's tasks (the shell keeps their wakers).
 pub trait ConnWakers {
@@ -101,9 +148,13 @@ struct ConnSlot {
     writer_running: bool,
 }
 
-/// Everything a shard knows but its connections (see the module doc).
+/// Everything a shard knows (see the module doc).
 pub struct ShardCore {
     id: ShardId,
+    /// What every session of this shard shares (limits, expiry, heartbeat bounds).
+    session_config: Arc<SessionConfig>,
+    /// The bound of a connection's write queue (`--max-outbound-bytes`).
+    max_outbound_bytes: usize,
     addresses: AddressTable,
     /// This shard's connections, by `ConnId::index`; a slot's generation moves on when it is
     /// freed, so ids of the old connection find nothing.
@@ -200,11 +251,14 @@ impl Iterator for Posts<'_> {
 }
 
 impl ShardCore {
-    pub fn new(id: ShardId, shard_count: usize, limits: AddressLimits) -> ShardCore {
+    /// Shard `id` of a broker with `shard_count` shards and `config`.
+    pub fn new(id: ShardId, shard_count: usize, config: &Config) -> ShardCore {
         assert!(usize::from(id.0) < shard_count, "shard {} of {shard_count}", id.0);
         ShardCore {
             id,
-            addresses: AddressTable::new(id, limits),
+            session_config: Arc::new(SessionConfig::from_config(config, shard_count)),
+            max_outbound_bytes: config.max_outbound_bytes,
+            addresses: AddressTable::new(id, AddressLimits::from_config(config, shard_count)),
             conns: Vec::new(),
             free_conns: Vec::new(),
             queues: Queues { id, work: VecDeque::new(), outboxes: (0..shard_count).map(|_| Vec::new()).collect() },
@@ -221,6 +275,137 @@ impl ShardCore {
 
     pub fn id(&self) -> ShardId {
         self.id
+    }
+
+    pub fn session_config(&self) -> &Arc<SessionConfig> {
+        &self.session_config
+    }
+
+    /// A new connection's first WebSocket message (`binding`, `payload`) after its upgrade to
+    /// `subprotocol`: a new session is registered, attached to `socket`, and given the message
+    /// (an OPEN, or a fatal error that closes it). `token` is the session's random token
+    /// ([`crate::conn::session::random_token`]). The shell starts the connection's tasks next.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_session(
+        &mut self,
+        subprotocol: Subprotocol,
+        socket: RawFd,
+        binding: Binding,
+        payload: Bytes,
+        token: u64,
+        now_ms: u64,
+    ) -> (ConnRef, Attachment) {
+        let session_config = self.session_config.clone();
+        let max_outbound_bytes = self.max_outbound_bytes;
+        let me = self.register_conn(|me| {
+            ConnState::new(Session::new(me, subprotocol, session_config, token), max_outbound_bytes)
+        });
+        let state = self.conn_mut(me.conn).expect("a connection just registered");
+        let attachment = state.attach(socket);
+        let mut commands = Vec::new();
+        let ConnState { session, outbound, .. } = &mut *state;
+        if let Err(end) =
+            session.on_message(binding, payload, now_ms, &mut SessionEffects { outbound, commands: &mut commands })
+        {
+            state.begin_close(end.close_code, &end.reason);
+        }
+        debug_assert!(commands.is_empty(), "the first frame routes nothing");
+        (me, attachment)
+    }
+
+    /// A connection's first frame is `open`, naming a session of this shard to resume over
+    /// `socket` (docs/PROTOCOL.md section 11): the session id's token and the client's
+    /// `last-received-seq` are checked, then the session is re-attached and its resume frames
+    /// queued. A refusal leaves the session as it was; the shell answers it and closes.
+    pub fn resume_session(
+        &mut self,
+        open: &mbws::Open,
+        binding: Binding,
+        socket: RawFd,
+    ) -> Result<Resumed, ResumeRefusal> {
+        let (home, conn, token) = parse_session_id(&open.session_id).ok_or(ResumeRefusal::UnknownSession)?;
+        if home != self.id {
+            return Err(ResumeRefusal::UnknownSession);
+        }
+        let state = slot_state(&mut self.conns, conn).ok_or(ResumeRefusal::UnknownSession)?;
+        let ended = state.lifecycle().state() == LifecycleState::Ended;
+        if ended || !state.session.token_matches(token) || !state.session.is_resumable() {
+            return Err(ResumeRefusal::UnknownSession);
+        }
+        let last_delivery_seq = state.session.last_delivery_seq();
+        if open.last_received_seq > last_delivery_seq {
+            // The client claims deliveries that were never made: a client bug, or another
+            // session's number. The session stays as it was, for a correct resume.
+            return Err(ResumeRefusal::BeyondLastDelivery { last_delivery_seq });
+        }
+        let (attachment, stale_socket) = state.resume(socket, binding, open, &mut self.address_commands);
+        self.queues.submit_address_commands(&mut self.address_commands);
+        self.mark_dirty(conn);
+        Ok(Resumed { me: ConnRef { shard: self.id, conn }, attachment, stale_socket })
+    }
+
+    /// Bytes were read into `buf` on connection `id` (its attachment `attachment`): every
+    /// complete message is handled ([`ConnState::bytes_read`]); the commands go on the queues
+    /// and the connection is listed for this round's flush. A connection that is gone reads
+    /// no more ([`ReadStep::Closing`]). The shell runs the round next.
+    pub fn bytes_read(
+        &mut self,
+        id: ConnId,
+        attachment: Attachment,
+        decoder: &mut Decoder,
+        buf: &mut BytesMut,
+        now_ms: u64,
+    ) -> ReadStep {
+        let Some(state) = slot_state(&mut self.conns, id) else { return ReadStep::Closing };
+        let step = state.bytes_read(attachment, decoder, buf, now_ms, &mut self.address_commands);
+        self.queues.submit_address_commands(&mut self.address_commands);
+        self.mark_dirty(id);
+        step
+    }
+
+    /// The writer of connection `id` wrote a batch (or failed to, or ran out of time): its
+    /// auto-ack `credits` go back to their owners ([`ConnState::write_completed`]). `None`
+    /// when the connection is gone (a newer attachment ended it).
+    pub fn write_completed(
+        &mut self,
+        id: ConnId,
+        attachment: Attachment,
+        outcome: WriteOutcome,
+        credits: CreditReturns,
+    ) -> Option<Written> {
+        let state = slot_state(&mut self.conns, id)?;
+        let written = state.write_completed(attachment, outcome, credits, &mut self.address_commands);
+        self.queues.submit_address_commands(&mut self.address_commands);
+        Some(written)
+    }
+
+    /// The reader of connection `id` finished (EOF, error, or the close is done): a resumable
+    /// session is detached until its expiry, any other ends (its slot is freed once its writer
+    /// is done). `None` when a newer attachment superseded this one. Wake both tasks.
+    pub fn reader_finished(&mut self, id: ConnId, attachment: Attachment, now_ms: u64) -> Option<ReaderFinished> {
+        let expiry_ms = u64::from(self.session_config.session_expiry_ms);
+        let state = slot_state(&mut self.conns, id)?;
+        let detached = state.reader_finished(attachment, now_ms, expiry_ms, &mut self.address_commands)?;
+        self.queues.submit_address_commands(&mut self.address_commands);
+        if detached {
+            Some(ReaderFinished::Detached { expires_at_ms: now_ms + expiry_ms })
+        } else {
+            self.free_if_done(id);
+            Some(ReaderFinished::Ended)
+        }
+    }
+
+    /// The expiry of connection `id`'s detached session (attachment `attachment`) is due at
+    /// `now_ms`: the session ends unless it was resumed ([`ConnState::expire`]). `None` when
+    /// the slot is gone.
+    pub fn expire_session(&mut self, id: ConnId, attachment: Attachment, now_ms: u64) -> Option<Expiry> {
+        let state = slot_state(&mut self.conns, id)?;
+        let expiry = state.expire(attachment, now_ms, &mut self.address_commands);
+        if expiry == Expiry::Expired {
+            self.queues.submit_address_commands(&mut self.address_commands);
+            self.free_if_done(id);
+        }
+        Some(expiry)
     }
 
     /// Registers a new connection; `make` builds its state once its id is known.
@@ -242,11 +427,7 @@ impl ShardCore {
     /// The state of connection `id`, while its slot holds it (an ended connection's until its
     /// writer is done).
     pub fn conn_mut(&mut self, id: ConnId) -> Option<&mut ConnState> {
-        let slot = self.conns.get_mut(id.index as usize)?;
-        if slot.generation != id.generation {
-            return None;
-        }
-        slot.state.as_mut()
+        slot_state(&mut self.conns, id)
     }
 
     pub fn conn(&self, id: ConnId) -> Option<&ConnState> {
@@ -332,6 +513,14 @@ impl ShardCore {
     /// An envelope of commands from another shard: they run in the next round, in order.
     pub fn accept_envelope(&mut self, commands: Vec<Command>) {
         self.queues.work.extend(commands);
+    }
+
+    /// A round of work has something to do: commands queued, connections to flush, or
+    /// batches for other shards.
+    pub fn has_work(&self) -> bool {
+        !self.queues.work.is_empty()
+            || !self.dirty.is_empty()
+            || self.queues.outboxes.iter().any(|outbox| !outbox.is_empty())
     }
 
     /// Lists a connection for its flush at the end of this round of work (once, however many
@@ -458,14 +647,11 @@ mod tests {
     //! clients' WebSocket bytes), the envelopes carried between them by the test, and time
     //! passed in by hand: no runtime, no socket, no clock.
 
-    use std::sync::Arc;
-
     use super::*;
     use crate::broker::{owner_of, ConnRef};
     use crate::config::Config;
     use crate::conn::lifecycle::Attachment;
     use crate::conn::outbound::WriteBatch;
-    use crate::conn::session::{Session, SessionConfig};
     use crate::conn::state::ReadStep;
     use crate::mbws::{self, AckMode, Binding, CodecLimits, DeliveryMode, Frame, Subprotocol, PROTOCOL_VERSION};
 
@@ -503,45 +689,34 @@ mod tests {
 
     struct Broker {
         shards: Vec<TestShard>,
-        session_config: Arc<SessionConfig>,
     }
 
     impl Broker {
         fn new(ack_timeout_ms: u64) -> Broker {
             let config = config(ack_timeout_ms);
-            let session_config = Arc::new(SessionConfig {
-                limits: config.limits(),
-                codec_limits: config.codec_limits(),
-                max_heartbeat_ms: config.max_heartbeat_ms,
-                session_expiry_ms: config.session_expiry_ms,
-                shard_count: SHARDS,
-                default_credit: config.default_credit,
-            });
             let shards = (0..SHARDS)
                 .map(|index| TestShard {
-                    core: ShardCore::new(ShardId(index as u16), SHARDS, AddressLimits::from_config(&config, SHARDS)),
+                    core: ShardCore::new(ShardId(index as u16), SHARDS, &config),
                     conns: FakeConns::default(),
                 })
                 .collect();
-            Broker { shards, session_config }
+            Broker { shards }
         }
 
         /// Opens a new session on `shard`; returns its id.
         fn open(&mut self, shard: usize, now_ms: u64) -> ConnRef {
             let TestShard { core, conns } = &mut self.shards[shard];
-            let session_config = self.session_config.clone();
-            let me = core.register_conn(|me| {
-                ConnState::new(Session::new(me, Subprotocol::Reliable, session_config), usize::MAX)
-            });
-            let attachment = core.conn_mut(me.conn).unwrap().attach(me.conn.index as i32); // A socket number, never used.
+            let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
+            let payload = mbws::encode(Binding::Binary, &open);
+            // The socket number is never used.
+            let (me, attachment) =
+                core.open_session(Subprotocol::Reliable, 3, Binding::Binary, payload.freeze(), 7, now_ms);
             let decoder = crate::ws::message::Decoder::new(crate::ws::Role::Server, 1 << 20, 1 << 20);
             let fake = FakeConn { attachment, decoder, flushes: 0 };
             match conns.conns.get_mut(me.conn.index as usize) {
                 Some(reused) => *reused = fake,
                 None => conns.conns.push(fake),
             }
-            let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
-            self.frame(me, open, now_ms);
             assert!(matches!(self.written(me)[..], [Frame::Opened(_)]));
             me
         }
@@ -551,16 +726,12 @@ mod tests {
         fn frame(&mut self, conn: ConnRef, frame: Frame, now_ms: u64) {
             let shard = &mut self.shards[usize::from(conn.shard.0)];
             let fake = &mut shard.conns.conns[conn.conn.index as usize];
-            let state = shard.core.conn_mut(conn.conn).expect("an open connection");
             let payload = mbws::encode(Binding::Binary, &frame);
             let mut bytes =
                 crate::ws::frame::encode_frame(true, crate::ws::OpCode::Binary, &payload, Some([1, 2, 3, 4]));
-            let mut commands = Vec::new();
-            let step = state.bytes_read(fake.attachment, &mut fake.decoder, &mut bytes, now_ms, &mut commands);
+            let step = shard.core.bytes_read(conn.conn, fake.attachment, &mut fake.decoder, &mut bytes, now_ms);
             assert_eq!(step, ReadStep::NeedMore, "the session goes on");
             assert!(bytes.is_empty());
-            shard.core.submit_address_commands(&mut commands);
-            shard.core.mark_dirty(conn.conn);
         }
 
         /// One round of work on `shard`: its posts, and whether it asked for an ack-timer wake-up.

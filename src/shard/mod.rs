@@ -32,15 +32,22 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use self::core::{ConnWakers, ShardCore};
-use crate::broker::address::AddressLimits;
+use std::os::fd::RawFd;
+
+use bytes::{Bytes, BytesMut};
+
+use self::core::{ConnWakers, ReaderFinished, ResumeRefusal, Resumed, ShardCore};
 use crate::broker::{AddressCommand, ConnId, ConnRef, ShardId};
 use crate::config::Config;
-use crate::conn::session::SessionConfig;
-use crate::conn::state::{ConnState, Wake};
+use crate::conn::lifecycle::Attachment;
+use crate::conn::outbound::CreditReturns;
+use crate::conn::session::{random_token, SessionConfig};
+use crate::conn::state::{ConnState, Expiry, ReadStep, Wake, WriteOutcome, Written};
 use crate::log;
 use crate::logging::Level;
+use crate::mbws::{Binding, Open, Subprotocol};
 use crate::store::{DurableLog, GroupCommitter, Recovery};
+use crate::ws::message::Decoder;
 use mailbox::{Envelope, PostOffice};
 pub use net::bind_reuseport;
 
@@ -191,21 +198,13 @@ pub struct Shard {
 impl Shard {
     fn new(id: ShardId, config: Arc<Config>, post_office: Arc<PostOffice>) -> Shard {
         let shard_count = post_office.shard_count();
-        let session_config = Arc::new(SessionConfig {
-            limits: config.limits(),
-            codec_limits: config.codec_limits(),
-            max_heartbeat_ms: config.max_heartbeat_ms,
-            session_expiry_ms: config.session_expiry_ms,
-            shard_count,
-            default_credit: config.default_credit,
-        });
-        let address_limits = AddressLimits::from_config(&config, shard_count);
+        let core = ShardCore::new(id, shard_count, &config);
         Shard {
             id,
             config,
-            session_config,
+            session_config: core.session_config().clone(),
             post_office,
-            core: RefCell::new(ShardCore::new(id, shard_count, address_limits)),
+            core: RefCell::new(core),
             wakers: RefCell::new(Wakers::default()),
             shutdown: LocalEvent::default(),
             opening_connections: Cell::new(0),
@@ -219,15 +218,87 @@ impl Shard {
         self.post_office.shard_count()
     }
 
-    /// Registers a new connection; `make` builds its state once its id is known.
-    pub fn register(&self, make: impl FnOnce(ConnRef) -> ConnState) -> ConnRef {
-        let me = self.core.borrow_mut().register_conn(make);
+    /// A new connection's first message: registers its session ([`ShardCore::open_session`],
+    /// with a random token and the time now).
+    pub fn open_session(
+        &self,
+        subprotocol: Subprotocol,
+        socket: RawFd,
+        binding: Binding,
+        payload: Bytes,
+    ) -> (ConnRef, Attachment) {
+        let opened =
+            self.core.borrow_mut().open_session(subprotocol, socket, binding, payload, random_token(), now_ms());
         let mut wakers = self.wakers.borrow_mut();
-        let index = me.conn.index as usize;
+        let index = opened.0.conn.index as usize;
         if index >= wakers.0.len() {
             wakers.0.resize_with(index + 1, TaskWakers::default);
         }
-        me
+        opened
+    }
+
+    /// Resumes a session of this shard ([`ShardCore::resume_session`]); the tasks of its older
+    /// connection are woken to notice they are superseded.
+    pub fn resume_session(&self, open: &Open, binding: Binding, socket: RawFd) -> Result<Resumed, ResumeRefusal> {
+        let resumed = self.core.borrow_mut().resume_session(open, binding, socket)?;
+        self.wake(resumed.me.conn, Wake::ALL);
+        Ok(resumed)
+    }
+
+    /// Bytes were read on connection `id` ([`ShardCore::bytes_read`]); the caller runs the round.
+    pub fn bytes_read(
+        &self,
+        id: ConnId,
+        attachment: Attachment,
+        decoder: &mut Decoder,
+        buf: &mut BytesMut,
+    ) -> ReadStep {
+        let step = self.core.borrow_mut().bytes_read(id, attachment, decoder, buf, now_ms());
+        if step == ReadStep::Closing {
+            self.wake(id, Wake::ALL);
+        }
+        step
+    }
+
+    /// The writer of connection `id` finished a write ([`ShardCore::write_completed`]): wakes
+    /// the reader if it may go on (both tasks if the write failed), and runs a round if the
+    /// write gave credit back.
+    pub fn write_completed(
+        &self,
+        id: ConnId,
+        attachment: Attachment,
+        outcome: WriteOutcome,
+        credits: CreditReturns,
+    ) -> Option<Written> {
+        let (next, has_work) = {
+            let mut core = self.core.borrow_mut();
+            let next = core.write_completed(id, attachment, outcome, credits);
+            (next, core.has_work())
+        };
+        let wake = match next {
+            Some(Written::Continue { wake_reader }) => Wake { writer: false, reader: wake_reader },
+            Some(Written::Failed) => Wake::ALL,
+            Some(Written::CutShort | Written::Superseded) | None => Wake::default(),
+        };
+        self.wake(id, wake);
+        if has_work {
+            self.run_work();
+        }
+        next
+    }
+
+    /// The reader of connection `id` finished ([`ShardCore::reader_finished`]); wakes both
+    /// tasks. The caller runs the round.
+    pub fn reader_finished(&self, id: ConnId, attachment: Attachment) -> Option<ReaderFinished> {
+        let finished = self.core.borrow_mut().reader_finished(id, attachment, now_ms());
+        self.wake(id, Wake::ALL);
+        finished
+    }
+
+    /// A detached session's expiry is due ([`ShardCore::expire_session`]); the caller runs
+    /// the round.
+    pub fn expire_session(&self, id: ConnId, attachment: Attachment) -> Option<Expiry> {
+        self.core.borrow_mut().expire_session(id, attachment, now_ms())
     }
 
     /// Runs `f` on the state of connection `id` (`None` when it is gone), then wakes its tasks

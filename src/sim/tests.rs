@@ -1,0 +1,87 @@
+//! Seeds run in the test suite, the regression seeds, and the planted bugs.
+
+use super::world::World;
+use super::{plant, Bug};
+
+/// Steps a run may take before it is cut off (a run that needs more is a liveness failure).
+const MAX_STEPS: u64 = 2_000_000;
+
+/// Runs `seed`; panics with a replayable report if an invariant broke.
+fn check_seed(seed: u64) {
+    let report = World::new(seed).run(MAX_STEPS);
+    if let Some(violation) = &report.violation {
+        panic!(
+            "seed {seed} broke an invariant after {} steps, {} virtual ms: {violation}\n  options: {:?}\n  {}\n  replay: \
+             scripts/simulate.sh --seed {seed}",
+            report.steps, report.virtual_ms, report.options, report.ledger_summary
+        );
+    }
+}
+
+/// The seeds the test suite runs every time: a fixed range, so a failure replays.
+#[test]
+fn the_first_seeds_keep_every_invariant() {
+    plant(None);
+    for seed in 0..40 {
+        check_seed(seed);
+    }
+}
+
+/// Long runs: `MBWS_SIM_SEEDS=N MBWS_SIM_FIRST_SEED=S` (see scripts/simulate.sh).
+#[test]
+#[ignore = "long: run by scripts/simulate.sh"]
+fn many_seeds() {
+    plant(None);
+    let first: u64 = std::env::var("MBWS_SIM_FIRST_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let count: u64 = std::env::var("MBWS_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    let started = std::time::Instant::now();
+    let mut steps = 0;
+    for seed in first..first + count {
+        let report = World::new(seed).run(MAX_STEPS);
+        steps += report.steps;
+        if let Some(violation) = &report.violation {
+            panic!("seed {seed}: {violation}\n  options: {:?}\n  {}", report.options, report.ledger_summary);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{count} seeds from {first}: all invariants kept; {:.1} seeds/s, {:.0} steps/s",
+        count as f64 / seconds,
+        steps as f64 / seconds
+    );
+}
+
+/// One seed, with its report: `MBWS_SIM_SEED=S` (see scripts/simulate.sh --seed).
+#[test]
+#[ignore = "replays one seed: run by scripts/simulate.sh --seed"]
+fn one_seed() {
+    let seed: u64 = std::env::var("MBWS_SIM_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let report = World::new(seed).run(MAX_STEPS);
+    println!("{report:#?}");
+    assert!(report.violation.is_none());
+}
+
+/// How many seeds (from 0) the simulator needs to catch `bug`, up to `limit`; the violation.
+fn seeds_to_catch(bug: Bug, limit: u64) -> Option<(u64, String)> {
+    plant(Some(bug));
+    let caught = (0..limit).find_map(|seed| {
+        let report = World::new(seed).run(MAX_STEPS);
+        report.violation.map(|violation| (seed + 1, violation))
+    });
+    plant(None);
+    caught
+}
+
+/// Each planted bug is caught within a few seeds (the counts are in docs/ARCHITECTURE.md,
+/// "The simulator"): the invariants check what they claim to.
+#[test]
+fn planted_bugs_are_caught() {
+    for (bug, within) in
+        [(Bug::ResendAllOnResume, 200), (Bug::RepublishResentSends, 200), (Bug::DropWhileDetached, 200)]
+    {
+        match seeds_to_catch(bug, within) {
+            Some((seeds, violation)) => println!("{bug:?}: caught by seed {} ({seeds} seeds): {violation}", seeds - 1),
+            None => panic!("{bug:?} planted, and {within} seeds found nothing"),
+        }
+    }
+}

@@ -1,0 +1,1073 @@
+//! One simulated run: the shard cores, the IO shell's duties as events in virtual time, the
+//! network between the cores and the clients, and the ledger of what the clients saw.
+//!
+//! The shell's duties mirror `conn/mod.rs` and `shard/mod.rs` step for step (the names of
+//! the handlers say which task they stand for): a connection's reader reads only while the
+//! core lets it ([`ConnState::reader_may_continue`]) and parks otherwise; its writer takes one
+//! batch at a time and parks when there is none; both are woken only by the wakes the core
+//! reports. So a wake-up the core forgets shows up here as a connection that never drains.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use bytes::{Bytes, BytesMut};
+
+use super::client::{Client, Out};
+use super::rng::Rng;
+use crate::broker::{Command, ConnId, ConnRef, ShardId};
+use crate::config::Config;
+use crate::conn::lifecycle::{Attachment, State as LifecycleState};
+use crate::conn::outbound::{CreditReturns, Outbound, WriteBatch};
+use crate::conn::state::{Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
+use crate::conn::SUPERSEDED_REASON;
+use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
+use crate::shard::core::{ConnWakers, ReaderFinished, ShardCore};
+use crate::ws::message::{close_payload, Decoder, WsEvent};
+use crate::ws::{OpCode, Role};
+
+/// A message's identity: which publisher, its number there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MsgKey {
+    pub publisher: u32,
+    pub message: u32,
+}
+
+impl MsgKey {
+    /// The body a publisher sends: the key, and the publisher's session and SEND seq (for
+    /// the order check).
+    pub fn body(&self, session: u32, seq: u64) -> Bytes {
+        Bytes::from(format!("p{}.m{}.e{session}.s{seq}", self.publisher, self.message))
+    }
+
+    /// The key, session and seq of a body made by [`MsgKey::body`].
+    pub fn parse(body: &[u8]) -> Option<(MsgKey, u32, u64)> {
+        let text = std::str::from_utf8(body).ok()?;
+        let mut parts = text.split('.');
+        let publisher = parts.next()?.strip_prefix('p')?.parse().ok()?;
+        let message = parts.next()?.strip_prefix('m')?.parse().ok()?;
+        let session = parts.next()?.strip_prefix('e')?.parse().ok()?;
+        let seq = parts.next()?.strip_prefix('s')?.parse().ok()?;
+        Some((MsgKey { publisher, message }, session, seq))
+    }
+}
+
+#[derive(Debug, Default)]
+struct MsgState {
+    address: Bytes,
+    receipted: bool,
+    refused: bool,
+    /// Resent on a new session after the old one was lost: may be published twice.
+    may_duplicate: bool,
+    first_deliveries: u32,
+    deliveries: u32,
+}
+
+/// What the clients saw, and the invariants over it (see the module doc of `sim`).
+#[derive(Default)]
+pub struct Ledger {
+    messages: BTreeMap<MsgKey, MsgState>,
+    /// The last SEND seq of a first delivery per (consumer, its session, address, publisher,
+    /// publisher's session).
+    order: BTreeMap<(usize, u32, Bytes, u32, u32), u64>,
+    pub violations: Vec<String>,
+    /// Print every event (`MBWS_SIM_TRACE=1`, for a replay).
+    pub trace: bool,
+    pub delivered: u64,
+    pub redelivered: u64,
+    /// A client's live connection superseded by the resume of one it had given up.
+    pub supersede_races: u64,
+    pub receipted: u64,
+    pub refused: u64,
+}
+
+impl Ledger {
+    pub fn violation(&mut self, what: String) {
+        self.violations.push(what);
+    }
+
+    pub fn receipted(&mut self, key: MsgKey, address: &Bytes) {
+        let state = self.messages.entry(key).or_default();
+        if !state.receipted {
+            self.receipted += 1;
+        }
+        state.receipted = true;
+        state.address = address.clone();
+    }
+
+    pub fn refused(&mut self, key: MsgKey) {
+        self.refused += 1;
+        self.messages.entry(key).or_default().refused = true;
+    }
+
+    pub fn may_duplicate(&mut self, key: MsgKey) {
+        self.messages.entry(key).or_default().may_duplicate = true;
+    }
+
+    pub fn new_consumer_session(&mut self, _consumer: usize, _session: u32) {}
+
+    pub fn delivered(
+        &mut self,
+        consumer: usize,
+        session: u32,
+        key: MsgKey,
+        (publisher_session, seq): (u32, u64),
+        address: &Bytes,
+        redelivered: bool,
+    ) {
+        self.delivered += 1;
+        let state = self.messages.entry(key).or_default();
+        state.deliveries += 1;
+        if redelivered {
+            self.redelivered += 1;
+            return;
+        }
+        state.first_deliveries += 1;
+        if state.may_duplicate {
+            return;
+        }
+        if state.first_deliveries > 1 {
+            self.violations.push(format!(
+                "{key:?} delivered for the first time (redelivered false) {} times: published twice",
+                state.first_deliveries
+            ));
+        }
+        let last =
+            self.order.entry((consumer, session, address.clone(), key.publisher, publisher_session)).or_default();
+        if seq <= *last {
+            self.violations.push(format!(
+                "consumer {consumer} session {session}: {key:?} (seq {seq}) after seq {} of the same publisher session \
+                 on {:?}: per-publisher order broken",
+                *last,
+                String::from_utf8_lossy(address)
+            ));
+        }
+        *last = seq;
+    }
+
+    /// End of run: every receipted message reached a consumer.
+    fn check_nothing_lost(&mut self) {
+        let lost: Vec<MsgKey> = self
+            .messages
+            .iter()
+            .filter(|(_, state)| state.receipted && !state.refused && state.deliveries == 0)
+            .map(|(key, _)| *key)
+            .collect();
+        if let Some(first) = lost.first() {
+            self.violations.push(format!("{} receipted messages never delivered, first {first:?}", lost.len()));
+        }
+    }
+}
+
+/// The shape of a run, drawn from its seed (so seeds explore different shapes).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub shards: usize,
+    pub publishers: usize,
+    pub consumers: usize,
+    pub addresses: usize,
+    pub messages_per_publisher: u32,
+    pub window: usize,
+    pub credit: u32,
+    /// Per mille of deliveries a consumer acknowledges late.
+    pub late_ack_per_mille: u32,
+    /// Per mille of steps that cut a random connection.
+    pub cut_per_mille: u32,
+    /// Per mille of steps where a client abandons its connection silently.
+    pub abandon_per_mille: u32,
+    /// Largest one-way network delay.
+    pub max_latency_ms: u64,
+    pub ack_timeout_ms: u64,
+    pub session_expiry_ms: u32,
+    pub max_outbound_bytes: usize,
+    /// Small queues refuse SENDs (ERROR 4429); a small in-flight bound pauses publishers' reads.
+    pub max_queued_messages: u32,
+    pub max_inflight_sends: u32,
+    /// Per mille of settlements that are a NACK with requeue instead of an ACK.
+    pub nack_per_mille: u32,
+}
+
+impl Options {
+    pub fn draw(rng: &mut Rng) -> Options {
+        Options {
+            shards: rng.range(1, 3) as usize,
+            publishers: rng.range(1, 4) as usize,
+            consumers: rng.range(1, 4) as usize,
+            addresses: rng.range(1, 3) as usize,
+            messages_per_publisher: rng.range(20, 120) as u32,
+            window: rng.range(1, 16) as usize,
+            credit: rng.range(1, 20) as u32,
+            late_ack_per_mille: [0, 20, 100][rng.index(3)],
+            cut_per_mille: [0, 2, 10, 30][rng.index(4)],
+            abandon_per_mille: [0, 2, 10][rng.index(3)],
+            max_latency_ms: [0, 2, 20][rng.index(3)],
+            ack_timeout_ms: [0, 200, 1_000, 5_000][rng.index(4)],
+            session_expiry_ms: [300, 2_000, 30_000][rng.index(3)],
+            max_outbound_bytes: [512, 64 * 1024][rng.index(2)],
+            max_queued_messages: [8, 100_000][rng.index(2)],
+            max_inflight_sends: [2, 1_000][rng.index(2)],
+            nack_per_mille: [0, 0, 50][rng.index(3)],
+        }
+    }
+}
+
+/// What the run ended with.
+#[derive(Debug)]
+pub struct Report {
+    pub options: Options,
+    pub steps: u64,
+    pub virtual_ms: u64,
+    pub ledger_summary: String,
+    /// The first invariant broken, if any.
+    pub violation: Option<String>,
+}
+
+type SocketId = usize;
+
+#[derive(Debug)]
+enum Event {
+    ClientWake(usize),
+    /// Bytes from the client reach the broker's side of the socket.
+    ToServer(SocketId),
+    /// Bytes from the broker reach the client.
+    ToClient(SocketId),
+    /// The connection's reader task runs (`conn::read_loop`).
+    Read(SocketId),
+    /// The reader finished (after the closing handshake's grace, or at EOF).
+    ReaderEnd(SocketId),
+    /// The writer task runs (`conn::write_loop`).
+    Write(SocketId),
+    /// A batch write finished.
+    WriteDone(SocketId),
+    Envelope {
+        to: usize,
+        commands: Vec<Command>,
+    },
+    AckTimer(usize),
+    Expire {
+        shard: usize,
+        conn: ConnId,
+        attachment: Attachment,
+    },
+    /// A resume handed to the session's home shard arrives there.
+    Adopt {
+        home: usize,
+        socket: SocketId,
+        open: mbws::Open,
+        binding: Binding,
+    },
+    /// A random fault may strike.
+    Chaos,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReaderState {
+    /// Waiting for bytes.
+    Waiting,
+    Scheduled,
+    /// Parked until the core wakes it (a paused reader does not see EOF either).
+    Paused,
+    /// Closing: the reader ends at its `ReaderEnd`.
+    Closing,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterState {
+    NotStarted,
+    Scheduled,
+    Parked,
+    Busy,
+    Done,
+}
+
+/// One TCP connection: both directions of the network, and the broker's side of it.
+struct Socket {
+    client: usize,
+    /// The shard serving it (the home shard after a hand-over).
+    shard: usize,
+    /// Bytes in flight to the broker, by arrival time.
+    to_server: Vec<(u64, Bytes)>,
+    to_client: Vec<(u64, Option<Bytes>)>,
+    last_to_server: u64,
+    last_to_client: u64,
+    /// The network dropped it: no more bytes either way.
+    cut: bool,
+    /// The client went away (or the network cut it): the broker's read sees EOF once its
+    /// inbox is empty.
+    client_gone: bool,
+    /// The broker shut the socket down: the client sees EOF after the bytes before it.
+    server_shut: bool,
+    /// The client no longer reads this socket.
+    abandoned: bool,
+    // The broker's side.
+    subprotocol: Subprotocol,
+    conn: Option<(ConnRef, Attachment)>,
+    opened: bool,
+    inbox: BytesMut,
+    buf: BytesMut,
+    decoder: Decoder,
+    reader: ReaderState,
+    writer: WriterState,
+    /// The batch being written: its credits, and how the write went.
+    writing: Option<(CreditReturns, WriteOutcome)>,
+    close_taken: bool,
+    write_failed: bool,
+    /// The binding of the session when this socket's tasks started (the superseded farewell's).
+    binding: Binding,
+}
+
+/// The wakes a round of work reports, collected for the world to apply.
+#[derive(Default)]
+struct Wakes(Vec<(ConnId, Wake)>);
+
+impl ConnWakers for Wakes {
+    fn wake(&mut self, id: ConnId, wake: Wake) {
+        self.0.push((id, wake));
+    }
+}
+
+pub struct World {
+    pub options: Options,
+    rng: Rng,
+    now: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    /// Events by the id in `queue` (a heap of plain keys keeps the order total).
+    events: Vec<Option<Event>>,
+    next_event: u64,
+    cores: Vec<ShardCore>,
+    /// Time the last envelope from shard a to shard b arrives (envelopes keep their order
+    /// per pair).
+    pair_last: Vec<Vec<u64>>,
+    ack_timer_idle: Vec<bool>,
+    sockets: Vec<Socket>,
+    /// The socket attached to each connection slot (the newest attachment).
+    attached: BTreeMap<(usize, u32, u32), SocketId>,
+    clients: Vec<Client>,
+    /// The client's current socket.
+    client_socket: Vec<Option<SocketId>>,
+    pub ledger: Ledger,
+    pub steps: u64,
+    /// Faults stop here; the run then settles.
+    faults_until_ms: u64,
+    settling: bool,
+}
+
+const CLOSE_GRACE_MS: u64 = 2_000;
+
+/// The key of a connection slot in [`World::attached`].
+fn slot_key(shard: usize, conn: ConnId) -> (usize, u32, u32) {
+    (shard, conn.index, conn.generation)
+}
+
+impl World {
+    pub fn new(seed: u64) -> World {
+        let mut rng = Rng::new(seed);
+        let options = Options::draw(&mut rng);
+        let config = Config {
+            shards: options.shards,
+            ack_timeout_ms: options.ack_timeout_ms,
+            session_expiry_ms: options.session_expiry_ms,
+            max_outbound_bytes: options.max_outbound_bytes,
+            max_queued_messages: options.max_queued_messages,
+            max_inflight_sends: options.max_inflight_sends,
+            ..Default::default()
+        };
+        let cores =
+            (0..options.shards).map(|index| ShardCore::new(ShardId(index as u16), options.shards, &config)).collect();
+        let addresses: Vec<Bytes> = (0..options.addresses).map(|index| Bytes::from(format!("queue-{index}"))).collect();
+        let mut clients = Vec::new();
+        for _ in 0..options.publishers {
+            let id = clients.len();
+            clients.push(Client::publisher(
+                id,
+                options.messages_per_publisher,
+                options.window,
+                addresses.clone(),
+                &mut rng,
+            ));
+        }
+        for index in 0..options.consumers.max(options.addresses) {
+            let id = clients.len();
+            let address = addresses[index % addresses.len()].clone();
+            let mut consumer = Client::consumer(id, address, options.credit, options.late_ack_per_mille, &mut rng);
+            consumer.nack_per_mille = options.nack_per_mille;
+            consumer.ack_timeout_ms = options.ack_timeout_ms;
+            clients.push(consumer);
+        }
+        let client_count = clients.len();
+        let mut world = World {
+            pair_last: vec![vec![0; options.shards]; options.shards],
+            ack_timer_idle: vec![true; options.shards],
+            options,
+            rng,
+            now: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            next_event: 0,
+            cores,
+            sockets: Vec::new(),
+            attached: BTreeMap::new(),
+            clients,
+            client_socket: vec![None; client_count],
+            ledger: Ledger::default(),
+            steps: 0,
+            faults_until_ms: 0,
+            settling: false,
+        };
+        let trace = std::env::var_os("MBWS_SIM_TRACE").is_some();
+        world.ledger.trace = trace;
+        for client in &mut world.clients {
+            client.trace = trace;
+        }
+        for client in 0..client_count {
+            let at = world.rng.range(0, 50);
+            world.schedule(at, Event::ClientWake(client));
+        }
+        world.faults_until_ms = 20_000;
+        world.schedule(1, Event::Chaos);
+        world
+    }
+
+    fn schedule(&mut self, at: u64, event: Event) {
+        let at = at.max(self.now);
+        let id = self.events.len();
+        self.events.push(Some(event));
+        self.queue.push(Reverse((at, self.next_event, id)));
+        self.next_event += 1;
+    }
+
+    /// Runs until every client is done and everything settled, an invariant breaks, or the
+    /// step or time bound is reached.
+    pub fn run(mut self, max_steps: u64) -> Report {
+        let time_limit = 600_000;
+        while let Some(Reverse((at, _, id))) = self.queue.pop() {
+            self.now = at;
+            let event = self.events[id].take().expect("each event runs once");
+            self.steps += 1;
+            if self.ledger.trace && !matches!(event, Event::Chaos | Event::Envelope { .. }) {
+                eprintln!("{at:>7} {event:?}");
+            }
+            self.handle(event);
+            if !self.ledger.violations.is_empty() || self.steps >= max_steps || self.now > time_limit {
+                break;
+            }
+            if self.now >= self.faults_until_ms && !self.settling {
+                self.start_settling();
+            }
+            if self.settling && self.steps % 64 == 0 && self.is_settled() {
+                break;
+            }
+        }
+        if self.ledger.violations.is_empty() {
+            self.check_end();
+        }
+        let violation = self.ledger.violations.first().cloned();
+        let ledger = &self.ledger;
+        Report {
+            ledger_summary: format!(
+                "{} receipted, {} refused, {} delivered ({} redelivered), {} supersede races",
+                ledger.receipted, ledger.refused, ledger.delivered, ledger.redelivered, ledger.supersede_races
+            ),
+            options: self.options,
+            steps: self.steps,
+            virtual_ms: self.now,
+            violation,
+        }
+    }
+
+    fn start_settling(&mut self) {
+        self.settling = true;
+        for client in &mut self.clients {
+            client.settling = true;
+        }
+        for client in 0..self.clients.len() {
+            let at = self.now + 1;
+            self.schedule(at, Event::ClientWake(client));
+        }
+    }
+
+    /// Every publisher is done, every consumer connected, and no address holds a message.
+    fn is_settled(&self) -> bool {
+        self.clients.iter().all(|client| client.is_done() && client.is_connected())
+            && self.cores.iter().all(|core| core.addresses().held_total() == (0, 0))
+    }
+
+    fn check_end(&mut self) {
+        if !self.is_settled() {
+            let stuck: Vec<usize> = self
+                .clients
+                .iter()
+                .filter(|client| !client.is_done() || !client.is_connected())
+                .map(|c| c.id)
+                .collect();
+            let held: Vec<(usize, usize)> = self.cores.iter().map(|core| core.addresses().held_total()).collect();
+            self.ledger.violation(format!(
+                "did not settle by {} ms: clients not done or not connected {stuck:?}; (queued, unacked) per \
+                 shard {held:?}",
+                self.now
+            ));
+            return;
+        }
+        self.ledger.check_nothing_lost();
+        // No writer is parked with bytes to write (a forgotten wake-up leaves them there).
+        for (&(shard, index, generation), &socket) in &self.attached {
+            let conn = ConnId { index, generation };
+            let Some(state) = self.cores[shard].conn(conn) else { continue };
+            let socket = &self.sockets[socket];
+            let parked = socket.writer == WriterState::Parked;
+            if matches!(state.lifecycle().state(), LifecycleState::Running { .. })
+                && parked
+                && !state.outbound.is_empty()
+            {
+                self.ledger.violation(format!(
+                    "shard {shard} conn {conn:?}: {} bytes queued but never written (writer {:?})",
+                    state.outbound.queued_bytes(),
+                    socket.writer
+                ));
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::ClientWake(client) => {
+                let mut out = Vec::new();
+                self.clients[client].wake(self.now, &mut self.rng, &mut out);
+                self.client_out(client, out);
+            }
+            Event::ToServer(socket) => self.arrive_at_server(socket),
+            Event::ToClient(socket) => self.arrive_at_client(socket),
+            Event::Read(socket) => self.read(socket),
+            Event::ReaderEnd(socket) => self.reader_end(socket),
+            Event::Write(socket) => self.write(socket),
+            Event::WriteDone(socket) => self.write_done(socket),
+            Event::Envelope { to, commands } => {
+                self.cores[to].accept_envelope(commands);
+                self.run_work(to);
+            }
+            Event::AckTimer(shard) => self.ack_timer(shard),
+            Event::Expire { shard, conn, attachment } => self.expire(shard, conn, attachment),
+            Event::Adopt { home, socket, open, binding } => {
+                self.sockets[socket].shard = home;
+                self.resume(socket, open, binding);
+            }
+            Event::Chaos => self.chaos(),
+        }
+    }
+
+    // The network.
+
+    fn latency(&mut self) -> u64 {
+        let max = self.options.max_latency_ms;
+        self.rng.range(0, max)
+    }
+
+    /// The client of `socket` writes `bytes` (dropped if the network cut it).
+    fn client_writes(&mut self, socket: SocketId, bytes: Bytes) {
+        let latency = self.latency();
+        let s = &mut self.sockets[socket];
+        if s.cut || s.abandoned {
+            return;
+        }
+        let at = (self.now + latency).max(s.last_to_server);
+        s.last_to_server = at;
+        // Sometimes split, so the broker sees partial frames.
+        if bytes.len() > 1 && self.rng.chance(100) {
+            let split = 1 + self.rng.index(bytes.len() - 1);
+            s.to_server.push((at, bytes.slice(..split)));
+            s.to_server.push((at, bytes.slice(split..)));
+        } else {
+            s.to_server.push((at, bytes));
+        }
+        self.schedule(at, Event::ToServer(socket));
+    }
+
+    fn server_writes(&mut self, socket: SocketId, bytes: Option<Bytes>) {
+        let latency = self.latency();
+        let s = &mut self.sockets[socket];
+        if s.cut {
+            return;
+        }
+        let at = (self.now + latency).max(s.last_to_client);
+        s.last_to_client = at;
+        s.to_client.push((at, bytes));
+        self.schedule(at, Event::ToClient(socket));
+    }
+
+    fn arrive_at_server(&mut self, socket: SocketId) {
+        let now = self.now;
+        let s = &mut self.sockets[socket];
+        let arrived = s.to_server.iter().take_while(|(at, _)| *at <= now).count();
+        for (_, bytes) in s.to_server.drain(..arrived) {
+            s.inbox.extend_from_slice(&bytes);
+        }
+        self.reader_has_input(socket);
+    }
+
+    /// Input (bytes or EOF) for a reader waiting for it.
+    fn reader_has_input(&mut self, socket: SocketId) {
+        if self.sockets[socket].reader == ReaderState::Waiting {
+            self.sockets[socket].reader = ReaderState::Scheduled;
+            self.schedule(self.now, Event::Read(socket));
+        }
+    }
+
+    fn arrive_at_client(&mut self, socket: SocketId) {
+        let now = self.now;
+        let s = &mut self.sockets[socket];
+        let arrived = s.to_client.iter().take_while(|(at, _)| *at <= now).count();
+        let chunks: Vec<Option<Bytes>> = s.to_client.drain(..arrived).map(|(_, bytes)| bytes).collect();
+        let client = s.client;
+        if s.abandoned || self.client_socket[client] != Some(socket) {
+            return;
+        }
+        for chunk in chunks {
+            if self.client_socket[client] != Some(socket) {
+                return;
+            }
+            let mut out = Vec::new();
+            match chunk {
+                Some(bytes) => {
+                    self.clients[client].bytes(self.now, &bytes, &mut self.rng, &mut self.ledger, &mut out);
+                }
+                None => {
+                    // EOF: the broker shut the socket down.
+                    self.client_socket[client] = None;
+                    self.clients[client].lost(self.now, &mut self.rng, &mut out);
+                }
+            }
+            self.client_out(client, out);
+        }
+    }
+
+    fn client_out(&mut self, client: usize, out: Vec<Out>) {
+        for out in out {
+            match out {
+                Out::Write(bytes) => {
+                    if let Some(socket) = self.client_socket[client] {
+                        self.client_writes(socket, bytes);
+                    }
+                }
+                Out::Connect => self.connect(client),
+                Out::WakeAt(at) => self.schedule(at, Event::ClientWake(client)),
+                Out::Abandon => self.abandon(client),
+            }
+        }
+    }
+
+    /// A client connects to a random shard (SO_REUSEPORT) and upgrades (the upgrade itself is
+    /// the handshake parser's, tested elsewhere): the broker waits for the first message.
+    fn connect(&mut self, client: usize) {
+        if self.client_socket[client].is_some() {
+            return;
+        }
+        let shard = self.rng.index(self.options.shards);
+        let socket = self.sockets.len();
+        self.sockets.push(Socket {
+            client,
+            shard,
+            to_server: Vec::new(),
+            to_client: Vec::new(),
+            last_to_server: self.now,
+            last_to_client: self.now,
+            cut: false,
+            client_gone: false,
+            server_shut: false,
+            abandoned: false,
+            subprotocol: Subprotocol::Reliable,
+            conn: None,
+            opened: false,
+            inbox: BytesMut::new(),
+            buf: BytesMut::new(),
+            decoder: Decoder::new(Role::Server, 1 << 20, 1 << 24),
+            reader: ReaderState::Waiting,
+            writer: WriterState::NotStarted,
+            writing: None,
+            close_taken: false,
+            write_failed: false,
+            binding: Binding::Binary,
+        });
+        self.client_socket[client] = Some(socket);
+        let mut out = Vec::new();
+        self.clients[client].connected(&mut out);
+        self.client_out(client, out);
+    }
+
+    /// The client drops its connection without a word (the broker may not notice).
+    fn abandon(&mut self, client: usize) {
+        if let Some(socket) = self.client_socket[client].take() {
+            self.sockets[socket].abandoned = true;
+        }
+    }
+
+    /// The network cuts `socket`: nothing more goes through; the broker's reader sees EOF
+    /// (once it reads), its writes fail; the client notices a little later.
+    fn cut(&mut self, socket: SocketId) {
+        let s = &mut self.sockets[socket];
+        if s.cut {
+            return;
+        }
+        s.cut = true;
+        s.client_gone = true;
+        s.to_server.clear();
+        s.to_client.clear();
+        let client = s.client;
+        self.reader_has_input(socket);
+        if self.client_socket[client] == Some(socket) {
+            self.client_socket[client] = None;
+            let mut out = Vec::new();
+            self.clients[client].lost(self.now, &mut self.rng, &mut out);
+            self.client_out(client, out);
+        }
+    }
+
+    fn chaos(&mut self) {
+        if self.settling {
+            return;
+        }
+        let live: Vec<SocketId> = (0..self.sockets.len())
+            .filter(|&socket| !self.sockets[socket].cut && !self.sockets[socket].abandoned)
+            .collect();
+        if !live.is_empty() {
+            if self.rng.chance(self.options.cut_per_mille * 10) {
+                let socket = live[self.rng.index(live.len())];
+                self.cut(socket);
+            } else if self.rng.chance(self.options.abandon_per_mille * 10) {
+                let socket = live[self.rng.index(live.len())];
+                let client = self.sockets[socket].client;
+                if self.client_socket[client] == Some(socket) {
+                    self.abandon(client);
+                    let mut out = Vec::new();
+                    self.clients[client].lost(self.now, &mut self.rng, &mut out);
+                    self.client_out(client, out);
+                }
+            }
+        }
+        let next = self.now + self.rng.range(1, 20);
+        self.schedule(next, Event::Chaos);
+    }
+
+    // The shell's duties.
+
+    /// A round of work on `shard`, and what it asks for: envelopes to other shards (in order
+    /// per pair), the ack timer, the wakes.
+    fn run_work(&mut self, shard: usize) {
+        let mut wakes = Wakes::default();
+        let effects = self.cores[shard].run_work(self.now, &mut wakes);
+        let wake_ack_timer = effects.wake_ack_timer;
+        assert!(!effects.log_has_pending, "no durable log in the simulation yet");
+        let posts: Vec<(ShardId, Vec<Command>)> = effects.posts.collect();
+        for (to, commands) in posts {
+            let to = usize::from(to.0);
+            let delay = self.rng.range(0, 2);
+            let at = (self.now + delay).max(self.pair_last[shard][to]);
+            self.pair_last[shard][to] = at;
+            self.schedule(at, Event::Envelope { to, commands });
+        }
+        if wake_ack_timer && self.ack_timer_idle[shard] {
+            self.ack_timer_idle[shard] = false;
+            self.schedule(self.now, Event::AckTimer(shard));
+        }
+        for (conn, wake) in wakes.0 {
+            self.wake(shard, conn, wake);
+        }
+    }
+
+    /// Wakes the tasks of the socket attached to `conn` that `wake` names.
+    fn wake(&mut self, shard: usize, conn: ConnId, wake: Wake) {
+        if let Some(&socket) = self.attached.get(&slot_key(shard, conn)) {
+            self.wake_socket(socket, wake);
+        }
+    }
+
+    fn wake_socket(&mut self, socket: SocketId, wake: Wake) {
+        let s = &mut self.sockets[socket];
+        if wake.writer && s.writer == WriterState::Parked {
+            s.writer = WriterState::Scheduled;
+            self.schedule(self.now, Event::Write(socket));
+        }
+        let s = &mut self.sockets[socket];
+        if wake.reader && s.reader == ReaderState::Paused {
+            s.reader = ReaderState::Scheduled;
+            self.schedule(self.now, Event::Read(socket));
+        }
+    }
+
+    /// `shard::Shard::ack_timer_loop`.
+    fn ack_timer(&mut self, shard: usize) {
+        match self.cores[shard].poll_ack_deadline() {
+            None => self.ack_timer_idle[shard] = true,
+            Some(deadline) if deadline > self.now => self.schedule(deadline, Event::AckTimer(shard)),
+            Some(_) => {
+                self.cores[shard].expire_acks(self.now);
+                self.run_work(shard);
+                self.schedule(self.now, Event::AckTimer(shard));
+            }
+        }
+    }
+
+    /// `conn::read_loop` (and `first_message` before the session exists).
+    fn read(&mut self, socket: SocketId) {
+        let s = &mut self.sockets[socket];
+        if s.reader != ReaderState::Scheduled {
+            return;
+        }
+        let inbox = std::mem::take(&mut s.inbox);
+        s.buf.extend_from_slice(&inbox);
+        let Some((me, attachment)) = s.conn else {
+            return self.read_first_message(socket);
+        };
+        let shard = usize::from(me.shard.0);
+        let may_continue = self.cores[shard].conn(me.conn).is_none_or(|state| state.reader_may_continue());
+        if !may_continue {
+            self.sockets[socket].reader = ReaderState::Paused;
+            return;
+        }
+        let s = &mut self.sockets[socket];
+        let step = self.cores[shard].bytes_read(me.conn, attachment, &mut s.decoder, &mut s.buf, self.now);
+        if step == ReadStep::Closing {
+            self.wake_socket(socket, Wake::ALL);
+        }
+        self.run_work(shard);
+        let s = &mut self.sockets[socket];
+        match step {
+            ReadStep::Closing => {
+                s.reader = ReaderState::Closing;
+                // The peer's close or EOF, within the close grace.
+                let current =
+                    self.cores[shard].conn(me.conn).is_some_and(|state| state.lifecycle().is_current(attachment));
+                let wait = if current && !s.client_gone { self.rng.range(0, 50).min(CLOSE_GRACE_MS) } else { 0 };
+                self.schedule(self.now + wait, Event::ReaderEnd(socket));
+            }
+            ReadStep::Paused => {
+                // `continue`: wait until the core lets it go on.
+                s.reader = ReaderState::Scheduled;
+                self.schedule(self.now, Event::Read(socket));
+            }
+            ReadStep::NeedMore => {
+                if !s.inbox.is_empty() {
+                    s.reader = ReaderState::Scheduled;
+                    self.schedule(self.now, Event::Read(socket));
+                } else if s.client_gone {
+                    // EOF.
+                    s.reader = ReaderState::Closing;
+                    self.schedule(self.now, Event::ReaderEnd(socket));
+                } else {
+                    s.reader = ReaderState::Waiting;
+                }
+            }
+        }
+    }
+
+    /// Before a session: decode the first data message; it opens a session, or resumes one
+    /// (here, or on its home shard after a hand-over).
+    fn read_first_message(&mut self, socket: SocketId) {
+        let s = &mut self.sockets[socket];
+        let event = match s.decoder.next_event(&mut s.buf) {
+            Ok(event) => event,
+            Err(error) => {
+                self.ledger.violation(format!("socket {socket}: the client's first frame is broken: {error:?}"));
+                return;
+            }
+        };
+        let (binding, payload) = match event {
+            Some(WsEvent::Binary(payload)) => (Binding::Binary, payload),
+            Some(WsEvent::Text(payload)) => (Binding::Text, payload),
+            Some(other) => {
+                self.ledger.violation(format!("socket {socket}: a first message {other:?}"));
+                return;
+            }
+            None => {
+                if s.client_gone {
+                    s.reader = ReaderState::Done;
+                } else {
+                    s.reader = ReaderState::Waiting;
+                }
+                return;
+            }
+        };
+        let shard = s.shard;
+        let codec_limits = self.cores[shard].session_config().codec_limits;
+        if let Ok(Frame::Open(open)) = mbws::decode(binding, payload.clone(), &codec_limits) {
+            if let Some((home, _, _)) = crate::conn::session::parse_session_id(&open.session_id) {
+                let home = usize::from(home.0);
+                if home == shard {
+                    self.resume(socket, open, binding);
+                } else if home < self.options.shards {
+                    // Handed over through the post office: a new decoder there, the buffered
+                    // bytes go along.
+                    let delay = self.rng.range(0, 2);
+                    self.sockets[socket].decoder = Decoder::new(Role::Server, 1 << 20, 1 << 24);
+                    self.schedule(self.now + delay, Event::Adopt { home, socket, open, binding });
+                } else {
+                    self.ledger.violation(format!("socket {socket}: a session id of no shard"));
+                }
+                return;
+            }
+        }
+        let s = &mut self.sockets[socket];
+        let token = self.rng.next_u64();
+        let (me, attachment) =
+            self.cores[shard].open_session(s.subprotocol, socket as i32, binding, payload, token, self.now);
+        self.start(socket, me, attachment);
+    }
+
+    /// `conn::resume`: the core checks and re-attaches, or the socket gets a refusal.
+    fn resume(&mut self, socket: SocketId, open: mbws::Open, binding: Binding) {
+        let shard = self.sockets[socket].shard;
+        match self.cores[shard].resume_session(&open, binding, socket as i32) {
+            Ok(resumed) => {
+                let old = self.attached.get(&slot_key(shard, resumed.me.conn)).copied();
+                self.start(socket, resumed.me, resumed.attachment);
+                if let Some(old) = old {
+                    // Wake::ALL reaches the old tasks (they notice they are superseded).
+                    self.wake_socket(old, Wake::ALL);
+                }
+                if let Some(stale) = resumed.stale_socket {
+                    // `conn::supersede`: its reading side ends now.
+                    let stale = stale as usize;
+                    self.sockets[stale].client_gone = true;
+                    self.reader_has_input(stale);
+                }
+                self.run_work(shard);
+            }
+            Err(refusal) => {
+                let (code, reason) = refusal.error(&open);
+                let mut out = Outbound::new();
+                out.push_frame(binding, &Frame::Error(ErrorFrame::fatal(code, 0, 0, &reason)));
+                out.push_control(OpCode::Close, &close_payload(code.as_u16(), &reason));
+                let bytes = out.take_batch(WriteBatch::default()).map(|batch| Bytes::from(batch.to_vec()));
+                self.server_writes(socket, bytes);
+                self.server_writes(socket, None);
+                let s = &mut self.sockets[socket];
+                s.server_shut = true;
+                s.reader = ReaderState::Done;
+            }
+        }
+    }
+
+    /// The session runs on `socket`: its writer starts, its reader goes on.
+    fn start(&mut self, socket: SocketId, me: ConnRef, attachment: Attachment) {
+        let shard = usize::from(me.shard.0);
+        self.attached.insert(slot_key(shard, me.conn), socket);
+        let binding = self.cores[shard].conn(me.conn).map_or(Binding::Binary, |state| state.session.binding());
+        let s = &mut self.sockets[socket];
+        s.binding = binding;
+        s.conn = Some((me, attachment));
+        s.opened = true;
+        s.writer = WriterState::Scheduled;
+        s.reader = ReaderState::Scheduled;
+        self.cores[shard].set_writer_running(me.conn, true);
+        self.schedule(self.now, Event::Write(socket));
+        self.schedule(self.now, Event::Read(socket));
+    }
+
+    /// `conn::run` after the read loop: detach or end the session.
+    fn reader_end(&mut self, socket: SocketId) {
+        let s = &mut self.sockets[socket];
+        if s.reader == ReaderState::Done {
+            return;
+        }
+        s.reader = ReaderState::Done;
+        let Some((me, attachment)) = s.conn else { return };
+        let shard = usize::from(me.shard.0);
+        let finished = self.cores[shard].reader_finished(me.conn, attachment, self.now);
+        self.wake_socket(socket, Wake::ALL);
+        if let Some(ReaderFinished::Detached { expires_at_ms }) = finished {
+            self.schedule(expires_at_ms, Event::Expire { shard, conn: me.conn, attachment });
+        }
+        self.run_work(shard);
+    }
+
+    /// `conn::expire_later`.
+    fn expire(&mut self, shard: usize, conn: ConnId, attachment: Attachment) {
+        match self.cores[shard].expire_session(conn, attachment, self.now) {
+            Some(Expiry::NotBefore(at)) => self.schedule(at, Event::Expire { shard, conn, attachment }),
+            Some(Expiry::Expired) => self.run_work(shard),
+            Some(Expiry::Resumed) | None => {}
+        }
+    }
+
+    /// `conn::write_loop`: take a batch and write it, or park.
+    fn write(&mut self, socket: SocketId) {
+        let s = &mut self.sockets[socket];
+        if s.writer != WriterState::Scheduled {
+            return;
+        }
+        let (me, attachment) = s.conn.expect("a writer runs for a session");
+        let shard = usize::from(me.shard.0);
+        let next = match self.cores[shard].conn_mut(me.conn) {
+            Some(state) => state.take_write_batch(attachment, WriteBatch::default()),
+            None => NextWrite::Superseded,
+        };
+        match next {
+            NextWrite::Wait => s.writer = WriterState::Parked,
+            NextWrite::Done => self.end_writer(socket, false),
+            NextWrite::Superseded => self.end_writer(socket, true),
+            NextWrite::Batch { mut batch, closing } => {
+                s.close_taken |= closing;
+                let credits = std::mem::take(&mut batch.credits);
+                let outcome = if s.cut || s.server_shut { WriteOutcome::Failed } else { WriteOutcome::Written };
+                s.writing = Some((credits, outcome));
+                s.writer = WriterState::Busy;
+                if outcome == WriteOutcome::Written {
+                    self.server_writes(socket, Some(Bytes::from(batch.to_vec())));
+                }
+                let delay = self.rng.range(0, 2);
+                self.schedule(self.now + delay, Event::WriteDone(socket));
+            }
+        }
+    }
+
+    fn write_done(&mut self, socket: SocketId) {
+        let s = &mut self.sockets[socket];
+        let (me, attachment) = s.conn.expect("a writer runs for a session");
+        let (credits, outcome) = s.writing.take().expect("a write in progress");
+        let shard = usize::from(me.shard.0);
+        let next = self.cores[shard].write_completed(me.conn, attachment, outcome, credits);
+        let wake = match next {
+            Some(Written::Continue { wake_reader }) => Wake { writer: false, reader: wake_reader },
+            Some(Written::Failed) => Wake::ALL,
+            _ => Wake::default(),
+        };
+        self.wake_socket(socket, wake);
+        if self.cores[shard].has_work() {
+            self.run_work(shard);
+        }
+        match next.unwrap_or(Written::Superseded) {
+            Written::Continue { .. } => {
+                self.sockets[socket].writer = WriterState::Scheduled;
+                self.schedule(self.now, Event::Write(socket));
+            }
+            Written::Failed => {
+                self.sockets[socket].write_failed = true;
+                self.end_writer(socket, false);
+            }
+            Written::CutShort => self.end_writer(socket, false),
+            Written::Superseded => self.end_writer(socket, true),
+        }
+    }
+
+    /// The writer ends: frees the slot of an ended connection; a superseded one says why.
+    fn end_writer(&mut self, socket: SocketId, superseded: bool) {
+        let s = &mut self.sockets[socket];
+        s.writer = WriterState::Done;
+        let (me, attachment) = s.conn.expect("a writer runs for a session");
+        let shard = usize::from(me.shard.0);
+        let current = self.cores[shard].conn(me.conn).is_some_and(|state| state.lifecycle().is_current(attachment));
+        if current {
+            self.cores[shard].set_writer_running(me.conn, false);
+        }
+        let s = &self.sockets[socket];
+        if superseded && !s.close_taken && !s.write_failed {
+            let mut farewell = Outbound::new();
+            let error = ErrorFrame::fatal(ErrorCode::Conflict, 0, 0, SUPERSEDED_REASON);
+            farewell.push_frame(s.binding, &Frame::Error(error));
+            farewell.push_control(OpCode::Close, &close_payload(ErrorCode::Conflict.as_u16(), SUPERSEDED_REASON));
+            let bytes = farewell.take_batch(WriteBatch::default()).map(|batch| Bytes::from(batch.to_vec()));
+            self.server_writes(socket, bytes);
+        }
+        self.sockets[socket].server_shut = true;
+        self.server_writes(socket, None);
+    }
+}
