@@ -5,7 +5,7 @@
 #![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
@@ -14,6 +14,7 @@ use mbws::config::file::{parse_level, parse_log_format, parse_recovery, recovery
 use mbws::config::{Config, Origins, DEFAULT_LISTEN, FLAG_RANGES};
 use mbws::log;
 use mbws::logging::{self, Level, LogFormat};
+use mbws::summary::Summary;
 
 /// mimalloc instead of glibc's malloc: the broker allocates and frees a few small objects per
 /// message (the shared message, a queued message's compact copy), and glibc's allocator spent
@@ -148,11 +149,11 @@ fn main() -> ExitCode {
     let matches = command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let checking = args.check_config || args.print_config;
-    let config = match config_from(args, &matches)
-        .and_then(|(config, origins)| config.validate_from(&origins).map(|()| config))
-        .and_then(|config| mbws::config::check_data_dir(&config.data_dir).map(|()| config))
+    let (config, origins) = match config_from(args, &matches)
+        .and_then(|(config, origins)| config.validate_from(&origins).map(|()| (config, origins)))
+        .and_then(|(config, origins)| mbws::config::check_data_dir(&config.data_dir).map(|()| (config, origins)))
     {
-        Ok(config) => config,
+        Ok(valid) => valid,
         Err(problem) => {
             eprintln!("mbws-broker: {problem}");
             return ExitCode::from(if checking { 1 } else { 2 });
@@ -190,6 +191,11 @@ fn main() -> ExitCode {
         }
     };
     let shards = config.shards;
+    let summary_interval_secs = config.summary_interval_secs;
+    if let Some(file) = origins.file() {
+        log!(Level::Info, "configuration from {} (flags given override it)", file.display());
+    }
+    let started = Instant::now();
     let running = match mbws::shard::start(config) {
         Ok(running) => running,
         Err(error) => {
@@ -206,12 +212,22 @@ fn main() -> ExitCode {
         shards,
         running.io_driver
     );
+    let summary_interval = Duration::from_secs(summary_interval_secs);
+    let mut summary = Summary::new(started);
+    let mut next_summary = started + summary_interval;
     let signal = loop {
-        match wait_for_signal(&signals) {
-            libc::SIGHUP => {
+        let wait = (summary_interval_secs > 0).then(|| next_summary.saturating_duration_since(Instant::now()));
+        match wait_for_signal(&signals, wait) {
+            Some(libc::SIGHUP) => {
                 log!(Level::Info, "received SIGHUP: there are no settings to reload; still running");
             }
-            signal => break signal,
+            Some(signal) => break signal,
+            None if Instant::now() >= next_summary => {
+                log_summary(&mut summary, &running, shards);
+                // The next one an interval later; after a stall (a suspended machine), from now.
+                next_summary = (next_summary + summary_interval).max(Instant::now());
+            }
+            None => {} // Woken early (EINTR): wait for the rest.
         }
     };
     log!(Level::Info, "received signal {signal}; closing connections (1001) and stopping");
@@ -374,11 +390,50 @@ fn block_handled_signals() -> std::io::Result<libc::sigset_t> {
     Ok(set)
 }
 
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
-    let mut signal: libc::c_int = 0;
-    // SAFETY: `set` holds blocked signals; `signal` is a live c_int.
-    unsafe { libc::sigwait(set, &mut signal) };
-    signal
+/// Waits for one of the blocked signals in `set`, for at most `timeout` (`None`: for ever).
+/// `None` when the time ran out (or the wait was interrupted) without a signal.
+fn wait_for_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<i32> {
+    let Some(timeout) = timeout else {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: `set` holds blocked signals; `signal` is a live c_int.
+        unsafe { libc::sigwait(set, &mut signal) };
+        return Some(signal);
+    };
+    let timeout = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
+    // SAFETY: `set` holds blocked signals and `timeout` is a live timespec; a null siginfo
+    // pointer is allowed.
+    let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
+    (signal > 0).then_some(signal)
+}
+
+/// How long the summary waits for the shards' reports (each answers between two rounds of
+/// work, well within this unless a shard is stuck, which the summary then shows).
+const SUMMARY_REPORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Logs one summary line at info: message rates since the last one, sessions, queue depth.
+fn log_summary(summary: &mut Summary, running: &mbws::shard::Running, shards: usize) {
+    let reports = running.report(SUMMARY_REPORT_TIMEOUT);
+    let line = summary.next(&reports, shards, Instant::now());
+    if line.shards_reporting < line.shards {
+        log!(
+            Level::Warn,
+            "summary: only {} of {} shards answered within {} ms; the figures below leave the others out",
+            line.shards_reporting,
+            line.shards,
+            SUMMARY_REPORT_TIMEOUT.as_millis()
+        );
+    }
+    log!(
+        Level::Info,
+        "summary";
+        received_per_sec = line.received_per_sec,
+        delivered_per_sec = line.delivered_per_sec,
+        sessions = line.sessions,
+        queued_messages = line.queued_messages,
+        queued_bytes = line.queued_bytes,
+        received_total = line.messages_received,
+        delivered_total = line.messages_delivered,
+    );
 }
 
 #[cfg(test)]

@@ -181,11 +181,11 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
         Ok(Ok(upgrade)) => upgrade,
         Ok(Err(Some(refusal))) => {
             log!(
-                Level::Debug,
-                "shard {}: refused upgrade from {peer}: {} {}",
-                shard.id.0,
-                refusal.status,
-                refusal.reason
+                Level::Info,
+                "shard {}: upgrade refused", shard.id.0;
+                peer = peer,
+                status = refusal.status,
+                reason = refusal.reason,
             );
             let (_, _) = stream.write_all(refusal.response()).await;
             let _ = stream.shutdown().await;
@@ -269,7 +269,13 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
             (attachment, Wake::ALL)
         })
         .expect("a connection just registered");
-    log!(Level::Debug, "shard {}: connection {}.{} from {peer} opened", shard.id.0, me.conn.index, me.conn.generation);
+    log!(
+        Level::Info,
+        "shard {}: connection opened", shard.id.0;
+        peer = peer,
+        protocol = upgrade.protocol.name(),
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
+    );
     Opening::Opened(Box::new(Attached { me, attachment, stream, buf, decoder }))
 }
 
@@ -444,11 +450,10 @@ async fn resume(
     shard.mark_dirty(me.conn);
     shard.run_work();
     log!(
-        Level::Debug,
-        "shard {}: connection {}.{} from {peer} resumed its session",
-        shard.id.0,
-        me.conn.index,
-        me.conn.generation
+        Level::Info,
+        "shard {}: session resumed", shard.id.0;
+        peer = peer,
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
     );
     let mut decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
     run(&shard, me, attachment, stream, &mut buf, &mut decoder, &peer).await;
@@ -506,39 +511,38 @@ async fn run(
 
     let mut commands = Vec::new();
     let expiry_ms = u64::from(shard.config.session_expiry_ms);
-    let detached = shard
-        .with_conn(me.conn, |state| (state.reader_finished(attachment, now_ms(), expiry_ms, &mut commands), Wake::ALL))
-        .flatten();
-    let Some(detached) = detached else {
+    let finished = shard.with_conn(me.conn, |state| {
+        let detached = state.reader_finished(attachment, now_ms(), expiry_ms, &mut commands);
+        let reason = state
+            .close_reason()
+            .map_or_else(|| "connection lost (no close frame)".to_string(), |close| close.to_string());
+        ((detached, reason), Wake::ALL)
+    });
+    let Some((Some(detached), reason)) = finished else {
         return; // Superseded: the session belongs to a newer connection now.
     };
+    let conn = format!("{}.{}", me.conn.index, me.conn.generation);
     if detached {
         let expiry = Duration::from_millis(u64::from(shard.config.session_expiry_ms));
         log!(
-            Level::Debug,
-            "shard {}: connection {}.{} from {peer} lost; session kept for {} ms",
-            shard.id.0,
-            me.conn.index,
-            me.conn.generation,
-            expiry.as_millis()
+            Level::Info,
+            "shard {}: connection closed, session kept for resume", shard.id.0;
+            peer = peer,
+            reason = reason,
+            conn = conn,
+            expiry_ms = expiry.as_millis(),
         );
-        monoio::spawn(expire_later(shard.clone(), me, attachment, expiry));
+        monoio::spawn(expire_later(shard.clone(), me, attachment, expiry, *peer));
     } else {
         shard.unregister(me.conn);
-        log!(
-            Level::Debug,
-            "shard {}: connection {}.{} from {peer} closed",
-            shard.id.0,
-            me.conn.index,
-            me.conn.generation
-        );
+        log!(Level::Info, "shard {}: connection closed", shard.id.0; peer = peer, reason = reason, conn = conn);
     }
     shard.submit_address_commands(&mut commands);
     shard.run_work();
 }
 
 /// Ends a detached session that nobody resumed by its expiry (`Lifecycle::expire`).
-async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, expiry: Duration) {
+async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, expiry: Duration, peer: SocketAddr) {
     let mut wait = expiry;
     let mut commands = Vec::new();
     loop {
@@ -552,7 +556,12 @@ async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, exp
         }
     }
     shard.unregister(me.conn);
-    log!(Level::Debug, "shard {}: session of connection {}.{} expired", shard.id.0, me.conn.index, me.conn.generation);
+    log!(
+        Level::Info,
+        "shard {}: session expired, not resumed in time", shard.id.0;
+        peer = peer,
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
+    );
     shard.submit_address_commands(&mut commands);
     shard.run_work();
 }
