@@ -1,11 +1,18 @@
 //! Broker configuration: every bound the broker enforces, with its unit in its name.
 //!
-//! `Config` is built once by `main` (from flags) and shared read-only by every shard.
+//! `Config` is built once by `main` (from the configuration file, then the flags, which
+//! override it) and shared read-only by every shard. [`Config::default`] is the one source of
+//! defaults and [`FLAG_RANGES`] the one source of valid ranges, for the flags and the file's
+//! keys alike ([`mod@file`]).
 
+pub mod file;
+
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::logging::{Level, LogFormat};
 use crate::mbws::{CodecLimits, Limits};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
@@ -66,6 +73,11 @@ pub struct Config {
     pub durable_addresses: Vec<String>,
     /// Credit a SUBSCRIBE with credit 0 gets (capped at `max_credit`).
     pub default_credit: u32,
+    /// The most detailed level logged, and how each line is written (text or JSON).
+    pub log_level: Level,
+    pub log_format: LogFormat,
+    /// Seconds between two one-line summaries at info level (0: none).
+    pub summary_interval_secs: u64,
     // No bound on the cross-shard mailboxes: they are unbounded on purpose, and what may wait
     // in them is bounded at its sources (see the module docs of `shard::mailbox`).
 }
@@ -108,6 +120,9 @@ impl Default for Config {
             log_recovery: log.recovery,
             durable_addresses: Vec::new(),
             default_credit: crate::mbws::DEFAULT_CREDIT,
+            log_level: Level::Info,
+            log_format: LogFormat::Text,
+            summary_interval_secs: 60,
         }
     }
 }
@@ -147,48 +162,53 @@ impl Config {
     }
 
     /// Checks every flag against its range ([`FLAG_RANGES`]) and the relations between them;
-    /// the message names the flag, the value, the range and what to do.
+    /// the message names the flag, the value, the range and what to do. Settings are named as
+    /// flags (`--shards 0`); [`Config::validate_from`] names those from a configuration file as
+    /// its keys.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_from(&Origins::default())
+    }
+
+    /// [`Config::validate`], naming each setting as the user gave it ([`Origins`]).
+    pub fn validate_from(&self, origins: &Origins) -> Result<(), String> {
         for range in FLAG_RANGES {
-            let value = (range.value)(self);
-            if !(range.min..=range.max).contains(&value) {
-                return Err(format!(
-                    "{} {value} is out of range: use {} ({})",
-                    range.flag,
-                    range.range_text(),
-                    range.meaning
-                ));
-            }
+            range.check((range.value)(self), origins)?;
         }
+        let setting = |flag: &str, value: &dyn Display| origins.describe(flag, value);
         if self.max_frame_bytes > self.max_message_bytes {
             return Err(format!(
-                "--max-frame-bytes {} exceeds --max-message-bytes {}: a frame cannot be larger than a message; \
+                "{} exceeds {}: a frame cannot be larger than a message; \
                  lower --max-frame-bytes or raise --max-message-bytes",
-                self.max_frame_bytes, self.max_message_bytes
+                setting("--max-frame-bytes", &self.max_frame_bytes),
+                setting("--max-message-bytes", &self.max_message_bytes)
             ));
         }
         if self.max_queued_bytes < self.max_message_bytes {
             return Err(format!(
-                "--max-queued-bytes {} is below --max-message-bytes {}: a message of the largest size could \
+                "{} is below {}: a message of the largest size could \
                  never be queued; raise --max-queued-bytes or lower --max-message-bytes",
-                self.max_queued_bytes, self.max_message_bytes
+                setting("--max-queued-bytes", &self.max_queued_bytes),
+                setting("--max-message-bytes", &self.max_message_bytes)
             ));
         }
         let budget_per_shard = self.memory_budget_bytes / self.shards;
         if budget_per_shard < self.max_message_bytes {
             return Err(format!(
-                "--memory-budget-bytes {} split over {} shards leaves {budget_per_shard} bytes per shard, below \
-                 --max-message-bytes {}: a message of the largest size could never be queued; raise \
+                "{} split over {} shards leaves {budget_per_shard} bytes per shard, below \
+                 {}: a message of the largest size could never be queued; raise \
                  --memory-budget-bytes, or lower --shards or --max-message-bytes",
-                self.memory_budget_bytes, self.shards, self.max_message_bytes
+                setting("--memory-budget-bytes", &self.memory_budget_bytes),
+                self.shards,
+                setting("--max-message-bytes", &self.max_message_bytes)
             ));
         }
         for pattern in &self.durable_addresses {
             let name = pattern.strip_suffix('*').unwrap_or(pattern);
             if name.contains('*') || pattern.is_empty() || pattern.len() > self.max_address_bytes {
                 return Err(format!(
-                    "--durable-address \"{pattern}\" is not an address name: use an exact name of 1 to {} bytes, \
+                    "{} is not an address name: use an exact name of 1 to {} bytes, \
                      or a prefix followed by one * at the end (orders.*)",
+                    setting("--durable-address", &format_args!("\"{pattern}\"")),
                     self.max_address_bytes
                 ));
             }
@@ -214,6 +234,45 @@ impl Config {
     }
 }
 
+/// Where each setting came from, so that an error names it as the user wrote it: `--shards 0`
+/// for a flag (and for a default), `shards = 0 (in /etc/mbws/broker.toml)` for a key of the
+/// configuration file that no flag overrode. Keys are the flags without their `--`.
+#[derive(Debug, Clone, Default)]
+pub struct Origins {
+    /// The configuration file, and the keys whose values are still the file's.
+    file: Option<PathBuf>,
+    keys_from_file: Vec<String>,
+}
+
+impl Origins {
+    /// Settings from `file`: `keys` are the ones it set (flags may override some later).
+    pub fn from_file(file: PathBuf, keys: Vec<String>) -> Origins {
+        Origins { file: Some(file), keys_from_file: keys }
+    }
+
+    /// The flag `--name` was given: its value is no longer the file's.
+    pub fn overridden_by_flag(&mut self, flag: &str) {
+        let key = flag.trim_start_matches("--");
+        self.keys_from_file.retain(|from_file| from_file != key);
+    }
+
+    /// The configuration file, if one was read.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.file.as_deref()
+    }
+
+    /// `--shards 0`, or `shards = 0 (in broker.toml)` when the value came from the file.
+    pub fn describe(&self, flag: &str, value: &dyn Display) -> String {
+        let key = flag.trim_start_matches("--");
+        match &self.file {
+            Some(file) if self.keys_from_file.iter().any(|from_file| from_file == key) => {
+                format!("{key} = {value} (in {})", file.display())
+            }
+            _ => format!("{flag} {value}"),
+        }
+    }
+}
+
 /// Most application headers a client may put on one message: what the binary binding can
 /// carry ([`MAX_HEADER_COUNT`](crate::mbws::binary::MAX_HEADER_COUNT)) less the headers
 /// dead-lettering adds, so a dead-lettered message can always be encoded.
@@ -236,6 +295,20 @@ impl FlagRange {
     /// `1024..=67108864`.
     pub fn range_text(&self) -> String {
         format!("{}..={}", self.min, self.max)
+    }
+
+    /// The one range check, for a flag and for a key of the configuration file: the message
+    /// names the setting as the user gave it, the value, the range and what it counts.
+    pub fn check(&self, value: u64, origins: &Origins) -> Result<(), String> {
+        if (self.min..=self.max).contains(&value) {
+            return Ok(());
+        }
+        Err(format!(
+            "{} is out of range: use {} ({})",
+            origins.describe(self.flag, &value),
+            self.range_text(),
+            self.meaning
+        ))
     }
 }
 
@@ -372,6 +445,13 @@ pub const FLAG_RANGES: &[FlagRange] = &[
         max: crate::store::MAX_SEGMENT_BYTES,
         meaning: "bytes",
         value: |c| c.log_segment_bytes,
+    },
+    FlagRange {
+        flag: "--summary-interval-secs",
+        min: 0,
+        max: DAY_MS / 1000,
+        meaning: "seconds, 0 for no summary",
+        value: |c| c.summary_interval_secs,
     },
 ];
 

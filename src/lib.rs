@@ -20,3 +20,4 @@ pub mod logging;
 pub mod shard;
 pub mod sim;
 pub mod store;
+pub mod summary;

@@ -5,14 +5,16 @@
 #![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
-use mbws::config::{Config, DEFAULT_LISTEN, FLAG_RANGES};
+use mbws::config::file::{parse_level, parse_log_format, parse_recovery, recovery_name, ConfigFile};
+use mbws::config::{Config, Origins, DEFAULT_LISTEN, FLAG_RANGES};
 use mbws::log;
-use mbws::logging::{self, Level};
+use mbws::logging::{self, Level, LogFormat};
+use mbws::summary::Summary;
 
 /// mimalloc instead of glibc's malloc: the broker allocates and frees a few small objects per
 /// message (the shared message, a queued message's compact copy), and glibc's allocator spent
@@ -100,30 +102,30 @@ struct Args {
     /// skip-corrupt (skip it, keep the rest, keep the original file aside).
     #[arg(long, default_value = recovery_name(Config::default().log_recovery), value_parser = parse_recovery)]
     log_recovery: mbws::store::RecoveryMode,
-    /// Log level: error, warn, info or debug.
-    #[arg(long, default_value = "info", value_parser = parse_level)]
+    /// Log level: error, warn, info or debug (debug adds a line per connection step).
+    #[arg(long, default_value = Config::default().log_level.name(), value_parser = parse_level)]
     log_level: Level,
+    /// Log line format: text, or json (one object per line: ts, level, target, shard, msg and
+    /// the event's fields).
+    #[arg(long, default_value = Config::default().log_format.name(), value_parser = parse_log_format)]
+    log_format: LogFormat,
+    /// Seconds between two one-line summaries logged at info (message rates, sessions, queued
+    /// messages and bytes); 0: none.
+    #[arg(long, default_value_t = Config::default().summary_interval_secs)]
+    summary_interval_secs: u64,
+    /// Configuration file (TOML): every flag is also a key, spelled as the flag without its
+    /// dashes in front (max-message-bytes = 65536); a flag given here overrides the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Check the configuration (the file and the flags) and exit: 0 if the broker would start
+    /// with it, 1 (with the reason) if not. Nothing is written and nothing listens.
+    #[arg(long)]
+    check_config: bool,
+    /// Print the effective configuration (the file, then the flags, then the defaults) as TOML
+    /// and exit (1 if it is not valid). Secrets are printed as "<redacted>".
+    #[arg(long)]
+    print_config: bool,
 }
-
-fn parse_recovery(text: &str) -> Result<mbws::store::RecoveryMode, String> {
-    match text {
-        "strict" => Ok(mbws::store::RecoveryMode::Strict),
-        "skip-corrupt" => Ok(mbws::store::RecoveryMode::SkipCorrupt),
-        _ => Err(format!("unknown recovery mode \"{text}\": use strict or skip-corrupt")),
-    }
-}
-
-fn recovery_name(mode: mbws::store::RecoveryMode) -> &'static str {
-    match mode {
-        mbws::store::RecoveryMode::Strict => "strict",
-        mbws::store::RecoveryMode::SkipCorrupt => "skip-corrupt",
-    }
-}
-
-fn parse_level(text: &str) -> Result<Level, String> {
-    Level::parse(text).ok_or_else(|| format!("unknown log level \"{text}\": use error, warn, info or debug"))
-}
-
 /// Builds the command line with each numeric flag's valid range ([`FLAG_RANGES`]) appended
 /// to its help text, so `--help`, the start-up check and the README share one source.
 fn command() -> clap::Command {
@@ -135,19 +137,38 @@ fn command() -> clap::Command {
             arg.help(format!("{help} [range: {}]", range.range_text()))
         });
     }
-    command.after_help("Exit status: 0 after SIGINT or SIGTERM, 1 when the broker cannot start, 2 on bad usage.")
+    command.after_help(
+        "Exit status: 0 after SIGINT or SIGTERM, 1 when the broker cannot start, 2 on bad usage (a bad flag, \
+         or a bad key or value in the configuration file). With --check-config or --print-config: 0 for a valid \
+         configuration, 1 otherwise.",
+    )
 }
 
 fn main() -> ExitCode {
     install_panic_hook();
     let matches = command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
-    logging::set_level(args.log_level);
-    let config = config_from(args, &matches);
-    if let Err(problem) = config.validate().and_then(|()| mbws::config::check_data_dir(&config.data_dir)) {
-        eprintln!("mbws-broker: {problem}");
-        return ExitCode::from(2);
+    let checking = args.check_config || args.print_config;
+    let (config, origins) = match config_from(args, &matches)
+        .and_then(|(config, origins)| config.validate_from(&origins).map(|()| (config, origins)))
+        .and_then(|(config, origins)| mbws::config::check_data_dir(&config.data_dir).map(|()| (config, origins)))
+    {
+        Ok(valid) => valid,
+        Err(problem) => {
+            eprintln!("mbws-broker: {problem}");
+            return ExitCode::from(if checking { 1 } else { 2 });
+        }
+    };
+    if checking {
+        if matches.get_flag("print_config") {
+            print!("{}", ConfigFile::effective(&config).to_toml());
+        } else {
+            println!("mbws-broker: the configuration is valid");
+        }
+        return ExitCode::SUCCESS;
     }
+    logging::set_level(config.log_level);
+    logging::set_format(config.log_format);
     let cores = mbws::config::available_cores();
     if config.shards > cores {
         // Allowed (a container's CPU quota or a test may call for it), but every shard is a
@@ -170,6 +191,11 @@ fn main() -> ExitCode {
         }
     };
     let shards = config.shards;
+    let summary_interval_secs = config.summary_interval_secs;
+    if let Some(file) = origins.file() {
+        log!(Level::Info, "configuration from {} (flags given override it)", file.display());
+    }
+    let started = Instant::now();
     let running = match mbws::shard::start(config) {
         Ok(running) => running,
         Err(error) => {
@@ -186,12 +212,22 @@ fn main() -> ExitCode {
         shards,
         running.io_driver
     );
+    let summary_interval = Duration::from_secs(summary_interval_secs);
+    let mut summary = Summary::new(started);
+    let mut next_summary = started + summary_interval;
     let signal = loop {
-        match wait_for_signal(&signals) {
-            libc::SIGHUP => {
+        let wait = (summary_interval_secs > 0).then(|| next_summary.saturating_duration_since(Instant::now()));
+        match wait_for_signal(&signals, wait) {
+            Some(libc::SIGHUP) => {
                 log!(Level::Info, "received SIGHUP: there are no settings to reload; still running");
             }
-            signal => break signal,
+            Some(signal) => break signal,
+            None if Instant::now() >= next_summary => {
+                log_summary(&mut summary, &running, shards);
+                // The next one an interval later; after a stall (a suspended machine), from now.
+                next_summary = (next_summary + summary_interval).max(Instant::now());
+            }
+            None => {} // Woken early (EINTR): wait for the rest.
         }
     };
     log!(Level::Info, "received signal {signal}; closing connections (1001) and stopping");
@@ -200,42 +236,82 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The broker's settings: the flags given, and [`Config::default`] for the rest (every flag's
-/// default is read from it too, so a flag left out and a setting without a flag agree).
-fn config_from(args: Args, matches: &clap::ArgMatches) -> Config {
-    let given = |id: &str| matches.value_source(id) != Some(ValueSource::DefaultValue);
-    let defaults = Config::default();
-    Config {
-        listen: args.listen,
-        shards: args.shards.unwrap_or_else(mbws::config::available_cores),
-        pin_threads: !args.no_pin,
-        // A default the user did not set follows the setting it must agree with.
-        max_frame_bytes: if given("max_frame_bytes") {
-            args.max_frame_bytes
-        } else {
-            defaults.max_frame_bytes.min(args.max_message_bytes)
-        },
-        max_message_bytes: args.max_message_bytes,
-        max_queued_messages: args.max_queued_messages,
-        max_inflight_sends: args.max_inflight_sends,
-        max_outbound_bytes: args.max_outbound_bytes,
-        max_subscriptions: args.max_subscriptions,
-        max_credit: args.max_credit,
-        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
-        open_timeout: Duration::from_millis(args.open_timeout_ms),
-        session_expiry_ms: args.session_expiry_ms,
-        ack_timeout_ms: args.ack_timeout_ms,
-        max_deliveries: args.max_deliveries,
-        max_queued_bytes: args.max_queued_bytes,
-        memory_budget_bytes: args.memory_budget_bytes,
-        data_dir: args.data_dir,
-        durable_addresses: args.durable_addresses,
-        log_batch_delay: Duration::from_micros(args.log_batch_delay_us),
-        log_batch_bytes: args.log_batch_bytes,
-        log_segment_bytes: args.log_segment_bytes,
-        log_recovery: args.log_recovery,
-        ..defaults
+/// The broker's settings: [`Config::default`], then the configuration file's keys (if
+/// `--config`), then the flags given on the command line, each overriding what came before.
+/// Every flag's default is read from `Config::default()` too, so a flag left out and a
+/// setting without a flag agree. The [`Origins`] say which values came from the file.
+fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origins), String> {
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let mut config = Config::default();
+    let mut origins = Origins::default();
+    let mut file = ConfigFile::default();
+    if let Some(path) = &args.config {
+        file = ConfigFile::read(path)?;
+        origins = Origins::from_file(path.clone(), file.keys());
+        file.apply(&mut config, &origins)?;
     }
+    for id in matches.ids().map(clap::Id::as_str).filter(|id| given(id)) {
+        origins.overridden_by_flag(&format!("--{}", id.replace('_', "-")));
+    }
+    if given("durable_addresses") {
+        origins.overridden_by_flag("--durable-address");
+    }
+    if given("listen") {
+        config.listen = args.listen;
+    }
+    if let Some(shards) = args.shards {
+        config.shards = shards;
+    }
+    if args.no_pin {
+        config.pin_threads = false;
+    }
+    // A default the user did not set follows the setting it must agree with.
+    if given("max_frame_bytes") {
+        config.max_frame_bytes = args.max_frame_bytes;
+    }
+    if given("max_message_bytes") {
+        config.max_message_bytes = args.max_message_bytes;
+    }
+    if !given("max_frame_bytes") && file.max_frame_bytes.is_none() {
+        config.max_frame_bytes = Config::default().max_frame_bytes.min(config.max_message_bytes);
+    }
+    macro_rules! flags_override {
+        ($($field:ident),+ $(,)?) => {
+            $(if given(stringify!($field)) {
+                config.$field = args.$field;
+            })+
+        };
+    }
+    flags_override!(
+        max_queued_messages,
+        max_inflight_sends,
+        max_outbound_bytes,
+        max_subscriptions,
+        max_credit,
+        session_expiry_ms,
+        ack_timeout_ms,
+        max_deliveries,
+        max_queued_bytes,
+        memory_budget_bytes,
+        data_dir,
+        durable_addresses,
+        log_batch_bytes,
+        log_segment_bytes,
+        log_recovery,
+        log_level,
+        log_format,
+        summary_interval_secs,
+    );
+    if given("handshake_timeout_ms") {
+        config.handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
+    }
+    if given("open_timeout_ms") {
+        config.open_timeout = Duration::from_millis(args.open_timeout_ms);
+    }
+    if given("log_batch_delay_us") {
+        config.log_batch_delay = Duration::from_micros(args.log_batch_delay_us);
+    }
+    Ok((config, origins))
 }
 
 /// A panic anywhere (a shard thread included) is a broken invariant: log it with its thread
@@ -314,11 +390,50 @@ fn block_handled_signals() -> std::io::Result<libc::sigset_t> {
     Ok(set)
 }
 
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
-    let mut signal: libc::c_int = 0;
-    // SAFETY: `set` holds blocked signals; `signal` is a live c_int.
-    unsafe { libc::sigwait(set, &mut signal) };
-    signal
+/// Waits for one of the blocked signals in `set`, for at most `timeout` (`None`: for ever).
+/// `None` when the time ran out (or the wait was interrupted) without a signal.
+fn wait_for_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<i32> {
+    let Some(timeout) = timeout else {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: `set` holds blocked signals; `signal` is a live c_int.
+        unsafe { libc::sigwait(set, &mut signal) };
+        return Some(signal);
+    };
+    let timeout = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
+    // SAFETY: `set` holds blocked signals and `timeout` is a live timespec; a null siginfo
+    // pointer is allowed.
+    let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
+    (signal > 0).then_some(signal)
+}
+
+/// How long the summary waits for the shards' reports (each answers between two rounds of
+/// work, well within this unless a shard is stuck, which the summary then shows).
+const SUMMARY_REPORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Logs one summary line at info: message rates since the last one, sessions, queue depth.
+fn log_summary(summary: &mut Summary, running: &mbws::shard::Running, shards: usize) {
+    let reports = running.report(SUMMARY_REPORT_TIMEOUT);
+    let line = summary.next(&reports, shards, Instant::now());
+    if line.shards_reporting < line.shards {
+        log!(
+            Level::Warn,
+            "summary: only {} of {} shards answered within {} ms; the figures below leave the others out",
+            line.shards_reporting,
+            line.shards,
+            SUMMARY_REPORT_TIMEOUT.as_millis()
+        );
+    }
+    log!(
+        Level::Info,
+        "summary";
+        received_per_sec = line.received_per_sec,
+        delivered_per_sec = line.delivered_per_sec,
+        sessions = line.sessions,
+        queued_messages = line.queued_messages,
+        queued_bytes = line.queued_bytes,
+        received_total = line.messages_received,
+        delivered_total = line.messages_delivered,
+    );
 }
 
 #[cfg(test)]
@@ -331,6 +446,27 @@ mod tests {
     fn every_flag_defaults_to_config_default() {
         let matches = command().try_get_matches_from(["mbws-broker"]).unwrap();
         let args = Args::from_arg_matches(&matches).unwrap();
-        assert_eq!(format!("{:?}", config_from(args, &matches)), format!("{:?}", Config::default()));
+        let (config, _) = config_from(args, &matches).unwrap();
+        assert_eq!(format!("{config:?}"), format!("{:?}", Config::default()));
+    }
+
+    /// Every flag that is a setting is a key of the configuration file, spelled as the flag,
+    /// and every key of the file is a flag: the two cannot drift apart.
+    /// Flags that are not settings of the broker (they say what to do with them): not keys of
+    /// the configuration file.
+    const COMMAND_FLAGS: &[&str] = &["config", "check_config", "print_config"];
+
+    #[test]
+    fn every_flag_is_a_key_of_the_configuration_file() {
+        let mut flags: Vec<String> = command()
+            .get_arguments()
+            .filter(|arg| !COMMAND_FLAGS.contains(&arg.get_id().as_str()))
+            .filter_map(|arg| arg.get_long().map(str::to_string))
+            .filter(|long| long != "help" && long != "version")
+            .collect();
+        let mut keys = ConfigFile::effective(&Config::default()).keys();
+        flags.sort();
+        keys.sort();
+        assert_eq!(flags, keys, "the flags (left) and the configuration file's keys (right) differ");
     }
 }

@@ -182,11 +182,11 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
         Ok(Ok(upgrade)) => upgrade,
         Ok(Err(Some(refusal))) => {
             log!(
-                Level::Debug,
-                "shard {}: refused upgrade from {peer}: {} {}",
-                shard.id.0,
-                refusal.status,
-                refusal.reason
+                Level::Info,
+                "shard {}: upgrade refused", shard.id.0;
+                peer = peer,
+                status = refusal.status,
+                reason = refusal.reason,
             );
             let (_, _) = stream.write_all(refusal.response()).await;
             let _ = stream.shutdown().await;
@@ -254,7 +254,13 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
     let (me, attachment) = shard.open_session(upgrade.protocol, stream.as_raw_fd(), binding, payload);
-    log!(Level::Debug, "shard {}: connection {}.{} from {peer} opened", shard.id.0, me.conn.index, me.conn.generation);
+    log!(
+        Level::Info,
+        "shard {}: connection opened", shard.id.0;
+        peer = peer,
+        protocol = upgrade.protocol.name(),
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
+    );
     Opening::Opened(Box::new(Attached { me, attachment, stream, buf, decoder }))
 }
 
@@ -404,11 +410,10 @@ async fn resume(
     }
     shard.run_work();
     log!(
-        Level::Debug,
-        "shard {}: connection {}.{} from {peer} resumed its session",
-        shard.id.0,
-        me.conn.index,
-        me.conn.generation
+        Level::Info,
+        "shard {}: session resumed", shard.id.0;
+        peer = peer,
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
     );
     let mut decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
     run(&shard, me, attachment, stream, &mut buf, &mut decoder, &peer).await;
@@ -464,36 +469,38 @@ async fn run(
     monoio::spawn(write_loop(shard.clone(), me, attachment, binding, writer));
     read_loop(shard, me, attachment, &mut reader, buf, decoder).await;
 
-    let finished = shard.reader_finished(me.conn, attachment);
-    match finished {
+    // Why it closed, read before the slot may be freed.
+    let reason = shard.with_conn(me.conn, |state| {
+        let reason = state
+            .close_reason()
+            .map_or_else(|| "connection lost (no close frame)".to_string(), |close| close.to_string());
+        (reason, Wake::default())
+    });
+    let reason = reason.unwrap_or_default();
+    let conn = format!("{}.{}", me.conn.index, me.conn.generation);
+    match shard.reader_finished(me.conn, attachment) {
         None => return, // Superseded: the session belongs to a newer connection now.
         Some(ReaderFinished::Detached { expires_at_ms }) => {
             let expiry = Duration::from_millis(expires_at_ms.saturating_sub(now_ms()));
             log!(
-                Level::Debug,
-                "shard {}: connection {}.{} from {peer} lost; session kept for {} ms",
-                shard.id.0,
-                me.conn.index,
-                me.conn.generation,
-                expiry.as_millis()
+                Level::Info,
+                "shard {}: connection closed, session kept for resume", shard.id.0;
+                peer = peer,
+                reason = reason,
+                conn = conn,
+                expiry_ms = expiry.as_millis(),
             );
-            monoio::spawn(expire_later(shard.clone(), me, attachment, expiry));
+            monoio::spawn(expire_later(shard.clone(), me, attachment, expiry, *peer));
         }
         Some(ReaderFinished::Ended) => {
-            log!(
-                Level::Debug,
-                "shard {}: connection {}.{} from {peer} closed",
-                shard.id.0,
-                me.conn.index,
-                me.conn.generation
-            );
+            log!(Level::Info, "shard {}: connection closed", shard.id.0; peer = peer, reason = reason, conn = conn);
         }
     }
     shard.run_work();
 }
 
 /// Ends a detached session that nobody resumed by its expiry (`Lifecycle::expire`).
-async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, expiry: Duration) {
+async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, expiry: Duration, peer: SocketAddr) {
     let mut wait = expiry;
     loop {
         monoio::time::sleep(wait).await;
@@ -503,7 +510,12 @@ async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, exp
             Some(Expiry::NotBefore(at)) => wait = Duration::from_millis(at.saturating_sub(now_ms())), // Woken early.
         }
     }
-    log!(Level::Debug, "shard {}: session of connection {}.{} expired", shard.id.0, me.conn.index, me.conn.generation);
+    log!(
+        Level::Info,
+        "shard {}: session expired, not resumed in time", shard.id.0;
+        peer = peer,
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
+    );
     shard.run_work();
 }
 

@@ -25,6 +25,26 @@ pub struct ConnState {
     pub outbound: Outbound,
     max_outbound_bytes: usize,
     lifecycle: Lifecycle,
+    /// Who began closing the current attachment, with what code and reason (for the log).
+    close: Option<CloseReason>,
+}
+
+/// Why a connection closed: the first close frame, the broker's or the peer's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub by_peer: bool,
+    pub reason: String,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.by_peer, self.reason.is_empty()) {
+            (true, _) => write!(formatter, "closed by the client ({})", self.code),
+            (false, true) => write!(formatter, "closed by the broker ({})", self.code),
+            (false, false) => write!(formatter, "closed by the broker ({}: {})", self.code, self.reason),
+        }
+    }
 }
 
 /// Which of a connection's tasks the shell must wake.
@@ -102,7 +122,18 @@ pub enum Expiry {
 
 impl ConnState {
     pub fn new(session: Session, max_outbound_bytes: usize) -> ConnState {
-        ConnState { session, outbound: Outbound::new(), max_outbound_bytes, lifecycle: Lifecycle::default() }
+        ConnState {
+            session,
+            outbound: Outbound::new(),
+            max_outbound_bytes,
+            lifecycle: Lifecycle::default(),
+            close: None,
+        }
+    }
+
+    /// Who closed the current attachment and why; `None` if its socket ended without a close.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.close.as_ref()
     }
 
     pub fn lifecycle(&self) -> &Lifecycle {
@@ -113,6 +144,7 @@ impl ConnState {
     /// tasks: those of an earlier attachment notice they are superseded and stop.
     pub fn attach(&mut self, socket: std::os::fd::RawFd) -> Attachment {
         self.outbound = Outbound::new();
+        self.close = None;
         self.lifecycle.attach(socket)
     }
 
@@ -134,6 +166,7 @@ impl ConnState {
     pub fn begin_close(&mut self, code: u16, reason: &str) {
         if self.lifecycle.begin_close() {
             self.outbound.push_control(OpCode::Close, &close_payload(code, reason));
+            self.close = Some(CloseReason { code, by_peer: false, reason: reason.to_string() });
         }
     }
 
@@ -195,7 +228,11 @@ impl ConnState {
                         None => BytesMut::new(),
                     };
                     // Closing now: the echo is the close frame (the lifecycle's own is not queued).
-                    let _ = self.lifecycle.begin_close();
+                    if self.lifecycle.begin_close() {
+                        // 1005: "no status code was present" (RFC 6455 section 7.4.1), never sent.
+                        let code = frame.as_ref().map_or(1005, |frame| frame.code);
+                        self.close = Some(CloseReason { code, by_peer: true, reason: String::new() });
+                    }
                     self.outbound.push_control(OpCode::Close, &payload);
                     return ReadStep::Closing;
                 }

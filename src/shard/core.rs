@@ -65,7 +65,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::broker::address::{AddressLimits, AddressTable, Outgoing, Publication, MAX_PUBLISH_BATCH};
-use crate::broker::{AddressCommand, Command, ConnId, ConnRef, ShardId};
+use crate::broker::{AddressCommand, Command, ConnCommand, ConnId, ConnRef, ShardId};
 use crate::config::Config;
 use crate::conn::lifecycle::{Attachment, State as LifecycleState};
 use crate::conn::outbound::CreditReturns;
@@ -174,10 +174,38 @@ pub struct ShardCore {
     /// The durable log, shared with the address table that appends to it and with the shell's
     /// commit task that writes it (its `RefCell` is the log's, as today).
     durable_log: Option<Rc<RefCell<DurableLog>>>,
+    /// Plain counters of the messages that went through, read by [`ShardCore::report`].
+    counters: Counters,
     // Scratch lists reused from round to round (their capacity stays).
     answers: Vec<Outgoing>,
     address_commands: Vec<(ShardId, AddressCommand)>,
     publications: Vec<Publication>,
+}
+
+/// Messages through this shard since it started: plain integers of the shard's own thread,
+/// added to once per batch (a publish batch, a delivery command), never shared; other threads
+/// read them through a [`ShardReport`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    /// SENDs that reached this shard as their address's owner (accepted or refused).
+    messages_received: u64,
+    /// MESSAGE deliveries handed to this shard's connections (redeliveries included).
+    messages_delivered: u64,
+}
+
+/// What a shard tells whoever asks how it is doing (the periodic summary; later the metrics):
+/// its counters and its gauges at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardReport {
+    pub shard: ShardId,
+    /// Counters since the shard started (see [`ShardCore`]'s `Counters`).
+    pub messages_received: u64,
+    pub messages_delivered: u64,
+    /// Connections and detached sessions (kept for resume) in this shard's slots.
+    pub sessions: usize,
+    /// Messages and body bytes waiting in this shard's address queues.
+    pub queued_messages: usize,
+    pub queued_bytes: usize,
 }
 
 /// Where commands go: this shard's work queue, or the outbox of the shard they are for.
@@ -267,6 +295,7 @@ impl ShardCore {
             ack_timer_armed: false,
             wake_ack_timer: false,
             durable_log: None,
+            counters: Counters::default(),
             answers: Vec::new(),
             address_commands: Vec::new(),
             publications: Vec::new(),
@@ -482,6 +511,19 @@ impl ShardCore {
             .collect()
     }
 
+    /// The shard's counters and gauges now. Walks the address table (to count queued
+    /// messages): for a periodic report, not for every message.
+    pub fn report(&self) -> ShardReport {
+        ShardReport {
+            shard: self.id,
+            messages_received: self.counters.messages_received,
+            messages_delivered: self.counters.messages_delivered,
+            sessions: self.conns.len() - self.free_conns.len(),
+            queued_messages: self.addresses.queued_messages(),
+            queued_bytes: self.addresses.queued_bytes(),
+        }
+    }
+
     /// The shard's addresses (for statistics and tests).
     pub fn addresses(&self) -> &AddressTable {
         &self.addresses
@@ -579,6 +621,7 @@ impl ShardCore {
                 Command::Address(AddressCommand::Publish { publisher, seq, message }) => {
                     self.publications.push(Publication { publisher, seq, message });
                     self.queues.take_publishes_to_same_address(&mut self.publications);
+                    self.counters.messages_received += self.publications.len() as u64;
                     self.addresses.publish_batch(&mut self.publications, now_ms, &mut self.answers);
                     self.route_address_output();
                 }
@@ -587,6 +630,9 @@ impl ShardCore {
                     self.route_address_output();
                 }
                 Command::Conn(command) => {
+                    if let ConnCommand::Deliver { deliveries, .. } = &command {
+                        self.counters.messages_delivered += deliveries.len() as u64;
+                    }
                     let id = command.conn();
                     let address_commands = &mut self.address_commands;
                     // A command for a connection that is gone (or ended) is dropped.

@@ -35,6 +35,8 @@ pub enum Envelope {
     Adopt(Box<crate::conn::Adoption>),
     /// Stop accepting, close every connection with 1001, and exit.
     Shutdown,
+    /// Answer with the shard's [`ShardReport`](super::core::ShardReport) (the periodic summary).
+    Report(Sender<super::core::ShardReport>),
 }
 
 /// The receiving side's wake-up: an eventfd and the flag that says whether to write it.

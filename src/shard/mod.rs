@@ -504,6 +504,8 @@ impl Shard {
                         monoio::spawn(crate::conn::adopt(self.clone(), *adoption));
                     }
                     Envelope::Shutdown => self.shutdown.fire(),
+                    // The asker may have given up waiting: nothing to do then.
+                    Envelope::Report(reply) => drop(reply.send(self.core.borrow().report())),
                 }
             }
             if received {
@@ -560,6 +562,28 @@ pub struct Running {
 }
 
 impl Running {
+    /// Asks every shard for its [`ShardReport`](core::ShardReport) and waits up to `timeout`
+    /// for the answers (a shard answers between two rounds of work); a shard that has not
+    /// answered by then is left out.
+    pub fn report(&self, timeout: Duration) -> Vec<core::ShardReport> {
+        let shards = self.post_office.shard_count();
+        let (reply, answers) = crossbeam_channel::bounded(shards);
+        for index in 0..shards {
+            self.post_office.post(ShardId(index as u16), Envelope::Report(reply.clone()));
+        }
+        drop(reply);
+        let deadline = Instant::now() + timeout;
+        let mut reports = Vec::with_capacity(shards);
+        while reports.len() < shards {
+            match answers.recv_deadline(deadline) {
+                Ok(report) => reports.push(report),
+                Err(_) => break,
+            }
+        }
+        reports.sort_by_key(|report| report.shard.0);
+        reports
+    }
+
     /// Asks every shard to close its connections (1001) and exit, then waits for them.
     pub fn shutdown(self) {
         for index in 0..self.post_office.shard_count() {

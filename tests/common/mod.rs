@@ -32,8 +32,8 @@ pub fn temp_dir(label: &str) -> PathBuf {
 }
 
 impl Broker {
-    /// Starts a broker with `--listen 127.0.0.1:0 --log-level debug` and a data directory of
-    /// its own (removed on drop), plus `extra` flags.
+    /// Starts a broker with `--listen 127.0.0.1:0 --log-level debug` (unless `extra` has its
+    /// own) and a data directory of its own (removed on drop), plus `extra` flags.
     pub fn start(extra: &[&str]) -> Broker {
         let dir = temp_dir("broker");
         let mut broker = Broker::start_in(&dir, extra);
@@ -54,15 +54,18 @@ impl Broker {
         Broker::try_spawn(Broker::command(data_dir, extra))
     }
 
-    /// The command `try_start_in` runs (with `--listen 127.0.0.1:0` unless `extra` has a
-    /// `--listen`), for a caller that adjusts it (environment, resource limits).
+    /// The command `try_start_in` runs (with `--listen 127.0.0.1:0` and `--log-level debug`
+    /// unless `extra` has its own), for a caller that adjusts it (environment, resource limits).
     pub fn command(data_dir: &Path, extra: &[&str]) -> Command {
         let mut command = Command::new(binaries::broker_binary());
         if !extra.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
         }
+        if !extra.contains(&"--log-level") {
+            command.args(["--log-level", "debug"]);
+        }
         command
-            .args(["--log-level", "debug", "--no-pin"])
+            .arg("--no-pin")
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)

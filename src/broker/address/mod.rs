@@ -292,6 +292,12 @@ impl AddressTable {
         self.queued_bytes
     }
 
+    /// Messages waiting in this shard's anycast queues. Walks every address: for a periodic
+    /// report, not for the message path.
+    pub fn queued_messages(&self) -> usize {
+        self.addresses.values().map(|address| address.queue.len()).sum()
+    }
+
     /// True once after deliveries with ack deadlines were made.
     pub fn take_deadline_added(&mut self) -> bool {
         std::mem::take(&mut self.deadline_added)
