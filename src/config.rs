@@ -227,7 +227,7 @@ impl Config {
                  headers, and dead-lettering adds {})",
                 self.max_headers,
                 crate::mbws::binary::MAX_HEADER_COUNT,
-                crate::broker::address::DEAD_LETTER_HEADER_COUNT
+                DEAD_LETTER_HEADER_COUNT
             ));
         }
         Ok(())
@@ -273,10 +273,14 @@ impl Origins {
     }
 }
 
+/// Headers dead-lettering adds to a message (`x-original-address`, `x-dead-letter-reason`,
+/// `broker::address`): [`MAX_HEADERS`] leaves room for them.
+pub const DEAD_LETTER_HEADER_COUNT: usize = 2;
+
 /// Most application headers a client may put on one message: what the binary binding can
 /// carry ([`MAX_HEADER_COUNT`](crate::mbws::binary::MAX_HEADER_COUNT)) less the headers
 /// dead-lettering adds, so a dead-lettered message can always be encoded.
-pub const MAX_HEADERS: usize = crate::mbws::binary::MAX_HEADER_COUNT - crate::broker::address::DEAD_LETTER_HEADER_COUNT;
+pub const MAX_HEADERS: usize = crate::mbws::binary::MAX_HEADER_COUNT - DEAD_LETTER_HEADER_COUNT;
 
 /// One flag's valid values: the one source for the check at start ([`Config::validate`]), the
 /// range in the flag's `--help` text and the README's flag table (a test compares them).
@@ -552,7 +556,7 @@ mod tests {
         // A message with as many headers as a client may send, plus what dead-lettering adds,
         // still encodes in the binary binding (the encoder panics beyond its u8 count).
         let header = (bytes::Bytes::from_static(b"h"), bytes::Bytes::from_static(b"v"));
-        let headers = vec![header; MAX_HEADERS + crate::broker::address::DEAD_LETTER_HEADER_COUNT];
+        let headers = vec![header; MAX_HEADERS + DEAD_LETTER_HEADER_COUNT];
         let message = Frame::Message(Message {
             subscription_id: 1,
             delivery_seq: 1,

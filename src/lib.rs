@@ -14,10 +14,14 @@
 pub use mbws_proto::{mbws, ws};
 
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod ids;
 pub mod logging;
+pub mod planted;
 pub mod shard;
-pub mod sim;
+#[cfg(test)]
+mod sim;
 pub mod store;
 pub mod summary;

@@ -19,9 +19,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode, Properties};
 
-/// Index of a shard thread, `0..shards`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ShardId(pub u16);
+pub use crate::ids::ShardId;
 
 /// A connection slot on its shard; the generation makes a reused slot a different id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

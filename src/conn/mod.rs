@@ -50,11 +50,12 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf
 use monoio::net::TcpStream;
 
 use crate::broker::{ConnRef, ShardId};
+use crate::clock::now_ms;
 use crate::log;
 use crate::logging::Level;
 use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
 use crate::shard::core::{ReaderFinished, Resumed};
-use crate::shard::{now_ms, Shard};
+use crate::shard::Shard;
 use crate::ws::handshake::{self, HandshakeError};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
 use crate::ws::{OpCode, Role, WsError};

@@ -40,7 +40,7 @@ use crate::mbws::{
     self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
     PROTOCOL_VERSION,
 };
-use crate::sim::{planted, Bug};
+use crate::planted::{planted, Bug};
 
 /// Shortest heartbeat interval the broker agrees to (a shorter non-zero request is raised to
 /// it; docs/PROTOCOL.md, OPENED `heartbeat-ms`). `max_heartbeat_ms` is the other end.

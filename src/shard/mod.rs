@@ -25,19 +25,18 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-
-use std::os::fd::RawFd;
-
 use bytes::{Bytes, BytesMut};
+use crossbeam_channel::Receiver;
 
 use self::core::{ConnWakers, ReaderFinished, ResumeRefusal, Resumed, ShardCore};
 use crate::broker::{AddressCommand, ConnId, ConnRef, ShardId};
+use crate::clock::{now_ms, now_unix_ms};
 use crate::config::Config;
 use crate::conn::lifecycle::Attachment;
 use crate::conn::outbound::CreditReturns;
@@ -50,18 +49,6 @@ use crate::store::{DurableLog, GroupCommitter, Recovery};
 use crate::ws::message::Decoder;
 use mailbox::{Envelope, PostOffice};
 pub use net::bind_reuseport;
-
-/// Milliseconds on a monotonic clock shared by all shards (message expiry is compared across
-/// shards, so they must agree on the epoch).
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
-/// Wall-clock milliseconds since the Unix epoch (for what outlives the process: the log).
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
-}
 
 /// A one-shot, single-threaded event that any number of tasks can wait for.
 ///

@@ -29,50 +29,10 @@
 //! SEND was answered, every connection's write queue drained, and every session is open,
 //! resumable or gone.
 //!
-//! [`Bug`]s can be planted (in test builds only) to show that the invariants catch what they
+//! Bugs can be planted (`crate::planted`, in test builds only) to show that the invariants catch what they
 //! claim to; `tests.rs` counts the seeds each needs. `scripts/simulate.sh` runs many seeds.
 
-#[cfg(test)]
 pub mod client;
-#[cfg(test)]
 pub mod rng;
-#[cfg(test)]
 mod tests;
-#[cfg(test)]
 pub mod world;
-
-/// A defect the simulator can plant in the broker, to measure how fast it is caught.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bug {
-    /// A resume resends every unacknowledged delivery, also those at or below the client's
-    /// `last-received-seq` (the resume's duplicate filter is skipped).
-    ResendAllOnResume,
-    /// A SEND resent after a resume (at or below the last accepted seq) is published again.
-    RepublishResentSends,
-    /// A session's subscriptions forget a delivery that arrives while it is detached.
-    DropWhileDetached,
-}
-
-#[cfg(test)]
-thread_local! {
-    static PLANTED: std::cell::Cell<Option<Bug>> = const { std::cell::Cell::new(None) };
-}
-
-/// Whether `bug` is planted in this thread's broker (always false outside test builds).
-#[cfg(test)]
-pub fn planted(bug: Bug) -> bool {
-    PLANTED.with(|planted| planted.get() == Some(bug))
-}
-
-/// Whether `bug` is planted in this thread's broker (always false outside test builds).
-#[cfg(not(test))]
-#[inline(always)]
-pub fn planted(_bug: Bug) -> bool {
-    false
-}
-
-/// Plants `bug` (or none) in this thread's broker until the next call.
-#[cfg(test)]
-pub fn plant(bug: Option<Bug>) {
-    PLANTED.with(|planted| planted.set(bug));
-}

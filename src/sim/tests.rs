@@ -1,7 +1,7 @@
 //! Seeds run in the test suite, the regression seeds, and the planted bugs.
 
 use super::world::World;
-use super::{plant, Bug};
+use crate::planted::{plant, Bug};
 
 /// Steps a run may take before it is cut off (a run that needs more is a liveness failure).
 const MAX_STEPS: u64 = 2_000_000;

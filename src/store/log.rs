@@ -34,7 +34,7 @@ use bytes::Bytes;
 
 use super::record::{self, MessageFields, Record, SegmentHeader, FORMAT_VERSION, SEGMENT_HEADER_BYTES};
 use super::{segment_path, LogConfig, StoreError};
-use crate::broker::ShardId;
+use crate::ids::ShardId;
 use crate::mbws::Properties;
 
 /// Log sequence number: the position of a record in the order this process appended it,

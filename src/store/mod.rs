@@ -125,7 +125,7 @@ pub use log::{CommitBatch, CommitOutcome, DurableLog, LogStats, Lsn, SegmentId};
 pub use record::MAX_RECORD_BYTES;
 pub use recovery::open;
 
-use crate::broker::ShardId;
+use crate::ids::ShardId;
 use crate::mbws::Properties;
 
 /// Default segment size: 64 MiB.

@@ -31,7 +31,7 @@ use super::record::{
 use super::{
     parse_segment_file_name, segment_path, shard_dir, LogConfig, RecoveredMessage, Recovery, RecoveryMode, StoreError,
 };
-use crate::broker::ShardId;
+use crate::ids::ShardId;
 use crate::mbws::Properties;
 
 /// Name of the lock file in a shard's log directory.

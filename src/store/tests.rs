@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
-use crate::broker::ShardId;
+use crate::ids::ShardId;
 use crate::mbws::Properties;
 
 /// A directory under the system temp dir, unique per test run, removed on drop.

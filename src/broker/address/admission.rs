@@ -198,7 +198,7 @@ impl AddressTable {
             let log = self.log.as_ref().expect("durable implies a log");
             let expires_at_unix_ms = match message.expires_at_ms {
                 0 => 0,
-                at => crate::shard::now_unix_ms() + at.saturating_sub(now_ms),
+                at => at.max(now_ms) + self.unix_offset_ms,
             };
             let appended = log.borrow_mut().append_message(
                 &message.address,

@@ -38,6 +38,7 @@ impl AddressTable {
     /// Puts recovered messages back in their queues (marked redelivered: they may have been
     /// delivered before the restart) and continues message ids above every logged one.
     pub fn restore(&mut self, recovery: Recovery, now_ms: u64, now_unix_ms: u64) {
+        self.unix_offset_ms = now_unix_ms.saturating_sub(now_ms);
         debug_assert!(
             self.log.is_none() || self.last_message_id >= recovery.message_id_high_water,
             "set_durable_log continued ids above the log's high water"

@@ -255,6 +255,10 @@ pub struct AddressTable {
     waiting_for_log: VecDeque<(Lsn, Bytes)>,
     /// The shard's durable log, if the broker keeps one.
     log: Option<Rc<RefCell<DurableLog>>>,
+    /// The wall clock (Unix ms) minus the broker's monotonic clock, taken when the log was
+    /// attached: a durable message's expiry is logged in wall-clock time (it must outlive the
+    /// process) without the table reading a clock.
+    unix_offset_ms: u64,
     /// Answers to durable publishes, waiting for their record to be committed (Lsn order).
     durable_answers: VecDeque<(Lsn, ConnRef, u64)>,
     /// Addresses whose every message is durable: exact names, or prefixes ending in `*`.
@@ -281,6 +285,7 @@ impl AddressTable {
             durable_lsn: Lsn(0),
             waiting_for_log: VecDeque::new(),
             log: None,
+            unix_offset_ms: 0,
             durable_answers: VecDeque::new(),
             durable_addresses: Vec::new(),
             arena: CompactionArena::default(),

@@ -14,9 +14,9 @@ use crate::mbws::DeliveryMode;
 
 /// Dead-letter addresses are named `DLQ.<address>`.
 pub const DEAD_LETTER_PREFIX: &[u8] = b"DLQ.";
-/// Headers dead-lettering adds to a message (`x-original-address`, `x-dead-letter-reason`):
-/// `max_headers` leaves room for them (see `config::MAX_HEADERS`).
-pub const DEAD_LETTER_HEADER_COUNT: usize = 2;
+/// Headers dead-lettering adds to a message (defined beside `config::MAX_HEADERS`, which
+/// leaves room for them).
+pub use crate::config::DEAD_LETTER_HEADER_COUNT;
 
 /// The publisher of dead-lettered messages: answers to it are dropped on arrival (no
 /// connection has this slot).
