@@ -13,6 +13,8 @@ pub enum Bug {
     RepublishResentSends,
     /// A session's subscriptions forget a delivery that arrives while it is detached.
     DropWhileDetached,
+    /// A durable SEND is receipted as soon as its record is appended, before the log syncs it.
+    ReceiptBeforeSync,
 }
 
 #[cfg(test)]

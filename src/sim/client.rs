@@ -411,7 +411,7 @@ impl Client {
             ledger.violation(format!("client {id}: a body that no publisher sent: {:?}", message.body));
             return;
         };
-        ledger.delivered(id, session, key, (epoch, seq), &message.address, message.redelivered);
+        ledger.delivered(id, session, key, (epoch, seq), (&message.address, message.message_id), message.redelivered);
         unacked.insert(message.delivery_seq, key);
         let delay = if !self.settling && rng.chance(*late_per_mille) {
             // Late: past the ack timeout (redelivered meanwhile), or very late.

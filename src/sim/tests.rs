@@ -76,9 +76,12 @@ fn seeds_to_catch(bug: Bug, limit: u64) -> Option<(u64, String)> {
 /// "The simulator"): the invariants check what they claim to.
 #[test]
 fn planted_bugs_are_caught() {
-    for (bug, within) in
-        [(Bug::ResendAllOnResume, 200), (Bug::RepublishResentSends, 200), (Bug::DropWhileDetached, 200)]
-    {
+    for (bug, within) in [
+        (Bug::ResendAllOnResume, 200),
+        (Bug::RepublishResentSends, 200),
+        (Bug::DropWhileDetached, 200),
+        (Bug::ReceiptBeforeSync, 200),
+    ] {
         match seeds_to_catch(bug, within) {
             Some((seeds, violation)) => println!("{bug:?}: caught by seed {} ({seeds} seeds): {violation}", seeds - 1),
             None => panic!("{bug:?} planted, and {within} seeds found nothing"),

@@ -7,8 +7,12 @@
 //! batch at a time and parks when there is none; both are woken only by the wakes the core
 //! reports. So a wake-up the core forgets shows up here as a connection that never drains.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -22,6 +26,7 @@ use crate::conn::state::{Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Writte
 use crate::conn::SUPERSEDED_REASON;
 use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
 use crate::shard::core::{ConnWakers, ReaderFinished, ShardCore};
+use crate::store::{CommitBatch, DurableLog};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
 use crate::ws::{OpCode, Role};
 
@@ -76,6 +81,9 @@ pub struct Ledger {
     pub redelivered: u64,
     /// A client's live connection superseded by the resume of one it had given up.
     pub supersede_races: u64,
+    pub crashes: u64,
+    /// Which message each (address, message id) named: an id is never shown for two messages.
+    ids: BTreeMap<(Bytes, u64), MsgKey>,
     pub receipted: u64,
     pub refused: u64,
 }
@@ -111,10 +119,17 @@ impl Ledger {
         session: u32,
         key: MsgKey,
         (publisher_session, seq): (u32, u64),
-        address: &Bytes,
+        (address, message_id): (&Bytes, u64),
         redelivered: bool,
     ) {
         self.delivered += 1;
+        let named = *self.ids.entry((address.clone(), message_id)).or_insert(key);
+        if named != key {
+            self.violations.push(format!(
+                "message id {message_id} on {:?} named {named:?} and then {key:?}: an id shown twice",
+                String::from_utf8_lossy(address)
+            ));
+        }
         let state = self.messages.entry(key).or_default();
         state.deliveries += 1;
         if redelivered {
@@ -184,6 +199,10 @@ pub struct Options {
     pub max_inflight_sends: u32,
     /// Per mille of settlements that are a NACK with requeue instead of an ACK.
     pub nack_per_mille: u32,
+    /// Every address is durable (its messages go through the durable log on a simulated disk).
+    pub durable: bool,
+    /// Times at which the whole broker crashes and restarts from its logs (durable runs only).
+    pub crash_at_ms: Vec<u64>,
 }
 
 impl Options {
@@ -206,7 +225,20 @@ impl Options {
             max_queued_messages: [8, 100_000][rng.index(2)],
             max_inflight_sends: [2, 1_000][rng.index(2)],
             nack_per_mille: [0, 0, 50][rng.index(3)],
+            durable: false,
+            crash_at_ms: Vec::new(),
         }
+        .with_durability(rng)
+    }
+
+    fn with_durability(mut self, rng: &mut Rng) -> Options {
+        self.durable = rng.chance(400);
+        if self.durable {
+            let crashes = [0, 1, 1, 2, 3][rng.index(5)];
+            self.crash_at_ms = (0..crashes).map(|_| rng.range(50, FAULTS_UNTIL_MS - 1_000)).collect();
+            self.crash_at_ms.sort_unstable();
+        }
+        self
     }
 }
 
@@ -257,6 +289,19 @@ enum Event {
     },
     /// A random fault may strike.
     Chaos,
+    /// The shard's log commit task takes a batch and writes it.
+    LogWrite(usize),
+    /// The write's `fdatasync` returns.
+    LogSynced(usize),
+    /// The whole broker crashes (every shard, as a panic or SIGKILL does) and restarts.
+    Crash,
+}
+
+impl Event {
+    /// Events of the broker's side, which a crash takes with it.
+    fn is_broker_side(&self) -> bool {
+        !matches!(self, Event::ClientWake(_) | Event::ToServer(_) | Event::ToClient(_) | Event::Chaos | Event::Crash)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,9 +395,75 @@ pub struct World {
     /// Faults stop here; the run then settles.
     faults_until_ms: u64,
     settling: bool,
+    config: Config,
+    /// The durable logs' directory (durable runs), removed when the world is dropped.
+    _data_dir: Option<DataDir>,
+    /// Each shard's log (durable runs), shared with its core as in the shell.
+    logs: Vec<Rc<RefCell<DurableLog>>>,
+    disk: Disk,
+    /// How many times the broker (re)started.
+    incarnation: u32,
+}
+
+/// Faults (cuts, abandons, crashes) stop at this virtual time; the run then settles.
+const FAULTS_UNTIL_MS: u64 = 20_000;
+
+/// A wall clock for the logs' expiry times: the virtual clock plus a fixed offset.
+const UNIX_OFFSET_MS: u64 = 1_700_000_000_000;
+
+/// A directory of its own for one run's durable logs, removed when the run ends.
+struct DataDir(std::path::PathBuf);
+
+impl DataDir {
+    fn new(seed: u64) -> DataDir {
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mbws-sim-{}-{seed}-{run}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary directory for the simulated disk");
+        DataDir(dir)
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The simulated disk under the durable logs: the files are real (in the run's [`DataDir`]),
+/// and this remembers how much of each is durable. A write lands in the file at once (the
+/// page cache); `fdatasync` makes it durable; a crash cuts every file back to its durable
+/// length, keeping none, all or a torn part of the write that was not synced yet.
+#[derive(Default)]
+struct Disk {
+    durable_len: BTreeMap<std::path::PathBuf, u64>,
+    /// Per shard: the batch written and not yet synced.
+    in_flight: BTreeMap<usize, CommitBatch>,
+    /// Per shard: a commit is scheduled or in flight.
+    busy: BTreeMap<usize, bool>,
 }
 
 const CLOSE_GRACE_MS: u64 = 2_000;
+
+/// Every file under `dir` with its length.
+fn files_with_lengths(dir: &std::path::Path) -> BTreeMap<std::path::PathBuf, u64> {
+    let mut files = BTreeMap::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => dirs.push(path),
+                Ok(meta) => {
+                    files.insert(path, meta.len());
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    files
+}
 
 /// The key of a connection slot in [`World::attached`].
 fn slot_key(shard: usize, conn: ConnId) -> (usize, u32, u32) {
@@ -363,6 +474,7 @@ impl World {
     pub fn new(seed: u64) -> World {
         let mut rng = Rng::new(seed);
         let options = Options::draw(&mut rng);
+        let data_dir = options.durable.then(|| DataDir::new(seed));
         let config = Config {
             shards: options.shards,
             ack_timeout_ms: options.ack_timeout_ms,
@@ -370,10 +482,12 @@ impl World {
             max_outbound_bytes: options.max_outbound_bytes,
             max_queued_messages: options.max_queued_messages,
             max_inflight_sends: options.max_inflight_sends,
+            durable_addresses: if options.durable { vec!["queue-*".to_string()] } else { Vec::new() },
+            data_dir: data_dir.as_ref().map_or_else(Default::default, |dir| dir.0.clone()),
+            // Small segments, so that rolling over and deleting settled ones happens too.
+            log_segment_bytes: 64 * 1024,
             ..Default::default()
         };
-        let cores =
-            (0..options.shards).map(|index| ShardCore::new(ShardId(index as u16), options.shards, &config)).collect();
         let addresses: Vec<Bytes> = (0..options.addresses).map(|index| Bytes::from(format!("queue-{index}"))).collect();
         let mut clients = Vec::new();
         for _ in 0..options.publishers {
@@ -398,13 +512,18 @@ impl World {
         let mut world = World {
             pair_last: vec![vec![0; options.shards]; options.shards],
             ack_timer_idle: vec![true; options.shards],
+            disk: Disk::default(),
+            logs: Vec::new(),
+            config,
+            _data_dir: data_dir,
+            incarnation: 0,
             options,
             rng,
             now: 0,
             queue: BinaryHeap::new(),
             events: Vec::new(),
             next_event: 0,
-            cores,
+            cores: Vec::new(),
             sockets: Vec::new(),
             attached: BTreeMap::new(),
             clients,
@@ -423,8 +542,12 @@ impl World {
             let at = world.rng.range(0, 50);
             world.schedule(at, Event::ClientWake(client));
         }
-        world.faults_until_ms = 20_000;
+        world.faults_until_ms = FAULTS_UNTIL_MS;
+        world.boot();
         world.schedule(1, Event::Chaos);
+        for at in world.options.crash_at_ms.clone() {
+            world.schedule(at, Event::Crash);
+        }
         world
     }
 
@@ -442,7 +565,8 @@ impl World {
         let time_limit = 600_000;
         while let Some(Reverse((at, _, id))) = self.queue.pop() {
             self.now = at;
-            let event = self.events[id].take().expect("each event runs once");
+            // A crash takes the broker's pending events with it.
+            let Some(event) = self.events[id].take() else { continue };
             self.steps += 1;
             if self.ledger.trace && !matches!(event, Event::Chaos | Event::Envelope { .. }) {
                 eprintln!("{at:>7} {event:?}");
@@ -465,8 +589,13 @@ impl World {
         let ledger = &self.ledger;
         Report {
             ledger_summary: format!(
-                "{} receipted, {} refused, {} delivered ({} redelivered), {} supersede races",
-                ledger.receipted, ledger.refused, ledger.delivered, ledger.redelivered, ledger.supersede_races
+                "{} receipted, {} refused, {} delivered ({} redelivered), {} supersede races, {} crashes",
+                ledger.receipted,
+                ledger.refused,
+                ledger.delivered,
+                ledger.redelivered,
+                ledger.supersede_races,
+                ledger.crashes
             ),
             options: self.options,
             steps: self.steps,
@@ -552,7 +681,141 @@ impl World {
                 self.resume(socket, open, binding);
             }
             Event::Chaos => self.chaos(),
+            Event::LogWrite(shard) => self.log_write(shard),
+            Event::LogSynced(shard) => self.log_synced(shard),
+            Event::Crash => self.crash(),
         }
+    }
+
+    /// Starts the broker: fresh shard cores and, in durable runs, each shard's log opened and
+    /// recovered from the disk (what `shard::start` and `data_dir::open_logs` do).
+    fn boot(&mut self) {
+        let shards = self.options.shards;
+        self.cores = (0..shards).map(|index| ShardCore::new(ShardId(index as u16), shards, &self.config)).collect();
+        self.logs.clear();
+        if !self.options.durable {
+            return;
+        }
+        let durable_addresses: Vec<Bytes> =
+            self.config.durable_addresses.iter().map(|name| Bytes::from(name.clone())).collect();
+        for shard in 0..shards {
+            let (log, recovery) = crate::store::open(self.config.log_config(), ShardId(shard as u16))
+                .unwrap_or_else(|error| panic!("shard {shard}: the log does not recover: {error}"));
+            let log = Rc::new(RefCell::new(log));
+            let now = self.now;
+            self.cores[shard].attach_durable_log(
+                log.clone(),
+                durable_addresses.clone(),
+                recovery,
+                0,
+                now,
+                now + UNIX_OFFSET_MS,
+            );
+            self.logs.push(log);
+        }
+        // What recovery wrote (a repaired tail, a new directory) is on the disk now.
+        self.disk.durable_len = files_with_lengths(&self.config.data_dir);
+        for shard in 0..shards {
+            self.run_work(shard);
+        }
+    }
+
+    /// `GroupCommitter::commit_until_stopped`, first half: take a batch, create its segment
+    /// (header synced with the directory), write the records.
+    fn log_write(&mut self, shard: usize) {
+        let batch = self.logs[shard].borrow_mut().take_batch();
+        let Some(batch) = batch else {
+            self.disk.busy.insert(shard, false);
+            return;
+        };
+        let path = batch.path().to_path_buf();
+        let file = match batch.new_segment_header() {
+            Some(header) => {
+                let mut file =
+                    std::fs::OpenOptions::new().write(true).create_new(true).open(&path).expect("a new segment");
+                file.write_all(header).expect("a segment header");
+                self.disk.durable_len.insert(path.clone(), header.len() as u64);
+                file
+            }
+            None => std::fs::OpenOptions::new().write(true).open(&path).expect("the current segment"),
+        };
+        file.write_all_at(batch.bytes(), batch.file_offset()).expect("a log write");
+        self.disk.in_flight.insert(shard, batch);
+        let delay = self.rng.range(0, 8);
+        self.schedule(self.now + delay, Event::LogSynced(shard));
+    }
+
+    /// The second half: the sync returned; the batch is durable, settled segments go, and the
+    /// core answers what waited for it.
+    fn log_synced(&mut self, shard: usize) {
+        let batch = self.disk.in_flight.remove(&shard).expect("a batch in flight");
+        let end = batch.file_offset() + batch.bytes().len() as u64;
+        self.disk.durable_len.insert(batch.path().to_path_buf(), end);
+        let outcome = self.logs[shard].borrow_mut().batch_committed(batch);
+        for path in &outcome.delete_segments {
+            let _ = std::fs::remove_file(path);
+            self.disk.durable_len.remove(path);
+        }
+        self.cores[shard].durable_committed(outcome.durable_lsn, self.now);
+        self.run_work(shard);
+        if self.logs[shard].borrow().has_pending() {
+            let delay = self.rng.range(0, 3);
+            self.schedule(self.now + delay, Event::LogWrite(shard));
+        } else {
+            self.disk.busy.insert(shard, false);
+        }
+    }
+
+    /// The whole broker dies and restarts: every connection drops, every session and
+    /// in-memory message is gone, each log file keeps what was synced and maybe some (or a
+    /// torn part) of the write in flight; the logs are recovered.
+    fn crash(&mut self) {
+        if self.settling {
+            return;
+        }
+        self.incarnation += 1;
+        self.ledger.crashes += 1;
+        for event in self.events.iter_mut() {
+            if event.as_ref().is_some_and(Event::is_broker_side) {
+                *event = None;
+            }
+        }
+        for socket in 0..self.sockets.len() {
+            self.cut(socket);
+            let s = &mut self.sockets[socket];
+            s.reader = ReaderState::Done;
+            s.writer = WriterState::Done;
+            s.conn = None;
+            s.server_shut = true;
+        }
+        self.attached.clear();
+        self.cores.clear();
+        // Closes the files and releases the logs' locks, as the process's death does.
+        self.logs.clear();
+        for (_, batch) in std::mem::take(&mut self.disk.in_flight) {
+            let path = batch.path().to_path_buf();
+            let durable = self.disk.durable_len.get(&path).copied().unwrap_or(0);
+            let written = batch.file_offset() + batch.bytes().len() as u64;
+            let survives = match self.rng.index(3) {
+                0 => durable,
+                1 => written,
+                _ => self.rng.range(durable, written),
+            };
+            let file = std::fs::OpenOptions::new().write(true).open(&path).expect("a segment");
+            file.set_len(survives).expect("cutting a segment back");
+        }
+        for (path, len) in &self.disk.durable_len {
+            if let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) {
+                if file.metadata().is_ok_and(|meta| meta.len() > *len) && !path.ends_with("LOCK") {
+                    // Written but never synced (no batch in flight cut it already): lost.
+                    let _ = file.set_len(*len);
+                }
+            }
+        }
+        self.disk.busy.clear();
+        self.ack_timer_idle = vec![true; self.options.shards];
+        self.pair_last = vec![vec![self.now; self.options.shards]; self.options.shards];
+        self.boot();
     }
 
     // The network.
@@ -755,7 +1018,7 @@ impl World {
         let mut wakes = Wakes::default();
         let effects = self.cores[shard].run_work(self.now, &mut wakes);
         let wake_ack_timer = effects.wake_ack_timer;
-        assert!(!effects.log_has_pending, "no durable log in the simulation yet");
+        let log_has_pending = effects.log_has_pending;
         let posts: Vec<(ShardId, Vec<Command>)> = effects.posts.collect();
         for (to, commands) in posts {
             let to = usize::from(to.0);
@@ -763,6 +1026,12 @@ impl World {
             let at = (self.now + delay).max(self.pair_last[shard][to]);
             self.pair_last[shard][to] = at;
             self.schedule(at, Event::Envelope { to, commands });
+        }
+        if log_has_pending && !self.disk.busy.get(&shard).copied().unwrap_or(false) {
+            // `GroupCommitter::notify`: the commit task wakes (after its batch window).
+            self.disk.busy.insert(shard, true);
+            let delay = self.rng.range(0, 3);
+            self.schedule(self.now + delay, Event::LogWrite(shard));
         }
         if wake_ack_timer && self.ack_timer_idle[shard] {
             self.ack_timer_idle[shard] = false;

@@ -6,6 +6,7 @@
 //! [`AddressTable::publish_batch`] takes a run of SENDs to one address, with a fast path that
 //! hands a pure multicast address's batch straight to its subscribers.
 
+use crate::planted::{planted, Bug};
 use bytes::Bytes;
 use smallvec::SmallVec;
 
@@ -252,6 +253,7 @@ impl AddressTable {
         out: &mut Vec<Outgoing>,
     ) {
         match outcome {
+            Ok(Some(_)) if planted(Bug::ReceiptBeforeSync) => self.publish_answer(address, publisher, seq, out),
             Ok(Some(lsn)) => self.durable_answers.push_back((lsn, publisher, seq)),
             Ok(None) => self.publish_answer(address, publisher, seq, out),
             Err(refusal) => out.push((
