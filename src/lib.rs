@@ -19,3 +19,4 @@ pub mod conn;
 pub mod logging;
 pub mod shard;
 pub mod store;
+pub mod tls;

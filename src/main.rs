@@ -100,6 +100,20 @@ struct Args {
     /// skip-corrupt (skip it, keep the rest, keep the original file aside).
     #[arg(long, default_value = recovery_name(Config::default().log_recovery), value_parser = parse_recovery)]
     log_recovery: mbws::store::RecoveryMode,
+    /// Serve wss:// (TLS 1.3 and 1.2) with this PEM certificate chain, the broker's own
+    /// certificate first; needs --tls-key. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); needs --tls-cert. Re-read on
+    /// SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Origin whose web pages may open a WebSocket here, exactly as browsers send it
+    /// (https://app.example.com, https://app.example.com:8443); repeatable; no patterns. Upgrades
+    /// with another Origin header are refused (403); upgrades without one (clients that are not
+    /// browsers) are not checked. Without this flag any origin is accepted.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN", value_parser = mbws::config::parse_origin)]
+    allowed_origins: Vec<String>,
     /// Log level: error, warn, info or debug.
     #[arg(long, default_value = "info", value_parser = parse_level)]
     log_level: Level,
@@ -169,8 +183,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match config.tls.clone().map(mbws::tls::TlsContext::load).transpose() {
+        Ok(tls) => tls,
+        Err(problem) => {
+            eprintln!("mbws-broker: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    warn_about_exposure(&config);
     let shards = config.shards;
-    let running = match mbws::shard::start(config) {
+    let running = match mbws::shard::start(config, tls) {
         Ok(running) => running,
         Err(error) => {
             eprintln!("mbws-broker: {error}");
@@ -179,18 +201,17 @@ fn main() -> ExitCode {
     };
     log!(
         Level::Info,
-        "mbws-broker {} listening on {} (ws://{}/) shards={} io={}",
+        "mbws-broker {} listening on {} ({}://{}/) shards={} io={}",
         env!("CARGO_PKG_VERSION"),
         running.local_addr,
+        if running.tls.is_some() { "wss" } else { "ws" },
         running.local_addr,
         shards,
         running.io_driver
     );
     let signal = loop {
         match wait_for_signal(&signals) {
-            libc::SIGHUP => {
-                log!(Level::Info, "received SIGHUP: there are no settings to reload; still running");
-            }
+            libc::SIGHUP => reload(&running),
             signal => break signal,
         }
     };
@@ -198,6 +219,43 @@ fn main() -> ExitCode {
     running.shutdown();
     log!(Level::Info, "stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-reads the TLS certificate and key (the only settings that reload); open
+/// connections keep the session they have.
+fn reload(running: &mbws::shard::Running) {
+    let Some(tls) = &running.tls else {
+        log!(Level::Info, "received SIGHUP: there are no settings to reload (no --tls-cert); still running");
+        return;
+    };
+    let files = tls.files();
+    match tls.reload() {
+        Ok(()) => log!(
+            Level::Info,
+            "received SIGHUP: reloaded the TLS certificate {} and key {}; new connections get them, open ones keep \
+             theirs",
+            files.cert.display(),
+            files.key.display()
+        ),
+        Err(problem) => log!(Level::Warn, "received SIGHUP: keeping the TLS certificate in use: {problem}"),
+    }
+}
+
+/// Warns when the broker can be reached from other machines without the protections a
+/// network exposure calls for (docs/SECURITY.md).
+fn warn_about_exposure(config: &Config) {
+    if config.listen.ip().is_loopback() {
+        return;
+    }
+    if config.allowed_origins.is_empty() {
+        log!(
+            Level::Warn,
+            "listening on {} beyond loopback without --allowed-origin: a web page on any site that a browser on the \
+             network opens can connect to this broker (cross-site WebSocket hijacking); list the origins of your web \
+             applications with --allowed-origin (docs/SECURITY.md)",
+            config.listen
+        );
+    }
 }
 
 /// The broker's settings: the flags given, and [`Config::default`] for the rest (every flag's
@@ -234,6 +292,8 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Config {
         log_batch_bytes: args.log_batch_bytes,
         log_segment_bytes: args.log_segment_bytes,
         log_recovery: args.log_recovery,
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| mbws::tls::TlsFiles { cert, key }),
+        allowed_origins: args.allowed_origins,
         ..defaults
     }
 }
@@ -295,7 +355,7 @@ fn raise_open_file_limit() {
 }
 
 /// SIGINT and SIGTERM stop the broker; SIGHUP (what a service manager or a closed terminal
-/// sends) is logged and ignored.
+/// sends) reloads the TLS certificate, and is otherwise logged and ignored.
 fn block_handled_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is an array of integers, for which all-zero bytes are valid; sigemptyset
     // below makes it the empty set whatever its representation.
