@@ -1,8 +1,8 @@
 //! `mbws-broker`: flags, start-up, signals.
 
 // The `///` comments on the argument structs are clap's help texts, shown verbatim by `--help`
-// (`[IPv6]:PORT`, `DLQ.<address>`), not rustdoc markdown.
-#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+// (`[IPv6]:PORT`, `DLQ.<address>`, `https://HOST`), not rustdoc markdown.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags, rustdoc::bare_urls)]
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! TLS for `wss://`: the certificate chain and private key (PEM files named by `--tls-cert` and
 //! `--tls-key`), loaded at start and re-read on SIGHUP.
 //!
-//! One rustls [`ServerConfig`](rustls::ServerConfig) serves the whole broker; every shard
+//! One rustls [`ServerConfig`] serves the whole broker; every shard
 //! starts each accepted connection's TLS session from it. The certificate it presents comes
 //! from [`TlsContext`]'s resolver, which holds the current certificate and key behind a lock
 //! that is read once per TLS handshake (never per message). [`TlsContext::reload`] loads the

@@ -1,6 +1,6 @@
 //! The byte streams a connection runs over: a plain TCP socket, or TLS (rustls) over one.
 //!
-//! The connection tasks are generic over [`Stream`], so each kind is compiled on its own: the
+//! The connection tasks are generic over `Stream`, so each kind is compiled on its own: the
 //! plain instance calls monoio's socket operations directly, with no TLS check, branch or
 //! dynamic call in its read and write loops.
 //!
