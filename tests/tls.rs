@@ -286,3 +286,32 @@ fn python_with_websockets() -> Option<PathBuf> {
     }
     panic!("{} cannot import websockets: run scripts/test.sh (it makes .venv) or set MBWS_PYTHON", python.display());
 }
+
+/// The `mbws` CLI over wss://: `--ca-file` trusts the broker's certificate; a missing CA file
+/// is named.
+#[test]
+fn the_cli_sends_and_consumes_over_tls() {
+    let dir = temp_dir("tls-cli");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&pair.flags());
+    let mbws = common::binaries::workspace_binary("mbws");
+    let url = tls_url(&broker);
+    let cli = |args: &[&str]| {
+        let mut command = Command::new(&mbws);
+        command.args(args).args(["--url", &url, "--ca-file", pair.cert_str(), "--wait", "10"]);
+        output_within(&mut command, Duration::from_secs(30))
+    };
+    let sent = cli(&["send", "cli-tls", "over TLS", "--count", "3"]);
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let consumed = cli(&["consume", "cli-tls", "--count", "3", "--timeout", "10"]);
+    assert!(consumed.status.success(), "{}", String::from_utf8_lossy(&consumed.stderr));
+    assert_eq!(String::from_utf8_lossy(&consumed.stdout), "over TLS\nover TLS\nover TLS\n");
+    let missing = dir.join("missing-ca.pem");
+    let mut command = Command::new(&mbws);
+    command.args(["send", "cli-tls", "x", "--url", &url, "--ca-file", missing.to_str().unwrap()]);
+    let refused = output_within(&mut command, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("missing-ca.pem") && stderr.contains("cannot read"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
