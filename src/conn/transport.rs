@@ -13,9 +13,9 @@
 //! once the handshake is over (its answer to a KeyUpdate, a warning alert) leave ahead of the
 //! next batch or with the close_notify at shutdown, which TLS allows.
 //!
-//! Bounds: a TLS connection holds [`TLS_READ_BYTES`] of ciphertext read ahead, rustls's own
-//! buffers (its default limits), and, while a batch is written, at most rustls's buffer limit
-//! of ciphertext (64 KiB) beyond the batch.
+//! Bounds: a TLS connection holds at most [`TLS_READ_BYTES`] of ciphertext read ahead
+//! ([`TLS_IDLE_READ_BYTES`] while idle), rustls's own buffers (its default limits), and, while a
+//! batch is written, at most rustls's buffer limit of ciphertext (64 KiB) beyond the batch.
 
 use std::cell::RefCell;
 use std::io::{self, BufRead, IoSlice, Write};
@@ -32,8 +32,12 @@ use smallvec::SmallVec;
 use super::outbound::WriteBatch;
 use super::ReadTail;
 
-/// Ciphertext read from the socket per read on a TLS connection (more than one full record).
+/// Ciphertext read from the socket per read on a busy TLS connection (more than one full
+/// record): the room after a read that filled its room.
 pub const TLS_READ_BYTES: usize = 32 * 1024;
+/// The room of a read on a TLS connection whose last read did not fill its room: what an idle
+/// connection holds while it waits (rustls gathers a record over as many reads as it takes).
+pub const TLS_IDLE_READ_BYTES: usize = 2 * 1024;
 
 /// The reading side of a stream.
 pub(crate) trait ReadSide {
@@ -153,15 +157,20 @@ impl TlsState {
     }
 }
 
-/// Ciphertext read from the socket; `buf[start..]` is not yet given to rustls.
+/// Ciphertext read from the socket; `buf[start..]` is not yet given to rustls. Its room
+/// follows the traffic: [`TLS_READ_BYTES`] after a read that filled its room, else
+/// [`TLS_IDLE_READ_BYTES`].
 struct Incoming {
     buf: Vec<u8>,
     start: usize,
+    /// The room `buf` was allocated with.
+    room: usize,
+    last_read_filled: bool,
 }
 
 impl Incoming {
     fn new() -> Incoming {
-        Incoming { buf: Vec::with_capacity(TLS_READ_BYTES), start: 0 }
+        Incoming { buf: Vec::new(), start: 0, room: 0, last_read_filled: false }
     }
 
     fn unread(&self) -> &[u8] {
@@ -171,13 +180,17 @@ impl Incoming {
     /// Reads once from the socket into the (fully consumed) buffer. `Ok(0)` is end of stream.
     async fn read_from<R: AsyncReadRent>(&mut self, socket: &mut R) -> io::Result<usize> {
         debug_assert!(self.unread().is_empty(), "ciphertext is read only once rustls has taken what came before");
+        let room = if self.last_read_filled { TLS_READ_BYTES } else { TLS_IDLE_READ_BYTES };
         let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        if buf.capacity() < TLS_READ_BYTES {
-            buf.reserve(TLS_READ_BYTES);
+        if self.room == room {
+            buf.clear();
+        } else {
+            buf = Vec::with_capacity(room);
+            self.room = room;
         }
         self.start = 0;
         let (result, buf) = socket.read(buf).await;
+        self.last_read_filled = buf.len() >= room;
         self.buf = buf;
         result
     }
