@@ -324,3 +324,26 @@ fn the_cli_sends_and_consumes_over_tls() {
     assert!(stderr.contains("missing-ca.pem") && stderr.contains("cannot read"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A client that opens TCP and never completes its TLS handshake is closed by the handshake
+/// timeout, as a stalled upgrade request is.
+#[test]
+fn a_stalled_tls_handshake_is_closed_by_the_handshake_timeout() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("tls-stall");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&[&["--handshake-timeout-ms", "300"][..], &pair.flags()].concat());
+    let mut stream = std::net::TcpStream::connect(broker.addr).unwrap();
+    // Half a TLS record header, then silence.
+    stream.write_all(&[0x16, 0x03]).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let ended = stream.read_to_end(&mut rest);
+    if let Err(error) = &ended {
+        let timed_out = matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+        assert!(!timed_out, "the broker did not close the stalled connection within {WAIT:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "closed only after {:?}", started.elapsed());
+    let _ = std::fs::remove_dir_all(dir);
+}
