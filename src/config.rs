@@ -78,6 +78,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Seconds between two one-line summaries at info level (0: none).
     pub summary_interval_secs: u64,
+    /// Serve `wss://` with this certificate and key (docs/SECURITY.md); `None`: plain `ws://`.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Origins whose pages may open a WebSocket here ([`check_origin`]); empty: any.
+    pub allowed_origins: Vec<String>,
     // No bound on the cross-shard mailboxes: they are unbounded on purpose, and what may wait
     // in them is bounded at its sources (see the module docs of `shard::mailbox`).
 }
@@ -123,6 +127,8 @@ impl Default for Config {
             log_level: Level::Info,
             log_format: LogFormat::Text,
             summary_interval_secs: 60,
+            tls: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -592,5 +598,83 @@ mod tests {
         assert!(parse_listen("localhost:7447").unwrap().ip().is_loopback());
         assert!(parse_listen("70000").unwrap_err().contains("out of range"));
         assert!(parse_listen("no port").unwrap_err().contains("use HOST:PORT, IP:PORT or PORT"));
+    }
+}
+
+/// Checks an `--allowed-origin` value: an origin as browsers send it, `http://` or `https://`,
+/// a host and an optional port, nothing after (no path, no trailing slash, no pattern). Returns
+/// it in lower case, as browsers serialize it.
+pub fn parse_origin(text: &str) -> Result<String, String> {
+    let bad = |problem: &str| {
+        Err(format!(
+            "origin \"{text}\" {problem}; give it as the browser sends it in the Origin header: \
+             https://HOST or https://HOST:PORT (exact origins only, no patterns)"
+        ))
+    };
+    let lower = text.to_ascii_lowercase();
+    let Some(rest) = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://")) else {
+        return bad("does not start with https:// or http://");
+    };
+    if rest.is_empty() {
+        return bad("has no host");
+    }
+    if rest.contains('*') {
+        return bad("is a pattern");
+    }
+    if rest.contains(['/', '?', '#']) {
+        return bad("has a path (an origin ends after the host and port, without a slash)");
+    }
+    if rest.contains(|c: char| c.is_ascii_whitespace() || c.is_ascii_control() || c == '@') {
+        return bad("is not a valid origin");
+    }
+    Ok(lower)
+}
+
+/// Whether a WebSocket upgrade with this `Origin` header may proceed: always without the
+/// header (a client that is not a browser, which could send any Origin it likes anyway), and
+/// with it only if it is one of `allowed` (or `allowed` is empty). `Err` is the reason for the
+/// 403 answer.
+pub fn check_origin(allowed: &[String], origin: Option<&str>) -> Result<(), String> {
+    let Some(origin) = origin else { return Ok(()) };
+    if allowed.is_empty() || allowed.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin.trim())) {
+        return Ok(());
+    }
+    let shown: String = origin.chars().take(200).collect();
+    Err(format!(
+        "origin \"{shown}\" is not allowed to open a WebSocket to this broker; the broker's operator lists the \
+         web applications' origins with --allowed-origin"
+    ))
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_exact_and_checked_at_start() {
+        assert_eq!(parse_origin("https://App.Example.com").unwrap(), "https://app.example.com");
+        assert_eq!(parse_origin("http://localhost:8080").unwrap(), "http://localhost:8080");
+        for (bad, says) in [
+            ("app.example.com", "https://"),
+            ("https://", "no host"),
+            ("https://*.example.com", "pattern"),
+            ("https://app.example.com/", "path"),
+            ("*", "https://"),
+            ("null", "https://"),
+        ] {
+            let error = parse_origin(bad).unwrap_err();
+            assert!(error.contains(bad) && error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn an_upgrade_without_origin_passes_and_one_with_an_unlisted_origin_does_not() {
+        let allowed = vec!["https://app.example.com".to_string()];
+        assert!(check_origin(&allowed, None).is_ok());
+        assert!(check_origin(&allowed, Some("https://app.example.com")).is_ok());
+        assert!(check_origin(&allowed, Some("https://APP.example.com")).is_ok());
+        let refused = check_origin(&allowed, Some("https://evil.example")).unwrap_err();
+        assert!(refused.contains("https://evil.example") && refused.contains("--allowed-origin"), "{refused}");
+        assert!(check_origin(&[], Some("https://evil.example")).is_ok(), "no list: any origin");
     }
 }

@@ -25,3 +25,4 @@ pub mod shard;
 mod sim;
 pub mod store;
 pub mod summary;
+pub mod tls;

@@ -1,8 +1,8 @@
 //! `mbws-broker`: flags, start-up, signals.
 
 // The `///` comments on the argument structs are clap's help texts, shown verbatim by `--help`
-// (`[IPv6]:PORT`, `DLQ.<address>`), not rustdoc markdown.
-#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+// (`[IPv6]:PORT`, `DLQ.<address>`, `https://HOST`), not rustdoc markdown.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags, rustdoc::bare_urls)]
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -102,6 +102,20 @@ struct Args {
     /// skip-corrupt (skip it, keep the rest, keep the original file aside).
     #[arg(long, default_value = recovery_name(Config::default().log_recovery), value_parser = parse_recovery)]
     log_recovery: mbws::store::RecoveryMode,
+    /// Serve wss:// (TLS 1.3 and 1.2) with this PEM certificate chain, the broker's own
+    /// certificate first; needs --tls-key. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); needs --tls-cert. Re-read on
+    /// SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Origin whose web pages may open a WebSocket here, exactly as browsers send it
+    /// (https://app.example.com, https://app.example.com:8443); repeatable; no patterns. Upgrades
+    /// with another Origin header are refused (403); upgrades without one (clients that are not
+    /// browsers) are not checked. Without this flag any origin is accepted.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN", value_parser = mbws::config::parse_origin)]
+    allowed_origins: Vec<String>,
     /// Log level: error, warn, info or debug (debug adds a line per connection step).
     #[arg(long, default_value = Config::default().log_level.name(), value_parser = parse_level)]
     log_level: Level,
@@ -190,13 +204,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match config.tls.clone().map(mbws::tls::TlsContext::load).transpose() {
+        Ok(tls) => tls,
+        Err(problem) => {
+            eprintln!("mbws-broker: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    warn_about_exposure(&config);
     let shards = config.shards;
     let summary_interval_secs = config.summary_interval_secs;
     if let Some(file) = origins.file() {
         log!(Level::Info, "configuration from {} (flags given override it)", file.display());
     }
     let started = Instant::now();
-    let running = match mbws::shard::start(config) {
+    let running = match mbws::shard::start(config, tls) {
         Ok(running) => running,
         Err(error) => {
             eprintln!("mbws-broker: {error}");
@@ -205,9 +227,10 @@ fn main() -> ExitCode {
     };
     log!(
         Level::Info,
-        "mbws-broker {} listening on {} (ws://{}/) shards={} io={}",
+        "mbws-broker {} listening on {} ({}://{}/) shards={} io={}",
         env!("CARGO_PKG_VERSION"),
         running.local_addr,
+        if running.tls.is_some() { "wss" } else { "ws" },
         running.local_addr,
         shards,
         running.io_driver
@@ -218,9 +241,7 @@ fn main() -> ExitCode {
     let signal = loop {
         let wait = (summary_interval_secs > 0).then(|| next_summary.saturating_duration_since(Instant::now()));
         match wait_for_signal(&signals, wait) {
-            Some(libc::SIGHUP) => {
-                log!(Level::Info, "received SIGHUP: there are no settings to reload; still running");
-            }
+            Some(libc::SIGHUP) => reload(&running),
             Some(signal) => break signal,
             None if Instant::now() >= next_summary => {
                 log_summary(&mut summary, &running, shards);
@@ -234,6 +255,43 @@ fn main() -> ExitCode {
     running.shutdown();
     log!(Level::Info, "stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-reads the TLS certificate and key (the only settings that reload); open
+/// connections keep the session they have.
+fn reload(running: &mbws::shard::Running) {
+    let Some(tls) = &running.tls else {
+        log!(Level::Info, "received SIGHUP: there are no settings to reload (no --tls-cert); still running");
+        return;
+    };
+    let files = tls.files();
+    match tls.reload() {
+        Ok(()) => log!(
+            Level::Info,
+            "received SIGHUP: reloaded the TLS certificate {} and key {}; new connections get them, open ones keep \
+             theirs",
+            files.cert.display(),
+            files.key.display()
+        ),
+        Err(problem) => log!(Level::Warn, "received SIGHUP: keeping the TLS certificate in use: {problem}"),
+    }
+}
+
+/// Warns when the broker can be reached from other machines without the protections a
+/// network exposure calls for (docs/SECURITY.md).
+fn warn_about_exposure(config: &Config) {
+    if config.listen.ip().is_loopback() {
+        return;
+    }
+    if config.allowed_origins.is_empty() {
+        log!(
+            Level::Warn,
+            "listening on {} beyond loopback without --allowed-origin: a web page on any site that a browser on the \
+             network opens can connect to this broker (cross-site WebSocket hijacking); list the origins of your web \
+             applications with --allowed-origin (docs/SECURITY.md)",
+            config.listen
+        );
+    }
 }
 
 /// The broker's settings: [`Config::default`], then the configuration file's keys (if
@@ -311,6 +369,13 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
     if given("log_batch_delay_us") {
         config.log_batch_delay = Duration::from_micros(args.log_batch_delay_us);
     }
+    // clap makes each of the two require the other.
+    if let Some((cert, key)) = args.tls_cert.zip(args.tls_key) {
+        config.tls = Some(mbws::tls::TlsFiles { cert, key });
+    }
+    if given("allowed_origins") {
+        config.allowed_origins = args.allowed_origins;
+    }
     Ok((config, origins))
 }
 
@@ -371,7 +436,7 @@ fn raise_open_file_limit() {
 }
 
 /// SIGINT and SIGTERM stop the broker; SIGHUP (what a service manager or a closed terminal
-/// sends) is logged and ignored.
+/// sends) reloads the TLS certificate, and is otherwise logged and ignored.
 fn block_handled_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is an array of integers, for which all-zero bytes are valid; sigemptyset
     // below makes it the empty set whatever its representation.

@@ -57,6 +57,9 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     pub log_format: Option<String>,
     pub summary_interval_secs: Option<u64>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub allowed_origin: Option<Vec<String>>,
     // Sections come after the top-level keys (TOML puts a table's keys after its header):
     // `pub auth: Option<AuthSection>` and the like, each `deny_unknown_fields`, secrets as
     // `Secret`.
@@ -226,6 +229,33 @@ impl ConfigFile {
         if let Some(value) = number("--summary-interval-secs", self.summary_interval_secs)? {
             config.summary_interval_secs = value;
         }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                config.tls = Some(crate::tls::TlsFiles { cert: cert.clone(), key: key.clone() });
+            }
+            (None, None) => {}
+            (Some(cert), None) => {
+                let cert = cert.display().to_string();
+                return Err(bad_value(origins, "tls-cert", &cert, "it needs tls-key (the certificate's private key)"));
+            }
+            (None, Some(key)) => {
+                let key = key.display().to_string();
+                return Err(bad_value(
+                    origins,
+                    "tls-key",
+                    &key,
+                    "it needs tls-cert (the certificate it is the key of)",
+                ));
+            }
+        }
+        if let Some(list) = &self.allowed_origin {
+            config.allowed_origins = list
+                .iter()
+                .map(|origin| {
+                    super::parse_origin(origin).map_err(|reason| bad_value(origins, "allowed-origin", origin, &reason))
+                })
+                .collect::<Result<_, _>>()?;
+        }
         Ok(())
     }
 
@@ -259,6 +289,9 @@ impl ConfigFile {
             log_level: Some(config.log_level.name().to_string()),
             log_format: Some(config.log_format.name().to_string()),
             summary_interval_secs: Some(config.summary_interval_secs),
+            tls_cert: config.tls.as_ref().map(|tls| tls.cert.clone()),
+            tls_key: config.tls.as_ref().map(|tls| tls.key.clone()),
+            allowed_origin: Some(config.allowed_origins.clone()),
         }
     }
 

@@ -37,16 +37,17 @@ pub mod outbound;
 pub mod read_buffer;
 pub mod session;
 pub mod state;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
 use crate::broker::{ConnRef, ShardId};
@@ -64,6 +65,7 @@ use outbound::{Outbound, WriteBatch};
 use read_buffer::ReadBuffer;
 use session::{parse_session_id, unknown_session_reason};
 use state::{Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
+use transport::{ReadSide, Stream, TlsState, TlsStream, WriteSide};
 
 /// How long a closing connection waits for the peer's close frame, and for its last writes.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -77,6 +79,8 @@ pub struct Adoption {
     pub buffered: BytesMut,
     pub binding: Binding,
     pub open: mbws::Open,
+    /// The TLS session of a `wss://` connection (it moves with its socket).
+    pub tls: Option<Box<TlsState>>,
 }
 
 /// A `BytesMut` that io_uring reads into after its current contents.
@@ -107,18 +111,33 @@ unsafe impl IoBufMut for ReadTail {
 }
 
 /// Reads once into `buf`, with the room its traffic calls for ([`ReadBuffer`]). Ok(0) is EOF.
-async fn read_more<R: AsyncReadRent>(reader: &mut R, buf: &mut ReadBuffer) -> std::io::Result<usize> {
-    let (result, tail) = reader.read(ReadTail(buf.take_for_read())).await;
+async fn read_more<R: ReadSide>(reader: &mut R, buf: &mut ReadBuffer) -> std::io::Result<usize> {
+    let (result, tail) = reader.read_tail(ReadTail(buf.take_for_read())).await;
     buf.put_back(tail.0, *result.as_ref().unwrap_or(&0));
     result
 }
 
-/// Serves one accepted TCP connection until it closes (or is handed to another shard).
+/// Serves one accepted TCP connection (`ws://`) until it closes (or is handed to another shard).
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    serve_stream(shard, stream, peer).await
+}
+
+/// Serves one accepted TLS connection (`wss://`): its TLS handshake is part of the upgrade.
+pub async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: Arc<rustls::ServerConfig>) {
+    let _ = stream.set_nodelay(true);
+    match rustls::ServerConnection::new(tls) {
+        Ok(connection) => serve_stream(shard, TlsStream::new(stream, TlsState::new(connection)), peer).await,
+        Err(error) => log!(Level::Warn, "shard {}: cannot start TLS for {peer}: {error}", shard.id.0),
+    }
+}
+
+/// Serves one accepted connection over `stream` until it closes (or is handed to another shard).
 ///
 /// This future is the connection's reader task for the connection's whole life, so its size
 /// is memory held per idle session: the opening phase (handshake, timers, refusals) runs in a
 /// box that is freed once the session runs, and only the running phase is held inline.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
+async fn serve_stream<S: Stream>(shard: Rc<Shard>, stream: S, peer: SocketAddr) {
     let attached = match Box::pin(open_connection(&shard, stream, peer)).await {
         Opening::Opened(attached) => attached,
         Opening::Resume(resumption) => {
@@ -134,35 +153,34 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
 
 /// How the opening phase of a connection ended. The payloads are boxed: an `Opening` lives in
 /// `serve` beside the resume path, and a large one would size every connection's task.
-enum Opening {
+enum Opening<S> {
     /// A new session is registered and attached; it runs next.
-    Opened(Box<Attached>),
+    Opened(Box<Attached<S>>),
     /// The first frame resumes a session of this shard.
-    Resume(Box<Resumption>),
+    Resume(Box<Resumption<S>>),
     /// Refused, handed to another shard, or gone.
     Ended,
 }
 
 /// A new session, registered and attached to its socket.
-struct Attached {
+struct Attached<S> {
     me: ConnRef,
     attachment: Attachment,
-    stream: TcpStream,
+    stream: S,
     buf: ReadBuffer,
     decoder: Decoder,
 }
 
 /// A first frame that resumes a session of this shard.
-struct Resumption {
-    stream: TcpStream,
+struct Resumption<S> {
+    stream: S,
     buf: ReadBuffer,
     binding: Binding,
     open: mbws::Open,
 }
 
 /// The upgrade and the first MBWS frame, each bounded by its timeout.
-async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opening {
-    let _ = stream.set_nodelay(true);
+async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: SocketAddr) -> Opening<S> {
     let config = shard.config.clone();
     let _opening = shard.opening();
     let mut buf = BytesMut::with_capacity(config.max_handshake_bytes);
@@ -176,7 +194,7 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
     .await;
     let Some(upgrade) = upgrade else {
         // Shutting down before the upgrade completed: no WebSocket yet, so nothing to say.
-        let _ = stream.shutdown().await;
+        stream.shutdown().await;
         return Opening::Ended;
     };
     let upgrade = match upgrade {
@@ -189,8 +207,8 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
                 status = refusal.status,
                 reason = refusal.reason,
             );
-            let (_, _) = stream.write_all(refusal.response()).await;
-            let _ = stream.shutdown().await;
+            let _ = stream.write_bytes(refusal.response()).await;
+            stream.shutdown().await;
             return Opening::Ended;
         }
         Ok(Err(None)) => return Opening::Ended, // The peer went away mid-request.
@@ -202,13 +220,19 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
                     config.handshake_timeout.as_millis()
                 ),
             };
-            let (_, _) = stream.write_all(refusal.response()).await;
-            let _ = stream.shutdown().await;
+            let _ = stream.write_bytes(refusal.response()).await;
+            stream.shutdown().await;
             return Opening::Ended;
         }
     };
+    if let Err(reason) = crate::config::check_origin(&config.allowed_origins, upgrade.origin.as_deref()) {
+        log!(Level::Debug, "shard {}: refused upgrade from {peer}: 403 {reason}", shard.id.0);
+        let _ = stream.write_bytes(HandshakeError::new(403, reason).response()).await;
+        stream.shutdown().await;
+        return Opening::Ended;
+    }
     log!(Level::Debug, "shard {}: connection from {peer} upgraded with {}", shard.id.0, upgrade.protocol.name());
-    let (written, _) = stream.write_all(handshake::accept_response(&upgrade)).await;
+    let written = stream.write_bytes(handshake::accept_response(&upgrade)).await;
     if written.is_err() {
         return Opening::Ended;
     }
@@ -254,7 +278,7 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
     }
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
-    let (me, attachment) = shard.open_session(upgrade.protocol, stream.as_raw_fd(), binding, payload);
+    let (me, attachment) = shard.open_session(upgrade.protocol, stream.socket(), binding, payload);
     log!(
         Level::Info,
         "shard {}: connection opened", shard.id.0;
@@ -267,8 +291,8 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
 
 /// Reads until the first complete WebSocket data message, answering pings on the way.
 /// `None`: the peer closed, failed or broke the WebSocket protocol (already answered).
-async fn first_message(
-    stream: &mut TcpStream,
+async fn first_message<S: Stream>(
+    stream: &mut S,
     buf: &mut ReadBuffer,
     decoder: &mut Decoder,
 ) -> Option<(Binding, Bytes)> {
@@ -284,14 +308,14 @@ async fn first_message(
                 Ok(Some(WsEvent::Close(frame))) => {
                     let payload = frame.map(|frame| close_payload(frame.code, "")).unwrap_or_default();
                     write_frames(stream, |out| out.push_control(OpCode::Close, &payload)).await;
-                    let _ = stream.shutdown().await;
+                    stream.shutdown().await;
                     return None;
                 }
                 Ok(None) => break,
                 Err(WsError { close_code, reason }) => {
                     write_frames(stream, |out| out.push_control(OpCode::Close, &close_payload(close_code, &reason)))
                         .await;
-                    let _ = stream.shutdown().await;
+                    stream.shutdown().await;
                     return None;
                 }
             }
@@ -304,40 +328,40 @@ async fn first_message(
 }
 
 /// Writes frames built into a throw-away write queue (the rare paths before a session exists).
-async fn write_frames(stream: &mut TcpStream, build: impl FnOnce(&mut Outbound)) {
+async fn write_frames<W: WriteSide>(stream: &mut W, build: impl FnOnce(&mut Outbound)) {
     let mut outbound = Outbound::new();
     build(&mut outbound);
     if let Some(batch) = outbound.take_batch(WriteBatch::default()) {
-        let (_, _) = stream.write_all(batch.to_vec()).await;
+        let _ = stream.write_bytes(batch.to_vec()).await;
     }
 }
 
 /// Closes a WebSocket that has no session on this shard with 1001 (the broker is shutting down).
-async fn say_going_away(stream: &mut TcpStream) {
+async fn say_going_away<W: WriteSide>(stream: &mut W) {
     let payload = close_payload(crate::ws::close_code::GOING_AWAY, "broker shutting down");
     write_frames(stream, |out| out.push_control(OpCode::Close, &payload)).await;
-    let _ = stream.shutdown().await;
+    stream.shutdown().await;
 }
 
 /// Sends a fatal ERROR and the matching close before any session exists, then shuts down.
-async fn refuse_session(stream: &mut TcpStream, binding: Binding, code: ErrorCode, reason: String) {
+async fn refuse_session<W: WriteSide>(stream: &mut W, binding: Binding, code: ErrorCode, reason: String) {
     write_frames(stream, |out| {
         out.push_frame(binding, &Frame::Error(ErrorFrame::fatal(code, 0, 0, &reason)));
         out.push_control(OpCode::Close, &close_payload(code.as_u16(), &reason));
     })
     .await;
-    let _ = stream.shutdown().await;
+    stream.shutdown().await;
 }
 
-async fn refuse_unknown_session(stream: &mut TcpStream, binding: Binding, session_id: &[u8]) {
+async fn refuse_unknown_session<W: WriteSide>(stream: &mut W, binding: Binding, session_id: &[u8]) {
     let reason = unknown_session_reason(session_id);
     refuse_session(stream, binding, ErrorCode::UnknownSession, reason).await;
 }
 
 /// Passes the socket to the shard that holds the session being resumed.
-fn hand_over(
+fn hand_over<S: Stream>(
     shard: &Shard,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
     buf: ReadBuffer,
     binding: Binding,
@@ -345,6 +369,7 @@ fn hand_over(
     home: ShardId,
 ) {
     let buffered = buf.into_bytes();
+    let (stream, tls) = stream.into_parts();
     // SAFETY: `stream` (alive until the drop below) owns the descriptor, so the number is
     // open; dup(2) touches no memory of ours, and its result is checked and owned below.
     let duplicate = unsafe { libc::dup(stream.as_raw_fd()) };
@@ -362,12 +387,12 @@ fn hand_over(
     // SAFETY: `duplicate` is a fresh descriptor that nothing else owns.
     let socket = unsafe { OwnedFd::from_raw_fd(duplicate) };
     log!(Level::Debug, "shard {}: handing the resume from {peer} to shard {}", shard.id.0, home.0);
-    shard.hand_over(home, Box::new(Adoption { socket, peer, buffered, binding, open }));
+    shard.hand_over(home, Box::new(Adoption { socket, peer, buffered, binding, open, tls }));
 }
 
 /// Takes a socket handed over by another shard and resumes its session here.
 pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
-    let Adoption { socket, peer, buffered, binding, open } = adoption;
+    let Adoption { socket, peer, buffered, binding, open, tls } = adoption;
     let std_stream = std::net::TcpStream::from(socket);
     let stream = match TcpStream::from_std(std_stream) {
         Ok(stream) => stream,
@@ -377,13 +402,16 @@ pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
         }
     };
     let buf = ReadBuffer::new(buffered, shard.config.read_buffer_bytes);
-    resume(shard, stream, peer, buf, binding, open).await;
+    match tls {
+        None => resume(shard, stream, peer, buf, binding, open).await,
+        Some(tls) => resume(shard, TlsStream::new(stream, *tls), peer, buf, binding, open).await,
+    }
 }
 
 /// Resumes the session `open` names, on this shard, over `stream`.
-async fn resume(
+async fn resume<S: Stream>(
     shard: Rc<Shard>,
-    mut stream: TcpStream,
+    mut stream: S,
     peer: SocketAddr,
     mut buf: ReadBuffer,
     binding: Binding,
@@ -394,7 +422,7 @@ async fn resume(
         Box::pin(say_going_away(&mut stream)).await;
         return;
     }
-    let resumed = shard.resume_session(&open, binding, stream.as_raw_fd());
+    let resumed = shard.resume_session(&open, binding, stream.socket());
     let Resumed { me, attachment, stale_socket } = match resumed {
         Ok(resumed) => resumed,
         Err(refusal) => {
@@ -454,11 +482,11 @@ fn supersede(socket: RawFd) {
 /// The caller's state is borrowed, not moved in: an async fn keeps its arguments for its whole
 /// life, so moved-in values would be held twice in every connection's task.
 #[allow(clippy::too_many_arguments)]
-async fn run(
+async fn run<S: Stream>(
     shard: &Rc<Shard>,
     me: ConnRef,
     attachment: Attachment,
-    stream: TcpStream,
+    stream: S,
     buf: &mut ReadBuffer,
     decoder: &mut Decoder,
     peer: &SocketAddr,
@@ -522,8 +550,8 @@ async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, exp
 
 /// Reads until a complete upgrade request is parsed and accepted. `Err(Some)` is a refusal to
 /// send back; `Err(None)` means the peer went away.
-async fn read_upgrade(
-    stream: &mut TcpStream,
+async fn read_upgrade<R: ReadSide>(
+    stream: &mut R,
     buf: &mut BytesMut,
     max_bytes: usize,
 ) -> Result<handshake::Upgrade<Subprotocol>, Option<HandshakeError>> {
@@ -545,7 +573,7 @@ async fn read_upgrade(
                 reason: format!("the upgrade request is larger than {max_bytes} bytes (max_handshake_bytes)"),
             }));
         }
-        let (result, tail) = stream.read(ReadTail(owned)).await;
+        let (result, tail) = stream.read_tail(ReadTail(owned)).await;
         *buf = tail.0;
         match result {
             Ok(0) | Err(_) => return Err(None),
@@ -554,11 +582,11 @@ async fn read_upgrade(
     }
 }
 
-async fn read_loop(
+async fn read_loop<R: ReadSide>(
     shard: &Rc<Shard>,
     me: ConnRef,
     attachment: Attachment,
-    reader: &mut OwnedReadHalf<TcpStream>,
+    reader: &mut R,
     buf: &mut ReadBuffer,
     decoder: &mut Decoder,
 ) {
@@ -621,7 +649,7 @@ async fn wait_until_reader_may_continue(shard: &Shard, me: ConnRef) {
 
 /// After we queued a close frame: discard input until the peer's close frame or EOF, bounded
 /// by `CLOSE_GRACE`.
-async fn wait_for_peer_close(reader: &mut OwnedReadHalf<TcpStream>, decoder: &mut Decoder, buf: &mut ReadBuffer) {
+async fn wait_for_peer_close<R: ReadSide>(reader: &mut R, decoder: &mut Decoder, buf: &mut ReadBuffer) {
     let _ = monoio::time::timeout(CLOSE_GRACE, async {
         loop {
             loop {
@@ -644,12 +672,12 @@ async fn wait_for_peer_close(reader: &mut OwnedReadHalf<TcpStream>, decoder: &mu
 /// done, or a newer connection took the slot over: then it ends this connection with the ERROR
 /// and close of [`SUPERSEDED_REASON`] in `binding` (the binding of this connection's OPEN),
 /// unless a close frame was already written.
-async fn write_loop(
+async fn write_loop<W: WriteSide>(
     shard: Rc<Shard>,
     me: ConnRef,
     attachment: Attachment,
     binding: Binding,
-    mut writer: OwnedWriteHalf<TcpStream>,
+    mut writer: W,
 ) {
     let mut batch = WriteBatch::default();
     let mut superseded = false;
@@ -688,9 +716,9 @@ async fn write_loop(
         // Both boxed: the write (and its timer) is much larger than this loop's other state, and
         // held inline it would size the task of every idle connection.
         let written = if closing {
-            Box::pin(monoio::time::timeout(CLOSE_GRACE, write_batch(&mut writer, batch))).await.ok()
+            Box::pin(monoio::time::timeout(CLOSE_GRACE, writer.write_batch(batch))).await.ok()
         } else {
-            Some(Box::pin(write_batch(&mut writer, batch)).await)
+            Some(Box::pin(writer.write_batch(batch)).await)
         };
         let outcome = match written {
             Some((result, returned)) => {
@@ -740,25 +768,8 @@ async fn write_loop(
         farewell.push_frame(binding, &Frame::Error(error));
         farewell.push_control(OpCode::Close, &close_payload(ErrorCode::Conflict.as_u16(), SUPERSEDED_REASON));
         if let Some(farewell) = farewell.take_batch(WriteBatch::default()) {
-            let _ = Box::pin(monoio::time::timeout(CLOSE_GRACE, write_batch(&mut writer, farewell))).await;
+            let _ = Box::pin(monoio::time::timeout(CLOSE_GRACE, writer.write_batch(farewell))).await;
         }
     }
-    let _ = writer.shutdown().await;
-}
-
-/// Writes a whole batch, resuming after partial writes.
-async fn write_batch(
-    writer: &mut OwnedWriteHalf<TcpStream>,
-    mut batch: WriteBatch,
-) -> (std::io::Result<()>, WriteBatch) {
-    while !batch.is_done() {
-        let (result, returned) = writer.writev(batch).await;
-        batch = returned;
-        match result {
-            Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), batch),
-            Ok(written) => batch.advance(written),
-            Err(error) => return (Err(error), batch),
-        }
-    }
-    (Ok(()), batch)
+    writer.shutdown().await;
 }

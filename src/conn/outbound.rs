@@ -331,6 +331,15 @@ impl WriteBatch {
         all
     }
 
+    /// The bytes not yet written, one slice per iovec (TLS encrypts them from here).
+    pub fn remaining_slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.iovecs[self.first..].iter().map(|iovec| {
+            // SAFETY: as in `to_vec`: each iovec points into a buffer this batch owns and keeps
+            // immutable while borrowed, and `iov_len` never exceeds that buffer.
+            unsafe { std::slice::from_raw_parts(iovec.iov_base as *const u8, iovec.iov_len) }
+        })
+    }
+
     /// Marks `written` bytes as sent: drops whole iovecs, trims a partially written one.
     pub fn advance(&mut self, mut written: usize) {
         assert!(written <= self.remaining_bytes, "wrote more than was queued");

@@ -46,6 +46,7 @@ use crate::log;
 use crate::logging::Level;
 use crate::mbws::{Binding, Open, Subprotocol};
 use crate::store::{DurableLog, GroupCommitter, Recovery};
+use crate::tls::TlsContext;
 use crate::ws::message::Decoder;
 use mailbox::{Envelope, PostOffice};
 pub use net::bind_reuseport;
@@ -544,6 +545,8 @@ impl Drop for OpeningConnection<'_> {
 pub struct Running {
     pub local_addr: SocketAddr,
     pub io_driver: &'static str,
+    /// The TLS settings when the broker serves `wss://` (reloaded on SIGHUP).
+    pub tls: Option<Arc<TlsContext>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     post_office: Arc<PostOffice>,
 }
@@ -588,7 +591,9 @@ impl Running {
 /// use) leaves the data directory as it found it; then the data directory is checked and every
 /// shard's log opened and recovered before any shard accepts, so a broken or unwritable data
 /// directory stops the start with a clear message.
-pub fn start(config: Config) -> io::Result<Running> {
+///
+/// With `tls`, every shard serves `wss://` only (the TLS handshake comes before the upgrade).
+pub fn start(config: Config, tls: Option<Arc<TlsContext>>) -> io::Result<Running> {
     if !monoio::utils::detect_uring() {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -608,12 +613,13 @@ pub fn start(config: Config) -> io::Result<Running> {
         let post_office = post_office.clone();
         let core = if config.pin_threads && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };
         let durable = DurableStart { log, recovery, message_id_floor };
-        let thread = std::thread::Builder::new()
-            .name(format!("mbws-shard-{index}"))
-            .spawn(move || run_shard(ShardId(index as u16), config, post_office, listener, inbox, core, durable))?;
+        let tls = tls.as_ref().map(|tls| tls.server_config());
+        let thread = std::thread::Builder::new().name(format!("mbws-shard-{index}")).spawn(move || {
+            run_shard(ShardId(index as u16), config, post_office, listener, inbox, core, durable, tls)
+        })?;
         threads.push(thread);
     }
-    Ok(Running { local_addr, io_driver: "io_uring", threads, post_office })
+    Ok(Running { local_addr, io_driver: "io_uring", tls, threads, post_office })
 }
 
 /// A shard's opened log, what it recovered, and the id its message ids continue above.
@@ -632,6 +638,7 @@ fn run_shard(
     inbox: Receiver<Envelope>,
     core: Option<usize>,
     durable: DurableStart,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     if let Some(core) = core {
         if let Err(error) = net::pin_to_cpu(core) {
@@ -661,7 +668,7 @@ fn run_shard(
         if shard.config.ack_timeout_ms > 0 {
             monoio::spawn(shard.clone().ack_timer_loop());
         }
-        let accepting = monoio::spawn(accept_loop(shard.clone(), listener));
+        let accepting = monoio::spawn(accept_loop(shard.clone(), listener, tls));
         shard.shutdown.wait().await;
         stop_listening(id, listener_fd);
         drop(accepting);
@@ -699,7 +706,8 @@ const SHUTDOWN_LOG_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accept failures are logged at most once per this interval, with a count of those since.
 const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
+/// Accepts connections and serves each in its own task: over TLS when `tls` is given.
+async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
     let mut consecutive_errors = 0u32;
     let mut unreported_failures = 0u64;
     let mut last_report: Option<Instant> = None;
@@ -712,7 +720,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 }
                 #[cfg(debug_assertions)]
                 debug_panic_on_accept(shard.id);
-                monoio::spawn(crate::conn::serve(shard.clone(), stream, peer));
+                match &tls {
+                    None => drop(monoio::spawn(crate::conn::serve(shard.clone(), stream, peer))),
+                    Some(tls) => drop(monoio::spawn(crate::conn::serve_tls(shard.clone(), stream, peer, tls.clone()))),
+                }
             }
             Err(_) if shard.shutdown.has_fired() => return,
             Err(error) => {

@@ -1,6 +1,9 @@
 """MBWS interop peer in Python: the `websockets` library for WebSocket, MBWS frames by hand.
 
-Usage: mbws_roundtrip.py WS_URL [COUNT]
+Usage: mbws_roundtrip.py WS_URL [COUNT] [CA_FILE [TLS_VERSION]]
+
+With a wss:// URL, Python's `ssl` module speaks TLS: CA_FILE is the PEM file to trust and
+TLS_VERSION (1.2 or 1.3, default any) pins the version; the negotiated one is printed.
 
 For each subprotocol (MBWS.huawei.com, MBLWS.huawei.com) and each binding (binary, text) it
 opens a consumer session and a producer session on their own address, subscribes (anycast,
@@ -13,6 +16,7 @@ Prints one summary line per run and `OK ...` at the end; exits 1 on any mismatch
 """
 
 import asyncio
+import ssl
 import struct
 import sys
 
@@ -228,9 +232,12 @@ class Session:
         self.ws = None
 
     async def open(self):
+        tls = {"ssl": SSL_CONTEXT} if self.url.startswith("wss://") else {}
         self.ws = await asyncio.wait_for(
-            websockets.connect(self.url, subprotocols=[self.subprotocol], open_timeout=TIMEOUT_S), TIMEOUT_S
+            websockets.connect(self.url, subprotocols=[self.subprotocol], open_timeout=TIMEOUT_S, **tls), TIMEOUT_S
         )
+        if tls:
+            print(f"TLS version {self.ws.transport.get_extra_info('ssl_object').version()}", flush=True)
         check(
             self.ws.subprotocol == self.subprotocol,
             f"negotiated subprotocol {self.ws.subprotocol!r}, offered {self.subprotocol!r}",
@@ -304,9 +311,24 @@ async def round_trip(url: str, subprotocol: str, binding: str, count: int) -> st
     return f"{subprotocol} {binding.name}: {count} sent, {receipted} receipted, {len(received)} received in order"
 
 
+SSL_CONTEXT = None
+
+
+def ssl_context(ca_file: str, version: str):
+    context = ssl.create_default_context(cafile=ca_file)
+    if version:
+        pinned = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[version]
+        context.minimum_version = pinned
+        context.maximum_version = pinned
+    return context
+
+
 async def main() -> int:
+    global SSL_CONTEXT
     url = sys.argv[1]
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+    if len(sys.argv) > 3:
+        SSL_CONTEXT = ssl_context(sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "")
     runs = 0
     for subprotocol in (RELIABLE, LIGHT):
         for binding in (BinaryBinding, TextBinding):

@@ -258,8 +258,11 @@ impl Plan {
     }
 
     fn with_common(common: CommonArgs, scenario: Scenario) -> Result<Plan, BenchError> {
-        let (addr, host, path) =
-            mbws_client::parse_url(&common.url).map_err(|error| usage(format!("--url: {error}")))?;
+        let (addr, url) = mbws_client::parse_url(&common.url).map_err(|error| usage(format!("--url: {error}")))?;
+        if url.tls {
+            return Err(usage(format!("--url {}: mbws-bench does not speak wss:// yet; give ws://", common.url)));
+        }
+        let mbws_client::BrokerUrl { host, path, .. } = url;
         if common.size < STAMP_BYTES || common.size > MAX_SIZE_BYTES {
             return Err(usage(format!(
                 "--size {}: give {STAMP_BYTES} to {MAX_SIZE_BYTES} bytes (the first {STAMP_BYTES} carry the send time)",

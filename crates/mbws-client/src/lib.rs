@@ -1,4 +1,5 @@
-//! A blocking MBWS client over `std::net::TcpStream`, built on this crate's own codecs.
+//! A blocking MBWS client over `std::net::TcpStream` (`ws://`) or rustls over one (`wss://`),
+//! built on this crate's own codecs.
 //!
 //! Used by the `mbws` command-line tool and by the integration tests (which also talk to the
 //! broker through independent WebSocket implementations). It frames and masks as RFC 6455
@@ -19,6 +20,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -56,7 +59,14 @@ pub struct ClientOptions {
     /// Resume the session after a lost connection (MBWS only), retrying for at most this long
     /// (capped by the session expiry the broker announced). `None`: a lost connection is an error.
     pub reconnect: Option<Duration>,
+    /// `wss://` only: the PEM file of the certificate authorities to trust (a self-signed
+    /// broker's own certificate will do). `None`: the system's, [`SYSTEM_CA_FILE`].
+    pub ca_file: Option<PathBuf>,
 }
+
+/// The certificate authorities a `wss://` client trusts unless told otherwise (Debian's
+/// ca-certificates bundle).
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -67,6 +77,7 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
             reconnect: None,
+            ca_file: None,
         }
     }
 }
@@ -74,8 +85,10 @@ impl Default for ClientOptions {
 #[derive(Debug)]
 pub enum ClientError {
     Io(io::Error),
-    /// The URL is malformed or names something this client cannot speak (`wss://`).
+    /// The URL is malformed or names something this client cannot speak.
     Url(String),
+    /// TLS could not be set up or its handshake failed (the CA file, the broker's certificate).
+    Tls(String),
     /// The URL's host did not resolve.
     Resolve(String),
     /// TCP connect to the broker failed (refused, unreachable, timed out).
@@ -105,6 +118,7 @@ impl fmt::Display for ClientError {
             ClientError::Io(error) => write!(f, "connection error: {error}"),
             ClientError::Url(problem) => write!(f, "bad broker URL {problem}"),
             ClientError::Resolve(problem) => write!(f, "{problem}"),
+            ClientError::Tls(problem) => write!(f, "TLS: {problem}"),
             ClientError::Connect { url, addr, error } => write!(
                 f,
                 "cannot connect to {url} ({addr}): {error}; is mbws-broker running there? \
@@ -147,12 +161,17 @@ pub struct BrokerUrl {
     /// `Host` header of the upgrade: the authority as the URL wrote it.
     pub host: String,
     pub path: String,
+    /// `wss://`: TLS to the broker.
+    pub tls: bool,
 }
 
 /// The port of a `ws://` URL that names none (RFC 6455, section 3).
 pub const DEFAULT_WS_PORT: u16 = 80;
+/// The port of a `wss://` URL that names none.
+pub const DEFAULT_WSS_PORT: u16 = 443;
 
-/// Checks the syntax of `ws://host[:port][/path]` (or `host:port[/path]`) without resolving it.
+/// Checks the syntax of `ws://host[:port][/path]`, `wss://host[:port][/path]` (or
+/// `host:port[/path]`, plain) without resolving it.
 /// The scheme is case-insensitive. Errors name the URL and say what to give instead.
 pub fn parse_url_syntax(url: &str) -> Result<BrokerUrl> {
     let bad = |problem: String| ClientError::Url(format!("\"{url}\": {problem}"));
@@ -161,15 +180,10 @@ pub fn parse_url_syntax(url: &str) -> Result<BrokerUrl> {
         None => (None, url),
     };
     match scheme.as_deref() {
-        None | Some("ws") => {}
-        Some("wss") => {
-            return Err(bad("TLS is not supported yet; use ws:// (put a TLS-terminating proxy in front of the broker \
-                 for wss://)"
-                .into()))
-        }
+        None | Some("ws") | Some("wss") => {}
         Some("http") | Some("https") => {
             return Err(bad(format!(
-                "the scheme is {}://, a WebSocket broker URL is ws://HOST:PORT/",
+                "the scheme is {}://, a WebSocket broker URL is ws://HOST:PORT/ or wss://HOST:PORT/",
                 scheme.unwrap_or_default()
             )))
         }
@@ -204,7 +218,9 @@ pub fn parse_url_syntax(url: &str) -> Result<BrokerUrl> {
     if host_part.is_empty() {
         return Err(bad("no host; give ws://HOST:PORT/".into()));
     }
+    let tls = scheme.as_deref() == Some("wss");
     let port = match port {
+        None if tls => DEFAULT_WSS_PORT,
         None => DEFAULT_WS_PORT,
         Some(port) => port
             .parse::<u16>()
@@ -212,27 +228,67 @@ pub fn parse_url_syntax(url: &str) -> Result<BrokerUrl> {
             .filter(|&port| port != 0)
             .ok_or_else(|| bad(format!("port \"{port}\" is not a number from 1 to 65535")))?,
     };
-    Ok(BrokerUrl { authority: format!("{host_part}:{port}"), host: authority.to_string(), path })
+    Ok(BrokerUrl { authority: format!("{host_part}:{port}"), host: authority.to_string(), path, tls })
 }
 
-/// Splits `ws://host:port/path` (or `host:port`) into a socket address, host header and path,
+/// Splits `ws://host:port/path` (or `host:port`) into a socket address and the parsed URL,
 /// resolving the host.
-pub fn parse_url(url: &str) -> Result<(SocketAddr, String, String)> {
-    let BrokerUrl { authority, host, path } = parse_url_syntax(url)?;
+pub fn parse_url(url: &str) -> Result<(SocketAddr, BrokerUrl)> {
+    let parsed = parse_url_syntax(url)?;
+    let authority = &parsed.authority;
     let addr = authority
         .to_socket_addrs()
         .map_err(|error| ClientError::Resolve(format!("{url}: cannot resolve \"{authority}\": {error}")))?
         .next()
         .ok_or_else(|| ClientError::Resolve(format!("{url}: \"{authority}\" resolves to no address")))?;
-    Ok((addr, host, path))
+    Ok((addr, parsed))
+}
+
+/// The connection under the WebSocket: plain TCP, or TLS over it.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(stream) => stream,
+            Transport::Tls(stream) => &stream.sock,
+        }
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(stream) => stream.read(buf),
+            Transport::Tls(stream) => stream.read(buf),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(stream) => stream.write(buf),
+            Transport::Tls(stream) => stream.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(stream) => stream.flush(),
+            Transport::Tls(stream) => stream.flush(),
+        }
+    }
 }
 
 pub struct Client {
-    stream: TcpStream,
+    stream: Transport,
     options: ClientOptions,
     addr: SocketAddr,
-    host: String,
-    path: String,
+    url: BrokerUrl,
     read_buf: BytesMut,
     write_buf: BytesMut,
     decoder: Decoder,
@@ -280,13 +336,12 @@ impl Client {
     }
 
     fn connect_once(url: &str, options: ClientOptions) -> Result<Client> {
-        let (addr, host, path) = parse_url(url)?;
-        let (stream, read_buf, seed) = dial(addr, &host, &path, &options)?;
+        let (addr, url) = parse_url(url)?;
+        let (stream, read_buf, seed) = dial(addr, &url, &options)?;
         let mut client = Client {
             stream,
             addr,
-            host,
-            path,
+            url,
             decoder: Decoder::new(Role::Client, options.max_message_bytes, options.max_message_bytes),
             options,
             read_buf,
@@ -392,7 +447,7 @@ impl Client {
     }
 
     fn reopen(&mut self) -> Result<Opened> {
-        let (stream, read_buf, _) = dial(self.addr, &self.host, &self.path, &self.options)?;
+        let (stream, read_buf, _) = dial(self.addr, &self.url, &self.options)?;
         self.stream = stream;
         self.read_buf = read_buf;
         self.write_buf.clear();
@@ -418,7 +473,7 @@ impl Client {
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.local_addr()
+        self.stream.tcp().local_addr()
     }
 
     pub fn binding(&self) -> Binding {
@@ -475,7 +530,7 @@ impl Client {
 
     fn write_now(&mut self) -> Result<()> {
         if !self.write_buf.is_empty() {
-            let result = self.stream.write_all(&self.write_buf);
+            let result = self.stream.write_all(&self.write_buf).and_then(|()| self.stream.flush());
             self.write_buf.clear();
             result?;
         }
@@ -707,11 +762,47 @@ fn opcode_of(binding: Binding) -> OpCode {
     }
 }
 
-/// TCP connect and WebSocket upgrade; returns the stream, any bytes read past the response,
-/// and the seed used for the key (reused for masks).
-fn dial(addr: SocketAddr, host: &str, path: &str, options: &ClientOptions) -> Result<(TcpStream, BytesMut, u64)> {
-    let mut stream = TcpStream::connect_timeout(&addr, options.timeout).map_err(|error| ClientError::Connect {
-        url: format!("ws://{host}{path}"),
+/// The rustls configuration of a `wss://` client: the CA file's certificates as trust anchors.
+fn tls_config(options: &ClientOptions) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let file = options.ca_file.clone().unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
+    let problem = |what: String| ClientError::Tls(format!("CA file {}: {what}", file.display()));
+    let pem = std::fs::read(&file).map_err(|error| problem(format!("cannot read it: {error}; give --ca-file")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
+        let certificate = certificate.map_err(|error| problem(format!("not valid PEM: {error}")))?;
+        roots.add(certificate).map_err(|error| problem(format!("a certificate in it is not usable: {error}")))?;
+    }
+    if roots.is_empty() {
+        return Err(problem("holds no certificate (no \"-----BEGIN CERTIFICATE-----\" block)".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ClientError::Tls(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Starts TLS over `stream` for the URL's host (the handshake runs on the first write).
+fn start_tls(stream: TcpStream, url: &BrokerUrl, options: &ClientOptions) -> Result<Transport> {
+    let host = url.authority.rsplit_once(':').map_or(url.authority.as_str(), |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|error| ClientError::Tls(format!("\"{host}\" is not a TLS server name: {error}")))?;
+    let connection = rustls::ClientConnection::new(tls_config(options)?, name)
+        .map_err(|error| ClientError::Tls(error.to_string()))?;
+    Ok(Transport::Tls(Box::new(rustls::StreamOwned::new(connection, stream))))
+}
+
+/// TCP connect, TLS for `wss://`, and WebSocket upgrade; returns the stream, any bytes read
+/// past the response, and the seed used for the key (reused for masks).
+fn dial(addr: SocketAddr, url: &BrokerUrl, options: &ClientOptions) -> Result<(Transport, BytesMut, u64)> {
+    let BrokerUrl { host, path, tls, .. } = url;
+    let scheme = if *tls { "wss" } else { "ws" };
+    let stream = TcpStream::connect_timeout(&addr, options.timeout).map_err(|error| ClientError::Connect {
+        url: format!("{scheme}://{host}{path}"),
         addr,
         error,
     })?;
@@ -721,7 +812,14 @@ fn dial(addr: SocketAddr, host: &str, path: &str, options: &ClientOptions) -> Re
     let key = handshake::new_client_key(seed);
     let request = handshake::client_request(host, path, &key, &[options.subprotocol.name()]);
     stream.set_write_timeout(Some(options.timeout))?;
-    stream.write_all(request.as_bytes())?;
+    stream.set_read_timeout(Some(options.timeout))?;
+    let mut stream = if *tls { start_tls(stream, url, options)? } else { Transport::Plain(stream) };
+    stream.write_all(request.as_bytes()).and_then(|()| stream.flush()).map_err(|error| match &stream {
+        Transport::Tls(_) if error.kind() == io::ErrorKind::InvalidData => {
+            ClientError::Tls(format!("TLS handshake with {scheme}://{host}{path} failed: {error}"))
+        }
+        _ => ClientError::Io(error),
+    })?;
     let deadline = Instant::now() + options.timeout;
     let mut read_buf = BytesMut::with_capacity(64 * 1024);
     let response = loop {
@@ -751,12 +849,12 @@ fn dial(addr: SocketAddr, host: &str, path: &str, options: &ClientOptions) -> Re
 }
 
 /// One read into `buf`, bounded by `deadline`.
-fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, deadline: Instant, what: &str) -> Result<()> {
+fn read_some(stream: &mut Transport, buf: &mut BytesMut, deadline: Instant, what: &str) -> Result<()> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(ClientError::Timeout(what.to_string()));
     }
-    stream.set_read_timeout(Some(left))?;
+    stream.tcp().set_read_timeout(Some(left))?;
     let mut chunk = [0u8; 64 * 1024];
     match stream.read(&mut chunk) {
         Ok(0) => Err(ClientError::Io(io::Error::new(
@@ -780,7 +878,7 @@ mod tests {
     use super::*;
 
     fn parts(url: &str) -> (String, String, String) {
-        let BrokerUrl { authority, host, path } = parse_url_syntax(url).unwrap();
+        let BrokerUrl { authority, host, path, .. } = parse_url_syntax(url).unwrap();
         (authority, host, path)
     }
 
@@ -793,13 +891,14 @@ mod tests {
         assert_eq!(parts("ws://[::1]/"), owned("[::1]:80", "[::1]", "/"));
         assert_eq!(parts("ws://[::1]:9/"), owned("[::1]:9", "[::1]:9", "/"));
         assert_eq!(parts("localhost:7447"), owned("localhost:7447", "localhost:7447", "/"));
+        assert_eq!(parts("wss://example.com/"), owned("example.com:443", "example.com", "/"));
+        assert!(parse_url_syntax("WSS://h:1/").unwrap().tls && !parse_url_syntax("ws://h:1/").unwrap().tls);
     }
 
     #[test]
     fn bad_urls_are_named_with_what_to_give() {
         for (url, says) in [
-            ("wss://h/", "TLS is not supported yet"),
-            ("http://h/", "ws://HOST:PORT/"),
+            ("http://h/", "wss://HOST:PORT/"),
             ("ftp://h/", "unknown scheme"),
             ("h", "HOST:PORT"),
             ("ws://h:0/", "1 to 65535"),

@@ -44,10 +44,14 @@ const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Parser, Debug)]
 #[command(name = "mbws", version, about = "Send to and consume from an MBWS broker", after_help = EXIT_CODES)]
 struct Args {
-    /// Broker URL: ws://HOST[:PORT][/PATH] (port 80 when absent; the scheme is case-insensitive)
-    /// or HOST:PORT. wss:// (TLS) is not supported yet.
+    /// Broker URL: ws://HOST[:PORT][/PATH] (port 80 when absent; the scheme is case-insensitive),
+    /// wss://HOST[:PORT][/PATH] for TLS (port 443 when absent), or HOST:PORT.
     #[arg(long, global = true, env = "MBWS_URL", default_value = "ws://127.0.0.1:7447/")]
     url: String,
+    /// wss:// only: PEM file of the certificate authorities to trust (for a self-signed broker,
+    /// its own certificate) [default: /etc/ssl/certs/ca-certificates.crt].
+    #[arg(long, global = true, env = "MBWS_CA_FILE", value_name = "PATH")]
+    ca_file: Option<std::path::PathBuf>,
     /// Use MBLWS.huawei.com (light, at most once) instead of MBWS.huawei.com.
     #[arg(long, global = true)]
     light: bool,
@@ -147,6 +151,7 @@ fn main() -> ExitCode {
         subprotocol: if args.light { Subprotocol::Light } else { Subprotocol::Reliable },
         binding: if args.text { Binding::Text } else { Binding::Binary },
         timeout: Duration::from_secs_f64(args.wait),
+        ca_file: args.ca_file.clone(),
         ..ClientOptions::default()
     };
     let result = match args.command {

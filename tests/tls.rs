@@ -1,0 +1,349 @@
+//! TLS (`wss://`) in the broker, against the real binary over real sockets: round trips with
+//! the Rust client (rustls) and with Python's `ssl` + `websockets` in TLS 1.2 and 1.3, sessions
+//! resumed over TLS through a proxy that cuts connections (a resume moves the TLS session to the
+//! shard that holds the MBWS session), certificate reload on SIGHUP while a TLS session stays
+//! open, and the refusals of `--tls-cert` / `--tls-key`. Certificates are made per test with
+//! the `openssl` command-line tool (tests/common/certs.rs).
+
+#[path = "support/chaos_proxy.rs"]
+mod chaos_proxy;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chaos_proxy::{ChaosProxy, Schedule};
+use common::certs::{make_certificate, CertPair};
+use common::{output_within, temp_dir, Broker};
+use mbws::mbws::{AckMode, DeliveryMode};
+use mbws_client::{Client, ClientError, ClientOptions};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn tls_url(broker: &Broker) -> String {
+    format!("wss://localhost:{}/", broker.addr.port())
+}
+
+fn tls_client(url: &str, ca_file: &Path) -> Result<Client, ClientError> {
+    let options = ClientOptions { timeout: WAIT, ca_file: Some(ca_file.to_path_buf()), ..ClientOptions::default() };
+    Client::connect(url, options)
+}
+
+/// Sends `bodies` from a new session and checks that `consumer` receives them in order.
+fn round_trip(url: &str, ca_file: &Path, consumer: &mut Client, address: &str, bodies: &[Bytes]) {
+    let mut producer = tls_client(url, ca_file).expect("a new TLS session");
+    let mut last = 0;
+    for body in bodies {
+        last = producer.send(address, body.clone()).unwrap();
+    }
+    producer.wait_receipt(last).unwrap();
+    for (index, body) in bodies.iter().enumerate() {
+        let message = consumer.next_message(WAIT).unwrap().unwrap_or_else(|| panic!("message {index} did not arrive"));
+        assert_eq!(&message.body, body, "message {index}");
+        consumer.ack(message.delivery_seq, false).unwrap();
+    }
+    consumer.flush().unwrap();
+    producer.close().unwrap();
+}
+
+#[test]
+fn rust_client_round_trip_over_tls_with_small_and_large_messages() {
+    let dir = temp_dir("tls-round-trip");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&[&["--shards", "2"][..], &pair.flags()].concat());
+    assert!(broker.wait_for_log("(wss://", WAIT).is_some(), "the start-up line says wss://");
+    let url = tls_url(&broker);
+    let mut consumer = tls_client(&url, &pair.cert).expect("connect over TLS");
+    consumer.subscribe(1, "tls", DeliveryMode::Anycast, AckMode::Client, 1000).unwrap();
+    // Small messages many to a record, and messages larger than a TLS record (16 KiB) and than
+    // rustls's send buffer (64 KiB), which the broker encrypts and writes in several rounds.
+    let mut bodies: Vec<Bytes> = (0..500).map(|index| Bytes::from(format!("small {index}"))).collect();
+    for size in [16 * 1024 - 1, 16 * 1024 + 1, 100_000, 300_000] {
+        bodies.push(Bytes::from((0..size).map(|index| (index % 251) as u8).collect::<Vec<u8>>()));
+    }
+    round_trip(&url, &pair.cert, &mut consumer, "tls", &bodies);
+    consumer.close().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_certificate_is_refused_by_its_tls_handshake() {
+    let dir = temp_dir("tls-untrusted");
+    let pair = make_certificate(&dir, "broker");
+    let other = make_certificate(&dir, "other");
+    let broker = Broker::start(&pair.flags());
+    match tls_client(&tls_url(&broker), &other.cert) {
+        Err(ClientError::Tls(problem)) => assert!(problem.contains("certificate"), "{problem}"),
+        other => panic!("expected a TLS handshake failure, got {:?}", other.map(|_| "a session")),
+    }
+    // A plain ws:// client gets no WebSocket from a wss:// broker.
+    let plain = ClientOptions { timeout: Duration::from_secs(3), ..ClientOptions::default() };
+    assert!(Client::connect(&broker.url(), plain).is_err(), "plain ws:// must not reach a TLS-only broker");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A reliable session over TLS through a proxy that cuts the connection again and again: each
+/// resume may land on the other shard, which then takes over the socket and its TLS session.
+#[test]
+fn sessions_resume_over_tls_across_shards_exactly_once() {
+    const MIN_MESSAGES: u64 = 3_000;
+    const MIN_CUTS: u64 = 30;
+    const MIN_RESUMES: u64 = 20;
+    let dir = temp_dir("tls-resume");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&[&["--shards", "2", "--session-expiry-ms", "30000"][..], &pair.flags()].concat());
+    let proxy = ChaosProxy::start(
+        broker.addr,
+        Schedule { seed: 0x7e57_2026, gap_ms: (5, 25), cut_percent: 75, stall_ms: (5, 40), max_cuts: 200 },
+    );
+    let url = proxy.url().replace("ws://", "wss://");
+    let reliable = |url: &str| {
+        let options = ClientOptions {
+            timeout: WAIT,
+            reconnect: Some(Duration::from_secs(20)),
+            ca_file: Some(pair.cert.clone()),
+            ..ClientOptions::default()
+        };
+        Client::connect(url, options).expect("connect through the proxy over TLS")
+    };
+    let mut consumer = reliable(&url);
+    consumer.subscribe(1, "tls-chaos", DeliveryMode::Anycast, AckMode::Client, 500).unwrap();
+    let mut publisher = reliable(&url);
+    let mut received = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // At least MIN_MESSAGES, and on until MIN_CUTS cuts (bounded by the deadline): each resume
+    // lands on either shard, so MIN_RESUMES of them all on the session's own shard would take a
+    // one-in-a-million chance.
+    let mut sent = 0u64;
+    while sent < MIN_MESSAGES || proxy.cuts() < MIN_CUTS {
+        assert!(Instant::now() < deadline, "{sent} messages and {} cuts within 60 s", proxy.cuts());
+        let mut last = 0;
+        for _ in 0..100 {
+            last = publisher.send("tls-chaos", sent.to_string()).unwrap();
+            sent += 1;
+        }
+        publisher.wait_receipt(last).unwrap();
+        while received < sent {
+            assert!(Instant::now() < deadline, "only {received} of {sent} messages within 60 s");
+            let Some(message) = consumer.next_message(WAIT).unwrap() else { continue };
+            assert_eq!(message.body, Bytes::from(received.to_string()), "exactly once, in order");
+            consumer.ack(message.delivery_seq, true).unwrap();
+            received += 1;
+        }
+    }
+    let reconnects = publisher.reconnects() + consumer.reconnects();
+    assert!(reconnects >= MIN_RESUMES, "only {reconnects} resumes over TLS after {} cuts", proxy.cuts());
+    let handed_over = broker.log_lines().iter().filter(|line| line.contains("handing the resume")).count();
+    eprintln!("{} cuts, {reconnects} resumes over TLS, {handed_over} of them handed to the other shard", proxy.cuts());
+    assert!(handed_over >= 1, "no resume was handed to the other shard with its TLS session");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn sighup(broker: &Broker) {
+    // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
+    unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGHUP) };
+}
+
+/// Waits (bounded) for the `count`-th log line containing `needle`.
+fn wait_for_nth_log(broker: &Broker, needle: &str, count: usize) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lines: Vec<String> = broker.log_lines().into_iter().filter(|line| line.contains(needle)).collect();
+        if lines.len() >= count {
+            return lines[count - 1].clone();
+        }
+        assert!(Instant::now() < deadline, "no {count}. log line with {needle:?}: {:#?}", broker.log_lines());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn sighup_reloads_the_certificate_while_a_tls_session_stays_open() {
+    let dir = temp_dir("tls-reload");
+    let live = CertPair { cert: dir.join("live.crt"), key: dir.join("live.key") };
+    let old = make_certificate(&dir, "old");
+    let new = make_certificate(&dir, "new");
+    std::fs::copy(&old.cert, &live.cert).unwrap();
+    std::fs::copy(&old.key, &live.key).unwrap();
+    let broker = Broker::start(&[&["--shards", "2"][..], &live.flags()].concat());
+    let url = tls_url(&broker);
+    let mut consumer = tls_client(&url, &old.cert).expect("connect with the old certificate");
+    consumer.subscribe(1, "reload", DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    round_trip(&url, &old.cert, &mut consumer, "reload", &[Bytes::from("before")]);
+
+    // The files change, then SIGHUP: new handshakes present the new certificate.
+    std::fs::copy(&new.cert, &live.cert).unwrap();
+    std::fs::copy(&new.key, &live.key).unwrap();
+    sighup(&broker);
+    let line = wait_for_nth_log(&broker, "reloaded the TLS certificate", 1);
+    assert!(line.contains("live.crt"), "{line}");
+    assert!(tls_client(&url, &old.cert).is_err(), "a new connection must not get the old certificate");
+    // The session opened before the reload goes on, with the new certificate's clients.
+    round_trip(&url, &new.cert, &mut consumer, "reload", &[Bytes::from("after")]);
+
+    // A broken new pair (a key that is not the certificate's) is refused; the one in use stays.
+    std::fs::copy(&old.key, &live.key).unwrap();
+    sighup(&broker);
+    let line = wait_for_nth_log(&broker, "keeping the TLS certificate in use", 1);
+    assert!(line.contains("does not match") && line.contains("live.key"), "{line}");
+    round_trip(&url, &new.cert, &mut consumer, "reload", &[Bytes::from("after a bad reload")]);
+    // A missing file likewise.
+    std::fs::remove_file(&live.cert).unwrap();
+    sighup(&broker);
+    let line = wait_for_nth_log(&broker, "keeping the TLS certificate in use", 2);
+    assert!(line.contains("no such file") && line.contains("live.crt"), "{line}");
+    round_trip(&url, &new.cert, &mut consumer, "reload", &[Bytes::from("after a missing file")]);
+    consumer.close().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Starts the broker with `flags` and expects it to refuse with exit status 2 and a message
+/// containing each of `says`.
+fn refused(flags: &[&str], says: &[&str]) {
+    let dir = temp_dir("tls-refused");
+    match Broker::try_start_in(&dir, flags) {
+        Ok(_) => panic!("the broker started with {flags:?}"),
+        Err((status, log)) => {
+            assert_eq!(status.code(), Some(2), "{flags:?}: {log:#?}");
+            let text = log.join("\n");
+            for word in says {
+                assert!(text.contains(word), "{flags:?}: no {word:?} in {text}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_tls_flags_stop_the_start_naming_the_file_and_the_problem() {
+    let dir = temp_dir("tls-flags");
+    let pair = make_certificate(&dir, "good");
+    let other = make_certificate(&dir, "other");
+    let path = |name: &str| -> PathBuf { dir.join(name) };
+    let text = |name: &str, contents: &str| -> String {
+        std::fs::write(path(name), contents).unwrap();
+        path(name).to_str().unwrap().to_string()
+    };
+    let missing = path("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let (cert, key) = (pair.cert_str(), pair.key_str());
+    // Both or neither.
+    refused(&["--tls-cert", cert], &["--tls-key"]);
+    refused(&["--tls-key", key], &["--tls-cert"]);
+    // Missing files.
+    refused(&["--tls-cert", missing, "--tls-key", key], &[missing, "--tls-cert", "no such file"]);
+    refused(&["--tls-cert", cert, "--tls-key", missing], &[missing, "--tls-key", "no such file"]);
+    // No certificate, no key.
+    let empty = text("empty.pem", "not a certificate\n");
+    refused(&["--tls-cert", &empty, "--tls-key", key], &[&empty, "holds no certificate"]);
+    refused(&["--tls-cert", cert, "--tls-key", &empty], &[&empty, "holds no private key"]);
+    refused(&["--tls-cert", cert, "--tls-key", cert], &[cert, "holds no private key"]);
+    // A key that is not the certificate's.
+    refused(&["--tls-cert", cert, "--tls-key", other.key_str()], &[other.key_str(), cert, "does not match"]);
+    // Unreadable (a directory reads as an error too, also as root).
+    let directory = dir.to_str().unwrap();
+    refused(&["--tls-cert", directory, "--tls-key", key], &[directory, "cannot read the TLS certificate file"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Python's `ssl` + `websockets` against the broker's TLS, in TLS 1.3 and 1.2: the same
+/// round trips as tests/interop_python.rs, over wss://.
+#[test]
+fn python_ssl_websockets_round_trip_over_tls_1_3_and_1_2() {
+    let Some(python) = python_with_websockets() else { return };
+    let dir = temp_dir("tls-python");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&[&["--shards", "1"][..], &pair.flags()].concat());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/mbws_roundtrip.py");
+    for version in ["1.3", "1.2"] {
+        let output = output_within(
+            Command::new(&python).arg(&script).args([&tls_url(&broker), "50", pair.cert_str(), version]),
+            Duration::from_secs(60),
+        );
+        let report = format!(
+            "stdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "TLS {version}: the Python peer failed:\n{report}");
+        assert!(report.contains(&format!("TLS version TLSv{version}")), "TLS {version} not negotiated:\n{report}");
+        assert!(report.contains("OK 4 round trips of 50 messages"), "{report}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The Python interpreter with `websockets` (as tests/interop_python.rs finds it), or a loud
+/// skip when `MBWS_SKIP_PYTHON=1` and there is none.
+fn python_with_websockets() -> Option<PathBuf> {
+    let python = std::env::var_os("MBWS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let usable = python.exists()
+        && output_within(Command::new(&python).args(["-c", "import websockets"]), Duration::from_secs(30))
+            .status
+            .success();
+    if usable {
+        return Some(python);
+    }
+    if std::env::var("MBWS_SKIP_PYTHON").as_deref() == Ok("1") {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: Python TLS interop test (MBWS_SKIP_PYTHON=1): no Python with websockets !!!!!!!!\n"
+        );
+        return None;
+    }
+    panic!("{} cannot import websockets: run scripts/test.sh (it makes .venv) or set MBWS_PYTHON", python.display());
+}
+
+/// The `mbws` CLI over wss://: `--ca-file` trusts the broker's certificate; a missing CA file
+/// is named.
+#[test]
+fn the_cli_sends_and_consumes_over_tls() {
+    let dir = temp_dir("tls-cli");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&pair.flags());
+    let mbws = common::binaries::workspace_binary("mbws");
+    let url = tls_url(&broker);
+    let cli = |args: &[&str]| {
+        let mut command = Command::new(&mbws);
+        command.args(args).args(["--url", &url, "--ca-file", pair.cert_str(), "--wait", "10"]);
+        output_within(&mut command, Duration::from_secs(30))
+    };
+    let sent = cli(&["send", "cli-tls", "over TLS", "--count", "3"]);
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let consumed = cli(&["consume", "cli-tls", "--count", "3", "--timeout", "10"]);
+    assert!(consumed.status.success(), "{}", String::from_utf8_lossy(&consumed.stderr));
+    assert_eq!(String::from_utf8_lossy(&consumed.stdout), "over TLS\nover TLS\nover TLS\n");
+    let missing = dir.join("missing-ca.pem");
+    let mut command = Command::new(&mbws);
+    command.args(["send", "cli-tls", "x", "--url", &url, "--ca-file", missing.to_str().unwrap()]);
+    let refused = output_within(&mut command, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("missing-ca.pem") && stderr.contains("cannot read"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A client that opens TCP and never completes its TLS handshake is closed by the handshake
+/// timeout, as a stalled upgrade request is.
+#[test]
+fn a_stalled_tls_handshake_is_closed_by_the_handshake_timeout() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("tls-stall");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&[&["--handshake-timeout-ms", "300"][..], &pair.flags()].concat());
+    let mut stream = std::net::TcpStream::connect(broker.addr).unwrap();
+    // Half a TLS record header, then silence.
+    stream.write_all(&[0x16, 0x03]).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let ended = stream.read_to_end(&mut rest);
+    if let Err(error) = &ended {
+        let timed_out = matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+        assert!(!timed_out, "the broker did not close the stalled connection within {WAIT:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "closed only after {:?}", started.elapsed());
+    let _ = std::fs::remove_dir_all(dir);
+}
