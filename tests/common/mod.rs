@@ -5,12 +5,13 @@
 
 pub mod binaries;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub struct Broker {
@@ -208,4 +209,48 @@ impl Drop for Broker {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// A process that ran to completion under [`run_bounded`].
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Runs `command` to completion, killing it (by its own handle) after `timeout`.
+pub fn run_bounded(command: &mut Command, timeout: Duration) -> Result<Finished, String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("cannot start {command:?}: {error}"))?;
+    let stdout = collect(child.stdout.take().unwrap());
+    let stderr = collect(child.stderr.take().unwrap());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|error| error.to_string())? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{command:?} did not finish within {timeout:?} and was killed\nstdout:\n{}\nstderr:\n{}",
+                stdout.join().unwrap(),
+                stderr.join().unwrap()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Finished { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() })
 }
