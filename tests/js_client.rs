@@ -1,10 +1,14 @@
-//! The JavaScript client (clients/js): the broker serves it at `/mbws.js`, and its own Node tests
-//! (`node --test clients/js/test/`) pass against this build of the broker, once with the `ws`
-//! package and once with Node's built-in WebSocket where Node has one behind a flag (Node 20).
+//! The JavaScript client (clients/js): the broker serves it at `/mbws.js` and the web console at
+//! `/console`; the client's own Node tests (`node --test clients/js/test/`) pass against this
+//! build of the broker, once with the `ws` package and once with Node's built-in WebSocket where
+//! Node has one behind a flag (Node 20); and the browser tests (`clients/js/test-browser/`: the
+//! console, a second page, a dropped connection, the chat example) pass in headless Chromium.
 //!
-//! Node 20 or later must be on PATH. Its packages are installed with `npm ci --prefix clients/js`
-//! when `clients/js/node_modules` is missing (`.ci/run` does it up front). `MBWS_SKIP_NODE=1`
-//! turns a missing Node into a loud skip notice instead of a failure.
+//! Node 20 or later must be on PATH, and Chromium at /usr/bin/chromium (or `$MBWS_CHROMIUM`).
+//! The packages are installed with `npm ci --prefix clients/js` when `clients/js/node_modules` is
+//! missing (`.ci/run` does it up front, and installs Debian's chromium). `MBWS_SKIP_NODE=1`
+//! turns a missing Node into a loud skip notice instead of a failure, `MBWS_SKIP_BROWSER=1` a
+//! missing Chromium.
 
 mod common;
 
@@ -56,6 +60,14 @@ fn the_broker_serves_the_module_at_mbws_js() {
     assert_eq!(header(&head, "Access-Control-Allow-Origin"), Some("*"));
     assert!(body == module, "the body is clients/js/mbws.js as built into the binary");
 
+    let (console_head, console) = http(&broker, "GET /console HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(console_head.starts_with("HTTP/1.1 200 OK\r\n"), "{console_head}");
+    assert_eq!(header(&console_head, "Content-Type"), Some("text/html; charset=utf-8"));
+    assert!(
+        console == std::fs::read(client_dir().join("console.html")).unwrap(),
+        "the body is clients/js/console.html"
+    );
+
     // Revalidation with the ETag costs no body; a query string (cache busting) is ignored.
     let etag = header(&head, "ETag").expect("an ETag").to_owned();
     let (head, body) =
@@ -86,10 +98,13 @@ fn node() -> Result<(), String> {
     Ok(())
 }
 
-/// `npm ci` in clients/js unless its packages are installed already.
+/// `npm ci` in clients/js unless its packages are installed already (once for all tests here).
 fn ensure_packages() {
+    static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = ONCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = client_dir();
-    if dir.join("node_modules/typescript/bin/tsc").exists() && dir.join("node_modules/ws/package.json").exists() {
+    let installed = ["typescript/bin/tsc", "ws/package.json", "playwright-core/package.json"];
+    if installed.iter().all(|file| dir.join("node_modules").join(file).exists()) {
         return;
     }
     let finished =
@@ -103,12 +118,13 @@ fn ensure_packages() {
     );
 }
 
-/// Runs the client's Node tests with `flags` before `--test`; panics with their report if any fails.
-fn run_node_tests(flags: &[&str]) {
+/// Runs the Node tests in `dir` (of clients/js) with `flags` before `--test`; panics with their
+/// report if any fails.
+fn run_node_tests(flags: &[&str], dir: &str) {
     let finished = run_bounded(
         Command::new("node")
             .args(flags)
-            .args(["--test", "test/"])
+            .args(["--test", dir])
             .current_dir(client_dir())
             .env("MBWS_BROKER", common::binaries::broker_binary()),
         NODE_TIMEOUT,
@@ -117,27 +133,35 @@ fn run_node_tests(flags: &[&str]) {
     let report = format!("stdout:\n{}\nstderr:\n{}", finished.stdout, finished.stderr);
     assert!(
         finished.status.success(),
-        "node {flags:?} --test clients/js/test/ failed ({}):\n{report}",
+        "node {flags:?} --test clients/js/{dir} failed ({}):\n{report}",
         finished.status
     );
     assert!(finished.stdout.contains("# fail 0"), "{report}");
-    let summary: Vec<&str> = finished.stdout.lines().filter(|line| line.starts_with("# ")).collect();
-    eprintln!("node {flags:?} --test clients/js/test/: {}", summary.join(", "));
+    let summary: Vec<&str> =
+        finished.stdout.lines().filter(|line| line.starts_with("# ") && !line.starts_with("# Subtest")).collect();
+    eprintln!("node {flags:?} --test clients/js/{dir}: {}", summary.join(", "));
+}
+
+/// Node, or a skip notice (`MBWS_SKIP_NODE=1`); panics without either.
+fn node_or_skip() -> bool {
+    match node() {
+        Ok(()) => true,
+        Err(problem) if std::env::var("MBWS_SKIP_NODE").as_deref() == Ok("1") => {
+            eprintln!("\n!!!!!!!! SKIPPED: JavaScript client tests (MBWS_SKIP_NODE=1): {problem} !!!!!!!!\n");
+            false
+        }
+        Err(problem) => panic!("no Node for the JavaScript client tests: {problem}; {SETUP_HINT}"),
+    }
 }
 
 #[test]
 fn the_javascript_client_passes_its_node_tests() {
-    match node() {
-        Ok(()) => {}
-        Err(problem) if std::env::var("MBWS_SKIP_NODE").as_deref() == Ok("1") => {
-            eprintln!("\n!!!!!!!! SKIPPED: JavaScript client tests (MBWS_SKIP_NODE=1): {problem} !!!!!!!!\n");
-            return;
-        }
-        Err(problem) => panic!("no Node for the JavaScript client tests: {problem}; {SETUP_HINT}"),
+    if !node_or_skip() {
+        return;
     }
     ensure_packages();
     // With the `ws` package (Node 20 has no global WebSocket by default)...
-    run_node_tests(&[]);
+    run_node_tests(&[], "test/");
     // ...and with Node's own WebSocket, where a flag turns it on (Node 20; on by default later).
     let flag = "--experimental-websocket";
     let probe = run_bounded(
@@ -145,6 +169,24 @@ fn the_javascript_client_passes_its_node_tests() {
         Duration::from_secs(30),
     );
     if probe.is_ok_and(|probe| probe.status.success()) {
-        run_node_tests(&[flag]);
+        run_node_tests(&[flag], "test/");
     }
+}
+
+#[test]
+fn the_console_and_the_chat_example_work_in_headless_chromium() {
+    if !node_or_skip() {
+        return;
+    }
+    let chromium = std::env::var("MBWS_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+    if !Path::new(&chromium).exists() {
+        let problem = format!("no Chromium at {chromium}: `apt-get install chromium` (Debian), or set MBWS_CHROMIUM");
+        if std::env::var("MBWS_SKIP_BROWSER").as_deref() == Ok("1") {
+            eprintln!("\n!!!!!!!! SKIPPED: browser tests (MBWS_SKIP_BROWSER=1): {problem} !!!!!!!!\n");
+            return;
+        }
+        panic!("{problem}; set MBWS_SKIP_BROWSER=1 to skip the browser tests");
+    }
+    ensure_packages();
+    run_node_tests(&[], "test-browser/");
 }

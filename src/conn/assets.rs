@@ -1,6 +1,7 @@
 //! Files the broker serves over plain HTTP on its WebSocket port, so that a web page can load the
-//! JavaScript client from the broker itself: `GET /mbws.js` (clients/js/mbws.js, built into the
-//! binary; nothing to install beside it).
+//! JavaScript client from the broker itself: `GET /mbws.js` (clients/js/mbws.js) and the web
+//! console `GET /console` (clients/js/console.html), both built into the binary: nothing to
+//! install beside it.
 //!
 //! Only a GET or HEAD that is not a WebSocket upgrade, for one of these exact paths (a query
 //! string is ignored), is answered here; every other request goes on to the upgrade checks and
@@ -23,9 +24,13 @@ struct Asset {
 }
 
 const MBWS_JS: &[u8] = include_bytes!("../../clients/js/mbws.js");
+const CONSOLE_HTML: &[u8] = include_bytes!("../../clients/js/console.html");
 
-static ASSETS: &[Asset] =
-    &[Asset { path: "/mbws.js", content_type: "text/javascript; charset=utf-8", body: MBWS_JS, etag: fnv1a(MBWS_JS) }];
+static ASSETS: &[Asset] = &[
+    Asset { path: "/mbws.js", content_type: "text/javascript; charset=utf-8", body: MBWS_JS, etag: fnv1a(MBWS_JS) },
+    // The web console; it imports ./mbws.js, which resolves to the asset above.
+    Asset { path: "/console", content_type: "text/html; charset=utf-8", body: CONSOLE_HTML, etag: fnv1a(CONSOLE_HTML) },
+];
 
 /// FNV-1a over `bytes`, at compile time: an ETag only needs to change when the file does.
 const fn fnv1a(bytes: &[u8]) -> u64 {
