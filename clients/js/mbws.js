@@ -1007,7 +1007,10 @@ export class Client {
     this.lastReceivedAt = Date.now();
     this.heartbeatTimer = setInterval(() => {
       const now = Date.now();
-      if (now - this.lastReceivedAt > 2 * heartbeatMs + tickMs) {
+      // A full send window is exempt: the broker may be holding receipts back and not reading
+      // (PROTOCOL 7.2, backpressure), which is not a dead connection.
+      const stalled = this.unreceipted.size >= this._sendWindow();
+      if (!stalled && now - this.lastReceivedAt > 2 * heartbeatMs + tickMs) {
         // Our PINGs went unanswered: the connection is dead even if the socket has not noticed.
         this._onClose({ code: 4408, reason: `nothing from the broker in ${now - this.lastReceivedAt} ms` });
       } else if (now - this.lastSentAt >= tickMs || this.unconfirmed.length > 0) {
@@ -1125,6 +1128,7 @@ export class Client {
    */
   _fail(error, graceful = false) {
     this._dropSocket();
+    this.opening?.(error); // A connection attempt in flight ends now, not at its timeout.
     this.failure = error;
     for (const entry of this.unreceipted.values()) entry.reject(error);
     this.unreceipted.clear();
