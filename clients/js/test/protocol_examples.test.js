@@ -81,3 +81,15 @@ test('a truncated or unknown binary frame is refused with a reason', () => {
   assert.throws(() => decode(new Uint8Array([1, 99, 0])), /unknown binary frame kind 99/);
   assert.throws(() => decode('NOPE\n\n'), /unknown text frame kind/);
 });
+
+test('string fields: non-ASCII is UTF-8 with its byte length; CR, LF, NUL and over-long values are refused', () => {
+  const frame = { kind: 'SEND', seq: 1, address: 'café/ü', headers: [['x-name', 'ñ']], body: new Uint8Array([7]) };
+  const bytes = /** @type {Uint8Array} */ (encode(frame, 'binary'));
+  const address = new TextEncoder().encode('café/ü');
+  assert.equal(bytes[15], address.length);
+  assert.deepEqual(bytes.subarray(16, 16 + address.length), address);
+  assert.deepEqual([...bytes.subarray(bytes.length - 5)], [0, 2, 0xc3, 0xb1, 7]); // value str16 "ñ", then the body
+  assert.throws(() => encode({ ...frame, correlationId: 'a\rb' }, 'binary'), /correlation-id contains CR, LF or NUL/);
+  assert.throws(() => encode({ ...frame, replyTo: 'x'.repeat(256) }, 'binary'), /reply-to is 256 bytes, over the 255/);
+  assert.throws(() => encode({ ...frame, headers: [['x-a', 'é'.repeat(40000)]] }, 'binary'), /over the 65535/);
+});
