@@ -10,13 +10,11 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::Broker;
+use common::{run_bounded, Broker};
 
 /// The Python process is killed after this long.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,49 +23,6 @@ const MESSAGES: usize = 200;
 const SETUP_HINT: &str = "set it up with `python3 -m venv .venv && .venv/bin/pip install websockets` in the \
      repository (or run scripts/test.sh), or point MBWS_PYTHON at a Python that has `websockets`; \
      set MBWS_SKIP_PYTHON=1 to skip this test";
-
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
-/// Runs `command` to completion, killing it (by its own handle) after `timeout`.
-fn run_bounded(command: &mut Command, timeout: Duration) -> Result<Finished, String> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|error| format!("cannot start {command:?}: {error}"))?;
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|error| error.to_string())? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{command:?} did not finish within {timeout:?} and was killed\nstdout:\n{}\nstderr:\n{}",
-                stdout.join().unwrap(),
-                stderr.join().unwrap()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ok(Finished { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() })
-}
 
 /// The Python to use, or why there is none.
 fn find_python() -> Result<PathBuf, String> {

@@ -2,7 +2,8 @@
 //!
 //! A connection goes through three phases on its shard:
 //! 1. upgrade ([`serve`]): the HTTP request, bounded by `handshake_timeout` and
-//!    `max_handshake_bytes`, answered 101 or refused with a plain-text reason;
+//!    `max_handshake_bytes`, answered 101 or refused with a plain-text reason (or, for a plain
+//!    GET of a file the broker serves, answered with that file: [`assets`]);
 //! 2. opening: the first MBWS frame, bounded by `open_timeout`. A new session is registered in
 //!    a connection slot of this shard. A *resume* (MBWS OPEN naming a session) is served by the
 //!    shard that holds the session: if that is another shard, the socket itself is handed over
@@ -32,6 +33,7 @@
 //! largest state, so timers, writes and rare paths (handshake, resume, refusals) are boxed
 //! rather than held inline.
 
+pub mod assets;
 pub mod lifecycle;
 pub mod outbound;
 pub mod read_buffer;
@@ -199,15 +201,24 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
     };
     let upgrade = match upgrade {
         Ok(Ok(upgrade)) => upgrade,
-        Ok(Err(Some(refusal))) => {
-            log!(
-                Level::Info,
-                "shard {}: upgrade refused", shard.id.0;
-                peer = peer,
-                status = refusal.status,
-                reason = refusal.reason,
-            );
-            let _ = stream.write_bytes(refusal.response()).await;
+        Ok(Err(Some(answer))) => {
+            let response = match answer {
+                NotUpgraded::Refused(refusal) => {
+                    log!(
+                        Level::Info,
+                        "shard {}: upgrade refused", shard.id.0;
+                        peer = peer,
+                        status = refusal.status,
+                        reason = refusal.reason,
+                    );
+                    refusal.response()
+                }
+                NotUpgraded::Served(response) => {
+                    log!(Level::Debug, "shard {}: served a file to {peer}", shard.id.0);
+                    response
+                }
+            };
+            let _ = stream.write_bytes(response).await;
             stream.shutdown().await;
             return Opening::Ended;
         }
@@ -548,30 +559,41 @@ async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, exp
     shard.run_work();
 }
 
-/// Reads until a complete upgrade request is parsed and accepted. `Err(Some)` is a refusal to
-/// send back; `Err(None)` means the peer went away.
+/// A complete request that is not an accepted upgrade: the response to send before closing.
+enum NotUpgraded {
+    Refused(HandshakeError),
+    /// A plain GET of a file the broker serves ([`assets`]): the whole response.
+    Served(Vec<u8>),
+}
+
+/// Reads until a complete upgrade request is parsed and accepted. `Err(Some)` is an answer to
+/// send back (a refusal, or a served file); `Err(None)` means the peer went away.
 async fn read_upgrade<R: ReadSide>(
     stream: &mut R,
     buf: &mut BytesMut,
     max_bytes: usize,
-) -> Result<handshake::Upgrade<Subprotocol>, Option<HandshakeError>> {
+) -> Result<handshake::Upgrade<Subprotocol>, Option<NotUpgraded>> {
     loop {
         match handshake::parse_request(buf, max_bytes) {
             Ok(Some((request, consumed))) => {
-                let upgrade = handshake::validate_upgrade(&request).map_err(Some)?;
+                if let Some(response) = assets::response(&request) {
+                    return Err(Some(NotUpgraded::Served(response)));
+                }
+                let upgrade =
+                    handshake::validate_upgrade(&request).map_err(|refusal| Some(NotUpgraded::Refused(refusal)))?;
                 // Bytes after the request (a first frame sent eagerly) stay in `buf`.
                 buf.advance(consumed);
                 return Ok(upgrade);
             }
             Ok(None) => {}
-            Err(refusal) => return Err(Some(refusal)),
+            Err(refusal) => return Err(Some(NotUpgraded::Refused(refusal))),
         }
         let owned = std::mem::take(buf);
         if owned.capacity() - owned.len() == 0 {
-            return Err(Some(HandshakeError {
+            return Err(Some(NotUpgraded::Refused(HandshakeError {
                 status: 431,
                 reason: format!("the upgrade request is larger than {max_bytes} bytes (max_handshake_bytes)"),
-            }));
+            })));
         }
         let (result, tail) = stream.read_tail(ReadTail(owned)).await;
         *buf = tail.0;

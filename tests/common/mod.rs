@@ -6,12 +6,13 @@
 pub mod binaries;
 pub mod certs;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub struct Broker {
@@ -217,37 +218,54 @@ impl Drop for Broker {
 /// Runs `command` to completion with its output collected, killing it (by its own handle) if
 /// it is still running after `timeout`; then the panic message carries what it printed.
 pub fn output_within(command: &mut Command, timeout: Duration) -> std::process::Output {
-    use std::io::Read;
+    let finished = run_bounded(command, timeout).unwrap_or_else(|problem| panic!("{problem}"));
+    std::process::Output {
+        status: finished.status,
+        stdout: finished.stdout.into_bytes(),
+        stderr: finished.stderr.into_bytes(),
+    }
+}
+
+/// A process that ran to completion under [`run_bounded`].
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Runs `command` to completion, killing it (by its own handle) after `timeout`.
+pub fn run_bounded(command: &mut Command, timeout: Duration) -> Result<Finished, String> {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let stdout = collect(Box::new(child.stdout.take().unwrap()));
-    let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        .map_err(|error| format!("cannot start {command:?}: {error}"))?;
+    let stdout = collect(child.stdout.take().unwrap());
+    let stderr = collect(child.stderr.take().unwrap());
     let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().map_err(|error| error.to_string())? {
             break status;
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "{command:?} did not finish within {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&stdout.join().unwrap()),
-                String::from_utf8_lossy(&stderr.join().unwrap())
-            );
+            return Err(format!(
+                "{command:?} did not finish within {timeout:?} and was killed\nstdout:\n{}\nstderr:\n{}",
+                stdout.join().unwrap(),
+                stderr.join().unwrap()
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    std::process::Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+    Ok(Finished { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() })
 }

@@ -1,0 +1,187 @@
+// The web console (/console) and the chat example in headless Chromium, against the real broker
+// binary: pages load the client from the broker, send and receive, and survive a dropped
+// connection. Chromium is $MBWS_CHROMIUM, else /usr/bin/chromium (Debian's `chromium`);
+// `.ci/run` installs it. The console's screenshot goes to $MBWS_SCREENSHOT if set (docs/console.png
+// was made so), else to the temp directory.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+import { chromium } from 'playwright-core';
+
+import { startBroker, startProxy, TIMEOUT_MS } from '../testing/harness.js';
+
+const repository = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+const MESSAGES = 1000;
+
+/** @type {Awaited<ReturnType<typeof startBroker>>} */
+let broker;
+/** @type {import('playwright-core').Browser} */
+let browser;
+
+before(async () => {
+  broker = await startBroker();
+  browser = await chromium.launch({
+    executablePath: process.env.MBWS_CHROMIUM ?? '/usr/bin/chromium',
+    args: ['--no-sandbox'],
+    timeout: TIMEOUT_MS,
+  });
+});
+after(async () => {
+  await browser?.close();
+  await broker?.stop();
+});
+
+/**
+ * A console page, connected (through `url` if given) and subscribed to `address`.
+ * @param {string} address
+ * @param {{mode?: string, url?: string}} [options]
+ */
+async function consolePage(address, options = {}) {
+  const page = await browser.newPage({ viewport: { width: 1100, height: 780 } });
+  page.setDefaultTimeout(TIMEOUT_MS);
+  const errors = /** @type {string[]} */ ([]);
+  page.on('pageerror', (error) => errors.push(error.message));
+  await page.goto(`http://${broker.host}:${broker.port}/console`);
+  if (options.url) await page.fill('#url', options.url);
+  await page.click('#connect');
+  await page.waitForSelector('#state[data-state="open"]');
+  await page.fill('#sub-address', address);
+  if (options.mode) await page.selectOption('#sub-mode', options.mode);
+  await page.click('#subscribe');
+  await page.waitForSelector('#subscriptions li');
+  return { page, errors };
+}
+
+/**
+ * Sends `count` messages `m0`... from the console's send form.
+ * @param {import('playwright-core').Page} page
+ * @param {string} address
+ * @param {number} count
+ */
+async function sendFromPage(page, address, count) {
+  await page.fill('#send-address', address);
+  await page.fill('#send-body', 'm{i}');
+  await page.fill('#send-count', String(count));
+  await page.click('#send');
+}
+
+/** @param {import('playwright-core').Page} page @param {number} count */
+async function waitForReceived(page, count) {
+  await page.waitForFunction((n) => Number(document.getElementById('received-total')?.dataset.count) >= n, count);
+}
+
+/** The bodies in the console's message table. @param {import('playwright-core').Page} page */
+function shownBodies(page) {
+  return page.$$eval('#log tr td:nth-child(5)', (cells) => cells.map((cell) => cell.textContent ?? ''));
+}
+
+/** @param {string[]} bodies @param {number} count */
+function assertExactlyOnce(bodies, count) {
+  assert.equal(bodies.length, count, 'one row per message');
+  assert.deepEqual([...new Set(bodies)].sort(), Array.from({ length: count }, (_, i) => `m${i}`).sort());
+}
+
+test(`console: ${MESSAGES} messages sent from the page are all shown, in this page and a second one`, async () => {
+  const address = 'browser/console';
+  const second = await consolePage(address, { mode: 'multicast' });
+  const first = await consolePage(address);
+  const started = Date.now();
+  await sendFromPage(first.page, address, MESSAGES);
+  await waitForReceived(first.page, MESSAGES);
+  const elapsedMs = Date.now() - started;
+  await waitForReceived(second.page, MESSAGES);
+  await first.page.waitForFunction((n) => document.getElementById('send-status')?.dataset.done === String(n), MESSAGES);
+  // The table is rendered once per animation frame: wait for the frame that shows the last one.
+  await first.page.waitForFunction((n) => document.querySelectorAll('#log tr').length >= n, MESSAGES);
+  await second.page.waitForFunction((n) => document.querySelectorAll('#log tr').length >= n, MESSAGES);
+  assertExactlyOnce(await shownBodies(first.page), MESSAGES);
+  assertExactlyOnce(await shownBodies(second.page), MESSAGES);
+  assert.equal(await first.page.textContent('#receipted-total'), String(MESSAGES));
+  const status = await first.page.textContent('#send-status');
+  console.log(`console: ${MESSAGES} messages sent and shown in ${elapsedMs} ms `
+    + `(${Math.round(MESSAGES / (elapsedMs / 1000))} per second in the page); ${status}`);
+  const screenshot = process.env.MBWS_SCREENSHOT ?? path.join(tmpdir(), `mbws-console-${process.pid}.png`);
+  await first.page.screenshot({ path: screenshot });
+  assert.ok(statSync(screenshot).size > 10000, 'a screenshot with something on it');
+  assert.deepEqual([...first.errors, ...second.errors], []);
+  await first.page.close();
+  await second.page.close();
+});
+
+test('console: a page survives the broker dropping its connection, without losing a message', async () => {
+  const proxy = await startProxy(broker.port);
+  try {
+    const address = 'browser/resume';
+    const { page, errors } = await consolePage(address, { url: proxy.url });
+    await sendFromPage(page, address, MESSAGES);
+    await waitForReceived(page, 300);
+    proxy.cut();
+    await page.waitForSelector('#state[data-state="reconnecting"], #state[data-state="open"]');
+    await waitForReceived(page, MESSAGES);
+    await page.waitForFunction((n) => document.getElementById('send-status')?.dataset.done === String(n), MESSAGES);
+    await page.waitForFunction((n) => document.querySelectorAll('#log tr').length >= n, MESSAGES);
+    assertExactlyOnce(await shownBodies(page), MESSAGES);
+    assert.equal(await page.textContent('#receipted-total'), String(MESSAGES));
+    assert.equal(await page.getAttribute('#state', 'data-state'), 'open');
+    assert.deepEqual(errors, []);
+    await page.close();
+  } finally {
+    await proxy.stop();
+  }
+});
+
+test('chat example: two pages talk in the multicast room, and the anycast bot answers', async () => {
+  const chat = pathToFileURL(path.join(repository, 'examples/chat.html'));
+  /** @param {string} query */
+  const open = async (query) => {
+    const page = await browser.newPage();
+    page.setDefaultTimeout(TIMEOUT_MS);
+    await page.goto(`${chat.href}?broker=${encodeURIComponent(broker.url)}&${query}`);
+    await page.waitForSelector('body[data-ready="true"]');
+    return page;
+  };
+  const alice = await open('name=alice&bot=1');
+  const bob = await open('name=bob');
+  /** @param {import('playwright-core').Page} page @param {string} line */
+  const say = async (page, line) => {
+    await page.fill('#line', line);
+    await page.press('#line', 'Enter');
+  };
+  /** @param {import('playwright-core').Page} page @param {string} text */
+  const sees = (page, text) => page.waitForFunction(
+    (wanted) => [...document.querySelectorAll('#messages li')].some((item) => item.textContent === wanted), text);
+  await say(bob, 'hello');
+  await Promise.all([sees(alice, 'bob: hello'), sees(bob, 'bob: hello')]);
+  await say(alice, 'hi bob');
+  await sees(bob, 'alice: hi bob');
+  await say(bob, '/bot echo ping');
+  await Promise.all([sees(alice, 'bot: ping'), sees(bob, 'bot: ping')]);
+  await alice.close();
+  await bob.close();
+});
+
+test("the README's snippet (From a web page) works in a page opened from disk", async () => {
+  const readme = readFileSync(path.join(repository, 'README.md'), 'utf8');
+  const snippet = readme.split('## From a web page')[1]?.match(/```html\n([\s\S]*?)```/)?.[1];
+  assert.ok(snippet, 'README.md has an html block under "From a web page"');
+  const dir = mkdtempSync(path.join(tmpdir(), 'mbws-snippet-'));
+  try {
+    const file = path.join(dir, 'snippet.html');
+    writeFileSync(file, snippet.replaceAll('127.0.0.1:7447', `${broker.host}:${broker.port}`));
+    const page = await browser.newPage();
+    page.setDefaultTimeout(TIMEOUT_MS);
+    const errors = /** @type {string[]} */ ([]);
+    page.on('pageerror', (error) => errors.push(error.message));
+    await page.goto(pathToFileURL(file).href);
+    await page.waitForFunction(() => document.querySelector('#log li')?.textContent?.startsWith('hello from '));
+    assert.deepEqual(errors, []);
+    await page.close();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
