@@ -357,6 +357,19 @@ impl ConnState {
     }
 }
 
+/// Why a superseded connection ends (fatal ERROR 4409 and close 4409, docs/PROTOCOL.md 11).
+pub const SUPERSEDED_REASON: &str = "session resumed on another connection";
+
+/// What a connection superseded by a resume of its session writes last (unless it already
+/// wrote a close frame): fatal ERROR 4409 in `binding` (its OPEN's), and close 4409.
+pub fn superseded_farewell(binding: Binding) -> Option<WriteBatch> {
+    let mut farewell = Outbound::new();
+    let error = mbws::ErrorFrame::fatal(ErrorCode::Conflict, 0, 0, SUPERSEDED_REASON);
+    farewell.push_frame(binding, &mbws::Frame::Error(error));
+    farewell.push_control(OpCode::Close, &close_payload(ErrorCode::Conflict.as_u16(), SUPERSEDED_REASON));
+    farewell.take_batch(WriteBatch::default())
+}
+
 /// Auto-ack credit of frames that were written (or lost) goes back to the owners.
 pub fn return_credits(me: ConnRef, credits: CreditReturns, commands: &mut Vec<(ShardId, AddressCommand)>) {
     for (owner, subscription, count) in credits {

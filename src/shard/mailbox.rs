@@ -32,7 +32,7 @@ use crate::broker::{Command, ShardId};
 pub enum Envelope {
     Commands(Vec<Command>),
     /// A socket whose first frame resumes a session this shard holds.
-    Adopt(Box<crate::conn::Adoption>),
+    Adopt(Box<super::connection::Adoption>),
     /// Stop accepting, close every connection with 1001, and exit.
     Shutdown,
     /// Answer with the shard's [`ShardReport`](super::core::ShardReport) (the periodic summary).

@@ -16,10 +16,13 @@
 //! Threads share nothing but the read-only [`Config`] and the [`PostOffice`] (channels and
 //! eventfds): no locks on the message path.
 
+pub mod assets;
+pub mod connection;
 pub mod core;
 mod data_dir;
 pub mod mailbox;
 mod net;
+pub mod transport;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -356,7 +359,7 @@ impl Shard {
     }
 
     /// Passes a connection to the shard `home` (see `conn::Adoption`).
-    pub fn hand_over(&self, home: ShardId, adoption: Box<crate::conn::Adoption>) {
+    pub fn hand_over(&self, home: ShardId, adoption: Box<connection::Adoption>) {
         assert_ne!(home, self.id, "a resume of this shard's own session is served here, not handed over");
         self.post_office.post(home, Envelope::Adopt(adoption));
     }
@@ -489,7 +492,7 @@ impl Shard {
                 match envelope {
                     Envelope::Commands(commands) => self.core.borrow_mut().accept_envelope(commands),
                     Envelope::Adopt(adoption) => {
-                        monoio::spawn(crate::conn::adopt(self.clone(), *adoption));
+                        monoio::spawn(connection::adopt(self.clone(), *adoption));
                     }
                     Envelope::Shutdown => self.shutdown.fire(),
                     // The asker may have given up waiting: nothing to do then.
@@ -721,8 +724,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, tls: 
                 #[cfg(debug_assertions)]
                 debug_panic_on_accept(shard.id);
                 match &tls {
-                    None => drop(monoio::spawn(crate::conn::serve(shard.clone(), stream, peer))),
-                    Some(tls) => drop(monoio::spawn(crate::conn::serve_tls(shard.clone(), stream, peer, tls.clone()))),
+                    None => drop(monoio::spawn(connection::serve(shard.clone(), stream, peer))),
+                    Some(tls) => drop(monoio::spawn(connection::serve_tls(shard.clone(), stream, peer, tls.clone()))),
                 }
             }
             Err(_) if shard.shutdown.has_fired() => return,

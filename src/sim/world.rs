@@ -22,9 +22,8 @@ use crate::broker::{Command, ConnId, ConnRef, ShardId};
 use crate::config::Config;
 use crate::conn::lifecycle::{Attachment, State as LifecycleState};
 use crate::conn::outbound::{CreditReturns, Outbound, WriteBatch};
-use crate::conn::state::{Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
-use crate::conn::SUPERSEDED_REASON;
-use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
+use crate::conn::state::{superseded_farewell, Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
+use crate::mbws::{self, Binding, ErrorFrame, Frame, Subprotocol};
 use crate::shard::core::{ConnWakers, ReaderFinished, ShardCore};
 use crate::store::{CommitBatch, DurableLog};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
@@ -1329,11 +1328,7 @@ impl World {
         }
         let s = &self.sockets[socket];
         if superseded && !s.close_taken && !s.write_failed {
-            let mut farewell = Outbound::new();
-            let error = ErrorFrame::fatal(ErrorCode::Conflict, 0, 0, SUPERSEDED_REASON);
-            farewell.push_frame(s.binding, &Frame::Error(error));
-            farewell.push_control(OpCode::Close, &close_payload(ErrorCode::Conflict.as_u16(), SUPERSEDED_REASON));
-            let bytes = farewell.take_batch(WriteBatch::default()).map(|batch| Bytes::from(batch.to_vec()));
+            let bytes = superseded_farewell(s.binding).map(|batch| Bytes::from(batch.to_vec()));
             self.server_writes(socket, bytes);
         }
         self.sockets[socket].server_shut = true;

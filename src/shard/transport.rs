@@ -29,8 +29,8 @@ use monoio::BufResult;
 use rustls::ServerConnection;
 use smallvec::SmallVec;
 
-use super::outbound::WriteBatch;
-use super::ReadTail;
+use super::connection::ReadTail;
+use crate::conn::outbound::WriteBatch;
 
 /// Ciphertext read from the socket per read on a busy TLS connection (more than one full
 /// record): the room after a read that filled its room.

@@ -1,0 +1,784 @@
+//! A connection's IO shell: its reader and writer tasks around the sans-IO connection state
+//! (`crate::conn`) that the shard core owns.
+//!
+//! A connection goes through three phases on its shard:
+//! 1. upgrade ([`serve`]): the HTTP request, bounded by `handshake_timeout` and
+//!    `max_handshake_bytes`, answered 101 or refused with a plain-text reason (or, for a plain
+//!    GET of a file the broker serves, answered with that file: [`assets`]);
+//! 2. opening: the first MBWS frame, bounded by `open_timeout`. A new session is registered in
+//!    a connection slot of this shard. A *resume* (MBWS OPEN naming a session) is served by the
+//!    shard that holds the session: if that is another shard, the socket itself is handed over
+//!    to it ([`Adoption`]), since SO_REUSEPORT lands a reconnect on any shard;
+//! 3. running: a reader task decodes WebSocket messages in place and feeds the [`Session`](crate::conn::session::Session); it
+//!    stops reading while the session holds `max_inflight_sends` unanswered SENDs or the write
+//!    queue is over `max_outbound_bytes`. A writer task takes everything queued in the
+//!    [`Outbound`] as one batch and writes it with one vectored write, returning auto-ack credit
+//!    once the batch is on the wire (or lost: a failed write, or one the close grace cut short).
+//!
+//! A connection slot outlives its socket when its session is resumable (MBWS): the session is
+//! detached and waits `session_expiry_ms` for its client; a timer ends it otherwise. Every
+//! attachment of a socket to a slot has a number ([`lifecycle`](crate::conn::lifecycle)); tasks of an older attachment
+//! (a connection superseded by a resume) stop touching the slot.
+//!
+//! What a connection decides is sans-IO, in [`ConnState`](crate::conn::state::ConnState) (session, write queue,
+//! lifecycle): the tasks here read and write the socket, report what happened as events
+//! (`bytes_read`, `take_write_batch`, `write_completed`, `reader_finished`, `expire`,
+//! `resume`) and apply the answers (wake a task, stop reading, end). The state is owned by the
+//! shard's core (its connection slots); the tasks hold the connection's id and attachment and
+//! reach it through `Shard::with_conn`, which borrows the core for that call only, never
+//! across an `.await`. Their wakers stay in the shell (`Shard::park`, `Shard::wake`).
+//!
+//! Memory per idle connection is kept small (docs/PERFORMANCE.md, "Idle sessions"). The read
+//! buffer shrinks once the connection has caught up with its peer ([`read_buffer`](crate::conn::read_buffer)), and the
+//! write queue gives its buffers back when the writer parks. The two tasks are sized by their
+//! largest state, so timers, writes and rare paths (handshake, resume, refusals) are boxed
+//! rather than held inline.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use monoio::buf::IoBufMut;
+use monoio::net::TcpStream;
+
+use super::assets;
+use super::transport::{ReadSide, Stream, TlsState, TlsStream, WriteSide};
+use crate::broker::{ConnRef, ShardId};
+use crate::clock::now_ms;
+use crate::conn::lifecycle::Attachment;
+use crate::conn::outbound::{Outbound, WriteBatch};
+use crate::conn::read_buffer::ReadBuffer;
+use crate::conn::session::{parse_session_id, unknown_session_reason};
+use crate::conn::state::{superseded_farewell, Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
+use crate::log;
+use crate::logging::Level;
+use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
+use crate::shard::core::{ReaderFinished, Resumed};
+use crate::shard::Shard;
+use crate::ws::handshake::{self, HandshakeError};
+use crate::ws::message::{close_payload, Decoder, WsEvent};
+use crate::ws::{OpCode, Role, WsError};
+
+/// How long a closing connection waits for the peer's close frame, and for its last writes.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A socket handed to the shard that holds the session its first frame resumes.
+#[derive(Debug)]
+pub struct Adoption {
+    pub socket: OwnedFd,
+    pub peer: SocketAddr,
+    /// Bytes read after the OPEN, not yet decoded.
+    pub buffered: BytesMut,
+    pub binding: Binding,
+    pub open: mbws::Open,
+    /// The TLS session of a `wss://` connection (it moves with its socket).
+    pub tls: Option<Box<TlsState>>,
+}
+
+/// A `BytesMut` that io_uring reads into after its current contents.
+pub struct ReadTail(pub BytesMut);
+
+// SAFETY: the pointer is the start of the spare capacity and `bytes_total` its exact length;
+// the buffer is owned by this value (heap memory that does not move with it) while the runtime
+// holds it; `set_init(n)` marks the `n` bytes the kernel wrote as initialized.
+unsafe impl IoBufMut for ReadTail {
+    fn write_ptr(&mut self) -> *mut u8 {
+        // SAFETY: `len <= capacity`, so the result is inside (or one past) the allocation.
+        unsafe { self.0.as_mut_ptr().add(self.0.len()) }
+    }
+
+    fn bytes_total(&mut self) -> usize {
+        self.0.capacity() - self.0.len()
+    }
+
+    unsafe fn set_init(&mut self, written: usize) {
+        // A count past the spare capacity would make `set_len` expose memory the buffer does
+        // not own: the runtime's contract says it cannot happen; check it, it costs one compare
+        // per read.
+        assert!(written <= self.0.capacity() - self.0.len(), "a read reported more bytes than its room");
+        // SAFETY: the kernel initialized `written` bytes of spare capacity (caller contract),
+        // and they fit in it (asserted above).
+        unsafe { self.0.set_len(self.0.len() + written) }
+    }
+}
+
+/// Reads once into `buf`, with the room its traffic calls for ([`ReadBuffer`]). Ok(0) is EOF.
+async fn read_more<R: ReadSide>(reader: &mut R, buf: &mut ReadBuffer) -> std::io::Result<usize> {
+    let (result, tail) = reader.read_tail(ReadTail(buf.take_for_read())).await;
+    buf.put_back(tail.0, *result.as_ref().unwrap_or(&0));
+    result
+}
+
+/// Serves one accepted TCP connection (`ws://`) until it closes (or is handed to another shard).
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    serve_stream(shard, stream, peer).await
+}
+
+/// Serves one accepted TLS connection (`wss://`): its TLS handshake is part of the upgrade.
+pub async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: Arc<rustls::ServerConfig>) {
+    let _ = stream.set_nodelay(true);
+    match rustls::ServerConnection::new(tls) {
+        Ok(connection) => serve_stream(shard, TlsStream::new(stream, TlsState::new(connection)), peer).await,
+        Err(error) => log!(Level::Warn, "shard {}: cannot start TLS for {peer}: {error}", shard.id.0),
+    }
+}
+
+/// Serves one accepted connection over `stream` until it closes (or is handed to another shard).
+///
+/// This future is the connection's reader task for the connection's whole life, so its size
+/// is memory held per idle session: the opening phase (handshake, timers, refusals) runs in a
+/// box that is freed once the session runs, and only the running phase is held inline.
+async fn serve_stream<S: Stream>(shard: Rc<Shard>, stream: S, peer: SocketAddr) {
+    let attached = match Box::pin(open_connection(&shard, stream, peer)).await {
+        Opening::Opened(attached) => attached,
+        Opening::Resume(resumption) => {
+            let Resumption { stream, buf, binding, open } = *resumption;
+            // Boxed: a resume is rare, and its own state would size every new session's task.
+            return Box::pin(resume(shard, stream, peer, buf, binding, open)).await;
+        }
+        Opening::Ended => return,
+    };
+    let Attached { me, attachment, stream, mut buf, mut decoder } = *attached;
+    run(&shard, me, attachment, stream, &mut buf, &mut decoder, &peer).await
+}
+
+/// How the opening phase of a connection ended. The payloads are boxed: an `Opening` lives in
+/// `serve` beside the resume path, and a large one would size every connection's task.
+enum Opening<S> {
+    /// A new session is registered and attached; it runs next.
+    Opened(Box<Attached<S>>),
+    /// The first frame resumes a session of this shard.
+    Resume(Box<Resumption<S>>),
+    /// Refused, handed to another shard, or gone.
+    Ended,
+}
+
+/// A new session, registered and attached to its socket.
+struct Attached<S> {
+    me: ConnRef,
+    attachment: Attachment,
+    stream: S,
+    buf: ReadBuffer,
+    decoder: Decoder,
+}
+
+/// A first frame that resumes a session of this shard.
+struct Resumption<S> {
+    stream: S,
+    buf: ReadBuffer,
+    binding: Binding,
+    open: mbws::Open,
+}
+
+/// The upgrade and the first MBWS frame, each bounded by its timeout.
+async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: SocketAddr) -> Opening<S> {
+    let config = shard.config.clone();
+    let _opening = shard.opening();
+    let mut buf = BytesMut::with_capacity(config.max_handshake_bytes);
+
+    // Timeouts are boxed: a monoio timer is large and cache-line aligned, and held inline it
+    // would size (and align) the future that holds it.
+    let upgrade = Box::pin(shard.unless_shutdown(monoio::time::timeout(
+        config.handshake_timeout,
+        read_upgrade(&mut stream, &mut buf, config.max_handshake_bytes),
+    )))
+    .await;
+    let Some(upgrade) = upgrade else {
+        // Shutting down before the upgrade completed: no WebSocket yet, so nothing to say.
+        stream.shutdown().await;
+        return Opening::Ended;
+    };
+    let upgrade = match upgrade {
+        Ok(Ok(upgrade)) => upgrade,
+        Ok(Err(Some(answer))) => {
+            let response = match answer {
+                NotUpgraded::Refused(refusal) => {
+                    log!(
+                        Level::Info,
+                        "shard {}: upgrade refused", shard.id.0;
+                        peer = peer,
+                        status = refusal.status,
+                        reason = refusal.reason,
+                    );
+                    refusal.response()
+                }
+                NotUpgraded::Served(response) => {
+                    log!(Level::Debug, "shard {}: served a file to {peer}", shard.id.0);
+                    response
+                }
+            };
+            let _ = stream.write_bytes(response).await;
+            stream.shutdown().await;
+            return Opening::Ended;
+        }
+        Ok(Err(None)) => return Opening::Ended, // The peer went away mid-request.
+        Err(_) => {
+            let refusal = HandshakeError {
+                status: 408,
+                reason: format!(
+                    "the WebSocket upgrade request did not complete within {} ms (handshake timeout)",
+                    config.handshake_timeout.as_millis()
+                ),
+            };
+            let _ = stream.write_bytes(refusal.response()).await;
+            stream.shutdown().await;
+            return Opening::Ended;
+        }
+    };
+    if let Err(reason) = crate::config::check_origin(&config.allowed_origins, upgrade.origin.as_deref()) {
+        log!(Level::Debug, "shard {}: refused upgrade from {peer}: 403 {reason}", shard.id.0);
+        let _ = stream.write_bytes(HandshakeError::new(403, reason).response()).await;
+        stream.shutdown().await;
+        return Opening::Ended;
+    }
+    log!(Level::Debug, "shard {}: connection from {peer} upgraded with {}", shard.id.0, upgrade.protocol.name());
+    let written = stream.write_bytes(handshake::accept_response(&upgrade)).await;
+    if written.is_err() {
+        return Opening::Ended;
+    }
+
+    let mut buf = ReadBuffer::new(buf, config.read_buffer_bytes);
+    let mut decoder = Decoder::new(Role::Server, config.max_frame_bytes, config.max_message_bytes);
+    let first = Box::pin(shard.unless_shutdown(monoio::time::timeout(
+        config.open_timeout,
+        first_message(&mut stream, &mut buf, &mut decoder),
+    )))
+    .await;
+    let Some(first) = first else {
+        // Shutting down before OPEN: every WebSocket connection gets close 1001.
+        say_going_away(&mut stream).await;
+        return Opening::Ended;
+    };
+    let first = match first {
+        Ok(Some(first)) => first,
+        Ok(None) => return Opening::Ended,
+        Err(_) => {
+            let reason =
+                format!("no OPEN within {} ms of the upgrade; send OPEN first", config.open_timeout.as_millis());
+            refuse_session(&mut stream, Binding::Binary, ErrorCode::Timeout, reason).await;
+            return Opening::Ended;
+        }
+    };
+    let (binding, payload) = first;
+
+    // A resume goes to the shard that holds the session.
+    if upgrade.protocol == Subprotocol::Reliable {
+        if let Ok(Frame::Open(open)) = mbws::decode(binding, payload.clone(), &shard.session_config.codec_limits) {
+            if let Some((home, _, _)) = parse_session_id(&open.session_id) {
+                if home == shard.id {
+                    return Opening::Resume(Box::new(Resumption { stream, buf, binding, open }));
+                } else if usize::from(home.0) < shard.shard_count() {
+                    hand_over(shard, stream, peer, buf, binding, open, home);
+                } else {
+                    refuse_unknown_session(&mut stream, binding, &open.session_id).await;
+                }
+                return Opening::Ended;
+            }
+        }
+    }
+
+    // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
+    let (me, attachment) = shard.open_session(upgrade.protocol, stream.socket(), binding, payload);
+    log!(
+        Level::Info,
+        "shard {}: connection opened", shard.id.0;
+        peer = peer,
+        protocol = upgrade.protocol.name(),
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
+    );
+    Opening::Opened(Box::new(Attached { me, attachment, stream, buf, decoder }))
+}
+
+/// Reads until the first complete WebSocket data message, answering pings on the way.
+/// `None`: the peer closed, failed or broke the WebSocket protocol (already answered).
+async fn first_message<S: Stream>(
+    stream: &mut S,
+    buf: &mut ReadBuffer,
+    decoder: &mut Decoder,
+) -> Option<(Binding, Bytes)> {
+    loop {
+        loop {
+            match decoder.next_event(buf.bytes_mut()) {
+                Ok(Some(WsEvent::Binary(payload))) => return Some((Binding::Binary, payload)),
+                Ok(Some(WsEvent::Text(payload))) => return Some((Binding::Text, payload)),
+                Ok(Some(WsEvent::Ping(payload))) => {
+                    write_frames(stream, |out| out.push_control(OpCode::Pong, &payload)).await;
+                }
+                Ok(Some(WsEvent::Pong(_))) => {}
+                Ok(Some(WsEvent::Close(frame))) => {
+                    let payload = frame.map(|frame| close_payload(frame.code, "")).unwrap_or_default();
+                    write_frames(stream, |out| out.push_control(OpCode::Close, &payload)).await;
+                    stream.shutdown().await;
+                    return None;
+                }
+                Ok(None) => break,
+                Err(WsError { close_code, reason }) => {
+                    write_frames(stream, |out| out.push_control(OpCode::Close, &close_payload(close_code, &reason)))
+                        .await;
+                    stream.shutdown().await;
+                    return None;
+                }
+            }
+        }
+        match read_more(stream, buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Writes frames built into a throw-away write queue (the rare paths before a session exists).
+async fn write_frames<W: WriteSide>(stream: &mut W, build: impl FnOnce(&mut Outbound)) {
+    let mut outbound = Outbound::new();
+    build(&mut outbound);
+    if let Some(batch) = outbound.take_batch(WriteBatch::default()) {
+        let _ = stream.write_bytes(batch.to_vec()).await;
+    }
+}
+
+/// Closes a WebSocket that has no session on this shard with 1001 (the broker is shutting down).
+async fn say_going_away<W: WriteSide>(stream: &mut W) {
+    let payload = close_payload(crate::ws::close_code::GOING_AWAY, "broker shutting down");
+    write_frames(stream, |out| out.push_control(OpCode::Close, &payload)).await;
+    stream.shutdown().await;
+}
+
+/// Sends a fatal ERROR and the matching close before any session exists, then shuts down.
+async fn refuse_session<W: WriteSide>(stream: &mut W, binding: Binding, code: ErrorCode, reason: String) {
+    write_frames(stream, |out| {
+        out.push_frame(binding, &Frame::Error(ErrorFrame::fatal(code, 0, 0, &reason)));
+        out.push_control(OpCode::Close, &close_payload(code.as_u16(), &reason));
+    })
+    .await;
+    stream.shutdown().await;
+}
+
+async fn refuse_unknown_session<W: WriteSide>(stream: &mut W, binding: Binding, session_id: &[u8]) {
+    let reason = unknown_session_reason(session_id);
+    refuse_session(stream, binding, ErrorCode::UnknownSession, reason).await;
+}
+
+/// Passes the socket to the shard that holds the session being resumed.
+fn hand_over<S: Stream>(
+    shard: &Shard,
+    stream: S,
+    peer: SocketAddr,
+    buf: ReadBuffer,
+    binding: Binding,
+    open: mbws::Open,
+    home: ShardId,
+) {
+    let buffered = buf.into_bytes();
+    let (stream, tls) = stream.into_parts();
+    // SAFETY: `stream` (alive until the drop below) owns the descriptor, so the number is
+    // open; dup(2) touches no memory of ours, and its result is checked and owned below.
+    let duplicate = unsafe { libc::dup(stream.as_raw_fd()) };
+    if duplicate < 0 {
+        log!(
+            Level::Warn,
+            "shard {}: cannot hand the connection from {peer} to shard {}: dup failed",
+            shard.id.0,
+            home.0
+        );
+        return;
+    }
+    // Dropping our stream closes our descriptor only; the socket lives on in the duplicate.
+    drop(stream);
+    // SAFETY: `duplicate` is a fresh descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(duplicate) };
+    log!(Level::Debug, "shard {}: handing the resume from {peer} to shard {}", shard.id.0, home.0);
+    shard.hand_over(home, Box::new(Adoption { socket, peer, buffered, binding, open, tls }));
+}
+
+/// Takes a socket handed over by another shard and resumes its session here.
+pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
+    let Adoption { socket, peer, buffered, binding, open, tls } = adoption;
+    let std_stream = std::net::TcpStream::from(socket);
+    let stream = match TcpStream::from_std(std_stream) {
+        Ok(stream) => stream,
+        Err(error) => {
+            log!(Level::Warn, "shard {}: cannot adopt the connection from {peer}: {error}", shard.id.0);
+            return;
+        }
+    };
+    let buf = ReadBuffer::new(buffered, shard.config.read_buffer_bytes);
+    match tls {
+        None => resume(shard, stream, peer, buf, binding, open).await,
+        Some(tls) => resume(shard, TlsStream::new(stream, *tls), peer, buf, binding, open).await,
+    }
+}
+
+/// Resumes the session `open` names, on this shard, over `stream`.
+async fn resume<S: Stream>(
+    shard: Rc<Shard>,
+    mut stream: S,
+    peer: SocketAddr,
+    mut buf: ReadBuffer,
+    binding: Binding,
+    open: mbws::Open,
+) {
+    if shard.shutdown.has_fired() {
+        // Handed over (or resumed) after this shard closed its connections.
+        Box::pin(say_going_away(&mut stream)).await;
+        return;
+    }
+    let resumed = shard.resume_session(&open, binding, stream.socket());
+    let Resumed { me, attachment, stale_socket } = match resumed {
+        Ok(resumed) => resumed,
+        Err(refusal) => {
+            let (code, reason) = refusal.error(&open);
+            // Boxed: a rare path that should not size the task of a resumed session.
+            Box::pin(refuse_session(&mut stream, binding, code, reason)).await;
+            return;
+        }
+    };
+    if let Some(socket) = stale_socket {
+        // The old connection has not noticed it is dead (or the client raced it): it is
+        // superseded. Its tasks see the new attachment; its writer says why it ends.
+        supersede(socket);
+    }
+    shard.run_work();
+    log!(
+        Level::Info,
+        "shard {}: session resumed", shard.id.0;
+        peer = peer,
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
+    );
+    let mut decoder = Decoder::new(Role::Server, shard.config.max_frame_bytes, shard.config.max_message_bytes);
+    run(&shard, me, attachment, stream, &mut buf, &mut decoder, &peer).await;
+}
+
+/// Ends a superseded connection's reading side at once (its reader stops), and gives its writer
+/// `CLOSE_GRACE` to finish what it is writing and send its farewell
+/// ([`superseded_farewell`]) before the socket is shut down for good, however stuck its writes are.
+fn supersede(socket: RawFd) {
+    // SAFETY: the old connection's stream still owns `socket` (the caller holds that connection's
+    // slot, whose stream closes the descriptor only when its tasks end), so the number names
+    // that socket and no other; shutdown(2) changes the socket's state, not the descriptor.
+    unsafe { libc::shutdown(socket, libc::SHUT_RD) };
+    // SAFETY: `socket` is open (as above); dup(2) touches no memory of ours, and its result is
+    // checked and then owned below, so the timer never touches a number reused by then.
+    let duplicate = unsafe { libc::dup(socket) };
+    if duplicate < 0 {
+        // SAFETY: `socket` is still open and owned by the old stream (as above).
+        unsafe { libc::shutdown(socket, libc::SHUT_RDWR) };
+        return;
+    }
+    // SAFETY: `duplicate` is a fresh descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(duplicate) };
+    monoio::spawn(async move {
+        monoio::time::sleep(CLOSE_GRACE).await;
+        // SAFETY: shutdown(2) on the descriptor this task owns.
+        unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+    });
+}
+
+/// The running phase: a writer task and this reader, until the socket ends; then the session
+/// is detached (resumable) or ended.
+///
+/// The caller's state is borrowed, not moved in: an async fn keeps its arguments for its whole
+/// life, so moved-in values would be held twice in every connection's task.
+#[allow(clippy::too_many_arguments)]
+async fn run<S: Stream>(
+    shard: &Rc<Shard>,
+    me: ConnRef,
+    attachment: Attachment,
+    stream: S,
+    buf: &mut ReadBuffer,
+    decoder: &mut Decoder,
+    peer: &SocketAddr,
+) {
+    let (mut reader, writer) = stream.into_split();
+    let binding = shard.with_conn(me.conn, |state| (state.session.binding(), Wake::default()));
+    let binding = binding.expect("a running connection has a slot");
+    shard.set_writer_running(me.conn, true);
+    monoio::spawn(write_loop(shard.clone(), me, attachment, binding, writer));
+    read_loop(shard, me, attachment, &mut reader, buf, decoder).await;
+
+    // Why it closed, read before the slot may be freed.
+    let reason = shard.with_conn(me.conn, |state| {
+        let reason = state
+            .close_reason()
+            .map_or_else(|| "connection lost (no close frame)".to_string(), |close| close.to_string());
+        (reason, Wake::default())
+    });
+    let reason = reason.unwrap_or_default();
+    let conn = format!("{}.{}", me.conn.index, me.conn.generation);
+    match shard.reader_finished(me.conn, attachment) {
+        None => return, // Superseded: the session belongs to a newer connection now.
+        Some(ReaderFinished::Detached { expires_at_ms }) => {
+            let expiry = Duration::from_millis(expires_at_ms.saturating_sub(now_ms()));
+            log!(
+                Level::Info,
+                "shard {}: connection closed, session kept for resume", shard.id.0;
+                peer = peer,
+                reason = reason,
+                conn = conn,
+                expiry_ms = expiry.as_millis(),
+            );
+            monoio::spawn(expire_later(shard.clone(), me, attachment, expiry, *peer));
+        }
+        Some(ReaderFinished::Ended) => {
+            log!(Level::Info, "shard {}: connection closed", shard.id.0; peer = peer, reason = reason, conn = conn);
+        }
+    }
+    shard.run_work();
+}
+
+/// Ends a detached session that nobody resumed by its expiry (`Lifecycle::expire`).
+async fn expire_later(shard: Rc<Shard>, me: ConnRef, attachment: Attachment, expiry: Duration, peer: SocketAddr) {
+    let mut wait = expiry;
+    loop {
+        monoio::time::sleep(wait).await;
+        match shard.expire_session(me.conn, attachment) {
+            Some(Expiry::Expired) => break,
+            Some(Expiry::Resumed) | None => return,
+            Some(Expiry::NotBefore(at)) => wait = Duration::from_millis(at.saturating_sub(now_ms())), // Woken early.
+        }
+    }
+    log!(
+        Level::Info,
+        "shard {}: session expired, not resumed in time", shard.id.0;
+        peer = peer,
+        conn = format_args!("{}.{}", me.conn.index, me.conn.generation),
+    );
+    shard.run_work();
+}
+
+/// A complete request that is not an accepted upgrade: the response to send before closing.
+enum NotUpgraded {
+    Refused(HandshakeError),
+    /// A plain GET of a file the broker serves ([`assets`]): the whole response.
+    Served(Vec<u8>),
+}
+
+/// Reads until a complete upgrade request is parsed and accepted. `Err(Some)` is an answer to
+/// send back (a refusal, or a served file); `Err(None)` means the peer went away.
+async fn read_upgrade<R: ReadSide>(
+    stream: &mut R,
+    buf: &mut BytesMut,
+    max_bytes: usize,
+) -> Result<handshake::Upgrade<Subprotocol>, Option<NotUpgraded>> {
+    loop {
+        match handshake::parse_request(buf, max_bytes) {
+            Ok(Some((request, consumed))) => {
+                if let Some(response) = assets::response(&request) {
+                    return Err(Some(NotUpgraded::Served(response)));
+                }
+                let upgrade =
+                    handshake::validate_upgrade(&request).map_err(|refusal| Some(NotUpgraded::Refused(refusal)))?;
+                // Bytes after the request (a first frame sent eagerly) stay in `buf`.
+                buf.advance(consumed);
+                return Ok(upgrade);
+            }
+            Ok(None) => {}
+            Err(refusal) => return Err(Some(NotUpgraded::Refused(refusal))),
+        }
+        let owned = std::mem::take(buf);
+        if owned.capacity() - owned.len() == 0 {
+            return Err(Some(NotUpgraded::Refused(HandshakeError {
+                status: 431,
+                reason: format!("the upgrade request is larger than {max_bytes} bytes (max_handshake_bytes)"),
+            })));
+        }
+        let (result, tail) = stream.read_tail(ReadTail(owned)).await;
+        *buf = tail.0;
+        match result {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn read_loop<R: ReadSide>(
+    shard: &Rc<Shard>,
+    me: ConnRef,
+    attachment: Attachment,
+    reader: &mut R,
+    buf: &mut ReadBuffer,
+    decoder: &mut Decoder,
+) {
+    loop {
+        wait_until_reader_may_continue(shard, me).await;
+        let step = shard.bytes_read(me.conn, attachment, decoder, buf.bytes_mut());
+        shard.run_work();
+        match step {
+            ReadStep::Closing => break,
+            ReadStep::Paused => continue,
+            ReadStep::NeedMore => {}
+        }
+        // Silence is bounded by twice the heartbeat, when one was agreed.
+        let heartbeat_ms = shard.with_conn(me.conn, |state| (state.session.heartbeat_ms(), Wake::default()));
+        let heartbeat_ms = heartbeat_ms.unwrap_or(0);
+        let result = if heartbeat_ms == 0 {
+            read_more(reader, buf).await
+        } else {
+            // Boxed, as in `serve`: the timer stays out of the task's own allocation.
+            let deadline = Duration::from_millis(2 * u64::from(heartbeat_ms));
+            match Box::pin(monoio::time::timeout(deadline, read_more(reader, buf))).await {
+                Ok(result) => result,
+                Err(_) => {
+                    let reason = format!(
+                        "nothing received for {} ms, twice the heartbeat interval; send PING when idle",
+                        deadline.as_millis()
+                    );
+                    shard.with_conn(me.conn, |state| {
+                        state.close_with_error(attachment, ErrorCode::Timeout, reason);
+                        ((), Wake::ALL)
+                    });
+                    shard.run_work();
+                    return;
+                }
+            }
+        };
+        match result {
+            Ok(0) | Err(_) => return, // EOF or reset: nothing more to say to this peer.
+            Ok(_) => {}
+        }
+    }
+    let current = shard.with_conn(me.conn, |state| (state.lifecycle().is_current(attachment), Wake::default()));
+    if current == Some(true) {
+        Box::pin(wait_for_peer_close(reader, decoder, buf)).await;
+    }
+}
+
+async fn wait_until_reader_may_continue(shard: &Shard, me: ConnRef) {
+    std::future::poll_fn(|cx| {
+        let may = shard.with_conn(me.conn, |state| (state.reader_may_continue(), Wake::default()));
+        if may.unwrap_or(true) {
+            Poll::Ready(())
+        } else {
+            shard.park(me.conn, false, cx.waker());
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// After we queued a close frame: discard input until the peer's close frame or EOF, bounded
+/// by `CLOSE_GRACE`.
+async fn wait_for_peer_close<R: ReadSide>(reader: &mut R, decoder: &mut Decoder, buf: &mut ReadBuffer) {
+    let _ = monoio::time::timeout(CLOSE_GRACE, async {
+        loop {
+            loop {
+                match decoder.next_event(buf.bytes_mut()) {
+                    Ok(Some(WsEvent::Close(_))) | Err(_) => return,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                }
+            }
+            match read_more(reader, buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Writes whatever the connection queues, one vectored write per batch, until the reader is
+/// done, or a newer connection took the slot over: then it ends this connection with the
+/// [`superseded_farewell`] in `binding` (the binding of this connection's OPEN), unless a close
+/// frame was already written.
+async fn write_loop<W: WriteSide>(
+    shard: Rc<Shard>,
+    me: ConnRef,
+    attachment: Attachment,
+    binding: Binding,
+    mut writer: W,
+) {
+    let mut batch = WriteBatch::default();
+    let mut superseded = false;
+    // A batch taken while closing holds the close frame (it is queued as closing begins).
+    let mut close_taken = false;
+    let mut failed = false;
+    loop {
+        let mut spare = Some(std::mem::take(&mut batch));
+        let next = std::future::poll_fn(|cx| {
+            let spare = spare.take().unwrap_or_default();
+            let next = shard.with_conn(me.conn, |state| (state.take_write_batch(attachment, spare), Wake::default()));
+            // No slot: the session ended under a newer attachment, which superseded this one.
+            match next.unwrap_or(NextWrite::Superseded) {
+                NextWrite::Wait => {
+                    shard.park(me.conn, true, cx.waker());
+                    Poll::Pending
+                }
+                next => Poll::Ready(next),
+            }
+        })
+        .await;
+        let (taken, closing) = match next {
+            NextWrite::Batch { batch, closing } => (batch, closing),
+            NextWrite::Superseded => {
+                superseded = true;
+                break;
+            }
+            NextWrite::Done | NextWrite::Wait => break,
+        };
+        batch = taken;
+        close_taken |= closing;
+        // Auto-ack credit goes back once the batch is written, or once it is lost: with a failed
+        // write, or with a write the close grace cut short (which drops the batch). Taken out
+        // first so that it survives the batch.
+        let credits = std::mem::take(&mut batch.credits);
+        // Both boxed: the write (and its timer) is much larger than this loop's other state, and
+        // held inline it would size the task of every idle connection.
+        let written = if closing {
+            Box::pin(monoio::time::timeout(CLOSE_GRACE, writer.write_batch(batch))).await.ok()
+        } else {
+            Some(Box::pin(writer.write_batch(batch)).await)
+        };
+        let outcome = match written {
+            Some((result, returned)) => {
+                batch = returned;
+                if result.is_ok() {
+                    WriteOutcome::Written
+                } else {
+                    WriteOutcome::Failed
+                }
+            }
+            None => {
+                batch = WriteBatch::default(); // The timeout dropped the batch; the writer ends.
+                WriteOutcome::CutShort
+            }
+        };
+        let next = shard.write_completed(me.conn, attachment, outcome, credits);
+        match next.unwrap_or(Written::Superseded) {
+            Written::Continue { .. } => {}
+            Written::Failed => {
+                failed = true;
+                break;
+            }
+            Written::CutShort => {
+                log!(
+                    Level::Debug,
+                    "shard {}: conn {}: close grace ran out before the last writes; dropping them",
+                    shard.id.0,
+                    me.conn.index
+                );
+                break;
+            }
+            Written::Superseded => {
+                superseded = true;
+                break;
+            }
+        }
+    }
+    // Done with the slot: an ended connection's is freed now (unless a newer attachment, with
+    // its own writer, holds it).
+    let current = shard.with_conn(me.conn, |state| (state.lifecycle().is_current(attachment), Wake::default()));
+    if current == Some(true) {
+        shard.set_writer_running(me.conn, false);
+    }
+    if superseded && !close_taken && !failed {
+        if let Some(farewell) = superseded_farewell(binding) {
+            let _ = Box::pin(monoio::time::timeout(CLOSE_GRACE, writer.write_batch(farewell))).await;
+        }
+    }
+    writer.shutdown().await;
+}
