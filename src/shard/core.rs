@@ -44,17 +44,14 @@
 //!
 //! # Next steps
 //!
-//! 1. **The superseded farewell** (ERROR 4409 + close, `conn::write_loop`) as a core decision:
-//!    `NextWrite::Superseded` could carry the farewell batch.
-//! 2. **One timer per shard.** The ack timer, the session expiries (one task per detached
-//!    session today, `conn::expire_later`) and the heartbeat read timeouts become deadlines
+//! 1. **One timer per shard.** The ack timer, the session expiries (one task per detached
+//!    session today, `shard::connection::expire_later`) and the heartbeat read timeouts become deadlines
 //!    the core reports (`Effects::wake_at_ms`, the earliest of them); the shell keeps one
 //!    timer and calls `core.on_timer(now_ms)`.
-//! 3. **The durable log commit as events**, so a simulated disk can sit under it: the core
-//!    owns the pending batch (`Effects::log_batch`, `core.log_written(lsn)`,
-//!    `core.log_synced(lsn)`); `AddressTable` still reads `now_unix_ms()` itself when it logs
-//!    a message's expiry (pass the wall clock in with `now_ms`). Then the simulator gets a
-//!    disk that loses unsynced writes and tears the last one, and whole-broker crashes.
+//! 2. **The durable log commit as core events.** The log itself is sans-IO and the simulator
+//!    already writes it to a simulated disk (and crashes it) by its commit contract
+//!    (`store::CommitBatch`), as `store::GroupCommitter` does; the core could own that loop
+//!    (`Effects::log_batch`, `core.log_synced(lsn)`) so the two writers share one decision.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

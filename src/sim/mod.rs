@@ -19,7 +19,9 @@
 //! ack timeouts redeliver), and resume with their last delivery-seq. The network delays each
 //! direction of each connection, reorders across connections, cuts connections (both ends
 //! see it, at different times) and lets clients abandon a connection the broker still thinks
-//! alive (so a resume supersedes it).
+//! alive (so a resume supersedes it). In durable runs the logs sit on a simulated disk that
+//! knows what was synced, and the whole broker crashes: files lose what was not synced (or
+//! keep a torn part of it), and the logs are recovered into fresh cores.
 //!
 //! Invariants are checked on every frame a client receives and at the end of a run
 //! (`world::Ledger`): no duplicate or out-of-order delivery-seq within a session; no
