@@ -57,6 +57,8 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     pub log_format: Option<String>,
     pub summary_interval_secs: Option<u64>,
+    pub admin_listen: Option<String>,
+    pub admin_token: Option<Secret>,
     // Sections come after the top-level keys (TOML puts a table's keys after its header):
     // `pub auth: Option<AuthSection>` and the like, each `deny_unknown_fields`, secrets as
     // `Secret`.
@@ -226,6 +228,14 @@ impl ConfigFile {
         if let Some(value) = number("--summary-interval-secs", self.summary_interval_secs)? {
             config.summary_interval_secs = value;
         }
+        if let Some(admin) = &self.admin_listen {
+            config.admin_listen = super::parse_admin_listen(admin)
+                .map_err(|reason| bad_value(origins, "admin-listen", admin, &reason))?
+                .0;
+        }
+        if let Some(token) = &self.admin_token {
+            config.admin_token = Some(token.clone());
+        }
         Ok(())
     }
 
@@ -259,7 +269,16 @@ impl ConfigFile {
             log_level: Some(config.log_level.name().to_string()),
             log_format: Some(config.log_format.name().to_string()),
             summary_interval_secs: Some(config.summary_interval_secs),
+            admin_listen: Some(super::AdminListen(config.admin_listen).to_string()),
+            admin_token: config.admin_token.clone(),
         }
+    }
+
+    /// Every key a file may have: [`ConfigFile::effective`] leaves out a setting that has no
+    /// value (a secret not given), so it is given one here.
+    pub fn every_key() -> Vec<String> {
+        let everything = Config { admin_token: Some(Secret::new("any")), ..Config::default() };
+        ConfigFile::effective(&everything).keys()
     }
 
     /// This file as TOML text.
@@ -374,7 +393,7 @@ mod tests {
 
     #[test]
     fn every_numeric_key_has_a_flag_range_that_fits_its_field() {
-        let keys = ConfigFile::effective(&Config::default()).keys();
+        let keys = ConfigFile::every_key();
         let numeric: Vec<&str> = numeric_keys().collect();
         for key in &numeric {
             assert!(keys.iter().any(|known| known == key), "{key} has a range but is no key of the file");

@@ -254,6 +254,7 @@ async fn open_connection(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketA
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
     let (me, attachment) = shard.open_session(upgrade.protocol, stream.as_raw_fd(), binding, payload);
+    shard.note_peer(me.conn, peer);
     log!(
         Level::Info,
         "shard {}: connection opened", shard.id.0;
@@ -408,6 +409,7 @@ async fn resume(
         // superseded. Its tasks see the new attachment; its writer says why it ends.
         supersede(socket);
     }
+    shard.note_peer(me.conn, peer);
     shard.run_work();
     log!(
         Level::Info,

@@ -243,6 +243,19 @@ impl Session {
         self.unacked.len()
     }
 
+    /// For the admin API: the subprotocol, the subscriptions, and the SENDs not answered yet.
+    pub fn subprotocol(&self) -> Subprotocol {
+        self.subprotocol
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    pub fn inflight_send_count(&self) -> usize {
+        self.inflight_sends.len()
+    }
+
     pub fn me(&self) -> ConnRef {
         self.me
     }

@@ -22,6 +22,9 @@ use crate::ws::{OpCode, WsError};
 /// The sans-IO part of a connection (see the module doc).
 pub struct ConnState {
     pub session: Session,
+    /// The client's address, as the shell accepted it (for the admin API; `None` in the
+    /// simulator and until the shell says).
+    pub peer: Option<std::net::SocketAddr>,
     pub outbound: Outbound,
     max_outbound_bytes: usize,
     lifecycle: Lifecycle,
@@ -124,6 +127,7 @@ impl ConnState {
     pub fn new(session: Session, max_outbound_bytes: usize) -> ConnState {
         ConnState {
             session,
+            peer: None,
             outbound: Outbound::new(),
             max_outbound_bytes,
             lifecycle: Lifecycle::default(),

@@ -56,6 +56,8 @@
 //!    a message's expiry (pass the wall clock in with `now_ms`). Then the simulator gets a
 //!    disk that loses unsynced writes and tears the last one, and whole-broker crashes.
 
+mod inspect;
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
@@ -74,6 +76,7 @@ use crate::conn::state::{ConnState, Expiry, ReadStep, Wake, WriteOutcome, Writte
 use crate::mbws::{self, Binding, ErrorCode, Subprotocol};
 use crate::store::{DurableLog, Lsn, Recovery};
 use crate::ws::message::Decoder;
+pub use inspect::{SessionCount, SessionInfo, ShardSnapshot, SnapshotRequest};
 
 /// A resume the core accepted ([`ShardCore::resume_session`]).
 #[derive(Debug)]
@@ -191,6 +194,11 @@ struct Counters {
     messages_received: u64,
     /// MESSAGE deliveries handed to this shard's connections (redeliveries included).
     messages_delivered: u64,
+    /// Body bytes of those messages.
+    bytes_received: u64,
+    bytes_delivered: u64,
+    /// Refusals handed to this shard's connections, by error code (in `ErrorCode::ALL` order).
+    refusals: [u64; mbws::ErrorCode::ALL.len()],
 }
 
 /// What a shard tells whoever asks how it is doing (the periodic summary; later the metrics):
@@ -622,6 +630,8 @@ impl ShardCore {
                     self.publications.push(Publication { publisher, seq, message });
                     self.queues.take_publishes_to_same_address(&mut self.publications);
                     self.counters.messages_received += self.publications.len() as u64;
+                    self.counters.bytes_received +=
+                        self.publications.iter().map(|publication| publication.message.body.len() as u64).sum::<u64>();
                     self.addresses.publish_batch(&mut self.publications, now_ms, &mut self.answers);
                     self.route_address_output();
                 }
@@ -630,8 +640,18 @@ impl ShardCore {
                     self.route_address_output();
                 }
                 Command::Conn(command) => {
-                    if let ConnCommand::Deliver { deliveries, .. } = &command {
-                        self.counters.messages_delivered += deliveries.len() as u64;
+                    match &command {
+                        ConnCommand::Deliver { deliveries, .. } => {
+                            self.counters.messages_delivered += deliveries.len() as u64;
+                            self.counters.bytes_delivered +=
+                                deliveries.iter().map(|delivery| delivery.message.body.len() as u64).sum::<u64>();
+                        }
+                        ConnCommand::PublishDone { outcome: Err(refusal), .. }
+                        | ConnCommand::SubscribeDone { outcome: Err(refusal), .. }
+                        | ConnCommand::SubscriptionEnded { refusal, .. } => {
+                            self.counters.refusals[inspect::refusal_index(refusal.code)] += 1;
+                        }
+                        _ => {}
                     }
                     let id = command.conn();
                     let address_commands = &mut self.address_commands;

@@ -37,6 +37,8 @@ pub enum Envelope {
     Shutdown,
     /// Answer with the shard's [`ShardReport`](super::core::ShardReport) (the periodic summary).
     Report(Sender<super::core::ShardReport>),
+    /// Answer with the shard's [`ShardSnapshot`](super::core::ShardSnapshot) (the admin API).
+    Snapshot(Box<super::core::SnapshotRequest>, Sender<super::core::ShardSnapshot>),
 }
 
 /// The receiving side's wake-up: an eventfd and the flag that says whether to write it.

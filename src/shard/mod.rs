@@ -309,6 +309,14 @@ impl Shard {
         Some(result)
     }
 
+    /// Connection `id`'s client is at `peer` (for the admin API's list of sessions).
+    pub fn note_peer(&self, id: ConnId, peer: SocketAddr) {
+        self.with_conn(id, |state| {
+            state.peer = Some(peer);
+            ((), Wake::default())
+        });
+    }
+
     /// Wakes the tasks of connection `id` that `wake` names.
     pub fn wake(&self, id: ConnId, wake: Wake) {
         if wake != Wake::default() {
@@ -506,6 +514,7 @@ impl Shard {
                     Envelope::Shutdown => self.shutdown.fire(),
                     // The asker may have given up waiting: nothing to do then.
                     Envelope::Report(reply) => drop(reply.send(self.core.borrow().report())),
+                    Envelope::Snapshot(request, reply) => drop(reply.send(self.core.borrow().snapshot(&request))),
                 }
             }
             if received {
@@ -562,26 +571,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// Asks every shard for its [`ShardReport`](core::ShardReport) and waits up to `timeout`
-    /// for the answers (a shard answers between two rounds of work); a shard that has not
-    /// answered by then is left out.
+    /// Asks every shard for its [`ShardReport`](core::ShardReport) (see [`Inspector::report`]).
     pub fn report(&self, timeout: Duration) -> Vec<core::ShardReport> {
-        let shards = self.post_office.shard_count();
-        let (reply, answers) = crossbeam_channel::bounded(shards);
-        for index in 0..shards {
-            self.post_office.post(ShardId(index as u16), Envelope::Report(reply.clone()));
-        }
-        drop(reply);
-        let deadline = Instant::now() + timeout;
-        let mut reports = Vec::with_capacity(shards);
-        while reports.len() < shards {
-            match answers.recv_deadline(deadline) {
-                Ok(report) => reports.push(report),
-                Err(_) => break,
-            }
-        }
-        reports.sort_by_key(|report| report.shard.0);
-        reports
+        self.inspector().report(timeout)
+    }
+
+    /// A handle another thread (the admin API's) uses to ask the shards how they are doing.
+    pub fn inspector(&self) -> Inspector {
+        Inspector { post_office: self.post_office.clone() }
     }
 
     /// Asks every shard to close its connections (1001) and exit, then waits for them.
@@ -592,6 +589,58 @@ impl Running {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// Asks the shards questions through their inboxes: each answers between two rounds of work
+/// (its inbox task), so asking costs the message path one envelope per shard.
+#[derive(Clone)]
+pub struct Inspector {
+    post_office: Arc<PostOffice>,
+}
+
+impl Inspector {
+    pub fn shard_count(&self) -> usize {
+        self.post_office.shard_count()
+    }
+
+    /// Every shard's [`ShardReport`](core::ShardReport), by shard, waiting up to `timeout`
+    /// for the answers; a shard that has not answered by then is left out.
+    pub fn report(&self, timeout: Duration) -> Vec<core::ShardReport> {
+        let mut reports = self.ask_every_shard(Envelope::Report, timeout);
+        reports.sort_by_key(|report| report.shard.0);
+        reports
+    }
+
+    /// Every shard's [`ShardSnapshot`](core::ShardSnapshot) for `request`, by shard; as
+    /// [`Inspector::report`], a shard that has not answered within `timeout` is left out.
+    pub fn snapshot(&self, request: &core::SnapshotRequest, timeout: Duration) -> Vec<core::ShardSnapshot> {
+        let mut snapshots = self.ask_every_shard(|reply| Envelope::Snapshot(Box::new(request.clone()), reply), timeout);
+        snapshots.sort_by_key(|snapshot| snapshot.report.shard.0);
+        snapshots
+    }
+
+    /// Posts `question(reply)` to every shard and gathers the answers that come within `timeout`.
+    fn ask_every_shard<T>(
+        &self,
+        question: impl Fn(crossbeam_channel::Sender<T>) -> Envelope,
+        timeout: Duration,
+    ) -> Vec<T> {
+        let shards = self.post_office.shard_count();
+        let (reply, answers) = crossbeam_channel::bounded(shards);
+        for index in 0..shards {
+            self.post_office.post(ShardId(index as u16), question(reply.clone()));
+        }
+        drop(reply);
+        let deadline = Instant::now() + timeout;
+        let mut gathered = Vec::with_capacity(shards);
+        while gathered.len() < shards {
+            match answers.recv_deadline(deadline) {
+                Ok(answer) => gathered.push(answer),
+                Err(_) => break,
+            }
+        }
+        gathered
     }
 }
 
