@@ -433,7 +433,8 @@ fn every_curl_command_in_operations_md_runs() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/OPERATIONS.md")).unwrap();
     let commands: Vec<&str> = doc.lines().map(str::trim).filter(|line| line.starts_with("curl ")).collect();
     assert!(commands.len() >= 6, "OPERATIONS.md shows the admin endpoints with curl: {commands:?}");
-    let broker = Broker::start(&["--shards", "2", "--admin-token", TOKEN]);
+    // One shard, so the first session is 0.0.0, the id the DELETE example closes.
+    let broker = Broker::start(&["--shards", "1", "--admin-token", TOKEN]);
     let admin = broker.admin_addr().to_string();
     // What the examples look at: an address `orders` holding a message, and a session.
     let mut producer = broker.client();
@@ -472,4 +473,72 @@ fn the_strict_parser_refuses_malformed_pages() {
     for page in bad {
         assert!(std::panic::catch_unwind(|| parse_metrics(page)).is_err(), "accepted: {page:?}");
     }
+}
+
+/// `POST /api/addresses/{name}/purge` drops the queue; a purged durable message is settled in
+/// the log, so a restart does not bring it back.
+#[test]
+fn purge_drops_the_queue_and_purged_durable_messages_stay_gone_after_a_restart() {
+    let dir = common::temp_dir("admin-purge");
+    let flags = ["--shards", "2", "--durable-address", "jobs"];
+    let mut broker = Broker::start_in(&dir, &flags);
+    let admin = broker.admin_addr();
+    let mut producer = broker.client();
+    let mut last = 0;
+    for index in 0..4 {
+        last = producer.send("jobs", format!("purged {index}")).unwrap();
+    }
+    producer.wait_receipt(last).unwrap();
+    let jobs = get(admin, "/api/addresses/jobs").json();
+    assert_eq!((jobs["depth"].as_u64(), jobs["durable"].as_bool()), (Some(4), Some(true)));
+    assert_eq!(get(admin, "/api/addresses/jobs/purge").status, 405, "purging takes a POST");
+    let purged = request(admin, "POST", "/api/addresses/jobs/purge", None);
+    assert_eq!(purged.status, 200, "{}", purged.body);
+    assert_eq!(purged.json()["purged_messages"], 4);
+    assert_eq!(get(admin, "/api/addresses/jobs").status, 404, "an empty address without subscribers is gone");
+    assert_eq!(request(admin, "POST", "/api/addresses/jobs/purge", None).status, 404);
+    last = producer.send("jobs", "kept").unwrap();
+    producer.wait_receipt(last).unwrap();
+    drop(producer);
+    assert!(broker.terminate().success());
+
+    let broker = Broker::start_in(&dir, &flags);
+    let admin = broker.admin_addr();
+    assert_eq!(get(admin, "/api/addresses/jobs").json()["depth"], 1, "only the message sent after the purge");
+    let mut consumer = broker.client();
+    consumer.subscribe(1, "jobs", DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+    let message = consumer.next_message(WAIT).unwrap().expect("the kept message");
+    assert_eq!(message.body.as_ref(), b"kept");
+    drop(consumer);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `DELETE /api/sessions/{id}` ends the session: fatal ERROR 4403 and close 4403, and it is
+/// not kept for a resume.
+#[test]
+fn deleting_a_session_closes_it_with_4403() {
+    let broker = Broker::start(&["--shards", "2"]);
+    let admin = broker.admin_addr();
+    let mut client = broker.client();
+    client.subscribe(1, "a", DeliveryMode::Anycast, AckMode::Client, 5).unwrap();
+    let id = get(admin, "/api/sessions").json()["sessions"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(request(admin, "GET", &format!("/api/sessions/{id}"), None).status, 405);
+    let deleted = request(admin, "DELETE", &format!("/api/sessions/{id}"), None);
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(deleted.json()["code"], 4403);
+    match client.next_frame(WAIT) {
+        Ok(mbws::mbws::Frame::Error(error)) => assert_eq!(error.code, 4403, "{error:?}"),
+        other => panic!("expected the fatal ERROR 4403, got {other:?}"),
+    }
+    // The session ends (no resume) once its connection is gone: it leaves the list (a detached
+    // session would stay listed), and its id then finds nothing.
+    drop(client);
+    let deadline = std::time::Instant::now() + WAIT;
+    while get(admin, "/api/sessions").json()["total"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "the session is still listed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(request(admin, "DELETE", &format!("/api/sessions/{id}"), None).status, 404);
+    assert_eq!(request(admin, "DELETE", "/api/sessions/not-an-id", None).status, 404);
 }

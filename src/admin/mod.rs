@@ -1,13 +1,15 @@
-//! The admin API: health, Prometheus metrics, addresses and sessions over HTTP/1.1
-//! (`--admin-listen`, default 127.0.0.1:7448; docs/OPERATIONS.md lists every endpoint).
+//! The admin API: health, Prometheus metrics, addresses (list, one, purge) and sessions (list,
+//! close) over HTTP/1.1 (`--admin-listen`, default 127.0.0.1:7448; docs/OPERATIONS.md lists
+//! every endpoint).
 //!
 //! It runs off the message path: one thread (`mbws-admin`) accepts on a blocking std listener
 //! and hands each connection to a short-lived thread of its own (at most
 //! [`MAX_ADMIN_CONNECTIONS`] at once; beyond, an immediate 503). A request that needs the
 //! shards' figures asks each shard through its inbox ([`Inspector`]), which it answers between
 //! two rounds of work; a shard that does not answer within [`SHARD_ANSWER_TIMEOUT`] is left
-//! out, and the answer says how many shards it covers. The shards keep only plain per-shard
-//! counters on the message path; everything else is counted when asked.
+//! out, and the answer says how many shards it covers. A purge or a close goes to the one
+//! shard concerned as an `Envelope::Admin`. The shards keep only plain per-shard counters on
+//! the message path; everything else is counted when asked.
 //!
 //! Security: with `--admin-token`, every endpoint but `/healthz` and `/readyz` requires
 //! `Authorization: Bearer TOKEN` (401 otherwise); the token is required whenever the listener
@@ -24,10 +26,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::broker::{ConnId, ConnRef, ShardId};
 use crate::config::Secret;
 use crate::log;
 use crate::logging::Level;
-use crate::shard::core::{SessionInfo, ShardSnapshot, SnapshotRequest};
+use crate::mbws::ErrorCode;
+use crate::shard::core::{AdminCommand, AdminOutcome, SessionInfo, ShardSnapshot, SnapshotRequest};
 use crate::shard::Inspector;
 use crate::ws::handshake::HttpRequest;
 use http::{Response, Target};
@@ -139,10 +143,13 @@ impl Admin {
             ["api", "addresses"] => only_get(method).unwrap_or_else(|| self.addresses(limit)),
             ["api", "addresses", name] => only_get(method).unwrap_or_else(|| self.address(name)),
             ["api", "sessions"] => only_get(method).unwrap_or_else(|| self.sessions(limit)),
+            ["api", "addresses", name, "purge"] => only(method, "POST").unwrap_or_else(|| self.purge(name)),
+            ["api", "sessions", id] => only(method, "DELETE").unwrap_or_else(|| self.close_session(id)),
             _ => Response::error(
                 404,
                 format!(
-                    "no admin endpoint at {}: see /healthz, /readyz, /metrics, /api/addresses, /api/sessions",
+                    "no admin endpoint at {}: see /healthz, /readyz, /metrics, /api/addresses, /api/sessions \
+                     (docs/OPERATIONS.md)",
                     request.path
                 ),
             ),
@@ -277,6 +284,69 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `POST /api/addresses/{name}/purge`: asks the address's owner to drop its queue.
+    fn purge(&self, name: &str) -> Response {
+        let owner = crate::broker::owner_of(name.as_bytes(), self.inspector.shard_count());
+        let command = AdminCommand::PurgeAddress(bytes::Bytes::copy_from_slice(name.as_bytes()));
+        match self.inspector.command(owner, command, SHARD_ANSWER_TIMEOUT) {
+            Some(AdminOutcome::Purged { messages }) => {
+                log!(Level::Info, "admin: address {name:?} purged"; messages = messages);
+                Response::json(200, &json!({ "address": name, "purged_messages": messages }))
+            }
+            Some(_) => Response::error(
+                404,
+                format!("no address {name:?}: an address exists while it holds messages or subscribers"),
+            ),
+            None => shard_did_not_answer(owner.0),
+        }
+    }
+
+    /// `DELETE /api/sessions/{id}`: ends the session (fatal ERROR 4403, close 4403, no resume).
+    fn close_session(&self, id: &str) -> Response {
+        let Some(conn) = parse_session_id(id).filter(|conn| usize::from(conn.shard.0) < self.inspector.shard_count())
+        else {
+            return Response::error(
+                404,
+                format!("no session {id:?}: ids are shard.slot.generation, as GET /api/sessions lists them"),
+            );
+        };
+        match self.inspector.command(conn.shard, AdminCommand::CloseSession(conn.conn), SHARD_ANSWER_TIMEOUT) {
+            Some(AdminOutcome::Closing) => {
+                log!(Level::Info, "admin: session {id} closed by an operator");
+                Response::json(200, &json!({ "id": id, "closed": true, "code": ErrorCode::Forbidden.as_u16() }))
+            }
+            Some(AdminOutcome::NotConnected) => Response::error(
+                409,
+                format!(
+                    "session {id} has no connection (it waits for a resume, or is closing already); a detached \
+                     session ends by itself after session-expiry-ms"
+                ),
+            ),
+            Some(_) => Response::error(404, format!("no session {id:?} (it may have ended)")),
+            None => shard_did_not_answer(conn.shard.0),
+        }
+    }
+}
+
+fn shard_did_not_answer(shard: u16) -> Response {
+    Response::error(
+        503,
+        format!("shard {shard} did not answer within {} ms; try again", SHARD_ANSWER_TIMEOUT.as_millis()),
+    )
+}
+
+/// `shard.index.generation` (as [`session_id`] writes it) into the connection it names.
+fn parse_session_id(id: &str) -> Option<ConnRef> {
+    let mut parts = id.split('.').map(str::parse::<u32>);
+    let (Some(Ok(shard)), Some(Ok(index)), Some(Ok(generation)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some(ConnRef { shard: ShardId(u16::try_from(shard).ok()?), conn: ConnId { index, generation } })
+}
+
 fn address_json(shard: u16, info: &crate::broker::address::AddressInfo) -> Value {
     // The routing rule (docs/PROTOCOL.md, "Addresses"): messages go to the anycast queue unless
     // the address has only multicast subscribers.
@@ -325,8 +395,14 @@ fn session_json(session: &SessionInfo) -> Value {
 
 /// `None` for GET; the 405 otherwise.
 fn only_get(method: &str) -> Option<Response> {
-    (method != "GET").then(|| {
-        Response::error(405, format!("{method} is not allowed here: use GET")).with_header("Allow: GET".into())
+    only(method, "GET")
+}
+
+/// `None` for `allowed`; the 405 otherwise.
+fn only(method: &str, allowed: &str) -> Option<Response> {
+    (method != allowed).then(|| {
+        Response::error(405, format!("{method} is not allowed here: use {allowed}"))
+            .with_header(format!("Allow: {allowed}"))
     })
 }
 
@@ -360,6 +436,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_ids_read_back() {
+        let conn = ConnRef { shard: ShardId(3), conn: ConnId { index: 17, generation: 2 } };
+        assert_eq!(parse_session_id("3.17.2"), Some(conn));
+        for bad in ["3.17", "3.17.2.1", "x.1.2", "70000.1.2", ""] {
+            assert_eq!(parse_session_id(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn tokens_compare_whole() {

@@ -912,6 +912,13 @@ impl Session {
         SessionEnd { close_code: code.as_u16(), reason }
     }
 
+    /// An operator ends this session (the admin API's `DELETE /api/sessions/{id}`): a fatal
+    /// ERROR 4403 with `reason`, and the session is not kept for a resume.
+    pub fn end_by_operator(&mut self, reason: String, outbound: &mut Outbound) -> SessionEnd {
+        self.state = State::Closed;
+        self.unprompted_fatal_error(ErrorCode::Forbidden, reason, outbound)
+    }
+
     /// Queues a fatal ERROR and returns how the connection must close.
     fn fatal(
         &mut self,

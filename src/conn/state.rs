@@ -174,6 +174,18 @@ impl ConnState {
         }
     }
 
+    /// An operator ends the session (the admin API): a fatal ERROR 4403, then the close; the
+    /// session is not kept for a resume. False (nothing done) unless a socket is attached and
+    /// still processes input. Wake both tasks.
+    pub fn end_by_operator(&mut self, reason: String) -> bool {
+        if !matches!(self.lifecycle.state(), super::lifecycle::State::Running { .. }) {
+            return false;
+        }
+        let end = self.session.end_by_operator(reason, &mut self.outbound);
+        self.begin_close(end.close_code, &end.reason);
+        true
+    }
+
     /// The reader's silence outlasted twice the heartbeat (or a like fault the session did not
     /// see itself): a fatal ERROR, then the close. Nothing for a superseded attachment.
     pub fn close_with_error(&mut self, attachment: Attachment, code: ErrorCode, reason: String) {

@@ -76,7 +76,7 @@ use crate::conn::state::{ConnState, Expiry, ReadStep, Wake, WriteOutcome, Writte
 use crate::mbws::{self, Binding, ErrorCode, Subprotocol};
 use crate::store::{DurableLog, Lsn, Recovery};
 use crate::ws::message::Decoder;
-pub use inspect::{SessionCount, SessionInfo, ShardSnapshot, SnapshotRequest};
+pub use inspect::{AdminCommand, AdminOutcome, SessionCount, SessionInfo, ShardSnapshot, SnapshotRequest};
 
 /// A resume the core accepted ([`ShardCore::resume_session`]).
 #[derive(Debug)]

@@ -515,6 +515,7 @@ impl Shard {
                     // The asker may have given up waiting: nothing to do then.
                     Envelope::Report(reply) => drop(reply.send(self.core.borrow().report())),
                     Envelope::Snapshot(request, reply) => drop(reply.send(self.core.borrow().snapshot(&request))),
+                    Envelope::Admin(command, reply) => drop(reply.send(self.admin_command(command))),
                 }
             }
             if received {
@@ -533,6 +534,25 @@ impl Shard {
             if let Err(error) = result {
                 log!(Level::Error, "shard {}: reading the wake-up eventfd failed: {error}", self.id.0);
                 return;
+            }
+        }
+    }
+
+    /// Does what the admin API asks (the round of work that follows routes what it produced).
+    fn admin_command(&self, command: core::AdminCommand) -> core::AdminOutcome {
+        match command {
+            core::AdminCommand::PurgeAddress(name) => self.core.borrow_mut().purge_address(&name),
+            core::AdminCommand::CloseSession(id) => {
+                let reason = "session closed by an operator (admin API)".to_string();
+                let closing = self.with_conn(id, |state| {
+                    let closing = state.end_by_operator(reason);
+                    (closing, if closing { Wake::ALL } else { Wake::default() })
+                });
+                match closing {
+                    None => core::AdminOutcome::NotFound,
+                    Some(true) => core::AdminOutcome::Closing,
+                    Some(false) => core::AdminOutcome::NotConnected,
+                }
             }
         }
     }
@@ -618,6 +638,18 @@ impl Inspector {
         let mut snapshots = self.ask_every_shard(|reply| Envelope::Snapshot(Box::new(request.clone()), reply), timeout);
         snapshots.sort_by_key(|snapshot| snapshot.report.shard.0);
         snapshots
+    }
+
+    /// Asks shard `shard` to do `command`; `None` if it did not answer within `timeout`.
+    pub fn command(
+        &self,
+        shard: ShardId,
+        command: core::AdminCommand,
+        timeout: Duration,
+    ) -> Option<core::AdminOutcome> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.post_office.post(shard, Envelope::Admin(command, reply));
+        answer.recv_timeout(timeout).ok()
     }
 
     /// Posts `question(reply)` to every shard and gathers the answers that come within `timeout`.

@@ -1,11 +1,12 @@
 //! What the admin API sees of the addresses (`GET /api/addresses`, `/metrics`): one
-//! [`AddressInfo`] per address, read between two rounds of work, never on the message path.
-//! An address exists here while it holds something (a queued message, a subscriber, a held
-//! answer); an idle one is dropped, as everywhere in the table.
+//! [`AddressInfo`] per address, read between two rounds of work, never on the message path;
+//! and what it does to them ([`AddressTable::purge`]). An address exists here while it holds
+//! something (a queued message, a subscriber, a held answer); an idle one is dropped, as
+//! everywhere in the table.
 
 use bytes::Bytes;
 
-use super::{Address, AddressTable};
+use super::{Address, AddressTable, Outgoing};
 
 /// One address of this shard at one instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,5 +53,40 @@ impl AddressTable {
             unacked: subscribers.map(|subscriber| subscriber.unacked.len()).sum(),
             multicast_backlog: state.multicast.iter().map(|subscriber| subscriber.backlog.len()).sum(),
         }
+    }
+}
+
+impl AddressTable {
+    /// Drops every message waiting in `address`'s anycast queue (`POST
+    /// /api/addresses/{name}/purge`) and returns how many; `None` if this shard holds no such
+    /// address. A durable message is settled in the log, so it does not come back after a
+    /// restart. Not purged: deliveries in flight (they are the consumers'), multicast
+    /// backlogs, and messages still waiting for the log to make them durable (their publishers
+    /// have no answer yet), with those queued behind them. Publishes whose answers were held
+    /// back by the full queue are answered (`out`).
+    pub fn purge(&mut self, address: &[u8], out: &mut Vec<Outgoing>) -> Option<usize> {
+        let (name, state) = self.addresses.get_key_value(address)?;
+        let name = name.clone();
+        let held_from = state.held_from(self.durable_lsn);
+        let state = self.addresses.get_mut(address).expect("found above");
+        let queue = std::mem::take(&mut state.queue);
+        let (kept, purged): (Vec<_>, Vec<_>) =
+            queue.into_iter().partition(|queued| held_from.is_some_and(|held| queued.id >= held));
+        state.queue = kept.into();
+        let before = state.queued_bytes;
+        state.queued_bytes = state.queue.iter().map(|queued| queued.message.body.len()).sum();
+        self.queued_bytes = self
+            .queued_bytes
+            .checked_sub(before - state.queued_bytes)
+            .expect("the shard's queued bytes include every address's");
+        let low_watermark = self.limits.max_queued_messages as usize / 4;
+        Self::release_held_answers(state, low_watermark, out);
+        if state.is_idle() {
+            self.addresses.remove(address);
+        }
+        for queued in &purged {
+            self.settle(&name, &queued.message, queued.id);
+        }
+        Some(purged.len())
     }
 }

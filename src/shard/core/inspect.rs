@@ -13,9 +13,31 @@ use bytes::Bytes;
 
 use super::{ShardCore, ShardReport};
 use crate::broker::address::AddressInfo;
-use crate::broker::ConnRef;
+use crate::broker::{ConnId, ConnRef};
 use crate::conn::lifecycle::State as LifecycleState;
 use crate::mbws::{Binding, ErrorCode, Subprotocol};
+
+/// What the admin API asks a shard to do (answered with an [`AdminOutcome`]).
+#[derive(Debug, Clone)]
+pub enum AdminCommand {
+    /// Drop the messages waiting in this address's queue ([`AddressTable::purge`](crate::broker::address::AddressTable::purge)).
+    PurgeAddress(Bytes),
+    /// End this connection's session: fatal ERROR 4403, close 4403, no resume.
+    CloseSession(ConnId),
+}
+
+/// What came of an [`AdminCommand`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminOutcome {
+    Purged {
+        messages: usize,
+    },
+    Closing,
+    /// No such address or session here.
+    NotFound,
+    /// The session has no connection (it waits for a resume, or is closing already).
+    NotConnected,
+}
 
 /// What the asker wants listed.
 #[derive(Debug, Clone, Default)]
@@ -79,6 +101,17 @@ pub struct SessionInfo {
 }
 
 impl ShardCore {
+    /// Purges address `name` if this shard holds it ([`AdminCommand::PurgeAddress`]); the
+    /// shell runs a round of work next (answers to route, SETTLED records to commit).
+    pub fn purge_address(&mut self, name: &[u8]) -> AdminOutcome {
+        let purged = self.addresses.purge(name, &mut self.answers);
+        self.route_address_output();
+        match purged {
+            Some(messages) => AdminOutcome::Purged { messages },
+            None => AdminOutcome::NotFound,
+        }
+    }
+
     /// The shard's snapshot for `request` (see the module doc).
     pub fn snapshot(&self, request: &SnapshotRequest) -> ShardSnapshot {
         let (addresses, other_addresses, other_address_count) = self.address_snapshot(request);
@@ -100,10 +133,7 @@ impl ShardCore {
             }
             if sessions.len() < request.max_sessions {
                 sessions.push(SessionInfo {
-                    conn: ConnRef {
-                        shard: self.id,
-                        conn: crate::broker::ConnId { index: index as u32, generation: slot.generation },
-                    },
+                    conn: ConnRef { shard: self.id, conn: ConnId { index: index as u32, generation: slot.generation } },
                     peer: state.peer,
                     subprotocol,
                     binding,
