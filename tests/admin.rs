@@ -108,9 +108,18 @@ fn parse_metrics(text: &str) -> Series {
         let name_end = line.find(['{', ' ']).expect(&at);
         let name = &line[..name_end];
         assert!(is_name(name, true), "{at}: bad metric name");
-        assert!(types.contains_key(name), "{at}: a sample before its TYPE");
-        assert_eq!(current_family.as_deref(), Some(name), "{at}: a sample away from its family");
-        assert!(!finished_families.iter().any(|family| family == name), "{at}: family split");
+        // A histogram's samples are its family's name with _bucket, _sum or _count.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .filter_map(|suffix| name.strip_suffix(suffix))
+            .find(|family| types.get(*family).is_some_and(|kind| kind == "histogram"))
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "{at}: a sample before its TYPE");
+        assert_eq!(current_family.as_deref(), Some(family), "{at}: a sample away from its family");
+        assert!(!finished_families.iter().any(|finished| finished == family), "{at}: family split");
+        if family != name {
+            assert_eq!(name.ends_with("_bucket"), line.contains("le=\""), "{at}: le on buckets only");
+        }
         let mut rest = &line[name_end..];
         let mut key = name.to_string();
         if let Some(labels) = rest.strip_prefix('{') {
@@ -320,6 +329,75 @@ fn addresses_show_their_depth_consumers_and_unacked() {
         .map(|(_, value)| value)
         .sum();
     assert_eq!(refusals, 1.0);
+}
+
+/// The durable log's histograms count its fdatasyncs: a durable SEND whose RECEIPT is awaited
+/// before the next is sent needs a group commit of its own.
+#[test]
+fn the_log_histograms_count_the_fsyncs() {
+    const SENDS: u64 = 10;
+    let broker = Broker::start(&["--shards", "2", "--durable-address", "safe"]);
+    let admin = broker.admin_addr();
+    let before = scrape(admin, None);
+    let mut producer = broker.client();
+    for index in 0..SENDS {
+        let seq = producer.send("safe", format!("durable {index}")).unwrap();
+        producer.wait_receipt(seq).unwrap();
+    }
+    let after = scrape(admin, None);
+    let moved = |name: &str| total(&after, name) - total(&before, name);
+    let syncs = moved("mbws_log_sync_duration_seconds_count");
+    assert!(
+        (SENDS as f64..=SENDS as f64 + 1.0).contains(&syncs),
+        "{syncs} fdatasyncs for {SENDS} awaited durable SENDs"
+    );
+    assert_eq!(moved("mbws_log_commit_duration_seconds_count"), syncs);
+    assert!(moved("mbws_log_sync_duration_seconds_sum") > 0.0);
+    assert!(moved("mbws_log_written_bytes_total") >= (SENDS * 9) as f64, "at least the bodies were written");
+    // Buckets are cumulative and end at +Inf with the count.
+    for shard in ["0", "1"] {
+        let buckets: Vec<f64> = after
+            .iter()
+            .filter(|(key, _)| key.starts_with(&format!("mbws_log_sync_duration_seconds_bucket{{shard=\"{shard}\",")))
+            .map(|(_, value)| *value)
+            .collect();
+        assert_eq!(buckets.len(), 15, "14 bounds and +Inf");
+        let infinite = after[&format!("mbws_log_sync_duration_seconds_bucket{{shard=\"{shard}\",le=\"+Inf\"}}")];
+        assert_eq!(infinite, after[&format!("mbws_log_sync_duration_seconds_count{{shard=\"{shard}\"}}")]);
+        assert!(buckets.iter().all(|bucket| *bucket <= infinite));
+    }
+}
+
+/// A delivery taken back and made again is counted as a redelivery; a message past
+/// `--max-deliveries` as dead-lettered.
+#[test]
+fn redeliveries_and_dead_letters_are_counted() {
+    let broker = Broker::start(&["--shards", "2", "--max-deliveries", "2", "--session-expiry-ms", "0"]);
+    let admin = broker.admin_addr();
+    let mut producer = broker.client();
+    let seq = producer.send("flaky", "m").unwrap();
+    producer.wait_receipt(seq).unwrap();
+    let before = scrape(admin, None);
+    // Two consumers in turn take the message and leave without acknowledging it (their
+    // sessions end with their connections: no resume).
+    for expected_redelivered in [false, true] {
+        let mut consumer = broker.client();
+        consumer.subscribe(1, "flaky", DeliveryMode::Anycast, AckMode::Client, 1).unwrap();
+        let message = consumer.next_message(WAIT).unwrap().expect("the message");
+        assert_eq!(message.redelivered, expected_redelivered);
+        drop(consumer);
+    }
+    // The second departure moves it to DLQ.flaky.
+    let deadline = std::time::Instant::now() + WAIT;
+    while get(admin, "/api/addresses/DLQ.flaky").status != 200 {
+        assert!(std::time::Instant::now() < deadline, "the message reached no dead-letter address");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after = scrape(admin, None);
+    let moved = |name: &str| total(&after, name) - total(&before, name);
+    assert_eq!(moved("mbws_messages_delivered_total"), 2.0);
+    assert_eq!(moved("mbws_messages_redelivered_total"), 1.0);
+    assert_eq!(moved("mbws_messages_dead_lettered_total"), 1.0);
 }
 
 /// Per-address series are bounded: the 100 addresses holding the most have their own, the

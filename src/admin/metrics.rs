@@ -13,6 +13,7 @@ use std::fmt::{Display, Write};
 use crate::broker::address::AddressInfo;
 use crate::mbws::Binding;
 use crate::shard::core::ShardSnapshot;
+use crate::store::{CommitStats, LatencyHistogram, LATENCY_BUCKETS_SECONDS};
 
 use super::process::ProcessStats;
 
@@ -47,6 +48,19 @@ impl Exposition {
             self.text.push('}');
         }
         let _ = writeln!(self.text, " {value}");
+    }
+
+    /// One shard's histogram: cumulative `_bucket`s (`le`), `_sum`, `_count`.
+    fn histogram(&mut self, name: &str, shard: &str, histogram: &LatencyHistogram) {
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS_SECONDS.iter().zip(&histogram.buckets) {
+            cumulative += count;
+            self.sample(&bucket, &[("shard", shard), ("le", &bound.to_string())], cumulative);
+        }
+        self.sample(&bucket, &[("shard", shard), ("le", "+Inf")], histogram.count);
+        self.sample(&format!("{name}_sum"), &[("shard", shard)], histogram.sum_seconds);
+        self.sample(&format!("{name}_count"), &[("shard", shard)], histogram.count);
     }
 
     /// A family with one sample per shard.
@@ -107,6 +121,27 @@ pub fn render(snapshots: &[ShardSnapshot], shards: usize, process: &ProcessStats
         s.bytes_delivered
     });
 
+    out.per_shard(
+        snapshots,
+        "mbws_messages_redelivered_total",
+        "counter",
+        "Deliveries of messages delivered before and taken back unacknowledged (NACK, ack timeout, a consumer gone).",
+        |s| s.messages_redelivered,
+    );
+    out.per_shard(
+        snapshots,
+        "mbws_messages_dead_lettered_total",
+        "counter",
+        "Messages moved to their dead-letter address DLQ.<address> (max-deliveries, or rejected).",
+        |s| s.messages_dead_lettered,
+    );
+    out.per_shard(
+        snapshots,
+        "mbws_envelopes_posted_total",
+        "counter",
+        "Envelopes of commands posted to other shards (one per destination per round of work).",
+        |s| s.envelopes_posted,
+    );
     out.family(
         "mbws_refusals_total",
         "counter",
@@ -172,10 +207,36 @@ pub fn render(snapshots: &[ShardSnapshot], shards: usize, process: &ProcessStats
         |s| u64::from(s.durable_log_failure.is_some()),
     );
 
+    write_log_commits(&mut out, snapshots);
     write_addresses(&mut out, snapshots);
     write_process(&mut out, process);
     out.text
 }
+
+/// The durable log's group commits: bytes written, and the latency histograms.
+fn write_log_commits(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
+    let logs: Vec<(String, CommitStats)> = snapshots
+        .iter()
+        .filter_map(|snapshot| Some((snapshot.report.shard.0.to_string(), snapshot.log_commits?)))
+        .collect();
+    out.family("mbws_log_written_bytes_total", "counter", "Bytes the durable log's group commits wrote.");
+    for (shard, stats) in &logs {
+        out.sample("mbws_log_written_bytes_total", &[("shard", shard)], stats.bytes_written);
+    }
+    let histograms: [CommitHistogram; 2] = [
+        ("mbws_log_sync_duration_seconds", "Time of one fdatasync of the durable log (one per group commit).", |stats| &stats.sync),
+        ("mbws_log_commit_duration_seconds", "Time of one group commit of the durable log: its write, fdatasync and the deletion of the segments it freed.", |stats| &stats.commit),
+    ];
+    for (name, help, histogram) in histograms {
+        out.family(name, "histogram", help);
+        for (shard, stats) in &logs {
+            out.histogram(name, shard, histogram(stats));
+        }
+    }
+}
+
+/// A histogram of the log's commits: its name, its help, and where it is in the stats.
+type CommitHistogram = (&'static str, &'static str, fn(&CommitStats) -> &LatencyHistogram);
 
 /// The per-address gauges, bounded to [`MAX_ADDRESS_SERIES`] plus `_other`.
 fn write_addresses(out: &mut Exposition, snapshots: &[ShardSnapshot]) {

@@ -197,6 +197,10 @@ struct Counters {
     /// Body bytes of those messages.
     bytes_received: u64,
     bytes_delivered: u64,
+    /// Deliveries of messages delivered before (taken back unacknowledged), and messages moved
+    /// to a dead-letter address by this shard's addresses.
+    messages_redelivered: u64,
+    messages_dead_lettered: u64,
     /// Refusals handed to this shard's connections, by error code (in `ErrorCode::ALL` order).
     refusals: [u64; mbws::ErrorCode::ALL.len()],
 }
@@ -643,8 +647,10 @@ impl ShardCore {
                     match &command {
                         ConnCommand::Deliver { deliveries, .. } => {
                             self.counters.messages_delivered += deliveries.len() as u64;
-                            self.counters.bytes_delivered +=
-                                deliveries.iter().map(|delivery| delivery.message.body.len() as u64).sum::<u64>();
+                            for delivery in deliveries {
+                                self.counters.bytes_delivered += delivery.message.body.len() as u64;
+                                self.counters.messages_redelivered += u64::from(delivery.redelivered);
+                            }
                         }
                         ConnCommand::PublishDone { outcome: Err(refusal), .. }
                         | ConnCommand::SubscribeDone { outcome: Err(refusal), .. }
@@ -697,7 +703,9 @@ impl ShardCore {
         for (shard, command) in self.answers.drain(..) {
             self.queues.submit(shard, Command::Conn(command));
         }
+        // The table forwards only dead-lettered messages (to their `DLQ.` address's owner).
         for (shard, command) in self.addresses.take_forwards() {
+            self.counters.messages_dead_lettered += 1;
             self.queues.submit(shard, Command::Address(command));
         }
         if self.addresses.take_deadline_added() && !self.ack_timer_armed {

@@ -193,6 +193,8 @@ pub struct Shard {
     committing: RefCell<Option<monoio::task::JoinHandle<()>>>,
     /// Wakes the ack timer when the core reports deliveries with an ack deadline again.
     ack_deadline_added: LocalEvent,
+    /// Envelopes of commands posted to other shards (for the admin API's metrics).
+    envelopes_posted: Cell<u64>,
 }
 
 impl Shard {
@@ -211,6 +213,7 @@ impl Shard {
             committer: RefCell::new(None),
             committing: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
+            envelopes_posted: Cell::new(0),
         }
     }
 
@@ -397,6 +400,7 @@ impl Shard {
         let effects = core.run_work(now, &mut *wakers);
         for (shard, commands) in effects.posts {
             self.post_office.post(shard, Envelope::Commands(commands));
+            self.envelopes_posted.set(self.envelopes_posted.get() + 1);
         }
         if effects.log_has_pending {
             if let Some(committer) = self.committer.borrow().as_ref() {
@@ -514,7 +518,7 @@ impl Shard {
                     Envelope::Shutdown => self.shutdown.fire(),
                     // The asker may have given up waiting: nothing to do then.
                     Envelope::Report(reply) => drop(reply.send(self.core.borrow().report())),
-                    Envelope::Snapshot(request, reply) => drop(reply.send(self.core.borrow().snapshot(&request))),
+                    Envelope::Snapshot(request, reply) => drop(reply.send(self.snapshot(&request))),
                     Envelope::Admin(command, reply) => drop(reply.send(self.admin_command(command))),
                 }
             }
@@ -536,6 +540,14 @@ impl Shard {
                 return;
             }
         }
+    }
+
+    /// The core's snapshot, with what the shell counts itself.
+    fn snapshot(&self, request: &core::SnapshotRequest) -> core::ShardSnapshot {
+        let mut snapshot = self.core.borrow().snapshot(request);
+        snapshot.envelopes_posted = self.envelopes_posted.get();
+        snapshot.log_commits = self.committer.borrow().as_ref().map(|committer| committer.stats());
+        snapshot
     }
 
     /// Does what the admin API asks (the round of work that follows routes what it produced).

@@ -58,6 +58,12 @@ pub struct ShardSnapshot {
     /// connections (counters since start).
     pub bytes_received: u64,
     pub bytes_delivered: u64,
+    pub messages_redelivered: u64,
+    pub messages_dead_lettered: u64,
+    /// Envelopes of commands this shard posted to other shards (the shell counts them).
+    pub envelopes_posted: u64,
+    /// The durable log's group commits (the shell fills them in; `None` without a log).
+    pub log_commits: Option<crate::store::CommitStats>,
     /// Refusals sent to clients (a SEND or SUBSCRIBE refused, a subscription ended by the
     /// broker), by MBWS error code, counted since start; codes never used are left out.
     pub refusals: Vec<(ErrorCode, u64)>,
@@ -155,6 +161,10 @@ impl ShardCore {
             report: self.report(),
             bytes_received: self.counters.bytes_received,
             bytes_delivered: self.counters.bytes_delivered,
+            messages_redelivered: self.counters.messages_redelivered,
+            messages_dead_lettered: self.counters.messages_dead_lettered,
+            envelopes_posted: 0,
+            log_commits: None,
             refusals,
             sessions_by_kind,
             addresses,
