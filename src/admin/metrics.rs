@@ -242,27 +242,19 @@ type CommitHistogram = (&'static str, &'static str, fn(&CommitStats) -> &Latency
 fn write_addresses(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
     let mut listed: Vec<AddressInfo> =
         snapshots.iter().flat_map(|snapshot| snapshot.addresses.iter().cloned()).collect();
-    listed.sort_by(|a, b| held(b).cmp(&held(a)).then_with(|| a.name.cmp(&b.name)));
+    listed.sort_by(|a, b| b.held().cmp(&a.held()).then_with(|| a.name.cmp(&b.name)));
     let mut other = AddressInfo::default();
-    let mut add_to_other = |info: &AddressInfo| {
-        other.queued_messages += info.queued_messages;
-        other.queued_bytes += info.queued_bytes;
-        other.unacked += info.unacked;
-        other.multicast_backlog += info.multicast_backlog;
-        other.anycast_consumers += info.anycast_consumers;
-        other.multicast_consumers += info.multicast_consumers;
-    };
     let mut named = Vec::with_capacity(MAX_ADDRESS_SERIES);
     for info in listed {
         // An address that happens to be called `_other` is summed there, so no series repeats.
         if named.len() < MAX_ADDRESS_SERIES && info.name.as_ref() != OTHER_ADDRESSES.as_bytes() {
             named.push(info);
         } else {
-            add_to_other(&info);
+            other.add(&info);
         }
     }
     for snapshot in snapshots {
-        add_to_other(&snapshot.other_addresses);
+        other.add(&snapshot.other_addresses);
     }
     let other_is_used =
         snapshots.iter().any(|snapshot| snapshot.other_address_count > 0) || named.len() == MAX_ADDRESS_SERIES;
@@ -304,11 +296,6 @@ fn write_addresses(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
 
 /// A per-address gauge: its name, its help, and its value for one address.
 type AddressFamily = (&'static str, &'static str, fn(&AddressInfo) -> usize);
-
-/// What an address holds, to rank addresses by.
-fn held(info: &AddressInfo) -> usize {
-    info.queued_messages + info.unacked + info.multicast_backlog
-}
 
 /// The process figures, under the names Prometheus's client libraries use.
 fn write_process(out: &mut Exposition, process: &ProcessStats) {

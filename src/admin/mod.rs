@@ -225,12 +225,7 @@ impl Admin {
             .iter()
             .flat_map(|snapshot| snapshot.addresses.iter().map(|info| (snapshot.report.shard.0, info)))
             .collect();
-        listed.sort_by(|(_, a), (_, b)| {
-            let held = |info: &crate::broker::address::AddressInfo| {
-                info.queued_messages + info.unacked + info.multicast_backlog
-            };
-            held(b).cmp(&held(a)).then_with(|| a.name.cmp(&b.name))
-        });
+        listed.sort_by(|(_, a), (_, b)| b.held().cmp(&a.held()).then_with(|| a.name.cmp(&b.name)));
         listed.truncate(limit);
         let addresses: Vec<Value> = listed.iter().map(|(shard, info)| address_json(*shard, info)).collect();
         Response::json(

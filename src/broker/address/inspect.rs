@@ -25,15 +25,35 @@ pub struct AddressInfo {
     pub multicast_backlog: usize,
 }
 
+impl AddressInfo {
+    /// Messages the address holds: queued, unacknowledged, in multicast backlogs (what lists
+    /// and metrics rank addresses by).
+    pub fn held(&self) -> usize {
+        self.queued_messages + self.unacked + self.multicast_backlog
+    }
+
+    /// Adds `other`'s figures to these (to sum the addresses not listed one by one).
+    pub fn add(&mut self, other: &AddressInfo) {
+        self.durable |= other.durable;
+        self.queued_messages += other.queued_messages;
+        self.queued_bytes += other.queued_bytes;
+        self.anycast_consumers += other.anycast_consumers;
+        self.multicast_consumers += other.multicast_consumers;
+        self.unacked += other.unacked;
+        self.multicast_backlog += other.multicast_backlog;
+    }
+}
+
 impl AddressTable {
     /// The addresses this shard owns now.
     pub fn address_count(&self) -> usize {
         self.addresses.len()
     }
 
-    /// Address `name`, if this shard holds it.
+    /// Address `name`, if this shard holds it (looked up with `get`, as the other paths do: see
+    /// [`AddressTable::purge`]).
     pub fn address_info(&self, name: &[u8]) -> Option<AddressInfo> {
-        self.addresses.get_key_value(name).map(|(name, state)| self.info(name, state))
+        self.addresses.get(name).map(|state| self.info(&Bytes::copy_from_slice(name), state))
     }
 
     /// Every address of this shard, in no particular order (a walk of the table).
@@ -65,10 +85,13 @@ impl AddressTable {
     /// have no answer yet), with those queued behind them. Publishes whose answers were held
     /// back by the full queue are answered (`out`).
     pub fn purge(&mut self, address: &[u8], out: &mut Vec<Outgoing>) -> Option<usize> {
-        let (name, state) = self.addresses.get_key_value(address)?;
-        let name = name.clone();
+        // Taken out and put back with the table's `remove` and `entry`, which other paths use
+        // already: a new kind of lookup on the table (`get_key_value`, `insert`) made the
+        // compiler stop inlining its `get_mut` into the publish path (docs/PERFORMANCE.md,
+        // "The admin API"). This path is rare and may pay for the move.
+        let mut state = self.addresses.remove(address)?;
+        let name = Bytes::copy_from_slice(address);
         let held_from = state.held_from(self.durable_lsn);
-        let state = self.addresses.get_mut(address).expect("found above");
         let queue = std::mem::take(&mut state.queue);
         let (kept, purged): (Vec<_>, Vec<_>) =
             queue.into_iter().partition(|queued| held_from.is_some_and(|held| queued.id >= held));
@@ -80,12 +103,12 @@ impl AddressTable {
             .checked_sub(before - state.queued_bytes)
             .expect("the shard's queued bytes include every address's");
         let low_watermark = self.limits.max_queued_messages as usize / 4;
-        Self::release_held_answers(state, low_watermark, out);
-        if state.is_idle() {
-            self.addresses.remove(address);
-        }
+        Self::release_held_answers(&mut state, low_watermark, out);
         for queued in &purged {
             self.settle(&name, &queued.message, queued.id);
+        }
+        if !state.is_idle() {
+            *self.addresses.entry(name).or_default() = state;
         }
         Some(purged.len())
     }

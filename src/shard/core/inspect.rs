@@ -181,29 +181,27 @@ impl ShardCore {
             let listed = self.addresses.address_info(name).into_iter().collect();
             return (listed, AddressInfo::default(), 0);
         }
+        let mut other = AddressInfo::default();
+        if request.max_addresses == 0 {
+            // Nothing listed (readiness, a session list): sum as we walk, keep nothing.
+            let mut count = 0;
+            for info in self.addresses.address_infos() {
+                other.add(&info);
+                count += 1;
+            }
+            return (Vec::new(), other, count);
+        }
         let mut all: Vec<AddressInfo> = self.addresses.address_infos().collect();
-        let deepest_first = |a: &AddressInfo, b: &AddressInfo| {
-            (b.queued_messages + b.unacked + b.multicast_backlog)
-                .cmp(&(a.queued_messages + a.unacked + a.multicast_backlog))
-                .then_with(|| a.name.cmp(&b.name))
-        };
+        let deepest_first =
+            |a: &AddressInfo, b: &AddressInfo| b.held().cmp(&a.held()).then_with(|| a.name.cmp(&b.name));
         if all.len() > request.max_addresses {
             // Only the listed ones need to be in order.
-            if request.max_addresses > 0 {
-                all.select_nth_unstable_by(request.max_addresses - 1, deepest_first);
-            }
+            all.select_nth_unstable_by(request.max_addresses - 1, deepest_first);
         }
-        let others: Vec<AddressInfo> = all.split_off(request.max_addresses.min(all.len()));
+        let others = all.split_off(request.max_addresses.min(all.len()));
         all.sort_unstable_by(deepest_first);
-        let mut other = AddressInfo::default();
         for info in &others {
-            other.durable |= info.durable;
-            other.queued_messages += info.queued_messages;
-            other.queued_bytes += info.queued_bytes;
-            other.anycast_consumers += info.anycast_consumers;
-            other.multicast_consumers += info.multicast_consumers;
-            other.unacked += info.unacked;
-            other.multicast_backlog += info.multicast_backlog;
+            other.add(info);
         }
         (all, other, others.len())
     }
