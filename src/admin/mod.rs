@@ -72,13 +72,32 @@ pub fn spawn(listener: TcpListener, token: Option<Secret>, inspector: Inspector)
     Ok(())
 }
 
+/// Admin accept failures are logged at most once per this interval (the kernel fails a
+/// blocking accept at once while the process is out of descriptors, connection or not).
+const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
 fn accept_loop(listener: &TcpListener, admin: &Arc<Admin>) {
+    let mut last_report: Option<Instant> = None;
+    let mut consecutive_failures = 0u32;
     loop {
         let (mut stream, peer) = match listener.accept() {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                consecutive_failures = 0;
+                accepted
+            }
             Err(error) => {
-                log!(Level::Warn, "admin: accept failed: {error}; retrying in 100 ms");
-                std::thread::sleep(Duration::from_millis(100));
+                consecutive_failures += 1;
+                if last_report.is_none_or(|at| at.elapsed() >= ACCEPT_FAILURE_LOG_INTERVAL) {
+                    log!(
+                        Level::Warn,
+                        "admin: cannot take a connection: {error}; the admin API retries, and says so again in {} s \
+                         if it still cannot",
+                        ACCEPT_FAILURE_LOG_INTERVAL.as_secs()
+                    );
+                    last_report = Some(Instant::now());
+                }
+                // 10 ms, 20 ms, ... up to 1 s between attempts while it lasts.
+                std::thread::sleep(Duration::from_millis(10 * u64::from(consecutive_failures.min(100))));
                 continue;
             }
         };
