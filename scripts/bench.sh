@@ -152,6 +152,11 @@ broker_has_data_dir=0
 if "$broker_bin" --help 2>/dev/null | grep -q -- '--data-dir'; then
     broker_has_data_dir=1
 fi
+# The admin API (issue 11) would take port 7448, which a broker already running here may hold.
+broker_has_admin=0
+if "$broker_bin" --help 2>/dev/null | grep -q -- '--admin-listen'; then
+    broker_has_admin=1
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Peers: install what is missing (Debian/Ubuntu package names); skip a peer that cannot be had.
@@ -314,6 +319,9 @@ start_broker() {
             # The durable log goes into the results directory, never into the working tree.
             if [[ $broker_has_data_dir == 1 ]]; then
                 command+=(--data-dir "$out/data/$run")
+            fi
+            if [[ $broker_has_admin == 1 ]]; then
+                command+=(--admin-listen off)
             fi
             port=$mbws_port
             ;;

@@ -40,8 +40,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# No admin API (it would take port 7448, which another broker may hold); an older --broker
+# without the flag runs as it is.
+admin=()
+if "$broker" --help 2>/dev/null | grep -q -- '--admin-listen'; then
+    admin=(--admin-listen off)
+fi
 valgrind --tool=callgrind --callgrind-out-file="$work/profile" \
-    "$broker" --shards 1 --listen "127.0.0.1:0" --data-dir "$work/data" 2>"$work/broker.log" &
+    "$broker" --shards 1 --listen "127.0.0.1:0" --data-dir "$work/data" "${admin[@]}" 2>"$work/broker.log" &
 broker_pid=$!
 # Port 0: the kernel picks a free port (two runs at once, or a broker on 7447, never clash).
 # The whole log line must be there, with the address and the space after it, before we read it.

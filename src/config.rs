@@ -12,10 +12,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use file::Secret;
+
 use crate::logging::{Level, LogFormat};
 use crate::mbws::{CodecLimits, Limits};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
+
+/// Where the admin API (health, metrics, addresses, sessions) listens by default: loopback
+/// only, so no token is needed until an operator opens it wider.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7448";
+
+/// Shortest `--admin-token` accepted: a bearer token is the only thing between the network and
+/// the admin API, so a short guessable one is refused.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -82,6 +92,10 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Origins whose pages may open a WebSocket here ([`check_origin`]); empty: any.
     pub allowed_origins: Vec<String>,
+    /// Where the admin API listens (`None`: `--admin-listen off`), and the bearer token it
+    /// requires (required when it listens beyond loopback).
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: Option<Secret>,
     // No bound on the cross-shard mailboxes: they are unbounded on purpose, and what may wait
     // in them is bounded at its sources (see the module docs of `shard::mailbox`).
 }
@@ -129,6 +143,8 @@ impl Default for Config {
             summary_interval_secs: 60,
             tls: None,
             allowed_origins: Vec::new(),
+            admin_listen: Some(DEFAULT_ADMIN_LISTEN.parse().expect("default admin address parses")),
+            admin_token: None,
         }
     }
 }
@@ -219,6 +235,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_admin(origins)?;
         // Settings that are not flags (yet): named as the configuration keys they will become.
         if self.max_address_bytes == 0 || self.max_address_bytes > crate::mbws::binary::MAX_STR8_BYTES {
             return Err(format!(
@@ -237,6 +254,66 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The admin API's address and token: a token is required beyond loopback, and a token
+    /// given must be one an HTTP header can carry and long enough not to be guessed.
+    fn validate_admin(&self, origins: &Origins) -> Result<(), String> {
+        if let Some(token) = &self.admin_token {
+            let token = token.expose();
+            if token == crate::config::file::REDACTED {
+                return Err(format!(
+                    "{} is what --print-config prints in place of a token: put the token itself there",
+                    origins.describe("--admin-token", &format_args!("\"{token}\""))
+                ));
+            }
+            if token.len() < MIN_ADMIN_TOKEN_BYTES || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+                return Err(format!(
+                    "{} is not a usable token: use at least {MIN_ADMIN_TOKEN_BYTES} printable ASCII characters \
+                     without spaces (for example the output of `openssl rand -hex 24`)",
+                    origins.describe("--admin-token", &crate::config::file::REDACTED)
+                ));
+            }
+        }
+        if let Some(admin) = self.admin_listen {
+            if !admin.ip().is_loopback() && self.admin_token.is_none() {
+                return Err(format!(
+                    "{} is beyond loopback, and the admin API would then be open to anyone who can reach it: \
+                     give --admin-token (or admin-token in the configuration file), or listen on 127.0.0.1",
+                    origins.describe("--admin-listen", &admin)
+                ));
+            }
+            if admin == self.listen && admin.port() != 0 {
+                return Err(format!(
+                    "{} is the address the broker listens on (--listen): give the admin API an address of its own",
+                    origins.describe("--admin-listen", &admin)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `--admin-listen`: an address as for `--listen`, or `off` for no admin API.
+pub fn parse_admin_listen(text: &str) -> Result<AdminListen, String> {
+    if text == "off" {
+        return Ok(AdminListen(None));
+    }
+    parse_listen(text).map(|addr| AdminListen(Some(addr))).map_err(|reason| format!("{reason}, or off"))
+}
+
+/// The value of `--admin-listen`: an address, or `None` for `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl Display for AdminListen {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(formatter, "{addr}"),
+            None => formatter.write_str("off"),
+        }
     }
 }
 

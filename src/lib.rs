@@ -7,12 +7,15 @@
 //!   machines fed by commands and frames.
 //! - [`shard`]: the per-core runtime (IO): threads, io_uring event loops, cross-shard mailboxes.
 //! - [`conn`]: the connection tasks (IO): read loop, write queue, vectored writes.
+//! - [`admin`]: the admin API (IO, its own thread): health, Prometheus metrics, addresses and
+//!   sessions over HTTP, gathered from the shards through their inboxes.
 //!
 //! The Rust client and the `mbws` CLI are the `mbws-client` crate; the load generator and the
 //! relay are `mbws-bench`.
 
 pub use mbws_proto::{mbws, ws};
 
+pub mod admin;
 pub mod broker;
 pub mod clock;
 pub mod config;

@@ -11,7 +11,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 use mbws::config::file::{parse_level, parse_log_format, parse_recovery, recovery_name, ConfigFile};
-use mbws::config::{Config, Origins, DEFAULT_LISTEN, FLAG_RANGES};
+use mbws::config::{AdminListen, Config, Origins, Secret, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, FLAG_RANGES};
 use mbws::log;
 use mbws::logging::{self, Level, LogFormat};
 use mbws::summary::Summary;
@@ -127,6 +127,15 @@ struct Args {
     /// messages and bytes); 0: none.
     #[arg(long, default_value_t = Config::default().summary_interval_secs)]
     summary_interval_secs: u64,
+    /// Address of the admin API (health, Prometheus metrics, addresses, sessions over HTTP), as
+    /// for --listen, or off. Beyond loopback it requires --admin-token.
+    #[arg(long, default_value = DEFAULT_ADMIN_LISTEN, value_parser = mbws::config::parse_admin_listen)]
+    admin_listen: AdminListen,
+    /// Bearer token the admin API requires (`Authorization: Bearer TOKEN`); required when
+    /// --admin-listen is beyond loopback. Prefer the configuration file or MBWS_ADMIN_TOKEN
+    /// to the command line, which other users can read in the process list.
+    #[arg(long, env = "MBWS_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    admin_token: Option<String>,
     /// Configuration file (TOML): every flag is also a key, spelled as the flag without its
     /// dashes in front (max-message-bytes = 65536); a flag given here overrides the file.
     #[arg(long, value_name = "FILE")]
@@ -217,6 +226,15 @@ fn main() -> ExitCode {
     if let Some(file) = origins.file() {
         log!(Level::Info, "configuration from {} (flags given override it)", file.display());
     }
+    let admin_token = config.admin_token.clone();
+    // Bound before the shards start, so a taken port stops the start before anything is written.
+    let admin_listener = match config.admin_listen.map(mbws::admin::bind).transpose() {
+        Ok(listener) => listener,
+        Err(problem) => {
+            eprintln!("mbws-broker: {problem}");
+            return ExitCode::FAILURE;
+        }
+    };
     let started = Instant::now();
     let running = match mbws::shard::start(config, tls) {
         Ok(running) => running,
@@ -235,6 +253,19 @@ fn main() -> ExitCode {
         shards,
         running.io_driver
     );
+    if let Some(listener) = admin_listener {
+        let admin_addr = listener.local_addr().map_or_else(|_| "?".to_string(), |addr| addr.to_string());
+        if let Err(error) = mbws::admin::spawn(listener, admin_token.clone(), running.inspector()) {
+            eprintln!("mbws-broker: cannot start the admin API thread: {error}");
+            running.shutdown();
+            return ExitCode::FAILURE;
+        }
+        let access = if admin_token.is_some() { "bearer token required" } else { "no token: loopback only" };
+        log!(
+            Level::Info,
+            "admin API at http://{admin_addr}/ ({access}): /healthz /readyz /metrics /api/addresses /api/sessions"
+        );
+    }
     let summary_interval = Duration::from_secs(summary_interval_secs);
     let mut summary = Summary::new(started);
     let mut next_summary = started + summary_interval;
@@ -314,6 +345,9 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
     if given("durable_addresses") {
         origins.overridden_by_flag("--durable-address");
     }
+    if matches.value_source("admin_token") == Some(ValueSource::EnvVariable) {
+        origins.overridden_by_flag("--admin-token");
+    }
     if given("listen") {
         config.listen = args.listen;
     }
@@ -375,6 +409,12 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
     }
     if given("allowed_origins") {
         config.allowed_origins = args.allowed_origins;
+    }
+    if given("admin_listen") {
+        config.admin_listen = args.admin_listen.0;
+    }
+    if let Some(token) = args.admin_token {
+        config.admin_token = Some(Secret::new(token));
     }
     Ok((config, origins))
 }
@@ -529,9 +569,7 @@ mod tests {
             .filter_map(|arg| arg.get_long().map(str::to_string))
             .filter(|long| long != "help" && long != "version")
             .collect();
-        // Every optional setting given, so that each of them appears as a key.
-        let tls = mbws::tls::TlsFiles { cert: "cert.pem".into(), key: "key.pem".into() };
-        let mut keys = ConfigFile::effective(&Config { tls: Some(tls), ..Config::default() }).keys();
+        let mut keys = ConfigFile::every_key();
         flags.sort();
         keys.sort();
         assert_eq!(flags, keys, "the flags (left) and the configuration file's keys (right) differ");

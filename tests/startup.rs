@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(5);
 /// that must be refused before the broker listens (bounded: a broker that starts is killed).
 fn refused_start(args: &[&str]) -> (Option<i32>, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mbws-broker"))
-        .args(["--listen", "127.0.0.1:0", "--no-pin"])
+        .args(["--listen", "127.0.0.1:0", "--no-pin", "--admin-listen", "127.0.0.1:0"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -60,6 +60,8 @@ pub struct ConfigFile {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub allowed_origin: Option<Vec<String>>,
+    pub admin_listen: Option<String>,
+    pub admin_token: Option<Secret>,
     // Sections come after the top-level keys (TOML puts a table's keys after its header):
     // `pub auth: Option<AuthSection>` and the like, each `deny_unknown_fields`, secrets as
     // `Secret`.
@@ -256,6 +258,14 @@ impl ConfigFile {
                 })
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(admin) = &self.admin_listen {
+            config.admin_listen = super::parse_admin_listen(admin)
+                .map_err(|reason| bad_value(origins, "admin-listen", admin, &reason))?
+                .0;
+        }
+        if let Some(token) = &self.admin_token {
+            config.admin_token = Some(token.clone());
+        }
         Ok(())
     }
 
@@ -292,7 +302,20 @@ impl ConfigFile {
             tls_cert: config.tls.as_ref().map(|tls| tls.cert.clone()),
             tls_key: config.tls.as_ref().map(|tls| tls.key.clone()),
             allowed_origin: Some(config.allowed_origins.clone()),
+            admin_listen: Some(super::AdminListen(config.admin_listen).to_string()),
+            admin_token: config.admin_token.clone(),
         }
+    }
+
+    /// Every key a file may have: [`ConfigFile::effective`] leaves out a setting that has no
+    /// value (a secret not given), so it is given one here.
+    pub fn every_key() -> Vec<String> {
+        let everything = Config {
+            admin_token: Some(Secret::new("any")),
+            tls: Some(crate::tls::TlsFiles { cert: "cert.pem".into(), key: "key.pem".into() }),
+            ..Config::default()
+        };
+        ConfigFile::effective(&everything).keys()
     }
 
     /// This file as TOML text.
@@ -407,7 +430,7 @@ mod tests {
 
     #[test]
     fn every_numeric_key_has_a_flag_range_that_fits_its_field() {
-        let keys = ConfigFile::effective(&Config::default()).keys();
+        let keys = ConfigFile::every_key();
         let numeric: Vec<&str> = numeric_keys().collect();
         for key in &numeric {
             assert!(keys.iter().any(|known| known == key), "{key} has a range but is no key of the file");

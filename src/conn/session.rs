@@ -243,6 +243,19 @@ impl Session {
         self.unacked.len()
     }
 
+    /// For the admin API: the subprotocol, the subscriptions, and the SENDs not answered yet.
+    pub fn subprotocol(&self) -> Subprotocol {
+        self.subprotocol
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    pub fn inflight_send_count(&self) -> usize {
+        self.inflight_sends.len()
+    }
+
     pub fn me(&self) -> ConnRef {
         self.me
     }
@@ -897,6 +910,13 @@ impl Session {
     pub fn unprompted_fatal_error(&self, code: ErrorCode, reason: String, outbound: &mut Outbound) -> SessionEnd {
         outbound.push_frame(self.binding, &Frame::Error(ErrorFrame::fatal(code, 0, 0, &reason)));
         SessionEnd { close_code: code.as_u16(), reason }
+    }
+
+    /// An operator ends this session (the admin API's `DELETE /api/sessions/{id}`): a fatal
+    /// ERROR 4403 with `reason`, and the session is not kept for a resume.
+    pub fn end_by_operator(&mut self, reason: String, outbound: &mut Outbound) -> SessionEnd {
+        self.state = State::Closed;
+        self.unprompted_fatal_error(ErrorCode::Forbidden, reason, outbound)
     }
 
     /// Queues a fatal ERROR and returns how the connection must close.

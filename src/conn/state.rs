@@ -22,6 +22,9 @@ use crate::ws::{OpCode, WsError};
 /// The sans-IO part of a connection (see the module doc).
 pub struct ConnState {
     pub session: Session,
+    /// The client's address, as the shell accepted it (for the admin API; `None` in the
+    /// simulator and until the shell says).
+    pub peer: Option<std::net::SocketAddr>,
     pub outbound: Outbound,
     max_outbound_bytes: usize,
     lifecycle: Lifecycle,
@@ -124,6 +127,7 @@ impl ConnState {
     pub fn new(session: Session, max_outbound_bytes: usize) -> ConnState {
         ConnState {
             session,
+            peer: None,
             outbound: Outbound::new(),
             max_outbound_bytes,
             lifecycle: Lifecycle::default(),
@@ -168,6 +172,18 @@ impl ConnState {
             self.outbound.push_control(OpCode::Close, &close_payload(code, reason));
             self.close = Some(CloseReason { code, by_peer: false, reason: reason.to_string() });
         }
+    }
+
+    /// An operator ends the session (the admin API): a fatal ERROR 4403, then the close; the
+    /// session is not kept for a resume. False (nothing done) unless a socket is attached and
+    /// still processes input. Wake both tasks.
+    pub fn end_by_operator(&mut self, reason: String) -> bool {
+        if !matches!(self.lifecycle.state(), super::lifecycle::State::Running { .. }) {
+            return false;
+        }
+        let end = self.session.end_by_operator(reason, &mut self.outbound);
+        self.begin_close(end.close_code, &end.reason);
+        true
     }
 
     /// The reader's silence outlasted twice the heartbeat (or a like fault the session did not

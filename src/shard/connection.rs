@@ -284,6 +284,7 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
     let (me, attachment) = shard.open_session(upgrade.protocol, stream.socket(), binding, payload);
+    shard.note_peer(me.conn, peer);
     log!(
         Level::Info,
         "shard {}: connection opened", shard.id.0;
@@ -442,6 +443,7 @@ async fn resume<S: Stream>(
         // superseded. Its tasks see the new attachment; its writer says why it ends.
         supersede(socket);
     }
+    shard.note_peer(me.conn, peer);
     shard.run_work();
     log!(
         Level::Info,

@@ -53,6 +53,8 @@
 //!    (`store::CommitBatch`), as `store::GroupCommitter` does; the core could own that loop
 //!    (`Effects::log_batch`, `core.log_synced(lsn)`) so the two writers share one decision.
 
+mod inspect;
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
@@ -71,6 +73,7 @@ use crate::conn::state::{ConnState, Expiry, ReadStep, Wake, WriteOutcome, Writte
 use crate::mbws::{self, Binding, ErrorCode, Subprotocol};
 use crate::store::{DurableLog, Lsn, Recovery};
 use crate::ws::message::Decoder;
+pub use inspect::{AdminCommand, AdminOutcome, SessionCount, SessionInfo, ShardSnapshot, SnapshotRequest};
 
 /// A resume the core accepted ([`ShardCore::resume_session`]).
 #[derive(Debug)]
@@ -188,6 +191,15 @@ struct Counters {
     messages_received: u64,
     /// MESSAGE deliveries handed to this shard's connections (redeliveries included).
     messages_delivered: u64,
+    /// Body bytes of those messages.
+    bytes_received: u64,
+    bytes_delivered: u64,
+    /// Deliveries of messages delivered before (taken back unacknowledged), and messages moved
+    /// to a dead-letter address by this shard's addresses.
+    messages_redelivered: u64,
+    messages_dead_lettered: u64,
+    /// Refusals handed to this shard's connections, by error code (in `ErrorCode::ALL` order).
+    refusals: [u64; mbws::ErrorCode::ALL.len()],
 }
 
 /// What a shard tells whoever asks how it is doing (the periodic summary; later the metrics):
@@ -619,6 +631,8 @@ impl ShardCore {
                     self.publications.push(Publication { publisher, seq, message });
                     self.queues.take_publishes_to_same_address(&mut self.publications);
                     self.counters.messages_received += self.publications.len() as u64;
+                    self.counters.bytes_received +=
+                        self.publications.iter().map(|publication| publication.message.body.len() as u64).sum::<u64>();
                     self.addresses.publish_batch(&mut self.publications, now_ms, &mut self.answers);
                     self.route_address_output();
                 }
@@ -627,8 +641,20 @@ impl ShardCore {
                     self.route_address_output();
                 }
                 Command::Conn(command) => {
-                    if let ConnCommand::Deliver { deliveries, .. } = &command {
-                        self.counters.messages_delivered += deliveries.len() as u64;
+                    match &command {
+                        ConnCommand::Deliver { deliveries, .. } => {
+                            self.counters.messages_delivered += deliveries.len() as u64;
+                            for delivery in deliveries {
+                                self.counters.bytes_delivered += delivery.message.body.len() as u64;
+                                self.counters.messages_redelivered += u64::from(delivery.redelivered);
+                            }
+                        }
+                        ConnCommand::PublishDone { outcome: Err(refusal), .. }
+                        | ConnCommand::SubscribeDone { outcome: Err(refusal), .. }
+                        | ConnCommand::SubscriptionEnded { refusal, .. } => {
+                            self.counters.refusals[inspect::refusal_index(refusal.code)] += 1;
+                        }
+                        _ => {}
                     }
                     let id = command.conn();
                     let address_commands = &mut self.address_commands;
@@ -674,7 +700,9 @@ impl ShardCore {
         for (shard, command) in self.answers.drain(..) {
             self.queues.submit(shard, Command::Conn(command));
         }
+        // The table forwards only dead-lettered messages (to their `DLQ.` address's owner).
         for (shard, command) in self.addresses.take_forwards() {
+            self.counters.messages_dead_lettered += 1;
             self.queues.submit(shard, Command::Address(command));
         }
         if self.addresses.take_deadline_added() && !self.ack_timer_armed {

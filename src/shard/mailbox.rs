@@ -37,6 +37,10 @@ pub enum Envelope {
     Shutdown,
     /// Answer with the shard's [`ShardReport`](super::core::ShardReport) (the periodic summary).
     Report(Sender<super::core::ShardReport>),
+    /// Answer with the shard's [`ShardSnapshot`](super::core::ShardSnapshot) (the admin API).
+    Snapshot(Box<super::core::SnapshotRequest>, Sender<super::core::ShardSnapshot>),
+    /// Do what the admin API asks, and say what came of it.
+    Admin(super::core::AdminCommand, Sender<super::core::AdminOutcome>),
 }
 
 /// The receiving side's wake-up: an eventfd and the flag that says whether to write it.

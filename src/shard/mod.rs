@@ -184,6 +184,8 @@ pub struct Shard {
     committing: RefCell<Option<monoio::task::JoinHandle<()>>>,
     /// Wakes the ack timer when the core reports deliveries with an ack deadline again.
     ack_deadline_added: LocalEvent,
+    /// Envelopes of commands posted to other shards (for the admin API's metrics).
+    envelopes_posted: Cell<u64>,
 }
 
 impl Shard {
@@ -202,6 +204,7 @@ impl Shard {
             committer: RefCell::new(None),
             committing: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
+            envelopes_posted: Cell::new(0),
         }
     }
 
@@ -300,6 +303,14 @@ impl Shard {
         Some(result)
     }
 
+    /// Connection `id`'s client is at `peer` (for the admin API's list of sessions).
+    pub fn note_peer(&self, id: ConnId, peer: SocketAddr) {
+        self.with_conn(id, |state| {
+            state.peer = Some(peer);
+            ((), Wake::default())
+        });
+    }
+
     /// Wakes the tasks of connection `id` that `wake` names.
     pub fn wake(&self, id: ConnId, wake: Wake) {
         if wake != Wake::default() {
@@ -380,6 +391,7 @@ impl Shard {
         let effects = core.run_work(now, &mut *wakers);
         for (shard, commands) in effects.posts {
             self.post_office.post(shard, Envelope::Commands(commands));
+            self.envelopes_posted.set(self.envelopes_posted.get() + 1);
         }
         if effects.log_has_pending {
             if let Some(committer) = self.committer.borrow().as_ref() {
@@ -497,6 +509,8 @@ impl Shard {
                     Envelope::Shutdown => self.shutdown.fire(),
                     // The asker may have given up waiting: nothing to do then.
                     Envelope::Report(reply) => drop(reply.send(self.core.borrow().report())),
+                    Envelope::Snapshot(request, reply) => drop(reply.send(self.snapshot(&request))),
+                    Envelope::Admin(command, reply) => drop(reply.send(self.admin_command(command))),
                 }
             }
             if received {
@@ -515,6 +529,33 @@ impl Shard {
             if let Err(error) = result {
                 log!(Level::Error, "shard {}: reading the wake-up eventfd failed: {error}", self.id.0);
                 return;
+            }
+        }
+    }
+
+    /// The core's snapshot, with what the shell counts itself.
+    fn snapshot(&self, request: &core::SnapshotRequest) -> core::ShardSnapshot {
+        let mut snapshot = self.core.borrow().snapshot(request);
+        snapshot.envelopes_posted = self.envelopes_posted.get();
+        snapshot.log_commits = self.committer.borrow().as_ref().map(|committer| committer.stats());
+        snapshot
+    }
+
+    /// Does what the admin API asks (the round of work that follows routes what it produced).
+    fn admin_command(&self, command: core::AdminCommand) -> core::AdminOutcome {
+        match command {
+            core::AdminCommand::PurgeAddress(name) => self.core.borrow_mut().purge_address(&name),
+            core::AdminCommand::CloseSession(id) => {
+                let reason = "session closed by an operator (admin API)".to_string();
+                let closing = self.with_conn(id, |state| {
+                    let closing = state.end_by_operator(reason);
+                    (closing, if closing { Wake::ALL } else { Wake::default() })
+                });
+                match closing {
+                    None => core::AdminOutcome::NotFound,
+                    Some(true) => core::AdminOutcome::Closing,
+                    Some(false) => core::AdminOutcome::NotConnected,
+                }
             }
         }
     }
@@ -555,26 +596,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// Asks every shard for its [`ShardReport`](core::ShardReport) and waits up to `timeout`
-    /// for the answers (a shard answers between two rounds of work); a shard that has not
-    /// answered by then is left out.
+    /// Asks every shard for its [`ShardReport`](core::ShardReport) (see [`Inspector::report`]).
     pub fn report(&self, timeout: Duration) -> Vec<core::ShardReport> {
-        let shards = self.post_office.shard_count();
-        let (reply, answers) = crossbeam_channel::bounded(shards);
-        for index in 0..shards {
-            self.post_office.post(ShardId(index as u16), Envelope::Report(reply.clone()));
-        }
-        drop(reply);
-        let deadline = Instant::now() + timeout;
-        let mut reports = Vec::with_capacity(shards);
-        while reports.len() < shards {
-            match answers.recv_deadline(deadline) {
-                Ok(report) => reports.push(report),
-                Err(_) => break,
-            }
-        }
-        reports.sort_by_key(|report| report.shard.0);
-        reports
+        self.inspector().report(timeout)
+    }
+
+    /// A handle another thread (the admin API's) uses to ask the shards how they are doing.
+    pub fn inspector(&self) -> Inspector {
+        Inspector { post_office: self.post_office.clone() }
     }
 
     /// Asks every shard to close its connections (1001) and exit, then waits for them.
@@ -585,6 +614,70 @@ impl Running {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// Asks the shards questions through their inboxes: each answers between two rounds of work
+/// (its inbox task), so asking costs the message path one envelope per shard.
+#[derive(Clone)]
+pub struct Inspector {
+    post_office: Arc<PostOffice>,
+}
+
+impl Inspector {
+    pub fn shard_count(&self) -> usize {
+        self.post_office.shard_count()
+    }
+
+    /// Every shard's [`ShardReport`](core::ShardReport), by shard, waiting up to `timeout`
+    /// for the answers; a shard that has not answered by then is left out.
+    pub fn report(&self, timeout: Duration) -> Vec<core::ShardReport> {
+        let mut reports = self.ask_every_shard(Envelope::Report, timeout);
+        reports.sort_by_key(|report| report.shard.0);
+        reports
+    }
+
+    /// Every shard's [`ShardSnapshot`](core::ShardSnapshot) for `request`, by shard; as
+    /// [`Inspector::report`], a shard that has not answered within `timeout` is left out.
+    pub fn snapshot(&self, request: &core::SnapshotRequest, timeout: Duration) -> Vec<core::ShardSnapshot> {
+        let mut snapshots = self.ask_every_shard(|reply| Envelope::Snapshot(Box::new(request.clone()), reply), timeout);
+        snapshots.sort_by_key(|snapshot| snapshot.report.shard.0);
+        snapshots
+    }
+
+    /// Asks shard `shard` to do `command`; `None` if it did not answer within `timeout`.
+    pub fn command(
+        &self,
+        shard: ShardId,
+        command: core::AdminCommand,
+        timeout: Duration,
+    ) -> Option<core::AdminOutcome> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.post_office.post(shard, Envelope::Admin(command, reply));
+        answer.recv_timeout(timeout).ok()
+    }
+
+    /// Posts `question(reply)` to every shard and gathers the answers that come within `timeout`.
+    fn ask_every_shard<T>(
+        &self,
+        question: impl Fn(crossbeam_channel::Sender<T>) -> Envelope,
+        timeout: Duration,
+    ) -> Vec<T> {
+        let shards = self.post_office.shard_count();
+        let (reply, answers) = crossbeam_channel::bounded(shards);
+        for index in 0..shards {
+            self.post_office.post(ShardId(index as u16), question(reply.clone()));
+        }
+        drop(reply);
+        let deadline = Instant::now() + timeout;
+        let mut gathered = Vec::with_capacity(shards);
+        while gathered.len() < shards {
+            match answers.recv_deadline(deadline) {
+                Ok(answer) => gathered.push(answer),
+                Err(_) => break,
+            }
+        }
+        gathered
     }
 }
 

@@ -120,7 +120,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use commit::GroupCommitter;
+pub use commit::{CommitStats, GroupCommitter, LatencyHistogram, LATENCY_BUCKETS_SECONDS};
 pub use log::{CommitBatch, CommitOutcome, DurableLog, LogStats, Lsn, SegmentId};
 pub use record::MAX_RECORD_BYTES;
 pub use recovery::open;

@@ -56,8 +56,8 @@ impl Broker {
         Broker::try_spawn(Broker::command(data_dir, extra))
     }
 
-    /// The command `try_start_in` runs (with `--listen 127.0.0.1:0` and `--log-level debug`
-    /// unless `extra` has its own), for a caller that adjusts it (environment, resource limits).
+    /// The command `try_start_in` runs (with `--listen 127.0.0.1:0`, `--log-level debug` and
+    /// `--admin-listen 127.0.0.1:0` unless `extra` has its own), for a caller that adjusts it (environment, resource limits).
     pub fn command(data_dir: &Path, extra: &[&str]) -> Command {
         let mut command = Command::new(binaries::broker_binary());
         if !extra.contains(&"--listen") {
@@ -65,6 +65,10 @@ impl Broker {
         }
         if !extra.contains(&"--log-level") {
             command.args(["--log-level", "debug"]);
+        }
+        // Parallel tests cannot all have the admin API on its default port.
+        if !extra.contains(&"--admin-listen") {
+            command.args(["--admin-listen", "127.0.0.1:0"]);
         }
         command
             .arg("--no-pin")
@@ -178,6 +182,13 @@ impl Broker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The admin API's address, from the broker's start-up log line.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let line = self.wait_for_log("admin API at http://", Duration::from_secs(5)).expect("the admin API is on");
+        let rest = line.split("admin API at http://").nth(1).unwrap();
+        rest.split('/').next().unwrap().parse().unwrap()
     }
 
     /// The broker's process id.

@@ -46,7 +46,9 @@ impl Server {
     fn broker() -> Server {
         let dir = std::env::temp_dir().join(format!("mbws-bench-test-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).unwrap();
-        Server::start(&binaries::broker_binary(), &["--listen", "127.0.0.1:0", "--no-pin"], Some(dir))
+        // Parallel tests cannot all have the admin API on its default port.
+        let flags = ["--listen", "127.0.0.1:0", "--no-pin", "--admin-listen", "127.0.0.1:0"];
+        Server::start(&binaries::broker_binary(), &flags, Some(dir))
     }
 
     fn relay() -> Server {

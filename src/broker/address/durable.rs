@@ -75,11 +75,15 @@ impl AddressTable {
     }
 
     fn is_durable(&self, message: &StoredMessage) -> bool {
-        message.durable
-            || self.durable_addresses.iter().any(|pattern| match pattern.strip_suffix(b"*") {
-                Some(prefix) => message.address.starts_with(prefix),
-                None => message.address == *pattern,
-            })
+        message.durable || self.is_durable_address(&message.address)
+    }
+
+    /// Every message of `address` is durable (`--durable-address`), whatever its SEND says.
+    pub fn is_durable_address(&self, address: &[u8]) -> bool {
+        self.durable_addresses.iter().any(|pattern| match pattern.strip_suffix(b"*") {
+            Some(prefix) => address.starts_with(prefix),
+            None => address == pattern,
+        })
     }
 
     /// Records that a message is done with; a no-op for messages that were never logged.

@@ -63,6 +63,7 @@
 mod admission;
 mod dispatch;
 mod durable;
+mod inspect;
 mod redelivery;
 mod subscribers;
 #[cfg(test)]
@@ -83,6 +84,7 @@ use crate::store::{DurableLog, Lsn};
 
 use dispatch::Deliverable;
 pub use durable::ID_RESERVATION_BLOCK;
+pub use inspect::AddressInfo;
 pub use redelivery::{DEAD_LETTER_HEADER_COUNT, DEAD_LETTER_PREFIX};
 use subscribers::{Place, Places, Subscriber};
 

@@ -1,0 +1,330 @@
+//! `GET /metrics`: the shards' snapshots in the Prometheus text exposition format (0.0.4),
+//! written by hand: `# HELP` and `# TYPE` once per family, then its samples; label values
+//! escaped (`\\`, `\"`, `\n`); counters end in `_total`, units are in the names (`_bytes`,
+//! `_seconds`).
+//!
+//! Per-address series are bounded: the [`MAX_ADDRESS_SERIES`] addresses with the most
+//! messages held (queued, unacknowledged, in multicast backlogs) get series of their own, and
+//! every other address is summed into one `address="_other"` series, so a broker with a million
+//! addresses does not give Prometheus a million series.
+
+use std::fmt::{Display, Write};
+
+use crate::broker::address::AddressInfo;
+use crate::mbws::Binding;
+use crate::shard::core::ShardSnapshot;
+use crate::store::{CommitStats, LatencyHistogram, LATENCY_BUCKETS_SECONDS};
+
+use super::process::ProcessStats;
+
+/// Addresses with series of their own (the rest are `address="_other"`).
+pub const MAX_ADDRESS_SERIES: usize = 100;
+
+/// The address label of the series that sums every address without one of its own.
+pub const OTHER_ADDRESSES: &str = "_other";
+
+/// The text exposition format, family by family.
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (index, (label, value)) in labels.iter().enumerate() {
+                if index > 0 {
+                    self.text.push(',');
+                }
+                let escaped = value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let _ = write!(self.text, "{label}=\"{escaped}\"");
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    /// One shard's histogram: cumulative `_bucket`s (`le`), `_sum`, `_count`.
+    fn histogram(&mut self, name: &str, shard: &str, histogram: &LatencyHistogram) {
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS_SECONDS.iter().zip(&histogram.buckets) {
+            cumulative += count;
+            self.sample(&bucket, &[("shard", shard), ("le", &bound.to_string())], cumulative);
+        }
+        self.sample(&bucket, &[("shard", shard), ("le", "+Inf")], histogram.count);
+        self.sample(&format!("{name}_sum"), &[("shard", shard)], histogram.sum_seconds);
+        self.sample(&format!("{name}_count"), &[("shard", shard)], histogram.count);
+    }
+
+    /// A family with one sample per shard.
+    fn per_shard(
+        &mut self,
+        snapshots: &[ShardSnapshot],
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(&ShardSnapshot) -> u64,
+    ) {
+        self.family(name, kind, help);
+        for snapshot in snapshots {
+            self.sample(name, &[("shard", &snapshot.report.shard.0.to_string())], value(snapshot));
+        }
+    }
+}
+
+fn binding_name(binding: Binding) -> &'static str {
+    match binding {
+        Binding::Binary => "binary",
+        Binding::Text => "text",
+    }
+}
+
+/// The whole `/metrics` page from the snapshots of the shards that answered (of `shards`).
+pub fn render(snapshots: &[ShardSnapshot], shards: usize, process: &ProcessStats) -> String {
+    let mut out = Exposition { text: String::with_capacity(16 * 1024) };
+    out.family("mbws_build_info", "gauge", "The broker's version, as a label; always 1.");
+    out.sample("mbws_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
+    out.family("mbws_shards", "gauge", "Shard threads of the broker.");
+    out.sample("mbws_shards", &[], shards);
+    out.family(
+        "mbws_shards_reporting",
+        "gauge",
+        "Shards that answered this scrape in time; the per-shard figures cover only these.",
+    );
+    out.sample("mbws_shards_reporting", &[], snapshots.len());
+
+    out.per_shard(
+        snapshots,
+        "mbws_messages_received_total",
+        "counter",
+        "SENDs that reached their address's owner (accepted or refused).",
+        |s| s.report.messages_received,
+    );
+    out.per_shard(
+        snapshots,
+        "mbws_messages_delivered_total",
+        "counter",
+        "MESSAGE deliveries handed to connections, redeliveries included.",
+        |s| s.report.messages_delivered,
+    );
+    out.per_shard(snapshots, "mbws_received_bytes_total", "counter", "Body bytes of the messages received.", |s| {
+        s.bytes_received
+    });
+    out.per_shard(snapshots, "mbws_delivered_bytes_total", "counter", "Body bytes of the messages delivered.", |s| {
+        s.bytes_delivered
+    });
+
+    out.per_shard(
+        snapshots,
+        "mbws_messages_redelivered_total",
+        "counter",
+        "Deliveries of messages delivered before and taken back unacknowledged (NACK, ack timeout, a consumer gone).",
+        |s| s.messages_redelivered,
+    );
+    out.per_shard(
+        snapshots,
+        "mbws_messages_dead_lettered_total",
+        "counter",
+        "Messages moved to their dead-letter address DLQ.<address> (max-deliveries, or rejected).",
+        |s| s.messages_dead_lettered,
+    );
+    out.per_shard(
+        snapshots,
+        "mbws_envelopes_posted_total",
+        "counter",
+        "Envelopes of commands posted to other shards (one per destination per round of work).",
+        |s| s.envelopes_posted,
+    );
+    out.family(
+        "mbws_refusals_total",
+        "counter",
+        "SENDs and SUBSCRIBEs refused, and subscriptions ended by the broker, by MBWS error code.",
+    );
+    for snapshot in snapshots {
+        let shard = snapshot.report.shard.0.to_string();
+        for (code, count) in &snapshot.refusals {
+            let code_text = code.as_u16().to_string();
+            out.sample("mbws_refusals_total", &[("shard", &shard), ("code", &code_text), ("name", code.name())], count);
+        }
+    }
+
+    out.family(
+        "mbws_connections",
+        "gauge",
+        "Open connections (sessions with a connection), by subprotocol and binding.",
+    );
+    for snapshot in snapshots {
+        let shard = snapshot.report.shard.0.to_string();
+        for kind in snapshot.sessions_by_kind.iter().filter(|kind| kind.attached) {
+            let labels = [
+                ("shard", shard.as_str()),
+                ("subprotocol", kind.subprotocol.name()),
+                ("binding", binding_name(kind.binding)),
+            ];
+            out.sample("mbws_connections", &labels, kind.count);
+        }
+    }
+    out.family("mbws_detached_sessions", "gauge", "MBWS sessions without a connection, kept for a resume.");
+    for snapshot in snapshots {
+        let shard = snapshot.report.shard.0.to_string();
+        let detached: usize =
+            snapshot.sessions_by_kind.iter().filter(|kind| !kind.attached).map(|kind| kind.count).sum();
+        out.sample("mbws_detached_sessions", &[("shard", &shard)], detached);
+    }
+    out.per_shard(
+        snapshots,
+        "mbws_queued_messages",
+        "gauge",
+        "Messages waiting in the anycast queues of the shard's addresses.",
+        |s| s.report.queued_messages as u64,
+    );
+    out.per_shard(
+        snapshots,
+        "mbws_queued_bytes",
+        "gauge",
+        "Body bytes waiting in the anycast queues of the shard's addresses.",
+        |s| s.report.queued_bytes as u64,
+    );
+    out.per_shard(
+        snapshots,
+        "mbws_addresses",
+        "gauge",
+        "Addresses the shard owns that hold something (messages, subscribers).",
+        |s| (s.addresses.len() + s.other_address_count) as u64,
+    );
+    out.per_shard(
+        snapshots,
+        "mbws_durable_log_failed",
+        "gauge",
+        "1 once the shard's durable log failed (durable SENDs are refused until a restart), else 0.",
+        |s| u64::from(s.durable_log_failure.is_some()),
+    );
+
+    write_log_commits(&mut out, snapshots);
+    write_addresses(&mut out, snapshots);
+    write_process(&mut out, process);
+    out.text
+}
+
+/// The durable log's group commits: bytes written, and the latency histograms.
+fn write_log_commits(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
+    let logs: Vec<(String, CommitStats)> = snapshots
+        .iter()
+        .filter_map(|snapshot| Some((snapshot.report.shard.0.to_string(), snapshot.log_commits?)))
+        .collect();
+    out.family("mbws_log_written_bytes_total", "counter", "Bytes the durable log's group commits wrote.");
+    for (shard, stats) in &logs {
+        out.sample("mbws_log_written_bytes_total", &[("shard", shard)], stats.bytes_written);
+    }
+    let histograms: [CommitHistogram; 2] = [
+        ("mbws_log_sync_duration_seconds", "Time of one fdatasync of the durable log (one per group commit).", |stats| &stats.sync),
+        ("mbws_log_commit_duration_seconds", "Time of one group commit of the durable log: its write, fdatasync and the deletion of the segments it freed.", |stats| &stats.commit),
+    ];
+    for (name, help, histogram) in histograms {
+        out.family(name, "histogram", help);
+        for (shard, stats) in &logs {
+            out.histogram(name, shard, histogram(stats));
+        }
+    }
+}
+
+/// A histogram of the log's commits: its name, its help, and where it is in the stats.
+type CommitHistogram = (&'static str, &'static str, fn(&CommitStats) -> &LatencyHistogram);
+
+/// The per-address gauges, bounded to [`MAX_ADDRESS_SERIES`] plus `_other`.
+fn write_addresses(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
+    let mut listed: Vec<AddressInfo> =
+        snapshots.iter().flat_map(|snapshot| snapshot.addresses.iter().cloned()).collect();
+    listed.sort_by(|a, b| b.held().cmp(&a.held()).then_with(|| a.name.cmp(&b.name)));
+    let mut other = AddressInfo::default();
+    let mut named = Vec::with_capacity(MAX_ADDRESS_SERIES);
+    for info in listed {
+        // An address that happens to be called `_other` is summed there, so no series repeats.
+        if named.len() < MAX_ADDRESS_SERIES && info.name.as_ref() != OTHER_ADDRESSES.as_bytes() {
+            named.push(info);
+        } else {
+            other.add(&info);
+        }
+    }
+    for snapshot in snapshots {
+        other.add(&snapshot.other_addresses);
+    }
+    let other_is_used =
+        snapshots.iter().any(|snapshot| snapshot.other_address_count > 0) || named.len() == MAX_ADDRESS_SERIES;
+    let names: Vec<String> = named.iter().map(|info| String::from_utf8_lossy(&info.name).into_owned()).collect();
+    let mut series: Vec<(&str, &AddressInfo)> = names.iter().map(String::as_str).zip(&named).collect();
+    if other_is_used {
+        series.push((OTHER_ADDRESSES, &other));
+    }
+    let bounded = format!(
+        "The {MAX_ADDRESS_SERIES} addresses holding the most messages have series of their own, the others are \
+         summed in address=\"{OTHER_ADDRESSES}\"."
+    );
+    let families: [AddressFamily; 4] = [
+        ("mbws_address_queued_messages", "Messages waiting in the address's anycast queue.", |info| {
+            info.queued_messages
+        }),
+        ("mbws_address_queued_bytes", "Body bytes waiting in the address's anycast queue.", |info| info.queued_bytes),
+        ("mbws_address_unacked_messages", "Client-ack deliveries of the address not acknowledged yet.", |info| {
+            info.unacked
+        }),
+        (
+            "mbws_address_multicast_backlog_messages",
+            "Messages waiting for credit in the backlogs of the address's multicast subscribers.",
+            |info| info.multicast_backlog,
+        ),
+    ];
+    for (name, help, value) in families {
+        out.family(name, "gauge", &format!("{help} {bounded}"));
+        for (address, info) in &series {
+            out.sample(name, &[("address", address)], value(info));
+        }
+    }
+    out.family("mbws_address_consumers", "gauge", &format!("Subscribers of the address, by delivery mode. {bounded}"));
+    for (address, info) in &series {
+        out.sample("mbws_address_consumers", &[("address", address), ("mode", "anycast")], info.anycast_consumers);
+        out.sample("mbws_address_consumers", &[("address", address), ("mode", "multicast")], info.multicast_consumers);
+    }
+}
+
+/// A per-address gauge: its name, its help, and its value for one address.
+type AddressFamily = (&'static str, &'static str, fn(&AddressInfo) -> usize);
+
+/// The process figures, under the names Prometheus's client libraries use.
+fn write_process(out: &mut Exposition, process: &ProcessStats) {
+    let floats: [(&str, &str, &str, Option<f64>); 2] = [
+        ("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.", process.cpu_seconds),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the Unix epoch, in seconds.",
+            process.start_time_seconds,
+        ),
+    ];
+    for (name, kind, help, value) in floats {
+        if let Some(value) = value {
+            out.family(name, kind, help);
+            out.sample(name, &[], value);
+        }
+    }
+    let integers: [(&str, &str, Option<u64>); 5] = [
+        ("process_resident_memory_bytes", "Resident memory size, in bytes.", process.resident_memory_bytes),
+        ("process_virtual_memory_bytes", "Virtual memory size, in bytes.", process.virtual_memory_bytes),
+        ("process_open_fds", "Open file descriptors (each connection holds one).", process.open_fds),
+        ("process_max_fds", "The open-file limit.", process.max_fds),
+        ("process_threads", "Threads of the process.", process.threads),
+    ];
+    for (name, help, value) in integers {
+        if let Some(value) = value {
+            out.family(name, "gauge", help);
+            out.sample(name, &[], value);
+        }
+    }
+}
