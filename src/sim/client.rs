@@ -61,6 +61,9 @@ pub enum Kind {
     },
     Consumer {
         address: Bytes,
+        mode: DeliveryMode,
+        /// Auto-ack consumers acknowledge nothing (at most once: PROTOCOL.md 7.5).
+        ack_mode: AckMode,
         credit: u32,
         subscribed: bool,
         /// Unacknowledged deliveries of this session, by delivery-seq.
@@ -112,9 +115,17 @@ impl Client {
         Client::new(id, kind, rng)
     }
 
-    pub fn consumer(id: usize, address: Bytes, credit: u32, late_per_mille: u32, rng: &mut Rng) -> Client {
+    pub fn consumer(
+        id: usize,
+        (address, mode, ack_mode): (Bytes, DeliveryMode, AckMode),
+        credit: u32,
+        late_per_mille: u32,
+        rng: &mut Rng,
+    ) -> Client {
         let kind = Kind::Consumer {
             address,
+            mode,
+            ack_mode,
             credit,
             subscribed: false,
             unacked: BTreeMap::new(),
@@ -244,6 +255,9 @@ impl Client {
         match frame {
             Frame::Opened(opened) => self.opened(now, opened, rng, ledger, out),
             Frame::Receipt(receipt) => self.receipt(receipt.seq, ledger),
+            Frame::Error(error) if !error.fatal && error.subscription_id != 0 => {
+                self.subscription_ended(error.code, ledger, out)
+            }
             Frame::Error(error) if !error.fatal => self.refused(error.seq, error.code, ledger),
             Frame::Error(error) => {
                 let code = error.code;
@@ -325,7 +339,7 @@ impl Client {
                     self.write(send, out);
                 }
             }
-            Kind::Consumer { address, credit, subscribed, acks_unconfirmed, .. } => {
+            Kind::Consumer { address, mode, ack_mode, credit, subscribed, acks_unconfirmed, .. } => {
                 // Nothing ever confirms an ACK, so every one is sent again on every resume.
                 let mut frames: Vec<Frame> = acks_unconfirmed
                     .iter()
@@ -336,8 +350,8 @@ impl Client {
                     let subscribe = Frame::Subscribe(mbws::Subscribe {
                         subscription_id: 1,
                         address: address.clone(),
-                        mode: DeliveryMode::Anycast,
-                        ack_mode: AckMode::Client,
+                        mode: *mode,
+                        ack_mode: *ack_mode,
                         credit: *credit,
                     });
                     frames.push(subscribe);
@@ -363,6 +377,33 @@ impl Client {
             ledger.receipted(pending.key, &pending.address);
         }
         self.answered_seq = self.answered_seq.max(seq);
+    }
+
+    /// The broker ended the subscription (a multicast subscriber fell `max-queued-messages`
+    /// behind: 4429): its deliveries are done with; subscribe again.
+    fn subscription_ended(&mut self, code: u16, ledger: &mut Ledger, out: &mut Vec<Out>) {
+        let id = self.id;
+        let Kind::Consumer { address, mode, ack_mode, credit, subscribed, unacked, acks_due, .. } = &mut self.kind
+        else {
+            ledger.violation(format!("client {id}: a subscription's ERROR {code} for a publisher"));
+            return;
+        };
+        if code != ErrorCode::Overloaded.as_u16() || *mode != DeliveryMode::Multicast {
+            ledger.violation(format!("client {id}: its {mode:?} subscription ended with ERROR {code}"));
+            return;
+        }
+        ledger.subscriptions_ended += 1;
+        unacked.clear();
+        acks_due.clear();
+        *subscribed = false;
+        let subscribe = Frame::Subscribe(mbws::Subscribe {
+            subscription_id: 1,
+            address: address.clone(),
+            mode: *mode,
+            ack_mode: *ack_mode,
+            credit: *credit,
+        });
+        self.write(subscribe, out);
     }
 
     fn refused(&mut self, seq: u64, code: u16, ledger: &mut Ledger) {
@@ -392,10 +433,22 @@ impl Client {
             return;
         }
         self.max_delivery_seq = message.delivery_seq;
-        let Kind::Consumer { credit, unacked, acks_due, late_per_mille, .. } = &mut self.kind else {
+        let Kind::Consumer { mode, ack_mode, credit, unacked, acks_due, late_per_mille, .. } = &mut self.kind else {
             ledger.violation(format!("client {id}: a MESSAGE for a publisher"));
             return;
         };
+        let Some((key, epoch, seq)) = MsgKey::parse(&message.body) else {
+            ledger.violation(format!("client {id}: a body that no publisher sent: {:?}", message.body));
+            return;
+        };
+        let multicast = *mode == DeliveryMode::Multicast;
+        let delivery = (epoch, seq);
+        let named = (&message.address, message.message_id);
+        if *ack_mode == AckMode::Auto {
+            // Credit bounds what is not yet written, which a client cannot see; nothing to ACK.
+            ledger.delivered((id, session), key, delivery, named, message.redelivered, multicast);
+            return;
+        }
         // The broker takes back a delivery at its ack timeout without a word (PROTOCOL.md 7.5),
         // freeing its credit, and a client cannot tell when (a delivery resent on resume may
         // be older than it looks): with ack timeouts the check is the broker's own assertion
@@ -407,11 +460,7 @@ impl Client {
                 message.delivery_seq,
             ));
         }
-        let Some((key, epoch, seq)) = MsgKey::parse(&message.body) else {
-            ledger.violation(format!("client {id}: a body that no publisher sent: {:?}", message.body));
-            return;
-        };
-        ledger.delivered(id, session, key, (epoch, seq), (&message.address, message.message_id), message.redelivered);
+        ledger.delivered((id, session), key, delivery, named, message.redelivered, multicast);
         unacked.insert(message.delivery_seq, key);
         let delay = if !self.settling && rng.chance(*late_per_mille) {
             // Late: past the ack timeout (redelivered meanwhile), or very late.

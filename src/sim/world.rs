@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::conn::lifecycle::{Attachment, State as LifecycleState};
 use crate::conn::outbound::{CreditReturns, Outbound, WriteBatch};
 use crate::conn::state::{superseded_farewell, Expiry, NextWrite, ReadStep, Wake, WriteOutcome, Written};
-use crate::mbws::{self, Binding, ErrorFrame, Frame, Subprotocol};
+use crate::mbws::{self, AckMode, Binding, DeliveryMode, ErrorFrame, Frame, Subprotocol};
 use crate::shard::core::{ConnWakers, ReaderFinished, ShardCore};
 use crate::store::{CommitBatch, DurableLog};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
@@ -81,8 +81,12 @@ pub struct Ledger {
     /// A client's live connection superseded by the resume of one it had given up.
     pub supersede_races: u64,
     pub crashes: u64,
+    /// Multicast subscriptions the broker ended for falling behind (4429), then renewed.
+    pub subscriptions_ended: u64,
     /// Which message each (address, message id) named: an id is never shown for two messages.
     ids: BTreeMap<(Bytes, u64), MsgKey>,
+    /// (consumer, session, message) of every first delivery to a multicast subscriber.
+    multicast_firsts: std::collections::BTreeSet<(usize, u32, MsgKey)>,
     pub receipted: u64,
     pub refused: u64,
 }
@@ -114,12 +118,12 @@ impl Ledger {
 
     pub fn delivered(
         &mut self,
-        consumer: usize,
-        session: u32,
+        (consumer, session): (usize, u32),
         key: MsgKey,
         (publisher_session, seq): (u32, u64),
         (address, message_id): (&Bytes, u64),
         redelivered: bool,
+        multicast: bool,
     ) {
         self.delivered += 1;
         let named = *self.ids.entry((address.clone(), message_id)).or_insert(key);
@@ -139,7 +143,13 @@ impl Ledger {
         if state.may_duplicate {
             return;
         }
-        if state.first_deliveries > 1 {
+        // Anycast: one first delivery in all; multicast: one per subscriber session.
+        let first_here = if multicast {
+            self.multicast_firsts.insert((consumer, session, key))
+        } else {
+            state.first_deliveries == 1
+        };
+        if !first_here {
             self.violations.push(format!(
                 "{key:?} delivered for the first time (redelivered false) {} times: published twice",
                 state.first_deliveries
@@ -163,6 +173,9 @@ impl Ledger {
         let lost: Vec<MsgKey> = self
             .messages
             .iter()
+            // Anycast client-ack addresses only: auto ack is at most once, and a multicast
+            // message published while no subscriber is there goes nowhere.
+            .filter(|(_, state)| state.address.starts_with(b"queue-"))
             .filter(|(_, state)| state.receipted && !state.refused && state.deliveries == 0)
             .map(|(key, _)| *key)
             .collect();
@@ -179,6 +192,10 @@ pub struct Options {
     pub publishers: usize,
     pub consumers: usize,
     pub addresses: usize,
+    /// Multicast subscribers of `topic-0` (client or auto ack), and auto-ack anycast consumers
+    /// of `auto-0`; publishers send there too when there are any.
+    pub multicast_consumers: usize,
+    pub auto_ack_consumers: usize,
     pub messages_per_publisher: u32,
     pub window: usize,
     pub credit: u32,
@@ -211,6 +228,8 @@ impl Options {
             publishers: rng.range(1, 4) as usize,
             consumers: rng.range(1, 4) as usize,
             addresses: rng.range(1, 3) as usize,
+            multicast_consumers: [0, 0, 1, 2][rng.index(4)],
+            auto_ack_consumers: [0, 0, 1][rng.index(3)],
             messages_per_publisher: rng.range(20, 120) as u32,
             window: rng.range(1, 16) as usize,
             credit: rng.range(1, 20) as u32,
@@ -234,7 +253,11 @@ impl Options {
         self.durable = rng.chance(400);
         if self.durable {
             let crashes = [0, 1, 1, 2, 3][rng.index(5)];
-            self.crash_at_ms = (0..crashes).map(|_| rng.range(50, FAULTS_UNTIL_MS - 1_000)).collect();
+            // Mostly while the publishers are busy (their messages take a second or two), and
+            // sometimes later, when only settlements are being logged.
+            self.crash_at_ms = (0..crashes)
+                .map(|_| if rng.chance(800) { rng.range(20, 2_000) } else { rng.range(2_000, FAULTS_UNTIL_MS - 1_000) })
+                .collect();
             self.crash_at_ms.sort_unstable();
         }
         self
@@ -387,6 +410,8 @@ pub struct World {
     /// The socket attached to each connection slot (the newest attachment).
     attached: BTreeMap<(usize, u32, u32), SocketId>,
     clients: Vec<Client>,
+    /// Every address the publishers send to.
+    addresses: Vec<Bytes>,
     /// The client's current socket.
     client_socket: Vec<Option<SocketId>>,
     pub ledger: Ledger,
@@ -402,6 +427,8 @@ pub struct World {
     disk: Disk,
     /// How many times the broker (re)started.
     incarnation: u32,
+    /// A crash waits for the next log write, to strike while it is in flight.
+    crash_at_next_write: bool,
 }
 
 /// Faults (cuts, abandons, crashes) stop at this virtual time; the run then settles.
@@ -487,7 +514,14 @@ impl World {
             log_segment_bytes: 64 * 1024,
             ..Default::default()
         };
-        let addresses: Vec<Bytes> = (0..options.addresses).map(|index| Bytes::from(format!("queue-{index}"))).collect();
+        let queues: Vec<Bytes> = (0..options.addresses).map(|index| Bytes::from(format!("queue-{index}"))).collect();
+        let mut addresses = queues.clone();
+        if options.multicast_consumers > 0 {
+            addresses.push(Bytes::from_static(b"topic-0"));
+        }
+        if options.auto_ack_consumers > 0 {
+            addresses.push(Bytes::from_static(b"auto-0"));
+        }
         let mut clients = Vec::new();
         for _ in 0..options.publishers {
             let id = clients.len();
@@ -499,10 +533,19 @@ impl World {
                 &mut rng,
             ));
         }
-        for index in 0..options.consumers.max(options.addresses) {
+        let mut subscriptions: Vec<(Bytes, DeliveryMode, AckMode)> = (0..options.consumers.max(options.addresses))
+            .map(|index| (queues[index % queues.len()].clone(), DeliveryMode::Anycast, AckMode::Client))
+            .collect();
+        for _ in 0..options.multicast_consumers {
+            let ack_mode = if rng.chance(500) { AckMode::Auto } else { AckMode::Client };
+            subscriptions.push((Bytes::from_static(b"topic-0"), DeliveryMode::Multicast, ack_mode));
+        }
+        for _ in 0..options.auto_ack_consumers {
+            subscriptions.push((Bytes::from_static(b"auto-0"), DeliveryMode::Anycast, AckMode::Auto));
+        }
+        for subscription in subscriptions {
             let id = clients.len();
-            let address = addresses[index % addresses.len()].clone();
-            let mut consumer = Client::consumer(id, address, options.credit, options.late_ack_per_mille, &mut rng);
+            let mut consumer = Client::consumer(id, subscription, options.credit, options.late_ack_per_mille, &mut rng);
             consumer.nack_per_mille = options.nack_per_mille;
             consumer.ack_timeout_ms = options.ack_timeout_ms;
             clients.push(consumer);
@@ -516,6 +559,7 @@ impl World {
             config,
             _data_dir: data_dir,
             incarnation: 0,
+            crash_at_next_write: false,
             options,
             rng,
             now: 0,
@@ -526,6 +570,7 @@ impl World {
             sockets: Vec::new(),
             attached: BTreeMap::new(),
             clients,
+            addresses: addresses.clone(),
             client_socket: vec![None; client_count],
             ledger: Ledger::default(),
             steps: 0,
@@ -617,7 +662,22 @@ impl World {
     /// Every publisher is done, every consumer connected, and no address holds a message.
     fn is_settled(&self) -> bool {
         self.clients.iter().all(|client| client.is_done() && client.is_connected())
-            && self.cores.iter().all(|core| core.addresses().held_total() == (0, 0))
+            && self.held_per_shard().iter().all(|&held| held == (0, 0))
+    }
+
+    /// Messages queued and deliveries unacknowledged per shard, over the addresses that have
+    /// anycast consumers (a multicast-only address keeps what was sent before its first
+    /// subscriber came, for an anycast consumer that never comes: PROTOCOL.md 7.3).
+    fn held_per_shard(&self) -> Vec<(usize, usize)> {
+        self.cores
+            .iter()
+            .map(|core| {
+                self.addresses.iter().filter(|address| !address.starts_with(b"topic-")).fold((0, 0), |held, address| {
+                    let stats = core.addresses().stats(address);
+                    (held.0 + stats.queued, held.1 + stats.unacked)
+                })
+            })
+            .collect()
     }
 
     fn check_end(&mut self) {
@@ -628,7 +688,7 @@ impl World {
                 .filter(|client| !client.is_done() || !client.is_connected())
                 .map(|c| c.id)
                 .collect();
-            let held: Vec<(usize, usize)> = self.cores.iter().map(|core| core.addresses().held_total()).collect();
+            let held = self.held_per_shard();
             self.ledger.violation(format!(
                 "did not settle by {} ms: clients not done or not connected {stuck:?}; (queued, unacked) per \
                  shard {held:?}",
@@ -682,7 +742,15 @@ impl World {
             Event::Chaos => self.chaos(),
             Event::LogWrite(shard) => self.log_write(shard),
             Event::LogSynced(shard) => self.log_synced(shard),
-            Event::Crash => self.crash(),
+            Event::Crash => {
+                // Half the crashes strike while a log write is in flight (between the write and
+                // its fdatasync returning), the moment that tests what was promised durable.
+                if !self.disk.in_flight.is_empty() || self.rng.chance(500) {
+                    self.crash();
+                } else {
+                    self.crash_at_next_write = true;
+                }
+            }
         }
     }
 
@@ -742,6 +810,10 @@ impl World {
         self.disk.in_flight.insert(shard, batch);
         let delay = self.rng.range(0, 8);
         self.schedule(self.now + delay, Event::LogSynced(shard));
+        if std::mem::take(&mut self.crash_at_next_write) {
+            let at = self.now + self.rng.range(0, delay);
+            self.schedule(at, Event::Crash);
+        }
     }
 
     /// The second half: the sync returned; the batch is durable, settled segments go, and the

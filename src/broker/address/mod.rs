@@ -315,14 +315,6 @@ impl AddressTable {
         std::mem::take(&mut self.forwards)
     }
 
-    /// Messages queued and deliveries unacknowledged over every address of this shard (the
-    /// simulator's "nothing held" check at the end of a run).
-    pub fn held_total(&self) -> (usize, usize) {
-        self.addresses.values().fold((0, 0), |(queued, unacked), state| {
-            (queued + state.queue.len(), unacked + state.anycast.iter().map(|s| s.unacked.len()).sum::<usize>())
-        })
-    }
-
     pub fn stats(&self, address: &[u8]) -> AddressStats {
         match self.addresses.get(address) {
             None => AddressStats::default(),
