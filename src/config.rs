@@ -82,6 +82,14 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Origins whose pages may open a WebSocket here ([`check_origin`]); empty: any.
     pub allowed_origins: Vec<String>,
+    /// Sessions without credentials are let in (`--allow-anonymous`; by default when no user
+    /// or token is configured).
+    pub allow_anonymous: bool,
+    /// ... also when listening beyond loopback (`--allow-anonymous-remote`); without it such a
+    /// broker refuses to start.
+    pub allow_anonymous_remote: bool,
+    /// Users, tokens and permissions (the `[auth]` section; docs/SECURITY.md).
+    pub auth: std::sync::Arc<crate::auth::Auth>,
     // No bound on the cross-shard mailboxes: they are unbounded on purpose, and what may wait
     // in them is bounded at its sources (see the module docs of `shard::mailbox`).
 }
@@ -129,6 +137,9 @@ impl Default for Config {
             summary_interval_secs: 60,
             tls: None,
             allowed_origins: Vec::new(),
+            allow_anonymous: true,
+            allow_anonymous_remote: false,
+            auth: Default::default(),
         }
     }
 }
@@ -218,6 +229,19 @@ impl Config {
                     self.max_address_bytes
                 ));
             }
+        }
+        if self.allow_anonymous && !self.listen.ip().is_loopback() && !self.allow_anonymous_remote {
+            return Err(format!(
+                "anonymous sessions are allowed ({}) and --listen {} is beyond loopback: anyone who can reach the \
+                 port could send and consume every address. Give --allow-anonymous-remote if that is meant, or \
+                 configure users or tokens in the [auth] section of --config (docs/SECURITY.md)",
+                if self.auth.has_credentials() {
+                    "--allow-anonymous"
+                } else {
+                    "the default when no user or token is configured"
+                },
+                self.listen
+            ));
         }
         // Settings that are not flags (yet): named as the configuration keys they will become.
         if self.max_address_bytes == 0 || self.max_address_bytes > crate::mbws::binary::MAX_STR8_BYTES {

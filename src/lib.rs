@@ -13,6 +13,7 @@
 
 pub use mbws_proto::{mbws, ws};
 
+pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;
