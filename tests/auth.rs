@@ -277,11 +277,14 @@ fn beyond_loopback_anonymous_access_needs_allow_anonymous_remote() {
     // With users, anonymous access is off by default, so listening beyond loopback is fine.
     let (_, file) = config_file("");
     Broker::start_in(&dir, &["--listen", "0.0.0.0:0", "--config", file.to_str().unwrap()]);
-    // The README's one-command start (loopback, nothing configured) lets anonymous sessions in.
+    // The README's one-command start (loopback, nothing configured) lets anonymous sessions in,
+    // and, having no user or token to check them against, takes any credentials as anonymous.
     let loopback = Broker::start_in(&dir, &[]);
     let mut client = loopback.client();
     let seq = client.send("readme", "hello").unwrap();
     client.wait_receipt(seq).unwrap();
+    mbws_client::Client::connect(&loopback.url(), options("someone", "anything")).expect("taken as anonymous");
+    Peer::opened(&loopback, "/?token=t", &[], binary_open_with("someone", "anything"));
     let _ = std::fs::remove_dir_all(dir);
 }
 

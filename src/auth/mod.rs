@@ -194,6 +194,22 @@ impl Auth {
         !self.users.is_empty() || !self.tokens.is_empty()
     }
 
+    /// The credentials of a connection ([`credentials::credentials`]), or, on a broker with no
+    /// user and no token configured, [`Credentials::Anonymous`] whatever the client sent:
+    /// there is nothing to check them against, and they could grant no more than anonymous
+    /// access (clients that always send credentials keep working with the one-command start).
+    pub fn credentials_of(
+        &self,
+        open: &crate::mbws::Open,
+        upgrade: &UpgradeCredentials,
+    ) -> Result<Credentials, String> {
+        if self.has_credentials() {
+            credentials::credentials(open, upgrade)
+        } else {
+            Ok(Credentials::Anonymous)
+        }
+    }
+
     /// Decides what `credentials` grant (`anonymous_allowed`: the broker's `allow-anonymous`),
     /// at `now_ms` (for the verification cache). Only a password not verified recently needs
     /// the slow step.

@@ -296,7 +296,7 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
     // Credentials are checked before the session answers the OPEN (argon2 off the event loop).
     let access = match &first_open {
         Some(open) => {
-            let credentials = crate::auth::credentials::credentials(open, &upgrade_credentials);
+            let credentials = config.auth.credentials_of(open, &upgrade_credentials);
             let anonymous_allowed = config.allow_anonymous;
             Box::pin(crate::auth::verifier::authenticate(
                 &config.auth,
