@@ -35,6 +35,9 @@ const EXIT_CODES: &str = "Exit codes: 0 done (for consume also: its standard out
                           --count messages; 130 / 143 consume: stopped by SIGINT / SIGTERM (after writing out \
                           and acknowledging what it printed and closing the session).";
 
+const HASH_PASSWORD_EXIT_CODES: &str = "Exit codes: 0 the hash is printed; 1 hashing failed; 2 the password is empty \
+                                        or could not be read.";
+
 /// Runs shorter than this print their count and time, not a rate (which would be noise).
 const MIN_SECONDS_FOR_A_RATE: f64 = 0.1;
 /// Longest single wait of `consume` for the socket: bounds how late a stop signal that
@@ -137,6 +140,7 @@ enum Command {
     },
     /// Print an argon2id hash (PHC string) of a password read from the terminal or standard
     /// input, for `password-hash` in the broker's [[auth.user]] (docs/SECURITY.md).
+    #[command(after_help = HASH_PASSWORD_EXIT_CODES)]
     HashPassword,
 }
 
