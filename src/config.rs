@@ -96,6 +96,14 @@ pub struct Config {
     /// requires (required when it listens beyond loopback).
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<Secret>,
+    /// Sessions without credentials are let in (`--allow-anonymous`; by default when no user
+    /// or token is configured).
+    pub allow_anonymous: bool,
+    /// ... also when listening beyond loopback (`--allow-anonymous-remote`); without it such a
+    /// broker refuses to start.
+    pub allow_anonymous_remote: bool,
+    /// Users, tokens and permissions (the `[auth]` section; docs/SECURITY.md).
+    pub auth: std::sync::Arc<crate::auth::Auth>,
     // No bound on the cross-shard mailboxes: they are unbounded on purpose, and what may wait
     // in them is bounded at its sources (see the module docs of `shard::mailbox`).
 }
@@ -145,6 +153,9 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             admin_listen: Some(DEFAULT_ADMIN_LISTEN.parse().expect("default admin address parses")),
             admin_token: None,
+            allow_anonymous: true,
+            allow_anonymous_remote: false,
+            auth: Default::default(),
         }
     }
 }
@@ -236,6 +247,19 @@ impl Config {
             }
         }
         self.validate_admin(origins)?;
+        if self.allow_anonymous && !self.listen.ip().is_loopback() && !self.allow_anonymous_remote {
+            return Err(format!(
+                "anonymous sessions are allowed ({}) and --listen {} is beyond loopback: anyone who can reach the \
+                 port could send and consume every address. Give --allow-anonymous-remote if that is meant, or \
+                 configure users or tokens in the [auth] section of --config (docs/SECURITY.md)",
+                if self.auth.has_credentials() {
+                    "--allow-anonymous"
+                } else {
+                    "the default when no user or token is configured"
+                },
+                self.listen
+            ));
+        }
         // Settings that are not flags (yet): named as the configuration keys they will become.
         if self.max_address_bytes == 0 || self.max_address_bytes > crate::mbws::binary::MAX_STR8_BYTES {
             return Err(format!(

@@ -16,6 +16,7 @@
 pub use mbws_proto::{mbws, ws};
 
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;

@@ -116,6 +116,15 @@ struct Args {
     /// browsers) are not checked. Without this flag any origin is accepted.
     #[arg(long = "allowed-origin", value_name = "ORIGIN", value_parser = mbws::config::parse_origin)]
     allowed_origins: Vec<String>,
+    /// Let sessions without credentials in (anonymous: every address, unless the configuration's
+    /// [auth.anonymous] says less). The default when the configuration has no [[auth.user]] or
+    /// [[auth.token]]; beyond loopback it needs --allow-anonymous-remote too.
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// Allow anonymous sessions when listening beyond loopback (anyone who reaches the port can
+    /// send and consume); without it, such a broker refuses to start.
+    #[arg(long)]
+    allow_anonymous_remote: bool,
     /// Log level: error, warn, info or debug (debug adds a line per connection step).
     #[arg(long, default_value = Config::default().log_level.name(), value_parser = parse_level)]
     log_level: Level,
@@ -314,6 +323,16 @@ fn warn_about_exposure(config: &Config) {
     if config.listen.ip().is_loopback() {
         return;
     }
+    if config.allow_anonymous {
+        log!(
+            Level::Warn,
+            "listening on {} beyond loopback with anonymous sessions allowed (--allow-anonymous-remote): anyone who \
+             can reach the port can send to and consume from {}; configure users or tokens in [auth] \
+             (docs/SECURITY.md)",
+            config.listen,
+            if config.auth.section.anonymous.is_some() { "what [auth.anonymous] allows" } else { "every address" }
+        );
+    }
     if config.allowed_origins.is_empty() {
         log!(
             Level::Warn,
@@ -415,6 +434,12 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
     }
     if let Some(token) = args.admin_token {
         config.admin_token = Some(Secret::new(token));
+    }
+    if args.allow_anonymous {
+        config.allow_anonymous = true;
+    }
+    if args.allow_anonymous_remote {
+        config.allow_anonymous_remote = true;
     }
     Ok((config, origins))
 }

@@ -74,10 +74,17 @@ fn without_a_list_any_origin_is_upgraded() {
 #[test]
 fn listening_beyond_loopback_without_an_origin_list_warns_at_start() {
     let warning = "beyond loopback without --allowed-origin";
-    let open = Broker::start(&["--listen", "0.0.0.0:0"]);
+    // (Anonymous sessions beyond loopback need --allow-anonymous-remote: tests/auth.rs.)
+    let open = Broker::start(&["--listen", "0.0.0.0:0", "--allow-anonymous-remote"]);
     let line = open.wait_for_log(warning, WAIT).expect("a warning for a broker on every interface without a list");
     assert!(line.contains("WARN") && line.contains("0.0.0.0"), "{line}");
-    let listed = Broker::start(&["--listen", "0.0.0.0:0", "--allowed-origin", "https://app.example.com"]);
+    let listed = Broker::start(&[
+        "--listen",
+        "0.0.0.0:0",
+        "--allow-anonymous-remote",
+        "--allowed-origin",
+        "https://app.example.com",
+    ]);
     let loopback = Broker::start(&[]);
     for broker in [&listed, &loopback] {
         // Both have started (the listening line is logged after the warning would be).

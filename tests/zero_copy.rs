@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use mbws::auth::Access;
 use mbws::broker::address::{AddressLimits, AddressTable};
 use mbws::broker::{AddressCommand, ConnId, ConnRef, ShardId};
 use mbws::config::Config;
@@ -67,7 +68,8 @@ fn multicast_fan_out_writes_the_publishers_buffer_without_copying_the_body() {
     // Subscribers 1..=3, each with its own session and write queue.
     let mut subscribers: Vec<(Session, Outbound)> = (1..=SUBSCRIBERS)
         .map(|index| {
-            let mut session = Session::new(conn(index), Subprotocol::Reliable, config.clone(), index as u64);
+            let mut session =
+                Session::new(conn(index), Subprotocol::Reliable, config.clone(), index as u64, Access::unrestricted());
             let mut outbound = Outbound::new();
             feed(&mut session, &mut outbound, &mut table, open.clone());
             let subscribe = Frame::Subscribe(protocol::Subscribe {
@@ -105,7 +107,7 @@ fn multicast_fan_out_writes_the_publishers_buffer_without_copying_the_body() {
     let Some(WsEvent::Binary(message)) = decoder.next_event(&mut read_buffer).unwrap() else {
         panic!("one binary message");
     };
-    let mut publisher = Session::new(conn(100), Subprotocol::Reliable, config.clone(), 100);
+    let mut publisher = Session::new(conn(100), Subprotocol::Reliable, config.clone(), 100, Access::unrestricted());
     let mut publisher_out = Outbound::new();
     let mut commands = Vec::new();
     let mut fx = Effects { outbound: &mut publisher_out, commands: &mut commands };

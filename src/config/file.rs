@@ -62,14 +62,96 @@ pub struct ConfigFile {
     pub allowed_origin: Option<Vec<String>>,
     pub admin_listen: Option<String>,
     pub admin_token: Option<Secret>,
-    // Sections come after the top-level keys (TOML puts a table's keys after its header):
-    // `pub auth: Option<AuthSection>` and the like, each `deny_unknown_fields`, secrets as
-    // `Secret`.
+    // Sections come after the top-level keys (TOML puts a table's keys after its header), each
+    // `deny_unknown_fields`, secrets as `Secret`.
+    pub auth: Option<AuthSection>,
 }
+
+/// `[auth]`: who may open a session and what it may do (docs/SECURITY.md; checked into a
+/// [`crate::auth::Auth`]).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AuthSection {
+    /// Sessions without credentials (`--allow-anonymous`); default: only when no user or token
+    /// is configured.
+    pub allow_anonymous: Option<bool>,
+    /// Anonymous sessions also when listening beyond loopback (`--allow-anonymous-remote`).
+    pub allow_anonymous_remote: Option<bool>,
+    /// What anonymous sessions may do; default: everything.
+    pub anonymous: Option<GrantSection>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user: Vec<UserSection>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token: Vec<TokenSection>,
+}
+
+/// `[auth.anonymous]`: permissions without an identity.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GrantSection {
+    #[serde(default)]
+    pub send: Vec<String>,
+    #[serde(default)]
+    pub consume: Vec<String>,
+    #[serde(default)]
+    pub deny_send: Vec<String>,
+    #[serde(default)]
+    pub deny_consume: Vec<String>,
+}
+
+/// `[[auth.user]]`: a user, its argon2id password hash (`mbws hash-password`) and permissions.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UserSection {
+    pub name: String,
+    pub password_hash: Secret,
+    #[serde(default)]
+    pub send: Vec<String>,
+    #[serde(default)]
+    pub consume: Vec<String>,
+    #[serde(default)]
+    pub deny_send: Vec<String>,
+    #[serde(default)]
+    pub deny_consume: Vec<String>,
+}
+
+/// `[[auth.token]]`: a static bearer token, stored as its SHA-256 (hex), and its permissions;
+/// `name` only names it in errors.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TokenSection {
+    pub name: String,
+    pub sha256: Secret,
+    #[serde(default)]
+    pub send: Vec<String>,
+    #[serde(default)]
+    pub consume: Vec<String>,
+    #[serde(default)]
+    pub deny_send: Vec<String>,
+    #[serde(default)]
+    pub deny_consume: Vec<String>,
+}
+
+macro_rules! permission_lists {
+    ($($section:ty),*) => {$(
+        impl $section {
+            /// The permission patterns of this entry.
+            pub fn lists(&self) -> crate::auth::PermissionLists<'_> {
+                crate::auth::PermissionLists {
+                    send: &self.send,
+                    consume: &self.consume,
+                    deny_send: &self.deny_send,
+                    deny_consume: &self.deny_consume,
+                }
+            }
+        }
+    )*};
+}
+permission_lists!(GrantSection, UserSection, TokenSection);
 
 /// A secret value of the configuration (a password hash, a token, a key): read as a string,
 /// never shown: `--print-config` and `{:?}` write `<redacted>`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -130,10 +212,25 @@ impl ConfigFile {
         })
     }
 
-    /// The keys this file sets, as spelled in it (for [`Origins`]).
+    /// The keys this file sets, as spelled in it (for [`Origins`]): the top-level keys, and
+    /// the plain keys of each section (`[auth]`'s `allow-anonymous`, which is a flag too), not
+    /// its tables.
     pub fn keys(&self) -> Vec<String> {
+        let is_table = |value: &toml::Value| match value {
+            toml::Value::Table(_) => true,
+            toml::Value::Array(items) => items.first().is_some_and(toml::Value::is_table),
+            _ => false,
+        };
         match toml::Table::try_from(self) {
-            Ok(table) => table.keys().cloned().collect(),
+            Ok(table) => table
+                .into_iter()
+                .flat_map(|(key, value)| match value {
+                    toml::Value::Table(section) => {
+                        section.into_iter().filter(|(_, value)| !is_table(value)).map(|(key, _)| key).collect()
+                    }
+                    _ => vec![key],
+                })
+                .collect(),
             Err(_) => Vec::new(),
         }
     }
@@ -266,6 +363,16 @@ impl ConfigFile {
         if let Some(token) = &self.admin_token {
             config.admin_token = Some(token.clone());
         }
+        if let Some(section) = &self.auth {
+            let file = origins.file().map_or_else(|| "the configuration".into(), |file| file.display().to_string());
+            let auth = crate::auth::Auth::from_section(section).map_err(|error| format!("{file}: {error}"))?;
+            // Without the key, anonymous sessions are allowed only when nobody has credentials.
+            config.allow_anonymous = section.allow_anonymous.unwrap_or(!auth.has_credentials());
+            if let Some(allow) = section.allow_anonymous_remote {
+                config.allow_anonymous_remote = allow;
+            }
+            config.auth = std::sync::Arc::new(auth);
+        }
         Ok(())
     }
 
@@ -304,6 +411,11 @@ impl ConfigFile {
             allowed_origin: Some(config.allowed_origins.clone()),
             admin_listen: Some(super::AdminListen(config.admin_listen).to_string()),
             admin_token: config.admin_token.clone(),
+            auth: Some(AuthSection {
+                allow_anonymous: Some(config.allow_anonymous),
+                allow_anonymous_remote: Some(config.allow_anonymous_remote),
+                ..config.auth.section.clone()
+            }),
         }
     }
 

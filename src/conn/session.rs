@@ -31,6 +31,7 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::outbound::Outbound;
+use crate::auth::{Access, Permissions};
 use crate::broker::sorted_ring::SortedRing;
 use crate::broker::{
     owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, Delivered, Deliveries, FastMap, MessageId, Refusal,
@@ -153,6 +154,11 @@ pub struct Session {
     binding: Binding,
     session_id: Bytes,
     token: u64,
+    /// What the connection's credentials were found to allow, decided before OPEN arrived
+    /// (`crate::auth`): a refusal answers the OPEN with its fatal ERROR.
+    access: Access,
+    /// What the open session may do (nothing before OPEN): every SEND and SUBSCRIBE is checked.
+    permissions: Arc<Permissions>,
     /// False while a detached MBWS session waits for its client to come back.
     attached: bool,
     /// Non-fatal errors about subscriptions produced while detached, sent on resume (bounded by
@@ -185,8 +191,15 @@ pub struct Effects<'a> {
 
 impl Session {
     /// A session of connection `me`; `token` (random, see [`random_token`]) makes its id
-    /// unguessable once it opens.
-    pub fn new(me: ConnRef, subprotocol: Subprotocol, config: Arc<SessionConfig>, token: u64) -> Session {
+    /// unguessable once it opens; `access` is what the connection's credentials allow
+    /// ([`crate::auth`]), applied when the OPEN arrives.
+    pub fn new(
+        me: ConnRef,
+        subprotocol: Subprotocol,
+        config: Arc<SessionConfig>,
+        token: u64,
+        access: Access,
+    ) -> Session {
         Session {
             me,
             subprotocol,
@@ -195,6 +208,8 @@ impl Session {
             binding: Binding::Binary,
             session_id: Bytes::new(),
             token,
+            access,
+            permissions: Arc::new(Permissions::default()),
             attached: true,
             pending_errors: Vec::new(),
             refused_sends: VecDeque::new(),
@@ -460,6 +475,13 @@ impl Session {
             };
             return Err(self.fatal(binding, ErrorCode::UnknownSession, 0, 0, reason, fx));
         }
+        match &self.access {
+            Access::Granted(permissions) => self.permissions = permissions.clone(),
+            Access::Refused(code, reason) => {
+                let (code, reason) = (*code, reason.clone());
+                return Err(self.fatal(binding, code, 0, 0, reason, fx));
+            }
+        }
         let heartbeat_ms = match open.heartbeat_ms {
             0 => 0,
             asked => asked.clamp(MIN_HEARTBEAT_MS, self.config.max_heartbeat_ms.max(MIN_HEARTBEAT_MS)),
@@ -560,6 +582,17 @@ impl Session {
             self.receipt_answered_sends();
             return Ok(());
         }
+        if !self.permissions.may_send(&send.address) {
+            let reason = format!(
+                "SEND: this session may not send to \"{}\" (its permissions, docs/SECURITY.md)",
+                String::from_utf8_lossy(&send.address)
+            );
+            // Like every refused SEND: non-fatal, kept for resumes, covered by the RECEIPT.
+            self.refuse_send(seq, Refusal::new(ErrorCode::Forbidden, reason), fx.outbound);
+            self.inflight_sends.push_back((seq, true));
+            self.receipt_answered_sends();
+            return Ok(());
+        }
         let expires_at_ms = if send.ttl_ms == 0 { 0 } else { now_ms + u64::from(send.ttl_ms) };
         let owner = owner_of(&send.address, self.config.shard_count);
         let message = Arc::new(StoredMessage {
@@ -593,7 +626,15 @@ impl Session {
                 return;
             }
         }
-        let refusal = if self.subscriptions.contains_key(&id) {
+        let refusal = if !self.permissions.may_consume(&subscribe.address) {
+            Some((
+                ErrorCode::Forbidden,
+                format!(
+                    "SUBSCRIBE: this session may not consume from \"{}\" (its permissions, docs/SECURITY.md)",
+                    String::from_utf8_lossy(&subscribe.address)
+                ),
+            ))
+        } else if self.subscriptions.contains_key(&id) {
             Some((
                 ErrorCode::Conflict,
                 format!("SUBSCRIBE: subscription id {} is already in use on this session; pick another id", id.0),
@@ -959,7 +1000,7 @@ mod tests {
 
     fn session(subprotocol: Subprotocol) -> Session {
         let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 1, generation: 1 } };
-        Session::new(me, subprotocol, config(), 7)
+        Session::new(me, subprotocol, config(), 7, Access::unrestricted())
     }
 
     /// Feeds `frames` in order, returns the frames the session answered and the commands.
@@ -1166,7 +1207,7 @@ mod tests {
         let mut config = (*config()).clone();
         config.limits.max_inflight_sends = window;
         let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 1, generation: 1 } };
-        Session::new(me, Subprotocol::Reliable, Arc::new(config), 7)
+        Session::new(me, Subprotocol::Reliable, Arc::new(config), 7, Access::unrestricted())
     }
 
     /// Answers SEND `seq` as its owner would: accepted, or refused with 4429.

@@ -423,7 +423,10 @@ mod tests {
             default_credit: config.default_credit,
         });
         let me = ConnRef { shard: ShardId(0), conn: ConnId { index: 0, generation: 0 } };
-        let mut state = ConnState::new(Session::new(me, subprotocol, session_config, 7), max_outbound_bytes);
+        let mut state = ConnState::new(
+            Session::new(me, subprotocol, session_config, 7, crate::auth::Access::unrestricted()),
+            max_outbound_bytes,
+        );
         let attachment = state.attach(10);
         (state, attachment, Decoder::new(Role::Server, 1 << 20, 1 << 20))
     }

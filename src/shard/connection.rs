@@ -193,7 +193,7 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
         stream.shutdown().await;
         return Opening::Ended;
     };
-    let upgrade = match upgrade {
+    let (upgrade, upgrade_credentials) = match upgrade {
         Ok(Ok(upgrade)) => upgrade,
         Ok(Err(Some(answer))) => {
             let response = match answer {
@@ -265,10 +265,15 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
         }
     };
     let (binding, payload) = first;
+    let first_open = match mbws::decode(binding, payload.clone(), &shard.session_config.codec_limits) {
+        Ok(Frame::Open(open)) => Some(open),
+        _ => None,
+    };
 
-    // A resume goes to the shard that holds the session.
+    // A resume goes to the shard that holds the session (the session id's token is its
+    // credential; the session keeps the permissions of its first OPEN).
     if upgrade.protocol == Subprotocol::Reliable {
-        if let Ok(Frame::Open(open)) = mbws::decode(binding, payload.clone(), &shard.session_config.codec_limits) {
+        if let Some(open) = first_open.as_ref().filter(|open| !open.session_id.is_empty()).cloned() {
             if let Some((home, _, _)) = parse_session_id(&open.session_id) {
                 if home == shard.id {
                     return Opening::Resume(Box::new(Resumption { stream, buf, binding, open }));
@@ -282,8 +287,29 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
         }
     }
 
+    // Credentials are checked before the session answers the OPEN (argon2 off the event loop).
+    let access = match &first_open {
+        Some(open) => {
+            let credentials = config.auth.credentials_of(open, &upgrade_credentials);
+            let anonymous_allowed = config.allow_anonymous;
+            Box::pin(crate::auth::verifier::authenticate(
+                &config.auth,
+                credentials,
+                anonymous_allowed,
+                peer.ip(),
+                now_ms,
+            ))
+            .await
+        }
+        // Not an OPEN: the session refuses it before access matters.
+        None => crate::auth::Access::refused(),
+    };
+    if let crate::auth::Access::Refused(code, _) = &access {
+        log!(Level::Info, "shard {}: OPEN refused", shard.id.0; peer = peer, code = code.as_u16());
+    }
+
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
-    let (me, attachment) = shard.open_session(upgrade.protocol, stream.socket(), binding, payload);
+    let (me, attachment) = shard.open_session(upgrade.protocol, stream.socket(), binding, payload, access);
     shard.note_peer(me.conn, peer);
     log!(
         Level::Info,
@@ -565,7 +591,7 @@ async fn read_upgrade<R: ReadSide>(
     stream: &mut R,
     buf: &mut BytesMut,
     max_bytes: usize,
-) -> Result<handshake::Upgrade<Subprotocol>, Option<NotUpgraded>> {
+) -> Result<(handshake::Upgrade<Subprotocol>, crate::auth::UpgradeCredentials), Option<NotUpgraded>> {
     loop {
         match handshake::parse_request(buf, max_bytes) {
             Ok(Some((request, consumed))) => {
@@ -576,7 +602,7 @@ async fn read_upgrade<R: ReadSide>(
                     handshake::validate_upgrade(&request).map_err(|refusal| Some(NotUpgraded::Refused(refusal)))?;
                 // Bytes after the request (a first frame sent eagerly) stay in `buf`.
                 buf.advance(consumed);
-                return Ok(upgrade);
+                return Ok((upgrade, crate::auth::UpgradeCredentials::from_request(&request)));
             }
             Ok(None) => {}
             Err(refusal) => return Err(Some(NotUpgraded::Refused(refusal))),

@@ -322,7 +322,8 @@ impl ShardCore {
     /// A new connection's first WebSocket message (`binding`, `payload`) after its upgrade to
     /// `subprotocol`: a new session is registered, attached to `socket`, and given the message
     /// (an OPEN, or a fatal error that closes it). `token` is the session's random token
-    /// ([`crate::conn::session::random_token`]). The shell starts the connection's tasks next.
+    /// ([`crate::conn::session::random_token`]); `access` what its credentials allow
+    /// ([`crate::auth`]). The shell starts the connection's tasks next.
     #[allow(clippy::too_many_arguments)]
     pub fn open_session(
         &mut self,
@@ -332,11 +333,12 @@ impl ShardCore {
         payload: Bytes,
         token: u64,
         now_ms: u64,
+        access: crate::auth::Access,
     ) -> (ConnRef, Attachment) {
         let session_config = self.session_config.clone();
         let max_outbound_bytes = self.max_outbound_bytes;
         let me = self.register_conn(|me| {
-            ConnState::new(Session::new(me, subprotocol, session_config, token), max_outbound_bytes)
+            ConnState::new(Session::new(me, subprotocol, session_config, token, access), max_outbound_bytes)
         });
         let state = self.conn_mut(me.conn).expect("a connection just registered");
         let attachment = state.attach(socket);
@@ -780,8 +782,15 @@ mod tests {
             let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
             let payload = mbws::encode(Binding::Binary, &open);
             // The socket number is never used.
-            let (me, attachment) =
-                core.open_session(Subprotocol::Reliable, 3, Binding::Binary, payload.freeze(), 7, now_ms);
+            let (me, attachment) = core.open_session(
+                Subprotocol::Reliable,
+                3,
+                Binding::Binary,
+                payload.freeze(),
+                7,
+                now_ms,
+                crate::auth::Access::unrestricted(),
+            );
             let decoder = crate::ws::message::Decoder::new(crate::ws::Role::Server, 1 << 20, 1 << 20);
             let fake = FakeConn { attachment, decoder, flushes: 0 };
             match conns.conns.get_mut(me.conn.index as usize) {

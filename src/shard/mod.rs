@@ -213,16 +213,18 @@ impl Shard {
     }
 
     /// A new connection's first message: registers its session ([`ShardCore::open_session`],
-    /// with a random token and the time now).
+    /// with a random token, the time now and what its credentials allow).
     pub fn open_session(
         &self,
         subprotocol: Subprotocol,
         socket: RawFd,
         binding: Binding,
         payload: Bytes,
+        access: crate::auth::Access,
     ) -> (ConnRef, Attachment) {
+        let token = random_token();
         let opened =
-            self.core.borrow_mut().open_session(subprotocol, socket, binding, payload, random_token(), now_ms());
+            self.core.borrow_mut().open_session(subprotocol, socket, binding, payload, token, now_ms(), access);
         let mut wakers = self.wakers.borrow_mut();
         let index = opened.0.conn.index as usize;
         if index >= wakers.0.len() {

@@ -1247,8 +1247,15 @@ impl World {
         }
         let s = &mut self.sockets[socket];
         let token = self.rng.next_u64();
-        let (me, attachment) =
-            self.cores[shard].open_session(s.subprotocol, socket as i32, binding, payload, token, self.now);
+        let (me, attachment) = self.cores[shard].open_session(
+            s.subprotocol,
+            socket as i32,
+            binding,
+            payload,
+            token,
+            self.now,
+            crate::auth::Access::unrestricted(),
+        );
         self.start(socket, me, attachment);
     }
 

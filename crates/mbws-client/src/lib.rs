@@ -62,6 +62,10 @@ pub struct ClientOptions {
     /// `wss://` only: the PEM file of the certificate authorities to trust (a self-signed
     /// broker's own certificate will do). `None`: the system's, [`SYSTEM_CA_FILE`].
     pub ca_file: Option<PathBuf>,
+    /// Credentials sent in OPEN (docs/PROTOCOL.md): a user name and its password, or an empty
+    /// `login` with a bearer token as `passcode`. Both empty: anonymous.
+    pub login: String,
+    pub passcode: String,
 }
 
 /// The certificate authorities a `wss://` client trusts unless told otherwise (Debian's
@@ -78,6 +82,8 @@ impl Default for ClientOptions {
             max_message_bytes: 16 * 1024 * 1024,
             reconnect: None,
             ca_file: None,
+            login: String::new(),
+            passcode: String::new(),
         }
     }
 }
@@ -367,8 +373,13 @@ impl Client {
             acked_single: Default::default(),
             reconnects: 0,
         };
-        let open =
-            mbws::Open { version: PROTOCOL_VERSION, heartbeat_ms: client.options.heartbeat_ms, ..Default::default() };
+        let open = mbws::Open {
+            version: PROTOCOL_VERSION,
+            heartbeat_ms: client.options.heartbeat_ms,
+            login: Bytes::copy_from_slice(client.options.login.as_bytes()),
+            passcode: Bytes::copy_from_slice(client.options.passcode.as_bytes()),
+            ..Default::default()
+        };
         client.write_frame(&Frame::Open(open))?;
         client.flush()?;
         let deadline = Instant::now() + client.options.timeout;
@@ -871,6 +882,24 @@ fn read_some(stream: &mut Transport, buf: &mut BytesMut, deadline: Instant, what
         Err(error) if error.kind() == io::ErrorKind::Interrupted => Err(ClientError::Interrupted),
         Err(error) => Err(ClientError::Io(error)),
     }
+}
+
+/// An argon2id hash of `password` with a fresh random salt, as a PHC string
+/// (`$argon2id$v=19$m=19456,t=2,p=1$salt$hash`, argon2's default cost), for `password-hash` in
+/// the broker's `[[auth.user]]`.
+pub fn hash_password(password: &str) -> std::result::Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut salt = [0u8; 16];
+    // SAFETY: getrandom writes at most 16 bytes into the live array.
+    let filled = unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
+    if filled != salt.len() as isize {
+        return Err(format!("no random salt: getrandom failed ({})", io::Error::last_os_error()));
+    }
+    let salt = SaltString::encode_b64(&salt).map_err(|error| format!("salt: {error}"))?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|error| format!("argon2: {error}"))
 }
 
 #[cfg(test)]

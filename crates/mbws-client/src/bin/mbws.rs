@@ -35,6 +35,9 @@ const EXIT_CODES: &str = "Exit codes: 0 done (for consume also: its standard out
                           --count messages; 130 / 143 consume: stopped by SIGINT / SIGTERM (after writing out \
                           and acknowledging what it printed and closing the session).";
 
+const HASH_PASSWORD_EXIT_CODES: &str = "Exit codes: 0 the hash is printed; 1 hashing failed; 2 the password is empty \
+                                        or could not be read.";
+
 /// Runs shorter than this print their count and time, not a rate (which would be noise).
 const MIN_SECONDS_FOR_A_RATE: f64 = 0.1;
 /// Longest single wait of `consume` for the socket: bounds how late a stop signal that
@@ -61,6 +64,13 @@ struct Args {
     /// Seconds to wait for the broker (connect, receipts, the close handshake).
     #[arg(long, global = true, default_value_t = 10.0, value_parser = positive_seconds)]
     wait: f64,
+    /// User name sent in OPEN, with the password from the environment variable MBWS_PASSWORD
+    /// (never a flag: a flag shows in `ps`).
+    #[arg(long, global = true, env = "MBWS_USER")]
+    user: Option<String>,
+    /// A bearer token sent in OPEN (static or JWT), from the environment variable MBWS_TOKEN.
+    #[arg(long, global = true, env = "MBWS_TOKEN", hide_env_values = true, conflicts_with = "user")]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -128,6 +138,82 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Print an argon2id hash (PHC string) of a password read from the terminal or standard
+    /// input, for `password-hash` in the broker's [[auth.user]] (docs/SECURITY.md).
+    #[command(after_help = HASH_PASSWORD_EXIT_CODES)]
+    HashPassword,
+}
+
+/// Reads a password (from the terminal without echo, or one line of standard input) and
+/// prints its argon2id hash, a PHC string for `password-hash` in the broker's [[auth.user]].
+fn hash_password() -> ExitCode {
+    let password = match read_password() {
+        Ok(password) => password,
+        Err(problem) => {
+            eprintln!("mbws hash-password: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    if password.is_empty() {
+        eprintln!("mbws hash-password: the password is empty; type one (or pipe it in on standard input)");
+        return ExitCode::from(2);
+    }
+    match mbws_client::hash_password(&password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(problem) => {
+            eprintln!("mbws hash-password: {problem}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The password: from the terminal with echo off (asked for on standard error), or the first
+/// line of standard input (its newline removed).
+fn read_password() -> Result<String, String> {
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    let mut line = String::new();
+    if terminal {
+        eprint!("Password: ");
+        let _echo = EchoOff::new();
+        stdin.read_line(&mut line).map_err(|error| format!("cannot read the password: {error}"))?;
+        eprintln!();
+    } else {
+        stdin.read_line(&mut line).map_err(|error| format!("cannot read the password from standard input: {error}"))?;
+    }
+    let trimmed = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(trimmed.strip_suffix('\r').unwrap_or(trimmed).to_string())
+}
+
+/// The terminal's echo turned off until dropped.
+struct EchoOff(Option<libc::termios>);
+
+impl EchoOff {
+    fn new() -> EchoOff {
+        // SAFETY: tcgetattr fills the zeroed termios for fd 0; the result is checked.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a live termios the call writes into.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return EchoOff(None);
+        }
+        let mut quiet = saved;
+        quiet.c_lflag &= !libc::ECHO;
+        // SAFETY: sets fd 0's attributes from a valid termios.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &quiet) };
+        EchoOff(Some(saved))
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restores fd 0's attributes as they were.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
+        }
+    }
 }
 
 /// What `consume` does, from its flags.
@@ -143,6 +229,9 @@ struct ConsumePlan {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if matches!(args.command, Command::HashPassword) {
+        return hash_password();
+    }
     if let Err(error) = parse_url_syntax(&args.url) {
         eprintln!("mbws: {error} (set it with --url or MBWS_URL)");
         return ExitCode::from(2);
@@ -152,6 +241,12 @@ fn main() -> ExitCode {
         binding: if args.text { Binding::Text } else { Binding::Binary },
         timeout: Duration::from_secs_f64(args.wait),
         ca_file: args.ca_file.clone(),
+        login: args.user.clone().unwrap_or_default(),
+        passcode: match (&args.user, &args.token) {
+            (Some(_), _) => std::env::var("MBWS_PASSWORD").unwrap_or_default(),
+            (None, Some(token)) => token.clone(),
+            (None, None) => String::new(),
+        },
         ..ClientOptions::default()
     };
     let result = match args.command {
@@ -190,6 +285,7 @@ fn main() -> ExitCode {
             };
             consume(&args.url, options, &plan)
         }
+        Command::HashPassword => unreachable!("answered above"),
     };
     match result {
         Ok(code) => code,

@@ -566,8 +566,8 @@ pub fn verify_accept<P: Subprotocol>(resp: &HttpResponse, key: &str) -> Result<O
 
 const BASE64_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-/// Standard base64 with padding (RFC 4648 section 4).
-fn base64_encode(input: &[u8]) -> String {
+/// Standard base64 with padding (RFC 4648 section 4); also HTTP Basic credentials.
+pub fn base64_encode(input: &[u8]) -> String {
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
         let b0 = chunk[0];
@@ -598,7 +598,7 @@ fn base64_value(character: u8) -> Option<u8> {
 }
 
 /// Decodes standard padded base64; `None` on a wrong length, padding or character.
-fn base64_decode(input: &str) -> Option<Vec<u8>> {
+pub fn base64_decode(input: &str) -> Option<Vec<u8>> {
     let bytes = input.as_bytes();
     if bytes.len() % 4 != 0 {
         return None;

@@ -1,0 +1,344 @@
+//! Authentication and permissions against the real broker (docs/SECURITY.md): users with
+//! argon2id password hashes and static tokens from a configuration file, credentials in the
+//! OPEN frame (the Rust client, and OPEN frames built by hand from docs/PROTOCOL.md's layout),
+//! in the upgrade's Authorization header (Basic, Bearer) and in `?token=` (tungstenite as the
+//! WebSocket peer); 4401 refusals that do not tell an unknown user from a wrong password; 4403
+//! for each permission rule while the session stays up; anonymous access and the loopback rule;
+//! the slow-down of repeated failures; `mbws hash-password`.
+
+mod common;
+#[path = "support/mbws_by_hand.rs"]
+mod mbws_by_hand;
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{temp_dir, Broker};
+use mbws_by_hand::{AckMode, Mode, Reply};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const PASSWORD: &str = "correct horse";
+/// A static token and its SHA-256 (`printf %s "$TOKEN" | sha256sum`).
+const TOKEN: &str = "tok-3f9a1c7e5b2d4680";
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A configuration file with user alice (send orders and audit.*, but not audit.secret;
+/// consume orders and its dead letters), user bob (nothing), and a token that may consume
+/// every address; `extra` goes into `[auth]`.
+fn config_file(extra: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir("auth-config");
+    let hash = mbws_client::hash_password(PASSWORD).unwrap();
+    let text = format!(
+        "[auth]\n{extra}\n\
+         [[auth.user]]\nname = \"alice\"\npassword-hash = \"{hash}\"\nsend = [\"orders\", \"audit.*\"]\n\
+         deny-send = [\"audit.secret\"]\nconsume = [\"orders\", \"DLQ.orders\"]\n\n\
+         [[auth.user]]\nname = \"bob\"\npassword-hash = \"{hash}\"\n\n\
+         [[auth.token]]\nname = \"dashboard\"\nsha256 = \"{}\"\nconsume = [\"*\"]\n",
+        sha256_hex(TOKEN)
+    );
+    let file = dir.join("broker.toml");
+    std::fs::write(&file, text).unwrap();
+    (dir, file)
+}
+
+fn start(extra_auth: &str, flags: &[&str]) -> (Broker, PathBuf) {
+    let (dir, file) = config_file(extra_auth);
+    let mut args = vec!["--config", file.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    let broker = Broker::start(&args);
+    (broker, dir)
+}
+
+fn options(login: &str, passcode: &str) -> mbws_client::ClientOptions {
+    mbws_client::ClientOptions {
+        timeout: IO_TIMEOUT,
+        login: login.into(),
+        passcode: passcode.into(),
+        ..Default::default()
+    }
+}
+
+/// The fatal ERROR a refused connection gets: (code, reason).
+fn refusal(broker: &Broker, login: &str, passcode: &str) -> (u16, String) {
+    match mbws_client::Client::connect(&broker.url(), options(login, passcode)) {
+        Err(mbws_client::ClientError::Broker(error)) => {
+            assert!(error.fatal, "a refused OPEN is fatal: {error:?}");
+            (error.code, String::from_utf8_lossy(&error.reason).into_owned())
+        }
+        Err(other) => panic!("expected an ERROR from the broker, got {other:?}"),
+        Ok(_) => panic!("login {login:?} was accepted"),
+    }
+}
+
+/// An OPEN with `login` and `passcode`, laid out by hand (docs/PROTOCOL.md 6.2).
+fn binary_open_with(login: &str, passcode: &str) -> Vec<u8> {
+    let mut out = vec![1, mbws_by_hand::kind::OPEN, 0];
+    out.extend_from_slice(&0u64.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.push(0); // session-id: empty
+    out.push(login.len() as u8);
+    out.extend_from_slice(login.as_bytes());
+    out.extend_from_slice(&(passcode.len() as u16).to_be_bytes());
+    out.extend_from_slice(passcode.as_bytes());
+    out
+}
+
+/// A tungstenite connection speaking hand-made binary MBWS frames.
+struct Peer {
+    socket: WebSocket<TcpStream>,
+}
+
+impl Peer {
+    /// Upgrades at `path` with `headers`, then sends `open`; returns the peer and the answer.
+    fn open(broker: &Broker, path: &str, headers: &[(&str, &str)], open: Vec<u8>) -> (Peer, Reply) {
+        let stream = TcpStream::connect(broker.addr).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut request = format!("ws://{}{path}", broker.addr).into_client_request().unwrap();
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "MBWS.huawei.com".parse().unwrap());
+        for (name, value) in headers {
+            let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+            request.headers_mut().insert(name, value.parse().unwrap());
+        }
+        let (socket, response) = tungstenite::client(request, stream).expect("upgrade");
+        assert_eq!(response.status(), 101);
+        let mut peer = Peer { socket };
+        peer.send(open);
+        let reply = peer.recv();
+        (peer, reply)
+    }
+
+    fn opened(broker: &Broker, path: &str, headers: &[(&str, &str)], open: Vec<u8>) -> Peer {
+        let (peer, reply) = Peer::open(broker, path, headers, open);
+        assert!(matches!(reply, Reply::Opened { .. }), "expected OPENED, got {reply:?}");
+        peer
+    }
+
+    fn send(&mut self, frame: Vec<u8>) {
+        self.socket.send(Message::Binary(frame.into())).expect("send");
+    }
+
+    fn recv(&mut self) -> Reply {
+        loop {
+            match self.socket.read().expect("a frame from the broker within the timeout") {
+                Message::Binary(payload) => return mbws_by_hand::parse_binary(&payload).unwrap(),
+                Message::Close(_) => return Reply::Close,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends SEND `seq` to `address`; returns the first answer (RECEIPT or ERROR).
+    fn send_to(&mut self, seq: u64, address: &str) -> Reply {
+        self.send(mbws_by_hand::binary_send(seq, address, b"body"));
+        self.recv()
+    }
+
+    fn subscribe_to(&mut self, subscription_id: u32, address: &str) -> Reply {
+        self.send(mbws_by_hand::binary_subscribe(subscription_id, address, Mode::Anycast, AckMode::Client, 10));
+        self.recv()
+    }
+}
+
+fn assert_forbidden(reply: Reply, address: &str) {
+    match reply {
+        Reply::Error { code: 4403, fatal: false, reason, .. } => {
+            assert!(reason.contains(address) && reason.contains("permissions"), "{reason}")
+        }
+        other => panic!("expected a non-fatal 4403 for {address}, got {other:?}"),
+    }
+}
+
+fn assert_refused(reply: Reply) -> String {
+    match reply {
+        Reply::Error { code: 4401, fatal: true, reason, .. } => reason,
+        other => panic!("expected a fatal 4401, got {other:?}"),
+    }
+}
+
+fn assert_never_logged(broker: &Broker, secrets: &[&str]) {
+    for line in broker.log_lines() {
+        for secret in secrets {
+            assert!(!line.contains(secret), "the log shows a secret: {line}");
+        }
+    }
+}
+
+#[test]
+fn a_password_in_open_is_checked_and_a_wrong_password_and_an_unknown_user_are_refused_alike() {
+    let (broker, dir) = start("", &[]);
+    let mut alice = mbws_client::Client::connect(&broker.url(), options("alice", PASSWORD)).expect("alice opens");
+    let seq = alice.send("orders", "first").unwrap();
+    alice.wait_receipt(seq).unwrap();
+    let (code, wrong_password) = refusal(&broker, "alice", "battery staple");
+    assert_eq!(code, 4401);
+    let (code, unknown_user) = refusal(&broker, "mallory", PASSWORD);
+    assert_eq!(code, 4401);
+    assert_eq!(wrong_password, unknown_user, "the reason does not tell whether the user exists");
+    assert!(!wrong_password.contains("alice") && !unknown_user.contains("mallory"), "{wrong_password}");
+    // The text binding carries the same fields.
+    let text_options =
+        mbws_client::ClientOptions { binding: mbws_proto::mbws::Binding::Text, ..options("alice", PASSWORD) };
+    mbws_client::Client::connect(&broker.url(), text_options).expect("alice opens in the text binding");
+    assert_never_logged(&broker, &[PASSWORD, "battery staple"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn basic_and_bearer_headers_the_query_token_and_a_token_in_open_are_accepted_and_wrong_ones_refused() {
+    let (broker, dir) = start("", &[]);
+    let no_credentials = binary_open_with("", "");
+    let basic = format!("Basic {}", mbws_proto::ws::handshake::base64_encode(format!("alice:{PASSWORD}").as_bytes()));
+    Peer::opened(&broker, "/", &[("Authorization", &basic)], no_credentials.clone());
+    let bearer = format!("Bearer {TOKEN}");
+    Peer::opened(&broker, "/", &[("Authorization", &bearer)], no_credentials.clone());
+    Peer::opened(&broker, &format!("/?token={TOKEN}"), &[], no_credentials.clone());
+    // A token in OPEN: an empty login and the token as passcode.
+    Peer::opened(&broker, "/", &[], binary_open_with("", TOKEN));
+
+    let wrong_basic = format!("Basic {}", mbws_proto::ws::handshake::base64_encode(b"alice:nope"));
+    let refused = [
+        Peer::open(&broker, "/", &[("Authorization", &wrong_basic)], no_credentials.clone()).1,
+        Peer::open(&broker, "/", &[("Authorization", "Bearer not-the-token")], no_credentials.clone()).1,
+        Peer::open(&broker, "/?token=not-the-token", &[], no_credentials.clone()).1,
+        Peer::open(&broker, "/", &[], binary_open_with("", "not-the-token")).1,
+    ];
+    let reasons: Vec<String> = refused.into_iter().map(assert_refused).collect();
+    assert!(reasons.iter().all(|reason| *reason == reasons[0]), "one reason for every refusal: {reasons:?}");
+    // Credentials in two places are refused rather than one picked.
+    let (_, twice) = Peer::open(&broker, &format!("/?token={TOKEN}"), &[], binary_open_with("alice", PASSWORD));
+    assert!(assert_refused(twice).contains("one place"));
+    assert_never_logged(&broker, &[PASSWORD, TOKEN, "not-the-token", &basic[6..]]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn permissions_allow_deny_wildcard_and_dead_letter_rules_refuse_with_4403_and_the_session_stays_up() {
+    let (broker, dir) = start("", &[]);
+    let mut alice = Peer::opened(&broker, "/", &[], binary_open_with("alice", PASSWORD));
+    assert_eq!(alice.send_to(1, "orders"), Reply::Receipt { seq: 1 }, "allowed by its exact name");
+    assert_forbidden(alice.send_to(2, "invoices"), "invoices");
+    assert_eq!(alice.recv(), Reply::Receipt { seq: 2 }, "the refused SEND is covered by the RECEIPT");
+    assert_eq!(alice.send_to(3, "audit.eu"), Reply::Receipt { seq: 3 }, "allowed by the prefix audit.*");
+    assert_forbidden(alice.send_to(4, "audit.secret"), "audit.secret");
+    assert_eq!(alice.recv(), Reply::Receipt { seq: 4 });
+    assert_eq!(alice.subscribe_to(2, "DLQ.orders"), Reply::Subscribed { subscription_id: 2 }, "its dead letters");
+    assert_forbidden(alice.subscribe_to(3, "DLQ.invoices"), "DLQ.invoices");
+    assert_forbidden(alice.subscribe_to(4, "audit.eu"), "audit.eu");
+    assert_eq!(alice.subscribe_to(1, "orders"), Reply::Subscribed { subscription_id: 1 });
+    // The session is still up: the message sent to orders arrives.
+    match alice.recv() {
+        Reply::Message { address, body, .. } => assert_eq!((address.as_str(), &body[..]), ("orders", &b"body"[..])),
+        other => panic!("expected the message on orders, got {other:?}"),
+    }
+    // Bob has no permission at all; the token may consume everything (the wildcard), send nothing.
+    let mut bob = Peer::opened(&broker, "/", &[], binary_open_with("bob", PASSWORD));
+    assert_forbidden(bob.subscribe_to(1, "orders"), "orders");
+    let mut dashboard = Peer::opened(&broker, "/", &[], binary_open_with("", TOKEN));
+    assert_eq!(dashboard.subscribe_to(1, "anything.at.all"), Reply::Subscribed { subscription_id: 1 });
+    assert_eq!(dashboard.subscribe_to(2, "DLQ.invoices"), Reply::Subscribed { subscription_id: 2 });
+    assert_forbidden(dashboard.send_to(1, "orders"), "orders");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn anonymous_sessions_are_refused_once_users_exist_unless_allowed() {
+    let (closed, dir) = start("", &[]);
+    let (_, anonymous) = Peer::open(&closed, "/", &[], binary_open_with("", ""));
+    assert!(assert_refused(anonymous).contains("anonymous"));
+    let (open, dir2) = start("", &["--allow-anonymous"]);
+    let mut anonymous = Peer::opened(&open, "/", &[], binary_open_with("", ""));
+    assert_eq!(anonymous.send_to(1, "orders"), Reply::Receipt { seq: 1 });
+    let (limited, dir3) = start("[auth.anonymous]\nconsume = [\"public.*\"]\n", &["--allow-anonymous"]);
+    let mut anonymous = Peer::opened(&limited, "/", &[], binary_open_with("", ""));
+    assert_forbidden(anonymous.send_to(1, "orders"), "orders");
+    for dir in [dir, dir2, dir3] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn beyond_loopback_anonymous_access_needs_allow_anonymous_remote() {
+    let dir = temp_dir("auth-remote");
+    let (status, log) = Broker::try_start_in(&dir, &["--listen", "0.0.0.0:0"]).err().expect("a refusal to start");
+    assert_eq!(status.code(), Some(2), "{log:?}");
+    let said = log.join("\n");
+    assert!(said.contains("beyond loopback") && said.contains("--allow-anonymous-remote"), "{said}");
+    let broker = Broker::start_in(&dir, &["--listen", "0.0.0.0:0", "--allow-anonymous-remote"]);
+    let warning = broker.wait_for_log("anonymous sessions allowed", IO_TIMEOUT).expect("a warning at start");
+    assert!(warning.contains("WARN"), "{warning}");
+    drop(broker);
+    // With users, anonymous access is off by default, so listening beyond loopback is fine.
+    let (_, file) = config_file("");
+    Broker::start_in(&dir, &["--listen", "0.0.0.0:0", "--config", file.to_str().unwrap()]);
+    // The README's one-command start (loopback, nothing configured) lets anonymous sessions in,
+    // and, having no user or token to check them against, takes any credentials as anonymous.
+    let loopback = Broker::start_in(&dir, &[]);
+    let mut client = loopback.client();
+    let seq = client.send("readme", "hello").unwrap();
+    client.wait_receipt(seq).unwrap();
+    mbws_client::Client::connect(&loopback.url(), options("someone", "anything")).expect("taken as anonymous");
+    Peer::opened(&loopback, "/?token=t", &[], binary_open_with("someone", "anything"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn repeated_failures_from_one_address_are_slowed_down() {
+    let (broker, dir) = start("", &["--shards", "1"]);
+    let refusal_time = |broker: &Broker| {
+        let started = Instant::now();
+        assert_refused(Peer::open(broker, "/", &[], binary_open_with("", "wrong-token")).1);
+        started.elapsed()
+    };
+    let first = refusal_time(&broker);
+    refusal_time(&broker);
+    refusal_time(&broker);
+    // After three failures the fourth check waits 500 ms (250 ms, doubling from the third).
+    let fourth = refusal_time(&broker);
+    assert!(fourth >= Duration::from_millis(450), "the fourth refusal took {fourth:?} (the first {first:?})");
+    // A success forgets the failures.
+    Peer::opened(&broker, "/", &[], binary_open_with("", TOKEN));
+    let after_success = refusal_time(&broker);
+    assert!(after_success < Duration::from_millis(450), "{after_success:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn mbws_hash_password_prints_an_argon2id_hash_that_verifies() {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(common::binaries::workspace_binary("mbws"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret phrase\n").unwrap();
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    let Ok(output) = finished.recv_timeout(IO_TIMEOUT) else {
+        // SAFETY: kill(2) on the PID of the child this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("mbws hash-password did not finish within {IO_TIMEOUT:?}");
+    };
+    let output = output.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let hash = printed.trim();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let parsed = PasswordHash::new(hash).unwrap();
+    assert!(argon2::Argon2::default().verify_password(b"s3cret phrase", &parsed).is_ok());
+    assert!(argon2::Argon2::default().verify_password(b"s3cret phrase\n", &parsed).is_err(), "newline removed");
+    // Two hashes of one password differ (a fresh salt each time).
+    let again = mbws_client::hash_password("s3cret phrase").unwrap();
+    assert_ne!(again, hash);
+}
