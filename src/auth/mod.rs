@@ -130,20 +130,17 @@ impl Default for Auth {
     }
 }
 
-/// A well-formed argon2id hash whose password nobody knows (made once; its salt is fixed and
-/// public, which is fine: nothing verifies against it successfully).
+/// A well-formed argon2id hash (argon2's default parameters, as `mbws hash-password` makes)
+/// of a password nobody knows: it was made once from a random string that was not kept.
+/// Verifying against it costs what a real user's check costs, so an unknown user's refusal
+/// takes as long as a wrong password's. A constant: hashing one at start-up would cost every
+/// start about 100 million instructions (it showed in scripts/callgrind-broker.sh).
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$aXky35jatRXHlSGm39azfQ$PDBSfUlqK9Su2KtaQSkgwGmMjwwkIBYPaxk57Q1oL7M";
+
 fn dummy_hash() -> Arc<str> {
-    use argon2::password_hash::{PasswordHasher, SaltString};
     static DUMMY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-    DUMMY
-        .get_or_init(|| {
-            let salt = SaltString::encode_b64(b"mbws-dummy-salt!").expect("16 bytes make a salt");
-            let hash = argon2::Argon2::default()
-                .hash_password(b"no password verifies against this", &salt)
-                .expect("argon2 with default parameters hashes");
-            hash.to_string().into()
-        })
-        .clone()
+    DUMMY.get_or_init(|| DUMMY_HASH.into()).clone()
 }
 
 impl Auth {
@@ -319,6 +316,20 @@ fn parse_sha256_hex(text: &str) -> Result<[u8; 32], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The dummy hash is a valid argon2id hash with the parameters real ones have, so an
+    /// unknown user's check costs what a known user's does.
+    #[test]
+    fn the_dummy_hash_is_a_real_argon2id_hash_with_default_parameters() {
+        assert_eq!(check_password_hash(DUMMY_HASH), Ok(()));
+        let parsed = argon2::password_hash::PasswordHash::new(DUMMY_HASH).expect("a PHC string");
+        let params = argon2::Params::try_from(&parsed).expect("parameters");
+        let default = argon2::Params::default();
+        assert_eq!(
+            (params.m_cost(), params.t_cost(), params.p_cost()),
+            (default.m_cost(), default.t_cost(), default.p_cost())
+        );
+    }
     use crate::config::file::Secret;
     use crate::config::file::{AuthSection, TokenSection, UserSection};
 

@@ -30,7 +30,7 @@ export function brokerBinary() {
  */
 export async function startBroker(flags = []) {
   const dataDir = mkdtempSync(path.join(tmpdir(), 'mbws-js-'));
-  const child = spawn(brokerBinary(), ['--listen', '127.0.0.1:0', '--no-pin', '--data-dir', dataDir, ...flags], {
+  const child = spawn(brokerBinary(), ['--listen', '127.0.0.1:0', '--admin-listen', 'off', '--no-pin', '--data-dir', dataDir, ...flags], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   /** @type {string[]} */
