@@ -54,20 +54,30 @@ impl Pattern {
 struct Rules {
     allow: Vec<Pattern>,
     deny: Vec<Pattern>,
+    /// Every address is allowed (a `*` and no deny rule): checked first, so that a session
+    /// without restrictions (anonymous on loopback, the default) pays one compare per SEND.
+    everything: bool,
 }
 
 impl Rules {
     fn parse(allow: &[String], deny: &[String]) -> Result<Rules, String> {
         let parse_all = |list: &[String]| list.iter().map(|text| Pattern::parse(text)).collect::<Result<Vec<_>, _>>();
-        Ok(Rules { allow: parse_all(allow)?, deny: parse_all(deny)? })
+        Ok(Rules::new(parse_all(allow)?, parse_all(deny)?))
+    }
+
+    fn new(allow: Vec<Pattern>, deny: Vec<Pattern>) -> Rules {
+        let everything = deny.is_empty() && allow.iter().any(|pattern| *pattern == Pattern::Prefix(Box::default()));
+        Rules { allow, deny, everything }
     }
 
     fn allows(&self, address: &[u8]) -> bool {
-        self.allow.iter().any(|pattern| pattern.matches(address)) && !self.deny.iter().any(|p| p.matches(address))
+        self.everything
+            || (self.allow.iter().any(|pattern| pattern.matches(address))
+                && !self.deny.iter().any(|p| p.matches(address)))
     }
 
     fn everything() -> Rules {
-        Rules { allow: vec![Pattern::Prefix(Box::default())], deny: Vec::new() }
+        Rules::new(vec![Pattern::Prefix(Box::default())], Vec::new())
     }
 }
 
