@@ -509,7 +509,14 @@ impl Client {
         if let Kind::Publisher { remaining, next_message, next_seq, unreceipted, window, addresses, .. } =
             &mut self.kind
         {
-            while *remaining > 0 && unreceipted.len() < *window {
+            // The next SEND's seq stays within `window` (<= max-inflight-sends) of the oldest
+            // unreceipted one: counting unreceipted SENDs is not enough, since a refused SEND
+            // leaves the count but not the span, and the broker forgets the ERROR of a SEND that
+            // many seqs back (PROTOCOL.md 11, "Refused SENDs across a resume").
+            let within_window = |unreceipted: &VecDeque<Pending>, next_seq: u64, window: usize| {
+                unreceipted.front().is_none_or(|oldest| next_seq - oldest.seq < window as u64)
+            };
+            while *remaining > 0 && within_window(unreceipted, *next_seq, *window) {
                 let key = MsgKey { publisher: id as u32, message: *next_message };
                 let address = addresses[rng.index(addresses.len())].clone();
                 let body = key.body(session_number, *next_seq);

@@ -88,3 +88,18 @@ fn planted_bugs_are_caught() {
         }
     }
 }
+
+/// Seeds that once broke an invariant, kept so the cause stays fixed:
+/// - 12757: a publisher counted its unreceipted SENDs instead of their span, ran more than
+///   `max-inflight-sends` seqs ahead after a refusal, and took a RECEIPT as covering a SEND
+///   whose ERROR the broker had forgotten (the documented bound, PROTOCOL.md 11): a fault of
+///   the simulated client, whose window is now the span.
+const REGRESSION_SEEDS: &[u64] = &[12_757];
+
+#[test]
+fn regression_seeds_keep_every_invariant() {
+    plant(None);
+    for &seed in REGRESSION_SEEDS {
+        check_seed(seed);
+    }
+}
