@@ -138,11 +138,6 @@ impl Default for Auth {
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$aXky35jatRXHlSGm39azfQ$PDBSfUlqK9Su2KtaQSkgwGmMjwwkIBYPaxk57Q1oL7M";
 
-fn dummy_hash() -> Arc<str> {
-    static DUMMY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| DUMMY_HASH.into()).clone()
-}
-
 impl Auth {
     /// Checks the `[auth]` section: every password hash is an argon2id PHC string, every token
     /// hash 64 hex digits, every pattern valid, no user or token twice. Errors name the entry.
@@ -180,7 +175,7 @@ impl Auth {
             anonymous: Arc::new(anonymous),
             users,
             tokens,
-            dummy_hash: dummy_hash(),
+            dummy_hash: DUMMY_HASH.into(),
             verified_cache: Mutex::new(HashMap::new()),
             section: section.clone(),
         })

@@ -557,12 +557,6 @@ impl ShardCore {
         self.durable_log = Some(log);
     }
 
-    /// Queues commands for address owners (this shard or others), as a connection's session
-    /// produced them.
-    pub fn submit_address_commands(&mut self, commands: &mut Vec<(ShardId, AddressCommand)>) {
-        self.queues.submit_address_commands(commands);
-    }
-
     /// An envelope of commands from another shard: they run in the next round, in order.
     pub fn accept_envelope(&mut self, commands: Vec<Command>) {
         self.queues.work.extend(commands);
@@ -578,7 +572,7 @@ impl ShardCore {
 
     /// Lists a connection for its flush at the end of this round of work (once, however many
     /// commands it got).
-    pub fn mark_dirty(&mut self, id: ConnId) {
+    fn mark_dirty(&mut self, id: ConnId) {
         let index = id.index as usize;
         if index >= self.dirty_generation.len() {
             self.dirty_generation.resize(index + 1, None);

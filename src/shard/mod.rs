@@ -38,7 +38,7 @@ use bytes::{Bytes, BytesMut};
 use crossbeam_channel::Receiver;
 
 use self::core::{ConnWakers, ReaderFinished, ResumeRefusal, Resumed, ShardCore};
-use crate::broker::{AddressCommand, ConnId, ConnRef, ShardId};
+use crate::broker::{ConnId, ConnRef, ShardId};
 use crate::clock::{now_ms, now_unix_ms};
 use crate::config::Config;
 use crate::conn::lifecycle::Attachment;
@@ -334,12 +334,6 @@ impl Shard {
         self.core.borrow_mut().set_writer_running(id, running);
     }
 
-    /// Frees the slot of an ended connection (once its writer is done); commands still
-    /// addressed to it are dropped on arrival.
-    pub fn unregister(&self, id: ConnId) {
-        self.core.borrow_mut().free_if_done(id);
-    }
-
     /// Connections with a socket attached: what a stopping shard waits for (its close
     /// frames). Detached sessions, kept for resume, have nothing to write.
     pub fn attached_connection_count(&self) -> usize {
@@ -366,21 +360,10 @@ impl Shard {
         .await
     }
 
-    /// Queues commands for address owners (this shard or others).
-    pub fn submit_address_commands(&self, commands: &mut Vec<(ShardId, AddressCommand)>) {
-        self.core.borrow_mut().submit_address_commands(commands);
-    }
-
     /// Passes a connection to the shard `home` (see `conn::Adoption`).
     pub fn hand_over(&self, home: ShardId, adoption: Box<connection::Adoption>) {
         assert_ne!(home, self.id, "a resume of this shard's own session is served here, not handed over");
         self.post_office.post(home, Envelope::Adopt(adoption));
-    }
-
-    /// Lists a connection for `flush` at the end of this round of work (once, however many
-    /// commands it got).
-    pub fn mark_dirty(&self, id: ConnId) {
-        self.core.borrow_mut().mark_dirty(id);
     }
 
     /// Runs a round of work in the core ([`ShardCore::run_work`]) with the time read once (a

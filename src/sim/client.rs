@@ -298,8 +298,6 @@ impl Client {
             self.session_id = opened.session_id.clone();
             self.max_delivery_seq = 0;
             self.answered_seq = 0;
-            let session_number = self.session_number;
-            let id = self.id;
             match &mut self.kind {
                 Kind::Publisher { next_seq, unreceipted, .. } => {
                     *next_seq = 1;
@@ -318,7 +316,6 @@ impl Client {
                     unacked.clear();
                     acks_due.clear();
                     acks_unconfirmed.clear();
-                    ledger.new_consumer_session(id, session_number);
                 }
             }
         }

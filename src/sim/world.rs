@@ -114,8 +114,6 @@ impl Ledger {
         self.messages.entry(key).or_default().may_duplicate = true;
     }
 
-    pub fn new_consumer_session(&mut self, _consumer: usize, _session: u32) {}
-
     pub fn delivered(
         &mut self,
         (consumer, session): (usize, u32),
