@@ -131,6 +131,8 @@ impl HandshakeError {
         match self.status {
             426 => head.push_str("Sec-WebSocket-Version: 13\r\n"),
             405 => head.push_str("Allow: GET\r\n"),
+            // A draining broker: try again (the fleet's load balancer picks another broker).
+            503 => head.push_str("Retry-After: 1\r\n"),
             _ => {}
         }
         head.push_str("\r\n");
