@@ -179,7 +179,8 @@ fn command() -> clap::Command {
         });
     }
     command.after_help(
-        "Exit status: 0 after SIGINT or SIGTERM, 1 when the broker cannot start, 2 on bad usage (a bad flag, \
+        "Exit status: 0 after SIGINT or SIGTERM (or the end of a drain, SIGUSR2), 1 when the broker cannot start or \
+         a second SIGINT or SIGTERM cut the stop short, 2 on bad usage (a bad flag, \
          or a bad key or value in the configuration file). With --check-config or --print-config: 0 for a valid \
          configuration, 1 otherwise.",
     )

@@ -203,6 +203,14 @@ fn a_drain_refuses_new_upgrades_and_spreads_the_closes_over_its_duration() {
     let (status, answer) = upgrade(broker.addr);
     assert_eq!(status, 503, "{answer}");
     assert!(answer.contains("Retry-After: 1\r\n") && answer.contains("draining"), "{answer}");
+    let (status, metrics) = http(admin, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let refused_503: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("mbws_upgrades_refused_total{") && line.contains("status=\"503\""))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(refused_503, 1.0, "the one refused upgrade is counted: {metrics}");
 
     let mut closed: Vec<Duration> = drained
         .into_iter()

@@ -17,6 +17,10 @@
 //! - a durable log commit finished, or failed ([`ShardCore::durable_committed`],
 //!   [`ShardCore::durable_failed`]);
 //! - the time is `now_ms` and ack deadlines may have passed ([`ShardCore::expire_acks`]).
+//! - the broker's lifecycle: a graceful stop begins ([`ShardCore::stop_input`]: connections
+//!   stop processing input, so [`ShardCore::inflight_send_count`] falls to 0 as the SENDs taken
+//!   are answered); a SIGHUP reload brings new limits for sessions opened from then on
+//!   ([`ShardCore::set_runtime_limits`]).
 //!
 //! Each event only queues work; [`ShardCore::run_work`] then runs the round: the work queue is
 //! drained (publishes to one address that sit next to each other reach the address table as
@@ -545,6 +549,17 @@ impl ShardCore {
     pub fn attached_conn_count(&self) -> usize {
         self.conns
             .iter()
+            .filter_map(|slot| slot.state.as_ref())
+            .filter(|state| state.lifecycle().socket().is_some())
+            .count()
+    }
+
+    /// Connections with a socket attached whose writer has not finished: at a stop, those
+    /// whose close frame is not written yet.
+    pub fn writing_conn_count(&self) -> usize {
+        self.conns
+            .iter()
+            .filter(|slot| slot.writer_running)
             .filter_map(|slot| slot.state.as_ref())
             .filter(|state| state.lifecycle().socket().is_some())
             .count()

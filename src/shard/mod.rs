@@ -930,18 +930,24 @@ fn run_shard(
         // Sessions get close 1001 here; connections still opening see the event and send their
         // own close 1001 (or, before the upgrade, just close).
         shard.close_all_connections();
-        // Give writers until `close_by` to deliver the close frames.
-        while (shard.attached_connection_count() > 0 || shard.opening_connections.get() > 0)
+        // Writers get until `close_by` to write the close frames (a peer that reads nothing may
+        // hold one back)...
+        while (shard.core.borrow().writing_conn_count() > 0 || shard.opening_connections.get() > 0)
             && Instant::now() < close_by
         {
             monoio::time::sleep(STOP_POLL_INTERVAL).await;
         }
-        let unclosed = shard.attached_connection_count() + shard.opening_connections.get();
+        let unclosed = shard.core.borrow().writing_conn_count() + shard.opening_connections.get();
+        // ...then the peers briefly get to answer them (a peer that does not is not waited for).
+        let echoes_by = close_by.min(Instant::now() + CLOSE_ECHO_WAIT);
+        while shard.attached_connection_count() > 0 && Instant::now() < echoes_by {
+            monoio::time::sleep(STOP_POLL_INTERVAL).await;
+        }
         if unanswered > 0 || unclosed > 0 {
             log!(
                 Level::Warn,
                 "shard {}: the shutdown grace ran out: abandoned {unanswered} unanswered SENDs (their clients got no \
-                 RECEIPT) and {unclosed} connections whose close did not complete",
+                 RECEIPT) and {unclosed} connections whose close frame could not be written",
                 id.0;
                 unanswered_sends = unanswered,
                 unclosed_connections = unclosed,
@@ -968,6 +974,9 @@ fn stop_listening(id: ShardId, listener_fd: std::os::fd::RawFd) {
 /// How long a stopping shard waits for its durable log's last commit when stopped without a
 /// grace ([`Running::shutdown`]).
 const SHUTDOWN_LOG_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a stopping shard waits for its peers to answer its close frames, once written.
+const CLOSE_ECHO_WAIT: Duration = Duration::from_millis(500);
 
 /// How often a stopping shard looks whether its SENDs are answered and its connections closed.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(5);
