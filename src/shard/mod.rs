@@ -579,7 +579,13 @@ impl Shard {
     /// with a fatal ERROR 4503 (`ConnState::end_for_drain`), so a fleet of clients does not
     /// reconnect elsewhere all at once. New upgrades are refused meanwhile (`is_draining`).
     async fn drain(self: Rc<Self>, duration: Duration) {
-        let ids = self.core.borrow().conn_ids();
+        let ids: Vec<ConnId> = {
+            let core = self.core.borrow();
+            // Connected sessions: a detached one has no connection to close (a resume of it
+            // is refused with 503, and it expires).
+            let connected = |id: &ConnId| core.conn(*id).is_some_and(|state| state.lifecycle().socket().is_some());
+            core.conn_ids().into_iter().filter(connected).collect()
+        };
         let count = ids.len() as u32;
         log!(
             Level::Info,

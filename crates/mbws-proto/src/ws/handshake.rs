@@ -16,7 +16,9 @@
 //!
 //! Status codes for a refused upgrade: 405 (not GET), 404 (not `/`), 426 (missing or other
 //! `Sec-WebSocket-Version`), 431 (too large), 400 for everything else, including a missing or
-//! wrong `Upgrade` header (RFC 6455 allows 400 there, and the reason says what is missing).
+//! wrong `Upgrade` header (RFC 6455 allows 400 there, and the reason says what is missing). A
+//! server may refuse for reasons of its own with [`HandshakeError::new`] (the broker: 403 for
+//! an origin, 408 for a slow request, 503 while draining, sent with `Retry-After`).
 
 use std::fmt;
 
