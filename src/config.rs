@@ -88,6 +88,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Seconds between two one-line summaries at info level (0: none).
     pub summary_interval_secs: u64,
+    /// How long a stop (SIGTERM, SIGINT, the end of a drain) may take: in-flight SENDs answered,
+    /// connections closed with 1001, the durable log synced; what is left then is abandoned.
+    pub shutdown_grace_ms: u64,
+    /// How long a drain (`POST /api/drain`, SIGUSR2) spreads the closing of the connections
+    /// over before the broker stops.
+    pub drain_duration_ms: u64,
     /// Serve `wss://` with this certificate and key (docs/SECURITY.md); `None`: plain `ws://`.
     pub tls: Option<crate::tls::TlsFiles>,
     /// Origins whose pages may open a WebSocket here ([`check_origin`]); empty: any.
@@ -149,6 +155,8 @@ impl Default for Config {
             log_level: Level::Info,
             log_format: LogFormat::Text,
             summary_interval_secs: 60,
+            shutdown_grace_ms: 10_000,
+            drain_duration_ms: 30_000,
             tls: None,
             allowed_origins: Vec::new(),
             admin_listen: Some(DEFAULT_ADMIN_LISTEN.parse().expect("default admin address parses")),
@@ -160,7 +168,28 @@ impl Default for Config {
     }
 }
 
+/// The limits a SIGHUP reload changes while the broker runs (docs/OPERATIONS.md, "Reload"):
+/// shards take them through their inbox, and sessions opened from then on get them. An open
+/// session keeps the limits it was opened with, which its OPENED announced to its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeLimits {
+    pub max_inflight_sends: u32,
+    pub max_subscriptions: u32,
+    pub max_credit: u32,
+    pub max_outbound_bytes: usize,
+}
+
 impl Config {
+    /// The limits of this configuration that reload at run time.
+    pub fn runtime_limits(&self) -> RuntimeLimits {
+        RuntimeLimits {
+            max_inflight_sends: self.max_inflight_sends,
+            max_subscriptions: self.max_subscriptions,
+            max_credit: self.max_credit,
+            max_outbound_bytes: self.max_outbound_bytes,
+        }
+    }
+
     /// The durable log settings.
     pub fn log_config(&self) -> crate::store::LogConfig {
         crate::store::LogConfig {
@@ -563,6 +592,20 @@ pub const FLAG_RANGES: &[FlagRange] = &[
         max: DAY_MS / 1000,
         meaning: "seconds, 0 for no summary",
         value: |c| c.summary_interval_secs,
+    },
+    FlagRange {
+        flag: "--shutdown-grace-ms",
+        min: 100,
+        max: 10 * 60 * 1000,
+        meaning: "milliseconds",
+        value: |c| c.shutdown_grace_ms,
+    },
+    FlagRange {
+        flag: "--drain-duration-ms",
+        min: 0,
+        max: DAY_MS,
+        meaning: "milliseconds",
+        value: |c| c.drain_duration_ms,
     },
 ];
 

@@ -136,6 +136,15 @@ struct Args {
     /// messages and bytes); 0: none.
     #[arg(long, default_value_t = Config::default().summary_interval_secs)]
     summary_interval_secs: u64,
+    /// Milliseconds a stop (SIGTERM, SIGINT, the end of a drain) may take: in-flight SENDs are
+    /// answered, connections closed with 1001, the durable log synced; what is not done by then
+    /// is abandoned (and logged). A second SIGTERM or SIGINT exits at once.
+    #[arg(long, default_value_t = Config::default().shutdown_grace_ms)]
+    shutdown_grace_ms: u64,
+    /// Milliseconds a drain (POST /api/drain, SIGUSR2) spreads the closing of the connections
+    /// over (new upgrades get 503 meanwhile); then the broker stops.
+    #[arg(long, default_value_t = Config::default().drain_duration_ms)]
+    drain_duration_ms: u64,
     /// Address of the admin API (health, Prometheus metrics, addresses, sessions over HTTP), as
     /// for --listen, or off. Beyond loopback it requires --admin-token.
     #[arg(long, default_value = DEFAULT_ADMIN_LISTEN, value_parser = mbws::config::parse_admin_listen)]
@@ -170,7 +179,8 @@ fn command() -> clap::Command {
         });
     }
     command.after_help(
-        "Exit status: 0 after SIGINT or SIGTERM, 1 when the broker cannot start, 2 on bad usage (a bad flag, \
+        "Exit status: 0 after SIGINT or SIGTERM (or the end of a drain, SIGUSR2), 1 when the broker cannot start or \
+         a second SIGINT or SIGTERM cut the stop short, 2 on bad usage (a bad flag, \
          or a bad key or value in the configuration file). With --check-config or --print-config: 0 for a valid \
          configuration, 1 otherwise.",
     )
@@ -231,7 +241,8 @@ fn main() -> ExitCode {
     };
     warn_about_exposure(&config);
     let shards = config.shards;
-    let summary_interval_secs = config.summary_interval_secs;
+    // What runs, for a SIGHUP reload to compare the re-read configuration with.
+    let mut current = config.clone();
     if let Some(file) = origins.file() {
         log!(Level::Info, "configuration from {} (flags given override it)", file.display());
     }
@@ -275,35 +286,208 @@ fn main() -> ExitCode {
             "admin API at http://{admin_addr}/ ({access}): /healthz /readyz /metrics /api/addresses /api/sessions"
         );
     }
-    let summary_interval = Duration::from_secs(summary_interval_secs);
     let mut summary = Summary::new(started);
-    let mut next_summary = started + summary_interval;
-    let signal = loop {
-        let wait = (summary_interval_secs > 0).then(|| next_summary.saturating_duration_since(Instant::now()));
+    let mut next_summary = started + Duration::from_secs(current.summary_interval_secs);
+    // When a drain (SIGUSR2, POST /api/drain) is over and the broker stops.
+    let mut drain_ends: Option<Instant> = None;
+    let why = loop {
+        let now = Instant::now();
+        let summary_wait = (current.summary_interval_secs > 0).then(|| next_summary.saturating_duration_since(now));
+        let drain_wait = drain_ends.map(|end| end.saturating_duration_since(now));
+        let wait = match (summary_wait, drain_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match wait_for_signal(&signals, wait) {
-            Some(libc::SIGHUP) => reload(&running),
-            Some(signal) => break signal,
-            None if Instant::now() >= next_summary => {
+            Some(libc::SIGHUP) => {
+                let interval_before = current.summary_interval_secs;
+                reload(&running, &matches, &mut current);
+                if current.summary_interval_secs != interval_before {
+                    next_summary = Instant::now() + Duration::from_secs(current.summary_interval_secs);
+                }
+            }
+            Some(libc::SIGUSR2) => {
+                let duration = Duration::from_millis(current.drain_duration_ms);
+                if running.drain(duration) {
+                    drain_ends = Some(Instant::now() + duration);
+                    log!(
+                        Level::Info,
+                        "draining (lame duck): new upgrades get 503, the connections are closed over {} ms, then the \
+                         broker stops",
+                        duration.as_millis()
+                    );
+                } else {
+                    log!(Level::Info, "received SIGUSR2: already draining");
+                }
+            }
+            Some(signal) => break format!("received {}", signal_name(signal)),
+            None if drain_ends.is_some_and(|end| Instant::now() >= end) => break "the drain is over".to_string(),
+            None if current.summary_interval_secs > 0 && Instant::now() >= next_summary => {
                 log_summary(&mut summary, &running, shards);
                 // The next one an interval later; after a stall (a suspended machine), from now.
-                next_summary = (next_summary + summary_interval).max(Instant::now());
+                let interval = Duration::from_secs(current.summary_interval_secs);
+                next_summary = (next_summary + interval).max(Instant::now());
             }
             None => {} // Woken early (EINTR): wait for the rest.
         }
     };
-    log!(Level::Info, "received signal {signal}; closing connections (1001) and stopping");
-    running.shutdown();
+    stop(running, &signals, Duration::from_millis(current.shutdown_grace_ms), &why)
+}
+
+/// A graceful stop within `grace` (docs/OPERATIONS.md, "Stop"): the shards stop accepting and
+/// reading, the SENDs they took are answered (for up to half the grace), every connection is
+/// closed with 1001 (until three quarters of it), the durable logs are synced, and the process
+/// exits 0; what is not done by then is abandoned, and logged. A second SIGINT or SIGTERM
+/// meanwhile exits at once, with status 1.
+fn stop(running: mbws::shard::Running, signals: &libc::sigset_t, grace: Duration, why: &str) -> ExitCode {
+    let started = Instant::now();
+    let deadline = started + grace;
+    log!(
+        Level::Info,
+        "{why}: stopping within {} ms: answering the SENDs in flight, then closing connections (1001)",
+        grace.as_millis()
+    );
+    let shards = running.shard_count();
+    let answered = running.stop_input();
+    let mut quiet = 0;
+    let answers_by = started + grace / 2;
+    while quiet < shards && Instant::now() < answers_by {
+        if let Err(code) = exit_on_second_signal(signals, Duration::ZERO) {
+            return code;
+        }
+        if answered.recv_timeout(STOP_POLL.min(answers_by.saturating_duration_since(Instant::now()))).is_ok() {
+            quiet += 1;
+        }
+    }
+    if quiet < shards {
+        log!(
+            Level::Warn,
+            "{} of {shards} shards still had SENDs in flight after {} ms (half the shutdown grace); closing anyway",
+            shards - quiet,
+            (grace / 2).as_millis()
+        );
+    }
+    // A little before the deadline, so that the main thread can still exit on time.
+    let exit_by = deadline.checked_sub(STOP_POLL).unwrap_or(deadline).max(Instant::now());
+    running.begin_shutdown(started + grace * 3 / 4, exit_by);
+    while running.running_shards() > 0 && Instant::now() < deadline {
+        if let Err(code) =
+            exit_on_second_signal(signals, STOP_POLL.min(deadline.saturating_duration_since(Instant::now())))
+        {
+            return code;
+        }
+    }
+    let unfinished = running.running_shards();
+    if unfinished > 0 {
+        log!(
+            Level::Warn,
+            "the shutdown grace ({} ms) ran out with {unfinished} shards still stopping; exiting without them (a durable \
+             message is receipted only once synced, so none receipted is lost)",
+            grace.as_millis()
+        );
+        // Exits without joining the shards (a clean ExitCode return would wait for them).
+        std::process::exit(0);
+    }
+    running.join();
     log!(Level::Info, "stopped");
     ExitCode::SUCCESS
 }
 
-/// SIGHUP: re-reads the TLS certificate and key (the only settings that reload); open
-/// connections keep the session they have.
-fn reload(running: &mbws::shard::Running) {
-    let Some(tls) = &running.tls else {
-        log!(Level::Info, "received SIGHUP: there are no settings to reload (no --tls-cert); still running");
-        return;
-    };
+/// How often the stopping main thread looks at the shards and for a second signal.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// Waits up to `timeout` for a signal; a second SIGINT or SIGTERM exits the process at once
+/// (status 1: the stop was cut short), others are ignored while stopping.
+fn exit_on_second_signal(signals: &libc::sigset_t, timeout: Duration) -> Result<(), ExitCode> {
+    match wait_for_signal(signals, Some(timeout)) {
+        Some(signal @ (libc::SIGINT | libc::SIGTERM)) => {
+            log!(
+                Level::Warn,
+                "received {} while stopping: exiting at once (status 1); connections are cut without a close frame, \
+                 SENDs not receipted yet are lost to their clients (they were not receipted), receipted durable \
+                 messages are safe",
+                signal_name(signal)
+            );
+            std::process::exit(1);
+        }
+        Some(signal) => {
+            log!(Level::Info, "ignoring {} while stopping", signal_name(signal));
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    match signal {
+        libc::SIGINT => "SIGINT".to_string(),
+        libc::SIGTERM => "SIGTERM".to_string(),
+        libc::SIGHUP => "SIGHUP".to_string(),
+        libc::SIGUSR2 => "SIGUSR2".to_string(),
+        other => format!("signal {other}"),
+    }
+}
+
+/// A setting that a SIGHUP reload applies while the broker runs, by its configuration key:
+/// `apply` copies it from the re-read configuration into the running one. Everything else
+/// takes a restart (docs/OPERATIONS.md, "Reload" lists both).
+struct Reloadable {
+    key: &'static str,
+    apply: fn(running: &mut Config, reread: &Config),
+}
+
+/// What a SIGHUP reloads. The logging and the summary interval apply at once; the limits go to
+/// the shards (through their inboxes) and apply to sessions opened from then on; the grace and
+/// drain durations apply to the next stop or drain. The TLS certificate and key files are
+/// re-read as well (not their paths).
+const RELOADABLE: &[Reloadable] = &[
+    Reloadable { key: "log-level", apply: |running, reread| running.log_level = reread.log_level },
+    Reloadable { key: "log-format", apply: |running, reread| running.log_format = reread.log_format },
+    Reloadable {
+        key: "summary-interval-secs",
+        apply: |running, reread| running.summary_interval_secs = reread.summary_interval_secs,
+    },
+    Reloadable {
+        key: "max-inflight-sends",
+        apply: |running, reread| running.max_inflight_sends = reread.max_inflight_sends,
+    },
+    Reloadable {
+        key: "max-subscriptions",
+        apply: |running, reread| running.max_subscriptions = reread.max_subscriptions,
+    },
+    Reloadable { key: "max-credit", apply: |running, reread| running.max_credit = reread.max_credit },
+    Reloadable {
+        key: "max-outbound-bytes",
+        apply: |running, reread| running.max_outbound_bytes = reread.max_outbound_bytes,
+    },
+    Reloadable {
+        key: "shutdown-grace-ms",
+        apply: |running, reread| running.shutdown_grace_ms = reread.shutdown_grace_ms,
+    },
+    Reloadable {
+        key: "drain-duration-ms",
+        apply: |running, reread| running.drain_duration_ms = reread.drain_duration_ms,
+    },
+];
+
+/// SIGHUP: re-reads the configuration file (the flags given at start still override it),
+/// checks all of it, and applies what can change at run time ([`RELOADABLE`]), logging one
+/// line with each change; a file that is not valid changes nothing (the line says why). Then
+/// re-reads the TLS certificate and key; open connections keep the session they have.
+fn reload(running: &mbws::shard::Running, matches: &clap::ArgMatches, current: &mut Config) {
+    let reread = Args::from_arg_matches(matches)
+        .map_err(|error| error.to_string())
+        .and_then(|args| config_from(args, matches))
+        .and_then(|(config, origins)| config.validate_from(&origins).map(|()| config));
+    match reread {
+        Err(problem) => log!(
+            Level::Warn,
+            "received SIGHUP: the configuration is not valid, nothing reloaded (still running with the previous \
+             one): {problem}"
+        ),
+        Ok(reread) => apply_reload(running, current, &reread),
+    }
+    let Some(tls) = &running.tls else { return };
     let files = tls.files();
     match tls.reload() {
         Ok(()) => log!(
@@ -315,6 +499,54 @@ fn reload(running: &mbws::shard::Running) {
         ),
         Err(problem) => log!(Level::Warn, "received SIGHUP: keeping the TLS certificate in use: {problem}"),
     }
+}
+
+/// Applies the reloadable changes of `reread` to `current` and to the shards, and logs them.
+fn apply_reload(running: &mbws::shard::Running, current: &mut Config, reread: &Config) {
+    let before = effective_keys(current);
+    let after = effective_keys(reread);
+    let mut changed = Vec::new();
+    let mut needs_restart = Vec::new();
+    for (key, old) in &before {
+        let new = after.get(key).cloned().unwrap_or_default();
+        if *old == new {
+            continue;
+        }
+        match RELOADABLE.iter().find(|reloadable| reloadable.key == key) {
+            Some(reloadable) => {
+                (reloadable.apply)(current, reread);
+                changed.push(format!("{key} {old} -> {new}"));
+            }
+            None => needs_restart.push(format!("{key} ({old} -> {new})")),
+        }
+    }
+    logging::set_level(current.log_level);
+    logging::set_format(current.log_format);
+    running.reload_limits(current.runtime_limits());
+    if changed.is_empty() {
+        log!(Level::Info, "received SIGHUP: the configuration is valid; no setting that reloads changed");
+    } else {
+        log!(
+            Level::Info,
+            "received SIGHUP: reloaded: {} (limits apply to sessions opened from now on)",
+            changed.join(", ")
+        );
+    }
+    if !needs_restart.is_empty() {
+        log!(
+            Level::Warn,
+            "received SIGHUP: changed but taking a restart (still running with the old values): {}",
+            needs_restart.join(", ")
+        );
+    }
+}
+
+/// Every key of `config` and its value as TOML text (sections as one key each), to compare two
+/// configurations key by key.
+fn effective_keys(config: &Config) -> std::collections::BTreeMap<String, String> {
+    let text = ConfigFile::effective(config).to_toml();
+    let table: toml::Table = text.parse().expect("the effective configuration reads back as TOML");
+    table.into_iter().map(|(key, value)| (key, value.to_string())).collect()
 }
 
 /// Warns when the broker can be reached from other machines without the protections a
@@ -412,6 +644,8 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
         log_level,
         log_format,
         summary_interval_secs,
+        shutdown_grace_ms,
+        drain_duration_ms,
     );
     if given("handshake_timeout_ms") {
         config.handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
@@ -500,15 +734,16 @@ fn raise_open_file_limit() {
     log!(Level::Info, "open-file limit {before} (the hard limit; each connection takes one)");
 }
 
-/// SIGINT and SIGTERM stop the broker; SIGHUP (what a service manager or a closed terminal
-/// sends) reloads the TLS certificate, and is otherwise logged and ignored.
+/// SIGINT and SIGTERM stop the broker (a second one exits at once); SIGHUP (what a service
+/// manager's reload or a closed terminal sends) reloads what can be reloaded; SIGUSR2 starts a
+/// drain (lame duck).
 fn block_handled_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is an array of integers, for which all-zero bytes are valid; sigemptyset
     // below makes it the empty set whatever its representation.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: sigemptyset writes the live `set` it is given.
     unsafe { libc::sigemptyset(&mut set) };
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR2] {
         // SAFETY: sigaddset writes the live, initialized `set`; each signal number is valid.
         unsafe { libc::sigaddset(&mut set, signal) };
     }

@@ -270,6 +270,62 @@ fn metrics_counters_move_by_exactly_the_messages_sent() {
     assert!(after.contains_key("process_cpu_seconds_total"));
 }
 
+/// One raw upgrade request `head` (the request line and headers), the answer's status.
+fn raw_upgrade(broker: &Broker, head: &str) -> u16 {
+    let mut stream = TcpStream::connect_timeout(&broker.addr, WAIT).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(format!("{head}\r\n\r\n").as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    text.split(' ').nth(1).and_then(|status| status.parse().ok()).unwrap_or_else(|| panic!("no status: {text:?}"))
+}
+
+/// `mbws_upgrades_refused_total{status}` moves by exactly the upgrades refused, by status.
+#[test]
+fn refused_upgrades_are_counted_by_status() {
+    let broker = Broker::start(&["--shards", "2", "--allowed-origin", "https://app.example.com"]);
+    let admin = broker.admin_addr();
+    let upgrade = |path: &str, version: &str, extra: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\
+             Sec-WebSocket-Protocol: MBWS.huawei.com{extra}"
+        )
+    };
+    let by_status = |series: &Series, status: u16| -> f64 {
+        let label = format!("status=\"{status}\"");
+        series
+            .iter()
+            .filter(|(key, _)| key.starts_with("mbws_upgrades_refused_total{") && key.contains(&label))
+            .map(|(_, value)| value)
+            .sum()
+    };
+    let before = scrape(admin, None);
+    let made = [
+        (404, upgrade("/elsewhere", "13", "")),
+        (404, upgrade("/elsewhere", "13", "")),
+        (426, upgrade("/", "8", "")),
+        (403, upgrade("/", "13", "\r\nOrigin: https://evil.example")),
+        (
+            400,
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13"
+                .into(),
+        ),
+    ];
+    for (status, head) in &made {
+        assert_eq!(raw_upgrade(&broker, head), *status, "{head}");
+    }
+    // A good upgrade is not counted.
+    drop(broker.client());
+    let after = scrape(admin, None);
+    for status in [400, 403, 404, 426, 503] {
+        let expected = made.iter().filter(|(made, _)| *made == status).count() as f64;
+        assert_eq!(by_status(&after, status) - by_status(&before, status), expected, "status {status}");
+    }
+    assert_eq!(total(&after, "mbws_upgrades_refused_total") - total(&before, "mbws_upgrades_refused_total"), 5.0);
+}
+
 /// Queue depth and unacknowledged deliveries per address, in /api/addresses, one address's
 /// own answer, and the metrics; a refusal is counted by its code.
 #[test]

@@ -20,6 +20,8 @@ const NEEDS_SYSTEMD: &[&str] = &[
     "systemctl restart mbws-broker",
     "journalctl -u mbws-broker -f",
     "systemctl stop mbws-broker",
+    "systemctl kill --signal=SIGUSR2 mbws-broker",
+    "systemctl kill --signal=SIGHUP mbws-broker",
 ];
 
 /// Where the test binaries are: `--binaries` for install.sh (no release build in a test).

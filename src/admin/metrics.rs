@@ -156,6 +156,21 @@ pub fn render(snapshots: &[ShardSnapshot], shards: usize, process: &ProcessStats
     }
 
     out.family(
+        "mbws_upgrades_refused_total",
+        "counter",
+        "WebSocket upgrades refused, by HTTP status (400 bad request, 403 origin, 404 path, 408 timeout, 426 version, \
+         431 too large, 503 draining).",
+    );
+    for snapshot in snapshots {
+        let shard = snapshot.report.shard.0.to_string();
+        let mut refused = snapshot.upgrades_refused.clone();
+        refused.sort_unstable();
+        for (status, count) in &refused {
+            out.sample("mbws_upgrades_refused_total", &[("shard", &shard), ("status", &status.to_string())], count);
+        }
+    }
+
+    out.family(
         "mbws_connections",
         "gauge",
         "Open connections (sessions with a connection), by subprotocol and binding.",

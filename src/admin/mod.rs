@@ -1,5 +1,5 @@
-//! The admin API: health, Prometheus metrics, addresses (list, one, purge) and sessions (list,
-//! close) over HTTP/1.1 (`--admin-listen`, default 127.0.0.1:7448; docs/OPERATIONS.md lists
+//! The admin API: health, Prometheus metrics, addresses (list, one, purge), sessions (list,
+//! close) and the drain (lame duck) over HTTP/1.1 (`--admin-listen`, default 127.0.0.1:7448; docs/OPERATIONS.md lists
 //! every endpoint).
 //!
 //! It runs off the message path: one thread (`mbws-admin`) accepts on a blocking std listener
@@ -164,10 +164,11 @@ impl Admin {
             ["api", "sessions"] => only_get(method).unwrap_or_else(|| self.sessions(limit)),
             ["api", "addresses", name, "purge"] => only(method, "POST").unwrap_or_else(|| self.purge(name)),
             ["api", "sessions", id] => only(method, "DELETE").unwrap_or_else(|| self.close_session(id)),
+            ["api", "drain"] => only(method, "POST").unwrap_or_else(|| self.drain()),
             _ => Response::error(
                 404,
                 format!(
-                    "no admin endpoint at {}: see /healthz, /readyz, /metrics, /api/addresses, /api/sessions \
+                    "no admin endpoint at {}: see /healthz, /readyz, /metrics, /api/addresses, /api/sessions, /api/drain \
                      (docs/OPERATIONS.md)",
                     request.path
                 ),
@@ -202,6 +203,13 @@ impl Admin {
     /// (the logs were recovered before the shards started).
     fn readyz(&self) -> Response {
         let shards = self.inspector.shard_count();
+        if self.inspector.is_draining() {
+            return Response::json(
+                503,
+                &json!({ "status": "draining", "shards": shards, "problems": ["the broker is draining (lame duck) \
+                    and takes no new connections"] }),
+            );
+        }
         let snapshots = self.snapshot(&SnapshotRequest::default());
         let mut problems: Vec<String> = snapshots
             .iter()
@@ -222,6 +230,14 @@ impl Admin {
         } else {
             Response::json(503, &json!({ "status": "not ready", "shards": shards, "problems": problems }))
         }
+    }
+
+    /// Lame duck (`POST /api/drain`, as SIGUSR2): new upgrades are refused (503), /readyz
+    /// answers 503, the connections are closed over `--drain-duration-ms`, then the broker stops.
+    fn drain(&self) -> Response {
+        let started = self.inspector.start_drain();
+        log!(Level::Info, "admin: drain requested{}", if started { "" } else { " (already draining)" });
+        Response::json(202, &json!({ "status": "draining", "already_draining": !started }))
     }
 
     fn metrics(&self) -> Response {

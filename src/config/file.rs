@@ -57,6 +57,8 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     pub log_format: Option<String>,
     pub summary_interval_secs: Option<u64>,
+    pub shutdown_grace_ms: Option<u64>,
+    pub drain_duration_ms: Option<u64>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub allowed_origin: Option<Vec<String>>,
@@ -328,6 +330,12 @@ impl ConfigFile {
         if let Some(value) = number("--summary-interval-secs", self.summary_interval_secs)? {
             config.summary_interval_secs = value;
         }
+        if let Some(value) = number("--shutdown-grace-ms", self.shutdown_grace_ms)? {
+            config.shutdown_grace_ms = value;
+        }
+        if let Some(value) = number("--drain-duration-ms", self.drain_duration_ms)? {
+            config.drain_duration_ms = value;
+        }
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
                 config.tls = Some(crate::tls::TlsFiles { cert: cert.clone(), key: key.clone() });
@@ -406,6 +414,8 @@ impl ConfigFile {
             log_level: Some(config.log_level.name().to_string()),
             log_format: Some(config.log_format.name().to_string()),
             summary_interval_secs: Some(config.summary_interval_secs),
+            shutdown_grace_ms: Some(config.shutdown_grace_ms),
+            drain_duration_ms: Some(config.drain_duration_ms),
             tls_cert: config.tls.as_ref().map(|tls| tls.cert.clone()),
             tls_key: config.tls.as_ref().map(|tls| tls.key.clone()),
             allowed_origin: Some(config.allowed_origins.clone()),

@@ -960,6 +960,13 @@ impl Session {
         self.unprompted_fatal_error(ErrorCode::Forbidden, reason, outbound)
     }
 
+    /// A drain ends this session: a fatal ERROR 4503 (unavailable) with `reason`, and the
+    /// session is not kept for a resume (the broker is going away).
+    pub fn end_for_drain(&mut self, reason: String, outbound: &mut Outbound) -> SessionEnd {
+        self.state = State::Closed;
+        self.unprompted_fatal_error(ErrorCode::Unavailable, reason, outbound)
+    }
+
     /// Queues a fatal ERROR and returns how the connection must close.
     fn fatal(
         &mut self,

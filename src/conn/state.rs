@@ -30,6 +30,9 @@ pub struct ConnState {
     lifecycle: Lifecycle,
     /// Who began closing the current attachment, with what code and reason (for the log).
     close: Option<CloseReason>,
+    /// The broker is stopping: no more input is processed (the reader pauses), so the SENDs
+    /// already taken can be answered before the close ([`ConnState::stop_input`]).
+    input_stopped: bool,
 }
 
 /// Why a connection closed: the first close frame, the broker's or the peer's.
@@ -132,7 +135,15 @@ impl ConnState {
             max_outbound_bytes,
             lifecycle: Lifecycle::default(),
             close: None,
+            input_stopped: false,
         }
+    }
+
+    /// The broker is stopping: input is no longer processed (bytes read stay unread, their
+    /// SENDs unanswered, as if never sent), while what was taken is answered. A close still
+    /// goes through (the reader then reads on to the peer's close frame).
+    pub fn stop_input(&mut self) {
+        self.input_stopped = true;
     }
 
     /// Who closed the current attachment and why; `None` if its socket ended without a close.
@@ -156,7 +167,9 @@ impl ConnState {
     /// more SENDs and the write queue is under its bound.
     pub fn reader_may_continue(&self) -> bool {
         self.lifecycle.is_stopping()
-            || (self.session.can_accept_sends() && self.outbound.queued_bytes() < self.max_outbound_bytes)
+            || (!self.input_stopped
+                && self.session.can_accept_sends()
+                && self.outbound.queued_bytes() < self.max_outbound_bytes)
     }
 
     /// End of a round of work: cumulative receipt; the writer has something to write, the
@@ -182,6 +195,19 @@ impl ConnState {
             return false;
         }
         let end = self.session.end_by_operator(reason, &mut self.outbound);
+        self.begin_close(end.close_code, &end.reason);
+        true
+    }
+
+    /// A drain closes this connection (docs/OPERATIONS.md, "Drain"): a fatal ERROR 4503
+    /// (unavailable) with `reason`, then the close with 4503; the session is not kept for a
+    /// resume (its client opens a new one on another broker). False (nothing done) unless a
+    /// socket is attached and still processes input. Wake both tasks.
+    pub fn end_for_drain(&mut self, reason: String) -> bool {
+        if !matches!(self.lifecycle.state(), super::lifecycle::State::Running { .. }) {
+            return false;
+        }
+        let end = self.session.end_for_drain(reason, &mut self.outbound);
         self.begin_close(end.close_code, &end.reason);
         true
     }

@@ -198,6 +198,7 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
         Ok(Err(Some(answer))) => {
             let response = match answer {
                 NotUpgraded::Refused(refusal) => {
+                    shard.count_refused_upgrade(refusal.status);
                     log!(
                         Level::Info,
                         "shard {}: upgrade refused", shard.id.0;
@@ -225,6 +226,7 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
                     config.handshake_timeout.as_millis()
                 ),
             };
+            shard.count_refused_upgrade(refusal.status);
             let _ = stream.write_bytes(refusal.response()).await;
             stream.shutdown().await;
             return Opening::Ended;
@@ -232,7 +234,17 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
     };
     if let Err(reason) = crate::config::check_origin(&config.allowed_origins, upgrade.origin.as_deref()) {
         log!(Level::Debug, "shard {}: refused upgrade from {peer}: 403 {reason}", shard.id.0);
+        shard.count_refused_upgrade(403);
         let _ = stream.write_bytes(HandshakeError::new(403, reason).response()).await;
+        stream.shutdown().await;
+        return Opening::Ended;
+    }
+    if shard.is_draining() {
+        // Lame duck: a new session (or a resume) belongs on another broker of the fleet.
+        let reason = "the broker is draining (lame duck) and takes no new connections: connect to another broker";
+        log!(Level::Info, "shard {}: upgrade refused", shard.id.0; peer = peer, status = 503, reason = reason);
+        shard.count_refused_upgrade(503);
+        let _ = stream.write_bytes(HandshakeError::new(503, reason).response()).await;
         stream.shutdown().await;
         return Opening::Ended;
     }

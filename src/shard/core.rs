@@ -17,6 +17,10 @@
 //! - a durable log commit finished, or failed ([`ShardCore::durable_committed`],
 //!   [`ShardCore::durable_failed`]);
 //! - the time is `now_ms` and ack deadlines may have passed ([`ShardCore::expire_acks`]).
+//! - the broker's lifecycle: a graceful stop begins ([`ShardCore::stop_input`]: connections
+//!   stop processing input, so [`ShardCore::inflight_send_count`] falls to 0 as the SENDs taken
+//!   are answered); a SIGHUP reload brings new limits for sessions opened from then on
+//!   ([`ShardCore::set_runtime_limits`]).
 //!
 //! Each event only queues work; [`ShardCore::run_work`] then runs the round: the work queue is
 //! drained (publishes to one address that sit next to each other reach the address table as
@@ -176,6 +180,8 @@ pub struct ShardCore {
     durable_log: Option<Rc<RefCell<DurableLog>>>,
     /// Plain counters of the messages that went through, read by [`ShardCore::report`].
     counters: Counters,
+    /// The broker is stopping: connections process no more input ([`ShardCore::stop_input`]).
+    input_stopped: bool,
     // Scratch lists reused from round to round (their capacity stays).
     answers: Vec<Outgoing>,
     address_commands: Vec<(ShardId, AddressCommand)>,
@@ -305,6 +311,7 @@ impl ShardCore {
             wake_ack_timer: false,
             durable_log: None,
             counters: Counters::default(),
+            input_stopped: false,
             answers: Vec::new(),
             address_commands: Vec::new(),
             publications: Vec::new(),
@@ -459,9 +466,46 @@ impl ShardCore {
         };
         let slot = &mut self.conns[index as usize];
         let me = ConnRef { shard: self.id, conn: ConnId { index, generation: slot.generation } };
-        slot.state = Some(make(me));
+        let mut state = make(me);
+        if self.input_stopped {
+            state.stop_input();
+        }
+        slot.state = Some(state);
         slot.writer_running = false;
         me
+    }
+
+    /// The broker is stopping (the first step of a graceful stop): every connection, and any
+    /// registered from now on, stops processing input, so that the SENDs already taken can be
+    /// answered ([`ShardCore::inflight_send_count`] falls to 0) before the closes. Commands
+    /// from other shards, receipts and durable commits go on as usual.
+    pub fn stop_input(&mut self) {
+        self.input_stopped = true;
+        for state in self.conns.iter_mut().filter_map(|slot| slot.state.as_mut()) {
+            state.stop_input();
+        }
+    }
+
+    /// SENDs taken from this shard's attached connections and not answered yet (RECEIPT or
+    /// refusal): what a stopping shard waits for.
+    pub fn inflight_send_count(&self) -> usize {
+        self.conns
+            .iter()
+            .filter_map(|slot| slot.state.as_ref())
+            .filter(|state| state.lifecycle().socket().is_some())
+            .map(|state| state.session.inflight_send_count())
+            .sum()
+    }
+
+    /// New limits (a SIGHUP reload) for the sessions opened from now on; open sessions keep
+    /// theirs, which their OPENED announced.
+    pub fn set_runtime_limits(&mut self, limits: crate::config::RuntimeLimits) {
+        let mut session_config = (*self.session_config).clone();
+        session_config.limits.max_inflight_sends = limits.max_inflight_sends;
+        session_config.limits.max_subscriptions = limits.max_subscriptions;
+        session_config.limits.max_credit = limits.max_credit;
+        self.session_config = Arc::new(session_config);
+        self.max_outbound_bytes = limits.max_outbound_bytes;
     }
 
     /// The state of connection `id`, while its slot holds it (an ended connection's until its
@@ -505,6 +549,17 @@ impl ShardCore {
     pub fn attached_conn_count(&self) -> usize {
         self.conns
             .iter()
+            .filter_map(|slot| slot.state.as_ref())
+            .filter(|state| state.lifecycle().socket().is_some())
+            .count()
+    }
+
+    /// Connections with a socket attached whose writer has not finished: at a stop, those
+    /// whose close frame is not written yet.
+    pub fn writing_conn_count(&self) -> usize {
+        self.conns
+            .iter()
+            .filter(|slot| slot.writer_running)
             .filter_map(|slot| slot.state.as_ref())
             .filter(|state| state.lifecycle().socket().is_some())
             .count()

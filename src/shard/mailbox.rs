@@ -33,8 +33,22 @@ pub enum Envelope {
     Commands(Vec<Command>),
     /// A socket whose first frame resumes a session this shard holds.
     Adopt(Box<super::connection::Adoption>),
-    /// Stop accepting, close every connection with 1001, and exit.
-    Shutdown,
+    /// The first step of a graceful stop: stop accepting, stop processing input, and say so
+    /// on the channel once every SEND taken from this shard's connections is answered.
+    StopInput(Sender<ShardId>),
+    /// Stop accepting, close every connection with 1001 (waiting for the closes until
+    /// `close_by`), sync the durable log (until `exit_by`), and exit.
+    Shutdown {
+        close_by: std::time::Instant,
+        exit_by: std::time::Instant,
+    },
+    /// Lame duck: refuse new upgrades (503), and close this shard's connections one by one
+    /// over `duration` (ERROR 4503).
+    Drain {
+        duration: std::time::Duration,
+    },
+    /// New limits for the sessions opened from now on (a SIGHUP reload).
+    Reload(crate::config::RuntimeLimits),
     /// Answer with the shard's [`ShardReport`](super::core::ShardReport) (the periodic summary).
     Report(Sender<super::core::ShardReport>),
     /// Answer with the shard's [`ShardSnapshot`](super::core::ShardSnapshot) (the admin API).
@@ -91,6 +105,10 @@ impl Wake {
 pub struct PostOffice {
     senders: Vec<Sender<Envelope>>,
     wakes: Vec<Arc<Wake>>,
+    /// The broker drains (lame duck): set once by whoever starts the drain (the main thread,
+    /// the admin API), read by every shard at each upgrade (it refuses new ones) and by the
+    /// admin API's /readyz. Never on the message path.
+    draining: AtomicBool,
 }
 
 impl PostOffice {
@@ -105,7 +123,16 @@ impl PostOffice {
             receivers.push(receiver);
             wakes.push(Arc::new(Wake::new()?));
         }
-        Ok((Arc::new(PostOffice { senders, wakes }), receivers))
+        Ok((Arc::new(PostOffice { senders, wakes, draining: AtomicBool::new(false) }), receivers))
+    }
+
+    /// Marks the broker as draining; true if it was not yet.
+    pub fn set_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::SeqCst)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     pub fn wake(&self, shard: ShardId) -> &Arc<Wake> {

@@ -176,6 +176,13 @@ pub struct Shard {
     /// The wakers of the connections' tasks (the connections themselves are the core's).
     wakers: RefCell<Wakers>,
     pub shutdown: LocalEvent,
+    /// Fired by the first step of a stop ([`Envelope::StopInput`]) or by the shutdown itself:
+    /// the listener stops.
+    stop_accepting: LocalEvent,
+    /// When the closes must be done and when the shard must exit (set by the shutdown).
+    shutdown_deadlines: Cell<Option<(Instant, Instant)>>,
+    /// Upgrades refused, by HTTP status (a handful of statuses: a short list).
+    upgrades_refused: RefCell<Vec<(u16, u64)>>,
     /// Connections in their opening phase (upgrade, or upgraded and waiting for OPEN): not in
     /// `slots` yet, but shutdown waits for their close frames too.
     opening_connections: Cell<usize>,
@@ -200,6 +207,9 @@ impl Shard {
             core: RefCell::new(core),
             wakers: RefCell::new(Wakers::default()),
             shutdown: LocalEvent::default(),
+            stop_accepting: LocalEvent::default(),
+            shutdown_deadlines: Cell::new(None),
+            upgrades_refused: RefCell::new(Vec::new()),
             opening_connections: Cell::new(0),
             committer: RefCell::new(None),
             committing: RefCell::new(None),
@@ -210,6 +220,20 @@ impl Shard {
 
     pub fn shard_count(&self) -> usize {
         self.post_office.shard_count()
+    }
+
+    /// The broker drains (lame duck): new upgrades are refused with 503.
+    pub fn is_draining(&self) -> bool {
+        self.post_office.is_draining()
+    }
+
+    /// Counts an upgrade refused with HTTP `status` (`mbws_upgrades_refused_total`).
+    pub fn count_refused_upgrade(&self, status: u16) {
+        let mut refused = self.upgrades_refused.borrow_mut();
+        match refused.iter_mut().find(|(known, _)| *known == status) {
+            Some((_, count)) => *count += 1,
+            None => refused.push((status, 1)),
+        }
     }
 
     /// A new connection's first message: registers its session ([`ShardCore::open_session`],
@@ -491,7 +515,16 @@ impl Shard {
                     Envelope::Adopt(adoption) => {
                         monoio::spawn(connection::adopt(self.clone(), *adoption));
                     }
-                    Envelope::Shutdown => self.shutdown.fire(),
+                    Envelope::StopInput(reply) => self.stop_input(reply),
+                    Envelope::Shutdown { close_by, exit_by } => {
+                        self.shutdown_deadlines.set(Some((close_by, exit_by)));
+                        self.stop_accepting.fire();
+                        self.shutdown.fire();
+                    }
+                    Envelope::Drain { duration } => {
+                        monoio::spawn(self.clone().drain(duration));
+                    }
+                    Envelope::Reload(limits) => self.core.borrow_mut().set_runtime_limits(limits),
                     // The asker may have given up waiting: nothing to do then.
                     Envelope::Report(reply) => drop(reply.send(self.core.borrow().report())),
                     Envelope::Snapshot(request, reply) => drop(reply.send(self.snapshot(&request))),
@@ -518,10 +551,70 @@ impl Shard {
         }
     }
 
+    /// The first step of a graceful stop: the listener stops, connections process no more
+    /// input ([`ShardCore::stop_input`]), and `reply` hears from this shard once every SEND
+    /// already taken is answered (their RECEIPTs and refusals are queued before any close).
+    fn stop_input(self: &Rc<Self>, reply: crossbeam_channel::Sender<ShardId>) {
+        self.stop_accepting.fire();
+        self.core.borrow_mut().stop_input();
+        let shard = self.clone();
+        monoio::spawn(async move {
+            // Answers come from durable commits and other shards' envelopes, each of which
+            // runs a round; a short poll keeps this off the message path. The main thread
+            // bounds the whole wait by the shutdown grace.
+            let answered = shard
+                .unless_shutdown(async {
+                    while shard.core.borrow().inflight_send_count() > 0 {
+                        monoio::time::sleep(STOP_POLL_INTERVAL).await;
+                    }
+                })
+                .await;
+            if answered.is_some() {
+                let _ = reply.send(shard.id);
+            }
+        });
+    }
+
+    /// Lame duck: closes this shard's connections one by one, evenly over `duration`, each
+    /// with a fatal ERROR 4503 (`ConnState::end_for_drain`), so a fleet of clients does not
+    /// reconnect elsewhere all at once. New upgrades are refused meanwhile (`is_draining`).
+    async fn drain(self: Rc<Self>, duration: Duration) {
+        let ids: Vec<ConnId> = {
+            let core = self.core.borrow();
+            // Connected sessions: a detached one has no connection to close (a resume of it
+            // is refused with 503, and it expires).
+            let connected = |id: &ConnId| core.conn(*id).is_some_and(|state| state.lifecycle().socket().is_some());
+            core.conn_ids().into_iter().filter(connected).collect()
+        };
+        let count = ids.len() as u32;
+        log!(
+            Level::Info,
+            "shard {}: draining: closing {count} connections over {} ms",
+            self.id.0,
+            duration.as_millis()
+        );
+        let started = Instant::now();
+        let shard = self.clone();
+        let closing = async move {
+            for (index, id) in (0u32..).zip(ids) {
+                // The middle of the index-th of `count` equal slices of the duration.
+                let at = started + duration * (2 * index + 1) / (2 * count);
+                monoio::time::sleep(at.saturating_duration_since(Instant::now())).await;
+                shard.with_conn(id, |state| {
+                    let closing = state.end_for_drain(DRAIN_CLOSE_REASON.to_string());
+                    ((), if closing { Wake::ALL } else { Wake::default() })
+                });
+                shard.run_work();
+            }
+        };
+        self.unless_shutdown(closing).await;
+    }
+
     /// The core's snapshot, with what the shell counts itself.
     fn snapshot(&self, request: &core::SnapshotRequest) -> core::ShardSnapshot {
         let mut snapshot = self.core.borrow().snapshot(request);
         snapshot.envelopes_posted = self.envelopes_posted.get();
+        snapshot.upgrades_refused = self.upgrades_refused.borrow().clone();
         snapshot.log_commits = self.committer.borrow().as_ref().map(|committer| committer.stats());
         snapshot
     }
@@ -578,6 +671,8 @@ pub struct Running {
     pub tls: Option<Arc<TlsContext>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     post_office: Arc<PostOffice>,
+    /// A drain was started on the shards (once).
+    drain_started: std::sync::atomic::AtomicBool,
 }
 
 impl Running {
@@ -591,13 +686,66 @@ impl Running {
         Inspector { post_office: self.post_office.clone() }
     }
 
-    /// Asks every shard to close its connections (1001) and exit, then waits for them.
-    pub fn shutdown(self) {
-        for index in 0..self.post_office.shard_count() {
-            self.post_office.post(ShardId(index as u16), Envelope::Shutdown);
+    /// The first step of a graceful stop ([`Envelope::StopInput`]): every shard stops
+    /// accepting and processing input; the receiver hears from each once its SENDs in flight
+    /// are answered.
+    pub fn stop_input(&self) -> Receiver<ShardId> {
+        let shards = self.post_office.shard_count();
+        let (reply, answers) = crossbeam_channel::bounded(shards);
+        for index in 0..shards {
+            self.post_office.post(ShardId(index as u16), Envelope::StopInput(reply.clone()));
         }
+        answers
+    }
+
+    /// Asks every shard to close its connections (1001) by `close_by` and to exit, its
+    /// durable log synced, by `exit_by` ([`Envelope::Shutdown`]); does not wait.
+    pub fn begin_shutdown(&self, close_by: Instant, exit_by: Instant) {
+        for index in 0..self.post_office.shard_count() {
+            self.post_office.post(ShardId(index as u16), Envelope::Shutdown { close_by, exit_by });
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.post_office.shard_count()
+    }
+
+    /// Shard threads still running.
+    pub fn running_shards(&self) -> usize {
+        self.threads.iter().filter(|thread| !thread.is_finished()).count()
+    }
+
+    /// Waits for every shard thread to exit.
+    pub fn join(self) {
         for thread in self.threads {
             let _ = thread.join();
+        }
+    }
+
+    /// Stops every shard at once (a failed start): closes without waiting for SENDs in flight.
+    pub fn shutdown(self) {
+        let now = Instant::now();
+        self.begin_shutdown(now + Duration::from_millis(500), now + SHUTDOWN_LOG_COMMIT_TIMEOUT);
+        self.join();
+    }
+
+    /// Starts a drain on every shard ([`Envelope::Drain`]): new upgrades are refused at once,
+    /// connections closed over `duration`. False if a drain had started already.
+    pub fn drain(&self, duration: Duration) -> bool {
+        self.post_office.set_draining();
+        if self.drain_started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        for index in 0..self.post_office.shard_count() {
+            self.post_office.post(ShardId(index as u16), Envelope::Drain { duration });
+        }
+        true
+    }
+
+    /// New limits for the sessions opened from now on, on every shard ([`Envelope::Reload`]).
+    pub fn reload_limits(&self, limits: crate::config::RuntimeLimits) {
+        for index in 0..self.post_office.shard_count() {
+            self.post_office.post(ShardId(index as u16), Envelope::Reload(limits));
         }
     }
 }
@@ -612,6 +760,25 @@ pub struct Inspector {
 impl Inspector {
     pub fn shard_count(&self) -> usize {
         self.post_office.shard_count()
+    }
+
+    /// The broker drains (lame duck): /readyz answers 503.
+    pub fn is_draining(&self) -> bool {
+        self.post_office.is_draining()
+    }
+
+    /// Starts a drain (`POST /api/drain`): new upgrades are refused from now on, and the main
+    /// thread, woken by SIGUSR2 as if an operator had sent it, closes the connections over
+    /// `--drain-duration-ms` and then stops the broker. False if the broker drains already.
+    pub fn start_drain(&self) -> bool {
+        if !self.post_office.set_draining() {
+            return false;
+        }
+        let me = std::process::id() as libc::pid_t;
+        // SAFETY: kill(2) with this process's own id and a valid signal number; SIGUSR2 is
+        // blocked in every thread and taken by the main thread's sigwait.
+        unsafe { libc::kill(me, libc::SIGUSR2) };
+        true
     }
 
     /// Every shard's [`ShardReport`](core::ShardReport), by shard, waiting up to `timeout`
@@ -700,7 +867,14 @@ pub fn start(config: Config, tls: Option<Arc<TlsContext>>) -> io::Result<Running
         })?;
         threads.push(thread);
     }
-    Ok(Running { local_addr, io_driver: "io_uring", tls, threads, post_office })
+    Ok(Running {
+        local_addr,
+        io_driver: "io_uring",
+        tls,
+        threads,
+        post_office,
+        drain_started: std::sync::atomic::AtomicBool::new(false),
+    })
 }
 
 /// A shard's opened log, what it recovered, and the id its message ids continue above.
@@ -750,20 +924,42 @@ fn run_shard(
             monoio::spawn(shard.clone().ack_timer_loop());
         }
         let accepting = monoio::spawn(accept_loop(shard.clone(), listener, tls));
-        shard.shutdown.wait().await;
+        shard.stop_accepting.wait().await;
         stop_listening(id, listener_fd);
         drop(accepting);
+        shard.shutdown.wait().await;
+        let now = Instant::now();
+        let (close_by, exit_by) = shard.shutdown_deadlines.get().unwrap_or((now, now + SHUTDOWN_LOG_COMMIT_TIMEOUT));
+        // SENDs still unanswered here are abandoned: their clients get the close without a
+        // RECEIPT, which tells them the SEND was not taken (docs/OPERATIONS.md, "Stop").
+        let unanswered = shard.core.borrow().inflight_send_count();
         // Sessions get close 1001 here; connections still opening see the event and send their
         // own close 1001 (or, before the upgrade, just close).
         shard.close_all_connections();
-        // Give writers a moment to deliver the close frames.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while (shard.attached_connection_count() > 0 || shard.opening_connections.get() > 0)
-            && Instant::now() < deadline
+        // Writers get until `close_by` to write the close frames (a peer that reads nothing may
+        // hold one back)...
+        while (shard.core.borrow().writing_conn_count() > 0 || shard.opening_connections.get() > 0)
+            && Instant::now() < close_by
         {
-            monoio::time::sleep(Duration::from_millis(10)).await;
+            monoio::time::sleep(STOP_POLL_INTERVAL).await;
         }
-        shard.stop_durable_log(SHUTDOWN_LOG_COMMIT_TIMEOUT).await;
+        let unclosed = shard.core.borrow().writing_conn_count() + shard.opening_connections.get();
+        // ...then the peers briefly get to answer them (a peer that does not is not waited for).
+        let echoes_by = close_by.min(Instant::now() + CLOSE_ECHO_WAIT);
+        while shard.attached_connection_count() > 0 && Instant::now() < echoes_by {
+            monoio::time::sleep(STOP_POLL_INTERVAL).await;
+        }
+        if unanswered > 0 || unclosed > 0 {
+            log!(
+                Level::Warn,
+                "shard {}: the shutdown grace ran out: abandoned {unanswered} unanswered SENDs (their clients got no \
+                 RECEIPT) and {unclosed} connections whose close frame could not be written",
+                id.0;
+                unanswered_sends = unanswered,
+                unclosed_connections = unclosed,
+            );
+        }
+        shard.stop_durable_log(exit_by.saturating_duration_since(Instant::now())).await;
         log!(Level::Debug, "shard {}: stopped", id.0);
     });
 }
@@ -781,8 +977,19 @@ fn stop_listening(id: ShardId, listener_fd: std::os::fd::RawFd) {
     }
 }
 
-/// How long a stopping shard waits for its durable log's last commit.
+/// How long a stopping shard waits for its durable log's last commit when stopped without a
+/// grace ([`Running::shutdown`]).
 const SHUTDOWN_LOG_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a stopping shard waits for its peers to answer its close frames, once written.
+const CLOSE_ECHO_WAIT: Duration = Duration::from_millis(500);
+
+/// How often a stopping shard looks whether its SENDs are answered and its connections closed.
+const STOP_POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// The reason of the ERROR 4503 (and close) a drain ends each session with; clients read it as
+/// "open a new session, on another broker" (docs/PROTOCOL.md 10.1, docs/OPERATIONS.md).
+pub const DRAIN_CLOSE_REASON: &str = "broker draining (lame duck): open a new session on another broker";
 
 /// Accept failures are logged at most once per this interval, with a count of those since.
 const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -796,7 +1003,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, tls: 
         match listener.accept().await {
             Ok((stream, peer)) => {
                 consecutive_errors = 0;
-                if shard.shutdown.has_fired() {
+                if shard.stop_accepting.has_fired() {
                     return;
                 }
                 #[cfg(debug_assertions)]
@@ -806,7 +1013,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, tls: 
                     Some(tls) => drop(monoio::spawn(connection::serve_tls(shard.clone(), stream, peer, tls.clone()))),
                 }
             }
-            Err(_) if shard.shutdown.has_fired() => return,
+            Err(_) if shard.stop_accepting.has_fired() => return,
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning; the listener stays open.
                 // Each attempt fails while the condition lasts, so log once per interval.

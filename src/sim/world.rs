@@ -315,6 +315,8 @@ enum Event {
     LogSynced(usize),
     /// The whole broker crashes (every shard, as a panic or SIGKILL does) and restarts.
     Crash,
+    /// A graceful stop looks whether every SEND taken has been answered.
+    StopCheck,
 }
 
 impl Event {
@@ -417,6 +419,13 @@ pub struct World {
     /// Faults stop here; the run then settles.
     faults_until_ms: u64,
     settling: bool,
+    /// Each crash is a graceful stop first ([`World::with_graceful_stops`]): input stops, the
+    /// SENDs taken must all be answered within [`STOP_ANSWER_BOUND_MS`], then the broker exits
+    /// (as a crash: what was synced survives).
+    graceful_stops: bool,
+    /// When the graceful stop under way began, and the SENDs its owners had received plus
+    /// those in flight then: the most they may have received by its end (input stopped).
+    stopping_since: Option<(u64, u64)>,
     config: Config,
     /// The durable logs' directory (durable runs), removed when the world is dropped.
     _data_dir: Option<DataDir>,
@@ -469,6 +478,11 @@ struct Disk {
 }
 
 const CLOSE_GRACE_MS: u64 = 2_000;
+
+/// A graceful stop answers the SENDs taken within this (the broker's default grace gives
+/// them half of 10 s); and looks every so often.
+const STOP_ANSWER_BOUND_MS: u64 = 5_000;
+const STOP_CHECK_INTERVAL_MS: u64 = 5;
 
 /// Every file under `dir` with its length.
 fn files_with_lengths(dir: &std::path::Path) -> BTreeMap<std::path::PathBuf, u64> {
@@ -574,6 +588,8 @@ impl World {
             steps: 0,
             faults_until_ms: 0,
             settling: false,
+            graceful_stops: false,
+            stopping_since: None,
         };
         let trace = std::env::var_os("MBWS_SIM_TRACE").is_some();
         world.ledger.trace = trace;
@@ -591,6 +607,20 @@ impl World {
             world.schedule(at, Event::Crash);
         }
         world
+    }
+
+    /// Like [`World::new`], but every crash is preceded by a graceful stop (what SIGTERM does:
+    /// `ShardCore::stop_input`, then the SENDs taken are answered before the exit). The
+    /// seed's options and draws are those of `new` until the first stop.
+    pub fn with_graceful_stops(seed: u64) -> World {
+        let mut world = World::new(seed);
+        world.graceful_stops = true;
+        world
+    }
+
+    /// Whether this run's options crash the broker (durable runs with crash times).
+    pub fn crashes(&self) -> bool {
+        !self.options.crash_at_ms.is_empty()
     }
 
     fn schedule(&mut self, at: u64, event: Event) {
@@ -740,6 +770,8 @@ impl World {
             Event::Chaos => self.chaos(),
             Event::LogWrite(shard) => self.log_write(shard),
             Event::LogSynced(shard) => self.log_synced(shard),
+            Event::Crash if self.graceful_stops => self.begin_graceful_stop(),
+            Event::StopCheck => self.stop_check(),
             Event::Crash => {
                 // Half the crashes strike while a log write is in flight (between the write and
                 // its fdatasync returning), the moment that tests what was promised durable.
@@ -833,6 +865,64 @@ impl World {
         } else {
             self.disk.busy.insert(shard, false);
         }
+    }
+
+    /// A graceful stop begins (SIGTERM): every shard stops taking input; the SENDs it had
+    /// taken must be answered (receipted or refused) before the exit.
+    fn begin_graceful_stop(&mut self) {
+        if self.settling || self.stopping_since.is_some() {
+            return;
+        }
+        let received = self.sends_received();
+        let inflight: usize = self
+            .cores
+            .iter()
+            .map(|core| {
+                // Detached sessions' SENDs too: their owners still answer them.
+                let ids = core.conn_ids();
+                ids.iter()
+                    .filter_map(|id| core.conn(*id))
+                    .map(|state| state.session.inflight_send_count())
+                    .sum::<usize>()
+            })
+            .sum();
+        self.stopping_since = Some((self.now, received + inflight as u64));
+        for shard in 0..self.cores.len() {
+            self.cores[shard].stop_input();
+            self.run_work(shard);
+        }
+        self.schedule(self.now + STOP_CHECK_INTERVAL_MS, Event::StopCheck);
+    }
+
+    /// Every SEND taken is answered: the broker exits (and restarts, as after a crash, which
+    /// keeps only what was synced). Not within the bound: a violation.
+    fn stop_check(&mut self) {
+        let Some((since, most_received)) = self.stopping_since else { return };
+        let received = self.sends_received();
+        if received > most_received {
+            self.ledger.violation(format!(
+                "{} SENDs were taken after the graceful stop at {since} ms stopped input",
+                received - most_received
+            ));
+            return;
+        }
+        let inflight: usize = self.cores.iter().map(ShardCore::inflight_send_count).sum();
+        if inflight == 0 {
+            self.stopping_since = None;
+            self.crash();
+        } else if self.now - since > STOP_ANSWER_BOUND_MS {
+            self.ledger.violation(format!(
+                "{inflight} SENDs taken before the graceful stop at {since} ms are still unanswered {} ms later",
+                self.now - since
+            ));
+        } else {
+            self.schedule(self.now + STOP_CHECK_INTERVAL_MS, Event::StopCheck);
+        }
+    }
+
+    /// SENDs received by their addresses' owners, over every shard, since the last boot.
+    fn sends_received(&self) -> u64 {
+        self.cores.iter().map(|core| core.report().messages_received).sum()
     }
 
     /// The whole broker dies and restarts: every connection drops, every session and

@@ -62,6 +62,8 @@ pub struct ShardSnapshot {
     pub messages_dead_lettered: u64,
     /// Envelopes of commands this shard posted to other shards (the shell counts them).
     pub envelopes_posted: u64,
+    /// Upgrades this shard refused, by HTTP status (the shell counts them).
+    pub upgrades_refused: Vec<(u16, u64)>,
     /// The durable log's group commits (the shell fills them in; `None` without a log).
     pub log_commits: Option<crate::store::CommitStats>,
     /// Refusals sent to clients (a SEND or SUBSCRIBE refused, a subscription ended by the
@@ -164,6 +166,7 @@ impl ShardCore {
             messages_redelivered: self.counters.messages_redelivered,
             messages_dead_lettered: self.counters.messages_dead_lettered,
             envelopes_posted: 0,
+            upgrades_refused: Vec::new(),
             log_commits: None,
             refusals,
             sessions_by_kind,

@@ -16,7 +16,9 @@
 //!
 //! Status codes for a refused upgrade: 405 (not GET), 404 (not `/`), 426 (missing or other
 //! `Sec-WebSocket-Version`), 431 (too large), 400 for everything else, including a missing or
-//! wrong `Upgrade` header (RFC 6455 allows 400 there, and the reason says what is missing).
+//! wrong `Upgrade` header (RFC 6455 allows 400 there, and the reason says what is missing). A
+//! server may refuse for reasons of its own with [`HandshakeError::new`] (the broker: 403 for
+//! an origin, 408 for a slow request, 503 while draining, sent with `Retry-After`).
 
 use std::fmt;
 
@@ -131,6 +133,8 @@ impl HandshakeError {
         match self.status {
             426 => head.push_str("Sec-WebSocket-Version: 13\r\n"),
             405 => head.push_str("Allow: GET\r\n"),
+            // A draining broker: try again (the fleet's load balancer picks another broker).
+            503 => head.push_str("Retry-After: 1\r\n"),
             _ => {}
         }
         head.push_str("\r\n");
