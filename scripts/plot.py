@@ -8,7 +8,8 @@ Reads every result file mbws-bench wrote there (`<target>-<scenario>[-<variant>]
 writes into the same directory:
 
 - summary.md: every broker side by side with the ratio of ours (mbws) to each peer, the
-  latency sweeps, and the table of performance targets with PASS/MISS;
+  latency sweeps, the cost of TLS (wss:// against ws://, ours and NATS's), and the table of
+  performance targets with PASS/MISS;
 - throughput.svg, cpu.svg: bars per broker (1 publisher -> 1 consumer);
 - latency.svg: latency percentiles against the achieved rate, per broker, log scale;
 - fanout.svg: deliveries per second against the number of subscribers.
@@ -346,6 +347,43 @@ def light_rows(results):
     return rows
 
 
+def tls_rows(results):
+    """The cost of TLS for ours and for NATS: each broker's wss:// run against its ws:// run.
+
+    Rows of (metric, ours ws, ours wss, ours wss/ws, NATS ws, NATS wss, NATS wss/ws), and the
+    two goal rows (our TLS cost relative to NATS's, for throughput and CPU per message).
+    """
+    pairs = {t: (results.throughput(t), results.throughput(f"{t}-tls")) for t in (OURS, "nats")}
+    if not any(tls for _, tls in pairs.values()):
+        return [], []
+    rows = []
+    cost = {}
+    for metric, key, formatter in (
+        ("msgs/s, 1 -> 1, 64 B", "msgs_per_sec", fmt_count),
+        ("broker CPU s per million msgs", "cpu_s_per_million", lambda v: fmt_fixed(v, 3)),
+    ):
+        row = [metric]
+        for target in (OURS, "nats"):
+            plain, tls = (get(run, key) for run in pairs[target])
+            cost[(target, key)] = ratio(tls, plain)
+            row += [formatter(plain), formatter(tls), fmt_ratio(cost[(target, key)])]
+        rows.append(row)
+    goals = []
+    for goal, key, better_high in (
+        ("msgs/s kept under TLS (wss/ws), ours vs NATS's", "msgs_per_sec", True),
+        ("CPU per message added by TLS (wss/ws), ours vs NATS's", "cpu_s_per_million", False),
+    ):
+        ours, theirs = cost[(OURS, key)], cost[("nats", key)]
+        if ours is None or theirs is None:
+            goals.append([goal, "n/a", "", "**NO DATA**"])
+            continue
+        passed = ours >= theirs if better_high else ours <= theirs
+        goals.append(
+            [goal, f"{ours:.2f}x vs {theirs:.2f}x", ">= NATS's" if better_high else "<= NATS's", f"**{'PASS' if passed else 'MISS'}**"]
+        )
+    return rows, goals
+
+
 def sweep_table(results, target):
     steps = results.latency_sweep(target)
     if not steps:
@@ -426,6 +464,19 @@ def write_summary(results, plots):
             if runs
         ]
         lines.append(f"Throughput is the median of {max(len(r) for r in repeats.values())} runs; range: " + "; ".join(spread) + ".")
+
+    tls, tls_goals = tls_rows(results)
+    if tls:
+        lines += ["", "## TLS (wss://) against plain (ws://)", ""]
+        lines.append(
+            "1 publisher -> 1 consumer, saturated, each broker serving TLS itself (ours: rustls; NATS: Go's "
+            "crypto/tls) with the same throwaway ECDSA P-256 certificate; the generator speaks TLS with rustls."
+        )
+        lines.append("")
+        header = ["metric", "mbws ws://", "mbws wss://", "mbws wss/ws", "NATS ws://", "NATS wss://", "NATS wss/ws"]
+        lines.append(markdown_table(header, tls))
+        lines.append("")
+        lines.append(markdown_table(["TLS goal", "measured", "target", "result"], tls_goals, ["---", "--:", "--:", ":-:"]))
 
     durable = results.durable(OURS)
     if durable and not durable.get("unsupported"):

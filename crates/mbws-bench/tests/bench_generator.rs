@@ -4,6 +4,8 @@
 
 #[path = "../../../tests/common/binaries.rs"]
 mod binaries;
+#[path = "../../../tests/common/certs.rs"]
+mod certs;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -44,10 +46,15 @@ impl Server {
     }
 
     fn broker() -> Server {
+        Server::broker_with(&[])
+    }
+
+    fn broker_with(extra: &[&str]) -> Server {
         let dir = std::env::temp_dir().join(format!("mbws-bench-test-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).unwrap();
         // Parallel tests cannot all have the admin API on its default port.
-        let flags = ["--listen", "127.0.0.1:0", "--no-pin", "--admin-listen", "127.0.0.1:0"];
+        let mut flags = vec!["--listen", "127.0.0.1:0", "--no-pin", "--admin-listen", "127.0.0.1:0"];
+        flags.extend(extra);
         Server::start(&binaries::broker_binary(), &flags, Some(dir))
     }
 
@@ -147,6 +154,36 @@ fn every_scenario_runs_against_the_broker() {
     assert!(number(&durable, "messages") > 0.0);
     assert!(number(&durable, "receipt_p99_us") >= number(&durable, "receipt_p50_us"));
     assert!(durable.contains("\"unsupported\": false"));
+}
+
+/// wss://: the generator runs TLS itself (trusting the broker's certificate through --ca-file)
+/// and measures the same things as over ws://; a certificate it does not trust fails the run
+/// with the reason.
+#[test]
+fn the_generator_speaks_wss_with_a_ca_file() {
+    let dir = std::env::temp_dir().join(format!("mbws-bench-tls-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = certs::make_certificate(&dir, "localhost");
+    let other = certs::make_certificate(&dir, "someone-else");
+    let broker = Server::broker_with(&pair.flags());
+    let port = broker.addr.rsplit_once(':').unwrap().1.to_string();
+    let url = format!("wss://localhost:{port}/");
+    let pid = broker.pid();
+
+    let throughput = run_scenario("throughput", "mbws", &url, pid, &["--ca-file", pair.cert_str()]);
+    assert!(number(&throughput, "messages") > 0.0, "{throughput}");
+    assert!(number(&throughput, "cpu_s_per_million") > 0.0, "{throughput}");
+    let fanout = run_scenario("fanout", "mbws", &url, pid, &["--subscribers", "3", "--ca-file", pair.cert_str()]);
+    assert_fanout(&fanout, 3.0);
+
+    let untrusted =
+        bench(&["throughput", "--target", "mbws", "--url", &url, "--duration-s", "1", "--ca-file", other.cert_str()]);
+    let message = String::from_utf8_lossy(&untrusted.stderr);
+    assert_eq!(untrusted.status.code(), Some(1), "{message}");
+    assert!(message.contains("TLS handshake failed") && message.contains("certificate"), "{message}");
+    let relay = bench(&["throughput", "--target", "relay", "--url", "wss://localhost:1/"]);
+    assert_eq!(relay.status.code(), Some(2), "the relay speaks no TLS");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
