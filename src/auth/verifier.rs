@@ -72,21 +72,21 @@ fn queue() -> &'static Sender<Job> {
 /// the nice value [`VERIFY_NICE`]. Best effort: a failure leaves the thread as it was, which is
 /// correct, only less fair to the shards.
 fn leave_the_shards_cores() {
-    // SAFETY: `cpu_set_t` is plain data, valid all zero; sched_getaffinity writes at most
-    // `size_of::<cpu_set_t>()` bytes into the live `set`, and sched_setaffinity reads as many.
-    // pid 0 is the calling thread; getpid() is the main thread's id.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(libc::getpid(), std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
+    const SET_BYTES: usize = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `cpu_set_t` is plain data, valid all zero.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: getpid has no preconditions; its id is the main thread's.
+    let main_thread = unsafe { libc::getpid() };
+    // SAFETY: writes at most SET_BYTES into the live `set`.
+    if unsafe { libc::sched_getaffinity(main_thread, SET_BYTES, &mut set) } == 0 {
+        // SAFETY: reads SET_BYTES from the live `set`; pid 0 is the calling thread.
+        unsafe { libc::sched_setaffinity(0, SET_BYTES, &set) };
     }
-    // SAFETY: plain syscalls on the calling thread (on Linux a nice value is per thread: the
+    // SAFETY: gettid has no preconditions.
+    let thread = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: a plain syscall on the calling thread (on Linux a nice value is per thread: the
     // `who` of PRIO_PROCESS is a thread id).
-    unsafe {
-        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, thread, VERIFY_NICE);
-    }
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, thread, VERIFY_NICE) };
 }
 
 thread_local! {
