@@ -12,6 +12,8 @@
 # TLS: the throughput runs of mbws and nats are repeated over wss:// (targets mbws-tls and
 # nats-tls: each broker serves TLS itself, with a throwaway certificate made by openssl), so the
 # summary gives each one's cost of TLS against its own ws://. --no-tls skips them.
+# Durable: mbws's durable run (RECEIPT after fsync) is compared with nats-server's JetStream
+# (target nats-js: a file-storage stream on bench.>, every publish acknowledged by a PubAck).
 # Environment: MBWS_BENCH=PATH runs another generator binary (what it must accept and write:
 # docs/PERFORMANCE.md, "What the script expects of the generator"); MBWS_BROKER and MBWS_RELAY
 # likewise for the broker and relay binaries.
@@ -241,6 +243,8 @@ mqtt_ws_port=$(free_port)
 mbws_tls_port=$(free_port)
 nats_tls_port=$(free_port)
 nats_tls_ws_port=$(free_port)
+nats_js_port=$(free_port)
+nats_js_ws_port=$(free_port)
 
 cat >"$out/nats.conf" <<EOF
 # nats-server for scripts/bench.sh: core NATS over WebSocket, no TLS, loopback only.
@@ -263,6 +267,18 @@ websocket {
         cert_file: "$out/tls/cert.pem"
         key_file: "$out/tls/key.pem"
     }
+}
+EOF
+cat >"$out/nats-js.conf" <<EOF
+# nats-server for scripts/bench.sh's durable run: JetStream (file storage) over WebSocket, no
+# TLS, loopback only. The store directory is set per run on the command line (--store_dir).
+host: 127.0.0.1
+port: $nats_js_port
+jetstream: enabled
+websocket {
+    host: 127.0.0.1
+    port: $nats_js_ws_port
+    no_tls: true
 }
 EOF
 cat >"$out/mosquitto.conf" <<EOF
@@ -332,6 +348,7 @@ wait_until_serving() {
             nats) ws_upgrade "$port" && return 0 ;;
             mbws-tls) ws_upgrade "$port" MBWS.huawei.com "$out/tls/cert.pem" && return 0 ;;
             nats-tls) ws_upgrade "$port" "" "$out/tls/cert.pem" && return 0 ;;
+            nats-js) ws_upgrade "$port" && create_jetstream_stream "$nats_js_port" && return 0 ;;
             mqtt) ws_upgrade "$port" mqtt && return 0 ;;
             relay) port_in_use "$port" && return 0 ;;
         esac
@@ -339,6 +356,32 @@ wait_until_serving() {
     done
     echo "bench.sh: $name did not serve on 127.0.0.1:$port within 10 s" >&2
     return 1
+}
+
+# create_jetstream_stream PORT: creates the stream BENCH (file storage, subjects bench.>) on the
+# nats-server whose client port is PORT, through the JetStream API ($JS.API.STREAM.CREATE).
+create_jetstream_stream() {
+    python3 - "$1" <<'EOF'
+import json, socket, sys
+port = int(sys.argv[1])
+config = json.dumps({"name": "BENCH", "subjects": ["bench.>"], "storage": "file", "retention": "limits",
+                     "discard": "old", "max_bytes": 4 << 30}).encode()
+with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+    lines = connection.makefile("rb")
+    lines.readline()  # INFO
+    connection.sendall(b'CONNECT {"verbose":false,"protocol":1}\r\nSUB _INBOX.bench.create 1\r\n'
+                       + b"PUB $JS.API.STREAM.CREATE.BENCH _INBOX.bench.create %d\r\n" % len(config)
+                       + config + b"\r\n")
+    while True:
+        line = lines.readline()
+        if not line or line.startswith(b"-ERR"):
+            sys.exit(f"bench.sh: nats-server refused the stream: {line!r}")
+        if line.startswith(b"MSG"):
+            answer = json.loads(lines.read(int(line.split()[-1]) + 2)[:-2])
+            if "error" in answer:
+                sys.exit(f"bench.sh: creating the JetStream stream failed: {answer['error']}")
+            break
+EOF
 }
 
 # wait_port_free PORT: waits (at most 10 s) until nothing listens on 127.0.0.1:PORT, so that a
@@ -377,6 +420,10 @@ start_broker() {
             ;;
         nats) command=("$nats_bin" -c "$out/nats.conf"); port=$nats_ws_port ;;
         nats-tls) command=("$nats_bin" -c "$out/nats-tls.conf"); port=$nats_tls_ws_port ;;
+        nats-js)
+            command=("$nats_bin" -c "$out/nats-js.conf" --store_dir "$out/data/$run")
+            port=$nats_js_ws_port
+            ;;
         mqtt) command=("$mosquitto_bin" -c "$out/mosquitto.conf"); port=$mqtt_ws_port ;;
         relay) command=("$relay_bin" --listen "127.0.0.1:$relay_port"); port=$relay_port ;;
     esac
@@ -400,6 +447,7 @@ url_of() {
         nats) echo "ws://127.0.0.1:$nats_ws_port/" ;;
         mbws-tls) echo "wss://localhost:$mbws_tls_port/" ;;
         nats-tls) echo "wss://localhost:$nats_tls_ws_port/" ;;
+        nats-js) echo "ws://127.0.0.1:$nats_js_ws_port/" ;;
         mqtt) echo "ws://127.0.0.1:$mqtt_ws_port/" ;;
         relay) echo "127.0.0.1:$relay_port" ;;
     esac
@@ -423,6 +471,7 @@ run() {
     [[ $target == *-tls ]] && variant=(--ca-file "$out/tls/cert.pem")
     local kind=${target%-light}
     kind=${kind%-tls}
+    kind=${kind%-js}
     timeout --kill-after=10 "$run_timeout" "${pin_generator[@]}" "$bench_bin" "$scenario" \
         --target "$kind" "${variant[@]}" --url "$(url_of "$target")" --size "$size" \
         --warmup-s "$warmup" --broker-pid "$broker_pid" --json "$json" "$@" \
@@ -520,6 +569,8 @@ for target in "${targets[@]}"; do
         --source-ips "$source_ips" --duration-s "$hold"
     if [[ $target == mbws ]]; then
         run "$target" "$target-durable" durable --duration-s "$duration"
+    elif [[ $target == nats ]]; then
+        run nats-js nats-js-durable durable --duration-s "$duration"
     fi
 done
 

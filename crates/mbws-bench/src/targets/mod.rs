@@ -221,12 +221,14 @@ impl Codec {
         }
     }
 
-    /// Publishes the target has acknowledged so far (MBWS RECEIPT seq, MQTT PUBACKs).
+    /// Publishes the target has acknowledged so far (MBWS RECEIPT seq, MQTT PUBACKs, JetStream
+    /// PubAcks).
     pub fn publishes_acknowledged(&self) -> u64 {
         match self {
             Codec::Mbws(codec) => codec.receipted(),
             Codec::Mqtt(codec) => codec.pubacks(),
-            Codec::Nats(_) | Codec::Relay(_) => 0,
+            Codec::Nats(codec) => codec.pubacks(),
+            Codec::Relay(_) => 0,
         }
     }
 
