@@ -7,8 +7,13 @@
 #   scripts/bench.sh --publish    also copy summary.md and the plots to docs/bench/
 #
 # Other flags: --targets LIST (default mbws,mbws-light,nats,mqtt,relay; mbws-light is our broker
-# driven with MBLWS, at most once like core NATS, for throughput and latency only), --no-build,
-# --out DIR.
+# driven with MBLWS, at most once like core NATS, for throughput and latency only), --no-tls,
+# --no-build, --out DIR.
+# TLS: the throughput runs of mbws and nats are repeated over wss:// (targets mbws-tls and
+# nats-tls: each broker serves TLS itself, with a throwaway certificate made by openssl), so the
+# summary gives each one's cost of TLS against its own ws://. --no-tls skips them.
+# Durable: mbws's durable run (RECEIPT after fsync) is compared with nats-server's JetStream
+# (target nats-js: a file-storage stream on bench.>, every publish acknowledged by a PubAck).
 # Environment: MBWS_BENCH=PATH runs another generator binary (what it must accept and write:
 # docs/PERFORMANCE.md, "What the script expects of the generator"); MBWS_BROKER and MBWS_RELAY
 # likewise for the broker and relay binaries.
@@ -27,6 +32,7 @@ usage() {
 mode=full
 publish=0
 build=1
+tls=1
 targets_arg="mbws,mbws-light,nats,mqtt,relay"
 out_dir=""
 while [[ $# -gt 0 ]]; do
@@ -35,6 +41,7 @@ while [[ $# -gt 0 ]]; do
         --full) mode=full ;;
         --publish) publish=1 ;;
         --no-build) build=0 ;;
+        --no-tls) tls=0 ;;
         --targets) targets_arg="${2:?--targets needs a list such as mbws,nats}"; shift ;;
         --out) out_dir="${2:?--out needs a directory}"; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -198,6 +205,26 @@ if [[ $size -gt $mqtt_max_size ]]; then
     done
     targets=("${kept[@]}")
 fi
+# TLS variants of the throughput runs (mbws-tls, nats-tls), with a certificate for localhost
+# that the generator trusts through --ca-file.
+declare -a tls_targets=()
+if [[ $tls == 1 ]]; then
+    if ! command -v openssl >/dev/null; then
+        skipped[tls]="openssl is not installed (it makes the throwaway certificate)"
+    else
+        mkdir -p "$out/tls"
+        if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+            -keyout "$out/tls/key.pem" -out "$out/tls/cert.pem" -subj /CN=localhost \
+            -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
+            >"$out/tls/openssl.log" 2>&1; then
+            for target in "${targets[@]}"; do
+                [[ $target == mbws || $target == nats ]] && tls_targets+=("$target-tls")
+            done
+        else
+            skipped[tls]="openssl could not make a certificate (see $out/tls/openssl.log)"
+        fi
+    fi
+fi
 for target in "${!skipped[@]}"; do
     note "SKIPPING $target: ${skipped[$target]}"
 done
@@ -213,6 +240,11 @@ nats_port=$(free_port)
 nats_ws_port=$(free_port)
 mqtt_port=$(free_port)
 mqtt_ws_port=$(free_port)
+mbws_tls_port=$(free_port)
+nats_tls_port=$(free_port)
+nats_tls_ws_port=$(free_port)
+nats_js_port=$(free_port)
+nats_js_ws_port=$(free_port)
 
 cat >"$out/nats.conf" <<EOF
 # nats-server for scripts/bench.sh: core NATS over WebSocket, no TLS, loopback only.
@@ -221,6 +253,31 @@ port: $nats_port
 websocket {
     host: 127.0.0.1
     port: $nats_ws_port
+    no_tls: true
+}
+EOF
+cat >"$out/nats-tls.conf" <<EOF
+# nats-server for scripts/bench.sh: core NATS over WebSocket with TLS (wss://), loopback only.
+host: 127.0.0.1
+port: $nats_tls_port
+websocket {
+    host: 127.0.0.1
+    port: $nats_tls_ws_port
+    tls {
+        cert_file: "$out/tls/cert.pem"
+        key_file: "$out/tls/key.pem"
+    }
+}
+EOF
+cat >"$out/nats-js.conf" <<EOF
+# nats-server for scripts/bench.sh's durable run: JetStream (file storage) over WebSocket, no
+# TLS, loopback only. The store directory is set per run on the command line (--store_dir).
+host: 127.0.0.1
+port: $nats_js_port
+jetstream: enabled
+websocket {
+    host: 127.0.0.1
+    port: $nats_js_ws_port
     no_tls: true
 }
 EOF
@@ -248,18 +305,21 @@ port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-# ws_upgrade PORT [SUBPROTOCOL]: true when a WebSocket upgrade on 127.0.0.1:PORT is answered
-# with 101 (the server really serves, not only has its port bound).
+# ws_upgrade PORT [SUBPROTOCOL [CA_FILE]]: true when a WebSocket upgrade on 127.0.0.1:PORT is
+# answered with 101 (the server really serves, not only has its port bound); over TLS, for the
+# name localhost, when CA_FILE is given.
 ws_upgrade() {
-    python3 - "$1" "${2:-}" <<'EOF'
-import base64, os, socket, sys
-port, protocol = int(sys.argv[1]), sys.argv[2]
+    python3 - "$1" "${2:-}" "${3:-}" <<'EOF'
+import base64, os, socket, ssl, sys
+port, protocol, ca_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 request = (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n")
 if protocol:
     request += f"Sec-WebSocket-Protocol: {protocol}\r\n"
 try:
     with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
+        if ca_file:
+            connection = ssl.create_default_context(cafile=ca_file).wrap_socket(connection, server_hostname="localhost")
         connection.sendall((request + "\r\n").encode())
         response = b""
         while b"\r\n\r\n" not in response and len(response) < 16384:
@@ -286,6 +346,9 @@ wait_until_serving() {
         case "$target" in
             mbws|mbws-light) ws_upgrade "$port" MBWS.huawei.com && return 0 ;;
             nats) ws_upgrade "$port" && return 0 ;;
+            mbws-tls) ws_upgrade "$port" MBWS.huawei.com "$out/tls/cert.pem" && return 0 ;;
+            nats-tls) ws_upgrade "$port" "" "$out/tls/cert.pem" && return 0 ;;
+            nats-js) ws_upgrade "$port" && create_jetstream_stream "$nats_js_port" && return 0 ;;
             mqtt) ws_upgrade "$port" mqtt && return 0 ;;
             relay) port_in_use "$port" && return 0 ;;
         esac
@@ -293,6 +356,32 @@ wait_until_serving() {
     done
     echo "bench.sh: $name did not serve on 127.0.0.1:$port within 10 s" >&2
     return 1
+}
+
+# create_jetstream_stream PORT: creates the stream BENCH (file storage, subjects bench.>) on the
+# nats-server whose client port is PORT, through the JetStream API ($JS.API.STREAM.CREATE).
+create_jetstream_stream() {
+    python3 - "$1" <<'EOF'
+import json, socket, sys
+port = int(sys.argv[1])
+config = json.dumps({"name": "BENCH", "subjects": ["bench.>"], "storage": "file", "retention": "limits",
+                     "discard": "old", "max_bytes": 4 << 30}).encode()
+with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+    lines = connection.makefile("rb")
+    lines.readline()  # INFO
+    connection.sendall(b'CONNECT {"verbose":false,"protocol":1}\r\nSUB _INBOX.bench.create 1\r\n'
+                       + b"PUB $JS.API.STREAM.CREATE.BENCH _INBOX.bench.create %d\r\n" % len(config)
+                       + config + b"\r\n")
+    while True:
+        line = lines.readline()
+        if not line or line.startswith(b"-ERR"):
+            sys.exit(f"bench.sh: nats-server refused the stream: {line!r}")
+        if line.startswith(b"MSG"):
+            answer = json.loads(lines.read(int(line.split()[-1]) + 2)[:-2])
+            if "error" in answer:
+                sys.exit(f"bench.sh: creating the JetStream stream failed: {answer['error']}")
+            break
+EOF
 }
 
 # wait_port_free PORT: waits (at most 10 s) until nothing listens on 127.0.0.1:PORT, so that a
@@ -314,8 +403,13 @@ start_broker() {
     local target=$1 run=$2 port
     local -a command
     case "$target" in
-        mbws|mbws-light)
-            command=("$broker_bin" --listen "127.0.0.1:$mbws_port" --shards 1 --log-level warn)
+        mbws|mbws-light|mbws-tls)
+            port=$mbws_port
+            [[ $target == mbws-tls ]] && port=$mbws_tls_port
+            command=("$broker_bin" --listen "127.0.0.1:$port" --shards 1 --log-level warn)
+            if [[ $target == mbws-tls ]]; then
+                command+=(--tls-cert "$out/tls/cert.pem" --tls-key "$out/tls/key.pem")
+            fi
             # The durable log goes into the results directory, never into the working tree.
             if [[ $broker_has_data_dir == 1 ]]; then
                 command+=(--data-dir "$out/data/$run")
@@ -323,9 +417,13 @@ start_broker() {
             if [[ $broker_has_admin == 1 ]]; then
                 command+=(--admin-listen off)
             fi
-            port=$mbws_port
             ;;
         nats) command=("$nats_bin" -c "$out/nats.conf"); port=$nats_ws_port ;;
+        nats-tls) command=("$nats_bin" -c "$out/nats-tls.conf"); port=$nats_tls_ws_port ;;
+        nats-js)
+            command=("$nats_bin" -c "$out/nats-js.conf" --store_dir "$out/data/$run")
+            port=$nats_js_ws_port
+            ;;
         mqtt) command=("$mosquitto_bin" -c "$out/mosquitto.conf"); port=$mqtt_ws_port ;;
         relay) command=("$relay_bin" --listen "127.0.0.1:$relay_port"); port=$relay_port ;;
     esac
@@ -347,6 +445,9 @@ url_of() {
     case "$1" in
         mbws|mbws-light) echo "ws://127.0.0.1:$mbws_port/" ;;
         nats) echo "ws://127.0.0.1:$nats_ws_port/" ;;
+        mbws-tls) echo "wss://localhost:$mbws_tls_port/" ;;
+        nats-tls) echo "wss://localhost:$nats_tls_ws_port/" ;;
+        nats-js) echo "ws://127.0.0.1:$nats_js_ws_port/" ;;
         mqtt) echo "ws://127.0.0.1:$mqtt_ws_port/" ;;
         relay) echo "127.0.0.1:$relay_port" ;;
     esac
@@ -367,8 +468,12 @@ run() {
     fi
     local -a variant=()
     [[ $target == mbws-light ]] && variant=(--light)
+    [[ $target == *-tls ]] && variant=(--ca-file "$out/tls/cert.pem")
+    local kind=${target%-light}
+    kind=${kind%-tls}
+    kind=${kind%-js}
     timeout --kill-after=10 "$run_timeout" "${pin_generator[@]}" "$bench_bin" "$scenario" \
-        --target "${target%-light}" "${variant[@]}" --url "$(url_of "$target")" --size "$size" \
+        --target "$kind" "${variant[@]}" --url "$(url_of "$target")" --size "$size" \
         --warmup-s "$warmup" --broker-pid "$broker_pid" --json "$json" "$@" \
         >"$out/logs/$name.log" 2>&1 || status=$?
     if ! kill -0 "$broker_pid" 2>/dev/null; then
@@ -416,8 +521,9 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------
-# Phase 1: saturated throughput, 1 publisher -> 1 consumer, for every target.
-for target in "${targets[@]}"; do
+# Phase 1: saturated throughput, 1 publisher -> 1 consumer, for every target, and over TLS for
+# mbws and nats.
+for target in "${targets[@]}" "${tls_targets[@]}"; do
     for repeat in $(seq "$repeats"); do
         run "$target" "$target-throughput-r$repeat" throughput --duration-s "$duration" \
             --publishers 1 --consumers 1 --addresses 1
@@ -463,6 +569,8 @@ for target in "${targets[@]}"; do
         --source-ips "$source_ips" --duration-s "$hold"
     if [[ $target == mbws ]]; then
         run "$target" "$target-durable" durable --duration-s "$duration"
+    elif [[ $target == nats ]]; then
+        run nats-js nats-js-durable durable --duration-s "$duration"
     fi
 done
 
@@ -495,6 +603,7 @@ run = {
     "cpus": $(nproc),
     "pinned": ${#pin_broker[@]} > 0,
     "targets": "${targets[*]}".split(),
+    "tls_targets": "${tls_targets[*]}".split(),
     "skipped": dict(item.split(": ", 1) for item in "$skipped_list".split(";") if item),
     "versions": {
         "nats-server": command("${nats_bin:-true}", "--version"),

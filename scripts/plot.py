@@ -8,7 +8,8 @@ Reads every result file mbws-bench wrote there (`<target>-<scenario>[-<variant>]
 writes into the same directory:
 
 - summary.md: every broker side by side with the ratio of ours (mbws) to each peer, the
-  latency sweeps, and the table of performance targets with PASS/MISS;
+  latency sweeps, the cost of TLS (wss:// against ws://, ours and NATS's), and the table of
+  performance targets with PASS/MISS;
 - throughput.svg, cpu.svg: bars per broker (1 publisher -> 1 consumer);
 - latency.svg: latency percentiles against the achieved rate, per broker, log scale;
 - fanout.svg: deliveries per second against the number of subscribers.
@@ -346,6 +347,74 @@ def light_rows(results):
     return rows
 
 
+def tls_rows(results):
+    """The cost of TLS for ours and for NATS: each broker's wss:// run against its ws:// run.
+
+    Rows of (metric, ours ws, ours wss, ours wss/ws, NATS ws, NATS wss, NATS wss/ws), and the
+    two goal rows (our TLS cost relative to NATS's, for throughput and CPU per message).
+    """
+    pairs = {t: (results.throughput(t), results.throughput(f"{t}-tls")) for t in (OURS, "nats")}
+    if not any(tls for _, tls in pairs.values()):
+        return [], []
+    rows = []
+    cost = {}
+    for metric, key, formatter in (
+        ("msgs/s, 1 -> 1, 64 B", "msgs_per_sec", fmt_count),
+        ("broker CPU s per million msgs", "cpu_s_per_million", lambda v: fmt_fixed(v, 3)),
+    ):
+        row = [metric]
+        for target in (OURS, "nats"):
+            plain, tls = (get(run, key) for run in pairs[target])
+            cost[(target, key)] = ratio(tls, plain)
+            row += [formatter(plain), formatter(tls), fmt_ratio(cost[(target, key)])]
+        rows.append(row)
+    goals = []
+    for goal, key, better_high in (
+        ("msgs/s kept under TLS (wss/ws), ours vs NATS's", "msgs_per_sec", True),
+        ("CPU per message added by TLS (wss/ws), ours vs NATS's", "cpu_s_per_million", False),
+    ):
+        ours, theirs = cost[(OURS, key)], cost[("nats", key)]
+        if ours is None or theirs is None:
+            goals.append([goal, "n/a", "", "**NO DATA**"])
+            continue
+        passed = ours >= theirs if better_high else ours <= theirs
+        goals.append(
+            [goal, f"{ours:.2f}x vs {theirs:.2f}x", ">= NATS's" if better_high else "<= NATS's", f"**{'PASS' if passed else 'MISS'}**"]
+        )
+    return rows, goals
+
+
+def durable_comparison(results):
+    """Rows of (broker, msgs/s, ack p50, ack p99, CPU) for mbws's durable run and NATS JetStream's,
+    and the goal rows (msgs/s >= 2x, ack p99 <= 0.5x JetStream's)."""
+    runs = [(label, results.result(name)) for label, name in (("mbws (ours)", f"{OURS}-durable"), ("NATS JetStream", "nats-js-durable"))]
+    runs = [(label, run) for label, run in runs if run and not run.get("unsupported")]
+    rows = [
+        [
+            label,
+            fmt_count(run.get("msgs_per_sec")),
+            fmt_us(run.get("receipt_p50_us")),
+            fmt_us(run.get("receipt_p99_us")),
+            fmt_fixed(run.get("cpu_s_per_million"), 3),
+        ]
+        for label, run in runs
+    ]
+    ours, jetstream = results.result(f"{OURS}-durable"), results.result("nats-js-durable")
+    goals = []
+    if ours and jetstream:
+        for goal, key, comparison, threshold in (
+            ("durable msgs/s vs JetStream", "msgs_per_sec", ">=", 2.0),
+            ("acknowledgement p99 vs JetStream", "receipt_p99_us", "<=", 0.5),
+        ):
+            measured = ratio(get(ours, key), get(jetstream, key))
+            if measured is None:
+                goals.append([goal, "n/a", f"{comparison} {threshold:g}x", "**NO DATA**"])
+                continue
+            passed = measured >= threshold if comparison == ">=" else measured <= threshold
+            goals.append([goal, f"{measured:.2f}x", f"{comparison} {threshold:g}x", f"**{'PASS' if passed else 'MISS'}**"])
+    return rows, goals
+
+
 def sweep_table(results, target):
     steps = results.latency_sweep(target)
     if not steps:
@@ -427,15 +496,33 @@ def write_summary(results, plots):
         ]
         lines.append(f"Throughput is the median of {max(len(r) for r in repeats.values())} runs; range: " + "; ".join(spread) + ".")
 
-    durable = results.durable(OURS)
-    if durable and not durable.get("unsupported"):
-        lines += ["", "## Durable sends (mbws)", ""]
+    tls, tls_goals = tls_rows(results)
+    if tls:
+        lines += ["", "## TLS (wss://) against plain (ws://)", ""]
         lines.append(
-            markdown_table(
-                ["msgs/s", "receipt p50 µs", "receipt p99 µs"],
-                [[fmt_count(durable.get("msgs_per_sec")), fmt_us(durable.get("receipt_p50_us")), fmt_us(durable.get("receipt_p99_us"))]],
-            )
+            "1 publisher -> 1 consumer, saturated, each broker serving TLS itself (ours: rustls; NATS: Go's "
+            "crypto/tls) with the same throwaway ECDSA P-256 certificate; the generator speaks TLS with rustls."
         )
+        lines.append("")
+        header = ["metric", "mbws ws://", "mbws wss://", "mbws wss/ws", "NATS ws://", "NATS wss://", "NATS wss/ws"]
+        lines.append(markdown_table(header, tls))
+        lines.append("")
+        lines.append(markdown_table(["TLS goal", "measured", "target", "result"], tls_goals, ["---", "--:", "--:", ":-:"]))
+
+    durable_rows, durable_goals = durable_comparison(results)
+    if durable_rows:
+        lines += ["", "## Durable sends", ""]
+        lines.append(
+            "1 publisher -> 1 consumer, saturated. mbws: durable SENDs, each RECEIPT after the group commit's "
+            "fsync. NATS: JetStream, a file-storage stream on the subject, each publish acknowledged by a PubAck "
+            "(nats-server 2.9 writes before it acknowledges but does not fsync each write; the consumer is a core "
+            "subscriber)."
+        )
+        lines.append("")
+        lines.append(markdown_table(["broker", "msgs/s", "ack p50 µs", "ack p99 µs", "CPU s per million"], durable_rows))
+        if durable_goals:
+            lines.append("")
+            lines.append(markdown_table(["durable goal", "measured", "target", "result"], durable_goals, ["---", "--:", "--:", ":-:"]))
 
     lines += ["", "## Latency against load", ""]
     lines.append(

@@ -342,3 +342,61 @@ fn mbws_hash_password_prints_an_argon2id_hash_that_verifies() {
     let again = mbws_client::hash_password("s3cret phrase").unwrap();
     assert_ne!(again, hash);
 }
+
+/// A thread's CPU list and nice value, from /proc/PID/task/TID/{status,stat}.
+fn thread_placement(pid: u32, tid: &str) -> (String, i64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let cpus = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in status")
+        .trim()
+        .to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    // Fields after the parenthesised name: state is field 3, nice is field 19.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let nice = after_name.split(' ').nth(16).unwrap().parse().unwrap();
+    (cpus, nice)
+}
+
+/// Password checks run on threads that may use every CPU of the process at a lower priority,
+/// not on the core of the shard that happened to start them (a thread inherits its creator's
+/// pinning): a storm of logins must not take a shard's own core from its other clients.
+#[test]
+fn password_checks_run_beside_the_shards_not_on_a_shards_core() {
+    let (dir, file) = config_file("");
+    let data = temp_dir("auth-placement");
+    // Pinned, unlike the other tests' brokers: one shard on one core.
+    let mut command = std::process::Command::new(common::binaries::broker_binary());
+    command
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "off", "--shards", "1", "--log-level", "debug"])
+        .args(["--config", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let broker = Broker::try_spawn(command).unwrap_or_else(|(status, log)| panic!("exited {status}: {log:#?}"));
+    mbws_client::Client::connect(&broker.url(), options("alice", PASSWORD)).expect("alice opens");
+    let pid = broker.pid();
+    let mut shard = None;
+    let mut verifiers = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = task.unwrap().file_name().into_string().unwrap();
+        let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        if name.starts_with("mbws-shard-0") {
+            shard = Some(thread_placement(pid, &tid));
+        } else if name.starts_with("mbws-verify-") {
+            verifiers.push(thread_placement(pid, &tid));
+        }
+    }
+    let (process_cpus, _) = thread_placement(pid, &pid.to_string());
+    let (shard_cpus, shard_nice) = shard.expect("a thread named mbws-shard-0");
+    assert_eq!(shard_nice, 0);
+    assert_eq!(verifiers.len(), 2, "two verification threads once a password was checked");
+    for (cpus, nice) in verifiers {
+        assert_eq!(cpus, process_cpus, "a verifier may run on every CPU of the process (the shard has {shard_cpus})");
+        assert_eq!(nice, 10, "verifiers yield to the shards");
+    }
+    drop(broker);
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(data);
+}

@@ -7,6 +7,12 @@
 //! the thread writes one byte (1: the password matched) to it, and the connection's task waits
 //! for that byte with an io_uring read, so the shard's event loop serves its other connections
 //! meanwhile, at most [`VERIFY_TIMEOUT`].
+//!
+//! The threads start from whichever shard checks a password first, and a thread inherits its
+//! creator's CPU affinity: left so, every verification of the broker would run on that one
+//! shard's core. Each thread therefore first takes the CPUs the process may use (its main
+//! thread's set) and a lower priority ([`VERIFY_NICE`]), so a storm of logins runs beside the
+//! shards on any idle core and yields to them on a busy one.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -27,6 +33,9 @@ use crate::mbws::ErrorCode;
 pub const VERIFY_THREADS: usize = 2;
 /// Password checks waiting for a verification thread, in the whole broker.
 pub const MAX_QUEUED_VERIFICATIONS: usize = 256;
+/// The verification threads' nice value: a shard (nice 0) preempts them when both want a core,
+/// so other clients keep their latency while logins wait a little longer.
+pub const VERIFY_NICE: libc::c_int = 10;
 /// Longest wait for a verification (queued and run).
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -46,6 +55,7 @@ fn queue() -> &'static Sender<Job> {
             std::thread::Builder::new()
                 .name(format!("mbws-verify-{index}"))
                 .spawn(move || {
+                    leave_the_shards_cores();
                     for mut job in receiver {
                         let matched = verify_password(&job.password_hash, &job.password);
                         // The connection may be gone (its task dropped its end): nothing to do.
@@ -56,6 +66,27 @@ fn queue() -> &'static Sender<Job> {
         }
         sender
     })
+}
+
+/// Gives the calling thread the CPU set of the process's main thread (which no shard pins) and
+/// the nice value [`VERIFY_NICE`]. Best effort: a failure leaves the thread as it was, which is
+/// correct, only less fair to the shards.
+fn leave_the_shards_cores() {
+    const SET_BYTES: usize = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `cpu_set_t` is plain data, valid all zero.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: getpid has no preconditions; its id is the main thread's.
+    let main_thread = unsafe { libc::getpid() };
+    // SAFETY: writes at most SET_BYTES into the live `set`.
+    if unsafe { libc::sched_getaffinity(main_thread, SET_BYTES, &mut set) } == 0 {
+        // SAFETY: reads SET_BYTES from the live `set`; pid 0 is the calling thread.
+        unsafe { libc::sched_setaffinity(0, SET_BYTES, &set) };
+    }
+    // SAFETY: gettid has no preconditions.
+    let thread = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: a plain syscall on the calling thread (on Linux a nice value is per thread: the
+    // `who` of PRIO_PROCESS is a thread id).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, thread, VERIFY_NICE) };
 }
 
 thread_local! {

@@ -117,9 +117,13 @@ pub struct CommonArgs {
     /// What to measure.
     #[arg(long, value_enum)]
     pub target: TargetKind,
-    /// ws://HOST:PORT/ (mbws, nats, mqtt) or HOST:PORT (relay).
+    /// ws://HOST:PORT/ or wss://HOST:PORT/ (mbws, nats, mqtt), or HOST:PORT (relay).
     #[arg(long)]
     pub url: String,
+    /// wss://: the PEM file of the certificates to trust (a self-signed broker certificate
+    /// will do) [default: the system's, /etc/ssl/certs/ca-certificates.crt].
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// Message body bytes (at least 8: the first 8 carry the send timestamp).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
@@ -151,6 +155,20 @@ pub struct CommonArgs {
     /// mbws: acknowledgement mode of subscriptions.
     #[arg(long, value_enum, default_value_t = AckArg::Client)]
     pub ack: AckArg,
+}
+
+/// How the generator starts TLS with a `wss://` target: whom it trusts and the name the
+/// target's certificate must carry.
+#[derive(Clone)]
+pub struct TlsTarget {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsTarget {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("TlsTarget").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +238,8 @@ pub struct Plan {
     pub window: u64,
     pub credit: u32,
     pub auto_ack: bool,
+    /// `wss://`: how to start TLS.
+    pub tls: Option<TlsTarget>,
     /// The flags as given, for the JSON `params` object.
     pub common: CommonArgs,
 }
@@ -259,9 +279,20 @@ impl Plan {
 
     fn with_common(common: CommonArgs, scenario: Scenario) -> Result<Plan, BenchError> {
         let (addr, url) = mbws_client::parse_url(&common.url).map_err(|error| usage(format!("--url: {error}")))?;
-        if url.tls {
-            return Err(usage(format!("--url {}: mbws-bench does not speak wss:// yet; give ws://", common.url)));
-        }
+        let tls = if url.tls {
+            if common.target == TargetKind::Relay {
+                return Err(usage(format!("--url {}: the relay speaks no TLS; give HOST:PORT", common.url)));
+            }
+            let config = mbws_client::tls_client_config(common.ca_file.as_deref())
+                .map_err(|error| usage(format!("--ca-file: {error}")))?;
+            let name = mbws_client::tls_server_name(&url).map_err(|error| usage(format!("--url: {error}")))?;
+            Some(TlsTarget { config, name })
+        } else {
+            if common.ca_file.is_some() {
+                eprintln!("mbws-bench: note: --ca-file only applies to wss:// URLs; ignored");
+            }
+            None
+        };
         let mbws_client::BrokerUrl { host, path, .. } = url;
         if common.size < STAMP_BYTES || common.size > MAX_SIZE_BYTES {
             return Err(usage(format!(
@@ -325,6 +356,7 @@ impl Plan {
             window,
             credit: common.credit,
             auto_ack: common.ack == AckArg::Auto,
+            tls,
             common,
         })
     }

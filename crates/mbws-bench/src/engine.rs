@@ -26,18 +26,17 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
-use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, Splitable};
-use monoio::net::TcpStream;
 
 use super::cli::Plan;
 use super::clock::{now_ns, PaceTimer};
 use super::flow::{Flow, Semantics};
 use super::net::{
-    read_more, write_loop, Link, Notify, MAX_READ_BUFFER_BYTES, MIN_READ_BUFFER_BYTES, OUTBOX_HIGH_WATER_BYTES,
+    write_loop, Link, Notify, MAX_READ_BUFFER_BYTES, MIN_READ_BUFFER_BYTES, OUTBOX_HIGH_WATER_BYTES,
     READ_BUFFERS_TOTAL_BYTES,
 };
 use super::procfs;
 use super::report::Progress;
+use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::targets::{self, Codec, Failure, Inbound, PublishWire, Role, Session, TargetConfig};
 use super::wire::{length_prefixed_frame, Deframer, Unit};
 use super::BenchError;
@@ -404,7 +403,7 @@ fn start_publisher(
     publisher
 }
 
-fn spawn_writer(run: &Rc<Run>, link: &Rc<Link>, writer: monoio::io::OwnedWriteHalf<TcpStream>) {
+fn spawn_writer(run: &Rc<Run>, link: &Rc<Link>, writer: WriteHalf) {
     let run = run.clone();
     let link = link.clone();
     monoio::spawn(async move {
@@ -429,7 +428,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(mut self, mut reader: OwnedReadHalf<TcpStream>, mut buf: BytesMut) {
+    async fn run(mut self, mut reader: ReadHalf, mut buf: BytesMut) {
         let read_buffer_bytes = self.run.read_buffer_bytes;
         if buf.capacity() < read_buffer_bytes {
             buf.reserve(read_buffer_bytes - buf.len());
@@ -441,7 +440,7 @@ impl Reader {
                 }
                 return;
             }
-            let (result, returned) = read_more(&mut reader, buf).await;
+            let (result, returned) = reader.read_more(buf).await;
             buf = returned;
             match result {
                 Ok(0) => {
@@ -655,7 +654,7 @@ fn emit(run: &Run, publisher: &Publisher, wire: &PublishWire, mode: Mode, count:
 
 /// An open idle session: its socket and the bytes that end it politely.
 pub struct IdleSession {
-    stream: TcpStream,
+    stream: Stream,
     goodbye: BytesMut,
 }
 
@@ -663,10 +662,9 @@ pub struct IdleSession {
 /// non-blocking poll(2) over their sockets. Data waiting to be read (a server's PING) is not a
 /// close.
 pub fn closed_idle_sessions(sessions: &[IdleSession]) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
     let mut polls: Vec<libc::pollfd> = sessions
         .iter()
-        .map(|session| libc::pollfd { fd: session.stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 })
+        .map(|session| libc::pollfd { fd: session.stream.socket_fd(), events: libc::POLLRDHUP, revents: 0 })
         .collect();
     // SAFETY: `polls` is an array of `polls.len()` initialised pollfd entries that outlives the
     // call; a timeout of 0 makes poll(2) return at once.

@@ -36,6 +36,7 @@ pub mod net;
 pub(crate) mod procfs;
 pub(crate) mod report;
 pub mod scenarios;
+pub mod stream;
 pub mod targets;
 pub mod wire;
 

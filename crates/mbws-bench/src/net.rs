@@ -17,10 +17,9 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use bytes::BytesMut;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
+use super::stream::WriteHalf;
 use super::wire::Framing;
 
 /// A publisher stops appending once its outbox holds this much; the writer drains it.
@@ -170,17 +169,11 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
-/// Reads once into the spare capacity of `buf`, growing it first if it has less than
-/// `MIN_READ_SPARE_BYTES` free. `Ok(0)` is end of stream.
-pub async fn read_more<R: AsyncReadRent>(reader: &mut R, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
-    let mut buf = buf;
+/// Gives `buf` at least `MIN_READ_SPARE_BYTES` of spare capacity for the next read.
+pub fn reserve_read_room(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < MIN_READ_SPARE_BYTES {
         buf.reserve(MIN_READ_SPARE_BYTES.max(buf.capacity() / 2));
     }
-    // The slice starts at the end of what `buf` holds: the kernel writes into the spare capacity.
-    let start = buf.len();
-    let (result, tail) = reader.read(buf.slice_mut(start..)).await;
-    (result, tail.into_inner())
 }
 
 /// The write side of one connection, shared by its tasks.
@@ -223,7 +216,7 @@ impl Link {
 }
 
 /// Writes everything queued on `link` until it closes; returns the first write error.
-pub async fn write_loop(link: Rc<Link>, mut writer: OwnedWriteHalf<TcpStream>) -> io::Result<()> {
+pub async fn write_loop(link: Rc<Link>, mut writer: WriteHalf) -> io::Result<()> {
     let mut batch = BytesMut::new();
     let result = loop {
         if link.outbox.borrow().is_empty() {

@@ -5,7 +5,8 @@
 //!   intended-send-to-delivery time per step.
 //! - fanout: 1 publisher -> M multicast subscribers; deliveries per second.
 //! - connections: K idle sessions; time to open, broker memory per session.
-//! - durable: throughput 1 -> 1 with durable SENDs; receipt latency (MBWS only).
+//! - durable: throughput 1 -> 1 with durable SENDs; receipt latency (MBWS; NATS through
+//!   JetStream, whose PubAck is the receipt).
 //!
 //! Measured phases follow a warm-up; counters and the broker's CPU time are read at the start
 //! and end of the measured phase only, and publishing stops and drains before connections close.
@@ -354,7 +355,7 @@ async fn fanout(plan: &Plan, config: &TargetConfig, subscribers: usize) -> Resul
 }
 
 async fn durable(plan: &Plan, config: &TargetConfig) -> Result<Outcome, BenchError> {
-    if plan.target != TargetKind::Mbws {
+    if !matches!(plan.target, TargetKind::Mbws | TargetKind::Nats) {
         let results = Json::object([
             ("messages", Json::Null),
             ("seconds", Json::Null),

@@ -4,6 +4,8 @@
 
 #[path = "../../../tests/common/binaries.rs"]
 mod binaries;
+#[path = "../../../tests/common/certs.rs"]
+mod certs;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -44,10 +46,15 @@ impl Server {
     }
 
     fn broker() -> Server {
+        Server::broker_with(&[])
+    }
+
+    fn broker_with(extra: &[&str]) -> Server {
         let dir = std::env::temp_dir().join(format!("mbws-bench-test-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir).unwrap();
         // Parallel tests cannot all have the admin API on its default port.
-        let flags = ["--listen", "127.0.0.1:0", "--no-pin", "--admin-listen", "127.0.0.1:0"];
+        let mut flags = vec!["--listen", "127.0.0.1:0", "--no-pin", "--admin-listen", "127.0.0.1:0"];
+        flags.extend(extra);
         Server::start(&binaries::broker_binary(), &flags, Some(dir))
     }
 
@@ -147,6 +154,151 @@ fn every_scenario_runs_against_the_broker() {
     assert!(number(&durable, "messages") > 0.0);
     assert!(number(&durable, "receipt_p99_us") >= number(&durable, "receipt_p50_us"));
     assert!(durable.contains("\"unsupported\": false"));
+}
+
+/// wss://: the generator runs TLS itself (trusting the broker's certificate through --ca-file)
+/// and measures the same things as over ws://; a certificate it does not trust fails the run
+/// with the reason.
+#[test]
+fn the_generator_speaks_wss_with_a_ca_file() {
+    let dir = std::env::temp_dir().join(format!("mbws-bench-tls-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = certs::make_certificate(&dir, "localhost");
+    let other = certs::make_certificate(&dir, "someone-else");
+    let broker = Server::broker_with(&pair.flags());
+    let port = broker.addr.rsplit_once(':').unwrap().1.to_string();
+    let url = format!("wss://localhost:{port}/");
+    let pid = broker.pid();
+
+    let throughput = run_scenario("throughput", "mbws", &url, pid, &["--ca-file", pair.cert_str()]);
+    assert!(number(&throughput, "messages") > 0.0, "{throughput}");
+    assert!(number(&throughput, "cpu_s_per_million") > 0.0, "{throughput}");
+    let fanout = run_scenario("fanout", "mbws", &url, pid, &["--subscribers", "3", "--ca-file", pair.cert_str()]);
+    assert_fanout(&fanout, 3.0);
+
+    let untrusted =
+        bench(&["throughput", "--target", "mbws", "--url", &url, "--duration-s", "1", "--ca-file", other.cert_str()]);
+    let message = String::from_utf8_lossy(&untrusted.stderr);
+    assert_eq!(untrusted.status.code(), Some(1), "{message}");
+    assert!(message.contains("TLS handshake failed") && message.contains("certificate"), "{message}");
+    let relay = bench(&["throughput", "--target", "relay", "--url", "wss://localhost:1/"]);
+    assert_eq!(relay.status.code(), Some(2), "the relay speaks no TLS");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A loopback port that was free a moment ago (for servers that need a port in their config).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// nats-server (Debian's package; .ci/run installs it) with JetStream and a WebSocket listener,
+/// plain or with `tls` = (cert, key); killed on drop.
+struct Nats {
+    child: Child,
+    client_port: u16,
+    ws_port: u16,
+    dir: PathBuf,
+}
+
+impl Nats {
+    fn start(tls: Option<&certs::CertPair>) -> Nats {
+        let dir = std::env::temp_dir().join(format!("mbws-bench-nats-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (client_port, ws_port) = (free_port(), free_port());
+        let tls_block = match tls {
+            None => "no_tls: true".to_string(),
+            Some(pair) => format!("tls {{ cert_file: \"{}\", key_file: \"{}\" }}", pair.cert_str(), pair.key_str()),
+        };
+        let config = format!(
+            "host: 127.0.0.1\nport: {client_port}\njetstream {{ store_dir: \"{}\" }}\n\
+             websocket {{ host: 127.0.0.1\n port: {ws_port}\n {tls_block} }}\n",
+            dir.join("store").display()
+        );
+        std::fs::write(dir.join("nats.conf"), config).unwrap();
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|path| Path::new(path).exists())
+            .expect("nats-server is not installed: apt-get install nats-server (.ci/run does)");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(dir.join("nats.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let nats = Nats { child, client_port, ws_port, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", ws_port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {ws_port} within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nats
+    }
+
+    /// Creates the stream scripts/bench.sh creates (file storage, subjects bench.>) through the
+    /// JetStream API over the NATS client protocol.
+    fn create_stream(&self) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.client_port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let config = r#"{"name":"BENCH","subjects":["bench.>"],"storage":"file"}"#;
+        let request = format!(
+            "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.t 1\r\nPUB $JS.API.STREAM.CREATE.BENCH _INBOX.t {}\r\n{config}\r\n",
+            config.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("\"config\"") {
+            let read = stream.read(&mut chunk).expect("JetStream answers the stream creation");
+            assert!(read > 0, "nats-server closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&chunk[..read]);
+            assert!(!String::from_utf8_lossy(&seen).contains("\"error\""), "{}", String::from_utf8_lossy(&seen));
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The NATS target: core NATS over WebSocket, over wss://, and JetStream as the durable peer
+/// (each publish acknowledged by a PubAck); a durable run without a stream fails at set-up,
+/// saying so, instead of stalling.
+#[test]
+fn nats_is_a_target_plain_over_tls_and_with_jetstream() {
+    let dir = std::env::temp_dir().join(format!("mbws-bench-nats-tls-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = certs::make_certificate(&dir, "localhost");
+
+    let nats = Nats::start(None);
+    let url = format!("ws://127.0.0.1:{}/", nats.ws_port);
+    let pid = nats.child.id();
+    let throughput = run_scenario("throughput", "nats", &url, pid, &[]);
+    assert!(number(&throughput, "messages") > 0.0, "{throughput}");
+
+    let no_stream = bench(&["durable", "--target", "nats", "--url", &url, "--duration-s", "1"]);
+    let message = String::from_utf8_lossy(&no_stream.stderr);
+    assert_eq!(no_stream.status.code(), Some(1), "{message}");
+    assert!(message.contains("no JetStream stream captures bench."), "{message}");
+
+    nats.create_stream();
+    let durable = run_scenario("durable", "nats", &url, pid, &[]);
+    assert!(durable.contains("\"unsupported\": false"), "{durable}");
+    assert!(number(&durable, "messages") > 0.0, "{durable}");
+    assert!(number(&durable, "receipt_p99_us") >= number(&durable, "receipt_p50_us"), "{durable}");
+    drop(nats);
+
+    let nats = Nats::start(Some(&pair));
+    let url = format!("wss://localhost:{}/", nats.ws_port);
+    let throughput = run_scenario("throughput", "nats", &url, nats.child.id(), &["--ca-file", pair.cert_str()]);
+    assert!(number(&throughput, "messages") > 0.0, "{throughput}");
+    drop(nats);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -773,10 +773,12 @@ fn opcode_of(binding: Binding) -> OpCode {
     }
 }
 
-/// The rustls configuration of a `wss://` client: the CA file's certificates as trust anchors.
-fn tls_config(options: &ClientOptions) -> Result<Arc<rustls::ClientConfig>> {
+/// The rustls configuration of a `wss://` client: the CA file's certificates as trust anchors
+/// (`None`: the system's, [`SYSTEM_CA_FILE`]). Shared with `mbws-bench`, so both trust a broker
+/// the same way.
+pub fn tls_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let file = options.ca_file.clone().unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
+    let file = ca_file.map_or_else(|| PathBuf::from(SYSTEM_CA_FILE), Path::to_path_buf);
     let problem = |what: String| ClientError::Tls(format!("CA file {}: {what}", file.display()));
     let pem = std::fs::read(&file).map_err(|error| problem(format!("cannot read it: {error}; give --ca-file")))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -798,13 +800,18 @@ fn tls_config(options: &ClientOptions) -> Result<Arc<rustls::ClientConfig>> {
 
 /// Starts TLS over `stream` for the URL's host (the handshake runs on the first write).
 fn start_tls(stream: TcpStream, url: &BrokerUrl, options: &ClientOptions) -> Result<Transport> {
-    let host = url.authority.rsplit_once(':').map_or(url.authority.as_str(), |(host, _)| host);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())
-        .map_err(|error| ClientError::Tls(format!("\"{host}\" is not a TLS server name: {error}")))?;
-    let connection = rustls::ClientConnection::new(tls_config(options)?, name)
+    let name = tls_server_name(url)?;
+    let connection = rustls::ClientConnection::new(tls_client_config(options.ca_file.as_deref())?, name)
         .map_err(|error| ClientError::Tls(error.to_string()))?;
     Ok(Transport::Tls(Box::new(rustls::StreamOwned::new(connection, stream))))
+}
+
+/// The name a `wss://` URL's certificate must carry: its host, without port or IPv6 brackets.
+pub fn tls_server_name(url: &BrokerUrl) -> Result<rustls::pki_types::ServerName<'static>> {
+    let host = url.authority.rsplit_once(':').map_or(url.authority.as_str(), |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|error| ClientError::Tls(format!("\"{host}\" is not a TLS server name: {error}")))
 }
 
 /// TCP connect, TLS for `wss://`, and WebSocket upgrade; returns the stream, any bytes read

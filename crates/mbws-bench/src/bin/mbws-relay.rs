@@ -26,10 +26,10 @@ use std::task::{Poll, Waker};
 
 use bytes::{Buf, BytesMut};
 use clap::Parser;
-use monoio::io::{OwnedReadHalf, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 
-use mbws_bench::net::{read_more, write_loop, Link};
+use mbws_bench::net::{write_loop, Link};
+use mbws_bench::stream::{ReadHalf, Stream};
 use mbws_bench::targets::relay::{HELLO_ANYCAST, HELLO_BROADCAST, HELLO_PUBLISHER, READY};
 use mbws_bench::wire::{Framing, LENGTH_PREFIX_BYTES};
 
@@ -201,7 +201,7 @@ fn main() -> ExitCode {
 
 async fn serve(hub: Rc<Hub>, stream: TcpStream) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
-    let (mut reader, writer) = stream.into_split();
+    let (mut reader, writer) = Stream::Plain(stream).into_split();
     let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let hello = loop {
         if let Some(prefix) = buf.get(..LENGTH_PREFIX_BYTES) {
@@ -214,7 +214,7 @@ async fn serve(hub: Rc<Hub>, stream: TcpStream) -> Result<(), String> {
                 break buf.split_to(length);
             }
         }
-        let (result, returned) = read_more(&mut reader, buf).await;
+        let (result, returned) = reader.read_more(buf).await;
         buf = returned;
         match result {
             Ok(0) => return Ok(()),
@@ -243,7 +243,7 @@ async fn serve(hub: Rc<Hub>, stream: TcpStream) -> Result<(), String> {
 }
 
 /// Forwards a publisher's frames until it disconnects.
-async fn publish(hub: &Hub, reader: &mut OwnedReadHalf<TcpStream>, mut buf: BytesMut) -> Result<(), String> {
+async fn publish(hub: &Hub, reader: &mut ReadHalf, mut buf: BytesMut) -> Result<(), String> {
     loop {
         let complete = complete_frames(&buf, hub.max_frame_bytes)?;
         if complete > 0 {
@@ -254,7 +254,7 @@ async fn publish(hub: &Hub, reader: &mut OwnedReadHalf<TcpStream>, mut buf: Byte
         if buf.capacity() < READ_BUFFER_BYTES {
             buf.reserve(READ_BUFFER_BYTES - buf.len());
         }
-        let (result, returned) = read_more(reader, buf).await;
+        let (result, returned) = reader.read_more(buf).await;
         buf = returned;
         match result {
             Ok(0) => return Ok(()),
@@ -265,10 +265,10 @@ async fn publish(hub: &Hub, reader: &mut OwnedReadHalf<TcpStream>, mut buf: Byte
 }
 
 /// Reads (and ignores) whatever a subscriber sends until it disconnects.
-async fn drain_until_closed(reader: &mut OwnedReadHalf<TcpStream>, mut buf: BytesMut) -> Result<(), String> {
+async fn drain_until_closed(reader: &mut ReadHalf, mut buf: BytesMut) -> Result<(), String> {
     loop {
         buf.clear();
-        let (result, returned) = read_more(reader, buf).await;
+        let (result, returned) = reader.read_more(buf).await;
         buf = returned;
         match result {
             Ok(0) => return Ok(()),

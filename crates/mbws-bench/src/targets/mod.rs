@@ -28,11 +28,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hdrhistogram::Histogram;
-use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 
+use super::cli::TlsTarget;
 use super::cli::{Plan, TargetKind};
-use super::net::{self, read_more};
+use super::net;
+use super::stream::Stream;
 use super::wire::{Deframer, Framing, Template, Unit};
 use mbws_proto::ws::handshake::{client_request, new_client_key, parse_response, verify_accept};
 use mbws_proto::ws::OpCode;
@@ -59,6 +59,8 @@ pub struct TargetConfig {
     /// Makes address names and client ids unique to this run, so nothing left on a broker by
     /// an earlier run (requeued deliveries, retained sessions) can reach this one.
     pub run_id: String,
+    /// `wss://`: TLS over each connection.
+    pub tls: Option<TlsTarget>,
 }
 
 impl TargetConfig {
@@ -74,6 +76,7 @@ impl TargetConfig {
             credit: plan.credit,
             auto_ack: plan.auto_ack,
             run_id,
+            tls: plan.tls.clone(),
         }
     }
 
@@ -218,12 +221,14 @@ impl Codec {
         }
     }
 
-    /// Publishes the target has acknowledged so far (MBWS RECEIPT seq, MQTT PUBACKs).
+    /// Publishes the target has acknowledged so far (MBWS RECEIPT seq, MQTT PUBACKs, JetStream
+    /// PubAcks).
     pub fn publishes_acknowledged(&self) -> u64 {
         match self {
             Codec::Mbws(codec) => codec.receipted(),
             Codec::Mqtt(codec) => codec.pubacks(),
-            Codec::Nats(_) | Codec::Relay(_) => 0,
+            Codec::Nats(codec) => codec.pubacks(),
+            Codec::Relay(_) => 0,
         }
     }
 
@@ -247,7 +252,7 @@ impl Codec {
 
 /// An open session, ready to be handed to the engine's tasks.
 pub struct Session {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read during set-up that belong to the running phase.
     pub read_buf: BytesMut,
     pub deframer: Deframer,
@@ -269,6 +274,17 @@ pub async fn open(
         Some(source) => format!("cannot connect from {source}: {error}"),
         None => format!("cannot connect: {error}"),
     })?;
+    let stream = match &config.tls {
+        None => Stream::Plain(stream),
+        Some(tls) => {
+            let handshake = Stream::start_tls(stream, tls.config.clone(), tls.name.clone());
+            match monoio::time::timeout(SETUP_TIMEOUT, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return Err(format!("TLS handshake failed: {error}")),
+                Err(_) => return Err(format!("no TLS handshake within {} s", SETUP_TIMEOUT.as_secs())),
+            }
+        }
+    };
     let seed = ((index as u64) << 8) | u64::from(role.letter() as u8);
     let framing = match config.kind {
         TargetKind::Relay => Framing::LengthPrefixed,
@@ -308,7 +324,7 @@ pub async fn open(
 
 /// A connection during set-up: request and answer, one at a time, with timeouts.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     read_buf: BytesMut,
     deframer: Deframer,
     framing: Framing,
@@ -317,7 +333,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, framing: Framing) -> Conn {
+    fn new(stream: Stream, framing: Framing) -> Conn {
         Conn {
             stream,
             read_buf: BytesMut::with_capacity(16 * 1024),
@@ -359,7 +375,7 @@ impl Conn {
     async fn read_some(&mut self, waiting_for: &str) -> Result<(), String> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let buf = mem::take(&mut self.read_buf);
-        match monoio::time::timeout(left, read_more(&mut self.stream, buf)).await {
+        match monoio::time::timeout(left, self.stream.read_more(buf)).await {
             Err(_) => Err(format!("no answer within {} s while waiting for {waiting_for}", SETUP_TIMEOUT.as_secs())),
             Ok((result, buf)) => {
                 self.read_buf = buf;

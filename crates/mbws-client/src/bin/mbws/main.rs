@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
+mod top;
+
 use mbws_client::{parse_url_syntax, Client, ClientError, ClientOptions};
 // Credit of `consume` when `--credit` is not given (lowered to the broker's max-credit): the
 // credit the broker itself gives a SUBSCRIBE without one.
@@ -34,6 +36,10 @@ const EXIT_CODES: &str = "Exit codes: 0 done (for consume also: its standard out
                           URL, --credit above the broker's max-credit); 3 consume: --timeout passed before \
                           --count messages; 130 / 143 consume: stopped by SIGINT / SIGTERM (after writing out \
                           and acknowledging what it printed and closing the session).";
+
+const TOP_EXIT_CODES: &str =
+    "Exit codes: 0 after --count refreshes, on SIGINT or SIGTERM, or when standard output closes; \
+                              1 the admin API could not be read (the message says which request and why); 2 bad usage.";
 
 const HASH_PASSWORD_EXIT_CODES: &str = "Exit codes: 0 the hash is printed; 1 hashing failed; 2 the password is empty \
                                         or could not be read.";
@@ -142,6 +148,44 @@ enum Command {
     /// input, for `password-hash` in the broker's [[auth.user]] (docs/SECURITY.md).
     #[command(after_help = HASH_PASSWORD_EXIT_CODES)]
     HashPassword,
+    /// A live view of a broker through its admin API: sessions, and addresses by rate, depth or
+    /// consumers, refreshed every --interval seconds (q: Ctrl-C). Into a pipe or file each
+    /// refresh is appended, so `mbws top --count 1` is a one-shot report. The admin API's bearer
+    /// token (its --admin-token), when it needs one, comes from the environment variable
+    /// MBWS_ADMIN_TOKEN (never a flag: a flag shows in `ps`).
+    #[command(after_help = TOP_EXIT_CODES)]
+    Top {
+        /// The broker's admin listener (its --admin-listen), HOST:PORT or HOST (port 7448).
+        #[arg(long, env = "MBWS_ADMIN", default_value = "127.0.0.1:7448")]
+        admin: String,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0, value_parser = positive_seconds)]
+        interval: f64,
+        /// Exit after this many refreshes (0: run until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Most addresses and most sessions listed.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        rows: u64,
+        /// How the addresses are ordered.
+        #[arg(long, value_enum, default_value_t = top::SortKey::Rate)]
+        sort: top::SortKey,
+    },
+}
+
+/// `mbws top` until its count, a stop signal or a closed output.
+fn run_top(options: top::TopOptions) -> ExitCode {
+    if let Err(error) = catch_stop_signals() {
+        eprintln!("mbws top: cannot catch SIGINT/SIGTERM: {error}");
+        return ExitCode::from(1);
+    }
+    match top::run(&options, || stop_signal().is_some()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(problem) => {
+            eprintln!("mbws top: {problem}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Reads a password (from the terminal without echo, or one line of standard input) and
@@ -232,6 +276,17 @@ fn main() -> ExitCode {
     if matches!(args.command, Command::HashPassword) {
         return hash_password();
     }
+    if let Command::Top { admin, interval, count, rows, sort } = &args.command {
+        return run_top(top::TopOptions {
+            admin: admin.clone(),
+            token: std::env::var("MBWS_ADMIN_TOKEN").ok().filter(|token| !token.is_empty()),
+            interval: Duration::from_secs_f64(*interval),
+            count: *count,
+            rows: *rows as usize,
+            sort: *sort,
+            wait: Duration::from_secs_f64(args.wait),
+        });
+    }
     if let Err(error) = parse_url_syntax(&args.url) {
         eprintln!("mbws: {error} (set it with --url or MBWS_URL)");
         return ExitCode::from(2);
@@ -285,7 +340,7 @@ fn main() -> ExitCode {
             };
             consume(&args.url, options, &plan)
         }
-        Command::HashPassword => unreachable!("answered above"),
+        Command::HashPassword | Command::Top { .. } => unreachable!("answered above"),
     };
     match result {
         Ok(code) => code,
