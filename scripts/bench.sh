@@ -3,7 +3,7 @@
 # driven by the same load generator (mbws-bench) in one run, so the ratios compare like with like.
 #
 #   scripts/bench.sh --quick      about 3 minutes: short runs, for a check of the ratios
-#   scripts/bench.sh              full run, under 20 minutes: longer runs, 3 throughput repeats
+#   scripts/bench.sh              full run, about 45 minutes: longer runs, every scenario 3 times
 #   scripts/bench.sh --publish    also copy summary.md and the plots to docs/bench/
 #
 # Other flags: --targets LIST (default mbws,mbws-light,nats,mqtt,relay; mbws-light is our broker
@@ -453,18 +453,20 @@ url_of() {
     esac
 }
 
-# run TARGET NAME SCENARIO [FLAGS...]: one generator run against a fresh broker; the result goes
-# to NAME.json, the generator's output to logs/NAME.log. A failed run is recorded in
-# failures.tsv and does not stop the suite.
-run() {
+# run_once TARGET NAME SCENARIO [FLAGS...]: one generator run against a fresh broker; the result
+# goes to NAME.json, the generator's output to logs/NAME.log. Returns 1, with run_failure set to
+# "what happened<TAB>its log", when the run gave no result.
+run_failure=""
+run_once() {
     local target=$1 name=$2 scenario=$3
     shift 3
     local json="$out/$name.json" status=0
+    run_failure=""
     log "$name: $scenario ${*}"
     if ! start_broker "$target" "$name"; then
-        printf '%s\t%s\t%s\n' "$name" "broker did not start" "logs/$name.broker.log" >>"$out/failures.tsv"
+        run_failure="$(printf '%s\t%s' "broker did not start" "logs/$name.broker.log")"
         stop_broker
-        return 0
+        return 1
     fi
     local -a variant=()
     [[ $target == mbws-light ]] && variant=(--light)
@@ -476,23 +478,45 @@ run() {
         --target "$kind" "${variant[@]}" --url "$(url_of "$target")" --size "$size" \
         --warmup-s "$warmup" --broker-pid "$broker_pid" --json "$json" "$@" \
         >"$out/logs/$name.log" 2>&1 || status=$?
-    if ! kill -0 "$broker_pid" 2>/dev/null; then
-        printf '%s\t%s\t%s\n' "$name" "broker died during the run" "logs/$name.broker.log" >>"$out/failures.tsv"
-        rm -f "$json"
-    fi
+    local died=0
+    kill -0 "$broker_pid" 2>/dev/null || died=1
     stop_broker
     rm -rf "$out/data/$name"
-    if [[ $status -eq 124 || $status -eq 137 ]]; then
-        printf '%s\t%s\t%s\n' "$name" "stopped after the ${run_timeout} s limit of one run" "logs/$name.log" >>"$out/failures.tsv"
-        rm -f "$json"
+    if [[ $died == 1 ]]; then
+        run_failure="$(printf '%s\t%s' "broker died during the run" "logs/$name.broker.log")"
+    elif [[ $status -eq 124 || $status -eq 137 ]]; then
+        run_failure="$(printf '%s\t%s' "stopped after the ${run_timeout} s limit of one run" "logs/$name.log")"
         log "$name TIMED OUT after $run_timeout s"
     elif [[ $status -ne 0 ]]; then
-        printf '%s\t%s\t%s\n' "$name" "mbws-bench exited with $status" "logs/$name.log" >>"$out/failures.tsv"
-        rm -f "$json"
+        run_failure="$(printf '%s\t%s' "mbws-bench exited with $status: $(tail -n 1 "$out/logs/$name.log" | tr -d '\t')" "logs/$name.log")"
         log "$name FAILED (exit $status): $(tail -n 3 "$out/logs/$name.log" | tr '\n' ' ')"
     elif [[ ! -s $json ]]; then
-        printf '%s\t%s\t%s\n' "$name" "no JSON written" "logs/$name.log" >>"$out/failures.tsv"
+        run_failure="$(printf '%s\t%s' "no JSON written" "logs/$name.log")"
     fi
+    if [[ -n $run_failure ]]; then
+        rm -f "$json"
+        return 1
+    fi
+}
+
+# run TARGET NAME SCENARIO [FLAGS...]: run_once, and once more if it gave no result (a refused
+# connection or a broker that did not start should not cost the suite a scenario). The first
+# attempt's logs are kept as NAME.attempt1.*, and the retry is listed in retries.tsv (and in
+# summary.md); a run that fails twice is listed in failures.tsv and does not stop the suite.
+run() {
+    local name=$2
+    run_once "$@" && return 0
+    local first_failure=$run_failure
+    for file in "$out/logs/$name.log" "$out/logs/$name.broker.log"; do
+        [[ -e $file ]] && mv "$file" "${file%.log}.attempt1.log"
+    done
+    log "$name: retrying once"
+    if run_once "$@"; then
+        printf '%s\t%s\n' "$name" "${first_failure/logs\/$name/logs/$name.attempt1}" >>"$out/retries.tsv"
+    else
+        printf '%s\t%s\n' "$name" "$run_failure" >>"$out/failures.tsv"
+    fi
+    return 0
 }
 
 # json_value FILE EXPRESSION: a number out of a result file (empty if absent or null).
@@ -545,33 +569,37 @@ else
     log "common rate: $common_rate msgs/s (half the lower of mbws ${max_rate[mbws]:-?} and nats ${max_rate[nats]:-?})"
 fi
 
-# Phase 2: every other scenario, per target (mbws-light: the common-rate latency only).
+# Phase 2: every other scenario, per target (mbws-light: the common-rate latency only), each
+# repeated like the throughput runs (NAME-rN; plot.py reports the median and the range).
 for target in "${targets[@]}"; do
+  for repeat in $(seq "$repeats"); do
+    r="r$repeat"
     if [[ $target == mbws-light ]]; then
         if [[ -n $common_rate ]]; then
-            run "$target" "$target-latency-common" latency --rates 100 --max-rate "$common_rate" \
+            run "$target" "$target-latency-common-$r" latency --rates 100 --max-rate "$common_rate" \
                 --step-s "$((${step%.*} + 1))" --duration-s "$duration"
         fi
         continue
     fi
     max_flag=()
     [[ -n ${max_rate[$target]} ]] && max_flag=(--max-rate "${max_rate[$target]}")
-    run "$target" "$target-latency-sweep" latency --rates "$rates" --step-s "$step" \
+    run "$target" "$target-latency-sweep-$r" latency --rates "$rates" --step-s "$step" \
         --duration-s "$duration" "${max_flag[@]}"
     if [[ -n $common_rate ]]; then
-        run "$target" "$target-latency-common" latency --rates 100 --max-rate "$common_rate" \
+        run "$target" "$target-latency-common-$r" latency --rates 100 --max-rate "$common_rate" \
             --step-s "$((${step%.*} + 1))" --duration-s "$duration"
     fi
     for subscribers in $fanout_subscribers; do
-        run "$target" "$target-fanout-$subscribers" fanout --subscribers "$subscribers" --duration-s "$duration"
+        run "$target" "$target-fanout-$subscribers-$r" fanout --subscribers "$subscribers" --duration-s "$duration"
     done
-    run "$target" "$target-connections" connections --connections "$connections" \
+    run "$target" "$target-connections-$r" connections --connections "$connections" \
         --source-ips "$source_ips" --duration-s "$hold"
     if [[ $target == mbws ]]; then
-        run "$target" "$target-durable" durable --duration-s "$duration"
+        run "$target" "$target-durable-$r" durable --duration-s "$duration"
     elif [[ $target == nats ]]; then
-        run nats-js nats-js-durable durable --duration-s "$duration"
+        run nats-js "nats-js-durable-$r" durable --duration-s "$duration"
     fi
+  done
 done
 
 # ---------------------------------------------------------------------------------------------

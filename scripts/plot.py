@@ -3,9 +3,10 @@
 
     python3 scripts/plot.py bench-results/<timestamp>/
 
-Reads every result file mbws-bench wrote there (`<target>-<scenario>[-<variant>].json`, each
-{"scenario", "target", "params", "results"}), run.json (what ran, where) and failures.tsv, and
-writes into the same directory:
+Reads every result file mbws-bench wrote there (`<target>-<scenario>[-<variant>][-r<N>].json`,
+each {"scenario", "target", "params", "results"}; `-r<N>` is the N-th repeat of a run, and a
+table shows the median repeat with the range over all of them), run.json (what ran, where),
+failures.tsv and retries.tsv, and writes into the same directory:
 
 - summary.md: every broker side by side with the ratio of ours (mbws) to each peer, the
   latency sweeps, the cost of TLS (wss:// against ws://, ours and NATS's), and the table of
@@ -22,6 +23,8 @@ import glob
 import json
 import math
 import os
+import re
+import statistics
 import sys
 from xml.sax.saxutils import escape
 
@@ -68,18 +71,35 @@ class Results:
         found = {document.get("target") for document in self.by_name.values()} - {None}
         found |= set(self.run.get("targets", []))
         self.targets = [t for t in TARGET_ORDER if t in found] + sorted(found - set(TARGET_ORDER))
-        self.failures = []
-        failures_path = os.path.join(directory, "failures.tsv")
-        if os.path.exists(failures_path):
-            with open(failures_path) as file:
-                for line in file:
-                    fields = line.rstrip("\n").split("\t")
-                    if fields and fields[0]:
-                        self.failures.append(fields + [""] * (3 - len(fields)))
+        self.failures = read_tsv(os.path.join(directory, "failures.tsv"))
+        self.retries = read_tsv(os.path.join(directory, "retries.tsv"))
 
     def result(self, name):
         document = self.by_name.get(name)
         return document["results"] if document else None
+
+    def repeats(self, name):
+        """The results of run `name` and of its repeats `name-rN`, in repeat order."""
+        pattern = re.compile(re.escape(name) + r"(-r(\d+))?$")
+        found = []
+        for run_name, document in self.by_name.items():
+            match = pattern.match(run_name)
+            if match:
+                found.append((int(match.group(2) or 0), document["results"]))
+        return [results for _, results in sorted(found, key=lambda item: item[0])]
+
+    def median(self, name, value):
+        """The repeat of `name` whose value(results) is the median (the lower middle one of an
+        even count), or None; repeats without the value are left out."""
+        runs = [run for run in self.repeats(name) if number(value(run)) is not None]
+        runs.sort(key=lambda run: number(value(run)))
+        return runs[(len(runs) - 1) // 2] if runs else None
+
+    def spread(self, name, value):
+        """(low, high, count) of value(results) over the repeats of `name`, or None."""
+        values = [number(value(run)) for run in self.repeats(name)]
+        values = [v for v in values if v is not None]
+        return (min(values), max(values), len(values)) if values else None
 
     def throughput_runs(self, target):
         runs = []
@@ -95,32 +115,67 @@ class Results:
         return runs[(len(runs) - 1) // 2] if runs else None
 
     def latency_sweep(self, target):
-        results = self.result(f"{target}-latency-sweep")
-        return (results or {}).get("steps") or []
+        """The sweep's steps, each field the median over the repeats at that step."""
+        sweeps = [run.get("steps") or [] for run in self.repeats(f"{target}-latency-sweep")]
+        sweeps = [steps for steps in sweeps if steps]
+        if not sweeps:
+            return []
+        merged = []
+        for index in range(min(len(steps) for steps in sweeps)):
+            at_step = [steps[index] for steps in sweeps]
+            step = dict(at_step[0])
+            for key in step:
+                values = [number(other.get(key)) for other in at_step]
+                values = [v for v in values if v is not None]
+                if values and number(step[key]) is not None:
+                    step[key] = statistics.median(values)
+            merged.append(step)
+        return merged
 
     def latency_common(self, target):
-        steps = (self.result(f"{target}-latency-common") or {}).get("steps") or []
-        return steps[0] if steps else None
+        """The common-rate step of the repeat with the median p99."""
+        run = self.median(f"{target}-latency-common", lambda run: first_step(run).get("p99_us"))
+        return first_step(run) if run else None
 
     def fanout(self, target):
-        """{subscribers: results} of the target's fan-out runs."""
-        runs = {}
+        """{subscribers: results} of the target's fan-out runs (the median repeat by deliveries/s)."""
+        sizes = set()
         for name, document in self.by_name.items():
-            if name.startswith(f"{target}-fanout-") and document.get("scenario") == "fanout":
-                subscribers = document["results"].get("subscribers")
-                if subscribers is None:
-                    subscribers = int(name.rsplit("-", 1)[1])
-                runs[int(subscribers)] = document["results"]
-        return dict(sorted(runs.items()))
+            match = re.match(re.escape(target) + r"-fanout-(\d+)(-r\d+)?$", name)
+            if match and document.get("scenario") == "fanout":
+                sizes.add(int(match.group(1)))
+        runs = {}
+        for size in sorted(sizes):
+            run = self.median(f"{target}-fanout-{size}", lambda run: run.get("deliveries_per_sec"))
+            if run:
+                runs[size] = run
+        return runs
 
     def fanout_sizes(self):
         return sorted({m for target in self.targets for m in self.fanout(target)})
 
     def connections(self, target):
-        return self.result(f"{target}-connections")
+        return self.median(f"{target}-connections", lambda run: run.get("rss_per_connection_bytes"))
 
     def durable(self, target):
-        return self.result(f"{target}-durable")
+        return self.median(f"{target}-durable", lambda run: run.get("msgs_per_sec"))
+
+
+def first_step(run):
+    steps = (run or {}).get("steps") or []
+    return steps[0] if steps else {}
+
+
+def read_tsv(path):
+    """Rows of (run, what happened, log) from failures.tsv or retries.tsv."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as file:
+            for line in file:
+                fields = line.rstrip("\n").split("\t")
+                if fields and fields[0]:
+                    rows.append((fields + [""] * 3)[:3])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +442,7 @@ def tls_rows(results):
 def durable_comparison(results):
     """Rows of (broker, msgs/s, ack p50, ack p99, CPU) for mbws's durable run and NATS JetStream's,
     and the goal rows (msgs/s >= 2x, ack p99 <= 0.5x JetStream's)."""
-    runs = [(label, results.result(name)) for label, name in (("mbws (ours)", f"{OURS}-durable"), ("NATS JetStream", "nats-js-durable"))]
+    runs = [(label, results.durable(target)) for label, target in (("mbws (ours)", OURS), ("NATS JetStream", "nats-js"))]
     runs = [(label, run) for label, run in runs if run and not run.get("unsupported")]
     rows = [
         [
@@ -399,7 +454,7 @@ def durable_comparison(results):
         ]
         for label, run in runs
     ]
-    ours, jetstream = results.result(f"{OURS}-durable"), results.result("nats-js-durable")
+    ours, jetstream = results.durable(OURS), results.durable("nats-js")
     goals = []
     if ours and jetstream:
         for goal, key, comparison, threshold in (
@@ -413,6 +468,26 @@ def durable_comparison(results):
             passed = measured >= threshold if comparison == ">=" else measured <= threshold
             goals.append([goal, f"{measured:.2f}x", f"{comparison} {threshold:g}x", f"**{'PASS' if passed else 'MISS'}**"])
     return rows, goals
+
+
+def spread_rows(results):
+    """(run, metric, repeats, low, high, ratio) for every run measured more than once."""
+    rows = []
+
+    def add(name, metric, value, formatter):
+        spread = results.spread(name, value)
+        if spread and spread[2] > 1:
+            low, high, count = spread
+            rows.append([name, metric, count, formatter(low), formatter(high), fmt_ratio(ratio(high, low))])
+
+    for target in results.targets + [f"{t}-tls" for t in results.targets] + ["nats-js"]:
+        add(f"{target}-throughput", "msgs/s", lambda run: run.get("msgs_per_sec"), fmt_count)
+        add(f"{target}-latency-common", "p99 µs", lambda run: first_step(run).get("p99_us"), fmt_us)
+        for size in results.fanout_sizes():
+            add(f"{target}-fanout-{size}", "deliveries/s", lambda run: run.get("deliveries_per_sec"), fmt_count)
+        add(f"{target}-connections", "RSS per session", lambda run: run.get("rss_per_connection_bytes"), fmt_bytes)
+        add(f"{target}-durable", "msgs/s", lambda run: run.get("msgs_per_sec"), fmt_count)
+    return rows
 
 
 def sweep_table(results, target):
@@ -539,6 +614,22 @@ def write_summary(results, plots):
         for file_name, title in plots:
             lines.append(f"![{title}]({file_name})")
             lines.append("")
+
+    spread = spread_rows(results)
+    if spread:
+        lines += ["", "## Spread over the repeats", ""]
+        lines.append(
+            "Each table above shows the median repeat (the latency sweep: the median at each step); "
+            "here is the range over all repeats of each run."
+        )
+        lines.append("")
+        lines.append(markdown_table(["run", "metric", "repeats", "low", "high", "high / low"], spread))
+
+    if results.retries:
+        lines += ["", "## Runs retried", ""]
+        lines.append("These runs gave no result at the first attempt and one at the second (scripts/bench.sh retries once):")
+        lines.append("")
+        lines.append(markdown_table(["run", "first attempt", "its log"], [[n, w, f"`{l}`"] for n, w, l in results.retries], ["---", "---", "---"]))
 
     if results.failures:
         lines += ["", "## Runs that failed", ""]
