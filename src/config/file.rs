@@ -83,6 +83,28 @@ pub struct AuthSection {
     pub user: Vec<UserSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token: Vec<TokenSection>,
+    /// Signed tokens (JWT) from an application's auth server.
+    pub jwt: Option<JwtSection>,
+}
+
+/// `[auth.jwt]`: the keys that verify JWTs, and what their claims must say
+/// ([`crate::auth::jwt`]; docs/SECURITY.md, "JWT").
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JwtSection {
+    /// The HS256 shared secret (at least 32 bytes).
+    pub hs256_secret: Option<Secret>,
+    /// A PEM public key: RSA (RS256) or EC P-256 (ES256).
+    pub public_key_file: Option<PathBuf>,
+    /// The algorithms accepted; default: those whose key is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub algorithms: Vec<String>,
+    /// The `iss` a token must have, if given.
+    pub issuer: Option<String>,
+    /// The `aud` a token must name, if given.
+    pub audience: Option<String>,
+    /// Clock difference allowed on `exp` and `nbf` (default 30 s).
+    pub leeway_secs: Option<u64>,
 }
 
 /// `[auth.anonymous]`: permissions without an identity.

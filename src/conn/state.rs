@@ -186,6 +186,21 @@ impl ConnState {
         true
     }
 
+    /// The session's credentials expired (a JWT's `exp`, [`ShardCore::expire_credentials`]
+    /// (crate::shard::core::ShardCore)): an attached session gets fatal 4401 and the close,
+    /// and is not kept for a resume; a detached one can no longer be resumed. Wake both tasks.
+    pub fn credentials_expired(&mut self) {
+        let reason = "the session's token expired (its exp claim); open a new session with a fresh token".to_string();
+        match self.lifecycle.state() {
+            super::lifecycle::State::Running { .. } => {
+                let end = self.session.end_unprompted(ErrorCode::Unauthenticated, reason, &mut self.outbound);
+                self.begin_close(end.close_code, &end.reason);
+            }
+            super::lifecycle::State::Detached { .. } => self.session.forbid_resume(),
+            _ => {}
+        }
+    }
+
     /// The reader's silence outlasted twice the heartbeat (or a like fault the session did not
     /// see itself): a fatal ERROR, then the close. Nothing for a superseded attachment.
     pub fn close_with_error(&mut self, attachment: Attachment, code: ErrorCode, reason: String) {

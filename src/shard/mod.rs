@@ -447,11 +447,13 @@ impl Shard {
         }
     }
 
-    /// Redelivers client-ack deliveries whose ack timeout passed. Sleeps until the earliest
-    /// deadline the core reports, or, with none pending, until a round of work wakes it.
+    /// The shard's timer: redelivers client-ack deliveries whose ack timeout passed, and ends
+    /// sessions whose credentials expired (a JWT's `exp`). Sleeps until the earliest deadline
+    /// the core reports, or, with none pending, until a round of work wakes it; a round that
+    /// adds an earlier deadline wakes it from its sleep too.
     async fn ack_timer_loop(self: Rc<Self>) {
         loop {
-            let next = self.core.borrow_mut().poll_ack_deadline();
+            let next = self.core.borrow_mut().poll_deadline();
             match next {
                 None => {
                     self.ack_deadline_added.wait().await;
@@ -460,9 +462,19 @@ impl Shard {
                 Some(deadline) => {
                     let now = now_ms();
                     if deadline > now {
-                        monoio::time::sleep(Duration::from_millis(deadline - now)).await;
+                        let mut sleep = std::pin::pin!(monoio::time::sleep(Duration::from_millis(deadline - now)));
+                        let mut woken = std::pin::pin!(self.ack_deadline_added.wait());
+                        std::future::poll_fn(|cx| {
+                            if sleep.as_mut().poll(cx).is_ready() || woken.as_mut().poll(cx).is_ready() {
+                                Poll::Ready(())
+                            } else {
+                                Poll::Pending
+                            }
+                        })
+                        .await;
+                        self.ack_deadline_added.reset();
                     }
-                    self.core.borrow_mut().expire_acks(now_ms());
+                    self.core.borrow_mut().on_deadline(now_ms());
                     self.run_work();
                 }
             }
@@ -746,9 +758,8 @@ fn run_shard(
         let shard = Rc::new(Shard::new(id, config, post_office));
         shard.start_durable_log(durable);
         monoio::spawn(shard.clone().inbox_loop(inbox));
-        if shard.config.ack_timeout_ms > 0 {
-            monoio::spawn(shard.clone().ack_timer_loop());
-        }
+        // Ack deadlines (--ack-timeout-ms) and expiring credentials (JWT) both need it.
+        monoio::spawn(shard.clone().ack_timer_loop());
         let accepting = monoio::spawn(accept_loop(shard.clone(), listener, tls));
         shard.shutdown.wait().await;
         stop_listening(id, listener_fd);
