@@ -26,6 +26,9 @@ pub struct ConnState {
     /// simulator and until the shell says).
     pub peer: Option<std::net::SocketAddr>,
     pub outbound: Outbound,
+    /// The session's place in `--max-sessions`, given back when the slot is freed (the shell
+    /// sets it; `None` in the simulator and the unit tests).
+    pub session_permit: Option<crate::shard::admission::SessionPermit>,
     max_outbound_bytes: usize,
     lifecycle: Lifecycle,
     /// Who began closing the current attachment, with what code and reason (for the log).
@@ -129,6 +132,7 @@ impl ConnState {
             session,
             peer: None,
             outbound: Outbound::new(),
+            session_permit: None,
             max_outbound_bytes,
             lifecycle: Lifecycle::default(),
             close: None,

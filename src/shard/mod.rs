@@ -16,6 +16,7 @@
 //! Threads share nothing but the read-only [`Config`] and the [`PostOffice`] (channels and
 //! eventfds): no locks on the message path.
 
+pub mod admission;
 pub mod assets;
 pub mod connection;
 pub mod core;
@@ -186,10 +187,17 @@ pub struct Shard {
     ack_deadline_added: LocalEvent,
     /// Envelopes of commands posted to other shards (for the admin API's metrics).
     envelopes_posted: Cell<u64>,
+    /// The broker-wide counts of connections and sessions against their limits.
+    pub admission: Arc<admission::Admission>,
 }
 
 impl Shard {
-    fn new(id: ShardId, config: Arc<Config>, post_office: Arc<PostOffice>) -> Shard {
+    fn new(
+        id: ShardId,
+        config: Arc<Config>,
+        post_office: Arc<PostOffice>,
+        admission: Arc<admission::Admission>,
+    ) -> Shard {
         let shard_count = post_office.shard_count();
         let core = ShardCore::new(id, shard_count, &config);
         Shard {
@@ -205,6 +213,7 @@ impl Shard {
             committing: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
             envelopes_posted: Cell::new(0),
+            admission,
         }
     }
 
@@ -699,16 +708,18 @@ pub fn start(config: Config, tls: Option<Arc<TlsContext>>) -> io::Result<Running
     let local_addr = listeners[0].local_addr()?;
     let (logs, message_id_floor) = data_dir::open_logs(&config)?;
     let (post_office, receivers) = PostOffice::new(config.shards)?;
+    let admission = admission::Admission::new(&config);
     let cores = net::allowed_cpus();
     let mut threads = Vec::with_capacity(config.shards);
     for (index, ((listener, inbox), (log, recovery))) in listeners.into_iter().zip(receivers).zip(logs).enumerate() {
         let config = config.clone();
         let post_office = post_office.clone();
+        let admission = admission.clone();
         let core = if config.pin_threads && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };
         let durable = DurableStart { log, recovery, message_id_floor };
         let tls = tls.as_ref().map(|tls| tls.server_config());
         let thread = std::thread::Builder::new().name(format!("mbws-shard-{index}")).spawn(move || {
-            run_shard(ShardId(index as u16), config, post_office, listener, inbox, core, durable, tls)
+            run_shard(ShardId(index as u16), config, post_office, admission, listener, inbox, core, durable, tls)
         })?;
         threads.push(thread);
     }
@@ -727,6 +738,7 @@ fn run_shard(
     id: ShardId,
     config: Arc<Config>,
     post_office: Arc<PostOffice>,
+    admission: Arc<admission::Admission>,
     listener: std::net::TcpListener,
     inbox: Receiver<Envelope>,
     core: Option<usize>,
@@ -755,7 +767,7 @@ fn run_shard(
                 std::process::exit(1);
             }
         };
-        let shard = Rc::new(Shard::new(id, config, post_office));
+        let shard = Rc::new(Shard::new(id, config, post_office, admission));
         shard.start_durable_log(durable);
         monoio::spawn(shard.clone().inbox_loop(inbox));
         // Ack deadlines (--ack-timeout-ms) and expiring credentials (JWT) both need it.
