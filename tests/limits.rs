@@ -266,7 +266,7 @@ fn a_client_creating_addresses_without_end_is_stopped_by_max_addresses() {
     let mut refused = 0u64;
     let mut reason = String::new();
     let mut receipted = 0;
-    let mut absorb = |frame: Frame, refused: &mut u64, reason: &mut String, receipted: &mut u64| match frame {
+    let absorb = |frame: Frame, refused: &mut u64, reason: &mut String, receipted: &mut u64| match frame {
         Frame::Error(error) => {
             assert_eq!((error.code, error.fatal), (4429, false), "{error:?}");
             *refused += 1;
