@@ -190,8 +190,9 @@ impl ConnState {
         true
     }
 
-    /// The session's credentials expired (a JWT's `exp`, [`ShardCore::expire_credentials`]
-    /// (crate::shard::core::ShardCore)): an attached session gets fatal 4401 and the close,
+    /// The session's credentials expired (a JWT's `exp`, found by
+    /// [`ShardCore::expire_credentials`](crate::shard::core::ShardCore::expire_credentials)):
+    /// an attached session gets fatal 4401 and the close,
     /// and is not kept for a resume; a detached one can no longer be resumed. Wake both tasks.
     pub fn credentials_expired(&mut self) {
         let reason = "the session's token expired (its exp claim); open a new session with a fresh token".to_string();

@@ -126,7 +126,7 @@ pub struct AddressLimits {
     /// exceed it with its two added headers is dropped.
     pub max_frame_bytes: usize,
     /// Addresses this shard holds at most (its share of `--max-addresses`): a SEND or SUBSCRIBE
-    /// that would create one more is refused with 4429 ([`AddressTable::check_address_room`]).
+    /// that would create one more is refused with 4429.
     pub max_addresses: usize,
     /// The broker's `--max-addresses` and shard count, for the refusal's reason.
     pub max_addresses_total: usize,
