@@ -53,8 +53,19 @@ pub struct Config {
     /// grows it up to `max_message_bytes` plus a header.
     pub read_buffer_bytes: usize,
     pub max_address_bytes: usize,
+    /// Application headers on one message, and their bytes with the properties (fatal 4413).
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// TCP connections open at once in the whole broker, and from one source IP address
+    /// (`shard::admission`): beyond, an upgrade is answered 503.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Sessions in the whole broker, detached ones (kept for resume) included: beyond, OPEN
+    /// gets fatal 4503.
+    pub max_sessions: usize,
+    /// Addresses in the whole broker (split evenly over the shards): a SEND or SUBSCRIBE that
+    /// would create one more gets non-fatal 4429.
+    pub max_addresses: usize,
     pub max_credit: u32,
     pub max_subscriptions: u32,
     pub max_inflight_sends: u32,
@@ -135,6 +146,10 @@ impl Default for Config {
             max_address_bytes: codec.max_address_bytes,
             max_headers: codec.max_headers,
             max_header_bytes: codec.max_header_bytes,
+            max_connections: 100_000,
+            max_connections_per_ip: 10_000,
+            max_sessions: 100_000,
+            max_addresses: 1_000_000,
             max_credit: 65_535,
             max_subscriptions: 1024,
             max_inflight_sends: 4096,
@@ -264,6 +279,22 @@ impl Config {
                 setting("--max-message-bytes", &self.max_message_bytes)
             ));
         }
+        if self.max_addresses < self.shards {
+            return Err(format!(
+                "{} is below {}: each shard holds its share of the addresses, at least one; raise \
+                 --max-addresses or lower --shards",
+                setting("--max-addresses", &self.max_addresses),
+                setting("--shards", &self.shards)
+            ));
+        }
+        if self.max_connections_per_ip > self.max_connections {
+            return Err(format!(
+                "{} exceeds {}: one address could never have that many; lower --max-connections-per-ip or raise \
+                 --max-connections",
+                setting("--max-connections-per-ip", &self.max_connections_per_ip),
+                setting("--max-connections", &self.max_connections)
+            ));
+        }
         for pattern in &self.durable_addresses {
             let name = pattern.strip_suffix('*').unwrap_or(pattern);
             if name.contains('*') || pattern.is_empty() || pattern.len() > self.max_address_bytes {
@@ -295,15 +326,6 @@ impl Config {
                 "max-address-bytes {} is out of range: use 1..={}",
                 self.max_address_bytes,
                 crate::mbws::binary::MAX_STR8_BYTES
-            ));
-        }
-        if self.max_headers > MAX_HEADERS {
-            return Err(format!(
-                "max-headers {} is out of range: use 0..={MAX_HEADERS} (the binary binding carries at most {} \
-                 headers, and dead-lettering adds {})",
-                self.max_headers,
-                crate::mbws::binary::MAX_HEADER_COUNT,
-                DEAD_LETTER_HEADER_COUNT
             ));
         }
         Ok(())
@@ -522,6 +544,55 @@ pub const FLAG_RANGES: &[FlagRange] = &[
         max: 1_000_000,
         meaning: "subscriptions per session",
         value: |c| u64::from(c.max_subscriptions),
+    },
+    FlagRange {
+        flag: "--max-headers",
+        min: 0,
+        max: MAX_HEADERS as u64,
+        meaning: "application headers per message: the binary binding carries 255, dead-lettering adds 2",
+        value: |c| c.max_headers as u64,
+    },
+    FlagRange {
+        flag: "--max-header-bytes",
+        min: 256,
+        max: 16 * MIB,
+        meaning: "bytes of properties and headers per message",
+        value: |c| c.max_header_bytes as u64,
+    },
+    FlagRange {
+        flag: "--max-heartbeat-ms",
+        min: 1000,
+        max: DAY_MS / 24,
+        meaning: "milliseconds, the longest heartbeat interval agreed",
+        value: |c| u64::from(c.max_heartbeat_ms),
+    },
+    FlagRange {
+        flag: "--max-connections",
+        min: 1,
+        max: 10_000_000,
+        meaning: "connections in the broker",
+        value: |c| c.max_connections as u64,
+    },
+    FlagRange {
+        flag: "--max-connections-per-ip",
+        min: 1,
+        max: 10_000_000,
+        meaning: "connections from one IP address, at most --max-connections",
+        value: |c| c.max_connections_per_ip as u64,
+    },
+    FlagRange {
+        flag: "--max-sessions",
+        min: 1,
+        max: 10_000_000,
+        meaning: "sessions in the broker, detached ones included",
+        value: |c| c.max_sessions as u64,
+    },
+    FlagRange {
+        flag: "--max-addresses",
+        min: 1,
+        max: 100_000_000,
+        meaning: "addresses in the broker, split over the shards",
+        value: |c| c.max_addresses as u64,
     },
     FlagRange {
         flag: "--max-credit",

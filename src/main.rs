@@ -67,6 +67,31 @@ struct Args {
     /// Largest credit (unacknowledged deliveries) per subscription.
     #[arg(long, default_value_t = Config::default().max_credit)]
     max_credit: u32,
+    /// Most application headers on one message (fatal ERROR 4413 beyond).
+    #[arg(long, default_value_t = Config::default().max_headers)]
+    max_headers: usize,
+    /// Most bytes of content-type, correlation-id, reply-to and application headers on one
+    /// message (fatal ERROR 4413 beyond).
+    #[arg(long, default_value_t = Config::default().max_header_bytes)]
+    max_header_bytes: usize,
+    /// Longest heartbeat interval agreed in OPENED (also the interval for a client that asks for
+    /// more); a connection silent for twice its interval is closed (ERROR 4408).
+    #[arg(long, default_value_t = Config::default().max_heartbeat_ms)]
+    max_heartbeat_ms: u32,
+    /// Most TCP connections open at once in the broker; beyond, an upgrade is answered 503.
+    #[arg(long, default_value_t = Config::default().max_connections)]
+    max_connections: usize,
+    /// Most TCP connections open at once from one IP address; beyond, an upgrade is answered 503.
+    #[arg(long, default_value_t = Config::default().max_connections_per_ip)]
+    max_connections_per_ip: usize,
+    /// Most sessions in the broker, detached ones (kept for resume) included; beyond, OPEN gets
+    /// fatal ERROR 4503.
+    #[arg(long, default_value_t = Config::default().max_sessions)]
+    max_sessions: usize,
+    /// Most addresses in the broker (split over the shards); a SEND or SUBSCRIBE that would
+    /// create one more gets ERROR 4429.
+    #[arg(long, default_value_t = Config::default().max_addresses)]
+    max_addresses: usize,
     /// Milliseconds an MBWS session is kept after its connection is lost, for resume (0: never).
     #[arg(long, default_value_t = Config::default().session_expiry_ms)]
     session_expiry_ms: u32,
@@ -631,6 +656,13 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
         max_outbound_bytes,
         max_subscriptions,
         max_credit,
+        max_headers,
+        max_header_bytes,
+        max_heartbeat_ms,
+        max_connections,
+        max_connections_per_ip,
+        max_sessions,
+        max_addresses,
         session_expiry_ms,
         ack_timeout_ms,
         max_deliveries,

@@ -400,3 +400,221 @@ fn password_checks_run_beside_the_shards_not_on_a_shards_core() {
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(data);
 }
+
+// --- JWT (docs/SECURITY.md, "JWT") ----------------------------------------------------------
+//
+// Tokens are made here with the `openssl` command-line tool (HMAC, RSA and ECDSA signatures),
+// independently of the crate the broker verifies them with.
+
+/// The HS256 secret of the JWT tests' brokers.
+const JWT_SECRET: &str = "a-shared-secret-of-at-least-32-bytes";
+
+fn base64url(bytes: &[u8]) -> String {
+    mbws_proto::ws::handshake::base64_encode(bytes).trim_end_matches('=').replace('+', "-").replace('/', "_")
+}
+
+fn openssl(args: &[&str], input: Option<&std::path::Path>) -> Vec<u8> {
+    let mut command = std::process::Command::new("openssl");
+    command.args(args);
+    if let Some(input) = input {
+        command.arg(input);
+    }
+    let output = command.output().expect("run openssl (apt-get install openssl)");
+    assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output.stdout
+}
+
+/// How a test token is signed.
+enum Signer<'a> {
+    Hs256(&'a str),
+    /// A PEM private key: RSA (RS256) or EC P-256 (ES256).
+    Rs256(&'a std::path::Path),
+    Es256(&'a std::path::Path),
+    /// `alg: none`, no signature.
+    None,
+}
+
+/// A JWT with `claims`, signed by `signer`.
+fn jwt(signer: &Signer<'_>, claims: &str) -> String {
+    let alg = match signer {
+        Signer::Hs256(_) => "HS256",
+        Signer::Rs256(_) => "RS256",
+        Signer::Es256(_) => "ES256",
+        Signer::None => "none",
+    };
+    let input = format!(
+        "{}.{}",
+        base64url(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#).as_bytes()),
+        base64url(claims.as_bytes())
+    );
+    let dir = temp_dir("jwt-sign");
+    let file = dir.join("input");
+    std::fs::write(&file, &input).unwrap();
+    let signature = match signer {
+        Signer::Hs256(secret) => {
+            openssl(&["dgst", "-sha256", "-binary", "-mac", "HMAC", "-macopt", &format!("key:{secret}")], Some(&file))
+        }
+        Signer::Rs256(key) => openssl(&["dgst", "-sha256", "-binary", "-sign", key.to_str().unwrap()], Some(&file)),
+        Signer::Es256(key) => {
+            let der = openssl(&["dgst", "-sha256", "-binary", "-sign", key.to_str().unwrap()], Some(&file));
+            ecdsa_der_to_raw(&der)
+        }
+        Signer::None => Vec::new(),
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    format!("{input}.{}", base64url(&signature))
+}
+
+/// An ECDSA signature as openssl writes it (DER: SEQUENCE of INTEGER r, INTEGER s) to the 64
+/// bytes r || s that JWS's ES256 wants (RFC 7518 3.4).
+fn ecdsa_der_to_raw(der: &[u8]) -> Vec<u8> {
+    assert_eq!(der[0], 0x30, "a DER SEQUENCE");
+    let mut position = 2;
+    let mut raw = Vec::new();
+    for _ in 0..2 {
+        assert_eq!(der[position], 0x02, "a DER INTEGER");
+        let length = usize::from(der[position + 1]);
+        let integer = &der[position + 2..position + 2 + length];
+        let integer = &integer[integer.len().saturating_sub(32)..];
+        raw.extend(std::iter::repeat_n(0u8, 32 - integer.len()));
+        raw.extend_from_slice(integer);
+        position += 2 + length;
+    }
+    raw
+}
+
+/// A private key of `kind` ("RSA" or "EC") and its public key, as PEM files in `dir`.
+fn key_pair(dir: &std::path::Path, kind: &str) -> (PathBuf, PathBuf) {
+    let private = dir.join(format!("{kind}.pem"));
+    let public = dir.join(format!("{kind}.pub.pem"));
+    let options: &[&str] =
+        if kind == "RSA" { &["-pkeyopt", "rsa_keygen_bits:2048"] } else { &["-pkeyopt", "ec_paramgen_curve:P-256"] };
+    let mut args = vec!["genpkey", "-algorithm", kind];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["-out", private.to_str().unwrap()]);
+    openssl(&args, None);
+    openssl(&["pkey", "-in", private.to_str().unwrap(), "-pubout", "-out", public.to_str().unwrap()], None);
+    (private, public)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Claims that may send to `orders.*` and consume `invoices`, expiring `in_secs` from now.
+fn claims(in_secs: i64) -> String {
+    let exp = unix_now() as i64 + in_secs;
+    format!(r#"{{"sub":"web-user-7","exp":{exp},"mbws":{{"send":["orders.*"],"consume":["invoices"]}}}}"#)
+}
+
+#[test]
+fn jwt_hs256_is_accepted_in_open_in_the_bearer_header_and_in_the_query_and_its_claims_are_enforced() {
+    let (broker, dir) = start(&format!("[auth.jwt]\nhs256-secret = \"{JWT_SECRET}\"\n"), &[]);
+    let token = jwt(&Signer::Hs256(JWT_SECRET), &claims(600));
+    let mut in_open = Peer::opened(&broker, "/", &[], binary_open_with("", &token));
+    Peer::opened(&broker, "/", &[("Authorization", &format!("Bearer {token}"))], binary_open_with("", ""));
+    let mut in_query = Peer::opened(&broker, &format!("/?token={token}"), &[], binary_open_with("", ""));
+    // The claims' permissions: 4403 outside them, and the session stays up.
+    assert_eq!(in_open.send_to(1, "orders.eu"), Reply::Receipt { seq: 1 });
+    assert_forbidden(in_open.send_to(2, "invoices"), "invoices");
+    assert_eq!(in_open.recv(), Reply::Receipt { seq: 2 });
+    assert_eq!(in_query.subscribe_to(1, "invoices"), Reply::Subscribed { subscription_id: 1 });
+    assert_forbidden(in_query.subscribe_to(2, "orders.eu"), "orders.eu");
+    // Static tokens and users keep working beside JWTs.
+    Peer::opened(&broker, "/", &[], binary_open_with("", TOKEN));
+    assert_never_logged(&broker, &[&token, JWT_SECRET]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn jwt_rs256_and_es256_are_accepted_with_their_public_keys() {
+    let keys = temp_dir("jwt-keys");
+    for kind in ["RSA", "EC"] {
+        let signer_of = |key| if kind == "RSA" { Signer::Rs256(key) } else { Signer::Es256(key) };
+        let (private, public) = key_pair(&keys, kind);
+        let (broker, dir) = start(&format!("[auth.jwt]\npublic-key-file = \"{}\"\n", public.display()), &[]);
+        let token = jwt(&signer_of(&private), &claims(600));
+        let mut peer = Peer::opened(&broker, "/", &[], binary_open_with("", &token));
+        assert_eq!(peer.send_to(1, "orders.eu"), Reply::Receipt { seq: 1 }, "{kind}");
+        // Another key pair of the same kind signs a forgery.
+        let other = temp_dir("jwt-other-key");
+        let (other_private, _) = key_pair(&other, kind);
+        let forged = jwt(&signer_of(&other_private), &claims(600));
+        let reason = assert_refused(Peer::open(&broker, "/", &[], binary_open_with("", &forged)).1);
+        assert!(reason.contains("signature does not verify"), "{kind}: {reason}");
+        for dir in [dir, other] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    let _ = std::fs::remove_dir_all(keys);
+}
+
+#[test]
+fn jwt_expired_forged_unsigned_and_wrong_algorithm_or_issuer_are_refused_with_4401_saying_why() {
+    let keys = temp_dir("jwt-keys");
+    let (private, public) = key_pair(&keys, "RSA");
+    let section = format!(
+        "[auth.jwt]\npublic-key-file = \"{}\"\nalgorithms = [\"RS256\"]\nissuer = \"https://auth.example.com\"\n\
+         leeway-secs = 0\n",
+        public.display()
+    );
+    let (broker, dir) = start(&section, &[]);
+    let with_issuer = |in_secs: i64| claims(in_secs).replacen('{', r#"{"iss":"https://auth.example.com","#, 1);
+    let good = jwt(&Signer::Rs256(&private), &with_issuer(600));
+    Peer::opened(&broker, "/", &[], binary_open_with("", &good));
+
+    // A payload changed after signing: the signature no longer verifies.
+    let (head, rest) = good.split_once('.').unwrap();
+    let signature = rest.rsplit_once('.').unwrap().1;
+    let widened = with_issuer(600).replace(r#"["orders.*"]"#, r#"["*"]"#);
+    let tampered = format!("{head}.{}.{signature}", base64url(widened.as_bytes()));
+    // The public key used as an HS256 secret (the algorithm-confusion attack).
+    let public_pem = std::fs::read_to_string(&public).unwrap();
+    let cases = [
+        (jwt(&Signer::Rs256(&private), &with_issuer(-60)), "expired"),
+        (tampered, "signature does not verify"),
+        (jwt(&Signer::None, &with_issuer(600)), "header"),
+        (jwt(&Signer::Hs256(&public_pem), &with_issuer(600)), "does not accept"),
+        (jwt(&Signer::Rs256(&private), &claims(600)), "iss"),
+    ];
+    for (token, says) in &cases {
+        let reason = assert_refused(Peer::open(&broker, "/", &[], binary_open_with("", token)).1);
+        assert!(reason.contains("JWT") && reason.contains(says), "{says}: {reason}");
+        let (_, signature) = token.rsplit_once('.').unwrap();
+        assert!(signature.is_empty() || !reason.contains(signature), "the reason quotes the token: {reason}");
+        // In the query string too.
+        let reason = assert_refused(Peer::open(&broker, &format!("/?token={token}"), &[], binary_open_with("", "")).1);
+        assert!(reason.contains(says), "{says}: {reason}");
+    }
+    let tokens: Vec<&str> = cases.iter().map(|(token, _)| token.as_str()).collect();
+    assert_never_logged(&broker, &tokens);
+    for dir in [dir, keys] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn a_jwt_that_expires_during_the_session_ends_it_with_4401_token_expired() {
+    let (broker, dir) = start(&format!("[auth.jwt]\nhs256-secret = \"{JWT_SECRET}\"\nleeway-secs = 0\n"), &[]);
+    // exp is in whole seconds: 2 s from now is 1 to 2 s away.
+    let token = jwt(&Signer::Hs256(JWT_SECRET), &claims(2));
+    let opened_at = Instant::now();
+    let mut peer = Peer::opened(&broker, "/", &[], binary_open_with("", &token));
+    assert_eq!(peer.send_to(1, "orders.eu"), Reply::Receipt { seq: 1 }, "valid until its exp");
+    // The broker ends the session on its own: the next frame is the fatal ERROR (the read is
+    // bounded by IO_TIMEOUT).
+    match peer.recv() {
+        Reply::Error { code: 4401, fatal: true, reason, .. } => assert!(reason.contains("token expired"), "{reason}"),
+        other => panic!("expected fatal 4401 when the token expired, got {other:?}"),
+    }
+    let ended_after = opened_at.elapsed();
+    assert!(
+        ended_after >= Duration::from_millis(900) && ended_after < Duration::from_secs(4),
+        "ended {ended_after:?} after OPEN, for a token that expired 1 to 2 s after it"
+    );
+    match peer.socket.read() {
+        Ok(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 4401),
+        other => panic!("expected close 4401, got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

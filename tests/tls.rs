@@ -352,3 +352,36 @@ fn a_stalled_tls_handshake_is_closed_by_the_handshake_timeout() {
     assert!(started.elapsed() < Duration::from_secs(5), "closed only after {:?}", started.elapsed());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A failed TLS handshake is logged at info with the peer and rustls's reason, and without
+/// anything the client sent; a flood of them is rate-limited (at most 20 lines per 10 s per
+/// shard, then one line counting those left out).
+#[test]
+fn failed_tls_handshakes_are_logged_at_info_with_the_reason_and_rate_limited() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("tls-failed-handshake");
+    let pair = make_certificate(&dir, "broker");
+    let mut flags = pair.flags().to_vec();
+    flags.extend_from_slice(&["--shards", "1"]);
+    let broker = Broker::start(&flags);
+    // Plain HTTP to a wss:// port: not a TLS record. 30 of them, past the 20-line budget.
+    let secret = "Authorization: Bearer do-not-log-this";
+    for _ in 0..30 {
+        let mut stream = std::net::TcpStream::connect(broker.addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream
+            .write_all(format!("GET /?token=also-secret HTTP/1.1\r\nHost: x\r\n{secret}\r\n\r\n").as_bytes())
+            .unwrap();
+        let _ = stream.read_to_end(&mut Vec::new());
+    }
+    let line = broker.wait_for_log("TLS handshake failed", WAIT).expect("a log line for the failed handshake");
+    assert!(line.contains("INFO") && line.contains("peer=127.0.0.1:") && line.contains("reason="), "{line}");
+    // The count of those left out comes with the next line after the window; within it, at
+    // most the budget is written.
+    let logged = broker.log_lines().iter().filter(|line| line.contains("TLS handshake failed")).count();
+    assert!((1..=20).contains(&logged), "{logged} lines for 30 failures");
+    for line in broker.log_lines() {
+        assert!(!line.contains("do-not-log-this") && !line.contains("also-secret"), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -2,15 +2,17 @@
 //!
 //! [`Auth`] is the `[auth]` section of the configuration, checked at start: users with
 //! argon2id password hashes (PHC strings), static bearer tokens stored as the SHA-256 of the
-//! token, and what anonymous sessions may do. It decides a connection's [`Access`] from its
+//! token, the keys of signed tokens (JWT, [`jwt`]: checked inline, their claims carry the
+//! permissions and an expiry that ends the session), and what anonymous sessions may do. It decides a connection's [`Access`] from its
 //! [`Credentials`] ([`Auth::check`]) without IO, except for the one slow step: an argon2
 //! verification, which [`Check::Verify`] hands to the caller, who runs it on the verification
 //! threads ([`verifier`]) and never on a shard's event loop. A successful verification is
 //! remembered for [`VERIFIED_CACHE_MS`] ([`Auth::verified`]), so a client that reconnects does
 //! not pay for the hash again.
 //!
-//! Every refusal of credentials has the same reason ([`REFUSED`]), so it does not tell an
-//! unknown user from a wrong password; an unknown user is verified against a dummy hash so that
+//! Every refusal of a password or a static token has the same reason ([`REFUSED`]), so it does
+//! not tell an unknown user from a wrong password (a JWT's refusal says what is wrong with it:
+//! its signature proves who issued it, so there is nothing to hide); an unknown user is verified against a dummy hash so that
 //! it takes as long as a wrong password. Repeated failures from one peer address are slowed
 //! down ([`failures`]). The session applies the outcome: 4401 at OPEN, 4403 for a SEND or
 //! SUBSCRIBE its [`Permissions`] do not allow.
@@ -22,6 +24,7 @@
 
 pub mod credentials;
 pub mod failures;
+pub mod jwt;
 pub mod permissions;
 pub mod verifier;
 
@@ -48,7 +51,9 @@ pub const MAX_VERIFIED_CACHE_ENTRIES: usize = 10_000;
 /// What a connection may do, decided before its OPEN is answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
-    Granted(Arc<Permissions>),
+    /// These permissions, until the given time (broker clock, ms) if the credentials expire
+    /// (a JWT's `exp`): the session ends then (fatal 4401). `None`: for the session's life.
+    Granted(Arc<Permissions>, Option<u64>),
     /// The OPEN is answered with this fatal ERROR (4401, or 4429 when the checks are overloaded).
     Refused(ErrorCode, String),
 }
@@ -56,7 +61,7 @@ pub enum Access {
 impl Access {
     /// Everything allowed: a broker without `[auth]` on loopback, and the unit tests.
     pub fn unrestricted() -> Access {
-        Access::Granted(Arc::new(Permissions::everything()))
+        Access::Granted(Arc::new(Permissions::everything()), None)
     }
 
     pub fn refused() -> Access {
@@ -103,6 +108,8 @@ pub struct Auth {
     users: HashMap<String, User>,
     /// SHA-256 of each static token, and what it may do.
     tokens: HashMap<[u8; 32], Arc<Permissions>>,
+    /// The keys of `[auth.jwt]`, if configured.
+    jwt: Option<jwt::JwtVerifier>,
     /// An argon2id hash of nothing anyone knows, verified for unknown users.
     dummy_hash: Arc<str>,
     /// Successful verifications: SHA-256 of (hash, password) and until when (broker clock, ms).
@@ -120,6 +127,7 @@ impl std::fmt::Debug for Auth {
             .field("anonymous", &self.anonymous)
             .field("users", &users)
             .field("tokens", &self.tokens.len())
+            .field("jwt", &self.jwt.is_some())
             .finish()
     }
 }
@@ -171,19 +179,21 @@ impl Auth {
                 return Err(format!("{context}: this token's hash is configured twice; keep one entry"));
             }
         }
+        let jwt = section.jwt.as_ref().map(jwt::JwtVerifier::from_section).transpose()?;
         Ok(Auth {
             anonymous: Arc::new(anonymous),
             users,
             tokens,
+            jwt,
             dummy_hash: DUMMY_HASH.into(),
             verified_cache: Mutex::new(HashMap::new()),
             section: section.clone(),
         })
     }
 
-    /// Whether any user or token is configured.
+    /// Whether any user, token or JWT key is configured.
     pub fn has_credentials(&self) -> bool {
-        !self.users.is_empty() || !self.tokens.is_empty()
+        !self.users.is_empty() || !self.tokens.is_empty() || self.jwt.is_some()
     }
 
     /// The credentials of a connection ([`credentials::credentials`]), or, on a broker with no
@@ -203,11 +213,12 @@ impl Auth {
     }
 
     /// Decides what `credentials` grant (`anonymous_allowed`: the broker's `allow-anonymous`),
-    /// at `now_ms` (for the verification cache). Only a password not verified recently needs
-    /// the slow step.
-    pub fn check(&self, credentials: Credentials, anonymous_allowed: bool, now_ms: u64) -> Check {
+    /// at `now_ms` (the broker's clock: the verification cache, a JWT's deadline) and
+    /// `now_unix_ms` (the wall clock a JWT's `exp` is compared with). Only a password not
+    /// verified recently needs the slow step.
+    pub fn check(&self, credentials: Credentials, anonymous_allowed: bool, now_ms: u64, now_unix_ms: u64) -> Check {
         match credentials {
-            Credentials::Anonymous if anonymous_allowed => Check::Done(Access::Granted(self.anonymous.clone())),
+            Credentials::Anonymous if anonymous_allowed => Check::Done(Access::Granted(self.anonymous.clone(), None)),
             Credentials::Anonymous => Check::Done(Access::Refused(
                 ErrorCode::Unauthenticated,
                 "OPEN: this broker does not allow anonymous sessions; give a user and password or a token \
@@ -216,9 +227,19 @@ impl Auth {
             )),
             Credentials::Token(token) => {
                 let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-                Check::Done(match self.tokens.get(&hash) {
-                    Some(permissions) => Access::Granted(permissions.clone()),
-                    None => Access::refused(),
+                Check::Done(match (self.tokens.get(&hash), &self.jwt) {
+                    (Some(permissions), _) => Access::Granted(permissions.clone(), None),
+                    (None, Some(verifier)) if jwt::JwtVerifier::looks_like_jwt(&token) => {
+                        match verifier.verify(&token, now_unix_ms) {
+                            // The deadline on the broker's clock: as far from now as exp is.
+                            Ok(grant) => Access::Granted(
+                                Arc::new(grant.permissions),
+                                Some(now_ms.saturating_add(grant.valid_until_unix_ms.saturating_sub(now_unix_ms))),
+                            ),
+                            Err(reason) => Access::Refused(ErrorCode::Unauthenticated, reason),
+                        }
+                    }
+                    (None, _) => Access::refused(),
                 })
             }
             Credentials::Password { user, password } => {
@@ -230,7 +251,7 @@ impl Auth {
                 if let Some(granted) = &granted {
                     let cache = self.verified_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                     if cache.get(&cache_key).is_some_and(|&until_ms| now_ms < until_ms) {
-                        return Check::Done(Access::Granted(granted.clone()));
+                        return Check::Done(Access::Granted(granted.clone(), None));
                     }
                 }
                 Check::Verify(PasswordCheck { password_hash, password, granted, cache_key })
@@ -250,7 +271,7 @@ impl Auth {
                     }
                 }
                 cache.insert(check.cache_key, now_ms + VERIFIED_CACHE_MS);
-                Access::Granted(permissions)
+                Access::Granted(permissions, None)
             }
             _ => Access::refused(),
         }
@@ -365,7 +386,7 @@ mod tests {
     }
 
     fn run(auth: &Auth, credentials: Credentials, now_ms: u64) -> (Access, bool) {
-        match auth.check(credentials, false, now_ms) {
+        match auth.check(credentials, false, now_ms, 0) {
             Check::Done(access) => (access, false),
             Check::Verify(check) => {
                 let matched = verify_password(&check.password_hash, &check.password);
@@ -378,9 +399,9 @@ mod tests {
     fn passwords_are_verified_then_remembered_briefly() {
         let auth = auth();
         let (access, slow) = run(&auth, password("alice", "s3cret"), 0);
-        assert!(matches!(access, Access::Granted(ref p) if p.may_send(b"orders")) && slow);
+        assert!(matches!(access, Access::Granted(ref p, None) if p.may_send(b"orders")) && slow);
         let (access, slow) = run(&auth, password("alice", "s3cret"), 1000);
-        assert!(matches!(access, Access::Granted(_)) && !slow, "remembered");
+        assert!(matches!(access, Access::Granted(..)) && !slow, "remembered");
         let (_, slow) = run(&auth, password("alice", "s3cret"), VERIFIED_CACHE_MS + 1);
         assert!(slow, "forgotten after VERIFIED_CACHE_MS");
     }
@@ -402,15 +423,45 @@ mod tests {
     fn tokens_are_checked_inline_by_their_hash() {
         let auth = auth();
         let (access, slow) = run(&auth, Credentials::Token("tok".into()), 0);
-        assert!(matches!(access, Access::Granted(ref p) if p.may_consume(b"x") && !p.may_send(b"x")) && !slow);
+        assert!(matches!(access, Access::Granted(ref p, None) if p.may_consume(b"x") && !p.may_send(b"x")) && !slow);
         assert_eq!(run(&auth, Credentials::Token("tok2".into()), 0).0, Access::refused());
+    }
+
+    #[test]
+    fn a_jwt_grants_its_claims_until_its_exp_on_the_broker_clock() {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let secret = "0123456789abcdef0123456789abcdef";
+        let section = AuthSection {
+            jwt: Some(crate::config::file::JwtSection {
+                hs256_secret: Some(Secret::new(secret)),
+                leeway_secs: Some(0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let auth = Auth::from_section(&section).unwrap();
+        assert!(auth.has_credentials());
+        let now_unix_ms = 1_800_000_000_000;
+        let claims = serde_json::json!({"exp": now_unix_ms / 1000 + 90, "mbws": {"consume": ["*"]}});
+        let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+        let Check::Done(Access::Granted(permissions, Some(until_ms))) =
+            auth.check(Credentials::Token(token), false, 5_000, now_unix_ms)
+        else {
+            panic!("a valid JWT is granted with a deadline")
+        };
+        assert!(permissions.may_consume(b"x") && !permissions.may_send(b"x"));
+        assert_eq!(until_ms, 5_000 + 90_000, "exp is 90 s away on the broker's clock too");
+        let Check::Done(refused) = auth.check(Credentials::Token("a.b.c".into()), false, 0, now_unix_ms) else {
+            panic!("no slow step for a JWT")
+        };
+        assert!(matches!(refused, Access::Refused(ErrorCode::Unauthenticated, ref reason) if reason.contains("JWT")));
     }
 
     #[test]
     fn anonymous_sessions_only_when_allowed() {
         let auth = auth();
         assert!(matches!(run(&auth, Credentials::Anonymous, 0).0, Access::Refused(ErrorCode::Unauthenticated, _)));
-        let Check::Done(Access::Granted(everything)) = auth.check(Credentials::Anonymous, true, 0) else {
+        let Check::Done(Access::Granted(everything, None)) = auth.check(Credentials::Anonymous, true, 0, 0) else {
             panic!("allowed anonymous sessions are granted")
         };
         assert!(everything.may_send(b"x") && everything.may_consume(b"DLQ.x"), "by default, everything");

@@ -110,7 +110,7 @@ pub async fn authenticate(
     }
     let access = match credentials {
         Err(reason) => Access::Refused(ErrorCode::Unauthenticated, reason),
-        Ok(credentials) => match auth.check(credentials, anonymous_allowed, now_ms()) {
+        Ok(credentials) => match auth.check(credentials, anonymous_allowed, now_ms(), crate::clock::now_unix_ms()) {
             Check::Done(access) => access,
             Check::Verify(check) => match verify_off_loop(check.password_hash.clone(), &check.password).await {
                 Ok(matched) => auth.verified(check, matched, now_ms()),
@@ -119,7 +119,7 @@ pub async fn authenticate(
         },
     };
     FAILURES.with(|table| match &access {
-        Access::Granted(_) => table.borrow_mut().record_success(peer),
+        Access::Granted(..) => table.borrow_mut().record_success(peer),
         Access::Refused(ErrorCode::Unauthenticated, _) => table.borrow_mut().record_failure(peer, now_ms()),
         Access::Refused(..) => {}
     });

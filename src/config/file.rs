@@ -43,6 +43,13 @@ pub struct ConfigFile {
     pub max_outbound_bytes: Option<u64>,
     pub max_subscriptions: Option<u64>,
     pub max_credit: Option<u64>,
+    pub max_headers: Option<u64>,
+    pub max_header_bytes: Option<u64>,
+    pub max_heartbeat_ms: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub max_connections_per_ip: Option<u64>,
+    pub max_sessions: Option<u64>,
+    pub max_addresses: Option<u64>,
     pub handshake_timeout_ms: Option<u64>,
     pub open_timeout_ms: Option<u64>,
     pub session_expiry_ms: Option<u64>,
@@ -85,6 +92,28 @@ pub struct AuthSection {
     pub user: Vec<UserSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token: Vec<TokenSection>,
+    /// Signed tokens (JWT) from an application's auth server.
+    pub jwt: Option<JwtSection>,
+}
+
+/// `[auth.jwt]`: the keys that verify JWTs, and what their claims must say
+/// ([`crate::auth::jwt`]; docs/SECURITY.md, "JWT").
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JwtSection {
+    /// The HS256 shared secret (at least 32 bytes).
+    pub hs256_secret: Option<Secret>,
+    /// A PEM public key: RSA (RS256) or EC P-256 (ES256).
+    pub public_key_file: Option<PathBuf>,
+    /// The algorithms accepted; default: those whose key is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub algorithms: Vec<String>,
+    /// The `iss` a token must have, if given.
+    pub issuer: Option<String>,
+    /// The `aud` a token must name, if given.
+    pub audience: Option<String>,
+    /// Clock difference allowed on `exp` and `nbf` (default 30 s).
+    pub leeway_secs: Option<u64>,
 }
 
 /// `[auth.anonymous]`: permissions without an identity.
@@ -286,6 +315,27 @@ impl ConfigFile {
         if let Some(value) = number("--max-credit", self.max_credit)? {
             config.max_credit = value as u32;
         }
+        if let Some(value) = number("--max-headers", self.max_headers)? {
+            config.max_headers = value as usize;
+        }
+        if let Some(value) = number("--max-header-bytes", self.max_header_bytes)? {
+            config.max_header_bytes = value as usize;
+        }
+        if let Some(value) = number("--max-heartbeat-ms", self.max_heartbeat_ms)? {
+            config.max_heartbeat_ms = value as u32;
+        }
+        if let Some(value) = number("--max-connections", self.max_connections)? {
+            config.max_connections = value as usize;
+        }
+        if let Some(value) = number("--max-connections-per-ip", self.max_connections_per_ip)? {
+            config.max_connections_per_ip = value as usize;
+        }
+        if let Some(value) = number("--max-sessions", self.max_sessions)? {
+            config.max_sessions = value as usize;
+        }
+        if let Some(value) = number("--max-addresses", self.max_addresses)? {
+            config.max_addresses = value as usize;
+        }
         if let Some(value) = number("--handshake-timeout-ms", self.handshake_timeout_ms)? {
             config.handshake_timeout = Duration::from_millis(value);
         }
@@ -400,6 +450,13 @@ impl ConfigFile {
             max_outbound_bytes: Some(config.max_outbound_bytes as u64),
             max_subscriptions: Some(config.max_subscriptions.into()),
             max_credit: Some(config.max_credit.into()),
+            max_headers: Some(config.max_headers as u64),
+            max_header_bytes: Some(config.max_header_bytes as u64),
+            max_heartbeat_ms: Some(config.max_heartbeat_ms.into()),
+            max_connections: Some(config.max_connections as u64),
+            max_connections_per_ip: Some(config.max_connections_per_ip as u64),
+            max_sessions: Some(config.max_sessions as u64),
+            max_addresses: Some(config.max_addresses as u64),
             handshake_timeout_ms: Some(config.handshake_timeout.as_millis() as u64),
             open_timeout_ms: Some(config.open_timeout.as_millis() as u64),
             session_expiry_ms: Some(config.session_expiry_ms.into()),

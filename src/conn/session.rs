@@ -159,6 +159,9 @@ pub struct Session {
     access: Access,
     /// What the open session may do (nothing before OPEN): every SEND and SUBSCRIBE is checked.
     permissions: Arc<Permissions>,
+    /// When the session's credentials expire (broker clock, ms; a JWT's `exp`): the core ends
+    /// the session then ([`Session::end_unprompted`]). `None`: they do not.
+    credentials_expire_at_ms: Option<u64>,
     /// False while a detached MBWS session waits for its client to come back.
     attached: bool,
     /// Non-fatal errors about subscriptions produced while detached, sent on resume (bounded by
@@ -210,6 +213,7 @@ impl Session {
             token,
             access,
             permissions: Arc::new(Permissions::default()),
+            credentials_expire_at_ms: None,
             attached: true,
             pending_errors: Vec::new(),
             refused_sends: VecDeque::new(),
@@ -278,6 +282,11 @@ impl Session {
     /// An open MBWS session outlives its connection (for `session_expiry_ms`); others end with it.
     pub fn is_resumable(&self) -> bool {
         self.state == State::Open && self.subprotocol == Subprotocol::Reliable && self.config.session_expiry_ms > 0
+    }
+
+    /// When the session's credentials expire (broker clock, ms), if they do (set by its OPEN).
+    pub fn credentials_expire_at_ms(&self) -> Option<u64> {
+        self.credentials_expire_at_ms
     }
 
     pub fn is_attached(&self) -> bool {
@@ -476,7 +485,10 @@ impl Session {
             return Err(self.fatal(binding, ErrorCode::UnknownSession, 0, 0, reason, fx));
         }
         match &self.access {
-            Access::Granted(permissions) => self.permissions = permissions.clone(),
+            Access::Granted(permissions, expire_at_ms) => {
+                self.permissions = permissions.clone();
+                self.credentials_expire_at_ms = *expire_at_ms;
+            }
             Access::Refused(code, reason) => {
                 let (code, reason) = (*code, reason.clone());
                 return Err(self.fatal(binding, code, 0, 0, reason, fx));
@@ -956,8 +968,20 @@ impl Session {
     /// An operator ends this session (the admin API's `DELETE /api/sessions/{id}`): a fatal
     /// ERROR 4403 with `reason`, and the session is not kept for a resume.
     pub fn end_by_operator(&mut self, reason: String, outbound: &mut Outbound) -> SessionEnd {
+        self.end_unprompted(ErrorCode::Forbidden, reason, outbound)
+    }
+
+    /// Ends this session for good, with a fatal ERROR `code` that answers no frame (an
+    /// operator's decision, expired credentials): it is not kept for a resume.
+    pub fn end_unprompted(&mut self, code: ErrorCode, reason: String, outbound: &mut Outbound) -> SessionEnd {
         self.state = State::Closed;
-        self.unprompted_fatal_error(ErrorCode::Forbidden, reason, outbound)
+        self.unprompted_fatal_error(code, reason, outbound)
+    }
+
+    /// A detached session whose credentials expired: it cannot be resumed any more (a resume
+    /// gets 4404) and ends at its expiry.
+    pub fn forbid_resume(&mut self) {
+        self.state = State::Closed;
     }
 
     /// A drain ends this session: a fatal ERROR 4503 (unavailable) with `reason`, and the

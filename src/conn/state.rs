@@ -26,6 +26,9 @@ pub struct ConnState {
     /// simulator and until the shell says).
     pub peer: Option<std::net::SocketAddr>,
     pub outbound: Outbound,
+    /// The session's place in `--max-sessions`, given back when the slot is freed (the shell
+    /// sets it; `None` in the simulator and the unit tests).
+    pub session_permit: Option<crate::shard::admission::SessionPermit>,
     max_outbound_bytes: usize,
     lifecycle: Lifecycle,
     /// Who began closing the current attachment, with what code and reason (for the log).
@@ -132,6 +135,7 @@ impl ConnState {
             session,
             peer: None,
             outbound: Outbound::new(),
+            session_permit: None,
             max_outbound_bytes,
             lifecycle: Lifecycle::default(),
             close: None,
@@ -210,6 +214,22 @@ impl ConnState {
         let end = self.session.end_for_drain(reason, &mut self.outbound);
         self.begin_close(end.close_code, &end.reason);
         true
+    }
+
+    /// The session's credentials expired (a JWT's `exp`, found by
+    /// [`ShardCore::expire_credentials`](crate::shard::core::ShardCore::expire_credentials)):
+    /// an attached session gets fatal 4401 and the close,
+    /// and is not kept for a resume; a detached one can no longer be resumed. Wake both tasks.
+    pub fn credentials_expired(&mut self) {
+        let reason = "the session's token expired (its exp claim); open a new session with a fresh token".to_string();
+        match self.lifecycle.state() {
+            super::lifecycle::State::Running { .. } => {
+                let end = self.session.end_unprompted(ErrorCode::Unauthenticated, reason, &mut self.outbound);
+                self.begin_close(end.close_code, &end.reason);
+            }
+            super::lifecycle::State::Detached { .. } => self.session.forbid_resume(),
+            _ => {}
+        }
     }
 
     /// The reader's silence outlasted twice the heartbeat (or a like fault the session did not

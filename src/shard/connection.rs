@@ -57,6 +57,7 @@ use crate::conn::state::{superseded_farewell, Expiry, NextWrite, ReadStep, Wake,
 use crate::log;
 use crate::logging::Level;
 use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
+use crate::shard::admission::ConnectionPermit;
 use crate::shard::core::{ReaderFinished, Resumed};
 use crate::shard::Shard;
 use crate::ws::handshake::{self, HandshakeError};
@@ -77,6 +78,8 @@ pub struct Adoption {
     pub open: mbws::Open,
     /// The TLS session of a `wss://` connection (it moves with its socket).
     pub tls: Option<Box<TlsState>>,
+    /// The connection's place in `--max-connections` (it moves with its socket).
+    pub permit: Option<ConnectionPermit>,
 }
 
 /// A `BytesMut` that io_uring reads into after its current contents.
@@ -116,16 +119,100 @@ async fn read_more<R: ReadSide>(reader: &mut R, buf: &mut ReadBuffer) -> std::io
 /// Serves one accepted TCP connection (`ws://`) until it closes (or is handed to another shard).
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    serve_stream(shard, stream, peer).await
+    match shard.admission.admit_connection(peer.ip()) {
+        Ok(permit) => serve_stream(shard, stream, peer, permit).await,
+        Err(reason) => Box::pin(refuse_connection(&shard, stream, peer, reason)).await,
+    }
 }
 
 /// Serves one accepted TLS connection (`wss://`): its TLS handshake is part of the upgrade.
 pub async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tls: Arc<rustls::ServerConfig>) {
     let _ = stream.set_nodelay(true);
+    let permit = match shard.admission.admit_connection(peer.ip()) {
+        Ok(permit) => permit,
+        Err(reason) => {
+            // No TLS session yet to say it in: the connection is closed at once.
+            log_limited(
+                &REFUSAL_LOG,
+                || log!(Level::Warn, "shard {}: connection refused", shard.id.0; peer = peer, reason = reason),
+            );
+            return;
+        }
+    };
     match rustls::ServerConnection::new(tls) {
-        Ok(connection) => serve_stream(shard, TlsStream::new(stream, TlsState::new(connection)), peer).await,
+        Ok(connection) => serve_stream(shard, TlsStream::new(stream, TlsState::new(connection)), peer, permit).await,
         Err(error) => log!(Level::Warn, "shard {}: cannot start TLS for {peer}: {error}", shard.id.0),
     }
+}
+
+/// How long a refused connection's request is read before the 503 answer (the answer comes
+/// after the request, so the client reads it rather than a reset), bounded well below the
+/// handshake timeout so that refused connections do not pile up.
+const REFUSAL_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Answers a connection over a connection limit with `503 Service Unavailable` and the
+/// reason, after reading its request for at most [`REFUSAL_READ_TIMEOUT`].
+async fn refuse_connection(shard: &Shard, mut stream: TcpStream, peer: SocketAddr, reason: String) {
+    log_limited(
+        &REFUSAL_LOG,
+        || log!(Level::Warn, "shard {}: connection refused", shard.id.0; peer = peer, reason = reason),
+    );
+    let max_bytes = shard.config.max_handshake_bytes;
+    let mut buf = BytesMut::with_capacity(max_bytes);
+    let _ = Box::pin(monoio::time::timeout(REFUSAL_READ_TIMEOUT, read_upgrade(&mut stream, &mut buf, max_bytes))).await;
+    let _ = stream.write_bytes(HandshakeError::new(503, reason).response()).await;
+    stream.shutdown().await;
+}
+
+/// A log line budget: at most [`LOG_BURST`] lines per [`LOG_WINDOW`] per shard, then one line
+/// that counts those left out, so a flood (of failed TLS handshakes, of refused connections)
+/// cannot fill the log.
+struct LogBudget {
+    window_start: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+const LOG_BURST: u32 = 20;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+thread_local! {
+    static TLS_FAILURE_LOG: std::cell::RefCell<LogBudget> =
+        const { std::cell::RefCell::new(LogBudget { window_start: None, logged: 0, suppressed: 0 }) };
+    static REFUSAL_LOG: std::cell::RefCell<LogBudget> =
+        const { std::cell::RefCell::new(LogBudget { window_start: None, logged: 0, suppressed: 0 }) };
+}
+
+/// Runs `write` (one log line) if `budget` allows it now.
+fn log_limited(budget: &'static std::thread::LocalKey<std::cell::RefCell<LogBudget>>, write: impl FnOnce()) {
+    let (allowed, suppressed) = budget.with(|budget| {
+        let mut budget = budget.borrow_mut();
+        let now = std::time::Instant::now();
+        let mut suppressed = 0;
+        if budget.window_start.is_none_or(|start| now.duration_since(start) >= LOG_WINDOW) {
+            suppressed = std::mem::take(&mut budget.suppressed);
+            budget.window_start = Some(now);
+            budget.logged = 0;
+        }
+        let allowed = budget.logged < LOG_BURST;
+        if allowed {
+            budget.logged += 1;
+        } else {
+            budget.suppressed += 1;
+        }
+        (allowed, suppressed)
+    });
+    if suppressed > 0 {
+        log!(Level::Info, "{suppressed} more lines like the next were left out in the last {} s", LOG_WINDOW.as_secs());
+    }
+    if allowed {
+        write();
+    }
+}
+
+/// The rustls error behind a failed read of a TLS connection, if that is what failed.
+fn tls_error(error: &std::io::Error) -> Option<&rustls::Error> {
+    error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 /// Serves one accepted connection over `stream` until it closes (or is handed to another shard).
@@ -133,13 +220,14 @@ pub async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tl
 /// This future is the connection's reader task for the connection's whole life, so its size
 /// is memory held per idle session: the opening phase (handshake, timers, refusals) runs in a
 /// box that is freed once the session runs, and only the running phase is held inline.
-async fn serve_stream<S: Stream>(shard: Rc<Shard>, stream: S, peer: SocketAddr) {
-    let attached = match Box::pin(open_connection(&shard, stream, peer)).await {
+async fn serve_stream<S: Stream>(shard: Rc<Shard>, stream: S, peer: SocketAddr, permit: ConnectionPermit) {
+    let mut permit = Some(permit);
+    let attached = match Box::pin(open_connection(&shard, stream, peer, &mut permit)).await {
         Opening::Opened(attached) => attached,
         Opening::Resume(resumption) => {
             let Resumption { stream, buf, binding, open } = *resumption;
             // Boxed: a resume is rare, and its own state would size every new session's task.
-            return Box::pin(resume(shard, stream, peer, buf, binding, open)).await;
+            return Box::pin(resume(shard, stream, peer, buf, binding, open, permit)).await;
         }
         Opening::Ended => return,
     };
@@ -175,8 +263,14 @@ struct Resumption<S> {
     open: mbws::Open,
 }
 
-/// The upgrade and the first MBWS frame, each bounded by its timeout.
-async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: SocketAddr) -> Opening<S> {
+/// The upgrade and the first MBWS frame, each bounded by its timeout. A connection handed to
+/// another shard takes its `permit` along.
+async fn open_connection<S: Stream>(
+    shard: &Rc<Shard>,
+    mut stream: S,
+    peer: SocketAddr,
+    permit: &mut Option<ConnectionPermit>,
+) -> Opening<S> {
     let config = shard.config.clone();
     let _opening = shard.opening();
     let mut buf = BytesMut::with_capacity(config.max_handshake_bytes);
@@ -211,6 +305,16 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
                 NotUpgraded::Served(response) => {
                     log!(Level::Debug, "shard {}: served a file to {peer}", shard.id.0);
                     response
+                }
+                NotUpgraded::ReadFailed(error) => {
+                    if let Some(reason) = tls_error(&error) {
+                        // rustls's reason names the protocol step, never key material.
+                        log_limited(
+                            &TLS_FAILURE_LOG,
+                            || log!(Level::Info, "shard {}: TLS handshake failed", shard.id.0; peer = peer, reason = reason),
+                        );
+                    }
+                    return Opening::Ended;
                 }
             };
             let _ = stream.write_bytes(response).await;
@@ -290,7 +394,7 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
                 if home == shard.id {
                     return Opening::Resume(Box::new(Resumption { stream, buf, binding, open }));
                 } else if usize::from(home.0) < shard.shard_count() {
-                    hand_over(shard, stream, peer, buf, binding, open, home);
+                    hand_over(shard, stream, peer, buf, binding, open, home, permit.take());
                 } else {
                     refuse_unknown_session(&mut stream, binding, &open.session_id).await;
                 }
@@ -319,9 +423,28 @@ async fn open_connection<S: Stream>(shard: &Rc<Shard>, mut stream: S, peer: Sock
     if let crate::auth::Access::Refused(code, _) = &access {
         log!(Level::Info, "shard {}: OPEN refused", shard.id.0; peer = peer, code = code.as_u16());
     }
+    // A session that would open takes its place in --max-sessions first.
+    let session_permit = match (&first_open, &access) {
+        (Some(_), crate::auth::Access::Granted(..)) => match shard.admission.admit_session() {
+            Ok(session_permit) => Some(session_permit),
+            Err(reason) => {
+                log_limited(
+                    &REFUSAL_LOG,
+                    || log!(Level::Warn, "shard {}: OPEN refused", shard.id.0; peer = peer, reason = reason),
+                );
+                Box::pin(refuse_session(&mut stream, binding, ErrorCode::Unavailable, reason)).await;
+                return Opening::Ended;
+            }
+        },
+        _ => None,
+    };
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
     let (me, attachment) = shard.open_session(upgrade.protocol, stream.socket(), binding, payload, access);
+    shard.with_conn(me.conn, |state| {
+        state.session_permit = session_permit;
+        ((), Wake::default())
+    });
     shard.note_peer(me.conn, peer);
     log!(
         Level::Info,
@@ -403,6 +526,7 @@ async fn refuse_unknown_session<W: WriteSide>(stream: &mut W, binding: Binding, 
 }
 
 /// Passes the socket to the shard that holds the session being resumed.
+#[allow(clippy::too_many_arguments)]
 fn hand_over<S: Stream>(
     shard: &Shard,
     stream: S,
@@ -411,6 +535,7 @@ fn hand_over<S: Stream>(
     binding: Binding,
     open: mbws::Open,
     home: ShardId,
+    permit: Option<ConnectionPermit>,
 ) {
     let buffered = buf.into_bytes();
     let (stream, tls) = stream.into_parts();
@@ -431,12 +556,12 @@ fn hand_over<S: Stream>(
     // SAFETY: `duplicate` is a fresh descriptor that nothing else owns.
     let socket = unsafe { OwnedFd::from_raw_fd(duplicate) };
     log!(Level::Debug, "shard {}: handing the resume from {peer} to shard {}", shard.id.0, home.0);
-    shard.hand_over(home, Box::new(Adoption { socket, peer, buffered, binding, open, tls }));
+    shard.hand_over(home, Box::new(Adoption { socket, peer, buffered, binding, open, tls, permit }));
 }
 
 /// Takes a socket handed over by another shard and resumes its session here.
 pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
-    let Adoption { socket, peer, buffered, binding, open, tls } = adoption;
+    let Adoption { socket, peer, buffered, binding, open, tls, permit } = adoption;
     let std_stream = std::net::TcpStream::from(socket);
     let stream = match TcpStream::from_std(std_stream) {
         Ok(stream) => stream,
@@ -447,12 +572,13 @@ pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
     };
     let buf = ReadBuffer::new(buffered, shard.config.read_buffer_bytes);
     match tls {
-        None => resume(shard, stream, peer, buf, binding, open).await,
-        Some(tls) => resume(shard, TlsStream::new(stream, *tls), peer, buf, binding, open).await,
+        None => resume(shard, stream, peer, buf, binding, open, permit).await,
+        Some(tls) => resume(shard, TlsStream::new(stream, *tls), peer, buf, binding, open, permit).await,
     }
 }
 
-/// Resumes the session `open` names, on this shard, over `stream`.
+/// Resumes the session `open` names, on this shard, over `stream` (counted by `_permit`
+/// until it closes).
 async fn resume<S: Stream>(
     shard: Rc<Shard>,
     mut stream: S,
@@ -460,6 +586,7 @@ async fn resume<S: Stream>(
     mut buf: ReadBuffer,
     binding: Binding,
     open: mbws::Open,
+    _permit: Option<ConnectionPermit>,
 ) {
     if shard.shutdown.has_fired() {
         // Handed over (or resumed) after this shard closed its connections.
@@ -595,6 +722,8 @@ enum NotUpgraded {
     Refused(HandshakeError),
     /// A plain GET of a file the broker serves ([`assets`]): the whole response.
     Served(Vec<u8>),
+    /// Reading the request failed (a failed TLS handshake among others): nothing to answer.
+    ReadFailed(std::io::Error),
 }
 
 /// Reads until a complete upgrade request is parsed and accepted. `Err(Some)` is an answer to
@@ -629,7 +758,8 @@ async fn read_upgrade<R: ReadSide>(
         let (result, tail) = stream.read_tail(ReadTail(owned)).await;
         *buf = tail.0;
         match result {
-            Ok(0) | Err(_) => return Err(None),
+            Ok(0) => return Err(None),
+            Err(error) => return Err(Some(NotUpgraded::ReadFailed(error))),
             Ok(_) => {}
         }
     }

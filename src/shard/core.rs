@@ -16,7 +16,9 @@
 //! - an envelope of commands from another shard ([`ShardCore::accept_envelope`]);
 //! - a durable log commit finished, or failed ([`ShardCore::durable_committed`],
 //!   [`ShardCore::durable_failed`]);
-//! - the time is `now_ms` and ack deadlines may have passed ([`ShardCore::expire_acks`]).
+//! - the time is `now_ms` and deadlines may have passed ([`ShardCore::on_deadline`]: ack
+//!   deadlines, [`ShardCore::expire_acks`], and the expiry of sessions' credentials, a JWT's
+//!   `exp`, [`ShardCore::expire_credentials`]).
 //! - the broker's lifecycle: a graceful stop begins ([`ShardCore::stop_input`]: connections
 //!   stop processing input, so [`ShardCore::inflight_send_count`] falls to 0 as the SENDs taken
 //!   are answered); a SIGHUP reload brings new limits for sessions opened from then on
@@ -26,8 +28,8 @@
 //! drained (publishes to one address that sit next to each other reach the address table as
 //! one batch), every connection touched is flushed once, and the [`Effects`] say what the shell
 //! must do: post these command batches (one per destination shard), let the log's commit task
-//! run, wake the ack timer (which then asks [`ShardCore::poll_ack_deadline`] when to call
-//! [`ShardCore::expire_acks`]).
+//! run, wake the shard's timer (which then asks [`ShardCore::poll_deadline`] when to call
+//! [`ShardCore::on_deadline`]).
 //!
 //! A connection's own events (bytes read, a batch written, the reader finished, the expiry)
 //! are methods of its [`ConnState`], reached with [`ShardCore::conn_mut`]; the shell's tasks
@@ -60,7 +62,7 @@
 mod inspect;
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -175,6 +177,12 @@ pub struct ShardCore {
     ack_timer_armed: bool,
     /// A deadline was added while the timer was not armed: the shell must wake it.
     wake_ack_timer: bool,
+    /// When the shard's timer will next call [`ShardCore::on_deadline`] (what
+    /// [`ShardCore::poll_deadline`] last answered): an earlier credential deadline wakes it.
+    timer_wake_at_ms: Option<u64>,
+    /// Sessions whose credentials expire (a JWT's `exp`): (deadline ms, slot index,
+    /// generation), one entry per such session, removed when its slot is freed.
+    credential_deadlines: BTreeSet<(u64, u32, u32)>,
     /// The durable log, shared with the address table that appends to it and with the shell's
     /// commit task that writes it (its `RefCell` is the log's, as today).
     durable_log: Option<Rc<RefCell<DurableLog>>>,
@@ -309,6 +317,8 @@ impl ShardCore {
             dirty_generation: Vec::new(),
             ack_timer_armed: false,
             wake_ack_timer: false,
+            timer_wake_at_ms: None,
+            credential_deadlines: BTreeSet::new(),
             durable_log: None,
             counters: Counters::default(),
             input_stopped: false,
@@ -357,7 +367,20 @@ impl ShardCore {
             state.begin_close(end.close_code, &end.reason);
         }
         debug_assert!(commands.is_empty(), "the first frame routes nothing");
+        if let Some(at_ms) = state.session.credentials_expire_at_ms().filter(|_| state.session.is_open()) {
+            self.add_credential_deadline(at_ms, me.conn);
+        }
         (me, attachment)
+    }
+
+    /// Session `id`'s credentials expire at `at_ms`: the timer ends it then, and is woken if
+    /// it would sleep past it.
+    fn add_credential_deadline(&mut self, at_ms: u64, id: ConnId) {
+        self.credential_deadlines.insert((at_ms, id.index, id.generation));
+        if self.timer_wake_at_ms.is_none_or(|wake_at_ms| at_ms < wake_at_ms) {
+            self.timer_wake_at_ms = Some(at_ms);
+            self.wake_ack_timer = true;
+        }
     }
 
     /// A connection's first frame is `open`, naming a session of this shard to resume over
@@ -537,6 +560,9 @@ impl ShardCore {
         let Some(slot) = self.conns.get_mut(id.index as usize) else { return };
         let ended = slot.state.as_ref().is_some_and(|state| state.lifecycle().state() == LifecycleState::Ended);
         if slot.generation == id.generation && ended && !slot.writer_running {
+            if let Some(at_ms) = slot.state.as_ref().and_then(|state| state.session.credentials_expire_at_ms()) {
+                self.credential_deadlines.remove(&(at_ms, id.index, id.generation));
+            }
             slot.state = None;
             // A listing for a flush under the old generation finds no connection.
             slot.generation = slot.generation.wrapping_add(1);
@@ -659,6 +685,44 @@ impl ShardCore {
         let next = self.addresses.next_ack_deadline();
         self.ack_timer_armed = next.is_some();
         next
+    }
+
+    /// When the shard's timer should next call [`ShardCore::on_deadline`]: the earliest ack
+    /// deadline or credential expiry. `None` disarms it until a round of work reports
+    /// [`Effects::wake_ack_timer`] (a new ack deadline, or a credential deadline earlier than
+    /// the one returned).
+    pub fn poll_deadline(&mut self) -> Option<u64> {
+        let ack = self.poll_ack_deadline();
+        let credentials = self.credential_deadlines.first().map(|&(at_ms, _, _)| at_ms);
+        let next = match (ack, credentials) {
+            (Some(ack), Some(credentials)) => Some(ack.min(credentials)),
+            (ack, credentials) => ack.or(credentials),
+        };
+        self.timer_wake_at_ms = next;
+        next
+    }
+
+    /// The shard's timer fired at `now_ms`: ack deadlines and credential expiries that passed.
+    pub fn on_deadline(&mut self, now_ms: u64) {
+        self.expire_acks(now_ms);
+        self.expire_credentials(now_ms);
+    }
+
+    /// Ends every session whose credentials expired at or before `now_ms`
+    /// ([`ConnState::credentials_expired`]: fatal 4401, no resume); the round of work that
+    /// follows flushes and wakes them.
+    pub fn expire_credentials(&mut self, now_ms: u64) {
+        while let Some(&(at_ms, index, generation)) = self.credential_deadlines.first() {
+            if at_ms > now_ms {
+                break;
+            }
+            self.credential_deadlines.pop_first();
+            let id = ConnId { index, generation };
+            if let Some(state) = slot_state(&mut self.conns, id) {
+                state.credentials_expired();
+                self.mark_dirty(id);
+            }
+        }
     }
 
     /// Takes back every client-ack delivery whose ack deadline is at or before `now_ms`
@@ -908,6 +972,71 @@ mod tests {
             }
             frames
         }
+    }
+
+    /// Opens a session on shard 0 of `broker` whose credentials expire at `expire_at_ms`.
+    fn open_expiring(broker: &mut Broker, subprotocol: Subprotocol, expire_at_ms: u64) -> (ConnRef, Attachment) {
+        let open = Frame::Open(mbws::Open { version: PROTOCOL_VERSION, ..Default::default() });
+        let payload = mbws::encode(Binding::Binary, &open).freeze();
+        let access = crate::auth::Access::Granted(
+            std::sync::Arc::new(crate::auth::Permissions::everything()),
+            Some(expire_at_ms),
+        );
+        let core = &mut broker.shards[0].core;
+        let (me, attachment) = core.open_session(subprotocol, 3, Binding::Binary, payload, 7, 0, access);
+        let new_fake = || FakeConn {
+            attachment,
+            decoder: crate::ws::message::Decoder::new(crate::ws::Role::Server, 1 << 20, 1 << 20),
+            flushes: 0,
+        };
+        broker.shards[0].conns.conns.resize_with(me.conn.index as usize + 1, new_fake);
+        assert!(matches!(broker.written(me)[..], [Frame::Opened(_)]));
+        (me, attachment)
+    }
+
+    /// A session whose credentials (a JWT) expire is ended by the shard's timer at that
+    /// moment, with fatal 4401 and close 4401, and not kept for a resume; the timer is woken
+    /// for a deadline earlier than the one it sleeps until.
+    #[test]
+    fn expiring_credentials_end_the_session_at_their_deadline() {
+        let mut broker = Broker::new(0);
+        let (late, _) = open_expiring(&mut broker, Subprotocol::Reliable, 9_000);
+        assert_eq!(broker.settle(0), vec![ShardId(0)], "the timer is woken for the first deadline");
+        assert_eq!(broker.shards[0].core.poll_deadline(), Some(9_000));
+        let (early, _) = open_expiring(&mut broker, Subprotocol::Reliable, 2_000);
+        assert_eq!(broker.settle(0), vec![ShardId(0)], "an earlier deadline wakes the sleeping timer");
+        assert_eq!(broker.shards[0].core.poll_deadline(), Some(2_000));
+        broker.shards[0].core.on_deadline(1_999);
+        broker.settle(1_999);
+        assert!(broker.written(early).is_empty(), "not a millisecond early");
+
+        broker.shards[0].core.on_deadline(2_000);
+        broker.settle(2_000);
+        let frames = broker.written(early);
+        let [Frame::Error(error)] = &frames[..] else { panic!("one ERROR: {frames:?}") };
+        assert_eq!((error.code, error.fatal), (ErrorCode::Unauthenticated.as_u16(), true));
+        assert!(String::from_utf8_lossy(&error.reason).contains("token expired"));
+        let state = broker.shards[0].core.conn(early.conn).unwrap();
+        assert!(matches!(state.lifecycle().state(), LifecycleState::Closing { .. }));
+        assert_eq!(state.close_reason().map(|close| close.code), Some(4401));
+        assert!(!state.session.is_resumable(), "expired credentials end the session for good");
+        assert!(broker.written(late).is_empty(), "the other session goes on");
+        assert_eq!(broker.shards[0].core.poll_deadline(), Some(9_000));
+    }
+
+    /// A session whose slot is freed before its credentials expire leaves no deadline behind
+    /// (the set is bounded by the live sessions, however long their tokens last).
+    #[test]
+    fn a_freed_session_leaves_no_credential_deadline() {
+        let mut broker = Broker::new(0);
+        let (me, attachment) = open_expiring(&mut broker, Subprotocol::Light, 1_000_000_000);
+        broker.settle(0);
+        let core = &mut broker.shards[0].core;
+        assert_eq!(core.poll_deadline(), Some(1_000_000_000));
+        assert_eq!(core.reader_finished(me.conn, attachment, 10), Some(ReaderFinished::Ended));
+        core.set_writer_running(me.conn, false);
+        assert!(core.conn(me.conn).is_none(), "the slot is free");
+        assert_eq!(core.poll_deadline(), None);
     }
 
     /// An address that shard `owner` owns.

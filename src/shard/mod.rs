@@ -16,6 +16,7 @@
 //! Threads share nothing but the read-only [`Config`] and the [`PostOffice`] (channels and
 //! eventfds): no locks on the message path.
 
+pub mod admission;
 pub mod assets;
 pub mod connection;
 pub mod core;
@@ -193,10 +194,17 @@ pub struct Shard {
     ack_deadline_added: LocalEvent,
     /// Envelopes of commands posted to other shards (for the admin API's metrics).
     envelopes_posted: Cell<u64>,
+    /// The broker-wide counts of connections and sessions against their limits.
+    pub admission: Arc<admission::Admission>,
 }
 
 impl Shard {
-    fn new(id: ShardId, config: Arc<Config>, post_office: Arc<PostOffice>) -> Shard {
+    fn new(
+        id: ShardId,
+        config: Arc<Config>,
+        post_office: Arc<PostOffice>,
+        admission: Arc<admission::Admission>,
+    ) -> Shard {
         let shard_count = post_office.shard_count();
         let core = ShardCore::new(id, shard_count, &config);
         Shard {
@@ -215,6 +223,7 @@ impl Shard {
             committing: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
             envelopes_posted: Cell::new(0),
+            admission,
         }
     }
 
@@ -471,11 +480,13 @@ impl Shard {
         }
     }
 
-    /// Redelivers client-ack deliveries whose ack timeout passed. Sleeps until the earliest
-    /// deadline the core reports, or, with none pending, until a round of work wakes it.
+    /// The shard's timer: redelivers client-ack deliveries whose ack timeout passed, and ends
+    /// sessions whose credentials expired (a JWT's `exp`). Sleeps until the earliest deadline
+    /// the core reports, or, with none pending, until a round of work wakes it; a round that
+    /// adds an earlier deadline wakes it from its sleep too.
     async fn ack_timer_loop(self: Rc<Self>) {
         loop {
-            let next = self.core.borrow_mut().poll_ack_deadline();
+            let next = self.core.borrow_mut().poll_deadline();
             match next {
                 None => {
                     self.ack_deadline_added.wait().await;
@@ -484,9 +495,19 @@ impl Shard {
                 Some(deadline) => {
                     let now = now_ms();
                     if deadline > now {
-                        monoio::time::sleep(Duration::from_millis(deadline - now)).await;
+                        let mut sleep = std::pin::pin!(monoio::time::sleep(Duration::from_millis(deadline - now)));
+                        let mut woken = std::pin::pin!(self.ack_deadline_added.wait());
+                        std::future::poll_fn(|cx| {
+                            if sleep.as_mut().poll(cx).is_ready() || woken.as_mut().poll(cx).is_ready() {
+                                Poll::Ready(())
+                            } else {
+                                Poll::Pending
+                            }
+                        })
+                        .await;
+                        self.ack_deadline_added.reset();
                     }
-                    self.core.borrow_mut().expire_acks(now_ms());
+                    self.core.borrow_mut().on_deadline(now_ms());
                     self.run_work();
                 }
             }
@@ -854,16 +875,18 @@ pub fn start(config: Config, tls: Option<Arc<TlsContext>>) -> io::Result<Running
     let local_addr = listeners[0].local_addr()?;
     let (logs, message_id_floor) = data_dir::open_logs(&config)?;
     let (post_office, receivers) = PostOffice::new(config.shards)?;
+    let admission = admission::Admission::new(&config);
     let cores = net::allowed_cpus();
     let mut threads = Vec::with_capacity(config.shards);
     for (index, ((listener, inbox), (log, recovery))) in listeners.into_iter().zip(receivers).zip(logs).enumerate() {
         let config = config.clone();
         let post_office = post_office.clone();
+        let admission = admission.clone();
         let core = if config.pin_threads && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };
         let durable = DurableStart { log, recovery, message_id_floor };
         let tls = tls.as_ref().map(|tls| tls.server_config());
         let thread = std::thread::Builder::new().name(format!("mbws-shard-{index}")).spawn(move || {
-            run_shard(ShardId(index as u16), config, post_office, listener, inbox, core, durable, tls)
+            run_shard(ShardId(index as u16), config, post_office, admission, listener, inbox, core, durable, tls)
         })?;
         threads.push(thread);
     }
@@ -889,6 +912,7 @@ fn run_shard(
     id: ShardId,
     config: Arc<Config>,
     post_office: Arc<PostOffice>,
+    admission: Arc<admission::Admission>,
     listener: std::net::TcpListener,
     inbox: Receiver<Envelope>,
     core: Option<usize>,
@@ -917,12 +941,11 @@ fn run_shard(
                 std::process::exit(1);
             }
         };
-        let shard = Rc::new(Shard::new(id, config, post_office));
+        let shard = Rc::new(Shard::new(id, config, post_office, admission));
         shard.start_durable_log(durable);
         monoio::spawn(shard.clone().inbox_loop(inbox));
-        if shard.config.ack_timeout_ms > 0 {
-            monoio::spawn(shard.clone().ack_timer_loop());
-        }
+        // Ack deadlines (--ack-timeout-ms) and expiring credentials (JWT) both need it.
+        monoio::spawn(shard.clone().ack_timer_loop());
         let accepting = monoio::spawn(accept_loop(shard.clone(), listener, tls));
         shard.stop_accepting.wait().await;
         stop_listening(id, listener_fd);

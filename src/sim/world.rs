@@ -1223,11 +1223,11 @@ impl World {
 
     /// `shard::Shard::ack_timer_loop`.
     fn ack_timer(&mut self, shard: usize) {
-        match self.cores[shard].poll_ack_deadline() {
+        match self.cores[shard].poll_deadline() {
             None => self.ack_timer_idle[shard] = true,
             Some(deadline) if deadline > self.now => self.schedule(deadline, Event::AckTimer(shard)),
             Some(_) => {
-                self.cores[shard].expire_acks(self.now);
+                self.cores[shard].on_deadline(self.now);
                 self.run_work(shard);
                 self.schedule(self.now, Event::AckTimer(shard));
             }

@@ -146,6 +146,7 @@ impl AddressTable {
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
         let within_budget = self.check_memory_budget(message.body.len());
+        self.check_address_room(address_name)?;
         let state = match self.addresses.get_mut(address_name) {
             Some(state) => state,
             None => new_address(&mut self.addresses, address_name),

@@ -77,9 +77,10 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::{
-    AddressCommand, CompactionArena, ConnCommand, ConnRef, FastMap, MessageId, ShardId, SharedMessage, SubscriptionId,
+    AddressCommand, CompactionArena, ConnCommand, ConnRef, FastMap, MessageId, Refusal, ShardId, SharedMessage,
+    SubscriptionId,
 };
-use crate::mbws::DeliveryMode;
+use crate::mbws::{DeliveryMode, ErrorCode};
 use crate::store::{DurableLog, Lsn};
 
 use dispatch::Deliverable;
@@ -124,6 +125,11 @@ pub struct AddressLimits {
     /// The `max-frame-bytes` announced to clients: a dead-lettered message whose MESSAGE would
     /// exceed it with its two added headers is dropped.
     pub max_frame_bytes: usize,
+    /// Addresses this shard holds at most (its share of `--max-addresses`): a SEND or SUBSCRIBE
+    /// that would create one more is refused with 4429.
+    pub max_addresses: usize,
+    /// The broker's `--max-addresses` and shard count, for the refusal's reason.
+    pub max_addresses_total: usize,
 }
 
 impl AddressLimits {
@@ -139,6 +145,8 @@ impl AddressLimits {
             max_queued_bytes: config.max_queued_bytes,
             memory_budget_bytes: config.memory_budget_bytes / shard_count.max(1),
             max_frame_bytes: config.limits().max_frame_bytes as usize,
+            max_addresses: (config.max_addresses / shard_count.max(1)).max(1),
+            max_addresses_total: config.max_addresses,
         }
     }
 }
@@ -423,6 +431,26 @@ impl AddressTable {
 
     pub fn shard(&self) -> ShardId {
         self.shard
+    }
+
+    /// Whether address `name` exists or one more address fits in this shard's share of
+    /// `--max-addresses`; `Err` is the refusal (4429) of the SEND or SUBSCRIBE that would
+    /// create it.
+    pub(super) fn check_address_room(&self, name: &[u8]) -> Result<(), Refusal> {
+        if self.addresses.len() < self.limits.max_addresses || self.addresses.contains_key(name) {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            ErrorCode::Overloaded,
+            format!(
+                "address \"{}\" would be a new address, and its shard holds {} already (max-addresses {} split \
+                 over {} shards); use an existing address, or ask the broker's operator to raise --max-addresses",
+                String::from_utf8_lossy(&name[..name.len().min(64)]),
+                self.addresses.len(),
+                self.limits.max_addresses_total,
+                self.limits.shard_count
+            ),
+        ))
     }
 }
 

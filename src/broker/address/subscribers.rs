@@ -147,6 +147,7 @@ impl AddressTable {
             deadlines: VecDeque::new(),
             backlog: VecDeque::new(),
         };
+        self.check_address_room(&address)?;
         let state = match self.addresses.get_mut(&address) {
             Some(state) => state,
             None => new_address(&mut self.addresses, &address),

@@ -16,6 +16,8 @@ const LIMITS: AddressLimits = AddressLimits {
     max_queued_bytes: 1 << 20,
     memory_budget_bytes: 1 << 30,
     max_frame_bytes: 1 << 20,
+    max_addresses: 1000,
+    max_addresses_total: 1000,
 };
 
 fn conn(index: u32) -> ConnRef {
@@ -173,6 +175,40 @@ fn refusal_reason(out: &[Outgoing]) -> Option<String> {
         ConnCommand::PublishDone { outcome: Err(refusal), .. } => Some(refusal.reason.clone()),
         _ => None,
     })
+}
+
+/// A SEND or SUBSCRIBE that would create an address past the shard's share of
+/// `--max-addresses` is refused with 4429 naming the limit; existing addresses keep working,
+/// and room comes back when an address goes.
+#[test]
+fn new_addresses_are_bounded_per_shard() {
+    let limits = AddressLimits { max_addresses: 2, max_addresses_total: 4, shard_count: 2, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    publish(&mut table, "a", "1", &mut out);
+    publish(&mut table, "b", "1", &mut out);
+    assert!(refusal_reason(&out).is_none());
+    publish(&mut table, "c", "1", &mut out);
+    let reason = refusal_reason(&out).expect("a third address is refused");
+    assert!(reason.contains("\"c\" would be a new address") && reason.contains("max-addresses 4"), "{reason}");
+    let code = out.iter().find_map(|(_, c)| match c {
+        ConnCommand::PublishDone { outcome: Err(refusal), .. } => Some(refusal.code),
+        _ => None,
+    });
+    assert_eq!(code, Some(ErrorCode::Overloaded));
+    out.clear();
+    publish(&mut table, "a", "2", &mut out);
+    assert!(refusal_reason(&out).is_none(), "an existing address takes more");
+    let refused = table.subscribe(
+        conn(1),
+        SubscriptionId(1),
+        Bytes::from_static(b"d"),
+        DeliveryMode::Multicast,
+        AckMode::Auto,
+        1,
+    );
+    assert_eq!(refused.map_err(|refusal| refusal.code), Err(ErrorCode::Overloaded));
+    assert_eq!(table.addresses.len(), 2, "memory stays bounded: no state for refused addresses");
 }
 
 #[test]
