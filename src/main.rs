@@ -348,9 +348,9 @@ fn reload_credentials(running: &mbws::shard::Running, config_path: Option<&std::
             log!(
                 Level::Info,
                 "received SIGHUP: reloaded the users and tokens of {}", path.display();
-                users_added = format_args!("{:?}", changes.added),
-                users_removed = format_args!("{:?}", changes.removed),
-                users_changed = format_args!("{:?}", changes.changed),
+                users_added = changes.added.join(","),
+                users_removed = changes.removed.join(","),
+                users_changed = changes.changed.join(","),
                 tokens = tokens,
                 sessions_updated = updated,
                 sessions_closed = closed,
