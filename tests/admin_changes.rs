@@ -289,6 +289,7 @@ fn a_user_put_through_the_api_logs_in_its_permissions_follow_and_its_deletion_cl
     assert_eq!(refused_login(&broker, "dave", "wrong"), 4401);
 
     let mut dave = login(&broker, "dave", "pw-dave").expect("dave logs in");
+    assert_eq!(get(admin, "/api/sessions").json()["sessions"][0]["user"], "dave");
     send(&mut dave, "a", "allowed").unwrap();
     assert_eq!(send(&mut dave, "b", "not yet"), Err(4403));
     // New permissions without a new password: the live session has them at its next SEND.

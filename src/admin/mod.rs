@@ -484,6 +484,7 @@ fn session_json(session: &SessionInfo) -> Value {
         "id": session_id(session),
         "shard": session.conn.shard.0,
         "peer": session.peer.map(|peer| peer.to_string()),
+        "user": session.user.as_deref(),
         "subprotocol": session.subprotocol.name(),
         "binding": match session.binding {
             crate::mbws::Binding::Binary => "binary",

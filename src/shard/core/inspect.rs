@@ -112,6 +112,8 @@ pub struct SessionInfo {
     /// The connection slot (the admin API's session id `shard.index.generation`).
     pub conn: ConnRef,
     pub peer: Option<SocketAddr>,
+    /// The user whose password opened it (`None`: a token, or anonymous).
+    pub user: Option<std::sync::Arc<str>>,
     pub subprotocol: Subprotocol,
     pub binding: Binding,
     pub attached: bool,
@@ -171,6 +173,7 @@ impl ShardCore {
                 sessions.push(SessionInfo {
                     conn: ConnRef { shard: self.id, conn: ConnId { index: index as u32, generation: slot.generation } },
                     peer: state.peer,
+                    user: state.user.clone(),
                     subprotocol,
                     binding,
                     attached,
