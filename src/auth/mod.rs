@@ -325,7 +325,9 @@ impl Auth {
     /// Whether any user or token is configured (or put by the admin API).
     pub fn has_credentials(&self) -> bool {
         let directory = self.read();
-        !directory.tokens.is_empty() || !directory.effective().is_empty()
+        !directory.tokens.is_empty()
+            || !directory.api_users.is_empty()
+            || directory.file_users.keys().any(|name| !directory.deleted.contains(name))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
@@ -461,9 +463,10 @@ impl Auth {
                 })
             }
             Credentials::Password { user, password } => {
-                let known = self.read().user(&user).map(|(known, _)| known.clone());
+                let known =
+                    self.read().user(&user).map(|(known, _)| (known.password_hash.clone(), known.permissions.clone()));
                 let (password_hash, granted) = match known {
-                    Some(known) => (known.password_hash, Some(known.permissions)),
+                    Some((password_hash, permissions)) => (password_hash, Some(permissions)),
                     None => (self.dummy_hash.clone(), None),
                 };
                 let cache_key = verified_key(&password_hash, &password);
@@ -698,6 +701,29 @@ mod tests {
             panic!("allowed anonymous sessions are granted")
         };
         assert!(everything.may_send(b"x") && everything.may_consume(b"DLQ.x"), "by default, everything");
+    }
+
+    #[test]
+    fn api_users_take_precedence_and_a_deleted_file_user_stays_deleted_across_a_reload() {
+        let auth = auth();
+        let only_x = PermissionPatterns { send: vec!["x".into()], ..Default::default() };
+        let changes = auth.put_user("alice", None, only_x.clone()).unwrap();
+        assert_eq!((changes.added.len(), changes.changed.as_slice()), (0, ["alice".to_string()].as_slice()));
+        let alice = auth.user("alice").unwrap();
+        assert_eq!((alice.source, alice.patterns.clone()), (UserSource::Api, only_x.clone()));
+        let (access, _) = run(&auth, password("alice", "s3cret"), 0);
+        assert!(matches!(access, Access::Granted(ref p) if p.may_send(b"x") && !p.may_send(b"orders")), "kept hash");
+        assert!(auth.put_user("zed", None, only_x).unwrap_err().contains("needs a password"));
+        let changes = auth.delete_user("alice").unwrap();
+        assert_eq!(changes.removed, ["alice"]);
+        assert_eq!(auth.user("alice"), None);
+        assert!(auth.delete_user("alice").is_none());
+        let section = auth.section.clone();
+        let (changes, tokens) = auth.reload_file(&section).unwrap();
+        assert!(changes.is_empty() && tokens == 1, "{changes:?}");
+        assert_eq!(auth.user("alice"), None, "deleted through the API: the file does not bring it back");
+        assert_eq!(auth.api_users().deleted_users, ["alice"]);
+        assert!(format!("{:?}", auth.api_users()).contains("deleted_users"));
     }
 
     #[test]
