@@ -2,7 +2,7 @@
 //! sessions (list, close) and users (list, one, put, delete) over HTTP/1.1 (`--admin-listen`,
 //! default 127.0.0.1:7448; docs/OPERATIONS.md lists every endpoint). What it changes is kept in
 //! the data directory ([`state`]); address rates come from [`rates`]; changes to addresses and
-//! users are in [`changes`].
+//! users are in `changes`.
 //!
 //! It runs off the message path: one thread (`mbws-admin`) accepts on a blocking std listener
 //! and hands each connection to a short-lived thread of its own (at most

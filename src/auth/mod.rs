@@ -124,8 +124,8 @@ impl PermissionPatterns {
     }
 }
 
-/// Where a user comes from: the precedence is the admin API's, then the file's (see
-/// [`Directory`]).
+/// Where a user comes from: a user of the admin API takes precedence over a file user of the
+/// same name (docs/OPERATIONS.md, "Users").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UserSource {
     File,
