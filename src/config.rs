@@ -121,6 +121,9 @@ pub struct Config {
     pub allow_anonymous_remote: bool,
     /// Users, tokens and permissions (the `[auth]` section; docs/SECURITY.md).
     pub auth: std::sync::Arc<crate::auth::Auth>,
+    /// Addresses declared through the admin API, re-applied at start from the data directory
+    /// (`admin::state`); not a flag.
+    pub declared_addresses: Vec<(bytes::Bytes, crate::broker::address::AddressSettings)>,
     // No bound on the cross-shard mailboxes: they are unbounded on purpose, and what may wait
     // in them is bounded at its sources (see the module docs of `shard::mailbox`).
 }
@@ -179,6 +182,7 @@ impl Default for Config {
             allow_anonymous: true,
             allow_anonymous_remote: false,
             auth: Default::default(),
+            declared_addresses: Vec::new(),
         }
     }
 }

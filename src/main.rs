@@ -216,7 +216,8 @@ fn main() -> ExitCode {
     let matches = command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let checking = args.check_config || args.print_config;
-    let (config, origins) = match config_from(args, &matches)
+    let config_path = args.config.clone();
+    let (mut config, origins) = match config_from(args, &matches)
         .and_then(|(config, origins)| config.validate_from(&origins).map(|()| (config, origins)))
         .and_then(|(config, origins)| mbws::config::check_data_dir(&config.data_dir).map(|()| (config, origins)))
     {
@@ -271,7 +272,15 @@ fn main() -> ExitCode {
     if let Some(file) = origins.file() {
         log!(Level::Info, "configuration from {} (flags given override it)", file.display());
     }
+    // What the admin API changed before (declared addresses, users), from the data directory.
+    if let Err(problem) = restore_admin_state(&mut config) {
+        eprintln!("mbws-broker: {problem}");
+        return ExitCode::FAILURE;
+    }
     let admin_token = config.admin_token.clone();
+    let mut admin_settings = mbws::admin::AdminSettings::from_config(&config, Vec::new());
+    let declared = config.declared_addresses.clone();
+    let auth = config.auth.clone();
     // Bound before the shards start, so a taken port stops the start before anything is written.
     let admin_listener = match config.admin_listen.map(mbws::admin::bind).transpose() {
         Ok(listener) => listener,
@@ -300,7 +309,8 @@ fn main() -> ExitCode {
     );
     if let Some(listener) = admin_listener {
         let admin_addr = listener.local_addr().map_or_else(|_| "?".to_string(), |addr| addr.to_string());
-        if let Err(error) = mbws::admin::spawn(listener, admin_token.clone(), running.inspector()) {
+        admin_settings.origins.extend(broker_origins(running.local_addr, running.tls.is_some()));
+        if let Err(error) = mbws::admin::spawn(listener, admin_settings, &declared, running.inspector()) {
             eprintln!("mbws-broker: cannot start the admin API thread: {error}");
             running.shutdown();
             return ExitCode::FAILURE;
@@ -308,7 +318,8 @@ fn main() -> ExitCode {
         let access = if admin_token.is_some() { "bearer token required" } else { "no token: loopback only" };
         log!(
             Level::Info,
-            "admin API at http://{admin_addr}/ ({access}): /healthz /readyz /metrics /api/addresses /api/sessions"
+            "admin API at http://{admin_addr}/ ({access}): /healthz /readyz /metrics /api/addresses /api/sessions \
+             /api/users"
         );
     }
     let mut summary = Summary::new(started);
@@ -326,7 +337,7 @@ fn main() -> ExitCode {
         match wait_for_signal(&signals, wait) {
             Some(libc::SIGHUP) => {
                 let interval_before = current.summary_interval_secs;
-                reload(&running, &matches, &mut current);
+                reload(&running, &matches, &mut current, config_path.as_deref(), &auth);
                 if current.summary_interval_secs != interval_before {
                     next_summary = Instant::now() + Duration::from_secs(current.summary_interval_secs);
                 }
@@ -498,8 +509,15 @@ const RELOADABLE: &[Reloadable] = &[
 /// SIGHUP: re-reads the configuration file (the flags given at start still override it),
 /// checks all of it, and applies what can change at run time ([`RELOADABLE`]), logging one
 /// line with each change; a file that is not valid changes nothing (the line says why). Then
-/// re-reads the TLS certificate and key; open connections keep the session they have.
-fn reload(running: &mbws::shard::Running, matches: &clap::ArgMatches, current: &mut Config) {
+/// the file's `[auth]` users and tokens ([`reload_credentials`]), and the TLS certificate and
+/// key; open connections keep the session they have.
+fn reload(
+    running: &mbws::shard::Running,
+    matches: &clap::ArgMatches,
+    current: &mut Config,
+    config_path: Option<&std::path::Path>,
+    auth: &mbws::auth::Auth,
+) {
     let reread = Args::from_arg_matches(matches)
         .map_err(|error| error.to_string())
         .and_then(|args| config_from(args, matches))
@@ -510,7 +528,10 @@ fn reload(running: &mbws::shard::Running, matches: &clap::ArgMatches, current: &
             "received SIGHUP: the configuration is not valid, nothing reloaded (still running with the previous \
              one): {problem}"
         ),
-        Ok(reread) => apply_reload(running, current, &reread),
+        Ok(reread) => {
+            apply_reload(running, current, &reread);
+            reload_credentials(running, config_path, auth);
+        }
     }
     let Some(tls) = &running.tls else { return };
     let files = tls.files();
@@ -534,7 +555,9 @@ fn apply_reload(running: &mbws::shard::Running, current: &mut Config, reread: &C
     let mut needs_restart = Vec::new();
     for (key, old) in &before {
         let new = after.get(key).cloned().unwrap_or_default();
-        if *old == new {
+        // `[auth]`'s users and tokens reload through `reload_credentials`, which logs them by
+        // name (never the section's text).
+        if *old == new || key == "auth" {
             continue;
         }
         match RELOADABLE.iter().find(|reloadable| reloadable.key == key) {
@@ -572,6 +595,71 @@ fn effective_keys(config: &Config) -> std::collections::BTreeMap<String, String>
     let text = ConfigFile::effective(config).to_toml();
     let table: toml::Table = text.parse().expect("the effective configuration reads back as TOML");
     table.into_iter().map(|(key, value)| (key, value.to_string())).collect()
+}
+
+/// SIGHUP: re-reads `[auth]`'s users and tokens from the configuration file and logs what
+/// changed (names only, never a secret). Live sessions of a changed user get its new
+/// permissions, those of a removed user are closed (4401), as for the admin API's changes
+/// (docs/OPERATIONS.md, "Users"); a file that does not load changes nothing.
+fn reload_credentials(running: &mbws::shard::Running, config_path: Option<&std::path::Path>, auth: &mbws::auth::Auth) {
+    let Some(path) = config_path else { return };
+    let section = match ConfigFile::read(path) {
+        Ok(file) => file.auth.unwrap_or_default(),
+        Err(problem) => {
+            log!(Level::Warn, "received SIGHUP: keeping the users and tokens in use: {problem}");
+            return;
+        }
+    };
+    match auth.reload_file(&section) {
+        Ok((changes, tokens)) => {
+            let (updated, closed) = mbws::admin::apply_user_changes(&running.inspector(), &changes);
+            log!(
+                Level::Info,
+                "received SIGHUP: reloaded the users and tokens of {}", path.display();
+                users_added = changes.added.join(","),
+                users_removed = changes.removed.join(","),
+                users_changed = changes.changed.join(","),
+                tokens = tokens,
+                sessions_updated = updated,
+                sessions_closed = closed,
+            );
+        }
+        Err(problem) => {
+            log!(Level::Warn, "received SIGHUP: keeping the users and tokens in use: {}: {problem}", path.display())
+        }
+    }
+}
+
+/// Re-applies what the admin API changed (`admin::state`): its users to the `[auth]` users,
+/// its declared addresses to the shards' tables.
+fn restore_admin_state(config: &mut Config) -> Result<(), String> {
+    let state = mbws::admin::state::load(&config.data_dir)?;
+    let path = mbws::admin::state::path(&config.data_dir);
+    config.auth.restore_api_users(&state.users).map_err(|problem| format!("{}: {problem}", path.display()))?;
+    for (name, stored) in &state.addresses {
+        let settings = stored.settings().map_err(|problem| format!("{}: {name:?}: {problem}", path.display()))?;
+        config.declared_addresses.push((bytes::Bytes::from(name.clone()), settings));
+    }
+    if !state.addresses.is_empty() || !state.users.users.is_empty() || !state.users.deleted_users.is_empty() {
+        log!(
+            Level::Info,
+            "re-applied what the admin API changed, from {}", path.display();
+            declared_addresses = state.addresses.len(),
+            users = state.users.users.len(),
+            deleted_users = state.users.deleted_users.len(),
+        );
+    }
+    Ok(())
+}
+
+/// The origins of the broker's own pages (`/console`): web pages there may call the admin API.
+fn broker_origins(local: std::net::SocketAddr, tls: bool) -> Vec<String> {
+    let scheme = if tls { "https" } else { "http" };
+    let mut origins = vec![format!("{scheme}://{local}")];
+    if local.ip().is_loopback() {
+        origins.push(format!("{scheme}://localhost:{}", local.port()));
+    }
+    origins
 }
 
 /// Warns when the broker can be reached from other machines without the protections a

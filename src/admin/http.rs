@@ -1,5 +1,6 @@
-//! The admin API's HTTP/1.1, by hand and kept small: one request per connection, no body, the
-//! answer then `Connection: close`. The request head is parsed by the WebSocket handshake's
+//! The admin API's HTTP/1.1, by hand and kept small: one request per connection, a body only
+//! with a `Content-Length` of at most [`MAX_BODY_BYTES`] (the JSON of a `PUT`), the answer then
+//! `Connection: close`. The request head is parsed by the WebSocket handshake's
 //! parser ([`handshake::parse_request`]), which already bounds it and names what is wrong.
 //!
 //! Bounds: a request head of at most [`MAX_REQUEST_BYTES`], read within [`REQUEST_TIMEOUT`]
@@ -14,6 +15,9 @@ use crate::ws::handshake::{self, HttpRequest};
 
 /// Largest request head (request line and headers) the admin API reads.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+/// Largest request body (a `PUT`'s JSON) the admin API reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// How long a client has to send its request, and the broker to write the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,13 +72,17 @@ impl Response {
 fn status_text(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        201 => "Created",
         202 => "Accepted",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         409 => "Conflict",
+        411 => "Length Required",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
@@ -83,18 +91,30 @@ fn status_text(status: u16) -> &'static str {
     }
 }
 
-/// Reads one request head from `stream` (bounded in bytes and time). `Err` is the answer to
-/// give instead (a malformed or too large request, a body, the time ran out), or `None` when
-/// the client went away without a request.
-pub fn read_request(stream: &mut TcpStream) -> Result<HttpRequest, Option<Response>> {
+/// Reads one request, head and body, from `stream` (bounded in bytes and time). `Err` is the
+/// answer to give instead (a malformed or too large request or body, the time ran out), or
+/// `None` when the client went away without a request.
+pub fn read_request(stream: &mut TcpStream) -> Result<(HttpRequest, Vec<u8>), Option<Response>> {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let mut head: Option<(HttpRequest, usize, usize)> = None;
     loop {
-        match handshake::parse_request(&buf, MAX_REQUEST_BYTES) {
-            Ok(Some((request, _))) => return check_no_body(request),
-            Ok(None) => {}
-            Err(refused) => return Err(Some(Response::error(refused.status, refused.reason))),
+        match &head {
+            Some((_, consumed, length)) if buf.len() >= consumed + length => {
+                let (request, consumed, length) = head.take().expect("matched above");
+                return Ok((request, buf[consumed..consumed + length].to_vec()));
+            }
+            Some(_) => {}
+            None => match handshake::parse_request(&buf, MAX_REQUEST_BYTES) {
+                Ok(Some((request, consumed))) => {
+                    let length = body_length(&request)?;
+                    head = Some((request, consumed, length));
+                    continue;
+                }
+                Ok(None) => {}
+                Err(refused) => return Err(Some(Response::error(refused.status, refused.reason))),
+            },
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -114,18 +134,23 @@ pub fn read_request(stream: &mut TcpStream) -> Result<HttpRequest, Option<Respon
     }
 }
 
-/// No endpoint of the admin API takes a body: a request with one is refused rather than
-/// half-read.
-fn check_no_body(request: HttpRequest) -> Result<HttpRequest, Option<Response>> {
+/// The body's length: its `Content-Length` (0 without), at most [`MAX_BODY_BYTES`]; a chunked
+/// body is refused rather than half-read.
+fn body_length(request: &HttpRequest) -> Result<usize, Option<Response>> {
     if request.header("transfer-encoding").is_some() {
-        return Err(Some(Response::error(413, "no admin endpoint takes a request body (Transfer-Encoding given)")));
+        return Err(Some(Response::error(
+            411,
+            "the admin API takes a body with a Content-Length only (Transfer-Encoding given)",
+        )));
     }
-    match request.header("content-length").map(str::trim) {
-        None | Some("0") => Ok(request),
-        Some(length) => Err(Some(Response::error(
+    let Some(length) = request.header("content-length").map(str::trim) else { return Ok(0) };
+    match length.parse::<usize>() {
+        Ok(length) if length <= MAX_BODY_BYTES => Ok(length),
+        Ok(_) => Err(Some(Response::error(
             413,
-            format!("no admin endpoint takes a request body (Content-Length: {length}); send none"),
+            format!("the request body has {length} bytes; the admin API reads at most {MAX_BODY_BYTES}"),
         ))),
+        Err(_) => Err(Some(Response::error(400, format!("Content-Length: {length} is not a number of bytes")))),
     }
 }
 

@@ -1,6 +1,8 @@
-//! The admin API: health, Prometheus metrics, addresses (list, one, purge), sessions (list,
-//! close) and the drain (lame duck) over HTTP/1.1 (`--admin-listen`, default 127.0.0.1:7448; docs/OPERATIONS.md lists
-//! every endpoint).
+//! The admin API: health, Prometheus metrics, addresses (list, one, declare, delete, purge),
+//! sessions (list, close), users (list, one, put, delete) and the drain (lame duck) over
+//! HTTP/1.1 (`--admin-listen`, default 127.0.0.1:7448; docs/OPERATIONS.md lists every endpoint).
+//! What it changes is kept in the data directory ([`state`]); address rates come from
+//! [`rates`]; changes to addresses and users are in `changes`.
 //!
 //! It runs off the message path: one thread (`mbws-admin`) accepts on a blocking std listener
 //! and hands each connection to a short-lived thread of its own (at most
@@ -14,10 +16,17 @@
 //! Security: with `--admin-token`, every endpoint but `/healthz` and `/readyz` requires
 //! `Authorization: Bearer TOKEN` (401 otherwise); the token is required whenever the listener
 //! is beyond loopback (checked at start, [`Config::validate`](crate::config::Config::validate)).
+//! A web page may call it from the broker's own origin or an `--allowed-origin` (CORS, with
+//! the preflight `OPTIONS` answered without a token): the console at `/console` does.
 
+mod changes;
 pub mod http;
 pub mod metrics;
 pub mod process;
+pub mod rates;
+pub mod state;
+
+pub use changes::apply_user_changes;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,17 +66,59 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     })
 }
 
+/// What the admin API needs of the configuration.
+pub struct AdminSettings {
+    pub token: Option<Secret>,
+    /// The users (the API changes them), and where changes are kept.
+    pub auth: Arc<crate::auth::Auth>,
+    pub data_dir: std::path::PathBuf,
+    /// The broker's limits, for the settings a `PUT /api/addresses/{name}` leaves out.
+    pub defaults: changes::AddressDefaults,
+    /// Origins whose pages may call the API (CORS): the broker's own and `--allowed-origin`.
+    pub origins: Vec<String>,
+}
+
+impl AdminSettings {
+    pub fn from_config(config: &crate::config::Config, broker_origins: Vec<String>) -> AdminSettings {
+        let mut origins = broker_origins;
+        origins.extend(config.allowed_origins.iter().cloned());
+        AdminSettings {
+            token: config.admin_token.clone(),
+            auth: config.auth.clone(),
+            data_dir: config.data_dir.clone(),
+            defaults: changes::AddressDefaults::from_config(config),
+            origins,
+        }
+    }
+}
+
 /// What every admin connection's thread shares.
 struct Admin {
     token: Option<Secret>,
     inspector: Inspector,
     started: Instant,
     connections: AtomicUsize,
+    changes: changes::Changes,
+    rates: rates::Rates,
+    origins: Vec<String>,
 }
 
-/// Starts the admin thread on `listener`.
-pub fn spawn(listener: TcpListener, token: Option<Secret>, inspector: Inspector) -> std::io::Result<()> {
-    let admin = Arc::new(Admin { token, inspector, started: Instant::now(), connections: AtomicUsize::new(0) });
+/// Starts the admin thread on `listener`; `declared` are the addresses declared at start.
+pub fn spawn(
+    listener: TcpListener,
+    settings: AdminSettings,
+    declared: &[(bytes::Bytes, crate::broker::address::AddressSettings)],
+    inspector: Inspector,
+) -> std::io::Result<()> {
+    let admin = Arc::new(Admin {
+        token: settings.token,
+        inspector,
+        started: Instant::now(),
+        connections: AtomicUsize::new(0),
+        changes: changes::Changes::new(settings.auth, settings.data_dir, settings.defaults, declared),
+        rates: rates::Rates::default(),
+        origins: settings.origins,
+    });
     std::thread::Builder::new().name("mbws-admin".into()).spawn(move || accept_loop(&listener, &admin))?;
     Ok(())
 }
@@ -125,8 +176,9 @@ fn accept_loop(listener: &TcpListener, admin: &Arc<Admin>) {
 /// One connection: one request, one answer.
 fn serve(admin: &Admin, stream: &mut TcpStream, peer: SocketAddr) {
     let response = match http::read_request(stream) {
-        Ok(request) => {
-            let response = admin.answer(&request);
+        Ok((request, body)) => {
+            let response = admin.answer(&request, &body);
+            let response = admin.with_cors(&request, response);
             log!(Level::Debug, "admin: {} {} from {peer}: {}", request.method, request.path, response.status);
             response
         }
@@ -137,13 +189,16 @@ fn serve(admin: &Admin, stream: &mut TcpStream, peer: SocketAddr) {
 }
 
 impl Admin {
-    fn answer(&self, request: &HttpRequest) -> Response {
+    fn answer(&self, request: &HttpRequest, body: &[u8]) -> Response {
         let target = match Target::parse(&request.path) {
             Ok(target) => target,
             Err(reason) => return Response::error(400, reason),
         };
         let segments: Vec<&str> = target.segments.iter().map(String::as_str).collect();
         let method = request.method.as_str();
+        if method == "OPTIONS" {
+            return self.preflight(request);
+        }
         // Health needs no token: it says nothing but whether the broker runs.
         match segments[..] {
             ["healthz"] => return only_get(method).unwrap_or_else(|| self.healthz()),
@@ -153,6 +208,14 @@ impl Admin {
         if let Some(refusal) = self.check_token(request) {
             return refusal;
         }
+        // `?force=true` is DELETE /api/addresses/{name}'s; every other endpoint takes `?limit=`
+        // or nothing.
+        if let (["api", "addresses", name], "DELETE") = (&segments[..], method) {
+            return match force_parameter(&target) {
+                Ok(force) => self.changes.delete_address(&self.inspector, name, force),
+                Err(refusal) => refusal,
+            };
+        }
         let limit = match list_limit(&target) {
             Ok(limit) => limit,
             Err(refusal) => return refusal,
@@ -160,7 +223,18 @@ impl Admin {
         match segments[..] {
             ["metrics"] => only_get(method).unwrap_or_else(|| self.metrics()),
             ["api", "addresses"] => only_get(method).unwrap_or_else(|| self.addresses(limit)),
-            ["api", "addresses", name] => only_get(method).unwrap_or_else(|| self.address(name)),
+            ["api", "addresses", name] => match method {
+                "GET" => self.address(name),
+                "PUT" => self.changes.declare_address(&self.inspector, name, body),
+                _ => not_allowed(method, "GET, PUT, DELETE"),
+            },
+            ["api", "users"] => only_get(method).unwrap_or_else(|| self.changes.users()),
+            ["api", "users", name] => match method {
+                "GET" => self.changes.user(name),
+                "PUT" => self.changes.put_user(&self.inspector, name, body),
+                "DELETE" => self.changes.delete_user(&self.inspector, name),
+                _ => not_allowed(method, "GET, PUT, DELETE"),
+            },
             ["api", "sessions"] => only_get(method).unwrap_or_else(|| self.sessions(limit)),
             ["api", "addresses", name, "purge"] => only(method, "POST").unwrap_or_else(|| self.purge(name)),
             ["api", "sessions", id] => only(method, "DELETE").unwrap_or_else(|| self.close_session(id)),
@@ -168,8 +242,8 @@ impl Admin {
             _ => Response::error(
                 404,
                 format!(
-                    "no admin endpoint at {}: see /healthz, /readyz, /metrics, /api/addresses, /api/sessions, /api/drain \
-                     (docs/OPERATIONS.md)",
+                    "no admin endpoint at {}: see /healthz, /readyz, /metrics, /api/addresses, /api/sessions, \
+                     /api/users, /api/drain (docs/OPERATIONS.md)",
                     request.path
                 ),
             ),
@@ -262,7 +336,9 @@ impl Admin {
             .collect();
         listed.sort_by(|(_, a), (_, b)| b.held().cmp(&a.held()).then_with(|| a.name.cmp(&b.name)));
         listed.truncate(limit);
-        let addresses: Vec<Value> = listed.iter().map(|(shard, info)| address_json(*shard, info)).collect();
+        let rates = self.rates.sample(listed.iter().map(|(_, info)| *info), true);
+        let addresses: Vec<Value> =
+            listed.iter().zip(rates).map(|((shard, info), rates)| address_json(*shard, info, rates)).collect();
         Response::json(
             200,
             &json!({
@@ -283,14 +359,20 @@ impl Admin {
         let snapshots = self.snapshot(&request);
         let found = snapshots.iter().find_map(|snapshot| Some((snapshot.report.shard.0, snapshot.addresses.first()?)));
         match found {
-            Some((shard, info)) => Response::json(200, &address_json(shard, info)),
+            Some((shard, info)) => {
+                let rates = self.rates.sample(std::iter::once(info), false).pop().flatten();
+                Response::json(200, &address_json(shard, info, rates))
+            }
             None if snapshots.len() < self.inspector.shard_count() => Response::error(
                 503,
                 format!("not every shard answered within {} ms; try again", SHARD_ANSWER_TIMEOUT.as_millis()),
             ),
             None => Response::error(
                 404,
-                format!("no address {name:?}: an address exists while it holds messages or subscribers"),
+                format!(
+                    "no address {name:?}: an address exists while it holds messages or subscribers, or once \
+                     declared (PUT /api/addresses/{{name}})"
+                ),
             ),
         }
     }
@@ -377,13 +459,13 @@ fn parse_session_id(id: &str) -> Option<ConnRef> {
     Some(ConnRef { shard: ShardId(u16::try_from(shard).ok()?), conn: ConnId { index, generation } })
 }
 
-fn address_json(shard: u16, info: &crate::broker::address::AddressInfo) -> Value {
-    // The routing rule (docs/PROTOCOL.md, "Addresses"): messages go to the anycast queue unless
-    // the address has only multicast subscribers.
-    let routing = if info.anycast_consumers == 0 && info.multicast_consumers > 0 && info.queued_messages == 0 {
-        "multicast"
-    } else {
-        "anycast"
+fn address_json(shard: u16, info: &crate::broker::address::AddressInfo, rates: Option<rates::AddressRates>) -> Value {
+    // A declared address's routing; else the routing rule (docs/PROTOCOL.md, "Addresses"):
+    // messages go to the anycast queue unless the address has only multicast subscribers.
+    let routing = match &info.declared {
+        Some(settings) => settings.routing.name(),
+        None if info.anycast_consumers == 0 && info.multicast_consumers > 0 && info.queued_messages == 0 => "multicast",
+        None => "anycast",
     };
     json!({
         "name": String::from_utf8_lossy(&info.name),
@@ -397,6 +479,14 @@ fn address_json(shard: u16, info: &crate::broker::address::AddressInfo) -> Value
         "multicast_consumers": info.multicast_consumers,
         "unacked": info.unacked,
         "multicast_backlog": info.multicast_backlog,
+        "messages_in": info.messages_in,
+        "messages_out": info.messages_out,
+        "rates": rates.map(|rates| json!({
+            "in_per_second": rates.in_per_second,
+            "out_per_second": rates.out_per_second,
+            "window_seconds": rates.window_seconds,
+        })),
+        "declared": info.declared.as_ref().map(changes::settings_json),
     })
 }
 
@@ -410,6 +500,7 @@ fn session_json(session: &SessionInfo) -> Value {
         "id": session_id(session),
         "shard": session.conn.shard.0,
         "peer": session.peer.map(|peer| peer.to_string()),
+        "user": session.user.as_deref(),
         "subprotocol": session.subprotocol.name(),
         "binding": match session.binding {
             crate::mbws::Binding::Binary => "binary",
@@ -430,10 +521,71 @@ fn only_get(method: &str) -> Option<Response> {
 
 /// `None` for `allowed`; the 405 otherwise.
 fn only(method: &str, allowed: &str) -> Option<Response> {
-    (method != allowed).then(|| {
-        Response::error(405, format!("{method} is not allowed here: use {allowed}"))
-            .with_header(format!("Allow: {allowed}"))
-    })
+    (method != allowed).then(|| not_allowed(method, allowed))
+}
+
+/// The 405 for `method` where `allowed` (`GET, PUT`) are.
+fn not_allowed(method: &str, allowed: &str) -> Response {
+    Response::error(405, format!("{method} is not allowed here: use {allowed}"))
+        .with_header(format!("Allow: {allowed}"))
+}
+
+/// `?force=true` or `?force=false` (default false); any other parameter is refused.
+fn force_parameter(target: &Target) -> Result<bool, Response> {
+    let mut force = false;
+    for (name, value) in &target.query {
+        if name != "force" {
+            return Err(Response::error(400, format!("unknown query parameter {name:?}: the only one is force")));
+        }
+        force = match value.as_str() {
+            "true" => true,
+            "false" => false,
+            other => return Err(Response::error(400, format!("force={other} is not valid: use true or false"))),
+        };
+    }
+    Ok(force)
+}
+
+/// The methods and headers a page may use (CORS preflight).
+const CORS_METHODS: &str = "GET, PUT, POST, DELETE, OPTIONS";
+const CORS_HEADERS: &str = "Authorization, Content-Type";
+/// How long a browser may remember a preflight's answer.
+const CORS_MAX_AGE_SECONDS: u32 = 600;
+
+impl Admin {
+    /// The page's origin, if it is one the API answers (see the module docs).
+    fn allowed_origin<'a>(&self, request: &'a HttpRequest) -> Option<&'a str> {
+        let origin = request.header("origin")?.trim();
+        self.origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin)).then_some(origin)
+    }
+
+    /// Adds the CORS headers for an allowed origin (without them a browser withholds the answer).
+    fn with_cors(&self, request: &HttpRequest, response: Response) -> Response {
+        match self.allowed_origin(request) {
+            Some(origin) => response
+                .with_header(format!("Access-Control-Allow-Origin: {origin}"))
+                .with_header("Vary: Origin".into()),
+            None => response,
+        }
+    }
+
+    /// `OPTIONS`: a browser's preflight, answered without a token (it carries none).
+    fn preflight(&self, request: &HttpRequest) -> Response {
+        if request.header("origin").is_some() && self.allowed_origin(request).is_none() {
+            return Response::error(
+                403,
+                format!(
+                    "origin {:?} may not call the admin API: the broker's own origin and --allowed-origin may",
+                    request.header("origin").unwrap_or_default()
+                ),
+            );
+        }
+        Response { status: 204, content_type: "text/plain", body: Vec::new(), headers: Vec::new() }
+            .with_header(format!("Access-Control-Allow-Methods: {CORS_METHODS}"))
+            .with_header(format!("Access-Control-Allow-Headers: {CORS_HEADERS}"))
+            .with_header(format!("Access-Control-Max-Age: {CORS_MAX_AGE_SECONDS}"))
+            .with_header(format!("Allow: {CORS_METHODS}"))
+    }
 }
 
 fn unauthorized(reason: &str) -> Response {

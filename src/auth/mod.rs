@@ -28,8 +28,8 @@ pub mod jwt;
 pub mod permissions;
 pub mod verifier;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sha2::{Digest, Sha256};
 
@@ -69,12 +69,178 @@ impl Access {
     }
 }
 
-/// One user of the configuration.
-#[derive(Debug)]
+/// One user (of the configuration file or of the admin API).
+#[derive(Debug, Clone)]
 struct User {
-    /// The argon2id PHC string (checked to parse at start).
+    /// The argon2id PHC string (checked to parse when it was given).
     password_hash: Arc<str>,
     permissions: Arc<Permissions>,
+    /// The patterns `permissions` was made from (for the admin API's answers).
+    patterns: PermissionPatterns,
+}
+
+impl User {
+    fn new(name: &str, password_hash: &str, patterns: PermissionPatterns) -> Result<User, String> {
+        if name.is_empty() || name.len() > crate::mbws::binary::MAX_STR8_BYTES {
+            return Err(format!(
+                "a user name is 1 to {} bytes (it travels in OPEN's login); {name:?} is {}",
+                crate::mbws::binary::MAX_STR8_BYTES,
+                name.len()
+            ));
+        }
+        check_password_hash(password_hash)?;
+        let permissions = Permissions::parse(&patterns.lists())?;
+        Ok(User { password_hash: password_hash.into(), permissions: Arc::new(permissions), patterns })
+    }
+}
+
+/// The permission patterns of a user as given (the configuration's syntax,
+/// docs/SECURITY.md "Permissions").
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PermissionPatterns {
+    #[serde(default)]
+    pub send: Vec<String>,
+    #[serde(default)]
+    pub consume: Vec<String>,
+    #[serde(default)]
+    pub deny_send: Vec<String>,
+    #[serde(default)]
+    pub deny_consume: Vec<String>,
+}
+
+impl PermissionPatterns {
+    pub fn lists(&self) -> PermissionLists<'_> {
+        PermissionLists {
+            send: &self.send,
+            consume: &self.consume,
+            deny_send: &self.deny_send,
+            deny_consume: &self.deny_consume,
+        }
+    }
+
+    fn of(lists: &PermissionLists<'_>) -> PermissionPatterns {
+        PermissionPatterns {
+            send: lists.send.to_vec(),
+            consume: lists.consume.to_vec(),
+            deny_send: lists.deny_send.to_vec(),
+            deny_consume: lists.deny_consume.to_vec(),
+        }
+    }
+}
+
+/// Where a user comes from: a user of the admin API takes precedence over a file user of the
+/// same name (docs/OPERATIONS.md, "Users").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserSource {
+    File,
+    Api,
+}
+
+impl UserSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            UserSource::File => "file",
+            UserSource::Api => "api",
+        }
+    }
+}
+
+/// A user as the admin API shows it: never its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserView {
+    pub name: String,
+    pub source: UserSource,
+    pub patterns: PermissionPatterns,
+}
+
+/// A user the admin API put, as persisted in the data directory (with its hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StoredUser {
+    pub name: String,
+    pub password_hash: String,
+    #[serde(flatten)]
+    pub patterns: PermissionPatterns,
+}
+
+/// What the admin API changed in the users: put users, and file users it deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ApiUsers {
+    #[serde(default)]
+    pub users: Vec<StoredUser>,
+    #[serde(default)]
+    pub deleted_users: Vec<String>,
+}
+
+/// How the effective users changed: names added, removed, and whose hash or permissions
+/// changed, with each changed or added user's permissions (`None`: removed).
+#[derive(Debug, Clone, Default)]
+pub struct UserChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    /// Every user in the three lists with what its live sessions get (`None`: closed).
+    pub sessions: Vec<(Arc<str>, Option<Arc<Permissions>>)>,
+}
+
+impl UserChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// The users and tokens in force. Users: the admin API's ([`Auth::put_user`]) take precedence
+/// over the configuration file's of the same name; a file user deleted through the API stays
+/// deleted (also after a SIGHUP or a restart) until the API puts it again. Tokens come from the
+/// file only.
+#[derive(Debug, Default)]
+struct Directory {
+    file_users: HashMap<String, User>,
+    api_users: BTreeMap<String, User>,
+    deleted: BTreeSet<String>,
+    tokens: HashMap<[u8; 32], Arc<Permissions>>,
+}
+
+impl Directory {
+    fn user(&self, name: &str) -> Option<(&User, UserSource)> {
+        if let Some(user) = self.api_users.get(name) {
+            return Some((user, UserSource::Api));
+        }
+        if self.deleted.contains(name) {
+            return None;
+        }
+        self.file_users.get(name).map(|user| (user, UserSource::File))
+    }
+
+    fn effective(&self) -> BTreeMap<String, (User, UserSource)> {
+        let names = self.file_users.keys().chain(self.api_users.keys());
+        names.filter_map(|name| Some((name.clone(), self.user(name).map(|(u, s)| (u.clone(), s))?))).collect()
+    }
+}
+
+/// The changes from `before` to `after` (see [`UserChanges`]).
+fn user_changes(
+    before: &BTreeMap<String, (User, UserSource)>,
+    after: &BTreeMap<String, (User, UserSource)>,
+) -> UserChanges {
+    let mut changes = UserChanges::default();
+    for (name, (user, _)) in after {
+        match before.get(name) {
+            None => changes.added.push(name.clone()),
+            Some((old, _)) if old.password_hash != user.password_hash || old.patterns != user.patterns => {
+                changes.changed.push(name.clone());
+                changes.sessions.push((name.as_str().into(), Some(user.permissions.clone())));
+            }
+            Some(_) => {}
+        }
+    }
+    for name in before.keys().filter(|name| !after.contains_key(*name)) {
+        changes.removed.push(name.clone());
+        changes.sessions.push((name.as_str().into(), None));
+    }
+    changes
 }
 
 /// The result of [`Auth::check`].
@@ -105,10 +271,10 @@ impl std::fmt::Debug for PasswordCheck {
 /// The `[auth]` section, checked (see the module docs).
 pub struct Auth {
     anonymous: Arc<Permissions>,
-    users: HashMap<String, User>,
-    /// SHA-256 of each static token, and what it may do.
-    tokens: HashMap<[u8; 32], Arc<Permissions>>,
-    /// The keys of `[auth.jwt]`, if configured.
+    /// Users and tokens (SHA-256 of each static token, and what it may do): read at every
+    /// OPEN with credentials, written by the admin API and a SIGHUP reload.
+    directory: RwLock<Directory>,
+    /// The keys of `[auth.jwt]`, if configured (not reloaded by SIGHUP: a restart changes them).
     jwt: Option<jwt::JwtVerifier>,
     /// An argon2id hash of nothing anyone knows, verified for unknown users.
     dummy_hash: Arc<str>,
@@ -120,13 +286,13 @@ pub struct Auth {
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut users: Vec<&String> = self.users.keys().collect();
-        users.sort();
+        let directory = self.read();
+        let users: Vec<String> = directory.effective().into_keys().collect();
         formatter
             .debug_struct("Auth")
             .field("anonymous", &self.anonymous)
             .field("users", &users)
-            .field("tokens", &self.tokens.len())
+            .field("tokens", &directory.tokens.len())
             .field("jwt", &self.jwt.is_some())
             .finish()
     }
@@ -154,36 +320,11 @@ impl Auth {
             None => Permissions::everything(),
             Some(grant) => Permissions::parse(&grant.lists()).map_err(|error| format!("[auth.anonymous]: {error}"))?,
         };
-        let mut users = HashMap::new();
-        for user in &section.user {
-            let context = format!("[[auth.user]] name = \"{}\"", user.name);
-            if user.name.is_empty() || user.name.len() > crate::mbws::binary::MAX_STR8_BYTES {
-                return Err(format!(
-                    "{context}: a user name is 1 to {} bytes (it travels in OPEN's login)",
-                    crate::mbws::binary::MAX_STR8_BYTES
-                ));
-            }
-            check_password_hash(user.password_hash.expose()).map_err(|error| format!("{context}: {error}"))?;
-            let permissions = Permissions::parse(&user.lists()).map_err(|error| format!("{context}: {error}"))?;
-            let entry = User { password_hash: user.password_hash.expose().into(), permissions: Arc::new(permissions) };
-            if users.insert(user.name.clone(), entry).is_some() {
-                return Err(format!("{context}: this user is configured twice; keep one entry"));
-            }
-        }
-        let mut tokens = HashMap::new();
-        for token in &section.token {
-            let context = format!("[[auth.token]] name = \"{}\"", token.name);
-            let hash = parse_sha256_hex(token.sha256.expose()).map_err(|error| format!("{context}: {error}"))?;
-            let permissions = Permissions::parse(&token.lists()).map_err(|error| format!("{context}: {error}"))?;
-            if tokens.insert(hash, Arc::new(permissions)).is_some() {
-                return Err(format!("{context}: this token's hash is configured twice; keep one entry"));
-            }
-        }
+        let (file_users, tokens) = file_credentials(section)?;
         let jwt = section.jwt.as_ref().map(jwt::JwtVerifier::from_section).transpose()?;
         Ok(Auth {
             anonymous: Arc::new(anonymous),
-            users,
-            tokens,
+            directory: RwLock::new(Directory { file_users, tokens, ..Directory::default() }),
             jwt,
             dummy_hash: DUMMY_HASH.into(),
             verified_cache: Mutex::new(HashMap::new()),
@@ -191,9 +332,110 @@ impl Auth {
         })
     }
 
-    /// Whether any user, token or JWT key is configured.
+    /// Whether any user, token or JWT key is configured (or a user put by the admin API).
     pub fn has_credentials(&self) -> bool {
-        !self.users.is_empty() || !self.tokens.is_empty() || self.jwt.is_some()
+        let directory = self.read();
+        self.jwt.is_some()
+            || !directory.tokens.is_empty()
+            || !directory.api_users.is_empty()
+            || directory.file_users.keys().any(|name| !directory.deleted.contains(name))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
+        self.directory.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Directory> {
+        self.directory.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every user in force, by name, without hashes.
+    pub fn users(&self) -> Vec<UserView> {
+        let effective = self.read().effective();
+        effective.into_iter().map(|(name, (user, source))| UserView { name, source, patterns: user.patterns }).collect()
+    }
+
+    /// User `name`, without its hash.
+    pub fn user(&self, name: &str) -> Option<UserView> {
+        let directory = self.read();
+        let (user, source) = directory.user(name)?;
+        Some(UserView { name: name.to_string(), source, patterns: user.patterns.clone() })
+    }
+
+    /// Puts user `name` through the admin API (its hash checked, its patterns parsed; errors
+    /// say which and why); without a hash, the user in force keeps its own. It takes precedence
+    /// over a file user of that name.
+    pub fn put_user(
+        &self,
+        name: &str,
+        password_hash: Option<&str>,
+        patterns: PermissionPatterns,
+    ) -> Result<UserChanges, String> {
+        let mut directory = self.write();
+        let kept = directory.user(name).map(|(user, _)| user.password_hash.clone());
+        let password_hash = match (password_hash, &kept) {
+            (Some(hash), _) => hash,
+            (None, Some(kept)) => kept,
+            (None, None) => return Err("a new user needs a password or a password-hash".into()),
+        };
+        let user = User::new(name, password_hash, patterns)?;
+        let before = directory.effective();
+        directory.deleted.remove(name);
+        directory.api_users.insert(name.to_string(), user);
+        Ok(user_changes(&before, &directory.effective()))
+    }
+
+    /// Deletes user `name` (an API user, and a file user of that name until the API puts it
+    /// again); `None` if there is no such user.
+    pub fn delete_user(&self, name: &str) -> Option<UserChanges> {
+        let mut directory = self.write();
+        directory.user(name)?;
+        let before = directory.effective();
+        directory.api_users.remove(name);
+        if directory.file_users.contains_key(name) {
+            directory.deleted.insert(name.to_string());
+        }
+        Some(user_changes(&before, &directory.effective()))
+    }
+
+    /// What the admin API changed, to persist.
+    pub fn api_users(&self) -> ApiUsers {
+        let directory = self.read();
+        ApiUsers {
+            users: directory
+                .api_users
+                .iter()
+                .map(|(name, user)| StoredUser {
+                    name: name.clone(),
+                    password_hash: user.password_hash.to_string(),
+                    patterns: user.patterns.clone(),
+                })
+                .collect(),
+            deleted_users: directory.deleted.iter().cloned().collect(),
+        }
+    }
+
+    /// Re-applies what the admin API changed (at start, from the data directory).
+    pub fn restore_api_users(&self, stored: &ApiUsers) -> Result<(), String> {
+        let mut directory = self.write();
+        for entry in &stored.users {
+            let user = User::new(&entry.name, &entry.password_hash, entry.patterns.clone())
+                .map_err(|error| format!("user {:?}: {error}", entry.name))?;
+            directory.api_users.insert(entry.name.clone(), user);
+        }
+        directory.deleted.extend(stored.deleted_users.iter().cloned());
+        Ok(())
+    }
+
+    /// Replaces the configuration file's users and tokens with `section`'s (SIGHUP); the
+    /// admin API's changes stay on top. Nothing changes if `section` is not valid.
+    pub fn reload_file(&self, section: &crate::config::file::AuthSection) -> Result<(UserChanges, usize), String> {
+        let (file_users, tokens) = file_credentials(section)?;
+        let mut directory = self.write();
+        let before = directory.effective();
+        directory.file_users = file_users;
+        directory.tokens = tokens;
+        Ok((user_changes(&before, &directory.effective()), directory.tokens.len()))
     }
 
     /// The credentials of a connection ([`credentials::credentials`]), or, on a broker with no
@@ -227,8 +469,9 @@ impl Auth {
             )),
             Credentials::Token(token) => {
                 let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-                Check::Done(match (self.tokens.get(&hash), &self.jwt) {
-                    (Some(permissions), _) => Access::Granted(permissions.clone(), None),
+                let static_token = self.read().tokens.get(&hash).cloned();
+                Check::Done(match (static_token, &self.jwt) {
+                    (Some(permissions), _) => Access::Granted(permissions, None),
                     (None, Some(verifier)) if jwt::JwtVerifier::looks_like_jwt(&token) => {
                         match verifier.verify(&token, now_unix_ms) {
                             // The deadline on the broker's clock: as far from now as exp is.
@@ -243,8 +486,10 @@ impl Auth {
                 })
             }
             Credentials::Password { user, password } => {
-                let (password_hash, granted) = match self.users.get(&user) {
-                    Some(known) => (known.password_hash.clone(), Some(known.permissions.clone())),
+                let known =
+                    self.read().user(&user).map(|(known, _)| (known.password_hash.clone(), known.permissions.clone()));
+                let (password_hash, granted) = match known {
+                    Some((password_hash, permissions)) => (password_hash, Some(permissions)),
                     None => (self.dummy_hash.clone(), None),
                 };
                 let cache_key = verified_key(&password_hash, &password);
@@ -278,6 +523,50 @@ impl Auth {
     }
 }
 
+/// The users and tokens of an `[auth]` section, checked (errors name the entry).
+type FileCredentials = (HashMap<String, User>, HashMap<[u8; 32], Arc<Permissions>>);
+
+fn file_credentials(section: &crate::config::file::AuthSection) -> Result<FileCredentials, String> {
+    let mut users = HashMap::new();
+    for user in &section.user {
+        let context = format!("[[auth.user]] name = \"{}\"", user.name);
+        let patterns = PermissionPatterns::of(&user.lists());
+        let entry = User::new(&user.name, user.password_hash.expose(), patterns)
+            .map_err(|error| format!("{context}: {error}"))?;
+        if users.insert(user.name.clone(), entry).is_some() {
+            return Err(format!("{context}: this user is configured twice; keep one entry"));
+        }
+    }
+    let mut tokens = HashMap::new();
+    for token in &section.token {
+        let context = format!("[[auth.token]] name = \"{}\"", token.name);
+        let hash = parse_sha256_hex(token.sha256.expose()).map_err(|error| format!("{context}: {error}"))?;
+        let permissions = Permissions::parse(&token.lists()).map_err(|error| format!("{context}: {error}"))?;
+        if tokens.insert(hash, Arc::new(permissions)).is_some() {
+            return Err(format!("{context}: this token's hash is configured twice; keep one entry"));
+        }
+    }
+    Ok((users, tokens))
+}
+
+/// An argon2id hash of `password` with a fresh random salt and argon2's default cost, as `mbws
+/// hash-password` makes (the admin API's `PUT /api/users/{name}` with a password; slow by
+/// design: never on a shard's event loop).
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut salt = [0u8; 16];
+    // SAFETY: getrandom writes at most 16 bytes into the live array.
+    let filled = unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
+    if filled != salt.len() as isize {
+        return Err(format!("no random salt: getrandom failed ({})", std::io::Error::last_os_error()));
+    }
+    let salt = SaltString::encode_b64(&salt).map_err(|error| format!("salt: {error}"))?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|error| format!("argon2: {error}"))
+}
+
 /// The key of a remembered verification: a hash of the stored hash and the password (a fast
 /// hash, kept in memory for at most [`VERIFIED_CACHE_MS`]; the password itself is not kept).
 fn verified_key(password_hash: &str, password: &str) -> [u8; 32] {
@@ -298,7 +587,7 @@ pub fn verify_password(password_hash: &str, password: &str) -> bool {
 
 /// An argon2id PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`), as `mbws
 /// hash-password` prints.
-fn check_password_hash(text: &str) -> Result<(), String> {
+pub fn check_password_hash(text: &str) -> Result<(), String> {
     let parsed = argon2::password_hash::PasswordHash::new(text)
         .map_err(|error| format!("password-hash is not a PHC string ({error}); make one with `mbws hash-password`"))?;
     if parsed.algorithm.as_str() != "argon2id" {
@@ -465,6 +754,29 @@ mod tests {
             panic!("allowed anonymous sessions are granted")
         };
         assert!(everything.may_send(b"x") && everything.may_consume(b"DLQ.x"), "by default, everything");
+    }
+
+    #[test]
+    fn api_users_take_precedence_and_a_deleted_file_user_stays_deleted_across_a_reload() {
+        let auth = auth();
+        let only_x = PermissionPatterns { send: vec!["x".into()], ..Default::default() };
+        let changes = auth.put_user("alice", None, only_x.clone()).unwrap();
+        assert_eq!((changes.added.len(), changes.changed.as_slice()), (0, ["alice".to_string()].as_slice()));
+        let alice = auth.user("alice").unwrap();
+        assert_eq!((alice.source, alice.patterns.clone()), (UserSource::Api, only_x.clone()));
+        let (access, _) = run(&auth, password("alice", "s3cret"), 0);
+        assert!(matches!(access, Access::Granted(ref p, _) if p.may_send(b"x") && !p.may_send(b"orders")), "kept hash");
+        assert!(auth.put_user("zed", None, only_x).unwrap_err().contains("needs a password"));
+        let changes = auth.delete_user("alice").unwrap();
+        assert_eq!(changes.removed, ["alice"]);
+        assert_eq!(auth.user("alice"), None);
+        assert!(auth.delete_user("alice").is_none());
+        let section = auth.section.clone();
+        let (changes, tokens) = auth.reload_file(&section).unwrap();
+        assert!(changes.is_empty() && tokens == 1, "{changes:?}");
+        assert_eq!(auth.user("alice"), None, "deleted through the API: the file does not bring it back");
+        assert_eq!(auth.api_users().deleted_users, ["alice"]);
+        assert!(format!("{:?}", auth.api_users()).contains("deleted_users"));
     }
 
     #[test]

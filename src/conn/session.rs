@@ -965,10 +965,11 @@ impl Session {
         SessionEnd { close_code: code.as_u16(), reason }
     }
 
-    /// An operator ends this session (the admin API's `DELETE /api/sessions/{id}`): a fatal
-    /// ERROR 4403 with `reason`, and the session is not kept for a resume.
-    pub fn end_by_operator(&mut self, reason: String, outbound: &mut Outbound) -> SessionEnd {
-        self.end_unprompted(ErrorCode::Forbidden, reason, outbound)
+    /// An operator ends this session (the admin API's `DELETE /api/sessions/{id}`: 4403; its
+    /// user deleted: 4401): a fatal ERROR `code` with `reason`, and the session is not kept for
+    /// a resume.
+    pub fn end_by_operator(&mut self, code: ErrorCode, reason: String, outbound: &mut Outbound) -> SessionEnd {
+        self.end_unprompted(code, reason, outbound)
     }
 
     /// Ends this session for good, with a fatal ERROR `code` that answers no frame (an
@@ -989,6 +990,12 @@ impl Session {
     pub fn end_for_drain(&mut self, reason: String, outbound: &mut Outbound) -> SessionEnd {
         self.state = State::Closed;
         self.unprompted_fatal_error(ErrorCode::Unavailable, reason, outbound)
+    }
+
+    /// An operator changed what this session's user may do: its next SEND and SUBSCRIBE are
+    /// checked against `permissions` (subscriptions made already stay).
+    pub fn set_permissions(&mut self, permissions: Arc<Permissions>) {
+        self.permissions = permissions;
     }
 
     /// Queues a fatal ERROR and returns how the connection must close.

@@ -25,6 +25,9 @@ pub struct ConnState {
     /// The client's address, as the shell accepted it (for the admin API; `None` in the
     /// simulator and until the shell says).
     pub peer: Option<std::net::SocketAddr>,
+    /// The user whose password opened the session (`None`: a token or anonymous), for the
+    /// admin API's list and its changes of users.
+    pub user: Option<std::sync::Arc<str>>,
     pub outbound: Outbound,
     /// The session's place in `--max-sessions`, given back when the slot is freed (the shell
     /// sets it; `None` in the simulator and the unit tests).
@@ -134,6 +137,7 @@ impl ConnState {
         ConnState {
             session,
             peer: None,
+            user: None,
             outbound: Outbound::new(),
             session_permit: None,
             max_outbound_bytes,
@@ -194,11 +198,11 @@ impl ConnState {
     /// An operator ends the session (the admin API): a fatal ERROR 4403, then the close; the
     /// session is not kept for a resume. False (nothing done) unless a socket is attached and
     /// still processes input. Wake both tasks.
-    pub fn end_by_operator(&mut self, reason: String) -> bool {
+    pub fn end_by_operator(&mut self, code: ErrorCode, reason: String) -> bool {
         if !matches!(self.lifecycle.state(), super::lifecycle::State::Running { .. }) {
             return false;
         }
-        let end = self.session.end_by_operator(reason, &mut self.outbound);
+        let end = self.session.end_by_operator(code, reason, &mut self.outbound);
         self.begin_close(end.close_code, &end.reason);
         true
     }

@@ -404,9 +404,13 @@ async fn open_connection<S: Stream>(
     }
 
     // Credentials are checked before the session answers the OPEN (argon2 off the event loop).
+    let mut user: Option<std::sync::Arc<str>> = None;
     let access = match &first_open {
         Some(open) => {
             let credentials = config.auth.credentials_of(open, &upgrade_credentials);
+            if let Ok(crate::auth::Credentials::Password { user: name, .. }) = &credentials {
+                user = Some(name.as_str().into());
+            }
             let anonymous_allowed = config.allow_anonymous;
             Box::pin(crate::auth::verifier::authenticate(
                 &config.auth,
@@ -440,12 +444,16 @@ async fn open_connection<S: Stream>(
     };
 
     // A new session: its first frame goes through the session's own rules (OPEN or a fatal error).
+    let user = user.filter(|_| matches!(access, crate::auth::Access::Granted(..)));
     let (me, attachment) = shard.open_session(upgrade.protocol, stream.socket(), binding, payload, access);
     shard.with_conn(me.conn, |state| {
         state.session_permit = session_permit;
         ((), Wake::default())
     });
     shard.note_peer(me.conn, peer);
+    if let Some(user) = user {
+        shard.note_user(me.conn, user);
+    }
     log!(
         Level::Info,
         "shard {}: connection opened", shard.id.0;

@@ -301,6 +301,17 @@ impl Iterator for Posts<'_> {
     }
 }
 
+/// The address table of shard `id`, with the declared addresses it owns.
+fn declared_table(id: ShardId, shard_count: usize, config: &Config) -> AddressTable {
+    let mut table = AddressTable::new(id, AddressLimits::from_config(config, shard_count));
+    for (name, settings) in &config.declared_addresses {
+        if crate::broker::owner_of(name, shard_count) == id {
+            table.declare_address(name, *settings);
+        }
+    }
+    table
+}
+
 impl ShardCore {
     /// Shard `id` of a broker with `shard_count` shards and `config`.
     pub fn new(id: ShardId, shard_count: usize, config: &Config) -> ShardCore {
@@ -309,7 +320,7 @@ impl ShardCore {
             id,
             session_config: Arc::new(SessionConfig::from_config(config, shard_count)),
             max_outbound_bytes: config.max_outbound_bytes,
-            addresses: AddressTable::new(id, AddressLimits::from_config(config, shard_count)),
+            addresses: declared_table(id, shard_count, config),
             conns: Vec::new(),
             free_conns: Vec::new(),
             queues: Queues { id, work: VecDeque::new(), outboxes: (0..shard_count).map(|_| Vec::new()).collect() },

@@ -647,7 +647,7 @@ impl Shard {
             core::AdminCommand::CloseSession(id) => {
                 let reason = "session closed by an operator (admin API)".to_string();
                 let closing = self.with_conn(id, |state| {
-                    let closing = state.end_by_operator(reason);
+                    let closing = state.end_by_operator(crate::mbws::ErrorCode::Forbidden, reason);
                     (closing, if closing { Wake::ALL } else { Wake::default() })
                 });
                 match closing {
@@ -656,7 +656,54 @@ impl Shard {
                     Some(false) => core::AdminOutcome::NotConnected,
                 }
             }
+            core::AdminCommand::DeclareAddress(name, settings) => {
+                self.core.borrow_mut().declare_address(&name, settings)
+            }
+            core::AdminCommand::DeleteAddress { name, force } => self.core.borrow_mut().delete_address(&name, force),
+            core::AdminCommand::UserChanged { name, permissions } => self.user_changed(&name, permissions),
         }
+    }
+
+    /// Applies a change of user `name` to its live sessions on this shard (docs/OPERATIONS.md,
+    /// "Users"): new permissions for their next SEND and SUBSCRIBE, or, for a deleted user, a
+    /// fatal ERROR 4401 and the close; a deleted user's sessions that wait for a resume keep no
+    /// permission at all (every SEND and SUBSCRIBE after a resume is refused 4403).
+    fn user_changed(&self, name: &str, permissions: Option<Arc<crate::auth::Permissions>>) -> core::AdminOutcome {
+        let (mut updated, mut closed) = (0, 0);
+        let ids = self.core.borrow().conn_ids();
+        for id in ids {
+            self.with_conn(id, |state| {
+                if state.user.as_deref() != Some(name) {
+                    return ((), Wake::default());
+                }
+                match &permissions {
+                    Some(permissions) => {
+                        state.session.set_permissions(permissions.clone());
+                        updated += 1;
+                        ((), Wake::default())
+                    }
+                    None => {
+                        state.session.set_permissions(Arc::new(crate::auth::Permissions::default()));
+                        let reason = format!("user {name:?} was deleted by an operator (admin API or configuration)");
+                        if state.end_by_operator(crate::mbws::ErrorCode::Unauthenticated, reason) {
+                            closed += 1;
+                            ((), Wake::ALL)
+                        } else {
+                            ((), Wake::default())
+                        }
+                    }
+                }
+            });
+        }
+        core::AdminOutcome::UserSessions { updated, closed }
+    }
+
+    /// Connection `id` was opened by user `user`'s password (for the admin API).
+    pub fn note_user(&self, id: ConnId, user: Arc<str>) {
+        self.with_conn(id, |state| {
+            state.user = Some(user);
+            ((), Wake::default())
+        });
     }
 
     /// Closes every connection with 1001 (going away).

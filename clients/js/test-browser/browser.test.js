@@ -113,6 +113,39 @@ test(`console: ${MESSAGES} messages sent from the page are all shown, in this pa
   await second.page.close();
 });
 
+test('console: the address panel lists, from the admin API, an address the page sent to', async () => {
+  const token = 'console-admin-token-0123456789';
+  const withAdmin = await startBroker(['--admin-listen', '127.0.0.1:0', '--admin-token', token]);
+  try {
+    const page = await browser.newPage({ viewport: { width: 1100, height: 780 } });
+    page.setDefaultTimeout(TIMEOUT_MS);
+    const errors = /** @type {string[]} */ ([]);
+    page.on('pageerror', (error) => errors.push(error.message));
+    await page.goto(`http://${withAdmin.host}:${withAdmin.port}/console`);
+    await page.click('#connect');
+    await page.waitForSelector('#state[data-state="open"]');
+    // Nobody consumes: the five messages wait in the queue, depth 5.
+    const address = 'browser/panel';
+    await sendFromPage(page, address, 5);
+    await page.waitForFunction(() => document.getElementById('send-status')?.dataset.done === '5');
+    // Another origin than the page's, with a token: the browser's CORS preflight must pass.
+    await page.fill('#admin-url', `http://${withAdmin.admin}`);
+    await page.fill('#admin-token', token);
+    await page.click('#admin-watch');
+    const cells = await page.waitForFunction((name) => {
+      const row = [...document.querySelectorAll('#address-rows tr')].find((tr) => tr instanceof HTMLElement && tr.dataset.address === name);
+      return row ? [...row.querySelectorAll('td')].map((cell) => cell.textContent) : null;
+    }, address);
+    const [name, routing, depth, consumers] = /** @type {string[]} */ (await cells.jsonValue());
+    assert.deepEqual([name, routing, depth, consumers], [address, 'anycast', '5', '0']);
+    assert.match(await page.textContent('#admin-status') ?? '', /addresses at/);
+    assert.deepEqual(errors, []);
+    await page.close();
+  } finally {
+    await withAdmin.stop();
+  }
+});
+
 test('console: a page survives the broker dropping its connection, without losing a message', async () => {
   const proxy = await startProxy(broker.port);
   try {

@@ -25,18 +25,25 @@ export function brokerBinary() {
 }
 
 /**
- * A broker process with its own data directory; `stop()` kills it by its PID.
+ * A broker process with its own data directory; `stop()` kills it by its PID. Its admin API is
+ * off unless `flags` give `--admin-listen` (then `admin` is its HOST:PORT, from the log).
  * @param {string[]} [flags]
  */
 export async function startBroker(flags = []) {
   const dataDir = mkdtempSync(path.join(tmpdir(), 'mbws-js-'));
-  const child = spawn(brokerBinary(), ['--listen', '127.0.0.1:0', '--admin-listen', 'off', '--no-pin', '--data-dir', dataDir, ...flags], {
+  const withAdmin = flags.includes('--admin-listen');
+  const admin = withAdmin ? [] : ['--admin-listen', 'off'];
+  const child = spawn(brokerBinary(), ['--listen', '127.0.0.1:0', ...admin, '--no-pin', '--data-dir', dataDir, ...flags], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   /** @type {string[]} */
   const log = [];
+  /** @type {string | undefined} */
+  let adminAddress;
   const address = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`mbws-broker did not report its address: ${log.join('\n')}`)), 10000);
+    /** @type {string | undefined} */
+    let listening;
     let pending = '';
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (chunk) => {
@@ -46,9 +53,12 @@ export async function startBroker(flags = []) {
       for (const line of lines) {
         log.push(line);
         const found = line.split(' listening on ')[1];
-        if (found) {
+        if (found) listening = found.split(/\s/)[0];
+        const admin = line.split('admin API at http://')[1];
+        if (admin) adminAddress = admin.split('/')[0];
+        if (listening && (!withAdmin || adminAddress)) {
           clearTimeout(timer);
-          resolve(found.split(/\s/)[0]);
+          resolve(listening);
         }
       }
     });
@@ -62,6 +72,7 @@ export async function startBroker(flags = []) {
     host,
     port,
     url: `ws://${address}/`,
+    admin: adminAddress,
     log,
     async stop() {
       if (child.exitCode === null && child.signalCode === null) {

@@ -73,7 +73,8 @@ impl AddressTable {
         for queued in accepted.iter_mut().skip(delivered_at_once) {
             compact_to_wait(&mut self.arena, &mut queued.message);
         }
-        let max_queued = self.limits.max_queued_messages as usize;
+        let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
+        state.messages_in += accepted.len() as u64;
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let mut slow = SmallVec::<[usize; 2]>::new();
         let mut delivered_any = false;
@@ -140,7 +141,6 @@ impl AddressTable {
         out: &mut Vec<Outgoing>,
     ) -> Result<Option<Lsn>, Refusal> {
         debug_assert_eq!(*address_name, message.address);
-        let max_queued = self.limits.max_queued_messages as usize;
         let durable = self.refuse_if_log_failed(&message)?;
         self.refuse_if_ids_cannot_be_reserved()?;
         // Checked after the address's own bounds (whose refusal says more), computed here
@@ -151,7 +151,9 @@ impl AddressTable {
             Some(state) => state,
             None => new_address(&mut self.addresses, address_name),
         };
-        let to_anycast_queue = !state.anycast.is_empty() || state.multicast.is_empty();
+        let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
+        let max_queued_bytes = state.max_queued_bytes(self.limits.max_queued_bytes);
+        let to_anycast_queue = state.routes_to_anycast_queue();
         // What the subscribers' credit takes at once from the queue, counting the messages of
         // this batch queued ahead of this one and not dispatched yet (none outside a batch: a
         // queue that outlives a dispatch has no credit left to meet it).
@@ -170,7 +172,7 @@ impl AddressTable {
             ));
         }
         let body_bytes = message.body.len();
-        if to_anycast_queue && state.queued_bytes + body_bytes > self.limits.max_queued_bytes {
+        if to_anycast_queue && state.queued_bytes + body_bytes > max_queued_bytes {
             return Err(Refusal::new(
                 ErrorCode::Overloaded,
                 format!(
@@ -178,7 +180,7 @@ impl AddressTable {
                      (max_queued_bytes {}); consume from it or retry later",
                     String::from_utf8_lossy(address_name),
                     state.queued_bytes,
-                    self.limits.max_queued_bytes
+                    max_queued_bytes
                 ),
             ));
         }
@@ -218,6 +220,7 @@ impl AddressTable {
             }
         }
         let state = self.addresses.get_mut(address_name).expect("address was just inserted");
+        state.messages_in += 1;
         if visible_after > self.durable_lsn {
             // Held back from here on, unless an entry that holds it back longer is there.
             if state.held_for_log.back().is_none_or(|(_, lsn)| *lsn < visible_after) {
@@ -272,8 +275,8 @@ impl AddressTable {
     /// hard bound and ERROR 4429. Multicast backlogs never hold publishers back: a slow
     /// multicast subscriber is ended at the bound instead (see `publish`).
     fn publish_answer(&mut self, address: &Bytes, publisher: ConnRef, seq: u64, out: &mut Vec<Outgoing>) {
-        let high_watermark = (self.limits.max_queued_messages as usize / 2).max(1);
         if let Some(state) = self.addresses.get_mut(address) {
+            let high_watermark = (state.max_queued_messages(self.limits.max_queued_messages) / 2).max(1);
             let hold =
                 !state.held_answers.is_empty() || (state.queue.len() >= high_watermark && !state.anycast.is_empty());
             if hold {

@@ -40,8 +40,8 @@ impl AddressTable {
     /// Delivers to subscribers with credit what `deliverable` says may have become
     /// deliverable: backlogs, the anycast queue, or both.
     pub(super) fn dispatch(&mut self, address: &Bytes, deliverable: Deliverable, now_ms: u64, out: &mut Vec<Outgoing>) {
-        let low_watermark = self.limits.max_queued_messages as usize / 4;
         let Some(state) = self.addresses.get_mut(address) else { return };
+        let low_watermark = state.max_queued_messages(self.limits.max_queued_messages) / 4;
         let held_from = state.held_from(self.durable_lsn);
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
@@ -164,6 +164,7 @@ pub(super) fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadl
         subscriber.credit
     );
     subscriber.in_flight += 1;
+    subscriber.delivered += 1;
     queued.deliveries += 1;
     let delivered =
         Delivered { message_id: queued.id, message: queued.message.clone(), redelivered: queued.redelivered };

@@ -32,7 +32,8 @@ impl AddressTable {
         self.ids_reserved = self.last_message_id;
         self.durable_lsn = log.borrow().durable_lsn();
         self.log = Some(log);
-        self.durable_addresses = durable_addresses;
+        // Declared durable addresses (`declare_address`) may be there already.
+        self.durable_addresses.extend(durable_addresses);
     }
 
     /// Puts recovered messages back in their queues (marked redelivered: they may have been

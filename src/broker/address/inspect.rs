@@ -23,6 +23,12 @@ pub struct AddressInfo {
     pub unacked: usize,
     /// Messages waiting for credit in multicast subscribers' backlogs.
     pub multicast_backlog: usize,
+    /// Messages accepted into the address, and deliveries made from it, since it was created
+    /// (an idle undeclared address is dropped, and its counts start again).
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// The settings of a declared address.
+    pub declared: Option<super::AddressSettings>,
 }
 
 impl AddressInfo {
@@ -41,6 +47,8 @@ impl AddressInfo {
         self.multicast_consumers += other.multicast_consumers;
         self.unacked += other.unacked;
         self.multicast_backlog += other.multicast_backlog;
+        self.messages_in += other.messages_in;
+        self.messages_out += other.messages_out;
     }
 }
 
@@ -65,13 +73,17 @@ impl AddressTable {
         let subscribers = state.anycast.iter().chain(&state.multicast);
         AddressInfo {
             name: name.clone(),
-            durable: self.is_durable_address(name),
+            durable: self.is_durable_address(name) || state.declared.as_ref().is_some_and(|settings| settings.durable),
             queued_messages: state.queue.len(),
             queued_bytes: state.queued_bytes,
             anycast_consumers: state.anycast.len(),
             multicast_consumers: state.multicast.len(),
             unacked: subscribers.map(|subscriber| subscriber.unacked.len()).sum(),
             multicast_backlog: state.multicast.iter().map(|subscriber| subscriber.backlog.len()).sum(),
+            messages_in: state.messages_in,
+            messages_out: state.delivered_by_departed
+                + state.anycast.iter().chain(&state.multicast).map(|subscriber| subscriber.delivered).sum::<u64>(),
+            declared: state.declared.as_deref().copied(),
         }
     }
 }
@@ -102,7 +114,7 @@ impl AddressTable {
             .queued_bytes
             .checked_sub(before - state.queued_bytes)
             .expect("the shard's queued bytes include every address's");
-        let low_watermark = self.limits.max_queued_messages as usize / 4;
+        let low_watermark = state.max_queued_messages(self.limits.max_queued_messages) / 4;
         Self::release_held_answers(&mut state, low_watermark, out);
         for queued in &purged {
             self.settle(&name, &queued.message, queued.id);

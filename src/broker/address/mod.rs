@@ -61,6 +61,7 @@
 //!   recovery at start-up.
 
 mod admission;
+mod declared;
 mod dispatch;
 mod durable;
 mod inspect;
@@ -83,6 +84,7 @@ use super::{
 use crate::mbws::{DeliveryMode, ErrorCode};
 use crate::store::{DurableLog, Lsn};
 
+pub use declared::{AddressSettings, Deleted, Routing};
 use dispatch::Deliverable;
 pub use durable::ID_RESERVATION_BLOCK;
 pub use inspect::AddressInfo;
@@ -184,11 +186,21 @@ struct Address {
     /// the log is durable up to `lsn` (the message's record, or the reservation of its id).
     /// Ids increase along the list. Empty on an address that never met the log.
     held_for_log: VecDeque<(MessageId, Lsn)>,
+    /// The settings of a declared address (`declared`), which keep it while idle.
+    declared: Option<Box<AddressSettings>>,
+    /// Messages accepted into the address since it was created (for the admin API's rates).
+    messages_in: u64,
+    /// Deliveries made by subscribers that have left (those of the present ones are theirs).
+    delivered_by_departed: u64,
 }
 
 impl Address {
     fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.anycast.is_empty() && self.multicast.is_empty() && self.held_answers.is_empty()
+        self.queue.is_empty()
+            && self.anycast.is_empty()
+            && self.multicast.is_empty()
+            && self.held_answers.is_empty()
+            && self.declared.is_none()
     }
 
     /// Only multicast subscribers, and nothing queued or held: a publish goes to the

@@ -80,7 +80,8 @@ impl AddressTable {
         mode: DeliveryMode,
         mut queued: Queued,
     ) {
-        let max_deliveries = self.limits.max_deliveries;
+        let declared = self.addresses.get(address).and_then(|state| state.declared.as_deref());
+        let max_deliveries = declared.map_or(self.limits.max_deliveries, |settings| settings.max_deliveries);
         if max_deliveries > 0 && queued.deliveries >= max_deliveries {
             let reason = format!("delivered {} times without acknowledgement (max_deliveries)", queued.deliveries);
             self.dead_letter(queued, &reason);

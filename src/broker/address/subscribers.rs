@@ -55,6 +55,8 @@ pub(super) struct Subscriber {
     pub(super) credit: u32,
     /// Deliveries not yet acknowledged (client ack) or not yet written (auto ack).
     pub(super) in_flight: u32,
+    /// Deliveries made to this subscriber (for the admin API's rates).
+    pub(super) delivered: u64,
     /// Client-ack deliveries not yet acknowledged, kept for NACK and (anycast) for requeueing
     /// when the subscription ends. At most `credit` entries.
     pub(super) unacked: UnackedMessages,
@@ -108,6 +110,7 @@ fn remove_subscriber(state: &mut Address, places: &mut Places, mode: DeliveryMod
         DeliveryMode::Anycast => state.anycast.remove(index),
         DeliveryMode::Multicast => state.multicast.swap_remove(index),
     };
+    state.delivered_by_departed += removed.delivered;
     let moved = match mode {
         DeliveryMode::Anycast => &state.anycast[index..],
         DeliveryMode::Multicast => state.multicast.get(index..index + 1).unwrap_or_default(),
@@ -143,6 +146,7 @@ impl AddressTable {
             ack_mode,
             credit: credit.min(self.limits.max_credit),
             in_flight: 0,
+            delivered: 0,
             unacked: UnackedMessages::default(),
             deadlines: VecDeque::new(),
             backlog: VecDeque::new(),

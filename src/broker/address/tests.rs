@@ -727,3 +727,76 @@ fn a_failed_log_drops_what_waits_for_it_and_refuses_ids_it_cannot_reserve() {
     let reason = refusal_reason(&out).expect("no id can be reserved");
     assert!(reason.contains("restarts"), "{reason}");
 }
+
+/// The outcomes (`Ok` or the refusal's code) of the publishes answered in `out`.
+fn publish_outcomes(out: &[Outgoing]) -> Vec<Result<(), u16>> {
+    out.iter()
+        .filter_map(|(_, command)| match command {
+            ConnCommand::PublishDone { outcome, .. } => Some(outcome.as_ref().map(|_| ()).map_err(|r| r.code.as_u16())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn declared(max_queued_messages: u32, routing: Routing) -> AddressSettings {
+    AddressSettings { routing, durable: false, max_queued_messages, max_queued_bytes: 1 << 20, max_deliveries: 0 }
+}
+
+#[test]
+fn a_declared_address_has_its_own_bound_and_stays_while_idle() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    assert!(table.declare_address(b"a", declared(5, Routing::Anycast)), "new");
+    assert!(!table.declare_address(b"a", declared(5, Routing::Anycast)), "changed");
+    assert_eq!(table.address_info(b"a").map(|info| info.queued_messages), Some(0), "kept while idle");
+    let mut out = Vec::new();
+    for index in 0..6 {
+        publish(&mut table, "a", &format!("m{index}"), &mut out);
+    }
+    // 5, not the table's 3: the sixth is refused.
+    assert_eq!(publish_outcomes(&out), [Ok(()), Ok(()), Ok(()), Ok(()), Ok(()), Err(4429)]);
+    out.clear();
+    for index in 0..4 {
+        publish(&mut table, "b", &format!("m{index}"), &mut out);
+    }
+    assert_eq!(publish_outcomes(&out).last(), Some(&Err(4429)), "an undeclared address keeps the table's bound");
+}
+
+#[test]
+fn a_multicast_address_queues_nothing_without_an_anycast_subscriber() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    table.declare_address(b"a", declared(3, Routing::Multicast));
+    let mut out = Vec::new();
+    publish(&mut table, "a", "dropped", &mut out);
+    assert_eq!((publish_outcomes(&out), table.stats(b"a").queued), (vec![Ok(())], 0));
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 0, &mut out);
+    publish(&mut table, "a", "queued for the anycast subscriber", &mut out);
+    assert_eq!(table.stats(b"a").queued, 1);
+    let info = table.address_info(b"a").unwrap();
+    assert_eq!((info.messages_in, info.messages_out), (2, 0), "both were accepted (the first reached nobody)");
+}
+
+#[test]
+fn deleting_needs_force_with_subscribers_and_ends_them_with_4405() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    publish(&mut table, "a", "m1", &mut out);
+    publish(&mut table, "a", "m2", &mut out);
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+    assert_eq!(deliveries(&out).len(), 1);
+    assert_eq!(table.delete_address(b"a", false, &mut out), Deleted::HasConsumers(1));
+    out.clear();
+    assert_eq!(table.delete_address(b"a", true, &mut out), Deleted::Deleted { messages: 1, consumers_ended: 1 });
+    let ended: Vec<u16> = out
+        .iter()
+        .filter_map(|(_, command)| match command {
+            ConnCommand::SubscriptionEnded { refusal, .. } => Some(refusal.code.as_u16()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, [4405]);
+    assert_eq!(table.address_info(b"a"), None);
+    assert_eq!(table.queued_bytes(), 0);
+    assert_eq!(table.delete_address(b"a", true, &mut out), Deleted::NotFound);
+    // An ACK for a dropped delivery changes nothing, and the consumer's departure is harmless.
+    table.handle(AddressCommand::ConsumerGone { consumer: conn(1) }, 0, &mut out);
+}

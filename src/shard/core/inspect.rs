@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 
 use super::{ShardCore, ShardReport};
-use crate::broker::address::AddressInfo;
+use crate::broker::address::{AddressInfo, AddressSettings, Deleted};
 use crate::broker::{ConnId, ConnRef};
 use crate::conn::lifecycle::State as LifecycleState;
 use crate::mbws::{Binding, ErrorCode, Subprotocol};
@@ -24,6 +24,13 @@ pub enum AdminCommand {
     PurgeAddress(Bytes),
     /// End this connection's session: fatal ERROR 4403, close 4403, no resume.
     CloseSession(ConnId),
+    /// Declare this address with these settings (on its owner).
+    DeclareAddress(Bytes, AddressSettings),
+    /// Delete this address (on its owner): refused while it has subscribers unless `force`.
+    DeleteAddress { name: Bytes, force: bool },
+    /// The user's permissions changed (`Some`) or the user was deleted (`None`): every shard
+    /// applies it to the live sessions of that user (docs/OPERATIONS.md, "Users").
+    UserChanged { name: std::sync::Arc<str>, permissions: Option<std::sync::Arc<crate::auth::Permissions>> },
 }
 
 /// What came of an [`AdminCommand`].
@@ -33,6 +40,16 @@ pub enum AdminOutcome {
         messages: usize,
     },
     Closing,
+    /// An address was declared (`created`: it was not declared before).
+    Declared {
+        created: bool,
+    },
+    Deleted(Deleted),
+    /// The sessions of a changed user: `updated` got the new permissions, `closed` were ended.
+    UserSessions {
+        updated: usize,
+        closed: usize,
+    },
     /// No such address or session here.
     NotFound,
     /// The session has no connection (it waits for a resume, or is closing already).
@@ -97,6 +114,8 @@ pub struct SessionInfo {
     /// The connection slot (the admin API's session id `shard.index.generation`).
     pub conn: ConnRef,
     pub peer: Option<SocketAddr>,
+    /// The user whose password opened it (`None`: a token, or anonymous).
+    pub user: Option<std::sync::Arc<str>>,
     pub subprotocol: Subprotocol,
     pub binding: Binding,
     pub attached: bool,
@@ -118,6 +137,19 @@ impl ShardCore {
             Some(messages) => AdminOutcome::Purged { messages },
             None => AdminOutcome::NotFound,
         }
+    }
+
+    /// Declares address `name` ([`AdminCommand::DeclareAddress`]).
+    pub fn declare_address(&mut self, name: &[u8], settings: AddressSettings) -> AdminOutcome {
+        AdminOutcome::Declared { created: self.addresses.declare_address(name, settings) }
+    }
+
+    /// Deletes address `name` ([`AdminCommand::DeleteAddress`]); the shell runs a round of
+    /// work next (the ended subscriptions and the answers to route, SETTLED records to commit).
+    pub fn delete_address(&mut self, name: &[u8], force: bool) -> AdminOutcome {
+        let deleted = self.addresses.delete_address(name, force, &mut self.answers);
+        self.route_address_output();
+        AdminOutcome::Deleted(deleted)
     }
 
     /// The shard's snapshot for `request` (see the module doc).
@@ -143,6 +175,7 @@ impl ShardCore {
                 sessions.push(SessionInfo {
                     conn: ConnRef { shard: self.id, conn: ConnId { index: index as u32, generation: slot.generation } },
                     peer: state.peer,
+                    user: state.user.clone(),
                     subprotocol,
                     binding,
                     attached,
