@@ -39,7 +39,7 @@ impl AddressTable {
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut taken = self.take_address(&address_name);
             for Publication { publisher, seq, message } in batch.drain(..) {
-                outcomes.push((publisher, seq, self.enqueue(&mut taken.state, &address_name, message, now_ms, out)));
+                outcomes.push((publisher, seq, self.enqueue(&mut taken.state, &taken.key, message, now_ms, out)));
             }
             self.put_back_address(taken);
             self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
@@ -84,7 +84,7 @@ impl AddressTable {
             });
         let delivered_at_once = if any_backlog { 0 } else { least_credit_left as usize };
         for queued in accepted.iter_mut().skip(delivered_at_once) {
-            compact_to_wait(&mut self.arena, &mut queued.message);
+            compact_to_wait(&mut self.arena, &mut queued.message, None);
         }
         let max_queued = self.limits.max_queued_messages as usize;
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
@@ -137,7 +137,7 @@ impl AddressTable {
         out: &mut Vec<Outgoing>,
     ) -> Result<Option<Lsn>, Refusal> {
         let mut taken = self.take_address(address);
-        let outcome = self.enqueue(&mut taken.state, address, message, now_ms, out);
+        let outcome = self.enqueue(&mut taken.state, &taken.key, message, now_ms, out);
         self.put_back_address(taken);
         let outcome = outcome?;
         self.dispatch(address, Deliverable::Everything, now_ms, out);
@@ -167,8 +167,9 @@ impl AddressTable {
     /// delivering anything yet (the caller dispatches, once per message or once per batch);
     /// `Ok(Some(lsn))` when its answer must wait for the log. `state` is the address's state,
     /// taken out of the table by the caller ([`AddressTable::take_address`]) so that a batch
-    /// looks it up once; `address_name` is the message's address (passed in so that it is not
-    /// cloned again per message).
+    /// looks it up once; `address_name` is its key in the table (the message's address, a
+    /// compact copy: a message that waits shares it instead of copying its own, and so does
+    /// the table's list of what waits for the log).
     fn enqueue(
         &mut self,
         state: &mut Address,
@@ -223,7 +224,7 @@ impl AddressTable {
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
         let mut message = message;
         if will_wait {
-            compact_to_wait(&mut self.arena, &mut message);
+            compact_to_wait(&mut self.arena, &mut message, Some(address_name));
         }
         let (id, mut visible_after) = self.next_message_id();
         // Logged before it can be delivered (and so settled), when it goes to the anycast queue;
@@ -364,13 +365,19 @@ fn answer_publish_to(
 }
 
 /// Compacts a message that is going to wait (see [`StoredMessage::compact`]): in place when
-/// nothing else shares it, as a compacted copy otherwise.
-fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage) {
+/// nothing else shares it, as a compacted copy otherwise. With `shared_address` (the address
+/// table's key for the message's address), the message shares that name instead of copying
+/// its own.
+fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage, shared_address: Option<&Bytes>) {
+    let compact = |message: &mut StoredMessage, arena: &mut CompactionArena| match shared_address {
+        Some(address) => message.compact_sharing_address(arena, address),
+        None => message.compact(arena),
+    };
     match std::sync::Arc::get_mut(message) {
-        Some(only_reference) => only_reference.compact(arena),
+        Some(only_reference) => compact(only_reference, arena),
         None => {
             let mut copy = StoredMessage::clone(message);
-            copy.compact(arena);
+            compact(&mut copy, arena);
             *message = std::sync::Arc::new(copy);
         }
     }
