@@ -4,26 +4,44 @@
 # address, 64-byte bodies, one shard) is driven by the `mbws` CLI clients; the broker runs
 # under valgrind, and the total of its instructions is divided by the message count.
 #
-#   scripts/callgrind-broker.sh [--count N] [--broker PATH] [--out FILE] [-- SEND FLAGS...]
+#   scripts/callgrind-broker.sh [--count N] [--shards N] [--broker PATH] [--out FILE] [-- SEND FLAGS...]
 #
 # e.g. `scripts/callgrind-broker.sh --count 100000 -- --light` for MBLWS publishes.
+#
+# --shards N (N >= 2) measures the cross-shard path: the address is named so that shard 0 owns
+# it, and the consumer and the publisher are kept off shard 0 (the kernel spreads connections
+# over the shards' listeners, so a consumer that lands on shard 0 is started again, and a
+# whole run whose publisher landed there is repeated, up to 6 times). With N >= 3 the consumer
+# and the publisher are also kept apart: publisher, owner and consumer on three shards.
+#
+# Valgrind 3.19 (Debian 12's) runs io_uring_enter as a syscall that never blocks: a shard
+# thread waiting for completions keeps valgrind's one-thread-at-a-time lock, so no other
+# thread runs until a completion arrives for it. With one shard this only delays the main
+# thread's "listening on" line until the shard's first completion (a start that waits past
+# 120 s fails, and is worth running again); with two or more, the owner shard, which has no
+# connection of its own, waits for a wake-up that only the other shard (now stopped) can
+# post, and the run hangs: --shards 2 needs a valgrind whose io_uring_enter may block (seen
+# with `valgrind --tool=none --trace-syscalls=yes`: a blocking call is marked [async]).
 # Prints "instructions per message: N" and leaves the profile in --out (default
 # callgrind.broker.out) for `callgrind_annotate`. The broker's start-up is included in the
 # total (about 0.1% at 100,000 messages). Needs valgrind; builds the release binaries.
 set -euo pipefail
 
 count=100000
+shards=1
 broker=""
 out="callgrind.broker.out"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --count) count=$2; shift 2 ;;
+        --shards) shards=$2; shift 2 ;;
         --broker) broker=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --) shift; break ;;
-        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --broker PATH, --out FILE, -- SEND FLAGS)" >&2; exit 2 ;;
+        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, -- SEND FLAGS)" >&2; exit 2 ;;
     esac
 done
+[[ $shards =~ ^[1-9][0-9]*$ ]] || { echo "callgrind-broker.sh: --shards takes a number of shards (1 or more), not '$shards'" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "callgrind-broker.sh: valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
 
 cd "$(dirname "$0")/.."
@@ -46,33 +64,92 @@ admin=()
 if "$broker" --help 2>/dev/null | grep -q -- '--admin-listen'; then
     admin=(--admin-listen off)
 fi
-valgrind --tool=callgrind --callgrind-out-file="$work/profile" \
-    "$broker" --shards 1 --listen "127.0.0.1:0" --data-dir "$work/data" "${admin[@]}" 2>"$work/broker.log" &
-broker_pid=$!
-# Port 0: the kernel picks a free port (two runs at once, or a broker on 7447, never clash).
-# The whole log line must be there, with the address and the space after it, before we read it.
-listen=""
-for _ in $(seq 1200); do
-    listen=$(sed -n 's/.* listening on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/broker.log" | head -1)
-    [[ -n $listen ]] && break
-    kill -0 "$broker_pid" 2>/dev/null || { cat "$work/broker.log" >&2; exit 1; }
-    sleep 0.1
+# The address: "perf" on one shard; with more, the first "perf-N" that shard 0 owns (the
+# broker's owner_of: FNV-1a, 64-bit, modulo the shard count).
+address=perf
+if ((shards > 1)); then
+    address=$(python3 -c '
+import sys
+shards = int(sys.argv[1])
+def owner(name):
+    h = 0xcbf29ce484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001b3) % 2**64
+    return h % shards
+print(next(f"perf-{i}" for i in range(10000) if owner(f"perf-{i}") == 0))' "$shards")
+fi
+
+# The shard of the newest connection the broker logged ("shard N: connection opened"), once
+# there are more than $1 of them.
+shard_of_connection() {
+    local opened=$1 line=""
+    for _ in $(seq 600); do
+        line=$(grep ': connection opened' "$work/broker.log" | sed -n "$((opened + 1))p")
+        [[ -n $line ]] && break
+        sleep 0.1
+    done
+    [[ -n $line ]] || { echo "callgrind-broker.sh: the broker did not log the connection within 60 s" >&2; return 1; }
+    sed -n 's/.*shard \([0-9]*\): connection opened.*/\1/p' <<<"$line"
+}
+
+run_once() {
+    valgrind --tool=callgrind --callgrind-out-file="$work/profile" \
+        "$broker" --shards "$shards" --listen "127.0.0.1:0" --data-dir "$work/data" "${admin[@]}" 2>"$work/broker.log" &
+    broker_pid=$!
+    # Port 0: the kernel picks a free port (two runs at once, or a broker on 7447, never clash).
+    # The whole log line must be there, with the address and the space after it, before we read it.
+    listen=""
+    for _ in $(seq 1200); do
+        listen=$(sed -n 's/.* listening on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/broker.log" | head -1)
+        [[ -n $listen ]] && break
+        kill -0 "$broker_pid" 2>/dev/null || { cat "$work/broker.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    [[ -n $listen ]] || { echo "callgrind-broker.sh: the broker did not say where it listens within 120 s" >&2; cat "$work/broker.log" >&2; exit 1; }
+    url="ws://$listen/"
+    body=$(head -c 64 /dev/zero | tr '\0' x)
+    local opened=0 consumer_shard=0
+    for _ in $(seq 20); do
+        "$client" consume "$address" --url "$url" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
+        consumer_pid=$!
+        if ((shards == 1)); then
+            break
+        fi
+        consumer_shard=$(shard_of_connection "$opened")
+        opened=$((opened + 1))
+        ((consumer_shard != 0)) && break
+        kill "$consumer_pid" 2>/dev/null || true
+        wait "$consumer_pid" 2>/dev/null || true
+        consumer_pid=""
+    done
+    [[ -n $consumer_pid ]] || { echo "callgrind-broker.sh: the consumer landed on the owner's shard 20 times" >&2; exit 1; }
+    sleep 0.5
+    "$client" send "$address" "$body" --url "$url" --count "$count" --wait 60 "$@" >/dev/null 2>"$work/send.log"
+    wait "$consumer_pid"
+    consumer_pid=""
+    # valgrind's broker does not see SIGTERM through sigwait: dump the counts, then stop it.
+    callgrind_control -d "$broker_pid" >/dev/null 2>&1
+    sleep 1
+    kill -KILL "$broker_pid" 2>/dev/null || true
+    wait "$broker_pid" 2>/dev/null || true
+    broker_pid=""
+    placement_ok=1
+    if ((shards > 1)); then
+        publisher_shard=$(shard_of_connection "$opened")
+        if ((publisher_shard == 0)) || ((shards > 2 && publisher_shard == consumer_shard)); then
+            placement_ok=0
+        fi
+        echo "address $address on shard 0, consumer on shard $consumer_shard, publisher on shard $publisher_shard"
+    fi
+}
+
+for attempt in $(seq 6); do
+    rm -rf "$work/data" "$work"/profile* "$work/broker.log"
+    run_once "$@"
+    ((placement_ok)) && break
+    echo "callgrind-broker.sh: the publisher shared a shard with the owner or the consumer; again (attempt $attempt)" >&2
 done
-[[ -n $listen ]] || { echo "callgrind-broker.sh: the broker did not say where it listens within 120 s" >&2; cat "$work/broker.log" >&2; exit 1; }
-url="ws://$listen/"
-body=$(head -c 64 /dev/zero | tr '\0' x)
-"$client" consume perf --url "$url" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
-consumer_pid=$!
-sleep 0.5
-"$client" send perf "$body" --url "$url" --count "$count" --wait 60 "$@" >/dev/null 2>"$work/send.log"
-wait "$consumer_pid"
-consumer_pid=""
-# valgrind's broker does not see SIGTERM through sigwait: dump the counts, then stop it.
-callgrind_control -d "$broker_pid" >/dev/null 2>&1
-sleep 1
-kill -KILL "$broker_pid" 2>/dev/null || true
-wait "$broker_pid" 2>/dev/null || true
-broker_pid=""
+((placement_ok)) || { echo "callgrind-broker.sh: no run with the publisher on its own shard in 6 attempts" >&2; exit 1; }
 dump=$(ls "$work"/profile.* | tail -1)
 cp "$dump" "$out"
 total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')

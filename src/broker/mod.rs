@@ -77,11 +77,11 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
-    /// Bytes of every field together (what [`StoredMessage::compact`] copies).
-    fn field_bytes(&self) -> usize {
+    /// Bytes of every field but the address together (what [`StoredMessage::compact`] copies
+    /// besides the address).
+    fn field_bytes_but_address(&self) -> usize {
         let properties = &self.properties;
-        self.address.len()
-            + properties.content_type.len()
+        properties.content_type.len()
             + properties.correlation_id.len()
             + properties.reply_to.len()
             + properties.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
@@ -92,23 +92,42 @@ impl StoredMessage {
     /// once, so that it does not keep the publisher's whole read buffer (16 KiB or more) alive
     /// for as long as it waits; messages delivered as they arrive are never copied.
     pub fn compact(&mut self, arena: &mut CompactionArena) {
-        let mut chunk = arena.room_for(self.field_bytes());
-        let mut move_field = |field: &mut Bytes| {
+        self.move_fields(arena, true);
+    }
+
+    /// [`StoredMessage::compact`], with the address replaced by `address`: the same name,
+    /// already a compact copy that a queue's messages can share (the address table's own
+    /// key), so only the other fields are copied.
+    pub fn compact_sharing_address(&mut self, arena: &mut CompactionArena, address: &Bytes) {
+        debug_assert_eq!(self.address, *address);
+        self.address = address.clone();
+        self.move_fields(arena, false);
+    }
+
+    /// Moves every field (the address too if `with_address`) into `arena`.
+    fn move_fields(&mut self, arena: &mut CompactionArena, with_address: bool) {
+        let address_bytes = if with_address { self.address.len() } else { 0 };
+        let mut chunk = arena.room_for(address_bytes + self.field_bytes_but_address());
+        // Inlined, so an empty field costs one test: they are the common case.
+        #[inline(always)]
+        fn move_field(chunk: &mut BytesMut, field: &mut Bytes) {
             // Empty fields stay static: nothing to copy, no reference to count.
             if !field.is_empty() {
                 chunk.extend_from_slice(field);
                 *field = chunk.split().freeze();
             }
-        };
-        move_field(&mut self.address);
-        move_field(&mut self.properties.content_type);
-        move_field(&mut self.properties.correlation_id);
-        move_field(&mut self.properties.reply_to);
-        for (name, value) in self.properties.headers.iter_mut() {
-            move_field(name);
-            move_field(value);
         }
-        move_field(&mut self.body);
+        if with_address {
+            move_field(&mut chunk, &mut self.address);
+        }
+        move_field(&mut chunk, &mut self.properties.content_type);
+        move_field(&mut chunk, &mut self.properties.correlation_id);
+        move_field(&mut chunk, &mut self.properties.reply_to);
+        for (name, value) in self.properties.headers.iter_mut() {
+            move_field(&mut chunk, name);
+            move_field(&mut chunk, value);
+        }
+        move_field(&mut chunk, &mut self.body);
         arena.give_back(chunk);
     }
 }
@@ -324,6 +343,24 @@ mod tests {
         assert_ne!(first.body.as_ptr(), original_body.as_ptr(), "the copy no longer points at the original");
         // Packed: the second message starts where the first one's body ends.
         assert_eq!(second.address.as_ptr(), first.body.as_ptr().wrapping_add(first.body.len()));
+    }
+
+    #[test]
+    fn compaction_sharing_the_address_copies_only_the_other_fields() {
+        let mut arena = CompactionArena::default();
+        let key = Bytes::copy_from_slice(b"orders");
+        let mut first = message("orders", b"first body");
+        first.compact_sharing_address(&mut arena, &key);
+        let mut second = message("orders", b"second");
+        second.compact_sharing_address(&mut arena, &key);
+        for compacted in [&first, &second] {
+            assert_eq!(compacted.address.as_ptr(), key.as_ptr(), "the address is the shared key");
+            assert_eq!(compacted.properties.content_type, "text/plain");
+            assert_eq!(compacted.properties.headers[0], (Bytes::from_static(b"x-a"), Bytes::from_static(b"1")));
+        }
+        assert_eq!((first.body.as_ref(), second.body.as_ref()), (&b"first body"[..], &b"second"[..]));
+        // Packed without the address: the second message's first field follows the first's body.
+        assert_eq!(second.properties.content_type.as_ptr(), first.body.as_ptr().wrapping_add(first.body.len()));
     }
 
     #[test]

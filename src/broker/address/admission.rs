@@ -12,7 +12,7 @@ use smallvec::SmallVec;
 
 use super::dispatch::{deliver, is_expired_at, send_deliveries, Deliverable};
 use super::subscribers::end_slow_subscribers;
-use super::{new_address, Address, AddressTable, Outgoing, Publication, Queued, MAX_PUBLISH_BATCH};
+use super::{Address, AddressTable, Outgoing, Publication, Queued, MAX_PUBLISH_BATCH};
 use crate::broker::{CompactionArena, ConnCommand, ConnRef, Deliveries, Refusal, SharedMessage, StoredMessage};
 use crate::mbws::ErrorCode;
 use crate::store::Lsn;
@@ -35,13 +35,29 @@ impl AddressTable {
             // Queued one by one (each admitted or refused against the bounds as they stand),
             // delivered in one dispatch, answered in order: what publishing them one at a time
             // does, without a dispatch and an answer lookup per message.
+            // The address is looked up once for the batch, not once per message and step.
             let mut outcomes = Vec::with_capacity(batch.len());
+            let mut taken = self.take_address(&address_name);
+            let room = if taken.created { self.check_address_room(&address_name) } else { Ok(()) };
             for Publication { publisher, seq, message } in batch.drain(..) {
-                outcomes.push((publisher, seq, self.enqueue(&address_name, message, now_ms, out)));
+                let outcome =
+                    room.clone().and_then(|()| self.enqueue(&mut taken.state, &taken.key, message, now_ms, out));
+                outcomes.push((publisher, seq, outcome));
             }
+            self.put_back_address(taken);
             self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
+            let max_queued_messages = self.limits.max_queued_messages;
+            let mut state = self.addresses.get_mut(&address_name);
             for (publisher, seq, outcome) in outcomes {
-                self.answer_publish(&address_name, publisher, seq, outcome, out);
+                answer_publish_to(
+                    state.as_deref_mut(),
+                    max_queued_messages,
+                    &mut self.durable_answers,
+                    publisher,
+                    seq,
+                    outcome,
+                    out,
+                );
             }
             return;
         }
@@ -71,7 +87,7 @@ impl AddressTable {
             });
         let delivered_at_once = if any_backlog { 0 } else { least_credit_left as usize };
         for queued in accepted.iter_mut().skip(delivered_at_once) {
-            compact_to_wait(&mut self.arena, &mut queued.message);
+            compact_to_wait(&mut self.arena, &mut queued.message, None);
         }
         let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
         state.messages_in += accepted.len() as u64;
@@ -124,17 +140,44 @@ impl AddressTable {
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) -> Result<Option<Lsn>, Refusal> {
-        let outcome = self.enqueue(address, message, now_ms, out)?;
+        let mut taken = self.take_address(address);
+        let room = if taken.created { self.check_address_room(address) } else { Ok(()) };
+        let outcome = room.and_then(|()| self.enqueue(&mut taken.state, &taken.key, message, now_ms, out));
+        self.put_back_address(taken);
+        let outcome = outcome?;
         self.dispatch(address, Deliverable::Everything, now_ms, out);
         Ok(outcome)
     }
 
+    /// Takes the state of address `name` out of the table (a new one if there is none), for
+    /// a run of [`AddressTable::enqueue`]s that then need no lookup of their own; hand it
+    /// back with [`AddressTable::put_back_address`] before anything else looks for it.
+    fn take_address(&mut self, name: &Bytes) -> TakenAddress {
+        match self.addresses.remove_entry(name) {
+            Some((key, state)) => TakenAddress { key, state, created: false },
+            // A copy: the name usually is a slice of a client's read buffer (see `new_address`).
+            None => TakenAddress { key: Bytes::copy_from_slice(name), state: Address::default(), created: true },
+        }
+    }
+
+    /// Puts back what [`AddressTable::take_address`] took; a new address that ended up idle
+    /// (every publish refused) is not kept.
+    fn put_back_address(&mut self, taken: TakenAddress) {
+        if !(taken.created && taken.state.is_idle()) {
+            self.addresses.insert(taken.key, taken.state);
+        }
+    }
+
     /// Admits a message and puts it in the address's queue and multicast backlogs, without
     /// delivering anything yet (the caller dispatches, once per message or once per batch);
-    /// `Ok(Some(lsn))` when its answer must wait for the log. `address_name` is the message's
-    /// address (passed in so that it is not cloned again per message).
+    /// `Ok(Some(lsn))` when its answer must wait for the log. `state` is the address's state,
+    /// taken out of the table by the caller ([`AddressTable::take_address`]) so that a batch
+    /// looks it up once; `address_name` is its key in the table (the message's address, a
+    /// compact copy: a message that waits shares it instead of copying its own, and so does
+    /// the table's list of what waits for the log).
     fn enqueue(
         &mut self,
+        state: &mut Address,
         address_name: &Bytes,
         message: SharedMessage,
         now_ms: u64,
@@ -146,11 +189,6 @@ impl AddressTable {
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
         let within_budget = self.check_memory_budget(message.body.len());
-        self.check_address_room(address_name)?;
-        let state = match self.addresses.get_mut(address_name) {
-            Some(state) => state,
-            None => new_address(&mut self.addresses, address_name),
-        };
         let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
         let max_queued_bytes = state.max_queued_bytes(self.limits.max_queued_bytes);
         let to_anycast_queue = state.routes_to_anycast_queue();
@@ -192,7 +230,7 @@ impl AddressTable {
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
         let mut message = message;
         if will_wait {
-            compact_to_wait(&mut self.arena, &mut message);
+            compact_to_wait(&mut self.arena, &mut message, Some(address_name));
         }
         let (id, mut visible_after) = self.next_message_id();
         // Logged before it can be delivered (and so settled), when it goes to the anycast queue;
@@ -219,7 +257,6 @@ impl AddressTable {
                 Err(error) => return Err(Refusal::new(ErrorCode::TooLarge, error.to_string())),
             }
         }
-        let state = self.addresses.get_mut(address_name).expect("address was just inserted");
         state.messages_in += 1;
         if visible_after > self.durable_lsn {
             // Held back from here on, unless an entry that holds it back longer is there.
@@ -256,15 +293,9 @@ impl AddressTable {
         outcome: Result<Option<Lsn>, Refusal>,
         out: &mut Vec<Outgoing>,
     ) {
-        match outcome {
-            Ok(Some(_)) if planted(Bug::ReceiptBeforeSync) => self.publish_answer(address, publisher, seq, out),
-            Ok(Some(lsn)) => self.durable_answers.push_back((lsn, publisher, seq)),
-            Ok(None) => self.publish_answer(address, publisher, seq, out),
-            Err(refusal) => out.push((
-                publisher.shard,
-                ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
-            )),
-        }
+        let max_queued_messages = self.limits.max_queued_messages;
+        let state = self.addresses.get_mut(address);
+        answer_publish_to(state, max_queued_messages, &mut self.durable_answers, publisher, seq, outcome, out);
     }
 
     /// Backpressure before refusal: while an address with anycast consumers holds more than
@@ -274,9 +305,15 @@ impl AddressTable {
     /// when publishers outrun that (many publishers, or no consumer at all) does a SEND meet the
     /// hard bound and ERROR 4429. Multicast backlogs never hold publishers back: a slow
     /// multicast subscriber is ended at the bound instead (see `publish`).
-    fn publish_answer(&mut self, address: &Bytes, publisher: ConnRef, seq: u64, out: &mut Vec<Outgoing>) {
-        if let Some(state) = self.addresses.get_mut(address) {
-            let high_watermark = (state.max_queued_messages(self.limits.max_queued_messages) / 2).max(1);
+    fn publish_answer(
+        state: Option<&mut Address>,
+        max_queued_messages: u32,
+        publisher: ConnRef,
+        seq: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if let Some(state) = state {
+            let high_watermark = (state.max_queued_messages(max_queued_messages) / 2).max(1);
             let hold =
                 !state.held_answers.is_empty() || (state.queue.len() >= high_watermark && !state.anycast.is_empty());
             if hold {
@@ -297,14 +334,52 @@ impl AddressTable {
     }
 }
 
+/// An address's state taken out of the table for a batch ([`AddressTable::take_address`]).
+struct TakenAddress {
+    key: Bytes,
+    state: Address,
+    /// The table had no such address: it is kept only if something is left in it.
+    created: bool,
+}
+
+/// Answers a publish to the address whose state is `state` (`None` if it is gone): now, held
+/// back (`AddressTable::publish_answer`), or once the log has it (`durable_answers`).
+fn answer_publish_to(
+    state: Option<&mut Address>,
+    max_queued_messages: u32,
+    durable_answers: &mut std::collections::VecDeque<(Lsn, ConnRef, u64)>,
+    publisher: ConnRef,
+    seq: u64,
+    outcome: Result<Option<Lsn>, Refusal>,
+    out: &mut Vec<Outgoing>,
+) {
+    match outcome {
+        Ok(Some(_)) if planted(Bug::ReceiptBeforeSync) => {
+            AddressTable::publish_answer(state, max_queued_messages, publisher, seq, out)
+        }
+        Ok(Some(lsn)) => durable_answers.push_back((lsn, publisher, seq)),
+        Ok(None) => AddressTable::publish_answer(state, max_queued_messages, publisher, seq, out),
+        Err(refusal) => out.push((
+            publisher.shard,
+            ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+        )),
+    }
+}
+
 /// Compacts a message that is going to wait (see [`StoredMessage::compact`]): in place when
-/// nothing else shares it, as a compacted copy otherwise.
-fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage) {
+/// nothing else shares it, as a compacted copy otherwise. With `shared_address` (the address
+/// table's key for the message's address), the message shares that name instead of copying
+/// its own.
+fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage, shared_address: Option<&Bytes>) {
+    let compact = |message: &mut StoredMessage, arena: &mut CompactionArena| match shared_address {
+        Some(address) => message.compact_sharing_address(arena, address),
+        None => message.compact(arena),
+    };
     match std::sync::Arc::get_mut(message) {
-        Some(only_reference) => only_reference.compact(arena),
+        Some(only_reference) => compact(only_reference, arena),
         None => {
             let mut copy = StoredMessage::clone(message);
-            copy.compact(arena);
+            compact(&mut copy, arena);
             *message = std::sync::Arc::new(copy);
         }
     }
