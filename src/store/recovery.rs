@@ -397,8 +397,10 @@ fn recover_files(config: &LogConfig, shard: ShardId, dir: &Path) -> Result<(LogS
     // before the broker stopped. It was never established, so no older segment was deleted on
     // its account: they hold everything it could. Continuing in it would make it the holder
     // of the last ids although some of its LAST_IDS records may be missing; it goes instead.
-    if let [.., _, newest] = kept.as_slice() {
-        if !newest.established && !newest.repaired {
+    // (Unless the segments before it do not hold those ids after all: a log this build did not
+    // write. Then it stays, and `active_carries_last_ids` below keeps the older ones too.)
+    if let [.., previous, newest] = kept.as_slice() {
+        if !newest.established && !newest.repaired && previous.last_ids.carry(&fold.state) {
             let path = segment_path(dir, newest.id);
             remove_file_durably(&path, dir)?;
             fold.state.segments.remove(&newest.id);
