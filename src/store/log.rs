@@ -91,6 +91,11 @@ pub(crate) struct LogState {
     /// The highest ID_RESERVATION recorded (0 for none): message ids of the shard up to it
     /// may have been handed out.
     pub reserved_message_ids: u64,
+    /// Recovery: the active segment holds the highest reservation and every address's last id
+    /// (as each segment the log starts does), so older segments may be deleted. When it does
+    /// not (a log this build did not write, or one whose leading records were skipped as
+    /// corrupt), they stay until a new segment carries both.
+    pub active_carries_last_ids: bool,
 }
 
 impl LogState {
@@ -263,8 +268,9 @@ impl DurableLog {
         lock: Option<std::fs::File>,
     ) -> DurableLog {
         let shard_dir = super::shard_dir(&config.dir, shard);
-        // Recovery hands over an established active segment (it removes one that is not).
-        let established_segment = state.active.map(|active| active.id);
+        // Recovery hands over an established active segment (it removes one that is not),
+        // unless the segment lacks the last ids and reservation the deleted ones would take along.
+        let established_segment = state.active.filter(|_| state.active_carries_last_ids).map(|active| active.id);
         DurableLog {
             config,
             shard,

@@ -189,7 +189,11 @@ pub fn check_fits(record: &Record<'_>) -> Result<(), TooLarge> {
 /// The checksum of a record at `file_offset` of a segment whose header carries `salt`:
 /// CRC32C over salt (u64 BE), offset (u64 BE), then the record from its length field to its
 /// last payload byte (the checksum field itself excluded).
-fn record_checksum(salt: u64, file_offset: u64, length_field: &[u8], kind_and_payload: &[u8]) -> u32 {
+///
+/// Public only for the fuzz targets (fuzz/), which seal arbitrary record bytes with it so that
+/// the decoder and recovery are exercised past the checksum; not part of the API.
+#[doc(hidden)]
+pub fn record_checksum(salt: u64, file_offset: u64, length_field: &[u8], kind_and_payload: &[u8]) -> u32 {
     let mut position = [0u8; 16];
     position[..8].copy_from_slice(&salt.to_be_bytes());
     position[8..].copy_from_slice(&file_offset.to_be_bytes());

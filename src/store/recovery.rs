@@ -381,15 +381,26 @@ fn recover_files(config: &LogConfig, shard: ShardId, dir: &Path) -> Result<(LogS
             fold.apply(id, record);
         }
         let established = scan.records.iter().any(|(_, record)| !matches!(record, Record::LastIds(_)));
-        kept.push(KeptSegment { id, version: header.version, salt: header.salt, length, established, repaired });
+        let last_ids = SegmentLastIds::of(&scan.records);
+        kept.push(KeptSegment {
+            id,
+            version: header.version,
+            salt: header.salt,
+            length,
+            established,
+            repaired,
+            last_ids,
+        });
     }
 
     // A newest segment holding nothing but (some of) its LAST_IDS records was started just
     // before the broker stopped. It was never established, so no older segment was deleted on
     // its account: they hold everything it could. Continuing in it would make it the holder
     // of the last ids although some of its LAST_IDS records may be missing; it goes instead.
-    if let [.., _, newest] = kept.as_slice() {
-        if !newest.established && !newest.repaired {
+    // (Unless the segments before it do not hold those ids after all: a log this build did not
+    // write. Then it stays, and `active_carries_last_ids` below keeps the older ones too.)
+    if let [.., previous, newest] = kept.as_slice() {
+        if !newest.established && !newest.repaired && previous.last_ids.carry(&fold.state) {
             let path = segment_path(dir, newest.id);
             remove_file_durably(&path, dir)?;
             fold.state.segments.remove(&newest.id);
@@ -403,12 +414,21 @@ fn recover_files(config: &LogConfig, shard: ShardId, dir: &Path) -> Result<(LogS
         }
     }
 
-    if let Some(&KeptSegment { id, version, salt, length: end, .. }) = kept.last() {
+    if let Some(KeptSegment { id, version, salt, length: end, last_ids, .. }) = kept.last() {
+        let (id, version, salt, end) = (*id, *version, *salt, *end);
         fold.state.active = Some(ActiveSegment { id, version, salt, end });
+        fold.state.active_carries_last_ids = last_ids.carry(&fold.state);
+        if !fold.state.active_carries_last_ids {
+            recovery.report.push(format!(
+                "{}: the newest segment does not repeat the highest message ids of the older segments, so \
+                 no older segment is deleted until a new segment does",
+                segment_path(dir, id).display()
+            ));
+        }
         // The newest segment stays (new records go there); older settled ones go now, as the
         // running log would have deleted them. One directory sync per round, so a segment is
         // removed only after the removals it depends on are durable.
-        loop {
+        while fold.state.active_carries_last_ids {
             let deletable = deletable_segments(&fold.state.segments, id);
             if deletable.is_empty() {
                 break;
@@ -449,6 +469,45 @@ struct KeptSegment {
     established: bool,
     /// Rewritten without damaged records.
     repaired: bool,
+    last_ids: SegmentLastIds,
+}
+
+/// The message ids one segment's own records vouch for: what must not be forgotten when the
+/// segments before it are deleted.
+#[derive(Default)]
+struct SegmentLastIds {
+    /// Highest ID_RESERVATION or logged message id in the segment.
+    high_water: u64,
+    /// Highest id per address, from its LAST_IDS and MESSAGE records.
+    per_address: HashMap<Bytes, u64>,
+}
+
+impl SegmentLastIds {
+    fn of(records: &[(u64, Record<'_>)]) -> SegmentLastIds {
+        let mut ids = SegmentLastIds::default();
+        let note = |ids: &mut SegmentLastIds, address: &[u8], id: u64| {
+            ids.high_water = ids.high_water.max(id);
+            let last = ids.per_address.entry(Bytes::copy_from_slice(address)).or_default();
+            *last = (*last).max(id);
+        };
+        for (_, record) in records {
+            match record {
+                Record::Message(message) => note(&mut ids, message.address, message.message_id),
+                Record::LastIds(entries) => entries.iter().for_each(|(address, id)| note(&mut ids, address, *id)),
+                Record::IdReservation { reserved_up_to } => ids.high_water = ids.high_water.max(*reserved_up_to),
+                Record::Settled { .. } => {}
+            }
+        }
+        ids
+    }
+
+    /// Whether the segment repeats the log's highest reservation and every address's last id.
+    fn carry(&self, state: &LogState) -> bool {
+        self.high_water >= state.message_id_high_water()
+            && state
+                .last_message_ids()
+                .all(|(address, last)| self.per_address.get(&address).is_some_and(|&own| own >= last))
+    }
 }
 
 /// The segment numbers in `dir`, oldest first. Removes what an interrupted repair left.

@@ -895,3 +895,43 @@ fn a_version_1_log_is_read_and_continued_in_a_new_segment() {
     assert_eq!(ids(&recovery), [("old".to_string(), 2)]);
     assert_eq!(recovery.message_id_high_water, 2 + 1024);
 }
+
+/// Found by the `log_recovery` fuzz target (its input is kept in tests/fuzz-regressions/): when
+/// the newest segment does not repeat the highest ID_RESERVATION and last ids (its leading
+/// records were lost, or another writer made it), deleting the settled older segment that holds
+/// them would let the next start hand out ids that consumers may already have seen.
+#[test]
+fn older_segments_stay_while_the_newest_lacks_their_last_ids() {
+    let dir = TempDir::new("lacks-last-ids");
+    let shard = shard_dir(dir.path(), SHARD);
+    std::fs::create_dir_all(&shard).unwrap();
+    let write_segment = |number: u64, records: &[record::Record<'_>]| {
+        let header = record::SegmentHeader { version: record::FORMAT_VERSION, shard: 0, segment: number, salt: number };
+        let mut bytes = header.encode().to_vec();
+        for one in records {
+            let offset = bytes.len() as u64;
+            record::encode(&mut bytes, one, number, offset);
+        }
+        std::fs::write(segment_path(&shard, SegmentId(number)), bytes).unwrap();
+    };
+    let reserved = 1 << 20;
+    // Segment 1: no live message, and the only holder of the reservation. Segment 2: one live message.
+    write_segment(1, &[record::Record::LastIds(vec![]), record::Record::IdReservation { reserved_up_to: reserved }]);
+    let message = record::MessageFields {
+        address: b"a",
+        message_id: 42,
+        expires_at_unix_ms: 0,
+        content_type: b"",
+        correlation_id: b"",
+        reply_to: b"",
+        headers: Default::default(),
+        body: b"x",
+    };
+    write_segment(2, &[record::Record::Message(message)]);
+    for start in ["first", "second"] {
+        let (_, recovery) = open(config(&dir), SHARD).unwrap();
+        assert_eq!(recovery.message_id_high_water, reserved, "{start} start");
+        assert_eq!(ids(&recovery), [("a".to_owned(), 42)], "{start} start");
+        assert!(segment_path(&shard, SegmentId(1)).exists(), "{start} start deleted the reservation's segment");
+    }
+}

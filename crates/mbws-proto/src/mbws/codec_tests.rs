@@ -183,9 +183,20 @@ fn round_trip(binding: Binding, frame: &Frame) -> Result<Frame, DecodeError> {
 }
 
 /// Runs `check` on valid frames of every kind, naming the kind on failure.
+/// Property-test cases: `cases`, or a handful under Miri (scripts/miri.sh), which interprets
+/// every step and would take hours over the full count; Miri looks for undefined behaviour, which
+/// a few cases of each shape reach as well as a thousand.
+fn under_miri(cases: u32) -> u32 {
+    if cfg!(miri) {
+        cases.min(4)
+    } else {
+        cases
+    }
+}
+
 fn for_every_kind(cases: u32, check: impl Fn(Frame) -> Result<(), TestCaseError>) {
     for kind in FrameKind::ALL {
-        let mut runner = TestRunner::new(Config { cases, ..Config::default() });
+        let mut runner = TestRunner::new(Config { cases: under_miri(cases), ..Config::default() });
         if let Err(failure) = runner.run(&frame_of(kind), &check) {
             panic!("{}: {failure}", kind.name());
         }
@@ -222,7 +233,7 @@ fn both_bindings_decode_to_the_same_frame() {
 
 #[test]
 fn no_message_is_larger_than_largest_message_bytes_and_the_widest_one_is_exactly_that() {
-    let mut runner = TestRunner::new(Config { cases: 256, ..Config::default() });
+    let mut runner = TestRunner::new(Config { cases: under_miri(256), ..Config::default() });
     let checked = runner.run(&frame_of(FrameKind::Message), |frame| {
         let Frame::Message(message) = frame else { unreachable!("frame_of(MESSAGE) gives MESSAGEs") };
         let largest = largest_message_bytes(&message.address, &message.properties, message.body.len());
@@ -351,7 +362,7 @@ fn apply(damage: &Damage, bytes: &mut Vec<u8>) {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 1024, ..Config::default() })]
+    #![proptest_config(Config { cases: under_miri(1024), ..Config::default() })]
 
     #[test]
     fn random_bytes_never_panic_either_decoder(payload in vec(any::<u8>(), 0..256)) {

@@ -1,0 +1,5 @@
+//! Fuzz target `log_recovery`: the checks are in fuzz/src/lib.rs (`mbws_fuzz::log_recovery`), shared with the
+//! regression test that replays kept inputs under plain `cargo test`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| mbws_fuzz::log_recovery(data));
