@@ -396,10 +396,14 @@ pub fn log_recovery(data: &[u8]) {
 }
 
 /// A fresh directory for one run: in /dev/shm when there is one (recovery syncs files, which
-/// costs nothing there), named after the process so parallel fuzzers do not meet.
+/// costs nothing there), named after the process and a per-process count, so that parallel
+/// fuzzers, and the tests of one `cargo test` process running on several threads, do not meet.
 fn scratch_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static RUNS: AtomicU64 = AtomicU64::new(0);
     let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let dir = base.join(format!("mbws-fuzz-recovery-{}", std::process::id()));
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
+    let dir = base.join(format!("mbws-fuzz-recovery-{}-{run}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir).expect("removing a stale scratch directory");
     }
