@@ -70,8 +70,9 @@ pub fn run(options: &TopOptions, stopping: impl Fn() -> bool) -> Result<(), Stri
         let screen = render(options, previous.as_ref(), &sample, &clock_time());
         let mut out = std::io::stdout().lock();
         let written = if redraw {
-            // Home, the screen, then clear whatever the previous (longer) screen left below.
-            write!(out, "\x1b[H{screen}\x1b[J")
+            // Home, the screen with each line cleared to its end, then clear whatever the
+            // previous (longer) screen left below.
+            write!(out, "\x1b[H{}\x1b[J", screen.replace('\n', "\x1b[K\n"))
         } else {
             writeln!(out, "{screen}")
         };
