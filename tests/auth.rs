@@ -343,8 +343,8 @@ fn mbws_hash_password_prints_an_argon2id_hash_that_verifies() {
     assert_ne!(again, hash);
 }
 
-/// A thread's CPU list and nice value, from /proc/PID/task/TID/{status,stat}.
-fn thread_placement(pid: u32, tid: &str) -> (String, i64) {
+/// A thread's CPU list, nice value and scheduling policy, from /proc/PID/task/TID/{status,stat}.
+fn thread_placement(pid: u32, tid: &str) -> (String, i64, u32) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
     let cpus = status
         .lines()
@@ -353,13 +353,12 @@ fn thread_placement(pid: u32, tid: &str) -> (String, i64) {
         .trim()
         .to_string();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
-    // Fields after the parenthesised name: state is field 3, nice is field 19.
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    let nice = after_name.split(' ').nth(16).unwrap().parse().unwrap();
-    (cpus, nice)
+    // Fields after the parenthesised name: state is field 3, nice field 19, policy field 41.
+    let after_name: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    (cpus, after_name[16].parse().unwrap(), after_name[38].parse().unwrap())
 }
 
-/// Password checks run on threads that may use every CPU of the process at a lower priority,
+/// Password checks run on threads that may use every CPU of the process at the lowest priority,
 /// not on the core of the shard that happened to start them (a thread inherits its creator's
 /// pinning): a storm of logins must not take a shard's own core from its other clients.
 #[test]
@@ -388,13 +387,13 @@ fn password_checks_run_beside_the_shards_not_on_a_shards_core() {
             verifiers.push(thread_placement(pid, &tid));
         }
     }
-    let (process_cpus, _) = thread_placement(pid, &pid.to_string());
-    let (shard_cpus, shard_nice) = shard.expect("a thread named mbws-shard-0");
-    assert_eq!(shard_nice, 0);
+    let (process_cpus, _, _) = thread_placement(pid, &pid.to_string());
+    let (shard_cpus, shard_nice, shard_policy) = shard.expect("a thread named mbws-shard-0");
+    assert_eq!((shard_nice, shard_policy), (0, 0), "shards run at normal priority (SCHED_OTHER)");
     assert_eq!(verifiers.len(), 2, "two verification threads once a password was checked");
-    for (cpus, nice) in verifiers {
+    for (cpus, nice, policy) in verifiers {
         assert_eq!(cpus, process_cpus, "a verifier may run on every CPU of the process (the shard has {shard_cpus})");
-        assert_eq!(nice, 10, "verifiers yield to the shards");
+        assert_eq!((nice, policy), (10, 5), "verifiers yield to the shards: nice 10, SCHED_IDLE");
     }
     drop(broker);
     let _ = std::fs::remove_dir_all(dir);
