@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("log_record", log_record),
     ("log_recovery", log_recovery),
     ("auth", auth),
+    ("jwt", jwt),
 ];
 
 /// The broker's bound on an upgrade request head (admin and WebSocket listeners use 8 KiB).
@@ -492,6 +493,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "log_record" => log_record_seeds(),
         "log_recovery" => log_recovery_seeds(),
         "auth" => auth_seeds(),
+        "jwt" => jwt_seeds(),
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -668,4 +670,98 @@ fn auth_seeds() -> Vec<Vec<u8>> {
             seed
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// JWT
+
+/// The HS256 secret of the `jwt` target's verifier (the broker asks for 32 bytes or more).
+const JWT_SECRET: &str = "fuzzing-secret-of-at-least-32-bytes!";
+/// The time the `jwt` target verifies at (Unix ms): 2026-11-30.
+const JWT_NOW_UNIX_MS: u64 = 1_796_000_000_000;
+
+fn jwt_verifier() -> mbws::auth::jwt::JwtVerifier {
+    let section = mbws::config::file::JwtSection {
+        hs256_secret: Some(mbws::config::file::Secret::new(JWT_SECRET)),
+        public_key_file: None,
+        algorithms: Vec::new(),
+        issuer: None,
+        audience: None,
+        leeway_secs: None,
+    };
+    mbws::auth::jwt::JwtVerifier::from_section(&section).expect("the fuzz verifier's section is valid")
+}
+
+/// A JWT signed with the target's secret over `claims` (any bytes: they are the payload as is).
+fn signed_jwt(claims: &[u8]) -> String {
+    use jsonwebtoken::crypto::sign;
+    // base64url without padding, from the standard alphabet of the handshake's encoder.
+    let base64 = |bytes: &[u8]| {
+        mbws::ws::handshake::base64_encode(bytes).trim_end_matches('=').replace('+', "-").replace('/', "_")
+    };
+    let signing_input = format!("{}.{}", base64(br#"{"alg":"HS256","typ":"JWT"}"#), base64(claims));
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let signature = sign(signing_input.as_bytes(), &key, jsonwebtoken::Algorithm::HS256).expect("HS256 signs");
+    format!("{signing_input}.{signature}")
+}
+
+/// Signed bearer tokens, as the broker verifies them (`[auth.jwt]` with an HS256 secret).
+/// Input: a flag byte, then either an arbitrary token (flag bit 0 clear) or claims that are
+/// signed with the verifier's secret, and a position and byte that alter the signed token.
+/// Properties: any token gives a grant or a refusal, never a panic; a refusal never quotes the
+/// token; a token verifies only if its signature is the secret's (an arbitrary or altered
+/// token never does); a grant never outlives `exp` plus the leeway.
+pub fn jwt(data: &[u8]) {
+    let mut input = Input::new(data);
+    let flags = input.byte();
+    let verifier = jwt_verifier();
+    if flags & 1 == 0 {
+        let token = input.text();
+        let _ = mbws::auth::jwt::JwtVerifier::looks_like_jwt(&token);
+        match verifier.verify(&token, JWT_NOW_UNIX_MS) {
+            Ok(_) => panic!("an arbitrary token verified: {token:?}"),
+            Err(reason) => assert!(token.len() < 8 || !reason.contains(&token), "a refusal quotes the token"),
+        }
+        return;
+    }
+    let position = input.u64();
+    let replacement = input.byte();
+    let claims = input.rest();
+    let token = signed_jwt(claims);
+    if let Ok(grant) = verifier.verify(&token, JWT_NOW_UNIX_MS) {
+        let claims: serde_json::Value = serde_json::from_slice(claims).expect("a granted token's claims are JSON");
+        let exp = claims["exp"].as_u64().expect("a granted token has a numeric exp");
+        let leeway_ms = mbws::auth::jwt::DEFAULT_LEEWAY_SECS * 1000;
+        assert!(grant.valid_until_unix_ms <= exp * 1000 + leeway_ms, "a grant outlives exp");
+        assert!(exp * 1000 + leeway_ms > JWT_NOW_UNIX_MS, "an expired token was granted");
+    }
+    // One character changed anywhere: the signature no longer matches what it signs.
+    let mut altered = token.clone().into_bytes();
+    let at = (position % altered.len() as u64) as usize;
+    let replacement = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."[usize::from(replacement) % 65];
+    if altered[at] == replacement {
+        return;
+    }
+    altered[at] = replacement;
+    let altered = String::from_utf8(altered).expect("ASCII");
+    assert!(verifier.verify(&altered, JWT_NOW_UNIX_MS).is_err(), "an altered token verified: {altered:?}");
+}
+
+fn jwt_seeds() -> Vec<Vec<u8>> {
+    let signed = |claims: &str| {
+        let mut seed = vec![1u8];
+        seed.extend_from_slice(&7u64.to_le_bytes());
+        seed.push(3);
+        seed.extend_from_slice(claims.as_bytes());
+        seed
+    };
+    let mut arbitrary = vec![0u8];
+    arbitrary.extend_from_slice(b"eyJhbGciOiJub25lIn0.eyJleHAiOjF9.");
+    vec![
+        signed(r#"{"exp":1796000600,"mbws":{"send":["orders.*"],"consume":["orders"]}}"#),
+        signed(r#"{"exp":1,"mbws":{}}"#),
+        signed(r#"{"exp":1796000600,"nbf":1796000500,"mbws":{"deny-send":["*"]}}"#),
+        signed(r#"{"mbws":{"send":["a"]}}"#),
+        arbitrary,
+    ]
 }
