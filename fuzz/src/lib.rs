@@ -738,7 +738,8 @@ pub fn jwt(data: &[u8]) {
     // One character changed anywhere: the signature no longer matches what it signs.
     let mut altered = token.clone().into_bytes();
     let at = (position % altered.len() as u64) as usize;
-    let replacement = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."[usize::from(replacement) % 65];
+    let replacement =
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."[usize::from(replacement) % 65];
     if altered[at] == replacement {
         return;
     }
