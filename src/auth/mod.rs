@@ -94,31 +94,12 @@ impl User {
     }
 }
 
-/// The permission patterns of a user as given (the configuration's syntax,
-/// docs/SECURITY.md "Permissions").
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct PermissionPatterns {
-    #[serde(default)]
-    pub send: Vec<String>,
-    #[serde(default)]
-    pub consume: Vec<String>,
-    #[serde(default)]
-    pub deny_send: Vec<String>,
-    #[serde(default)]
-    pub deny_consume: Vec<String>,
-}
+/// The permission patterns of a user as given (the configuration's syntax, docs/SECURITY.md
+/// "Permissions"): the four lists of `[auth.anonymous]` and of a user in the file, so the
+/// admin API's users and its persisted state read and write exactly the file's form.
+pub type PermissionPatterns = crate::config::file::GrantSection;
 
 impl PermissionPatterns {
-    pub fn lists(&self) -> PermissionLists<'_> {
-        PermissionLists {
-            send: &self.send,
-            consume: &self.consume,
-            deny_send: &self.deny_send,
-            deny_consume: &self.deny_consume,
-        }
-    }
-
     fn of(lists: &PermissionLists<'_>) -> PermissionPatterns {
         PermissionPatterns {
             send: lists.send.to_vec(),

@@ -116,8 +116,9 @@ pub struct JwtSection {
     pub leeway_secs: Option<u64>,
 }
 
-/// `[auth.anonymous]`: permissions without an identity.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+/// `[auth.anonymous]`: permissions without an identity (also the patterns of a user put
+/// through the admin API, [`crate::auth::PermissionPatterns`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GrantSection {
     #[serde(default)]
