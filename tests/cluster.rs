@@ -278,7 +278,7 @@ fn a_killed_node_loses_its_non_durable_addresses_to_live_nodes_and_keeps_its_dur
         assert!(broker.wait_for_log(&registered, Duration::from_secs(15)).is_some(), "{:#?}", broker.log_lines());
         broker
     };
-    let mut nodes = vec![start(0), start(1), start(2)];
+    let mut nodes = [start(0), start(1), start(2)];
     // Place everything through node a: its first SEND there places it somewhere.
     let plain: Vec<String> = (0..12).map(|index| format!("jobs-{index}")).collect();
     let ledgers: Vec<String> = (0..6).map(|index| format!("ledger-{index}")).collect();

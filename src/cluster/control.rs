@@ -1,6 +1,6 @@
 //! The control-plane thread: everything this node says to and hears from etcd.
 //!
-//! One thread, one current-thread tokio runtime, one loop ([`ControlPlane::run`]) that waits
+//! One thread, one current-thread tokio runtime, one loop (`ControlPlane::run`) that waits
 //! for the first of: a shard's placement request, an operator's move, a watch event, the
 //! lease's renewal tick, the fencing check. Every etcd call is bounded by `op_timeout` (an
 //! eighth of the lease, at most 1 s), so the fencing check is never more than that late.
