@@ -18,4 +18,12 @@ if [ ! -d clients/js/node_modules ]; then
     npm ci --prefix clients/js --no-audit --no-fund --loglevel=error
 fi
 
+# The cluster's build needs protoc, its tests a real etcd (tests/cluster.rs): Debian's packages.
+for tool in protoc etcd; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "test.sh: $tool is missing: apt-get install protobuf-compiler libprotobuf-dev etcd-server (as .ci/run does)" >&2
+        exit 1
+    fi
+done
+
 cargo test "$@"

@@ -121,6 +121,14 @@ pub struct Config {
     pub allow_anonymous_remote: bool,
     /// Users, tokens and permissions (the `[auth]` section; docs/SECURITY.md).
     pub auth: std::sync::Arc<crate::auth::Auth>,
+    /// The cluster this node joins (`--cluster`; docs/CLUSTER.md), `None` for a broker on its
+    /// own; etcd's client URLs, this node's name and URL (defaults: `crate::cluster`), and the
+    /// lease's time to live.
+    pub cluster: Option<String>,
+    pub etcd_endpoints: Vec<String>,
+    pub node_name: Option<String>,
+    pub advertise_url: Option<String>,
+    pub cluster_lease_ms: u64,
     /// Addresses declared through the admin API, re-applied at start from the data directory
     /// (`admin::state`); not a flag.
     pub declared_addresses: Vec<(bytes::Bytes, crate::broker::address::AddressSettings)>,
@@ -183,6 +191,11 @@ impl Default for Config {
             allow_anonymous_remote: false,
             auth: Default::default(),
             declared_addresses: Vec::new(),
+            cluster: None,
+            etcd_endpoints: Vec::new(),
+            node_name: None,
+            advertise_url: None,
+            cluster_lease_ms: 5000,
         }
     }
 }
@@ -310,6 +323,7 @@ impl Config {
                 ));
             }
         }
+        crate::cluster::validate(self)?;
         self.validate_admin(origins)?;
         if self.allow_anonymous && !self.listen.ip().is_loopback() && !self.allow_anonymous_remote {
             return Err(format!(
@@ -681,6 +695,13 @@ pub const FLAG_RANGES: &[FlagRange] = &[
         max: DAY_MS,
         meaning: "milliseconds",
         value: |c| c.drain_duration_ms,
+    },
+    FlagRange {
+        flag: "--cluster-lease-ms",
+        min: 2000,
+        max: 10 * 60 * 1000,
+        meaning: "milliseconds, rounded up to whole seconds for etcd",
+        value: |c| c.cluster_lease_ms,
     },
 ];
 

@@ -179,6 +179,25 @@ struct Args {
     /// to the command line, which other users can read in the process list.
     #[arg(long, env = "MBWS_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     admin_token: Option<String>,
+    /// Join the cluster NAME (docs/CLUSTER.md): membership and address placement live in etcd
+    /// under /mbws/NAME/; needs --etcd.
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
+    /// etcd's client URL (http://HOST:PORT) for --cluster; repeatable, or comma-separated.
+    #[arg(long = "etcd", value_name = "URL", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// This node's name in the cluster [default: host name, a dash and the listen port].
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// The URL clients and other nodes use to reach this node (ws://HOST:PORT/), named in the
+    /// 4421 redirect hint [default: ws:// and the listen address].
+    #[arg(long, value_name = "URL")]
+    advertise_url: Option<String>,
+    /// Milliseconds of the node's lease at etcd: a node silent this long is taken for dead and
+    /// its non-durable addresses are re-placed; a node that cannot renew it stops serving
+    /// (fenced) before then.
+    #[arg(long, default_value_t = Config::default().cluster_lease_ms)]
+    cluster_lease_ms: u64,
     /// Configuration file (TOML): every flag is also a key, spelled as the flag without its
     /// dashes in front (max-message-bytes = 65536); a flag given here overrides the file.
     #[arg(long, value_name = "FILE")]
@@ -290,6 +309,7 @@ fn main() -> ExitCode {
         }
     };
     let started = Instant::now();
+    let cluster_config = config.clone();
     let running = match mbws::shard::start(config, tls) {
         Ok(running) => running,
         Err(error) => {
@@ -307,6 +327,13 @@ fn main() -> ExitCode {
         shards,
         running.io_driver
     );
+    if let Some(settings) = mbws::cluster::ClusterSettings::from_config(&cluster_config, running.local_addr) {
+        if let Err(error) = mbws::cluster::start(settings, running.post_office()) {
+            eprintln!("mbws-broker: cannot start the cluster control-plane thread: {error}");
+            running.shutdown();
+            return ExitCode::FAILURE;
+        }
+    }
     if let Some(listener) = admin_listener {
         let admin_addr = listener.local_addr().map_or_else(|_| "?".to_string(), |addr| addr.to_string());
         admin_settings.origins.extend(broker_origins(running.local_addr, running.tls.is_some()));
@@ -766,7 +793,20 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
         summary_interval_secs,
         shutdown_grace_ms,
         drain_duration_ms,
+        cluster_lease_ms,
     );
+    if let Some(cluster) = args.cluster {
+        config.cluster = Some(cluster);
+    }
+    if given("etcd") {
+        config.etcd_endpoints = args.etcd;
+    }
+    if let Some(node) = args.node_name {
+        config.node_name = Some(node);
+    }
+    if let Some(url) = args.advertise_url {
+        config.advertise_url = Some(url);
+    }
     if given("handshake_timeout_ms") {
         config.handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
     }

@@ -239,14 +239,46 @@ impl Admin {
             ["api", "addresses", name, "purge"] => only(method, "POST").unwrap_or_else(|| self.purge(name)),
             ["api", "sessions", id] => only(method, "DELETE").unwrap_or_else(|| self.close_session(id)),
             ["api", "drain"] => only(method, "POST").unwrap_or_else(|| self.drain()),
+            ["api", "cluster"] => only_get(method).unwrap_or_else(Self::cluster_status),
+            ["api", "cluster", "addresses", name] => {
+                only(method, "PUT").unwrap_or_else(|| Self::move_cluster_address(name, body))
+            }
             _ => Response::error(
                 404,
                 format!(
                     "no admin endpoint at {}: see /healthz, /readyz, /metrics, /api/addresses, /api/sessions, \
-                     /api/users, /api/drain (docs/OPERATIONS.md)",
+                     /api/users, /api/drain, /api/cluster (docs/OPERATIONS.md, docs/CLUSTER.md)",
                     request.path
                 ),
             ),
+        }
+    }
+
+    /// `GET /api/cluster`: nodes, this node's lease and the placement (docs/CLUSTER.md).
+    fn cluster_status() -> Response {
+        match crate::cluster::handle() {
+            Some(cluster) => Response::json(200, &cluster.status()),
+            None => Response::error(404, "this broker is not a cluster node (start it with --cluster NAME --etcd URL)"),
+        }
+    }
+
+    /// `PUT /api/cluster/addresses/NAME` with `{"owner": "NODE"}`: an operator's move.
+    fn move_cluster_address(name: &str, body: &[u8]) -> Response {
+        let Some(cluster) = crate::cluster::handle() else {
+            return Response::error(404, "this broker is not a cluster node (start it with --cluster NAME --etcd URL)");
+        };
+        let owner = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|value| value.get("owner").and_then(|owner| owner.as_str()).map(str::to_string));
+        let Some(owner) = owner else {
+            return Response::error(
+                400,
+                "the body must be JSON {\"owner\": \"NODE\"}: the node to move the address to",
+            );
+        };
+        match cluster.move_address(name.as_bytes(), &owner, std::time::Duration::from_secs(5)) {
+            Ok(done) => Response::json(200, &json!({ "address": name, "owner": owner, "result": done })),
+            Err(problem) => Response::error(409, problem),
         }
     }
 

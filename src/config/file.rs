@@ -71,6 +71,11 @@ pub struct ConfigFile {
     pub allowed_origin: Option<Vec<String>>,
     pub admin_listen: Option<String>,
     pub admin_token: Option<Secret>,
+    pub cluster: Option<String>,
+    pub etcd: Option<Vec<String>>,
+    pub node_name: Option<String>,
+    pub advertise_url: Option<String>,
+    pub cluster_lease_ms: Option<u64>,
     // Sections come after the top-level keys (TOML puts a table's keys after its header), each
     // `deny_unknown_fields`, secrets as `Secret`.
     pub auth: Option<AuthSection>,
@@ -422,6 +427,21 @@ impl ConfigFile {
         if let Some(token) = &self.admin_token {
             config.admin_token = Some(token.clone());
         }
+        if let Some(cluster) = &self.cluster {
+            config.cluster = Some(cluster.clone());
+        }
+        if let Some(endpoints) = &self.etcd {
+            config.etcd_endpoints = endpoints.clone();
+        }
+        if let Some(node) = &self.node_name {
+            config.node_name = Some(node.clone());
+        }
+        if let Some(url) = &self.advertise_url {
+            config.advertise_url = Some(url.clone());
+        }
+        if let Some(value) = number("--cluster-lease-ms", self.cluster_lease_ms)? {
+            config.cluster_lease_ms = value;
+        }
         if let Some(section) = &self.auth {
             let file = origins.file().map_or_else(|| "the configuration".into(), |file| file.display().to_string());
             let auth = crate::auth::Auth::from_section(section).map_err(|error| format!("{file}: {error}"))?;
@@ -479,6 +499,11 @@ impl ConfigFile {
             allowed_origin: Some(config.allowed_origins.clone()),
             admin_listen: Some(super::AdminListen(config.admin_listen).to_string()),
             admin_token: config.admin_token.clone(),
+            cluster: config.cluster.clone(),
+            etcd: Some(config.etcd_endpoints.clone()),
+            node_name: config.node_name.clone(),
+            advertise_url: config.advertise_url.clone(),
+            cluster_lease_ms: Some(config.cluster_lease_ms),
             auth: Some(AuthSection {
                 allow_anonymous: Some(config.allow_anonymous),
                 allow_anonymous_remote: Some(config.allow_anonymous_remote),
@@ -492,6 +517,9 @@ impl ConfigFile {
     pub fn every_key() -> Vec<String> {
         let everything = Config {
             admin_token: Some(Secret::new("any")),
+            cluster: Some("any".into()),
+            node_name: Some("any".into()),
+            advertise_url: Some("ws://any/".into()),
             tls: Some(crate::tls::TlsFiles { cert: "cert.pem".into(), key: "key.pem".into() }),
             ..Config::default()
         };

@@ -190,6 +190,9 @@ pub struct ShardCore {
     counters: Counters,
     /// The broker is stopping: connections process no more input ([`ShardCore::stop_input`]).
     input_stopped: bool,
+    /// In a cluster (`--cluster`): which node serves each address of this shard, consulted
+    /// before a SEND or SUBSCRIBE reaches the address table ([`crate::cluster::view`]).
+    placement: Option<Box<crate::cluster::view::PlacementView>>,
     // Scratch lists reused from round to round (their capacity stays).
     answers: Vec<Outgoing>,
     address_commands: Vec<(ShardId, AddressCommand)>,
@@ -333,6 +336,7 @@ impl ShardCore {
             durable_log: None,
             counters: Counters::default(),
             input_stopped: false,
+            placement: config.cluster.is_some().then(|| Box::new(crate::cluster::view::PlacementView::new(id))),
             answers: Vec::new(),
             address_commands: Vec::new(),
             publications: Vec::new(),
@@ -654,6 +658,23 @@ impl ShardCore {
         self.queues.work.extend(commands);
     }
 
+    /// The control plane's word on placement ([`crate::cluster::view::PlacementView::apply`]):
+    /// commands it releases run next, before the rest of the work queue, in their order.
+    pub fn cluster_update(&mut self, update: crate::cluster::view::ClusterUpdate, now_ms: u64) {
+        let Some(view) = self.placement.as_deref_mut() else { return };
+        let mut released = Vec::new();
+        view.apply(update, &mut self.addresses, now_ms, &mut self.answers, &mut released);
+        for command in released.into_iter().rev() {
+            self.queues.work.push_front(Command::Address(command));
+        }
+        self.route_address_output();
+    }
+
+    /// This shard's placement view, in a cluster.
+    pub fn placement(&self) -> Option<&crate::cluster::view::PlacementView> {
+        self.placement.as_deref()
+    }
+
     /// A round of work has something to do: commands queued, connections to flush, or
     /// batches for other shards.
     pub fn has_work(&self) -> bool {
@@ -752,6 +773,17 @@ impl ShardCore {
     /// are next to each other in the queue are joined.
     pub fn run_work(&mut self, now_ms: u64, wakers: &mut impl ConnWakers) -> Effects<'_> {
         while let Some(command) = self.queues.work.pop_front() {
+            // In a cluster, a SEND or SUBSCRIBE runs only where its address is placed.
+            let command = match (command, self.placement.as_deref_mut()) {
+                (Command::Address(command), Some(view)) => match view.admit(command, &mut self.answers) {
+                    Some(command) => Command::Address(command),
+                    None => {
+                        self.route_address_output();
+                        continue;
+                    }
+                },
+                (command, _) => command,
+            };
             match command {
                 Command::Address(AddressCommand::Publish { publisher, seq, message }) => {
                     self.publications.push(Publication { publisher, seq, message });

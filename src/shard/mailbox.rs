@@ -53,6 +53,8 @@ pub enum Envelope {
     Report(Sender<super::core::ShardReport>),
     /// Answer with the shard's [`ShardSnapshot`](super::core::ShardSnapshot) (the admin API).
     Snapshot(Box<super::core::SnapshotRequest>, Sender<super::core::ShardSnapshot>),
+    /// The cluster's control plane on placement and fencing (`crate::cluster`).
+    Cluster(crate::cluster::view::ClusterUpdate),
     /// Do what the admin API asks, and say what came of it.
     Admin(super::core::AdminCommand, Sender<super::core::AdminOutcome>),
 }

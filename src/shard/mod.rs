@@ -550,6 +550,7 @@ impl Shard {
                     Envelope::Report(reply) => drop(reply.send(self.core.borrow().report())),
                     Envelope::Snapshot(request, reply) => drop(reply.send(self.snapshot(&request))),
                     Envelope::Admin(command, reply) => drop(reply.send(self.admin_command(command))),
+                    Envelope::Cluster(update) => self.core.borrow_mut().cluster_update(update, now_ms()),
                 }
             }
             if received {
@@ -776,6 +777,12 @@ impl Running {
 
     pub fn shard_count(&self) -> usize {
         self.post_office.shard_count()
+    }
+
+    /// The shards' inboxes, for the cluster's control-plane thread (`crate::cluster`), which
+    /// posts placement and fencing to them.
+    pub fn post_office(&self) -> Arc<PostOffice> {
+        self.post_office.clone()
     }
 
     /// Shard threads still running.

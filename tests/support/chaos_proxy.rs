@@ -55,6 +55,9 @@ pub struct Schedule {
 pub struct ChaosProxy {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// A partition ([`ChaosProxy::set_partitioned`]): every link cut, new ones refused.
+    partitioned: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<Link>>>,
     cuts: Arc<AtomicU64>,
     stalls: Arc<AtomicU64>,
     threads: Vec<JoinHandle<()>>,
@@ -69,12 +72,15 @@ impl ChaosProxy {
         let cuts = Arc::new(AtomicU64::new(0));
         let stalls = Arc::new(AtomicU64::new(0));
         let links: Arc<Mutex<Vec<Link>>> = Arc::new(Mutex::new(Vec::new()));
+        let partitioned = Arc::new(AtomicBool::new(false));
 
         let acceptor = {
-            let (stop, links) = (stop.clone(), links.clone());
+            let (stop, links, partitioned) = (stop.clone(), links.clone(), partitioned.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
+                        // Partitioned: the connection is closed at once.
+                        Ok(_) if partitioned.load(Ordering::Relaxed) => {}
                         Ok((client, _)) => {
                             client.set_nonblocking(false).unwrap();
                             let Ok(upstream) = TcpStream::connect(upstream) else { continue };
@@ -135,7 +141,26 @@ impl ChaosProxy {
                 }
             })
         };
-        ChaosProxy { addr, stop, cuts, stalls, threads: vec![acceptor, controller] }
+        ChaosProxy { addr, stop, partitioned, links, cuts, stalls, threads: vec![acceptor, controller] }
+    }
+
+    /// A proxy that injects nothing by itself: faults come only from
+    /// [`ChaosProxy::set_partitioned`].
+    pub fn quiet(upstream: SocketAddr) -> ChaosProxy {
+        let schedule = Schedule { seed: 1, gap_ms: (50, 60), cut_percent: 100, stall_ms: (1, 2), max_cuts: 0 };
+        ChaosProxy::start(upstream, schedule)
+    }
+
+    /// `true`: a partition (every connection cut, new ones closed at once); `false`: healed.
+    pub fn set_partitioned(&self, on: bool) {
+        self.partitioned.store(on, Ordering::Relaxed);
+        if on {
+            for link in self.links.lock().unwrap().drain(..) {
+                link.alive.store(false, Ordering::Relaxed);
+                let _ = link.client.shutdown(Shutdown::Both);
+                let _ = link.upstream.shutdown(Shutdown::Both);
+            }
+        }
     }
 
     pub fn url(&self) -> String {

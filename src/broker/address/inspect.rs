@@ -64,6 +64,18 @@ impl AddressTable {
         self.addresses.get(name).map(|state| self.info(&Bytes::copy_from_slice(name), state))
     }
 
+    /// The subscriptions at address `name` on this shard, anycast then multicast (a cluster
+    /// ends them when the address stops being served here: `crate::cluster::view`).
+    pub fn subscriptions_of(&self, name: &[u8]) -> Vec<(crate::broker::ConnRef, crate::broker::SubscriptionId)> {
+        let Some(state) = self.addresses.get(name) else { return Vec::new() };
+        state
+            .anycast
+            .iter()
+            .chain(&state.multicast)
+            .map(|subscriber| (subscriber.consumer, subscriber.subscription))
+            .collect()
+    }
+
     /// Every address of this shard, in no particular order (a walk of the table).
     pub fn address_infos(&self) -> impl Iterator<Item = AddressInfo> + '_ {
         self.addresses.iter().map(|(name, state)| self.info(name, state))

@@ -26,6 +26,9 @@ pub enum ErrorCode {
     Conflict = 4409,
     /// A frame, address, header block or credit is over its announced limit.
     TooLarge = 4413,
+    /// In a cluster: this node does not serve the address now (another node owns it, or this
+    /// node lost its lease and cannot prove it owns it); the reason names the owner to go to.
+    Misdirected = 4421,
     /// A queue or buffer is full: the broker refuses work rather than grow without bound.
     Overloaded = 4429,
     /// A bug or an unexpected failure inside the broker.
@@ -35,7 +38,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::MalformedFrame,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -44,6 +47,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Conflict,
         ErrorCode::TooLarge,
+        ErrorCode::Misdirected,
         ErrorCode::Overloaded,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
@@ -68,6 +72,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Conflict => "conflict",
             ErrorCode::TooLarge => "too-large",
+            ErrorCode::Misdirected => "misdirected",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",

@@ -1,0 +1,516 @@
+//! A shard's view of the cluster's placement: which node serves each address hashed to this
+//! shard, fed by the control-plane thread through the shard's inbox, read on the message path
+//! without ever waiting for etcd.
+//!
+//! [`PlacementView::admit`] sees each SEND and SUBSCRIBE before the address table does:
+//! - [`Owner::Local`]: the command runs here, as in a single broker;
+//! - [`Owner::Remote`]: it is refused with non-fatal 4421 naming the owner node and its URL
+//!   (the redirect hint; forwarding over pooled links replaces this refusal next);
+//! - not placed yet: the command waits here, and the first one asks the control plane to place
+//!   the address ([`PlacementRequest`]). Bounded in count ([`MAX_WAITING_COMMANDS`] per
+//!   shard; beyond: 4429) and in time (the control plane answers every request, with a
+//!   placement or a [`ClusterUpdate::Unplaced`] refusal, within its placement timeout);
+//! - fenced (this node could not renew its lease in time): refused with 4421.
+//!
+//! Sans-IO: updates come in as [`ClusterUpdate`]s, refusals go out as the address table's
+//! answers ([`Outgoing`]), released commands go back to the caller's work queue in order.
+//! Other address commands (ACK, FLOW, UNSUBSCRIBE...) are never held: they concern a
+//! subscription that was admitted.
+//!
+//! Invariant: an address is either placed (in `owners`) or has waiting commands, never both;
+//! the waiting count is the sum of the waiting lists and never exceeds the bound.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::broker::address::{AddressTable, Outgoing};
+use crate::broker::{AddressCommand, ConnCommand, FastMap, Refusal, ShardId};
+use crate::mbws::ErrorCode;
+
+/// Most SENDs and SUBSCRIBEs one shard keeps waiting for their addresses' placement; beyond,
+/// they are refused with 4429 (the control plane is slow or etcd unreachable).
+pub const MAX_WAITING_COMMANDS: usize = 4096;
+
+/// A node of the cluster as the shards name it in refusals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRef {
+    pub name: String,
+    /// The `ws://` URL its clients and peers connect to (`--advertise-url`).
+    pub url: String,
+}
+
+/// Who serves an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Local,
+    Remote(Arc<NodeRef>),
+}
+
+/// What a shard asks the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementRequest {
+    pub address: Bytes,
+    /// The shard to answer (the one `owner_of(address)` names).
+    pub shard: ShardId,
+}
+
+/// Where the control plane's requests go (an unbounded tokio channel, sendable from any
+/// thread without a runtime; what is in it is bounded by [`MAX_WAITING_COMMANDS`] per shard,
+/// one request per waiting address).
+pub type RequestSender = tokio::sync::mpsc::UnboundedSender<PlacementRequest>;
+
+/// What the control plane tells a shard.
+#[derive(Debug)]
+pub enum ClusterUpdate {
+    /// The control plane's request channel: requests made before it came are sent now.
+    Attach(RequestSender),
+    /// `address` is placed on `owner` (first placement, a move, or a re-placement).
+    Placed { address: Bytes, owner: Owner },
+    /// `address` could not be placed in time: its waiting commands are refused with `reason`.
+    Unplaced { address: Bytes, reason: String },
+    /// This node cannot prove it owns anything (its lease was not renewed in time): refuse,
+    /// end local subscriptions, forget every placement until [`ClusterUpdate::Unfenced`].
+    Fenced { reason: String },
+    /// The node holds a lease again; placements follow as [`ClusterUpdate::Placed`].
+    Unfenced,
+}
+
+/// Counters of what the view decided, for the admin API and the logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ViewCounters {
+    pub refused_remote: u64,
+    pub refused_fenced: u64,
+    pub waited: u64,
+    pub subscriptions_ended: u64,
+}
+
+/// One shard's placement view (see the module doc).
+#[derive(Debug)]
+pub struct PlacementView {
+    owners: FastMap<Bytes, Owner>,
+    waiting: FastMap<Bytes, Vec<AddressCommand>>,
+    waiting_count: usize,
+    requests: Option<RequestSender>,
+    /// Addresses asked for before the request channel was attached.
+    unsent: Vec<Bytes>,
+    fenced: Option<String>,
+    shard: ShardId,
+    pub counters: ViewCounters,
+}
+
+/// The address a command must be placed for: SEND and SUBSCRIBE only.
+fn gated_address(command: &AddressCommand) -> Option<&Bytes> {
+    match command {
+        AddressCommand::Publish { message, .. } => Some(&message.address),
+        AddressCommand::Subscribe { address, .. } => Some(address),
+        _ => None,
+    }
+}
+
+/// Answers a gated command with `refusal` (a SEND's PublishDone, a SUBSCRIBE's SubscribeDone).
+fn refuse(command: AddressCommand, refusal: Refusal, out: &mut Vec<Outgoing>) {
+    match command {
+        AddressCommand::Publish { publisher, seq, .. } => out.push((
+            publisher.shard,
+            ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+        )),
+        AddressCommand::Subscribe { consumer, subscription, .. } => out.push((
+            consumer.shard,
+            ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome: Err(refusal) },
+        )),
+        other => unreachable!("only SEND and SUBSCRIBE are gated, not {other:?}"),
+    }
+}
+
+fn name(address: &[u8]) -> String {
+    String::from_utf8_lossy(address).into_owned()
+}
+
+/// The 4421 refusal of an address another node owns.
+pub fn remote_refusal(address: &[u8], owner: &NodeRef) -> Refusal {
+    Refusal::new(
+        ErrorCode::Misdirected,
+        format!(
+            "address \"{}\" is owned by cluster node \"{}\" ({}): connect there to send to or consume from it \
+             (forwarding between nodes is not built yet; docs/CLUSTER.md)",
+            name(address),
+            owner.name,
+            owner.url
+        ),
+    )
+}
+
+fn fenced_refusal(address: &[u8], reason: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::Misdirected,
+        format!(
+            "address \"{}\" is not served: this cluster node is fenced ({reason}) and cannot prove it owns the \
+             address; connect to another node of the cluster",
+            name(address)
+        ),
+    )
+}
+
+impl PlacementView {
+    pub fn new(shard: ShardId) -> PlacementView {
+        PlacementView {
+            owners: FastMap::default(),
+            waiting: FastMap::default(),
+            waiting_count: 0,
+            requests: None,
+            unsent: Vec::new(),
+            fenced: None,
+            shard,
+            counters: ViewCounters::default(),
+        }
+    }
+
+    /// Who serves `address`, if placed (`None`: not placed yet, or fenced).
+    pub fn owner_of(&self, address: &[u8]) -> Option<&Owner> {
+        if self.fenced.is_some() {
+            return None;
+        }
+        self.owners.get(address)
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.is_some()
+    }
+
+    /// Commands waiting for a placement on this shard.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting_count
+    }
+
+    /// `Some(command)` if it runs here now; otherwise it was refused (into `out`) or is kept
+    /// until its address is placed.
+    pub fn admit(&mut self, command: AddressCommand, out: &mut Vec<Outgoing>) -> Option<AddressCommand> {
+        let Some(address) = gated_address(&command) else { return Some(command) };
+        if let Some(reason) = &self.fenced {
+            self.counters.refused_fenced += 1;
+            let refusal = fenced_refusal(address, reason);
+            refuse(command, refusal, out);
+            return None;
+        }
+        match self.owners.get(address) {
+            Some(Owner::Local) => Some(command),
+            Some(Owner::Remote(owner)) => {
+                self.counters.refused_remote += 1;
+                let refusal = remote_refusal(address, owner);
+                refuse(command, refusal, out);
+                None
+            }
+            None => {
+                if self.waiting_count >= MAX_WAITING_COMMANDS {
+                    let refusal = Refusal::new(
+                        ErrorCode::Overloaded,
+                        format!(
+                            "address \"{}\" is not placed in the cluster yet and {MAX_WAITING_COMMANDS} SENDs and \
+                             SUBSCRIBEs already wait for placements on this shard (etcd slow or unreachable); \
+                             try again later",
+                            name(address)
+                        ),
+                    );
+                    refuse(command, refusal, out);
+                    return None;
+                }
+                let address = address.clone();
+                self.waiting_count += 1;
+                self.counters.waited += 1;
+                let list = self.waiting.entry(address.clone()).or_default();
+                list.push(command);
+                if list.len() == 1 {
+                    self.ask(address);
+                }
+                None
+            }
+        }
+    }
+
+    fn ask(&mut self, address: Bytes) {
+        match &self.requests {
+            Some(requests) => {
+                // A closed channel (the control plane is gone): the address stays unplaced and
+                // its commands wait for `Unplaced`, which then never comes; the control plane
+                // only stops with the process.
+                let _ = requests.send(PlacementRequest { address, shard: self.shard });
+            }
+            None => self.unsent.push(address),
+        }
+    }
+
+    /// Applies what the control plane says. Commands released to run here are appended to
+    /// `released` in their order; refusals and subscription ends go to `out`.
+    pub fn apply(
+        &mut self,
+        update: ClusterUpdate,
+        table: &mut AddressTable,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+        released: &mut Vec<AddressCommand>,
+    ) {
+        match update {
+            ClusterUpdate::Attach(requests) => {
+                for address in self.unsent.drain(..) {
+                    let _ = requests.send(PlacementRequest { address, shard: self.shard });
+                }
+                self.requests = Some(requests);
+            }
+            ClusterUpdate::Placed { address, owner } => {
+                if self.fenced.is_some() {
+                    // Placements are re-sent in full after `Unfenced`.
+                    return;
+                }
+                if let Owner::Remote(node) = &owner {
+                    if self.owners.get(&address) == Some(&Owner::Local) {
+                        let refusal = remote_refusal(&address, node);
+                        self.end_subscriptions(&address, &refusal, table, now_ms, out);
+                    }
+                }
+                for command in self.waiting.remove(&address).unwrap_or_default() {
+                    self.waiting_count -= 1;
+                    match &owner {
+                        Owner::Local => released.push(command),
+                        Owner::Remote(node) => {
+                            self.counters.refused_remote += 1;
+                            refuse(command, remote_refusal(&address, node), out);
+                        }
+                    }
+                }
+                self.owners.insert(address, owner);
+            }
+            ClusterUpdate::Unplaced { address, reason } => {
+                for command in self.waiting.remove(&address).unwrap_or_default() {
+                    self.waiting_count -= 1;
+                    let refusal = Refusal::new(
+                        ErrorCode::Misdirected,
+                        format!("address \"{}\" could not be placed in the cluster: {reason}", name(&address)),
+                    );
+                    refuse(command, refusal, out);
+                }
+            }
+            ClusterUpdate::Fenced { reason } => {
+                let local: Vec<Bytes> = self
+                    .owners
+                    .iter()
+                    .filter(|(_, owner)| **owner == Owner::Local)
+                    .map(|(address, _)| address.clone())
+                    .collect();
+                for address in local {
+                    let refusal = fenced_refusal(&address, &reason);
+                    self.end_subscriptions(&address, &refusal, table, now_ms, out);
+                }
+                for (address, commands) in std::mem::take(&mut self.waiting) {
+                    for command in commands {
+                        self.counters.refused_fenced += 1;
+                        refuse(command, fenced_refusal(&address, &reason), out);
+                    }
+                }
+                self.waiting_count = 0;
+                self.owners.clear();
+                self.fenced = Some(reason);
+            }
+            ClusterUpdate::Unfenced => self.fenced = None,
+        }
+        debug_assert_eq!(self.waiting_count, self.waiting.values().map(Vec::len).sum::<usize>());
+    }
+
+    /// Ends every subscription at `address` on this shard with `refusal` (what it had not
+    /// acknowledged goes back to the queue, as for an UNSUBSCRIBE).
+    fn end_subscriptions(
+        &mut self,
+        address: &[u8],
+        refusal: &Refusal,
+        table: &mut AddressTable,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        for (consumer, subscription) in table.subscriptions_of(address) {
+            table.handle(AddressCommand::Unsubscribe { consumer, subscription }, now_ms, out);
+            self.counters.subscriptions_ended += 1;
+            out.push((
+                consumer.shard,
+                ConnCommand::SubscriptionEnded { consumer: consumer.conn, subscription, refusal: refusal.clone() },
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::address::AddressLimits;
+    use crate::broker::{ConnId, ConnRef, StoredMessage, SubscriptionId};
+    use crate::mbws::{AckMode, DeliveryMode, Properties};
+
+    fn conn(index: u32) -> ConnRef {
+        ConnRef { shard: ShardId(0), conn: ConnId { index, generation: 1 } }
+    }
+
+    fn publish(address: &'static str, seq: u64) -> AddressCommand {
+        let message = StoredMessage {
+            address: Bytes::from_static(address.as_bytes()),
+            durable: false,
+            expires_at_ms: 0,
+            properties: Properties::default(),
+            body: Bytes::from_static(b"x"),
+            body_is_text: false,
+        };
+        AddressCommand::Publish { publisher: conn(1), seq, message: Arc::new(message) }
+    }
+
+    fn subscribe(address: &'static str, id: u32) -> AddressCommand {
+        AddressCommand::Subscribe {
+            consumer: conn(2),
+            subscription: SubscriptionId(id),
+            address: Bytes::from_static(address.as_bytes()),
+            mode: DeliveryMode::Anycast,
+            ack_mode: AckMode::Auto,
+            credit: 10,
+        }
+    }
+
+    fn remote() -> Owner {
+        Owner::Remote(Arc::new(NodeRef { name: "b".into(), url: "ws://127.0.0.1:9/".into() }))
+    }
+
+    fn refusal_codes(out: &[Outgoing]) -> Vec<(u64, ErrorCode)> {
+        out.iter()
+            .filter_map(|(_, command)| match command {
+                ConnCommand::PublishDone { seq, outcome: Err(refusal), .. } => Some((*seq, refusal.code)),
+                ConnCommand::SubscribeDone { subscription, outcome: Err(refusal), .. } => {
+                    Some((u64::from(subscription.0), refusal.code))
+                }
+                ConnCommand::SubscriptionEnded { subscription, refusal, .. } => {
+                    Some((u64::from(subscription.0), refusal.code))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    struct Fixture {
+        view: PlacementView,
+        table: AddressTable,
+        requests: tokio::sync::mpsc::UnboundedReceiver<PlacementRequest>,
+        out: Vec<Outgoing>,
+        released: Vec<AddressCommand>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let (sender, requests) = tokio::sync::mpsc::unbounded_channel();
+            let mut fixture = Fixture {
+                view: PlacementView::new(ShardId(0)),
+                table: AddressTable::new(ShardId(0), AddressLimits::default()),
+                requests,
+                out: Vec::new(),
+                released: Vec::new(),
+            };
+            fixture.apply(ClusterUpdate::Attach(sender));
+            fixture
+        }
+
+        fn apply(&mut self, update: ClusterUpdate) {
+            self.view.apply(update, &mut self.table, 0, &mut self.out, &mut self.released);
+        }
+    }
+
+    #[test]
+    fn commands_wait_for_the_first_placement_ask_once_and_run_in_order_when_local() {
+        let mut f = Fixture::new();
+        assert!(f.view.admit(publish("a", 1), &mut f.out).is_none());
+        assert!(f.view.admit(publish("a", 2), &mut f.out).is_none());
+        assert!(f.view.admit(subscribe("a", 7), &mut f.out).is_none());
+        assert_eq!(f.view.waiting_count(), 3);
+        assert_eq!(f.requests.try_recv().unwrap().address, "a");
+        assert!(f.requests.try_recv().is_err(), "one request per address");
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
+        let seqs: Vec<_> = f
+            .released
+            .iter()
+            .map(|command| match command {
+                AddressCommand::Publish { seq, .. } => *seq,
+                AddressCommand::Subscribe { subscription, .. } => u64::from(subscription.0) * 100,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2, 700]);
+        assert_eq!(f.view.waiting_count(), 0);
+        assert!(f.view.admit(publish("a", 3), &mut f.out).is_some(), "placed here: runs at once");
+        assert!(f.out.is_empty());
+    }
+
+    #[test]
+    fn an_address_owned_elsewhere_is_refused_with_4421_naming_the_owner() {
+        let mut f = Fixture::new();
+        f.view.admit(publish("a", 1), &mut f.out);
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
+        assert!(f.view.admit(subscribe("a", 3), &mut f.out).is_none());
+        assert_eq!(refusal_codes(&f.out), [(1, ErrorCode::Misdirected), (3, ErrorCode::Misdirected)]);
+        let ConnCommand::PublishDone { outcome: Err(refusal), .. } = &f.out[0].1 else { panic!() };
+        assert!(refusal.reason.contains("node \"b\" (ws://127.0.0.1:9/)"), "{}", refusal.reason);
+    }
+
+    #[test]
+    fn waiting_is_bounded_and_unplaced_refuses_what_waited() {
+        let mut f = Fixture::new();
+        for seq in 0..MAX_WAITING_COMMANDS as u64 {
+            assert!(f.view.admit(publish("a", seq + 1), &mut f.out).is_none());
+        }
+        assert!(f.out.is_empty());
+        f.view.admit(publish("b", 99), &mut f.out);
+        assert_eq!(refusal_codes(&f.out), [(99, ErrorCode::Overloaded)]);
+        f.out.clear();
+        f.apply(ClusterUpdate::Unplaced { address: Bytes::from_static(b"a"), reason: "etcd unreachable".into() });
+        assert_eq!(f.out.len(), MAX_WAITING_COMMANDS);
+        assert_eq!(f.view.waiting_count(), 0);
+    }
+
+    #[test]
+    fn fencing_ends_local_subscriptions_and_refuses_until_unfenced_and_placed_again() {
+        let mut f = Fixture::new();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
+        let subscribe_command = f.view.admit(subscribe("a", 5), &mut f.out).unwrap();
+        f.table.handle(subscribe_command, 0, &mut f.out);
+        f.out.clear();
+        f.view.admit(publish("waits", 1), &mut f.out);
+        f.apply(ClusterUpdate::Fenced { reason: "lease not renewed for 5000 ms".into() });
+        assert_eq!(refusal_codes(&f.out), [(5, ErrorCode::Misdirected), (1, ErrorCode::Misdirected)]);
+        assert!(f.table.subscriptions_of(b"a").is_empty());
+        f.out.clear();
+        assert!(f.view.admit(publish("a", 2), &mut f.out).is_none());
+        assert_eq!(refusal_codes(&f.out), [(2, ErrorCode::Misdirected)]);
+        f.apply(ClusterUpdate::Unfenced);
+        assert!(f.view.admit(publish("a", 3), &mut f.out).is_none(), "placements are forgotten while fenced");
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
+        assert_eq!(f.released.len(), 1);
+    }
+
+    #[test]
+    fn a_move_away_ends_the_subscriptions_here() {
+        let mut f = Fixture::new();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
+        let command = f.view.admit(subscribe("a", 4), &mut f.out).unwrap();
+        f.table.handle(command, 0, &mut f.out);
+        f.out.clear();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
+        assert_eq!(refusal_codes(&f.out), [(4, ErrorCode::Misdirected)]);
+        assert_eq!(f.view.counters.subscriptions_ended, 1);
+    }
+
+    #[test]
+    fn requests_made_before_the_channel_is_attached_are_sent_when_it_is() {
+        let mut view = PlacementView::new(ShardId(3));
+        let mut out = Vec::new();
+        view.admit(publish("early", 1), &mut out);
+        let (sender, mut requests) = tokio::sync::mpsc::unbounded_channel();
+        let mut table = AddressTable::new(ShardId(3), AddressLimits::default());
+        view.apply(ClusterUpdate::Attach(sender), &mut table, 0, &mut out, &mut Vec::new());
+        assert_eq!(
+            requests.try_recv().unwrap(),
+            PlacementRequest { address: Bytes::from_static(b"early"), shard: ShardId(3) }
+        );
+    }
+}
