@@ -540,6 +540,7 @@ impl ShardCore {
         session_config.limits.max_credit = limits.max_credit;
         self.session_config = Arc::new(session_config);
         self.max_outbound_bytes = limits.max_outbound_bytes;
+        self.addresses.set_max_unwritten_bytes(limits.max_outbound_bytes);
     }
 
     /// The state of connection `id`, while its slot holds it (an ended connection's until its
