@@ -730,6 +730,9 @@ impl ShardCore {
             }
             self.credential_deadlines.pop_first();
             let id = ConnId { index, generation };
+            if crate::planted::planted(crate::planted::Bug::CredentialsOutliveExpiry) {
+                continue;
+            }
             if let Some(state) = slot_state(&mut self.conns, id) {
                 state.credentials_expired();
                 self.mark_dirty(id);
