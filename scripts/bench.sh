@@ -8,7 +8,9 @@
 #
 # Other flags: --targets LIST (default mbws,mbws-light,nats,mqtt,relay; mbws-light is our broker
 # driven with MBLWS, at most once like core NATS, for throughput and latency only), --no-tls,
-# --no-build, --out DIR.
+# --no-build, --out DIR, --throughput-only (phase 1 alone: the saturated throughput runs, with
+# their TLS variants; `--quick --targets mbws,nats --throughput-only` gives the four rows that
+# compare each broker's wss:// with its ws://, in about a minute).
 # TLS: the throughput runs of mbws and nats are repeated over wss:// (targets mbws-tls and
 # nats-tls: each broker serves TLS itself, with a throwaway certificate made by openssl), so the
 # summary gives each one's cost of TLS against its own ws://. --no-tls skips them.
@@ -33,6 +35,7 @@ mode=full
 publish=0
 build=1
 tls=1
+throughput_only=0
 targets_arg="mbws,mbws-light,nats,mqtt,relay"
 out_dir=""
 while [[ $# -gt 0 ]]; do
@@ -42,6 +45,7 @@ while [[ $# -gt 0 ]]; do
         --publish) publish=1 ;;
         --no-build) build=0 ;;
         --no-tls) tls=0 ;;
+        --throughput-only) throughput_only=1 ;;
         --targets) targets_arg="${2:?--targets needs a list such as mbws,nats}"; shift ;;
         --out) out_dir="${2:?--out needs a directory}"; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -571,7 +575,9 @@ fi
 
 # Phase 2: every other scenario, per target (mbws-light: the common-rate latency only), each
 # repeated like the throughput runs (NAME-rN; plot.py reports the median and the range).
+[[ $throughput_only == 1 ]] && note "--throughput-only: the other scenarios are skipped"
 for target in "${targets[@]}"; do
+  [[ $throughput_only == 1 ]] && break
   for repeat in $(seq "$repeats"); do
     r="r$repeat"
     if [[ $target == mbws-light ]]; then

@@ -15,6 +15,8 @@ pub enum Bug {
     DropWhileDetached,
     /// A durable SEND is receipted as soon as its record is appended, before the log syncs it.
     ReceiptBeforeSync,
+    /// A session whose credentials expired (a JWT's `exp`) is left open.
+    CredentialsOutliveExpiry,
 }
 
 #[cfg(test)]

@@ -253,6 +253,76 @@ fn a_consumer_that_never_reads_does_not_grow_the_broker_memory() {
     }
 }
 
+/// An anycast address receiving 1 MiB messages, with one consumer that never reads its socket
+/// (credit 65535, the default --max-credit) and one that reads: the stuck one is handed
+/// deliveries only while its unwritten auto-ack bytes are under --max-outbound-bytes (4 MiB by
+/// default), so the rest go to the reading consumer, and the broker's resident memory stays near
+/// that bound. (Bounded by credit alone, the stuck one would take every other message: 100 MiB
+/// held here, 64 GiB at the default credit.)
+#[test]
+fn a_consumer_that_never_reads_holds_at_most_max_outbound_bytes_of_large_messages() {
+    const MESSAGES: u64 = 200;
+    const BODY_BYTES: usize = 1 << 20;
+    let started = Instant::now();
+    let broker = Broker::start(&["--shards", "1", "--max-message-bytes", "2097152", "--max-frame-bytes", "2097152"]);
+    let mut stuck = client(&broker).unwrap();
+    stuck.subscribe(1, "jobs", DeliveryMode::Anycast, AckMode::Auto, 65535).unwrap();
+    // From here on `stuck` reads nothing until the end: its socket's buffers fill, then the
+    // broker's bound.
+    let mut healthy = client(&broker).unwrap();
+    healthy.subscribe(1, "jobs", DeliveryMode::Anycast, AckMode::Auto, 4).unwrap();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen, done) = (progress.clone(), published.clone());
+    let reader = std::thread::spawn(move || {
+        let mut received = 0u64;
+        // Reads until the publisher is done and a second passes with nothing more.
+        loop {
+            match healthy.next_message(Duration::from_secs(1)) {
+                Ok(Some(message)) => {
+                    assert_eq!(message.body.len(), BODY_BYTES);
+                    received += 1;
+                    seen.store(received, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(None) if done.load(std::sync::atomic::Ordering::Relaxed) => return received,
+                Ok(None) => {}
+                Err(error) => panic!("the reading consumer stopped after {received} messages: {error:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "the reading consumer is still reading after 120 s");
+        }
+    });
+    let before_kib = rss_kib(broker.pid());
+    let mut peak_kib = before_kib;
+    let mut publisher = client(&broker).unwrap();
+    let body = Bytes::from(vec![b'x'; BODY_BYTES]);
+    for index in 0..MESSAGES {
+        let seq = publisher.send("jobs", body.clone()).unwrap();
+        publisher.wait_receipt(seq).expect("the publisher is served whatever the stuck consumer does");
+        // The reading consumer keeps within 40 messages of the publisher: the stuck one takes
+        // a few (its cap and what the kernel's socket buffers absorb), never every other one.
+        eventually("the reading consumer keeping up", || {
+            progress.load(std::sync::atomic::Ordering::Relaxed) + 40 > index
+        });
+        if index % 10 == 0 {
+            peak_kib = peak_kib.max(rss_kib(broker.pid()));
+        }
+    }
+    published.store(true, std::sync::atomic::Ordering::Relaxed);
+    let received = reader.join().unwrap();
+    peak_kib = peak_kib.max(rss_kib(broker.pid()));
+    assert!(
+        received + 32 >= MESSAGES,
+        "the reading consumer got {received} of {MESSAGES} messages: the one that never reads took the rest"
+    );
+    let grown_mib = peak_kib.saturating_sub(before_kib) / 1024;
+    assert!(
+        grown_mib < 64,
+        "the broker grew by {grown_mib} MiB while 200 MiB of 1 MiB messages went to an address with a consumer that \
+         never reads"
+    );
+    drop(stuck);
+}
+
 /// A client that sends to 150,000 different addresses on a broker with --max-addresses 1000:
 /// past the limit each SEND gets non-fatal 4429 naming it, the session goes on, and the
 /// broker's memory stays within a bound (without the limit it would hold 150,000 addresses

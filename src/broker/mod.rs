@@ -77,6 +77,12 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// What a delivery of this message keeps alive until it is written: the bytes of every
+    /// field (the bound on a subscription's unwritten auto-ack deliveries counts these).
+    pub fn held_bytes(&self) -> usize {
+        self.address.len() + self.field_bytes_but_address()
+    }
+
     /// Bytes of every field but the address together (what [`StoredMessage::compact`] copies
     /// besides the address).
     fn field_bytes_but_address(&self) -> usize {
@@ -231,11 +237,13 @@ pub enum AddressCommand {
         subscription: SubscriptionId,
         credit: u32,
     },
-    /// Auto-ack deliveries that have been written to the consumer's socket.
+    /// Auto-ack deliveries that have been written to the consumer's socket: how many, and
+    /// their [`StoredMessage::held_bytes`].
     ReturnCredit {
         consumer: ConnRef,
         subscription: SubscriptionId,
         count: u32,
+        bytes: u64,
     },
     /// The connection is gone: drop its subscriptions here, requeue what it had not acknowledged.
     ConsumerGone {

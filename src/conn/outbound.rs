@@ -56,8 +56,10 @@ enum Segment {
     Sealed(Bytes),
 }
 
-/// Auto-ack deliveries queued for writing, per owner shard and subscription.
-pub type CreditReturns = SmallVec<[(ShardId, SubscriptionId, u32); 4]>;
+/// Auto-ack deliveries queued for writing, per owner shard and subscription: how many, and
+/// their bytes ([`StoredMessage::held_bytes`](crate::broker::StoredMessage::held_bytes)).
+/// Two inline: a batch rarely carries deliveries of more subscriptions.
+pub type CreditReturns = SmallVec<[(ShardId, SubscriptionId, u32, u64); 2]>;
 
 #[derive(Debug, Default)]
 pub struct Outbound {
@@ -200,12 +202,16 @@ impl Outbound {
         self.push_header(bytes.len(), |arena| arena.extend_from_slice(bytes));
     }
 
-    /// Records that an auto-ack delivery of `subscription` (owned by `owner`) is queued, so its
-    /// credit goes back to the owner once the batch holding it is written.
-    pub fn note_auto_delivery(&mut self, owner: ShardId, subscription: SubscriptionId) {
-        match self.credits.iter_mut().find(|(shard, id, _)| *shard == owner && *id == subscription) {
-            Some((_, _, count)) => *count += 1,
-            None => self.credits.push((owner, subscription, 1)),
+    /// Records that an auto-ack delivery of `subscription` (owned by `owner`) of `bytes` is
+    /// queued, so its credit and bytes go back to the owner once the batch holding it is
+    /// written.
+    pub fn note_auto_delivery(&mut self, owner: ShardId, subscription: SubscriptionId, bytes: usize) {
+        match self.credits.iter_mut().find(|(shard, id, _, _)| *shard == owner && *id == subscription) {
+            Some((_, _, count, held)) => {
+                *count += 1;
+                *held += bytes as u64;
+            }
+            None => self.credits.push((owner, subscription, 1, bytes as u64)),
         }
     }
 

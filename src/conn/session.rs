@@ -859,7 +859,7 @@ impl Session {
         match ack_mode {
             // Kept (not cloned) until acknowledged.
             AckMode::Client => self.unacked.push(delivery_seq, delivery),
-            AckMode::Auto => outbound.note_auto_delivery(owner, delivery.subscription),
+            AckMode::Auto => outbound.note_auto_delivery(owner, delivery.subscription, delivery.message.held_bytes()),
         }
     }
 

@@ -438,8 +438,8 @@ pub fn superseded_farewell(binding: Binding) -> Option<WriteBatch> {
 
 /// Auto-ack credit of frames that were written (or lost) goes back to the owners.
 pub fn return_credits(me: ConnRef, credits: CreditReturns, commands: &mut Vec<(ShardId, AddressCommand)>) {
-    for (owner, subscription, count) in credits {
-        commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count }));
+    for (owner, subscription, count, bytes) in credits {
+        commands.push((owner, AddressCommand::ReturnCredit { consumer: me, subscription, count, bytes }));
     }
 }
 

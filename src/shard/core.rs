@@ -544,6 +544,7 @@ impl ShardCore {
         session_config.limits.max_credit = limits.max_credit;
         self.session_config = Arc::new(session_config);
         self.max_outbound_bytes = limits.max_outbound_bytes;
+        self.addresses.set_max_unwritten_bytes(limits.max_outbound_bytes);
     }
 
     /// The state of connection `id`, while its slot holds it (an ended connection's until its
@@ -750,6 +751,9 @@ impl ShardCore {
             }
             self.credential_deadlines.pop_first();
             let id = ConnId { index, generation };
+            if crate::planted::planted(crate::planted::Bug::CredentialsOutliveExpiry) {
+                continue;
+            }
             if let Some(state) = slot_state(&mut self.conns, id) {
                 state.credentials_expired();
                 self.mark_dirty(id);

@@ -99,6 +99,15 @@ pub struct Client {
     pub nack_per_mille: u32,
     /// Print every frame (`MBWS_SIM_TRACE=1`, for a replay).
     pub trace: bool,
+    /// Sessions of this client open with credentials valid this long (a JWT's lifetime), if it
+    /// is one that uses expiring credentials (see `World`).
+    pub credential_lifetime_ms: Option<u64>,
+    /// When the credentials of the session on the current connection expire (broker clock,
+    /// set by the world when the broker opens the session).
+    pub credentials_expire_at_ms: Option<u64>,
+    /// The current connection carried fatal 4401 for expired credentials: nothing but the
+    /// close may follow on it.
+    credentials_ended: bool,
 }
 
 impl Client {
@@ -152,6 +161,9 @@ impl Client {
             ack_timeout_ms: 0,
             nack_per_mille: 0,
             trace: false,
+            credential_lifetime_ms: None,
+            credentials_expire_at_ms: None,
+            credentials_ended: false,
         }
     }
 
@@ -170,6 +182,7 @@ impl Client {
     /// A new connection exists: the OPEN goes first (naming the session to resume, if any).
     pub fn connected(&mut self, out: &mut Vec<Out>) {
         self.phase = Phase::Opening;
+        self.credentials_ended = false;
         self.decoder = Decoder::new(Role::Client, 1 << 24, 1 << 24);
         self.rx.clear();
         let open = mbws::Open {
@@ -252,6 +265,15 @@ impl Client {
         if ledger.trace {
             eprintln!("{now:>7} client {} <- {}", self.id, brief(&frame));
         }
+        if self.credentials_ended {
+            ledger.violation(format!(
+                "client {} session {}: {} after the fatal 4401 that ended the session for its expired credentials",
+                self.id,
+                self.session_number,
+                brief(&frame)
+            ));
+            return;
+        }
         match frame {
             Frame::Opened(opened) => self.opened(now, opened, rng, ledger, out),
             Frame::Receipt(receipt) => self.receipt(receipt.seq, ledger),
@@ -264,6 +286,8 @@ impl Client {
                 if code == ErrorCode::UnknownSession.as_u16() {
                     // The session expired: the next connection opens a new one.
                     self.session_id = Bytes::new();
+                } else if code == ErrorCode::Unauthenticated.as_u16() {
+                    self.credentials_expired(now, ledger);
                 } else if code == ErrorCode::Conflict.as_u16() && error.seq == 0 {
                     // Superseded by a resume over a connection this client gave up moments ago
                     // (its OPEN was still on its way, or being handed to the session's shard):
@@ -286,6 +310,26 @@ impl Client {
             Frame::Message(message) => self.message(now, message, rng, ledger, out),
             other => ledger.violation(format!("client {}: unexpected frame {other:?}", self.id)),
         }
+    }
+
+    /// Fatal 4401: the session's credentials expired. Only a session opened with expiring
+    /// credentials may get it, and not before they expire (it leaves the broker at the deadline
+    /// and takes the network's delay to arrive). The next connection opens a new session, with
+    /// fresh credentials (as an application fetches a new token).
+    fn credentials_expired(&mut self, now: u64, ledger: &mut Ledger) {
+        match self.credentials_expire_at_ms {
+            None => ledger.violation(format!(
+                "client {} session {}: fatal 4401 for credentials that do not expire",
+                self.id, self.session_number
+            )),
+            Some(at_ms) if now < at_ms => ledger.violation(format!(
+                "client {} session {}: fatal 4401 at {now} ms, before its credentials expire at {at_ms} ms",
+                self.id, self.session_number
+            )),
+            Some(_) => ledger.credentials_expired += 1,
+        }
+        self.credentials_ended = true;
+        self.session_id = Bytes::new();
     }
 
     fn opened(&mut self, now: u64, opened: mbws::Opened, rng: &mut Rng, ledger: &mut Ledger, out: &mut Vec<Out>) {

@@ -27,6 +27,35 @@ fn the_first_seeds_keep_every_invariant() {
     }
 }
 
+/// The first seeds again, with sessions opened with credentials that expire during the run (a
+/// JWT's `exp`): those sessions are ended at their deadline (fatal 4401, nothing after), and
+/// the others go on; a session left open past its deadline (planted) is caught.
+#[test]
+fn sessions_with_expiring_credentials_end_at_their_deadline() {
+    plant(None);
+    let (mut expired, mut deadlines_kept) = (0, 0);
+    for seed in 0..40 {
+        let report = World::with_expiring_credentials(seed).run(MAX_STEPS);
+        if let Some(violation) = &report.violation {
+            panic!(
+                "seed {seed} (expiring credentials): {violation}\n  options: {:?}\n  {}",
+                report.options, report.ledger_summary
+            );
+        }
+        expired += report.credentials_expired;
+        deadlines_kept += report.credential_deadlines_kept;
+    }
+    plant(Some(Bug::CredentialsOutliveExpiry));
+    let caught = (0..40).find_map(|seed| World::with_expiring_credentials(seed).run(MAX_STEPS).violation);
+    plant(None);
+    assert!(caught.is_some(), "a session left open after its credentials expired, and 40 seeds found nothing");
+    assert!(
+        expired >= 5 && deadlines_kept >= expired,
+        "the first 40 seeds ended {expired} sessions at their credentials' expiry ({deadlines_kept} deadlines \
+         checked): too few to tell"
+    );
+}
+
 /// Graceful stops (SIGTERM) in place of the crashes of the durable runs among the first 200
 /// seeds: once input stops, every SEND taken is answered within the bound, and every message
 /// receipted survives the restart (the ledger's usual checks).

@@ -89,6 +89,10 @@ pub struct Ledger {
     multicast_firsts: std::collections::BTreeSet<(usize, u32, MsgKey)>,
     pub receipted: u64,
     pub refused: u64,
+    /// Sessions ended by fatal 4401 when their credentials expired, as their clients saw it.
+    pub credentials_expired: u64,
+    /// Credential deadlines the world saw pass with the session no longer open.
+    pub credential_deadlines_kept: u64,
 }
 
 impl Ledger {
@@ -271,6 +275,10 @@ pub struct Report {
     pub ledger_summary: String,
     /// The first invariant broken, if any.
     pub violation: Option<String>,
+    /// Sessions whose clients saw them ended by fatal 4401 for expired credentials.
+    pub credentials_expired: u64,
+    /// Credential deadlines checked as they passed (the session was no longer open).
+    pub credential_deadlines_kept: u64,
 }
 
 type SocketId = usize;
@@ -294,7 +302,12 @@ enum Event {
         to: usize,
         commands: Vec<Command>,
     },
-    AckTimer(usize),
+    /// The shard's timer runs; stale unless `round` is the shard's current timer round (a
+    /// wake-up while it sleeps starts a new round, as the shell's timer wakes from its sleep).
+    AckTimer {
+        shard: usize,
+        round: u64,
+    },
     Expire {
         shard: usize,
         conn: ConnId,
@@ -406,6 +419,8 @@ pub struct World {
     /// per pair).
     pair_last: Vec<Vec<u64>>,
     ack_timer_idle: Vec<bool>,
+    /// Per shard, the round of its timer's live event (older ones are stale).
+    ack_timer_round: Vec<u64>,
     sockets: Vec<Socket>,
     /// The socket attached to each connection slot (the newest attachment).
     attached: BTreeMap<(usize, u32, u32), SocketId>,
@@ -436,6 +451,12 @@ pub struct World {
     incarnation: u32,
     /// A crash waits for the next log write, to strike while it is in flight.
     crash_at_next_write: bool,
+    /// Draws for expiring credentials, a stream of their own (so that the other draws of a
+    /// seed are those they were before credentials could expire).
+    credentials_rng: Rng,
+    /// Sessions opened with expiring credentials: (deadline, shard, slot index, generation,
+    /// client), checked as virtual time passes each deadline.
+    credential_deadlines: std::collections::BTreeSet<(u64, usize, u32, u32, usize)>,
 }
 
 /// Faults (cuts, abandons, crashes) stop at this virtual time; the run then settles.
@@ -509,7 +530,20 @@ fn slot_key(shard: usize, conn: ConnId) -> (usize, u32, u32) {
 }
 
 impl World {
+    /// A run of `seed`; with expiring credentials if `MBWS_SIM_CREDENTIALS` is set (see
+    /// [`World::with_expiring_credentials`]).
     pub fn new(seed: u64) -> World {
+        World::build(seed, std::env::var_os("MBWS_SIM_CREDENTIALS").is_some())
+    }
+
+    /// A run of `seed` in which (in 40% of the seeds) about half the clients open their
+    /// sessions with credentials that expire during the run. Not yet the default: seed 98 then
+    /// does not settle (a consumer stops receiving with 6 deliveries unacknowledged; open).
+    pub fn with_expiring_credentials(seed: u64) -> World {
+        World::build(seed, true)
+    }
+
+    fn build(seed: u64, expiring_credentials: bool) -> World {
         let mut rng = Rng::new(seed);
         let options = Options::draw(&mut rng);
         let data_dir = options.durable.then(|| DataDir::new(seed));
@@ -562,10 +596,24 @@ impl World {
             consumer.ack_timeout_ms = options.ack_timeout_ms;
             clients.push(consumer);
         }
+        // Some runs give some clients credentials that expire (a JWT's `exp`) a few seconds
+        // after each session opens: the broker must end such a session with fatal 4401 at the
+        // deadline, and the others must not notice.
+        let mut credentials_rng = Rng::new(seed ^ 0x6372_6564_656e_7469);
+        if expiring_credentials && credentials_rng.chance(400) {
+            for client in &mut clients {
+                if credentials_rng.chance(500) {
+                    client.credential_lifetime_ms = Some(credentials_rng.range(200, 8_000));
+                }
+            }
+        }
         let client_count = clients.len();
         let mut world = World {
+            credentials_rng,
+            credential_deadlines: std::collections::BTreeSet::new(),
             pair_last: vec![vec![0; options.shards]; options.shards],
             ack_timer_idle: vec![true; options.shards],
+            ack_timer_round: vec![0; options.shards],
             disk: Disk::default(),
             logs: Vec::new(),
             config,
@@ -644,6 +692,7 @@ impl World {
                 eprintln!("{at:>7} {event:?}");
             }
             self.handle(event);
+            self.check_credential_deadlines();
             if !self.ledger.violations.is_empty() || self.steps >= max_steps || self.now > time_limit {
                 break;
             }
@@ -668,7 +717,12 @@ impl World {
                 ledger.redelivered,
                 ledger.supersede_races,
                 ledger.crashes
+            ) + &format!(
+                ", {} sessions ended at their credentials' expiry",
+                ledger.credentials_expired
             ),
+            credentials_expired: ledger.credentials_expired,
+            credential_deadlines_kept: ledger.credential_deadlines_kept,
             options: self.options,
             steps: self.steps,
             virtual_ms: self.now,
@@ -761,7 +815,8 @@ impl World {
                 self.cores[to].accept_envelope(commands);
                 self.run_work(to);
             }
-            Event::AckTimer(shard) => self.ack_timer(shard),
+            Event::AckTimer { shard, round } if round == self.ack_timer_round[shard] => self.ack_timer(shard),
+            Event::AckTimer { .. } => {}
             Event::Expire { shard, conn, attachment } => self.expire(shard, conn, attachment),
             Event::Adopt { home, socket, open, binding } => {
                 self.sockets[socket].shard = home;
@@ -948,6 +1003,8 @@ impl World {
             s.server_shut = true;
         }
         self.attached.clear();
+        // The sessions are gone with the process; slots of the new cores are other sessions.
+        self.credential_deadlines.clear();
         self.cores.clear();
         // Closes the files and releases the logs' locks, as the process's death does.
         self.logs.clear();
@@ -1192,9 +1249,13 @@ impl World {
             let delay = self.rng.range(0, 3);
             self.schedule(self.now + delay, Event::LogWrite(shard));
         }
-        if wake_ack_timer && self.ack_timer_idle[shard] {
+        if wake_ack_timer {
+            // Idle, or asleep until a later deadline: the shell's timer wakes either way
+            // (`ack_deadline_added`) and looks again at once.
             self.ack_timer_idle[shard] = false;
-            self.schedule(self.now, Event::AckTimer(shard));
+            self.ack_timer_round[shard] += 1;
+            let round = self.ack_timer_round[shard];
+            self.schedule(self.now, Event::AckTimer { shard, round });
         }
         for (conn, wake) in wakes.0 {
             self.wake(shard, conn, wake);
@@ -1225,11 +1286,15 @@ impl World {
     fn ack_timer(&mut self, shard: usize) {
         match self.cores[shard].poll_deadline() {
             None => self.ack_timer_idle[shard] = true,
-            Some(deadline) if deadline > self.now => self.schedule(deadline, Event::AckTimer(shard)),
+            Some(deadline) if deadline > self.now => {
+                let round = self.ack_timer_round[shard];
+                self.schedule(deadline, Event::AckTimer { shard, round });
+            }
             Some(_) => {
                 self.cores[shard].on_deadline(self.now);
                 self.run_work(shard);
-                self.schedule(self.now, Event::AckTimer(shard));
+                let round = self.ack_timer_round[shard];
+                self.schedule(self.now, Event::AckTimer { shard, round });
             }
         }
     }
@@ -1335,16 +1400,58 @@ impl World {
         }
         let s = &mut self.sockets[socket];
         let token = self.rng.next_u64();
-        let (me, attachment) = self.cores[shard].open_session(
-            s.subprotocol,
-            socket as i32,
-            binding,
-            payload,
-            token,
-            self.now,
-            crate::auth::Access::unrestricted(),
-        );
+        let client = s.client;
+        let subprotocol = s.subprotocol;
+        let access = self.credentials_for(client);
+        let expires_at_ms = match &access {
+            crate::auth::Access::Granted(_, expires_at_ms) => *expires_at_ms,
+            crate::auth::Access::Refused(..) => None,
+        };
+        let (me, attachment) =
+            self.cores[shard].open_session(subprotocol, socket as i32, binding, payload, token, self.now, access);
+        if self.client_socket[client] == Some(socket) {
+            // (An OPEN from a connection the client gave up is a session it never learns of.)
+            self.clients[client].credentials_expire_at_ms = expires_at_ms;
+        }
+        if let Some(at_ms) = expires_at_ms {
+            self.credential_deadlines.insert((at_ms, shard, me.conn.index, me.conn.generation, client));
+        }
         self.start(socket, me, attachment);
+    }
+
+    /// What a new session of `client` may do: everything, until its credentials expire if it
+    /// is a client with expiring credentials (not for sessions opened once the faults stopped,
+    /// so that the run settles).
+    fn credentials_for(&mut self, client: usize) -> crate::auth::Access {
+        let lifetime_ms = self.clients[client].credential_lifetime_ms.filter(|_| !self.settling);
+        let Some(lifetime_ms) = lifetime_ms else { return crate::auth::Access::unrestricted() };
+        let lifetime_ms = self.credentials_rng.range(lifetime_ms / 2, lifetime_ms);
+        let everything = std::sync::Arc::new(crate::auth::Permissions::everything());
+        crate::auth::Access::Granted(everything, Some(self.now + lifetime_ms))
+    }
+
+    /// Checked after every event: a session whose credentials expired before now is no longer
+    /// open (the shard's timer ended it at the deadline: fatal 4401 if it was attached, no
+    /// resume if it was detached). Events at the deadline's own millisecond may run before the
+    /// timer's, so a deadline is checked once time has moved past it.
+    fn check_credential_deadlines(&mut self) {
+        while let Some(&(at_ms, shard, index, generation, client)) = self.credential_deadlines.first() {
+            if at_ms >= self.now {
+                return;
+            }
+            self.credential_deadlines.pop_first();
+            let conn = ConnId { index, generation };
+            let still_open = self.cores[shard].conn(conn).is_some_and(|state| state.session.is_open());
+            if still_open {
+                self.ledger.violation(format!(
+                    "client {client}: its session (shard {shard} conn {conn:?}) is still open at {} ms, after its \
+                     credentials expired at {at_ms} ms",
+                    self.now
+                ));
+            } else {
+                self.ledger.credential_deadlines_kept += 1;
+            }
+        }
     }
 
     /// `conn::resume`: the core checks and re-attaches, or the socket gets a refusal.

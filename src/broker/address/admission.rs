@@ -78,11 +78,12 @@ impl AddressTable {
         let state = self.addresses.get_mut(&address_name).expect("checked above");
         // Message i (0-based) waits in some backlog, so it is compacted, unless every
         // subscriber has an empty backlog and more than i deliveries of credit left.
+        let batch_bytes: u64 = accepted.iter().map(|queued| queued.message.held_bytes() as u64).sum();
         let (any_backlog, least_credit_left) =
             state.multicast.iter().fold((false, u32::MAX), |(any_backlog, least), subscriber| {
                 (
                     any_backlog || !subscriber.backlog.is_empty(),
-                    least.min(subscriber.credit.saturating_sub(subscriber.in_flight)),
+                    least.min(subscriber.takes_at_once(&accepted, batch_bytes) as u32),
                 )
             });
         let delivered_at_once = if any_backlog { 0 } else { least_credit_left as usize };
@@ -95,7 +96,7 @@ impl AddressTable {
         let mut slow = SmallVec::<[usize; 2]>::new();
         let mut delivered_any = false;
         for (index, subscriber) in state.multicast.iter_mut().enumerate() {
-            let credit_left = subscriber.credit.saturating_sub(subscriber.in_flight) as usize;
+            let credit_left = subscriber.credit_left() as usize;
             let mut deliveries = Deliveries::with_capacity(accepted.len().min(credit_left));
             for queued in &accepted {
                 if subscriber.backlog.is_empty() && subscriber.has_credit() {
@@ -195,8 +196,7 @@ impl AddressTable {
         // What the subscribers' credit takes at once from the queue, counting the messages of
         // this batch queued ahead of this one and not dispatched yet (none outside a batch: a
         // queue that outlives a dispatch has no credit left to meet it).
-        let anycast_credit_left: usize =
-            state.anycast.iter().map(|s| s.credit.saturating_sub(s.in_flight) as usize).sum();
+        let anycast_credit_left: usize = state.anycast.iter().map(|s| s.credit_left() as usize).sum();
         let waiting_ahead = state.queue.len().saturating_sub(anycast_credit_left);
         if to_anycast_queue && waiting_ahead >= max_queued {
             return Err(Refusal::new(

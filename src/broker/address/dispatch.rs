@@ -3,8 +3,9 @@
 //! [`ConnCommand::Deliver`] commands in `out`, consecutive deliveries to one subscription joined
 //! in one command. [`Deliverable`] says where a change can have made something deliverable, so
 //! that an ACK looks at one backlog only. Every delivery is counted against its subscriber's
-//! credit (asserted, in release builds too), stops at the first message held for the log, and
-//! drops expired messages; client-ack deliveries are kept in the subscriber's `unacked`.
+//! credit (asserted, in release builds too) and, in auto ack, against its bound of unwritten
+//! bytes; it stops at the first message held for the log, and drops expired messages;
+//! client-ack deliveries are kept in the subscriber's `unacked`.
 
 use bytes::Bytes;
 
@@ -159,11 +160,16 @@ pub(super) fn drain_backlog(
 pub(super) fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadline: Option<u64>) -> Delivered {
     assert!(
         subscriber.has_credit(),
-        "delivery without credit: {} in flight, credit {}",
+        "delivery without credit: {} in flight, credit {}, {} bytes unwritten of {}",
         subscriber.in_flight,
-        subscriber.credit
+        subscriber.credit,
+        subscriber.unwritten_bytes,
+        subscriber.max_unwritten_bytes
     );
     subscriber.in_flight += 1;
+    if subscriber.ack_mode == AckMode::Auto {
+        subscriber.unwritten_bytes += queued.message.held_bytes() as u64;
+    }
     subscriber.delivered += 1;
     queued.deliveries += 1;
     let delivered =

@@ -32,7 +32,8 @@
 //!
 //! Invariants:
 //! - a subscriber never has more deliveries outstanding than its credit allows (`in_flight`
-//!   grows only while `in_flight < credit`): asserted at every delivery, in release builds too;
+//!   grows only while `in_flight < credit`), nor (auto ack) more unwritten bytes than one
+//!   delivery past `max_unwritten_bytes`: asserted at every delivery, in release builds too;
 //! - an anycast message is in exactly one place: the queue, or one subscriber's `unacked`
 //!   (asserted in debug builds where a message goes back to the queue, and always where it
 //!   enters an `unacked` ring, which refuses a key twice);
@@ -132,6 +133,10 @@ pub struct AddressLimits {
     pub max_addresses: usize,
     /// The broker's `--max-addresses` and shard count, for the refusal's reason.
     pub max_addresses_total: usize,
+    /// Bytes of auto-ack deliveries handed to one subscription and not yet written to its
+    /// socket, past which it gets no more until they are (`--max-outbound-bytes`): what a
+    /// consumer that never reads holds, per subscription, whatever its credit.
+    pub max_unwritten_bytes: usize,
 }
 
 impl AddressLimits {
@@ -149,6 +154,7 @@ impl AddressLimits {
             max_frame_bytes: config.limits().max_frame_bytes as usize,
             max_addresses: (config.max_addresses / shard_count.max(1)).max(1),
             max_addresses_total: config.max_addresses,
+            max_unwritten_bytes: config.max_outbound_bytes,
         }
     }
 }
@@ -290,6 +296,12 @@ pub struct AddressTable {
 }
 
 impl AddressTable {
+    /// A reload's `--max-outbound-bytes`: the bound of unwritten auto-ack bytes of the
+    /// subscriptions made from now on (those made before keep theirs).
+    pub fn set_max_unwritten_bytes(&mut self, max_unwritten_bytes: usize) {
+        self.limits.max_unwritten_bytes = max_unwritten_bytes;
+    }
+
     pub fn new(shard: ShardId, limits: AddressLimits) -> AddressTable {
         AddressTable {
             shard,
@@ -428,9 +440,10 @@ impl AddressTable {
                 let credit = credit.min(self.limits.max_credit);
                 self.change_credit(consumer, subscription, now_ms, out, |subscriber| subscriber.credit = credit);
             }
-            AddressCommand::ReturnCredit { consumer, subscription, count } => {
+            AddressCommand::ReturnCredit { consumer, subscription, count, bytes } => {
                 self.change_credit(consumer, subscription, now_ms, out, |subscriber| {
                     subscriber.in_flight = subscriber.in_flight.saturating_sub(count);
+                    subscriber.unwritten_bytes = subscriber.unwritten_bytes.saturating_sub(bytes);
                 });
             }
             AddressCommand::ConsumerGone { consumer } => {

@@ -13,6 +13,8 @@ use bytes::Bytes;
 use super::dispatch::{drain_backlog, Deliverable};
 use super::{new_address, Address, AddressTable, Outgoing, Queued};
 use crate::broker::sorted_ring::SortedRing;
+#[cfg(doc)]
+use crate::broker::StoredMessage;
 use crate::broker::{ConnCommand, ConnRef, FastMap, MessageId, Refusal, SubscriptionId};
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 
@@ -55,6 +57,13 @@ pub(super) struct Subscriber {
     pub(super) credit: u32,
     /// Deliveries not yet acknowledged (client ack) or not yet written (auto ack).
     pub(super) in_flight: u32,
+    /// Auto ack: bytes of the deliveries not yet written ([`StoredMessage::held_bytes`]
+    /// each), given back with their credit. No more deliveries once it reaches
+    /// `max_unwritten_bytes`: a consumer that never reads holds that much, not its credit's
+    /// worth of messages.
+    pub(super) unwritten_bytes: u64,
+    /// The address table's `max_unwritten_bytes` when the subscription was made.
+    pub(super) max_unwritten_bytes: u64,
     /// Deliveries made to this subscriber (for the admin API's rates).
     pub(super) delivered: u64,
     /// Client-ack deliveries not yet acknowledged, kept for NACK and (anycast) for requeueing
@@ -72,8 +81,40 @@ impl Subscriber {
         (self.consumer, self.subscription)
     }
 
+    /// Whether one more delivery may be handed out: credit left, and (auto ack) unwritten
+    /// bytes under the bound. A subscriber with nothing unwritten always takes one, however
+    /// large (so a message larger than the bound is delivered, alone).
     pub(super) fn has_credit(&self) -> bool {
-        self.in_flight < self.credit
+        self.in_flight < self.credit && self.unwritten_bytes < self.max_unwritten_bytes
+    }
+
+    /// How many deliveries the subscriber takes at once, going by credit (0 if its unwritten
+    /// bytes are at their bound; an estimate otherwise, since the bytes bound may stop it
+    /// earlier).
+    pub(super) fn credit_left(&self) -> u32 {
+        if self.unwritten_bytes >= self.max_unwritten_bytes {
+            return 0;
+        }
+        self.credit.saturating_sub(self.in_flight)
+    }
+
+    /// How many of `messages` (in order) the subscriber takes at once: its credit left, or
+    /// fewer where the unwritten bytes reach their bound first.
+    pub(super) fn takes_at_once(&self, messages: &[Queued], batch_bytes: u64) -> usize {
+        let credit_left = self.credit_left() as usize;
+        if self.ack_mode == AckMode::Client || self.unwritten_bytes + batch_bytes < self.max_unwritten_bytes {
+            return credit_left;
+        }
+        let mut unwritten_bytes = self.unwritten_bytes;
+        let within_bytes = messages
+            .iter()
+            .take_while(|queued| {
+                let takes = unwritten_bytes < self.max_unwritten_bytes;
+                unwritten_bytes += queued.message.held_bytes() as u64;
+                takes
+            })
+            .count();
+        within_bytes.min(credit_left)
     }
 
     /// Drops deadlines of settled deliveries: from the front, and all of them when the list has
@@ -146,6 +187,8 @@ impl AddressTable {
             ack_mode,
             credit: credit.min(self.limits.max_credit),
             in_flight: 0,
+            unwritten_bytes: 0,
+            max_unwritten_bytes: self.limits.max_unwritten_bytes as u64,
             delivered: 0,
             unacked: UnackedMessages::default(),
             deadlines: VecDeque::new(),

@@ -18,6 +18,7 @@ const LIMITS: AddressLimits = AddressLimits {
     max_frame_bytes: 1 << 20,
     max_addresses: 1000,
     max_addresses_total: 1000,
+    max_unwritten_bytes: 1 << 20,
 };
 
 fn conn(index: u32) -> ConnRef {
@@ -86,6 +87,57 @@ fn messages_wait_for_a_consumer_then_respect_its_credit() {
     out.clear();
     ack(&mut table, 1, &[1], &mut out);
     assert_eq!(deliveries(&out), vec![(1, "m2".to_string())]);
+}
+
+/// An auto-ack subscriber with a large credit whose unwritten bytes reach the bound gets no
+/// more deliveries (anycast messages go to the other subscriber or wait in the queue, multicast
+/// ones wait in its backlog) until its connection gives the bytes back with the credit.
+#[test]
+fn auto_ack_deliveries_stop_at_the_unwritten_bytes_bound_until_they_are_written() {
+    let limits = AddressLimits { max_unwritten_bytes: 250, max_queued_messages: 100, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    for (consumer, address, mode) in
+        [(1, "a", DeliveryMode::Anycast), (2, "a", DeliveryMode::Anycast), (3, "b", DeliveryMode::Multicast)]
+    {
+        let subscribe = AddressCommand::Subscribe {
+            consumer: conn(consumer),
+            subscription: SubscriptionId(1),
+            address: Bytes::copy_from_slice(address.as_bytes()),
+            mode,
+            ack_mode: AckMode::Auto,
+            credit: 100,
+        };
+        table.handle(subscribe, 0, &mut out);
+    }
+    out.clear();
+    let body = "x".repeat(99); // 100 bytes with the address
+    for _ in 0..8 {
+        publish(&mut table, "a", &body, &mut out);
+        publish(&mut table, "b", &body, &mut out);
+    }
+    let per_consumer = |out: &[Outgoing]| {
+        let delivered = deliveries(out);
+        [1, 2, 3].map(|consumer| delivered.iter().filter(|(to, _)| *to == consumer).count())
+    };
+    // Round robin on "a" until each consumer holds 300 unwritten bytes (the third delivery
+    // takes it from 200 to past the bound); the rest waits: 2 in the queue, 5 in the backlog.
+    assert_eq!(per_consumer(&out), [3, 3, 3]);
+    assert_eq!(table.stats(b"a").queued, 2);
+    out.clear();
+    for consumer in [1, 3] {
+        let written = AddressCommand::ReturnCredit {
+            consumer: conn(consumer),
+            subscription: SubscriptionId(1),
+            count: 3,
+            bytes: 300,
+        };
+        table.handle(written, 0, &mut out);
+    }
+    // Written: consumer 1 takes what waited in the queue (2 is still at its bound), and 3
+    // three more from its backlog.
+    assert_eq!(per_consumer(&out), [2, 0, 3]);
+    assert_eq!(table.stats(b"a").queued, 0);
 }
 
 #[test]
