@@ -876,6 +876,18 @@ impl Session {
             Binding::Text if message.body_is_text || std::str::from_utf8(message.body()).is_ok() => Binding::Text,
             _ => Binding::Binary,
         };
+        if binding == Binding::Binary {
+            // Only the fixed fields are this delivery's own; the rest is the stored tail.
+            let fixed = mbws::binary::encode_message_fixed(
+                delivery.subscription.0,
+                delivery_seq,
+                delivery.message_id.0,
+                delivery.redelivered,
+                message.durable,
+            );
+            outbound.push_binary_message(&fixed, message.tail());
+            return;
+        }
         let properties = message.properties();
         let header = mbws::MessageHeader {
             subscription_id: delivery.subscription.0,
