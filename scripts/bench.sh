@@ -8,9 +8,12 @@
 #
 # Other flags: --targets LIST (default mbws,mbws-light,nats,mqtt,relay; mbws-light is our broker
 # driven with MBLWS, at most once like core NATS, for throughput and latency only), --no-tls,
-# --no-build, --out DIR, --throughput-only (phase 1 alone: the saturated throughput runs, with
-# their TLS variants; `--quick --targets mbws,nats --throughput-only` gives the four rows that
-# compare each broker's wss:// with its ws://, in about a minute).
+# --no-build, --out DIR, --scenarios LIST (default throughput,latency,fanout,connections,durable;
+# e.g. `--quick --targets mbws,nats --scenarios fanout --fanout "10 100 1000"` for fan-out
+# alone; `--quick --targets mbws,nats --scenarios throughput` gives the four rows that compare
+# each broker's wss:// with its ws://, in about a minute), --fanout "M ..." (the fan-out
+# subscriber counts, instead of the mode's).
+# The summary needs the throughput scenario; without it, the run's JSON files are the result.
 # TLS: the throughput runs of mbws and nats are repeated over wss:// (targets mbws-tls and
 # nats-tls: each broker serves TLS itself, with a throwaway certificate made by openssl), so the
 # summary gives each one's cost of TLS against its own ws://. --no-tls skips them.
@@ -35,8 +38,9 @@ mode=full
 publish=0
 build=1
 tls=1
-throughput_only=0
 targets_arg="mbws,mbws-light,nats,mqtt,relay"
+scenarios_arg="throughput,latency,fanout,connections,durable"
+fanout_arg=""
 out_dir=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -45,9 +49,10 @@ while [[ $# -gt 0 ]]; do
         --publish) publish=1 ;;
         --no-build) build=0 ;;
         --no-tls) tls=0 ;;
-        --throughput-only) throughput_only=1 ;;
         --targets) targets_arg="${2:?--targets needs a list such as mbws,nats}"; shift ;;
         --out) out_dir="${2:?--out needs a directory}"; shift ;;
+        --scenarios) scenarios_arg="${2:?--scenarios needs a list such as fanout,latency}"; shift ;;
+        --fanout) fanout_arg="${2:?--fanout needs subscriber counts such as \"10 100 1000\"}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -75,6 +80,15 @@ else
     connections=50000; source_ips=4; hold=3
     run_timeout=300
 fi
+[[ -n $fanout_arg ]] && fanout_subscribers=$fanout_arg
+for scenario in ${scenarios_arg//,/ }; do
+    case "$scenario" in
+        throughput|latency|fanout|connections|durable) ;;
+        *) echo "bench.sh: unknown scenario '$scenario' (throughput, latency, fanout, connections, durable)" >&2; exit 2 ;;
+    esac
+done
+# True when the scenario $1 is to run.
+wants() { [[ ",$scenarios_arg," == *",$1,"* ]]; }
 # mosquitto's WebSocket listener stops delivering larger messages (see crates/mbws-bench/src/cli.rs).
 mqtt_max_size=4000
 # Broker CPU and generator CPU.
@@ -552,6 +566,7 @@ EOF
 # Phase 1: saturated throughput, 1 publisher -> 1 consumer, for every target, and over TLS for
 # mbws and nats.
 for target in "${targets[@]}" "${tls_targets[@]}"; do
+    wants throughput || break
     for repeat in $(seq "$repeats"); do
         run "$target" "$target-throughput-r$repeat" throughput --duration-s "$duration" \
             --publishers 1 --consumers 1 --addresses 1
@@ -575,34 +590,38 @@ fi
 
 # Phase 2: every other scenario, per target (mbws-light: the common-rate latency only), each
 # repeated like the throughput runs (NAME-rN; plot.py reports the median and the range).
-[[ $throughput_only == 1 ]] && note "--throughput-only: the other scenarios are skipped"
 for target in "${targets[@]}"; do
-  [[ $throughput_only == 1 ]] && break
   for repeat in $(seq "$repeats"); do
     r="r$repeat"
     if [[ $target == mbws-light ]]; then
-        if [[ -n $common_rate ]]; then
+        if [[ -n $common_rate ]] && wants latency; then
             run "$target" "$target-latency-common-$r" latency --rates 100 --max-rate "$common_rate" \
                 --step-s "$((${step%.*} + 1))" --duration-s "$duration"
         fi
         continue
     fi
     max_flag=()
-    [[ -n ${max_rate[$target]} ]] && max_flag=(--max-rate "${max_rate[$target]}")
-    run "$target" "$target-latency-sweep-$r" latency --rates "$rates" --step-s "$step" \
-        --duration-s "$duration" "${max_flag[@]}"
-    if [[ -n $common_rate ]]; then
+    [[ -n ${max_rate[$target]:-} ]] && max_flag=(--max-rate "${max_rate[$target]}")
+    if wants latency; then
+        run "$target" "$target-latency-sweep-$r" latency --rates "$rates" --step-s "$step" \
+            --duration-s "$duration" "${max_flag[@]}"
+    fi
+    if [[ -n $common_rate ]] && wants latency; then
         run "$target" "$target-latency-common-$r" latency --rates 100 --max-rate "$common_rate" \
             --step-s "$((${step%.*} + 1))" --duration-s "$duration"
     fi
-    for subscribers in $fanout_subscribers; do
-        run "$target" "$target-fanout-$subscribers-$r" fanout --subscribers "$subscribers" --duration-s "$duration"
-    done
-    run "$target" "$target-connections-$r" connections --connections "$connections" \
-        --source-ips "$source_ips" --duration-s "$hold"
-    if [[ $target == mbws ]]; then
+    if wants fanout; then
+        for subscribers in $fanout_subscribers; do
+            run "$target" "$target-fanout-$subscribers-$r" fanout --subscribers "$subscribers" --duration-s "$duration"
+        done
+    fi
+    if wants connections; then
+        run "$target" "$target-connections-$r" connections --connections "$connections" \
+            --source-ips "$source_ips" --duration-s "$hold"
+    fi
+    if [[ $target == mbws ]] && wants durable; then
         run "$target" "$target-durable-$r" durable --duration-s "$duration"
-    elif [[ $target == nats ]]; then
+    elif [[ $target == nats ]] && wants durable; then
         run nats-js "nats-js-durable-$r" durable --duration-s "$duration"
     fi
   done

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::mbws::binary::MessageTail;
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode, Properties};
 
 pub use crate::ids::ShardId;
@@ -61,79 +62,74 @@ pub fn owner_of(address: &[u8], shard_count: usize) -> ShardId {
     ShardId((hash % shard_count as u64) as u16)
 }
 
-/// A message as the broker keeps it: every field is a slice of the publisher's WebSocket
-/// payload, so sharing it (an `Arc` clone per delivery) never copies the body.
+/// A message as the broker keeps it: its address, properties and body as one
+/// [`MessageTail`] (the binary binding's layout, which is also the end of every binary MESSAGE
+/// that delivers it), so sharing it (an `Arc` clone per delivery) never copies the body, and a
+/// binary delivery writes only its own fixed fields before the shared tail.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
-    pub address: Bytes,
+    tail: MessageTail,
     pub durable: bool,
     /// Milliseconds on the broker's monotonic clock after which the message is dropped
     /// instead of delivered; 0 for never.
     pub expires_at_ms: u64,
-    pub properties: Properties,
-    pub body: Bytes,
     /// True when the body arrived in a text frame (so it is known to be valid UTF-8).
     pub body_is_text: bool,
 }
 
 impl StoredMessage {
-    /// What a delivery of this message keeps alive until it is written: the bytes of every
-    /// field (the bound on a subscription's unwritten auto-ack deliveries counts these).
+    pub fn new(tail: MessageTail, durable: bool, expires_at_ms: u64, body_is_text: bool) -> StoredMessage {
+        StoredMessage { tail, durable, expires_at_ms, body_is_text }
+    }
+
+    /// What a delivery of this message keeps alive until it is written: the bytes of its
+    /// address, properties and body, all in its one tail (the bound on a subscription's
+    /// unwritten auto-ack deliveries counts these).
     pub fn held_bytes(&self) -> usize {
-        self.address.len() + self.field_bytes_but_address()
+        self.tail.as_bytes().len()
     }
 
-    /// Bytes of every field but the address together (what [`StoredMessage::compact`] copies
-    /// besides the address).
-    fn field_bytes_but_address(&self) -> usize {
-        let properties = &self.properties;
-        properties.content_type.len()
-            + properties.correlation_id.len()
-            + properties.reply_to.len()
-            + properties.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
-            + self.body.len()
+    /// A message made of fields held elsewhere (a recovered record, a dead-lettered copy,
+    /// tests): they are encoded into a tail of their own.
+    pub fn from_fields(address: &[u8], properties: &Properties, body: &[u8], durable: bool) -> StoredMessage {
+        StoredMessage::new(MessageTail::encode(address, properties, body), durable, 0, false)
     }
 
-    /// Moves every field into `arena`. A message that has to wait in a queue is compacted
-    /// once, so that it does not keep the publisher's whole read buffer (16 KiB or more) alive
-    /// for as long as it waits; messages delivered as they arrive are never copied.
+    pub fn address(&self) -> &[u8] {
+        self.tail.address()
+    }
+
+    /// The address as a slice of the message's buffer (one reference count): for lookups
+    /// only; a name the table keeps is copied (see `new_address`).
+    pub fn address_bytes(&self) -> Bytes {
+        let bytes = self.tail.as_bytes();
+        bytes.slice(1..1 + usize::from(bytes[0]))
+    }
+
+    /// The properties as slices of the message (see [`MessageTail::properties`]).
+    pub fn properties(&self) -> Properties {
+        self.tail.properties()
+    }
+
+    pub fn body(&self) -> &[u8] {
+        self.tail.body()
+    }
+
+    pub fn body_bytes(&self) -> Bytes {
+        self.tail.body_bytes()
+    }
+
+    pub fn tail(&self) -> &MessageTail {
+        &self.tail
+    }
+
+    /// Copies the message into `arena`, in one piece. A message that has to wait in a queue
+    /// is compacted once, so that it does not keep the publisher's whole read buffer (16 KiB
+    /// or more) alive for as long as it waits; messages delivered as they arrive are never
+    /// copied.
     pub fn compact(&mut self, arena: &mut CompactionArena) {
-        self.move_fields(arena, true);
-    }
-
-    /// [`StoredMessage::compact`], with the address replaced by `address`: the same name,
-    /// already a compact copy that a queue's messages can share (the address table's own
-    /// key), so only the other fields are copied.
-    pub fn compact_sharing_address(&mut self, arena: &mut CompactionArena, address: &Bytes) {
-        debug_assert_eq!(self.address, *address);
-        self.address = address.clone();
-        self.move_fields(arena, false);
-    }
-
-    /// Moves every field (the address too if `with_address`) into `arena`.
-    fn move_fields(&mut self, arena: &mut CompactionArena, with_address: bool) {
-        let address_bytes = if with_address { self.address.len() } else { 0 };
-        let mut chunk = arena.room_for(address_bytes + self.field_bytes_but_address());
-        // Inlined, so an empty field costs one test: they are the common case.
-        #[inline(always)]
-        fn move_field(chunk: &mut BytesMut, field: &mut Bytes) {
-            // Empty fields stay static: nothing to copy, no reference to count.
-            if !field.is_empty() {
-                chunk.extend_from_slice(field);
-                *field = chunk.split().freeze();
-            }
-        }
-        if with_address {
-            move_field(&mut chunk, &mut self.address);
-        }
-        move_field(&mut chunk, &mut self.properties.content_type);
-        move_field(&mut chunk, &mut self.properties.correlation_id);
-        move_field(&mut chunk, &mut self.properties.reply_to);
-        for (name, value) in self.properties.headers.iter_mut() {
-            move_field(&mut chunk, name);
-            move_field(&mut chunk, value);
-        }
-        move_field(&mut chunk, &mut self.body);
+        let mut chunk = arena.room_for(self.tail.as_bytes().len());
+        self.tail.move_into(&mut chunk);
         arena.give_back(chunk);
     }
 }
@@ -323,52 +319,30 @@ mod tests {
     fn message(address: &str, body: &[u8]) -> StoredMessage {
         let mut properties = Properties { content_type: Bytes::from_static(b"text/plain"), ..Properties::default() };
         properties.headers.push((Bytes::from_static(b"x-a"), Bytes::from_static(b"1")));
-        StoredMessage {
-            address: Bytes::copy_from_slice(address.as_bytes()),
-            durable: false,
-            expires_at_ms: 0,
-            properties,
-            body: Bytes::copy_from_slice(body),
-            body_is_text: false,
-        }
+        StoredMessage::from_fields(address.as_bytes(), &properties, body, false)
     }
 
     #[test]
-    fn compaction_copies_every_field_next_to_the_previous_message() {
+    fn compaction_copies_the_message_in_one_piece_next_to_the_previous_one() {
         let mut arena = CompactionArena::default();
         let mut first = message("orders", b"first body");
-        let original_body = first.body.clone();
+        let original = first.tail().as_bytes().clone();
         first.compact(&mut arena);
         let mut second = message("orders", b"second");
         second.compact(&mut arena);
         for compacted in [&first, &second] {
-            assert_eq!(compacted.address, "orders");
-            assert_eq!(compacted.properties.content_type, "text/plain");
-            assert_eq!(compacted.properties.headers[0], (Bytes::from_static(b"x-a"), Bytes::from_static(b"1")));
-            assert!(compacted.properties.correlation_id.is_empty());
+            assert_eq!(compacted.address(), b"orders");
+            let properties = compacted.properties();
+            assert_eq!(properties.content_type, "text/plain");
+            assert_eq!(properties.headers[0], (Bytes::from_static(b"x-a"), Bytes::from_static(b"1")));
+            assert!(properties.correlation_id.is_empty());
         }
-        assert_eq!(first.body, original_body);
-        assert_ne!(first.body.as_ptr(), original_body.as_ptr(), "the copy no longer points at the original");
-        // Packed: the second message starts where the first one's body ends.
-        assert_eq!(second.address.as_ptr(), first.body.as_ptr().wrapping_add(first.body.len()));
-    }
-
-    #[test]
-    fn compaction_sharing_the_address_copies_only_the_other_fields() {
-        let mut arena = CompactionArena::default();
-        let key = Bytes::copy_from_slice(b"orders");
-        let mut first = message("orders", b"first body");
-        first.compact_sharing_address(&mut arena, &key);
-        let mut second = message("orders", b"second");
-        second.compact_sharing_address(&mut arena, &key);
-        for compacted in [&first, &second] {
-            assert_eq!(compacted.address.as_ptr(), key.as_ptr(), "the address is the shared key");
-            assert_eq!(compacted.properties.content_type, "text/plain");
-            assert_eq!(compacted.properties.headers[0], (Bytes::from_static(b"x-a"), Bytes::from_static(b"1")));
-        }
-        assert_eq!((first.body.as_ref(), second.body.as_ref()), (&b"first body"[..], &b"second"[..]));
-        // Packed without the address: the second message's first field follows the first's body.
-        assert_eq!(second.properties.content_type.as_ptr(), first.body.as_ptr().wrapping_add(first.body.len()));
+        assert_eq!(first.tail().as_bytes(), &original);
+        assert_eq!(first.body(), b"first body");
+        assert_ne!(first.tail().as_bytes().as_ptr(), original.as_ptr(), "the copy no longer points at the original");
+        // Packed: the second message starts where the first one ends.
+        let first_bytes = first.tail().as_bytes();
+        assert_eq!(second.tail().as_bytes().as_ptr(), first_bytes.as_ptr().wrapping_add(first_bytes.len()));
     }
 
     #[test]
@@ -378,11 +352,12 @@ mod tests {
         small.compact(&mut arena);
         let mut large = message("a", &vec![7u8; MAX_ARENA_MESSAGE_BYTES + 1]);
         large.compact(&mut arena);
-        assert_eq!(large.body.len(), MAX_ARENA_MESSAGE_BYTES + 1);
-        assert!(large.body.iter().all(|&byte| byte == 7));
+        assert_eq!(large.body().len(), MAX_ARENA_MESSAGE_BYTES + 1);
+        assert!(large.body().iter().all(|&byte| byte == 7));
         let mut next = message("a", b"next");
         next.compact(&mut arena);
-        assert_eq!(next.address.as_ptr(), small.body.as_ptr().wrapping_add(small.body.len()));
+        let small_bytes = small.tail().as_bytes();
+        assert_eq!(next.tail().as_bytes().as_ptr(), small_bytes.as_ptr().wrapping_add(small_bytes.len()));
     }
 
     #[test]

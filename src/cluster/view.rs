@@ -100,9 +100,9 @@ pub struct PlacementView {
 }
 
 /// The address a command must be placed for: SEND and SUBSCRIBE only.
-fn gated_address(command: &AddressCommand) -> Option<&Bytes> {
+fn gated_address(command: &AddressCommand) -> Option<&[u8]> {
     match command {
-        AddressCommand::Publish { message, .. } => Some(&message.address),
+        AddressCommand::Publish { message, .. } => Some(message.address()),
         AddressCommand::Subscribe { address, .. } => Some(address),
         _ => None,
     }
@@ -215,7 +215,7 @@ impl PlacementView {
                     refuse(command, refusal, out);
                     return None;
                 }
-                let address = address.clone();
+                let address = Bytes::copy_from_slice(address);
                 self.waiting_count += 1;
                 self.counters.waited += 1;
                 let list = self.waiting.entry(address.clone()).or_default();
@@ -349,14 +349,7 @@ mod tests {
     }
 
     fn publish(address: &'static str, seq: u64) -> AddressCommand {
-        let message = StoredMessage {
-            address: Bytes::from_static(address.as_bytes()),
-            durable: false,
-            expires_at_ms: 0,
-            properties: Properties::default(),
-            body: Bytes::from_static(b"x"),
-            body_is_text: false,
-        };
+        let message = StoredMessage::from_fields(address.as_bytes(), &Properties::default(), b"x", false);
         AddressCommand::Publish { publisher: conn(1), seq, message: Arc::new(message) }
     }
 

@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 
 use crate::broker::{ShardId, SubscriptionId};
+use crate::mbws::binary::MessageTail;
 use crate::mbws::{self, Binding, Frame, MessageHeader};
 use crate::ws::frame::encode_header;
 use crate::ws::OpCode;
@@ -150,6 +151,31 @@ impl Outbound {
         if inline.is_none() {
             self.queued_bytes += body.len();
             self.segments.push(Segment::Body(body.clone()));
+        }
+    }
+
+    /// Queues a binary MESSAGE made of this delivery's fixed fields and the message's shared
+    /// tail (address, properties, body; see `MessageTail`): the tail is copied behind the
+    /// header up to `INLINE_BODY_BYTES` of body, referenced without a copy above it. Ignored
+    /// once a close frame is queued, as [`Outbound::push_message`].
+    pub fn push_binary_message(&mut self, fixed: &[u8; mbws::binary::MESSAGE_FIXED_BYTES], tail: &MessageTail) {
+        if self.close_queued {
+            return;
+        }
+        let inline = tail.body().len() <= INLINE_BODY_BYTES;
+        let tail = tail.as_bytes();
+        let payload_len = fixed.len() + tail.len();
+        let needed = MAX_WS_HEADER_BYTES + fixed.len() + if inline { tail.len() } else { 0 };
+        self.push_header(needed, |arena| {
+            encode_header(arena, true, OpCode::Binary, payload_len, None);
+            arena.extend_from_slice(fixed);
+            if inline {
+                arena.extend_from_slice(tail);
+            }
+        });
+        if !inline {
+            self.queued_bytes += tail.len();
+            self.segments.push(Segment::Body(tail.clone()));
         }
     }
 
@@ -402,6 +428,41 @@ mod tests {
         batch.advance(all.len() - 3);
         assert!(batch.is_done());
         assert!(outbound.take_batch(WriteBatch::default()).is_none());
+    }
+
+    #[test]
+    fn a_message_written_from_its_tail_is_the_message_encoded_field_by_field() {
+        let mut properties = mbws::Properties { content_type: Bytes::from_static(b"text/plain"), ..Default::default() };
+        properties.headers.push((Bytes::from_static(b"x-trace"), Bytes::from_static(b"7")));
+        for body_len in [0, 64, INLINE_BODY_BYTES, INLINE_BODY_BYTES + 1] {
+            for properties in [mbws::Properties::default(), properties.clone()] {
+                let body = Bytes::from(vec![b'b'; body_len]);
+                let tail = MessageTail::encode(b"orders", &properties, &body);
+                let header = MessageHeader {
+                    subscription_id: 3,
+                    delivery_seq: 4,
+                    message_id: 5,
+                    address: b"orders",
+                    redelivered: true,
+                    durable: false,
+                    properties: &properties,
+                };
+                let mut by_fields = Outbound::new();
+                by_fields.push_message(Binding::Binary, &header, &body);
+                let mut from_tail = Outbound::new();
+                from_tail.push_binary_message(&mbws::binary::encode_message_fixed(3, 4, 5, true, false), &tail);
+                let expected = by_fields.take_batch(WriteBatch::default()).unwrap();
+                let written = from_tail.take_batch(WriteBatch::default()).unwrap();
+                assert_eq!(written.to_vec(), expected.to_vec(), "body of {body_len} bytes");
+                // A large body is referenced (the whole tail, in place), a small one copied.
+                let referenced = written.body_pointers();
+                if body_len > INLINE_BODY_BYTES {
+                    assert_eq!(referenced, vec![tail.as_bytes().as_ptr()]);
+                } else {
+                    assert!(referenced.is_empty());
+                }
+            }
+        }
     }
 
     #[test]

@@ -363,8 +363,21 @@ impl Session {
         now_ms: u64,
         fx: &mut Effects<'_>,
     ) -> Result<(), SessionEnd> {
-        match mbws::decode(binding, payload, &self.config.codec_limits) {
-            Ok(frame) => self.on_frame(binding, frame, now_ms, fx),
+        // A binary SEND on an open session, the common frame, is decoded straight into the
+        // message it becomes: its payload from the address on is the stored message (see
+        // `StoredMessage`), with no `Frame` in between.
+        let binary_send = binding == Binding::Binary
+            && self.state == State::Open
+            && payload.get(1) == Some(&mbws::FrameKind::Send.code());
+        let decoded = if binary_send {
+            mbws::binary::decode_send(payload, &self.config.codec_limits)
+                .map(|send| self.on_send(binding, send, now_ms, fx))
+        } else {
+            mbws::decode(binding, payload, &self.config.codec_limits)
+                .map(|frame| self.on_frame(binding, frame, now_ms, fx))
+        };
+        match decoded {
+            Ok(handled) => handled,
             Err(error) => Err(self.fatal(binding, error.code, 0, 0, error.reason, fx)),
         }
     }
@@ -401,7 +414,7 @@ impl Session {
                 "a second OPEN on an open session: one OPEN per connection".into(),
                 fx,
             )),
-            Frame::Send(send) => self.on_send(binding, send, now_ms, fx),
+            Frame::Send(send) => self.on_send(binding, mbws::binary::SendTail::encode(&send), now_ms, fx),
             Frame::Subscribe(subscribe) => {
                 self.on_subscribe(binding, subscribe, fx);
                 Ok(())
@@ -528,7 +541,7 @@ impl Session {
     fn on_send(
         &mut self,
         binding: Binding,
-        send: mbws::Send,
+        send: mbws::binary::SendTail,
         now_ms: u64,
         fx: &mut Effects<'_>,
     ) -> Result<(), SessionEnd> {
@@ -579,7 +592,7 @@ impl Session {
         // memory bound the limit promises (and the refused-SEND window that relies on it).
         assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
         // No frame the broker sends may exceed the max-frame-bytes it announced, MESSAGE included.
-        let largest = mbws::largest_message_bytes(&send.address, &send.properties, send.body.len());
+        let largest = mbws::largest_message_bytes_of_tail(&send.tail);
         let max_frame_bytes = self.config.limits.max_frame_bytes as usize;
         if largest > max_frame_bytes {
             let reason = format!(
@@ -594,10 +607,10 @@ impl Session {
             self.receipt_answered_sends();
             return Ok(());
         }
-        if !self.permissions.may_send(&send.address) {
+        if !self.permissions.may_send(send.tail.address()) {
             let reason = format!(
                 "SEND: this session may not send to \"{}\" (its permissions, docs/SECURITY.md)",
-                String::from_utf8_lossy(&send.address)
+                String::from_utf8_lossy(send.tail.address())
             );
             // Like every refused SEND: non-fatal, kept for resumes, covered by the RECEIPT.
             self.refuse_send(seq, Refusal::new(ErrorCode::Forbidden, reason), fx.outbound);
@@ -606,15 +619,8 @@ impl Session {
             return Ok(());
         }
         let expires_at_ms = if send.ttl_ms == 0 { 0 } else { now_ms + u64::from(send.ttl_ms) };
-        let owner = owner_of(&send.address, self.config.shard_count);
-        let message = Arc::new(StoredMessage {
-            address: send.address,
-            durable: send.durable,
-            expires_at_ms,
-            properties: send.properties,
-            body: send.body,
-            body_is_text: binding == Binding::Text,
-        });
+        let owner = owner_of(send.tail.address(), self.config.shard_count);
+        let message = Arc::new(StoredMessage::new(send.tail, send.durable, expires_at_ms, binding == Binding::Text));
         self.inflight_sends.push_back((seq, false));
         fx.commands.push((owner, AddressCommand::Publish { publisher: self.me, seq, message }));
         Ok(())
@@ -867,19 +873,32 @@ impl Session {
         let message = &delivery.message;
         // A text session gets text frames, unless the body is not UTF-8 (then binary).
         let binding = match self.binding {
-            Binding::Text if message.body_is_text || std::str::from_utf8(&message.body).is_ok() => Binding::Text,
+            Binding::Text if message.body_is_text || std::str::from_utf8(message.body()).is_ok() => Binding::Text,
             _ => Binding::Binary,
         };
+        if binding == Binding::Binary {
+            // Only the fixed fields are this delivery's own; the rest is the stored tail.
+            let fixed = mbws::binary::encode_message_fixed(
+                delivery.subscription.0,
+                delivery_seq,
+                delivery.message_id.0,
+                delivery.redelivered,
+                message.durable,
+            );
+            outbound.push_binary_message(&fixed, message.tail());
+            return;
+        }
+        let properties = message.properties();
         let header = mbws::MessageHeader {
             subscription_id: delivery.subscription.0,
             delivery_seq,
             message_id: delivery.message_id.0,
-            address: &message.address,
+            address: message.address(),
             redelivered: delivery.redelivered,
             durable: message.durable,
-            properties: &message.properties,
+            properties: &properties,
         };
-        outbound.push_message(binding, &header, &message.body);
+        outbound.push_message(binding, &header, &message.body_bytes());
     }
 
     /// End of a batch of events: sends one cumulative RECEIPT if any SEND became safe.
@@ -1188,14 +1207,7 @@ mod tests {
             ConnCommand::SubscribeDone { consumer: me, subscription: SubscriptionId(1), outcome: Ok(()) },
             &mut fx,
         );
-        let message = Arc::new(StoredMessage {
-            address: Bytes::from_static(b"a"),
-            durable: false,
-            expires_at_ms: 0,
-            properties: Default::default(),
-            body: Bytes::from_static(b"body"),
-            body_is_text: false,
-        });
+        let message = Arc::new(StoredMessage::from_fields(b"a", &Default::default(), b"body", false));
         let deliver = |id: u64| ConnCommand::Deliver {
             consumer: me,
             subscription: SubscriptionId(1),

@@ -264,7 +264,7 @@ impl Queues {
             let same_address = matches!(
                 self.work.front(),
                 Some(Command::Address(AddressCommand::Publish { message, .. }))
-                    if message.address == publications[0].message.address
+                    if message.address() == publications[0].message.address()
             );
             if !same_address {
                 break;
@@ -793,8 +793,11 @@ impl ShardCore {
                     self.publications.push(Publication { publisher, seq, message });
                     self.queues.take_publishes_to_same_address(&mut self.publications);
                     self.counters.messages_received += self.publications.len() as u64;
-                    self.counters.bytes_received +=
-                        self.publications.iter().map(|publication| publication.message.body.len() as u64).sum::<u64>();
+                    self.counters.bytes_received += self
+                        .publications
+                        .iter()
+                        .map(|publication| publication.message.body().len() as u64)
+                        .sum::<u64>();
                     self.addresses.publish_batch(&mut self.publications, now_ms, &mut self.answers);
                     self.route_address_output();
                 }
@@ -807,7 +810,7 @@ impl ShardCore {
                         ConnCommand::Deliver { deliveries, .. } => {
                             self.counters.messages_delivered += deliveries.len() as u64;
                             for delivery in deliveries {
-                                self.counters.bytes_delivered += delivery.message.body.len() as u64;
+                                self.counters.bytes_delivered += delivery.message.body().len() as u64;
                                 self.counters.messages_redelivered += u64::from(delivery.redelivered);
                             }
                         }

@@ -27,8 +27,8 @@ impl AddressTable {
     pub fn publish_batch(&mut self, batch: &mut Vec<Publication>, now_ms: u64, out: &mut Vec<Outgoing>) {
         debug_assert!(batch.len() <= MAX_PUBLISH_BATCH, "batches are bounded by MAX_PUBLISH_BATCH");
         let Some(first) = batch.first() else { return };
-        debug_assert!(batch.iter().all(|publication| publication.message.address == first.message.address));
-        let address_name = first.message.address.clone();
+        debug_assert!(batch.iter().all(|publication| publication.message.address() == first.message.address()));
+        let address_name = first.message.address_bytes();
         // The fast path delivers at once: only for ids already durably reserved.
         let ids_reserved = self.last_message_id.saturating_add(batch.len() as u64) <= self.ids_durably_reserved;
         if !ids_reserved || !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
@@ -67,7 +67,7 @@ impl AddressTable {
         let mut accepted = Vec::with_capacity(batch.len());
         for Publication { publisher, seq, message } in batch.drain(..) {
             let admitted =
-                self.refuse_if_log_failed(&message).and_then(|_| self.check_memory_budget(message.body.len()));
+                self.refuse_if_log_failed(&message).and_then(|_| self.check_memory_budget(message.body().len()));
             if admitted.is_ok() && !is_expired_at(message.expires_at_ms, now_ms) {
                 let (id, visible_after) = self.next_message_id();
                 debug_assert_eq!(visible_after, Lsn(0), "ids of this path are durably reserved (checked above)");
@@ -88,7 +88,7 @@ impl AddressTable {
             });
         let delivered_at_once = if any_backlog { 0 } else { least_credit_left as usize };
         for queued in accepted.iter_mut().skip(delivered_at_once) {
-            compact_to_wait(&mut self.arena, &mut queued.message, None);
+            compact_to_wait(&mut self.arena, &mut queued.message);
         }
         let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
         state.messages_in += accepted.len() as u64;
@@ -174,8 +174,7 @@ impl AddressTable {
     /// `Ok(Some(lsn))` when its answer must wait for the log. `state` is the address's state,
     /// taken out of the table by the caller ([`AddressTable::take_address`]) so that a batch
     /// looks it up once; `address_name` is its key in the table (the message's address, a
-    /// compact copy: a message that waits shares it instead of copying its own, and so does
-    /// the table's list of what waits for the log).
+    /// compact copy, which the table's list of what waits for the log shares).
     fn enqueue(
         &mut self,
         state: &mut Address,
@@ -184,12 +183,12 @@ impl AddressTable {
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) -> Result<Option<Lsn>, Refusal> {
-        debug_assert_eq!(*address_name, message.address);
+        debug_assert_eq!(address_name, message.address());
         let durable = self.refuse_if_log_failed(&message)?;
         self.refuse_if_ids_cannot_be_reserved()?;
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
-        let within_budget = self.check_memory_budget(message.body.len());
+        let within_budget = self.check_memory_budget(message.body().len());
         let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
         let max_queued_bytes = state.max_queued_bytes(self.limits.max_queued_bytes);
         let to_anycast_queue = state.routes_to_anycast_queue();
@@ -209,7 +208,7 @@ impl AddressTable {
                 ),
             ));
         }
-        let body_bytes = message.body.len();
+        let body_bytes = message.body().len();
         if to_anycast_queue && state.queued_bytes + body_bytes > max_queued_bytes {
             return Err(Refusal::new(
                 ErrorCode::Overloaded,
@@ -230,7 +229,7 @@ impl AddressTable {
             || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
         let mut message = message;
         if will_wait {
-            compact_to_wait(&mut self.arena, &mut message, Some(address_name));
+            compact_to_wait(&mut self.arena, &mut message);
         }
         let (id, mut visible_after) = self.next_message_id();
         // Logged before it can be delivered (and so settled), when it goes to the anycast queue;
@@ -243,11 +242,11 @@ impl AddressTable {
                 at => at.max(now_ms) + self.unix_offset_ms,
             };
             let appended = log.borrow_mut().append_message(
-                &message.address,
+                message.address(),
                 id.0,
                 expires_at_unix_ms,
-                &message.properties,
-                &message.body,
+                &message.properties(),
+                message.body(),
             );
             match appended {
                 Ok(appended) => {
@@ -277,8 +276,8 @@ impl AddressTable {
         }
         end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
         if to_anycast_queue {
-            state.queued_bytes += queued.message.body.len();
-            self.queued_bytes += queued.message.body.len();
+            state.queued_bytes += queued.message.body().len();
+            self.queued_bytes += queued.message.body().len();
             state.queue.push_back(queued);
         }
         Ok(lsn)
@@ -367,19 +366,13 @@ fn answer_publish_to(
 }
 
 /// Compacts a message that is going to wait (see [`StoredMessage::compact`]): in place when
-/// nothing else shares it, as a compacted copy otherwise. With `shared_address` (the address
-/// table's key for the message's address), the message shares that name instead of copying
-/// its own.
-fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage, shared_address: Option<&Bytes>) {
-    let compact = |message: &mut StoredMessage, arena: &mut CompactionArena| match shared_address {
-        Some(address) => message.compact_sharing_address(arena, address),
-        None => message.compact(arena),
-    };
+/// nothing else shares it, as a compacted copy otherwise.
+fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage) {
     match std::sync::Arc::get_mut(message) {
-        Some(only_reference) => compact(only_reference, arena),
+        Some(only_reference) => only_reference.compact(arena),
         None => {
             let mut copy = StoredMessage::clone(message);
-            compact(&mut copy, arena);
+            copy.compact(arena);
             *message = std::sync::Arc::new(copy);
         }
     }

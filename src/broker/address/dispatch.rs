@@ -107,7 +107,7 @@ impl AddressTable {
             };
             let index = (state.next_anycast + offset) % subscriber_count;
             let queued = state.queue.pop_front().expect("queue is not empty");
-            state.queued_bytes -= queued.message.body.len();
+            state.queued_bytes -= queued.message.body().len();
             if is_expired(&queued, now_ms) {
                 settled.push(queued);
                 continue;

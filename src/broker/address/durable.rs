@@ -50,20 +50,16 @@ impl AddressTable {
                 0 => 0,
                 at => now_ms + at.saturating_sub(now_unix_ms).max(1),
             };
-            let message = std::sync::Arc::new(StoredMessage {
-                address: recovered.address.clone(),
-                durable: true,
-                expires_at_ms,
-                properties: recovered.properties,
-                body: recovered.body,
-                body_is_text: false,
-            });
+            let mut message =
+                StoredMessage::from_fields(&recovered.address, &recovered.properties, &recovered.body, true);
+            message.expires_at_ms = expires_at_ms;
+            let message = std::sync::Arc::new(message);
             let state = match self.addresses.get_mut(&recovered.address) {
                 Some(state) => state,
                 None => new_address(&mut self.addresses, &recovered.address),
             };
-            state.queued_bytes += message.body.len();
-            self.queued_bytes += message.body.len();
+            state.queued_bytes += message.body().len();
+            self.queued_bytes += message.body().len();
             let queued = Queued { id: MessageId(recovered.message_id), message, redelivered: true, deliveries: 0 };
             state.queue.push_back(queued);
         }
@@ -76,7 +72,7 @@ impl AddressTable {
     }
 
     fn is_durable(&self, message: &StoredMessage) -> bool {
-        message.durable || self.is_durable_address(&message.address)
+        message.durable || self.is_durable_address(message.address())
     }
 
     /// Every message of `address` is durable (`--durable-address`), whatever its SEND says.
@@ -187,7 +183,7 @@ impl AddressTable {
             state.held_for_log.clear();
             let before = state.queued_bytes;
             state.queue.retain(|queued| queued.id < held_from);
-            state.queued_bytes = state.queue.iter().map(|queued| queued.message.body.len()).sum();
+            state.queued_bytes = state.queue.iter().map(|queued| queued.message.body().len()).sum();
             self.queued_bytes -= before - state.queued_bytes;
             for subscriber in &mut state.multicast {
                 subscriber.backlog.retain(|queued| queued.id < held_from);

@@ -121,7 +121,7 @@ impl AddressTable {
             queue.into_iter().partition(|queued| held_from.is_some_and(|held| queued.id >= held));
         state.queue = kept.into();
         let before = state.queued_bytes;
-        state.queued_bytes = state.queue.iter().map(|queued| queued.message.body.len()).sum();
+        state.queued_bytes = state.queue.iter().map(|queued| queued.message.body().len()).sum();
         self.queued_bytes = self
             .queued_bytes
             .checked_sub(before - state.queued_bytes)

@@ -365,7 +365,7 @@ impl AddressTable {
             AddressCommand::Publish { publisher, seq, message } => {
                 // Always answered, also for seq 0: the publisher counts its publishes in flight
                 // and stops reading at max_inflight_sends, which bounds every inbox.
-                let address = message.address.clone();
+                let address = message.address_bytes();
                 let outcome = self.publish(&address, message, now_ms, out);
                 self.answer_publish(&address, publisher, seq, outcome, out);
             }

@@ -97,8 +97,8 @@ impl AddressTable {
                     "message {} given back to a queue that already holds it",
                     queued.id.0
                 );
-                state.queued_bytes += queued.message.body.len();
-                self.queued_bytes += queued.message.body.len();
+                state.queued_bytes += queued.message.body().len();
+                self.queued_bytes += queued.message.body().len();
                 state.queue.push_front(queued);
             }
             DeliveryMode::Multicast => {
@@ -114,8 +114,8 @@ impl AddressTable {
     /// is already on a dead-letter address is dropped instead, so nothing loops; so is one whose
     /// MESSAGE would exceed `max_frame_bytes` with the two added headers.
     pub(super) fn dead_letter(&mut self, queued: Queued, reason: &str) {
-        self.settle(&queued.message.address, &queued.message, queued.id);
-        let original = &queued.message.address;
+        self.settle(queued.message.address(), &queued.message, queued.id);
+        let original = queued.message.address();
         if original.starts_with(DEAD_LETTER_PREFIX) || original.len() + DEAD_LETTER_PREFIX.len() > 255 {
             return;
         }
@@ -123,21 +123,20 @@ impl AddressTable {
         address.extend_from_slice(DEAD_LETTER_PREFIX);
         address.extend_from_slice(original);
         let address = Bytes::from(address);
-        let mut properties = queued.message.properties.clone();
-        properties.headers.push((Bytes::from_static(b"x-original-address"), original.clone()));
+        let mut properties = queued.message.properties();
+        if properties.headers.len() + 2 > crate::mbws::binary::MAX_HEADER_COUNT {
+            return; // No room for the two headers in a MESSAGE: dropped, like one too large.
+        }
+        properties.headers.push((Bytes::from_static(b"x-original-address"), Bytes::copy_from_slice(original)));
         properties.headers.push((Bytes::from_static(b"x-dead-letter-reason"), Bytes::from(reason.to_string())));
-        let body = &queued.message.body;
+        let body = queued.message.body();
         if crate::mbws::largest_message_bytes(&address, &properties, body.len()) > self.limits.max_frame_bytes {
             return; // Its MESSAGE would exceed max-frame-bytes: dropped, as when DLQ.<address> is full.
         }
-        let message = std::sync::Arc::new(StoredMessage {
-            address: address.clone(),
-            durable: queued.message.durable,
-            expires_at_ms: 0,
-            properties,
-            body: queued.message.body.clone(),
-            body_is_text: queued.message.body_is_text,
-        });
+        // A copy of the body: the message keeps one buffer (its tail), and dead-lettering is rare.
+        let mut message = StoredMessage::from_fields(&address, &properties, body, queued.message.durable);
+        message.body_is_text = queued.message.body_is_text;
+        let message = std::sync::Arc::new(message);
         let owner = owner_of(&address, self.limits.shard_count);
         let publisher = ConnRef { shard: self.shard, conn: SYSTEM };
         self.forwards.push((owner, AddressCommand::Publish { publisher, seq: 0, message }));

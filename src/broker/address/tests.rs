@@ -26,14 +26,9 @@ fn conn(index: u32) -> ConnRef {
 }
 
 fn message(address: &str, body: &str) -> SharedMessage {
-    Arc::new(StoredMessage {
-        address: Bytes::copy_from_slice(address.as_bytes()),
-        durable: false,
-        expires_at_ms: 0,
-        properties: Properties::default(),
-        body: Bytes::copy_from_slice(body.as_bytes()),
-        body_is_text: true,
-    })
+    let mut message = StoredMessage::from_fields(address.as_bytes(), &Properties::default(), body.as_bytes(), false);
+    message.body_is_text = true;
+    Arc::new(message)
 }
 
 fn publish(table: &mut AddressTable, address: &str, body: &str, out: &mut Vec<Outgoing>) {
@@ -70,7 +65,7 @@ fn delivered(out: &[Outgoing]) -> Vec<(u32, &Delivered)> {
 fn deliveries(out: &[Outgoing]) -> Vec<(u32, String)> {
     delivered(out)
         .into_iter()
-        .map(|(consumer, delivery)| (consumer, String::from_utf8_lossy(&delivery.message.body).into_owned()))
+        .map(|(consumer, delivery)| (consumer, String::from_utf8_lossy(delivery.message.body()).into_owned()))
         .collect()
 }
 
@@ -304,16 +299,16 @@ fn only_messages_that_wait_are_compacted() {
     out.clear();
     let first = message("a", "delivered at once");
     let second = message("a", "has to wait");
-    let (first_body, second_body) = (first.body.as_ptr(), second.body.as_ptr());
+    let (first_body, second_body) = (first.body().as_ptr(), second.body().as_ptr());
     table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message: first }, 0, &mut out);
     table.handle(AddressCommand::Publish { publisher: conn(9), seq: 2, message: second }, 0, &mut out);
-    let bodies: Vec<_> = delivered(&out).into_iter().map(|(_, delivery)| delivery.message.body.as_ptr()).collect();
+    let bodies: Vec<_> = delivered(&out).into_iter().map(|(_, delivery)| delivery.message.body().as_ptr()).collect();
     assert_eq!(bodies, vec![first_body], "the first goes out zero-copy");
     out.clear();
     ack(&mut table, 1, &[1], &mut out);
     let waited = deliveries(&out);
     assert_eq!(waited, vec![(1, "has to wait".to_string())]);
-    let pointer = delivered(&out)[0].1.message.body.as_ptr();
+    let pointer = delivered(&out)[0].1.message.body().as_ptr();
     assert_ne!(pointer, second_body, "the waiting one no longer pins the publisher's buffer");
 }
 
@@ -340,10 +335,10 @@ fn an_anycast_batch_is_bounded_like_single_publishes_and_answered_after_its_disp
     subscribe(&mut table, 1, DeliveryMode::Anycast, 2, &mut out);
     out.clear();
     let mut batch = batch_of(&["m1", "m2", "m3", "m4", "m5", "m6"]);
-    let originals: Vec<*const u8> = batch.iter().map(|publication| publication.message.body.as_ptr()).collect();
+    let originals: Vec<*const u8> = batch.iter().map(|publication| publication.message.body().as_ptr()).collect();
     table.publish_batch(&mut batch, 0, &mut out);
     assert_eq!(deliveries(&out), vec![(1, "m1".to_string()), (1, "m2".to_string())]);
-    let sent: Vec<*const u8> = delivered(&out).iter().map(|(_, delivery)| delivery.message.body.as_ptr()).collect();
+    let sent: Vec<*const u8> = delivered(&out).iter().map(|(_, delivery)| delivery.message.body().as_ptr()).collect();
     assert_eq!(sent, originals[..2], "messages delivered at once are not compacted");
     assert_eq!(table.stats(b"a").queued, 3);
     // The answers are decided after the batch's dispatch: the queue is above half of
@@ -361,7 +356,7 @@ fn an_anycast_batch_is_bounded_like_single_publishes_and_answered_after_its_disp
     out.clear();
     ack(&mut table, 1, &[1, 2], &mut out);
     assert_eq!(deliveries(&out), vec![(1, "m3".to_string()), (1, "m4".to_string())]);
-    let waited = delivered(&out)[0].1.message.body.as_ptr();
+    let waited = delivered(&out)[0].1.message.body().as_ptr();
     assert!(!originals.contains(&waited), "messages that waited were compacted");
     out.clear();
     ack(&mut table, 1, &[3, 4], &mut out);
@@ -373,24 +368,24 @@ fn an_anycast_batch_is_bounded_like_single_publishes_and_answered_after_its_disp
 fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
     let mut table = AddressTable::new(ShardId(0), LIMITS);
     let mut out = Vec::new();
-    // The name and body are slices of one large "read buffer", as decoded frames are.
-    let read_buffer = Bytes::from(vec![b'a'; 64 * 1024]);
-    let message = Arc::new(StoredMessage {
-        address: read_buffer.slice(0..1),
-        durable: false,
-        expires_at_ms: 0,
-        properties: Properties::default(),
-        body: read_buffer.slice(1..9),
-        body_is_text: false,
+    // The message is a slice of one large "read buffer", as a decoded SEND is.
+    let send = crate::mbws::Frame::Send(crate::mbws::Send {
+        seq: 1,
+        address: Bytes::from_static(b"a"),
+        body: Bytes::from(vec![b'b'; 64 * 1024]),
+        ..Default::default()
     });
+    let read_buffer = crate::mbws::encode(crate::mbws::Binding::Binary, &send).freeze();
+    let decoded = crate::mbws::binary::decode_send(read_buffer.clone(), &Default::default()).expect("a valid SEND");
+    let message = Arc::new(StoredMessage::new(decoded.tail, false, 0, false));
     table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message }, 0, &mut out);
     assert_eq!(table.stats(b"a").queued, 1);
     let buffer = read_buffer.as_ptr_range();
     let key = table.addresses.keys().next().expect("the address exists").as_ptr();
     assert!(!buffer.contains(&key), "the address's key is a copy of its name");
     let queued = table.addresses[&Bytes::from_static(b"a")].queue[0].message.clone();
-    assert!(!buffer.contains(&queued.body.as_ptr()), "the waiting message was compacted");
-    assert!(!buffer.contains(&queued.address.as_ptr()));
+    assert!(!buffer.contains(&queued.body().as_ptr()), "the waiting message was compacted");
+    assert!(!buffer.contains(&queued.address().as_ptr()));
 }
 
 fn ack(table: &mut AddressTable, consumer: u32, ids: &[u64], out: &mut Vec<Outgoing>) {

@@ -51,7 +51,7 @@
 use bytes::{BufMut, Bytes};
 
 use super::frame::*;
-use super::validate::{excerpt, trailing_bytes, validate_frame};
+use super::validate::{check_address, check_properties, excerpt, trailing_bytes, validate_frame};
 use super::{CodecLimits, DecodeError};
 
 /// Bytes before the kind's fields: version, kind, flags.
@@ -90,8 +90,9 @@ fn defined_flags(kind: FrameKind) -> u8 {
     }
 }
 
-/// Decodes one binary-binding frame. String fields and the body are slices of `payload`.
-pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError> {
+/// The 3-byte prefix every binary frame starts with: the version, a known kind, and no
+/// reserved flag bit set. Returns the kind and the flag bits.
+fn check_prefix(payload: &[u8]) -> Result<(FrameKind, u8), DecodeError> {
     if payload.len() < PREFIX_BYTES {
         return Err(DecodeError::malformed(format!(
             "binary frame is {} bytes, shorter than the {PREFIX_BYTES}-byte prefix \
@@ -122,6 +123,13 @@ pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError
             kind.name()
         )));
     }
+    Ok((kind, flag_bits))
+}
+
+/// Decodes one binary-binding frame. String fields and the body are slices of `payload`.
+pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError> {
+    let (kind, flag_bits) = check_prefix(&payload)?;
+    let version = payload[0];
     let has = |bit: u8| flag_bits & bit != 0;
     let mut reader = Reader { payload, position: PREFIX_BYTES, kind };
 
@@ -204,6 +212,145 @@ pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError
     reader.finish()?;
     validate_frame(&frame, limits)?;
     Ok(frame)
+}
+
+/// Offset of a binary SEND's address (its str8 length byte): the prefix, seq u64, ttl-ms u32.
+const SEND_TAIL_OFFSET: usize = PREFIX_BYTES + 8 + 4;
+/// Bytes of a binary MESSAGE before its address: the prefix, subscription-id u32,
+/// delivery-seq u64, message-id u64. The rest of a MESSAGE is a [`MessageTail`].
+pub const MESSAGE_FIXED_BYTES: usize = PREFIX_BYTES + 4 + 8 + 8;
+
+/// A message's address, properties and body in the binary binding's layout (str8 address,
+/// PROPERTIES, body), in one buffer. SEND and MESSAGE both end with exactly these fields, so
+/// the tail of a binary SEND is, byte for byte, the tail of every binary MESSAGE that delivers
+/// it: a broker keeps a message as its tail (one buffer, one reference count, one copy to
+/// compact it) and writes a MESSAGE as [`encode_message_fixed`]'s bytes followed by the tail,
+/// without encoding the shared part again per delivery.
+///
+/// Invariant: the bytes are a valid layout whose fields passed the SEND rules of
+/// [`super::validate`] (every constructor checks or encodes them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageTail {
+    bytes: Bytes,
+    /// Where the body starts in `bytes`.
+    body_start: usize,
+}
+
+impl MessageTail {
+    /// Encodes the tail of validated fields (a text-binding SEND, a recovered or dead-lettered
+    /// message): one allocation and one copy of each field.
+    ///
+    /// Panics if a field is longer than its binary length prefix allows (validated fields
+    /// never are).
+    pub fn encode(address: &[u8], properties: &Properties, body: &[u8]) -> MessageTail {
+        let head_len = 1 + address.len() + properties_len(properties);
+        let mut bytes = bytes::BytesMut::with_capacity(head_len + body.len());
+        put_str8(&mut bytes, "address", address);
+        put_properties(&mut bytes, properties);
+        debug_assert_eq!(bytes.len(), head_len, "properties_len disagrees with put_properties");
+        bytes.extend_from_slice(body);
+        MessageTail { bytes: bytes.freeze(), body_start: head_len }
+    }
+
+    pub fn address(&self) -> &[u8] {
+        &self.bytes[1..1 + usize::from(self.bytes[0])]
+    }
+
+    /// False for the common message with no content type, correlation id, reply-to or header.
+    pub fn has_properties(&self) -> bool {
+        let start = 1 + usize::from(self.bytes[0]);
+        self.bytes[start..self.body_start] != NO_PROPERTIES
+    }
+
+    /// The properties, as slices of the tail (no copy; nothing allocated without headers).
+    pub fn properties(&self) -> Properties {
+        if !self.has_properties() {
+            return Properties::default();
+        }
+        let position = 1 + usize::from(self.bytes[0]);
+        let mut reader = Reader { payload: self.bytes.clone(), position, kind: FrameKind::Message };
+        let properties = reader.properties().expect("a message tail holds a valid layout (its invariant)");
+        debug_assert_eq!(reader.position, self.body_start);
+        properties
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[self.body_start..]
+    }
+
+    /// The body as a slice of the tail (one reference count).
+    pub fn body_bytes(&self) -> Bytes {
+        self.bytes.slice(self.body_start..)
+    }
+
+    /// Every byte: what follows [`encode_message_fixed`] in a binary MESSAGE.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Copies the tail to the end of `chunk` and keeps the copy (split off `chunk`) instead:
+    /// how a message that has to wait stops holding the buffer it arrived in.
+    pub fn move_into(&mut self, chunk: &mut bytes::BytesMut) {
+        debug_assert!(chunk.is_empty(), "the copy is split off whole");
+        chunk.extend_from_slice(&self.bytes);
+        self.bytes = chunk.split().freeze();
+    }
+}
+
+/// A SEND whose address, properties and body are kept as a [`MessageTail`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendTail {
+    pub durable: bool,
+    pub seq: u64,
+    pub ttl_ms: u32,
+    pub tail: MessageTail,
+}
+
+impl SendTail {
+    /// The same SEND with its fields encoded into a tail (see [`MessageTail::encode`]).
+    pub fn encode(send: &Send) -> SendTail {
+        SendTail {
+            durable: send.durable,
+            seq: send.seq,
+            ttl_ms: send.ttl_ms,
+            tail: MessageTail::encode(&send.address, &send.properties, &send.body),
+        }
+    }
+}
+
+/// Decodes a binary SEND (byte 1 is SEND's kind code) into its fixed fields and the payload's
+/// tail, with the same checks and errors as [`decode`]: the tail is `payload` itself from the
+/// address on, so nothing is copied and no field gets a reference count of its own.
+pub fn decode_send(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, DecodeError> {
+    let (kind, flag_bits) = check_prefix(&payload)?;
+    debug_assert_eq!(kind, FrameKind::Send, "decode_send is for SEND frames only");
+    let mut reader = Reader { payload, position: PREFIX_BYTES, kind };
+    let seq = reader.u64("seq")?;
+    let ttl_ms = reader.u32("ttl-ms")?;
+    let address_len = reader.u8("address")?;
+    let (address_start, address_end) = reader.take_range("address", usize::from(address_len))?;
+    // The layout first, then the field rules, in `decode`'s order (so the same error comes
+    // first).
+    let properties =
+        if reader.payload.get(reader.position..reader.position + NO_PROPERTIES.len()) == Some(&NO_PROPERTIES[..]) {
+            reader.position += NO_PROPERTIES.len();
+            None
+        } else {
+            Some(reader.properties()?)
+        };
+    check_address(kind, "address", &reader.payload[address_start..address_end], limits)?;
+    if let Some(properties) = properties {
+        check_properties(kind, &properties, limits)?;
+    }
+    let body_start = reader.position - SEND_TAIL_OFFSET;
+    let mut tail = reader.payload;
+    bytes::Buf::advance(&mut tail, SEND_TAIL_OFFSET);
+    Ok(SendTail {
+        durable: flag_bits & flags::SEND_DURABLE != 0,
+        seq,
+        ttl_ms,
+        tail: MessageTail { bytes: tail, body_start },
+    })
 }
 
 /// Reads fields front to back, naming the field in every truncation error.
@@ -434,36 +581,50 @@ fn bit(set: bool, mask: u8) -> u8 {
 /// WebSocket header (which carries the payload length) can be written first, and the MESSAGE
 /// straight behind it.
 pub fn message_header_len(message: &MessageHeader<'_>) -> usize {
-    const FIXED: usize = 3 + 4 + 8 + 8; // version, kind, flags; subscription id; delivery seq; message id
-    let properties = message.properties;
-    let properties_len = if properties.is_empty() {
-        NO_PROPERTIES.len()
-    } else {
-        3 + properties.content_type.len()
-            + properties.correlation_id.len()
-            + properties.reply_to.len()
-            + 1
-            + properties.headers.iter().map(|(name, value)| 1 + name.len() + 2 + value.len()).sum::<usize>()
-    };
-    FIXED + 1 + message.address.len() + properties_len
+    MESSAGE_FIXED_BYTES + 1 + message.address.len() + properties_len(message.properties)
+}
+
+/// Bytes `put_properties` writes for `properties`.
+fn properties_len(properties: &Properties) -> usize {
+    if properties.is_empty() {
+        return NO_PROPERTIES.len();
+    }
+    3 + properties.content_type.len()
+        + properties.correlation_id.len()
+        + properties.reply_to.len()
+        + 1
+        + properties.headers.iter().map(|(name, value)| 1 + name.len() + 2 + value.len()).sum::<usize>()
 }
 
 /// Writes a MESSAGE up to its body; [`encode_header`] of a `Frame::Message` comes here too.
 pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B) {
-    let flag_bits = bit(message.redelivered, flags::MESSAGE_REDELIVERED) | bit(message.durable, flags::MESSAGE_DURABLE);
-    let Ok(address_len) = u8::try_from(message.address.len()) else {
-        panic!("MBWS binary encode: field `address` is {} bytes, over 255 (str8)", message.address.len());
-    };
-    // The fixed fields and the address length in one write (this runs once per delivery).
-    let mut fixed = [0u8; 24];
-    fixed[..3].copy_from_slice(&[PROTOCOL_VERSION, FrameKind::Message.code(), flag_bits]);
-    fixed[3..7].copy_from_slice(&message.subscription_id.to_be_bytes());
-    fixed[7..15].copy_from_slice(&message.delivery_seq.to_be_bytes());
-    fixed[15..23].copy_from_slice(&message.message_id.to_be_bytes());
-    fixed[23] = address_len;
-    out.put_slice(&fixed);
-    out.put_slice(message.address);
+    out.put_slice(&encode_message_fixed(
+        message.subscription_id,
+        message.delivery_seq,
+        message.message_id,
+        message.redelivered,
+        message.durable,
+    ));
+    put_str8(out, "address", message.address);
     put_properties(out, message.properties);
+}
+
+/// The bytes of a binary MESSAGE before its [`MessageTail`]: what differs per delivery.
+#[inline]
+pub fn encode_message_fixed(
+    subscription_id: u32,
+    delivery_seq: u64,
+    message_id: u64,
+    redelivered: bool,
+    durable: bool,
+) -> [u8; MESSAGE_FIXED_BYTES] {
+    let flag_bits = bit(redelivered, flags::MESSAGE_REDELIVERED) | bit(durable, flags::MESSAGE_DURABLE);
+    let mut fixed = [0u8; MESSAGE_FIXED_BYTES];
+    fixed[..3].copy_from_slice(&[PROTOCOL_VERSION, FrameKind::Message.code(), flag_bits]);
+    fixed[3..7].copy_from_slice(&subscription_id.to_be_bytes());
+    fixed[7..15].copy_from_slice(&delivery_seq.to_be_bytes());
+    fixed[15..23].copy_from_slice(&message_id.to_be_bytes());
+    fixed
 }
 
 fn put_str8<B: BufMut>(out: &mut B, field: &str, value: &[u8]) {

@@ -361,6 +361,70 @@ fn apply(damage: &Damage, bytes: &mut Vec<u8>) {
     }
 }
 
+#[test]
+fn decode_send_keeps_what_decode_finds_as_the_tail_of_the_message_that_delivers_it() {
+    let mut runner = TestRunner::new(Config { cases: under_miri(512), ..Config::default() });
+    let checked = runner.run(&frame_of(FrameKind::Send), |frame| {
+        let Frame::Send(send) = &frame else { unreachable!("frame_of(SEND) gives SENDs") };
+        let payload = encode(Binding::Binary, &frame).freeze();
+        let decoded = binary::decode_send(payload.clone(), &CodecLimits::default());
+        let decoded = decoded.map_err(|error| TestCaseError::fail(error.reason))?;
+        prop_assert_eq!((decoded.durable, decoded.seq, decoded.ttl_ms), (send.durable, send.seq, send.ttl_ms));
+        prop_assert_eq!(decoded.tail.address(), &send.address[..]);
+        prop_assert_eq!(decoded.tail.properties(), send.properties.clone());
+        prop_assert_eq!(decoded.tail.body(), &send.body[..]);
+        prop_assert_eq!(&decoded.tail.body_bytes(), &send.body);
+        prop_assert_eq!(decoded.tail.has_properties(), !send.properties.is_empty());
+        // No copy: the tail is the payload from the address on.
+        prop_assert_eq!(decoded.tail.as_bytes().as_ptr(), payload[15..].as_ptr());
+        // The same tail as one encoded from the fields (a text-binding SEND's).
+        prop_assert_eq!(&binary::SendTail::encode(send), &decoded);
+        prop_assert_eq!(
+            largest_message_bytes_of_tail(&decoded.tail),
+            largest_message_bytes(&send.address, &send.properties, send.body.len())
+        );
+        // The fixed fields followed by the tail are the MESSAGE that delivers it.
+        let mut message = binary::encode_message_fixed(7, 8, 9, true, send.durable).to_vec();
+        message.extend_from_slice(decoded.tail.as_bytes());
+        let expected = Frame::Message(Message {
+            redelivered: true,
+            durable: send.durable,
+            subscription_id: 7,
+            delivery_seq: 8,
+            message_id: 9,
+            address: send.address.clone(),
+            properties: send.properties.clone(),
+            body: send.body.clone(),
+        });
+        prop_assert_eq!(decode(Binding::Binary, Bytes::from(message), &CodecLimits::default()), Ok(expected));
+        Ok(())
+    });
+    checked.unwrap();
+}
+
+proptest! {
+    #![proptest_config(Config { cases: under_miri(1024), ..Config::default() })]
+
+    #[test]
+    fn decode_send_refuses_exactly_what_decode_refuses(frame in frame_of(FrameKind::Send), damages in vec(damage(), 1..4)) {
+        let mut bytes = encode(Binding::Binary, &frame).to_vec();
+        for damage in &damages {
+            apply(damage, &mut bytes);
+        }
+        // decode_send is called only for frames whose kind byte says SEND.
+        if bytes.get(1) == Some(&FrameKind::Send.code()) {
+            let limits = CodecLimits::default();
+            let generic = decode(Binding::Binary, Bytes::from(bytes.clone()), &limits);
+            let direct = binary::decode_send(Bytes::from(bytes), &limits);
+            match (generic, direct) {
+                (Ok(Frame::Send(send)), Ok(direct)) => prop_assert_eq!(binary::SendTail::encode(&send), direct),
+                (Err(generic), Err(direct)) => prop_assert_eq!(generic, direct),
+                (generic, direct) => prop_assert!(false, "decode gave {generic:?}, decode_send {direct:?}"),
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(Config { cases: under_miri(1024), ..Config::default() })]
 

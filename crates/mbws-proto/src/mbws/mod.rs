@@ -93,6 +93,13 @@ pub fn largest_message_bytes(address: &[u8], properties: &Properties, body_len: 
     binary::message_header_len(&widest).max(text::widest_message_header_len(address, properties)) + body_len
 }
 
+/// [`largest_message_bytes`] of a message kept as a [`binary::MessageTail`].
+pub fn largest_message_bytes_of_tail(tail: &binary::MessageTail) -> usize {
+    let binary = binary::MESSAGE_FIXED_BYTES + tail.as_bytes().len();
+    let text = text::widest_message_header_len(tail.address(), &tail.properties()) + tail.body().len();
+    binary.max(text)
+}
+
 /// Encodes a whole frame (header and a copy of the body) into one buffer. For clients and
 /// tests; the broker sends header and body as separate buffers instead.
 pub fn encode(binding: Binding, frame: &Frame) -> BytesMut {

@@ -150,7 +150,12 @@ fn check_value_fully(kind: FrameKind, field: &str, value: &[u8], max_bytes: usiz
 /// UTF-8, no control characters. Empty is refused where the field is required (`address`) and
 /// means "absent" for `reply-to` (the caller skips the check then).
 #[inline]
-fn check_address(kind: FrameKind, field: &str, address: &[u8], limits: &CodecLimits) -> Result<(), DecodeError> {
+pub(super) fn check_address(
+    kind: FrameKind,
+    field: &str,
+    address: &[u8],
+    limits: &CodecLimits,
+) -> Result<(), DecodeError> {
     let max_bytes = limits.max_address_bytes.min(MAX_STR8_BYTES);
     if !address.is_empty() && address.len() <= max_bytes && is_plain_address(address) {
         return Ok(());
@@ -289,7 +294,11 @@ fn is_plain_address(address: &[u8]) -> bool {
 }
 
 /// Message properties and application headers (SEND and MESSAGE).
-fn check_properties(kind: FrameKind, properties: &Properties, limits: &CodecLimits) -> Result<(), DecodeError> {
+pub(super) fn check_properties(
+    kind: FrameKind,
+    properties: &Properties,
+    limits: &CodecLimits,
+) -> Result<(), DecodeError> {
     check_value(kind, "content-type", &properties.content_type, MAX_STR8_BYTES)?;
     check_value(kind, "correlation-id", &properties.correlation_id, MAX_STR8_BYTES)?;
     if !properties.reply_to.is_empty() {
