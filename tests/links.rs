@@ -294,3 +294,41 @@ fn a_bad_link_is_refused_at_start_with_the_link_the_key_and_what_to_do() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[test]
+fn after_the_far_broker_restarts_the_link_opens_new_sessions_and_loses_nothing_durable() {
+    let there_dir = common::temp_dir("links-there");
+    // A session there waits 1 s for a resume: the link gives up resuming after that.
+    let there_flags = ["--shards", "1", "--durable-address", "orders", "--session-expiry-ms", "1000"];
+    let mut there = Broker::start_in(&there_dir, &there_flags);
+    let there_addr = there.addr.to_string();
+    let config = ConfigFile::new(&link_section("to-b", &there.url(), "out", "[\"orders\"]", "reconnect-max-ms = 200"));
+    let here = broker_with_link(&config, &["--durable-address", "orders"], "to-b");
+    let mut publisher = here.client();
+    send_all(&mut publisher, "orders", 100);
+    wait_forwarded(&here, "to-b", 100);
+
+    // A crash there: its sessions are gone; what it receipted was fsynced.
+    there.kill();
+    for index in 100..200 {
+        publisher.send("orders", format!("m{index}")).unwrap();
+    }
+    publisher.wait_receipt(200).unwrap(); // Receipted here (durable here) while there is down.
+    here.wait_for_log("link to-b: down", WAIT).expect("the link goes down");
+    let there = Broker::start_in(&there_dir, &[&there_flags[..], &["--listen", &there_addr]].concat());
+    let deadline = Instant::now() + WAIT;
+    while here.log_lines().iter().filter(|line| line.contains("link to-b: up")).count() < 2 {
+        assert!(Instant::now() < deadline, "the link did not come up again: {:#?}", here.log_lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut consumer = there.client();
+    consumer.subscribe(1, "orders", DeliveryMode::Anycast, AckMode::Client, 1000).unwrap();
+    let messages = consume(&mut consumer, 200, WAIT);
+    let expected: Vec<String> = (0..200).map(|index| format!("m{index}")).collect();
+    assert_eq!(bodies(&messages), expected, "what was receipted before and during the outage, once, in order");
+    assert!(consumer.next_message(Duration::from_millis(300)).unwrap().is_none(), "nothing more");
+    let link = wait_forwarded(&here, "to-b", 200);
+    assert!(link["restarts"].as_u64().unwrap() >= 1, "{link}");
+    drop(there);
+    let _ = std::fs::remove_dir_all(&there_dir);
+}

@@ -175,12 +175,14 @@ impl LinkSpec {
         let mode = match section.mode.as_deref() {
             None | Some("anycast") => DeliveryMode::Anycast,
             Some("multicast") => DeliveryMode::Multicast,
-            Some(other) => return Err(bad(
-                "mode",
-                format!(
+            Some(other) => {
+                return Err(bad(
+                    "mode",
+                    format!(
                     "\"{other}\" is not valid: give \"anycast\" (take the messages) or \"multicast\" (a copy of each)"
                 ),
-            )),
+                ))
+            }
         };
         if section.addresses.is_empty() {
             return Err(bad(

@@ -12,7 +12,7 @@
 //! - the **sink** session sends them on where they go: the remote broker for `"out"`, this
 //!   broker for `"in"`, to `target-prefix + address` (or the `rename` table's name).
 //!
-//! **How messages enter and leave.** The thread repeats one round ([`Pump::round`]): take up
+//! **How messages enter and leave.** The thread repeats one round (`Pump::round`): take up
 //! to a batch of MESSAGEs from the source (at most the credit, and at most the sink's
 //! `max-inflight-sends`), SEND each to the sink (properties, headers, body and the durable flag
 //! as they came; the hop count in the header [`HOPS_HEADER`] one higher), wait for the sink's
@@ -326,6 +326,15 @@ struct Pump<'a> {
     resumes_seen: (u64, u64),
     /// Most SENDs in one round: the credit, and the sink's `max-inflight-sends`.
     batch_limit: usize,
+    /// The session that failed the link, if one did: `close` leaves it alone (a CLOSE on it
+    /// would only wait for a resume that does not come).
+    failed: std::cell::Cell<Option<Side>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Sink,
 }
 
 /// One delivery of a round and what became of it.
@@ -376,6 +385,7 @@ impl<'a> Pump<'a> {
             sink,
             resumes_seen: (0, 0),
             batch_limit: (spec.max_in_flight as usize).min(sink_window),
+            failed: std::cell::Cell::new(None),
         })
     }
 
@@ -481,6 +491,7 @@ impl<'a> Pump<'a> {
         while self.sink.receipted_seq() < last_seq {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                self.failed.set(Some(Side::Sink));
                 return Err(format!(
                     "{}: no RECEIPT for SEND {last_seq} within {} ms (timeout-ms)",
                     self.sink_name(),
@@ -556,18 +567,26 @@ impl<'a> Pump<'a> {
     }
 
     fn sink_failure(&self, doing: &str, error: ClientError) -> String {
+        self.failed.set(Some(Side::Sink));
         format!("{} ({doing}): {error}", self.sink_name())
     }
 
     fn source_failure(&self, doing: &str, error: ClientError) -> String {
+        self.failed.set(Some(Side::Source));
         format!("{} ({doing}): {error}", self.source_name())
     }
 
-    /// Ends both sessions (CLOSE, bounded by the client's timeout): the source's unsettled
-    /// deliveries go back to their queue at once instead of after the session expiry.
+    /// Ends the sessions that did not fail (CLOSE, bounded by the client's timeout): the
+    /// source's unsettled deliveries go back to their queue at once instead of after the
+    /// session expiry. A failed session is dropped; its broker ends it at its expiry.
     fn close(self) {
-        let _ = self.source.close();
-        let _ = self.sink.close();
+        let failed = self.failed.get();
+        if failed != Some(Side::Source) {
+            let _ = self.source.close();
+        }
+        if failed != Some(Side::Sink) {
+            let _ = self.sink.close();
+        }
     }
 }
 
