@@ -152,6 +152,7 @@ fn an_out_link_forwards_there_in_order_renamed_and_shows_in_the_admin_api() {
     assert_eq!(status, 200);
     assert!(metrics.contains("mbws_link_up{link=\"to-b\",direction=\"out\"} 1"), "{metrics}");
     assert!(metrics.contains("mbws_link_forwarded_messages_total{link=\"to-b\",direction=\"out\"} 500"), "{metrics}");
+    promtool_check(&metrics);
     // Settled here: nothing waits at the local address any more.
     let (_, address) = admin_get(here.admin_addr(), "/api/addresses/orders");
     let address: serde_json::Value = serde_json::from_str(&address).unwrap();
@@ -331,4 +332,27 @@ fn after_the_far_broker_restarts_the_link_opens_new_sessions_and_loses_nothing_d
     assert!(link["restarts"].as_u64().unwrap() >= 1, "{link}");
     drop(there);
     let _ = std::fs::remove_dir_all(&there_dir);
+}
+
+/// `promtool check metrics` (Prometheus's own linter, installed by .ci/run) accepts the page.
+fn promtool_check(page: &str) {
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool is not installed: the link series are checked by this test's asserts only");
+        return;
+    };
+    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics refused the page:\n{}{}\n{page}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
