@@ -132,6 +132,8 @@ pub struct Config {
     /// Addresses declared through the admin API, re-applied at start from the data directory
     /// (`admin::state`); not a flag.
     pub declared_addresses: Vec<(bytes::Bytes, crate::broker::address::AddressSettings)>,
+    /// Links to other brokers (the `[[link]]` sections; [`crate::link`]); not a flag.
+    pub links: Vec<crate::link::LinkSpec>,
     // No bound on the cross-shard mailboxes: they are unbounded on purpose, and what may wait
     // in them is bounded at its sources (see the module docs of `shard::mailbox`).
 }
@@ -196,6 +198,7 @@ impl Default for Config {
             node_name: None,
             advertise_url: None,
             cluster_lease_ms: 5000,
+            links: Vec::new(),
         }
     }
 }

@@ -9,6 +9,8 @@
 //! - [`conn`]: the connection tasks (IO): read loop, write queue, vectored writes.
 //! - [`admin`]: the admin API (IO, its own thread): health, Prometheus metrics, addresses and
 //!   sessions over HTTP, gathered from the shards through their inboxes.
+//! - [`link`]: links to other brokers (IO, a thread each): MBWS sessions that carry messages
+//!   from here to there or from there to here.
 //!
 //! The Rust client and the `mbws` CLI are the `mbws-client` crate; the load generator and the
 //! relay are `mbws-bench`.
@@ -23,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod ids;
+pub mod link;
 pub mod logging;
 pub mod planted;
 pub mod shard;

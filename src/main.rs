@@ -334,6 +334,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // Links to other brokers (src/link/): a thread each, reaching this broker over loopback.
+    let links = match start_links(&current.links, &running) {
+        Ok(links) => links,
+        Err(problem) => {
+            eprintln!("mbws-broker: {problem}");
+            running.shutdown();
+            return ExitCode::FAILURE;
+        }
+    };
+    admin_settings.links = links.statuses();
     if let Some(listener) = admin_listener {
         let admin_addr = listener.local_addr().map_or_else(|_| "?".to_string(), |addr| addr.to_string());
         admin_settings.origins.extend(broker_origins(running.local_addr, running.tls.is_some()));
@@ -346,7 +356,7 @@ fn main() -> ExitCode {
         log!(
             Level::Info,
             "admin API at http://{admin_addr}/ ({access}): /healthz /readyz /metrics /api/addresses /api/sessions \
-             /api/users"
+             /api/users /api/links"
         );
     }
     let mut summary = Summary::new(started);
@@ -394,7 +404,17 @@ fn main() -> ExitCode {
             None => {} // Woken early (EINTR): wait for the rest.
         }
     };
+    // The links finish their round first (a quarter of the grace), while the shards still answer.
+    links.stop(Duration::from_millis(current.shutdown_grace_ms / 4));
     stop(running, &signals, Duration::from_millis(current.shutdown_grace_ms), &why)
+}
+
+fn start_links(specs: &[mbws::link::LinkSpec], running: &mbws::shard::Running) -> Result<mbws::link::Links, String> {
+    if specs.is_empty() {
+        return Ok(mbws::link::Links::default());
+    }
+    let local = mbws::link::LocalBroker::for_listener(running.local_addr, running.tls.is_some())?;
+    mbws::link::Links::start(specs, &local).map_err(|error| format!("cannot start the link threads: {error}"))
 }
 
 /// A graceful stop within `grace` (docs/OPERATIONS.md, "Stop"): the shards stop accepting and

@@ -229,6 +229,71 @@ pub fn render(snapshots: &[ShardSnapshot], shards: usize, process: &ProcessStats
 }
 
 /// The durable log's group commits: bytes written, and the latency histograms.
+/// The `mbws_link_*` families, one sample per link (labelled `link`), appended after
+/// [`render`]'s; nothing when the broker has no links.
+pub fn render_links(links: &[std::sync::Arc<crate::link::LinkStatus>]) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = Exposition { text: String::new() };
+    if links.is_empty() {
+        return out.text;
+    }
+    type Figure = fn(&crate::link::LinkStatus) -> f64;
+    let families: [(&str, &str, &str, Figure); 9] = [
+        ("mbws_link_up", "gauge", "1 while the link's two sessions are open and forwarding, else 0.", |link| {
+            f64::from(u8::from(link.state() == crate::link::LinkState::Up))
+        }),
+        (
+            "mbws_link_forwarded_messages_total",
+            "counter",
+            "Messages the far side receipted and the link settled at their source.",
+            |link| link.forwarded.load(Relaxed) as f64,
+        ),
+        ("mbws_link_forwarded_bytes_total", "counter", "Body bytes of those messages.", |link| {
+            link.forwarded_bytes.load(Relaxed) as f64
+        }),
+        (
+            "mbws_link_refused_messages_total",
+            "counter",
+            "SENDs the far side refused (requeued when it was full, else dead-lettered).",
+            |link| link.refused.load(Relaxed) as f64,
+        ),
+        (
+            "mbws_link_hops_exceeded_total",
+            "counter",
+            "Messages not forwarded because they had crossed max-hops links (a loop), dead-lettered.",
+            |link| link.hops_exceeded.load(Relaxed) as f64,
+        ),
+        (
+            "mbws_link_resumes_total",
+            "counter",
+            "Lost connections that a session of the link resumed over (nothing lost, nothing repeated).",
+            |link| link.resumes.load(Relaxed) as f64,
+        ),
+        (
+            "mbws_link_restarts_total",
+            "counter",
+            "New session pairs the link opened after a failure it could not resume over.",
+            |link| link.restarts.load(Relaxed) as f64,
+        ),
+        (
+            "mbws_link_in_flight_messages",
+            "gauge",
+            "Messages taken from the source and not yet settled (the link's lag).",
+            |link| link.in_flight.load(Relaxed) as f64,
+        ),
+        ("mbws_link_oldest_wait_seconds", "gauge", "How long the oldest of those has waited.", |link| {
+            link.oldest_wait().as_secs_f64()
+        }),
+    ];
+    for (name, kind, help, figure) in families {
+        out.family(name, kind, help);
+        for link in links {
+            out.sample(name, &[("link", &link.spec.name), ("direction", link.spec.direction.name())], figure(link));
+        }
+    }
+    out.text
+}
+
 fn write_log_commits(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
     let logs: Vec<(String, CommitStats)> = snapshots
         .iter()

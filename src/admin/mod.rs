@@ -76,6 +76,8 @@ pub struct AdminSettings {
     pub defaults: changes::AddressDefaults,
     /// Origins whose pages may call the API (CORS): the broker's own and `--allowed-origin`.
     pub origins: Vec<String>,
+    /// The links to other brokers, for `/api/links` and the `mbws_link_*` metrics.
+    pub links: Vec<Arc<crate::link::LinkStatus>>,
 }
 
 impl AdminSettings {
@@ -88,6 +90,7 @@ impl AdminSettings {
             data_dir: config.data_dir.clone(),
             defaults: changes::AddressDefaults::from_config(config),
             origins,
+            links: Vec::new(),
         }
     }
 }
@@ -101,6 +104,7 @@ struct Admin {
     changes: changes::Changes,
     rates: rates::Rates,
     origins: Vec<String>,
+    links: Vec<Arc<crate::link::LinkStatus>>,
 }
 
 /// Starts the admin thread on `listener`; `declared` are the addresses declared at start.
@@ -118,6 +122,7 @@ pub fn spawn(
         changes: changes::Changes::new(settings.auth, settings.data_dir, settings.defaults, declared),
         rates: rates::Rates::default(),
         origins: settings.origins,
+        links: settings.links,
     });
     std::thread::Builder::new().name("mbws-admin".into()).spawn(move || accept_loop(&listener, &admin))?;
     Ok(())
@@ -243,11 +248,12 @@ impl Admin {
             ["api", "cluster", "addresses", name] => {
                 only(method, "PUT").unwrap_or_else(|| Self::move_cluster_address(name, body))
             }
+            ["api", "links"] => only_get(method).unwrap_or_else(|| self.links()),
             _ => Response::error(
                 404,
                 format!(
                     "no admin endpoint at {}: see /healthz, /readyz, /metrics, /api/addresses, /api/sessions, \
-                     /api/users, /api/drain, /api/cluster (docs/OPERATIONS.md, docs/CLUSTER.md)",
+                     /api/users, /api/links, /api/drain, /api/cluster (docs/OPERATIONS.md, docs/CLUSTER.md)",
                     request.path
                 ),
             ),
@@ -349,13 +355,20 @@ impl Admin {
     fn metrics(&self) -> Response {
         let request = SnapshotRequest { max_addresses: metrics::MAX_ADDRESS_SERIES, ..SnapshotRequest::default() };
         let snapshots = self.snapshot(&request);
-        let text = metrics::render(&snapshots, self.inspector.shard_count(), &process::ProcessStats::read());
+        let mut text = metrics::render(&snapshots, self.inspector.shard_count(), &process::ProcessStats::read());
+        text.push_str(&metrics::render_links(&self.links));
         Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: text.into_bytes(),
             headers: Vec::new(),
         }
+    }
+
+    /// `GET /api/links`: each link's state, counts and lag (docs/CLUSTER.md, "Links").
+    fn links(&self) -> Response {
+        let links: Vec<Value> = self.links.iter().map(|link| link_json(link)).collect();
+        Response::json(200, &json!({ "links": links }))
     }
 
     fn addresses(&self, limit: usize) -> Response {
@@ -471,6 +484,29 @@ impl Admin {
             None => shard_did_not_answer(conn.shard.0),
         }
     }
+}
+
+fn link_json(link: &crate::link::LinkStatus) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let spec = &link.spec;
+    json!({
+        "name": spec.name,
+        "url": spec.url,
+        "direction": spec.direction.name(),
+        "addresses": spec.addresses,
+        "mode": crate::link::config::mode_name(spec.mode),
+        "state": link.state().name(),
+        "state_seconds": link.state_age().as_secs(),
+        "last_error": link.last_error(),
+        "forwarded": link.forwarded.load(Relaxed),
+        "forwarded_bytes": link.forwarded_bytes.load(Relaxed),
+        "refused": link.refused.load(Relaxed),
+        "hops_exceeded": link.hops_exceeded.load(Relaxed),
+        "resumes": link.resumes.load(Relaxed),
+        "restarts": link.restarts.load(Relaxed),
+        "in_flight": link.in_flight.load(Relaxed),
+        "oldest_wait_ms": link.oldest_wait().as_millis() as u64,
+    })
 }
 
 fn shard_did_not_answer(shard: u16) -> Response {

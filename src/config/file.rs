@@ -79,6 +79,9 @@ pub struct ConfigFile {
     // Sections come after the top-level keys (TOML puts a table's keys after its header), each
     // `deny_unknown_fields`, secrets as `Secret`.
     pub auth: Option<AuthSection>,
+    /// `[[link]]`: links to other brokers ([`crate::link::config`]); not flags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link: Vec<crate::link::LinkSection>,
 }
 
 /// `[auth]`: who may open a session and what it may do (docs/SECURITY.md; checked into a
@@ -452,6 +455,10 @@ impl ConfigFile {
             }
             config.auth = std::sync::Arc::new(auth);
         }
+        if !self.link.is_empty() {
+            let file = origins.file().map_or_else(|| "the configuration".into(), |file| file.display().to_string());
+            config.links = crate::link::LinkSpec::from_sections(&self.link, &file)?;
+        }
         Ok(())
     }
 
@@ -509,6 +516,7 @@ impl ConfigFile {
                 allow_anonymous_remote: Some(config.allow_anonymous_remote),
                 ..config.auth.section.clone()
             }),
+            link: config.links.iter().map(crate::link::LinkSpec::to_section).collect(),
         }
     }
 
