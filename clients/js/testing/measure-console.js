@@ -29,7 +29,7 @@ let files = null;
 let pageUrl = `http://${broker.host}:${broker.port}/console`;
 const fromDisk = process.argv.includes('--from-disk');
 if (fromDisk && bare) {
-  const here = path.dirname(fileURLToPath(import.meta.url));
+  const here = process.env.MBWS_CONSOLE_DIR ? path.join(process.env.MBWS_CONSOLE_DIR, 'testing') : path.dirname(fileURLToPath(import.meta.url));
   files = http.createServer((request, response) => {
     const name = request.url?.startsWith('/mbws.js') ? 'mbws.js' : 'console.html';
     response.writeHead(200, { 'content-type': name.endsWith('.js') ? 'text/javascript' : 'text/html', 'cache-control': 'no-store' });
@@ -54,7 +54,7 @@ try {
     page.setDefaultTimeout(timeoutMs);
     page.on('pageerror', (error) => console.error(`page error: ${error.message}`));
     if (fromDisk) {
-      const here = path.dirname(fileURLToPath(import.meta.url));
+      const here = process.env.MBWS_CONSOLE_DIR ? path.join(process.env.MBWS_CONSOLE_DIR, 'testing') : path.dirname(fileURLToPath(import.meta.url));
       await page.route('**/console', (route) => route.fulfill({ path: path.join(here, '../console.html'), contentType: 'text/html' }));
       await page.route('**/mbws.js', (route) => route.fulfill({ path: path.join(here, '../mbws.js'), contentType: 'text/javascript' }));
     }
