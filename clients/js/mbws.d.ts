@@ -267,6 +267,8 @@ export class Client {
     unsettled: Message[];
     /** Index of the first entry of `unsettled` that may still be unsettled. */
     unsettledHead: number;
+    /** Length of `unsettled` at which its settled entries are removed. */
+    unsettledCompactAt: number;
     /** @type {any[]} ACKs and NACKs queued by the application, written by `_flushSettlements` */
     pendingSettlements: any[];
     flushScheduled: boolean;

@@ -19,8 +19,9 @@
 //   queued delivery-seq below the oldest unsettled client-ack delivery (PROTOCOL 7.5: it settles
 //   every unacknowledged delivery at or below it, so it is sent only when all of them are
 //   settled here), then single ACKs for the rest. The client-ack deliveries not yet settled are
-//   kept in arrival order (= delivery-seq order); both lists are bounded by what the application
-//   holds unsettled, which the broker bounds by credit. FLOW and UNSUBSCRIBE write the queue
+//   kept in arrival order (= delivery-seq order), settled ones removed in amortized constant
+//   time; both lists are bounded by what the application holds unsettled (the list by twice
+//   that, or 1,024), which the broker bounds by credit. FLOW and UNSUBSCRIBE write the queue
 //   first, so frames keep the order the application called in.
 // - A subscription's buffer for its async iterator is bounded by its credit for client-ack
 //   subscriptions (a delivery holds credit until settled). The broker settles auto-ack
@@ -45,7 +46,7 @@ const KIND_CODE = Object.fromEntries(KINDS.map((name, code) => [name, code]));
 const TWO_32 = 4294967296;
 /** Settlements sent between two PINGs that prove them read (see the module comment). */
 const SETTLEMENTS_PER_PING = 128;
-/** Settled entries at the front of the unsettled-deliveries list before it is compacted. */
+/** Length of the unsettled-deliveries list at which its settled entries are first removed. */
 const UNSETTLED_COMPACT_AT = 1024;
 
 const utf8 = new TextEncoder();
@@ -872,6 +873,8 @@ export class Client {
     this.unsettled = [];
     /** Index of the first entry of `unsettled` that may still be unsettled. */
     this.unsettledHead = 0;
+    /** Length of `unsettled` at which its settled entries are removed. */
+    this.unsettledCompactAt = UNSETTLED_COMPACT_AT;
     /** @type {any[]} ACKs and NACKs queued by the application, written by `_flushSettlements` */
     this.pendingSettlements = [];
     this.flushScheduled = false;
@@ -1235,14 +1238,18 @@ export class Client {
     this.pendingSettlements = [];
     // Settled here, or of a subscription that ended (its UNSUBSCRIBE was written before anything
     // queued now, or the broker ended it): nothing the broker holds for them needs this client.
-    const unsettled = this.unsettled;
+    /** @param {Message} message */
+    const done = (message) => message.settled || message.subscription.ended;
     let head = this.unsettledHead;
-    while (head < unsettled.length && (unsettled[head].settled || unsettled[head].subscription.ended)) head++;
-    if (head >= UNSETTLED_COMPACT_AT && head * 2 >= unsettled.length) {
-      this.unsettled = unsettled.slice(head);
-      head = 0;
-    }
+    while (head < this.unsettled.length && done(this.unsettled[head])) head++;
     this.unsettledHead = head;
+    if (this.unsettled.length >= this.unsettledCompactAt) {
+      // Settled entries behind an old unsettled one (say, one the ack timeout took back and the
+      // application never settles) go too: the list stays within twice what is unsettled.
+      this.unsettled = this.unsettled.filter((message) => !done(message));
+      this.unsettledHead = head = 0;
+      this.unsettledCompactAt = Math.max(UNSETTLED_COMPACT_AT, 2 * this.unsettled.length);
+    }
     const oldestUnsettled = head < this.unsettled.length ? this.unsettled[head].deliverySeq : Infinity;
     let through = 0;
     let covered = 0;
