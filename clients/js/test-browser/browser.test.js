@@ -196,17 +196,51 @@ test('console: a page survives the broker dropping its connection, without losin
   try {
     const address = 'browser/resume';
     const { page, errors } = await consolePage(address, { url: proxy.url });
+    // What the page logs, for the assertions' messages (a resume that went wrong says why here).
+    const logged = /** @type {string[]} */ ([]);
+    page.on('console', (message) => logged.push(`${message.type()}: ${message.text()}`));
+    page.on('pageerror', (error) => logged.push(`pageerror: ${error.stack ?? error.message}`));
+    // Every state the page shows from now on, in order (a MutationObserver misses none).
+    await page.evaluate(() => {
+      const state = /** @type {HTMLElement} */ (document.getElementById('state'));
+      const states = /** @type {string[]} */ ([]);
+      /** @type {any} */ (globalThis).shownStates = states;
+      new MutationObserver(() => { if (states.at(-1) !== state.dataset.state) states.push(state.dataset.state ?? ''); })
+        .observe(state, { attributes: true, attributeFilter: ['data-state'] });
+    });
+    // The connection stalls after 16 KiB from the broker (receipts and deliveries of a few
+    // hundred messages; all 1,000 take more) and is then cut: the cut surely comes while
+    // receipts and deliveries are in flight, however fast the page is.
+    const stalled = proxy.stallAfter(16 * 1024);
     await sendFromPage(page, address, MESSAGES);
-    await waitForReceived(page, 300);
+    await stalled;
+    await waitForReceived(page, 1);
+    const before = Number(await page.getAttribute('#received-total', 'data-count'));
+    assert.ok(before < MESSAGES, `the page has not received every message before the cut (${before})`);
     proxy.cut();
-    await page.waitForSelector('#state[data-state="reconnecting"], #state[data-state="open"]');
+    /** @type {string[]} */
+    let shownStates = [];
+    const context = () => `states shown: ${JSON.stringify(shownStates)}; the page logged:\n${logged.join('\n')}`;
+    // The page resumes: it shows `reconnecting`, then `open` again.
+    await page.waitForFunction(() => {
+      const states = /** @type {string[]} */ (/** @type {any} */ (globalThis).shownStates);
+      const lost = states.indexOf('reconnecting');
+      return lost >= 0 && states.indexOf('open', lost) > lost;
+    }).catch(async (error) => {
+      shownStates = await page.evaluate(() => /** @type {any} */ (globalThis).shownStates);
+      throw new Error(`the page did not show reconnecting, then open (${error.message}); ${context()}`);
+    });
     await waitForReceived(page, MESSAGES);
     await page.waitForFunction((n) => document.getElementById('send-status')?.dataset.done === String(n), MESSAGES);
     await waitForRows(page, MESSAGES);
+    shownStates = await page.evaluate(() => /** @type {any} */ (globalThis).shownStates);
     assertExactlyOnce(await historyBodies(page), MESSAGES);
-    assert.equal(await page.textContent('#receipted-total'), String(MESSAGES));
+    assert.equal(await page.getAttribute('#received-total', 'data-count'), String(MESSAGES), 'nothing received twice');
+    assert.equal(await page.textContent('#receipted-total'), String(MESSAGES), `every SEND receipted; ${context()}`);
+    assert.deepEqual(shownStates, ['reconnecting', 'open'], `one resume, and open after it; ${context()}`);
     assert.equal(await page.getAttribute('#state', 'data-state'), 'open');
-    assert.deepEqual(errors, []);
+    assert.deepEqual(errors, [], context());
+    console.log(`console resume: cut after ${before} of ${MESSAGES} messages had reached the page`);
     await page.close();
   } finally {
     await proxy.stop();
