@@ -263,6 +263,15 @@ export class Client {
     }>;
     /** @type {any[]} control frames written while no connection was open */
     queuedControl: any[];
+    /** @type {Message[]} client-ack deliveries in arrival order; settled ones leave from the front */
+    unsettled: Message[];
+    /** Index of the first entry of `unsettled` that may still be unsettled. */
+    unsettledHead: number;
+    /** Length of `unsettled` at which its settled entries are removed. */
+    unsettledCompactAt: number;
+    /** @type {any[]} ACKs and NACKs queued by the application, written by `_flushSettlements` */
+    pendingSettlements: any[];
+    flushScheduled: boolean;
     nextPingToken: number;
     lastSentAt: number;
     lastReceivedAt: number;
@@ -331,6 +340,15 @@ export class Client {
      */
     _fail(error: MbwsError, graceful?: boolean): void;
     _finish(): void;
+    /** Queues an ACK or NACK for the next `_flushSettlements`. @param {any} frame */
+    _queueSettlement(frame: any): void;
+    /**
+     * Writes the queued settlements (see the module comment): NACKs, then one cumulative ACK for
+     * the queued ACKs below the oldest unsettled delivery, then single ACKs for the others.
+     */
+    _flushSettlements(): void;
+    /** Sends a FLOW or UNSUBSCRIBE (after the queued settlements) now, or after the resume. @param {any} frame */
+    _order(frame: any): void;
     /** Sends a settlement, FLOW or UNSUBSCRIBE now, or after the resume. @param {any} frame */
     _control(frame: any): void;
     /** @param {any} frame */

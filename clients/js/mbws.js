@@ -14,6 +14,15 @@
 // - ACK, NACK, FLOW and UNSUBSCRIBE frames are kept until a PONG proves the broker read past
 //   them (a PING follows every 128 of them), and are sent again after a resume: a settlement lost
 //   with a connection would otherwise hold its delivery (and its credit) forever.
+// - Settlements are coalesced: `ack()` and `nack()` queue, and one macrotask after the burst of
+//   MESSAGE events writes the queue: NACKs singly, then one cumulative ACK through the highest
+//   queued delivery-seq below the oldest unsettled client-ack delivery (PROTOCOL 7.5: it settles
+//   every unacknowledged delivery at or below it, so it is sent only when all of them are
+//   settled here), then single ACKs for the rest. The client-ack deliveries not yet settled are
+//   kept in arrival order (= delivery-seq order), settled ones removed in amortized constant
+//   time; both lists are bounded by what the application holds unsettled (the list by twice
+//   that, or 1,024), which the broker bounds by credit. FLOW and UNSUBSCRIBE write the queue
+//   first, so frames keep the order the application called in.
 // - A subscription's buffer for its async iterator is bounded by its credit for client-ack
 //   subscriptions (a delivery holds credit until settled). The broker settles auto-ack
 //   deliveries once written, so there the client pauses the subscription (FLOW 0) when the buffer
@@ -37,6 +46,8 @@ const KIND_CODE = Object.fromEntries(KINDS.map((name, code) => [name, code]));
 const TWO_32 = 4294967296;
 /** Settlements sent between two PINGs that prove them read (see the module comment). */
 const SETTLEMENTS_PER_PING = 128;
+/** Length of the unsettled-deliveries list at which its settled entries are first removed. */
+const UNSETTLED_COMPACT_AT = 1024;
 
 const utf8 = new TextEncoder();
 const utf8Strict = new TextDecoder('utf-8', { fatal: true });
@@ -638,13 +649,13 @@ export class Subscription {
   setCredit(credit) {
     this.credit = credit;
     this.paused = false;
-    this.client._control({ kind: 'FLOW', subscriptionId: this.id, credit });
+    this.client._order({ kind: 'FLOW', subscriptionId: this.id, credit });
   }
 
   /** Ends the subscription; its unacknowledged anycast deliveries go back to the queue. */
   unsubscribe() {
     if (this.ended) return;
-    this.client._control({ kind: 'UNSUBSCRIBE', subscriptionId: this.id });
+    this.client._order({ kind: 'UNSUBSCRIBE', subscriptionId: this.id });
     this._end(null);
   }
 
@@ -652,7 +663,7 @@ export class Subscription {
   _settle(message, frame) {
     if (message.settled || this.ended) return;
     message.settled = true;
-    this.client._control(frame);
+    this.client._queueSettlement(frame);
   }
 
   /** @param {Message} message */
@@ -683,7 +694,7 @@ export class Subscription {
     this.buffer.push(message);
     if (this.ack === 'auto' && !this.paused && this.buffer.length >= this.credit) {
       this.paused = true;
-      this.client._control({ kind: 'FLOW', subscriptionId: this.id, credit: 0 });
+      this.client._order({ kind: 'FLOW', subscriptionId: this.id, credit: 0 });
     }
   }
 
@@ -743,7 +754,7 @@ export class Subscription {
       this.handedOut = message;
       if (this.paused && this.buffer.length <= this.credit / 2) {
         this.paused = false;
-        this.client._control({ kind: 'FLOW', subscriptionId: this.id, credit: this.credit });
+        this.client._order({ kind: 'FLOW', subscriptionId: this.id, credit: this.credit });
       }
       return Promise.resolve({ value: message, done: false });
     }
@@ -784,6 +795,29 @@ async function webSocketClass(option) {
     throw new Error('no WebSocket here: use Node 22 or later, Node 20 with --experimental-websocket, or `npm install ws`');
   }
 }
+
+/**
+ * Runs `task` as a macrotask, after the events already queued: Node's setImmediate, else a
+ * MessageChannel message (not setTimeout, which browsers may delay by milliseconds).
+ * @type {(task: () => void) => void}
+ */
+const macrotask = (() => {
+  const immediate = /** @type {any} */ (globalThis).setImmediate;
+  if (typeof immediate === 'function') return (task) => { immediate(task); };
+  if (typeof MessageChannel !== 'function') return (task) => { setTimeout(task, 0); };
+  const channel = new MessageChannel();
+  /** @type {Array<() => void>} */
+  let tasks = [];
+  channel.port1.onmessage = () => {
+    const ready = tasks;
+    tasks = [];
+    for (const task of ready) task();
+  };
+  return (task) => {
+    tasks.push(task);
+    if (tasks.length === 1) channel.port2.postMessage(null);
+  };
+})();
 
 /** @param {number} ms */
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -835,6 +869,15 @@ export class Client {
     this.unconfirmed = [];
     /** @type {any[]} control frames written while no connection was open */
     this.queuedControl = [];
+    /** @type {Message[]} client-ack deliveries in arrival order; settled ones leave from the front */
+    this.unsettled = [];
+    /** Index of the first entry of `unsettled` that may still be unsettled. */
+    this.unsettledHead = 0;
+    /** Length of `unsettled` at which its settled entries are removed. */
+    this.unsettledCompactAt = UNSETTLED_COMPACT_AT;
+    /** @type {any[]} ACKs and NACKs queued by the application, written by `_flushSettlements` */
+    this.pendingSettlements = [];
+    this.flushScheduled = false;
     this.nextPingToken = 1;
     this.lastSentAt = 0;
     this.lastReceivedAt = 0;
@@ -1073,7 +1116,9 @@ export class Client {
     this.lastDeliverySeq = frame.deliverySeq;
     const subscription = this.subscriptions.get(frame.subscriptionId);
     if (!subscription) return; // Unsubscribed; already on its way (PROTOCOL 7.3).
-    subscription._deliver(new Message(subscription, frame));
+    const message = new Message(subscription, frame);
+    if (!message.settled) this.unsettled.push(message);
+    subscription._deliver(message);
   }
 
   /** @param {any} frame */
@@ -1157,6 +1202,9 @@ export class Client {
     this.unreceipted.clear();
     this.queuedControl = [];
     this.unconfirmed = [];
+    this.pendingSettlements = [];
+    this.unsettled = [];
+    this.unsettledHead = 0;
     for (const subscription of [...this.subscriptions.values()]) subscription._end(graceful ? null : error);
     this.sendWaiters.splice(0).forEach((wake) => wake());
     this.drainWaiters.splice(0).forEach((wake) => wake());
@@ -1168,6 +1216,61 @@ export class Client {
     this.closed = null;
     this._fail(new MbwsError(1000, 'the client closed the session'), true);
     done?.();
+  }
+
+  /** Queues an ACK or NACK for the next `_flushSettlements`. @param {any} frame */
+  _queueSettlement(frame) {
+    if (this.state === 'closed') return;
+    this.pendingSettlements.push(frame);
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    macrotask(() => this._flushSettlements());
+  }
+
+  /**
+   * Writes the queued settlements (see the module comment): NACKs, then one cumulative ACK for
+   * the queued ACKs below the oldest unsettled delivery, then single ACKs for the others.
+   */
+  _flushSettlements() {
+    this.flushScheduled = false;
+    const pending = this.pendingSettlements;
+    if (pending.length === 0) return;
+    this.pendingSettlements = [];
+    // Settled here, or of a subscription that ended (its UNSUBSCRIBE was written before anything
+    // queued now, or the broker ended it): nothing the broker holds for them needs this client.
+    /** @param {Message} message */
+    const done = (message) => message.settled || message.subscription.ended;
+    let head = this.unsettledHead;
+    while (head < this.unsettled.length && done(this.unsettled[head])) head++;
+    this.unsettledHead = head;
+    if (this.unsettled.length >= this.unsettledCompactAt) {
+      // Settled entries behind an old unsettled one (say, one the ack timeout took back and the
+      // application never settles) go too: the list stays within twice what is unsettled.
+      this.unsettled = this.unsettled.filter((message) => !done(message));
+      this.unsettledHead = head = 0;
+      this.unsettledCompactAt = Math.max(UNSETTLED_COMPACT_AT, 2 * this.unsettled.length);
+    }
+    const oldestUnsettled = head < this.unsettled.length ? this.unsettled[head].deliverySeq : Infinity;
+    let through = 0;
+    let covered = 0;
+    for (const frame of pending) {
+      if (frame.kind === 'NACK') {
+        this._control(frame); // Before the cumulative ACK, which would otherwise settle it.
+      } else if (frame.deliverySeq < oldestUnsettled) {
+        through = Math.max(through, frame.deliverySeq);
+        covered += 1;
+      }
+    }
+    if (covered > 0) this._control({ kind: 'ACK', deliverySeq: through, cumulative: covered > 1 });
+    for (const frame of pending) {
+      if (frame.kind === 'ACK' && frame.deliverySeq > oldestUnsettled) this._control(frame);
+    }
+  }
+
+  /** Sends a FLOW or UNSUBSCRIBE (after the queued settlements) now, or after the resume. @param {any} frame */
+  _order(frame) {
+    this._flushSettlements();
+    this._control(frame);
   }
 
   /** Sends a settlement, FLOW or UNSUBSCRIBE now, or after the resume. @param {any} frame */
@@ -1283,6 +1386,7 @@ export class Client {
       clearTimeout(timer);
     }
     if (this.failure || this.closed) return; // Ended, or closed by another call, meanwhile.
+    this._flushSettlements(); // Settled before the CLOSE, which gives back what is not.
     const closed = new Promise((resolve) => { this.closed = () => resolve(undefined); });
     this._setState('closing');
     if (this.ws && this.ws.readyState === 1) {

@@ -75,15 +75,58 @@ async function waitForReceived(page, count) {
   await page.waitForFunction((n) => Number(document.getElementById('received-total')?.dataset.count) >= n, count);
 }
 
-/** The bodies in the console's message table. @param {import('playwright-core').Page} page */
-function shownBodies(page) {
-  return page.$$eval('#log tr td:nth-child(5)', (cells) => cells.map((cell) => cell.textContent ?? ''));
+/**
+ * The bodies in the console's message history, oldest first (the page keeps them in memory and
+ * renders the rows in view). @param {import('playwright-core').Page} page
+ * @returns {Promise<string[]>}
+ */
+function historyBodies(page) {
+  return page.evaluate(() => /** @type {any} */ (globalThis).mbwsConsole.history());
+}
+
+/**
+ * The rows the message list shows now: [history index, body], top to bottom.
+ * @param {import('playwright-core').Page} page
+ * @returns {Promise<Array<[number, string]>>}
+ */
+function renderedRows(page) {
+  return page.$$eval('#log tr:not([hidden])', (rows) => rows.map((row) => /** @type {[number, string]} */ (
+    [Number(/** @type {HTMLElement} */ (row).dataset.index), row.children[4].textContent ?? ''])));
+}
+
+/** Waits until the list has drawn `count` rows of history. @param {import('playwright-core').Page} page @param {number} count */
+async function waitForRows(page, count) {
+  await page.waitForFunction((n) => Number(document.getElementById('log-wrap')?.dataset.rows) >= n, count);
 }
 
 /** @param {string[]} bodies @param {number} count */
 function assertExactlyOnce(bodies, count) {
-  assert.equal(bodies.length, count, 'one row per message');
+  assert.equal(bodies.length, count, 'one history entry per message');
   assert.deepEqual([...new Set(bodies)].sort(), Array.from({ length: count }, (_, i) => `m${i}`).sort());
+}
+
+/**
+ * The list shows the newest entries while it follows, and can be scrolled to any entry: with
+ * the keyboard (Home) to the oldest, and to one in the middle.
+ * @param {import('playwright-core').Page} page @param {string[]} bodies the history, oldest first
+ */
+async function assertListShowsAndScrolls(page, bodies) {
+  const atBottom = await renderedRows(page);
+  assert.ok(atBottom.length >= 5, `the list shows rows (${atBottom.length})`);
+  assert.deepEqual(atBottom.at(-1), [bodies.length - 1, bodies.at(-1)], 'the newest message is the last row shown');
+  for (const [index, body] of atBottom) assert.equal(body, bodies[index]);
+  await page.focus('#log-wrap');
+  await page.keyboard.press('Home');
+  await page.waitForFunction(() => document.getElementById('log-wrap')?.dataset.first === '0');
+  assert.deepEqual((await renderedRows(page))[0], [0, bodies[0]], 'Home scrolls to the oldest');
+  const middle = Math.floor(bodies.length / 2);
+  await page.evaluate((px) => { /** @type {HTMLElement} */ (document.getElementById('log-wrap')).scrollTop = px; }, middle * 20);
+  await page.waitForFunction((n) => document.getElementById('log-wrap')?.dataset.first === String(n), middle);
+  const rows = await renderedRows(page);
+  assert.deepEqual(rows[0], [middle, bodies[middle]], 'scrolled to the middle');
+  for (const [index, body] of rows) assert.equal(body, bodies[index]);
+  await page.keyboard.press('End');
+  await page.waitForFunction((n) => Number(document.getElementById('log-wrap')?.dataset.first) > n, middle);
 }
 
 test(`console: ${MESSAGES} messages sent from the page are all shown, in this page and a second one`, async () => {
@@ -96,11 +139,12 @@ test(`console: ${MESSAGES} messages sent from the page are all shown, in this pa
   const elapsedMs = Date.now() - started;
   await waitForReceived(second.page, MESSAGES);
   await first.page.waitForFunction((n) => document.getElementById('send-status')?.dataset.done === String(n), MESSAGES);
-  // The table is rendered once per animation frame: wait for the frame that shows the last one.
-  await first.page.waitForFunction((n) => document.querySelectorAll('#log tr').length >= n, MESSAGES);
-  await second.page.waitForFunction((n) => document.querySelectorAll('#log tr').length >= n, MESSAGES);
-  assertExactlyOnce(await shownBodies(first.page), MESSAGES);
-  assertExactlyOnce(await shownBodies(second.page), MESSAGES);
+  // The list is drawn once per animation frame: wait for the frame that drew the last one.
+  await waitForRows(first.page, MESSAGES);
+  await waitForRows(second.page, MESSAGES);
+  const bodies = await historyBodies(first.page);
+  assertExactlyOnce(bodies, MESSAGES);
+  assertExactlyOnce(await historyBodies(second.page), MESSAGES);
   assert.equal(await first.page.textContent('#receipted-total'), String(MESSAGES));
   const status = await first.page.textContent('#send-status');
   console.log(`console: ${MESSAGES} messages sent and shown in ${elapsedMs} ms `
@@ -108,6 +152,7 @@ test(`console: ${MESSAGES} messages sent from the page are all shown, in this pa
   const screenshot = process.env.MBWS_SCREENSHOT ?? path.join(tmpdir(), `mbws-console-${process.pid}.png`);
   await first.page.screenshot({ path: screenshot });
   assert.ok(statSync(screenshot).size > 10000, 'a screenshot with something on it');
+  await assertListShowsAndScrolls(first.page, bodies); // After the screenshot: it focuses the list.
   assert.deepEqual([...first.errors, ...second.errors], []);
   await first.page.close();
   await second.page.close();
@@ -151,17 +196,51 @@ test('console: a page survives the broker dropping its connection, without losin
   try {
     const address = 'browser/resume';
     const { page, errors } = await consolePage(address, { url: proxy.url });
+    // What the page logs, for the assertions' messages (a resume that went wrong says why here).
+    const logged = /** @type {string[]} */ ([]);
+    page.on('console', (message) => logged.push(`${message.type()}: ${message.text()}`));
+    page.on('pageerror', (error) => logged.push(`pageerror: ${error.stack ?? error.message}`));
+    // Every state the page shows from now on, in order (a MutationObserver misses none).
+    await page.evaluate(() => {
+      const state = /** @type {HTMLElement} */ (document.getElementById('state'));
+      const states = /** @type {string[]} */ ([]);
+      /** @type {any} */ (globalThis).shownStates = states;
+      new MutationObserver(() => { if (states.at(-1) !== state.dataset.state) states.push(state.dataset.state ?? ''); })
+        .observe(state, { attributes: true, attributeFilter: ['data-state'] });
+    });
+    // The connection stalls after 16 KiB from the broker (receipts and deliveries of a few
+    // hundred messages; all 1,000 take more) and is then cut: the cut surely comes while
+    // receipts and deliveries are in flight, however fast the page is.
+    const stalled = proxy.stallAfter(16 * 1024);
     await sendFromPage(page, address, MESSAGES);
-    await waitForReceived(page, 300);
+    await stalled;
+    await waitForReceived(page, 1);
+    const before = Number(await page.getAttribute('#received-total', 'data-count'));
+    assert.ok(before < MESSAGES, `the page has not received every message before the cut (${before})`);
     proxy.cut();
-    await page.waitForSelector('#state[data-state="reconnecting"], #state[data-state="open"]');
+    /** @type {string[]} */
+    let shownStates = [];
+    const context = () => `states shown: ${JSON.stringify(shownStates)}; the page logged:\n${logged.join('\n')}`;
+    // The page resumes: it shows `reconnecting`, then `open` again.
+    await page.waitForFunction(() => {
+      const states = /** @type {string[]} */ (/** @type {any} */ (globalThis).shownStates);
+      const lost = states.indexOf('reconnecting');
+      return lost >= 0 && states.indexOf('open', lost) > lost;
+    }).catch(async (error) => {
+      shownStates = await page.evaluate(() => /** @type {any} */ (globalThis).shownStates);
+      throw new Error(`the page did not show reconnecting, then open (${error.message}); ${context()}`);
+    });
     await waitForReceived(page, MESSAGES);
     await page.waitForFunction((n) => document.getElementById('send-status')?.dataset.done === String(n), MESSAGES);
-    await page.waitForFunction((n) => document.querySelectorAll('#log tr').length >= n, MESSAGES);
-    assertExactlyOnce(await shownBodies(page), MESSAGES);
-    assert.equal(await page.textContent('#receipted-total'), String(MESSAGES));
+    await waitForRows(page, MESSAGES);
+    shownStates = await page.evaluate(() => /** @type {any} */ (globalThis).shownStates);
+    assertExactlyOnce(await historyBodies(page), MESSAGES);
+    assert.equal(await page.getAttribute('#received-total', 'data-count'), String(MESSAGES), 'nothing received twice');
+    assert.equal(await page.textContent('#receipted-total'), String(MESSAGES), `every SEND receipted; ${context()}`);
+    assert.deepEqual(shownStates, ['reconnecting', 'open'], `one resume, and open after it; ${context()}`);
     assert.equal(await page.getAttribute('#state', 'data-state'), 'open');
-    assert.deepEqual(errors, []);
+    assert.deepEqual(errors, [], context());
+    console.log(`console resume: cut after ${before} of ${MESSAGES} messages had reached the page`);
     await page.close();
   } finally {
     await proxy.stop();

@@ -88,11 +88,17 @@ export async function startBroker(flags = []) {
 /**
  * A TCP proxy in front of `port`: `cut()` destroys every connection through it (both sides at
  * once, without a WebSocket close), as a network failure would; new connections still pass.
+ * `stallAfter(bytes)` lets `bytes` more bytes from the broker through to the connections open
+ * now, then stops forwarding to them (what the broker writes next waits in the proxy and is lost
+ * by a cut): it resolves once the budget is spent, so a test can cut a connection with frames
+ * surely in flight, whatever the timing. New connections are never stalled.
  * @param {number} port
  */
 export async function startProxy(port) {
   /** @type {Set<net.Socket>} */
   const sockets = new Set();
+  /** @type {Set<(bytes: number) => Promise<void>>} stallAfter of each connection open now */
+  const stallers = new Set();
   const server = net.createServer((client) => {
     const upstream = net.connect(port, '127.0.0.1');
     for (const socket of [client, upstream]) {
@@ -101,8 +107,29 @@ export async function startProxy(port) {
       socket.on('error', () => {});
     }
     client.pipe(upstream);
-    upstream.pipe(client);
-    client.on('close', () => upstream.destroy());
+    // Broker to client by hand (not pipe) so that a budget can stop it at any byte.
+    let budget = Infinity;
+    /** @type {(() => void) | null} */
+    let spent = null;
+    upstream.on('data', (/** @type {Buffer} */ chunk) => {
+      if (budget <= 0) return;
+      const pass = chunk.length > budget ? chunk.subarray(0, budget) : chunk;
+      budget -= pass.length;
+      if (!client.write(pass)) upstream.pause();
+      if (budget <= 0) {
+        upstream.pause();
+        spent?.();
+      }
+    });
+    client.on('drain', () => { if (budget > 0) upstream.resume(); });
+    /** @param {number} bytes */
+    const stallAfter = (bytes) => new Promise((resolve) => {
+      budget = bytes;
+      spent = () => resolve(undefined);
+      if (budget <= 0) resolve(undefined);
+    });
+    stallers.add(stallAfter);
+    client.on('close', () => { stallers.delete(stallAfter); upstream.destroy(); });
     upstream.on('close', () => client.destroy());
   });
   await new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(undefined)));
@@ -112,6 +139,10 @@ export async function startProxy(port) {
     connections: () => sockets.size / 2,
     cut() {
       for (const socket of sockets) socket.resetAndDestroy();
+    },
+    /** @param {number} bytes */
+    async stallAfter(bytes) {
+      await Promise.all([...stallers].map((stall) => stall(bytes)));
     },
     async stop() {
       for (const socket of sockets) socket.destroy();
