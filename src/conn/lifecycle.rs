@@ -140,6 +140,16 @@ impl Lifecycle {
         }
     }
 
+    /// A detached session ends before its expiry, because it can no longer be resumed (its
+    /// credentials expired): true if it was detached.
+    pub fn end_detached(&mut self) -> bool {
+        if !matches!(self.state, State::Detached { .. }) {
+            return false;
+        }
+        self.state = State::Ended;
+        true
+    }
+
     /// A detached session of `attachment` whose expiry is at or before `now_ms`: it ends
     /// (true). False when it was resumed meanwhile, or is not due yet.
     pub fn expire(&mut self, attachment: Attachment, now_ms: u64) -> bool {

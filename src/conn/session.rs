@@ -998,12 +998,6 @@ impl Session {
         self.unprompted_fatal_error(code, reason, outbound)
     }
 
-    /// A detached session whose credentials expired: it cannot be resumed any more (a resume
-    /// gets 4404) and ends at its expiry.
-    pub fn forbid_resume(&mut self) {
-        self.state = State::Closed;
-    }
-
     /// A drain ends this session: a fatal ERROR 4503 (unavailable) with `reason`, and the
     /// session is not kept for a resume (the broker is going away).
     pub fn end_for_drain(&mut self, reason: String, outbound: &mut Outbound) -> SessionEnd {

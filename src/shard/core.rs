@@ -754,8 +754,12 @@ impl ShardCore {
             if crate::planted::planted(crate::planted::Bug::CredentialsOutliveExpiry) {
                 continue;
             }
-            if let Some(state) = slot_state(&mut self.conns, id) {
-                state.credentials_expired();
+            let Some(state) = slot_state(&mut self.conns, id) else { continue };
+            if state.credentials_expired(&mut self.address_commands) {
+                // A detached session ended: its releases go to the addresses' owners.
+                self.queues.submit_address_commands(&mut self.address_commands);
+                self.free_if_done(id);
+            } else {
                 self.mark_dirty(id);
             }
         }

@@ -537,8 +537,10 @@ impl World {
     }
 
     /// A run of `seed` in which (in 40% of the seeds) about half the clients open their
-    /// sessions with credentials that expire during the run. Not yet the default: seed 98 then
-    /// does not settle (a consumer stops receiving with 6 deliveries unacknowledged; open).
+    /// sessions with credentials that expire during the run. Not yet the default: of the first
+    /// 1,000 seeds, seed 774 then does not settle (one delivery left unacknowledged after a
+    /// crash; open). Seed 98 did not either, until a detached session whose credentials
+    /// expired was made to end at once instead of holding its deliveries until its expiry.
     pub fn with_expiring_credentials(seed: u64) -> World {
         World::build(seed, true)
     }
