@@ -42,7 +42,8 @@
 //! faults; a link is a handful of threads per broker, off the shards; and the loopback session
 //! into this broker goes through the same checks (limits, ACL, durability) as any client, so
 //! a link cannot take a message the broker would not. The cost is one loopback hop per message
-//! on this side (docs/CLUSTER.md has the figures).
+//! on this side, and one batch in flight per round trip (not yet measured: docs/CLUSTER.md,
+//! "Figures").
 //!
 //! Visibility: a log line on every state change (connecting, up, resumed, down with the reason,
 //! with the lag), [`LinkStatus`] for the admin API (`GET /api/links`) and the `mbws_link_*`
