@@ -8,10 +8,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::Broker;
+use common::{promtool_check, Broker};
 use mbws::mbws::{AckMode, DeliveryMode};
 use serde_json::Value;
 
@@ -179,29 +179,6 @@ fn scrape(admin: SocketAddr, token: Option<&str>) -> Series {
     assert_eq!(answer.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
     promtool_check(&answer.body);
     parse_metrics(&answer.body)
-}
-
-/// Prometheus's own checker of the text format, when this machine has it (`.ci/run`
-/// installs Debian's `prometheus` package for it).
-fn promtool_check(page: &str) {
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("promtool is not installed: the page is checked by this test's parser only");
-        return;
-    };
-    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool check metrics refused the page:\n{}{}\n{page}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// The sum of every series of family `name` (over shards and other labels).

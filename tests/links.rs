@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chaos_proxy::{ChaosProxy, Schedule};
-use common::Broker;
+use common::{promtool_check, Broker};
 use mbws::mbws::{AckMode, DeliveryMode, Message};
 use mbws_client::Client;
 
@@ -332,27 +332,4 @@ fn after_the_far_broker_restarts_the_link_opens_new_sessions_and_loses_nothing_d
     assert!(link["restarts"].as_u64().unwrap() >= 1, "{link}");
     drop(there);
     let _ = std::fs::remove_dir_all(&there_dir);
-}
-
-/// `promtool check metrics` (Prometheus's own linter, installed by .ci/run) accepts the page.
-fn promtool_check(page: &str) {
-    use std::process::{Command, Stdio};
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("promtool is not installed: the link series are checked by this test's asserts only");
-        return;
-    };
-    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool check metrics refused the page:\n{}{}\n{page}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }

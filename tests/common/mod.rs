@@ -280,3 +280,28 @@ pub fn run_bounded(command: &mut Command, timeout: Duration) -> Result<Finished,
     };
     Ok(Finished { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() })
 }
+
+/// `promtool check metrics`, Prometheus's own checker of the text format, accepts `page`
+/// (`.ci/run` installs Debian's `prometheus` package for it); without promtool, the caller's
+/// own asserts are the only check.
+pub fn promtool_check(page: &str) {
+    use std::io::Write;
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool is not installed: the page is checked by this test's own asserts only");
+        return;
+    };
+    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics refused the page:\n{}{}\n{page}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
