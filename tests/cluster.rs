@@ -14,7 +14,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -97,6 +97,11 @@ impl Drop for Etcd {
 
 /// A broker node of cluster `test` reaching etcd at `etcd_url`, registered when this returns.
 fn node(name: &str, etcd_url: &str, extra: &[&str]) -> Broker {
+    node_in(None, name, etcd_url, extra)
+}
+
+/// [`node`], keeping its data in `data_dir` when given (so a restart finds its durable log).
+fn node_in(data_dir: Option<&Path>, name: &str, etcd_url: &str, extra: &[&str]) -> Broker {
     let lease = LEASE_MS.to_string();
     let mut flags = vec![
         "--cluster",
@@ -113,7 +118,10 @@ fn node(name: &str, etcd_url: &str, extra: &[&str]) -> Broker {
         "info",
     ];
     flags.extend_from_slice(extra);
-    let broker = Broker::start(&flags);
+    let broker = match data_dir {
+        Some(dir) => Broker::start_in(dir, &flags),
+        None => Broker::start(&flags),
+    };
     let registered = format!("node \"{name}\" registered");
     assert!(
         broker.wait_for_log(&registered, Duration::from_secs(15)).is_some(),
@@ -254,30 +262,7 @@ fn a_killed_node_loses_its_non_durable_addresses_to_live_nodes_and_keeps_its_dur
     let etcd = Etcd::start();
     let durable = ["--durable-address", "ledger-*"];
     let dirs: Vec<PathBuf> = (0..3).map(|_| common::temp_dir("cluster-node")).collect();
-    let start = |index: usize| {
-        let name = ["a", "b", "c"][index];
-        let lease = LEASE_MS.to_string();
-        let flags = [
-            "--cluster",
-            "test",
-            "--etcd",
-            &etcd.url(),
-            "--node-name",
-            name,
-            "--cluster-lease-ms",
-            &lease,
-            "--shards",
-            "2",
-            "--log-level",
-            "info",
-            durable[0],
-            durable[1],
-        ];
-        let broker = Broker::start_in(&dirs[index], &flags);
-        let registered = format!("node \"{name}\" registered");
-        assert!(broker.wait_for_log(&registered, Duration::from_secs(15)).is_some(), "{:#?}", broker.log_lines());
-        broker
-    };
+    let start = |index: usize| node_in(Some(&dirs[index]), ["a", "b", "c"][index], &etcd.url(), &durable);
     let mut nodes = [start(0), start(1), start(2)];
     // Place everything through node a: its first SEND there places it somewhere.
     let plain: Vec<String> = (0..12).map(|index| format!("jobs-{index}")).collect();
