@@ -506,6 +506,42 @@ fn claims(in_secs: i64) -> String {
     format!(r#"{{"sub":"web-user-7","exp":{exp},"mbws":{{"send":["orders.*"],"consume":["invoices"]}}}}"#)
 }
 
+/// A consumer whose token expires while it holds an unacknowledged delivery and then says
+/// nothing (it neither answers the close frame nor closes its socket: a peer that vanished, or
+/// a stuck one) loses the delivery within its token's life and the close grace: the message
+/// goes to the next consumer. Before, the broker waited for that peer forever and the message
+/// with it (found by the simulator, seed 774 with expiring credentials).
+#[test]
+fn a_silent_consumer_whose_jwt_expired_gives_its_unacknowledged_delivery_back() {
+    let (broker, dir) = start(&format!("[auth.jwt]\nhs256-secret = \"{JWT_SECRET}\"\nleeway-secs = 0\n"), &[]);
+    let jobs_claims = |in_secs: i64| {
+        let exp = unix_now() as i64 + in_secs;
+        format!(r#"{{"sub":"worker","exp":{exp},"mbws":{{"send":["jobs"],"consume":["jobs"]}}}}"#)
+    };
+    // exp is in whole seconds: 2 s from now is 1 to 2 s away.
+    let mut silent =
+        Peer::opened(&broker, "/", &[], binary_open_with("", &jwt(&Signer::Hs256(JWT_SECRET), &jobs_claims(2))));
+    assert_eq!(silent.subscribe_to(1, "jobs"), Reply::Subscribed { subscription_id: 1 });
+    let mut producer =
+        Peer::opened(&broker, "/", &[], binary_open_with("", &jwt(&Signer::Hs256(JWT_SECRET), &jobs_claims(600))));
+    assert_eq!(producer.send_to(1, "jobs"), Reply::Receipt { seq: 1 });
+    assert!(matches!(silent.recv(), Reply::Message { .. }), "the first consumer holds the message");
+    let sent_at = Instant::now();
+    // From here on `silent` reads nothing and writes nothing; its socket stays open.
+    let mut next =
+        Peer::opened(&broker, "/", &[], binary_open_with("", &jwt(&Signer::Hs256(JWT_SECRET), &jobs_claims(600))));
+    assert_eq!(next.subscribe_to(1, "jobs"), Reply::Subscribed { subscription_id: 1 });
+    // Token (at most 2 s) + close grace (2 s) + slack; `recv` itself is bounded by IO_TIMEOUT.
+    match next.recv() {
+        Reply::Message { body, .. } => assert_eq!(body, b"body"),
+        other => panic!("expected the expired consumer's message redelivered, got {other:?}"),
+    }
+    let waited = sent_at.elapsed();
+    assert!(waited < Duration::from_secs(8), "redelivered only after {waited:?}");
+    drop(silent);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn jwt_hs256_is_accepted_in_open_in_the_bearer_header_and_in_the_query_and_its_claims_are_enforced() {
     let (broker, dir) = start(&format!("[auth.jwt]\nhs256-secret = \"{JWT_SECRET}\"\n"), &[]);

@@ -959,4 +959,34 @@ async fn write_loop<W: WriteSide>(
         }
     }
     writer.shutdown().await;
+    if close_taken && current == Some(true) {
+        end_reading_after_grace(shard, me, attachment);
+    }
+}
+
+/// Our close frame is written: the peer has `CLOSE_GRACE` to answer it (or to close), then the
+/// reader is ended however silent the peer is.
+///
+/// A close begun by the reader is bounded by [`wait_for_peer_close`]; one begun elsewhere (an
+/// expired token, a kick, fencing) finds the reader waiting in a read that only the peer can
+/// finish. A peer that vanished without a FIN (and agreed no heartbeat) would keep the session,
+/// its subscriptions and their unacknowledged deliveries forever (found by the simulator,
+/// seed 774 with expiring credentials).
+fn end_reading_after_grace(shard: Rc<Shard>, me: ConnRef, attachment: Attachment) {
+    monoio::spawn(async move {
+        monoio::time::sleep(CLOSE_GRACE).await;
+        let socket = shard.with_conn(me.conn, |state| {
+            let lifecycle = state.lifecycle();
+            let reading = lifecycle.is_current(attachment) && !lifecycle.reader_finished_already();
+            (if reading { lifecycle.socket() } else { None }, Wake::default())
+        });
+        if let Some(Some(socket)) = socket {
+            // SAFETY: the slot is still this attachment's and its reader has not finished, so
+            // the reader's half of the stream is alive and owns `socket` (it closes the
+            // descriptor only after `reader_finished`): the number names this connection's
+            // socket. shutdown(2) changes the socket's state (the pending read returns 0), not
+            // the descriptor.
+            unsafe { libc::shutdown(socket, libc::SHUT_RD) };
+        }
+    });
 }

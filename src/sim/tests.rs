@@ -31,12 +31,14 @@ fn the_first_seeds_keep_every_invariant() {
 /// JWT's `exp`): those sessions are ended at their deadline (fatal 4401, nothing after), and
 /// the others go on; a session left open past its deadline (planted) is caught. Seed 98 kept
 /// six deliveries held by a detached session whose credentials had expired until its session
-/// expiry, and did not settle (fixed: such a session ends at once).
+/// expiry, and did not settle (fixed: such a session ends at once). Seed 774 kept one held by
+/// a connection closed at its credentials' expiry, whose reader waited forever for a client
+/// that had abandoned its socket (fixed: the reader ends a close grace after the close frame).
 #[test]
 fn sessions_with_expiring_credentials_end_at_their_deadline() {
     plant(None);
     let (mut expired, mut deadlines_kept) = (0, 0);
-    for seed in (0..40).chain([98]) {
+    for seed in (0..40).chain([98, 774]) {
         let report = World::with_expiring_credentials(seed).run(MAX_STEPS);
         if let Some(violation) = &report.violation {
             panic!(
