@@ -59,7 +59,8 @@ cat <<EOF
 
 Try:
   $bin/mbws send orders hello --url ws://127.0.0.1:7451/   # placed on the least loaded node on first use
-  $bin/mbws send orders hello --url ws://127.0.0.1:7452/   # a node that does not own it answers 4421 and names the owner
+  $bin/mbws send orders hello --url ws://127.0.0.1:7452/   # any node: a node that does not own it forwards the SEND to the owner
+  $bin/mbws consume orders --url ws://127.0.0.1:7452/      # consume at the owner: elsewhere a SUBSCRIBE gets 4421 naming it
   curl -s http://127.0.0.1:7461/api/cluster                 # nodes, leases, placement
   curl -s -X PUT -d '{"owner":"n3"}' http://127.0.0.1:7461/api/cluster/addresses/orders   # move it
   kill -9 <a node's PID>   # its non-durable addresses move to the others within the lease (5 s)

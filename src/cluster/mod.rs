@@ -11,6 +11,9 @@
 //! - [`view`]: each shard's sans-IO placement view, consulted before a SEND or SUBSCRIBE reaches
 //!   the address table: run here, refuse with 4421 naming the owner, or wait (bounded) for the
 //!   first placement. The message path never waits for etcd.
+//! - [`forward`]: the IO side of the view's forwarding: per shard, one forwarder per owner
+//!   node, a thread with an MBWS session to it that carries SENDs and brings back the owner's
+//!   RECEIPTs as the clients' answers.
 //!
 //! What lives in etcd, under `/mbws/<cluster>/`: `nodes/<node>` (the node's URL and shard
 //! count, attached to its lease: it disappears when the node stops renewing), and
@@ -18,6 +21,7 @@
 //! outlives its owner's lease, so a durable address waits for its node).
 
 pub mod control;
+pub mod forward;
 pub mod view;
 
 use std::sync::OnceLock;

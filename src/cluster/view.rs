@@ -4,8 +4,11 @@
 //!
 //! [`PlacementView::admit`] sees each SEND and SUBSCRIBE before the address table does:
 //! - [`Owner::Local`]: the command runs here, as in a single broker;
-//! - [`Owner::Remote`]: it is refused with non-fatal 4421 naming the owner node and its URL
-//!   (the redirect hint; forwarding over pooled links replaces this refusal next);
+//! - [`Owner::Remote`]: a SEND is handed on as a [`Forward`] (taken by the shard's IO shell,
+//!   which gives it to the forwarder of that node, [`crate::cluster::forward`]; the client's
+//!   answer comes back later as the owner's); a SEND that was forwarded already (it carries
+//!   [`HOP_HEADER`]) and a SUBSCRIBE (subscriptions are not relayed yet) are refused with
+//!   non-fatal 4421 naming the owner node and its URL (the redirect hint);
 //! - not placed yet: the command waits here, and the first one asks the control plane to place
 //!   the address ([`PlacementRequest`]). Bounded in count ([`MAX_WAITING_COMMANDS`] per
 //!   shard; beyond: 4429) and in time (the control plane answers every request, with a
@@ -25,15 +28,31 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::broker::address::{AddressTable, Outgoing};
-use crate::broker::{AddressCommand, ConnCommand, FastMap, Refusal, ShardId};
+use crate::broker::{AddressCommand, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage};
 use crate::mbws::ErrorCode;
 
 /// Most SENDs and SUBSCRIBEs one shard keeps waiting for their addresses' placement; beyond,
 /// they are refused with 4429 (the control plane is slow or etcd unreachable).
 pub const MAX_WAITING_COMMANDS: usize = 4096;
 
+/// The application header that marks a SEND forwarded by a cluster node: a node that does not
+/// own its address refuses it (4421) instead of forwarding it again, so a SEND crosses at most
+/// one hop even while two nodes' placements disagree for a moment. Consumers see it.
+pub const HOP_HEADER: &str = "x-mbws-cluster-hop";
+
+/// A SEND for an address another node owns, handed from the shard's core to its IO shell
+/// ([`PlacementView::take_forwards`]); the owner's answer goes back to `publisher` as its
+/// `PublishDone`.
+#[derive(Debug)]
+pub struct Forward {
+    pub owner: Arc<NodeRef>,
+    pub publisher: ConnRef,
+    pub seq: u64,
+    pub message: SharedMessage,
+}
+
 /// A node of the cluster as the shards name it in refusals.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NodeRef {
     pub name: String,
     /// The `ws://` URL its clients and peers connect to (`--advertise-url`).
@@ -80,6 +99,8 @@ pub enum ClusterUpdate {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ViewCounters {
     pub refused_remote: u64,
+    /// SENDs handed on to their owner's forwarder.
+    pub forwarded: u64,
     pub refused_fenced: u64,
     pub waited: u64,
     pub subscriptions_ended: u64,
@@ -96,6 +117,8 @@ pub struct PlacementView {
     unsent: Vec<Bytes>,
     fenced: Option<String>,
     shard: ShardId,
+    /// SENDs to forward, until the shell takes them.
+    forwards: Vec<Forward>,
     pub counters: ViewCounters,
 }
 
@@ -123,6 +146,11 @@ fn refuse(command: AddressCommand, refusal: Refusal, out: &mut Vec<Outgoing>) {
     }
 }
 
+/// Whether a node forwarded `message` here already (it carries [`HOP_HEADER`]).
+fn was_forwarded(message: &SharedMessage) -> bool {
+    message.properties().headers.iter().any(|(name, _)| name.as_ref() == HOP_HEADER.as_bytes())
+}
+
 fn name(address: &[u8]) -> String {
     String::from_utf8_lossy(address).into_owned()
 }
@@ -132,8 +160,9 @@ pub fn remote_refusal(address: &[u8], owner: &NodeRef) -> Refusal {
     Refusal::new(
         ErrorCode::Misdirected,
         format!(
-            "address \"{}\" is owned by cluster node \"{}\" ({}): connect there to send to or consume from it \
-             (forwarding between nodes is not built yet; docs/CLUSTER.md)",
+            "address \"{}\" is owned by cluster node \"{}\" ({}): connect there to consume from it \
+             (subscriptions are not relayed between nodes yet, and a SEND is forwarded once at most; \
+             docs/CLUSTER.md)",
             name(address),
             owner.name,
             owner.url
@@ -162,6 +191,7 @@ impl PlacementView {
             unsent: Vec::new(),
             fenced: None,
             shard,
+            forwards: Vec::new(),
             counters: ViewCounters::default(),
         }
     }
@@ -196,9 +226,8 @@ impl PlacementView {
         match self.owners.get(address) {
             Some(Owner::Local) => Some(command),
             Some(Owner::Remote(owner)) => {
-                self.counters.refused_remote += 1;
-                let refusal = remote_refusal(address, owner);
-                refuse(command, refusal, out);
+                let owner = owner.clone();
+                self.for_remote_owner(command, &owner, out);
                 None
             }
             None => {
@@ -226,6 +255,27 @@ impl PlacementView {
                 None
             }
         }
+    }
+
+    /// A SEND or SUBSCRIBE for an address `owner` serves: a SEND not forwarded yet is kept
+    /// for the shell as a [`Forward`]; the rest is refused with 4421 naming the owner.
+    fn for_remote_owner(&mut self, command: AddressCommand, owner: &Arc<NodeRef>, out: &mut Vec<Outgoing>) {
+        match command {
+            AddressCommand::Publish { publisher, seq, message } if !was_forwarded(&message) => {
+                self.counters.forwarded += 1;
+                self.forwards.push(Forward { owner: owner.clone(), publisher, seq, message });
+            }
+            command => {
+                self.counters.refused_remote += 1;
+                let refusal = remote_refusal(gated_address(&command).unwrap_or_default(), owner);
+                refuse(command, refusal, out);
+            }
+        }
+    }
+
+    /// Moves the SENDs to forward (see [`Forward`]) into `into`, in the order they came.
+    pub fn take_forwards(&mut self, into: &mut Vec<Forward>) {
+        into.append(&mut self.forwards);
     }
 
     fn ask(&mut self, address: Bytes) {
@@ -272,10 +322,7 @@ impl PlacementView {
                     self.waiting_count -= 1;
                     match &owner {
                         Owner::Local => released.push(command),
-                        Owner::Remote(node) => {
-                            self.counters.refused_remote += 1;
-                            refuse(command, remote_refusal(&address, node), out);
-                        }
+                        Owner::Remote(node) => self.for_remote_owner(command, node, out),
                     }
                 }
                 self.owners.insert(address, owner);
@@ -436,14 +483,28 @@ mod tests {
     }
 
     #[test]
-    fn an_address_owned_elsewhere_is_refused_with_4421_naming_the_owner() {
+    fn a_send_owned_elsewhere_is_forwarded_once_and_a_subscribe_refused_with_4421_naming_the_owner() {
         let mut f = Fixture::new();
         f.view.admit(publish("a", 1), &mut f.out);
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
+        assert!(f.view.admit(publish("a", 2), &mut f.out).is_none());
         assert!(f.view.admit(subscribe("a", 3), &mut f.out).is_none());
-        assert_eq!(refusal_codes(&f.out), [(1, ErrorCode::Misdirected), (3, ErrorCode::Misdirected)]);
-        let ConnCommand::PublishDone { outcome: Err(refusal), .. } = &f.out[0].1 else { panic!() };
+        // A SEND a node forwarded already is not forwarded again.
+        let properties = Properties {
+            headers: vec![(Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1"))],
+            ..Properties::default()
+        };
+        let message = StoredMessage::from_fields(b"a", &properties, b"x", false);
+        let hopped = AddressCommand::Publish { publisher: conn(1), seq: 4, message: Arc::new(message) };
+        assert!(f.view.admit(hopped, &mut f.out).is_none());
+        assert_eq!(refusal_codes(&f.out), [(3, ErrorCode::Misdirected), (4, ErrorCode::Misdirected)]);
+        let ConnCommand::SubscribeDone { outcome: Err(refusal), .. } = &f.out[0].1 else { panic!() };
         assert!(refusal.reason.contains("node \"b\" (ws://127.0.0.1:9/)"), "{}", refusal.reason);
+        let mut forwards = Vec::new();
+        f.view.take_forwards(&mut forwards);
+        let seqs: Vec<_> = forwards.iter().map(|forward| (forward.seq, forward.owner.name.as_str())).collect();
+        assert_eq!(seqs, [(1, "b"), (2, "b")], "the waiting SEND and the new one, in order");
+        assert_eq!(f.view.counters.forwarded, 2);
     }
 
     #[test]

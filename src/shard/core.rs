@@ -671,6 +671,14 @@ impl ShardCore {
         self.route_address_output();
     }
 
+    /// Moves the SENDs the placement view decided to forward to other nodes into `into` (in a
+    /// cluster; the shell hands them to its forwarders, [`crate::cluster::forward`]).
+    pub fn take_forwards(&mut self, into: &mut Vec<crate::cluster::view::Forward>) {
+        if let Some(view) = self.placement.as_deref_mut() {
+            view.take_forwards(into);
+        }
+    }
+
     /// This shard's placement view, in a cluster.
     pub fn placement(&self) -> Option<&crate::cluster::view::PlacementView> {
         self.placement.as_deref()

@@ -196,6 +196,9 @@ pub struct Shard {
     envelopes_posted: Cell<u64>,
     /// The broker-wide counts of connections and sessions against their limits.
     pub admission: Arc<admission::Admission>,
+    /// In a cluster: this shard's forwarders to the other nodes, and the SENDs its core decided
+    /// to forward in the last round (`crate::cluster::forward`).
+    forwarders: Option<RefCell<(crate::cluster::forward::Forwarders, Vec<crate::cluster::view::Forward>)>>,
 }
 
 impl Shard {
@@ -207,6 +210,10 @@ impl Shard {
     ) -> Shard {
         let shard_count = post_office.shard_count();
         let core = ShardCore::new(id, shard_count, &config);
+        let forwarders = config
+            .cluster
+            .is_some()
+            .then(|| RefCell::new((crate::cluster::forward::Forwarders::new(id, post_office.clone()), Vec::new())));
         Shard {
             id,
             config,
@@ -224,6 +231,7 @@ impl Shard {
             ack_deadline_added: LocalEvent::default(),
             envelopes_posted: Cell::new(0),
             admission,
+            forwarders,
         }
     }
 
@@ -418,6 +426,13 @@ impl Shard {
         }
         if effects.wake_ack_timer {
             self.ack_deadline_added.fire();
+        }
+        if let Some(forwarders) = &self.forwarders {
+            let (forwarders, forwards) = &mut *forwarders.borrow_mut();
+            core.take_forwards(forwards);
+            if !forwards.is_empty() {
+                forwarders.forward(forwards);
+            }
         }
     }
 

@@ -1,0 +1,373 @@
+//! Forwarding SENDs between cluster nodes: the IO side of [`Owner::Remote`](super::view::Owner).
+//!
+//! A shard's placement view hands each SEND for an address another node owns to the shard's
+//! shell as a [`Forward`]; the shell gives it to [`Forwarders::forward`], which queues it on the
+//! forwarder of that owner node. There is one forwarder per owner node and shard (a pool keyed
+//! by node, one pool per shard), each a thread (`mbws-fwd-S-NODE`) holding one MBWS session on
+//! the reliable subprotocol to the owner's advertise URL, with `mbws-client`'s blocking client
+//! (which resumes the session after a lost connection: it resends what was not receipted, and
+//! the owner drops duplicates).
+//!
+//! **End-to-end receipts.** The forwarder answers the publisher's connection (a
+//! `PublishDone`, posted to the publisher's shard) only when the owner's RECEIPT covers the
+//! forwarded SEND, or with the owner's own refusal (its code and reason) when the owner sent an
+//! ERROR for it. The owner receipts a durable message after its fsync, so the client's RECEIPT
+//! means the same on every node.
+//!
+//! **Order.** The SENDs of one publisher to one address all pass through the one shard that
+//! owns the address's name here, then through one forwarder and one session to the owner, in
+//! order: per-publisher order is kept.
+//!
+//! **Batching and window.** The forwarder writes every SEND it has (up to the owner's
+//! `max-inflight-sends` unreceipted) before it flushes, and reads cumulative RECEIPTs: many
+//! SENDs in flight, one write per batch, not one round trip per message.
+//!
+//! **Bounds.** Each forwarder's queue holds at most [`QUEUE_BOUND`] SENDs (beyond: 4429 at
+//! once). A SEND waits at most about [`WAIT_BOUND`] for its RECEIPT after it was written, and
+//! the session resumes within [`RESUME_WINDOW`]; when the owner cannot be reached, everything
+//! held is refused with non-fatal 4503 naming the node (retryable: the SEND may or may not
+//! have been taken, as for any SEND whose RECEIPT did not come), and SENDs that arrive during
+//! the backoff that follows ([`FIRST_BACKOFF`] doubling up to [`MAX_BACKOFF`]) are refused at
+//! once the same way. Nothing waits forever.
+//!
+//! **Hops.** Every forwarded SEND carries [`HOP_HEADER`]; a node that does not own the address
+//! refuses such a SEND with 4421 instead of forwarding it again.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use mbws_client::{Client, ClientError, ClientOptions};
+
+use super::view::{Forward, NodeRef, HOP_HEADER};
+use crate::broker::{Command, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage};
+use crate::log;
+use crate::logging::Level;
+use crate::mbws::{self, Binding, ErrorCode, Frame, Subprotocol};
+use crate::shard::mailbox::{Envelope, PostOffice};
+
+/// Most SENDs one forwarder keeps queued (not yet written to the owner).
+pub const QUEUE_BOUND: usize = 8192;
+/// How long a written SEND waits for the owner's RECEIPT, and the bound on connecting.
+pub const WAIT_BOUND: Duration = Duration::from_secs(2);
+/// How long the client tries to resume a lost session before the forwarder gives up on it.
+pub const RESUME_WINDOW: Duration = Duration::from_secs(2);
+/// First pause after the owner could not be reached; doubled up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a read waits for the owner's answers before the forwarder looks at its queue again.
+const READ_POLL: Duration = Duration::from_millis(1);
+/// How often an idle forwarder reads its session (answers the owner's pings, notices a closed
+/// connection, which it then drops: the next SEND opens a new session).
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// One SEND in a forwarder's hands.
+struct Job {
+    publisher: ConnRef,
+    seq: u64,
+    message: SharedMessage,
+}
+
+/// The forwarders of one shard, by owner node (see the module doc).
+pub struct Forwarders {
+    shard: ShardId,
+    post_office: Arc<PostOffice>,
+    by_node: FastMap<Arc<NodeRef>, Sender<Job>>,
+}
+
+impl Forwarders {
+    pub fn new(shard: ShardId, post_office: Arc<PostOffice>) -> Forwarders {
+        Forwarders { shard, post_office, by_node: FastMap::default() }
+    }
+
+    /// Queues each SEND of `forwards` on its owner's forwarder (started on first use), in order;
+    /// a full queue refuses with 4429 at once.
+    pub fn forward(&mut self, forwards: &mut Vec<Forward>) {
+        let mut answers = Answers::default();
+        for Forward { owner, publisher, seq, message } in forwards.drain(..) {
+            let mut job = Job { publisher, seq, message };
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let sender = match self.by_node.get(&owner) {
+                    Some(sender) => sender,
+                    None => match spawn(self.shard, owner.clone(), self.post_office.clone()) {
+                        Ok(sender) => self.by_node.entry(owner.clone()).or_insert(sender),
+                        Err(error) => {
+                            let reason =
+                                format!("cannot start the forwarder to cluster node \"{}\": {error}", owner.name);
+                            answers.refuse(job, ErrorCode::Unavailable, reason);
+                            break;
+                        }
+                    },
+                };
+                match sender.try_send(job) {
+                    Ok(()) => break,
+                    Err(TrySendError::Disconnected(back)) if attempts >= 2 => {
+                        let reason = format!("the forwarder to cluster node \"{}\" stopped", owner.name);
+                        answers.refuse(back, ErrorCode::Unavailable, reason);
+                        break;
+                    }
+                    Err(TrySendError::Full(back)) => {
+                        let reason = format!(
+                            "{QUEUE_BOUND} SENDs already wait to be forwarded to cluster node \"{}\" ({}), which owns \
+                             \"{}\"; try again later",
+                            owner.name,
+                            owner.url,
+                            String::from_utf8_lossy(back.message.address())
+                        );
+                        answers.refuse(back, ErrorCode::Overloaded, reason);
+                        break;
+                    }
+                    // The thread is gone (it never stops on its own): start a new one.
+                    Err(TrySendError::Disconnected(back)) => {
+                        self.by_node.remove(&owner);
+                        job = back;
+                    }
+                }
+            }
+        }
+        answers.post(&self.post_office);
+    }
+}
+
+/// PublishDones to post, by the publisher's shard.
+#[derive(Default)]
+struct Answers {
+    by_shard: Vec<(ShardId, Vec<Command>)>,
+}
+
+impl Answers {
+    fn answer(&mut self, job: &Job, outcome: Result<(), Refusal>) {
+        let command = Command::Conn(ConnCommand::PublishDone { publisher: job.publisher.conn, seq: job.seq, outcome });
+        match self.by_shard.iter_mut().find(|(shard, _)| *shard == job.publisher.shard) {
+            Some((_, commands)) => commands.push(command),
+            None => self.by_shard.push((job.publisher.shard, vec![command])),
+        }
+    }
+
+    fn refuse(&mut self, job: Job, code: ErrorCode, reason: String) {
+        self.answer(&job, Err(Refusal::new(code, reason)));
+    }
+
+    fn post(&mut self, post_office: &PostOffice) {
+        for (shard, commands) in self.by_shard.drain(..) {
+            post_office.post(shard, Envelope::Commands(commands));
+        }
+    }
+}
+
+fn spawn(shard: ShardId, owner: Arc<NodeRef>, post_office: Arc<PostOffice>) -> std::io::Result<Sender<Job>> {
+    let (sender, jobs) = crossbeam_channel::bounded(QUEUE_BOUND);
+    std::thread::Builder::new()
+        .name(format!("mbws-fwd-{}-{}", shard.0, owner.name))
+        .spawn(move || Forwarder::new(owner, jobs, post_office).run())?;
+    Ok(sender)
+}
+
+/// One forwarder's thread state.
+struct Forwarder {
+    owner: Arc<NodeRef>,
+    jobs: Receiver<Job>,
+    post_office: Arc<PostOffice>,
+    client: Option<Client>,
+    /// Taken from the queue, not yet written.
+    pending: VecDeque<Job>,
+    /// Written to the owner with this session seq, not yet answered, oldest first, with when
+    /// the oldest unanswered one was written.
+    in_flight: VecDeque<(u64, Job)>,
+    oldest_written: Option<Instant>,
+    last_seq: u64,
+    /// While the owner is unreachable: until when new SENDs are refused at once, and why.
+    down: Option<(Instant, String)>,
+    backoff: Duration,
+    answers: Answers,
+}
+
+impl Forwarder {
+    fn new(owner: Arc<NodeRef>, jobs: Receiver<Job>, post_office: Arc<PostOffice>) -> Forwarder {
+        Forwarder {
+            owner,
+            jobs,
+            post_office,
+            client: None,
+            pending: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            oldest_written: None,
+            last_seq: 0,
+            down: None,
+            backoff: FIRST_BACKOFF,
+            answers: Answers::default(),
+        }
+    }
+
+    /// Until every sender (the shard's pool) is gone.
+    fn run(mut self) {
+        loop {
+            if self.pending.is_empty() && self.in_flight.is_empty() {
+                match self.jobs.recv_timeout(IDLE_TICK) {
+                    Ok(job) => self.pending.push_back(job),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.idle_read();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            self.take_queued();
+            if let Err(reason) = self.step() {
+                self.fail(reason);
+            }
+            self.answers.post(&self.post_office);
+        }
+    }
+
+    /// Moves what waits in the channel to `pending`, up to the channel's bound in all.
+    fn take_queued(&mut self) {
+        while self.pending.len() < QUEUE_BOUND {
+            match self.jobs.try_recv() {
+                Ok(job) => self.pending.push_back(job),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+    }
+
+    /// Connects if needed, writes what fits the window, reads the owner's answers.
+    fn step(&mut self) -> Result<(), String> {
+        if let Some((until, reason)) = &self.down {
+            if Instant::now() < *until {
+                let reason = reason.clone();
+                for job in std::mem::take(&mut self.pending) {
+                    self.answers.refuse(job, ErrorCode::Unavailable, reason.clone());
+                }
+                return Ok(());
+            }
+        }
+        if self.client.is_none() {
+            self.connect()?;
+        }
+        let client = self.client.as_mut().expect("connected above");
+        let window = u64::from(client.opened().limits.max_inflight_sends.max(1));
+        let mut wrote = false;
+        while self.last_seq - client.receipted_seq() < window {
+            let Some(job) = self.pending.pop_front() else { break };
+            let send = forwarded_send(&job.message);
+            self.last_seq = client.send_message(send).map_err(|error| format!("sending: {error}"))?;
+            self.in_flight.push_back((self.last_seq, job));
+            wrote = true;
+        }
+        if wrote {
+            client.flush().map_err(|error| format!("sending: {error}"))?;
+            self.oldest_written.get_or_insert_with(Instant::now);
+        }
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
+        match client.next_frame(READ_POLL) {
+            Ok(Frame::Receipt(receipt)) => {
+                while self.in_flight.front().is_some_and(|(seq, _)| *seq <= receipt.seq) {
+                    let (_, job) = self.in_flight.pop_front().expect("checked");
+                    self.answers.answer(&job, Ok(()));
+                }
+                self.oldest_written = (!self.in_flight.is_empty()).then(Instant::now);
+            }
+            Ok(Frame::Error(error)) if !error.fatal && error.seq != 0 => {
+                if let Some(index) = self.in_flight.iter().position(|(seq, _)| *seq == error.seq) {
+                    let (_, job) = self.in_flight.remove(index).expect("found");
+                    let code = ErrorCode::from_u16(error.code).unwrap_or(ErrorCode::Internal);
+                    self.answers.refuse(job, code, String::from_utf8_lossy(&error.reason).into_owned());
+                }
+            }
+            Ok(Frame::Error(error)) => {
+                return Err(format!(
+                    "the session was ended with {} {}",
+                    error.code,
+                    String::from_utf8_lossy(&error.reason)
+                ))
+            }
+            Ok(_) | Err(ClientError::Timeout(_) | ClientError::Interrupted) => {}
+            Err(error) => return Err(format!("waiting for RECEIPTs: {error}")),
+        }
+        if self.oldest_written.is_some_and(|written| written.elapsed() > WAIT_BOUND) {
+            return Err(format!("no RECEIPT for {} SENDs within {} ms", self.in_flight.len(), WAIT_BOUND.as_millis()));
+        }
+        Ok(())
+    }
+
+    /// Reads the idle session: pings are answered; a session that ended is dropped (nothing is
+    /// held, so nothing is refused; the next SEND opens a new one).
+    fn idle_read(&mut self) {
+        let Some(client) = self.client.as_mut() else { return };
+        match client.next_frame(READ_POLL) {
+            Ok(Frame::Error(error)) if error.fatal => self.client = None,
+            Ok(_) | Err(ClientError::Timeout(_) | ClientError::Interrupted) => {}
+            Err(_) => self.client = None,
+        }
+        if self.client.is_none() {
+            log!(Level::Info, "forwarding to cluster node \"{}\": the idle session ended; the next SEND opens a new one",
+                self.owner.name; node = self.owner.name);
+        }
+    }
+
+    fn connect(&mut self) -> Result<(), String> {
+        let options = ClientOptions {
+            subprotocol: Subprotocol::Reliable,
+            binding: Binding::Binary,
+            timeout: WAIT_BOUND,
+            reconnect: Some(RESUME_WINDOW),
+            ..ClientOptions::default()
+        };
+        // Within the resume window; after that, the forwarder's own backoff paces the retries.
+        let client = Client::connect(&self.owner.url, options).map_err(|error| format!("connecting: {error}"))?;
+        log!(Level::Info, "forwarding to cluster node \"{}\" ({}): session open", self.owner.name, self.owner.url;
+            node = self.owner.name);
+        self.client = Some(client);
+        self.last_seq = 0;
+        self.backoff = FIRST_BACKOFF;
+        self.down = None;
+        Ok(())
+    }
+
+    /// The owner cannot be reached: everything held is refused with 4503 naming it, and new
+    /// SENDs are refused at once until the backoff has passed.
+    fn fail(&mut self, reason: String) {
+        let reason = format!(
+            "cluster node \"{}\" ({}), which owns the address, cannot be reached: {reason}; the SEND may or may not \
+             have been taken there: try again",
+            self.owner.name, self.owner.url
+        );
+        log!(Level::Warn, "forwarding to cluster node \"{}\": {reason}; {} SENDs refused with 4503, next attempt in {} ms",
+            self.owner.name, self.in_flight.len() + self.pending.len(), self.backoff.as_millis(); node = self.owner.name);
+        for (_, job) in std::mem::take(&mut self.in_flight) {
+            self.answers.refuse(job, ErrorCode::Unavailable, reason.clone());
+        }
+        for job in std::mem::take(&mut self.pending) {
+            self.answers.refuse(job, ErrorCode::Unavailable, reason.clone());
+        }
+        self.client = None;
+        self.oldest_written = None;
+        self.down = Some((Instant::now() + self.backoff, reason));
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The SEND that carries `message` to its owner: its properties, the hop mark, its body, its
+/// durable flag and what remains of its time to live.
+fn forwarded_send(message: &SharedMessage) -> mbws::Send {
+    let mut properties = message.properties();
+    properties.headers.push((Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1")));
+    let ttl_ms = match message.expires_at_ms {
+        0 => 0,
+        at => at.saturating_sub(crate::clock::now_ms()).clamp(1, u64::from(u32::MAX)) as u32,
+    };
+    mbws::Send {
+        seq: 0, // The client numbers it.
+        address: message.address_bytes(),
+        durable: message.durable,
+        ttl_ms,
+        properties,
+        body: message.body_bytes(),
+    }
+}
