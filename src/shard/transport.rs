@@ -533,7 +533,10 @@ pub(crate) mod tests {
 
     /// A throwaway certificate for `localhost` and its key.
     fn certificate() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
-        let dir = std::env::temp_dir().join(format!("mbws-transport-test-{}", std::process::id()));
+        // One directory per call: the tests run in parallel threads of one process.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mbws-transport-test-{}-{call}", std::process::id()));
         let files = certificate_files(&dir);
         let pair =
             (CertificateDer::from_pem_file(&files.cert).unwrap(), PrivateKeyDer::from_pem_file(&files.key).unwrap());
