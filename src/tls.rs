@@ -11,7 +11,7 @@
 //!
 //! Protocol versions: TLS 1.3 and 1.2, rustls's safe defaults for cipher suites (with the
 //! `ring` provider), in the broker's order of preference: AES-128-GCM first (see
-//! [`provider_preferring_aes_128`]). No ALPN: a WebSocket upgrade is HTTP/1.1, which needs none. No client
+//! `provider_preferring_aes_128`). No ALPN: a WebSocket upgrade is HTTP/1.1, which needs none. No client
 //! certificates.
 
 use std::fmt;

@@ -269,7 +269,7 @@ fn take_ciphertext(connection: &mut ServerConnection, out: &mut Vec<u8>) -> io::
 }
 
 /// Ciphertext gathered from a batch before one socket write: the batch is encrypted (in full
-/// records of 16 KiB, see [`encrypt_some`]) until at least this much is ready or the batch is
+/// records of 16 KiB, see `encrypt_some`) until at least this much is ready or the batch is
 /// done. A write then holds less than this plus one rustls buffer (64 KiB of plaintext and its
 /// record overhead).
 pub const TLS_WRITE_BYTES: usize = 64 * 1024;
