@@ -4,9 +4,13 @@
 # address, 64-byte bodies, one shard) is driven by the `mbws` CLI clients; the broker runs
 # under valgrind, and the total of its instructions is divided by the message count.
 #
-#   scripts/callgrind-broker.sh [--count N] [--shards N] [--broker PATH] [--out FILE] [-- SEND FLAGS...]
+#   scripts/callgrind-broker.sh [--count N] [--shards N] [--broker PATH] [--out FILE] [--tls] [-- SEND FLAGS...]
 #
 # e.g. `scripts/callgrind-broker.sh --count 100000 -- --light` for MBLWS publishes.
+#
+# --tls runs the same workload over wss:// (the broker serves TLS with a throwaway ECDSA P-256
+# certificate made by openssl; both clients trust it with --ca-file): the instructions TLS adds
+# per message, against a run without it, on a machine too busy for timings to mean much.
 #
 # --shards N (N >= 2) measures the cross-shard path: the address is named so that shard 0 owns
 # it, and the consumer and the publisher are kept off shard 0 (the kernel spreads connections
@@ -31,14 +35,16 @@ count=100000
 shards=1
 broker=""
 out="callgrind.broker.out"
+tls=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --count) count=$2; shift 2 ;;
         --shards) shards=$2; shift 2 ;;
         --broker) broker=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
+        --tls) tls=1; shift ;;
         --) shift; break ;;
-        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, -- SEND FLAGS)" >&2; exit 2 ;;
+        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, --tls, -- SEND FLAGS)" >&2; exit 2 ;;
     esac
 done
 [[ $shards =~ ^[1-9][0-9]*$ ]] || { echo "callgrind-broker.sh: --shards takes a number of shards (1 or more), not '$shards'" >&2; exit 2; }
@@ -63,6 +69,17 @@ trap cleanup EXIT
 admin=()
 if "$broker" --help 2>/dev/null | grep -q -- '--admin-listen'; then
     admin=(--admin-listen off)
+fi
+# TLS: a throwaway certificate for localhost, the broker's flags, and the clients' trust.
+tls_flags=()
+client_tls=()
+if ((tls)); then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=localhost \
+        -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
+        -keyout "$work/key.pem" -out "$work/cert.pem" >"$work/openssl.log" 2>&1 \
+        || { echo "callgrind-broker.sh: openssl could not make a certificate for --tls:" >&2; cat "$work/openssl.log" >&2; exit 2; }
+    tls_flags=(--tls-cert "$work/cert.pem" --tls-key "$work/key.pem")
+    client_tls=(--ca-file "$work/cert.pem")
 fi
 # The address: "perf" on one shard; with more, the first "perf-N" that shard 0 owns (the
 # broker's owner_of: FNV-1a, 64-bit, modulo the shard count).
@@ -93,8 +110,12 @@ shard_of_connection() {
 }
 
 run_once() {
+    # Over TLS the start waits for a completion on the shard (see above) that nothing else
+    # brings: a known port, poked with a connection every 0.1 s until the line is there.
+    local port=0
+    ((tls)) && port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     valgrind --tool=callgrind --callgrind-out-file="$work/profile" \
-        "$broker" --shards "$shards" --listen "127.0.0.1:0" --data-dir "$work/data" "${admin[@]}" 2>"$work/broker.log" &
+        "$broker" --shards "$shards" --listen "127.0.0.1:$port" --data-dir "$work/data" "${admin[@]}" "${tls_flags[@]}" 2>"$work/broker.log" &
     broker_pid=$!
     # Port 0: the kernel picks a free port (two runs at once, or a broker on 7447, never clash).
     # The whole log line must be there, with the address and the space after it, before we read it.
@@ -104,13 +125,15 @@ run_once() {
         [[ -n $listen ]] && break
         kill -0 "$broker_pid" 2>/dev/null || { cat "$work/broker.log" >&2; exit 1; }
         sleep 0.1
+        ((tls)) && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || true
     done
     [[ -n $listen ]] || { echo "callgrind-broker.sh: the broker did not say where it listens within 120 s" >&2; cat "$work/broker.log" >&2; exit 1; }
     url="ws://$listen/"
+    ((tls)) && url="wss://localhost:${listen##*:}/"
     body=$(head -c 64 /dev/zero | tr '\0' x)
     local opened=0 consumer_shard=0
     for _ in $(seq 20); do
-        "$client" consume "$address" --url "$url" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
+        "$client" consume "$address" --url "$url" "${client_tls[@]}" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
         consumer_pid=$!
         if ((shards == 1)); then
             break
@@ -124,7 +147,7 @@ run_once() {
     done
     [[ -n $consumer_pid ]] || { echo "callgrind-broker.sh: the consumer landed on the owner's shard 20 times" >&2; exit 1; }
     sleep 0.5
-    "$client" send "$address" "$body" --url "$url" --count "$count" --wait 60 "$@" >/dev/null 2>"$work/send.log"
+    "$client" send "$address" "$body" --url "$url" "${client_tls[@]}" --count "$count" --wait 60 "$@" >/dev/null 2>"$work/send.log"
     wait "$consumer_pid"
     consumer_pid=""
     # valgrind's broker does not see SIGTERM through sigwait: dump the counts, then stop it.

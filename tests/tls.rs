@@ -253,6 +253,112 @@ fn bad_tls_flags_stop_the_start_naming_the_file_and_the_problem() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A TCP proxy on 127.0.0.1 that forwards every connection to `target` in both directions, in
+/// pieces of 1 to 700 bytes with one write each and TCP_NODELAY, so the reads on both sides end
+/// inside TLS records and inside their 5-byte headers. Runs until dropped; each connection's
+/// threads end when either side closes.
+struct SplittingProxy {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SplittingProxy {
+    fn start(target: std::net::SocketAddr) -> SplittingProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for (seed, client) in listener.incoming().enumerate() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(upstream) = std::net::TcpStream::connect(target) else { continue };
+                for socket in [&client, &upstream] {
+                    socket.set_nodelay(true).unwrap();
+                }
+                let (client_copy, upstream_copy) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                std::thread::spawn(move || forward_in_pieces(client, upstream, 2 * seed as u64 + 1));
+                std::thread::spawn(move || forward_in_pieces(upstream_copy, client_copy, 2 * seed as u64 + 2));
+            }
+        });
+        SplittingProxy { addr, stop }
+    }
+}
+
+impl Drop for SplittingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr); // wakes the accept loop, which then ends
+    }
+}
+
+/// Copies `from` to `to` in pieces of 1 to 700 bytes (sizes from a seeded generator).
+fn forward_in_pieces(mut from: std::net::TcpStream, mut to: std::net::TcpStream, seed: u64) {
+    use std::io::{Read, Write};
+    let mut rng = chaos_proxy::Rng::new(seed);
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let read = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        let mut rest = &buf[..read];
+        while !rest.is_empty() {
+            let piece = (rng.between(1, 701) as usize).min(rest.len());
+            if to.write_all(&rest[..piece]).is_err() {
+                let _ = from.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            rest = &rest[piece..];
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// The broker's TLS reads and writes when every read ends at an arbitrary byte (inside a
+/// record, inside a record header) and a write carries many frames: Python's `ssl` +
+/// `websockets` (TLS 1.3 and 1.2) sends and receives 1,000 messages per run, and the Rust client
+/// messages larger than a record and than a write, all through a proxy that splits the stream
+/// into pieces of 1 to 700 bytes. Nothing may be lost, duplicated or reordered.
+#[test]
+fn tls_streams_split_at_every_byte_lose_and_reorder_nothing() {
+    let dir = temp_dir("tls-split");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&[&["--shards", "1"][..], &pair.flags()].concat());
+    let proxy = SplittingProxy::start(broker.addr);
+    let url = format!("wss://localhost:{}/", proxy.addr.port());
+    let mut consumer = tls_client(&url, &pair.cert).expect("connect over TLS through the proxy");
+    consumer.subscribe(1, "split", DeliveryMode::Anycast, AckMode::Client, 1000).unwrap();
+    let mut bodies: Vec<Bytes> = (0..300).map(|index| Bytes::from(format!("small {index}"))).collect();
+    for size in [16 * 1024 + 1, 200_000] {
+        bodies.push(Bytes::from((0..size).map(|index| (index % 251) as u8).collect::<Vec<u8>>()));
+    }
+    round_trip(&url, &pair.cert, &mut consumer, "split", &bodies);
+    consumer.close().unwrap();
+    if let Some(python) = python_with_websockets() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/mbws_roundtrip.py");
+        for version in ["1.3", "1.2"] {
+            let output = output_within(
+                Command::new(&python).arg(&script).args([&url, "1000", pair.cert_str(), version]),
+                Duration::from_secs(120),
+            );
+            let report = format!(
+                "stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(output.status.success(), "TLS {version}: the Python peer failed:\n{report}");
+            assert!(report.contains(&format!("TLS version TLSv{version}")), "TLS {version} not negotiated:\n{report}");
+            assert!(report.contains("OK 4 round trips of 1000 messages"), "{report}");
+        }
+    }
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Python's `ssl` + `websockets` against the broker's TLS, in TLS 1.3 and 1.2: the same
 /// round trips as tests/interop_python.rs, over wss://.
 #[test]

@@ -363,13 +363,19 @@ impl WriteBatch {
         all
     }
 
-    /// The bytes not yet written, one slice per iovec (TLS encrypts them from here).
-    pub fn remaining_slices(&self) -> impl Iterator<Item = &[u8]> {
-        self.iovecs[self.first..].iter().map(|iovec| {
-            // SAFETY: as in `to_vec`: each iovec points into a buffer this batch owns and keeps
-            // immutable while borrowed, and `iov_len` never exceeds that buffer.
-            unsafe { std::slice::from_raw_parts(iovec.iov_base as *const u8, iovec.iov_len) }
-        })
+    /// The bytes not yet written, one slice per iovec, at most [`MAX_IOVECS_PER_WRITE`] of them
+    /// (TLS encrypts them from here, as one vectored write into rustls).
+    pub fn remaining_io_slices(&self) -> &[std::io::IoSlice<'_>] {
+        let iovecs = &self.iovecs[self.first..][..self.iovecs_per_write()];
+        // SAFETY: `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix (std's documentation
+        // of `IoSlice`), so the cast keeps length and layout. Each iovec points into a buffer this
+        // batch owns and keeps immutable while borrowed (as in `to_vec`), and the returned slices
+        // borrow `self`, so they cannot outlive those buffers or see `advance` change them.
+        unsafe { std::slice::from_raw_parts(iovecs.as_ptr().cast::<std::io::IoSlice<'_>>(), iovecs.len()) }
+    }
+
+    fn iovecs_per_write(&self) -> usize {
+        (self.iovecs.len() - self.first).min(MAX_IOVECS_PER_WRITE)
     }
 
     /// Marks `written` bytes as sent: drops whole iovecs, trims a partially written one.
@@ -406,7 +412,7 @@ unsafe impl monoio::buf::IoVecBuf for WriteBatch {
     }
 
     fn read_iovec_len(&self) -> usize {
-        (self.iovecs.len() - self.first).min(MAX_IOVECS_PER_WRITE)
+        self.iovecs_per_write()
     }
 }
 
