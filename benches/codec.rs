@@ -6,11 +6,15 @@
 //! compare directly; ids read `group/implementation/payload_bytes`. Results are written up in
 //! docs/PERFORMANCE.md ("Benchmark suite").
 //!
-//! - `ws_decode`: one masked client frame at the front of a read buffer becomes an unmasked
-//!   payload `Bytes`. Buffers are prepared outside the timing (`iter_batched`, 64 or fewer per
+//! - `ws_decode`: one masked client frame at the front of a read buffer is decoded and its
+//!   payload unmasked. Buffers are prepared outside the timing (`iter_batched`, 64 or fewer per
 //!   batch so they are cache-hot), already in the shared mode a connection's read buffer is in,
-//!   so the timed part is header parse + checks + split + unmask. `ours` is
-//!   `mbws_proto::ws::frame::decode_frame`. `tungstenite` is `tungstenite::protocol::frame::
+//!   so the timed part is header parse + checks + unmask (+ split, where a row makes a `Bytes`).
+//!   `ours` is the receive path the broker uses (`ws::frame::decode_frame_in_place`: the payload
+//!   unmasked where it lies, read as a slice, the frame consumed with a pointer move, no
+//!   `Bytes`); `ours_bytes` is `ws::frame::decode_frame`, which splits the payload off as a
+//!   `Bytes` (what the broker did per frame before, and still does for a SEND it stores).
+//!   `tungstenite` is `tungstenite::protocol::frame::
 //!   FrameHeader::parse` followed by what its private `FrameCodec::read_frame` does next: the
 //!   size check, the split and the unmask. tungstenite's masking routine is private
 //!   (`protocol::frame::mask`), so that row unmasks with ours: the comparison is header parsing
@@ -23,7 +27,8 @@
 //! - `ws_read`: the whole receive path of each library as a server uses it, fed from the same
 //!   endless in-memory stream of masked binary frames: copy from the "socket" into the read
 //!   buffer, frame decode, unmask (tungstenite's own routine here) and message assembly. `ours`
-//!   is `ws::message::Decoder::next_event`, `tungstenite` is `WebSocket::read`, server role.
+//!   is `ws::message::Decoder::next_in_place` (the message read where it lies), `ours_bytes`
+//!   `Decoder::next_event` (each message a `Bytes`), `tungstenite` `WebSocket::read`, server role.
 //! - `ws_encode_header`: the header of an unmasked server frame (`ws::frame::encode_header`, and
 //!   tungstenite's `FrameHeader::format` for comparison).
 //! - `mbws_decode` / `mbws_encode_header`: a SEND with a realistic address, content type,
@@ -36,8 +41,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
 use mbws_proto::mbws::{self as codec, Binding, CodecLimits, Frame, Properties, Send};
-use mbws_proto::ws::frame::{apply_mask, decode_frame, encode_frame, encode_header};
-use mbws_proto::ws::message::{Decoder, WsEvent};
+use mbws_proto::ws::frame::{apply_mask, decode_frame, decode_frame_in_place, encode_frame, encode_header};
+use mbws_proto::ws::message::{Decoder, Received, WsEvent};
 use mbws_proto::ws::{OpCode, Role};
 
 use tungstenite::protocol::frame::coding::{Data, OpCode as TungsteniteOpCode};
@@ -106,6 +111,16 @@ fn tungstenite_decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Option<(Tun
     Some((header.opcode, payload.freeze()))
 }
 
+/// Our receive path's frame decode: the frame at the front of `buf` decoded and unmasked in
+/// place, its payload handed on as a slice (here to the optimiser's black box), the frame consumed.
+fn decode_in_place(buf: &mut BytesMut, max_frame_bytes: usize) {
+    let frame = decode_frame_in_place(buf, Role::Server, max_frame_bytes).expect("benchmark frames are valid");
+    if let Some(frame) = frame {
+        black_box(&buf[frame.payload.clone()]);
+        buf.advance(frame.frame_bytes());
+    }
+}
+
 fn ws_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("ws_decode");
     for size in PAYLOAD_SIZES {
@@ -114,6 +129,9 @@ fn ws_decode(c: &mut Criterion) {
         // Both decoders must agree with the encoder before anything is timed.
         let ours = decode_frame(&mut shared_read_buffer(&wire), Role::Server, MAX_FRAME_BYTES).unwrap().unwrap();
         assert_eq!(ours.payload[..], expected[..]);
+        let mut buf = shared_read_buffer(&wire);
+        let ours = decode_frame_in_place(&mut buf, Role::Server, MAX_FRAME_BYTES).unwrap().unwrap();
+        assert_eq!(buf[ours.payload][..], expected[..]);
         let (opcode, theirs) = tungstenite_decode(&mut shared_read_buffer(&wire), MAX_FRAME_BYTES).unwrap();
         assert_eq!(opcode, TungsteniteOpCode::Data(Data::Binary));
         assert_eq!(theirs[..], expected[..]);
@@ -121,6 +139,16 @@ fn ws_decode(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(size as u64));
         let batch = batch_size(size);
         group.bench_function(BenchmarkId::new("ours", size), |b| {
+            b.iter_batched(
+                || shared_read_buffer(&wire),
+                |mut buf| {
+                    decode_in_place(&mut buf, black_box(MAX_FRAME_BYTES));
+                    buf
+                },
+                batch,
+            )
+        });
+        group.bench_function(BenchmarkId::new("ours_bytes", size), |b| {
             b.iter_batched(
                 || shared_read_buffer(&wire),
                 |mut buf| {
@@ -165,6 +193,12 @@ fn ws_decode_reused(c: &mut Criterion) {
             })
         });
         group.bench_function(BenchmarkId::new("ours", size), |b| {
+            b.iter(|| {
+                buf.extend_from_slice(black_box(&wire));
+                decode_in_place(&mut buf, black_box(MAX_FRAME_BYTES));
+            })
+        });
+        group.bench_function(BenchmarkId::new("ours_bytes", size), |b| {
             b.iter(|| {
                 buf.extend_from_slice(black_box(&wire));
                 consume(decode_frame(&mut buf, Role::Server, black_box(MAX_FRAME_BYTES)));
@@ -266,18 +300,34 @@ impl OurReceiver {
         }
     }
 
+    /// The next message as a `Bytes` (`Decoder::next_event`).
     fn next_message(&mut self) -> Bytes {
         loop {
             match self.decoder.next_event(&mut self.buf) {
                 Ok(Some(WsEvent::Binary(message))) => return message,
-                Ok(None) => {
-                    self.buf.reserve(READ_CHUNK_BYTES);
-                    let room = self.buf.capacity() - self.buf.len();
-                    self.buf.extend_from_slice(self.stream.next_chunk(room.min(READ_CHUNK_BYTES)));
-                }
+                Ok(None) => self.refill(),
                 other => panic!("benchmark stream decodes to binary messages, got {other:?}"),
             }
         }
+    }
+
+    /// The next message read where it lies (`Decoder::next_in_place`), as the broker's
+    /// connection reads a frame it does not keep: `read` sees the payload, then it is consumed.
+    fn read_next_in_place(&mut self, read: impl FnOnce(&[u8])) {
+        loop {
+            match self.decoder.next_in_place(&mut self.buf) {
+                Ok(Some(Received::Binary(message))) => return read(message.payload()),
+                Ok(None) => {}
+                other => panic!("benchmark stream decodes to binary messages, got {other:?}"),
+            }
+            self.refill();
+        }
+    }
+
+    fn refill(&mut self) {
+        self.buf.reserve(READ_CHUNK_BYTES);
+        let room = self.buf.capacity() - self.buf.len();
+        self.buf.extend_from_slice(self.stream.next_chunk(room.min(READ_CHUNK_BYTES)));
     }
 }
 
@@ -300,8 +350,13 @@ fn ws_read(c: &mut Criterion) {
             }
         }
 
+        ours.read_next_in_place(|message| assert_eq!(message, &expected[..]));
+
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_function(BenchmarkId::new("ours", size), |b| b.iter(|| consume(ours.next_message())));
+        group.bench_function(BenchmarkId::new("ours", size), |b| {
+            b.iter(|| ours.read_next_in_place(|message| consume(message)))
+        });
+        group.bench_function(BenchmarkId::new("ours_bytes", size), |b| b.iter(|| consume(ours.next_message())));
         group.bench_function(BenchmarkId::new("tungstenite", size), |b| {
             b.iter(|| consume(theirs.read().expect("tungstenite reads the benchmark stream")))
         });

@@ -12,7 +12,8 @@
 # e.g. `--quick --targets mbws,nats --scenarios fanout --fanout "10 100 1000"` for fan-out
 # alone; `--quick --targets mbws,nats --scenarios throughput` gives the four rows that compare
 # each broker's wss:// with its ws://, in about a minute), --fanout "M ..." (the fan-out
-# subscriber counts, instead of the mode's).
+# subscriber counts, instead of the mode's), --runs N (every scenario N times, medians with
+# their ranges in summary.md; the full mode's default is 3, --quick's 1).
 # The summary needs the throughput scenario; without it, the run's JSON files are the result.
 # TLS: the throughput runs of mbws and nats are repeated over wss:// (targets mbws-tls and
 # nats-tls: each broker serves TLS itself, with a throwaway certificate made by openssl), so the
@@ -41,6 +42,7 @@ tls=1
 targets_arg="mbws,mbws-light,nats,mqtt,relay"
 scenarios_arg="throughput,latency,fanout,connections,durable"
 fanout_arg=""
+runs_arg=""
 out_dir=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -53,6 +55,7 @@ while [[ $# -gt 0 ]]; do
         --out) out_dir="${2:?--out needs a directory}"; shift ;;
         --scenarios) scenarios_arg="${2:?--scenarios needs a list such as fanout,latency}"; shift ;;
         --fanout) fanout_arg="${2:?--fanout needs subscriber counts such as \"10 100 1000\"}"; shift ;;
+        --runs) runs_arg="${2:?--runs needs a count such as 3}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -81,6 +84,10 @@ else
     run_timeout=300
 fi
 [[ -n $fanout_arg ]] && fanout_subscribers=$fanout_arg
+if [[ -n $runs_arg ]]; then
+    [[ $runs_arg =~ ^[1-9][0-9]?$ ]] || { echo "bench.sh: --runs takes a count from 1 to 99, not '$runs_arg'" >&2; exit 2; }
+    repeats=$runs_arg
+fi
 for scenario in ${scenarios_arg//,/ }; do
     case "$scenario" in
         throughput|latency|fanout|connections|durable) ;;
@@ -533,6 +540,7 @@ run() {
         printf '%s\t%s\n' "$name" "${first_failure/logs\/$name/logs/$name.attempt1}" >>"$out/retries.tsv"
     else
         printf '%s\t%s\n' "$name" "$run_failure" >>"$out/failures.tsv"
+        note "RUN LOST: $name gave no result in two attempts: ${run_failure//$'\t'/ (see $out/}); summary.md lists it"
     fi
     return 0
 }

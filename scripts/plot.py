@@ -542,6 +542,12 @@ def write_summary(results, plots):
         lines += ["", f"Note: {note}."]
     for target, reason in run.get("skipped", {}).items():
         lines += ["", f"**{target} was skipped: {reason}.**"]
+    if results.failures:
+        # Said up front: a lost run is a cell that reads n/a (or a median over fewer repeats)
+        # below, which must not pass for a result.
+        lost = ", ".join(f"`{name}`" for name, _, _ in results.failures)
+        lines += ["", f"**{len(results.failures)} run(s) gave no result after a retry: {lost}. Their cells read "
+                  "n/a, or are the median of the repeats that did; what happened is under \"Runs that failed\".**"]
 
     lines += ["", "## Targets", ""]
     lines.append(markdown_table(["goal", "measured", "target", "result"], goal_rows(results), ["---", "--:", "--:", ":-:"]))

@@ -42,6 +42,7 @@ use crate::mbws::{
     PROTOCOL_VERSION,
 };
 use crate::planted::{planted, Bug};
+use crate::ws::message::DataMessage;
 
 /// Shortest heartbeat interval the broker agrees to (a shorter non-zero request is raised to
 /// it; docs/PROTOCOL.md, OPENED `heartbeat-ms`). `max_heartbeat_ms` is the other end.
@@ -355,25 +356,27 @@ impl Session {
         }
     }
 
-    /// Decodes and handles one complete WebSocket data message.
-    pub fn on_message(
+    /// Decodes and handles one complete WebSocket data message: usually one still in the read
+    /// buffer (`DataMessage`), split off as a `Bytes` only when the session keeps it.
+    pub fn on_message<'a>(
         &mut self,
         binding: Binding,
-        payload: Bytes,
+        payload: impl Into<DataMessage<'a>>,
         now_ms: u64,
         fx: &mut Effects<'_>,
     ) -> Result<(), SessionEnd> {
+        let payload = payload.into();
         // A binary SEND on an open session, the common frame, is decoded straight into the
         // message it becomes: its payload from the address on is the stored message (see
         // `StoredMessage`), with no `Frame` in between.
         let binary_send = binding == Binding::Binary
             && self.state == State::Open
-            && payload.get(1) == Some(&mbws::FrameKind::Send.code());
+            && payload.payload().get(1) == Some(&mbws::FrameKind::Send.code());
         let decoded = if binary_send {
-            mbws::binary::decode_send(payload, &self.config.codec_limits)
+            mbws::binary::decode_send(payload.into_bytes(), &self.config.codec_limits)
                 .map(|send| self.on_send(binding, send, now_ms, fx))
         } else {
-            mbws::decode(binding, payload, &self.config.codec_limits)
+            mbws::decode(binding, payload.into_bytes(), &self.config.codec_limits)
                 .map(|frame| self.on_frame(binding, frame, now_ms, fx))
         };
         match decoded {

@@ -16,7 +16,7 @@ use crate::broker::{AddressCommand, ConnRef, ShardId};
 use crate::log;
 use crate::logging::Level;
 use crate::mbws::{self, Binding, ErrorCode};
-use crate::ws::message::{close_payload, Decoder, WsEvent};
+use crate::ws::message::{close_payload, Decoder, Received};
 use crate::ws::{OpCode, WsError};
 
 /// The sans-IO part of a connection (see the module doc).
@@ -272,7 +272,9 @@ impl ConnState {
             if !self.reader_may_continue() {
                 return ReadStep::Paused;
             }
-            let event = match decoder.next_event(buf) {
+            // A data message stays in `buf` (read in place, consumed when handled); only what the
+            // session keeps (a SEND it stores) becomes a `Bytes`.
+            let event = match decoder.next_in_place(buf) {
                 Ok(Some(event)) => event,
                 Ok(None) => return ReadStep::NeedMore,
                 Err(WsError { close_code, reason }) => {
@@ -288,14 +290,14 @@ impl ConnState {
                 }
             };
             let (binding, payload) = match event {
-                WsEvent::Binary(payload) => (Binding::Binary, payload),
-                WsEvent::Text(payload) => (Binding::Text, payload),
-                WsEvent::Ping(payload) => {
+                Received::Binary(payload) => (Binding::Binary, payload),
+                Received::Text(payload) => (Binding::Text, payload),
+                Received::Ping(payload) => {
                     self.outbound.push_control(OpCode::Pong, &payload);
                     continue;
                 }
-                WsEvent::Pong(_) => continue,
-                WsEvent::Close(frame) => {
+                Received::Pong(_) => continue,
+                Received::Close(frame) => {
                     // Echo the peer's code (RFC 6455 section 5.5.1); no code means none is echoed.
                     let payload = match &frame {
                         Some(frame) => close_payload(frame.code, ""),
@@ -466,6 +468,7 @@ mod tests {
     use crate::conn::session::SessionConfig;
     use crate::mbws::{CodecLimits, Frame, Subprotocol, PROTOCOL_VERSION};
     use crate::ws::frame::encode_frame;
+    use crate::ws::message::WsEvent;
     use crate::ws::Role;
 
     const EXPIRY_MS: u64 = 1_000;

@@ -39,6 +39,12 @@ use mbws_proto::ws::OpCode;
 
 /// Longest wait for any answer during set-up (upgrade, open, subscribe).
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connect the target refused or dropped (a listen backlog full while a hundred subscribers
+/// connect at once, a broker a moment from listening) is tried this many times in all, waiting
+/// [`CONNECT_RETRY_FIRST_WAIT`] and then twice as long each time (0.03 + 0.06 + 0.12 + 0.24 s:
+/// under half a second of waiting at most), before the run fails.
+pub const CONNECT_ATTEMPTS: u32 = 5;
+const CONNECT_RETRY_FIRST_WAIT: Duration = Duration::from_millis(30);
 /// Largest upgrade response accepted.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024;
 /// Largest message accepted from a target: the largest body plus generous protocol headers.
@@ -270,9 +276,9 @@ pub async fn open(
     index: usize,
     source: Option<Ipv4Addr>,
 ) -> Result<Session, String> {
-    let stream = net::connect(config.addr, source).await.map_err(|error| match source {
-        Some(source) => format!("cannot connect from {source}: {error}"),
-        None => format!("cannot connect: {error}"),
+    let stream = connect_with_retries(config.addr, source).await.map_err(|error| match source {
+        Some(source) => format!("cannot connect from {source} ({CONNECT_ATTEMPTS} attempts): {error}"),
+        None => format!("cannot connect ({CONNECT_ATTEMPTS} attempts): {error}"),
     })?;
     let stream = match &config.tls {
         None => Stream::Plain(stream),
@@ -320,6 +326,34 @@ pub async fn open(
         codec,
         publish,
     })
+}
+
+/// `net::connect`, tried again after a refusal, reset or timeout, at most [`CONNECT_ATTEMPTS`]
+/// times in all with doubling waits; any other error (no such address, no descriptors left)
+/// fails at once.
+async fn connect_with_retries(addr: SocketAddr, source: Option<Ipv4Addr>) -> std::io::Result<monoio::net::TcpStream> {
+    let mut wait = CONNECT_RETRY_FIRST_WAIT;
+    let mut attempt = 1;
+    loop {
+        match net::connect(addr, source).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) if attempt < CONNECT_ATTEMPTS && is_transient_connect_error(&error) => {
+                monoio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Errors a busy or starting target gives that the same connect may not meet a moment later.
+fn is_transient_connect_error(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::TimedOut
+    )
 }
 
 /// A connection during set-up: request and answer, one at a time, with timeouts.
@@ -442,6 +476,42 @@ impl Conn {
             (Some(offered), [answer]) if answer == offered => Ok(()),
             (Some(offered), []) => Err(format!("the target did not accept WebSocket subprotocol {offered}")),
             _ => Err(format!("the target chose WebSocket subprotocol {chosen:?}; we offered {offered:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connect_is_tried_again_with_doubling_waits_then_reported() {
+        // A port nothing listens on: every attempt is refused.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let addr = probe.local_addr().expect("its address");
+        drop(probe);
+        let mut runtime =
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build().expect("an io_uring runtime");
+        let started = Instant::now();
+        let error = runtime.block_on(connect_with_retries(addr, None)).expect_err("nothing listens");
+        let waited = started.elapsed();
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+        // Four waits between five attempts: 30 + 60 + 120 + 240 ms.
+        let waits: Duration =
+            (0..CONNECT_ATTEMPTS - 1).map(|attempt| CONNECT_RETRY_FIRST_WAIT * 2u32.pow(attempt)).sum();
+        assert_eq!(waits, Duration::from_millis(450));
+        assert!(waited >= waits, "gave up after {waited:?}, before its {waits:?} of waits");
+        assert!(waited < waits + SETUP_TIMEOUT, "the retries are bounded: {waited:?}");
+    }
+
+    #[test]
+    fn only_refusals_resets_and_timeouts_are_tried_again() {
+        use std::io::{Error, ErrorKind};
+        for kind in [ErrorKind::ConnectionRefused, ErrorKind::ConnectionReset, ErrorKind::TimedOut] {
+            assert!(is_transient_connect_error(&Error::from(kind)), "{kind:?}");
+        }
+        for kind in [ErrorKind::AddrNotAvailable, ErrorKind::InvalidInput, ErrorKind::PermissionDenied] {
+            assert!(!is_transient_connect_error(&Error::from(kind)), "{kind:?}");
         }
     }
 }

@@ -2,9 +2,13 @@
 //!
 //! Decoding is two steps that never copy a payload: [`decode_header`] reads and checks the header
 //! from the front of the read buffer (every protocol rule and the `max_frame_bytes` limit are
-//! enforced here, before the payload has arrived), then [`take_frame`] splits the whole frame off
-//! the buffer once it is complete, unmasks the payload in place and freezes it into a `Bytes`.
-//! [`decode_frame`] does both. Nothing is consumed from the buffer until a whole frame is there.
+//! enforced here, before the payload has arrived), then, once the whole frame is buffered,
+//! [`unmask_payload`] unmasks the payload where it lies and gives its range in the buffer. The
+//! receive path stops there ([`decode_frame_in_place`], [`super::message::Decoder::next_in_place`]):
+//! the payload is read as a slice and the frame consumed with a pointer move, and a `Bytes` (a
+//! reference count taken and later returned) is made only for a payload that is kept.
+//! [`decode_frame`] is the owning form: [`take_frame`] splits the frame off as a `Bytes`.
+//! Nothing is consumed from the buffer until a whole frame is there.
 //!
 //! No extension is ever negotiated, so any RSV bit is a protocol error. Non-minimal length
 //! encodings are accepted (RFC 6455 does not require rejecting them); a 64-bit length with the
@@ -12,6 +16,8 @@
 //!
 //! Encoding always uses the minimal length encoding. [`apply_mask`] XORs a word at a time and is
 //! the only masking routine in the crate.
+
+use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -201,24 +207,76 @@ pub(crate) fn decode_header(buf: &[u8], role: Role, max_frame_bytes: usize) -> R
     Ok(Some(FrameHeader { fin, opcode, mask, header_bytes, payload_bytes }))
 }
 
+/// A whole frame at the front of a read buffer, its payload already unmasked where it lies
+/// ([`decode_frame_in_place`]). The buffer still holds it: read `buf[payload]`, then consume
+/// [`FrameInPlace::frame_bytes`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameInPlace {
+    pub fin: bool,
+    pub opcode: OpCode,
+    /// Where the payload lies in the buffer: after the header, up to the end of the frame.
+    pub payload: Range<usize>,
+}
+
+impl FrameInPlace {
+    /// Header plus payload: what to consume from the buffer once the payload has been read.
+    pub fn frame_bytes(&self) -> usize {
+        self.payload.end
+    }
+}
+
+/// Unmasks, in place, the payload of the frame `header` describes, once all of it is in `buf`,
+/// and returns where it lies. `None` (and `buf` untouched) while the payload is incomplete.
+///
+/// `header` must be what [`decode_header`] just returned for this same buffer, and the frame
+/// must be consumed next: unmasking twice would garble it.
+#[inline]
+pub(crate) fn unmask_payload(buf: &mut [u8], header: &FrameHeader) -> Option<Range<usize>> {
+    let payload = buf.get_mut(header.header_bytes..header.frame_bytes())?;
+    if let Some(mask) = header.mask {
+        apply_mask(payload, mask);
+    }
+    Some(header.header_bytes..header.frame_bytes())
+}
+
+/// Splits a frame whose payload [`unmask_payload`] has already unmasked off the front of `buf`
+/// and keeps its payload: a pointer move and one reference count on the buffer, no copy.
+pub(crate) fn split_payload(buf: &mut BytesMut, header_bytes: usize, frame_bytes: usize) -> Bytes {
+    debug_assert!(header_bytes <= frame_bytes && frame_bytes <= buf.len());
+    // Dropping the header from the frozen `Bytes` is a pointer move, with none of the storage
+    // checks `BytesMut::advance` makes.
+    let mut payload = buf.split_to(frame_bytes).freeze();
+    payload.advance(header_bytes);
+    payload
+}
+
 /// Splits the frame described by `header` off the front of `buf`, once all of it is buffered.
 ///
 /// `header` must be what [`decode_header`] just returned for this same buffer. Returns `None`
 /// (and leaves `buf` untouched) while the payload is incomplete. The payload is unmasked in
 /// place and frozen: no copy.
 pub(crate) fn take_frame(buf: &mut BytesMut, header: &FrameHeader) -> Option<RawFrame> {
-    if buf.len() < header.frame_bytes() {
-        return None;
-    }
-    let mut frame = buf.split_to(header.frame_bytes());
-    if let Some(mask) = header.mask {
-        apply_mask(&mut frame[header.header_bytes..], mask);
-    }
-    // Dropping the header from the frozen `Bytes` is a pointer move, with none of the storage
-    // checks `BytesMut::advance` makes.
-    let mut payload = frame.freeze();
-    payload.advance(header.header_bytes);
+    unmask_payload(buf, header)?;
+    let payload = split_payload(buf, header.header_bytes, header.frame_bytes());
     Some(RawFrame { fin: header.fin, opcode: header.opcode, payload })
+}
+
+/// Decodes the frame at the front of `buf` without taking it out: every check of
+/// [`decode_frame`], and the payload unmasked in place. Nothing is allocated or reference
+/// counted; the caller reads `buf[frame.payload]` and then consumes `frame.frame_bytes()`.
+///
+/// `Ok(None)` means `buf` does not hold a whole frame yet; it is left untouched. A frame this
+/// returns must be consumed before the next call (its payload is unmasked now).
+#[inline]
+pub fn decode_frame_in_place(
+    buf: &mut [u8],
+    role: Role,
+    max_frame_bytes: usize,
+) -> Result<Option<FrameInPlace>, WsError> {
+    let Some(header) = decode_header(buf, role, max_frame_bytes)? else {
+        return Ok(None);
+    };
+    Ok(unmask_payload(buf, &header).map(|payload| FrameInPlace { fin: header.fin, opcode: header.opcode, payload }))
 }
 
 /// Decodes one frame from the front of `buf`: [`decode_header`] then [`take_frame`].
@@ -348,6 +406,27 @@ mod tests {
         let frame = decode_frame(&mut buf, Role::Server, LIMIT).unwrap().unwrap();
         assert_eq!(&frame.payload[..], &[7u8; 300][..]);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn in_place_decode_unmasks_where_the_payload_lies_and_consumes_nothing() {
+        let wire = encode_frame(true, OpCode::Binary, &[7u8; 300], Some(MASK));
+        for cut in 0..wire.len() {
+            let mut buf = BytesMut::from(&wire[..cut]);
+            assert_eq!(decode_frame_in_place(&mut buf, Role::Server, LIMIT), Ok(None), "cut at {cut}");
+            assert_eq!(&buf[..], &wire[..cut], "an incomplete frame stays as it arrived");
+        }
+        let mut buf = wire.clone();
+        buf.extend_from_slice(b"rest");
+        let frame = decode_frame_in_place(&mut buf, Role::Server, LIMIT).unwrap().unwrap();
+        assert_eq!((frame.fin, frame.opcode, frame.payload.clone()), (true, OpCode::Binary, 4 + 4..4 + 4 + 300));
+        assert_eq!(&buf[frame.payload.clone()], &[7u8; 300][..]);
+        assert_eq!(&buf[frame.frame_bytes()..], b"rest");
+        let reason = expect_close(
+            decode_frame_in_place(&mut BytesMut::from(&wire[..]), Role::Server, 299).map(|_| None),
+            close_code::MESSAGE_TOO_BIG,
+        );
+        assert!(reason.contains("max_frame_bytes (299 bytes)"), "{reason}");
     }
 
     #[test]
@@ -588,11 +667,18 @@ mod tests {
             let (role, mask) = if masked { (Role::Server, Some(mask)) } else { (Role::Client, None) };
             let mut buf = encode_frame(fin, opcode, payload, mask);
             buf.extend_from_slice(b"next");
+            let mut in_place = buf.clone();
             let frame = decode_frame(&mut buf, role, payload.len()).unwrap().unwrap();
             prop_assert_eq!(frame.fin, fin);
             prop_assert_eq!(frame.opcode, opcode);
             prop_assert_eq!(&frame.payload[..], payload);
             prop_assert_eq!(&buf[..], b"next");
+            // The same frame decoded where it lies: same fields, the payload in the buffer.
+            let frame = decode_frame_in_place(&mut in_place, role, payload.len()).unwrap().unwrap();
+            prop_assert_eq!(frame.fin, fin);
+            prop_assert_eq!(frame.opcode, opcode);
+            prop_assert_eq!(&in_place[frame.payload.clone()], payload);
+            prop_assert_eq!(&in_place[frame.frame_bytes()..], b"next");
         }
 
         #[test]
@@ -602,9 +688,19 @@ mod tests {
         ) {
             for role in [Role::Server, Role::Client] {
                 let mut buf = BytesMut::from(&bytes[..]);
+                let mut in_place = buf.clone();
                 while let Ok(Some(frame)) = decode_frame(&mut buf, role, limit) {
                     prop_assert!(frame.payload.len() <= limit);
+                    // In place, frame for frame the same answer.
+                    let same = decode_frame_in_place(&mut in_place, role, limit).unwrap().unwrap();
+                    prop_assert_eq!(&in_place[same.payload.clone()], &frame.payload[..]);
+                    in_place.advance(same.frame_bytes());
                 }
+                prop_assert_eq!(
+                    decode_frame(&mut buf, role, limit).map(|frame| frame.map(|frame| frame.payload.len())),
+                    decode_frame_in_place(&mut in_place, role, limit).map(|frame| frame.map(|frame| frame.payload.len()))
+                );
+                prop_assert_eq!(&buf[..], &in_place[..], "neither consumes an incomplete or refused frame");
             }
         }
     }

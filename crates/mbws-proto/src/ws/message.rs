@@ -1,10 +1,13 @@
 //! Message assembly on top of the frame codec (RFC 6455 sections 5.4 to 5.6 and 7.4).
 //!
-//! [`Decoder`] turns the read buffer into [`WsEvent`]s. An unfragmented data frame becomes an
-//! event carrying the very `Bytes` split off the read buffer (no copy); a fragmented message is
-//! assembled into one buffer whose size is bounded by `max_message_bytes`, checked from each frame
-//! header before its payload has arrived. Control frames may arrive between fragments and are
-//! returned at once; the partial message waits for them.
+//! [`Decoder`] turns the read buffer into [`Received`] things. An unfragmented data frame, the
+//! common case, stays where it arrived: a [`DataMessage`] is its payload unmasked in place in the
+//! read buffer, read as a slice, and consumed (a pointer move) when it is dropped; only a consumer
+//! that keeps the payload turns it into a `Bytes` ([`DataMessage::into_bytes`], split off the
+//! buffer without a copy). A fragmented message is assembled into one buffer whose size is
+//! bounded by `max_message_bytes`, checked from each frame header before its payload has arrived.
+//! Control frames may arrive between fragments and are returned at once; the partial message
+//! waits for them. [`Decoder::next_event`] is the owning form: every message as a [`WsEvent`].
 //!
 //! Text is validated as UTF-8 incrementally: each fragment is checked as it arrives, only a
 //! sequence cut by the fragment boundary (at most 3 bytes) is re-examined with the next one, so an
@@ -15,9 +18,9 @@
 
 use std::str;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::frame::{decode_header, take_frame, RawFrame};
+use super::frame::{decode_header, split_payload, unmask_payload};
 use super::{close_code, OpCode, Role, WsError};
 
 /// A close reason is at most this long so that it fits a control frame after the 2-byte code.
@@ -33,6 +36,78 @@ pub enum WsEvent {
     Pong(Bytes),
     /// The peer started the closing handshake; `None` when the close frame had no payload.
     Close(Option<CloseFrame>),
+}
+
+/// One complete thing received, as [`Decoder::next_in_place`] finds it.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A whole text message; its payload is valid UTF-8.
+    Text(DataMessage<'a>),
+    Binary(DataMessage<'a>),
+    /// Control frames are rare and small: their payloads are split off as `Bytes`.
+    Ping(Bytes),
+    Pong(Bytes),
+    /// The peer started the closing handshake; `None` when the close frame had no payload.
+    Close(Option<CloseFrame>),
+}
+
+/// A whole data message's payload, where the decoder found it: an unfragmented frame's payload
+/// unmasked in the read buffer it arrived in (the frame is consumed when this is dropped or
+/// turned into `Bytes`), or a fragmented message's assembled buffer.
+#[derive(Debug)]
+pub struct DataMessage<'a> {
+    place: Place<'a>,
+}
+
+#[derive(Debug)]
+enum Place<'a> {
+    /// The frame at the front of `buf`; its payload is `buf[header_bytes..frame_bytes]`.
+    InBuffer {
+        buf: &'a mut BytesMut,
+        header_bytes: usize,
+        frame_bytes: usize,
+    },
+    Owned(Bytes),
+}
+
+impl DataMessage<'_> {
+    pub fn payload(&self) -> &[u8] {
+        match &self.place {
+            Place::InBuffer { buf, header_bytes, frame_bytes } => &buf[*header_bytes..*frame_bytes],
+            Place::Owned(payload) => payload,
+        }
+    }
+
+    /// The payload as a `Bytes` that outlives the read buffer's turn: split off the buffer (one
+    /// reference count on it, no copy), for a payload that is kept.
+    pub fn into_bytes(mut self) -> Bytes {
+        match &mut self.place {
+            Place::InBuffer { buf, header_bytes, frame_bytes } => {
+                let payload = split_payload(buf, *header_bytes, *frame_bytes);
+                // Consumed by the split: nothing left for `drop` to advance past.
+                (*header_bytes, *frame_bytes) = (0, 0);
+                payload
+            }
+            Place::Owned(payload) => std::mem::take(payload),
+        }
+    }
+}
+
+impl Drop for DataMessage<'_> {
+    /// Consumes the frame from the read buffer (its payload is unmasked: decoding it again
+    /// would garble it).
+    fn drop(&mut self) {
+        if let Place::InBuffer { buf, frame_bytes, .. } = &mut self.place {
+            buf.advance(*frame_bytes);
+        }
+    }
+}
+
+/// A payload that is already a `Bytes` (a first message read before its session existed).
+impl From<Bytes> for DataMessage<'static> {
+    fn from(payload: Bytes) -> DataMessage<'static> {
+        DataMessage { place: Place::Owned(payload) }
+    }
 }
 
 /// The payload of a received close frame.
@@ -107,17 +182,35 @@ impl Decoder {
         Decoder { role, max_frame_bytes, max_message_bytes, partial: None, finished: false }
     }
 
-    /// Decodes frames from the front of `buf` until one event is complete.
+    /// Decodes frames from the front of `buf` until one event is complete: [`Self::next_in_place`]
+    /// with every data message split off as a `Bytes`.
     ///
     /// `Ok(None)` means more bytes are needed (an incomplete frame stays in `buf`), or that the
     /// decoder is finished. An error names the close code to send; after it, or after a
     /// [`WsEvent::Close`], the decoder is finished.
     pub fn next_event(&mut self, buf: &mut BytesMut) -> Result<Option<WsEvent>, WsError> {
+        Ok(self.next_in_place(buf)?.map(|received| match received {
+            Received::Text(message) => WsEvent::Text(message.into_bytes()),
+            Received::Binary(message) => WsEvent::Binary(message.into_bytes()),
+            Received::Ping(payload) => WsEvent::Ping(payload),
+            Received::Pong(payload) => WsEvent::Pong(payload),
+            Received::Close(frame) => WsEvent::Close(frame),
+        }))
+    }
+
+    /// Decodes frames from the front of `buf` until one thing is complete, and leaves an
+    /// unfragmented data message where it lies (see [`DataMessage`]): the receive path makes no
+    /// `Bytes` for a frame it does not keep.
+    ///
+    /// `Ok(None)` means more bytes are needed (an incomplete frame stays in `buf`), or that the
+    /// decoder is finished. An error names the close code to send; after it, or after a
+    /// [`Received::Close`], the decoder is finished.
+    pub fn next_in_place<'a>(&mut self, buf: &'a mut BytesMut) -> Result<Option<Received<'a>>, WsError> {
         if self.finished {
             return Ok(None);
         }
         let result = self.decode_until_event(buf);
-        if matches!(result, Err(_) | Ok(Some(WsEvent::Close(_)))) {
+        if matches!(result, Err(_) | Ok(Some(Received::Close(_)))) {
             self.finished = true;
             self.partial = None;
         }
@@ -129,17 +222,59 @@ impl Decoder {
         self.finished
     }
 
-    fn decode_until_event(&mut self, buf: &mut BytesMut) -> Result<Option<WsEvent>, WsError> {
+    fn decode_until_event<'a>(&mut self, buf: &'a mut BytesMut) -> Result<Option<Received<'a>>, WsError> {
         loop {
             let Some(header) = decode_header(buf, self.role, self.max_frame_bytes)? else {
                 return Ok(None);
             };
             self.check_sequence_and_size(header.opcode, header.payload_bytes)?;
-            let Some(frame) = take_frame(buf, &header) else {
+            let Some(payload) = unmask_payload(buf, &header) else {
                 return Ok(None);
             };
-            if let Some(event) = self.accept_frame(frame)? {
-                return Ok(Some(event));
+            let (header_bytes, frame_bytes) = (header.header_bytes, header.frame_bytes());
+            match header.opcode {
+                // Unfragmented: the common case, left where it lies.
+                OpCode::Text | OpCode::Binary if header.fin => {
+                    let text = header.opcode == OpCode::Text;
+                    if text {
+                        validate_utf8(&buf[payload], 0, true)?;
+                    }
+                    let message = DataMessage { place: Place::InBuffer { buf, header_bytes, frame_bytes } };
+                    return Ok(Some(if text { Received::Text(message) } else { Received::Binary(message) }));
+                }
+                OpCode::Text | OpCode::Binary => {
+                    let kind = if header.opcode == OpCode::Text { DataKind::Text } else { DataKind::Binary };
+                    let mut partial =
+                        PartialMessage { kind, payload: BytesMut::with_capacity(payload.len()), utf8_valid_bytes: 0 };
+                    partial.append(&buf[payload], false)?;
+                    buf.advance(frame_bytes);
+                    self.partial = Some(partial);
+                }
+                OpCode::Continuation => {
+                    // check_sequence_and_size has already refused a continuation without a start.
+                    let Some(mut partial) = self.partial.take() else {
+                        return Err(continuation_without_start());
+                    };
+                    partial.append(&buf[payload], header.fin)?;
+                    buf.advance(frame_bytes);
+                    if !header.fin {
+                        self.partial = Some(partial);
+                        continue;
+                    }
+                    let message = DataMessage { place: Place::Owned(partial.payload.freeze()) };
+                    return Ok(Some(match partial.kind {
+                        DataKind::Text => Received::Text(message),
+                        DataKind::Binary => Received::Binary(message),
+                    }));
+                }
+                OpCode::Ping | OpCode::Pong | OpCode::Close => {
+                    let payload = split_payload(buf, header_bytes, frame_bytes);
+                    return Ok(Some(match header.opcode {
+                        OpCode::Ping => Received::Ping(payload),
+                        OpCode::Pong => Received::Pong(payload),
+                        _ => Received::Close(parse_close(payload)?),
+                    }));
+                }
             }
         }
     }
@@ -171,46 +306,6 @@ impl Decoder {
             ));
         }
         Ok(())
-    }
-
-    fn accept_frame(&mut self, frame: RawFrame) -> Result<Option<WsEvent>, WsError> {
-        let RawFrame { fin, opcode, payload } = frame;
-        match opcode {
-            OpCode::Text | OpCode::Binary => {
-                let kind = if opcode == OpCode::Text { DataKind::Text } else { DataKind::Binary };
-                if fin {
-                    if kind == DataKind::Text {
-                        validate_utf8(&payload, 0, true)?;
-                        return Ok(Some(WsEvent::Text(payload)));
-                    }
-                    return Ok(Some(WsEvent::Binary(payload)));
-                }
-                let mut partial =
-                    PartialMessage { kind, payload: BytesMut::with_capacity(payload.len()), utf8_valid_bytes: 0 };
-                partial.append(&payload, false)?;
-                self.partial = Some(partial);
-                Ok(None)
-            }
-            OpCode::Continuation => {
-                // check_sequence_and_size has already refused a continuation without a start.
-                let Some(mut partial) = self.partial.take() else {
-                    return Err(continuation_without_start());
-                };
-                partial.append(&payload, fin)?;
-                if !fin {
-                    self.partial = Some(partial);
-                    return Ok(None);
-                }
-                let payload = partial.payload.freeze();
-                Ok(Some(match partial.kind {
-                    DataKind::Text => WsEvent::Text(payload),
-                    DataKind::Binary => WsEvent::Binary(payload),
-                }))
-            }
-            OpCode::Ping => Ok(Some(WsEvent::Ping(payload))),
-            OpCode::Pong => Ok(Some(WsEvent::Pong(payload))),
-            OpCode::Close => parse_close(payload).map(|close| Some(WsEvent::Close(close))),
-        }
     }
 }
 
@@ -336,6 +431,26 @@ mod tests {
         };
         assert_eq!(payload.as_ptr() as usize, payload_address);
         assert_eq!(&payload[..], &[5u8; 100][..]);
+    }
+
+    #[test]
+    fn in_place_message_is_read_where_it_arrived_and_consumed_when_dropped() {
+        let mut buf = wire(&[(true, OpCode::Binary, &[5u8; 100]), (true, OpCode::Text, b"next")]);
+        let payload_address = buf.as_ptr() as usize + 6;
+        let mut decoder = server();
+        let Some(Received::Binary(message)) = decoder.next_in_place(&mut buf).unwrap() else {
+            panic!("expected a binary message");
+        };
+        assert_eq!(message.payload().as_ptr() as usize, payload_address, "unmasked in the read buffer");
+        assert_eq!(message.payload(), &[5u8; 100][..]);
+        drop(message);
+        assert_eq!(buf.len(), 6 + 4, "dropping the message consumed its frame, and only it");
+        let Some(Received::Text(message)) = decoder.next_in_place(&mut buf).unwrap() else {
+            panic!("expected a text message");
+        };
+        let kept = message.into_bytes();
+        assert_eq!((&kept[..], buf.len()), (&b"next"[..], 0), "kept as a slice of the buffer, frame consumed");
+        assert!(decoder.next_in_place(&mut buf).unwrap().is_none());
     }
 
     #[test]
@@ -642,6 +757,47 @@ mod tests {
             }
             let mut decoder = Decoder::new(Role::Server, 64, 100);
             while let Ok(Some(_)) = decoder.next_event(&mut buf) {}
+        }
+
+        #[test]
+        fn in_place_and_owning_decodes_agree(
+            frames in proptest::collection::vec(
+                (any::<bool>(), 0usize..6, proptest::collection::vec(any::<u8>(), 0..40)),
+                0..8,
+            ),
+            keep in any::<bool>(),
+        ) {
+            const OPCODES: [OpCode; 6] = [
+                OpCode::Continuation, OpCode::Text, OpCode::Binary,
+                OpCode::Close, OpCode::Ping, OpCode::Pong,
+            ];
+            let mut buf = BytesMut::new();
+            for (fin, opcode, payload) in &frames {
+                let opcode = OPCODES[*opcode];
+                let fin = *fin || opcode.is_control();
+                buf.extend_from_slice(&encode_frame(fin, opcode, payload, Some(MASK)));
+            }
+            let mut owning = Decoder::new(Role::Server, 64, 100);
+            let mut in_place = Decoder::new(Role::Server, 64, 100);
+            let mut owning_buf = buf.clone();
+            loop {
+                let expected = owning.next_event(&mut owning_buf);
+                // Read as a slice and dropped, or kept as `Bytes`: the same message either way.
+                let got = in_place.next_in_place(&mut buf).map(|received| received.map(|received| match received {
+                    Received::Text(message) if keep => WsEvent::Text(message.into_bytes()),
+                    Received::Text(message) => WsEvent::Text(Bytes::copy_from_slice(message.payload())),
+                    Received::Binary(message) if keep => WsEvent::Binary(message.into_bytes()),
+                    Received::Binary(message) => WsEvent::Binary(Bytes::copy_from_slice(message.payload())),
+                    Received::Ping(payload) => WsEvent::Ping(payload),
+                    Received::Pong(payload) => WsEvent::Pong(payload),
+                    Received::Close(frame) => WsEvent::Close(frame),
+                }));
+                prop_assert_eq!(&got, &expected);
+                if !matches!(expected, Ok(Some(_))) {
+                    break;
+                }
+                prop_assert_eq!(buf.len(), owning_buf.len(), "both consumed the same frames");
+            }
         }
 
         #[test]
