@@ -68,6 +68,15 @@ fn the_broker_serves_the_module_at_mbws_js() {
         "the body is clients/js/console.html"
     );
 
+    let (session_head, session) = http(&broker, "GET /console-session.js HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(session_head.starts_with("HTTP/1.1 200 OK\r\n"), "{session_head}");
+    // A module Worker's script must be served as JavaScript, or the browser refuses to run it.
+    assert_eq!(header(&session_head, "Content-Type"), Some("text/javascript; charset=utf-8"));
+    assert!(
+        session == std::fs::read(client_dir().join("console-session.js")).unwrap(),
+        "the body is clients/js/console-session.js"
+    );
+
     // Revalidation with the ETag costs no body; a query string (cache busting) is ignored.
     let etag = header(&head, "ETag").expect("an ETag").to_owned();
     let (head, body) =

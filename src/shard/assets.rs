@@ -1,7 +1,8 @@
 //! Files the broker serves over plain HTTP on its WebSocket port, so that a web page can load the
-//! JavaScript client from the broker itself: `GET /mbws.js` (clients/js/mbws.js) and the web
-//! console `GET /console` (clients/js/console.html), both built into the binary: nothing to
-//! install beside it.
+//! JavaScript client from the broker itself: `GET /mbws.js` (clients/js/mbws.js), the web
+//! console `GET /console` (clients/js/console.html) and the console's session module, which the
+//! console runs in a Worker, `GET /console-session.js` (clients/js/console-session.js), all built
+//! into the binary: nothing to install beside it.
 //!
 //! Only a GET or HEAD that is not a WebSocket upgrade, for one of these exact paths (a query
 //! string is ignored), is answered here; every other request goes on to the upgrade checks and
@@ -25,11 +26,19 @@ struct Asset {
 
 const MBWS_JS: &[u8] = include_bytes!("../../clients/js/mbws.js");
 const CONSOLE_HTML: &[u8] = include_bytes!("../../clients/js/console.html");
+const CONSOLE_SESSION_JS: &[u8] = include_bytes!("../../clients/js/console-session.js");
 
 static ASSETS: &[Asset] = &[
     Asset { path: "/mbws.js", content_type: "text/javascript; charset=utf-8", body: MBWS_JS, etag: fnv1a(MBWS_JS) },
-    // The web console; it imports ./mbws.js, which resolves to the asset above.
+    // The web console; it runs ./console-session.js (below), which imports ./mbws.js (above).
     Asset { path: "/console", content_type: "text/html; charset=utf-8", body: CONSOLE_HTML, etag: fnv1a(CONSOLE_HTML) },
+    // The console's session (a module Worker's script, or imported by the console without Workers).
+    Asset {
+        path: "/console-session.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: CONSOLE_SESSION_JS,
+        etag: fnv1a(CONSOLE_SESSION_JS),
+    },
 ];
 
 /// FNV-1a over `bytes`, at compile time: an ETag only needs to change when the file does.

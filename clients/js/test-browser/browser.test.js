@@ -37,15 +37,27 @@ after(async () => {
 });
 
 /**
- * A console page, connected (through `url` if given) and subscribed to `address`.
+ * A console page, connected (through `url` if given) and subscribed to `address`. The page counts
+ * the WebSockets opened on its own thread (`pageSockets`; a Worker's are not counted); with
+ * `noWorker` it has no Worker constructor, as in a browser without Workers.
  * @param {string} address
- * @param {{mode?: string, url?: string}} [options]
+ * @param {{mode?: string, url?: string, noWorker?: boolean}} [options]
  */
 async function consolePage(address, options = {}) {
   const page = await browser.newPage({ viewport: { width: 1100, height: 780 } });
   page.setDefaultTimeout(TIMEOUT_MS);
   const errors = /** @type {string[]} */ ([]);
   page.on('pageerror', (error) => errors.push(error.message));
+  await page.addInitScript((noWorker) => {
+    const scope = /** @type {any} */ (globalThis);
+    const Native = scope.WebSocket;
+    scope.pageSockets = 0;
+    scope.WebSocket = class extends Native {
+      /** @param {any[]} args */
+      constructor(...args) { super(...args); scope.pageSockets += 1; }
+    };
+    if (noWorker) delete scope.Worker;
+  }, options.noWorker ?? false);
   await page.goto(`http://${broker.host}:${broker.port}/console`);
   if (options.url) await page.fill('#url', options.url);
   await page.click('#connect');
@@ -99,6 +111,27 @@ async function waitForRows(page, count) {
   await page.waitForFunction((n) => Number(document.getElementById('log-wrap')?.dataset.rows) >= n, count);
 }
 
+/**
+ * Where the console's session runs ('worker' or 'page'), and how many WebSockets the page's own
+ * thread opened. @param {import('playwright-core').Page} page
+ * @returns {Promise<{path: string, pageSockets: number}>}
+ */
+function receivePath(page) {
+  return page.evaluate(() => {
+    const scope = /** @type {any} */ (globalThis);
+    return { path: scope.mbwsConsole.receivePath(), pageSockets: scope.pageSockets };
+  });
+}
+
+/**
+ * Every message shown once: the history holds each body once, and the page counted each once.
+ * @param {import('playwright-core').Page} page @param {number} count
+ */
+async function assertShownExactlyOnce(page, count) {
+  assertExactlyOnce(await historyBodies(page), count);
+  assert.equal(await page.getAttribute('#received-total', 'data-count'), String(count), 'nothing received twice');
+}
+
 /** @param {string[]} bodies @param {number} count */
 function assertExactlyOnce(bodies, count) {
   assert.equal(bodies.length, count, 'one history entry per message');
@@ -143,9 +176,15 @@ test(`console: ${MESSAGES} messages sent from the page are all shown, in this pa
   await waitForRows(first.page, MESSAGES);
   await waitForRows(second.page, MESSAGES);
   const bodies = await historyBodies(first.page);
-  assertExactlyOnce(bodies, MESSAGES);
-  assertExactlyOnce(await historyBodies(second.page), MESSAGES);
+  await assertShownExactlyOnce(first.page, MESSAGES);
+  await assertShownExactlyOnce(second.page, MESSAGES);
   assert.equal(await first.page.textContent('#receipted-total'), String(MESSAGES));
+  // The receive path is off the page's thread: the session runs in the page's one Worker, and
+  // the page itself opened no WebSocket.
+  for (const { page } of [first, second]) {
+    assert.deepEqual(await receivePath(page), { path: 'worker', pageSockets: 0 });
+    assert.deepEqual(page.workers().map((worker) => new URL(worker.url()).pathname), ['/console-session.js']);
+  }
   const status = await first.page.textContent('#send-status');
   console.log(`console: ${MESSAGES} messages sent and shown in ${elapsedMs} ms `
     + `(${Math.round(MESSAGES / (elapsedMs / 1000))} per second in the page); ${status}`);
@@ -156,6 +195,21 @@ test(`console: ${MESSAGES} messages sent from the page are all shown, in this pa
   assert.deepEqual([...first.errors, ...second.errors], []);
   await first.page.close();
   await second.page.close();
+});
+
+test(`console without Workers: the page runs the session itself, and shows ${MESSAGES} messages once each`, async () => {
+  const address = 'browser/no-worker';
+  const { page, errors } = await consolePage(address, { noWorker: true });
+  await sendFromPage(page, address, MESSAGES);
+  await waitForReceived(page, MESSAGES);
+  await page.waitForFunction((n) => document.getElementById('send-status')?.dataset.done === String(n), MESSAGES);
+  await waitForRows(page, MESSAGES);
+  await assertShownExactlyOnce(page, MESSAGES);
+  assert.equal(await page.textContent('#receipted-total'), String(MESSAGES));
+  assert.deepEqual(await receivePath(page), { path: 'page', pageSockets: 1 });
+  assert.deepEqual(page.workers(), []);
+  assert.deepEqual(errors, []);
+  await page.close();
 });
 
 test('console: the address panel lists, from the admin API, an address the page sent to', async () => {
@@ -234,8 +288,7 @@ test('console: a page survives the broker dropping its connection, without losin
     await page.waitForFunction((n) => document.getElementById('send-status')?.dataset.done === String(n), MESSAGES);
     await waitForRows(page, MESSAGES);
     shownStates = await page.evaluate(() => /** @type {any} */ (globalThis).shownStates);
-    assertExactlyOnce(await historyBodies(page), MESSAGES);
-    assert.equal(await page.getAttribute('#received-total', 'data-count'), String(MESSAGES), 'nothing received twice');
+    await assertShownExactlyOnce(page, MESSAGES);
     assert.equal(await page.textContent('#receipted-total'), String(MESSAGES), `every SEND receipted; ${context()}`);
     assert.deepEqual(shownStates, ['reconnecting', 'open'], `one resume, and open after it; ${context()}`);
     assert.equal(await page.getAttribute('#state', 'data-state'), 'open');

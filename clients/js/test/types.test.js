@@ -1,5 +1,6 @@
-// The editor types: mbws.js's JSDoc type-checks under `strict`, the committed mbws.d.ts is what
-// `npm run types` writes from it, and a TypeScript user (testing/consumer.ts) compiles against it.
+// The editor types: mbws.js's JSDoc (and console-session.js's) type-checks under `strict`, the
+// committed mbws.d.ts is what `npm run types` writes from it, and a TypeScript user
+// (testing/consumer.ts) compiles against it.
 
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
@@ -18,7 +19,7 @@ function runTsc(args) {
   assert.equal(result.status, 0, `tsc ${args.join(' ')} failed (run \`npm ci\` in clients/js first):\n${result.stdout}${result.stderr}`);
 }
 
-test('mbws.js type-checks (tsc --noEmit, strict, checkJs)', () => {
+test('mbws.js and console-session.js type-check (tsc --noEmit, strict, checkJs)', () => {
   runTsc(['-p', 'tsconfig.json']);
 });
 

@@ -3,7 +3,7 @@
 // --external: the page only subscribes; the `mbws` CLI beside the broker ($MBWS_CLI, default
 // target/release/mbws) sends the N messages as fast as the broker takes them, so the page
 // receives at whatever rate it can keep up with (the broker holds back the rest by credit).
-// --from-disk: the page gets console.html and mbws.js from this directory, not from the broker
+// --from-disk: the page gets console.html, console-session.js and mbws.js from this directory, not from the broker
 // (Playwright answers its requests; --bare: a local HTTP server): measures an edit without
 // rebuilding the broker.
 // --bare: drives Chromium over DevTools with Runtime and Performance only (testing/bare-chromium.js);
@@ -31,7 +31,8 @@ const fromDisk = process.argv.includes('--from-disk');
 if (fromDisk && bare) {
   const here = process.env.MBWS_CONSOLE_DIR ? path.join(process.env.MBWS_CONSOLE_DIR, 'testing') : path.dirname(fileURLToPath(import.meta.url));
   files = http.createServer((request, response) => {
-    const name = request.url?.startsWith('/mbws.js') ? 'mbws.js' : 'console.html';
+    const asked = (request.url ?? '').split('?')[0].slice(1);
+    const name = ['mbws.js', 'console-session.js'].includes(asked) ? asked : 'console.html';
     response.writeHead(200, { 'content-type': name.endsWith('.js') ? 'text/javascript' : 'text/html', 'cache-control': 'no-store' });
     response.end(readFileSync(path.join(here, '..', name)));
   });
@@ -56,7 +57,9 @@ try {
     if (fromDisk) {
       const here = process.env.MBWS_CONSOLE_DIR ? path.join(process.env.MBWS_CONSOLE_DIR, 'testing') : path.dirname(fileURLToPath(import.meta.url));
       await page.route('**/console', (route) => route.fulfill({ path: path.join(here, '../console.html'), contentType: 'text/html' }));
-      await page.route('**/mbws.js', (route) => route.fulfill({ path: path.join(here, '../mbws.js'), contentType: 'text/javascript' }));
+      for (const name of ['mbws.js', 'console-session.js']) {
+        await page.route(`**/${name}`, (route) => route.fulfill({ path: path.join(here, '..', name), contentType: 'text/javascript' }));
+      }
     }
     await page.goto(pageUrl);
   }
@@ -66,6 +69,7 @@ try {
   await fill([['url', `ws://${broker.host}:${broker.port}/`]]);
   await click('connect');
   await page.waitForFunction(() => document.getElementById('state').dataset.state === 'open');
+  const receivePath = await page.evaluate(() => globalThis.mbwsConsole.receivePath?.() ?? 'page (a console without a Worker)');
   await fill([['sub-address', 'measure']]);
   await click('subscribe');
   await page.waitForFunction(() => document.querySelector('#subscriptions li') !== null);
@@ -115,6 +119,7 @@ try {
   const rows = await page.evaluate(() => Number(document.getElementById('log-wrap')?.dataset.rows ?? document.querySelectorAll('#log tr').length));
   console.log(`${bare ? 'bare' : 'playwright'}: ${count} messages ${external ? 'received' : 'sent and received'} in ${ms} ms `
     + `(${Math.round(count / (ms / 1000))} per second in the page); longest frame gap ${gap.toFixed(0)} ms; ${rows} rows kept`);
+  console.log(`receive path: ${receivePath}`);
   console.log(`main thread: idle ${(100 * (1 - busy / wall)).toFixed(0)}% of ${wall.toFixed(2)} s; script ${spent('ScriptDuration').toFixed(2)} s, `
     + `layout ${spent('LayoutDuration').toFixed(2)} s, style ${spent('RecalcStyleDuration').toFixed(2)} s, all tasks ${busy.toFixed(2)} s`);
   if (frames) console.log(`${framesSent} WebSocket frames sent by the page`);
