@@ -24,7 +24,9 @@
 //!   are answered); a SIGHUP reload brings new limits for sessions opened from then on
 //!   ([`ShardCore::set_runtime_limits`]).
 //!
-//! Each event only queues work; [`ShardCore::run_work`] then runs the round: the work queue is
+//! Each event only queues work (except that the commands a read produced for this shard's own
+//! addresses run at once when nothing waits in the work queue: the order the round would run
+//! them in, without the trip through the queue); [`ShardCore::run_work`] then runs the round: the work queue is
 //! drained (publishes to one address that sit next to each other reach the address table as
 //! one batch), every connection touched is flushed once, and the [`Effects`] say what the shell
 //! must do: post these command batches (one per destination shard), let the log's commit task
@@ -443,9 +445,68 @@ impl ShardCore {
     ) -> ReadStep {
         let Some(state) = slot_state(&mut self.conns, id) else { return ReadStep::Closing };
         let step = state.bytes_read(attachment, decoder, buf, now_ms, &mut self.address_commands);
-        self.queues.submit_address_commands(&mut self.address_commands);
         self.mark_dirty(id);
+        self.run_or_submit_address_commands(now_ms);
         step
+    }
+
+    /// Hands the address commands a connection's input produced to their owners. While this
+    /// shard's work queue is empty (and no placement view has to admit them first), the
+    /// commands for this shard run at once, in their order, exactly as the next round would
+    /// run them from the front of its queue: the same batches of consecutive publishes to one
+    /// address, the same answers queued behind them, the same durable records appended before
+    /// the round's end lets the log commit (one group commit, as before). Only the trip
+    /// through the work queue is saved. Otherwise they are queued behind what waits there.
+    fn run_or_submit_address_commands(&mut self, now_ms: u64) {
+        if !self.queues.work.is_empty() || self.placement.is_some() {
+            self.queues.submit_address_commands(&mut self.address_commands);
+            return;
+        }
+        let mut commands = std::mem::take(&mut self.address_commands);
+        let mut commands_iter = commands.drain(..).peekable();
+        while let Some((shard, command)) = commands_iter.next() {
+            if shard != self.id {
+                self.queues.submit(shard, Command::Address(command));
+                continue;
+            }
+            match command {
+                AddressCommand::Publish { publisher, seq, message } => {
+                    self.publications.push(Publication { publisher, seq, message });
+                    while self.publications.len() < MAX_PUBLISH_BATCH {
+                        let same_address = matches!(
+                            commands_iter.peek(),
+                            Some((shard, AddressCommand::Publish { message, .. }))
+                                if *shard == self.id && message.address() == self.publications[0].message.address()
+                        );
+                        if !same_address {
+                            break;
+                        }
+                        let Some((_, AddressCommand::Publish { publisher, seq, message })) = commands_iter.next()
+                        else {
+                            unreachable!("the next command was just checked to be a publish");
+                        };
+                        self.publications.push(Publication { publisher, seq, message });
+                    }
+                    self.publish_gathered(now_ms);
+                }
+                command => {
+                    self.addresses.handle(command, now_ms, &mut self.answers);
+                    self.route_address_output();
+                }
+            }
+        }
+        drop(commands_iter);
+        // The list goes back for its capacity.
+        self.address_commands = commands;
+    }
+
+    /// Publishes the gathered batch of publications (one address) and routes what it caused.
+    fn publish_gathered(&mut self, now_ms: u64) {
+        self.counters.messages_received += self.publications.len() as u64;
+        self.counters.bytes_received +=
+            self.publications.iter().map(|publication| publication.message.body().len() as u64).sum::<u64>();
+        self.addresses.publish_batch(&mut self.publications, now_ms, &mut self.answers);
+        self.route_address_output();
     }
 
     /// The writer of connection `id` wrote a batch (or failed to, or ran out of time): its
@@ -804,14 +865,7 @@ impl ShardCore {
                 Command::Address(AddressCommand::Publish { publisher, seq, message }) => {
                     self.publications.push(Publication { publisher, seq, message });
                     self.queues.take_publishes_to_same_address(&mut self.publications);
-                    self.counters.messages_received += self.publications.len() as u64;
-                    self.counters.bytes_received += self
-                        .publications
-                        .iter()
-                        .map(|publication| publication.message.body().len() as u64)
-                        .sum::<u64>();
-                    self.addresses.publish_batch(&mut self.publications, now_ms, &mut self.answers);
-                    self.route_address_output();
+                    self.publish_gathered(now_ms);
                 }
                 Command::Address(command) => {
                     self.addresses.handle(command, now_ms, &mut self.answers);

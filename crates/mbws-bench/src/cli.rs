@@ -28,6 +28,11 @@ pub const DEFAULT_WINDOW_MESSAGES: u64 = 10_000;
 /// mosquitto queues at most 1000 QoS 1 messages per client (`max_queued_messages`) and drops
 /// the rest, so MQTT QoS 1 runs keep far fewer in flight by default.
 pub const DEFAULT_MQTT_QOS1_WINDOW_MESSAGES: u64 = 500;
+/// Most bytes of bodies in flight through the target, over all deliveries: in a fan-out every
+/// subscriber's copy counts, so the window shrinks as subscribers are added (with the message
+/// window per subscriber, 1,000 subscribers had 10 million deliveries, 640 MB of 64-byte
+/// bodies, in flight after the warm-up's first burst: a broker spent the measured window
+/// queueing them and delivered nothing in it).
 pub const WINDOW_BYTES: u64 = 32 * 1024 * 1024;
 /// Shortest measurement (or hold) a run may ask for: rates over a few milliseconds are noise.
 pub const MIN_DURATION: Duration = Duration::from_millis(100);
@@ -146,7 +151,8 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: u8,
     /// Most messages a publisher may be ahead of its slowest consumer
-    /// [default: 10000, mqtt qos 1: 500; at most 32 MiB of bodies].
+    /// [default: 10000, mqtt qos 1: 500; at most 32 MiB of bodies in flight, each fan-out
+    /// subscriber's copy counted].
     #[arg(long)]
     pub window: Option<u64>,
     /// mbws: credit of each subscription (cumulative ACK every credit/4 deliveries).
@@ -333,7 +339,11 @@ impl Plan {
         } else {
             DEFAULT_WINDOW_MESSAGES
         };
-        let byte_bound = (WINDOW_BYTES / common.size as u64).max(16);
+        let copies = match scenario {
+            Scenario::Fanout { subscribers } => subscribers as u64,
+            _ => 1,
+        };
+        let byte_bound = (WINDOW_BYTES / (common.size as u64 * copies)).max(16);
         let window = match common.window {
             Some(0) => return Err(usage("--window 0: give at least 1 message".to_string())),
             Some(window) => window.min(byte_bound),
@@ -480,6 +490,17 @@ mod tests {
         assert_eq!(parse_rates("10, 50,90").unwrap(), vec![10.0, 50.0, 90.0]);
         assert!(parse_rates("10,x").is_err());
         assert!(parse_rates("0").is_err());
+    }
+
+    #[test]
+    fn a_fanout_window_bounds_the_bytes_of_every_subscriber_copy() {
+        let fanout = |subscribers: &str| {
+            let args = ["fanout", "--target", "mbws", "--url", "ws://127.0.0.1:1/", "--size", "64"];
+            plan(&[&args[..], &["--subscribers", subscribers]].concat()).unwrap().window
+        };
+        assert_eq!(fanout("10"), DEFAULT_WINDOW_MESSAGES, "10 x 64 B x 10,000 is within 32 MiB");
+        assert_eq!(fanout("1000"), WINDOW_BYTES / (64 * 1000));
+        assert_eq!(fanout("10000"), 52);
     }
 
     #[test]

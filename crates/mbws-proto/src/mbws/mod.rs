@@ -93,11 +93,17 @@ pub fn largest_message_bytes(address: &[u8], properties: &Properties, body_len: 
     binary::message_header_len(&widest).max(text::widest_message_header_len(address, properties)) + body_len
 }
 
-/// [`largest_message_bytes`] of a message kept as a [`binary::MessageTail`].
+/// [`largest_message_bytes`] of a message kept as a [`binary::MessageTail`]. It runs for every
+/// SEND: a message without properties (the common one) costs a constant and two lengths; only
+/// one with properties reads them.
 pub fn largest_message_bytes_of_tail(tail: &binary::MessageTail) -> usize {
     let binary = binary::MESSAGE_FIXED_BYTES + tail.as_bytes().len();
-    let text = text::widest_message_header_len(tail.address(), &tail.properties()) + tail.body().len();
-    binary.max(text)
+    let text_header = if tail.has_properties() {
+        text::widest_message_header_len(tail.address(), &tail.properties())
+    } else {
+        text::widest_message_header_len_without_properties(tail.address().len())
+    };
+    binary.max(text_header + tail.body().len())
 }
 
 /// Encodes a whole frame (header and a copy of the body) into one buffer. For clients and

@@ -593,17 +593,17 @@ pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B
 /// SEND (the max-frame-bytes bound of `largest_message_bytes`), so all but the address and
 /// properties is a constant.
 pub fn widest_message_header_len(address: &[u8], properties: &Properties) -> usize {
+    widest_message_header_len_without_properties(address.len()) + properties_len(properties)
+}
+
+/// [`widest_message_header_len`] of a message without properties (no content type,
+/// correlation id, reply-to or header): a constant plus the address's length, so the common
+/// SEND pays for no properties it does not carry.
+pub const fn widest_message_header_len_without_properties(address_len: usize) -> usize {
     const U32_MAX_DIGITS: usize = 10;
     const U64_MAX_DIGITS: usize = 20;
     const fn line(name: &str, value_len: usize) -> usize {
         name.len() + 1 + value_len + 1
-    }
-    fn optional(name: &str, value: &[u8]) -> usize {
-        if value.is_empty() {
-            0
-        } else {
-            line(name, value.len())
-        }
     }
     const FIXED: usize = FrameKind::Message.name().len()
         + 1
@@ -614,9 +614,19 @@ pub fn widest_message_header_len(address: &[u8], properties: &Properties) -> usi
         + line("redelivered", "true".len())
         + line("durable", "true".len())
         + 1;
-    FIXED
-        + address.len()
-        + optional("content-type", &properties.content_type)
+    FIXED + address_len
+}
+
+/// The bytes of the `name:value` lines that `properties` add to a text header.
+fn properties_len(properties: &Properties) -> usize {
+    fn optional(name: &str, value: &[u8]) -> usize {
+        if value.is_empty() {
+            0
+        } else {
+            name.len() + 1 + value.len() + 1
+        }
+    }
+    optional("content-type", &properties.content_type)
         + optional("correlation-id", &properties.correlation_id)
         + optional("reply-to", &properties.reply_to)
         + properties.headers.iter().map(|(name, value)| name.len() + 1 + value.len() + 1).sum::<usize>()
