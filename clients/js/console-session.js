@@ -207,7 +207,10 @@ export function serve(post) {
     const subscription = await current.subscribe(request.address, {
       mode: request.mode, ack: request.ack, credit: request.credit, manualAck: request.ack === 'client',
       onMessage,
-      onError: (error) => { post({ type: 'ended', subscription: subscription.id, message: reason(error) }); },
+      onError: (error) => {
+        subscriptions.delete(subscription.id);
+        post({ type: 'ended', subscription: subscription.id, message: reason(error) });
+      },
     });
     if (client === current) subscriptions.set(subscription.id, subscription);
     return subscription.id;
@@ -252,7 +255,11 @@ export function serve(post) {
       case 'connect': return reply(message.request, open(message.url, message.options));
       case 'close': return reply(message.request, close());
       case 'subscribe': return reply(message.request, subscribe(message));
-      case 'unsubscribe': return subscriptions.get(message.subscription)?.unsubscribe();
+      case 'unsubscribe': {
+        const subscription = subscriptions.get(message.subscription);
+        subscriptions.delete(message.subscription);
+        return subscription?.unsubscribe();
+      }
       case 'send': return send(message);
       case 'shown': return shown(message.batch);
     }
