@@ -98,6 +98,38 @@ impl Drop for Etcd {
     }
 }
 
+/// Nodes a, b and c with `ledger-*` durable, each on a data directory of its own that outlives
+/// its process (so a restarted node finds its durable log); the directories go with this.
+struct DurableNodes {
+    etcd_url: String,
+    dirs: Vec<PathBuf>,
+}
+
+impl DurableNodes {
+    const NAMES: [&'static str; 3] = ["a", "b", "c"];
+
+    fn new(etcd: &Etcd) -> DurableNodes {
+        DurableNodes { etcd_url: etcd.url(), dirs: (0..3).map(|_| common::temp_dir("cluster-node")).collect() }
+    }
+
+    /// Starts (or restarts) node `index` on its data directory.
+    fn start(&self, index: usize) -> Broker {
+        node_in(Some(&self.dirs[index]), Self::NAMES[index], &self.etcd_url, &["--durable-address", "ledger-*"])
+    }
+
+    fn start_all(&self) -> [Broker; 3] {
+        [self.start(0), self.start(1), self.start(2)]
+    }
+}
+
+impl Drop for DurableNodes {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// A broker node of cluster `test` reaching etcd at `etcd_url`, registered when this returns.
 fn node(name: &str, etcd_url: &str, extra: &[&str]) -> Broker {
     node_in(None, name, etcd_url, extra)
@@ -279,10 +311,8 @@ fn concurrent_first_use_on_every_node_agrees_on_one_owner_and_spreads_the_addres
 fn a_killed_node_loses_its_non_durable_addresses_to_live_nodes_and_keeps_its_durable_ones() {
     let _serial = serial();
     let etcd = Etcd::start();
-    let durable = ["--durable-address", "ledger-*"];
-    let dirs: Vec<PathBuf> = (0..3).map(|_| common::temp_dir("cluster-node")).collect();
-    let start = |index: usize| node_in(Some(&dirs[index]), ["a", "b", "c"][index], &etcd.url(), &durable);
-    let mut nodes = [start(0), start(1), start(2)];
+    let trio = DurableNodes::new(&etcd);
+    let mut nodes = trio.start_all();
     // Place everything through node a: its first SEND there places it somewhere.
     let plain: Vec<String> = (0..12).map(|index| format!("jobs-{index}")).collect();
     let ledgers: Vec<String> = (0..6).map(|index| format!("ledger-{index}")).collect();
@@ -332,16 +362,13 @@ fn a_killed_node_loses_its_non_durable_addresses_to_live_nodes_and_keeps_its_dur
         }
     }
     // The node comes back on its data directory: its durable addresses are served there again.
-    nodes[victim] = start(victim);
+    nodes[victim] = trio.start(victim);
     for address in &kept {
         let deadline = Instant::now() + Duration::from_secs(10);
         while probe(&nodes[victim].url(), address).is_err() {
             assert!(Instant::now() < deadline, "{address} not served by its returned owner");
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-    for dir in dirs {
-        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -523,10 +550,8 @@ fn sends_on_two_other_nodes_are_forwarded_to_the_owner_receipted_end_to_end_and_
 fn a_forwarded_durable_send_survives_the_owners_kill_9_and_sends_to_a_dead_owner_are_refused_within_a_bound() {
     let _serial = serial();
     let etcd = Etcd::start();
-    let durable = ["--durable-address", "ledger-*"];
-    let dirs: Vec<PathBuf> = (0..3).map(|_| common::temp_dir("cluster-node")).collect();
-    let start = |index: usize| node_in(Some(&dirs[index]), ["a", "b", "c"][index], &etcd.url(), &durable);
-    let mut nodes = [start(0), start(1), start(2)];
+    let trio = DurableNodes::new(&etcd);
+    let mut nodes = trio.start_all();
     let ledger = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "ledger");
     // 200 SENDs through a, receipted: b has taken them (a durable address: after its fsync).
     let mut publisher = client(&nodes[0].url());
@@ -555,7 +580,7 @@ fn a_forwarded_durable_send_survives_the_owners_kill_9_and_sends_to_a_dead_owner
     );
     assert!(refused_after < Duration::from_secs(8), "refused after {refused_after:?}");
     // b returns on its data directory: every receipted message is there, once, in order.
-    nodes[1] = start(1);
+    nodes[1] = trio.start(1);
     let mut consumer = client(&nodes[1].url());
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Err(error) = consumer.subscribe(1, &ledger, DeliveryMode::Anycast, AckMode::Client, 1000) {
@@ -566,9 +591,6 @@ fn a_forwarded_durable_send_survives_the_owners_kill_9_and_sends_to_a_dead_owner
     let messages = take_messages(&mut consumer, 200, true);
     assert_each_publisher_in_order_once(&messages, &["a"], 200);
     drop(nodes);
-    for dir in dirs {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 /// Messages per second of one publisher to one consumer at an address owned by b, through

@@ -339,21 +339,7 @@ fn tls_streams_split_at_every_byte_lose_and_reorder_nothing() {
     round_trip(&url, &pair.cert, &mut consumer, "split", &bodies);
     consumer.close().unwrap();
     if let Some(python) = python_with_websockets() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/mbws_roundtrip.py");
-        for version in ["1.3", "1.2"] {
-            let output = output_within(
-                Command::new(&python).arg(&script).args([&url, "1000", pair.cert_str(), version]),
-                Duration::from_secs(120),
-            );
-            let report = format!(
-                "stdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-            assert!(output.status.success(), "TLS {version}: the Python peer failed:\n{report}");
-            assert!(report.contains(&format!("TLS version TLSv{version}")), "TLS {version} not negotiated:\n{report}");
-            assert!(report.contains("OK 4 round trips of 1000 messages"), "{report}");
-        }
+        python_round_trips_in_tls_1_3_and_1_2(&python, &url, 1000, &pair, Duration::from_secs(120));
     }
     drop(proxy);
     let _ = std::fs::remove_dir_all(dir);
@@ -367,12 +353,19 @@ fn python_ssl_websockets_round_trip_over_tls_1_3_and_1_2() {
     let dir = temp_dir("tls-python");
     let pair = make_certificate(&dir, "broker");
     let broker = Broker::start(&[&["--shards", "1"][..], &pair.flags()].concat());
+    python_round_trips_in_tls_1_3_and_1_2(&python, &tls_url(&broker), 50, &pair, Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// tests/python/mbws_roundtrip.py (Python's `ssl` + `websockets`) against `url`, trusting
+/// `pair`'s certificate: four round trips of `messages` messages, in TLS 1.3 and then 1.2,
+/// each run bounded by `within`.
+fn python_round_trips_in_tls_1_3_and_1_2(python: &Path, url: &str, messages: usize, pair: &CertPair, within: Duration) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/mbws_roundtrip.py");
+    let count = messages.to_string();
     for version in ["1.3", "1.2"] {
-        let output = output_within(
-            Command::new(&python).arg(&script).args([&tls_url(&broker), "50", pair.cert_str(), version]),
-            Duration::from_secs(60),
-        );
+        let output =
+            output_within(Command::new(python).arg(&script).args([url, &count, pair.cert_str(), version]), within);
         let report = format!(
             "stdout:\n{}\nstderr:\n{}",
             String::from_utf8_lossy(&output.stdout),
@@ -380,9 +373,8 @@ fn python_ssl_websockets_round_trip_over_tls_1_3_and_1_2() {
         );
         assert!(output.status.success(), "TLS {version}: the Python peer failed:\n{report}");
         assert!(report.contains(&format!("TLS version TLSv{version}")), "TLS {version} not negotiated:\n{report}");
-        assert!(report.contains("OK 4 round trips of 50 messages"), "{report}");
+        assert!(report.contains(&format!("OK 4 round trips of {messages} messages")), "{report}");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The Python interpreter with `websockets` (as tests/interop_python.rs finds it), or a loud

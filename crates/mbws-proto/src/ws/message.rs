@@ -724,6 +724,29 @@ mod tests {
         );
     }
 
+    /// Up to 8 frames of any opcode, FIN or not, with payloads up to 40 bytes: (fin, index
+    /// into [`OPCODES`], payload).
+    fn frame_sequences() -> impl Strategy<Value = Vec<(bool, usize, Vec<u8>)>> {
+        proptest::collection::vec(
+            (any::<bool>(), 0usize..OPCODES.len(), proptest::collection::vec(any::<u8>(), 0..40)),
+            0..8,
+        )
+    }
+
+    const OPCODES: [OpCode; 6] =
+        [OpCode::Continuation, OpCode::Text, OpCode::Binary, OpCode::Close, OpCode::Ping, OpCode::Pong];
+
+    /// `frames` as a client sends them (masked; a control frame always FIN).
+    fn masked_wire(frames: &[(bool, usize, Vec<u8>)]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for (fin, opcode, payload) in frames {
+            let opcode = OPCODES[*opcode];
+            let fin = *fin || opcode.is_control();
+            buf.extend_from_slice(&encode_frame(fin, opcode, payload, Some(MASK)));
+        }
+        buf
+    }
+
     proptest! {
         #[test]
         fn decoder_never_panics_on_arbitrary_bytes(
@@ -740,43 +763,19 @@ mod tests {
 
         #[test]
         fn decoder_never_panics_on_arbitrary_frame_sequences(
-            frames in proptest::collection::vec(
-                (any::<bool>(), 0usize..6, proptest::collection::vec(any::<u8>(), 0..40)),
-                0..8,
-            ),
+            frames in frame_sequences(),
         ) {
-            const OPCODES: [OpCode; 6] = [
-                OpCode::Continuation, OpCode::Text, OpCode::Binary,
-                OpCode::Close, OpCode::Ping, OpCode::Pong,
-            ];
-            let mut buf = BytesMut::new();
-            for (fin, opcode, payload) in &frames {
-                let opcode = OPCODES[*opcode];
-                let fin = *fin || opcode.is_control();
-                buf.extend_from_slice(&encode_frame(fin, opcode, payload, Some(MASK)));
-            }
+            let mut buf = masked_wire(&frames);
             let mut decoder = Decoder::new(Role::Server, 64, 100);
             while let Ok(Some(_)) = decoder.next_event(&mut buf) {}
         }
 
         #[test]
         fn in_place_and_owning_decodes_agree(
-            frames in proptest::collection::vec(
-                (any::<bool>(), 0usize..6, proptest::collection::vec(any::<u8>(), 0..40)),
-                0..8,
-            ),
+            frames in frame_sequences(),
             keep in any::<bool>(),
         ) {
-            const OPCODES: [OpCode; 6] = [
-                OpCode::Continuation, OpCode::Text, OpCode::Binary,
-                OpCode::Close, OpCode::Ping, OpCode::Pong,
-            ];
-            let mut buf = BytesMut::new();
-            for (fin, opcode, payload) in &frames {
-                let opcode = OPCODES[*opcode];
-                let fin = *fin || opcode.is_control();
-                buf.extend_from_slice(&encode_frame(fin, opcode, payload, Some(MASK)));
-            }
+            let mut buf = masked_wire(&frames);
             let mut owning = Decoder::new(Role::Server, 64, 100);
             let mut in_place = Decoder::new(Role::Server, 64, 100);
             let mut owning_buf = buf.clone();
