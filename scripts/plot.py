@@ -356,7 +356,8 @@ def goal_rows(results):
             "x",
         ),
         (
-            f"fan-out to {fanout_m} deliveries/s vs NATS",
+            # Without a fan-out run there is no size to name: the row says so instead of "None".
+            f"fan-out to {fanout_m} deliveries/s vs NATS" if fanout_m else "fan-out deliveries/s vs NATS (no fan-out run)",
             ratio(
                 get(results.fanout(OURS).get(fanout_m), "deliveries_per_sec"),
                 get(results.fanout("nats").get(fanout_m), "deliveries_per_sec"),
