@@ -617,7 +617,7 @@ mod tests {
         Record::Settled { address, message_id }
     }
 
-    fn message(address: &'static [u8], message_id: u64, body: &'static [u8]) -> Record<'static> {
+    fn message<'a>(address: &'a [u8], message_id: u64, body: &'a [u8]) -> Record<'a> {
         Record::Message(MessageFields {
             address,
             message_id,
@@ -679,8 +679,7 @@ mod tests {
         // offset 0) must not make the torn tail around it look like mid-log corruption.
         let mut inner = Vec::new();
         record::encode(&mut inner, &settled(b"a", 7), 99, 0);
-        let body: &'static [u8] = Box::leak(inner.into_boxed_slice());
-        let mut bytes = segment(&[message(b"a", 1, b"x"), message(b"a", 2, body)]);
+        let mut bytes = segment(&[message(b"a", 1, b"x"), message(b"a", 2, &inner)]);
         bytes.truncate(bytes.len() - 1);
         let scan = scan_segment(&bytes);
         assert_eq!(scan.records.len(), 1);
