@@ -214,7 +214,7 @@ mbws_run() {
     place "$run_id" "$owner" || { log "$name: placing its address on n$owner failed: $(cat "$out/logs/place-$run_id.log")"; return 0; }
     if ! measure "$name" mbws "$(mbws_url "$publisher")" "$(mbws_url "$consumer")" "$mbws_pids" "$@"; then
         if grep -q "4421" "$out/logs/$name.log"; then
-            skipped[$name]="the consumer's node refused the SUBSCRIBE with 4421 (subscriptions are not relayed between nodes yet): $(grep -o '4421[^"]*' "$out/logs/$name.log" | head -n 1)"
+            skipped[$name]="the consumer's node refused the SUBSCRIBE with 4421 (subscriptions are not relayed between nodes yet): $(grep -o 'broker error 4421.*' "$out/logs/$name.log" | head -n 1 | cut -c 1-240 | tr -d '|')"
         else
             skipped[$name]="failed: $(tail -n 1 "$out/logs/$name.log")"
         fi

@@ -523,7 +523,12 @@ impl Netns {
     fn start_node(&self, name: &str, etcd_url: &str, dir: &Path) -> Broker {
         let lease = LEASE_MS.to_string();
         let listen = format!("{}:0", self.ns_ip);
-        let flags = node_flags(name, etcd_url, &lease, &["--listen", &listen, "--admin-listen", "off"]);
+        let flags = node_flags(
+            name,
+            etcd_url,
+            &lease,
+            &["--listen", &listen, "--admin-listen", "off", "--allow-anonymous-remote"],
+        );
         let inner = Broker::command(dir, &flags);
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name]).arg(inner.get_program()).args(inner.get_args());
@@ -554,7 +559,7 @@ fn a_node_partitioned_by_a_downed_veth_fences_itself_and_after_healing_no_addres
     // etcd, b and c on the host's end of the veth; a inside the namespace.
     let etcd = Etcd::start_on(IpAddr::V4(netns.host_ip));
     let on_host = format!("{}:0", netns.host_ip);
-    let extra = ["--listen", on_host.as_str()];
+    let extra = ["--listen", on_host.as_str(), "--allow-anonymous-remote"];
     let a_dir = TempDir(common::temp_dir("cluster-netns-node"));
     let a = netns.start_node("a", &etcd.url(), &a_dir.0);
     let (b, c) = (node("b", &etcd.url(), &extra), node("c", &etcd.url(), &extra));
