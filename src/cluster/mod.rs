@@ -274,6 +274,7 @@ mod tests {
         let error = validate(&config).unwrap_err();
         assert!(error.contains("--cluster-ca-file /nonexistent/ca.pem") && !error.contains("s3cret-pass"), "{error}");
         config.cluster = None;
+        config.etcd_endpoints.clear();
         config.cluster_ca_file = None;
         config.cluster_login = None;
         assert!(validate(&config).unwrap_err().contains("--cluster-passcode is given without --cluster"));
