@@ -129,6 +129,12 @@ pub struct Config {
     pub node_name: Option<String>,
     pub advertise_url: Option<String>,
     pub cluster_lease_ms: u64,
+    /// The credentials (`--cluster-login`, `--cluster-passcode`: a user and its password, or
+    /// an empty login and a bearer token) and the CA file (`--cluster-ca-file`, for `wss://`
+    /// nodes) of the sessions this node's forwarders open to the other nodes.
+    pub cluster_login: Option<String>,
+    pub cluster_passcode: Option<Secret>,
+    pub cluster_ca_file: Option<PathBuf>,
     /// Addresses declared through the admin API, re-applied at start from the data directory
     /// (`admin::state`); not a flag.
     pub declared_addresses: Vec<(bytes::Bytes, crate::broker::address::AddressSettings)>,
@@ -198,6 +204,9 @@ impl Default for Config {
             node_name: None,
             advertise_url: None,
             cluster_lease_ms: 5000,
+            cluster_login: None,
+            cluster_passcode: None,
+            cluster_ca_file: None,
             links: Vec::new(),
         }
     }

@@ -198,6 +198,19 @@ struct Args {
     /// (fenced) before then.
     #[arg(long, default_value_t = Config::default().cluster_lease_ms)]
     cluster_lease_ms: u64,
+    /// The user name the forwarders' sessions to the other nodes log in with, when the nodes
+    /// require authentication (with --cluster-passcode; without it, a bearer token alone).
+    #[arg(long, value_name = "USER")]
+    cluster_login: Option<String>,
+    /// The password of --cluster-login, or a bearer token when no login is given, for the
+    /// forwarders' sessions to the other nodes. Prefer the configuration file or
+    /// MBWS_CLUSTER_PASSCODE to the command line, which other users can read in the process list.
+    #[arg(long, env = "MBWS_CLUSTER_PASSCODE", hide_env_values = true, value_name = "SECRET")]
+    cluster_passcode: Option<String>,
+    /// PEM file of the certificate authorities the forwarders trust when the other nodes serve
+    /// wss:// [default: the system's, /etc/ssl/certs/ca-certificates.crt].
+    #[arg(long, value_name = "PATH")]
+    cluster_ca_file: Option<std::path::PathBuf>,
     /// Configuration file (TOML): every flag is also a key, spelled as the flag without its
     /// dashes in front (max-message-bytes = 65536); a flag given here overrides the file.
     #[arg(long, value_name = "FILE")]
@@ -759,6 +772,9 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
     if matches.value_source("admin_token") == Some(ValueSource::EnvVariable) {
         origins.overridden_by_flag("--admin-token");
     }
+    if matches.value_source("cluster_passcode") == Some(ValueSource::EnvVariable) {
+        origins.overridden_by_flag("--cluster-passcode");
+    }
     if given("listen") {
         config.listen = args.listen;
     }
@@ -826,6 +842,15 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
     }
     if let Some(url) = args.advertise_url {
         config.advertise_url = Some(url);
+    }
+    if let Some(login) = args.cluster_login {
+        config.cluster_login = Some(login);
+    }
+    if let Some(passcode) = args.cluster_passcode {
+        config.cluster_passcode = Some(Secret::new(passcode));
+    }
+    if let Some(ca_file) = args.cluster_ca_file {
+        config.cluster_ca_file = Some(ca_file);
     }
     if given("handshake_timeout_ms") {
         config.handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);

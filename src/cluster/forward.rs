@@ -30,6 +30,10 @@
 //! the backoff that follows ([`FIRST_BACKOFF`] doubling up to [`MAX_BACKOFF`]) are refused at
 //! once the same way. Nothing waits forever.
 //!
+//! **Credentials.** Each session logs in with the node's [`PeerLogin`] (`--cluster-login`,
+//! `--cluster-passcode`) and trusts its `--cluster-ca-file` for `wss://` owners; an owner that
+//! refuses the login makes every SEND for it 4503, saying so.
+//!
 //! **Hops.** Every forwarded SEND carries [`HOP_HEADER`]; a node that does not own the address
 //! refuses such a SEND with 4421 instead of forwarding it again.
 
@@ -42,6 +46,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySen
 use mbws_client::{Client, ClientError, ClientOptions};
 
 use super::view::{Forward, NodeRef, HOP_HEADER};
+use super::PeerLogin;
 use crate::broker::{Command, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage};
 use crate::log;
 use crate::logging::Level;
@@ -74,12 +79,14 @@ struct Job {
 pub struct Forwarders {
     shard: ShardId,
     post_office: Arc<PostOffice>,
+    /// The credentials and CA file of every forwarder's session (`--cluster-login`...).
+    login: Arc<PeerLogin>,
     by_node: FastMap<Arc<NodeRef>, Sender<Job>>,
 }
 
 impl Forwarders {
-    pub fn new(shard: ShardId, post_office: Arc<PostOffice>) -> Forwarders {
-        Forwarders { shard, post_office, by_node: FastMap::default() }
+    pub fn new(shard: ShardId, post_office: Arc<PostOffice>, login: Arc<PeerLogin>) -> Forwarders {
+        Forwarders { shard, post_office, login, by_node: FastMap::default() }
     }
 
     /// Queues each SEND of `forwards` on its owner's forwarder (started on first use), in order;
@@ -93,7 +100,7 @@ impl Forwarders {
                 attempts += 1;
                 let sender = match self.by_node.get(&owner) {
                     Some(sender) => sender,
-                    None => match spawn(self.shard, owner.clone(), self.post_office.clone()) {
+                    None => match spawn(self.shard, owner.clone(), self.post_office.clone(), self.login.clone()) {
                         Ok(sender) => self.by_node.entry(owner.clone()).or_insert(sender),
                         Err(error) => {
                             let reason =
@@ -159,17 +166,23 @@ impl Answers {
     }
 }
 
-fn spawn(shard: ShardId, owner: Arc<NodeRef>, post_office: Arc<PostOffice>) -> std::io::Result<Sender<Job>> {
+fn spawn(
+    shard: ShardId,
+    owner: Arc<NodeRef>,
+    post_office: Arc<PostOffice>,
+    login: Arc<PeerLogin>,
+) -> std::io::Result<Sender<Job>> {
     let (sender, jobs) = crossbeam_channel::bounded(QUEUE_BOUND);
     std::thread::Builder::new()
         .name(format!("mbws-fwd-{}-{}", shard.0, owner.name))
-        .spawn(move || Forwarder::new(owner, jobs, post_office).run())?;
+        .spawn(move || Forwarder::new(owner, jobs, post_office, login).run())?;
     Ok(sender)
 }
 
 /// One forwarder's thread state.
 struct Forwarder {
     owner: Arc<NodeRef>,
+    login: Arc<PeerLogin>,
     jobs: Receiver<Job>,
     post_office: Arc<PostOffice>,
     client: Option<Client>,
@@ -187,9 +200,10 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn new(owner: Arc<NodeRef>, jobs: Receiver<Job>, post_office: Arc<PostOffice>) -> Forwarder {
+    fn new(owner: Arc<NodeRef>, jobs: Receiver<Job>, post_office: Arc<PostOffice>, login: Arc<PeerLogin>) -> Forwarder {
         Forwarder {
             owner,
+            login,
             jobs,
             post_office,
             client: None,
@@ -312,15 +326,24 @@ impl Forwarder {
     }
 
     fn connect(&mut self) -> Result<(), String> {
-        let options = ClientOptions {
+        let mut options = ClientOptions {
             subprotocol: Subprotocol::Reliable,
             binding: Binding::Binary,
             timeout: WAIT_BOUND,
             reconnect: Some(RESUME_WINDOW),
             ..ClientOptions::default()
         };
+        self.login.apply(&mut options);
         // Within the resume window; after that, the forwarder's own backoff paces the retries.
-        let client = Client::connect(&self.owner.url, options).map_err(|error| format!("connecting: {error}"))?;
+        let client = Client::connect(&self.owner.url, options).map_err(|error| match error {
+            ClientError::Broker(refusal) if refusal.code == ErrorCode::Unauthenticated as u16 => format!(
+                "it refused this node's login ({} {}): give every node --cluster-login and --cluster-passcode of a \
+                 user or token the nodes accept",
+                refusal.code,
+                String::from_utf8_lossy(&refusal.reason)
+            ),
+            error => format!("connecting: {error}"),
+        })?;
         log!(Level::Info, "forwarding to cluster node \"{}\" ({}): session open", self.owner.name, self.owner.url;
             node = self.owner.name);
         self.client = Some(client);

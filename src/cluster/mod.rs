@@ -24,10 +24,11 @@ pub mod control;
 pub mod forward;
 pub mod view;
 
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 
 /// The settings of a cluster node, resolved from the configuration ([`ClusterSettings::from_config`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +46,34 @@ pub struct ClusterSettings {
     /// `--durable-address` patterns: a durable address keeps its owner when the owner dies.
     pub durable_patterns: Vec<String>,
     pub shards: usize,
+}
+
+/// How this node's forwarders open their sessions to the other nodes: the credentials of
+/// `--cluster-login` and `--cluster-passcode` (a user and its password, or an empty login and a
+/// bearer token; both absent: anonymous) and the CA file of `--cluster-ca-file` for `wss://`
+/// nodes. The passcode is a [`Secret`]: it is sent in the OPEN frame, never logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerLogin {
+    pub login: String,
+    pub passcode: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl PeerLogin {
+    pub fn from_config(config: &Config) -> PeerLogin {
+        PeerLogin {
+            login: config.cluster_login.clone().unwrap_or_default(),
+            passcode: config.cluster_passcode.clone(),
+            ca_file: config.cluster_ca_file.clone(),
+        }
+    }
+
+    /// Puts these credentials and this CA file into a client's options.
+    pub fn apply(&self, options: &mut mbws_client::ClientOptions) {
+        options.login = self.login.clone();
+        options.passcode = self.passcode.as_ref().map(|secret| secret.expose().to_string()).unwrap_or_default();
+        options.ca_file = self.ca_file.clone();
+    }
 }
 
 /// Characters allowed in a cluster or node name (they are etcd key segments).
@@ -117,6 +146,9 @@ pub fn validate(config: &Config) -> Result<(), String> {
             ("--etcd", !config.etcd_endpoints.is_empty()),
             ("--node-name", config.node_name.is_some()),
             ("--advertise-url", config.advertise_url.is_some()),
+            ("--cluster-login", config.cluster_login.is_some()),
+            ("--cluster-passcode", config.cluster_passcode.is_some()),
+            ("--cluster-ca-file", config.cluster_ca_file.is_some()),
         ] {
             if given {
                 return Err(format!(
@@ -155,6 +187,38 @@ pub fn validate(config: &Config) -> Result<(), String> {
             ));
         }
     }
+    validate_peer_login(config)
+}
+
+/// Checks `--cluster-login`, `--cluster-passcode` and `--cluster-ca-file` (never showing the
+/// passcode).
+fn validate_peer_login(config: &Config) -> Result<(), String> {
+    if let Some(login) = &config.cluster_login {
+        if login.is_empty() {
+            return Err("--cluster-login is empty: give the user name the nodes know, or leave it out (a \
+                        --cluster-passcode alone is sent as a bearer token)"
+                .into());
+        }
+        if config.cluster_passcode.is_none() {
+            return Err(format!(
+                "--cluster-login \"{login}\" is given without --cluster-passcode: give the user's password \
+                 (MBWS_CLUSTER_PASSCODE or cluster-passcode in the configuration file)"
+            ));
+        }
+    }
+    if let Some(passcode) = &config.cluster_passcode {
+        if passcode.expose() == crate::config::file::REDACTED || passcode.expose().is_empty() {
+            return Err(format!(
+                "--cluster-passcode is empty or \"{}\" (what --print-config prints in place of a secret): put \
+                 the password or token itself there",
+                crate::config::file::REDACTED
+            ));
+        }
+    }
+    if let Some(ca_file) = &config.cluster_ca_file {
+        mbws_client::tls_client_config(Some(ca_file))
+            .map_err(|error| format!("--cluster-ca-file {}: {error}", ca_file.display()))?;
+    }
     Ok(())
 }
 
@@ -191,6 +255,29 @@ mod tests {
         assert_eq!(validate(&config), Ok(()));
         config.etcd_endpoints = vec!["127.0.0.1:2379".into()];
         assert!(validate(&config).unwrap_err().contains("http://HOST:PORT"));
+    }
+
+    #[test]
+    fn peer_credentials_are_checked_without_showing_the_passcode() {
+        let mut config = Config {
+            cluster: Some("prod".into()),
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            cluster_login: Some("node".into()),
+            ..Config::default()
+        };
+        assert!(validate(&config).unwrap_err().contains("without --cluster-passcode"));
+        config.cluster_passcode = Some(Secret::new("s3cret-pass"));
+        assert_eq!(validate(&config), Ok(()));
+        let login = PeerLogin::from_config(&config);
+        assert!(!format!("{login:?}").contains("s3cret-pass"), "{login:?}");
+        config.cluster_ca_file = Some("/nonexistent/ca.pem".into());
+        let error = validate(&config).unwrap_err();
+        assert!(error.contains("--cluster-ca-file /nonexistent/ca.pem") && !error.contains("s3cret-pass"), "{error}");
+        config.cluster = None;
+        config.etcd_endpoints.clear();
+        config.cluster_ca_file = None;
+        config.cluster_login = None;
+        assert!(validate(&config).unwrap_err().contains("--cluster-passcode is given without --cluster"));
     }
 
     #[test]

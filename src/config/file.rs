@@ -76,6 +76,9 @@ pub struct ConfigFile {
     pub node_name: Option<String>,
     pub advertise_url: Option<String>,
     pub cluster_lease_ms: Option<u64>,
+    pub cluster_login: Option<String>,
+    pub cluster_passcode: Option<Secret>,
+    pub cluster_ca_file: Option<PathBuf>,
     // Sections come after the top-level keys (TOML puts a table's keys after its header), each
     // `deny_unknown_fields`, secrets as `Secret`.
     pub auth: Option<AuthSection>,
@@ -445,6 +448,15 @@ impl ConfigFile {
         if let Some(value) = number("--cluster-lease-ms", self.cluster_lease_ms)? {
             config.cluster_lease_ms = value;
         }
+        if let Some(login) = &self.cluster_login {
+            config.cluster_login = Some(login.clone());
+        }
+        if let Some(passcode) = &self.cluster_passcode {
+            config.cluster_passcode = Some(passcode.clone());
+        }
+        if let Some(ca_file) = &self.cluster_ca_file {
+            config.cluster_ca_file = Some(ca_file.clone());
+        }
         if let Some(section) = &self.auth {
             let file = origins.file().map_or_else(|| "the configuration".into(), |file| file.display().to_string());
             let auth = crate::auth::Auth::from_section(section).map_err(|error| format!("{file}: {error}"))?;
@@ -511,6 +523,9 @@ impl ConfigFile {
             node_name: config.node_name.clone(),
             advertise_url: config.advertise_url.clone(),
             cluster_lease_ms: Some(config.cluster_lease_ms),
+            cluster_login: config.cluster_login.clone(),
+            cluster_passcode: config.cluster_passcode.clone(),
+            cluster_ca_file: config.cluster_ca_file.clone(),
             auth: Some(AuthSection {
                 allow_anonymous: Some(config.allow_anonymous),
                 allow_anonymous_remote: Some(config.allow_anonymous_remote),
@@ -528,6 +543,9 @@ impl ConfigFile {
             cluster: Some("any".into()),
             node_name: Some("any".into()),
             advertise_url: Some("ws://any/".into()),
+            cluster_login: Some("any".into()),
+            cluster_passcode: Some(Secret::new("any")),
+            cluster_ca_file: Some("ca.pem".into()),
             tls: Some(crate::tls::TlsFiles { cert: "cert.pem".into(), key: "key.pem".into() }),
             ..Config::default()
         };

@@ -210,10 +210,10 @@ impl Shard {
     ) -> Shard {
         let shard_count = post_office.shard_count();
         let core = ShardCore::new(id, shard_count, &config);
-        let forwarders = config
-            .cluster
-            .is_some()
-            .then(|| RefCell::new((crate::cluster::forward::Forwarders::new(id, post_office.clone()), Vec::new())));
+        let forwarders = config.cluster.is_some().then(|| {
+            let login = Arc::new(crate::cluster::PeerLogin::from_config(&config));
+            RefCell::new((crate::cluster::forward::Forwarders::new(id, post_office.clone(), login), Vec::new()))
+        });
         Shard {
             id,
             config,

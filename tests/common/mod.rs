@@ -92,9 +92,13 @@ impl Broker {
             let mut port_tx = Some(port_tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split(" listening on ").nth(1) {
+                // The start-up line has the bound address; a warning about the configured one
+                // (`listening on 10.0.0.1:0 beyond loopback ...`) has port 0.
+                let bound = line.split(" listening on ").nth(1).and_then(|rest| {
+                    rest.split_whitespace().next()?.parse::<SocketAddr>().ok().filter(|addr| addr.port() != 0)
+                });
+                if let Some(addr) = bound {
                     if let Some(tx) = port_tx.take() {
-                        let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
                         let _ = tx.send(addr);
                     }
                 }

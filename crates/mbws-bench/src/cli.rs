@@ -138,9 +138,20 @@ pub struct CommonArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 1.0)]
     pub warmup_s: f64,
-    /// Broker process: CPU seconds from /proc/PID/stat, RSS from /proc/PID/status.
+    /// Broker process: CPU seconds from /proc/PID/stat, RSS from /proc/PID/status. Repeatable
+    /// or comma-separated for a cluster: the CPU is summed over every process given, the RSS
+    /// is the first one's.
+    #[arg(long, value_delimiter = ',')]
+    pub broker_pid: Vec<u32>,
+    /// Consumers connect here instead of to --url (another node of a cluster: the publisher on
+    /// one node, the consumer on another); the same scheme rules and --ca-file as --url.
     #[arg(long)]
-    pub broker_pid: Option<u32>,
+    pub consumer_url: Option<String>,
+    /// Makes the run's address names and client ids (`bench-ID-0` for mbws) [default: this
+    /// process's id and the time]; a cluster benchmark places `bench-ID-0` on a node first.
+    /// 1 to 32 of A-Z a-z 0-9 -.
+    #[arg(long)]
+    pub run_id: Option<String>,
     /// Also write the result as a JSON object to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -202,6 +213,36 @@ pub enum AckArg {
     Auto,
 }
 
+/// Where a connection goes: the socket address, the upgrade's `Host` header and path, and how
+/// to start TLS (`wss://`).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+    pub tls: Option<TlsTarget>,
+}
+
+impl Endpoint {
+    /// `url` (the flag `flag`) checked for `common`'s target and CA file.
+    fn parse(flag: &str, url: &str, common: &CommonArgs) -> Result<Endpoint, BenchError> {
+        let (addr, parsed) = mbws_client::parse_url(url).map_err(|error| usage(format!("{flag}: {error}")))?;
+        let tls = if parsed.tls {
+            if common.target == TargetKind::Relay {
+                return Err(usage(format!("{flag} {url}: the relay speaks no TLS; give HOST:PORT")));
+            }
+            let config = mbws_client::tls_client_config(common.ca_file.as_deref())
+                .map_err(|error| usage(format!("--ca-file: {error}")))?;
+            let name = mbws_client::tls_server_name(&parsed).map_err(|error| usage(format!("{flag}: {error}")))?;
+            Some(TlsTarget { config, name })
+        } else {
+            None
+        };
+        let mbws_client::BrokerUrl { host, path, .. } = parsed;
+        Ok(Endpoint { addr, host, path, tls })
+    }
+}
+
 /// A validated scenario.
 #[derive(Debug, Clone)]
 pub enum Scenario {
@@ -237,7 +278,11 @@ pub struct Plan {
     pub size: usize,
     pub duration: Duration,
     pub warmup: Duration,
+    /// The first `--broker-pid` (its RSS is reported), and all of them (their CPU is summed).
     pub broker_pid: Option<u32>,
+    pub broker_pids: Vec<u32>,
+    /// `--consumer-url`: where consumers connect, when not to `url`.
+    pub consumer_endpoint: Option<Endpoint>,
     pub json: Option<PathBuf>,
     pub light: bool,
     pub qos: u8,
@@ -284,22 +329,19 @@ impl Plan {
     }
 
     fn with_common(common: CommonArgs, scenario: Scenario) -> Result<Plan, BenchError> {
-        let (addr, url) = mbws_client::parse_url(&common.url).map_err(|error| usage(format!("--url: {error}")))?;
-        let tls = if url.tls {
-            if common.target == TargetKind::Relay {
-                return Err(usage(format!("--url {}: the relay speaks no TLS; give HOST:PORT", common.url)));
+        let Endpoint { addr, host, path, tls } = Endpoint::parse("--url", &common.url, &common)?;
+        if tls.is_none() && common.ca_file.is_some() {
+            eprintln!("mbws-bench: note: --ca-file only applies to wss:// URLs; ignored");
+        }
+        if let Some(id) = &common.run_id {
+            if id.is_empty() || id.len() > 32 || !id.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-') {
+                return Err(usage(format!("--run-id \"{id}\": give 1 to 32 of A-Z a-z 0-9 -")));
             }
-            let config = mbws_client::tls_client_config(common.ca_file.as_deref())
-                .map_err(|error| usage(format!("--ca-file: {error}")))?;
-            let name = mbws_client::tls_server_name(&url).map_err(|error| usage(format!("--url: {error}")))?;
-            Some(TlsTarget { config, name })
-        } else {
-            if common.ca_file.is_some() {
-                eprintln!("mbws-bench: note: --ca-file only applies to wss:// URLs; ignored");
-            }
-            None
+        }
+        let consumer_endpoint = match &common.consumer_url {
+            Some(url) => Some(Endpoint::parse("--consumer-url", url, &common)?),
+            None => None,
         };
-        let mbws_client::BrokerUrl { host, path, .. } = url;
         if common.size < STAMP_BYTES || common.size > MAX_SIZE_BYTES {
             return Err(usage(format!(
                 "--size {}: give {STAMP_BYTES} to {MAX_SIZE_BYTES} bytes (the first {STAMP_BYTES} carry the send time)",
@@ -359,7 +401,9 @@ impl Plan {
             size: common.size,
             duration,
             warmup,
-            broker_pid: common.broker_pid,
+            broker_pid: common.broker_pid.first().copied(),
+            broker_pids: common.broker_pid.clone(),
+            consumer_endpoint,
             json: common.json.clone(),
             light: common.light && common.target == TargetKind::Mbws,
             qos: if common.target == TargetKind::Mqtt { common.qos } else { 0 },

@@ -192,7 +192,8 @@ pub struct Bench {
     pub run: Rc<Run>,
     pub publishers: Vec<Rc<Publisher>>,
     consumers: Vec<Consumer>,
-    broker_pid: Option<u32>,
+    /// Every broker process of the target (a cluster has several): their CPU is summed.
+    broker_pids: Vec<u32>,
 }
 
 /// Which addresses consumer `consumer` of `consumers` takes, out of `addresses`: consumer j
@@ -243,7 +244,7 @@ impl Bench {
                 .map_err(|error| failed(format!("publisher {index}: {error}")))?;
             publishers.push(start_publisher(&run, index, session, wake, shape.durable, plan.window));
         }
-        Ok(Bench { run, publishers, consumers, broker_pid: plan.broker_pid })
+        Ok(Bench { run, publishers, consumers, broker_pids: plan.broker_pids.clone() })
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -270,7 +271,10 @@ impl Bench {
     }
 
     pub fn snapshot(&self) -> Result<Snapshot, BenchError> {
-        let broker_cpu_seconds = self.broker_pid.map(procfs::cpu_seconds).transpose()?;
+        let broker_cpu_seconds = match self.broker_pids.as_slice() {
+            [] => None,
+            pids => Some(pids.iter().map(|&pid| procfs::cpu_seconds(pid)).sum::<Result<f64, _>>()?),
+        };
         Ok(Snapshot {
             at_ns: now_ns(),
             delivered: self.run.delivered.get(),

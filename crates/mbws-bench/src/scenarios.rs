@@ -75,10 +75,13 @@ pub fn run(plan: &Plan) -> Result<Report, BenchError> {
 }
 
 async fn run_scenario(plan: &Plan) -> Result<Report, BenchError> {
-    if let Some(pid) = plan.broker_pid {
+    for &pid in &plan.broker_pids {
         procfs::cpu_seconds(pid)?;
     }
-    let run_id = format!("{}-{}", std::process::id(), now_ns() / 1_000_000 % 1_000_000);
+    let run_id = match &plan.common.run_id {
+        Some(id) => id.clone(),
+        None => format!("{}-{}", std::process::id(), now_ns() / 1_000_000 % 1_000_000),
+    };
     let config = TargetConfig::new(plan, run_id);
     let (results, rows) = match &plan.scenario {
         Scenario::Throughput { publishers, consumers, addresses } => {
@@ -632,6 +635,8 @@ fn params(plan: &Plan) -> Json {
         ("duration_s", Json::num(Some(common.duration_s))),
         ("warmup_s", Json::num(Some(common.warmup_s))),
         ("broker_pid", plan.broker_pid.map_or(Json::Null, |pid| Json::Int(u64::from(pid)))),
+        ("broker_pids", Json::str(plan.broker_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))),
+        ("consumer_url", plan.common.consumer_url.clone().map_or(Json::Null, Json::str)),
         ("light", Json::Bool(plan.light)),
         ("qos", Json::Int(u64::from(plan.qos))),
         ("window", Json::Int(plan.window)),

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 
-use super::cli::TlsTarget;
+use super::cli::{Endpoint, TlsTarget};
 use super::cli::{Plan, TargetKind};
 use super::net;
 use super::stream::Stream;
@@ -67,6 +67,8 @@ pub struct TargetConfig {
     pub run_id: String,
     /// `wss://`: TLS over each connection.
     pub tls: Option<TlsTarget>,
+    /// Where consumers connect when not to `addr` (`--consumer-url`: another node of a cluster).
+    pub consumer_endpoint: Option<Endpoint>,
 }
 
 impl TargetConfig {
@@ -83,6 +85,7 @@ impl TargetConfig {
             auto_ack: plan.auto_ack,
             run_id,
             tls: plan.tls.clone(),
+            consumer_endpoint: plan.consumer_endpoint.clone(),
         }
     }
 
@@ -276,6 +279,22 @@ pub async fn open(
     index: usize,
     source: Option<Ipv4Addr>,
 ) -> Result<Session, String> {
+    // A consumer of a cluster run goes to its own node: the same run, another endpoint.
+    let consumer_config;
+    let config = match (role, &config.consumer_endpoint) {
+        (Role::Consumer { .. }, Some(Endpoint { addr, host, path, tls })) => {
+            consumer_config = TargetConfig {
+                addr: *addr,
+                host: host.clone(),
+                path: path.clone(),
+                tls: tls.clone(),
+                consumer_endpoint: None,
+                ..config.clone()
+            };
+            &consumer_config
+        }
+        _ => config,
+    };
     let stream = connect_with_retries(config.addr, source).await.map_err(|error| match source {
         Some(source) => format!("cannot connect from {source} ({CONNECT_ATTEMPTS} attempts): {error}"),
         None => format!("cannot connect ({CONNECT_ATTEMPTS} attempts): {error}"),
