@@ -81,14 +81,27 @@ fn delete(admin: SocketAddr, path: &str) -> Answer {
     http(admin, "DELETE", path, &[], "")
 }
 
+/// A password login. The client waits longer than the broker's own bound on a password check
+/// (`auth::verifier::VERIFY_TIMEOUT`, 10 s), so that the broker's answer always comes first:
+/// on a loaded machine the check (argon2, at the lowest priority) may take that long, and the
+/// broker then says 4429, retry later, which this does a few times. (With equal bounds, the
+/// client gave up first now and then, before any answer.)
 fn login(broker: &Broker, user: &str, password: &str) -> Result<mbws_client::Client, mbws_client::ClientError> {
+    const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
     let options = mbws_client::ClientOptions {
-        timeout: WAIT,
+        timeout: VERIFY_TIMEOUT + WAIT,
         login: user.into(),
         passcode: password.into(),
         ..Default::default()
     };
-    mbws_client::Client::connect(&broker.url(), options)
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match mbws_client::Client::connect(&broker.url(), options.clone()) {
+            Err(mbws_client::ClientError::Broker(error)) if error.code == 4429 && attempts < 3 => continue,
+            answer => return answer,
+        }
+    }
 }
 
 /// The code of the fatal ERROR that refuses `user`'s login.

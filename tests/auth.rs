@@ -374,26 +374,61 @@ fn password_checks_run_beside_the_shards_not_on_a_shards_core() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let broker = Broker::try_spawn(command).unwrap_or_else(|(status, log)| panic!("exited {status}: {log:#?}"));
-    mbws_client::Client::connect(&broker.url(), options("alice", PASSWORD)).expect("alice opens");
-    let pid = broker.pid();
-    let mut shard = None;
-    let mut verifiers = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let tid = task.unwrap().file_name().into_string().unwrap();
-        let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
-        if name.starts_with("mbws-shard-0") {
-            shard = Some(thread_placement(pid, &tid));
-        } else if name.starts_with("mbws-verify-") {
-            verifiers.push(thread_placement(pid, &tid));
+    // The check runs at the lowest priority: on a machine busy with other work it may take up
+    // to the broker's own bound (VERIFY_TIMEOUT, 10 s), after which the broker answers 4429,
+    // retry later. The client waits longer than that, so that the broker's answer comes first.
+    let patient =
+        mbws_client::ClientOptions { timeout: Duration::from_secs(10) + IO_TIMEOUT, ..options("alice", PASSWORD) };
+    let mut attempts = 0;
+    let _alice = loop {
+        attempts += 1;
+        match mbws_client::Client::connect(&broker.url(), patient.clone()) {
+            Err(mbws_client::ClientError::Broker(error)) if error.code == 4429 && attempts < 3 => continue,
+            opened => break opened.expect("alice opens"),
         }
-    }
-    let (process_cpus, _, _) = thread_placement(pid, &pid.to_string());
-    let (shard_cpus, shard_nice, shard_policy) = shard.expect("a thread named mbws-shard-0");
-    assert_eq!((shard_nice, shard_policy), (0, 0), "shards run at normal priority (SCHED_OTHER)");
+    };
+    let pid = broker.pid();
+    // The main thread's nice value is the process's (the test may run under `nice`).
+    let (process_cpus, process_nice, _) = thread_placement(pid, &pid.to_string());
+    let verifier_nice = (process_nice + 10).min(19);
+    // A verification thread names itself and takes its placement when it first runs, which on
+    // a loaded machine may be a while after the first check (done by the other thread): until
+    // then it carries its creator's name and placement. Read until both have (bounded); the
+    // placement they then have is what is asserted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (shard, verifiers) = loop {
+        let mut shard = None;
+        let mut verifiers = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let tid = task.unwrap().file_name().into_string().unwrap();
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+            if name.starts_with("mbws-shard-0") {
+                shard.get_or_insert_with(Vec::new).push(thread_placement(pid, &tid));
+            } else if name.starts_with("mbws-verify-") {
+                verifiers.push(thread_placement(pid, &tid));
+            }
+        }
+        // Started: named, and past their first step (the placement, asserted below).
+        let started = verifiers.len() == 2
+            && verifiers.iter().all(|(_, _, policy)| *policy != 0)
+            && shard.as_ref().is_some_and(|shard| shard.len() == 1);
+        if started || Instant::now() >= deadline {
+            break (shard, verifiers);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let shard = shard.expect("a thread named mbws-shard-0");
+    assert_eq!(shard.len(), 1, "one thread named mbws-shard-0 (a verifier not started yet bears its name)");
+    let (shard_cpus, shard_nice, shard_policy) = shard[0].clone();
+    assert_eq!((shard_nice, shard_policy), (process_nice, 0), "shards run at the process's priority (SCHED_OTHER)");
     assert_eq!(verifiers.len(), 2, "two verification threads once a password was checked");
     for (cpus, nice, policy) in verifiers {
         assert_eq!(cpus, process_cpus, "a verifier may run on every CPU of the process (the shard has {shard_cpus})");
-        assert_eq!((nice, policy), (10, 5), "verifiers yield to the shards: nice 10, SCHED_IDLE");
+        assert_eq!(
+            (nice, policy),
+            (verifier_nice, 5),
+            "verifiers yield to the shards: nice 10 more than the process's ({process_nice}), SCHED_IDLE"
+        );
     }
     drop(broker);
     let _ = std::fs::remove_dir_all(dir);
@@ -502,7 +537,11 @@ fn unix_now() -> u64 {
 
 /// Claims that may send to `orders.*` and consume `invoices`, expiring `in_secs` from now.
 fn claims(in_secs: i64) -> String {
-    let exp = unix_now() as i64 + in_secs;
+    claims_expiring_at(unix_now() as i64 + in_secs)
+}
+
+/// Claims like [`claims`], expiring at `exp` (Unix seconds).
+fn claims_expiring_at(exp: i64) -> String {
     format!(r#"{{"sub":"web-user-7","exp":{exp},"mbws":{{"send":["orders.*"],"consume":["invoices"]}}}}"#)
 }
 
@@ -631,9 +670,10 @@ fn jwt_expired_forged_unsigned_and_wrong_algorithm_or_issuer_are_refused_with_44
 #[test]
 fn a_jwt_that_expires_during_the_session_ends_it_with_4401_token_expired() {
     let (broker, dir) = start(&format!("[auth.jwt]\nhs256-secret = \"{JWT_SECRET}\"\nleeway-secs = 0\n"), &[]);
-    // exp is in whole seconds: 2 s from now is 1 to 2 s away.
-    let token = jwt(&Signer::Hs256(JWT_SECRET), &claims(2));
-    let opened_at = Instant::now();
+    // exp is in whole seconds: 3 s from now is 2 to 3 s away, time enough to sign the token
+    // (with openssl) and open before it expires, on a loaded machine too.
+    let exp = unix_now() as i64 + 3;
+    let token = jwt(&Signer::Hs256(JWT_SECRET), &claims_expiring_at(exp));
     let mut peer = Peer::opened(&broker, "/", &[], binary_open_with("", &token));
     assert_eq!(peer.send_to(1, "orders.eu"), Reply::Receipt { seq: 1 }, "valid until its exp");
     // The broker ends the session on its own: the next frame is the fatal ERROR (the read is
@@ -642,10 +682,14 @@ fn a_jwt_that_expires_during_the_session_ends_it_with_4401_token_expired() {
         Reply::Error { code: 4401, fatal: true, reason, .. } => assert!(reason.contains("token expired"), "{reason}"),
         other => panic!("expected fatal 4401 when the token expired, got {other:?}"),
     }
-    let ended_after = opened_at.elapsed();
+    // Measured against the exp itself (the same wall clock as the broker's), not against a
+    // moment of the test's: signing and opening take a varying part of the token's life.
+    let ended_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let after_exp_ms = ended_at_ms - exp * 1000;
+    // 100 ms: the broker turns the exp into a time on its monotonic clock (two clock reads).
     assert!(
-        ended_after >= Duration::from_millis(900) && ended_after < Duration::from_secs(4),
-        "ended {ended_after:?} after OPEN, for a token that expired 1 to 2 s after it"
+        (-100..3000).contains(&after_exp_ms),
+        "ended {after_exp_ms} ms after the token's exp: it must end at its exp, not before, and promptly"
     );
     match peer.socket.read() {
         Ok(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 4401),

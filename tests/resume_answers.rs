@@ -9,173 +9,17 @@
 #[path = "support/chaos_proxy.rs"]
 mod chaos_proxy;
 mod common;
+#[path = "support/ws_peer.rs"]
+mod ws_peer;
 
-use std::net::TcpStream;
-use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chaos_proxy::{ChaosProxy, Schedule};
 use common::Broker;
-use mbws::mbws::{self as proto, AckMode, Binding, CodecLimits, DeliveryMode, Frame, PROTOCOL_VERSION};
+use mbws::mbws::{self as proto, AckMode, Binding, Frame};
 use mbws_client::{Client, ClientError, ClientOptions};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::{Message, WebSocket};
-
-/// Every read on a test socket gives up after this long.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-const RELIABLE: &str = "MBWS.huawei.com";
-
-/// One MBWS connection through tungstenite, sending in `binding`.
-struct Peer {
-    socket: WebSocket<TcpStream>,
-    binding: Binding,
-}
-
-/// What the broker sent: an MBWS frame (with its binding) or the WebSocket close.
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)] // One at a time, matched by value: boxing buys nothing here.
-enum Received {
-    Frame(Binding, Frame),
-    Closed(u16),
-}
-
-impl Peer {
-    fn connect(broker: &Broker, binding: Binding) -> Peer {
-        Peer::connect_stream(broker, TcpStream::connect(broker.addr).expect("connect to the broker"), binding)
-    }
-
-    /// Connects with a receive buffer of about `receive_buffer_bytes`, set before the SYN so
-    /// that the window stays that small: the broker's writes to this peer block soon.
-    fn connect_small_window(broker: &Broker, binding: Binding, receive_buffer_bytes: i32) -> Peer {
-        let std::net::SocketAddr::V4(addr) = broker.addr else { panic!("the test broker listens on IPv4") };
-        // SAFETY: socket(2) touches no memory of ours; the result is checked below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-        assert!(fd >= 0, "socket() failed");
-        // SAFETY: `fd` is a fresh descriptor nothing else owns; the stream closes it on every
-        // path from here on, a failed assertion included.
-        let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        let size = receive_buffer_bytes;
-        // SAFETY: `fd` is open (owned by `stream`); the option points at the live `size` and
-        // its exact length is passed.
-        let set = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const i32).cast(),
-                std::mem::size_of::<i32>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(set, 0, "setsockopt(SO_RCVBUF) failed");
-        let sockaddr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: addr.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: `fd` is open (owned by `stream`); the address points at the live `sockaddr`
-        // and its exact length is passed.
-        let connected = unsafe {
-            libc::connect(
-                fd,
-                (&sockaddr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(connected, 0, "connect() to {addr} failed");
-        Peer::connect_stream(broker, stream, binding)
-    }
-
-    fn connect_stream(broker: &Broker, stream: TcpStream, binding: Binding) -> Peer {
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        let mut request = broker.url().into_client_request().unwrap();
-        request.headers_mut().insert("Sec-WebSocket-Protocol", RELIABLE.parse().unwrap());
-        let (socket, response) = tungstenite::client(request, stream).expect("WebSocket upgrade");
-        assert_eq!(response.status(), 101);
-        Peer { socket, binding }
-    }
-
-    fn send(&mut self, frame: &Frame) {
-        let payload = proto::encode(self.binding, frame);
-        let message = match self.binding {
-            Binding::Binary => Message::Binary(payload.freeze()),
-            Binding::Text => Message::Text(String::from_utf8(payload.to_vec()).unwrap().into()),
-        };
-        self.socket.send(message).expect("send to the broker");
-    }
-
-    /// OPEN (a new session when `session_id` is empty, else a resume); returns OPENED.
-    fn open(&mut self, session_id: &Bytes, last_received_seq: u64, heartbeat_ms: u32) -> proto::Opened {
-        self.send(&Frame::Open(proto::Open {
-            version: PROTOCOL_VERSION,
-            session_id: session_id.clone(),
-            last_received_seq,
-            heartbeat_ms,
-            ..Default::default()
-        }));
-        match self.next() {
-            Received::Frame(_, Frame::Opened(opened)) => opened,
-            other => panic!("expected OPENED, got {other:?}"),
-        }
-    }
-
-    fn subscribe(&mut self, subscription_id: u32, address: &str, ack_mode: AckMode, credit: u32) {
-        self.send(&Frame::Subscribe(proto::Subscribe {
-            subscription_id,
-            address: Bytes::copy_from_slice(address.as_bytes()),
-            mode: DeliveryMode::Anycast,
-            ack_mode,
-            credit,
-        }));
-        match self.next() {
-            Received::Frame(_, Frame::Subscribed(_)) => {}
-            other => panic!("expected SUBSCRIBED, got {other:?}"),
-        }
-    }
-
-    fn send_message(&mut self, seq: u64, address: &str, body: &'static str) {
-        self.send(&Frame::Send(proto::Send {
-            seq,
-            address: Bytes::copy_from_slice(address.as_bytes()),
-            body: Bytes::from_static(body.as_bytes()),
-            ..Default::default()
-        }));
-    }
-
-    /// The next MBWS frame or the close; a read that times out fails the test.
-    fn next(&mut self) -> Received {
-        loop {
-            let (binding, payload) = match self.socket.read() {
-                Ok(Message::Binary(payload)) => (Binding::Binary, payload),
-                Ok(Message::Text(text)) => (Binding::Text, Bytes::copy_from_slice(text.as_bytes())),
-                Ok(Message::Close(frame)) => return Received::Closed(frame.map_or(1005, |f| u16::from(f.code))),
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(error))
-                    if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-                {
-                    panic!("nothing from the broker within {IO_TIMEOUT:?}")
-                }
-                Err(error) => panic!("read from the broker failed: {error}"),
-            };
-            let frame =
-                proto::decode(binding, payload, &CodecLimits::default()).expect("the broker sends valid MBWS frames");
-            return Received::Frame(binding, frame);
-        }
-    }
-
-    /// The next MESSAGE, skipping other frames.
-    fn next_delivery(&mut self) -> proto::Message {
-        loop {
-            match self.next() {
-                Received::Frame(_, Frame::Message(message)) => return message,
-                Received::Frame(..) => continue,
-                Received::Closed(code) => panic!("closed with {code} while waiting for a MESSAGE"),
-            }
-        }
-    }
-}
+use ws_peer::{Peer, Received};
 
 fn publisher(broker: &Broker) -> Client {
     let options = ClientOptions { max_message_bytes: 64 << 20, ..ClientOptions::default() };
@@ -312,12 +156,19 @@ fn deliveries_dropped_by_the_close_grace(ack_mode: AckMode) {
     // Delivery 2 is queued behind it.
     let seq = publisher.send("big", Bytes::from(vec![b'2'; BIG])).unwrap();
     publisher.wait_receipt(seq).unwrap();
-    // The peer closes the WebSocket (no MBWS CLOSE: the session stays resumable), takes
-    // delivery 1, and stalls: delivery 2 and the close frame behind it cannot be written, and
-    // the close grace drops them.
-    consumer.socket.close(None).expect("send the close frame");
+    // Both are in the consumer's write queue (a RECEIPT does not say so: the first messages
+    // after a start wait for the durable id reservation; when that fsync was slow, the close
+    // below came first, and the broker's close frame reached the consumer before delivery 1).
+    ws_peer::wait_for_deliveries(&broker, "blocker", 1);
+    ws_peer::wait_for_deliveries(&broker, "big", 1);
+    // The peer takes delivery 1, stalls (delivery 2 cannot be written), and closes the
+    // WebSocket (no MBWS CLOSE: the session stays resumable): closing began with the write of
+    // delivery 2 in flight or about to be, and the close grace drops it and the close frame.
+    // Delivery 1 is taken before the close: the grace bounds every write from the close on,
+    // and reading 8 MiB through a small window may take longer than that on a loaded machine.
     let first = consumer.next_delivery();
     assert_eq!((first.subscription_id, first.delivery_seq, first.body.len()), (1, 1, BIG));
+    consumer.socket.close(None).expect("send the close frame");
     broker
         .wait_for_log("close grace ran out", Duration::from_secs(10))
         .expect("the broker's write to the stalled peer timed out");

@@ -37,8 +37,9 @@ use crate::mbws::ErrorCode;
 pub const VERIFY_THREADS: usize = 2;
 /// Password checks waiting for a verification thread, in the whole broker.
 pub const MAX_QUEUED_VERIFICATIONS: usize = 256;
-/// The verification threads' nice value: a shard (nice 0) preempts them when both want a core,
-/// so other clients keep their latency while logins wait a little longer.
+/// The verification threads' nice value, added to the process's (at most 19): a shard preempts
+/// them when both want a core, so other clients keep their latency while logins wait a little
+/// longer.
 pub const VERIFY_NICE: libc::c_int = 10;
 /// Longest wait for a verification (queued and run).
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,7 +74,7 @@ fn queue() -> &'static Sender<Job> {
 }
 
 /// Gives the calling thread the CPU set of the process's main thread (which no shard pins) and
-/// the nice value [`VERIFY_NICE`]. Best effort: a failure leaves the thread as it was, which is
+/// [`VERIFY_NICE`] more than the process's nice value. Best effort: a failure leaves the thread as it was, which is
 /// correct, only less fair to the shards.
 fn leave_the_shards_cores() {
     const SET_BYTES: usize = std::mem::size_of::<libc::cpu_set_t>();
@@ -88,9 +89,13 @@ fn leave_the_shards_cores() {
     }
     // SAFETY: gettid has no preconditions.
     let thread = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    // SAFETY: a plain syscall on the calling thread (on Linux a nice value is per thread: the
-    // `who` of PRIO_PROCESS is a thread id).
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, thread, VERIFY_NICE) };
+    // Relative to the nice value the thread inherited (the process's): a broker started under
+    // `nice` keeps its verifications below its shards, rather than above them at nice 10.
+    // SAFETY: plain syscalls on the calling thread (on Linux a nice value is per thread: the
+    // `who` of PRIO_PROCESS is a thread id). Neither can fail on the calling thread.
+    let inherited = unsafe { libc::getpriority(libc::PRIO_PROCESS, thread) };
+    // SAFETY: as above.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, thread, (inherited + VERIFY_NICE).min(19)) };
     // SCHED_IDLE: a verification runs only when no shard wants the core, and a shard that
     // wakes preempts it at once (a nice value alone still lets it finish a slice of
     // milliseconds first).

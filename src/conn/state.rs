@@ -65,10 +65,14 @@ impl std::fmt::Display for CloseReason {
 pub struct Wake {
     pub writer: bool,
     pub reader: bool,
+    /// The connection is closing (or its reader finished, or it was superseded): a writer in
+    /// the middle of a write is woken too, to bound that write by the close grace (the shell's
+    /// `write_loop`; a parked writer is woken by `writer`).
+    pub closing: bool,
 }
 
 impl Wake {
-    pub const ALL: Wake = Wake { writer: true, reader: true };
+    pub const ALL: Wake = Wake { writer: true, reader: true, closing: true };
 }
 
 /// Where the reader stands after the bytes it read were handled ([`ConnState::bytes_read`]).
@@ -184,7 +188,11 @@ impl ConnState {
     /// reader may go on.
     pub fn flush(&mut self) -> Wake {
         self.session.flush(&mut self.outbound);
-        Wake { writer: !self.outbound.is_empty(), reader: self.reader_may_continue() }
+        Wake {
+            writer: !self.outbound.is_empty(),
+            reader: self.reader_may_continue(),
+            closing: self.lifecycle.is_stopping(),
+        }
     }
 
     /// Queues a close frame and stops processing input. Wake both tasks.
@@ -529,7 +537,7 @@ mod tests {
         buf.extend_from_slice(&ping[3..]);
         assert_eq!(state.bytes_read(attachment, &mut decoder, &mut buf, 0, &mut commands), ReadStep::NeedMore);
         assert!(commands.is_empty(), "an OPEN routes nothing");
-        assert_eq!(state.flush(), Wake { writer: true, reader: true });
+        assert_eq!(state.flush(), Wake { writer: true, reader: true, closing: false });
         let out = written(&mut state, attachment);
         assert!(matches!(mbws_frame(&out[0]), Frame::Opened(_)), "{out:?}");
         assert_eq!(out[1], WsEvent::Pong(Bytes::from_static(b"are you there")));
@@ -578,7 +586,7 @@ mod tests {
         // The OPENED fills the queue past 16 bytes: the PING waits.
         assert_eq!(state.bytes_read(attachment, &mut decoder, &mut buf, 0, &mut commands), ReadStep::Paused);
         assert!(!buf.is_empty());
-        assert_eq!(state.flush(), Wake { writer: true, reader: false });
+        assert_eq!(state.flush(), Wake { writer: true, reader: false, closing: false });
         let NextWrite::Batch { batch, closing: false } = state.take_write_batch(attachment, WriteBatch::default())
         else {
             panic!("a batch");

@@ -863,6 +863,14 @@ async fn wait_for_peer_close<R: ReadSide>(reader: &mut R, decoder: &mut Decoder,
 /// done, or a newer connection took the slot over: then it ends this connection with the
 /// [`superseded_farewell`] in `binding` (the binding of this connection's OPEN), unless a close
 /// frame was already written.
+///
+/// Once the connection starts closing (a close frame queued, the reader finished, or the slot
+/// taken over), every write from then on, the one in flight included, must end by
+/// [`CLOSE_GRACE`] after it: a peer that stopped reading would otherwise hold the connection,
+/// its session and its unacknowledged deliveries forever. A write in flight learns that closing
+/// began through [`Wake::closing`] (its waker is registered once, for the writer's life), so
+/// the normal path pays one branch per batch; when the grace runs out, the batch is dropped
+/// and the connection is torn down ([`end_reading_now`]).
 async fn write_loop<W: WriteSide>(
     shard: Rc<Shard>,
     me: ConnRef,
@@ -875,14 +883,22 @@ async fn write_loop<W: WriteSide>(
     // A batch taken while closing holds the close frame (it is queued as closing begins).
     let mut close_taken = false;
     let mut failed = false;
+    let mut cut_short = false;
+    // When this writer's writes must be done by: set as closing begins.
+    let mut deadline: Option<monoio::time::Instant> = None;
+    // The writer's waker is registered for `Wake::closing` (at its first write that waits).
+    let mut watching = false;
     loop {
         let mut spare = Some(std::mem::take(&mut batch));
         let next = std::future::poll_fn(|cx| {
             let spare = spare.take().unwrap_or_default();
-            let next = shard.with_conn(me.conn, |state| (state.take_write_batch(attachment, spare), Wake::default()));
+            let next = shard.with_conn(me.conn, |state| {
+                let next = state.take_write_batch(attachment, spare);
+                ((next, state.lifecycle().is_stopping()), Wake::default())
+            });
             // No slot: the session ended under a newer attachment, which superseded this one.
-            match next.unwrap_or(NextWrite::Superseded) {
-                NextWrite::Wait => {
+            match next.unwrap_or((NextWrite::Superseded, true)) {
+                (NextWrite::Wait, _) => {
                     shard.park(me.conn, true, cx.waker());
                     Poll::Pending
                 }
@@ -891,12 +907,17 @@ async fn write_loop<W: WriteSide>(
         })
         .await;
         let (taken, closing) = match next {
-            NextWrite::Batch { batch, closing } => (batch, closing),
-            NextWrite::Superseded => {
+            (NextWrite::Batch { batch, closing }, stopping) => {
+                if (closing || stopping) && deadline.is_none() {
+                    deadline = Some(monoio::time::Instant::now() + CLOSE_GRACE);
+                }
+                (batch, closing)
+            }
+            (NextWrite::Superseded, _) => {
                 superseded = true;
                 break;
             }
-            NextWrite::Done | NextWrite::Wait => break,
+            (NextWrite::Done | NextWrite::Wait, _) => break,
         };
         batch = taken;
         close_taken |= closing;
@@ -904,12 +925,21 @@ async fn write_loop<W: WriteSide>(
         // write, or with a write the close grace cut short (which drops the batch). Taken out
         // first so that it survives the batch.
         let credits = std::mem::take(&mut batch.credits);
-        // Both boxed: the write (and its timer) is much larger than this loop's other state, and
-        // held inline it would size the task of every idle connection.
-        let written = if closing {
-            Box::pin(monoio::time::timeout(CLOSE_GRACE, writer.write_batch(batch))).await.ok()
-        } else {
-            Some(Box::pin(writer.write_batch(batch)).await)
+        // Boxed: the write (and its timer) is much larger than this loop's other state, and held
+        // inline it would size the task of every idle connection.
+        // The timers are boxed too, for the same reason (and they are only for closing).
+        let mut write = Box::pin(writer.write_batch(batch));
+        let written = match deadline {
+            Some(at) => Box::pin(monoio::time::timeout_at(at, write)).await.ok(),
+            None => match until_closing(&shard, me, attachment, write.as_mut(), &mut watching).await {
+                Some(written) => Some(written),
+                None => {
+                    // Closing began during the write: it may take the grace, no more.
+                    let at = monoio::time::Instant::now() + CLOSE_GRACE;
+                    deadline = Some(at);
+                    Box::pin(monoio::time::timeout_at(at, write)).await.ok()
+                }
+            },
         };
         let outcome = match written {
             Some((result, returned)) => {
@@ -939,6 +969,7 @@ async fn write_loop<W: WriteSide>(
                     shard.id.0,
                     me.conn.index
                 );
+                cut_short = true;
                 break;
             }
             Written::Superseded => {
@@ -951,16 +982,85 @@ async fn write_loop<W: WriteSide>(
     // its own writer, holds it).
     let current = shard.with_conn(me.conn, |state| (state.lifecycle().is_current(attachment), Wake::default()));
     if current == Some(true) {
+        if watching {
+            shard.watch_closing(me.conn, None);
+        }
         shard.set_writer_running(me.conn, false);
+    }
+    if cut_short {
+        // The grace is spent: nothing more is written (a TLS close_notify would wait on the
+        // same full socket), and a reader still waiting on the silent peer ends now.
+        if current == Some(true) {
+            end_reading_now(&shard, me, attachment);
+        }
+        return;
     }
     if superseded && !close_taken && !failed {
         if let Some(farewell) = superseded_farewell(binding) {
             let _ = Box::pin(monoio::time::timeout(CLOSE_GRACE, writer.write_batch(farewell))).await;
         }
     }
-    writer.shutdown().await;
+    // Bounded as the writes are (a TLS close_notify waits for room on the socket).
+    let until = deadline.unwrap_or_else(|| monoio::time::Instant::now() + CLOSE_GRACE);
+    let _ = Box::pin(monoio::time::timeout_at(until, writer.shutdown())).await;
     if close_taken && current == Some(true) {
         end_reading_after_grace(shard, me, attachment);
+    }
+}
+
+/// Awaits `write` until it is done (`Some`), or until the connection starts closing meanwhile
+/// (`None`: the write goes on under the close grace). The first time a write waits, the writer
+/// registers its waker for [`Wake::closing`] (`watching`); after that, only a poll that finds
+/// the write still waiting (a closing wake, or a partial write) looks at the connection.
+async fn until_closing<F: std::future::Future>(
+    shard: &Shard,
+    me: ConnRef,
+    attachment: Attachment,
+    mut write: std::pin::Pin<&mut F>,
+    watching: &mut bool,
+) -> Option<F::Output> {
+    let mut first = true;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(written) = write.as_mut().poll(cx) {
+            return Poll::Ready(Some(written));
+        }
+        // The first poll of a batch's write follows the take, which saw the connection's
+        // state (no await between): nothing to look at, unless the waker is not registered yet.
+        if !first || !*watching {
+            let closing = shard.with_conn(me.conn, |state| {
+                let lifecycle = state.lifecycle();
+                (!lifecycle.is_current(attachment) || lifecycle.is_stopping(), Wake::default())
+            });
+            if closing.unwrap_or(true) {
+                return Poll::Ready(None);
+            }
+            if !*watching {
+                // Only while this attachment is current: a superseded writer must not take the
+                // registration of its successor.
+                shard.watch_closing(me.conn, Some(cx.waker()));
+                *watching = true;
+            }
+        }
+        first = false;
+        Poll::Pending
+    })
+    .await
+}
+
+/// The close grace ran out on a write to this connection: its reader, if it still waits on the
+/// peer, ends now (shutdown(2) of both directions; the pending read returns 0), and the session
+/// is detached or ended as its rules say.
+fn end_reading_now(shard: &Shard, me: ConnRef, attachment: Attachment) {
+    let socket = shard.with_conn(me.conn, |state| {
+        let lifecycle = state.lifecycle();
+        let reading = lifecycle.is_current(attachment) && !lifecycle.reader_finished_already();
+        (if reading { lifecycle.socket() } else { None }, Wake::default())
+    });
+    if let Some(Some(socket)) = socket {
+        // SAFETY: as in `end_reading_after_grace`: the slot is still this attachment's and its
+        // reader has not finished, so the reader's half of the stream owns `socket`; shutdown(2)
+        // changes the socket's state, not the descriptor.
+        unsafe { libc::shutdown(socket, libc::SHUT_RDWR) };
     }
 }
 

@@ -144,6 +144,9 @@ impl Drop for EventWait<'_> {
 pub struct TaskWakers {
     pub writer: Option<Waker>,
     pub reader: Option<Waker>,
+    /// The writer's, for its whole life (not taken by a wake): a wake that says the connection
+    /// is closing ([`Wake::closing`]) reaches a writer in the middle of a write through it.
+    pub closing: Option<Waker>,
 }
 
 /// The wakers of the shard's connection tasks, indexed like the core's connection slots.
@@ -161,6 +164,11 @@ impl ConnWakers for Wakers {
         if wake.reader {
             if let Some(waker) = wakers.reader.take() {
                 waker.wake();
+            }
+        }
+        if wake.closing {
+            if let Some(waker) = &wakers.closing {
+                waker.wake_by_ref();
             }
         }
     }
@@ -313,7 +321,7 @@ impl Shard {
             (next, core.has_work())
         };
         let wake = match next {
-            Some(Written::Continue { wake_reader }) => Wake { writer: false, reader: wake_reader },
+            Some(Written::Continue { wake_reader }) => Wake { reader: wake_reader, ..Wake::default() },
             Some(Written::Failed) => Wake::ALL,
             Some(Written::CutShort | Written::Superseded) | None => Wake::default(),
         };
@@ -367,6 +375,14 @@ impl Shard {
         let wakers = &mut wakers.0[id.index as usize];
         let slot = if writer { &mut wakers.writer } else { &mut wakers.reader };
         *slot = Some(waker.clone());
+    }
+
+    /// The writer of connection `id` is to be woken when the connection starts closing
+    /// ([`Wake::closing`]), even in the middle of a write (`Some`: its waker, kept until it
+    /// ends; `None`: it ended).
+    pub fn watch_closing(&self, id: ConnId, waker: Option<&Waker>) {
+        let mut wakers = self.wakers.borrow_mut();
+        wakers.0[id.index as usize].closing = waker.cloned();
     }
 
     /// The writer task of connection `id` starts or ends (an ended connection's slot is freed

@@ -298,6 +298,8 @@ enum Event {
     Write(SocketId),
     /// A batch write finished.
     WriteDone(SocketId),
+    /// The close grace of a write stuck on an abandoned socket ran out (`conn::write_loop`).
+    WriteGrace(SocketId),
     Envelope {
         to: usize,
         commands: Vec<Command>,
@@ -392,6 +394,12 @@ struct Socket {
     writing: Option<(CreditReturns, WriteOutcome)>,
     close_taken: bool,
     write_failed: bool,
+    /// The write in flight waits for room that the client, which abandoned the socket without
+    /// reading it, never makes: it ends by failing (a cut) or by the close grace.
+    stuck: bool,
+    /// When the close grace cuts this writer's writes short (`conn::write_loop`'s deadline),
+    /// once it saw the connection start closing.
+    write_deadline: Option<u64>,
     /// The binding of the session when this socket's tasks started (the superseded farewell's).
     binding: Binding,
 }
@@ -815,6 +823,7 @@ impl World {
             Event::ReaderEnd(socket) => self.reader_end(socket),
             Event::Write(socket) => self.write(socket),
             Event::WriteDone(socket) => self.write_done(socket),
+            Event::WriteGrace(socket) => self.write_grace(socket),
             Event::Envelope { to, commands } => {
                 self.cores[to].accept_envelope(commands);
                 self.run_work(to);
@@ -1168,6 +1177,8 @@ impl World {
             writing: None,
             close_taken: false,
             write_failed: false,
+            stuck: false,
+            write_deadline: None,
             binding: Binding::Binary,
         });
         self.client_socket[client] = Some(socket);
@@ -1194,6 +1205,15 @@ impl World {
         s.client_gone = true;
         s.to_server.clear();
         s.to_client.clear();
+        if s.stuck {
+            // The socket fails under the write.
+            s.stuck = false;
+            if let Some((_, outcome)) = s.writing.as_mut() {
+                *outcome = WriteOutcome::Failed;
+            }
+            self.schedule(self.now, Event::WriteDone(socket));
+        }
+        let s = &mut self.sockets[socket];
         let client = s.client;
         self.reader_has_input(socket);
         if self.client_socket[client] == Some(socket) {
@@ -1283,6 +1303,15 @@ impl World {
         if wake.reader && s.reader == ReaderState::Paused {
             s.reader = ReaderState::Scheduled;
             self.schedule(self.now, Event::Read(socket));
+        }
+        // `conn::until_closing`: a write in flight when closing begins gets the close grace.
+        let s = &mut self.sockets[socket];
+        if wake.closing && s.writer == WriterState::Busy && s.write_deadline.is_none() {
+            let at = self.now + CLOSE_GRACE_MS;
+            s.write_deadline = Some(at);
+            if s.stuck {
+                self.schedule(at, Event::WriteGrace(socket));
+            }
         }
     }
 
@@ -1542,9 +1571,9 @@ impl World {
         }
         let (me, attachment) = s.conn.expect("a writer runs for a session");
         let shard = usize::from(me.shard.0);
-        let next = match self.cores[shard].conn_mut(me.conn) {
-            Some(state) => state.take_write_batch(attachment, WriteBatch::default()),
-            None => NextWrite::Superseded,
+        let (next, stopping) = match self.cores[shard].conn_mut(me.conn) {
+            Some(state) => (state.take_write_batch(attachment, WriteBatch::default()), state.lifecycle().is_stopping()),
+            None => (NextWrite::Superseded, true),
         };
         match next {
             NextWrite::Wait => s.writer = WriterState::Parked,
@@ -1552,10 +1581,22 @@ impl World {
             NextWrite::Superseded => self.end_writer(socket, true),
             NextWrite::Batch { mut batch, closing } => {
                 s.close_taken |= closing;
+                if (closing || stopping) && s.write_deadline.is_none() {
+                    s.write_deadline = Some(self.now + CLOSE_GRACE_MS);
+                }
                 let credits = std::mem::take(&mut batch.credits);
                 let outcome = if s.cut || s.server_shut { WriteOutcome::Failed } else { WriteOutcome::Written };
                 s.writing = Some((credits, outcome));
                 s.writer = WriterState::Busy;
+                // A client that abandoned its socket reads nothing: its buffers are full, and a
+                // write to it waits (for a cut, or for the close grace once closing began).
+                if outcome == WriteOutcome::Written && s.abandoned {
+                    s.stuck = true;
+                    if let Some(at) = s.write_deadline {
+                        self.schedule(at.max(self.now), Event::WriteGrace(socket));
+                    }
+                    return;
+                }
                 if outcome == WriteOutcome::Written {
                     self.server_writes(socket, Some(Bytes::from(batch.to_vec())));
                 }
@@ -1565,14 +1606,30 @@ impl World {
         }
     }
 
+    /// The close grace of a stuck write ran out: the batch is dropped (`WriteOutcome::CutShort`).
+    fn write_grace(&mut self, socket: SocketId) {
+        let s = &mut self.sockets[socket];
+        if s.writer != WriterState::Busy || !s.stuck {
+            return;
+        }
+        s.stuck = false;
+        if let Some((_, outcome)) = s.writing.as_mut() {
+            *outcome = WriteOutcome::CutShort;
+        }
+        self.write_done(socket);
+    }
+
     fn write_done(&mut self, socket: SocketId) {
         let s = &mut self.sockets[socket];
+        if s.writer != WriterState::Busy {
+            return; // The broker crashed meanwhile.
+        }
         let (me, attachment) = s.conn.expect("a writer runs for a session");
         let (credits, outcome) = s.writing.take().expect("a write in progress");
         let shard = usize::from(me.shard.0);
         let next = self.cores[shard].write_completed(me.conn, attachment, outcome, credits);
         let wake = match next {
-            Some(Written::Continue { wake_reader }) => Wake { writer: false, reader: wake_reader },
+            Some(Written::Continue { wake_reader }) => Wake { reader: wake_reader, ..Wake::default() },
             Some(Written::Failed) => Wake::ALL,
             _ => Wake::default(),
         };
@@ -1589,8 +1646,28 @@ impl World {
                 self.sockets[socket].write_failed = true;
                 self.end_writer(socket, false);
             }
-            Written::CutShort => self.end_writer(socket, false),
+            Written::CutShort => self.end_writer_cut_short(socket),
             Written::Superseded => self.end_writer(socket, true),
+        }
+    }
+
+    /// `conn::write_loop` when the close grace ran out: nothing more is written, and a reader
+    /// still waiting on the silent peer ends now (`conn::end_reading_now`).
+    fn end_writer_cut_short(&mut self, socket: SocketId) {
+        let s = &mut self.sockets[socket];
+        s.writer = WriterState::Done;
+        let (me, attachment) = s.conn.expect("a writer runs for a session");
+        let shard = usize::from(me.shard.0);
+        let current = self.cores[shard].conn(me.conn).is_some_and(|state| state.lifecycle().is_current(attachment));
+        if current {
+            self.cores[shard].set_writer_running(me.conn, false);
+        }
+        self.sockets[socket].server_shut = true;
+        self.server_writes(socket, None);
+        let s = &mut self.sockets[socket];
+        if current && matches!(s.reader, ReaderState::Waiting | ReaderState::Paused) {
+            s.client_gone = true;
+            self.schedule(self.now, Event::ReaderEnd(socket));
         }
     }
 
