@@ -397,15 +397,14 @@ impl AddressTable {
                 let logged = |queued: &Queued| has_log && (queued.message.durable || has_durable_addresses);
                 let mut to_settle: SmallVec<[Queued; 4]> = SmallVec::new();
                 let acknowledge = |subscriber: &mut Subscriber| {
-                    for id in messages {
-                        // An unknown id (already acknowledged, requeued or expired) changes nothing.
-                        if let Some(queued) = subscriber.unacked.remove(id) {
-                            subscriber.in_flight -= 1;
-                            if logged(&queued) {
-                                to_settle.push(queued);
-                            }
+                    // An unknown id (already acknowledged, requeued or expired) changes nothing.
+                    let in_flight = &mut subscriber.in_flight;
+                    subscriber.unacked.remove_all(&messages, |queued| {
+                        *in_flight -= 1;
+                        if logged(&queued) {
+                            to_settle.push(queued);
                         }
-                    }
+                    });
                     subscriber.trim_deadlines();
                 };
                 if let Some((address, ())) = self.change_credit(consumer, subscription, now_ms, out, acknowledge) {

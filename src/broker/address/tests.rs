@@ -388,6 +388,30 @@ fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
     assert!(!buffer.contains(&queued.address().as_ptr()));
 }
 
+/// A cumulative ACK sends the owner the acknowledged ids oldest first: those that are the
+/// front of the subscriber's unacknowledged list go at once, the others (and unknown ids) as
+/// single ACKs did.
+#[test]
+fn an_ack_of_many_ids_takes_the_known_ones_in_any_order() {
+    let limits = AddressLimits { max_queued_messages: 100, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 6, &mut out);
+    for index in 0..10 {
+        publish(&mut table, "a", &format!("m{index}"), &mut out);
+    }
+    assert_eq!(delivered(&out).len(), 6);
+    out.clear();
+    // Front run 1, 2; then 5 (not the front), 42 (unknown), 1 again (already taken).
+    ack(&mut table, 1, &[1, 2, 5, 42, 1], &mut out);
+    assert_eq!(delivered(&out).len(), 3, "three acknowledged, three more delivered");
+    assert_eq!(table.stats(b"a").queued, 1);
+    out.clear();
+    ack(&mut table, 1, &[3, 4, 6, 7, 8, 9], &mut out);
+    assert_eq!(delivered(&out).len(), 1, "the last queued message");
+    assert_eq!(table.stats(b"a").queued, 0);
+}
+
 fn ack(table: &mut AddressTable, consumer: u32, ids: &[u64], out: &mut Vec<Outgoing>) {
     let messages = ids.iter().map(|&id| MessageId(id)).collect();
     table.handle(AddressCommand::Ack { consumer: conn(consumer), subscription: SubscriptionId(1), messages }, 0, out);
