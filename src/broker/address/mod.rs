@@ -137,6 +137,13 @@ pub struct AddressLimits {
     /// socket, past which it gets no more until they are (`--max-outbound-bytes`): what a
     /// consumer that never reads holds, per subscription, whatever its credit.
     pub max_unwritten_bytes: usize,
+    /// At-most-once lead, in messages: an address with anycast subscribers that queues this many
+    /// holds back the answers to unnumbered MBLWS SENDs (seq 0, no receipt wanted) until its
+    /// queue is down to half of it, so an MBLWS publisher stops at `max-inflight-sends` as an
+    /// MBWS one does, instead of running as far ahead of its consumers as the queue's bound
+    /// allows. Half of `--max-inflight-sends` (what a client keeps unreceipted in the bench's
+    /// MBWS runs); `publish_answer` in `admission`.
+    pub max_light_lead: u32,
 }
 
 impl AddressLimits {
@@ -155,8 +162,15 @@ impl AddressLimits {
             max_addresses: (config.max_addresses / shard_count.max(1)).max(1),
             max_addresses_total: config.max_addresses,
             max_unwritten_bytes: config.max_outbound_bytes,
+            max_light_lead: light_lead(config.max_inflight_sends),
         }
     }
+}
+
+/// The at-most-once lead for a `--max-inflight-sends` of `max_inflight_sends`
+/// ([`AddressLimits::max_light_lead`]).
+pub fn light_lead(max_inflight_sends: u32) -> u32 {
+    (max_inflight_sends / 2).max(1)
 }
 
 /// The limits of a one-shard broker with the default configuration ([`Config::default`](crate::config::Config)).
@@ -187,6 +201,9 @@ struct Address {
     /// Publishes accepted while the queue was above its high watermark, whose answers are held
     /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
     held_answers: VecDeque<(ConnRef, u64)>,
+    /// Set when an unnumbered MBLWS SEND began the holding (`max_light_lead`): the queue length
+    /// at or below which the held answers go out, instead of a quarter of the bound.
+    held_release_at: Option<usize>,
     /// Messages waiting for the log: an entry (id, lsn) holds back every message of the
     /// address with that id or a higher one (so later ones keep their place behind it) until
     /// the log is durable up to `lsn` (the message's record, or the reservation of its id).
@@ -300,6 +317,11 @@ impl AddressTable {
     /// subscriptions made from now on (those made before keep theirs).
     pub fn set_max_unwritten_bytes(&mut self, max_unwritten_bytes: usize) {
         self.limits.max_unwritten_bytes = max_unwritten_bytes;
+    }
+
+    /// The at-most-once lead after a reload of `--max-inflight-sends` ([`light_lead`]).
+    pub fn set_max_light_lead(&mut self, max_light_lead: u32) {
+        self.limits.max_light_lead = max_light_lead;
     }
 
     pub fn new(shard: ShardId, limits: AddressLimits) -> AddressTable {
