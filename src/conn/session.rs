@@ -726,9 +726,16 @@ impl Session {
     fn on_ack(&mut self, delivery_seq: u64, cumulative: bool, fx: &mut Effects<'_>) {
         // One command per subscription, carrying all of its acknowledged messages.
         let mut grouped: SmallVec<[(SubscriptionId, SmallVec<[MessageId; 4]>); 2]> = SmallVec::new();
-        let mut group = |entry: Delivery| match grouped.iter_mut().find(|(id, _)| *id == entry.subscription) {
+        // The first subscription's list is made large enough for every id at once (usually
+        // they are all its own), instead of growing by doubling to a few hundred.
+        let mut expected = if cumulative { self.unacked.count_through(delivery_seq) } else { 1 };
+        let mut group = |entry: Delivery| match grouped.iter_mut().rev().find(|(id, _)| *id == entry.subscription) {
             Some((_, messages)) => messages.push(entry.message_id),
-            None => grouped.push((entry.subscription, SmallVec::from_elem(entry.message_id, 1))),
+            None => {
+                let mut messages = SmallVec::with_capacity(std::mem::replace(&mut expected, 1));
+                messages.push(entry.message_id);
+                grouped.push((entry.subscription, messages));
+            }
         };
         if cumulative {
             self.unacked.remove_through(delivery_seq, group);

@@ -606,6 +606,7 @@ impl ShardCore {
         self.session_config = Arc::new(session_config);
         self.max_outbound_bytes = limits.max_outbound_bytes;
         self.addresses.set_max_unwritten_bytes(limits.max_outbound_bytes);
+        self.addresses.set_max_light_lead(crate::broker::address::light_lead(limits.max_inflight_sends));
     }
 
     /// The state of connection `id`, while its slot holds it (an ended connection's until its

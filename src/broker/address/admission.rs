@@ -12,7 +12,7 @@ use smallvec::SmallVec;
 
 use super::dispatch::{deliver, is_expired_at, send_deliveries, Deliverable};
 use super::subscribers::end_slow_subscribers;
-use super::{Address, AddressTable, Outgoing, Publication, Queued, MAX_PUBLISH_BATCH};
+use super::{Address, AddressLimits, AddressTable, Outgoing, Publication, Queued, MAX_PUBLISH_BATCH};
 use crate::broker::{CompactionArena, ConnCommand, ConnRef, Deliveries, Refusal, SharedMessage, StoredMessage};
 use crate::mbws::ErrorCode;
 use crate::store::Lsn;
@@ -46,12 +46,11 @@ impl AddressTable {
             }
             self.put_back_address(taken);
             self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
-            let max_queued_messages = self.limits.max_queued_messages;
             let mut state = self.addresses.get_mut(&address_name);
             for (publisher, seq, outcome) in outcomes {
                 answer_publish_to(
                     state.as_deref_mut(),
-                    max_queued_messages,
+                    &self.limits,
                     &mut self.durable_answers,
                     publisher,
                     seq,
@@ -292,9 +291,8 @@ impl AddressTable {
         outcome: Result<Option<Lsn>, Refusal>,
         out: &mut Vec<Outgoing>,
     ) {
-        let max_queued_messages = self.limits.max_queued_messages;
         let state = self.addresses.get_mut(address);
-        answer_publish_to(state, max_queued_messages, &mut self.durable_answers, publisher, seq, outcome, out);
+        answer_publish_to(state, &self.limits, &mut self.durable_answers, publisher, seq, outcome, out);
     }
 
     /// Backpressure before refusal: while an address with anycast consumers holds more than
@@ -304,29 +302,49 @@ impl AddressTable {
     /// when publishers outrun that (many publishers, or no consumer at all) does a SEND meet the
     /// hard bound and ERROR 4429. Multicast backlogs never hold publishers back: a slow
     /// multicast subscriber is ended at the bound instead (see `publish`).
+    ///
+    /// At most once is bounded sooner: an unnumbered MBLWS SEND (seq 0) has its answer held
+    /// once the queue holds `max_light_lead` messages, until it is down to half of that. Such a
+    /// publisher gets no RECEIPT to wait for, so without this it runs as far ahead of its
+    /// consumers as the bounds above allow (in the benchmark, the generator's whole window):
+    /// at most once must not mean a deeper queue than reliable. Answers leave in order, so
+    /// while any are held, every publisher's are.
     fn publish_answer(
         state: Option<&mut Address>,
-        max_queued_messages: u32,
+        limits: &AddressLimits,
         publisher: ConnRef,
         seq: u64,
         out: &mut Vec<Outgoing>,
     ) {
         if let Some(state) = state {
-            let high_watermark = (state.max_queued_messages(max_queued_messages) / 2).max(1);
-            let hold =
-                !state.held_answers.is_empty() || (state.queue.len() >= high_watermark && !state.anycast.is_empty());
-            if hold {
+            if !state.held_answers.is_empty() {
                 state.held_answers.push_back((publisher, seq));
                 return;
+            }
+            if !state.anycast.is_empty() {
+                let high_watermark = (state.max_queued_messages(limits.max_queued_messages) / 2).max(1);
+                let queued = state.queue.len();
+                if queued >= high_watermark {
+                    state.held_release_at = None;
+                    state.held_answers.push_back((publisher, seq));
+                    return;
+                }
+                if seq == 0 && queued >= limits.max_light_lead as usize {
+                    state.held_release_at = Some(limits.max_light_lead as usize / 2);
+                    state.held_answers.push_back((publisher, seq));
+                    return;
+                }
             }
         }
         out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
     }
 
     pub(super) fn release_held_answers(state: &mut Address, low_watermark: usize, out: &mut Vec<Outgoing>) {
+        let low_watermark = state.held_release_at.map_or(low_watermark, |release_at| release_at.min(low_watermark));
         if state.held_answers.is_empty() || (state.queue.len() > low_watermark && !state.anycast.is_empty()) {
             return;
         }
+        state.held_release_at = None;
         for (publisher, seq) in state.held_answers.drain(..) {
             out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
         }
@@ -345,7 +363,7 @@ struct TakenAddress {
 /// back (`AddressTable::publish_answer`), or once the log has it (`durable_answers`).
 fn answer_publish_to(
     state: Option<&mut Address>,
-    max_queued_messages: u32,
+    limits: &AddressLimits,
     durable_answers: &mut std::collections::VecDeque<(Lsn, ConnRef, u64)>,
     publisher: ConnRef,
     seq: u64,
@@ -354,10 +372,10 @@ fn answer_publish_to(
 ) {
     match outcome {
         Ok(Some(_)) if planted(Bug::ReceiptBeforeSync) => {
-            AddressTable::publish_answer(state, max_queued_messages, publisher, seq, out)
+            AddressTable::publish_answer(state, limits, publisher, seq, out)
         }
         Ok(Some(lsn)) => durable_answers.push_back((lsn, publisher, seq)),
-        Ok(None) => AddressTable::publish_answer(state, max_queued_messages, publisher, seq, out),
+        Ok(None) => AddressTable::publish_answer(state, limits, publisher, seq, out),
         Err(refusal) => out.push((
             publisher.shard,
             ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },

@@ -137,6 +137,13 @@ pub struct AddressLimits {
     /// socket, past which it gets no more until they are (`--max-outbound-bytes`): what a
     /// consumer that never reads holds, per subscription, whatever its credit.
     pub max_unwritten_bytes: usize,
+    /// At-most-once lead, in messages: an address with anycast subscribers that queues this many
+    /// holds back the answers to unnumbered MBLWS SENDs (seq 0, no receipt wanted) until its
+    /// queue is down to half of it, so an MBLWS publisher stops at `max-inflight-sends` as an
+    /// MBWS one does, instead of running as far ahead of its consumers as the queue's bound
+    /// allows. Half of `--max-inflight-sends` (what a client keeps unreceipted in the bench's
+    /// MBWS runs); `publish_answer` in `admission`.
+    pub max_light_lead: u32,
 }
 
 impl AddressLimits {
@@ -155,8 +162,15 @@ impl AddressLimits {
             max_addresses: (config.max_addresses / shard_count.max(1)).max(1),
             max_addresses_total: config.max_addresses,
             max_unwritten_bytes: config.max_outbound_bytes,
+            max_light_lead: light_lead(config.max_inflight_sends),
         }
     }
+}
+
+/// The at-most-once lead for a `--max-inflight-sends` of `max_inflight_sends`
+/// ([`AddressLimits::max_light_lead`]).
+pub fn light_lead(max_inflight_sends: u32) -> u32 {
+    (max_inflight_sends / 2).max(1)
 }
 
 /// The limits of a one-shard broker with the default configuration ([`Config::default`](crate::config::Config)).
@@ -187,6 +201,9 @@ struct Address {
     /// Publishes accepted while the queue was above its high watermark, whose answers are held
     /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
     held_answers: VecDeque<(ConnRef, u64)>,
+    /// Set when an unnumbered MBLWS SEND began the holding (`max_light_lead`): the queue length
+    /// at or below which the held answers go out, instead of a quarter of the bound.
+    held_release_at: Option<usize>,
     /// Messages waiting for the log: an entry (id, lsn) holds back every message of the
     /// address with that id or a higher one (so later ones keep their place behind it) until
     /// the log is durable up to `lsn` (the message's record, or the reservation of its id).
@@ -302,6 +319,11 @@ impl AddressTable {
         self.limits.max_unwritten_bytes = max_unwritten_bytes;
     }
 
+    /// The at-most-once lead after a reload of `--max-inflight-sends` ([`light_lead`]).
+    pub fn set_max_light_lead(&mut self, max_light_lead: u32) {
+        self.limits.max_light_lead = max_light_lead;
+    }
+
     pub fn new(shard: ShardId, limits: AddressLimits) -> AddressTable {
         AddressTable {
             shard,
@@ -397,15 +419,14 @@ impl AddressTable {
                 let logged = |queued: &Queued| has_log && (queued.message.durable || has_durable_addresses);
                 let mut to_settle: SmallVec<[Queued; 4]> = SmallVec::new();
                 let acknowledge = |subscriber: &mut Subscriber| {
-                    for id in messages {
-                        // An unknown id (already acknowledged, requeued or expired) changes nothing.
-                        if let Some(queued) = subscriber.unacked.remove(id) {
-                            subscriber.in_flight -= 1;
-                            if logged(&queued) {
-                                to_settle.push(queued);
-                            }
+                    // An unknown id (already acknowledged, requeued or expired) changes nothing.
+                    let in_flight = &mut subscriber.in_flight;
+                    subscriber.unacked.remove_all(&messages, |queued| {
+                        *in_flight -= 1;
+                        if logged(&queued) {
+                            to_settle.push(queued);
                         }
-                    }
+                    });
                     subscriber.trim_deadlines();
                 };
                 if let Some((address, ())) = self.change_credit(consumer, subscription, now_ms, out, acknowledge) {

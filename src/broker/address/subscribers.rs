@@ -44,6 +44,12 @@ impl UnackedMessages {
         self.entries.remove(id.0)
     }
 
+    /// Takes the entries of `ids` (unknown ones skipped) and hands each to `each`; an ACK of
+    /// the oldest deliveries in order costs a comparison per id ([`SortedRing::remove_keys`]).
+    pub(super) fn remove_all(&mut self, ids: &[MessageId], each: impl FnMut(Queued)) {
+        self.entries.remove_keys(ids.iter().map(|id| id.0), each);
+    }
+
     pub(super) fn into_oldest_first(self) -> impl DoubleEndedIterator<Item = Queued> {
         self.entries.into_values()
     }

@@ -19,6 +19,7 @@ const LIMITS: AddressLimits = AddressLimits {
     max_addresses: 1000,
     max_addresses_total: 1000,
     max_unwritten_bytes: 1 << 20,
+    max_light_lead: 2048,
 };
 
 fn conn(index: u32) -> ConnRef {
@@ -386,6 +387,73 @@ fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
     let queued = table.addresses[&Bytes::from_static(b"a")].queue[0].message.clone();
     assert!(!buffer.contains(&queued.body().as_ptr()), "the waiting message was compacted");
     assert!(!buffer.contains(&queued.address().as_ptr()));
+}
+
+/// An at-most-once publisher (unnumbered MBLWS SENDs, seq 0) is held back once the queue
+/// reaches `max_light_lead`, far below the high watermark that holds numbered SENDs, and its
+/// answers go out when the consumers bring the queue down to half the lead.
+#[test]
+fn unnumbered_sends_are_held_at_the_at_most_once_lead() {
+    let limits = AddressLimits { max_queued_messages: 100, max_light_lead: 4, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    // Numbered SENDs are not held below the high watermark (50), however long the lead.
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+    out.clear();
+    for index in 0..7 {
+        publish(&mut table, "a", &format!("numbered{index}"), &mut out);
+    }
+    assert_eq!(table.stats(b"a").queued, 6);
+    assert_eq!(answered(&out), 7, "numbered SENDs are answered at once below the high watermark");
+    out.clear();
+    // With 6 queued (over the lead of 4), an unnumbered SEND waits, and so does every answer after it.
+    for index in 0..3 {
+        let message = message("a", &format!("light{index}"));
+        table.handle(AddressCommand::Publish { publisher: conn(98), seq: 0, message }, 0, &mut out);
+    }
+    publish(&mut table, "a", "numbered7", &mut out);
+    assert_eq!(table.stats(b"a").queued, 10, "held SENDs are queued; only their answers wait");
+    assert_eq!(answered(&out), 0, "answers after an unnumbered SEND past the lead are held, in order");
+    // The consumer acknowledges until 2 are queued (half the lead): everything is answered.
+    for id in 1..=7 {
+        ack(&mut table, 1, &[id], &mut out);
+        assert_eq!(answered(&out), 0, "held while {} are queued", table.stats(b"a").queued);
+    }
+    ack(&mut table, 1, &[8], &mut out);
+    assert_eq!(table.stats(b"a").queued, 2);
+    assert_eq!(answered(&out), 4, "held answers go out at half the lead");
+    // Without anycast subscribers nothing is held: the bound refuses instead.
+    let mut table = AddressTable::new(ShardId(0), limits);
+    out.clear();
+    for index in 0..6 {
+        let message = message("b", &format!("light{index}"));
+        table.handle(AddressCommand::Publish { publisher: conn(98), seq: 0, message }, 0, &mut out);
+    }
+    assert_eq!(answered(&out), 6);
+}
+
+/// A cumulative ACK sends the owner the acknowledged ids oldest first: those that are the
+/// front of the subscriber's unacknowledged list go at once, the others (and unknown ids) as
+/// single ACKs did.
+#[test]
+fn an_ack_of_many_ids_takes_the_known_ones_in_any_order() {
+    let limits = AddressLimits { max_queued_messages: 100, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 6, &mut out);
+    for index in 0..10 {
+        publish(&mut table, "a", &format!("m{index}"), &mut out);
+    }
+    assert_eq!(delivered(&out).len(), 6);
+    out.clear();
+    // Front run 1, 2; then 5 (not the front), 42 (unknown), 1 again (already taken).
+    ack(&mut table, 1, &[1, 2, 5, 42, 1], &mut out);
+    assert_eq!(delivered(&out).len(), 3, "three acknowledged, three more delivered");
+    assert_eq!(table.stats(b"a").queued, 1);
+    out.clear();
+    ack(&mut table, 1, &[3, 4, 6, 7, 8, 9], &mut out);
+    assert_eq!(delivered(&out).len(), 1, "the last queued message");
+    assert_eq!(table.stats(b"a").queued, 0);
 }
 
 fn ack(table: &mut AddressTable, consumer: u32, ids: &[u64], out: &mut Vec<Outgoing>) {
