@@ -64,7 +64,10 @@ export async function streamIntoConsole(page, cdp, { url, address, count, rate, 
     }
   })();
   try {
-    await page.waitForFunction((n) => Number(document.getElementById('received-total')?.dataset.count) >= n, startCount + count);
+    // Polled every 100 ms: Playwright's default polls in every animation frame, which would
+    // make the page draw frames it otherwise would not.
+    await page.waitForFunction((n) => Number(document.getElementById('received-total')?.dataset.count) >= n, startCount + count,
+      { polling: 100, timeout: timeoutMs });
   } catch (error) {
     throw new Error(`the console counted ${(await counted()) - startCount} of ${count} within ${timeoutMs} ms `
       + `(publisher: ${output.trim() || 'still running'}): ${/** @type {Error} */ (error).message}`);
