@@ -100,7 +100,7 @@ export async function openBarePage(executable, url, options = {}) {
         child.kill('SIGKILL');
         await exited;
       }
-      rmSync(profile, { recursive: true, force: true });
+      rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 }); // Its helpers may still be writing.
     },
   };
 }

@@ -1,5 +1,7 @@
 // Measures the console under load (not a test): N messages sent from the page and shown, with
-// the broker at $MBWS_BROKER. Usage: node testing/measure-console.js [N] [--external] [--from-disk] [--frames] [--trace FILE]
+// the broker at $MBWS_BROKER. Usage: node testing/measure-console.js [N] [--external] [--from-disk] [--rate R] [--frames] [--trace FILE]
+// --rate R: testing/publish.js sends the N messages at R per second, steadily, while
+// testing/console-load.js measures the page (main-thread busy share, long tasks, keypress latency).
 // --external: the page only subscribes; the `mbws` CLI beside the broker ($MBWS_CLI, default
 // target/release/mbws) sends the N messages as fast as the broker takes them, so the page
 // receives at whatever rate it can keep up with (the broker holds back the rest by credit).
@@ -16,11 +18,14 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { openBarePage } from './bare-chromium.js';
+import { describeLoad, streamIntoConsole } from './console-load.js';
 import { startBroker } from './harness.js';
 
 const count = Number(process.argv[2] ?? 10000);
 const external = process.argv.includes('--external');
 const bare = process.argv.includes('--bare');
+const rateAt = process.argv.indexOf('--rate');
+const rate = rateAt > 0 ? Number(process.argv[rateAt + 1]) : 0;
 const chromiumPath = process.env.MBWS_CHROMIUM ?? '/usr/bin/chromium';
 const timeoutMs = Number(process.env.MBWS_MEASURE_TIMEOUT_MS ?? 120000);
 const broker = await startBroker();
@@ -73,58 +78,70 @@ try {
   await fill([['sub-address', 'measure']]);
   await click('subscribe');
   await page.waitForFunction(() => document.querySelector('#subscriptions li') !== null);
-  await fill([['send-address', 'measure'], ['send-body', 'm{i}'], ['send-count', String(count)]]);
-  // Longest gap between animation frames while the messages flow: how responsive the page stays.
-  await page.evaluate(() => {
-    window.longestFrameGapMs = 0;
-    let last = performance.now();
-    const frame = (now) => { window.longestFrameGapMs = Math.max(window.longestFrameGapMs, now - last); last = now; requestAnimationFrame(frame); };
-    requestAnimationFrame(frame);
-  });
-  // Main-thread time (DevTools Performance metrics, in seconds) over the run: 1 - busy / wall is
-  // how idle the page stayed.
-  const cdp = bare ? page : await page.context().newCDPSession(page);
-  await cdp.send('Performance.enable');
-  const metrics = async () => Object.fromEntries((await cdp.send('Performance.getMetrics')).metrics.map((m) => [m.name, m.value]));
-  // --frames: counts the WebSocket frames the page sends (DevTools' Network events; they cost a
-  // little themselves, so the figures above are best taken without it).
-  let framesSent = 0;
-  const frames = !bare && process.argv.includes('--frames');
-  if (frames) {
-    await cdp.send('Network.enable');
-    cdp.on('Network.webSocketFrameSent', () => { framesSent += 1; });
-  }
-  // --trace FILE: a Chromium trace of the run (every process), for chrome://tracing or Perfetto.
-  const traceAt = bare ? -1 : process.argv.indexOf('--trace');
-  if (traceAt > 0) {
-    await browser.startTracing(page, { path: process.argv[traceAt + 1], categories: ['devtools.timeline', 'toplevel', 'v8', 'disabled-by-default-devtools.timeline', 'blink', 'renderer.scheduler'] });
-  }
-  const before = await metrics();
-  const started = Date.now();
-  let publisher;
-  if (external) {
-    const cli = process.env.MBWS_CLI ?? path.join(path.dirname(process.env.MBWS_BROKER ?? 'target/release/mbws-broker'), 'mbws');
-    publisher = spawn(cli, ['--url', `ws://${broker.host}:${broker.port}/`, 'send', 'measure', 'm', '--count', String(count)], { stdio: 'inherit' });
+  if (rate > 0) {
+    // --rate R: testing/publish.js sends the N messages at R per second (console-load.js measures).
+    const cdp = bare ? page : await page.context().newCDPSession(page);
+    const traceAt = bare ? -1 : process.argv.indexOf('--trace');
+    if (traceAt > 0) {
+      await browser.startTracing(page, { path: process.argv[traceAt + 1], categories: ['devtools.timeline', 'toplevel', 'v8', 'disabled-by-default-devtools.timeline', 'blink', 'renderer.scheduler'] });
+    }
+    const figures = await streamIntoConsole(page, cdp, { url: `ws://${broker.host}:${broker.port}/`, address: 'measure', count, rate, timeoutMs });
+    if (traceAt > 0) await browser.stopTracing();
+    console.log(`${bare ? 'bare' : 'playwright'} (receive path: ${receivePath}): ${describeLoad(figures)}`);
   } else {
-    await click('send');
+    await fill([['send-address', 'measure'], ['send-body', 'm{i}'], ['send-count', String(count)]]);
+    // Longest gap between animation frames while the messages flow: how responsive the page stays.
+    await page.evaluate(() => {
+      window.longestFrameGapMs = 0;
+      let last = performance.now();
+      const frame = (now) => { window.longestFrameGapMs = Math.max(window.longestFrameGapMs, now - last); last = now; requestAnimationFrame(frame); };
+      requestAnimationFrame(frame);
+    });
+    // Main-thread time (DevTools Performance metrics, in seconds) over the run: 1 - busy / wall is
+    // how idle the page stayed.
+    const cdp = bare ? page : await page.context().newCDPSession(page);
+    await cdp.send('Performance.enable');
+    const metrics = async () => Object.fromEntries((await cdp.send('Performance.getMetrics')).metrics.map((m) => [m.name, m.value]));
+    // --frames: counts the WebSocket frames the page sends (DevTools' Network events; they cost a
+    // little themselves, so the figures above are best taken without it).
+    let framesSent = 0;
+    const frames = !bare && process.argv.includes('--frames');
+    if (frames) {
+      await cdp.send('Network.enable');
+      cdp.on('Network.webSocketFrameSent', () => { framesSent += 1; });
+    }
+    // --trace FILE: a Chromium trace of the run (every process), for chrome://tracing or Perfetto.
+    const traceAt = bare ? -1 : process.argv.indexOf('--trace');
+    if (traceAt > 0) {
+      await browser.startTracing(page, { path: process.argv[traceAt + 1], categories: ['devtools.timeline', 'toplevel', 'v8', 'disabled-by-default-devtools.timeline', 'blink', 'renderer.scheduler'] });
+    }
+    const before = await metrics();
+    const started = Date.now();
+    let publisher;
+    if (external) {
+      const cli = process.env.MBWS_CLI ?? path.join(path.dirname(process.env.MBWS_BROKER ?? 'target/release/mbws-broker'), 'mbws');
+      publisher = spawn(cli, ['--url', `ws://${broker.host}:${broker.port}/`, 'send', 'measure', 'm', '--count', String(count)], { stdio: 'inherit' });
+    } else {
+      await click('send');
+    }
+    await page.waitForFunction((n) => Number(document.getElementById('received-total').dataset.count) >= n, count);
+    const ms = Date.now() - started;
+    const afterRun = await metrics();
+    if (traceAt > 0) await browser.stopTracing();
+    const spent = (name) => afterRun[name] - before[name];
+    const busy = spent('TaskDuration');
+    const wall = afterRun.Timestamp - before.Timestamp;
+    const gap = await page.evaluate(() => window.longestFrameGapMs);
+    const rows = await page.evaluate(() => Number(document.getElementById('log-wrap')?.dataset.rows ?? document.querySelectorAll('#log tr').length));
+    console.log(`${bare ? 'bare' : 'playwright'}: ${count} messages ${external ? 'received' : 'sent and received'} in ${ms} ms `
+      + `(${Math.round(count / (ms / 1000))} per second in the page); longest frame gap ${gap.toFixed(0)} ms; ${rows} rows kept`);
+    console.log(`receive path: ${receivePath}`);
+    console.log(`main thread: idle ${(100 * (1 - busy / wall)).toFixed(0)}% of ${wall.toFixed(2)} s; script ${spent('ScriptDuration').toFixed(2)} s, `
+      + `layout ${spent('LayoutDuration').toFixed(2)} s, style ${spent('RecalcStyleDuration').toFixed(2)} s, all tasks ${busy.toFixed(2)} s`);
+    if (frames) console.log(`${framesSent} WebSocket frames sent by the page`);
+    if (!external) console.log(await page.evaluate(() => document.getElementById('send-status').textContent));
+    if (publisher) await new Promise((resolve) => publisher.on('exit', resolve));
   }
-  await page.waitForFunction((n) => Number(document.getElementById('received-total').dataset.count) >= n, count);
-  const ms = Date.now() - started;
-  const afterRun = await metrics();
-  if (traceAt > 0) await browser.stopTracing();
-  const spent = (name) => afterRun[name] - before[name];
-  const busy = spent('TaskDuration');
-  const wall = afterRun.Timestamp - before.Timestamp;
-  const gap = await page.evaluate(() => window.longestFrameGapMs);
-  const rows = await page.evaluate(() => Number(document.getElementById('log-wrap')?.dataset.rows ?? document.querySelectorAll('#log tr').length));
-  console.log(`${bare ? 'bare' : 'playwright'}: ${count} messages ${external ? 'received' : 'sent and received'} in ${ms} ms `
-    + `(${Math.round(count / (ms / 1000))} per second in the page); longest frame gap ${gap.toFixed(0)} ms; ${rows} rows kept`);
-  console.log(`receive path: ${receivePath}`);
-  console.log(`main thread: idle ${(100 * (1 - busy / wall)).toFixed(0)}% of ${wall.toFixed(2)} s; script ${spent('ScriptDuration').toFixed(2)} s, `
-    + `layout ${spent('LayoutDuration').toFixed(2)} s, style ${spent('RecalcStyleDuration').toFixed(2)} s, all tasks ${busy.toFixed(2)} s`);
-  if (frames) console.log(`${framesSent} WebSocket frames sent by the page`);
-  if (!external) console.log(await page.evaluate(() => document.getElementById('send-status').textContent));
-  if (publisher) await new Promise((resolve) => publisher.on('exit', resolve));
 } finally {
   await closePage();
   await browser?.close();
