@@ -78,6 +78,8 @@ struct Inbox {
     start: usize,
     plain: Range<usize>,
     early: Vec<u8>,
+    /// The record that ended the session, reported once the plaintext before it is handed out.
+    failed: Option<Fatal>,
     last_read_busy: bool,
 }
 
@@ -94,7 +96,7 @@ enum Filled {
 
 impl Inbox {
     fn new() -> Inbox {
-        Inbox { buf: Vec::new(), start: 0, plain: 0..0, early: Vec::new(), last_read_busy: false }
+        Inbox { buf: Vec::new(), start: 0, plain: 0..0, early: Vec::new(), failed: None, last_read_busy: false }
     }
 
     fn unread(&self) -> &[u8] {
@@ -102,12 +104,28 @@ impl Inbox {
     }
 
     /// Copies plaintext into `out` (as much as its spare capacity takes), opening records as
-    /// needed.
+    /// needed. A record that ends the session is reported after the plaintext before it.
     fn fill(&mut self, layer: &mut RecordLayer, out: &mut BytesMut) -> Result<Filled, Fatal> {
         assert!(out.capacity() > out.len(), "a read is always given room");
+        if let Some(fatal) = self.failed.take() {
+            return Err(fatal);
+        }
         let mut appended = self.hand_out_early(out);
+        match self.open_into(layer, out, &mut appended) {
+            Err(fatal) if appended > 0 => self.failed = Some(fatal),
+            Err(fatal) => return Err(fatal),
+            Ok(()) => {}
+        }
+        Ok(match appended {
+            0 if layer.peer_closed() => Filled::Ended,
+            0 => Filled::NeedCiphertext,
+            appended => Filled::Bytes(appended),
+        })
+    }
+
+    fn open_into(&mut self, layer: &mut RecordLayer, out: &mut BytesMut, appended: &mut usize) -> Result<(), Fatal> {
         loop {
-            appended += self.hand_out_plain(out);
+            *appended += self.hand_out_plain(out);
             if out.capacity() == out.len() || layer.peer_closed() {
                 break;
             }
@@ -123,11 +141,7 @@ impl Inbox {
                 Opened::Closed => break,
             }
         }
-        Ok(match appended {
-            0 if layer.peer_closed() => Filled::Ended,
-            0 => Filled::NeedCiphertext,
-            appended => Filled::Bytes(appended),
-        })
+        Ok(())
     }
 
     fn hand_out_early(&mut self, out: &mut BytesMut) -> usize {
@@ -580,6 +594,265 @@ impl WriteSide for InPlaceWriter {
             None => {
                 let _ = AsyncWriteRent::shutdown(&mut self.socket).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use rustls::{AlertDescription, ClientConfig, ClientConnection, RootCertStore};
+
+    use super::*;
+    use crate::shard::transport::tests::certificate_files;
+    use crate::tls::TlsContext;
+
+    const VERSIONS: [&rustls::SupportedProtocolVersion; 2] = [&rustls::version::TLS13, &rustls::version::TLS12];
+
+    /// A rustls client (its defaults, limited to `version`) and the broker's side after an
+    /// in-memory handshake through [`drive_handshake`] and [`take_over`], with the broker's own
+    /// TLS configuration.
+    fn handshaken(version: &'static rustls::SupportedProtocolVersion) -> (ClientConnection, RecordLayer, Inbox) {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mbws-inplace-test-{}-{call}", std::process::id()));
+        let files = certificate_files(&dir);
+        let cert = CertificateDer::from_pem_file(&files.cert).unwrap();
+        let context = TlsContext::load(files).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client_config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client =
+            ClientConnection::new(Arc::new(client_config), ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut server = UnbufferedServerConnection::new(context.server_config()).unwrap();
+        let mut inbox = Inbox::new();
+        for _ in 0..10 {
+            inbox.buf.extend(client_output(&mut client));
+            let mut out = Vec::new();
+            let step = drive_handshake(&mut server, &mut inbox, &mut out);
+            client_input(&mut client, &out).unwrap();
+            match step {
+                Handshake::NeedCiphertext => {}
+                Handshake::Ready => {
+                    assert!(!client.is_handshaking(), "{version:?}: the client finished too");
+                    return (client, *take_over(server).unwrap(), inbox);
+                }
+                Handshake::Ended(error) => panic!("{version:?}: the handshake ended: {error:?}"),
+            }
+        }
+        panic!("{version:?}: the in-memory handshake did not finish in 10 rounds");
+    }
+
+    fn client_output(client: &mut ClientConnection) -> Vec<u8> {
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+        }
+        wire
+    }
+
+    /// Gives the client the broker's records; returns the plaintext they held.
+    fn client_input(client: &mut ClientConnection, mut wire: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let mut plaintext = Vec::new();
+        while !wire.is_empty() {
+            client.read_tls(&mut wire).unwrap();
+            client.process_new_packets()?;
+            let _ = client.reader().read_to_end(&mut plaintext);
+        }
+        Ok(plaintext)
+    }
+
+    /// Gives the inbox `wire` in pieces of 1 to 700 bytes and takes the plaintext out 100
+    /// bytes at a time, as reads of any length ending anywhere would.
+    fn feed_in_pieces(layer: &mut RecordLayer, inbox: &mut Inbox, wire: &[u8]) -> Result<Vec<u8>, Fatal> {
+        let (mut received, mut offset, mut step) = (Vec::new(), 0, 0usize);
+        while offset < wire.len() {
+            step = (step * 7 + 13) % 700 + 1;
+            let end = (offset + step).min(wire.len());
+            inbox.buf.extend_from_slice(&wire[offset..end]);
+            offset = end;
+            loop {
+                let mut out = BytesMut::with_capacity(100);
+                match inbox.fill(layer, &mut out)? {
+                    Filled::Bytes(read) => {
+                        assert_eq!(read, out.len());
+                        received.extend_from_slice(&out);
+                    }
+                    Filled::NeedCiphertext => break,
+                    Filled::Ended => return Ok(received),
+                }
+            }
+        }
+        Ok(received)
+    }
+
+    /// Small and large writes, each its own record (or several), with the client's KeyUpdates
+    /// (TLS 1.3) between some of them: the broker's side yields exactly what was written, and
+    /// answers each KeyUpdate with its own, after which its records are readable by the client
+    /// only if it switched keys in step with the client.
+    #[test]
+    fn records_cut_anywhere_arrive_whole_and_in_order_across_key_updates() {
+        for version in VERSIONS {
+            let (mut client, mut layer, mut inbox) = handshaken(version);
+            let (mut expected, mut wire) = (Vec::new(), Vec::new());
+            for index in 0..2_000u32 {
+                let piece =
+                    if index % 400 == 0 { vec![(index % 251) as u8; 40_000] } else { format!("{index};").into_bytes() };
+                client.writer().write_all(&piece).unwrap();
+                if version == &rustls::version::TLS13 && index % 300 == 150 {
+                    client.refresh_traffic_keys().unwrap();
+                }
+                wire.extend(client_output(&mut client));
+                expected.extend_from_slice(&piece);
+            }
+            let received = feed_in_pieces(&mut layer, &mut inbox, &wire).unwrap();
+            assert_eq!(received.len(), expected.len(), "{version:?}");
+            assert!(received == expected, "{version:?}: the plaintext differs from what the client wrote");
+            // The broker's answer(s) to the KeyUpdates, then a batch under its new keys.
+            let mut answer = Vec::new();
+            layer.take_queued(&mut answer);
+            if version == &rustls::version::TLS13 {
+                assert!(!answer.is_empty(), "the broker answers the client's KeyUpdate requests");
+            } else {
+                assert!(answer.is_empty(), "TLS 1.2 has no KeyUpdate");
+            }
+            let reply = b"reply after the key updates".repeat(1000);
+            let mut rest = &reply[..];
+            while !rest.is_empty() {
+                let taken = layer.seal_application_data(&[io::IoSlice::new(rest)], &mut answer).unwrap();
+                rest = &rest[taken..];
+            }
+            assert_eq!(client_input(&mut client, &answer).unwrap(), reply, "{version:?}");
+            // The client's close_notify ends the stream.
+            client.send_close_notify();
+            let close = client_output(&mut client);
+            inbox.buf.extend_from_slice(&close);
+            assert_eq!(inbox.fill(&mut layer, &mut BytesMut::with_capacity(100)), Ok(Filled::Ended), "{version:?}");
+        }
+    }
+
+    /// A flipped byte in a record: what came before it is delivered, the record is refused
+    /// with bad_record_mac (sent to the client), and nothing after it is opened.
+    #[test]
+    fn a_flipped_ciphertext_byte_is_refused_with_bad_record_mac_after_what_came_before() {
+        for version in VERSIONS {
+            let (mut client, mut layer, mut inbox) = handshaken(version);
+            client.writer().write_all(b"first").unwrap();
+            let mut wire = client_output(&mut client);
+            let first = wire.len();
+            client.writer().write_all(b"second").unwrap();
+            wire.extend(client_output(&mut client));
+            wire[first + 7] ^= 0x01;
+            let mut out = BytesMut::with_capacity(100);
+            inbox.buf.extend_from_slice(&wire);
+            assert_eq!(inbox.fill(&mut layer, &mut out), Ok(Filled::Bytes(5)), "{version:?}");
+            assert_eq!(&out[..], b"first");
+            out.clear();
+            let refused = inbox.fill(&mut layer, &mut out).unwrap_err();
+            assert_eq!(refused.alert, Some(records::Alert::BadRecordMac), "{version:?}");
+            let mut alert = Vec::new();
+            layer.take_queued(&mut alert);
+            assert_eq!(
+                client_input(&mut client, &alert),
+                Err(rustls::Error::AlertReceived(AlertDescription::BadRecordMac)),
+                "{version:?}"
+            );
+            assert!(layer.is_closed());
+            assert!(layer.seal_application_data(&[io::IoSlice::new(b"more")], &mut Vec::new()).is_err());
+        }
+    }
+
+    /// A record header announcing more than 2^14 + 256 bytes is refused before any of it is
+    /// read (record_overflow), so no buffer grows for it.
+    #[test]
+    fn an_oversized_record_header_is_refused_with_record_overflow() {
+        for version in VERSIONS {
+            let (mut client, mut layer, mut inbox) = handshaken(version);
+            inbox.buf.extend_from_slice(&[23, 3, 3, 0x41, 0x01]);
+            let refused = inbox.fill(&mut layer, &mut BytesMut::with_capacity(100)).unwrap_err();
+            assert_eq!(refused.alert, Some(records::Alert::RecordOverflow), "{version:?}");
+            let mut alert = Vec::new();
+            layer.take_queued(&mut alert);
+            assert_eq!(
+                client_input(&mut client, &alert),
+                Err(rustls::Error::AlertReceived(AlertDescription::RecordOverflow)),
+                "{version:?}"
+            );
+        }
+    }
+
+    /// At the write limit (the suite's confidentiality limit, lowered here) TLS 1.3 refreshes
+    /// its keys with a KeyUpdate and goes on; TLS 1.2 sends close_notify and stops, as rustls
+    /// does.
+    #[test]
+    fn the_write_limit_refreshes_the_keys_in_tls_1_3_and_ends_tls_1_2() {
+        for version in VERSIONS {
+            let (mut client, mut layer, _inbox) = handshaken(version);
+            layer.set_write_limit_for_tests(3);
+            let mut wire = Vec::new();
+            let mut sealed = 0;
+            for index in 0..10u8 {
+                match layer.seal_application_data(&[io::IoSlice::new(&[index; 10])], &mut wire) {
+                    Ok(taken) => {
+                        assert_eq!(taken, 10);
+                        sealed += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let plaintext = client_input(&mut client, &wire).unwrap();
+            if version == &rustls::version::TLS13 {
+                assert_eq!(sealed, 10, "TLS 1.3 goes on under new keys");
+                assert_eq!(plaintext.len(), 100);
+            } else {
+                assert_eq!(sealed, 3, "TLS 1.2 stops at the limit");
+                assert_eq!(plaintext.len(), 30);
+                let mut buf = [0u8; 1];
+                assert_eq!(client.reader().read(&mut buf).unwrap(), 0, "a close_notify ended the stream");
+            }
+        }
+    }
+
+    /// The broker's batches become full records the client reads back in order.
+    #[test]
+    fn sealed_batches_are_full_records_that_the_client_reads_in_order() {
+        for version in VERSIONS {
+            let (mut client, layer, _inbox) = handshaken(version);
+            let layer = RefCell::new(layer);
+            let mut outbound = crate::conn::outbound::Outbound::new();
+            let mut expected = Vec::new();
+            for index in 0..5_000u32 {
+                let frame = format!("frame {index};");
+                outbound.push_raw(frame.as_bytes());
+                expected.extend_from_slice(frame.as_bytes());
+            }
+            let mut batch = outbound.take_batch(WriteBatch::default()).unwrap();
+            let mut wire = Vec::new();
+            while !batch.is_done() {
+                let mut ciphertext = Vec::new();
+                seal_some(&mut layer.borrow_mut(), &mut batch, &mut ciphertext).unwrap();
+                assert!(ciphertext.len() >= TLS_WRITE_BYTES || batch.is_done());
+                wire.extend(ciphertext);
+            }
+            let mut offset = 0;
+            let mut lengths = Vec::new();
+            while let Some((header, payload)) = records::next_record(&wire[offset..]).unwrap() {
+                lengths.push(header.len);
+                offset += payload.end;
+            }
+            assert_eq!(offset, wire.len());
+            assert!(lengths[..lengths.len() - 1].iter().all(|&length| length == lengths[0]), "{lengths:?}");
+            assert!(lengths[0] > records::MAX_PLAINTEXT_BYTES, "full records");
+            assert!(client_input(&mut client, &wire).unwrap() == expected, "{version:?}");
         }
     }
 }

@@ -167,6 +167,10 @@ pub struct RecordLayer {
     /// Sealed records the writer sends before anything else: the reply to a KeyUpdate, an
     /// alert. Written by the reading side, which never writes to the socket itself.
     queued: Vec<u8>,
+    /// Our KeyUpdate answering the peer's request is in `queued`, not yet taken by the writer:
+    /// a second request needs no second answer (RFC 8446 4.6.3 asks for one before our next
+    /// application data, which that one is), so a flood of requests queues one record.
+    key_update_queued: bool,
     empty_records: u32,
     peer_closed: bool,
     /// A close_notify or a fatal alert was sealed: nothing more is.
@@ -266,6 +270,7 @@ impl RecordLayer {
             tx_limit: confidentiality_limit(suite).min(SEQ_LIMIT),
             kernel,
             queued: Vec::new(),
+            key_update_queued: false,
             empty_records: 0,
             peer_closed: false,
             closed: false,
@@ -282,10 +287,10 @@ impl RecordLayer {
         self.closed
     }
 
-    /// Lowers the write limit, so tests reach it in a few records.
+    /// Lowers the write limit to `records` more records, so tests reach it in a few.
     #[doc(hidden)]
-    pub fn set_write_limit_for_tests(&mut self, limit: u64) {
-        self.tx_limit = limit;
+    pub fn set_write_limit_for_tests(&mut self, records: u64) {
+        self.tx_limit = self.tx.seq + records;
     }
 
     /// Opens the record whose header is `header` and whose payload is `buf[payload]`, in place.
@@ -415,13 +420,14 @@ impl RecordLayer {
                 .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next read key"))?,
             seq: 0,
         };
-        if update_requested {
+        if update_requested && !self.key_update_queued {
             // Our KeyUpdate goes out under the current write key, then the key changes: the
             // writer sends the queue before the next record it seals.
             let mut queued = std::mem::take(&mut self.queued);
             let result = self.send_key_update(&mut queued);
             self.queued = queued;
             result?;
+            self.key_update_queued = true;
         }
         Ok(Opened::Nothing)
     }
@@ -461,6 +467,7 @@ impl RecordLayer {
         if !self.queued.is_empty() {
             out.append(&mut self.queued);
         }
+        self.key_update_queued = false;
     }
 
     /// Seals one record of application data from the front of `slices` (up to 2^14 bytes)
