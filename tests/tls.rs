@@ -623,7 +623,7 @@ fn client_key_updates_mid_stream_lose_and_reorder_nothing_in_either_direction() 
 }
 
 fn key_updates_round_trip(broker: &Broker, pair: &CertPair) {
-    let mut consumer = RawTlsPeer::open(&broker, &pair, &rustls::version::TLS13);
+    let mut consumer = RawTlsPeer::open(broker, pair, &rustls::version::TLS13);
     let subscribe =
         mbws_by_hand::binary_subscribe(1, "ku", mbws_by_hand::Mode::Anycast, mbws_by_hand::AckMode::Auto, 1000);
     consumer.send(subscribe);

@@ -144,13 +144,12 @@ pub async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tl
     let started = match shard.config.tls_records {
         TlsRecords::InPlace => rustls::server::UnbufferedServerConnection::new(tls)
             .map(|connection| TlsState::InPlace(InPlaceState::new(connection))),
-        TlsRecords::Rustls => {
-            rustls::ServerConnection::new(tls).map(|connection| TlsState::Rustls(RustlsState::new(connection)))
-        }
+        TlsRecords::Rustls => rustls::ServerConnection::new(tls)
+            .map(|connection| TlsState::Rustls(Box::new(RustlsState::new(connection)))),
     };
     match started {
         Ok(TlsState::InPlace(state)) => serve_stream(shard, InPlaceStream::new(stream, state), peer, permit).await,
-        Ok(TlsState::Rustls(state)) => serve_stream(shard, TlsStream::new(stream, state), peer, permit).await,
+        Ok(TlsState::Rustls(state)) => serve_stream(shard, TlsStream::new(stream, *state), peer, permit).await,
         Err(error) => log!(Level::Warn, "shard {}: cannot start TLS for {peer}: {error}", shard.id.0),
     }
 }
@@ -593,7 +592,7 @@ pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
         None => resume(shard, stream, peer, buf, binding, open, permit).await,
         Some(tls) => match *tls {
             TlsState::Rustls(state) => {
-                resume(shard, TlsStream::new(stream, state), peer, buf, binding, open, permit).await
+                resume(shard, TlsStream::new(stream, *state), peer, buf, binding, open, permit).await
             }
             TlsState::InPlace(state) => {
                 resume(shard, InPlaceStream::new(stream, state), peer, buf, binding, open, permit).await

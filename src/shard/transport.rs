@@ -149,7 +149,7 @@ async fn write_batch_plain<W: AsyncWriteRent>(writer: &mut W, mut batch: WriteBa
 /// (`--tls-records`).
 pub enum TlsState {
     /// rustls's buffered connection and the ciphertext read but not yet given to it.
-    Rustls(RustlsState),
+    Rustls(Box<RustlsState>),
     /// rustls's handshake, then the in-place record layer (`super::tls_inplace`).
     InPlace(InPlaceState),
 }
@@ -459,7 +459,7 @@ impl Stream for TlsStream {
         let connection = Rc::try_unwrap(self.connection)
             .unwrap_or_else(|_| unreachable!("an unsplit stream is the only holder of its TLS connection"))
             .into_inner();
-        (self.socket, Some(Box::new(TlsState::Rustls(RustlsState { connection, incoming: self.incoming }))))
+        (self.socket, Some(Box::new(TlsState::Rustls(Box::new(RustlsState { connection, incoming: self.incoming })))))
     }
 }
 
