@@ -1,7 +1,7 @@
 //! TLS with the in-place record layer (`--tls-records in-place`, the default): rustls's
 //! `UnbufferedServerConnection` does the handshake, [`crate::tls::records`] the records.
 //!
-//! Reading: the socket reads into the connection's own ciphertext buffer ([`Inbox`]); each
+//! Reading: the socket reads into the connection's own ciphertext buffer (`Inbox`); each
 //! whole record is decrypted where it lies and its plaintext copied once into the reader's
 //! buffer (the WebSocket decoder's), where rustls's buffered connection copies every byte three
 //! times (into its deframer, into its plaintext queue, out to the reader). A record cut by the
