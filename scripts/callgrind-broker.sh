@@ -4,9 +4,13 @@
 # address, 64-byte bodies, one shard) is driven by the `mbws` CLI clients; the broker runs
 # under valgrind, and the total of its instructions is divided by the message count.
 #
-#   scripts/callgrind-broker.sh [--count N] [--shards N] [--broker PATH] [--out FILE] [--tls] [-- SEND FLAGS...]
+#   scripts/callgrind-broker.sh [--count N] [--shards N] [--broker PATH] [--out FILE] [--tls]
+#                               [--tls-records in-place|rustls] [-- SEND FLAGS...]
 #
 # e.g. `scripts/callgrind-broker.sh --count 100000 -- --light` for MBLWS publishes.
+#
+# --tls-records MODE (with --tls) passes the broker that record layer (docs/SECURITY.md, "The
+# record layer"): the two layers compared on one binary.
 #
 # --tls runs the same workload over wss:// (the broker serves TLS with a throwaway ECDSA P-256
 # certificate made by openssl; both clients trust it with --ca-file): the instructions TLS adds
@@ -36,6 +40,7 @@ shards=1
 broker=""
 out="callgrind.broker.out"
 tls=0
+tls_records=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --count) count=$2; shift 2 ;;
@@ -43,8 +48,9 @@ while [[ $# -gt 0 ]]; do
         --broker) broker=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --tls) tls=1; shift ;;
+        --tls-records) tls_records=$2; shift 2 ;;
         --) shift; break ;;
-        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, --tls, -- SEND FLAGS)" >&2; exit 2 ;;
+        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, --tls, --tls-records MODE, -- SEND FLAGS)" >&2; exit 2 ;;
     esac
 done
 [[ $shards =~ ^[1-9][0-9]*$ ]] || { echo "callgrind-broker.sh: --shards takes a number of shards (1 or more), not '$shards'" >&2; exit 2; }
@@ -79,6 +85,7 @@ if ((tls)); then
         -keyout "$work/key.pem" -out "$work/cert.pem" >"$work/openssl.log" 2>&1 \
         || { echo "callgrind-broker.sh: openssl could not make a certificate for --tls:" >&2; cat "$work/openssl.log" >&2; exit 2; }
     tls_flags=(--tls-cert "$work/cert.pem" --tls-key "$work/key.pem")
+    [[ -n $tls_records ]] && tls_flags+=(--tls-records "$tls_records")
     client_tls=(--ca-file "$work/cert.pem")
 fi
 # The address: "perf" on one shard; with more, the first "perf-N" that shard 0 owns (the

@@ -107,6 +107,8 @@ pub struct Config {
     pub drain_duration_ms: u64,
     /// Serve `wss://` with this certificate and key (docs/SECURITY.md); `None`: plain `ws://`.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// The record layer of `wss://` sessions after their handshake (`--tls-records`).
+    pub tls_records: crate::tls::TlsRecords,
     /// Origins whose pages may open a WebSocket here ([`check_origin`]); empty: any.
     pub allowed_origins: Vec<String>,
     /// Where the admin API listens (`None`: `--admin-listen off`), and the bearer token it
@@ -192,6 +194,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             drain_duration_ms: 30_000,
             tls: None,
+            tls_records: crate::tls::TlsRecords::InPlace,
             allowed_origins: Vec::new(),
             admin_listen: Some(DEFAULT_ADMIN_LISTEN.parse().expect("default admin address parses")),
             admin_token: None,

@@ -135,6 +135,11 @@ struct Args {
     /// SIGHUP.
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// The record layer of wss:// sessions once rustls has done the handshake: in-place
+    /// (decrypted in the connection's buffer, sealed from its batch, with rustls's ciphers and
+    /// key schedule) or rustls (rustls's buffered connection). Same protocol either way.
+    #[arg(long, default_value = Config::default().tls_records.name(), value_parser = mbws::tls::TlsRecords::parse)]
+    tls_records: mbws::tls::TlsRecords,
     /// Origin whose web pages may open a WebSocket here, exactly as browsers send it
     /// (https://app.example.com, https://app.example.com:8443); repeatable; no patterns. Upgrades
     /// with another Origin header are refused (403); upgrades without one (clients that are not
@@ -824,6 +829,7 @@ fn config_from(args: Args, matches: &clap::ArgMatches) -> Result<(Config, Origin
         log_batch_bytes,
         log_segment_bytes,
         log_recovery,
+        tls_records,
         log_level,
         log_format,
         summary_interval_secs,

@@ -14,6 +14,8 @@
 //! `provider_preferring_aes_128`). No ALPN: a WebSocket upgrade is HTTP/1.1, which needs none. No client
 //! certificates.
 
+pub mod records;
+
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,34 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{CipherSuite, Error as TlsError, InconsistentKeys, ServerConfig};
+
+/// Which record layer carries a TLS session's data once rustls finished its handshake
+/// (`--tls-records`, docs/SECURITY.md "What TLS costs").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRecords {
+    /// [`records`]: decrypted in place in the connection's buffer and sealed from the batch,
+    /// with rustls's AEADs and key schedule (`in-place`, the default).
+    InPlace,
+    /// rustls's buffered `ServerConnection` does the records too (`rustls`).
+    Rustls,
+}
+
+impl TlsRecords {
+    pub fn parse(text: &str) -> Result<TlsRecords, String> {
+        match text {
+            "in-place" => Ok(TlsRecords::InPlace),
+            "rustls" => Ok(TlsRecords::Rustls),
+            _ => Err(format!("unknown TLS record layer \"{text}\": use in-place or rustls")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsRecords::InPlace => "in-place",
+            TlsRecords::Rustls => "rustls",
+        }
+    }
+}
 
 /// The two PEM files TLS is served from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +93,10 @@ impl TlsContext {
         // The broker's order of cipher suites decides, not the client's (see
         // `provider_preferring_aes_128`).
         server_config.ignore_client_order = true;
+        // The in-place record layer (`--tls-records in-place`, `records`) takes the traffic
+        // secrets from rustls once the handshake is done; rustls hands them out only when asked
+        // through `dangerous_into_kernel_connection`, which only that layer calls.
+        server_config.enable_secret_extraction = true;
         Ok(Arc::new(TlsContext { files, current, server_config: Arc::new(server_config) }))
     }
 

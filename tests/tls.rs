@@ -8,6 +8,8 @@
 #[path = "support/chaos_proxy.rs"]
 mod chaos_proxy;
 mod common;
+#[path = "support/mbws_by_hand.rs"]
+mod mbws_by_hand;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -480,6 +482,205 @@ fn failed_tls_handshakes_are_logged_at_info_with_the_reason_and_rate_limited() {
     assert!((1..=20).contains(&logged), "{logged} lines for 30 failures");
     for line in broker.log_lines() {
         assert!(!line.contains("do-not-log-this") && !line.contains("also-secret"), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-place record layer (--tls-records in-place, the default) against a rustls client that
+// drives its own TLS records: KeyUpdates mid-stream, a damaged record, an oversized header.
+
+/// A rustls client session under tungstenite, speaking hand-made binary MBWS frames; the test
+/// reaches its TLS connection (KeyUpdate) and its socket (raw records) directly.
+struct RawTlsPeer {
+    socket: tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>,
+}
+
+impl RawTlsPeer {
+    fn open(broker: &Broker, pair: &CertPair, version: &'static rustls::SupportedProtocolVersion) -> RawTlsPeer {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from_pem_file(&pair.cert).unwrap()).unwrap();
+        let config =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let tcp = std::net::TcpStream::connect(broker.addr).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        let stream = rustls::StreamOwned::new(connection, tcp);
+        use tungstenite::client::IntoClientRequest;
+        let mut request = format!("wss://localhost:{}/", broker.addr.port()).into_client_request().unwrap();
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "MBWS.huawei.com".parse().unwrap());
+        let (socket, response) = tungstenite::client(request, stream).expect("upgrade over TLS");
+        assert_eq!(response.status(), 101);
+        let mut peer = RawTlsPeer { socket };
+        peer.send(mbws_by_hand::binary_open());
+        assert!(matches!(peer.recv(), mbws_by_hand::Reply::Opened { .. }));
+        peer
+    }
+
+    fn send(&mut self, frame: Vec<u8>) {
+        self.socket.send(tungstenite::Message::Binary(frame.into())).expect("send");
+    }
+
+    fn recv(&mut self) -> mbws_by_hand::Reply {
+        loop {
+            match self.socket.read().expect("a frame from the broker within the timeout") {
+                tungstenite::Message::Binary(payload) => return mbws_by_hand::parse_binary(&payload).unwrap(),
+                tungstenite::Message::Close(_) => return mbws_by_hand::Reply::Close,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads RECEIPTs (each covers the SENDs up to its seq) until the one for `seq`.
+    fn wait_receipt(&mut self, seq: u64) {
+        let mut last = 0;
+        while last < seq {
+            match self.recv() {
+                mbws_by_hand::Reply::Receipt { seq: receipted } if receipted > last => last = receipted,
+                other => panic!("expected a receipt after {last}, got {other:?}"),
+            }
+        }
+        assert_eq!(last, seq);
+    }
+
+    /// Sends a KeyUpdate (rustls asks the broker to update its keys too).
+    fn key_update(&mut self) {
+        self.socket.get_mut().conn.refresh_traffic_keys().unwrap();
+    }
+
+    /// Writes `bytes` to the socket under the TLS layer, as they are.
+    fn write_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.socket.get_mut().sock.write_all(bytes).unwrap();
+    }
+
+    /// Seals `plaintext` as the client's next record(s) and returns them, unsent.
+    fn seal(&mut self, plaintext: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let connection = &mut self.socket.get_mut().conn;
+        connection.writer().write_all(plaintext).unwrap();
+        let mut wire = Vec::new();
+        while connection.wants_write() {
+            connection.write_tls(&mut wire).unwrap();
+        }
+        wire
+    }
+
+    /// Reads until the broker's alert arrives; the error rustls reports for it.
+    fn alert(&mut self) -> rustls::Error {
+        use std::io::Read;
+        let stream = self.socket.get_mut();
+        loop {
+            match stream.conn.read_tls(&mut stream.sock) {
+                Ok(0) => panic!("the broker closed without an alert"),
+                Ok(_) => {}
+                Err(error) => panic!("no alert within the timeout: {error}"),
+            }
+            match stream.conn.process_new_packets() {
+                Err(error) => return error,
+                Ok(_) => {
+                    let _ = stream.conn.reader().read_to_end(&mut Vec::new());
+                }
+            }
+        }
+    }
+}
+
+fn expect_messages(consumer: &mut RawTlsPeer, count: u64, key_update_every: u64) {
+    for index in 0..count {
+        match consumer.recv() {
+            mbws_by_hand::Reply::Message { body, .. } => {
+                assert_eq!(body, format!("message {index}").into_bytes(), "message {index}")
+            }
+            other => panic!("expected message {index}, got {other:?}"),
+        }
+        if key_update_every > 0 && index % key_update_every == key_update_every / 2 {
+            consumer.key_update();
+        }
+    }
+}
+
+/// KeyUpdates from the client in the middle of a stream, in both directions: the producer
+/// updates its keys every 100 SENDs (its SENDs and the broker's RECEIPTs keep flowing), the
+/// consumer every 100 MESSAGEs, asking the broker to update its own, under which the next
+/// MESSAGEs arrive (rustls's client reads them only if the broker's KeyUpdate came first).
+/// Nothing is lost or reordered. With either record layer (`--tls-records`).
+#[test]
+fn client_key_updates_mid_stream_lose_and_reorder_nothing_in_either_direction() {
+    let dir = temp_dir("tls-key-update");
+    let pair = make_certificate(&dir, "broker");
+    for records in ["in-place", "rustls"] {
+        let broker = Broker::start(&[&["--shards", "1", "--tls-records", records][..], &pair.flags()].concat());
+        key_updates_round_trip(&broker, &pair);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn key_updates_round_trip(broker: &Broker, pair: &CertPair) {
+    let mut consumer = RawTlsPeer::open(broker, pair, &rustls::version::TLS13);
+    let subscribe =
+        mbws_by_hand::binary_subscribe(1, "ku", mbws_by_hand::Mode::Anycast, mbws_by_hand::AckMode::Auto, 1000);
+    consumer.send(subscribe);
+    assert!(matches!(consumer.recv(), mbws_by_hand::Reply::Subscribed { subscription_id: 1 }));
+    let mut producer = RawTlsPeer::open(broker, pair, &rustls::version::TLS13);
+    let count = 600u64;
+    for index in 0..count {
+        producer.send(mbws_by_hand::binary_send(index + 1, "ku", format!("message {index}").as_bytes()));
+        if index % 100 == 50 {
+            producer.key_update();
+        }
+    }
+    producer.wait_receipt(count);
+    expect_messages(&mut consumer, count, 100);
+    // The consumer's last KeyUpdate is answered too: one more round trip under the new keys.
+    producer.send(mbws_by_hand::binary_send(count + 1, "ku", b"message after"));
+    producer.wait_receipt(count + 1);
+    assert!(matches!(consumer.recv(), mbws_by_hand::Reply::Message { body, .. } if body == b"message after"));
+}
+
+/// A record whose ciphertext was altered ends the session with bad_record_mac (TLS 1.3 and
+/// 1.2); every message receipted before it is still delivered. A record header that announces
+/// more than 2^14 + 256 bytes ends it with record_overflow.
+#[test]
+fn a_damaged_record_or_an_oversized_header_ends_the_session_with_its_alert_and_loses_nothing_receipted() {
+    let dir = temp_dir("tls-bad-record");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&[&["--shards", "1"][..], &pair.flags()].concat());
+    for (round, version) in [&rustls::version::TLS13, &rustls::version::TLS12].into_iter().enumerate() {
+        let address = format!("bad-record-{round}");
+        let mut consumer = RawTlsPeer::open(&broker, &pair, version);
+        let subscribe =
+            mbws_by_hand::binary_subscribe(1, &address, mbws_by_hand::Mode::Anycast, mbws_by_hand::AckMode::Auto, 1000);
+        consumer.send(subscribe);
+        assert!(matches!(consumer.recv(), mbws_by_hand::Reply::Subscribed { .. }));
+        let mut producer = RawTlsPeer::open(&broker, &pair, version);
+        for index in 0..50u64 {
+            producer.send(mbws_by_hand::binary_send(index + 1, &address, format!("message {index}").as_bytes()));
+        }
+        producer.wait_receipt(50);
+        let mut damaged = producer.seal(b"any bytes: the record is refused before they are read");
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x80;
+        producer.write_raw(&damaged);
+        assert_eq!(
+            producer.alert(),
+            rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac),
+            "{version:?}"
+        );
+        expect_messages(&mut consumer, 50, 0);
+        let mut oversized = RawTlsPeer::open(&broker, &pair, version);
+        oversized.write_raw(&[23, 3, 3, 0x41, 0x01]);
+        assert_eq!(
+            oversized.alert(),
+            rustls::Error::AlertReceived(rustls::AlertDescription::RecordOverflow),
+            "{version:?}"
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }

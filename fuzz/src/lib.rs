@@ -17,6 +17,7 @@ use mbws::ids::ShardId;
 use mbws::mbws::{self as proto, Binding, CodecLimits, Frame};
 use mbws::store::record::{self, Record, SegmentHeader, FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
 use mbws::store::{self, LogConfig, RecoveryMode};
+use mbws::tls::records as tls_records;
 use mbws::ws::frame::{apply_mask, encode_frame};
 use mbws::ws::handshake::{self, HttpRequest};
 use mbws::ws::message::{close_payload, Decoder, WsEvent};
@@ -35,6 +36,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("log_recovery", log_recovery),
     ("auth", auth),
     ("jwt", jwt),
+    ("tls_records", tls_records),
 ];
 
 /// The broker's bound on an upgrade request head (admin and WebSocket listeners use 8 KiB).
@@ -480,6 +482,60 @@ fn check_redacted(given: &Credentials) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// TLS records
+
+/// The records `next_record` finds walking `data` from its start, and the refusal that stopped
+/// the walk, if any.
+fn walk_records(data: &[u8]) -> (Vec<(tls_records::Header, usize)>, Option<tls_records::Fatal>) {
+    let (mut found, mut offset) = (Vec::new(), 0);
+    loop {
+        match tls_records::next_record(&data[offset..]) {
+            Ok(Some((header, payload))) => {
+                assert_eq!(payload.start, tls_records::HEADER_BYTES, "the payload follows the header");
+                assert_eq!(payload.len(), header.len, "the payload is as long as the header says");
+                assert!(header.len <= tls_records::MAX_CIPHERTEXT_BYTES, "a record within the limit");
+                assert!(offset + payload.end <= data.len(), "a record inside the input");
+                offset += payload.end;
+                found.push((header, offset));
+            }
+            Ok(None) => return (found, None),
+            Err(fatal) => return (found, Some(fatal)),
+        }
+    }
+}
+
+/// Target `tls_records`: the record parser of the in-place TLS record layer
+/// (`mbws::tls::records`) on arbitrary ciphertext. Never a panic; every record lies inside the
+/// input, within 2^14 + 256 bytes; and a stream cut anywhere yields a prefix of what the whole
+/// stream yields (the parser waits for the rest of a record rather than misread it), with a
+/// refusal only where the whole stream has the same one.
+pub fn tls_records(data: &[u8]) {
+    let (whole, whole_refusal) = walk_records(data);
+    for cut in [data.len() / 3, data.len() / 2, data.len().saturating_sub(1)] {
+        let (part, refusal) = walk_records(&data[..cut]);
+        assert!(whole.starts_with(&part), "cut at {cut}: the records differ from the whole stream's");
+        if refusal.is_some() {
+            assert_eq!(part.len(), whole.len(), "cut at {cut}: a refusal the whole stream does not have");
+            assert_eq!(refusal, whole_refusal, "cut at {cut}: another refusal than the whole stream's");
+        }
+    }
+}
+
+fn tls_record_seeds() -> Vec<Vec<u8>> {
+    let record = |typ: u8, len: usize| {
+        let mut bytes = vec![typ, 3, 3, (len >> 8) as u8, len as u8];
+        bytes.extend(std::iter::repeat_n(0xa5, len));
+        bytes
+    };
+    vec![
+        record(23, 40),
+        [record(23, 0), record(21, 2), record(22, 5), record(23, 300)].concat(),
+        record(23, tls_records::MAX_CIPHERTEXT_BYTES),
+        record(23, 100)[..50].to_vec(),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
 // Seeds
 
 /// Valid inputs per target, from which the fuzzers start (`fuzz/corpus/<target>/seed-*` are
@@ -494,6 +550,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "log_recovery" => log_recovery_seeds(),
         "auth" => auth_seeds(),
         "jwt" => jwt_seeds(),
+        "tls_records" => tls_record_seeds(),
         other => panic!("no fuzz target {other}"),
     }
 }

@@ -68,6 +68,7 @@ pub struct ConfigFile {
     pub drain_duration_ms: Option<u64>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub tls_records: Option<String>,
     pub allowed_origin: Option<Vec<String>>,
     pub admin_listen: Option<String>,
     pub admin_token: Option<Secret>,
@@ -417,6 +418,10 @@ impl ConfigFile {
                 ));
             }
         }
+        if let Some(records) = &self.tls_records {
+            config.tls_records = crate::tls::TlsRecords::parse(records)
+                .map_err(|reason| bad_value(origins, "tls-records", records, &reason))?;
+        }
         if let Some(list) = &self.allowed_origin {
             config.allowed_origins = list
                 .iter()
@@ -515,6 +520,7 @@ impl ConfigFile {
             drain_duration_ms: Some(config.drain_duration_ms),
             tls_cert: config.tls.as_ref().map(|tls| tls.cert.clone()),
             tls_key: config.tls.as_ref().map(|tls| tls.key.clone()),
+            tls_records: Some(config.tls_records.name().to_string()),
             allowed_origin: Some(config.allowed_origins.clone()),
             admin_listen: Some(super::AdminListen(config.admin_listen).to_string()),
             admin_token: config.admin_token.clone(),

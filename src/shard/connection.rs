@@ -46,7 +46,8 @@ use monoio::buf::IoBufMut;
 use monoio::net::TcpStream;
 
 use super::assets;
-use super::transport::{ReadSide, Stream, TlsState, TlsStream, WriteSide};
+use super::tls_inplace::{InPlaceState, InPlaceStream};
+use super::transport::{ReadSide, RustlsState, Stream, TlsState, TlsStream, WriteSide};
 use crate::broker::{ConnRef, ShardId};
 use crate::clock::now_ms;
 use crate::conn::lifecycle::Attachment;
@@ -60,6 +61,7 @@ use crate::mbws::{self, Binding, ErrorCode, ErrorFrame, Frame, Subprotocol};
 use crate::shard::admission::ConnectionPermit;
 use crate::shard::core::{ReaderFinished, Resumed};
 use crate::shard::Shard;
+use crate::tls::TlsRecords;
 use crate::ws::handshake::{self, HandshakeError};
 use crate::ws::message::{close_payload, Decoder, WsEvent};
 use crate::ws::{OpCode, Role, WsError};
@@ -139,8 +141,15 @@ pub async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, tl
             return;
         }
     };
-    match rustls::ServerConnection::new(tls) {
-        Ok(connection) => serve_stream(shard, TlsStream::new(stream, TlsState::new(connection)), peer, permit).await,
+    let started = match shard.config.tls_records {
+        TlsRecords::InPlace => rustls::server::UnbufferedServerConnection::new(tls)
+            .map(|connection| TlsState::InPlace(InPlaceState::new(connection))),
+        TlsRecords::Rustls => rustls::ServerConnection::new(tls)
+            .map(|connection| TlsState::Rustls(Box::new(RustlsState::new(connection)))),
+    };
+    match started {
+        Ok(TlsState::InPlace(state)) => serve_stream(shard, InPlaceStream::new(stream, state), peer, permit).await,
+        Ok(TlsState::Rustls(state)) => serve_stream(shard, TlsStream::new(stream, *state), peer, permit).await,
         Err(error) => log!(Level::Warn, "shard {}: cannot start TLS for {peer}: {error}", shard.id.0),
     }
 }
@@ -581,7 +590,14 @@ pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
     let buf = ReadBuffer::new(buffered, shard.config.read_buffer_bytes);
     match tls {
         None => resume(shard, stream, peer, buf, binding, open, permit).await,
-        Some(tls) => resume(shard, TlsStream::new(stream, *tls), peer, buf, binding, open, permit).await,
+        Some(tls) => match *tls {
+            TlsState::Rustls(state) => {
+                resume(shard, TlsStream::new(stream, *state), peer, buf, binding, open, permit).await
+            }
+            TlsState::InPlace(state) => {
+                resume(shard, InPlaceStream::new(stream, state), peer, buf, binding, open, permit).await
+            }
+        },
     }
 }
 

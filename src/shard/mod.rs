@@ -23,6 +23,7 @@ pub mod core;
 mod data_dir;
 pub mod mailbox;
 mod net;
+pub mod tls_inplace;
 pub mod transport;
 
 use std::cell::{Cell, RefCell};

@@ -36,6 +36,7 @@ use monoio::BufResult;
 use rustls::ServerConnection;
 
 use super::connection::ReadTail;
+pub use super::tls_inplace::InPlaceState;
 use crate::conn::outbound::WriteBatch;
 
 /// Ciphertext read from the socket per read on a busy TLS connection (two full records): the
@@ -144,22 +145,35 @@ async fn write_batch_plain<W: AsyncWriteRent>(writer: &mut W, mut batch: WriteBa
     (Ok(()), batch)
 }
 
-/// A TLS session's state that outlives a move between shards: rustls's connection and the
-/// ciphertext read from the socket but not yet given to it.
-pub struct TlsState {
-    connection: ServerConnection,
-    incoming: Incoming,
+/// A TLS session's state that outlives a move between shards, in either record layer
+/// (`--tls-records`).
+pub enum TlsState {
+    /// rustls's buffered connection and the ciphertext read but not yet given to it.
+    Rustls(Box<RustlsState>),
+    /// rustls's handshake, then the in-place record layer (`super::tls_inplace`).
+    InPlace(InPlaceState),
 }
 
 impl std::fmt::Debug for TlsState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsState").field("unread_ciphertext_bytes", &self.incoming.unread().len()).finish()
+        let (records, unread) = match self {
+            TlsState::Rustls(state) => ("rustls", state.incoming.unread().len()),
+            TlsState::InPlace(state) => ("in-place", state.unread_bytes()),
+        };
+        f.debug_struct("TlsState").field("records", &records).field("unread_ciphertext_bytes", &unread).finish()
     }
 }
 
-impl TlsState {
-    pub fn new(connection: ServerConnection) -> TlsState {
-        TlsState { connection, incoming: Incoming::new() }
+/// rustls's buffered connection (`--tls-records rustls`) and the ciphertext read from the
+/// socket but not yet given to it.
+pub struct RustlsState {
+    connection: ServerConnection,
+    incoming: Incoming,
+}
+
+impl RustlsState {
+    pub fn new(connection: ServerConnection) -> RustlsState {
+        RustlsState { connection, incoming: Incoming::new() }
     }
 }
 
@@ -281,20 +295,20 @@ pub const TLS_BUSY_WRITE_BYTES: usize = 4 * 1024;
 /// write of at least [`TLS_BUSY_WRITE_BYTES`]), let go after a batch of less, so a connection
 /// that sends little keeps none between its batches.
 #[derive(Default)]
-struct Outgoing {
+pub(crate) struct Outgoing {
     buf: Vec<u8>,
 }
 
 impl Outgoing {
     /// The buffer, empty, for the next batch.
-    fn take(&mut self) -> Vec<u8> {
+    pub(crate) fn take(&mut self) -> Vec<u8> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf
     }
 
     /// Keeps `buf` for the next batch if the batch that just ended was a busy one.
-    fn put_back(&mut self, buf: Vec<u8>, largest_write: usize) {
+    pub(crate) fn put_back(&mut self, buf: Vec<u8>, largest_write: usize) {
         if largest_write >= TLS_BUSY_WRITE_BYTES {
             self.buf = buf;
         }
@@ -373,7 +387,7 @@ pub struct TlsStream {
 }
 
 impl TlsStream {
-    pub fn new(socket: TcpStream, state: TlsState) -> TlsStream {
+    pub fn new(socket: TcpStream, state: RustlsState) -> TlsStream {
         TlsStream {
             socket,
             connection: Rc::new(RefCell::new(state.connection)),
@@ -445,7 +459,7 @@ impl Stream for TlsStream {
         let connection = Rc::try_unwrap(self.connection)
             .unwrap_or_else(|_| unreachable!("an unsplit stream is the only holder of its TLS connection"))
             .into_inner();
-        (self.socket, Some(Box::new(TlsState { connection, incoming: self.incoming })))
+        (self.socket, Some(Box::new(TlsState::Rustls(Box::new(RustlsState { connection, incoming: self.incoming })))))
     }
 }
 

@@ -1,0 +1,858 @@
+//! TLS with the in-place record layer (`--tls-records in-place`, the default): rustls's
+//! `UnbufferedServerConnection` does the handshake, [`crate::tls::records`] the records.
+//!
+//! Reading: the socket reads into the connection's own ciphertext buffer (`Inbox`); each
+//! whole record is decrypted where it lies and its plaintext copied once into the reader's
+//! buffer (the WebSocket decoder's), where rustls's buffered connection copies every byte three
+//! times (into its deframer, into its plaintext queue, out to the reader). A record cut by the
+//! end of a read stays, and the next read appends to it.
+//!
+//! Writing: each record is sealed from the batch's iovecs by rustls's AEAD (which copies the
+//! plaintext once into the record it returns) and gathered in one buffer, as with the buffered
+//! connection, until [`TLS_WRITE_BYTES`] are ready; then one socket write.
+//!
+//! The handshake runs in the stream before the split (as for the buffered connection), inside
+//! the upgrade's `handshake_timeout`; its buffer is bounded by [`MAX_HANDSHAKE_BUFFER_BYTES`].
+//! After the split the reader and the writer share the [`RecordLayer`] in an `Rc<RefCell<..>>`,
+//! borrowed only between awaits. Only the writer writes to the socket: what the reader seals
+//! (the answer to a KeyUpdate, an alert) leaves ahead of the next batch, or at shutdown.
+//!
+//! Bounds: the inbox holds at most [`TLS_READ_BYTES`] plus one record ([`MAX_RECORD_BYTES`]);
+//! an idle connection's shrinks back to [`TLS_IDLE_READ_BYTES`] plus the record it waits for.
+
+use std::cell::RefCell;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use monoio::BufResult;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError};
+
+use super::connection::ReadTail;
+use super::transport::{
+    Outgoing, ReadSide, Stream, TlsState, WriteSide, TLS_IDLE_READ_BYTES, TLS_READ_BYTES, TLS_WRITE_BYTES,
+};
+use crate::conn::outbound::WriteBatch;
+use crate::tls::records::{self, Fatal, Opened, RecordLayer, MAX_RECORD_BYTES};
+
+/// The most ciphertext the handshake may hold while rustls waits for a whole handshake message
+/// (the largest is 64 KiB, rustls's own limit, cut in records).
+pub const MAX_HANDSHAKE_BUFFER_BYTES: usize = 80 * 1024;
+
+/// A session's state that outlives a move between shards.
+pub struct InPlaceState {
+    session: Session,
+    inbox: Inbox,
+}
+
+impl InPlaceState {
+    pub fn new(connection: UnbufferedServerConnection) -> InPlaceState {
+        InPlaceState { session: Session::Handshaking(Box::new(connection)), inbox: Inbox::new() }
+    }
+
+    /// Ciphertext read but not yet opened (for `Debug`).
+    pub fn unread_bytes(&self) -> usize {
+        self.inbox.unread().len()
+    }
+}
+
+enum Session {
+    Handshaking(Box<UnbufferedServerConnection>),
+    Traffic(Box<RecordLayer>),
+    /// The handshake failed, or the session was taken apart.
+    Ended,
+}
+
+/// Ciphertext read from the socket, decrypted in place record by record. `buf[start..]` is not
+/// yet opened; `plain` is decrypted plaintext (inside `buf[..start]`) not yet handed out;
+/// `early` is plaintext rustls decrypted during the handshake (the client's first bytes, sent
+/// with its Finished).
+struct Inbox {
+    buf: Vec<u8>,
+    start: usize,
+    plain: Range<usize>,
+    early: Vec<u8>,
+    /// The record that ended the session, reported once the plaintext before it is handed out.
+    failed: Option<Fatal>,
+    last_read_busy: bool,
+}
+
+/// What [`Inbox::fill`] got.
+#[derive(Debug, PartialEq, Eq)]
+enum Filled {
+    /// Plaintext appended to the reader's buffer.
+    Bytes(usize),
+    /// The peer's close_notify, or nothing more will come.
+    Ended,
+    /// Everything read is opened: read the socket again.
+    NeedCiphertext,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox { buf: Vec::new(), start: 0, plain: 0..0, early: Vec::new(), failed: None, last_read_busy: false }
+    }
+
+    fn unread(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Copies plaintext into `out` (as much as its spare capacity takes), opening records as
+    /// needed. A record that ends the session is reported after the plaintext before it.
+    fn fill(&mut self, layer: &mut RecordLayer, out: &mut BytesMut) -> Result<Filled, Fatal> {
+        assert!(out.capacity() > out.len(), "a read is always given room");
+        if let Some(fatal) = self.failed.take() {
+            return Err(fatal);
+        }
+        let mut appended = self.hand_out_early(out);
+        match self.open_into(layer, out, &mut appended) {
+            Err(fatal) if appended > 0 => self.failed = Some(fatal),
+            Err(fatal) => return Err(fatal),
+            Ok(()) => {}
+        }
+        Ok(match appended {
+            0 if layer.peer_closed() => Filled::Ended,
+            0 => Filled::NeedCiphertext,
+            appended => Filled::Bytes(appended),
+        })
+    }
+
+    fn open_into(&mut self, layer: &mut RecordLayer, out: &mut BytesMut, appended: &mut usize) -> Result<(), Fatal> {
+        loop {
+            *appended += self.hand_out_plain(out);
+            if out.capacity() == out.len() || layer.peer_closed() {
+                break;
+            }
+            let next = records::next_record(self.unread()).inspect_err(|fatal| layer.refuse(fatal))?;
+            let Some((header, payload)) = next else {
+                break;
+            };
+            let payload = self.start + payload.start..self.start + payload.end;
+            self.start = payload.end;
+            match layer.open(header, &mut self.buf, payload)? {
+                Opened::Data(range) => self.plain = range,
+                Opened::Nothing => {}
+                Opened::Closed => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn hand_out_early(&mut self, out: &mut BytesMut) -> usize {
+        if self.early.is_empty() {
+            return 0;
+        }
+        let taken = self.early.len().min(out.capacity() - out.len());
+        out.extend_from_slice(&self.early[..taken]);
+        self.early.drain(..taken);
+        taken
+    }
+
+    fn hand_out_plain(&mut self, out: &mut BytesMut) -> usize {
+        let taken = self.plain.len().min(out.capacity() - out.len());
+        out.extend_from_slice(&self.buf[self.plain.start..self.plain.start + taken]);
+        self.plain.start += taken;
+        taken
+    }
+
+    /// Reads once from the socket after the unopened ciphertext (moved to the front), with room
+    /// for the traffic ([`TLS_READ_BYTES`] busy, [`TLS_IDLE_READ_BYTES`] idle) and at least the
+    /// rest of the record it holds the start of. `Ok(0)` is the end of the stream.
+    async fn read_from<R: AsyncReadRent>(&mut self, socket: &mut R, bound: usize) -> io::Result<usize> {
+        assert!(self.plain.is_empty() && self.early.is_empty(), "the socket is read once all plaintext is handed out");
+        let unread = self.buf.len() - self.start;
+        let record = match records::parse_header(self.unread()) {
+            Ok(Some(header)) => records::HEADER_BYTES + header.len,
+            _ => records::HEADER_BYTES,
+        };
+        let traffic = if self.last_read_busy { TLS_READ_BYTES } else { TLS_IDLE_READ_BYTES };
+        let room = traffic.max(record.saturating_sub(unread));
+        if unread + room > bound {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS handshake messages larger than the broker accepts",
+            ));
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.copy_within(self.start.., 0);
+        buf.truncate(unread);
+        if unread == 0 && !self.last_read_busy && buf.capacity() > 2 * TLS_IDLE_READ_BYTES {
+            // An idle connection lets its large buffer go.
+            buf = Vec::new();
+        }
+        buf.reserve(room);
+        self.start = 0;
+        self.plain = 0..0;
+        let (result, slice) = socket.read(buf.slice_mut(unread..unread + room)).await;
+        self.buf = slice.into_inner();
+        self.last_read_busy = self.buf.len() - unread >= TLS_IDLE_READ_BYTES;
+        result
+    }
+}
+
+/// What one round of the handshake left to do.
+enum Handshake {
+    /// Read the socket again.
+    NeedCiphertext,
+    /// rustls is done: hand the session to the record layer.
+    Ready,
+    /// The peer closed, or the handshake failed (its alert, if any, is in the output).
+    Ended(Option<rustls::Error>),
+}
+
+/// Drives rustls's handshake over the inbox's ciphertext; appends what it sends to `out` and
+/// what the client sent after its Finished to the inbox's early plaintext.
+fn drive_handshake(connection: &mut UnbufferedServerConnection, inbox: &mut Inbox, out: &mut Vec<u8>) -> Handshake {
+    loop {
+        let status = connection.process_tls_records(&mut inbox.buf[inbox.start..]);
+        let mut discard = status.discard;
+        let state = match status.state {
+            Ok(state) => state,
+            Err(error) => {
+                inbox.start += discard;
+                // rustls queued its alert: one more round hands it out.
+                if let Ok(ConnectionState::EncodeTlsData(mut data)) = connection.process_tls_records(&mut []).state {
+                    let _ = encode(|buf| data.encode(buf), out);
+                }
+                return Handshake::Ended(Some(error));
+            }
+        };
+        let finished = match state {
+            ConnectionState::EncodeTlsData(mut data) => encode(|buf| data.encode(buf), out).err(),
+            ConnectionState::TransmitTlsData(transmit) => {
+                // `out` is written before the socket is read again (or the layer takes over).
+                transmit.done();
+                None
+            }
+            ConnectionState::ReadTraffic(mut traffic) => {
+                let mut failed = None;
+                while let Some(record) = traffic.next_record() {
+                    match record {
+                        Ok(record) => {
+                            discard += record.discard;
+                            inbox.early.extend_from_slice(record.payload);
+                        }
+                        Err(error) => {
+                            failed = Some(Handshake::Ended(Some(error)));
+                            break;
+                        }
+                    }
+                }
+                failed
+            }
+            ConnectionState::BlockedHandshake => Some(Handshake::NeedCiphertext),
+            ConnectionState::WriteTraffic(_) => Some(Handshake::Ready),
+            ConnectionState::PeerClosed | ConnectionState::Closed => Some(Handshake::Ended(None)),
+            _ => Some(Handshake::Ended(Some(rustls::Error::General("an unexpected TLS state".into())))),
+        };
+        inbox.start += discard;
+        assert!(inbox.start <= inbox.buf.len(), "rustls discards only what it was given");
+        match finished {
+            // A TLS 1.3 server may write once its own Finished is out, but the handshake ends
+            // with the client's.
+            Some(Handshake::Ready) if connection.is_handshaking() => return Handshake::NeedCiphertext,
+            Some(finished) => return finished,
+            None => {}
+        }
+    }
+}
+
+/// Appends one handshake record rustls encodes to `out`.
+fn encode(mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>, out: &mut Vec<u8>) -> Result<(), Handshake> {
+    let start = out.len();
+    out.resize(start + MAX_RECORD_BYTES, 0);
+    let result = match encode(&mut out[start..]) {
+        Err(EncodeError::InsufficientSize(needed)) => {
+            out.resize(start + needed.required_size, 0);
+            encode(&mut out[start..])
+        }
+        result => result,
+    };
+    match result {
+        Ok(written) => {
+            out.truncate(start + written);
+            Ok(())
+        }
+        Err(error) => {
+            out.truncate(start);
+            Err(Handshake::Ended(Some(rustls::Error::General(format!("cannot encode a handshake record: {error}")))))
+        }
+    }
+}
+
+/// Turns rustls's finished connection into the record layer.
+fn take_over(connection: UnbufferedServerConnection) -> io::Result<Box<RecordLayer>> {
+    let (secrets, kernel) = connection.dangerous_into_kernel_connection().map_err(invalid_data)?;
+    RecordLayer::new(secrets, kernel).map(Box::new).map_err(invalid_data)
+}
+
+/// rustls's error, kept whole: the connection logs its reason for a failed handshake.
+fn invalid_data(error: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+fn fatal_error(fatal: Fatal) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {}", fatal.reason))
+}
+
+/// Copies plaintext to `tail` from the inbox, reading the socket when it needs more; the
+/// reader's loop (the handshake is over).
+async fn read_records<R: AsyncReadRent>(
+    layer: &RefCell<RecordLayer>,
+    inbox: &mut Inbox,
+    socket: &mut R,
+    tail: &mut BytesMut,
+) -> io::Result<usize> {
+    loop {
+        let filled = inbox.fill(&mut layer.borrow_mut(), tail).map_err(fatal_error)?;
+        match filled {
+            Filled::Bytes(read) => return Ok(read),
+            Filled::Ended => return Ok(0),
+            Filled::NeedCiphertext => {}
+        }
+        if inbox.read_from(socket, usize::MAX).await? == 0 {
+            // The end of the stream, with or without a close_notify first.
+            return Ok(0);
+        }
+    }
+}
+
+/// Seals the front of `batch` into `ciphertext` (after what the reader queued), one record of
+/// up to 16 KiB at a time, until [`TLS_WRITE_BYTES`] are ready or the batch is done. Returns
+/// the plaintext bytes taken.
+fn seal_some(layer: &mut RecordLayer, batch: &mut WriteBatch, ciphertext: &mut Vec<u8>) -> io::Result<usize> {
+    layer.take_queued(ciphertext);
+    let mut taken_total = 0;
+    while !batch.is_done() && ciphertext.len() < TLS_WRITE_BYTES {
+        let taken = layer.seal_application_data(batch.remaining_io_slices(), ciphertext).map_err(fatal_error)?;
+        assert!(taken > 0, "a batch that is not done has bytes to seal");
+        batch.advance(taken);
+        taken_total += taken;
+    }
+    Ok(taken_total)
+}
+
+/// Seals and writes `batch` over `socket`: one socket write per [`TLS_WRITE_BYTES`] or so.
+async fn write_batch_records<W: AsyncWriteRent>(
+    layer: &RefCell<RecordLayer>,
+    socket: &mut W,
+    outgoing: &mut Outgoing,
+    mut batch: WriteBatch,
+) -> (io::Result<()>, WriteBatch) {
+    let mut ciphertext = outgoing.take();
+    let mut largest_write = 0;
+    let result = loop {
+        if let Err(error) = seal_some(&mut layer.borrow_mut(), &mut batch, &mut ciphertext) {
+            break Err(error);
+        }
+        if ciphertext.is_empty() {
+            break Ok(());
+        }
+        largest_write = largest_write.max(ciphertext.len());
+        let (result, returned) = socket.write_all(ciphertext).await;
+        ciphertext = returned;
+        ciphertext.clear();
+        if let Err(error) = result {
+            break Err(error);
+        }
+    };
+    outgoing.put_back(ciphertext, largest_write);
+    (result, batch)
+}
+
+/// Seals `bytes` (the rare paths: upgrade answers, refusals) and writes them.
+async fn write_bytes_records<W: AsyncWriteRent>(
+    layer: &RefCell<RecordLayer>,
+    socket: &mut W,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let mut ciphertext = Vec::new();
+    {
+        let mut layer = layer.borrow_mut();
+        layer.take_queued(&mut ciphertext);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let taken = layer.seal_application_data(&[io::IoSlice::new(rest)], &mut ciphertext).map_err(fatal_error)?;
+            rest = &rest[taken..];
+        }
+    }
+    socket.write_all(ciphertext).await.0.map(drop)
+}
+
+/// Sends what the reader queued and a close_notify, then shuts the socket's writing side.
+async fn shutdown_records<W: AsyncWriteRent>(layer: &RefCell<RecordLayer>, socket: &mut W) {
+    let mut ciphertext = Vec::new();
+    {
+        let mut layer = layer.borrow_mut();
+        layer.take_queued(&mut ciphertext);
+        layer.close_notify(&mut ciphertext);
+    }
+    if !ciphertext.is_empty() {
+        let _ = socket.write_all(ciphertext).await;
+    }
+    let _ = AsyncWriteRent::shutdown(socket).await;
+}
+
+/// A TLS connection before the split: it drives the handshake while it reads.
+pub struct InPlaceStream {
+    socket: TcpStream,
+    session: StreamSession,
+    inbox: Inbox,
+    outgoing: Outgoing,
+}
+
+enum StreamSession {
+    Handshaking(Box<UnbufferedServerConnection>),
+    Traffic(Rc<RefCell<RecordLayer>>),
+    Ended,
+}
+
+impl InPlaceStream {
+    pub fn new(socket: TcpStream, state: InPlaceState) -> InPlaceStream {
+        let session = match state.session {
+            Session::Handshaking(connection) => StreamSession::Handshaking(connection),
+            Session::Traffic(layer) => StreamSession::Traffic(Rc::new(RefCell::new(*layer))),
+            Session::Ended => StreamSession::Ended,
+        };
+        InPlaceStream { socket, session, inbox: state.inbox, outgoing: Outgoing::default() }
+    }
+
+    /// Runs the handshake until rustls is done (then the record layer takes over), the client
+    /// has sent plaintext with its Finished, or the session ended.
+    async fn handshake(&mut self) -> io::Result<()> {
+        loop {
+            let StreamSession::Handshaking(connection) = &mut self.session else {
+                return Ok(());
+            };
+            let mut out = Vec::new();
+            let step = drive_handshake(connection, &mut self.inbox, &mut out);
+            if !out.is_empty() {
+                self.socket.write_all(out).await.0?;
+            }
+            match step {
+                Handshake::NeedCiphertext => {}
+                Handshake::Ready => {
+                    let StreamSession::Handshaking(connection) =
+                        std::mem::replace(&mut self.session, StreamSession::Ended)
+                    else {
+                        unreachable!("the session was handshaking a moment ago");
+                    };
+                    self.session = StreamSession::Traffic(Rc::new(RefCell::new(*take_over(*connection)?)));
+                    return Ok(());
+                }
+                Handshake::Ended(error) => {
+                    self.session = StreamSession::Ended;
+                    return match error {
+                        Some(error) => Err(invalid_data(error)),
+                        None => Ok(()),
+                    };
+                }
+            }
+            if !self.inbox.early.is_empty() {
+                return Ok(());
+            }
+            if self.inbox.read_from(&mut self.socket, MAX_HANDSHAKE_BUFFER_BYTES).await? == 0 {
+                self.session = StreamSession::Ended;
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl ReadSide for InPlaceStream {
+    async fn read_tail(&mut self, mut tail: ReadTail) -> BufResult<usize, ReadTail> {
+        if let Err(error) = self.handshake().await {
+            return (Err(error), tail);
+        }
+        let early = self.inbox.hand_out_early(&mut tail.0);
+        if early > 0 {
+            return (Ok(early), tail);
+        }
+        let result = match &self.session {
+            StreamSession::Traffic(layer) => read_records(layer, &mut self.inbox, &mut self.socket, &mut tail.0).await,
+            StreamSession::Handshaking(_) | StreamSession::Ended => Ok(0),
+        };
+        (result, tail)
+    }
+}
+
+impl WriteSide for InPlaceStream {
+    async fn write_bytes(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        match &self.session {
+            StreamSession::Traffic(layer) => write_bytes_records(layer, &mut self.socket, &bytes).await,
+            _ => Err(io::Error::new(io::ErrorKind::NotConnected, "TLS: no session to write in")),
+        }
+    }
+
+    async fn write_batch(&mut self, batch: WriteBatch) -> (io::Result<()>, WriteBatch) {
+        match &self.session {
+            StreamSession::Traffic(layer) => {
+                write_batch_records(layer, &mut self.socket, &mut self.outgoing, batch).await
+            }
+            _ => (Err(io::Error::new(io::ErrorKind::NotConnected, "TLS: no session to write in")), batch),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        match &self.session {
+            StreamSession::Traffic(layer) => shutdown_records(layer, &mut self.socket).await,
+            _ => {
+                let _ = AsyncWriteRent::shutdown(&mut self.socket).await;
+            }
+        }
+    }
+}
+
+impl Stream for InPlaceStream {
+    type Reader = InPlaceReader;
+    type Writer = InPlaceWriter;
+
+    fn socket(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    fn into_split(self) -> (InPlaceReader, InPlaceWriter) {
+        let layer = match self.session {
+            StreamSession::Traffic(layer) => Some(layer),
+            // A connection is split once it has read its upgrade request, which only a finished
+            // handshake yields; a session that ended splits into sides that end at once.
+            StreamSession::Handshaking(_) | StreamSession::Ended => None,
+        };
+        let (reader, writer) = Splitable::into_split(self.socket);
+        (
+            InPlaceReader { socket: reader, layer: layer.clone(), inbox: self.inbox },
+            InPlaceWriter { socket: writer, layer, outgoing: self.outgoing },
+        )
+    }
+
+    fn into_parts(self) -> (TcpStream, Option<Box<TlsState>>) {
+        let session = match self.session {
+            StreamSession::Handshaking(connection) => Session::Handshaking(connection),
+            StreamSession::Traffic(layer) => Session::Traffic(Box::new(
+                Rc::try_unwrap(layer)
+                    .unwrap_or_else(|_| unreachable!("an unsplit stream is the only holder of its record layer"))
+                    .into_inner(),
+            )),
+            StreamSession::Ended => Session::Ended,
+        };
+        (self.socket, Some(Box::new(TlsState::InPlace(InPlaceState { session, inbox: self.inbox }))))
+    }
+}
+
+/// The reading task's side.
+pub struct InPlaceReader {
+    socket: OwnedReadHalf<TcpStream>,
+    layer: Option<Rc<RefCell<RecordLayer>>>,
+    inbox: Inbox,
+}
+
+impl ReadSide for InPlaceReader {
+    async fn read_tail(&mut self, mut tail: ReadTail) -> BufResult<usize, ReadTail> {
+        let early = self.inbox.hand_out_early(&mut tail.0);
+        if early > 0 {
+            return (Ok(early), tail);
+        }
+        let result = match &self.layer {
+            Some(layer) => read_records(layer, &mut self.inbox, &mut self.socket, &mut tail.0).await,
+            None => Ok(0),
+        };
+        (result, tail)
+    }
+}
+
+/// The writing task's side: the only side that writes to the socket.
+pub struct InPlaceWriter {
+    socket: OwnedWriteHalf<TcpStream>,
+    layer: Option<Rc<RefCell<RecordLayer>>>,
+    outgoing: Outgoing,
+}
+
+impl WriteSide for InPlaceWriter {
+    async fn write_bytes(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        match &self.layer {
+            Some(layer) => write_bytes_records(layer, &mut self.socket, &bytes).await,
+            None => Err(io::Error::new(io::ErrorKind::NotConnected, "TLS: no session to write in")),
+        }
+    }
+
+    async fn write_batch(&mut self, batch: WriteBatch) -> (io::Result<()>, WriteBatch) {
+        match &self.layer {
+            Some(layer) => write_batch_records(layer, &mut self.socket, &mut self.outgoing, batch).await,
+            None => (Err(io::Error::new(io::ErrorKind::NotConnected, "TLS: no session to write in")), batch),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        match &self.layer {
+            Some(layer) => shutdown_records(layer, &mut self.socket).await,
+            None => {
+                let _ = AsyncWriteRent::shutdown(&mut self.socket).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use rustls::{AlertDescription, ClientConfig, ClientConnection, RootCertStore};
+
+    use super::*;
+    use crate::shard::transport::tests::certificate_files;
+    use crate::tls::TlsContext;
+
+    const VERSIONS: [&rustls::SupportedProtocolVersion; 2] = [&rustls::version::TLS13, &rustls::version::TLS12];
+
+    /// A rustls client (its defaults, limited to `version`) and the broker's side after an
+    /// in-memory handshake through [`drive_handshake`] and [`take_over`], with the broker's own
+    /// TLS configuration.
+    fn handshaken(version: &'static rustls::SupportedProtocolVersion) -> (ClientConnection, RecordLayer, Inbox) {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mbws-inplace-test-{}-{call}", std::process::id()));
+        let files = certificate_files(&dir);
+        let cert = CertificateDer::from_pem_file(&files.cert).unwrap();
+        let context = TlsContext::load(files).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client_config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client =
+            ClientConnection::new(Arc::new(client_config), ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut server = UnbufferedServerConnection::new(context.server_config()).unwrap();
+        let mut inbox = Inbox::new();
+        for _ in 0..10 {
+            inbox.buf.extend(client_output(&mut client));
+            let mut out = Vec::new();
+            let step = drive_handshake(&mut server, &mut inbox, &mut out);
+            client_input(&mut client, &out).unwrap();
+            match step {
+                Handshake::NeedCiphertext => {}
+                Handshake::Ready => {
+                    assert!(!client.is_handshaking(), "{version:?}: the client finished too");
+                    return (client, *take_over(server).unwrap(), inbox);
+                }
+                Handshake::Ended(error) => panic!("{version:?}: the handshake ended: {error:?}"),
+            }
+        }
+        panic!("{version:?}: the in-memory handshake did not finish in 10 rounds");
+    }
+
+    fn client_output(client: &mut ClientConnection) -> Vec<u8> {
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+        }
+        wire
+    }
+
+    /// Gives the client the broker's records; returns the plaintext they held.
+    fn client_input(client: &mut ClientConnection, mut wire: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let mut plaintext = Vec::new();
+        while !wire.is_empty() {
+            client.read_tls(&mut wire).unwrap();
+            client.process_new_packets()?;
+            let _ = client.reader().read_to_end(&mut plaintext);
+        }
+        Ok(plaintext)
+    }
+
+    /// Gives the inbox `wire` in pieces of 1 to 700 bytes and takes the plaintext out 100
+    /// bytes at a time, as reads of any length ending anywhere would.
+    fn feed_in_pieces(layer: &mut RecordLayer, inbox: &mut Inbox, wire: &[u8]) -> Result<Vec<u8>, Fatal> {
+        let (mut received, mut offset, mut step) = (Vec::new(), 0, 0usize);
+        while offset < wire.len() {
+            step = (step * 7 + 13) % 700 + 1;
+            let end = (offset + step).min(wire.len());
+            inbox.buf.extend_from_slice(&wire[offset..end]);
+            offset = end;
+            loop {
+                let mut out = BytesMut::with_capacity(100);
+                match inbox.fill(layer, &mut out)? {
+                    Filled::Bytes(read) => {
+                        assert_eq!(read, out.len());
+                        received.extend_from_slice(&out);
+                    }
+                    Filled::NeedCiphertext => break,
+                    Filled::Ended => return Ok(received),
+                }
+            }
+        }
+        Ok(received)
+    }
+
+    /// Small and large writes, each its own record (or several), with the client's KeyUpdates
+    /// (TLS 1.3) between some of them: the broker's side yields exactly what was written, and
+    /// answers each KeyUpdate with its own, after which its records are readable by the client
+    /// only if it switched keys in step with the client.
+    #[test]
+    fn records_cut_anywhere_arrive_whole_and_in_order_across_key_updates() {
+        for version in VERSIONS {
+            let (mut client, mut layer, mut inbox) = handshaken(version);
+            let (mut expected, mut wire) = (Vec::new(), Vec::new());
+            for index in 0..2_000u32 {
+                let piece =
+                    if index % 400 == 0 { vec![(index % 251) as u8; 40_000] } else { format!("{index};").into_bytes() };
+                client.writer().write_all(&piece).unwrap();
+                if version == &rustls::version::TLS13 && index % 300 == 150 {
+                    client.refresh_traffic_keys().unwrap();
+                }
+                wire.extend(client_output(&mut client));
+                expected.extend_from_slice(&piece);
+            }
+            let received = feed_in_pieces(&mut layer, &mut inbox, &wire).unwrap();
+            assert_eq!(received.len(), expected.len(), "{version:?}");
+            assert!(received == expected, "{version:?}: the plaintext differs from what the client wrote");
+            // The broker's answer(s) to the KeyUpdates, then a batch under its new keys.
+            let mut answer = Vec::new();
+            layer.take_queued(&mut answer);
+            if version == &rustls::version::TLS13 {
+                assert!(!answer.is_empty(), "the broker answers the client's KeyUpdate requests");
+            } else {
+                assert!(answer.is_empty(), "TLS 1.2 has no KeyUpdate");
+            }
+            let reply = b"reply after the key updates".repeat(1000);
+            let mut rest = &reply[..];
+            while !rest.is_empty() {
+                let taken = layer.seal_application_data(&[io::IoSlice::new(rest)], &mut answer).unwrap();
+                rest = &rest[taken..];
+            }
+            assert_eq!(client_input(&mut client, &answer).unwrap(), reply, "{version:?}");
+            // The client's close_notify ends the stream.
+            client.send_close_notify();
+            let close = client_output(&mut client);
+            inbox.buf.extend_from_slice(&close);
+            assert_eq!(inbox.fill(&mut layer, &mut BytesMut::with_capacity(100)), Ok(Filled::Ended), "{version:?}");
+        }
+    }
+
+    /// A flipped byte in a record: what came before it is delivered, the record is refused
+    /// with bad_record_mac (sent to the client), and nothing after it is opened.
+    #[test]
+    fn a_flipped_ciphertext_byte_is_refused_with_bad_record_mac_after_what_came_before() {
+        for version in VERSIONS {
+            let (mut client, mut layer, mut inbox) = handshaken(version);
+            client.writer().write_all(b"first").unwrap();
+            let mut wire = client_output(&mut client);
+            let first = wire.len();
+            client.writer().write_all(b"second").unwrap();
+            wire.extend(client_output(&mut client));
+            wire[first + 7] ^= 0x01;
+            let mut out = BytesMut::with_capacity(100);
+            inbox.buf.extend_from_slice(&wire);
+            assert_eq!(inbox.fill(&mut layer, &mut out), Ok(Filled::Bytes(5)), "{version:?}");
+            assert_eq!(&out[..], b"first");
+            out.clear();
+            let refused = inbox.fill(&mut layer, &mut out).unwrap_err();
+            assert_eq!(refused.alert, Some(records::Alert::BadRecordMac), "{version:?}");
+            let mut alert = Vec::new();
+            layer.take_queued(&mut alert);
+            assert_eq!(
+                client_input(&mut client, &alert),
+                Err(rustls::Error::AlertReceived(AlertDescription::BadRecordMac)),
+                "{version:?}"
+            );
+            assert!(layer.is_closed());
+            assert!(layer.seal_application_data(&[io::IoSlice::new(b"more")], &mut Vec::new()).is_err());
+        }
+    }
+
+    /// A record header announcing more than 2^14 + 256 bytes is refused before any of it is
+    /// read (record_overflow), so no buffer grows for it.
+    #[test]
+    fn an_oversized_record_header_is_refused_with_record_overflow() {
+        for version in VERSIONS {
+            let (mut client, mut layer, mut inbox) = handshaken(version);
+            inbox.buf.extend_from_slice(&[23, 3, 3, 0x41, 0x01]);
+            let refused = inbox.fill(&mut layer, &mut BytesMut::with_capacity(100)).unwrap_err();
+            assert_eq!(refused.alert, Some(records::Alert::RecordOverflow), "{version:?}");
+            let mut alert = Vec::new();
+            layer.take_queued(&mut alert);
+            assert_eq!(
+                client_input(&mut client, &alert),
+                Err(rustls::Error::AlertReceived(AlertDescription::RecordOverflow)),
+                "{version:?}"
+            );
+        }
+    }
+
+    /// At the write limit (the suite's confidentiality limit, lowered here) TLS 1.3 refreshes
+    /// its keys with a KeyUpdate and goes on; TLS 1.2 sends close_notify and stops, as rustls
+    /// does.
+    #[test]
+    fn the_write_limit_refreshes_the_keys_in_tls_1_3_and_ends_tls_1_2() {
+        for version in VERSIONS {
+            let (mut client, mut layer, _inbox) = handshaken(version);
+            layer.set_write_limit_for_tests(3);
+            let mut wire = Vec::new();
+            let mut sealed = 0;
+            for index in 0..10u8 {
+                match layer.seal_application_data(&[io::IoSlice::new(&[index; 10])], &mut wire) {
+                    Ok(taken) => {
+                        assert_eq!(taken, 10);
+                        sealed += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let plaintext = client_input(&mut client, &wire).unwrap();
+            if version == &rustls::version::TLS13 {
+                assert_eq!(sealed, 10, "TLS 1.3 goes on under new keys");
+                assert_eq!(plaintext.len(), 100);
+            } else {
+                assert_eq!(sealed, 3, "TLS 1.2 stops at the limit");
+                assert_eq!(plaintext.len(), 30);
+                let mut buf = [0u8; 1];
+                assert_eq!(client.reader().read(&mut buf).unwrap(), 0, "a close_notify ended the stream");
+            }
+        }
+    }
+
+    /// The broker's batches become full records the client reads back in order.
+    #[test]
+    fn sealed_batches_are_full_records_that_the_client_reads_in_order() {
+        for version in VERSIONS {
+            let (mut client, layer, _inbox) = handshaken(version);
+            let layer = RefCell::new(layer);
+            let mut outbound = crate::conn::outbound::Outbound::new();
+            let mut expected = Vec::new();
+            for index in 0..5_000u32 {
+                let frame = format!("frame {index};");
+                outbound.push_raw(frame.as_bytes());
+                expected.extend_from_slice(frame.as_bytes());
+            }
+            let mut batch = outbound.take_batch(WriteBatch::default()).unwrap();
+            let mut wire = Vec::new();
+            while !batch.is_done() {
+                let mut ciphertext = Vec::new();
+                seal_some(&mut layer.borrow_mut(), &mut batch, &mut ciphertext).unwrap();
+                assert!(ciphertext.len() >= TLS_WRITE_BYTES || batch.is_done());
+                wire.extend(ciphertext);
+            }
+            let mut offset = 0;
+            let mut lengths = Vec::new();
+            while let Some((header, payload)) = records::next_record(&wire[offset..]).unwrap() {
+                lengths.push(header.len);
+                offset += payload.end;
+            }
+            assert_eq!(offset, wire.len());
+            assert!(lengths[..lengths.len() - 1].iter().all(|&length| length == lengths[0]), "{lengths:?}");
+            assert!(lengths[0] > records::MAX_PLAINTEXT_BYTES, "full records");
+            assert!(client_input(&mut client, &wire).unwrap() == expected, "{version:?}");
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! The in-place TLS record layer (`--tls-records in-place`, the default): rustls does the
+//! handshake and the key schedule, this module the records, decrypted in place in the reader's
+//! own buffer and sealed straight from the writer's batch.
+//!
+//! What is ours and what is rustls's: rustls negotiates the session
+//! (`UnbufferedServerConnection`), then hands over the traffic secrets and sequence numbers
+//! (`dangerous_into_kernel_connection`, the API it offers for kTLS) and keeps a
+//! [`KernelConnection`] that derives the next secrets on a KeyUpdate. Every AEAD operation is
+//! rustls's: the encrypter and decrypter are built by the negotiated suite's own
+//! `Tls13AeadAlgorithm` / `Tls12AeadAlgorithm` from the extracted key and IV, and they build
+//! the nonces (IV XOR sequence number, TLS 1.2's explicit nonce) and the additional data, check
+//! the tag, and (TLS 1.3) strip the inner content type and padding. This module only frames:
+//! it parses the 5-byte record headers, counts sequence numbers, refuses what a TLS 1.2 or 1.3
+//! server must refuse after its handshake, answers KeyUpdates, and watches the suite's
+//! confidentiality limit.
+//!
+//! Refused, each with the alert the protocol names (then the connection closes): a record
+//! longer than 2^14 + 256 bytes (record_overflow), a record that fails authentication
+//! (bad_record_mac), a content type the state does not allow, a post-handshake handshake
+//! message other than a whole KeyUpdate at the end of its record, too many empty records in a
+//! row (unexpected_message), a malformed alert or KeyUpdate (decode_error), TLS 1.2
+//! renegotiation (no_renegotiation). Any alert from the peer other than close_notify ends the
+//! connection. Keys and secrets are never logged, and this module never formats them.
+
+use std::io::IoSlice;
+use std::ops::Range;
+
+use rustls::crypto::cipher::{
+    InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
+};
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
+use rustls::{ConnectionTrafficSecrets, ContentType, ExtractedSecrets, ProtocolVersion, SupportedCipherSuite};
+
+/// A record header: content type, version, length.
+pub const HEADER_BYTES: usize = 5;
+/// Most plaintext bytes in one record (2^14, RFC 8446 5.1 and RFC 5246 6.2.1).
+pub const MAX_PLAINTEXT_BYTES: usize = 1 << 14;
+/// Most ciphertext bytes after a header (2^14 + 256, RFC 8446 5.2; a TLS 1.2 AEAD record adds
+/// 24 bytes at most, well within it).
+pub const MAX_CIPHERTEXT_BYTES: usize = (1 << 14) + 256;
+/// The largest whole record: what a reader's buffer must be able to hold.
+pub const MAX_RECORD_BYTES: usize = HEADER_BYTES + MAX_CIPHERTEXT_BYTES;
+/// Empty application-data records accepted in a row (rustls's own bound), so a peer cannot
+/// keep the reader busy without sending anything.
+const MAX_EMPTY_RECORDS: u32 = 32;
+/// The sequence number at which a direction stops (rustls's own soft limit): reading closes
+/// the connection, writing refreshes the keys (TLS 1.3) or closes (TLS 1.2) before it.
+const SEQ_LIMIT: u64 = 0xffff_ffff_ffff_0000;
+
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+const KEY_UPDATE: u8 = 24;
+const HELLO_REQUEST_OR_CLIENT_HELLO: [u8; 2] = [0, 1];
+
+/// The alerts this layer sends (RFC 8446 6.2, RFC 5246 7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alert {
+    UnexpectedMessage = 10,
+    BadRecordMac = 20,
+    RecordOverflow = 22,
+    DecodeError = 50,
+    InternalError = 80,
+    /// Always a warning (RFC 5246 7.2.2); the connection closes after it all the same.
+    NoRenegotiation = 100,
+}
+
+impl Alert {
+    fn level(self) -> u8 {
+        if self == Alert::NoRenegotiation {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// Why the session ends: what to tell the peer (if anything) and what to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal {
+    pub alert: Option<Alert>,
+    pub reason: &'static str,
+}
+
+impl Fatal {
+    fn new(alert: Alert, reason: &'static str) -> Fatal {
+        Fatal { alert: Some(alert), reason }
+    }
+}
+
+/// A parsed record header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub typ: u8,
+    pub version: u16,
+    /// The bytes after the header, at most [`MAX_CIPHERTEXT_BYTES`].
+    pub len: usize,
+}
+
+/// Parses the header at the start of `bytes`: `Ok(None)` until 5 bytes are there.
+pub fn parse_header(bytes: &[u8]) -> Result<Option<Header>, Fatal> {
+    let Some(&[typ, major, minor, high, low]) = bytes.get(..HEADER_BYTES) else {
+        return Ok(None);
+    };
+    if !(CHANGE_CIPHER_SPEC..=APPLICATION_DATA).contains(&typ) {
+        return Err(Fatal::new(Alert::UnexpectedMessage, "a record of an unknown content type"));
+    }
+    if major != 3 {
+        return Err(Fatal::new(Alert::DecodeError, "a record header with a version that is not TLS"));
+    }
+    let len = usize::from(u16::from_be_bytes([high, low]));
+    if len > MAX_CIPHERTEXT_BYTES {
+        return Err(Fatal::new(Alert::RecordOverflow, "a record longer than 2^14 + 256 bytes"));
+    }
+    Ok(Some(Header { typ, version: u16::from_be_bytes([major, minor]), len }))
+}
+
+/// The first whole record in `bytes`: its header and the range of its payload (the record
+/// ends where the payload does). `Ok(None)` while the record is incomplete.
+pub fn next_record(bytes: &[u8]) -> Result<Option<(Header, Range<usize>)>, Fatal> {
+    let Some(header) = parse_header(bytes)? else {
+        return Ok(None);
+    };
+    let end = HEADER_BYTES + header.len;
+    Ok((bytes.len() >= end).then_some((header, HEADER_BYTES..end)))
+}
+
+/// What an opened record held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// Application data, decrypted in place: its range in the buffer (may be empty).
+    Data(Range<usize>),
+    /// A record for the layer itself (a KeyUpdate): nothing for the application.
+    Nothing,
+    /// The peer's close_notify: its stream ends here.
+    Closed,
+}
+
+/// The negotiated protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Tls12,
+    Tls13,
+}
+
+/// One direction's AEAD state.
+struct Direction<T: ?Sized> {
+    cipher: Box<T>,
+    /// The sequence number of the next record.
+    seq: u64,
+}
+
+/// The record layer of one TLS session after its handshake. Owned by a connection's stream;
+/// once the connection is split, its reader opens records and its writer seals them, one at a
+/// time (the stream shares it in an `Rc<RefCell<..>>`, borrowed between awaits only).
+pub struct RecordLayer {
+    version: Version,
+    suite: SupportedCipherSuite,
+    kernel: KernelConnection<ServerConnectionData>,
+    rx: Direction<dyn MessageDecrypter>,
+    tx: Direction<dyn MessageEncrypter>,
+    /// The sequence number at which the write keys are refreshed (1.3) or the session closes
+    /// (1.2): the suite's confidentiality limit, or [`SEQ_LIMIT`].
+    tx_limit: u64,
+    /// Sealed records the writer sends before anything else: the reply to a KeyUpdate, an
+    /// alert. Written by the reading side, which never writes to the socket itself.
+    queued: Vec<u8>,
+    /// Our KeyUpdate answering the peer's request is in `queued`, not yet taken by the writer:
+    /// a second request needs no second answer (RFC 8446 4.6.3 asks for one before our next
+    /// application data, which that one is), so a flood of requests queues one record.
+    key_update_queued: bool,
+    empty_records: u32,
+    peer_closed: bool,
+    /// A close_notify or a fatal alert was sealed: nothing more is.
+    closed: bool,
+}
+
+impl std::fmt::Debug for RecordLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No secret is reachable from here: the ciphers are opaque boxes.
+        f.debug_struct("RecordLayer")
+            .field("version", &self.version)
+            .field("suite", &self.suite.suite())
+            .field("rx_seq", &self.rx.seq)
+            .field("tx_seq", &self.tx.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the sealing side from the suite's own AEAD (rustls's; no cipher here is ours).
+fn encrypter(
+    suite: SupportedCipherSuite,
+    secrets: ConnectionTrafficSecrets,
+) -> Result<Box<dyn MessageEncrypter>, rustls::Error> {
+    let (key, iv) = key_and_iv(secrets)?;
+    Ok(match suite {
+        SupportedCipherSuite::Tls13(suite) => suite.aead_alg.encrypter(key, iv),
+        SupportedCipherSuite::Tls12(suite) => {
+            let shape = suite.aead_alg.key_block_shape();
+            let iv = iv.as_ref();
+            // The extracted IV is the fixed IV and the explicit nonce, in that order (rustls's
+            // `extract_keys` for each TLS 1.2 AEAD): split it back by the suite's own shape.
+            if shape.fixed_iv_len + shape.explicit_nonce_len != iv.len() {
+                return Err(rustls::Error::General("an extracted TLS 1.2 IV of an unexpected length".into()));
+            }
+            let (fixed, explicit) = iv.split_at(shape.fixed_iv_len);
+            suite.aead_alg.encrypter(key, fixed, explicit)
+        }
+    })
+}
+
+/// Builds the opening side from the suite's own AEAD.
+fn decrypter(
+    suite: SupportedCipherSuite,
+    secrets: ConnectionTrafficSecrets,
+) -> Result<Box<dyn MessageDecrypter>, rustls::Error> {
+    let (key, iv) = key_and_iv(secrets)?;
+    Ok(match suite {
+        SupportedCipherSuite::Tls13(suite) => suite.aead_alg.decrypter(key, iv),
+        SupportedCipherSuite::Tls12(suite) => {
+            let shape = suite.aead_alg.key_block_shape();
+            let iv = iv.as_ref();
+            if shape.fixed_iv_len + shape.explicit_nonce_len != iv.len() {
+                return Err(rustls::Error::General("an extracted TLS 1.2 IV of an unexpected length".into()));
+            }
+            suite.aead_alg.decrypter(key, &iv[..shape.fixed_iv_len])
+        }
+    })
+}
+
+/// The records a key may seal (`CipherSuiteCommon::confidentiality_limit`).
+fn confidentiality_limit(suite: SupportedCipherSuite) -> u64 {
+    match suite {
+        SupportedCipherSuite::Tls13(suite) => suite.common.confidentiality_limit,
+        SupportedCipherSuite::Tls12(suite) => suite.common.confidentiality_limit,
+    }
+}
+
+fn key_and_iv(
+    secrets: ConnectionTrafficSecrets,
+) -> Result<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv), rustls::Error> {
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
+        _ => Err(rustls::Error::General("traffic secrets of an AEAD this record layer does not know".into())),
+    }
+}
+
+impl RecordLayer {
+    /// Takes over a session whose handshake rustls finished (and whose output was sent).
+    pub fn new(
+        secrets: ExtractedSecrets,
+        kernel: KernelConnection<ServerConnectionData>,
+    ) -> Result<RecordLayer, rustls::Error> {
+        let version = match kernel.protocol_version() {
+            ProtocolVersion::TLSv1_3 => Version::Tls13,
+            ProtocolVersion::TLSv1_2 => Version::Tls12,
+            _ => return Err(rustls::Error::General("a protocol version the record layer does not serve".into())),
+        };
+        let suite = kernel.negotiated_cipher_suite();
+        let ExtractedSecrets { tx: (tx_seq, tx_secrets), rx: (rx_seq, rx_secrets) } = secrets;
+        Ok(RecordLayer {
+            version,
+            suite,
+            rx: Direction { cipher: decrypter(suite, rx_secrets)?, seq: rx_seq },
+            tx: Direction { cipher: encrypter(suite, tx_secrets)?, seq: tx_seq },
+            tx_limit: confidentiality_limit(suite).min(SEQ_LIMIT),
+            kernel,
+            queued: Vec::new(),
+            key_update_queued: false,
+            empty_records: 0,
+            peer_closed: false,
+            closed: false,
+        })
+    }
+
+    /// The peer sent its close_notify: the reader has nothing more to open.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// A close_notify or a fatal alert was sealed: nothing more can be.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Lowers the write limit to `records` more records, so tests reach it in a few.
+    #[doc(hidden)]
+    pub fn set_write_limit_for_tests(&mut self, records: u64) {
+        self.tx_limit = self.tx.seq + records;
+    }
+
+    /// Opens the record whose header is `header` and whose payload is `buf[payload]`, in place.
+    /// On a [`Fatal`] error the alert it names is queued (see [`RecordLayer::take_queued`])
+    /// and nothing more is opened or sealed.
+    pub fn open(&mut self, header: Header, buf: &mut [u8], payload: Range<usize>) -> Result<Opened, Fatal> {
+        assert!(payload.end <= buf.len() && payload.len() == header.len, "the payload is the record's, in the buffer");
+        assert!(!self.peer_closed, "no record is opened after the peer's close_notify");
+        let opened = self.open_checked(header, buf, payload);
+        if let Err(fatal) = &opened {
+            self.refuse(fatal);
+        }
+        opened
+    }
+
+    fn open_checked(&mut self, header: Header, buf: &mut [u8], payload: Range<usize>) -> Result<Opened, Fatal> {
+        if self.closed {
+            return Err(Fatal { alert: None, reason: "a record after the session ended" });
+        }
+        let allowed = match self.version {
+            Version::Tls13 => header.typ == APPLICATION_DATA,
+            Version::Tls12 => matches!(header.typ, APPLICATION_DATA | ALERT | HANDSHAKE),
+        };
+        if !allowed {
+            return Err(Fatal::new(
+                Alert::UnexpectedMessage,
+                "a record of a content type not allowed after the handshake",
+            ));
+        }
+        if self.rx.seq >= SEQ_LIMIT {
+            return Err(Fatal { alert: None, reason: "the read sequence number reached its limit" });
+        }
+        let base = buf.as_ptr() as usize;
+        let message = InboundOpaqueMessage::new(
+            ContentType::from(header.typ),
+            ProtocolVersion::from(header.version),
+            &mut buf[payload.clone()],
+        );
+        let plain = self.rx.cipher.decrypt(message, self.rx.seq).map_err(|error| match error {
+            rustls::Error::DecryptError => Fatal::new(Alert::BadRecordMac, "a record failed authentication"),
+            rustls::Error::PeerSentOversizedRecord => {
+                Fatal::new(Alert::RecordOverflow, "a record with more than 2^14 bytes of plaintext")
+            }
+            _ => Fatal::new(Alert::UnexpectedMessage, "a record with an invalid inner plaintext"),
+        })?;
+        self.rx.seq += 1;
+        // The plaintext lies inside the record's payload (rustls decrypts in place): find its
+        // range in `buf` from the addresses.
+        let start = plain.payload.as_ptr() as usize - base;
+        let range = start..start + plain.payload.len();
+        assert!(
+            payload.start <= range.start && range.end <= payload.end,
+            "the plaintext lies inside the record's payload"
+        );
+        let typ = u8::from(plain.typ);
+        match typ {
+            APPLICATION_DATA => self.application_data(range),
+            ALERT => self.alert(&buf[range]),
+            HANDSHAKE => self.handshake(&buf[range]),
+            _ => Err(Fatal::new(Alert::UnexpectedMessage, "a protected record of a content type not allowed here")),
+        }
+    }
+
+    fn application_data(&mut self, range: Range<usize>) -> Result<Opened, Fatal> {
+        if range.len() > MAX_PLAINTEXT_BYTES {
+            return Err(Fatal::new(Alert::RecordOverflow, "a record with more than 2^14 bytes of plaintext"));
+        }
+        if range.is_empty() {
+            self.empty_records += 1;
+            if self.empty_records > MAX_EMPTY_RECORDS {
+                return Err(Fatal::new(Alert::UnexpectedMessage, "too many empty records in a row"));
+            }
+        } else {
+            self.empty_records = 0;
+        }
+        Ok(Opened::Data(range))
+    }
+
+    fn alert(&mut self, alert: &[u8]) -> Result<Opened, Fatal> {
+        match alert {
+            [_, 0] => {
+                self.peer_closed = true;
+                Ok(Opened::Closed)
+            }
+            [_, _] => Err(Fatal { alert: None, reason: "the peer sent an alert" }),
+            _ => Err(Fatal::new(Alert::DecodeError, "an alert record that is not two bytes")),
+        }
+    }
+
+    /// A handshake message after the handshake: TLS 1.3 allows the client a KeyUpdate (and a
+    /// few messages this server never asks for); TLS 1.2's would be a renegotiation.
+    fn handshake(&mut self, message: &[u8]) -> Result<Opened, Fatal> {
+        if self.version == Version::Tls12 {
+            return Err(if message.get(..1) == Some(&HELLO_REQUEST_OR_CLIENT_HELLO[1..]) {
+                Fatal::new(Alert::NoRenegotiation, "the client asked for a renegotiation")
+            } else {
+                Fatal::new(Alert::UnexpectedMessage, "a handshake message after the TLS 1.2 handshake")
+            });
+        }
+        // A KeyUpdate is 5 bytes: type, a 24-bit length of 1, the request. It changes the keys,
+        // so it must end its record (RFC 8446 5.1); it is never split (nor is anything else
+        // accepted here).
+        match message {
+            [KEY_UPDATE, 0, 0, 1, request] => self.key_update(*request),
+            [KEY_UPDATE, ..] => {
+                Err(Fatal::new(Alert::DecodeError, "a malformed KeyUpdate, or one that does not end its record"))
+            }
+            _ => Err(Fatal::new(
+                Alert::UnexpectedMessage,
+                "a handshake message other than a KeyUpdate after the handshake",
+            )),
+        }
+    }
+
+    fn key_update(&mut self, request: u8) -> Result<Opened, Fatal> {
+        let update_requested = match request {
+            0 => false,
+            1 => true,
+            _ => return Err(Fatal::new(Alert::DecodeError, "a KeyUpdate with an unknown request")),
+        };
+        let (_, secrets) = self
+            .kernel
+            .update_rx_secret()
+            .map_err(|_| Fatal::new(Alert::InternalError, "cannot derive the next read key"))?;
+        self.rx = Direction {
+            cipher: decrypter(self.suite, secrets)
+                .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next read key"))?,
+            seq: 0,
+        };
+        if update_requested && !self.key_update_queued {
+            // Our KeyUpdate goes out under the current write key, then the key changes: the
+            // writer sends the queue before the next record it seals.
+            let mut queued = std::mem::take(&mut self.queued);
+            let result = self.send_key_update(&mut queued);
+            self.queued = queued;
+            result?;
+            self.key_update_queued = true;
+        }
+        Ok(Opened::Nothing)
+    }
+
+    /// Seals a KeyUpdate (update_not_requested) into `out` and switches to the next write key.
+    fn send_key_update(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
+        self.seal_record(ContentType::Handshake, &[&[KEY_UPDATE, 0, 0, 1, 0]], out)?;
+        let (_, secrets) = self
+            .kernel
+            .update_tx_secret()
+            .map_err(|_| Fatal::new(Alert::InternalError, "cannot derive the next write key"))?;
+        self.tx = Direction {
+            cipher: encrypter(self.suite, secrets)
+                .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next write key"))?,
+            seq: 0,
+        };
+        Ok(())
+    }
+
+    /// Ends the session after `fatal`: queues its alert (sealed under the current key, as TLS
+    /// requires once the handshake is done) and refuses everything after. (For what the
+    /// reader refuses before a record reaches [`RecordLayer::open`]: a bad header.)
+    pub fn refuse(&mut self, fatal: &Fatal) {
+        if let Some(alert) = fatal.alert {
+            if !self.closed {
+                let mut queued = std::mem::take(&mut self.queued);
+                let _ = self.seal_record(ContentType::Alert, &[&[alert.level(), alert as u8]], &mut queued);
+                self.queued = queued;
+            }
+        }
+        self.closed = true;
+    }
+
+    /// Appends the records the reading side sealed (a KeyUpdate, an alert) to `out`: they
+    /// leave before anything sealed after them.
+    pub fn take_queued(&mut self, out: &mut Vec<u8>) {
+        if !self.queued.is_empty() {
+            out.append(&mut self.queued);
+        }
+        self.key_update_queued = false;
+    }
+
+    /// Seals one record of application data from the front of `slices` (up to 2^14 bytes)
+    /// into `out`; returns the plaintext bytes taken (0 only when `slices` hold none).
+    pub fn seal_application_data(&mut self, slices: &[IoSlice<'_>], out: &mut Vec<u8>) -> Result<usize, Fatal> {
+        let mut chunks: Vec<&[u8]> = Vec::with_capacity(slices.len().min(64));
+        let mut taken = 0;
+        for slice in slices {
+            let room = MAX_PLAINTEXT_BYTES - taken;
+            if room == 0 {
+                break;
+            }
+            let piece = &slice[..slice.len().min(room)];
+            if !piece.is_empty() {
+                chunks.push(piece);
+                taken += piece.len();
+            }
+        }
+        if taken == 0 {
+            return Ok(0);
+        }
+        self.seal(ContentType::ApplicationData, &chunks, out)?;
+        Ok(taken)
+    }
+
+    /// Seals a close_notify into `out` (once; nothing is sealed after it).
+    pub fn close_notify(&mut self, out: &mut Vec<u8>) {
+        if !self.closed {
+            let _ = self.seal_record(ContentType::Alert, &[&[1, 0]], out);
+            self.closed = true;
+        }
+    }
+
+    /// Seals one record, first refreshing the write keys (TLS 1.3) if the confidentiality
+    /// limit is reached; in TLS 1.2 the session ends there instead, as rustls's does.
+    fn seal(&mut self, typ: ContentType, chunks: &[&[u8]], out: &mut Vec<u8>) -> Result<(), Fatal> {
+        if self.closed {
+            return Err(Fatal { alert: None, reason: "a write after the session ended" });
+        }
+        if self.tx.seq >= self.tx_limit {
+            if self.version == Version::Tls12 {
+                self.close_notify(out);
+                return Err(Fatal { alert: None, reason: "the cipher suite's confidentiality limit was reached" });
+            }
+            self.send_key_update(out)?;
+        }
+        self.seal_record(typ, chunks, out)
+    }
+
+    /// Seals `chunks` (at most 2^14 bytes in all) as one record of type `typ`, appended to
+    /// `out`.
+    fn seal_record(&mut self, typ: ContentType, chunks: &[&[u8]], out: &mut Vec<u8>) -> Result<(), Fatal> {
+        let plain = OutboundChunks::new(chunks);
+        assert!(plain.len() <= MAX_PLAINTEXT_BYTES, "a record holds at most 2^14 bytes of plaintext");
+        if self.tx.seq >= SEQ_LIMIT {
+            self.closed = true;
+            return Err(Fatal { alert: None, reason: "the write sequence number reached its limit" });
+        }
+        // TLS 1.3's records say TLS 1.2 on the wire (legacy_record_version); rustls's TLS 1.3
+        // encrypters write that themselves, its TLS 1.2 ones take it from here.
+        let message = OutboundPlainMessage { typ, version: ProtocolVersion::TLSv1_2, payload: plain };
+        let sealed = self
+            .tx
+            .cipher
+            .encrypt(message, self.tx.seq)
+            .map_err(|_| Fatal::new(Alert::InternalError, "a record could not be encrypted"))?;
+        self.tx.seq += 1;
+        let record = sealed.encode();
+        debug_assert!(record.len() <= MAX_RECORD_BYTES, "a sealed record is within the record limit");
+        if out.is_empty() && out.capacity() < record.len() {
+            *out = record;
+        } else {
+            out.extend_from_slice(&record);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_is_read_once_all_five_bytes_are_there() {
+        let record = [23, 3, 3, 0, 2, 0xaa, 0xbb];
+        for cut in 0..HEADER_BYTES {
+            assert_eq!(parse_header(&record[..cut]), Ok(None), "cut at {cut}");
+        }
+        for cut in HEADER_BYTES..record.len() {
+            assert_eq!(
+                parse_header(&record[..cut]),
+                Ok(Some(Header { typ: 23, version: 0x0303, len: 2 })),
+                "cut at {cut}"
+            );
+            assert_eq!(next_record(&record[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(next_record(&record), Ok(Some((Header { typ: 23, version: 0x0303, len: 2 }, 5..7))));
+    }
+
+    #[test]
+    fn records_follow_each_other_and_a_record_cut_at_any_byte_waits_for_the_rest() {
+        // Three records of 0, 1 and 300 bytes, back to back.
+        let mut wire = Vec::new();
+        for len in [0usize, 1, 300] {
+            wire.extend_from_slice(&[23, 3, 3, (len >> 8) as u8, len as u8]);
+            wire.extend(std::iter::repeat_n(len as u8, len));
+        }
+        for cut in 0..=wire.len() {
+            // Everything that arrived by `cut`, walked record by record.
+            let (mut offset, mut lengths) = (0, Vec::new());
+            while let Some((header, payload)) = next_record(&wire[offset..cut]).unwrap() {
+                assert_eq!(payload.len(), header.len);
+                assert!(wire[offset + payload.start..offset + payload.end]
+                    .iter()
+                    .all(|&byte| byte as usize == header.len % 256));
+                lengths.push(header.len);
+                offset += payload.end;
+            }
+            let whole = [0usize, 1, 300].into_iter().scan(0, |end, len| {
+                *end += HEADER_BYTES + len;
+                Some((*end, len))
+            });
+            let expected: Vec<usize> = whole.filter(|&(end, _)| end <= cut).map(|(_, len)| len).collect();
+            assert_eq!(lengths, expected, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_record_an_unknown_type_and_a_foreign_version_are_refused() {
+        let overflow = ((MAX_CIPHERTEXT_BYTES + 1) as u16).to_be_bytes();
+        let refused = parse_header(&[23, 3, 3, overflow[0], overflow[1]]).unwrap_err();
+        assert_eq!(refused.alert, Some(Alert::RecordOverflow));
+        let largest = (MAX_CIPHERTEXT_BYTES as u16).to_be_bytes();
+        assert!(parse_header(&[23, 3, 3, largest[0], largest[1]]).unwrap().is_some());
+        assert_eq!(parse_header(&[24, 3, 3, 0, 1]).unwrap_err().alert, Some(Alert::UnexpectedMessage));
+        assert_eq!(parse_header(&[19, 3, 3, 0, 1]).unwrap_err().alert, Some(Alert::UnexpectedMessage));
+        assert_eq!(parse_header(&[23, 2, 0, 0, 1]).unwrap_err().alert, Some(Alert::DecodeError));
+        // An HTTP request sent to the TLS port.
+        assert!(parse_header(b"GET / HTTP/1.1").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_parser(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..20_000)) {
+            let mut offset = 0;
+            while let Ok(Some((header, payload))) = next_record(&bytes[offset..]) {
+                proptest::prop_assert!(header.len <= MAX_CIPHERTEXT_BYTES);
+                proptest::prop_assert!(offset + payload.end <= bytes.len());
+                offset += payload.end;
+            }
+        }
+    }
+}
