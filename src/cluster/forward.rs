@@ -70,23 +70,38 @@ struct Job {
     message: SharedMessage,
 }
 
-/// The forwarders of one shard, by owner node (see the module doc).
+/// The forwarders and relays of one shard, by owner node (see the module doc and
+/// [`super::relay`]).
 pub struct Forwarders {
     shard: ShardId,
     post_office: Arc<PostOffice>,
     by_node: FastMap<Arc<NodeRef>, Sender<Job>>,
+    relays: super::relay::Relays,
 }
 
 impl Forwarders {
     pub fn new(shard: ShardId, post_office: Arc<PostOffice>) -> Forwarders {
-        Forwarders { shard, post_office, by_node: FastMap::default() }
+        let relays = super::relay::Relays::new(shard, post_office.clone());
+        Forwarders { shard, post_office, by_node: FastMap::default(), relays }
     }
 
-    /// Queues each SEND of `forwards` on its owner's forwarder (started on first use), in order;
-    /// a full queue refuses with 4429 at once.
+    /// Queues each SEND of `forwards` on its owner's forwarder (started on first use), in order,
+    /// and each relayed subscription's command on its owner's relay; a full queue refuses a
+    /// SEND with 4429 at once.
     pub fn forward(&mut self, forwards: &mut Vec<Forward>) {
         let mut answers = Answers::default();
-        for Forward { owner, publisher, seq, message } in forwards.drain(..) {
+        for forward in forwards.drain(..) {
+            let (owner, publisher, seq, message) = match forward {
+                Forward::Send { owner, publisher, seq, message } => (owner, publisher, seq, message),
+                Forward::Subscribe { owner, ticket, command } => {
+                    self.relays.subscribe(owner, ticket, command, &mut answers);
+                    continue;
+                }
+                Forward::Settle { owner, command } => {
+                    self.relays.settle(owner, command, &mut answers);
+                    continue;
+                }
+            };
             let mut job = Job { publisher, seq, message };
             let mut attempts = 0;
             loop {
@@ -133,18 +148,24 @@ impl Forwarders {
     }
 }
 
-/// PublishDones to post, by the publisher's shard.
+/// Commands to post (PublishDones, and the relays' answers and deliveries), by shard, each
+/// shard's in the order they were made.
 #[derive(Default)]
-struct Answers {
-    by_shard: Vec<(ShardId, Vec<Command>)>,
+pub(super) struct Answers {
+    pub(super) by_shard: Vec<(ShardId, Vec<Command>)>,
 }
 
 impl Answers {
     fn answer(&mut self, job: &Job, outcome: Result<(), Refusal>) {
         let command = Command::Conn(ConnCommand::PublishDone { publisher: job.publisher.conn, seq: job.seq, outcome });
-        match self.by_shard.iter_mut().find(|(shard, _)| *shard == job.publisher.shard) {
+        self.push(job.publisher.shard, command);
+    }
+
+    /// Queues `command` for `shard`.
+    pub(super) fn push(&mut self, shard: ShardId, command: Command) {
+        match self.by_shard.iter_mut().find(|(entry, _)| *entry == shard) {
             Some((_, commands)) => commands.push(command),
-            None => self.by_shard.push((job.publisher.shard, vec![command])),
+            None => self.by_shard.push((shard, vec![command])),
         }
     }
 
@@ -152,7 +173,7 @@ impl Answers {
         self.answer(&job, Err(Refusal::new(code, reason)));
     }
 
-    fn post(&mut self, post_office: &PostOffice) {
+    pub(super) fn post(&mut self, post_office: &PostOffice) {
         for (shard, commands) in self.by_shard.drain(..) {
             post_office.post(shard, Envelope::Commands(commands));
         }
