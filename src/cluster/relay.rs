@@ -74,6 +74,10 @@ const FRAMES_PER_ROUND: usize = 512;
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Most UNSUBSCRIBEs remembered to be written again after a resumed connection.
 const RECENT_UNSUBSCRIBES: usize = 1024;
+/// Single ACKs after which the relay also writes a cumulative ACK through its oldest
+/// outstanding delivery (the client keeps single ACKs to repeat them after a resume, until a
+/// cumulative one covers them: this bounds what it keeps).
+const SINGLE_ACKS_PER_CUMULATIVE: u32 = 1024;
 
 /// One command for a relay.
 enum Job {
@@ -268,6 +272,11 @@ struct Relay {
     recent_unsubscribes: VecDeque<u32>,
     last_heard: Instant,
     pinged: bool,
+    /// The highest owner delivery sequence received, the highest acknowledged cumulatively, and
+    /// the single ACKs written since.
+    last_delivery_seq: u64,
+    acked_through: u64,
+    single_acks: u32,
     /// While the owner is unreachable: until when SUBSCRIBEs are refused at once, and why.
     down: Option<(Instant, String)>,
     backoff: Duration,
@@ -296,6 +305,9 @@ impl Relay {
             recent_unsubscribes: VecDeque::new(),
             last_heard: Instant::now(),
             pinged: false,
+            last_delivery_seq: 0,
+            acked_through: 0,
+            single_acks: 0,
             down: None,
             backoff: FIRST_BACKOFF,
             answers: Answers::default(),
@@ -406,6 +418,7 @@ impl Relay {
                     if let Some(delivery_seq) = relayed.unsettled.remove(&message.0) {
                         if let Some(client) = self.client.as_mut() {
                             let _ = client.ack(delivery_seq, false);
+                            self.single_acks += 1;
                         }
                     }
                 }
@@ -433,6 +446,7 @@ impl Relay {
                     let Some(delivery_seq) = relayed.unwritten.pop_front() else { break };
                     if let Some(client) = self.client.as_mut() {
                         let _ = client.ack(delivery_seq, false);
+                        self.single_acks += 1;
                     }
                 }
             }
@@ -471,6 +485,10 @@ impl Relay {
     /// frames, and checks the bounds.
     fn step(&mut self) -> Result<(), String> {
         if self.subscriptions.is_empty() {
+            // The last UNSUBSCRIBEs go now, not at the next idle read.
+            if let Some(client) = self.client.as_mut() {
+                client.flush().map_err(|error| format!("writing: {error}"))?;
+            }
             return Ok(());
         }
         if self.client.is_none() {
@@ -480,6 +498,9 @@ impl Relay {
         if resumes != self.resumes {
             self.resumes = resumes;
             self.write_again_after_resume();
+        }
+        if self.single_acks >= SINGLE_ACKS_PER_CUMULATIVE {
+            self.ack_cumulatively();
         }
         let client = self.client.as_mut().expect("connected above");
         client.flush().map_err(|error| format!("writing: {error}"))?;
@@ -517,6 +538,27 @@ impl Relay {
             client.write_frame(&Frame::Ping(mbws::Ping { token: 1 })).map_err(|error| format!("writing: {error}"))?;
         }
         Ok(())
+    }
+
+    /// Acknowledges cumulatively through the delivery before the oldest still outstanding
+    /// (every delivery below it was acknowledged, NACKed, or unsubscribed and requeued), so
+    /// the client can forget the single ACKs it keeps for a resume.
+    fn ack_cumulatively(&mut self) {
+        self.single_acks = 0;
+        let oldest_outstanding = self
+            .subscriptions
+            .values()
+            .flat_map(|relayed| relayed.unsettled.values().chain(relayed.unwritten.front()))
+            .min()
+            .copied()
+            .unwrap_or(self.last_delivery_seq + 1);
+        let through = oldest_outstanding - 1;
+        if through > self.acked_through {
+            self.acked_through = through;
+            if let Some(client) = self.client.as_mut() {
+                let _ = client.ack(through, true);
+            }
+        }
     }
 
     /// A resumed connection lost what was written but not read by the owner, except ACKs
@@ -573,6 +615,14 @@ impl Relay {
             Frame::Error(error) if error.subscription_id != 0 => {
                 let Some(relayed) = self.subscriptions.remove(&error.subscription_id) else { return Ok(()) };
                 self.by_consumer.remove(&(relayed.consumer, relayed.subscription));
+                if relayed.confirmed {
+                    // An ERROR that did not end it at the owner (a refused FLOW) must not leave
+                    // it there; if the owner ended it, this is answered with an ignored ERROR.
+                    let unsubscribe = Frame::Unsubscribe(mbws::Unsubscribe { subscription_id: error.subscription_id });
+                    if let Some(client) = self.client.as_mut() {
+                        let _ = client.write_frame(&unsubscribe);
+                    }
+                }
                 let code = ErrorCode::from_u16(error.code).unwrap_or(ErrorCode::Internal);
                 let refusal = Refusal::new(code, String::from_utf8_lossy(&error.reason).into_owned());
                 self.end(relayed.consumer, relayed.subscription, relayed.ticket, relayed.confirmed, refusal);
@@ -585,6 +635,7 @@ impl Relay {
     /// A MESSAGE from the owner: recorded for its settlement, delivered to the consumer's shard
     /// (joined to the previous Deliver when it is for the same subscription).
     fn on_message(&mut self, message: mbws::Message) {
+        self.last_delivery_seq = self.last_delivery_seq.max(message.delivery_seq);
         let Some(relayed) = self.subscriptions.get_mut(&message.subscription_id) else {
             // Unsubscribed meanwhile: the owner requeued it with the rest.
             return;
@@ -658,6 +709,9 @@ impl Relay {
             self.owner.url; node = self.owner.name);
         self.client = Some(client);
         self.resumes = 0;
+        self.last_delivery_seq = 0;
+        self.acked_through = 0;
+        self.single_acks = 0;
         self.last_heard = Instant::now();
         self.pinged = false;
         self.recent_unsubscribes.clear();
