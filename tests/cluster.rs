@@ -806,3 +806,33 @@ fn what_a_relayed_consumer_had_not_acknowledged_goes_to_another_consumer_when_it
         .collect();
     assert_eq!(redelivered.len(), 10, "the ten unacknowledged ones come back marked redelivered: {redelivered:?}");
 }
+
+#[test]
+fn a_relayed_subscription_ends_with_a_non_fatal_4503_naming_the_owner_when_the_owner_dies() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let mut nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "feed");
+    let mut relayed = client(&nodes[2].url());
+    relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+    nodes[1].kill();
+    let killed_at = Instant::now();
+    match relayed.next_message(Duration::from_secs(10)) {
+        Err(ClientError::Broker(error)) => {
+            let reason = String::from_utf8_lossy(&error.reason).into_owned();
+            assert_eq!((error.code, error.fatal, error.subscription_id), (4503, false, 1), "{reason}");
+            assert!(reason.contains("cluster node \"b\""), "{reason}");
+        }
+        other => panic!("a relayed subscription to a dead owner ends with 4503, not {other:?}"),
+    }
+    eprintln!(
+        "relaying: a subscription relayed to a killed owner ended with 4503 after {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    // The session goes on: it can subscribe again (the address is re-placed on a live node).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(error) = relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 10) {
+        assert!(Instant::now() < deadline, "{address} not served again: {error}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
