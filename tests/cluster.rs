@@ -6,8 +6,9 @@
 //! A node "serves" an address when a SEND marked as forwarded already (the header
 //! `x-mbws-cluster-hop`, which a node never forwards again) is receipted there; a node that does
 //! not own the address refuses such a SEND with the non-fatal ERROR 4421 naming the owner. An
-//! unmarked SEND to any node is forwarded to the owner (the forwarding tests). The tests run one
-//! at a time (each starts four processes on a small, busy machine).
+//! unmarked SEND to any node is forwarded to the owner (the forwarding tests), and a SUBSCRIBE to
+//! any node is relayed to the owner (the relaying tests). The tests run one at a time (each
+//! starts four processes on a small, busy machine).
 
 #[path = "support/chaos_proxy.rs"]
 mod chaos_proxy;
@@ -514,7 +515,7 @@ fn sends_on_two_other_nodes_are_forwarded_to_the_owner_receipted_end_to_end_and_
     let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
     let anycast = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "work");
     let multicast = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "news");
-    // Consumers on the owner b (subscriptions are not relayed between nodes yet), in both bindings.
+    // Consumers on the owner b, in both bindings (relayed consumers: the relaying tests below).
     let mut worker = client_in(&nodes[1].url(), Binding::Text);
     worker.subscribe(1, &anycast, DeliveryMode::Anycast, AckMode::Client, 1000).unwrap();
     let mut listeners = [client_in(&nodes[1].url(), Binding::Binary), client_in(&nodes[1].url(), Binding::Text)];
