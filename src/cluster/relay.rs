@@ -1,5 +1,6 @@
-//! Relaying subscriptions between cluster nodes: the IO side of [`Forward::Subscribe`] and
-//! [`Forward::Settle`](super::view::Forward).
+//! Relaying subscriptions between cluster nodes: the IO side of
+//! [`Forward::Subscribe`](super::view::Forward::Subscribe) and
+//! [`Forward::Settle`](super::view::Forward::Settle).
 //!
 //! A client that SUBSCRIBEs on a node that does not own the address keeps its subscription
 //! there: the node's placement view hands the SUBSCRIBE to the shard's shell, which gives it to
@@ -41,7 +42,7 @@
 //! per relay are bounded by the owner's `max_subscriptions` (its refusal reaches the
 //! consumer).
 //!
-//! **Cost.** A relay with subscriptions polls its session every [`READ_POLL`] (a blocking
+//! **Cost.** A relay with subscriptions polls its session every millisecond (a blocking
 //! client cannot wait on its socket and its queue at once); an idle one blocks on its queue.
 
 use std::collections::VecDeque;
