@@ -6,8 +6,9 @@
 //! A node "serves" an address when a SEND marked as forwarded already (the header
 //! `x-mbws-cluster-hop`, which a node never forwards again) is receipted there; a node that does
 //! not own the address refuses such a SEND with the non-fatal ERROR 4421 naming the owner. An
-//! unmarked SEND to any node is forwarded to the owner (the forwarding tests). The tests run one
-//! at a time (each starts four processes on a small, busy machine).
+//! unmarked SEND to any node is forwarded to the owner (the forwarding tests), and a SUBSCRIBE to
+//! any node is relayed to the owner (the relaying tests). The tests run one at a time (each
+//! starts four processes on a small, busy machine).
 
 #[path = "support/chaos_proxy.rs"]
 mod chaos_proxy;
@@ -514,7 +515,7 @@ fn sends_on_two_other_nodes_are_forwarded_to_the_owner_receipted_end_to_end_and_
     let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
     let anycast = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "work");
     let multicast = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "news");
-    // Consumers on the owner b (subscriptions are not relayed between nodes yet), in both bindings.
+    // Consumers on the owner b, in both bindings (relayed consumers: the relaying tests below).
     let mut worker = client_in(&nodes[1].url(), Binding::Text);
     worker.subscribe(1, &anycast, DeliveryMode::Anycast, AckMode::Client, 1000).unwrap();
     let mut listeners = [client_in(&nodes[1].url(), Binding::Binary), client_in(&nodes[1].url(), Binding::Text)];
@@ -653,5 +654,186 @@ fn forwarding_rate_one_to_one_against_one_node() {
              publisher on a, owner and consumer on b {forwarded:.0} msg/s ({:.2} of local)",
             forwarded / local
         );
+    }
+}
+
+/// The bodies of `messages`, in the order they came.
+fn bodies(messages: &[frames::Message]) -> Vec<String> {
+    messages.iter().map(|message| String::from_utf8_lossy(&message.body).into_owned()).collect()
+}
+
+/// Sends `count` bodies `NAME-i` to `address` through `url` and waits for the RECEIPT of the
+/// last (no ERROR for any: every SEND receipted end to end).
+fn publish_receipted(url: &str, binding: Binding, name: &str, address: &str, count: usize) {
+    let mut publisher = client_in(url, binding);
+    let mut last = 0;
+    for index in 0..count {
+        last = publisher.send(address, format!("{name}-{index}")).unwrap();
+    }
+    publisher.wait_receipt(last).unwrap_or_else(|error| panic!("publisher {name}: {error}"));
+}
+
+#[test]
+fn a_consumer_on_a_third_node_gets_what_a_publisher_on_another_sends_relayed_end_to_end_in_both_bindings() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let anycast = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "work");
+    let multicast = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "news");
+    // Consumers on c, which does not own the addresses: their subscriptions are relayed to b.
+    let mut workers = [client_in(&nodes[2].url(), Binding::Text), client_in(&nodes[2].url(), Binding::Binary)];
+    for (worker, address) in workers.iter_mut().zip([&anycast, &anycast]) {
+        worker.subscribe(1, address, DeliveryMode::Anycast, AckMode::Client, 1000).unwrap();
+    }
+    let mut listeners = [client_in(&nodes[2].url(), Binding::Binary), client_in(&nodes[2].url(), Binding::Text)];
+    for (listener, ack_mode) in listeners.iter_mut().zip([AckMode::Auto, AckMode::Client]) {
+        listener.subscribe(7, &multicast, DeliveryMode::Multicast, ack_mode, 1000).unwrap();
+    }
+    // Publishers on a, in both bindings, each interleaving both addresses.
+    const PER_PUBLISHER: usize = 300;
+    std::thread::scope(|scope| {
+        for (name, binding) in [("bin", Binding::Binary), ("txt", Binding::Text)] {
+            let (url, anycast, multicast) = (nodes[0].url(), &anycast, &multicast);
+            scope.spawn(move || {
+                let mut publisher = client_in(&url, binding);
+                let mut last = 0;
+                for index in 0..PER_PUBLISHER {
+                    publisher.send(anycast, format!("{name}-{index}")).unwrap();
+                    last = publisher.send(multicast, format!("{name}-{index}")).unwrap();
+                }
+                publisher.wait_receipt(last).unwrap_or_else(|error| panic!("publisher {name}: {error}"));
+            });
+        }
+    });
+    // Anycast: the two relayed workers share the messages, each once, each publisher's in
+    // order at each worker, and all of them together.
+    let mut work = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while work.len() < 2 * PER_PUBLISHER {
+        assert!(Instant::now() < deadline, "only {} of {} relayed messages came", work.len(), 2 * PER_PUBLISHER);
+        for (index, worker) in workers.iter_mut().enumerate() {
+            while let Some(message) = worker.next_message(Duration::from_millis(20)).unwrap() {
+                worker.ack(message.delivery_seq, false).unwrap();
+                assert!(message.subscription_id == 1 && !message.redelivered, "{message:?}");
+                work.push((index, message));
+            }
+        }
+    }
+    for worker in &mut workers {
+        assert!(worker.next_message(Duration::from_millis(300)).unwrap().is_none(), "a message came twice");
+    }
+    for index in 0..2 {
+        let mine: Vec<frames::Message> =
+            work.iter().filter(|(worker, _)| *worker == index).map(|(_, message)| message.clone()).collect();
+        for publisher in ["bin", "txt"] {
+            let sequence: Vec<usize> = bodies(&mine)
+                .iter()
+                .filter_map(|body| body.strip_prefix(&format!("{publisher}-")).map(|n| n.parse().unwrap()))
+                .collect();
+            assert!(sequence.windows(2).all(|pair| pair[0] < pair[1]), "worker {index}, {publisher}: {sequence:?}");
+        }
+    }
+    let all: Vec<frames::Message> = work.into_iter().map(|(_, message)| message).collect();
+    let mut sorted = bodies(&all);
+    sorted.sort();
+    let mut expected: Vec<String> =
+        ["bin", "txt"].iter().flat_map(|name| (0..PER_PUBLISHER).map(move |index| format!("{name}-{index}"))).collect();
+    expected.sort();
+    assert_eq!(sorted, expected, "every receipted anycast SEND delivered exactly once");
+    // Multicast: each relayed listener gets every message once, in each publisher's order.
+    for (listener, ack) in listeners.iter_mut().zip([false, true]) {
+        let news = take_messages(listener, 2 * PER_PUBLISHER, ack);
+        assert!(news.iter().all(|message| message.subscription_id == 7));
+        assert_each_publisher_in_order_once(&news, &["bin", "txt"], PER_PUBLISHER);
+    }
+}
+
+#[test]
+fn a_relayed_consumer_holds_no_more_unacknowledged_messages_than_its_credit() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "credit");
+    publish_receipted(&nodes[0].url(), Binding::Binary, "m", &address, 50);
+    // Credit 5 on c: 5 messages come, no more, though 45 more wait at b.
+    let mut relayed = client(&nodes[2].url());
+    relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 5).unwrap();
+    let held = take_messages(&mut relayed, 5, false);
+    assert!(relayed.next_message(Duration::from_millis(700)).unwrap().is_none(), "more than the credit came");
+    // Two acknowledged: two more come, no more.
+    relayed.ack(held[0].delivery_seq, false).unwrap();
+    relayed.ack(held[1].delivery_seq, false).unwrap();
+    let more = take_messages(&mut relayed, 2, false);
+    assert_eq!(
+        bodies(&held).into_iter().chain(bodies(&more)).collect::<Vec<_>>(),
+        (0..7).map(|i| format!("m-{i}")).collect::<Vec<_>>()
+    );
+    // FLOW is relayed too: credit 8 lets 3 more come (5 unacknowledged + 3).
+    relayed.write_frame(&frames::Frame::Flow(frames::Flow { subscription_id: 1, credit: 8 })).unwrap();
+    let flowed = take_messages(&mut relayed, 3, false);
+    assert_eq!(bodies(&flowed), ["m-7", "m-8", "m-9"]);
+    // The owner kept the rest: a consumer on b gets the 40 others, not one held by the relay.
+    let mut on_owner = client(&nodes[1].url());
+    on_owner.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 1000).unwrap();
+    let rest = take_messages(&mut on_owner, 40, true);
+    assert_eq!(bodies(&rest), (10..50).map(|i| format!("m-{i}")).collect::<Vec<_>>());
+}
+
+#[test]
+fn what_a_relayed_consumer_had_not_acknowledged_goes_to_another_consumer_when_it_leaves() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "jobs");
+    publish_receipted(&nodes[0].url(), Binding::Text, "j", &address, 20);
+    // On c, credit 10: ten come, none acknowledged; then the consumer's session ends.
+    let mut leaving = client(&nodes[2].url());
+    leaving.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+    let taken = take_messages(&mut leaving, 10, false);
+    assert_eq!(bodies(&taken), (0..10).map(|i| format!("j-{i}")).collect::<Vec<_>>());
+    leaving.close().unwrap();
+    // A consumer on a (relayed too) gets all twenty: the ten back from the one that left
+    // (redelivered), and the ten that waited.
+    let mut staying = client_in(&nodes[0].url(), Binding::Text);
+    staying.subscribe(3, &address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    let messages = take_messages(&mut staying, 20, true);
+    let mut got = bodies(&messages);
+    got.sort_by_key(|body| body[2..].parse::<usize>().unwrap());
+    assert_eq!(got, (0..20).map(|i| format!("j-{i}")).collect::<Vec<_>>(), "every message once more, none lost");
+    let redelivered: Vec<String> = messages
+        .iter()
+        .filter(|message| message.redelivered)
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(redelivered.len(), 10, "the ten unacknowledged ones come back marked redelivered: {redelivered:?}");
+}
+
+#[test]
+fn a_relayed_subscription_ends_with_a_non_fatal_4503_naming_the_owner_when_the_owner_dies() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let mut nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "feed");
+    let mut relayed = client(&nodes[2].url());
+    relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+    nodes[1].kill();
+    let killed_at = Instant::now();
+    match relayed.next_message(Duration::from_secs(10)) {
+        Err(ClientError::Broker(error)) => {
+            let reason = String::from_utf8_lossy(&error.reason).into_owned();
+            assert_eq!((error.code, error.fatal, error.subscription_id), (4503, false, 1), "{reason}");
+            assert!(reason.contains("cluster node \"b\""), "{reason}");
+        }
+        other => panic!("a relayed subscription to a dead owner ends with 4503, not {other:?}"),
+    }
+    eprintln!(
+        "relaying: a subscription relayed to a killed owner ended with 4503 after {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    // The session goes on: it can subscribe again (the address is re-placed on a live node).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(error) = relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 10) {
+        assert!(Instant::now() < deadline, "{address} not served again: {error}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -75,25 +75,40 @@ struct Job {
     message: SharedMessage,
 }
 
-/// The forwarders of one shard, by owner node (see the module doc).
+/// The forwarders and relays of one shard, by owner node (see the module doc and
+/// [`super::relay`]).
 pub struct Forwarders {
     shard: ShardId,
     post_office: Arc<PostOffice>,
     /// The credentials and CA file of every forwarder's session (`--cluster-login`...).
     login: Arc<PeerLogin>,
     by_node: FastMap<Arc<NodeRef>, Sender<Job>>,
+    relays: super::relay::Relays,
 }
 
 impl Forwarders {
     pub fn new(shard: ShardId, post_office: Arc<PostOffice>, login: Arc<PeerLogin>) -> Forwarders {
-        Forwarders { shard, post_office, login, by_node: FastMap::default() }
+        let relays = super::relay::Relays::new(shard, post_office.clone(), login.clone());
+        Forwarders { shard, post_office, login, by_node: FastMap::default(), relays }
     }
 
-    /// Queues each SEND of `forwards` on its owner's forwarder (started on first use), in order;
-    /// a full queue refuses with 4429 at once.
+    /// Queues each SEND of `forwards` on its owner's forwarder (started on first use), in order,
+    /// and each relayed subscription's command on its owner's relay; a full queue refuses a
+    /// SEND with 4429 at once.
     pub fn forward(&mut self, forwards: &mut Vec<Forward>) {
         let mut answers = Answers::default();
-        for Forward { owner, publisher, seq, message } in forwards.drain(..) {
+        for forward in forwards.drain(..) {
+            let (owner, publisher, seq, message) = match forward {
+                Forward::Send { owner, publisher, seq, message } => (owner, publisher, seq, message),
+                Forward::Subscribe { owner, ticket, command } => {
+                    self.relays.subscribe(owner, ticket, command, &mut answers);
+                    continue;
+                }
+                Forward::Settle { owner, command } => {
+                    self.relays.settle(owner, command, &mut answers);
+                    continue;
+                }
+            };
             let mut job = Job { publisher, seq, message };
             let mut attempts = 0;
             loop {
@@ -140,18 +155,24 @@ impl Forwarders {
     }
 }
 
-/// PublishDones to post, by the publisher's shard.
+/// Commands to post (PublishDones, and the relays' answers and deliveries), by shard, each
+/// shard's in the order they were made.
 #[derive(Default)]
-struct Answers {
-    by_shard: Vec<(ShardId, Vec<Command>)>,
+pub(super) struct Answers {
+    pub(super) by_shard: Vec<(ShardId, Vec<Command>)>,
 }
 
 impl Answers {
     fn answer(&mut self, job: &Job, outcome: Result<(), Refusal>) {
         let command = Command::Conn(ConnCommand::PublishDone { publisher: job.publisher.conn, seq: job.seq, outcome });
-        match self.by_shard.iter_mut().find(|(shard, _)| *shard == job.publisher.shard) {
+        self.push(job.publisher.shard, command);
+    }
+
+    /// Queues `command` for `shard`.
+    pub(super) fn push(&mut self, shard: ShardId, command: Command) {
+        match self.by_shard.iter_mut().find(|(entry, _)| *entry == shard) {
             Some((_, commands)) => commands.push(command),
-            None => self.by_shard.push((job.publisher.shard, vec![command])),
+            None => self.by_shard.push((shard, vec![command])),
         }
     }
 
@@ -159,7 +180,7 @@ impl Answers {
         self.answer(&job, Err(Refusal::new(code, reason)));
     }
 
-    fn post(&mut self, post_office: &PostOffice) {
+    pub(super) fn post(&mut self, post_office: &PostOffice) {
         for (shard, commands) in self.by_shard.drain(..) {
             post_office.post(shard, Envelope::Commands(commands));
         }
@@ -177,6 +198,29 @@ fn spawn(
         .name(format!("mbws-fwd-{}-{}", shard.0, owner.name))
         .spawn(move || Forwarder::new(owner, jobs, post_office, login).run())?;
     Ok(sender)
+}
+
+/// Opens a reliable, binary session to `owner` for a forwarder or a relay: logged in with the
+/// node's [`PeerLogin`], resumed within [`RESUME_WINDOW`] after a lost connection (after that,
+/// the caller's backoff paces the retries). A refused login says what to do.
+pub(super) fn connect_to_owner(owner: &NodeRef, login: &PeerLogin) -> Result<Client, String> {
+    let mut options = ClientOptions {
+        subprotocol: Subprotocol::Reliable,
+        binding: Binding::Binary,
+        timeout: WAIT_BOUND,
+        reconnect: Some(RESUME_WINDOW),
+        ..ClientOptions::default()
+    };
+    login.apply(&mut options);
+    Client::connect(&owner.url, options).map_err(|error| match error {
+        ClientError::Broker(refusal) if refusal.code == ErrorCode::Unauthenticated as u16 => format!(
+            "it refused this node's login ({} {}): give every node --cluster-login and --cluster-passcode of a \
+             user or token the nodes accept",
+            refusal.code,
+            String::from_utf8_lossy(&refusal.reason)
+        ),
+        error => format!("connecting: {error}"),
+    })
 }
 
 /// One forwarder's thread state.
@@ -326,24 +370,7 @@ impl Forwarder {
     }
 
     fn connect(&mut self) -> Result<(), String> {
-        let mut options = ClientOptions {
-            subprotocol: Subprotocol::Reliable,
-            binding: Binding::Binary,
-            timeout: WAIT_BOUND,
-            reconnect: Some(RESUME_WINDOW),
-            ..ClientOptions::default()
-        };
-        self.login.apply(&mut options);
-        // Within the resume window; after that, the forwarder's own backoff paces the retries.
-        let client = Client::connect(&self.owner.url, options).map_err(|error| match error {
-            ClientError::Broker(refusal) if refusal.code == ErrorCode::Unauthenticated as u16 => format!(
-                "it refused this node's login ({} {}): give every node --cluster-login and --cluster-passcode of a \
-                 user or token the nodes accept",
-                refusal.code,
-                String::from_utf8_lossy(&refusal.reason)
-            ),
-            error => format!("connecting: {error}"),
-        })?;
+        let client = connect_to_owner(&self.owner, &self.login)?;
         log!(Level::Info, "forwarding to cluster node \"{}\" ({}): session open", self.owner.name, self.owner.url;
             node = self.owner.name);
         self.client = Some(client);

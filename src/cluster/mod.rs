@@ -14,6 +14,10 @@
 //! - [`forward`]: the IO side of the view's forwarding: per shard, one forwarder per owner
 //!   node, a thread with an MBWS session to it that carries SENDs and brings back the owner's
 //!   RECEIPTs as the clients' answers.
+//! - [`relay`]: the IO side of relayed subscriptions: per shard, one relay per owner node, a
+//!   thread with an MBWS session to it that holds a client-ack subscription at the owner for
+//!   each relayed one, delivers its MESSAGEs to the consumer's shard and carries back its ACK,
+//!   NACK, FLOW and UNSUBSCRIBE (end-to-end credit).
 //!
 //! What lives in etcd, under `/mbws/<cluster>/`: `nodes/<node>` (the node's URL and shard
 //! count, attached to its lease: it disappears when the node stops renewing), and
@@ -22,6 +26,7 @@
 
 pub mod control;
 pub mod forward;
+pub mod relay;
 pub mod view;
 
 use std::path::PathBuf;

@@ -4,11 +4,15 @@
 //!
 //! [`PlacementView::admit`] sees each SEND and SUBSCRIBE before the address table does:
 //! - [`Owner::Local`]: the command runs here, as in a single broker;
-//! - [`Owner::Remote`]: a SEND is handed on as a [`Forward`] (taken by the shard's IO shell,
-//!   which gives it to the forwarder of that node, [`crate::cluster::forward`]; the client's
-//!   answer comes back later as the owner's); a SEND that was forwarded already (it carries
-//!   [`HOP_HEADER`]) and a SUBSCRIBE (subscriptions are not relayed yet) are refused with
-//!   non-fatal 4421 naming the owner node and its URL (the redirect hint);
+//! - [`Owner::Remote`]: a SEND is handed on as a [`Forward::Send`] (taken by the shard's IO
+//!   shell, which gives it to the forwarder of that node, [`crate::cluster::forward`]; the
+//!   client's answer comes back later as the owner's), a SUBSCRIBE as a [`Forward::Subscribe`]
+//!   (to the relay of that node, [`crate::cluster::relay`]), and the view then remembers the
+//!   relayed subscription by consumer and subscription id, so that its ACK, NACK, FLOW,
+//!   written auto-ack deliveries and UNSUBSCRIBE, and its consumer's end, go the same way as
+//!   [`Forward::Settle`]; a SEND that was forwarded already (it carries [`HOP_HEADER`]) and a
+//!   SUBSCRIBE a relay made (its id has [`RELAYED_SUBSCRIPTION_BIT`]) are refused with
+//!   non-fatal 4421 naming the owner node and its URL (one hop at most);
 //! - not placed yet: the command waits here, and the first one asks the control plane to place
 //!   the address ([`PlacementRequest`]). Bounded in count ([`MAX_WAITING_COMMANDS`] per
 //!   shard; beyond: 4429) and in time (the control plane answers every request, with a
@@ -18,17 +22,20 @@
 //! Sans-IO: updates come in as [`ClusterUpdate`]s, refusals go out as the address table's
 //! answers ([`Outgoing`]), released commands go back to the caller's work queue in order.
 //! Other address commands (ACK, FLOW, UNSUBSCRIBE...) are never held: they concern a
-//! subscription that was admitted.
+//! subscription that was admitted (here, or relayed).
 //!
 //! Invariant: an address is either placed (in `owners`) or has waiting commands, never both;
-//! the waiting count is the sum of the waiting lists and never exceeds the bound.
+//! the waiting count is the sum of the waiting lists and never exceeds the bound. A relayed
+//! subscription is remembered from its SUBSCRIBE until its UNSUBSCRIBE, its consumer's end,
+//! a new SUBSCRIBE with its id, or the relay's word that it ended
+//! ([`ClusterUpdate::RelayEnded`]): at most the consumer's `max_subscriptions` per consumer.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::broker::address::{AddressTable, Outgoing};
-use crate::broker::{AddressCommand, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage};
+use crate::broker::{AddressCommand, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage, SubscriptionId};
 use crate::mbws::ErrorCode;
 
 /// Most SENDs and SUBSCRIBEs one shard keeps waiting for their addresses' placement; beyond,
@@ -40,15 +47,26 @@ pub const MAX_WAITING_COMMANDS: usize = 4096;
 /// one hop even while two nodes' placements disagree for a moment. Consumers see it.
 pub const HOP_HEADER: &str = "x-mbws-cluster-hop";
 
-/// A SEND for an address another node owns, handed from the shard's core to its IO shell
-/// ([`PlacementView::take_forwards`]); the owner's answer goes back to `publisher` as its
-/// `PublishDone`.
+/// The subscription ids a relay uses at the owner have this bit set (it numbers them from
+/// 2^31); a node never relays such a SUBSCRIBE again but refuses it with 4421, so a
+/// subscription crosses at most one hop even while two nodes' placements disagree. A client's
+/// own SUBSCRIBE with such an id to an address of another node is refused the same way.
+pub const RELAYED_SUBSCRIPTION_BIT: u32 = 1 << 31;
+
+/// A command for an address another node owns, handed from the shard's core to its IO shell
+/// ([`PlacementView::take_forwards`]).
 #[derive(Debug)]
-pub struct Forward {
-    pub owner: Arc<NodeRef>,
-    pub publisher: ConnRef,
-    pub seq: u64,
-    pub message: SharedMessage,
+pub enum Forward {
+    /// A SEND, for the owner's forwarder; the owner's answer goes back to `publisher` as its
+    /// `PublishDone`.
+    Send { owner: Arc<NodeRef>, publisher: ConnRef, seq: u64, message: SharedMessage },
+    /// An [`AddressCommand::Subscribe`], for the owner's relay, which answers the consumer's
+    /// `SubscribeDone` and then delivers. `ticket` names this relayed subscription in
+    /// [`ClusterUpdate::RelayEnded`].
+    Subscribe { owner: Arc<NodeRef>, ticket: u64, command: AddressCommand },
+    /// What concerns relayed subscriptions: an `Ack`, `Nack`, `SetCredit`, `ReturnCredit`
+    /// (auto-ack deliveries written) or `Unsubscribe` of one, or a `ConsumerGone`.
+    Settle { owner: Arc<NodeRef>, command: AddressCommand },
 }
 
 /// A node of the cluster as the shards name it in refusals.
@@ -93,6 +111,10 @@ pub enum ClusterUpdate {
     Fenced { reason: String },
     /// The node holds a lease again; placements follow as [`ClusterUpdate::Placed`].
     Unfenced,
+    /// The relay ended the relayed subscription `ticket` (0: whichever has this id) on its own
+    /// (refused or ended by the owner, owner unreachable, its queue full) and told its
+    /// consumer: forget it.
+    RelayEnded { consumer: ConnRef, subscription: SubscriptionId, ticket: u64 },
 }
 
 /// Counters of what the view decided, for the admin API and the logs.
@@ -101,6 +123,8 @@ pub struct ViewCounters {
     pub refused_remote: u64,
     /// SENDs handed on to their owner's forwarder.
     pub forwarded: u64,
+    /// SUBSCRIBEs handed on to their owner's relay.
+    pub relayed: u64,
     pub refused_fenced: u64,
     pub waited: u64,
     pub subscriptions_ended: u64,
@@ -117,8 +141,11 @@ pub struct PlacementView {
     unsent: Vec<Bytes>,
     fenced: Option<String>,
     shard: ShardId,
-    /// SENDs to forward, until the shell takes them.
+    /// SENDs and relayed subscriptions' commands to forward, until the shell takes them.
     forwards: Vec<Forward>,
+    /// The relayed subscriptions, by consumer: subscription id, owner node, ticket.
+    relayed: FastMap<ConnRef, Vec<(SubscriptionId, Arc<NodeRef>, u64)>>,
+    next_ticket: u64,
     pub counters: ViewCounters,
 }
 
@@ -160,9 +187,8 @@ pub fn remote_refusal(address: &[u8], owner: &NodeRef) -> Refusal {
     Refusal::new(
         ErrorCode::Misdirected,
         format!(
-            "address \"{}\" is owned by cluster node \"{}\" ({}): connect there to consume from it \
-             (subscriptions are not relayed between nodes yet, and a SEND is forwarded once at most; \
-             docs/CLUSTER.md)",
+            "address \"{}\" is owned by cluster node \"{}\" ({}): connect there, or subscribe again \
+             (a SEND or a SUBSCRIBE crosses one hop between nodes at most; docs/CLUSTER.md)",
             name(address),
             owner.name,
             owner.url
@@ -192,6 +218,8 @@ impl PlacementView {
             fenced: None,
             shard,
             forwards: Vec::new(),
+            relayed: FastMap::default(),
+            next_ticket: 0,
             counters: ViewCounters::default(),
         }
     }
@@ -216,6 +244,7 @@ impl PlacementView {
     /// `Some(command)` if it runs here now; otherwise it was refused (into `out`) or is kept
     /// until its address is placed.
     pub fn admit(&mut self, command: AddressCommand, out: &mut Vec<Outgoing>) -> Option<AddressCommand> {
+        let command = if self.relayed.is_empty() { command } else { self.settle_relayed(command)? };
         let Some(address) = gated_address(&command) else { return Some(command) };
         if let Some(reason) = &self.fenced {
             self.counters.refused_fenced += 1;
@@ -263,7 +292,16 @@ impl PlacementView {
         match command {
             AddressCommand::Publish { publisher, seq, message } if !was_forwarded(&message) => {
                 self.counters.forwarded += 1;
-                self.forwards.push(Forward { owner: owner.clone(), publisher, seq, message });
+                self.forwards.push(Forward::Send { owner: owner.clone(), publisher, seq, message });
+            }
+            AddressCommand::Subscribe { consumer, subscription, .. }
+                if subscription.0 & RELAYED_SUBSCRIPTION_BIT == 0 =>
+            {
+                self.counters.relayed += 1;
+                self.next_ticket += 1;
+                let ticket = self.next_ticket;
+                self.relayed.entry(consumer).or_default().push((subscription, owner.clone(), ticket));
+                self.forwards.push(Forward::Subscribe { owner: owner.clone(), ticket, command });
             }
             command => {
                 self.counters.refused_remote += 1;
@@ -273,7 +311,56 @@ impl PlacementView {
         }
     }
 
-    /// Moves the SENDs to forward (see [`Forward`]) into `into`, in the order they came.
+    /// A command that concerns a relayed subscription becomes a [`Forward::Settle`] (`None`);
+    /// a `ConsumerGone` is also passed on to the table (`Some`), for the consumer's local
+    /// subscriptions; a SUBSCRIBE reusing a relayed subscription's id makes the view forget
+    /// the old one (its end had not reached the view yet). The rest passes unchanged.
+    fn settle_relayed(&mut self, command: AddressCommand) -> Option<AddressCommand> {
+        let (consumer, subscription) = match &command {
+            AddressCommand::Ack { consumer, subscription, .. }
+            | AddressCommand::Nack { consumer, subscription, .. }
+            | AddressCommand::SetCredit { consumer, subscription, .. }
+            | AddressCommand::ReturnCredit { consumer, subscription, .. }
+            | AddressCommand::Unsubscribe { consumer, subscription }
+            | AddressCommand::Subscribe { consumer, subscription, .. } => (*consumer, *subscription),
+            AddressCommand::ConsumerGone { consumer } => {
+                let Some(entries) = self.relayed.remove(consumer) else { return Some(command) };
+                let mut owners: Vec<Arc<NodeRef>> = Vec::new();
+                for (_, owner, _) in entries {
+                    if !owners.contains(&owner) {
+                        owners.push(owner);
+                    }
+                }
+                for owner in owners {
+                    let command = AddressCommand::ConsumerGone { consumer: *consumer };
+                    self.forwards.push(Forward::Settle { owner, command });
+                }
+                return Some(command);
+            }
+            AddressCommand::Publish { .. } => return Some(command),
+        };
+        let Some(entries) = self.relayed.get_mut(&consumer) else { return Some(command) };
+        let Some(index) = entries.iter().position(|(id, _, _)| *id == subscription) else { return Some(command) };
+        let owner = entries[index].1.clone();
+        if matches!(command, AddressCommand::Subscribe { .. } | AddressCommand::Unsubscribe { .. }) {
+            entries.swap_remove(index);
+            if entries.is_empty() {
+                self.relayed.remove(&consumer);
+            }
+            if matches!(command, AddressCommand::Subscribe { .. }) {
+                return Some(command);
+            }
+        }
+        self.forwards.push(Forward::Settle { owner, command });
+        None
+    }
+
+    /// Relayed subscriptions remembered on this shard.
+    pub fn relayed_count(&self) -> usize {
+        self.relayed.values().map(Vec::len).sum()
+    }
+
+    /// Moves the commands to forward (see [`Forward`]) into `into`, in the order they came.
     pub fn take_forwards(&mut self, into: &mut Vec<Forward>) {
         into.append(&mut self.forwards);
     }
@@ -359,6 +446,16 @@ impl PlacementView {
                 self.fenced = Some(reason);
             }
             ClusterUpdate::Unfenced => self.fenced = None,
+            ClusterUpdate::RelayEnded { consumer, subscription, ticket } => {
+                if let Some(entries) = self.relayed.get_mut(&consumer) {
+                    entries.retain(|(id, _, entry_ticket)| {
+                        !(*id == subscription && (ticket == 0 || *entry_ticket == ticket))
+                    });
+                    if entries.is_empty() {
+                        self.relayed.remove(&consumer);
+                    }
+                }
+            }
         }
         debug_assert_eq!(self.waiting_count, self.waiting.values().map(Vec::len).sum::<usize>());
     }
@@ -401,6 +498,10 @@ mod tests {
     }
 
     fn subscribe(address: &'static str, id: u32) -> AddressCommand {
+        subscribe_with_id(address, id)
+    }
+
+    fn subscribe_with_id(address: &'static str, id: u32) -> AddressCommand {
         AddressCommand::Subscribe {
             consumer: conn(2),
             subscription: SubscriptionId(id),
@@ -483,13 +584,13 @@ mod tests {
     }
 
     #[test]
-    fn a_send_owned_elsewhere_is_forwarded_once_and_a_subscribe_refused_with_4421_naming_the_owner() {
+    fn a_send_owned_elsewhere_is_forwarded_once_and_a_subscribe_relayed_once() {
         let mut f = Fixture::new();
         f.view.admit(publish("a", 1), &mut f.out);
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
         assert!(f.view.admit(publish("a", 2), &mut f.out).is_none());
         assert!(f.view.admit(subscribe("a", 3), &mut f.out).is_none());
-        // A SEND a node forwarded already is not forwarded again.
+        // A SEND a node forwarded already is not forwarded again, nor a SUBSCRIBE a relay made.
         let properties = Properties {
             headers: vec![(Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1"))],
             ..Properties::default()
@@ -497,14 +598,68 @@ mod tests {
         let message = StoredMessage::from_fields(b"a", &properties, b"x", false);
         let hopped = AddressCommand::Publish { publisher: conn(1), seq: 4, message: Arc::new(message) };
         assert!(f.view.admit(hopped, &mut f.out).is_none());
-        assert_eq!(refusal_codes(&f.out), [(3, ErrorCode::Misdirected), (4, ErrorCode::Misdirected)]);
-        let ConnCommand::SubscribeDone { outcome: Err(refusal), .. } = &f.out[0].1 else { panic!() };
+        assert!(f.view.admit(subscribe_with_id("a", RELAYED_SUBSCRIPTION_BIT | 5), &mut f.out).is_none());
+        assert_eq!(
+            refusal_codes(&f.out),
+            [(4, ErrorCode::Misdirected), (u64::from(RELAYED_SUBSCRIPTION_BIT | 5), ErrorCode::Misdirected)]
+        );
+        let ConnCommand::PublishDone { outcome: Err(refusal), .. } = &f.out[0].1 else { panic!() };
         assert!(refusal.reason.contains("node \"b\" (ws://127.0.0.1:9/)"), "{}", refusal.reason);
         let mut forwards = Vec::new();
         f.view.take_forwards(&mut forwards);
-        let seqs: Vec<_> = forwards.iter().map(|forward| (forward.seq, forward.owner.name.as_str())).collect();
-        assert_eq!(seqs, [(1, "b"), (2, "b")], "the waiting SEND and the new one, in order");
-        assert_eq!(f.view.counters.forwarded, 2);
+        let kinds: Vec<_> = forwards
+            .iter()
+            .map(|forward| match forward {
+                Forward::Send { seq, owner, .. } => format!("send {seq} to {}", owner.name),
+                Forward::Subscribe { command: AddressCommand::Subscribe { subscription, .. }, owner, .. } => {
+                    format!("subscribe {} to {}", subscription.0, owner.name)
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["send 1 to b", "send 2 to b", "subscribe 3 to b"], "in order");
+        assert_eq!((f.view.counters.forwarded, f.view.counters.relayed), (2, 1));
+    }
+
+    #[test]
+    fn a_relayed_subscriptions_settlements_go_to_its_relay_until_it_ends() {
+        let mut f = Fixture::new();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"here"), owner: Owner::Local });
+        assert!(f.view.admit(subscribe("a", 1), &mut f.out).is_none());
+        // The same consumer's local subscription 2 is the table's.
+        let local = f.view.admit(subscribe("here", 2), &mut f.out).unwrap();
+        f.table.handle(local, 0, &mut f.out);
+        let ack = |id: u32| AddressCommand::Ack {
+            consumer: conn(2),
+            subscription: SubscriptionId(id),
+            messages: smallvec::smallvec![crate::broker::MessageId(7)],
+        };
+        assert!(f.view.admit(ack(1), &mut f.out).is_none(), "relayed: settled at the owner");
+        assert!(f.view.admit(ack(2), &mut f.out).is_some(), "local: the table's");
+        let credit = AddressCommand::SetCredit { consumer: conn(2), subscription: SubscriptionId(1), credit: 3 };
+        assert!(f.view.admit(credit, &mut f.out).is_none());
+        // The consumer goes: the relay is told, and the table too (for subscription 2).
+        assert!(f.view.admit(AddressCommand::ConsumerGone { consumer: conn(2) }, &mut f.out).is_some());
+        assert_eq!(f.view.relayed_count(), 0);
+        assert!(f.view.admit(ack(1), &mut f.out).is_some(), "forgotten once the consumer is gone");
+        // A relayed subscription the relay ended is forgotten too (by its ticket).
+        f.view.admit(subscribe("a", 4), &mut f.out);
+        let mut forwards = Vec::new();
+        f.view.take_forwards(&mut forwards);
+        let settled: Vec<_> = forwards
+            .iter()
+            .filter_map(|forward| match forward {
+                Forward::Settle { command, .. } => Some(format!("{command:?}").split(' ').next().unwrap().to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(settled, ["Ack", "SetCredit", "ConsumerGone"]);
+        let Some(Forward::Subscribe { ticket, .. }) = forwards.last() else { panic!("{forwards:?}") };
+        f.apply(ClusterUpdate::RelayEnded { consumer: conn(2), subscription: SubscriptionId(4), ticket: *ticket + 1 });
+        assert_eq!(f.view.relayed_count(), 1, "another ticket: a newer subscription with the same id");
+        f.apply(ClusterUpdate::RelayEnded { consumer: conn(2), subscription: SubscriptionId(4), ticket: *ticket });
+        assert_eq!(f.view.relayed_count(), 0);
     }
 
     #[test]

@@ -1,0 +1,751 @@
+//! Relaying subscriptions between cluster nodes: the IO side of
+//! [`Forward::Subscribe`](super::view::Forward::Subscribe) and
+//! [`Forward::Settle`](super::view::Forward::Settle).
+//!
+//! A client that SUBSCRIBEs on a node that does not own the address keeps its subscription
+//! there: the node's placement view hands the SUBSCRIBE to the shard's shell, which gives it to
+//! the **relay** of the owner node (one per shard and owner node, started on first use, a
+//! thread `mbws-relay-S-NODE` with one MBWS session on the reliable subprotocol to the owner's
+//! advertise URL, opened with `mbws-client`'s blocking client, which resumes it after a lost
+//! connection). The relay opens at the owner a **client-ack** subscription with the consumer's
+//! mode, address and credit, under an id of its own (numbered from
+//! [`RELAYED_SUBSCRIPTION_BIT`], so the owner never relays it again), and:
+//!
+//! - answers the consumer's SUBSCRIBE with the owner's SUBSCRIBED or ERROR (code and reason);
+//! - turns each MESSAGE from the owner into a `ConnCommand::Deliver` for the consumer's
+//!   shard, with the owner's message id: the consumer's session numbers it and writes an
+//!   ordinary MESSAGE in the consumer's own binding and subprotocol;
+//! - relays the consumer's ACK and NACK as ACK and NACK of the owner's delivery (it keeps, per
+//!   relayed subscription, the owner's delivery sequence of each message id the consumer
+//!   holds), and FLOW one for one. The owner holds the relay to the consumer's credit, and the
+//!   relay acknowledges only what the consumer did: **credit is end to end**, the owner never
+//!   has more deliveries out than the consumer granted;
+//! - an auto-ack subscription is acknowledged at the owner when the consumer's shard has
+//!   written the delivery to the consumer's socket (its `ReturnCredit`), oldest first; a
+//!   delivery lost with the consumer's connection before it was written is not acknowledged,
+//!   and the owner requeues it (anycast);
+//! - UNSUBSCRIBE, and the consumer's end (`ConsumerGone`: disconnect, expiry), UNSUBSCRIBE at
+//!   the owner, whose queue gets back what was not acknowledged (anycast).
+//!
+//! **Failures.** The owner refusing or ending the subscription (a move, its fencing, a slow
+//! multicast consumer) ends the consumer's with the owner's ERROR. The owner unreachable (a
+//! connection that cannot be made or resumed within [`WAIT_BOUND`] / [`RESUME_WINDOW`](super::forward::RESUME_WINDOW), no
+//! SUBSCRIBED or no answer to a PING within [`WAIT_BOUND`]) ends every subscription of the
+//! relay with non-fatal **4503** naming the node; SUBSCRIBEs during the backoff that follows
+//! are refused at once the same way. The view forgets what the relay ended
+//! ([`ClusterUpdate::RelayEnded`]).
+//!
+//! **Bounds.** A relay's queue holds at most [`RELAY_QUEUE_BOUND`] commands; a SUBSCRIBE
+//! beyond is refused with 4429, and a relayed subscription whose ACK, NACK, FLOW or
+//! UNSUBSCRIBE finds the queue full is ended with 4429 (and unsubscribed at the owner as soon
+//! as the relay gets to it). Deliveries in flight are bounded by the credits. Subscriptions
+//! per relay are bounded by the owner's `max_subscriptions` (its refusal reaches the
+//! consumer).
+//!
+//! **Cost.** A relay with subscriptions polls its session every millisecond (a blocking
+//! client cannot wait on its socket and its queue at once); an idle one blocks on its queue.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use mbws_client::{Client, ClientError};
+
+use super::forward::{connect_to_owner, Answers, FIRST_BACKOFF, MAX_BACKOFF, WAIT_BOUND};
+use super::view::{ClusterUpdate, NodeRef, RELAYED_SUBSCRIPTION_BIT};
+use super::PeerLogin;
+use crate::broker::{
+    AddressCommand, Command, ConnCommand, ConnRef, Delivered, FastMap, MessageId, Refusal, ShardId, StoredMessage,
+    SubscriptionId,
+};
+use crate::log;
+use crate::logging::Level;
+use crate::mbws::{self, AckMode, DeliveryMode, ErrorCode, Frame};
+use crate::shard::mailbox::{Envelope, PostOffice};
+
+/// Most commands one relay keeps queued (SUBSCRIBEs and what settles relayed subscriptions).
+pub const RELAY_QUEUE_BOUND: usize = 16_384;
+/// How long a read waits for the owner's frames before the relay looks at its queue again.
+const READ_POLL: Duration = Duration::from_millis(1);
+/// Most frames read from the owner in one round, before the queue is looked at again.
+const FRAMES_PER_ROUND: usize = 512;
+/// How often an idle relay reads its session; also the silence after which a relay with
+/// subscriptions PINGs the owner.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+/// Most UNSUBSCRIBEs remembered to be written again after a resumed connection.
+const RECENT_UNSUBSCRIBES: usize = 1024;
+/// Single ACKs after which the relay also writes a cumulative ACK through its oldest
+/// outstanding delivery (the client keeps single ACKs to repeat them after a resume, until a
+/// cumulative one covers them: this bounds what it keeps).
+const SINGLE_ACKS_PER_CUMULATIVE: u32 = 1024;
+
+/// One command for a relay.
+enum Job {
+    Subscribe { ticket: u64, command: AddressCommand },
+    Settle(AddressCommand),
+}
+
+/// What to end because its command found the relay's queue full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overflow {
+    Subscription(ConnRef, SubscriptionId),
+    Consumer(ConnRef),
+}
+
+struct RelayHandle {
+    jobs: Sender<Job>,
+    /// At most one entry per relayed subscription and consumer.
+    overflowed: Arc<Mutex<Vec<Overflow>>>,
+}
+
+/// The relays of one shard, by owner node (see the module doc).
+pub struct Relays {
+    shard: ShardId,
+    post_office: Arc<PostOffice>,
+    /// The credentials and CA file of every relay's session (`--cluster-login`...).
+    login: Arc<PeerLogin>,
+    by_node: FastMap<Arc<NodeRef>, RelayHandle>,
+}
+
+impl Relays {
+    pub fn new(shard: ShardId, post_office: Arc<PostOffice>, login: Arc<PeerLogin>) -> Relays {
+        Relays { shard, post_office, login, by_node: FastMap::default() }
+    }
+
+    /// Queues a relayed SUBSCRIBE on its owner's relay; refuses it (4503 the relay cannot be
+    /// started, 4429 its queue is full) and tells the view so.
+    pub(super) fn subscribe(
+        &mut self,
+        owner: Arc<NodeRef>,
+        ticket: u64,
+        command: AddressCommand,
+        answers: &mut Answers,
+    ) {
+        let AddressCommand::Subscribe { consumer, subscription, .. } = &command else {
+            debug_assert!(false, "a relayed SUBSCRIBE that is not a SUBSCRIBE");
+            return;
+        };
+        let (consumer, subscription) = (*consumer, *subscription);
+        let refusal = match self.queue(&owner, Job::Subscribe { ticket, command }) {
+            Ok(()) => return,
+            Err(QueueError::Full) => Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "{RELAY_QUEUE_BOUND} commands already wait for the relay to cluster node \"{}\" ({}); subscribe \
+                     again later",
+                    owner.name, owner.url
+                ),
+            ),
+            Err(QueueError::Unavailable(reason)) => Refusal::new(ErrorCode::Unavailable, reason),
+        };
+        self.post_office
+            .post(self.shard, Envelope::Cluster(ClusterUpdate::RelayEnded { consumer, subscription, ticket }));
+        answers.push(
+            consumer.shard,
+            Command::Conn(ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome: Err(refusal) }),
+        );
+    }
+
+    /// Queues what settles a relayed subscription on its owner's relay. A full queue ends the
+    /// subscription with 4429 (the relay unsubscribes it at the owner when it gets to it).
+    pub(super) fn settle(&mut self, owner: Arc<NodeRef>, command: AddressCommand, answers: &mut Answers) {
+        let overflow = match &command {
+            AddressCommand::ConsumerGone { consumer } => Overflow::Consumer(*consumer),
+            AddressCommand::Ack { consumer, subscription, .. }
+            | AddressCommand::Nack { consumer, subscription, .. }
+            | AddressCommand::SetCredit { consumer, subscription, .. }
+            | AddressCommand::ReturnCredit { consumer, subscription, .. }
+            | AddressCommand::Unsubscribe { consumer, subscription }
+            | AddressCommand::Subscribe { consumer, subscription, .. } => {
+                Overflow::Subscription(*consumer, *subscription)
+            }
+            AddressCommand::Publish { .. } => {
+                debug_assert!(false, "a SEND to settle");
+                return;
+            }
+        };
+        if self.queue(&owner, Job::Settle(command)).is_ok() {
+            return;
+        }
+        // Full, or the relay cannot be started (then it holds nothing to settle anyway).
+        let Some(handle) = self.by_node.get(&owner) else { return };
+        let mut overflowed = handle.overflowed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if overflowed.contains(&overflow) {
+            return;
+        }
+        overflowed.push(overflow);
+        drop(overflowed);
+        if let Overflow::Subscription(consumer, subscription) = overflow {
+            self.post_office
+                .post(self.shard, Envelope::Cluster(ClusterUpdate::RelayEnded { consumer, subscription, ticket: 0 }));
+            let refusal = Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "the relayed subscription was ended: {RELAY_QUEUE_BOUND} commands already wait for the relay to \
+                     cluster node \"{}\" ({}); subscribe again",
+                    owner.name, owner.url
+                ),
+            );
+            answers.push(
+                consumer.shard,
+                Command::Conn(ConnCommand::SubscriptionEnded { consumer: consumer.conn, subscription, refusal }),
+            );
+        }
+    }
+
+    fn queue(&mut self, owner: &Arc<NodeRef>, mut job: Job) -> Result<(), QueueError> {
+        for _ in 0..2 {
+            let handle = match self.by_node.get(owner) {
+                Some(handle) => handle,
+                None => match spawn(self.shard, owner.clone(), self.post_office.clone(), self.login.clone()) {
+                    Ok(handle) => self.by_node.entry(owner.clone()).or_insert(handle),
+                    Err(error) => {
+                        return Err(QueueError::Unavailable(format!(
+                            "cannot start the relay to cluster node \"{}\": {error}",
+                            owner.name
+                        )))
+                    }
+                },
+            };
+            match handle.jobs.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(_)) => return Err(QueueError::Full),
+                // The thread is gone (it never stops on its own): start a new one.
+                Err(TrySendError::Disconnected(back)) => {
+                    self.by_node.remove(owner);
+                    job = back;
+                }
+            }
+        }
+        Err(QueueError::Unavailable(format!("the relay to cluster node \"{}\" stopped", owner.name)))
+    }
+}
+
+enum QueueError {
+    Full,
+    Unavailable(String),
+}
+
+fn spawn(
+    shard: ShardId,
+    owner: Arc<NodeRef>,
+    post_office: Arc<PostOffice>,
+    login: Arc<PeerLogin>,
+) -> std::io::Result<RelayHandle> {
+    let (sender, jobs) = crossbeam_channel::bounded(RELAY_QUEUE_BOUND);
+    let overflowed = Arc::new(Mutex::new(Vec::new()));
+    let relay = Relay::new(shard, owner.clone(), jobs, overflowed.clone(), post_office, login);
+    std::thread::Builder::new().name(format!("mbws-relay-{}-{}", shard.0, owner.name)).spawn(move || relay.run())?;
+    Ok(RelayHandle { jobs: sender, overflowed })
+}
+
+/// One relayed subscription, at the relay.
+struct Relayed {
+    consumer: ConnRef,
+    subscription: SubscriptionId,
+    ticket: u64,
+    address: Bytes,
+    mode: DeliveryMode,
+    /// The consumer's ack mode (at the owner, the relay always acknowledges itself).
+    ack_mode: AckMode,
+    credit: u32,
+    /// SUBSCRIBE written to the owner (it is written once the session is open).
+    written: bool,
+    /// SUBSCRIBED came; until then, when the SUBSCRIBE was written.
+    confirmed: bool,
+    subscribed_at: Instant,
+    /// Client ack: the owner's delivery sequence of each message the consumer holds, by the
+    /// message id the consumer acknowledges (at most the credit).
+    unsettled: FastMap<u64, u64>,
+    /// Auto ack: the owner's delivery sequences not yet written to the consumer, oldest first
+    /// (at most the credit).
+    unwritten: VecDeque<u64>,
+}
+
+/// One relay's thread state.
+struct Relay {
+    shard: ShardId,
+    owner: Arc<NodeRef>,
+    login: Arc<PeerLogin>,
+    jobs: Receiver<Job>,
+    overflowed: Arc<Mutex<Vec<Overflow>>>,
+    post_office: Arc<PostOffice>,
+    client: Option<Client>,
+    /// The client's resume count when last looked at.
+    resumes: u64,
+    /// By the relay's subscription id at the owner.
+    subscriptions: FastMap<u32, Relayed>,
+    by_consumer: FastMap<(ConnRef, SubscriptionId), u32>,
+    next_id: u32,
+    recent_unsubscribes: VecDeque<u32>,
+    last_heard: Instant,
+    pinged: bool,
+    /// The highest owner delivery sequence received, the highest acknowledged cumulatively, and
+    /// the single ACKs written since.
+    last_delivery_seq: u64,
+    acked_through: u64,
+    single_acks: u32,
+    /// While the owner is unreachable: until when SUBSCRIBEs are refused at once, and why.
+    down: Option<(Instant, String)>,
+    backoff: Duration,
+    answers: Answers,
+}
+
+impl Relay {
+    fn new(
+        shard: ShardId,
+        owner: Arc<NodeRef>,
+        jobs: Receiver<Job>,
+        overflowed: Arc<Mutex<Vec<Overflow>>>,
+        post_office: Arc<PostOffice>,
+        login: Arc<PeerLogin>,
+    ) -> Relay {
+        Relay {
+            shard,
+            owner,
+            login,
+            jobs,
+            overflowed,
+            post_office,
+            client: None,
+            resumes: 0,
+            subscriptions: FastMap::default(),
+            by_consumer: FastMap::default(),
+            next_id: RELAYED_SUBSCRIPTION_BIT,
+            recent_unsubscribes: VecDeque::new(),
+            last_heard: Instant::now(),
+            pinged: false,
+            last_delivery_seq: 0,
+            acked_through: 0,
+            single_acks: 0,
+            down: None,
+            backoff: FIRST_BACKOFF,
+            answers: Answers::default(),
+        }
+    }
+
+    /// Until every sender (the shard's pool) is gone.
+    fn run(mut self) {
+        loop {
+            if self.subscriptions.is_empty() {
+                match self.jobs.recv_timeout(IDLE_TICK) {
+                    Ok(job) => self.handle(job),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.idle_read();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            self.take_queued();
+            if let Err(reason) = self.step() {
+                self.fail(reason);
+            }
+            self.answers.post(&self.post_office);
+        }
+    }
+
+    /// Handles what waits in the queue (one queue's worth at most) and what overflowed it.
+    fn take_queued(&mut self) {
+        for _ in 0..RELAY_QUEUE_BOUND {
+            match self.jobs.try_recv() {
+                Ok(job) => self.handle(job),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let overflowed = std::mem::take(&mut *self.overflowed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for overflow in overflowed {
+            match overflow {
+                Overflow::Subscription(consumer, subscription) => self.unsubscribe(consumer, subscription),
+                Overflow::Consumer(consumer) => self.consumer_gone(consumer),
+            }
+        }
+    }
+
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::Subscribe { ticket, command } => self.subscribe(ticket, command),
+            Job::Settle(command) => self.settle(command),
+        }
+    }
+
+    fn subscribe(&mut self, ticket: u64, command: AddressCommand) {
+        let AddressCommand::Subscribe { consumer, subscription, address, mode, ack_mode, credit } = command else {
+            return;
+        };
+        if let Some((until, reason)) = &self.down {
+            if Instant::now() < *until {
+                let refusal = Refusal::new(ErrorCode::Unavailable, reason.clone());
+                self.end(consumer, subscription, ticket, false, refusal);
+                return;
+            }
+        }
+        // A stale one with the same id (its end had not reached the consumer's view).
+        self.unsubscribe(consumer, subscription);
+        let id = self.next_id;
+        self.next_id = if self.next_id == u32::MAX { RELAYED_SUBSCRIPTION_BIT } else { self.next_id + 1 };
+        self.by_consumer.insert((consumer, subscription), id);
+        let relayed = Relayed {
+            consumer,
+            subscription,
+            ticket,
+            address,
+            mode,
+            ack_mode,
+            credit,
+            written: false,
+            confirmed: false,
+            subscribed_at: Instant::now(),
+            unsettled: FastMap::default(),
+            unwritten: VecDeque::new(),
+        };
+        self.subscriptions.insert(id, relayed);
+        self.write_subscribe(id);
+    }
+
+    /// Writes the SUBSCRIBE of `id` if the session is open.
+    fn write_subscribe(&mut self, id: u32) {
+        let (Some(client), Some(relayed)) = (self.client.as_mut(), self.subscriptions.get_mut(&id)) else { return };
+        let frame = Frame::Subscribe(mbws::Subscribe {
+            subscription_id: id,
+            address: relayed.address.clone(),
+            mode: relayed.mode,
+            ack_mode: AckMode::Client,
+            credit: relayed.credit,
+        });
+        relayed.written = true;
+        relayed.subscribed_at = Instant::now();
+        // A write error shows again at the flush, which resumes or fails the session.
+        let _ = client.write_frame(&frame);
+    }
+
+    fn settle(&mut self, command: AddressCommand) {
+        match command {
+            AddressCommand::Ack { consumer, subscription, messages } => {
+                let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
+                let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
+                for message in messages {
+                    if let Some(delivery_seq) = relayed.unsettled.remove(&message.0) {
+                        if let Some(client) = self.client.as_mut() {
+                            let _ = client.ack(delivery_seq, false);
+                            self.single_acks += 1;
+                        }
+                    }
+                }
+            }
+            AddressCommand::Nack { consumer, subscription, message, requeue } => {
+                let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
+                let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
+                if let (Some(delivery_seq), Some(client)) = (relayed.unsettled.remove(&message.0), self.client.as_mut())
+                {
+                    let _ = client.write_frame(&Frame::Nack(mbws::Nack { delivery_seq, requeue }));
+                }
+            }
+            AddressCommand::SetCredit { consumer, subscription, credit } => {
+                let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
+                let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
+                relayed.credit = credit;
+                if let (true, Some(client)) = (relayed.written, self.client.as_mut()) {
+                    let _ = client.write_frame(&Frame::Flow(mbws::Flow { subscription_id: id, credit }));
+                }
+            }
+            AddressCommand::ReturnCredit { consumer, subscription, count, .. } => {
+                let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
+                let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
+                for _ in 0..count {
+                    let Some(delivery_seq) = relayed.unwritten.pop_front() else { break };
+                    if let Some(client) = self.client.as_mut() {
+                        let _ = client.ack(delivery_seq, false);
+                        self.single_acks += 1;
+                    }
+                }
+            }
+            AddressCommand::Unsubscribe { consumer, subscription } => self.unsubscribe(consumer, subscription),
+            AddressCommand::ConsumerGone { consumer } => self.consumer_gone(consumer),
+            AddressCommand::Subscribe { .. } | AddressCommand::Publish { .. } => {}
+        }
+    }
+
+    /// Ends the relayed subscription at the owner (which requeues what it had not
+    /// acknowledged); the consumer asked for it or is gone, so nothing is said to it.
+    fn unsubscribe(&mut self, consumer: ConnRef, subscription: SubscriptionId) {
+        let Some(id) = self.by_consumer.remove(&(consumer, subscription)) else { return };
+        let relayed = self.subscriptions.remove(&id).expect("by_consumer names live subscriptions");
+        if !relayed.written {
+            return;
+        }
+        if let Some(client) = self.client.as_mut() {
+            let _ = client.write_frame(&Frame::Unsubscribe(mbws::Unsubscribe { subscription_id: id }));
+        }
+        if self.recent_unsubscribes.len() == RECENT_UNSUBSCRIBES {
+            self.recent_unsubscribes.pop_front();
+        }
+        self.recent_unsubscribes.push_back(id);
+    }
+
+    fn consumer_gone(&mut self, consumer: ConnRef) {
+        let ids: Vec<SubscriptionId> =
+            self.by_consumer.keys().filter(|(entry, _)| *entry == consumer).map(|(_, id)| *id).collect();
+        for subscription in ids {
+            self.unsubscribe(consumer, subscription);
+        }
+    }
+
+    /// Connects if needed, writes again what a resume may have lost, flushes, reads the owner's
+    /// frames, and checks the bounds.
+    fn step(&mut self) -> Result<(), String> {
+        if self.subscriptions.is_empty() {
+            // The last UNSUBSCRIBEs go now, not at the next idle read.
+            if let Some(client) = self.client.as_mut() {
+                client.flush().map_err(|error| format!("writing: {error}"))?;
+            }
+            return Ok(());
+        }
+        if self.client.is_none() {
+            self.connect()?;
+        }
+        let resumes = self.client.as_ref().expect("connected above").reconnects();
+        if resumes != self.resumes {
+            self.resumes = resumes;
+            self.write_again_after_resume();
+        }
+        if self.single_acks >= SINGLE_ACKS_PER_CUMULATIVE {
+            self.ack_cumulatively();
+        }
+        let client = self.client.as_mut().expect("connected above");
+        client.flush().map_err(|error| format!("writing: {error}"))?;
+        for index in 0..FRAMES_PER_ROUND {
+            let client = self.client.as_mut().expect("connected above");
+            let wait = if index == 0 { READ_POLL } else { Duration::ZERO };
+            match client.next_frame(wait) {
+                Ok(frame) => {
+                    self.last_heard = Instant::now();
+                    self.pinged = false;
+                    self.on_frame(frame)?;
+                }
+                Err(ClientError::Timeout(_) | ClientError::Interrupted) => break,
+                Err(error) => return Err(format!("reading: {error}")),
+            }
+        }
+        if let Some(relayed) = self
+            .subscriptions
+            .values()
+            .find(|relayed| !relayed.confirmed && relayed.subscribed_at.elapsed() > WAIT_BOUND)
+        {
+            return Err(format!(
+                "no SUBSCRIBED for \"{}\" within {} ms",
+                String::from_utf8_lossy(&relayed.address),
+                WAIT_BOUND.as_millis()
+            ));
+        }
+        let silent = self.last_heard.elapsed();
+        if silent > IDLE_TICK + WAIT_BOUND {
+            return Err(format!("no answer to a PING within {} ms", WAIT_BOUND.as_millis()));
+        }
+        if silent > IDLE_TICK && !self.pinged {
+            self.pinged = true;
+            let client = self.client.as_mut().expect("connected above");
+            client.write_frame(&Frame::Ping(mbws::Ping { token: 1 })).map_err(|error| format!("writing: {error}"))?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges cumulatively through the delivery before the oldest still outstanding
+    /// (every delivery below it was acknowledged, NACKed, or unsubscribed and requeued), so
+    /// the client can forget the single ACKs it keeps for a resume.
+    fn ack_cumulatively(&mut self) {
+        self.single_acks = 0;
+        let oldest_outstanding = self
+            .subscriptions
+            .values()
+            .flat_map(|relayed| relayed.unsettled.values().chain(relayed.unwritten.front()))
+            .min()
+            .copied()
+            .unwrap_or(self.last_delivery_seq + 1);
+        let through = oldest_outstanding - 1;
+        if through > self.acked_through {
+            self.acked_through = through;
+            if let Some(client) = self.client.as_mut() {
+                let _ = client.ack(through, true);
+            }
+        }
+    }
+
+    /// A resumed connection lost what was written but not read by the owner, except ACKs
+    /// (the client repeats them): SUBSCRIBE, FLOW, UNSUBSCRIBE are written again (each is
+    /// idempotent; an UNSUBSCRIBE of a subscription the owner had ended is answered with an
+    /// ERROR the relay ignores). A lost NACK leaves its delivery to the owner's ack timeout.
+    fn write_again_after_resume(&mut self) {
+        let Some(client) = self.client.as_mut() else { return };
+        for (&id, relayed) in &self.subscriptions {
+            let frame = if relayed.confirmed {
+                Frame::Flow(mbws::Flow { subscription_id: id, credit: relayed.credit })
+            } else if relayed.written {
+                Frame::Subscribe(mbws::Subscribe {
+                    subscription_id: id,
+                    address: relayed.address.clone(),
+                    mode: relayed.mode,
+                    ack_mode: AckMode::Client,
+                    credit: relayed.credit,
+                })
+            } else {
+                continue;
+            };
+            let _ = client.write_frame(&frame);
+        }
+        for &id in &self.recent_unsubscribes {
+            let _ = client.write_frame(&Frame::Unsubscribe(mbws::Unsubscribe { subscription_id: id }));
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
+        match frame {
+            Frame::Message(message) => self.on_message(message),
+            Frame::Subscribed(subscribed) => {
+                if let Some(relayed) = self.subscriptions.get_mut(&subscribed.subscription_id) {
+                    if !relayed.confirmed {
+                        relayed.confirmed = true;
+                        let consumer = relayed.consumer;
+                        let command = ConnCommand::SubscribeDone {
+                            consumer: consumer.conn,
+                            subscription: relayed.subscription,
+                            outcome: Ok(()),
+                        };
+                        self.answers.push(consumer.shard, Command::Conn(command));
+                    }
+                }
+            }
+            Frame::Error(error) if error.fatal => {
+                return Err(format!(
+                    "the session was ended with {} {}",
+                    error.code,
+                    String::from_utf8_lossy(&error.reason)
+                ))
+            }
+            Frame::Error(error) if error.subscription_id != 0 => {
+                let Some(relayed) = self.subscriptions.remove(&error.subscription_id) else { return Ok(()) };
+                self.by_consumer.remove(&(relayed.consumer, relayed.subscription));
+                if relayed.confirmed {
+                    // An ERROR that did not end it at the owner (a refused FLOW) must not leave
+                    // it there; if the owner ended it, this is answered with an ignored ERROR.
+                    let unsubscribe = Frame::Unsubscribe(mbws::Unsubscribe { subscription_id: error.subscription_id });
+                    if let Some(client) = self.client.as_mut() {
+                        let _ = client.write_frame(&unsubscribe);
+                    }
+                }
+                let code = ErrorCode::from_u16(error.code).unwrap_or(ErrorCode::Internal);
+                let refusal = Refusal::new(code, String::from_utf8_lossy(&error.reason).into_owned());
+                self.end(relayed.consumer, relayed.subscription, relayed.ticket, relayed.confirmed, refusal);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A MESSAGE from the owner: recorded for its settlement, delivered to the consumer's shard
+    /// (joined to the previous Deliver when it is for the same subscription).
+    fn on_message(&mut self, message: mbws::Message) {
+        self.last_delivery_seq = self.last_delivery_seq.max(message.delivery_seq);
+        let Some(relayed) = self.subscriptions.get_mut(&message.subscription_id) else {
+            // Unsubscribed meanwhile: the owner requeued it with the rest.
+            return;
+        };
+        match relayed.ack_mode {
+            AckMode::Client => {
+                relayed.unsettled.insert(message.message_id, message.delivery_seq);
+            }
+            AckMode::Auto => relayed.unwritten.push_back(message.delivery_seq),
+        }
+        let stored = StoredMessage::from_fields(&message.address, &message.properties, &message.body, message.durable);
+        let delivered = Delivered {
+            message_id: MessageId(message.message_id),
+            message: Arc::new(stored),
+            redelivered: message.redelivered,
+        };
+        let (consumer, subscription) = (relayed.consumer, relayed.subscription);
+        if let Some((_, commands)) = self.answers.by_shard.iter_mut().find(|(shard, _)| *shard == consumer.shard) {
+            if let Some(Command::Conn(ConnCommand::Deliver {
+                consumer: last_consumer,
+                subscription: last,
+                deliveries,
+            })) = commands.last_mut()
+            {
+                if *last_consumer == consumer.conn && *last == subscription {
+                    deliveries.push(delivered);
+                    return;
+                }
+            }
+        }
+        let command =
+            ConnCommand::Deliver { consumer: consumer.conn, subscription, deliveries: smallvec::smallvec![delivered] };
+        self.answers.push(consumer.shard, Command::Conn(command));
+    }
+
+    /// Tells the view, then the consumer, that the relayed subscription ended with `refusal`
+    /// (a SUBSCRIBE's refusal if it was not `confirmed`).
+    fn end(&mut self, consumer: ConnRef, subscription: SubscriptionId, ticket: u64, confirmed: bool, refusal: Refusal) {
+        // Posted at once, so the view forgets it before the consumer can subscribe again.
+        self.post_office
+            .post(self.shard, Envelope::Cluster(ClusterUpdate::RelayEnded { consumer, subscription, ticket }));
+        let command = if confirmed {
+            ConnCommand::SubscriptionEnded { consumer: consumer.conn, subscription, refusal }
+        } else {
+            ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome: Err(refusal) }
+        };
+        self.answers.push(consumer.shard, Command::Conn(command));
+    }
+
+    /// Reads the idle session: pings are answered; a session that ended is dropped (nothing is
+    /// relayed, so nothing is ended; the next SUBSCRIBE opens a new one).
+    fn idle_read(&mut self) {
+        let Some(client) = self.client.as_mut() else { return };
+        match client.next_frame(READ_POLL) {
+            Ok(Frame::Error(error)) if error.fatal => self.client = None,
+            Ok(_) | Err(ClientError::Timeout(_) | ClientError::Interrupted) => {}
+            Err(_) => self.client = None,
+        }
+    }
+
+    fn connect(&mut self) -> Result<(), String> {
+        let client = connect_to_owner(&self.owner, &self.login)?;
+        log!(Level::Info, "relaying subscriptions to cluster node \"{}\" ({}): session open", self.owner.name,
+            self.owner.url; node = self.owner.name);
+        self.client = Some(client);
+        self.resumes = 0;
+        self.last_delivery_seq = 0;
+        self.acked_through = 0;
+        self.single_acks = 0;
+        self.last_heard = Instant::now();
+        self.pinged = false;
+        self.recent_unsubscribes.clear();
+        self.backoff = FIRST_BACKOFF;
+        self.down = None;
+        let ids: Vec<u32> = self.subscriptions.keys().copied().collect();
+        for id in ids {
+            self.write_subscribe(id);
+        }
+        Ok(())
+    }
+
+    /// The owner cannot be reached: every relayed subscription ends with 4503 naming it, and
+    /// new SUBSCRIBEs are refused at once until the backoff has passed.
+    fn fail(&mut self, reason: String) {
+        let reason = format!(
+            "cluster node \"{}\" ({}), which owns the address, cannot be reached: {reason}; subscribe again",
+            self.owner.name, self.owner.url
+        );
+        log!(Level::Warn, "relaying to cluster node \"{}\": {reason}; {} subscriptions ended with 4503, next attempt in {} ms",
+            self.owner.name, self.subscriptions.len(), self.backoff.as_millis(); node = self.owner.name);
+        self.by_consumer.clear();
+        for (_, relayed) in std::mem::take(&mut self.subscriptions) {
+            let refusal = Refusal::new(ErrorCode::Unavailable, reason.clone());
+            self.end(relayed.consumer, relayed.subscription, relayed.ticket, relayed.confirmed, refusal);
+        }
+        self.client = None;
+        self.recent_unsubscribes.clear();
+        self.down = Some((Instant::now() + self.backoff, reason));
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
