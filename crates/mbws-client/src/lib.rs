@@ -317,6 +317,18 @@ pub struct Client {
     reconnects: u64,
 }
 
+/// Folds the single ACKs that continue `acked_through` without a gap into it: once every
+/// delivery up to N is acknowledged, one by one or cumulatively, "through N" says the same, so
+/// a client that acknowledges in order keeps no record of single ACKs (it grew without bound),
+/// and a resume repeats one cumulative ACK. Singles above a gap (a delivery not yet
+/// acknowledged) stay until the gap is filled or a cumulative ACK covers them.
+fn fold_single_acks(acked_through: &mut u64, acked_single: &mut std::collections::BTreeSet<u64>) {
+    while acked_single.first() == Some(&(*acked_through + 1)) {
+        acked_single.pop_first();
+        *acked_through += 1;
+    }
+}
+
 impl Client {
     /// Connects, upgrades, sends OPEN and waits for OPENED.
     /// With `options.reconnect`, a connection lost before OPENED is retried with backoff within
@@ -638,6 +650,7 @@ impl Client {
                 self.acked_single.retain(|&seq| seq > through);
             } else if delivery_seq > self.acked_through {
                 self.acked_single.insert(delivery_seq);
+                fold_single_acks(&mut self.acked_through, &mut self.acked_single);
             }
         }
         self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq, cumulative }))
@@ -950,5 +963,26 @@ mod tests {
                 other => panic!("{url}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn single_acks_in_order_fold_into_the_cumulative_mark_and_those_above_a_gap_wait() {
+        let mut through = 0;
+        let mut singles = std::collections::BTreeSet::new();
+        for seq in 1..=10_000 {
+            singles.insert(seq);
+            fold_single_acks(&mut through, &mut singles);
+        }
+        assert_eq!((through, singles.len()), (10_000, 0), "in order: nothing kept");
+        // 10,001 is held by the application: what comes after it waits for it.
+        for seq in [10_002, 10_004, 10_003] {
+            singles.insert(seq);
+            fold_single_acks(&mut through, &mut singles);
+        }
+        assert_eq!(through, 10_000);
+        assert_eq!(singles.iter().copied().collect::<Vec<_>>(), [10_002, 10_003, 10_004]);
+        singles.insert(10_001);
+        fold_single_acks(&mut through, &mut singles);
+        assert_eq!((through, singles.len()), (10_004, 0), "the gap filled: all folded");
     }
 }
