@@ -36,7 +36,8 @@ use rustls::unbuffered::{ConnectionState, EncodeError};
 
 use super::connection::ReadTail;
 use super::transport::{
-    Outgoing, ReadSide, Stream, TlsState, WriteSide, TLS_IDLE_READ_BYTES, TLS_READ_BYTES, TLS_WRITE_BYTES,
+    write_sealed_batch, Outgoing, ReadSide, Stream, TlsState, WriteSide, TLS_IDLE_READ_BYTES, TLS_READ_BYTES,
+    TLS_WRITE_BYTES,
 };
 use crate::conn::outbound::WriteBatch;
 use crate::tls::records::{self, Fatal, Opened, RecordLayer, MAX_RECORD_BYTES};
@@ -338,32 +339,17 @@ fn seal_some(layer: &mut RecordLayer, batch: &mut WriteBatch, ciphertext: &mut V
     Ok(taken_total)
 }
 
-/// Seals and writes `batch` over `socket`: one socket write per [`TLS_WRITE_BYTES`] or so.
+/// Seals and writes `batch` over `socket` (see [`write_sealed_batch`]).
 async fn write_batch_records<W: AsyncWriteRent>(
     layer: &RefCell<RecordLayer>,
     socket: &mut W,
     outgoing: &mut Outgoing,
-    mut batch: WriteBatch,
+    batch: WriteBatch,
 ) -> (io::Result<()>, WriteBatch) {
-    let mut ciphertext = outgoing.take();
-    let mut largest_write = 0;
-    let result = loop {
-        if let Err(error) = seal_some(&mut layer.borrow_mut(), &mut batch, &mut ciphertext) {
-            break Err(error);
-        }
-        if ciphertext.is_empty() {
-            break Ok(());
-        }
-        largest_write = largest_write.max(ciphertext.len());
-        let (result, returned) = socket.write_all(ciphertext).await;
-        ciphertext = returned;
-        ciphertext.clear();
-        if let Err(error) = result {
-            break Err(error);
-        }
-    };
-    outgoing.put_back(ciphertext, largest_write);
-    (result, batch)
+    write_sealed_batch(socket, outgoing, batch, |batch, ciphertext| {
+        seal_some(&mut layer.borrow_mut(), batch, ciphertext)
+    })
+    .await
 }
 
 /// Seals `bytes` (the rare paths: upgrade answers, refusals) and writes them.

@@ -339,18 +339,34 @@ fn encrypt_some(
     Ok(taken_total)
 }
 
-/// Encrypts and writes `batch` over `socket`: one socket write per [`TLS_WRITE_BYTES`] or so of
-/// ciphertext, from a buffer kept across batches.
+/// Encrypts and writes `batch` over `socket` with rustls's connection.
 async fn write_batch_tls<W: AsyncWriteRent>(
     connection: &RefCell<ServerConnection>,
     socket: &mut W,
     outgoing: &mut Outgoing,
+    batch: WriteBatch,
+) -> (io::Result<()>, WriteBatch) {
+    write_sealed_batch(socket, outgoing, batch, |batch, ciphertext| {
+        encrypt_some(&mut connection.borrow_mut(), batch, ciphertext)
+    })
+    .await
+}
+
+/// Writes `batch` over `socket` as the records `seal_some` makes of it: `seal_some` encrypts
+/// the front of the batch into the buffer (about [`TLS_WRITE_BYTES`] at a time, advancing the
+/// batch), and each buffer full leaves in one socket write, from a buffer kept across batches.
+/// Both record layers write this way (rustls's connection here, the in-place layer in
+/// `tls_inplace`); only how a record is sealed differs.
+pub(crate) async fn write_sealed_batch<W: AsyncWriteRent>(
+    socket: &mut W,
+    outgoing: &mut Outgoing,
     mut batch: WriteBatch,
+    mut seal_some: impl FnMut(&mut WriteBatch, &mut Vec<u8>) -> io::Result<usize>,
 ) -> (io::Result<()>, WriteBatch) {
     let mut ciphertext = outgoing.take();
     let mut largest_write = 0;
     let result = loop {
-        if let Err(error) = encrypt_some(&mut connection.borrow_mut(), &mut batch, &mut ciphertext) {
+        if let Err(error) = seal_some(&mut batch, &mut ciphertext) {
             break Err(error);
         }
         if ciphertext.is_empty() {
