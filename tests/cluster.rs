@@ -14,90 +14,24 @@
 mod chaos_proxy;
 mod common;
 
+#[path = "support/cluster_harness.rs"]
+mod harness;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chaos_proxy::ChaosProxy;
 use common::Broker;
-use mbws::mbws::{self as frames, AckMode, Binding, DeliveryMode, Subprotocol};
+use harness::{
+    admin_get, client, client_options, named_owner, node, node_in, placements, probe, serial, the_one_owner, Etcd,
+    HOP_HEADER, LEASE_MS,
+};
+use mbws::mbws::{self as frames, AckMode, Binding, DeliveryMode};
 use mbws_client::{Client, ClientError, ClientOptions};
-
-/// The lease of the test clusters: short, so failover is quick to observe.
-const LEASE_MS: u64 = 2000;
-
-/// One test at a time: each runs etcd and three brokers.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A single-member etcd on loopback, in a temp dir, stopped (SIGKILL, by PID) when dropped.
-struct Etcd {
-    child: Child,
-    client_addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let dir = common::temp_dir("etcd");
-        let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut child = Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start etcd (Debian's etcd-server; .ci/run installs it)");
-        let stderr = child.stderr.take().unwrap();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut ready_tx = Some(ready_tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("ready to serve client requests") {
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-        });
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            let _ = child.kill();
-            panic!("etcd did not become ready within 20 s");
-        }
-        Etcd { child, client_addr: format!("127.0.0.1:{client}").parse().unwrap(), dir }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.client_addr)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Nodes a, b and c with `ledger-*` durable, each on a data directory of its own that outlives
 /// its process (so a restarted node finds its durable log); the directories go with this.
@@ -131,126 +65,8 @@ impl Drop for DurableNodes {
     }
 }
 
-/// A broker node of cluster `test` reaching etcd at `etcd_url`, registered when this returns.
-fn node(name: &str, etcd_url: &str, extra: &[&str]) -> Broker {
-    node_in(None, name, etcd_url, extra)
-}
-
-/// [`node`], keeping its data in `data_dir` when given (so a restart finds its durable log).
-fn node_in(data_dir: Option<&Path>, name: &str, etcd_url: &str, extra: &[&str]) -> Broker {
-    let lease = LEASE_MS.to_string();
-    let mut flags = vec![
-        "--cluster",
-        "test",
-        "--etcd",
-        etcd_url,
-        "--node-name",
-        name,
-        "--cluster-lease-ms",
-        &lease,
-        "--shards",
-        "2",
-        "--log-level",
-        "info",
-    ];
-    flags.extend_from_slice(extra);
-    let broker = match data_dir {
-        Some(dir) => Broker::start_in(dir, &flags),
-        None => Broker::start(&flags),
-    };
-    let registered = format!("node \"{name}\" registered");
-    assert!(
-        broker.wait_for_log(&registered, Duration::from_secs(15)).is_some(),
-        "{name} did not register: {:#?}",
-        broker.log_lines()
-    );
-    broker
-}
-
-fn client(url: &str) -> Client {
-    client_in(url, Binding::Binary)
-}
-
 fn client_in(url: &str, binding: Binding) -> Client {
-    let options = ClientOptions {
-        subprotocol: Subprotocol::Reliable,
-        binding,
-        timeout: Duration::from_secs(8),
-        ..Default::default()
-    };
-    Client::connect(url, options).expect("connect to the node")
-}
-
-/// The header a forwarding node puts on the SENDs it forwards.
-const HOP_HEADER: &str = "x-mbws-cluster-hop";
-
-/// What a node did with one SEND to `address` marked as forwarded already (so it is not
-/// forwarded again): receipted (`Ok`: the node owns the address), or the ERROR's code and reason.
-fn probe(url: &str, address: &str) -> Result<(), (u16, String)> {
-    let mut client = client(url);
-    let mut properties = frames::Properties::default();
-    properties.headers.push((Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1")));
-    let send = frames::Send {
-        address: Bytes::copy_from_slice(address.as_bytes()),
-        properties,
-        body: Bytes::from_static(b"probe"),
-        ..Default::default()
-    };
-    let seq = client.send_message(send).unwrap();
-    match client.wait_receipt(seq) {
-        Ok(()) => Ok(()),
-        Err(ClientError::Broker(error)) => Err((error.code, String::from_utf8_lossy(&error.reason).into_owned())),
-        Err(other) => panic!("SEND to {address} at {url}: {other}"),
-    }
-}
-
-/// The owner node named in a 4421 reason (`... owned by cluster node "b" (...`).
-fn named_owner(reason: &str) -> Option<String> {
-    let rest = reason.split("owned by cluster node \"").nth(1)?;
-    Some(rest.split('"').next()?.to_string())
-}
-
-/// `GET path` on an admin API, its JSON body.
-fn admin_get(admin: SocketAddr, path: &str) -> serde_json::Value {
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let body = raw.split_once("\r\n\r\n").unwrap().1;
-    serde_json::from_str(body).unwrap_or_else(|error| panic!("not JSON ({error}): {body}"))
-}
-
-/// address -> owner, as node `admin` sees the cluster.
-fn placements(admin: SocketAddr) -> BTreeMap<String, String> {
-    let status = admin_get(admin, "/api/cluster");
-    status["addresses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|entry| (entry["name"].as_str().unwrap().to_string(), entry["owner"].as_str().unwrap().to_string()))
-        .collect()
-}
-
-/// Which of `nodes` (name, url) serves `address` now: each is probed; exactly one must
-/// receipt and the others must refuse with 4421 naming it. Returns its name.
-fn the_one_owner(nodes: &[(&str, String)], address: &str) -> Result<String, String> {
-    let mut serving = Vec::new();
-    let mut named = Vec::new();
-    for (name, url) in nodes {
-        match probe(url, address) {
-            Ok(()) => serving.push(name.to_string()),
-            Err((4421, reason)) => named.push(named_owner(&reason)),
-            Err((code, reason)) => return Err(format!("{name} answered {code}: {reason}")),
-        }
-    }
-    if serving.len() != 1 {
-        return Err(format!("address {address} is served by {serving:?} (exactly one expected)"));
-    }
-    if named.iter().any(|owner| owner.as_deref() != Some(serving[0].as_str())) {
-        return Err(format!("address {address} is served by {} but the others name {named:?}", serving[0]));
-    }
-    Ok(serving.remove(0))
+    Client::connect(url, ClientOptions { binding, ..client_options() }).expect("connect to the node")
 }
 
 #[test]
@@ -386,7 +202,17 @@ fn a_node_cut_from_etcd_fences_itself_within_the_lease_and_after_healing_no_addr
     for address in &addresses {
         let _ = probe(&nodes[1].url(), address);
     }
-    let view = placements(nodes[1].admin_addr());
+    // b learns each placement from etcd's watch as well as from its own transaction: wait
+    // (bounded) until its view has all twelve.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let view = loop {
+        let view = placements(nodes[1].admin_addr());
+        if addresses.iter().all(|address| view.contains_key(address)) {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "b's view lacks some of {addresses:?} 10 s after placing them: {view:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let owned_by_a: Vec<&String> = addresses.iter().filter(|address| view[*address] == "a").collect();
     assert!(!owned_by_a.is_empty(), "a owns some addresses: {view:?}");
     // A consumer on a, at one of a's addresses.
@@ -451,22 +277,7 @@ fn a_node_cut_from_etcd_fences_itself_within_the_lease_and_after_healing_no_addr
 /// The first of `prefix-0`, `prefix-1`... that node `owner` serves, placing them one by one
 /// through `via` (each placement goes to the least loaded live node).
 fn address_owned_by(via: &Broker, admin: SocketAddr, owner: &str, prefix: &str) -> String {
-    for index in 0..30 {
-        let address = format!("{prefix}-{index}");
-        let _ = probe(&via.url(), &address);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(placed) = placements(admin).get(&address) {
-                if placed == owner {
-                    return address;
-                }
-                break;
-            }
-            assert!(Instant::now() < deadline, "{address} does not appear in the placement");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("none of 30 addresses {prefix}-N was placed on {owner}");
+    harness::address_owned_by(&client_options(), &via.url(), admin, owner, prefix)
 }
 
 /// Reads MESSAGEs from `consumer` until `count` came (bounded), acknowledging each.

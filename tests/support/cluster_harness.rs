@@ -1,11 +1,10 @@
-//! What the cluster's fault tests share (tests/cluster_faults.rs): a real etcd started on a
+//! What the cluster's tests share (tests/cluster.rs, tests/cluster_faults.rs): a real etcd started on a
 //! loopback (or any local) address and stopped by PID, broker nodes of the cluster `test`, and
 //! the probes that ask a node whether it serves an address.
 //!
 //! A node "serves" an address when a SEND marked as forwarded already (the header
 //! `x-mbws-cluster-hop`, which a node never forwards again) is receipted there; a node that does
 //! not own the address refuses such a SEND with the non-fatal ERROR 4421 naming the owner.
-//! (tests/cluster.rs has its own copies of these, older; they can move here once both are merged.)
 
 #![allow(dead_code)]
 
