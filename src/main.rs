@@ -203,17 +203,17 @@ struct Args {
     /// (fenced) before then.
     #[arg(long, default_value_t = Config::default().cluster_lease_ms)]
     cluster_lease_ms: u64,
-    /// The user name the forwarders' sessions to the other nodes log in with, when the nodes
+    /// The user name the forwarders' and relays' sessions to the other nodes log in with, when the nodes
     /// require authentication (with --cluster-passcode; without it, a bearer token alone).
     #[arg(long, value_name = "USER")]
     cluster_login: Option<String>,
     /// The password of --cluster-login, or a bearer token when no login is given, for the
-    /// forwarders' sessions to the other nodes. Prefer the configuration file or
+    /// forwarders' and relays' sessions to the other nodes. Prefer the configuration file or
     /// MBWS_CLUSTER_PASSCODE to the command line, which other users can read in the process list.
     #[arg(long, env = "MBWS_CLUSTER_PASSCODE", hide_env_values = true, value_name = "SECRET")]
     cluster_passcode: Option<String>,
-    /// PEM file of the certificate authorities the forwarders trust when the other nodes serve
-    /// wss:// [default: the system's, /etc/ssl/certs/ca-certificates.crt].
+    /// PEM file of the certificate authorities the forwarders and relays trust when the other
+    /// nodes serve wss:// [default: the system's, /etc/ssl/certs/ca-certificates.crt].
     #[arg(long, value_name = "PATH")]
     cluster_ca_file: Option<std::path::PathBuf>,
     /// Configuration file (TOML): every flag is also a key, spelled as the flag without its
