@@ -1651,9 +1651,9 @@ impl World {
         }
     }
 
-    /// `conn::write_loop` when the close grace ran out: nothing more is written, and a reader
-    /// still waiting on the silent peer ends now (`conn::end_reading_now`).
-    fn end_writer_cut_short(&mut self, socket: SocketId) {
+    /// The writer of `socket` is done: the slot, if still this attachment's, no longer has a
+    /// running writer. Returns whether the attachment is still the slot's current one.
+    fn stop_writer(&mut self, socket: SocketId) -> bool {
         let s = &mut self.sockets[socket];
         s.writer = WriterState::Done;
         let (me, attachment) = s.conn.expect("a writer runs for a session");
@@ -1662,6 +1662,13 @@ impl World {
         if current {
             self.cores[shard].set_writer_running(me.conn, false);
         }
+        current
+    }
+
+    /// `conn::write_loop` when the close grace ran out: nothing more is written, and a reader
+    /// still waiting on the silent peer ends now (`conn::end_reading_now`).
+    fn end_writer_cut_short(&mut self, socket: SocketId) {
+        let current = self.stop_writer(socket);
         self.sockets[socket].server_shut = true;
         self.server_writes(socket, None);
         let s = &mut self.sockets[socket];
@@ -1673,14 +1680,7 @@ impl World {
 
     /// The writer ends: frees the slot of an ended connection; a superseded one says why.
     fn end_writer(&mut self, socket: SocketId, superseded: bool) {
-        let s = &mut self.sockets[socket];
-        s.writer = WriterState::Done;
-        let (me, attachment) = s.conn.expect("a writer runs for a session");
-        let shard = usize::from(me.shard.0);
-        let current = self.cores[shard].conn(me.conn).is_some_and(|state| state.lifecycle().is_current(attachment));
-        if current {
-            self.cores[shard].set_writer_running(me.conn, false);
-        }
+        let current = self.stop_writer(socket);
         let s = &self.sockets[socket];
         if superseded && !s.close_taken && !s.write_failed {
             let bytes = superseded_farewell(s.binding).map(|batch| Bytes::from(batch.to_vec()));
