@@ -123,10 +123,10 @@ impl StoredMessage {
         &self.tail
     }
 
-    /// Copies the message into `arena`, in one piece. A message that has to wait in a queue
-    /// is compacted once, so that it does not keep the publisher's whole read buffer (16 KiB
-    /// or more) alive for as long as it waits; messages delivered as they arrive are never
-    /// copied.
+    /// Copies the message into `arena`, in one piece. A message that waits long in a queue
+    /// is compacted once (`broker::address`'s `compaction`), so that it does not keep the
+    /// publisher's whole read buffer (64 KiB by default) alive for as long as it waits;
+    /// messages delivered promptly are never copied.
     pub fn compact(&mut self, arena: &mut CompactionArena) {
         let mut chunk = arena.room_for(self.tail.as_bytes().len());
         self.tail.move_into(&mut chunk);

@@ -394,6 +394,12 @@ impl ShardCore {
     /// it would sleep past it.
     fn add_credential_deadline(&mut self, at_ms: u64, id: ConnId) {
         self.credential_deadlines.insert((at_ms, id.index, id.generation));
+        self.wake_timer_by(at_ms);
+    }
+
+    /// Wakes the shard's timer if it would sleep past `at_ms` (a new deadline earlier than the
+    /// one [`ShardCore::poll_deadline`] last answered).
+    fn wake_timer_by(&mut self, at_ms: u64) {
         if self.timer_wake_at_ms.is_none_or(|wake_at_ms| at_ms < wake_at_ms) {
             self.timer_wake_at_ms = Some(at_ms);
             self.wake_ack_timer = true;
@@ -791,24 +797,24 @@ impl ShardCore {
     }
 
     /// When the shard's timer should next call [`ShardCore::on_deadline`]: the earliest ack
-    /// deadline or credential expiry. `None` disarms it until a round of work reports
-    /// [`Effects::wake_ack_timer`] (a new ack deadline, or a credential deadline earlier than
-    /// the one returned).
+    /// deadline, credential expiry or compaction tick. `None` disarms it until a round of work
+    /// reports [`Effects::wake_ack_timer`] (a new ack deadline, or a credential deadline or
+    /// compaction tick earlier than the one returned).
     pub fn poll_deadline(&mut self) -> Option<u64> {
         let ack = self.poll_ack_deadline();
         let credentials = self.credential_deadlines.first().map(|&(at_ms, _, _)| at_ms);
-        let next = match (ack, credentials) {
-            (Some(ack), Some(credentials)) => Some(ack.min(credentials)),
-            (ack, credentials) => ack.or(credentials),
-        };
+        let compaction = self.addresses.compaction_deadline();
+        let next = [ack, credentials, compaction].into_iter().flatten().min();
         self.timer_wake_at_ms = next;
         next
     }
 
-    /// The shard's timer fired at `now_ms`: ack deadlines and credential expiries that passed.
+    /// The shard's timer fired at `now_ms`: ack deadlines and credential expiries that passed,
+    /// and the compaction of queued messages that waited (`AddressTable::compact_waiting`).
     pub fn on_deadline(&mut self, now_ms: u64) {
         self.expire_acks(now_ms);
         self.expire_credentials(now_ms);
+        self.addresses.compact_waiting(now_ms);
     }
 
     /// Ends every session whose credentials expired at or before `now_ms`
@@ -940,6 +946,9 @@ impl ShardCore {
         if self.addresses.take_deadline_added() && !self.ack_timer_armed {
             self.ack_timer_armed = true;
             self.wake_ack_timer = true;
+        }
+        if let Some(at_ms) = self.addresses.take_compaction_scheduled() {
+            self.wake_timer_by(at_ms);
         }
     }
 }
@@ -1154,6 +1163,26 @@ mod tests {
         core.set_writer_running(me.conn, false);
         assert!(core.conn(me.conn).is_none(), "the slot is free");
         assert_eq!(core.poll_deadline(), None);
+    }
+
+    /// A message that waits in a queue is compacted by the shard's timer: the first one queued
+    /// wakes the timer for a compaction tick even while it sleeps until a later deadline, and
+    /// the timer rests again once nothing waits uncompacted.
+    #[test]
+    fn a_waiting_message_wakes_the_timer_for_its_compaction_tick() {
+        use crate::broker::address::COMPACTION_TICK_MS as TICK;
+        let mut broker = Broker::new(0);
+        let (_, _) = open_expiring(&mut broker, Subprotocol::Reliable, 9_000);
+        broker.settle(0);
+        assert_eq!(broker.shards[0].core.poll_deadline(), Some(9_000));
+        let publisher = broker.open(0, 100);
+        broker.frame(publisher, send(1, &address_owned_by(0), b"nobody consumes it yet"), 100);
+        assert_eq!(broker.settle(100), vec![ShardId(0)], "the first message queued wakes the sleeping timer");
+        assert_eq!(broker.shards[0].core.poll_deadline(), Some(100 + TICK));
+        broker.shards[0].core.on_deadline(100 + TICK);
+        assert_eq!(broker.shards[0].core.poll_deadline(), Some(100 + 2 * TICK), "it has not waited a whole tick yet");
+        broker.shards[0].core.on_deadline(100 + 2 * TICK);
+        assert_eq!(broker.shards[0].core.poll_deadline(), Some(9_000), "compacted: only the credentials are left");
     }
 
     /// An address that shard `owner` owns.

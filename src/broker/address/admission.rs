@@ -10,10 +10,11 @@ use crate::planted::{planted, Bug};
 use bytes::Bytes;
 use smallvec::SmallVec;
 
+use super::compaction::compact_to_wait;
 use super::dispatch::{deliver, is_expired_at, send_deliveries, Deliverable};
 use super::subscribers::end_slow_subscribers;
 use super::{Address, AddressLimits, AddressTable, Outgoing, Publication, Queued, MAX_PUBLISH_BATCH};
-use crate::broker::{CompactionArena, ConnCommand, ConnRef, Deliveries, Refusal, SharedMessage, StoredMessage};
+use crate::broker::{ConnCommand, ConnRef, Deliveries, Refusal, SharedMessage};
 use crate::mbws::ErrorCode;
 use crate::store::Lsn;
 
@@ -221,14 +222,15 @@ impl AddressTable {
             ));
         }
         within_budget?;
-        // A message that will wait somewhere is compacted first (see StoredMessage::compact):
-        // in the anycast queue, one that the credit left cannot take at once with the messages
-        // ahead of it; in a multicast backlog, one behind others or past a subscriber's credit.
-        let will_wait = (to_anycast_queue && state.queue.len() >= anycast_credit_left)
-            || state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty());
+        // A message that will wait in a multicast backlog (behind others or past a subscriber's
+        // credit) is compacted first (see StoredMessage::compact); one for the anycast queue
+        // only if it is still there later (`compaction`).
         let mut message = message;
-        if will_wait {
+        if state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty()) {
             compact_to_wait(&mut self.arena, &mut message);
+        }
+        if to_anycast_queue {
+            self.queue_uncompacted(state, address_name, &mut message, now_ms);
         }
         let (id, mut visible_after) = self.next_message_id();
         // Logged before it can be delivered (and so settled), when it goes to the anycast queue;
@@ -380,18 +382,5 @@ fn answer_publish_to(
             publisher.shard,
             ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
         )),
-    }
-}
-
-/// Compacts a message that is going to wait (see [`StoredMessage::compact`]): in place when
-/// nothing else shares it, as a compacted copy otherwise.
-fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage) {
-    match std::sync::Arc::get_mut(message) {
-        Some(only_reference) => only_reference.compact(arena),
-        None => {
-            let mut copy = StoredMessage::clone(message);
-            copy.compact(arena);
-            *message = std::sync::Arc::new(copy);
-        }
     }
 }

@@ -50,7 +50,9 @@
 //! command) and the limits; the rest is split by responsibility, each an `impl AddressTable`
 //! block or free functions over that state:
 //! - `admission`: a publish enters: bounds, memory budget, held answers (backpressure),
-//!   compaction of what will wait, and [`AddressTable::publish_batch`];
+//!   compaction of what will wait in a multicast backlog, and [`AddressTable::publish_batch`];
+//! - `compaction`: messages that stay in an anycast queue stop holding their read buffer,
+//!   on the timer's compaction tick ([`AddressTable::compact_waiting`]);
 //! - `dispatch`: delivery to subscribers with credit: the anycast queue round robin, the
 //!   multicast backlogs, and the credit check at every delivery;
 //! - `subscribers`: the subscribers and the subscription index (`Place`), subscribe, credit
@@ -62,6 +64,7 @@
 //!   recovery at start-up.
 
 mod admission;
+mod compaction;
 mod declared;
 mod dispatch;
 mod durable;
@@ -85,6 +88,7 @@ use super::{
 use crate::mbws::{DeliveryMode, ErrorCode};
 use crate::store::{DurableLog, Lsn};
 
+pub use compaction::{COMPACTION_TICK_MS, MAX_UNCOMPACTED_RUNS};
 pub use declared::{AddressSettings, Deleted, Routing};
 use dispatch::Deliverable;
 pub use durable::ID_RESERVATION_BLOCK;
@@ -215,6 +219,8 @@ struct Address {
     messages_in: u64,
     /// Deliveries made by subscribers that have left (those of the present ones are theirs).
     delivered_by_departed: u64,
+    /// The back of `queue` that may still hold the buffers its messages arrived in.
+    uncompacted: compaction::UncompactedTail,
 }
 
 impl Address {
@@ -310,6 +316,13 @@ pub struct AddressTable {
     durable_addresses: Vec<Bytes>,
     /// Where messages that wait are copied to (see `StoredMessage::compact`).
     arena: CompactionArena,
+    /// Addresses whose queue holds messages not compacted yet (`compaction`).
+    to_compact: Vec<Bytes>,
+    /// When the timer next compacts what waits (`compaction`); `None` while nothing waits
+    /// uncompacted.
+    compaction_due_at_ms: Option<u64>,
+    /// A compaction tick scheduled since the core last looked (it wakes the timer for it).
+    compaction_scheduled: Option<u64>,
 }
 
 impl AddressTable {
@@ -345,6 +358,9 @@ impl AddressTable {
             durable_answers: VecDeque::new(),
             durable_addresses: Vec::new(),
             arena: CompactionArena::default(),
+            to_compact: Vec::new(),
+            compaction_due_at_ms: None,
+            compaction_scheduled: None,
         }
     }
 

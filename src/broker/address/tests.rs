@@ -292,6 +292,15 @@ fn without_consumers_nothing_is_held_and_the_bound_refuses() {
     assert_eq!(answered(&out), 3);
 }
 
+/// The compaction ticks a message queued at 0 ms waits through before it is compacted: the
+/// tick that finds it newly queued, then the one after.
+fn wait_two_compaction_ticks(table: &mut AddressTable) {
+    for tick in 1..=2 {
+        assert_eq!(table.compaction_deadline(), Some(tick * compaction::COMPACTION_TICK_MS));
+        table.compact_waiting(tick * compaction::COMPACTION_TICK_MS);
+    }
+}
+
 #[test]
 fn only_messages_that_wait_are_compacted() {
     let mut table = AddressTable::new(ShardId(0), LIMITS);
@@ -305,12 +314,120 @@ fn only_messages_that_wait_are_compacted() {
     table.handle(AddressCommand::Publish { publisher: conn(9), seq: 2, message: second }, 0, &mut out);
     let bodies: Vec<_> = delivered(&out).into_iter().map(|(_, delivery)| delivery.message.body().as_ptr()).collect();
     assert_eq!(bodies, vec![first_body], "the first goes out zero-copy");
+    wait_two_compaction_ticks(&mut table);
+    assert_eq!(table.compaction_deadline(), None, "nothing is left to compact: the timer rests");
     out.clear();
     ack(&mut table, 1, &[1], &mut out);
     let waited = deliveries(&out);
     assert_eq!(waited, vec![(1, "has to wait".to_string())]);
     let pointer = delivered(&out)[0].1.message.body().as_ptr();
     assert_ne!(pointer, second_body, "the waiting one no longer pins the publisher's buffer");
+}
+
+/// A message that waits in an anycast queue holds the buffer it arrived in until it has waited
+/// through a whole compaction tick, and no longer than two: one queued just before a tick is
+/// compacted at the tick after, and one delivered before that is never copied.
+#[test]
+fn a_queued_message_is_compacted_once_it_has_waited_a_whole_tick() {
+    use compaction::COMPACTION_TICK_MS as TICK;
+    let mut table = AddressTable::new(ShardId(0), AddressLimits { max_queued_messages: 100, ..LIMITS });
+    let mut out = Vec::new();
+    let original = |table: &AddressTable, index: usize, body: *const u8| {
+        table.addresses[&Bytes::from_static(b"a")].queue[index].message.body().as_ptr() == body
+    };
+    let early = message("a", "queued at 0 ms");
+    let early_body = early.body().as_ptr();
+    table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message: early }, 0, &mut out);
+    assert_eq!(table.compaction_deadline(), Some(TICK), "the first waiting message schedules a tick");
+    assert_eq!(table.take_compaction_scheduled(), Some(TICK), "and the core is told, to wake its timer");
+    let late = message("a", "queued just before the tick");
+    let late_body = late.body().as_ptr();
+    table.handle(AddressCommand::Publish { publisher: conn(9), seq: 2, message: late }, TICK - 1, &mut out);
+    assert_eq!(table.take_compaction_scheduled(), None, "the tick was already scheduled");
+    table.compact_waiting(TICK - 1);
+    assert!(original(&table, 0, early_body), "a tick not yet due compacts nothing");
+    table.compact_waiting(TICK);
+    assert!(original(&table, 0, early_body) && original(&table, 1, late_body), "both just started waiting");
+    assert_eq!(table.compaction_deadline(), Some(2 * TICK));
+    // A third message arrives, and a consumer takes the first one before the next tick.
+    let third = message("a", "delivered before its tick");
+    let third_body = third.body().as_ptr();
+    table.handle(AddressCommand::Publish { publisher: conn(9), seq: 3, message: third }, TICK + 1, &mut out);
+    out.clear();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+    assert_eq!(delivered(&out)[0].1.message.body().as_ptr(), early_body, "delivered as it arrived");
+    table.compact_waiting(2 * TICK);
+    assert!(!original(&table, 0, late_body), "waited through a whole tick: compacted");
+    assert!(original(&table, 1, third_body), "queued after the last tick: not yet");
+    assert_eq!(table.compaction_deadline(), Some(3 * TICK));
+    out.clear();
+    ack(&mut table, 1, &[1], &mut out);
+    ack(&mut table, 1, &[2], &mut out);
+    assert_eq!(deliveries(&out).len(), 2);
+    assert_eq!(delivered(&out)[1].1.message.body().as_ptr(), third_body, "delivered before its tick: never copied");
+    table.compact_waiting(3 * TICK);
+    assert_eq!(table.compaction_deadline(), None, "nothing waits: the timer rests");
+}
+
+/// SENDs to "a" decoded from one read buffer, as a connection's would be, `gap` bytes apart
+/// (0: next to each other, as consecutive frames of one read).
+fn sends_from_one_buffer(count: usize, gap: usize) -> Vec<SharedMessage> {
+    let send = crate::mbws::Frame::Send(crate::mbws::Send {
+        seq: 1,
+        address: Bytes::from_static(b"a"),
+        body: Bytes::from_static(b"body"),
+        ..Default::default()
+    });
+    let payload = crate::mbws::encode(crate::mbws::Binding::Binary, &send);
+    let mut buffer = bytes::BytesMut::new();
+    for _ in 0..count {
+        buffer.extend_from_slice(&payload);
+        buffer.extend_from_slice(&vec![0; gap]);
+    }
+    let buffer = buffer.freeze();
+    (0..count)
+        .map(|index| {
+            let start = index * (payload.len() + gap);
+            let decoded =
+                crate::mbws::binary::decode_send(buffer.slice(start..start + payload.len()), &Default::default())
+                    .expect("a valid SEND");
+            Arc::new(StoredMessage::new(decoded.tail, false, 0, false))
+        })
+        .collect()
+}
+
+/// How many of `messages` are queued in "a" still where they arrived.
+fn left_in_place(table: &AddressTable, messages: &[SharedMessage]) -> usize {
+    let queue = &table.addresses[&Bytes::from_static(b"a")].queue;
+    queue.iter().filter(|queued| messages.iter().any(|message| Arc::ptr_eq(&queued.message, message))).count()
+}
+
+/// However long the ticks, the uncompacted messages of an address hold a bounded number of
+/// read buffers: messages far apart each start a run, and past `MAX_UNCOMPACTED_RUNS` a
+/// message is compacted as it arrives; messages next to each other (one read's SENDs) are one
+/// run, however many.
+#[test]
+fn uncompacted_messages_hold_a_bounded_number_of_buffers() {
+    use compaction::MAX_UNCOMPACTED_RUNS;
+    let limits = AddressLimits { max_queued_messages: 1 << 20, ..LIMITS };
+    let publish_all = |messages: &[SharedMessage]| {
+        let mut table = AddressTable::new(ShardId(0), limits);
+        let mut out = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            let publish =
+                AddressCommand::Publish { publisher: conn(9), seq: index as u64 + 1, message: message.clone() };
+            table.handle(publish, 0, &mut out);
+        }
+        table
+    };
+    let apart = sends_from_one_buffer(MAX_UNCOMPACTED_RUNS + 2, 100);
+    let table = publish_all(&apart);
+    assert_eq!(left_in_place(&table, &apart), MAX_UNCOMPACTED_RUNS, "the runs past the bound were compacted at once");
+    let queue = &table.addresses[&Bytes::from_static(b"a")].queue;
+    assert!(!Arc::ptr_eq(&queue[MAX_UNCOMPACTED_RUNS].message, &apart[MAX_UNCOMPACTED_RUNS]));
+    let together = sends_from_one_buffer(4 * MAX_UNCOMPACTED_RUNS, 0);
+    let table = publish_all(&together);
+    assert_eq!(left_in_place(&table, &together), together.len(), "one read's SENDs are one run");
 }
 
 /// Publishes of `bodies` to "a" by one publisher, numbered 1, 2, 3...
@@ -342,6 +459,7 @@ fn an_anycast_batch_is_bounded_like_single_publishes_and_answered_after_its_disp
     let sent: Vec<*const u8> = delivered(&out).iter().map(|(_, delivery)| delivery.message.body().as_ptr()).collect();
     assert_eq!(sent, originals[..2], "messages delivered at once are not compacted");
     assert_eq!(table.stats(b"a").queued, 3);
+    wait_two_compaction_ticks(&mut table);
     // The answers are decided after the batch's dispatch: the queue is above half of
     // max_queued_messages, so the accepted ones are held back; the refused one is not.
     let answers = |out: &[Outgoing]| -> Vec<(u64, bool)> {
@@ -381,6 +499,7 @@ fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
     let message = Arc::new(StoredMessage::new(decoded.tail, false, 0, false));
     table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message }, 0, &mut out);
     assert_eq!(table.stats(b"a").queued, 1);
+    wait_two_compaction_ticks(&mut table);
     let buffer = read_buffer.as_ptr_range();
     let key = table.addresses.keys().next().expect("the address exists").as_ptr();
     assert!(!buffer.contains(&key), "the address's key is a copy of its name");
