@@ -26,6 +26,7 @@
 
 pub mod control;
 pub mod forward;
+pub mod metrics;
 pub mod relay;
 pub mod view;
 
