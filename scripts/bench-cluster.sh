@@ -17,7 +17,11 @@
 #               nodes; while a node refuses a SUBSCRIBE for an address it does not own (4421),
 #               the row says SKIPPED with that reason (NATS: publisher on A, consumer on C)
 # each as saturated throughput (msg/s, with latency under that load) and as latency at a common
-# rate (half the lower of the two clusters' A -> B throughput). Broker CPU is the sum over the
+# rate (half the lower of the two clusters' A -> B throughput). Then fan-out: 1 publisher on A
+# -> 1,000 multicast subscribers spread evenly over the three nodes (subscriber i on node
+# i mod 3: 334 on A, 333 on B and C), deliveries/s; the mbws address is owned by A (the
+# publisher's node), so B's and C's subscribers are relayed subscriptions held at A; NATS: plain
+# subscribers on each server, the messages routed to B and C. Broker CPU is the sum over the
 # three nodes of each cluster (etcd not counted: it is idle on the message path), per million
 # messages; the forwarding cost is the A -> B figure minus the local one.
 #
@@ -204,15 +208,24 @@ measure() {
     fi
 }
 
-# mbws_run NAME PUBLISHER OWNER CONSUMER SCENARIO [FLAGS...]: an mbws run with its address
-# placed on OWNER first; a refused SUBSCRIBE (4421) is recorded as SKIPPED with the reason.
+# urls KIND NODES: the URLs of the comma-separated node numbers NODES ("1,2,3"), comma-separated
+# (mbws-bench spreads consumers over them).
+urls() {
+    local node list=""
+    for node in ${2//,/ }; do list+="$("${1}_url" "$node"),"; done
+    echo "${list%,}"
+}
+
+# mbws_run NAME PUBLISHER OWNER CONSUMERS SCENARIO [FLAGS...]: an mbws run with its address
+# placed on OWNER first; CONSUMERS is a node or a comma-separated list of nodes; a refused
+# SUBSCRIBE (4421) is recorded as SKIPPED with the reason.
 declare -A skipped=()
 mbws_run() {
     local name=$1 publisher=$2 owner=$3 consumer=$4
     shift 4
     run_id="c$(date +%s%N | tail -c 10)-$run_index"
     place "$run_id" "$owner" || { log "$name: placing its address on n$owner failed: $(cat "$out/logs/place-$run_id.log")"; return 0; }
-    if ! measure "$name" mbws "$(mbws_url "$publisher")" "$(mbws_url "$consumer")" "$mbws_pids" "$@"; then
+    if ! measure "$name" mbws "$(mbws_url "$publisher")" "$(urls mbws "$consumer")" "$mbws_pids" "$@"; then
         if grep -q "4421" "$out/logs/$name.log"; then
             skipped[$name]="the consumer's node refused the SUBSCRIBE with 4421 (subscriptions are not relayed between nodes yet): $(grep -o 'broker error 4421.*' "$out/logs/$name.log" | head -n 1 | cut -c 1-240 | tr -d '|')"
         else
@@ -226,7 +239,7 @@ nats_run() {
     shift 3
     run_id="n$(date +%s%N | tail -c 10)-$run_index"
     [[ -n $nats_pids ]] || { skipped[$name]="nats-server is not installed"; return 0; }
-    measure "$name" nats "$(nats_url "$publisher")" "$(nats_url "$consumer")" "$nats_pids" "$@" \
+    measure "$name" nats "$(nats_url "$publisher")" "$(urls nats "$consumer")" "$nats_pids" "$@" \
         || skipped[$name]="failed: $(tail -n 1 "$out/logs/$name.log")"
 }
 
@@ -252,6 +265,11 @@ mbws_run mbws-a-b-c 1 2 3 "${throughput[@]}"
 nats_run nats-local 2 2 "${throughput[@]}"
 nats_run nats-a-b 1 2 "${throughput[@]}"
 nats_run nats-a-c 1 3 "${throughput[@]}"
+
+# Fan-out to 1,000 subscribers over the three nodes, publisher on A (the mbws owner too).
+fanout=(fanout --duration-s "$duration" --subscribers 1000)
+mbws_run mbws-fanout 1 1 1,2,3 "${fanout[@]}"
+nats_run nats-fanout 1 1,2,3 "${fanout[@]}"
 
 # Latency at a common rate: half the lower of the two clusters' A -> B throughput.
 common_rate="$(python3 -c 'import sys
@@ -299,6 +317,22 @@ stop_all
         done
     done
     echo
+    echo "Fan-out: 1 publisher on A -> 1,000 multicast subscribers, 334 on A, 333 on B and C (mbws: the address owned by A, B's and C's subscribers relayed from A; NATS: routed), $size B, runs of $duration s."
+    echo
+    echo "| cluster | deliveries/s | broker CPU s per million deliveries | latency p50 / p99 (us) |"
+    echo "|---|---|---|---|"
+    for cluster in mbws nats; do
+        name="$cluster-fanout"
+        if [[ -n ${skipped[$name]:-} ]]; then
+            echo "| $cluster | SKIPPED: ${skipped[$name]} | | |"
+            continue
+        fi
+        json="$out/$name.json"
+        rate="$(json_value "$json" results.deliveries_per_sec)"
+        printf '| %s | %s | %s | %s / %s |\n' "$cluster" "${rate%.*}" "$(json_value "$json" results.cpu_s_per_million)" \
+            "$(json_value "$json" results.p50_us)" "$(json_value "$json" results.p99_us)"
+    done
+    echo
     python3 - "$out" <<'EOF'
 import json, os, sys
 def cpu(name):
@@ -311,6 +345,12 @@ for cluster in ("mbws", "nats"):
     if local is not None and forwarded is not None:
         print(f"- {cluster}: one hop between nodes costs {forwarded - local:.2f} s of broker CPU per million messages "
               f"({(forwarded - local):.2f} us per message; {forwarded:.2f} against {local:.2f} on one node)")
+def rate(name):
+    path = os.path.join(sys.argv[1], name + ".json")
+    return json.load(open(path))["results"].get("deliveries_per_sec") if os.path.exists(path) else None
+mbws, nats = rate("mbws-fanout"), rate("nats-fanout")
+if mbws and nats:
+    print(f"- fan-out to 1,000 over three nodes: mbws {mbws / nats:.2f}x nats-server's deliveries/s")
 EOF
 } >"$out/summary.md"
 cat "$out/summary.md"

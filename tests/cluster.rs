@@ -136,7 +136,17 @@ fn a_killed_node_loses_its_non_durable_addresses_to_live_nodes_and_keeps_its_dur
     for address in plain.iter().chain(&ledgers) {
         let _ = probe(&nodes[0].url(), address);
     }
-    let view = placements(nodes[0].admin_addr());
+    // a's view (its control plane's, published after the shards were told) holds all 18
+    // placements, bounded: read once, it could miss the last one under load.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let view = loop {
+        let view = placements(nodes[0].admin_addr());
+        if plain.iter().chain(&ledgers).all(|address| view.contains_key(address)) {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "a's view lacks placements after 10 s: {view:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     // The victim: the owner of ledger-0 (a durable address), never a.
     let victim_name = view["ledger-0"].clone();
     let victim_name =

@@ -294,6 +294,94 @@ pub fn render_links(links: &[std::sync::Arc<crate::link::LinkStatus>]) -> String
     out.text
 }
 
+/// The `mbws_cluster_*` families, appended after [`render`]'s: this node's view of the cluster
+/// and, per owner node (labelled `owner`), what this node forwarded to it and relayed from it;
+/// nothing when the broker is not a cluster node (docs/CLUSTER.md, "Metrics").
+pub fn render_cluster() -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = Exposition { text: String::new() };
+    let Some(handle) = crate::cluster::handle() else { return out.text };
+    let view = crate::cluster::metrics::node_view();
+    if !view.started.load(Relaxed) {
+        return out.text;
+    }
+    let (cluster, node) = handle.names();
+    out.family("mbws_cluster_info", "gauge", "The cluster and this node's name, as labels; always 1.");
+    out.sample("mbws_cluster_info", &[("cluster", cluster), ("node", node)], 1);
+    let gauges: [(&str, &str, u64); 5] = [
+        ("mbws_cluster_live_nodes", "Nodes registered in etcd as this node last saw it (itself included).", view.live_nodes.load(Relaxed)),
+        (
+            "mbws_cluster_fenced",
+            "1 while this node is fenced (its lease was not renewed in time: it serves nothing until it joins again), else 0.",
+            u64::from(view.fenced.load(Relaxed)),
+        ),
+        (
+            "mbws_cluster_serving",
+            "1 while this node serves (registered, placement loaded), else 0 (joining or fenced).",
+            u64::from(view.serving.load(Relaxed)),
+        ),
+        ("mbws_cluster_owned_addresses", "Addresses placed on this node.", view.addresses_owned.load(Relaxed)),
+        ("mbws_cluster_placed_addresses", "Addresses placed on any node of the cluster.", view.addresses_placed.load(Relaxed)),
+    ];
+    for (name, help, value) in gauges {
+        out.family(name, "gauge", help);
+        out.sample(name, &[], value);
+    }
+    let renewed_at = view.lease_renewed_at_ms.load(Relaxed);
+    if renewed_at != u64::MAX {
+        let age_ms = crate::clock::now_ms().saturating_sub(renewed_at);
+        out.family(
+            "mbws_cluster_lease_age_seconds",
+            "gauge",
+            "Time since the last lease renewal etcd answered was sent; the node fences itself at three quarters of the TTL.",
+        );
+        out.sample("mbws_cluster_lease_age_seconds", &[], age_ms as f64 / 1000.0);
+        out.family("mbws_cluster_lease_ttl_seconds", "gauge", "The lease's time to live.");
+        out.sample("mbws_cluster_lease_ttl_seconds", &[], view.lease_ttl_ms.load(Relaxed) as f64 / 1000.0);
+    }
+    let owners = crate::cluster::metrics::owners();
+    type Figure = fn(&crate::cluster::metrics::OwnerCounters) -> u64;
+    let families: [(&str, &str, &str, Figure); 5] = [
+        (
+            "mbws_cluster_forwarded_messages_total",
+            "counter",
+            "SENDs forwarded to the owner node and receipted by it.",
+            |owner| owner.sends_forwarded.load(Relaxed),
+        ),
+        (
+            "mbws_cluster_forward_refused_messages_total",
+            "counter",
+            "SENDs for the owner node's addresses answered with an error here: its own refusal, unreachable (4503), the forwarder's queue full (4429).",
+            |owner| owner.sends_refused.load(Relaxed),
+        ),
+        (
+            "mbws_cluster_relayed_subscriptions",
+            "gauge",
+            "Subscriptions of clients of this node relayed to the owner node, open now.",
+            |owner| owner.relays_open(),
+        ),
+        (
+            "mbws_cluster_relayed_subscriptions_total",
+            "counter",
+            "Subscriptions of clients of this node relayed to the owner node since start.",
+            |owner| owner.relays_opened.load(Relaxed),
+        ),
+        (
+            "mbws_cluster_relayed_deliveries_total",
+            "counter",
+            "MESSAGEs of relayed subscriptions brought from the owner node to consumers of this node.",
+            |owner| owner.deliveries_relayed.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, figure) in families {
+        out.family(name, kind, help);
+        for (owner, counters) in &owners {
+            out.sample(name, &[("owner", owner)], figure(counters));
+        }
+    }
+    out.text
+}
+
 fn write_log_commits(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
     let logs: Vec<(String, CommitStats)> = snapshots
         .iter()

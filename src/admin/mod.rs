@@ -357,6 +357,7 @@ impl Admin {
         let snapshots = self.snapshot(&request);
         let mut text = metrics::render(&snapshots, self.inspector.shard_count(), &process::ProcessStats::read());
         text.push_str(&metrics::render_links(&self.links));
+        text.push_str(&metrics::render_cluster());
         Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",

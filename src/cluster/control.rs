@@ -82,6 +82,8 @@ enum AdminRequest {
 
 /// The admin API's handle on the control plane.
 pub struct ClusterHandle {
+    cluster: String,
+    node: String,
     status: Arc<Mutex<serde_json::Value>>,
     admin: UnboundedSender<AdminRequest>,
 }
@@ -90,6 +92,11 @@ pub struct ClusterHandle {
 pub const MAX_LISTED_PLACEMENTS: usize = 10_000;
 
 impl ClusterHandle {
+    /// The cluster's name and this node's.
+    pub fn names(&self) -> (&str, &str) {
+        (&self.cluster, &self.node)
+    }
+
     /// `GET /api/cluster`: the cluster as this node sees it (JSON).
     pub fn status(&self) -> serde_json::Value {
         self.status.lock().map(|status| status.clone()).unwrap_or_default()
@@ -116,11 +123,12 @@ pub fn spawn(settings: ClusterSettings, post_office: Arc<PostOffice>) -> std::io
         post_office.post(ShardId(shard as u16), Envelope::Cluster(ClusterUpdate::Attach(requests.clone())));
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (cluster, node) = (settings.cluster.clone(), settings.node.clone());
     let mut plane = ControlPlane::new(settings, post_office, status.clone());
     std::thread::Builder::new()
         .name("mbws-cluster".into())
         .spawn(move || runtime.block_on(plane.run(request_inbox, admin_inbox)))?;
-    Ok(ClusterHandle { status, admin })
+    Ok(ClusterHandle { cluster, node, status, admin })
 }
 
 /// The lease this node holds.
@@ -690,7 +698,7 @@ impl ControlPlane {
             return Owner::Local;
         }
         let url = self.nodes.get(owner).map_or_else(|| "not live now".to_string(), |node| node.url.clone());
-        Owner::Remote(Arc::new(NodeRef { name: owner.to_string(), url }))
+        Owner::Remote(Arc::new(NodeRef::new(owner.to_string(), url)))
     }
 
     fn tell_shard_placed(&self, address: &Bytes) {
@@ -722,6 +730,28 @@ impl ControlPlane {
     }
 
     /// What `GET /api/cluster` shows.
+    /// The node's view for `GET /metrics` ([`super::metrics::NodeView`]); `owned`: the addresses
+    /// placed on this node.
+    fn publish_metrics(&self, owned: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let view = super::metrics::node_view();
+        view.live_nodes.store(self.nodes.len() as u64, Relaxed);
+        view.fenced.store(self.fenced, Relaxed);
+        view.serving.store(self.serving, Relaxed);
+        let (renewed_at, ttl) = match &self.lease {
+            Some(lease) => {
+                let age = lease.renewed_sent_at.elapsed().as_millis() as u64;
+                (crate::clock::now_ms().saturating_sub(age), lease.ttl.as_millis() as u64)
+            }
+            None => (u64::MAX, 0),
+        };
+        view.lease_renewed_at_ms.store(renewed_at, Relaxed);
+        view.lease_ttl_ms.store(ttl, Relaxed);
+        view.addresses_owned.store(owned as u64, Relaxed);
+        view.addresses_placed.store(self.placements.len() as u64, Relaxed);
+        view.started.store(true, Relaxed);
+    }
+
     fn publish_status(&self) {
         let state = if self.serving {
             "serving"
@@ -755,6 +785,7 @@ impl ControlPlane {
             serde_json::json!({"id": format!("{:x}", lease.id), "ttl_ms": lease.ttl.as_millis() as u64,
                 "renewed_ms_ago": lease.renewed_sent_at.elapsed().as_millis() as u64})
         });
+        self.publish_metrics(load.get(self.settings.node.as_str()).copied().unwrap_or(0));
         let status = serde_json::json!({
             "cluster": self.settings.cluster,
             "node": self.settings.node,

@@ -120,6 +120,7 @@ impl Forwarders {
                         Err(error) => {
                             let reason =
                                 format!("cannot start the forwarder to cluster node \"{}\": {error}", owner.name);
+                            owner.counters.refused(1);
                             answers.refuse(job, ErrorCode::Unavailable, reason);
                             break;
                         }
@@ -129,6 +130,7 @@ impl Forwarders {
                     Ok(()) => break,
                     Err(TrySendError::Disconnected(back)) if attempts >= 2 => {
                         let reason = format!("the forwarder to cluster node \"{}\" stopped", owner.name);
+                        owner.counters.refused(1);
                         answers.refuse(back, ErrorCode::Unavailable, reason);
                         break;
                     }
@@ -140,6 +142,7 @@ impl Forwarders {
                             owner.url,
                             String::from_utf8_lossy(back.message.address())
                         );
+                        owner.counters.refused(1);
                         answers.refuse(back, ErrorCode::Overloaded, reason);
                         break;
                     }
@@ -297,6 +300,7 @@ impl Forwarder {
         if let Some((until, reason)) = &self.down {
             if Instant::now() < *until {
                 let reason = reason.clone();
+                self.owner.counters.refused(self.pending.len() as u64);
                 for job in std::mem::take(&mut self.pending) {
                     self.answers.refuse(job, ErrorCode::Unavailable, reason.clone());
                 }
@@ -328,6 +332,7 @@ impl Forwarder {
                 while self.in_flight.front().is_some_and(|(seq, _)| *seq <= receipt.seq) {
                     let (_, job) = self.in_flight.pop_front().expect("checked");
                     self.answers.answer(&job, Ok(()));
+                    self.owner.counters.forwarded(1);
                 }
                 self.oldest_written = (!self.in_flight.is_empty()).then(Instant::now);
             }
@@ -335,6 +340,7 @@ impl Forwarder {
                 if let Some(index) = self.in_flight.iter().position(|(seq, _)| *seq == error.seq) {
                     let (_, job) = self.in_flight.remove(index).expect("found");
                     let code = ErrorCode::from_u16(error.code).unwrap_or(ErrorCode::Internal);
+                    self.owner.counters.refused(1);
                     self.answers.refuse(job, code, String::from_utf8_lossy(&error.reason).into_owned());
                 }
             }
@@ -390,6 +396,7 @@ impl Forwarder {
         );
         log!(Level::Warn, "forwarding to cluster node \"{}\": {reason}; {} SENDs refused with 4503, next attempt in {} ms",
             self.owner.name, self.in_flight.len() + self.pending.len(), self.backoff.as_millis(); node = self.owner.name);
+        self.owner.counters.refused((self.in_flight.len() + self.pending.len()) as u64);
         for (_, job) in std::mem::take(&mut self.in_flight) {
             self.answers.refuse(job, ErrorCode::Unavailable, reason.clone());
         }

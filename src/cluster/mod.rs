@@ -18,6 +18,8 @@
 //!   thread with an MBWS session to it that holds a client-ack subscription at the owner for
 //!   each relayed one, delivers its MESSAGEs to the consumer's shard and carries back its ACK,
 //!   NACK, FLOW and UNSUBSCRIBE (end-to-end credit).
+//! - [`metrics`]: the `mbws_cluster_*` figures of `GET /metrics`, plain atomics: the control
+//!   plane's view of the cluster, and per owner node what was forwarded to it and relayed from it.
 //!
 //! What lives in etcd, under `/mbws/<cluster>/`: `nodes/<node>` (the node's URL and shard
 //! count, attached to its lease: it disappears when the node stops renewing), and
@@ -26,6 +28,7 @@
 
 pub mod control;
 pub mod forward;
+pub mod metrics;
 pub mod relay;
 pub mod view;
 

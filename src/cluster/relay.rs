@@ -658,6 +658,7 @@ impl Relay {
             }
             AckMode::Auto => relayed.unwritten.push_back(message.delivery_seq),
         }
+        self.owner.counters.relayed(1);
         let stored = StoredMessage::from_fields(&message.address, &message.properties, &message.body, message.durable);
         let delivered = Delivered {
             message_id: MessageId(message.message_id),

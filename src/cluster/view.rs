@@ -69,12 +69,37 @@ pub enum Forward {
     Settle { owner: Arc<NodeRef>, command: AddressCommand },
 }
 
-/// A node of the cluster as the shards name it in refusals.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A node of the cluster as the shards name it in refusals. Equal and hashed by name and URL.
+#[derive(Debug, Clone)]
 pub struct NodeRef {
     pub name: String,
     /// The `ws://` URL its clients and peers connect to (`--advertise-url`).
     pub url: String,
+    /// What this node forwarded to and relayed from that one (`mbws_cluster_*` metrics), shared
+    /// by every `NodeRef` of the name.
+    pub counters: Arc<super::metrics::OwnerCounters>,
+}
+
+impl NodeRef {
+    pub fn new(name: String, url: String) -> NodeRef {
+        let counters = super::metrics::owner_counters(&name);
+        NodeRef { name, url, counters }
+    }
+}
+
+impl PartialEq for NodeRef {
+    fn eq(&self, other: &NodeRef) -> bool {
+        self.name == other.name && self.url == other.url
+    }
+}
+
+impl Eq for NodeRef {}
+
+impl std::hash::Hash for NodeRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+        self.url.hash(state);
+    }
 }
 
 /// Who serves an address.
@@ -300,6 +325,7 @@ impl PlacementView {
                 self.counters.relayed += 1;
                 self.next_ticket += 1;
                 let ticket = self.next_ticket;
+                owner.counters.relay_opened();
                 self.relayed.entry(consumer).or_default().push((subscription, owner.clone(), ticket));
                 self.forwards.push(Forward::Subscribe { owner: owner.clone(), ticket, command });
             }
@@ -327,6 +353,7 @@ impl PlacementView {
                 let Some(entries) = self.relayed.remove(consumer) else { return Some(command) };
                 let mut owners: Vec<Arc<NodeRef>> = Vec::new();
                 for (_, owner, _) in entries {
+                    owner.counters.relays_closed(1);
                     if !owners.contains(&owner) {
                         owners.push(owner);
                     }
@@ -343,7 +370,7 @@ impl PlacementView {
         let Some(index) = entries.iter().position(|(id, _, _)| *id == subscription) else { return Some(command) };
         let owner = entries[index].1.clone();
         if matches!(command, AddressCommand::Subscribe { .. } | AddressCommand::Unsubscribe { .. }) {
-            entries.swap_remove(index);
+            entries.swap_remove(index).1.counters.relays_closed(1);
             if entries.is_empty() {
                 self.relayed.remove(&consumer);
             }
@@ -448,8 +475,12 @@ impl PlacementView {
             ClusterUpdate::Unfenced => self.fenced = None,
             ClusterUpdate::RelayEnded { consumer, subscription, ticket } => {
                 if let Some(entries) = self.relayed.get_mut(&consumer) {
-                    entries.retain(|(id, _, entry_ticket)| {
-                        !(*id == subscription && (ticket == 0 || *entry_ticket == ticket))
+                    entries.retain(|(id, owner, entry_ticket)| {
+                        let ended = *id == subscription && (ticket == 0 || *entry_ticket == ticket);
+                        if ended {
+                            owner.counters.relays_closed(1);
+                        }
+                        !ended
                     });
                     if entries.is_empty() {
                         self.relayed.remove(&consumer);
@@ -513,7 +544,7 @@ mod tests {
     }
 
     fn remote() -> Owner {
-        Owner::Remote(Arc::new(NodeRef { name: "b".into(), url: "ws://127.0.0.1:9/".into() }))
+        Owner::Remote(Arc::new(NodeRef::new("b".into(), "ws://127.0.0.1:9/".into())))
     }
 
     fn refusal_codes(out: &[Outgoing]) -> Vec<(u64, ErrorCode)> {

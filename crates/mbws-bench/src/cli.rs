@@ -145,8 +145,10 @@ pub struct CommonArgs {
     pub broker_pid: Vec<u32>,
     /// Consumers connect here instead of to --url (another node of a cluster: the publisher on
     /// one node, the consumer on another); the same scheme rules and --ca-file as --url.
-    #[arg(long)]
-    pub consumer_url: Option<String>,
+    /// Repeatable or comma-separated: consumer i connects to the (i mod N)-th URL, so a fan-out
+    /// spreads its subscribers evenly over the nodes given.
+    #[arg(long, value_delimiter = ',')]
+    pub consumer_url: Vec<String>,
     /// Makes the run's address names and client ids (`bench-ID-0` for mbws) [default: this
     /// process's id and the time]; a cluster benchmark places `bench-ID-0` on a node first.
     /// 1 to 32 of A-Z a-z 0-9 -.
@@ -281,8 +283,8 @@ pub struct Plan {
     /// The first `--broker-pid` (its RSS is reported), and all of them (their CPU is summed).
     pub broker_pid: Option<u32>,
     pub broker_pids: Vec<u32>,
-    /// `--consumer-url`: where consumers connect, when not to `url`.
-    pub consumer_endpoint: Option<Endpoint>,
+    /// `--consumer-url`: where consumers connect (round robin), when not to `url`.
+    pub consumer_endpoints: Vec<Endpoint>,
     pub json: Option<PathBuf>,
     pub light: bool,
     pub qos: u8,
@@ -338,10 +340,11 @@ impl Plan {
                 return Err(usage(format!("--run-id \"{id}\": give 1 to 32 of A-Z a-z 0-9 -")));
             }
         }
-        let consumer_endpoint = match &common.consumer_url {
-            Some(url) => Some(Endpoint::parse("--consumer-url", url, &common)?),
-            None => None,
-        };
+        let consumer_endpoints = common
+            .consumer_url
+            .iter()
+            .map(|url| Endpoint::parse("--consumer-url", url, &common))
+            .collect::<Result<Vec<_>, _>>()?;
         if common.size < STAMP_BYTES || common.size > MAX_SIZE_BYTES {
             return Err(usage(format!(
                 "--size {}: give {STAMP_BYTES} to {MAX_SIZE_BYTES} bytes (the first {STAMP_BYTES} carry the send time)",
@@ -403,7 +406,7 @@ impl Plan {
             warmup,
             broker_pid: common.broker_pid.first().copied(),
             broker_pids: common.broker_pid.clone(),
-            consumer_endpoint,
+            consumer_endpoints,
             json: common.json.clone(),
             light: common.light && common.target == TargetKind::Mbws,
             qos: if common.target == TargetKind::Mqtt { common.qos } else { 0 },
@@ -545,6 +548,22 @@ mod tests {
         assert_eq!(fanout("10"), DEFAULT_WINDOW_MESSAGES, "10 x 64 B x 10,000 is within 32 MiB");
         assert_eq!(fanout("1000"), WINDOW_BYTES / (64 * 1000));
         assert_eq!(fanout("10000"), 52);
+    }
+
+    #[test]
+    fn consumer_urls_are_repeatable_or_comma_separated_and_each_is_checked() {
+        let args = ["fanout", "--target", "mbws", "--url", "ws://127.0.0.1:1/"];
+        let spread = plan(&[&args[..], &["--consumer-url", "ws://127.0.0.1:2/,ws://127.0.0.1:3/"]].concat()).unwrap();
+        let repeated = plan(
+            &[&args[..], &["--consumer-url", "ws://127.0.0.1:2/", "--consumer-url", "ws://127.0.0.1:3/"]].concat(),
+        )
+        .unwrap();
+        for plan in [spread, repeated] {
+            let ports: Vec<u16> = plan.consumer_endpoints.iter().map(|endpoint| endpoint.addr.port()).collect();
+            assert_eq!(ports, [2, 3]);
+        }
+        let bad = plan(&[&args[..], &["--consumer-url", "ws://127.0.0.1:2/,http://x/"]].concat());
+        assert!(matches!(bad, Err(BenchError::Usage(message)) if message.contains("--consumer-url")));
     }
 
     #[test]

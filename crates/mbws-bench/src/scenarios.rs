@@ -636,7 +636,13 @@ fn params(plan: &Plan) -> Json {
         ("warmup_s", Json::num(Some(common.warmup_s))),
         ("broker_pid", plan.broker_pid.map_or(Json::Null, |pid| Json::Int(u64::from(pid)))),
         ("broker_pids", Json::str(plan.broker_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))),
-        ("consumer_url", plan.common.consumer_url.clone().map_or(Json::Null, Json::str)),
+        (
+            "consumer_url",
+            match plan.common.consumer_url.as_slice() {
+                [] => Json::Null,
+                urls => Json::str(urls.join(",")),
+            },
+        ),
         ("light", Json::Bool(plan.light)),
         ("qos", Json::Int(u64::from(plan.qos))),
         ("window", Json::Int(plan.window)),

@@ -67,8 +67,9 @@ pub struct TargetConfig {
     pub run_id: String,
     /// `wss://`: TLS over each connection.
     pub tls: Option<TlsTarget>,
-    /// Where consumers connect when not to `addr` (`--consumer-url`: another node of a cluster).
-    pub consumer_endpoint: Option<Endpoint>,
+    /// Where consumers connect when not to `addr` (`--consumer-url`: other nodes of a cluster;
+    /// consumer i to the (i mod N)-th).
+    pub consumer_endpoints: Vec<Endpoint>,
 }
 
 impl TargetConfig {
@@ -85,7 +86,7 @@ impl TargetConfig {
             auto_ack: plan.auto_ack,
             run_id,
             tls: plan.tls.clone(),
-            consumer_endpoint: plan.consumer_endpoint.clone(),
+            consumer_endpoints: plan.consumer_endpoints.clone(),
         }
     }
 
@@ -279,16 +280,19 @@ pub async fn open(
     index: usize,
     source: Option<Ipv4Addr>,
 ) -> Result<Session, String> {
-    // A consumer of a cluster run goes to its own node: the same run, another endpoint.
+    // A consumer of a cluster run goes to its own node: the same run, another endpoint (consumer
+    // `index` to the endpoints' (index mod N)-th, so subscribers spread evenly over the nodes).
     let consumer_config;
-    let config = match (role, &config.consumer_endpoint) {
-        (Role::Consumer { .. }, Some(Endpoint { addr, host, path, tls })) => {
+    let endpoints = &config.consumer_endpoints;
+    let config = match role {
+        Role::Consumer { .. } if !endpoints.is_empty() => {
+            let Endpoint { addr, host, path, tls } = &endpoints[index % endpoints.len()];
             consumer_config = TargetConfig {
                 addr: *addr,
                 host: host.clone(),
                 path: path.clone(),
                 tls: tls.clone(),
-                consumer_endpoint: None,
+                consumer_endpoints: Vec::new(),
                 ..config.clone()
             };
             &consumer_config
