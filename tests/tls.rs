@@ -1,5 +1,6 @@
 //! TLS (`wss://`) in the broker, against the real binary over real sockets: round trips with
-//! the Rust client (rustls) and with Python's `ssl` + `websockets` in TLS 1.2 and 1.3, sessions
+//! the Rust client (rustls), with Python's `ssl` + `websockets` and with `openssl s_client` in
+//! TLS 1.2 and 1.3 (s_client's KeyUpdate too), sessions
 //! resumed over TLS through a proxy that cuts connections (a resume moves the TLS session to the
 //! shard that holds the MBWS session), certificate reload on SIGHUP while a TLS session stays
 //! open, and the refusals of `--tls-cert` / `--tls-key`. Certificates are made per test with
