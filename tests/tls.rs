@@ -1,5 +1,6 @@
 //! TLS (`wss://`) in the broker, against the real binary over real sockets: round trips with
-//! the Rust client (rustls) and with Python's `ssl` + `websockets` in TLS 1.2 and 1.3, sessions
+//! the Rust client (rustls), with Python's `ssl` + `websockets` and with `openssl s_client` in
+//! TLS 1.2 and 1.3 (s_client's KeyUpdate too), sessions
 //! resumed over TLS through a proxy that cuts connections (a resume moves the TLS session to the
 //! shard that holds the MBWS session), certificate reload on SIGHUP while a TLS session stays
 //! open, and the refusals of `--tls-cert` / `--tls-key`. Certificates are made per test with
@@ -682,5 +683,149 @@ fn a_damaged_record_or_an_oversized_header_ends_the_session_with_its_alert_and_l
             "{version:?}"
         );
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What a child process printed so far, filled by a thread; waits are bounded.
+#[derive(Clone, Default)]
+struct Printed(std::sync::Arc<(std::sync::Mutex<Vec<u8>>, std::sync::Condvar)>);
+
+impl Printed {
+    fn collect(pipe: impl std::io::Read + Send + 'static) -> Printed {
+        let printed = Printed::default();
+        let filled = printed.clone();
+        std::thread::spawn(move || {
+            let mut pipe = pipe;
+            let mut buf = [0u8; 4096];
+            loop {
+                let read = pipe.read(&mut buf).unwrap_or(0);
+                let (bytes, changed) = &*filled.0;
+                if read > 0 {
+                    bytes.lock().unwrap().extend_from_slice(&buf[..read]);
+                }
+                changed.notify_all();
+                if read == 0 {
+                    return;
+                }
+            }
+        });
+        printed
+    }
+
+    /// Waits until `needle` was printed `times` times in all, for at most `WAIT`.
+    fn wait_for(&self, needle: &[u8], times: usize) -> bool {
+        let deadline = Instant::now() + WAIT;
+        let (bytes, changed) = &*self.0;
+        let mut bytes = bytes.lock().unwrap();
+        loop {
+            if bytes.windows(needle.len()).filter(|window| *window == needle).count() >= times {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            bytes = changed.wait_timeout(bytes, deadline - now).unwrap().0;
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0 .0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A client's WebSocket frame (masked, final) of `opcode` carrying `payload`.
+fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(index, byte)| byte ^ mask[index % 4]));
+    frame
+}
+
+/// OpenSSL's own client (`openssl s_client`, a third TLS implementation beside rustls and
+/// Python's `ssl`, itself on OpenSSL but driven byte by byte here) in TLS 1.3 and 1.2: the
+/// upgrade, an MBWS session sending to itself, and in TLS 1.3 a KeyUpdate asking the broker to
+/// update its keys too (s_client's `K` command), after which a second message goes through in
+/// both directions (the broker opens the new keys' records, and OpenSSL the broker's records
+/// under its new keys, which it reads only if the broker's KeyUpdate came first). Then
+/// s_client's close_notify ends the session cleanly. The broker's default record layer.
+#[test]
+fn openssl_s_client_upgrades_round_trips_and_updates_keys_in_tls_1_3_and_1_2() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = temp_dir("tls-openssl");
+    let pair = make_certificate(&dir, "broker");
+    let broker = Broker::start(&[&["--shards", "1"][..], &pair.flags()].concat());
+    for (flag, version) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-connect", &broker.addr.to_string(), "-servername", "localhost", flag])
+            .args(["-CAfile", pair.cert_str(), "-verify_return_error"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run openssl s_client (apt-get install openssl)");
+        let stdout = Printed::collect(child.stdout.take().unwrap());
+        let stderr = Printed::collect(child.stderr.take().unwrap());
+        let mut stdin = child.stdin.take().unwrap();
+        let report = |what: &str| format!("{version}: {what}\nstdout:\n{}\nstderr:\n{}", stdout.text(), stderr.text());
+        // Each write below waits for the answer to the one before, so s_client reads each in its
+        // own read of stdin: a read that starts with `K` is its KeyUpdate command, anything else
+        // is sent as it is.
+        let upgrade = format!(
+            "GET / HTTP/1.1\r\nHost: localhost:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: MBWS.huawei.com\r\n\r\n",
+            broker.addr.port()
+        );
+        stdin.write_all(upgrade.as_bytes()).unwrap();
+        assert!(stdout.wait_for(b"HTTP/1.1 101", 1), "{}", report("no 101 answer to the upgrade"));
+        assert!(stdout.text().contains(&format!("New, {version},")), "{}", report("another version negotiated"));
+        let address = format!("openssl-{version}");
+        let first = format!("first message over {version} from s_client");
+        let mut frames = masked_frame(2, &mbws_by_hand::binary_open());
+        let subscribe =
+            mbws_by_hand::binary_subscribe(1, &address, mbws_by_hand::Mode::Anycast, mbws_by_hand::AckMode::Auto, 100);
+        frames.extend(masked_frame(2, &subscribe));
+        frames.extend(masked_frame(2, &mbws_by_hand::binary_send(1, &address, first.as_bytes())));
+        stdin.write_all(&frames).unwrap();
+        assert!(stdout.wait_for(first.as_bytes(), 1), "{}", report("the first message did not come back"));
+        if version == "TLSv1.3" {
+            stdin.write_all(b"K\n").unwrap();
+            assert!(stderr.wait_for(b"KEYUPDATE", 1), "{}", report("s_client did not take the K command"));
+        }
+        let second = format!("second message over {version} from s_client, after the KeyUpdate");
+        stdin.write_all(&masked_frame(2, &mbws_by_hand::binary_send(2, &address, second.as_bytes()))).unwrap();
+        assert!(stdout.wait_for(second.as_bytes(), 1), "{}", report("the second message did not come back"));
+        // The end of its input: s_client sends its close_notify and exits.
+        drop(stdin);
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{}", report("s_client did not end after its input did"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{}", report("s_client failed"));
+        assert!(!stderr.text().contains(":error:"), "{}", report("s_client reported an error"));
+    }
+    let failures: Vec<String> = broker.log_lines().into_iter().filter(|line| line.contains("TLS")).collect();
+    assert!(
+        failures.iter().all(|line| !line.contains("alert") && !line.contains("failed")),
+        "the broker logged a TLS failure: {failures:?}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

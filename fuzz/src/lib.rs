@@ -508,8 +508,23 @@ fn walk_records(data: &[u8]) -> (Vec<(tls_records::Header, usize)>, Option<tls_r
 /// (`mbws::tls::records`) on arbitrary ciphertext. Never a panic; every record lies inside the
 /// input, within 2^14 + 256 bytes; and a stream cut anywhere yields a prefix of what the whole
 /// stream yields (the parser waits for the rest of a record rather than misread it), with a
-/// refusal only where the whole stream has the same one.
+/// refusal only where the whole stream has the same one. Then the layer's sealer on the same
+/// bytes as plaintext: the input's first byte picks TLS 1.3 or 1.2 and AES-256-GCM or
+/// ChaCha20-Poly1305, its next eight the sequence number and one more the content type; the
+/// record sealed in place opens with rustls's own decrypter to exactly that plaintext
+/// (`seal_and_open_with_rustls`).
 pub fn tls_records(data: &[u8]) {
+    tls_records_parsed(data);
+    let mut input = Input::new(data);
+    let flags = input.byte();
+    // Below the layer's own sequence limit, which it never seals at.
+    let seq = input.u64() % 0xffff_ffff_ffff_0000;
+    let typ = [21, 22, 23][usize::from(input.byte() % 3)];
+    let plaintext = input.take(tls_records::MAX_PLAINTEXT_BYTES);
+    tls_records::seal_and_open_with_rustls(flags & 1 == 1, flags & 2 == 2, seq, typ, plaintext);
+}
+
+fn tls_records_parsed(data: &[u8]) {
     let (whole, whole_refusal) = walk_records(data);
     for cut in [data.len() / 3, data.len() / 2, data.len().saturating_sub(1)] {
         let (part, refusal) = walk_records(&data[..cut]);

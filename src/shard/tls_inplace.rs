@@ -7,9 +7,9 @@
 //! times (into its deframer, into its plaintext queue, out to the reader). A record cut by the
 //! end of a read stays, and the next read appends to it.
 //!
-//! Writing: each record is sealed from the batch's iovecs by rustls's AEAD (which copies the
-//! plaintext once into the record it returns) and gathered in one buffer, as with the buffered
-//! connection, until [`TLS_WRITE_BYTES`] are ready; then one socket write.
+//! Writing: each record is sealed in place at the end of one write buffer: its plaintext is
+//! copied there once from the batch's iovecs and encrypted where it lies (the only copy on the
+//! way out), until [`TLS_WRITE_BYTES`] are ready; then one socket write of the buffer.
 //!
 //! The handshake runs in the stream before the split (as for the buffered connection), inside
 //! the upgrade's `handshake_timeout`; its buffer is bounded by [`MAX_HANDSHAKE_BUFFER_BYTES`].
@@ -603,6 +603,20 @@ mod tests {
     /// in-memory handshake through [`drive_handshake`] and [`take_over`], with the broker's own
     /// TLS configuration.
     fn handshaken(version: &'static rustls::SupportedProtocolVersion) -> (ClientConnection, RecordLayer, Inbox) {
+        handshaken_with(version, rustls::crypto::ring::default_provider())
+    }
+
+    /// As [`handshaken`], the client offering `suite` alone.
+    fn handshaken_in(suite: rustls::SupportedCipherSuite) -> (ClientConnection, RecordLayer, Inbox) {
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![suite];
+        handshaken_with(suite.version(), provider)
+    }
+
+    fn handshaken_with(
+        version: &'static rustls::SupportedProtocolVersion,
+        provider: rustls::crypto::CryptoProvider,
+    ) -> (ClientConnection, RecordLayer, Inbox) {
         static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("mbws-inplace-test-{}-{call}", std::process::id()));
@@ -612,7 +626,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
         let mut roots = RootCertStore::empty();
         roots.add(cert).unwrap();
-        let client_config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let client_config = ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[version])
             .unwrap()
             .with_root_certificates(roots)
@@ -723,6 +737,64 @@ mod tests {
             let close = client_output(&mut client);
             inbox.buf.extend_from_slice(&close);
             assert_eq!(inbox.fill(&mut layer, &mut BytesMut::with_capacity(100)), Ok(Filled::Ended), "{version:?}");
+        }
+    }
+
+    /// Every suite the layer serves (TLS 1.3 AES-128-GCM, AES-256-GCM and ChaCha20-Poly1305;
+    /// TLS 1.2 ECDHE-ECDSA with the same three), each negotiated by a real handshake with a
+    /// rustls client: what the client sends (across its KeyUpdates in 1.3) opens here, and what
+    /// is sealed here in place (records of every size, the answer to the client's KeyUpdate,
+    /// the KeyUpdate the write limit forces in 1.3, a close_notify) opens with rustls's own
+    /// decrypters in the client.
+    #[test]
+    fn every_suite_round_trips_with_a_rustls_client_in_both_directions() {
+        use rustls::crypto::ring::cipher_suite as suites;
+        for suite in [
+            suites::TLS13_AES_128_GCM_SHA256,
+            suites::TLS13_AES_256_GCM_SHA384,
+            suites::TLS13_CHACHA20_POLY1305_SHA256,
+            suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ] {
+            let name = suite.suite();
+            let tls13 = suite.version() == &rustls::version::TLS13;
+            let (mut client, mut layer, mut inbox) = handshaken_in(suite);
+            assert_eq!(client.negotiated_cipher_suite(), Some(suite), "{name:?}");
+            let (mut expected, mut wire) = (Vec::new(), Vec::new());
+            for index in 0..300u32 {
+                let piece = if index % 100 == 0 { vec![index as u8; 20_000] } else { format!("{index};").into_bytes() };
+                client.writer().write_all(&piece).unwrap();
+                if tls13 && index % 100 == 50 {
+                    client.refresh_traffic_keys().unwrap();
+                }
+                wire.extend(client_output(&mut client));
+                expected.extend_from_slice(&piece);
+            }
+            let received = feed_in_pieces(&mut layer, &mut inbox, &wire).unwrap();
+            assert!(received == expected, "{name:?}: the plaintext differs from what the client wrote");
+            let mut answer = Vec::new();
+            layer.take_queued(&mut answer);
+            assert_eq!(answer.is_empty(), !tls13, "{name:?}: a KeyUpdate answers the client's in 1.3 only");
+            if tls13 {
+                layer.set_write_limit_for_tests(3);
+            }
+            let mut reply = Vec::new();
+            for len in [1, 100, records::MAX_PLAINTEXT_BYTES - 1, records::MAX_PLAINTEXT_BYTES, 40_000] {
+                let piece: Vec<u8> = (0..len).map(|byte| (byte * 7 + len) as u8).collect();
+                // Two slices, so a record gathers its plaintext from more than one.
+                let (front, back) = piece.split_at(len / 3);
+                let mut slices = [io::IoSlice::new(front), io::IoSlice::new(back)];
+                let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
+                while !rest.is_empty() {
+                    let taken = layer.seal_application_data(rest, &mut answer).unwrap();
+                    io::IoSlice::advance_slices(&mut rest, taken);
+                }
+                reply.extend_from_slice(&piece);
+            }
+            layer.close_notify(&mut answer);
+            assert!(client_input(&mut client, &answer).unwrap() == reply, "{name:?}: the client read another reply");
+            assert_eq!(client.reader().read(&mut [0u8; 1]).unwrap(), 0, "{name:?}: the close_notify ended the stream");
         }
     }
 

@@ -1,18 +1,26 @@
 //! The in-place TLS record layer (`--tls-records in-place`, the default): rustls does the
 //! handshake and the key schedule, this module the records, decrypted in place in the reader's
-//! own buffer and sealed straight from the writer's batch.
+//! own buffer and sealed in place in the writer's.
 //!
 //! What is ours and what is rustls's: rustls negotiates the session
 //! (`UnbufferedServerConnection`), then hands over the traffic secrets and sequence numbers
 //! (`dangerous_into_kernel_connection`, the API it offers for kTLS) and keeps a
-//! [`KernelConnection`] that derives the next secrets on a KeyUpdate. Every AEAD operation is
-//! rustls's: the encrypter and decrypter are built by the negotiated suite's own
-//! `Tls13AeadAlgorithm` / `Tls12AeadAlgorithm` from the extracted key and IV, and they build
-//! the nonces (IV XOR sequence number, TLS 1.2's explicit nonce) and the additional data, check
-//! the tag, and (TLS 1.3) strip the inner content type and padding. This module only frames:
-//! it parses the 5-byte record headers, counts sequence numbers, refuses what a TLS 1.2 or 1.3
-//! server must refuse after its handshake, answers KeyUpdates, and watches the suite's
-//! confidentiality limit.
+//! [`KernelConnection`] that derives the next secrets on a KeyUpdate.
+//!
+//! Opening is rustls's: the decrypter is built by the negotiated suite's own
+//! `Tls13AeadAlgorithm` / `Tls12AeadAlgorithm` from the extracted key and IV; it builds the
+//! nonce and the additional data, checks the tag and (TLS 1.3) strips the inner content type
+//! and padding, in place in the buffer it is given.
+//!
+//! Sealing is ring's AEAD (the primitive rustls's own encrypters call) in place: rustls 0.23's
+//! `MessageEncrypter` allocates every record and copies the plaintext into it, so the writer
+//! would copy each byte twice. Here the header (and TLS 1.2 AES-GCM's explicit nonce) is put in
+//! the write buffer, the plaintext copied once after it, encrypted where it lies, and the tag
+//! appended ([`Sealer`]). The nonce and additional-data rules are the RFCs' (RFC 8446 5.2-5.3;
+//! RFC 5246 6.2.3.3 with RFC 5288 3 for AES-GCM, RFC 7905 2 for ChaCha20-Poly1305), checked
+//! against rustls's decrypters for every suite and at large sequence numbers by this module's
+//! tests. The rest is framing: the 5-byte record headers, sequence numbers, what a TLS 1.2 or
+//! 1.3 server must refuse after its handshake, KeyUpdates, the suite's confidentiality limit.
 //!
 //! Refused, each with the alert the protocol names (then the connection closes): a record
 //! longer than 2^14 + 256 bytes (record_overflow), a record that fails authentication
@@ -25,9 +33,8 @@
 use std::io::IoSlice;
 use std::ops::Range;
 
-use rustls::crypto::cipher::{
-    InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
-};
+use ring::aead;
+use rustls::crypto::cipher::{InboundOpaqueMessage, MessageDecrypter};
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{ConnectionTrafficSecrets, ContentType, ExtractedSecrets, ProtocolVersion, SupportedCipherSuite};
@@ -145,11 +152,113 @@ enum Version {
     Tls13,
 }
 
-/// One direction's AEAD state.
+/// The reading direction's AEAD state.
 struct Direction<T: ?Sized> {
     cipher: Box<T>,
     /// The sequence number of the next record.
     seq: u64,
+}
+
+/// The writing direction: the suite's AEAD in ring, sealing records in place.
+pub struct Sealer {
+    key: aead::LessSafeKey,
+    /// The write IV: each record's nonce is this XOR its sequence number (RFC 8446 5.3; TLS
+    /// 1.2's AES-GCM IV as rustls extracts it is the salt and the first explicit nonce, so the
+    /// same rule yields RFC 5288's nonce, and ChaCha20-Poly1305 is RFC 7905's).
+    iv: [u8; aead::NONCE_LEN],
+    tls13: bool,
+    /// TLS 1.2 AES-GCM sends the nonce's last 8 bytes before the ciphertext (RFC 5288 3).
+    explicit_nonce: bool,
+    /// The sequence number of the next record.
+    seq: u64,
+}
+
+/// The bytes TLS 1.2 AES-GCM puts before the ciphertext.
+const EXPLICIT_NONCE_BYTES: usize = 8;
+
+impl Sealer {
+    /// The sealing side of `secrets` (a TLS 1.3 session when `tls13`), next record `seq`.
+    pub fn new(tls13: bool, secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<Sealer, rustls::Error> {
+        let (algorithm, gcm, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, true, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, true, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, false, key, iv),
+            _ => {
+                return Err(rustls::Error::General("traffic secrets of an AEAD this record layer does not know".into()))
+            }
+        };
+        let key = aead::UnboundKey::new(algorithm, key.as_ref())
+            .map_err(|_| rustls::Error::General("an extracted traffic key of the wrong length".into()))?;
+        let iv =
+            iv.as_ref().try_into().map_err(|_| rustls::Error::General("an extracted IV of the wrong length".into()))?;
+        Ok(Sealer { key: aead::LessSafeKey::new(key), iv, tls13, explicit_nonce: gcm && !tls13, seq })
+    }
+
+    /// The sequence number of the next record.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Seals one record of content type `typ` holding the `len` plaintext bytes that `fill`
+    /// appends to `out` (at most 2^14), in place at the end of `out`: the header (and TLS 1.2
+    /// AES-GCM's explicit nonce) first, then the plaintext, encrypted where `fill` put it, then
+    /// the tag. On an error `out` is as it was and the sequence number unchanged.
+    pub fn seal(
+        &mut self,
+        typ: u8,
+        len: usize,
+        out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Fatal> {
+        assert!(len <= MAX_PLAINTEXT_BYTES, "a record holds at most 2^14 bytes of plaintext");
+        let mut nonce = self.iv;
+        for (byte, seq) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *byte ^= seq;
+        }
+        let explicit = if self.explicit_nonce { EXPLICIT_NONCE_BYTES } else { 0 };
+        // TLS 1.3 hides the type after the plaintext, and every record says application data.
+        let inner = usize::from(self.tls13);
+        let body = explicit + len + inner + self.key.algorithm().tag_len();
+        debug_assert!(body <= MAX_CIPHERTEXT_BYTES, "a sealed record is within the record limit");
+        let outer = if self.tls13 { APPLICATION_DATA } else { typ };
+        // The version is TLS 1.2's in both (TLS 1.3's legacy_record_version).
+        let header = [outer, 3, 3, (body >> 8) as u8, body as u8];
+        let start = out.len();
+        out.reserve(HEADER_BYTES + body);
+        out.extend_from_slice(&header);
+        if explicit > 0 {
+            out.extend_from_slice(&nonce[4..]);
+        }
+        let plaintext = out.len();
+        fill(out);
+        assert_eq!(out.len() - plaintext, len, "the record's plaintext is as long as announced");
+        if self.tls13 {
+            out.push(typ);
+        }
+        let nonce = aead::Nonce::assume_unique_for_key(nonce);
+        let sealed = if self.tls13 {
+            // The additional data is the record's header (RFC 8446 5.2).
+            self.key.seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut out[plaintext..])
+        } else {
+            // seq_num, type, version, length of the plaintext (RFC 5246 6.2.3.3).
+            let mut aad = [0u8; 13];
+            aad[..8].copy_from_slice(&self.seq.to_be_bytes());
+            aad[8..11].copy_from_slice(&[typ, 3, 3]);
+            aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
+            self.key.seal_in_place_separate_tag(nonce, aead::Aad::from(aad), &mut out[plaintext..])
+        };
+        match sealed {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                self.seq += 1;
+                Ok(())
+            }
+            Err(_) => {
+                out.truncate(start);
+                Err(Fatal::new(Alert::InternalError, "a record could not be encrypted"))
+            }
+        }
+    }
 }
 
 /// The record layer of one TLS session after its handshake. Owned by a connection's stream;
@@ -160,7 +269,7 @@ pub struct RecordLayer {
     suite: SupportedCipherSuite,
     kernel: KernelConnection<ServerConnectionData>,
     rx: Direction<dyn MessageDecrypter>,
-    tx: Direction<dyn MessageEncrypter>,
+    tx: Sealer,
     /// The sequence number at which the write keys are refreshed (1.3) or the session closes
     /// (1.2): the suite's confidentiality limit, or [`SEQ_LIMIT`].
     tx_limit: u64,
@@ -187,28 +296,6 @@ impl std::fmt::Debug for RecordLayer {
             .field("tx_seq", &self.tx.seq)
             .finish_non_exhaustive()
     }
-}
-
-/// Builds the sealing side from the suite's own AEAD (rustls's; no cipher here is ours).
-fn encrypter(
-    suite: SupportedCipherSuite,
-    secrets: ConnectionTrafficSecrets,
-) -> Result<Box<dyn MessageEncrypter>, rustls::Error> {
-    let (key, iv) = key_and_iv(secrets)?;
-    Ok(match suite {
-        SupportedCipherSuite::Tls13(suite) => suite.aead_alg.encrypter(key, iv),
-        SupportedCipherSuite::Tls12(suite) => {
-            let shape = suite.aead_alg.key_block_shape();
-            let iv = iv.as_ref();
-            // The extracted IV is the fixed IV and the explicit nonce, in that order (rustls's
-            // `extract_keys` for each TLS 1.2 AEAD): split it back by the suite's own shape.
-            if shape.fixed_iv_len + shape.explicit_nonce_len != iv.len() {
-                return Err(rustls::Error::General("an extracted TLS 1.2 IV of an unexpected length".into()));
-            }
-            let (fixed, explicit) = iv.split_at(shape.fixed_iv_len);
-            suite.aead_alg.encrypter(key, fixed, explicit)
-        }
-    })
 }
 
 /// Builds the opening side from the suite's own AEAD.
@@ -266,7 +353,7 @@ impl RecordLayer {
             version,
             suite,
             rx: Direction { cipher: decrypter(suite, rx_secrets)?, seq: rx_seq },
-            tx: Direction { cipher: encrypter(suite, tx_secrets)?, seq: tx_seq },
+            tx: Sealer::new(version == Version::Tls13, &tx_secrets, tx_seq)?,
             tx_limit: confidentiality_limit(suite).min(SEQ_LIMIT),
             kernel,
             queued: Vec::new(),
@@ -434,16 +521,13 @@ impl RecordLayer {
 
     /// Seals a KeyUpdate (update_not_requested) into `out` and switches to the next write key.
     fn send_key_update(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
-        self.seal_record(ContentType::Handshake, &[&[KEY_UPDATE, 0, 0, 1, 0]], out)?;
+        self.seal_bytes(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
         let (_, secrets) = self
             .kernel
             .update_tx_secret()
             .map_err(|_| Fatal::new(Alert::InternalError, "cannot derive the next write key"))?;
-        self.tx = Direction {
-            cipher: encrypter(self.suite, secrets)
-                .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next write key"))?,
-            seq: 0,
-        };
+        self.tx = Sealer::new(self.version == Version::Tls13, &secrets, 0)
+            .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next write key"))?;
         Ok(())
     }
 
@@ -454,7 +538,7 @@ impl RecordLayer {
         if let Some(alert) = fatal.alert {
             if !self.closed {
                 let mut queued = std::mem::take(&mut self.queued);
-                let _ = self.seal_record(ContentType::Alert, &[&[alert.level(), alert as u8]], &mut queued);
+                let _ = self.seal_bytes(ALERT, &[alert.level(), alert as u8], &mut queued);
                 self.queued = queued;
             }
         }
@@ -470,40 +554,48 @@ impl RecordLayer {
         self.key_update_queued = false;
     }
 
-    /// Seals one record of application data from the front of `slices` (up to 2^14 bytes)
-    /// into `out`; returns the plaintext bytes taken (0 only when `slices` hold none).
+    /// Seals one record of application data from the front of `slices` (up to 2^14 bytes),
+    /// appended to `out` (its plaintext copied there once and encrypted in place); returns the
+    /// plaintext bytes taken (0 only when `slices` hold none).
     pub fn seal_application_data(&mut self, slices: &[IoSlice<'_>], out: &mut Vec<u8>) -> Result<usize, Fatal> {
-        let mut chunks: Vec<&[u8]> = Vec::with_capacity(slices.len().min(64));
-        let mut taken = 0;
-        for slice in slices {
-            let room = MAX_PLAINTEXT_BYTES - taken;
-            if room == 0 {
-                break;
+        let taken = slices.iter().map(|slice| slice.len()).try_fold(0, |taken, len| {
+            let taken = taken + len;
+            if taken >= MAX_PLAINTEXT_BYTES {
+                Err(MAX_PLAINTEXT_BYTES)
+            } else {
+                Ok(taken)
             }
-            let piece = &slice[..slice.len().min(room)];
-            if !piece.is_empty() {
-                chunks.push(piece);
-                taken += piece.len();
-            }
-        }
+        });
+        let taken = taken.unwrap_or_else(|full| full);
         if taken == 0 {
             return Ok(0);
         }
-        self.seal(ContentType::ApplicationData, &chunks, out)?;
+        self.seal(APPLICATION_DATA, taken, out, |out| {
+            let mut rest = taken;
+            for slice in slices {
+                let piece = &slice[..slice.len().min(rest)];
+                out.extend_from_slice(piece);
+                rest -= piece.len();
+                if rest == 0 {
+                    break;
+                }
+            }
+        })?;
         Ok(taken)
     }
 
     /// Seals a close_notify into `out` (once; nothing is sealed after it).
     pub fn close_notify(&mut self, out: &mut Vec<u8>) {
         if !self.closed {
-            let _ = self.seal_record(ContentType::Alert, &[&[1, 0]], out);
+            let _ = self.seal_bytes(ALERT, &[1, 0], out);
             self.closed = true;
         }
     }
 
-    /// Seals one record, first refreshing the write keys (TLS 1.3) if the confidentiality
-    /// limit is reached; in TLS 1.2 the session ends there instead, as rustls's does.
-    fn seal(&mut self, typ: ContentType, chunks: &[&[u8]], out: &mut Vec<u8>) -> Result<(), Fatal> {
+    /// Seals one record (see [`Sealer::seal`]), first refreshing the write keys (TLS 1.3) if
+    /// the confidentiality limit is reached; in TLS 1.2 the session ends there instead, as
+    /// rustls's does.
+    fn seal(&mut self, typ: u8, len: usize, out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) -> Result<(), Fatal> {
         if self.closed {
             return Err(Fatal { alert: None, reason: "a write after the session ended" });
         }
@@ -514,36 +606,95 @@ impl RecordLayer {
             }
             self.send_key_update(out)?;
         }
-        self.seal_record(typ, chunks, out)
+        self.seal_record(typ, len, out, fill)
     }
 
-    /// Seals `chunks` (at most 2^14 bytes in all) as one record of type `typ`, appended to
-    /// `out`.
-    fn seal_record(&mut self, typ: ContentType, chunks: &[&[u8]], out: &mut Vec<u8>) -> Result<(), Fatal> {
-        let plain = OutboundChunks::new(chunks);
-        assert!(plain.len() <= MAX_PLAINTEXT_BYTES, "a record holds at most 2^14 bytes of plaintext");
+    /// Seals `bytes` (a KeyUpdate, an alert) as one record of type `typ`.
+    fn seal_bytes(&mut self, typ: u8, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), Fatal> {
+        self.seal_record(typ, bytes.len(), out, |out| out.extend_from_slice(bytes))
+    }
+
+    /// Seals one record appended to `out`, unless the sequence number reached its limit.
+    fn seal_record(
+        &mut self,
+        typ: u8,
+        len: usize,
+        out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Fatal> {
         if self.tx.seq >= SEQ_LIMIT {
             self.closed = true;
             return Err(Fatal { alert: None, reason: "the write sequence number reached its limit" });
         }
-        // TLS 1.3's records say TLS 1.2 on the wire (legacy_record_version); rustls's TLS 1.3
-        // encrypters write that themselves, its TLS 1.2 ones take it from here.
-        let message = OutboundPlainMessage { typ, version: ProtocolVersion::TLSv1_2, payload: plain };
-        let sealed = self
-            .tx
-            .cipher
-            .encrypt(message, self.tx.seq)
-            .map_err(|_| Fatal::new(Alert::InternalError, "a record could not be encrypted"))?;
-        self.tx.seq += 1;
-        let record = sealed.encode();
-        debug_assert!(record.len() <= MAX_RECORD_BYTES, "a sealed record is within the record limit");
-        if out.is_empty() && out.capacity() < record.len() {
-            *out = record;
-        } else {
-            out.extend_from_slice(&record);
-        }
-        Ok(())
+        self.tx.seal(typ, len, out, fill)
     }
+}
+
+/// Seals `plaintext` (at most 2^14 bytes) as one record of content type `typ` (alert,
+/// handshake or application data) at sequence number `seq`, under a fixed 32-byte key of
+/// AES-256-GCM (`aes`) or ChaCha20-Poly1305, in TLS 1.3 (`tls13`) or 1.2, and opens it with
+/// rustls's own decrypter of that suite. Panics unless the record is framed as its header says
+/// and opens to `typ` and `plaintext`, and unless a changed byte or another sequence number
+/// makes it fail to open (in TLS 1.2 the changed byte is the header's type, which the additional
+/// data covers; TLS 1.3's header holds nothing the framing does not fix, so there it is a byte
+/// of the ciphertext). For this module's tests and the `tls_records` fuzz target: rustls lets a
+/// caller build only 32-byte keys, so AES-128-GCM is checked through real handshakes instead.
+#[doc(hidden)]
+pub fn seal_and_open_with_rustls(tls13: bool, aes: bool, seq: u64, typ: u8, plaintext: &[u8]) {
+    use rustls::crypto::ring::cipher_suite as suites;
+    assert!(plaintext.len() <= MAX_PLAINTEXT_BYTES && (ALERT..=APPLICATION_DATA).contains(&typ));
+    let suite = match (tls13, aes) {
+        (true, true) => suites::TLS13_AES_256_GCM_SHA384,
+        (true, false) => suites::TLS13_CHACHA20_POLY1305_SHA256,
+        (false, true) => suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        (false, false) => suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    };
+    let secrets = || {
+        let key = rustls::crypto::cipher::AeadKey::from(std::array::from_fn(|index| index as u8 * 7 + 1));
+        let iv = rustls::crypto::cipher::Iv::from(std::array::from_fn(|index| 0xa0 ^ (index as u8 * 13)));
+        if aes {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        } else {
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
+        }
+    };
+    let name = suite.suite();
+    let mut sealer = Sealer::new(tls13, &secrets(), seq).expect("a sealer for the suite");
+    let mut opener = decrypter(suite, secrets()).expect("rustls's decrypter for the suite");
+    let mut out = b"before".to_vec();
+    sealer.seal(typ, plaintext.len(), &mut out, |out| out.extend_from_slice(plaintext)).expect("sealed");
+    assert_eq!(&out[..6], b"before", "{name:?}: what was in the buffer stays");
+    assert_eq!(sealer.seq(), seq.wrapping_add(1), "{name:?}: the sequence number advances");
+    let record = &mut out[6..];
+    let (header, payload) = next_record(record).expect("a record we sealed parses").expect("one whole record");
+    assert_eq!(payload.end, record.len(), "{name:?}: the record is all that was appended");
+    assert_eq!(header.version, 0x0303, "{name:?}: TLS 1.2 on the wire");
+    assert_eq!(header.typ, if tls13 { APPLICATION_DATA } else { typ }, "{name:?}: the outer type");
+    for (changed, other_seq) in [(true, false), (false, true)] {
+        let mut damaged = record.to_vec();
+        if changed && tls13 {
+            damaged[HEADER_BYTES] ^= 0x01;
+        } else if changed {
+            damaged[0] = if typ == ALERT { HANDSHAKE } else { ALERT };
+        }
+        let message = InboundOpaqueMessage::new(
+            ContentType::from(damaged[0]),
+            ProtocolVersion::from(header.version),
+            &mut damaged[payload.clone()],
+        );
+        let opened = opener.decrypt(message, if other_seq { seq ^ 1 } else { seq });
+        assert!(opened.is_err(), "{name:?} seq {seq}: a damaged record opened");
+    }
+    let message = InboundOpaqueMessage::new(
+        ContentType::from(header.typ),
+        ProtocolVersion::from(header.version),
+        &mut record[payload],
+    );
+    let opened = opener
+        .decrypt(message, seq)
+        .unwrap_or_else(|error| panic!("{name:?} seq {seq} type {typ}: rustls refused our record: {error:?}"));
+    assert_eq!(u8::from(opened.typ), typ, "{name:?} seq {seq}: the inner type");
+    assert!(opened.payload == plaintext, "{name:?} seq {seq}: another plaintext");
 }
 
 #[cfg(test)]
@@ -607,6 +758,33 @@ mod tests {
         assert_eq!(parse_header(&[23, 2, 0, 0, 1]).unwrap_err().alert, Some(Alert::DecodeError));
         // An HTTP request sent to the TLS port.
         assert!(parse_header(b"GET / HTTP/1.1").is_err());
+    }
+
+    /// Records sealed in place open with rustls's own decrypter of the same suite, at sequence
+    /// numbers small and large (the nonce rules), of every content type this layer seals and of
+    /// every length up to a full record, in TLS 1.3 and 1.2, AES-256-GCM and ChaCha20-Poly1305
+    /// (see [`seal_and_open_with_rustls`]; every suite, AES-128-GCM included, is also checked
+    /// through real handshakes in `shard::tls_inplace`).
+    #[test]
+    fn sealed_records_open_with_rustls_decrypters_at_any_sequence_number() {
+        for (tls13, aes) in [(true, true), (true, false), (false, true), (false, false)] {
+            for seq in [0, 1, 255, 256, (1 << 32) + 7, 0x0123_4567_89ab_cdef, SEQ_LIMIT - 1] {
+                for (index, (typ, len)) in [
+                    (APPLICATION_DATA, 0),
+                    (APPLICATION_DATA, 1),
+                    (ALERT, 2),
+                    (HANDSHAKE, 5),
+                    (APPLICATION_DATA, 1000),
+                    (APPLICATION_DATA, MAX_PLAINTEXT_BYTES),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let plaintext: Vec<u8> = (0..len).map(|byte| (byte * 31 + index) as u8).collect();
+                    seal_and_open_with_rustls(tls13, aes, seq, typ, &plaintext);
+                }
+            }
+        }
     }
 
     proptest::proptest! {
