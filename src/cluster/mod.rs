@@ -28,6 +28,7 @@ pub mod control;
 pub mod forward;
 pub mod relay;
 pub mod view;
+mod wait;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
