@@ -22,6 +22,10 @@
 //! `max-inflight-sends` unreceipted) before it flushes, and reads cumulative RECEIPTs: many
 //! SENDs in flight, one write per batch, not one round trip per message.
 //!
+//! **Waiting.** The thread waits in poll(2) on its session's socket and its queue's eventfd
+//! (`cluster::wait`): a SEND queued or a RECEIPT come wakes it at once; the wait's bound is
+//! only for what is due at a time (a RECEIPT's [`WAIT_BOUND`], the idle session's look).
+//!
 //! **Bounds.** Each forwarder's queue holds at most [`QUEUE_BOUND`] SENDs (beyond: 4429 at
 //! once). A SEND waits at most about [`WAIT_BOUND`] for its RECEIPT after it was written, and
 //! the session resumes within [`RESUME_WINDOW`]; when the owner cannot be reached, everything
@@ -42,10 +46,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use mbws_client::{Client, ClientError, ClientOptions};
 
 use super::view::{Forward, NodeRef, HOP_HEADER};
+use super::wait::QueueWake;
 use super::PeerLogin;
 use crate::broker::{Command, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage};
 use crate::log;
@@ -62,10 +67,14 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(2);
 /// First pause after the owner could not be reached; doubled up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// How long a read waits for the owner's answers before the forwarder looks at its queue again.
-const READ_POLL: Duration = Duration::from_millis(1);
-/// How often an idle forwarder reads its session (answers the owner's pings, notices a closed
-/// connection, which it then drops: the next SEND opens a new session).
+/// Most a read waits once poll(2) said the socket is readable (it holds data, so the read
+/// returns at once; the bound is for a spurious wake-up).
+const READ_AFTER_READABLE: Duration = Duration::from_millis(100);
+/// Most frames read from the owner in one round, before the queue is looked at again.
+const FRAMES_PER_ROUND: usize = 512;
+/// The longest an idle forwarder waits before it looks at its session again (the owner's
+/// pings are answered when they come; a closed connection is dropped: the next SEND opens a
+/// new session).
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// One SEND in a forwarder's hands.
@@ -82,14 +91,16 @@ pub struct Forwarders {
     post_office: Arc<PostOffice>,
     /// The credentials and CA file of every forwarder's session (`--cluster-login`...).
     login: Arc<PeerLogin>,
-    by_node: FastMap<Arc<NodeRef>, Sender<Job>>,
+    by_node: FastMap<Arc<NodeRef>, (Sender<Job>, QueueWake)>,
     relays: super::relay::Relays,
+    /// The forwarders given SENDs by this call of [`Forwarders::forward`], woken at its end.
+    to_wake: Vec<QueueWake>,
 }
 
 impl Forwarders {
     pub fn new(shard: ShardId, post_office: Arc<PostOffice>, login: Arc<PeerLogin>) -> Forwarders {
         let relays = super::relay::Relays::new(shard, post_office.clone(), login.clone());
-        Forwarders { shard, post_office, login, by_node: FastMap::default(), relays }
+        Forwarders { shard, post_office, login, by_node: FastMap::default(), relays, to_wake: Vec::new() }
     }
 
     /// Queues each SEND of `forwards` on its owner's forwarder (started on first use), in order,
@@ -113,8 +124,8 @@ impl Forwarders {
             let mut attempts = 0;
             loop {
                 attempts += 1;
-                let sender = match self.by_node.get(&owner) {
-                    Some(sender) => sender,
+                let (sender, wake) = match self.by_node.get(&owner) {
+                    Some(entry) => entry,
                     None => match spawn(self.shard, owner.clone(), self.post_office.clone(), self.login.clone()) {
                         Ok(sender) => self.by_node.entry(owner.clone()).or_insert(sender),
                         Err(error) => {
@@ -127,7 +138,12 @@ impl Forwarders {
                     },
                 };
                 match sender.try_send(job) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if !self.to_wake.iter().any(|queued| queued.same_as(wake)) {
+                            self.to_wake.push(wake.clone());
+                        }
+                        break;
+                    }
                     Err(TrySendError::Disconnected(back)) if attempts >= 2 => {
                         let reason = format!("the forwarder to cluster node \"{}\" stopped", owner.name);
                         owner.counters.refused(1);
@@ -153,6 +169,9 @@ impl Forwarders {
                     }
                 }
             }
+        }
+        for wake in self.to_wake.drain(..) {
+            wake.notify();
         }
         answers.post(&self.post_office);
     }
@@ -195,12 +214,12 @@ fn spawn(
     owner: Arc<NodeRef>,
     post_office: Arc<PostOffice>,
     login: Arc<PeerLogin>,
-) -> std::io::Result<Sender<Job>> {
+) -> std::io::Result<(Sender<Job>, QueueWake)> {
     let (sender, jobs) = crossbeam_channel::bounded(QUEUE_BOUND);
-    std::thread::Builder::new()
-        .name(format!("mbws-fwd-{}-{}", shard.0, owner.name))
-        .spawn(move || Forwarder::new(owner, jobs, post_office, login).run())?;
-    Ok(sender)
+    let wake = QueueWake::new()?;
+    let forwarder = Forwarder::new(owner.clone(), jobs, wake.clone(), post_office, login);
+    std::thread::Builder::new().name(format!("mbws-fwd-{}-{}", shard.0, owner.name)).spawn(move || forwarder.run())?;
+    Ok((sender, wake))
 }
 
 /// Opens a reliable, binary session to `owner` for a forwarder or a relay: logged in with the
@@ -231,8 +250,14 @@ struct Forwarder {
     owner: Arc<NodeRef>,
     login: Arc<PeerLogin>,
     jobs: Receiver<Job>,
+    wake: QueueWake,
     post_office: Arc<PostOffice>,
     client: Option<Client>,
+    /// The last wait found the session's socket readable.
+    readable: bool,
+    /// The last round left work it can do without waiting (frames read but not handled, or
+    /// SENDs the window has room for).
+    more_to_do: bool,
     /// Taken from the queue, not yet written.
     pending: VecDeque<Job>,
     /// Written to the owner with this session seq, not yet answered, oldest first, with when
@@ -247,13 +272,22 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn new(owner: Arc<NodeRef>, jobs: Receiver<Job>, post_office: Arc<PostOffice>, login: Arc<PeerLogin>) -> Forwarder {
+    fn new(
+        owner: Arc<NodeRef>,
+        jobs: Receiver<Job>,
+        wake: QueueWake,
+        post_office: Arc<PostOffice>,
+        login: Arc<PeerLogin>,
+    ) -> Forwarder {
         Forwarder {
             owner,
             login,
             jobs,
+            wake,
             post_office,
             client: None,
+            readable: false,
+            more_to_do: false,
             pending: VecDeque::new(),
             in_flight: VecDeque::new(),
             oldest_written: None,
@@ -264,39 +298,54 @@ impl Forwarder {
         }
     }
 
-    /// Until every sender (the shard's pool) is gone.
+    /// Until every sender (the shard's pool) is gone: one round (the queue, the writes, the
+    /// owner's answers), then a wait for the next thing to do.
     fn run(mut self) {
         loop {
-            if self.pending.is_empty() && self.in_flight.is_empty() {
-                match self.jobs.recv_timeout(IDLE_TICK) {
-                    Ok(job) => self.pending.push_back(job),
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.idle_read();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
+            if !self.take_queued() {
+                return;
             }
-            self.take_queued();
             if let Err(reason) = self.step() {
                 self.fail(reason);
             }
             self.answers.post(&self.post_office);
+            self.wait();
         }
     }
 
-    /// Moves what waits in the channel to `pending`, up to the channel's bound in all.
-    fn take_queued(&mut self) {
+    /// Waits until the session's socket is readable, the queue has a SEND, or a RECEIPT is
+    /// due; not at all when the last round left work.
+    fn wait(&mut self) {
+        let timeout = if self.more_to_do {
+            Duration::ZERO
+        } else {
+            match self.oldest_written {
+                Some(written) => {
+                    (written + WAIT_BOUND).saturating_duration_since(Instant::now()) + Duration::from_millis(1)
+                }
+                None => IDLE_TICK,
+            }
+        };
+        let jobs = &self.jobs;
+        self.readable = self.wake.wait(self.client.as_ref().map(Client::socket_fd), timeout, || !jobs.is_empty());
+    }
+
+    /// Moves what waits in the channel to `pending`, up to the channel's bound in all; false
+    /// once every sender is gone.
+    fn take_queued(&mut self) -> bool {
         while self.pending.len() < QUEUE_BOUND {
             match self.jobs.try_recv() {
                 Ok(job) => self.pending.push_back(job),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return false,
             }
         }
+        true
     }
 
     /// Connects if needed, writes what fits the window, reads the owner's answers.
     fn step(&mut self) -> Result<(), String> {
+        self.more_to_do = false;
         if let Some((until, reason)) = &self.down {
             if Instant::now() < *until {
                 let reason = reason.clone();
@@ -308,9 +357,37 @@ impl Forwarder {
             }
         }
         if self.client.is_none() {
+            if self.pending.is_empty() {
+                return Ok(());
+            }
             self.connect()?;
         }
-        let client = self.client.as_mut().expect("connected above");
+        self.write_window()?;
+        if let Err(reason) = self.read_answers() {
+            if !self.in_flight.is_empty() || !self.pending.is_empty() {
+                return Err(reason);
+            }
+            // Nothing is held, so nothing is refused; the next SEND opens a new session.
+            log!(Level::Info, "forwarding to cluster node \"{}\": the idle session ended ({reason}); the next SEND \
+                opens a new one", self.owner.name; node = self.owner.name);
+            self.client = None;
+            return Ok(());
+        }
+        if self.oldest_written.is_some_and(|written| written.elapsed() > WAIT_BOUND) {
+            return Err(format!("no RECEIPT for {} SENDs within {} ms", self.in_flight.len(), WAIT_BOUND.as_millis()));
+        }
+        // Receipts read may have opened the window for SENDs still pending.
+        let client = self.client.as_ref().expect("connected above");
+        let window = u64::from(client.opened().limits.max_inflight_sends.max(1));
+        if !self.pending.is_empty() && self.last_seq - client.receipted_seq() < window {
+            self.more_to_do = true;
+        }
+        Ok(())
+    }
+
+    /// Writes the pending SENDs the owner's window has room for, in one flush.
+    fn write_window(&mut self) -> Result<(), String> {
+        let client = self.client.as_mut().expect("connected");
         let window = u64::from(client.opened().limits.max_inflight_sends.max(1));
         let mut wrote = false;
         while self.last_seq - client.receipted_seq() < window {
@@ -324,55 +401,49 @@ impl Forwarder {
             client.flush().map_err(|error| format!("sending: {error}"))?;
             self.oldest_written.get_or_insert_with(Instant::now);
         }
-        if self.in_flight.is_empty() {
-            return Ok(());
-        }
-        match client.next_frame(READ_POLL) {
-            Ok(Frame::Receipt(receipt)) => {
-                while self.in_flight.front().is_some_and(|(seq, _)| *seq <= receipt.seq) {
-                    let (_, job) = self.in_flight.pop_front().expect("checked");
-                    self.answers.answer(&job, Ok(()));
-                    self.owner.counters.forwarded(1);
-                }
-                self.oldest_written = (!self.in_flight.is_empty()).then(Instant::now);
-            }
-            Ok(Frame::Error(error)) if !error.fatal && error.seq != 0 => {
-                if let Some(index) = self.in_flight.iter().position(|(seq, _)| *seq == error.seq) {
-                    let (_, job) = self.in_flight.remove(index).expect("found");
-                    let code = ErrorCode::from_u16(error.code).unwrap_or(ErrorCode::Internal);
-                    self.owner.counters.refused(1);
-                    self.answers.refuse(job, code, String::from_utf8_lossy(&error.reason).into_owned());
-                }
-            }
-            Ok(Frame::Error(error)) => {
-                return Err(format!(
-                    "the session was ended with {} {}",
-                    error.code,
-                    String::from_utf8_lossy(&error.reason)
-                ))
-            }
-            Ok(_) | Err(ClientError::Timeout(_) | ClientError::Interrupted) => {}
-            Err(error) => return Err(format!("waiting for RECEIPTs: {error}")),
-        }
-        if self.oldest_written.is_some_and(|written| written.elapsed() > WAIT_BOUND) {
-            return Err(format!("no RECEIPT for {} SENDs within {} ms", self.in_flight.len(), WAIT_BOUND.as_millis()));
-        }
         Ok(())
     }
 
-    /// Reads the idle session: pings are answered; a session that ended is dropped (nothing is
-    /// held, so nothing is refused; the next SEND opens a new one).
-    fn idle_read(&mut self) {
-        let Some(client) = self.client.as_mut() else { return };
-        match client.next_frame(READ_POLL) {
-            Ok(Frame::Error(error)) if error.fatal => self.client = None,
-            Ok(_) | Err(ClientError::Timeout(_) | ClientError::Interrupted) => {}
-            Err(_) => self.client = None,
+    /// Reads what the socket holds if the wait found it readable, and handles the frames read
+    /// (at most [`FRAMES_PER_ROUND`]): RECEIPTs answer the SENDs they cover, ERRORs refuse theirs.
+    fn read_answers(&mut self) -> Result<(), String> {
+        let client = self.client.as_mut().expect("connected");
+        if std::mem::take(&mut self.readable) {
+            client.read_available(READ_AFTER_READABLE).map_err(|error| format!("waiting for RECEIPTs: {error}"))?;
         }
-        if self.client.is_none() {
-            log!(Level::Info, "forwarding to cluster node \"{}\": the idle session ended; the next SEND opens a new one",
-                self.owner.name; node = self.owner.name);
+        for _ in 0..FRAMES_PER_ROUND {
+            let client = self.client.as_mut().expect("connected");
+            match client.next_read_frame() {
+                Ok(Some(Frame::Receipt(receipt))) => {
+                    while self.in_flight.front().is_some_and(|(seq, _)| *seq <= receipt.seq) {
+                        let (_, job) = self.in_flight.pop_front().expect("checked");
+                        self.answers.answer(&job, Ok(()));
+                        self.owner.counters.forwarded(1);
+                    }
+                    self.oldest_written = (!self.in_flight.is_empty()).then(Instant::now);
+                }
+                Ok(Some(Frame::Error(error))) if !error.fatal && error.seq != 0 => {
+                    if let Some(index) = self.in_flight.iter().position(|(seq, _)| *seq == error.seq) {
+                        let (_, job) = self.in_flight.remove(index).expect("found");
+                        let code = ErrorCode::from_u16(error.code).unwrap_or(ErrorCode::Internal);
+                        self.owner.counters.refused(1);
+                        self.answers.refuse(job, code, String::from_utf8_lossy(&error.reason).into_owned());
+                    }
+                }
+                Ok(Some(Frame::Error(error))) => {
+                    return Err(format!(
+                        "the session was ended with {} {}",
+                        error.code,
+                        String::from_utf8_lossy(&error.reason)
+                    ))
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(ClientError::Interrupted) => return Ok(()),
+                Err(error) => return Err(format!("waiting for RECEIPTs: {error}")),
+            }
         }
+        self.more_to_do = true;
+        Ok(())
     }
 
     fn connect(&mut self) -> Result<(), String> {

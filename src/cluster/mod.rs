@@ -31,6 +31,7 @@ pub mod forward;
 pub mod metrics;
 pub mod relay;
 pub mod view;
+mod wait;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -24,6 +24,10 @@
 //!   written the delivery to the consumer's socket (its `ReturnCredit`), oldest first; a
 //!   delivery lost with the consumer's connection before it was written is not acknowledged,
 //!   and the owner requeues it (anycast);
+//! - acknowledges **promptly and cumulatively**: after each round of settlements, one
+//!   cumulative ACK through the delivery before the oldest still outstanding (over the whole
+//!   session); a delivery settled above an older outstanding one (another consumer holds it)
+//!   gets a single ACK at once, so no subscription waits on another's for its credit;
 //! - UNSUBSCRIBE, and the consumer's end (`ConsumerGone`: disconnect, expiry), UNSUBSCRIBE at
 //!   the owner, whose queue gets back what was not acknowledged (anycast).
 //!
@@ -42,19 +46,25 @@
 //! per relay are bounded by the owner's `max_subscriptions` (its refusal reaches the
 //! consumer).
 //!
-//! **Cost.** A relay with subscriptions polls its session every millisecond (a blocking
-//! client cannot wait on its socket and its queue at once); an idle one blocks on its queue.
+//! **Waiting.** The relay's thread waits in poll(2) on its session's socket and its queue's
+//! eventfd (`cluster::wait`): a MESSAGE from the owner or a settlement from the consumer wakes
+//! it at once, so end-to-end credit comes back within one wake-up. It reads what the socket
+//! holds, hands the consumers' shards their deliveries (one `Deliver` per run of MESSAGEs for
+//! one subscription, at most [`FRAMES_PER_ROUND`]), writes its ACKs, FLOWs and SUBSCRIBEs in one
+//! flush, and waits again. The wait's bound is only for what is due at a time (a PING after
+//! [`IDLE_TICK`] of silence, an answer's [`WAIT_BOUND`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use mbws_client::{Client, ClientError};
 
 use super::forward::{connect_to_owner, Answers, FIRST_BACKOFF, MAX_BACKOFF, WAIT_BOUND};
 use super::view::{ClusterUpdate, NodeRef, RELAYED_SUBSCRIPTION_BIT};
+use super::wait::QueueWake;
 use super::PeerLogin;
 use crate::broker::{
     AddressCommand, Command, ConnCommand, ConnRef, Delivered, FastMap, MessageId, Refusal, ShardId, StoredMessage,
@@ -67,19 +77,18 @@ use crate::shard::mailbox::{Envelope, PostOffice};
 
 /// Most commands one relay keeps queued (SUBSCRIBEs and what settles relayed subscriptions).
 pub const RELAY_QUEUE_BOUND: usize = 16_384;
-/// How long a read waits for the owner's frames before the relay looks at its queue again.
-const READ_POLL: Duration = Duration::from_millis(1);
+/// Most a read waits once poll(2) said the socket is readable (it holds data, so the read
+/// returns at once; the bound is for a spurious wake-up).
+const READ_AFTER_READABLE: Duration = Duration::from_millis(100);
 /// Most frames read from the owner in one round, before the queue is looked at again.
-const FRAMES_PER_ROUND: usize = 512;
-/// How often an idle relay reads its session; also the silence after which a relay with
-/// subscriptions PINGs the owner.
-const IDLE_TICK: Duration = Duration::from_secs(1);
+pub const FRAMES_PER_ROUND: usize = 512;
+/// The longest an idle relay waits before it looks at its session again; also the silence
+/// after which a relay with subscriptions PINGs the owner.
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Most UNSUBSCRIBEs remembered to be written again after a resumed connection.
 const RECENT_UNSUBSCRIBES: usize = 1024;
-/// Single ACKs after which the relay also writes a cumulative ACK through its oldest
-/// outstanding delivery (the client keeps single ACKs to repeat them after a resume, until a
-/// cumulative one covers them: this bounds what it keeps).
-const SINGLE_ACKS_PER_CUMULATIVE: u32 = 1024;
+/// Most times a session may resume within one round before the relay gives it up.
+const RESUMES_PER_ROUND: usize = 8;
 
 /// One command for a relay.
 enum Job {
@@ -98,6 +107,8 @@ struct RelayHandle {
     jobs: Sender<Job>,
     /// At most one entry per relayed subscription and consumer.
     overflowed: Arc<Mutex<Vec<Overflow>>>,
+    /// Written after each push to `jobs` or `overflowed`.
+    wake: QueueWake,
 }
 
 /// The relays of one shard, by owner node (see the module doc).
@@ -177,6 +188,7 @@ impl Relays {
         }
         overflowed.push(overflow);
         drop(overflowed);
+        handle.wake.notify();
         if let Overflow::Subscription(consumer, subscription) = overflow {
             self.post_office
                 .post(self.shard, Envelope::Cluster(ClusterUpdate::RelayEnded { consumer, subscription, ticket: 0 }));
@@ -210,7 +222,10 @@ impl Relays {
                 },
             };
             match handle.jobs.try_send(job) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    handle.wake.notify();
+                    return Ok(());
+                }
                 Err(TrySendError::Full(_)) => return Err(QueueError::Full),
                 // The thread is gone (it never stops on its own): start a new one.
                 Err(TrySendError::Disconnected(back)) => {
@@ -236,9 +251,10 @@ fn spawn(
 ) -> std::io::Result<RelayHandle> {
     let (sender, jobs) = crossbeam_channel::bounded(RELAY_QUEUE_BOUND);
     let overflowed = Arc::new(Mutex::new(Vec::new()));
-    let relay = Relay::new(shard, owner.clone(), jobs, overflowed.clone(), post_office, login);
+    let wake = QueueWake::new()?;
+    let relay = Relay::new(shard, owner.clone(), jobs, overflowed.clone(), wake.clone(), post_office, login);
     std::thread::Builder::new().name(format!("mbws-relay-{}-{}", shard.0, owner.name)).spawn(move || relay.run())?;
-    Ok(RelayHandle { jobs: sender, overflowed })
+    Ok(RelayHandle { jobs: sender, overflowed, wake })
 }
 
 /// One relayed subscription, at the relay.
@@ -253,9 +269,8 @@ struct Relayed {
     credit: u32,
     /// SUBSCRIBE written to the owner (it is written once the session is open).
     written: bool,
-    /// SUBSCRIBED came; until then, when the SUBSCRIBE was written.
+    /// SUBSCRIBED came.
     confirmed: bool,
-    subscribed_at: Instant,
     /// Client ack: the owner's delivery sequence of each message the consumer holds, by the
     /// message id the consumer acknowledges (at most the credit).
     unsettled: FastMap<u64, u64>,
@@ -271,8 +286,13 @@ struct Relay {
     login: Arc<PeerLogin>,
     jobs: Receiver<Job>,
     overflowed: Arc<Mutex<Vec<Overflow>>>,
+    wake: QueueWake,
     post_office: Arc<PostOffice>,
     client: Option<Client>,
+    /// The last wait found the session's socket readable.
+    readable: bool,
+    /// The last round stopped at [`FRAMES_PER_ROUND`] with frames still read but not handled.
+    more_buffered: bool,
     /// The client's resume count when last looked at.
     resumes: u64,
     /// By the relay's subscription id at the owner.
@@ -280,13 +300,17 @@ struct Relay {
     by_consumer: FastMap<(ConnRef, SubscriptionId), u32>,
     next_id: u32,
     recent_unsubscribes: VecDeque<u32>,
+    /// SUBSCRIBEs written and when, oldest first, until their SUBSCRIBED (or their end) comes:
+    /// the oldest must be answered within [`WAIT_BOUND`].
+    awaiting_subscribed: VecDeque<(Instant, u32)>,
     last_heard: Instant,
     pinged: bool,
-    /// The highest owner delivery sequence received, the highest acknowledged cumulatively, and
-    /// the single ACKs written since.
+    /// The highest owner delivery sequence received, and the highest acknowledged cumulatively.
     last_delivery_seq: u64,
     acked_through: u64,
-    single_acks: u32,
+    /// The owner's delivery sequences (of this session) the consumers have not settled: at most
+    /// the sum of the relayed subscriptions' credits.
+    outstanding: BTreeSet<u64>,
     /// While the owner is unreachable: until when SUBSCRIBEs are refused at once, and why.
     down: Option<(Instant, String)>,
     backoff: Duration,
@@ -299,6 +323,7 @@ impl Relay {
         owner: Arc<NodeRef>,
         jobs: Receiver<Job>,
         overflowed: Arc<Mutex<Vec<Overflow>>>,
+        wake: QueueWake,
         post_office: Arc<PostOffice>,
         login: Arc<PeerLogin>,
     ) -> Relay {
@@ -308,51 +333,71 @@ impl Relay {
             login,
             jobs,
             overflowed,
+            wake,
             post_office,
             client: None,
+            readable: false,
+            more_buffered: false,
             resumes: 0,
             subscriptions: FastMap::default(),
             by_consumer: FastMap::default(),
             next_id: RELAYED_SUBSCRIPTION_BIT,
             recent_unsubscribes: VecDeque::new(),
+            awaiting_subscribed: VecDeque::new(),
             last_heard: Instant::now(),
             pinged: false,
             last_delivery_seq: 0,
             acked_through: 0,
-            single_acks: 0,
+            outstanding: BTreeSet::new(),
             down: None,
             backoff: FIRST_BACKOFF,
             answers: Answers::default(),
         }
     }
 
-    /// Until every sender (the shard's pool) is gone.
+    /// Until every sender (the shard's pool) is gone: one round (the queue, the session's
+    /// frames, the writes), then a wait for the next thing to do.
     fn run(mut self) {
         loop {
-            if self.subscriptions.is_empty() {
-                match self.jobs.recv_timeout(IDLE_TICK) {
-                    Ok(job) => self.handle(job),
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.idle_read();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
+            if !self.take_queued() {
+                return;
             }
-            self.take_queued();
             if let Err(reason) = self.step() {
                 self.fail(reason);
             }
             self.answers.post(&self.post_office);
+            self.wait();
         }
     }
 
-    /// Handles what waits in the queue (one queue's worth at most) and what overflowed it.
-    fn take_queued(&mut self) {
+    /// Waits until the session's socket is readable, the queue has a command, or something is
+    /// due (a PING, an answer's deadline); not at all when frames already read wait.
+    fn wait(&mut self) {
+        let timeout = if self.more_buffered {
+            Duration::ZERO
+        } else if self.subscriptions.is_empty() || self.client.is_none() {
+            IDLE_TICK
+        } else {
+            let mut due = self.last_heard + if self.pinged { IDLE_TICK + WAIT_BOUND } else { IDLE_TICK };
+            if let Some((written, _)) = self.awaiting_subscribed.front() {
+                due = due.min(*written + WAIT_BOUND);
+            }
+            due.saturating_duration_since(Instant::now()) + Duration::from_millis(1)
+        };
+        let (jobs, overflowed) = (&self.jobs, &self.overflowed);
+        let has_work =
+            || !jobs.is_empty() || !overflowed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_empty();
+        self.readable = self.wake.wait(self.client.as_ref().map(Client::socket_fd), timeout, has_work);
+    }
+
+    /// Handles what waits in the queue (one queue's worth at most) and what overflowed it;
+    /// false once every sender is gone.
+    fn take_queued(&mut self) -> bool {
         for _ in 0..RELAY_QUEUE_BOUND {
             match self.jobs.try_recv() {
                 Ok(job) => self.handle(job),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return false,
             }
         }
         let overflowed = std::mem::take(&mut *self.overflowed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
@@ -362,6 +407,7 @@ impl Relay {
                 Overflow::Consumer(consumer) => self.consumer_gone(consumer),
             }
         }
+        true
     }
 
     fn handle(&mut self, job: Job) {
@@ -384,6 +430,11 @@ impl Relay {
         }
         // A stale one with the same id (its end had not reached the consumer's view).
         self.unsubscribe(consumer, subscription);
+        if self.subscriptions.is_empty() {
+            // The owner's silence counts from now: an idle session has nothing to say.
+            self.last_heard = Instant::now();
+            self.pinged = false;
+        }
         let id = self.next_id;
         self.next_id = if self.next_id == u32::MAX { RELAYED_SUBSCRIPTION_BIT } else { self.next_id + 1 };
         self.by_consumer.insert((consumer, subscription), id);
@@ -397,7 +448,6 @@ impl Relay {
             credit,
             written: false,
             confirmed: false,
-            subscribed_at: Instant::now(),
             unsettled: FastMap::default(),
             unwritten: VecDeque::new(),
         };
@@ -416,7 +466,7 @@ impl Relay {
             credit: relayed.credit,
         });
         relayed.written = true;
-        relayed.subscribed_at = Instant::now();
+        self.awaiting_subscribed.push_back((Instant::now(), id));
         // A write error shows again at the flush, which resumes or fails the session.
         let _ = client.write_frame(&frame);
     }
@@ -428,19 +478,19 @@ impl Relay {
                 let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
                 for message in messages {
                     if let Some(delivery_seq) = relayed.unsettled.remove(&message.0) {
-                        if let Some(client) = self.client.as_mut() {
-                            let _ = client.ack(delivery_seq, false);
-                            self.single_acks += 1;
-                        }
+                        settled(&mut self.outstanding, self.client.as_mut(), delivery_seq);
                     }
                 }
             }
             AddressCommand::Nack { consumer, subscription, message, requeue } => {
                 let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
                 let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
-                if let (Some(delivery_seq), Some(client)) = (relayed.unsettled.remove(&message.0), self.client.as_mut())
-                {
-                    let _ = client.write_frame(&Frame::Nack(mbws::Nack { delivery_seq, requeue }));
+                if let Some(delivery_seq) = relayed.unsettled.remove(&message.0) {
+                    // Released at the owner by the NACK, which is written before any ACK through it.
+                    self.outstanding.remove(&delivery_seq);
+                    if let Some(client) = self.client.as_mut() {
+                        let _ = client.write_frame(&Frame::Nack(mbws::Nack { delivery_seq, requeue }));
+                    }
                 }
             }
             AddressCommand::SetCredit { consumer, subscription, credit } => {
@@ -456,10 +506,7 @@ impl Relay {
                 let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
                 for _ in 0..count {
                     let Some(delivery_seq) = relayed.unwritten.pop_front() else { break };
-                    if let Some(client) = self.client.as_mut() {
-                        let _ = client.ack(delivery_seq, false);
-                        self.single_acks += 1;
-                    }
+                    settled(&mut self.outstanding, self.client.as_mut(), delivery_seq);
                 }
             }
             AddressCommand::Unsubscribe { consumer, subscription } => self.unsubscribe(consumer, subscription),
@@ -473,6 +520,7 @@ impl Relay {
     fn unsubscribe(&mut self, consumer: ConnRef, subscription: SubscriptionId) {
         let Some(id) = self.by_consumer.remove(&(consumer, subscription)) else { return };
         let relayed = self.subscriptions.remove(&id).expect("by_consumer names live subscriptions");
+        self.forget_outstanding(&relayed);
         if !relayed.written {
             return;
         }
@@ -493,52 +541,84 @@ impl Relay {
         }
     }
 
-    /// Connects if needed, writes again what a resume may have lost, flushes, reads the owner's
-    /// frames, and checks the bounds.
+    /// Connects if needed; acknowledges what the consumers settled and flushes it with the
+    /// round's other writes (the owner's credit comes back now, not after the read); reads what
+    /// the owner sent; checks the bounds.
     fn step(&mut self) -> Result<(), String> {
-        if self.subscriptions.is_empty() {
-            // The last UNSUBSCRIBEs go now, not at the next idle read.
-            if let Some(client) = self.client.as_mut() {
-                client.flush().map_err(|error| format!("writing: {error}"))?;
-            }
-            return Ok(());
-        }
         if self.client.is_none() {
+            if self.subscriptions.is_empty() {
+                return Ok(());
+            }
             self.connect()?;
         }
-        let resumes = self.client.as_ref().expect("connected above").reconnects();
-        if resumes != self.resumes {
-            self.resumes = resumes;
-            self.write_again_after_resume();
+        self.acknowledge_settled();
+        self.flush()?;
+        if let Err(reason) = self.read_frames() {
+            if !self.subscriptions.is_empty() {
+                return Err(reason);
+            }
+            // Nothing is relayed, so nothing is ended; the next SUBSCRIBE opens a new session.
+            log!(Level::Info, "relaying to cluster node \"{}\": the idle session ended ({reason}); the next SUBSCRIBE \
+                opens a new one", self.owner.name; node = self.owner.name);
+            self.client = None;
+            return Ok(());
         }
-        if self.single_acks >= SINGLE_ACKS_PER_CUMULATIVE {
-            self.ack_cumulatively();
+        if !self.subscriptions.is_empty() {
+            self.check_bounds()?;
         }
-        let client = self.client.as_mut().expect("connected above");
-        client.flush().map_err(|error| format!("writing: {error}"))?;
-        for index in 0..FRAMES_PER_ROUND {
-            let client = self.client.as_mut().expect("connected above");
-            let wait = if index == 0 { READ_POLL } else { Duration::ZERO };
-            match client.next_frame(wait) {
-                Ok(frame) => {
-                    self.last_heard = Instant::now();
-                    self.pinged = false;
+        // What the frames made (an UNSUBSCRIBE after an ERROR, a PING).
+        self.flush()
+    }
+
+    /// Reads what the socket holds if the wait found it readable, then handles the frames read
+    /// (at most [`FRAMES_PER_ROUND`]; `more_buffered` says some wait).
+    fn read_frames(&mut self) -> Result<(), String> {
+        let client = self.client.as_mut().expect("connected");
+        if std::mem::take(&mut self.readable) {
+            client.read_available(READ_AFTER_READABLE).map_err(|error| format!("reading: {error}"))?;
+        }
+        // Until a look finds no frame decoded and waiting.
+        self.more_buffered = true;
+        let mut heard = false;
+        for _ in 0..FRAMES_PER_ROUND {
+            let client = self.client.as_mut().expect("connected");
+            match client.next_read_frame() {
+                Ok(Some(frame)) => {
+                    heard = true;
                     self.on_frame(frame)?;
                 }
-                Err(ClientError::Timeout(_) | ClientError::Interrupted) => break,
+                Ok(None) | Err(ClientError::Interrupted) => {
+                    self.more_buffered = false;
+                    break;
+                }
                 Err(error) => return Err(format!("reading: {error}")),
             }
         }
-        if let Some(relayed) = self
-            .subscriptions
-            .values()
-            .find(|relayed| !relayed.confirmed && relayed.subscribed_at.elapsed() > WAIT_BOUND)
-        {
-            return Err(format!(
-                "no SUBSCRIBED for \"{}\" within {} ms",
-                String::from_utf8_lossy(&relayed.address),
-                WAIT_BOUND.as_millis()
-            ));
+        if heard {
+            self.last_heard = Instant::now();
+            self.pinged = false;
+        }
+        Ok(())
+    }
+
+    /// A SUBSCRIBE must be answered, and a PING after silence, within [`WAIT_BOUND`].
+    fn check_bounds(&mut self) -> Result<(), String> {
+        while let Some(&(written, id)) = self.awaiting_subscribed.front() {
+            match self.subscriptions.get(&id) {
+                Some(relayed) if !relayed.confirmed => {
+                    if written.elapsed() > WAIT_BOUND {
+                        return Err(format!(
+                            "no SUBSCRIBED for \"{}\" within {} ms",
+                            String::from_utf8_lossy(&relayed.address),
+                            WAIT_BOUND.as_millis()
+                        ));
+                    }
+                    break;
+                }
+                _ => {
+                    self.awaiting_subscribed.pop_front();
+                }
+            }
         }
         let silent = self.last_heard.elapsed();
         if silent > IDLE_TICK + WAIT_BOUND {
@@ -546,30 +626,49 @@ impl Relay {
         }
         if silent > IDLE_TICK && !self.pinged {
             self.pinged = true;
-            let client = self.client.as_mut().expect("connected above");
+            let client = self.client.as_mut().expect("connected");
             client.write_frame(&Frame::Ping(mbws::Ping { token: 1 })).map_err(|error| format!("writing: {error}"))?;
         }
         Ok(())
     }
 
-    /// Acknowledges cumulatively through the delivery before the oldest still outstanding
-    /// (every delivery below it was acknowledged, NACKed, or unsubscribed and requeued), so
-    /// the client can forget the single ACKs it keeps for a resume.
-    fn ack_cumulatively(&mut self) {
-        self.single_acks = 0;
-        let oldest_outstanding = self
-            .subscriptions
-            .values()
-            .flat_map(|relayed| relayed.unsettled.values().chain(relayed.unwritten.front()))
-            .min()
-            .copied()
-            .unwrap_or(self.last_delivery_seq + 1);
-        let through = oldest_outstanding - 1;
+    /// Flushes what this round wrote; after a resume (here or in the read), first writes again
+    /// what the lost connection may have lost.
+    fn flush(&mut self) -> Result<(), String> {
+        for _ in 0..RESUMES_PER_ROUND {
+            let Some(client) = self.client.as_mut() else { return Ok(()) };
+            let resumes = client.reconnects();
+            if resumes != self.resumes {
+                self.resumes = resumes;
+                self.write_again_after_resume();
+            }
+            let client = self.client.as_mut().expect("checked above");
+            client.flush().map_err(|error| format!("writing: {error}"))?;
+            if client.reconnects() == self.resumes {
+                return Ok(());
+            }
+        }
+        Err(format!("the session to the owner was resumed {RESUMES_PER_ROUND} times in one round"))
+    }
+
+    /// One cumulative ACK through the delivery before the oldest still outstanding, when that
+    /// moved: every delivery below it was acknowledged (or NACKed, or unsubscribed and so
+    /// requeued at the owner). Those settled above an outstanding one had a single ACK.
+    fn acknowledge_settled(&mut self) {
+        let through = self.outstanding.first().map_or(self.last_delivery_seq, |oldest| oldest - 1);
         if through > self.acked_through {
             self.acked_through = through;
             if let Some(client) = self.client.as_mut() {
                 let _ = client.ack(through, true);
             }
+        }
+    }
+
+    /// Takes the deliveries of a relayed subscription that ended out of the outstanding ones
+    /// (the owner requeues them: they must not hold back the cumulative ACK).
+    fn forget_outstanding(&mut self, relayed: &Relayed) {
+        for delivery_seq in relayed.unsettled.values().chain(relayed.unwritten.iter()) {
+            self.outstanding.remove(delivery_seq);
         }
     }
 
@@ -627,6 +726,7 @@ impl Relay {
             Frame::Error(error) if error.subscription_id != 0 => {
                 let Some(relayed) = self.subscriptions.remove(&error.subscription_id) else { return Ok(()) };
                 self.by_consumer.remove(&(relayed.consumer, relayed.subscription));
+                self.forget_outstanding(&relayed);
                 if relayed.confirmed {
                     // An ERROR that did not end it at the owner (a refused FLOW) must not leave
                     // it there; if the owner ended it, this is answered with an ignored ERROR.
@@ -654,11 +754,15 @@ impl Relay {
         };
         match relayed.ack_mode {
             AckMode::Client => {
-                relayed.unsettled.insert(message.message_id, message.delivery_seq);
+                // A redelivery after the owner's ack timeout replaces the older delivery.
+                if let Some(older) = relayed.unsettled.insert(message.message_id, message.delivery_seq) {
+                    self.outstanding.remove(&older);
+                }
             }
             AckMode::Auto => relayed.unwritten.push_back(message.delivery_seq),
         }
         self.owner.counters.relayed(1);
+        self.outstanding.insert(message.delivery_seq);
         let stored = StoredMessage::from_fields(&message.address, &message.properties, &message.body, message.durable);
         let delivered = Delivered {
             message_id: MessageId(message.message_id),
@@ -698,17 +802,6 @@ impl Relay {
         self.answers.push(consumer.shard, Command::Conn(command));
     }
 
-    /// Reads the idle session: pings are answered; a session that ended is dropped (nothing is
-    /// relayed, so nothing is ended; the next SUBSCRIBE opens a new one).
-    fn idle_read(&mut self) {
-        let Some(client) = self.client.as_mut() else { return };
-        match client.next_frame(READ_POLL) {
-            Ok(Frame::Error(error)) if error.fatal => self.client = None,
-            Ok(_) | Err(ClientError::Timeout(_) | ClientError::Interrupted) => {}
-            Err(_) => self.client = None,
-        }
-    }
-
     fn connect(&mut self) -> Result<(), String> {
         let client = connect_to_owner(&self.owner, &self.login)?;
         log!(Level::Info, "relaying subscriptions to cluster node \"{}\" ({}): session open", self.owner.name,
@@ -717,7 +810,10 @@ impl Relay {
         self.resumes = 0;
         self.last_delivery_seq = 0;
         self.acked_through = 0;
-        self.single_acks = 0;
+        self.outstanding.clear();
+        self.awaiting_subscribed.clear();
+        self.readable = false;
+        self.more_buffered = false;
         self.last_heard = Instant::now();
         self.pinged = false;
         self.recent_unsubscribes.clear();
@@ -746,7 +842,26 @@ impl Relay {
         }
         self.client = None;
         self.recent_unsubscribes.clear();
+        self.outstanding.clear();
+        self.awaiting_subscribed.clear();
         self.down = Some((Instant::now() + self.backoff, reason));
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A delivery a consumer settled (acknowledged, or written for auto-ack) leaves `outstanding`.
+/// At or below the oldest still outstanding, the round's cumulative ACK covers it
+/// ([`Relay::acknowledge_settled`]); above it, it gets a single ACK now, so that the owner
+/// does not count it against its subscription's credit while an older delivery (another
+/// subscription's, perhaps) is held.
+fn settled(outstanding: &mut BTreeSet<u64>, client: Option<&mut Client>, delivery_seq: u64) {
+    if !outstanding.remove(&delivery_seq) {
+        return;
+    }
+    if outstanding.first().is_some_and(|oldest| *oldest < delivery_seq) {
+        if let Some(client) = client {
+            // A write error shows again at the flush, which resumes or fails the session.
+            let _ = client.ack(delivery_seq, false);
+        }
     }
 }

@@ -67,7 +67,7 @@ pub struct Wake {
 }
 
 impl Wake {
-    fn new() -> io::Result<Wake> {
+    pub(crate) fn new() -> io::Result<Wake> {
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {

@@ -499,6 +499,17 @@ impl Client {
         self.stream.tcp().local_addr()
     }
 
+    /// The socket under the session, for a caller that waits for it to become readable beside
+    /// other sources (poll(2)), then reads with [`Client::read_available`] and takes what that
+    /// read completed with [`Client::next_read_frame`]. A resume replaces the socket: ask again after any call that
+    /// may resume. Over TLS this holds too: one read takes all the plaintext rustls decrypted
+    /// (it decrypts at most one socket read's worth, less than the read's 64 KiB), so bytes
+    /// still waiting are on the socket, where poll(2) sees them.
+    pub fn socket_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.tcp().as_raw_fd()
+    }
+
     pub fn binding(&self) -> Binding {
         self.options.binding
     }
@@ -669,6 +680,35 @@ impl Client {
                 Err(ClientError::Timeout(_)) => return Ok(None),
                 Err(error) => return Err(error),
             }
+        }
+    }
+
+    /// Reads what the socket holds now, in one read that waits at most `timeout` if it holds
+    /// nothing, for a caller that waits on [`Client::socket_fd`] itself: the frames this read
+    /// completes come from [`Client::next_read_frame`]. Unlike [`Client::next_frame`], it
+    /// never waits for the rest of a frame. A lost connection is resumed (see the module docs).
+    pub fn read_available(&mut self, timeout: Duration) -> Result<()> {
+        match read_some(&mut self.stream, &mut self.read_buf, Instant::now() + timeout, "a frame") {
+            Ok(()) | Err(ClientError::Timeout(_) | ClientError::Interrupted) => Ok(()),
+            Err(ClientError::Io(_)) if self.may_reconnect() => self.resume(),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The next frame already read (set aside, or decoded from bytes already read), never
+    /// reading the socket or the clock; `None` when no complete frame waits. For a caller that
+    /// reads with [`Client::read_available`] and then takes every frame that read completed.
+    pub fn next_read_frame(&mut self) -> Result<Option<Frame>> {
+        self.flush()?;
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(Some(frame));
+        }
+        // A deadline already past: the read stops at the bytes already read.
+        static PAST: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        match self.read_frame(*PAST.get_or_init(Instant::now), "a frame") {
+            Ok(frame) => Ok(Some(frame)),
+            Err(ClientError::Timeout(_)) => Ok(None),
+            Err(error) => Err(error),
         }
     }
 
