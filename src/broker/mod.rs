@@ -13,12 +13,12 @@
 pub mod address;
 pub mod sorted_ring;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::mbws::binary::MessageTail;
-use crate::mbws::{text_message, AckMode, DeliveryMode, ErrorCode, Properties};
+use crate::mbws::{AckMode, DeliveryMode, ErrorCode, Properties};
 
 pub use crate::ids::ShardId;
 
@@ -75,14 +75,11 @@ pub struct StoredMessage {
     pub expires_at_ms: u64,
     /// True when the body arrived in a text frame (so it is known to be valid UTF-8).
     pub body_is_text: bool,
-    /// The part of a text MESSAGE header every delivery shares (see
-    /// [`StoredMessage::text_header_shared`]): made by the first text delivery, if any.
-    text_shared: OnceLock<Box<[u8]>>,
 }
 
 impl StoredMessage {
     pub fn new(tail: MessageTail, durable: bool, expires_at_ms: u64, body_is_text: bool) -> StoredMessage {
-        StoredMessage { tail, durable, expires_at_ms, body_is_text, text_shared: OnceLock::new() }
+        StoredMessage { tail, durable, expires_at_ms, body_is_text }
     }
 
     /// What a delivery of this message keeps alive until it is written: the bytes of its
@@ -124,18 +121,6 @@ impl StoredMessage {
 
     pub fn tail(&self) -> &MessageTail {
         &self.tail
-    }
-
-    /// The part of a text MESSAGE header that is the same in every delivery of this message
-    /// (the address line, the durable flag, the properties and the empty line; see
-    /// `mbws::text_message`): encoded by the first text delivery and kept with the message,
-    /// so a fan-out to text subscribers writes only each delivery's numbers.
-    pub fn text_header_shared(&self) -> &[u8] {
-        self.text_shared.get_or_init(|| {
-            let mut shared = Vec::new();
-            text_message::encode_message_shared(self.address(), self.durable, &self.properties(), &mut shared);
-            shared.into_boxed_slice()
-        })
     }
 
     /// Copies the message into `arena`, in one piece. A message that has to wait in a queue

@@ -898,15 +898,17 @@ impl Session {
             outbound.push_binary_message(&fixed, message.tail());
             return;
         }
-        // Text: the numbers are this delivery's own; the rest of the header is encoded once
-        // per message (`text_header_shared`), the body copied or referenced as in binary.
-        outbound.push_text_message(
-            (delivery.subscription.0, delivery_seq, delivery.message_id.0),
-            delivery.redelivered,
-            message.text_header_shared(),
-            message.address().len(),
-            &message.body_bytes(),
-        );
+        let properties = message.properties();
+        let header = mbws::MessageHeader {
+            subscription_id: delivery.subscription.0,
+            delivery_seq,
+            message_id: delivery.message_id.0,
+            address: message.address(),
+            redelivered: delivery.redelivered,
+            durable: message.durable,
+            properties: &properties,
+        };
+        outbound.push_message(binding, &header, &message.body_bytes());
     }
 
     /// End of a batch of events: sends one cumulative RECEIPT if any SEND became safe.
