@@ -21,7 +21,7 @@ use smallvec::SmallVec;
 
 use crate::broker::{ShardId, SubscriptionId};
 use crate::mbws::binary::MessageTail;
-use crate::mbws::{self, Binding, Frame, MessageHeader};
+use crate::mbws::{self, text_message, Binding, Frame, MessageHeader};
 use crate::ws::frame::encode_header;
 use crate::ws::OpCode;
 
@@ -33,6 +33,29 @@ pub const INLINE_BODY_BYTES: usize = 1024;
 
 /// Longest WebSocket frame header (2 bytes, 8 of extended length, 4 of mask).
 const MAX_WS_HEADER_BYTES: usize = 14;
+
+/// Longest header of a frame the server sends (2 bytes, 8 of extended length; never masked).
+const MAX_SERVER_HEADER_BYTES: usize = 10;
+
+/// Writes the header of an unmasked, final WebSocket frame (RFC 6455 section 5.2) into `out`
+/// and returns its length: what `encode_header` writes for a server's frame, without a
+/// capacity check per byte.
+#[inline]
+fn server_frame_header(opcode: OpCode, payload_len: usize, out: &mut [u8]) -> usize {
+    out[0] = 0x80 | opcode as u8;
+    if payload_len < 126 {
+        out[1] = payload_len as u8;
+        2
+    } else if let Ok(medium) = u16::try_from(payload_len) {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&medium.to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+        10
+    }
+}
 
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 pub const MAX_IOVECS_PER_WRITE: usize = 1024;
@@ -165,18 +188,60 @@ impl Outbound {
         let inline = tail.body().len() <= INLINE_BODY_BYTES;
         let tail = tail.as_bytes();
         let payload_len = fixed.len() + tail.len();
-        let needed = MAX_WS_HEADER_BYTES + fixed.len() + if inline { tail.len() } else { 0 };
-        self.push_header(needed, |arena| {
-            encode_header(arena, true, OpCode::Binary, payload_len, None);
-            arena.extend_from_slice(fixed);
-            if inline {
-                arena.extend_from_slice(tail);
-            }
-        });
+        let copied = if inline { tail } else { &[][..] };
+        let mut ws_header = [0u8; MAX_SERVER_HEADER_BYTES];
+        let ws_len = server_frame_header(OpCode::Binary, payload_len, &mut ws_header);
+        let written = ws_len + fixed.len() + copied.len();
+        // Room for the longest WebSocket header, so that the header is copied at its full,
+        // constant size (moves, not a `memcpy` call) and the fixed fields then overwrite
+        // what follows its `ws_len` bytes.
+        let room = MAX_SERVER_HEADER_BYTES + fixed.len() + copied.len();
+        self.make_room(room);
+        let start = self.arena.len();
+        let spare = self.arena.spare_capacity_mut();
+        assert!(spare.len() >= room, "make_room left {} bytes for {room}", spare.len());
+        // Each copy stays within `spare[..room]` (checked above) and comes from a buffer that
+        // cannot overlap the arena's spare capacity (the stack, or the tail's own buffer).
+        // One capacity check for the whole delivery instead of one per field.
+        let header_at = spare.as_mut_ptr().cast::<u8>();
+        // SAFETY: `room` starts with `MAX_SERVER_HEADER_BYTES` (see above).
+        unsafe { std::ptr::copy_nonoverlapping(ws_header.as_ptr(), header_at, MAX_SERVER_HEADER_BYTES) };
+        let fixed_at = spare[ws_len..].as_mut_ptr().cast::<u8>();
+        // SAFETY: `ws_len + fixed.len()` is at most `room`.
+        unsafe { std::ptr::copy_nonoverlapping(fixed.as_ptr(), fixed_at, fixed.len()) };
+        let tail_at = spare[ws_len + fixed.len()..].as_mut_ptr().cast::<u8>();
+        // SAFETY: `written` (`ws_len + fixed.len() + copied.len()`) is at most `room`.
+        unsafe { std::ptr::copy_nonoverlapping(copied.as_ptr(), tail_at, copied.len()) };
+        // SAFETY: the copies above initialised every byte from `start` to `start + written`.
+        unsafe { self.arena.set_len(start + written) };
+        self.queue_arena_from(start);
         if !inline {
             self.queued_bytes += tail.len();
             self.segments.push(Segment::Body(tail.clone()));
         }
+    }
+
+    /// Queues a text MESSAGE: this delivery's numbers (subscription id, delivery seq, message
+    /// id) and `redelivered` flag, the header part the message's deliveries share (`shared`, from
+    /// `text_message::encode_message_shared` for an address of `address_len` bytes), and the
+    /// body. Ignored once a close frame is queued, as [`Outbound::push_message`].
+    pub fn push_text_message(
+        &mut self,
+        (subscription_id, delivery_seq, message_id): (u32, u64, u64),
+        redelivered: bool,
+        shared: &[u8],
+        address_len: usize,
+        body: &Bytes,
+    ) {
+        if self.close_queued {
+            return;
+        }
+        let encode = |header: &mut BytesMut| {
+            text_message::encode_message_numbers(subscription_id, delivery_seq, message_id, header);
+            header.reserve(text_message::message_shared_len(shared.len(), redelivered));
+            text_message::put_message_shared(shared, address_len, redelivered, header);
+        };
+        self.push_message_with(Binding::Text, encode, Some(body));
     }
 
     /// Queues a WebSocket message whose MBWS header `encode` writes, followed by `body`: copied
@@ -246,6 +311,13 @@ impl Outbound {
         self.make_room(needed);
         let start = self.arena.len();
         write(&mut self.arena);
+        self.queue_arena_from(start);
+    }
+
+    /// Queues what was written to the arena from `start` on: it joins the segment before it
+    /// when that one ends at `start` (consecutive frames go out as one iovec).
+    #[inline]
+    fn queue_arena_from(&mut self, start: usize) {
         let end = self.arena.len();
         self.queued_bytes += end - start;
         match self.segments.last_mut() {
@@ -257,10 +329,16 @@ impl Outbound {
     /// Makes sure `needed` bytes fit in the arena without moving anything queued in it. When
     /// they do not, the filled part is sealed: frozen, with the segments that point into it
     /// turned into references to it, and a new chunk is started. Queued bytes are never copied.
+    #[inline]
     fn make_room(&mut self, needed: usize) {
-        if self.arena.capacity() - self.arena.len() >= needed {
-            return;
+        if self.arena.capacity() - self.arena.len() < needed {
+            self.start_chunk(needed);
         }
+    }
+
+    /// [`Outbound::make_room`]'s rare part: seals the filled chunk and starts the next.
+    #[cold]
+    fn start_chunk(&mut self, needed: usize) {
         if !self.arena.is_empty() {
             let sealed = self.arena.split().freeze();
             for segment in &mut self.segments[self.unsealed_from..] {
@@ -468,6 +546,56 @@ mod tests {
                     assert!(referenced.is_empty());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_text_message_from_its_shared_part_is_the_message_encoded_field_by_field() {
+        let mut properties = mbws::Properties { reply_to: Bytes::from_static(b"replies"), ..Default::default() };
+        properties.headers.push((Bytes::from_static(b"x-trace"), Bytes::from_static(b"7")));
+        for body_len in [0, 64, INLINE_BODY_BYTES + 1] {
+            for (properties, durable, redelivered) in
+                [(mbws::Properties::default(), false, false), (properties.clone(), true, true)]
+            {
+                let body = Bytes::from(vec![b'b'; body_len]);
+                let header = MessageHeader {
+                    subscription_id: 3,
+                    delivery_seq: 40_000,
+                    message_id: 5,
+                    address: b"orders",
+                    redelivered,
+                    durable,
+                    properties: &properties,
+                };
+                let mut shared = Vec::new();
+                text_message::encode_message_shared(b"orders", durable, &properties, &mut shared);
+                let mut by_fields = Outbound::new();
+                by_fields.push_message(Binding::Text, &header, &body);
+                let mut from_shared = Outbound::new();
+                from_shared.push_text_message((3, 40_000, 5), redelivered, &shared, b"orders".len(), &body);
+                let expected = by_fields.take_batch(WriteBatch::default()).unwrap().to_vec();
+                assert_eq!(from_shared.take_batch(WriteBatch::default()).unwrap().to_vec(), expected);
+                let payload = &expected[if expected[1] == 126 { 4 } else { 2 }..];
+                let decoded =
+                    mbws::decode(Binding::Text, Bytes::copy_from_slice(payload), &mbws::CodecLimits::default());
+                let Ok(Frame::Message(message)) = decoded else { panic!("not a MESSAGE: {decoded:?}") };
+                assert_eq!(
+                    (message.redelivered, message.durable, message.body.len()),
+                    (redelivered, durable, body_len)
+                );
+                assert_eq!(message.properties, properties);
+            }
+        }
+    }
+
+    #[test]
+    fn the_server_frame_header_is_the_encoders_for_every_length_class() {
+        for payload_len in [0, 125, 126, 65_535, 65_536, 1 << 33] {
+            let mut expected = BytesMut::new();
+            encode_header(&mut expected, true, OpCode::Binary, payload_len, None);
+            let mut header = [0u8; MAX_SERVER_HEADER_BYTES];
+            let len = server_frame_header(OpCode::Binary, payload_len, &mut header);
+            assert_eq!(&header[..len], &expected[..], "payload of {payload_len} bytes");
         }
     }
 

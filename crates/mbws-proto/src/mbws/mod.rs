@@ -17,6 +17,12 @@ pub mod frame;
 pub(crate) mod text;
 pub(crate) mod validate;
 
+/// The text binding's MESSAGE header in two parts, for a sender that encodes the part every
+/// delivery of a message shares once and writes only the numbers per delivery.
+pub mod text_message {
+    pub use super::text::{encode_message_numbers, encode_message_shared, message_shared_len, put_message_shared};
+}
+
 #[cfg(test)]
 mod codec_tests;
 

@@ -575,17 +575,51 @@ pub fn encode_header<B: BufMut>(frame: &Frame, out: &mut B) {
 /// Writes a MESSAGE up to the blank line before its body; [`encode_header`] of a
 /// `Frame::Message` comes here too. Panics as [`encode_header`] does.
 pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B) {
+    encode_message_numbers(message.subscription_id, message.delivery_seq, message.message_id, out);
+    let mut shared = Vec::new();
+    encode_message_shared(message.address, message.durable, message.properties, &mut shared);
+    put_message_shared(&shared, message.address.len(), message.redelivered, out);
+}
+
+/// The first lines of a text MESSAGE, the ones that differ per delivery: the kind and the
+/// three numbers (`subscription-id`, `delivery-seq`, `message-id`).
+pub fn encode_message_numbers<B: BufMut>(subscription_id: u32, delivery_seq: u64, message_id: u64, out: &mut B) {
     out.put_slice(FrameKind::Message.name().as_bytes());
     out.put_u8(b'\n');
     let mut writer = Writer { out };
-    writer.number("subscription-id", u64::from(message.subscription_id));
-    writer.number("delivery-seq", message.delivery_seq);
-    writer.number("message-id", message.message_id);
-    writer.field("address", message.address);
-    writer.optional_boolean("redelivered", message.redelivered);
-    writer.optional_boolean("durable", message.durable);
-    writer.properties(message.properties);
+    writer.number("subscription-id", u64::from(subscription_id));
+    writer.number("delivery-seq", delivery_seq);
+    writer.number("message-id", message_id);
+}
+
+/// The rest of a text MESSAGE header, which every delivery of one message shares: the
+/// `address` line, then the `durable` flag, the properties and the empty line. A delivery's
+/// `redelivered` line goes between the two (encoder order, docs/PROTOCOL.md 6.3):
+/// [`put_message_shared`] writes it so. Encoded once per message, copied per delivery.
+pub fn encode_message_shared<B: BufMut>(address: &[u8], durable: bool, properties: &Properties, out: &mut B) {
+    let mut writer = Writer { out };
+    writer.field("address", address);
+    writer.optional_boolean("durable", durable);
+    writer.properties(properties);
     writer.out.put_u8(b'\n');
+}
+
+/// Bytes [`put_message_shared`] writes for a part of `shared_len` bytes.
+pub fn message_shared_len(shared_len: usize, redelivered: bool) -> usize {
+    shared_len + if redelivered { REDELIVERED_LINE.len() } else { 0 }
+}
+
+const REDELIVERED_LINE: &[u8] = b"redelivered:true\n";
+
+/// Writes what [`encode_message_shared`] made for a message with an address of
+/// `address_len` bytes, with this delivery's `redelivered` line in its place.
+pub fn put_message_shared<B: BufMut>(shared: &[u8], address_len: usize, redelivered: bool, out: &mut B) {
+    let address_line_len = "address:".len() + address_len + 1;
+    out.put_slice(&shared[..address_line_len]);
+    if redelivered {
+        out.put_slice(REDELIVERED_LINE);
+    }
+    out.put_slice(&shared[address_line_len..]);
 }
 
 /// The longest MESSAGE header [`encode_message_header`] can write for a message with
