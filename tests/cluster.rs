@@ -27,8 +27,8 @@ use bytes::Bytes;
 use chaos_proxy::ChaosProxy;
 use common::Broker;
 use harness::{
-    admin_get, client, client_options, named_owner, node, node_in, placements, probe, serial, the_one_owner, Etcd,
-    HOP_HEADER, LEASE_MS,
+    admin_get, admin_put, client, client_options, consumers_at, named_owner, node, node_in, placements, probe, serial,
+    the_one_owner, Etcd, HOP_HEADER, LEASE_MS,
 };
 use mbws::mbws::{self as frames, AckMode, Binding, DeliveryMode};
 use mbws_client::{Client, ClientError, ClientOptions};
@@ -657,4 +657,159 @@ fn a_relayed_subscription_ends_with_a_non_fatal_4503_naming_the_owner_when_the_o
         assert!(Instant::now() < deadline, "{address} not served again: {error}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_fenced_node_ends_its_relayed_subscriptions_with_4421_and_unsubscribes_them_at_the_owner() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    // a reaches etcd through the proxy (cut below); its peers directly, so its relay to b stays up.
+    let proxy = ChaosProxy::quiet(etcd.client_addr);
+    let through_proxy = format!("http://{}", proxy.addr);
+    let nodes = [node("a", &through_proxy, &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    // Placed through c (a probe receipted by b would wait at the address).
+    let address = address_owned_by(&nodes[2], nodes[2].admin_addr(), "b", "relayed");
+    let mut relayed = client(&nodes[0].url());
+    relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    publish_receipted(&nodes[1].url(), Binding::Binary, "before", &address, 3);
+    assert_eq!(bodies(&take_messages(&mut relayed, 3, true)), ["before-0", "before-1", "before-2"]);
+    assert_eq!(consumers_at(nodes[1].admin_addr(), &address), 1, "the relay's subscription at b");
+
+    let cut_at = Instant::now();
+    proxy.set_partitioned(true);
+    let ended = relayed.next_message(Duration::from_millis(LEASE_MS) + Duration::from_secs(5));
+    let ended_after = cut_at.elapsed();
+    match ended {
+        Err(ClientError::Broker(error)) => {
+            let reason = String::from_utf8_lossy(&error.reason).into_owned();
+            assert_eq!((error.code, error.fatal, error.subscription_id), (4421, false, 1), "{reason}");
+            assert!(reason.contains("fenced") && reason.contains(&format!("\"{address}\"")), "{reason}");
+        }
+        other => panic!("a relayed subscription on a fenced node ends with 4421, not {other:?}"),
+    }
+    assert!(
+        nodes[0].log_lines().iter().any(|line| line.contains("node \"a\" fenced")),
+        "a was fenced: {:#?}",
+        nodes[0].log_lines()
+    );
+    eprintln!(
+        "fencing: a subscription relayed from node a ended {} ms after a was cut from etcd (lease {LEASE_MS} ms)",
+        ended_after.as_millis()
+    );
+    assert!(ended_after <= Duration::from_millis(LEASE_MS + 1500), "ended after {ended_after:?}");
+    // The relay unsubscribed it at b: b delivers nothing more through the fenced node, and a
+    // consumer on b gets every message sent now.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while consumers_at(nodes[1].admin_addr(), &address) != 0 {
+        assert!(Instant::now() < deadline, "the relay's subscription is still open at b 5 s after the fencing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    publish_receipted(&nodes[1].url(), Binding::Binary, "after", &address, 5);
+    let mut on_owner = client(&nodes[1].url());
+    on_owner.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    assert_eq!(
+        bodies(&take_messages(&mut on_owner, 5, true)),
+        (0..5).map(|i| format!("after-{i}")).collect::<Vec<_>>()
+    );
+    // While fenced, a SUBSCRIBE there is refused with 4421.
+    let refused = relayed.subscribe(2, &address, DeliveryMode::Anycast, AckMode::Client, 10).expect_err("fenced");
+    assert!(matches!(&refused, ClientError::Broker(error) if error.code == 4421), "{refused}");
+}
+
+#[test]
+fn an_operators_move_ends_a_relayed_subscription_with_4421_naming_the_new_owner_and_a_new_one_gets_new_messages() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "moving");
+    let mut relayed = client(&nodes[2].url());
+    relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    publish_receipted(&nodes[0].url(), Binding::Binary, "before", &address, 2);
+    assert_eq!(bodies(&take_messages(&mut relayed, 2, true)), ["before-0", "before-1"]);
+
+    let (status, body) =
+        admin_put(nodes[0].admin_addr(), &format!("/api/cluster/addresses/{address}"), r#"{"owner":"a"}"#);
+    assert_eq!(status, 200, "moving {address} to a: {body}");
+    match relayed.next_message(Duration::from_secs(10)) {
+        Err(ClientError::Broker(error)) => {
+            let reason = String::from_utf8_lossy(&error.reason).into_owned();
+            assert_eq!((error.code, error.fatal, error.subscription_id), (4421, false, 1), "{reason}");
+            assert_eq!(named_owner(&reason).as_deref(), Some("a"), "{reason}");
+        }
+        other => panic!("a relayed subscription whose address moved ends with 4421, not {other:?}"),
+    }
+    // The session goes on: it subscribes again (relayed to a now; until c's view has the move,
+    // b refuses the relayed SUBSCRIBE with 4421 naming a) and gets what is sent from now on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(error) = relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 100) {
+        assert!(Instant::now() < deadline, "{address} could not be subscribed again after the move: {error}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    publish_receipted(&nodes[1].url(), Binding::Text, "after", &address, 5);
+    assert_eq!(bodies(&take_messages(&mut relayed, 5, true)), (0..5).map(|i| format!("after-{i}")).collect::<Vec<_>>());
+    assert_eq!(consumers_at(nodes[0].admin_addr(), &address), 1, "the relay's subscription is at a, the new owner");
+}
+
+/// Sends SIGSTOP to a process now and SIGCONT when dropped.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        // SAFETY: kill(2) with a valid signal on a child this test started.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn a_relayed_subscription_whose_commands_overflow_the_relays_queue_ends_with_a_non_fatal_4429() {
+    use mbws::cluster::relay::RELAY_QUEUE_BOUND;
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "flood");
+    // b stopped: c's relay to b waits in its connection's handshake (up to 2 s), taking nothing
+    // from its queue meanwhile. (Dropped before the nodes: b continues, then stops by PID.)
+    let _stopped = Stopped::new(nodes[1].pid());
+    let mut consumer = client(&nodes[2].url());
+    let subscribe = frames::Subscribe {
+        subscription_id: 1,
+        address: Bytes::from(address.clone()),
+        mode: DeliveryMode::Anycast,
+        ack_mode: AckMode::Client,
+        credit: 10,
+    };
+    consumer.write_frame(&frames::Frame::Subscribe(subscribe)).unwrap();
+    // FLOWs for the relayed subscription, each a command for the relay, until one finds its
+    // queue full: twice the bound at most (the relay may take one queue's worth before it
+    // blocks), read between batches so the session's answers never pile up.
+    let started = Instant::now();
+    let mut sent = 0;
+    let ended = loop {
+        assert!(sent <= 2 * RELAY_QUEUE_BOUND + 4096, "{sent} FLOWs did not overflow the relay's queue");
+        for _ in 0..1024 {
+            let flow = frames::Flow { subscription_id: 1, credit: 1 + (sent % 10) as u32 };
+            consumer.write_frame(&frames::Frame::Flow(flow)).unwrap();
+            sent += 1;
+        }
+        match consumer.next_message(Duration::from_millis(1)) {
+            Ok(None) => continue,
+            Err(ClientError::Broker(error)) => break error,
+            other => panic!("while flooding the relay: {other:?}"),
+        }
+    };
+    let reason = String::from_utf8_lossy(&ended.reason).into_owned();
+    assert_eq!((ended.code, ended.fatal, ended.subscription_id), (4429, false, 1), "{reason}");
+    assert!(
+        reason.contains(&format!("{RELAY_QUEUE_BOUND} commands already wait for the relay to cluster node \"b\"")),
+        "{reason}"
+    );
+    eprintln!("relay queue: {sent} FLOWs sent, 4429 after {} ms", started.elapsed().as_millis());
 }

@@ -17,7 +17,8 @@
 //!   the address ([`PlacementRequest`]). Bounded in count ([`MAX_WAITING_COMMANDS`] per
 //!   shard; beyond: 4429) and in time (the control plane answers every request, with a
 //!   placement or a [`ClusterUpdate::Unplaced`] refusal, within its placement timeout);
-//! - fenced (this node could not renew its lease in time): refused with 4421.
+//! - fenced (this node could not renew its lease in time): refused with 4421; the subscriptions
+//!   it served end with that 4421, its relayed ones too (each also unsubscribed at its owner).
 //!
 //! Sans-IO: updates come in as [`ClusterUpdate`]s, refusals go out as the address table's
 //! answers ([`Outgoing`]), released commands go back to the caller's work queue in order.
@@ -132,7 +133,8 @@ pub enum ClusterUpdate {
     /// `address` could not be placed in time: its waiting commands are refused with `reason`.
     Unplaced { address: Bytes, reason: String },
     /// This node cannot prove it owns anything (its lease was not renewed in time): refuse,
-    /// end local subscriptions, forget every placement until [`ClusterUpdate::Unfenced`].
+    /// end local and relayed subscriptions, forget every placement until
+    /// [`ClusterUpdate::Unfenced`].
     Fenced { reason: String },
     /// The node holds a lease again; placements follow as [`ClusterUpdate::Placed`].
     Unfenced,
@@ -168,10 +170,21 @@ pub struct PlacementView {
     shard: ShardId,
     /// SENDs and relayed subscriptions' commands to forward, until the shell takes them.
     forwards: Vec<Forward>,
-    /// The relayed subscriptions, by consumer: subscription id, owner node, ticket.
-    relayed: FastMap<ConnRef, Vec<(SubscriptionId, Arc<NodeRef>, u64)>>,
+    /// The relayed subscriptions, by consumer.
+    relayed: FastMap<ConnRef, Vec<RelayedEntry>>,
     next_ticket: u64,
     pub counters: ViewCounters,
+}
+
+/// A relayed subscription, as the view remembers it.
+#[derive(Debug)]
+struct RelayedEntry {
+    subscription: SubscriptionId,
+    owner: Arc<NodeRef>,
+    /// Names it in [`ClusterUpdate::RelayEnded`].
+    ticket: u64,
+    /// For the refusal that ends it when this node is fenced.
+    address: Bytes,
 }
 
 /// The address a command must be placed for: SEND and SUBSCRIBE only.
@@ -319,14 +332,15 @@ impl PlacementView {
                 self.counters.forwarded += 1;
                 self.forwards.push(Forward::Send { owner: owner.clone(), publisher, seq, message });
             }
-            AddressCommand::Subscribe { consumer, subscription, .. }
+            AddressCommand::Subscribe { consumer, subscription, ref address, .. }
                 if subscription.0 & RELAYED_SUBSCRIPTION_BIT == 0 =>
             {
                 self.counters.relayed += 1;
                 self.next_ticket += 1;
                 let ticket = self.next_ticket;
                 owner.counters.relay_opened();
-                self.relayed.entry(consumer).or_default().push((subscription, owner.clone(), ticket));
+                let entry = RelayedEntry { subscription, owner: owner.clone(), ticket, address: address.clone() };
+                self.relayed.entry(consumer).or_default().push(entry);
                 self.forwards.push(Forward::Subscribe { owner: owner.clone(), ticket, command });
             }
             command => {
@@ -352,7 +366,7 @@ impl PlacementView {
             AddressCommand::ConsumerGone { consumer } => {
                 let Some(entries) = self.relayed.remove(consumer) else { return Some(command) };
                 let mut owners: Vec<Arc<NodeRef>> = Vec::new();
-                for (_, owner, _) in entries {
+                for RelayedEntry { owner, .. } in entries {
                     owner.counters.relays_closed(1);
                     if !owners.contains(&owner) {
                         owners.push(owner);
@@ -367,10 +381,12 @@ impl PlacementView {
             AddressCommand::Publish { .. } => return Some(command),
         };
         let Some(entries) = self.relayed.get_mut(&consumer) else { return Some(command) };
-        let Some(index) = entries.iter().position(|(id, _, _)| *id == subscription) else { return Some(command) };
-        let owner = entries[index].1.clone();
+        let Some(index) = entries.iter().position(|entry| entry.subscription == subscription) else {
+            return Some(command);
+        };
+        let owner = entries[index].owner.clone();
         if matches!(command, AddressCommand::Subscribe { .. } | AddressCommand::Unsubscribe { .. }) {
-            entries.swap_remove(index).1.counters.relays_closed(1);
+            entries.swap_remove(index).owner.counters.relays_closed(1);
             if entries.is_empty() {
                 self.relayed.remove(&consumer);
             }
@@ -462,6 +478,7 @@ impl PlacementView {
                     let refusal = fenced_refusal(&address, &reason);
                     self.end_subscriptions(&address, &refusal, table, now_ms, out);
                 }
+                self.end_relayed(&reason, out);
                 for (address, commands) in std::mem::take(&mut self.waiting) {
                     for command in commands {
                         self.counters.refused_fenced += 1;
@@ -475,10 +492,10 @@ impl PlacementView {
             ClusterUpdate::Unfenced => self.fenced = None,
             ClusterUpdate::RelayEnded { consumer, subscription, ticket } => {
                 if let Some(entries) = self.relayed.get_mut(&consumer) {
-                    entries.retain(|(id, owner, entry_ticket)| {
-                        let ended = *id == subscription && (ticket == 0 || *entry_ticket == ticket);
+                    entries.retain(|entry| {
+                        let ended = entry.subscription == subscription && (ticket == 0 || entry.ticket == ticket);
                         if ended {
-                            owner.counters.relays_closed(1);
+                            entry.owner.counters.relays_closed(1);
                         }
                         !ended
                     });
@@ -489,6 +506,26 @@ impl PlacementView {
             }
         }
         debug_assert_eq!(self.waiting_count, self.waiting.values().map(Vec::len).sum::<usize>());
+    }
+
+    /// Fencing: ends every relayed subscription with the fenced refusal, and unsubscribes it at
+    /// its owner through its relay (which gets back what the consumer had not acknowledged), so
+    /// a fenced node delivers nothing more from the owners either. The consumer's session may
+    /// subscribe again, and is refused while fenced.
+    fn end_relayed(&mut self, reason: &str, out: &mut Vec<Outgoing>) {
+        for (consumer, entries) in std::mem::take(&mut self.relayed) {
+            for RelayedEntry { subscription, owner, address, .. } in entries {
+                owner.counters.relays_closed(1);
+                self.counters.subscriptions_ended += 1;
+                let command = AddressCommand::Unsubscribe { consumer, subscription };
+                self.forwards.push(Forward::Settle { owner, command });
+                let refusal = fenced_refusal(&address, reason);
+                out.push((
+                    consumer.shard,
+                    ConnCommand::SubscriptionEnded { consumer: consumer.conn, subscription, refusal },
+                ));
+            }
+        }
     }
 
     /// Ends every subscription at `address` on this shard with `refusal` (what it had not
@@ -726,6 +763,43 @@ mod tests {
         assert!(f.view.admit(publish("a", 3), &mut f.out).is_none(), "placements are forgotten while fenced");
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
         assert_eq!(f.released.len(), 1);
+    }
+
+    #[test]
+    fn fencing_ends_relayed_subscriptions_and_unsubscribes_them_at_their_owner() {
+        let mut f = Fixture::new();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
+        assert!(f.view.admit(subscribe("a", 1), &mut f.out).is_none());
+        assert!(f.view.admit(subscribe("a", 2), &mut f.out).is_none());
+        let mut forwards = Vec::new();
+        f.view.take_forwards(&mut forwards);
+        forwards.clear();
+        f.apply(ClusterUpdate::Fenced { reason: "lease not renewed for 5000 ms".into() });
+        let mut ended = refusal_codes(&f.out);
+        ended.sort_unstable_by_key(|(id, _)| *id);
+        assert_eq!(ended, [(1, ErrorCode::Misdirected), (2, ErrorCode::Misdirected)]);
+        for (_, command) in &f.out {
+            let ConnCommand::SubscriptionEnded { refusal, .. } = command else { panic!("{command:?}") };
+            assert!(refusal.reason.contains("\"a\"") && refusal.reason.contains("fenced"), "{}", refusal.reason);
+        }
+        f.view.take_forwards(&mut forwards);
+        let mut unsubscribed: Vec<u32> = forwards
+            .iter()
+            .map(|forward| match forward {
+                Forward::Settle { command: AddressCommand::Unsubscribe { subscription, .. }, owner } => {
+                    assert_eq!(owner.name, "b");
+                    subscription.0
+                }
+                other => panic!("fencing forwards UNSUBSCRIBEs only, not {other:?}"),
+            })
+            .collect();
+        unsubscribed.sort_unstable();
+        assert_eq!(unsubscribed, [1, 2]);
+        assert_eq!(f.view.relayed_count(), 0);
+        assert_eq!(f.view.counters.subscriptions_ended, 2);
+        // What the consumer sends for them afterwards is not relayed any more.
+        let credit = AddressCommand::SetCredit { consumer: conn(2), subscription: SubscriptionId(1), credit: 3 };
+        assert!(f.view.admit(credit, &mut f.out).is_some());
     }
 
     #[test]

@@ -211,6 +211,33 @@ pub fn admin_get(admin: SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|error| panic!("not JSON ({error}): {body}"))
 }
 
+/// `PUT path` with the JSON `body` on an admin API: the status and the body.
+pub fn admin_put(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let length = body.len();
+    write!(
+        stream,
+        "PUT {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{body}"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let status = raw.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (status, raw.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+}
+
+/// How many subscriptions `address` has on the node of admin API `admin` (its `consumers`;
+/// 0 when the address does not exist there: an address with no messages and no subscribers
+/// is gone).
+pub fn consumers_at(admin: SocketAddr, address: &str) -> u64 {
+    let info = admin_get(admin, &format!("/api/addresses/{address}"));
+    if info["error"].as_str().is_some_and(|error| error.starts_with("no address")) {
+        return 0;
+    }
+    info["consumers"].as_u64().unwrap_or_else(|| panic!("no consumers count for {address}: {info}"))
+}
+
 /// address -> owner, as node `admin` sees the cluster.
 pub fn placements(admin: SocketAddr) -> BTreeMap<String, String> {
     let status = admin_get(admin, "/api/cluster");
