@@ -392,15 +392,15 @@ fn admin_depth(admin: std::net::SocketAddr, address: &str) -> u64 {
 
 /// The at-most-once lead (docs/PROTOCOL.md 7.2) over real sockets: an MBLWS publisher writing
 /// unnumbered SENDs (no RECEIPT slows it) to an address whose only consumer takes one message
-/// and does not acknowledge it. The broker holds the answers once the queue holds the lead (half
-/// of `--max-inflight-sends`) and stops reading the publisher at `--max-inflight-sends`
+/// and does not acknowledge it. The broker holds the answers once the queue holds the lead (twice
+/// `--max-inflight-sends`) and stops reading the publisher at `--max-inflight-sends`
 /// unanswered SENDs, so the queue stays within lead + max-inflight-sends instead of growing to
 /// half of `--max-queued-messages` (here, every SEND written). Acknowledged at last, every
 /// message arrives, in order.
 #[test]
 fn an_at_most_once_publisher_runs_at_most_the_lead_ahead_of_a_stalled_consumer() {
     const MAX_INFLIGHT_SENDS: u64 = 64;
-    const LEAD: u64 = MAX_INFLIGHT_SENDS / 2;
+    const LEAD: u64 = MAX_INFLIGHT_SENDS * 2;
     const MESSAGES: u64 = 3000;
     let broker = Broker::start(&["--shards", "1", "--max-inflight-sends", "64", "--max-queued-messages", "100000"]);
     let admin = broker.admin_addr();
