@@ -372,3 +372,94 @@ fn a_client_creating_addresses_without_end_is_stopped_by_max_addresses() {
     let grown_mib = peak_kib.saturating_sub(before_kib) / 1024;
     assert!(grown_mib < 32, "the broker grew by {grown_mib} MiB");
 }
+
+/// The depth of `address`'s queue from the admin API (`GET /api/addresses/{address}`), or 0
+/// before the address exists.
+fn admin_depth(admin: std::net::SocketAddr, address: &str) -> u64 {
+    let mut stream = TcpStream::connect_timeout(&admin, IO_TIMEOUT).expect("connect to the admin API");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(stream, "GET /api/addresses/{address} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("the admin API's answer, then the close");
+    if raw.starts_with("HTTP/1.1 404") {
+        return 0;
+    }
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let body = raw.split_once("\r\n\r\n").expect("a head and a body").1;
+    let answer: serde_json::Value = serde_json::from_str(body).expect("a JSON answer");
+    answer["depth"].as_u64().expect("a depth")
+}
+
+/// The at-most-once lead (docs/PROTOCOL.md 7.2) over real sockets: an MBLWS publisher writing
+/// unnumbered SENDs (no RECEIPT slows it) to an address whose only consumer takes one message
+/// and does not acknowledge it. The broker holds the answers once the queue holds the lead (twice
+/// `--max-inflight-sends`) and stops reading the publisher at `--max-inflight-sends`
+/// unanswered SENDs, so the queue stays within lead + max-inflight-sends instead of growing to
+/// half of `--max-queued-messages` (here, every SEND written). Acknowledged at last, every
+/// message arrives, in order.
+#[test]
+fn an_at_most_once_publisher_runs_at_most_the_lead_ahead_of_a_stalled_consumer() {
+    const MAX_INFLIGHT_SENDS: u64 = 64;
+    const LEAD: u64 = MAX_INFLIGHT_SENDS * 2;
+    const MESSAGES: u64 = 3000;
+    let broker = Broker::start(&["--shards", "1", "--max-inflight-sends", "64", "--max-queued-messages", "100000"]);
+    let admin = broker.admin_addr();
+    let light = |broker: &Broker| {
+        let options = mbws_client::ClientOptions {
+            subprotocol: mbws::Subprotocol::Light,
+            timeout: IO_TIMEOUT,
+            ..Default::default()
+        };
+        mbws_client::Client::connect(&broker.url(), options).expect("an MBLWS connection")
+    };
+    let mut consumer = client(&broker).unwrap();
+    consumer.subscribe(1, "amo", DeliveryMode::Anycast, AckMode::Client, 1).unwrap();
+    let first = consumer.next_message(Duration::from_millis(50)).unwrap();
+    assert!(first.is_none(), "nothing published yet: {first:?}");
+
+    // The publisher writes every SEND unnumbered (seq 0) and flushes from its own thread: once
+    // the broker stops reading, its writes wait in the kernel's buffers (or block).
+    let mut publisher = light(&broker);
+    let writer = std::thread::spawn(move || {
+        for index in 0..MESSAGES {
+            let send = mbws::Send {
+                seq: 0,
+                address: Bytes::from_static(b"amo"),
+                body: Bytes::from(index.to_string()),
+                ..Default::default()
+            };
+            publisher.write_frame(&Frame::Send(send)).expect("write a SEND");
+        }
+        publisher.flush().expect("flush the SENDs");
+        publisher
+    });
+
+    // The queue fills to the lead, then stops growing: sampled for a while, it stays within the
+    // bound (one message is with the consumer, unacknowledged, and not in the depth).
+    let bound = LEAD + MAX_INFLIGHT_SENDS;
+    eventually("the queue reaching the at-most-once lead", || admin_depth(admin, "amo") >= LEAD);
+    let sampled_until = Instant::now() + Duration::from_millis(500);
+    let mut peak = 0;
+    while Instant::now() < sampled_until {
+        let depth = admin_depth(admin, "amo");
+        assert!(
+            depth <= bound,
+            "the queue holds {depth} unnumbered SENDs, past lead {LEAD} + max-inflight-sends {MAX_INFLIGHT_SENDS}"
+        );
+        peak = peak.max(depth);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(peak < MESSAGES - 1, "the publisher was held back (peak depth {peak})");
+
+    // Acknowledged one by one, every message arrives, in order (at most once loses nothing here:
+    // nothing was refused and nothing closed).
+    for index in 0..MESSAGES {
+        let message =
+            consumer.next_message(IO_TIMEOUT).unwrap().unwrap_or_else(|| panic!("message {index} within the timeout"));
+        assert_eq!(message.body, Bytes::from(index.to_string()), "message {index} in order");
+        consumer.ack(message.delivery_seq, false).unwrap();
+    }
+    let publisher = writer.join().expect("the publisher's writes all went out");
+    assert_eq!(admin_depth(admin, "amo"), 0);
+    drop(publisher);
+}

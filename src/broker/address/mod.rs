@@ -145,8 +145,9 @@ pub struct AddressLimits {
     /// holds back the answers to unnumbered MBLWS SENDs (seq 0, no receipt wanted) until its
     /// queue is down to half of it, so an MBLWS publisher stops at `max-inflight-sends` as an
     /// MBWS one does, instead of running as far ahead of its consumers as the queue's bound
-    /// allows. Half of `--max-inflight-sends` (what a client keeps unreceipted in the bench's
-    /// MBWS runs); `publish_answer` in `admission`.
+    /// allows. Twice `--max-inflight-sends`: at half of it (session 7) the publisher went idle
+    /// and busy in cycles of a few thousand messages and MBLWS ran 10-25% slower than MBWS
+    /// (docs/PERFORMANCE.md, session 8); `publish_answer` in `admission`.
     pub max_light_lead: u32,
 }
 
@@ -174,7 +175,7 @@ impl AddressLimits {
 /// The at-most-once lead for a `--max-inflight-sends` of `max_inflight_sends`
 /// ([`AddressLimits::max_light_lead`]).
 pub fn light_lead(max_inflight_sends: u32) -> u32 {
-    (max_inflight_sends / 2).max(1)
+    max_inflight_sends.saturating_mul(2).max(1)
 }
 
 /// The limits of a one-shard broker with the default configuration ([`Config::default`](crate::config::Config)).
