@@ -329,7 +329,7 @@ impl SendTail {
 ///
 /// The common SEND (no properties) is read from a slice with one length check, and the
 /// `Bytes` moves once, into the tail; any other (properties, or a fault to report) takes
-/// [`decode_send_field_by_field`], which reads and reports in [`decode`]'s order.
+/// `decode_send_field_by_field`, which reads and reports in [`decode`]'s order.
 pub fn decode_send(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, DecodeError> {
     let (kind, flag_bits) = check_prefix(&payload)?;
     debug_assert_eq!(kind, FrameKind::Send, "decode_send is for SEND frames only");
