@@ -595,7 +595,7 @@ impl Session {
         // memory bound the limit promises (and the refused-SEND window that relies on it).
         assert!(self.can_accept_sends(), "the connection reads no SEND past max_inflight_sends");
         // No frame the broker sends may exceed the max-frame-bytes it announced, MESSAGE included.
-        let largest = mbws::largest_message_bytes_of_tail(&send.tail);
+        let largest = send.largest_message_bytes;
         let max_frame_bytes = self.config.limits.max_frame_bytes as usize;
         if largest > max_frame_bytes {
             let reason = format!(

@@ -304,6 +304,10 @@ pub struct SendTail {
     pub seq: u64,
     pub ttl_ms: u32,
     pub tail: MessageTail,
+    /// [`super::largest_message_bytes`] of the message: the largest MESSAGE it can become on
+    /// any session, found while decoding (from the address and body lengths it has at hand) so
+    /// that the broker's check against `max-frame-bytes` reads a number.
+    pub largest_message_bytes: usize,
 }
 
 impl SendTail {
@@ -314,6 +318,7 @@ impl SendTail {
             seq: send.seq,
             ttl_ms: send.ttl_ms,
             tail: MessageTail::encode(&send.address, &send.properties, &send.body),
+            largest_message_bytes: super::largest_message_bytes(&send.address, &send.properties, send.body.len()),
         }
     }
 }
@@ -321,9 +326,51 @@ impl SendTail {
 /// Decodes a binary SEND (byte 1 is SEND's kind code) into its fixed fields and the payload's
 /// tail, with the same checks and errors as [`decode`]: the tail is `payload` itself from the
 /// address on, so nothing is copied and no field gets a reference count of its own.
+///
+/// The common SEND (no properties) is read from a slice with one length check, and the
+/// `Bytes` moves once, into the tail; any other (properties, or a fault to report) takes
+/// `decode_send_field_by_field`, which reads and reports in [`decode`]'s order.
 pub fn decode_send(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, DecodeError> {
     let (kind, flag_bits) = check_prefix(&payload)?;
     debug_assert_eq!(kind, FrameKind::Send, "decode_send is for SEND frames only");
+    let bytes: &[u8] = &payload;
+    let Some(&[s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, address_len]) =
+        bytes.get(PREFIX_BYTES..=SEND_TAIL_OFFSET)
+    else {
+        return decode_send_field_by_field(payload, kind, flag_bits, limits);
+    };
+    let address_len = usize::from(address_len);
+    let address_end = SEND_TAIL_OFFSET + 1 + address_len;
+    let body_start = address_end + NO_PROPERTIES.len();
+    if bytes.get(address_end..body_start) != Some(&NO_PROPERTIES[..]) {
+        return decode_send_field_by_field(payload, kind, flag_bits, limits);
+    }
+    // The layout is whole (the properties are there and empty): the field rules remain.
+    check_address(kind, "address", &bytes[SEND_TAIL_OFFSET + 1..address_end], limits)?;
+    let body_len = bytes.len() - body_start;
+    let tail_len = bytes.len() - SEND_TAIL_OFFSET;
+    let largest_message_bytes = (MESSAGE_FIXED_BYTES + tail_len)
+        .max(super::text::widest_message_header_len_without_properties(address_len) + body_len);
+    let mut tail = payload;
+    bytes::Buf::advance(&mut tail, SEND_TAIL_OFFSET);
+    Ok(SendTail {
+        durable: flag_bits & flags::SEND_DURABLE != 0,
+        seq: u64::from_be_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+        ttl_ms: u32::from_be_bytes([t0, t1, t2, t3]),
+        tail: MessageTail { bytes: tail, body_start: body_start - SEND_TAIL_OFFSET },
+        largest_message_bytes,
+    })
+}
+
+/// [`decode_send`] one field at a time: a SEND with properties, or one with a fault to report
+/// (the same fault, in the same order, as [`decode`] reports).
+#[inline(never)]
+fn decode_send_field_by_field(
+    payload: Bytes,
+    kind: FrameKind,
+    flag_bits: u8,
+    limits: &CodecLimits,
+) -> Result<SendTail, DecodeError> {
     let mut reader = Reader { payload, position: PREFIX_BYTES, kind };
     let seq = reader.u64("seq")?;
     let ttl_ms = reader.u32("ttl-ms")?;
@@ -345,11 +392,13 @@ pub fn decode_send(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, Dec
     let body_start = reader.position - SEND_TAIL_OFFSET;
     let mut tail = reader.payload;
     bytes::Buf::advance(&mut tail, SEND_TAIL_OFFSET);
+    let tail = MessageTail { bytes: tail, body_start };
     Ok(SendTail {
         durable: flag_bits & flags::SEND_DURABLE != 0,
         seq,
         ttl_ms,
-        tail: MessageTail { bytes: tail, body_start },
+        largest_message_bytes: super::largest_message_bytes_of_tail(&tail),
+        tail,
     })
 }
 

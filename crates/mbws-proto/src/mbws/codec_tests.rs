@@ -383,6 +383,11 @@ fn decode_send_keeps_what_decode_finds_as_the_tail_of_the_message_that_delivers_
             largest_message_bytes_of_tail(&decoded.tail),
             largest_message_bytes(&send.address, &send.properties, send.body.len())
         );
+        // Found while decoding, with or without properties.
+        prop_assert_eq!(
+            decoded.largest_message_bytes,
+            largest_message_bytes(&send.address, &send.properties, send.body.len())
+        );
         // The fixed fields followed by the tail are the MESSAGE that delivers it.
         let mut message = binary::encode_message_fixed(7, 8, 9, true, send.durable).to_vec();
         message.extend_from_slice(decoded.tail.as_bytes());

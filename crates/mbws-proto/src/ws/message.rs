@@ -209,25 +209,17 @@ impl Decoder {
         if self.finished {
             return Ok(None);
         }
-        let result = self.decode_until_event(buf);
-        if matches!(result, Err(_) | Ok(Some(Received::Close(_)))) {
-            self.finished = true;
-            self.partial = None;
-        }
-        result
-    }
-
-    /// Whether a Close event or an error has been returned; further input is ignored.
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
-    fn decode_until_event<'a>(&mut self, buf: &'a mut BytesMut) -> Result<Option<Received<'a>>, WsError> {
+        // Every site that ends the decoder (an error, a Close) returns through `finish`, and the
+        // others return their result directly: no second look at a result on its way out.
         loop {
-            let Some(header) = decode_header(buf, self.role, self.max_frame_bytes)? else {
-                return Ok(None);
+            let header = match decode_header(buf, self.role, self.max_frame_bytes) {
+                Ok(Some(header)) => header,
+                Ok(None) => return Ok(None),
+                Err(error) => return Err(self.finish(error)),
             };
-            self.check_sequence_and_size(header.opcode, header.payload_bytes)?;
+            if let Err(error) = self.check_sequence_and_size(header.opcode, header.payload_bytes) {
+                return Err(self.finish(error));
+            }
             let Some(payload) = unmask_payload(buf, &header) else {
                 return Ok(None);
             };
@@ -237,7 +229,9 @@ impl Decoder {
                 OpCode::Text | OpCode::Binary if header.fin => {
                     let text = header.opcode == OpCode::Text;
                     if text {
-                        validate_utf8(&buf[payload], 0, true)?;
+                        if let Err(error) = validate_utf8(&buf[payload], 0, true) {
+                            return Err(self.finish(error));
+                        }
                     }
                     let message = DataMessage { place: Place::InBuffer { buf, header_bytes, frame_bytes } };
                     return Ok(Some(if text { Received::Text(message) } else { Received::Binary(message) }));
@@ -246,16 +240,20 @@ impl Decoder {
                     let kind = if header.opcode == OpCode::Text { DataKind::Text } else { DataKind::Binary };
                     let mut partial =
                         PartialMessage { kind, payload: BytesMut::with_capacity(payload.len()), utf8_valid_bytes: 0 };
-                    partial.append(&buf[payload], false)?;
+                    if let Err(error) = partial.append(&buf[payload], false) {
+                        return Err(self.finish(error));
+                    }
                     buf.advance(frame_bytes);
                     self.partial = Some(partial);
                 }
                 OpCode::Continuation => {
                     // check_sequence_and_size has already refused a continuation without a start.
                     let Some(mut partial) = self.partial.take() else {
-                        return Err(continuation_without_start());
+                        return Err(self.finish(continuation_without_start()));
                     };
-                    partial.append(&buf[payload], header.fin)?;
+                    if let Err(error) = partial.append(&buf[payload], header.fin) {
+                        return Err(self.finish(error));
+                    }
                     buf.advance(frame_bytes);
                     if !header.fin {
                         self.partial = Some(partial);
@@ -267,16 +265,31 @@ impl Decoder {
                         DataKind::Binary => Received::Binary(message),
                     }));
                 }
-                OpCode::Ping | OpCode::Pong | OpCode::Close => {
+                OpCode::Ping => return Ok(Some(Received::Ping(split_payload(buf, header_bytes, frame_bytes)))),
+                OpCode::Pong => return Ok(Some(Received::Pong(split_payload(buf, header_bytes, frame_bytes)))),
+                OpCode::Close => {
                     let payload = split_payload(buf, header_bytes, frame_bytes);
-                    return Ok(Some(match header.opcode {
-                        OpCode::Ping => Received::Ping(payload),
-                        OpCode::Pong => Received::Pong(payload),
-                        _ => Received::Close(parse_close(payload)?),
-                    }));
+                    let close = parse_close(payload);
+                    self.finished = true;
+                    self.partial = None;
+                    return close.map(|frame| Some(Received::Close(frame)));
                 }
             }
         }
+    }
+
+    /// Whether a Close event or an error has been returned; further input is ignored.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Ends the decoder on `error` (further input is ignored) and passes the error on.
+    #[cold]
+    #[inline(never)]
+    fn finish(&mut self, error: WsError) -> WsError {
+        self.finished = true;
+        self.partial = None;
+        error
     }
 
     /// Checks, from the header alone, that the frame fits the message sequence and that the
