@@ -27,8 +27,8 @@ use bytes::Bytes;
 use chaos_proxy::ChaosProxy;
 use common::Broker;
 use harness::{
-    admin_get, admin_put, client, client_options, consumers_at, named_owner, node, node_in, placements, probe, serial,
-    the_one_owner, Etcd, HOP_HEADER, LEASE_MS,
+    admin_get, admin_put, client, client_options, consumer_once_served, consumers_at, named_owner, node, node_in,
+    placements, probe, serial, the_one_owner, Etcd, HOP_HEADER, LEASE_MS,
 };
 use mbws::mbws::{self as frames, AckMode, Binding, DeliveryMode};
 use mbws_client::{Client, ClientError, ClientOptions};
@@ -403,13 +403,7 @@ fn a_forwarded_durable_send_survives_the_owners_kill_9_and_sends_to_a_dead_owner
     assert!(refused_after < Duration::from_secs(8), "refused after {refused_after:?}");
     // b returns on its data directory: every receipted message is there, once, in order.
     nodes[1] = trio.start(1);
-    let mut consumer = client(&nodes[1].url());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(error) = consumer.subscribe(1, &ledger, DeliveryMode::Anycast, AckMode::Client, 1000) {
-        assert!(Instant::now() < deadline, "{ledger} not served by its returned owner: {error}");
-        consumer = client(&nodes[1].url());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut consumer = consumer_once_served(&nodes[1].url(), &ledger);
     let messages = take_messages(&mut consumer, 200, true);
     assert_each_publisher_in_order_once(&messages, &["a"], 200);
     drop(nodes);

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use common::Broker;
 use harness::{
-    address_owned_by, client, client_options, node, node_flags, node_in, placements, probe, serial, the_one_owner,
-    wait_registered, Etcd, LEASE_MS,
+    address_owned_by, client, client_options, consumer_once_served, node, node_flags, node_in, placements, probe,
+    serial, the_one_owner, wait_registered, Etcd, LEASE_MS,
 };
 use mbws::mbws::{AckMode, DeliveryMode};
 use mbws_client::{Client, ClientError, ClientOptions};
@@ -401,13 +401,7 @@ fn under_load_a_kill_9_moves_the_non_durable_addresses_within_a_bound_and_loses_
     let receipted = durable_receipted.into_inner().unwrap();
     assert!(*durable_receipted_before_kill.lock().unwrap() >= 50);
     nodes[1] = start(1);
-    let mut consumer = client(&nodes[1].url());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(error) = consumer.subscribe(1, &ledger, DeliveryMode::Anycast, AckMode::Client, 1000) {
-        assert!(Instant::now() < deadline, "{ledger} not served by its returned owner: {error}");
-        consumer = client(&nodes[1].url());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut consumer = consumer_once_served(&nodes[1].url(), &ledger);
     let mut bodies = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while let Some(message) = consumer.next_message(Duration::from_millis(1000)).unwrap() {

@@ -14,10 +14,10 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mbws::mbws::{self as frames, Binding, Subprotocol};
+use mbws::mbws::{self as frames, AckMode, Binding, DeliveryMode, Subprotocol};
 use mbws_client::{Client, ClientError, ClientOptions};
 
 use crate::common::{self, Broker};
@@ -290,4 +290,18 @@ pub fn address_owned_by(options: &ClientOptions, via: &str, admin: SocketAddr, o
         }
     }
     panic!("none of 30 addresses {prefix}-N was placed on {owner}");
+}
+
+/// A client-ack anycast consumer of `address` on `url` (credit 1,000), reconnecting and
+/// retrying for up to 10 s while the node does not serve the address yet (a node that just
+/// returned, before its placements are back).
+pub fn consumer_once_served(url: &str, address: &str) -> Client {
+    let mut consumer = client(url);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(error) = consumer.subscribe(1, address, DeliveryMode::Anycast, AckMode::Client, 1000) {
+        assert!(Instant::now() < deadline, "{address} not served by its returned owner: {error}");
+        consumer = client(url);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    consumer
 }
