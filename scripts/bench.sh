@@ -13,7 +13,9 @@
 # alone; `--quick --targets mbws,nats --scenarios throughput` gives the four rows that compare
 # each broker's wss:// with its ws://, in about a minute), --fanout "M ..." (the fan-out
 # subscriber counts, instead of the mode's), --runs N (every scenario N times, medians with
-# their ranges in summary.md; the full mode's default is 3, --quick's 1).
+# their ranges in summary.md; the full mode's default is 3, --quick's 1), --latency-at "R ..."
+# (the fixed rates, in msgs/s, at which every target's latency is measured beside the raw
+# relay's; default "50000 200000", "" for none).
 # The summary needs the throughput scenario; without it, the run's JSON files are the result.
 # TLS: the throughput runs of mbws and nats are repeated over wss:// (targets mbws-tls and
 # nats-tls: each broker serves TLS itself, with a throwaway certificate made by openssl), so the
@@ -43,6 +45,7 @@ targets_arg="mbws,mbws-light,nats,mqtt,relay"
 scenarios_arg="throughput,latency,fanout,connections,durable"
 fanout_arg=""
 runs_arg=""
+latency_at="50000 200000"
 out_dir=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -56,6 +59,7 @@ while [[ $# -gt 0 ]]; do
         --scenarios) scenarios_arg="${2:?--scenarios needs a list such as fanout,latency}"; shift ;;
         --fanout) fanout_arg="${2:?--fanout needs subscriber counts such as \"10 100 1000\"}"; shift ;;
         --runs) runs_arg="${2:?--runs needs a count such as 3}"; shift ;;
+        --latency-at) latency_at="${2?--latency-at needs rates in msgs/s such as \"50000 200000\"}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -88,6 +92,9 @@ if [[ -n $runs_arg ]]; then
     [[ $runs_arg =~ ^[1-9][0-9]?$ ]] || { echo "bench.sh: --runs takes a count from 1 to 99, not '$runs_arg'" >&2; exit 2; }
     repeats=$runs_arg
 fi
+for rate in $latency_at; do
+    [[ $rate =~ ^[1-9][0-9]{2,7}$ ]] || { echo "bench.sh: --latency-at takes rates in msgs/s from 100 to 99999999, not '$rate'" >&2; exit 2; }
+done
 for scenario in ${scenarios_arg//,/ }; do
     case "$scenario" in
         throughput|latency|fanout|connections|durable) ;;
@@ -601,6 +608,20 @@ fi
 for target in "${targets[@]}"; do
   for repeat in $(seq "$repeats"); do
     r="r$repeat"
+    # The same fixed rates for every target, the raw relay included: its row is the floor that
+    # the machine and the generator allow at that rate (docs/PERFORMANCE.md, "Latency at fixed
+    # rates").
+    if wants latency; then
+        for rate in $latency_at; do
+            # A rate the target cannot sustain would measure its queue, not its latency.
+            if [[ -n ${max_rate[$target]:-} ]] && python3 -c 'import sys; sys.exit(float(sys.argv[1]) <= 0.9 * float(sys.argv[2]))' "$rate" "${max_rate[$target]}"; then
+                [[ $repeat == 1 ]] && log "$target-latency-at-$rate: skipped, above 90% of $target's maximum (${max_rate[$target]} msgs/s)"
+                continue
+            fi
+            run "$target" "$target-latency-at-$rate-$r" latency --rates 100 --max-rate "$rate" \
+                --step-s "$((${step%.*} + 1))" --duration-s "$duration"
+        done
+    fi
     if [[ $target == mbws-light ]]; then
         if [[ -n $common_rate ]] && wants latency; then
             run "$target" "$target-latency-common-$r" latency --rates 100 --max-rate "$common_rate" \
@@ -675,6 +696,7 @@ run = {
         "throughput_repeats": $repeats, "rates_percent": "$rates",
         "fanout_subscribers": "$fanout_subscribers".split(),
         "connections": $connections, "source_ips": $source_ips, "hold_s": $hold,
+        "latency_at": [int(rate) for rate in "$latency_at".split()],
     },
     "common_rate": float("$common_rate") if "$common_rate" else None,
     "notes": [note for note in ["$connections_note"] if note],

@@ -137,6 +137,20 @@ class Results:
         run = self.median(f"{target}-latency-common", lambda run: first_step(run).get("p99_us"))
         return first_step(run) if run else None
 
+    def latency_at_rates(self):
+        """The fixed rates (msgs/s) at which some target's latency was measured."""
+        rates = set()
+        for name in self.by_name:
+            match = re.match(r".+-latency-at-(\d+)(-r\d+)?$", name)
+            if match:
+                rates.add(int(match.group(1)))
+        return sorted(rates)
+
+    def latency_at(self, target, rate):
+        """The step of the target's fixed-rate run at `rate` with the median p99, or None."""
+        run = self.median(f"{target}-latency-at-{rate}", lambda run: first_step(run).get("p99_us"))
+        return first_step(run) if run else None
+
     def fanout(self, target):
         """{subscribers: results} of the target's fan-out runs (the median repeat by deliveries/s)."""
         sizes = set()
@@ -375,6 +389,12 @@ def goal_rows(results):
             " KiB",
         ),
     ]
+    # Latency at the fixed rates, where both were measured (issue 14 item 3).
+    for rate in results.latency_at_rates():
+        ours, nats = results.latency_at(OURS, rate), results.latency_at("nats", rate)
+        if ours and nats:
+            goals.append((f"p99 latency at {rate:,} msgs/s vs NATS", ratio(ours.get("p99_us"), nats.get("p99_us")), "<=", 0.5, "x"))
+            goals.append((f"p99.9 latency at {rate:,} msgs/s vs NATS", ratio(ours.get("p999_us"), nats.get("p999_us")), "<=", 1.0, "x"))
     rows = []
     for goal, measured, comparison, threshold, unit in goals:
         if measured is None:
@@ -484,6 +504,9 @@ def spread_rows(results):
     for target in results.targets + [f"{t}-tls" for t in results.targets] + ["nats-js"]:
         add(f"{target}-throughput", "msgs/s", lambda run: run.get("msgs_per_sec"), fmt_count)
         add(f"{target}-latency-common", "p99 µs", lambda run: first_step(run).get("p99_us"), fmt_us)
+        for rate in results.latency_at_rates():
+            add(f"{target}-latency-at-{rate}", "p99 µs", lambda run: first_step(run).get("p99_us"), fmt_us)
+            add(f"{target}-latency-at-{rate}", "p99.9 µs", lambda run: first_step(run).get("p999_us"), fmt_us)
         for size in results.fanout_sizes():
             add(f"{target}-fanout-{size}", "deliveries/s", lambda run: run.get("deliveries_per_sec"), fmt_count)
         add(f"{target}-connections", "RSS per session", lambda run: run.get("rss_per_connection_bytes"), fmt_bytes)
@@ -510,6 +533,38 @@ def sweep_table(results, target):
             ]
         )
     header = ["target msgs/s", "achieved msgs/s", "messages", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"]
+    return markdown_table(header, rows)
+
+
+def latency_at_table(results):
+    """Every target's latency at each fixed rate, the raw relay's row beside it."""
+    rows = []
+    for rate in results.latency_at_rates():
+        nats = results.latency_at("nats", rate)
+        for target in results.targets:
+            step = results.latency_at(target, rate)
+            if not step:
+                continue
+            spread = results.spread(f"{target}-latency-at-{rate}", lambda run: first_step(run).get("p99_us"))
+            runs = spread[2] if spread else 1
+            p99_range = f"{fmt_us(spread[0])}-{fmt_us(spread[1])}" if spread and runs > 1 else ""
+            rows.append(
+                [
+                    fmt_count(rate),
+                    target_label(target),
+                    fmt_count(step.get("achieved_rate")),
+                    fmt_us(step.get("p50_us")),
+                    fmt_us(step.get("p99_us")),
+                    p99_range,
+                    fmt_us(step.get("p999_us")),
+                    fmt_us(step.get("send_lag_p99_us")),
+                    fmt_ratio(ratio(step.get("p99_us"), get(nats, "p99_us"))) if nats else "n/a",
+                    fmt_ratio(ratio(step.get("p999_us"), get(nats, "p999_us"))) if nats else "n/a",
+                ]
+            )
+    if not rows:
+        return None
+    header = ["msgs/s", "target", "achieved", "p50 µs", "p99 µs", "p99 range", "p99.9 µs", "generator send lag p99 µs", "p99 / NATS", "p99.9 / NATS"]
     return markdown_table(header, rows)
 
 
@@ -615,6 +670,18 @@ def write_summary(results, plots):
         table = sweep_table(results, target)
         if table:
             lines += ["", f"### {target_label(target)}", "", table]
+
+    fixed = latency_at_table(results)
+    if fixed:
+        lines += ["", "## Latency at fixed rates", ""]
+        lines.append(
+            "1 publisher -> 1 consumer at the same rates for every broker (the median repeat by p99). The raw "
+            "relay (length-prefixed bytes, no WebSocket, no routing) is the floor the machine and the generator "
+            "allow at each rate: a broker's tail that the relay shares is the machine's, not the broker's. The "
+            "generator's send lag is how late it sent against its schedule (coordinated omission is corrected "
+            "from the schedule, so a late send still counts as latency)."
+        )
+        lines += ["", fixed]
 
     if plots:
         lines += ["", "## Plots", ""]
