@@ -13,8 +13,10 @@
 //!
 //! - answers the consumer's SUBSCRIBE with the owner's SUBSCRIBED or ERROR (code and reason);
 //! - turns each MESSAGE from the owner into a `ConnCommand::Deliver` for the consumer's
-//!   shard, with the owner's message id: the consumer's session numbers it and writes an
-//!   ordinary MESSAGE in the consumer's own binding and subprotocol;
+//!   shard, with the owner's message id and the owner's bytes (the MESSAGE's tail, read by
+//!   [`Client::next_read_incoming`], becomes the stored message: no copy): the consumer's
+//!   session numbers it and writes an ordinary MESSAGE in the consumer's own binding and
+//!   subprotocol;
 //! - relays the consumer's ACK and NACK as ACK and NACK of the owner's delivery (it keeps, per
 //!   relayed subscription, the owner's delivery sequence of each message id the consumer
 //!   holds), and FLOW one for one. The owner holds the relay to the consumer's credit, and the
