@@ -642,9 +642,9 @@ impl Client {
     }
 
     /// Queues a binary SEND with the next sequence number whose address, properties and body
-    /// are `tail`'s pieces, concatenated: the binary binding's layout of a [`binary::MessageTail`]
-    /// (`mbws_proto::mbws::binary::MessageTail`), e.g. the pieces of
-    /// `MessageTail::pieces_with_header`. The pieces are copied once, masked, into the write
+    /// are `tail`'s pieces, concatenated: the binary binding's layout of a
+    /// [`MessageTail`](mbws_proto::mbws::binary::MessageTail), e.g. the pieces of
+    /// [`MessageTail::pieces_with_header`](mbws_proto::mbws::binary::MessageTail::pieces_with_header). The pieces are copied once, masked, into the write
     /// buffer, and kept (reference counts) for resending: nothing is decoded or encoded again.
     /// The caller vouches that they form a valid tail (the broker refuses one that does not).
     /// Returns the SEND's sequence; the client's binding must be binary.
