@@ -8,7 +8,9 @@
 #   scripts/bench-cluster.sh             5 s runs
 #
 # Other flags: --no-build (use target/release as it is), --out DIR (default
-# bench-results/cluster-<UTC timestamp>).
+# bench-results/cluster-<UTC timestamp>), --broker PATH (run this mbws-broker binary instead of
+# target/release's, e.g. an older build for a before/after comparison; implies --no-build),
+# --bench PATH (the same for the generator mbws-bench).
 #
 # Rows, 1 publisher -> 1 consumer, 64-byte messages, the address's owner node B:
 #   local       publisher and consumer on B (no hop; the baseline of the forwarding cost)
@@ -33,11 +35,15 @@ set -euo pipefail
 mode=full
 build=1
 out_dir=""
+broker_bin=""
+bench_bin=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) mode=quick ;;
         --no-build) build=0 ;;
         --out) out_dir="${2:?--out needs a directory}"; shift ;;
+        --broker) broker_bin="${2:?--broker needs the path of an mbws-broker binary}"; build=0; shift ;;
+        --bench) bench_bin="${2:?--bench needs the path of an mbws-bench binary}"; build=0; shift ;;
         -h|--help) sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-cluster.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -82,8 +88,8 @@ if [[ $build == 1 ]]; then
     log "cargo build --release --bin mbws-broker --bin mbws-bench"
     cargo build --release --bin mbws-broker --bin mbws-bench
 fi
-broker_bin="$root/target/release/mbws-broker"
-bench_bin="$root/target/release/mbws-bench"
+broker_bin="${broker_bin:-$root/target/release/mbws-broker}"
+bench_bin="${bench_bin:-$root/target/release/mbws-bench}"
 for binary in "$broker_bin" "$bench_bin"; do
     [[ -x $binary ]] || { echo "bench-cluster.sh: $binary is missing; build with cargo build --release" >&2; exit 1; }
 done
@@ -293,7 +299,7 @@ stop_all
 {
     echo "# Cluster benchmark, $(date -u +%Y-%m-%dT%H:%MZ) ($mode)"
     echo
-    echo "\`scripts/bench-cluster.sh$([[ $mode == quick ]] && echo ' --quick')\`, commit $(git -C "$root" describe --always --dirty), $(nproc) CPUs, load average $load at the end; every broker process on CPU 0, the generator on CPU 1; 1 publisher -> 1 consumer, $size B, runs of $duration s; broker CPU summed over the cluster's three nodes."
+    echo "\`scripts/bench-cluster.sh$([[ $mode == quick ]] && echo ' --quick')\`, commit $(git -C "$root" describe --always --dirty), broker binary $broker_bin, $(nproc) CPUs, load average $load at the end; every broker process on CPU 0, the generator on CPU 1; 1 publisher -> 1 consumer, $size B, runs of $duration s; broker CPU summed over the cluster's three nodes."
     echo
     echo "| row | cluster | msg/s | p50 / p99 at saturation (us) | broker CPU s per million msgs | latency p50 / p99 at $common_rate msg/s (us) |"
     echo "|---|---|---|---|---|---|"

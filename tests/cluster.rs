@@ -807,3 +807,79 @@ fn a_relayed_subscription_whose_commands_overflow_the_relays_queue_ends_with_a_n
     );
     eprintln!("relay queue: {sent} FLOWs sent, 4429 after {} ms", started.elapsed().as_millis());
 }
+
+/// The forwarder writes the stored message's bytes as they came (with the hop mark slipped in
+/// among its headers) and the relay keeps the owner's MESSAGE bytes: what a consumer on a third
+/// node gets must be what the publisher sent, field for field, in either binding.
+#[test]
+fn a_relayed_consumer_in_either_binding_gets_the_publishers_properties_and_body_and_a_message_at_max_frame_bytes_crosses_both_hops(
+) {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "fields");
+    let mut consumers = [client_in(&nodes[2].url(), Binding::Text), client_in(&nodes[2].url(), Binding::Binary)];
+    for consumer in &mut consumers {
+        consumer.subscribe(3, &address, DeliveryMode::Multicast, AckMode::Client, 100).unwrap();
+    }
+    let mut publisher = client_in(&nodes[0].url(), Binding::Binary);
+    let max_frame_bytes = publisher.opened().limits.max_frame_bytes as usize;
+    let properties = frames::Properties {
+        content_type: Bytes::from_static(b"application/json"),
+        correlation_id: Bytes::from_static(b"corr-42"),
+        reply_to: Bytes::from_static(b"replies"),
+        headers: vec![
+            (Bytes::from_static(b"x-first"), Bytes::from_static(b"one")),
+            (Bytes::from_static(b"x-second"), Bytes::from("two, with a longer value ".repeat(20))),
+        ],
+    };
+    let with_mark = |properties: &frames::Properties| {
+        let mut marked = properties.clone();
+        marked.headers.push((Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1")));
+        marked
+    };
+    // The largest body whose MESSAGE, hop mark included, fits max-frame-bytes in both bindings.
+    let plain = frames::Properties::default();
+    let at_limit = max_frame_bytes - frames::largest_message_bytes(address.as_bytes(), &with_mark(&plain), 0);
+    let sends = [
+        (properties.clone(), Bytes::from("{\"text\": \"h\u{e9}llo \u{1F600}\"}\n".repeat(3))),
+        (plain.clone(), Bytes::new()),
+        (plain.clone(), Bytes::from(vec![b'z'; at_limit])),
+    ];
+    let mut last = 0;
+    for (properties, body) in &sends {
+        let send = frames::Send {
+            address: Bytes::copy_from_slice(address.as_bytes()),
+            properties: properties.clone(),
+            body: body.clone(),
+            ..Default::default()
+        };
+        last = publisher.send_message(send).unwrap();
+    }
+    publisher.wait_receipt(last).unwrap();
+    for (index, consumer) in consumers.iter_mut().enumerate() {
+        let messages = take_messages(consumer, sends.len(), true);
+        for (message, (properties, body)) in messages.iter().zip(&sends) {
+            assert_eq!(message.address, address.as_bytes(), "consumer {index}");
+            assert_eq!(
+                message.properties,
+                with_mark(properties),
+                "consumer {index}: the publisher's properties, marked"
+            );
+            assert_eq!(message.body.len(), body.len(), "consumer {index}");
+            assert!(message.body == body, "consumer {index}: the publisher's body");
+        }
+    }
+    // One byte more fits max-frame-bytes at a but not with the mark at b: the owner's refusal
+    // (4413) reaches the publisher, end to end.
+    let over = frames::Send {
+        address: Bytes::copy_from_slice(address.as_bytes()),
+        body: Bytes::from(vec![b'z'; at_limit + 1]),
+        ..Default::default()
+    };
+    let seq = publisher.send_message(over).unwrap();
+    match publisher.wait_receipt(seq) {
+        Err(ClientError::Broker(error)) => assert_eq!(error.code, 4413, "{error:?}"),
+        other => panic!("a SEND over max-frame-bytes with the hop mark was not refused with 4413: {other:?}"),
+    }
+}

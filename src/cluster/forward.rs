@@ -18,6 +18,14 @@
 //! owns the address's name here, then through one forwarder and one session to the owner, in
 //! order: per-publisher order is kept.
 //!
+//! **The write.** A forwarded SEND is the client's message as it arrived: the stored
+//! message's [`MessageTail`](crate::mbws::binary::MessageTail) (the end of the client's binary
+//! SEND, byte for byte; a text SEND's fields encoded once on arrival), cut into slices around
+//! the place of the hop mark ([`MessageTail::pieces_with_header`](crate::mbws::binary::MessageTail::pieces_with_header)),
+//! behind a SEND's 15 fixed bytes. Nothing is decoded or encoded again: the client copies each
+//! slice once into its write buffer and masks it there (RFC 6455 requires a client to mask),
+//! and keeps the slices, not a copy, for resending after a resume.
+//!
 //! **Batching and window.** The forwarder writes every SEND it has (up to the owner's
 //! `max-inflight-sends` unreceipted) before it flushes, and reads cumulative RECEIPTs: many
 //! SENDs in flight, one write per batch, not one round trip per message.
@@ -55,6 +63,7 @@ use super::PeerLogin;
 use crate::broker::{Command, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage};
 use crate::log;
 use crate::logging::Level;
+use crate::mbws::binary::MAX_HEADER_COUNT;
 use crate::mbws::{self, Binding, ErrorCode, Frame, Subprotocol};
 use crate::shard::mailbox::{Envelope, PostOffice};
 
@@ -269,6 +278,8 @@ struct Forwarder {
     down: Option<(Instant, String)>,
     backoff: Duration,
     answers: Answers,
+    /// [`hop_field`], made once.
+    hop_field: Bytes,
 }
 
 impl Forwarder {
@@ -295,6 +306,7 @@ impl Forwarder {
             down: None,
             backoff: FIRST_BACKOFF,
             answers: Answers::default(),
+            hop_field: hop_field(),
         }
     }
 
@@ -392,8 +404,18 @@ impl Forwarder {
         let mut wrote = false;
         while self.last_seq - client.receipted_seq() < window {
             let Some(job) = self.pending.pop_front() else { break };
-            let send = forwarded_send(&job.message);
-            self.last_seq = client.send_message(send).map_err(|error| format!("sending: {error}"))?;
+            let Some(tail) = job.message.tail().pieces_with_header(&self.hop_field) else {
+                let reason = format!(
+                    "the message has {MAX_HEADER_COUNT} application headers, and a SEND forwarded to cluster node                      \"{}\" needs room for one more ({HOP_HEADER}): send it to that node directly, or with fewer headers",
+                    self.owner.name
+                );
+                self.owner.counters.refused(1);
+                self.answers.refuse(job, ErrorCode::TooLarge, reason);
+                continue;
+            };
+            self.last_seq = client
+                .send_tail(job.message.durable, remaining_ttl_ms(&job.message), tail)
+                .map_err(|error| format!("sending: {error}"))?;
             self.in_flight.push_back((self.last_seq, job));
             wrote = true;
         }
@@ -481,21 +503,16 @@ impl Forwarder {
     }
 }
 
-/// The SEND that carries `message` to its owner: its properties, the hop mark, its body, its
-/// durable flag and what remains of its time to live.
-fn forwarded_send(message: &SharedMessage) -> mbws::Send {
-    let mut properties = message.properties();
-    properties.headers.push((Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1")));
-    let ttl_ms = match message.expires_at_ms {
+/// The hop mark every forwarded SEND carries, as the binary binding lays out an application
+/// header ([`HOP_HEADER`]: "1").
+fn hop_field() -> Bytes {
+    mbws::binary::encode_header_field(HOP_HEADER.as_bytes(), b"1")
+}
+
+/// What remains of `message`'s time to live, for the SEND that carries it on (0: none).
+fn remaining_ttl_ms(message: &SharedMessage) -> u32 {
+    match message.expires_at_ms {
         0 => 0,
         at => at.saturating_sub(crate::clock::now_ms()).clamp(1, u64::from(u32::MAX)) as u32,
-    };
-    mbws::Send {
-        seq: 0, // The client numbers it.
-        address: message.address_bytes(),
-        durable: message.durable,
-        ttl_ms,
-        properties,
-        body: message.body_bytes(),
     }
 }

@@ -13,8 +13,10 @@
 //!
 //! - answers the consumer's SUBSCRIBE with the owner's SUBSCRIBED or ERROR (code and reason);
 //! - turns each MESSAGE from the owner into a `ConnCommand::Deliver` for the consumer's
-//!   shard, with the owner's message id: the consumer's session numbers it and writes an
-//!   ordinary MESSAGE in the consumer's own binding and subprotocol;
+//!   shard, with the owner's message id and the owner's bytes (the MESSAGE's tail, read by
+//!   [`Client::next_read_incoming`], becomes the stored message: no copy): the consumer's
+//!   session numbers it and writes an ordinary MESSAGE in the consumer's own binding and
+//!   subprotocol;
 //! - relays the consumer's ACK and NACK as ACK and NACK of the owner's delivery (it keeps, per
 //!   relayed subscription, the owner's delivery sequence of each message id the consumer
 //!   holds), and FLOW one for one. The owner holds the relay to the consumer's credit, and the
@@ -60,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
-use mbws_client::{Client, ClientError};
+use mbws_client::{Client, ClientError, Incoming};
 
 use super::forward::{connect_to_owner, Answers, FIRST_BACKOFF, MAX_BACKOFF, WAIT_BOUND};
 use super::view::{ClusterUpdate, NodeRef, RELAYED_SUBSCRIPTION_BIT};
@@ -72,6 +74,7 @@ use crate::broker::{
 };
 use crate::log;
 use crate::logging::Level;
+use crate::mbws::binary::MessageWithTail;
 use crate::mbws::{self, AckMode, DeliveryMode, ErrorCode, Frame};
 use crate::shard::mailbox::{Envelope, PostOffice};
 
@@ -582,8 +585,12 @@ impl Relay {
         let mut heard = false;
         for _ in 0..FRAMES_PER_ROUND {
             let client = self.client.as_mut().expect("connected");
-            match client.next_read_frame() {
-                Ok(Some(frame)) => {
+            match client.next_read_incoming() {
+                Ok(Some(Incoming::Message(message))) => {
+                    heard = true;
+                    self.on_message(message);
+                }
+                Ok(Some(Incoming::Frame(frame))) => {
                     heard = true;
                     self.on_frame(frame)?;
                 }
@@ -701,7 +708,8 @@ impl Relay {
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
         match frame {
-            Frame::Message(message) => self.on_message(message),
+            // Only a text-binding session reads MESSAGEs as frames; the relay's is binary.
+            Frame::Message(message) => self.on_message(MessageWithTail::from_message(&message)),
             Frame::Subscribed(subscribed) => {
                 if let Some(relayed) = self.subscriptions.get_mut(&subscribed.subscription_id) {
                     if !relayed.confirmed {
@@ -745,8 +753,10 @@ impl Relay {
     }
 
     /// A MESSAGE from the owner: recorded for its settlement, delivered to the consumer's shard
-    /// (joined to the previous Deliver when it is for the same subscription).
-    fn on_message(&mut self, message: mbws::Message) {
+    /// (joined to the previous Deliver when it is for the same subscription). The stored
+    /// message is the owner's MESSAGE as it was read: its tail (address, properties, body) is
+    /// a slice of the read buffer, not a copy.
+    fn on_message(&mut self, message: MessageWithTail) {
         self.last_delivery_seq = self.last_delivery_seq.max(message.delivery_seq);
         let Some(relayed) = self.subscriptions.get_mut(&message.subscription_id) else {
             // Unsubscribed meanwhile: the owner requeued it with the rest.
@@ -763,7 +773,7 @@ impl Relay {
         }
         self.owner.counters.relayed(1);
         self.outstanding.insert(message.delivery_seq);
-        let stored = StoredMessage::from_fields(&message.address, &message.properties, &message.body, message.durable);
+        let stored = StoredMessage::new(message.tail, message.durable, 0, false);
         let delivered = Delivered {
             message_id: MessageId(message.message_id),
             message: Arc::new(stored),

@@ -51,7 +51,9 @@
 use bytes::{BufMut, Bytes};
 
 use super::frame::*;
-use super::validate::{check_address, check_properties, excerpt, trailing_bytes, validate_frame};
+use super::validate::{
+    check_address, check_delivery_seq, check_properties, check_subscription_id, excerpt, trailing_bytes, validate_frame,
+};
 use super::{CodecLimits, DecodeError};
 
 /// Bytes before the kind's fields: version, kind, flags.
@@ -295,6 +297,128 @@ impl MessageTail {
         chunk.extend_from_slice(&self.bytes);
         self.bytes = chunk.split().freeze();
     }
+}
+
+/// How many pieces [`MessageTail::pieces_with_header`] cuts a tail into.
+pub const TAIL_PIECES: usize = 5;
+
+/// One byte of each value, for a header count that differs from the tail's as a static slice.
+static BYTE_VALUES: [u8; 256] = {
+    let mut values = [0u8; 256];
+    let mut value = 0;
+    while value < 256 {
+        values[value] = value as u8;
+        value += 1;
+    }
+    values
+};
+
+/// Encodes one application header as the binary binding lays it out in PROPERTIES (str8 name,
+/// str16 value): what [`MessageTail::pieces_with_header`] appends.
+///
+/// Panics if the name is over 255 bytes or the value over 65535 (str8, str16).
+pub fn encode_header_field(name: &[u8], value: &[u8]) -> Bytes {
+    let mut out = bytes::BytesMut::with_capacity(1 + name.len() + 2 + value.len());
+    put_str8(&mut out, "header name", name);
+    put_str16(&mut out, "header value", value);
+    out.freeze()
+}
+
+impl MessageTail {
+    /// The tail with `header` (an [`encode_header_field`]) appended to its application
+    /// headers, as pieces of this tail and static bytes whose concatenation is the new tail's
+    /// layout: nothing is copied, so a node that passes a message on with a mark of its own
+    /// (a cluster node's hop header) writes the message's bytes as they arrived. `None` when
+    /// the message already has [`MAX_HEADER_COUNT`] headers (the count is a u8).
+    pub fn pieces_with_header(&self, header: &Bytes) -> Option<[Bytes; TAIL_PIECES]> {
+        // PROPERTIES: content-type str8, correlation-id str8, reply-to str8, header-count u8.
+        let bytes: &[u8] = &self.bytes;
+        let mut count_at = 1 + usize::from(bytes[0]);
+        for _ in 0..3 {
+            count_at += 1 + usize::from(bytes[count_at]);
+        }
+        let count = usize::from(bytes[count_at]);
+        if count >= MAX_HEADER_COUNT {
+            return None;
+        }
+        Some([
+            self.bytes.slice(..count_at),
+            Bytes::from_static(&BYTE_VALUES[count + 1..count + 2]),
+            self.bytes.slice(count_at + 1..self.body_start),
+            header.clone(),
+            self.bytes.slice(self.body_start..),
+        ])
+    }
+}
+
+/// A binary MESSAGE whose address, properties and body are kept as a [`MessageTail`]: how a
+/// node that relays deliveries keeps what it read as it came (see [`decode_message`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageWithTail {
+    pub subscription_id: u32,
+    pub delivery_seq: u64,
+    pub message_id: u64,
+    pub redelivered: bool,
+    pub durable: bool,
+    pub tail: MessageTail,
+}
+
+impl MessageWithTail {
+    /// The same MESSAGE with its fields as slices of the tail (no copy of the body).
+    pub fn to_message(&self) -> Message {
+        Message {
+            subscription_id: self.subscription_id,
+            delivery_seq: self.delivery_seq,
+            message_id: self.message_id,
+            address: self.tail.bytes.slice(1..1 + usize::from(self.tail.bytes[0])),
+            redelivered: self.redelivered,
+            durable: self.durable,
+            properties: self.tail.properties(),
+            body: self.tail.body_bytes(),
+        }
+    }
+
+    /// A MESSAGE decoded field by field (the text binding) with its fields encoded into a tail.
+    pub fn from_message(message: &Message) -> MessageWithTail {
+        MessageWithTail {
+            subscription_id: message.subscription_id,
+            delivery_seq: message.delivery_seq,
+            message_id: message.message_id,
+            redelivered: message.redelivered,
+            durable: message.durable,
+            tail: MessageTail::encode(&message.address, &message.properties, &message.body),
+        }
+    }
+}
+
+/// Decodes a binary MESSAGE (byte 1 is MESSAGE's kind code) into its fixed fields and the
+/// payload's tail, with the same checks and errors as [`decode`]: the tail is `payload` itself
+/// from the address on, so nothing is copied.
+pub fn decode_message(payload: Bytes, limits: &CodecLimits) -> Result<MessageWithTail, DecodeError> {
+    let (kind, flag_bits) = check_prefix(&payload)?;
+    debug_assert_eq!(kind, FrameKind::Message, "decode_message is for MESSAGE frames only");
+    let mut reader = Reader { payload, position: PREFIX_BYTES, kind };
+    let subscription_id = reader.u32("subscription-id")?;
+    let delivery_seq = reader.u64("delivery-seq")?;
+    let message_id = reader.u64("message-id")?;
+    let address_len = reader.u8("address")?;
+    let (address_start, address_end) = reader.take_range("address", usize::from(address_len))?;
+    let properties = reader.properties()?;
+    check_subscription_id(kind, subscription_id)?;
+    check_delivery_seq(kind, delivery_seq)?;
+    check_address(kind, "address", &reader.payload[address_start..address_end], limits)?;
+    check_properties(kind, &properties, limits)?;
+    let body_start = reader.position - MESSAGE_FIXED_BYTES;
+    let mut tail = reader.payload;
+    bytes::Buf::advance(&mut tail, MESSAGE_FIXED_BYTES);
+    Ok(MessageWithTail {
+        subscription_id,
+        delivery_seq,
+        message_id,
+        redelivered: flag_bits & flags::MESSAGE_REDELIVERED != 0,
+        durable: flag_bits & flags::MESSAGE_DURABLE != 0,
+        tail: MessageTail { bytes: tail, body_start },
+    })
 }
 
 /// A SEND whose address, properties and body are kept as a [`MessageTail`].
@@ -656,6 +780,19 @@ pub fn encode_message_header<B: BufMut>(message: &MessageHeader<'_>, out: &mut B
     ));
     put_str8(out, "address", message.address);
     put_properties(out, message.properties);
+}
+
+/// Bytes of a binary SEND before its [`MessageTail`]: the prefix, seq u64, ttl-ms u32.
+pub const SEND_FIXED_BYTES: usize = SEND_TAIL_OFFSET;
+
+/// The bytes of a binary SEND before its [`MessageTail`].
+#[inline]
+pub fn encode_send_fixed(seq: u64, ttl_ms: u32, durable: bool) -> [u8; SEND_FIXED_BYTES] {
+    let mut fixed = [0u8; SEND_FIXED_BYTES];
+    fixed[..3].copy_from_slice(&[PROTOCOL_VERSION, FrameKind::Send.code(), bit(durable, flags::SEND_DURABLE)]);
+    fixed[3..11].copy_from_slice(&seq.to_be_bytes());
+    fixed[11..15].copy_from_slice(&ttl_ms.to_be_bytes());
+    fixed
 }
 
 /// The bytes of a binary MESSAGE before its [`MessageTail`]: what differs per delivery.

@@ -407,6 +407,70 @@ fn decode_send_keeps_what_decode_finds_as_the_tail_of_the_message_that_delivers_
     checked.unwrap();
 }
 
+#[test]
+fn decode_message_keeps_the_tail_of_what_decode_finds_and_a_header_appended_by_pieces_reads_back() {
+    let mut runner = TestRunner::new(Config { cases: under_miri(512), ..Config::default() });
+    let hop = binary::encode_header_field(b"x-mbws-cluster-hop", b"1");
+    let checked = runner.run(&frame_of(FrameKind::Message), |frame| {
+        let Frame::Message(message) = &frame else { unreachable!("frame_of(MESSAGE) gives MESSAGEs") };
+        let payload = encode(Binding::Binary, &frame).freeze();
+        let decoded = binary::decode_message(payload.clone(), &CodecLimits::default());
+        let decoded = decoded.map_err(|error| TestCaseError::fail(error.reason))?;
+        prop_assert_eq!(&decoded.to_message(), message);
+        prop_assert_eq!(&binary::MessageWithTail::from_message(message), &decoded);
+        // No copy: the tail is the payload from the address on.
+        prop_assert_eq!(decoded.tail.as_bytes().as_ptr(), payload[binary::MESSAGE_FIXED_BYTES..].as_ptr());
+        // The tail with the hop header appended, as pieces: the same message with one more header.
+        let pieces = decoded.tail.pieces_with_header(&hop);
+        if message.properties.headers.len() == binary::MAX_HEADER_COUNT {
+            prop_assert!(pieces.is_none());
+            return Ok(());
+        }
+        let pieces = pieces.expect("room for one more header");
+        let mut send = binary::encode_send_fixed(5, 6, message.durable).to_vec();
+        for piece in &pieces {
+            send.extend_from_slice(piece);
+        }
+        let mut properties = message.properties.clone();
+        properties.headers.push((Bytes::from_static(b"x-mbws-cluster-hop"), Bytes::from_static(b"1")));
+        let expected = Frame::Send(Send {
+            durable: message.durable,
+            seq: 5,
+            ttl_ms: 6,
+            address: message.address.clone(),
+            properties,
+            body: message.body.clone(),
+        });
+        let limits = CodecLimits { max_headers: 1024, ..CodecLimits::default() };
+        prop_assert_eq!(decode(Binding::Binary, Bytes::from(send), &limits), Ok(expected));
+        Ok(())
+    });
+    checked.unwrap();
+}
+
+proptest! {
+    #![proptest_config(Config { cases: under_miri(1024), ..Config::default() })]
+
+    #[test]
+    fn decode_message_refuses_exactly_what_decode_refuses(frame in frame_of(FrameKind::Message), damages in vec(damage(), 1..4)) {
+        let mut bytes = encode(Binding::Binary, &frame).to_vec();
+        for damage in &damages {
+            apply(damage, &mut bytes);
+        }
+        // decode_message is called only for frames whose kind byte says MESSAGE.
+        if bytes.get(1) == Some(&FrameKind::Message.code()) {
+            let limits = CodecLimits::default();
+            let generic = decode(Binding::Binary, Bytes::from(bytes.clone()), &limits);
+            let direct = binary::decode_message(Bytes::from(bytes), &limits);
+            match (generic, direct) {
+                (Ok(Frame::Message(message)), Ok(direct)) => prop_assert_eq!(message, direct.to_message()),
+                (Err(generic), Err(direct)) => prop_assert_eq!(generic, direct),
+                (generic, direct) => prop_assert!(false, "decode gave {generic:?}, decode_message {direct:?}"),
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(Config { cases: under_miri(1024), ..Config::default() })]
 

@@ -93,7 +93,7 @@ fn check_not_zero(kind: FrameKind, field: &str, value: u64, why: &str) -> Result
     Err(DecodeError::malformed(format!("{}: field `{field}` is 0; {why}", kind.name())))
 }
 
-fn check_subscription_id(kind: FrameKind, subscription_id: u32) -> Result<(), DecodeError> {
+pub(super) fn check_subscription_id(kind: FrameKind, subscription_id: u32) -> Result<(), DecodeError> {
     check_not_zero(
         kind,
         "subscription-id",
@@ -102,7 +102,7 @@ fn check_subscription_id(kind: FrameKind, subscription_id: u32) -> Result<(), De
     )
 }
 
-fn check_delivery_seq(kind: FrameKind, delivery_seq: u64) -> Result<(), DecodeError> {
+pub(super) fn check_delivery_seq(kind: FrameKind, delivery_seq: u64) -> Result<(), DecodeError> {
     check_not_zero(kind, "delivery-seq", delivery_seq, "delivery sequences start at 1")
 }
 
