@@ -5,15 +5,12 @@
 # under valgrind, and the total of its instructions is divided by the message count.
 #
 #   scripts/callgrind-broker.sh [--count N] [--shards N] [--broker PATH] [--out FILE] [--tls]
-#                               [--tls-records in-place|rustls] [--fanout M] [-- SEND FLAGS...]
+#                               [--tls-records in-place|rustls] [-- SEND FLAGS...]
 #
 # e.g. `scripts/callgrind-broker.sh --count 100000 -- --light` for MBLWS publishes.
 #
 # --tls-records MODE (with --tls) passes the broker that record layer (docs/SECURITY.md, "The
 # record layer"): the two layers compared on one binary.
-#
-# --fanout M (one shard) measures fan-out instead: M multicast consumers each receive all N
-# messages (client ack, cumulative ACKs), and the count is also given per delivery (N x M).
 #
 # --tls runs the same workload over wss:// (the broker serves TLS with a throwaway ECDSA P-256
 # certificate made by openssl; both clients trust it with --ca-file): the instructions TLS adds
@@ -44,7 +41,6 @@ broker=""
 out="callgrind.broker.out"
 tls=0
 tls_records=""
-fanout=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --count) count=$2; shift 2 ;;
@@ -53,13 +49,10 @@ while [[ $# -gt 0 ]]; do
         --out) out=$2; shift 2 ;;
         --tls) tls=1; shift ;;
         --tls-records) tls_records=$2; shift 2 ;;
-        --fanout) fanout=$2; shift 2 ;;
         --) shift; break ;;
-        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, --tls, --tls-records MODE, --fanout M, -- SEND FLAGS)" >&2; exit 2 ;;
+        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, --tls, --tls-records MODE, -- SEND FLAGS)" >&2; exit 2 ;;
     esac
 done
-[[ $fanout =~ ^[0-9]+$ ]] || { echo "callgrind-broker.sh: --fanout takes a number of multicast consumers, not '$fanout'" >&2; exit 2; }
-((fanout == 0 || shards == 1)) || { echo "callgrind-broker.sh: --fanout runs on one shard (drop --shards)" >&2; exit 2; }
 [[ $shards =~ ^[1-9][0-9]*$ ]] || { echo "callgrind-broker.sh: --shards takes a number of shards (1 or more), not '$shards'" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "callgrind-broker.sh: valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
 
@@ -70,10 +63,8 @@ client=target/release/mbws
 work=$(mktemp -d)
 broker_pid=""
 consumer_pid=""
-fanout_pids=()
 cleanup() {
     [[ -n $consumer_pid ]] && kill "$consumer_pid" 2>/dev/null || true
-    for pid in "${fanout_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     [[ -n $broker_pid ]] && kill -KILL "$broker_pid" 2>/dev/null || true
     rm -rf "$work"
 }
@@ -148,26 +139,6 @@ run_once() {
     ((tls)) && url="wss://localhost:${listen##*:}/"
     body=$(head -c 64 /dev/zero | tr '\0' x)
     local opened=0 consumer_shard=0
-    if ((fanout > 0)); then
-        for _ in $(seq "$fanout"); do
-            "$client" consume "$address" --multicast --url "$url" "${client_tls[@]}" --count "$count" --quiet --timeout 120 \
-                >/dev/null 2>>"$work/consume.log" &
-            fanout_pids+=($!)
-        done
-        # Every subscription must be in place before the first SEND (multicast keeps nothing
-        # for a subscriber that is not there yet); under valgrind a SUBSCRIBE takes a while.
-        sleep $((2 + fanout / 5))
-        "$client" send "$address" "$body" --url "$url" "${client_tls[@]}" --count "$count" --wait 120 "$@" >/dev/null 2>"$work/send.log"
-        for pid in "${fanout_pids[@]}"; do wait "$pid"; done
-        fanout_pids=()
-        callgrind_control -d "$broker_pid" >/dev/null 2>&1
-        sleep 1
-        kill -KILL "$broker_pid" 2>/dev/null || true
-        wait "$broker_pid" 2>/dev/null || true
-        broker_pid=""
-        placement_ok=1
-        return
-    fi
     for _ in $(seq 20); do
         "$client" consume "$address" --url "$url" "${client_tls[@]}" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
         consumer_pid=$!
@@ -214,5 +185,3 @@ cp "$dump" "$out"
 total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 echo "messages: $count, broker instructions: $total"
 echo "instructions per message: $((total / count))"
-((fanout > 0)) && echo "deliveries: $((count * fanout)), instructions per delivery: $((total / (count * fanout)))"
-true
