@@ -9,13 +9,31 @@
 //! `VecDeque` sorted by key, searched by binary search, does every operation without hashing,
 //! tree rebalancing or per-entry allocation. Out-of-order operations shift at most half the
 //! entries; the number of entries is bounded by the subscriptions' credit.
+//!
+//! An entry carries its own key ([`Keyed`]): an address's unacknowledged message already holds
+//! its id, and storing the id again beside it made every entry a third larger (32 bytes instead
+//! of 24). With fan-out to 1,000 subscribers these rings are megabytes that every delivery
+//! writes into, so their size is cache misses (docs/PERFORMANCE.md, session 9).
 
 use std::collections::VecDeque;
 
-/// Entries sorted by a `u64` key, each key at most once.
+/// An entry of a [`SortedRing`]: the key it is sorted by.
+pub trait Keyed {
+    fn key(&self) -> u64;
+}
+
+/// A value stored with a key of its own.
+impl<T> Keyed for (u64, T) {
+    #[inline]
+    fn key(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Entries sorted by their `u64` key, each key at most once.
 #[derive(Debug)]
 pub struct SortedRing<T> {
-    entries: VecDeque<(u64, T)>,
+    entries: VecDeque<T>,
 }
 
 impl<T> Default for SortedRing<T> {
@@ -24,7 +42,7 @@ impl<T> Default for SortedRing<T> {
     }
 }
 
-impl<T> SortedRing<T> {
+impl<T: Keyed> SortedRing<T> {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -33,26 +51,28 @@ impl<T> SortedRing<T> {
         self.entries.is_empty()
     }
 
-    /// Records `value` under `seq`, which must be above every key recorded so far.
-    pub fn push(&mut self, seq: u64, value: T) {
+    /// Records `entry`, whose key must be above every key recorded so far.
+    pub fn push(&mut self, entry: T) {
+        let seq = entry.key();
         assert!(
-            self.entries.back().is_none_or(|(last, _)| *last < seq),
+            self.entries.back().is_none_or(|last| last.key() < seq),
             "delivery sequences must increase: {seq} after {:?}",
-            self.entries.back().map(|(last, _)| *last)
+            self.entries.back().map(Keyed::key)
         );
-        self.entries.push_back((seq, value));
+        self.entries.push_back(entry);
     }
 
-    /// Records `value` under `key`, in its place among the keys recorded so far (at the back,
-    /// as [`SortedRing::push`], when it is the highest). A key already present is a bug.
-    pub fn insert(&mut self, key: u64, value: T) {
-        if self.entries.back().is_none_or(|(last, _)| *last < key) {
-            self.entries.push_back((key, value));
+    /// Records `entry` in its place among the keys recorded so far (at the back, as
+    /// [`SortedRing::push`], when its key is the highest). A key already present is a bug.
+    pub fn insert(&mut self, entry: T) {
+        let key = entry.key();
+        if self.entries.back().is_none_or(|last| last.key() < key) {
+            self.entries.push_back(entry);
             return;
         }
-        match self.entries.binary_search_by_key(&key, |(entry, _)| *entry) {
-            Err(position) => self.entries.insert(position, (key, value)),
-            // Each key at most once: in release builds too, since going on would drop `value`
+        match self.entries.binary_search_by_key(&key, Keyed::key) {
+            Err(position) => self.entries.insert(position, entry),
+            // Each key at most once: in release builds too, since going on would drop `entry`
             // (a delivery or an unacknowledged message) without a trace. Only the rare
             // out-of-order path pays for this check.
             Ok(_) => panic!("key {key} is already in the ring"),
@@ -60,10 +80,10 @@ impl<T> SortedRing<T> {
     }
 
     fn position(&self, key: u64) -> Option<usize> {
-        if self.entries.front().is_some_and(|(first, _)| *first == key) {
+        if self.entries.front().is_some_and(|first| first.key() == key) {
             return Some(0);
         }
-        self.entries.binary_search_by_key(&key, |(entry, _)| *entry).ok()
+        self.entries.binary_search_by_key(&key, Keyed::key).ok()
     }
 
     pub fn contains(&self, key: u64) -> bool {
@@ -76,7 +96,6 @@ impl<T> SortedRing<T> {
             0 => self.entries.pop_front(),
             position => self.entries.remove(position),
         }
-        .map(|(_, value)| value)
     }
 
     /// Takes the entries of `keys` (a key not in the ring is skipped) and hands each to `each`.
@@ -84,47 +103,46 @@ impl<T> SortedRing<T> {
     /// oldest deliveries sends, are taken in one step: a comparison each instead of a search
     /// and a removal each. The rest are taken one by one, as [`SortedRing::remove`].
     pub fn remove_keys(&mut self, keys: impl Iterator<Item = u64> + Clone, mut each: impl FnMut(T)) {
-        let front_run = keys.clone().zip(self.entries.iter()).take_while(|(key, (entry, _))| key == entry).count();
-        for (_, value) in self.entries.drain(..front_run) {
-            each(value);
+        let front_run = keys.clone().zip(self.entries.iter()).take_while(|(key, entry)| *key == entry.key()).count();
+        for entry in self.entries.drain(..front_run) {
+            each(entry);
         }
         for key in keys.skip(front_run) {
-            if let Some(value) = self.remove(key) {
-                each(value);
+            if let Some(entry) = self.remove(key) {
+                each(entry);
             }
         }
     }
 
     /// How many entries have a key up to and including `seq`.
     pub fn count_through(&self, seq: u64) -> usize {
-        self.entries.partition_point(|(entry, _)| *entry <= seq)
+        self.entries.partition_point(|entry| entry.key() <= seq)
     }
 
     /// Takes every entry up to and including `seq`, oldest first.
     pub fn remove_through(&mut self, seq: u64, mut each: impl FnMut(T)) {
-        while self.entries.front().is_some_and(|(first, _)| *first <= seq) {
-            let (_, value) = self.entries.pop_front().expect("checked above");
-            each(value);
+        while self.entries.front().is_some_and(|first| first.key() <= seq) {
+            each(self.entries.pop_front().expect("checked above"));
         }
     }
 
-    /// Entries with a sequence above `seq`, oldest first.
-    pub fn after(&self, seq: u64) -> impl Iterator<Item = (u64, &T)> {
-        let start = self.entries.partition_point(|(entry, _)| *entry <= seq);
-        self.entries.range(start..).map(|(seq, value)| (*seq, value))
+    /// Entries with a key above `seq`, oldest first.
+    pub fn after(&self, seq: u64) -> impl Iterator<Item = &T> {
+        let start = self.entries.partition_point(|entry| entry.key() <= seq);
+        self.entries.range(start..)
     }
 
-    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
-        self.entries.retain(|(_, value)| keep(value));
+    pub fn retain(&mut self, keep: impl FnMut(&T) -> bool) {
+        self.entries.retain(keep);
     }
 
     pub fn clear(&mut self) {
         self.entries.clear();
     }
 
-    /// Every value, lowest key first.
+    /// Every entry, lowest key first.
     pub fn into_values(self) -> impl DoubleEndedIterator<Item = T> {
-        self.entries.into_iter().map(|(_, value)| value)
+        self.entries.into_iter()
     }
 }
 
@@ -132,10 +150,10 @@ impl<T> SortedRing<T> {
 mod tests {
     use super::SortedRing;
 
-    fn filled(seqs: &[u64]) -> SortedRing<u64> {
+    fn filled(seqs: &[u64]) -> SortedRing<(u64, u64)> {
         let mut unacked = SortedRing::default();
         for &seq in seqs {
-            unacked.push(seq, seq * 10);
+            unacked.push((seq, seq * 10));
         }
         unacked
     }
@@ -143,23 +161,23 @@ mod tests {
     #[test]
     fn removes_from_the_front_the_middle_and_not_twice() {
         let mut unacked = filled(&[1, 2, 3, 5, 8]);
-        assert_eq!(unacked.remove(1), Some(10));
-        assert_eq!(unacked.remove(5), Some(50));
+        assert_eq!(unacked.remove(1), Some((1, 10)));
+        assert_eq!(unacked.remove(5), Some((5, 50)));
         assert_eq!(unacked.remove(5), None);
         assert_eq!(unacked.remove(4), None);
         assert_eq!(unacked.remove(9), None);
-        assert_eq!(unacked.after(0).map(|(seq, _)| seq).collect::<Vec<_>>(), vec![2, 3, 8]);
+        assert_eq!(unacked.after(0).map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![2, 3, 8]);
     }
 
     #[test]
     fn cumulative_removal_stops_after_the_sequence() {
         let mut unacked = filled(&[3, 4, 6, 7]);
         let mut taken = Vec::new();
-        unacked.remove_through(6, |value| taken.push(value));
+        unacked.remove_through(6, |(_, value)| taken.push(value));
         assert_eq!(taken, vec![30, 40, 60]);
         assert_eq!(unacked.len(), 1);
         unacked.remove_through(2, |_| panic!("nothing at or below 2"));
-        assert_eq!(unacked.after(6).map(|(seq, value)| (seq, *value)).collect::<Vec<_>>(), vec![(7, 70)]);
+        assert_eq!(unacked.after(6).copied().collect::<Vec<_>>(), vec![(7, 70)]);
     }
 
     #[test]
@@ -168,11 +186,11 @@ mod tests {
         assert_eq!(ring.count_through(5), 4);
         let mut taken = Vec::new();
         // A front run (1, 2), then keys out of order, an unknown one and a repeat.
-        ring.remove_keys([1, 2, 8, 4, 3, 8].into_iter(), |value| taken.push(value));
+        ring.remove_keys([1, 2, 8, 4, 3, 8].into_iter(), |(_, value)| taken.push(value));
         assert_eq!(taken, vec![10, 20, 80, 30]);
-        assert_eq!(ring.after(0).map(|(seq, _)| seq).collect::<Vec<_>>(), vec![5, 9]);
+        assert_eq!(ring.after(0).map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![5, 9]);
         // Keys that are not the front: nothing taken in the front run.
-        ring.remove_keys([9, 5].into_iter(), |value| taken.push(value));
+        ring.remove_keys([9, 5].into_iter(), |(_, value)| taken.push(value));
         assert_eq!(taken, vec![10, 20, 80, 30, 90, 50]);
         assert!(ring.is_empty());
         ring.remove_keys([1].into_iter(), |_| panic!("nothing left"));
@@ -181,7 +199,7 @@ mod tests {
     #[test]
     fn after_skips_everything_up_to_the_sequence() {
         let unacked = filled(&[2, 4, 6]);
-        assert_eq!(unacked.after(3).map(|(seq, _)| seq).collect::<Vec<_>>(), vec![4, 6]);
+        assert_eq!(unacked.after(3).map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![4, 6]);
         assert_eq!(unacked.after(6).count(), 0);
         assert_eq!(unacked.after(0).count(), 3);
     }
@@ -189,18 +207,18 @@ mod tests {
     #[test]
     fn insert_puts_an_older_key_in_its_place() {
         let mut ring = filled(&[2, 5, 9]);
-        ring.insert(4, 40);
-        ring.insert(12, 120);
-        ring.insert(1, 10);
+        ring.insert((4, 40));
+        ring.insert((12, 120));
+        ring.insert((1, 10));
         assert!(ring.contains(4) && !ring.contains(3));
-        assert_eq!(ring.into_values().collect::<Vec<_>>(), vec![10, 20, 40, 50, 90, 120]);
+        assert_eq!(ring.into_values().map(|(_, value)| value).collect::<Vec<_>>(), vec![10, 20, 40, 50, 90, 120]);
     }
 
     #[test]
     #[should_panic(expected = "delivery sequences must increase")]
     fn out_of_order_insertion_is_a_bug() {
         let mut unacked = filled(&[5]);
-        unacked.push(5, 0);
+        unacked.push((5, 0));
     }
 
     /// A key inserted twice would drop one entry silently: it stops the process instead, in
@@ -209,6 +227,6 @@ mod tests {
     #[should_panic(expected = "key 5 is already in the ring")]
     fn inserting_a_key_twice_is_a_bug() {
         let mut ring = filled(&[2, 5, 9]);
-        ring.insert(5, 0);
+        ring.insert((5, 0));
     }
 }

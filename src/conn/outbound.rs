@@ -14,7 +14,11 @@
 //! Memory: nothing is allocated until a frame is queued. The arena is allocated in chunks of
 //! [`ARENA_CHUNK_BYTES`] and reused while frames keep coming; once the writer has caught up,
 //! [`Outbound::release_buffers`] gives the arena and the segment list back, so an idle
-//! connection holds no write buffers.
+//! connection holds no write buffers. A busy connection does not ask the allocator for a chunk
+//! at every fill: a chunk whose writes are all done is written into again (the current one,
+//! or the one before it), and the first chunk after a pause is sized by the burst before it.
+//! Fresh chunks at every fill cost fan-out to 1,000 subscribers half of the broker's CPU in
+//! page faults (docs/PERFORMANCE.md, session 9).
 
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -99,6 +103,15 @@ pub struct Outbound {
     unsealed_from: usize,
     /// Size of the next arena chunk (0 until the first: `ARENA_CHUNK_BYTES`).
     next_chunk_bytes: usize,
+    /// The two chunks before the current one, newest first, as empty handles on their
+    /// allocations: once every write from one is done it is the next chunk, instead of a new
+    /// allocation (two, so that rounds of up to two chunks' worth reuse them all).
+    previous_chunks: [BytesMut; 2],
+    /// Bytes handed to writes since the buffers were last released: the first chunk after a
+    /// pause is sized to hold as much (up to `MAX_ARENA_CHUNK_BYTES`).
+    burst_bytes: usize,
+    /// Chunks taken from the allocator (not reused) since the queue was made, for tests.
+    chunks_allocated: u64,
 }
 
 impl Outbound {
@@ -113,10 +126,15 @@ impl Outbound {
     pub fn release_buffers(&mut self) {
         if self.segments.is_empty() {
             self.arena = BytesMut::new();
+            self.previous_chunks = Default::default();
             self.segments = Vec::new();
             self.scratch = BytesMut::new();
             self.unsealed_from = 0;
-            self.next_chunk_bytes = 0;
+            // A connection that writes in rounds (a fan-out subscriber) is caught up after each:
+            // its next round's first chunk holds a round, instead of growing from 4 KiB again.
+            self.next_chunk_bytes = std::mem::take(&mut self.burst_bytes)
+                .next_power_of_two()
+                .clamp(ARENA_CHUNK_BYTES, MAX_ARENA_CHUNK_BYTES);
         }
     }
 
@@ -350,8 +368,25 @@ impl Outbound {
         self.unsealed_from = self.segments.len();
         let chunk_bytes = self.next_chunk_bytes.max(ARENA_CHUNK_BYTES);
         self.next_chunk_bytes = (chunk_bytes * 2).min(MAX_ARENA_CHUNK_BYTES);
-        // The old chunk (if any) is shared with the sealed segments: this allocates, never copies.
-        self.arena.reserve(needed.max(chunk_bytes));
+        let wanted = needed.max(chunk_bytes);
+        // The current chunk again, from its start, once nothing queued or being written points
+        // into it (`try_reclaim` succeeds only for the allocation's last handle); else one of
+        // the chunks before it whose writes are done. None of this copies what is queued.
+        if self.arena.try_reclaim(wanted) {
+            return;
+        }
+        for previous in &mut self.previous_chunks {
+            if previous.try_reclaim(wanted) {
+                std::mem::swap(&mut self.arena, previous);
+                return;
+            }
+        }
+        // All still in use (by sealed segments or a write): a new allocation. The filled
+        // chunk's empty handle becomes the newest to try next time; the oldest is let go.
+        self.previous_chunks.rotate_right(1);
+        self.previous_chunks[0] = std::mem::take(&mut self.arena);
+        self.arena.reserve(wanted);
+        self.chunks_allocated += 1;
     }
 
     /// Takes the auto-ack credit of frames that will never be written (their socket is gone).
@@ -386,6 +421,7 @@ impl Outbound {
         // The bound (`max_outbound_bytes`) is checked against `queued_bytes`: it must be what
         // the batch will write. One compare per batch.
         assert_eq!(reuse.remaining_bytes, self.queued_bytes, "queued_bytes disagrees with the frames queued");
+        self.burst_bytes += self.queued_bytes;
         self.queued_bytes = 0;
         Some(reuse)
     }
@@ -693,6 +729,66 @@ mod tests {
         assert_eq!(batch.sealed.len(), 2, "20 KB of frames: chunks of 4 and 8 KiB sealed, the rest in a 16 KiB one");
         assert_eq!(batch.to_vec(), expected);
         assert!(batch.body_pointers().is_empty(), "sealed chunks are not bodies");
+    }
+
+    /// A connection that writes round after round (a fan-out subscriber) writes into the same
+    /// two chunks once its writes are done, instead of a fresh allocation at every fill; a
+    /// chunk a write still points into is never written into.
+    #[test]
+    fn chunks_whose_writes_are_done_are_written_into_again() {
+        let mut outbound = Outbound::new();
+        // 100 KB of 10-byte frames per round: chunks grow to 64 KiB in the first rounds.
+        let round = |outbound: &mut Outbound, first: u64| {
+            for index in first..first + 10_000 {
+                outbound.push_control(OpCode::Ping, &index.to_be_bytes());
+            }
+        };
+        let expected = |first: u64| {
+            (first..first + 10_000)
+                .flat_map(|index| [&[0x89, 8][..], &index.to_be_bytes()[..]].concat())
+                .collect::<Vec<u8>>()
+        };
+        for number in 0..4 {
+            round(&mut outbound, number * 10_000);
+            let batch = outbound.take_batch(WriteBatch::default()).unwrap();
+            assert_eq!(batch.to_vec(), expected(number * 10_000));
+            // The write is done: the batch gives its chunks back.
+        }
+        let allocated = outbound.chunks_allocated;
+        for number in 4..8 {
+            round(&mut outbound, number * 10_000);
+            let batch = outbound.take_batch(WriteBatch::default()).unwrap();
+            assert_eq!(batch.to_vec(), expected(number * 10_000), "round {number}: reused chunks hold the right bytes");
+        }
+        assert_eq!(outbound.chunks_allocated, allocated, "no chunk allocated once the rounds are steady");
+        // While a write is in flight its chunks are not written into: the next round allocates,
+        // and the batch still reads what it was given.
+        round(&mut outbound, 80_000);
+        let in_flight = outbound.take_batch(WriteBatch::default()).unwrap();
+        round(&mut outbound, 90_000);
+        let next = outbound.take_batch(WriteBatch::default()).unwrap();
+        assert!(outbound.chunks_allocated > allocated, "chunks in flight are not reclaimed");
+        assert_eq!(in_flight.to_vec(), expected(80_000));
+        assert_eq!(next.to_vec(), expected(90_000));
+    }
+
+    /// After a pause (the writer caught up, the buffers released), the first chunk is sized
+    /// by the burst before it: a round of 30 KB starts in a 32 KiB chunk, not in 4 KiB.
+    #[test]
+    fn the_first_chunk_after_a_pause_holds_the_last_burst() {
+        let mut outbound = Outbound::new();
+        for index in 0..3_000u64 {
+            outbound.push_control(OpCode::Ping, &index.to_be_bytes());
+        }
+        drop(outbound.take_batch(WriteBatch::default()).unwrap());
+        outbound.release_buffers();
+        assert_eq!(outbound.arena.capacity(), 0, "released: nothing held while idle");
+        outbound.push_control(OpCode::Pong, b"x");
+        assert_eq!(outbound.arena.capacity(), 32 * 1024);
+        drop(outbound.take_batch(WriteBatch::default()).unwrap());
+        outbound.release_buffers();
+        outbound.push_control(OpCode::Pong, b"x");
+        assert_eq!(outbound.arena.capacity(), ARENA_CHUNK_BYTES, "a burst of one frame: the smallest chunk");
     }
 
     #[test]

@@ -184,7 +184,7 @@ pub struct Session {
     receipt_due: bool,
     subscriptions: FastMap<SubscriptionId, Subscription>,
     last_delivery_seq: u64,
-    unacked: SortedRing<Delivery>,
+    unacked: SortedRing<(u64, Delivery)>,
 }
 
 /// Where a session's effects go.
@@ -344,7 +344,7 @@ impl Session {
         // same delivery reaching it for the first time, not a redelivery (PROTOCOL.md 7.4).
         let after = if planted(Bug::ResendAllOnResume) { 0 } else { open.last_received_seq };
         let resend: Vec<(u64, Delivery)> =
-            self.unacked.after(after).map(|(seq, delivery)| (seq, delivery.clone())).collect();
+            self.unacked.after(after).map(|(seq, delivery)| (*seq, delivery.clone())).collect();
         for (delivery_seq, delivery) in resend {
             self.encode_delivery(delivery_seq, &delivery, outbound);
         }
@@ -431,7 +431,7 @@ impl Session {
                 Ok(())
             }
             Frame::Nack(nack) => {
-                if let Some(entry) = self.unacked.remove(nack.delivery_seq) {
+                if let Some((_, entry)) = self.unacked.remove(nack.delivery_seq) {
                     if let Some(subscription) = self.subscriptions.get(&entry.subscription) {
                         fx.commands.push((
                             subscription.owner,
@@ -719,7 +719,7 @@ impl Session {
             return;
         };
         // The owner requeues what this subscription had not acknowledged.
-        self.unacked.retain(|entry| entry.subscription != id);
+        self.unacked.retain(|(_, entry)| entry.subscription != id);
         fx.commands.push((subscription.owner, AddressCommand::Unsubscribe { consumer: self.me, subscription: id }));
     }
 
@@ -738,8 +738,8 @@ impl Session {
             }
         };
         if cumulative {
-            self.unacked.remove_through(delivery_seq, group);
-        } else if let Some(entry) = self.unacked.remove(delivery_seq) {
+            self.unacked.remove_through(delivery_seq, |(_, entry)| group(entry));
+        } else if let Some((_, entry)) = self.unacked.remove(delivery_seq) {
             group(entry);
         }
         for (subscription, messages) in grouped {
@@ -789,12 +789,13 @@ impl Session {
                 self.on_deliver(subscription, deliveries, fx.outbound)
             }
             ConnCommand::DeliveryExpired { subscription, message_id, .. } => {
-                self.unacked
-                    .retain(|delivery| !(delivery.subscription == subscription && delivery.message_id == message_id));
+                self.unacked.retain(|(_, delivery)| {
+                    !(delivery.subscription == subscription && delivery.message_id == message_id)
+                });
             }
             ConnCommand::SubscriptionEnded { subscription, refusal, .. } => {
                 if self.subscriptions.remove(&subscription).is_some() {
-                    self.unacked.retain(|entry| entry.subscription != subscription);
+                    self.unacked.retain(|(_, entry)| entry.subscription != subscription);
                     self.send_error(self.binding, refusal.code, 0, subscription.0, refusal.reason, fx.outbound);
                 }
             }
@@ -852,7 +853,7 @@ impl Session {
                 AckMode::Client if planted(Bug::DropWhileDetached) => {}
                 AckMode::Client => {
                     self.last_delivery_seq += 1;
-                    self.unacked.push(self.last_delivery_seq, delivery);
+                    self.unacked.push((self.last_delivery_seq, delivery));
                 }
                 AckMode::Auto => self.held.push_back(delivery),
             }
@@ -874,7 +875,7 @@ impl Session {
         self.encode_delivery(delivery_seq, &delivery, outbound);
         match ack_mode {
             // Kept (not cloned) until acknowledged.
-            AckMode::Client => self.unacked.push(delivery_seq, delivery),
+            AckMode::Client => self.unacked.push((delivery_seq, delivery)),
             AckMode::Auto => outbound.note_auto_delivery(owner, delivery.subscription, delivery.message.held_bytes()),
         }
     }

@@ -12,14 +12,14 @@ use bytes::Bytes;
 
 use super::dispatch::{drain_backlog, Deliverable};
 use super::{new_address, Address, AddressTable, Outgoing, Queued};
-use crate::broker::sorted_ring::SortedRing;
+use crate::broker::sorted_ring::{Keyed, SortedRing};
 #[cfg(doc)]
 use crate::broker::StoredMessage;
 use crate::broker::{ConnCommand, ConnRef, FastMap, MessageId, Refusal, SubscriptionId};
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 
-/// A subscriber's unacknowledged deliveries, sorted by message id (a [`SortedRing`] with typed
-/// keys): ids are handed out in increasing order, so an insert is nearly always at the back
+/// A subscriber's unacknowledged deliveries, sorted by message id (a [`SortedRing`] of
+/// [`Queued`] entries, keyed by the id each holds, not by a copy of it): ids are handed out in increasing order, so an insert is nearly always at the back
 /// and a (cumulative) ACK takes from the front; a redelivery (an older id) goes in its place.
 /// At most `credit` entries.
 #[derive(Debug, Default)]
@@ -33,7 +33,7 @@ impl UnackedMessages {
     }
 
     pub(super) fn insert(&mut self, queued: Queued) {
-        self.entries.insert(queued.id.0, queued);
+        self.entries.insert(queued);
     }
 
     pub(super) fn contains(&self, id: MessageId) -> bool {
@@ -52,6 +52,13 @@ impl UnackedMessages {
 
     pub(super) fn into_oldest_first(self) -> impl DoubleEndedIterator<Item = Queued> {
         self.entries.into_values()
+    }
+}
+
+impl Keyed for Queued {
+    #[inline]
+    fn key(&self) -> u64 {
+        self.id.0
     }
 }
 
