@@ -114,7 +114,13 @@ impl AddressTable {
         end_slow_subscribers(state, &address_name, &slow, &mut self.subscriptions, out);
         self.deadline_added |= ack_deadline.is_some() && delivered_any;
         for (publisher, seq, outcome) in answers {
-            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome }));
+            match outcome {
+                Ok(()) => push_accepted(out, publisher, seq),
+                Err(refusal) => out.push((
+                    publisher.shard,
+                    ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+                )),
+            }
         }
     }
 
@@ -338,7 +344,7 @@ impl AddressTable {
                 }
             }
         }
-        out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+        push_accepted(out, publisher, seq);
     }
 
     pub(super) fn release_held_answers(state: &mut Address, low_watermark: usize, out: &mut Vec<Outgoing>) {
@@ -348,9 +354,28 @@ impl AddressTable {
         }
         state.held_release_at = None;
         for (publisher, seq) in state.held_answers.drain(..) {
-            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+            push_accepted(out, publisher, seq);
         }
     }
+}
+
+/// Answers SEND `seq` of `publisher` as accepted: joined to the answer last pushed to `out`
+/// when that one accepted the same publisher's SENDs just before it (the next seq, or another
+/// unnumbered MBLWS SEND), otherwise as a new [`ConnCommand::PublishesAccepted`]. Only the
+/// last answer is extended, so the order of everything in `out` stays as if each SEND had been
+/// answered on its own.
+pub(super) fn push_accepted(out: &mut Vec<Outgoing>, publisher: ConnRef, seq: u64) {
+    if let Some((shard, ConnCommand::PublishesAccepted { publisher: conn, first_seq, count })) = out.last_mut() {
+        let next = match *first_seq {
+            0 => seq == 0,
+            first => seq == first + u64::from(*count),
+        };
+        if next && *shard == publisher.shard && *conn == publisher.conn && *count < u32::MAX {
+            *count += 1;
+            return;
+        }
+    }
+    out.push((publisher.shard, ConnCommand::PublishesAccepted { publisher: publisher.conn, first_seq: seq, count: 1 }));
 }
 
 /// An address's state taken out of the table for a batch ([`AddressTable::take_address`]).

@@ -102,7 +102,7 @@ impl AddressTable {
         }
         while self.durable_answers.front().is_some_and(|(waiting, _, _)| *waiting <= lsn) {
             let (_, publisher, seq) = self.durable_answers.pop_front().expect("checked above");
-            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+            super::admission::push_accepted(out, publisher, seq);
         }
         let mut previous: Option<Bytes> = None;
         while self.waiting_for_log.front().is_some_and(|(waiting, _)| *waiting <= lsn) {
