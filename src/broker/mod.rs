@@ -196,7 +196,8 @@ impl Refusal {
 /// Commands for the shard that owns an address.
 #[derive(Debug)]
 pub enum AddressCommand {
-    /// Queue or deliver a message; the owner always answers [`ConnCommand::PublishDone`].
+    /// Queue or deliver a message; the owner always answers, with [`ConnCommand::PublishDone`]
+    /// or (accepted, maybe with the SENDs next to it) [`ConnCommand::PublishesAccepted`].
     Publish {
         publisher: ConnRef,
         seq: u64,
@@ -266,6 +267,16 @@ pub enum ConnCommand {
         seq: u64,
         outcome: Result<(), Refusal>,
     },
+    /// Consecutive SENDs of one publisher, all accepted: seqs `first_seq` to
+    /// `first_seq + count - 1`, or (`first_seq` 0) `count` unnumbered MBLWS SENDs. The address
+    /// table joins accepted answers that it makes one after another for one publisher
+    /// (`address::push_accepted`), so a batch of SENDs is answered with one command: one trip
+    /// through the work queue and one session lookup instead of one per SEND.
+    PublishesAccepted {
+        publisher: ConnId,
+        first_seq: u64,
+        count: u32,
+    },
     SubscribeDone {
         consumer: ConnId,
         subscription: SubscriptionId,
@@ -296,7 +307,7 @@ pub enum ConnCommand {
 impl ConnCommand {
     pub fn conn(&self) -> ConnId {
         match self {
-            ConnCommand::PublishDone { publisher, .. } => *publisher,
+            ConnCommand::PublishDone { publisher, .. } | ConnCommand::PublishesAccepted { publisher, .. } => *publisher,
             ConnCommand::SubscribeDone { consumer, .. }
             | ConnCommand::Deliver { consumer, .. }
             | ConnCommand::SubscriptionEnded { consumer, .. }

@@ -177,9 +177,13 @@ pub struct Session {
     heartbeat_ms: u32,
     /// Highest SEND sequence accepted.
     last_send_seq: u64,
-    /// SENDs routed to their owners and not answered yet, in sequence order: (seq, answered).
-    /// Sequence 0 (MBLWS, no receipt wanted) is counted here too, for the in-flight bound.
+    /// Numbered SENDs routed to their owners and not receipted yet, in sequence order (so
+    /// strictly increasing): (seq, answered).
     inflight_sends: VecDeque<(u64, bool)>,
+    /// Unnumbered MBLWS SENDs (seq 0, no receipt wanted) routed to their owners and not
+    /// answered yet: they count against `max_inflight_sends` beside `inflight_sends`, but need
+    /// no entry of their own, since no RECEIPT waits for them.
+    light_sends_in_flight: u32,
     receipted_seq: u64,
     receipt_due: bool,
     subscriptions: FastMap<SubscriptionId, Subscription>,
@@ -222,6 +226,7 @@ impl Session {
             heartbeat_ms: 0,
             last_send_seq: 0,
             inflight_sends: VecDeque::new(),
+            light_sends_in_flight: 0,
             receipted_seq: 0,
             receipt_due: false,
             subscriptions: FastMap::default(),
@@ -256,7 +261,7 @@ impl Session {
 
     /// False while the session holds `max_inflight_sends` unanswered SENDs: stop reading.
     pub fn can_accept_sends(&self) -> bool {
-        self.inflight_sends.len() < self.config.limits.max_inflight_sends as usize
+        self.inflight_send_count() < self.config.limits.max_inflight_sends as usize
     }
 
     pub fn unacked_deliveries(&self) -> usize {
@@ -273,7 +278,7 @@ impl Session {
     }
 
     pub fn inflight_send_count(&self) -> usize {
-        self.inflight_sends.len()
+        self.inflight_sends.len() + self.light_sends_in_flight as usize
     }
 
     pub fn me(&self) -> ConnRef {
@@ -606,8 +611,7 @@ impl Session {
             // Kept for the resumes to come like every refused SEND (module docs): a RECEIPT
             // will cover this seq.
             self.refuse_send(seq, Refusal::new(ErrorCode::TooLarge, reason), fx.outbound);
-            self.inflight_sends.push_back((seq, true));
-            self.receipt_answered_sends();
+            self.answered_at_once(seq);
             return Ok(());
         }
         if !self.permissions.may_send(send.tail.address()) {
@@ -617,16 +621,28 @@ impl Session {
             );
             // Like every refused SEND: non-fatal, kept for resumes, covered by the RECEIPT.
             self.refuse_send(seq, Refusal::new(ErrorCode::Forbidden, reason), fx.outbound);
-            self.inflight_sends.push_back((seq, true));
-            self.receipt_answered_sends();
+            self.answered_at_once(seq);
             return Ok(());
         }
         let expires_at_ms = if send.ttl_ms == 0 { 0 } else { now_ms + u64::from(send.ttl_ms) };
         let owner = owner_of(send.tail.address(), self.config.shard_count);
         let message = Arc::new(StoredMessage::new(send.tail, send.durable, expires_at_ms, binding == Binding::Text));
-        self.inflight_sends.push_back((seq, false));
+        if seq == 0 {
+            self.light_sends_in_flight += 1;
+        } else {
+            self.inflight_sends.push_back((seq, false));
+        }
         fx.commands.push((owner, AddressCommand::Publish { publisher: self.me, seq, message }));
         Ok(())
+    }
+
+    /// SEND `seq` was answered without reaching its owner (refused here): a numbered one takes
+    /// its place among the SENDs in flight, for the RECEIPT that covers it comes after theirs.
+    fn answered_at_once(&mut self, seq: u64) {
+        if seq != 0 {
+            self.inflight_sends.push_back((seq, true));
+            self.receipt_answered_sends();
+        }
     }
 
     fn on_subscribe(&mut self, binding: Binding, subscribe: mbws::Subscribe, fx: &mut Effects<'_>) {
@@ -769,6 +785,7 @@ impl Session {
     pub fn on_command(&mut self, command: ConnCommand, fx: &mut Effects<'_>) {
         match command {
             ConnCommand::PublishDone { seq, outcome, .. } => self.on_publish_done(seq, outcome, fx.outbound),
+            ConnCommand::PublishesAccepted { first_seq, count, .. } => self.on_publishes_accepted(first_seq, count),
             ConnCommand::SubscribeDone { subscription, outcome, .. } => match outcome {
                 Ok(()) => {
                     if let Some(state) = self.subscriptions.get_mut(&subscription) {
@@ -803,24 +820,63 @@ impl Session {
     }
 
     fn on_publish_done(&mut self, seq: u64, outcome: Result<(), Refusal>, outbound: &mut Outbound) {
-        // Answers for one owner come in order; answers from different owners may interleave,
-        // so find this SEND's entry (the deque is sorted by seq; seq 0 entries answer in order).
-        let position = if seq == 0 {
-            self.inflight_sends.iter().position(|&(entry_seq, answered)| entry_seq == 0 && !answered)
-        } else if self.inflight_sends.front().is_some_and(|&(entry_seq, _)| entry_seq == seq) {
-            Some(0) // The usual case: one owner, answering in order.
+        if seq == 0 {
+            self.light_sends_answered(1);
         } else {
-            self.inflight_sends.binary_search_by_key(&seq, |&(entry_seq, _)| entry_seq).ok()
-        };
-        let Some(position) = position else {
-            debug_assert!(false, "answer for a SEND that is not in flight: seq {seq}");
-            return;
-        };
-        self.inflight_sends[position].1 = true;
+            self.mark_answered(seq, 1);
+        }
         if let Err(refusal) = outcome {
             self.refuse_send(seq, refusal, outbound);
         }
         self.receipt_answered_sends();
+    }
+
+    /// `count` SENDs from `first_seq` on (or, `first_seq` 0, `count` unnumbered ones) were
+    /// accepted by their owner.
+    fn on_publishes_accepted(&mut self, first_seq: u64, count: u32) {
+        if first_seq == 0 {
+            self.light_sends_answered(count);
+            return;
+        }
+        // The usual case: one owner, answering in order, and nothing answered ahead of them.
+        let count = count as usize;
+        let last_seq = first_seq + count as u64 - 1;
+        if self.inflight_sends.front().is_some_and(|&(entry_seq, _)| entry_seq == first_seq)
+            && self.inflight_sends.len() >= count
+        {
+            debug_assert!(self.inflight_sends.range(..count).all(|&(_, answered)| !answered));
+            debug_assert_eq!(self.inflight_sends[count - 1].0, last_seq, "numbered SENDs in flight are consecutive");
+            self.inflight_sends.drain(..count);
+            self.receipted_seq = last_seq;
+            self.receipt_due = true;
+        } else {
+            self.mark_answered(first_seq, count);
+        }
+        self.receipt_answered_sends();
+    }
+
+    fn light_sends_answered(&mut self, count: u32) {
+        debug_assert!(count <= self.light_sends_in_flight, "answers for unnumbered SENDs never sent");
+        self.light_sends_in_flight = self.light_sends_in_flight.saturating_sub(count);
+    }
+
+    /// Marks the `count` numbered SENDs from `first_seq` on as answered. Answers for one owner
+    /// come in order; answers from different owners may interleave, so the entries are found
+    /// (the list is sorted by seq, and seqs in flight are consecutive numbers).
+    fn mark_answered(&mut self, first_seq: u64, count: usize) {
+        let position = if self.inflight_sends.front().is_some_and(|&(entry_seq, _)| entry_seq == first_seq) {
+            Some(0)
+        } else {
+            self.inflight_sends.binary_search_by_key(&first_seq, |&(entry_seq, _)| entry_seq).ok()
+        };
+        let Some(position) = position else {
+            debug_assert!(false, "answer for a SEND that is not in flight: seq {first_seq}");
+            return;
+        };
+        for (offset, entry) in self.inflight_sends.range_mut(position..).take(count).enumerate() {
+            debug_assert!(entry.0 == first_seq + offset as u64 && !entry.1, "seq {} answered twice", entry.0);
+            entry.1 = true;
+        }
     }
 
     /// Receipts every answered SEND at the front of the in-flight list (the cumulative
@@ -828,10 +884,8 @@ impl Session {
     fn receipt_answered_sends(&mut self) {
         while let Some(&(entry_seq, true)) = self.inflight_sends.front() {
             self.inflight_sends.pop_front();
-            if entry_seq != 0 {
-                self.receipted_seq = entry_seq;
-                self.receipt_due = true;
-            }
+            self.receipted_seq = entry_seq;
+            self.receipt_due = true;
         }
     }
 
@@ -1143,6 +1197,64 @@ mod tests {
         let frames = decode_all(&mut outbound);
         assert!(matches!(&frames[0], Frame::Error(e) if !e.fatal && e.seq == 3 && e.code == 4429));
         assert_eq!(frames[1], Frame::Receipt(mbws::Receipt { seq: 3 }));
+    }
+
+    /// A run of SENDs answered as one `PublishesAccepted` is receipted as if each had been
+    /// answered alone: in order, behind an earlier SEND still waiting, and cumulatively.
+    #[test]
+    fn a_run_of_accepted_sends_is_receipted_once_its_earlier_sends_are_answered() {
+        let mut s = session(Subprotocol::Reliable);
+        let (_, commands, _) = drive(&mut s, (0..=6).map(|seq| if seq == 0 { open() } else { send(seq) }).collect());
+        assert_eq!(commands.len(), 6);
+        let me = s.me.conn;
+        let mut outbound = Outbound::new();
+        let mut fx_commands = Vec::new();
+        let mut fx = Effects { outbound: &mut outbound, commands: &mut fx_commands };
+        // Another owner accepted 3..=5 while 1 and 2 wait: nothing is safe yet.
+        s.on_command(ConnCommand::PublishesAccepted { publisher: me, first_seq: 3, count: 3 }, &mut fx);
+        s.flush(fx.outbound);
+        assert!(decode_all(&mut outbound).is_empty());
+        assert_eq!(s.inflight_send_count(), 6, "answered but not receipted SENDs still count");
+        let mut fx = Effects { outbound: &mut outbound, commands: &mut fx_commands };
+        s.on_command(ConnCommand::PublishesAccepted { publisher: me, first_seq: 1, count: 2 }, &mut fx);
+        s.flush(&mut outbound);
+        assert_eq!(decode_all(&mut outbound), vec![Frame::Receipt(mbws::Receipt { seq: 5 })]);
+        assert_eq!(s.inflight_send_count(), 1);
+        let mut fx = Effects { outbound: &mut outbound, commands: &mut fx_commands };
+        s.on_command(ConnCommand::PublishesAccepted { publisher: me, first_seq: 6, count: 1 }, &mut fx);
+        s.flush(&mut outbound);
+        assert_eq!(decode_all(&mut outbound), vec![Frame::Receipt(mbws::Receipt { seq: 6 })]);
+        assert_eq!(s.inflight_send_count(), 0);
+    }
+
+    /// Unnumbered MBLWS SENDs count against `max_inflight_sends` until their answers come,
+    /// as one count, and a numbered SEND among them is receipted without waiting for them.
+    #[test]
+    fn unnumbered_sends_count_against_the_in_flight_bound_until_answered() {
+        let mut s = session_with_window(4);
+        s.subprotocol = Subprotocol::Light;
+        let (_, commands, end) = drive(&mut s, vec![open(), send(0), send(0), send(1), send(0)]);
+        assert!(end.is_none());
+        assert_eq!(commands.len(), 4);
+        assert!(!s.can_accept_sends(), "four SENDs in flight of four");
+        let me = s.me.conn;
+        let mut outbound = Outbound::new();
+        let mut fx_commands = Vec::new();
+        let mut fx = Effects { outbound: &mut outbound, commands: &mut fx_commands };
+        s.on_command(ConnCommand::PublishDone { publisher: me, seq: 1, outcome: Ok(()) }, &mut fx);
+        s.flush(fx.outbound);
+        assert_eq!(decode_all(&mut outbound), vec![Frame::Receipt(mbws::Receipt { seq: 1 })]);
+        assert_eq!(s.inflight_send_count(), 3);
+        let mut fx = Effects { outbound: &mut outbound, commands: &mut fx_commands };
+        s.on_command(ConnCommand::PublishesAccepted { publisher: me, first_seq: 0, count: 2 }, &mut fx);
+        assert_eq!(s.inflight_send_count(), 1);
+        let refusal = Refusal::new(ErrorCode::Overloaded, "full");
+        s.on_command(ConnCommand::PublishDone { publisher: me, seq: 0, outcome: Err(refusal) }, &mut fx);
+        s.flush(&mut outbound);
+        let frames = decode_all(&mut outbound);
+        assert!(matches!(&frames[..], [Frame::Error(e)] if !e.fatal && e.seq == 0 && e.code == 4429), "{frames:?}");
+        assert_eq!(s.inflight_send_count(), 0);
+        assert!(s.can_accept_sends());
     }
 
     #[test]

@@ -41,24 +41,16 @@ impl AddressTable {
             let mut taken = self.take_address(&address_name);
             let room = if taken.created { self.check_address_room(&address_name) } else { Ok(()) };
             for Publication { publisher, seq, message } in batch.drain(..) {
-                let outcome =
-                    room.clone().and_then(|()| self.enqueue(&mut taken.state, &taken.key, message, now_ms, out));
+                let outcome = match &room {
+                    Ok(()) => self.enqueue(&mut taken.state, &taken.key, message, now_ms, out),
+                    Err(refusal) => Err(refusal.clone()),
+                };
                 outcomes.push((publisher, seq, outcome));
             }
             self.put_back_address(taken);
             self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
-            let mut state = self.addresses.get_mut(&address_name);
-            for (publisher, seq, outcome) in outcomes {
-                answer_publish_to(
-                    state.as_deref_mut(),
-                    &self.limits,
-                    &mut self.durable_answers,
-                    publisher,
-                    seq,
-                    outcome,
-                    out,
-                );
-            }
+            let state = self.addresses.get_mut(&address_name);
+            answer_batch(state, &self.limits, &mut self.durable_answers, outcomes, out);
             return;
         }
         // Admission: a message for multicast subscribers only waits in no queue, so only the
@@ -114,7 +106,13 @@ impl AddressTable {
         end_slow_subscribers(state, &address_name, &slow, &mut self.subscriptions, out);
         self.deadline_added |= ack_deadline.is_some() && delivered_any;
         for (publisher, seq, outcome) in answers {
-            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome }));
+            match outcome {
+                Ok(()) => push_accepted(out, publisher, seq),
+                Err(refusal) => out.push((
+                    publisher.shard,
+                    ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+                )),
+            }
         }
     }
 
@@ -275,7 +273,9 @@ impl AddressTable {
                 subscriber.backlog.push_back(queued.clone());
             }
         }
-        end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
+        if !slow.is_empty() {
+            end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
+        }
         if to_anycast_queue {
             state.queued_bytes += queued.message.body().len();
             self.queued_bytes += queued.message.body().len();
@@ -311,6 +311,7 @@ impl AddressTable {
     /// consumers as the bounds above allow (in the benchmark, the generator's whole window):
     /// at most once must not mean a deeper queue than reliable. Answers leave in order, so
     /// while any are held, every publisher's are.
+    #[inline]
     fn publish_answer(
         state: Option<&mut Address>,
         limits: &AddressLimits,
@@ -319,26 +320,15 @@ impl AddressTable {
         out: &mut Vec<Outgoing>,
     ) {
         if let Some(state) = state {
-            if !state.held_answers.is_empty() {
+            if let Some(held_release_at) = state.holds_answer(limits, seq) {
+                if state.held_answers.is_empty() {
+                    state.held_release_at = held_release_at;
+                }
                 state.held_answers.push_back((publisher, seq));
                 return;
             }
-            if !state.anycast.is_empty() {
-                let high_watermark = (state.max_queued_messages(limits.max_queued_messages) / 2).max(1);
-                let queued = state.queue.len();
-                if queued >= high_watermark {
-                    state.held_release_at = None;
-                    state.held_answers.push_back((publisher, seq));
-                    return;
-                }
-                if seq == 0 && queued >= limits.max_light_lead as usize {
-                    state.held_release_at = Some(limits.max_light_lead as usize / 2);
-                    state.held_answers.push_back((publisher, seq));
-                    return;
-                }
-            }
         }
-        out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+        push_accepted(out, publisher, seq);
     }
 
     pub(super) fn release_held_answers(state: &mut Address, low_watermark: usize, out: &mut Vec<Outgoing>) {
@@ -348,8 +338,108 @@ impl AddressTable {
         }
         state.held_release_at = None;
         for (publisher, seq) in state.held_answers.drain(..) {
-            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+            push_accepted(out, publisher, seq);
         }
+    }
+}
+
+/// Answers SEND `seq` of `publisher` as accepted: joined to the answer last pushed to `out`
+/// when that one accepted the same publisher's SENDs just before it (the next seq, or another
+/// unnumbered MBLWS SEND), otherwise as a new [`ConnCommand::PublishesAccepted`]. Only the
+/// last answer is extended, so the order of everything in `out` stays as if each SEND had been
+/// answered on its own.
+#[inline]
+pub(super) fn push_accepted(out: &mut Vec<Outgoing>, publisher: ConnRef, seq: u64) {
+    push_accepted_run(out, publisher, seq, 1);
+}
+
+/// Answers `added` consecutive SENDs of `publisher` from `seq` on (`seq` 0: unnumbered ones)
+/// as accepted, joined to the last answer in `out` as [`push_accepted`] does.
+fn push_accepted_run(out: &mut Vec<Outgoing>, publisher: ConnRef, seq: u64, added: u32) {
+    if let Some((shard, ConnCommand::PublishesAccepted { publisher: conn, first_seq, count })) = out.last_mut() {
+        let next = match *first_seq {
+            0 => seq == 0,
+            first => seq == first + u64::from(*count),
+        };
+        if next && *shard == publisher.shard && *conn == publisher.conn {
+            if let Some(joined) = count.checked_add(added) {
+                *count = joined;
+                return;
+            }
+        }
+    }
+    out.push((
+        publisher.shard,
+        ConnCommand::PublishesAccepted { publisher: publisher.conn, first_seq: seq, count: added },
+    ));
+}
+
+impl Address {
+    /// Whether the answer to an accepted SEND `seq` is held back
+    /// ([`AddressTable::publish_answer`]), and if so, the queue length that releases it when it
+    /// is the first held (`None`: the quarter of the bound, as for the high watermark).
+    #[inline]
+    fn holds_answer(&self, limits: &AddressLimits, seq: u64) -> Option<Option<usize>> {
+        if !self.held_answers.is_empty() {
+            return Some(self.held_release_at);
+        }
+        if self.anycast.is_empty() {
+            return None;
+        }
+        let queued = self.queue.len();
+        if queued >= (self.max_queued_messages(limits.max_queued_messages) / 2).max(1) {
+            return Some(None);
+        }
+        if seq == 0 && queued >= limits.max_light_lead as usize {
+            return Some(Some(limits.max_light_lead as usize / 2));
+        }
+        None
+    }
+}
+
+/// Answers a batch's publishes in order, as [`answer_publish_to`] answers each, to the
+/// address whose state is `state` (`None` if it is gone). Accepted answers that go out at once
+/// are gathered here into runs of one publisher's consecutive SENDs, each one
+/// [`ConnCommand::PublishesAccepted`], instead of a call and a look at `out`'s last command
+/// per SEND.
+fn answer_batch(
+    mut state: Option<&mut Address>,
+    limits: &AddressLimits,
+    durable_answers: &mut std::collections::VecDeque<(Lsn, ConnRef, u64)>,
+    outcomes: Vec<(ConnRef, u64, Result<Option<Lsn>, Refusal>)>,
+    out: &mut Vec<Outgoing>,
+) {
+    // The run being gathered: publisher, first seq, count.
+    let mut run: Option<(ConnRef, u64, u32)> = None;
+    for (publisher, seq, outcome) in outcomes {
+        let goes_now = matches!(outcome, Ok(None))
+            && state.as_deref().is_none_or(|state| state.holds_answer(limits, seq).is_none());
+        if goes_now {
+            match &mut run {
+                Some((run_publisher, first_seq, count))
+                    if *run_publisher == publisher
+                        && *count < u32::MAX
+                        && (if *first_seq == 0 { seq == 0 } else { seq == *first_seq + u64::from(*count) }) =>
+                {
+                    *count += 1;
+                }
+                _ => {
+                    flush_run(run.take(), out);
+                    run = Some((publisher, seq, 1));
+                }
+            }
+            continue;
+        }
+        flush_run(run.take(), out);
+        answer_publish_to(state.as_deref_mut(), limits, durable_answers, publisher, seq, outcome, out);
+    }
+    flush_run(run, out);
+}
+
+/// Pushes a run gathered by [`answer_batch`] ([`push_accepted_run`]).
+fn flush_run(run: Option<(ConnRef, u64, u32)>, out: &mut Vec<Outgoing>) {
+    if let Some((publisher, first_seq, count)) = run {
+        push_accepted_run(out, publisher, first_seq, count);
     }
 }
 

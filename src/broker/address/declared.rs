@@ -162,7 +162,7 @@ impl AddressTable {
             self.settle(&name, &queued.message, queued.id);
         }
         for (publisher, seq) in state.held_answers.drain(..) {
-            out.push((publisher.shard, ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Ok(()) }));
+            super::admission::push_accepted(out, publisher, seq);
         }
         if state.declared.as_ref().is_some_and(|settings| settings.durable) {
             self.durable_addresses.retain(|pattern| *pattern != name);

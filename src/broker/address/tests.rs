@@ -193,7 +193,28 @@ fn multicast_gives_every_subscriber_every_message_and_ends_slow_ones() {
 }
 
 fn answered(out: &[Outgoing]) -> usize {
-    out.iter().filter(|(_, c)| matches!(c, ConnCommand::PublishDone { outcome: Ok(()), .. })).count()
+    publish_answers(out).iter().filter(|(_, outcome)| outcome.is_ok()).count()
+}
+
+/// The answers to publishes in `out`, one per SEND (accepted runs taken apart), in order: the
+/// seq and the refusal's code if refused.
+fn publish_answers(out: &[Outgoing]) -> Vec<(u64, Result<(), ErrorCode>)> {
+    let mut answers = Vec::new();
+    for (_, command) in out {
+        match command {
+            ConnCommand::PublishDone { seq, outcome, .. } => {
+                answers.push((*seq, outcome.as_ref().map(|_| ()).map_err(|refusal| refusal.code)))
+            }
+            ConnCommand::PublishesAccepted { first_seq: 0, count, .. } => {
+                answers.extend((0..*count).map(|_| (0, Ok(()))))
+            }
+            ConnCommand::PublishesAccepted { first_seq, count, .. } => {
+                answers.extend((*first_seq..*first_seq + u64::from(*count)).map(|seq| (seq, Ok(()))))
+            }
+            _ => {}
+        }
+    }
+    answers
 }
 
 #[test]
@@ -463,12 +484,7 @@ fn an_anycast_batch_is_bounded_like_single_publishes_and_answered_after_its_disp
     // The answers are decided after the batch's dispatch: the queue is above half of
     // max_queued_messages, so the accepted ones are held back; the refused one is not.
     let answers = |out: &[Outgoing]| -> Vec<(u64, bool)> {
-        out.iter()
-            .filter_map(|(_, command)| match command {
-                ConnCommand::PublishDone { seq, outcome, .. } => Some((*seq, outcome.is_ok())),
-                _ => None,
-            })
-            .collect()
+        publish_answers(out).into_iter().map(|(seq, outcome)| (seq, outcome.is_ok())).collect()
     };
     assert_eq!(answers(&out), vec![(6, false)]);
     assert!(refusal_reason(&out).unwrap().contains("max_queued_messages"));
@@ -606,15 +622,11 @@ fn a_batch_reaches_each_multicast_subscriber_in_one_command_in_order() {
     assert_eq!(to(1, &out), ["m0", "m1", "m2", "m3", "m4"]);
     assert_eq!(to(2, &out), ["m0", "m1"]);
     // Every SEND is answered, in order, after the deliveries it caused.
-    let answers: Vec<u64> = out
-        .iter()
-        .filter_map(|(_, c)| match c {
-            ConnCommand::PublishDone { seq, outcome: Ok(()), .. } => Some(*seq),
-            _ => None,
-        })
-        .collect();
+    let answers: Vec<u64> =
+        publish_answers(&out).into_iter().filter(|(_, outcome)| outcome.is_ok()).map(|(seq, _)| seq).collect();
     assert_eq!(answers, [1, 2, 3, 4, 5]);
-    assert!(matches!(out.last(), Some((_, ConnCommand::PublishDone { seq: 5, .. }))));
+    // One command answers the whole run of accepted SENDs.
+    assert!(matches!(out.last(), Some((_, ConnCommand::PublishesAccepted { first_seq: 1, count: 5, .. }))));
     // The rest waits in the slow subscriber's backlog and follows, in order, as it acknowledges.
     out.clear();
     ack(&mut table, 2, &[1, 2], &mut out);
@@ -964,12 +976,7 @@ fn a_failed_log_drops_what_waits_for_it_and_refuses_ids_it_cannot_reserve() {
 
 /// The outcomes (`Ok` or the refusal's code) of the publishes answered in `out`.
 fn publish_outcomes(out: &[Outgoing]) -> Vec<Result<(), u16>> {
-    out.iter()
-        .filter_map(|(_, command)| match command {
-            ConnCommand::PublishDone { outcome, .. } => Some(outcome.as_ref().map(|_| ()).map_err(|r| r.code.as_u16())),
-            _ => None,
-        })
-        .collect()
+    publish_answers(out).into_iter().map(|(_, outcome)| outcome.map_err(ErrorCode::as_u16)).collect()
 }
 
 fn declared(max_queued_messages: u32, routing: Routing) -> AddressSettings {
