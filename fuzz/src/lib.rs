@@ -512,7 +512,10 @@ fn walk_records(data: &[u8]) -> (Vec<(tls_records::Header, usize)>, Option<tls_r
 /// bytes as plaintext: the input's first byte picks TLS 1.3 or 1.2 and AES-256-GCM or
 /// ChaCha20-Poly1305, its next eight the sequence number and one more the content type; the
 /// record sealed in place opens with rustls's own decrypter to exactly that plaintext
-/// (`seal_and_open_with_rustls`).
+/// (`seal_and_open_with_rustls`); and the other way round, the record rustls's own encrypter
+/// seals opens with the layer's opener, its plaintext moved toward the front by 3 times the
+/// next byte, and fails to open when damaged, cut or at another sequence number
+/// (`seal_with_rustls_and_open`).
 pub fn tls_records(data: &[u8]) {
     tls_records_parsed(data);
     let mut input = Input::new(data);
@@ -520,8 +523,10 @@ pub fn tls_records(data: &[u8]) {
     // Below the layer's own sequence limit, which it never seals at.
     let seq = input.u64() % 0xffff_ffff_ffff_0000;
     let typ = [21, 22, 23][usize::from(input.byte() % 3)];
+    let shift = usize::from(input.byte()) * 3;
     let plaintext = input.take(tls_records::MAX_PLAINTEXT_BYTES);
     tls_records::seal_and_open_with_rustls(flags & 1 == 1, flags & 2 == 2, seq, typ, plaintext);
+    tls_records::seal_with_rustls_and_open(flags & 1 == 1, flags & 2 == 2, seq, typ, plaintext, shift);
 }
 
 fn tls_records_parsed(data: &[u8]) {

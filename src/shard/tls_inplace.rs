@@ -1,11 +1,15 @@
 //! TLS with the in-place record layer (`--tls-records in-place`, the default): rustls's
 //! `UnbufferedServerConnection` does the handshake, [`crate::tls::records`] the records.
 //!
-//! Reading: the socket reads into the connection's own ciphertext buffer (`Inbox`); each
-//! whole record is decrypted where it lies and its plaintext copied once into the reader's
-//! buffer (the WebSocket decoder's), where rustls's buffered connection copies every byte three
-//! times (into its deframer, into its plaintext queue, out to the reader). A record cut by the
-//! end of a read stays, and the next read appends to it.
+//! Reading: when the reader's buffer (the WebSocket decoder's) has room for the record that
+//! comes next, the socket reads straight into it and each whole record is opened there, its
+//! plaintext moved up against the one before in the same pass as the decryption: no copy. The
+//! record cut by the end of a read waits in the connection's `Inbox` and is put back in front
+//! of the next read. When the reader's buffer is too small for the record (an idle
+//! connection's few hundred bytes, a large record), the socket reads into the inbox and each
+//! whole record's plaintext is copied once into the reader's buffer. rustls's buffered
+//! connection copies every byte three times (into its deframer, into its plaintext queue, out
+//! to the reader).
 //!
 //! Writing: each record is sealed in place at the end of one write buffer: its plaintext is
 //! copied there once from the batch's iovecs and encrypted where it lies (the only copy on the
@@ -84,6 +88,15 @@ struct Inbox {
     last_read_busy: bool,
 }
 
+/// Where the next socket read goes ([`Inbox::plan_read`]).
+#[derive(Debug, PartialEq, Eq)]
+enum ReadInto {
+    /// Straight into the reader's buffer, records opened there.
+    Tail,
+    /// Into the inbox, plaintext copied out.
+    Inbox,
+}
+
 /// What [`Inbox::fill`] got.
 #[derive(Debug, PartialEq, Eq)]
 enum Filled {
@@ -136,7 +149,8 @@ impl Inbox {
             };
             let payload = self.start + payload.start..self.start + payload.end;
             self.start = payload.end;
-            match layer.open(header, &mut self.buf, payload)? {
+            let to = payload.start;
+            match layer.open(header, &mut self.buf, payload, to)? {
                 Opened::Data(range) => self.plain = range,
                 Opened::Nothing => {}
                 Opened::Closed => break,
@@ -160,6 +174,89 @@ impl Inbox {
         out.extend_from_slice(&self.buf[self.plain.start..self.plain.start + taken]);
         self.plain.start += taken;
         taken
+    }
+
+    /// Where the next read goes: into the reader's `tail` when its spare room holds at least the
+    /// record the inbox holds the start of (or a header, when it holds none), so that records
+    /// are opened where they were read; else into the inbox. Called once everything in the
+    /// inbox that can be handed out has been.
+    fn plan_read(&self, tail: &BytesMut) -> ReadInto {
+        debug_assert!(self.plain.is_empty() && self.early.is_empty() && self.failed.is_none());
+        let record = match records::parse_header(self.unread()) {
+            Ok(Some(header)) => records::HEADER_BYTES + header.len,
+            _ => records::HEADER_BYTES.max(self.unread().len() + 1),
+        };
+        if tail.capacity() - tail.len() >= record {
+            ReadInto::Tail
+        } else {
+            ReadInto::Inbox
+        }
+    }
+
+    /// Moves the unopened ciphertext (the start of a record) to the end of `tail`, where the
+    /// next read appends to it; returns where the tail's plaintext ends (the ciphertext's start).
+    fn carry_into(&mut self, tail: &mut BytesMut) -> usize {
+        let from = tail.len();
+        tail.extend_from_slice(self.unread());
+        self.buf.clear();
+        self.start = 0;
+        self.plain = 0..0;
+        from
+    }
+
+    /// Opens the whole records in `tail[from..]` (ciphertext read into the tail) where they lie,
+    /// each one's plaintext moved up against the one before (ring decrypts and moves in one
+    /// pass), so the tail ends with plaintext only; the record cut by the end of the read goes
+    /// back to the inbox. A record that ends the session is reported after the plaintext before
+    /// it, as [`Inbox::fill`] does.
+    fn open_in_tail(&mut self, layer: &mut RecordLayer, tail: &mut BytesMut, from: usize) -> Result<Filled, Fatal> {
+        debug_assert!(self.unread().is_empty(), "the inbox's ciphertext was carried into the tail");
+        let read = tail.len() - from;
+        let (mut read_at, mut write_at) = (from, from);
+        let mut failed = None;
+        while !layer.peer_closed() {
+            let next = match records::next_record(&tail[read_at..]) {
+                Ok(next) => next,
+                Err(fatal) => {
+                    layer.refuse(&fatal);
+                    failed = Some(fatal);
+                    break;
+                }
+            };
+            let Some((header, payload)) = next else {
+                break;
+            };
+            let payload = read_at + payload.start..read_at + payload.end;
+            read_at = payload.end;
+            match layer.open(header, &mut tail[..], payload, write_at) {
+                Ok(Opened::Data(range)) => write_at = range.end,
+                Ok(Opened::Nothing | Opened::Closed) => {}
+                Err(fatal) => {
+                    failed = Some(fatal);
+                    break;
+                }
+            }
+        }
+        if failed.is_none() && !layer.peer_closed() {
+            self.buf.extend_from_slice(&tail[read_at..]);
+        }
+        self.last_read_busy = read >= TLS_IDLE_READ_BYTES;
+        if self.buf.is_empty() && !self.last_read_busy && self.buf.capacity() > 2 * TLS_IDLE_READ_BYTES {
+            // An idle connection lets a large carried record's buffer go.
+            self.buf = Vec::new();
+        }
+        tail.truncate(write_at);
+        let appended = write_at - from;
+        match failed {
+            Some(fatal) if appended == 0 => Err(fatal),
+            Some(fatal) => {
+                self.failed = Some(fatal);
+                Ok(Filled::Bytes(appended))
+            }
+            None if appended > 0 => Ok(Filled::Bytes(appended)),
+            None if layer.peer_closed() => Ok(Filled::Ended),
+            None => Ok(Filled::NeedCiphertext),
+        }
     }
 
     /// Reads once from the socket after the unopened ciphertext (moved to the front), with room
@@ -302,8 +399,10 @@ fn fatal_error(fatal: Fatal) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {}", fatal.reason))
 }
 
-/// Copies plaintext to `tail` from the inbox, reading the socket when it needs more; the
-/// reader's loop (the handshake is over).
+/// Gives `tail` plaintext, reading the socket when it needs more; the reader's loop (the
+/// handshake is over). Records are read straight into the tail's spare room and opened there,
+/// shifted to close the gaps their headers and tags leave, when it has room for them
+/// ([`Inbox::plan_read`]); otherwise into the inbox, whose plaintext is then copied.
 async fn read_records<R: AsyncReadRent>(
     layer: &RefCell<RecordLayer>,
     inbox: &mut Inbox,
@@ -317,7 +416,28 @@ async fn read_records<R: AsyncReadRent>(
             Filled::Ended => return Ok(0),
             Filled::NeedCiphertext => {}
         }
-        if inbox.read_from(socket, usize::MAX).await? == 0 {
+        let read = if inbox.plan_read(tail) == ReadInto::Tail {
+            let from = inbox.carry_into(tail);
+            let (result, buf) = socket.read(ReadTail(std::mem::take(tail))).await;
+            *tail = buf.0;
+            match result {
+                Ok(read) if read > 0 => {
+                    match inbox.open_in_tail(&mut layer.borrow_mut(), tail, from).map_err(fatal_error)? {
+                        Filled::Bytes(read) => return Ok(read),
+                        Filled::Ended => return Ok(0),
+                        Filled::NeedCiphertext => continue,
+                    }
+                }
+                result => {
+                    // The carried ciphertext is not the reader's: it goes before the result.
+                    tail.truncate(from);
+                    result?
+                }
+            }
+        } else {
+            inbox.read_from(socket, usize::MAX).await?
+        };
+        if read == 0 {
             // The end of the stream, with or without a close_notify first.
             return Ok(0);
         }
@@ -693,6 +813,131 @@ mod tests {
             }
         }
         Ok(received)
+    }
+
+    /// Gives `wire` to the broker's side as `read_records` does, with reads of 1 to 20,000
+    /// bytes (at most the room): each read goes where [`Inbox::plan_read`] says, into the
+    /// reader's buffer (`capacity` bytes, emptied after each read as the decoder would) or into
+    /// the inbox.
+    fn feed_as_reads(
+        layer: &mut RecordLayer,
+        inbox: &mut Inbox,
+        wire: &[u8],
+        capacity: usize,
+    ) -> Result<Vec<u8>, Fatal> {
+        let (mut received, mut offset, mut step) = (Vec::new(), 0, 0usize);
+        let mut tail = BytesMut::with_capacity(capacity);
+        let (mut into_tail, mut into_inbox) = (0, 0);
+        loop {
+            loop {
+                match inbox.fill(layer, &mut tail)? {
+                    Filled::Bytes(_) => {
+                        received.extend_from_slice(&tail);
+                        tail.clear();
+                    }
+                    Filled::Ended => return Ok(received),
+                    Filled::NeedCiphertext => break,
+                }
+            }
+            if offset == wire.len() {
+                assert!(into_tail > 0, "some reads went straight into the reader's buffer");
+                assert!(capacity > records::MAX_RECORD_BYTES || into_inbox > 0, "some records were too large for it");
+                return Ok(received);
+            }
+            step = (step * 7919 + 13) % 20_000 + 1;
+            if inbox.plan_read(&tail) == ReadInto::Tail {
+                into_tail += 1;
+                let from = inbox.carry_into(&mut tail);
+                let room = tail.capacity() - tail.len();
+                let end = (offset + step.min(room)).min(wire.len());
+                tail.extend_from_slice(&wire[offset..end]);
+                offset = end;
+                match inbox.open_in_tail(layer, &mut tail, from)? {
+                    Filled::Bytes(read) => {
+                        assert_eq!(read, tail.len());
+                        received.extend_from_slice(&tail);
+                        tail.clear();
+                    }
+                    Filled::Ended => return Ok(received),
+                    Filled::NeedCiphertext => assert_eq!(tail.len(), 0, "no ciphertext is left in the reader's buffer"),
+                }
+            } else {
+                into_inbox += 1;
+                let end = (offset + step).min(wire.len());
+                inbox.buf.extend_from_slice(&wire[offset..end]);
+                offset = end;
+            }
+        }
+    }
+
+    /// A client's records, large and small, with its KeyUpdates (TLS 1.3) between them, read
+    /// straight into the reader's buffer and opened there (records cut by a read carried to the
+    /// next), or through the inbox when the buffer is too small for a record: what the broker
+    /// gets is exactly what the client wrote, in TLS 1.3 and 1.2, and the client's close_notify
+    /// ends the stream after it.
+    #[test]
+    fn records_read_straight_into_the_readers_buffer_arrive_whole_and_in_order() {
+        for version in VERSIONS {
+            for capacity in [600, 5_000, 70_000] {
+                let (mut client, mut layer, mut inbox) = handshaken(version);
+                let (mut expected, mut wire) = (Vec::new(), Vec::new());
+                for index in 0..1_500u32 {
+                    let piece = if index % 300 == 0 {
+                        vec![(index % 251) as u8; 40_000]
+                    } else {
+                        format!("{index};").into_bytes()
+                    };
+                    client.writer().write_all(&piece).unwrap();
+                    if version == &rustls::version::TLS13 && index % 300 == 150 {
+                        client.refresh_traffic_keys().unwrap();
+                    }
+                    wire.extend(client_output(&mut client));
+                    expected.extend_from_slice(&piece);
+                }
+                client.send_close_notify();
+                wire.extend(client_output(&mut client));
+                // Bytes after the close_notify are never opened.
+                wire.extend_from_slice(&[23, 3, 3, 0, 1, 0]);
+                let received = feed_as_reads(&mut layer, &mut inbox, &wire, capacity).unwrap();
+                assert_eq!(received.len(), expected.len(), "{version:?}, room {capacity}");
+                assert!(received == expected, "{version:?}, room {capacity}: the plaintext differs");
+                assert!(layer.peer_closed(), "{version:?}, room {capacity}: the close_notify was seen");
+            }
+        }
+    }
+
+    /// A record damaged in flight, read straight into the reader's buffer: the records before it
+    /// in the same read are delivered, then the damaged one is refused with bad_record_mac (sent
+    /// to the client) and the session ends; the reader's buffer holds no ciphertext.
+    #[test]
+    fn a_damaged_record_read_into_the_readers_buffer_is_refused_after_what_came_before() {
+        for version in VERSIONS {
+            let (mut client, mut layer, mut inbox) = handshaken(version);
+            client.writer().write_all(b"first").unwrap();
+            let mut wire = client_output(&mut client);
+            let first = wire.len();
+            client.writer().write_all(b"second").unwrap();
+            wire.extend(client_output(&mut client));
+            wire[first + 9] ^= 0x40;
+            let mut tail = BytesMut::with_capacity(4096);
+            tail.extend_from_slice(b"frame");
+            assert_eq!(inbox.plan_read(&tail), ReadInto::Tail);
+            let from = inbox.carry_into(&mut tail);
+            tail.extend_from_slice(&wire);
+            assert_eq!(inbox.open_in_tail(&mut layer, &mut tail, from), Ok(Filled::Bytes(5)), "{version:?}");
+            assert_eq!(&tail[..], b"framefirst", "{version:?}");
+            let refused = inbox.fill(&mut layer, &mut tail).unwrap_err();
+            assert_eq!(refused.alert, Some(records::Alert::BadRecordMac), "{version:?}");
+            assert_eq!(refused.reason, "a record failed authentication");
+            let mut alert = Vec::new();
+            layer.take_queued(&mut alert);
+            assert_eq!(
+                client_input(&mut client, &alert),
+                Err(rustls::Error::AlertReceived(AlertDescription::BadRecordMac)),
+                "{version:?}"
+            );
+            assert!(layer.is_closed(), "{version:?}");
+        }
     }
 
     /// Small and large writes, each its own record (or several), with the client's KeyUpdates

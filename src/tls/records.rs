@@ -7,20 +7,20 @@
 //! (`dangerous_into_kernel_connection`, the API it offers for kTLS) and keeps a
 //! [`KernelConnection`] that derives the next secrets on a KeyUpdate.
 //!
-//! Opening is rustls's: the decrypter is built by the negotiated suite's own
-//! `Tls13AeadAlgorithm` / `Tls12AeadAlgorithm` from the extracted key and IV; it builds the
-//! nonce and the additional data, checks the tag and (TLS 1.3) strips the inner content type
-//! and padding, in place in the buffer it is given.
-//!
-//! Sealing is ring's AEAD (the primitive rustls's own encrypters call) in place: rustls 0.23's
-//! `MessageEncrypter` allocates every record and copies the plaintext into it, so the writer
-//! would copy each byte twice. Here the header (and TLS 1.2 AES-GCM's explicit nonce) is put in
-//! the write buffer, the plaintext copied once after it, encrypted where it lies, and the tag
-//! appended ([`Sealer`]). The nonce and additional-data rules are the RFCs' (RFC 8446 5.2-5.3;
-//! RFC 5246 6.2.3.3 with RFC 5288 3 for AES-GCM, RFC 7905 2 for ChaCha20-Poly1305), checked
-//! against rustls's decrypters for every suite and at large sequence numbers by this module's
-//! tests. The rest is framing: the 5-byte record headers, sequence numbers, what a TLS 1.2 or
-//! 1.3 server must refuse after its handshake, KeyUpdates, the suite's confidentiality limit.
+//! Opening and sealing are ring's AEAD (the primitive rustls's own decrypters and encrypters
+//! call), in place: rustls 0.23's `MessageEncrypter` allocates every record and copies the
+//! plaintext into it, and its decrypters leave the plaintext where the ciphertext was, so the
+//! reader would copy it out. Here the writer puts the header (and TLS 1.2 AES-GCM's explicit
+//! nonce) in the write buffer, copies the plaintext once after it, encrypts it where it lies
+//! and appends the tag ([`Sealer`]); the reader opens each record in the buffer it was read
+//! into, its plaintext moved up against the previous record's in the same pass (ring's
+//! `open_within`), so the WebSocket decoder's buffer holds plaintext only ([`Opener`]). The
+//! nonce and additional-data rules are the RFCs' (RFC 8446 5.2-5.4; RFC 5246 6.2.3.3 with RFC
+//! 5288 3 for AES-GCM, RFC 7905 2 for ChaCha20-Poly1305), checked against rustls's decrypters
+//! and encrypters for every suite and at large sequence numbers by this module's tests. The
+//! rest is framing: the 5-byte record headers, sequence numbers, TLS 1.3's inner content type
+//! and padding, what a TLS 1.2 or 1.3 server must refuse after its handshake, KeyUpdates, the
+//! suite's confidentiality limit.
 //!
 //! Refused, each with the alert the protocol names (then the connection closes): a record
 //! longer than 2^14 + 256 bytes (record_overflow), a record that fails authentication
@@ -152,13 +152,6 @@ enum Version {
     Tls13,
 }
 
-/// The reading direction's AEAD state.
-struct Direction<T: ?Sized> {
-    cipher: Box<T>,
-    /// The sequence number of the next record.
-    seq: u64,
-}
-
 /// The writing direction: the suite's AEAD in ring, sealing records in place.
 pub struct Sealer {
     key: aead::LessSafeKey,
@@ -179,19 +172,8 @@ const EXPLICIT_NONCE_BYTES: usize = 8;
 impl Sealer {
     /// The sealing side of `secrets` (a TLS 1.3 session when `tls13`), next record `seq`.
     pub fn new(tls13: bool, secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<Sealer, rustls::Error> {
-        let (algorithm, gcm, key, iv) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, true, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, true, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, false, key, iv),
-            _ => {
-                return Err(rustls::Error::General("traffic secrets of an AEAD this record layer does not know".into()))
-            }
-        };
-        let key = aead::UnboundKey::new(algorithm, key.as_ref())
-            .map_err(|_| rustls::Error::General("an extracted traffic key of the wrong length".into()))?;
-        let iv =
-            iv.as_ref().try_into().map_err(|_| rustls::Error::General("an extracted IV of the wrong length".into()))?;
-        Ok(Sealer { key: aead::LessSafeKey::new(key), iv, tls13, explicit_nonce: gcm && !tls13, seq })
+        let RingKey { key, iv, gcm } = RingKey::new(secrets)?;
+        Ok(Sealer { key, iv, tls13, explicit_nonce: gcm && !tls13, seq })
     }
 
     /// The sequence number of the next record.
@@ -261,6 +243,123 @@ impl Sealer {
     }
 }
 
+/// A direction's key and IV in ring's form, from rustls's extracted secrets.
+struct RingKey {
+    key: aead::LessSafeKey,
+    iv: [u8; aead::NONCE_LEN],
+    /// AES-GCM (TLS 1.2 sends part of its nonce in each record), not ChaCha20-Poly1305.
+    gcm: bool,
+}
+
+impl RingKey {
+    fn new(secrets: &ConnectionTrafficSecrets) -> Result<RingKey, rustls::Error> {
+        let (algorithm, gcm, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, true, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, true, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, false, key, iv),
+            _ => {
+                return Err(rustls::Error::General("traffic secrets of an AEAD this record layer does not know".into()))
+            }
+        };
+        let key = aead::UnboundKey::new(algorithm, key.as_ref())
+            .map_err(|_| rustls::Error::General("an extracted traffic key of the wrong length".into()))?;
+        let iv =
+            iv.as_ref().try_into().map_err(|_| rustls::Error::General("an extracted IV of the wrong length".into()))?;
+        Ok(RingKey { key: aead::LessSafeKey::new(key), iv, gcm })
+    }
+}
+
+/// The reading direction: the suite's AEAD in ring, opening records in place (or shifted
+/// toward the front of the same buffer, which ring's AEADs do in the same pass).
+pub struct Opener {
+    key: aead::LessSafeKey,
+    /// The read IV. The nonce is this XOR the sequence number (TLS 1.3, RFC 8446 5.3; TLS 1.2
+    /// ChaCha20-Poly1305, RFC 7905 2), or for TLS 1.2 AES-GCM its first 4 bytes (the salt)
+    /// followed by the 8 bytes the record carries before its ciphertext (RFC 5288 3).
+    iv: [u8; aead::NONCE_LEN],
+    tls13: bool,
+    explicit_nonce: bool,
+    /// The sequence number of the next record.
+    seq: u64,
+}
+
+impl Opener {
+    /// The opening side of `secrets` (a TLS 1.3 session when `tls13`), next record `seq`.
+    pub fn new(tls13: bool, secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<Opener, rustls::Error> {
+        let RingKey { key, iv, gcm } = RingKey::new(secrets)?;
+        Ok(Opener { key, iv, tls13, explicit_nonce: gcm && !tls13, seq })
+    }
+
+    /// The sequence number of the next record.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Opens the record whose header is `header` and whose payload is `buf[payload]`, writing
+    /// its plaintext from `buf[to]` on (`to <= payload.start`: in place, or shifted toward the
+    /// front over bytes already used, such as earlier records' headers and tags). Returns the
+    /// record's content type (TLS 1.3's inner one, its padding stripped) and the plaintext's
+    /// range. On an error the sequence number is unchanged and `buf[to..payload.end]` holds
+    /// nothing of use.
+    pub fn open(
+        &mut self,
+        header: Header,
+        buf: &mut [u8],
+        payload: Range<usize>,
+        to: usize,
+    ) -> Result<(u8, Range<usize>), Fatal> {
+        assert!(to <= payload.start && payload.end <= buf.len(), "the plaintext goes at or before the payload");
+        let explicit = if self.explicit_nonce { EXPLICIT_NONCE_BYTES } else { 0 };
+        let tag_len = self.key.algorithm().tag_len();
+        if payload.len() < explicit + tag_len {
+            return Err(Fatal::new(Alert::BadRecordMac, "a record too short to hold its nonce and tag"));
+        }
+        let plaintext_len = payload.len() - explicit - tag_len;
+        let mut nonce = self.iv;
+        if explicit > 0 {
+            nonce[4..].copy_from_slice(&buf[payload.start..payload.start + EXPLICIT_NONCE_BYTES]);
+        } else {
+            for (byte, seq) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+                *byte ^= seq;
+            }
+        }
+        let nonce = aead::Nonce::assume_unique_for_key(nonce);
+        let [version_high, version_low] = header.version.to_be_bytes();
+        let in_out = &mut buf[to..payload.end];
+        let ciphertext = payload.start + explicit - to..;
+        let opened = if self.tls13 {
+            // The additional data is the record's header (RFC 8446 5.2).
+            let length = (payload.len() as u16).to_be_bytes();
+            let aad = [header.typ, version_high, version_low, length[0], length[1]];
+            self.key.open_within(nonce, aead::Aad::from(aad), in_out, ciphertext)
+        } else {
+            // seq_num, type, version, length of the plaintext (RFC 5246 6.2.3.3).
+            let mut aad = [0u8; 13];
+            aad[..8].copy_from_slice(&self.seq.to_be_bytes());
+            aad[8..11].copy_from_slice(&[header.typ, version_high, version_low]);
+            aad[11..].copy_from_slice(&(plaintext_len as u16).to_be_bytes());
+            self.key.open_within(nonce, aead::Aad::from(aad), in_out, ciphertext)
+        };
+        let plaintext = opened.map_err(|_| Fatal::new(Alert::BadRecordMac, "a record failed authentication"))?;
+        debug_assert_eq!(plaintext.len(), plaintext_len);
+        self.seq += 1;
+        if !self.tls13 {
+            if plaintext_len > MAX_PLAINTEXT_BYTES {
+                return Err(Fatal::new(Alert::RecordOverflow, "a record with more than 2^14 bytes of plaintext"));
+            }
+            return Ok((header.typ, to..to + plaintext_len));
+        }
+        // TLSInnerPlaintext: the content, its type, then zeros (RFC 8446 5.2, 5.4).
+        if plaintext_len > MAX_PLAINTEXT_BYTES + 1 {
+            return Err(Fatal::new(Alert::RecordOverflow, "a record with more than 2^14 bytes of plaintext"));
+        }
+        let Some(typ_at) = plaintext.iter().rposition(|&byte| byte != 0) else {
+            return Err(Fatal::new(Alert::UnexpectedMessage, "a protected record without a content type"));
+        };
+        Ok((plaintext[typ_at], to..to + typ_at))
+    }
+}
+
 /// The record layer of one TLS session after its handshake. Owned by a connection's stream;
 /// once the connection is split, its reader opens records and its writer seals them, one at a
 /// time (the stream shares it in an `Rc<RefCell<..>>`, borrowed between awaits only).
@@ -268,7 +367,7 @@ pub struct RecordLayer {
     version: Version,
     suite: SupportedCipherSuite,
     kernel: KernelConnection<ServerConnectionData>,
-    rx: Direction<dyn MessageDecrypter>,
+    rx: Opener,
     tx: Sealer,
     /// The sequence number at which the write keys are refreshed (1.3) or the session closes
     /// (1.2): the suite's confidentiality limit, or [`SEQ_LIMIT`].
@@ -352,7 +451,7 @@ impl RecordLayer {
         Ok(RecordLayer {
             version,
             suite,
-            rx: Direction { cipher: decrypter(suite, rx_secrets)?, seq: rx_seq },
+            rx: Opener::new(version == Version::Tls13, &rx_secrets, rx_seq)?,
             tx: Sealer::new(version == Version::Tls13, &tx_secrets, tx_seq)?,
             tx_limit: confidentiality_limit(suite).min(SEQ_LIMIT),
             kernel,
@@ -380,20 +479,27 @@ impl RecordLayer {
         self.tx_limit = self.tx.seq + records;
     }
 
-    /// Opens the record whose header is `header` and whose payload is `buf[payload]`, in place.
+    /// Opens the record whose header is `header` and whose payload is `buf[payload]`, its
+    /// plaintext written from `buf[to]` on (`to <= payload.start`; see [`Opener::open`]).
     /// On a [`Fatal`] error the alert it names is queued (see [`RecordLayer::take_queued`])
     /// and nothing more is opened or sealed.
-    pub fn open(&mut self, header: Header, buf: &mut [u8], payload: Range<usize>) -> Result<Opened, Fatal> {
+    pub fn open(&mut self, header: Header, buf: &mut [u8], payload: Range<usize>, to: usize) -> Result<Opened, Fatal> {
         assert!(payload.end <= buf.len() && payload.len() == header.len, "the payload is the record's, in the buffer");
         assert!(!self.peer_closed, "no record is opened after the peer's close_notify");
-        let opened = self.open_checked(header, buf, payload);
+        let opened = self.open_checked(header, buf, payload, to);
         if let Err(fatal) = &opened {
             self.refuse(fatal);
         }
         opened
     }
 
-    fn open_checked(&mut self, header: Header, buf: &mut [u8], payload: Range<usize>) -> Result<Opened, Fatal> {
+    fn open_checked(
+        &mut self,
+        header: Header,
+        buf: &mut [u8],
+        payload: Range<usize>,
+        to: usize,
+    ) -> Result<Opened, Fatal> {
         if self.closed {
             return Err(Fatal { alert: None, reason: "a record after the session ended" });
         }
@@ -410,29 +516,7 @@ impl RecordLayer {
         if self.rx.seq >= SEQ_LIMIT {
             return Err(Fatal { alert: None, reason: "the read sequence number reached its limit" });
         }
-        let base = buf.as_ptr() as usize;
-        let message = InboundOpaqueMessage::new(
-            ContentType::from(header.typ),
-            ProtocolVersion::from(header.version),
-            &mut buf[payload.clone()],
-        );
-        let plain = self.rx.cipher.decrypt(message, self.rx.seq).map_err(|error| match error {
-            rustls::Error::DecryptError => Fatal::new(Alert::BadRecordMac, "a record failed authentication"),
-            rustls::Error::PeerSentOversizedRecord => {
-                Fatal::new(Alert::RecordOverflow, "a record with more than 2^14 bytes of plaintext")
-            }
-            _ => Fatal::new(Alert::UnexpectedMessage, "a record with an invalid inner plaintext"),
-        })?;
-        self.rx.seq += 1;
-        // The plaintext lies inside the record's payload (rustls decrypts in place): find its
-        // range in `buf` from the addresses.
-        let start = plain.payload.as_ptr() as usize - base;
-        let range = start..start + plain.payload.len();
-        assert!(
-            payload.start <= range.start && range.end <= payload.end,
-            "the plaintext lies inside the record's payload"
-        );
-        let typ = u8::from(plain.typ);
+        let (typ, range) = self.rx.open(header, buf, payload, to)?;
         match typ {
             APPLICATION_DATA => self.application_data(range),
             ALERT => self.alert(&buf[range]),
@@ -502,11 +586,8 @@ impl RecordLayer {
             .kernel
             .update_rx_secret()
             .map_err(|_| Fatal::new(Alert::InternalError, "cannot derive the next read key"))?;
-        self.rx = Direction {
-            cipher: decrypter(self.suite, secrets)
-                .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next read key"))?,
-            seq: 0,
-        };
+        self.rx = Opener::new(self.version == Version::Tls13, &secrets, 0)
+            .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next read key"))?;
         if update_requested && !self.key_update_queued {
             // Our KeyUpdate goes out under the current write key, then the key changes: the
             // writer sends the queue before the next record it seals.
@@ -641,23 +722,8 @@ impl RecordLayer {
 /// caller build only 32-byte keys, so AES-128-GCM is checked through real handshakes instead.
 #[doc(hidden)]
 pub fn seal_and_open_with_rustls(tls13: bool, aes: bool, seq: u64, typ: u8, plaintext: &[u8]) {
-    use rustls::crypto::ring::cipher_suite as suites;
     assert!(plaintext.len() <= MAX_PLAINTEXT_BYTES && (ALERT..=APPLICATION_DATA).contains(&typ));
-    let suite = match (tls13, aes) {
-        (true, true) => suites::TLS13_AES_256_GCM_SHA384,
-        (true, false) => suites::TLS13_CHACHA20_POLY1305_SHA256,
-        (false, true) => suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        (false, false) => suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-    };
-    let secrets = || {
-        let key = rustls::crypto::cipher::AeadKey::from(std::array::from_fn(|index| index as u8 * 7 + 1));
-        let iv = rustls::crypto::cipher::Iv::from(std::array::from_fn(|index| 0xa0 ^ (index as u8 * 13)));
-        if aes {
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-        } else {
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
-        }
-    };
+    let (suite, secrets) = test_suite_and_secrets(tls13, aes);
     let name = suite.suite();
     let mut sealer = Sealer::new(tls13, &secrets(), seq).expect("a sealer for the suite");
     let mut opener = decrypter(suite, secrets()).expect("rustls's decrypter for the suite");
@@ -695,6 +761,85 @@ pub fn seal_and_open_with_rustls(tls13: bool, aes: bool, seq: u64, typ: u8, plai
         .unwrap_or_else(|error| panic!("{name:?} seq {seq} type {typ}: rustls refused our record: {error:?}"));
     assert_eq!(u8::from(opened.typ), typ, "{name:?} seq {seq}: the inner type");
     assert!(opened.payload == plaintext, "{name:?} seq {seq}: another plaintext");
+}
+
+/// Seals `plaintext` (at most 2^14 bytes) as one record of content type `typ` at sequence
+/// number `seq` with rustls's own encrypter of the suite (as [`seal_and_open_with_rustls`]
+/// chooses it), and opens it with this module's [`Opener`], its plaintext shifted `shift`
+/// bytes toward the front of the buffer (as the reader does to close the gaps between
+/// records). Panics unless it opens to `typ` and `plaintext` at the shifted place, and unless
+/// a changed byte, another sequence number, or a cut record fails to open. For this module's
+/// tests and the `tls_records` fuzz target.
+#[doc(hidden)]
+pub fn seal_with_rustls_and_open(tls13: bool, aes: bool, seq: u64, typ: u8, plaintext: &[u8], shift: usize) {
+    use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
+    assert!(plaintext.len() <= MAX_PLAINTEXT_BYTES && (ALERT..=APPLICATION_DATA).contains(&typ));
+    let (suite, secrets) = test_suite_and_secrets(tls13, aes);
+    let name = suite.suite();
+    let (key, iv) = key_and_iv(secrets()).expect("a key and an IV");
+    let mut encrypter = match suite {
+        SupportedCipherSuite::Tls13(suite) => suite.aead_alg.encrypter(key, iv),
+        SupportedCipherSuite::Tls12(suite) => {
+            let fixed = suite.aead_alg.key_block_shape().fixed_iv_len;
+            suite.aead_alg.encrypter(key, &iv.as_ref()[..fixed], &iv.as_ref()[fixed..])
+        }
+    };
+    let message = OutboundPlainMessage {
+        typ: ContentType::from(typ),
+        version: ProtocolVersion::TLSv1_2,
+        payload: OutboundChunks::from(plaintext),
+    };
+    let record = encrypter.encrypt(message, seq).expect("rustls sealed the record").encode();
+    let opener = || Opener::new(tls13, &secrets(), seq).expect("an opener for the suite");
+    let open = |opener: &mut Opener, record: &[u8]| {
+        let mut buf = vec![0xee; shift];
+        buf.extend_from_slice(record);
+        let (header, payload) = match next_record(&buf[shift..]) {
+            Ok(Some((header, payload))) => (header, shift + payload.start..shift + payload.end),
+            other => return Err(format!("not one whole record: {other:?}")),
+        };
+        let (opened_typ, range) =
+            opener.open(header, &mut buf, payload, 0).map_err(|fatal| fatal.reason.to_string())?;
+        Ok((opened_typ, buf[range].to_vec()))
+    };
+    let mut damaged = record.clone();
+    let middle = HEADER_BYTES + (damaged.len() - HEADER_BYTES) / 2;
+    damaged[middle] ^= 0x20;
+    assert!(open(&mut opener(), &damaged).is_err(), "{name:?} seq {seq}: a damaged record opened");
+    let mut other_seq = Opener::new(tls13, &secrets(), seq ^ 1).expect("an opener");
+    assert!(open(&mut other_seq, &record).is_err(), "{name:?} seq {seq}: a record opened at another sequence number");
+    let mut cut = record[..record.len() - 1].to_vec();
+    let cut_len = (cut.len() - HEADER_BYTES) as u16;
+    cut[3..5].copy_from_slice(&cut_len.to_be_bytes());
+    assert!(open(&mut opener(), &cut).is_err(), "{name:?} seq {seq}: a cut record opened");
+    let mut opener = opener();
+    let (opened_typ, opened) = open(&mut opener, &record)
+        .unwrap_or_else(|error| panic!("{name:?} seq {seq}: rustls's record did not open: {error}"));
+    assert_eq!(opened_typ, typ, "{name:?} seq {seq}: the content type");
+    assert!(opened == plaintext, "{name:?} seq {seq}: another plaintext");
+    assert_eq!(opener.seq(), seq.wrapping_add(1), "{name:?}: the sequence number advances");
+}
+
+/// A suite of TLS 1.3 (`tls13`) or 1.2, AES-256-GCM (`aes`) or ChaCha20-Poly1305, and fixed
+/// secrets for it (rustls lets a caller build only 32-byte keys).
+fn test_suite_and_secrets(tls13: bool, aes: bool) -> (SupportedCipherSuite, impl Fn() -> ConnectionTrafficSecrets) {
+    use rustls::crypto::ring::cipher_suite as suites;
+    let suite = match (tls13, aes) {
+        (true, true) => suites::TLS13_AES_256_GCM_SHA384,
+        (true, false) => suites::TLS13_CHACHA20_POLY1305_SHA256,
+        (false, true) => suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        (false, false) => suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    };
+    let secrets = move || {
+        let key = rustls::crypto::cipher::AeadKey::from(std::array::from_fn(|index| index as u8 * 7 + 1));
+        let iv = rustls::crypto::cipher::Iv::from(std::array::from_fn(|index| 0xa0 ^ (index as u8 * 13)));
+        if aes {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        } else {
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
+        }
+    };
+    (suite, secrets)
 }
 
 #[cfg(test)]
@@ -782,6 +927,35 @@ mod tests {
                 {
                     let plaintext: Vec<u8> = (0..len).map(|byte| (byte * 31 + index) as u8).collect();
                     seal_and_open_with_rustls(tls13, aes, seq, typ, &plaintext);
+                }
+            }
+        }
+    }
+
+    /// Records sealed by rustls's own encrypters open here ([`Opener`], ring's AEAD called
+    /// directly), in place and shifted toward the front of the buffer, at sequence numbers small
+    /// and large, of every content type and length up to a full record, in TLS 1.3 and 1.2,
+    /// AES-256-GCM and ChaCha20-Poly1305; damaged, cut or out-of-sequence ones do not (see
+    /// [`seal_with_rustls_and_open`]).
+    #[test]
+    fn records_sealed_by_rustls_open_in_place_and_shifted_at_any_sequence_number() {
+        for (tls13, aes) in [(true, true), (true, false), (false, true), (false, false)] {
+            for seq in [0, 1, 255, 256, (1 << 32) + 7, 0x0123_4567_89ab_cdef, SEQ_LIMIT - 1] {
+                for (index, (typ, len)) in [
+                    (APPLICATION_DATA, 0),
+                    (APPLICATION_DATA, 1),
+                    (ALERT, 2),
+                    (HANDSHAKE, 5),
+                    (APPLICATION_DATA, 1000),
+                    (APPLICATION_DATA, MAX_PLAINTEXT_BYTES),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let plaintext: Vec<u8> = (0..len).map(|byte| (byte * 31 + index) as u8).collect();
+                    for shift in [0, 1, 21, 4096] {
+                        seal_with_rustls_and_open(tls13, aes, seq, typ, &plaintext, shift);
+                    }
                 }
             }
         }
