@@ -31,6 +31,12 @@
 //! - UNSUBSCRIBE, and the consumer's end (`ConsumerGone`: disconnect, expiry), UNSUBSCRIBE at
 //!   the owner, whose queue gets back what was not acknowledged (anycast).
 //!
+//! A node's **feed** of a multicast address (its consumer is [`FEED_CONN`]; see
+//! [`super::view`]) is relayed the same way, except that its SUBSCRIBED, its MESSAGEs and its
+//! end go to the address's shard as [`ClusterUpdate::FeedConfirmed`], [`ClusterUpdate::Fed`]
+//! and [`ClusterUpdate::FeedEnded`] (its view fans the messages out and settles them with a
+//! `ReturnCredit`, as for an auto-ack subscription).
+//!
 //! **Failures.** The owner refusing or ending the subscription (a move, its fencing, a slow
 //! multicast consumer) ends the consumer's with the owner's ERROR. The owner unreachable (a
 //! connection that cannot be made or resumed within [`WAIT_BOUND`] / [`RESUME_WINDOW`](super::forward::RESUME_WINDOW), no

@@ -13,6 +13,16 @@
 //!   [`Forward::Settle`]; a SEND that was forwarded already (it carries [`HOP_HEADER`]) and a
 //!   SUBSCRIBE a relay made (its id has [`RELAYED_SUBSCRIPTION_BIT`]) are refused with
 //!   non-fatal 4421 naming the owner node and its URL (one hop at most);
+//!   A *multicast* SUBSCRIBE is not relayed on its own: the address's **feed**, one relayed
+//!   subscription per node (opened by the first local subscriber, credit [`FEED_CREDIT`],
+//!   settled by this node once fanned out), feeds the address's local fan-out in this shard's
+//!   address table, where every local multicast subscriber is an ordinary subscription with its
+//!   own credit, backlog bound (4429) and binding. SUBSCRIBEs wait for the feed's SUBSCRIBED
+//!   (at most [`MAX_WAITING_COMMANDS`] per address), then join the table; the last local one
+//!   leaving unsubscribes the feed at the owner; whatever ends the feed (the owner's ERROR,
+//!   4503, the relay's 4429, fencing, a move) ends every local subscriber of it. The relay
+//!   knows a feed by its consumer, [`FEED_CONN`] (docs/CLUSTER.md, "Multicast: one relayed
+//!   subscription per node");
 //! - not placed yet: the command waits here, and the first one asks the control plane to place
 //!   the address ([`PlacementRequest`]). Bounded in count ([`MAX_WAITING_COMMANDS`] per
 //!   shard; beyond: 4429) and in time (the control plane answers every request, with a
