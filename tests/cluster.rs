@@ -889,18 +889,19 @@ fn a_slow_multicast_subscriber_fed_by_a_relayed_subscription_ends_with_4429_with
     let nodes = [
         node("a", &etcd.url(), &[]),
         node("b", &etcd.url(), &[]),
-        node("c", &etcd.url(), &["--max-queued-messages", "2000"]),
+        node("c", &etcd.url(), &["--max-queued-messages", "10000"]),
     ];
     let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "slowfed");
-    // On c: one that never acknowledges (credit 10, so 2,000 more wait in its backlog at most),
-    // and two that read everything.
+    // On c: one that never acknowledges (credit 10, so 10,000 more wait in its backlog at
+    // most: above the feed's credit of 8,192, so a burst the owner sends at once cannot end
+    // the fast ones on a loaded machine), and two that read everything.
     let mut slow = client(&nodes[2].url());
     slow.subscribe(1, &address, DeliveryMode::Multicast, AckMode::Client, 10).unwrap();
     let mut fast = [client(&nodes[2].url()), client(&nodes[2].url())];
     for listener in &mut fast {
         listener.subscribe(2, &address, DeliveryMode::Multicast, AckMode::Auto, 1000).unwrap();
     }
-    const COUNT: usize = 6000;
+    const COUNT: usize = 14_000;
     // The fast ones get everything, in order, while the slow one holds its 10.
     std::thread::scope(|scope| {
         let address = &address;
