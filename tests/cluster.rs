@@ -883,3 +883,155 @@ fn a_relayed_consumer_in_either_binding_gets_the_publishers_properties_and_body_
         other => panic!("a SEND over max-frame-bytes with the hop mark was not refused with 4413: {other:?}"),
     }
 }
+
+/// Polls the owner's admin API until `address` has `count` consumers there (bounded: 10 s).
+fn wait_for_consumers_at(owner: &Broker, address: &str, count: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = consumers_at(owner.admin_addr(), address);
+        if now == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {now} consumers of {address} at the owner, not {count}, after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn unsubscribe(client: &mut Client, subscription_id: u32) {
+    client.write_frame(&frames::Frame::Unsubscribe(frames::Unsubscribe { subscription_id })).unwrap();
+    client.flush().unwrap();
+}
+
+#[test]
+fn multicast_subscribers_on_one_node_share_one_relayed_subscription_each_gets_every_message_in_order() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "shared");
+    // Three listeners on c and two on a, in both bindings and ack modes; one on b, the owner.
+    let mut listeners = Vec::new();
+    for (node, binding, ack_mode) in [
+        (2, Binding::Binary, AckMode::Auto),
+        (2, Binding::Text, AckMode::Client),
+        (2, Binding::Binary, AckMode::Client),
+        (0, Binding::Text, AckMode::Auto),
+        (0, Binding::Binary, AckMode::Client),
+        (1, Binding::Binary, AckMode::Auto),
+    ] {
+        let mut listener = client_in(&nodes[node].url(), binding);
+        listener.subscribe(3, &address, DeliveryMode::Multicast, ack_mode, 1000).unwrap();
+        listeners.push((listener, ack_mode == AckMode::Client));
+    }
+    // At the owner: its own listener and one relayed subscription per other node.
+    assert_eq!(consumers_at(nodes[1].admin_addr(), &address), 3, "one relayed subscription per node");
+    // Publishers on a and c.
+    const PER_PUBLISHER: usize = 400;
+    std::thread::scope(|scope| {
+        for (name, url) in [("pa", nodes[0].url()), ("pc", nodes[2].url())] {
+            let address = &address;
+            scope.spawn(move || publish_receipted(&url, Binding::Binary, name, address, PER_PUBLISHER));
+        }
+    });
+    for (listener, ack) in &mut listeners {
+        let news = take_messages(listener, 2 * PER_PUBLISHER, *ack);
+        assert!(news.iter().all(|message| message.subscription_id == 3));
+        assert_each_publisher_in_order_once(&news, &["pa", "pc"], PER_PUBLISHER);
+    }
+    // c's listeners leave one by one: c's relayed subscription stays while one is left and is
+    // unsubscribed at the owner with the last. (A dropped connection would keep its session,
+    // and so its subscription, for the resume window.)
+    unsubscribe(&mut listeners[0].0, 3);
+    unsubscribe(&mut listeners[1].0, 3);
+    listeners.remove(1);
+    publish_receipted(&nodes[0].url(), Binding::Binary, "later", &address, 3);
+    assert_eq!(bodies(&take_messages(&mut listeners[1].0, 3, true)), ["later-0", "later-1", "later-2"]);
+    assert_eq!(consumers_at(nodes[1].admin_addr(), &address), 3, "c's relayed subscription serves its last listener");
+    unsubscribe(&mut listeners[1].0, 3);
+    wait_for_consumers_at(&nodes[1], &address, 2, "after c's last listener left");
+    // a's listeners still get what is sent; c's get nothing more.
+    publish_receipted(&nodes[2].url(), Binding::Text, "last", &address, 2);
+    let on_a = bodies(&take_messages(&mut listeners[2].0, 5, false));
+    assert_eq!(on_a, ["later-0", "later-1", "later-2", "last-0", "last-1"]);
+    assert!(listeners[0].0.next_message(Duration::from_millis(300)).unwrap().is_none(), "an unsubscribed listener");
+}
+
+#[test]
+fn a_slow_multicast_subscriber_fed_by_a_relayed_subscription_ends_with_4429_without_stalling_the_others() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [
+        node("a", &etcd.url(), &[]),
+        node("b", &etcd.url(), &[]),
+        node("c", &etcd.url(), &["--max-queued-messages", "10000"]),
+    ];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "slowfed");
+    // On c: one that never acknowledges (credit 10, so 10,000 more wait in its backlog at
+    // most: above the feed's credit of 8,192, so a burst the owner sends at once cannot end
+    // the fast ones on a loaded machine), and two that read everything.
+    let mut slow = client(&nodes[2].url());
+    slow.subscribe(1, &address, DeliveryMode::Multicast, AckMode::Client, 10).unwrap();
+    let mut fast = [client(&nodes[2].url()), client(&nodes[2].url())];
+    for listener in &mut fast {
+        listener.subscribe(2, &address, DeliveryMode::Multicast, AckMode::Auto, 1000).unwrap();
+    }
+    const COUNT: usize = 14_000;
+    // The fast ones get everything, in order, while the slow one holds its 10.
+    std::thread::scope(|scope| {
+        let address = &address;
+        let publisher = nodes[0].url();
+        scope.spawn(move || publish_receipted(&publisher, Binding::Binary, "m", address, COUNT));
+        for listener in &mut fast {
+            scope.spawn(move || {
+                let all = take_messages(listener, COUNT, false);
+                assert_eq!(bodies(&all), (0..COUNT).map(|i| format!("m-{i}")).collect::<Vec<_>>());
+            });
+        }
+    });
+    let mut held = 0;
+    let ended = loop {
+        match slow.next_message(Duration::from_secs(5)) {
+            Ok(Some(_)) => held += 1,
+            Err(ClientError::Broker(error)) => break error,
+            other => panic!("the slow subscriber ends with 4429, not {other:?} (after {held} messages)"),
+        }
+    };
+    let reason = String::from_utf8_lossy(&ended.reason).into_owned();
+    assert_eq!((ended.code, ended.fatal, ended.subscription_id), (4429, false, 1), "{reason}");
+    assert_eq!(held, 10, "the slow subscriber got its credit's worth");
+    // c's relayed subscription still serves the fast ones.
+    assert_eq!(consumers_at(nodes[1].admin_addr(), &address), 1);
+}
+
+#[test]
+fn a_fenced_node_ends_every_local_subscriber_of_a_shared_relayed_subscription_with_4421() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let proxy = ChaosProxy::quiet(etcd.client_addr);
+    let through_proxy = format!("http://{}", proxy.addr);
+    let nodes = [node("a", &through_proxy, &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[2], nodes[2].admin_addr(), "b", "fencedfeed");
+    let mut listeners = [client(&nodes[0].url()), client(&nodes[0].url()), client(&nodes[0].url())];
+    for (id, listener) in listeners.iter_mut().enumerate() {
+        listener.subscribe(id as u32 + 1, &address, DeliveryMode::Multicast, AckMode::Auto, 100).unwrap();
+    }
+    assert_eq!(consumers_at(nodes[1].admin_addr(), &address), 1, "a's one relayed subscription at b");
+    publish_receipted(&nodes[1].url(), Binding::Binary, "before", &address, 2);
+    for listener in &mut listeners {
+        assert_eq!(bodies(&take_messages(listener, 2, false)), ["before-0", "before-1"]);
+    }
+    proxy.set_partitioned(true);
+    for (id, listener) in listeners.iter_mut().enumerate() {
+        match listener.next_message(Duration::from_millis(LEASE_MS) + Duration::from_secs(5)) {
+            Err(ClientError::Broker(error)) => {
+                let reason = String::from_utf8_lossy(&error.reason).into_owned();
+                assert_eq!((error.code, error.fatal, error.subscription_id), (4421, false, id as u32 + 1), "{reason}");
+                assert!(reason.contains("fenced") && reason.contains(&format!("\"{address}\"")), "{reason}");
+            }
+            other => panic!("listener {id} on a fenced node ends with 4421, not {other:?}"),
+        }
+    }
+    wait_for_consumers_at(&nodes[1], &address, 0, "after a was fenced");
+}

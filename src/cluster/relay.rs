@@ -33,6 +33,12 @@
 //! - UNSUBSCRIBE, and the consumer's end (`ConsumerGone`: disconnect, expiry), UNSUBSCRIBE at
 //!   the owner, whose queue gets back what was not acknowledged (anycast).
 //!
+//! A node's **feed** of a multicast address (its consumer is [`FEED_CONN`]; see
+//! [`super::view`]) is relayed the same way, except that its SUBSCRIBED, its MESSAGEs and its
+//! end go to the address's shard as [`ClusterUpdate::FeedConfirmed`], [`ClusterUpdate::Fed`]
+//! and [`ClusterUpdate::FeedEnded`] (its view fans the messages out and settles them with a
+//! `ReturnCredit`, as for an auto-ack subscription).
+//!
 //! **Failures.** The owner refusing or ending the subscription (a move, its fencing, a slow
 //! multicast consumer) ends the consumer's with the owner's ERROR. The owner unreachable (a
 //! connection that cannot be made or resumed within [`WAIT_BOUND`] / [`RESUME_WINDOW`](super::forward::RESUME_WINDOW), no
@@ -65,12 +71,12 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use mbws_client::{Client, ClientError, Incoming};
 
 use super::forward::{connect_to_owner, Answers, FIRST_BACKOFF, MAX_BACKOFF, WAIT_BOUND};
-use super::view::{ClusterUpdate, NodeRef, RELAYED_SUBSCRIPTION_BIT};
+use super::view::{ClusterUpdate, NodeRef, FEED_CONN, RELAYED_SUBSCRIPTION_BIT};
 use super::wait::QueueWake;
 use super::PeerLogin;
 use crate::broker::{
-    AddressCommand, Command, ConnCommand, ConnRef, Delivered, FastMap, MessageId, Refusal, ShardId, StoredMessage,
-    SubscriptionId,
+    AddressCommand, Command, ConnCommand, ConnRef, Delivered, FastMap, MessageId, Refusal, ShardId, SharedMessage,
+    StoredMessage, SubscriptionId,
 };
 use crate::log;
 use crate::logging::Level;
@@ -154,12 +160,7 @@ impl Relays {
             ),
             Err(QueueError::Unavailable(reason)) => Refusal::new(ErrorCode::Unavailable, reason),
         };
-        self.post_office
-            .post(self.shard, Envelope::Cluster(ClusterUpdate::RelayEnded { consumer, subscription, ticket }));
-        answers.push(
-            consumer.shard,
-            Command::Conn(ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome: Err(refusal) }),
-        );
+        ended(&self.post_office, self.shard, consumer, subscription, ticket, false, refusal, answers);
     }
 
     /// Queues what settles a relayed subscription on its owner's relay. A full queue ends the
@@ -193,8 +194,6 @@ impl Relays {
         drop(overflowed);
         handle.wake.notify();
         if let Overflow::Subscription(consumer, subscription) = overflow {
-            self.post_office
-                .post(self.shard, Envelope::Cluster(ClusterUpdate::RelayEnded { consumer, subscription, ticket: 0 }));
             let refusal = Refusal::new(
                 ErrorCode::Overloaded,
                 format!(
@@ -203,10 +202,9 @@ impl Relays {
                     owner.name, owner.url
                 ),
             );
-            answers.push(
-                consumer.shard,
-                Command::Conn(ConnCommand::SubscriptionEnded { consumer: consumer.conn, subscription, refusal }),
-            );
+            // A feed's ticket is its subscription id's (ticket 0 would name any subscription).
+            let ticket = if consumer.conn == FEED_CONN { u64::from(subscription.0) } else { 0 };
+            ended(&self.post_office, self.shard, consumer, subscription, ticket, true, refusal, answers);
         }
     }
 
@@ -244,6 +242,34 @@ impl Relays {
 enum QueueError {
     Full,
     Unavailable(String),
+}
+
+/// Tells the view, then the consumer, that the relayed subscription ended with `refusal` (a
+/// SUBSCRIBE's refusal if it was not `confirmed`); a node's feed (its consumer is
+/// [`FEED_CONN`]) is the view's alone, which ends the address's local subscribers with it.
+#[allow(clippy::too_many_arguments)]
+fn ended(
+    post_office: &PostOffice,
+    shard: ShardId,
+    consumer: ConnRef,
+    subscription: SubscriptionId,
+    ticket: u64,
+    confirmed: bool,
+    refusal: Refusal,
+    answers: &mut Answers,
+) {
+    if consumer.conn == FEED_CONN {
+        post_office.post(shard, Envelope::Cluster(ClusterUpdate::FeedEnded { ticket, refusal }));
+        return;
+    }
+    // Posted at once, so the view forgets it before the consumer can subscribe again.
+    post_office.post(shard, Envelope::Cluster(ClusterUpdate::RelayEnded { consumer, subscription, ticket }));
+    let command = if confirmed {
+        ConnCommand::SubscriptionEnded { consumer: consumer.conn, subscription, refusal }
+    } else {
+        ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome: Err(refusal) }
+    };
+    answers.push(consumer.shard, Command::Conn(command));
 }
 
 fn spawn(
@@ -318,6 +344,10 @@ struct Relay {
     down: Option<(Instant, String)>,
     backoff: Duration,
     answers: Answers,
+    /// Messages of this node's feeds read this round, by feed ticket, in order: posted to the
+    /// shard (whose view fans them out) with the round's answers, or before any other word
+    /// about a feed.
+    fed: Vec<(u64, Vec<SharedMessage>)>,
 }
 
 impl Relay {
@@ -355,6 +385,7 @@ impl Relay {
             down: None,
             backoff: FIRST_BACKOFF,
             answers: Answers::default(),
+            fed: Vec::new(),
         }
     }
 
@@ -368,6 +399,7 @@ impl Relay {
             if let Err(reason) = self.step() {
                 self.fail(reason);
             }
+            self.post_fed();
             self.answers.post(&self.post_office);
             self.wait();
         }
@@ -715,6 +747,11 @@ impl Relay {
                     if !relayed.confirmed {
                         relayed.confirmed = true;
                         let consumer = relayed.consumer;
+                        if consumer.conn == FEED_CONN {
+                            let confirmed = ClusterUpdate::FeedConfirmed { ticket: relayed.ticket };
+                            self.post_office.post(self.shard, Envelope::Cluster(confirmed));
+                            return Ok(());
+                        }
                         let command = ConnCommand::SubscribeDone {
                             consumer: consumer.conn,
                             subscription: relayed.subscription,
@@ -780,6 +817,14 @@ impl Relay {
             redelivered: message.redelivered,
         };
         let (consumer, subscription) = (relayed.consumer, relayed.subscription);
+        if consumer.conn == FEED_CONN {
+            // A node's feed: fanned out by the shard's view, settled by it (`unwritten`).
+            match self.fed.last_mut() {
+                Some((ticket, messages)) if *ticket == relayed.ticket => messages.push(delivered.message),
+                _ => self.fed.push((relayed.ticket, vec![delivered.message])),
+            }
+            return;
+        }
         if let Some((_, commands)) = self.answers.by_shard.iter_mut().find(|(shard, _)| *shard == consumer.shard) {
             if let Some(Command::Conn(ConnCommand::Deliver {
                 consumer: last_consumer,
@@ -801,15 +846,16 @@ impl Relay {
     /// Tells the view, then the consumer, that the relayed subscription ended with `refusal`
     /// (a SUBSCRIBE's refusal if it was not `confirmed`).
     fn end(&mut self, consumer: ConnRef, subscription: SubscriptionId, ticket: u64, confirmed: bool, refusal: Refusal) {
-        // Posted at once, so the view forgets it before the consumer can subscribe again.
-        self.post_office
-            .post(self.shard, Envelope::Cluster(ClusterUpdate::RelayEnded { consumer, subscription, ticket }));
-        let command = if confirmed {
-            ConnCommand::SubscriptionEnded { consumer: consumer.conn, subscription, refusal }
-        } else {
-            ConnCommand::SubscribeDone { consumer: consumer.conn, subscription, outcome: Err(refusal) }
-        };
-        self.answers.push(consumer.shard, Command::Conn(command));
+        // What a feed delivered before its end goes first.
+        self.post_fed();
+        ended(&self.post_office, self.shard, consumer, subscription, ticket, confirmed, refusal, &mut self.answers);
+    }
+
+    /// Posts the feeds' messages read so far to the shard, one update per run of one feed.
+    fn post_fed(&mut self) {
+        for (ticket, messages) in self.fed.drain(..) {
+            self.post_office.post(self.shard, Envelope::Cluster(ClusterUpdate::Fed { ticket, messages }));
+        }
     }
 
     fn connect(&mut self) -> Result<(), String> {

@@ -13,6 +13,16 @@
 //!   [`Forward::Settle`]; a SEND that was forwarded already (it carries [`HOP_HEADER`]) and a
 //!   SUBSCRIBE a relay made (its id has [`RELAYED_SUBSCRIPTION_BIT`]) are refused with
 //!   non-fatal 4421 naming the owner node and its URL (one hop at most);
+//!   A *multicast* SUBSCRIBE is not relayed on its own: the address's **feed**, one relayed
+//!   subscription per node (opened by the first local subscriber, credit [`FEED_CREDIT`],
+//!   settled by this node once fanned out), feeds the address's local fan-out in this shard's
+//!   address table, where every local multicast subscriber is an ordinary subscription with its
+//!   own credit, backlog bound (4429) and binding. SUBSCRIBEs wait for the feed's SUBSCRIBED
+//!   (at most [`MAX_WAITING_COMMANDS`] per address), then join the table; the last local one
+//!   leaving unsubscribes the feed at the owner; whatever ends the feed (the owner's ERROR,
+//!   4503, the relay's 4429, fencing, a move) ends every local subscriber of it. The relay
+//!   knows a feed by its consumer, [`FEED_CONN`] (docs/CLUSTER.md, "Multicast: one relayed
+//!   subscription per node");
 //! - not placed yet: the command waits here, and the first one asks the control plane to place
 //!   the address ([`PlacementRequest`]). Bounded in count ([`MAX_WAITING_COMMANDS`] per
 //!   shard; beyond: 4429) and in time (the control plane answers every request, with a
@@ -36,8 +46,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::broker::address::{AddressTable, Outgoing};
-use crate::broker::{AddressCommand, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage, SubscriptionId};
-use crate::mbws::ErrorCode;
+use crate::broker::{
+    AddressCommand, ConnCommand, ConnId, ConnRef, FastMap, Refusal, ShardId, SharedMessage, SubscriptionId,
+};
+use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 
 /// Most SENDs and SUBSCRIBEs one shard keeps waiting for their addresses' placement; beyond,
 /// they are refused with 4429 (the control plane is slow or etcd unreachable).
@@ -53,6 +65,15 @@ pub const HOP_HEADER: &str = "x-mbws-cluster-hop";
 /// subscription crosses at most one hop even while two nodes' placements disagree. A client's
 /// own SUBSCRIBE with such an id to an address of another node is refused the same way.
 pub const RELAYED_SUBSCRIPTION_BIT: u32 = 1 << 31;
+
+/// The connection a node's *feed* stands for: the one relayed subscription that feeds a multicast
+/// address owned by another node to every local subscriber of it (see [`PlacementView`]'s
+/// "Multicast"). Its subscription id is its ticket's low 32 bits. No session has this id.
+pub const FEED_CONN: ConnId = ConnId { index: u32::MAX, generation: u32::MAX };
+
+/// A feed's credit at the owner: the relayed messages the node has not fanned out yet (in the
+/// relay, and in the shard's inbox) are at most this many.
+pub const FEED_CREDIT: u32 = 8192;
 
 /// A command for an address another node owns, handed from the shard's core to its IO shell
 /// ([`PlacementView::take_forwards`]).
@@ -138,6 +159,16 @@ pub enum ClusterUpdate {
     Fenced { reason: String },
     /// The node holds a lease again; placements follow as [`ClusterUpdate::Placed`].
     Unfenced,
+    /// The owner confirmed the feed `ticket` (its SUBSCRIBED): the local SUBSCRIBEs that wait
+    /// for it join the address's local fan-out.
+    FeedConfirmed { ticket: u64 },
+    /// Messages of the feed `ticket`, in the owner's order: fanned out to the address's local
+    /// multicast subscribers, then settled at the owner (their credit goes back to the feed).
+    Fed { ticket: u64, messages: Vec<SharedMessage> },
+    /// The feed `ticket` was refused or ended by its owner, or its relay ended it (owner
+    /// unreachable: 4503; its queue full: 4429): every local subscriber of the address ends
+    /// with `refusal` (the relay has forgotten the feed already).
+    FeedEnded { ticket: u64, refusal: Refusal },
     /// The relay ended the relayed subscription `ticket` (0: whichever has this id) on its own
     /// (refused or ended by the owner, owner unreachable, its queue full) and told its
     /// consumer: forget it.
@@ -172,8 +203,31 @@ pub struct PlacementView {
     forwards: Vec<Forward>,
     /// The relayed subscriptions, by consumer.
     relayed: FastMap<ConnRef, Vec<RelayedEntry>>,
+    /// The feeds of multicast addresses another node owns, by address.
+    feeds: FastMap<Bytes, Feed>,
+    /// The address of each feed, by its ticket's low 32 bits (its subscription id at the relay).
+    feed_addresses: FastMap<u32, Bytes>,
+    /// The local subscriptions to fed addresses (joined, or waiting for their feed), by
+    /// consumer: so that their UNSUBSCRIBE and their consumer's end can close the feed when
+    /// the last one leaves. At most the consumer's `max_subscriptions` each; an entry may
+    /// outlive its subscription (ended by the table as slow, or by its feed's end) until the
+    /// consumer unsubscribes or goes.
+    fed_subscriptions: FastMap<ConnRef, Vec<(SubscriptionId, Bytes)>>,
     next_ticket: u64,
     pub counters: ViewCounters,
+}
+
+/// A node's one relayed subscription to a multicast address another node owns, which feeds
+/// the address's local fan-out (see the module doc).
+#[derive(Debug)]
+struct Feed {
+    owner: Arc<NodeRef>,
+    ticket: u64,
+    /// The owner's SUBSCRIBED came: local SUBSCRIBEs join the table at once.
+    confirmed: bool,
+    /// Local SUBSCRIBEs waiting for the owner's SUBSCRIBED, in order (at most
+    /// [`MAX_WAITING_COMMANDS`]).
+    waiting: Vec<AddressCommand>,
 }
 
 /// A relayed subscription, as the view remembers it.
@@ -257,6 +311,9 @@ impl PlacementView {
             shard,
             forwards: Vec::new(),
             relayed: FastMap::default(),
+            feeds: FastMap::default(),
+            feed_addresses: FastMap::default(),
+            fed_subscriptions: FastMap::default(),
             next_ticket: 0,
             counters: ViewCounters::default(),
         }
@@ -281,8 +338,18 @@ impl PlacementView {
 
     /// `Some(command)` if it runs here now; otherwise it was refused (into `out`) or is kept
     /// until its address is placed.
-    pub fn admit(&mut self, command: AddressCommand, out: &mut Vec<Outgoing>) -> Option<AddressCommand> {
+    /// `table` is the shard's address table, for the local fan-out of fed multicast addresses
+    /// (a local subscriber's leave may close its address's feed).
+    pub fn admit(
+        &mut self,
+        command: AddressCommand,
+        table: &mut AddressTable,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Option<AddressCommand> {
         let command = if self.relayed.is_empty() { command } else { self.settle_relayed(command)? };
+        let command =
+            if self.fed_subscriptions.is_empty() { command } else { self.leave_fed(command, table, now_ms, out)? };
         let Some(address) = gated_address(&command) else { return Some(command) };
         if let Some(reason) = &self.fenced {
             self.counters.refused_fenced += 1;
@@ -294,8 +361,7 @@ impl PlacementView {
             Some(Owner::Local) => Some(command),
             Some(Owner::Remote(owner)) => {
                 let owner = owner.clone();
-                self.for_remote_owner(command, &owner, out);
-                None
+                self.for_remote_owner(command, &owner, table, now_ms, out)
             }
             None => {
                 if self.waiting_count >= MAX_WAITING_COMMANDS {
@@ -325,12 +391,25 @@ impl PlacementView {
     }
 
     /// A SEND or SUBSCRIBE for an address `owner` serves: a SEND not forwarded yet is kept
-    /// for the shell as a [`Forward`]; the rest is refused with 4421 naming the owner.
-    fn for_remote_owner(&mut self, command: AddressCommand, owner: &Arc<NodeRef>, out: &mut Vec<Outgoing>) {
+    /// for the shell as a [`Forward`]; a multicast SUBSCRIBE joins the address's feed (`Some`:
+    /// it runs in the table now); the rest is refused with 4421 naming the owner.
+    fn for_remote_owner(
+        &mut self,
+        command: AddressCommand,
+        owner: &Arc<NodeRef>,
+        table: &mut AddressTable,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Option<AddressCommand> {
         match command {
             AddressCommand::Publish { publisher, seq, message } if !was_forwarded(&message) => {
                 self.counters.forwarded += 1;
                 self.forwards.push(Forward::Send { owner: owner.clone(), publisher, seq, message });
+            }
+            AddressCommand::Subscribe { subscription, mode: DeliveryMode::Multicast, .. }
+                if subscription.0 & RELAYED_SUBSCRIPTION_BIT == 0 =>
+            {
+                return self.join_feed(command, owner, table, now_ms, out);
             }
             AddressCommand::Subscribe { consumer, subscription, ref address, .. }
                 if subscription.0 & RELAYED_SUBSCRIPTION_BIT == 0 =>
@@ -349,6 +428,7 @@ impl PlacementView {
                 refuse(command, refusal, out);
             }
         }
+        None
     }
 
     /// A command that concerns a relayed subscription becomes a [`Forward::Settle`] (`None`);
@@ -448,14 +528,30 @@ impl PlacementView {
                         self.end_subscriptions(&address, &refusal, table, now_ms, out);
                     }
                 }
+                if let Some(feed) = self.feeds.get(&address) {
+                    if owner != Owner::Remote(feed.owner.clone()) {
+                        let refusal = match &owner {
+                            Owner::Remote(node) => remote_refusal(&address, node),
+                            Owner::Local => Refusal::new(
+                                ErrorCode::Misdirected,
+                                format!("address \"{}\" moved to this cluster node: subscribe again", name(&address)),
+                            ),
+                        };
+                        self.end_feed(&address, &refusal, true, table, now_ms, out);
+                    }
+                }
+                self.owners.insert(address.clone(), owner.clone());
                 for command in self.waiting.remove(&address).unwrap_or_default() {
                     self.waiting_count -= 1;
                     match &owner {
                         Owner::Local => released.push(command),
-                        Owner::Remote(node) => self.for_remote_owner(command, node, out),
+                        Owner::Remote(node) => {
+                            if let Some(command) = self.for_remote_owner(command, node, table, now_ms, out) {
+                                released.push(command);
+                            }
+                        }
                     }
                 }
-                self.owners.insert(address, owner);
             }
             ClusterUpdate::Unplaced { address, reason } => {
                 for command in self.waiting.remove(&address).unwrap_or_default() {
@@ -479,6 +575,11 @@ impl PlacementView {
                     self.end_subscriptions(&address, &refusal, table, now_ms, out);
                 }
                 self.end_relayed(&reason, out);
+                let fed: Vec<Bytes> = self.feeds.keys().cloned().collect();
+                for address in fed {
+                    let refusal = fenced_refusal(&address, &reason);
+                    self.end_feed(&address, &refusal, true, table, now_ms, out);
+                }
                 for (address, commands) in std::mem::take(&mut self.waiting) {
                     for command in commands {
                         self.counters.refused_fenced += 1;
@@ -490,6 +591,13 @@ impl PlacementView {
                 self.fenced = Some(reason);
             }
             ClusterUpdate::Unfenced => self.fenced = None,
+            ClusterUpdate::FeedConfirmed { ticket } => self.feed_confirmed(ticket, table, now_ms, out),
+            ClusterUpdate::Fed { ticket, messages } => self.fan_out(ticket, messages, table, now_ms, out),
+            ClusterUpdate::FeedEnded { ticket, refusal } => {
+                if let Some(address) = self.feed_addresses.get(&(ticket as u32)).cloned() {
+                    self.end_feed(&address, &refusal, false, table, now_ms, out);
+                }
+            }
             ClusterUpdate::RelayEnded { consumer, subscription, ticket } => {
                 if let Some(entries) = self.relayed.get_mut(&consumer) {
                     entries.retain(|entry| {
@@ -526,6 +634,218 @@ impl PlacementView {
                 ));
             }
         }
+    }
+
+    /// The consumer a feed stands for at its relay, and its subscription id there.
+    fn feed_key(&self, ticket: u64) -> (ConnRef, SubscriptionId) {
+        (ConnRef { shard: self.shard, conn: FEED_CONN }, SubscriptionId(ticket as u32))
+    }
+
+    /// A local multicast SUBSCRIBE to an address `owner` serves: it runs in the table now
+    /// (`Some`) if the address's feed is confirmed, or waits for the feed's SUBSCRIBED; the
+    /// first one opens the feed (one relayed subscription for the node).
+    fn join_feed(
+        &mut self,
+        command: AddressCommand,
+        owner: &Arc<NodeRef>,
+        table: &mut AddressTable,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Option<AddressCommand> {
+        let AddressCommand::Subscribe { consumer, subscription, address, .. } = &command else {
+            unreachable!("only a SUBSCRIBE joins a feed")
+        };
+        let (consumer, subscription, address) = (*consumer, *subscription, address.clone());
+        if self.feeds.get(&address).is_some_and(|feed| feed.owner != *owner) {
+            // Its placement changed without a `Placed` here (never expected): start afresh.
+            self.end_feed(&address, &remote_refusal(&address, owner), true, table, now_ms, out);
+        }
+        let entries = self.fed_subscriptions.entry(consumer).or_default();
+        if !entries.iter().any(|(id, fed)| *id == subscription && *fed == address) {
+            entries.push((subscription, address.clone()));
+        }
+        if let Some(feed) = self.feeds.get_mut(&address) {
+            if feed.confirmed {
+                return Some(command);
+            }
+            if feed.waiting.len() >= MAX_WAITING_COMMANDS {
+                let refusal = Refusal::new(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "{MAX_WAITING_COMMANDS} SUBSCRIBEs to \"{}\" already wait for cluster node \"{}\" to confirm \
+                         this node's relayed subscription; subscribe again later",
+                        name(&address),
+                        owner.name
+                    ),
+                );
+                self.forget_fed(consumer, subscription);
+                refuse(command, refusal, out);
+                return None;
+            }
+            feed.waiting.push(command);
+            return None;
+        }
+        self.counters.relayed += 1;
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        owner.counters.relay_opened();
+        let (feed_consumer, feed_subscription) = self.feed_key(ticket);
+        let feed_subscribe = AddressCommand::Subscribe {
+            consumer: feed_consumer,
+            subscription: feed_subscription,
+            address: address.clone(),
+            mode: DeliveryMode::Multicast,
+            // Settled by this node once fanned out (`fan_out`), not by any one subscriber.
+            ack_mode: AckMode::Auto,
+            credit: FEED_CREDIT,
+        };
+        self.forwards.push(Forward::Subscribe { owner: owner.clone(), ticket, command: feed_subscribe });
+        self.feed_addresses.insert(ticket as u32, address.clone());
+        self.feeds.insert(address, Feed { owner: owner.clone(), ticket, confirmed: false, waiting: vec![command] });
+        None
+    }
+
+    /// The UNSUBSCRIBE of a local subscription to a fed address, or the end of a consumer
+    /// with such subscriptions: run in the table here (`None`), then the feeds left without
+    /// a local subscriber are closed. A SUBSCRIBE reusing such an id forgets the old entry.
+    fn leave_fed(
+        &mut self,
+        command: AddressCommand,
+        table: &mut AddressTable,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Option<AddressCommand> {
+        let left: Vec<(SubscriptionId, Bytes)> = match &command {
+            AddressCommand::Unsubscribe { consumer, subscription } => match self.forget_fed(*consumer, *subscription) {
+                Some(address) => vec![(*subscription, address)],
+                None => return Some(command),
+            },
+            AddressCommand::Subscribe { consumer, subscription, .. } => {
+                self.forget_fed(*consumer, *subscription);
+                return Some(command);
+            }
+            AddressCommand::ConsumerGone { consumer } => match self.fed_subscriptions.remove(consumer) {
+                Some(entries) => entries,
+                None => return Some(command),
+            },
+            _ => return Some(command),
+        };
+        let consumer = match &command {
+            AddressCommand::Unsubscribe { consumer, .. } | AddressCommand::ConsumerGone { consumer } => *consumer,
+            _ => unreachable!("matched above"),
+        };
+        table.handle(command, now_ms, out);
+        for (subscription, address) in left {
+            if let Some(feed) = self.feeds.get_mut(&address) {
+                // One that still waited for the feed leaves the wait.
+                feed.waiting.retain(|waiting| {
+                    !matches!(waiting, AddressCommand::Subscribe { consumer: c, subscription: s, .. }
+                        if *c == consumer && *s == subscription)
+                });
+            }
+            self.close_if_unused(&address, table);
+        }
+        None
+    }
+
+    /// Forgets the fed subscription `(consumer, subscription)`; its address if it was one.
+    fn forget_fed(&mut self, consumer: ConnRef, subscription: SubscriptionId) -> Option<Bytes> {
+        let entries = self.fed_subscriptions.get_mut(&consumer)?;
+        let index = entries.iter().position(|(id, _)| *id == subscription)?;
+        let (_, address) = entries.swap_remove(index);
+        if entries.is_empty() {
+            self.fed_subscriptions.remove(&consumer);
+        }
+        Some(address)
+    }
+
+    /// Closes the feed of `address` (unsubscribes it at its owner) once no local subscriber
+    /// holds or waits for it.
+    fn close_if_unused(&mut self, address: &[u8], table: &AddressTable) {
+        let Some(feed) = self.feeds.get(address) else { return };
+        if !feed.waiting.is_empty() || table.multicast_subscriber_count(address) > 0 {
+            return;
+        }
+        let feed = self.feeds.remove(address).expect("looked up above");
+        self.feed_addresses.remove(&(feed.ticket as u32));
+        feed.owner.counters.relays_closed(1);
+        let (consumer, subscription) = self.feed_key(feed.ticket);
+        self.forwards.push(Forward::Settle {
+            owner: feed.owner,
+            command: AddressCommand::Unsubscribe { consumer, subscription },
+        });
+    }
+
+    /// The owner confirmed the feed `ticket`: the local SUBSCRIBEs that waited for it join the
+    /// table (answered there), in their order.
+    fn feed_confirmed(&mut self, ticket: u64, table: &mut AddressTable, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let Some(address) = self.feed_addresses.get(&(ticket as u32)).cloned() else { return };
+        let Some(feed) = self.feeds.get_mut(&address) else { return };
+        feed.confirmed = true;
+        for command in std::mem::take(&mut feed.waiting) {
+            table.handle(command, now_ms, out);
+        }
+        // Every one refused (the table's bounds): nothing is fed.
+        self.close_if_unused(&address, table);
+    }
+
+    /// Messages of the feed `ticket`: each fanned out to the address's local multicast
+    /// subscribers, then settled at the owner, whose credit for the feed comes back now: a
+    /// slow subscriber holds back only itself (its backlog bound ends it with 4429), never the
+    /// feed. Messages of a feed closed meanwhile are dropped.
+    fn fan_out(
+        &mut self,
+        ticket: u64,
+        messages: Vec<SharedMessage>,
+        table: &mut AddressTable,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let Some(address) = self.feed_addresses.get(&(ticket as u32)).cloned() else { return };
+        let Some(feed) = self.feeds.get(&address) else { return };
+        let owner = feed.owner.clone();
+        let count = messages.len() as u32;
+        for message in messages {
+            table.fan_out_relayed(message, now_ms, out);
+        }
+        let (consumer, subscription) = self.feed_key(ticket);
+        let command = AddressCommand::ReturnCredit { consumer, subscription, count, bytes: 0 };
+        self.forwards.push(Forward::Settle { owner, command });
+        // The last subscriber may have been ended as slow.
+        self.close_if_unused(&address, table);
+    }
+
+    /// Ends the feed of `address` and every local subscriber of it (those joined, and those
+    /// waiting for the feed) with `refusal`; `unsubscribe`: the relay still holds the feed, so
+    /// it is unsubscribed at the owner.
+    fn end_feed(
+        &mut self,
+        address: &Bytes,
+        refusal: &Refusal,
+        unsubscribe: bool,
+        table: &mut AddressTable,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let Some(feed) = self.feeds.remove(address) else { return };
+        self.feed_addresses.remove(&(feed.ticket as u32));
+        feed.owner.counters.relays_closed(1);
+        if unsubscribe {
+            let (consumer, subscription) = self.feed_key(feed.ticket);
+            self.forwards.push(Forward::Settle {
+                owner: feed.owner.clone(),
+                command: AddressCommand::Unsubscribe { consumer, subscription },
+            });
+        }
+        for command in feed.waiting {
+            self.counters.subscriptions_ended += 1;
+            refuse(command, refusal.clone(), out);
+        }
+        self.end_subscriptions(address, refusal, table, now_ms, out);
+        self.fed_subscriptions.retain(|_, entries| {
+            entries.retain(|(_, fed)| fed != address);
+            !entries.is_empty()
+        });
     }
 
     /// Ends every subscription at `address` on this shard with `refusal` (what it had not
@@ -621,6 +941,10 @@ mod tests {
             fixture
         }
 
+        fn admit(&mut self, command: AddressCommand) -> Option<AddressCommand> {
+            self.view.admit(command, &mut self.table, 0, &mut self.out)
+        }
+
         fn apply(&mut self, update: ClusterUpdate) {
             self.view.apply(update, &mut self.table, 0, &mut self.out, &mut self.released);
         }
@@ -629,9 +953,9 @@ mod tests {
     #[test]
     fn commands_wait_for_the_first_placement_ask_once_and_run_in_order_when_local() {
         let mut f = Fixture::new();
-        assert!(f.view.admit(publish("a", 1), &mut f.out).is_none());
-        assert!(f.view.admit(publish("a", 2), &mut f.out).is_none());
-        assert!(f.view.admit(subscribe("a", 7), &mut f.out).is_none());
+        assert!(f.admit(publish("a", 1)).is_none());
+        assert!(f.admit(publish("a", 2)).is_none());
+        assert!(f.admit(subscribe("a", 7)).is_none());
         assert_eq!(f.view.waiting_count(), 3);
         assert_eq!(f.requests.try_recv().unwrap().address, "a");
         assert!(f.requests.try_recv().is_err(), "one request per address");
@@ -647,17 +971,17 @@ mod tests {
             .collect();
         assert_eq!(seqs, [1, 2, 700]);
         assert_eq!(f.view.waiting_count(), 0);
-        assert!(f.view.admit(publish("a", 3), &mut f.out).is_some(), "placed here: runs at once");
+        assert!(f.admit(publish("a", 3)).is_some(), "placed here: runs at once");
         assert!(f.out.is_empty());
     }
 
     #[test]
     fn a_send_owned_elsewhere_is_forwarded_once_and_a_subscribe_relayed_once() {
         let mut f = Fixture::new();
-        f.view.admit(publish("a", 1), &mut f.out);
+        f.admit(publish("a", 1));
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
-        assert!(f.view.admit(publish("a", 2), &mut f.out).is_none());
-        assert!(f.view.admit(subscribe("a", 3), &mut f.out).is_none());
+        assert!(f.admit(publish("a", 2)).is_none());
+        assert!(f.admit(subscribe("a", 3)).is_none());
         // A SEND a node forwarded already is not forwarded again, nor a SUBSCRIBE a relay made.
         let properties = Properties {
             headers: vec![(Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1"))],
@@ -665,8 +989,8 @@ mod tests {
         };
         let message = StoredMessage::from_fields(b"a", &properties, b"x", false);
         let hopped = AddressCommand::Publish { publisher: conn(1), seq: 4, message: Arc::new(message) };
-        assert!(f.view.admit(hopped, &mut f.out).is_none());
-        assert!(f.view.admit(subscribe_with_id("a", RELAYED_SUBSCRIPTION_BIT | 5), &mut f.out).is_none());
+        assert!(f.admit(hopped).is_none());
+        assert!(f.admit(subscribe_with_id("a", RELAYED_SUBSCRIPTION_BIT | 5)).is_none());
         assert_eq!(
             refusal_codes(&f.out),
             [(4, ErrorCode::Misdirected), (u64::from(RELAYED_SUBSCRIPTION_BIT | 5), ErrorCode::Misdirected)]
@@ -694,25 +1018,25 @@ mod tests {
         let mut f = Fixture::new();
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"here"), owner: Owner::Local });
-        assert!(f.view.admit(subscribe("a", 1), &mut f.out).is_none());
+        assert!(f.admit(subscribe("a", 1)).is_none());
         // The same consumer's local subscription 2 is the table's.
-        let local = f.view.admit(subscribe("here", 2), &mut f.out).unwrap();
+        let local = f.admit(subscribe("here", 2)).unwrap();
         f.table.handle(local, 0, &mut f.out);
         let ack = |id: u32| AddressCommand::Ack {
             consumer: conn(2),
             subscription: SubscriptionId(id),
             messages: smallvec::smallvec![crate::broker::MessageId(7)],
         };
-        assert!(f.view.admit(ack(1), &mut f.out).is_none(), "relayed: settled at the owner");
-        assert!(f.view.admit(ack(2), &mut f.out).is_some(), "local: the table's");
+        assert!(f.admit(ack(1)).is_none(), "relayed: settled at the owner");
+        assert!(f.admit(ack(2)).is_some(), "local: the table's");
         let credit = AddressCommand::SetCredit { consumer: conn(2), subscription: SubscriptionId(1), credit: 3 };
-        assert!(f.view.admit(credit, &mut f.out).is_none());
+        assert!(f.admit(credit).is_none());
         // The consumer goes: the relay is told, and the table too (for subscription 2).
-        assert!(f.view.admit(AddressCommand::ConsumerGone { consumer: conn(2) }, &mut f.out).is_some());
+        assert!(f.admit(AddressCommand::ConsumerGone { consumer: conn(2) }).is_some());
         assert_eq!(f.view.relayed_count(), 0);
-        assert!(f.view.admit(ack(1), &mut f.out).is_some(), "forgotten once the consumer is gone");
+        assert!(f.admit(ack(1)).is_some(), "forgotten once the consumer is gone");
         // A relayed subscription the relay ended is forgotten too (by its ticket).
-        f.view.admit(subscribe("a", 4), &mut f.out);
+        f.admit(subscribe("a", 4));
         let mut forwards = Vec::new();
         f.view.take_forwards(&mut forwards);
         let settled: Vec<_> = forwards
@@ -734,10 +1058,10 @@ mod tests {
     fn waiting_is_bounded_and_unplaced_refuses_what_waited() {
         let mut f = Fixture::new();
         for seq in 0..MAX_WAITING_COMMANDS as u64 {
-            assert!(f.view.admit(publish("a", seq + 1), &mut f.out).is_none());
+            assert!(f.admit(publish("a", seq + 1)).is_none());
         }
         assert!(f.out.is_empty());
-        f.view.admit(publish("b", 99), &mut f.out);
+        f.admit(publish("b", 99));
         assert_eq!(refusal_codes(&f.out), [(99, ErrorCode::Overloaded)]);
         f.out.clear();
         f.apply(ClusterUpdate::Unplaced { address: Bytes::from_static(b"a"), reason: "etcd unreachable".into() });
@@ -749,18 +1073,18 @@ mod tests {
     fn fencing_ends_local_subscriptions_and_refuses_until_unfenced_and_placed_again() {
         let mut f = Fixture::new();
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
-        let subscribe_command = f.view.admit(subscribe("a", 5), &mut f.out).unwrap();
+        let subscribe_command = f.admit(subscribe("a", 5)).unwrap();
         f.table.handle(subscribe_command, 0, &mut f.out);
         f.out.clear();
-        f.view.admit(publish("waits", 1), &mut f.out);
+        f.admit(publish("waits", 1));
         f.apply(ClusterUpdate::Fenced { reason: "lease not renewed for 5000 ms".into() });
         assert_eq!(refusal_codes(&f.out), [(5, ErrorCode::Misdirected), (1, ErrorCode::Misdirected)]);
         assert!(f.table.subscriptions_of(b"a").is_empty());
         f.out.clear();
-        assert!(f.view.admit(publish("a", 2), &mut f.out).is_none());
+        assert!(f.admit(publish("a", 2)).is_none());
         assert_eq!(refusal_codes(&f.out), [(2, ErrorCode::Misdirected)]);
         f.apply(ClusterUpdate::Unfenced);
-        assert!(f.view.admit(publish("a", 3), &mut f.out).is_none(), "placements are forgotten while fenced");
+        assert!(f.admit(publish("a", 3)).is_none(), "placements are forgotten while fenced");
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
         assert_eq!(f.released.len(), 1);
     }
@@ -769,8 +1093,8 @@ mod tests {
     fn fencing_ends_relayed_subscriptions_and_unsubscribes_them_at_their_owner() {
         let mut f = Fixture::new();
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
-        assert!(f.view.admit(subscribe("a", 1), &mut f.out).is_none());
-        assert!(f.view.admit(subscribe("a", 2), &mut f.out).is_none());
+        assert!(f.admit(subscribe("a", 1)).is_none());
+        assert!(f.admit(subscribe("a", 2)).is_none());
         let mut forwards = Vec::new();
         f.view.take_forwards(&mut forwards);
         forwards.clear();
@@ -799,14 +1123,14 @@ mod tests {
         assert_eq!(f.view.counters.subscriptions_ended, 2);
         // What the consumer sends for them afterwards is not relayed any more.
         let credit = AddressCommand::SetCredit { consumer: conn(2), subscription: SubscriptionId(1), credit: 3 };
-        assert!(f.view.admit(credit, &mut f.out).is_some());
+        assert!(f.admit(credit).is_some());
     }
 
     #[test]
     fn a_move_away_ends_the_subscriptions_here() {
         let mut f = Fixture::new();
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
-        let command = f.view.admit(subscribe("a", 4), &mut f.out).unwrap();
+        let command = f.admit(subscribe("a", 4)).unwrap();
         f.table.handle(command, 0, &mut f.out);
         f.out.clear();
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
@@ -814,13 +1138,150 @@ mod tests {
         assert_eq!(f.view.counters.subscriptions_ended, 1);
     }
 
+    fn multicast_subscribe(consumer: u32, id: u32) -> AddressCommand {
+        AddressCommand::Subscribe {
+            consumer: conn(consumer),
+            subscription: SubscriptionId(id),
+            address: Bytes::from_static(b"news"),
+            mode: DeliveryMode::Multicast,
+            ack_mode: AckMode::Auto,
+            credit: 10,
+        }
+    }
+
+    /// What the view handed the relay, as short words.
+    fn forwarded(f: &mut Fixture) -> Vec<String> {
+        let mut forwards = Vec::new();
+        f.view.take_forwards(&mut forwards);
+        forwards
+            .iter()
+            .map(|forward| match forward {
+                Forward::Subscribe { command: AddressCommand::Subscribe { consumer, mode, .. }, .. } => {
+                    assert_eq!(consumer.conn, FEED_CONN);
+                    format!("subscribe {mode:?}")
+                }
+                Forward::Settle { command: AddressCommand::ReturnCredit { consumer, count, .. }, .. } => {
+                    assert_eq!(consumer.conn, FEED_CONN);
+                    format!("settle {count}")
+                }
+                Forward::Settle { command: AddressCommand::Unsubscribe { consumer, .. }, .. } => {
+                    assert_eq!(consumer.conn, FEED_CONN);
+                    "unsubscribe".to_string()
+                }
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn deliveries_to(out: &[Outgoing], consumer: u32) -> usize {
+        out.iter()
+            .map(|(_, command)| match command {
+                ConnCommand::Deliver { consumer: c, deliveries, .. } if c.index == consumer => deliveries.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn the_feeds_ticket(f: &Fixture) -> u64 {
+        f.view.feeds.values().next().expect("a feed").ticket
+    }
+
+    #[test]
+    fn local_multicast_subscribers_of_a_remote_address_share_one_feed_until_the_last_leaves() {
+        let mut f = Fixture::new();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"news"), owner: remote() });
+        // The first opens the feed; both wait for the owner's SUBSCRIBED.
+        assert!(f.admit(multicast_subscribe(2, 1)).is_none());
+        assert!(f.admit(multicast_subscribe(3, 1)).is_none());
+        assert_eq!(forwarded(&mut f), ["subscribe Multicast"], "one relayed subscription for the node");
+        assert!(f.out.is_empty(), "no SUBSCRIBED before the owner's");
+        let ticket = the_feeds_ticket(&f);
+        f.apply(ClusterUpdate::FeedConfirmed { ticket });
+        let subscribed = f
+            .out
+            .iter()
+            .filter(|(_, command)| matches!(command, ConnCommand::SubscribeDone { outcome: Ok(()), .. }))
+            .count();
+        assert_eq!(subscribed, 2);
+        assert_eq!(f.table.multicast_subscriber_count(b"news"), 2);
+        // A third joins at once.
+        let joined = f.admit(multicast_subscribe(4, 1)).expect("joins the confirmed feed");
+        f.table.handle(joined, 0, &mut f.out);
+        f.out.clear();
+        // The feed's messages reach every local subscriber, and are settled at the owner.
+        let message = |body: &'static str| {
+            Arc::new(StoredMessage::from_fields(b"news", &Properties::default(), body.as_bytes(), false))
+        };
+        f.apply(ClusterUpdate::Fed { ticket, messages: vec![message("1"), message("2")] });
+        assert_eq!([deliveries_to(&f.out, 2), deliveries_to(&f.out, 3), deliveries_to(&f.out, 4)], [2, 2, 2]);
+        assert_eq!(forwarded(&mut f), ["settle 2"]);
+        // Leaving: the feed stays until the last local subscriber is gone.
+        let unsubscribe =
+            |consumer| AddressCommand::Unsubscribe { consumer: conn(consumer), subscription: SubscriptionId(1) };
+        assert!(f.admit(unsubscribe(2)).is_none());
+        assert!(f.admit(AddressCommand::ConsumerGone { consumer: conn(3) }).is_none());
+        assert!(forwarded(&mut f).is_empty());
+        assert!(f.admit(unsubscribe(4)).is_none());
+        assert_eq!(forwarded(&mut f), ["unsubscribe"], "the last leave unsubscribes the feed at the owner");
+        assert_eq!(f.table.multicast_subscriber_count(b"news"), 0);
+        // A later subscriber opens a new feed; messages of the old one are dropped.
+        assert!(f.admit(multicast_subscribe(5, 1)).is_none());
+        assert_eq!(forwarded(&mut f), ["subscribe Multicast"]);
+        f.out.clear();
+        f.apply(ClusterUpdate::Fed { ticket, messages: vec![message("3")] });
+        assert!(f.out.is_empty() && forwarded(&mut f).is_empty());
+    }
+
+    #[test]
+    fn a_feeds_end_fencing_and_a_move_end_every_local_subscriber_of_it() {
+        let mut f = Fixture::new();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"news"), owner: remote() });
+        for consumer in [2, 3] {
+            f.admit(multicast_subscribe(consumer, 1));
+        }
+        f.apply(ClusterUpdate::FeedConfirmed { ticket: the_feeds_ticket(&f) });
+        let joined = f.admit(multicast_subscribe(4, 1)).expect("joins the confirmed feed");
+        f.table.handle(joined, 0, &mut f.out);
+        forwarded(&mut f);
+        f.out.clear();
+        // The owner unreachable: the relay ends the feed (4503), the view every subscriber.
+        let refusal = Refusal::new(ErrorCode::Unavailable, "cluster node \"b\" cannot be reached");
+        f.apply(ClusterUpdate::FeedEnded { ticket: the_feeds_ticket(&f), refusal });
+        assert_eq!(refusal_codes(&f.out), [(1, ErrorCode::Unavailable); 3]);
+        assert_eq!(f.table.multicast_subscriber_count(b"news"), 0);
+        assert!(forwarded(&mut f).is_empty(), "the relay forgot the feed already");
+        // Fencing: a waiting subscriber and a joined one end with 4421; the feed is unsubscribed.
+        f.out.clear();
+        f.admit(multicast_subscribe(2, 1));
+        f.apply(ClusterUpdate::FeedConfirmed { ticket: the_feeds_ticket(&f) });
+        let joined = f.admit(multicast_subscribe(3, 1)).expect("joins the confirmed feed");
+        f.table.handle(joined, 0, &mut f.out);
+        forwarded(&mut f);
+        f.out.clear();
+        f.apply(ClusterUpdate::Fenced { reason: "lease not renewed".into() });
+        assert_eq!(refusal_codes(&f.out), [(1, ErrorCode::Misdirected); 2]);
+        assert_eq!(forwarded(&mut f), ["unsubscribe"]);
+        // A move to another node ends them with 4421 naming it.
+        f.apply(ClusterUpdate::Unfenced);
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"news"), owner: remote() });
+        f.admit(multicast_subscribe(2, 1));
+        forwarded(&mut f);
+        f.out.clear();
+        let c = Owner::Remote(Arc::new(NodeRef::new("c".into(), "ws://127.0.0.1:10/".into())));
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"news"), owner: c });
+        assert_eq!(refusal_codes(&f.out), [(1, ErrorCode::Misdirected)]);
+        let ConnCommand::SubscribeDone { outcome: Err(refusal), .. } = &f.out[0].1 else { panic!("{:?}", f.out) };
+        assert!(refusal.reason.contains("node \"c\""), "{}", refusal.reason);
+        assert_eq!(forwarded(&mut f), ["unsubscribe"]);
+    }
+
     #[test]
     fn requests_made_before_the_channel_is_attached_are_sent_when_it_is() {
         let mut view = PlacementView::new(ShardId(3));
         let mut out = Vec::new();
-        view.admit(publish("early", 1), &mut out);
-        let (sender, mut requests) = tokio::sync::mpsc::unbounded_channel();
         let mut table = AddressTable::new(ShardId(3), AddressLimits::default());
+        view.admit(publish("early", 1), &mut table, 0, &mut out);
+        let (sender, mut requests) = tokio::sync::mpsc::unbounded_channel();
         view.apply(ClusterUpdate::Attach(sender), &mut table, 0, &mut out, &mut Vec::new());
         assert_eq!(
             requests.try_recv().unwrap(),

@@ -859,13 +859,15 @@ impl ShardCore {
         while let Some(command) = self.queues.work.pop_front() {
             // In a cluster, a SEND or SUBSCRIBE runs only where its address is placed.
             let command = match (command, self.placement.as_deref_mut()) {
-                (Command::Address(command), Some(view)) => match view.admit(command, &mut self.answers) {
-                    Some(command) => Command::Address(command),
-                    None => {
-                        self.route_address_output();
-                        continue;
+                (Command::Address(command), Some(view)) => {
+                    match view.admit(command, &mut self.addresses, now_ms, &mut self.answers) {
+                        Some(command) => Command::Address(command),
+                        None => {
+                            self.route_address_output();
+                            continue;
+                        }
                     }
-                },
+                }
                 (command, _) => command,
             };
             match command {
