@@ -910,11 +910,7 @@ impl ShardCore {
                 }
             }
         }
-        // Newest first: a round's first dirty connection is the one whose read started it (a
-        // publisher), those its commands reached (the consumers) come after. Waking them in
-        // reverse order has the deliveries written before the publisher's RECEIPT, so a
-        // MESSAGE does not wait behind a loopback write of the answer to its own SEND.
-        for id in self.dirty.drain(..).rev() {
+        for id in self.dirty.drain(..) {
             self.dirty_generation[id.index as usize] = None;
             // Cumulative receipt, then wake whichever task can make progress.
             let slot = &mut self.conns[id.index as usize];
