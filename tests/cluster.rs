@@ -27,7 +27,7 @@ use bytes::Bytes;
 use chaos_proxy::ChaosProxy;
 use common::Broker;
 use harness::{
-    admin_get, admin_put, client, client_options, consumer_once_served, consumers_at, named_owner, node, node_in,
+    admin_get, admin_request, client, client_options, consumer_once_served, consumers_at, named_owner, node, node_in,
     placements, probe, serial, the_one_owner, Etcd, HOP_HEADER, LEASE_MS,
 };
 use mbws::mbws::{self as frames, AckMode, Binding, DeliveryMode};
@@ -722,7 +722,7 @@ fn an_operators_move_ends_a_relayed_subscription_with_4421_naming_the_new_owner_
     assert_eq!(bodies(&take_messages(&mut relayed, 2, true)), ["before-0", "before-1"]);
 
     let (status, body) =
-        admin_put(nodes[0].admin_addr(), &format!("/api/cluster/addresses/{address}"), r#"{"owner":"a"}"#);
+        admin_request(nodes[0].admin_addr(), "PUT", &format!("/api/cluster/addresses/{address}"), r#"{"owner":"a"}"#);
     assert_eq!(status, 200, "moving {address} to a: {body}");
     match relayed.next_message(Duration::from_secs(10)) {
         Err(ClientError::Broker(error)) => {

@@ -8,34 +8,16 @@ mod common;
 #[path = "support/cluster_harness.rs"]
 mod harness;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::Broker;
-use harness::{client, client_options, node, serial, Etcd};
+use harness::{admin_request, client, client_options, node, serial, Etcd};
 use mbws::mbws::{self as frames, AckMode, DeliveryMode};
 use mbws_client::ClientError;
 
-/// An HTTP request to an admin API: the status and the body.
-fn http(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status = raw.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    (status, raw.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
-}
-
 /// The /metrics page of a node, checked by promtool when it is installed.
 fn scrape(node: &Broker) -> String {
-    let (status, page) = http(node.admin_addr(), "GET", "/metrics", "");
+    let (status, page) = admin_request(node.admin_addr(), "GET", "/metrics", "");
     assert_eq!(status, 200, "{page}");
     common::promtool_check(&page);
     page
@@ -145,8 +127,12 @@ fn a_message_dead_lettered_at_its_owner_reaches_its_dead_letter_address_on_anoth
     let nodes = [node("a", &etcd.url(), &flags), node("b", &etcd.url(), &flags), node("c", &etcd.url(), &flags)];
     let address = address_owned_by(&nodes[0], "b", "orders");
     let dead_letters = format!("DLQ.{address}");
-    let (status, body) =
-        http(nodes[0].admin_addr(), "PUT", &format!("/api/cluster/addresses/{dead_letters}"), r#"{"owner":"c"}"#);
+    let (status, body) = admin_request(
+        nodes[0].admin_addr(),
+        "PUT",
+        &format!("/api/cluster/addresses/{dead_letters}"),
+        r#"{"owner":"c"}"#,
+    );
     assert_eq!(status, 200, "placing {dead_letters} on c: {body}");
     // Every node agrees that c owns the dead-letter address before anything is dead-lettered.
     for node in &nodes {

@@ -211,14 +211,14 @@ pub fn admin_get(admin: SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|error| panic!("not JSON ({error}): {body}"))
 }
 
-/// `PUT path` with the JSON `body` on an admin API: the status and the body.
-pub fn admin_put(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
+/// `METHOD path` with `body` (empty for none) on an admin API: the status and the body.
+pub fn admin_request(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let length = body.len();
     write!(
         stream,
-        "PUT {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{body}"
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{body}"
     )
     .unwrap();
     let mut raw = String::new();
