@@ -789,8 +789,8 @@ impl PlacementView {
         self.close_if_unused(&address, table);
     }
 
-    /// Messages of the feed `ticket`: each fanned out to the address's local multicast
-    /// subscribers, then settled at the owner, whose credit for the feed comes back now: a
+    /// Messages of the feed `ticket`: fanned out to the address's local multicast subscribers
+    /// as one run (one delivery command per subscriber), then settled at the owner, whose credit for the feed comes back now: a
     /// slow subscriber holds back only itself (its backlog bound ends it with 4429), never the
     /// feed. Messages of a feed closed meanwhile are dropped.
     fn fan_out(
@@ -805,9 +805,7 @@ impl PlacementView {
         let Some(feed) = self.feeds.get(&address) else { return };
         let owner = feed.owner.clone();
         let count = messages.len() as u32;
-        for message in messages {
-            table.fan_out_relayed(message, now_ms, out);
-        }
+        table.fan_out_relayed(messages, now_ms, out);
         let (consumer, subscription) = self.feed_key(ticket);
         let command = AddressCommand::ReturnCredit { consumer, subscription, count, bytes: 0 };
         self.forwards.push(Forward::Settle { owner, command });
@@ -1230,6 +1228,57 @@ mod tests {
         f.out.clear();
         f.apply(ClusterUpdate::Fed { ticket, messages: vec![message("3")] });
         assert!(f.out.is_empty() && forwarded(&mut f).is_empty());
+    }
+
+    #[test]
+    fn a_run_of_fed_messages_reaches_each_local_subscriber_as_one_delivery_in_order() {
+        let mut f = Fixture::new();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"news"), owner: remote() });
+        for consumer in [2, 3] {
+            assert!(f.admit(multicast_subscribe(consumer, 1)).is_none());
+        }
+        let ticket = the_feeds_ticket(&f);
+        f.apply(ClusterUpdate::FeedConfirmed { ticket });
+        forwarded(&mut f);
+        f.out.clear();
+        // A run of 12 with 10 of credit each (multicast_subscribe): one Deliver of the first
+        // 10 per subscriber, in the owner's order; the other 2 wait for credit, as for a
+        // local publish. The run is settled at the owner at once, as one.
+        let bodies: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+        let messages = bodies
+            .iter()
+            .map(|body| Arc::new(StoredMessage::from_fields(b"news", &Properties::default(), body.as_bytes(), false)))
+            .collect();
+        f.apply(ClusterUpdate::Fed { ticket, messages });
+        for consumer in [2, 3] {
+            let delivered: Vec<Vec<String>> = f
+                .out
+                .iter()
+                .filter_map(|(_, command)| match command {
+                    ConnCommand::Deliver { consumer: c, deliveries, .. } if c.index == consumer => Some(
+                        deliveries.iter().map(|d| String::from_utf8_lossy(d.message.body()).into_owned()).collect(),
+                    ),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(delivered, [bodies[..10].to_vec()], "consumer {consumer}: one delivery command of the run");
+        }
+        assert_eq!(forwarded(&mut f), ["settle 12"]);
+        // Credit back: the rest follow, in order.
+        f.out.clear();
+        let credit =
+            AddressCommand::ReturnCredit { consumer: conn(2), subscription: SubscriptionId(1), count: 10, bytes: 0 };
+        f.table.handle(credit, 0, &mut f.out);
+        let rest: Vec<String> = f
+            .out
+            .iter()
+            .flat_map(|(_, command)| match command {
+                ConnCommand::Deliver { deliveries, .. } => deliveries.to_vec(),
+                _ => Vec::new(),
+            })
+            .map(|d| String::from_utf8_lossy(d.message.body()).into_owned())
+            .collect();
+        assert_eq!(rest, bodies[10..]);
     }
 
     #[test]

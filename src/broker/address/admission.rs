@@ -30,9 +30,7 @@ impl AddressTable {
         let Some(first) = batch.first() else { return };
         debug_assert!(batch.iter().all(|publication| publication.message.address() == first.message.address()));
         let address_name = first.message.address_bytes();
-        // The fast path delivers at once: only for ids already durably reserved.
-        let ids_reserved = self.last_message_id.saturating_add(batch.len() as u64) <= self.ids_durably_reserved;
-        if !ids_reserved || !self.addresses.get(&address_name).is_some_and(Address::is_pure_multicast) {
+        if !self.takes_at_once(&address_name, batch.len()) {
             // Queued one by one (each admitted or refused against the bounds as they stand),
             // delivered in one dispatch, answered in order: what publishing them one at a time
             // does, without a dispatch and an answer lookup per message.
@@ -53,21 +51,93 @@ impl AddressTable {
             answer_batch(state, &self.limits, &mut self.durable_answers, outcomes, out);
             return;
         }
-        // Admission: a message for multicast subscribers only waits in no queue, so only the
-        // durable log's health and the shard's memory budget can refuse it.
         let mut answers = Vec::with_capacity(batch.len());
         let mut accepted = Vec::with_capacity(batch.len());
         for Publication { publisher, seq, message } in batch.drain(..) {
-            let admitted =
-                self.refuse_if_log_failed(&message).and_then(|_| self.check_memory_budget(message.body().len()));
-            if admitted.is_ok() && !is_expired_at(message.expires_at_ms, now_ms) {
-                let (id, visible_after) = self.next_message_id();
-                debug_assert_eq!(visible_after, Lsn(0), "ids of this path are durably reserved (checked above)");
-                accepted.push(Queued { id, message, redelivered: false, deliveries: 0 });
-            }
-            answers.push((publisher, seq, admitted));
+            answers.push((publisher, seq, self.admit_at_once(message, now_ms, &mut accepted)));
         }
-        let state = self.addresses.get_mut(&address_name).expect("checked above");
+        self.deliver_at_once(&address_name, accepted, now_ms, out);
+        for (publisher, seq, outcome) in answers {
+            match outcome {
+                Ok(()) => push_accepted(out, publisher, seq),
+                Err(refusal) => out.push((
+                    publisher.shard,
+                    ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
+                )),
+            }
+        }
+    }
+
+    /// Fans out a run of messages that a cluster node relayed from the address's owner node
+    /// (`crate::cluster::view`, "fed" addresses) to the multicast subscribers of their address
+    /// here, in order: on a pure multicast address as one batch (one `Deliver` per subscriber
+    /// for the run, as [`AddressTable::publish_batch`]), otherwise one at a time. Each
+    /// subscriber's credit, backlog bound (a slow one is ended, 4429) and binding apply as for a
+    /// local publish, but nothing is queued for anycast and no publisher is answered: a refused
+    /// message (the memory budget, a failed log) is dropped for every subscriber here. An
+    /// address without multicast subscribers here (or with anycast ones) takes nothing.
+    /// Returns the multicast subscribers left at the address.
+    pub fn fan_out_relayed(&mut self, messages: Vec<SharedMessage>, now_ms: u64, out: &mut Vec<Outgoing>) -> usize {
+        let Some(first) = messages.first() else { return 0 };
+        let address = first.address_bytes();
+        debug_assert!(messages.iter().all(|message| message.address() == first.address()));
+        let fed = |state: &Address| state.anycast.is_empty() && !state.multicast.is_empty();
+        if !self.addresses.get(&address).is_some_and(fed) {
+            return 0;
+        }
+        if self.takes_at_once(&address, messages.len()) {
+            let mut accepted = Vec::with_capacity(messages.len());
+            for message in messages {
+                let _ = self.admit_at_once(message, now_ms, &mut accepted);
+            }
+            self.deliver_at_once(&address, accepted, now_ms, out);
+        } else {
+            for message in messages {
+                let _ = self.publish(&address, message, now_ms, out);
+            }
+        }
+        self.multicast_subscriber_count(&address)
+    }
+
+    /// Whether a run of `count` messages to `address_name` takes the batch path
+    /// ([`AddressTable::deliver_at_once`]): a pure multicast address (multicast subscribers
+    /// only, nothing queued or held), and ids for the whole run already durably reserved (the
+    /// path delivers at once).
+    fn takes_at_once(&self, address_name: &Bytes, count: usize) -> bool {
+        let ids_reserved = self.last_message_id.saturating_add(count as u64) <= self.ids_durably_reserved;
+        ids_reserved && self.addresses.get(address_name).is_some_and(Address::is_pure_multicast)
+    }
+
+    /// Admission for the batch path: a message for multicast subscribers only waits in no
+    /// queue, so only the durable log's health and the shard's memory budget can refuse it. An
+    /// admitted message gets its id and joins `accepted` (unless it has expired already).
+    fn admit_at_once(
+        &mut self,
+        message: SharedMessage,
+        now_ms: u64,
+        accepted: &mut Vec<Queued>,
+    ) -> Result<(), Refusal> {
+        let admitted = self.refuse_if_log_failed(&message).and_then(|_| self.check_memory_budget(message.body().len()));
+        if admitted.is_ok() && !is_expired_at(message.expires_at_ms, now_ms) {
+            let (id, visible_after) = self.next_message_id();
+            debug_assert_eq!(visible_after, Lsn(0), "ids of this path are durably reserved (takes_at_once)");
+            accepted.push(Queued { id, message, redelivered: false, deliveries: 0 });
+        }
+        admitted
+    }
+
+    /// The batch path: every multicast subscriber of the pure multicast address `address_name`
+    /// gets its share of `accepted` at once: one `Deliver` command per subscriber instead of one
+    /// per message and subscriber, no detour through the backlog for a subscriber with credit,
+    /// and one lookup of the address for the run.
+    fn deliver_at_once(
+        &mut self,
+        address_name: &Bytes,
+        mut accepted: Vec<Queued>,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let state = self.addresses.get_mut(address_name).expect("checked by takes_at_once");
         // Message i (0-based) waits in some backlog, so it is compacted, unless every
         // subscriber has an empty backlog and more than i deliveries of credit left.
         let batch_bytes: u64 = accepted.iter().map(|queued| queued.message.held_bytes() as u64).sum();
@@ -103,17 +173,8 @@ impl AddressTable {
             delivered_any |= !deliveries.is_empty();
             send_deliveries(out, subscriber, deliveries);
         }
-        end_slow_subscribers(state, &address_name, &slow, &mut self.subscriptions, out);
+        end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
         self.deadline_added |= ack_deadline.is_some() && delivered_any;
-        for (publisher, seq, outcome) in answers {
-            match outcome {
-                Ok(()) => push_accepted(out, publisher, seq),
-                Err(refusal) => out.push((
-                    publisher.shard,
-                    ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
-                )),
-            }
-        }
     }
 
     /// Refuses a body that would take the shard's queued bytes past its memory budget.

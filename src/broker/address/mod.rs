@@ -492,23 +492,6 @@ impl AddressTable {
         }
     }
 
-    /// Fans out a message that a cluster node relayed from the address's owner node to the
-    /// multicast subscribers of its address here (`crate::cluster::view`, "fed" addresses):
-    /// each subscriber's credit, backlog bound (a slow one is ended, 4429) and binding apply as
-    /// for a local publish, but nothing is queued for anycast and no publisher is answered. An
-    /// address without multicast subscribers here (or with anycast ones) takes nothing. Returns
-    /// the multicast subscribers left at the address.
-    pub fn fan_out_relayed(&mut self, message: SharedMessage, now_ms: u64, out: &mut Vec<Outgoing>) -> usize {
-        let address = message.address_bytes();
-        let fed = |state: &Address| state.anycast.is_empty() && !state.multicast.is_empty();
-        if !self.addresses.get(&address).is_some_and(fed) {
-            return 0;
-        }
-        // A refusal (the memory budget, a failed log) drops this copy, as for a publish here.
-        let _ = self.publish(&address, message, now_ms, out);
-        self.multicast_subscriber_count(&address)
-    }
-
     /// The multicast subscribers of `address` on this shard.
     pub fn multicast_subscriber_count(&self, address: &[u8]) -> usize {
         self.addresses.get(address).map_or(0, |state| state.multicast.len())
