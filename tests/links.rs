@@ -8,13 +8,11 @@ mod chaos_proxy;
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chaos_proxy::{ChaosProxy, Schedule};
-use common::{promtool_check, Broker};
+use common::{admin_get, promtool_check, Broker};
 use mbws::mbws::{AckMode, DeliveryMode, Message};
 use mbws_client::Client;
 
@@ -93,17 +91,6 @@ fn bodies(messages: &[Message]) -> Vec<String> {
 
 fn header<'a>(message: &'a Message, name: &str) -> Option<&'a [u8]> {
     message.properties.headers.iter().find(|(key, _)| key.as_ref() == name.as_bytes()).map(|(_, value)| value.as_ref())
-}
-
-/// `GET path` on an admin API: the status and the body.
-fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&admin, WAIT).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_string())
 }
 
 /// The link `name` as `/api/links` shows it.

@@ -23,6 +23,19 @@ pub struct Broker {
     own_data_dir: Option<PathBuf>,
 }
 
+/// `GET path` on a broker's admin API (bounded by 10 s): the status and the body.
+pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::Write;
+    const WAIT: Duration = Duration::from_secs(10);
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, WAIT).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_string())
+}
+
 /// A fresh, unique directory under the system temp dir (the caller removes it).
 pub fn temp_dir(label: &str) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
