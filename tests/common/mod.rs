@@ -23,16 +23,17 @@ pub struct Broker {
     own_data_dir: Option<PathBuf>,
 }
 
-/// `GET path` on a broker's admin API (bounded by 10 s): the status and the body.
-pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+/// One request to a broker's admin API (HTTP/1.1, bounded by 10 s): the status and the body.
+pub fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
     use std::io::Write;
     const WAIT: Duration = Duration::from_secs(10);
-    let mut stream = std::net::TcpStream::connect_timeout(&admin, WAIT).unwrap();
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, WAIT).expect("connect to the admin API");
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("the answer, then the close");
+    let text = String::from_utf8(raw).expect("a UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
     (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_string())
 }
 

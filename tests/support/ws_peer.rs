@@ -8,8 +8,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use mbws::mbws::{self as proto, AckMode, Binding, CodecLimits, DeliveryMode, Fra
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 
+pub use crate::common::admin_request;
 use crate::common::Broker;
 
 /// Every read on a test socket gives up after this long.
@@ -173,19 +173,6 @@ impl Peer {
             }
         }
     }
-}
-
-/// One request to the broker's admin API (HTTP/1.1, bounded in time): the status and the body.
-pub fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&admin, IO_TIMEOUT).expect("connect to the admin API");
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("the answer, then the close");
-    let text = String::from_utf8(raw).expect("a UTF-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
 }
 
 /// Waits (bounded) until `address` has handed `deliveries` deliveries to its consumers' write
