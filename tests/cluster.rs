@@ -3,10 +3,10 @@
 //! real broker processes: placement agreement and spread, failover after kill -9, and fencing
 //! of a node cut from etcd (through the fault-injecting proxy of the resume tests).
 //!
-//! A node "serves" an address when a SEND marked as forwarded already (the header
-//! `x-mbws-cluster-hop`, which a node never forwards again) is receipted there; a node that does
-//! not own the address refuses such a SEND with the non-fatal ERROR 4421 naming the owner. An
-//! unmarked SEND to any node is forwarded to the owner (the forwarding tests), and a SUBSCRIBE to
+//! A node "serves" an address when a SEND on a session opened as a cluster link (the upgrade
+//! header `X-MBWS-Cluster-Link`, whose SENDs a node never forwards again) is receipted there; a
+//! node that does not own the address refuses such a SEND with the non-fatal ERROR 4421 naming
+//! the owner. A client's ordinary SEND to any node is forwarded to the owner (the forwarding tests), and a SUBSCRIBE to
 //! any node is relayed to the owner (the relaying tests). The tests run one at a time (each
 //! starts four processes on a small, busy machine).
 
@@ -28,7 +28,7 @@ use chaos_proxy::ChaosProxy;
 use common::Broker;
 use harness::{
     admin_get, admin_request, client, client_options, consumer_once_served, consumers_at, named_owner, node, node_in,
-    placements, probe, serial, the_one_owner, Etcd, HOP_HEADER, LEASE_MS,
+    placements, probe, serial, the_one_owner, Etcd, LEASE_MS,
 };
 use mbws::mbws::{self as frames, AckMode, Binding, DeliveryMode};
 use mbws_client::{Client, ClientError, ClientOptions};
@@ -309,7 +309,8 @@ fn take_messages(consumer: &mut Client, count: usize, ack: bool) -> Vec<frames::
 }
 
 /// Checks that `messages` hold exactly `per_publisher` bodies `NAME-i` of each publisher
-/// name, each publisher's in order, each once, all marked as forwarded.
+/// name, each publisher's in order, each once, and none with a header the publisher did not
+/// send (forwarding marks the owner's session, not the message).
 fn assert_each_publisher_in_order_once(messages: &[frames::Message], publishers: &[&str], per_publisher: usize) {
     for publisher in publishers {
         let bodies: Vec<String> = messages
@@ -322,10 +323,7 @@ fn assert_each_publisher_in_order_once(messages: &[frames::Message], publishers:
     }
     assert_eq!(messages.len(), publishers.len() * per_publisher);
     for message in messages {
-        assert!(
-            message.properties.headers.iter().any(|(name, _)| name.as_ref() == HOP_HEADER.as_bytes()),
-            "a forwarded message carries {HOP_HEADER}"
-        );
+        assert_eq!(message.properties, frames::Properties::default(), "the publishers sent no properties");
     }
 }
 
@@ -710,6 +708,54 @@ fn a_fenced_node_ends_its_relayed_subscriptions_with_4421_and_unsubscribes_them_
     assert!(matches!(&refused, ClientError::Broker(error) if error.code == 4421), "{refused}");
 }
 
+/// A relayed consumer's NACK that the relay wrote just before its connection to the owner
+/// dropped is not lost with it: the relay's client writes it again once the session is
+/// resumed, before its ACKs (the cumulative ACK the relay wrote after the NACK covers the
+/// NACKed delivery, and on its own would acknowledge it: the message would be gone). So the
+/// message comes back, redelivered, within the bound, not after the owner's ack timeout (60 s
+/// here) nor never. The owner is reached through a proxy that drops the NACK's bytes, then
+/// cuts the connection.
+#[test]
+fn a_relayed_nack_lost_with_the_relays_connection_is_written_again_after_the_resume_and_the_message_comes_back() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let b_addr = SocketAddr::from(([127, 0, 0, 1], harness::free_port_on(std::net::Ipv4Addr::LOCALHOST.into())));
+    let proxy = ChaosProxy::quiet(b_addr);
+    let (b_listen, b_advertise) = (b_addr.to_string(), proxy.url());
+    let b_flags = ["--listen", &b_listen, "--advertise-url", &b_advertise, "--ack-timeout-ms", "60000"];
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &b_flags)];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "nacked");
+    let mut consumer = client(&nodes[0].url());
+    consumer.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+    publish_receipted(&nodes[1].url(), Binding::Binary, "job", &address, 1);
+    let first = take_messages(&mut consumer, 1, false).remove(0);
+    assert!(!first.redelivered);
+
+    // The relay's NACK (and the cumulative ACK written after it: 16 bytes each) are dropped on
+    // the way to b; then the connection is cut, and the relay's client resumes the session.
+    proxy.set_blackholed(true);
+    consumer.nack(first.delivery_seq, true).unwrap();
+    consumer.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.dropped() < 32 {
+        assert!(Instant::now() < deadline, "the relay's NACK did not reach the proxy: {} bytes", proxy.dropped());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    proxy.set_blackholed(false);
+    let cut_at = Instant::now();
+    proxy.set_partitioned(true);
+    proxy.set_partitioned(false);
+
+    let again = consumer.next_message(Duration::from_secs(10)).unwrap();
+    let again = again.unwrap_or_else(|| {
+        panic!("the NACKed message did not come back within 10 s of the cut: {:#?}", nodes[0].log_lines())
+    });
+    eprintln!("relay: a NACK lost with the connection took effect {} ms after the cut", cut_at.elapsed().as_millis());
+    assert_eq!((again.body.as_ref(), again.redelivered), (first.body.as_ref(), true));
+    consumer.ack(again.delivery_seq, false).unwrap();
+    assert!(consumer.next_message(Duration::from_millis(300)).unwrap().is_none(), "delivered once more only");
+}
+
 #[test]
 fn an_operators_move_ends_a_relayed_subscription_with_4421_naming_the_new_owner_and_a_new_one_gets_new_messages() {
     let _serial = serial();
@@ -808,17 +854,25 @@ fn a_relayed_subscription_whose_commands_overflow_the_relays_queue_ends_with_a_n
     eprintln!("relay queue: {sent} FLOWs sent, 4429 after {} ms", started.elapsed().as_millis());
 }
 
-/// The forwarder writes the stored message's bytes as they came (with the hop mark slipped in
-/// among its headers) and the relay keeps the owner's MESSAGE bytes: what a consumer on a third
-/// node gets must be what the publisher sent, field for field, in either binding.
+/// The forwarder writes the stored message's bytes as they came and the relay keeps the
+/// owner's MESSAGE bytes: what a consumer on another node than the publisher's gets, at the
+/// owner or relayed through a third node, is what the publisher sent, field for field, in
+/// either binding, with no header of the cluster's; and max-frame-bytes means the same on every
+/// node (a message at the limit crosses both hops, one byte more is refused where it is sent).
 #[test]
-fn a_relayed_consumer_in_either_binding_gets_the_publishers_properties_and_body_and_a_message_at_max_frame_bytes_crosses_both_hops(
+fn a_consumer_on_another_node_in_either_binding_gets_exactly_the_publishers_properties_and_body_and_max_frame_bytes_is_the_same_on_every_node(
 ) {
     let _serial = serial();
     let etcd = Etcd::start();
     let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
     let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "fields");
-    let mut consumers = [client_in(&nodes[2].url(), Binding::Text), client_in(&nodes[2].url(), Binding::Binary)];
+    // At the owner b, and relayed through c (a multicast feed), in both bindings.
+    let mut consumers = [
+        client_in(&nodes[1].url(), Binding::Text),
+        client_in(&nodes[1].url(), Binding::Binary),
+        client_in(&nodes[2].url(), Binding::Text),
+        client_in(&nodes[2].url(), Binding::Binary),
+    ];
     for consumer in &mut consumers {
         consumer.subscribe(3, &address, DeliveryMode::Multicast, AckMode::Client, 100).unwrap();
     }
@@ -833,14 +887,9 @@ fn a_relayed_consumer_in_either_binding_gets_the_publishers_properties_and_body_
             (Bytes::from_static(b"x-second"), Bytes::from("two, with a longer value ".repeat(20))),
         ],
     };
-    let with_mark = |properties: &frames::Properties| {
-        let mut marked = properties.clone();
-        marked.headers.push((Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1")));
-        marked
-    };
-    // The largest body whose MESSAGE, hop mark included, fits max-frame-bytes in both bindings.
+    // The largest body whose MESSAGE fits max-frame-bytes in both bindings, on the publisher's node.
     let plain = frames::Properties::default();
-    let at_limit = max_frame_bytes - frames::largest_message_bytes(address.as_bytes(), &with_mark(&plain), 0);
+    let at_limit = max_frame_bytes - frames::largest_message_bytes(address.as_bytes(), &plain, 0);
     let sends = [
         (properties.clone(), Bytes::from("{\"text\": \"h\u{e9}llo \u{1F600}\"}\n".repeat(3))),
         (plain.clone(), Bytes::new()),
@@ -862,16 +911,14 @@ fn a_relayed_consumer_in_either_binding_gets_the_publishers_properties_and_body_
         for (message, (properties, body)) in messages.iter().zip(&sends) {
             assert_eq!(message.address, address.as_bytes(), "consumer {index}");
             assert_eq!(
-                message.properties,
-                with_mark(properties),
-                "consumer {index}: the publisher's properties, marked"
+                &message.properties, properties,
+                "consumer {index}: the publisher's properties exactly, no header of the cluster's"
             );
             assert_eq!(message.body.len(), body.len(), "consumer {index}");
             assert!(message.body == body, "consumer {index}: the publisher's body");
         }
     }
-    // One byte more fits max-frame-bytes at a but not with the mark at b: the owner's refusal
-    // (4413) reaches the publisher, end to end.
+    // One byte more is over max-frame-bytes on every node: a refuses it itself (4413).
     let over = frames::Send {
         address: Bytes::copy_from_slice(address.as_bytes()),
         body: Bytes::from(vec![b'z'; at_limit + 1]),
@@ -879,8 +926,13 @@ fn a_relayed_consumer_in_either_binding_gets_the_publishers_properties_and_body_
     };
     let seq = publisher.send_message(over).unwrap();
     match publisher.wait_receipt(seq) {
-        Err(ClientError::Broker(error)) => assert_eq!(error.code, 4413, "{error:?}"),
-        other => panic!("a SEND over max-frame-bytes with the hop mark was not refused with 4413: {other:?}"),
+        Err(ClientError::Broker(error)) => {
+            let reason = String::from_utf8_lossy(&error.reason).into_owned();
+            assert_eq!(error.code, 4413, "{reason}");
+            assert!(reason.contains(&format!("over max-frame-bytes {max_frame_bytes}")), "{reason}");
+            assert!(!reason.contains("cluster node"), "refused by the publisher's node, not the owner: {reason}");
+        }
+        other => panic!("a SEND one byte over max-frame-bytes was not refused with 4413: {other:?}"),
     }
 }
 

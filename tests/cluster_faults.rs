@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use common::Broker;
 use harness::{
-    address_owned_by, client, client_options, consumer_once_served, node, node_flags, node_in, placements, probe,
-    serial, the_one_owner, wait_registered, Etcd, LEASE_MS,
+    address_owned_by, as_cluster_link, client, client_options, consumer_once_served, node, node_flags, node_in,
+    placements, probe, serial, the_one_owner, wait_registered, Etcd, LEASE_MS,
 };
 use mbws::mbws::{AckMode, DeliveryMode};
 use mbws_client::{Client, ClientError, ClientOptions};
@@ -58,6 +58,27 @@ fn take_bodies(consumer: &mut Client, count: usize) -> Vec<String> {
     }
     assert!(consumer.next_message(Duration::from_millis(300)).unwrap().is_none(), "a message came twice");
     bodies
+}
+
+/// [`take_bodies`] without the probes (`harness::probe` sends "probe" to an address's owner, where
+/// it waits for a consumer): `count` other bodies, then none more.
+fn bodies_except_probes(consumer: &mut Client, count: usize) -> Vec<String> {
+    let mut bodies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let wait = if bodies.len() < count { Duration::from_millis(500) } else { Duration::from_millis(300) };
+        match consumer.next_message(wait).unwrap() {
+            Some(message) => {
+                consumer.ack(message.delivery_seq, false).unwrap();
+                if message.body.as_ref() != b"probe" {
+                    bodies.push(String::from_utf8_lossy(&message.body).into_owned());
+                }
+            }
+            None if bodies.len() >= count => return bodies,
+            None => {}
+        }
+        assert!(Instant::now() < deadline, "only {} of {count} messages came: {bodies:?}", bodies.len());
+    }
 }
 
 /// The 4503 refusal a SEND through `publisher` to `address` gets: its reason.
@@ -129,6 +150,49 @@ fn nodes_that_require_authentication_forward_with_the_cluster_credentials_and_ne
         let lines = broker.log_lines();
         assert!(!lines.iter().any(|line| line.contains(PEER_SECRET)), "{name} logged the cluster secret: {lines:#?}");
     }
+}
+
+/// The SEND's non-fatal ERROR code and reason, or panics if it was receipted.
+fn refusal_of(client: &mut Client, address: &str, body: &str) -> (u16, String) {
+    let seq = client.send(address, body.to_string()).unwrap();
+    match client.wait_receipt(seq) {
+        Err(ClientError::Broker(error)) => {
+            assert!(!error.fatal, "{error:?}");
+            (error.code, String::from_utf8_lossy(&error.reason).into_owned())
+        }
+        other => panic!("a SEND to {address} was not refused: {other:?}"),
+    }
+}
+
+/// The upgrade header by which a node's forwarders say "cluster link" is a claim any client can
+/// make, and it buys nothing: the client keeps its own permissions (4403 outside them, on every
+/// node), and its SENDs to an address another node owns are refused with 4421 naming the owner
+/// instead of forwarded (one hop at most); at the owner its SENDs are taken like any client's.
+#[test]
+fn a_client_claiming_to_be_a_cluster_link_keeps_its_own_permissions_and_loses_forwarding() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let dir = TempDir(common::temp_dir("cluster-claim"));
+    let config = auth_config(&dir.0, true);
+    let config = config.to_str().unwrap();
+    let nodes = [
+        node("a", &etcd.url(), &["--config", config, "--cluster-login", "peer"]),
+        node("b", &etcd.url(), &["--config", config, "--cluster-login", "peer"]),
+    ];
+    let address = address_owned_by(&alice(), &nodes[0].url(), nodes[0].admin_addr(), "b", "orders");
+    let mut consumer = Client::connect(&nodes[1].url(), alice()).unwrap();
+    consumer.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    let mut claiming = Client::connect(&nodes[0].url(), as_cluster_link(alice())).unwrap();
+    let (code, reason) = refusal_of(&mut claiming, &address, "through a");
+    assert_eq!(code, 4421, "not forwarded: {reason}");
+    assert!(reason.contains("owned by cluster node \"b\""), "{reason}");
+    let mut at_owner = Client::connect(&nodes[1].url(), as_cluster_link(alice())).unwrap();
+    for client in [&mut claiming, &mut at_owner] {
+        let (code, reason) = refusal_of(client, "payroll", "not alice's");
+        assert_eq!(code, 4403, "alice's own permissions: {reason}");
+    }
+    send_receipted(&mut at_owner, &address, "b", 1);
+    assert_eq!(take_bodies(&mut consumer, 1), ["b-0"], "only what the owner took");
 }
 
 #[test]
@@ -564,33 +628,55 @@ fn a_node_partitioned_by_a_downed_veth_fences_itself_and_after_healing_no_addres
     }
     let view = placements(b.admin_addr());
     let owned_by_a: Vec<String> = addresses.iter().filter(|address| view[*address] == "a").cloned().collect();
-    assert!(!owned_by_a.is_empty(), "a owns some addresses: {view:?}");
+    assert!(owned_by_a.len() >= 2, "a owns some addresses (placed by load: 4 of 12): {view:?}");
+
+    // On the host: a consumer on c of another of a's addresses, relayed to a, which delivers
+    // through the relay before the cut.
+    let relayed_address = owned_by_a[1].clone();
+    let mut relayed = client(&c.url());
+    relayed.subscribe(1, &relayed_address, DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+    send_receipted(&mut client(&b.url()), &relayed_address, "before", 1);
+    assert_eq!(bodies_except_probes(&mut relayed, 1), ["before-0"]);
 
     // Inside the namespace: a consumer at a, at one of a's addresses, until its subscription ends.
     let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
-    let (cut_at, fenced_after, consumer_end) = std::thread::scope(|scope| {
-        let (netns_ref, a_url, address) = (&netns, a.url(), owned_by_a[0].clone());
-        let consumer = scope.spawn(move || {
-            netns_ref.enter_this_thread();
-            let mut consumer = client(&a_url);
-            consumer.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
-            subscribed_tx.send(()).unwrap();
-            let deadline = Instant::now() + Duration::from_millis(LEASE_MS) + Duration::from_secs(5);
-            loop {
-                match consumer.next_message(Duration::from_millis(500)) {
-                    Ok(None) if Instant::now() < deadline => {}
-                    other => return other.map(|message| message.is_some()),
+    let (cut_at, fenced_after, consumer_end, (mut relayed, relayed_end, relayed_ended_at)) =
+        std::thread::scope(|scope| {
+            let (netns_ref, a_url, address) = (&netns, a.url(), owned_by_a[0].clone());
+            let consumer = scope.spawn(move || {
+                netns_ref.enter_this_thread();
+                let mut consumer = client(&a_url);
+                consumer.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 10).unwrap();
+                subscribed_tx.send(()).unwrap();
+                let deadline = Instant::now() + Duration::from_millis(LEASE_MS) + Duration::from_secs(5);
+                loop {
+                    match consumer.next_message(Duration::from_millis(500)) {
+                        Ok(None) if Instant::now() < deadline => {}
+                        other => return other.map(|message| message.is_some()),
+                    }
                 }
-            }
+            });
+            subscribed_rx.recv_timeout(Duration::from_secs(10)).expect("the consumer at a subscribed");
+            // The relayed consumer on c, until its subscription ends (or a message comes).
+            let relayed_consumer = scope.spawn(move || {
+                let deadline = Instant::now() + Duration::from_millis(LEASE_MS) + Duration::from_secs(10);
+                loop {
+                    match relayed.next_message(Duration::from_millis(500)) {
+                        Ok(None) if Instant::now() < deadline => {}
+                        other => {
+                            let other = other.map(|message| message.map(|message| message.body));
+                            return (relayed, other, Instant::now());
+                        }
+                    }
+                }
+            });
+            let cut_at = Instant::now();
+            netns.set_link(false);
+            let fenced = a.wait_for_log("node \"a\" fenced", Duration::from_millis(LEASE_MS) + Duration::from_secs(3));
+            let fenced_after = cut_at.elapsed();
+            assert!(fenced.is_some(), "a was not fenced: {:#?}", a.log_lines());
+            (cut_at, fenced_after, consumer.join().unwrap(), relayed_consumer.join().unwrap())
         });
-        subscribed_rx.recv_timeout(Duration::from_secs(10)).expect("the consumer at a subscribed");
-        let cut_at = Instant::now();
-        netns.set_link(false);
-        let fenced = a.wait_for_log("node \"a\" fenced", Duration::from_millis(LEASE_MS) + Duration::from_secs(3));
-        let fenced_after = cut_at.elapsed();
-        assert!(fenced.is_some(), "a was not fenced: {:#?}", a.log_lines());
-        (cut_at, fenced_after, consumer.join().unwrap())
-    });
     eprintln!(
         "partition (veth down): node a fenced itself {} ms after the cut (lease {LEASE_MS} ms)",
         fenced_after.as_millis()
@@ -602,6 +688,21 @@ fn a_node_partitioned_by_a_downed_veth_fences_itself_and_after_healing_no_addres
             assert!(String::from_utf8_lossy(&error.reason).contains("fenced"), "{error:?}");
         }
         other => panic!("the subscription at the fenced node ends with 4421, not {other:?}"),
+    }
+    // The subscription relayed from c to a ends with a non-fatal error: 4503 (the relay hears
+    // nothing from a: no answer to its PING) or 4421 (re-placed), whichever comes first.
+    match &relayed_end {
+        Err(ClientError::Broker(error)) => {
+            let reason = String::from_utf8_lossy(&error.reason);
+            assert!(!error.fatal && error.subscription_id == 1, "{error:?}");
+            assert!((error.code == 4503 && reason.contains("cluster node \"a\"")) || error.code == 4421, "{error:?}");
+            eprintln!(
+                "partition: the subscription relayed from c to a ended with {} {} ms after the cut ({reason})",
+                error.code,
+                relayed_ended_at.duration_since(cut_at).as_millis()
+            );
+        }
+        other => panic!("a subscription relayed to the partitioned node ends with 4503 or 4421, not {other:?}"),
     }
     // Inside the namespace, a refuses what it owned: it cannot prove it still owns it.
     let a_url = a.url();
@@ -620,6 +721,15 @@ fn a_node_partitioned_by_a_downed_veth_fences_itself_and_after_healing_no_addres
         owned_by_a.len(),
         cut_at.elapsed().as_millis()
     );
+    // The relayed consumer subscribes again on c (the relay to a may refuse it with 4503 for
+    // its backoff, at most 2 s): it gets what is sent from then on, from the new owner.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(error) = relayed.subscribe(2, &relayed_address, DeliveryMode::Anycast, AckMode::Client, 10) {
+        assert!(Instant::now() < deadline, "c's consumer could not subscribe again: {error}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    send_receipted(&mut client(&b.url()), &relayed_address, "moved", 1);
+    assert_eq!(bodies_except_probes(&mut relayed, 1), ["moved-0"]);
 
     // Healing: a registers again and every address is served by exactly one node.
     let healed_at = Instant::now();
@@ -637,6 +747,10 @@ fn a_node_partitioned_by_a_downed_veth_fences_itself_and_after_healing_no_addres
         }
     }
     assert_eq!(placements(b.admin_addr()), placements(c.admin_addr()), "b and c agree on the placement");
+    // Sent through the healed a, the relayed consumer's address reaches its new owner and the
+    // consumer on c once: a serves it no more.
+    send_receipted(&mut client(&a.url()), &relayed_address, "healed", 1);
+    assert_eq!(bodies_except_probes(&mut relayed, 1), ["healed-0"]);
     eprintln!(
         "partition healed: a registered again and all {} addresses were served by exactly one node {} ms after the link came up",
         addresses.len(),

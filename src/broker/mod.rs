@@ -75,11 +75,14 @@ pub struct StoredMessage {
     pub expires_at_ms: u64,
     /// True when the body arrived in a text frame (so it is known to be valid UTF-8).
     pub body_is_text: bool,
+    /// Sent by another cluster node's forwarder (its session is a cluster link,
+    /// [`crate::cluster::view::LINK_HEADER`]): never forwarded again (one hop at most).
+    pub from_cluster_link: bool,
 }
 
 impl StoredMessage {
     pub fn new(tail: MessageTail, durable: bool, expires_at_ms: u64, body_is_text: bool) -> StoredMessage {
-        StoredMessage { tail, durable, expires_at_ms, body_is_text }
+        StoredMessage { tail, durable, expires_at_ms, body_is_text, from_cluster_link: false }
     }
 
     /// What a delivery of this message keeps alive until it is written: the bytes of its

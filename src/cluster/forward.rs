@@ -20,11 +20,10 @@
 //!
 //! **The write.** A forwarded SEND is the client's message as it arrived: the stored
 //! message's [`MessageTail`](crate::mbws::binary::MessageTail) (the end of the client's binary
-//! SEND, byte for byte; a text SEND's fields encoded once on arrival), cut into slices around
-//! the place of the hop mark ([`MessageTail::pieces_with_header`](crate::mbws::binary::MessageTail::pieces_with_header)),
-//! behind a SEND's 15 fixed bytes. Nothing is decoded or encoded again: the client copies each
-//! slice once into its write buffer and masks it there (RFC 6455 requires a client to mask),
-//! and keeps the slices, not a copy, for resending after a resume.
+//! SEND, byte for byte; a text SEND's fields encoded once on arrival) behind a SEND's 15 fixed
+//! bytes. Nothing is decoded or encoded again: the client copies the tail once into its write
+//! buffer and masks it there (RFC 6455 requires a client to mask), and keeps the tail, not a
+//! copy, for resending after a resume.
 //!
 //! **Batching and window.** The forwarder writes every SEND it has (up to the owner's
 //! `max-inflight-sends` unreceipted) before it flushes, and reads cumulative RECEIPTs: many
@@ -46,25 +45,24 @@
 //! `--cluster-passcode`) and trusts its `--cluster-ca-file` for `wss://` owners; an owner that
 //! refuses the login makes every SEND for it 4503, saying so.
 //!
-//! **Hops.** Every forwarded SEND carries [`HOP_HEADER`]; a node that does not own the address
-//! refuses such a SEND with 4421 instead of forwarding it again.
+//! **Hops.** The session is opened as a cluster link ([`LINK_HEADER`] in its upgrade), so the
+//! owner marks what comes over it as forwarded already: a node that does not own the address
+//! refuses such a SEND with 4421 instead of forwarding it again. The SEND itself carries no mark.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use mbws_client::{Client, ClientError, ClientOptions};
 
-use super::view::{Forward, NodeRef, HOP_HEADER};
+use super::view::{Forward, NodeRef, LINK_HEADER};
 use super::wait::QueueWake;
 use super::PeerLogin;
 use crate::broker::{Command, ConnCommand, ConnRef, FastMap, Refusal, ShardId, SharedMessage};
 use crate::log;
 use crate::logging::Level;
-use crate::mbws::binary::MAX_HEADER_COUNT;
-use crate::mbws::{self, Binding, ErrorCode, Frame, Subprotocol};
+use crate::mbws::{Binding, ErrorCode, Frame, Subprotocol};
 use crate::shard::mailbox::{Envelope, PostOffice};
 
 /// Most SENDs one forwarder keeps queued (not yet written to the owner).
@@ -240,6 +238,8 @@ pub(super) fn connect_to_owner(owner: &NodeRef, login: &PeerLogin) -> Result<Cli
         binding: Binding::Binary,
         timeout: WAIT_BOUND,
         reconnect: Some(RESUME_WINDOW),
+        // A cluster link: the owner never forwards what comes over it (one hop at most).
+        headers: vec![(LINK_HEADER.into(), "1".into())],
         ..ClientOptions::default()
     };
     login.apply(&mut options);
@@ -278,8 +278,6 @@ struct Forwarder {
     down: Option<(Instant, String)>,
     backoff: Duration,
     answers: Answers,
-    /// [`hop_field`], made once.
-    hop_field: Bytes,
 }
 
 impl Forwarder {
@@ -306,7 +304,6 @@ impl Forwarder {
             down: None,
             backoff: FIRST_BACKOFF,
             answers: Answers::default(),
-            hop_field: hop_field(),
         }
     }
 
@@ -404,17 +401,8 @@ impl Forwarder {
         let mut wrote = false;
         while self.last_seq - client.receipted_seq() < window {
             let Some(job) = self.pending.pop_front() else { break };
-            let Some(tail) = job.message.tail().pieces_with_header(&self.hop_field) else {
-                let reason = format!(
-                    "the message has {MAX_HEADER_COUNT} application headers, and a SEND forwarded to cluster node                      \"{}\" needs room for one more ({HOP_HEADER}): send it to that node directly, or with fewer headers",
-                    self.owner.name
-                );
-                self.owner.counters.refused(1);
-                self.answers.refuse(job, ErrorCode::TooLarge, reason);
-                continue;
-            };
             self.last_seq = client
-                .send_tail(job.message.durable, remaining_ttl_ms(&job.message), tail)
+                .send_tail(job.message.durable, remaining_ttl_ms(&job.message), job.message.tail())
                 .map_err(|error| format!("sending: {error}"))?;
             self.in_flight.push_back((self.last_seq, job));
             wrote = true;
@@ -501,12 +489,6 @@ impl Forwarder {
         self.down = Some((Instant::now() + self.backoff, reason));
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
-}
-
-/// The hop mark every forwarded SEND carries, as the binary binding lays out an application
-/// header ([`HOP_HEADER`]: "1").
-fn hop_field() -> Bytes {
-    mbws::binary::encode_header_field(HOP_HEADER.as_bytes(), b"1")
 }
 
 /// What remains of `message`'s time to live, for the SEND that carries it on (0: none).

@@ -521,10 +521,11 @@ impl Relay {
                 let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
                 let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
                 if let Some(delivery_seq) = relayed.unsettled.remove(&message.0) {
-                    // Released at the owner by the NACK, which is written before any ACK through it.
+                    // Released at the owner by the NACK, which is written before any ACK through it
+                    // (and, after a resume, written again before the ACKs: the client repeats it).
                     self.outstanding.remove(&delivery_seq);
                     if let Some(client) = self.client.as_mut() {
-                        let _ = client.write_frame(&Frame::Nack(mbws::Nack { delivery_seq, requeue }));
+                        let _ = client.nack(delivery_seq, requeue);
                     }
                 }
             }
@@ -711,10 +712,10 @@ impl Relay {
         }
     }
 
-    /// A resumed connection lost what was written but not read by the owner, except ACKs
-    /// (the client repeats them): SUBSCRIBE, FLOW, UNSUBSCRIBE are written again (each is
-    /// idempotent; an UNSUBSCRIBE of a subscription the owner had ended is answered with an
-    /// ERROR the relay ignores). A lost NACK leaves its delivery to the owner's ack timeout.
+    /// A resumed connection lost what was written but not read by the owner, except ACKs and
+    /// NACKs (the client repeats them, NACKs first): SUBSCRIBE, FLOW, UNSUBSCRIBE are written
+    /// again (each is idempotent; an UNSUBSCRIBE of a subscription the owner had ended is
+    /// answered with an ERROR the relay ignores).
     fn write_again_after_resume(&mut self) {
         let Some(client) = self.client.as_mut() else { return };
         for (&id, relayed) in &self.subscriptions {

@@ -10,7 +10,8 @@
 //!   (to the relay of that node, [`crate::cluster::relay`]), and the view then remembers the
 //!   relayed subscription by consumer and subscription id, so that its ACK, NACK, FLOW,
 //!   written auto-ack deliveries and UNSUBSCRIBE, and its consumer's end, go the same way as
-//!   [`Forward::Settle`]; a SEND that was forwarded already (it carries [`HOP_HEADER`]) and a
+//!   [`Forward::Settle`]; a SEND that was forwarded already (it came over a cluster link:
+//!   a session whose upgrade carried [`LINK_HEADER`]) and a
 //!   SUBSCRIBE a relay made (its id has [`RELAYED_SUBSCRIPTION_BIT`]) are refused with
 //!   non-fatal 4421 naming the owner node and its URL (one hop at most);
 //!   A *multicast* SUBSCRIBE is not relayed on its own: the address's **feed**, one relayed
@@ -55,10 +56,15 @@ use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 /// they are refused with 4429 (the control plane is slow or etcd unreachable).
 pub const MAX_WAITING_COMMANDS: usize = 4096;
 
-/// The application header that marks a SEND forwarded by a cluster node: a node that does not
-/// own its address refuses it (4421) instead of forwarding it again, so a SEND crosses at most
-/// one hop even while two nodes' placements disagree for a moment. Consumers see it.
-pub const HOP_HEADER: &str = "x-mbws-cluster-hop";
+/// The header field of the upgrade request by which a cluster node's forwarders and relays
+/// say their session is a cluster link (any value; they send `1`). A SEND on such a session
+/// is marked as forwarded already
+/// ([`StoredMessage::from_cluster_link`](crate::broker::StoredMessage::from_cluster_link)): a node that does not own its address
+/// refuses it (4421) instead of forwarding it again, so a SEND crosses at most one hop even
+/// while two nodes' placements disagree for a moment. The message itself is not touched:
+/// consumers get what the publisher sent. Claiming to be a link grants nothing (a client that
+/// does only loses forwarding; its credentials still decide what it may do; docs/SECURITY.md).
+pub const LINK_HEADER: &str = "X-MBWS-Cluster-Link";
 
 /// The subscription ids a relay uses at the owner have this bit set (it numbers them from
 /// 2^31); a node never relays such a SUBSCRIBE again but refuses it with 4421, so a
@@ -265,9 +271,9 @@ fn refuse(command: AddressCommand, refusal: Refusal, out: &mut Vec<Outgoing>) {
     }
 }
 
-/// Whether a node forwarded `message` here already (it carries [`HOP_HEADER`]).
+/// Whether a node forwarded `message` here already (it came over a cluster link, [`LINK_HEADER`]).
 fn was_forwarded(message: &SharedMessage) -> bool {
-    message.properties().headers.iter().any(|(name, _)| name.as_ref() == HOP_HEADER.as_bytes())
+    message.from_cluster_link
 }
 
 fn name(address: &[u8]) -> String {
@@ -981,11 +987,8 @@ mod tests {
         assert!(f.admit(publish("a", 2)).is_none());
         assert!(f.admit(subscribe("a", 3)).is_none());
         // A SEND a node forwarded already is not forwarded again, nor a SUBSCRIBE a relay made.
-        let properties = Properties {
-            headers: vec![(Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1"))],
-            ..Properties::default()
-        };
-        let message = StoredMessage::from_fields(b"a", &properties, b"x", false);
+        let mut message = StoredMessage::from_fields(b"a", &Properties::default(), b"x", false);
+        message.from_cluster_link = true;
         let hopped = AddressCommand::Publish { publisher: conn(1), seq: 4, message: Arc::new(message) };
         assert!(f.admit(hopped).is_none());
         assert!(f.admit(subscribe_with_id("a", RELAYED_SUBSCRIPTION_BIT | 5)).is_none());

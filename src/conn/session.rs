@@ -189,6 +189,10 @@ pub struct Session {
     subscriptions: FastMap<SubscriptionId, Subscription>,
     last_delivery_seq: u64,
     unacked: SortedRing<(u64, Delivery)>,
+    /// Another cluster node's forwarder opened this session (its upgrade carried
+    /// [`crate::cluster::view::LINK_HEADER`]): its SENDs are marked so, and are never
+    /// forwarded again. It grants nothing: the session's credentials decide what it may do.
+    cluster_link: bool,
 }
 
 /// Where a session's effects go.
@@ -232,6 +236,7 @@ impl Session {
             subscriptions: FastMap::default(),
             last_delivery_seq: 0,
             unacked: SortedRing::default(),
+            cluster_link: false,
         }
     }
 
@@ -626,7 +631,9 @@ impl Session {
         }
         let expires_at_ms = if send.ttl_ms == 0 { 0 } else { now_ms + u64::from(send.ttl_ms) };
         let owner = owner_of(send.tail.address(), self.config.shard_count);
-        let message = Arc::new(StoredMessage::new(send.tail, send.durable, expires_at_ms, binding == Binding::Text));
+        let mut message = StoredMessage::new(send.tail, send.durable, expires_at_ms, binding == Binding::Text);
+        message.from_cluster_link = self.cluster_link;
+        let message = Arc::new(message);
         if seq == 0 {
             self.light_sends_in_flight += 1;
         } else {
@@ -1068,6 +1075,12 @@ impl Session {
     pub fn end_for_drain(&mut self, reason: String, outbound: &mut Outbound) -> SessionEnd {
         self.state = State::Closed;
         self.unprompted_fatal_error(ErrorCode::Unavailable, reason, outbound)
+    }
+
+    /// The connection said it is another cluster node's link
+    /// ([`crate::cluster::view::LINK_HEADER`]): its SENDs are never forwarded to another node.
+    pub fn mark_cluster_link(&mut self) {
+        self.cluster_link = true;
     }
 
     /// An operator changed what this session's user may do: its next SEND and SUBSCRIBE are

@@ -525,14 +525,14 @@ impl<'a> Pump<'a> {
             taken_bytes = batch.iter().map(|message| message.body.len() as u64).sum();
         } else {
             for (message, outcome) in batch.iter().zip(outcomes) {
-                let settle = match outcome {
+                let requeue = match outcome {
                     Outcome::TooManyHops => {
                         self.status.hops_exceeded.fetch_add(1, Ordering::Relaxed);
                         log!(Level::Warn, "link {}: a message to \"{}\" crossed {} links already (max-hops): dead-lettered, \
                               not forwarded; check the links of both brokers for a loop",
                             self.status.spec.name, String::from_utf8_lossy(&message.address), hops_of(message);
                             link = self.status.spec.name);
-                        Frame::Nack(mbws::Nack { delivery_seq: message.delivery_seq, requeue: false })
+                        false
                     }
                     Outcome::Sent(seq) => match refused.iter().find(|(refused_seq, _)| refused_seq == seq) {
                         None => {
@@ -549,11 +549,14 @@ impl<'a> Pump<'a> {
                                 .iter()
                                 .any(|retry| *code == *retry as u16);
                             full |= requeue;
-                            Frame::Nack(mbws::Nack { delivery_seq: message.delivery_seq, requeue })
+                            requeue
                         }
                     },
                 };
-                self.source.write_frame(&settle).map_err(|error| self.source_failure("settling", error))?;
+                // The client repeats a NACK after a resume, before the ACKs that follow it.
+                self.source
+                    .nack(message.delivery_seq, requeue)
+                    .map_err(|error| self.source_failure("settling", error))?;
             }
         }
         self.source.flush().map_err(|error| self.source_failure("settling", error))?;

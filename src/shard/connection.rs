@@ -296,7 +296,7 @@ async fn open_connection<S: Stream>(
         stream.shutdown().await;
         return Opening::Ended;
     };
-    let (upgrade, upgrade_credentials) = match upgrade {
+    let (upgrade, upgrade_credentials, cluster_link) = match upgrade {
         Ok(Ok(upgrade)) => upgrade,
         Ok(Err(Some(answer))) => {
             let response = match answer {
@@ -457,6 +457,9 @@ async fn open_connection<S: Stream>(
     let (me, attachment) = shard.open_session(upgrade.protocol, stream.socket(), binding, payload, access);
     shard.with_conn(me.conn, |state| {
         state.session_permit = session_permit;
+        if cluster_link {
+            state.session.mark_cluster_link();
+        }
         ((), Wake::default())
     });
     shard.note_peer(me.conn, peer);
@@ -756,7 +759,7 @@ async fn read_upgrade<R: ReadSide>(
     stream: &mut R,
     buf: &mut BytesMut,
     max_bytes: usize,
-) -> Result<(handshake::Upgrade<Subprotocol>, crate::auth::UpgradeCredentials), Option<NotUpgraded>> {
+) -> Result<(handshake::Upgrade<Subprotocol>, crate::auth::UpgradeCredentials, bool), Option<NotUpgraded>> {
     loop {
         match handshake::parse_request(buf, max_bytes) {
             Ok(Some((request, consumed))) => {
@@ -767,7 +770,9 @@ async fn read_upgrade<R: ReadSide>(
                     handshake::validate_upgrade(&request).map_err(|refusal| Some(NotUpgraded::Refused(refusal)))?;
                 // Bytes after the request (a first frame sent eagerly) stay in `buf`.
                 buf.advance(consumed);
-                return Ok((upgrade, crate::auth::UpgradeCredentials::from_request(&request)));
+                // Another cluster node's forwarder or relay (it grants nothing: docs/SECURITY.md).
+                let cluster_link = request.header(crate::cluster::view::LINK_HEADER).is_some();
+                return Ok((upgrade, crate::auth::UpgradeCredentials::from_request(&request), cluster_link));
             }
             Ok(None) => {}
             Err(refusal) => return Err(Some(NotUpgraded::Refused(refusal))),

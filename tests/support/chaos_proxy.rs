@@ -2,6 +2,8 @@
 //! broker and, driven by a seeded random schedule, cuts connections (both directions, at any
 //! byte) and stalls them (stops forwarding for a while, then resumes). Everything it does is
 //! bounded: it runs until dropped, cuts at most `max_cuts` times, and every stall is short.
+//! A test can also black-hole it ([`ChaosProxy::set_blackholed`]: what is read is dropped,
+//! counted) to lose chosen bytes before a cut.
 
 #![allow(dead_code)]
 
@@ -38,6 +40,9 @@ struct Link {
     upstream: TcpStream,
     stalled: Arc<AtomicBool>,
     alive: Arc<AtomicBool>,
+    /// The proxy's [`ChaosProxy::set_blackholed`] and the bytes it dropped.
+    blackholed: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +65,9 @@ pub struct ChaosProxy {
     links: Arc<Mutex<Vec<Link>>>,
     cuts: Arc<AtomicU64>,
     stalls: Arc<AtomicU64>,
+    blackholed: Arc<AtomicBool>,
+    /// Bytes read from the client side and dropped while black-holed.
+    dropped: Arc<AtomicU64>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -73,9 +81,12 @@ impl ChaosProxy {
         let stalls = Arc::new(AtomicU64::new(0));
         let links: Arc<Mutex<Vec<Link>>> = Arc::new(Mutex::new(Vec::new()));
         let partitioned = Arc::new(AtomicBool::new(false));
+        let blackholed = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
 
         let acceptor = {
             let (stop, links, partitioned) = (stop.clone(), links.clone(), partitioned.clone());
+            let (blackholed, dropped) = (blackholed.clone(), dropped.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -91,9 +102,12 @@ impl ChaosProxy {
                                 upstream: upstream.try_clone().unwrap(),
                                 stalled: Arc::new(AtomicBool::new(false)),
                                 alive: Arc::new(AtomicBool::new(true)),
+                                blackholed: blackholed.clone(),
+                                dropped: dropped.clone(),
                             };
-                            pump(client.try_clone().unwrap(), upstream.try_clone().unwrap(), &link, stop.clone());
-                            pump(upstream, client, &link, stop.clone());
+                            let from_client = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                            pump(from_client.0, from_client.1, &link, stop.clone(), true);
+                            pump(upstream, client, &link, stop.clone(), false);
                             links.lock().unwrap().push(link);
                         }
                         Err(error) if error.kind() == ErrorKind::WouldBlock => {
@@ -141,7 +155,17 @@ impl ChaosProxy {
                 }
             })
         };
-        ChaosProxy { addr, stop, partitioned, links, cuts, stalls, threads: vec![acceptor, controller] }
+        ChaosProxy {
+            addr,
+            stop,
+            partitioned,
+            links,
+            cuts,
+            stalls,
+            blackholed,
+            dropped,
+            threads: vec![acceptor, controller],
+        }
     }
 
     /// A proxy that injects nothing by itself: faults come only from
@@ -161,6 +185,17 @@ impl ChaosProxy {
                 let _ = link.upstream.shutdown(Shutdown::Both);
             }
         }
+    }
+
+    /// `true`: every byte read, either way, is dropped (those from the client side counted in
+    /// [`ChaosProxy::dropped`]); the connections stay up. `false`: forwarding again.
+    pub fn set_blackholed(&self, on: bool) {
+        self.blackholed.store(on, Ordering::Relaxed);
+    }
+
+    /// Bytes from the client side dropped while black-holed.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     pub fn url(&self) -> String {
@@ -191,9 +226,10 @@ impl Drop for ChaosProxy {
 }
 
 /// Copies `from` to `to` until either side fails, the link is cut, or the proxy stops; holds
-/// data back while the link is stalled.
-fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link, stop: Arc<AtomicBool>) {
+/// data back while the link is stalled, and drops it while the proxy is black-holed.
+fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link, stop: Arc<AtomicBool>, from_client: bool) {
     let (stalled, alive) = (link.stalled.clone(), link.alive.clone());
+    let (blackholed, dropped) = (link.blackholed.clone(), link.dropped.clone());
     from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     std::thread::spawn(move || {
         let mut chunk = vec![0u8; 16 * 1024];
@@ -204,6 +240,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link, stop: Arc<AtomicBoo
             }
             match from.read(&mut chunk) {
                 Ok(0) => break,
+                Ok(read) if blackholed.load(Ordering::Relaxed) => {
+                    if from_client {
+                        dropped.fetch_add(read as u64, Ordering::Relaxed);
+                    }
+                }
                 Ok(read) => {
                     if to.write_all(&chunk[..read]).is_err() {
                         break;

@@ -2,9 +2,10 @@
 //! loopback (or any local) address and stopped by PID, broker nodes of the cluster `test`, and
 //! the probes that ask a node whether it serves an address.
 //!
-//! A node "serves" an address when a SEND marked as forwarded already (the header
-//! `x-mbws-cluster-hop`, which a node never forwards again) is receipted there; a node that does
-//! not own the address refuses such a SEND with the non-fatal ERROR 4421 naming the owner.
+//! A node "serves" an address when a SEND on a session opened as a cluster link (the upgrade
+//! header `X-MBWS-Cluster-Link`, whose SENDs a node never forwards) is receipted there; a node
+//! that does not own the address refuses such a SEND with the non-fatal ERROR 4421 naming the
+//! owner.
 
 #![allow(dead_code)]
 
@@ -25,8 +26,9 @@ use crate::common::{self, Broker};
 /// The lease of the test clusters: short, so failover is quick to observe.
 pub const LEASE_MS: u64 = 2000;
 
-/// The header a forwarding node puts on the SENDs it forwards.
-pub const HOP_HEADER: &str = "x-mbws-cluster-hop";
+/// The upgrade header by which a node's forwarders and relays open their sessions as cluster
+/// links: a node never forwards a SEND that came over one.
+pub const LINK_HEADER: &str = "X-MBWS-Cluster-Link";
 
 /// One test at a time: each runs etcd and three brokers on a small, busy machine.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -164,25 +166,27 @@ pub fn client(url: &str) -> Client {
     Client::connect(url, client_options()).unwrap_or_else(|error| panic!("connect to the node {url}: {error}"))
 }
 
-/// A SEND of `body` to `address`, marked as forwarded when `marked` (so it is not forwarded).
-pub fn send_frame(address: &str, body: &[u8], marked: bool) -> frames::Send {
-    let mut properties = frames::Properties::default();
-    if marked {
-        properties.headers.push((Bytes::from_static(HOP_HEADER.as_bytes()), Bytes::from_static(b"1")));
-    }
+/// A SEND of `body` to `address`.
+pub fn send_frame(address: &str, body: &[u8]) -> frames::Send {
     frames::Send {
         address: Bytes::copy_from_slice(address.as_bytes()),
-        properties,
         body: Bytes::copy_from_slice(body),
         ..Default::default()
     }
 }
 
-/// What a node did with one SEND to `address` marked as forwarded already: receipted (`Ok`:
-/// the node owns the address), or the ERROR's code and reason.
+/// `options` for a session that says it is a cluster link (as a node's forwarders do): its
+/// SENDs are never forwarded.
+pub fn as_cluster_link(options: ClientOptions) -> ClientOptions {
+    ClientOptions { headers: vec![(LINK_HEADER.into(), "1".into())], ..options }
+}
+
+/// What a node did with one SEND to `address` on a cluster link's session (so not forwarded):
+/// receipted (`Ok`: the node owns the address), or the ERROR's code and reason.
 pub fn probe_with(options: ClientOptions, url: &str, address: &str) -> Result<(), (u16, String)> {
-    let mut client = Client::connect(url, options).unwrap_or_else(|error| panic!("connect to the node {url}: {error}"));
-    let seq = client.send_message(send_frame(address, b"probe", true)).unwrap();
+    let mut client = Client::connect(url, as_cluster_link(options))
+        .unwrap_or_else(|error| panic!("connect to the node {url}: {error}"));
+    let seq = client.send_message(send_frame(address, b"probe")).unwrap();
     match client.wait_receipt(seq) {
         Ok(()) => Ok(()),
         Err(ClientError::Broker(error)) => Err((error.code, String::from_utf8_lossy(&error.reason).into_owned())),

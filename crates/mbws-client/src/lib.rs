@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use mbws_proto::mbws::binary::{self as binary_codec, MessageWithTail, SEND_FIXED_BYTES, TAIL_PIECES};
+use mbws_proto::mbws::binary::{self as binary_codec, MessageTail, MessageWithTail, SEND_FIXED_BYTES};
 use mbws_proto::mbws::{
     self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorFrame, Frame, Limits, Opened, Subprotocol, PROTOCOL_VERSION,
 };
@@ -67,6 +67,9 @@ pub struct ClientOptions {
     /// `login` with a bearer token as `passcode`. Both empty: anonymous.
     pub login: String,
     pub passcode: String,
+    /// More header fields for the upgrade request, name and value (e.g. the one a cluster
+    /// node's links announce themselves with); neither may contain CR or LF.
+    pub headers: Vec<(String, String)>,
 }
 
 /// The certificate authorities a `wss://` client trusts unless told otherwise (Debian's
@@ -85,6 +88,7 @@ impl Default for ClientOptions {
             ca_file: None,
             login: String::new(),
             passcode: String::new(),
+            headers: Vec::new(),
         }
     }
 }
@@ -315,8 +319,24 @@ pub struct Client {
     /// Highest cumulative ACK sent, and single ACKs above it, repeated after a resume.
     acked_through: u64,
     acked_single: std::collections::BTreeSet<u64>,
+    /// NACKs written (delivery sequence, requeue) that the broker is not known to have read,
+    /// oldest first, repeated after a resume before the ACKs (a cumulative ACK would otherwise
+    /// acknowledge what was NACKed): at most [`MAX_UNCONFIRMED_NACKS`].
+    nacked: VecDeque<(u64, bool)>,
+    /// The PING written after NACKs, and how many of `nacked` it covers: its PONG (the broker
+    /// reads a session's frames in order) says the broker has read them.
+    nack_check: Option<(u64, usize)>,
+    nack_checks: u64,
     reconnects: u64,
 }
+
+/// Most NACKs a resumable client remembers until a PONG says the broker read them (16 bytes
+/// each); beyond, the oldest is forgotten (written that many NACKs ago, one round trip ago
+/// at least).
+pub const MAX_UNCONFIRMED_NACKS: usize = 65_536;
+
+/// The PING tokens that confirm NACKs (a counter is added): apart from a caller's own.
+const NACK_CHECK_TOKEN: u64 = 0x6e61_636b << 32;
 
 /// Folds the single ACKs that continue `acked_through` without a gap into it: once every
 /// delivery up to N is acknowledged, one by one or cumulatively, "through N" says the same, so
@@ -324,12 +344,11 @@ pub struct Client {
 /// and a resume repeats one cumulative ACK. Singles above a gap (a delivery not yet
 /// acknowledged) stay until the gap is filled or a cumulative ACK covers them.
 /// A SEND kept for resending after a resume: its payload as encoded, or (a SEND queued with
-/// [`Client::send_tail`]) its fixed part and the caller's tail pieces (reference counts, no
-/// copy).
+/// [`Client::send_tail`]) its fixed part and the caller's tail (a reference count, no copy).
 #[derive(Clone)]
 enum KeptSend {
     Encoded(Binding, Bytes),
-    Tail { fixed: [u8; SEND_FIXED_BYTES], tail: [Bytes; TAIL_PIECES] },
+    Tail { fixed: [u8; SEND_FIXED_BYTES], tail: MessageTail },
 }
 
 /// A frame as [`Client::next_read_incoming`] reads it: a binary MESSAGE kept whole (its tail a
@@ -410,6 +429,9 @@ impl Client {
             last_delivery_seq: 0,
             acked_through: 0,
             acked_single: Default::default(),
+            nacked: VecDeque::new(),
+            nack_check: None,
+            nack_checks: 0,
             reconnects: 0,
         };
         let open = mbws::Open {
@@ -444,8 +466,8 @@ impl Client {
     }
 
     /// Reconnects and resumes the session (see the module docs), with backoff, within the
-    /// reconnect window. Frames queued but not written are dropped: SENDs and ACKs are resent
-    /// from the client's own records; other frames (FLOW, UNSUBSCRIBE, PING) are not.
+    /// reconnect window. Frames queued but not written are dropped: SENDs, NACKs and ACKs are
+    /// resent from the client's own records; other frames (FLOW, UNSUBSCRIBE, PING) are not.
     fn resume(&mut self) -> Result<()> {
         let window = self
             .options
@@ -472,7 +494,7 @@ impl Client {
         }
     }
 
-    /// One attempt: connect, OPEN with the session id, then resend SENDs and ACKs.
+    /// One attempt: connect, OPEN with the session id, then resend SENDs, NACKs and ACKs.
     fn try_resume(&mut self) -> Result<()> {
         let opened = self.reopen()?;
         // Everything the broker has not taken is sent again, in order, with its original seq.
@@ -489,6 +511,8 @@ impl Client {
                 KeptSend::Tail { fixed, tail } => self.write_send_tail(&fixed, &tail)?,
             }
         }
+        // NACKs before ACKs: a cumulative ACK over a NACKed delivery would acknowledge it.
+        self.write_nacks_again()?;
         if self.acked_through > 0 {
             self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq: self.acked_through, cumulative: true }))?;
         }
@@ -497,6 +521,40 @@ impl Client {
             self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq, cumulative: false }))?;
         }
         self.write_now()
+    }
+
+    /// Writes the NACKs the broker may not have read (a NACK for a delivery it has settled
+    /// already is ignored) and a PING to learn when it has.
+    fn write_nacks_again(&mut self) -> Result<()> {
+        self.nack_check = None;
+        let nacked: Vec<(u64, bool)> = self.nacked.iter().copied().collect();
+        for (delivery_seq, requeue) in nacked {
+            self.write_frame(&Frame::Nack(mbws::Nack { delivery_seq, requeue }))?;
+        }
+        self.check_nacks()
+    }
+
+    /// Writes a PING whose PONG will confirm the NACKs remembered, unless one is on its way.
+    fn check_nacks(&mut self) -> Result<()> {
+        if self.nack_check.is_some() || self.nacked.is_empty() {
+            return Ok(());
+        }
+        self.nack_checks += 1;
+        let token = NACK_CHECK_TOKEN | (self.nack_checks & 0xffff_ffff);
+        self.nack_check = Some((token, self.nacked.len()));
+        self.write_frame(&Frame::Ping(mbws::Ping { token }))
+    }
+
+    /// A PONG came: if it answers the NACKs' PING, the broker has read those NACKs.
+    fn on_pong(&mut self, token: u64) -> Result<()> {
+        match self.nack_check {
+            Some((check, covered)) if check == token => {
+                self.nacked.drain(..covered.min(self.nacked.len()));
+                self.nack_check = None;
+                self.check_nacks()
+            }
+            _ => Ok(()),
+        }
     }
 
     fn reopen(&mut self) -> Result<Opened> {
@@ -596,9 +654,8 @@ impl Client {
         Ok(())
     }
 
-    fn write_send_tail(&mut self, fixed: &[u8; SEND_FIXED_BYTES], tail: &[Bytes; TAIL_PIECES]) -> Result<()> {
-        let [a, b, c, d, e] = tail;
-        self.write_ws_pieces(OpCode::Binary, &[fixed, a, b, c, d, e])
+    fn write_send_tail(&mut self, fixed: &[u8; SEND_FIXED_BYTES], tail: &MessageTail) -> Result<()> {
+        self.write_ws_pieces(OpCode::Binary, &[fixed, tail.as_bytes()])
     }
 
     pub fn flush(&mut self) -> Result<()> {
@@ -642,13 +699,11 @@ impl Client {
     }
 
     /// Queues a binary SEND with the next sequence number whose address, properties and body
-    /// are `tail`'s pieces, concatenated: the binary binding's layout of a
-    /// [`MessageTail`](mbws_proto::mbws::binary::MessageTail), e.g. the pieces of
-    /// [`MessageTail::pieces_with_header`](mbws_proto::mbws::binary::MessageTail::pieces_with_header). The pieces are copied once, masked, into the write
-    /// buffer, and kept (reference counts) for resending: nothing is decoded or encoded again.
-    /// The caller vouches that they form a valid tail (the broker refuses one that does not).
-    /// Returns the SEND's sequence; the client's binding must be binary.
-    pub fn send_tail(&mut self, durable: bool, ttl_ms: u32, tail: [Bytes; TAIL_PIECES]) -> Result<u64> {
+    /// are `tail` (a message as a broker keeps it, e.g. what another broker received): its
+    /// bytes are copied once, masked, into the write buffer, and kept (a reference count) for
+    /// resending: nothing is decoded or encoded again. Returns the SEND's sequence; the
+    /// client's binding must be binary.
+    pub fn send_tail(&mut self, durable: bool, ttl_ms: u32, tail: &MessageTail) -> Result<u64> {
         if self.options.binding != Binding::Binary {
             return Err(ClientError::Protocol(
                 "send_tail writes a binary SEND: connect with the binary binding".into(),
@@ -657,7 +712,7 @@ impl Client {
         self.last_seq += 1;
         let fixed = binary_codec::encode_send_fixed(self.last_seq, ttl_ms, durable);
         self.keep_for_resending(|| KeptSend::Tail { fixed, tail: tail.clone() })?;
-        match self.write_send_tail(&fixed, &tail) {
+        match self.write_send_tail(&fixed, tail) {
             Err(ClientError::Io(_)) if self.may_reconnect() => self.resume()?,
             other => other?,
         }
@@ -740,6 +795,25 @@ impl Client {
             }
         }
         self.write_frame(&Frame::Ack(mbws::Ack { delivery_seq, cumulative }))
+    }
+
+    /// NACKs a delivery (`requeue`: back to the queue, otherwise dead-lettered). With
+    /// resumption on, the NACK is remembered until the broker is known to have read it (a
+    /// PING's PONG) and written again after a resume, before any ACK (at most
+    /// [`MAX_UNCONFIRMED_NACKS`] remembered).
+    pub fn nack(&mut self, delivery_seq: u64, requeue: bool) -> Result<()> {
+        self.write_frame(&Frame::Nack(mbws::Nack { delivery_seq, requeue }))?;
+        if self.may_reconnect() {
+            if self.nacked.len() == MAX_UNCONFIRMED_NACKS {
+                self.nacked.pop_front();
+                if let Some((_, covered)) = &mut self.nack_check {
+                    *covered = covered.saturating_sub(1);
+                }
+            }
+            self.nacked.push_back((delivery_seq, requeue));
+            self.check_nacks()?;
+        }
+        Ok(())
     }
 
     /// Next MESSAGE, waiting at most `timeout`; `Ok(None)` if none came. RECEIPTs and PONGs
@@ -851,6 +925,10 @@ impl Client {
                         continue;
                     }
                     self.refusals_seen.push(error.seq);
+                }
+                Frame::Pong(pong) => {
+                    let token = pong.token;
+                    self.on_pong(token)?;
                 }
                 _ => {}
             }
@@ -990,7 +1068,21 @@ fn dial(addr: SocketAddr, url: &BrokerUrl, options: &ClientOptions) -> Result<(T
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
         ^ (stream.local_addr()?.port() as u64) << 48;
     let key = handshake::new_client_key(seed);
-    let request = handshake::client_request(host, path, &key, &[options.subprotocol.name()]);
+    let mut request = handshake::client_request(host, path, &key, &[options.subprotocol.name()]);
+    if !options.headers.is_empty() {
+        // Before the empty line that ends the request head.
+        request.truncate(request.len() - 2);
+        for (name, value) in &options.headers {
+            if [name, value].iter().any(|text| text.contains(['\r', '\n'])) || name.is_empty() {
+                return Err(ClientError::Url(format!(
+                    "the upgrade header {name:?}: {value:?} is not a header field: give a non-empty name, and neither \
+                     name nor value with CR or LF"
+                )));
+            }
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+    }
     stream.set_write_timeout(Some(options.timeout))?;
     stream.set_read_timeout(Some(options.timeout))?;
     let mut stream = if *tls { start_tls(stream, url, options)? } else { Transport::Plain(stream) };

@@ -123,11 +123,9 @@ impl AddressTable {
         address.extend_from_slice(DEAD_LETTER_PREFIX);
         address.extend_from_slice(original);
         let address = Bytes::from(address);
+        // The copy is a new publication of this node (not marked as come over a cluster link,
+        // even when the original was: a `DLQ.` address another node owns gets it forwarded).
         let mut properties = queued.message.properties();
-        // The copy is a new publication of this node: a cluster node's hop mark on the original
-        // (it was forwarded here) would make the placement view refuse to forward the copy to a
-        // `DLQ.` address another node owns, and the dead letter would be lost.
-        properties.headers.retain(|(name, _)| name.as_ref() != crate::cluster::view::HOP_HEADER.as_bytes());
         if properties.headers.len() + 2 > crate::mbws::binary::MAX_HEADER_COUNT {
             return; // No room for the two headers in a MESSAGE: dropped, like one too large.
         }

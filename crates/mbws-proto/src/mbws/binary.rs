@@ -299,58 +299,6 @@ impl MessageTail {
     }
 }
 
-/// How many pieces [`MessageTail::pieces_with_header`] cuts a tail into.
-pub const TAIL_PIECES: usize = 5;
-
-/// One byte of each value, for a header count that differs from the tail's as a static slice.
-static BYTE_VALUES: [u8; 256] = {
-    let mut values = [0u8; 256];
-    let mut value = 0;
-    while value < 256 {
-        values[value] = value as u8;
-        value += 1;
-    }
-    values
-};
-
-/// Encodes one application header as the binary binding lays it out in PROPERTIES (str8 name,
-/// str16 value): what [`MessageTail::pieces_with_header`] appends.
-///
-/// Panics if the name is over 255 bytes or the value over 65535 (str8, str16).
-pub fn encode_header_field(name: &[u8], value: &[u8]) -> Bytes {
-    let mut out = bytes::BytesMut::with_capacity(1 + name.len() + 2 + value.len());
-    put_str8(&mut out, "header name", name);
-    put_str16(&mut out, "header value", value);
-    out.freeze()
-}
-
-impl MessageTail {
-    /// The tail with `header` (an [`encode_header_field`]) appended to its application
-    /// headers, as pieces of this tail and static bytes whose concatenation is the new tail's
-    /// layout: nothing is copied, so a node that passes a message on with a mark of its own
-    /// (a cluster node's hop header) writes the message's bytes as they arrived. `None` when
-    /// the message already has [`MAX_HEADER_COUNT`] headers (the count is a u8).
-    pub fn pieces_with_header(&self, header: &Bytes) -> Option<[Bytes; TAIL_PIECES]> {
-        // PROPERTIES: content-type str8, correlation-id str8, reply-to str8, header-count u8.
-        let bytes: &[u8] = &self.bytes;
-        let mut count_at = 1 + usize::from(bytes[0]);
-        for _ in 0..3 {
-            count_at += 1 + usize::from(bytes[count_at]);
-        }
-        let count = usize::from(bytes[count_at]);
-        if count >= MAX_HEADER_COUNT {
-            return None;
-        }
-        Some([
-            self.bytes.slice(..count_at),
-            Bytes::from_static(&BYTE_VALUES[count + 1..count + 2]),
-            self.bytes.slice(count_at + 1..self.body_start),
-            header.clone(),
-            self.bytes.slice(self.body_start..),
-        ])
-    }
-}
-
 /// A binary MESSAGE whose address, properties and body are kept as a [`MessageTail`]: how a
 /// node that relays deliveries keeps what it read as it came (see [`decode_message`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
