@@ -85,9 +85,6 @@ impl ReadBuffer {
     pub fn put_back(&mut self, bytes: BytesMut, read_bytes: usize) {
         debug_assert!(read_bytes <= self.last_room_bytes, "a read returns at most its room");
         self.bytes = bytes;
-        // The reader may have grown the buffer for the read (a TLS connection makes room for a
-        // whole record): counted, so that it is released once the connection is idle.
-        self.allocated_bytes = self.allocated_bytes.max(self.bytes.capacity());
         self.last_read_bytes = read_bytes;
     }
 
@@ -189,21 +186,6 @@ mod tests {
         let room = read(&mut buffer, 100_000);
         assert!(room >= BUSY, "little room left behind the frame: grown");
         assert_eq!(buffer.bytes_mut().len(), 400 + room.min(100_000), "nothing buffered was lost");
-    }
-
-    /// A reader that grows the buffer during a read (a TLS connection makes room for a whole
-    /// record) has it counted: once the connection is caught up, the large buffer is released.
-    #[test]
-    fn a_buffer_grown_by_the_reader_is_released_once_caught_up() {
-        let mut buffer = ReadBuffer::new(BytesMut::new(), BUSY);
-        read(&mut buffer, 100);
-        decode_all(&mut buffer);
-        let mut bytes = buffer.take_for_read();
-        bytes.reserve(40 * 1024);
-        bytes.extend_from_slice(&[7u8; 300]);
-        buffer.put_back(bytes, 300);
-        decode_all(&mut buffer);
-        assert_eq!(read(&mut buffer, 10), IDLE_READ_BUFFER_BYTES, "the grown buffer is released");
     }
 
     #[test]

@@ -182,36 +182,14 @@ impl Inbox {
     /// inbox that can be handed out has been.
     fn plan_read(&self, tail: &BytesMut) -> ReadInto {
         debug_assert!(self.plain.is_empty() && self.early.is_empty() && self.failed.is_none());
-        if tail.capacity() - tail.len() >= self.next_record_bytes() {
+        let record = match records::parse_header(self.unread()) {
+            Ok(Some(header)) => records::HEADER_BYTES + header.len,
+            _ => records::HEADER_BYTES.max(self.unread().len() + 1),
+        };
+        if tail.capacity() - tail.len() >= record {
             ReadInto::Tail
         } else {
             ReadInto::Inbox
-        }
-    }
-
-    /// Bytes of the record the inbox holds the start of (at least one byte more than it holds),
-    /// or of a header when it holds none.
-    fn next_record_bytes(&self) -> usize {
-        match records::parse_header(self.unread()) {
-            Ok(Some(header)) => records::HEADER_BYTES + header.len,
-            _ => records::HEADER_BYTES.max(self.unread().len() + 1),
-        }
-    }
-
-    /// After a busy read, makes room in the reader's `tail` for a whole record (the one the
-    /// inbox holds the start of, or the largest there is), [`TLS_READ_BYTES`] at least as the
-    /// inbox's own busy reads get, so that the next read goes straight into it rather than
-    /// through the inbox. The reader sizes its buffer from the plaintext a read returned, which
-    /// after a read straight into it is often less than a record. An idle connection's buffer is
-    /// left as the reader sized it (a few hundred bytes); the reader counts the room given here
-    /// (`ReadBuffer::put_back`), so it is released once the connection is idle.
-    fn make_room(&self, tail: &mut BytesMut) {
-        if !self.last_read_busy {
-            return;
-        }
-        let record = self.next_record_bytes();
-        if tail.capacity() - tail.len() < record.max(MAX_RECORD_BYTES) {
-            tail.reserve(record.max(TLS_READ_BYTES));
         }
     }
 
@@ -259,17 +237,13 @@ impl Inbox {
                 }
             }
         }
-        self.last_read_busy = read >= TLS_IDLE_READ_BYTES;
-        if self.last_read_busy {
-            // A busy connection keeps room for the record cut by the end of its reads, so that
-            // carrying one never reallocates.
-            self.buf.reserve_exact(MAX_RECORD_BYTES);
-        } else if self.buf.capacity() > 2 * TLS_IDLE_READ_BYTES {
-            // An idle connection lets a large carried record's buffer go.
-            self.buf = Vec::new();
-        }
         if failed.is_none() && !layer.peer_closed() {
             self.buf.extend_from_slice(&tail[read_at..]);
+        }
+        self.last_read_busy = read >= TLS_IDLE_READ_BYTES;
+        if self.buf.is_empty() && !self.last_read_busy && self.buf.capacity() > 2 * TLS_IDLE_READ_BYTES {
+            // An idle connection lets a large carried record's buffer go.
+            self.buf = Vec::new();
         }
         tail.truncate(write_at);
         let appended = write_at - from;
@@ -442,7 +416,6 @@ async fn read_records<R: AsyncReadRent>(
             Filled::Ended => return Ok(0),
             Filled::NeedCiphertext => {}
         }
-        inbox.make_room(tail);
         let read = if inbox.plan_read(tail) == ReadInto::Tail {
             let from = inbox.carry_into(tail);
             let (result, buf) = socket.read(ReadTail(std::mem::take(tail))).await;
@@ -872,7 +845,6 @@ mod tests {
                 return Ok(received);
             }
             step = (step * 7919 + 13) % 20_000 + 1;
-            inbox.make_room(&mut tail);
             if inbox.plan_read(&tail) == ReadInto::Tail {
                 into_tail += 1;
                 let from = inbox.carry_into(&mut tail);
@@ -931,71 +903,6 @@ mod tests {
                 assert!(received == expected, "{version:?}, room {capacity}: the plaintext differs");
                 assert!(layer.peer_closed(), "{version:?}, room {capacity}: the close_notify was seen");
             }
-        }
-    }
-
-    /// One read of `wire` straight into `tail` (as `read_records` does, after `make_room` and
-    /// `plan_read`); returns the plaintext it gave.
-    fn read_into_tail(layer: &mut RecordLayer, inbox: &mut Inbox, tail: &mut BytesMut, wire: &[u8]) -> Vec<u8> {
-        inbox.make_room(tail);
-        assert_eq!(inbox.plan_read(tail), ReadInto::Tail, "the read goes straight into the reader's buffer");
-        let from = inbox.carry_into(tail);
-        assert!(tail.capacity() - tail.len() >= wire.len(), "the read fits the room given");
-        tail.extend_from_slice(wire);
-        match inbox.open_in_tail(layer, tail, from).unwrap() {
-            Filled::Bytes(_) | Filled::NeedCiphertext => tail.split().to_vec(),
-            Filled::Ended => unreachable!("no close_notify was sent"),
-        }
-    }
-
-    /// After a busy read that ends inside a record, the reader's buffer, however small the reader
-    /// left it, gets room for that whole record and the reads after it, so the next read goes
-    /// straight into it; the record cut by the read waits in a buffer kept for it (room for a
-    /// whole record, not reallocated from one read to the next). Once a read comes back short
-    /// (the connection is idle), neither is grown and the inbox lets its large buffer go.
-    #[test]
-    fn a_busy_connections_next_read_has_room_for_a_whole_record_and_an_idle_ones_buffer_is_released() {
-        for version in VERSIONS {
-            let (mut client, mut layer, mut inbox) = handshaken(version);
-            client.writer().write_all(&[5u8; 40_000]).unwrap();
-            let wire = client_output(&mut client);
-            // A busy read: two whole records and the start of the third.
-            let mut tail = BytesMut::with_capacity(64 * 1024);
-            let first = read_into_tail(&mut layer, &mut inbox, &mut tail, &wire[..wire.len() - 3_000]);
-            assert_eq!(first.len(), 2 * records::MAX_PLAINTEXT_BYTES, "{version:?}");
-            assert!(inbox.last_read_busy && !inbox.unread().is_empty(), "{version:?}: the third record is carried");
-            let carry_buffer = (inbox.buf.as_ptr(), inbox.buf.capacity());
-            assert!(carry_buffer.1 >= MAX_RECORD_BYTES, "{version:?}: the carry buffer holds a whole record");
-            // The reader sized its buffer from the plaintext: a few hundred bytes of room.
-            let mut tail = BytesMut::with_capacity(512);
-            inbox.make_room(&mut tail);
-            let record = inbox.next_record_bytes();
-            assert!(tail.capacity() >= record.max(TLS_READ_BYTES), "{version:?}: room for the whole record");
-            let rest = read_into_tail(&mut layer, &mut inbox, &mut tail, &wire[wire.len() - 3_000..]);
-            assert_eq!(first.len() + rest.len(), 40_000, "{version:?}");
-            assert!(rest.iter().all(|&byte| byte == 5), "{version:?}");
-
-            // Busy again, then a read of a few bytes that leaves a record cut: the carry buffer
-            // is the one kept from before.
-            client.writer().write_all(&[6u8; 20_000]).unwrap();
-            let wire = client_output(&mut client);
-            let cut = records::MAX_RECORD_BYTES + 100;
-            let mut tail = BytesMut::with_capacity(512);
-            let busy = read_into_tail(&mut layer, &mut inbox, &mut tail, &wire[..cut]);
-            assert_eq!(busy.len(), records::MAX_PLAINTEXT_BYTES, "{version:?}");
-            assert_eq!((inbox.buf.as_ptr(), inbox.buf.capacity()), carry_buffer, "{version:?}: not reallocated");
-
-            // A short read: idle. The reader's buffer is not grown and the inbox's is released.
-            let mut tail = BytesMut::with_capacity(512);
-            let idle = read_into_tail(&mut layer, &mut inbox, &mut tail, &wire[cut..cut + 200]);
-            assert!(idle.is_empty() && !inbox.last_read_busy, "{version:?}");
-            assert!(
-                inbox.buf.capacity() < 2 * TLS_IDLE_READ_BYTES,
-                "{version:?}: the idle inbox holds only the cut record"
-            );
-            let mut tail = BytesMut::with_capacity(4 * 1024);
-            inbox.make_room(&mut tail);
-            assert_eq!(tail.capacity(), 4 * 1024, "{version:?}: an idle connection's buffer is not grown");
         }
     }
 
