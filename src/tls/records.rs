@@ -12,9 +12,9 @@
 //! plaintext into it, and its decrypters leave the plaintext where the ciphertext was, so the
 //! reader would copy it out. Here the writer puts the header (and TLS 1.2 AES-GCM's explicit
 //! nonce) in the write buffer, copies the plaintext once after it, encrypts it where it lies
-//! and appends the tag ([`Sealer`]); the reader opens each record in the buffer it was read
+//! and appends the tag ([`RecordKey::seal`]); the reader opens each record in the buffer it was read
 //! into, its plaintext moved up against the previous record's in the same pass (ring's
-//! `open_within`), so the WebSocket decoder's buffer holds plaintext only ([`Opener`]). The
+//! `open_within`), so the WebSocket decoder's buffer holds plaintext only ([`RecordKey::open`]). The
 //! nonce and additional-data rules are the RFCs' (RFC 8446 5.2-5.4; RFC 5246 6.2.3.3 with RFC
 //! 5288 3 for AES-GCM, RFC 7905 2 for ChaCha20-Poly1305), checked against rustls's decrypters
 //! and encrypters for every suite and at large sequence numbers by this module's tests. The
@@ -152,33 +152,77 @@ enum Version {
     Tls13,
 }
 
-/// The writing direction: the suite's AEAD in ring, sealing records in place.
-pub struct Sealer {
+/// The bytes TLS 1.2 AES-GCM puts before the ciphertext.
+const EXPLICIT_NONCE_BYTES: usize = 8;
+
+/// One direction's key: the suite's AEAD in ring, with the direction's IV and next sequence
+/// number. The writer's seals records in place ([`RecordKey::seal`]); the reader's opens them
+/// in place, or shifted toward the front of the same buffer, which ring's AEADs do in the same
+/// pass ([`RecordKey::open`]).
+pub struct RecordKey {
     key: aead::LessSafeKey,
-    /// The write IV: each record's nonce is this XOR its sequence number (RFC 8446 5.3; TLS
-    /// 1.2's AES-GCM IV as rustls extracts it is the salt and the first explicit nonce, so the
-    /// same rule yields RFC 5288's nonce, and ChaCha20-Poly1305 is RFC 7905's).
+    /// The IV as rustls extracts it. A record's nonce is this XOR its sequence number (TLS 1.3,
+    /// RFC 8446 5.3; TLS 1.2 ChaCha20-Poly1305, RFC 7905 2). TLS 1.2 AES-GCM's is the salt (the
+    /// first 4 bytes) and 8 bytes the record carries before its ciphertext (RFC 5288 3): the
+    /// writer sends this IV's last 8 bytes XOR the sequence number there (as rustls does), so
+    /// sealing follows the XOR rule in every suite; the reader takes what the record carries.
     iv: [u8; aead::NONCE_LEN],
     tls13: bool,
-    /// TLS 1.2 AES-GCM sends the nonce's last 8 bytes before the ciphertext (RFC 5288 3).
+    /// TLS 1.2 AES-GCM: the nonce's last 8 bytes travel before the ciphertext.
     explicit_nonce: bool,
     /// The sequence number of the next record.
     seq: u64,
 }
 
-/// The bytes TLS 1.2 AES-GCM puts before the ciphertext.
-const EXPLICIT_NONCE_BYTES: usize = 8;
-
-impl Sealer {
-    /// The sealing side of `secrets` (a TLS 1.3 session when `tls13`), next record `seq`.
-    pub fn new(tls13: bool, secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<Sealer, rustls::Error> {
-        let RingKey { key, iv, gcm } = RingKey::new(secrets)?;
-        Ok(Sealer { key, iv, tls13, explicit_nonce: gcm && !tls13, seq })
+impl RecordKey {
+    /// One direction of `secrets` (a TLS 1.3 session when `tls13`), next record `seq`.
+    pub fn new(tls13: bool, secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<RecordKey, rustls::Error> {
+        let (algorithm, gcm, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, true, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, true, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, false, key, iv),
+            _ => {
+                return Err(rustls::Error::General("traffic secrets of an AEAD this record layer does not know".into()))
+            }
+        };
+        let key = aead::UnboundKey::new(algorithm, key.as_ref())
+            .map_err(|_| rustls::Error::General("an extracted traffic key of the wrong length".into()))?;
+        let iv =
+            iv.as_ref().try_into().map_err(|_| rustls::Error::General("an extracted IV of the wrong length".into()))?;
+        Ok(RecordKey { key: aead::LessSafeKey::new(key), iv, tls13, explicit_nonce: gcm && !tls13, seq })
     }
 
     /// The sequence number of the next record.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The IV XOR the sequence number.
+    fn xor_nonce(&self) -> [u8; aead::NONCE_LEN] {
+        let mut nonce = self.iv;
+        for (byte, seq) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *byte ^= seq;
+        }
+        nonce
+    }
+
+    /// Bytes before the ciphertext: TLS 1.2 AES-GCM's explicit nonce, or none.
+    fn explicit_bytes(&self) -> usize {
+        if self.explicit_nonce {
+            EXPLICIT_NONCE_BYTES
+        } else {
+            0
+        }
+    }
+
+    /// TLS 1.2's additional data: seq_num, type, version, length of the plaintext (RFC 5246
+    /// 6.2.3.3).
+    fn tls12_aad(&self, typ: u8, version: [u8; 2], plaintext_len: usize) -> aead::Aad<[u8; 13]> {
+        let mut aad = [0u8; 13];
+        aad[..8].copy_from_slice(&self.seq.to_be_bytes());
+        aad[8..11].copy_from_slice(&[typ, version[0], version[1]]);
+        aad[11..].copy_from_slice(&(plaintext_len as u16).to_be_bytes());
+        aead::Aad::from(aad)
     }
 
     /// Seals one record of content type `typ` holding the `len` plaintext bytes that `fill`
@@ -193,11 +237,8 @@ impl Sealer {
         fill: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), Fatal> {
         assert!(len <= MAX_PLAINTEXT_BYTES, "a record holds at most 2^14 bytes of plaintext");
-        let mut nonce = self.iv;
-        for (byte, seq) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
-            *byte ^= seq;
-        }
-        let explicit = if self.explicit_nonce { EXPLICIT_NONCE_BYTES } else { 0 };
+        let nonce = self.xor_nonce();
+        let explicit = self.explicit_bytes();
         // TLS 1.3 hides the type after the plaintext, and every record says application data.
         let inner = usize::from(self.tls13);
         let body = explicit + len + inner + self.key.algorithm().tag_len();
@@ -217,17 +258,13 @@ impl Sealer {
         if self.tls13 {
             out.push(typ);
         }
-        let nonce = aead::Nonce::assume_unique_for_key(nonce);
         let sealed = if self.tls13 {
             // The additional data is the record's header (RFC 8446 5.2).
-            self.key.seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut out[plaintext..])
+            let aad = aead::Aad::from(header);
+            self.key.seal_in_place_separate_tag(aead::Nonce::assume_unique_for_key(nonce), aad, &mut out[plaintext..])
         } else {
-            // seq_num, type, version, length of the plaintext (RFC 5246 6.2.3.3).
-            let mut aad = [0u8; 13];
-            aad[..8].copy_from_slice(&self.seq.to_be_bytes());
-            aad[8..11].copy_from_slice(&[typ, 3, 3]);
-            aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
-            self.key.seal_in_place_separate_tag(nonce, aead::Aad::from(aad), &mut out[plaintext..])
+            let aad = self.tls12_aad(typ, [3, 3], len);
+            self.key.seal_in_place_separate_tag(aead::Nonce::assume_unique_for_key(nonce), aad, &mut out[plaintext..])
         };
         match sealed {
             Ok(tag) => {
@@ -240,59 +277,6 @@ impl Sealer {
                 Err(Fatal::new(Alert::InternalError, "a record could not be encrypted"))
             }
         }
-    }
-}
-
-/// A direction's key and IV in ring's form, from rustls's extracted secrets.
-struct RingKey {
-    key: aead::LessSafeKey,
-    iv: [u8; aead::NONCE_LEN],
-    /// AES-GCM (TLS 1.2 sends part of its nonce in each record), not ChaCha20-Poly1305.
-    gcm: bool,
-}
-
-impl RingKey {
-    fn new(secrets: &ConnectionTrafficSecrets) -> Result<RingKey, rustls::Error> {
-        let (algorithm, gcm, key, iv) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, true, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, true, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, false, key, iv),
-            _ => {
-                return Err(rustls::Error::General("traffic secrets of an AEAD this record layer does not know".into()))
-            }
-        };
-        let key = aead::UnboundKey::new(algorithm, key.as_ref())
-            .map_err(|_| rustls::Error::General("an extracted traffic key of the wrong length".into()))?;
-        let iv =
-            iv.as_ref().try_into().map_err(|_| rustls::Error::General("an extracted IV of the wrong length".into()))?;
-        Ok(RingKey { key: aead::LessSafeKey::new(key), iv, gcm })
-    }
-}
-
-/// The reading direction: the suite's AEAD in ring, opening records in place (or shifted
-/// toward the front of the same buffer, which ring's AEADs do in the same pass).
-pub struct Opener {
-    key: aead::LessSafeKey,
-    /// The read IV. The nonce is this XOR the sequence number (TLS 1.3, RFC 8446 5.3; TLS 1.2
-    /// ChaCha20-Poly1305, RFC 7905 2), or for TLS 1.2 AES-GCM its first 4 bytes (the salt)
-    /// followed by the 8 bytes the record carries before its ciphertext (RFC 5288 3).
-    iv: [u8; aead::NONCE_LEN],
-    tls13: bool,
-    explicit_nonce: bool,
-    /// The sequence number of the next record.
-    seq: u64,
-}
-
-impl Opener {
-    /// The opening side of `secrets` (a TLS 1.3 session when `tls13`), next record `seq`.
-    pub fn new(tls13: bool, secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<Opener, rustls::Error> {
-        let RingKey { key, iv, gcm } = RingKey::new(secrets)?;
-        Ok(Opener { key, iv, tls13, explicit_nonce: gcm && !tls13, seq })
-    }
-
-    /// The sequence number of the next record.
-    pub fn seq(&self) -> u64 {
-        self.seq
     }
 
     /// Opens the record whose header is `header` and whose payload is `buf[payload]`, writing
@@ -309,36 +293,31 @@ impl Opener {
         to: usize,
     ) -> Result<(u8, Range<usize>), Fatal> {
         assert!(to <= payload.start && payload.end <= buf.len(), "the plaintext goes at or before the payload");
-        let explicit = if self.explicit_nonce { EXPLICIT_NONCE_BYTES } else { 0 };
+        let explicit = self.explicit_bytes();
         let tag_len = self.key.algorithm().tag_len();
         if payload.len() < explicit + tag_len {
             return Err(Fatal::new(Alert::BadRecordMac, "a record too short to hold its nonce and tag"));
         }
         let plaintext_len = payload.len() - explicit - tag_len;
-        let mut nonce = self.iv;
-        if explicit > 0 {
+        let nonce = if explicit > 0 {
+            let mut nonce = self.iv;
             nonce[4..].copy_from_slice(&buf[payload.start..payload.start + EXPLICIT_NONCE_BYTES]);
+            nonce
         } else {
-            for (byte, seq) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
-                *byte ^= seq;
-            }
-        }
+            self.xor_nonce()
+        };
         let nonce = aead::Nonce::assume_unique_for_key(nonce);
-        let [version_high, version_low] = header.version.to_be_bytes();
+        let version = header.version.to_be_bytes();
         let in_out = &mut buf[to..payload.end];
         let ciphertext = payload.start + explicit - to..;
         let opened = if self.tls13 {
             // The additional data is the record's header (RFC 8446 5.2).
             let length = (payload.len() as u16).to_be_bytes();
-            let aad = [header.typ, version_high, version_low, length[0], length[1]];
+            let aad = [header.typ, version[0], version[1], length[0], length[1]];
             self.key.open_within(nonce, aead::Aad::from(aad), in_out, ciphertext)
         } else {
-            // seq_num, type, version, length of the plaintext (RFC 5246 6.2.3.3).
-            let mut aad = [0u8; 13];
-            aad[..8].copy_from_slice(&self.seq.to_be_bytes());
-            aad[8..11].copy_from_slice(&[header.typ, version_high, version_low]);
-            aad[11..].copy_from_slice(&(plaintext_len as u16).to_be_bytes());
-            self.key.open_within(nonce, aead::Aad::from(aad), in_out, ciphertext)
+            let aad = self.tls12_aad(header.typ, version, plaintext_len);
+            self.key.open_within(nonce, aad, in_out, ciphertext)
         };
         let plaintext = opened.map_err(|_| Fatal::new(Alert::BadRecordMac, "a record failed authentication"))?;
         debug_assert_eq!(plaintext.len(), plaintext_len);
@@ -367,8 +346,8 @@ pub struct RecordLayer {
     version: Version,
     suite: SupportedCipherSuite,
     kernel: KernelConnection<ServerConnectionData>,
-    rx: Opener,
-    tx: Sealer,
+    rx: RecordKey,
+    tx: RecordKey,
     /// The sequence number at which the write keys are refreshed (1.3) or the session closes
     /// (1.2): the suite's confidentiality limit, or [`SEQ_LIMIT`].
     tx_limit: u64,
@@ -451,8 +430,8 @@ impl RecordLayer {
         Ok(RecordLayer {
             version,
             suite,
-            rx: Opener::new(version == Version::Tls13, &rx_secrets, rx_seq)?,
-            tx: Sealer::new(version == Version::Tls13, &tx_secrets, tx_seq)?,
+            rx: RecordKey::new(version == Version::Tls13, &rx_secrets, rx_seq)?,
+            tx: RecordKey::new(version == Version::Tls13, &tx_secrets, tx_seq)?,
             tx_limit: confidentiality_limit(suite).min(SEQ_LIMIT),
             kernel,
             queued: Vec::new(),
@@ -480,7 +459,7 @@ impl RecordLayer {
     }
 
     /// Opens the record whose header is `header` and whose payload is `buf[payload]`, its
-    /// plaintext written from `buf[to]` on (`to <= payload.start`; see [`Opener::open`]).
+    /// plaintext written from `buf[to]` on (`to <= payload.start`; see [`RecordKey::open`]).
     /// On a [`Fatal`] error the alert it names is queued (see [`RecordLayer::take_queued`])
     /// and nothing more is opened or sealed.
     pub fn open(&mut self, header: Header, buf: &mut [u8], payload: Range<usize>, to: usize) -> Result<Opened, Fatal> {
@@ -586,7 +565,7 @@ impl RecordLayer {
             .kernel
             .update_rx_secret()
             .map_err(|_| Fatal::new(Alert::InternalError, "cannot derive the next read key"))?;
-        self.rx = Opener::new(self.version == Version::Tls13, &secrets, 0)
+        self.rx = RecordKey::new(self.version == Version::Tls13, &secrets, 0)
             .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next read key"))?;
         if update_requested && !self.key_update_queued {
             // Our KeyUpdate goes out under the current write key, then the key changes: the
@@ -607,7 +586,7 @@ impl RecordLayer {
             .kernel
             .update_tx_secret()
             .map_err(|_| Fatal::new(Alert::InternalError, "cannot derive the next write key"))?;
-        self.tx = Sealer::new(self.version == Version::Tls13, &secrets, 0)
+        self.tx = RecordKey::new(self.version == Version::Tls13, &secrets, 0)
             .map_err(|_| Fatal::new(Alert::InternalError, "cannot build the next write key"))?;
         Ok(())
     }
@@ -673,7 +652,7 @@ impl RecordLayer {
         }
     }
 
-    /// Seals one record (see [`Sealer::seal`]), first refreshing the write keys (TLS 1.3) if
+    /// Seals one record (see [`RecordKey::seal`]), first refreshing the write keys (TLS 1.3) if
     /// the confidentiality limit is reached; in TLS 1.2 the session ends there instead, as
     /// rustls's does.
     fn seal(&mut self, typ: u8, len: usize, out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) -> Result<(), Fatal> {
@@ -725,7 +704,7 @@ pub fn seal_and_open_with_rustls(tls13: bool, aes: bool, seq: u64, typ: u8, plai
     assert!(plaintext.len() <= MAX_PLAINTEXT_BYTES && (ALERT..=APPLICATION_DATA).contains(&typ));
     let (suite, secrets) = test_suite_and_secrets(tls13, aes);
     let name = suite.suite();
-    let mut sealer = Sealer::new(tls13, &secrets(), seq).expect("a sealer for the suite");
+    let mut sealer = RecordKey::new(tls13, &secrets(), seq).expect("a sealer for the suite");
     let mut opener = decrypter(suite, secrets()).expect("rustls's decrypter for the suite");
     let mut out = b"before".to_vec();
     sealer.seal(typ, plaintext.len(), &mut out, |out| out.extend_from_slice(plaintext)).expect("sealed");
@@ -765,7 +744,7 @@ pub fn seal_and_open_with_rustls(tls13: bool, aes: bool, seq: u64, typ: u8, plai
 
 /// Seals `plaintext` (at most 2^14 bytes) as one record of content type `typ` at sequence
 /// number `seq` with rustls's own encrypter of the suite (as [`seal_and_open_with_rustls`]
-/// chooses it), and opens it with this module's [`Opener`], its plaintext shifted `shift`
+/// chooses it), and opens it with this module's [`RecordKey`], its plaintext shifted `shift`
 /// bytes toward the front of the buffer (as the reader does to close the gaps between
 /// records). Panics unless it opens to `typ` and `plaintext` at the shifted place, and unless
 /// a changed byte, another sequence number, or a cut record fails to open. For this module's
@@ -790,8 +769,8 @@ pub fn seal_with_rustls_and_open(tls13: bool, aes: bool, seq: u64, typ: u8, plai
         payload: OutboundChunks::from(plaintext),
     };
     let record = encrypter.encrypt(message, seq).expect("rustls sealed the record").encode();
-    let opener = || Opener::new(tls13, &secrets(), seq).expect("an opener for the suite");
-    let open = |opener: &mut Opener, record: &[u8]| {
+    let opener = || RecordKey::new(tls13, &secrets(), seq).expect("an opener for the suite");
+    let open = |opener: &mut RecordKey, record: &[u8]| {
         let mut buf = vec![0xee; shift];
         buf.extend_from_slice(record);
         let (header, payload) = match next_record(&buf[shift..]) {
@@ -806,7 +785,7 @@ pub fn seal_with_rustls_and_open(tls13: bool, aes: bool, seq: u64, typ: u8, plai
     let middle = HEADER_BYTES + (damaged.len() - HEADER_BYTES) / 2;
     damaged[middle] ^= 0x20;
     assert!(open(&mut opener(), &damaged).is_err(), "{name:?} seq {seq}: a damaged record opened");
-    let mut other_seq = Opener::new(tls13, &secrets(), seq ^ 1).expect("an opener");
+    let mut other_seq = RecordKey::new(tls13, &secrets(), seq ^ 1).expect("an opener");
     assert!(open(&mut other_seq, &record).is_err(), "{name:?} seq {seq}: a record opened at another sequence number");
     let mut cut = record[..record.len() - 1].to_vec();
     let cut_len = (cut.len() - HEADER_BYTES) as u16;
@@ -932,7 +911,7 @@ mod tests {
         }
     }
 
-    /// Records sealed by rustls's own encrypters open here ([`Opener`], ring's AEAD called
+    /// Records sealed by rustls's own encrypters open here ([`RecordKey`], ring's AEAD called
     /// directly), in place and shifted toward the front of the buffer, at sequence numbers small
     /// and large, of every content type and length up to a full record, in TLS 1.3 and 1.2,
     /// AES-256-GCM and ChaCha20-Poly1305; damaged, cut or out-of-sequence ones do not (see
@@ -957,6 +936,33 @@ mod tests {
                         seal_with_rustls_and_open(tls13, aes, seq, typ, &plaintext, shift);
                     }
                 }
+            }
+        }
+    }
+
+    /// One [`RecordKey`] type serves both directions: a record sealed by the writer's key opens
+    /// with a key built from the same secrets at the same sequence number (in place and shifted),
+    /// in TLS 1.3 and 1.2, AES-256-GCM and ChaCha20-Poly1305, for a full record too; both keys
+    /// then stand at the next sequence number, and a key one record behind refuses it.
+    #[test]
+    fn a_record_sealed_by_one_key_opens_with_a_key_of_the_same_secrets() {
+        for (tls13, aes) in [(true, true), (true, false), (false, true), (false, false)] {
+            let (_, secrets) = test_suite_and_secrets(tls13, aes);
+            for (seq, len, shift) in [(0, 0, 0), (7, 100, 3), (1 << 40, MAX_PLAINTEXT_BYTES, 64)] {
+                let plaintext: Vec<u8> = (0..len).map(|byte| (byte * 13 + 1) as u8).collect();
+                let mut sealer = RecordKey::new(tls13, &secrets(), seq).unwrap();
+                let mut buf = vec![0xee; shift];
+                sealer.seal(APPLICATION_DATA, len, &mut buf, |out| out.extend_from_slice(&plaintext)).unwrap();
+                let (header, payload) = next_record(&buf[shift..]).unwrap().expect("one whole record");
+                let payload = shift + payload.start..shift + payload.end;
+                let mut behind = RecordKey::new(tls13, &secrets(), seq.wrapping_sub(1)).unwrap();
+                let refused = behind.open(header, &mut buf.clone(), payload.clone(), payload.start).unwrap_err();
+                assert_eq!(refused.alert, Some(Alert::BadRecordMac), "tls13 {tls13} aes {aes} seq {seq}");
+                let mut opener = RecordKey::new(tls13, &secrets(), seq).unwrap();
+                let (typ, range) = opener.open(header, &mut buf, payload, 0).unwrap();
+                assert_eq!(typ, APPLICATION_DATA);
+                assert!(buf[range] == plaintext[..], "tls13 {tls13} aes {aes} seq {seq}: another plaintext");
+                assert_eq!((sealer.seq(), opener.seq()), (seq + 1, seq + 1));
             }
         }
     }
