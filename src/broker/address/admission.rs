@@ -38,9 +38,10 @@ impl AddressTable {
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut taken = self.take_address(&address_name);
             let room = if taken.created { self.check_address_room(&address_name) } else { Ok(()) };
+            let mut bounds = QueueBounds::of(&taken.state, &self.limits);
             for Publication { publisher, seq, message } in batch.drain(..) {
                 let outcome = match &room {
-                    Ok(()) => self.enqueue(&mut taken.state, &taken.key, message, now_ms, out),
+                    Ok(()) => self.enqueue(&mut taken.state, &taken.key, &mut bounds, message, now_ms, out),
                     Err(refusal) => Err(refusal.clone()),
                 };
                 outcomes.push((publisher, seq, outcome));
@@ -202,7 +203,8 @@ impl AddressTable {
     ) -> Result<Option<Lsn>, Refusal> {
         let mut taken = self.take_address(address);
         let room = if taken.created { self.check_address_room(address) } else { Ok(()) };
-        let outcome = room.and_then(|()| self.enqueue(&mut taken.state, &taken.key, message, now_ms, out));
+        let mut bounds = QueueBounds::of(&taken.state, &self.limits);
+        let outcome = room.and_then(|()| self.enqueue(&mut taken.state, &taken.key, &mut bounds, message, now_ms, out));
         self.put_back_address(taken);
         let outcome = outcome?;
         self.dispatch(address, Deliverable::Everything, now_ms, out);
@@ -233,11 +235,14 @@ impl AddressTable {
     /// `Ok(Some(lsn))` when its answer must wait for the log. `state` is the address's state,
     /// taken out of the table by the caller ([`AddressTable::take_address`]) so that a batch
     /// looks it up once; `address_name` is its key in the table (the message's address, a
-    /// compact copy, which the table's list of what waits for the log shares).
+    /// compact copy, which the table's list of what waits for the log shares). `bounds` is
+    /// [`QueueBounds::of`] `state`, read once for a batch and taken again here when a slow
+    /// subscriber is ended.
     fn enqueue(
         &mut self,
         state: &mut Address,
         address_name: &Bytes,
+        bounds: &mut QueueBounds,
         message: SharedMessage,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
@@ -248,13 +253,10 @@ impl AddressTable {
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
         let within_budget = self.check_memory_budget(message.body().len());
-        let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
-        let max_queued_bytes = state.max_queued_bytes(self.limits.max_queued_bytes);
-        let to_anycast_queue = state.routes_to_anycast_queue();
-        // What the subscribers' credit takes at once from the queue, counting the messages of
-        // this batch queued ahead of this one and not dispatched yet (none outside a batch: a
-        // queue that outlives a dispatch has no credit left to meet it).
-        let anycast_credit_left: usize = state.anycast.iter().map(|s| s.credit_left() as usize).sum();
+        let QueueBounds { max_queued, max_queued_bytes, to_anycast_queue, anycast_credit_left } = *bounds;
+        // What waits beyond the subscribers' credit, counting the messages of this batch
+        // queued ahead of this one and not dispatched yet (none outside a batch: a queue that
+        // outlives a dispatch has no credit left to meet it).
         let waiting_ahead = state.queue.len().saturating_sub(anycast_credit_left);
         if to_anycast_queue && waiting_ahead >= max_queued {
             return Err(Refusal::new(
@@ -336,6 +338,8 @@ impl AddressTable {
         }
         if !slow.is_empty() {
             end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
+            // Without them the address may route to its anycast queue now.
+            *bounds = QueueBounds::of(state, &self.limits);
         }
         if to_anycast_queue {
             state.queued_bytes += queued.message.body().len();
@@ -400,6 +404,30 @@ impl AddressTable {
         state.held_release_at = None;
         for (publisher, seq) in state.held_answers.drain(..) {
             push_accepted(out, publisher, seq);
+        }
+    }
+}
+
+/// What [`AddressTable::enqueue`] reads of an address's state that no enqueue changes: read
+/// once for a batch instead of once per message. Only ending a slow multicast subscriber can
+/// change it (the routing), and `enqueue` reads it again then; the anycast subscribers' credit
+/// changes only when the batch is dispatched, after its last enqueue.
+#[derive(Debug, Clone, Copy)]
+struct QueueBounds {
+    max_queued: usize,
+    max_queued_bytes: usize,
+    to_anycast_queue: bool,
+    /// What the anycast subscribers' credit takes at once from the queue.
+    anycast_credit_left: usize,
+}
+
+impl QueueBounds {
+    fn of(state: &Address, limits: &AddressLimits) -> QueueBounds {
+        QueueBounds {
+            max_queued: state.max_queued_messages(limits.max_queued_messages),
+            max_queued_bytes: state.max_queued_bytes(limits.max_queued_bytes),
+            to_anycast_queue: state.routes_to_anycast_queue(),
+            anycast_credit_left: state.anycast.iter().map(|s| s.credit_left() as usize).sum(),
         }
     }
 }

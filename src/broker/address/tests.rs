@@ -681,6 +681,28 @@ fn a_batch_ends_a_slow_multicast_subscriber_and_not_the_others() {
     assert!(out.is_empty());
 }
 
+/// A batch that ends its address's last multicast subscriber as slow queues the rest of the
+/// batch for anycast consumers, as single publishes would: the address's routing is read again
+/// when a subscriber ends (it is read once per batch otherwise).
+#[test]
+fn a_batch_that_ends_the_last_multicast_subscriber_queues_the_rest_for_anycast_consumers() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    // Something queued first, so that the batch is not taken as pure multicast.
+    publish(&mut table, "a", "early", &mut out);
+    subscribe(&mut table, 2, DeliveryMode::Multicast, 0, &mut out); // paused: never keeps up
+    out.clear();
+    // m0-m2 fill its backlog (max_queued_messages 3), m3 ends it, m4 finds no multicast
+    // subscriber left: it goes to the anycast queue.
+    publish_batch(&mut table, &["m0", "m1", "m2", "m3", "m4"], 0, &mut out);
+    assert_eq!(table.stats(b"a").multicast_subscribers, 0);
+    out.clear();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 10, &mut out);
+    let delivered = deliveries(&out);
+    assert_eq!(delivered.first(), Some(&(1, "early".to_string())));
+    assert_eq!(delivered.last(), Some(&(1, "m4".to_string())), "m4 waited in the anycast queue: {delivered:?}");
+}
+
 #[test]
 fn a_batch_for_an_address_with_anycast_subscribers_is_queued_as_single_publishes() {
     let limits = AddressLimits { max_queued_messages: 10, ..LIMITS };

@@ -403,9 +403,19 @@ impl SendTail {
 /// `Bytes` moves once, into the tail; any other (properties, or a fault to report) takes
 /// `decode_send_field_by_field`, which reads and reports in [`decode`]'s order.
 pub fn decode_send(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, DecodeError> {
-    let (kind, flag_bits) = check_prefix(&payload)?;
-    debug_assert_eq!(kind, FrameKind::Send, "decode_send is for SEND frames only");
     let bytes: &[u8] = &payload;
+    // The prefix of a well-formed SEND is three comparisons, with no call; any other prefix
+    // goes through `check_prefix` for its error (a valid prefix of another kind, a caller's
+    // mistake, is read field by field as that kind).
+    let flag_bits = match *bytes {
+        [PROTOCOL_VERSION, kind, flag_bits, ..]
+            if kind == FrameKind::Send.code() && flag_bits & !flags::SEND_DURABLE == 0 =>
+        {
+            flag_bits
+        }
+        _ => return decode_send_with_unusual_prefix(payload, limits),
+    };
+    let kind = FrameKind::Send;
     let Some(&[s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, address_len]) =
         bytes.get(PREFIX_BYTES..=SEND_TAIL_OFFSET)
     else {
@@ -432,6 +442,17 @@ pub fn decode_send(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, Dec
         tail: MessageTail { bytes: tail, body_start: body_start - SEND_TAIL_OFFSET },
         largest_message_bytes,
     })
+}
+
+/// [`decode_send`] of a payload whose prefix is not a well-formed SEND's: `check_prefix`'s
+/// error, or (a prefix of another kind, which the caller should not have passed) the fields
+/// read one at a time.
+#[cold]
+#[inline(never)]
+fn decode_send_with_unusual_prefix(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, DecodeError> {
+    let (kind, flag_bits) = check_prefix(&payload)?;
+    debug_assert_eq!(kind, FrameKind::Send, "decode_send is for SEND frames only");
+    decode_send_field_by_field(payload, kind, flag_bits, limits)
 }
 
 /// [`decode_send`] one field at a time: a SEND with properties, or one with a fault to report

@@ -295,11 +295,13 @@ pub fn decode_frame(buf: &mut BytesMut, role: Role, max_frame_bytes: usize) -> R
 /// extra), then the last 0 to 7 bytes as at most one 4-byte word and 3 single bytes. A word is
 /// exactly two mask periods, so every word and the tail start at mask byte 0: no rotation, no
 /// alignment prologue, no per-byte index arithmetic. That keeps short payloads, the common case,
-/// to a few instructions, and the compiler vectorises the word loop for long ones. The result is
-/// identical to the bytewise definition for every length.
+/// to a few instructions, and the compiler vectorises the word loop for long ones. The word's
+/// mask is the 4-byte mask twice, made by one multiplication (the same on either byte order,
+/// as both halves are equal): from its eight bytes, the compiler shifted each into place, 18
+/// instructions per frame. The result is identical to the bytewise definition for every length.
+#[inline]
 pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
-    let [a, b, c, d] = mask;
-    let word_mask = u64::from_ne_bytes([a, b, c, d, a, b, c, d]);
+    let word_mask = u64::from(u32::from_ne_bytes(mask)) * 0x1_0000_0001;
     let mut words = data.chunks_exact_mut(8);
     for word in &mut words {
         let word: &mut [u8; 8] = word.try_into().expect("chunks_exact_mut(8) yields 8-byte chunks");
