@@ -22,6 +22,31 @@ use mbws::summary::Summary;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for the broker (`PR_SET_THP_DISABLE`), unless
+/// `MIMALLOC_ALLOW_THP` is set, which then decides (mimalloc's own option).
+///
+/// mimalloc asks for huge pages on its arenas (`MADV_HUGEPAGE`), so with the kernel's usual
+/// `madvise` setting every first touch of a fresh 2 MiB region zeroes (and may compact) the
+/// whole region on the shard's thread. A fan-out grows the broker's heap in small pieces over
+/// many connections (write chunks, unacknowledged rings): with 1,000 subscribers that zeroing
+/// took most of the broker's CPU, and halved its deliveries per second
+/// (docs/PERFORMANCE.md, "Session 10: fan-out without huge pages"). With 4 KiB pages only
+/// what is touched is zeroed. nats-server's Go runtime does not ask for huge pages either.
+fn disable_transparent_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        // Only a cost, never a fault: the broker runs the same with huge pages.
+        log!(
+            Level::Debug,
+            "transparent huge pages stay on (prctl PR_SET_THP_DISABLE: {})",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// A thread-per-core io_uring message broker for the MessageBroker WebSocket Subprotocol
 /// (subprotocols MBWS.huawei.com and MBLWS.huawei.com). WebSocket upgrades are accepted at `/`.
 #[derive(Parser, Debug)]
@@ -274,6 +299,7 @@ fn main() -> ExitCode {
     }
     logging::set_level(config.log_level);
     logging::set_format(config.log_format);
+    disable_transparent_huge_pages();
     let cores = mbws::config::available_cores();
     if config.shards > cores {
         // Allowed (a container's CPU quota or a test may call for it), but every shard is a
