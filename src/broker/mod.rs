@@ -317,6 +317,27 @@ impl ConnCommand {
             | ConnCommand::DeliveryExpired { consumer, .. } => *consumer,
         }
     }
+
+    /// Joins `added` accepted SENDs of `publisher` from `seq` on (`seq` 0: unnumbered ones) to
+    /// this answer when it is a [`ConnCommand::PublishesAccepted`] of the same publisher's
+    /// SENDs just before them (the next seq, or more unnumbered ones); false if it is not.
+    pub fn join_accepted(&mut self, publisher: ConnId, seq: u64, added: u32) -> bool {
+        let ConnCommand::PublishesAccepted { publisher: conn, first_seq, count } = self else { return false };
+        let next = match *first_seq {
+            0 => seq == 0,
+            first => seq == first + u64::from(*count),
+        };
+        if !next || *conn != publisher {
+            return false;
+        }
+        match count.checked_add(added) {
+            Some(joined) => {
+                *count = joined;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Anything one shard asks of another (or of itself).

@@ -8,11 +8,13 @@
 //! (which resumes the session after a lost connection: it resends what was not receipted, and
 //! the owner drops duplicates).
 //!
-//! **End-to-end receipts.** The forwarder answers the publisher's connection (a
-//! `PublishDone`, posted to the publisher's shard) only when the owner's RECEIPT covers the
-//! forwarded SEND, or with the owner's own refusal (its code and reason) when the owner sent an
-//! ERROR for it. The owner receipts a durable message after its fsync, so the client's RECEIPT
-//! means the same on every node.
+//! **End-to-end receipts.** The forwarder answers the publisher's connection (posted to the
+//! publisher's shard) only when the owner's RECEIPT covers the forwarded SEND, or with the
+//! owner's own refusal (its code and reason, a `PublishDone`) when the owner sent an ERROR for
+//! it. The SENDs one RECEIPT covers are answered in runs: one `PublishesAccepted` per run of a
+//! publisher's consecutive SENDs, one command for its session as for a local batch. The owner
+//! receipts a durable message after its fsync, so the client's RECEIPT means the same on every
+//! node.
 //!
 //! **Order.** The SENDs of one publisher to one address all pass through the one shard that
 //! owns the address's name here, then through one forwarder and one session to the owner, in
@@ -25,9 +27,11 @@
 //! buffer and masks it there (RFC 6455 requires a client to mask), and keeps the tail, not a
 //! copy, for resending after a resume.
 //!
-//! **Batching and window.** The forwarder writes every SEND it has (up to the owner's
-//! `max-inflight-sends` unreceipted) before it flushes, and reads cumulative RECEIPTs: many
-//! SENDs in flight, one write per batch, not one round trip per message.
+//! **Batching and window.** The shard queues the SENDs of one round for one owner as one
+//! batch (one channel post and one wake-up, not one per SEND). The forwarder writes every SEND
+//! it has (up to the owner's `max-inflight-sends` unreceipted) before it flushes, and reads
+//! cumulative RECEIPTs: many SENDs in flight, one write per batch, not one round trip per
+//! message.
 //!
 //! **Waiting.** The thread waits in poll(2) on its session's socket and its queue's eventfd
 //! (`cluster::wait`): a SEND queued or a RECEIPT come wakes it at once; the wait's bound is
@@ -50,6 +54,7 @@
 //! refuses such a SEND with 4421 instead of forwarding it again. The SEND itself carries no mark.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,89 +103,120 @@ pub struct Forwarders {
     post_office: Arc<PostOffice>,
     /// The credentials and CA file of every forwarder's session (`--cluster-login`...).
     login: Arc<PeerLogin>,
-    by_node: FastMap<Arc<NodeRef>, (Sender<Job>, QueueWake)>,
+    by_node: FastMap<Arc<NodeRef>, ForwarderHandle>,
     relays: super::relay::Relays,
-    /// The forwarders given SENDs by this call of [`Forwarders::forward`], woken at its end.
-    to_wake: Vec<QueueWake>,
+    /// This call of [`Forwarders::forward`]'s SENDs, by owner node, each owner's in order:
+    /// queued as one batch per owner at its end.
+    batches: Vec<(Arc<NodeRef>, Vec<Job>)>,
+}
+
+/// The shard's end of one forwarder's queue.
+struct ForwarderHandle {
+    /// Batches of SENDs, each in order.
+    jobs: Sender<Vec<Job>>,
+    /// SENDs in the queue's batches (added here, taken off by the forwarder): at most
+    /// [`QUEUE_BOUND`].
+    queued: Arc<AtomicUsize>,
+    wake: QueueWake,
 }
 
 impl Forwarders {
     pub fn new(shard: ShardId, post_office: Arc<PostOffice>, login: Arc<PeerLogin>) -> Forwarders {
         let relays = super::relay::Relays::new(shard, post_office.clone(), login.clone());
-        Forwarders { shard, post_office, login, by_node: FastMap::default(), relays, to_wake: Vec::new() }
+        Forwarders { shard, post_office, login, by_node: FastMap::default(), relays, batches: Vec::new() }
     }
 
-    /// Queues each SEND of `forwards` on its owner's forwarder (started on first use), in order,
-    /// and each relayed subscription's command on its owner's relay; a full queue refuses a
-    /// SEND with 4429 at once.
+    /// Queues the SENDs of `forwards` on their owners' forwarders (started on first use), one
+    /// batch per owner, in order, and each relayed subscription's command on its owner's
+    /// relay; SENDs beyond a queue's [`QUEUE_BOUND`] are refused with 4429 at once.
     pub fn forward(&mut self, forwards: &mut Vec<Forward>) {
         let mut answers = Answers::default();
         for forward in forwards.drain(..) {
-            let (owner, publisher, seq, message) = match forward {
-                Forward::Send { owner, publisher, seq, message } => (owner, publisher, seq, message),
+            match forward {
+                Forward::Send { owner, publisher, seq, message } => {
+                    let job = Job { publisher, seq, message };
+                    // Few owners: the last one used, else a look along the list.
+                    match self.batches.iter_mut().rev().find(|(node, _)| Arc::ptr_eq(node, &owner) || **node == *owner)
+                    {
+                        Some((_, jobs)) => jobs.push(job),
+                        None => self.batches.push((owner, vec![job])),
+                    }
+                }
                 Forward::Subscribe { owner, ticket, command } => {
                     self.relays.subscribe(owner, ticket, command, &mut answers);
-                    continue;
                 }
-                Forward::Settle { owner, command } => {
-                    self.relays.settle(owner, command, &mut answers);
-                    continue;
-                }
+                Forward::Settle { owner, command } => self.relays.settle(owner, command, &mut answers),
+            }
+        }
+        let mut batches = std::mem::take(&mut self.batches);
+        for (owner, jobs) in batches.drain(..) {
+            self.queue(owner, jobs, &mut answers);
+        }
+        self.batches = batches;
+        answers.post(&self.post_office);
+    }
+
+    /// Queues `jobs` (SENDs for `owner`, in order) on its forwarder as one batch, as many as
+    /// the queue has room for; the rest are refused with 4429.
+    fn queue(&mut self, owner: Arc<NodeRef>, mut jobs: Vec<Job>, answers: &mut Answers) {
+        for attempt in 1..=2 {
+            let handle = match self.by_node.get(&owner) {
+                Some(handle) => handle,
+                None => match spawn(self.shard, owner.clone(), self.post_office.clone(), self.login.clone()) {
+                    Ok(handle) => self.by_node.entry(owner.clone()).or_insert(handle),
+                    Err(error) => {
+                        let reason = format!("cannot start the forwarder to cluster node \"{}\": {error}", owner.name);
+                        refuse_all(&owner, jobs, ErrorCode::Unavailable, &reason, answers);
+                        return;
+                    }
+                },
             };
-            let mut job = Job { publisher, seq, message };
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                let (sender, wake) = match self.by_node.get(&owner) {
-                    Some(entry) => entry,
-                    None => match spawn(self.shard, owner.clone(), self.post_office.clone(), self.login.clone()) {
-                        Ok(sender) => self.by_node.entry(owner.clone()).or_insert(sender),
-                        Err(error) => {
-                            let reason =
-                                format!("cannot start the forwarder to cluster node \"{}\": {error}", owner.name);
-                            owner.counters.refused(1);
-                            answers.refuse(job, ErrorCode::Unavailable, reason);
-                            break;
-                        }
-                    },
-                };
-                match sender.try_send(job) {
-                    Ok(()) => {
-                        if !self.to_wake.iter().any(|queued| queued.same_as(wake)) {
-                            self.to_wake.push(wake.clone());
-                        }
-                        break;
-                    }
-                    Err(TrySendError::Disconnected(back)) if attempts >= 2 => {
+            let room = QUEUE_BOUND.saturating_sub(handle.queued.load(Ordering::Acquire));
+            let over = if jobs.len() > room { jobs.split_off(room) } else { Vec::new() };
+            if !over.is_empty() {
+                let reason = format!(
+                    "{QUEUE_BOUND} SENDs already wait to be forwarded to cluster node \"{}\" ({}), which owns \
+                     \"{}\"; try again later",
+                    owner.name,
+                    owner.url,
+                    String::from_utf8_lossy(over[0].message.address())
+                );
+                refuse_all(&owner, over, ErrorCode::Overloaded, &reason, answers);
+            }
+            if jobs.is_empty() {
+                return;
+            }
+            let count = jobs.len();
+            handle.queued.fetch_add(count, Ordering::AcqRel);
+            match handle.jobs.try_send(jobs) {
+                Ok(()) => {
+                    handle.wake.notify();
+                    return;
+                }
+                Err(error) => {
+                    handle.queued.fetch_sub(count, Ordering::AcqRel);
+                    jobs = match error {
+                        TrySendError::Full(back) | TrySendError::Disconnected(back) => back,
+                    };
+                    // The thread is gone (it never stops on its own, and the queue holds at
+                    // most QUEUE_BOUND batches of at least one SEND): start a new one, once.
+                    self.by_node.remove(&owner);
+                    if attempt == 2 {
                         let reason = format!("the forwarder to cluster node \"{}\" stopped", owner.name);
-                        owner.counters.refused(1);
-                        answers.refuse(back, ErrorCode::Unavailable, reason);
-                        break;
-                    }
-                    Err(TrySendError::Full(back)) => {
-                        let reason = format!(
-                            "{QUEUE_BOUND} SENDs already wait to be forwarded to cluster node \"{}\" ({}), which owns \
-                             \"{}\"; try again later",
-                            owner.name,
-                            owner.url,
-                            String::from_utf8_lossy(back.message.address())
-                        );
-                        owner.counters.refused(1);
-                        answers.refuse(back, ErrorCode::Overloaded, reason);
-                        break;
-                    }
-                    // The thread is gone (it never stops on its own): start a new one.
-                    Err(TrySendError::Disconnected(back)) => {
-                        self.by_node.remove(&owner);
-                        job = back;
+                        refuse_all(&owner, jobs, ErrorCode::Unavailable, &reason, answers);
+                        return;
                     }
                 }
             }
         }
-        for wake in self.to_wake.drain(..) {
-            wake.notify();
-        }
-        answers.post(&self.post_office);
+    }
+}
+
+/// Refuses every SEND of `jobs` (for `owner`) with `code` and `reason`.
+fn refuse_all(owner: &NodeRef, jobs: Vec<Job>, code: ErrorCode, reason: &str, answers: &mut Answers) {
+    owner.counters.refused(jobs.len() as u64);
+    for job in jobs {
+        answers.refuse(job, code, reason.to_owned());
     }
 }
 
@@ -195,6 +231,23 @@ impl Answers {
     fn answer(&mut self, job: &Job, outcome: Result<(), Refusal>) {
         let command = Command::Conn(ConnCommand::PublishDone { publisher: job.publisher.conn, seq: job.seq, outcome });
         self.push(job.publisher.shard, command);
+    }
+
+    /// Answers `job` as taken by the owner: joined to its shard's last answer when that one
+    /// accepted the same publisher's SEND just before it (a run of RECEIPTed SENDs is one
+    /// [`ConnCommand::PublishesAccepted`], one command for the publisher's session, as the
+    /// address table answers a local batch), otherwise a new one.
+    fn accepted(&mut self, job: &Job) {
+        let (publisher, seq) = (job.publisher, job.seq);
+        if let Some((_, commands)) = self.by_shard.iter_mut().find(|(shard, _)| *shard == publisher.shard) {
+            if let Some(Command::Conn(last)) = commands.last_mut() {
+                if last.join_accepted(publisher.conn, seq, 1) {
+                    return;
+                }
+            }
+        }
+        let command = ConnCommand::PublishesAccepted { publisher: publisher.conn, first_seq: seq, count: 1 };
+        self.push(publisher.shard, Command::Conn(command));
     }
 
     /// Queues `command` for `shard`.
@@ -221,12 +274,14 @@ fn spawn(
     owner: Arc<NodeRef>,
     post_office: Arc<PostOffice>,
     login: Arc<PeerLogin>,
-) -> std::io::Result<(Sender<Job>, QueueWake)> {
+) -> std::io::Result<ForwarderHandle> {
+    // At most QUEUE_BOUND SENDs are queued, in batches of at least one.
     let (sender, jobs) = crossbeam_channel::bounded(QUEUE_BOUND);
+    let queued = Arc::new(AtomicUsize::new(0));
     let wake = QueueWake::new()?;
-    let forwarder = Forwarder::new(owner.clone(), jobs, wake.clone(), post_office, login);
+    let forwarder = Forwarder::new(owner.clone(), jobs, queued.clone(), wake.clone(), post_office, login);
     std::thread::Builder::new().name(format!("mbws-fwd-{}-{}", shard.0, owner.name)).spawn(move || forwarder.run())?;
-    Ok((sender, wake))
+    Ok(ForwarderHandle { jobs: sender, queued, wake })
 }
 
 /// Opens a reliable, binary session to `owner` for a forwarder or a relay: logged in with the
@@ -258,7 +313,9 @@ pub(super) fn connect_to_owner(owner: &NodeRef, login: &PeerLogin) -> Result<Cli
 struct Forwarder {
     owner: Arc<NodeRef>,
     login: Arc<PeerLogin>,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Vec<Job>>,
+    /// SENDs in `jobs`' batches (see [`ForwarderHandle::queued`]).
+    queued: Arc<AtomicUsize>,
     wake: QueueWake,
     post_office: Arc<PostOffice>,
     client: Option<Client>,
@@ -283,7 +340,8 @@ struct Forwarder {
 impl Forwarder {
     fn new(
         owner: Arc<NodeRef>,
-        jobs: Receiver<Job>,
+        jobs: Receiver<Vec<Job>>,
+        queued: Arc<AtomicUsize>,
         wake: QueueWake,
         post_office: Arc<PostOffice>,
         login: Arc<PeerLogin>,
@@ -292,6 +350,7 @@ impl Forwarder {
             owner,
             login,
             jobs,
+            queued,
             wake,
             post_office,
             client: None,
@@ -339,12 +398,15 @@ impl Forwarder {
         self.readable = self.wake.wait(self.client.as_ref().map(Client::socket_fd), timeout, || !jobs.is_empty());
     }
 
-    /// Moves what waits in the channel to `pending`, up to the channel's bound in all; false
-    /// once every sender is gone.
+    /// Moves the batches waiting in the channel to `pending`, while it holds fewer than
+    /// [`QUEUE_BOUND`] SENDs; false once every sender is gone.
     fn take_queued(&mut self) -> bool {
         while self.pending.len() < QUEUE_BOUND {
             match self.jobs.try_recv() {
-                Ok(job) => self.pending.push_back(job),
+                Ok(jobs) => {
+                    self.queued.fetch_sub(jobs.len(), Ordering::AcqRel);
+                    self.pending.extend(jobs);
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return false,
             }
@@ -425,11 +487,13 @@ impl Forwarder {
             let client = self.client.as_mut().expect("connected");
             match client.next_read_frame() {
                 Ok(Some(Frame::Receipt(receipt))) => {
+                    let mut receipted = 0;
                     while self.in_flight.front().is_some_and(|(seq, _)| *seq <= receipt.seq) {
                         let (_, job) = self.in_flight.pop_front().expect("checked");
-                        self.answers.answer(&job, Ok(()));
-                        self.owner.counters.forwarded(1);
+                        self.answers.accepted(&job);
+                        receipted += 1;
                     }
+                    self.owner.counters.forwarded(receipted);
                     self.oldest_written = (!self.in_flight.is_empty()).then(Instant::now);
                 }
                 Ok(Some(Frame::Error(error))) if !error.fatal && error.seq != 0 => {
@@ -496,5 +560,68 @@ fn remaining_ttl_ms(message: &SharedMessage) -> u32 {
     match message.expires_at_ms {
         0 => 0,
         at => at.saturating_sub(crate::clock::now_ms()).clamp(1, u64::from(u32::MAX)) as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{ConnId, StoredMessage};
+    use crate::mbws::binary::MessageTail;
+
+    fn job(shard: u16, conn: u32, seq: u64) -> Job {
+        let tail = MessageTail::encode(b"a", &Default::default(), b"body");
+        Job {
+            publisher: ConnRef { shard: ShardId(shard), conn: ConnId { index: conn, generation: 0 } },
+            seq,
+            message: Arc::new(StoredMessage::new(tail, false, 0, false)),
+        }
+    }
+
+    fn answers_of(answers: &Answers, shard: u16) -> Vec<String> {
+        let (_, commands) = answers.by_shard.iter().find(|(entry, _)| entry.0 == shard).expect("the shard's answers");
+        commands
+            .iter()
+            .map(|command| match command {
+                Command::Conn(ConnCommand::PublishesAccepted { publisher, first_seq, count }) => {
+                    format!("{} accepted {first_seq}+{count}", publisher.index)
+                }
+                Command::Conn(ConnCommand::PublishDone { publisher, seq, outcome }) => {
+                    format!("{} done {seq} {}", publisher.index, outcome.is_ok())
+                }
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// RECEIPTed SENDs are answered in runs: one command per run of one publisher's
+    /// consecutive SENDs, in the order they were answered, a refusal or another publisher's
+    /// answer in between starting a new run; unnumbered SENDs (seq 0) count.
+    #[test]
+    fn receipted_sends_are_answered_in_runs_of_one_publishers_consecutive_sends_in_order() {
+        let mut answers = Answers::default();
+        for (shard, conn, seq) in [(0, 1, 5), (0, 1, 6), (0, 1, 7), (1, 9, 3), (0, 1, 8), (0, 2, 1), (0, 1, 9)] {
+            answers.accepted(&job(shard, conn, seq));
+        }
+        answers.refuse(job(0, 1, 10), ErrorCode::Overloaded, "full".into());
+        for seq in [11, 13, 0, 0] {
+            answers.accepted(&job(0, 1, seq));
+        }
+        answers.accepted(&job(0, 3, 0));
+        answers.accepted(&job(0, 3, 0));
+        assert_eq!(
+            answers_of(&answers, 0),
+            [
+                "1 accepted 5+4",
+                "2 accepted 1+1",
+                "1 accepted 9+1",
+                "1 done 10 false",
+                "1 accepted 11+1",
+                "1 accepted 13+1",
+                "1 accepted 0+2",
+                "3 accepted 0+2"
+            ]
+        );
+        assert_eq!(answers_of(&answers, 1), ["9 accepted 3+1"]);
     }
 }

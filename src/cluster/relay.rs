@@ -21,7 +21,10 @@
 //!   relayed subscription, the owner's delivery sequence of each message id the consumer
 //!   holds), and FLOW one for one. The owner holds the relay to the consumer's credit, and the
 //!   relay acknowledges only what the consumer did: **credit is end to end**, the owner never
-//!   has more deliveries out than the consumer granted;
+//!   has more deliveries out than the consumer granted. What a consumer holds is kept in
+//!   delivery order while it settles in that order, the usual case (`Held`), and the
+//!   deliveries not yet settled over the whole session in a deque (`Outstanding`): no
+//!   hashing and no tree per message;
 //! - an auto-ack subscription is acknowledged at the owner when the consumer's shard has
 //!   written the delivery to the consumer's socket (its `ReturnCredit`), oldest first; a
 //!   delivery lost with the consumer's connection before it was written is not acknowledged,
@@ -62,7 +65,7 @@
 //! flush, and waits again. The wait's bound is only for what is due at a time (a PING after
 //! [`IDLE_TICK`] of silence, an answer's [`WAIT_BOUND`]).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -302,7 +305,7 @@ struct Relayed {
     confirmed: bool,
     /// Client ack: the owner's delivery sequence of each message the consumer holds, by the
     /// message id the consumer acknowledges (at most the credit).
-    unsettled: FastMap<u64, u64>,
+    unsettled: Held,
     /// Auto ack: the owner's delivery sequences not yet written to the consumer, oldest first
     /// (at most the credit).
     unwritten: VecDeque<u64>,
@@ -339,7 +342,7 @@ struct Relay {
     acked_through: u64,
     /// The owner's delivery sequences (of this session) the consumers have not settled: at most
     /// the sum of the relayed subscriptions' credits.
-    outstanding: BTreeSet<u64>,
+    outstanding: Outstanding,
     /// While the owner is unreachable: until when SUBSCRIBEs are refused at once, and why.
     down: Option<(Instant, String)>,
     backoff: Duration,
@@ -348,6 +351,8 @@ struct Relay {
     /// shard (whose view fans them out) with the round's answers, or before any other word
     /// about a feed.
     fed: Vec<(u64, Vec<SharedMessage>)>,
+    /// Deliveries relayed this round, added to the owner's counters once at its end.
+    relayed_this_round: u64,
 }
 
 impl Relay {
@@ -381,11 +386,12 @@ impl Relay {
             pinged: false,
             last_delivery_seq: 0,
             acked_through: 0,
-            outstanding: BTreeSet::new(),
+            outstanding: Outstanding::default(),
             down: None,
             backoff: FIRST_BACKOFF,
             answers: Answers::default(),
             fed: Vec::new(),
+            relayed_this_round: 0,
         }
     }
 
@@ -399,6 +405,7 @@ impl Relay {
             if let Err(reason) = self.step() {
                 self.fail(reason);
             }
+            self.owner.counters.relayed(std::mem::take(&mut self.relayed_this_round));
             self.post_fed();
             self.answers.post(&self.post_office);
             self.wait();
@@ -483,7 +490,7 @@ impl Relay {
             credit,
             written: false,
             confirmed: false,
-            unsettled: FastMap::default(),
+            unsettled: Held::default(),
             unwritten: VecDeque::new(),
         };
         self.subscriptions.insert(id, relayed);
@@ -512,7 +519,7 @@ impl Relay {
                 let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
                 let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
                 for message in messages {
-                    if let Some(delivery_seq) = relayed.unsettled.remove(&message.0) {
+                    if let Some(delivery_seq) = relayed.unsettled.remove(message.0) {
                         settled(&mut self.outstanding, self.client.as_mut(), delivery_seq);
                     }
                 }
@@ -520,10 +527,10 @@ impl Relay {
             AddressCommand::Nack { consumer, subscription, message, requeue } => {
                 let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
                 let relayed = self.subscriptions.get_mut(&id).expect("by_consumer names live subscriptions");
-                if let Some(delivery_seq) = relayed.unsettled.remove(&message.0) {
+                if let Some(delivery_seq) = relayed.unsettled.remove(message.0) {
                     // Released at the owner by the NACK, which is written before any ACK through it
                     // (and, after a resume, written again before the ACKs: the client repeats it).
-                    self.outstanding.remove(&delivery_seq);
+                    self.outstanding.remove(delivery_seq);
                     if let Some(client) = self.client.as_mut() {
                         let _ = client.nack(delivery_seq, requeue);
                     }
@@ -695,7 +702,7 @@ impl Relay {
     /// moved: every delivery below it was acknowledged (or NACKed, or unsubscribed and so
     /// requeued at the owner). Those settled above an outstanding one had a single ACK.
     fn acknowledge_settled(&mut self) {
-        let through = self.outstanding.first().map_or(self.last_delivery_seq, |oldest| oldest - 1);
+        let through = self.outstanding.oldest().map_or(self.last_delivery_seq, |oldest| oldest - 1);
         if through > self.acked_through {
             self.acked_through = through;
             if let Some(client) = self.client.as_mut() {
@@ -707,8 +714,8 @@ impl Relay {
     /// Takes the deliveries of a relayed subscription that ended out of the outstanding ones
     /// (the owner requeues them: they must not hold back the cumulative ACK).
     fn forget_outstanding(&mut self, relayed: &Relayed) {
-        for delivery_seq in relayed.unsettled.values().chain(relayed.unwritten.iter()) {
-            self.outstanding.remove(delivery_seq);
+        for delivery_seq in relayed.unsettled.delivery_seqs().chain(relayed.unwritten.iter()) {
+            self.outstanding.remove(*delivery_seq);
         }
     }
 
@@ -803,13 +810,14 @@ impl Relay {
         match relayed.ack_mode {
             AckMode::Client => {
                 // A redelivery after the owner's ack timeout replaces the older delivery.
-                if let Some(older) = relayed.unsettled.insert(message.message_id, message.delivery_seq) {
-                    self.outstanding.remove(&older);
+                let redelivery = message.redelivered;
+                if let Some(older) = relayed.unsettled.insert(message.message_id, message.delivery_seq, redelivery) {
+                    self.outstanding.remove(older);
                 }
             }
             AckMode::Auto => relayed.unwritten.push_back(message.delivery_seq),
         }
-        self.owner.counters.relayed(1);
+        self.relayed_this_round += 1;
         self.outstanding.insert(message.delivery_seq);
         let stored = StoredMessage::new(message.tail, message.durable, 0, false);
         let delivered = Delivered {
@@ -911,14 +919,259 @@ impl Relay {
 /// ([`Relay::acknowledge_settled`]); above it, it gets a single ACK now, so that the owner
 /// does not count it against its subscription's credit while an older delivery (another
 /// subscription's, perhaps) is held.
-fn settled(outstanding: &mut BTreeSet<u64>, client: Option<&mut Client>, delivery_seq: u64) {
-    if !outstanding.remove(&delivery_seq) {
+fn settled(outstanding: &mut Outstanding, client: Option<&mut Client>, delivery_seq: u64) {
+    if !outstanding.remove(delivery_seq) {
         return;
     }
-    if outstanding.first().is_some_and(|oldest| *oldest < delivery_seq) {
+    if outstanding.oldest().is_some_and(|oldest| oldest < delivery_seq) {
         if let Some(client) = client {
             // A write error shows again at the flush, which resumes or fails the session.
             let _ = client.ack(delivery_seq, false);
         }
+    }
+}
+
+/// What a client-ack consumer of a relayed subscription holds: the owner's delivery sequence
+/// of each message, by the message id the consumer acknowledges (at most the credit).
+///
+/// Kept in delivery order while the consumer settles in that order (its cumulative ACKs
+/// settle the oldest first): an insert is a push at the back and a settle a look at the front,
+/// with no hashing. The first settle of another message, or a redelivery (which replaces the
+/// older delivery of its message id), turns it into a map by message id until it is empty.
+#[derive(Debug)]
+enum Held {
+    /// (message id, delivery sequence), oldest first.
+    InOrder(VecDeque<(u64, u64)>),
+    ById(FastMap<u64, u64>),
+}
+
+impl Default for Held {
+    fn default() -> Held {
+        Held::InOrder(VecDeque::new())
+    }
+}
+
+impl Held {
+    /// Holds `message_id` as `delivery_seq`; returns its older delivery's sequence if it was
+    /// held already (only a `redelivery` can be).
+    fn insert(&mut self, message_id: u64, delivery_seq: u64, redelivery: bool) -> Option<u64> {
+        match self {
+            Held::InOrder(in_order) if !redelivery => {
+                in_order.push_back((message_id, delivery_seq));
+                None
+            }
+            _ => self.by_id().insert(message_id, delivery_seq),
+        }
+    }
+
+    /// The delivery sequence `message_id` was held as, no longer held.
+    fn remove(&mut self, message_id: u64) -> Option<u64> {
+        match self {
+            Held::InOrder(in_order) => match in_order.front() {
+                Some(&(oldest, delivery_seq)) if oldest == message_id => {
+                    in_order.pop_front();
+                    Some(delivery_seq)
+                }
+                None => None,
+                Some(_) => self.by_id().remove(&message_id),
+            },
+            Held::ById(by_id) => {
+                let removed = by_id.remove(&message_id);
+                if by_id.is_empty() {
+                    *self = Held::default();
+                }
+                removed
+            }
+        }
+    }
+
+    fn delivery_seqs(&self) -> Box<dyn Iterator<Item = &u64> + '_> {
+        match self {
+            Held::InOrder(in_order) => Box::new(in_order.iter().map(|(_, delivery_seq)| delivery_seq)),
+            Held::ById(by_id) => Box::new(by_id.values()),
+        }
+    }
+
+    /// The map, made from the deque if need be.
+    fn by_id(&mut self) -> &mut FastMap<u64, u64> {
+        if let Held::InOrder(in_order) = self {
+            *self = Held::ById(in_order.drain(..).collect());
+        }
+        match self {
+            Held::ById(by_id) => by_id,
+            Held::InOrder(_) => unreachable!("made a map above"),
+        }
+    }
+}
+
+/// Most settled entries [`Outstanding`] keeps behind an unsettled one before it drops them
+/// all (beyond twice its unsettled ones).
+const OUTSTANDING_SLACK: usize = 64;
+
+/// The owner's delivery sequences of one session that the consumers have not settled, and how
+/// old the oldest is. The owner numbers its deliveries in increasing order and the client
+/// drops what a resume replays, so they arrive sorted: they are kept in a deque in arrival
+/// order, each marked when settled. Settled ones leave from the front, so the front is the
+/// oldest unsettled; consumers settle mostly in order, so a settle is mostly the front's (one
+/// compare), else a binary search. When settled entries behind an unsettled one are more than
+/// the unsettled ones plus [`OUTSTANDING_SLACK`], they are dropped in one pass: the deque holds
+/// at most twice the unsettled deliveries (bounded by the credits) plus the slack.
+#[derive(Debug, Default)]
+struct Outstanding {
+    /// (delivery sequence, settled), increasing sequences; the front is not settled.
+    entries: VecDeque<(u64, bool)>,
+    unsettled: usize,
+}
+
+impl Outstanding {
+    fn insert(&mut self, delivery_seq: u64) {
+        if self.entries.back().is_none_or(|&(last, _)| last < delivery_seq) {
+            self.entries.push_back((delivery_seq, false));
+            self.unsettled += 1;
+            return;
+        }
+        // Not expected (sequences arrive increasing); kept correct all the same.
+        match self.entries.binary_search_by_key(&delivery_seq, |&(seq, _)| seq) {
+            Ok(index) if self.entries[index].1 => {
+                self.entries[index].1 = false;
+                self.unsettled += 1;
+            }
+            Ok(_) => {}
+            Err(index) => {
+                self.entries.insert(index, (delivery_seq, false));
+                self.unsettled += 1;
+            }
+        }
+    }
+
+    /// Settles `delivery_seq`; false if it was not outstanding.
+    fn remove(&mut self, delivery_seq: u64) -> bool {
+        let index = match self.entries.front() {
+            Some(&(oldest, _)) if oldest == delivery_seq => 0,
+            _ => match self.entries.binary_search_by_key(&delivery_seq, |&(seq, _)| seq) {
+                Ok(index) if !self.entries[index].1 => index,
+                _ => return false,
+            },
+        };
+        self.entries[index].1 = true;
+        self.unsettled -= 1;
+        while self.entries.front().is_some_and(|&(_, settled)| settled) {
+            self.entries.pop_front();
+        }
+        if self.entries.len() > 2 * self.unsettled + OUTSTANDING_SLACK {
+            self.entries.retain(|&(_, settled)| !settled);
+        }
+        true
+    }
+
+    /// The oldest delivery not settled.
+    fn oldest(&self) -> Option<u64> {
+        self.entries.front().map(|&(seq, _)| seq)
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.unsettled = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The held messages of a client-ack consumer answer as a map by message id, whether it
+    /// settles in delivery order (the deque), out of it, or gets redeliveries (the map), and
+    /// go back to the deque once empty.
+    #[test]
+    fn held_messages_answer_as_a_map_by_id_in_and_out_of_delivery_order() {
+        let mut held = Held::default();
+        let mut model = FastMap::default();
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next_id = 0;
+        let mut delivery_seq = 0;
+        let mut modes = [0, 0];
+        for round in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            delivery_seq += 1;
+            // Long stretches in order (the first and the last quarter), the middle mixed; all
+            // settled at its end, which brings back the deque.
+            let mixed = (5_000..15_000).contains(&round);
+            if round == 15_000 {
+                let mut ids: Vec<(u64, u64)> = model.drain().collect();
+                ids.sort_unstable_by_key(|&(_, seq)| seq);
+                for (id, seq) in ids {
+                    assert_eq!(held.remove(id), Some(seq));
+                }
+                assert!(matches!(held, Held::InOrder(_)), "empty again: the deque");
+            }
+            if state % 2 == 0 || model.is_empty() {
+                let redelivery = mixed && state % 5 == 1 && !model.is_empty();
+                let id = if redelivery {
+                    *model.keys().next().unwrap()
+                } else {
+                    next_id += 1;
+                    next_id
+                };
+                assert_eq!(held.insert(id, delivery_seq, redelivery), model.insert(id, delivery_seq), "insert {id}");
+            } else {
+                let oldest = *model.iter().min_by_key(|(_, seq)| **seq).unwrap().0;
+                let id = if mixed && state % 3 == 0 { *model.keys().next().unwrap() } else { oldest };
+                let id = if mixed && state % 11 == 0 { next_id + 1 } else { id };
+                assert_eq!(held.remove(id), model.remove(&id), "remove {id}");
+            }
+            let mut seqs: Vec<u64> = held.delivery_seqs().copied().collect();
+            let mut expected: Vec<u64> = model.values().copied().collect();
+            seqs.sort_unstable();
+            expected.sort_unstable();
+            assert_eq!(seqs, expected);
+            modes[usize::from(matches!(held, Held::ById(_)))] += 1;
+        }
+        assert!(modes[0] > 5_000 && modes[1] > 1_000, "both kept: {modes:?}");
+    }
+
+    /// The deque answers as the sorted set it replaced, for settles in and out of order, and
+    /// stays bounded while one old delivery is held and thousands behind it settle.
+    #[test]
+    fn outstanding_deliveries_answer_as_a_sorted_set_and_stay_bounded_behind_a_held_one() {
+        let mut outstanding = Outstanding::default();
+        let mut model = std::collections::BTreeSet::new();
+        // A fixed pseudo-random order of settles over increasing arrivals.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next_seq = 1;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            if state % 3 != 0 || model.is_empty() {
+                next_seq += 1 + state % 2;
+                outstanding.insert(next_seq);
+                model.insert(next_seq);
+            } else {
+                // Mostly the oldest, sometimes any, sometimes one not outstanding.
+                let seq = match state % 7 {
+                    0 => next_seq + 5,
+                    1 | 2 => *model.iter().nth((state >> 8) as usize % model.len()).unwrap(),
+                    _ => *model.first().unwrap(),
+                };
+                assert_eq!(outstanding.remove(seq), model.remove(&seq), "settling {seq}");
+            }
+            assert_eq!(outstanding.oldest(), model.first().copied());
+            assert_eq!(outstanding.unsettled, model.len());
+        }
+
+        // One held delivery, then 10,000 settled behind it: the deque does not grow with them.
+        outstanding.clear();
+        outstanding.insert(1);
+        for seq in 2..10_002 {
+            outstanding.insert(seq);
+            assert!(outstanding.remove(seq));
+            assert!(outstanding.entries.len() <= 2 * outstanding.unsettled + OUTSTANDING_SLACK + 1);
+        }
+        assert_eq!(outstanding.oldest(), Some(1));
+        assert!(outstanding.remove(1));
+        assert_eq!(outstanding.oldest(), None);
+        assert!(outstanding.entries.is_empty());
     }
 }

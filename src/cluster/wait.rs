@@ -30,11 +30,6 @@ impl QueueWake {
         Ok(QueueWake(Arc::new(Wake::new()?)))
     }
 
-    /// Whether both are the wake-up of the same queue.
-    pub(super) fn same_as(&self, other: &QueueWake) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-
     /// Sender side, after a push to the queue: wakes the thread if it may be asleep.
     pub(super) fn notify(&self) {
         fence(Ordering::SeqCst);

@@ -256,44 +256,104 @@ pub fn parse_url(url: &str) -> Result<(SocketAddr, BrokerUrl)> {
 }
 
 /// The connection under the WebSocket: plain TCP, or TLS over it.
-enum Transport {
+/// The connection under a client: the TCP stream, or rustls over it, and the receive timeout
+/// last set on the socket (so a read sets it only when it must: see [`read_some`]).
+struct Transport {
+    io: TransportIo,
+    /// `SO_RCVTIMEO` as last set (`None`: not set since the stream was made).
+    read_wait: Option<Duration>,
+}
+
+enum TransportIo {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Transport {
+    fn new(io: TransportIo) -> Transport {
+        Transport { io, read_wait: None }
+    }
+
     fn tcp(&self) -> &TcpStream {
-        match self {
-            Transport::Plain(stream) => stream,
-            Transport::Tls(stream) => &stream.sock,
+        match &self.io {
+            TransportIo::Plain(stream) => stream,
+            TransportIo::Tls(stream) => &stream.sock,
         }
     }
-}
 
-impl Read for Transport {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(stream) => stream.read(buf),
-            Transport::Tls(stream) => stream.read(buf),
+    /// Makes the socket's receive timeout at most `left` (the time to the caller's deadline),
+    /// calling setsockopt(2) only when the one set is longer than `left` or shorter than half
+    /// of it: a read that times out early comes back to [`read_some`], which reads again
+    /// until the deadline. A client that reads with the same bound over and over (a relay's
+    /// [`Client::read_available`]) sets it once.
+    fn bound_read_wait(&mut self, left: Duration) -> io::Result<()> {
+        if self.read_wait.is_some_and(|set| set <= left && set * 2 >= left) {
+            return Ok(());
+        }
+        // Half the time left, in whole milliseconds (the kernel's granularity is coarser
+        // anyway), so that the next reads, with a little less left, keep it.
+        let wait =
+            if left < Duration::from_millis(2) { left } else { Duration::from_millis((left / 2).as_millis() as u64) };
+        self.tcp().set_read_timeout(Some(wait))?;
+        self.read_wait = Some(wait);
+        Ok(())
+    }
+
+    /// One read appended to `buf`, into the room it has (`buf` must have some): straight into
+    /// it from a `ws://` socket, through a zeroed window of at most [`TLS_READ_BYTES`] for
+    /// `wss://` (rustls reads into an initialised slice).
+    fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        debug_assert!(buf.capacity() > buf.len(), "read_into needs room in the buffer");
+        match &mut self.io {
+            TransportIo::Plain(stream) => {
+                let room = buf.spare_capacity_mut();
+                let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+                // SAFETY: recv(2) writes at most `room.len()` bytes into `room`, memory the
+                // BytesMut owns and nothing else borrows; it never reads it.
+                let read = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), 0) };
+                if read < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let read = read as usize;
+                // SAFETY: the kernel initialised the `read` bytes after the buffer's length.
+                unsafe { buf.set_len(buf.len() + read) };
+                Ok(read)
+            }
+            TransportIo::Tls(stream) => {
+                let start = buf.len();
+                let window = (buf.capacity() - start).min(TLS_READ_BYTES);
+                buf.resize(start + window, 0);
+                let result = stream.read(&mut buf[start..]);
+                buf.truncate(start + *result.as_ref().unwrap_or(&0));
+                result
+            }
         }
     }
 }
 
 impl Write for Transport {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(stream) => stream.write(buf),
-            Transport::Tls(stream) => stream.write(buf),
+        match &mut self.io {
+            TransportIo::Plain(stream) => stream.write(buf),
+            TransportIo::Tls(stream) => stream.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Transport::Plain(stream) => stream.flush(),
-            Transport::Tls(stream) => stream.flush(),
+        match &mut self.io {
+            TransportIo::Plain(stream) => stream.flush(),
+            TransportIo::Tls(stream) => stream.flush(),
         }
     }
 }
+
+/// Room a read needs in the read buffer; with less, the buffer first grows by
+/// [`READ_CHUNK_BYTES`].
+const READ_ROOM_BYTES: usize = 4 * 1024;
+/// What the read buffer grows by when it has less than [`READ_ROOM_BYTES`] of room.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Most plaintext one `wss://` read takes (the window zeroed for rustls): one TLS record's.
+const TLS_READ_BYTES: usize = 16 * 1024;
 
 pub struct Client {
     stream: Transport,
@@ -722,12 +782,21 @@ impl Client {
     /// With resumption on, keeps the SEND numbered `last_seq` for resending, first waiting for
     /// RECEIPTs if the broker's window is full (so what is kept stays bounded).
     fn keep_for_resending(&mut self, kept: impl FnOnce() -> KeptSend) -> Result<()> {
+        self.make_room_to_keep()?;
+        if self.may_reconnect() {
+            self.unreceipted.push_back((self.last_seq, kept()));
+        }
+        Ok(())
+    }
+
+    /// With resumption on, waits for RECEIPTs while the broker's window is full, so that what
+    /// is kept for resending stays bounded.
+    fn make_room_to_keep(&mut self) -> Result<()> {
         if self.may_reconnect() {
             let window = u64::from(self.opened.limits.max_inflight_sends.max(2));
             if self.last_seq > self.receipted_seq + window {
                 self.wait_receipt(self.last_seq - window)?;
             }
-            self.unreceipted.push_back((self.last_seq, kept()));
         }
         Ok(())
     }
@@ -1043,7 +1112,7 @@ fn start_tls(stream: TcpStream, url: &BrokerUrl, options: &ClientOptions) -> Res
     let name = tls_server_name(url)?;
     let connection = rustls::ClientConnection::new(tls_client_config(options.ca_file.as_deref())?, name)
         .map_err(|error| ClientError::Tls(error.to_string()))?;
-    Ok(Transport::Tls(Box::new(rustls::StreamOwned::new(connection, stream))))
+    Ok(Transport::new(TransportIo::Tls(Box::new(rustls::StreamOwned::new(connection, stream)))))
 }
 
 /// The name a `wss://` URL's certificate must carry: its host, without port or IPv6 brackets.
@@ -1085,9 +1154,9 @@ fn dial(addr: SocketAddr, url: &BrokerUrl, options: &ClientOptions) -> Result<(T
     }
     stream.set_write_timeout(Some(options.timeout))?;
     stream.set_read_timeout(Some(options.timeout))?;
-    let mut stream = if *tls { start_tls(stream, url, options)? } else { Transport::Plain(stream) };
-    stream.write_all(request.as_bytes()).and_then(|()| stream.flush()).map_err(|error| match &stream {
-        Transport::Tls(_) if error.kind() == io::ErrorKind::InvalidData => {
+    let mut stream = if *tls { start_tls(stream, url, options)? } else { Transport::new(TransportIo::Plain(stream)) };
+    stream.write_all(request.as_bytes()).and_then(|()| stream.flush()).map_err(|error| match &stream.io {
+        TransportIo::Tls(_) if error.kind() == io::ErrorKind::InvalidData => {
             ClientError::Tls(format!("TLS handshake with {scheme}://{host}{path} failed: {error}"))
         }
         _ => ClientError::Io(error),
@@ -1120,28 +1189,28 @@ fn dial(addr: SocketAddr, url: &BrokerUrl, options: &ClientOptions) -> Result<(T
     Ok((stream, read_buf, seed))
 }
 
-/// One read into `buf`, bounded by `deadline`.
+/// One read appended to `buf`, bounded by `deadline` (a read that the socket's shorter
+/// receive timeout ends early is made again, until `deadline`).
 fn read_some(stream: &mut Transport, buf: &mut BytesMut, deadline: Instant, what: &str) -> Result<()> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(ClientError::Timeout(what.to_string()));
-    }
-    stream.tcp().set_read_timeout(Some(left))?;
-    let mut chunk = [0u8; 64 * 1024];
-    match stream.read(&mut chunk) {
-        Ok(0) => Err(ClientError::Io(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("the broker closed the connection while we waited for {what}"),
-        ))),
-        Ok(read) => {
-            buf.extend_from_slice(&chunk[..read]);
-            Ok(())
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Timeout(what.to_string()));
         }
-        Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            Err(ClientError::Timeout(what.to_string()))
+        stream.bound_read_wait(left)?;
+        if buf.capacity() - buf.len() < READ_ROOM_BYTES {
+            buf.reserve(READ_CHUNK_BYTES);
         }
-        Err(error) if error.kind() == io::ErrorKind::Interrupted => Err(ClientError::Interrupted),
-        Err(error) => Err(ClientError::Io(error)),
+        return match stream.read_into(buf) {
+            Ok(0) => Err(ClientError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the broker closed the connection while we waited for {what}"),
+            ))),
+            Ok(_) => Ok(()),
+            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => Err(ClientError::Interrupted),
+            Err(error) => Err(ClientError::Io(error)),
+        };
     }
 }
 
@@ -1170,6 +1239,50 @@ mod tests {
     fn parts(url: &str) -> (String, String, String) {
         let BrokerUrl { authority, host, path, .. } = parse_url_syntax(url).unwrap();
         (authority, host, path)
+    }
+
+    /// A read waits for its deadline and no longer, even when bytes come after the socket's
+    /// own (shorter) receive timeout; reads with the same bound over and over set that timeout
+    /// once; what is read lands after what the buffer held.
+    #[test]
+    fn a_read_waits_until_its_deadline_sets_the_socket_timeout_only_when_it_must_and_appends() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let mut stream = Transport::new(TransportIo::Plain(accepted));
+        let mut buf = BytesMut::from(&b"held "[..]);
+
+        // Nothing comes: a timeout at the deadline, not before it (nor long after).
+        let started = Instant::now();
+        let result = read_some(&mut stream, &mut buf, started + Duration::from_millis(300), "a test");
+        assert!(matches!(result, Err(ClientError::Timeout(_))), "{result:?}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(290) && waited < Duration::from_secs(3), "waited {waited:?}");
+
+        // Bytes written after the socket's timeout (at most half the time left) has passed.
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            peer.write_all(b"late bytes").unwrap();
+            peer
+        });
+        read_some(&mut stream, &mut buf, Instant::now() + Duration::from_secs(5), "a test").unwrap();
+        assert_eq!(&buf[..], b"held late bytes");
+        let mut peer = writer.join().unwrap();
+
+        // The same bound again and again (a relay's read_available): the timeout stays as set.
+        peer.write_all(b"!").unwrap();
+        read_some(&mut stream, &mut buf, Instant::now() + Duration::from_millis(100), "a test").unwrap();
+        let set = stream.read_wait.expect("set by the reads");
+        assert!(set <= Duration::from_millis(100), "{set:?}");
+        for _ in 0..20 {
+            peer.write_all(b"!").unwrap();
+            read_some(&mut stream, &mut buf, Instant::now() + Duration::from_millis(100), "a test").unwrap();
+            assert_eq!(stream.read_wait, Some(set), "set again for the same bound");
+        }
+        assert_eq!(&buf[..], [&b"held late bytes"[..], &[b'!'; 21]].concat(), "each read appended what came");
+        // A much shorter bound lowers it.
+        let _ = read_some(&mut stream, &mut buf, Instant::now() + Duration::from_millis(5), "a test");
+        assert!(stream.read_wait.unwrap() <= Duration::from_millis(5));
     }
 
     #[test]

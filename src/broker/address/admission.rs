@@ -445,16 +445,9 @@ pub(super) fn push_accepted(out: &mut Vec<Outgoing>, publisher: ConnRef, seq: u6
 /// Answers `added` consecutive SENDs of `publisher` from `seq` on (`seq` 0: unnumbered ones)
 /// as accepted, joined to the last answer in `out` as [`push_accepted`] does.
 fn push_accepted_run(out: &mut Vec<Outgoing>, publisher: ConnRef, seq: u64, added: u32) {
-    if let Some((shard, ConnCommand::PublishesAccepted { publisher: conn, first_seq, count })) = out.last_mut() {
-        let next = match *first_seq {
-            0 => seq == 0,
-            first => seq == first + u64::from(*count),
-        };
-        if next && *shard == publisher.shard && *conn == publisher.conn {
-            if let Some(joined) = count.checked_add(added) {
-                *count = joined;
-                return;
-            }
+    if let Some((shard, last)) = out.last_mut() {
+        if *shard == publisher.shard && last.join_accepted(publisher.conn, seq, added) {
+            return;
         }
     }
     out.push((

@@ -52,7 +52,8 @@ use bytes::{BufMut, Bytes};
 
 use super::frame::*;
 use super::validate::{
-    check_address, check_delivery_seq, check_properties, check_subscription_id, excerpt, trailing_bytes, validate_frame,
+    check_address, check_delivery_seq, check_properties, check_property_fields, check_subscription_id, excerpt,
+    trailing_bytes, validate_frame,
 };
 use super::{CodecLimits, DecodeError};
 
@@ -351,11 +352,12 @@ pub fn decode_message(payload: Bytes, limits: &CodecLimits) -> Result<MessageWit
     let message_id = reader.u64("message-id")?;
     let address_len = reader.u8("address")?;
     let (address_start, address_end) = reader.take_range("address", usize::from(address_len))?;
-    let properties = reader.properties()?;
+    // The properties are checked where they lie: a MESSAGE kept whole needs none of them made.
+    let properties = reader.properties_range()?;
     check_subscription_id(kind, subscription_id)?;
     check_delivery_seq(kind, delivery_seq)?;
     check_address(kind, "address", &reader.payload[address_start..address_end], limits)?;
-    check_properties(kind, &properties, limits)?;
+    check_properties_in_place(kind, &reader.payload[properties], limits)?;
     let body_start = reader.position - MESSAGE_FIXED_BYTES;
     let mut tail = reader.payload;
     bytes::Buf::advance(&mut tail, MESSAGE_FIXED_BYTES);
@@ -589,6 +591,27 @@ impl Reader {
         Ok(Properties { content_type, correlation_id, reply_to, headers })
     }
 
+    /// Reads past the properties with [`Reader::properties`]'s checks and errors, without
+    /// making them; returns where they lie in the payload.
+    fn properties_range(&mut self) -> Result<std::ops::Range<usize>, DecodeError> {
+        let start = self.position;
+        if self.payload.get(start..start + NO_PROPERTIES.len()) == Some(&NO_PROPERTIES[..]) {
+            self.position += NO_PROPERTIES.len();
+            return Ok(start..self.position);
+        }
+        for field in ["content-type", "correlation-id", "reply-to"] {
+            let length = self.u8(field)?;
+            self.take_range(field, usize::from(length))?;
+        }
+        for _ in 0..self.u8("header-count")? {
+            let length = self.u8("header name")?;
+            self.take_range("header name", usize::from(length))?;
+            let length = self.u16("header value")?;
+            self.take_range("header value", usize::from(length))?;
+        }
+        Ok(start..self.position)
+    }
+
     /// The body: every byte after the last field.
     fn rest(&mut self) -> Bytes {
         let body = self.payload.slice(self.position..);
@@ -624,6 +647,41 @@ impl Reader {
 /// The properties block of a message without properties: empty content type, correlation id
 /// and reply-to, and a header count of zero.
 const NO_PROPERTIES: [u8; 4] = [0; 4];
+
+/// [`check_properties`] of a properties block as the binary binding lays it out, already
+/// read whole by [`Reader::properties_range`] (so every length in it is within it).
+fn check_properties_in_place(kind: FrameKind, block: &[u8], limits: &CodecLimits) -> Result<(), DecodeError> {
+    if block == NO_PROPERTIES {
+        return Ok(());
+    }
+    let mut fields = PropertyFields { rest: block };
+    let strings = [fields.str8(), fields.str8(), fields.str8()];
+    let header_count = usize::from(fields.take(1)[0]);
+    let headers = (0..header_count).map(|_| {
+        let name = fields.str8();
+        let length = u16::from_be_bytes(fields.take(2).try_into().expect("2 bytes"));
+        (name, fields.take(usize::from(length)))
+    });
+    check_property_fields(kind, strings, header_count, headers, limits)
+}
+
+/// The fields of a properties block read whole (see [`check_properties_in_place`]).
+struct PropertyFields<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> PropertyFields<'a> {
+    fn take(&mut self, length: usize) -> &'a [u8] {
+        let (field, rest) = self.rest.split_at(length);
+        self.rest = rest;
+        field
+    }
+
+    fn str8(&mut self) -> &'a [u8] {
+        let length = usize::from(self.take(1)[0]);
+        self.take(length)
+    }
+}
 
 /// Writes everything of `frame` but its body (SEND, MESSAGE), which follows directly.
 ///

@@ -299,16 +299,36 @@ pub(super) fn check_properties(
     properties: &Properties,
     limits: &CodecLimits,
 ) -> Result<(), DecodeError> {
-    check_value(kind, "content-type", &properties.content_type, MAX_STR8_BYTES)?;
-    check_value(kind, "correlation-id", &properties.correlation_id, MAX_STR8_BYTES)?;
-    if !properties.reply_to.is_empty() {
-        check_address(kind, "reply-to", &properties.reply_to, limits)?;
+    let headers = properties.headers.iter().map(|(name, value)| (&name[..], &value[..]));
+    check_property_fields(
+        kind,
+        [&properties.content_type, &properties.correlation_id, &properties.reply_to],
+        properties.headers.len(),
+        headers,
+        limits,
+    )
+}
+
+/// [`check_properties`] of fields given as slices (content type, correlation id, reply-to;
+/// `header_count` headers), for a decoder that checks them where they lie without making a
+/// [`Properties`].
+pub(super) fn check_property_fields<'a>(
+    kind: FrameKind,
+    [content_type, correlation_id, reply_to]: [&[u8]; 3],
+    header_count: usize,
+    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    limits: &CodecLimits,
+) -> Result<(), DecodeError> {
+    check_value(kind, "content-type", content_type, MAX_STR8_BYTES)?;
+    check_value(kind, "correlation-id", correlation_id, MAX_STR8_BYTES)?;
+    if !reply_to.is_empty() {
+        check_address(kind, "reply-to", reply_to, limits)?;
     }
-    if properties.headers.len() > max_header_count(limits) {
+    if header_count > max_header_count(limits) {
         return Err(too_many_headers(kind, limits));
     }
-    let mut total_bytes = properties.content_type.len() + properties.correlation_id.len() + properties.reply_to.len();
-    for (name, value) in &properties.headers {
+    let mut total_bytes = content_type.len() + correlation_id.len() + reply_to.len();
+    for (name, value) in headers {
         check_header_name(kind, name)?;
         // A valid header name is ascii, so it names its own value in error reasons.
         let field = || std::str::from_utf8(name).unwrap_or("application header");
