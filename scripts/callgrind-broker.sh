@@ -25,14 +25,17 @@
 # Valgrind 3.19 (Debian 12's) runs io_uring_enter as a syscall that never blocks: a shard
 # thread waiting for completions keeps valgrind's one-thread-at-a-time lock, so no other
 # thread runs until a completion arrives for it. With one shard this only delays the main
-# thread's "listening on" line until the shard's first completion (a start that waits past
-# 120 s fails, and is worth running again); with two or more, the owner shard, which has no
+# thread's "listening on" line until the shard's first completion, which nothing brings
+# until a client connects: the script listens on a known port and pokes it with a connection
+# every 0.1 s until the line is there (without the pokes a start on a loaded machine often
+# waited past its 120 s bound); with two or more, the owner shard, which has no
 # connection of its own, waits for a wake-up that only the other shard (now stopped) can
 # post, and the run hangs: --shards 2 needs a valgrind whose io_uring_enter may block (seen
 # with `valgrind --tool=none --trace-syscalls=yes`: a blocking call is marked [async]).
 # Prints "instructions per message: N" and leaves the profile in --out (default
 # callgrind.broker.out) for `callgrind_annotate`. The broker's start-up is included in the
-# total (about 0.1% at 100,000 messages). Needs valgrind; builds the release binaries.
+# total (about 0.1% at 100,000 messages). Needs valgrind; builds the release binaries (with
+# --broker, only the `mbws` client it drives the broker with).
 set -euo pipefail
 
 count=100000
@@ -57,7 +60,11 @@ done
 command -v valgrind >/dev/null || { echo "callgrind-broker.sh: valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
 
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bins
+if [[ -n $broker ]]; then
+    cargo build --release --quiet -p mbws --bin mbws
+else
+    cargo build --release --quiet --bins
+fi
 broker=${broker:-target/release/mbws-broker}
 client=target/release/mbws
 work=$(mktemp -d)
@@ -117,14 +124,14 @@ shard_of_connection() {
 }
 
 run_once() {
-    # Over TLS the start waits for a completion on the shard (see above) that nothing else
-    # brings: a known port, poked with a connection every 0.1 s until the line is there.
-    local port=0
-    ((tls)) && port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    # The start waits for a completion on the shard (see above) that nothing else brings: a
+    # known port (a free one, picked here), poked with a connection every 0.1 s until the
+    # line is there.
+    local port
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     valgrind --tool=callgrind --callgrind-out-file="$work/profile" \
         "$broker" --shards "$shards" --listen "127.0.0.1:$port" --data-dir "$work/data" "${admin[@]}" "${tls_flags[@]}" 2>"$work/broker.log" &
     broker_pid=$!
-    # Port 0: the kernel picks a free port (two runs at once, or a broker on 7447, never clash).
     # The whole log line must be there, with the address and the space after it, before we read it.
     listen=""
     for _ in $(seq 1200); do
@@ -132,7 +139,7 @@ run_once() {
         [[ -n $listen ]] && break
         kill -0 "$broker_pid" 2>/dev/null || { cat "$work/broker.log" >&2; exit 1; }
         sleep 0.1
-        ((tls)) && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || true
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || true
     done
     [[ -n $listen ]] || { echo "callgrind-broker.sh: the broker did not say where it listens within 120 s" >&2; cat "$work/broker.log" >&2; exit 1; }
     url="ws://$listen/"
