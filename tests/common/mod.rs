@@ -102,7 +102,7 @@ impl Broker {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut port_tx = Some(port_tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -125,7 +125,12 @@ impl Broker {
                 return Ok(Broker { child, addr, log, own_data_dir: None });
             }
             if let Some(status) = child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(50)); // Let the log reader catch up.
+                // The broker has exited, so its stderr ends: the reader has every line once it
+                // returns (bounded, in case something else still holds the pipe).
+                let drained_by = Instant::now() + Duration::from_secs(5);
+                while !reader.is_finished() && Instant::now() < drained_by {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 let lines = log.lock().unwrap().clone();
                 return Err((status, lines));
             }
