@@ -20,6 +20,7 @@ mod harness;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1020,9 +1021,10 @@ fn a_slow_multicast_subscriber_fed_by_a_relayed_subscription_ends_with_4429_with
         node("c", &etcd.url(), &["--max-queued-messages", "10000"]),
     ];
     let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "slowfed");
-    // On c: one that never acknowledges (credit 10, so 10,000 more wait in its backlog at
-    // most: above the feed's credit of 8,192, so a burst the owner sends at once cannot end
-    // the fast ones on a loaded machine), and two that read everything.
+    // On c: one that never acknowledges (credit 10; past 10,000 more in its backlog it is
+    // ended), and two that read everything. The feed's credit comes back to the owner as soon
+    // as c has fanned its messages out (a slow subscriber holds back only itself), so what
+    // bounds a subscriber's backlog is its own pace against the publisher's.
     let mut slow = client(&nodes[2].url());
     slow.subscribe(1, &address, DeliveryMode::Multicast, AckMode::Client, 10).unwrap();
     let mut fast = [client(&nodes[2].url()), client(&nodes[2].url())];
@@ -1030,14 +1032,42 @@ fn a_slow_multicast_subscriber_fed_by_a_relayed_subscription_ends_with_4429_with
         listener.subscribe(2, &address, DeliveryMode::Multicast, AckMode::Auto, 1000).unwrap();
     }
     const COUNT: usize = 14_000;
+    // The publisher keeps within LAG messages of the fast ones (a debug build's client reads
+    // slower than the brokers deliver, the more so on a loaded machine), so their backlogs stay
+    // far below the 10,000 that ends a subscriber, while the slow one's grows past it.
+    const LAG: usize = 2_000;
+    let received = [AtomicUsize::new(0), AtomicUsize::new(0)];
     // The fast ones get everything, in order, while the slow one holds its 10.
     std::thread::scope(|scope| {
-        let address = &address;
-        let publisher = nodes[0].url();
-        scope.spawn(move || publish_receipted(&publisher, Binding::Binary, "m", address, COUNT));
-        for listener in &mut fast {
+        let (address, received) = (&address, &received);
+        let publisher_url = nodes[0].url();
+        scope.spawn(move || {
+            let mut publisher = client_in(&publisher_url, Binding::Binary);
+            let mut last = 0;
+            for index in 0..COUNT {
+                if index % 500 == 0 {
+                    publisher.flush().unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while received.iter().any(|count| count.load(Ordering::Relaxed) + LAG < index) {
+                        assert!(Instant::now() < deadline, "the fast subscribers fell {LAG} behind for 30 s");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                last = publisher.send(address, format!("m-{index}")).unwrap();
+            }
+            publisher.wait_receipt(last).unwrap();
+        });
+        for (listener, count) in fast.iter_mut().zip(received) {
             scope.spawn(move || {
-                let all = take_messages(listener, COUNT, false);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut all = Vec::with_capacity(COUNT);
+                while all.len() < COUNT {
+                    assert!(Instant::now() < deadline, "only {} of {COUNT} messages came", all.len());
+                    if let Some(message) = listener.next_message(Duration::from_millis(500)).unwrap() {
+                        all.push(message);
+                        count.store(all.len(), Ordering::Relaxed);
+                    }
+                }
                 assert_eq!(bodies(&all), (0..COUNT).map(|i| format!("m-{i}")).collect::<Vec<_>>());
             });
         }
