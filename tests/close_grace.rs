@@ -153,7 +153,7 @@ fn a_session_the_broker_closes_while_a_write_to_it_is_stuck_gives_its_deliveries
     let (stalled, _publisher) = stalled_consumer(&broker);
     let mut second = second_consumer(&broker);
     let port = stalled.socket.get_ref().local_addr().unwrap().port();
-    let (status, sessions) = admin_request(admin, "GET", "/api/sessions");
+    let (status, sessions) = admin_request(admin, "GET", "/api/sessions", "");
     assert_eq!(status, 200, "{sessions}");
     let sessions: serde_json::Value = serde_json::from_str(&sessions).unwrap();
     let peer = format!("127.0.0.1:{port}");
@@ -166,7 +166,7 @@ fn a_session_the_broker_closes_while_a_write_to_it_is_stuck_gives_its_deliveries
         .as_str()
         .unwrap()
         .to_string();
-    let (status, body) = admin_request(admin, "DELETE", &format!("/api/sessions/{id}"));
+    let (status, body) = admin_request(admin, "DELETE", &format!("/api/sessions/{id}"), "");
     assert_eq!(status, 200, "{body}");
     let deadline = Instant::now() + CLOSE_GRACE + MARGIN;
     assert_redelivered_by(&mut second, deadline, "closed by an operator");

@@ -42,7 +42,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// How many messages address `name` holds that no consumer has taken (admin API, `depth`).
 fn queued(broker: &Broker, name: &str) -> u64 {
-    let (status, body) = common::admin_request(broker.admin_addr(), "GET", &format!("/api/addresses/{name}"));
+    let (status, body) = common::admin_request(broker.admin_addr(), "GET", &format!("/api/addresses/{name}"), "");
     assert_eq!(status, 200, "{body}");
     let address: serde_json::Value = serde_json::from_str(&body).unwrap();
     address["depth"].as_u64().unwrap_or_else(|| panic!("no depth in {body}"))

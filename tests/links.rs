@@ -95,7 +95,7 @@ fn header<'a>(message: &'a Message, name: &str) -> Option<&'a [u8]> {
 
 /// The link `name` as `/api/links` shows it.
 fn link_json(broker: &Broker, name: &str) -> serde_json::Value {
-    let (status, body) = admin_request(broker.admin_addr(), "GET", "/api/links");
+    let (status, body) = admin_request(broker.admin_addr(), "GET", "/api/links", "");
     assert_eq!(status, 200, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     answer["links"].as_array().unwrap().iter().find(|link| link["name"] == name).cloned().expect("the link is listed")
@@ -135,13 +135,13 @@ fn an_out_link_forwards_there_in_order_renamed_and_shows_in_the_admin_api() {
     assert_eq!(link["direction"], "out");
     assert_eq!(link["forwarded"], 500, "{link}");
     assert_eq!(link["in_flight"], 0, "{link}");
-    let (status, metrics) = admin_request(here.admin_addr(), "GET", "/metrics");
+    let (status, metrics) = admin_request(here.admin_addr(), "GET", "/metrics", "");
     assert_eq!(status, 200);
     assert!(metrics.contains("mbws_link_up{link=\"to-b\",direction=\"out\"} 1"), "{metrics}");
     assert!(metrics.contains("mbws_link_forwarded_messages_total{link=\"to-b\",direction=\"out\"} 500"), "{metrics}");
     promtool_check(&metrics);
     // Settled here: nothing waits at the local address any more.
-    let (_, address) = admin_request(here.admin_addr(), "GET", "/api/addresses/orders");
+    let (_, address) = admin_request(here.admin_addr(), "GET", "/api/addresses/orders", "");
     let address: serde_json::Value = serde_json::from_str(&address).unwrap();
     assert_eq!(address["depth"], 0, "{address}");
 }
@@ -161,7 +161,7 @@ fn an_in_link_brings_messages_here_and_settles_there_after_the_local_fsync() {
     // Settled there only once here holds them (durable here: after the fsync).
     let link = wait_forwarded(&here, "from-b", 300);
     assert_eq!((link["forwarded"].as_u64(), link["direction"].as_str()), (Some(300), Some("in")), "{link}");
-    let (_, address) = admin_request(there.admin_addr(), "GET", "/api/addresses/jobs");
+    let (_, address) = admin_request(there.admin_addr(), "GET", "/api/addresses/jobs", "");
     let address: serde_json::Value = serde_json::from_str(&address).unwrap();
     assert_eq!((address["depth"].as_u64(), address["unacked"].as_u64()), (Some(0), Some(0)), "{address}");
 

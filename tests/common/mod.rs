@@ -23,13 +23,19 @@ pub struct Broker {
     own_data_dir: Option<PathBuf>,
 }
 
-/// One request to a broker's admin API (HTTP/1.1, bounded by 10 s): the status and the body.
-pub fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+/// One request to a broker's admin API (HTTP/1.1, bounded by 10 s): `method path` with `body`
+/// (empty for none); the status and the body of the answer.
+pub fn admin_request(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::Write;
     const WAIT: Duration = Duration::from_secs(10);
     let mut stream = std::net::TcpStream::connect_timeout(&admin, WAIT).expect("connect to the admin API");
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
+    let length = body.len();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{body}"
+    )
+    .unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("the answer, then the close");
     let text = String::from_utf8(raw).expect("a UTF-8 answer");

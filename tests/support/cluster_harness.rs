@@ -10,13 +10,14 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub use crate::common::admin_request;
 use bytes::Bytes;
 use mbws::mbws::{self as frames, AckMode, Binding, DeliveryMode, Subprotocol};
 use mbws_client::{Client, ClientError, ClientOptions};
@@ -206,29 +207,8 @@ pub fn named_owner(reason: &str) -> Option<String> {
 
 /// `GET path` on an admin API, its JSON body.
 pub fn admin_get(admin: SocketAddr, path: &str) -> serde_json::Value {
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let body = raw.split_once("\r\n\r\n").unwrap().1;
-    serde_json::from_str(body).unwrap_or_else(|error| panic!("not JSON ({error}): {body}"))
-}
-
-/// `METHOD path` with `body` (empty for none) on an admin API: the status and the body.
-pub fn admin_request(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let length = body.len();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{body}"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status = raw.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    (status, raw.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+    let (_, body) = admin_request(admin, "GET", path, "");
+    serde_json::from_str(&body).unwrap_or_else(|error| panic!("not JSON ({error}): {body}"))
 }
 
 /// How many subscriptions `address` has on the node of admin API `admin` (its `consumers`;

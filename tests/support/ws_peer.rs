@@ -184,7 +184,7 @@ pub fn wait_for_deliveries(broker: &Broker, address: &str, deliveries: u64) {
     let admin = broker.admin_addr();
     let deadline = Instant::now() + IO_TIMEOUT;
     loop {
-        let (status, body) = admin_request(admin, "GET", "/api/addresses");
+        let (status, body) = admin_request(admin, "GET", "/api/addresses", "");
         assert_eq!(status, 200, "{body}");
         let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
         let out = listed["addresses"]
