@@ -46,8 +46,8 @@
 //! multicast consumer) ends the consumer's with the owner's ERROR. The view seeing the
 //! address placed on another node ends it too ([`Forward::End`](super::view::Forward::End),
 //! 4421 naming the new owner), without waiting for the old owner, who may be dead, stopped
-//! or partitioned; the relay alone ends a relayed subscription, once, whichever comes first. The owner unreachable (a
-//! connection that cannot be made or resumed within [`WAIT_BOUND`] / [`RESUME_WINDOW`](super::forward::RESUME_WINDOW), no
+//! or partitioned; the relay decides which word ends it, once, whichever comes first. The
+//! owner unreachable (a connection that cannot be made or resumed within [`WAIT_BOUND`] / [`RESUME_WINDOW`](super::forward::RESUME_WINDOW), no
 //! SUBSCRIBED or no answer to a PING within [`WAIT_BOUND`]) ends every subscription of the
 //! relay with non-fatal **4503** naming the node; SUBSCRIBEs during the backoff that follows
 //! are refused at once the same way. The view forgets what the relay ended
