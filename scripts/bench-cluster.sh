@@ -101,8 +101,46 @@ if [[ -z $nats_bin ]]; then
     nats_bin="$(command -v nats-server || { [[ -x /usr/sbin/nats-server ]] && echo /usr/sbin/nats-server; } || true)"
 fi
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# reserve_ports N: N distinct TCP ports free on 127.0.0.1 now, for the servers that must be
+# told their ports (etcd, nats-server). Each is checked by binding it, and all are held until
+# the N are chosen, so no two are the same (asking bind(2) for port 0 N times, and closing each
+# socket before the next ask, can give one port twice: an mbws admin port once equalled a
+# listen port). They are taken below the kernel's ephemeral range, which outgoing connections'
+# local ports and other programs' port-0 listeners draw from, so none of those takes one
+# before its server binds it. The mbws nodes need none of this: they bind port 0 and say which
+# ports they got (mbws_ports below).
+reserve_ports() {
+    python3 - "$1" <<'EOF'
+import random, socket, sys
+count = int(sys.argv[1])
+ephemeral_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+candidates = list(range(10000, ephemeral_low)) if ephemeral_low > 10000 + 10 * count else list(range(1024, ephemeral_low))
+random.shuffle(candidates)
+held = []
+for port in candidates:
+    if len(held) == count:
+        break
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        continue
+    held.append(sock)
+if len(held) < count:
+    sys.exit(f"bench-cluster.sh: only {len(held)} of {count} free ports below {ephemeral_low} on 127.0.0.1")
+print(" ".join(str(sock.getsockname()[1]) for sock in held))
+EOF
+}
+# mbws_ports LOG: "LISTEN_PORT ADMIN_PORT" from an mbws node's start-up lines (`... listening on
+# 127.0.0.1:PORT (...)` and `admin API at http://127.0.0.1:PORT/ ...`).
+mbws_ports() {
+    local listen admin
+    listen="$(sed -n 's/.* listening on 127\.0\.0\.1:\([0-9][0-9]*\) .*/\1/p' "$1" | head -n 1)"
+    admin="$(sed -n 's#.*admin API at http://127\.0\.0\.1:\([0-9][0-9]*\)/.*#\1#p' "$1" | head -n 1)"
+    [[ -n $listen && -n $admin && $listen != 0 && $admin != 0 ]] \
+        || { echo "bench-cluster.sh: no listen or admin port in $1" >&2; return 1; }
+    echo "$listen $admin"
 }
 # wait_for_log FILE TEXT PID NAME: at most 15 s until FILE contains TEXT; fails if PID exits.
 wait_for_log() {
@@ -117,7 +155,10 @@ wait_for_log() {
 
 # ---------------------------------------------------------------------------------------------
 # etcd and the three mbws nodes n1 (A), n2 (B), n3 (C).
-etcd_port=$(free_port); etcd_peer=$(free_port)
+# Every port etcd and the nats-servers are told, reserved at once: distinct.
+read -r -a reserved <<<"$(reserve_ports 11)"
+[[ ${#reserved[@]} -eq 11 ]] || { echo "bench-cluster.sh: could not reserve 11 ports" >&2; exit 1; }
+etcd_port=${reserved[0]}; etcd_peer=${reserved[1]}
 etcd_url="http://127.0.0.1:$etcd_port"
 "${pin_broker[@]}" etcd --name bench --data-dir "$out/etcd" \
     --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
@@ -127,24 +168,29 @@ pids+=($!)
 wait_for_log "$out/logs/etcd.log" "ready to serve client requests" "$!" etcd
 declare -a mbws_port mbws_admin mbws_pid
 for n in 1 2 3; do
-    mbws_port[$n]=$(free_port); mbws_admin[$n]=$(free_port)
+    # Port 0: the kernel gives each listener a port no other socket holds; the node advertises
+    # the one it got (its default --advertise-url is its bound address).
     "${pin_broker[@]}" "$broker_bin" --cluster bench --etcd "$etcd_url" --node-name "n$n" \
-        --listen "127.0.0.1:${mbws_port[$n]}" --admin-listen "127.0.0.1:${mbws_admin[$n]}" \
+        --listen "127.0.0.1:0" --admin-listen "127.0.0.1:0" \
         --data-dir "$out/data/n$n" --shards 1 --log-level info >"$out/logs/mbws-n$n.log" 2>&1 &
     mbws_pid[$n]=$!
     pids+=($!)
 done
 for n in 1 2 3; do
+    wait_for_log "$out/logs/mbws-n$n.log" "admin API at" "${mbws_pid[$n]}" "mbws node n$n"
     wait_for_log "$out/logs/mbws-n$n.log" "node \"n$n\" registered" "${mbws_pid[$n]}" "mbws node n$n"
+    read -r "mbws_port[$n]" "mbws_admin[$n]" <<<"$(mbws_ports "$out/logs/mbws-n$n.log")"
 done
 mbws_url() { echo "ws://127.0.0.1:${mbws_port[$1]}/"; }
 mbws_pids="${mbws_pid[1]},${mbws_pid[2]},${mbws_pid[3]}"
-log "mbws cluster: etcd $etcd_url, nodes n1..n3 on ports ${mbws_port[*]} (PIDs $mbws_pids)"
+log "mbws cluster: etcd $etcd_url, nodes n1..n3 on ports ${mbws_port[*]}, admin APIs ${mbws_admin[*]} (PIDs $mbws_pids)"
 
 # ---------------------------------------------------------------------------------------------
 # The nats-server cluster: three servers with routes to each other, WebSocket listeners.
 declare -a nats_port nats_ws nats_route nats_pid
-for n in 1 2 3; do nats_port[$n]=$(free_port); nats_ws[$n]=$(free_port); nats_route[$n]=$(free_port); done
+for n in 1 2 3; do
+    nats_port[$n]=${reserved[$((n * 3 - 1))]}; nats_ws[$n]=${reserved[$((n * 3))]}; nats_route[$n]=${reserved[$((n * 3 + 1))]}
+done
 nats_pids=""
 if [[ -n $nats_bin ]]; then
     for n in 1 2 3; do

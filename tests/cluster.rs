@@ -791,6 +791,66 @@ fn an_operators_move_ends_a_relayed_subscription_with_4421_naming_the_new_owner_
     assert_eq!(consumers_at(nodes[0].admin_addr(), &address), 1, "the relay's subscription is at a, the new owner");
 }
 
+/// A relayed subscription ends as soon as the consumer's node sees its address placed on
+/// another node, even when the old owner cannot say so itself: here it is stopped (SIGSTOP),
+/// so its connections stay open and silent, as in a partition or a hang; a dead node's address
+/// re-placed reaches the consumer's node the same way (a new placement in etcd). Until session
+/// 11 the subscription stayed with the old owner's relay until that relay missed a PING's
+/// answer (1 s of silence plus 2 s): 4503, 2 to 3 s after the stop, whatever the placement
+/// said. Now: non-fatal 4421 naming the new owner, well within the lease the test sets (the
+/// figure it prints is what it took); subscribing again, the consumer gets every message sent
+/// afterwards, through any node, once and in order.
+#[test]
+fn a_relayed_subscription_ends_with_4421_as_soon_as_its_address_moves_away_from_an_owner_that_cannot_say_so() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let nodes = [node("a", &etcd.url(), &[]), node("b", &etcd.url(), &[]), node("c", &etcd.url(), &[])];
+    let address = address_owned_by(&nodes[0], nodes[0].admin_addr(), "b", "stalled");
+    let mut relayed = client(&nodes[2].url());
+    relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    publish_receipted(&nodes[0].url(), Binding::Binary, "before", &address, 2);
+    assert_eq!(bodies(&take_messages(&mut relayed, 2, true)), ["before-0", "before-1"]);
+
+    // b stops answering; the operator moves the address to a. (Dropped before the nodes: b
+    // continues, then stops by PID.)
+    let _stopped = Stopped::new(nodes[1].pid());
+    let moved_at = Instant::now();
+    let (status, body) =
+        admin_request(nodes[0].admin_addr(), "PUT", &format!("/api/cluster/addresses/{address}"), r#"{"owner":"a"}"#);
+    assert_eq!(status, 200, "moving {address} to a: {body}");
+    let ended = relayed.next_message(Duration::from_secs(10));
+    let ended_after = moved_at.elapsed();
+    match ended {
+        Err(ClientError::Broker(error)) => {
+            let reason = String::from_utf8_lossy(&error.reason).into_owned();
+            assert_eq!(
+                (error.code, error.fatal, error.subscription_id),
+                (4421, false, 1),
+                "the move, not the silent owner's PING bound (4503), ends it: {reason}"
+            );
+            assert_eq!(named_owner(&reason).as_deref(), Some("a"), "{reason}");
+        }
+        other => panic!("a relayed subscription whose address moved ends with 4421, not {other:?}"),
+    }
+    eprintln!(
+        "relaying: a subscription relayed to a stopped owner ended with 4421 {} ms after the move was asked",
+        ended_after.as_millis()
+    );
+    assert!(
+        ended_after < Duration::from_millis(LEASE_MS),
+        "ended {ended_after:?} after the move was asked: the placement reaches c through etcd's watch, within \
+         the lease ({LEASE_MS} ms) on the busiest machine"
+    );
+
+    // Subscribing again reaches a at once (c's view has the move: that is what ended it), and
+    // every message sent from now on comes, through a and through c, once and in order.
+    relayed.subscribe(1, &address, DeliveryMode::Anycast, AckMode::Client, 100).unwrap();
+    publish_receipted(&nodes[0].url(), Binding::Binary, "on-a", &address, 10);
+    publish_receipted(&nodes[2].url(), Binding::Text, "on-c", &address, 10);
+    assert_each_publisher_in_order_once(&take_messages(&mut relayed, 20, true), &["on-a", "on-c"], 10);
+    assert_eq!(consumers_at(nodes[0].admin_addr(), &address), 1, "the relay's subscription is at a, the new owner");
+}
+
 /// Sends SIGSTOP to a process now and SIGCONT when dropped.
 struct Stopped(u32);
 

@@ -146,6 +146,9 @@ impl Forwarders {
                     self.relays.subscribe(owner, ticket, command, &mut answers);
                 }
                 Forward::Settle { owner, command } => self.relays.settle(owner, command, &mut answers),
+                Forward::End { owner, consumer, subscription, ticket, refusal } => {
+                    self.relays.end(owner, consumer, subscription, ticket, refusal, &mut answers)
+                }
             }
         }
         let mut batches = std::mem::take(&mut self.batches);

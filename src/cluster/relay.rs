@@ -43,8 +43,11 @@
 //! `ReturnCredit`, as for an auto-ack subscription).
 //!
 //! **Failures.** The owner refusing or ending the subscription (a move, its fencing, a slow
-//! multicast consumer) ends the consumer's with the owner's ERROR. The owner unreachable (a
-//! connection that cannot be made or resumed within [`WAIT_BOUND`] / [`RESUME_WINDOW`](super::forward::RESUME_WINDOW), no
+//! multicast consumer) ends the consumer's with the owner's ERROR. The view seeing the
+//! address placed on another node ends it too ([`Forward::End`](super::view::Forward::End),
+//! 4421 naming the new owner), without waiting for the old owner, who may be dead, stopped
+//! or partitioned; the relay decides which word ends it, once, whichever comes first. The
+//! owner unreachable (a connection that cannot be made or resumed within [`WAIT_BOUND`] / [`RESUME_WINDOW`](super::forward::RESUME_WINDOW), no
 //! SUBSCRIBED or no answer to a PING within [`WAIT_BOUND`]) ends every subscription of the
 //! relay with non-fatal **4503** naming the node; SUBSCRIBEs during the backoff that follows
 //! are refused at once the same way. The view forgets what the relay ended
@@ -104,8 +107,18 @@ const RESUMES_PER_ROUND: usize = 8;
 
 /// One command for a relay.
 enum Job {
-    Subscribe { ticket: u64, command: AddressCommand },
+    Subscribe {
+        ticket: u64,
+        command: AddressCommand,
+    },
     Settle(AddressCommand),
+    /// The view's [`Forward::End`](super::view::Forward::End): the address moved to another node.
+    End {
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        ticket: u64,
+        refusal: Refusal,
+    },
 }
 
 /// What to end because its command found the relay's queue full.
@@ -209,6 +222,36 @@ impl Relays {
             let ticket = if consumer.conn == FEED_CONN { u64::from(subscription.0) } else { 0 };
             ended(&self.post_office, self.shard, consumer, subscription, ticket, true, refusal, answers);
         }
+    }
+
+    /// Asks the relay to end the relayed subscription `ticket` with `refusal` (its address
+    /// moved to another node), unless it ended already. A full queue ends it here, as an
+    /// overflowing settlement does (the relay unsubscribes it at the owner when it gets to it).
+    pub(super) fn end(
+        &mut self,
+        owner: Arc<NodeRef>,
+        consumer: ConnRef,
+        subscription: SubscriptionId,
+        ticket: u64,
+        refusal: Refusal,
+        answers: &mut Answers,
+    ) {
+        let job = Job::End { consumer, subscription, ticket, refusal: refusal.clone() };
+        let Err(QueueError::Full) = self.queue(&owner, job) else {
+            // Queued; or the relay cannot be started, and then it holds nothing to end.
+            return;
+        };
+        let Some(handle) = self.by_node.get(&owner) else { return };
+        let overflow = Overflow::Subscription(consumer, subscription);
+        let mut overflowed = handle.overflowed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if overflowed.contains(&overflow) {
+            // Ended already for the same overflow.
+            return;
+        }
+        overflowed.push(overflow);
+        drop(overflowed);
+        handle.wake.notify();
+        ended(&self.post_office, self.shard, consumer, subscription, ticket, true, refusal, answers);
     }
 
     fn queue(&mut self, owner: &Arc<NodeRef>, mut job: Job) -> Result<(), QueueError> {
@@ -456,7 +499,25 @@ impl Relay {
         match job {
             Job::Subscribe { ticket, command } => self.subscribe(ticket, command),
             Job::Settle(command) => self.settle(command),
+            Job::End { consumer, subscription, ticket, refusal } => {
+                self.end_moved(consumer, subscription, ticket, refusal)
+            }
         }
+    }
+
+    /// The view saw the address of the relayed subscription `ticket` placed on another node:
+    /// ends it with `refusal` (a SUBSCRIBE not answered yet is refused with it) and
+    /// unsubscribes it at the owner, unless it ended already (the owner's own ERROR, 4503)
+    /// or is a newer one with the same id.
+    fn end_moved(&mut self, consumer: ConnRef, subscription: SubscriptionId, ticket: u64, refusal: Refusal) {
+        let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
+        let relayed = self.subscriptions.get(&id).expect("by_consumer names live subscriptions");
+        if relayed.ticket != ticket {
+            return;
+        }
+        let confirmed = relayed.confirmed;
+        self.unsubscribe(consumer, subscription);
+        self.end(consumer, subscription, ticket, confirmed, refusal);
     }
 
     fn subscribe(&mut self, ticket: u64, command: AddressCommand) {

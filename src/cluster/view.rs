@@ -13,7 +13,10 @@
 //!   [`Forward::Settle`]; a SEND that was forwarded already (it came over a cluster link:
 //!   a session whose upgrade carried [`LINK_HEADER`]) and a
 //!   SUBSCRIBE a relay made (its id has [`RELAYED_SUBSCRIPTION_BIT`]) are refused with
-//!   non-fatal 4421 naming the owner node and its URL (one hop at most);
+//!   non-fatal 4421 naming the owner node and its URL (one hop at most). When the address
+//!   of a relayed subscription is placed on another node (a move, a dead node's address
+//!   re-placed), the view asks its relay to end it at once with 4421 naming the new owner
+//!   ([`Forward::End`]): the old owner may be unable to say so itself;
 //!   A *multicast* SUBSCRIBE is not relayed on its own: the address's **feed**, one relayed
 //!   subscription per node (opened by the first local subscriber, credit [`FEED_CREDIT`],
 //!   settled by this node once fanned out), feeds the address's local fan-out in this shard's
@@ -95,6 +98,11 @@ pub enum Forward {
     /// What concerns relayed subscriptions: an `Ack`, `Nack`, `SetCredit`, `ReturnCredit`
     /// (auto-ack deliveries written) or `Unsubscribe` of one, or a `ConsumerGone`.
     Settle { owner: Arc<NodeRef>, command: AddressCommand },
+    /// The relayed subscription `ticket` of `consumer` must end with `refusal` (its address was
+    /// placed on another node): its relay, which alone decides when a relayed subscription
+    /// ends, ends it once (unless it ended already), tells the consumer and the view
+    /// ([`ClusterUpdate::RelayEnded`]), and unsubscribes it at `owner`.
+    End { owner: Arc<NodeRef>, consumer: ConnRef, subscription: SubscriptionId, ticket: u64, refusal: Refusal },
 }
 
 /// A node of the cluster as the shards name it in refusals. Equal and hashed by name and URL.
@@ -245,6 +253,8 @@ struct RelayedEntry {
     ticket: u64,
     /// For the refusal that ends it when this node is fenced.
     address: Bytes,
+    /// Its relay was asked to end it (its address moved): remembered until the relay's word.
+    ending: bool,
 }
 
 /// The address a command must be placed for: SEND and SUBSCRIBE only.
@@ -278,6 +288,18 @@ fn was_forwarded(message: &SharedMessage) -> bool {
 
 fn name(address: &[u8]) -> String {
     String::from_utf8_lossy(address).into_owned()
+}
+
+/// The 4421 that ends a subscription relayed (or fed) from another node when its address is
+/// placed on `owner` now (a move, or the re-placement of a dead node's address).
+fn moved_refusal(address: &[u8], owner: &Owner) -> Refusal {
+    match owner {
+        Owner::Remote(node) => remote_refusal(address, node),
+        Owner::Local => Refusal::new(
+            ErrorCode::Misdirected,
+            format!("address \"{}\" moved to this cluster node: subscribe again", name(address)),
+        ),
+    }
 }
 
 /// The 4421 refusal of an address another node owns.
@@ -424,7 +446,13 @@ impl PlacementView {
                 self.next_ticket += 1;
                 let ticket = self.next_ticket;
                 owner.counters.relay_opened();
-                let entry = RelayedEntry { subscription, owner: owner.clone(), ticket, address: address.clone() };
+                let entry = RelayedEntry {
+                    subscription,
+                    owner: owner.clone(),
+                    ticket,
+                    address: address.clone(),
+                    ending: false,
+                };
                 self.relayed.entry(consumer).or_default().push(entry);
                 self.forwards.push(Forward::Subscribe { owner: owner.clone(), ticket, command });
             }
@@ -536,15 +564,20 @@ impl PlacementView {
                 }
                 if let Some(feed) = self.feeds.get(&address) {
                     if owner != Owner::Remote(feed.owner.clone()) {
-                        let refusal = match &owner {
-                            Owner::Remote(node) => remote_refusal(&address, node),
-                            Owner::Local => Refusal::new(
-                                ErrorCode::Misdirected,
-                                format!("address \"{}\" moved to this cluster node: subscribe again", name(&address)),
-                            ),
-                        };
+                        let refusal = moved_refusal(&address, &owner);
                         self.end_feed(&address, &refusal, true, table, now_ms, out);
                     }
+                }
+                // Every relayed subscription names the owner its address has here (by node
+                // name), so only a change of owner can leave one relayed to a node that no
+                // longer owns it (a `Placed` is also re-sent unchanged: a reload, a node back).
+                let moved_away = match (self.owners.get(&address), &owner) {
+                    (Some(Owner::Remote(before)), Owner::Remote(now)) => before.name != now.name,
+                    (Some(Owner::Remote(_)), Owner::Local) => true,
+                    _ => false,
+                };
+                if moved_away {
+                    self.end_relayed_elsewhere(&address, &owner);
                 }
                 self.owners.insert(address.clone(), owner.clone());
                 for command in self.waiting.remove(&address).unwrap_or_default() {
@@ -622,14 +655,47 @@ impl PlacementView {
         debug_assert_eq!(self.waiting_count, self.waiting.values().map(Vec::len).sum::<usize>());
     }
 
+    /// `address` moved from the node its relayed subscriptions name to `owner` (an operator's
+    /// move, or a dead node's address re-placed): each of them must end, so that its
+    /// consumer subscribes again, to the new owner, at once: the old owner may not be there to
+    /// end it (dead, stopped or partitioned: its relay would end it with 4503 only after a
+    /// PING's silence, [`super::relay::IDLE_TICK`] plus [`super::forward::WAIT_BOUND`]).
+    /// The view asks the relay ([`Forward::End`]) rather than ending it here, because the
+    /// relay may be ending it at the same moment (the old owner's own 4421, or 4503): it alone
+    /// decides, so the consumer hears of the end once, and a later SUBSCRIBE with the same id
+    /// cannot be ended by a stale word. The view forgets the entry on the relay's
+    /// [`ClusterUpdate::RelayEnded`], as for any end the relay decides.
+    fn end_relayed_elsewhere(&mut self, address: &[u8], owner: &Owner) {
+        for (consumer, entries) in &mut self.relayed {
+            for entry in entries {
+                if entry.ending || entry.address.as_ref() != address {
+                    continue;
+                }
+                entry.ending = true;
+                self.counters.subscriptions_ended += 1;
+                self.forwards.push(Forward::End {
+                    owner: entry.owner.clone(),
+                    consumer: *consumer,
+                    subscription: entry.subscription,
+                    ticket: entry.ticket,
+                    refusal: moved_refusal(address, owner),
+                });
+            }
+        }
+    }
+
     /// Fencing: ends every relayed subscription with the fenced refusal, and unsubscribes it at
     /// its owner through its relay (which gets back what the consumer had not acknowledged), so
     /// a fenced node delivers nothing more from the owners either. The consumer's session may
     /// subscribe again, and is refused while fenced.
     fn end_relayed(&mut self, reason: &str, out: &mut Vec<Outgoing>) {
         for (consumer, entries) in std::mem::take(&mut self.relayed) {
-            for RelayedEntry { subscription, owner, address, .. } in entries {
+            for RelayedEntry { subscription, owner, address, ending, .. } in entries {
                 owner.counters.relays_closed(1);
+                if ending {
+                    // Its relay ends it (the move's 4421) and unsubscribes it at the owner.
+                    continue;
+                }
                 self.counters.subscriptions_ended += 1;
                 let command = AddressCommand::Unsubscribe { consumer, subscription };
                 self.forwards.push(Forward::Settle { owner, command });
@@ -1137,6 +1203,66 @@ mod tests {
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
         assert_eq!(refusal_codes(&f.out), [(4, ErrorCode::Misdirected)]);
         assert_eq!(f.view.counters.subscriptions_ended, 1);
+    }
+
+    /// The relayed subscriptions the view asked their relays to end, as (id, old owner, reason).
+    fn ends_asked(f: &mut Fixture) -> Vec<(u32, String, String)> {
+        let mut forwards = Vec::new();
+        f.view.take_forwards(&mut forwards);
+        forwards
+            .into_iter()
+            .filter_map(|forward| match forward {
+                Forward::End { owner, subscription, refusal, .. } => {
+                    assert_eq!(refusal.code, ErrorCode::Misdirected, "{}", refusal.reason);
+                    Some((subscription.0, owner.name.clone(), refusal.reason))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_relayed_subscription_is_ended_by_its_relay_as_soon_as_its_address_is_placed_on_another_node() {
+        let mut f = Fixture::new();
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"other"), owner: remote() });
+        assert!(f.admit(subscribe("a", 1)).is_none());
+        assert!(f.admit(subscribe("other", 2)).is_none());
+        let mut forwards = Vec::new();
+        f.view.take_forwards(&mut forwards);
+        // The same placement again (a reload, the owner back with the same name): nothing ends.
+        let b_again = Owner::Remote(Arc::new(NodeRef::new("b".into(), "ws://127.0.0.1:11/".into())));
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: b_again });
+        assert!(ends_asked(&mut f).is_empty());
+        // Re-placed on c: the relay to b is asked to end it, with 4421 naming c; the other
+        // address's subscription stays. The view forgets it on the relay's word.
+        let c = Owner::Remote(Arc::new(NodeRef::new("c".into(), "ws://127.0.0.1:10/".into())));
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: c });
+        let asked = ends_asked(&mut f);
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert_eq!((asked[0].0, asked[0].1.as_str()), (1, "b"));
+        assert_eq!(named_node(&asked[0].2), Some("c"), "{}", asked[0].2);
+        assert!(f.out.is_empty(), "the relay tells the consumer, once");
+        assert_eq!(f.view.relayed_count(), 2, "remembered until the relay's word");
+        let d = Owner::Remote(Arc::new(NodeRef::new("d".into(), "ws://127.0.0.1:12/".into())));
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: d });
+        assert!(ends_asked(&mut f).is_empty(), "asked once");
+        f.apply(ClusterUpdate::RelayEnded { consumer: conn(2), subscription: SubscriptionId(1), ticket: 0 });
+        assert_eq!(f.view.relayed_count(), 1);
+        // A new SUBSCRIBE goes to d; moved here, that one ends too, told to subscribe again.
+        assert!(f.admit(subscribe("a", 1)).is_none());
+        f.view.take_forwards(&mut forwards);
+        f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: Owner::Local });
+        let asked = ends_asked(&mut f);
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert_eq!((asked[0].0, asked[0].1.as_str()), (1, "d"));
+        assert!(asked[0].2.contains("moved to this cluster node"), "{}", asked[0].2);
+        assert!(f.admit(subscribe("a", 3)).is_some(), "served here now");
+    }
+
+    /// The node a 4421's reason names (`... owned by cluster node "c" ...`).
+    fn named_node(reason: &str) -> Option<&str> {
+        reason.split("cluster node \"").nth(1)?.split('"').next()
     }
 
     fn multicast_subscribe(consumer: u32, id: u32) -> AddressCommand {
