@@ -264,6 +264,14 @@ pub fn mbws_binary(data: &[u8]) {
 
 /// The text binding's decoder, as the broker runs it on every text WebSocket message.
 pub fn mbws_text(data: &[u8]) {
+    // The broker's first read of a text message: a SEND of the common shape straight from
+    // the slice. What it takes must be exactly what the full decode makes of it.
+    if let Some(direct) = proto::decode_plain_text_send(data, &CodecLimits::default()) {
+        match proto::decode(Binding::Text, Bytes::copy_from_slice(data), &CodecLimits::default()) {
+            Ok(Frame::Send(send)) => assert_eq!(proto::binary::SendTail::encode(&send), direct),
+            other => panic!("the slice decode took a text SEND that decode makes {other:?}"),
+        }
+    }
     mbws_codec(Binding::Text, data);
 }
 

@@ -382,9 +382,19 @@ impl Session {
         let binary_send = binding == Binding::Binary
             && self.state == State::Open
             && payload.payload().get(1) == Some(&mbws::FrameKind::Send.code());
+        // A text SEND of the common shape is read where it lies and copied into its message (a
+        // text SEND's tail is encoded anyway): no `Bytes` of the payload, no `Frame`. Any other
+        // text payload, faults included, is decoded below as before.
+        let plain_text_send = || {
+            (binding == Binding::Text && self.state == State::Open)
+                .then(|| mbws::decode_plain_text_send(payload.payload(), &self.config.codec_limits))
+                .flatten()
+        };
         let decoded = if binary_send {
             mbws::binary::decode_send(payload.into_bytes(), &self.config.codec_limits)
                 .map(|send| self.on_send(binding, send, now_ms, fx))
+        } else if let Some(send) = plain_text_send() {
+            Ok(self.on_send(binding, send, now_ms, fx))
         } else {
             mbws::decode(binding, payload.into_bytes(), &self.config.codec_limits)
                 .map(|frame| self.on_frame(binding, frame, now_ms, fx))

@@ -484,8 +484,70 @@ proptest! {
     }
 }
 
+/// SENDs, half of them without properties (the shape the text binding's slice decode takes).
+fn sends_with_and_without_properties() -> impl Strategy<Value = Frame> {
+    (frame_of(FrameKind::Send), any::<bool>()).prop_map(|(frame, plain)| match frame {
+        Frame::Send(send) if plain => Frame::Send(Send { properties: Properties::default(), ..send }),
+        other => other,
+    })
+}
+
 proptest! {
     #![proptest_config(Config { cases: under_miri(1024), ..Config::default() })]
+
+    #[test]
+    fn a_plain_text_send_read_from_a_slice_is_what_decode_finds(
+        frame in sends_with_and_without_properties(),
+        damages in vec(damage(), 0..4),
+    ) {
+        let Frame::Send(send) = &frame else { unreachable!("SENDs only") };
+        let mut bytes = encode(Binding::Text, &frame).to_vec();
+        for damage in &damages {
+            apply(damage, &mut bytes);
+        }
+        let limits = CodecLimits::default();
+        let direct = decode_plain_text_send(&bytes, &limits);
+        // Undamaged and without properties: the slice decode takes it.
+        if damages.is_empty() && send.properties.is_empty() {
+            prop_assert!(direct.is_some(), "a plain text SEND was left to decode");
+        }
+        // Whatever it takes is exactly what decode finds; anything else (faults included) is
+        // left to decode, which reports it as before.
+        if let Some(direct) = direct {
+            match decode(Binding::Text, Bytes::from(bytes), &limits) {
+                Ok(Frame::Send(send)) => prop_assert_eq!(binary::SendTail::encode(&send), direct),
+                other => prop_assert!(false, "decode gave {other:?}, the slice decode {direct:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_plain_text_send_is_judged_by_decodes_field_rules(
+        seq in prop_oneof![Just(String::new()), "[0-9]{1,21}", "[0-9a-z +-]{0,4}"],
+        ttl in prop_oneof![Just(String::new()), "[0-9]{1,11}", "[0-9 -]{0,3}"],
+        durable in prop_oneof![Just(String::new()), Just("true".to_string()), Just("false".to_string()), "[a-zT]{0,5}"],
+        address in prop_oneof![address().prop_map(|address| String::from_utf8(address.to_vec()).unwrap()), "[ -~\\t]{0,3}", "a{250,260}"],
+        order in Just([0usize, 1, 2, 3]).prop_shuffle(),
+        max_address_bytes in prop_oneof![Just(255usize), 1usize..40],
+    ) {
+        let fields = [("seq", seq), ("ttl-ms", ttl), ("durable", durable), ("address", address)];
+        let mut text = String::from("SEND\n");
+        for index in order {
+            let (name, value) = &fields[index];
+            // An empty value stands for a line left out, except for the address (required).
+            if !value.is_empty() || *name == "address" {
+                text.push_str(&format!("{name}:{value}\n"));
+            }
+        }
+        text.push_str("\nbody");
+        let limits = CodecLimits { max_address_bytes, ..CodecLimits::default() };
+        let direct = decode_plain_text_send(text.as_bytes(), &limits);
+        match decode(Binding::Text, Bytes::from(text), &limits) {
+            Ok(Frame::Send(send)) => prop_assert_eq!(Some(binary::SendTail::encode(&send)), direct),
+            Ok(other) => prop_assert!(false, "a SEND decoded as {other:?}"),
+            Err(_) => prop_assert_eq!(direct, None),
+        }
+    }
 
     #[test]
     fn random_bytes_never_panic_either_decoder(payload in vec(any::<u8>(), 0..256)) {

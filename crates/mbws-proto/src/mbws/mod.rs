@@ -61,6 +61,14 @@ pub fn decode(binding: Binding, payload: Bytes, limits: &CodecLimits) -> Result<
     }
 }
 
+/// A text-binding SEND of the common shape (no properties, no application headers, no CR),
+/// decoded from a slice straight into the message it becomes. `None` for any other payload,
+/// faults included, which [`decode`] then reads and reports as before. A `Some` equals
+/// [`binary::SendTail::encode`] of the SEND `decode` finds in the same payload.
+pub fn decode_plain_text_send(payload: &[u8], limits: &CodecLimits) -> Option<binary::SendTail> {
+    text::decode_plain_send(payload, limits)
+}
+
 /// Writes everything of `frame` except its body into `out`; the body (if any) follows it
 /// directly on the wire. Panics if a field cannot be represented in the binding (a string
 /// longer than its binary length prefix, a value containing a line feed in text): writing it

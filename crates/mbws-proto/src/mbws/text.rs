@@ -30,11 +30,18 @@
 //! taken apart, the shared field rules of [`super::validate`] run, so both bindings accept the
 //! same frames (including the binary binding's length maxima, so any frame can be re-sent in
 //! either binding).
+//!
+//! The broker's common text frame, a SEND without properties, has a second reader,
+//! [`decode_plain_send`]: from a slice straight into the stored message's tail (one copy, which
+//! a text SEND needs anyway), taking only frames it can judge completely and leaving every
+//! other payload, faults included, to [`decode`] (property tests in `codec_tests` check that
+//! what it takes is exactly what `decode` finds).
 
 use bytes::{BufMut, Bytes};
 
+use super::binary::{MessageTail, SendTail};
 use super::frame::*;
-use super::validate::{excerpt, max_header_count, too_many_headers, trailing_bytes, validate_frame};
+use super::validate::{check_address, excerpt, max_header_count, too_many_headers, trailing_bytes, validate_frame};
 use super::{CodecLimits, DecodeError};
 
 /// Whether a text field must be present.
@@ -204,6 +211,85 @@ pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError
     Ok(frame)
 }
 
+/// A text SEND of the common shape, read from a slice into the message it becomes: the
+/// `SEND` line, then only `seq`, `address`, `durable` and `ttl-ms` lines (each at most once,
+/// without CR), the blank line and the body. The fields are judged by the rules [`decode`]
+/// applies (the same integer, boolean and address checks), and the tail is encoded as
+/// [`SendTail::encode`] encodes a decoded SEND's, so a `Some` is exactly what `decode` and
+/// `SendTail::encode` make of `payload`.
+///
+/// `None` for anything else, including every fault: [`decode`] then reads the payload and
+/// reports the fault, so errors and their order stay `decode`'s. No `Frame` is built and no
+/// field is sliced (no reference count per field, no `Bytes` of the payload at all).
+pub(crate) fn decode_plain_send(payload: &[u8], limits: &CodecLimits) -> Option<SendTail> {
+    const FIRST_LINE: &[u8] = b"SEND\n";
+    let mut position = FIRST_LINE.len();
+    if payload.get(..position)? != FIRST_LINE {
+        return None;
+    }
+    let (mut seq, mut address, mut durable, mut ttl_ms) = (None, None, None, None);
+    loop {
+        let rest = &payload[position..];
+        let line_end = find_line_feed(rest)?;
+        let line = &rest[..line_end];
+        position += line_end + 1;
+        let Some((&last, _)) = line.split_last() else {
+            break; // the blank line
+        };
+        if last == b'\r' {
+            return None;
+        }
+        let colon = line.iter().position(|&byte| byte == b':')?;
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        let slot = match name {
+            b"seq" => &mut seq,
+            b"address" => &mut address,
+            b"durable" => &mut durable,
+            b"ttl-ms" => &mut ttl_ms,
+            _ => return None,
+        };
+        if slot.replace(value).is_some() {
+            return None;
+        }
+    }
+    let address = address?;
+    let seq = seq.map_or(Some(0), |text| parse_decimal(text, u64::MAX))?;
+    let ttl_ms = ttl_ms.map_or(Some(0), |text| parse_decimal(text, u64::from(u32::MAX)))?;
+    let durable = match durable {
+        None | Some(b"false") => false,
+        Some(b"true") => true,
+        Some(_) => return None,
+    };
+    check_address(FrameKind::Send, "address", address, limits).ok()?;
+    let body = &payload[position..];
+    let no_properties = Properties::default();
+    Some(SendTail {
+        durable,
+        seq,
+        // In range: `parse_decimal` refuses values over its maximum.
+        ttl_ms: ttl_ms as u32,
+        tail: MessageTail::encode(address, &no_properties, body),
+        largest_message_bytes: super::largest_message_bytes(address, &no_properties, body.len()),
+    })
+}
+
+/// A decimal integer written with digits only, at most `max`; `None` if `text` is empty, has
+/// any other byte, or is larger (`Fields::integer` names which).
+fn parse_decimal(text: &[u8], max: u64) -> Option<u64> {
+    if text.is_empty() {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for &byte in text {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_add(u64::from(digit)).filter(|&value| value <= max)?;
+    }
+    Some(value)
+}
+
 /// Splits lines ending in LF (an optional CR before it is dropped) off the front of a payload.
 struct Lines<'a> {
     payload: &'a [u8],
@@ -320,34 +406,37 @@ impl Fields<'_> {
         let Some(text) = self.raw(name)? else {
             return Ok(0);
         };
+        if let Some(value) = parse_decimal(text, max) {
+            return Ok(value);
+        }
+        Err(self.integer_error(name, text, max))
+    }
+
+    /// Why `text` is not a decimal integer of at most `max` (the first fault from the left).
+    #[cold]
+    fn integer_error(&self, name: &str, text: &[u8], max: u64) -> DecodeError {
+        let kind = self.kind.name();
         let mut value: u64 = 0;
         for &byte in text {
             if !byte.is_ascii_digit() {
-                return Err(DecodeError::malformed(format!(
-                    "{}: field `{name}` is \"{}\", not a decimal integer; write digits only, \
+                return DecodeError::malformed(format!(
+                    "{kind}: field `{name}` is \"{}\", not a decimal integer; write digits only, \
                      without sign or spaces",
-                    self.kind.name(),
                     excerpt(text)
-                )));
+                ));
             }
             value = match value.checked_mul(10).and_then(|value| value.checked_add(u64::from(byte - b'0'))) {
                 Some(value) if value <= max => value,
                 _ => {
-                    return Err(DecodeError::malformed(format!(
-                        "{}: field `{name}` is \"{}\", over {max}, its largest value",
-                        self.kind.name(),
+                    return DecodeError::malformed(format!(
+                        "{kind}: field `{name}` is \"{}\", over {max}, its largest value",
                         excerpt(text)
-                    )))
+                    ))
                 }
             };
         }
-        if text.is_empty() {
-            return Err(DecodeError::malformed(format!(
-                "{}: field `{name}` is empty; write a decimal integer",
-                self.kind.name()
-            )));
-        }
-        Ok(value)
+        debug_assert!(text.is_empty(), "integer_error called for the valid integer {value}");
+        DecodeError::malformed(format!("{kind}: field `{name}` is empty; write a decimal integer"))
     }
 
     fn u64(&self, name: &str) -> Result<u64, DecodeError> {
