@@ -259,8 +259,84 @@ pub struct Delivered {
     pub redelivered: bool,
 }
 
-/// The deliveries of one [`ConnCommand::Deliver`], oldest first; one inline, more on the heap.
-pub type Deliveries = smallvec::SmallVec<[Delivered; 1]>;
+/// The deliveries of one [`ConnCommand::Deliver`], oldest first (read as a slice): a list of
+/// their own (one inline, more on the heap), or the first `len` of a publish batch's list,
+/// which every subscriber that takes them shares: a batch fanned out to many subscribers is
+/// one list, not one per subscriber (`AddressTable::publish_batch`'s multicast path).
+#[derive(Debug, Clone)]
+pub enum Deliveries {
+    Own(smallvec::SmallVec<[Delivered; 1]>),
+    Shared { batch: Arc<[Delivered]>, len: usize },
+}
+
+impl Deliveries {
+    pub fn new() -> Deliveries {
+        Deliveries::Own(smallvec::SmallVec::new())
+    }
+
+    pub fn with_capacity(capacity: usize) -> Deliveries {
+        Deliveries::Own(smallvec::SmallVec::with_capacity(capacity))
+    }
+
+    pub fn one(delivered: Delivered) -> Deliveries {
+        Deliveries::Own(smallvec::smallvec![delivered])
+    }
+
+    /// The first `len` of `batch` (at most all of it).
+    pub fn shared(batch: Arc<[Delivered]>, len: usize) -> Deliveries {
+        assert!(len <= batch.len(), "a share of {len} deliveries of a batch of {}", batch.len());
+        Deliveries::Shared { batch, len }
+    }
+
+    /// Adds a delivery after the others (a shared list becomes one of its own first: rare).
+    #[inline]
+    pub fn push(&mut self, delivered: Delivered) {
+        match self {
+            Deliveries::Own(own) => own.push(delivered),
+            Deliveries::Shared { .. } => self.push_after_shared(delivered),
+        }
+    }
+
+    #[cold]
+    fn push_after_shared(&mut self, delivered: Delivered) {
+        let mut own: smallvec::SmallVec<[Delivered; 1]> = self.iter().cloned().collect();
+        own.push(delivered);
+        *self = Deliveries::Own(own);
+    }
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Deliveries::new()
+    }
+}
+
+impl std::ops::Deref for Deliveries {
+    type Target = [Delivered];
+
+    #[inline]
+    fn deref(&self) -> &[Delivered] {
+        match self {
+            Deliveries::Own(own) => own,
+            Deliveries::Shared { batch, len } => &batch[..*len],
+        }
+    }
+}
+
+impl From<smallvec::SmallVec<[Delivered; 1]>> for Deliveries {
+    fn from(own: smallvec::SmallVec<[Delivered; 1]>) -> Deliveries {
+        Deliveries::Own(own)
+    }
+}
+
+impl<'a> IntoIterator for &'a Deliveries {
+    type Item = &'a Delivered;
+    type IntoIter = std::slice::Iter<'a, Delivered>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
 
 /// Commands for the shard that holds a connection.
 #[derive(Debug)]

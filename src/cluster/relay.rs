@@ -908,8 +908,11 @@ impl Relay {
                 }
             }
         }
-        let command =
-            ConnCommand::Deliver { consumer: consumer.conn, subscription, deliveries: smallvec::smallvec![delivered] };
+        let command = ConnCommand::Deliver {
+            consumer: consumer.conn,
+            subscription,
+            deliveries: crate::broker::Deliveries::one(delivered),
+        };
         self.answers.push(consumer.shard, Command::Conn(command));
     }
 

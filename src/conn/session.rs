@@ -913,21 +913,47 @@ impl Session {
             return; // Unsubscribed meanwhile: the owner requeues them (client ack) or they are dropped.
         };
         let (owner, ack_mode) = (state.owner, state.ack_mode);
-        for Delivered { message_id, message, redelivered } in deliveries {
-            let delivery = Delivery { subscription, message_id, message, redelivered };
-            if self.attached {
-                self.number_and_encode(owner, ack_mode, delivery, outbound);
-                continue;
-            }
-            match ack_mode {
-                // Sent on resume, from `unacked`, with the sequence it gets now.
-                AckMode::Client if planted(Bug::DropWhileDetached) => {}
-                AckMode::Client => {
-                    self.last_delivery_seq += 1;
-                    self.unacked.push((self.last_delivery_seq, delivery));
+        match deliveries {
+            Deliveries::Own(own) => {
+                for delivered in own {
+                    self.take_delivery(owner, ack_mode, subscription, delivered, outbound);
                 }
-                AckMode::Auto => self.held.push_back(delivery),
             }
+            // This subscription's share of a publish batch's list, which other subscriptions
+            // share too: each delivery is cloned out of it (a reference count).
+            Deliveries::Shared { batch, len } => {
+                for delivered in &batch[..len] {
+                    self.take_delivery(owner, ack_mode, subscription, delivered.clone(), outbound);
+                }
+            }
+        }
+    }
+
+    /// Takes one delivery of `subscription`: numbered and sent now, or (detached) kept for the
+    /// resume.
+    #[inline]
+    fn take_delivery(
+        &mut self,
+        owner: ShardId,
+        ack_mode: AckMode,
+        subscription: SubscriptionId,
+        delivered: Delivered,
+        outbound: &mut Outbound,
+    ) {
+        let Delivered { message_id, message, redelivered } = delivered;
+        let delivery = Delivery { subscription, message_id, message, redelivered };
+        if self.attached {
+            self.number_and_encode(owner, ack_mode, delivery, outbound);
+            return;
+        }
+        match ack_mode {
+            // Sent on resume, from `unacked`, with the sequence it gets now.
+            AckMode::Client if planted(Bug::DropWhileDetached) => {}
+            AckMode::Client => {
+                self.last_delivery_seq += 1;
+                self.unacked.push((self.last_delivery_seq, delivery));
+            }
+            AckMode::Auto => self.held.push_back(delivery),
         }
     }
 
@@ -940,6 +966,7 @@ impl Session {
 
     /// Numbers a delivery, encodes it, and records it (client ack) or notes its credit (auto
     /// ack).
+    #[inline]
     fn number_and_encode(&mut self, owner: ShardId, ack_mode: AckMode, delivery: Delivery, outbound: &mut Outbound) {
         self.last_delivery_seq += 1;
         let delivery_seq = self.last_delivery_seq;
@@ -1351,11 +1378,11 @@ mod tests {
         let deliver = |id: u64| ConnCommand::Deliver {
             consumer: me,
             subscription: SubscriptionId(1),
-            deliveries: smallvec::smallvec![Delivered {
+            deliveries: Deliveries::one(Delivered {
                 message_id: MessageId(id),
                 message: message.clone(),
-                redelivered: false
-            }],
+                redelivered: false,
+            }),
         };
         // Deliveries 1 and 2 go out; the client will say it saw 1. Then the connection drops,
         // delivery 3 and the answer to SEND 1 arrive while detached.

@@ -6,16 +6,18 @@
 //! [`AddressTable::publish_batch`] takes a run of SENDs to one address, with a fast path that
 //! hands a pure multicast address's batch straight to its subscribers.
 
+use std::sync::Arc;
+
 use crate::planted::{planted, Bug};
 use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::compaction::compact_to_wait;
-use super::dispatch::{deliver, is_expired_at, send_deliveries, Deliverable};
-use super::subscribers::end_slow_subscribers;
+use super::dispatch::{deliver_run, is_expired_at, send_deliveries, Deliverable};
+use super::subscribers::{end_slow_subscribers, Subscriber};
 use super::{Address, AddressLimits, AddressTable, Outgoing, Publication, Queued, MAX_PUBLISH_BATCH};
-use crate::broker::{ConnCommand, ConnRef, Deliveries, Refusal, SharedMessage};
-use crate::mbws::ErrorCode;
+use crate::broker::{ConnCommand, ConnRef, Delivered, Deliveries, Refusal, SharedMessage};
+use crate::mbws::{AckMode, ErrorCode};
 use crate::store::Lsn;
 
 impl AddressTable {
@@ -104,9 +106,33 @@ impl AddressTable {
     /// ([`AddressTable::deliver_at_once`]): a pure multicast address (multicast subscribers
     /// only, nothing queued or held), and ids for the whole run already durably reserved (the
     /// path delivers at once).
+    ///
+    /// Nor when the run could end every subscriber as slow (each backlog too near its bound
+    /// to take what of the run its credit does not): the address would route to its anycast
+    /// queue from the message that ends the last one, which only [`AddressTable::enqueue`]
+    /// does. One subscriber with room is enough, so this looks at the first subscriber only,
+    /// as a rule.
     fn takes_at_once(&self, address_name: &Bytes, count: usize) -> bool {
         let ids_reserved = self.last_message_id.saturating_add(count as u64) <= self.ids_durably_reserved;
-        ids_reserved && self.addresses.get(address_name).is_some_and(Address::is_pure_multicast)
+        let outlives_the_run = |state: &Address| {
+            let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
+            state.multicast.iter().any(|subscriber| {
+                // What of the run waits in its backlog, at most (auto ack's bytes bound may
+                // take fewer at once than its credit: all of it is counted then).
+                let waits = match subscriber.ack_mode {
+                    AckMode::Client if subscriber.backlog.is_empty() => {
+                        count.saturating_sub(subscriber.credit_left() as usize)
+                    }
+                    _ => count,
+                };
+                subscriber.backlog.len() + waits <= max_queued
+            })
+        };
+        ids_reserved
+            && self
+                .addresses
+                .get(address_name)
+                .is_some_and(|state| state.is_pure_multicast() && outlives_the_run(state))
     }
 
     /// Admission for the batch path: a message for multicast subscribers only waits in no
@@ -130,7 +156,10 @@ impl AddressTable {
     /// The batch path: every multicast subscriber of the pure multicast address `address_name`
     /// gets its share of `accepted` at once: one `Deliver` command per subscriber instead of one
     /// per message and subscriber, no detour through the backlog for a subscriber with credit,
-    /// and one lookup of the address for the run.
+    /// and one lookup of the address for the run. A subscriber's share is a prefix of the run
+    /// (what its credit takes; nothing behind a backlog), so every share is a part of one list
+    /// made once for the run ([`Deliveries::shared`]), and is counted against its credit at
+    /// once ([`deliver_run`]).
     fn deliver_at_once(
         &mut self,
         address_name: &Bytes,
@@ -139,40 +168,55 @@ impl AddressTable {
         out: &mut Vec<Outgoing>,
     ) {
         let state = self.addresses.get_mut(address_name).expect("checked by takes_at_once");
+        // held_before[i]: the held bytes of the run's first i messages (auto ack's unwritten
+        // bytes of a share of i).
+        let mut held_before = Vec::with_capacity(accepted.len() + 1);
+        held_before.push(0u64);
+        for queued in &accepted {
+            held_before.push(held_before[held_before.len() - 1] + queued.message.held_bytes() as u64);
+        }
+        let batch_bytes = held_before[accepted.len()];
+        let share_of = |subscriber: &Subscriber, accepted: &[Queued]| {
+            if subscriber.backlog.is_empty() {
+                subscriber.takes_at_once(accepted, batch_bytes).min(accepted.len())
+            } else {
+                0
+            }
+        };
         // Message i (0-based) waits in some backlog, so it is compacted, unless every
         // subscriber has an empty backlog and more than i deliveries of credit left.
-        let batch_bytes: u64 = accepted.iter().map(|queued| queued.message.held_bytes() as u64).sum();
-        let (any_backlog, least_credit_left) =
-            state.multicast.iter().fold((false, u32::MAX), |(any_backlog, least), subscriber| {
-                (
-                    any_backlog || !subscriber.backlog.is_empty(),
-                    least.min(subscriber.takes_at_once(&accepted, batch_bytes) as u32),
-                )
-            });
-        let delivered_at_once = if any_backlog { 0 } else { least_credit_left as usize };
+        let delivered_at_once =
+            state.multicast.iter().map(|subscriber| share_of(subscriber, &accepted)).min().unwrap_or(0);
         for queued in accepted.iter_mut().skip(delivered_at_once) {
             compact_to_wait(&mut self.arena, &mut queued.message);
         }
         let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
         state.messages_in += accepted.len() as u64;
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
+        // One list for the run, shared by every subscriber's share; a run of one is sent as
+        // a list of its own (inline in the command: no allocation).
+        let shared: Option<Arc<[Delivered]>> =
+            (accepted.len() > 1).then(|| accepted.iter().map(Queued::delivered).collect());
         let mut slow = SmallVec::<[usize; 2]>::new();
         let mut delivered_any = false;
         for (index, subscriber) in state.multicast.iter_mut().enumerate() {
-            let credit_left = subscriber.credit_left() as usize;
-            let mut deliveries = Deliveries::with_capacity(accepted.len().min(credit_left));
-            for queued in &accepted {
-                if subscriber.backlog.is_empty() && subscriber.has_credit() {
-                    deliveries.push(deliver(subscriber, queued.clone(), ack_deadline));
-                } else if subscriber.backlog.len() >= max_queued {
+            let share = share_of(subscriber, &accepted);
+            if share > 0 {
+                deliver_run(subscriber, &accepted[..share], &held_before[..=share], ack_deadline);
+                let deliveries = match &shared {
+                    Some(batch) => Deliveries::shared(batch.clone(), share),
+                    None => Deliveries::one(accepted[0].delivered()),
+                };
+                send_deliveries(out, subscriber, deliveries);
+                delivered_any = true;
+            }
+            for queued in &accepted[share..] {
+                if subscriber.backlog.len() >= max_queued {
                     slow.push(index);
                     break;
-                } else {
-                    subscriber.backlog.push_back(queued.clone());
                 }
+                subscriber.backlog.push_back(queued.clone());
             }
-            delivered_any |= !deliveries.is_empty();
-            send_deliveries(out, subscriber, deliveries);
         }
         end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
         self.deadline_added |= ack_deadline.is_some() && delivered_any;
@@ -253,7 +297,14 @@ impl AddressTable {
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
         let within_budget = self.check_memory_budget(message.body().len());
-        let QueueBounds { max_queued, max_queued_bytes, to_anycast_queue, anycast_credit_left } = *bounds;
+        let QueueBounds { max_queued, max_queued_bytes, mut to_anycast_queue, anycast_credit_left } = *bounds;
+        if !to_anycast_queue {
+            // Multicast subscribers whose backlog is full are ended by this message (below): it
+            // is routed as the address stands without them, so the message that ends the last
+            // one waits in the anycast queue instead of reaching no one.
+            let ending = state.multicast.iter().filter(|s| s.backlog.len() >= max_queued).count();
+            to_anycast_queue = ending > 0 && state.routes_to_anycast_queue_without(ending);
+        }
         // What waits beyond the subscribers' credit, counting the messages of this batch
         // queued ahead of this one and not dispatched yet (none outside a batch: a queue that
         // outlives a dispatch has no credit left to meet it).

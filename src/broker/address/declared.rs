@@ -84,8 +84,14 @@ impl Address {
     /// A message goes to the anycast queue (the routing rule, docs/PROTOCOL.md "Addresses",
     /// and a declared multicast routing: see the module docs).
     pub(super) fn routes_to_anycast_queue(&self) -> bool {
+        self.routes_to_anycast_queue_without(0)
+    }
+
+    /// Whether a message goes to the anycast queue once `ending` of the multicast subscribers
+    /// are gone (a publish that ends slow subscribers is routed as the address stands after).
+    pub(super) fn routes_to_anycast_queue_without(&self, ending: usize) -> bool {
         !self.anycast.is_empty()
-            || (self.multicast.is_empty()
+            || (self.multicast.len() <= ending
                 && !self.declared.as_ref().is_some_and(|settings| settings.routing == Routing::Multicast))
     }
 }

@@ -141,7 +141,10 @@ pub(super) fn drain_backlog(
     now_ms: u64,
     out: &mut Vec<Outgoing>,
 ) {
-    let mut deliveries = Deliveries::new();
+    // Sized for what the credit takes (an ACK of a few hundred deliveries releases as many),
+    // instead of growing by doubling from one.
+    let takes = subscriber.backlog.len().min(subscriber.credit_left() as usize);
+    let mut deliveries = Deliveries::with_capacity(takes);
     while subscriber.has_credit() {
         if held_from.is_some_and(|held| subscriber.backlog.front().is_some_and(|queued| queued.id >= held)) {
             break;
@@ -172,8 +175,7 @@ pub(super) fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadl
     }
     subscriber.delivered += 1;
     queued.deliveries += 1;
-    let delivered =
-        Delivered { message_id: queued.id, message: queued.message.clone(), redelivered: queued.redelivered };
+    let delivered = queued.delivered();
     if subscriber.ack_mode == AckMode::Client {
         if let Some(deadline) = ack_deadline {
             subscriber.deadlines.push_back((deadline, queued.id));
@@ -181,6 +183,39 @@ pub(super) fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadl
         subscriber.unacked.insert(queued);
     }
     delivered
+}
+
+/// Counts a run of deliveries (`run`, the newest messages of the address: ids above every id
+/// the subscriber has been handed) against the subscriber's credit at once, as [`deliver`]
+/// does one by one, and (client ack) keeps them until they are acknowledged, with their ack
+/// deadlines. `held_before[i]` is the held bytes of the run's first `i` messages. The caller
+/// sends the deliveries (a share of a list made once for all subscribers).
+pub(super) fn deliver_run(subscriber: &mut Subscriber, run: &[Queued], held_before: &[u64], ack_deadline: Option<u64>) {
+    debug_assert_eq!(held_before.len(), run.len() + 1);
+    let count = run.len() as u32;
+    let unwritten_before_last = subscriber.unwritten_bytes + held_before[run.len().saturating_sub(1)];
+    assert!(
+        count <= subscriber.credit_left()
+            && (subscriber.ack_mode == AckMode::Client || unwritten_before_last < subscriber.max_unwritten_bytes),
+        "a run of {count} deliveries past the credit: {} in flight, credit {}, {} bytes unwritten of {}",
+        subscriber.in_flight,
+        subscriber.credit,
+        subscriber.unwritten_bytes,
+        subscriber.max_unwritten_bytes
+    );
+    subscriber.in_flight += count;
+    subscriber.delivered += u64::from(count);
+    match subscriber.ack_mode {
+        AckMode::Auto => subscriber.unwritten_bytes += held_before[run.len()],
+        AckMode::Client => {
+            if let Some(deadline) = ack_deadline {
+                subscriber.deadlines.extend(run.iter().map(|queued| (deadline, queued.id)));
+            }
+            for queued in run {
+                subscriber.unacked.push_newest(Queued { deliveries: queued.deliveries + 1, ..queued.clone() });
+            }
+        }
+    }
 }
 
 /// Sends one delivery to `subscriber`, joining the command before it when that one is for the
@@ -194,7 +229,7 @@ fn push_delivery(out: &mut Vec<Outgoing>, subscriber: &Subscriber, delivered: De
             return;
         }
     }
-    send_deliveries(out, subscriber, smallvec::smallvec![delivered]);
+    send_deliveries(out, subscriber, Deliveries::one(delivered));
 }
 
 /// Sends `deliveries` (oldest first) to `subscriber` as one command; nothing if empty.

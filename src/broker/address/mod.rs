@@ -33,7 +33,8 @@
 //! Invariants:
 //! - a subscriber never has more deliveries outstanding than its credit allows (`in_flight`
 //!   grows only while `in_flight < credit`), nor (auto ack) more unwritten bytes than one
-//!   delivery past `max_unwritten_bytes`: asserted at every delivery, in release builds too;
+//!   delivery past `max_unwritten_bytes`: asserted at every delivery (once for a batch's
+//!   share, `dispatch::deliver_run`), in release builds too;
 //! - an anycast message is in exactly one place: the queue, or one subscriber's `unacked`
 //!   (asserted in debug builds where a message goes back to the queue, and always where it
 //!   enters an `unacked` ring, which refuses a key twice);
@@ -192,6 +193,13 @@ struct Queued {
     redelivered: bool,
     /// Times this message has been handed to a consumer.
     deliveries: u32,
+}
+
+impl Queued {
+    /// The delivery of this message, as a consumer gets it.
+    fn delivered(&self) -> super::Delivered {
+        super::Delivered { message_id: self.id, message: self.message.clone(), redelivered: self.redelivered }
+    }
 }
 
 #[derive(Debug, Default)]

@@ -36,6 +36,12 @@ impl UnackedMessages {
         self.entries.insert(queued);
     }
 
+    /// Records a delivery of a message newer than every one recorded (a run of new
+    /// messages): at the back, without a search.
+    pub(super) fn push_newest(&mut self, queued: Queued) {
+        self.entries.push(queued);
+    }
+
     pub(super) fn contains(&self, id: MessageId) -> bool {
         self.entries.contains(id.0)
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::subscribers::UnackedMessages;
 use super::*;
-use crate::broker::{ConnId, Delivered, StoredMessage};
+use crate::broker::{ConnId, Delivered, Deliveries, StoredMessage};
 use crate::mbws::{AckMode, ErrorCode, Properties};
 
 const LIMITS: AddressLimits = AddressLimits {
@@ -637,6 +637,60 @@ fn a_batch_reaches_each_multicast_subscriber_in_one_command_in_order() {
     assert_eq!(deliveries(&out), [(2, "m4".to_string())]);
 }
 
+/// A batch fanned out to several subscribers is one list, each subscriber's command a share of
+/// it; each delivery of it is still recorded as a single one would be: a NACK with requeue
+/// gives it back to its subscriber alone, marked redelivered, and once it has been delivered
+/// `max_deliveries` times it goes to the dead-letter address instead.
+#[test]
+fn a_batch_is_one_shared_list_and_its_deliveries_are_redelivered_and_dead_lettered() {
+    let limits = AddressLimits { max_deliveries: 2, max_queued_messages: 10, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Multicast, 10, &mut out);
+    subscribe(&mut table, 2, DeliveryMode::Multicast, 2, &mut out);
+    out.clear();
+    publish_batch(&mut table, &["m0", "m1", "m2"], 0, &mut out);
+    let shares: Vec<(&Arc<[Delivered]>, usize)> = out
+        .iter()
+        .filter_map(|(_, command)| match command {
+            ConnCommand::Deliver { deliveries: Deliveries::Shared { batch, len }, .. } => Some((batch, *len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shares.iter().map(|(_, len)| *len).collect::<Vec<_>>(), [3, 2], "each subscriber's share");
+    assert!(Arc::ptr_eq(shares[0].0, shares[1].0), "one list for the batch");
+    let nack = |table: &mut AddressTable, out: &mut Vec<Outgoing>| {
+        let nack = AddressCommand::Nack {
+            consumer: conn(1),
+            subscription: SubscriptionId(1),
+            message: MessageId(2), // m1
+            requeue: true,
+        };
+        table.handle(nack, 0, out);
+    };
+    out.clear();
+    nack(&mut table, &mut out);
+    let again: Vec<(u32, String, bool)> = delivered(&out)
+        .into_iter()
+        .map(|(consumer, d)| (consumer, String::from_utf8_lossy(d.message.body()).into_owned(), d.redelivered))
+        .collect();
+    assert_eq!(again, [(1, "m1".to_string(), true)]);
+    assert!(table.take_forwards().is_empty());
+    // Its second delivery was the last one max_deliveries allows.
+    out.clear();
+    nack(&mut table, &mut out);
+    assert!(deliveries(&out).is_empty());
+    let forwards = table.take_forwards();
+    assert!(
+        matches!(&forwards[..], [(_, AddressCommand::Publish { message, .. })] if message.address() == b"DLQ.a"),
+        "{forwards:?}"
+    );
+    // Subscriber 2's deliveries are its own: acknowledged, they let the rest of the batch through.
+    out.clear();
+    ack(&mut table, 2, &[1, 2], &mut out);
+    assert_eq!(deliveries(&out), [(2, "m2".to_string())]);
+}
+
 #[test]
 fn an_ack_delivers_only_to_the_subscriber_that_sent_it() {
     let mut table = AddressTable::new(ShardId(0), LIMITS);
@@ -701,6 +755,47 @@ fn a_batch_that_ends_the_last_multicast_subscriber_queues_the_rest_for_anycast_c
     let delivered = deliveries(&out);
     assert_eq!(delivered.first(), Some(&(1, "early".to_string())));
     assert_eq!(delivered.last(), Some(&(1, "m4".to_string())), "m4 waited in the anycast queue: {delivered:?}");
+    // m3, the message that ended it, reached no multicast subscriber: it waited too.
+    assert_eq!(
+        delivered,
+        [(1, "early".to_string()), (1, "m3".to_string()), (1, "m4".to_string())],
+        "m0-m2 went to the ended subscriber's backlog only, m3 and m4 to the queue"
+    );
+}
+
+/// A batch to a pure multicast address that ends its only subscriber as slow queues the
+/// message that ended it and the rest of the batch, as single publishes do.
+#[test]
+fn a_multicast_batch_that_ends_the_only_subscriber_queues_the_rest() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 2, DeliveryMode::Multicast, 0, &mut out); // paused: never keeps up
+    publish(&mut table, "a", "m0", &mut out);
+    publish(&mut table, "a", "m1", &mut out);
+    // m2 fills its backlog (max_queued_messages 3), m3 ends it: m3 and m4 wait in the queue.
+    publish_batch(&mut table, &["m2", "m3", "m4"], 0, &mut out);
+    assert_eq!(table.stats(b"a").multicast_subscribers, 0);
+    out.clear();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 10, &mut out);
+    assert_eq!(deliveries(&out), [(1, "m3".to_string()), (1, "m4".to_string())]);
+}
+
+/// A single publish that ends its address's last multicast subscriber as slow is routed as the
+/// address stands without it: to the anycast queue, where it waits for a consumer, instead of
+/// reaching no one.
+#[test]
+fn the_message_that_ends_the_last_multicast_subscriber_waits_for_anycast_consumers() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe(&mut table, 2, DeliveryMode::Multicast, 0, &mut out); // paused: never keeps up
+    for body in ["m0", "m1", "m2", "m3"] {
+        publish(&mut table, "a", body, &mut out);
+    }
+    assert_eq!(table.stats(b"a").multicast_subscribers, 0, "m3 ended the subscriber (max_queued_messages 3)");
+    assert_eq!(table.stats(b"a").queued, 1);
+    out.clear();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 10, &mut out);
+    assert_eq!(deliveries(&out), [(1, "m3".to_string())]);
 }
 
 #[test]
