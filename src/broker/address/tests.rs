@@ -510,10 +510,19 @@ fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
     });
     let read_buffer = crate::mbws::encode(crate::mbws::Binding::Binary, &send).freeze();
     let decoded = crate::mbws::binary::decode_send(read_buffer.clone(), &Default::default()).expect("a valid SEND");
-    let message = SharedMessage::new(StoredMessage::new(decoded.tail, false, 0, false));
+    // In a slab, as a session puts a binary SEND's message, next to one that stays alive.
+    let neighbour = SharedMessage::in_slab(StoredMessage::from_fields(b"b", &Properties::default(), b"n", false));
+    let message = SharedMessage::in_slab(StoredMessage::new(decoded.tail, false, 0, false));
     table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message }, 0, &mut out);
     assert_eq!(table.stats(b"a").queued, 1);
     wait_two_compaction_ticks(&mut table);
+    assert!(read_buffer.is_unique(), "the compacted message let go of its read buffer");
+    let waiting = &mut table.addresses.get_mut(&Bytes::from_static(b"a")).expect("the address exists").queue[0];
+    assert!(
+        SharedMessage::get_mut_own_slot(&mut waiting.message).is_some(),
+        "and of its slab, which its neighbour keeps"
+    );
+    assert_eq!(neighbour.body(), b"n");
     let buffer = read_buffer.as_ptr_range();
     let key = table.addresses.keys().next().expect("the address exists").as_ptr();
     assert!(!buffer.contains(&key), "the address's key is a copy of its name");
