@@ -11,6 +11,7 @@
 //! `now_ms`), so every rule is testable without a socket.
 
 pub mod address;
+mod shared_message;
 pub mod sorted_ring;
 
 use std::sync::Arc;
@@ -64,7 +65,7 @@ pub fn owner_of(address: &[u8], shard_count: usize) -> ShardId {
 
 /// A message as the broker keeps it: its address, properties and body as one
 /// [`MessageTail`] (the binary binding's layout, which is also the end of every binary MESSAGE
-/// that delivers it), so sharing it (an `Arc` clone per delivery) never copies the body, and a
+/// that delivers it), so sharing it (a [`SharedMessage`] clone per delivery) never copies the body, and a
 /// binary delivery writes only its own fixed fields before the shared tail.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
@@ -176,7 +177,7 @@ impl CompactionArena {
     }
 }
 
-pub type SharedMessage = Arc<StoredMessage>;
+pub use shared_message::{SharedMessage, SLAB_SLOTS};
 
 /// The hash map of the broker's per-message paths: foldhash instead of std's SipHash (several
 /// times cheaper for short keys), still seeded per process, since keys such as address names

@@ -577,7 +577,7 @@ mod tests {
         Job {
             publisher: ConnRef { shard: ShardId(shard), conn: ConnId { index: conn, generation: 0 } },
             seq,
-            message: Arc::new(StoredMessage::new(tail, false, 0, false)),
+            message: SharedMessage::new(StoredMessage::new(tail, false, 0, false)),
         }
     }
 

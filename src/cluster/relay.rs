@@ -883,7 +883,7 @@ impl Relay {
         let stored = StoredMessage::new(message.tail, message.durable, 0, false);
         let delivered = Delivered {
             message_id: MessageId(message.message_id),
-            message: Arc::new(stored),
+            message: SharedMessage::new(stored),
             redelivered: message.redelivered,
         };
         let (consumer, subscription) = (relayed.consumer, relayed.subscription);

@@ -952,7 +952,7 @@ mod tests {
 
     fn publish(address: &'static str, seq: u64) -> AddressCommand {
         let message = StoredMessage::from_fields(address.as_bytes(), &Properties::default(), b"x", false);
-        AddressCommand::Publish { publisher: conn(1), seq, message: Arc::new(message) }
+        AddressCommand::Publish { publisher: conn(1), seq, message: SharedMessage::new(message) }
     }
 
     fn subscribe(address: &'static str, id: u32) -> AddressCommand {
@@ -1055,7 +1055,7 @@ mod tests {
         // A SEND a node forwarded already is not forwarded again, nor a SUBSCRIBE a relay made.
         let mut message = StoredMessage::from_fields(b"a", &Properties::default(), b"x", false);
         message.from_cluster_link = true;
-        let hopped = AddressCommand::Publish { publisher: conn(1), seq: 4, message: Arc::new(message) };
+        let hopped = AddressCommand::Publish { publisher: conn(1), seq: 4, message: SharedMessage::new(message) };
         assert!(f.admit(hopped).is_none());
         assert!(f.admit(subscribe_with_id("a", RELAYED_SUBSCRIPTION_BIT | 5)).is_none());
         assert_eq!(
@@ -1337,7 +1337,7 @@ mod tests {
         f.out.clear();
         // The feed's messages reach every local subscriber, and are settled at the owner.
         let message = |body: &'static str| {
-            Arc::new(StoredMessage::from_fields(b"news", &Properties::default(), body.as_bytes(), false))
+            SharedMessage::new(StoredMessage::from_fields(b"news", &Properties::default(), body.as_bytes(), false))
         };
         f.apply(ClusterUpdate::Fed { ticket, messages: vec![message("1"), message("2")] });
         assert_eq!([deliveries_to(&f.out, 2), deliveries_to(&f.out, 3), deliveries_to(&f.out, 4)], [2, 2, 2]);
@@ -1376,7 +1376,9 @@ mod tests {
         let bodies: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
         let messages = bodies
             .iter()
-            .map(|body| Arc::new(StoredMessage::from_fields(b"news", &Properties::default(), body.as_bytes(), false)))
+            .map(|body| {
+                SharedMessage::new(StoredMessage::from_fields(b"news", &Properties::default(), body.as_bytes(), false))
+            })
             .collect();
         f.apply(ClusterUpdate::Fed { ticket, messages });
         for consumer in [2, 3] {

@@ -643,7 +643,12 @@ impl Session {
         let owner = owner_of(send.tail.address(), self.config.shard_count);
         let mut message = StoredMessage::new(send.tail, send.durable, expires_at_ms, binding == Binding::Text);
         message.from_cluster_link = self.cluster_link;
-        let message = Arc::new(message);
+        // A binary SEND's tail is a slice of the read buffer: in the shard's slab, without an
+        // allocation of its own; a text SEND's was encoded into one (`broker::shared_message`).
+        let message = match binding {
+            Binding::Binary => SharedMessage::in_slab(message),
+            Binding::Text => SharedMessage::new(message),
+        };
         if seq == 0 {
             self.light_sends_in_flight += 1;
         } else {
@@ -1374,7 +1379,7 @@ mod tests {
             ConnCommand::SubscribeDone { consumer: me, subscription: SubscriptionId(1), outcome: Ok(()) },
             &mut fx,
         );
-        let message = Arc::new(StoredMessage::from_fields(b"a", &Default::default(), b"body", false));
+        let message = SharedMessage::new(StoredMessage::from_fields(b"a", &Default::default(), b"body", false));
         let deliver = |id: u64| ConnCommand::Deliver {
             consumer: me,
             subscription: SubscriptionId(1),

@@ -157,14 +157,16 @@ impl AddressTable {
 }
 
 /// Compacts a message that is going to wait (see [`StoredMessage::compact`]): in place when
-/// nothing else shares it, as a compacted copy otherwise.
+/// nothing else shares it and it has a slot of its own, as a compacted copy in a slot of its
+/// own otherwise (a message left in its slab would keep the slab alive as long as it waits:
+/// `broker::shared_message`'s memory bound).
 pub(super) fn compact_to_wait(arena: &mut CompactionArena, message: &mut SharedMessage) {
-    match std::sync::Arc::get_mut(message) {
+    match SharedMessage::get_mut_own_slot(message) {
         Some(only_reference) => only_reference.compact(arena),
         None => {
             let mut copy = StoredMessage::clone(message);
             copy.compact(arena);
-            *message = std::sync::Arc::new(copy);
+            *message = SharedMessage::new(copy);
         }
     }
 }

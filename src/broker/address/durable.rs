@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use super::dispatch::Deliverable;
 use super::{new_address, AddressTable, Outgoing, Queued};
-use crate::broker::{ConnCommand, MessageId, Refusal, StoredMessage};
+use crate::broker::{ConnCommand, MessageId, Refusal, SharedMessage, StoredMessage};
 use crate::mbws::ErrorCode;
 use crate::store::{DurableLog, Lsn, Recovery};
 
@@ -53,7 +53,7 @@ impl AddressTable {
             let mut message =
                 StoredMessage::from_fields(&recovered.address, &recovered.properties, &recovered.body, true);
             message.expires_at_ms = expires_at_ms;
-            let message = std::sync::Arc::new(message);
+            let message = SharedMessage::new(message);
             let state = match self.addresses.get_mut(&recovered.address) {
                 Some(state) => state,
                 None => new_address(&mut self.addresses, &recovered.address),

@@ -9,7 +9,9 @@ use smallvec::SmallVec;
 
 use super::dispatch::Deliverable;
 use super::{AddressTable, Outgoing, Queued};
-use crate::broker::{owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, StoredMessage, SubscriptionId};
+use crate::broker::{
+    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, SharedMessage, StoredMessage, SubscriptionId,
+};
 use crate::mbws::DeliveryMode;
 
 /// Dead-letter addresses are named `DLQ.<address>`.
@@ -138,7 +140,7 @@ impl AddressTable {
         // A copy of the body: the message keeps one buffer (its tail), and dead-lettering is rare.
         let mut message = StoredMessage::from_fields(&address, &properties, body, queued.message.durable);
         message.body_is_text = queued.message.body_is_text;
-        let message = std::sync::Arc::new(message);
+        let message = SharedMessage::new(message);
         let owner = owner_of(&address, self.limits.shard_count);
         let publisher = ConnRef { shard: self.shard, conn: SYSTEM };
         self.forwards.push((owner, AddressCommand::Publish { publisher, seq: 0, message }));

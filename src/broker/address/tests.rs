@@ -29,7 +29,7 @@ fn conn(index: u32) -> ConnRef {
 fn message(address: &str, body: &str) -> SharedMessage {
     let mut message = StoredMessage::from_fields(address.as_bytes(), &Properties::default(), body.as_bytes(), false);
     message.body_is_text = true;
-    Arc::new(message)
+    SharedMessage::new(message)
 }
 
 fn publish(table: &mut AddressTable, address: &str, body: &str, out: &mut Vec<Outgoing>) {
@@ -412,7 +412,7 @@ fn sends_from_one_buffer(count: usize, gap: usize) -> Vec<SharedMessage> {
             let decoded =
                 crate::mbws::binary::decode_send(buffer.slice(start..start + payload.len()), &Default::default())
                     .expect("a valid SEND");
-            Arc::new(StoredMessage::new(decoded.tail, false, 0, false))
+            SharedMessage::new(StoredMessage::new(decoded.tail, false, 0, false))
         })
         .collect()
 }
@@ -420,7 +420,7 @@ fn sends_from_one_buffer(count: usize, gap: usize) -> Vec<SharedMessage> {
 /// How many of `messages` are queued in "a" still where they arrived.
 fn left_in_place(table: &AddressTable, messages: &[SharedMessage]) -> usize {
     let queue = &table.addresses[&Bytes::from_static(b"a")].queue;
-    queue.iter().filter(|queued| messages.iter().any(|message| Arc::ptr_eq(&queued.message, message))).count()
+    queue.iter().filter(|queued| messages.iter().any(|message| SharedMessage::ptr_eq(&queued.message, message))).count()
 }
 
 /// However long the ticks, the uncompacted messages of an address hold a bounded number of
@@ -445,7 +445,7 @@ fn uncompacted_messages_hold_a_bounded_number_of_buffers() {
     let table = publish_all(&apart);
     assert_eq!(left_in_place(&table, &apart), MAX_UNCOMPACTED_RUNS, "the runs past the bound were compacted at once");
     let queue = &table.addresses[&Bytes::from_static(b"a")].queue;
-    assert!(!Arc::ptr_eq(&queue[MAX_UNCOMPACTED_RUNS].message, &apart[MAX_UNCOMPACTED_RUNS]));
+    assert!(!SharedMessage::ptr_eq(&queue[MAX_UNCOMPACTED_RUNS].message, &apart[MAX_UNCOMPACTED_RUNS]));
     let together = sends_from_one_buffer(4 * MAX_UNCOMPACTED_RUNS, 0);
     let table = publish_all(&together);
     assert_eq!(left_in_place(&table, &together), together.len(), "one read's SENDs are one run");
@@ -512,10 +512,19 @@ fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
     });
     let read_buffer = crate::mbws::encode(crate::mbws::Binding::Binary, &send).freeze();
     let decoded = crate::mbws::binary::decode_send(read_buffer.clone(), &Default::default()).expect("a valid SEND");
-    let message = Arc::new(StoredMessage::new(decoded.tail, false, 0, false));
+    // In a slab, as a session puts a binary SEND's message, next to one that stays alive.
+    let neighbour = SharedMessage::in_slab(StoredMessage::from_fields(b"b", &Properties::default(), b"n", false));
+    let message = SharedMessage::in_slab(StoredMessage::new(decoded.tail, false, 0, false));
     table.handle(AddressCommand::Publish { publisher: conn(9), seq: 1, message }, 0, &mut out);
     assert_eq!(table.stats(b"a").queued, 1);
     wait_two_compaction_ticks(&mut table);
+    assert!(read_buffer.is_unique(), "the compacted message let go of its read buffer");
+    let waiting = &mut table.addresses.get_mut(&Bytes::from_static(b"a")).expect("the address exists").queue[0];
+    assert!(
+        SharedMessage::get_mut_own_slot(&mut waiting.message).is_some(),
+        "and of its slab, which its neighbour keeps"
+    );
+    assert_eq!(neighbour.body(), b"n");
     let buffer = read_buffer.as_ptr_range();
     let key = table.addresses.keys().next().expect("the address exists").as_ptr();
     assert!(!buffer.contains(&key), "the address's key is a copy of its name");
@@ -818,7 +827,7 @@ fn an_expired_message_in_a_batch_is_answered_but_not_delivered() {
     subscribe(&mut table, 1, DeliveryMode::Multicast, 10, &mut out);
     out.clear();
     let mut expiring = message("a", "old");
-    Arc::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
+    SharedMessage::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
     let mut batch = vec![
         Publication { publisher: conn(9), seq: 1, message: expiring },
         Publication { publisher: conn(9), seq: 2, message: message("a", "fresh") },
@@ -919,7 +928,7 @@ fn expired_messages_are_dropped_not_delivered() {
     let mut table = AddressTable::new(ShardId(0), LIMITS);
     let mut out = Vec::new();
     let mut expiring = message("a", "old");
-    Arc::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
+    SharedMessage::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
     table.handle(AddressCommand::Publish { publisher: conn(9), seq: 0, message: expiring }, 0, &mut out);
     publish(&mut table, "a", "fresh", &mut out);
     out.clear();
@@ -1003,7 +1012,7 @@ fn an_in_memory_message_queued_behind_an_unsynced_durable_one_waits_for_it() {
     subscribe_to(&mut table, "mixed", DeliveryMode::Anycast, &mut out);
     out.clear();
     let mut durable = message("mixed", "durable");
-    Arc::get_mut(&mut durable).unwrap().durable = true;
+    SharedMessage::get_mut(&mut durable).unwrap().durable = true;
     table.handle(AddressCommand::Publish { publisher: conn(99), seq: 1, message: durable }, 0, &mut out);
     publish(&mut table, "mixed", "in memory", &mut out);
     assert!(deliveries(&out).is_empty(), "order is kept: the in-memory one waits behind: {out:?}");
