@@ -61,7 +61,7 @@ command -v valgrind >/dev/null || { echo "callgrind-broker.sh: valgrind is not i
 
 cd "$(dirname "$0")/.."
 if [[ -n $broker ]]; then
-    cargo build --release --quiet -p mbws --bin mbws
+    cargo build --release --quiet -p mbws-client --bin mbws
 else
     cargo build --release --quiet --bins
 fi
