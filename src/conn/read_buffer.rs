@@ -16,6 +16,14 @@
 //! Zero copy is kept: decoded frames are `Bytes` views into the allocation they were read into
 //! and keep it alive themselves; swapping the buffer only drops this reference to it.
 //!
+//! *Carried* bytes: a stream may leave bytes of its own in the spare room right after the
+//! buffered ones (TLS: the record cut by the end of a read, kept where it was read so that the
+//! next read appends to it and the record opens in place). The decoder never sees them (they
+//! are past `len`); taking frames from the front (`split_to`, `advance`) does not move them
+//! relative to the end of the buffered bytes; reshaping the buffer keeps them right after the
+//! buffered bytes; the room of a read is what is left after them, at least
+//! [`MIN_CARRIED_READ_ROOM_BYTES`] while there are any.
+//!
 //! Sans-IO: the IO shell takes the buffer for a read with [`ReadBuffer::take_for_read`] and
 //! gives it back with what the read returned ([`ReadBuffer::put_back`]).
 
@@ -27,6 +35,10 @@ pub const IDLE_READ_BUFFER_BYTES: usize = 512;
 
 /// A partly buffered frame with less room than this behind it gets `busy_bytes` more.
 pub const MIN_READ_ROOM_BYTES: usize = 128;
+
+/// The least room a read gets while the stream carries bytes (the start of a TLS record): the
+/// rest of the largest record fits, so the record need not be copied out to be completed.
+pub const MIN_CARRIED_READ_ROOM_BYTES: usize = crate::tls::records::MAX_RECORD_BYTES;
 
 /// A shrunken buffer is swapped again only when it is more than this many times what the
 /// traffic needs (hysteresis, so that reads of varying size do not reallocate every time).
@@ -42,6 +54,9 @@ pub struct ReadBuffer {
     /// Room the last read was given and bytes it returned.
     last_room_bytes: usize,
     last_read_bytes: usize,
+    /// Initialized bytes of the stream's own in the spare room right after `bytes` (see the
+    /// module doc), at most the spare room.
+    carried_bytes: usize,
 }
 
 impl ReadBuffer {
@@ -53,6 +68,7 @@ impl ReadBuffer {
             busy_bytes: busy_bytes.max(IDLE_READ_BUFFER_BYTES),
             last_room_bytes: 0,
             last_read_bytes: 0,
+            carried_bytes: 0,
         }
     }
 
@@ -61,31 +77,37 @@ impl ReadBuffer {
         &mut self.bytes
     }
 
+    /// The bytes held, to hand the connection over; a stream carries none before its split.
     pub fn into_bytes(self) -> BytesMut {
+        assert_eq!(self.carried_bytes, 0, "carried bytes would be lost");
         self.bytes
     }
 
-    /// Room in the buffer for the next read (capacity after the bytes held).
+    /// Room in the buffer for the next read (capacity after the bytes held and carried).
     pub fn room_bytes(&self) -> usize {
-        self.bytes.capacity() - self.bytes.len()
+        self.bytes.capacity() - self.bytes.len() - self.carried_bytes
     }
 
-    /// Sizes the room for the next read (see the module doc) and takes the buffer out for it.
-    /// Until [`ReadBuffer::put_back`], this buffer is empty (a read cancelled by a timeout
-    /// loses what was buffered, and its connection ends).
-    pub fn take_for_read(&mut self) -> BytesMut {
+    /// Sizes the room for the next read (see the module doc) and takes the buffer out for it,
+    /// with the count of carried bytes in its spare room. Until [`ReadBuffer::put_back`], this
+    /// buffer is empty (a read cancelled by a timeout loses what was buffered, and its
+    /// connection ends).
+    pub fn take_for_read(&mut self) -> (BytesMut, usize) {
         self.prepare();
         self.last_room_bytes = self.room_bytes();
         // A read with no room returns 0, which the connection would take for end of stream.
         assert!(self.last_room_bytes > 0, "a read is always given room");
-        std::mem::take(&mut self.bytes)
+        (std::mem::take(&mut self.bytes), std::mem::take(&mut self.carried_bytes))
     }
 
-    /// Puts the buffer back after a read that appended `read_bytes` to it.
-    pub fn put_back(&mut self, bytes: BytesMut, read_bytes: usize) {
+    /// Puts the buffer back after a read that appended `read_bytes` to it and left
+    /// `carried_bytes` of the stream's own in its spare room, right after them.
+    pub fn put_back(&mut self, bytes: BytesMut, read_bytes: usize, carried_bytes: usize) {
         debug_assert!(read_bytes <= self.last_room_bytes, "a read returns at most its room");
+        assert!(carried_bytes <= bytes.capacity() - bytes.len(), "carried bytes lie in the spare room");
         self.bytes = bytes;
         self.last_read_bytes = read_bytes;
+        self.carried_bytes = carried_bytes;
     }
 
     fn last_read_filled_its_room(&self) -> bool {
@@ -94,7 +116,11 @@ impl ReadBuffer {
 
     fn prepare(&mut self) {
         let room = self.room_bytes();
-        if self.last_read_filled_its_room() {
+        if self.carried_bytes > 0 {
+            if room < MIN_CARRIED_READ_ROOM_BYTES {
+                self.grow(self.busy_bytes.max(MIN_CARRIED_READ_ROOM_BYTES));
+            }
+        } else if self.last_read_filled_its_room() {
             if room < self.busy_bytes {
                 self.grow(self.busy_bytes);
             }
@@ -112,10 +138,34 @@ impl ReadBuffer {
         }
     }
 
+    /// Gives at least `room_bytes` of room after the bytes held and carried.
     fn grow(&mut self, room_bytes: usize) {
-        self.bytes.reserve(room_bytes);
+        assert!(self.carried_bytes <= self.bytes.capacity() - self.bytes.len(), "carried bytes lie in the spare room");
+        // SAFETY: the carried bytes lie in the spare room right after the held ones (asserted)
+        // and are initialized: a read wrote them (`put_back`), or a previous `grow` copied them,
+        // and nothing wrote to the spare room since.
+        unsafe { reserve_after_carried(&mut self.bytes, self.carried_bytes, room_bytes) };
         self.allocated_bytes = self.allocated_bytes.max(self.bytes.capacity());
     }
+}
+
+/// Gives `bytes` at least `room_bytes` of spare room after its contents and the
+/// `carried_bytes` kept in its spare room right after them (see the module doc), which move with
+/// the contents when the buffer is reallocated or its contents are moved to the front of the
+/// allocation. The carried bytes stay in the spare room.
+///
+/// # Safety
+///
+/// The `carried_bytes` bytes right after the contents must be inside the allocation and
+/// initialized.
+pub unsafe fn reserve_after_carried(bytes: &mut BytesMut, carried_bytes: usize, room_bytes: usize) {
+    let held = bytes.len();
+    debug_assert!(carried_bytes <= bytes.capacity() - held);
+    // SAFETY: initialized and inside the allocation (the caller's contract).
+    unsafe { bytes.set_len(held + carried_bytes) };
+    bytes.reserve(room_bytes);
+    // Leaves the carried bytes where `reserve` put them, in the spare room again.
+    bytes.truncate(held);
 }
 
 #[cfg(test)]
@@ -126,12 +176,35 @@ mod tests {
 
     /// One read of `arrived` bytes (capped at the room given); returns the room it was given.
     fn read(buffer: &mut ReadBuffer, arrived: usize) -> usize {
-        let mut bytes = buffer.take_for_read();
+        let (mut bytes, carried) = buffer.take_for_read();
+        assert_eq!(carried, 0);
         let room = bytes.capacity() - bytes.len();
         let read = arrived.min(room);
         bytes.extend_from_slice(&vec![7u8; read]);
-        buffer.put_back(bytes, read);
+        buffer.put_back(bytes, read, 0);
         room
+    }
+
+    /// The `carried` bytes in the spare room of `bytes` (as the TLS reader reads them).
+    fn carried_in(bytes: &BytesMut, carried: usize) -> Vec<u8> {
+        assert!(carried <= bytes.capacity() - bytes.len());
+        // SAFETY: `len <= capacity`, so the result is inside (or one past) the allocation.
+        let start = unsafe { bytes.as_ptr().add(bytes.len()) };
+        // SAFETY: in the allocation (checked above); the tests wrote them before.
+        unsafe { std::slice::from_raw_parts(start, carried) }.to_vec()
+    }
+
+    /// One read as a TLS stream does it: `plaintext` appended, then `carried` bytes (the start of
+    /// a record cut by the read) left in the spare room after it.
+    fn read_carrying(buffer: &mut ReadBuffer, plaintext: &[u8], carried: &[u8]) -> (usize, usize) {
+        let (mut bytes, before) = buffer.take_for_read();
+        let room = bytes.capacity() - bytes.len() - before;
+        bytes.extend_from_slice(plaintext);
+        let held = bytes.len();
+        bytes.extend_from_slice(carried);
+        bytes.truncate(held);
+        buffer.put_back(bytes, plaintext.len(), carried.len());
+        (room, before)
     }
 
     /// Takes every buffered byte, as the decoder does with whole frames.
@@ -186,6 +259,47 @@ mod tests {
         let room = read(&mut buffer, 100_000);
         assert!(room >= BUSY, "little room left behind the frame: grown");
         assert_eq!(buffer.bytes_mut().len(), 400 + room.min(100_000), "nothing buffered was lost");
+    }
+
+    /// A record cut by a read stays after the buffered bytes while the decoder takes frames
+    /// from the front, when the buffer grows (moved with what is held), and when everything
+    /// held was decoded; the next read gets room for the rest of a whole record after it.
+    #[test]
+    fn carried_bytes_survive_decoding_and_growth_and_get_room_for_a_whole_record() {
+        let mut buffer = ReadBuffer::new(BytesMut::new(), BUSY);
+        let record: Vec<u8> = (0..9_000u32).map(|byte| (byte % 251) as u8).collect();
+        read(&mut buffer, 300);
+        let (_, before) = read_carrying(&mut buffer, b"partial frame", &record[..5_000]);
+        assert_eq!(before, 0);
+        assert_eq!(carried_in(buffer.bytes_mut(), 5_000), record[..5_000], "kept after the plaintext");
+        // The decoder takes a frame and leaves a partial one: the record stays right after it.
+        let frame = buffer.bytes_mut().split_to(300);
+        assert_eq!(carried_in(buffer.bytes_mut(), 5_000), record[..5_000]);
+        // The next read: room for a whole record after the carried bytes (the buffer grew,
+        // moving the partial frame and the carried bytes), and the carried bytes handed over.
+        let (mut bytes, carried) = buffer.take_for_read();
+        assert_eq!(carried, 5_000);
+        assert!(bytes.capacity() - bytes.len() - carried >= MIN_CARRIED_READ_ROOM_BYTES);
+        assert_eq!(&bytes[..], b"partial frame");
+        assert_eq!(carried_in(&bytes, carried), record[..5_000]);
+        // The stream opens the record (here: takes it as plaintext) and carries a new cut one.
+        let held = bytes.len();
+        // SAFETY: the carried bytes are initialized (checked just above).
+        unsafe { bytes.set_len(held + carried) };
+        bytes.extend_from_slice(&record[5_000..]);
+        let plaintext_end = bytes.len();
+        bytes.extend_from_slice(&record[..100]);
+        bytes.truncate(plaintext_end);
+        buffer.put_back(bytes, 9_000, 100);
+        let everything = buffer.bytes_mut().len();
+        let decoded = buffer.bytes_mut().split_to(everything);
+        assert_eq!(&decoded[..13], b"partial frame");
+        assert_eq!(decoded[13..], record[..]);
+        assert_eq!(frame, vec![7u8; 300]);
+        // Caught up but for the carried bytes: not shrunk below a whole record's room.
+        let (room, before) = read_carrying(&mut buffer, b"", &[]);
+        assert_eq!(before, 100);
+        assert!(room >= MIN_CARRIED_READ_ROOM_BYTES);
     }
 
     #[test]

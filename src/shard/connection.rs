@@ -84,8 +84,24 @@ pub struct Adoption {
     pub permit: Option<ConnectionPermit>,
 }
 
-/// A `BytesMut` that io_uring reads into after its current contents.
-pub struct ReadTail(pub BytesMut);
+/// A `BytesMut` that io_uring reads into after its current contents, and what its owner keeps
+/// in its spare room for the stream across reads (see [`ReadBuffer`]'s carried bytes).
+pub struct ReadTail {
+    pub bytes: BytesMut,
+    /// `Some(n)`: the owner keeps the `n` bytes in the spare room right after `bytes` until the
+    /// next read, and the stream says how many it leaves there when it returns the tail (the
+    /// reader's [`ReadBuffer`]). `None`: the spare room is the read's only, the stream leaves
+    /// nothing in it (the upgrade's buffer, and any read before the split: the connection may
+    /// move to another shard with only its buffered bytes).
+    pub carried: Option<usize>,
+}
+
+impl ReadTail {
+    /// A tail whose owner keeps nothing in its spare room.
+    pub fn new(bytes: BytesMut) -> ReadTail {
+        ReadTail { bytes, carried: None }
+    }
+}
 
 // SAFETY: the pointer is the start of the spare capacity and `bytes_total` its exact length;
 // the buffer is owned by this value (heap memory that does not move with it) while the runtime
@@ -93,28 +109,29 @@ pub struct ReadTail(pub BytesMut);
 unsafe impl IoBufMut for ReadTail {
     fn write_ptr(&mut self) -> *mut u8 {
         // SAFETY: `len <= capacity`, so the result is inside (or one past) the allocation.
-        unsafe { self.0.as_mut_ptr().add(self.0.len()) }
+        unsafe { self.bytes.as_mut_ptr().add(self.bytes.len()) }
     }
 
     fn bytes_total(&mut self) -> usize {
-        self.0.capacity() - self.0.len()
+        self.bytes.capacity() - self.bytes.len()
     }
 
     unsafe fn set_init(&mut self, written: usize) {
         // A count past the spare capacity would make `set_len` expose memory the buffer does
         // not own: the runtime's contract says it cannot happen; check it, it costs one compare
         // per read.
-        assert!(written <= self.0.capacity() - self.0.len(), "a read reported more bytes than its room");
+        assert!(written <= self.bytes.capacity() - self.bytes.len(), "a read reported more bytes than its room");
         // SAFETY: the kernel initialized `written` bytes of spare capacity (caller contract),
         // and they fit in it (asserted above).
-        unsafe { self.0.set_len(self.0.len() + written) }
+        unsafe { self.bytes.set_len(self.bytes.len() + written) }
     }
 }
 
 /// Reads once into `buf`, with the room its traffic calls for ([`ReadBuffer`]). Ok(0) is EOF.
 async fn read_more<R: ReadSide>(reader: &mut R, buf: &mut ReadBuffer) -> std::io::Result<usize> {
-    let (result, tail) = reader.read_tail(ReadTail(buf.take_for_read())).await;
-    buf.put_back(tail.0, *result.as_ref().unwrap_or(&0));
+    let (bytes, carried) = buf.take_for_read();
+    let (result, tail) = reader.read_tail(ReadTail { bytes, carried: Some(carried) }).await;
+    buf.put_back(tail.bytes, *result.as_ref().unwrap_or(&0), tail.carried.unwrap_or(0));
     result
 }
 
@@ -784,8 +801,8 @@ async fn read_upgrade<R: ReadSide>(
                 reason: format!("the upgrade request is larger than {max_bytes} bytes (max_handshake_bytes)"),
             })));
         }
-        let (result, tail) = stream.read_tail(ReadTail(owned)).await;
-        *buf = tail.0;
+        let (result, tail) = stream.read_tail(ReadTail::new(owned)).await;
+        *buf = tail.bytes;
         match result {
             Ok(0) => return Err(None),
             Err(error) => return Err(Some(NotUpgraded::ReadFailed(error))),

@@ -1,15 +1,18 @@
 //! TLS with the in-place record layer (`--tls-records in-place`, the default): rustls's
 //! `UnbufferedServerConnection` does the handshake, [`crate::tls::records`] the records.
 //!
-//! Reading: when the reader's buffer (the WebSocket decoder's) has room for the record that
-//! comes next, the socket reads straight into it and each whole record is opened there, its
-//! plaintext moved up against the one before in the same pass as the decryption: no copy. The
-//! record cut by the end of a read waits in the connection's `Inbox` and is put back in front
-//! of the next read. When the reader's buffer is too small for the record (an idle
-//! connection's few hundred bytes, a large record), the socket reads into the inbox and each
-//! whole record's plaintext is copied once into the reader's buffer. rustls's buffered
-//! connection copies every byte three times (into its deframer, into its plaintext queue, out
-//! to the reader).
+//! Reading: the socket reads straight into the reader's buffer (the WebSocket decoder's) and
+//! each whole record is opened there, its plaintext moved up against the one before in the same
+//! pass as the decryption: no copy. After the split, the record cut by the end of a read stays
+//! where it was read, in that buffer's spare room after the plaintext (the buffer's owner keeps
+//! it there: `ReadTail::carried`, `ReadBuffer`'s carried bytes), the next read appends to it,
+//! and it opens where it lies; the buffer is grown, never the record copied out, when the rest
+//! of the record does not fit. Before the split (the connection may still move to another
+//! shard with its buffered bytes only), the cut record waits in the connection's `Inbox` and is
+//! put back in front of the next read, and when the reader's buffer is too small for the record
+//! the socket reads into the inbox and each whole record's plaintext is copied once into the
+//! reader's buffer. rustls's buffered connection copies every byte three times (into its
+//! deframer, into its plaintext queue, out to the reader).
 //!
 //! Writing: each record is sealed in place at the end of one write buffer: its plaintext is
 //! copied there once from the batch's iovecs and encrypted where it lies (the only copy on the
@@ -23,6 +26,8 @@
 //!
 //! Bounds: the inbox holds at most [`TLS_READ_BYTES`] plus one record ([`MAX_RECORD_BYTES`]);
 //! an idle connection's shrinks back to [`TLS_IDLE_READ_BYTES`] plus the record it waits for.
+//! A record carried in the reader's buffer grows it by at most one record beyond the room its
+//! owner gave.
 
 use std::cell::RefCell;
 use std::io;
@@ -44,6 +49,7 @@ use super::transport::{
     TLS_WRITE_BYTES,
 };
 use crate::conn::outbound::WriteBatch;
+use crate::conn::read_buffer::reserve_after_carried;
 use crate::tls::records::{self, Fatal, Opened, RecordLayer, MAX_RECORD_BYTES};
 
 /// The most ciphertext the handshake may hold while rustls waits for a whole handshake message
@@ -78,6 +84,13 @@ enum Session {
 /// yet opened; `plain` is decrypted plaintext (inside `buf[..start]`) not yet handed out;
 /// `early` is plaintext rustls decrypted during the handshake (the client's first bytes, sent
 /// with its Finished).
+///
+/// The record cut by the end of a read straight into the reader's buffer (the *tail*) stays
+/// where it was read when the tail's owner keeps it ([`ReadTail::carried`]): `tail_carried`
+/// bytes in the tail's spare room right after its plaintext, the record starting `tail_gap`
+/// bytes in (the headers and tags of the records opened before it). Meanwhile the inbox holds
+/// no ciphertext, and no plaintext to hand out: the next read appends to the record and it
+/// opens where it lies, shifted down onto the plaintext.
 struct Inbox {
     buf: Vec<u8>,
     start: usize,
@@ -86,6 +99,8 @@ struct Inbox {
     /// The record that ended the session, reported once the plaintext before it is handed out.
     failed: Option<Fatal>,
     last_read_busy: bool,
+    tail_carried: usize,
+    tail_gap: usize,
 }
 
 /// Where the next socket read goes ([`Inbox::plan_read`]).
@@ -110,7 +125,16 @@ enum Filled {
 
 impl Inbox {
     fn new() -> Inbox {
-        Inbox { buf: Vec::new(), start: 0, plain: 0..0, early: Vec::new(), failed: None, last_read_busy: false }
+        Inbox {
+            buf: Vec::new(),
+            start: 0,
+            plain: 0..0,
+            early: Vec::new(),
+            failed: None,
+            last_read_busy: false,
+            tail_carried: 0,
+            tail_gap: 0,
+        }
     }
 
     fn unread(&self) -> &[u8] {
@@ -121,6 +145,15 @@ impl Inbox {
     /// needed. A record that ends the session is reported after the plaintext before it.
     fn fill(&mut self, layer: &mut RecordLayer, out: &mut BytesMut) -> Result<Filled, Fatal> {
         assert!(out.capacity() > out.len(), "a read is always given room");
+        // Appending to `out` would overwrite a record carried in its spare room.
+        debug_assert!(
+            self.tail_carried == 0
+                || (self.failed.is_none()
+                    && self.early.is_empty()
+                    && self.plain.is_empty()
+                    && self.unread().is_empty()),
+            "the inbox has nothing to hand out while the tail carries a record"
+        );
         if let Some(fatal) = self.failed.take() {
             return Err(fatal);
         }
@@ -176,43 +209,91 @@ impl Inbox {
         taken
     }
 
-    /// Where the next read goes: into the reader's `tail` when its spare room holds at least the
-    /// record the inbox holds the start of (or a header, when it holds none), so that records
-    /// are opened where they were read; else into the inbox. Called once everything in the
-    /// inbox that can be handed out has been.
-    fn plan_read(&self, tail: &BytesMut) -> ReadInto {
+    /// Where the next read goes: into the reader's `tail` when its room (after a record it
+    /// carries) holds the rest of the record that comes next (all of it when the inbox holds its
+    /// start, a header when nothing of it was read), so that records are opened where they were
+    /// read; else into the inbox. When the tail's owner keeps a cut record
+    /// (`keep_cut_in_tail`), the tail is given that room instead (as its owner grows it for a
+    /// partly read record), so that a record once read into it is never copied out. Called once
+    /// everything in the inbox that can be handed out has been.
+    fn plan_read(&self, tail: &mut BytesMut, keep_cut_in_tail: bool) -> ReadInto {
         debug_assert!(self.plain.is_empty() && self.early.is_empty() && self.failed.is_none());
-        let record = match records::parse_header(self.unread()) {
-            Ok(Some(header)) => records::HEADER_BYTES + header.len,
-            _ => records::HEADER_BYTES.max(self.unread().len() + 1),
+        let started =
+            if self.tail_carried > 0 { &carried_in(tail, self.tail_carried)[self.tail_gap..] } else { self.unread() };
+        let rest = match records::parse_header(started) {
+            Ok(Some(header)) => (records::HEADER_BYTES + header.len).saturating_sub(started.len()),
+            _ => records::HEADER_BYTES.saturating_sub(started.len()),
         };
-        if tail.capacity() - tail.len() >= record {
-            ReadInto::Tail
-        } else {
-            ReadInto::Inbox
+        let wanted = rest.max(1) + if self.tail_carried > 0 { 0 } else { started.len() };
+        if tail.capacity() - tail.len() - self.tail_carried >= wanted {
+            return ReadInto::Tail;
         }
+        if !keep_cut_in_tail {
+            return ReadInto::Inbox;
+        }
+        // At most one record (`MAX_RECORD_BYTES`) beyond the room the owner gave.
+        debug_assert!(wanted <= records::MAX_RECORD_BYTES);
+        // SAFETY: the carried bytes lie in the spare room right after the contents (checked by
+        // `carried_in` above) and are initialized (see `carry_into`).
+        unsafe { reserve_after_carried(tail, self.tail_carried, wanted) };
+        ReadInto::Tail
     }
 
-    /// Moves the unopened ciphertext (the start of a record) to the end of `tail`, where the
-    /// next read appends to it; returns where the tail's plaintext ends (the ciphertext's start).
+    /// Gets the tail ready for a read straight into it: the record it carries, if any, becomes
+    /// part of its contents again (no copy), or the unopened ciphertext of the inbox (the start
+    /// of a record) is moved to its end. Returns where the tail's plaintext ends, where
+    /// [`Inbox::open_in_tail`] begins.
     fn carry_into(&mut self, tail: &mut BytesMut) -> usize {
         let from = tail.len();
-        tail.extend_from_slice(self.unread());
-        self.buf.clear();
-        self.start = 0;
-        self.plain = 0..0;
+        if self.tail_carried > 0 {
+            assert!(self.unread().is_empty(), "a record is carried in the tail or in the inbox, not both");
+            assert!(self.tail_carried <= tail.capacity() - from, "the carried record lies in the spare room");
+            // SAFETY: the carried bytes lie in the spare room right after the contents (checked
+            // above) and are initialized: a read wrote them, and their owner kept them there
+            // (`ReadTail::carried`), moving them with the contents when it reshaped the buffer.
+            unsafe { tail.set_len(from + self.tail_carried) };
+        } else {
+            tail.extend_from_slice(self.unread());
+            self.buf.clear();
+            self.start = 0;
+            self.plain = 0..0;
+        }
         from
     }
 
-    /// Opens the whole records in `tail[from..]` (ciphertext read into the tail) where they lie,
-    /// each one's plaintext moved up against the one before (ring decrypts and moves in one
-    /// pass), so the tail ends with plaintext only; the record cut by the end of the read goes
-    /// back to the inbox. A record that ends the session is reported after the plaintext before
-    /// it, as [`Inbox::fill`] does.
-    fn open_in_tail(&mut self, layer: &mut RecordLayer, tail: &mut BytesMut, from: usize) -> Result<Filled, Fatal> {
+    /// Moves a record carried in the tail's spare room into the inbox (a copy), when the next
+    /// read cannot go into the tail.
+    fn take_carried(&mut self, tail: &BytesMut) {
+        if self.tail_carried == 0 {
+            return;
+        }
+        assert!(self.unread().is_empty(), "a record is carried in the tail or in the inbox, not both");
+        let record = &carried_in(tail, self.tail_carried)[self.tail_gap..];
+        self.buf.clear();
+        self.start = 0;
+        self.plain = 0..0;
+        self.buf.extend_from_slice(record);
+        self.tail_carried = 0;
+        self.tail_gap = 0;
+    }
+
+    /// Opens the whole records in `tail[from..]` (ciphertext read into the tail, after the
+    /// record it carried, if any) where they lie, each one's plaintext moved up against the one
+    /// before (ring decrypts and moves in one pass), so the tail ends with plaintext only; the
+    /// record cut by the end of the read stays in the tail's spare room (`keep_cut_in_tail`: its
+    /// owner keeps it there) or goes to the inbox. A record that ends the session is reported
+    /// after the plaintext before it, as [`Inbox::fill`] does.
+    fn open_in_tail(
+        &mut self,
+        layer: &mut RecordLayer,
+        tail: &mut BytesMut,
+        from: usize,
+        keep_cut_in_tail: bool,
+    ) -> Result<Filled, Fatal> {
         debug_assert!(self.unread().is_empty(), "the inbox's ciphertext was carried into the tail");
-        let read = tail.len() - from;
-        let (mut read_at, mut write_at) = (from, from);
+        let read = tail.len() - from - self.tail_carried;
+        let (mut read_at, mut write_at) = (from + self.tail_gap, from);
+        (self.tail_carried, self.tail_gap) = (0, 0);
         let mut failed = None;
         while !layer.peer_closed() {
             let next = match records::next_record(&tail[read_at..]) {
@@ -237,8 +318,13 @@ impl Inbox {
                 }
             }
         }
-        if failed.is_none() && !layer.peer_closed() {
-            self.buf.extend_from_slice(&tail[read_at..]);
+        if failed.is_none() && !layer.peer_closed() && read_at < tail.len() {
+            if keep_cut_in_tail {
+                // Left where it was read: `truncate` below keeps the bytes in the spare room.
+                (self.tail_carried, self.tail_gap) = (tail.len() - write_at, read_at - write_at);
+            } else {
+                self.buf.extend_from_slice(&tail[read_at..]);
+            }
         }
         self.last_read_busy = read >= TLS_IDLE_READ_BYTES;
         if self.buf.is_empty() && !self.last_read_busy && self.buf.capacity() > 2 * TLS_IDLE_READ_BYTES {
@@ -292,6 +378,17 @@ impl Inbox {
         self.last_read_busy = self.buf.len() - unread >= TLS_IDLE_READ_BYTES;
         result
     }
+}
+
+/// The `carried` bytes in `tail`'s spare room right after its contents.
+fn carried_in(tail: &BytesMut, carried: usize) -> &[u8] {
+    assert!(carried <= tail.capacity() - tail.len(), "the carried record lies in the spare room");
+    // SAFETY: `len <= capacity`, so the result is inside (or one past) the allocation.
+    let start = unsafe { tail.as_ptr().add(tail.len()) };
+    // SAFETY: the range is inside the allocation (checked above) and initialized: a read wrote
+    // it, and the tail's owner kept it there (`ReadTail::carried`); the shared borrow of `tail`
+    // keeps anything from writing to it while the slice lives.
+    unsafe { std::slice::from_raw_parts(start, carried) }
 }
 
 /// What one round of the handshake left to do.
@@ -402,12 +499,15 @@ fn fatal_error(fatal: Fatal) -> io::Error {
 /// Gives `tail` plaintext, reading the socket when it needs more; the reader's loop (the
 /// handshake is over). Records are read straight into the tail's spare room and opened there,
 /// shifted to close the gaps their headers and tags leave, when it has room for them
-/// ([`Inbox::plan_read`]); otherwise into the inbox, whose plaintext is then copied.
+/// ([`Inbox::plan_read`]); otherwise into the inbox, whose plaintext is then copied. The record
+/// cut by the end of a read stays in the tail when `keep_cut_in_tail` (its owner keeps it,
+/// [`ReadTail::carried`]), else it waits in the inbox.
 async fn read_records<R: AsyncReadRent>(
     layer: &RefCell<RecordLayer>,
     inbox: &mut Inbox,
     socket: &mut R,
     tail: &mut BytesMut,
+    keep_cut_in_tail: bool,
 ) -> io::Result<usize> {
     loop {
         let filled = inbox.fill(&mut layer.borrow_mut(), tail).map_err(fatal_error)?;
@@ -416,25 +516,30 @@ async fn read_records<R: AsyncReadRent>(
             Filled::Ended => return Ok(0),
             Filled::NeedCiphertext => {}
         }
-        let read = if inbox.plan_read(tail) == ReadInto::Tail {
+        let read = if inbox.plan_read(tail, keep_cut_in_tail) == ReadInto::Tail {
             let from = inbox.carry_into(tail);
-            let (result, buf) = socket.read(ReadTail(std::mem::take(tail))).await;
-            *tail = buf.0;
+            let (result, buf) = socket.read(ReadTail::new(std::mem::take(tail))).await;
+            *tail = buf.bytes;
             match result {
                 Ok(read) if read > 0 => {
-                    match inbox.open_in_tail(&mut layer.borrow_mut(), tail, from).map_err(fatal_error)? {
+                    match inbox
+                        .open_in_tail(&mut layer.borrow_mut(), tail, from, keep_cut_in_tail)
+                        .map_err(fatal_error)?
+                    {
                         Filled::Bytes(read) => return Ok(read),
                         Filled::Ended => return Ok(0),
                         Filled::NeedCiphertext => continue,
                     }
                 }
                 result => {
-                    // The carried ciphertext is not the reader's: it goes before the result.
+                    // The carried ciphertext is not the reader's: it goes before the result
+                    // (back to the spare room, if it was carried there).
                     tail.truncate(from);
                     result?
                 }
             }
         } else {
+            inbox.take_carried(tail);
             inbox.read_from(socket, usize::MAX).await?
         };
         if read == 0 {
@@ -576,12 +681,16 @@ impl ReadSide for InPlaceStream {
         if let Err(error) = self.handshake().await {
             return (Err(error), tail);
         }
-        let early = self.inbox.hand_out_early(&mut tail.0);
+        let early = self.inbox.hand_out_early(&mut tail.bytes);
         if early > 0 {
             return (Ok(early), tail);
         }
         let result = match &self.session {
-            StreamSession::Traffic(layer) => read_records(layer, &mut self.inbox, &mut self.socket, &mut tail.0).await,
+            // Before the split the connection may move to another shard with its buffered
+            // bytes only: no record is left in the tail's spare room.
+            StreamSession::Traffic(layer) => {
+                read_records(layer, &mut self.inbox, &mut self.socket, &mut tail.bytes, false).await
+            }
             StreamSession::Handshaking(_) | StreamSession::Ended => Ok(0),
         };
         (result, tail)
@@ -660,14 +769,29 @@ pub struct InPlaceReader {
 
 impl ReadSide for InPlaceReader {
     async fn read_tail(&mut self, mut tail: ReadTail) -> BufResult<usize, ReadTail> {
-        let early = self.inbox.hand_out_early(&mut tail.0);
+        let early = self.inbox.hand_out_early(&mut tail.bytes);
         if early > 0 {
             return (Ok(early), tail);
         }
+        let keep_cut_in_tail = match tail.carried {
+            Some(carried) => {
+                assert_eq!(carried, self.inbox.tail_carried, "the reader's buffer kept the carried record");
+                true
+            }
+            None => {
+                assert_eq!(self.inbox.tail_carried, 0, "a tail with a carried record is the reader's buffer");
+                false
+            }
+        };
         let result = match &self.layer {
-            Some(layer) => read_records(layer, &mut self.inbox, &mut self.socket, &mut tail.0).await,
+            Some(layer) => {
+                read_records(layer, &mut self.inbox, &mut self.socket, &mut tail.bytes, keep_cut_in_tail).await
+            }
             None => Ok(0),
         };
+        if keep_cut_in_tail {
+            tail.carried = Some(self.inbox.tail_carried);
+        }
         (result, tail)
     }
 }
@@ -815,70 +939,110 @@ mod tests {
         Ok(received)
     }
 
-    /// Gives `wire` to the broker's side as `read_records` does, with reads of 1 to 20,000
-    /// bytes (at most the room): each read goes where [`Inbox::plan_read`] says, into the
-    /// reader's buffer (`capacity` bytes, emptied after each read as the decoder would) or into
-    /// the inbox.
+    /// How the reads of [`feed_as_reads`] went.
+    #[derive(Debug, Default)]
+    struct Reads {
+        into_tail: usize,
+        into_inbox: usize,
+        /// Reads after which a cut record stayed in the reader's buffer's spare room.
+        carried_in_tail: usize,
+    }
+
+    /// `read_records` over a socket that hands out `wire` in reads of 1 to 20,000 bytes (at
+    /// most the room), `step` driving their lengths. Ok(0) once `wire` is all read.
+    fn read_records_from(
+        layer: &mut RecordLayer,
+        inbox: &mut Inbox,
+        tail: &mut BytesMut,
+        keep_cut_in_tail: bool,
+        (wire, step): (&mut &[u8], &mut usize),
+        reads: &mut Reads,
+    ) -> Result<usize, Fatal> {
+        loop {
+            match inbox.fill(layer, tail)? {
+                Filled::Bytes(read) => return Ok(read),
+                Filled::Ended => return Ok(0),
+                Filled::NeedCiphertext => {}
+            }
+            if wire.is_empty() {
+                return Ok(0);
+            }
+            *step = (*step * 7919 + 13) % 20_000 + 1;
+            if inbox.plan_read(tail, keep_cut_in_tail) == ReadInto::Tail {
+                reads.into_tail += 1;
+                let from = inbox.carry_into(tail);
+                let read = (*step).min(tail.capacity() - tail.len()).min(wire.len());
+                tail.extend_from_slice(&wire[..read]);
+                *wire = &wire[read..];
+                let filled = inbox.open_in_tail(layer, tail, from, keep_cut_in_tail)?;
+                reads.carried_in_tail += usize::from(inbox.tail_carried > 0);
+                match filled {
+                    Filled::Bytes(read) => return Ok(read),
+                    Filled::Ended => return Ok(0),
+                    Filled::NeedCiphertext => continue,
+                }
+            }
+            reads.into_inbox += 1;
+            inbox.take_carried(tail);
+            let read = (*step).min(wire.len());
+            inbox.buf.extend_from_slice(&wire[..read]);
+            *wire = &wire[read..];
+        }
+    }
+
+    /// Gives `wire` to the broker's side as the reader does: each read goes where
+    /// [`Inbox::plan_read`] says, into the reader's buffer or into the inbox. With
+    /// `keep_cut_in_tail` the reader's buffer is a [`ReadBuffer`] (busy room `capacity`) that
+    /// keeps the record cut by a read in its spare room, and the plaintext is taken from its
+    /// front as the decoder does, sometimes leaving a partial frame behind; without, it is a
+    /// buffer of `capacity` bytes emptied after each read, the cut record waiting in the inbox.
     fn feed_as_reads(
         layer: &mut RecordLayer,
         inbox: &mut Inbox,
-        wire: &[u8],
+        mut wire: &[u8],
         capacity: usize,
-    ) -> Result<Vec<u8>, Fatal> {
-        let (mut received, mut offset, mut step) = (Vec::new(), 0, 0usize);
-        let mut tail = BytesMut::with_capacity(capacity);
-        let (mut into_tail, mut into_inbox) = (0, 0);
+        keep_cut_in_tail: bool,
+    ) -> Result<(Vec<u8>, Reads), Fatal> {
+        let (mut received, mut step, mut reads) = (Vec::new(), 0usize, Reads::default());
+        let mut buffer = crate::conn::read_buffer::ReadBuffer::new(BytesMut::with_capacity(capacity), capacity);
+        let mut fixed = BytesMut::with_capacity(capacity);
         loop {
-            loop {
-                match inbox.fill(layer, &mut tail)? {
-                    Filled::Bytes(_) => {
-                        received.extend_from_slice(&tail);
-                        tail.clear();
-                    }
-                    Filled::Ended => return Ok(received),
-                    Filled::NeedCiphertext => break,
-                }
-            }
-            if offset == wire.len() {
-                assert!(into_tail > 0, "some reads went straight into the reader's buffer");
-                assert!(capacity > records::MAX_RECORD_BYTES || into_inbox > 0, "some records were too large for it");
-                return Ok(received);
-            }
-            step = (step * 7919 + 13) % 20_000 + 1;
-            if inbox.plan_read(&tail) == ReadInto::Tail {
-                into_tail += 1;
-                let from = inbox.carry_into(&mut tail);
-                let room = tail.capacity() - tail.len();
-                let end = (offset + step.min(room)).min(wire.len());
-                tail.extend_from_slice(&wire[offset..end]);
-                offset = end;
-                match inbox.open_in_tail(layer, &mut tail, from)? {
-                    Filled::Bytes(read) => {
-                        assert_eq!(read, tail.len());
-                        received.extend_from_slice(&tail);
-                        tail.clear();
-                    }
-                    Filled::Ended => return Ok(received),
-                    Filled::NeedCiphertext => assert_eq!(tail.len(), 0, "no ciphertext is left in the reader's buffer"),
-                }
+            let read = if keep_cut_in_tail {
+                let (mut tail, carried) = buffer.take_for_read();
+                assert_eq!(carried, inbox.tail_carried, "the buffer kept the carried record");
+                let read = read_records_from(layer, inbox, &mut tail, true, (&mut wire, &mut step), &mut reads)?;
+                buffer.put_back(tail, read, inbox.tail_carried);
+                // The decoder takes whole frames: here, all but up to 99 bytes of a "frame".
+                let held = buffer.bytes_mut();
+                let taken = if read == 0 { held.len() } else { held.len() - (step % 100).min(held.len()) };
+                received.extend_from_slice(&held.split_to(taken));
+                read
             } else {
-                into_inbox += 1;
-                let end = (offset + step).min(wire.len());
-                inbox.buf.extend_from_slice(&wire[offset..end]);
-                offset = end;
+                let read = read_records_from(layer, inbox, &mut fixed, false, (&mut wire, &mut step), &mut reads)?;
+                received.extend_from_slice(&fixed);
+                fixed.clear();
+                read
+            };
+            if read == 0 {
+                return Ok((received, reads));
             }
         }
     }
 
     /// A client's records, large and small, with its KeyUpdates (TLS 1.3) between them, read
-    /// straight into the reader's buffer and opened there (records cut by a read carried to the
-    /// next), or through the inbox when the buffer is too small for a record: what the broker
-    /// gets is exactly what the client wrote, in TLS 1.3 and 1.2, and the client's close_notify
-    /// ends the stream after it.
+    /// straight into the reader's buffer and opened there, or through the inbox when the buffer
+    /// is too small for a record: what the broker gets is exactly what the client wrote, in TLS
+    /// 1.3 and 1.2, and the client's close_notify ends the stream after it. The record cut by
+    /// a read waits either in the inbox, or (the reader's `ReadBuffer`) in the buffer's spare
+    /// room, kept there while the decoder takes frames and the buffer grows, and then opens
+    /// where it lies: no read goes through the inbox then.
     #[test]
     fn records_read_straight_into_the_readers_buffer_arrive_whole_and_in_order() {
         for version in VERSIONS {
-            for capacity in [600, 5_000, 70_000] {
+            for (capacity, keep_cut_in_tail) in
+                [(600, false), (5_000, false), (70_000, false), (600, true), (5_000, true), (70_000, true)]
+            {
+                let case = format!("{version:?}, room {capacity}, cut record kept in the buffer: {keep_cut_in_tail}");
                 let (mut client, mut layer, mut inbox) = handshaken(version);
                 let (mut expected, mut wire) = (Vec::new(), Vec::new());
                 for index in 0..1_500u32 {
@@ -898,10 +1062,19 @@ mod tests {
                 wire.extend(client_output(&mut client));
                 // Bytes after the close_notify are never opened.
                 wire.extend_from_slice(&[23, 3, 3, 0, 1, 0]);
-                let received = feed_as_reads(&mut layer, &mut inbox, &wire, capacity).unwrap();
-                assert_eq!(received.len(), expected.len(), "{version:?}, room {capacity}");
-                assert!(received == expected, "{version:?}, room {capacity}: the plaintext differs");
-                assert!(layer.peer_closed(), "{version:?}, room {capacity}: the close_notify was seen");
+                let (received, reads) =
+                    feed_as_reads(&mut layer, &mut inbox, &wire, capacity, keep_cut_in_tail).unwrap();
+                assert_eq!(received.len(), expected.len(), "{case}");
+                assert!(received == expected, "{case}: the plaintext differs");
+                assert!(layer.peer_closed(), "{case}: the close_notify was seen");
+                assert!(reads.into_tail > 0, "{case}: some reads went straight into the reader's buffer: {reads:?}");
+                if keep_cut_in_tail {
+                    assert!(reads.carried_in_tail > 0, "{case}: cut records stayed in the buffer: {reads:?}");
+                    assert_eq!(reads.into_inbox, 0, "{case}: no read needed the inbox: {reads:?}");
+                } else {
+                    assert_eq!(reads.carried_in_tail, 0, "{case}: {reads:?}");
+                    assert!(capacity > records::MAX_RECORD_BYTES || reads.into_inbox > 0, "{case}: {reads:?}");
+                }
             }
         }
     }
@@ -921,10 +1094,10 @@ mod tests {
             wire[first + 9] ^= 0x40;
             let mut tail = BytesMut::with_capacity(4096);
             tail.extend_from_slice(b"frame");
-            assert_eq!(inbox.plan_read(&tail), ReadInto::Tail);
+            assert_eq!(inbox.plan_read(&mut tail, true), ReadInto::Tail);
             let from = inbox.carry_into(&mut tail);
             tail.extend_from_slice(&wire);
-            assert_eq!(inbox.open_in_tail(&mut layer, &mut tail, from), Ok(Filled::Bytes(5)), "{version:?}");
+            assert_eq!(inbox.open_in_tail(&mut layer, &mut tail, from, true), Ok(Filled::Bytes(5)), "{version:?}");
             assert_eq!(&tail[..], b"framefirst", "{version:?}");
             let refused = inbox.fill(&mut layer, &mut tail).unwrap_err();
             assert_eq!(refused.alert, Some(records::Alert::BadRecordMac), "{version:?}");

@@ -416,7 +416,7 @@ impl TlsStream {
 impl ReadSide for TlsStream {
     async fn read_tail(&mut self, mut tail: ReadTail) -> BufResult<usize, ReadTail> {
         loop {
-            let decrypted = decrypt_into(&mut self.connection.borrow_mut(), &mut self.incoming, &mut tail.0);
+            let decrypted = decrypt_into(&mut self.connection.borrow_mut(), &mut self.incoming, &mut tail.bytes);
             // Handshake records (and alerts) go out before this side waits for the peer again.
             let flushed = flush_tls(&self.connection, &mut self.socket).await;
             match decrypted {
@@ -489,7 +489,7 @@ pub struct TlsReader {
 impl ReadSide for TlsReader {
     async fn read_tail(&mut self, mut tail: ReadTail) -> BufResult<usize, ReadTail> {
         loop {
-            match decrypt_into(&mut self.connection.borrow_mut(), &mut self.incoming, &mut tail.0) {
+            match decrypt_into(&mut self.connection.borrow_mut(), &mut self.incoming, &mut tail.bytes) {
                 Ok(Decrypted::Bytes(read)) => return (Ok(read), tail),
                 Ok(Decrypted::Ended) => return (Ok(0), tail),
                 Err(error) => return (Err(error), tail),
