@@ -935,8 +935,9 @@ impl Session {
     }
 
     /// Takes one delivery of `subscription`: numbered and sent now, or (detached) kept for the
-    /// resume.
-    #[inline]
+    /// resume. Always inlined: it is the body of the per-delivery loop (an out-of-line call
+    /// per delivery cost about 27 instructions per message on `callgrind-broker.sh`).
+    #[inline(always)]
     fn take_delivery(
         &mut self,
         owner: ShardId,
