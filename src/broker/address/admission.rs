@@ -301,9 +301,12 @@ impl AddressTable {
         if !to_anycast_queue {
             // Multicast subscribers whose backlog is full are ended by this message (below): it
             // is routed as the address stands without them, so the message that ends the last
-            // one waits in the anycast queue instead of reaching no one.
-            let ending = state.multicast.iter().filter(|s| s.backlog.len() >= max_queued).count();
-            to_anycast_queue = ending > 0 && state.routes_to_anycast_queue_without(ending);
+            // one waits in the anycast queue instead of reaching no one. Only the end of every
+            // one can change the routing, so the test stops at the first with room (a scan of
+            // all of them per message cost fan-out a pass over every backlog).
+            let ending_all =
+                !state.multicast.is_empty() && state.multicast.iter().all(|s| s.backlog.len() >= max_queued);
+            to_anycast_queue = ending_all && state.routes_to_anycast_queue_without(state.multicast.len());
         }
         // What waits beyond the subscribers' credit, counting the messages of this batch
         // queued ahead of this one and not dispatched yet (none outside a batch: a queue that
