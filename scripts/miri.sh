@@ -11,6 +11,8 @@
 #   - the broker's `store::` unit tests: the durable log's record format and the sans-IO halves
 #     of recovery (segment scan, replay). The log's IO tests (src/store/tests.rs: files, flock,
 #     io_uring through monoio) are compiled out under Miri, which cannot run io_uring.
+#   - the broker's `broker::shared_message` unit tests: the stored messages' slabs and their
+#     atomic reference counts (unsafe code), handles cloned and dropped on several threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,3 +29,5 @@ echo "== miri: mbws-proto (all tests)"
 cargo +nightly miri test -p mbws-proto
 echo "== miri: mbws store:: unit tests (record format, recovery scan and replay)"
 cargo +nightly miri test -p mbws --lib store::
+echo "== miri: mbws broker::shared_message unit tests (the message slabs' reference counts, across threads)"
+cargo +nightly miri test -p mbws --lib broker::shared_message

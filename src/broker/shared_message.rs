@@ -329,14 +329,19 @@ mod tests {
         let shared: Vec<SharedMessage> =
             (0..40).map(|index| SharedMessage::in_slab(message(&index.to_string()))).collect();
         let copies = shared.clone();
+        let lengths: usize = shared.iter().map(|message| message.body().len()).sum();
+        let (filler_done, wait_for_filler) = std::sync::mpsc::channel::<()>();
         let other = std::thread::spawn(move || {
             // A slab of the other thread's too, left partly filled when it ends.
             let own = SharedMessage::in_slab(message("theirs"));
+            // The filling thread has dropped its handles: these copies are the last, so the
+            // messages and slabs of the first thread are released on this one.
+            wait_for_filler.recv().unwrap();
             copies.iter().map(|message| message.body().len()).sum::<usize>() + own.body().len()
         });
-        let lengths: usize = shared.iter().map(|message| message.body().len()).sum();
-        assert_eq!(other.join().unwrap(), lengths + "theirs".len());
         drop(shared);
+        filler_done.send(()).unwrap();
+        assert_eq!(other.join().unwrap(), lengths + "theirs".len());
     }
 
     #[test]
