@@ -102,8 +102,13 @@ impl ReadBuffer {
 
     /// Puts the buffer back after a read that appended `read_bytes` to it and left
     /// `carried_bytes` of the stream's own in its spare room, right after them.
+    ///
+    /// A plain read appends at most its room. A TLS read may append more: it opens the record
+    /// carried from the read before as well as what it read, and it may grow the buffer for a
+    /// record longer than the room (`shard::tls_inplace`); such a read counts as one that
+    /// filled its room.
     pub fn put_back(&mut self, bytes: BytesMut, read_bytes: usize, carried_bytes: usize) {
-        debug_assert!(read_bytes <= self.last_room_bytes, "a read returns at most its room");
+        debug_assert!(read_bytes <= bytes.len(), "a read appends at most what the buffer holds");
         assert!(carried_bytes <= bytes.capacity() - bytes.len(), "carried bytes lie in the spare room");
         self.bytes = bytes;
         self.last_read_bytes = read_bytes;
@@ -111,7 +116,7 @@ impl ReadBuffer {
     }
 
     fn last_read_filled_its_room(&self) -> bool {
-        self.last_room_bytes > 0 && self.last_read_bytes == self.last_room_bytes
+        self.last_room_bytes > 0 && self.last_read_bytes >= self.last_room_bytes
     }
 
     fn prepare(&mut self) {
