@@ -136,6 +136,21 @@ struct RelayHandle {
     wake: QueueWake,
 }
 
+impl RelayHandle {
+    /// Records what a full queue could not take, once, and wakes the relay for it; false if
+    /// it was recorded already (then it was handled already, too).
+    fn note_overflow(&self, overflow: Overflow) -> bool {
+        let mut overflowed = self.overflowed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if overflowed.contains(&overflow) {
+            return false;
+        }
+        overflowed.push(overflow);
+        drop(overflowed);
+        self.wake.notify();
+        true
+    }
+}
+
 /// The relays of one shard, by owner node (see the module doc).
 pub struct Relays {
     shard: ShardId,
@@ -202,13 +217,9 @@ impl Relays {
         }
         // Full, or the relay cannot be started (then it holds nothing to settle anyway).
         let Some(handle) = self.by_node.get(&owner) else { return };
-        let mut overflowed = handle.overflowed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if overflowed.contains(&overflow) {
+        if !handle.note_overflow(overflow) {
             return;
         }
-        overflowed.push(overflow);
-        drop(overflowed);
-        handle.wake.notify();
         if let Overflow::Subscription(consumer, subscription) = overflow {
             let refusal = Refusal::new(
                 ErrorCode::Overloaded,
@@ -242,15 +253,10 @@ impl Relays {
             return;
         };
         let Some(handle) = self.by_node.get(&owner) else { return };
-        let overflow = Overflow::Subscription(consumer, subscription);
-        let mut overflowed = handle.overflowed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if overflowed.contains(&overflow) {
+        if !handle.note_overflow(Overflow::Subscription(consumer, subscription)) {
             // Ended already for the same overflow.
             return;
         }
-        overflowed.push(overflow);
-        drop(overflowed);
-        handle.wake.notify();
         ended(&self.post_office, self.shard, consumer, subscription, ticket, true, refusal, answers);
     }
 
