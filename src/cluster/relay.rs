@@ -46,7 +46,8 @@
 //! multicast consumer) ends the consumer's with the owner's ERROR. The view seeing the
 //! address placed on another node ends it too ([`Forward::End`](super::view::Forward::End),
 //! 4421 naming the new owner), without waiting for the old owner, who may be dead, stopped
-//! or partitioned; the relay decides which word ends it, once, whichever comes first. The
+//! or partitioned, and so does this node's fencing (4421, "fenced"); the relay decides which
+//! word ends it, once, whichever comes first. The
 //! owner unreachable (a connection that cannot be made or resumed within [`WAIT_BOUND`] / [`RESUME_WINDOW`](super::forward::RESUME_WINDOW), no
 //! SUBSCRIBED or no answer to a PING within [`WAIT_BOUND`]) ends every subscription of the
 //! relay with non-fatal **4503** naming the node; SUBSCRIBEs during the backoff that follows
@@ -112,7 +113,8 @@ enum Job {
         command: AddressCommand,
     },
     Settle(AddressCommand),
-    /// The view's [`Forward::End`](super::view::Forward::End): the address moved to another node.
+    /// The view's [`Forward::End`](super::view::Forward::End): the address moved to another
+    /// node, or this node is fenced.
     End {
         consumer: ConnRef,
         subscription: SubscriptionId,
@@ -506,16 +508,16 @@ impl Relay {
             Job::Subscribe { ticket, command } => self.subscribe(ticket, command),
             Job::Settle(command) => self.settle(command),
             Job::End { consumer, subscription, ticket, refusal } => {
-                self.end_moved(consumer, subscription, ticket, refusal)
+                self.end_at_views_word(consumer, subscription, ticket, refusal)
             }
         }
     }
 
-    /// The view saw the address of the relayed subscription `ticket` placed on another node:
-    /// ends it with `refusal` (a SUBSCRIBE not answered yet is refused with it) and
+    /// The view saw the address of the relayed subscription `ticket` placed on another node,
+    /// or this node fenced: ends it with `refusal` (a SUBSCRIBE not answered yet is refused with it) and
     /// unsubscribes it at the owner, unless it ended already (the owner's own ERROR, 4503)
     /// or is a newer one with the same id.
-    fn end_moved(&mut self, consumer: ConnRef, subscription: SubscriptionId, ticket: u64, refusal: Refusal) {
+    fn end_at_views_word(&mut self, consumer: ConnRef, subscription: SubscriptionId, ticket: u64, refusal: Refusal) {
         let Some(&id) = self.by_consumer.get(&(consumer, subscription)) else { return };
         let relayed = self.subscriptions.get(&id).expect("by_consumer names live subscriptions");
         if relayed.ticket != ticket {

@@ -32,7 +32,8 @@
 //!   shard; beyond: 4429) and in time (the control plane answers every request, with a
 //!   placement or a [`ClusterUpdate::Unplaced`] refusal, within its placement timeout);
 //! - fenced (this node could not renew its lease in time): refused with 4421; the subscriptions
-//!   it served end with that 4421, its relayed ones too (each also unsubscribed at its owner).
+//!   it served end with that 4421, its relayed ones too: the view asks their relays to end them
+//!   ([`Forward::End`], as for a move), and each relay unsubscribes them at their owner.
 //!
 //! Sans-IO: updates come in as [`ClusterUpdate`]s, refusals go out as the address table's
 //! answers ([`Outgoing`]), released commands go back to the caller's work queue in order.
@@ -99,7 +100,7 @@ pub enum Forward {
     /// (auto-ack deliveries written) or `Unsubscribe` of one, or a `ConsumerGone`.
     Settle { owner: Arc<NodeRef>, command: AddressCommand },
     /// The relayed subscription `ticket` of `consumer` must end with `refusal` (its address was
-    /// placed on another node): its relay, which alone decides when a relayed subscription
+    /// placed on another node, or this node is fenced): its relay, which alone decides when a relayed subscription
     /// ends, ends it once (unless it ended already), tells the consumer and the view
     /// ([`ClusterUpdate::RelayEnded`]), and unsubscribes it at `owner`.
     End { owner: Arc<NodeRef>, consumer: ConnRef, subscription: SubscriptionId, ticket: u64, refusal: Refusal },
@@ -253,7 +254,8 @@ struct RelayedEntry {
     ticket: u64,
     /// For the refusal that ends it when this node is fenced.
     address: Bytes,
-    /// Its relay was asked to end it (its address moved): remembered until the relay's word.
+    /// Its relay was asked to end it (its address moved, or this node is fenced): remembered
+    /// until the relay's word.
     ending: bool,
 }
 
@@ -613,7 +615,7 @@ impl PlacementView {
                     let refusal = fenced_refusal(&address, &reason);
                     self.end_subscriptions(&address, &refusal, table, now_ms, out);
                 }
-                self.end_relayed(&reason, out);
+                self.end_relayed(&reason);
                 let fed: Vec<Bytes> = self.feeds.keys().cloned().collect();
                 for address in fed {
                     let refusal = fenced_refusal(&address, &reason);
@@ -660,15 +662,30 @@ impl PlacementView {
     /// consumer subscribes again, to the new owner, at once: the old owner may not be there to
     /// end it (dead, stopped or partitioned: its relay would end it with 4503 only after a
     /// PING's silence, [`super::relay::IDLE_TICK`] plus [`super::forward::WAIT_BOUND`]).
-    /// The view asks the relay ([`Forward::End`]) rather than ending it here, because the
-    /// relay may be ending it at the same moment (the old owner's own 4421, or 4503): it alone
-    /// decides, so the consumer hears of the end once, and a later SUBSCRIBE with the same id
-    /// cannot be ended by a stale word. The view forgets the entry on the relay's
-    /// [`ClusterUpdate::RelayEnded`], as for any end the relay decides.
     fn end_relayed_elsewhere(&mut self, address: &[u8], owner: &Owner) {
+        let refusal = moved_refusal(address, owner);
+        self.ask_relays_to_end(|entry| entry.address.as_ref() == address, |_| refusal.clone());
+    }
+
+    /// Fencing: every relayed subscription ends with the fenced refusal, and its relay
+    /// unsubscribes it at its owner (which gets back what the consumer had not acknowledged),
+    /// so a fenced node delivers nothing more from the owners either. The consumer's session
+    /// may subscribe again, and is refused while fenced.
+    fn end_relayed(&mut self, reason: &str) {
+        self.ask_relays_to_end(|_| true, |address| fenced_refusal(address, reason));
+    }
+
+    /// Asks the relays to end the relayed subscriptions `which` selects, each with its
+    /// `refusal` ([`Forward::End`]), rather than ending them here: a relay may be ending the
+    /// same subscription at the same moment (its owner's own 4421, or 4503), so it alone
+    /// decides, the consumer hears of the end once, and a later SUBSCRIBE with the same id
+    /// cannot be ended by a stale word. The view forgets each entry on its relay's
+    /// [`ClusterUpdate::RelayEnded`], as for any end the relay decides; until then it is
+    /// marked `ending` and never asked twice.
+    fn ask_relays_to_end(&mut self, which: impl Fn(&RelayedEntry) -> bool, refusal: impl Fn(&[u8]) -> Refusal) {
         for (consumer, entries) in &mut self.relayed {
             for entry in entries {
-                if entry.ending || entry.address.as_ref() != address {
+                if entry.ending || !which(entry) {
                     continue;
                 }
                 entry.ending = true;
@@ -678,32 +695,8 @@ impl PlacementView {
                     consumer: *consumer,
                     subscription: entry.subscription,
                     ticket: entry.ticket,
-                    refusal: moved_refusal(address, owner),
+                    refusal: refusal(&entry.address),
                 });
-            }
-        }
-    }
-
-    /// Fencing: ends every relayed subscription with the fenced refusal, and unsubscribes it at
-    /// its owner through its relay (which gets back what the consumer had not acknowledged), so
-    /// a fenced node delivers nothing more from the owners either. The consumer's session may
-    /// subscribe again, and is refused while fenced.
-    fn end_relayed(&mut self, reason: &str, out: &mut Vec<Outgoing>) {
-        for (consumer, entries) in std::mem::take(&mut self.relayed) {
-            for RelayedEntry { subscription, owner, address, ending, .. } in entries {
-                owner.counters.relays_closed(1);
-                if ending {
-                    // Its relay ends it (the move's 4421) and unsubscribes it at the owner.
-                    continue;
-                }
-                self.counters.subscriptions_ended += 1;
-                let command = AddressCommand::Unsubscribe { consumer, subscription };
-                self.forwards.push(Forward::Settle { owner, command });
-                let refusal = fenced_refusal(&address, reason);
-                out.push((
-                    consumer.shard,
-                    ConnCommand::SubscriptionEnded { consumer: consumer.conn, subscription, refusal },
-                ));
             }
         }
     }
@@ -1157,38 +1150,43 @@ mod tests {
     }
 
     #[test]
-    fn fencing_ends_relayed_subscriptions_and_unsubscribes_them_at_their_owner() {
+    fn fencing_asks_the_relays_to_end_relayed_subscriptions_and_forgets_them_on_their_word() {
         let mut f = Fixture::new();
         f.apply(ClusterUpdate::Placed { address: Bytes::from_static(b"a"), owner: remote() });
         assert!(f.admit(subscribe("a", 1)).is_none());
         assert!(f.admit(subscribe("a", 2)).is_none());
         let mut forwards = Vec::new();
         f.view.take_forwards(&mut forwards);
-        forwards.clear();
-        f.apply(ClusterUpdate::Fenced { reason: "lease not renewed for 5000 ms".into() });
-        let mut ended = refusal_codes(&f.out);
-        ended.sort_unstable_by_key(|(id, _)| *id);
-        assert_eq!(ended, [(1, ErrorCode::Misdirected), (2, ErrorCode::Misdirected)]);
-        for (_, command) in &f.out {
-            let ConnCommand::SubscriptionEnded { refusal, .. } = command else { panic!("{command:?}") };
-            assert!(refusal.reason.contains("\"a\"") && refusal.reason.contains("fenced"), "{}", refusal.reason);
-        }
-        f.view.take_forwards(&mut forwards);
-        let mut unsubscribed: Vec<u32> = forwards
-            .iter()
+        let tickets: Vec<u64> = forwards
+            .drain(..)
             .map(|forward| match forward {
-                Forward::Settle { command: AddressCommand::Unsubscribe { subscription, .. }, owner } => {
-                    assert_eq!(owner.name, "b");
-                    subscription.0
-                }
-                other => panic!("fencing forwards UNSUBSCRIBEs only, not {other:?}"),
+                Forward::Subscribe { ticket, .. } => ticket,
+                other => panic!("a relayed SUBSCRIBE, not {other:?}"),
             })
             .collect();
-        unsubscribed.sort_unstable();
-        assert_eq!(unsubscribed, [1, 2]);
-        assert_eq!(f.view.relayed_count(), 0);
+        f.apply(ClusterUpdate::Fenced { reason: "lease not renewed for 5000 ms".into() });
+        // The view ends nothing itself: the relay alone decides, so the consumer hears of the
+        // end once even when the owner's own end crosses it.
+        assert!(f.out.is_empty(), "{:?}", f.out);
+        let mut asked = ends_asked(&mut f);
+        asked.sort_unstable();
+        assert_eq!(asked.iter().map(|(id, owner, _)| (*id, owner.as_str())).collect::<Vec<_>>(), [(1, "b"), (2, "b")]);
+        for (_, _, reason) in &asked {
+            assert!(reason.contains("\"a\"") && reason.contains("fenced"), "{reason}");
+        }
         assert_eq!(f.view.counters.subscriptions_ended, 2);
-        // What the consumer sends for them afterwards is not relayed any more.
+        // Fenced once more (a second lease lost before joining again): nobody is asked twice.
+        f.apply(ClusterUpdate::Fenced { reason: "lease not renewed for 5000 ms".into() });
+        assert!(ends_asked(&mut f).is_empty());
+        // The relay's word: forgotten, and what the consumer sends for them is not relayed.
+        for (subscription, ticket) in [1, 2].into_iter().zip(tickets) {
+            f.apply(ClusterUpdate::RelayEnded {
+                consumer: conn(2),
+                subscription: SubscriptionId(subscription),
+                ticket,
+            });
+        }
+        assert_eq!(f.view.relayed_count(), 0);
         let credit = AddressCommand::SetCredit { consumer: conn(2), subscription: SubscriptionId(1), credit: 3 };
         assert!(f.admit(credit).is_some());
     }
