@@ -425,11 +425,15 @@ impl AddressTable {
     /// multicast subscriber is ended at the bound instead (see `publish`).
     ///
     /// At most once is bounded sooner: an unnumbered MBLWS SEND (seq 0) has its answer held
-    /// once the queue holds `max_light_lead` messages, until it is down to half of that. Such a
-    /// publisher gets no RECEIPT to wait for, so without this it runs as far ahead of its
-    /// consumers as the bounds above allow (in the benchmark, the generator's whole window):
-    /// at most once must not mean a deeper queue than reliable. Answers leave in order, so
-    /// while any are held, every publisher's are.
+    /// while the queue holds `max_light_lead` messages or more, until it is below that again.
+    /// Such a publisher gets no RECEIPT to wait for, so without this it runs as far ahead of
+    /// its consumers as the bounds above allow: at most once must not mean a deeper queue than
+    /// reliable. The release is at the lead itself, not below it: a publisher only a little
+    /// faster than its consumers keeps being read, as an MBWS one is while RECEIPTs free its
+    /// window, and stops only once `max-inflight-sends` of its SENDs wait past the lead
+    /// (released at half the lead, the hold stopped the benchmark's publisher for most of every
+    /// cycle: docs/PERFORMANCE.md, session 12). Answers leave in order, so while any are held,
+    /// every publisher's are.
     #[inline]
     fn publish_answer(
         state: Option<&mut Address>,
@@ -527,7 +531,8 @@ impl Address {
             return Some(None);
         }
         if seq == 0 && queued >= limits.max_light_lead as usize {
-            return Some(Some(limits.max_light_lead as usize / 2));
+            // Released once a delivery brings the queue below the lead.
+            return Some(Some(limits.max_light_lead as usize - 1));
         }
         None
     }

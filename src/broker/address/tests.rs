@@ -558,14 +558,27 @@ fn unnumbered_sends_are_held_at_the_at_most_once_lead() {
     publish(&mut table, "a", "numbered7", &mut out);
     assert_eq!(table.stats(b"a").queued, 10, "held SENDs are queued; only their answers wait");
     assert_eq!(answered(&out), 0, "answers after an unnumbered SEND past the lead are held, in order");
-    // The consumer acknowledges until 2 are queued (half the lead): everything is answered.
-    for id in 1..=7 {
+    // The consumer acknowledges until 3 are queued (below the lead): everything is answered.
+    for id in 1..=6 {
         ack(&mut table, 1, &[id], &mut out);
         assert_eq!(answered(&out), 0, "held while {} are queued", table.stats(b"a").queued);
     }
+    ack(&mut table, 1, &[7], &mut out);
+    assert_eq!(table.stats(b"a").queued, 3);
+    assert_eq!(answered(&out), 4, "held answers go out once the queue is below the lead");
+    // An unnumbered SEND that leaves the queue below the lead is answered at once; the one
+    // whose message fills the lead is held, and released by the next delivery: the publisher
+    // is held at the lead, not in cycles down to a fraction of it.
     ack(&mut table, 1, &[8], &mut out);
-    assert_eq!(table.stats(b"a").queued, 2);
-    assert_eq!(answered(&out), 4, "held answers go out at half the lead");
+    out.clear();
+    table.handle(AddressCommand::Publish { publisher: conn(98), seq: 0, message: message("a", "light3") }, 0, &mut out);
+    assert_eq!(answered(&out), 1, "answered at once with {} queued", table.stats(b"a").queued);
+    table.handle(AddressCommand::Publish { publisher: conn(98), seq: 0, message: message("a", "light4") }, 0, &mut out);
+    assert_eq!(table.stats(b"a").queued, 4);
+    assert_eq!(answered(&out), 1, "held again with the lead queued");
+    ack(&mut table, 1, &[9], &mut out);
+    assert_eq!(table.stats(b"a").queued, 3);
+    assert_eq!(answered(&out), 2, "released by the delivery that brings the queue below the lead");
     // Without anycast subscribers nothing is held: the bound refuses instead.
     let mut table = AddressTable::new(ShardId(0), limits);
     out.clear();
