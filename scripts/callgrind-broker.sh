@@ -5,7 +5,15 @@
 # under valgrind, and the total of its instructions is divided by the message count.
 #
 #   scripts/callgrind-broker.sh [--count N] [--shards N] [--broker PATH] [--out FILE] [--tls]
-#                               [--tls-records in-place|rustls] [-- SEND FLAGS...]
+#                               [--tls-records in-place|rustls] [--fanout N] [-- SEND FLAGS...]
+#
+# MBWS_CLIENT=PATH uses that `mbws` client instead of building one.
+#
+# --fanout N (one shard) drives fan-out instead: N multicast consumers on the address, each
+# getting every message, and prints instructions per delivery (the total over count x N) as
+# well. The consumers subscribe before the publisher starts (the broker's log shows their N
+# connections, then a wait for the SUBSCRIBEs); a consumer that misses a message times out
+# and fails the run.
 #
 # e.g. `scripts/callgrind-broker.sh --count 100000 -- --light` for MBLWS publishes.
 #
@@ -44,6 +52,7 @@ broker=""
 out="callgrind.broker.out"
 tls=0
 tls_records=""
+fanout=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --count) count=$2; shift 2 ;;
@@ -52,26 +61,33 @@ while [[ $# -gt 0 ]]; do
         --out) out=$2; shift 2 ;;
         --tls) tls=1; shift ;;
         --tls-records) tls_records=$2; shift 2 ;;
+        --fanout) fanout=$2; shift 2 ;;
         --) shift; break ;;
         *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, --tls, --tls-records MODE, -- SEND FLAGS)" >&2; exit 2 ;;
     esac
 done
 [[ $shards =~ ^[1-9][0-9]*$ ]] || { echo "callgrind-broker.sh: --shards takes a number of shards (1 or more), not '$shards'" >&2; exit 2; }
+[[ $fanout =~ ^[0-9]+$ ]] || { echo "callgrind-broker.sh: --fanout takes a number of consumers, not '$fanout'" >&2; exit 2; }
+((fanout == 0 || shards == 1)) || { echo "callgrind-broker.sh: --fanout runs on one shard only" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "callgrind-broker.sh: valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
 
 cd "$(dirname "$0")/.."
-if [[ -n $broker ]]; then
+if [[ -n ${MBWS_CLIENT:-} ]]; then
+    : # the client given (MBWS_CLIENT=PATH), nothing built
+elif [[ -n $broker ]]; then
     cargo build --release --quiet -p mbws-client --bin mbws
 else
     cargo build --release --quiet --bins
 fi
 broker=${broker:-target/release/mbws-broker}
-client=target/release/mbws
+client=${MBWS_CLIENT:-target/release/mbws}
 work=$(mktemp -d)
 broker_pid=""
 consumer_pid=""
+fanout_pids=()
 cleanup() {
     [[ -n $consumer_pid ]] && kill "$consumer_pid" 2>/dev/null || true
+    for pid in "${fanout_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     [[ -n $broker_pid ]] && kill -KILL "$broker_pid" 2>/dev/null || true
     rm -rf "$work"
 }
@@ -146,6 +162,29 @@ run_once() {
     ((tls)) && url="wss://localhost:${listen##*:}/"
     body=$(head -c 64 /dev/zero | tr '\0' x)
     local opened=0 consumer_shard=0
+    if ((fanout > 0)); then
+        for i in $(seq "$fanout"); do
+            "$client" consume "$address" --multicast --url "$url" "${client_tls[@]}" --count "$count" --quiet --timeout 120 >/dev/null 2>"$work/consume-$i.log" &
+            fanout_pids+=($!)
+        done
+        for _ in $(seq 1200); do
+            (($(grep -c ': connection opened' "$work/broker.log") >= fanout)) && break
+            sleep 0.1
+        done
+        sleep $((2 + fanout / 20))
+        "$client" send "$address" "$body" --url "$url" "${client_tls[@]}" --count "$count" --wait 120 "$@" >/dev/null 2>"$work/send.log"
+        local failed=0
+        for pid in "${fanout_pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+        fanout_pids=()
+        ((failed == 0)) || { echo "callgrind-broker.sh: $failed of $fanout consumers did not get every message" >&2; cat "$work/consume-1.log" >&2; exit 1; }
+        callgrind_control -d "$broker_pid" >/dev/null 2>&1
+        sleep 1
+        kill -KILL "$broker_pid" 2>/dev/null || true
+        wait "$broker_pid" 2>/dev/null || true
+        broker_pid=""
+        placement_ok=1
+        return
+    fi
     for _ in $(seq 20); do
         "$client" consume "$address" --url "$url" "${client_tls[@]}" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
         consumer_pid=$!
@@ -192,3 +231,7 @@ cp "$dump" "$out"
 total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 echo "messages: $count, broker instructions: $total"
 echo "instructions per message: $((total / count))"
+if ((fanout > 0)); then
+    echo "consumers: $fanout, deliveries: $((count * fanout))"
+    echo "instructions per delivery: $((total / (count * fanout)))"
+fi

@@ -1,7 +1,8 @@
 //! Admission: how a published message enters the table. A SEND is checked against the
 //! address's bounds (`max_queued_messages`, `max_queued_bytes`), the shard's memory budget and
 //! the durable log's health, refused with a [`Refusal`] or given an id and put in the anycast
-//! queue and the multicast backlogs (compacted first if it will wait there). Its answer goes
+//! queue and the address's multicast log (compacted first if it will wait there: once, for
+//! every subscriber). Its answer goes
 //! out at once, is held back while the queue is long (backpressure), or waits for the log.
 //! [`AddressTable::publish_batch`] takes a run of SENDs to one address, with a fast path that
 //! hands a pure multicast address's batch straight to its subscribers.
@@ -14,6 +15,7 @@ use smallvec::SmallVec;
 
 use super::compaction::compact_to_wait;
 use super::dispatch::{deliver_run, is_expired_at, send_deliveries, Deliverable};
+use super::multicast::{lag, MulticastLog};
 use super::subscribers::{end_slow_subscribers, Subscriber};
 use super::{Address, AddressLimits, AddressTable, Outgoing, Publication, Queued, MAX_PUBLISH_BATCH};
 use crate::broker::{ConnCommand, ConnRef, Delivered, Deliveries, Refusal, SharedMessage};
@@ -117,15 +119,14 @@ impl AddressTable {
         let outlives_the_run = |state: &Address| {
             let max_queued = state.max_queued_messages(self.limits.max_queued_messages);
             state.multicast.iter().any(|subscriber| {
+                let behind = lag(&state.multicast_log, subscriber);
                 // What of the run waits in its backlog, at most (auto ack's bytes bound may
                 // take fewer at once than its credit: all of it is counted then).
                 let waits = match subscriber.ack_mode {
-                    AckMode::Client if subscriber.backlog.is_empty() => {
-                        count.saturating_sub(subscriber.credit_left() as usize)
-                    }
+                    AckMode::Client if behind == 0 => count.saturating_sub(subscriber.credit_left() as usize),
                     _ => count,
                 };
-                subscriber.backlog.len() + waits <= max_queued
+                behind + waits <= max_queued
             })
         };
         ids_reserved
@@ -159,7 +160,9 @@ impl AddressTable {
     /// and one lookup of the address for the run. A subscriber's share is a prefix of the run
     /// (what its credit takes; nothing behind a backlog), so every share is a part of one list
     /// made once for the run ([`Deliveries::shared`]), and is counted against its credit at
-    /// once ([`deliver_run`]).
+    /// once ([`deliver_run`]). What some subscriber does not take at once (the run past the
+    /// smallest share) is appended to the multicast log once, each subscriber's cursor after
+    /// its share.
     fn deliver_at_once(
         &mut self,
         address_name: &Bytes,
@@ -176,17 +179,18 @@ impl AddressTable {
             held_before.push(held_before[held_before.len() - 1] + queued.message.held_bytes() as u64);
         }
         let batch_bytes = held_before[accepted.len()];
-        let share_of = |subscriber: &Subscriber, accepted: &[Queued]| {
-            if subscriber.backlog.is_empty() {
+        let share_of = |subscriber: &Subscriber, log: &MulticastLog, accepted: &[Queued]| {
+            if lag(log, subscriber) == 0 {
                 subscriber.takes_at_once(accepted, batch_bytes).min(accepted.len())
             } else {
                 0
             }
         };
-        // Message i (0-based) waits in some backlog, so it is compacted, unless every
-        // subscriber has an empty backlog and more than i deliveries of credit left.
+        // Message i (0-based) waits in the log, so it is compacted, unless every subscriber
+        // has an empty backlog and more than i deliveries of credit left.
+        let log = &state.multicast_log;
         let delivered_at_once =
-            state.multicast.iter().map(|subscriber| share_of(subscriber, &accepted)).min().unwrap_or(0);
+            state.multicast.iter().map(|subscriber| share_of(subscriber, log, &accepted)).min().unwrap_or(0);
         for queued in accepted.iter_mut().skip(delivered_at_once) {
             compact_to_wait(&mut self.arena, &mut queued.message);
         }
@@ -197,10 +201,14 @@ impl AddressTable {
         // a list of its own (inline in the command: no allocation).
         let shared: Option<Arc<[Delivered]>> =
             (accepted.len() > 1).then(|| accepted.iter().map(Queued::delivered).collect());
-        let mut slow = SmallVec::<[usize; 2]>::new();
+        // The run past the smallest share goes to the log, from position `appended_at` on.
+        let appended_at = state.multicast_log.end();
+        let mut slow = SmallVec::<[(usize, usize); 2]>::new();
         let mut delivered_any = false;
+        let log = &state.multicast_log;
         for (index, subscriber) in state.multicast.iter_mut().enumerate() {
-            let share = share_of(subscriber, &accepted);
+            let behind = lag(log, subscriber);
+            let share = share_of(subscriber, log, &accepted);
             if share > 0 {
                 deliver_run(subscriber, &accepted[..share], &held_before[..=share], ack_deadline);
                 let deliveries = match &shared {
@@ -209,16 +217,23 @@ impl AddressTable {
                 };
                 send_deliveries(out, subscriber, deliveries);
                 delivered_any = true;
+                // It was at the log's end (nothing behind): past its share of the run now.
+                subscriber.cursor = appended_at + (share - delivered_at_once) as u64;
             }
-            for queued in &accepted[share..] {
-                if subscriber.backlog.len() >= max_queued {
-                    slow.push(index);
-                    break;
-                }
-                subscriber.backlog.push_back(queued.clone());
+            // Ended when the rest of the run would take its backlog past the bound (as
+            // `enqueue` would, one message at a time).
+            let waits = accepted.len() - share;
+            if waits > 0 && behind + waits > max_queued {
+                slow.push((index, behind.max(max_queued)));
             }
         }
+        for queued in accepted.drain(delivered_at_once..) {
+            state.multicast_log.append(queued);
+        }
         end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
+        // Every cursor moved or the log grew: one walk (this path walks every subscriber
+        // anyway) drops what all of them have passed.
+        state.multicast_log.trim(&state.multicast);
         self.deadline_added |= ack_deadline.is_some() && delivered_any;
     }
 
@@ -304,8 +319,8 @@ impl AddressTable {
             // one waits in the anycast queue instead of reaching no one. Only the end of every
             // one can change the routing, so the test stops at the first with room (a scan of
             // all of them per message cost fan-out a pass over every backlog).
-            let ending_all =
-                !state.multicast.is_empty() && state.multicast.iter().all(|s| s.backlog.len() >= max_queued);
+            let log = &state.multicast_log;
+            let ending_all = !state.multicast.is_empty() && state.multicast.iter().all(|s| lag(log, s) >= max_queued);
             to_anycast_queue = ending_all && state.routes_to_anycast_queue_without(state.multicast.len());
         }
         // What waits beyond the subscribers' credit, counting the messages of this batch
@@ -341,7 +356,8 @@ impl AddressTable {
         // credit) is compacted first (see StoredMessage::compact); one for the anycast queue
         // only if it is still there later (`compaction`).
         let mut message = message;
-        if state.multicast.iter().any(|s| !s.has_credit() || !s.backlog.is_empty()) {
+        let log = &state.multicast_log;
+        if state.multicast.iter().any(|s| !s.has_credit() || lag(log, s) > 0) {
             compact_to_wait(&mut self.arena, &mut message);
         }
         if to_anycast_queue {
@@ -382,23 +398,30 @@ impl AddressTable {
         }
         let queued = Queued { id, message, redelivered: false, deliveries: 0 };
 
-        let mut slow = SmallVec::<[usize; 2]>::new();
-        for (index, subscriber) in state.multicast.iter_mut().enumerate() {
-            if subscriber.backlog.len() >= max_queued {
-                slow.push(index);
-            } else {
-                subscriber.backlog.push_back(queued.clone());
+        // Subscribers whose backlog is at the bound are ended; the others get the message in
+        // the log. None can be at the bound while the log and the fronts together are
+        // shorter (no walk of the subscribers then).
+        let log = &state.multicast_log;
+        if log.len() + log.fronts >= max_queued {
+            let slow: SmallVec<[(usize, usize); 2]> = (state.multicast.iter().enumerate())
+                .map(|(index, subscriber)| (index, lag(log, subscriber)))
+                .filter(|(_, behind)| *behind >= max_queued)
+                .collect();
+            if !slow.is_empty() {
+                end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
+                // Without them the address may route to its anycast queue now.
+                *bounds = QueueBounds::of(state, &self.limits);
             }
         }
-        if !slow.is_empty() {
-            end_slow_subscribers(state, address_name, &slow, &mut self.subscriptions, out);
-            // Without them the address may route to its anycast queue now.
-            *bounds = QueueBounds::of(state, &self.limits);
-        }
         if to_anycast_queue {
+            if !state.multicast.is_empty() {
+                state.multicast_log.append(queued.clone());
+            }
             state.queued_bytes += queued.message.body().len();
             self.queued_bytes += queued.message.body().len();
             state.queue.push_back(queued);
+        } else if !state.multicast.is_empty() {
+            state.multicast_log.append(queued);
         }
         Ok(lsn)
     }

@@ -1,5 +1,6 @@
 //! Dispatch: delivery to subscribers with credit. Messages enter through the anycast queue
-//! (round robin among its subscribers) or a multicast subscriber's backlog, and leave as
+//! (round robin among its subscribers) or a multicast subscriber's backlog (its front of
+//! redeliveries, then the address's shared multicast log from its cursor: `multicast`), and leave as
 //! [`ConnCommand::Deliver`] commands in `out`, consecutive deliveries to one subscription joined
 //! in one command. [`Deliverable`] says where a change can have made something deliverable, so
 //! that an ACK looks at one backlog only. Every delivery is counted against its subscriber's
@@ -9,6 +10,7 @@
 
 use bytes::Bytes;
 
+use super::multicast::lag;
 use super::subscribers::Subscriber;
 use super::{Address, AddressTable, Outgoing, Queued};
 use crate::broker::{ConnCommand, ConnRef, Delivered, Deliveries, MessageId, SubscriptionId};
@@ -48,15 +50,15 @@ impl AddressTable {
         let delivered = out.len();
         match deliverable {
             Deliverable::Everything => {
-                for subscriber in state.multicast.iter_mut() {
-                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
+                for index in 0..state.multicast.len() {
+                    drain_backlog(state, index, ack_deadline, held_from, now_ms, out);
                 }
             }
             Deliverable::AnycastQueue => {}
             Deliverable::Backlog(key) => {
-                let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
-                if let Some(subscriber) = found {
-                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
+                let found = self.subscriptions.get(&key).filter(|place| state.subscriber_at(place, key).is_some());
+                if let Some(place) = found {
+                    drain_backlog(state, place.index, ack_deadline, held_from, now_ms, out);
                 }
                 self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
                 // Nothing else changed: the queue and the held answers are as they were.
@@ -131,31 +133,56 @@ pub(super) fn is_expired_at(expires_at_ms: u64, now_ms: u64) -> bool {
     expires_at_ms != 0 && expires_at_ms <= now_ms
 }
 
-/// Delivers what a multicast subscriber's backlog holds, as far as its credit allows and up to
-/// the first message held for the log (`held_from`: see `Address::held_from`), in one command;
-/// expired messages are dropped on the way.
+/// Delivers what the backlog of `state`'s multicast subscriber at `index` holds (its front of
+/// redeliveries, then the address's multicast log from its cursor on), as far as its credit
+/// allows and up to the first message held for the log (`held_from`: see `Address::held_from`),
+/// in one command; expired messages are passed over. The log drops what the slowest cursor
+/// passes (`MulticastLog::moved_from`).
 pub(super) fn drain_backlog(
-    subscriber: &mut Subscriber,
+    state: &mut Address,
+    index: usize,
     ack_deadline: Option<u64>,
     held_from: Option<MessageId>,
     now_ms: u64,
     out: &mut Vec<Outgoing>,
 ) {
+    let log = &mut state.multicast_log;
+    let subscriber = &mut state.multicast[index];
+    let from = subscriber.cursor;
     // Sized for what the credit takes (an ACK of a few hundred deliveries releases as many),
     // instead of growing by doubling from one.
-    let takes = subscriber.backlog.len().min(subscriber.credit_left() as usize);
+    let takes = lag(log, subscriber).min(subscriber.credit_left() as usize);
     let mut deliveries = Deliveries::with_capacity(takes);
+    let is_held = |queued: &Queued| held_from.is_some_and(|held| queued.id >= held);
+    // Redeliveries first: they were given back to the front of the backlog.
     while subscriber.has_credit() {
-        if held_from.is_some_and(|held| subscriber.backlog.front().is_some_and(|queued| queued.id >= held)) {
+        if subscriber.front.front().is_none_or(is_held) {
             break;
         }
-        let Some(queued) = subscriber.backlog.pop_front() else { break };
+        let queued = subscriber.front.pop_front().expect("checked above");
+        log.fronts -= 1;
         if is_expired(&queued, now_ms) {
             continue;
         }
         deliveries.push(deliver(subscriber, queued, ack_deadline));
     }
+    if subscriber.front.is_empty() {
+        while subscriber.has_credit() {
+            let Some(queued) = log.get(subscriber.cursor) else { break };
+            if is_held(queued) {
+                break;
+            }
+            subscriber.cursor += 1;
+            if is_expired(queued, now_ms) {
+                continue;
+            }
+            deliveries.push(deliver_shared(subscriber, queued, ack_deadline));
+        }
+    }
     send_deliveries(out, subscriber, deliveries);
+    if subscriber.cursor != from {
+        log.moved_from(from, &state.multicast);
+    }
 }
 
 /// Counts a delivery against the subscriber's credit and, in client ack mode, keeps it until
@@ -183,6 +210,27 @@ pub(super) fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadl
         subscriber.unacked.insert(queued);
     }
     delivered
+}
+
+/// [`deliver`] of a message the subscriber shares with others (an entry of the multicast
+/// log): the entry is copied only where the subscriber keeps it (client ack).
+#[inline]
+fn deliver_shared(subscriber: &mut Subscriber, queued: &Queued, ack_deadline: Option<u64>) -> Delivered {
+    if subscriber.ack_mode == AckMode::Client {
+        return deliver(subscriber, queued.clone(), ack_deadline);
+    }
+    assert!(
+        subscriber.has_credit(),
+        "delivery without credit: {} in flight, credit {}, {} bytes unwritten of {}",
+        subscriber.in_flight,
+        subscriber.credit,
+        subscriber.unwritten_bytes,
+        subscriber.max_unwritten_bytes
+    );
+    subscriber.in_flight += 1;
+    subscriber.unwritten_bytes += queued.message.held_bytes() as u64;
+    subscriber.delivered += 1;
+    Delivered { message_id: queued.id, message: queued.message.clone(), redelivered: queued.redelivered }
 }
 
 /// Counts a run of deliveries (`run`, the newest messages of the address: ids above every id

@@ -185,9 +185,7 @@ impl AddressTable {
             state.queue.retain(|queued| queued.id < held_from);
             state.queued_bytes = state.queue.iter().map(|queued| queued.message.body().len()).sum();
             self.queued_bytes -= before - state.queued_bytes;
-            for subscriber in &mut state.multicast {
-                subscriber.backlog.retain(|queued| queued.id < held_from);
-            }
+            state.multicast_log.drop_from(held_from, &mut state.multicast);
         }
     }
 

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 
+use super::multicast::lag;
 use super::{Address, AddressTable, Outgoing};
 
 /// One address of this shard at one instant.
@@ -91,7 +92,7 @@ impl AddressTable {
             anycast_consumers: state.anycast.len(),
             multicast_consumers: state.multicast.len(),
             unacked: subscribers.map(|subscriber| subscriber.unacked.len()).sum(),
-            multicast_backlog: state.multicast.iter().map(|subscriber| subscriber.backlog.len()).sum(),
+            multicast_backlog: state.multicast.iter().map(|subscriber| lag(&state.multicast_log, subscriber)).sum(),
             messages_in: state.messages_in,
             messages_out: state.delivered_by_departed
                 + state.anycast.iter().chain(&state.multicast).map(|subscriber| subscriber.delivered).sum::<u64>(),

@@ -7,7 +7,7 @@
 //!
 //! Redelivery: a client-ack delivery that ends without acknowledgement (NACK with requeue, its
 //! subscription or session ends, or `ack_timeout_ms` passes) goes back to the front of its
-//! queue (anycast) or backlog (multicast), marked redelivered. A message delivered
+//! queue (anycast) or to its subscriber's backlog (multicast), marked redelivered. A message delivered
 //! `max_deliveries` times, or rejected (NACK without requeue), moves to the dead-letter address
 //! `DLQ.<address>` instead, with headers `x-original-address` and `x-dead-letter-reason`.
 //!
@@ -42,7 +42,8 @@
 //!   against it): asserted not to go below zero where deliveries take bytes out;
 //! - a publish is refused once `max_queued_messages` wait in the address queue beyond what its
 //!   subscribers' credit takes at once, and a multicast subscriber whose backlog reaches
-//!   `max_queued_messages` is ended. Messages taken back from consumers (redelivery) and
+//!   `max_queued_messages` is ended (so the shared multicast log, no longer than the longest
+//!   backlog, stays within the bound too). Messages taken back from consumers (redelivery) and
 //!   recovered at start-up go back to their queue regardless, so a queue can exceed the bound
 //!   by what was in flight.
 //!
@@ -56,6 +57,9 @@
 //!   on the timer's compaction tick ([`AddressTable::compact_waiting`]);
 //! - `dispatch`: delivery to subscribers with credit: the anycast queue round robin, the
 //!   multicast backlogs, and the credit check at every delivery;
+//! - `multicast`: the multicast backlogs of an address: one shared log of messages and a
+//!   cursor per subscriber, trimmed as the slowest passes, and each subscriber's front of
+//!   redeliveries;
 //! - `subscribers`: the subscribers and the subscription index (`Place`), subscribe, credit
 //!   changes, unsubscribe, and ending slow multicast subscribers;
 //! - `redelivery`: deliveries that end unacknowledged (ack deadlines, NACK, a subscription
@@ -70,6 +74,7 @@ mod declared;
 mod dispatch;
 mod durable;
 mod inspect;
+mod multicast;
 mod redelivery;
 mod subscribers;
 #[cfg(test)]
@@ -208,6 +213,9 @@ struct Address {
     queue: VecDeque<Queued>,
     anycast: Vec<Subscriber>,
     multicast: Vec<Subscriber>,
+    /// The multicast subscribers' backlog: one log of messages shared by all, a cursor each
+    /// (`multicast`). Empty without multicast subscribers.
+    multicast_log: multicast::MulticastLog,
     /// Round-robin position among anycast subscribers.
     next_anycast: usize,
     /// Body bytes in `queue`.

@@ -73,7 +73,7 @@ impl AddressTable {
     }
 
     /// A delivery ended without acknowledgement: back to the front of the queue (anycast) or
-    /// the subscriber's backlog (multicast), or to the dead-letter address after
+    /// of the subscriber's backlog (multicast: its own front, before the shared log), or to the dead-letter address after
     /// `max_deliveries`.
     pub(super) fn give_back(
         &mut self,
@@ -106,7 +106,8 @@ impl AddressTable {
             DeliveryMode::Multicast => {
                 let found = self.subscriptions.get(&key).and_then(|place| state.subscriber_at(place, key));
                 if let Some(subscriber) = found {
-                    subscriber.backlog.push_front(queued);
+                    subscriber.front.push_front(queued);
+                    state.multicast_log.fronts += 1;
                 }
             }
         }

@@ -3,8 +3,9 @@
 //! NACK or credit change finds it in O(1); the index stays right as subscribers leave
 //! (unsubscribe, consumer gone, or ended for falling `max_queued_messages` behind). A
 //! subscriber holds its credit, its unacknowledged deliveries (sorted by id) with their ack
-//! deadlines, and (multicast) its backlog. Leaving, an anycast subscriber gives its
-//! unacknowledged messages back to the queue.
+//! deadlines, and (multicast) its cursor in its address's multicast log and its front of
+//! redeliveries (`multicast`). Leaving, an anycast subscriber gives its unacknowledged
+//! messages back to the queue.
 
 use std::collections::VecDeque;
 
@@ -91,8 +92,12 @@ pub(super) struct Subscriber {
     /// Ack deadlines of client-ack deliveries, in delivery order (so in deadline order).
     /// Entries already acknowledged are dropped lazily; kept under 2 x `unacked` + 16.
     pub(super) deadlines: VecDeque<(u64, MessageId)>,
-    /// Multicast only: messages for this subscriber waiting for credit.
-    pub(super) backlog: VecDeque<Queued>,
+    /// Multicast only: the position in its address's multicast log of the next message it
+    /// gets from there (`multicast`).
+    pub(super) cursor: u64,
+    /// Multicast only: redeliveries for this subscriber alone (given back after an ack
+    /// timeout or a NACK), delivered before anything of the log.
+    pub(super) front: VecDeque<Queued>,
 }
 
 impl Subscriber {
@@ -171,6 +176,9 @@ fn remove_subscriber(state: &mut Address, places: &mut Places, mode: DeliveryMod
         DeliveryMode::Multicast => state.multicast.swap_remove(index),
     };
     state.delivered_by_departed += removed.delivered;
+    if mode == DeliveryMode::Multicast {
+        state.multicast_log.left(removed.cursor, removed.front.len(), &state.multicast);
+    }
     let moved = match mode {
         DeliveryMode::Anycast => &state.anycast[index..],
         DeliveryMode::Multicast => state.multicast.get(index..index + 1).unwrap_or_default(),
@@ -211,13 +219,18 @@ impl AddressTable {
             delivered: 0,
             unacked: UnackedMessages::default(),
             deadlines: VecDeque::new(),
-            backlog: VecDeque::new(),
+            cursor: 0,
+            front: VecDeque::new(),
         };
         self.check_address_room(&address)?;
         let state = match self.addresses.get_mut(&address) {
             Some(state) => state,
             None => new_address(&mut self.addresses, &address),
         };
+        let mut subscriber = subscriber;
+        if mode == DeliveryMode::Multicast {
+            subscriber.cursor = state.multicast_log.join();
+        }
         let subscribers = state.subscribers_mut(mode);
         subscribers.push(subscriber);
         let index = subscribers.len() - 1;
@@ -240,15 +253,15 @@ impl AddressTable {
     ) -> Option<(Bytes, R)> {
         let ack_deadline = (self.limits.ack_timeout_ms > 0).then(|| now_ms + self.limits.ack_timeout_ms);
         let delivered = out.len();
-        let (address, mode, changed) = self
-            .change_subscriber(consumer, subscription, |subscriber, mode, held_from| {
-                let changed = change(subscriber);
-                if mode == DeliveryMode::Multicast {
-                    drain_backlog(subscriber, ack_deadline, held_from, now_ms, out);
-                }
-                (mode, changed)
-            })
-            .map(|(address, (mode, changed))| (address, mode, changed))?;
+        let key = (consumer, subscription);
+        let place = self.subscriptions.get(&key)?;
+        let state = self.addresses.get_mut(&place.address)?;
+        let held_from = state.held_from(self.durable_lsn);
+        let changed = change(state.subscriber_at(place, key)?);
+        if place.mode == DeliveryMode::Multicast {
+            drain_backlog(state, place.index, ack_deadline, held_from, now_ms, out);
+        }
+        let (address, mode) = (place.address.clone(), place.mode);
         self.deadline_added |= ack_deadline.is_some() && out.len() > delivered;
         if mode == DeliveryMode::Anycast {
             self.dispatch(&address, Deliverable::AnycastQueue, now_ms, out);
@@ -303,18 +316,18 @@ impl AddressTable {
 }
 
 /// Policy: a multicast subscriber that falls `max_queued_messages` behind is ended on its own
-/// (`slow` holds indexes into `state.multicast`, ascending); the publisher and the other
-/// subscribers are not slowed by it.
+/// (`slow` holds indexes into `state.multicast`, ascending, each with how many messages it
+/// fell behind); the publisher and the other subscribers are not slowed by it.
 pub(super) fn end_slow_subscribers(
     state: &mut Address,
     address: &[u8],
-    slow: &[usize],
+    slow: &[(usize, usize)],
     subscriptions: &mut Places,
     out: &mut Vec<Outgoing>,
 ) {
     // Descending, so that the subscriber moved into a freed index is never one still to end.
-    debug_assert!(slow.windows(2).all(|pair| pair[0] < pair[1]));
-    for &index in slow.iter().rev() {
+    debug_assert!(slow.windows(2).all(|pair| pair[0].0 < pair[1].0));
+    for &(index, behind) in slow.iter().rev() {
         let subscriber = remove_subscriber(state, subscriptions, DeliveryMode::Multicast, index);
         subscriptions.remove(&subscriber.key());
         let refusal = Refusal::new(
@@ -324,7 +337,7 @@ pub(super) fn end_slow_subscribers(
                  ended; acknowledge faster or raise its credit, then subscribe again",
                 subscriber.subscription.0,
                 String::from_utf8_lossy(address),
-                subscriber.backlog.len()
+                behind
             ),
         );
         out.push((

@@ -1180,3 +1180,191 @@ fn deleting_needs_force_with_subscribers_and_ends_them_with_4405() {
     // An ACK for a dropped delivery changes nothing, and the consumer's departure is harmless.
     table.handle(AddressCommand::ConsumerGone { consumer: conn(1) }, 0, &mut out);
 }
+
+// ---- the shared multicast log (issue 14 item 2, session 12) ----
+
+/// Subscribes consumer `consumer` to "a" in multicast, client ack, with `credit`.
+fn subscribe_multicast(table: &mut AddressTable, consumer: u32, credit: u32, out: &mut Vec<Outgoing>) {
+    subscribe(table, consumer, DeliveryMode::Multicast, credit, out);
+}
+
+/// Messages in address "a"'s multicast log, and in its subscribers' backlogs all together.
+fn multicast_log(table: &AddressTable) -> (usize, usize) {
+    let log = table.addresses.get(&b"a"[..]).map_or(0, |state| state.multicast_log.len());
+    let backlogs = table.address_info(b"a").map_or(0, |info| info.multicast_backlog);
+    (log, backlogs)
+}
+
+fn bodies_to(consumer: u32, out: &[Outgoing]) -> Vec<String> {
+    deliveries(out).into_iter().filter(|(c, _)| *c == consumer).map(|(_, body)| body).collect()
+}
+
+/// Subscribers at different places in the log each get every message once, in order; the log
+/// holds a message once whatever the number of subscribers that wait for it, and drops it
+/// once the slowest has passed it.
+#[test]
+fn the_multicast_log_holds_each_message_once_until_the_slowest_subscriber_passes_it() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe_multicast(&mut table, 1, 10, &mut out);
+    subscribe_multicast(&mut table, 2, 1, &mut out);
+    subscribe_multicast(&mut table, 3, 2, &mut out);
+    out.clear();
+    publish(&mut table, "a", "m0", &mut out);
+    assert_eq!(multicast_log(&table), (0, 0), "everyone took m0: nothing waits");
+    publish(&mut table, "a", "m1", &mut out);
+    assert_eq!(multicast_log(&table), (1, 1), "m1 waits for subscriber 2 only");
+    publish(&mut table, "a", "m2", &mut out);
+    assert_eq!(multicast_log(&table), (2, 3), "m1 and m2 wait once, for 2 and 3 together");
+    assert_eq!(bodies_to(1, &out), ["m0", "m1", "m2"]);
+    assert_eq!(bodies_to(2, &out), ["m0"]);
+    assert_eq!(bodies_to(3, &out), ["m0", "m1"]);
+    out.clear();
+    ack(&mut table, 2, &[1], &mut out);
+    assert_eq!(bodies_to(2, &out), ["m1"]);
+    assert_eq!(multicast_log(&table), (1, 2), "m1 is dropped: every cursor passed it");
+    ack(&mut table, 3, &[1], &mut out);
+    assert_eq!(bodies_to(3, &out), ["m2"]);
+    assert_eq!(multicast_log(&table), (1, 1));
+    ack(&mut table, 2, &[2], &mut out);
+    assert_eq!(bodies_to(2, &out), ["m1", "m2"]);
+    assert_eq!(multicast_log(&table), (0, 0));
+}
+
+/// A slow subscriber ended at the bound takes its place in the log with it: the others go on,
+/// and the log is never longer than the bound.
+#[test]
+fn a_slow_subscriber_ends_and_the_log_follows_the_others() {
+    let mut table = AddressTable::new(ShardId(0), LIMITS);
+    let mut out = Vec::new();
+    subscribe_multicast(&mut table, 1, 1, &mut out);
+    subscribe_multicast(&mut table, 2, 0, &mut out); // paused: never keeps up
+    out.clear();
+    for body in ["m0", "m1", "m2", "m3"] {
+        publish(&mut table, "a", body, &mut out);
+        assert!(multicast_log(&table).0 <= 3, "the log stays within max_queued_messages");
+    }
+    assert_eq!(table.stats(b"a").multicast_subscribers, 1, "m3 ended subscriber 2");
+    assert_eq!(bodies_to(1, &out), ["m0"]);
+    assert_eq!(multicast_log(&table), (3, 3), "m1-m3 wait for subscriber 1 alone");
+    out.clear();
+    for id in 1..=4 {
+        ack(&mut table, 1, &[id], &mut out);
+    }
+    assert_eq!(bodies_to(1, &out), ["m1", "m2", "m3"]);
+    assert_eq!(multicast_log(&table), (0, 0));
+}
+
+/// A redelivery (NACK with requeue, ack timeout) goes to its subscriber alone, before what
+/// waits for it in the log; the others are not touched.
+#[test]
+fn a_multicast_redelivery_goes_to_its_subscriber_alone_before_the_log() {
+    let limits = AddressLimits { ack_timeout_ms: 1000, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe_multicast(&mut table, 1, 1, &mut out);
+    subscribe_multicast(&mut table, 2, 1, &mut out);
+    publish(&mut table, "a", "m0", &mut out);
+    publish(&mut table, "a", "m1", &mut out);
+    out.clear();
+    let nack = AddressCommand::Nack {
+        consumer: conn(1),
+        subscription: SubscriptionId(1),
+        message: MessageId(1),
+        requeue: true,
+    };
+    table.handle(nack, 0, &mut out);
+    let again: Vec<(u32, String, bool)> = delivered(&out)
+        .into_iter()
+        .map(|(consumer, d)| (consumer, String::from_utf8_lossy(d.message.body()).into_owned(), d.redelivered))
+        .collect();
+    assert_eq!(again, [(1, "m0".to_string(), true)], "m0 again, before m1, to subscriber 1 only");
+    assert_eq!(multicast_log(&table), (1, 2), "m1 still waits once for both");
+    // Subscriber 2's ack deadline passes: m0 comes back to it, before m1.
+    out.clear();
+    table.expire_acks(1000, &mut out);
+    let to_two: Vec<(String, bool)> = delivered(&out)
+        .into_iter()
+        .filter(|(consumer, _)| *consumer == 2)
+        .map(|(_, d)| (String::from_utf8_lossy(d.message.body()).into_owned(), d.redelivered))
+        .collect();
+    assert_eq!(to_two, [("m0".to_string(), true)]);
+    out.clear();
+    ack(&mut table, 2, &[1], &mut out);
+    assert_eq!(bodies_to(2, &out), ["m1"]);
+}
+
+/// A subscriber that joins while the log holds messages gets only what is published after it
+/// subscribed; the older subscriber still gets everything.
+#[test]
+fn a_late_multicast_subscriber_starts_at_the_end_of_the_log() {
+    let mut table = AddressTable::new(ShardId(0), AddressLimits { max_queued_messages: 10, ..LIMITS });
+    let mut out = Vec::new();
+    subscribe_multicast(&mut table, 1, 0, &mut out);
+    publish(&mut table, "a", "m0", &mut out);
+    publish(&mut table, "a", "m1", &mut out);
+    subscribe_multicast(&mut table, 2, 10, &mut out);
+    publish_batch(&mut table, &["m2", "m3"], 0, &mut out);
+    assert_eq!(bodies_to(2, &out), ["m2", "m3"]);
+    assert_eq!(multicast_log(&table), (4, 4));
+    out.clear();
+    let credit = AddressCommand::SetCredit { consumer: conn(1), subscription: SubscriptionId(1), credit: 10 };
+    table.handle(credit, 0, &mut out);
+    assert_eq!(bodies_to(1, &out), ["m0", "m1", "m2", "m3"]);
+    assert_eq!(multicast_log(&table), (0, 0));
+}
+
+/// The slowest subscriber leaving (unsubscribe, or its session ending) lets the log drop what
+/// only it still needed; the last one leaving empties it, and the address goes.
+#[test]
+fn the_slowest_subscriber_leaving_trims_the_log() {
+    let mut table = AddressTable::new(ShardId(0), AddressLimits { max_queued_messages: 10, ..LIMITS });
+    let mut out = Vec::new();
+    subscribe_multicast(&mut table, 1, 0, &mut out);
+    subscribe_multicast(&mut table, 2, 1, &mut out);
+    subscribe_multicast(&mut table, 3, 3, &mut out);
+    for body in ["m0", "m1", "m2", "m3"] {
+        publish(&mut table, "a", body, &mut out);
+    }
+    assert_eq!(multicast_log(&table), (4, 4 + 3 + 1));
+    table.handle(AddressCommand::Unsubscribe { consumer: conn(1), subscription: SubscriptionId(1) }, 0, &mut out);
+    assert_eq!(multicast_log(&table), (3, 3 + 1), "m0 went with the slowest");
+    table.handle(AddressCommand::ConsumerGone { consumer: conn(2) }, 0, &mut out);
+    assert_eq!(multicast_log(&table), (1, 1));
+    out.clear();
+    ack(&mut table, 3, &[1, 2, 3], &mut out);
+    assert_eq!(bodies_to(3, &out), ["m3"]);
+    table.handle(AddressCommand::Unsubscribe { consumer: conn(3), subscription: SubscriptionId(1) }, 0, &mut out);
+    assert!(table.address_info(b"a").is_none(), "nothing is left: the address goes");
+}
+
+/// Messages whose ids wait for the durable log wait in the multicast log too, for every
+/// subscriber; a failed log drops them from it.
+#[test]
+fn the_multicast_log_holds_back_what_waits_for_the_durable_log_and_a_failure_drops_it() {
+    let (mut table, log) = durable_table();
+    let mut out = Vec::new();
+    subscribe_multicast(&mut table, 1, 10, &mut out);
+    subscribe_multicast(&mut table, 2, 10, &mut out);
+    out.clear();
+    publish(&mut table, "a", "m0", &mut out);
+    publish(&mut table, "a", "m1", &mut out);
+    assert!(deliveries(&out).is_empty(), "no id is shown before its reservation is durable");
+    assert_eq!(multicast_log(&table), (2, 4));
+    commit(&mut table, &log, &mut out);
+    assert_eq!(bodies_to(1, &out), ["m0", "m1"]);
+    assert_eq!(bodies_to(2, &out), ["m0", "m1"]);
+    assert_eq!(multicast_log(&table), (0, 0));
+    // The next reservation is never made durable: what waits for it is dropped on failure.
+    table.last_message_id = table.ids_durably_reserved;
+    out.clear();
+    publish(&mut table, "a", "lost", &mut out);
+    assert!(deliveries(&out).is_empty());
+    assert_eq!(multicast_log(&table), (1, 2));
+    let batch = log.borrow_mut().take_batch().unwrap();
+    drop(batch);
+    log.borrow_mut().set_failure("disk on fire".to_string());
+    table.durable_failed("disk on fire", &mut out);
+    assert_eq!(multicast_log(&table), (0, 0));
+    assert_eq!(table.stats(b"a").multicast_subscribers, 2, "the subscribers stay");
+}
