@@ -266,7 +266,11 @@ pub fn mbws_binary(data: &[u8]) {
 pub fn mbws_text(data: &[u8]) {
     // The broker's first read of a text message: a SEND of the common shape straight from
     // the slice. What it takes must be exactly what the full decode makes of it.
-    if let Some(direct) = proto::decode_plain_text_send(data, &CodecLimits::default()) {
+    // The broker leaves room for the payload's length: a tail never needs more.
+    let mut chunk = BytesMut::with_capacity(data.len());
+    let room = chunk.capacity();
+    if let Some(direct) = proto::decode_plain_text_send(data, &CodecLimits::default(), &mut chunk) {
+        assert_eq!(chunk.capacity(), room - direct.tail.as_bytes().len(), "the tail was split off the room left");
         match proto::decode(Binding::Text, Bytes::copy_from_slice(data), &CodecLimits::default()) {
             Ok(Frame::Send(send)) => assert_eq!(proto::binary::SendTail::encode(&send), direct),
             other => panic!("the slice decode took a text SEND that decode makes {other:?}"),

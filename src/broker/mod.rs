@@ -13,6 +13,7 @@
 pub mod address;
 mod shared_message;
 pub mod sorted_ring;
+pub mod text_tails;
 
 use std::sync::Arc;
 
@@ -67,6 +68,12 @@ pub fn owner_of(address: &[u8], shard_count: usize) -> ShardId {
 /// [`MessageTail`] (the binary binding's layout, which is also the end of every binary MESSAGE
 /// that delivers it), so sharing it (a [`SharedMessage`] clone per delivery) never copies the body, and a
 /// binary delivery writes only its own fixed fields before the shared tail.
+///
+/// What the tail holds: a binary SEND's is a slice of the read buffer it arrived in; a text
+/// SEND's, a slice of a chunk its shard's thread encodes text tails into ([`text_tails`]), or
+/// an allocation of its own when it is large; a compacted message's, a slice of a
+/// [`CompactionArena`] chunk (or its own allocation, large); a recovered or dead-lettered
+/// message's, an allocation of its own ([`StoredMessage::from_fields`]).
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
     tail: MessageTail,
@@ -132,9 +139,7 @@ impl StoredMessage {
     /// publisher's whole read buffer (64 KiB by default) alive for as long as it waits;
     /// messages delivered promptly are never copied.
     pub fn compact(&mut self, arena: &mut CompactionArena) {
-        let mut chunk = arena.room_for(self.tail.as_bytes().len());
-        self.tail.move_into(&mut chunk);
-        arena.give_back(chunk);
+        arena.with_room(self.tail.as_bytes().len(), |chunk| self.tail.move_into(chunk));
     }
 }
 
@@ -143,7 +148,8 @@ impl StoredMessage {
 /// compaction is a copy and a reference-count increment instead of allocations. A chunk is
 /// freed when the last message in it is gone; queues are consumed roughly in order, so chunks
 /// empty roughly in order too, and the memory held stays close to the bytes queued (which
-/// `max_queued_bytes` and the memory budget bound) plus one chunk being filled.
+/// `max_queued_bytes` and the memory budget bound) plus one chunk being filled. Each thread
+/// keeps one more for the tails of text SENDs ([`text_tails`]).
 #[derive(Debug, Default)]
 pub struct CompactionArena {
     /// The chunk being filled: its spare capacity is where the next message goes.
@@ -157,23 +163,19 @@ const ARENA_CHUNK_BYTES: usize = 64 * 1024;
 const MAX_ARENA_MESSAGE_BYTES: usize = ARENA_CHUNK_BYTES / 8;
 
 impl CompactionArena {
-    /// A buffer with at least `bytes` of spare capacity, to be handed back with
-    /// [`CompactionArena::give_back`] once the message is copied.
-    fn room_for(&mut self, bytes: usize) -> BytesMut {
+    /// Runs `fill` with an empty buffer that has at least `bytes` of spare capacity, for it to
+    /// write a message into and split it off: the chunk being filled (a new one when it has
+    /// too little room left), or an allocation of its own for a large message.
+    fn with_room<T>(&mut self, bytes: usize, fill: impl FnOnce(&mut BytesMut) -> T) -> T {
         if bytes > MAX_ARENA_MESSAGE_BYTES {
-            return BytesMut::with_capacity(bytes);
+            return fill(&mut BytesMut::with_capacity(bytes));
         }
         if self.chunk.capacity() - self.chunk.len() < bytes {
             self.chunk = BytesMut::with_capacity(ARENA_CHUNK_BYTES);
         }
-        std::mem::take(&mut self.chunk)
-    }
-
-    fn give_back(&mut self, chunk: BytesMut) {
-        debug_assert!(chunk.is_empty(), "every copied field was split off");
-        if chunk.capacity() > 0 && chunk.capacity() >= self.chunk.capacity() {
-            self.chunk = chunk;
-        }
+        let filled = fill(&mut self.chunk);
+        debug_assert!(self.chunk.is_empty(), "every copied field was split off");
+        filled
     }
 }
 

@@ -2,10 +2,10 @@
 //! it (the anycast queue, a subscriber's unacknowledged ring, the consumer's session and the
 //! cluster's forwarder each hold a handle), but without an allocation per SEND.
 //!
-//! A message decoded from a client's binary SEND ([`SharedMessage::in_slab`]) takes the next
-//! slot of the slab its thread is filling: one allocation of [`SLAB_SLOTS`] slots, taken
-//! when the previous slab is full. Every other message (a text SEND's, a recovered or
-//! dead-lettered one, a compacted copy) gets a slot of its own ([`SharedMessage::new`]).
+//! A message decoded from a client's SEND ([`SharedMessage::in_slab`]) takes the next slot of
+//! the slab its thread is filling: one allocation of [`SLAB_SLOTS`] slots, taken when the
+//! previous slab is full. Every other message (a recovered or dead-lettered one, a compacted
+//! copy) gets a slot of its own ([`SharedMessage::new`]).
 //!
 //! Each slot counts its own handles. When its count falls to zero its message is dropped at
 //! once (its tail, and the read buffer the tail is a slice of, is released exactly when an
@@ -17,12 +17,14 @@
 //! orderings `Arc` uses).
 //!
 //! Memory bound: a slab is `SLAB_SLOTS` (14) slots of 72 bytes, 1,016 bytes, held until its
-//! last message is gone. Only messages whose tail is a slice of a read buffer go into slabs,
-//! and such a message holds its read buffer already (at least `IDLE_READ_BUFFER_BYTES`,
-//! 512 bytes; `read-buffer-bytes`, 64 KiB by default, while the connection is busy), so the
-//! slabs kept alive are bounded by the read buffers kept alive: at most one slab per live
-//! message that has not been compacted. A message that waits long is compacted into a slot
-//! of its own (`address::compaction`), which lets go of its slab as of its read buffer.
+//! last message is gone. Only SENDs' messages go into slabs, and such a message holds a
+//! buffer larger than a slab already: a binary SEND's its read buffer (at least
+//! `IDLE_READ_BUFFER_BYTES`, 512 bytes; `read-buffer-bytes`, 64 KiB by default, while the
+//! connection is busy), a text SEND's its thread's text chunk (64 KiB) or, when its tail is
+//! over 8 KiB, that tail (`broker::text_tails`). So the slabs kept alive are bounded by the
+//! buffers kept alive: at most one slab per live message that has not been compacted. A
+//! message that waits long is compacted into a slot of its own (`address::compaction`), which
+//! lets go of its slab as of its buffer.
 
 use std::cell::Cell;
 use std::fmt;
@@ -82,8 +84,9 @@ impl SharedMessage {
         SharedMessage { slot: NonNull::from(Box::leak(slot)) }
     }
 
-    /// A message in the next slot of this thread's slab: for a message whose tail is a slice
-    /// of a connection's read buffer (a binary SEND; see the module docs for why only those).
+    /// A message in the next slot of this thread's slab: for a SEND's message, whose tail is a
+    /// slice of a connection's read buffer (binary) or of a text chunk (text; see the module
+    /// docs for why only those).
     pub fn in_slab(message: StoredMessage) -> SharedMessage {
         match FILLER.try_with(|filler| filler.next_slot()) {
             // SAFETY: `next_slot` returned a slot of a live slab that no one else has been

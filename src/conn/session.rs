@@ -33,6 +33,7 @@ use smallvec::SmallVec;
 use super::outbound::Outbound;
 use crate::auth::{Access, Permissions};
 use crate::broker::sorted_ring::SortedRing;
+use crate::broker::text_tails;
 use crate::broker::{
     owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, Delivered, Deliveries, FastMap, MessageId, Refusal,
     ShardId, SharedMessage, StoredMessage, SubscriptionId,
@@ -387,7 +388,7 @@ impl Session {
         // text payload, faults included, is decoded below as before.
         let plain_text_send = || {
             (binding == Binding::Text && self.state == State::Open)
-                .then(|| mbws::decode_plain_text_send(payload.payload(), &self.config.codec_limits))
+                .then(|| text_tails::decode_plain_send(payload.payload(), &self.config.codec_limits))
                 .flatten()
         };
         let decoded = if binary_send {
@@ -437,7 +438,7 @@ impl Session {
                 "a second OPEN on an open session: one OPEN per connection".into(),
                 fx,
             )),
-            Frame::Send(send) => self.on_send(binding, mbws::binary::SendTail::encode(&send), now_ms, fx),
+            Frame::Send(send) => self.on_send(binding, text_tails::encode_send(&send), now_ms, fx),
             Frame::Subscribe(subscribe) => {
                 self.on_subscribe(binding, subscribe, fx);
                 Ok(())
@@ -643,12 +644,10 @@ impl Session {
         let owner = owner_of(send.tail.address(), self.config.shard_count);
         let mut message = StoredMessage::new(send.tail, send.durable, expires_at_ms, binding == Binding::Text);
         message.from_cluster_link = self.cluster_link;
-        // A binary SEND's tail is a slice of the read buffer: in the shard's slab, without an
-        // allocation of its own; a text SEND's was encoded into one (`broker::shared_message`).
-        let message = match binding {
-            Binding::Binary => SharedMessage::in_slab(message),
-            Binding::Text => SharedMessage::new(message),
-        };
+        // A binary SEND's tail is a slice of the read buffer, a text SEND's of the thread's
+        // text chunk (`broker::text_tails`): in the shard's slab, without an allocation of its
+        // own (`broker::shared_message`).
+        let message = SharedMessage::in_slab(message);
         if seq == 0 {
             self.light_sends_in_flight += 1;
         } else {

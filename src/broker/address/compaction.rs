@@ -10,8 +10,10 @@
 //!   and compacts those that were already queued at the tick before: a message holds its read
 //!   buffer for at most two ticks;
 //! - buffers: consecutive SENDs of one read lie next to each other in its buffer (only the next
-//!   frame's header and fixed fields between them), so a message that directly follows the one
-//!   queued before it holds no buffer that one does not. A message that does not starts a *run*;
+//!   frame's header and fixed fields between them), and so do the tails of consecutive text
+//!   SENDs in their thread's text chunk (`broker::text_tails`, nothing between them), so a
+//!   message that directly follows the one queued before it holds no buffer that one does
+//!   not. A message that does not starts a *run*;
 //!   an address holds at most [`MAX_UNCOMPACTED_RUNS`] runs (so as many buffers, beyond the
 //!   queued bytes themselves), and a message that would start one more is compacted at once.
 //!   (Two buffers that happen to lie next to each other may be taken for one run: the time

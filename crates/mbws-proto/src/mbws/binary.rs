@@ -247,12 +247,31 @@ impl MessageTail {
     /// never are).
     pub fn encode(address: &[u8], properties: &Properties, body: &[u8]) -> MessageTail {
         let head_len = 1 + address.len() + properties_len(properties);
-        let mut bytes = bytes::BytesMut::with_capacity(head_len + body.len());
-        put_str8(&mut bytes, "address", address);
-        put_properties(&mut bytes, properties);
-        debug_assert_eq!(bytes.len(), head_len, "properties_len disagrees with put_properties");
-        bytes.extend_from_slice(body);
+        let mut bytes = bytes::BytesMut::with_capacity(MessageTail::encoded_len(address, properties, body.len()));
+        put_tail(&mut bytes, head_len, address, properties, body);
         MessageTail { bytes: bytes.freeze(), body_start: head_len }
+    }
+
+    /// The length of the tail [`MessageTail::encode`] makes of these fields.
+    pub fn encoded_len(address: &[u8], properties: &Properties, body_len: usize) -> usize {
+        1 + address.len() + properties_len(properties) + body_len
+    }
+
+    /// Encodes the tail of validated fields as [`MessageTail::encode`] does, but at the front
+    /// of `chunk`'s spare capacity, and splits it off: tails encoded one after another into
+    /// one chunk share its allocation and lie next to each other, as a binary read's SENDs do
+    /// in its read buffer. `chunk` must be empty; it grows (reallocates) if its spare capacity
+    /// is short of the tail, so a caller that wants the tails to share it leaves room first.
+    pub fn encode_into(
+        address: &[u8],
+        properties: &Properties,
+        body: &[u8],
+        chunk: &mut bytes::BytesMut,
+    ) -> MessageTail {
+        debug_assert!(chunk.is_empty(), "the tail is split off whole");
+        let head_len = 1 + address.len() + properties_len(properties);
+        put_tail(chunk, head_len, address, properties, body);
+        MessageTail { bytes: chunk.split().freeze(), body_start: head_len }
     }
 
     pub fn address(&self) -> &[u8] {
@@ -298,6 +317,16 @@ impl MessageTail {
         chunk.extend_from_slice(&self.bytes);
         self.bytes = chunk.split().freeze();
     }
+}
+
+/// Writes a tail's fields (see [`MessageTail`]) at the end of `out`; `head_len` is the length
+/// of its address and properties.
+fn put_tail(out: &mut bytes::BytesMut, head_len: usize, address: &[u8], properties: &Properties, body: &[u8]) {
+    let start = out.len();
+    put_str8(out, "address", address);
+    put_properties(out, properties);
+    debug_assert_eq!(out.len() - start, head_len, "properties_len disagrees with put_properties");
+    out.extend_from_slice(body);
 }
 
 /// A binary MESSAGE whose address, properties and body are kept as a [`MessageTail`]: how a
@@ -387,11 +416,21 @@ pub struct SendTail {
 impl SendTail {
     /// The same SEND with its fields encoded into a tail (see [`MessageTail::encode`]).
     pub fn encode(send: &Send) -> SendTail {
+        SendTail::with_tail(send, MessageTail::encode(&send.address, &send.properties, &send.body))
+    }
+
+    /// The same SEND with its fields encoded into a tail split off `chunk` (see
+    /// [`MessageTail::encode_into`]).
+    pub fn encode_into(send: &Send, chunk: &mut bytes::BytesMut) -> SendTail {
+        SendTail::with_tail(send, MessageTail::encode_into(&send.address, &send.properties, &send.body, chunk))
+    }
+
+    fn with_tail(send: &Send, tail: MessageTail) -> SendTail {
         SendTail {
             durable: send.durable,
             seq: send.seq,
             ttl_ms: send.ttl_ms,
-            tail: MessageTail::encode(&send.address, &send.properties, &send.body),
+            tail,
             largest_message_bytes: super::largest_message_bytes(&send.address, &send.properties, send.body.len()),
         }
     }

@@ -64,9 +64,11 @@ pub fn decode(binding: Binding, payload: Bytes, limits: &CodecLimits) -> Result<
 /// A text-binding SEND of the common shape (no properties, no application headers, no CR),
 /// decoded from a slice straight into the message it becomes. `None` for any other payload,
 /// faults included, which [`decode`] then reads and reports as before. A `Some` equals
-/// [`binary::SendTail::encode`] of the SEND `decode` finds in the same payload.
-pub fn decode_plain_text_send(payload: &[u8], limits: &CodecLimits) -> Option<binary::SendTail> {
-    text::decode_plain_send(payload, limits)
+/// [`binary::SendTail::encode`] of the SEND `decode` finds in the same payload; its tail is
+/// split off `chunk` ([`binary::MessageTail::encode_into`]: empty, with room for
+/// `payload.len()` bytes if the tail is to share its allocation), which `None` leaves as it was.
+pub fn decode_plain_text_send(payload: &[u8], limits: &CodecLimits, chunk: &mut BytesMut) -> Option<binary::SendTail> {
+    text::decode_plain_send(payload, limits, chunk)
 }
 
 /// Writes everything of `frame` except its body into `out`; the body (if any) follows it

@@ -33,11 +33,11 @@
 //!
 //! The broker's common text frame, a SEND without properties, has a second reader,
 //! [`decode_plain_send`]: from a slice straight into the stored message's tail (one copy, which
-//! a text SEND needs anyway), taking only frames it can judge completely and leaving every
+//! a text SEND needs anyway, into a chunk the caller shares between tails), taking only frames it can judge completely and leaving every
 //! other payload, faults included, to [`decode`] (property tests in `codec_tests` check that
 //! what it takes is exactly what `decode` finds).
 
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::binary::{MessageTail, SendTail};
 use super::frame::*;
@@ -220,8 +220,9 @@ pub fn decode(payload: Bytes, limits: &CodecLimits) -> Result<Frame, DecodeError
 ///
 /// `None` for anything else, including every fault: [`decode`] then reads the payload and
 /// reports the fault, so errors and their order stay `decode`'s. No `Frame` is built and no
-/// field is sliced (no reference count per field, no `Bytes` of the payload at all).
-pub(crate) fn decode_plain_send(payload: &[u8], limits: &CodecLimits) -> Option<SendTail> {
+/// field is sliced (no reference count per field, no `Bytes` of the payload at all). The tail
+/// is split off `chunk` ([`MessageTail::encode_into`]), which is left as it was on `None`.
+pub(crate) fn decode_plain_send(payload: &[u8], limits: &CodecLimits, chunk: &mut BytesMut) -> Option<SendTail> {
     const FIRST_LINE: &[u8] = b"SEND\n";
     let mut position = FIRST_LINE.len();
     if payload.get(..position)? != FIRST_LINE {
@@ -268,7 +269,7 @@ pub(crate) fn decode_plain_send(payload: &[u8], limits: &CodecLimits) -> Option<
         seq,
         // In range: `parse_decimal` refuses values over its maximum.
         ttl_ms: ttl_ms as u32,
-        tail: MessageTail::encode(address, &no_properties, body),
+        tail: MessageTail::encode_into(address, &no_properties, body, chunk),
         largest_message_bytes: super::largest_message_bytes(address, &no_properties, body.len()),
     })
 }

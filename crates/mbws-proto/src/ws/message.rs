@@ -341,9 +341,19 @@ impl PartialMessage {
 /// Validates `bytes[valid_bytes..]` (the prefix is already known valid) and returns the length of
 /// the valid prefix afterwards. With `complete` false, an unfinished sequence at the very end is
 /// left for the next fragment; anything certainly invalid is close 1007.
+///
+/// Text messages are mostly ASCII: [`ascii_prefix_len`] passes over the ASCII start 16 bytes a
+/// step, and `str::from_utf8` reads only from the first block with a byte of 0x80 or more. An
+/// ASCII prefix ends on a character boundary, so the result (offsets in reasons included) is
+/// exactly what `str::from_utf8` of the whole would give.
 fn validate_utf8(bytes: &[u8], valid_bytes: usize, complete: bool) -> Result<usize, WsError> {
     let unchecked = &bytes[valid_bytes..];
-    match str::from_utf8(unchecked) {
+    let ascii = ascii_prefix_len(unchecked);
+    if ascii == unchecked.len() {
+        return Ok(bytes.len());
+    }
+    let valid_bytes = valid_bytes + ascii;
+    match str::from_utf8(&unchecked[ascii..]) {
         Ok(_) => Ok(bytes.len()),
         // `error_len() == None`: the input ended inside a sequence that may still complete.
         Err(error) if error.error_len().is_none() && !complete => Ok(valid_bytes + error.valid_up_to()),
@@ -355,6 +365,40 @@ fn validate_utf8(bytes: &[u8], valid_bytes: usize, complete: bool) -> Result<usi
             close_code::INVALID_PAYLOAD,
             format!("text message is not valid UTF-8 at byte {}", valid_bytes + error.valid_up_to()),
         )),
+    }
+}
+
+/// Bytes [`ascii_prefix_len`] judges in one step: two words.
+const ASCII_BLOCK_BYTES: usize = 16;
+
+/// The length of a prefix of `bytes` that is all ASCII: `bytes.len()` when every byte is below
+/// 0x80; otherwise a multiple of [`ASCII_BLOCK_BYTES`] at or before the first byte that is not
+/// (the start of its block, or of the last 16 bytes).
+fn ascii_prefix_len(bytes: &[u8]) -> usize {
+    const HIGH_BITS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let word = |eight: &[u8]| u64::from_ne_bytes(eight.try_into().expect("an 8-byte slice"));
+    let mut blocks = bytes.chunks_exact(ASCII_BLOCK_BYTES);
+    let mut start = 0;
+    for block in &mut blocks {
+        if (word(&block[..8]) | word(&block[8..])) & HIGH_BITS != 0 {
+            return start;
+        }
+        start += ASCII_BLOCK_BYTES;
+    }
+    // The last 0 to 15 bytes, as two overlapping words, two overlapping halves, or bytes.
+    let rest = blocks.remainder();
+    let high_bits = match rest.len() {
+        8.. => word(&rest[..8]) | word(&rest[rest.len() - 8..]),
+        4.. => {
+            let half = |four: &[u8]| u64::from(u32::from_ne_bytes(four.try_into().expect("a 4-byte slice")));
+            half(&rest[..4]) | half(&rest[rest.len() - 4..])
+        }
+        _ => rest.iter().fold(0, |high_bits, &byte| high_bits | u64::from(byte)),
+    } & HIGH_BITS;
+    if high_bits == 0 {
+        bytes.len()
+    } else {
+        start
     }
 }
 
@@ -760,7 +804,115 @@ mod tests {
         buf
     }
 
+    /// What `validate_utf8` did before its ASCII step: `str::from_utf8` of everything unchecked.
+    fn validate_utf8_whole(bytes: &[u8], valid_bytes: usize, complete: bool) -> Result<usize, WsError> {
+        match str::from_utf8(&bytes[valid_bytes..]) {
+            Ok(_) => Ok(bytes.len()),
+            Err(error) if error.error_len().is_none() && !complete => Ok(valid_bytes + error.valid_up_to()),
+            Err(error) if error.error_len().is_none() => Err(WsError::new(
+                close_code::INVALID_PAYLOAD,
+                format!("text message ends inside a UTF-8 sequence at byte {}", valid_bytes + error.valid_up_to()),
+            )),
+            Err(error) => Err(WsError::new(
+                close_code::INVALID_PAYLOAD,
+                format!("text message is not valid UTF-8 at byte {}", valid_bytes + error.valid_up_to()),
+            )),
+        }
+    }
+
+    /// Mostly ASCII text with a few bytes of any value (valid characters, stray continuation
+    /// and lead bytes, 0x80 and 0xff) anywhere: the inputs where the ASCII step decides.
+    fn mostly_ascii() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            8 => 0u8..0x80,
+            1 => any::<u8>(),
+            1 => prop_oneof![Just(0x80u8), Just(0xc3), Just(0xe2), Just(0xf0), Just(0xff)],
+        ];
+        let character = prop_oneof![
+            6 => byte.prop_map(|byte| vec![byte]),
+            1 => any::<char>().prop_map(|character| character.to_string().into_bytes()),
+        ];
+        proptest::collection::vec(character, 0..60).prop_map(|pieces| pieces.concat())
+    }
+
+    #[test]
+    fn the_ascii_step_agrees_with_from_utf8_at_every_length_and_alignment() {
+        // A non-ASCII byte (and a valid two-byte character) at every position of every length
+        // up to 70, in buffers starting at every offset of a word.
+        let mut storage = [b'a'; 80];
+        for offset in 0..8 {
+            for len in 0..=70 {
+                for position in 0..=len {
+                    for insert in [&[0x80][..], &[0xc3, 0xa9][..], &[0xff][..], &[0xe2, 0x82][..]] {
+                        storage.fill(b'a');
+                        let end = (position + insert.len()).min(len);
+                        storage[offset + position..offset + end].copy_from_slice(&insert[..end - position]);
+                        let bytes = &storage[offset..offset + len];
+                        for complete in [false, true] {
+                            assert_eq!(
+                                validate_utf8(bytes, 0, complete),
+                                validate_utf8_whole(bytes, 0, complete),
+                                "{bytes:?} complete {complete}"
+                            );
+                        }
+                        let first_high = bytes.iter().position(|&byte| byte >= 0x80).unwrap_or(len);
+                        let ascii = ascii_prefix_len(bytes);
+                        assert!(ascii == len && first_high == len || ascii <= first_high && ascii < len, "{bytes:?}");
+                    }
+                }
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_ascii_step_accepts_and_refuses_exactly_what_from_utf8_does(
+            bytes in mostly_ascii(),
+            offset in 0usize..8,
+            valid_bytes in 0usize..24,
+            complete in any::<bool>(),
+        ) {
+            // At an offset into a larger buffer, so the words fall at every alignment.
+            let mut storage = vec![0u8; offset];
+            storage.extend_from_slice(&bytes);
+            let bytes = &storage[offset..];
+            // The prefix validated before is a valid one: cut at a character boundary.
+            let valid_bytes = match str::from_utf8(bytes) {
+                Ok(_) => valid_bytes.min(bytes.len()),
+                Err(error) => valid_bytes.min(error.valid_up_to()),
+            };
+            let valid_bytes = (0..=valid_bytes).rev().find(|&end| str::from_utf8(&bytes[..end]).is_ok()).unwrap_or(0);
+            prop_assert_eq!(validate_utf8(bytes, valid_bytes, complete), validate_utf8_whole(bytes, valid_bytes, complete));
+        }
+
+        #[test]
+        fn fragmented_text_is_judged_as_the_whole_message_is(
+            bytes in mostly_ascii(),
+            cuts in proptest::collection::vec(0usize..64, 0..4),
+        ) {
+            // The message cut into fragments anywhere, code points split across them included:
+            // accepted exactly when it is valid UTF-8, and refused with close 1007 otherwise.
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|cut| cut.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut frames = Vec::new();
+            let mut start = 0;
+            for end in cuts.into_iter().chain([bytes.len()]) {
+                let opcode = if frames.is_empty() { OpCode::Text } else { OpCode::Continuation };
+                frames.push((opcode, bytes[start..end].to_vec()));
+                start = end;
+            }
+            let last = frames.len() - 1;
+            let mut buf = BytesMut::new();
+            for (index, (opcode, payload)) in frames.iter().enumerate() {
+                buf.extend_from_slice(&encode_frame(index == last, *opcode, payload, Some(MASK)));
+            }
+            let got = Decoder::new(Role::Server, 1 << 16, 1 << 16).next_event(&mut buf);
+            match str::from_utf8(&bytes) {
+                Ok(_) => prop_assert_eq!(got, Ok(Some(WsEvent::Text(Bytes::from(bytes))))),
+                Err(_) => prop_assert_eq!(got.map_err(|error| error.close_code), Err(1007)),
+            }
+        }
+
         #[test]
         fn decoder_never_panics_on_arbitrary_bytes(
             bytes in proptest::collection::vec(any::<u8>(), 0..300),
