@@ -448,15 +448,15 @@ impl AddressTable {
     /// multicast subscriber is ended at the bound instead (see `publish`).
     ///
     /// At most once is bounded sooner: an unnumbered MBLWS SEND (seq 0) has its answer held
-    /// while the queue holds `max_light_lead` messages or more, until it is below that again.
-    /// Such a publisher gets no RECEIPT to wait for, so without this it runs as far ahead of
-    /// its consumers as the bounds above allow: at most once must not mean a deeper queue than
-    /// reliable. The release is at the lead itself, not below it: a publisher only a little
-    /// faster than its consumers keeps being read, as an MBWS one is while RECEIPTs free its
-    /// window, and stops only once `max-inflight-sends` of its SENDs wait past the lead
-    /// (released at half the lead, the hold stopped the benchmark's publisher for most of every
-    /// cycle: docs/PERFORMANCE.md, session 12). Answers leave in order, so while any are held,
-    /// every publisher's are.
+    /// while the queue holds `max_light_lead` messages or more. Such a publisher gets no
+    /// RECEIPT to wait for, so without this it runs as far ahead of its consumers as the bounds
+    /// above allow: at most once must not mean a deeper queue than reliable. The held answers
+    /// slide out one per message that leaves the queue ([`Self::release_held_answers`]): a
+    /// publisher faster than its consumers keeps being read at their pace, as an MBWS one is
+    /// while RECEIPTs free its window, and runs at most `max-inflight-sends` SENDs past the
+    /// lead (released at half the lead, or all at once below it, the hold stopped the
+    /// benchmark's publisher for thousands of deliveries in every cycle: docs/PERFORMANCE.md,
+    /// session 12). Answers leave in order, so while any are held, every publisher's are.
     #[inline]
     fn publish_answer(
         state: Option<&mut Address>,
@@ -477,14 +477,37 @@ impl AddressTable {
         push_accepted(out, publisher, seq);
     }
 
+    /// Lets held answers go ([`AddressTable::publish_answer`]), oldest first. A hold begun at
+    /// the at-most-once lead (`held_release_at` below `low_watermark`) slides: an answer goes
+    /// for each message that leaves the queue, while the queue less the messages whose answers
+    /// still wait is below the lead, so the held publisher is read again in a steady stream,
+    /// one SEND in for one delivery out, as RECEIPTs pace an MBWS publisher. (Releasing every
+    /// answer at once when the queue fell below the lead stopped it for thousands of
+    /// deliveries in every cycle: docs/PERFORMANCE.md, session 12.) A hold begun at the high
+    /// watermark lets every answer go at once at `low_watermark`. Without anycast
+    /// subscribers nothing holds: every answer goes.
     pub(super) fn release_held_answers(state: &mut Address, low_watermark: usize, out: &mut Vec<Outgoing>) {
-        let low_watermark = state.held_release_at.map_or(low_watermark, |release_at| release_at.min(low_watermark));
-        if state.held_answers.is_empty() || (state.queue.len() > low_watermark && !state.anycast.is_empty()) {
+        if state.held_answers.is_empty() {
             return;
         }
-        state.held_release_at = None;
-        for (publisher, seq) in state.held_answers.drain(..) {
-            push_accepted(out, publisher, seq);
+        match state.held_release_at {
+            Some(release_at) if release_at < low_watermark && !state.anycast.is_empty() => {
+                while state.queue.len().saturating_sub(state.held_answers.len()) <= release_at {
+                    let Some((publisher, seq)) = state.held_answers.pop_front() else { break };
+                    push_accepted(out, publisher, seq);
+                }
+            }
+            _ => {
+                if state.queue.len() > low_watermark && !state.anycast.is_empty() {
+                    return;
+                }
+                for (publisher, seq) in state.held_answers.drain(..) {
+                    push_accepted(out, publisher, seq);
+                }
+            }
+        }
+        if state.held_answers.is_empty() {
+            state.held_release_at = None;
         }
     }
 }
@@ -554,7 +577,7 @@ impl Address {
             return Some(None);
         }
         if seq == 0 && queued >= limits.max_light_lead as usize {
-            // Released once a delivery brings the queue below the lead.
+            // Released one per delivery while the queue without them is below the lead.
             return Some(Some(limits.max_light_lead as usize - 1));
         }
         None

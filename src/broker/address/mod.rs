@@ -148,13 +148,15 @@ pub struct AddressLimits {
     /// consumer that never reads holds, per subscription, whatever its credit.
     pub max_unwritten_bytes: usize,
     /// At-most-once lead, in messages: an address with anycast subscribers that queues this many
-    /// holds back the answers to unnumbered MBLWS SENDs (seq 0, no receipt wanted) until its
-    /// queue is below it again, so an MBLWS publisher stops at `max-inflight-sends` past the
-    /// lead as an MBWS one stops at its window, instead of running as far ahead of its
-    /// consumers as the queue's bound allows. Twice `--max-inflight-sends`: at half of it
-    /// (session 7) the publisher went idle and busy in cycles of a few thousand messages and
-    /// MBLWS ran 10-25% slower than MBWS (docs/PERFORMANCE.md, session 8); released at half the
-    /// lead instead of at the lead, it still did (session 12). `publish_answer` in `admission`.
+    /// holds back the answers to unnumbered MBLWS SENDs (seq 0, no receipt wanted), and lets
+    /// them go one per delivery while the queue without their messages is below the lead, so
+    /// an MBLWS publisher stops at `max-inflight-sends` past the lead and is then read at its
+    /// consumers' pace, as RECEIPTs pace an MBWS one, instead of running as far ahead as the
+    /// queue's bound allows. Twice `--max-inflight-sends`: at half of it (session 7) the
+    /// publisher went idle and busy in cycles of a few thousand messages and MBLWS ran 10-25%
+    /// slower than MBWS (docs/PERFORMANCE.md, session 8); released all at once, at half the
+    /// lead or below it, it still did (session 12). `publish_answer` and
+    /// `release_held_answers` in `admission`.
     pub max_light_lead: u32,
 }
 
@@ -223,9 +225,9 @@ struct Address {
     /// Publishes accepted while the queue was above its high watermark, whose answers are held
     /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
     held_answers: VecDeque<(ConnRef, u64)>,
-    /// Set when an unnumbered MBLWS SEND began the holding (`max_light_lead`): the queue length
-    /// at or below which the held answers go out (one below the lead), instead of a quarter of
-    /// the bound.
+    /// Set when an unnumbered MBLWS SEND began the holding (`max_light_lead`): one below the
+    /// lead, the queue length (less the held answers' messages) at or below which held answers
+    /// slide out one per delivery; `None`: all go at once at a quarter of the bound.
     held_release_at: Option<usize>,
     /// Messages waiting for the log: an entry (id, lsn) holds back every message of the
     /// address with that id or a higher one (so later ones keep their place behind it) until

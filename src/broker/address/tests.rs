@@ -535,7 +535,8 @@ fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
 
 /// An at-most-once publisher (unnumbered MBLWS SENDs, seq 0) is held back once the queue
 /// reaches `max_light_lead`, far below the high watermark that holds numbered SENDs, and its
-/// answers go out when the consumers bring the queue down to half the lead.
+/// held answers then go one per delivery, oldest first, while the queue without their messages
+/// is below the lead: the publisher is read at its consumers' pace, not in bursts.
 #[test]
 fn unnumbered_sends_are_held_at_the_at_most_once_lead() {
     let limits = AddressLimits { max_queued_messages: 100, max_light_lead: 4, ..LIMITS };
@@ -558,27 +559,37 @@ fn unnumbered_sends_are_held_at_the_at_most_once_lead() {
     publish(&mut table, "a", "numbered7", &mut out);
     assert_eq!(table.stats(b"a").queued, 10, "held SENDs are queued; only their answers wait");
     assert_eq!(answered(&out), 0, "answers after an unnumbered SEND past the lead are held, in order");
-    // The consumer acknowledges until 3 are queued (below the lead): everything is answered.
-    for id in 1..=6 {
+    // The consumer acknowledges: while the 6 answered messages are at or over the lead, nothing
+    // goes; then one answer per delivery, oldest first.
+    for id in 1..=2 {
         ack(&mut table, 1, &[id], &mut out);
         assert_eq!(answered(&out), 0, "held while {} are queued", table.stats(b"a").queued);
     }
-    ack(&mut table, 1, &[7], &mut out);
-    assert_eq!(table.stats(b"a").queued, 3);
-    assert_eq!(answered(&out), 4, "held answers go out once the queue is below the lead");
-    // An unnumbered SEND that leaves the queue below the lead is answered at once; the one
-    // whose message fills the lead is held, and released by the next delivery: the publisher
-    // is held at the lead, not in cycles down to a fraction of it.
-    ack(&mut table, 1, &[8], &mut out);
+    for (id, answers) in (3..=6).zip(1..) {
+        ack(&mut table, 1, &[id], &mut out);
+        assert_eq!(table.stats(b"a").queued, 10 - id as usize);
+        assert_eq!(answered(&out), answers, "one held answer per delivery below the lead");
+    }
+    assert_eq!(
+        publish_answers(&out),
+        [(0, Ok(())), (0, Ok(())), (0, Ok(())), (1, Ok(()))],
+        "in the order they were held"
+    );
+    // Nothing held now. The unnumbered SEND that finds the lead queued is held, and the next
+    // delivery lets it go; one below the lead is answered at once.
     out.clear();
     table.handle(AddressCommand::Publish { publisher: conn(98), seq: 0, message: message("a", "light3") }, 0, &mut out);
-    assert_eq!(answered(&out), 1, "answered at once with {} queued", table.stats(b"a").queued);
-    table.handle(AddressCommand::Publish { publisher: conn(98), seq: 0, message: message("a", "light4") }, 0, &mut out);
+    assert_eq!(table.stats(b"a").queued, 5);
+    assert_eq!(answered(&out), 0, "held with the lead queued");
+    ack(&mut table, 1, &[7], &mut out);
     assert_eq!(table.stats(b"a").queued, 4);
-    assert_eq!(answered(&out), 1, "held again with the lead queued");
+    assert_eq!(answered(&out), 1, "released by the delivery that brings the rest below the lead");
+    out.clear();
+    ack(&mut table, 1, &[8], &mut out);
     ack(&mut table, 1, &[9], &mut out);
+    table.handle(AddressCommand::Publish { publisher: conn(98), seq: 0, message: message("a", "light4") }, 0, &mut out);
     assert_eq!(table.stats(b"a").queued, 3);
-    assert_eq!(answered(&out), 2, "released by the delivery that brings the queue below the lead");
+    assert_eq!(answered(&out), 1, "answered at once below the lead");
     // Without anycast subscribers nothing is held: the bound refuses instead.
     let mut table = AddressTable::new(ShardId(0), limits);
     out.clear();
