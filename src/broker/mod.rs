@@ -199,6 +199,72 @@ impl Refusal {
     }
 }
 
+/// The message ids one ACK covers for one subscription. A cumulative ACK of a consumer that
+/// acknowledges in order usually covers consecutive ids (one subscriber of an address takes
+/// every id in turn): those travel as a run, so that neither the session nor the owner builds
+/// or walks a list of them; anything else (gaps, other subscribers' shares of the ids, single
+/// ACKs) is a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckedMessages {
+    /// The ids `first .. first + count` (`count` >= 1), every one of them acknowledged.
+    Run { first: MessageId, count: u32 },
+    /// These ids, in the order their deliveries were acknowledged.
+    List(smallvec::SmallVec<[MessageId; 4]>),
+}
+
+impl AckedMessages {
+    /// How many ids the ACK covers.
+    pub fn len(&self) -> usize {
+        match self {
+            AckedMessages::Run { count, .. } => *count as usize,
+            AckedMessages::List(ids) => ids.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ids, in order.
+    pub fn iter(&self) -> impl Iterator<Item = MessageId> + Clone + '_ {
+        let (run, list) = match self {
+            AckedMessages::Run { first, count } => (first.0..first.0 + u64::from(*count), &[][..]),
+            AckedMessages::List(ids) => (0..0, &ids[..]),
+        };
+        run.map(MessageId).chain(list.iter().copied())
+    }
+}
+
+impl From<smallvec::SmallVec<[MessageId; 4]>> for AckedMessages {
+    fn from(ids: smallvec::SmallVec<[MessageId; 4]>) -> Self {
+        AckedMessages::List(ids)
+    }
+}
+
+/// A list of the ids (what a test or a NACK-free single ACK builds); never a run.
+impl FromIterator<MessageId> for AckedMessages {
+    fn from_iter<I: IntoIterator<Item = MessageId>>(ids: I) -> Self {
+        AckedMessages::List(ids.into_iter().collect())
+    }
+}
+
+impl IntoIterator for AckedMessages {
+    type Item = MessageId;
+    type IntoIter = std::iter::Chain<
+        std::iter::Map<std::ops::Range<u64>, fn(u64) -> MessageId>,
+        smallvec::IntoIter<[MessageId; 4]>,
+    >;
+
+    /// The ids, in order.
+    fn into_iter(self) -> Self::IntoIter {
+        let (run, list) = match self {
+            AckedMessages::Run { first, count } => (first.0..first.0 + u64::from(count), smallvec::SmallVec::new()),
+            AckedMessages::List(ids) => (0..0, ids),
+        };
+        run.map(MessageId as fn(u64) -> MessageId).chain(list)
+    }
+}
+
 /// Commands for the shard that owns an address.
 #[derive(Debug)]
 pub enum AddressCommand {
@@ -225,7 +291,7 @@ pub enum AddressCommand {
     Ack {
         consumer: ConnRef,
         subscription: SubscriptionId,
-        messages: smallvec::SmallVec<[MessageId; 4]>,
+        messages: AckedMessages,
     },
     /// The consumer refused a delivery: back to the queue (`requeue`) or dropped.
     Nack {
@@ -434,6 +500,19 @@ mod tests {
         let mut properties = Properties { content_type: Bytes::from_static(b"text/plain"), ..Properties::default() };
         properties.headers.push((Bytes::from_static(b"x-a"), Bytes::from_static(b"1")));
         StoredMessage::from_fields(address.as_bytes(), &properties, body, false)
+    }
+
+    /// A run and the list of its ids name the same messages, in the same order, whichever
+    /// way they are read (the cluster's relay takes them by value).
+    #[test]
+    fn an_acked_run_names_the_ids_of_its_list() {
+        let run = AckedMessages::Run { first: MessageId(7), count: 3 };
+        let list: AckedMessages = [7, 8, 9].into_iter().map(MessageId).collect();
+        assert_eq!(run.iter().collect::<Vec<_>>(), list.iter().collect::<Vec<_>>());
+        assert_eq!(run.clone().into_iter().collect::<Vec<_>>(), list.clone().into_iter().collect::<Vec<_>>());
+        assert_eq!((run.len(), list.len()), (3, 3));
+        assert_eq!(list.into_iter().map(|id| id.0).collect::<Vec<_>>(), [7, 8, 9]);
+        assert!(AckedMessages::List(Default::default()).is_empty());
     }
 
     #[test]

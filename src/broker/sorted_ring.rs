@@ -51,25 +51,38 @@ impl<T: Keyed> SortedRing<T> {
         self.entries.is_empty()
     }
 
-    /// Records `entry`, whose key must be above every key recorded so far.
+    /// Records `entry`, whose key must be above every key recorded so far. Inlined: it runs
+    /// once per delivery, and its work is a comparison and a `push_back`.
+    #[inline]
     pub fn push(&mut self, entry: T) {
         let seq = entry.key();
-        assert!(
-            self.entries.back().is_none_or(|last| last.key() < seq),
-            "delivery sequences must increase: {seq} after {:?}",
-            self.entries.back().map(Keyed::key)
-        );
+        if self.entries.back().is_some_and(|last| last.key() >= seq) {
+            Self::out_of_order(seq, self.entries.back().map(Keyed::key));
+        }
         self.entries.push_back(entry);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn out_of_order(seq: u64, last: Option<u64>) -> ! {
+        panic!("delivery sequences must increase: {seq} after {last:?}")
     }
 
     /// Records `entry` in its place among the keys recorded so far (at the back, as
     /// [`SortedRing::push`], when its key is the highest). A key already present is a bug.
+    #[inline]
     pub fn insert(&mut self, entry: T) {
         let key = entry.key();
         if self.entries.back().is_none_or(|last| last.key() < key) {
             self.entries.push_back(entry);
             return;
         }
+        self.insert_in_place(key, entry);
+    }
+
+    /// [`SortedRing::insert`] of a key below the highest (a redelivery): out of line.
+    #[cold]
+    fn insert_in_place(&mut self, key: u64, entry: T) {
         match self.entries.binary_search_by_key(&key, Keyed::key) {
             Err(position) => self.entries.insert(position, entry),
             // Each key at most once: in release builds too, since going on would drop `entry`
@@ -114,15 +127,36 @@ impl<T: Keyed> SortedRing<T> {
         }
     }
 
+    /// Takes the entries of the keys `first .. first + count` (a key not in the ring is
+    /// skipped), oldest first, and hands each to `each`: what [`SortedRing::remove_keys`] does
+    /// with those keys. When they are exactly the ring's first `count` entries (a cumulative
+    /// ACK of the oldest deliveries, all consecutive ids), two comparisons find it: keys are
+    /// distinct and increasing, so a first entry of key `first` and a `count`-th of key
+    /// `first + count - 1` leave no room for another key between them.
+    pub fn remove_key_run(&mut self, first: u64, count: usize, mut each: impl FnMut(T)) {
+        let Some(last) = count.checked_sub(1) else { return };
+        let at_front = self.entries.front().is_some_and(|entry| entry.key() == first)
+            && self.entries.get(last).is_some_and(|entry| entry.key() == first + last as u64);
+        if at_front {
+            for entry in self.entries.drain(..count) {
+                each(entry);
+            }
+            return;
+        }
+        self.remove_keys(first..first + count as u64, each);
+    }
+
     /// How many entries have a key up to and including `seq`.
     pub fn count_through(&self, seq: u64) -> usize {
         self.entries.partition_point(|entry| entry.key() <= seq)
     }
 
-    /// Takes every entry up to and including `seq`, oldest first.
+    /// Takes every entry up to and including `seq`, oldest first: found by one binary search
+    /// and drained at once, instead of a front test and a `pop_front` per entry.
     pub fn remove_through(&mut self, seq: u64, mut each: impl FnMut(T)) {
-        while self.entries.front().is_some_and(|first| first.key() <= seq) {
-            each(self.entries.pop_front().expect("checked above"));
+        let count = self.count_through(seq);
+        for entry in self.entries.drain(..count) {
+            each(entry);
         }
     }
 
@@ -194,6 +228,37 @@ mod tests {
         assert_eq!(taken, vec![10, 20, 80, 30, 90, 50]);
         assert!(ring.is_empty());
         ring.remove_keys([1].into_iter(), |_| panic!("nothing left"));
+    }
+
+    /// A run of keys takes the same entries, in the same order, as the list of those keys,
+    /// whether the run is the ring's front, starts before it, has gaps in the ring, or
+    /// reaches past its end.
+    #[test]
+    fn a_run_of_keys_takes_what_the_list_of_its_keys_takes() {
+        let cases: &[(&[u64], u64, usize)] = &[
+            (&[1, 2, 3, 5, 8], 1, 3),
+            (&[1, 2, 3, 5, 8], 1, 5),
+            (&[1, 2, 3, 5, 8], 2, 2),
+            (&[4, 5, 6], 1, 5),
+            (&[4, 5, 6], 4, 3),
+            (&[4, 5, 6], 4, 4),
+            (&[4, 5, 7, 8], 4, 4),
+            (&[4, 6], 4, 2),
+            (&[], 1, 3),
+            (&[3], 3, 0),
+        ];
+        for &(keys, first, count) in cases {
+            let (mut by_run, mut by_list) = (filled(keys), filled(keys));
+            let (mut taken_by_run, mut taken_by_list) = (Vec::new(), Vec::new());
+            by_run.remove_key_run(first, count, |(key, _)| taken_by_run.push(key));
+            by_list.remove_keys(first..first + count as u64, |(key, _)| taken_by_list.push(key));
+            assert_eq!(taken_by_run, taken_by_list, "keys {keys:?}, run {first} x {count}");
+            assert_eq!(by_run.into_values().collect::<Vec<_>>(), by_list.into_values().collect::<Vec<_>>());
+        }
+        let mut ring = filled(&[7, 8, 9, 10]);
+        let mut taken = Vec::new();
+        ring.remove_key_run(7, 3, |(key, _)| taken.push(key));
+        assert_eq!((taken, ring.len()), (vec![7, 8, 9], 1), "the front run alone, the rest kept");
     }
 
     #[test]

@@ -1085,7 +1085,7 @@ mod tests {
         let ack = |id: u32| AddressCommand::Ack {
             consumer: conn(2),
             subscription: SubscriptionId(id),
-            messages: smallvec::smallvec![crate::broker::MessageId(7)],
+            messages: smallvec::smallvec![crate::broker::MessageId(7)].into(),
         };
         assert!(f.admit(ack(1)).is_none(), "relayed: settled at the owner");
         assert!(f.admit(ack(2)).is_some(), "local: the table's");

@@ -35,8 +35,8 @@ use crate::auth::{Access, Permissions};
 use crate::broker::sorted_ring::SortedRing;
 use crate::broker::text_tails;
 use crate::broker::{
-    owner_of, AddressCommand, ConnCommand, ConnId, ConnRef, Delivered, Deliveries, FastMap, MessageId, Refusal,
-    ShardId, SharedMessage, StoredMessage, SubscriptionId,
+    owner_of, AckedMessages, AddressCommand, ConnCommand, ConnId, ConnRef, Delivered, Deliveries, FastMap, MessageId,
+    Refusal, ShardId, SharedMessage, StoredMessage, SubscriptionId,
 };
 use crate::mbws::{
     self, AckMode, Binding, CodecLimits, DeliveryMode, ErrorCode, ErrorFrame, Frame, Limits, Opened, Subprotocol,
@@ -107,6 +107,73 @@ struct Delivery {
     message_id: MessageId,
     message: SharedMessage,
     redelivered: bool,
+}
+
+/// The message ids one ACK acknowledges, grouped by subscription, in the order the
+/// subscriptions first appear: while every id so far is one subscription's and each is one
+/// above the one before (the usual cumulative ACK), they are a run, and the owner gets
+/// [`AckedMessages::Run`] without a list being built; the first id that breaks the run turns
+/// it into lists.
+struct AckedBySubscription {
+    /// Every id added so far, while they form a run (`lists` is empty then): subscription,
+    /// first id, count.
+    run: Option<(SubscriptionId, MessageId, u32)>,
+    lists: SmallVec<[(SubscriptionId, SmallVec<[MessageId; 4]>); 2]>,
+    /// Room for the first list: every id the ACK covers (usually they are all its own),
+    /// instead of growing by doubling to a few hundred.
+    first_list_capacity: usize,
+}
+
+impl AckedBySubscription {
+    fn new(first_list_capacity: usize) -> Self {
+        AckedBySubscription { run: None, lists: SmallVec::new(), first_list_capacity }
+    }
+
+    #[inline]
+    fn add(&mut self, subscription: SubscriptionId, id: MessageId) {
+        if self.lists.is_empty() {
+            match &mut self.run {
+                None => {
+                    self.run = Some((subscription, id, 1));
+                    return;
+                }
+                Some((run_subscription, first, count))
+                    if *run_subscription == subscription && first.0 + u64::from(*count) == id.0 =>
+                {
+                    *count += 1;
+                    return;
+                }
+                Some(_) => self.run_to_list(),
+            }
+        }
+        self.add_to_lists(subscription, id);
+    }
+
+    /// The run becomes the first list.
+    #[cold]
+    fn run_to_list(&mut self) {
+        let Some((subscription, first, count)) = self.run.take() else { return };
+        let mut ids = SmallVec::with_capacity(std::mem::replace(&mut self.first_list_capacity, 1));
+        ids.extend((first.0..first.0 + u64::from(count)).map(MessageId));
+        self.lists.push((subscription, ids));
+    }
+
+    fn add_to_lists(&mut self, subscription: SubscriptionId, id: MessageId) {
+        match self.lists.iter_mut().rev().find(|(listed, _)| *listed == subscription) {
+            Some((_, ids)) => ids.push(id),
+            None => {
+                let mut ids = SmallVec::with_capacity(std::mem::replace(&mut self.first_list_capacity, 1));
+                ids.push(id);
+                self.lists.push((subscription, ids));
+            }
+        }
+    }
+
+    fn into_commands(self) -> impl Iterator<Item = (SubscriptionId, AckedMessages)> {
+        let run = self.run.map(|(subscription, first, count)| (subscription, AckedMessages::Run { first, count }));
+        run.into_iter()
+            .chain(self.lists.into_iter().map(|(subscription, ids)| (subscription, AckedMessages::List(ids))))
+    }
 }
 
 /// Parses a session id made by this broker, `<shard>-<slot>-<generation>-<token>`: where the
@@ -762,24 +829,13 @@ impl Session {
 
     fn on_ack(&mut self, delivery_seq: u64, cumulative: bool, fx: &mut Effects<'_>) {
         // One command per subscription, carrying all of its acknowledged messages.
-        let mut grouped: SmallVec<[(SubscriptionId, SmallVec<[MessageId; 4]>); 2]> = SmallVec::new();
-        // The first subscription's list is made large enough for every id at once (usually
-        // they are all its own), instead of growing by doubling to a few hundred.
-        let mut expected = if cumulative { self.unacked.count_through(delivery_seq) } else { 1 };
-        let mut group = |entry: Delivery| match grouped.iter_mut().rev().find(|(id, _)| *id == entry.subscription) {
-            Some((_, messages)) => messages.push(entry.message_id),
-            None => {
-                let mut messages = SmallVec::with_capacity(std::mem::replace(&mut expected, 1));
-                messages.push(entry.message_id);
-                grouped.push((entry.subscription, messages));
-            }
-        };
+        let mut acked = AckedBySubscription::new(if cumulative { self.unacked.count_through(delivery_seq) } else { 1 });
         if cumulative {
-            self.unacked.remove_through(delivery_seq, |(_, entry)| group(entry));
+            self.unacked.remove_through(delivery_seq, |(_, entry)| acked.add(entry.subscription, entry.message_id));
         } else if let Some((_, entry)) = self.unacked.remove(delivery_seq) {
-            group(entry);
+            acked.add(entry.subscription, entry.message_id);
         }
-        for (subscription, messages) in grouped {
+        for (subscription, messages) in acked.into_commands() {
             if let Some(state) = self.subscriptions.get(&subscription) {
                 fx.commands.push((state.owner, AddressCommand::Ack { consumer: self.me, subscription, messages }));
             }
@@ -1422,6 +1478,67 @@ mod tests {
             "everything above the client's last received sequence, same numbers"
         );
         assert_eq!(frames.last(), Some(&Frame::Receipt(mbws::Receipt { seq: 1 })));
+    }
+
+    /// A cumulative ACK tells each owner which messages its subscription acknowledged: a run
+    /// (first id, count) when they are consecutive ids of one subscription, the list of ids
+    /// otherwise, in delivery order and per subscription, and never an id twice.
+    #[test]
+    fn a_cumulative_ack_names_consecutive_ids_as_a_run_and_any_other_ids_as_lists() {
+        let mut s = session(Subprotocol::Reliable);
+        let subscribe = |id: u32| {
+            Frame::Subscribe(mbws::Subscribe {
+                subscription_id: id,
+                address: Bytes::from_static(b"a"),
+                mode: mbws::DeliveryMode::Anycast,
+                ack_mode: AckMode::Client,
+                credit: 100,
+            })
+        };
+        drive(&mut s, vec![open(), subscribe(1), subscribe(2)]);
+        // Delivery seqs 1.. in this order: (subscription, message id).
+        fn deliver(s: &mut Session, deliveries: &[(u32, u64)]) {
+            let message = SharedMessage::new(StoredMessage::from_fields(b"a", &Default::default(), b"body", false));
+            let mut outbound = Outbound::new();
+            let mut commands = Vec::new();
+            let mut fx = Effects { outbound: &mut outbound, commands: &mut commands };
+            for &(subscription, id) in deliveries {
+                let delivered = Delivered { message_id: MessageId(id), message: message.clone(), redelivered: false };
+                let command = ConnCommand::Deliver {
+                    consumer: s.me.conn,
+                    subscription: SubscriptionId(subscription),
+                    deliveries: Deliveries::one(delivered),
+                };
+                s.on_command(command, &mut fx);
+            }
+        }
+        deliver(&mut s, &[(1, 5), (1, 6), (1, 7), (1, 9), (2, 10), (1, 11), (2, 3), (1, 12), (1, 13)]);
+        let acked = |s: &mut Session, frames: Vec<Frame>| -> Vec<(u32, AckedMessages)> {
+            let (_, commands, end) = drive(s, frames);
+            assert!(end.is_none());
+            commands
+                .into_iter()
+                .map(|(_, command)| match command {
+                    AddressCommand::Ack { subscription, messages, .. } => (subscription.0, messages),
+                    other => panic!("not an ACK: {other:?}"),
+                })
+                .collect()
+        };
+        let ack = |delivery_seq: u64, cumulative: bool| Frame::Ack(mbws::Ack { delivery_seq, cumulative });
+        let list = |ids: &[u64]| AckedMessages::List(ids.iter().map(|&id| MessageId(id)).collect());
+        let run = |first: u64, count: u32| AckedMessages::Run { first: MessageId(first), count };
+        assert_eq!(acked(&mut s, vec![ack(2, true)]), vec![(1, run(5, 2))], "ids 5 and 6: a run");
+        assert_eq!(acked(&mut s, vec![ack(4, true)]), vec![(1, list(&[7, 9]))], "a gap in the ids: a list");
+        assert_eq!(acked(&mut s, vec![ack(6, false)]), vec![(1, run(11, 1))], "a single ACK is a run of one");
+        assert_eq!(acked(&mut s, vec![ack(6, true)]), vec![(2, run(10, 1))], "seq 6 is gone: only 5 is left");
+        assert_eq!(
+            acked(&mut s, vec![ack(9, true)]),
+            vec![(2, list(&[3])), (1, list(&[12, 13]))],
+            "one per subscription"
+        );
+        assert!(acked(&mut s, vec![ack(9, true)]).is_empty(), "nothing left to acknowledge");
+        deliver(&mut s, &[(1, 20), (2, 21), (1, 22), (1, 23)]);
+        assert_eq!(acked(&mut s, vec![ack(13, true)]), vec![(1, list(&[20, 22, 23])), (2, list(&[21]))]);
     }
 
     /// A session with `max_inflight_sends` of `window`.

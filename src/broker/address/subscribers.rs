@@ -16,7 +16,7 @@ use super::{new_address, Address, AddressTable, Outgoing, Queued};
 use crate::broker::sorted_ring::{Keyed, SortedRing};
 #[cfg(doc)]
 use crate::broker::StoredMessage;
-use crate::broker::{ConnCommand, ConnRef, FastMap, MessageId, Refusal, SubscriptionId};
+use crate::broker::{AckedMessages, ConnCommand, ConnRef, FastMap, MessageId, Refusal, SubscriptionId};
 use crate::mbws::{AckMode, DeliveryMode, ErrorCode};
 
 /// A subscriber's unacknowledged deliveries, sorted by message id (a [`SortedRing`] of
@@ -51,10 +51,15 @@ impl UnackedMessages {
         self.entries.remove(id.0)
     }
 
-    /// Takes the entries of `ids` (unknown ones skipped) and hands each to `each`; an ACK of
-    /// the oldest deliveries in order costs a comparison per id ([`SortedRing::remove_keys`]).
-    pub(super) fn remove_all(&mut self, ids: &[MessageId], each: impl FnMut(Queued)) {
-        self.entries.remove_keys(ids.iter().map(|id| id.0), each);
+    /// Takes the entries of `ids` (unknown ones skipped) and hands each to `each`: an ACK of
+    /// the oldest deliveries in order costs a comparison per id
+    /// ([`SortedRing::remove_keys`]), or two for a run of consecutive ids
+    /// ([`SortedRing::remove_key_run`]).
+    pub(super) fn remove_all(&mut self, ids: &AckedMessages, each: impl FnMut(Queued)) {
+        match ids {
+            AckedMessages::Run { first, count } => self.entries.remove_key_run(first.0, *count as usize, each),
+            AckedMessages::List(ids) => self.entries.remove_keys(ids.iter().map(|id| id.0), each),
+        }
     }
 
     pub(super) fn into_oldest_first(self) -> impl DoubleEndedIterator<Item = Queued> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::subscribers::UnackedMessages;
 use super::*;
-use crate::broker::{ConnId, Delivered, Deliveries, StoredMessage};
+use crate::broker::{AckedMessages, ConnId, Delivered, Deliveries, StoredMessage};
 use crate::mbws::{AckMode, ErrorCode, Properties};
 
 const LIMITS: AddressLimits = AddressLimits {
@@ -627,6 +627,45 @@ fn an_ack_of_many_ids_takes_the_known_ones_in_any_order() {
 fn ack(table: &mut AddressTable, consumer: u32, ids: &[u64], out: &mut Vec<Outgoing>) {
     let messages = ids.iter().map(|&id| MessageId(id)).collect();
     table.handle(AddressCommand::Ack { consumer: conn(consumer), subscription: SubscriptionId(1), messages }, 0, out);
+}
+
+fn ack_run(table: &mut AddressTable, consumer: u32, first: u64, count: u32, out: &mut Vec<Outgoing>) {
+    let messages = AckedMessages::Run { first: MessageId(first), count };
+    table.handle(AddressCommand::Ack { consumer: conn(consumer), subscription: SubscriptionId(1), messages }, 0, out);
+}
+
+/// An ACK naming its ids as a run (first id, count) acknowledges what the list of those ids
+/// would: each delivery once, its credit given back (what waits is delivered), ids already
+/// acknowledged or never delivered to this subscriber skipped.
+#[test]
+fn an_ack_of_a_run_of_ids_acknowledges_each_delivered_one_once() {
+    let mut table = AddressTable::new(ShardId(0), AddressLimits { max_queued_messages: 10, ..LIMITS });
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 3, &mut out);
+    for body in ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "m9"] {
+        publish(&mut table, "a", body, &mut out);
+    }
+    assert_eq!(deliveries(&out).len(), 3, "credit 3");
+    out.clear();
+    ack_run(&mut table, 1, 1, 2, &mut out);
+    assert_eq!(deliveries(&out), [(1, "m4".to_string()), (1, "m5".to_string())], "two acknowledged, two more");
+    out.clear();
+    // Ids 1 and 2 are acknowledged already, 3 to 5 are in flight: three credits come back.
+    ack_run(&mut table, 1, 1, 5, &mut out);
+    let expected: Vec<(u32, String)> = ["m6", "m7", "m8"].iter().map(|body| (1, body.to_string())).collect();
+    assert_eq!(deliveries(&out), expected);
+    out.clear();
+    // 7 in the middle of the ring, then 8 at its front and 9 past its end.
+    ack_run(&mut table, 1, 7, 1, &mut out);
+    assert_eq!(deliveries(&out), [(1, "m9".to_string())]);
+    out.clear();
+    ack_run(&mut table, 1, 6, 5, &mut out);
+    assert!(out.is_empty() && table.stats(b"a").queued == 0);
+    // Everything is acknowledged: three new messages go out at once.
+    for body in ["n1", "n2", "n3", "n4"] {
+        publish(&mut table, "a", body, &mut out);
+    }
+    assert_eq!(deliveries(&out).len(), 3, "all of the credit is back");
 }
 
 /// Consumer index and number of deliveries of each `Deliver` command in `out`, in order.
