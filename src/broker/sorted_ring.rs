@@ -53,7 +53,7 @@ impl<T: Keyed> SortedRing<T> {
 
     /// Records `entry`, whose key must be above every key recorded so far. Inlined: it runs
     /// once per delivery, and its work is a comparison and a `push_back`.
-    #[inline]
+    #[inline(always)]
     pub fn push(&mut self, entry: T) {
         let seq = entry.key();
         if self.entries.back().is_some_and(|last| last.key() >= seq) {

@@ -129,7 +129,7 @@ impl AckedBySubscription {
         AckedBySubscription { run: None, lists: SmallVec::new(), first_list_capacity }
     }
 
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, subscription: SubscriptionId, id: MessageId) {
         if self.lists.is_empty() {
             match &mut self.run {
