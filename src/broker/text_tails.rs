@@ -1,8 +1,7 @@
 //! Where a text SEND's message is encoded. A text SEND's address and body are copied into a
-//! [`MessageTail`](crate::mbws::binary::MessageTail) (the binary layout every stored message
-//! has); the tails go one after another into the chunks of this thread's arena (a
-//! [`CompactionArena`]: `ARENA_CHUNK_BYTES` chunks, 64 KiB,
-//! filled front to back), instead of an allocation each. So a text message holds a slice of
+//! [`MessageTail`] (the binary layout every stored message has); the tails go one after
+//! another into the chunks of this thread's arena (a [`CompactionArena`]: `ARENA_CHUNK_BYTES`
+//! chunks, 64 KiB, filled front to back), instead of an allocation each. So a text message holds a slice of
 //! a shared chunk, as a binary SEND's message holds a slice of its read buffer, and it is
 //! treated the same way:
 //! - consecutive text SENDs lie next to each other in their chunk, so those queued one after
