@@ -1055,6 +1055,27 @@ mod tests {
             assert!(bytes.is_empty());
         }
 
+        /// Frames from the client of `conn` that its shard reads at once (one read of their
+        /// WebSocket bytes together).
+        fn frames_in_one_read(&mut self, conn: ConnRef, frames: &[Frame], now_ms: u64) {
+            let shard = &mut self.shards[usize::from(conn.shard.0)];
+            let fake = &mut shard.conns.conns[conn.conn.index as usize];
+            let mut bytes = bytes::BytesMut::new();
+            for frame in frames {
+                let payload = mbws::encode(Binding::Binary, frame);
+                let mask = Some([1, 2, 3, 4]);
+                bytes.extend_from_slice(&crate::ws::frame::encode_frame(
+                    true,
+                    crate::ws::OpCode::Binary,
+                    &payload,
+                    mask,
+                ));
+            }
+            let step = shard.core.bytes_read(conn.conn, fake.attachment, &mut fake.decoder, &mut bytes, now_ms);
+            assert_eq!(step, ReadStep::NeedMore, "the session goes on");
+            assert!(bytes.is_empty());
+        }
+
         /// One round of work on `shard`: its posts, and whether it asked for an ack-timer wake-up.
         fn round(&mut self, shard: usize, now_ms: u64) -> (Vec<(ShardId, Vec<Command>)>, bool) {
             let TestShard { core, conns } = &mut self.shards[shard];
@@ -1298,6 +1319,112 @@ mod tests {
         }
         broker.settle(0);
         assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: 3 })], "one cumulative RECEIPT");
+    }
+
+    /// The bodies of the MESSAGEs among `frames`, in order.
+    fn bodies(frames: &[Frame]) -> Vec<Bytes> {
+        frames
+            .iter()
+            .filter_map(|frame| match frame {
+                Frame::Message(message) => Some(message.body.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A SUBSCRIBE between two SENDs to one address in one read runs between them: a
+    /// multicast subscription gets what is published after it, not what came before, though
+    /// the read's commands run at once, SENDs gathered into publish batches.
+    #[test]
+    fn a_command_between_publishes_in_one_read_keeps_its_place() {
+        let mut broker = Broker::new(0);
+        let address = address_owned_by(0);
+        let conn = broker.open(0, 0);
+        let subscribe = Frame::Subscribe(mbws::Subscribe {
+            subscription_id: 1,
+            address: address.clone(),
+            mode: DeliveryMode::Multicast,
+            ack_mode: AckMode::Auto,
+            credit: 10,
+        });
+        let frames = [send(1, &address, b"before"), subscribe, send(2, &address, b"after"), send(3, &address, b"last")];
+        broker.frames_in_one_read(conn, &frames, 0);
+        broker.settle(0);
+        let written = broker.written(conn);
+        assert!(written.contains(&Frame::Subscribed(mbws::Subscribed { subscription_id: 1 })), "{written:?}");
+        assert_eq!(bodies(&written), vec![Bytes::from_static(b"after"), Bytes::from_static(b"last")]);
+        assert_eq!(written.last(), Some(&Frame::Receipt(mbws::Receipt { seq: 3 })), "{written:?}");
+    }
+
+    /// SENDs to two addresses interleaved in one read are published in the order they came:
+    /// a consumer of both gets them in that order, and the publisher one RECEIPT for all.
+    #[test]
+    fn publishes_to_two_addresses_interleaved_in_one_read_keep_their_order() {
+        let mut broker = Broker::new(0);
+        let first = address_owned_by(0);
+        let second = (0..)
+            .map(|index| Bytes::from(format!("invoices-{index}")))
+            .find(|name| owner_of(name, SHARDS) == ShardId(0))
+            .expect("some name hashes to shard 0");
+        let consumer = broker.open(0, 0);
+        let publisher = broker.open(0, 0);
+        for (id, address) in [(1, &first), (2, &second)] {
+            let subscribe = Frame::Subscribe(mbws::Subscribe {
+                subscription_id: id,
+                address: address.clone(),
+                mode: DeliveryMode::Anycast,
+                ack_mode: AckMode::Auto,
+                credit: 10,
+            });
+            broker.frame(consumer, subscribe, 0);
+        }
+        broker.settle(0);
+        assert_eq!(broker.written(consumer).len(), 2, "two SUBSCRIBEDs");
+        let frames = [
+            send(1, &first, b"1"),
+            send(2, &first, b"2"),
+            send(3, &second, b"3"),
+            send(4, &first, b"4"),
+            send(5, &second, b"5"),
+            send(6, &second, b"6"),
+        ];
+        broker.frames_in_one_read(publisher, &frames, 0);
+        broker.settle(0);
+        let expected: Vec<Bytes> = [b"1", b"2", b"3", b"4", b"5", b"6"].map(|body| Bytes::from_static(body)).to_vec();
+        assert_eq!(bodies(&broker.written(consumer)), expected);
+        assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: 6 })]);
+    }
+
+    /// More SENDs to one address in one read than a publish batch holds are all published, in
+    /// order, in batches of at most `MAX_PUBLISH_BATCH`.
+    #[test]
+    fn a_read_of_more_sends_than_a_batch_holds_publishes_them_all_in_order() {
+        let mut broker = Broker::new(0);
+        let address = address_owned_by(0);
+        let consumer = broker.open(0, 0);
+        let publisher = broker.open(0, 0);
+        let subscribe = Frame::Subscribe(mbws::Subscribe {
+            subscription_id: 1,
+            address: address.clone(),
+            mode: DeliveryMode::Anycast,
+            ack_mode: AckMode::Auto,
+            credit: 1_000,
+        });
+        broker.frame(consumer, subscribe, 0);
+        broker.settle(0);
+        broker.written(consumer);
+        let count = MAX_PUBLISH_BATCH as u64 + 10;
+        let frames: Vec<Frame> = (1..=count)
+            .map(|seq| {
+                let body = Bytes::from(seq.to_string());
+                Frame::Send(mbws::Send { seq, address: address.clone(), body, ..Default::default() })
+            })
+            .collect();
+        broker.frames_in_one_read(publisher, &frames, 0);
+        broker.settle(0);
+        let expected: Vec<Bytes> = (1..=count).map(|seq| Bytes::from(seq.to_string())).collect();
+        assert_eq!(bodies(&broker.written(consumer)), expected);
+        assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: count })]);
     }
 
     /// An ended connection keeps its slot while its writer writes the close frame; then the
