@@ -13,7 +13,7 @@ use bytes::Bytes;
 use super::multicast::lag;
 use super::subscribers::Subscriber;
 use super::{Address, AddressTable, Outgoing, Queued};
-use crate::broker::{ConnCommand, ConnRef, Delivered, Deliveries, MessageId, SubscriptionId};
+use crate::broker::{ConnCommand, ConnRef, Delivered, Deliveries, MessageId, SharedMessage, SubscriptionId};
 use crate::mbws::{AckMode, DeliveryMode};
 
 /// What a change to an address can have made deliverable, so that `dispatch` looks only there:
@@ -188,19 +188,7 @@ pub(super) fn drain_backlog(
 /// Counts a delivery against the subscriber's credit and, in client ack mode, keeps it until
 /// it is acknowledged (with its ack deadline, if there is an ack timeout).
 pub(super) fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadline: Option<u64>) -> Delivered {
-    assert!(
-        subscriber.has_credit(),
-        "delivery without credit: {} in flight, credit {}, {} bytes unwritten of {}",
-        subscriber.in_flight,
-        subscriber.credit,
-        subscriber.unwritten_bytes,
-        subscriber.max_unwritten_bytes
-    );
-    subscriber.in_flight += 1;
-    if subscriber.ack_mode == AckMode::Auto {
-        subscriber.unwritten_bytes += queued.message.held_bytes() as u64;
-    }
-    subscriber.delivered += 1;
+    count_delivery(subscriber, &queued.message);
     queued.deliveries += 1;
     let delivered = queued.delivered();
     if subscriber.ack_mode == AckMode::Client {
@@ -212,13 +200,10 @@ pub(super) fn deliver(subscriber: &mut Subscriber, mut queued: Queued, ack_deadl
     delivered
 }
 
-/// [`deliver`] of a message the subscriber shares with others (an entry of the multicast
-/// log): the entry is copied only where the subscriber keeps it (client ack).
-#[inline]
-fn deliver_shared(subscriber: &mut Subscriber, queued: &Queued, ack_deadline: Option<u64>) -> Delivered {
-    if subscriber.ack_mode == AckMode::Client {
-        return deliver(subscriber, queued.clone(), ack_deadline);
-    }
+/// Counts one delivery of `message` against the subscriber's credit (and, auto ack, its
+/// unwritten bytes), which must allow it.
+#[inline(always)]
+fn count_delivery(subscriber: &mut Subscriber, message: &SharedMessage) {
     assert!(
         subscriber.has_credit(),
         "delivery without credit: {} in flight, credit {}, {} bytes unwritten of {}",
@@ -228,8 +213,20 @@ fn deliver_shared(subscriber: &mut Subscriber, queued: &Queued, ack_deadline: Op
         subscriber.max_unwritten_bytes
     );
     subscriber.in_flight += 1;
-    subscriber.unwritten_bytes += queued.message.held_bytes() as u64;
+    if subscriber.ack_mode == AckMode::Auto {
+        subscriber.unwritten_bytes += message.held_bytes() as u64;
+    }
     subscriber.delivered += 1;
+}
+
+/// [`deliver`] of a message the subscriber shares with others (an entry of the multicast
+/// log): the entry is copied only where the subscriber keeps it (client ack).
+#[inline]
+fn deliver_shared(subscriber: &mut Subscriber, queued: &Queued, ack_deadline: Option<u64>) -> Delivered {
+    if subscriber.ack_mode == AckMode::Client {
+        return deliver(subscriber, queued.clone(), ack_deadline);
+    }
+    count_delivery(subscriber, &queued.message);
     Delivered { message_id: queued.id, message: queued.message.clone(), redelivered: queued.redelivered }
 }
 
