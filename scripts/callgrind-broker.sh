@@ -139,6 +139,15 @@ shard_of_connection() {
     sed -n 's/.*shard \([0-9]*\): connection opened.*/\1/p' <<<"$line"
 }
 
+# valgrind's broker does not see SIGTERM through sigwait: dump the counts, then stop it.
+dump_counts_and_stop_broker() {
+    callgrind_control -d "$broker_pid" >/dev/null 2>&1
+    sleep 1
+    kill -KILL "$broker_pid" 2>/dev/null || true
+    wait "$broker_pid" 2>/dev/null || true
+    broker_pid=""
+}
+
 run_once() {
     # The start waits for a completion on the shard (see above) that nothing else brings: a
     # known port (a free one, picked here), poked with a connection every 0.1 s until the
@@ -177,11 +186,7 @@ run_once() {
         for pid in "${fanout_pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
         fanout_pids=()
         ((failed == 0)) || { echo "callgrind-broker.sh: $failed of $fanout consumers did not get every message" >&2; cat "$work/consume-1.log" >&2; exit 1; }
-        callgrind_control -d "$broker_pid" >/dev/null 2>&1
-        sleep 1
-        kill -KILL "$broker_pid" 2>/dev/null || true
-        wait "$broker_pid" 2>/dev/null || true
-        broker_pid=""
+        dump_counts_and_stop_broker
         placement_ok=1
         return
     fi
@@ -203,12 +208,7 @@ run_once() {
     "$client" send "$address" "$body" --url "$url" "${client_tls[@]}" --count "$count" --wait 60 "$@" >/dev/null 2>"$work/send.log"
     wait "$consumer_pid"
     consumer_pid=""
-    # valgrind's broker does not see SIGTERM through sigwait: dump the counts, then stop it.
-    callgrind_control -d "$broker_pid" >/dev/null 2>&1
-    sleep 1
-    kill -KILL "$broker_pid" 2>/dev/null || true
-    wait "$broker_pid" 2>/dev/null || true
-    broker_pid=""
+    dump_counts_and_stop_broker
     placement_ok=1
     if ((shards > 1)); then
         publisher_shard=$(shard_of_connection "$opened")
