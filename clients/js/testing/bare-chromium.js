@@ -14,7 +14,8 @@ import path from 'node:path';
 import { WebSocket } from 'ws';
 
 /**
- * Starts Chromium and opens `url` in a page. `close()` stops Chromium by its PID.
+ * Starts Chromium and opens `url` in a page. `close()` stops Chromium and its helper processes (its
+ * process group, by the group's ID) and removes its profile.
  * @param {string} executable
  * @param {string} url
  * @param {{timeoutMs?: number, args?: string[]}} [options]
@@ -24,7 +25,10 @@ export async function openBarePage(executable, url, options = {}) {
   const profile = mkdtempSync(path.join(tmpdir(), 'mbws-chromium-'));
   const child = spawn(executable, ['--headless', '--no-sandbox', '--remote-debugging-port=0', `--user-data-dir=${profile}`,
     '--window-size=1100,780', '--disable-background-timer-throttling', '--disable-backgrounding-occluded-windows',
-    '--disable-renderer-backgrounding', ...(options.args ?? []), 'about:blank'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '--disable-renderer-backgrounding', ...(options.args ?? []), 'about:blank'],
+    // Its own process group, so that close() stops its helpers too: killed alone, the browser
+    // process left renderers writing into the profile while it was being removed (ENOTEMPTY).
+    { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   const endpoint = await new Promise((resolve, reject) => {
     let text = '';
     const timer = setTimeout(() => reject(new Error(`chromium did not report its DevTools endpoint: ${text}`)), 20000);
@@ -97,7 +101,7 @@ export async function openBarePage(executable, url, options = {}) {
       socket.close();
       if (child.exitCode === null && child.signalCode === null) {
         const exited = new Promise((resolve) => child.once('exit', resolve));
-        child.kill('SIGKILL');
+        process.kill(-child.pid, 'SIGKILL');
         await exited;
       }
       rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 }); // Its helpers may still be writing.
