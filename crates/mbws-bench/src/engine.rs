@@ -38,8 +38,9 @@ use super::procfs;
 use super::report::Progress;
 use super::stream::{ReadHalf, Stream, WriteHalf};
 use super::targets::{self, Codec, Failure, Inbound, PublishWire, Role, Session, TargetConfig};
-use super::wire::{length_prefixed_frame, Deframer, Unit};
+use super::wire::{length_prefixed_frame, Deframer};
 use super::BenchError;
+use mbws_proto::ws::message::Received;
 use mbws_proto::ws::OpCode;
 
 /// A run fails if nothing is delivered for this long while messages are outstanding.
@@ -517,22 +518,36 @@ impl Reader {
     }
 }
 
-/// Hands every complete unit of `buf` to the codec, answering WebSocket pings.
+/// Hands every complete WebSocket message of `buf` to the codec where it lies, answering
+/// pings: no `Bytes` (and no reference count on the read buffer) per message, as
+/// [`deframe_in_place`] does for length-prefixed frames. A fan-out run reads one WebSocket
+/// message per delivery, and splitting each off as a `Bytes` made the generator, not the
+/// broker, the limit of its deliveries/s (docs/PERFORMANCE.md, session 13).
 fn deframe_units(
     deframer: &mut Deframer,
     buf: &mut BytesMut,
     codec: &mut Codec,
     cx: &mut Inbound<'_>,
 ) -> Result<(), Failure> {
+    let Deframer::WebSocket(decoder) = deframer else {
+        unreachable!("deframe_units is for WebSocket framing; length-prefixed frames go through deframe_in_place")
+    };
     loop {
-        match deframer.next(buf) {
-            Err(error) => break Err(Failure::Protocol(error)),
-            Ok(None) => break Ok(()),
-            Ok(Some(Unit::Data { payload, text })) => codec.on_unit(payload, text, cx)?,
-            Ok(Some(Unit::Ping(payload))) => cx.framing.control(cx.replies, OpCode::Pong, &payload),
-            Ok(Some(Unit::Pong)) => {}
-            Ok(Some(Unit::Close { code, reason })) => {
-                break Err(Failure::Closed(format!("the target closed the WebSocket ({code}: {reason})")))
+        let received = decoder
+            .next_in_place(buf)
+            .map_err(|error| Failure::Protocol(format!("invalid WebSocket data from the target: {error}")))?;
+        match received {
+            None => break Ok(()),
+            Some(Received::Binary(message)) => codec.on_message(message, false, cx)?,
+            Some(Received::Text(message)) => codec.on_message(message, true, cx)?,
+            Some(Received::Ping(payload)) => cx.framing.control(cx.replies, OpCode::Pong, &payload),
+            Some(Received::Pong(_)) => {}
+            Some(Received::Close(frame)) => {
+                let (code, reason) = match frame {
+                    Some(frame) => (frame.code, String::from_utf8_lossy(&frame.reason).into_owned()),
+                    None => (1005, String::new()),
+                };
+                break Err(Failure::Closed(format!("the target closed the WebSocket ({code}: {reason})")));
             }
         }
     }
@@ -767,6 +782,57 @@ pub async fn close_idle_sessions(sessions: Vec<IdleSession>, concurrency: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One unmasked server frame (what a broker sends) of `payload`.
+    fn server_frame(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
+        mbws_proto::ws::frame::encode_header(out, true, opcode, payload.len(), None);
+        out.extend_from_slice(payload);
+    }
+
+    #[test]
+    fn websocket_messages_are_read_in_place_and_a_partial_frame_waits() {
+        use mbws_proto::mbws::{encode, Binding, Frame, Message, Properties, Receipt};
+        let message = |delivery_seq: u64| {
+            let body = bytes::Bytes::from(vec![0u8; 16]);
+            let frame = Frame::Message(Message {
+                subscription_id: 1,
+                delivery_seq,
+                message_id: delivery_seq,
+                address: bytes::Bytes::from_static(b"orders"),
+                redelivered: false,
+                durable: false,
+                properties: Properties::default(),
+                body,
+            });
+            encode(Binding::Binary, &frame)
+        };
+        let mut wire = BytesMut::new();
+        server_frame(&mut wire, OpCode::Binary, &message(1));
+        server_frame(&mut wire, OpCode::Binary, &encode(Binding::Binary, &Frame::Receipt(Receipt { seq: 9 })));
+        server_frame(&mut wire, OpCode::Ping, b"hi");
+        server_frame(&mut wire, OpCode::Binary, &message(2));
+        let mut last = BytesMut::new();
+        server_frame(&mut last, OpCode::Binary, &message(3));
+        wire.extend_from_slice(&last[..10]);
+
+        let mut deframer = Deframer::websocket(1 << 20);
+        // No ACKs: what is queued for the broker is the pong alone.
+        let mut codec = Codec::Mbws(targets::mbws::MbwsCodec::new(0));
+        let mut replies = BytesMut::new();
+        let framing = crate::wire::Framing::WebSocket { mask: [1, 2, 3, 4] };
+        let mut cx = Inbound { now_ns: 0, framing, replies: &mut replies, deliveries: 0, latency: None };
+        deframe_units(&mut deframer, &mut wire, &mut codec, &mut cx).unwrap();
+        assert_eq!(cx.deliveries, 2);
+        assert_eq!(codec.publishes_acknowledged(), 9, "the RECEIPT, decoded off the in-place path");
+        assert_eq!(&wire[..], &last[..10], "the partial frame stays for the next read");
+        assert_eq!(replies.len(), 2 + 4 + 2, "one masked pong of the ping's two bytes");
+
+        wire.extend_from_slice(&last[10..]);
+        let mut cx = Inbound { now_ns: 0, framing, replies: &mut replies, deliveries: 0, latency: None };
+        deframe_units(&mut deframer, &mut wire, &mut codec, &mut cx).unwrap();
+        assert_eq!(cx.deliveries, 1);
+        assert!(wire.is_empty());
+    }
 
     #[test]
     fn every_address_and_every_consumer_is_paired() {

@@ -3,7 +3,8 @@
 //! Sans-IO. A target's payloads go either in WebSocket binary frames (mbws, nats, mqtt; masked
 //! as RFC 6455 requires of a client) or behind a 4-byte big-endian length (the relay).
 //! [`Deframer`] turns the read buffer back into payloads ([`Unit`]s), splitting them off as
-//! `Bytes` without copying.
+//! `Bytes` without copying: for set-up. The readers of a run split nothing off: they hand each
+//! payload to its codec where it lies (`engine::deframe_units` and `deframe_in_place`).
 //!
 //! The publish hot path never encodes a frame: a [`Template`] holds one complete wire frame
 //! (header, masked payload) and [`Template::append`] copies it and patches only the send

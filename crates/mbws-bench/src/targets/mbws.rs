@@ -23,6 +23,7 @@ use mbws_proto::mbws::{
     self, Ack, AckMode, Binding, CodecLimits, DeliveryMode, ErrorFrame, Frame, FrameKind, Open, Opened, Pong, Send,
     Subscribe, PROTOCOL_VERSION,
 };
+use mbws_proto::ws::message::DataMessage;
 
 /// Offset of the u64 `seq` in a binary SEND (docs/PROTOCOL.md 6.2).
 const SEND_SEQ_OFFSET: usize = 3;
@@ -46,7 +47,7 @@ pub struct MbwsCodec {
 }
 
 impl MbwsCodec {
-    fn new(ack_every: u64) -> MbwsCodec {
+    pub(crate) fn new(ack_every: u64) -> MbwsCodec {
         MbwsCodec { receipted: 0, refused: 0, last_delivery: 0, unacknowledged: 0, ack_every }
     }
 
@@ -56,6 +57,19 @@ impl MbwsCodec {
 
     pub fn refused(&self) -> u64 {
         self.refused
+    }
+
+    /// [`MbwsCodec::on_unit`] of a message lent in place: a binary MESSAGE (every delivery) is
+    /// read where it lies; anything else is split off and decoded.
+    pub fn on_message(&mut self, message: DataMessage<'_>, text: bool, cx: &mut Inbound<'_>) -> Result<(), Failure> {
+        if !text {
+            if let Some((delivery_seq, body)) = peek_message(message.payload()) {
+                cx.delivered(read_stamp(body));
+                self.on_delivery(delivery_seq, cx);
+                return Ok(());
+            }
+        }
+        self.on_unit(message.into_bytes(), text, cx)
     }
 
     pub fn on_unit(&mut self, payload: Bytes, text: bool, cx: &mut Inbound<'_>) -> Result<(), Failure> {

@@ -35,6 +35,7 @@ use super::net;
 use super::stream::Stream;
 use super::wire::{Deframer, Framing, Template, Unit};
 use mbws_proto::ws::handshake::{client_request, new_client_key, parse_response, verify_accept};
+use mbws_proto::ws::message::DataMessage;
 use mbws_proto::ws::OpCode;
 
 /// Longest wait for any answer during set-up (upgrade, open, subscribe).
@@ -211,13 +212,14 @@ pub enum Codec {
 }
 
 impl Codec {
-    /// Handles one payload from the target.
-    pub fn on_unit(&mut self, payload: Bytes, text: bool, cx: &mut Inbound<'_>) -> Result<(), Failure> {
+    /// Handles one WebSocket data message lent in place (see `DataMessage`): turned into a
+    /// `Bytes` only where a codec keeps it.
+    pub fn on_message(&mut self, message: DataMessage<'_>, text: bool, cx: &mut Inbound<'_>) -> Result<(), Failure> {
         match self {
-            Codec::Mbws(codec) => codec.on_unit(payload, text, cx),
-            Codec::Nats(codec) => codec.on_unit(&payload, cx),
-            Codec::Mqtt(codec) => codec.on_unit(&payload, cx),
-            Codec::Relay(codec) => codec.on_unit(&payload, cx),
+            Codec::Mbws(codec) => codec.on_message(message, text, cx),
+            Codec::Nats(codec) => codec.on_unit(message.payload(), cx),
+            Codec::Mqtt(codec) => codec.on_unit(message.payload(), cx),
+            Codec::Relay(codec) => codec.on_unit(message.payload(), cx),
         }
     }
 
