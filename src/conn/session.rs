@@ -446,22 +446,36 @@ impl Session {
         let payload = payload.into();
         // A binary SEND on an open session, the common frame, is decoded straight into the
         // message it becomes: its payload from the address on is the stored message (see
-        // `StoredMessage`), with no `Frame` in between.
-        let binary_send = binding == Binding::Binary
+        // `StoredMessage`), with no `Frame` in between. Everything else is handled out of line
+        // (`on_other_message`), so this path carries none of its state.
+        if binding == Binding::Binary
             && self.state == State::Open
-            && payload.payload().get(1) == Some(&mbws::FrameKind::Send.code());
+            && payload.payload().get(1) == Some(&mbws::FrameKind::Send.code())
+        {
+            return match mbws::binary::decode_send(payload.into_bytes(), &self.config.codec_limits) {
+                Ok(send) => self.on_send(binding, send, now_ms, fx),
+                Err(error) => Err(self.fatal(binding, error.code, 0, 0, error.reason, fx)),
+            };
+        }
+        self.on_other_message(binding, payload, now_ms, fx)
+    }
+
+    /// [`Session::on_message`] of any payload but a binary SEND on an open session.
+    #[inline(never)]
+    fn on_other_message(
+        &mut self,
+        binding: Binding,
+        payload: DataMessage<'_>,
+        now_ms: u64,
+        fx: &mut Effects<'_>,
+    ) -> Result<(), SessionEnd> {
         // A text SEND of the common shape is read where it lies and copied into its message (a
         // text SEND's tail is encoded anyway): no `Bytes` of the payload, no `Frame`. Any other
         // text payload, faults included, is decoded below as before.
-        let plain_text_send = || {
-            (binding == Binding::Text && self.state == State::Open)
-                .then(|| text_tails::decode_plain_send(payload.payload(), &self.config.codec_limits))
-                .flatten()
-        };
-        let decoded = if binary_send {
-            mbws::binary::decode_send(payload.into_bytes(), &self.config.codec_limits)
-                .map(|send| self.on_send(binding, send, now_ms, fx))
-        } else if let Some(send) = plain_text_send() {
+        let plain_text_send = (binding == Binding::Text && self.state == State::Open)
+            .then(|| text_tails::decode_plain_send(payload.payload(), &self.config.codec_limits))
+            .flatten();
+        let decoded = if let Some(send) = plain_text_send {
             Ok(self.on_send(binding, send, now_ms, fx))
         } else {
             mbws::decode(binding, payload.into_bytes(), &self.config.codec_limits)
@@ -676,7 +690,10 @@ impl Session {
             }
             _ => {
                 self.last_send_seq = seq;
-                self.forget_old_refusals();
+                // Most sessions have no refused SEND kept: one test instead of the window's sums.
+                if !self.refused_sends.is_empty() {
+                    self.forget_old_refusals();
+                }
             }
         }
         // The connection stops reading at `max_inflight_sends`; a SEND past it would break the

@@ -131,6 +131,31 @@ pub enum ReaderFinished {
     Ended,
 }
 
+/// Whether two addresses are the same bytes, as `==` says: one of 4 to 16 bytes (the usual
+/// name) is compared as two overlapping words, without the call to `bcmp` that `==` makes
+/// (the batch gathering compares every publish's address with its batch's).
+#[inline(always)]
+fn same_address(a: &[u8], b: &[u8]) -> bool {
+    let len = a.len();
+    if len != b.len() {
+        return false;
+    }
+    match len {
+        4..=7 => {
+            let word =
+                |bytes: &[u8], at: usize| u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+            word(a, 0) == word(b, 0) && word(a, len - 4) == word(b, len - 4)
+        }
+        8..=16 => {
+            let word = |bytes: &[u8], at: usize| {
+                u64::from_ne_bytes(bytes[at..at + 8].try_into().expect("8..=16 bytes hold a word at 0 and at len - 8"))
+            };
+            word(a, 0) == word(b, 0) && word(a, len - 8) == word(b, len - 8)
+        }
+        _ => a == b,
+    }
+}
+
 /// The live state in `conns` of connection `id` (a field-level borrow, so the core's scratch
 /// lists stay usable beside it).
 fn slot_state(conns: &mut [ConnSlot], id: ConnId) -> Option<&mut ConnState> {
@@ -469,7 +494,7 @@ impl ShardCore {
             return;
         }
         let mut commands = std::mem::take(&mut self.address_commands);
-        let mut commands_iter = commands.drain(..).peekable();
+        let mut commands_iter = commands.drain(..);
         while let Some((shard, command)) = commands_iter.next() {
             if shard != self.id {
                 self.queues.submit(shard, Command::Address(command));
@@ -477,22 +502,25 @@ impl ShardCore {
             }
             match command {
                 AddressCommand::Publish { publisher, seq, message } => {
+                    // The publishes right behind it for this shard and the same address join its
+                    // batch: counted where they lie, against this one's address (read once), then
+                    // each moved once, from the list into the batch.
+                    let address = message.address();
+                    let joining = (commands_iter.as_slice().iter())
+                        .take(MAX_PUBLISH_BATCH - 1)
+                        .take_while(|(next_shard, next)| {
+                            *next_shard == self.id
+                                && matches!(next, AddressCommand::Publish { message, .. } if same_address(message.address(), address))
+                        })
+                        .count();
+                    debug_assert!(self.publications.is_empty(), "publish_batch leaves the batch empty");
                     self.publications.push(Publication { publisher, seq, message });
-                    while self.publications.len() < MAX_PUBLISH_BATCH {
-                        let same_address = matches!(
-                            commands_iter.peek(),
-                            Some((shard, AddressCommand::Publish { message, .. }))
-                                if *shard == self.id && message.address() == self.publications[0].message.address()
-                        );
-                        if !same_address {
-                            break;
-                        }
-                        let Some((_, AddressCommand::Publish { publisher, seq, message })) = commands_iter.next()
-                        else {
-                            unreachable!("the next command was just checked to be a publish");
+                    self.publications.extend(commands_iter.by_ref().take(joining).map(|(_, command)| {
+                        let AddressCommand::Publish { publisher, seq, message } = command else {
+                            unreachable!("the commands joining a batch were just checked to be publishes");
                         };
-                        self.publications.push(Publication { publisher, seq, message });
-                    }
+                        Publication { publisher, seq, message }
+                    }));
                     self.publish_gathered(now_ms);
                 }
                 command => {
@@ -1457,5 +1485,22 @@ mod tests {
         core.set_writer_running(conn.conn, true);
         core.free_if_done(conn.conn);
         assert!(core.conn(next.conn).is_some(), "the old id frees nothing either");
+    }
+
+    #[test]
+    fn same_address_agrees_with_equality_at_every_length_and_difference() {
+        // Publishes join a batch only to the same address: a false "same" would publish a
+        // message to another address's queue, a false "different" only splits a batch.
+        for len in 0..=24 {
+            let a: Vec<u8> = (0..len).map(|i| b'a' + i as u8).collect();
+            assert!(same_address(&a, &a.clone()), "{len} bytes against a copy");
+            for position in 0..len {
+                let mut b = a.clone();
+                b[position] ^= 0x20;
+                assert!(!same_address(&a, &b), "{len} bytes differing at {position}");
+            }
+            let longer = [a.as_slice(), b"x"].concat();
+            assert!(!same_address(&a, &longer) && !same_address(&longer, &a), "{len} bytes against a prefix");
+        }
     }
 }

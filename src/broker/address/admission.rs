@@ -39,17 +39,20 @@ impl AddressTable {
             // delivered in one dispatch, answered in order: what publishing them one at a time
             // does, without a dispatch and an answer lookup per message.
             // The address is looked up once for the batch, not once per message and step.
-            let mut outcomes = Vec::with_capacity(batch.len());
             let mut taken = self.take_address(&address_name);
             let room = if taken.created { self.check_address_room(&address_name) } else { Ok(()) };
             let mut bounds = QueueBounds::of(&taken.state, &self.limits);
-            for Publication { publisher, seq, message } in batch.drain(..) {
-                let outcome = match &room {
-                    Ok(()) => self.enqueue(&mut taken.state, &taken.key, &mut bounds, message, now_ms, out),
-                    Err(refusal) => Err(refusal.clone()),
-                };
-                outcomes.push((publisher, seq, outcome));
-            }
+            // The address's room is judged once for the batch, not once per message.
+            let outcomes: Vec<_> = match &room {
+                Ok(()) => (batch.drain(..))
+                    .map(|Publication { publisher, seq, message }| {
+                        (publisher, seq, self.enqueue(&mut taken.state, &taken.key, &mut bounds, message, now_ms, out))
+                    })
+                    .collect(),
+                Err(refusal) => (batch.drain(..))
+                    .map(|Publication { publisher, seq, .. }| (publisher, seq, Err(refusal.clone())))
+                    .collect(),
+            };
             self.put_back_address(taken);
             self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
             let state = self.addresses.get_mut(&address_name);
@@ -309,9 +312,11 @@ impl AddressTable {
         debug_assert_eq!(address_name, message.address());
         let durable = self.refuse_if_log_failed(&message)?;
         self.refuse_if_ids_cannot_be_reserved()?;
+        // Read once: every bound below and the queued bytes count it.
+        let body_bytes = message.body().len();
         // Checked after the address's own bounds (whose refusal says more), computed here
         // while `self` is free.
-        let within_budget = self.check_memory_budget(message.body().len());
+        let within_budget = self.check_memory_budget(body_bytes);
         let QueueBounds { max_queued, max_queued_bytes, mut to_anycast_queue, anycast_credit_left } = *bounds;
         if !to_anycast_queue {
             // Multicast subscribers whose backlog is full are ended by this message (below): it
@@ -338,7 +343,6 @@ impl AddressTable {
                 ),
             ));
         }
-        let body_bytes = message.body().len();
         if to_anycast_queue && state.queued_bytes + body_bytes > max_queued_bytes {
             return Err(Refusal::new(
                 ErrorCode::Overloaded,
@@ -417,8 +421,8 @@ impl AddressTable {
             if !state.multicast.is_empty() {
                 state.multicast_log.append(queued.clone());
             }
-            state.queued_bytes += queued.message.body().len();
-            self.queued_bytes += queued.message.body().len();
+            state.queued_bytes += body_bytes;
+            self.queued_bytes += body_bytes;
             state.queue.push_back(queued);
         } else if !state.multicast.is_empty() {
             state.multicast_log.append(queued);
