@@ -196,47 +196,24 @@ impl Outbound {
     }
 
     /// Queues a binary MESSAGE made of this delivery's fixed fields and the message's shared
-    /// tail (address, properties, body; see `MessageTail`): the tail is copied behind the
-    /// header up to `INLINE_BODY_BYTES` of body, referenced without a copy above it. Ignored
-    /// once a close frame is queued, as [`Outbound::push_message`].
+    /// tail (address, properties, body; see `MessageTail`): one MESSAGE of
+    /// [`Outbound::binary_messages`]. Ignored once a close frame is queued, as
+    /// [`Outbound::push_message`].
     pub fn push_binary_message(&mut self, fixed: &[u8; mbws::binary::MESSAGE_FIXED_BYTES], tail: &MessageTail) {
+        if let Some(mut messages) = self.binary_messages() {
+            messages.push(fixed, tail);
+        }
+    }
+
+    /// A writer of consecutive binary MESSAGEs (a run of deliveries), `None` once a close
+    /// frame is queued (nothing may follow it). What it writes is queued as one segment when
+    /// it is dropped, instead of one segment update per MESSAGE.
+    pub fn binary_messages(&mut self) -> Option<BinaryMessages<'_>> {
         if self.close_queued {
-            return;
+            return None;
         }
-        let inline = tail.body().len() <= INLINE_BODY_BYTES;
-        let tail = tail.as_bytes();
-        let payload_len = fixed.len() + tail.len();
-        let copied = if inline { tail } else { &[][..] };
-        let mut ws_header = [0u8; MAX_SERVER_HEADER_BYTES];
-        let ws_len = server_frame_header(OpCode::Binary, payload_len, &mut ws_header);
-        let written = ws_len + fixed.len() + copied.len();
-        // Room for the longest WebSocket header, so that the header is copied at its full,
-        // constant size (moves, not a `memcpy` call) and the fixed fields then overwrite
-        // what follows its `ws_len` bytes.
-        let room = MAX_SERVER_HEADER_BYTES + fixed.len() + copied.len();
-        self.make_room(room);
         let start = self.arena.len();
-        let spare = self.arena.spare_capacity_mut();
-        assert!(spare.len() >= room, "make_room left {} bytes for {room}", spare.len());
-        // Each copy stays within `spare[..room]` (checked above) and comes from a buffer that
-        // cannot overlap the arena's spare capacity (the stack, or the tail's own buffer).
-        // One capacity check for the whole delivery instead of one per field.
-        let header_at = spare.as_mut_ptr().cast::<u8>();
-        // SAFETY: `room` starts with `MAX_SERVER_HEADER_BYTES` (see above).
-        unsafe { std::ptr::copy_nonoverlapping(ws_header.as_ptr(), header_at, MAX_SERVER_HEADER_BYTES) };
-        let fixed_at = spare[ws_len..].as_mut_ptr().cast::<u8>();
-        // SAFETY: `ws_len + fixed.len()` is at most `room`.
-        unsafe { std::ptr::copy_nonoverlapping(fixed.as_ptr(), fixed_at, fixed.len()) };
-        let tail_at = spare[ws_len + fixed.len()..].as_mut_ptr().cast::<u8>();
-        // SAFETY: `written` (`ws_len + fixed.len() + copied.len()`) is at most `room`.
-        unsafe { std::ptr::copy_nonoverlapping(copied.as_ptr(), tail_at, copied.len()) };
-        // SAFETY: the copies above initialised every byte from `start` to `start + written`.
-        unsafe { self.arena.set_len(start + written) };
-        self.queue_arena_from(start);
-        if !inline {
-            self.queued_bytes += tail.len();
-            self.segments.push(Segment::Body(tail.clone()));
-        }
+        Some(BinaryMessages { outbound: self, start })
     }
 
     /// Queues a text MESSAGE: this delivery's numbers (subscription id, delivery seq, message
@@ -315,12 +292,18 @@ impl Outbound {
     /// queued, so its credit and bytes go back to the owner once the batch holding it is
     /// written.
     pub fn note_auto_delivery(&mut self, owner: ShardId, subscription: SubscriptionId, bytes: usize) {
+        self.note_auto_deliveries(owner, subscription, 1, bytes as u64);
+    }
+
+    /// [`Outbound::note_auto_delivery`] of `count` deliveries of `bytes` in all (a run of
+    /// them, noted once).
+    pub fn note_auto_deliveries(&mut self, owner: ShardId, subscription: SubscriptionId, count: u32, bytes: u64) {
         match self.credits.iter_mut().find(|(shard, id, _, _)| *shard == owner && *id == subscription) {
-            Some((_, _, count, held)) => {
-                *count += 1;
-                *held += bytes as u64;
+            Some((_, _, noted, held)) => {
+                *noted += count;
+                *held += bytes;
             }
-            None => self.credits.push((owner, subscription, 1, bytes as u64)),
+            None => self.credits.push((owner, subscription, count, bytes)),
         }
     }
 
@@ -530,6 +513,87 @@ unsafe impl monoio::buf::IoVecBuf for WriteBatch {
     }
 }
 
+/// Binary MESSAGEs written one after another into an [`Outbound`]'s arena
+/// ([`Outbound::binary_messages`]): each is the WebSocket header, the delivery's fixed
+/// fields and the message's stored tail, copied up to `INLINE_BODY_BYTES` of body and
+/// referenced above it. The bytes written since `start` are queued (joined to the segment
+/// before them where they follow it) when a body is referenced, when the chunk fills up, and
+/// when the writer is dropped: until then the arena holds them unqueued, so every path that
+/// seals the chunk queues them first.
+pub struct BinaryMessages<'a> {
+    outbound: &'a mut Outbound,
+    /// Where the bytes not yet queued begin in the arena.
+    start: usize,
+}
+
+impl BinaryMessages<'_> {
+    /// Writes one MESSAGE: `fixed` (this delivery's own fields) and `tail`. One capacity
+    /// check for the whole MESSAGE; inlined, as it runs once per delivery of a run.
+    #[inline(always)]
+    pub fn push(&mut self, fixed: &[u8; mbws::binary::MESSAGE_FIXED_BYTES], tail: &MessageTail) {
+        let inline = tail.body().len() <= INLINE_BODY_BYTES;
+        let tail = tail.as_bytes();
+        let payload_len = fixed.len() + tail.len();
+        let copied = if inline { tail } else { &[][..] };
+        let mut ws_header = [0u8; MAX_SERVER_HEADER_BYTES];
+        let ws_len = server_frame_header(OpCode::Binary, payload_len, &mut ws_header);
+        let written = ws_len + fixed.len() + copied.len();
+        // Room for the longest WebSocket header, so that the header is copied at its full,
+        // constant size (moves, not a `memcpy` call) and the fixed fields then overwrite
+        // what follows its `ws_len` bytes.
+        let room = MAX_SERVER_HEADER_BYTES + fixed.len() + copied.len();
+        let arena = &mut self.outbound.arena;
+        if arena.capacity() - arena.len() < room {
+            self.new_chunk(room);
+        }
+        let arena = &mut self.outbound.arena;
+        let start = arena.len();
+        let spare = arena.spare_capacity_mut();
+        assert!(spare.len() >= room, "start_chunk left {} bytes for {room}", spare.len());
+        // Each copy stays within `spare[..room]` (checked above) and comes from a buffer that
+        // cannot overlap the arena's spare capacity (the stack, or the tail's own buffer).
+        let header_at = spare.as_mut_ptr().cast::<u8>();
+        // SAFETY: `room` starts with `MAX_SERVER_HEADER_BYTES` (see above).
+        unsafe { std::ptr::copy_nonoverlapping(ws_header.as_ptr(), header_at, MAX_SERVER_HEADER_BYTES) };
+        let fixed_at = spare[ws_len..].as_mut_ptr().cast::<u8>();
+        // SAFETY: `ws_len + fixed.len()` is at most `room`.
+        unsafe { std::ptr::copy_nonoverlapping(fixed.as_ptr(), fixed_at, fixed.len()) };
+        let tail_at = spare[ws_len + fixed.len()..].as_mut_ptr().cast::<u8>();
+        // SAFETY: `written` (`ws_len + fixed.len() + copied.len()`) is at most `room`.
+        unsafe { std::ptr::copy_nonoverlapping(copied.as_ptr(), tail_at, copied.len()) };
+        // SAFETY: the copies above initialised every byte from `start` to `start + written`.
+        unsafe { arena.set_len(start + written) };
+        if !inline {
+            self.queue_written();
+            self.outbound.queued_bytes += tail.len();
+            self.outbound.segments.push(Segment::Body(tail.clone()));
+        }
+    }
+
+    /// The chunk has less than `room` bytes left: queues what was written, then starts the
+    /// next chunk (which seals this one).
+    #[cold]
+    fn new_chunk(&mut self, room: usize) {
+        self.queue_written();
+        self.outbound.start_chunk(room);
+        self.start = self.outbound.arena.len();
+    }
+
+    /// Queues the bytes written since `start`.
+    fn queue_written(&mut self) {
+        if self.outbound.arena.len() > self.start {
+            self.outbound.queue_arena_from(self.start);
+        }
+        self.start = self.outbound.arena.len();
+    }
+}
+
+impl Drop for BinaryMessages<'_> {
+    fn drop(&mut self) {
+        self.queue_written();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,6 +647,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A run of MESSAGEs written by one `binary_messages` writer is byte for byte the same
+    /// MESSAGEs queued one by one, in order, also where the run fills chunks (sealed on the
+    /// way) and references a large body between copied ones; nothing is written once a close
+    /// frame is queued.
+    #[test]
+    fn a_run_of_binary_messages_is_each_message_queued_alone() {
+        let small = MessageTail::encode(b"orders", &mbws::Properties::default(), &[b's'; 200]);
+        let large = MessageTail::encode(b"orders", &mbws::Properties::default(), &[b'l'; INLINE_BODY_BYTES + 1]);
+        let tails: Vec<&MessageTail> = (0..100).map(|i| if i % 37 == 5 { &large } else { &small }).collect();
+        let fixed = |i: usize| mbws::binary::encode_message_fixed(3, 10 + i as u64, 100 + i as u64, i % 2 == 0, false);
+        let mut one_by_one = Outbound::new();
+        one_by_one.push_frame(Binding::Binary, &Frame::Receipt(Receipt { seq: 1 }));
+        let mut as_run = Outbound::new();
+        as_run.push_frame(Binding::Binary, &Frame::Receipt(Receipt { seq: 1 }));
+        let mut writer = as_run.binary_messages().expect("no close frame queued");
+        for (i, tail) in tails.iter().enumerate() {
+            one_by_one.push_binary_message(&fixed(i), tail);
+            writer.push(&fixed(i), tail);
+        }
+        drop(writer);
+        assert_eq!(as_run.queued_bytes(), one_by_one.queued_bytes());
+        assert!(as_run.chunks_allocated > 1, "the run filled at least one chunk");
+        let expected = one_by_one.take_batch(WriteBatch::default()).unwrap();
+        let written = as_run.take_batch(WriteBatch::default()).unwrap();
+        assert_eq!(written.to_vec(), expected.to_vec());
+        assert_eq!(written.body_pointers(), vec![large.as_bytes().as_ptr(); 3]);
+        as_run.push_control(OpCode::Close, &[]);
+        assert!(as_run.binary_messages().is_none(), "nothing follows a close frame");
     }
 
     #[test]

@@ -990,6 +990,15 @@ impl Session {
             return; // Unsubscribed meanwhile: the owner requeues them (client ack) or they are dropped.
         };
         let (owner, ack_mode) = (state.owner, state.ack_mode);
+        if self.attached && self.binding == Binding::Binary {
+            match deliveries {
+                Deliveries::Own(own) => self.send_binary_run(owner, ack_mode, subscription, own.into_iter(), outbound),
+                Deliveries::Shared { batch, len } => {
+                    self.send_binary_run(owner, ack_mode, subscription, batch[..len].iter().cloned(), outbound)
+                }
+            }
+            return;
+        }
         match deliveries {
             Deliveries::Own(own) => {
                 for delivered in own {
@@ -1003,6 +1012,53 @@ impl Session {
                     self.take_delivery(owner, ack_mode, subscription, delivered.clone(), outbound);
                 }
             }
+        }
+    }
+
+    /// Numbers a run of deliveries of `subscription`, oldest first, writes them as binary
+    /// MESSAGEs one after another (what [`Session::number_and_encode`] does for each, without
+    /// a call chain, a close check and a segment update per delivery), and records them
+    /// (client ack) or notes their credit once for the run (auto ack). Only for an attached
+    /// session in the binary binding.
+    fn send_binary_run(
+        &mut self,
+        owner: ShardId,
+        ack_mode: AckMode,
+        subscription: SubscriptionId,
+        deliveries: impl Iterator<Item = Delivered>,
+        outbound: &mut Outbound,
+    ) {
+        debug_assert!(self.attached && self.binding == Binding::Binary);
+        let (mut auto_count, mut auto_bytes) = (0u32, 0u64);
+        let mut messages = outbound.binary_messages();
+        for Delivered { message_id, message, redelivered } in deliveries {
+            self.last_delivery_seq += 1;
+            let delivery_seq = self.last_delivery_seq;
+            // Nothing is written once a close frame is queued; the deliveries are still
+            // recorded (resent on resume) or their credit noted, as `number_and_encode` does.
+            if let Some(messages) = &mut messages {
+                let fixed = mbws::binary::encode_message_fixed(
+                    subscription.0,
+                    delivery_seq,
+                    message_id.0,
+                    redelivered,
+                    message.durable,
+                );
+                messages.push(&fixed, message.tail());
+            }
+            match ack_mode {
+                AckMode::Client => {
+                    self.unacked.push((delivery_seq, Delivery { subscription, message_id, message, redelivered }))
+                }
+                AckMode::Auto => {
+                    auto_count += 1;
+                    auto_bytes += message.held_bytes() as u64;
+                }
+            }
+        }
+        drop(messages);
+        if auto_count > 0 {
+            outbound.note_auto_deliveries(owner, subscription, auto_count, auto_bytes);
         }
     }
 

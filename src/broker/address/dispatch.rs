@@ -97,6 +97,9 @@ impl AddressTable {
         if subscriber_count == 0 {
             return;
         }
+        if subscriber_count == 1 {
+            return deliver_queue_to_one(state, ack_deadline, held_from, now_ms, out, settled);
+        }
         while let Some(front) = state.queue.front() {
             if held_from.is_some_and(|held| front.id >= held) {
                 break;
@@ -122,6 +125,56 @@ impl AddressTable {
             let delivered = deliver(subscriber, queued, ack_deadline);
             push_delivery(out, subscriber, delivered);
         }
+    }
+}
+
+/// [`AddressTable::deliver_queue`] for an address with one anycast subscriber: the round
+/// robin always comes back to it, so the queue's front goes to it as far as its credit allows,
+/// into one command (the one before, when that is for this subscription, as
+/// [`push_delivery`] joins them), sized once for what the credit takes.
+fn deliver_queue_to_one(
+    state: &mut Address,
+    ack_deadline: Option<u64>,
+    held_from: Option<MessageId>,
+    now_ms: u64,
+    out: &mut Vec<Outgoing>,
+    settled: &mut Vec<Queued>,
+) {
+    // The round robin's position is 0, the one subscriber's index, before and after.
+    debug_assert_eq!((state.anycast.len(), state.next_anycast), (1, 0));
+    let subscriber = &mut state.anycast[0];
+    let takes = (subscriber.credit_left() as usize).min(state.queue.len());
+    if takes == 0 {
+        return;
+    }
+    let target = (subscriber.consumer.shard, subscriber.consumer.conn, subscriber.subscription);
+    let joins = matches!(out.last(), Some((shard, ConnCommand::Deliver { consumer, subscription, .. }))
+        if (*shard, *consumer, *subscription) == target);
+    if !joins {
+        send_deliveries_unchecked(out, subscriber, Deliveries::with_capacity(takes));
+    }
+    let Some((_, ConnCommand::Deliver { deliveries, .. })) = out.last_mut() else {
+        unreachable!("a Deliver command was pushed or found above")
+    };
+    while subscriber.has_credit() {
+        let Some(front) = state.queue.front() else { break };
+        if held_from.is_some_and(|held| front.id >= held) {
+            break;
+        }
+        let queued = state.queue.pop_front().expect("queue is not empty");
+        state.queued_bytes -= queued.message.body().len();
+        if is_expired(&queued, now_ms) {
+            settled.push(queued);
+            continue;
+        }
+        if subscriber.ack_mode == AckMode::Auto {
+            settled.push(queued.clone());
+        }
+        deliveries.push(deliver(subscriber, queued, ack_deadline));
+    }
+    // Nothing was deliverable (a held or expired front): no empty command.
+    if !joins && deliveries.is_empty() {
+        out.pop();
     }
 }
 
@@ -282,6 +335,11 @@ pub(super) fn send_deliveries(out: &mut Vec<Outgoing>, subscriber: &Subscriber, 
     if deliveries.is_empty() {
         return;
     }
+    send_deliveries_unchecked(out, subscriber, deliveries);
+}
+
+/// [`send_deliveries`] of a list that may still be empty (the caller fills or removes it).
+fn send_deliveries_unchecked(out: &mut Vec<Outgoing>, subscriber: &Subscriber, deliveries: Deliveries) {
     out.push((
         subscriber.consumer.shard,
         ConnCommand::Deliver { consumer: subscriber.consumer.conn, subscription: subscriber.subscription, deliveries },
