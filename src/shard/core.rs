@@ -28,7 +28,9 @@
 //! addresses run at once when nothing waits in the work queue: the order the round would run
 //! them in, without the trip through the queue); [`ShardCore::run_work`] then runs the round: the work queue is
 //! drained (publishes to one address that sit next to each other reach the address table as
-//! one batch), every connection touched is flushed once, and the [`Effects`] say what the shell
+//! one batch), every connection touched is flushed once (the most recently listed first, so
+//! deliveries are written before the receipts of the SENDs that caused them), and the
+//! [`Effects`] say what the shell
 //! must do: post these command batches (one per destination shard), let the log's commit task
 //! run, wake the shard's timer (which then asks [`ShardCore::poll_deadline`] when to call
 //! [`ShardCore::on_deadline`]).
@@ -938,7 +940,13 @@ impl ShardCore {
                 }
             }
         }
-        for id in self.dirty.drain(..) {
+        // Newest listed first: the connection whose input started the round (listed by
+        // `bytes_read` before its commands ran) is flushed after the connections those
+        // commands delivered to. A writer woken earlier writes earlier (monoio runs woken tasks
+        // in order, and io_uring runs the writes of one submission in order), so a MESSAGE no
+        // longer waits behind its publisher's RECEIPT: on loopback each write carries the
+        // receiving side's wake-up too (docs/PERFORMANCE.md, "Session 13").
+        for id in self.dirty.drain(..).rev() {
             self.dirty_generation[id.index as usize] = None;
             // Cumulative receipt, then wake whichever task can make progress.
             let slot = &mut self.conns[id.index as usize];
@@ -1007,15 +1015,17 @@ mod tests {
         flushes: usize,
     }
 
-    /// One shard's connection tasks, by slot index.
+    /// One shard's connection tasks, by slot index, and the order the core woke them in.
     #[derive(Default)]
     struct FakeConns {
         conns: Vec<FakeConn>,
+        woken: Vec<ConnId>,
     }
 
     impl ConnWakers for FakeConns {
         fn wake(&mut self, id: ConnId, _wake: Wake) {
             self.conns[id.index as usize].flushes += 1;
+            self.woken.push(id);
         }
     }
 
@@ -1347,6 +1357,28 @@ mod tests {
         }
         broker.settle(0);
         assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: 3 })], "one cumulative RECEIPT");
+    }
+
+    /// A SEND to an address of the publisher's own shard: the round wakes the consumer's
+    /// tasks before the publisher's, so the MESSAGE is written before the RECEIPT (a
+    /// delivery's latency does not include writing the receipt).
+    #[test]
+    fn a_round_wakes_the_consumer_before_the_publisher() {
+        let mut broker = Broker::new(30_000);
+        let address = address_owned_by(0);
+        let consumer = broker.open(0, 0);
+        broker.frame(consumer, subscribe(&address), 0);
+        broker.settle(0);
+        broker.written(consumer);
+        let publisher = broker.open(0, 0);
+        broker.settle(0);
+        broker.shards[0].conns.woken.clear();
+
+        broker.frame(publisher, send(1, &address, b"first"), 0);
+        broker.round(0, 0);
+        assert_eq!(broker.shards[0].conns.woken, vec![consumer.conn, publisher.conn]);
+        assert!(matches!(&broker.written(consumer)[..], [Frame::Message(_)]));
+        assert_eq!(broker.written(publisher), vec![Frame::Receipt(mbws::Receipt { seq: 1 })]);
     }
 
     /// The bodies of the MESSAGEs among `frames`, in order.
