@@ -32,14 +32,20 @@
 #
 # Valgrind 3.19 (Debian 12's) runs io_uring_enter as a syscall that never blocks: a shard
 # thread waiting for completions keeps valgrind's one-thread-at-a-time lock, so no other
-# thread runs until a completion arrives for it. With one shard this only delays the main
-# thread's "listening on" line until the shard's first completion, which nothing brings
-# until a client connects: the script listens on a known port and pokes it with a connection
-# every 0.1 s until the line is there (without the pokes a start on a loaded machine often
-# waited past its 120 s bound); with two or more, the owner shard, which has no
-# connection of its own, waits for a wake-up that only the other shard (now stopped) can
-# post, and the run hangs: --shards 2 needs a valgrind whose io_uring_enter may block (seen
-# with `valgrind --tool=none --trace-syscalls=yes`: a blocking call is marked [async]).
+# thread runs until a completion arrives for it (seen with `valgrind --tool=none
+# --trace-syscalls=yes`: a blocking call is marked [async], io_uring_enter never is). With one
+# shard this only delays the main thread's "listening on" line until the shard's first
+# completion, which nothing brings until a client connects: the script listens on a known port
+# and pokes it with a connection every 0.1 s until the line is there (without the pokes a
+# start on a loaded machine often waited past its 120 s bound). With two or more, the owner
+# shard, which has no connection of its own, would wait for a wake-up that only the other
+# shard (then stopped) can post, and the run would hang: so the broker runs with
+# MBWS_PROFILER_WAKE_MS=1, which makes each shard wake every millisecond and yield its thread
+# (src/shard/mod.rs, PROFILER_WAKE_ENV). Those wake-ups are counted in the total, which then
+# depends on how long the run took, not only on the messages: with --shards the figure to
+# compare is "instructions per message in the message tasks", the connections' tasks (reads,
+# decode, session, writes) and the shards' inbox tasks (cross-shard envelopes and the rounds
+# of work they run), inclusive, which every run prints beside the total.
 # Prints "instructions per message: N" and leaves the profile in --out (default
 # callgrind.broker.out) for `callgrind_annotate`. The broker's start-up is included in the
 # total (about 0.1% at 100,000 messages). Needs valgrind; builds the release binaries (with
@@ -80,6 +86,10 @@ else
     cargo build --release --quiet --bins
 fi
 broker=${broker:-target/release/mbws-broker}
+# How long the 1 -> 1 clients wait for the broker (seconds): the cross-shard runs are slower
+# under valgrind (the shards take turns, a millisecond at a time).
+client_wait=60
+((shards > 1)) && client_wait=600
 client=${MBWS_CLIENT:-target/release/mbws}
 work=$(mktemp -d)
 broker_pid=""
@@ -154,7 +164,9 @@ run_once() {
     # line is there.
     local port
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    valgrind --tool=callgrind --callgrind-out-file="$work/profile" \
+    local wake=()
+    ((shards > 1)) && wake=(env MBWS_PROFILER_WAKE_MS=1)
+    "${wake[@]}" valgrind --tool=callgrind --callgrind-out-file="$work/profile" \
         "$broker" --shards "$shards" --listen "127.0.0.1:$port" --data-dir "$work/data" "${admin[@]}" "${tls_flags[@]}" 2>"$work/broker.log" &
     broker_pid=$!
     # The whole log line must be there, with the address and the space after it, before we read it.
@@ -191,7 +203,7 @@ run_once() {
         return
     fi
     for _ in $(seq 20); do
-        "$client" consume "$address" --url "$url" "${client_tls[@]}" --count "$count" --quiet --timeout 60 >/dev/null 2>"$work/consume.log" &
+        "$client" consume "$address" --url "$url" "${client_tls[@]}" --count "$count" --quiet --timeout "$client_wait" >/dev/null 2>"$work/consume.log" &
         consumer_pid=$!
         if ((shards == 1)); then
             break
@@ -205,8 +217,9 @@ run_once() {
     done
     [[ -n $consumer_pid ]] || { echo "callgrind-broker.sh: the consumer landed on the owner's shard 20 times" >&2; exit 1; }
     sleep 0.5
-    "$client" send "$address" "$body" --url "$url" "${client_tls[@]}" --count "$count" --wait 60 "$@" >/dev/null 2>"$work/send.log"
-    wait "$consumer_pid"
+    "$client" send "$address" "$body" --url "$url" "${client_tls[@]}" --count "$count" --wait "$client_wait" "$@" >/dev/null 2>"$work/send.log" \
+        || { echo "callgrind-broker.sh: the publisher failed:" >&2; cat "$work/send.log" >&2; exit 1; }
+    wait "$consumer_pid" || { echo "callgrind-broker.sh: the consumer did not get every message:" >&2; cat "$work/consume.log" >&2; exit 1; }
     consumer_pid=""
     dump_counts_and_stop_broker
     placement_ok=1
@@ -231,6 +244,32 @@ cp "$dump" "$out"
 total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 echo "messages: $count, broker instructions: $total"
 echo "instructions per message: $((total / count))"
+# The message tasks, inclusive: every connection's task (reads, decode, session, the rounds of
+# work a read runs, writes) plus the rounds of work the shards' inbox tasks run for envelopes
+# from other shards (`Shard::run_work` less its calls from connection tasks, which the first
+# part holds already). Taking an envelope off the inbox is inlined into the inbox task and left
+# out (0.4% of the total at --shards 2). Without --shards the figure is the connections' tasks.
+tasks=$(callgrind_annotate --tree=caller --inclusive=yes --threshold=100 "$out" 2>/dev/null | python3 -c '
+import re, sys
+def cost(line):
+    return int(line.split()[0].replace(",", ""))
+connections = run_work = run_work_from_connections = 0
+block = []
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    if not line.strip():
+        block = []
+        continue
+    block.append(line)
+    if not re.match(r"\s*[0-9,]+ \([ 0-9.]+%\)\s+\*", line) or "[" not in line:
+        continue
+    if line.endswith("]") and ":mbws::shard::connection::run::{{closure}} [" in line:
+        connections += cost(line)
+    elif ":mbws::shard::Shard::run_work [" in line:
+        run_work += cost(line)
+        run_work_from_connections += sum(cost(c) for c in block[:-1] if "mbws::shard::connection::run::{{closure}}" in c)
+print(connections + run_work - run_work_from_connections)')
+echo "instructions per message in the message tasks (connections and inboxes, inclusive): $((tasks / count))"
 if ((fanout > 0)); then
     echo "consumers: $fanout, deliveries: $((count * fanout))"
     echo "instructions per delivery: $((total / (count * fanout)))"

@@ -327,11 +327,22 @@ impl Iterator for Posts<'_> {
     type Item = (ShardId, Vec<Command>);
 
     fn next(&mut self) -> Option<(ShardId, Vec<Command>)> {
-        self.outboxes
-            .find(|(_, outbox)| !outbox.is_empty())
-            .map(|(index, outbox)| (ShardId(index as u16), std::mem::take(outbox)))
+        self.outboxes.find(|(_, outbox)| !outbox.is_empty()).map(|(index, outbox)| {
+            // The next batch for this shard starts with room for twice as many commands as
+            // this one had, or half the room this one had, whichever is more (up to a bound):
+            // a new empty outbox grew by doubling, each step a reallocation and a copy of every
+            // command in it, on every round, and rounds of a few commands (a consumer's ACK)
+            // come between rounds of hundreds (a publisher's read), so room decays slowly.
+            let room = (2 * outbox.len()).max(outbox.capacity() / 2).min(MAX_OUTBOX_ROOM_CARRIED);
+            (ShardId(index as u16), std::mem::replace(outbox, Vec::with_capacity(room)))
+        })
     }
 }
+
+/// The most commands of room a posted outbox leaves for the next batch to the same shard:
+/// what a busy round needs, without keeping a burst's allocation while the shard sends that
+/// destination little.
+const MAX_OUTBOX_ROOM_CARRIED: usize = 1024;
 
 /// The address table of shard `id`, with the declared addresses it owns.
 fn declared_table(id: ShardId, shard_count: usize, config: &Config) -> AddressTable {

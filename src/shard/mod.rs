@@ -1032,6 +1032,9 @@ fn run_shard(
         monoio::spawn(shard.clone().inbox_loop(inbox));
         // Ack deadlines (--ack-timeout-ms) and expiring credentials (JWT) both need it.
         monoio::spawn(shard.clone().ack_timer_loop());
+        if let Some(period) = profiler_wake_period() {
+            monoio::spawn(profiler_wake_loop(period));
+        }
         let accepting = monoio::spawn(accept_loop(shard.clone(), listener, tls));
         shard.stop_accepting.wait().await;
         stop_listening(id, listener_fd);
@@ -1099,6 +1102,44 @@ const STOP_POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// The reason of the ERROR 4503 (and close) a drain ends each session with; clients read it as
 /// "open a new session, on another broker" (docs/PROTOCOL.md 10.1, docs/OPERATIONS.md).
 pub const DRAIN_CLOSE_REASON: &str = "broker draining (lame duck): open a new session on another broker";
+
+/// The environment variable that makes every shard wake at least this often (milliseconds,
+/// 1 to [`MAX_PROFILER_WAKE_PERIOD_MS`]) and then yield its thread: for running the broker
+/// under valgrind only. Valgrind runs one thread at a time and treats `io_uring_enter` as a
+/// call that cannot block, so a shard waiting for completions keeps every other thread from
+/// running; with two or more shards, one that waits for another's post waits forever
+/// (`scripts/callgrind-broker.sh --shards N` sets it). Unset, nothing is spawned.
+pub const PROFILER_WAKE_ENV: &str = "MBWS_PROFILER_WAKE_MS";
+/// The longest period [`PROFILER_WAKE_ENV`] accepts.
+const MAX_PROFILER_WAKE_PERIOD_MS: u64 = 1_000;
+
+/// The period [`PROFILER_WAKE_ENV`] asks for, if it is set to a number in range; a value that
+/// is not is ignored with a warning, never fatal (it is a profiling aid).
+fn profiler_wake_period() -> Option<Duration> {
+    let value = std::env::var_os(PROFILER_WAKE_ENV)?;
+    parse_profiler_wake_period(&value).unwrap_or_else(|reason| {
+        log!(Level::Warn, "{PROFILER_WAKE_ENV}={value:?} ignored: {reason}");
+        None
+    })
+}
+
+/// [`PROFILER_WAKE_ENV`]'s value as a period, or why it is not one.
+fn parse_profiler_wake_period(value: &std::ffi::OsStr) -> Result<Option<Duration>, String> {
+    match value.to_str().and_then(|text| text.trim().parse::<u64>().ok()) {
+        Some(ms @ 1..=MAX_PROFILER_WAKE_PERIOD_MS) => Ok(Some(Duration::from_millis(ms))),
+        _ => Err(format!("it takes whole milliseconds from 1 to {MAX_PROFILER_WAKE_PERIOD_MS}")),
+    }
+}
+
+/// Wakes the shard every `period` and yields its thread ([`PROFILER_WAKE_ENV`]): under
+/// valgrind, `sched_yield` hands valgrind's thread lock to the next thread in line.
+async fn profiler_wake_loop(period: Duration) {
+    loop {
+        monoio::time::sleep(period).await;
+        // SAFETY: sched_yield takes no arguments and touches no memory of ours.
+        unsafe { libc::sched_yield() };
+    }
+}
 
 /// Accept failures are logged at most once per this interval, with a count of those since.
 const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -1168,5 +1209,24 @@ pub fn open_file_limit() -> Option<u64> {
 fn debug_panic_on_accept(shard: ShardId) {
     if std::env::var("MBWS_DEBUG_PANIC_ON_ACCEPT").is_ok_and(|value| value == shard.0.to_string()) {
         panic!("MBWS_DEBUG_PANIC_ON_ACCEPT: shard {} panics on purpose", shard.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The valgrind wake-up (scripts/callgrind-broker.sh --shards) takes whole milliseconds in
+    /// range; anything else is refused with the range, so a typo never leaves a shard spinning.
+    #[test]
+    fn the_profiler_wake_period_takes_whole_milliseconds_in_range() {
+        let parse = |text: &str| parse_profiler_wake_period(std::ffi::OsStr::new(text));
+        assert_eq!(parse("1"), Ok(Some(Duration::from_millis(1))));
+        assert_eq!(parse(" 250 "), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(parse("1000"), Ok(Some(Duration::from_millis(MAX_PROFILER_WAKE_PERIOD_MS))));
+        for refused in ["0", "1001", "-1", "1.5", "1ms", ""] {
+            let reason = parse(refused).expect_err(refused);
+            assert!(reason.contains("from 1 to 1000"), "{refused:?}: {reason}");
+        }
     }
 }
