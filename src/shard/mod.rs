@@ -1104,7 +1104,7 @@ const STOP_POLL_INTERVAL: Duration = Duration::from_millis(5);
 pub const DRAIN_CLOSE_REASON: &str = "broker draining (lame duck): open a new session on another broker";
 
 /// The environment variable that makes every shard wake at least this often (milliseconds,
-/// 1 to [`MAX_PROFILER_WAKE_PERIOD_MS`]) and then yield its thread: for running the broker
+/// 1 to 1,000) and then yield its thread: for running the broker
 /// under valgrind only. Valgrind runs one thread at a time and treats `io_uring_enter` as a
 /// call that cannot block, so a shard waiting for completions keeps every other thread from
 /// running; with two or more shards, one that waits for another's post waits forever
