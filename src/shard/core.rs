@@ -1266,13 +1266,11 @@ mod tests {
     }
 
     fn subscribe(address: &Bytes) -> Frame {
-        Frame::Subscribe(mbws::Subscribe {
-            subscription_id: 1,
-            address: address.clone(),
-            mode: DeliveryMode::Anycast,
-            ack_mode: AckMode::Client,
-            credit: 10,
-        })
+        subscribe_with(1, address, DeliveryMode::Anycast, AckMode::Client, 10)
+    }
+
+    fn subscribe_with(id: u32, address: &Bytes, mode: DeliveryMode, ack_mode: AckMode, credit: u32) -> Frame {
+        Frame::Subscribe(mbws::Subscribe { subscription_id: id, address: address.clone(), mode, ack_mode, credit })
     }
 
     fn send(seq: u64, address: &Bytes, body: &'static [u8]) -> Frame {
@@ -1411,13 +1409,7 @@ mod tests {
         let mut broker = Broker::new(0);
         let address = address_owned_by(0);
         let conn = broker.open(0, 0);
-        let subscribe = Frame::Subscribe(mbws::Subscribe {
-            subscription_id: 1,
-            address: address.clone(),
-            mode: DeliveryMode::Multicast,
-            ack_mode: AckMode::Auto,
-            credit: 10,
-        });
+        let subscribe = subscribe_with(1, &address, DeliveryMode::Multicast, AckMode::Auto, 10);
         let frames = [send(1, &address, b"before"), subscribe, send(2, &address, b"after"), send(3, &address, b"last")];
         broker.frames_in_one_read(conn, &frames, 0);
         broker.settle(0);
@@ -1440,13 +1432,7 @@ mod tests {
         let consumer = broker.open(0, 0);
         let publisher = broker.open(0, 0);
         for (id, address) in [(1, &first), (2, &second)] {
-            let subscribe = Frame::Subscribe(mbws::Subscribe {
-                subscription_id: id,
-                address: address.clone(),
-                mode: DeliveryMode::Anycast,
-                ack_mode: AckMode::Auto,
-                credit: 10,
-            });
+            let subscribe = subscribe_with(id, address, DeliveryMode::Anycast, AckMode::Auto, 10);
             broker.frame(consumer, subscribe, 0);
         }
         broker.settle(0);
@@ -1474,13 +1460,7 @@ mod tests {
         let address = address_owned_by(0);
         let consumer = broker.open(0, 0);
         let publisher = broker.open(0, 0);
-        let subscribe = Frame::Subscribe(mbws::Subscribe {
-            subscription_id: 1,
-            address: address.clone(),
-            mode: DeliveryMode::Anycast,
-            ack_mode: AckMode::Auto,
-            credit: 1_000,
-        });
+        let subscribe = subscribe_with(1, &address, DeliveryMode::Anycast, AckMode::Auto, 1_000);
         broker.frame(consumer, subscribe, 0);
         broker.settle(0);
         broker.written(consumer);
