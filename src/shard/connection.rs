@@ -822,11 +822,14 @@ async fn read_loop<R: ReadSide>(
     loop {
         wait_until_reader_may_continue(shard, me).await;
         let step = shard.bytes_read(me.conn, attachment, decoder, buf.bytes_mut());
-        shard.run_work();
+        let woke_writer = shard.run_work();
         match step {
             ReadStep::Closing => break,
             ReadStep::Paused => continue,
             ReadStep::NeedMore => {}
+        }
+        if woke_writer {
+            writes_first(shard).await;
         }
         // Silence is bounded by twice the heartbeat, when one was agreed.
         let heartbeat_ms = shard.with_conn(me.conn, |state| (state.session.heartbeat_ms(), Wake::default()));
@@ -861,6 +864,27 @@ async fn read_loop<R: ReadSide>(
     if current == Some(true) {
         Box::pin(wait_for_peer_close(reader, decoder, buf)).await;
     }
+}
+
+/// Lets the writers a round woke submit their writes before this reader re-arms its read.
+///
+/// The runtime submits queued operations in the order the tasks pushed them: a reader that
+/// re-arms at once puts its read ahead of the round's writes, and the kernel then tries that
+/// read (and arms a poll for it when the next message has not come) before it writes the
+/// delivery (docs/PERFORMANCE.md, "Session 14: kernel entries per message"). The reader waits
+/// in [`DeferredReaders`](crate::shard::DeferredReaders) until the first of those writers
+/// runs. Only called when the round woke a parked writer, which then has yet to run.
+async fn writes_first(shard: &Shard) {
+    let mut deferred = false;
+    std::future::poll_fn(|cx| {
+        if deferred {
+            return Poll::Ready(());
+        }
+        deferred = true;
+        shard.deferred_readers.defer(cx.waker());
+        Poll::Pending
+    })
+    .await
 }
 
 async fn wait_until_reader_may_continue(shard: &Shard, me: ConnRef) {
@@ -929,6 +953,8 @@ async fn write_loop<W: WriteSide>(
     loop {
         let mut spare = Some(std::mem::take(&mut batch));
         let next = std::future::poll_fn(|cx| {
+            // Readers whose round woke this writer go on after it has queued its write.
+            shard.deferred_readers.release();
             let spare = spare.take().unwrap_or_default();
             let next = shard.with_conn(me.conn, |state| {
                 let next = state.take_write_batch(attachment, spare);
@@ -1127,4 +1153,78 @@ fn end_reading_after_grace(shard: Rc<Shard>, me: ConnRef, attachment: Attachment
             unsafe { libc::shutdown(socket, libc::SHUT_RD) };
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::task::{Poll, Waker};
+
+    use crate::shard::DeferredReaders;
+
+    /// A task parked until woken once; it records `name` when it runs after the wake, having
+    /// released the deferred readers first, as a connection's writer does.
+    async fn parked_writer(
+        parked: Rc<RefCell<Option<Waker>>>,
+        deferred: Rc<DeferredReaders>,
+        order: Rc<RefCell<Vec<&'static str>>>,
+    ) {
+        let mut woken = false;
+        std::future::poll_fn(|cx| {
+            deferred.release();
+            if woken {
+                return Poll::Ready(());
+            }
+            woken = true;
+            *parked.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        order.borrow_mut().push("writer submits");
+    }
+
+    /// What the read loop relies on to put a round's writes ahead of its re-armed read: a
+    /// reader that woke a parked writer and waits in `DeferredReaders` goes on only after that
+    /// writer ran. (A task that merely wakes itself is run again first: it would not do.)
+    #[test]
+    fn a_reader_that_woke_a_writer_goes_on_after_the_writer_ran() {
+        for defer in [true, false] {
+            let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().expect("runtime");
+            let order = runtime.block_on(async move {
+                let order = Rc::new(RefCell::new(Vec::new()));
+                let parked: Rc<RefCell<Option<Waker>>> = Rc::default();
+                let deferred = Rc::new(DeferredReaders::default());
+                let writer = monoio::spawn(parked_writer(parked.clone(), deferred.clone(), order.clone()));
+                let reader = {
+                    let order = order.clone();
+                    monoio::spawn(async move {
+                        // Spawned first, the writer has parked, as an idle connection's has.
+                        parked.borrow_mut().take().expect("parked writer").wake();
+                        let mut waited = false;
+                        std::future::poll_fn(|cx| {
+                            if waited {
+                                return Poll::Ready(());
+                            }
+                            waited = true;
+                            if defer {
+                                deferred.defer(cx.waker());
+                            } else {
+                                cx.waker().wake_by_ref();
+                            }
+                            Poll::Pending
+                        })
+                        .await;
+                        order.borrow_mut().push("reader re-arms");
+                    })
+                };
+                reader.await;
+                writer.await;
+                Rc::try_unwrap(order).expect("tasks done").into_inner()
+            });
+            let expected =
+                if defer { ["writer submits", "reader re-arms"] } else { ["reader re-arms", "writer submits"] };
+            assert_eq!(order, expected, "deferred in DeferredReaders: {defer}");
+        }
+    }
 }

@@ -152,14 +152,27 @@ pub struct TaskWakers {
 
 /// The wakers of the shard's connection tasks, indexed like the core's connection slots.
 #[derive(Default)]
-struct Wakers(Vec<TaskWakers>);
+struct Wakers {
+    tasks: Vec<TaskWakers>,
+    /// A parked writer was woken since [`Wakers::take_woke_writer`] last looked (or since the
+    /// round began: [`Shard::run_work`] clears it).
+    woke_writer: bool,
+}
+
+impl Wakers {
+    /// Whether a parked writer was woken since the last call (and forgets it).
+    fn take_woke_writer(&mut self) -> bool {
+        std::mem::take(&mut self.woke_writer)
+    }
+}
 
 impl ConnWakers for Wakers {
     fn wake(&mut self, id: ConnId, wake: Wake) {
-        let Some(wakers) = self.0.get_mut(id.index as usize) else { return };
+        let Some(wakers) = self.tasks.get_mut(id.index as usize) else { return };
         if wake.writer {
             if let Some(waker) = wakers.writer.take() {
                 waker.wake();
+                self.woke_writer = true;
             }
         }
         if wake.reader {
@@ -171,6 +184,36 @@ impl ConnWakers for Wakers {
             if let Some(waker) = &wakers.closing {
                 waker.wake_by_ref();
             }
+        }
+    }
+}
+
+/// Readers waiting for the writers their round woke to submit first (the read loop's
+/// `writes_first`, in `connection`).
+///
+/// The runtime submits queued operations in the order its tasks pushed them, and a task that
+/// wakes itself is run again first (monoio puts it at the front of its queue): a reader can
+/// only get behind the writers its round woke by being woken from one of them. Each woken
+/// writer, when it runs, releases every reader waiting here (waking it puts it at the back,
+/// after the writers woken so far). A reader waits here only when its round woke a parked
+/// writer, which has not run yet then, so every wait ends at that writer's next poll. At most
+/// one entry per reader task of the shard (a reader waits once per round): bounded by the
+/// shard's connections (`max_connections`).
+#[derive(Default)]
+pub struct DeferredReaders(RefCell<Vec<Waker>>);
+
+impl DeferredReaders {
+    /// The reader whose `waker` this is waits for the next writer to run.
+    pub fn defer(&self, waker: &Waker) {
+        self.0.borrow_mut().push(waker.clone());
+    }
+
+    /// A writer runs: the readers waiting for it may go on, after it.
+    #[inline]
+    pub fn release(&self) {
+        let mut readers = self.0.borrow_mut();
+        if !readers.is_empty() {
+            readers.drain(..).for_each(Waker::wake);
         }
     }
 }
@@ -203,6 +246,8 @@ pub struct Shard {
     ack_deadline_added: LocalEvent,
     /// Envelopes of commands posted to other shards (for the admin API's metrics).
     envelopes_posted: Cell<u64>,
+    /// Readers letting the writes their round queued be submitted before their reads.
+    pub deferred_readers: DeferredReaders,
     /// The broker-wide counts of connections and sessions against their limits.
     pub admission: Arc<admission::Admission>,
     /// In a cluster: this shard's forwarders to the other nodes, and the SENDs its core decided
@@ -239,6 +284,7 @@ impl Shard {
             committing: RefCell::new(None),
             ack_deadline_added: LocalEvent::default(),
             envelopes_posted: Cell::new(0),
+            deferred_readers: DeferredReaders::default(),
             admission,
             forwarders,
         }
@@ -277,8 +323,8 @@ impl Shard {
             self.core.borrow_mut().open_session(subprotocol, socket, binding, payload, token, now_ms(), access);
         let mut wakers = self.wakers.borrow_mut();
         let index = opened.0.conn.index as usize;
-        if index >= wakers.0.len() {
-            wakers.0.resize_with(index + 1, TaskWakers::default);
+        if index >= wakers.tasks.len() {
+            wakers.tasks.resize_with(index + 1, TaskWakers::default);
         }
         opened
     }
@@ -373,7 +419,7 @@ impl Shard {
     /// Parks a task of connection `id` until [`Shard::wake`] names it.
     pub fn park(&self, id: ConnId, writer: bool, waker: &Waker) {
         let mut wakers = self.wakers.borrow_mut();
-        let wakers = &mut wakers.0[id.index as usize];
+        let wakers = &mut wakers.tasks[id.index as usize];
         let slot = if writer { &mut wakers.writer } else { &mut wakers.reader };
         *slot = Some(waker.clone());
     }
@@ -383,7 +429,7 @@ impl Shard {
     /// ends; `None`: it ended).
     pub fn watch_closing(&self, id: ConnId, waker: Option<&Waker>) {
         let mut wakers = self.wakers.borrow_mut();
-        wakers.0[id.index as usize].closing = waker.cloned();
+        wakers.tasks[id.index as usize].closing = waker.cloned();
     }
 
     /// The writer task of connection `id` starts or ends (an ended connection's slot is freed
@@ -427,10 +473,15 @@ impl Shard {
     /// Runs a round of work in the core ([`ShardCore::run_work`]) with the time read once (a
     /// round lasts far less than a millisecond), then does what it asks: posts each outbox as
     /// one batch per destination shard, lets the log's commit task run, wakes the ack timer.
-    pub fn run_work(&self) {
+    ///
+    /// Returns whether the round woke a parked writer: its write is then still to be
+    /// submitted, and a reader about to re-arm its read lets it go first
+    /// ([`DeferredReaders`]).
+    pub fn run_work(&self) -> bool {
         let now = now_ms();
         let mut core = self.core.borrow_mut();
         let mut wakers = self.wakers.borrow_mut();
+        wakers.woke_writer = false;
         let effects = core.run_work(now, &mut *wakers);
         for (shard, commands) in effects.posts {
             self.post_office.post(shard, Envelope::Commands(commands));
@@ -451,6 +502,7 @@ impl Shard {
                 forwarders.forward(forwards);
             }
         }
+        wakers.take_woke_writer()
     }
 
     /// Attaches the shard's durable log: recovered messages go back to their queues, and a
@@ -1215,6 +1267,25 @@ fn debug_panic_on_accept(shard: ShardId) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A round reports a writer it woke (the read loop then lets the write go first), once,
+    /// and not a reader's wake nor a wake that found no parked writer.
+    #[test]
+    fn wakers_report_a_woken_writer_once() {
+        let noop = Waker::noop();
+        let mut wakers = Wakers::default();
+        wakers.tasks.resize_with(2, TaskWakers::default);
+        let conn = |index| ConnId { index, generation: 0 };
+        wakers.tasks[0].reader = Some(noop.clone());
+        wakers.wake(conn(0), Wake { reader: true, ..Wake::default() });
+        assert!(!wakers.take_woke_writer(), "a reader's wake is no write");
+        wakers.wake(conn(1), Wake { writer: true, ..Wake::default() });
+        assert!(!wakers.take_woke_writer(), "no writer was parked");
+        wakers.tasks[1].writer = Some(noop.clone());
+        wakers.wake(conn(1), Wake { writer: true, ..Wake::default() });
+        assert!(wakers.take_woke_writer());
+        assert!(!wakers.take_woke_writer(), "reported once");
+    }
 
     /// The valgrind wake-up (scripts/callgrind-broker.sh --shards) takes whole milliseconds in
     /// range; anything else is refused with the range, so a typo never leaves a shard spinning.
