@@ -366,6 +366,16 @@ impl Deliveries {
         }
     }
 
+    /// Adds deliveries after the others, as [`Deliveries::push`] does each (into room already
+    /// there, when the list was made with capacity for them, without a check per delivery).
+    #[inline]
+    pub fn extend(&mut self, delivered: impl Iterator<Item = Delivered>) {
+        match self {
+            Deliveries::Own(own) => own.extend(delivered),
+            Deliveries::Shared { .. } => delivered.for_each(|delivered| self.push_after_shared(delivered)),
+        }
+    }
+
     #[cold]
     fn push_after_shared(&mut self, delivered: Delivered) {
         let mut own: smallvec::SmallVec<[Delivered; 1]> = self.iter().cloned().collect();

@@ -62,6 +62,22 @@ impl<T: Keyed> SortedRing<T> {
         self.entries.push_back(entry);
     }
 
+    /// Records `entries`, in increasing key order and each above every key recorded so far,
+    /// as a run: what [`SortedRing::push`] does for each, with the order checked once where
+    /// the run joins the ring (release builds too) and along the run in debug builds.
+    #[inline(always)]
+    pub fn extend_newest(&mut self, entries: impl Iterator<Item = T>) {
+        let before = self.entries.len();
+        self.entries.extend(entries);
+        if before > 0 && before < self.entries.len() && self.entries[before - 1].key() >= self.entries[before].key() {
+            Self::out_of_order(self.entries[before].key(), Some(self.entries[before - 1].key()));
+        }
+        debug_assert!(
+            (before.max(1)..self.entries.len()).all(|i| self.entries[i - 1].key() < self.entries[i].key()),
+            "a run of keys out of order"
+        );
+    }
+
     #[cold]
     #[inline(never)]
     fn out_of_order(seq: u64, last: Option<u64>) -> ! {
@@ -277,6 +293,26 @@ mod tests {
         ring.insert((1, 10));
         assert!(ring.contains(4) && !ring.contains(3));
         assert_eq!(ring.into_values().map(|(_, value)| value).collect::<Vec<_>>(), vec![10, 20, 40, 50, 90, 120]);
+    }
+
+    #[test]
+    fn a_run_of_newer_keys_is_appended_in_order() {
+        let mut ring = filled(&[2, 5]);
+        ring.extend_newest([(6, 60), (9, 90)].into_iter());
+        ring.extend_newest(std::iter::empty());
+        assert_eq!(ring.into_values().map(|(key, _)| key).collect::<Vec<_>>(), vec![2, 5, 6, 9]);
+        let mut empty: SortedRing<(u64, u64)> = SortedRing::default();
+        empty.extend_newest([(1, 10), (3, 30)].into_iter());
+        assert_eq!(empty.len(), 2);
+    }
+
+    /// A run that starts at or below the highest key would break the order every search relies
+    /// on: it stops the process, in release builds too.
+    #[test]
+    #[should_panic(expected = "delivery sequences must increase: 5 after Some(5)")]
+    fn a_run_that_does_not_follow_the_highest_key_is_a_bug() {
+        let mut ring = filled(&[2, 5]);
+        ring.extend_newest([(5, 0), (7, 0)].into_iter());
     }
 
     #[test]

@@ -551,15 +551,20 @@ impl BinaryMessages<'_> {
         let spare = arena.spare_capacity_mut();
         assert!(spare.len() >= room, "start_chunk left {} bytes for {room}", spare.len());
         // Each copy stays within `spare[..room]` (checked above) and comes from a buffer that
-        // cannot overlap the arena's spare capacity (the stack, or the tail's own buffer).
+        // cannot overlap the arena's spare capacity (the stack, or the tail's own buffer). The
+        // places are found by pointer offsets, not slicing: the one check above covers them
+        // (a slice index each was a bounds check per delivery, about 20 instructions).
         let header_at = spare.as_mut_ptr().cast::<u8>();
         // SAFETY: `room` starts with `MAX_SERVER_HEADER_BYTES` (see above).
         unsafe { std::ptr::copy_nonoverlapping(ws_header.as_ptr(), header_at, MAX_SERVER_HEADER_BYTES) };
-        let fixed_at = spare[ws_len..].as_mut_ptr().cast::<u8>();
-        // SAFETY: `ws_len + fixed.len()` is at most `room`.
+        // SAFETY: `ws_len` (at most `MAX_SERVER_HEADER_BYTES`) plus `fixed.len()` is at most
+        // `room`, so the offset and the copy stay within `spare[..room]`.
+        let fixed_at = unsafe { header_at.add(ws_len) };
+        // SAFETY: as above.
         unsafe { std::ptr::copy_nonoverlapping(fixed.as_ptr(), fixed_at, fixed.len()) };
-        let tail_at = spare[ws_len + fixed.len()..].as_mut_ptr().cast::<u8>();
         // SAFETY: `written` (`ws_len + fixed.len() + copied.len()`) is at most `room`.
+        let tail_at = unsafe { fixed_at.add(fixed.len()) };
+        // SAFETY: as above.
         unsafe { std::ptr::copy_nonoverlapping(copied.as_ptr(), tail_at, copied.len()) };
         // SAFETY: the copies above initialised every byte from `start` to `start + written`.
         unsafe { arena.set_len(start + written) };

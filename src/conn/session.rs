@@ -1029,33 +1029,43 @@ impl Session {
         outbound: &mut Outbound,
     ) {
         debug_assert!(self.attached && self.binding == Binding::Binary);
-        let (mut auto_count, mut auto_bytes) = (0u32, 0u64);
         let mut messages = outbound.binary_messages();
-        for Delivered { message_id, message, redelivered } in deliveries {
-            self.last_delivery_seq += 1;
-            let delivery_seq = self.last_delivery_seq;
-            // Nothing is written once a close frame is queued; the deliveries are still
-            // recorded (resent on resume) or their credit noted, as `number_and_encode` does.
+        let mut delivery_seq = self.last_delivery_seq;
+        // Numbers a delivery and writes it. Nothing is written once a close frame is queued;
+        // the deliveries are still recorded (resent on resume) or their credit noted, as
+        // `number_and_encode` does.
+        let mut number_and_write = |delivered: &Delivered| {
+            delivery_seq += 1;
             if let Some(messages) = &mut messages {
+                let message = &delivered.message;
                 let fixed = mbws::binary::encode_message_fixed(
                     subscription.0,
                     delivery_seq,
-                    message_id.0,
-                    redelivered,
+                    delivered.message_id.0,
+                    delivered.redelivered,
                     message.durable,
                 );
                 messages.push(&fixed, message.tail());
             }
-            match ack_mode {
-                AckMode::Client => {
-                    self.unacked.push((delivery_seq, Delivery { subscription, message_id, message, redelivered }))
-                }
-                AckMode::Auto => {
+            delivery_seq
+        };
+        let (mut auto_count, mut auto_bytes) = (0u32, 0u64);
+        match ack_mode {
+            // Recorded as a run: the sequences increase along it, above every one recorded.
+            AckMode::Client => self.unacked.extend_newest(deliveries.map(|delivered| {
+                let delivery_seq = number_and_write(&delivered);
+                let Delivered { message_id, message, redelivered } = delivered;
+                (delivery_seq, Delivery { subscription, message_id, message, redelivered })
+            })),
+            AckMode::Auto => {
+                for delivered in deliveries {
+                    number_and_write(&delivered);
                     auto_count += 1;
-                    auto_bytes += message.held_bytes() as u64;
+                    auto_bytes += delivered.message.held_bytes() as u64;
                 }
             }
         }
+        self.last_delivery_seq = delivery_seq;
         drop(messages);
         if auto_count > 0 {
             outbound.note_auto_deliveries(owner, subscription, auto_count, auto_bytes);

@@ -69,6 +69,14 @@ impl MulticastLog {
         self.entries.get((position - self.first) as usize)
     }
 
+    /// The messages from `position` on, oldest first (nothing if the log ends before it).
+    #[inline]
+    pub(super) fn from(&self, position: u64) -> std::collections::vec_deque::Iter<'_, Queued> {
+        debug_assert!(self.first <= position && position <= self.end(), "a cursor outside the log");
+        let offset = ((position - self.first) as usize).min(self.entries.len());
+        self.entries.range(offset..)
+    }
+
     /// Appends the address's newest message.
     #[inline]
     pub(super) fn append(&mut self, queued: Queued) {

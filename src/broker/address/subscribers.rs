@@ -43,6 +43,13 @@ impl UnackedMessages {
         self.entries.push(queued);
     }
 
+    /// Records deliveries of messages newer than every one recorded, in increasing id order
+    /// (a stretch of the multicast log): appended as a run ([`SortedRing::extend_newest`]).
+    #[inline(always)]
+    pub(super) fn extend_newest(&mut self, queued: impl Iterator<Item = Queued>) {
+        self.entries.extend_newest(queued);
+    }
+
     pub(super) fn contains(&self, id: MessageId) -> bool {
         self.entries.contains(id.0)
     }

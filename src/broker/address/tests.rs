@@ -1418,3 +1418,43 @@ fn the_multicast_log_holds_back_what_waits_for_the_durable_log_and_a_failure_dro
     assert_eq!(multicast_log(&table), (0, 0));
     assert_eq!(table.stats(b"a").multicast_subscribers, 2, "the subscribers stay");
 }
+
+/// A client-ack subscriber catching up on the log (new credit, an ACK) takes its messages in
+/// order as far as its credit goes, passes over expired ones without spending credit on them,
+/// and keeps every one it takes until it is acknowledged: its ack deadline brings each back,
+/// before the rest of the log, and an ACK after that releases the next.
+#[test]
+fn a_subscriber_catching_up_on_the_log_spends_its_credit_on_live_messages_and_keeps_them() {
+    let limits = AddressLimits { ack_timeout_ms: 1000, max_queued_messages: 10, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe_multicast(&mut table, 1, 1, &mut out);
+    publish(&mut table, "a", "m0", &mut out);
+    let mut expiring = message("a", "old");
+    SharedMessage::get_mut(&mut expiring).unwrap().expires_at_ms = 5;
+    table.handle(AddressCommand::Publish { publisher: conn(9), seq: 0, message: expiring }, 0, &mut out);
+    for body in ["m2", "m3", "m4"] {
+        publish(&mut table, "a", body, &mut out);
+    }
+    assert_eq!(bodies_to(1, &out), ["m0"]);
+    assert_eq!(multicast_log(&table), (4, 4), "old, m2, m3 and m4 wait");
+    out.clear();
+    let set_credit = |credit| AddressCommand::SetCredit { consumer: conn(1), subscription: SubscriptionId(1), credit };
+    table.handle(set_credit(3), 10, &mut out);
+    assert_eq!(bodies_to(1, &out), ["m2", "m3"], "old expired: passed over, no credit spent on it");
+    assert_eq!(multicast_log(&table), (1, 1), "m4 waits");
+    out.clear();
+    table.expire_acks(10 + 1000, &mut out);
+    // (Each expired delivery is given back to the front of the backlog in turn, so they come
+    // back newest first: the order is not what this test is about.)
+    let mut again: Vec<(String, bool)> = delivered(&out)
+        .into_iter()
+        .map(|(_, d)| (String::from_utf8_lossy(d.message.body()).into_owned(), d.redelivered))
+        .collect();
+    again.sort();
+    assert_eq!(again, [("m0".to_string(), true), ("m2".to_string(), true), ("m3".to_string(), true)]);
+    out.clear();
+    ack_run(&mut table, 1, 1, 1, &mut out);
+    assert_eq!(bodies_to(1, &out), ["m4"], "m0 acknowledged: its credit takes m4");
+    assert_eq!(multicast_log(&table), (0, 0));
+}
