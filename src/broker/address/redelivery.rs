@@ -57,15 +57,31 @@ impl AddressTable {
             }
         }
         let mut touched: SmallVec<[Bytes; 4]> = SmallVec::new();
-        for (address, consumer, subscription, mode, queued) in expired {
+        for (address, consumer, subscription, _, queued) in &expired {
             out.push((
                 consumer.shard,
-                ConnCommand::DeliveryExpired { consumer: consumer.conn, subscription, message_id: queued.id },
+                ConnCommand::DeliveryExpired {
+                    consumer: consumer.conn,
+                    subscription: *subscription,
+                    message_id: queued.id,
+                },
             ));
-            self.give_back(&address, (consumer, subscription), mode, queued);
-            if !touched.contains(&address) {
-                touched.push(address);
+            if !touched.contains(address) {
+                touched.push(address.clone());
             }
+        }
+        // Each subscriber's expired deliveries are listed oldest first. Those delivered too
+        // often leave for the dead-letter address in that order; the others go back to the
+        // front of their queue or backlog one at a time, so they are given back newest first
+        // and wait oldest first, in the order they were delivered (as a removed subscription's
+        // are).
+        let (exhausted, returning): (Vec<_>, Vec<_>) =
+            expired.into_iter().partition(|(address, _, _, _, queued)| self.delivered_too_often(address, queued));
+        for (_, _, _, _, queued) in exhausted {
+            self.dead_letter_exhausted(queued);
+        }
+        for (address, consumer, subscription, mode, queued) in returning.into_iter().rev() {
+            self.give_back(&address, (consumer, subscription), mode, queued);
         }
         for address in touched {
             self.dispatch(&address, Deliverable::Everything, now_ms, out);
@@ -82,11 +98,8 @@ impl AddressTable {
         mode: DeliveryMode,
         mut queued: Queued,
     ) {
-        let declared = self.addresses.get(address).and_then(|state| state.declared.as_deref());
-        let max_deliveries = declared.map_or(self.limits.max_deliveries, |settings| settings.max_deliveries);
-        if max_deliveries > 0 && queued.deliveries >= max_deliveries {
-            let reason = format!("delivered {} times without acknowledgement (max_deliveries)", queued.deliveries);
-            self.dead_letter(queued, &reason);
+        if self.delivered_too_often(address, &queued) {
+            self.dead_letter_exhausted(queued);
             return;
         }
         queued.redelivered = true;
@@ -111,6 +124,20 @@ impl AddressTable {
                 }
             }
         }
+    }
+
+    /// Whether `queued` has been delivered `max_deliveries` times (the address's own setting,
+    /// else the broker's; 0 is no limit): it is dead-lettered instead of given back.
+    fn delivered_too_often(&self, address: &Bytes, queued: &Queued) -> bool {
+        let declared = self.addresses.get(address).and_then(|state| state.declared.as_deref());
+        let max_deliveries = declared.map_or(self.limits.max_deliveries, |settings| settings.max_deliveries);
+        max_deliveries > 0 && queued.deliveries >= max_deliveries
+    }
+
+    /// Dead-letters a message [`delivered too often`](AddressTable::delivered_too_often).
+    fn dead_letter_exhausted(&mut self, queued: Queued) {
+        let reason = format!("delivered {} times without acknowledgement (max_deliveries)", queued.deliveries);
+        self.dead_letter(queued, &reason);
     }
 
     /// Publishes a copy of the message (same body, no copy) to `DLQ.<address>`. A message that

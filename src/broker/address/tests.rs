@@ -1344,6 +1344,47 @@ fn a_multicast_redelivery_goes_to_its_subscriber_alone_before_the_log() {
     assert_eq!(bodies_to(2, &out), ["m1"]);
 }
 
+/// Deliveries whose ack deadline passes together come back in the order they were first
+/// delivered, under both routings, and those delivered `max_deliveries` times leave for the
+/// dead-letter address in that order too.
+#[test]
+fn deliveries_expired_together_are_redelivered_and_dead_lettered_oldest_first() {
+    for mode in [DeliveryMode::Anycast, DeliveryMode::Multicast] {
+        let limits = AddressLimits { ack_timeout_ms: 1000, max_deliveries: 2, max_queued_messages: 10, ..LIMITS };
+        let mut table = AddressTable::new(ShardId(0), limits);
+        let mut out = Vec::new();
+        subscribe(&mut table, 1, mode, 10, &mut out);
+        for body in ["m0", "m1", "m2"] {
+            publish(&mut table, "a", body, &mut out);
+        }
+        assert_eq!(bodies_to(1, &out), ["m0", "m1", "m2"], "{mode:?}");
+        out.clear();
+        table.expire_acks(1000, &mut out);
+        let again: Vec<(String, bool)> = delivered(&out)
+            .into_iter()
+            .map(|(_, d)| (String::from_utf8_lossy(d.message.body()).into_owned(), d.redelivered))
+            .collect();
+        let redelivered = |body: &str| (body.to_string(), true);
+        assert_eq!(again, [redelivered("m0"), redelivered("m1"), redelivered("m2")], "{mode:?}");
+        // The second delivery was the last max_deliveries allows: all three are dead-lettered.
+        out.clear();
+        table.expire_acks(2000, &mut out);
+        assert!(deliveries(&out).is_empty(), "{mode:?}");
+        let dead: Vec<String> = table
+            .take_forwards()
+            .into_iter()
+            .map(|(_, command)| match command {
+                AddressCommand::Publish { message, .. } => {
+                    assert_eq!(message.address(), b"DLQ.a");
+                    String::from_utf8_lossy(message.body()).into_owned()
+                }
+                other => panic!("not a publish to the dead-letter address: {other:?}"),
+            })
+            .collect();
+        assert_eq!(dead, ["m0", "m1", "m2"], "{mode:?}");
+    }
+}
+
 /// A subscriber that joins while the log holds messages gets only what is published after it
 /// subscribed; the older subscriber still gets everything.
 #[test]
@@ -1445,13 +1486,10 @@ fn a_subscriber_catching_up_on_the_log_spends_its_credit_on_live_messages_and_ke
     assert_eq!(multicast_log(&table), (1, 1), "m4 waits");
     out.clear();
     table.expire_acks(10 + 1000, &mut out);
-    // (Each expired delivery is given back to the front of the backlog in turn, so they come
-    // back newest first: the order is not what this test is about.)
-    let mut again: Vec<(String, bool)> = delivered(&out)
+    let again: Vec<(String, bool)> = delivered(&out)
         .into_iter()
         .map(|(_, d)| (String::from_utf8_lossy(d.message.body()).into_owned(), d.redelivered))
         .collect();
-    again.sort();
     assert_eq!(again, [("m0".to_string(), true), ("m2".to_string(), true), ("m3".to_string(), true)]);
     out.clear();
     ack_run(&mut table, 1, 1, 1, &mut out);
