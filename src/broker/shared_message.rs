@@ -87,6 +87,10 @@ impl SharedMessage {
     /// A message in the next slot of this thread's slab: for a SEND's message, whose tail is a
     /// slice of a connection's read buffer (binary) or of a text chunk (text; see the module
     /// docs for why only those).
+    ///
+    /// Inline: the message is written into its slot where the caller builds it, not moved
+    /// through a call first.
+    #[inline]
     pub fn in_slab(message: StoredMessage) -> SharedMessage {
         match FILLER.try_with(|filler| filler.next_slot()) {
             // SAFETY: `next_slot` returned a slot of a live slab that no one else has been
@@ -159,6 +163,8 @@ impl SharedMessage {
 }
 
 impl Slab {
+    /// Once per `SLAB_SLOTS` SENDs: out of line, so that what `in_slab` inlines is small.
+    #[inline(never)]
     fn allocate() -> *mut Slab {
         let layout = std::alloc::Layout::new::<Slab>();
         // SAFETY: `Slab` is not zero-sized.

@@ -440,57 +440,105 @@ impl SendTail {
 /// tail, with the same checks and errors as [`decode`]: the tail is `payload` itself from the
 /// address on, so nothing is copied and no field gets a reference count of its own.
 ///
-/// The common SEND (no properties) is read from a slice with one length check, and the
-/// `Bytes` moves once, into the tail; any other (properties, or a fault to report) takes
+/// The common SEND (no properties) is read by [`decode_plain_send`], and the `Bytes` moves
+/// once, into the tail; any other (properties, or a fault to report) takes
 /// `decode_send_field_by_field`, which reads and reports in [`decode`]'s order.
 pub fn decode_send(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, DecodeError> {
-    let bytes: &[u8] = &payload;
+    match decode_plain_send(&payload, limits)? {
+        Some(plain) => {
+            let mut tail = payload;
+            bytes::Buf::advance(&mut tail, PlainSend::TAIL_OFFSET);
+            Ok(plain.with_tail(tail))
+        }
+        None => decode_send_with_unusual_shape(payload, limits),
+    }
+}
+
+/// The fixed fields of a binary SEND of the common shape (no properties), read where its
+/// payload lies by [`decode_plain_send`]: the caller then takes the payload from
+/// [`PlainSend::TAIL_OFFSET`] on as the message's tail ([`PlainSend::with_tail`]), with no
+/// `Bytes` made for a SEND that turns out to be faulty, and one split of the read buffer for
+/// one that is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlainSend {
+    pub durable: bool,
+    pub seq: u64,
+    pub ttl_ms: u32,
+    /// Where the body starts in the tail (not in the payload).
+    body_start: usize,
+    /// As [`SendTail::largest_message_bytes`].
+    pub largest_message_bytes: usize,
+}
+
+impl PlainSend {
+    /// Where a binary SEND's tail (its address's length byte) starts in its payload: after the
+    /// prefix, seq and ttl-ms.
+    pub const TAIL_OFFSET: usize = SEND_TAIL_OFFSET;
+
+    /// The SEND with its tail: `tail` is the payload this was decoded from, from
+    /// [`Self::TAIL_OFFSET`] on.
+    #[inline]
+    pub fn with_tail(self, tail: Bytes) -> SendTail {
+        debug_assert!(self.body_start <= tail.len(), "the tail is the payload this SEND was decoded from");
+        SendTail {
+            durable: self.durable,
+            seq: self.seq,
+            ttl_ms: self.ttl_ms,
+            tail: MessageTail { bytes: tail, body_start: self.body_start },
+            largest_message_bytes: self.largest_message_bytes,
+        }
+    }
+}
+
+/// Reads a binary SEND of the common shape (a well-formed prefix, the fixed fields whole, no
+/// properties) from its payload's bytes, with [`decode`]'s checks and errors. `Ok(None)` for
+/// any other SEND (or a payload that is no SEND): [`decode_send`] decodes and reports it, and
+/// nothing was read that it would read differently.
+///
+/// Inline: on the broker's receive path the result stays in registers.
+#[inline]
+pub fn decode_plain_send(bytes: &[u8], limits: &CodecLimits) -> Result<Option<PlainSend>, DecodeError> {
     // The prefix of a well-formed SEND is three comparisons, with no call; any other prefix
-    // goes through `check_prefix` for its error (a valid prefix of another kind, a caller's
-    // mistake, is read field by field as that kind).
+    // is left to `decode_send_with_unusual_shape` (through `check_prefix`, for its error).
     let flag_bits = match *bytes {
         [PROTOCOL_VERSION, kind, flag_bits, ..]
             if kind == FrameKind::Send.code() && flag_bits & !flags::SEND_DURABLE == 0 =>
         {
             flag_bits
         }
-        _ => return decode_send_with_unusual_prefix(payload, limits),
+        _ => return Ok(None),
     };
-    let kind = FrameKind::Send;
     let Some(&[s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, address_len]) =
         bytes.get(PREFIX_BYTES..=SEND_TAIL_OFFSET)
     else {
-        return decode_send_field_by_field(payload, kind, flag_bits, limits);
+        return Ok(None);
     };
     let address_len = usize::from(address_len);
     let address_end = SEND_TAIL_OFFSET + 1 + address_len;
     let body_start = address_end + NO_PROPERTIES.len();
     if bytes.get(address_end..body_start) != Some(&NO_PROPERTIES[..]) {
-        return decode_send_field_by_field(payload, kind, flag_bits, limits);
+        return Ok(None);
     }
     // The layout is whole (the properties are there and empty): the field rules remain.
-    check_address(kind, "address", &bytes[SEND_TAIL_OFFSET + 1..address_end], limits)?;
+    check_address(FrameKind::Send, "address", &bytes[SEND_TAIL_OFFSET + 1..address_end], limits)?;
     let body_len = bytes.len() - body_start;
     let tail_len = bytes.len() - SEND_TAIL_OFFSET;
     let largest_message_bytes = (MESSAGE_FIXED_BYTES + tail_len)
         .max(super::text::widest_message_header_len_without_properties(address_len) + body_len);
-    let mut tail = payload;
-    bytes::Buf::advance(&mut tail, SEND_TAIL_OFFSET);
-    Ok(SendTail {
+    Ok(Some(PlainSend {
         durable: flag_bits & flags::SEND_DURABLE != 0,
         seq: u64::from_be_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
         ttl_ms: u32::from_be_bytes([t0, t1, t2, t3]),
-        tail: MessageTail { bytes: tail, body_start: body_start - SEND_TAIL_OFFSET },
+        body_start: body_start - SEND_TAIL_OFFSET,
         largest_message_bytes,
-    })
+    }))
 }
 
-/// [`decode_send`] of a payload whose prefix is not a well-formed SEND's: `check_prefix`'s
-/// error, or (a prefix of another kind, which the caller should not have passed) the fields
-/// read one at a time.
-#[cold]
+/// [`decode_send`] of a payload [`decode_plain_send`] leaves: `check_prefix`'s error, or the
+/// fields read one at a time (a SEND with properties, one cut short, or, a caller's mistake,
+/// a valid prefix of another kind, read as that kind).
 #[inline(never)]
-fn decode_send_with_unusual_prefix(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, DecodeError> {
+fn decode_send_with_unusual_shape(payload: Bytes, limits: &CodecLimits) -> Result<SendTail, DecodeError> {
     let (kind, flag_bits) = check_prefix(&payload)?;
     debug_assert_eq!(kind, FrameKind::Send, "decode_send is for SEND frames only");
     decode_send_field_by_field(payload, kind, flag_bits, limits)

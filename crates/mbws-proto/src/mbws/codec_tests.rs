@@ -482,6 +482,31 @@ proptest! {
             }
         }
     }
+
+    #[test]
+    fn a_plain_send_read_where_it_lies_is_what_decode_send_makes_of_it(
+        frame in sends_with_and_without_properties(),
+        damages in vec(damage(), 0..3),
+    ) {
+        let Frame::Send(send) = &frame else { unreachable!("SENDs only") };
+        let mut bytes = encode(Binding::Binary, &frame).to_vec();
+        for damage in &damages {
+            apply(damage, &mut bytes);
+        }
+        let limits = CodecLimits::default();
+        let direct = binary::decode_send(Bytes::from(bytes.clone()), &limits);
+        match binary::decode_plain_send(&bytes, &limits) {
+            // The same fields, the same tail, the same errors: the broker's receive path
+            // takes the tail itself from the read buffer.
+            Ok(Some(plain)) => {
+                let tail = Bytes::copy_from_slice(&bytes[binary::PlainSend::TAIL_OFFSET..]);
+                prop_assert_eq!(Ok(plain.with_tail(tail)), direct);
+            }
+            Err(error) => prop_assert_eq!(Err(error), direct),
+            // Left to decode_send: only a SEND with properties or a damaged one.
+            Ok(None) => prop_assert!(!send.properties.is_empty() || !damages.is_empty(), "a plain SEND left: {bytes:?}"),
+        }
+    }
 }
 
 /// SENDs, half of them without properties (the shape the text binding's slice decode takes).

@@ -258,6 +258,8 @@ pub(crate) fn unmask_payload(buf: &mut [u8], header: &FrameHeader) -> Option<Ran
 
 /// Splits a frame whose payload [`unmask_payload`] has already unmasked off the front of `buf`
 /// and keeps its payload: a pointer move and one reference count on the buffer, no copy.
+/// `header_bytes` may reach into the payload: what is kept starts there.
+#[inline]
 pub(crate) fn split_payload(buf: &mut BytesMut, header_bytes: usize, frame_bytes: usize) -> Bytes {
     debug_assert!(header_bytes <= frame_bytes && frame_bytes <= buf.len());
     // Dropping the header from the frozen `Bytes` is a pointer move, with none of the storage
