@@ -86,7 +86,8 @@ impl<T: Keyed> SortedRing<T> {
 
     /// Records `entry` in its place among the keys recorded so far (at the back, as
     /// [`SortedRing::push`], when its key is the highest). A key already present is a bug.
-    #[inline]
+    /// Inlined: an address runs it once per client-ack delivery.
+    #[inline(always)]
     pub fn insert(&mut self, entry: T) {
         let key = entry.key();
         if self.entries.back().is_none_or(|last| last.key() < key) {
@@ -150,16 +151,28 @@ impl<T: Keyed> SortedRing<T> {
     /// distinct and increasing, so a first entry of key `first` and a `count`-th of key
     /// `first + count - 1` leave no room for another key between them.
     pub fn remove_key_run(&mut self, first: u64, count: usize, mut each: impl FnMut(T)) {
-        let Some(last) = count.checked_sub(1) else { return };
-        let at_front = self.entries.front().is_some_and(|entry| entry.key() == first)
-            && self.entries.get(last).is_some_and(|entry| entry.key() == first + last as u64);
-        if at_front {
-            for entry in self.entries.drain(..count) {
+        if count == 0 {
+            return;
+        }
+        if let Some(run) = self.take_front_run(first, count) {
+            for entry in run {
                 each(entry);
             }
             return;
         }
         self.remove_keys(first..first + count as u64, each);
+    }
+
+    /// Takes the ring's first `count` entries when their keys are exactly `first` to
+    /// `first + count - 1` (two comparisons, as [`SortedRing::remove_key_run`]), for the
+    /// caller to go through in a loop of its own; `None`, and nothing taken, otherwise (or
+    /// for a count of 0). The entries the caller does not take are dropped with the iterator.
+    #[inline]
+    pub fn take_front_run(&mut self, first: u64, count: usize) -> Option<std::collections::vec_deque::Drain<'_, T>> {
+        let last = count.checked_sub(1)?;
+        let at_front = self.entries.front().is_some_and(|entry| entry.key() == first)
+            && self.entries.get(last).is_some_and(|entry| entry.key() == first + last as u64);
+        at_front.then(|| self.entries.drain(..count))
     }
 
     /// How many entries have a key up to and including `seq`.

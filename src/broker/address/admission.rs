@@ -42,21 +42,28 @@ impl AddressTable {
             let mut taken = self.take_address(&address_name);
             let room = if taken.created { self.check_address_room(&address_name) } else { Ok(()) };
             let mut bounds = QueueBounds::of(&taken.state, &self.limits);
+            // The answers are gathered as the messages are queued (runs of accepted SENDs, the
+            // rest one by one) and given after the dispatch, which decides whether they are
+            // held: no list of one outcome per message in between.
+            let mut answers = BatchAnswers::default();
             // The address's room is judged once for the batch, not once per message.
-            let outcomes: Vec<_> = match &room {
-                Ok(()) => (batch.drain(..))
-                    .map(|Publication { publisher, seq, message }| {
-                        (publisher, seq, self.enqueue(&mut taken.state, &taken.key, &mut bounds, message, now_ms, out))
-                    })
-                    .collect(),
-                Err(refusal) => (batch.drain(..))
-                    .map(|Publication { publisher, seq, .. }| (publisher, seq, Err(refusal.clone())))
-                    .collect(),
-            };
+            match &room {
+                Ok(()) => {
+                    for Publication { publisher, seq, message } in batch.drain(..) {
+                        let outcome = self.enqueue(&mut taken.state, &taken.key, &mut bounds, message, now_ms, out);
+                        answers.note(publisher, seq, outcome);
+                    }
+                }
+                Err(refusal) => {
+                    for Publication { publisher, seq, .. } in batch.drain(..) {
+                        answers.note(publisher, seq, Err(refusal.clone()));
+                    }
+                }
+            }
             self.put_back_address(taken);
             self.dispatch(&address_name, Deliverable::Everything, now_ms, out);
             let state = self.addresses.get_mut(&address_name);
-            answer_batch(state, &self.limits, &mut self.durable_answers, outcomes, out);
+            answers.answer(state, &self.limits, &mut self.durable_answers, out);
             return;
         }
         let mut answers = Vec::with_capacity(batch.len());
@@ -299,7 +306,10 @@ impl AddressTable {
     /// looks it up once; `address_name` is its key in the table (the message's address, a
     /// compact copy, which the table's list of what waits for the log shares). `bounds` is
     /// [`QueueBounds::of`] `state`, read once for a batch and taken again here when a slow
-    /// subscriber is ended.
+    /// subscriber is ended. Always inlined: it runs once per message of a batch, and as a
+    /// call its frame (six saved registers, a large stack frame) and its `Result` returned
+    /// through memory cost about 25 instructions per message.
+    #[inline(always)]
     fn enqueue(
         &mut self,
         state: &mut Address,
@@ -588,49 +598,92 @@ impl Address {
     }
 }
 
-/// Answers a batch's publishes in order, as [`answer_publish_to`] answers each, to the
-/// address whose state is `state` (`None` if it is gone). Accepted answers that go out at once
-/// are gathered here into runs of one publisher's consecutive SENDs, each one
-/// [`ConnCommand::PublishesAccepted`], instead of a call and a look at `out`'s last command
-/// per SEND.
-fn answer_batch(
-    mut state: Option<&mut Address>,
-    limits: &AddressLimits,
-    durable_answers: &mut std::collections::VecDeque<(Lsn, ConnRef, u64)>,
-    outcomes: Vec<(ConnRef, u64, Result<Option<Lsn>, Refusal>)>,
-    out: &mut Vec<Outgoing>,
-) {
-    // The run being gathered: publisher, first seq, count.
-    let mut run: Option<(ConnRef, u64, u32)> = None;
-    for (publisher, seq, outcome) in outcomes {
-        let goes_now = matches!(outcome, Ok(None))
-            && state.as_deref().is_none_or(|state| state.holds_answer(limits, seq).is_none());
-        if goes_now {
-            match &mut run {
-                Some((run_publisher, first_seq, count))
-                    if *run_publisher == publisher
-                        && *count < u32::MAX
-                        && (if *first_seq == 0 { seq == 0 } else { seq == *first_seq + u64::from(*count) }) =>
-                {
-                    *count += 1;
-                }
-                _ => {
-                    flush_run(run.take(), out);
-                    run = Some((publisher, seq, 1));
-                }
-            }
-            continue;
-        }
-        flush_run(run.take(), out);
-        answer_publish_to(state.as_deref_mut(), limits, durable_answers, publisher, seq, outcome, out);
-    }
-    flush_run(run, out);
+/// The answers a batch of publishes owes, in order ([`AddressTable::publish_batch`]), noted as
+/// each message is queued and given once the batch is dispatched: runs of one publisher's
+/// consecutive SENDs queued without waiting for the log (one entry for a run, however long),
+/// and every other outcome on its own. A publisher's batch is nearly always one run, gathered
+/// in `run` (a few registers in the loop that queues the batch) without touching `answers`.
+#[derive(Default)]
+struct BatchAnswers {
+    /// The run being gathered (publisher, first seq, count), after everything in `answers`.
+    run: Option<(ConnRef, u64, u32)>,
+    answers: Vec<BatchAnswer>,
 }
 
-/// Pushes a run gathered by [`answer_batch`] ([`push_accepted_run`]).
-fn flush_run(run: Option<(ConnRef, u64, u32)>, out: &mut Vec<Outgoing>) {
-    if let Some((publisher, first_seq, count)) = run {
-        push_accepted_run(out, publisher, first_seq, count);
+enum BatchAnswer {
+    /// `count` SENDs of `publisher` from `first_seq` on (`first_seq` 0: unnumbered ones), all
+    /// queued: answered now or held back, as [`AddressTable::publish_answer`] decides.
+    Queued { publisher: ConnRef, first_seq: u64, count: u32 },
+    /// One SEND whose answer waits for the log, or a refusal ([`answer_publish_to`]).
+    Other { publisher: ConnRef, seq: u64, outcome: Result<Option<Lsn>, Refusal> },
+}
+
+impl BatchAnswers {
+    /// Notes the outcome of SEND `seq` of `publisher`, the batch's next one: it joins the run
+    /// before it when it continues it (the same publisher, the next seq or another unnumbered
+    /// SEND). Always inlined: it runs once per message, in the loop that queues the batch.
+    #[inline(always)]
+    fn note(&mut self, publisher: ConnRef, seq: u64, outcome: Result<Option<Lsn>, Refusal>) {
+        let Ok(None) = outcome else {
+            self.note_other(publisher, seq, outcome);
+            return;
+        };
+        if let Some((run_publisher, first_seq, count)) = &mut self.run {
+            let continues = if *first_seq == 0 { seq == 0 } else { seq == *first_seq + u64::from(*count) };
+            if continues && *run_publisher == publisher && *count < u32::MAX {
+                *count += 1;
+                return;
+            }
+        }
+        self.end_run();
+        self.run = Some((publisher, seq, 1));
+    }
+
+    fn note_other(&mut self, publisher: ConnRef, seq: u64, outcome: Result<Option<Lsn>, Refusal>) {
+        self.end_run();
+        self.answers.push(BatchAnswer::Other { publisher, seq, outcome });
+    }
+
+    /// Moves the run being gathered, if any, to `answers`.
+    fn end_run(&mut self) {
+        if let Some((publisher, first_seq, count)) = self.run.take() {
+            self.answers.push(BatchAnswer::Queued { publisher, first_seq, count });
+        }
+    }
+
+    /// Answers the noted publishes in order, to the address whose state is `state` (`None` if
+    /// it is gone), as [`answer_publish_to`] answers each: a run that goes now is one
+    /// [`ConnCommand::PublishesAccepted`] (joined to `out`'s last when that one continues it).
+    /// Whether an answer is held depends on the address's queue, which answering does not
+    /// change, and on its seq only through being unnumbered (0) or not, which is the same for
+    /// every SEND of a run; so a run goes whole or is held whole, and once one answer is held
+    /// every later one is (answers leave in order).
+    fn answer(
+        mut self,
+        mut state: Option<&mut Address>,
+        limits: &AddressLimits,
+        durable_answers: &mut std::collections::VecDeque<(Lsn, ConnRef, u64)>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        self.end_run();
+        for answer in self.answers {
+            match answer {
+                BatchAnswer::Queued { publisher, first_seq, count } => {
+                    let held = state.as_deref().is_some_and(|state| state.holds_answer(limits, first_seq).is_some());
+                    if !held {
+                        push_accepted_run(out, publisher, first_seq, count);
+                        continue;
+                    }
+                    for index in 0..u64::from(count) {
+                        let seq = if first_seq == 0 { 0 } else { first_seq + index };
+                        AddressTable::publish_answer(state.as_deref_mut(), limits, publisher, seq, out);
+                    }
+                }
+                BatchAnswer::Other { publisher, seq, outcome } => {
+                    answer_publish_to(state.as_deref_mut(), limits, durable_answers, publisher, seq, outcome, out)
+                }
+            }
+        }
     }
 }
 

@@ -79,7 +79,9 @@ impl UncompactedTail {
 impl AddressTable {
     /// Puts `message` at the back of `state`'s anycast queue as it is, or compacted when it
     /// would start a run past [`MAX_UNCOMPACTED_RUNS`]; `address_name` is the address's key in
-    /// the table.
+    /// the table. Inlined: it runs once per message queued; what is rare (a compaction at once,
+    /// listing the address) is called.
+    #[inline(always)]
     pub(super) fn queue_uncompacted(
         &mut self,
         state: &mut Address,
@@ -96,7 +98,7 @@ impl AddressTable {
         tail.messages += 1;
         if !continues_run {
             if tail.runs >= MAX_UNCOMPACTED_RUNS {
-                compact_to_wait(&mut self.arena, message);
+                self.compact_at_once(message);
                 tail.last_end = 0;
                 return;
             }
@@ -105,12 +107,24 @@ impl AddressTable {
         tail.last_end = start + bytes.len();
         if !tail.listed {
             tail.listed = true;
-            self.to_compact.push(address_name.clone());
-            if self.compaction_due_at_ms.is_none() {
-                let due_at_ms = now_ms + COMPACTION_TICK_MS;
-                self.compaction_due_at_ms = Some(due_at_ms);
-                self.compaction_scheduled = Some(due_at_ms);
-            }
+            self.list_for_compaction(address_name, now_ms);
+        }
+    }
+
+    /// [`compact_to_wait`], out of [`AddressTable::queue_uncompacted`]'s inlined path.
+    #[cold]
+    fn compact_at_once(&mut self, message: &mut SharedMessage) {
+        compact_to_wait(&mut self.arena, message);
+    }
+
+    /// Lists an address whose queue now holds messages not compacted yet for the timer's
+    /// ticks, and schedules the next tick if none is.
+    fn list_for_compaction(&mut self, address_name: &Bytes, now_ms: u64) {
+        self.to_compact.push(address_name.clone());
+        if self.compaction_due_at_ms.is_none() {
+            let due_at_ms = now_ms + COMPACTION_TICK_MS;
+            self.compaction_due_at_ms = Some(due_at_ms);
+            self.compaction_scheduled = Some(due_at_ms);
         }
     }
 

@@ -456,14 +456,30 @@ impl AddressTable {
                 let logged = |queued: &Queued| has_log && (queued.message.durable || has_durable_addresses);
                 let mut to_settle: SmallVec<[Queued; 4]> = SmallVec::new();
                 let acknowledge = |subscriber: &mut Subscriber| {
-                    // An unknown id (already acknowledged, requeued or expired) changes nothing.
-                    let in_flight = &mut subscriber.in_flight;
-                    subscriber.unacked.remove_all(&messages, |queued| {
-                        *in_flight -= 1;
-                        if logged(&queued) {
-                            to_settle.push(queued);
+                    // The usual ACK: the oldest deliveries, in order, gone through in this loop
+                    // (a call of a closure per message otherwise).
+                    let in_order = match subscriber.unacked.take_oldest(&messages) {
+                        Some(acked) => {
+                            subscriber.in_flight -= acked.len() as u32;
+                            for queued in acked {
+                                if logged(&queued) {
+                                    to_settle.push(queued);
+                                }
+                            }
+                            true
                         }
-                    });
+                        None => false,
+                    };
+                    if !in_order {
+                        // An unknown id (already acknowledged, requeued or expired) changes nothing.
+                        let in_flight = &mut subscriber.in_flight;
+                        subscriber.unacked.remove_all(&messages, |queued| {
+                            *in_flight -= 1;
+                            if logged(&queued) {
+                                to_settle.push(queued);
+                            }
+                        });
+                    }
                     subscriber.trim_deadlines();
                 };
                 if let Some((address, ())) = self.change_credit(consumer, subscription, now_ms, out, acknowledge) {

@@ -33,6 +33,9 @@ impl UnackedMessages {
         self.entries.len()
     }
 
+    /// Records a delivery (in its place: a redelivery may be older than some recorded).
+    /// Inlined: it runs once per client-ack delivery.
+    #[inline(always)]
     pub(super) fn insert(&mut self, queued: Queued) {
         self.entries.insert(queued);
     }
@@ -56,6 +59,20 @@ impl UnackedMessages {
 
     pub(super) fn remove(&mut self, id: MessageId) -> Option<Queued> {
         self.entries.remove(id.0)
+    }
+
+    /// Takes the entries of `ids` when they are the oldest recorded, in order (a cumulative
+    /// ACK: [`SortedRing::take_front_run`]), for the caller to go through; `None`, and nothing
+    /// taken, otherwise (then [`UnackedMessages::remove_all`]).
+    #[inline]
+    pub(super) fn take_oldest(
+        &mut self,
+        ids: &AckedMessages,
+    ) -> Option<std::collections::vec_deque::Drain<'_, Queued>> {
+        match ids {
+            AckedMessages::Run { first, count } => self.entries.take_front_run(first.0, *count as usize),
+            AckedMessages::List(_) => None,
+        }
     }
 
     /// Takes the entries of `ids` (unknown ones skipped) and hands each to `each`: an ACK of

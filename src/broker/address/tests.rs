@@ -533,6 +533,49 @@ fn an_address_does_not_keep_the_buffer_its_first_message_arrived_in() {
     assert!(!buffer.contains(&queued.address().as_ptr()));
 }
 
+/// A batch's answers go in the order of its SENDs, one command per run of one publisher's
+/// consecutive SENDs; unnumbered SENDs that find the at-most-once lead queued are held as a
+/// run and, with them, every answer after them, then released one per delivery, in order.
+#[test]
+fn a_batch_answers_each_publishers_runs_in_order_and_holds_what_follows_a_held_one() {
+    let limits = AddressLimits { max_queued_messages: 100, max_light_lead: 2, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 1, &mut out);
+    out.clear();
+    let publication = |publisher: u32, seq: u64, body: &str| Publication {
+        publisher: conn(publisher),
+        seq,
+        message: message("a", body),
+    };
+    // Numbered SENDs are held only at the high watermark (50): every answer goes at once.
+    let mut batch = vec![publication(7, 1, "p7-1"), publication(7, 2, "p7-2"), publication(8, 1, "p8-1")];
+    table.publish_batch(&mut batch, 0, &mut out);
+    let accepted: Vec<(u32, u64, u32)> = out
+        .iter()
+        .filter_map(|(_, command)| match command {
+            ConnCommand::PublishesAccepted { publisher, first_seq, count } => {
+                Some((publisher.index, *first_seq, *count))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(accepted, vec![(7, 1, 2), (8, 1, 1)], "one answer per run of a publisher, in order");
+    out.clear();
+    // 2 queued, the lead: the unnumbered SENDs are held, and so is the numbered one after them.
+    let mut batch = vec![publication(9, 0, "light1"), publication(9, 0, "light2"), publication(7, 3, "p7-3")];
+    table.publish_batch(&mut batch, 0, &mut out);
+    assert_eq!(table.stats(b"a").queued, 5);
+    assert_eq!(answered(&out), 0, "held from the first unnumbered SEND on");
+    let mut released = Vec::new();
+    for id in 1..=5 {
+        out.clear();
+        ack(&mut table, 1, &[id], &mut out);
+        released.extend(publish_answers(&out));
+    }
+    assert_eq!(released, [(0, Ok(())), (0, Ok(())), (3, Ok(()))], "released in the order they were held");
+}
+
 /// An at-most-once publisher (unnumbered MBLWS SENDs, seq 0) is held back once the queue
 /// reaches `max_light_lead`, far below the high watermark that holds numbered SENDs, and its
 /// held answers then go one per delivery, oldest first, while the queue without their messages
