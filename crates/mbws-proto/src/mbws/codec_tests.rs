@@ -494,8 +494,16 @@ proptest! {
             apply(damage, &mut bytes);
         }
         let limits = CodecLimits::default();
+        let plain = binary::decode_plain_send(&bytes, &limits);
+        // decode_send is called only for frames whose kind byte says SEND, as the broker's
+        // receive path calls it (a damage that turns the kind byte into another kind's is a
+        // caller's mistake there); the plain read leaves any other payload to the caller.
+        if bytes.get(1) != Some(&FrameKind::Send.code()) {
+            prop_assert!(matches!(plain, Ok(None)), "another kind read as a plain SEND: {plain:?}");
+            return Ok(());
+        }
         let direct = binary::decode_send(Bytes::from(bytes.clone()), &limits);
-        match binary::decode_plain_send(&bytes, &limits) {
+        match plain {
             // The same fields, the same tail, the same errors: the broker's receive path
             // takes the tail itself from the read buffer.
             Ok(Some(plain)) => {
