@@ -289,8 +289,7 @@ fn deliver_log_stretch(
 
 /// Delivers `stretch` (log messages newer than any the subscriber has been handed, oldest
 /// first) to a client-ack subscriber: their deliveries appended to `deliveries`, their records
-/// (one delivery more each) to `unacked`, their ack deadlines to `deadlines`. The credit is
-/// the caller's to count.
+/// kept ([`keep_run_records`]). The credit is the caller's to count.
 #[inline(always)]
 fn keep_stretch<'a>(
     subscriber: &mut Subscriber,
@@ -298,13 +297,23 @@ fn keep_stretch<'a>(
     ack_deadline: Option<u64>,
     deliveries: &mut Deliveries,
 ) {
-    if let Some(deadline) = ack_deadline {
-        subscriber.deadlines.extend(stretch.clone().map(|queued| (deadline, queued.id)));
-    }
     deliveries.extend(stretch.clone().map(Queued::delivered));
-    subscriber
-        .unacked
-        .extend_newest(stretch.map(|queued| Queued { deliveries: queued.deliveries + 1, ..queued.clone() }));
+    keep_run_records(subscriber, stretch, ack_deadline);
+}
+
+/// Keeps a client-ack subscriber's records of a run of deliveries (messages newer than any it
+/// has been handed, oldest first): each one delivery more, appended to `unacked` as a run, and
+/// their ack deadlines to `deadlines`. The credit is the caller's to count.
+#[inline(always)]
+fn keep_run_records<'a>(
+    subscriber: &mut Subscriber,
+    run: impl Iterator<Item = &'a Queued> + Clone,
+    ack_deadline: Option<u64>,
+) {
+    if let Some(deadline) = ack_deadline {
+        subscriber.deadlines.extend(run.clone().map(|queued| (deadline, queued.id)));
+    }
+    subscriber.unacked.extend_newest(run.map(|queued| Queued { deliveries: queued.deliveries + 1, ..queued.clone() }));
 }
 
 /// Counts a delivery against the subscriber's credit and, in client ack mode, keeps it until
@@ -377,14 +386,7 @@ pub(super) fn deliver_run(subscriber: &mut Subscriber, run: &[Queued], held_befo
     subscriber.delivered += u64::from(count);
     match subscriber.ack_mode {
         AckMode::Auto => subscriber.unwritten_bytes += held_before[run.len()],
-        AckMode::Client => {
-            if let Some(deadline) = ack_deadline {
-                subscriber.deadlines.extend(run.iter().map(|queued| (deadline, queued.id)));
-            }
-            for queued in run {
-                subscriber.unacked.push_newest(Queued { deliveries: queued.deliveries + 1, ..queued.clone() });
-            }
-        }
+        AckMode::Client => keep_run_records(subscriber, run.iter(), ack_deadline),
     }
 }
 

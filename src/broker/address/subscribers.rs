@@ -40,14 +40,9 @@ impl UnackedMessages {
         self.entries.insert(queued);
     }
 
-    /// Records a delivery of a message newer than every one recorded (a run of new
-    /// messages): at the back, without a search.
-    pub(super) fn push_newest(&mut self, queued: Queued) {
-        self.entries.push(queued);
-    }
-
     /// Records deliveries of messages newer than every one recorded, in increasing id order
-    /// (a stretch of the multicast log): appended as a run ([`SortedRing::extend_newest`]).
+    /// (a stretch of the multicast log, or a run of new messages): appended as a run
+    /// ([`SortedRing::extend_newest`]).
     #[inline(always)]
     pub(super) fn extend_newest(&mut self, queued: impl Iterator<Item = Queued>) {
         self.entries.extend_newest(queued);
