@@ -5,7 +5,8 @@
 # under valgrind, and the total of its instructions is divided by the message count.
 #
 #   scripts/callgrind-broker.sh [--count N] [--shards N] [--broker PATH] [--out FILE] [--tls]
-#                               [--tls-records in-place|rustls] [--fanout N] [-- SEND FLAGS...]
+#                               [--tls-records in-place|rustls] [--fanout N] [--light]
+#                               [-- SEND FLAGS...]
 #
 # MBWS_CLIENT=PATH uses that `mbws` client instead of building one.
 #
@@ -15,7 +16,13 @@
 # connections, then a wait for the SUBSCRIBEs); a consumer that misses a message times out
 # and fails the run.
 #
-# e.g. `scripts/callgrind-broker.sh --count 100000 -- --light` for MBLWS publishes.
+# e.g. `scripts/callgrind-broker.sh --count 100000 -- --light` for MBLWS publishes (numbered
+# SENDs that wait for RECEIPTs, to an MBWS consumer).
+#
+# --light drives MBLWS as `scripts/bench.sh`'s mbws-light target does: the publisher sends
+# unnumbered SENDs (seq 0, `mbws send --light --unnumbered`: no RECEIPTs, paced by TCP and the
+# broker's at-most-once lead) and the consumer is an MBLWS session too (client acks every
+# credit/4 deliveries, credit 1000), as mbws-bench's MBLWS publisher and consumer are.
 #
 # --tls-records MODE (with --tls) passes the broker that record layer (docs/SECURITY.md, "The
 # record layer"): the two layers compared on one binary.
@@ -59,6 +66,7 @@ out="callgrind.broker.out"
 tls=0
 tls_records=""
 fanout=0
+light=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --count) count=$2; shift 2 ;;
@@ -68,13 +76,15 @@ while [[ $# -gt 0 ]]; do
         --tls) tls=1; shift ;;
         --tls-records) tls_records=$2; shift 2 ;;
         --fanout) fanout=$2; shift 2 ;;
+        --light) light=1; shift ;;
         --) shift; break ;;
-        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, --tls, --tls-records MODE, -- SEND FLAGS)" >&2; exit 2 ;;
+        *) echo "callgrind-broker.sh: unknown flag '$1' (--count N, --shards N, --broker PATH, --out FILE, --tls, --tls-records MODE, --fanout N, --light, -- SEND FLAGS)" >&2; exit 2 ;;
     esac
 done
 [[ $shards =~ ^[1-9][0-9]*$ ]] || { echo "callgrind-broker.sh: --shards takes a number of shards (1 or more), not '$shards'" >&2; exit 2; }
 [[ $fanout =~ ^[0-9]+$ ]] || { echo "callgrind-broker.sh: --fanout takes a number of consumers, not '$fanout'" >&2; exit 2; }
 ((fanout == 0 || shards == 1)) || { echo "callgrind-broker.sh: --fanout runs on one shard only" >&2; exit 2; }
+((fanout == 0 || light == 0)) || { echo "callgrind-broker.sh: --light drives 1 -> 1 only, not --fanout" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "callgrind-broker.sh: valgrind is not installed (apt-get install valgrind)" >&2; exit 2; }
 
 cd "$(dirname "$0")/.."
@@ -91,6 +101,13 @@ broker=${broker:-target/release/mbws-broker}
 client_wait=60
 ((shards > 1)) && client_wait=600
 client=${MBWS_CLIENT:-target/release/mbws}
+# --light: both clients speak MBLWS, the publisher's SENDs unnumbered (as mbws-bench's).
+client_mode=()
+send_mode=()
+if ((light)); then
+    client_mode=(--light)
+    send_mode=(--unnumbered)
+fi
 work=$(mktemp -d)
 broker_pid=""
 consumer_pid=""
@@ -203,7 +220,7 @@ run_once() {
         return
     fi
     for _ in $(seq 20); do
-        "$client" consume "$address" --url "$url" "${client_tls[@]}" --count "$count" --quiet --timeout "$client_wait" >/dev/null 2>"$work/consume.log" &
+        "$client" consume "$address" --url "$url" "${client_tls[@]}" "${client_mode[@]}" --count "$count" --quiet --timeout "$client_wait" >/dev/null 2>"$work/consume.log" &
         consumer_pid=$!
         if ((shards == 1)); then
             break
@@ -217,7 +234,7 @@ run_once() {
     done
     [[ -n $consumer_pid ]] || { echo "callgrind-broker.sh: the consumer landed on the owner's shard 20 times" >&2; exit 1; }
     sleep 0.5
-    "$client" send "$address" "$body" --url "$url" "${client_tls[@]}" --count "$count" --wait "$client_wait" "$@" >/dev/null 2>"$work/send.log" \
+    "$client" send "$address" "$body" --url "$url" "${client_tls[@]}" "${client_mode[@]}" "${send_mode[@]}" --count "$count" --wait "$client_wait" "$@" >/dev/null 2>"$work/send.log" \
         || { echo "callgrind-broker.sh: the publisher failed:" >&2; cat "$work/send.log" >&2; exit 1; }
     wait "$consumer_pid" || { echo "callgrind-broker.sh: the consumer did not get every message:" >&2; cat "$work/consume.log" >&2; exit 1; }
     consumer_pid=""

@@ -438,3 +438,32 @@ fn the_default_credit_fits_a_broker_with_a_low_max_credit() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--credit 20") && stderr.contains("max-credit 10"), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Unnumbered MBLWS SENDs (`send --light --unnumbered`, what `scripts/callgrind-broker.sh --light`
+// drives): at most once, no RECEIPTs, paced by the broker's at-most-once lead.
+
+#[test]
+fn unnumbered_light_sends_arrive_in_order_once_each_through_the_at_most_once_lead() {
+    // Lead 128 (twice max-inflight-sends): 3,000 SENDs to a consumer with credit 10 are held
+    // at the lead and let go as the consumer acknowledges.
+    let broker = Broker::start(&["--max-inflight-sends", "64"]);
+    let url = broker.url();
+    let consumer =
+        Consumer::start(&url, &["--light", "consume", "lead", "--count", "3000", "--credit", "10", "--timeout", "30"]);
+    std::thread::sleep(Duration::from_millis(300)); // usually subscribed by then; either way all arrive
+    let bodies: String = (1..=3000).map(|index| format!("m{index}\n")).collect();
+    let output = run(mbws(&url, &["--light", "send", "lead", "--lines", "--unnumbered"]), Some(bodies.as_bytes()));
+    assert!(output.status.success(), "{:?}: {}", output.status, text(&output.stderr));
+    assert!(text(&output.stderr).contains("sent 3000 unnumbered messages"), "{}", text(&output.stderr));
+    let (code, stderr, lines) = consumer.finish(Duration::from_secs(40));
+    assert_eq!(code, Some(0), "{stderr}");
+    let expected: Vec<String> = (1..=3000).map(|index| format!("m{index}")).collect();
+    assert_eq!(lines.len(), expected.len(), "every message once: {stderr}");
+    assert!(lines == expected, "in the order sent");
+
+    let output = run(mbws(&url, &["send", "lead", "x", "--unnumbered"]), None);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--unnumbered needs --light"), "{stderr}");
+}

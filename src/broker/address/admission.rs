@@ -7,6 +7,7 @@
 //! [`AddressTable::publish_batch`] takes a run of SENDs to one address, with a fast path that
 //! hands a pure multicast address's batch straight to its subscribers.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::planted::{planted, Bug};
@@ -480,11 +481,7 @@ impl AddressTable {
         out: &mut Vec<Outgoing>,
     ) {
         if let Some(state) = state {
-            if let Some(held_release_at) = state.holds_answer(limits, seq) {
-                if state.held_answers.is_empty() {
-                    state.held_release_at = held_release_at;
-                }
-                state.held_answers.push_back((publisher, seq));
+            if state.hold_answers(limits, publisher, seq, 1) {
                 return;
             }
         }
@@ -506,18 +503,21 @@ impl AddressTable {
         }
         match state.held_release_at {
             Some(release_at) if release_at < low_watermark && !state.anycast.is_empty() => {
-                while state.queue.len().saturating_sub(state.held_answers.len()) <= release_at {
-                    let Some((publisher, seq)) = state.held_answers.pop_front() else { break };
-                    push_accepted(out, publisher, seq);
-                }
+                // One answer goes per message that has left the queue: while the queue less
+                // the held answers is at or below `release_at`, and each answer let go raises
+                // that by one, so `release_at + 1 - (queue - held)` of them, all if fewer are
+                // held (the queue may hold fewer than the held answers' messages: some of them
+                // have left already). Computed, not counted out one by one: the answers are
+                // runs ([`HeldAnswers`]), let go a run (or the front of one) at a time.
+                let held = state.held_answers.len();
+                let release = (release_at + 1 + held).saturating_sub(state.queue.len()).min(held);
+                state.held_answers.release_oldest(release, out);
             }
             _ => {
                 if state.queue.len() > low_watermark && !state.anycast.is_empty() {
                     return;
                 }
-                for (publisher, seq) in state.held_answers.drain(..) {
-                    push_accepted(out, publisher, seq);
-                }
+                state.held_answers.release_all(out);
             }
         }
         if state.held_answers.is_empty() {
@@ -574,7 +574,100 @@ fn push_accepted_run(out: &mut Vec<Outgoing>, publisher: ConnRef, seq: u64, adde
     ));
 }
 
+/// The answers an address holds back ([`AddressTable::publish_answer`]), oldest first, as runs:
+/// `count` SENDs of one publisher from `first_seq` on, consecutive seqs or all unnumbered
+/// (`first_seq` 0), as [`ConnCommand::PublishesAccepted`] answers them. A held MBLWS publisher's
+/// SENDs are one run however many are held, so holding a batch of them and letting one go per
+/// delivery (the sliding release) costs a run, not an entry per SEND (session 15: an entry
+/// per SEND cost about 90 instructions per message in `scripts/callgrind-broker.sh --light`,
+/// more than at most once saves).
+///
+/// Bound: at most one held SEND per queued message when it was held (`len`), so at most
+/// `max_queued_messages` SENDs and as many runs.
+#[derive(Debug, Default)]
+pub(super) struct HeldAnswers {
+    runs: VecDeque<HeldRun>,
+    /// SENDs held, over every run.
+    sends: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HeldRun {
+    publisher: ConnRef,
+    /// The first SEND's seq; 0: every SEND of the run is unnumbered.
+    first_seq: u64,
+    count: u32,
+}
+
+impl HeldAnswers {
+    pub(super) fn is_empty(&self) -> bool {
+        self.sends == 0
+    }
+
+    /// SENDs whose answers are held.
+    pub(super) fn len(&self) -> usize {
+        self.sends
+    }
+
+    /// Holds the answers to `count` consecutive SENDs of `publisher` from `first_seq` on
+    /// (`first_seq` 0: unnumbered ones), after every answer held: joined to the newest run
+    /// when they continue it.
+    fn hold(&mut self, publisher: ConnRef, first_seq: u64, count: u32) {
+        debug_assert!(count > 0, "a run holds at least one answer");
+        self.sends += count as usize;
+        if let Some(newest) = self.runs.back_mut() {
+            let continues = match newest.first_seq {
+                0 => first_seq == 0,
+                first => first_seq == first + u64::from(newest.count),
+            };
+            if continues && newest.publisher == publisher {
+                if let Some(joined) = newest.count.checked_add(count) {
+                    newest.count = joined;
+                    return;
+                }
+            }
+        }
+        self.runs.push_back(HeldRun { publisher, first_seq, count });
+    }
+
+    /// Lets the `release` oldest answers go, in order (at most every held one).
+    fn release_oldest(&mut self, mut release: usize, out: &mut Vec<Outgoing>) {
+        debug_assert!(release <= self.sends, "releasing {release} of {} held answers", self.sends);
+        while release > 0 {
+            let Some(oldest) = self.runs.front_mut() else { break };
+            let taken = oldest.count.min(u32::try_from(release).unwrap_or(u32::MAX));
+            push_accepted_run(out, oldest.publisher, oldest.first_seq, taken);
+            if taken == oldest.count {
+                self.runs.pop_front();
+            } else {
+                oldest.count -= taken;
+                if oldest.first_seq != 0 {
+                    oldest.first_seq += u64::from(taken);
+                }
+            }
+            self.sends -= taken as usize;
+            release -= taken as usize;
+        }
+    }
+
+    /// Lets every held answer go, in order.
+    pub(super) fn release_all(&mut self, out: &mut Vec<Outgoing>) {
+        self.release_oldest(self.sends, out);
+    }
+}
+
 impl Address {
+    /// Holds the answers to `count` accepted SENDs of `publisher` from `seq` on (0:
+    /// unnumbered ones) if [`Address::holds_answer`] says so: false if they go now.
+    fn hold_answers(&mut self, limits: &AddressLimits, publisher: ConnRef, seq: u64, count: u32) -> bool {
+        let Some(held_release_at) = self.holds_answer(limits, seq) else { return false };
+        if self.held_answers.is_empty() {
+            self.held_release_at = held_release_at;
+        }
+        self.held_answers.hold(publisher, seq, count);
+        true
+    }
+
     /// Whether the answer to an accepted SEND `seq` is held back
     /// ([`AddressTable::publish_answer`]), and if so, the queue length that releases it when it
     /// is the first held (`None`: the quarter of the bound, as for the high watermark).
@@ -669,14 +762,11 @@ impl BatchAnswers {
         for answer in self.answers {
             match answer {
                 BatchAnswer::Queued { publisher, first_seq, count } => {
-                    let held = state.as_deref().is_some_and(|state| state.holds_answer(limits, first_seq).is_some());
+                    let held = state
+                        .as_deref_mut()
+                        .is_some_and(|state| state.hold_answers(limits, publisher, first_seq, count));
                     if !held {
                         push_accepted_run(out, publisher, first_seq, count);
-                        continue;
-                    }
-                    for index in 0..u64::from(count) {
-                        let seq = if first_seq == 0 { 0 } else { first_seq + index };
-                        AddressTable::publish_answer(state.as_deref_mut(), limits, publisher, seq, out);
                     }
                 }
                 BatchAnswer::Other { publisher, seq, outcome } => {
@@ -716,5 +806,53 @@ fn answer_publish_to(
             publisher.shard,
             ConnCommand::PublishDone { publisher: publisher.conn, seq, outcome: Err(refusal) },
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{ConnId, ShardId};
+
+    fn publisher(index: u32) -> ConnRef {
+        ConnRef { shard: ShardId(0), conn: ConnId { index, generation: 0 } }
+    }
+
+    /// The answers `out` holds: (publisher, first seq, count) of each accepted run.
+    fn answers(out: &[Outgoing]) -> Vec<(u32, u64, u32)> {
+        out.iter()
+            .map(|(_, command)| match command {
+                ConnCommand::PublishesAccepted { publisher, first_seq, count } => (publisher.index, *first_seq, *count),
+                other => panic!("not an accepted run: {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Held answers keep their order and their seqs: a publisher's consecutive SENDs (or its
+    /// unnumbered ones) join one run, a release may split a run (the rest keeps its seqs), and
+    /// every held SEND is answered exactly once.
+    #[test]
+    fn held_answers_are_runs_released_in_order_and_split_where_a_release_ends() {
+        let mut held = HeldAnswers::default();
+        held.hold(publisher(1), 5, 2);
+        held.hold(publisher(1), 7, 3); // continues 5-6: one run 5-9
+        held.hold(publisher(2), 0, 4);
+        held.hold(publisher(2), 0, 1); // unnumbered after unnumbered: one run
+        held.hold(publisher(1), 11, 1); // a gap (10 not held here): a run of its own
+        assert_eq!(held.len(), 11);
+        assert_eq!(held.runs.len(), 3);
+        let mut out = Vec::new();
+        held.release_oldest(2, &mut out);
+        assert_eq!(answers(&out), [(1, 5, 2)], "the front of the first run");
+        out.clear();
+        held.release_oldest(6, &mut out);
+        assert_eq!(answers(&out), [(1, 7, 3), (2, 0, 3)], "the rest of it, then part of the next");
+        out.clear();
+        held.release_all(&mut out);
+        assert_eq!(answers(&out), [(2, 0, 2), (1, 11, 1)]);
+        assert!(held.is_empty());
+        assert_eq!(held.runs.len(), 0);
+        held.release_all(&mut out);
+        assert_eq!(out.len(), 2, "nothing is answered twice");
     }
 }

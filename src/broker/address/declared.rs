@@ -167,9 +167,7 @@ impl AddressTable {
         for queued in &dropped {
             self.settle(&name, &queued.message, queued.id);
         }
-        for (publisher, seq) in state.held_answers.drain(..) {
-            super::admission::push_accepted(out, publisher, seq);
-        }
+        state.held_answers.release_all(out);
         if state.declared.as_ref().is_some_and(|settings| settings.durable) {
             self.durable_addresses.retain(|pattern| *pattern != name);
         }

@@ -222,9 +222,10 @@ struct Address {
     next_anycast: usize,
     /// Body bytes in `queue`.
     queued_bytes: usize,
-    /// Publishes accepted while the queue was above its high watermark, whose answers are held
-    /// back (see `AddressTable::publish_answer`). At most one entry per queued message.
-    held_answers: VecDeque<(ConnRef, u64)>,
+    /// Publishes accepted while the queue was above its high watermark (or, unnumbered, at the
+    /// at-most-once lead), whose answers are held back (see `AddressTable::publish_answer`), as
+    /// runs of one publisher's SENDs. At most one held SEND per queued message.
+    held_answers: admission::HeldAnswers,
     /// Set when an unnumbered MBLWS SEND began the holding (`max_light_lead`): one below the
     /// lead, the queue length (less the held answers' messages) at or below which held answers
     /// slide out one per delivery; `None`: all go at once at a quarter of the bound.

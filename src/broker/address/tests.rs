@@ -576,6 +576,51 @@ fn a_batch_answers_each_publishers_runs_in_order_and_holds_what_follows_a_held_o
     assert_eq!(released, [(0, Ok(())), (0, Ok(())), (3, Ok(()))], "released in the order they were held");
 }
 
+/// A held at-most-once publisher's answers go as runs: a batch of unnumbered SENDs held at
+/// the lead is let go by an ACK of several deliveries as one answer for all the SENDs that
+/// release lets go (not one answer per SEND), one per message that leaves the queue, until
+/// every held one has gone, once.
+#[test]
+fn held_unnumbered_answers_go_as_one_answer_per_release() {
+    let limits = AddressLimits { max_queued_messages: 1000, max_light_lead: 8, ..LIMITS };
+    let mut table = AddressTable::new(ShardId(0), limits);
+    let mut out = Vec::new();
+    subscribe(&mut table, 1, DeliveryMode::Anycast, 4, &mut out);
+    out.clear();
+    let mut batch: Vec<Publication> = (0..40)
+        .map(|index| Publication { publisher: conn(9), seq: 0, message: message("a", &format!("light{index}")) })
+        .collect();
+    // The first batch is all answered (nothing queued when it came); the second is held whole.
+    table.publish_batch(&mut batch.drain(..10).collect(), 0, &mut out);
+    assert_eq!(answered(&out), 10);
+    out.clear();
+    table.publish_batch(&mut batch, 0, &mut out);
+    assert_eq!(table.stats(b"a").queued, 36, "4 of the 40 delivered, on credit 4");
+    assert_eq!(answered(&out), 0, "30 unnumbered SENDs with the lead queued, all held");
+    // Ids 1-4 acknowledged as a run: 4 more delivered, 32 queued, 2 of them answered. Answers
+    // go while the queue less the held ones is below the lead (8): 6 of them, as one command.
+    ack_run(&mut table, 1, 1, 4, &mut out);
+    let accepted = |out: &[Outgoing]| -> Vec<(u64, u32)> {
+        out.iter()
+            .filter_map(|(_, command)| match command {
+                ConnCommand::PublishesAccepted { first_seq, count, .. } => Some((*first_seq, *count)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(accepted(&out), [(0, 6)], "the answers a release lets go are one command");
+    // From then on one answer per message that leaves: 4 per ACK of 4, in one command each.
+    for first in (5..=25).step_by(4) {
+        out.clear();
+        ack_run(&mut table, 1, first, 4, &mut out);
+        assert_eq!(accepted(&out), [(0, 4)], "after the ACK of ids {first}..{}", first + 3);
+    }
+    assert_eq!(table.stats(b"a").queued, 8);
+    out.clear();
+    ack_run(&mut table, 1, 29, 4, &mut out);
+    assert_eq!(accepted(&out), [], "all 30 went, none twice");
+}
+
 /// An at-most-once publisher (unnumbered MBLWS SENDs, seq 0) is held back once the queue
 /// reaches `max_light_lead`, far below the high watermark that holds numbered SENDs, and its
 /// held answers then go one per delivery, oldest first, while the queue without their messages

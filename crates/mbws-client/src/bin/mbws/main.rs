@@ -30,7 +30,7 @@ use mbws_client::{parse_url_syntax, Client, ClientError, ClientOptions};
 // Credit of `consume` when `--credit` is not given (lowered to the broker's max-credit): the
 // credit the broker itself gives a SUBSCRIBE without one.
 use mbws_proto::mbws::DEFAULT_CREDIT;
-use mbws_proto::mbws::{AckMode, Binding, DeliveryMode, Properties, Send, Subprotocol};
+use mbws_proto::mbws::{AckMode, Binding, DeliveryMode, Frame, Properties, Send, Subprotocol};
 
 const EXIT_CODES: &str = "Exit codes: 0 done (for consume also: its standard output was closed, as by `| head`); 1 connection, protocol or broker error; 2 bad usage (flags, \
                           URL, --credit above the broker's max-credit); 3 consume: --timeout passed before \
@@ -118,6 +118,10 @@ enum Command {
         /// Application header `x-name=value` (repeatable).
         #[arg(long = "header", value_name = "x-name=value")]
         headers: Vec<String>,
+        /// With --light: send every SEND with seq 0, "no receipt wanted" (PROTOCOL.md 7.2):
+        /// nothing is receipted, and the command ends with CLOSE once all are written.
+        #[arg(long, conflicts_with = "durable")]
+        unnumbered: bool,
     },
     /// Consume messages from an address and print their bodies, one per line, as they arrive.
     #[command(after_help = EXIT_CODES)]
@@ -317,7 +321,12 @@ fn main() -> ExitCode {
             reply_to,
             ttl_ms,
             headers,
+            unnumbered,
         } => {
+            if unnumbered && !args.light {
+                eprintln!("mbws send: --unnumbered needs --light (an MBWS SEND must be numbered)");
+                return ExitCode::from(2);
+            }
             let properties = match properties(content_type, correlation_id, reply_to, headers) {
                 Ok(properties) => properties,
                 Err(problem) => {
@@ -326,7 +335,7 @@ fn main() -> ExitCode {
                 }
             };
             let template = Send { address: Bytes::from(address), durable, ttl_ms, properties, ..Default::default() };
-            send(&args.url, options, template, body, count, lines, raw)
+            send(&args.url, options, template, SendPlan { body, count, lines, raw, unnumbered })
         }
         Command::Consume { address, count, multicast, credit, timeout, verbose, quiet } => {
             let plan = ConsumePlan {
@@ -434,21 +443,26 @@ fn time_and_rate(count: u64, elapsed: Duration) -> String {
     }
 }
 
-fn send(
-    url: &str,
-    options: ClientOptions,
-    template: Send,
+/// What `send` sends beside the SEND template: the bodies, how often, and whether numbered.
+struct SendPlan {
     body: Option<String>,
     count: u64,
     lines: bool,
     raw: bool,
-) -> Result<ExitCode, ClientError> {
-    let bodies = bodies(body, lines, raw)?;
+    /// MBLWS only: every SEND with seq 0, no RECEIPT awaited.
+    unnumbered: bool,
+}
+
+fn send(url: &str, options: ClientOptions, template: Send, plan: SendPlan) -> Result<ExitCode, ClientError> {
+    let bodies = bodies(plan.body, plan.lines, plan.raw)?;
     let mut client = Client::connect(url, options)?;
     let started = Instant::now();
+    if plan.unnumbered {
+        return send_unnumbered(client, &template, &bodies, plan.count, started);
+    }
     let mut last_seq = 0;
     let mut sent = 0u64;
-    for _ in 0..count {
+    for _ in 0..plan.count {
         for body in &bodies {
             let send = Send { body: body.clone(), ..template.clone() };
             last_seq = client.send_message(send)?;
@@ -464,6 +478,35 @@ fn send(
     if sent > 1 {
         eprintln!(
             "sent {sent} messages to \"{}\" {}, all receipted",
+            String::from_utf8_lossy(&template.address),
+            time_and_rate(sent, started.elapsed())
+        );
+    }
+    client.close()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// MBLWS SENDs with seq 0: written as fast as TCP takes them (the broker paces an at-most-once
+/// publisher by reading it), then CLOSE, whose answer comes after the broker has read them all.
+/// Nothing is receipted, so a refusal (an ERROR naming seq 0) is not reported.
+fn send_unnumbered(
+    mut client: Client,
+    template: &Send,
+    bodies: &[Bytes],
+    count: u64,
+    started: Instant,
+) -> Result<ExitCode, ClientError> {
+    let mut sent = 0u64;
+    for _ in 0..count {
+        for body in bodies {
+            client.write_frame(&Frame::Send(Send { seq: 0, body: body.clone(), ..template.clone() }))?;
+            sent += 1;
+        }
+    }
+    client.flush()?;
+    if sent > 1 {
+        eprintln!(
+            "sent {sent} unnumbered messages to \"{}\" {}",
             String::from_utf8_lossy(&template.address),
             time_and_rate(sent, started.elapsed())
         );
