@@ -7,8 +7,14 @@ use std::time::Instant;
 /// Milliseconds on a monotonic clock shared by all shards (message expiry is compared across
 /// shards, so they must agree on the epoch).
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] of an instant already read, for a caller that needs the `Instant` too (the
+/// shard times its rounds with the read it makes for the round's milliseconds).
+pub fn ms_at(instant: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    instant.saturating_duration_since(*EPOCH.get_or_init(|| instant)).as_millis() as u64
 }
 
 /// Wall-clock milliseconds since the Unix epoch (for what outlives the process: the log).

@@ -247,6 +247,40 @@ fn metrics_counters_move_by_exactly_the_messages_sent() {
     assert!(after.contains_key("process_cpu_seconds_total"));
 }
 
+/// `mbws_shard_round_duration_seconds` counts the shard's rounds of input, one per read: SENDs
+/// each answered before the next is sent are read one by one, so its count moves by at least
+/// as many, its sum grows, and its buckets are cumulative up to `+Inf` = the count.
+#[test]
+fn round_durations_count_every_read() {
+    const SENDS: usize = 5;
+    const ROUNDS: &str = "mbws_shard_round_duration_seconds";
+    let broker = Broker::start(&["--shards", "1"]);
+    let admin = broker.admin_addr();
+    let mut producer = broker.client();
+    let before = scrape(admin, None);
+    for _ in 0..SENDS {
+        let seq = producer.send("timed", &b"one read each"[..]).unwrap();
+        producer.wait_receipt(seq).unwrap();
+    }
+    let after = scrape(admin, None);
+    let count = |series: &Series| series[&format!("{ROUNDS}_count{{shard=\"0\"}}")];
+    assert!(count(&after) - count(&before) >= SENDS as f64, "{} -> {}", count(&before), count(&after));
+    let sum = |series: &Series| series[&format!("{ROUNDS}_sum{{shard=\"0\"}}")];
+    assert!(sum(&after) > sum(&before), "the rounds took some time");
+    // (upper bound, cumulative count), by bound.
+    let mut buckets: Vec<(f64, f64)> = after
+        .iter()
+        .filter_map(|(key, value)| {
+            let le = key.strip_prefix(&format!("{ROUNDS}_bucket{{shard=\"0\",le=\""))?.strip_suffix("\"}")?;
+            Some((if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() }, *value))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!(buckets.len(), 13, "12 bounds and +Inf: {buckets:?}");
+    assert!(buckets.windows(2).all(|pair| pair[0].1 <= pair[1].1), "cumulative: {buckets:?}");
+    assert_eq!(buckets.last().unwrap().1, count(&after), "+Inf holds every round");
+}
+
 /// One raw upgrade request `head` (the request line and headers), the answer's status.
 fn raw_upgrade(broker: &Broker, head: &str) -> u16 {
     let mut stream = TcpStream::connect_timeout(&broker.addr, WAIT).unwrap();

@@ -13,6 +13,7 @@ use std::fmt::{Display, Write};
 use crate::broker::address::AddressInfo;
 use crate::mbws::Binding;
 use crate::shard::core::ShardSnapshot;
+use crate::shard::rounds::ROUND_BUCKETS_NS;
 use crate::store::{CommitStats, LatencyHistogram, LATENCY_BUCKETS_SECONDS};
 
 use super::process::ProcessStats;
@@ -50,17 +51,32 @@ impl Exposition {
         let _ = writeln!(self.text, " {value}");
     }
 
-    /// One shard's histogram: cumulative `_bucket`s (`le`), `_sum`, `_count`.
+    /// One shard's histogram of the log's commits ([`Exposition::buckets`]).
     fn histogram(&mut self, name: &str, shard: &str, histogram: &LatencyHistogram) {
+        let bounds = LATENCY_BUCKETS_SECONDS.iter().copied();
+        self.buckets(name, shard, bounds, &histogram.buckets, histogram.sum_seconds, histogram.count);
+    }
+
+    /// One shard's histogram: cumulative `_bucket`s (`le`, upper bounds in seconds; `counts`
+    /// per bucket, not cumulative, the last being above every bound), `_sum`, `_count`.
+    fn buckets(
+        &mut self,
+        name: &str,
+        shard: &str,
+        bounds_seconds: impl Iterator<Item = f64>,
+        counts: &[u64],
+        sum_seconds: f64,
+        count: u64,
+    ) {
         let bucket = format!("{name}_bucket");
         let mut cumulative = 0;
-        for (bound, count) in LATENCY_BUCKETS_SECONDS.iter().zip(&histogram.buckets) {
-            cumulative += count;
+        for (bound, bucket_count) in bounds_seconds.zip(counts) {
+            cumulative += bucket_count;
             self.sample(&bucket, &[("shard", shard), ("le", &bound.to_string())], cumulative);
         }
-        self.sample(&bucket, &[("shard", shard), ("le", "+Inf")], histogram.count);
-        self.sample(&format!("{name}_sum"), &[("shard", shard)], histogram.sum_seconds);
-        self.sample(&format!("{name}_count"), &[("shard", shard)], histogram.count);
+        self.sample(&bucket, &[("shard", shard), ("le", "+Inf")], count);
+        self.sample(&format!("{name}_sum"), &[("shard", shard)], sum_seconds);
+        self.sample(&format!("{name}_count"), &[("shard", shard)], count);
     }
 
     /// A family with one sample per shard.
@@ -223,6 +239,7 @@ pub fn render(snapshots: &[ShardSnapshot], shards: usize, process: &ProcessStats
     );
 
     write_log_commits(&mut out, snapshots);
+    write_rounds(&mut out, snapshots);
     write_addresses(&mut out, snapshots);
     write_process(&mut out, process);
     out.text
@@ -400,6 +417,24 @@ fn write_log_commits(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
         for (shard, stats) in &logs {
             out.histogram(name, shard, histogram(stats));
         }
+    }
+}
+
+/// How long each shard's rounds of input took (`shard::rounds`).
+fn write_rounds(out: &mut Exposition, snapshots: &[ShardSnapshot]) {
+    const NAME: &str = "mbws_shard_round_duration_seconds";
+    out.family(
+        NAME,
+        "histogram",
+        "Time from a read's bytes reaching the shard to the end of the round of work they started \
+         (decoded, routed, deliveries queued, writers woken), one per read: the broker's own share of \
+         a message's latency, and how long the messages arriving meanwhile wait.",
+    );
+    for snapshot in snapshots {
+        let rounds = &snapshot.rounds;
+        let bounds = ROUND_BUCKETS_NS.iter().map(|&nanos| nanos as f64 / 1e9);
+        let sum_seconds = rounds.sum_ns as f64 / 1e9;
+        out.buckets(NAME, &snapshot.report.shard.0.to_string(), bounds, &rounds.buckets, sum_seconds, rounds.count);
     }
 }
 

@@ -23,6 +23,7 @@ pub mod core;
 mod data_dir;
 pub mod mailbox;
 mod net;
+pub mod rounds;
 pub mod tls_inplace;
 pub mod transport;
 
@@ -41,7 +42,7 @@ use crossbeam_channel::Receiver;
 
 use self::core::{ConnWakers, ReaderFinished, ResumeRefusal, Resumed, ShardCore};
 use crate::broker::{ConnId, ConnRef, ShardId};
-use crate::clock::{now_ms, now_unix_ms};
+use crate::clock::{ms_at, now_ms, now_unix_ms};
 use crate::config::Config;
 use crate::conn::lifecycle::Attachment;
 use crate::conn::outbound::CreditReturns;
@@ -248,6 +249,10 @@ pub struct Shard {
     envelopes_posted: Cell<u64>,
     /// Readers letting the writes their round queued be submitted before their reads.
     pub deferred_readers: DeferredReaders,
+    /// When the round of input being handled started (`bytes_read`), until `run_work` ends it.
+    round_started: Cell<Option<Instant>>,
+    /// How long the rounds of input took ([`rounds`]; for the admin API's metrics).
+    rounds: Cell<rounds::RoundHistogram>,
     /// The broker-wide counts of connections and sessions against their limits.
     pub admission: Arc<admission::Admission>,
     /// In a cluster: this shard's forwarders to the other nodes, and the SENDs its core decided
@@ -285,6 +290,8 @@ impl Shard {
             ack_deadline_added: LocalEvent::default(),
             envelopes_posted: Cell::new(0),
             deferred_readers: DeferredReaders::default(),
+            round_started: Cell::new(None),
+            rounds: Cell::new(rounds::RoundHistogram::default()),
             admission,
             forwarders,
         }
@@ -337,7 +344,8 @@ impl Shard {
         Ok(resumed)
     }
 
-    /// Bytes were read on connection `id` ([`ShardCore::bytes_read`]); the caller runs the round.
+    /// Bytes were read on connection `id` ([`ShardCore::bytes_read`]); the caller runs the round
+    /// ([`Shard::run_work`], which times it from here: [`rounds`]).
     pub fn bytes_read(
         &self,
         id: ConnId,
@@ -345,7 +353,9 @@ impl Shard {
         decoder: &mut Decoder,
         buf: &mut BytesMut,
     ) -> ReadStep {
-        let step = self.core.borrow_mut().bytes_read(id, attachment, decoder, buf, now_ms());
+        let started = Instant::now();
+        self.round_started.set(Some(started));
+        let step = self.core.borrow_mut().bytes_read(id, attachment, decoder, buf, ms_at(started));
         if step == ReadStep::Closing {
             self.wake(id, Wake::ALL);
         }
@@ -473,12 +483,25 @@ impl Shard {
     /// Runs a round of work in the core ([`ShardCore::run_work`]) with the time read once (a
     /// round lasts far less than a millisecond), then does what it asks: posts each outbox as
     /// one batch per destination shard, lets the log's commit task run, wakes the ack timer.
+    /// A round started by input (`bytes_read`) takes its time from there, and its end is
+    /// recorded in [`rounds`] (one clock read either way).
     ///
     /// Returns whether the round woke a parked writer: its write is then still to be
     /// submitted, and a reader about to re-arm its read lets it go first
     /// ([`DeferredReaders`]).
     pub fn run_work(&self) -> bool {
-        let now = now_ms();
+        let started = self.round_started.take();
+        let woke_writer = self.run_round(started.map_or_else(now_ms, ms_at));
+        if let Some(started) = started {
+            let mut rounds = self.rounds.get();
+            rounds.record(Instant::now().saturating_duration_since(started).as_nanos() as u64);
+            self.rounds.set(rounds);
+        }
+        woke_writer
+    }
+
+    /// [`Shard::run_work`] at `now` (ms, [`crate::clock::now_ms`]).
+    fn run_round(&self, now: u64) -> bool {
         let mut core = self.core.borrow_mut();
         let mut wakers = self.wakers.borrow_mut();
         wakers.woke_writer = false;
@@ -722,6 +745,7 @@ impl Shard {
         snapshot.envelopes_posted = self.envelopes_posted.get();
         snapshot.upgrades_refused = self.upgrades_refused.borrow().clone();
         snapshot.log_commits = self.committer.borrow().as_ref().map(|committer| committer.stats());
+        snapshot.rounds = self.rounds.get();
         snapshot
     }
 

@@ -83,6 +83,8 @@ pub struct ShardSnapshot {
     pub upgrades_refused: Vec<(u16, u64)>,
     /// The durable log's group commits (the shell fills them in; `None` without a log).
     pub log_commits: Option<crate::store::CommitStats>,
+    /// How long the rounds of input took (the shell fills it in: `shard::rounds`).
+    pub rounds: crate::shard::rounds::RoundHistogram,
     /// Refusals sent to clients (a SEND or SUBSCRIBE refused, a subscription ended by the
     /// broker), by MBWS error code, counted since start; codes never used are left out.
     pub refusals: Vec<(ErrorCode, u64)>,
@@ -201,6 +203,7 @@ impl ShardCore {
             envelopes_posted: 0,
             upgrades_refused: Vec::new(),
             log_commits: None,
+            rounds: Default::default(),
             refusals,
             sessions_by_kind,
             addresses,
