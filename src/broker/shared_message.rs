@@ -218,6 +218,38 @@ impl Clone for SharedMessage {
     }
 }
 
+impl SharedMessage {
+    /// A new handle, with `later` more handles counted by the same atomic addition, to be made
+    /// afterwards with [`SharedMessage::counted_clone`] (each exactly once). A multicast
+    /// client-ack delivery hands one handle to the consumer and keeps one as its
+    /// unacknowledged record: one locked addition for the two instead of two. A locked
+    /// addition waits for the core's pending stores, which fan-out fills with arena and ring
+    /// writes, so each one saved counts (docs/PERFORMANCE.md, session 15). A counted handle
+    /// never made is a leak (the message is never released), never a fault.
+    #[inline]
+    pub fn clone_counting(&self, later: usize) -> SharedMessage {
+        // Relaxed, as `Clone::clone` (this handle keeps the slot alive meanwhile).
+        let before = self.slot().handles.fetch_add(1 + later, Ordering::Relaxed);
+        if before > isize::MAX as usize {
+            // As `Clone::clone`: a count this high can only come from leaked handles.
+            std::process::abort();
+        }
+        SharedMessage { slot: self.slot }
+    }
+
+    /// A handle that [`SharedMessage::clone_counting`] already counted: no atomic operation.
+    ///
+    /// # Safety
+    ///
+    /// One of the `later` handles a `clone_counting` of this same message counted must be
+    /// still unmade, and this call makes it: every handle made here matches one counted
+    /// there, so the count never falls below the handles alive.
+    #[inline]
+    pub unsafe fn counted_clone(&self) -> SharedMessage {
+        SharedMessage { slot: self.slot }
+    }
+}
+
 impl Drop for SharedMessage {
     fn drop(&mut self) {
         if self.slot().handles.fetch_sub(1, Ordering::Release) != 1 {
@@ -331,6 +363,28 @@ mod tests {
         drop(second_copy);
         assert!(payload.is_unique(), "its last handle let go of the read buffer, its slab still alive");
         assert_eq!(first.body(), b"first");
+    }
+
+    #[test]
+    fn handles_counted_ahead_keep_the_message_until_the_last_one_made_is_dropped() {
+        let (payload, decoded) = decoded_send(b"shared");
+        let original = SharedMessage::in_slab(decoded);
+        let delivered = original.clone_counting(1);
+        // SAFETY: `clone_counting(1)` above counted this one handle.
+        let kept = unsafe { original.counted_clone() };
+        let mut only = SharedMessage::new(message("alone"));
+        let first = only.clone_counting(1);
+        // SAFETY: as above, for `only`.
+        let second = unsafe { only.counted_clone() };
+        assert!(SharedMessage::get_mut(&mut only).is_none(), "three handles");
+        drop((first, second));
+        assert!(SharedMessage::get_mut(&mut only).is_some(), "the two counted handles are gone");
+        drop(original);
+        drop(delivered);
+        assert_eq!(kept.body(), b"shared");
+        assert!(!payload.is_unique(), "the last handle still holds the read buffer");
+        drop(kept);
+        assert!(payload.is_unique(), "the last handle let go of the read buffer");
     }
 
     #[test]

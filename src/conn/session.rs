@@ -873,9 +873,11 @@ impl Session {
 
     fn on_ack(&mut self, delivery_seq: u64, cumulative: bool, fx: &mut Effects<'_>) {
         // One command per subscription, carrying all of its acknowledged messages.
-        let mut acked = AckedBySubscription::new(if cumulative { self.unacked.count_through(delivery_seq) } else { 1 });
+        // One search for the cumulative ACK's reach: it sizes the list and is what is taken.
+        let through = if cumulative { self.unacked.count_through(delivery_seq) } else { 1 };
+        let mut acked = AckedBySubscription::new(through);
         if cumulative {
-            self.unacked.remove_through(delivery_seq, |(_, entry)| acked.add(entry.subscription, entry.message_id));
+            self.unacked.remove_first(through, |(_, entry)| acked.add(entry.subscription, entry.message_id));
         } else if let Some((_, entry)) = self.unacked.remove(delivery_seq) {
             acked.add(entry.subscription, entry.message_id);
         }

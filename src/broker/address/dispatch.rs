@@ -289,7 +289,12 @@ fn deliver_log_stretch(
 
 /// Delivers `stretch` (log messages newer than any the subscriber has been handed, oldest
 /// first) to a client-ack subscriber: their deliveries appended to `deliveries`, their records
-/// kept ([`keep_run_records`]). The credit is the caller's to count.
+/// kept as a run (each one delivery more, with its ack deadline). A delivery and its record
+/// share one count of the message's handles ([`SharedMessage::clone_counting`]): counted in
+/// the first pass, made in the second. Two runs appended, not one pass with a push into each:
+/// that cost 27 instructions more per delivery, and a closure handing the delivery on from
+/// inside the records' run went out of line (docs/PERFORMANCE.md, session 15). The credit is
+/// the caller's to count.
 #[inline(always)]
 fn keep_stretch<'a>(
     subscriber: &mut Subscriber,
@@ -297,23 +302,48 @@ fn keep_stretch<'a>(
     ack_deadline: Option<u64>,
     deliveries: &mut Deliveries,
 ) {
-    deliveries.extend(stretch.clone().map(Queued::delivered));
-    keep_run_records(subscriber, stretch, ack_deadline);
+    keep_deadlines(subscriber, stretch.clone(), ack_deadline);
+    let first = deliveries.len();
+    deliveries.extend(stretch.clone().map(|queued| Delivered {
+        message_id: queued.id,
+        message: queued.message.clone_counting(1),
+        redelivered: queued.redelivered,
+    }));
+    // The records follow the deliveries just made, one each: the second pass is checked
+    // against the first (release builds too), so a handle is made only where it was counted.
+    let records = stretch.zip(&deliveries[first..]).map(|(queued, delivered)| {
+        assert!(SharedMessage::ptr_eq(&queued.message, &delivered.message), "the stretch changed between passes");
+        Queued {
+            id: queued.id,
+            // SAFETY: `clone_counting(1)` counted one handle more for this delivery's message
+            // (the assertion above: the same message), and `zip` makes at most one per delivery.
+            message: unsafe { queued.message.counted_clone() },
+            redelivered: queued.redelivered,
+            deliveries: queued.deliveries + 1,
+        }
+    });
+    subscriber.unacked.extend_newest(records);
 }
 
 /// Keeps a client-ack subscriber's records of a run of deliveries (messages newer than any it
 /// has been handed, oldest first): each one delivery more, appended to `unacked` as a run, and
-/// their ack deadlines to `deadlines`. The credit is the caller's to count.
+/// their ack deadlines. The credit is the caller's to count.
 #[inline(always)]
 fn keep_run_records<'a>(
     subscriber: &mut Subscriber,
     run: impl Iterator<Item = &'a Queued> + Clone,
     ack_deadline: Option<u64>,
 ) {
-    if let Some(deadline) = ack_deadline {
-        subscriber.deadlines.extend(run.clone().map(|queued| (deadline, queued.id)));
-    }
+    keep_deadlines(subscriber, run.clone(), ack_deadline);
     subscriber.unacked.extend_newest(run.map(|queued| Queued { deliveries: queued.deliveries + 1, ..queued.clone() }));
+}
+
+/// The ack deadlines of a run of client-ack deliveries, if there is an ack timeout.
+#[inline(always)]
+fn keep_deadlines<'a>(subscriber: &mut Subscriber, run: impl Iterator<Item = &'a Queued>, ack_deadline: Option<u64>) {
+    if let Some(deadline) = ack_deadline {
+        subscriber.deadlines.extend(run.map(|queued| (deadline, queued.id)));
+    }
 }
 
 /// Counts a delivery against the subscriber's credit and, in client ack mode, keeps it until
