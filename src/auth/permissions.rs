@@ -70,10 +70,16 @@ impl Rules {
         Rules { allow, deny, everything }
     }
 
+    /// Inline for the common case (a session allowed everything: every SEND asks); the
+    /// patterns are matched out of line.
+    #[inline]
     fn allows(&self, address: &[u8]) -> bool {
-        self.everything
-            || (self.allow.iter().any(|pattern| pattern.matches(address))
-                && !self.deny.iter().any(|p| p.matches(address)))
+        self.everything || self.patterns_allow(address)
+    }
+
+    #[inline(never)]
+    fn patterns_allow(&self, address: &[u8]) -> bool {
+        self.allow.iter().any(|pattern| pattern.matches(address)) && !self.deny.iter().any(|p| p.matches(address))
     }
 
     fn everything() -> Rules {
@@ -111,6 +117,7 @@ impl Permissions {
         Permissions { send: Rules::everything(), consume: Rules::everything() }
     }
 
+    #[inline]
     pub fn may_send(&self, address: &[u8]) -> bool {
         self.send.allows(address)
     }
