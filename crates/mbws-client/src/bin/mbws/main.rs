@@ -457,16 +457,20 @@ fn send(url: &str, options: ClientOptions, template: Send, plan: SendPlan) -> Re
     let bodies = bodies(plan.body, plan.lines, plan.raw)?;
     let mut client = Client::connect(url, options)?;
     let started = Instant::now();
-    if plan.unnumbered {
-        return send_unnumbered(client, &template, &bodies, plan.count, started);
-    }
     let mut last_seq = 0;
     let mut sent = 0u64;
     for _ in 0..plan.count {
         for body in &bodies {
+            sent += 1;
+            if plan.unnumbered {
+                // MBLWS seq 0: written as fast as TCP takes them (the broker paces an
+                // at-most-once publisher by reading it); nothing is receipted, so a refusal
+                // (an ERROR naming seq 0) is not reported.
+                client.write_frame(&Frame::Send(Send { seq: 0, body: body.clone(), ..template.clone() }))?;
+                continue;
+            }
             let send = Send { body: body.clone(), ..template.clone() };
             last_seq = client.send_message(send)?;
-            sent += 1;
             // Stay inside the broker's in-flight window: wait for receipts every half window.
             let window = u64::from(client.opened().limits.max_inflight_sends / 2).max(1);
             if last_seq > client.receipted_seq() + window {
@@ -474,39 +478,17 @@ fn send(url: &str, options: ClientOptions, template: Send, plan: SendPlan) -> Re
             }
         }
     }
-    client.wait_receipt(last_seq)?;
+    // Unnumbered: CLOSE's answer comes after the broker has read them all.
+    let (kind, outcome) = if plan.unnumbered {
+        client.flush()?;
+        ("unnumbered messages", "")
+    } else {
+        client.wait_receipt(last_seq)?;
+        ("messages", ", all receipted")
+    };
     if sent > 1 {
         eprintln!(
-            "sent {sent} messages to \"{}\" {}, all receipted",
-            String::from_utf8_lossy(&template.address),
-            time_and_rate(sent, started.elapsed())
-        );
-    }
-    client.close()?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// MBLWS SENDs with seq 0: written as fast as TCP takes them (the broker paces an at-most-once
-/// publisher by reading it), then CLOSE, whose answer comes after the broker has read them all.
-/// Nothing is receipted, so a refusal (an ERROR naming seq 0) is not reported.
-fn send_unnumbered(
-    mut client: Client,
-    template: &Send,
-    bodies: &[Bytes],
-    count: u64,
-    started: Instant,
-) -> Result<ExitCode, ClientError> {
-    let mut sent = 0u64;
-    for _ in 0..count {
-        for body in bodies {
-            client.write_frame(&Frame::Send(Send { seq: 0, body: body.clone(), ..template.clone() }))?;
-            sent += 1;
-        }
-    }
-    client.flush()?;
-    if sent > 1 {
-        eprintln!(
-            "sent {sent} unnumbered messages to \"{}\" {}",
+            "sent {sent} {kind} to \"{}\" {}{outcome}",
             String::from_utf8_lossy(&template.address),
             time_and_rate(sent, started.elapsed())
         );
