@@ -199,12 +199,6 @@ impl<T: Keyed> SortedRing<T> {
         count
     }
 
-    /// Takes every entry up to and including `seq`, oldest first ([`SortedRing::count_through`]
-    /// and [`SortedRing::remove_first`]).
-    pub fn remove_through(&mut self, seq: u64, each: impl FnMut(T)) {
-        self.remove_first(self.count_through(seq), each);
-    }
-
     /// Takes the first `count` entries (at most all of them), oldest first: drained at once,
     /// instead of a front test and a `pop_front` per entry.
     pub fn remove_first(&mut self, count: usize, mut each: impl FnMut(T)) {
@@ -260,10 +254,10 @@ mod tests {
     fn cumulative_removal_stops_after_the_sequence() {
         let mut unacked = filled(&[3, 4, 6, 7]);
         let mut taken = Vec::new();
-        unacked.remove_through(6, |(_, value)| taken.push(value));
+        unacked.remove_first(unacked.count_through(6), |(_, value)| taken.push(value));
         assert_eq!(taken, vec![30, 40, 60]);
         assert_eq!(unacked.len(), 1);
-        unacked.remove_through(2, |_| panic!("nothing at or below 2"));
+        unacked.remove_first(unacked.count_through(2), |_| panic!("nothing at or below 2"));
         assert_eq!(unacked.after(6).copied().collect::<Vec<_>>(), vec![(7, 70)]);
     }
 
